@@ -1,0 +1,203 @@
+"""The discovery actor: namespaces, storage nodes, file versions and their parts.
+
+Discovery is the one place that decides where parts go and which version of a file is current.
+Uploads are two-phase: :meth:`Discovery.begin_upload` creates a PENDING version with its
+placement (invisible to readers), :meth:`Discovery.commit_upload` makes it current in one
+transaction. A pending version that is neither committed nor aborted before ``upload_ttl``
+expires (its gateway died) is aborted by the sweeper; storage nodes learn about garbage parts
+in heartbeat replies and delete them.
+
+Nodes are never deleted. A node that misses heartbeats for ``node_timeout`` becomes
+UNAVAILABLE (no new parts) until it heartbeats again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from karma8.core.errors import InvalidRequest, NotFound, TooLarge
+from karma8.core.layout import StripeLayout
+from karma8.core.model import (
+    FileEntry,
+    FileVersion,
+    NodeRegistration,
+    NodeStatus,
+    PartReceipt,
+)
+from karma8.core.names import check_name, check_namespace
+from karma8.core.placement import NodeLoad, place_parts
+from karma8.ports import BlockingRunner, Clock, IdSource, MetadataStore
+
+MAX_LIST_LIMIT = 1000
+
+
+@attrs.frozen(kw_only=True)
+class DiscoveryConfig:
+    """Discovery's tunables (seconds and bytes)."""
+
+    layout: StripeLayout = StripeLayout()
+    upload_ttl: float = 3600.0
+    node_timeout: float = 15.0
+    retire_grace: float = 60.0
+    sweep_interval: float = 5.0
+    garbage_batch: int = 1000
+    max_file_size: int = 1 << 40
+    namespaces: tuple[str, ...] = ("default",)
+
+
+class Discovery:
+    """Implements :class:`karma8.ports.DiscoveryAPI` over a :class:`MetadataStore`."""
+
+    def __init__(
+        self,
+        *,
+        store: MetadataStore,
+        blocking: BlockingRunner,
+        clock: Clock,
+        ids: IdSource,
+        config: DiscoveryConfig,
+    ) -> None:
+        self._store = store
+        self._blocking = blocking
+        self._clock = clock
+        self._ids = ids
+        self.config = config
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Create the configured namespaces, then sweep until cancelled."""
+        for namespace in self.config.namespaces:
+            await self.create_namespace(namespace=namespace)
+        task_status.started()
+        while True:
+            await trio.sleep(self.config.sweep_interval)
+            await self.sweep()
+
+    async def sweep(self) -> None:
+        """Abort expired uploads and mark silent nodes unavailable (idempotent)."""
+        now = self._clock.now()
+        await self._blocking(lambda: self._store.expire_pending(now))
+        stale_before = now - self.config.node_timeout
+        await self._blocking(lambda: self._store.mark_stale_nodes(stale_before))
+
+    # -- files ----------------------------------------------------------------------------
+
+    async def begin_upload(
+        self, *, namespace: str, name: str, size_hint: int | None, if_absent: bool = False
+    ) -> FileVersion:
+        check_namespace(namespace)
+        check_name(name)
+        if size_hint is not None:
+            if size_hint < 0:
+                raise InvalidRequest("size must not be negative")
+            if size_hint > self.config.max_file_size:
+                raise TooLarge(
+                    f"{size_hint} bytes is more than the limit of {self.config.max_file_size}"
+                )
+        layout = self.config.layout
+        part_size = max(layout.part_sizes(size_hint or 0))
+        version_id = self._ids.new_id()
+        now = self._clock.now()
+
+        def place(loads: Sequence[NodeLoad]) -> Sequence[str]:
+            return place_parts(loads, count=layout.parts, part_size=part_size, salt=version_id)
+
+        return await self._blocking(
+            lambda: self._store.begin_version(
+                version_id=version_id,
+                namespace=namespace,
+                name=name,
+                layout=layout,
+                size_hint=size_hint,
+                now=now,
+                expires_at=now + self.config.upload_ttl,
+                if_absent=if_absent,
+                place=place,
+            )
+        )
+
+    async def commit_upload(
+        self,
+        *,
+        version_id: str,
+        size: int,
+        receipts: Sequence[PartReceipt],
+        if_absent: bool = False,
+    ) -> FileVersion:
+        now = self._clock.now()
+        return await self._blocking(
+            lambda: self._store.commit_version(
+                version_id=version_id, size=size, receipts=receipts, now=now, if_absent=if_absent
+            )
+        )
+
+    async def abort_upload(self, *, version_id: str) -> FileVersion:
+        now = self._clock.now()
+        return await self._blocking(lambda: self._store.abort_version(version_id, now))
+
+    async def resolve(self, *, namespace: str, name: str) -> FileVersion:
+        check_namespace(namespace)
+        check_name(name)
+        version = await self._blocking(lambda: self._store.current_version(namespace, name))
+        if version is None:
+            raise NotFound(f"{namespace}/{name} does not exist")
+        return version
+
+    async def delete_file(self, *, namespace: str, name: str) -> bool:
+        check_namespace(namespace)
+        check_name(name)
+        now = self._clock.now()
+        return await self._blocking(lambda: self._store.retire_current(namespace, name, now))
+
+    async def list_files(
+        self, *, namespace: str, prefix: str, after: str, limit: int
+    ) -> list[FileEntry]:
+        check_namespace(namespace)
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise InvalidRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}")
+        return await self._blocking(
+            lambda: self._store.list_files(namespace, prefix=prefix, after=after, limit=limit)
+        )
+
+    async def create_namespace(self, *, namespace: str) -> None:
+        check_namespace(namespace)
+        now = self._clock.now()
+        await self._blocking(lambda: self._store.create_namespace(namespace, now))
+
+    # -- nodes ----------------------------------------------------------------------------
+
+    async def register_node(self, registration: NodeRegistration) -> None:
+        _check_registration(registration)
+        now = self._clock.now()
+        await self._blocking(lambda: self._store.upsert_node(registration, now))
+
+    async def heartbeat(
+        self, registration: NodeRegistration, *, deleted: Sequence[str]
+    ) -> list[str]:
+        _check_registration(registration)
+        now = self._clock.now()
+        node_id = registration.node_id
+
+        def beat() -> list[str]:
+            self._store.upsert_node(registration, now)
+            if deleted:
+                self._store.forget_parts(node_id, deleted)
+            return self._store.garbage_for_node(
+                node_id,
+                retired_before=now - self.config.retire_grace,
+                limit=self.config.garbage_batch,
+            )
+
+        return await self._blocking(beat)
+
+    async def list_nodes(self) -> list[NodeStatus]:
+        return await self._blocking(self._store.list_nodes)
+
+
+def _check_registration(registration: NodeRegistration) -> None:
+    if not registration.node_id or not registration.url:
+        raise InvalidRequest("a node needs an id and a url")
+    if registration.capacity_bytes <= 0:
+        raise InvalidRequest("a node's capacity must be positive")

@@ -1,0 +1,376 @@
+"""The gateway actor: the public face of karma8.
+
+PUT
+    ``begin_upload`` at discovery (a pending version and 5 placed nodes), then the body flows
+    through a :class:`StripeSplitter` into 5 bounded channels, one per part, each drained by a
+    task streaming to its node. All 5 tasks live in one nursery: the first failure cancels the
+    other writes and the body. Then ``commit_upload`` makes the version current. On any failure
+    the written parts are deleted and the version aborted, in a shielded scope with a deadline,
+    and the error propagates. Memory per upload is one row held by the splitter plus
+    ``channel_depth`` units per part in flight.
+
+    A commit whose answer is lost is settled by ``abort_upload``, which reports the version's
+    final state: if the commit had in fact happened the PUT succeeds; if discovery cannot be
+    reached, nothing is deleted (the parts may belong to a committed version) and the pending
+    version, if it still is one, expires and is swept.
+
+GET
+    ``resolve`` at discovery, then :meth:`Gateway.open_read` opens the part streams the range
+    touches and interleaves them in file order, segment by segment, without collecting parts.
+    A whole-file read verifies every part's size and checksum before handing out its last
+    bytes, so a corrupt or truncated part fails the response rather than completing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import attrs
+import trio
+
+from karma8.core.errors import (
+    IntegrityError,
+    InvalidRequest,
+    Karma8Error,
+    StorageFailure,
+    TooLarge,
+    Unavailable,
+)
+from karma8.core.layout import StripeLayout, StripeSplitter
+from karma8.core.model import (
+    FileEntry,
+    FileVersion,
+    PartPlacement,
+    PartReceipt,
+    VersionState,
+)
+from karma8.core.names import check_name, check_namespace
+from karma8.ports import DiscoveryAPI, StorageAPI
+
+
+@attrs.frozen(kw_only=True)
+class GatewayConfig:
+    max_file_size: int = 1 << 40
+    channel_depth: int = 1
+    cleanup_timeout: float = 30.0
+
+
+def primary_error(group: BaseExceptionGroup[BaseException]) -> Karma8Error | None:
+    """The first karma8 error in a (nested) exception group, if any."""
+    for exc in group.exceptions:
+        if isinstance(exc, Karma8Error):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = primary_error(exc)
+            if found is not None:
+                return found
+    return None
+
+
+class Gateway:
+    """PUT/GET/HEAD/DELETE/list of ``namespace/name`` over discovery and storage ports."""
+
+    def __init__(
+        self, *, discovery: DiscoveryAPI, storage: StorageAPI, config: GatewayConfig
+    ) -> None:
+        self._discovery = discovery
+        self._storage = storage
+        self._config = config
+
+    # -- PUT ------------------------------------------------------------------------------
+
+    async def put(
+        self,
+        namespace: str,
+        name: str,
+        body: AsyncIterable[bytes],
+        *,
+        content_length: int | None = None,
+        if_absent: bool = False,
+    ) -> FileVersion:
+        """Store ``body`` as the new current version of ``namespace/name``.
+
+        All or nothing: on any failure, including cancellation, no part of this upload stays
+        visible or on disk (best effort within ``cleanup_timeout``; the sweeper does the rest).
+
+        Raises:
+            InvalidName, InvalidRequest (body shorter/longer than ``content_length``),
+            TooLarge, NotFound (namespace), NotEnoughNodes, PreconditionFailed (``if_absent``),
+            StorageFailure / Unavailable (a node or discovery failed).
+        """
+        check_namespace(namespace)
+        check_name(name)
+        if content_length is not None and content_length > self._config.max_file_size:
+            raise TooLarge(
+                f"{content_length} bytes is more than the limit of {self._config.max_file_size}"
+            )
+        version = await self._discovery.begin_upload(
+            namespace=namespace, name=name, size_hint=content_length, if_absent=if_absent
+        )
+        try:
+            size, receipts = await self._write_parts(version, body, content_length)
+        except BaseException:
+            await self._clean_up(version, commit_attempted=False)
+            raise
+        try:
+            return await self._discovery.commit_upload(
+                version_id=version.version_id, size=size, receipts=receipts, if_absent=if_absent
+            )
+        except Karma8Error:
+            settled = await self._clean_up(version, commit_attempted=True)
+            if settled is not None and settled.state is VersionState.COMMITTED:
+                return settled
+            raise
+        except BaseException:
+            await self._clean_up(version, commit_attempted=True)
+            raise
+
+    async def _write_parts(
+        self, version: FileVersion, body: AsyncIterable[bytes], content_length: int | None
+    ) -> tuple[int, list[PartReceipt]]:
+        layout = version.layout
+        splitter = StripeSplitter(layout)
+        digests = [hashlib.sha256() for _ in range(layout.parts)]
+        receipts: list[PartReceipt | None] = [None] * layout.parts
+        limit = self._config.max_file_size if content_length is None else content_length
+        try:
+            async with trio.open_nursery() as nursery:
+                senders = []
+                for placement in version.parts:
+                    send, receive = trio.open_memory_channel[bytes](self._config.channel_depth)
+                    senders.append(send)
+                    nursery.start_soon(
+                        self._write_part,
+                        placement,
+                        receive,
+                        digests[placement.index],
+                        receipts,
+                        name=f"gw-put-{placement.key}",
+                    )
+                async with AsyncExitStack() as closing:
+                    for send in senders:
+                        await closing.enter_async_context(send)
+                    async for chunk in body:
+                        if splitter.size + len(chunk) > limit:
+                            raise _too_long(content_length, self._config.max_file_size)
+                        await _send_all(senders, digests, splitter.feed(chunk))
+                    if content_length is not None and splitter.size != content_length:
+                        raise InvalidRequest(
+                            f"body has {splitter.size} bytes, Content-Length said"
+                            f" {content_length}"
+                        )
+                    await _send_all(senders, digests, splitter.finish())
+        except BaseExceptionGroup as group:
+            error = primary_error(group)
+            if error is None:
+                raise
+            raise error from None
+        return splitter.size, [r for r in receipts if r is not None]
+
+    async def _write_part(
+        self,
+        placement: PartPlacement,
+        chunks: trio.MemoryReceiveChannel[bytes],
+        digest: hashlib._Hash,
+        receipts: list[PartReceipt | None],
+    ) -> None:
+        async with chunks:
+            try:
+                stored = await self._storage.put_part(placement.node, placement.key, chunks)
+            except Unavailable:
+                raise
+            except Karma8Error as exc:
+                raise StorageFailure(
+                    f"writing part {placement.index} to node {placement.node.node_id} failed:"
+                    f" {exc.message}"
+                ) from None
+        # The channel is closed and drained only once the sender finished: every byte of the
+        # part went through ``digest`` by now.
+        if stored.checksum != digest.hexdigest():
+            raise IntegrityError(
+                f"node {placement.node.node_id} stored part {placement.index} with checksum"
+                f" {stored.checksum}, the gateway sent {digest.hexdigest()}"
+            )
+        receipts[placement.index] = PartReceipt(
+            index=placement.index, size=stored.size, checksum=stored.checksum
+        )
+
+    async def _clean_up(self, version: FileVersion, *, commit_attempted: bool) -> FileVersion | None:
+        """Undo an upload that failed; returns the version's settled state if known.
+
+        Shielded with a deadline: a cancelled PUT still cleans up after itself.
+        """
+        settled: FileVersion | None = None
+        with trio.move_on_after(self._config.cleanup_timeout) as scope:
+            scope.shield = True
+            try:
+                settled = await self._discovery.abort_upload(version_id=version.version_id)
+            except Karma8Error:
+                settled = None
+            if commit_attempted and (settled is None or settled.state is not VersionState.ABORTED):
+                # Unknown outcome, or committed after all: the parts may be live. Keep them.
+                return settled
+            async with trio.open_nursery() as nursery:
+                for placement in version.parts:
+                    nursery.start_soon(self._delete_quietly, placement, name=f"gw-undo-{placement.key}")
+        return settled
+
+    async def _delete_quietly(self, placement: PartPlacement) -> None:
+        # A part we cannot delete now is garbage of an aborted (or expiring) version, which the
+        # node's heartbeat collects later.
+        try:
+            await self._storage.delete_part(placement.node, placement.key)
+        except Karma8Error:
+            pass
+
+    # -- GET / HEAD -----------------------------------------------------------------------
+
+    async def stat(self, namespace: str, name: str) -> FileVersion:
+        """The current version of a file. Raises NotFound."""
+        check_namespace(namespace)
+        check_name(name)
+        return await self._discovery.resolve(namespace=namespace, name=name)
+
+    @asynccontextmanager
+    async def open_read(
+        self, version: FileVersion, *, start: int = 0, stop: int | None = None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """Open bytes ``[start, stop)`` of a committed version as a stream of chunks.
+
+        Only the parts the range touches are opened. The stream raises StorageFailure or
+        IntegrityError if a part cannot be read or fails verification.
+        """
+        size = version.size
+        if size is None or version.state is not VersionState.COMMITTED:
+            raise InvalidRequest(f"version {version.version_id} is not committed")
+        stop = size if stop is None else stop
+        spans = version.layout.part_spans(size, start, stop)
+        whole = start == 0 and stop == size
+        async with AsyncExitStack() as stack:
+            cursors: dict[int, _PartCursor] = {}
+            for placement, span in zip(version.parts, spans, strict=True):
+                if span is None:
+                    continue
+                offset, length = span
+                try:
+                    stream = await stack.enter_async_context(
+                        self._storage.read_part(
+                            placement.node, placement.key, offset=offset, length=length
+                        )
+                    )
+                except Karma8Error as exc:
+                    raise _read_failure(placement, exc) from None
+                cursors[placement.index] = _PartCursor(
+                    placement, stream, length, verify=whole
+                )
+            yield _stitch(version.layout, size, start, stop, cursors)
+
+    # -- DELETE / list --------------------------------------------------------------------
+
+    async def delete(self, namespace: str, name: str) -> bool:
+        """Retire the current version; True if there was one. Its parts are collected later."""
+        check_namespace(namespace)
+        check_name(name)
+        return await self._discovery.delete_file(namespace=namespace, name=name)
+
+    async def list(
+        self, namespace: str, *, prefix: str = "", after: str = "", limit: int = 1000
+    ) -> list[FileEntry]:
+        check_namespace(namespace)
+        return await self._discovery.list_files(
+            namespace=namespace, prefix=prefix, after=after, limit=limit
+        )
+
+
+async def _send_all(
+    senders: Sequence[trio.MemorySendChannel[bytes]],
+    digests: Sequence[hashlib._Hash],
+    pieces: Sequence[tuple[int, bytes]],
+) -> None:
+    for index, piece in pieces:
+        digests[index].update(piece)
+        try:
+            await senders[index].send(piece)
+        except trio.BrokenResourceError:
+            raise StorageFailure(f"the writer of part {index} stopped early") from None
+
+
+def _too_long(content_length: int | None, max_size: int) -> Karma8Error:
+    if content_length is not None:
+        return InvalidRequest(f"body is longer than Content-Length ({content_length})")
+    return TooLarge(f"body is larger than the limit of {max_size} bytes")
+
+
+def _read_failure(placement: PartPlacement, exc: Karma8Error) -> Karma8Error:
+    if isinstance(exc, (StorageFailure, Unavailable, IntegrityError)):
+        return exc
+    return StorageFailure(
+        f"part {placement.index} on node {placement.node.node_id} cannot be read: {exc.message}"
+    )
+
+
+class _PartCursor:
+    """Reads exact byte counts from one part stream, verifying the part as it goes."""
+
+    def __init__(
+        self,
+        placement: PartPlacement,
+        stream: AsyncIterator[bytes],
+        length: int,
+        *,
+        verify: bool,
+    ) -> None:
+        self._placement = placement
+        self._stream = stream
+        self._remaining = length
+        self._buf = b""
+        self._pos = 0
+        self._digest = hashlib.sha256() if verify and placement.checksum else None
+
+    async def read(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes (at least one) of the part."""
+        while self._pos == len(self._buf):
+            try:
+                self._buf = await anext(self._stream)
+            except StopAsyncIteration:
+                raise IntegrityError(
+                    f"part {self._placement.index} on node {self._placement.node.node_id}"
+                    f" ended {self._remaining} bytes early"
+                ) from None
+            except Karma8Error as exc:
+                raise _read_failure(self._placement, exc) from None
+            self._pos = 0
+        if self._pos == 0 and len(self._buf) <= limit:
+            piece = self._buf
+        else:
+            piece = self._buf[self._pos : self._pos + limit]
+        self._pos += len(piece)
+        self._remaining -= len(piece)
+        if self._remaining < 0:
+            raise IntegrityError(f"part {self._placement.index} is longer than recorded")
+        if self._digest is not None:
+            self._digest.update(piece)
+            if self._remaining == 0 and self._digest.hexdigest() != self._placement.checksum:
+                raise IntegrityError(
+                    f"part {self._placement.index} on node {self._placement.node.node_id}"
+                    " does not match its checksum"
+                )
+        return piece
+
+
+async def _stitch(
+    layout: StripeLayout,
+    size: int,
+    start: int,
+    stop: int,
+    cursors: dict[int, _PartCursor],
+) -> AsyncIterator[bytes]:
+    for segment in layout.segments(size, start, stop):
+        cursor = cursors[segment.part]
+        remaining = segment.length
+        while remaining:
+            piece = await cursor.read(remaining)
+            remaining -= len(piece)
+            yield piece

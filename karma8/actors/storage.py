@@ -1,0 +1,132 @@
+"""The storage actor: holds parts on one node's disk.
+
+A node has a permanent id (kept by whoever owns its data directory) and registers it with
+discovery on start, then heartbeats. Heartbeat replies carry the keys of garbage parts (their
+versions were aborted or retired); the node deletes them and reports the deletions in its next
+heartbeat, so discovery forgets a part only after it is gone from disk.
+
+Writes are checksummed as they stream, and a part becomes visible only when
+:meth:`PartWriter.commit` has made it durable; a write that fails or is cancelled is
+discarded, under a shield so cancellation cannot leave a half-written temporary behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import AbstractAsyncContextManager
+
+import attrs
+import trio
+
+from karma8.core.errors import InvalidRequest, Karma8Error, UploadConflict
+from karma8.core.model import NodeRegistration
+from karma8.ports import DiscoveryAPI, PartStore, StoredPart
+
+_PART_KEY = re.compile(r"[0-9a-zA-Z_-]{1,64}\.[0-9]{1,3}")
+
+
+def check_part_key(key: str) -> str:
+    if not _PART_KEY.fullmatch(key):
+        raise InvalidRequest(f"invalid part key {key!r}")
+    return key
+
+
+@attrs.frozen(kw_only=True)
+class StorageConfig:
+    heartbeat_interval: float = 2.0
+    register_retry: float = 1.0
+
+
+class StorageNode:
+    """One storage node. Serves the node side of :class:`karma8.ports.StorageAPI`."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        url: str,
+        store: PartStore,
+        discovery: DiscoveryAPI,
+        config: StorageConfig,
+    ) -> None:
+        self.node_id = node_id
+        self.url = url
+        self._store = store
+        self._discovery = discovery
+        self._config = config
+
+    async def registration(self) -> NodeRegistration:
+        return NodeRegistration(
+            node_id=self.node_id,
+            url=self.url,
+            capacity_bytes=self._store.capacity_bytes,
+            disk_used_bytes=await self._store.used_bytes(),
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Register (retrying until discovery answers), report ready, then heartbeat."""
+        while True:
+            try:
+                await self._discovery.register_node(await self.registration())
+                break
+            except Karma8Error:
+                await trio.sleep(self._config.register_retry)
+        task_status.started()
+        deleted: list[str] = []
+        while True:
+            await trio.sleep(self._config.heartbeat_interval)
+            try:
+                garbage = await self._discovery.heartbeat(
+                    await self.registration(), deleted=deleted
+                )
+            except Karma8Error:
+                continue  # discovery unreachable: keep the deletions to report next time
+            deleted = []
+            for key in garbage:
+                await self._store.delete(key)
+                deleted.append(key)
+
+    async def put_part(self, key: str, chunks: AsyncIterable[bytes]) -> StoredPart:
+        """Write a part from a stream; returns once it is durable.
+
+        Cancellation or a failing stream discards the partial write.
+        """
+        check_part_key(key)
+        if await self._store.stat(key) is not None:
+            raise UploadConflict(f"part {key} already exists")
+        writer = await self._store.create(key)
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            async for chunk in chunks:
+                digest.update(chunk)
+                size += len(chunk)
+                await writer.write(chunk)
+            checksum = digest.hexdigest()
+            await writer.commit(checksum)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await writer.discard()
+            raise
+        return StoredPart(key=key, size=size, checksum=checksum)
+
+    def read_part(
+        self, key: str, *, offset: int, length: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        check_part_key(key)
+        if offset < 0 or length < 0:
+            raise InvalidRequest("offset and length must not be negative")
+        return self._store.open(key, offset=offset, length=length)
+
+    async def stat_part(self, key: str) -> StoredPart | None:
+        check_part_key(key)
+        return await self._store.stat(key)
+
+    async def delete_part(self, key: str) -> None:
+        check_part_key(key)
+        await self._store.delete(key)
+
+    async def part_keys(self) -> list[str]:
+        return await self._store.keys()

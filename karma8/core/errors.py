@@ -1,0 +1,125 @@
+"""The failures karma8 can report, as types.
+
+Every failure a client or an operator can see has a class here with a stable ``code``. The HTTP
+edge maps codes to statuses (karma8/net); the simulated network carries ``(code, message)`` pairs
+and rebuilds the same class on the other side, so an actor cannot tell which world raised it.
+Messages are written for the person reading them and never include internals (paths, stacks).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class Karma8Error(Exception):
+    """Base of every karma8 failure. ``code`` is stable and machine-readable."""
+
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(Karma8Error):
+    """A namespace, file, upload or part that does not exist."""
+
+    code = "not_found"
+
+
+class InvalidName(Karma8Error):
+    """A namespace or file name that breaks the naming rules."""
+
+    code = "invalid_name"
+
+
+class InvalidRequest(Karma8Error):
+    """A malformed request: bad body, short body, bad header, bad parameter."""
+
+    code = "invalid_request"
+
+
+class TooLarge(Karma8Error):
+    """A body larger than the configured limit or than the cluster can take."""
+
+    code = "too_large"
+
+
+class Forbidden(Karma8Error):
+    """The caller may not do this (wrong token, disabled namespace)."""
+
+    code = "forbidden"
+
+
+class PreconditionFailed(Karma8Error):
+    """A conditional request whose condition does not hold."""
+
+    code = "precondition_failed"
+
+
+class RangeNotSatisfiable(Karma8Error):
+    """A Range that does not overlap the file."""
+
+    code = "range_not_satisfiable"
+
+
+class UploadConflict(Karma8Error):
+    """An upload that can no longer commit (expired, aborted or already committed)."""
+
+    code = "upload_conflict"
+
+
+class NotEnoughNodes(Karma8Error):
+    """Fewer available storage nodes with room than a file needs parts."""
+
+    code = "not_enough_nodes"
+
+
+class StorageFailure(Karma8Error):
+    """A storage node failed while reading or writing a part."""
+
+    code = "storage_failure"
+
+
+class IntegrityError(Karma8Error):
+    """Bytes that do not match their recorded size or checksum."""
+
+    code = "integrity_error"
+
+
+class Unavailable(Karma8Error):
+    """A service that could not be reached or did not answer."""
+
+    code = "unavailable"
+
+
+class DiskFull(Karma8Error):
+    """A storage node out of space."""
+
+    code = "disk_full"
+
+
+ERROR_TYPES: dict[str, type[Karma8Error]] = {
+    cls.code: cls
+    for cls in (
+        Karma8Error,
+        NotFound,
+        InvalidName,
+        InvalidRequest,
+        TooLarge,
+        Forbidden,
+        PreconditionFailed,
+        RangeNotSatisfiable,
+        UploadConflict,
+        NotEnoughNodes,
+        StorageFailure,
+        IntegrityError,
+        Unavailable,
+        DiskFull,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> Karma8Error:
+    """Rebuild an error received from another actor; unknown codes become the base class."""
+    return ERROR_TYPES.get(code, Karma8Error)(message)

@@ -1,0 +1,189 @@
+"""The striped layout: how a file's bytes map onto its k parts.
+
+Theory of operation
+-------------------
+A file is a sequence of *rows* followed by a *tail*. A row is ``k`` units of ``u`` bytes and
+unit ``i`` of every row belongs to part ``i``. The bytes after the last full row (the tail,
+``T < k*u`` bytes) are cut into ``k`` contiguous pieces in file order: piece ``i`` gets
+``T // k`` bytes, plus one if ``i < T % k``. Therefore, for every file size, including 0 to 4
+bytes, the ``k`` part sizes differ by at most one byte::
+
+    part_size(i) = R*u + T//k + (1 if i < T % k else 0)     R = size // (k*u)
+
+A stream only reveals that it has reached the tail when it ends, so a streaming splitter must
+hold back bytes until it has a full row; it never holds more than one row. Rows go out unit by
+unit as soon as they are complete, so all k part writes progress in parallel and no
+Content-Length is needed up front.
+
+Reading maps a byte range of the file to *segments* ``(part, offset, length)`` in file order;
+concatenating the segments' bytes gives the range. The layout ``(k, u)`` is stored with every
+file version, so old files read back after the defaults change.
+
+Everything here is pure and synchronous: no I/O, no trio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import attrs
+
+DEFAULT_PARTS = 5
+DEFAULT_UNIT = 1 << 20
+
+
+def _validate_positive(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{attribute.name} must be >= 1, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class Segment:
+    """A run of bytes that lives contiguously in one part."""
+
+    part: int
+    offset: int
+    length: int
+
+
+@attrs.frozen(kw_only=True)
+class StripeLayout:
+    """How a file is striped over ``parts`` parts with a stripe unit of ``unit`` bytes."""
+
+    parts: int = attrs.field(default=DEFAULT_PARTS, validator=_validate_positive)
+    unit: int = attrs.field(default=DEFAULT_UNIT, validator=_validate_positive)
+
+    @property
+    def row_size(self) -> int:
+        return self.parts * self.unit
+
+    def part_sizes(self, size: int) -> tuple[int, ...]:
+        """Size of every part of a file of ``size`` bytes."""
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        rows, tail = divmod(size, self.row_size)
+        base, extra = divmod(tail, self.parts)
+        return tuple(rows * self.unit + base + (1 if i < extra else 0) for i in range(self.parts))
+
+    def tail_piece_start(self, tail: int, piece: int) -> int:
+        """Offset, within a tail of ``tail`` bytes, where tail piece ``piece`` starts."""
+        base, extra = divmod(tail, self.parts)
+        return piece * base + min(piece, extra)
+
+    def segments(self, size: int, start: int = 0, stop: int | None = None) -> Iterator[Segment]:
+        """Segments, in file order, that hold bytes ``[start, stop)`` of a ``size``-byte file."""
+        stop = size if stop is None else stop
+        if not 0 <= start <= stop <= size:
+            raise ValueError(f"range [{start}, {stop}) is not within a file of {size} bytes")
+        rows, tail = divmod(size, self.row_size)
+        body_end = rows * self.row_size
+        pos = start
+        while pos < min(stop, body_end):
+            row, within = divmod(pos, self.row_size)
+            part, in_unit = divmod(within, self.unit)
+            length = min(self.unit - in_unit, stop - pos)
+            yield Segment(part=part, offset=row * self.unit + in_unit, length=length)
+            pos += length
+        for piece in range(self.parts):
+            piece_start = body_end + self.tail_piece_start(tail, piece)
+            piece_stop = body_end + self.tail_piece_start(tail, piece + 1)
+            lo, hi = max(pos, piece_start), min(stop, piece_stop)
+            if lo < hi:
+                yield Segment(part=piece, offset=rows * self.unit + lo - piece_start, length=hi - lo)
+
+    def part_spans(self, size: int, start: int = 0, stop: int | None = None) -> tuple[
+        tuple[int, int] | None, ...
+    ]:
+        """For each part, the ``(offset, length)`` span that bytes ``[start, stop)`` touch.
+
+        ``None`` for a part the range does not touch, so a Range read opens only the parts it
+        needs. Within a part the touched bytes are contiguous, so one span per part suffices.
+        """
+        lo: list[int | None] = [None] * self.parts
+        hi = [0] * self.parts
+        for seg in self.segments(size, start, stop):
+            first = lo[seg.part]
+            lo[seg.part] = seg.offset if first is None else min(first, seg.offset)
+            hi[seg.part] = max(hi[seg.part], seg.offset + seg.length)
+        return tuple(
+            None if first is None else (first, hi[i] - first) for i, first in enumerate(lo)
+        )
+
+
+class StripeSplitter:
+    """Cuts a byte stream into part chunks, holding back at most one row.
+
+    Feed it the stream with :meth:`feed`; each call returns the ``(part, chunk)`` pairs that are
+    now final. :meth:`finish` returns the tail pieces. Concatenating the chunks of part ``i`` in
+    the order returned gives exactly part ``i`` of :meth:`StripeLayout.part_sizes`.
+    """
+
+    def __init__(self, layout: StripeLayout) -> None:
+        self._layout = layout
+        self._row = bytearray()
+        self._finished = False
+        self.size = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held back, waiting for their row to complete (always < one row)."""
+        return len(self._row)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        out: list[tuple[int, bytes]] = []
+        view = memoryview(data).cast("B")
+        row_size, unit = self._layout.row_size, self._layout.unit
+        self.size += len(view)
+        while view:
+            if not self._row and len(view) >= row_size:
+                # Fast path: a whole row straight from the input, no staging copy.
+                out.extend((i, bytes(view[i * unit : (i + 1) * unit])) for i in range(self._layout.parts))
+                view = view[row_size:]
+                continue
+            need = row_size - len(self._row)
+            self._row += view[:need]
+            view = view[need:]
+            if len(self._row) == row_size:
+                row = memoryview(self._row)
+                out.extend((i, bytes(row[i * unit : (i + 1) * unit])) for i in range(self._layout.parts))
+                row.release()
+                self._row.clear()
+        return out
+
+    def finish(self) -> list[tuple[int, bytes]]:
+        """The tail pieces (empty pieces omitted). The splitter cannot be fed afterwards."""
+        if self._finished:
+            raise RuntimeError("finish() called twice")
+        self._finished = True
+        tail = len(self._row)
+        out: list[tuple[int, bytes]] = []
+        for piece in range(self._layout.parts):
+            lo = self._layout.tail_piece_start(tail, piece)
+            hi = self._layout.tail_piece_start(tail, piece + 1)
+            if hi > lo:
+                out.append((piece, bytes(self._row[lo:hi])))
+        self._row = bytearray()
+        return out
+
+
+def split(layout: StripeLayout, data: bytes) -> list[bytes]:
+    """Split a whole buffer into its parts (for tests and tools; the gateway streams)."""
+    parts = [bytearray() for _ in range(layout.parts)]
+    splitter = StripeSplitter(layout)
+    for index, chunk in [*splitter.feed(data), *splitter.finish()]:
+        parts[index] += chunk
+    return [bytes(p) for p in parts]
+
+
+def merge(layout: StripeLayout, parts: Sequence[bytes]) -> bytes:
+    """Glue parts back into the file (inverse of :func:`split`)."""
+    if len(parts) != layout.parts:
+        raise ValueError(f"expected {layout.parts} parts, got {len(parts)}")
+    size = sum(len(p) for p in parts)
+    if tuple(len(p) for p in parts) != layout.part_sizes(size):
+        raise ValueError("part sizes do not match the layout")
+    return b"".join(
+        parts[s.part][s.offset : s.offset + s.length] for s in layout.segments(size)
+    )

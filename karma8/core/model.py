@@ -1,0 +1,136 @@
+"""The metadata model: records that discovery keeps and actors exchange.
+
+All records are frozen attrs classes, so they can be passed between actors (in the simulator
+by reference, over HTTP as JSON via :mod:`karma8.core.codec`) without anyone mutating shared
+state. States are enums; the life of a file version is::
+
+    PENDING --commit--> COMMITTED --overwrite/delete--> RETIRED
+       |                                                  |
+       +--abort/expire--> ABORTED                         |
+                            |                             |
+                            +--- parts deleted on their nodes, then the version row goes
+
+At most one version per (namespace, name) is COMMITTED. Parts of ABORTED and RETIRED versions
+are garbage; storage nodes fetch their share of it with each heartbeat.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+
+import attrs
+
+from karma8.core.layout import StripeLayout
+
+
+class NodeState(enum.Enum):
+    AVAILABLE = "available"
+    UNAVAILABLE = "unavailable"
+
+
+class VersionState(enum.Enum):
+    PENDING = "pending"
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+    RETIRED = "retired"
+
+
+@attrs.frozen(kw_only=True)
+class NodeRef:
+    """Where a storage node is: its permanent id and its current address."""
+
+    node_id: str
+    url: str
+
+
+@attrs.frozen(kw_only=True)
+class NodeRegistration:
+    """What a storage node tells discovery on start and with every heartbeat."""
+
+    node_id: str
+    url: str
+    capacity_bytes: int
+    disk_used_bytes: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class NodeStatus:
+    """A storage node as discovery sees it."""
+
+    node_id: str
+    url: str
+    state: NodeState
+    capacity_bytes: int
+    used_bytes: int
+    reserved_bytes: int
+    parts: int
+    last_seen: float
+
+    @property
+    def ref(self) -> NodeRef:
+        return NodeRef(node_id=self.node_id, url=self.url)
+
+
+@attrs.frozen(kw_only=True)
+class PartPlacement:
+    """Part ``index`` of a version and the node that holds it."""
+
+    index: int
+    key: str
+    node: NodeRef
+    size: int | None = None
+    checksum: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class PartReceipt:
+    """A storage node's word that a part is durably written."""
+
+    index: int
+    size: int
+    checksum: str
+
+
+@attrs.frozen(kw_only=True)
+class FileVersion:
+    """One version of a file and where its parts are."""
+
+    version_id: str
+    namespace: str
+    name: str
+    state: VersionState
+    size: int | None
+    layout: StripeLayout
+    parts: tuple[PartPlacement, ...]
+    created_at: float
+    committed_at: float | None = None
+    etag: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class FileEntry:
+    """A line of a listing."""
+
+    name: str
+    size: int
+    etag: str
+    committed_at: float
+
+
+@attrs.frozen(kw_only=True)
+class GarbagePart:
+    """A part a node should delete: its version was aborted or retired."""
+
+    key: str
+
+
+def part_key(version_id: str, index: int) -> str:
+    """The storage key of part ``index`` of a version (unique cluster-wide)."""
+    return f"{version_id}.{index}"
+
+
+def etag_of(checksums: tuple[str, ...] | list[str]) -> str:
+    """A strong ETag for a version: a digest over its part checksums, in part order."""
+    digest = hashlib.sha256("\n".join(checksums).encode()).hexdigest()
+    return f'"{digest[:32]}"'

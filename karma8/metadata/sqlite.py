@@ -1,0 +1,502 @@
+"""Discovery's metadata in SQLite (stdlib ``sqlite3``), the embedded default.
+
+Theory of operation
+-------------------
+Every public method is one transaction (``BEGIN IMMEDIATE`` … ``COMMIT``), so each is atomic
+and concurrent callers serialise on SQLite's write lock. The simulator opens ``:memory:`` and
+calls methods inline; net mode opens a file in WAL mode with ``synchronous=FULL`` (a commit is
+durable when it returns) and calls methods from one worker thread.
+
+Node load is kept as counters on the node row, updated in the same transaction as the part
+rows they summarise, so placement never scans parts:
+
+* ``reserved_bytes``: bytes promised to parts of PENDING versions (from the size hint);
+* ``used_bytes``: bytes of parts whose size is known (committed once), until the node reports
+  the part deleted; ``parts`` counts part rows on the node.
+
+The partial unique index ``one_committed`` makes "at most one committed version per name" a
+property of the schema, not of the code.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from karma8.core.errors import (
+    IntegrityError,
+    NotFound,
+    PreconditionFailed,
+    UploadConflict,
+)
+from karma8.core.layout import StripeLayout
+from karma8.core.model import (
+    FileEntry,
+    FileVersion,
+    NodeRef,
+    NodeRegistration,
+    NodeState,
+    NodeStatus,
+    PartPlacement,
+    PartReceipt,
+    VersionState,
+    etag_of,
+    part_key,
+)
+from karma8.core.placement import NodeLoad
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS namespaces (
+    name        TEXT PRIMARY KEY,
+    created_at  REAL NOT NULL,
+    enabled     INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id         TEXT PRIMARY KEY,
+    url             TEXT NOT NULL,
+    capacity_bytes  INTEGER NOT NULL,
+    used_bytes      INTEGER NOT NULL DEFAULT 0,
+    reserved_bytes  INTEGER NOT NULL DEFAULT 0,
+    disk_used_bytes INTEGER NOT NULL DEFAULT 0,
+    parts           INTEGER NOT NULL DEFAULT 0,
+    state           TEXT NOT NULL,
+    registered_at   REAL NOT NULL,
+    last_seen       REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    version_id    TEXT PRIMARY KEY,
+    namespace     TEXT NOT NULL REFERENCES namespaces(name),
+    name          TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    size          INTEGER,
+    size_hint     INTEGER,
+    k             INTEGER NOT NULL,
+    unit          INTEGER NOT NULL,
+    etag          TEXT,
+    created_at    REAL NOT NULL,
+    expires_at    REAL NOT NULL,
+    committed_at  REAL,
+    retired_at    REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_committed
+    ON versions(namespace, name) WHERE state = 'committed';
+CREATE INDEX IF NOT EXISTS versions_pending ON versions(expires_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS versions_garbage
+    ON versions(state, retired_at) WHERE state IN ('aborted', 'retired');
+CREATE TABLE IF NOT EXISTS parts (
+    version_id  TEXT NOT NULL REFERENCES versions(version_id),
+    idx         INTEGER NOT NULL,
+    part_key    TEXT NOT NULL UNIQUE,
+    node_id     TEXT NOT NULL REFERENCES nodes(node_id),
+    reserved    INTEGER NOT NULL,
+    size        INTEGER,
+    checksum    TEXT,
+    PRIMARY KEY (version_id, idx)
+);
+CREATE INDEX IF NOT EXISTS parts_by_node ON parts(node_id);
+"""
+
+
+class SqliteMetadataStore:
+    """The :class:`karma8.ports.MetadataStore` on SQLite."""
+
+    def __init__(self, path: str | Path = ":memory:") -> None:
+        self._path = str(path)
+        # Net mode calls this from one worker thread at a time (a CapacityLimiter of 1), not
+        # always the same thread, hence check_same_thread=False.
+        self._db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA foreign_keys = ON")
+        if self._path != ":memory:":
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- namespaces -----------------------------------------------------------------------
+
+    def create_namespace(self, namespace: str, now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO namespaces(name, created_at) VALUES (?, ?)",
+                (namespace, now),
+            )
+
+    def namespace_exists(self, namespace: str) -> bool:
+        row = self._db.execute(
+            "SELECT enabled FROM namespaces WHERE name = ?", (namespace,)
+        ).fetchone()
+        return row is not None and bool(row["enabled"])
+
+    def _require_namespace(self, db: sqlite3.Connection, namespace: str) -> None:
+        row = db.execute("SELECT enabled FROM namespaces WHERE name = ?", (namespace,)).fetchone()
+        if row is None or not row["enabled"]:
+            raise NotFound(f"namespace {namespace!r} does not exist")
+
+    # -- nodes ----------------------------------------------------------------------------
+
+    def upsert_node(self, registration: NodeRegistration, now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                """
+                INSERT INTO nodes(node_id, url, capacity_bytes, disk_used_bytes, state,
+                                  registered_at, last_seen)
+                VALUES (:id, :url, :cap, :disk, 'available', :now, :now)
+                ON CONFLICT(node_id) DO UPDATE SET
+                    url = excluded.url, capacity_bytes = excluded.capacity_bytes,
+                    disk_used_bytes = excluded.disk_used_bytes, state = 'available',
+                    last_seen = excluded.last_seen
+                """,
+                {
+                    "id": registration.node_id,
+                    "url": registration.url,
+                    "cap": registration.capacity_bytes,
+                    "disk": registration.disk_used_bytes,
+                    "now": now,
+                },
+            )
+
+    def mark_stale_nodes(self, seen_before: float) -> list[str]:
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT node_id FROM nodes WHERE state = 'available' AND last_seen < ?"
+                " ORDER BY node_id",
+                (seen_before,),
+            ).fetchall()
+            db.execute(
+                "UPDATE nodes SET state = 'unavailable'"
+                " WHERE state = 'available' AND last_seen < ?",
+                (seen_before,),
+            )
+        return [r["node_id"] for r in rows]
+
+    def list_nodes(self) -> list[NodeStatus]:
+        rows = self._db.execute("SELECT * FROM nodes ORDER BY registered_at, node_id").fetchall()
+        return [
+            NodeStatus(
+                node_id=r["node_id"],
+                url=r["url"],
+                state=NodeState(r["state"]),
+                capacity_bytes=r["capacity_bytes"],
+                used_bytes=r["used_bytes"],
+                reserved_bytes=r["reserved_bytes"],
+                parts=r["parts"],
+                last_seen=r["last_seen"],
+            )
+            for r in rows
+        ]
+
+    # -- versions -------------------------------------------------------------------------
+
+    def begin_version(
+        self,
+        *,
+        version_id: str,
+        namespace: str,
+        name: str,
+        layout: StripeLayout,
+        size_hint: int | None,
+        now: float,
+        expires_at: float,
+        if_absent: bool,
+        place: Callable[[Sequence[NodeLoad]], Sequence[str]],
+    ) -> FileVersion:
+        reserve = layout.part_sizes(size_hint) if size_hint is not None else (0,) * layout.parts
+        with self._tx() as db:
+            self._require_namespace(db, namespace)
+            if if_absent and self._committed_id(db, namespace, name) is not None:
+                raise PreconditionFailed(f"{namespace}/{name} already exists")
+            loads = [
+                NodeLoad(
+                    node_id=r["node_id"],
+                    capacity=r["capacity_bytes"],
+                    used=r["used_bytes"],
+                    reserved=r["reserved_bytes"],
+                    available=r["state"] == NodeState.AVAILABLE.value,
+                )
+                for r in db.execute("SELECT * FROM nodes ORDER BY node_id")
+            ]
+            chosen = list(place(loads))
+            db.execute(
+                """
+                INSERT INTO versions(version_id, namespace, name, state, size_hint, k, unit,
+                                     created_at, expires_at)
+                VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?)
+                """,
+                (version_id, namespace, name, size_hint, layout.parts, layout.unit, now,
+                 expires_at),
+            )
+            for index, node_id in enumerate(chosen):
+                db.execute(
+                    "INSERT INTO parts(version_id, idx, part_key, node_id, reserved)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (version_id, index, part_key(version_id, index), node_id, reserve[index]),
+                )
+                db.execute(
+                    "UPDATE nodes SET reserved_bytes = reserved_bytes + ?, parts = parts + 1"
+                    " WHERE node_id = ?",
+                    (reserve[index], node_id),
+                )
+            return self._load_version(db, version_id)
+
+    def commit_version(
+        self,
+        *,
+        version_id: str,
+        size: int,
+        receipts: Sequence[PartReceipt],
+        now: float,
+        if_absent: bool,
+    ) -> FileVersion:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM versions WHERE version_id = ?", (version_id,)
+            ).fetchone()
+            if row is None:
+                raise UploadConflict(f"upload {version_id} is unknown")
+            if row["state"] != VersionState.PENDING.value:
+                raise UploadConflict(f"upload {version_id} is {row['state']}, not pending")
+            if row["expires_at"] <= now:
+                raise UploadConflict(f"upload {version_id} expired")
+            layout = StripeLayout(parts=row["k"], unit=row["unit"])
+            expected = layout.part_sizes(size)
+            by_index = {r.index: r for r in receipts}
+            if sorted(by_index) != list(range(layout.parts)) or len(receipts) != layout.parts:
+                raise IntegrityError(f"upload {version_id}: need one receipt per part")
+            for index, want in enumerate(expected):
+                if by_index[index].size != want:
+                    raise IntegrityError(
+                        f"upload {version_id}: part {index} has {by_index[index].size} bytes,"
+                        f" the layout says {want}"
+                    )
+            previous = self._committed_id(db, row["namespace"], row["name"])
+            if previous is not None:
+                if if_absent:
+                    raise PreconditionFailed(f"{row['namespace']}/{row['name']} already exists")
+                db.execute(
+                    "UPDATE versions SET state = 'retired', retired_at = ? WHERE version_id = ?",
+                    (now, previous),
+                )
+            for receipt in receipts:
+                db.execute(
+                    "UPDATE parts SET size = ?, checksum = ? WHERE version_id = ? AND idx = ?",
+                    (receipt.size, receipt.checksum, version_id, receipt.index),
+                )
+            self._release_reservations(db, version_id, count_size=True)
+            checksums = [by_index[i].checksum for i in range(layout.parts)]
+            db.execute(
+                "UPDATE versions SET state = 'committed', size = ?, committed_at = ?, etag = ?"
+                " WHERE version_id = ?",
+                (size, now, etag_of(checksums), version_id),
+            )
+            return self._load_version(db, version_id)
+
+    def abort_version(self, version_id: str, now: float) -> FileVersion:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT state FROM versions WHERE version_id = ?", (version_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"upload {version_id} is unknown")
+            if row["state"] == VersionState.PENDING.value:
+                self._release_reservations(db, version_id, count_size=False)
+                db.execute(
+                    "UPDATE versions SET state = 'aborted', retired_at = ? WHERE version_id = ?",
+                    (now, version_id),
+                )
+            return self._load_version(db, version_id)
+
+    def expire_pending(self, now: float) -> int:
+        with self._tx() as db:
+            expired = [
+                r["version_id"]
+                for r in db.execute(
+                    "SELECT version_id FROM versions WHERE state = 'pending' AND expires_at <= ?"
+                    " ORDER BY version_id",
+                    (now,),
+                )
+            ]
+            for version_id in expired:
+                self._release_reservations(db, version_id, count_size=False)
+                db.execute(
+                    "UPDATE versions SET state = 'aborted', retired_at = ? WHERE version_id = ?",
+                    (now, version_id),
+                )
+        return len(expired)
+
+    def _release_reservations(
+        self, db: sqlite3.Connection, version_id: str, *, count_size: bool
+    ) -> None:
+        for part in db.execute(
+            "SELECT node_id, reserved, size FROM parts WHERE version_id = ?", (version_id,)
+        ).fetchall():
+            used = (part["size"] or 0) if count_size else 0
+            db.execute(
+                "UPDATE nodes SET reserved_bytes = reserved_bytes - ?,"
+                " used_bytes = used_bytes + ? WHERE node_id = ?",
+                (part["reserved"], used, part["node_id"]),
+            )
+        db.execute("UPDATE parts SET reserved = 0 WHERE version_id = ?", (version_id,))
+
+    def current_version(self, namespace: str, name: str) -> FileVersion | None:
+        version_id = self._committed_id(self._db, namespace, name)
+        if version_id is None:
+            if not self.namespace_exists(namespace):
+                raise NotFound(f"namespace {namespace!r} does not exist")
+            return None
+        return self._load_version(self._db, version_id)
+
+    def retire_current(self, namespace: str, name: str, now: float) -> bool:
+        with self._tx() as db:
+            self._require_namespace(db, namespace)
+            version_id = self._committed_id(db, namespace, name)
+            if version_id is None:
+                return False
+            db.execute(
+                "UPDATE versions SET state = 'retired', retired_at = ? WHERE version_id = ?",
+                (now, version_id),
+            )
+            return True
+
+    def list_files(
+        self, namespace: str, *, prefix: str, after: str, limit: int
+    ) -> list[FileEntry]:
+        if not self.namespace_exists(namespace):
+            raise NotFound(f"namespace {namespace!r} does not exist")
+        rows = self._db.execute(
+            """
+            SELECT name, size, etag, committed_at FROM versions
+            WHERE namespace = ? AND state = 'committed' AND name > ?
+              AND name >= ? AND name < ?
+            ORDER BY name LIMIT ?
+            """,
+            (namespace, after, prefix, prefix + "\U0010ffff", limit),
+        ).fetchall()
+        return [
+            FileEntry(
+                name=r["name"], size=r["size"], etag=r["etag"], committed_at=r["committed_at"]
+            )
+            for r in rows
+        ]
+
+    # -- garbage --------------------------------------------------------------------------
+
+    def garbage_for_node(self, node_id: str, *, retired_before: float, limit: int) -> list[str]:
+        rows = self._db.execute(
+            """
+            SELECT p.part_key FROM parts p JOIN versions v USING (version_id)
+            WHERE p.node_id = ?
+              AND (v.state = 'aborted' OR (v.state = 'retired' AND v.retired_at <= ?))
+            ORDER BY p.part_key LIMIT ?
+            """,
+            (node_id, retired_before, limit),
+        ).fetchall()
+        return [r["part_key"] for r in rows]
+
+    def forget_parts(self, node_id: str, keys: Sequence[str]) -> int:
+        """Drop rows of garbage parts the node has deleted. Live parts are never dropped."""
+        forgotten = 0
+        with self._tx() as db:
+            for key in keys:
+                row = db.execute(
+                    """
+                    SELECT p.version_id, p.size FROM parts p JOIN versions v USING (version_id)
+                    WHERE p.part_key = ? AND p.node_id = ? AND v.state IN ('aborted', 'retired')
+                    """,
+                    (key, node_id),
+                ).fetchone()
+                if row is None:
+                    continue
+                db.execute("DELETE FROM parts WHERE part_key = ?", (key,))
+                db.execute(
+                    "UPDATE nodes SET used_bytes = used_bytes - ?, parts = parts - 1"
+                    " WHERE node_id = ?",
+                    (row["size"] or 0, node_id),
+                )
+                remaining = db.execute(
+                    "SELECT 1 FROM parts WHERE version_id = ? LIMIT 1", (row["version_id"],)
+                ).fetchone()
+                if remaining is None:
+                    db.execute("DELETE FROM versions WHERE version_id = ?", (row["version_id"],))
+                forgotten += 1
+        return forgotten
+
+    def part_keys_on_node(self, node_id: str) -> set[str]:
+        return {
+            r["part_key"]
+            for r in self._db.execute("SELECT part_key FROM parts WHERE node_id = ?", (node_id,))
+        }
+
+    def versions(self, state: VersionState | None = None) -> list[FileVersion]:
+        """Every version (or those in ``state``), for checkers and admin tools."""
+        if state is None:
+            rows = self._db.execute("SELECT version_id FROM versions ORDER BY version_id")
+        else:
+            rows = self._db.execute(
+                "SELECT version_id FROM versions WHERE state = ? ORDER BY version_id",
+                (state.value,),
+            )
+        return [self._load_version(self._db, r["version_id"]) for r in rows.fetchall()]
+
+    def part_rows(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM parts").fetchone()[0])
+
+    # -- helpers --------------------------------------------------------------------------
+
+    @staticmethod
+    def _committed_id(db: sqlite3.Connection, namespace: str, name: str) -> str | None:
+        row = db.execute(
+            "SELECT version_id FROM versions WHERE namespace = ? AND name = ?"
+            " AND state = 'committed'",
+            (namespace, name),
+        ).fetchone()
+        return None if row is None else str(row["version_id"])
+
+    @staticmethod
+    def _load_version(db: sqlite3.Connection, version_id: str) -> FileVersion:
+        row = db.execute("SELECT * FROM versions WHERE version_id = ?", (version_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"version {version_id} is unknown")
+        parts = db.execute(
+            """
+            SELECT p.idx, p.part_key, p.size, p.checksum, n.node_id, n.url
+            FROM parts p JOIN nodes n USING (node_id)
+            WHERE p.version_id = ? ORDER BY p.idx
+            """,
+            (version_id,),
+        ).fetchall()
+        return FileVersion(
+            version_id=row["version_id"],
+            namespace=row["namespace"],
+            name=row["name"],
+            state=VersionState(row["state"]),
+            size=row["size"],
+            layout=StripeLayout(parts=row["k"], unit=row["unit"]),
+            parts=tuple(
+                PartPlacement(
+                    index=p["idx"],
+                    key=p["part_key"],
+                    node=NodeRef(node_id=p["node_id"], url=p["url"]),
+                    size=p["size"],
+                    checksum=p["checksum"],
+                )
+                for p in parts
+            ),
+            created_at=row["created_at"],
+            committed_at=row["committed_at"],
+            etag=row["etag"],
+        )

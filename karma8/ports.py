@@ -1,0 +1,225 @@
+"""The ports: every capability an actor needs from the world, as a typing.Protocol.
+
+Actors receive implementations of these in their constructors and never learn which world
+provides them. ``karma8.sim`` implements them with in-memory, virtual-time, fault-injecting
+adapters; ``karma8.net`` with HTTP clients, real files and real time. The metadata store is one
+SQLite implementation (``karma8.metadata``) used by both worlds; what differs is the
+:class:`BlockingRunner` that runs its calls (inline in the simulator, a worker thread in net).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol, TypeVar
+
+import attrs
+
+from karma8.core.layout import StripeLayout
+from karma8.core.placement import NodeLoad
+from karma8.core.model import (
+    FileEntry,
+    FileVersion,
+    NodeRef,
+    NodeRegistration,
+    NodeStatus,
+    PartReceipt,
+)
+
+T = TypeVar("T")
+
+
+class Clock(Protocol):
+    """Wall-clock time in seconds since the epoch (virtual in the simulator)."""
+
+    def now(self) -> float: ...
+
+
+class IdSource(Protocol):
+    """Unique, unguessable ids (seeded in the simulator)."""
+
+    def new_id(self) -> str: ...
+
+
+class BlockingRunner(Protocol):
+    """Runs a short blocking call (a SQLite transaction) without stalling other tasks."""
+
+    async def __call__(self, fn: Callable[[], T]) -> T: ...
+
+
+@attrs.frozen(kw_only=True)
+class StoredPart:
+    """A part as a storage node holds it."""
+
+    key: str
+    size: int
+    checksum: str
+
+
+class DiscoveryAPI(Protocol):
+    """What gateways and storage nodes ask of discovery."""
+
+    async def begin_upload(
+        self, *, namespace: str, name: str, size_hint: int | None, if_absent: bool = False
+    ) -> FileVersion:
+        """Create a pending version and place its parts. Raises NotFound, NotEnoughNodes,
+        PreconditionFailed (``if_absent`` and the name exists), TooLarge."""
+        ...
+
+    async def commit_upload(
+        self,
+        *,
+        version_id: str,
+        size: int,
+        receipts: Sequence[PartReceipt],
+        if_absent: bool = False,
+    ) -> FileVersion:
+        """Atomically make the version current and retire the previous one.
+
+        Raises UploadConflict if the version is no longer pending, PreconditionFailed if
+        ``if_absent`` and another version became current meanwhile, IntegrityError if the
+        receipts do not match the layout.
+        """
+        ...
+
+    async def abort_upload(self, *, version_id: str) -> FileVersion:
+        """Abort a pending version. Returns the version's state afterwards: if the version had
+        already committed (a commit whose answer was lost), it stays committed."""
+        ...
+
+    async def resolve(self, *, namespace: str, name: str) -> FileVersion:
+        """The committed version of a file. Raises NotFound."""
+        ...
+
+    async def delete_file(self, *, namespace: str, name: str) -> bool:
+        """Retire the committed version; True if there was one."""
+        ...
+
+    async def list_files(
+        self, *, namespace: str, prefix: str, after: str, limit: int
+    ) -> list[FileEntry]: ...
+
+    async def create_namespace(self, *, namespace: str) -> None: ...
+
+    async def register_node(self, registration: NodeRegistration) -> None: ...
+
+    async def heartbeat(
+        self, registration: NodeRegistration, *, deleted: Sequence[str]
+    ) -> list[str]:
+        """Report liveness and the garbage keys deleted since the last heartbeat; returns the
+        keys of garbage parts this node should delete now."""
+        ...
+
+    async def list_nodes(self) -> list[NodeStatus]: ...
+
+
+class StorageAPI(Protocol):
+    """What a gateway asks of any storage node, addressed by :class:`NodeRef`."""
+
+    async def put_part(
+        self, node: NodeRef, key: str, chunks: AsyncIterable[bytes]
+    ) -> StoredPart:
+        """Stream a part to ``node``; returns once it is durable there."""
+        ...
+
+    def read_part(
+        self, node: NodeRef, key: str, *, offset: int, length: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Open ``length`` bytes of a part from ``offset`` as a stream of chunks."""
+        ...
+
+    async def delete_part(self, node: NodeRef, key: str) -> None:
+        """Delete a part; deleting a missing part is not an error."""
+        ...
+
+
+class PartWriter(Protocol):
+    """A part being written: invisible to readers until :meth:`commit`."""
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def commit(self, checksum: str) -> None:
+        """Make the part durable and visible (fsync, rename, fsync the directory)."""
+        ...
+
+    async def discard(self) -> None:
+        """Drop whatever was written. Safe to call after a failure, and more than once."""
+        ...
+
+
+class PartStore(Protocol):
+    """A storage node's disk."""
+
+    capacity_bytes: int
+
+    async def create(self, key: str) -> PartWriter: ...
+
+    def open(
+        self, key: str, *, offset: int, length: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Read ``length`` bytes from ``offset``; raises NotFound, IntegrityError if short."""
+        ...
+
+    async def stat(self, key: str) -> StoredPart | None: ...
+
+    async def delete(self, key: str) -> bool: ...
+
+    async def keys(self) -> list[str]: ...
+
+    async def used_bytes(self) -> int: ...
+
+
+class MetadataStore(Protocol):
+    """Discovery's durable state. Every method is one short, atomic transaction."""
+
+    def create_namespace(self, namespace: str, now: float) -> None: ...
+
+    def namespace_exists(self, namespace: str) -> bool: ...
+
+    def upsert_node(self, registration: NodeRegistration, now: float) -> None: ...
+
+    def mark_stale_nodes(self, seen_before: float) -> list[str]: ...
+
+    def list_nodes(self) -> list[NodeStatus]: ...
+
+    def begin_version(
+        self,
+        *,
+        version_id: str,
+        namespace: str,
+        name: str,
+        layout: StripeLayout,
+        size_hint: int | None,
+        now: float,
+        expires_at: float,
+        if_absent: bool,
+        place: Callable[[Sequence[NodeLoad]], Sequence[str]],
+    ) -> FileVersion: ...
+
+    def commit_version(
+        self,
+        *,
+        version_id: str,
+        size: int,
+        receipts: Sequence[PartReceipt],
+        now: float,
+        if_absent: bool,
+    ) -> FileVersion: ...
+
+    def abort_version(self, version_id: str, now: float) -> FileVersion: ...
+
+    def current_version(self, namespace: str, name: str) -> FileVersion | None: ...
+
+    def retire_current(self, namespace: str, name: str, now: float) -> bool: ...
+
+    def list_files(
+        self, namespace: str, *, prefix: str, after: str, limit: int
+    ) -> list[FileEntry]: ...
+
+    def expire_pending(self, now: float) -> int: ...
+
+    def garbage_for_node(self, node_id: str, *, retired_before: float, limit: int) -> list[str]: ...
+
+    def forget_parts(self, node_id: str, keys: Sequence[str]) -> int: ...
+
+    def part_keys_on_node(self, node_id: str) -> set[str]: ...

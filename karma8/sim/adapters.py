@@ -1,0 +1,150 @@
+"""The simulated world's implementations of the actor ports that cross the network.
+
+Each adapter is bound to the endpoint it speaks *from*, so the network knows who calls whom.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from karma8.actors.discovery import Discovery
+from karma8.actors.storage import StorageNode
+from karma8.core.model import (
+    FileEntry,
+    FileVersion,
+    NodeRef,
+    NodeRegistration,
+    NodeStatus,
+    PartReceipt,
+)
+from karma8.ports import StoredPart
+from karma8.sim.network import SimNetwork
+
+DISCOVERY = "discovery"
+
+
+class SimDiscoveryClient:
+    """:class:`karma8.ports.DiscoveryAPI` over the simulated network."""
+
+    def __init__(self, network: SimNetwork, src: str) -> None:
+        self._net = network
+        self._src = src
+
+    async def begin_upload(
+        self, *, namespace: str, name: str, size_hint: int | None, if_absent: bool = False
+    ) -> FileVersion:
+        async def op(d: Discovery) -> FileVersion:
+            return await d.begin_upload(
+                namespace=namespace, name=name, size_hint=size_hint, if_absent=if_absent
+            )
+
+        return await self._net.call(self._src, DISCOVERY, "begin_upload", op)
+
+    async def commit_upload(
+        self,
+        *,
+        version_id: str,
+        size: int,
+        receipts: Sequence[PartReceipt],
+        if_absent: bool = False,
+    ) -> FileVersion:
+        async def op(d: Discovery) -> FileVersion:
+            return await d.commit_upload(
+                version_id=version_id, size=size, receipts=receipts, if_absent=if_absent
+            )
+
+        return await self._net.call(self._src, DISCOVERY, "commit_upload", op)
+
+    async def abort_upload(self, *, version_id: str) -> FileVersion:
+        async def op(d: Discovery) -> FileVersion:
+            return await d.abort_upload(version_id=version_id)
+
+        return await self._net.call(self._src, DISCOVERY, "abort_upload", op)
+
+    async def resolve(self, *, namespace: str, name: str) -> FileVersion:
+        async def op(d: Discovery) -> FileVersion:
+            return await d.resolve(namespace=namespace, name=name)
+
+        return await self._net.call(self._src, DISCOVERY, "resolve", op)
+
+    async def delete_file(self, *, namespace: str, name: str) -> bool:
+        async def op(d: Discovery) -> bool:
+            return await d.delete_file(namespace=namespace, name=name)
+
+        return await self._net.call(self._src, DISCOVERY, "delete_file", op)
+
+    async def list_files(
+        self, *, namespace: str, prefix: str, after: str, limit: int
+    ) -> list[FileEntry]:
+        async def op(d: Discovery) -> list[FileEntry]:
+            return await d.list_files(namespace=namespace, prefix=prefix, after=after, limit=limit)
+
+        return await self._net.call(self._src, DISCOVERY, "list_files", op)
+
+    async def create_namespace(self, *, namespace: str) -> None:
+        async def op(d: Discovery) -> None:
+            await d.create_namespace(namespace=namespace)
+
+        await self._net.call(self._src, DISCOVERY, "create_namespace", op)
+
+    async def register_node(self, registration: NodeRegistration) -> None:
+        async def op(d: Discovery) -> None:
+            await d.register_node(registration)
+
+        await self._net.call(self._src, DISCOVERY, "register_node", op)
+
+    async def heartbeat(
+        self, registration: NodeRegistration, *, deleted: Sequence[str]
+    ) -> list[str]:
+        sent = list(deleted)
+
+        async def op(d: Discovery) -> list[str]:
+            return await d.heartbeat(registration, deleted=sent)
+
+        return await self._net.call(self._src, DISCOVERY, "heartbeat", op)
+
+    async def list_nodes(self) -> list[NodeStatus]:
+        async def op(d: Discovery) -> list[NodeStatus]:
+            return await d.list_nodes()
+
+        return await self._net.call(self._src, DISCOVERY, "list_nodes", op)
+
+
+class SimStorageClient:
+    """:class:`karma8.ports.StorageAPI` over the simulated network (node id = endpoint)."""
+
+    def __init__(self, network: SimNetwork, src: str) -> None:
+        self._net = network
+        self._src = src
+
+    async def put_part(
+        self, node: NodeRef, key: str, chunks: AsyncIterable[bytes]
+    ) -> StoredPart:
+        dst = node.node_id
+        body = self._net.stream(self._src, dst, chunks)
+
+        async def op(s: StorageNode) -> StoredPart:
+            return await s.put_part(key, body)
+
+        return await self._net.call(self._src, dst, f"put_part {key}", op)
+
+    @asynccontextmanager
+    async def read_part(
+        self, node: NodeRef, key: str, *, offset: int, length: int
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        dst = node.node_id
+        # Opening is a call (so it pays latency and can fail like one); the stream then flows
+        # back over the link and breaks if the node goes down.
+        async def op(s: StorageNode) -> StorageNode:
+            return s
+
+        storage = await self._net.call(self._src, dst, f"read_part {key}", op)
+        async with storage.read_part(key, offset=offset, length=length) as stream:
+            yield self._net.stream(dst, self._src, stream, peer=dst)
+
+    async def delete_part(self, node: NodeRef, key: str) -> None:
+        async def op(s: StorageNode) -> None:
+            await s.delete_part(key)
+
+        await self._net.call(self._src, node.node_id, f"delete_part {key}", op)

@@ -1,0 +1,88 @@
+"""Invariants checked at the end of a simulated run, after the quiet phase.
+
+Each check returns a list of violations (empty = holds). They look at the world from outside
+the actors: the reference history, the metadata store and every node's disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from karma8.core.model import VersionState
+from karma8.sim.cluster import SimCluster
+from karma8.sim.workload import History, Op, read_violation
+
+def reads_consistent(history: History, reads: list[Op]) -> list[str]:
+    return [v for op in reads if (v := read_violation(history, op)) is not None]
+
+
+def final_reads(history: History, finals: list[Op]) -> list[str]:
+    """Every name reads back, without error, as the last acknowledged write left it."""
+    problems = [
+        f"final read of {op.name} failed: {op.error}" for op in finals if not op.ok
+    ]
+    return problems + reads_consistent(history, [op for op in finals if op.ok])
+
+
+def layout_holds(cluster: SimCluster) -> list[str]:
+    """Committed versions: k parts on k distinct nodes, sizes per layout, bytes per checksum."""
+    problems = []
+    disks = {node.node_id: node.disk for node in cluster.nodes}
+    for version in cluster.store.versions(VersionState.COMMITTED):
+        assert version.size is not None
+        expected = version.layout.part_sizes(version.size)
+        nodes = [p.node.node_id for p in version.parts]
+        where = f"{version.namespace}/{version.name} ({version.version_id})"
+        if len(version.parts) != version.layout.parts or len(set(nodes)) != len(nodes):
+            problems.append(f"{where}: parts on nodes {nodes}")
+        for part in version.parts:
+            stored = disks[part.node.node_id].parts.get(part.key)
+            if stored is None:
+                problems.append(f"{where}: part {part.index} missing on {part.node.node_id}")
+                continue
+            if len(stored.data) != expected[part.index] or part.size != expected[part.index]:
+                problems.append(
+                    f"{where}: part {part.index} has {len(stored.data)} bytes,"
+                    f" layout says {expected[part.index]}"
+                )
+            if hashlib.sha256(stored.data).hexdigest() != part.checksum:
+                problems.append(f"{where}: part {part.index} does not match its checksum")
+        sizes = [len(disks[p.node.node_id].parts[p.key].data) for p in version.parts
+                 if p.key in disks[p.node.node_id].parts]
+        if sizes and max(sizes) - min(sizes) > 1:
+            problems.append(f"{where}: part sizes {sizes} differ by more than one byte")
+    return problems
+
+
+def no_orphans(cluster: SimCluster) -> list[str]:
+    """Only parts of committed versions are on disk, and metadata holds no garbage."""
+    live = {
+        part.key
+        for version in cluster.store.versions(VersionState.COMMITTED)
+        for part in version.parts
+    }
+    problems = [
+        f"orphan part {key} on {node.node_id}"
+        for node in cluster.nodes
+        for key in sorted(node.disk.parts)
+        if key not in live
+    ]
+    for state in (VersionState.PENDING, VersionState.ABORTED, VersionState.RETIRED):
+        left = cluster.store.versions(state)
+        if left:
+            problems.append(f"{len(left)} {state.value} versions remain after the quiet phase")
+    return problems
+
+
+def fill_spread(cluster: SimCluster) -> float:
+    """(max - min) / mean of the bytes on each node; 0 for an empty cluster."""
+    used = [node.disk.used for node in cluster.nodes]
+    mean = sum(used) / len(used)
+    return 0.0 if mean == 0 else (max(used) - min(used)) / mean
+
+
+def fill_within(cluster: SimCluster, bound: float) -> list[str]:
+    spread = fill_spread(cluster)
+    if spread <= bound:
+        return []
+    return [f"fill spread {spread:.3f} exceeds the bound {bound}"]
+

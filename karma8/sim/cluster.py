@@ -1,0 +1,116 @@
+"""A simulated karma8 cluster: discovery, one gateway and storage nodes on a SimNetwork.
+
+The actors are the production classes from ``karma8.actors``; only their ports are simulated.
+Each actor lives on a named endpoint; its background task (sweeper, heartbeats) runs in a
+cancel scope the endpoint owns, so a crash stops it like a killed process.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import attrs
+import trio
+
+from karma8.actors.discovery import Discovery, DiscoveryConfig
+from karma8.actors.gateway import Gateway, GatewayConfig
+from karma8.actors.storage import StorageConfig, StorageNode
+from karma8.core.layout import StripeLayout
+from karma8.metadata.sqlite import SqliteMetadataStore
+from karma8.sim.adapters import DISCOVERY, SimDiscoveryClient, SimStorageClient
+from karma8.sim.disk import MemoryDisk
+from karma8.sim.network import Endpoint, LinkConfig, SimNetwork
+from karma8.sim.scenario import Scenario
+from karma8.sim.workload import GATEWAY
+from karma8.sim.world import World
+
+
+class _Runnable(Protocol):
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
+
+
+@attrs.define(kw_only=True)
+class SimNode:
+    """A storage node of the simulated cluster: its disk outlives crashes."""
+
+    index: int
+    node_id: str
+    disk: MemoryDisk
+    joined_at: float
+
+
+class SimCluster:
+    def __init__(self, world: World, scenario: Scenario, nursery: trio.Nursery) -> None:
+        self.world = world
+        self.scenario = scenario
+        self._nursery = nursery
+        spec = scenario.cluster
+        self.network = SimNetwork(
+            world,
+            LinkConfig(latency=scenario.network.latency, bandwidth=scenario.network.bandwidth),
+        )
+        self.store = SqliteMetadataStore(":memory:")
+        self.discovery_config = DiscoveryConfig(
+            layout=StripeLayout(parts=5, unit=spec.stripe_unit),
+            upload_ttl=spec.upload_ttl,
+            node_timeout=spec.node_timeout,
+            retire_grace=spec.retire_grace,
+            sweep_interval=spec.sweep_interval,
+        )
+        self.storage_config = StorageConfig(heartbeat_interval=spec.heartbeat_interval)
+        self.nodes: list[SimNode] = []
+        self._disk_rng = world.rng("disk")
+
+    async def start(self) -> None:
+        discovery = Discovery(
+            store=self.store,
+            blocking=self.world.blocking,
+            clock=self.world.clock,
+            ids=self.world.ids,
+            config=self.discovery_config,
+        )
+        await self._nursery.start(self._serve, self.network.endpoint(DISCOVERY), discovery)
+        for _ in range(self.scenario.cluster.storage_nodes):
+            await self.add_node()
+        gateway = Gateway(
+            discovery=SimDiscoveryClient(self.network, GATEWAY),
+            storage=SimStorageClient(self.network, GATEWAY),
+            config=GatewayConfig(),
+        )
+        self.network.endpoint(GATEWAY).bring_up(gateway)
+
+    async def add_node(self) -> SimNode:
+        """Join a new, empty storage node; returns once it has registered."""
+        node_id = f"node-{self.world.ids.new_id()[:8]}"
+        disk = MemoryDisk(
+            capacity_bytes=self.scenario.cluster.capacity,
+            rng=self._disk_rng,
+            fsync_latency=self.scenario.disk.fsync_latency,
+        )
+        node = SimNode(index=len(self.nodes), node_id=node_id, disk=disk,
+                       joined_at=trio.current_time())
+        self.nodes.append(node)
+        self.world.record(f"join {node_id}")
+        await self._nursery.start(self._serve, self.network.endpoint(node_id), self._storage(node))
+        return node
+
+    def _storage(self, node: SimNode) -> StorageNode:
+        return StorageNode(
+            node_id=node.node_id,
+            url=f"sim://{node.node_id}",
+            store=node.disk,
+            discovery=SimDiscoveryClient(self.network, node.node_id),
+            config=self.storage_config,
+        )
+
+    async def _serve(
+        self,
+        endpoint: Endpoint[object],
+        actor: _Runnable,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with trio.CancelScope() as scope:
+            endpoint.background = scope
+            endpoint.bring_up(actor)
+            await actor.run(task_status=task_status)

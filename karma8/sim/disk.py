@@ -1,0 +1,146 @@
+"""An in-memory disk for a simulated storage node, with injectable faults.
+
+Committed parts survive a crash of their node (they were fsynced); writes still in progress do
+not. Write faults fail a write at a byte offset or with a probability, during a time window;
+the disk also fails writes when full. Reads yield chunks of ``read_chunk`` bytes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from karma8.core.errors import DiskFull, IntegrityError, NotFound, StorageFailure
+from karma8.ports import StoredPart
+
+
+@attrs.define(kw_only=True)
+class WriteFault:
+    """Fail part writes between ``start`` and ``until`` (virtual seconds)."""
+
+    start: float
+    until: float
+    probability: float = 1.0
+    at_byte: int = 0
+
+    def active(self, now: float) -> bool:
+        return self.start <= now < self.until
+
+
+@attrs.define
+class _Part:
+    data: bytes
+    checksum: str
+
+
+class MemoryDisk:
+    """:class:`karma8.ports.PartStore` in memory."""
+
+    def __init__(
+        self,
+        *,
+        capacity_bytes: int,
+        rng: random.Random,
+        fsync_latency: float = 0.0005,
+        read_chunk: int = 64 * 1024,
+    ) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.parts: dict[str, _Part] = {}
+        self.faults: list[WriteFault] = []
+        self.failed_writes = 0
+        self._rng = rng
+        self._fsync_latency = fsync_latency
+        self._read_chunk = read_chunk
+        self._used = 0
+        self._in_flight = 0
+
+    def _check_fault(self, written: int, incoming: int) -> None:
+        now = trio.current_time()
+        for fault in self.faults:
+            if not fault.active(now) or written + incoming <= fault.at_byte:
+                continue
+            if fault.probability >= 1.0 or self._rng.random() < fault.probability:
+                self.failed_writes += 1
+                raise StorageFailure("injected write failure")
+
+    async def create(self, key: str) -> _MemoryWriter:
+        await trio.lowlevel.checkpoint()
+        return _MemoryWriter(self, key)
+
+    @asynccontextmanager
+    async def open(self, key: str, *, offset: int, length: int) -> AsyncIterator[AsyncIterator[bytes]]:
+        part = self.parts.get(key)
+        if part is None:
+            raise NotFound(f"part {key} is not on this node")
+        if offset + length > len(part.data):
+            raise IntegrityError(f"part {key} is shorter than {offset + length} bytes")
+        yield self._chunks(part.data, offset, length)
+
+    async def _chunks(self, data: bytes, offset: int, length: int) -> AsyncIterator[bytes]:
+        view = memoryview(data)
+        end = offset + length
+        for pos in range(offset, end, self._read_chunk):
+            await trio.lowlevel.checkpoint()
+            yield bytes(view[pos : min(pos + self._read_chunk, end)])
+
+    async def stat(self, key: str) -> StoredPart | None:
+        part = self.parts.get(key)
+        return None if part is None else StoredPart(key=key, size=len(part.data), checksum=part.checksum)
+
+    async def delete(self, key: str) -> bool:
+        await trio.lowlevel.checkpoint()
+        part = self.parts.pop(key, None)
+        if part is None:
+            return False
+        self._used -= len(part.data)
+        return True
+
+    async def keys(self) -> list[str]:
+        return sorted(self.parts)
+
+    async def used_bytes(self) -> int:
+        return self._used
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+
+class _MemoryWriter:
+    def __init__(self, disk: MemoryDisk, key: str) -> None:
+        self._disk = disk
+        self._key = key
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._done = False
+
+    async def write(self, data: bytes) -> None:
+        disk = self._disk
+        disk._check_fault(self._size, len(data))
+        if disk._used + disk._in_flight + len(data) > disk.capacity_bytes:
+            raise DiskFull("no space left on the node")
+        self._chunks.append(bytes(data))
+        self._size += len(data)
+        disk._in_flight += len(data)
+        await trio.lowlevel.checkpoint()
+
+    async def commit(self, checksum: str) -> None:
+        await trio.sleep(self._disk._fsync_latency)
+        data = b"".join(self._chunks)
+        self._release()
+        self._disk.parts[self._key] = _Part(data=data, checksum=checksum)
+        self._disk._used += len(data)
+
+    async def discard(self) -> None:
+        self._release()
+        await trio.lowlevel.checkpoint()
+
+    def _release(self) -> None:
+        if not self._done:
+            self._done = True
+            self._disk._in_flight -= self._size
+            self._chunks = []

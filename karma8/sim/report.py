@@ -1,0 +1,79 @@
+"""Rendering a :class:`SimResult` for people (a short report) and for programs (JSON)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+from karma8.sim.runner import SimResult
+
+BAR = 30
+
+
+def to_json(result: SimResult) -> dict[str, Any]:
+    return {
+        "scenario": result.scenario,
+        "seed": result.seed,
+        "ok": result.ok,
+        "trace_sha256": result.trace_sha256,
+        "invariants": result.invariants,
+        "violations": result.violations,
+        "stats": result.stats,
+        "nodes": [attrs.asdict(node) for node in result.nodes],
+    }
+
+
+def render_json(result: SimResult) -> str:
+    return json.dumps(to_json(result), indent=2, sort_keys=False)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def render_text(result: SimResult, *, replay: str) -> str:
+    s = result.stats
+    lines = [
+        f"scenario {result.scenario}  seed {result.seed}  "
+        f"{'OK' if result.ok else 'FAILED'}",
+        f"  simulated {s['sim_seconds']:.1f} s (load {s['load_seconds']:.1f} s)"
+        f" in {s['wall_seconds']:.2f} s wall, {s['puts_per_wall_second']:.0f} PUTs per wall-second",
+        f"  trace {result.trace_sha256[:16]}… ({s['trace_events']} events)",
+        "",
+        "operations        total  succeeded",
+    ]
+    for kind in ("put", "get", "delete"):
+        lines.append(f"  {kind:<14}{s['ops'][kind]:>7}  {s['succeeded'][kind]:>9}")
+    lines.append(f"  bytes stored by PUTs: {_size(s['bytes_put'])}")
+    if s["failures"]:
+        lines.append("failures by cause")
+        for cause, count in s["failures"].items():
+            lines.append(f"  {cause:<30}{count:>7}")
+    if s["injected_write_failures"]:
+        lines.append(f"  injected disk write failures: {s['injected_write_failures']}")
+    lines += ["", "node            capacity        used   parts  fill"]
+    top = max((n.fill for n in result.nodes), default=0.0) or 1.0
+    for node in result.nodes:
+        bar = "#" * round(BAR * node.fill / top)
+        lines.append(
+            f"  {node.id:<13}{_size(node.capacity_bytes):>10}{_size(node.used_bytes):>12}"
+            f"{node.parts:>8}  {100 * node.fill:5.2f}% {bar}"
+        )
+    lines.append(f"  fill spread (max-min)/mean: {s['fill_spread']:.3f}")
+    lines += ["", "invariants"]
+    for name, holds in result.invariants.items():
+        lines.append(f"  {'ok  ' if holds else 'FAIL'} {name}")
+        for violation in result.violations.get(name, [])[:5]:
+            lines.append(f"         {violation}")
+        extra = len(result.violations.get(name, [])) - 5
+        if extra > 0:
+            lines.append(f"         … and {extra} more")
+    if not result.ok:
+        lines += ["", f"replay: {replay}"]
+    return "\n".join(lines)

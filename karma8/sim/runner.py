@@ -1,0 +1,177 @@
+"""Runs one scenario with one seed: build the world, drive the workload and the events, wait
+for the quiet phase, check the invariants, report.
+
+A run is a pure function of (scenario, seed): :func:`run_scenario` returns the same
+``trace_sha256`` every time, in any process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import attrs
+import trio
+
+from karma8.sim import checker
+from karma8.sim.cluster import SimCluster
+from karma8.sim.determinism import run_deterministic
+from karma8.sim.disk import WriteFault
+from karma8.sim.scenario import Event, Scenario
+from karma8.sim.workload import Client, History, Op, read_file
+from karma8.sim.world import World
+
+
+@attrs.frozen(kw_only=True)
+class NodeReport:
+    id: str
+    capacity_bytes: int
+    used_bytes: int
+    parts: int
+    joined_at: float
+
+    @property
+    def fill(self) -> float:
+        return self.used_bytes / self.capacity_bytes
+
+
+@attrs.frozen(kw_only=True)
+class SimResult:
+    scenario: str
+    seed: int
+    trace_sha256: str
+    invariants: dict[str, bool]
+    violations: dict[str, list[str]]
+    stats: dict[str, Any]
+    nodes: list[NodeReport]
+
+    @property
+    def ok(self) -> bool:
+        return all(self.invariants.values())
+
+
+def run_scenario(scenario: Scenario, seed: int | None = None) -> SimResult:
+    """Run ``scenario`` deterministically (``seed`` overrides the scenario's own)."""
+    seed = scenario.seed if seed is None else seed
+    started = time.perf_counter()
+    result = run_deterministic(lambda: _simulate(scenario, seed), seed=seed)
+    wall = time.perf_counter() - started
+    stats = dict(result.stats)
+    stats["wall_seconds"] = round(wall, 3)
+    stats["puts_per_wall_second"] = round(stats["ops"]["put"] / wall, 1) if wall > 0 else 0.0
+    return attrs.evolve(result, stats=stats)
+
+
+async def _simulate(scenario: Scenario, seed: int) -> SimResult:
+    world = World(seed)
+    history = History()
+    async with trio.open_nursery() as nursery:
+        cluster = SimCluster(world, scenario, nursery)
+        await cluster.start()
+        async with trio.open_nursery() as load:
+            load.start_soon(_play_events, cluster, scenario.events, name="sim-events")
+            for index in range(scenario.workload.clients):
+                client = Client(
+                    index=index,
+                    world=world,
+                    network=cluster.network,
+                    spec=scenario.workload,
+                    history=history,
+                )
+                load.start_soon(client.run, scenario.duration, name=f"sim-{client.name}")
+        load_end = trio.current_time()
+        world.record("quiet")
+        await trio.sleep(scenario.quiet)
+        finals = await _final_reads(cluster, history)
+        result = _judge(scenario, seed, world, cluster, history, finals, load_end)
+        nursery.cancel_scope.cancel()
+    return result
+
+
+async def _play_events(cluster: SimCluster, events: tuple[Event, ...]) -> None:
+    for event in events:
+        await trio.sleep_until(event.at)
+        cluster.world.record(f"event {event.action}")
+        if event.action == "add_nodes":
+            for _ in range(event.count):
+                await cluster.add_node()
+        elif event.action == "fail_writes":
+            cluster.nodes[event.node].disk.faults.append(
+                WriteFault(
+                    start=event.at,
+                    until=event.at + event.duration,
+                    probability=event.probability,
+                    at_byte=event.at_byte,
+                )
+            )
+
+
+async def _final_reads(cluster: SimCluster, history: History) -> list[Op]:
+    finals = []
+    for name in sorted(history.by_name):
+        op = Op(kind="get", name=name, start=trio.current_time())
+        try:
+            op.value, op.size = await read_file(cluster.network, "checker", name)
+            op.ok = True
+        except Exception as exc:  # judged below: any failure is a violation
+            op.error = getattr(exc, "code", type(exc).__name__)
+        op.end = trio.current_time()
+        finals.append(op)
+    return finals
+
+
+def _judge(
+    scenario: Scenario,
+    seed: int,
+    world: World,
+    cluster: SimCluster,
+    history: History,
+    finals: list[Op],
+    load_end: float,
+) -> SimResult:
+    reads = [op for op in history.ops if op.kind == "get" and op.ok]
+    violations = {
+        "acknowledged_writes_read_back": checker.final_reads(history, finals),
+        "no_torn_or_stale_reads": checker.reads_consistent(history, reads),
+        "parts_obey_layout": checker.layout_holds(cluster),
+        "no_orphan_parts": checker.no_orphans(cluster),
+    }
+    if scenario.checks.max_fill_spread is not None:
+        violations["fill_spread_within_bound"] = checker.fill_within(
+            cluster, scenario.checks.max_fill_spread
+        )
+    ops = Counter(op.kind for op in history.ops)
+    ok_ops = Counter(op.kind for op in history.ops if op.ok)
+    nodes = [
+        NodeReport(
+            id=node.node_id,
+            capacity_bytes=node.disk.capacity_bytes,
+            used_bytes=node.disk.used,
+            parts=len(node.disk.parts),
+            joined_at=round(node.joined_at, 6),
+        )
+        for node in cluster.nodes
+    ]
+    stats: dict[str, Any] = {
+        "ops": {kind: ops.get(kind, 0) for kind in ("put", "get", "delete")},
+        "succeeded": {kind: ok_ops.get(kind, 0) for kind in ("put", "get", "delete")},
+        "failures": dict(sorted(history.failures().items())),
+        "bytes_put": sum(op.size for op in history.ops if op.kind == "put" and op.ok),
+        "files": len(cluster.store.versions()),
+        "injected_write_failures": sum(node.disk.failed_writes for node in cluster.nodes),
+        "network_calls": cluster.network.calls,
+        "trace_events": world.trace_events,
+        "load_seconds": round(load_end, 6),
+        "sim_seconds": round(trio.current_time(), 6),
+        "fill_spread": round(checker.fill_spread(cluster), 4),
+    }
+    return SimResult(
+        scenario=scenario.name,
+        seed=seed,
+        trace_sha256=world.trace_sha256,
+        invariants={name: not found for name, found in violations.items()},
+        violations={name: found for name, found in violations.items() if found},
+        stats=stats,
+        nodes=nodes,
+    )
