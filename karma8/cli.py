@@ -1,6 +1,6 @@
 """The ``karma8`` command: wiring of the worlds to the actors.
 
-    karma8 sim SCENARIO.toml [--seed N] [--json] [--check-determinism]
+karma8 sim SCENARIO.toml [--seed N] [--json] [--check-determinism]
 """
 
 from __future__ import annotations

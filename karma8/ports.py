@@ -16,7 +16,6 @@ from typing import Protocol, TypeVar
 import attrs
 
 from karma8.core.layout import StripeLayout
-from karma8.core.placement import NodeLoad
 from karma8.core.model import (
     FileEntry,
     FileVersion,
@@ -25,6 +24,7 @@ from karma8.core.model import (
     NodeStatus,
     PartReceipt,
 )
+from karma8.core.placement import NodeLoad
 
 T = TypeVar("T")
 
@@ -116,9 +116,7 @@ class DiscoveryAPI(Protocol):
 class StorageAPI(Protocol):
     """What a gateway asks of any storage node, addressed by :class:`NodeRef`."""
 
-    async def put_part(
-        self, node: NodeRef, key: str, chunks: AsyncIterable[bytes]
-    ) -> StoredPart:
+    async def put_part(self, node: NodeRef, key: str, chunks: AsyncIterable[bytes]) -> StoredPart:
         """Stream a part to ``node``; returns once it is durable there."""
         ...
 

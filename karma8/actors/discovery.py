@@ -38,7 +38,7 @@ MAX_LIST_LIMIT = 1000
 class DiscoveryConfig:
     """Discovery's tunables (seconds and bytes)."""
 
-    layout: StripeLayout = StripeLayout()
+    layout: StripeLayout = attrs.Factory(StripeLayout)
     upload_ttl: float = 3600.0
     node_timeout: float = 15.0
     retire_grace: float = 60.0

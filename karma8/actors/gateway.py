@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 
 import attrs
 import trio
@@ -158,8 +158,7 @@ class Gateway:
                         await _send_all(senders, digests, splitter.feed(chunk))
                     if content_length is not None and splitter.size != content_length:
                         raise InvalidRequest(
-                            f"body has {splitter.size} bytes, Content-Length said"
-                            f" {content_length}"
+                            f"body has {splitter.size} bytes, Content-Length said {content_length}"
                         )
                     await _send_all(senders, digests, splitter.finish())
         except BaseExceptionGroup as group:
@@ -197,7 +196,9 @@ class Gateway:
             index=placement.index, size=stored.size, checksum=stored.checksum
         )
 
-    async def _clean_up(self, version: FileVersion, *, commit_attempted: bool) -> FileVersion | None:
+    async def _clean_up(
+        self, version: FileVersion, *, commit_attempted: bool
+    ) -> FileVersion | None:
         """Undo an upload that failed; returns the version's settled state if known.
 
         Shielded with a deadline: a cancelled PUT still cleans up after itself.
@@ -214,16 +215,16 @@ class Gateway:
                 return settled
             async with trio.open_nursery() as nursery:
                 for placement in version.parts:
-                    nursery.start_soon(self._delete_quietly, placement, name=f"gw-undo-{placement.key}")
+                    nursery.start_soon(
+                        self._delete_quietly, placement, name=f"gw-undo-{placement.key}"
+                    )
         return settled
 
     async def _delete_quietly(self, placement: PartPlacement) -> None:
         # A part we cannot delete now is garbage of an aborted (or expiring) version, which the
         # node's heartbeat collects later.
-        try:
+        with suppress(Karma8Error):
             await self._storage.delete_part(placement.node, placement.key)
-        except Karma8Error:
-            pass
 
     # -- GET / HEAD -----------------------------------------------------------------------
 
@@ -262,9 +263,7 @@ class Gateway:
                     )
                 except Karma8Error as exc:
                     raise _read_failure(placement, exc) from None
-                cursors[placement.index] = _PartCursor(
-                    placement, stream, length, verify=whole
-                )
+                cursors[placement.index] = _PartCursor(placement, stream, length, verify=whole)
             yield _stitch(version.layout, size, start, stop, cursors)
 
     # -- DELETE / list --------------------------------------------------------------------

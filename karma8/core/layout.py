@@ -89,11 +89,13 @@ class StripeLayout:
             piece_stop = body_end + self.tail_piece_start(tail, piece + 1)
             lo, hi = max(pos, piece_start), min(stop, piece_stop)
             if lo < hi:
-                yield Segment(part=piece, offset=rows * self.unit + lo - piece_start, length=hi - lo)
+                yield Segment(
+                    part=piece, offset=rows * self.unit + lo - piece_start, length=hi - lo
+                )
 
-    def part_spans(self, size: int, start: int = 0, stop: int | None = None) -> tuple[
-        tuple[int, int] | None, ...
-    ]:
+    def part_spans(
+        self, size: int, start: int = 0, stop: int | None = None
+    ) -> tuple[tuple[int, int] | None, ...]:
         """For each part, the ``(offset, length)`` span that bytes ``[start, stop)`` touch.
 
         ``None`` for a part the range does not touch, so a Range read opens only the parts it
@@ -139,7 +141,9 @@ class StripeSplitter:
         while view:
             if not self._row and len(view) >= row_size:
                 # Fast path: a whole row straight from the input, no staging copy.
-                out.extend((i, bytes(view[i * unit : (i + 1) * unit])) for i in range(self._layout.parts))
+                out.extend(
+                    (i, bytes(view[i * unit : (i + 1) * unit])) for i in range(self._layout.parts)
+                )
                 view = view[row_size:]
                 continue
             need = row_size - len(self._row)
@@ -147,7 +151,9 @@ class StripeSplitter:
             view = view[need:]
             if len(self._row) == row_size:
                 row = memoryview(self._row)
-                out.extend((i, bytes(row[i * unit : (i + 1) * unit])) for i in range(self._layout.parts))
+                out.extend(
+                    (i, bytes(row[i * unit : (i + 1) * unit])) for i in range(self._layout.parts)
+                )
                 row.release()
                 self._row.clear()
         return out
@@ -184,6 +190,4 @@ def merge(layout: StripeLayout, parts: Sequence[bytes]) -> bytes:
     size = sum(len(p) for p in parts)
     if tuple(len(p) for p in parts) != layout.part_sizes(size):
         raise ValueError("part sizes do not match the layout")
-    return b"".join(
-        parts[s.part][s.offset : s.offset + s.length] for s in layout.segments(size)
-    )
+    return b"".join(parts[s.part][s.offset : s.offset + s.length] for s in layout.segments(size))

@@ -42,7 +42,5 @@ def check_name(name: str) -> str:
         raise InvalidName("file name is not valid UTF-8") from None
     for segment in name.split("/"):
         if segment in ("", ".", ".."):
-            raise InvalidName(
-                f"invalid file name {name!r}: no empty, '.' or '..' path segments"
-            )
+            raise InvalidName(f"invalid file name {name!r}: no empty, '.' or '..' path segments")
     return name

@@ -63,7 +63,5 @@ def place_parts(
             f"need {count} storage nodes with {part_size} bytes free,"
             f" have {len(candidates)} ({available} available of {len(nodes)})"
         )
-    ranked = sorted(
-        candidates, key=lambda n: (n.fill, rendezvous(salt, n.node_id), n.node_id)
-    )
+    ranked = sorted(candidates, key=lambda n: (n.fill, rendezvous(salt, n.node_id), n.node_id))
     return tuple(n.node_id for n in ranked[:count])

@@ -220,6 +220,8 @@ class SqliteMetadataStore:
             self._require_namespace(db, namespace)
             if if_absent and self._committed_id(db, namespace, name) is not None:
                 raise PreconditionFailed(f"{namespace}/{name} already exists")
+            rows = db.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
+            urls = {r["node_id"]: r["url"] for r in rows}
             loads = [
                 NodeLoad(
                     node_id=r["node_id"],
@@ -228,7 +230,7 @@ class SqliteMetadataStore:
                     reserved=r["reserved_bytes"],
                     available=r["state"] == NodeState.AVAILABLE.value,
                 )
-                for r in db.execute("SELECT * FROM nodes ORDER BY node_id")
+                for r in rows
             ]
             chosen = list(place(loads))
             db.execute(
@@ -237,21 +239,47 @@ class SqliteMetadataStore:
                                      created_at, expires_at)
                 VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?)
                 """,
-                (version_id, namespace, name, size_hint, layout.parts, layout.unit, now,
-                 expires_at),
+                (
+                    version_id,
+                    namespace,
+                    name,
+                    size_hint,
+                    layout.parts,
+                    layout.unit,
+                    now,
+                    expires_at,
+                ),
             )
-            for index, node_id in enumerate(chosen):
-                db.execute(
-                    "INSERT INTO parts(version_id, idx, part_key, node_id, reserved)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (version_id, index, part_key(version_id, index), node_id, reserve[index]),
+            db.executemany(
+                "INSERT INTO parts(version_id, idx, part_key, node_id, reserved)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [
+                    (version_id, index, part_key(version_id, index), node_id, reserve[index])
+                    for index, node_id in enumerate(chosen)
+                ],
+            )
+            db.executemany(
+                "UPDATE nodes SET reserved_bytes = reserved_bytes + ?, parts = parts + 1"
+                " WHERE node_id = ?",
+                [(reserve[index], node_id) for index, node_id in enumerate(chosen)],
+            )
+        return FileVersion(
+            version_id=version_id,
+            namespace=namespace,
+            name=name,
+            state=VersionState.PENDING,
+            size=None,
+            layout=layout,
+            parts=tuple(
+                PartPlacement(
+                    index=index,
+                    key=part_key(version_id, index),
+                    node=NodeRef(node_id=node_id, url=urls[node_id]),
                 )
-                db.execute(
-                    "UPDATE nodes SET reserved_bytes = reserved_bytes + ?, parts = parts + 1"
-                    " WHERE node_id = ?",
-                    (reserve[index], node_id),
-                )
-            return self._load_version(db, version_id)
+                for index, node_id in enumerate(chosen)
+            ),
+            created_at=now,
+        )
 
     def commit_version(
         self,
@@ -372,9 +400,7 @@ class SqliteMetadataStore:
             )
             return True
 
-    def list_files(
-        self, namespace: str, *, prefix: str, after: str, limit: int
-    ) -> list[FileEntry]:
+    def list_files(self, namespace: str, *, prefix: str, after: str, limit: int) -> list[FileEntry]:
         if not self.namespace_exists(namespace):
             raise NotFound(f"namespace {namespace!r} does not exist")
         rows = self._db.execute(
@@ -398,12 +424,13 @@ class SqliteMetadataStore:
     def garbage_for_node(self, node_id: str, *, retired_before: float, limit: int) -> list[str]:
         rows = self._db.execute(
             """
-            SELECT p.part_key FROM parts p JOIN versions v USING (version_id)
-            WHERE p.node_id = ?
-              AND (v.state = 'aborted' OR (v.state = 'retired' AND v.retired_at <= ?))
+            SELECT p.part_key FROM versions v CROSS JOIN parts p
+            WHERE v.state IN ('aborted', 'retired')
+              AND (v.state = 'aborted' OR v.retired_at <= ?)
+              AND p.version_id = v.version_id AND +p.node_id = ?
             ORDER BY p.part_key LIMIT ?
             """,
-            (node_id, retired_before, limit),
+            (retired_before, node_id, limit),
         ).fetchall()
         return [r["part_key"] for r in rows]
 

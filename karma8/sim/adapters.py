@@ -118,9 +118,7 @@ class SimStorageClient:
         self._net = network
         self._src = src
 
-    async def put_part(
-        self, node: NodeRef, key: str, chunks: AsyncIterable[bytes]
-    ) -> StoredPart:
+    async def put_part(self, node: NodeRef, key: str, chunks: AsyncIterable[bytes]) -> StoredPart:
         dst = node.node_id
         body = self._net.stream(self._src, dst, chunks)
 
@@ -134,6 +132,7 @@ class SimStorageClient:
         self, node: NodeRef, key: str, *, offset: int, length: int
     ) -> AsyncIterator[AsyncIterator[bytes]]:
         dst = node.node_id
+
         # Opening is a call (so it pays latency and can fail like one); the stream then flows
         # back over the link and breaks if the node goes down.
         async def op(s: StorageNode) -> StorageNode:

@@ -7,9 +7,11 @@ the actors: the reference history, the metadata store and every node's disk.
 from __future__ import annotations
 
 import hashlib
+
 from karma8.core.model import VersionState
 from karma8.sim.cluster import SimCluster
 from karma8.sim.workload import History, Op, read_violation
+
 
 def reads_consistent(history: History, reads: list[Op]) -> list[str]:
     return [v for op in reads if (v := read_violation(history, op)) is not None]
@@ -17,9 +19,7 @@ def reads_consistent(history: History, reads: list[Op]) -> list[str]:
 
 def final_reads(history: History, finals: list[Op]) -> list[str]:
     """Every name reads back, without error, as the last acknowledged write left it."""
-    problems = [
-        f"final read of {op.name} failed: {op.error}" for op in finals if not op.ok
-    ]
+    problems = [f"final read of {op.name} failed: {op.error}" for op in finals if not op.ok]
     return problems + reads_consistent(history, [op for op in finals if op.ok])
 
 
@@ -46,8 +46,11 @@ def layout_holds(cluster: SimCluster) -> list[str]:
                 )
             if hashlib.sha256(stored.data).hexdigest() != part.checksum:
                 problems.append(f"{where}: part {part.index} does not match its checksum")
-        sizes = [len(disks[p.node.node_id].parts[p.key].data) for p in version.parts
-                 if p.key in disks[p.node.node_id].parts]
+        sizes = [
+            len(disks[p.node.node_id].parts[p.key].data)
+            for p in version.parts
+            if p.key in disks[p.node.node_id].parts
+        ]
         if sizes and max(sizes) - min(sizes) > 1:
             problems.append(f"{where}: part sizes {sizes} differ by more than one byte")
     return problems
@@ -85,4 +88,3 @@ def fill_within(cluster: SimCluster, bound: float) -> list[str]:
     if spread <= bound:
         return []
     return [f"fill spread {spread:.3f} exceeds the bound {bound}"]
-

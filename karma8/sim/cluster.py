@@ -79,16 +79,24 @@ class SimCluster:
         )
         self.network.endpoint(GATEWAY).bring_up(gateway)
 
+    @property
+    def gateway(self) -> Gateway:
+        gateway = self.network.endpoint(GATEWAY).actor
+        assert isinstance(gateway, Gateway), "the gateway is down"
+        return gateway
+
     async def add_node(self) -> SimNode:
         """Join a new, empty storage node; returns once it has registered."""
         node_id = f"node-{self.world.ids.new_id()[:8]}"
         disk = MemoryDisk(
             capacity_bytes=self.scenario.cluster.capacity,
             rng=self._disk_rng,
+            sleep=self.world.sleep,
             fsync_latency=self.scenario.disk.fsync_latency,
         )
-        node = SimNode(index=len(self.nodes), node_id=node_id, disk=disk,
-                       joined_at=trio.current_time())
+        node = SimNode(
+            index=len(self.nodes), node_id=node_id, disk=disk, joined_at=trio.current_time()
+        )
         self.nodes.append(node)
         self.world.record(f"join {node_id}")
         await self._nursery.start(self._serve, self.network.endpoint(node_id), self._storage(node))

@@ -8,7 +8,7 @@ the disk also fails writes when full. Reads yield chunks of ``read_chunk`` bytes
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import attrs
@@ -45,6 +45,7 @@ class MemoryDisk:
         *,
         capacity_bytes: int,
         rng: random.Random,
+        sleep: Callable[[float], Awaitable[None]],
         fsync_latency: float = 0.0005,
         read_chunk: int = 64 * 1024,
     ) -> None:
@@ -53,6 +54,7 @@ class MemoryDisk:
         self.faults: list[WriteFault] = []
         self.failed_writes = 0
         self._rng = rng
+        self._sleep = sleep
         self._fsync_latency = fsync_latency
         self._read_chunk = read_chunk
         self._used = 0
@@ -68,28 +70,26 @@ class MemoryDisk:
                 raise StorageFailure("injected write failure")
 
     async def create(self, key: str) -> _MemoryWriter:
-        await trio.lowlevel.checkpoint()
         return _MemoryWriter(self, key)
 
     @asynccontextmanager
-    async def open(self, key: str, *, offset: int, length: int) -> AsyncIterator[AsyncIterator[bytes]]:
+    async def open(
+        self, key: str, *, offset: int, length: int
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
         part = self.parts.get(key)
         if part is None:
             raise NotFound(f"part {key} is not on this node")
         if offset + length > len(part.data):
             raise IntegrityError(f"part {key} is shorter than {offset + length} bytes")
-        yield self._chunks(part.data, offset, length)
-
-    async def _chunks(self, data: bytes, offset: int, length: int) -> AsyncIterator[bytes]:
-        view = memoryview(data)
-        end = offset + length
-        for pos in range(offset, end, self._read_chunk):
-            await trio.lowlevel.checkpoint()
-            yield bytes(view[pos : min(pos + self._read_chunk, end)])
+        yield _ChunkReader(part.data, offset, offset + length, self._read_chunk)
 
     async def stat(self, key: str) -> StoredPart | None:
         part = self.parts.get(key)
-        return None if part is None else StoredPart(key=key, size=len(part.data), checksum=part.checksum)
+        return (
+            None
+            if part is None
+            else StoredPart(key=key, size=len(part.data), checksum=part.checksum)
+        )
 
     async def delete(self, key: str) -> bool:
         await trio.lowlevel.checkpoint()
@@ -110,6 +110,29 @@ class MemoryDisk:
         return self._used
 
 
+class _ChunkReader:
+    """Chunks of ``data[start:end]``. A class, not an async generator: a reader abandoned
+    part-way (a Range read, a failed GET) then needs no finaliser task."""
+
+    def __init__(self, data: bytes, start: int, end: int, chunk: int) -> None:
+        self._data = data
+        self._pos = start
+        self._end = end
+        self._chunk = chunk
+
+    def __aiter__(self) -> _ChunkReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._pos >= self._end:
+            raise StopAsyncIteration
+        await trio.lowlevel.checkpoint()
+        start, self._pos = self._pos, min(self._pos + self._chunk, self._end)
+        if start == 0 and self._pos == len(self._data):
+            return self._data
+        return self._data[start : self._pos]
+
+
 class _MemoryWriter:
     def __init__(self, disk: MemoryDisk, key: str) -> None:
         self._disk = disk
@@ -126,10 +149,9 @@ class _MemoryWriter:
         self._chunks.append(bytes(data))
         self._size += len(data)
         disk._in_flight += len(data)
-        await trio.lowlevel.checkpoint()
 
     async def commit(self, checksum: str) -> None:
-        await trio.sleep(self._disk._fsync_latency)
+        await self._disk._sleep(self._disk._fsync_latency)
         data = b"".join(self._chunks)
         self._release()
         self._disk.parts[self._key] = _Part(data=data, checksum=checksum)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Generic, TypeVar
 
 import attrs
@@ -69,7 +69,10 @@ class Endpoint(Generic[A]):
         self.incarnation += 1
 
     def crash(self) -> None:
-        """Stop the endpoint at once: cancel its handlers and background task."""
+        """Stop the endpoint at once: cancel its handlers and background task.
+
+        Handlers are only tracked when the network is ``crashable``; set it before traffic.
+        """
         self.actor = None
         for scope in list(self._handlers.values()):
             scope.cancel()
@@ -89,6 +92,9 @@ class Endpoint(Generic[A]):
                 del self._handlers[handler_id]
 
 
+_NOT_TRACKED = nullcontext(None)
+
+
 class SimNetwork:
     """Routes calls between endpoints through simulated links."""
 
@@ -99,6 +105,8 @@ class SimNetwork:
         self._endpoints: dict[str, Endpoint[object]] = {}
         self.faults: list[LinkFault] = []
         self.calls = 0
+        # Tracking handlers costs a cancel scope per call; only needed if endpoints can crash.
+        self.crashable = False
 
     def endpoint(self, name: str) -> Endpoint[object]:
         if name not in self._endpoints:
@@ -106,6 +114,8 @@ class SimNetwork:
         return self._endpoints[name]
 
     def _link_faults(self, src: str, dst: str) -> list[LinkFault]:
+        if not self.faults:
+            return []
         now = trio.current_time()
         self.faults = [f for f in self.faults if f.until > now]
         return [f for f in self.faults if f.between(src, dst)]
@@ -123,17 +133,25 @@ class SimNetwork:
             delay += self._rng.uniform(lo, hi)
         for fault in self._link_faults(src, dst):
             if fault.partitioned:
-                await trio.sleep(delay)
+                await self._world.sleep(delay)
                 raise Unavailable(f"{dst} is unreachable from {src}")
             delay += fault.extra_latency
             if fault.loss and self._rng.random() < fault.loss:
-                await trio.sleep(delay)
+                await self._world.sleep(delay)
                 raise Unavailable(f"the connection from {src} to {dst} was lost")
-        await trio.sleep(delay)
+        await self._world.sleep(delay)
 
-    async def call(
-        self, src: str, dst: str, op: str, fn: Callable[[A], Awaitable[T]]
-    ) -> T:
+    async def transfer(self, src: str, dst: str, nbytes: int) -> None:
+        """A chunk of a stream: transfer time only (chunks are pipelined behind the first).
+
+        A transfer shorter than the pump's tick costs no sleep at all unless the link is
+        faulty: the consumer's channel receive is already a scheduling point, and skipping
+        the sleep keeps small-file simulation fast.
+        """
+        if self.faults or nbytes / self._config.bandwidth >= self._world.pump.tick:
+            await self.hop(src, dst, "chunk", nbytes, latency=False)
+
+    async def call(self, src: str, dst: str, op: str, fn: Callable[[A], Awaitable[T]]) -> T:
         """Run ``fn(actor)`` on endpoint ``dst`` as a remote call from ``src``."""
         self.calls += 1
         self._world.record(f"{src}>{dst} {op}")
@@ -145,13 +163,13 @@ class SimNetwork:
             raise Unavailable(f"{dst} is down")
         error: Karma8Error | None = None
         result: T | None = None
-        with endpoint.handling() as scope:
+        with endpoint.handling() if self.crashable else _NOT_TRACKED as scope:
             try:
                 result = await fn(actor)
             except Karma8Error as exc:
                 # Rebuilt from code and message, as if it came over the wire.
                 error = error_from_code(exc.code, exc.message)
-        if scope.cancelled_caught:
+        if scope is not None and scope.cancelled_caught:
             self._world.record(f"{src}>{dst} {op} crashed")
             raise Unavailable(f"{dst} crashed during {op}")
         await self.hop(dst, src, f"{op} reply")
@@ -190,7 +208,7 @@ class _LinkStream:
 
     async def __anext__(self) -> bytes:
         chunk = await anext(self._source)
-        await self._network.hop(self._src, self._dst, "chunk", len(chunk), latency=False)
+        await self._network.transfer(self._src, self._dst, len(chunk))
         if not self._watched.up or self._watched.incarnation != self._incarnation:
             raise Unavailable(f"{self._watched.name} went down mid-stream")
         return chunk

@@ -40,10 +40,10 @@ def _size(n: float) -> str:
 def render_text(result: SimResult, *, replay: str) -> str:
     s = result.stats
     lines = [
-        f"scenario {result.scenario}  seed {result.seed}  "
-        f"{'OK' if result.ok else 'FAILED'}",
+        f"scenario {result.scenario}  seed {result.seed}  {'OK' if result.ok else 'FAILED'}",
         f"  simulated {s['sim_seconds']:.1f} s (load {s['load_seconds']:.1f} s)"
-        f" in {s['wall_seconds']:.2f} s wall, {s['puts_per_wall_second']:.0f} PUTs per wall-second",
+        f" in {s['wall_seconds']:.2f} s wall;"
+        f" load phase {s['puts_per_wall_second']:.0f} PUTs per wall-second",
         f"  trace {result.trace_sha256[:16]}… ({s['trace_events']} events)",
         "",
         "operations        total  succeeded",

@@ -17,9 +17,16 @@ import attrs
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
 _UNITS = {
-    None: 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+    None: 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
 }
 
 
@@ -221,9 +228,7 @@ class _Source:
                 if current == base:
                     seen += 1
                 continue
-            if current == base and seen in (index, -1) and re.match(
-                rf"{re.escape(key)}\s*=", line
-            ):
+            if current == base and seen in (index, -1) and re.match(rf"{re.escape(key)}\s*=", line):
                 return number
         return None
 
@@ -237,7 +242,9 @@ def load_scenario(path: str | Path) -> Scenario:
     return parse_scenario(text, origin=str(path), default_name=path.stem)
 
 
-def parse_scenario(text: str, *, origin: str = "<scenario>", default_name: str = "scenario") -> Scenario:
+def parse_scenario(
+    text: str, *, origin: str = "<scenario>", default_name: str = "scenario"
+) -> Scenario:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -346,6 +353,7 @@ def _check_event_nodes(source: _Source, scenario: Scenario) -> None:
             nodes += event.count
         elif event.node >= nodes:
             raise source.error(
-                f"events[{i}]", "node", f"node {event.node} does not exist at t={event.at}"
-                f" (nodes 0..{nodes - 1})"
+                f"events[{i}]",
+                "node",
+                f"node {event.node} does not exist at t={event.at} (nodes 0..{nodes - 1})",
             )

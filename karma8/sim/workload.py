@@ -141,7 +141,7 @@ class Client:
     async def run(self, until: float) -> None:
         lo, hi = self._spec.think_time
         while trio.current_time() < until:
-            await trio.sleep(self._rng.uniform(lo, hi))
+            await self._world.sleep(self._rng.uniform(lo, hi))
             if trio.current_time() >= until:
                 break
             kind = self._pick()
@@ -157,8 +157,13 @@ class Client:
         size = self._rng.randint(*self._spec.file_size)
         data = self._rng.randbytes(size)
         op = self._history.add(
-            Op(kind="put", name=name, start=trio.current_time(), size=size,
-               value=hashlib.sha256(data).hexdigest())
+            Op(
+                kind="put",
+                name=name,
+                start=trio.current_time(),
+                size=size,
+                value=hashlib.sha256(data).hexdigest(),
+            )
         )
         body = self._net.stream(self.name, GATEWAY, _chunks(data, 64 * 1024))
 

@@ -16,6 +16,8 @@ from typing import TypeVar
 
 import trio
 
+from karma8.sim.pump import Pump
+
 T = TypeVar("T")
 
 # Virtual wall-clock time starts at a fixed instant so that timestamps in metadata are
@@ -43,12 +45,11 @@ class SimIds:
 class InlineRunner:
     """:class:`karma8.ports.BlockingRunner` for the simulator: no threads, call inline.
 
-    SQLite on ``:memory:`` answers in microseconds; a checkpoint first keeps the call a
-    scheduling point, as it is in net mode.
+    SQLite on ``:memory:`` answers in microseconds. Every call reaches discovery through a
+    network hop, which is already a scheduling point, so no checkpoint is added here.
     """
 
     async def __call__(self, fn: Callable[[], T]) -> T:
-        await trio.lowlevel.checkpoint()
         return fn()
 
 
@@ -60,9 +61,13 @@ class World:
         self.clock = SimClock()
         self.ids = SimIds(self.rng("ids"))
         self.blocking = InlineRunner()
+        self.pump = Pump()
+        self.sleep = self.pump.sleep
         self._trace = hashlib.sha256()
         self.trace_events = 0
-        self.recent: deque[str] = deque(maxlen=keep_trace or None) if keep_trace else deque(maxlen=0)
+        self.recent: deque[str] = (
+            deque(maxlen=keep_trace or None) if keep_trace else deque(maxlen=0)
+        )
 
     def rng(self, stream: str) -> random.Random:
         """An independent random stream for one subsystem."""

@@ -1,0 +1,227 @@
+"""The actors (gateway, discovery, storage) exercised in the deterministic simulator."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from karma8.actors.gateway import Gateway
+from karma8.core.errors import (
+    IntegrityError,
+    InvalidName,
+    InvalidRequest,
+    NotEnoughNodes,
+    NotFound,
+    PreconditionFailed,
+    StorageFailure,
+)
+from karma8.core.layout import split
+from karma8.core.model import VersionState
+from karma8.sim.cluster import SimCluster
+from karma8.sim.disk import WriteFault
+from karma8.sim.runner import run_with_cluster
+from karma8.sim.scenario import ClusterSpec, Scenario
+
+UNIT = 4
+SCENARIO = Scenario(
+    name="actors",
+    cluster=ClusterSpec(storage_nodes=6, stripe_unit=UNIT, retire_grace=2.0, upload_ttl=30.0),
+)
+EDGE_SIZES = [0, 1, 2, 4, 5, 6, 19, 20, 21, 39, 40, 41, 1000, 1003]
+
+
+async def chunks(data: bytes, size: int = 7) -> AsyncIterator[bytes]:
+    for pos in range(0, len(data), size):
+        await trio.lowlevel.checkpoint()
+        yield data[pos : pos + size]
+
+
+def payload(size: int, salt: int = 0) -> bytes:
+    return bytes((i * 31 + salt) % 256 for i in range(size))
+
+
+async def read(gw: Gateway, name: str, start: int = 0, stop: int | None = None) -> bytes:
+    version = await gw.stat("default", name)
+    out = bytearray()
+    async with gw.open_read(version, start=start, stop=stop) as stream:
+        async for chunk in stream:
+            out += chunk
+    return bytes(out)
+
+
+def disk_keys(cluster: SimCluster) -> list[str]:
+    return sorted(key for node in cluster.nodes for key in node.disk.parts)
+
+
+async def settle(cluster: SimCluster) -> None:
+    """Let heartbeats, sweeps and the retire grace run their course."""
+    await trio.sleep(cluster.scenario.cluster.retire_grace + 5)
+
+
+def test_round_trip_for_edge_sizes_with_parts_on_five_distinct_nodes() -> None:
+    async def go(cluster: SimCluster) -> None:
+        gw = cluster.gateway
+        disks = {n.node_id: n.disk for n in cluster.nodes}
+        for size in EDGE_SIZES:
+            data = payload(size)
+            version = await gw.put("default", f"f/{size}", chunks(data), content_length=size)
+            assert version.state is VersionState.COMMITTED
+            assert version.size == size
+            assert len({p.node.node_id for p in version.parts}) == 5
+            expected = split(version.layout, data)
+            for part in version.parts:
+                stored = disks[part.node.node_id].parts[part.key]
+                assert stored.data == expected[part.index]
+            assert await read(gw, f"f/{size}") == data
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_chunked_upload_without_content_length() -> None:
+    async def go(cluster: SimCluster) -> None:
+        data = payload(333, 1)
+        version = await cluster.gateway.put("default", "chunked", chunks(data, 50))
+        assert version.size == 333
+        assert await read(cluster.gateway, "chunked") == data
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_range_reads_return_the_same_slice() -> None:
+    async def go(cluster: SimCluster) -> None:
+        data = payload(101, 2)
+        await cluster.gateway.put("default", "r", chunks(data), content_length=101)
+        for start, stop in [(0, 0), (0, 1), (3, 57), (40, 41), (99, 101), (0, 101)]:
+            assert await read(cluster.gateway, "r", start, stop) == data[start:stop]
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_overwrite_and_delete_collect_old_parts() -> None:
+    async def go(cluster: SimCluster) -> None:
+        gw = cluster.gateway
+        first = await gw.put("default", "x", chunks(payload(50)), content_length=50)
+        second = await gw.put("default", "x", chunks(payload(60, 9)), content_length=60)
+        assert await read(gw, "x") == payload(60, 9)
+        await settle(cluster)
+        keys = disk_keys(cluster)
+        assert not any(k.startswith(first.version_id) for k in keys)
+        assert sum(k.startswith(second.version_id) for k in keys) == 5
+        assert await gw.delete("default", "x") is True
+        assert await gw.delete("default", "x") is False
+        with pytest.raises(NotFound):
+            await gw.stat("default", "x")
+        await settle(cluster)
+        assert disk_keys(cluster) == []
+        assert cluster.store.versions() == []
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+@pytest.mark.parametrize(
+    ("declared", "sent", "message"),
+    [(100, 60, "body has 60 bytes"), (10, 60, "longer than Content-Length")],
+)
+def test_body_not_matching_content_length_fails_and_leaves_nothing(
+    declared: int, sent: int, message: str
+) -> None:
+    async def go(cluster: SimCluster) -> None:
+        with pytest.raises(InvalidRequest, match=message):
+            await cluster.gateway.put(
+                "default", "short", chunks(payload(sent)), content_length=declared
+            )
+        with pytest.raises(NotFound):
+            await cluster.gateway.stat("default", "short")
+        assert disk_keys(cluster) == []
+        await settle(cluster)
+        assert cluster.store.versions() == []
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_a_failing_node_fails_the_put_cleanly_and_the_old_version_stays() -> None:
+    async def go(cluster: SimCluster) -> None:
+        gw = cluster.gateway
+        await gw.put("default", "f", chunks(payload(200)), content_length=200)
+        for node in cluster.nodes:
+            node.disk.faults.append(WriteFault(start=0.0, until=1e9, at_byte=10))
+        with pytest.raises(StorageFailure, match="injected write failure"):
+            await gw.put("default", "f", chunks(payload(200, 5)), content_length=200)
+        assert await read(gw, "f") == payload(200)
+        for node in cluster.nodes:
+            node.disk.faults.clear()
+        await settle(cluster)
+        assert len(disk_keys(cluster)) == 5
+        assert [v.state for v in cluster.store.versions()] == [VersionState.COMMITTED]
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_a_cancelled_put_cleans_up_after_itself() -> None:
+    async def go(cluster: SimCluster) -> None:
+        async def stalled() -> AsyncIterator[bytes]:
+            yield payload(100)  # a few rows, then the client hangs
+            await trio.sleep_forever()
+            yield b""  # pragma: no cover
+
+        with trio.move_on_after(1.0):
+            await cluster.gateway.put("default", "c", stalled())
+        assert disk_keys(cluster) == []
+        assert [v.state for v in cluster.store.versions()] == [VersionState.ABORTED]
+        await settle(cluster)
+        assert cluster.store.versions() == []
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_a_corrupt_part_is_detected_on_read() -> None:
+    async def go(cluster: SimCluster) -> None:
+        version = await cluster.gateway.put(
+            "default", "c", chunks(payload(100)), content_length=100
+        )
+        part = version.parts[3]
+        disk = next(n.disk for n in cluster.nodes if n.node_id == part.node.node_id)
+        stored = disk.parts[part.key]
+        stored.data = bytes([stored.data[0] ^ 1]) + stored.data[1:]
+        with pytest.raises(IntegrityError, match="checksum"):
+            await read(cluster.gateway, "c")
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_if_absent_and_bad_names_and_unknown_namespace() -> None:
+    async def go(cluster: SimCluster) -> None:
+        gw = cluster.gateway
+        await gw.put("default", "once", chunks(b"a"), if_absent=True)
+        with pytest.raises(PreconditionFailed):
+            await gw.put("default", "once", chunks(b"b"), if_absent=True)
+        with pytest.raises(InvalidName):
+            await gw.put("default", "../etc/passwd", chunks(b"x"))
+        with pytest.raises(NotFound, match="namespace"):
+            await gw.put("other", "f", chunks(b"x"))
+        assert hashlib.sha256(await read(gw, "once")).digest() == hashlib.sha256(b"a").digest()
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_unavailable_nodes_get_no_parts_and_too_few_nodes_is_an_error() -> None:
+    async def go(cluster: SimCluster) -> None:
+        spec = cluster.scenario.cluster
+        down = cluster.nodes[0]
+        cluster.network.endpoint(down.node_id).crash()
+        await trio.sleep(spec.node_timeout + spec.sweep_interval + 1)
+        version = await cluster.gateway.put("default", "f", chunks(payload(30)))
+        assert down.node_id not in {p.node.node_id for p in version.parts}
+        cluster.network.endpoint(cluster.nodes[1].node_id).crash()
+        await trio.sleep(spec.node_timeout + spec.sweep_interval + 1)
+        with pytest.raises(NotEnoughNodes):
+            await cluster.gateway.put("default", "g", chunks(payload(30)))
+        # A new node joins: writes work again and use it.
+        joined = await cluster.add_node()
+        version = await cluster.gateway.put("default", "g", chunks(payload(30)))
+        assert joined.node_id in {p.node.node_id for p in version.parts}
+
+    run_with_cluster(go, scenario=SCENARIO)

@@ -1,0 +1,59 @@
+"""The ``karma8 sim`` command line: output, exit codes, bad scenario files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from karma8.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+BASIC = str(ROOT / "scenarios" / "basic.toml")
+
+
+def test_json_report_has_the_documented_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sim", BASIC, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"scenario", "seed", "ok", "trace_sha256", "invariants", "stats", "nodes"} <= set(report)
+    assert report["ok"] is True
+    assert all(report["invariants"].values())
+    assert len(report["nodes"]) == 6
+    for node in report["nodes"]:
+        assert {"id", "capacity_bytes", "used_bytes", "parts"} <= set(node)
+
+
+def test_text_report_and_determinism_check(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sim", BASIC, "--check-determinism", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "scenario basic  seed 3  OK" in out
+    assert "deterministic_replay" in out
+    assert "fill spread" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("name = 'x'\n[cluster]\nstorage_nodes = 3\n", "line 3"),
+        ("[workload]\nclients = 'many'\n", "workload.clients"),
+        ("[cluster]\nstorge_nodes = 6\n", "unknown key"),
+        ("[[events]]\nat = 1.0\naction = 'explode'\n", "unknown action"),
+        ("[[events]]\nat = 1.0\naction = 'fail_writes'\nnode = 9\n", "node 9 does not exist"),
+        ("this is not toml", "not valid TOML"),
+        ("[workload]\nfile_size = ['1 XB', 2]\n", "expected a size"),
+    ],
+)
+def test_bad_scenarios_exit_2_with_a_message_naming_the_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, needle: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    assert main(["sim", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err.replace(f"{path}:", "line "), err
+
+
+def test_missing_scenario_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sim", "/nonexistent/x.toml"]) == 2
+    assert "cannot read" in capsys.readouterr().err

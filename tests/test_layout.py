@@ -1,0 +1,116 @@
+"""Properties of the striped layout (pure core, no trio)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from karma8.core.layout import StripeLayout, StripeSplitter, merge, split
+
+layouts = st.builds(StripeLayout, parts=st.integers(1, 8), unit=st.integers(1, 64))
+
+
+def _row_edges(layout: StripeLayout) -> list[int]:
+    row = layout.row_size
+    return [0, 1, 4, 5, 6, row - 1, row, row + 1, 2 * row - 1, 2 * row, 2 * row + 3]
+
+
+@given(layout=layouts, data=st.binary(max_size=2000))
+def test_merge_inverts_split(layout: StripeLayout, data: bytes) -> None:
+    assert merge(layout, split(layout, data)) == data
+
+
+@given(layout=layouts, size=st.integers(0, 10_000))
+def test_part_sizes_differ_by_at_most_one_byte(layout: StripeLayout, size: int) -> None:
+    sizes = layout.part_sizes(size)
+    assert len(sizes) == layout.parts
+    assert sum(sizes) == size
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11])
+def test_tiny_files_spread_one_byte_per_part(size: int) -> None:
+    layout = StripeLayout(parts=5, unit=4)
+    data = bytes(range(size))
+    parts = split(layout, data)
+    assert [len(p) for p in parts] == list(layout.part_sizes(size))
+    assert merge(layout, parts) == data
+
+
+@given(layout=layouts, data=st.data())
+def test_split_sizes_match_layout_at_row_edges(layout: StripeLayout, data: st.DataObject) -> None:
+    size = data.draw(st.sampled_from(_row_edges(layout)))
+    payload = bytes(i % 251 for i in range(size))
+    assert tuple(len(p) for p in split(layout, payload)) == layout.part_sizes(size)
+
+
+@given(
+    layout=layouts,
+    payload=st.binary(max_size=3000),
+    cuts=st.lists(st.integers(0, 3000), max_size=20),
+)
+def test_streaming_split_holds_less_than_a_row_and_matches_whole_split(
+    layout: StripeLayout, payload: bytes, cuts: list[int]
+) -> None:
+    """Any chunking of the stream gives the same parts; the splitter never holds a row."""
+    edges = sorted({0, len(payload), *(c for c in cuts if c <= len(payload))})
+    splitter = StripeSplitter(layout)
+    parts = [bytearray() for _ in range(layout.parts)]
+    for lo, hi in itertools.pairwise(edges):
+        for index, chunk in splitter.feed(payload[lo:hi]):
+            parts[index] += chunk
+        assert splitter.buffered < layout.row_size
+    for index, chunk in splitter.finish():
+        parts[index] += chunk
+    assert [bytes(p) for p in parts] == split(layout, payload)
+
+
+@given(layout=layouts, data=st.data())
+def test_segments_map_any_range_to_the_same_bytes(
+    layout: StripeLayout, data: st.DataObject
+) -> None:
+    size = data.draw(st.integers(0, 1500))
+    payload = bytes((i * 7 + 3) % 256 for i in range(size))
+    start = data.draw(st.integers(0, size))
+    stop = data.draw(st.integers(start, size))
+    parts = split(layout, payload)
+    got = b"".join(
+        parts[s.part][s.offset : s.offset + s.length] for s in layout.segments(size, start, stop)
+    )
+    assert got == payload[start:stop]
+    # part_spans covers exactly the bytes the segments touch, contiguously per part.
+    spans = layout.part_spans(size, start, stop)
+    for segment in layout.segments(size, start, stop):
+        span = spans[segment.part]
+        assert span is not None
+        assert span[0] <= segment.offset
+        assert segment.offset + segment.length <= span[0] + span[1]
+    touched = sum(span[1] for span in spans if span is not None)
+    assert touched == stop - start
+
+
+def test_invalid_layouts_and_ranges_are_rejected() -> None:
+    with pytest.raises(ValueError, match="parts"):
+        StripeLayout(parts=0)
+    with pytest.raises(ValueError, match="unit"):
+        StripeLayout(unit=0)
+    layout = StripeLayout(parts=5, unit=4)
+    with pytest.raises(ValueError, match="range"):
+        list(layout.segments(10, 5, 11))
+    with pytest.raises(ValueError, match="size"):
+        layout.part_sizes(-1)
+    with pytest.raises(ValueError, match="sizes"):
+        merge(layout, [b"ab", b"", b"", b"", b""])
+
+
+def test_splitter_refuses_use_after_finish() -> None:
+    splitter = StripeSplitter(StripeLayout(parts=5, unit=4))
+    splitter.feed(b"abc")
+    splitter.finish()
+    with pytest.raises(RuntimeError):
+        splitter.feed(b"x")
+    with pytest.raises(RuntimeError):
+        splitter.finish()
