@@ -1,25 +1,44 @@
 """The ``karma8`` command: wiring of the worlds to the actors.
 
 karma8 sim SCENARIO.toml [--seed N] [--json] [--check-determinism]
+karma8 serve [--role all|gw|discovery|storage] [--config FILE] [--data DIR] ...
+karma8 nodes [--json]                 storage nodes as discovery sees them
+karma8 stat NAMESPACE/NAME [--json]   a file's version, layout and parts
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import shlex
+import signal
 import sys
-from collections.abc import Sequence
+import tomllib
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
 
+import attrs
+import trio
+
+from karma8.core.errors import Karma8Error
+from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
+from karma8.core.units import parse_size
 from karma8.sim.report import render_json, render_text
 from karma8.sim.runner import run_scenario
-from karma8.sim.scenario import ScenarioError, load_scenario
+from karma8.sim.scenario import load_scenario
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_DATA = "karma8-data"
+ROLES = ("all", "gw", "discovery", "storage")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="karma8", description="A distributed HTTP file store.")
     commands = parser.add_subparsers(dest="command", required=True)
+
     sim = commands.add_parser("sim", help="run a scenario in the deterministic simulator")
     sim.add_argument("scenario", help="scenario file (TOML), see docs/scenarios.md")
     sim.add_argument("--seed", type=int, help="override the scenario's seed")
@@ -29,18 +48,50 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run twice in this process and fail unless both traces are identical",
     )
+
+    serve = commands.add_parser("serve", help="run karma8 services on real sockets")
+    serve.add_argument(
+        "--role",
+        choices=ROLES,
+        default="all",
+        help="which service to run (default: the whole cluster, embedded)",
+    )
+    serve.add_argument("--config", type=Path, help="TOML file, see docs/configuration.md")
+    serve.add_argument(
+        "--data", type=Path, help=f"data directory (default ./{DEFAULT_DATA}; storage: its own dir)"
+    )
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (0 = any free port)")
+    serve.add_argument("--discovery", help="discovery URL (gw and storage roles)")
+    serve.add_argument("--secret", help="cluster secret (or KARMA8_SECRET)")
+    serve.add_argument("--capacity", help="storage capacity, e.g. '20 GiB'")
+    serve.add_argument("--nodes", type=int, help="storage nodes of --role all (default 6)")
+    serve.add_argument("-v", "--verbose", action="store_true", help="log more")
+
+    for name, help_text in (("nodes", "list storage nodes"), ("stat", "show a file's parts")):
+        admin = commands.add_parser(name, help=help_text)
+        if name == "stat":
+            admin.add_argument("path", help="NAMESPACE/NAME")
+        admin.add_argument("--discovery", help="discovery URL (or KARMA8_DISCOVERY)")
+        admin.add_argument("--secret", help="cluster secret (or KARMA8_SECRET)")
+        admin.add_argument(
+            "--data", type=Path, help=f"embedded cluster directory (default ./{DEFAULT_DATA})"
+        )
+        admin.add_argument("--json", action="store_true", help="print JSON")
     return parser
+
+
+# -- sim ---------------------------------------------------------------------------------
 
 
 def _sim(args: argparse.Namespace) -> int:
     try:
         scenario = load_scenario(args.scenario)
-    except ScenarioError as exc:
+    except ConfigError as exc:
         print(f"karma8 sim: {exc}", file=sys.stderr)
         return EXIT_USAGE
     seed = scenario.seed if args.seed is None else args.seed
     result = run_scenario(scenario, seed)
-    deterministic = True
     if args.check_determinism:
         again = run_scenario(scenario, seed)
         deterministic = again.trace_sha256 == result.trace_sha256
@@ -54,11 +105,217 @@ def _sim(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
+# -- serve -------------------------------------------------------------------------------
+
+
+def load_net_config(path: Path | None, overrides: dict[str, Any]) -> Any:
+    """NetConfig from a TOML file (top-level keys = NetConfig fields) plus CLI overrides."""
+    from karma8.net.serve import NetConfig
+
+    base = NetConfig()
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = tomllib.loads(text)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        reader = TableReader(ConfigSource(str(path), text), data, "")
+        for field in attrs.fields(NetConfig):
+            default = getattr(base, field.name)
+            if field.name in ("capacity", "stripe_unit", "max_file_size"):
+                values[field.name] = reader.size(field.name, default, minimum=1)
+            elif field.name in ("secret", "discovery_url"):
+                raw = reader.get(field.name, default)
+                if raw is not None and not isinstance(raw, str):
+                    raise reader.fail(field.name, "expected a string")
+                values[field.name] = raw
+            elif field.name == "host":
+                values[field.name] = reader.string(field.name, default)
+            elif isinstance(default, float):
+                values[field.name] = reader.number(field.name, default, minimum=0.001)
+            else:
+                values[field.name] = reader.integer(field.name, default)
+        reader.finish()
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return attrs.evolve(base, **values)
+
+
+def _discovery_for(
+    args: argparse.Namespace, config_url: str | None = None
+) -> tuple[str, str | None]:
+    """Find the cluster: --discovery, KARMA8_DISCOVERY, the config, or cluster.json."""
+    from karma8.net.serve import read_cluster_info
+
+    secret = args.secret or os.environ.get("KARMA8_SECRET")
+    url = args.discovery or os.environ.get("KARMA8_DISCOVERY") or config_url
+    data = args.data if args.command != "serve" else None
+    info = read_cluster_info(data or Path(DEFAULT_DATA))
+    if url is None and info is None and args.command == "serve" and args.data is not None:
+        info = read_cluster_info(args.data.parent)  # a node dir inside an embedded cluster
+    if url is None:
+        if info is None:
+            raise ConfigError(
+                "cannot find the cluster: pass --discovery URL, set KARMA8_DISCOVERY,"
+                f" or run from the directory holding ./{DEFAULT_DATA}"
+            )
+        url = info.discovery
+    if secret is None and info is not None:
+        secret = info.secret
+    return url, secret
+
+
+async def _until_signalled(run: Callable[[trio.Nursery], Awaitable[None]]) -> None:
+    """Run services until SIGINT/SIGTERM, then cancel them (they shut down cleanly)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await run(nursery)
+            async for signum in signals:
+                print(f"karma8: {signal.Signals(signum).name}, shutting down", file=sys.stderr)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from karma8.net import serve as net
+    from karma8.net.clients import make_http_client
+
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per internal request
+    overrides: dict[str, Any] = {
+        "host": args.host,
+        "storage_nodes": args.nodes,
+        "secret": args.secret or os.environ.get("KARMA8_SECRET"),
+        "capacity": parse_size(args.capacity) if args.capacity else None,
+    }
+    try:
+        config = load_net_config(args.config, overrides)
+    except (ConfigError, ValueError) as exc:
+        print(f"karma8 serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    role = args.role
+
+    async def run(nursery: trio.Nursery) -> None:
+        if role == "all":
+            data = args.data or Path(DEFAULT_DATA)
+            cfg = config
+            if args.port is not None:
+                cfg = attrs.evolve(cfg, gateway_port=args.port)
+            info = await nursery.start(
+                lambda task_status: net.run_cluster(cfg, data_dir=data, task_status=task_status)
+            )
+            print(
+                f"karma8 cluster up: gateway {info.gateway}  discovery {info.discovery}"
+                f"  data {info.data_dir}",
+                flush=True,
+            )
+            print(f"try: curl -T FILE {info.gateway}/default/hello.txt", flush=True)
+        elif role == "discovery":
+            data = args.data or Path(DEFAULT_DATA)
+            data.mkdir(parents=True, exist_ok=True)
+            url = await nursery.start(
+                lambda task_status: net.run_discovery(
+                    config,
+                    database=data / "discovery.sqlite3",
+                    port=args.port,
+                    task_status=task_status,
+                )
+            )
+            print(f"karma8 discovery up: {url}", flush=True)
+        else:
+            discovery_url, secret = _discovery_for(args, config.discovery_url)
+            cfg = attrs.evolve(config, secret=secret)
+            http = make_http_client(secret)
+            await nursery.start(_hold_client, http)
+            if role == "storage":
+                if args.data is None:
+                    raise ConfigError("--role storage needs --data DIR (its own directory)")
+                url = await nursery.start(
+                    lambda task_status: net.run_storage(
+                        cfg,
+                        data_dir=args.data,
+                        discovery_url=discovery_url,
+                        http=http,
+                        port=args.port,
+                        task_status=task_status,
+                    )
+                )
+                print(f"karma8 storage node {net.load_node_id(args.data)} up: {url}", flush=True)
+            else:
+                url = await nursery.start(
+                    lambda task_status: net.run_gateway(
+                        cfg,
+                        discovery_url=discovery_url,
+                        http=http,
+                        port=args.port,
+                        task_status=task_status,
+                    )
+                )
+                print(f"karma8 gateway up: {url}", flush=True)
+
+    try:
+        trio.run(_until_signalled, run)
+    except ConfigError as exc:
+        print(f"karma8 serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"karma8 serve: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+async def _hold_client(http: Any, *, task_status: trio.TaskStatus[None]) -> None:
+    async with http:
+        task_status.started()
+        await trio.sleep_forever()
+
+
+# -- admin -------------------------------------------------------------------------------
+
+
+def _admin(args: argparse.Namespace) -> int:
+    from karma8.net import admin
+
+    try:
+        url, secret = _discovery_for(args)
+        if args.command == "nodes":
+            nodes = trio.run(admin.fetch_nodes, url, secret)
+            print(
+                json.dumps(admin.nodes_json(nodes), indent=2)
+                if args.json
+                else admin.nodes_table(nodes)
+            )
+        else:
+            namespace, sep, name = args.path.partition("/")
+            if not sep or not name:
+                raise ConfigError("expected NAMESPACE/NAME, e.g. default/photos/cat.jpg")
+            version = trio.run(admin.fetch_version, url, secret, namespace, name)
+            print(
+                json.dumps(admin.version_json(version), indent=2)
+                if args.json
+                else admin.version_table(version)
+            )
+    except ConfigError as exc:
+        print(f"karma8 {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Karma8Error as exc:
+        print(f"karma8 {args.command}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "sim":
         return _sim(args)
-    raise AssertionError(f"unhandled command {args.command}")
+    if args.command == "serve":
+        return _serve(args)
+    return _admin(args)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from typing import Any
 
 import attrs
 
+from karma8.core.units import format_size
 from karma8.sim.runner import SimResult
 
 BAR = 30
@@ -29,14 +30,6 @@ def render_json(result: SimResult) -> str:
     return json.dumps(to_json(result), indent=2, sort_keys=False)
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def render_text(result: SimResult, *, replay: str) -> str:
     s = result.stats
     lines = [
@@ -50,7 +43,7 @@ def render_text(result: SimResult, *, replay: str) -> str:
     ]
     for kind in ("put", "get", "delete"):
         lines.append(f"  {kind:<14}{s['ops'][kind]:>7}  {s['succeeded'][kind]:>9}")
-    lines.append(f"  bytes stored by PUTs: {_size(s['bytes_put'])}")
+    lines.append(f"  bytes stored by PUTs: {format_size(s['bytes_put'])}")
     if s["failures"]:
         lines.append("failures by cause")
         for cause, count in s["failures"].items():
@@ -62,7 +55,8 @@ def render_text(result: SimResult, *, replay: str) -> str:
     for node in result.nodes:
         bar = "#" * round(BAR * node.fill / top)
         lines.append(
-            f"  {node.id:<13}{_size(node.capacity_bytes):>10}{_size(node.used_bytes):>12}"
+            f"  {node.id:<13}{format_size(node.capacity_bytes):>10}"
+            f"{format_size(node.used_bytes):>12}"
             f"{node.parts:>8}  {100 * node.fill:5.2f}% {bar}"
         )
     lines.append(f"  fill spread (max-min)/mean: {s['fill_spread']:.3f}")

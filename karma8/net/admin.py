@@ -1,0 +1,76 @@
+"""Admin views of a running cluster: ``karma8 nodes`` and ``karma8 stat``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from karma8.core.model import FileVersion, NodeStatus
+from karma8.core.units import format_size
+from karma8.net.clients import HttpDiscoveryClient, make_http_client
+from karma8.net.codec import encode_node, encode_version
+
+
+async def fetch_nodes(discovery_url: str, secret: str | None) -> list[NodeStatus]:
+    async with make_http_client(secret, timeout=10.0) as http:
+        return await HttpDiscoveryClient(http, discovery_url).list_nodes()
+
+
+async def fetch_version(
+    discovery_url: str, secret: str | None, namespace: str, name: str
+) -> FileVersion:
+    async with make_http_client(secret, timeout=10.0) as http:
+        return await HttpDiscoveryClient(http, discovery_url).resolve(
+            namespace=namespace, name=name
+        )
+
+
+def nodes_json(nodes: list[NodeStatus]) -> list[dict[str, Any]]:
+    return [
+        {**encode_node(n), "fill_percent": round(100 * n.used_bytes / n.capacity_bytes, 3)}
+        for n in nodes
+    ]
+
+
+def nodes_table(nodes: list[NodeStatus]) -> str:
+    rows = [("ID", "URL", "STATE", "CAPACITY", "USED", "FILL", "PARTS")]
+    for n in nodes:
+        rows.append(
+            (
+                n.node_id,
+                n.url,
+                n.state.value,
+                format_size(n.capacity_bytes),
+                format_size(n.used_bytes),
+                f"{100 * n.used_bytes / n.capacity_bytes:.2f}%",
+                str(n.parts),
+            )
+        )
+    return _table(rows)
+
+
+def version_json(version: FileVersion) -> dict[str, Any]:
+    return encode_version(version)
+
+
+def version_table(version: FileVersion) -> str:
+    head = [
+        f"{version.namespace}/{version.name}",
+        f"  version   {version.version_id} ({version.state.value})",
+        f"  size      {version.size} bytes",
+        f"  layout    {version.layout.parts} parts, stripe unit {version.layout.unit} bytes",
+        f"  etag      {version.etag}",
+        "",
+    ]
+    rows = [("PART", "NODE", "SIZE", "CHECKSUM (sha256)")]
+    for p in version.parts:
+        rows.append((str(p.index), p.node.node_id, str(p.size), p.checksum or "-"))
+    return "\n".join(head) + _table(rows)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )

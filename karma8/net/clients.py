@@ -1,0 +1,195 @@
+"""HTTP clients implementing the actors' ports: discovery API and storage API.
+
+One ``httpx.AsyncClient`` per process is shared by both (connection reuse, keep-alive).
+Transport failures become :class:`Unavailable`; error responses are rebuilt into the same
+karma8 error class the server raised, from the JSON body's code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from karma8.core.errors import Karma8Error, Unavailable, error_from_code
+from karma8.core.model import (
+    FileEntry,
+    FileVersion,
+    NodeRef,
+    NodeRegistration,
+    NodeStatus,
+    PartReceipt,
+)
+from karma8.net.codec import (
+    decode_entry,
+    decode_node,
+    decode_stored,
+    decode_version,
+    encode_receipt,
+    encode_registration,
+)
+from karma8.net.common import SECRET_HEADER
+from karma8.ports import StoredPart
+
+
+def make_http_client(secret: str | None, *, timeout: float = 60.0) -> httpx.AsyncClient:
+    headers = {SECRET_HEADER: secret} if secret else {}
+    return httpx.AsyncClient(
+        headers=headers,
+        timeout=httpx.Timeout(timeout, connect=5.0),
+        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+    )
+
+
+async def raise_for_error(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    await response.aread()
+    try:
+        error = response.json()["error"]
+        raise error_from_code(str(error["code"]), str(error["message"]))
+    except (ValueError, KeyError, TypeError):
+        raise Karma8Error(f"HTTP {response.status_code} from {response.url}") from None
+
+
+class _Http:
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self._client = client
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self._client.request(method, url, **kwargs)
+        except httpx.TransportError as exc:
+            raise Unavailable(f"{method} {url}: {type(exc).__name__}") from None
+        await raise_for_error(response)
+        return response
+
+
+def _path(*segments: str) -> str:
+    return "/".join(quote(s, safe="/") for s in segments)
+
+
+class HttpDiscoveryClient(_Http):
+    """:class:`karma8.ports.DiscoveryAPI` over HTTP."""
+
+    def __init__(self, client: httpx.AsyncClient, base_url: str) -> None:
+        super().__init__(client)
+        self._base = base_url.rstrip("/")
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await self.request(method, f"{self._base}{path}", **kwargs)
+        return response.json() if response.content else None
+
+    async def begin_upload(
+        self, *, namespace: str, name: str, size_hint: int | None, if_absent: bool = False
+    ) -> FileVersion:
+        body = {
+            "namespace": namespace,
+            "name": name,
+            "size_hint": size_hint,
+            "if_absent": if_absent,
+        }
+        return decode_version(await self._json("POST", "/v1/uploads", json=body))
+
+    async def commit_upload(
+        self,
+        *,
+        version_id: str,
+        size: int,
+        receipts: Sequence[PartReceipt],
+        if_absent: bool = False,
+    ) -> FileVersion:
+        body = {
+            "size": size,
+            "receipts": [encode_receipt(r) for r in receipts],
+            "if_absent": if_absent,
+        }
+        path = f"/v1/uploads/{_path(version_id)}/commit"
+        return decode_version(await self._json("POST", path, json=body))
+
+    async def abort_upload(self, *, version_id: str) -> FileVersion:
+        path = f"/v1/uploads/{_path(version_id)}/abort"
+        return decode_version(await self._json("POST", path))
+
+    async def resolve(self, *, namespace: str, name: str) -> FileVersion:
+        return decode_version(await self._json("GET", f"/v1/files/{_path(namespace, name)}"))
+
+    async def delete_file(self, *, namespace: str, name: str) -> bool:
+        result = await self._json("DELETE", f"/v1/files/{_path(namespace, name)}")
+        return bool(result["deleted"])
+
+    async def list_files(
+        self, *, namespace: str, prefix: str, after: str, limit: int
+    ) -> list[FileEntry]:
+        result = await self._json(
+            "GET",
+            f"/v1/files/{_path(namespace)}",
+            params={"prefix": prefix, "after": after, "limit": limit},
+        )
+        return [decode_entry(e) for e in result["files"]]
+
+    async def create_namespace(self, *, namespace: str) -> None:
+        await self._json("PUT", f"/v1/namespaces/{_path(namespace)}")
+
+    async def register_node(self, registration: NodeRegistration) -> None:
+        await self._json("POST", "/v1/nodes", json=encode_registration(registration))
+
+    async def heartbeat(
+        self, registration: NodeRegistration, *, deleted: Sequence[str]
+    ) -> list[str]:
+        body = {"registration": encode_registration(registration), "deleted": list(deleted)}
+        path = f"/v1/nodes/{_path(registration.node_id)}/heartbeat"
+        result = await self._json("POST", path, json=body)
+        return [str(k) for k in result["garbage"]]
+
+    async def list_nodes(self) -> list[NodeStatus]:
+        result = await self._json("GET", "/v1/nodes")
+        return [decode_node(n) for n in result["nodes"]]
+
+
+class HttpStorageClient(_Http):
+    """:class:`karma8.ports.StorageAPI` over HTTP; nodes are addressed by their URL."""
+
+    def _url(self, node: NodeRef, key: str) -> str:
+        return f"{node.url.rstrip('/')}/v1/parts/{_path(key)}"
+
+    async def put_part(self, node: NodeRef, key: str, chunks: AsyncIterable[bytes]) -> StoredPart:
+        response = await self.request("PUT", self._url(node, key), content=chunks)
+        return decode_stored(response.json())
+
+    @asynccontextmanager
+    async def read_part(
+        self, node: NodeRef, key: str, *, offset: int, length: int
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        url = self._url(node, key)
+        try:
+            async with self._client.stream(
+                "GET", url, params={"offset": offset, "length": length}
+            ) as response:
+                await raise_for_error(response)
+                yield _RawChunks(response, url)
+        except httpx.TransportError as exc:
+            raise Unavailable(f"GET {url}: {type(exc).__name__}") from None
+
+    async def delete_part(self, node: NodeRef, key: str) -> None:
+        await self.request("DELETE", self._url(node, key))
+
+
+class _RawChunks:
+    """A response body as an async iterator; transport errors become Unavailable."""
+
+    def __init__(self, response: httpx.Response, url: str) -> None:
+        self._chunks = response.aiter_raw()
+        self._url = url
+
+    def __aiter__(self) -> _RawChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await anext(self._chunks)
+        except httpx.TransportError as exc:
+            raise Unavailable(f"reading {self._url}: {type(exc).__name__}") from None

@@ -1,0 +1,216 @@
+"""JSON forms of the core records and errors, for the internal HTTP APIs.
+
+Every record crosses the wire as a plain JSON object whose keys are the attrs field names;
+decoding validates types, so a malformed message from a peer is an ``InvalidRequest``, never a
+``KeyError`` deep inside an actor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from karma8.core.errors import InvalidRequest, Karma8Error
+from karma8.core.layout import StripeLayout
+from karma8.core.model import (
+    FileEntry,
+    FileVersion,
+    NodeRef,
+    NodeRegistration,
+    NodeState,
+    NodeStatus,
+    PartPlacement,
+    PartReceipt,
+    VersionState,
+)
+from karma8.ports import StoredPart
+
+# What each error code means at the HTTP edge.
+STATUS_BY_CODE: dict[str, int] = {
+    "not_found": 404,
+    "invalid_name": 400,
+    "invalid_request": 400,
+    "too_large": 413,
+    "forbidden": 403,
+    "precondition_failed": 412,
+    "range_not_satisfiable": 416,
+    "upload_conflict": 409,
+    "not_enough_nodes": 503,
+    "storage_failure": 502,
+    "integrity_error": 502,
+    "unavailable": 503,
+    "disk_full": 507,
+    "internal": 500,
+}
+
+
+def error_status(error: Karma8Error) -> int:
+    return STATUS_BY_CODE.get(error.code, 500)
+
+
+def error_body(error: Karma8Error) -> dict[str, Any]:
+    return {"error": {"code": error.code, "message": error.message}}
+
+
+Json = dict[str, Any]
+
+
+def _get(obj: Json, key: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
+    if not isinstance(obj, dict):
+        raise InvalidRequest("expected a JSON object")
+    value = obj.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise InvalidRequest(f"field {key!r} must be a number")
+    if not isinstance(value, kind):
+        raise InvalidRequest(f"field {key!r} is missing or has the wrong type")
+    return value
+
+
+def encode_layout(layout: StripeLayout) -> Json:
+    return {"parts": layout.parts, "unit": layout.unit}
+
+
+def decode_layout(obj: Json) -> StripeLayout:
+    try:
+        return StripeLayout(parts=_get(obj, "parts", int), unit=_get(obj, "unit", int))
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+def encode_version(v: FileVersion) -> Json:
+    return {
+        "version_id": v.version_id,
+        "namespace": v.namespace,
+        "name": v.name,
+        "state": v.state.value,
+        "size": v.size,
+        "layout": encode_layout(v.layout),
+        "parts": [
+            {
+                "index": p.index,
+                "key": p.key,
+                "node_id": p.node.node_id,
+                "url": p.node.url,
+                "size": p.size,
+                "checksum": p.checksum,
+            }
+            for p in v.parts
+        ],
+        "created_at": v.created_at,
+        "committed_at": v.committed_at,
+        "etag": v.etag,
+    }
+
+
+def decode_version(obj: Json) -> FileVersion:
+    try:
+        state = VersionState(_get(obj, "state", str))
+    except ValueError:
+        raise InvalidRequest("unknown version state") from None
+    return FileVersion(
+        version_id=_get(obj, "version_id", str),
+        namespace=_get(obj, "namespace", str),
+        name=_get(obj, "name", str),
+        state=state,
+        size=_get(obj, "size", int, optional=True),
+        layout=decode_layout(_get(obj, "layout", dict)),
+        parts=tuple(
+            PartPlacement(
+                index=_get(p, "index", int),
+                key=_get(p, "key", str),
+                node=NodeRef(node_id=_get(p, "node_id", str), url=_get(p, "url", str)),
+                size=_get(p, "size", int, optional=True),
+                checksum=_get(p, "checksum", str, optional=True),
+            )
+            for p in _get(obj, "parts", list)
+        ),
+        created_at=float(_get(obj, "created_at", (int, float))),
+        committed_at=_get(obj, "committed_at", (int, float), optional=True),
+        etag=_get(obj, "etag", str, optional=True),
+    )
+
+
+def encode_receipt(r: PartReceipt) -> Json:
+    return {"index": r.index, "size": r.size, "checksum": r.checksum}
+
+
+def decode_receipt(obj: Json) -> PartReceipt:
+    return PartReceipt(
+        index=_get(obj, "index", int),
+        size=_get(obj, "size", int),
+        checksum=_get(obj, "checksum", str),
+    )
+
+
+def encode_registration(r: NodeRegistration) -> Json:
+    return {
+        "node_id": r.node_id,
+        "url": r.url,
+        "capacity_bytes": r.capacity_bytes,
+        "disk_used_bytes": r.disk_used_bytes,
+    }
+
+
+def decode_registration(obj: Json) -> NodeRegistration:
+    return NodeRegistration(
+        node_id=_get(obj, "node_id", str),
+        url=_get(obj, "url", str),
+        capacity_bytes=_get(obj, "capacity_bytes", int),
+        disk_used_bytes=_get(obj, "disk_used_bytes", int),
+    )
+
+
+def encode_node(n: NodeStatus) -> Json:
+    return {
+        "node_id": n.node_id,
+        "url": n.url,
+        "state": n.state.value,
+        "capacity_bytes": n.capacity_bytes,
+        "used_bytes": n.used_bytes,
+        "reserved_bytes": n.reserved_bytes,
+        "parts": n.parts,
+        "last_seen": n.last_seen,
+    }
+
+
+def decode_node(obj: Json) -> NodeStatus:
+    try:
+        state = NodeState(_get(obj, "state", str))
+    except ValueError:
+        raise InvalidRequest("unknown node state") from None
+    return NodeStatus(
+        node_id=_get(obj, "node_id", str),
+        url=_get(obj, "url", str),
+        state=state,
+        capacity_bytes=_get(obj, "capacity_bytes", int),
+        used_bytes=_get(obj, "used_bytes", int),
+        reserved_bytes=_get(obj, "reserved_bytes", int),
+        parts=_get(obj, "parts", int),
+        last_seen=float(_get(obj, "last_seen", (int, float))),
+    )
+
+
+def encode_entry(e: FileEntry) -> Json:
+    return {"name": e.name, "size": e.size, "etag": e.etag, "committed_at": e.committed_at}
+
+
+def decode_entry(obj: Json) -> FileEntry:
+    return FileEntry(
+        name=_get(obj, "name", str),
+        size=_get(obj, "size", int),
+        etag=_get(obj, "etag", str),
+        committed_at=float(_get(obj, "committed_at", (int, float))),
+    )
+
+
+def encode_stored(s: StoredPart) -> Json:
+    return {"key": s.key, "size": s.size, "checksum": s.checksum}
+
+
+def decode_stored(obj: Json) -> StoredPart:
+    return StoredPart(
+        key=_get(obj, "key", str),
+        size=_get(obj, "size", int),
+        checksum=_get(obj, "checksum", str),
+    )

@@ -1,0 +1,347 @@
+"""Net mode: the actors bound to Quart-Trio apps on real sockets, one service per role.
+
+Every service is ``async def run_x(..., *, task_status)`` and reports its base URL through
+``task_status.started(url)`` once it accepts requests, so a caller (the CLI, a test) runs any
+mix of roles in one nursery and cancels the nursery to stop them.
+
+``run_cluster`` is the embedded default: discovery (SQLite file) + N storage nodes + gateway
+on 127.0.0.1, everything under one data directory, each role on its own socket. It writes
+``cluster.json`` (URLs and the cluster secret) so that admin commands and nodes started later
+find the cluster, and running it again on the same directory resumes with the same nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from quart_trio import QuartTrio
+
+from karma8.actors.discovery import Discovery, DiscoveryConfig
+from karma8.actors.gateway import Gateway, GatewayConfig
+from karma8.actors.storage import StorageConfig, StorageNode
+from karma8.core.layout import StripeLayout
+from karma8.metadata.sqlite import SqliteMetadataStore
+from karma8.net.clients import HttpDiscoveryClient, HttpStorageClient, make_http_client
+from karma8.net.discovery_app import discovery_app
+from karma8.net.disk import FilePartStore
+from karma8.net.gateway_app import gateway_app
+from karma8.net.http_fixes import patch_hypercorn
+from karma8.net.storage_app import storage_app
+
+T = TypeVar("T")
+log = logging.getLogger("karma8.serve")
+
+CLUSTER_FILE = "cluster.json"
+NODE_ID_FILE = "node_id"
+
+
+@attrs.frozen(kw_only=True)
+class NetConfig:
+    """Settings of net-mode services; see docs/configuration.md for every key."""
+
+    host: str = "127.0.0.1"
+    secret: str | None = None
+    gateway_port: int = 8080
+    discovery_port: int = 8090
+    storage_port: int = 0
+    discovery_url: str | None = None
+    storage_nodes: int = 6
+    capacity: int = 10 << 30
+    stripe_unit: int = 1 << 20
+    max_file_size: int = 1 << 40
+    heartbeat_interval: float = 2.0
+    node_timeout: float = 10.0
+    upload_ttl: float = 3600.0
+    retire_grace: float = 60.0
+    sweep_interval: float = 5.0
+    read_timeout: int = 60
+
+
+class ThreadRunner:
+    """:class:`karma8.ports.BlockingRunner` for net mode: one worker thread at a time.
+
+    SQLite commits fsync; running them in a thread keeps the event loop serving bytes.
+    """
+
+    def __init__(self) -> None:
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def __call__(self, fn: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+
+
+class WallClock:
+    def now(self) -> float:
+        import time
+
+        return time.time()
+
+
+class RandomIds:
+    def new_id(self) -> str:
+        return secrets.token_hex(8)
+
+
+async def serve_app(
+    app: QuartTrio,
+    *,
+    host: str,
+    port: int,
+    read_timeout: int | None = 60,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` with Hypercorn until cancelled; reports ``http://host:port``."""
+    patch_hypercorn()
+    config = HypercornConfig()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.read_timeout = read_timeout
+    config.keep_alive_timeout = 75
+    async with trio.open_nursery() as nursery:
+        urls: list[str] = await nursery.start(hypercorn_serve, app, config)
+        task_status.started(urls[0])
+
+
+async def run_discovery(
+    config: NetConfig,
+    *,
+    database: Path,
+    port: int | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    store = SqliteMetadataStore(database)
+    discovery = Discovery(
+        store=store,
+        blocking=ThreadRunner(),
+        clock=WallClock(),
+        ids=RandomIds(),
+        config=DiscoveryConfig(
+            layout=StripeLayout(parts=5, unit=config.stripe_unit),
+            upload_ttl=config.upload_ttl,
+            node_timeout=config.node_timeout,
+            retire_grace=config.retire_grace,
+            sweep_interval=config.sweep_interval,
+            max_file_size=config.max_file_size,
+        ),
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(discovery.run)
+            url = await nursery.start(
+                _serve_kw,
+                discovery_app(discovery, secret=config.secret),
+                config.host,
+                config.discovery_port if port is None else port,
+                config.read_timeout,
+            )
+            log.info("discovery listening on %s", url)
+            task_status.started(url)
+    finally:
+        store.close()
+
+
+def load_node_id(data_dir: Path) -> str:
+    """The node's permanent id, created on first start and kept in its data directory."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / NODE_ID_FILE
+    if path.exists():
+        node_id = path.read_text().strip()
+        if node_id:
+            return node_id
+    node_id = f"node-{secrets.token_hex(6)}"
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write(node_id + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return node_id
+
+
+async def run_storage(
+    config: NetConfig,
+    *,
+    data_dir: Path,
+    discovery_url: str,
+    http: httpx.AsyncClient,
+    port: int | None = None,
+    capacity: int | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    node_id = load_node_id(data_dir)
+    store = FilePartStore(data_dir, capacity_bytes=capacity or config.capacity)
+    node = StorageNode(
+        node_id=node_id,
+        url="",  # known once bound
+        store=store,
+        discovery=HttpDiscoveryClient(http, discovery_url),
+        config=StorageConfig(heartbeat_interval=config.heartbeat_interval),
+    )
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(
+            _serve_kw,
+            storage_app(node, secret=config.secret),
+            config.host,
+            config.storage_port if port is None else port,
+            config.read_timeout,
+        )
+        node.url = url
+        await nursery.start(node.run)
+        log.info("storage node %s listening on %s", node_id, url)
+        task_status.started(url)
+
+
+async def run_gateway(
+    config: NetConfig,
+    *,
+    discovery_url: str,
+    http: httpx.AsyncClient,
+    port: int | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    gateway = Gateway(
+        discovery=HttpDiscoveryClient(http, discovery_url),
+        storage=HttpStorageClient(http),
+        config=GatewayConfig(max_file_size=config.max_file_size),
+    )
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(
+            _serve_kw,
+            gateway_app(gateway),
+            config.host,
+            config.gateway_port if port is None else port,
+            config.read_timeout,
+        )
+        log.info("gateway listening on %s", url)
+        task_status.started(url)
+
+
+async def _serve_kw(
+    app: QuartTrio,
+    host: str,
+    port: int,
+    read_timeout: int | None,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await serve_app(app, host=host, port=port, read_timeout=read_timeout, task_status=task_status)
+
+
+@attrs.frozen(kw_only=True)
+class ClusterInfo:
+    """What ``cluster.json`` records about a running embedded cluster."""
+
+    gateway: str
+    discovery: str
+    secret: str
+    data_dir: str
+
+
+def read_cluster_info(data_dir: Path) -> ClusterInfo | None:
+    path = data_dir / CLUSTER_FILE
+    if not path.exists():
+        return None
+    raw: dict[str, Any] = json.loads(path.read_text())
+    return ClusterInfo(
+        gateway=str(raw["gateway"]),
+        discovery=str(raw["discovery"]),
+        secret=str(raw["secret"]),
+        data_dir=str(raw.get("data_dir", data_dir)),
+    )
+
+
+def cluster_secret(data_dir: Path) -> str:
+    """The embedded cluster's secret: kept in cluster.json so restarts and joins agree."""
+    info = read_cluster_info(data_dir)
+    return info.secret if info is not None else secrets.token_urlsafe(24)
+
+
+def _write_cluster_info(data_dir: Path, info: ClusterInfo) -> None:
+    path = data_dir / CLUSTER_FILE
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(attrs.asdict(info), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+async def run_cluster(
+    config: NetConfig,
+    *,
+    data_dir: Path,
+    task_status: trio.TaskStatus[ClusterInfo] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The embedded default: discovery + ``storage_nodes`` nodes + gateway on one host."""
+    config, node_dirs, absolute = _prepare_cluster_dir(config, data_dir)
+    secret = config.secret
+    assert secret is not None
+    async with make_http_client(secret) as http, trio.open_nursery() as nursery:
+        discovery_url = await nursery.start(
+            _start_discovery, config, data_dir / "discovery.sqlite3"
+        )
+        for node_dir in node_dirs:
+            await nursery.start(_start_storage, config, node_dir, discovery_url, http)
+        gateway_url = await nursery.start(_start_gateway, config, discovery_url, http)
+        info = ClusterInfo(
+            gateway=gateway_url,
+            discovery=discovery_url,
+            secret=secret,
+            data_dir=absolute,
+        )
+        _write_cluster_info(data_dir, info)
+        task_status.started(info)
+
+
+def _prepare_cluster_dir(config: NetConfig, data_dir: Path) -> tuple[NetConfig, list[Path], str]:
+    """The secret (kept across restarts) and the node directories (existing ones first)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = attrs.evolve(config, secret=config.secret or cluster_secret(data_dir))
+    existing = sorted(p for p in data_dir.glob("storage-*") if p.is_dir())
+    fresh = [data_dir / f"storage-{i}" for i in range(len(existing), config.storage_nodes)]
+    return config, existing + fresh, os.path.abspath(data_dir)
+
+
+async def _start_discovery(
+    config: NetConfig, database: Path, *, task_status: trio.TaskStatus[str]
+) -> None:
+    await run_discovery(config, database=database, task_status=task_status)
+
+
+async def _start_storage(
+    config: NetConfig,
+    data_dir: Path,
+    discovery_url: str,
+    http: httpx.AsyncClient,
+    *,
+    task_status: trio.TaskStatus[str],
+) -> None:
+    await run_storage(
+        config,
+        data_dir=data_dir,
+        discovery_url=discovery_url,
+        http=http,
+        task_status=task_status,
+    )
+
+
+async def _start_gateway(
+    config: NetConfig,
+    discovery_url: str,
+    http: httpx.AsyncClient,
+    *,
+    task_status: trio.TaskStatus[str],
+) -> None:
+    await run_gateway(config, discovery_url=discovery_url, http=http, task_status=task_status)

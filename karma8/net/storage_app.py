@@ -1,0 +1,70 @@
+"""The storage node's internal HTTP API (authenticated with the cluster secret).
+
+PUT    /v1/parts/{key}                    stream a part in; 201 + {"key","size","checksum"}
+GET    /v1/parts/{key}?offset=&length=    stream bytes out, Content-Length exact
+HEAD   /v1/parts/{key}                    size and checksum headers
+DELETE /v1/parts/{key}                    204, idempotent
+GET    /v1/parts                          {"keys": [...]}
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from quart import Response, jsonify, request
+from quart_trio import QuartTrio
+
+from karma8.actors.storage import StorageNode
+from karma8.core.errors import InvalidRequest, NotFound
+from karma8.net.codec import encode_stored
+from karma8.net.common import create_app, int_arg
+
+
+def storage_app(node: StorageNode, *, secret: str | None) -> QuartTrio:
+    app = create_app("storage", secret=secret)
+
+    @app.route("/v1/parts/<key>", methods=["PUT"])
+    async def put_part(key: str) -> tuple[Response, int]:
+        stored = await node.put_part(key, request.body)
+        return jsonify(encode_stored(stored)), 201
+
+    @app.route("/v1/parts/<key>", methods=["HEAD"])
+    async def head_part(key: str) -> Response:
+        stored = await node.stat_part(key)
+        if stored is None:
+            raise NotFound(f"part {key} is not on this node")
+        response = Response(b"", status=200)
+        response.headers["Content-Length"] = str(stored.size)
+        response.headers["X-Karma8-Checksum"] = stored.checksum
+        return response
+
+    @app.route("/v1/parts/<key>", methods=["GET"])
+    async def get_part(key: str) -> Response:
+        stored = await node.stat_part(key)
+        if stored is None:
+            raise NotFound(f"part {key} is not on this node")
+        offset = int_arg("offset", 0)
+        length = int_arg("length", max(stored.size - offset, 0))
+        if offset + length > stored.size:
+            raise InvalidRequest(f"bytes [{offset}, {offset + length}) are beyond the part")
+
+        async def body() -> AsyncIterator[bytes]:
+            async with node.read_part(key, offset=offset, length=length) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+
+        response = Response(body(), status=200, mimetype="application/octet-stream")
+        response.headers["Content-Length"] = str(length)
+        response.timeout = None
+        return response
+
+    @app.route("/v1/parts/<key>", methods=["DELETE"])
+    async def delete_part(key: str) -> tuple[str, int]:
+        await node.delete_part(key)
+        return "", 204
+
+    @app.route("/v1/parts", methods=["GET"])
+    async def list_parts() -> Response:
+        return jsonify({"keys": await node.part_keys()})
+
+    return app
