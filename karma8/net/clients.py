@@ -170,7 +170,12 @@ class HttpStorageClient(_Http):
                 "GET", url, params={"offset": offset, "length": length}
             ) as response:
                 await raise_for_error(response)
-                yield _RawChunks(response, url)
+                raw = response.aiter_raw()
+                yield _RawChunks(raw, url)
+                # Readers stop at the exact length; reading the (empty) end of the stream
+                # lets httpx finish its generators and keep the connection for reuse.
+                async for _ in raw:
+                    pass
         except httpx.TransportError as exc:
             raise Unavailable(f"GET {url}: {type(exc).__name__}") from None
 
@@ -181,8 +186,8 @@ class HttpStorageClient(_Http):
 class _RawChunks:
     """A response body as an async iterator; transport errors become Unavailable."""
 
-    def __init__(self, response: httpx.Response, url: str) -> None:
-        self._chunks = response.aiter_raw()
+    def __init__(self, chunks: AsyncIterator[bytes], url: str) -> None:
+        self._chunks = chunks
         self._url = url
 
     def __aiter__(self) -> _RawChunks:

@@ -1,0 +1,264 @@
+"""Two worlds behind one interface, for the contract suite.
+
+:class:`SimDriver` talks to a simulated cluster (same actors, simulated network and disks);
+:class:`NetDriver` talks HTTP to real services on 127.0.0.1. A contract test is written once
+against :class:`Driver` and runs in both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+import trio
+
+from karma8.actors.gateway import Gateway
+from karma8.core.model import FileVersion, NodeStatus
+from karma8.net.clients import HttpDiscoveryClient, make_http_client, raise_for_error
+from karma8.net.serve import NetConfig, run_cluster, run_storage
+from karma8.sim.cluster import SimCluster
+from karma8.sim.runner import run_with_cluster
+from karma8.sim.scenario import ClusterSpec, Scenario
+from karma8.sim.workload import GATEWAY
+
+UNIT = 1024  # small stripe unit so that multi-row files stay small
+HEARTBEAT = 0.1
+RETIRE_GRACE = 0.3
+
+
+class Driver(Protocol):
+    unit: int
+
+    async def put(
+        self, name: str, data: bytes, *, chunked: bool = False, if_absent: bool = False
+    ) -> str: ...
+
+    async def get(self, name: str, start: int | None = None, stop: int | None = None) -> bytes: ...
+
+    async def delete(self, name: str) -> None: ...
+
+    async def stat(self, name: str) -> FileVersion: ...
+
+    async def nodes(self) -> list[NodeStatus]: ...
+
+    async def add_node(self) -> str: ...
+
+    async def part_keys(self) -> list[str]: ...
+
+    async def settle(self) -> None:
+        """Wait until heartbeats have collected garbage."""
+        ...
+
+
+async def _chunks(data: bytes, size: int = 3000) -> AsyncIterator[bytes]:
+    for pos in range(0, len(data), size):
+        yield data[pos : pos + size]
+
+
+class SimDriver:
+    unit = UNIT
+
+    def __init__(self, cluster: SimCluster) -> None:
+        self._cluster = cluster
+        self._net = cluster.network
+
+    async def _call(self, what: str, fn: Callable[[Gateway], Awaitable[object]]) -> object:
+        return await self._net.call("contract", GATEWAY, what, fn)
+
+    async def put(
+        self, name: str, data: bytes, *, chunked: bool = False, if_absent: bool = False
+    ) -> str:
+        async def op(gw: Gateway) -> FileVersion:
+            return await gw.put(
+                "default", name, _chunks(data),
+                content_length=None if chunked else len(data), if_absent=if_absent,
+            )
+
+        version = await self._call(f"put {name}", op)
+        assert isinstance(version, FileVersion)
+        return version.version_id
+
+    async def get(self, name: str, start: int | None = None, stop: int | None = None) -> bytes:
+        async def op(gw: Gateway) -> bytes:
+            version = await gw.stat("default", name)
+            out = bytearray()
+            async with gw.open_read(version, start=start or 0, stop=stop) as stream:
+                async for chunk in stream:
+                    out += chunk
+            return bytes(out)
+
+        data = await self._call(f"get {name}", op)
+        assert isinstance(data, bytes)
+        return data
+
+    async def delete(self, name: str) -> None:
+        async def op(gw: Gateway) -> bool:
+            return await gw.delete("default", name)
+
+        await self._call(f"delete {name}", op)
+
+    async def stat(self, name: str) -> FileVersion:
+        async def op(gw: Gateway) -> FileVersion:
+            return await gw.stat("default", name)
+
+        version = await self._call(f"stat {name}", op)
+        assert isinstance(version, FileVersion)
+        return version
+
+    async def nodes(self) -> list[NodeStatus]:
+        return self._cluster.store.list_nodes()
+
+    async def add_node(self) -> str:
+        return (await self._cluster.add_node()).node_id
+
+    async def part_keys(self) -> list[str]:
+        return sorted(k for node in self._cluster.nodes for k in node.disk.parts)
+
+    async def settle(self) -> None:
+        await trio.sleep(RETIRE_GRACE + 10 * HEARTBEAT)
+
+
+class NetDriver:
+    unit = UNIT
+
+    def __init__(
+        self,
+        *,
+        gateway: str,
+        discovery: str,
+        http: httpx.AsyncClient,
+        internal: httpx.AsyncClient,
+        config: NetConfig,
+        nursery: trio.Nursery,
+        data_dir: Path,
+    ) -> None:
+        self._gateway = gateway
+        self._discovery = HttpDiscoveryClient(internal, discovery)
+        self._discovery_url = discovery
+        self._http = http
+        self._internal = internal
+        self._config = config
+        self._nursery = nursery
+        self._data_dir = data_dir
+        self._extra = 0
+
+    def _url(self, name: str) -> str:
+        return f"{self._gateway}/default/{name}"
+
+    async def put(
+        self, name: str, data: bytes, *, chunked: bool = False, if_absent: bool = False
+    ) -> str:
+        headers = {"If-None-Match": "*"} if if_absent else {}
+        content: bytes | AsyncIterator[bytes] = _chunks(data) if chunked else data
+        response = await self._http.put(self._url(name), content=content, headers=headers)
+        await raise_for_error(response)
+        assert response.status_code == 201
+        assert response.headers["ETag"] == response.json()["etag"]
+        return str(response.json()["version"])
+
+    async def get(self, name: str, start: int | None = None, stop: int | None = None) -> bytes:
+        headers = {}
+        if start is not None or stop is not None:
+            size = (await self.stat(name)).size
+            assert size is not None
+            first, last = start or 0, (size if stop is None else stop) - 1
+            if last < first:
+                return b""
+            headers["Range"] = f"bytes={first}-{last}"
+        response = await self._http.get(self._url(name), headers=headers)
+        await raise_for_error(response)
+        assert int(response.headers["Content-Length"]) == len(response.content)
+        return response.content
+
+    async def delete(self, name: str) -> None:
+        response = await self._http.delete(self._url(name))
+        await raise_for_error(response)
+        assert response.status_code == 204
+
+    async def stat(self, name: str) -> FileVersion:
+        return await self._discovery.resolve(namespace="default", name=name)
+
+    async def nodes(self) -> list[NodeStatus]:
+        return await self._discovery.list_nodes()
+
+    async def add_node(self) -> str:
+        self._extra += 1
+        data_dir = self._data_dir / f"joined-{self._extra}"
+        await self._nursery.start(
+            partial(
+                run_storage, self._config, data_dir=data_dir,
+                discovery_url=self._discovery_url, http=self._internal,
+            )
+        )
+        return (data_dir / "node_id").read_text().strip()
+
+    async def part_keys(self) -> list[str]:
+        keys: list[str] = []
+        for node in await self.nodes():
+            response = await self._internal.get(f"{node.url}/v1/parts")
+            await raise_for_error(response)
+            keys += response.json()["keys"]
+        return sorted(keys)
+
+    async def settle(self) -> None:
+        await trio.sleep(RETIRE_GRACE + 10 * HEARTBEAT)
+
+
+def net_config() -> NetConfig:
+    return NetConfig(
+        secret="contract-test-secret",
+        gateway_port=0,
+        discovery_port=0,
+        storage_port=0,
+        stripe_unit=UNIT,
+        capacity=1 << 30,
+        heartbeat_interval=HEARTBEAT,
+        node_timeout=2.0,
+        retire_grace=RETIRE_GRACE,
+        sweep_interval=HEARTBEAT,
+    )
+
+
+@asynccontextmanager
+async def net_driver(data_dir: Path) -> AsyncIterator[NetDriver]:
+    config = net_config()
+    async with (
+        make_http_client(config.secret) as internal,
+        httpx.AsyncClient(timeout=30) as http,
+        trio.open_nursery() as nursery,
+    ):
+        info = await nursery.start(partial(run_cluster, config, data_dir=data_dir))
+        yield NetDriver(
+            gateway=info.gateway, discovery=info.discovery, http=http, internal=internal,
+            config=config, nursery=nursery, data_dir=data_dir,
+        )
+        nursery.cancel_scope.cancel()
+
+
+SIM_SCENARIO = Scenario(
+    name="contract",
+    cluster=ClusterSpec(
+        storage_nodes=6, stripe_unit=UNIT, heartbeat_interval=HEARTBEAT,
+        retire_grace=RETIRE_GRACE, sweep_interval=HEARTBEAT,
+    ),
+)
+
+Check = Callable[[Driver], Awaitable[None]]
+
+
+def run_in(world: str, check: Check, tmp_path: Path) -> None:
+    """Run ``check`` against a fresh cluster of ``world`` ("sim" or "net")."""
+    if world == "sim":
+        run_with_cluster(lambda cluster: check(SimDriver(cluster)), scenario=SIM_SCENARIO)
+        return
+
+    async def main() -> None:
+        async with net_driver(tmp_path) as driver:
+            await check(driver)
+
+    trio.run(main)
+

@@ -1,0 +1,100 @@
+"""The contract suite: the same checks against the simulated world and real sockets.
+
+Each check is written once against :class:`drivers.Driver`; ``world`` picks the adapters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from drivers import Check, Driver, run_in
+from karma8.core.errors import InvalidName, NotFound, PreconditionFailed
+from karma8.core.layout import split
+
+WORLDS = ["sim", "net"]
+
+
+def payload(size: int, salt: int = 0) -> bytes:
+    return bytes((i * 131 + salt * 7 + i // 251) % 256 for i in range(size))
+
+
+async def round_trip_edge_sizes(d: Driver) -> None:
+    row = 5 * d.unit
+    for size in [0, 1, 4, 5, 6, row - 1, row, row + 1, 3 * row + 2]:
+        data = payload(size, size)
+        await d.put(f"edge/{size}", data)
+        assert await d.get(f"edge/{size}") == data, size
+        version = await d.stat(f"edge/{size}")
+        sizes = [p.size for p in version.parts]
+        assert sizes == [len(p) for p in split(version.layout, data)]
+        assert len({p.node.node_id for p in version.parts}) == 5
+
+
+async def chunked_upload(d: Driver) -> None:
+    data = payload(12_345, 1)
+    await d.put("chunked/file", data, chunked=True)
+    assert await d.get("chunked/file") == data
+    assert (await d.stat("chunked/file")).size == len(data)
+
+
+async def range_reads(d: Driver) -> None:
+    data = payload(7 * d.unit + 3, 2)
+    await d.put("range", data)
+    size = len(data)
+    for start, stop in [(0, 1), (5, 6), (d.unit - 1, d.unit + 2), (100, size), (size - 3, size)]:
+        assert await d.get("range", start, stop) == data[start:stop], (start, stop)
+
+
+async def overwrite_and_delete_leave_no_parts(d: Driver) -> None:
+    first = await d.put("x/y", payload(3000, 3))
+    second = await d.put("x/y", payload(4000, 4))
+    assert await d.get("x/y") == payload(4000, 4)
+    await d.settle()
+    keys = await d.part_keys()
+    assert not [k for k in keys if k.startswith(first)]
+    assert len([k for k in keys if k.startswith(second)]) == 5
+    await d.delete("x/y")
+    await d.delete("x/y")  # idempotent
+    with pytest.raises(NotFound):
+        await d.get("x/y")
+    await d.settle()
+    assert await d.part_keys() == []
+
+
+async def conditional_put_and_bad_names(d: Driver) -> None:
+    await d.put("once", b"first", if_absent=True)
+    with pytest.raises(PreconditionFailed):
+        await d.put("once", b"second", if_absent=True)
+    assert await d.get("once") == b"first"
+    with pytest.raises((InvalidName, NotFound)):
+        await d.put("a//b", b"x")
+    with pytest.raises(NotFound):
+        await d.get("never/written")
+
+
+async def joined_node_receives_new_parts(d: Driver) -> None:
+    for i in range(3):
+        await d.put(f"before/{i}", payload(5000, i))
+    node_id = await d.add_node()
+    assert node_id in {n.node_id for n in await d.nodes()}
+    version_id = await d.put("after", payload(5000, 9))
+    placed = {p.node.node_id for p in (await d.stat("after")).parts}
+    assert node_id in placed, (version_id, placed)
+
+
+CHECKS: list[Check] = [
+    round_trip_edge_sizes,
+    chunked_upload,
+    range_reads,
+    overwrite_and_delete_leave_no_parts,
+    conditional_put_and_bad_names,
+    joined_node_receives_new_parts,
+]
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("world", WORLDS)
+def test_contract(world: str, check: Check, tmp_path: Path) -> None:
+    run_in(world, check, tmp_path)
