@@ -74,8 +74,11 @@ class SimDriver:
     ) -> str:
         async def op(gw: Gateway) -> FileVersion:
             return await gw.put(
-                "default", name, _chunks(data),
-                content_length=None if chunked else len(data), if_absent=if_absent,
+                "default",
+                name,
+                _chunks(data),
+                content_length=None if chunked else len(data),
+                if_absent=if_absent,
             )
 
         version = await self._call(f"put {name}", op)
@@ -190,8 +193,11 @@ class NetDriver:
         data_dir = self._data_dir / f"joined-{self._extra}"
         await self._nursery.start(
             partial(
-                run_storage, self._config, data_dir=data_dir,
-                discovery_url=self._discovery_url, http=self._internal,
+                run_storage,
+                self._config,
+                data_dir=data_dir,
+                discovery_url=self._discovery_url,
+                http=self._internal,
             )
         )
         return (data_dir / "node_id").read_text().strip()
@@ -233,8 +239,13 @@ async def net_driver(data_dir: Path) -> AsyncIterator[NetDriver]:
     ):
         info = await nursery.start(partial(run_cluster, config, data_dir=data_dir))
         yield NetDriver(
-            gateway=info.gateway, discovery=info.discovery, http=http, internal=internal,
-            config=config, nursery=nursery, data_dir=data_dir,
+            gateway=info.gateway,
+            discovery=info.discovery,
+            http=http,
+            internal=internal,
+            config=config,
+            nursery=nursery,
+            data_dir=data_dir,
         )
         nursery.cancel_scope.cancel()
 
@@ -242,8 +253,11 @@ async def net_driver(data_dir: Path) -> AsyncIterator[NetDriver]:
 SIM_SCENARIO = Scenario(
     name="contract",
     cluster=ClusterSpec(
-        storage_nodes=6, stripe_unit=UNIT, heartbeat_interval=HEARTBEAT,
-        retire_grace=RETIRE_GRACE, sweep_interval=HEARTBEAT,
+        storage_nodes=6,
+        stripe_unit=UNIT,
+        heartbeat_interval=HEARTBEAT,
+        retire_grace=RETIRE_GRACE,
+        sweep_interval=HEARTBEAT,
     ),
 )
 
@@ -261,4 +275,3 @@ def run_in(world: str, check: Check, tmp_path: Path) -> None:
             await check(driver)
 
     trio.run(main)
-

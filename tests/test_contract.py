@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from drivers import Check, Driver, run_in
 from karma8.core.errors import InvalidName, NotFound, PreconditionFailed
 from karma8.core.layout import split
+
+from drivers import Check, Driver, run_in
 
 WORLDS = ["sim", "net"]
 

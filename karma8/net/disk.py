@@ -527,9 +527,9 @@ class FilePartWriter:
         fd = self._check_open()
         if not self._buffer:
             return
-        chunks, size = self._buffer, self._buffered
+        chunks, size, pos = self._buffer, self._buffered, self._file_pos
         try:
-            await self._store._run(lambda: self._flush_sync(fd, chunks, self._file_pos))
+            await self._store._run(lambda: self._flush_sync(fd, chunks, pos))
         except OSError as exc:
             raise _storage_error(exc, "writing a part") from None
         self._buffer, self._buffered = [], 0
@@ -585,7 +585,9 @@ class FilePartWriter:
             except BaseException:
                 final.unlink(missing_ok=True)
                 raise
-            self._tmp.unlink(missing_ok=True)
+            # The part is committed now; a temporary name left behind is removed on start.
+            with suppress(OSError):
+                self._tmp.unlink(missing_ok=True)
 
         try:
             await store._run(finish)

@@ -1,0 +1,230 @@
+"""End to end with real processes and curl: the embedded cluster, a node joining, a restart,
+and one process per role. Everything binds to 127.0.0.1 on ports the OS picks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+CURL = shutil.which("curl")
+pytestmark = pytest.mark.skipif(CURL is None, reason="curl is not installed (.ci/run installs it)")
+
+FAST = """
+gateway_port = 0
+discovery_port = 0
+heartbeat_interval = 0.2
+retire_grace = 0.5
+sweep_interval = 0.2
+stripe_unit = "64 KiB"
+"""
+
+
+class Service:
+    def __init__(self, args: list[str], ready: str, log: Path) -> None:
+        self.log = log
+        self._file = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "karma8.cli", *args],
+            stdout=self._file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = log.read_text()
+            match = re.search(ready, text)
+            if match:
+                self.match = match
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise AssertionError(f"service did not start: {args}\n{log.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._file.close()
+        return self.proc.returncode
+
+
+@contextmanager
+def service(args: list[str], ready: str, log: Path) -> Iterator[Service]:
+    s = Service(args, ready, log)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    assert CURL is not None
+    return subprocess.run([CURL, "-sS", "--fail-with-body", *args], capture_output=True)
+
+
+def karma8(*args: str, cwd: Path | None = None) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "karma8.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "karma8.toml"
+    path.write_text(FAST)
+    return path
+
+
+def start_cluster(tmp_path: Path, config: Path, name: str) -> Service:
+    return Service(
+        ["serve", "--data", str(tmp_path / "data"), "--config", str(config)],
+        r"gateway (http://127\.0\.0\.1:\d+)",
+        tmp_path / f"{name}.log",
+    )
+
+
+def test_embedded_cluster_curl_round_trip_stat_join_and_restart(
+    tmp_path: Path, config: Path
+) -> None:
+    data = tmp_path / "data"
+    cluster = start_cluster(tmp_path, config, "cluster-1")
+    try:
+        gateway = cluster.match.group(1)
+        sizes = [0, 1, 4, 5, 6, (1 << 20) + 3]
+        for size in sizes:
+            src = tmp_path / f"in-{size}"
+            src.write_bytes(os.urandom(size))
+            put = curl("-T", str(src), f"{gateway}/default/dir/file-{size}")
+            assert put.returncode == 0, put.stdout
+            assert json.loads(put.stdout)["size"] == size
+            out = tmp_path / f"out-{size}"
+            assert curl("-o", str(out), f"{gateway}/default/dir/file-{size}").returncode == 0
+            assert out.read_bytes() == src.read_bytes()
+        stat = json.loads(karma8("stat", "default/dir/file-1048579", "--json", "--data", str(data)))
+        sizes_of_parts = [p["size"] for p in stat["parts"]]
+        assert len({p["node_id"] for p in stat["parts"]}) == 5
+        assert max(sizes_of_parts) - min(sizes_of_parts) <= 1
+        assert sum(sizes_of_parts) == (1 << 20) + 3
+        assert "dir/file-1048579" in karma8("stat", "default/dir/file-1048579", "--data", str(data))
+
+        # One command adds a storage node; new files place a part on it (it is the emptiest).
+        with service(
+            ["serve", "--role", "storage", "--data", str(data / "joined")],
+            r"storage node (node-[0-9a-f]+) up",
+            tmp_path / "joined.log",
+        ) as joined:
+            node_id = joined.match.group(1)
+            nodes = json.loads(karma8("nodes", "--json", "--data", str(data)))
+            assert node_id in {n["node_id"] for n in nodes}
+            src = tmp_path / "in-new"
+            src.write_bytes(os.urandom(300_000))
+            assert curl("-T", str(src), f"{gateway}/default/new").returncode == 0
+            stat = json.loads(karma8("stat", "default/new", "--json", "--data", str(data)))
+            assert node_id in {p["node_id"] for p in stat["parts"]}
+            assert "available" in karma8("nodes", "--data", str(data))
+            new_file = src.read_bytes()
+    finally:
+        assert cluster.stop() == 0  # SIGTERM: a clean shutdown
+
+    # Running it again on the same directory resumes with all files intact (the joined node
+    # is down now, and the new file has a part on it: that one cannot be read until it is back).
+    cluster = start_cluster(tmp_path, config, "cluster-2")
+    try:
+        gateway = cluster.match.group(1)
+        for size in sizes:
+            out = tmp_path / f"again-{size}"
+            assert curl("-o", str(out), f"{gateway}/default/dir/file-{size}").returncode == 0
+            assert out.read_bytes() == (tmp_path / f"in-{size}").read_bytes()
+        with service(
+            ["serve", "--role", "storage", "--data", str(data / "joined")],
+            r"storage node (node-[0-9a-f]+) up",
+            tmp_path / "joined-2.log",
+        ) as joined:
+            assert joined.match.group(1) == node_id  # same identity after a restart
+            out = tmp_path / "again-new"
+            assert curl("-o", str(out), f"{gateway}/default/new").returncode == 0
+            assert out.read_bytes() == new_file
+    finally:
+        assert cluster.stop() == 0
+
+
+def test_one_process_per_role(tmp_path: Path) -> None:
+    env_secret = ["--secret", "per-role-secret"]
+    with service(
+        [
+            "serve",
+            "--role",
+            "discovery",
+            "--port",
+            "0",
+            "--data",
+            str(tmp_path / "disc"),
+            *env_secret,
+        ],
+        r"discovery up: (http://\S+)",
+        tmp_path / "discovery.log",
+    ) as discovery:
+        url = discovery.match.group(1)
+        nodes = [
+            Service(
+                [
+                    "serve",
+                    "--role",
+                    "storage",
+                    "--data",
+                    str(tmp_path / f"node-{i}"),
+                    "--discovery",
+                    url,
+                    *env_secret,
+                ],
+                r"storage node \S+ up",
+                tmp_path / f"node-{i}.log",
+            )
+            for i in range(6)
+        ]
+        try:
+            with service(
+                ["serve", "--role", "gw", "--port", "0", "--discovery", url, *env_secret],
+                r"gateway up: (http://\S+)",
+                tmp_path / "gateway.log",
+            ) as gateway:
+                base = gateway.match.group(1)
+                src = tmp_path / "file"
+                src.write_bytes(os.urandom(2_000_003))
+                assert curl("-T", str(src), f"{base}/default/a/b/c").returncode == 0
+                out = tmp_path / "out"
+                assert curl("-o", str(out), f"{base}/default/a/b/c").returncode == 0
+                assert out.read_bytes() == src.read_bytes()
+                head = curl("-I", f"{base}/default/a/b/c").stdout.decode()
+                assert "content-length: 2000003" in head.lower()
+                listing = json.loads(curl(f"{base}/default/?prefix=a/").stdout)
+                assert [f["name"] for f in listing["files"]] == ["a/b/c"]
+                # The internal APIs refuse requests without the cluster secret.
+                denied = curl(f"{url}/v1/nodes")
+                assert denied.returncode != 0
+                assert b"forbidden" in denied.stdout
+        finally:
+            for node in nodes:
+                node.stop()
