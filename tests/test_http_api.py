@@ -1,0 +1,169 @@
+"""The gateway's public HTTP API on a real socket: statuses, headers, JSON errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from karma8.core.errors import NotFound
+
+from drivers import NetDriver, net_driver
+
+
+@pytest.fixture
+async def net(tmp_path: Path) -> AsyncIterator[NetDriver]:
+    async with net_driver(tmp_path) as driver:
+        yield driver
+
+
+@pytest.fixture
+def client(net: NetDriver) -> httpx.AsyncClient:
+    return net._http
+
+
+def url(net: NetDriver, path: str) -> str:
+    return f"{net._gateway}{path}"
+
+
+async def test_put_get_head_with_etag_and_conditional_get(
+    net: NetDriver, client: httpx.AsyncClient
+) -> None:
+    put = await client.put(url(net, "/default/docs/a.txt"), content=b"hello world")
+    assert put.status_code == 201
+    etag = put.headers["ETag"]
+    assert etag.startswith('"') and etag == put.json()["etag"]
+    get = await client.get(url(net, "/default/docs/a.txt"))
+    assert get.status_code == 200
+    assert get.content == b"hello world"
+    assert get.headers["ETag"] == etag
+    assert get.headers["Accept-Ranges"] == "bytes"
+    head = await client.head(url(net, "/default/docs/a.txt"))
+    assert head.status_code == 200
+    assert head.headers["Content-Length"] == "11"
+    assert head.content == b""
+    cached = await client.get(url(net, "/default/docs/a.txt"), headers={"If-None-Match": etag})
+    assert cached.status_code == 304
+    assert cached.content == b""
+
+
+@pytest.mark.parametrize(
+    ("header", "status", "body"),
+    [
+        ("bytes=0-4", 206, b"01234"),
+        ("bytes=5-", 206, b"56789"),
+        ("bytes=-3", 206, b"789"),
+        ("bytes=8-100", 206, b"89"),
+        ("bytes=0-1,4-5", 200, b"0123456789"),  # multiple ranges: the whole file
+    ],
+)
+async def test_range_requests(
+    net: NetDriver, client: httpx.AsyncClient, header: str, status: int, body: bytes
+) -> None:
+    await client.put(url(net, "/default/r"), content=b"0123456789")
+    response = await client.get(url(net, "/default/r"), headers={"Range": header})
+    assert response.status_code == status
+    assert response.content == body
+    if status == 206:
+        assert response.headers["Content-Range"].endswith("/10")
+
+
+async def test_unsatisfiable_range_is_416(net: NetDriver, client: httpx.AsyncClient) -> None:
+    await client.put(url(net, "/default/r"), content=b"0123456789")
+    response = await client.get(url(net, "/default/r"), headers={"Range": "bytes=10-"})
+    assert response.status_code == 416
+    assert response.json()["error"]["code"] == "range_not_satisfiable"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "code"),
+    [
+        ("GET", "/default/missing", {}, 404, "not_found"),
+        ("GET", "/nope/file", {}, 404, "not_found"),
+        ("PUT", "/nope/file", {"content": b"x"}, 404, "not_found"),
+        ("PUT", "/Bad/file", {"content": b"x"}, 400, "invalid_name"),
+        ("PUT", "/default/a//b", {"content": b"x"}, 400, "invalid_name"),
+        (
+            "PUT",
+            "/default/f",
+            {"content": b"x", "headers": {"If-None-Match": '"abc"'}},
+            400,
+            "invalid_request",
+        ),
+        ("GET", "/default/?limit=0", {}, 400, "invalid_request"),
+        ("GET", "/default/?limit=x", {}, 400, "invalid_request"),
+        ("POST", "/default/f", {}, 405, "method_not_allowed"),
+    ],
+)
+async def test_errors_are_json_with_the_right_status(
+    net: NetDriver,
+    client: httpx.AsyncClient,
+    method: str,
+    path: str,
+    kwargs: dict[str, object],
+    status: int,
+    code: str,
+) -> None:
+    response = await client.request(method, url(net, path), **kwargs)  # type: ignore[arg-type]
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+    assert response.json()["error"]["message"]
+
+
+async def test_create_only_put(net: NetDriver, client: httpx.AsyncClient) -> None:
+    headers = {"If-None-Match": "*"}
+    assert (
+        await client.put(url(net, "/default/o"), content=b"1", headers=headers)
+    ).status_code == 201
+    again = await client.put(url(net, "/default/o"), content=b"2", headers=headers)
+    assert again.status_code == 412
+    assert (await client.get(url(net, "/default/o"))).content == b"1"
+
+
+async def test_delete_is_idempotent(net: NetDriver, client: httpx.AsyncClient) -> None:
+    await client.put(url(net, "/default/d"), content=b"x")
+    assert (await client.delete(url(net, "/default/d"))).status_code == 204
+    assert (await client.delete(url(net, "/default/d"))).status_code == 204
+    assert (await client.get(url(net, "/default/d"))).status_code == 404
+
+
+async def test_listing_paginates(net: NetDriver, client: httpx.AsyncClient) -> None:
+    for name in ["a/1", "a/2", "a/3", "b/1"]:
+        await client.put(url(net, f"/default/{name}"), content=name.encode())
+    first = (await client.get(url(net, "/default/?prefix=a/&limit=2"))).json()
+    assert [f["name"] for f in first["files"]] == ["a/1", "a/2"]
+    assert first["next_after"] == "a/2"
+    rest = (await client.get(url(net, "/default/?prefix=a/&limit=2&after=a/2"))).json()
+    assert [f["name"] for f in rest["files"]] == ["a/3"]
+    assert rest["next_after"] is None
+    assert all(f["size"] == 3 for f in first["files"] + rest["files"])
+
+
+async def test_internal_apis_need_the_cluster_secret(net: NetDriver) -> None:
+    async with httpx.AsyncClient() as anonymous:
+        nodes = await net.nodes()
+        for target in (f"{net._discovery_url}/v1/nodes", f"{nodes[0].url}/v1/parts"):
+            response = await anonymous.get(target)
+            assert response.status_code == 403
+            assert response.json()["error"]["code"] == "forbidden"
+        health = await anonymous.get(f"{net._discovery_url}/healthz")
+        assert health.status_code == 200
+    assert (await net._http.get(url(net, "/healthz"))).json()["ok"] is True
+
+
+async def test_short_body_then_disconnect_leaves_nothing(net: NetDriver) -> None:
+    host, port = net._gateway.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(
+            b"PUT /default/short HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+            + b"x" * 30_000
+        )
+        await trio.sleep(0.3)  # the gateway has begun the upload and written some rows
+    await net.settle()
+    with pytest.raises(NotFound):
+        await net.stat("short")
+    assert await net.part_keys() == []
