@@ -35,7 +35,8 @@ async def test_put_get_head_with_etag_and_conditional_get(
     put = await client.put(url(net, "/default/docs/a.txt"), content=b"hello world")
     assert put.status_code == 201
     etag = put.headers["ETag"]
-    assert etag.startswith('"') and etag == put.json()["etag"]
+    assert etag.startswith('"')
+    assert etag == put.json()["etag"]
     get = await client.get(url(net, "/default/docs/a.txt"))
     assert get.status_code == 200
     assert get.content == b"hello world"
