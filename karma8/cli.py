@@ -16,6 +16,7 @@ import shlex
 import signal
 import sys
 import tomllib
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from karma8.sim.report import render_json, render_text
 from karma8.sim.runner import run_scenario
 from karma8.sim.scenario import load_scenario
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASHED = 0, 1, 2, 3
 DEFAULT_DATA = "karma8-data"
 ROLES = ("all", "gw", "discovery", "storage")
 
@@ -91,16 +92,21 @@ def _sim(args: argparse.Namespace) -> int:
         print(f"karma8 sim: {exc}", file=sys.stderr)
         return EXIT_USAGE
     seed = scenario.seed if args.seed is None else args.seed
-    result = run_scenario(scenario, seed)
-    if args.check_determinism:
-        again = run_scenario(scenario, seed)
+    replay = f"karma8 sim {shlex.quote(args.scenario)} --seed {seed}"
+    try:
+        result = run_scenario(scenario, seed)
+        again = run_scenario(scenario, seed) if args.check_determinism else None
+    except Exception:  # a bug in karma8 or the simulator, not a failed invariant
+        traceback.print_exc()
+        print(f"karma8 sim: the simulation crashed; replay: {replay}", file=sys.stderr)
+        return EXIT_CRASHED
+    if again is not None:
         deterministic = again.trace_sha256 == result.trace_sha256
         result.invariants["deterministic_replay"] = deterministic
         if not deterministic:
             result.violations["deterministic_replay"] = [
                 f"second run traced {again.trace_sha256}, first {result.trace_sha256}"
             ]
-    replay = f"karma8 sim {shlex.quote(args.scenario)} --seed {seed}"
     print(render_json(result) if args.json else render_text(result, replay=replay))
     return EXIT_OK if result.ok else EXIT_FAILED
 

@@ -34,6 +34,7 @@ from karma8.core.errors import (
     IntegrityError,
     InvalidRequest,
     Karma8Error,
+    NotFound,
     StorageFailure,
     TooLarge,
     Unavailable,
@@ -58,7 +59,12 @@ class GatewayConfig:
 
 
 def primary_error(group: BaseExceptionGroup[BaseException]) -> Karma8Error | None:
-    """The first karma8 error in a (nested) exception group, if any."""
+    """The first karma8 error in a (nested) exception group, if any.
+
+    None if the group holds a ``Cancelled``: an outer cancellation must propagate as it is.
+    """
+    if group.subgroup(trio.Cancelled) is not None:
+        return None
     for exc in group.exceptions:
         if isinstance(exc, Karma8Error):
             return exc
@@ -206,11 +212,18 @@ class Gateway:
         settled: FileVersion | None = None
         with trio.move_on_after(self._config.cleanup_timeout) as scope:
             scope.shield = True
+            gone = False
             try:
                 settled = await self._discovery.abort_upload(version_id=version.version_id)
+            except NotFound:
+                gone = True  # expired, aborted and already collected: it cannot be committed
             except Karma8Error:
                 settled = None
-            if commit_attempted and (settled is None or settled.state is not VersionState.ABORTED):
+            if (
+                commit_attempted
+                and not gone
+                and (settled is None or settled.state is not VersionState.ABORTED)
+            ):
                 # Unknown outcome, or committed after all: the parts may be live. Keep them.
                 return settled
             async with trio.open_nursery() as nursery:

@@ -1,7 +1,7 @@
 """The metadata model: records that discovery keeps and actors exchange.
 
 All records are frozen attrs classes, so they can be passed between actors (in the simulator
-by reference, over HTTP as JSON via :mod:`karma8.core.codec`) without anyone mutating shared
+by reference, over HTTP as JSON via ``karma8.net.codec``) without anyone mutating shared
 state. States are enums; the life of a file version is::
 
     PENDING --commit--> COMMITTED --overwrite/delete--> RETIRED

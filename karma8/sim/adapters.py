@@ -6,10 +6,12 @@ Each adapter is bound to the endpoint it speaks *from*, so the network knows who
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
+import contextlib
 from contextlib import asynccontextmanager
 
 from karma8.actors.discovery import Discovery
 from karma8.actors.storage import StorageNode
+from karma8.core.errors import Karma8Error, error_from_code
 from karma8.core.model import (
     FileEntry,
     FileVersion,
@@ -139,7 +141,13 @@ class SimStorageClient:
             return s
 
         storage = await self._net.call(self._src, dst, f"read_part {key}", op)
-        async with storage.read_part(key, offset=offset, length=length) as stream:
+        try:
+            opened = storage.read_part(key, offset=offset, length=length)
+            stream = await opened.__aenter__()
+        except Karma8Error as exc:  # as if it came over the wire
+            raise error_from_code(exc.code, exc.message) from None
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_exit(opened)
             yield self._net.stream(dst, self._src, stream, peer=dst)
 
     async def delete_part(self, node: NodeRef, key: str) -> None:

@@ -1,8 +1,8 @@
 """The simulated network: endpoints, links with latency and bandwidth, partitions, crashes.
 
 A remote call runs the target actor's handler *in the caller's task*, after a latency hop, and
-pays another hop for the reply. There is no task per message: trio's own timer heap is the
-message pump, which keeps the simulator fast. Streams (part bodies in either direction) pay
+pays another hop for the reply. There is no task per message: every hop is a sleep on the
+world's :class:`~karma8.sim.pump.Pump`, one task waking sleepers from a (time, seq) heap. Streams (part bodies in either direction) pay
 transfer time per chunk and fail as soon as the link breaks or the peer crashes.
 
 A crash cancels every handler the endpoint is running (each runs inside a cancel scope the
