@@ -5,8 +5,8 @@ Each adapter is bound to the endpoint it speaks *from*, so the network knows who
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
 import contextlib
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from karma8.actors.discovery import Discovery

@@ -2,8 +2,9 @@
 
 A remote call runs the target actor's handler *in the caller's task*, after a latency hop, and
 pays another hop for the reply. There is no task per message: every hop is a sleep on the
-world's :class:`~karma8.sim.pump.Pump`, one task waking sleepers from a (time, seq) heap. Streams (part bodies in either direction) pay
-transfer time per chunk and fail as soon as the link breaks or the peer crashes.
+world's :class:`~karma8.sim.pump.Pump`, one task waking sleepers from a (time, seq) heap.
+Streams (part bodies in either direction) pay transfer time per chunk and fail as soon as
+the link breaks or the peer crashes.
 
 A crash cancels every handler the endpoint is running (each runs inside a cancel scope the
 endpoint tracks) and its background task; callers see :class:`Unavailable`, just as a real
