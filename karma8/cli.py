@@ -28,7 +28,7 @@ from karma8.core.errors import Karma8Error
 from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
 from karma8.core.units import parse_size
 from karma8.sim.report import render_json, render_text
-from karma8.sim.runner import run_scenario
+from karma8.sim.runner import SimResult, run_scenario
 from karma8.sim.scenario import load_scenario
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASHED = 0, 1, 2, 3
@@ -41,8 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     sim = commands.add_parser("sim", help="run a scenario in the deterministic simulator")
-    sim.add_argument("scenario", help="scenario file (TOML), see docs/scenarios.md")
-    sim.add_argument("--seed", type=int, help="override the scenario's seed")
+    sim.add_argument("scenario", nargs="?", help="scenario file (TOML), see docs/scenarios.md")
+    sim.add_argument("--seed", type=int, help="override the scenario's seed (swarm: first seed)")
+    sim.add_argument(
+        "--swarm",
+        type=int,
+        metavar="N",
+        help="run N random scenarios (seeds from --seed, default 1); stop at the first failure",
+    )
     sim.add_argument("--json", action="store_true", help="print one JSON object")
     sim.add_argument(
         "--check-determinism",
@@ -85,7 +91,48 @@ def _parser() -> argparse.ArgumentParser:
 # -- sim ---------------------------------------------------------------------------------
 
 
+def _swarm(args: argparse.Namespace) -> int:
+    from karma8.sim.swarm import run_swarm
+
+    first = 1 if args.seed is None else args.seed
+
+    def progress(seed: int, result: SimResult) -> None:
+        if not args.json:
+            s = result.stats
+            print(
+                f"seed {seed:>6}  {'ok    ' if result.ok else 'FAILED'}"
+                f"  {s['ops']['put']:>5} puts  {sum(s['failures'].values()):>5} failed ops"
+                f"  {s['wall_seconds']:.2f} s",
+                flush=True,
+            )
+
+    try:
+        outcome = run_swarm(args.swarm, first_seed=first, progress=progress)
+    except Exception:  # a crash is a failure too, and must say how to replay it
+        traceback.print_exc()
+        print(
+            "karma8 sim: the swarm crashed; the last seed printed + 1 replays it", file=sys.stderr
+        )
+        return EXIT_CRASHED
+    if outcome.failed is None:
+        print(f"swarm: {outcome.runs} seeds from {first}, all invariants held")
+        return EXIT_OK
+    result = outcome.failed
+    replay = f"karma8 sim --swarm 1 --seed {result.seed}"
+    print(render_json(result) if args.json else render_text(result, replay=replay))
+    print(f"swarm: seed {result.seed} failed; replay with: {replay}", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def _sim(args: argparse.Namespace) -> int:
+    if args.swarm is not None:
+        if args.scenario is not None:
+            print("karma8 sim: --swarm makes its own scenarios; drop the file", file=sys.stderr)
+            return EXIT_USAGE
+        return _swarm(args)
+    if args.scenario is None:
+        print("karma8 sim: a scenario file (or --swarm N) is needed", file=sys.stderr)
+        return EXIT_USAGE
     try:
         scenario = load_scenario(args.scenario)
     except ConfigError as exc:
@@ -150,12 +197,15 @@ def load_net_config(path: Path | None, overrides: dict[str, Any]) -> Any:
 
 
 def _discovery_for(
-    args: argparse.Namespace, config_url: str | None = None
+    args: argparse.Namespace, config_url: str | None = None, config_secret: str | None = None
 ) -> tuple[str, str | None]:
-    """Find the cluster: --discovery, KARMA8_DISCOVERY, the config, or cluster.json."""
+    """Find the cluster: --discovery, KARMA8_DISCOVERY, the config, or cluster.json.
+
+    The secret: --secret, KARMA8_SECRET, the config file, then cluster.json.
+    """
     from karma8.net.serve import read_cluster_info
 
-    secret = args.secret or os.environ.get("KARMA8_SECRET")
+    secret = args.secret or os.environ.get("KARMA8_SECRET") or config_secret
     url = args.discovery or os.environ.get("KARMA8_DISCOVERY") or config_url
     data = args.data if args.command != "serve" else None
     info = read_cluster_info(data or Path(DEFAULT_DATA))
@@ -177,7 +227,9 @@ async def _until_signalled(run: Callable[[trio.Nursery], Awaitable[None]]) -> No
     """Run services until SIGINT/SIGTERM, then cancel them (they shut down cleanly)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await run(nursery)
+            # Start-up runs beside the signal loop: a node still waiting for discovery must
+            # stop on SIGTERM too.
+            nursery.start_soon(run, nursery)
             async for signum in signals:
                 print(f"karma8: {signal.Signals(signum).name}, shutting down", file=sys.stderr)
                 nursery.cancel_scope.cancel()
@@ -193,13 +245,13 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per internal request
-    overrides: dict[str, Any] = {
-        "host": args.host,
-        "storage_nodes": args.nodes,
-        "secret": args.secret or os.environ.get("KARMA8_SECRET"),
-        "capacity": parse_size(args.capacity) if args.capacity else None,
-    }
     try:
+        overrides: dict[str, Any] = {
+            "host": args.host,
+            "storage_nodes": args.nodes,
+            "secret": args.secret or os.environ.get("KARMA8_SECRET"),
+            "capacity": parse_size(args.capacity) if args.capacity else None,
+        }
         config = load_net_config(args.config, overrides)
     except (ConfigError, ValueError) as exc:
         print(f"karma8 serve: {exc}", file=sys.stderr)
@@ -234,7 +286,7 @@ def _serve(args: argparse.Namespace) -> int:
             )
             print(f"karma8 discovery up: {url}", flush=True)
         else:
-            discovery_url, secret = _discovery_for(args, config.discovery_url)
+            discovery_url, secret = _discovery_for(args, config.discovery_url, config.secret)
             cfg = attrs.evolve(config, secret=secret)
             http = make_http_client(secret)
             await nursery.start(_hold_client, http)
@@ -266,13 +318,29 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         trio.run(_until_signalled, run)
-    except ConfigError as exc:
-        print(f"karma8 serve: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:
-        print(f"karma8 serve: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    except BaseException as exc:  # turned into one line, or re-raised
+        error = _user_error(exc)
+        if error is None:
+            raise
+        print(f"karma8 serve: {_message(error)}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(error, ConfigError) else EXIT_FAILED
     return EXIT_OK
+
+
+def _user_error(exc: BaseException) -> Exception | None:
+    """The configuration, OS or karma8 error inside ``exc`` (trio wraps them in groups)."""
+    if isinstance(exc, ConfigError | OSError | Karma8Error):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _user_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _message(error: Exception) -> str:
+    return error.message if isinstance(error, Karma8Error) else str(error)
 
 
 async def _hold_client(http: Any, *, task_status: trio.TaskStatus[None]) -> None:

@@ -112,6 +112,10 @@ class DiscoveryAPI(Protocol):
 
     async def list_nodes(self) -> list[NodeStatus]: ...
 
+    async def unknown_parts(self, *, node_id: str, keys: Sequence[str]) -> list[str]:
+        """Those of ``keys`` that discovery has no record of on ``node_id`` (orphans)."""
+        ...
+
 
 class StorageAPI(Protocol):
     """What a gateway asks of any storage node, addressed by :class:`NodeRef`."""

@@ -23,7 +23,7 @@ from karma8.net.serve import NetConfig, run_cluster, run_storage
 from karma8.sim.cluster import SimCluster
 from karma8.sim.runner import run_with_cluster
 from karma8.sim.scenario import ClusterSpec, Scenario
-from karma8.sim.workload import GATEWAY
+from karma8.sim.workload import GATEWAY, BytesChunks
 
 UNIT = 1024  # small stripe unit so that multi-row files stay small
 HEARTBEAT = 0.1
@@ -54,11 +54,6 @@ class Driver(Protocol):
         ...
 
 
-async def _chunks(data: bytes, size: int = 3000) -> AsyncIterator[bytes]:
-    for pos in range(0, len(data), size):
-        yield data[pos : pos + size]
-
-
 class SimDriver:
     unit = UNIT
 
@@ -76,7 +71,7 @@ class SimDriver:
             return await gw.put(
                 "default",
                 name,
-                _chunks(data),
+                BytesChunks(data, 3000),
                 content_length=None if chunked else len(data),
                 if_absent=if_absent,
             )
@@ -156,7 +151,7 @@ class NetDriver:
         self, name: str, data: bytes, *, chunked: bool = False, if_absent: bool = False
     ) -> str:
         headers = {"If-None-Match": "*"} if if_absent else {}
-        content: bytes | AsyncIterator[bytes] = _chunks(data) if chunked else data
+        content: bytes | AsyncIterator[bytes] = BytesChunks(data, 3000) if chunked else data
         response = await self._http.put(self._url(name), content=content, headers=headers)
         await raise_for_error(response)
         assert response.status_code == 201

@@ -24,6 +24,7 @@ from karma8.sim.cluster import SimCluster
 from karma8.sim.disk import WriteFault
 from karma8.sim.runner import run_with_cluster
 from karma8.sim.scenario import ClusterSpec, Scenario
+from karma8.sim.workload import BytesChunks
 
 UNIT = 4
 SCENARIO = Scenario(
@@ -33,10 +34,8 @@ SCENARIO = Scenario(
 EDGE_SIZES = [0, 1, 2, 4, 5, 6, 19, 20, 21, 39, 40, 41, 1000, 1003]
 
 
-async def chunks(data: bytes, size: int = 7) -> AsyncIterator[bytes]:
-    for pos in range(0, len(data), size):
-        await trio.lowlevel.checkpoint()
-        yield data[pos : pos + size]
+def chunks(data: bytes, size: int = 7) -> BytesChunks:
+    return BytesChunks(data, size)
 
 
 def payload(size: int, salt: int = 0) -> bytes:
@@ -223,5 +222,23 @@ def test_unavailable_nodes_get_no_parts_and_too_few_nodes_is_an_error() -> None:
         joined = await cluster.add_node()
         version = await cluster.gateway.put("default", "g", chunks(payload(30)))
         assert joined.node_id in {p.node.node_id for p in version.parts}
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_storage_nodes_drop_parts_discovery_does_not_know_after_a_grace() -> None:
+    async def go(cluster: SimCluster) -> None:
+        version = await cluster.gateway.put("default", "kept", chunks(payload(100)))
+        node = cluster.nodes[0]
+        writer = await node.disk.create("deadbeefdeadbeef.0")  # an orphan: no version knows it
+        await writer.write(b"left behind")
+        await writer.commit("0" * 64)
+        spec = cluster.scenario.cluster
+        await trio.sleep(spec.orphan_check_interval + 1)
+        assert "deadbeefdeadbeef.0" in node.disk.parts  # still within the grace
+        await trio.sleep(spec.orphan_grace + 2 * spec.orphan_check_interval)
+        assert "deadbeefdeadbeef.0" not in node.disk.parts
+        assert sum(k.startswith(version.version_id) for k in disk_keys(cluster)) == 5
+        assert await read(cluster.gateway, "kept") == payload(100)
 
     run_with_cluster(go, scenario=SCENARIO)

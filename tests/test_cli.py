@@ -39,7 +39,10 @@ def test_text_report_and_determinism_check(capsys: pytest.CaptureFixture[str]) -
         ("[workload]\nclients = 'many'\n", "workload.clients"),
         ("[cluster]\nstorge_nodes = 6\n", "unknown key"),
         ("[[events]]\nat = 1.0\naction = 'explode'\n", "unknown action"),
-        ("[[events]]\nat = 1.0\naction = 'fail_writes'\nnode = 9\n", "node 9 does not exist"),
+        (
+            "[[events]]\nat = 1.0\naction = 'fail_writes'\nnode = 9\nduration = 1.0\n",
+            "node 9 does not exist",
+        ),
         ("this is not toml", "not valid TOML"),
         ("[workload]\nfile_size = ['1 XB', 2]\n", "expected a size"),
     ],
@@ -57,3 +60,40 @@ def test_bad_scenarios_exit_2_with_a_message_naming_the_problem(
 def test_missing_scenario_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["sim", "/nonexistent/x.toml"]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[[events]]\nat = 1.0\naction = 'crash'\ntarget = 'db'\nduration = 1.0\n", "target"),
+        ("[[events]]\nat = 1.0\naction = 'crash'\ntarget = 'gateway'\n", "duration > 0"),
+        (
+            "[[events]]\nat = 1.0\naction = 'partition'\nbetween = ['gateway']\nduration = 1.0\n",
+            "between",
+        ),
+        (
+            "[[events]]\nat = 1.0\naction = 'lossy_link'\nbetween = ['gateway', '*']\n"
+            "duration = 1.0\n",
+            "loss",
+        ),
+        (
+            "[[events]]\nat = 1.0\naction = 'crash'\ntarget = 'node:7'\nduration = 1.0\n",
+            "node 7 does not exist",
+        ),
+    ],
+)
+def test_fault_events_are_validated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, needle: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    assert main(["sim", str(path)]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_swarm_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sim", "--swarm", "2", "--seed", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "seed      8  ok" in out
+    assert "2 seeds from 8, all invariants held" in out
+    assert main(["sim", BASIC, "--swarm", "1"]) == 2

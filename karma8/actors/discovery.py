@@ -195,6 +195,11 @@ class Discovery:
     async def list_nodes(self) -> list[NodeStatus]:
         return await self._blocking(self._store.list_nodes)
 
+    async def unknown_parts(self, *, node_id: str, keys: Sequence[str]) -> list[str]:
+        asked = list(keys)
+        known = await self._blocking(lambda: self._store.part_keys_on_node(node_id))
+        return [key for key in asked if key not in known]
+
 
 def _check_registration(registration: NodeRegistration) -> None:
     if not registration.node_id or not registration.url:

@@ -112,10 +112,17 @@ class Gateway:
             raise TooLarge(
                 f"{content_length} bytes is more than the limit of {self._config.max_file_size}"
             )
-        version = await self._discovery.begin_upload(
-            namespace=namespace, name=name, size_hint=content_length, if_absent=if_absent
-        )
+        # Shielded: if the client goes away while discovery is creating the version, we still
+        # learn its id and abort it below, instead of leaving a reservation until it expires.
+        with trio.move_on_after(self._config.cleanup_timeout) as begin_scope:
+            begin_scope.shield = True
+            version = await self._discovery.begin_upload(
+                namespace=namespace, name=name, size_hint=content_length, if_absent=if_absent
+            )
+        if begin_scope.cancelled_caught:
+            raise Unavailable("discovery did not answer in time")
         try:
+            await trio.lowlevel.checkpoint_if_cancelled()
             size, receipts = await self._write_parts(version, body, content_length)
         except BaseException:
             await self._clean_up(version, commit_attempted=False)
@@ -277,7 +284,7 @@ class Gateway:
                 except Karma8Error as exc:
                     raise _read_failure(placement, exc) from None
                 cursors[placement.index] = _PartCursor(placement, stream, length, verify=whole)
-            yield _stitch(version.layout, size, start, stop, cursors)
+            yield _Stitcher(version.layout, size, start, stop, cursors)
 
     # -- DELETE / list --------------------------------------------------------------------
 
@@ -372,17 +379,37 @@ class _PartCursor:
         return piece
 
 
-async def _stitch(
-    layout: StripeLayout,
-    size: int,
-    start: int,
-    stop: int,
-    cursors: dict[int, _PartCursor],
-) -> AsyncIterator[bytes]:
-    for segment in layout.segments(size, start, stop):
-        cursor = cursors[segment.part]
-        remaining = segment.length
-        while remaining:
-            piece = await cursor.read(remaining)
-            remaining -= len(piece)
-            yield piece
+class _Stitcher:
+    """Interleaves part cursors back into file order, segment by segment.
+
+    An async iterator class rather than an async generator: a read abandoned half-way (a
+    failed part, a client gone) then leaves nothing for a finaliser to clean up.
+    """
+
+    def __init__(
+        self,
+        layout: StripeLayout,
+        size: int,
+        start: int,
+        stop: int,
+        cursors: dict[int, _PartCursor],
+    ) -> None:
+        self._segments = layout.segments(size, start, stop)
+        self._cursors = cursors
+        self._cursor: _PartCursor | None = None
+        self._remaining = 0
+
+    def __aiter__(self) -> _Stitcher:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while self._remaining == 0:
+            segment = next(self._segments, None)
+            if segment is None:
+                raise StopAsyncIteration
+            self._cursor = self._cursors[segment.part]
+            self._remaining = segment.length
+        assert self._cursor is not None
+        piece = await self._cursor.read(self._remaining)
+        self._remaining -= len(piece)
+        return piece

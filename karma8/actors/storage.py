@@ -20,7 +20,7 @@ from contextlib import AbstractAsyncContextManager
 import attrs
 import trio
 
-from karma8.core.errors import InvalidRequest, Karma8Error, UploadConflict
+from karma8.core.errors import InvalidRequest, Karma8Error, Unavailable, UploadConflict
 from karma8.core.model import NodeRegistration
 from karma8.ports import DiscoveryAPI, PartStore, StoredPart
 
@@ -37,6 +37,12 @@ def check_part_key(key: str) -> str:
 class StorageConfig:
     heartbeat_interval: float = 2.0
     register_retry: float = 1.0
+    # Every ``orphan_check_interval`` seconds the node asks discovery which of its parts it
+    # does not know; a part still unknown ``orphan_grace`` seconds after it was first seen
+    # unknown is deleted. (A part whose upload is in flight is known from its begin on, so
+    # only true leftovers qualify: e.g. a write that landed after its version was collected.)
+    orphan_check_interval: float = 60.0
+    orphan_grace: float = 600.0
 
 
 class StorageNode:
@@ -56,6 +62,8 @@ class StorageNode:
         self._store = store
         self._discovery = discovery
         self._config = config
+        self._suspects: dict[str, float] = {}
+        self.orphans_dropped = 0
 
     async def registration(self) -> NodeRegistration:
         return NodeRegistration(
@@ -66,17 +74,24 @@ class StorageNode:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Register (retrying until discovery answers), report ready, then heartbeat."""
+        """Register (retrying while discovery is unreachable), report ready, then heartbeat.
+
+        A refused registration (bad capacity, wrong secret) is not retried: it raises.
+        """
         while True:
             try:
                 await self._discovery.register_node(await self.registration())
                 break
-            except Karma8Error:
+            except Unavailable:
                 await trio.sleep(self._config.register_retry)
         task_status.started()
         deleted: list[str] = []
+        next_orphan_check = trio.current_time() + self._config.orphan_check_interval
         while True:
             await trio.sleep(self._config.heartbeat_interval)
+            if trio.current_time() >= next_orphan_check:
+                next_orphan_check = trio.current_time() + self._config.orphan_check_interval
+                await self._drop_orphans()
             try:
                 garbage = await self._discovery.heartbeat(
                     await self.registration(), deleted=deleted
@@ -87,6 +102,22 @@ class StorageNode:
             for key in garbage:
                 await self._store.delete(key)
                 deleted.append(key)
+
+    async def _drop_orphans(self) -> None:
+        """Delete parts discovery has not known of for ``orphan_grace`` seconds."""
+        keys = await self._store.keys()
+        try:
+            unknown = set(await self._discovery.unknown_parts(node_id=self.node_id, keys=keys))
+        except Karma8Error:
+            return  # discovery unreachable: nothing is deleted on a guess
+        now = trio.current_time()
+        self._suspects = {k: since for k, since in self._suspects.items() if k in unknown}
+        for key in sorted(unknown):
+            since = self._suspects.setdefault(key, now)
+            if now - since >= self._config.orphan_grace:
+                await self._store.delete(key)
+                del self._suspects[key]
+                self.orphans_dropped += 1
 
     async def put_part(self, key: str, chunks: AsyncIterable[bytes]) -> StoredPart:
         """Write a part from a stream; returns once it is durable.

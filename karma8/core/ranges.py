@@ -30,8 +30,8 @@ def resolve_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     if not first:  # suffix range: the last N bytes
         suffix = int(last)
-        if suffix == 0:
-            raise RangeNotSatisfiable(f"bytes=-0 selects nothing of a {size}-byte file")
+        if suffix == 0 or size == 0:
+            raise RangeNotSatisfiable(f"bytes=-{suffix} selects nothing of a {size}-byte file")
         return max(size - suffix, 0), size
     start = int(first)
     if last and int(last) < start:

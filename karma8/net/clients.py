@@ -149,6 +149,11 @@ class HttpDiscoveryClient(_Http):
         result = await self._json("GET", "/v1/nodes")
         return [decode_node(n) for n in result["nodes"]]
 
+    async def unknown_parts(self, *, node_id: str, keys: Sequence[str]) -> list[str]:
+        path = f"/v1/nodes/{_path(node_id)}/unknown-parts"
+        result = await self._json("POST", path, json={"keys": list(keys)})
+        return [str(k) for k in result["unknown"]]
+
 
 class HttpStorageClient(_Http):
     """:class:`karma8.ports.StorageAPI` over HTTP; nodes are addressed by their URL."""

@@ -107,6 +107,13 @@ def discovery_app(discovery: Discovery, *, secret: str | None) -> QuartTrio:
         garbage = await discovery.heartbeat(registration, deleted=deleted)
         return jsonify({"garbage": garbage})
 
+    @app.route("/v1/nodes/<node_id>/unknown-parts", methods=["POST"])
+    async def unknown_parts(node_id: str) -> Response:
+        keys = (await json_body()).get("keys")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise InvalidRequest("keys must be a list of part keys")
+        return jsonify({"unknown": await discovery.unknown_parts(node_id=node_id, keys=keys)})
+
     @app.route("/v1/nodes", methods=["GET"])
     async def list_nodes() -> Response:
         return jsonify({"nodes": [encode_node(n) for n in await discovery.list_nodes()]})

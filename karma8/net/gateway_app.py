@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
@@ -49,6 +50,56 @@ def _headers(version: FileVersion, response: Response) -> None:
         response.headers["ETag"] = version.etag
     response.headers["Accept-Ranges"] = "bytes"
     response.headers["X-Karma8-Version"] = version.version_id
+
+
+class _PartsBody:
+    """A GET body: the stitched part streams, opened before the response starts.
+
+    Quart closes the body with ``aclose()`` when the response ends, however it ends (also
+    when the body was never iterated), which closes the part streams.
+    """
+
+    def __init__(
+        self, stack: AsyncExitStack, chunks: AsyncIterator[bytes], where: str, stats: dict[str, int]
+    ) -> None:
+        self._stack = stack
+        self._chunks = chunks
+        self._where = where
+        self._stats = stats
+
+    @classmethod
+    async def open(
+        cls,
+        gateway: Gateway,
+        version: FileVersion,
+        start: int,
+        stop: int,
+        stats: dict[str, int],
+    ) -> _PartsBody:
+        stack = AsyncExitStack()
+        try:
+            chunks = await stack.enter_async_context(
+                gateway.open_read(version, start=start, stop=stop)
+            )
+        except BaseException:
+            await stack.aclose()
+            raise
+        return cls(stack, chunks, f"{version.namespace}/{version.name}", stats)
+
+    def __aiter__(self) -> _PartsBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await anext(self._chunks)
+        except Karma8Error as exc:
+            # Headers are gone; failing the stream is the only honest answer left.
+            self._stats["read_errors"] += 1
+            log.error("GET %s failed mid-stream: %s", self._where, exc.message)
+            raise
+
+    async def aclose(self) -> None:
+        await self._stack.aclose()
 
 
 def gateway_app(gateway: Gateway) -> QuartTrio:
@@ -90,22 +141,13 @@ def gateway_app(gateway: Gateway) -> QuartTrio:
             return response
         span = resolve_range(request.headers.get("Range"), version.size)
         start, stop = span if span is not None else (0, version.size)
-
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                async with gateway.open_read(version, start=start, stop=stop) as chunks:
-                    async for chunk in chunks:
-                        yield chunk
-            except Karma8Error as exc:
-                # Headers are gone; failing the stream is the only honest answer left.
-                stats["read_errors"] += 1
-                log.error("GET %s/%s failed mid-stream: %s", namespace, name, exc.message)
-                raise
-
+        body: bytes | _PartsBody = b""
+        if not head:
+            # Open the part streams before the status line goes out, so that a node that is
+            # down or a missing part is a 502/503 with a JSON body, not a truncated 200.
+            body = await _PartsBody.open(gateway, version, start, stop, stats)
         response = Response(
-            b"" if head else body(),
-            status=200 if span is None else 206,
-            mimetype="application/octet-stream",
+            body, status=200 if span is None else 206, mimetype="application/octet-stream"
         )
         response.headers["Content-Length"] = str(stop - start)
         if span is not None:

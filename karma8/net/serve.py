@@ -65,7 +65,11 @@ class NetConfig:
     upload_ttl: float = 3600.0
     retire_grace: float = 60.0
     sweep_interval: float = 5.0
-    read_timeout: int = 60
+    orphan_check_interval: float = 60.0
+    orphan_grace: float = 600.0
+    # Hypercorn closes a connection that has *received* nothing for this long, even while a
+    # download is flowing out; 0 disables it (the default).
+    read_timeout: int = 0
 
 
 class ThreadRunner:
@@ -107,7 +111,7 @@ async def serve_app(
     config.bind = [f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.read_timeout = read_timeout
+    config.read_timeout = read_timeout or None
     config.keep_alive_timeout = 75
     async with trio.open_nursery() as nursery:
         urls: list[str] = await nursery.start(hypercorn_serve, app, config)
@@ -187,7 +191,11 @@ async def run_storage(
         url="",  # known once bound
         store=store,
         discovery=HttpDiscoveryClient(http, discovery_url),
-        config=StorageConfig(heartbeat_interval=config.heartbeat_interval),
+        config=StorageConfig(
+            heartbeat_interval=config.heartbeat_interval,
+            orphan_check_interval=config.orphan_check_interval,
+            orphan_grace=config.orphan_grace,
+        ),
     )
     async with trio.open_nursery() as nursery:
         url = await nursery.start(

@@ -112,6 +112,14 @@ class SimDiscoveryClient:
 
         return await self._net.call(self._src, DISCOVERY, "list_nodes", op)
 
+    async def unknown_parts(self, *, node_id: str, keys: Sequence[str]) -> list[str]:
+        asked = list(keys)
+
+        async def op(d: Discovery) -> list[str]:
+            return await d.unknown_parts(node_id=node_id, keys=asked)
+
+        return await self._net.call(self._src, DISCOVERY, "unknown_parts", op)
+
 
 class SimStorageClient:
     """:class:`karma8.ports.StorageAPI` over the simulated network (node id = endpoint)."""

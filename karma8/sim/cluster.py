@@ -57,27 +57,64 @@ class SimCluster:
             retire_grace=spec.retire_grace,
             sweep_interval=spec.sweep_interval,
         )
-        self.storage_config = StorageConfig(heartbeat_interval=spec.heartbeat_interval)
+        self.storage_config = StorageConfig(
+            heartbeat_interval=spec.heartbeat_interval,
+            orphan_check_interval=spec.orphan_check_interval,
+            orphan_grace=spec.orphan_grace,
+        )
         self.nodes: list[SimNode] = []
         self._disk_rng = world.rng("disk")
+        # Handlers are tracked (a cancel scope per call) only if something can crash.
+        self.network.crashable = any(e.action == "crash" for e in scenario.events)
 
-    async def start(self) -> None:
-        discovery = Discovery(
-            store=self.store,
+    def _discovery(self) -> Discovery:
+        return Discovery(
+            store=self.store,  # the database is durable: it survives a crash of discovery
             blocking=self.world.blocking,
             clock=self.world.clock,
             ids=self.world.ids,
             config=self.discovery_config,
         )
-        await self._nursery.start(self._serve, self.network.endpoint(DISCOVERY), discovery)
-        for _ in range(self.scenario.cluster.storage_nodes):
-            await self.add_node()
-        gateway = Gateway(
+
+    def _gateway(self) -> Gateway:
+        return Gateway(
             discovery=SimDiscoveryClient(self.network, GATEWAY),
             storage=SimStorageClient(self.network, GATEWAY),
             config=GatewayConfig(),
         )
-        self.network.endpoint(GATEWAY).bring_up(gateway)
+
+    async def start(self) -> None:
+        await self._nursery.start(self._serve, self.network.endpoint(DISCOVERY), self._discovery())
+        for _ in range(self.scenario.cluster.storage_nodes):
+            await self.add_node()
+        self.network.endpoint(GATEWAY).bring_up(self._gateway())
+
+    def endpoint_name(self, spec: str) -> str:
+        """``discovery``, ``gateway``, ``node:N`` or ``*`` -> the endpoint's network name."""
+        if spec.startswith("node:"):
+            return self.nodes[int(spec.removeprefix("node:"))].node_id
+        return spec
+
+    def crash(self, spec: str) -> None:
+        """Kill an actor at once: in-flight handlers die, unsynced writes are lost."""
+        name = self.endpoint_name(spec)
+        self.world.record(f"crash {name}")
+        self.network.endpoint(name).crash()
+
+    def restart(self, spec: str) -> None:
+        """Start a crashed actor again: a new process on the same disk or database."""
+        name = self.endpoint_name(spec)
+        endpoint = self.network.endpoint(name)
+        if endpoint.up:
+            return
+        self.world.record(f"restart {name}")
+        if spec == GATEWAY:
+            endpoint.bring_up(self._gateway())
+        elif spec == DISCOVERY:
+            self._nursery.start_soon(self._serve, endpoint, self._discovery())
+        else:
+            node = next(n for n in self.nodes if n.node_id == name)
+            self._nursery.start_soon(self._serve, endpoint, self._storage(node))
 
     @property
     def gateway(self) -> Gateway:

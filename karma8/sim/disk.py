@@ -52,6 +52,7 @@ class MemoryDisk:
         self.capacity_bytes = capacity_bytes
         self.parts: dict[str, _Part] = {}
         self.faults: list[WriteFault] = []
+        self.full_until = 0.0
         self.failed_writes = 0
         self._rng = rng
         self._sleep = sleep
@@ -144,7 +145,8 @@ class _MemoryWriter:
     async def write(self, data: bytes) -> None:
         disk = self._disk
         disk._check_fault(self._size, len(data))
-        if disk._used + disk._in_flight + len(data) > disk.capacity_bytes:
+        full = trio.current_time() < disk.full_until
+        if full or disk._used + disk._in_flight + len(data) > disk.capacity_bytes:
             raise DiskFull("no space left on the node")
         self._chunks.append(bytes(data))
         self._size += len(data)

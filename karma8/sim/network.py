@@ -156,6 +156,9 @@ class SimNetwork:
         """Run ``fn(actor)`` on endpoint ``dst`` as a remote call from ``src``."""
         self.calls += 1
         self._world.record(f"{src}>{dst} {op}")
+        caller = self._endpoints.get(src)
+        if caller is not None and caller.incarnation and not caller.up:
+            raise Unavailable(f"{src} is down")  # a dead process sends nothing
         await self.hop(src, dst, op)
         endpoint: Endpoint[A] = self.endpoint(dst)  # type: ignore[assignment]
         actor = endpoint.actor

@@ -20,7 +20,8 @@ from karma8.sim import checker
 from karma8.sim.cluster import SimCluster
 from karma8.sim.determinism import run_deterministic
 from karma8.sim.disk import WriteFault
-from karma8.sim.scenario import Event, Scenario
+from karma8.sim.network import LinkFault
+from karma8.sim.scenario import LINK_ACTIONS, Event, Scenario
 from karma8.sim.workload import Client, History, Op, read_file
 from karma8.sim.world import World
 
@@ -118,21 +119,50 @@ async def _simulate(scenario: Scenario, seed: int) -> SimResult:
 
 
 async def _play_events(cluster: SimCluster, events: tuple[Event, ...]) -> None:
-    for event in events:
-        await trio.sleep_until(event.at)
-        cluster.world.record(f"event {event.action}")
-        if event.action == "add_nodes":
-            for _ in range(event.count):
-                await cluster.add_node()
-        elif event.action == "fail_writes":
-            cluster.nodes[event.node].disk.faults.append(
-                WriteFault(
-                    start=event.at,
-                    until=event.at + event.duration,
-                    probability=event.probability,
-                    at_byte=event.at_byte,
-                )
+    async with trio.open_nursery() as restarts:
+        for event in events:
+            await trio.sleep_until(event.at)
+            cluster.world.record(f"event {event.action}")
+            await _apply(cluster, event, restarts)
+
+
+async def _restart_later(cluster: SimCluster, spec: str, at: float) -> None:
+    await trio.sleep_until(at)
+    cluster.restart(spec)
+
+
+async def _apply(cluster: SimCluster, event: Event, restarts: trio.Nursery) -> None:
+    until = event.at + event.duration
+    if event.action == "add_nodes":
+        for _ in range(event.count):
+            await cluster.add_node()
+    elif event.action == "crash":
+        cluster.crash(event.target)
+        restarts.start_soon(_restart_later, cluster, event.target, until, name="sim-restart")
+    elif event.action == "disk_full":
+        disk = cluster.nodes[event.node].disk
+        disk.full_until = max(disk.full_until, until)
+    elif event.action in LINK_ACTIONS:
+        a, b = (cluster.endpoint_name(spec) for spec in event.between)
+        cluster.network.faults.append(
+            LinkFault(
+                a=a,
+                b=b,
+                until=until,
+                partitioned=event.action == "partition",
+                extra_latency=event.latency,
+                loss=event.loss,
             )
+        )
+    elif event.action == "fail_writes":
+        cluster.nodes[event.node].disk.faults.append(
+            WriteFault(
+                start=event.at,
+                until=until,
+                probability=event.probability,
+                at_byte=event.at_byte,
+            )
+        )
 
 
 async def _final_reads(cluster: SimCluster, history: History, *, readers: int = 16) -> list[Op]:

@@ -7,6 +7,7 @@ the line, so a typo never silently turns a fault off.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -29,6 +30,8 @@ class ClusterSpec:
     upload_ttl: float = 60.0
     retire_grace: float = 5.0
     sweep_interval: float = 1.0
+    orphan_check_interval: float = 5.0
+    orphan_grace: float = 10.0
 
 
 @attrs.frozen(kw_only=True)
@@ -69,9 +72,30 @@ class Event:
     duration: float = 0.0
     probability: float = 1.0
     at_byte: int = 0
+    target: str = ""
+    between: tuple[str, str] = ("", "")
+    latency: float = 0.0
+    loss: float = 0.0
 
 
-ACTIONS = ("add_nodes", "fail_writes")
+ACTIONS = (
+    "add_nodes",
+    "fail_writes",
+    "disk_full",
+    "crash",
+    "partition",
+    "slow_link",
+    "lossy_link",
+)
+LINK_ACTIONS = ("partition", "slow_link", "lossy_link")
+_TARGET = re.compile(r"discovery|gateway|node:(\d+)")
+_PEER = re.compile(r"discovery|gateway|node:(\d+)|\*")
+
+
+def target_node(spec: str) -> int | None:
+    """The node index of a ``node:N`` spec, else None."""
+    match = _TARGET.fullmatch(spec)
+    return int(match.group(1)) if match and match.group(1) is not None else None
 
 
 @attrs.frozen(kw_only=True)
@@ -120,6 +144,10 @@ def parse_scenario(
         upload_ttl=c.number("upload_ttl", cd.upload_ttl, minimum=0.001),
         retire_grace=c.number("retire_grace", cd.retire_grace),
         sweep_interval=c.number("sweep_interval", cd.sweep_interval, minimum=0.001),
+        orphan_check_interval=c.number(
+            "orphan_check_interval", cd.orphan_check_interval, minimum=0.001
+        ),
+        orphan_grace=c.number("orphan_grace", cd.orphan_grace),
     )
     c.finish()
 
@@ -177,9 +205,12 @@ def parse_scenario(
             duration=e.number("duration", 0.0),
             probability=e.number("probability", 1.0),
             at_byte=e.integer("at_byte", 0),
+            target=e.string("target", ""),
+            between=_pair(e, "between"),
+            latency=e.number("latency", 0.0),
+            loss=e.number("loss", 0.0),
         )
-        if event.probability > 1.0:
-            raise e.fail("probability", f"must be <= 1, got {event.probability}")
+        _check_event(e, event)
         e.finish()
         events.append(event)
 
@@ -201,15 +232,58 @@ def parse_scenario(
     return scenario
 
 
+def _pair(e: TableReader, key: str) -> tuple[str, str]:
+    value = e.get(key, ["", ""])
+    if not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, str) for v in value):
+        raise e.fail(key, f"expected two endpoints like ['gateway', 'node:2'], got {value!r}")
+    return value[0], value[1]
+
+
+def _check_event(e: TableReader, event: Event) -> None:
+    """Per-action requirements, so that a typo never makes an event silently do nothing."""
+    if event.probability > 1.0:
+        raise e.fail("probability", f"must be <= 1, got {event.probability}")
+    if event.action in ("fail_writes", "disk_full", "crash", *LINK_ACTIONS) and event.duration <= 0:
+        raise e.fail("duration", f"{event.action} needs a duration > 0")
+    if event.action == "crash" and not _TARGET.fullmatch(event.target):
+        raise e.fail("target", f"expected 'discovery', 'gateway' or 'node:N', got {event.target!r}")
+    if event.action in LINK_ACTIONS:
+        a, b = event.between
+        if not _TARGET.fullmatch(a) or not _PEER.fullmatch(b):
+            raise e.fail(
+                "between", f"expected two endpoints like ['gateway', 'node:2'], got {[a, b]!r}"
+            )
+    if event.action == "slow_link" and event.latency <= 0:
+        raise e.fail("latency", "slow_link needs an extra latency > 0 (seconds)")
+    if event.action == "lossy_link" and not 0 < event.loss <= 1:
+        raise e.fail("loss", "lossy_link needs a loss probability in (0, 1]")
+
+
+def _event_nodes(event: Event) -> list[tuple[str, int]]:
+    nodes: list[tuple[str, int]] = []
+    if event.action in ("fail_writes", "disk_full"):
+        nodes.append(("node", event.node))
+    for key, spec in (
+        ("target", event.target),
+        ("between", event.between[0]),
+        ("between", event.between[1]),
+    ):
+        index = target_node(spec)
+        if index is not None:
+            nodes.append((key, index))
+    return nodes
+
+
 def _check_event_nodes(source: ConfigSource, scenario: Scenario) -> None:
     """An event may name a node that exists by its time (initial or added earlier)."""
     nodes = scenario.cluster.storage_nodes
     for i, event in enumerate(scenario.events):
         if event.action == "add_nodes":
             nodes += event.count
-        elif event.node >= nodes:
-            raise source.error(
-                f"events[{i}]",
-                "node",
-                f"node {event.node} does not exist at t={event.at} (nodes 0..{nodes - 1})",
-            )
+        for key, index in _event_nodes(event):
+            if index >= nodes:
+                raise source.error(
+                    f"events[{i}]",
+                    key,
+                    f"node {index} does not exist at t={event.at} (nodes 0..{nodes - 1})",
+                )

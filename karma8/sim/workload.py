@@ -165,7 +165,7 @@ class Client:
                 value=hashlib.sha256(data).hexdigest(),
             )
         )
-        body = self._net.stream(self.name, GATEWAY, _chunks(data, 64 * 1024))
+        body = self._net.stream(self.name, GATEWAY, BytesChunks(data))
 
         async def call(gw: Gateway) -> None:
             await gw.put(NAMESPACE, name, body, content_length=size)
@@ -204,7 +204,24 @@ class Client:
         op.end = trio.current_time()
 
 
-async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
-    view = memoryview(data)
-    for pos in range(0, len(data), size):
-        yield bytes(view[pos : pos + size])
+class BytesChunks:
+    """``data`` as an async stream of ``size``-byte chunks.
+
+    A class rather than an async generator: a PUT that fails leaves it unfinished, and an
+    abandoned generator would need a finaliser task (and trio warns about it).
+    """
+
+    def __init__(self, data: bytes, size: int = 64 * 1024) -> None:
+        self._data = data
+        self._size = size
+        self._pos = 0
+
+    def __aiter__(self) -> BytesChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._pos >= len(self._data):
+            raise StopAsyncIteration
+        await trio.lowlevel.checkpoint()
+        start, self._pos = self._pos, self._pos + self._size
+        return self._data[start : self._pos]

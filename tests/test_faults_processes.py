@@ -1,0 +1,169 @@
+"""All or nothing on real processes: kill -9 a storage node mid-PUT, abort a client mid-body,
+send a short body. Each time the PUT fails cleanly, the name still serves its previous
+version, and once the sweeper has run no part file of the failed upload is left on any disk."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from processes import Service
+
+SECRET = "fault-test-secret"
+FAST = """
+heartbeat_interval = 0.2
+node_timeout = 1.0
+retire_grace = 0.2
+sweep_interval = 0.2
+upload_ttl = 3.0
+"""
+
+
+class Cluster:
+    """Discovery, 5 storage nodes and a gateway, one process each (so one can be killed)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        config = root / "fast.toml"
+        config.write_text(FAST)
+        common = ["--secret", SECRET, "--config", str(config)]
+        self.discovery = Service(
+            ["serve", "--role", "discovery", "--port", "0", "--data", str(root / "meta"), *common],
+            r"discovery up: (http://\S+)",
+            root / "discovery.log",
+        )
+        self.discovery_url = self.discovery.match.group(1)
+        self.node_args = [
+            [
+                "serve",
+                "--role",
+                "storage",
+                "--data",
+                str(root / f"node-{i}"),
+                "--discovery",
+                self.discovery_url,
+                *common,
+            ]
+            for i in range(5)
+        ]
+        self.nodes = [
+            Service(args, r"storage node \S+ up", root / f"node-{i}.log")
+            for i, args in enumerate(self.node_args)
+        ]
+        self.gateway = Service(
+            ["serve", "--role", "gw", "--port", "0", "--discovery", self.discovery_url, *common],
+            r"gateway up: (http://\S+)",
+            root / "gateway.log",
+        )
+        self.url = self.gateway.match.group(1)
+
+    def part_files(self) -> list[str]:
+        """Every part and temporary file on every node's disk."""
+        found = []
+        for i in range(5):
+            for sub in ("parts", "tmp"):
+                base = self.root / f"node-{i}" / sub
+                found += [str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file()]
+        return sorted(found)
+
+    def wait_until_only(self, expected: int, timeout: float = 20.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            files = self.part_files()
+            if len(files) == expected or time.monotonic() > deadline:
+                return files
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        for service in [self.gateway, *self.nodes, self.discovery]:
+            service.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def body(size: int, pause_after: int | None = None, pause: float = 0.0) -> Iterator[bytes]:
+    sent = 0
+    chunk = os.urandom(1 << 20)
+    while sent < size:
+        piece = chunk[: min(len(chunk), size - sent)]
+        yield piece
+        sent += len(piece)
+        if pause_after is not None and sent >= pause_after:
+            time.sleep(pause)
+            pause_after = None
+
+
+def test_kill_9_of_a_storage_node_mid_put_fails_it_cleanly(cluster: Cluster) -> None:
+    with httpx.Client(timeout=60) as client:
+        old = os.urandom(300_000)
+        assert client.put(f"{cluster.url}/default/f", content=old).status_code == 201
+
+        # The upload stalls after 20 MiB; meanwhile one of its five nodes is killed.
+        def killer() -> None:
+            time.sleep(1.0)
+            cluster.nodes[2].proc.send_signal(signal.SIGKILL)
+
+        thread = threading.Thread(target=killer)
+        thread.start()
+        response = client.put(
+            f"{cluster.url}/default/f", content=body(80 << 20, pause_after=20 << 20, pause=2.0)
+        )
+        thread.join()
+        assert response.status_code in (502, 503), response.text
+        assert response.json()["error"]["code"] in ("storage_failure", "unavailable")
+        # The name still serves the previous version... once the killed node is back.
+        cluster.nodes[2].stop()
+        cluster.nodes[2] = Service(
+            cluster.node_args[2], r"storage node \S+ up", cluster.root / "node-2-again.log"
+        )
+        assert client.get(f"{cluster.url}/default/f").content == old
+    # Only the 5 parts of the old version remain, on disk, anywhere.
+    assert len(cluster.wait_until_only(5)) == 5, cluster.part_files()
+
+
+def test_client_abort_mid_body_leaves_nothing(cluster: Cluster) -> None:
+    host, port = cluster.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"PUT /default/aborted HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        for _ in range(12):  # 12 MiB in chunked encoding: a few stripe rows reach the nodes
+            sock.sendall(b"100000\r\n" + os.urandom(1 << 20) + b"\r\n")
+        time.sleep(0.5)
+    with httpx.Client() as client:
+        assert client.get(f"{cluster.url}/default/aborted").status_code == 404
+    assert cluster.wait_until_only(0) == []
+
+
+def test_short_body_leaves_nothing_and_keeps_the_old_version(cluster: Cluster) -> None:
+    with httpx.Client() as client:
+        assert client.put(f"{cluster.url}/default/s", content=b"old").status_code == 201
+    host, port = cluster.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"PUT /default/s HTTP/1.1\r\nHost: x\r\nContent-Length: 20000000\r\n\r\n"
+            + os.urandom(7 << 20)
+        )
+        time.sleep(0.5)
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(10)
+        reply = sock.recv(4096)
+        assert reply == b"" or reply.startswith(b"HTTP/1.1 400")
+    with httpx.Client() as client:
+        assert client.get(f"{cluster.url}/default/s").content == b"old"
+    assert len(cluster.wait_until_only(5)) == 5
