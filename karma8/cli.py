@@ -75,7 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--nodes", type=int, help="storage nodes of --role all (default 6)")
     serve.add_argument("-v", "--verbose", action="store_true", help="log more")
 
-    for name, help_text in (("nodes", "list storage nodes"), ("stat", "show a file's parts")):
+    for name, help_text in (
+        ("nodes", "list storage nodes"),
+        ("stat", "show a file's parts"),
+        ("scrub", "verify every part on every node now; quarantine corrupt ones"),
+    ):
         admin = commands.add_parser(name, help=help_text)
         if name == "stat":
             admin.add_argument("path", help="NAMESPACE/NAME")
@@ -364,6 +368,11 @@ def _admin(args: argparse.Namespace) -> int:
                 if args.json
                 else admin.nodes_table(nodes)
             )
+        elif args.command == "scrub":
+            results = trio.run(admin.scrub_all, url, secret)
+            print(json.dumps(results, indent=2) if args.json else admin.scrub_table(results))
+            if any(r.get("corrupt") or "error" in r for r in results):
+                return EXIT_FAILED
         else:
             namespace, sep, name = args.path.partition("/")
             if not sep or not name:

@@ -170,6 +170,14 @@ class PartStore(Protocol):
 
     async def used_bytes(self) -> int: ...
 
+    async def verify(self, key: str) -> bool:
+        """Re-read a part; True if its bytes match its recorded checksum. Raises NotFound."""
+        ...
+
+    async def quarantine(self, key: str) -> bool:
+        """Take a part out of service (kept aside for inspection); False if absent."""
+        ...
+
 
 class MetadataStore(Protocol):
     """Discovery's durable state. Every method is one short, atomic transaction."""

@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from karma8.actors.gateway import Gateway
+from karma8.actors.storage import StorageNode
 from karma8.core.errors import (
     IntegrityError,
     InvalidName,
@@ -240,5 +241,25 @@ def test_storage_nodes_drop_parts_discovery_does_not_know_after_a_grace() -> Non
         assert "deadbeefdeadbeef.0" not in node.disk.parts
         assert sum(k.startswith(version.version_id) for k in disk_keys(cluster)) == 5
         assert await read(cluster.gateway, "kept") == payload(100)
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_scrub_quarantines_a_corrupt_part_and_reads_then_fail_cleanly() -> None:
+    async def go(cluster: SimCluster) -> None:
+        version = await cluster.gateway.put("default", "s", chunks(payload(100)))
+        part = version.parts[2]
+        node = next(n for n in cluster.nodes if n.node_id == part.node.node_id)
+        stored = node.disk.parts[part.key]
+        stored.data = stored.data[:-1] + bytes([stored.data[-1] ^ 0xFF])
+        storage = cluster.network.endpoint(node.node_id).actor
+        assert isinstance(storage, StorageNode)
+        report = await storage.scrub()
+        assert report.corrupt == (part.key,)
+        assert report.checked == 1
+        assert part.key in node.disk.quarantined
+        with pytest.raises(StorageFailure):
+            await read(cluster.gateway, "s")
+        assert (await storage.scrub()).corrupt == ()
 
     run_with_cluster(go, scenario=SCENARIO)

@@ -27,6 +27,12 @@ upload_ttl = 3.0
 """
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class Cluster:
     """Discovery, 5 storage nodes and a gateway, one process each (so one can be killed)."""
 
@@ -35,10 +41,13 @@ class Cluster:
         config = root / "fast.toml"
         config.write_text(FAST)
         common = ["--secret", SECRET, "--config", str(config)]
+        # Fixed ports, so that a restarted discovery or gateway is found where it was.
+        self.discovery_args = [
+            *("serve", "--role", "discovery", "--port", str(free_port())),
+            *("--data", str(root / "meta"), *common),
+        ]
         self.discovery = Service(
-            ["serve", "--role", "discovery", "--port", "0", "--data", str(root / "meta"), *common],
-            r"discovery up: (http://\S+)",
-            root / "discovery.log",
+            self.discovery_args, r"discovery up: (http://\S+)", root / "discovery.log"
         )
         self.discovery_url = self.discovery.match.group(1)
         self.node_args = [
@@ -58,12 +67,28 @@ class Cluster:
             Service(args, r"storage node \S+ up", root / f"node-{i}.log")
             for i, args in enumerate(self.node_args)
         ]
-        self.gateway = Service(
-            ["serve", "--role", "gw", "--port", "0", "--discovery", self.discovery_url, *common],
-            r"gateway up: (http://\S+)",
-            root / "gateway.log",
-        )
+        self.gateway_args = [
+            *("serve", "--role", "gw", "--port", str(free_port())),
+            *("--discovery", self.discovery_url, *common),
+        ]
+        self.gateway = Service(self.gateway_args, r"gateway up: (http://\S+)", root / "gw.log")
         self.url = self.gateway.match.group(1)
+        self.restarts = 0
+
+    def kill_and_restart(self, role: str) -> None:
+        """kill -9 one role, then start it again on the same data and port."""
+        self.restarts += 1
+        log = self.root / f"{role}-restart-{self.restarts}.log"
+        if role == "gateway":
+            self.gateway.stop(signal.SIGKILL)
+            self.gateway = Service(self.gateway_args, r"gateway up: (http://\S+)", log)
+        elif role == "discovery":
+            self.discovery.stop(signal.SIGKILL)
+            self.discovery = Service(self.discovery_args, r"discovery up: (http://\S+)", log)
+        else:
+            index = int(role.removeprefix("node-"))
+            self.nodes[index].stop(signal.SIGKILL)
+            self.nodes[index] = Service(self.node_args[index], r"storage node \S+ up", log)
 
     def part_files(self) -> list[str]:
         """Every part and temporary file on every node's disk."""
@@ -167,3 +192,56 @@ def test_short_body_leaves_nothing_and_keeps_the_old_version(cluster: Cluster) -
     with httpx.Client() as client:
         assert client.get(f"{cluster.url}/default/s").content == b"old"
     assert len(cluster.wait_until_only(5)) == 5
+
+
+def test_kill_9_of_each_role_during_a_stream_of_puts_loses_no_acknowledged_file(
+    cluster: Cluster,
+) -> None:
+    acknowledged: dict[str, bytes] = {}
+    failed: dict[str, bytes] = {}
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                data = os.urandom(i * 7919 % 400_000)
+                name = f"stream/{i:05d}"
+                try:
+                    ok = client.put(f"{cluster.url}/default/{name}", content=data).status_code
+                except httpx.HTTPError:
+                    ok = 0
+                (acknowledged if ok == 201 else failed)[name] = data
+                i += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for role in ("node-3", "discovery", "gateway", "node-0"):
+            time.sleep(1.0)
+            cluster.kill_and_restart(role)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        thread.join()
+    assert len(acknowledged) > 20, (len(acknowledged), len(failed))
+    assert failed, "no PUT was interrupted: the kills did not hit anything"
+    with httpx.Client(timeout=30) as client:
+        for name, data in acknowledged.items():
+            response = client.get(f"{cluster.url}/default/{name}")
+            assert response.status_code == 200, (name, response.text)
+            assert response.content == data, name
+        committed = len(acknowledged)
+        for name, data in failed.items():
+            # A PUT cut off by a kill may or may not have committed, but never partially.
+            response = client.get(f"{cluster.url}/default/{name}")
+            assert response.status_code in (200, 404), (name, response.text)
+            if response.status_code == 200:
+                assert response.content == data, name
+                committed += 1
+    # Orphans of the interrupted uploads are swept: 5 part files per committed file remain.
+    files = cluster.wait_until_only(5 * committed, timeout=30)
+    assert len(files) == 5 * committed, (len(files), committed)
+    # Node identities persisted across the kill.
+    ids = {(cluster.root / f"node-{i}" / "node_id").read_text() for i in range(5)}
+    assert len(ids) == 5

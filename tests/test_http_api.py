@@ -168,3 +168,10 @@ async def test_short_body_then_disconnect_leaves_nothing(net: NetDriver) -> None
     with pytest.raises(NotFound):
         await net.stat("short")
     assert await net.part_keys() == []
+
+
+async def test_metrics_count_requests(net: NetDriver, client: httpx.AsyncClient) -> None:
+    await client.put(url(net, "/default/m"), content=b"abc")
+    await client.get(url(net, "/default/m"))
+    metrics = (await client.get(url(net, "/metrics"))).json()
+    assert metrics == {"puts": 1, "gets": 1, "read_errors": 0}

@@ -13,6 +13,7 @@ discarded, under a shield so cancellation cannot leave a half-written temporary 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AbstractAsyncContextManager
@@ -20,10 +21,17 @@ from contextlib import AbstractAsyncContextManager
 import attrs
 import trio
 
-from karma8.core.errors import InvalidRequest, Karma8Error, Unavailable, UploadConflict
+from karma8.core.errors import (
+    InvalidRequest,
+    Karma8Error,
+    NotFound,
+    Unavailable,
+    UploadConflict,
+)
 from karma8.core.model import NodeRegistration
 from karma8.ports import DiscoveryAPI, PartStore, StoredPart
 
+log = logging.getLogger("karma8.storage")
 _PART_KEY = re.compile(r"[0-9a-zA-Z_-]{1,64}\.[0-9]{1,3}")
 
 
@@ -31,6 +39,13 @@ def check_part_key(key: str) -> str:
     if not _PART_KEY.fullmatch(key):
         raise InvalidRequest(f"invalid part key {key!r}")
     return key
+
+
+@attrs.frozen(kw_only=True)
+class ScrubReport:
+    node_id: str
+    checked: int
+    corrupt: tuple[str, ...]
 
 
 @attrs.frozen(kw_only=True)
@@ -43,6 +58,10 @@ class StorageConfig:
     # only true leftovers qualify: e.g. a write that landed after its version was collected.)
     orphan_check_interval: float = 60.0
     orphan_grace: float = 600.0
+    # The background scrubber re-reads every part once per ``scrub_interval`` (0 = never),
+    # pausing ``scrub_pause`` seconds between parts so that it never competes with traffic.
+    scrub_interval: float = 24 * 3600.0
+    scrub_pause: float = 0.05
 
 
 class StorageNode:
@@ -64,6 +83,7 @@ class StorageNode:
         self._config = config
         self._suspects: dict[str, float] = {}
         self.orphans_dropped = 0
+        self.scrub_totals = {"checked": 0, "corrupt": 0}
 
     async def registration(self) -> NodeRegistration:
         return NodeRegistration(
@@ -74,7 +94,8 @@ class StorageNode:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Register (retrying while discovery is unreachable), report ready, then heartbeat.
+        """Register (retrying while discovery is unreachable), report ready, then heartbeat
+        and scrub in the background until cancelled.
 
         A refused registration (bad capacity, wrong secret) is not retried: it raises.
         """
@@ -85,6 +106,11 @@ class StorageNode:
             except Unavailable:
                 await trio.sleep(self._config.register_retry)
         task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.run_scrubber, name=f"scrubber-{self.node_id}")
+            await self._heartbeats()
+
+    async def _heartbeats(self) -> None:
         deleted: list[str] = []
         next_orphan_check = trio.current_time() + self._config.orphan_check_interval
         while True:
@@ -102,6 +128,39 @@ class StorageNode:
             for key in garbage:
                 await self._store.delete(key)
                 deleted.append(key)
+
+    async def scrub(self, *, pause: float = 0.0) -> ScrubReport:
+        """Verify every part against its checksum; quarantine the ones that fail.
+
+        A quarantined part is no longer served: a GET that needs it fails cleanly instead of
+        returning wrong bytes. (karma8 keeps one copy of each part, so scrubbing detects and
+        contains corruption; it cannot repair it.)
+        """
+        checked = 0
+        corrupt: list[str] = []
+        for key in await self._store.keys():
+            try:
+                intact = await self._store.verify(key)
+            except NotFound:
+                continue  # deleted meanwhile
+            checked += 1
+            if not intact:
+                await self._store.quarantine(key)
+                corrupt.append(key)
+                log.error("node %s: part %s failed its checksum; quarantined", self.node_id, key)
+            if pause:
+                await trio.sleep(pause)
+        self.scrub_totals["checked"] += checked
+        self.scrub_totals["corrupt"] += len(corrupt)
+        return ScrubReport(node_id=self.node_id, checked=checked, corrupt=tuple(corrupt))
+
+    async def run_scrubber(self) -> None:
+        """Scrub all parts once per ``scrub_interval``, throttled; runs until cancelled."""
+        if self._config.scrub_interval <= 0:
+            return
+        while True:
+            await trio.sleep(self._config.scrub_interval)
+            await self.scrub(pause=self._config.scrub_pause)
 
     async def _drop_orphans(self) -> None:
         """Delete parts discovery has not known of for ``orphan_grace`` seconds."""

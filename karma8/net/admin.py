@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from karma8.core.model import FileVersion, NodeStatus
+import httpx
+
+from karma8.core.errors import Karma8Error
+from karma8.core.model import FileVersion, NodeState, NodeStatus
 from karma8.core.units import format_size
-from karma8.net.clients import HttpDiscoveryClient, make_http_client
+from karma8.net.clients import HttpDiscoveryClient, make_http_client, raise_for_error
 from karma8.net.codec import encode_node, encode_version
 
 
@@ -74,3 +77,31 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in rows
     )
+
+
+async def scrub_all(discovery_url: str, secret: str | None) -> list[dict[str, Any]]:
+    """Ask every available storage node to scrub now; one result per node."""
+    async with make_http_client(secret, timeout=3600.0) as http:
+        nodes = await HttpDiscoveryClient(http, discovery_url).list_nodes()
+        results: list[dict[str, Any]] = []
+        for node in nodes:
+            if node.state is not NodeState.AVAILABLE:
+                results.append({"node_id": node.node_id, "error": "unavailable"})
+                continue
+            try:
+                response = await http.post(f"{node.url}/v1/scrub")
+                await raise_for_error(response)
+                results.append(response.json())
+            except (httpx.TransportError, Karma8Error) as exc:
+                results.append({"node_id": node.node_id, "error": str(exc) or type(exc).__name__})
+        return results
+
+
+def scrub_table(results: list[dict[str, Any]]) -> str:
+    rows = [("NODE", "CHECKED", "CORRUPT (quarantined)")]
+    for r in results:
+        if "error" in r:
+            rows.append((r["node_id"], "-", f"error: {r['error']}"))
+        else:
+            rows.append((r["node_id"], str(r["checked"]), ", ".join(r["corrupt"]) or "none"))
+    return _table(rows)

@@ -407,6 +407,35 @@ class FilePartStore:
         self._used = max(0, self._used - max(0, size - HEADER_SIZE))
         return True
 
+    async def quarantine(self, key: str) -> bool:
+        """Move a part out of service into ``root/quarantine`` (kept for inspection).
+
+        Returns False if the part was absent.
+        """
+        _check_key(key)
+        path = self.part_path(key)
+        target_dir = self.root / "quarantine"
+
+        def move() -> int | None:
+            target_dir.mkdir(exist_ok=True)
+            try:
+                size = os.stat(path).st_size
+                os.replace(path, target_dir / key)
+            except FileNotFoundError:
+                return None
+            _fsync_dir(path.parent)
+            _fsync_dir(target_dir)
+            return size
+
+        try:
+            size = await self._run(move)
+        except OSError as exc:
+            raise _storage_error(exc, "quarantining a part") from None
+        if size is None:
+            return False
+        self._used = max(0, self._used - max(0, size - HEADER_SIZE))
+        return True
+
     async def keys(self) -> list[str]:
         """The keys of all committed parts, sorted (walks the tree in a thread)."""
 

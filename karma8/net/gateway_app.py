@@ -6,6 +6,7 @@
     DELETE /{namespace}/{name}     204 (idempotent)
     GET    /{namespace}/?prefix=&after=&limit=    JSON listing, paginated
     GET    /healthz
+    GET    /metrics                counters: puts, gets, read_errors (JSON)
 
 Names may contain ``/``. Errors are JSON: ``{"error": {"code": ..., "message": ...}}``.
 """
@@ -105,7 +106,11 @@ class _PartsBody:
 def gateway_app(gateway: Gateway) -> QuartTrio:
     app = create_app("gateway", secret=None)
     stats = {"gets": 0, "puts": 0, "read_errors": 0}
-    app.config["KARMA8_STATS"] = stats
+
+    @app.route("/metrics", methods=["GET"])
+    async def metrics() -> Response:
+        """Counters since start: successful PUTs, GETs begun, GETs that failed mid-stream."""
+        return jsonify(stats)
 
     @app.route("/<namespace>/<path:name>", methods=["PUT"])
     async def put(namespace: str, name: str) -> tuple[Response, int]:

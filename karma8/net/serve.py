@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,6 +68,8 @@ class NetConfig:
     sweep_interval: float = 5.0
     orphan_check_interval: float = 60.0
     orphan_grace: float = 600.0
+    scrub_interval: float = 86400.0
+    scrub_pause: float = 0.05
     # Hypercorn closes a connection that has *received* nothing for this long, even while a
     # download is flowing out; 0 disables it (the default).
     read_timeout: int = 0
@@ -87,8 +90,6 @@ class ThreadRunner:
 
 class WallClock:
     def now(self) -> float:
-        import time
-
         return time.time()
 
 
@@ -195,6 +196,8 @@ async def run_storage(
             heartbeat_interval=config.heartbeat_interval,
             orphan_check_interval=config.orphan_check_interval,
             orphan_grace=config.orphan_grace,
+            scrub_interval=config.scrub_interval,
+            scrub_pause=config.scrub_pause,
         ),
     )
     async with trio.open_nursery() as nursery:

@@ -10,6 +10,7 @@ GET    /v1/parts                          {"keys": [...]}
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
@@ -18,6 +19,31 @@ from karma8.actors.storage import StorageNode
 from karma8.core.errors import InvalidRequest, NotFound
 from karma8.net.codec import encode_stored
 from karma8.net.common import create_app, int_arg
+
+
+class _OpenedBody:
+    """A part stream opened before the response starts; Quart's ``aclose()`` closes it."""
+
+    def __init__(
+        self,
+        opened: AbstractAsyncContextManager[AsyncIterator[bytes]],
+        chunks: AsyncIterator[bytes],
+    ) -> None:
+        self._opened = opened
+        self._chunks = chunks
+
+    @classmethod
+    async def open(cls, opened: AbstractAsyncContextManager[AsyncIterator[bytes]]) -> _OpenedBody:
+        return cls(opened, await opened.__aenter__())
+
+    def __aiter__(self) -> _OpenedBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await anext(self._chunks)
+
+    async def aclose(self) -> None:
+        await self._opened.__aexit__(None, None, None)
 
 
 def storage_app(node: StorageNode, *, secret: str | None) -> QuartTrio:
@@ -48,12 +74,9 @@ def storage_app(node: StorageNode, *, secret: str | None) -> QuartTrio:
         if offset + length > stored.size:
             raise InvalidRequest(f"bytes [{offset}, {offset + length}) are beyond the part")
 
-        async def body() -> AsyncIterator[bytes]:
-            async with node.read_part(key, offset=offset, length=length) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-
-        response = Response(body(), status=200, mimetype="application/octet-stream")
+        # Opened before the status line, so a damaged or truncated part is a JSON error.
+        body = await _OpenedBody.open(node.read_part(key, offset=offset, length=length))
+        response = Response(body, status=200, mimetype="application/octet-stream")
         response.headers["Content-Length"] = str(length)
         response.timeout = None
         return response
@@ -62,6 +85,13 @@ def storage_app(node: StorageNode, *, secret: str | None) -> QuartTrio:
     async def delete_part(key: str) -> tuple[str, int]:
         await node.delete_part(key)
         return "", 204
+
+    @app.route("/v1/scrub", methods=["POST"])
+    async def scrub() -> Response:
+        report = await node.scrub()
+        return jsonify(
+            {"node_id": report.node_id, "checked": report.checked, "corrupt": list(report.corrupt)}
+        )
 
     @app.route("/v1/parts", methods=["GET"])
     async def list_parts() -> Response:

@@ -7,6 +7,7 @@ the disk also fails writes when full. Reads yield chunks of ``read_chunk`` bytes
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -51,6 +52,7 @@ class MemoryDisk:
     ) -> None:
         self.capacity_bytes = capacity_bytes
         self.parts: dict[str, _Part] = {}
+        self.quarantined: dict[str, _Part] = {}
         self.faults: list[WriteFault] = []
         self.full_until = 0.0
         self.failed_writes = 0
@@ -102,6 +104,21 @@ class MemoryDisk:
 
     async def keys(self) -> list[str]:
         return sorted(self.parts)
+
+    async def verify(self, key: str) -> bool:
+        part = self.parts.get(key)
+        if part is None:
+            raise NotFound(f"part {key} is not on this node")
+        await trio.lowlevel.checkpoint()
+        return hashlib.sha256(part.data).hexdigest() == part.checksum
+
+    async def quarantine(self, key: str) -> bool:
+        part = self.parts.pop(key, None)
+        if part is None:
+            return False
+        self.quarantined[key] = part
+        self._used -= len(part.data)
+        return True
 
     async def used_bytes(self) -> int:
         return self._used

@@ -1,0 +1,66 @@
+"""Corruption on a real node's disk: reads fail rather than lie, and the scrubber finds it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from karma8.net import admin
+from karma8.net.disk import HEADER_SIZE
+
+from drivers import net_config, net_driver
+
+
+def part_file(root: Path, key: str) -> Path:
+    (found,) = root.glob(f"storage-*/parts/*/*/{key}")
+    return found
+
+
+def quarantined(root: Path, key: str) -> bool:
+    return bool(list(root.glob(f"storage-*/quarantine/{key}")))
+
+
+def payload(size: int, salt: int) -> bytes:
+    return bytes((i * 13 + salt) % 256 for i in range(size))
+
+
+async def test_flipped_and_truncated_parts_never_yield_wrong_bytes(tmp_path: Path) -> None:
+    async with net_driver(tmp_path) as net:
+        await net.put("flipped", payload(50_000, 1))
+        await net.put("truncated", payload(50_000, 2))
+        await net.put("healthy", payload(50_000, 3))
+        flipped = (await net.stat("flipped")).parts[1].key
+        truncated = (await net.stat("truncated")).parts[3].key
+
+        path = part_file(tmp_path, flipped)
+        raw = bytearray(path.read_bytes())
+        raw[HEADER_SIZE + 100] ^= 0x01
+        path.write_bytes(bytes(raw))
+        path = part_file(tmp_path, truncated)
+        path.write_bytes(path.read_bytes()[:-10])
+
+        client = net._http
+        gateway = net._gateway
+        # The flipped byte is only visible once the part has been read: the response is cut
+        # short before its end, so the client can tell (never a complete, wrong body).
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.get(f"{gateway}/default/flipped")
+        # The truncated part is caught when it is opened, before the status line.
+        response = await client.get(f"{gateway}/default/truncated")
+        assert response.status_code == 502
+        assert response.json()["error"]["code"] == "integrity_error"
+        assert (await client.get(f"{gateway}/default/healthy")).content == payload(50_000, 3)
+        assert (await client.get(f"{gateway}/metrics")).json()["read_errors"] == 1
+
+        results = await admin.scrub_all(net._discovery_url, net_config().secret)
+        corrupt = sorted(key for r in results for key in r["corrupt"])
+        assert corrupt == sorted([flipped, truncated])
+        assert sum(r["checked"] for r in results) == 15
+        # Quarantined parts are out of service: a clean error, and kept aside on disk.
+        response = await client.get(f"{gateway}/default/flipped")
+        assert response.status_code == 502
+        assert quarantined(tmp_path, flipped)
+        again = await admin.scrub_all(net._discovery_url, net_config().secret)
+        assert all(r["corrupt"] == [] for r in again)
