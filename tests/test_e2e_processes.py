@@ -75,6 +75,12 @@ def test_embedded_cluster_curl_round_trip_stat_join_and_restart(
             out = tmp_path / f"out-{size}"
             assert curl("-o", str(out), f"{gateway}/default/dir/file-{size}").returncode == 0
             assert out.read_bytes() == src.read_bytes()
+        big = (tmp_path / "in-1048579").read_bytes()
+        for first, last in [(0, 0), (1000, 200_999), (1_048_570, 1_048_578)]:
+            part = curl("-r", f"{first}-{last}", f"{gateway}/default/dir/file-1048579")
+            assert part.returncode == 0
+            assert part.stdout == big[first : last + 1]
+        assert curl("-r", "-3", f"{gateway}/default/dir/file-1048579").stdout == big[-3:]
         stat = json.loads(karma8("stat", "default/dir/file-1048579", "--json", "--data", str(data)))
         sizes_of_parts = [p["size"] for p in stat["parts"]]
         assert len({p["node_id"] for p in stat["parts"]}) == 5

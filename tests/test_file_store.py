@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
 import trio
 
 from karma8.core.errors import DiskFull, IntegrityError, NotFound, UploadConflict
-from karma8.net.disk import HEADER_SIZE, FilePartStore
+from karma8.net.disk import BLOCK, HEADER_SIZE, FilePartStore
 from karma8.ports import PartStore, StoredPart
 
 MIB = 1 << 20
@@ -222,11 +225,12 @@ async def test_truncated_part_raises_integrity_error(tmp_path: Path) -> None:
 
 
 async def test_truncation_while_reading_raises_integrity_error(tmp_path: Path) -> None:
+    # Several blocks: the reader has read (and verified) only the first when the file shrinks.
     store = new_store(tmp_path, read_chunk=100)
-    await put(store, "t.1", payload(1000))
-    async with store.open("t.1", offset=0, length=1000) as chunks:
+    await put(store, "t.1", payload(3 * BLOCK))
+    async with store.open("t.1", offset=0, length=3 * BLOCK) as chunks:
         assert len(await chunks.__anext__()) == 100
-        os.truncate(store.part_path("t.1"), HEADER_SIZE + 150)
+        os.truncate(store.part_path("t.1"), HEADER_SIZE + BLOCK + 150)
         with pytest.raises(IntegrityError):
             async for _ in chunks:
                 pass
@@ -330,3 +334,161 @@ async def test_fan_out_nests_parts_two_levels_deep(tmp_path: Path) -> None:
     assert len(leaves) > 32  # hashed, not grouped by version
     assert all(p.is_dir() for p in parts.iterdir())
     assert store.part_path(keys[0]).read_bytes()[:6] == b"K8PART"
+
+
+# -- per-block checksums ----------------------------------------------------------------------
+
+MULTI = 3 * BLOCK + 123  # three whole blocks and a short last one
+
+
+def trailer_size(length: int) -> int:
+    return 4 * -(-length // BLOCK)
+
+
+def file_size(path: Path) -> int:
+    return os.path.getsize(path)
+
+
+def block_ranges(size: int) -> list[tuple[int, int]]:
+    """Offsets and lengths around every block boundary of a ``size``-byte part, and more."""
+    ranges = [(0, 0), (0, 1), (0, size), (1, size - 1), (size - 1, 1), (size, 0)]
+    for boundary in range(BLOCK, size, BLOCK):
+        ranges += [
+            (boundary, 0),
+            (boundary - 1, 1),
+            (boundary, 1),
+            (boundary - 1, 2),
+            (boundary - BLOCK, BLOCK),  # exactly one whole block
+            (boundary - 5, BLOCK + 10),  # three blocks, two of them barely
+        ]
+    ranges += [
+        (10, 100),  # inside one block
+        (100, 2 * BLOCK),  # across several blocks
+        (3 * BLOCK, size - 3 * BLOCK),  # the last, short block
+        (3 * BLOCK + 100, size - 3 * BLOCK - 100),  # inside the last block, to the end
+    ]
+    rng = random.Random(8)
+    for _ in range(40):
+        offset = rng.randrange(size + 1)
+        ranges.append((offset, rng.randrange(size - offset + 1)))
+    return [(offset, min(length, size - offset)) for offset, length in ranges]
+
+
+@pytest.mark.parametrize("read_chunk", [7, 1000, BLOCK, MIB])
+async def test_range_reads_across_blocks_return_the_right_bytes(
+    tmp_path: Path, read_chunk: int
+) -> None:
+    store = new_store(tmp_path, read_chunk=read_chunk)
+    data = payload(MULTI, seed=5)
+    await put(store, "b.0", data, chunk=5000)
+    for offset, length in block_ranges(MULTI):
+        chunks = await read(store, "b.0", offset, length)
+        assert b"".join(chunks) == data[offset : offset + length], (offset, length)
+        assert len(chunks) == -(-length // read_chunk)
+        assert all(len(c) == read_chunk for c in chunks[:-1])
+    assert await store.verify("b.0")
+
+
+@pytest.mark.parametrize("size", [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK, 5 * BLOCK + 7])
+async def test_trailer_size_and_used_bytes_count_only_the_payload(
+    tmp_path: Path, size: int
+) -> None:
+    store = new_store(tmp_path, write_buffer=3000)
+    data = payload(size, seed=size)
+    await put(store, "u.0", data, chunk=4099)  # blocks straddle the writer's flushes
+    assert file_size(store.part_path("u.0")) == HEADER_SIZE + size + trailer_size(size)
+    assert await store.used_bytes() == size
+    assert await store.verify("u.0")
+    assert b"".join(await read(store, "u.0", 0, size)) == data
+    again = new_store(tmp_path)
+    assert await again.used_bytes() == size
+    assert await again.delete("u.0")
+    assert await again.used_bytes() == 0
+
+
+async def test_flipped_byte_fails_the_range_reads_that_cover_it(tmp_path: Path) -> None:
+    store = new_store(tmp_path, read_chunk=100)
+    data = payload(MULTI, seed=3)
+    await put(store, "x.0", data)
+    bad = BLOCK + 1000  # in block 1
+    flip_bit(store.part_path("x.0"), HEADER_SIZE + bad)
+    for offset, length in [
+        (bad, 1),
+        (bad - 1, 3),
+        (BLOCK, BLOCK),
+        (0, MULTI),
+        (500, 2 * BLOCK),
+        (BLOCK + 5000, 10),  # same block, other bytes: the block as a whole is suspect
+    ]:
+        with pytest.raises(IntegrityError, match="block checksums"):
+            await read(store, "x.0", offset, length)
+    assert not await store.verify("x.0")
+    # Other blocks still read fine.
+    for offset, length in [(0, BLOCK), (10, 100), (2 * BLOCK, MULTI - 2 * BLOCK), (MULTI - 1, 1)]:
+        assert b"".join(await read(store, "x.0", offset, length)) == data[offset : offset + length]
+    # No byte of the damaged block is handed out: the read stops at the block boundary.
+    async with store.open("x.0", offset=BLOCK - 250, length=500) as chunks:
+        got = [await chunks.__anext__(), await chunks.__anext__()]
+        assert b"".join(got) == data[BLOCK - 250 : BLOCK - 50]
+        with pytest.raises(IntegrityError):
+            await chunks.__anext__()
+
+
+async def test_a_damaged_trailer_is_detected(tmp_path: Path) -> None:
+    store = new_store(tmp_path)
+    data = payload(MULTI, seed=4)
+    await put(store, "tr.0", data)
+    await put(store, "tr.1", data)
+    path = store.part_path("tr.0")
+    flip_bit(path, HEADER_SIZE + MULTI + 5)  # the second block's CRC
+    for offset, length in [(0, 0), (0, 10), (3 * BLOCK, 10)]:
+        with pytest.raises(IntegrityError, match="trailer"):
+            await read(store, "tr.0", offset, length)
+    assert not await store.verify("tr.0")
+    assert await store.stat("tr.0") == StoredPart(key="tr.0", size=MULTI, checksum=sha(data))
+    # A trailer cut short is truncation, found on open.
+    path = store.part_path("tr.1")
+    os.truncate(path, HEADER_SIZE + MULTI + trailer_size(MULTI) - 1)
+    with pytest.raises(IntegrityError, match="truncated"):
+        await read(store, "tr.1", 0, 10)
+    assert not await store.verify("tr.1")
+    # The header's block size is covered by the header CRC.
+    await put(store, "tr.2", data)
+    flip_bit(store.part_path("tr.2"), 85)
+    with pytest.raises(IntegrityError, match="damaged header"):
+        await store.stat("tr.2")
+
+
+def write_version_1(store: FilePartStore, key: str, data: bytes) -> Path:
+    """A part file as the first format wrote it: 80 bytes, their CRC, 12 zeros, the payload."""
+    body = struct.pack("!6sH64sQ", b"K8PART", 1, sha(data).encode("ascii"), len(data))
+    header = body + struct.pack("!I", zlib.crc32(body)) + bytes(12)
+    assert len(header) == HEADER_SIZE
+    path = store.part_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header + data)
+    return path
+
+
+async def test_version_1_parts_still_read(tmp_path: Path) -> None:
+    store = new_store(tmp_path, read_chunk=1000)
+    data = payload(MULTI, seed=9)
+    path = write_version_1(store, "old.0", data)
+    write_version_1(store, "old.1", data)
+    store = new_store(tmp_path, read_chunk=1000)
+    # Counted from file sizes as if version 2: short by at most 4 bytes per block.
+    used = await store.used_bytes()
+    assert 2 * (MULTI - trailer_size(MULTI)) <= used <= 2 * MULTI
+    assert await store.stat("old.0") == StoredPart(key="old.0", size=MULTI, checksum=sha(data))
+    for offset, length in block_ranges(MULTI):
+        chunks = await read(store, "old.0", offset, length)
+        assert b"".join(chunks) == data[offset : offset + length], (offset, length)
+        assert all(len(c) == 1000 for c in chunks[:-1])
+    assert await store.verify("old.0")
+    flip_bit(path, HEADER_SIZE + 77)
+    assert not await store.verify("old.0")  # the sha256 still guards version-1 parts
+    os.truncate(store.part_path("old.1"), HEADER_SIZE + MULTI - 1)
+    with pytest.raises(IntegrityError, match="truncated"):
+        await read(store, "old.1", 0, 1)
+    assert await store.delete("old.0")
+    assert await store.used_bytes() == used // 2  # what was counted for it on start

@@ -3,6 +3,11 @@
 Committed parts survive a crash of their node (they were fsynced); writes still in progress do
 not. Write faults fail a write at a byte offset or with a probability, during a time window;
 the disk also fails writes when full. Reads yield chunks of ``read_chunk`` bytes.
+
+Opening a part for reading first checks its bytes against its sha256, so every read, a range
+read included, fails with :class:`IntegrityError` on a damaged part, as a real node's per-block
+checksums make it (karma8.net.disk). The simulator's parts are small, so hashing the whole part
+on every open is cheap.
 """
 
 from __future__ import annotations
@@ -84,6 +89,8 @@ class MemoryDisk:
             raise NotFound(f"part {key} is not on this node")
         if offset + length > len(part.data):
             raise IntegrityError(f"part {key} is shorter than {offset + length} bytes")
+        if hashlib.sha256(part.data).hexdigest() != part.checksum:
+            raise IntegrityError(f"part {key} does not match its checksum")
         yield _ChunkReader(part.data, offset, offset + length, self._read_chunk)
 
     async def stat(self, key: str) -> StoredPart | None:
