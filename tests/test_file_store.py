@@ -13,7 +13,8 @@ import pytest
 import trio
 
 from karma8.core.errors import DiskFull, IntegrityError, NotFound, UploadConflict
-from karma8.net.disk import BLOCK, HEADER_SIZE, FilePartStore
+from karma8.net.disk import FilePartStore
+from karma8.net.partfile import BLOCK, HEADER_SIZE
 from karma8.ports import PartStore, StoredPart
 
 MIB = 1 << 20

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from karma8.net import admin
-from karma8.net.disk import HEADER_SIZE
+from karma8.net.partfile import HEADER_SIZE
 
 from drivers import net_config, net_driver
 

@@ -116,220 +116,41 @@ to whole blocks, so with the default 1 MiB an aligned read reads exactly 16 bloc
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
-import re
 import secrets
-import struct
-import zlib
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager, suppress
 from pathlib import Path
-from types import TracebackType
 from typing import TypeVar
 
-import attrs
 import trio
 
 from karma8.core.errors import (
-    DiskFull,
     IntegrityError,
     InvalidRequest,
     NotFound,
-    StorageFailure,
-    UploadConflict,
+)
+from karma8.net.partfile import (
+    DEFAULT_WRITE_BUFFER,
+    HEADER_SIZE,
+    O_CLOEXEC,
+    SAFE_KEY,
+    FilePartWriter,
+    PartHeader,
+    PartRead,
+    check_blocks,
+    check_key,
+    close_quietly,
+    fsync_dir,
+    payload_bytes,
+    pread_exact,
+    pwrite_all,
+    read_trailer,
+    storage_error,
 )
 from karma8.ports import StoredPart
 
 T = TypeVar("T")
-
-MAGIC = b"K8PART"
-FORMAT_VERSION = 2
-_V1 = 1
-_HEADER_BODY = struct.Struct("!6sH64sQ")
-_HEADER_CRC = struct.Struct("!I")
-_HEADER_V2 = struct.Struct("!III")  # block size, trailer CRC, reserved
-HEADER_SIZE = 96
-assert _HEADER_BODY.size + _HEADER_CRC.size + _HEADER_V2.size == HEADER_SIZE
-
-BLOCK = 64 * 1024
-"""Bytes of payload per block checksum (written into every version-2 header)."""
-_BLOCK_CRC_SIZE = 4
-
-DEFAULT_WRITE_BUFFER = 1 << 20
-
-# Defence in depth: the storage actor validates keys; this only guarantees a key is one plain
-# file name (no separators, no leading dot, no "~" used by temporary names).
-_SAFE_KEY = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z_.-]{0,127}")
-_CHECKSUM = re.compile(r"[0-9a-f]{64}")
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-
-
-@attrs.frozen
-class PartHeader:
-    """The decoded header of a part file.
-
-    ``block_size`` is 0 for a version-1 part, which has no block checksums and no trailer.
-    """
-
-    checksum: str
-    length: int
-    block_size: int = BLOCK
-    trailer_crc: int = 0
-
-    @property
-    def version(self) -> int:
-        return FORMAT_VERSION if self.block_size else _V1
-
-    @property
-    def blocks(self) -> int:
-        """How many block checksums the trailer holds."""
-        return -(-self.length // self.block_size) if self.block_size else 0
-
-    @property
-    def trailer_size(self) -> int:
-        return _BLOCK_CRC_SIZE * self.blocks
-
-    @property
-    def file_size(self) -> int:
-        """The size of a complete part file with this header."""
-        return HEADER_SIZE + self.length + self.trailer_size
-
-    def encode(self) -> bytes:
-        """The 96 header bytes for this part (version 2 only: nothing writes version 1)."""
-        if not self.block_size:
-            raise ValueError("only version-2 headers are written")
-        body = _HEADER_BODY.pack(MAGIC, FORMAT_VERSION, self.checksum.encode("ascii"), self.length)
-        rest = _HEADER_V2.pack(self.block_size, self.trailer_crc, 0)
-        return body + _HEADER_CRC.pack(zlib.crc32(rest, zlib.crc32(body))) + rest
-
-    @classmethod
-    def decode(cls, data: bytes, key: str) -> PartHeader:
-        """Parse a header (version 2, or version 1 without block checksums).
-
-        Args:
-            data: The first bytes of a part file (at least :data:`HEADER_SIZE` expected).
-            key: The part's key, for error messages.
-
-        Raises:
-            IntegrityError: The header is short, has a bad magic, version, CRC or block size.
-        """
-        if len(data) < HEADER_SIZE:
-            raise IntegrityError(f"part {key} has a truncated header")
-        body = data[: _HEADER_BODY.size]
-        rest = data[_HEADER_BODY.size + _HEADER_CRC.size : HEADER_SIZE]
-        magic, version, checksum, length = _HEADER_BODY.unpack(body)
-        (crc,) = _HEADER_CRC.unpack_from(data, _HEADER_BODY.size)
-        # Version 1 covers bytes 0..79; version 2 (and any later one) the whole header.
-        expected = zlib.crc32(body)
-        if version != _V1:
-            expected = zlib.crc32(rest, expected)
-        if magic != MAGIC or crc != expected:
-            raise IntegrityError(f"part {key} has a damaged header")
-        if version not in (_V1, FORMAT_VERSION):
-            raise IntegrityError(f"part {key} has unknown format version {version}")
-        text = checksum.decode("ascii", errors="replace")
-        if not _CHECKSUM.fullmatch(text):
-            raise IntegrityError(f"part {key} has a damaged header")
-        if version == _V1:
-            return cls(checksum=text, length=length, block_size=0)
-        block_size, trailer_crc, _ = _HEADER_V2.unpack(rest)
-        if block_size <= 0:
-            raise IntegrityError(f"part {key} has a damaged header")
-        return cls(checksum=text, length=length, block_size=block_size, trailer_crc=trailer_crc)
-
-
-def _storage_error(exc: OSError, doing: str) -> Exception:
-    """Map an OSError to the karma8 error a caller may see (never naming paths)."""
-    if exc.errno in _FULL_ERRNOS:
-        return DiskFull("no space left on the node")
-    reason = exc.strerror or type(exc).__name__
-    return StorageFailure(f"disk error while {doing}: {reason}")
-
-
-def _check_key(key: str) -> str:
-    if not _SAFE_KEY.fullmatch(key):
-        raise InvalidRequest(f"invalid part key {key!r}")
-    return key
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _pread_exact(fd: int, size: int, pos: int) -> bytes:
-    """Read ``size`` bytes at ``pos``; fewer only at end of file."""
-    data = os.pread(fd, size, pos)
-    if len(data) == size or not data:
-        return data
-    pieces = [data]
-    got = len(data)
-    while got < size:
-        more = os.pread(fd, size - got, pos + got)
-        if not more:
-            break
-        pieces.append(more)
-        got += len(more)
-    return b"".join(pieces)
-
-
-def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, pos)
-        view = view[written:]
-        pos += written
-
-
-def _close_quietly(fd: int) -> None:
-    with suppress(OSError):
-        os.close(fd)
-
-
-def _block_crcs_trailer(crcs: list[int]) -> bytes:
-    return struct.pack(f"!{len(crcs)}I", *crcs)
-
-
-def _read_trailer(fd: int, header: PartHeader, key: str) -> tuple[int, ...]:
-    """Read and check a part's block checksums (in a thread); () for a version-1 part.
-
-    Raises:
-        IntegrityError: The trailer is cut short or does not match its CRC.
-    """
-    if not header.blocks:
-        return ()
-    size = header.trailer_size
-    data = _pread_exact(fd, size, HEADER_SIZE + header.length)
-    if len(data) < size:
-        raise IntegrityError(f"part {key} is truncated")
-    if zlib.crc32(data) != header.trailer_crc:
-        raise IntegrityError(f"part {key} has a damaged block checksum trailer")
-    return struct.unpack(f"!{header.blocks}I", data)
-
-
-def _check_blocks(data: bytes, first_block: int, block: int, crcs: tuple[int, ...]) -> bool:
-    """Whether whole blocks ``first_block, ...`` read as ``data`` match their checksums."""
-    view = memoryview(data)
-    for index, at in enumerate(range(0, len(data), block), start=first_block):
-        if zlib.crc32(view[at : at + block]) != crcs[index]:
-            return False
-    return True
-
-
-def _payload_bytes(file_size: int) -> int:
-    """Payload length of a version-2 part file of this size written with :data:`BLOCK`.
-
-    The file holds ``L + 4 * ceil(L / BLOCK)`` bytes after the header, and that determines L.
-    """
-    after_header = max(0, file_size - HEADER_SIZE)
-    return after_header - _BLOCK_CRC_SIZE * -(-after_header // (BLOCK + _BLOCK_CRC_SIZE))
 
 
 class FilePartStore:
@@ -399,8 +220,8 @@ class FilePartStore:
         for leaf in self._leaf_dirs():
             with os.scandir(leaf) as entries:
                 for entry in entries:
-                    if entry.is_file(follow_symlinks=False) and _SAFE_KEY.fullmatch(entry.name):
-                        used += _payload_bytes(entry.stat(follow_symlinks=False).st_size)
+                    if entry.is_file(follow_symlinks=False) and SAFE_KEY.fullmatch(entry.name):
+                        used += payload_bytes(entry.stat(follow_symlinks=False).st_size)
         return used
 
     # -- paths ------------------------------------------------------------------------------
@@ -413,7 +234,7 @@ class FilePartStore:
 
     def part_path(self, key: str) -> Path:
         """Where a committed part with this key lives (whether or not it exists)."""
-        return self._leaf(_check_key(key))[1] / key
+        return self._leaf(check_key(key))[1] / key
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await trio.to_thread.run_sync(fn)
@@ -427,15 +248,15 @@ class FilePartStore:
             InvalidRequest: The key is not a plain file name.
             DiskFull, StorageFailure: The temporary file could not be created.
         """
-        _check_key(key)
+        check_key(key)
         tmp = self._tmp / f"{key}~{secrets.token_hex(8)}.tmp"
 
         def start() -> int:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC, 0o644)
             try:
-                _pwrite_all(fd, bytes(HEADER_SIZE), 0)
+                pwrite_all(fd, bytes(HEADER_SIZE), 0)
             except BaseException:
-                _close_quietly(fd)
+                close_quietly(fd)
                 tmp.unlink(missing_ok=True)
                 raise
             return fd
@@ -443,10 +264,10 @@ class FilePartStore:
         try:
             fd = await self._run(start)
         except OSError as exc:
-            raise _storage_error(exc, "creating a part") from None
+            raise storage_error(exc, "creating a part") from None
         return FilePartWriter(self, key, tmp, fd)
 
-    def open(self, key: str, *, offset: int, length: int) -> _PartRead:
+    def open(self, key: str, *, offset: int, length: int) -> PartRead:
         """Read ``length`` bytes of a part from ``offset``, as chunks of at most ``read_chunk``.
 
         Use as ``async with store.open(key, offset=0, length=n) as chunks: async for ...``.
@@ -461,10 +282,10 @@ class FilePartStore:
                 early.
             InvalidRequest: A bad key, or a negative offset or length.
         """
-        _check_key(key)
+        check_key(key)
         if offset < 0 or length < 0:
             raise InvalidRequest("offset and length must not be negative")
-        return _PartRead(self, key, offset, length)
+        return PartRead(self, key, offset, length)
 
     def _open_part(self, key: str) -> tuple[int, PartHeader, int]:
         """Open a part for reading (in a thread): its fd, header and file size.
@@ -472,11 +293,11 @@ class FilePartStore:
         Raises NotFound or IntegrityError (the header); closes the fd on failure.
         """
         try:
-            fd = os.open(self.part_path(key), os.O_RDONLY | _O_CLOEXEC)
+            fd = os.open(self.part_path(key), os.O_RDONLY | O_CLOEXEC)
         except FileNotFoundError:
             raise NotFound(f"part {key} is not on this node") from None
         try:
-            header = PartHeader.decode(_pread_exact(fd, HEADER_SIZE, 0), key)
+            header = PartHeader.decode(pread_exact(fd, HEADER_SIZE, 0), key)
             size = os.fstat(fd).st_size
         except BaseException:
             os.close(fd)
@@ -492,7 +313,7 @@ class FilePartStore:
         Raises:
             IntegrityError: The part's header is damaged.
         """
-        _check_key(key)
+        check_key(key)
 
         def read_header() -> PartHeader | None:
             try:
@@ -505,14 +326,14 @@ class FilePartStore:
         try:
             header = await self._run(read_header)
         except OSError as exc:
-            raise _storage_error(exc, "reading a part") from None
+            raise storage_error(exc, "reading a part") from None
         if header is None:
             return None
         return StoredPart(key=key, size=header.length, checksum=header.checksum)
 
     async def delete(self, key: str) -> bool:
         """Delete a part durably (the leaf directory is fsynced); False if it was absent."""
-        _check_key(key)
+        check_key(key)
         path = self.part_path(key)
 
         def remove() -> int | None:
@@ -521,16 +342,16 @@ class FilePartStore:
                 os.unlink(path)
             except FileNotFoundError:
                 return None
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             return size
 
         try:
             size = await self._run(remove)
         except OSError as exc:
-            raise _storage_error(exc, "deleting a part") from None
+            raise storage_error(exc, "deleting a part") from None
         if size is None:
             return False
-        self._used = max(0, self._used - _payload_bytes(size))
+        self._used = max(0, self._used - payload_bytes(size))
         return True
 
     async def quarantine(self, key: str) -> bool:
@@ -538,7 +359,7 @@ class FilePartStore:
 
         Returns False if the part was absent.
         """
-        _check_key(key)
+        check_key(key)
         path = self.part_path(key)
         target_dir = self.root / "quarantine"
 
@@ -549,17 +370,17 @@ class FilePartStore:
                 os.replace(path, target_dir / key)
             except FileNotFoundError:
                 return None
-            _fsync_dir(path.parent)
-            _fsync_dir(target_dir)
+            fsync_dir(path.parent)
+            fsync_dir(target_dir)
             return size
 
         try:
             size = await self._run(move)
         except OSError as exc:
-            raise _storage_error(exc, "quarantining a part") from None
+            raise storage_error(exc, "quarantining a part") from None
         if size is None:
             return False
-        self._used = max(0, self._used - _payload_bytes(size))
+        self._used = max(0, self._used - payload_bytes(size))
         return True
 
     async def keys(self) -> list[str]:
@@ -572,7 +393,7 @@ class FilePartStore:
                     found.extend(
                         e.name
                         for e in entries
-                        if _SAFE_KEY.fullmatch(e.name) and e.is_file(follow_symlinks=False)
+                        if SAFE_KEY.fullmatch(e.name) and e.is_file(follow_symlinks=False)
                     )
             found.sort()
             return found
@@ -580,7 +401,7 @@ class FilePartStore:
         try:
             return await self._run(walk)
         except OSError as exc:
-            raise _storage_error(exc, "listing parts") from None
+            raise storage_error(exc, "listing parts") from None
 
     async def used_bytes(self) -> int:
         """Payload bytes of committed parts (a counter; no disk access)."""
@@ -604,18 +425,18 @@ class FilePartStore:
             NotFound: No such part.
             StorageFailure: The disk failed while reading.
         """
-        _check_key(key)
+        check_key(key)
         try:
             fd, header, size = await self._run(lambda: self._open_part(key))
         except IntegrityError:
             return False
         except OSError as exc:
-            raise _storage_error(exc, "verifying a part") from None
+            raise storage_error(exc, "verifying a part") from None
         try:
             if size != header.file_size:
                 return False
             try:
-                crcs = await self._run(lambda: _read_trailer(fd, header, key))
+                crcs = await self._run(lambda: read_trailer(fd, header, key))
             except IntegrityError:
                 return False
             digest = hashlib.sha256()
@@ -627,321 +448,17 @@ class FilePartStore:
                 want = min(step, header.length - pos)
 
                 def check_chunk(at: int = pos, want: int = want) -> bool:
-                    data = _pread_exact(fd, want, HEADER_SIZE + at)
+                    data = pread_exact(fd, want, HEADER_SIZE + at)
                     if len(data) < want:
                         return False
                     digest.update(data)
-                    return not block or _check_blocks(data, at // block, block, crcs)
+                    return not block or check_blocks(data, at // block, block, crcs)
 
                 if not await self._run(check_chunk):
                     return False
                 pos += want
             return secrets.compare_digest(digest.hexdigest(), header.checksum)
         except OSError as exc:
-            raise _storage_error(exc, "verifying a part") from None
+            raise storage_error(exc, "verifying a part") from None
         finally:
-            _close_quietly(fd)
-
-
-class FilePartWriter:
-    """:class:`karma8.ports.PartWriter` for one temporary file. Use from one task at a time."""
-
-    def __init__(self, store: FilePartStore, key: str, tmp: Path, fd: int) -> None:
-        self._store = store
-        self._key = key
-        self._tmp = tmp
-        self._fd: int | None = fd
-        self._buffer: list[bytes] = []
-        self._buffered = 0
-        self._accepted = 0  # bytes counted in the store's in-flight total
-        self._file_pos = HEADER_SIZE
-        self._done = False
-        # Block checksums so far: finished blocks, and the running CRC of the open block.
-        self._block_crcs: list[int] = []
-        self._block_crc = 0
-        self._block_fill = 0
-
-    def _check_open(self) -> int:
-        if self._done or self._fd is None:
-            raise trio.ClosedResourceError("part writer already committed or discarded")
-        return self._fd
-
-    async def write(self, data: bytes) -> None:
-        """Append bytes, handing them to a thread once ``write_buffer`` bytes are pending.
-
-        Raises:
-            DiskFull: The quota (committed + in-flight) would be exceeded, or ENOSPC.
-            StorageFailure: Another disk error.
-        """
-        self._check_open()
-        store = self._store
-        if store._used + store._in_flight + len(data) > store.capacity_bytes:
-            raise DiskFull("no space left on the node")
-        if data:
-            self._buffer.append(bytes(data))
-            self._buffered += len(data)
-            self._accepted += len(data)
-            store._in_flight += len(data)
-        if self._buffered >= store._write_buffer:
-            await self._flush()
-        else:
-            await trio.lowlevel.checkpoint()
-
-    def _flush_sync(self, fd: int, chunks: list[bytes], pos: int) -> None:
-        """Write buffered bytes at ``pos`` and add them to the block checksums (in a thread).
-
-        The checksums are only updated once the bytes are written, so a failed write can be
-        retried from the same state.
-        """
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        _pwrite_all(fd, data, pos)
-        view = memoryview(data)
-        crc, fill = self._block_crc, self._block_fill
-        while view:
-            take = min(BLOCK - fill, len(view))
-            crc = zlib.crc32(view[:take], crc)
-            fill += take
-            view = view[take:]
-            if fill == BLOCK:
-                self._block_crcs.append(crc)
-                crc, fill = 0, 0
-        self._block_crc, self._block_fill = crc, fill
-
-    async def _flush(self) -> None:
-        fd = self._check_open()
-        if not self._buffer:
-            return
-        chunks, size, pos = self._buffer, self._buffered, self._file_pos
-        try:
-            await self._store._run(lambda: self._flush_sync(fd, chunks, pos))
-        except OSError as exc:
-            raise _storage_error(exc, "writing a part") from None
-        self._buffer, self._buffered = [], 0
-        self._file_pos += size
-
-    async def commit(self, checksum: str) -> None:
-        """Write the trailer and header, fsync, and link the part into place; then it is visible.
-
-        Either returns with the part durable and visible, or raises with it not visible (the
-        caller then calls :meth:`discard`).
-
-        Args:
-            checksum: The sha256 of the bytes written, as 64 lowercase hex digits.
-
-        Raises:
-            ValueError: The checksum is not 64 lowercase hex digits.
-            UploadConflict: A part with this key is already committed.
-            DiskFull, StorageFailure: The disk failed.
-        """
-        fd = self._check_open()
-        if not _CHECKSUM.fullmatch(checksum):
-            raise ValueError("checksum must be a sha256 as 64 lowercase hex digits")
-        store = self._store
-        length = self._file_pos - HEADER_SIZE + self._buffered
-        chunks, pos = self._buffer, self._file_pos
-        first, leaf = store._leaf(self._key)
-        final = leaf / self._key
-
-        def finish() -> None:
-            if chunks:
-                self._flush_sync(fd, chunks, pos)
-            crcs = self._block_crcs + ([self._block_crc] if self._block_fill else [])
-            trailer = _block_crcs_trailer(crcs)
-            header = PartHeader(
-                checksum=checksum, length=length, block_size=BLOCK, trailer_crc=zlib.crc32(trailer)
-            )
-            assert header.blocks == len(crcs)
-            _pwrite_all(fd, trailer, HEADER_SIZE + length)
-            _pwrite_all(fd, header.encode(), 0)
-            os.fsync(fd)
-            self._fd = None  # before close: a failed close still frees the number for reuse
-            os.close(fd)
-            new_dirs: list[Path] = []
-            for directory in (first, leaf):
-                if not directory.is_dir():
-                    # Also fsync the parent when another thread won the mkdir race: it may not
-                    # have fsynced yet, and our part must not depend on its progress.
-                    new_dirs.append(directory)
-                    with suppress(FileExistsError):
-                        directory.mkdir()
-            for directory in new_dirs:
-                _fsync_dir(directory.parent)
-            try:
-                os.link(self._tmp, final)
-            except FileExistsError:
-                raise UploadConflict(f"part {self._key} already exists") from None
-            try:
-                _fsync_dir(leaf)
-            except BaseException:
-                final.unlink(missing_ok=True)
-                raise
-            # The part is committed now; a temporary name left behind is removed on start.
-            with suppress(OSError):
-                self._tmp.unlink(missing_ok=True)
-
-        try:
-            await store._run(finish)
-        except OSError as exc:
-            raise _storage_error(exc, "committing a part") from None
-        # No checkpoint from here on: a commit that returns has taken effect.
-        self._release()
-        store._used += length
-
-    async def discard(self) -> None:
-        """Close and delete the temporary. Idempotent, safe after any failure, no-op after
-        a successful commit. Disk errors are swallowed: the next start cleans ``tmp/``."""
-        if self._done:
-            await trio.lowlevel.checkpoint()
-            return
-        self._release()
-        fd, self._fd = self._fd, None
-        tmp = self._tmp
-
-        def remove() -> None:
-            if fd is not None:
-                _close_quietly(fd)
-            with suppress(OSError):
-                tmp.unlink(missing_ok=True)
-
-        await self._store._run(remove)
-
-    def _release(self) -> None:
-        if not self._done:
-            self._done = True
-            self._store._in_flight -= self._accepted
-            self._accepted = 0
-            self._buffer, self._buffered = [], 0
-
-
-class _PartRead(AbstractAsyncContextManager["_ChunkReader"]):
-    """The context manager :meth:`FilePartStore.open` returns: opens on entry, closes on exit."""
-
-    def __init__(self, store: FilePartStore, key: str, offset: int, length: int) -> None:
-        self._store = store
-        self._key = key
-        self._offset = offset
-        self._length = length
-        self._reader: _ChunkReader | None = None
-
-    async def __aenter__(self) -> _ChunkReader:
-        if self._reader is not None:
-            raise RuntimeError("a part reader cannot be entered twice")
-        key, offset, length = self._key, self._offset, self._length
-
-        def open_checked() -> tuple[int, PartHeader, tuple[int, ...]]:
-            fd, header, size = self._store._open_part(key)
-            try:
-                if size < header.file_size:
-                    raise IntegrityError(f"part {key} is truncated")
-                if offset + length > header.length:
-                    raise IntegrityError(f"part {key} is shorter than {offset + length} bytes")
-                crcs = _read_trailer(fd, header, key)
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd, header, crcs
-
-        try:
-            fd, header, crcs = await self._store._run(open_checked)
-        except OSError as exc:
-            raise _storage_error(exc, "opening a part") from None
-        self._reader = _ChunkReader(
-            self._store, key, fd, header, crcs, offset, offset + length, self._store._read_chunk
-        )
-        return self._reader
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        # Close synchronously: an await here could be cancelled before it ran, leaking the fd.
-        if self._reader is not None:
-            self._reader.close()
-
-
-class _ChunkReader:
-    """Chunks of a part's payload range ``[start, end)``, each at most ``chunk`` bytes (all but
-    the last exactly ``chunk``). A class, not an async generator, so a reader abandoned part-way
-    needs no finaliser task.
-
-    Reads whole blocks (one thread hop per refill, covering at least the next chunk) and checks
-    every block against its CRC in that thread before any of its bytes are kept; verified bytes
-    not yet handed out wait in ``_buf`` (at most one chunk plus two blocks). A version-1 part
-    has no blocks: reads are then exactly the requested bytes, unverified.
-    """
-
-    def __init__(
-        self,
-        store: FilePartStore,
-        key: str,
-        fd: int,
-        header: PartHeader,
-        crcs: tuple[int, ...],
-        start: int,
-        end: int,
-        chunk: int,
-    ) -> None:
-        self._store = store
-        self._key = key
-        self._fd: int | None = fd
-        self._block = header.block_size or 1
-        self._verify = bool(header.block_size)
-        self._crcs = crcs
-        self._length = header.length
-        self._pos = start
-        self._end = end
-        self._chunk = chunk
-        self._buf = b""  # verified payload bytes from _buf_start; ends on a block boundary
-        self._buf_start = start
-
-    def __aiter__(self) -> _ChunkReader:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._fd is None:
-            raise trio.ClosedResourceError("part reader is closed")
-        if self._pos >= self._end:
-            raise StopAsyncIteration
-        want = min(self._chunk, self._end - self._pos)
-        if self._pos + want > self._buf_start + len(self._buf):
-            await self._fill(self._fd, self._pos + want)
-        at = self._pos - self._buf_start
-        data = self._buf if at == 0 and want == len(self._buf) else self._buf[at : at + want]
-        self._pos += want
-        return data
-
-    async def _fill(self, fd: int, need: int) -> None:
-        """Read and verify whole blocks so that ``_buf`` covers ``[_pos, need)``."""
-        block, key, crcs = self._block, self._key, self._crcs
-        buf_end = self._buf_start + len(self._buf)
-        keep = self._buf[self._pos - self._buf_start :] if buf_end > self._pos else b""
-        # The buffer ends on a block boundary, so reading on from its end reads whole blocks.
-        first = buf_end if keep else self._pos // block * block
-        last = min(-(-need // block) * block, self._length)
-        verify = self._verify
-
-        def read_blocks() -> bytes:
-            data = _pread_exact(fd, last - first, HEADER_SIZE + first)
-            if len(data) < last - first:
-                raise IntegrityError(f"part {key} ended early")
-            if verify and not _check_blocks(data, first // block, block, crcs):
-                raise IntegrityError(f"part {key} does not match its block checksums")
-            return data
-
-        try:
-            data = await self._store._run(read_blocks)
-        except OSError as exc:
-            raise _storage_error(exc, "reading a part") from None
-        if keep:
-            self._buf, self._buf_start = keep + data, self._pos
-        else:
-            self._buf, self._buf_start = data, first
-
-    def close(self) -> None:
-        """Close the file; idempotent."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            _close_quietly(fd)
-        self._buf = b""
+            close_quietly(fd)

@@ -1,0 +1,525 @@
+"""The part file: its on-disk format and the per-file writer and reader.
+
+See :mod:`karma8.net.disk` for the theory of operation (layout, commit protocol, format table,
+costs). This module holds the mechanics of one file: header and trailer encoding, block CRC
+checks, :class:`FilePartWriter` (a write in progress) and the range reader.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import struct
+import zlib
+from contextlib import AbstractAsyncContextManager, suppress
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, TypeVar
+
+import attrs
+import trio
+
+from karma8.core.errors import (
+    DiskFull,
+    IntegrityError,
+    InvalidRequest,
+    StorageFailure,
+    UploadConflict,
+)
+
+if TYPE_CHECKING:
+    from karma8.net.disk import FilePartStore
+
+T = TypeVar("T")
+
+MAGIC = b"K8PART"
+FORMAT_VERSION = 2
+_V1 = 1
+_HEADER_BODY = struct.Struct("!6sH64sQ")
+_HEADER_CRC = struct.Struct("!I")
+_HEADER_V2 = struct.Struct("!III")  # block size, trailer CRC, reserved
+HEADER_SIZE = 96
+assert _HEADER_BODY.size + _HEADER_CRC.size + _HEADER_V2.size == HEADER_SIZE
+
+BLOCK = 64 * 1024
+"""Bytes of payload per block checksum (written into every version-2 header)."""
+_BLOCK_CRC_SIZE = 4
+
+DEFAULT_WRITE_BUFFER = 1 << 20
+
+# Defence in depth: the storage actor validates keys; this only guarantees a key is one plain
+# file name (no separators, no leading dot, no "~" used by temporary names).
+SAFE_KEY = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z_.-]{0,127}")
+_CHECKSUM = re.compile(r"[0-9a-f]{64}")
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+@attrs.frozen
+class PartHeader:
+    """The decoded header of a part file.
+
+    ``block_size`` is 0 for a version-1 part, which has no block checksums and no trailer.
+    """
+
+    checksum: str
+    length: int
+    block_size: int = BLOCK
+    trailer_crc: int = 0
+
+    @property
+    def version(self) -> int:
+        return FORMAT_VERSION if self.block_size else _V1
+
+    @property
+    def blocks(self) -> int:
+        """How many block checksums the trailer holds."""
+        return -(-self.length // self.block_size) if self.block_size else 0
+
+    @property
+    def trailer_size(self) -> int:
+        return _BLOCK_CRC_SIZE * self.blocks
+
+    @property
+    def file_size(self) -> int:
+        """The size of a complete part file with this header."""
+        return HEADER_SIZE + self.length + self.trailer_size
+
+    def encode(self) -> bytes:
+        """The 96 header bytes for this part (version 2 only: nothing writes version 1)."""
+        if not self.block_size:
+            raise ValueError("only version-2 headers are written")
+        body = _HEADER_BODY.pack(MAGIC, FORMAT_VERSION, self.checksum.encode("ascii"), self.length)
+        rest = _HEADER_V2.pack(self.block_size, self.trailer_crc, 0)
+        return body + _HEADER_CRC.pack(zlib.crc32(rest, zlib.crc32(body))) + rest
+
+    @classmethod
+    def decode(cls, data: bytes, key: str) -> PartHeader:
+        """Parse a header (version 2, or version 1 without block checksums).
+
+        Args:
+            data: The first bytes of a part file (at least :data:`HEADER_SIZE` expected).
+            key: The part's key, for error messages.
+
+        Raises:
+            IntegrityError: The header is short, has a bad magic, version, CRC or block size.
+        """
+        if len(data) < HEADER_SIZE:
+            raise IntegrityError(f"part {key} has a truncated header")
+        body = data[: _HEADER_BODY.size]
+        rest = data[_HEADER_BODY.size + _HEADER_CRC.size : HEADER_SIZE]
+        magic, version, checksum, length = _HEADER_BODY.unpack(body)
+        (crc,) = _HEADER_CRC.unpack_from(data, _HEADER_BODY.size)
+        # Version 1 covers bytes 0..79; version 2 (and any later one) the whole header.
+        expected = zlib.crc32(body)
+        if version != _V1:
+            expected = zlib.crc32(rest, expected)
+        if magic != MAGIC or crc != expected:
+            raise IntegrityError(f"part {key} has a damaged header")
+        if version not in (_V1, FORMAT_VERSION):
+            raise IntegrityError(f"part {key} has unknown format version {version}")
+        text = checksum.decode("ascii", errors="replace")
+        if not _CHECKSUM.fullmatch(text):
+            raise IntegrityError(f"part {key} has a damaged header")
+        if version == _V1:
+            return cls(checksum=text, length=length, block_size=0)
+        block_size, trailer_crc, _ = _HEADER_V2.unpack(rest)
+        if block_size <= 0:
+            raise IntegrityError(f"part {key} has a damaged header")
+        return cls(checksum=text, length=length, block_size=block_size, trailer_crc=trailer_crc)
+
+
+def storage_error(exc: OSError, doing: str) -> Exception:
+    """Map an OSError to the karma8 error a caller may see (never naming paths)."""
+    if exc.errno in _FULL_ERRNOS:
+        return DiskFull("no space left on the node")
+    reason = exc.strerror or type(exc).__name__
+    return StorageFailure(f"disk error while {doing}: {reason}")
+
+
+def check_key(key: str) -> str:
+    if not SAFE_KEY.fullmatch(key):
+        raise InvalidRequest(f"invalid part key {key!r}")
+    return key
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pread_exact(fd: int, size: int, pos: int) -> bytes:
+    """Read ``size`` bytes at ``pos``; fewer only at end of file."""
+    data = os.pread(fd, size, pos)
+    if len(data) == size or not data:
+        return data
+    pieces = [data]
+    got = len(data)
+    while got < size:
+        more = os.pread(fd, size - got, pos + got)
+        if not more:
+            break
+        pieces.append(more)
+        got += len(more)
+    return b"".join(pieces)
+
+
+def pwrite_all(fd: int, data: bytes, pos: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, pos)
+        view = view[written:]
+        pos += written
+
+
+def close_quietly(fd: int) -> None:
+    with suppress(OSError):
+        os.close(fd)
+
+
+def _block_crcs_trailer(crcs: list[int]) -> bytes:
+    return struct.pack(f"!{len(crcs)}I", *crcs)
+
+
+def read_trailer(fd: int, header: PartHeader, key: str) -> tuple[int, ...]:
+    """Read and check a part's block checksums (in a thread); () for a version-1 part.
+
+    Raises:
+        IntegrityError: The trailer is cut short or does not match its CRC.
+    """
+    if not header.blocks:
+        return ()
+    size = header.trailer_size
+    data = pread_exact(fd, size, HEADER_SIZE + header.length)
+    if len(data) < size:
+        raise IntegrityError(f"part {key} is truncated")
+    if zlib.crc32(data) != header.trailer_crc:
+        raise IntegrityError(f"part {key} has a damaged block checksum trailer")
+    return struct.unpack(f"!{header.blocks}I", data)
+
+
+def check_blocks(data: bytes, first_block: int, block: int, crcs: tuple[int, ...]) -> bool:
+    """Whether whole blocks ``first_block, ...`` read as ``data`` match their checksums."""
+    view = memoryview(data)
+    for index, at in enumerate(range(0, len(data), block), start=first_block):
+        if zlib.crc32(view[at : at + block]) != crcs[index]:
+            return False
+    return True
+
+
+def payload_bytes(file_size: int) -> int:
+    """Payload length of a version-2 part file of this size written with :data:`BLOCK`.
+
+    The file holds ``L + 4 * ceil(L / BLOCK)`` bytes after the header, and that determines L.
+    """
+    after_header = max(0, file_size - HEADER_SIZE)
+    return after_header - _BLOCK_CRC_SIZE * -(-after_header // (BLOCK + _BLOCK_CRC_SIZE))
+
+
+class FilePartWriter:
+    """:class:`karma8.ports.PartWriter` for one temporary file. Use from one task at a time."""
+
+    def __init__(self, store: FilePartStore, key: str, tmp: Path, fd: int) -> None:
+        self._store = store
+        self._key = key
+        self._tmp = tmp
+        self._fd: int | None = fd
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._accepted = 0  # bytes counted in the store's in-flight total
+        self._file_pos = HEADER_SIZE
+        self._done = False
+        # Block checksums so far: finished blocks, and the running CRC of the open block.
+        self._block_crcs: list[int] = []
+        self._block_crc = 0
+        self._block_fill = 0
+
+    def _check_open(self) -> int:
+        if self._done or self._fd is None:
+            raise trio.ClosedResourceError("part writer already committed or discarded")
+        return self._fd
+
+    async def write(self, data: bytes) -> None:
+        """Append bytes, handing them to a thread once ``write_buffer`` bytes are pending.
+
+        Raises:
+            DiskFull: The quota (committed + in-flight) would be exceeded, or ENOSPC.
+            StorageFailure: Another disk error.
+        """
+        self._check_open()
+        store = self._store
+        if store._used + store._in_flight + len(data) > store.capacity_bytes:
+            raise DiskFull("no space left on the node")
+        if data:
+            self._buffer.append(bytes(data))
+            self._buffered += len(data)
+            self._accepted += len(data)
+            store._in_flight += len(data)
+        if self._buffered >= store._write_buffer:
+            await self._flush()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def _flush_sync(self, fd: int, chunks: list[bytes], pos: int) -> None:
+        """Write buffered bytes at ``pos`` and add them to the block checksums (in a thread).
+
+        The checksums are only updated once the bytes are written, so a failed write can be
+        retried from the same state.
+        """
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        pwrite_all(fd, data, pos)
+        view = memoryview(data)
+        crc, fill = self._block_crc, self._block_fill
+        while view:
+            take = min(BLOCK - fill, len(view))
+            crc = zlib.crc32(view[:take], crc)
+            fill += take
+            view = view[take:]
+            if fill == BLOCK:
+                self._block_crcs.append(crc)
+                crc, fill = 0, 0
+        self._block_crc, self._block_fill = crc, fill
+
+    async def _flush(self) -> None:
+        fd = self._check_open()
+        if not self._buffer:
+            return
+        chunks, size, pos = self._buffer, self._buffered, self._file_pos
+        try:
+            await self._store._run(lambda: self._flush_sync(fd, chunks, pos))
+        except OSError as exc:
+            raise storage_error(exc, "writing a part") from None
+        self._buffer, self._buffered = [], 0
+        self._file_pos += size
+
+    async def commit(self, checksum: str) -> None:
+        """Write the trailer and header, fsync, and link the part into place; then it is visible.
+
+        Either returns with the part durable and visible, or raises with it not visible (the
+        caller then calls :meth:`discard`).
+
+        Args:
+            checksum: The sha256 of the bytes written, as 64 lowercase hex digits.
+
+        Raises:
+            ValueError: The checksum is not 64 lowercase hex digits.
+            UploadConflict: A part with this key is already committed.
+            DiskFull, StorageFailure: The disk failed.
+        """
+        fd = self._check_open()
+        if not _CHECKSUM.fullmatch(checksum):
+            raise ValueError("checksum must be a sha256 as 64 lowercase hex digits")
+        store = self._store
+        length = self._file_pos - HEADER_SIZE + self._buffered
+        chunks, pos = self._buffer, self._file_pos
+        first, leaf = store._leaf(self._key)
+        final = leaf / self._key
+
+        def finish() -> None:
+            if chunks:
+                self._flush_sync(fd, chunks, pos)
+            crcs = self._block_crcs + ([self._block_crc] if self._block_fill else [])
+            trailer = _block_crcs_trailer(crcs)
+            header = PartHeader(
+                checksum=checksum, length=length, block_size=BLOCK, trailer_crc=zlib.crc32(trailer)
+            )
+            assert header.blocks == len(crcs)
+            pwrite_all(fd, trailer, HEADER_SIZE + length)
+            pwrite_all(fd, header.encode(), 0)
+            os.fsync(fd)
+            self._fd = None  # before close: a failed close still frees the number for reuse
+            os.close(fd)
+            new_dirs: list[Path] = []
+            for directory in (first, leaf):
+                if not directory.is_dir():
+                    # Also fsync the parent when another thread won the mkdir race: it may not
+                    # have fsynced yet, and our part must not depend on its progress.
+                    new_dirs.append(directory)
+                    with suppress(FileExistsError):
+                        directory.mkdir()
+            for directory in new_dirs:
+                fsync_dir(directory.parent)
+            try:
+                os.link(self._tmp, final)
+            except FileExistsError:
+                raise UploadConflict(f"part {self._key} already exists") from None
+            try:
+                fsync_dir(leaf)
+            except BaseException:
+                final.unlink(missing_ok=True)
+                raise
+            # The part is committed now; a temporary name left behind is removed on start.
+            with suppress(OSError):
+                self._tmp.unlink(missing_ok=True)
+
+        try:
+            await store._run(finish)
+        except OSError as exc:
+            raise storage_error(exc, "committing a part") from None
+        # No checkpoint from here on: a commit that returns has taken effect.
+        self._release()
+        store._used += length
+
+    async def discard(self) -> None:
+        """Close and delete the temporary. Idempotent, safe after any failure, no-op after
+        a successful commit. Disk errors are swallowed: the next start cleans ``tmp/``."""
+        if self._done:
+            await trio.lowlevel.checkpoint()
+            return
+        self._release()
+        fd, self._fd = self._fd, None
+        tmp = self._tmp
+
+        def remove() -> None:
+            if fd is not None:
+                close_quietly(fd)
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
+
+        await self._store._run(remove)
+
+    def _release(self) -> None:
+        if not self._done:
+            self._done = True
+            self._store._in_flight -= self._accepted
+            self._accepted = 0
+            self._buffer, self._buffered = [], 0
+
+
+class PartRead(AbstractAsyncContextManager["_ChunkReader"]):
+    """The context manager :meth:`FilePartStore.open` returns: opens on entry, closes on exit."""
+
+    def __init__(self, store: FilePartStore, key: str, offset: int, length: int) -> None:
+        self._store = store
+        self._key = key
+        self._offset = offset
+        self._length = length
+        self._reader: _ChunkReader | None = None
+
+    async def __aenter__(self) -> _ChunkReader:
+        if self._reader is not None:
+            raise RuntimeError("a part reader cannot be entered twice")
+        key, offset, length = self._key, self._offset, self._length
+
+        def open_checked() -> tuple[int, PartHeader, tuple[int, ...]]:
+            fd, header, size = self._store._open_part(key)
+            try:
+                if size < header.file_size:
+                    raise IntegrityError(f"part {key} is truncated")
+                if offset + length > header.length:
+                    raise IntegrityError(f"part {key} is shorter than {offset + length} bytes")
+                crcs = read_trailer(fd, header, key)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd, header, crcs
+
+        try:
+            fd, header, crcs = await self._store._run(open_checked)
+        except OSError as exc:
+            raise storage_error(exc, "opening a part") from None
+        self._reader = _ChunkReader(
+            self._store, key, fd, header, crcs, offset, offset + length, self._store._read_chunk
+        )
+        return self._reader
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Close synchronously: an await here could be cancelled before it ran, leaking the fd.
+        if self._reader is not None:
+            self._reader.close()
+
+
+class _ChunkReader:
+    """Chunks of a part's payload range ``[start, end)``, each at most ``chunk`` bytes (all but
+    the last exactly ``chunk``). A class, not an async generator, so a reader abandoned part-way
+    needs no finaliser task.
+
+    Reads whole blocks (one thread hop per refill, covering at least the next chunk) and checks
+    every block against its CRC in that thread before any of its bytes are kept; verified bytes
+    not yet handed out wait in ``_buf`` (at most one chunk plus two blocks). A version-1 part
+    has no blocks: reads are then exactly the requested bytes, unverified.
+    """
+
+    def __init__(
+        self,
+        store: FilePartStore,
+        key: str,
+        fd: int,
+        header: PartHeader,
+        crcs: tuple[int, ...],
+        start: int,
+        end: int,
+        chunk: int,
+    ) -> None:
+        self._store = store
+        self._key = key
+        self._fd: int | None = fd
+        self._block = header.block_size or 1
+        self._verify = bool(header.block_size)
+        self._crcs = crcs
+        self._length = header.length
+        self._pos = start
+        self._end = end
+        self._chunk = chunk
+        self._buf = b""  # verified payload bytes from _buf_start; ends on a block boundary
+        self._buf_start = start
+
+    def __aiter__(self) -> _ChunkReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._fd is None:
+            raise trio.ClosedResourceError("part reader is closed")
+        if self._pos >= self._end:
+            raise StopAsyncIteration
+        want = min(self._chunk, self._end - self._pos)
+        if self._pos + want > self._buf_start + len(self._buf):
+            await self._fill(self._fd, self._pos + want)
+        at = self._pos - self._buf_start
+        data = self._buf if at == 0 and want == len(self._buf) else self._buf[at : at + want]
+        self._pos += want
+        return data
+
+    async def _fill(self, fd: int, need: int) -> None:
+        """Read and verify whole blocks so that ``_buf`` covers ``[_pos, need)``."""
+        block, key, crcs = self._block, self._key, self._crcs
+        buf_end = self._buf_start + len(self._buf)
+        keep = self._buf[self._pos - self._buf_start :] if buf_end > self._pos else b""
+        # The buffer ends on a block boundary, so reading on from its end reads whole blocks.
+        first = buf_end if keep else self._pos // block * block
+        last = min(-(-need // block) * block, self._length)
+        verify = self._verify
+
+        def read_blocks() -> bytes:
+            data = pread_exact(fd, last - first, HEADER_SIZE + first)
+            if len(data) < last - first:
+                raise IntegrityError(f"part {key} ended early")
+            if verify and not check_blocks(data, first // block, block, crcs):
+                raise IntegrityError(f"part {key} does not match its block checksums")
+            return data
+
+        try:
+            data = await self._store._run(read_blocks)
+        except OSError as exc:
+            raise storage_error(exc, "reading a part") from None
+        if keep:
+            self._buf, self._buf_start = keep + data, self._pos
+        else:
+            self._buf, self._buf_start = data, first
+
+    def close(self) -> None:
+        """Close the file; idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            close_quietly(fd)
+        self._buf = b""
