@@ -82,8 +82,6 @@ class StorageNode:
         self._discovery = discovery
         self._config = config
         self._suspects: dict[str, float] = {}
-        self.orphans_dropped = 0
-        self.scrub_totals = {"checked": 0, "corrupt": 0}
 
     async def registration(self) -> NodeRegistration:
         return NodeRegistration(
@@ -150,8 +148,6 @@ class StorageNode:
                 log.error("node %s: part %s failed its checksum; quarantined", self.node_id, key)
             if pause:
                 await trio.sleep(pause)
-        self.scrub_totals["checked"] += checked
-        self.scrub_totals["corrupt"] += len(corrupt)
         return ScrubReport(node_id=self.node_id, checked=checked, corrupt=tuple(corrupt))
 
     async def run_scrubber(self) -> None:
@@ -176,7 +172,7 @@ class StorageNode:
             if now - since >= self._config.orphan_grace:
                 await self._store.delete(key)
                 del self._suspects[key]
-                self.orphans_dropped += 1
+                log.warning("node %s: deleted orphan part %s", self.node_id, key)
 
     async def put_part(self, key: str, chunks: AsyncIterable[bytes]) -> StoredPart:
         """Write a part from a stream; returns once it is durable.

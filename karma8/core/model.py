@@ -67,10 +67,6 @@ class NodeStatus:
     parts: int
     last_seen: float
 
-    @property
-    def ref(self) -> NodeRef:
-        return NodeRef(node_id=self.node_id, url=self.url)
-
 
 @attrs.frozen(kw_only=True)
 class PartPlacement:
@@ -116,13 +112,6 @@ class FileEntry:
     size: int
     etag: str
     committed_at: float
-
-
-@attrs.frozen(kw_only=True)
-class GarbagePart:
-    """A part a node should delete: its version was aborted or retired."""
-
-    key: str
 
 
 def part_key(version_id: str, index: int) -> str:

@@ -479,9 +479,6 @@ class SqliteMetadataStore:
             )
         return [self._load_version(self._db, r["version_id"]) for r in rows.fetchall()]
 
-    def part_rows(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM parts").fetchone()[0])
-
     # -- helpers --------------------------------------------------------------------------
 
     @staticmethod

@@ -8,7 +8,7 @@ hundreds of seeds fit in CI.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import attrs
 
@@ -123,10 +123,6 @@ class SwarmOutcome:
     failed_scenario: Scenario | None
 
 
-def seeds(first: int, count: int) -> Iterator[int]:
-    return iter(range(first, first + count))
-
-
 def run_swarm(
     count: int,
     *,
@@ -135,7 +131,7 @@ def run_swarm(
 ) -> SwarmOutcome:
     """Run ``count`` swarm seeds from ``first_seed``; stop at the first failing one."""
     runs = 0
-    for seed in seeds(first_seed, count):
+    for seed in range(first_seed, first_seed + count):
         scenario = swarm_scenario(seed)
         result = run_scenario(scenario, seed)
         runs += 1
