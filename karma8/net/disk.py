@@ -333,51 +333,40 @@ class FilePartStore:
 
     async def delete(self, key: str) -> bool:
         """Delete a part durably (the leaf directory is fsynced); False if it was absent."""
-        check_key(key)
-        path = self.part_path(key)
-
-        def remove() -> int | None:
-            try:
-                size = os.stat(path).st_size
-                os.unlink(path)
-            except FileNotFoundError:
-                return None
-            fsync_dir(path.parent)
-            return size
-
-        try:
-            size = await self._run(remove)
-        except OSError as exc:
-            raise storage_error(exc, "deleting a part") from None
-        if size is None:
-            return False
-        self._used = max(0, self._used - payload_bytes(size))
-        return True
+        return await self._take_out(key, into=None, doing="deleting a part")
 
     async def quarantine(self, key: str) -> bool:
         """Move a part out of service into ``root/quarantine`` (kept for inspection).
 
         Returns False if the part was absent.
         """
+        return await self._take_out(key, into=self.root / "quarantine", doing="quarantining a part")
+
+    async def _take_out(self, key: str, *, into: Path | None, doing: str) -> bool:
+        """Remove a part from ``parts/`` (deleted, or moved ``into`` a directory), durably."""
         check_key(key)
         path = self.part_path(key)
-        target_dir = self.root / "quarantine"
 
-        def move() -> int | None:
-            target_dir.mkdir(exist_ok=True)
+        def take_out() -> int | None:
+            if into is not None:
+                into.mkdir(exist_ok=True)
             try:
                 size = os.stat(path).st_size
-                os.replace(path, target_dir / key)
+                if into is None:
+                    os.unlink(path)
+                else:
+                    os.replace(path, into / key)
             except FileNotFoundError:
                 return None
             fsync_dir(path.parent)
-            fsync_dir(target_dir)
+            if into is not None:
+                fsync_dir(into)
             return size
 
         try:
-            size = await self._run(move)
+            size = await self._run(take_out)
         except OSError as exc:
-            raise storage_error(exc, "quarantining a part") from None
+            raise storage_error(exc, doing) from None
         if size is None:
             return False
         self._used = max(0, self._used - payload_bytes(size))
