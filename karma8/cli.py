@@ -18,6 +18,7 @@ import sys
 import tomllib
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -268,9 +269,7 @@ def _serve(args: argparse.Namespace) -> int:
             cfg = config
             if args.port is not None:
                 cfg = attrs.evolve(cfg, gateway_port=args.port)
-            info = await nursery.start(
-                lambda task_status: net.run_cluster(cfg, data_dir=data, task_status=task_status)
-            )
+            info = await nursery.start(partial(net.run_cluster, cfg, data_dir=data))
             print(
                 f"karma8 cluster up: gateway {info.gateway}  discovery {info.discovery}"
                 f"  data {info.data_dir}",
@@ -281,11 +280,11 @@ def _serve(args: argparse.Namespace) -> int:
             data = args.data or Path(DEFAULT_DATA)
             data.mkdir(parents=True, exist_ok=True)
             url = await nursery.start(
-                lambda task_status: net.run_discovery(
+                partial(
+                    net.run_discovery,
                     config,
                     database=data / "discovery.sqlite3",
                     port=args.port,
-                    task_status=task_status,
                 )
             )
             print(f"karma8 discovery up: {url}", flush=True)
@@ -298,24 +297,24 @@ def _serve(args: argparse.Namespace) -> int:
                 if args.data is None:
                     raise ConfigError("--role storage needs --data DIR (its own directory)")
                 url = await nursery.start(
-                    lambda task_status: net.run_storage(
+                    partial(
+                        net.run_storage,
                         cfg,
                         data_dir=args.data,
                         discovery_url=discovery_url,
                         http=http,
                         port=args.port,
-                        task_status=task_status,
                     )
                 )
                 print(f"karma8 storage node {net.load_node_id(args.data)} up: {url}", flush=True)
             else:
                 url = await nursery.start(
-                    lambda task_status: net.run_gateway(
+                    partial(
+                        net.run_gateway,
                         cfg,
                         discovery_url=discovery_url,
                         http=http,
                         port=args.port,
-                        task_status=task_status,
                     )
                 )
                 print(f"karma8 gateway up: {url}", flush=True)

@@ -18,6 +18,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -145,11 +146,13 @@ async def run_discovery(
         async with trio.open_nursery() as nursery:
             await nursery.start(discovery.run)
             url = await nursery.start(
-                _serve_kw,
-                discovery_app(discovery, secret=config.secret),
-                config.host,
-                config.discovery_port if port is None else port,
-                config.read_timeout,
+                partial(
+                    serve_app,
+                    discovery_app(discovery, secret=config.secret),
+                    host=config.host,
+                    port=config.discovery_port if port is None else port,
+                    read_timeout=config.read_timeout,
+                )
             )
             log.info("discovery listening on %s", url)
             task_status.started(url)
@@ -202,11 +205,13 @@ async def run_storage(
     )
     async with trio.open_nursery() as nursery:
         url = await nursery.start(
-            _serve_kw,
-            storage_app(node, secret=config.secret),
-            config.host,
-            config.storage_port if port is None else port,
-            config.read_timeout,
+            partial(
+                serve_app,
+                storage_app(node, secret=config.secret),
+                host=config.host,
+                port=config.storage_port if port is None else port,
+                read_timeout=config.read_timeout,
+            )
         )
         node.url = url
         await nursery.start(node.run)
@@ -229,25 +234,16 @@ async def run_gateway(
     )
     async with trio.open_nursery() as nursery:
         url = await nursery.start(
-            _serve_kw,
-            gateway_app(gateway),
-            config.host,
-            config.gateway_port if port is None else port,
-            config.read_timeout,
+            partial(
+                serve_app,
+                gateway_app(gateway),
+                host=config.host,
+                port=config.gateway_port if port is None else port,
+                read_timeout=config.read_timeout,
+            )
         )
         log.info("gateway listening on %s", url)
         task_status.started(url)
-
-
-async def _serve_kw(
-    app: QuartTrio,
-    host: str,
-    port: int,
-    read_timeout: int | None,
-    *,
-    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    await serve_app(app, host=host, port=port, read_timeout=read_timeout, task_status=task_status)
 
 
 @attrs.frozen(kw_only=True)
@@ -301,11 +297,17 @@ async def run_cluster(
     assert secret is not None
     async with make_http_client(secret) as http, trio.open_nursery() as nursery:
         discovery_url = await nursery.start(
-            _start_discovery, config, data_dir / "discovery.sqlite3"
+            partial(run_discovery, config, database=data_dir / "discovery.sqlite3")
         )
         for node_dir in node_dirs:
-            await nursery.start(_start_storage, config, node_dir, discovery_url, http)
-        gateway_url = await nursery.start(_start_gateway, config, discovery_url, http)
+            await nursery.start(
+                partial(
+                    run_storage, config, data_dir=node_dir, discovery_url=discovery_url, http=http
+                )
+            )
+        gateway_url = await nursery.start(
+            partial(run_gateway, config, discovery_url=discovery_url, http=http)
+        )
         info = ClusterInfo(
             gateway=gateway_url,
             discovery=discovery_url,
@@ -323,36 +325,3 @@ def _prepare_cluster_dir(config: NetConfig, data_dir: Path) -> tuple[NetConfig, 
     existing = sorted(p for p in data_dir.glob("storage-*") if p.is_dir())
     fresh = [data_dir / f"storage-{i}" for i in range(len(existing), config.storage_nodes)]
     return config, existing + fresh, os.path.abspath(data_dir)
-
-
-async def _start_discovery(
-    config: NetConfig, database: Path, *, task_status: trio.TaskStatus[str]
-) -> None:
-    await run_discovery(config, database=database, task_status=task_status)
-
-
-async def _start_storage(
-    config: NetConfig,
-    data_dir: Path,
-    discovery_url: str,
-    http: httpx.AsyncClient,
-    *,
-    task_status: trio.TaskStatus[str],
-) -> None:
-    await run_storage(
-        config,
-        data_dir=data_dir,
-        discovery_url=discovery_url,
-        http=http,
-        task_status=task_status,
-    )
-
-
-async def _start_gateway(
-    config: NetConfig,
-    discovery_url: str,
-    http: httpx.AsyncClient,
-    *,
-    task_status: trio.TaskStatus[str],
-) -> None:
-    await run_gateway(config, discovery_url=discovery_url, http=http, task_status=task_status)
