@@ -68,6 +68,42 @@ def test_streaming_split_holds_less_than_a_row_and_matches_whole_split(
     assert [bytes(p) for p in parts] == split(layout, payload)
 
 
+@given(
+    layout=layouts,
+    payload=st.binary(max_size=3000),
+    cuts=st.lists(st.integers(0, 3000), max_size=20),
+)
+def test_a_splitter_told_the_size_emits_rows_at_once_and_the_same_parts(
+    layout: StripeLayout, payload: bytes, cuts: list[int]
+) -> None:
+    """Knowing the size up front changes when bytes go out, never which part they go to."""
+    edges = sorted({0, len(payload), *(c for c in cuts if c <= len(payload))})
+    splitter = StripeSplitter(layout, size=len(payload))
+    parts = [bytearray() for _ in range(layout.parts)]
+    for lo, hi in itertools.pairwise(edges):
+        emitted = splitter.feed(payload[lo:hi])
+        for index, chunk in emitted:
+            parts[index] += chunk
+        body_end = len(payload) - len(payload) % layout.row_size
+        # Everything fed that lies before the tail went out at once.
+        assert sum(len(c) for _, c in emitted) == max(0, min(hi, body_end) - min(lo, body_end))
+    for index, chunk in splitter.finish():
+        parts[index] += chunk
+    assert [bytes(p) for p in parts] == split(layout, payload)
+
+
+def test_a_splitter_told_the_size_refuses_more_or_fewer_bytes() -> None:
+    layout = StripeLayout(parts=5, unit=4)
+    with pytest.raises(ValueError, match="more than 30"):
+        StripeSplitter(layout, size=30).feed(bytes(31))
+    short = StripeSplitter(layout, size=30)
+    short.feed(bytes(29))
+    with pytest.raises(ValueError, match="expected 30"):
+        short.finish()
+    with pytest.raises(ValueError, match="size"):
+        StripeSplitter(layout, size=-1)
+
+
 @given(layout=layouts, data=st.data())
 def test_segments_map_any_range_to_the_same_bytes(
     layout: StripeLayout, data: st.DataObject

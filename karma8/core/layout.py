@@ -118,12 +118,22 @@ class StripeSplitter:
     Feed it the stream with :meth:`feed`; each call returns the ``(part, chunk)`` pairs that are
     now final. :meth:`finish` returns the tail pieces. Concatenating the chunks of part ``i`` in
     the order returned gives exactly part ``i`` of :meth:`StripeLayout.part_sizes`.
+
+    With ``size`` (a Content-Length) the splitter knows up front where the rows end, so every
+    byte before the tail goes out as soon as it arrives, sliced straight from the input with one
+    copy and without staging; only the tail (less than a row) is held back. Feeding more than
+    ``size`` bytes, or finishing with fewer, raises :class:`ValueError`.
     """
 
-    def __init__(self, layout: StripeLayout) -> None:
+    def __init__(self, layout: StripeLayout, size: int | None = None) -> None:
+        if size is not None and size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
         self._layout = layout
         self._row = bytearray()
         self._finished = False
+        self._expected = size
+        # Bytes [0, _direct_end) belong to full rows and are emitted without staging.
+        self._direct_end = 0 if size is None else size - size % layout.row_size
         self.size = 0
 
     @property
@@ -134,10 +144,19 @@ class StripeSplitter:
     def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:
         if self._finished:
             raise RuntimeError("feed() after finish()")
-        out: list[tuple[int, bytes]] = []
         view = memoryview(data).cast("B")
+        if self._expected is not None and self.size + len(view) > self._expected:
+            raise ValueError(f"fed {self.size + len(view)} bytes, more than {self._expected}")
+        out: list[tuple[int, bytes]] = []
         row_size, unit = self._layout.row_size, self._layout.unit
+        pos = self.size
         self.size += len(view)
+        while view and pos < self._direct_end:
+            part, in_unit = divmod(pos % row_size, unit)
+            take = min(unit - in_unit, len(view), self._direct_end - pos)
+            out.append((part, bytes(view[:take])))
+            view = view[take:]
+            pos += take
         while view:
             if not self._row and len(view) >= row_size:
                 # Fast path: a whole row straight from the input, no staging copy.
@@ -162,6 +181,8 @@ class StripeSplitter:
         """The tail pieces (empty pieces omitted). The splitter cannot be fed afterwards."""
         if self._finished:
             raise RuntimeError("finish() called twice")
+        if self._expected is not None and self.size != self._expected:
+            raise ValueError(f"finished after {self.size} bytes, expected {self._expected}")
         self._finished = True
         tail = len(self._row)
         out: list[tuple[int, bytes]] = []
