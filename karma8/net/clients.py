@@ -32,10 +32,12 @@ from karma8.net.codec import (
     encode_registration,
 )
 from karma8.net.common import SECRET_HEADER
+from karma8.net.http_fixes import patch_httpcore
 from karma8.ports import StoredPart
 
 
 def make_http_client(secret: str | None, *, timeout: float = 60.0) -> httpx.AsyncClient:
+    patch_httpcore()
     headers = {SECRET_HEADER: secret} if secret else {}
     return httpx.AsyncClient(
         headers=headers,
@@ -161,8 +163,13 @@ class HttpStorageClient(_Http):
     def _url(self, node: NodeRef, key: str) -> str:
         return f"{node.url.rstrip('/')}/v1/parts/{_path(key)}"
 
-    async def put_part(self, node: NodeRef, key: str, chunks: AsyncIterable[bytes]) -> StoredPart:
-        response = await self.request("PUT", self._url(node, key), content=chunks)
+    async def put_part(
+        self, node: NodeRef, key: str, chunks: AsyncIterable[bytes], *, size: int | None = None
+    ) -> StoredPart:
+        # With a known size the body goes out with a Content-Length: chunked framing would copy
+        # every chunk once more to glue its size line on.
+        headers = {"Content-Length": str(size)} if size is not None else None
+        response = await self.request("PUT", self._url(node, key), content=chunks, headers=headers)
         return decode_stored(response.json())
 
     @asynccontextmanager

@@ -11,14 +11,21 @@ Hypercorn 0.18; versions pinned in pyproject.toml and asserted here).
    cancels a handler that answered before reading the body (an early 4xx), the socket is
    never closed and the client hangs. And ``protocol_send`` shields ``send_all``, so a client
    that stops reading blocks shutdown forever. We shield the close and make sends cancellable.
+
+3. Read sizes. Hypercorn receives at most 64 KiB per socket read and httpcore reads response
+   bodies 64 KiB at a time. Every chunk then costs a trip through h11, the ASGI queue, Quart
+   and our actors; at 1 MiB per read the per-chunk work is paid 16 times less often (profiled:
+   the per-chunk overhead, not the bytes, dominated the gateway's CPU time).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Generator
 from importlib.metadata import version
 from typing import Any
 
+import httpcore
 import trio
 from hypercorn.events import Closed, RawData
 from hypercorn.trio import tcp_server
@@ -26,8 +33,10 @@ from quart.wrappers import Response
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from quart_trio.wrappers.request import TrioBody, TrioRequest
+from werkzeug.exceptions import RequestEntityTooLarge
 
 HIGH_WATER = 1 << 20
+RECEIVE_SIZE = 1 << 20
 PINNED = {"quart": "0.22.0", "quart-trio": "0.12.0", "hypercorn": "0.18.0"}
 
 
@@ -38,26 +47,46 @@ def check_versions() -> None:
 
 
 class BoundedBody(TrioBody):
-    """A request body that holds at most ``HIGH_WATER`` unread bytes."""
+    """A request body that holds at most ``HIGH_WATER`` unread bytes.
+
+    Chunks are kept as received (a deque of ``bytes``) and handed out as they are: stock
+    Quart copies every byte twice (into a bytearray, then out with ``bytes()``).
+    """
 
     def __init__(self, expected_content_length: int | None, max_content_length: int | None) -> None:
         super().__init__(expected_content_length, max_content_length)
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
         self._space = trio.Event()
         self._unbounded = False  # a whole-body read (get_json) must not throttle
         self._discard = False  # the view returned: unread bytes are dropped
 
     async def wait_for_space(self) -> None:
-        while not self._unbounded and not self._discard and len(self._data) >= HIGH_WATER:
+        while not self._unbounded and not self._discard and self._buffered >= HIGH_WATER:
             self._space = trio.Event()
             await self._space.wait()
 
     def append(self, data: bytes) -> None:
-        if not self._discard:
-            super().append(data)
+        if self._discard or not data or self._must_raise is not None:
+            return
+        self._chunks.append(data if type(data) is bytes else bytes(data))
+        self._buffered += len(data)
+        self._has_data.set()
+        if self._max_content_length is not None and self._buffered > self._max_content_length:
+            self._must_raise = RequestEntityTooLarge()
+            self.set_complete()
 
     async def __anext__(self) -> bytes:
         try:
-            chunk: bytes = await super().__anext__()
+            if self._must_raise is not None:
+                raise self._must_raise
+            while not self._chunks and not self._complete.is_set():
+                self._has_data.clear()
+                await self._has_data.wait()
+            if not self._chunks:
+                raise StopAsyncIteration
+            chunk = self._chunks.popleft()
+            self._buffered -= len(chunk)
             return chunk
         finally:
             self._space.set()
@@ -65,11 +94,24 @@ class BoundedBody(TrioBody):
     def __await__(self) -> Generator[Any, None, Any]:
         self._unbounded = True
         self._space.set()
-        return super().__await__()
+        if self._must_raise is not None:
+            raise self._must_raise
+        yield from self._complete.wait().__await__()
+        if self._must_raise is not None:
+            raise self._must_raise
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        if data:
+            self._chunks.append(data)
+        return data
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._buffered = 0
 
     def stop(self) -> None:
         self._discard = True
-        self._data.clear()
+        self.clear()
         self._space.set()
 
 
@@ -148,7 +190,13 @@ async def _cancellable_send(self: Any, event: Any) -> None:
 
 
 def patch_hypercorn() -> None:
-    """Apply the connection fixes (idempotent; process-wide)."""
+    """Apply the connection fixes and the read size (idempotent; process-wide)."""
     check_versions()
+    setattr(tcp_server, "MAX_RECV", RECEIVE_SIZE)  # noqa: B010
     setattr(tcp_server.TCPServer, "_close", _shielded_close)  # noqa: B010
     setattr(tcp_server.TCPServer, "protocol_send", _cancellable_send)  # noqa: B010
+
+
+def patch_httpcore() -> None:
+    """Read response bodies ``RECEIVE_SIZE`` bytes at a time (idempotent; process-wide)."""
+    setattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES", RECEIVE_SIZE)  # noqa: B010
