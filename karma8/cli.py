@@ -192,6 +192,8 @@ def load_net_config(path: Path | None, overrides: dict[str, Any]) -> Any:
                 values[field.name] = raw
             elif field.name == "host":
                 values[field.name] = reader.string(field.name, default)
+            elif isinstance(default, bool):
+                values[field.name] = reader.boolean(field.name, default)
             elif isinstance(default, float):
                 values[field.name] = reader.number(field.name, default, minimum=0.001)
             else:

@@ -42,7 +42,8 @@ class IdSource(Protocol):
 
 
 class BlockingRunner(Protocol):
-    """Runs a short blocking call (a SQLite transaction) without stalling other tasks."""
+    """Runs a short blocking call (a SQLite transaction, hashing a big chunk) without stalling
+    other tasks: in a worker thread in net mode, inline in the simulator."""
 
     async def __call__(self, fn: Callable[[], T]) -> T: ...
 
@@ -120,8 +121,14 @@ class DiscoveryAPI(Protocol):
 class StorageAPI(Protocol):
     """What a gateway asks of any storage node, addressed by :class:`NodeRef`."""
 
-    async def put_part(self, node: NodeRef, key: str, chunks: AsyncIterable[bytes]) -> StoredPart:
-        """Stream a part to ``node``; returns once it is durable there."""
+    async def put_part(
+        self, node: NodeRef, key: str, chunks: AsyncIterable[bytes], *, size: int | None = None
+    ) -> StoredPart:
+        """Stream a part to ``node``; returns once it is durable there.
+
+        ``size``, when the caller knows it, is the exact byte count the chunks add up to (a
+        transport may announce it, e.g. as a Content-Length, instead of framing chunks).
+        """
         ...
 
     def read_part(

@@ -209,8 +209,9 @@ class NetDriver:
         await trio.sleep(RETIRE_GRACE + 10 * HEARTBEAT)
 
 
-def net_config() -> NetConfig:
+def net_config(*, local_calls: bool = True) -> NetConfig:
     return NetConfig(
+        local_calls=local_calls,
         secret="contract-test-secret",
         gateway_port=0,
         discovery_port=0,
@@ -225,8 +226,9 @@ def net_config() -> NetConfig:
 
 
 @asynccontextmanager
-async def net_driver(data_dir: Path) -> AsyncIterator[NetDriver]:
-    config = net_config()
+async def net_driver(data_dir: Path, *, local_calls: bool = True) -> AsyncIterator[NetDriver]:
+    """The embedded cluster on real sockets; ``local_calls=False`` sends every hop over HTTP."""
+    config = net_config(local_calls=local_calls)
     async with (
         make_http_client(config.secret) as internal,
         httpx.AsyncClient(timeout=30) as http,
@@ -260,13 +262,18 @@ Check = Callable[[Driver], Awaitable[None]]
 
 
 def run_in(world: str, check: Check, tmp_path: Path) -> None:
-    """Run ``check`` against a fresh cluster of ``world`` ("sim" or "net")."""
+    """Run ``check`` against a fresh cluster of ``world``.
+
+    "sim": the simulator; "net": the embedded cluster as ``karma8 serve`` runs it (co-located
+    roles call each other in-process); "net-http": the same with every internal hop over HTTP,
+    as between separate processes.
+    """
     if world == "sim":
         run_with_cluster(lambda cluster: check(SimDriver(cluster)), scenario=SIM_SCENARIO)
         return
 
     async def main() -> None:
-        async with net_driver(tmp_path) as driver:
+        async with net_driver(tmp_path, local_calls=world != "net-http") as driver:
             await check(driver)
 
     trio.run(main)

@@ -14,7 +14,7 @@ from karma8.core.layout import split
 
 from drivers import Check, Driver, run_in
 
-WORLDS = ["sim", "net"]
+WORLDS = ["sim", "net", "net-http"]
 
 
 def payload(size: int, salt: int = 0) -> bytes:

@@ -18,6 +18,10 @@ def part_file(root: Path, key: str) -> Path:
     return found
 
 
+# Parts read by the gateway in-process (embedded cluster) and over HTTP (separate processes).
+LOCAL_OR_HTTP = pytest.mark.parametrize("local_calls", [True, False], ids=["embedded", "http"])
+
+
 def quarantined(root: Path, key: str) -> bool:
     return bool(list(root.glob(f"storage-*/quarantine/{key}")))
 
@@ -26,8 +30,11 @@ def payload(size: int, salt: int) -> bytes:
     return bytes((i * 13 + salt) % 256 for i in range(size))
 
 
-async def test_flipped_and_truncated_parts_never_yield_wrong_bytes(tmp_path: Path) -> None:
-    async with net_driver(tmp_path) as net:
+@LOCAL_OR_HTTP
+async def test_flipped_and_truncated_parts_never_yield_wrong_bytes(
+    tmp_path: Path, local_calls: bool
+) -> None:
+    async with net_driver(tmp_path, local_calls=local_calls) as net:
         await net.put("flipped", payload(50_000, 1))
         await net.put("truncated", payload(50_000, 2))
         await net.put("healthy", payload(50_000, 3))
@@ -66,9 +73,12 @@ async def test_flipped_and_truncated_parts_never_yield_wrong_bytes(tmp_path: Pat
         assert all(r["corrupt"] == [] for r in again)
 
 
-async def test_range_get_of_a_flipped_byte_never_yields_wrong_bytes(tmp_path: Path) -> None:
+@LOCAL_OR_HTTP
+async def test_range_get_of_a_flipped_byte_never_yields_wrong_bytes(
+    tmp_path: Path, local_calls: bool
+) -> None:
     data = payload(300_000, 4)
-    async with net_driver(tmp_path) as net:
+    async with net_driver(tmp_path, local_calls=local_calls) as net:
         await net.put("ranged", data)
         version = await net.stat("ranged")
         assert version.size == len(data)

@@ -30,6 +30,7 @@ from contextlib import AsyncExitStack, asynccontextmanager, suppress
 import attrs
 import trio
 
+from karma8.actors.hashing import update_digest
 from karma8.core.errors import (
     IntegrityError,
     InvalidRequest,
@@ -48,7 +49,7 @@ from karma8.core.model import (
     VersionState,
 )
 from karma8.core.names import check_name, check_namespace
-from karma8.ports import DiscoveryAPI, StorageAPI
+from karma8.ports import BlockingRunner, DiscoveryAPI, StorageAPI
 
 
 @attrs.frozen(kw_only=True)
@@ -79,10 +80,16 @@ class Gateway:
     """PUT/GET/HEAD/DELETE/list of ``namespace/name`` over discovery and storage ports."""
 
     def __init__(
-        self, *, discovery: DiscoveryAPI, storage: StorageAPI, config: GatewayConfig
+        self,
+        *,
+        discovery: DiscoveryAPI,
+        storage: StorageAPI,
+        blocking: BlockingRunner,
+        config: GatewayConfig,
     ) -> None:
         self._discovery = discovery
         self._storage = storage
+        self._blocking = blocking
         self._config = config
 
     # -- PUT ------------------------------------------------------------------------------
@@ -144,8 +151,8 @@ class Gateway:
         self, version: FileVersion, body: AsyncIterable[bytes], content_length: int | None
     ) -> tuple[int, list[PartReceipt]]:
         layout = version.layout
-        splitter = StripeSplitter(layout)
-        digests = [hashlib.sha256() for _ in range(layout.parts)]
+        splitter = StripeSplitter(layout, content_length)
+        sizes = None if content_length is None else layout.part_sizes(content_length)
         receipts: list[PartReceipt | None] = [None] * layout.parts
         limit = self._config.max_file_size if content_length is None else content_length
         try:
@@ -158,7 +165,7 @@ class Gateway:
                         self._write_part,
                         placement,
                         receive,
-                        digests[placement.index],
+                        None if sizes is None else sizes[placement.index],
                         receipts,
                         name=f"gw-put-{placement.key}",
                     )
@@ -168,12 +175,12 @@ class Gateway:
                     async for chunk in body:
                         if splitter.size + len(chunk) > limit:
                             raise _too_long(content_length, self._config.max_file_size)
-                        await _send_all(senders, digests, splitter.feed(chunk))
+                        await _send_all(senders, splitter.feed(chunk))
                     if content_length is not None and splitter.size != content_length:
                         raise InvalidRequest(
                             f"body has {splitter.size} bytes, Content-Length said {content_length}"
                         )
-                    await _send_all(senders, digests, splitter.finish())
+                    await _send_all(senders, splitter.finish())
         except BaseExceptionGroup as group:
             error = primary_error(group)
             if error is None:
@@ -185,12 +192,15 @@ class Gateway:
         self,
         placement: PartPlacement,
         chunks: trio.MemoryReceiveChannel[bytes],
-        digest: hashlib._Hash,
+        size: int | None,
         receipts: list[PartReceipt | None],
     ) -> None:
+        hashed = _HashedChunks(chunks, self._blocking)
         async with chunks:
             try:
-                stored = await self._storage.put_part(placement.node, placement.key, chunks)
+                stored = await self._storage.put_part(
+                    placement.node, placement.key, hashed, size=size
+                )
             except Unavailable:
                 raise
             except Karma8Error as exc:
@@ -198,12 +208,17 @@ class Gateway:
                     f"writing part {placement.index} to node {placement.node.node_id} failed:"
                     f" {exc.message}"
                 ) from None
-        # The channel is closed and drained only once the sender finished: every byte of the
-        # part went through ``digest`` by now.
-        if stored.checksum != digest.hexdigest():
+        # The channel ends only once the splitter is done with the body: a node that answers
+        # before reading to the end did not store the whole part.
+        if not hashed.exhausted:
+            raise IntegrityError(
+                f"node {placement.node.node_id} answered before reading all of part"
+                f" {placement.index}"
+            )
+        if stored.checksum != hashed.digest.hexdigest():
             raise IntegrityError(
                 f"node {placement.node.node_id} stored part {placement.index} with checksum"
-                f" {stored.checksum}, the gateway sent {digest.hexdigest()}"
+                f" {stored.checksum}, the gateway sent {hashed.digest.hexdigest()}"
             )
         receipts[placement.index] = PartReceipt(
             index=placement.index, size=stored.size, checksum=stored.checksum
@@ -283,7 +298,9 @@ class Gateway:
                     )
                 except Karma8Error as exc:
                     raise _read_failure(placement, exc) from None
-                cursors[placement.index] = _PartCursor(placement, stream, length, verify=whole)
+                cursors[placement.index] = _PartCursor(
+                    placement, stream, length, verify=whole, blocking=self._blocking
+                )
             yield _Stitcher(version.layout, size, start, stop, cursors)
 
     # -- DELETE / list --------------------------------------------------------------------
@@ -303,13 +320,33 @@ class Gateway:
         )
 
 
+class _HashedChunks:
+    """One part's chunks on their way to its node, hashed as the node pulls them."""
+
+    def __init__(self, chunks: trio.MemoryReceiveChannel[bytes], blocking: BlockingRunner) -> None:
+        self._chunks = chunks
+        self._blocking = blocking
+        self.digest = hashlib.sha256()
+        self.exhausted = False
+
+    def __aiter__(self) -> _HashedChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._chunks.receive()
+        except trio.EndOfChannel:
+            self.exhausted = True
+            raise StopAsyncIteration from None
+        await update_digest(self.digest, chunk, self._blocking)
+        return chunk
+
+
 async def _send_all(
     senders: Sequence[trio.MemorySendChannel[bytes]],
-    digests: Sequence[hashlib._Hash],
     pieces: Sequence[tuple[int, bytes]],
 ) -> None:
     for index, piece in pieces:
-        digests[index].update(piece)
         try:
             await senders[index].send(piece)
         except trio.BrokenResourceError:
@@ -340,8 +377,10 @@ class _PartCursor:
         length: int,
         *,
         verify: bool,
+        blocking: BlockingRunner,
     ) -> None:
         self._placement = placement
+        self._blocking = blocking
         self._stream = stream
         self._remaining = length
         self._buf = b""
@@ -370,7 +409,7 @@ class _PartCursor:
         if self._remaining < 0:
             raise IntegrityError(f"part {self._placement.index} is longer than recorded")
         if self._digest is not None:
-            self._digest.update(piece)
+            await update_digest(self._digest, piece, self._blocking)
             if self._remaining == 0 and self._digest.hexdigest() != self._placement.checksum:
                 raise IntegrityError(
                     f"part {self._placement.index} on node {self._placement.node.node_id}"

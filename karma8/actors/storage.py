@@ -21,6 +21,7 @@ from contextlib import AbstractAsyncContextManager
 import attrs
 import trio
 
+from karma8.actors.hashing import update_digest
 from karma8.core.errors import (
     InvalidRequest,
     Karma8Error,
@@ -29,7 +30,7 @@ from karma8.core.errors import (
     UploadConflict,
 )
 from karma8.core.model import NodeRegistration
-from karma8.ports import DiscoveryAPI, PartStore, StoredPart
+from karma8.ports import BlockingRunner, DiscoveryAPI, PartStore, StoredPart
 
 log = logging.getLogger("karma8.storage")
 _PART_KEY = re.compile(r"[0-9a-zA-Z_-]{1,64}\.[0-9]{1,3}")
@@ -74,11 +75,13 @@ class StorageNode:
         url: str,
         store: PartStore,
         discovery: DiscoveryAPI,
+        blocking: BlockingRunner,
         config: StorageConfig,
     ) -> None:
         self.node_id = node_id
         self.url = url
         self._store = store
+        self._blocking = blocking
         self._discovery = discovery
         self._config = config
         self._suspects: dict[str, float] = {}
@@ -187,7 +190,7 @@ class StorageNode:
         size = 0
         try:
             async for chunk in chunks:
-                digest.update(chunk)
+                await update_digest(digest, chunk, self._blocking)
                 size += len(chunk)
                 await writer.write(chunk)
             checksum = digest.hexdigest()

@@ -58,6 +58,12 @@ class TableReader:
             raise self.fail(key, f"must be >= {minimum} bytes, got {value}")
         return value
 
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false, got {value!r}")
+        return value
+
     def string(self, key: str, default: str) -> str:
         value = self.get(key, default)
         if not isinstance(value, str):

@@ -39,12 +39,15 @@ from karma8.net.discovery_app import discovery_app
 from karma8.net.disk import FilePartStore
 from karma8.net.gateway_app import gateway_app
 from karma8.net.http_fixes import patch_hypercorn
+from karma8.net.local import LocalFirstStorageClient
 from karma8.net.storage_app import storage_app
+from karma8.ports import DiscoveryAPI, StorageAPI
 
 T = TypeVar("T")
 log = logging.getLogger("karma8.serve")
 
 CLUSTER_FILE = "cluster.json"
+HASH_THREADS = 8  # per actor; hashing releases the GIL
 NODE_ID_FILE = "node_id"
 
 
@@ -74,16 +77,20 @@ class NetConfig:
     # Hypercorn closes a connection that has *received* nothing for this long, even while a
     # download is flowing out; 0 disables it (the default).
     read_timeout: int = 0
+    # Embedded cluster: the gateway and nodes call the discovery and nodes of their own process
+    # directly instead of over loopback HTTP (every role still serves its socket).
+    local_calls: bool = True
 
 
 class ThreadRunner:
-    """:class:`karma8.ports.BlockingRunner` for net mode: one worker thread at a time.
+    """:class:`karma8.ports.BlockingRunner` for net mode: at most ``threads`` worker threads.
 
-    SQLite commits fsync; running them in a thread keeps the event loop serving bytes.
+    SQLite commits fsync and hashing a chunk takes a while; running them in a thread keeps the
+    event loop serving bytes (and hashlib, which releases the GIL, uses another core).
     """
 
-    def __init__(self) -> None:
-        self._limiter = trio.CapacityLimiter(1)
+    def __init__(self, threads: int = 1) -> None:
+        self._limiter = trio.CapacityLimiter(threads)
 
     async def __call__(self, fn: Callable[[], T]) -> T:
         return await trio.to_thread.run_sync(fn, limiter=self._limiter)
@@ -120,15 +127,8 @@ async def serve_app(
         task_status.started(urls[0])
 
 
-async def run_discovery(
-    config: NetConfig,
-    *,
-    database: Path,
-    port: int | None = None,
-    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    store = SqliteMetadataStore(database)
-    discovery = Discovery(
+def build_discovery(config: NetConfig, store: SqliteMetadataStore) -> Discovery:
+    return Discovery(
         store=store,
         blocking=ThreadRunner(),
         clock=WallClock(),
@@ -142,19 +142,43 @@ async def run_discovery(
             max_file_size=config.max_file_size,
         ),
     )
+
+
+async def serve_discovery(
+    discovery: Discovery,
+    config: NetConfig,
+    *,
+    port: int | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(discovery.run)
+        url = await nursery.start(
+            partial(
+                serve_app,
+                discovery_app(discovery, secret=config.secret),
+                host=config.host,
+                port=config.discovery_port if port is None else port,
+                read_timeout=config.read_timeout,
+            )
+        )
+        log.info("discovery listening on %s", url)
+        task_status.started(url)
+
+
+async def run_discovery(
+    config: NetConfig,
+    *,
+    database: Path,
+    port: int | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    store = SqliteMetadataStore(database)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(discovery.run)
             url = await nursery.start(
-                partial(
-                    serve_app,
-                    discovery_app(discovery, secret=config.secret),
-                    host=config.host,
-                    port=config.discovery_port if port is None else port,
-                    read_timeout=config.read_timeout,
-                )
+                partial(serve_discovery, build_discovery(config, store), config, port=port)
             )
-            log.info("discovery listening on %s", url)
             task_status.started(url)
     finally:
         store.close()
@@ -178,23 +202,15 @@ def load_node_id(data_dir: Path) -> str:
     return node_id
 
 
-async def run_storage(
-    config: NetConfig,
-    *,
-    data_dir: Path,
-    discovery_url: str,
-    http: httpx.AsyncClient,
-    port: int | None = None,
-    capacity: int | None = None,
-    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    node_id = load_node_id(data_dir)
-    store = FilePartStore(data_dir, capacity_bytes=capacity or config.capacity)
-    node = StorageNode(
-        node_id=node_id,
+def build_storage_node(
+    config: NetConfig, *, data_dir: Path, discovery: DiscoveryAPI, capacity: int | None = None
+) -> StorageNode:
+    return StorageNode(
+        node_id=load_node_id(data_dir),
         url="",  # known once bound
-        store=store,
-        discovery=HttpDiscoveryClient(http, discovery_url),
+        store=FilePartStore(data_dir, capacity_bytes=capacity or config.capacity),
+        discovery=discovery,
+        blocking=ThreadRunner(HASH_THREADS),
         config=StorageConfig(
             heartbeat_interval=config.heartbeat_interval,
             orphan_check_interval=config.orphan_check_interval,
@@ -203,6 +219,15 @@ async def run_storage(
             scrub_pause=config.scrub_pause,
         ),
     )
+
+
+async def serve_storage(
+    node: StorageNode,
+    config: NetConfig,
+    *,
+    port: int | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
     async with trio.open_nursery() as nursery:
         url = await nursery.start(
             partial(
@@ -215,23 +240,47 @@ async def run_storage(
         )
         node.url = url
         await nursery.start(node.run)
-        log.info("storage node %s listening on %s", node_id, url)
+        log.info("storage node %s listening on %s", node.node_id, url)
         task_status.started(url)
 
 
-async def run_gateway(
+async def run_storage(
     config: NetConfig,
     *,
+    data_dir: Path,
     discovery_url: str,
     http: httpx.AsyncClient,
     port: int | None = None,
+    capacity: int | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    gateway = Gateway(
+    node = build_storage_node(
+        config,
+        data_dir=data_dir,
         discovery=HttpDiscoveryClient(http, discovery_url),
-        storage=HttpStorageClient(http),
+        capacity=capacity,
+    )
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(partial(serve_storage, node, config, port=port))
+        task_status.started(url)
+
+
+def build_gateway(config: NetConfig, *, discovery: DiscoveryAPI, storage: StorageAPI) -> Gateway:
+    return Gateway(
+        discovery=discovery,
+        storage=storage,
+        blocking=ThreadRunner(HASH_THREADS),
         config=GatewayConfig(max_file_size=config.max_file_size),
     )
+
+
+async def serve_gateway(
+    gateway: Gateway,
+    config: NetConfig,
+    *,
+    port: int | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
     async with trio.open_nursery() as nursery:
         url = await nursery.start(
             partial(
@@ -243,6 +292,24 @@ async def run_gateway(
             )
         )
         log.info("gateway listening on %s", url)
+        task_status.started(url)
+
+
+async def run_gateway(
+    config: NetConfig,
+    *,
+    discovery_url: str,
+    http: httpx.AsyncClient,
+    port: int | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    gateway = build_gateway(
+        config,
+        discovery=HttpDiscoveryClient(http, discovery_url),
+        storage=HttpStorageClient(http),
+    )
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(partial(serve_gateway, gateway, config, port=port))
         task_status.started(url)
 
 
@@ -295,27 +362,36 @@ async def run_cluster(
     config, node_dirs, absolute = _prepare_cluster_dir(config, data_dir)
     secret = config.secret
     assert secret is not None
-    async with make_http_client(secret) as http, trio.open_nursery() as nursery:
-        discovery_url = await nursery.start(
-            partial(run_discovery, config, database=data_dir / "discovery.sqlite3")
-        )
-        for node_dir in node_dirs:
-            await nursery.start(
-                partial(
-                    run_storage, config, data_dir=node_dir, discovery_url=discovery_url, http=http
-                )
+    store = SqliteMetadataStore(data_dir / "discovery.sqlite3")
+    try:
+        async with make_http_client(secret) as http, trio.open_nursery() as nursery:
+            discovery = build_discovery(config, store)
+            discovery_url = await nursery.start(partial(serve_discovery, discovery, config))
+            # Co-located roles call each other in-process (karma8/net/local.py), unless the
+            # configuration asks for every hop to go over HTTP.
+            reach: DiscoveryAPI = (
+                discovery if config.local_calls else HttpDiscoveryClient(http, discovery_url)
             )
-        gateway_url = await nursery.start(
-            partial(run_gateway, config, discovery_url=discovery_url, http=http)
-        )
-        info = ClusterInfo(
-            gateway=gateway_url,
-            discovery=discovery_url,
-            secret=secret,
-            data_dir=absolute,
-        )
-        _write_cluster_info(data_dir, info)
-        task_status.started(info)
+            local: dict[str, StorageNode] = {}
+            for node_dir in node_dirs:
+                node = build_storage_node(config, data_dir=node_dir, discovery=reach)
+                await nursery.start(partial(serve_storage, node, config))
+                local[node.node_id] = node
+            storage: StorageAPI = HttpStorageClient(http)
+            if config.local_calls:
+                storage = LocalFirstStorageClient(local, storage)
+            gateway = build_gateway(config, discovery=reach, storage=storage)
+            gateway_url = await nursery.start(partial(serve_gateway, gateway, config))
+            info = ClusterInfo(
+                gateway=gateway_url,
+                discovery=discovery_url,
+                secret=secret,
+                data_dir=absolute,
+            )
+            _write_cluster_info(data_dir, info)
+            task_status.started(info)
+    finally:
+        store.close()
 
 
 def _prepare_cluster_dir(config: NetConfig, data_dir: Path) -> tuple[NetConfig, list[Path], str]:

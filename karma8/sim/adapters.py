@@ -128,7 +128,9 @@ class SimStorageClient:
         self._net = network
         self._src = src
 
-    async def put_part(self, node: NodeRef, key: str, chunks: AsyncIterable[bytes]) -> StoredPart:
+    async def put_part(
+        self, node: NodeRef, key: str, chunks: AsyncIterable[bytes], *, size: int | None = None
+    ) -> StoredPart:
         dst = node.node_id
         body = self._net.stream(self._src, dst, chunks)
 

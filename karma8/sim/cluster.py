@@ -80,6 +80,7 @@ class SimCluster:
         return Gateway(
             discovery=SimDiscoveryClient(self.network, GATEWAY),
             storage=SimStorageClient(self.network, GATEWAY),
+            blocking=self.world.blocking,
             config=GatewayConfig(),
         )
 
@@ -145,6 +146,7 @@ class SimCluster:
             url=f"sim://{node.node_id}",
             store=node.disk,
             discovery=SimDiscoveryClient(self.network, node.node_id),
+            blocking=self.world.blocking,
             config=self.storage_config,
         )
 
