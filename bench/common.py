@@ -27,7 +27,9 @@ def karma8_process(args: list[str], ready: str, log: Path) -> Iterator[tuple[int
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "karma8.cli", *args],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         try:
             deadline = time.monotonic() + 60
@@ -49,21 +51,43 @@ def karma8_process(args: list[str], ready: str, log: Path) -> Iterator[tuple[int
 
 
 @contextmanager
-def separate_cluster(workdir: Path, *, nodes: int = 6, secret: str = "bench-secret") -> Iterator[str]:
+def separate_cluster(
+    workdir: Path, *, nodes: int = 6, secret: str = "bench-secret"
+) -> Iterator[str]:
     """Discovery and ``nodes`` storage nodes as separate processes; yields the discovery URL."""
     workdir.mkdir(parents=True, exist_ok=True)
     with karma8_process(
-        ["serve", "--role", "discovery", "--port", "0", "--data", str(workdir / "meta"),
-         "--secret", secret],
-        r"discovery up: (http://\S+)", workdir / "discovery.log",
+        [
+            "serve",
+            "--role",
+            "discovery",
+            "--port",
+            "0",
+            "--data",
+            str(workdir / "meta"),
+            "--secret",
+            secret,
+        ],
+        r"discovery up: (http://\S+)",
+        workdir / "discovery.log",
     ) as (_, discovery):
         stack = []
         try:
             for i in range(nodes):
                 cm = karma8_process(
-                    ["serve", "--role", "storage", "--data", str(workdir / f"node-{i}"),
-                     "--discovery", discovery, "--secret", secret],
-                    r"storage node (\S+) up", workdir / f"node-{i}.log",
+                    [
+                        "serve",
+                        "--role",
+                        "storage",
+                        "--data",
+                        str(workdir / f"node-{i}"),
+                        "--discovery",
+                        discovery,
+                        "--secret",
+                        secret,
+                    ],
+                    r"storage node (\S+) up",
+                    workdir / f"node-{i}.log",
                 )
                 cm.__enter__()
                 stack.append(cm)

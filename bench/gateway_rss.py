@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import karma8_process, peak_rss_kib, separate_cluster  # noqa: E402
+from common import karma8_process, peak_rss_kib, separate_cluster
 
 CHUNK = 1 << 20
 
@@ -48,9 +48,19 @@ def main() -> None:
         for mib in (int(s) for s in args.sizes.split(",")):
             size = mib << 20
             with karma8_process(
-                ["serve", "--role", "gw", "--port", "0", "--discovery", discovery,
-                 "--secret", "bench-secret"],
-                r"gateway up: (http://\S+)", args.workdir / f"gateway-{mib}.log",
+                [
+                    "serve",
+                    "--role",
+                    "gw",
+                    "--port",
+                    "0",
+                    "--discovery",
+                    discovery,
+                    "--secret",
+                    "bench-secret",
+                ],
+                r"gateway up: (http://\S+)",
+                args.workdir / f"gateway-{mib}.log",
             ) as (pid, gateway):
                 idle = peak_rss_kib(pid)
                 sent = hashlib.sha256()
@@ -71,12 +81,16 @@ def main() -> None:
     print("| file | gateway RSS idle | gateway peak RSS | PUT MB/s | GET MB/s |")
     print("|---:|---:|---:|---:|---:|")
     for mib, idle, peak, put_rate, get_rate in rows:
-        print(f"| {mib} MiB | {idle / 1024:.1f} MiB | {peak / 1024:.1f} MiB |"
-              f" {put_rate:.0f} | {get_rate:.0f} |")
+        print(
+            f"| {mib} MiB | {idle / 1024:.1f} MiB | {peak / 1024:.1f} MiB |"
+            f" {put_rate:.0f} | {get_rate:.0f} |"
+        )
     if len(rows) >= 2:
         growth = (rows[-1][2] - rows[0][2]) / 1024
-        print(f"\npeak RSS growth from {rows[0][0]} MiB to {rows[-1][0]} MiB: {growth:.1f} MiB"
-              f" (target < 64 MiB)")
+        print(
+            f"\npeak RSS growth from {rows[0][0]} MiB to {rows[-1][0]} MiB: {growth:.1f} MiB"
+            f" (target < 64 MiB)"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Simulator speed: simulated PUTs per wall-second during the load phase of a scenario.
 
-    .venv/bin/python bench/sim_speed.py [scenarios/add_nodes.toml] [--runs 3]
+.venv/bin/python bench/sim_speed.py [scenarios/add_nodes.toml] [--runs 3]
 """
 
 from __future__ import annotations
@@ -24,11 +24,16 @@ def main() -> None:
         results.append(result)
         rates.append(result.stats["puts_per_wall_second"])
     s = results[0].stats
-    print(f"scenario {scenario.name}: {s['ops']['put']} PUTs of {scenario.workload.file_size[0]}"
-          f"..{scenario.workload.file_size[1]} bytes, {s['ops']['get']} GETs in"
-          f" {s['load_seconds']:.0f} simulated s")
-    print(f"PUTs per wall-second (load phase), {args.runs} runs: "
-          + ", ".join(f"{r:.0f}" for r in rates) + f"; median {statistics.median(rates):.0f}")
+    print(
+        f"scenario {scenario.name}: {s['ops']['put']} PUTs of {scenario.workload.file_size[0]}"
+        f"..{scenario.workload.file_size[1]} bytes, {s['ops']['get']} GETs in"
+        f" {s['load_seconds']:.0f} simulated s"
+    )
+    print(
+        f"PUTs per wall-second (load phase), {args.runs} runs: "
+        + ", ".join(f"{r:.0f}" for r in rates)
+        + f"; median {statistics.median(rates):.0f}"
+    )
     print(f"whole run incl. quiet phase and final reads: {s['wall_seconds']:.1f} s wall")
     assert len({r.trace_sha256 for r in results}) == 1, "runs differ: not deterministic"
 
