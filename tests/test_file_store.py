@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
-from karma8.core.errors import DiskFull, IntegrityError, NotFound, UploadConflict
+from karma8.core.errors import DiskFull, IntegrityError, NotFound, StorageFailure, UploadConflict
 from karma8.net.disk import FilePartStore
+from karma8.net.groupsync import GroupSync
 from karma8.net.partfile import BLOCK, HEADER_SIZE
 from karma8.ports import PartStore, StoredPart
 
@@ -60,7 +63,7 @@ def tmp_files(root: Path) -> list[str]:
     return sorted(os.listdir(root / "tmp"))
 
 
-def new_store(root: Path, **kwargs: int) -> FilePartStore:
+def new_store(root: Path, **kwargs: Any) -> FilePartStore:
     kwargs.setdefault("capacity_bytes", BIG)
     return FilePartStore(root, **kwargs)
 
@@ -493,3 +496,64 @@ async def test_version_1_parts_still_read(tmp_path: Path) -> None:
         await read(store, "old.1", 0, 1)
     assert await store.delete("old.0")
     assert await store.used_bytes() == used // 2  # what was counted for it on start
+
+
+# -- durability paths -------------------------------------------------------------------------
+
+# Every store option that changes how bytes reach the disk: group sync (default) or an fsync
+# per file and directory; small calls inline (default) or every call in a thread.
+DURABILITY = [
+    {"group_sync": True},
+    {"group_sync": False},
+    {"group_sync": True, "inline_io": 0},
+]
+
+
+@pytest.mark.parametrize("options", DURABILITY, ids=["group", "fsync", "threads"])
+@pytest.mark.parametrize("size", [0, 7, 70_000, MIB + 3])
+async def test_every_durability_path_round_trips(
+    tmp_path: Path, options: dict[str, Any], size: int
+) -> None:
+    store = new_store(tmp_path, **options)
+    data = payload(size, seed=size)
+    await put(store, "d.0", data)
+    assert b"".join(await read(store, "d.0", 0, size)) == data
+    assert await store.verify("d.0")
+    again = new_store(tmp_path, **options)  # as after a restart
+    assert b"".join(await read(again, "d.0", 0, size)) == data
+    assert tmp_files(tmp_path) == []
+
+
+@pytest.mark.skipif(GroupSync.open(Path(".")) is None, reason="syncfs is Linux only")
+async def test_concurrent_commits_share_sync_rounds(tmp_path: Path) -> None:
+    store = new_store(tmp_path)
+    group = store._group_sync
+    assert group is not None
+    before = group.rounds
+    async with trio.open_nursery() as nursery:
+        for i in range(40):
+            nursery.start_soon(put, store, f"g.{i}", payload(100, seed=i))
+    assert sorted(await store.keys()) == sorted(f"g.{i}" for i in range(40))
+    # 40 commits, and far fewer syncs (each round covers every commit waiting for it).
+    assert 1 <= group.rounds - before < 20
+
+
+@pytest.mark.skipif(GroupSync.open(Path(".")) is None, reason="syncfs is Linux only")
+async def test_a_failed_sync_fails_the_commit_and_every_later_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = new_store(tmp_path)
+    group = store._group_sync
+    assert group is not None
+
+    def failing_syncfs() -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(group, "_syncfs", failing_syncfs)
+    with pytest.raises(StorageFailure):
+        await put(store, "f.0", payload(10))
+    assert await store.stat("f.0") is None  # not durable, so not visible
+    monkeypatch.undo()  # the disk "recovers": write-back errors are still fail-stop
+    with pytest.raises(StorageFailure):
+        await put(store, "f.1", payload(10))
+    assert await store.keys() == []

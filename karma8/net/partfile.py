@@ -291,14 +291,16 @@ class FilePartWriter:
             return
         chunks, size, pos = self._buffer, self._buffered, self._file_pos
         try:
-            await self._store._run(lambda: self._flush_sync(fd, chunks, pos))
+            await self._store._run_small(lambda: self._flush_sync(fd, chunks, pos), size)
         except OSError as exc:
             raise storage_error(exc, "writing a part") from None
         self._buffer, self._buffered = [], 0
         self._file_pos += size
 
     async def commit(self, checksum: str) -> None:
-        """Write the trailer and header, fsync, and link the part into place; then it is visible.
+        """Write the trailer and header, link the part into place and make it durable: with
+        the store's group sync (one ``syncfs`` shared by concurrent commits) where available,
+        else an fsync of the file and of its directory.
 
         Either returns with the part durable and visible, or raises with it not visible (the
         caller then calls :meth:`discard`).
@@ -320,7 +322,9 @@ class FilePartWriter:
         first, leaf = store._leaf(self._key)
         final = leaf / self._key
 
-        def finish() -> None:
+        def write_out() -> None:
+            """Flush the rest, write the trailer and header, close (in a thread, or inline
+            when little is left to write). Syncs the file only without group sync."""
             if chunks:
                 self._flush_sync(fd, chunks, pos)
             crcs = self._block_crcs + ([self._block_crc] if self._block_fill else [])
@@ -331,34 +335,58 @@ class FilePartWriter:
             assert header.blocks == len(crcs)
             pwrite_all(fd, trailer, HEADER_SIZE + length)
             pwrite_all(fd, header.encode(), 0)
-            os.fsync(fd)
+            if group is None:
+                os.fsync(fd)
             self._fd = None  # before close: a failed close still frees the number for reuse
             os.close(fd)
+
+        def link_in() -> None:
+            """Make the part visible under its final name (synced only without group sync)."""
             new_dirs: list[Path] = []
             for directory in (first, leaf):
-                if not directory.is_dir():
-                    # Also fsync the parent when another thread won the mkdir race: it may not
-                    # have fsynced yet, and our part must not depend on its progress.
+                if directory not in store._known_dirs and not directory.is_dir():
+                    # Also sync the parent when another thread won the mkdir race: it may not
+                    # have synced yet, and our part must not depend on its progress.
                     new_dirs.append(directory)
                     with suppress(FileExistsError):
                         directory.mkdir()
-            for directory in new_dirs:
-                fsync_dir(directory.parent)
+            if group is None:
+                for directory in new_dirs:
+                    fsync_dir(directory.parent)
             try:
                 os.link(self._tmp, final)
             except FileExistsError:
                 raise UploadConflict(f"part {self._key} already exists") from None
-            try:
-                fsync_dir(leaf)
-            except BaseException:
-                final.unlink(missing_ok=True)
-                raise
-            # The part is committed now; a temporary name left behind is removed on start.
+            if group is None:
+                try:
+                    fsync_dir(leaf)
+                except BaseException:
+                    final.unlink(missing_ok=True)
+                    raise
+            # Durable or about to be; a temporary name left behind is removed on start.
             with suppress(OSError):
                 self._tmp.unlink(missing_ok=True)
+            store._known_dirs.update((first, leaf))
 
+        group = store._group_sync
         try:
-            await store._run(finish)
+            if group is None:
+
+                def finish() -> None:
+                    write_out()
+                    link_in()
+
+                await store._run(finish)
+            else:
+                await store._run_small(write_out, self._buffered)
+                await store._run_small(link_in)
+                try:
+                    await group.sync()
+                except BaseException:
+                    # Not durable (a failed round, or cancelled while waiting): not visible.
+                    with suppress(OSError):
+                        final.unlink(missing_ok=True)
+                    raise
         except OSError as exc:
             raise storage_error(exc, "committing a part") from None
         # No checkpoint from here on: a commit that returns has taken effect.
@@ -420,7 +448,7 @@ class PartRead(AbstractAsyncContextManager["_ChunkReader"]):
             return fd, header, crcs
 
         try:
-            fd, header, crcs = await self._store._run(open_checked)
+            fd, header, crcs = await self._store._run_small(open_checked)
         except OSError as exc:
             raise storage_error(exc, "opening a part") from None
         self._reader = _ChunkReader(
@@ -509,7 +537,7 @@ class _ChunkReader:
             return data
 
         try:
-            data = await self._store._run(read_blocks)
+            data = await self._store._run_small(read_blocks, last - first)
         except OSError as exc:
             raise storage_error(exc, "reading a part") from None
         if keep:
