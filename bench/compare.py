@@ -1,8 +1,10 @@
-"""karma8 against nginx and SeaweedFS: large and small files over HTTP on one machine.
+"""karma8 against nginx and SeaweedFS: large and small files over HTTP on one machine;
+then karma8 alone: its gateway's memory and its simulator's speed.
 
     scripts/bench [--quick] [--rounds N] [--systems nginx,seaweedfs,karma8]
-                  [--workloads large,small] [--large-mib 256] [--small-seconds 10]
-                  [--get-files 500] [--write-docs docs/benchmarks.md | --no-write]
+                  [--workloads large,small,rss,sim] [--large-mib 256] [--small-seconds 10]
+                  [--get-files 500] [--rss-sizes 64,1024] [--sim-runs 3]
+                  [--write-docs docs/benchmarks.md | --no-write]
 
 Method
 ------
@@ -27,7 +29,19 @@ Workloads, per round and, within a round, per workload, the stores in the order 
 - small GET: the same wrk set-up, GETs round-robin over ``--get-files`` 4 KiB files PUT
   (with curl, 16 in parallel) before the first round.
 
-Before every measurement the benchmark calls sync(2), so that write-back of one
+Then, with every store stopped (so that none competes for the CPUs), the karma8-only
+workloads, if karma8 is among ``--systems``:
+
+- rss: ``bench/gateway_rss.py``: discovery and 6 storage nodes as separate processes, in
+  the work directory; per file size (``--rss-sizes``, default 64 and 1024 MiB, ``--quick``
+  16 and 256) a fresh gateway process, one streamed PUT and one GET of the file (checked by
+  SHA-256), the gateway's VmHWM (peak RSS) before and after. Target: the peak grows by less
+  than 64 MiB from the smallest size to the largest.
+- sim: ``bench/sim_speed.py``: simulated PUTs per wall-second in the load phase of
+  ``scenarios/add_nodes.toml``, in this process, median of ``--sim-runs`` runs (default 3,
+  ``--quick`` 1). Goal: at least 500.
+
+Before every measurement of the stores the benchmark calls sync(2), so that write-back of one
 measurement's dirty pages (nginx and SeaweedFS do not fsync) does not land on the next.
 Every response's status is checked: wrk counts statuses other than 200/201/204 (PUT) or
 200 (GET) in a Lua ``response`` hook, plus its socket errors (connect, read, write,
@@ -60,7 +74,9 @@ from pathlib import Path
 from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gateway_rss import DEFAULT_SIZES_MIB, RssResult, RssRow, measure_gateway_rss
 from peers import SERVERS, Server, ServerError, first_line
+from sim_speed import GOAL_PUTS_PER_SECOND, SimSpeed, measure_sim_speed
 
 REPO = Path(__file__).resolve().parent.parent
 BEGIN = "<!-- compare:begin -->"
@@ -69,6 +85,10 @@ SMALL_SIZE = 4096
 CONNECTIONS = 16
 WRK_THREADS = 2
 PUT_OK = (200, 201, 204)
+PEER_GROUPS = ("large", "small")
+KARMA8_GROUPS = ("rss", "sim")  # karma8 alone, after the stores are stopped
+QUICK_RSS_SIZES_MIB = (16, 256)
+SIM_SCENARIO = REPO / "scenarios" / "add_nodes.toml"
 
 
 @dataclass(frozen=True)
@@ -105,7 +125,30 @@ class Settings:
     small_seconds: int
     get_files: int
     systems: list[str]
-    workloads: list[Workload]
+    workloads: list[Workload]  # against the peers; may be empty
+    quick: bool = False
+    rss_sizes: list[int] = field(default_factory=list)  # MiB; empty: no rss workload
+    sim_runs: int = 0  # 0: no sim workload
+
+
+@dataclass
+class RssOutcome:
+    """The rss workload: the rows measured (all of them, or those before a failure)."""
+
+    sizes: list[int]
+    rows: list[RssRow] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class SimOutcome:
+    runs: int
+    speed: SimSpeed | None = None
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None or (self.speed is not None and not self.speed.deterministic)
 
 
 @dataclass
@@ -416,6 +459,60 @@ def prepare(run: Run, servers: list[Server]) -> None:
             )
 
 
+# -- karma8 alone ---------------------------------------------------------------------------
+
+
+def short_error(exc: Exception, limit: int = 400) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def run_rss(s: Settings, workdir: Path) -> RssOutcome:
+    """The rss workload, in ``workdir``/gateway-rss; a failure is recorded, not raised."""
+    outcome = RssOutcome(s.rss_sizes)
+    quick = " (--quick)" if s.quick and s.rss_sizes == list(QUICK_RSS_SIZES_MIB) else ""
+    print(
+        f"gateway RSS: sizes {', '.join(f'{m} MiB' for m in s.rss_sizes)}{quick}",
+        flush=True,
+    )
+
+    def on_row(row: RssRow) -> None:
+        outcome.rows.append(row)
+        print(
+            f"gateway RSS  {row.mib:>5} MiB  idle {row.idle_kib / 1024:.1f} MiB,"
+            f" peak {row.peak_kib / 1024:.1f} MiB, PUT {row.put_mb_s:.0f} MB/s,"
+            f" GET {row.get_mb_s:.0f} MB/s",
+            flush=True,
+        )
+
+    try:
+        measure_gateway_rss(s.rss_sizes, workdir / "gateway-rss", on_row)
+    except Exception as exc:  # reported in the table; the other workloads still run
+        outcome.error = short_error(exc)
+        print(f"gateway RSS failed: {exc}", file=sys.stderr, flush=True)
+    return outcome
+
+
+def run_sim(s: Settings) -> SimOutcome:
+    """The sim workload; a failure is recorded, not raised."""
+    outcome = SimOutcome(s.sim_runs)
+    print(
+        f"simulator speed: {SIM_SCENARIO.relative_to(REPO)},"
+        f" {s.sim_runs} run{'s' if s.sim_runs != 1 else ''}",
+        flush=True,
+    )
+
+    def on_run(i: int, rate: float) -> None:
+        print(f"simulator    run {i}/{s.sim_runs}  {rate:,.0f} PUTs per wall-second", flush=True)
+
+    try:
+        outcome.speed = measure_sim_speed(SIM_SCENARIO, s.sim_runs, on_run)
+    except Exception as exc:  # reported in the table
+        outcome.error = short_error(exc)
+        print(f"simulator speed failed: {exc}", file=sys.stderr, flush=True)
+    return outcome
+
+
 # -- environment ----------------------------------------------------------------------------
 
 
@@ -489,17 +586,8 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{r:.2f}x" if r >= 0.1 else f"{r:.3f}x"
 
 
-def report(
-    run: Run,
-    servers: list[Server],
-    info: dict[str, str],
-    *,
-    command: str,
-    started: datetime,
-    elapsed: float,
-    load_before: str,
-    load_after: str,
-) -> str:
+def peer_section(run: Run, servers: list[Server]) -> list[str]:
+    """The comparison with the other stores: summary, systems, every round, method."""
     s = run.settings
     labels = {srv.key: srv.label for srv in servers}
     keys = [srv.key for srv in servers]
@@ -555,21 +643,14 @@ def report(
         ],
         [False] * 4,
     )
-    minutes, seconds = divmod(round(elapsed), 60)
     groups = {w.group for w in s.workloads}
-    what = [f"{s.rounds} round{'s' if s.rounds != 1 else ''}"]
     method = ["Method: `bench/compare.py` (its docstring)."]
     if "large" in groups:
-        what.append(f"large file {s.large_bytes >> 20} MiB")
         method.append(
             "Large: one `curl` per transfer, MB/s from curl's `time_total`, a new name per "
             "round, the GET right after the PUT (warm cache)."
         )
     if "small" in groups:
-        what.append(
-            f"small files {SMALL_SIZE} B with wrk -t{WRK_THREADS} -c{CONNECTIONS} for "
-            f"{s.small_seconds} s per measurement, small GETs over {s.get_files} files"
-        )
         method.append(
             "Small: `wrk` with a Lua script, PUTs to new paths, GETs round-robin over files "
             "written before the first round."
@@ -578,14 +659,7 @@ def report(
         "sync(2) before every measurement. The stores run side by side for the whole run "
         "and are idle while another one is measured; client and servers share the CPUs."
     )
-    lines = [
-        f"Measured {started:%Y-%m-%d %H:%M} UTC by `{command}`: {', '.join(what)}; "
-        f"the run took {minutes} min {seconds} s.",
-        "",
-        f"Machine: {info['cpus']} CPUs ({info['cpu']}), {info['ram']} RAM, {info['kernel']}, "
-        f"Python {info['python']}, stores on {info['fs']}; {info['curl']}, {info['wrk']}. "
-        f"Load average (1/5/15 min) before the run {load_before}, after {load_after}.",
-        "",
+    return [
         *(
             [
                 "Medians over the rounds; a ratio is karma8's median over the other store's "
@@ -605,6 +679,130 @@ def report(
         "",
         " ".join(method),
     ]
+
+
+def rss_section(rss: RssOutcome, quick: bool) -> list[str]:
+    """Gateway memory: a row per file size and the growth of the peak against its target."""
+    sizes = " and ".join(f"{m} MiB" for m in rss.sizes)
+    intro = (
+        "**Gateway memory** (karma8 alone, no other store running; `bench/gateway_rss.py`): "
+        "discovery and 6 storage nodes as separate processes, a fresh gateway process per "
+        "file size; peak is the gateway's VmHWM after one PUT and one GET of the file "
+        f"(download checked by SHA-256). File sizes {sizes}"
+    )
+    if quick and rss.sizes == list(QUICK_RSS_SIZES_MIB):
+        defaults = " and ".join(f"{m} MiB" for m in DEFAULT_SIZES_MIB)
+        intro += f" (--quick: instead of {defaults})"
+    lines = [intro + ".", ""]
+    if rss.rows:
+        lines.append(
+            md_table(
+                ["file size", "gateway RSS idle", "peak", "PUT MB/s", "GET MB/s"],
+                [
+                    [
+                        f"{row.mib} MiB",
+                        f"{row.idle_kib / 1024:.1f} MiB",
+                        f"{row.peak_kib / 1024:.1f} MiB",
+                        f"{row.put_mb_s:.0f}",
+                        f"{row.get_mb_s:.0f}",
+                    ]
+                    for row in rss.rows
+                ],
+                [False, True, True, True, True],
+            )
+        )
+        lines.append("")
+    growth = RssResult(rss.rows).growth_line()
+    if growth is not None and rss.error is None:
+        lines.append(growth)
+    if rss.error is not None:
+        done = len(rss.rows)
+        lines.append(f"FAILED after {done} of {len(rss.sizes)} sizes: {rss.error}")
+    return lines
+
+
+def sim_section(sim: SimOutcome) -> list[str]:
+    """Simulator speed: the rate of each run, their median and the goal."""
+    scenario = SIM_SCENARIO.relative_to(REPO)
+    lines = [
+        f"**Simulator speed** (karma8 alone, no other store running; `bench/sim_speed.py` on "
+        f"`{scenario}`, in the benchmark's process): simulated PUTs per wall-second in the "
+        "load phase.",
+        "",
+    ]
+    speed = sim.speed
+    if speed is None:
+        return [*lines, f"FAILED: {sim.error}"]
+    lines += [
+        md_table(
+            ["scenario", "runs", "PUTs per wall-second, each run", "median", "goal"],
+            [
+                [
+                    speed.scenario,
+                    str(speed.runs),
+                    ", ".join(f"{r:,.0f}" for r in speed.rates),
+                    f"{speed.median:,.0f}",
+                    f"≥ {GOAL_PUTS_PER_SECOND}",
+                ]
+            ],
+            [False, True, True, True, True],
+        ),
+        "",
+        f"Each run: {speed.describe().removeprefix(f'scenario {speed.scenario}: ')}; "
+        f"the first run took {speed.wall_seconds:.1f} s wall in all (load, quiet phase and "
+        "final reads).",
+    ]
+    if not speed.deterministic:
+        lines.append("FAILED: the runs' traces differ (the simulation is not deterministic).")
+    return lines
+
+
+def report(
+    s: Settings,
+    run: Run | None,
+    servers: list[Server],
+    rss: RssOutcome | None,
+    sim: SimOutcome | None,
+    info: dict[str, str],
+    *,
+    command: str,
+    started: datetime,
+    elapsed: float,
+    load_before: str,
+    load_after: str,
+) -> str:
+    """The markdown block: when and where, then a section per kind of workload run."""
+    what = []
+    if run is not None:
+        what.append(f"{s.rounds} round{'s' if s.rounds != 1 else ''}")
+        groups = {w.group for w in s.workloads}
+        if "large" in groups:
+            what.append(f"large file {s.large_bytes >> 20} MiB")
+        if "small" in groups:
+            what.append(
+                f"small files {SMALL_SIZE} B with wrk -t{WRK_THREADS} -c{CONNECTIONS} for "
+                f"{s.small_seconds} s per measurement, small GETs over {s.get_files} files"
+            )
+    if rss is not None:
+        what.append(f"gateway RSS for {', '.join(f'{m} MiB' for m in rss.sizes)} files")
+    if sim is not None:
+        what.append(f"simulator speed, {sim.runs} run{'s' if sim.runs != 1 else ''}")
+    minutes, seconds = divmod(round(elapsed), 60)
+    tools = f"; {info['curl']}, {info['wrk']}" if run is not None else ""
+    lines = [
+        f"Measured {started:%Y-%m-%d %H:%M} UTC by `{command}`: {', '.join(what)}; "
+        f"the run took {minutes} min {seconds} s.",
+        "",
+        f"Machine: {info['cpus']} CPUs ({info['cpu']}), {info['ram']} RAM, {info['kernel']}, "
+        f"Python {info['python']}, stores on {info['fs']}{tools}. "
+        f"Load average (1/5/15 min) before the run {load_before}, after {load_after}.",
+    ]
+    if run is not None:
+        lines += ["", *peer_section(run, servers)]
+    if rss is not None:
+        lines += ["", *rss_section(rss, s.quick)]
+    if sim is not None:
+        lines += ["", *sim_section(sim)]
     return "\n".join(lines)
 
 
@@ -649,12 +847,14 @@ def write_docs(path: Path, block: str) -> bool:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog=os.environ.get("BENCH_PROG", "compare.py"),
-        description="Benchmark karma8 against nginx (WebDAV) and SeaweedFS on this machine.",
+        description="Benchmark karma8 against nginx (WebDAV) and SeaweedFS on this machine, "
+        "then karma8's gateway memory (rss) and simulator speed (sim) alone.",
     )
     p.add_argument(
         "--quick",
         action="store_true",
-        help="2 rounds, 4 s per small-file measurement, 200 GET files",
+        help="2 rounds, 4 s per small-file measurement, 200 GET files, gateway RSS for 16 and "
+        "256 MiB files, 1 simulator run",
     )
     p.add_argument("--rounds", type=int, help="rounds (default 5; --quick: 2)")
     p.add_argument(
@@ -663,7 +863,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="comma-separated subset of nginx,seaweedfs,karma8 (in this order)",
     )
     p.add_argument(
-        "--workloads", default="large,small", help="comma-separated subset of large,small"
+        "--workloads",
+        default=",".join(PEER_GROUPS + KARMA8_GROUPS),
+        help="comma-separated subset of large,small (the stores side by side) and rss,sim "
+        "(karma8 alone, after the stores are stopped; only if karma8 is among --systems); "
+        "default: all",
     )
     p.add_argument("--large-mib", type=int, default=256, help="large file size (default 256)")
     p.add_argument(
@@ -673,6 +877,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--get-files",
         type=int,
         help="small files written for the GET workload (default 500; --quick: 200)",
+    )
+    p.add_argument(
+        "--rss-sizes",
+        help="file sizes in MiB for the rss workload, smallest first "
+        f"(default {','.join(map(str, DEFAULT_SIZES_MIB))}; "
+        f"--quick: {','.join(map(str, QUICK_RSS_SIZES_MIB))})",
+    )
+    p.add_argument(
+        "--sim-runs", type=int, help="simulator runs for the sim workload (default 3; --quick: 1)"
     )
     p.add_argument(
         "--tmp-dir",
@@ -695,9 +908,32 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def settings_from(args: argparse.Namespace) -> Settings:
     systems = [x.strip() for x in args.systems.split(",") if x.strip()]
     groups = {x.strip() for x in args.workloads.split(",") if x.strip()}
-    unknown = [x for x in systems if x not in SERVERS] + sorted(groups - {"large", "small"})
+    unknown = [x for x in systems if x not in SERVERS] + sorted(
+        groups - {*PEER_GROUPS, *KARMA8_GROUPS}
+    )
     if unknown or not systems or not groups:
         sys.exit(f"unknown or empty --systems/--workloads: {unknown}")
+    alone = groups & set(KARMA8_GROUPS)
+    if alone and "karma8" not in systems:
+        if not groups & set(PEER_GROUPS):
+            sys.exit(f"--workloads {','.join(sorted(alone))} measure karma8: add it to --systems")
+        alone = set()  # the default workloads with --systems of the other stores only
+    try:
+        rss_sizes = [
+            int(x)
+            for x in (
+                args.rss_sizes
+                or ",".join(map(str, QUICK_RSS_SIZES_MIB if args.quick else DEFAULT_SIZES_MIB))
+            ).split(",")
+            if x.strip()
+        ]
+    except ValueError:
+        sys.exit(f"--rss-sizes: comma-separated whole MiB, not {args.rss_sizes!r}")
+    if "rss" in alone and (not rss_sizes or min(rss_sizes) < 1):
+        sys.exit(f"--rss-sizes: at least one size of 1 MiB or more, not {args.rss_sizes!r}")
+    sim_runs = args.sim_runs if args.sim_runs is not None else (1 if args.quick else 3)
+    if "sim" in alone and sim_runs < 1:
+        sys.exit("--sim-runs: at least 1")
     rounds = args.rounds or (2 if args.quick else 5)
     return Settings(
         rounds=rounds,
@@ -706,6 +942,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         get_files=args.get_files or (200 if args.quick else 500),
         systems=[k for k in SERVERS if k in systems],
         workloads=[w for w in WORKLOADS if w.group in groups],
+        quick=args.quick,
+        rss_sizes=rss_sizes if "rss" in alone else [],
+        sim_runs=sim_runs if "sim" in alone else 0,
     )
 
 
@@ -757,18 +996,26 @@ class Cleanup:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def benchmark(args: argparse.Namespace, s: Settings, cleanup: Cleanup) -> tuple[Run, list[Server]]:
-    """Start the stores, prepare, run every round; the stores still run when it returns."""
+def make_workdir(args: argparse.Namespace, cleanup: Cleanup) -> Path:
+    """The run's work directory under ``--tmp-dir``, which must be on a real disk."""
     args.tmp_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="karma8-compare-", dir=args.tmp_dir))
     cleanup.paths.append(workdir)
     fs_type = machine(workdir)["fs_type"]
     if fs_type in ("tmpfs", "ramfs"):
         raise ServerError(f"{args.tmp_dir} is on {fs_type}; pass --tmp-dir on a real disk")
+    print(f"work directory {workdir}")
+    return workdir
+
+
+def benchmark(
+    args: argparse.Namespace, s: Settings, workdir: Path, cleanup: Cleanup
+) -> tuple[Run, list[Server]]:
+    """Start the stores, prepare, run every round; the stores still run when it returns."""
     parent = client_dir_parent(s.large_bytes)
     client_dir = Path(tempfile.mkdtemp(prefix="karma8-compare-", dir=parent or workdir))
     cleanup.paths.append(client_dir)
-    print(f"work directory {workdir}; client files in {client_dir}")
+    print(f"client files in {client_dir}")
 
     large_file = client_dir / "large.bin"
     small_file = client_dir / "small.bin"
@@ -808,10 +1055,11 @@ def benchmark(args: argparse.Namespace, s: Settings, cleanup: Cleanup) -> tuple[
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     s = settings_from(args)
-    tools = ["curl", "wrk", *(["nginx"] if "nginx" in s.systems else [])]
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        sys.exit(f"missing tools: {', '.join(missing)} (scripts/bench installs them)")
+    if s.workloads:
+        tools = ["curl", "wrk", *(["nginx"] if "nginx" in s.systems else [])]
+        missing = [t for t in tools if shutil.which(t) is None]
+        if missing:
+            sys.exit(f"missing tools: {', '.join(missing)} (scripts/bench installs them)")
     launcher = os.environ.get("BENCH_COMMAND", f"{sys.executable} {sys.argv[0]}")
     command = " ".join([launcher, *map(shlex.quote, argv)])
     # Both end the run through the cleanup below (also when started in the background,
@@ -823,15 +1071,29 @@ def main(argv: list[str]) -> int:
     load_before = loadavg()
 
     cleanup = Cleanup()
+    run: Run | None = None
+    servers: list[Server] = []
+    rss: RssOutcome | None = None
+    sim: SimOutcome | None = None
     try:
-        try:
-            run, servers = benchmark(args, s, cleanup)
-        finally:
-            cleanup.stop_servers()
+        workdir = make_workdir(args, cleanup)
+        if s.workloads:
+            try:
+                run, servers = benchmark(args, s, workdir, cleanup)
+            finally:
+                cleanup.stop_servers()
+        # karma8 alone, with every store stopped.
+        if s.rss_sizes:
+            rss = run_rss(s, workdir)
+        if s.sim_runs:
+            sim = run_sim(s)
         block = report(
+            s,
             run,
             servers,
-            machine(run.workdir),
+            rss,
+            sim,
+            machine(workdir),
             command=command,
             started=started_at,
             elapsed=time.monotonic() - started,
@@ -852,17 +1114,24 @@ def main(argv: list[str]) -> int:
             print("removing the work directories…", flush=True)
         cleanup.remove_paths(args.keep)
 
-    bad_downloads = [
-        srv.label
-        for srv in servers
-        if not run.verified.get(srv.key, "byte-identical").startswith("byte-identical")
-    ]
-    errors = sum(x.errors for per in run.results.values() for xs in per.values() for x in xs)
-    if errors or bad_downloads:
-        print(
-            f"FAILED: {errors} failed requests or transfers; bad downloads: {bad_downloads}",
-            file=sys.stderr,
-        )
+    failures = []
+    if run is not None:
+        bad_downloads = [
+            srv.label
+            for srv in servers
+            if not run.verified.get(srv.key, "byte-identical").startswith("byte-identical")
+        ]
+        errors = sum(x.errors for per in run.results.values() for xs in per.values() for x in xs)
+        if errors or bad_downloads:
+            failures.append(
+                f"{errors} failed requests or transfers; bad downloads: {bad_downloads}"
+            )
+    if rss is not None and rss.error is not None:
+        failures.append(f"gateway RSS: {rss.error}")
+    if sim is not None and sim.failed:
+        failures.append(f"simulator speed: {sim.error or 'runs not deterministic'}")
+    if failures:
+        print("FAILED: " + "; ".join(failures), file=sys.stderr)
         return 1
     return 0
 

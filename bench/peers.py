@@ -351,7 +351,8 @@ class Karma8(Server):
     key = "karma8"
     label = "karma8"
     durability = (
-        "every part fsynced before the PUT is acknowledged; metadata in SQLite, synchronous=FULL"
+        "every part durable (syncfs group commit) before the PUT is acknowledged;"
+        " metadata in SQLite, synchronous=FULL"
     )
 
     def __init__(self, workdir: Path) -> None:
