@@ -17,7 +17,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -127,6 +127,11 @@ async def serve_app(
         task_status.started(urls[0])
 
 
+def _serving(app: QuartTrio, config: NetConfig, port: int) -> Callable[..., Awaitable[None]]:
+    """``serve_app`` for ``app`` bound with the config's host and read timeout."""
+    return partial(serve_app, app, host=config.host, port=port, read_timeout=config.read_timeout)
+
+
 def build_discovery(config: NetConfig, store: SqliteMetadataStore) -> Discovery:
     return Discovery(
         store=store,
@@ -154,12 +159,10 @@ async def serve_discovery(
     async with trio.open_nursery() as nursery:
         await nursery.start(discovery.run)
         url = await nursery.start(
-            partial(
-                serve_app,
+            _serving(
                 discovery_app(discovery, secret=config.secret),
-                host=config.host,
-                port=config.discovery_port if port is None else port,
-                read_timeout=config.read_timeout,
+                config,
+                config.discovery_port if port is None else port,
             )
         )
         log.info("discovery listening on %s", url)
@@ -175,11 +178,9 @@ async def run_discovery(
 ) -> None:
     store = SqliteMetadataStore(database)
     try:
-        async with trio.open_nursery() as nursery:
-            url = await nursery.start(
-                partial(serve_discovery, build_discovery(config, store), config, port=port)
-            )
-            task_status.started(url)
+        await serve_discovery(
+            build_discovery(config, store), config, port=port, task_status=task_status
+        )
     finally:
         store.close()
 
@@ -230,12 +231,10 @@ async def serve_storage(
 ) -> None:
     async with trio.open_nursery() as nursery:
         url = await nursery.start(
-            partial(
-                serve_app,
+            _serving(
                 storage_app(node, secret=config.secret),
-                host=config.host,
-                port=config.storage_port if port is None else port,
-                read_timeout=config.read_timeout,
+                config,
+                config.storage_port if port is None else port,
             )
         )
         node.url = url
@@ -260,9 +259,7 @@ async def run_storage(
         discovery=HttpDiscoveryClient(http, discovery_url),
         capacity=capacity,
     )
-    async with trio.open_nursery() as nursery:
-        url = await nursery.start(partial(serve_storage, node, config, port=port))
-        task_status.started(url)
+    await serve_storage(node, config, port=port, task_status=task_status)
 
 
 def build_gateway(config: NetConfig, *, discovery: DiscoveryAPI, storage: StorageAPI) -> Gateway:
@@ -283,13 +280,7 @@ async def serve_gateway(
 ) -> None:
     async with trio.open_nursery() as nursery:
         url = await nursery.start(
-            partial(
-                serve_app,
-                gateway_app(gateway),
-                host=config.host,
-                port=config.gateway_port if port is None else port,
-                read_timeout=config.read_timeout,
-            )
+            _serving(gateway_app(gateway), config, config.gateway_port if port is None else port)
         )
         log.info("gateway listening on %s", url)
         task_status.started(url)
@@ -308,9 +299,7 @@ async def run_gateway(
         discovery=HttpDiscoveryClient(http, discovery_url),
         storage=HttpStorageClient(http),
     )
-    async with trio.open_nursery() as nursery:
-        url = await nursery.start(partial(serve_gateway, gateway, config, port=port))
-        task_status.started(url)
+    await serve_gateway(gateway, config, port=port, task_status=task_status)
 
 
 @attrs.frozen(kw_only=True)
