@@ -16,7 +16,7 @@ import trio
 
 from karma8.core.errors import DiskFull, IntegrityError, NotFound, StorageFailure, UploadConflict
 from karma8.net.disk import FilePartStore
-from karma8.net.groupsync import GroupSync
+from karma8.net.groupsync import GroupSync, SyncGroups
 from karma8.net.partfile import BLOCK, HEADER_SIZE
 from karma8.ports import PartStore, StoredPart
 
@@ -549,7 +549,7 @@ async def test_a_failed_sync_fails_the_commit_and_every_later_one(
     def failing_syncfs() -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(group, "_syncfs", failing_syncfs)
+    monkeypatch.setattr(group, "_sync", failing_syncfs)
     with pytest.raises(StorageFailure):
         await put(store, "f.0", payload(10))
     assert await store.stat("f.0") is None  # not durable, so not visible
@@ -557,3 +557,21 @@ async def test_a_failed_sync_fails_the_commit_and_every_later_one(
     with pytest.raises(StorageFailure):
         await put(store, "f.1", payload(10))
     assert await store.keys() == []
+
+
+@pytest.mark.skipif(GroupSync.open(Path(".")) is None, reason="syncfs is Linux only")
+async def test_stores_on_one_file_system_share_sync_rounds(tmp_path: Path) -> None:
+    groups = SyncGroups()
+    group = groups.for_path(tmp_path)
+    assert group is not None
+    stores = [new_store(tmp_path / f"s{i}", group_sync=group) for i in range(5)]
+    assert groups.for_path(tmp_path / "s3") is group
+    before = group.rounds
+    async with trio.open_nursery() as nursery:
+        for i, store in enumerate(stores):
+            for j in range(8):
+                nursery.start_soon(put, store, f"h.{j}", payload(100, seed=i * 8 + j))
+    for store in stores:
+        assert sorted(await store.keys()) == sorted(f"h.{j}" for j in range(8))
+    # 40 commits on five stores, far fewer syncs.
+    assert 1 <= group.rounds - before < 20

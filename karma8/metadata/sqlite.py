@@ -4,8 +4,14 @@ Theory of operation
 -------------------
 Every public method is one transaction (``BEGIN IMMEDIATE`` … ``COMMIT``), so each is atomic
 and concurrent callers serialise on SQLite's write lock. The simulator opens ``:memory:`` and
-calls methods inline; net mode opens a file in WAL mode with ``synchronous=FULL`` (a commit is
-durable when it returns) and calls methods from one worker thread.
+calls methods inline. A file is opened in WAL mode, either with ``synchronous=FULL`` (a commit
+is durable when it returns) or, with ``sync_on_commit=False``, as net mode runs it: methods run
+inline on the event loop with ``synchronous=NORMAL``, and the caller makes commits durable in
+groups with :meth:`SqliteMetadataStore.sync_wal` (one ``fdatasync`` of the log, in a worker
+thread, for every commit before it) and moves the log into the database with
+:meth:`SqliteMetadataStore.checkpoint` (:mod:`karma8.net.metasync`). A commit's frames are in
+the log, checksummed, before ``COMMIT`` returns; once the log is synced, recovery after a power
+loss replays them, exactly as if the commit had synced the log itself.
 
 Node load is kept as counters on the node row, updated in the same transaction as the part
 rows they summarise, so placement never scans parts:
@@ -20,6 +26,7 @@ property of the schema, not of the code.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -102,20 +109,82 @@ CREATE INDEX IF NOT EXISTS parts_by_node ON parts(node_id);
 class SqliteMetadataStore:
     """The :class:`karma8.ports.MetadataStore` on SQLite."""
 
-    def __init__(self, path: str | Path = ":memory:") -> None:
+    def __init__(self, path: str | Path = ":memory:", *, sync_on_commit: bool = True) -> None:
+        """Open (creating if needed) the store at ``path``, or in memory.
+
+        Args:
+            sync_on_commit: Each commit syncs the log (``synchronous=FULL``). False: commits
+                only write it, and the caller syncs with :meth:`sync_wal` before it acts on
+                them and calls :meth:`checkpoint` now and then (no automatic checkpoints).
+        """
         self._path = str(path)
-        # Net mode calls this from one worker thread at a time (a CapacityLimiter of 1), not
-        # always the same thread, hence check_same_thread=False.
+        self._wal = None if self._path == ":memory:" else Path(self._path + "-wal")
+        self._wal_inode: int | None = None  # the log whose directory entry is known durable
+        self._checkpointer: sqlite3.Connection | None = None
+        # Calls may come from a worker thread (one at a time), hence check_same_thread=False.
         self._db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA foreign_keys = ON")
-        if self._path != ":memory:":
+        if self._wal is not None:
             self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = FULL")
+            if sync_on_commit:
+                self._db.execute("PRAGMA synchronous = FULL")
+            else:
+                self._db.execute("PRAGMA synchronous = NORMAL")
+                self._db.execute("PRAGMA wal_autocheckpoint = 0")
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self._db.close()
+
+    @property
+    def changes(self) -> int:
+        """Rows changed through this store so far (grows with every write)."""
+        return self._db.total_changes
+
+    def sync_wal(self) -> None:
+        """Make every commit so far durable: ``fdatasync`` the write-ahead log (and, for a
+        new log file, its directory). Safe from any thread; does not touch the connection.
+
+        Raises:
+            OSError: The sync failed (the caller must treat it as fail-stop).
+        """
+        if self._wal is None:
+            return
+        try:
+            fd = os.open(self._wal, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return  # no log: everything is in the database file, synced by the checkpoint
+        try:
+            os.fdatasync(fd)
+            inode = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+        if inode != self._wal_inode:
+            # As SQLite does for a log it created: the name must survive too.
+            directory = os.open(self._wal.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+            self._wal_inode = inode
+
+    def checkpoint(self) -> None:
+        """Copy the log into the database (``PASSIVE``: never waits for, nor blocks, writers).
+
+        Uses a connection of its own, so it may run in a worker thread while the store is in
+        use; one caller at a time.
+        """
+        if self._wal is None:
+            return
+        if self._checkpointer is None:
+            self._checkpointer = sqlite3.connect(
+                self._path, isolation_level=None, check_same_thread=False
+            )
+            self._checkpointer.execute("PRAGMA synchronous = NORMAL")
+        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

@@ -175,7 +175,7 @@ class FilePartStore:
         read_chunk: int = 1 << 20,
         write_buffer: int = DEFAULT_WRITE_BUFFER,
         inline_io: int = 1 << 16,
-        group_sync: bool = True,
+        group_sync: bool | GroupSync = True,
     ) -> None:
         """Open (creating if needed) a store and recover from a previous run.
 
@@ -190,7 +190,9 @@ class FilePartStore:
             inline_io: Reads and writes of at most this many bytes, and opening parts, run
                 on the event loop instead of a thread (0: always a thread).
             group_sync: Make committed parts durable with shared ``syncfs`` rounds
-                (:mod:`karma8.net.groupsync`; Linux) instead of two fsyncs per part.
+                (:mod:`karma8.net.groupsync`; Linux) instead of two fsyncs per part; True
+                for a syncer of the store's own, or one shared with other stores on the same
+                file system (:class:`karma8.net.groupsync.SyncGroups`).
         """
         if read_chunk <= 0 or write_buffer <= 0:
             raise ValueError("read_chunk and write_buffer must be positive")
@@ -206,7 +208,10 @@ class FilePartStore:
         self._in_flight = 0
         # Directories known to exist (parts/aa, parts/aa/bb): no stat before each link.
         self._known_dirs: set[Path] = set()
-        self._group_sync = GroupSync.open(self.root) if group_sync else None
+        if isinstance(group_sync, GroupSync):
+            self._group_sync: GroupSync | None = group_sync
+        else:
+            self._group_sync = GroupSync.open(self.root) if group_sync else None
         self.cleaned_temporaries = self._clean_tmp()
         self._used = self._scan_used()
 
@@ -285,7 +290,9 @@ class FilePartStore:
             return fd
 
         try:
-            fd = await self._run_small(start)
+            # In a thread even for small parts: allocating an inode takes ext4 hundreds of
+            # microseconds while sync rounds run (measured), too long to block the loop.
+            fd = await self._run(start)
         except OSError as exc:
             raise storage_error(exc, "creating a part") from None
         return FilePartWriter(self, key, tmp, fd)

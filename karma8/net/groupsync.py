@@ -1,4 +1,4 @@
-"""Group commit for a file system: one ``syncfs(2)`` makes many writers' files durable.
+"""Group commit: one ``syncfs(2)`` (or ``fdatasync``) makes many writers' changes durable.
 
 A part used to cost two fsyncs of its own (the file, then its directory) in a worker thread.
 With many small parts in flight that is many thread hops and journal commits per second, and
@@ -17,7 +17,11 @@ write-back errors through is opened when the store opens, so an error of any wri
 is seen.
 
 Linux only (``syncfs`` via libc); elsewhere :func:`GroupSync.open` returns None and the store
-fsyncs every part and directory itself.
+fsyncs every part and directory itself. The storage nodes of one process that share a file
+system share one syncer (:class:`SyncGroups`): one round then covers every node's commits.
+
+The same rounds make discovery's SQLite commits durable with one ``fdatasync`` of the
+write-ahead log for many transactions (:mod:`karma8.net.metasync`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import ctypes.util
 import os
 import sys
 import weakref
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -52,11 +58,15 @@ _SYNCFS = _load_syncfs()
 
 
 class GroupSync:
-    """Shared ``syncfs`` rounds for the file system holding ``path``."""
+    """Shared rounds of one sync call: many writers, one ``syncfs`` (or ``fdatasync``) each round.
 
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        weakref.finalize(self, os.close, fd)
+    ``sync`` is the blocking call a round makes (in a worker thread); it raises OSError on a
+    write-back error.
+    """
+
+    def __init__(self, sync: Callable[[], None], *, name: str = "sync") -> None:
+        self._sync = sync
+        self._name = name
         self._lock = trio.Lock()
         self._started = 0
         self._finished = 0
@@ -64,30 +74,42 @@ class GroupSync:
 
     @classmethod
     def open(cls, path: Path) -> GroupSync | None:
-        """A syncer for ``path``'s file system, or None where ``syncfs`` is not available."""
+        """A syncer for ``path``'s whole file system, or None where ``syncfs`` is missing."""
         if _SYNCFS is None:
             return None
-        return cls(os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC))
+        fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        group = cls(partial(_syncfs, fd), name=f"syncfs {path}")
+        weakref.finalize(group, os.close, fd)
+        return group
 
     @property
     def rounds(self) -> int:
-        """How many ``syncfs`` calls have completed."""
+        """How many sync calls have completed."""
         return self._finished
 
-    async def sync(self) -> None:
-        """Return once everything written to the file system before this call is durable.
+    def ticket(self) -> int:
+        """The round that makes everything written so far durable: the next one to start."""
+        return self._started + 1
+
+    def is_durable(self, ticket: int) -> bool:
+        return self._finished >= ticket
+
+    async def sync(self, ticket: int | None = None) -> None:
+        """Return once everything written before this call (or before ``ticket`` was taken)
+        is durable, running a round if none that started late enough has finished.
 
         Raises:
             OSError: This round or an earlier one failed (fail-stop, see the module doc).
         """
-        ticket = self._started + 1  # the first round that starts after this call
+        if ticket is None:
+            ticket = self.ticket()
         async with self._lock:
             self._check()
             if self._finished >= ticket:
                 return
             self._started += 1
             try:
-                await trio.to_thread.run_sync(self._syncfs)
+                await trio.to_thread.run_sync(self._sync)
             except OSError as exc:
                 self._failure = exc
                 raise
@@ -99,8 +121,22 @@ class GroupSync:
                 self._failure.errno, f"an earlier write-back failed: {self._failure.strerror}"
             )
 
-    def _syncfs(self) -> None:
-        assert _SYNCFS is not None
-        if _SYNCFS(self._fd) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
+
+def _syncfs(fd: int) -> None:
+    assert _SYNCFS is not None
+    if _SYNCFS(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+class SyncGroups:
+    """One :class:`GroupSync` per file system, for the stores of one process."""
+
+    def __init__(self) -> None:
+        self._by_device: dict[int, GroupSync | None] = {}
+
+    def for_path(self, path: Path) -> GroupSync | None:
+        device = os.stat(path).st_dev
+        if device not in self._by_device:
+            self._by_device[device] = GroupSync.open(path)
+        return self._by_device[device]

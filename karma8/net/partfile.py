@@ -379,7 +379,10 @@ class FilePartWriter:
                 await store._run(finish)
             else:
                 await store._run_small(write_out, self._buffered)
-                await store._run_small(link_in)
+                if first in store._known_dirs and leaf in store._known_dirs:
+                    await store._run_small(link_in)
+                else:  # mkdir, like creating a file, is too slow for the loop (see create)
+                    await store._run(link_in)
                 try:
                     await group.sync()
                 except BaseException:

@@ -38,8 +38,10 @@ from karma8.net.clients import HttpDiscoveryClient, HttpStorageClient, make_http
 from karma8.net.discovery_app import discovery_app
 from karma8.net.disk import FilePartStore
 from karma8.net.gateway_app import gateway_app
+from karma8.net.groupsync import GroupSync, SyncGroups
 from karma8.net.http_fixes import patch_hypercorn
 from karma8.net.local import LocalFirstStorageClient
+from karma8.net.metasync import GroupCommitRunner
 from karma8.net.storage_app import storage_app
 from karma8.ports import DiscoveryAPI, StorageAPI
 
@@ -85,8 +87,8 @@ class NetConfig:
 class ThreadRunner:
     """:class:`karma8.ports.BlockingRunner` for net mode: at most ``threads`` worker threads.
 
-    SQLite commits fsync and hashing a chunk takes a while; running them in a thread keeps the
-    event loop serving bytes (and hashlib, which releases the GIL, uses another core).
+    Hashing a chunk takes a while; running it in a thread keeps the event loop serving bytes
+    (and hashlib, which releases the GIL, uses another core).
     """
 
     def __init__(self, threads: int = 1) -> None:
@@ -132,10 +134,16 @@ def _serving(app: QuartTrio, config: NetConfig, port: int) -> Callable[..., Awai
     return partial(serve_app, app, host=config.host, port=port, read_timeout=config.read_timeout)
 
 
+def open_metadata(path: Path) -> SqliteMetadataStore:
+    """Discovery's database as net mode runs it: commits made durable in groups."""
+    return SqliteMetadataStore(path, sync_on_commit=False)
+
+
 def build_discovery(config: NetConfig, store: SqliteMetadataStore) -> Discovery:
+    """Discovery on ``store``, which :func:`open_metadata` opened."""
     return Discovery(
         store=store,
-        blocking=ThreadRunner(),
+        blocking=GroupCommitRunner(store),
         clock=WallClock(),
         ids=RandomIds(),
         config=DiscoveryConfig(
@@ -176,7 +184,7 @@ async def run_discovery(
     port: int | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    store = SqliteMetadataStore(database)
+    store = open_metadata(database)
     try:
         await serve_discovery(
             build_discovery(config, store), config, port=port, task_status=task_status
@@ -204,12 +212,24 @@ def load_node_id(data_dir: Path) -> str:
 
 
 def build_storage_node(
-    config: NetConfig, *, data_dir: Path, discovery: DiscoveryAPI, capacity: int | None = None
+    config: NetConfig,
+    *,
+    data_dir: Path,
+    discovery: DiscoveryAPI,
+    capacity: int | None = None,
+    sync_groups: SyncGroups | None = None,
 ) -> StorageNode:
+    """A node on ``data_dir``; nodes given the same ``sync_groups`` share sync rounds."""
+    node_id = load_node_id(data_dir)
+    group_sync: bool | GroupSync = True
+    if sync_groups is not None:
+        group_sync = sync_groups.for_path(data_dir) or False
     return StorageNode(
-        node_id=load_node_id(data_dir),
+        node_id=node_id,
         url="",  # known once bound
-        store=FilePartStore(data_dir, capacity_bytes=capacity or config.capacity),
+        store=FilePartStore(
+            data_dir, capacity_bytes=capacity or config.capacity, group_sync=group_sync
+        ),
         discovery=discovery,
         blocking=ThreadRunner(HASH_THREADS),
         config=StorageConfig(
@@ -351,7 +371,7 @@ async def run_cluster(
     config, node_dirs, absolute = _prepare_cluster_dir(config, data_dir)
     secret = config.secret
     assert secret is not None
-    store = SqliteMetadataStore(data_dir / "discovery.sqlite3")
+    store = open_metadata(data_dir / "discovery.sqlite3")
     try:
         async with make_http_client(secret) as http, trio.open_nursery() as nursery:
             discovery = build_discovery(config, store)
@@ -362,8 +382,11 @@ async def run_cluster(
                 discovery if config.local_calls else HttpDiscoveryClient(http, discovery_url)
             )
             local: dict[str, StorageNode] = {}
+            sync_groups = SyncGroups()  # nodes on one file system share one syncfs per round
             for node_dir in node_dirs:
-                node = build_storage_node(config, data_dir=node_dir, discovery=reach)
+                node = build_storage_node(
+                    config, data_dir=node_dir, discovery=reach, sync_groups=sync_groups
+                )
                 await nursery.start(partial(serve_storage, node, config))
                 local[node.node_id] = node
             storage: StorageAPI = HttpStorageClient(http)

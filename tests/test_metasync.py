@@ -1,0 +1,160 @@
+"""Discovery's metadata in net mode: inline calls, commits made durable in shared log syncs."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from karma8.core.errors import StorageFailure
+from karma8.metadata.sqlite import SqliteMetadataStore
+from karma8.net.metasync import GroupCommitRunner
+
+
+def open_store(path: Path) -> SqliteMetadataStore:
+    return SqliteMetadataStore(path / "meta.sqlite3", sync_on_commit=False)
+
+
+class CountingSync:
+    """Wraps ``store.sync_wal``: counts rounds, can be slowed, held or broken."""
+
+    def __init__(self, store: SqliteMetadataStore, *, delay: float = 0.0) -> None:
+        self._real = store.sync_wal
+        self.rounds = 0
+        self.delay = delay
+        self.release = threading.Event()
+        self.release.set()
+        self.fail = False
+
+    def __call__(self) -> None:
+        self.release.wait()
+        time.sleep(self.delay)
+        if self.fail:
+            raise OSError(errno.EIO, "Input/output error")
+        self._real()
+        self.rounds += 1
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteMetadataStore]:
+    s = open_store(tmp_path)
+    yield s
+    s.close()
+
+
+async def test_a_write_returns_after_a_log_sync_a_read_without_one(
+    store: SqliteMetadataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync = CountingSync(store)
+    monkeypatch.setattr(store, "sync_wal", sync)
+    run = GroupCommitRunner(store)
+    await run(lambda: store.create_namespace("a", 1.0))
+    assert sync.rounds == 1
+    assert await run(lambda: store.namespace_exists("a"))
+    assert sync.rounds == 1  # nothing new to make durable
+
+
+async def test_concurrent_writes_share_log_syncs(
+    store: SqliteMetadataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync = CountingSync(store, delay=0.01)
+    monkeypatch.setattr(store, "sync_wal", sync)
+    run = GroupCommitRunner(store)
+
+    async def create(i: int) -> None:
+        await run(lambda: store.create_namespace(f"ns{i}", 1.0))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(30):
+            nursery.start_soon(create, i)
+    assert all(store.namespace_exists(f"ns{i}") for i in range(30))
+    assert 1 <= sync.rounds <= 3  # 30 commits: the first round, then one for all the rest
+
+
+async def test_a_read_waits_until_an_earlier_write_is_durable(
+    store: SqliteMetadataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync = CountingSync(store)
+    monkeypatch.setattr(store, "sync_wal", sync)
+    run = GroupCommitRunner(store)
+    sync.release.clear()  # the disk is slow: the first round hangs
+    done: list[str] = []
+
+    async def write() -> None:
+        await run(lambda: store.create_namespace("slow", 1.0))
+        done.append("write")
+
+    async def read() -> None:
+        assert await run(lambda: store.namespace_exists("slow"))
+        done.append("read")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write)
+        await trio.sleep(0.05)
+        nursery.start_soon(read)
+        await trio.sleep(0.05)
+        assert done == []  # the reader saw the commit, so it waits for it to be durable
+        sync.release.set()
+    assert sorted(done) == ["read", "write"]
+
+
+async def test_a_failed_log_sync_fails_the_call_and_every_later_one(
+    store: SqliteMetadataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync = CountingSync(store)
+    monkeypatch.setattr(store, "sync_wal", sync)
+    run = GroupCommitRunner(store)
+    sync.fail = True
+    with pytest.raises(StorageFailure, match="write-back failed"):
+        await run(lambda: store.create_namespace("lost", 1.0))
+    sync.fail = False  # the disk "recovers": a failed write-back is still fail-stop
+    with pytest.raises(StorageFailure):
+        await run(lambda: store.create_namespace("later", 1.0))
+
+
+async def test_an_acknowledged_write_is_in_the_files_a_crash_leaves(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    run = GroupCommitRunner(store)
+    await run(lambda: store.create_namespace("kept", 1.0))
+    # A crash: the process dies without closing, leaving the database and its log.
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for name in ("meta.sqlite3", "meta.sqlite3-wal"):
+        shutil.copy(tmp_path / name, crashed / name)
+    reopened = open_store(crashed)
+    assert reopened.namespace_exists("kept")
+    reopened.close()
+    store.close()
+
+
+async def test_rounds_checkpoint_the_log_into_the_database(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    run = GroupCommitRunner(store, checkpoint_interval=0.0)
+    await run(lambda: store.create_namespace("moved", 1.0))
+    # After the checkpoint the database file alone has the commit.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(tmp_path / "meta.sqlite3", alone / "meta.sqlite3")
+    reopened = open_store(alone)
+    assert reopened.namespace_exists("moved")
+    reopened.close()
+    store.close()
+
+
+def test_without_a_checkpoint_the_commit_is_only_in_the_log(tmp_path: Path) -> None:
+    # The converse of the test above, so that it can fail: no automatic checkpoints.
+    store = open_store(tmp_path)
+    store.create_namespace("logged", 1.0)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(tmp_path / "meta.sqlite3", alone / "meta.sqlite3")
+    reopened = open_store(alone)
+    assert not reopened.namespace_exists("logged")
+    reopened.close()
+    store.close()
