@@ -4,7 +4,8 @@ Actors receive implementations of these in their constructors and never learn wh
 provides them. ``karma8.sim`` implements them with in-memory, virtual-time, fault-injecting
 adapters; ``karma8.net`` with HTTP clients, real files and real time. The metadata store is one
 SQLite implementation (``karma8.metadata``) used by both worlds; what differs is the
-:class:`BlockingRunner` that runs its calls (inline in the simulator, a worker thread in net).
+:class:`BlockingRunner` that runs its calls (inline in the simulator; in net, inline with
+commits made durable in shared log syncs, see ``karma8.net.metasync``).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ class IdSource(Protocol):
 
 
 class BlockingRunner(Protocol):
-    """Runs a short blocking call (a SQLite transaction, hashing a big chunk) without stalling
-    other tasks: in a worker thread in net mode, inline in the simulator."""
+    """Runs a short blocking call (a SQLite transaction, hashing a big chunk) for an actor:
+    inline in the simulator; in net mode hashing goes to a worker thread, and metadata calls
+    run inline and return once their commits are durable (``karma8.net.metasync``)."""
 
     async def __call__(self, fn: Callable[[], T]) -> T: ...
 

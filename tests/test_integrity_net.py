@@ -111,3 +111,26 @@ async def test_range_get_of_a_flipped_byte_never_yields_wrong_bytes(
         response = await client.get(url, headers={"Range": f"bytes={start}-{start + 499}"})
         assert response.status_code == 206
         assert response.content == data[start : start + 500]
+
+
+@LOCAL_OR_HTTP
+async def test_large_reads_fetch_parts_together_and_still_never_yield_wrong_bytes(
+    tmp_path: Path, local_calls: bool
+) -> None:
+    # Parts of hundreds of KiB: the gateway fetches the next chunk of every part at once
+    # (gateway._Stitcher._fetch_ahead); a bad part must still stop the body short.
+    data = payload(3 << 20, 5)
+    async with net_driver(tmp_path, local_calls=local_calls) as net:
+        await net.put("large", data)
+        await net.put("large-bad", data)
+        client = net._http
+        gateway = net._gateway
+        assert (await client.get(f"{gateway}/default/large")).content == data
+        key = (await net.stat("large-bad")).parts[3].key
+        path = part_file(tmp_path, key)
+        raw = bytearray(path.read_bytes())
+        raw[HEADER_SIZE + 200_000] ^= 0x01
+        path.write_bytes(bytes(raw))
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.get(f"{gateway}/default/large-bad")
+        assert (await client.get(f"{gateway}/default/large")).content == data

@@ -30,7 +30,7 @@ from contextlib import AsyncExitStack, asynccontextmanager, suppress
 import attrs
 import trio
 
-from karma8.actors.hashing import update_digest
+from karma8.actors.hashing import OFFLOAD_BYTES, update_digest
 from karma8.core.errors import (
     IntegrityError,
     InvalidRequest,
@@ -368,7 +368,11 @@ def _read_failure(placement: PartPlacement, exc: Karma8Error) -> Karma8Error:
 
 
 class _PartCursor:
-    """Reads exact byte counts from one part stream, verifying the part as it goes."""
+    """Reads exact byte counts from one part stream, verifying the part as it goes.
+
+    Holds at most one chunk fetched ahead (:meth:`fetch`), so the stitcher can fetch the next
+    chunk of every part at once: reading, checking and hashing them then overlap.
+    """
 
     def __init__(
         self,
@@ -382,39 +386,61 @@ class _PartCursor:
         self._placement = placement
         self._blocking = blocking
         self._stream = stream
-        self._remaining = length
+        self.unfetched = length  # bytes the node has not sent yet
         self._buf = b""
         self._pos = 0
+        self._ahead: bytes | None = None
         self._digest = hashlib.sha256() if verify and placement.checksum else None
+
+    @property
+    def needs_fetch(self) -> bool:
+        """True if the next read would have to wait for the node."""
+        return self._pos == len(self._buf) and self._ahead is None and self.unfetched > 0
+
+    async def fetch(self) -> None:
+        """Fetch, check and hash the part's next chunk; it is handed out by :meth:`read`."""
+        assert self._ahead is None
+        self._ahead = await self._next_verified()
+
+    async def _next_verified(self) -> bytes:
+        """The part's next chunk from the node, checked and hashed.
+
+        The whole part's checksum is checked when its last chunk arrives, before any byte of
+        that chunk is handed out.
+        """
+        try:
+            chunk = await anext(self._stream)
+        except StopAsyncIteration:
+            raise IntegrityError(
+                f"part {self._placement.index} on node {self._placement.node.node_id}"
+                f" ended {self.unfetched} bytes early"
+            ) from None
+        except Karma8Error as exc:
+            raise _read_failure(self._placement, exc) from None
+        self.unfetched -= len(chunk)
+        if self.unfetched < 0:
+            raise IntegrityError(f"part {self._placement.index} is longer than recorded")
+        if self._digest is not None:
+            await update_digest(self._digest, chunk, self._blocking)
+            if self.unfetched == 0 and self._digest.hexdigest() != self._placement.checksum:
+                raise IntegrityError(
+                    f"part {self._placement.index} on node {self._placement.node.node_id}"
+                    " does not match its checksum"
+                )
+        return chunk
 
     async def read(self, limit: int) -> bytes:
         """Up to ``limit`` bytes (at least one) of the part."""
-        while self._pos == len(self._buf):
-            try:
-                self._buf = await anext(self._stream)
-            except StopAsyncIteration:
-                raise IntegrityError(
-                    f"part {self._placement.index} on node {self._placement.node.node_id}"
-                    f" ended {self._remaining} bytes early"
-                ) from None
-            except Karma8Error as exc:
-                raise _read_failure(self._placement, exc) from None
-            self._pos = 0
+        if self._pos == len(self._buf):
+            if self._ahead is None:
+                await self.fetch()
+            assert self._ahead is not None
+            self._buf, self._pos, self._ahead = self._ahead, 0, None
         if self._pos == 0 and len(self._buf) <= limit:
             piece = self._buf
         else:
             piece = self._buf[self._pos : self._pos + limit]
         self._pos += len(piece)
-        self._remaining -= len(piece)
-        if self._remaining < 0:
-            raise IntegrityError(f"part {self._placement.index} is longer than recorded")
-        if self._digest is not None:
-            await update_digest(self._digest, piece, self._blocking)
-            if self._remaining == 0 and self._digest.hexdigest() != self._placement.checksum:
-                raise IntegrityError(
-                    f"part {self._placement.index} on node {self._placement.node.node_id}"
-                    " does not match its checksum"
-                )
         return piece
 
 
@@ -449,6 +475,31 @@ class _Stitcher:
             self._cursor = self._cursors[segment.part]
             self._remaining = segment.length
         assert self._cursor is not None
+        if self._cursor.needs_fetch:
+            await self._fetch_ahead(self._cursor)
         piece = await self._cursor.read(self._remaining)
         self._remaining -= len(piece)
         return piece
+
+    async def _fetch_ahead(self, needed: _PartCursor) -> None:
+        """Fetch the next chunk of ``needed`` and, for large reads, of every other part that
+        has none waiting, concurrently: the nodes' reads and the hashing overlap on the cores
+        instead of running one chunk after another. At most one chunk per part is held.
+        """
+        others = [c for c in self._cursors.values() if c is not needed and c.needs_fetch]
+        if not others or needed.unfetched < OFFLOAD_BYTES:
+            await needed.fetch()
+            return
+        failures: list[Karma8Error] = []
+
+        async def fetch(cursor: _PartCursor) -> None:
+            try:
+                await cursor.fetch()
+            except Karma8Error as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for cursor in (needed, *others):
+                nursery.start_soon(fetch, cursor)
+        if failures:
+            raise failures[0]

@@ -57,6 +57,36 @@ def _load_syncfs() -> ctypes._NamedFuncPointer | None:
 _SYNCFS = _load_syncfs()
 
 
+def _load_sync_file_range() -> ctypes._NamedFuncPointer | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``[offset, offset + length)`` of ``fd`` to disk now,
+    without waiting (``sync_file_range(SYNC_FILE_RANGE_WRITE)``; Linux, else a no-op).
+
+    A large part then reaches the disk while it is still arriving, and the sync round at its
+    commit has little left to write, instead of all of it. Durability still comes only from
+    the round (this call neither flushes metadata nor the device cache); an error here is
+    ignored, as the round reports write-back errors.
+    """
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
 class GroupSync:
     """Shared rounds of one sync call: many writers, one ``syncfs`` (or ``fdatasync``) each round.
 

@@ -27,6 +27,7 @@ from karma8.core.errors import (
     StorageFailure,
     UploadConflict,
 )
+from karma8.net.groupsync import start_writeback
 
 if TYPE_CHECKING:
     from karma8.net.disk import FilePartStore
@@ -47,6 +48,8 @@ BLOCK = 64 * 1024
 _BLOCK_CRC_SIZE = 4
 
 DEFAULT_WRITE_BUFFER = 1 << 20
+# Flushes at least this large start their write-back at once (see groupsync.start_writeback).
+WRITEBACK_BYTES = 1 << 20
 
 # Defence in depth: the storage actor validates keys; this only guarantees a key is one plain
 # file name (no separators, no leading dot, no "~" used by temporary names).
@@ -273,6 +276,8 @@ class FilePartWriter:
         """
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         pwrite_all(fd, data, pos)
+        if len(data) >= WRITEBACK_BYTES and self._store._group_sync is not None:
+            start_writeback(fd, pos, len(data))
         view = memoryview(data)
         crc, fill = self._block_crc, self._block_fill
         while view:
