@@ -352,7 +352,7 @@ class Karma8(Server):
     label = "karma8"
     durability = (
         "every part durable (syncfs group commit) before the PUT is acknowledged;"
-        " metadata in SQLite, synchronous=FULL"
+        " metadata in SQLite (WAL), commits durable (group fdatasync of the log) first"
     )
 
     def __init__(self, workdir: Path) -> None:
