@@ -48,12 +48,22 @@ def store(tmp_path: Path) -> Iterator[SqliteMetadataStore]:
     s.close()
 
 
+@pytest.fixture
+def sync(store: SqliteMetadataStore, monkeypatch: pytest.MonkeyPatch) -> CountingSync:
+    """The store's log syncs, counted (and controllable)."""
+    counting = CountingSync(store)
+    monkeypatch.setattr(store, "sync_wal", counting)
+    return counting
+
+
+@pytest.fixture
+def run(store: SqliteMetadataStore) -> GroupCommitRunner:
+    return GroupCommitRunner(store)
+
+
 async def test_a_write_returns_after_a_log_sync_a_read_without_one(
-    store: SqliteMetadataStore, monkeypatch: pytest.MonkeyPatch
+    store: SqliteMetadataStore, sync: CountingSync, run: GroupCommitRunner
 ) -> None:
-    sync = CountingSync(store)
-    monkeypatch.setattr(store, "sync_wal", sync)
-    run = GroupCommitRunner(store)
     await run(lambda: store.create_namespace("a", 1.0))
     assert sync.rounds == 1
     assert await run(lambda: store.namespace_exists("a"))
@@ -61,11 +71,9 @@ async def test_a_write_returns_after_a_log_sync_a_read_without_one(
 
 
 async def test_concurrent_writes_share_log_syncs(
-    store: SqliteMetadataStore, monkeypatch: pytest.MonkeyPatch
+    store: SqliteMetadataStore, sync: CountingSync, run: GroupCommitRunner
 ) -> None:
-    sync = CountingSync(store, delay=0.01)
-    monkeypatch.setattr(store, "sync_wal", sync)
-    run = GroupCommitRunner(store)
+    sync.delay = 0.01
 
     async def create(i: int) -> None:
         await run(lambda: store.create_namespace(f"ns{i}", 1.0))
@@ -78,11 +86,8 @@ async def test_concurrent_writes_share_log_syncs(
 
 
 async def test_a_read_waits_until_an_earlier_write_is_durable(
-    store: SqliteMetadataStore, monkeypatch: pytest.MonkeyPatch
+    store: SqliteMetadataStore, sync: CountingSync, run: GroupCommitRunner
 ) -> None:
-    sync = CountingSync(store)
-    monkeypatch.setattr(store, "sync_wal", sync)
-    run = GroupCommitRunner(store)
     sync.release.clear()  # the disk is slow: the first round hangs
     done: list[str] = []
 
@@ -105,11 +110,8 @@ async def test_a_read_waits_until_an_earlier_write_is_durable(
 
 
 async def test_a_failed_log_sync_fails_the_call_and_every_later_one(
-    store: SqliteMetadataStore, monkeypatch: pytest.MonkeyPatch
+    store: SqliteMetadataStore, sync: CountingSync, run: GroupCommitRunner
 ) -> None:
-    sync = CountingSync(store)
-    monkeypatch.setattr(store, "sync_wal", sync)
-    run = GroupCommitRunner(store)
     sync.fail = True
     with pytest.raises(StorageFailure, match="write-back failed"):
         await run(lambda: store.create_namespace("lost", 1.0))
