@@ -431,7 +431,7 @@ class _PartCursor:
 
     async def read(self, limit: int) -> bytes:
         """Up to ``limit`` bytes (at least one) of the part."""
-        if self._pos == len(self._buf):
+        while self._pos == len(self._buf):  # (a node may send an empty chunk)
             if self._ahead is None:
                 await self.fetch()
             assert self._ahead is not None
@@ -490,16 +490,17 @@ class _Stitcher:
         if not others or needed.unfetched < OFFLOAD_BYTES:
             await needed.fetch()
             return
-        failures: list[Karma8Error] = []
+        failures: list[Exception] = []
 
-        async def fetch(cursor: _PartCursor) -> None:
+        async def fetch(cursor: _PartCursor, cancel_scope: trio.CancelScope) -> None:
             try:
                 await cursor.fetch()
-            except Karma8Error as exc:
+            except Exception as exc:  # raised below, as itself, not in an exception group
                 failures.append(exc)
+                cancel_scope.cancel()  # the read has failed: stop waiting for the others
 
         async with trio.open_nursery() as nursery:
             for cursor in (needed, *others):
-                nursery.start_soon(fetch, cursor)
+                nursery.start_soon(fetch, cursor, nursery.cancel_scope)
         if failures:
             raise failures[0]

@@ -8,10 +8,10 @@ calls methods inline. A file is opened in WAL mode, either with ``synchronous=FU
 is durable when it returns) or, with ``sync_on_commit=False``, as net mode runs it: methods run
 inline on the event loop with ``synchronous=NORMAL``, and the caller makes commits durable in
 groups with :meth:`SqliteMetadataStore.sync_wal` (one ``fdatasync`` of the log, in a worker
-thread, for every commit before it) and moves the log into the database with
-:meth:`SqliteMetadataStore.checkpoint` (:mod:`karma8.net.metasync`). A commit's frames are in
-the log, checksummed, before ``COMMIT`` returns; once the log is synced, recovery after a power
-loss replays them, exactly as if the commit had synced the log itself.
+thread, for every commit before it) and, holding writers back, moves the log into the
+database with :meth:`SqliteMetadataStore.checkpoint` (:mod:`karma8.net.metasync`). A commit's
+frames are in the log, checksummed, before ``COMMIT`` returns; once the log is synced,
+recovery after a power loss replays them, exactly as if the commit had synced the log itself.
 
 Node load is kept as counters on the node row, updated in the same transaction as the part
 rows they summarise, so placement never scans parts:
@@ -119,7 +119,10 @@ class SqliteMetadataStore:
         """
         self._path = str(path)
         self._wal = None if self._path == ":memory:" else Path(self._path + "-wal")
-        self._wal_inode: int | None = None  # the log whose directory entry is known durable
+        # The log, opened once (sync_wal): a write-back error of any write since then is
+        # reported to this descriptor, even if another one (a checkpoint's fsync) saw it first.
+        self._wal_fd: int | None = None
+        self._wal_inode: int | None = None
         self._checkpointer: sqlite3.Connection | None = None
         # Calls may come from a worker thread (one at a time), hence check_same_thread=False.
         self._db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
@@ -133,11 +136,37 @@ class SqliteMetadataStore:
                 self._db.execute("PRAGMA synchronous = NORMAL")
                 self._db.execute("PRAGMA wal_autocheckpoint = 0")
         self._db.executescript(SCHEMA)
+        if self._wal is not None and not sync_on_commit:
+            self._open_wal()
 
     def close(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.close()
         self._db.close()
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
+
+    def _open_wal(self) -> None:
+        """(Re)open the log if it is not the file our descriptor holds; sync a new name."""
+        assert self._wal is not None
+        try:
+            inode = os.stat(self._wal).st_ino
+        except FileNotFoundError:
+            return  # no log: everything is in the database file, synced by the checkpoint
+        if inode == self._wal_inode:
+            return
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
+        self._wal_fd = os.open(self._wal, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._wal_inode = os.fstat(self._wal_fd).st_ino
+        # As SQLite does for a log it created: the name must survive a crash too.
+        directory = os.open(self._wal.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
     @property
     def changes(self) -> int:
@@ -146,45 +175,37 @@ class SqliteMetadataStore:
 
     def sync_wal(self) -> None:
         """Make every commit so far durable: ``fdatasync`` the write-ahead log (and, for a
-        new log file, its directory). Safe from any thread; does not touch the connection.
+        new log file, its directory). Safe from any one thread at a time; does not touch the
+        connection.
 
         Raises:
             OSError: The sync failed (the caller must treat it as fail-stop).
         """
         if self._wal is None:
             return
-        try:
-            fd = os.open(self._wal, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            return  # no log: everything is in the database file, synced by the checkpoint
-        try:
-            os.fdatasync(fd)
-            inode = os.fstat(fd).st_ino
-        finally:
-            os.close(fd)
-        if inode != self._wal_inode:
-            # As SQLite does for a log it created: the name must survive too.
-            directory = os.open(self._wal.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
-            self._wal_inode = inode
+        self._open_wal()
+        if self._wal_fd is not None:
+            os.fdatasync(self._wal_fd)
 
-    def checkpoint(self) -> None:
-        """Copy the log into the database (``PASSIVE``: never waits for, nor blocks, writers).
+    def checkpoint(self) -> bool:
+        """Copy the log into the database and empty it (``TRUNCATE``); True if it completed.
 
-        Uses a connection of its own, so it may run in a worker thread while the store is in
-        use; one caller at a time.
+        Uses a connection of its own, so it may run in a worker thread, one caller at a time;
+        it completes only if nobody writes meanwhile (the caller holds writers back), else
+        the log keeps what was not copied and the next checkpoint goes on.
+
+        Raises:
+            sqlite3.Error: The checkpoint failed (an I/O error must be treated as fail-stop).
         """
         if self._wal is None:
-            return
+            return True
         if self._checkpointer is None:
             self._checkpointer = sqlite3.connect(
-                self._path, isolation_level=None, check_same_thread=False
+                self._path, isolation_level=None, check_same_thread=False, timeout=0
             )
             self._checkpointer.execute("PRAGMA synchronous = NORMAL")
-        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        busy, _, _ = self._checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

@@ -133,6 +133,11 @@ class GroupSync:
                 raise
             self._finished = self._started
 
+    def fail(self, failure: OSError) -> None:
+        """Fail-stop from now on, as after a failed round (another sync path failed)."""
+        if self._failure is None:
+            self._failure = failure
+
     def _check(self) -> None:
         if self._failure is not None:
             raise OSError(

@@ -15,13 +15,18 @@ rounds, so N commits cost one ``fdatasync``, and no call returns before its comm
 A call that only reads also waits, if an earlier write is not durable yet: otherwise a reader
 could act on a commit (say, serve a file) that a power loss then takes back.
 
-Rounds also checkpoint the log into the database, in the worker thread, at most once per
-``checkpoint_interval`` seconds. A failed sync is fail-stop: that call and every later one
-raise :class:`StorageFailure`; restart the service.
+Once per ``checkpoint_interval`` seconds, after a write, the runner checkpoints the log into
+the database and empties it, in a worker thread, holding new metadata calls back meanwhile
+(the event loop keeps serving everything else): with writers running the checkpoint could
+never finish and the log would grow without end. A failed sync, or an I/O error of a
+checkpoint, is fail-stop: that call and every later one raise :class:`StorageFailure`;
+restart the service. The log is synced through a descriptor opened with the store, so a
+write-back error is reported even if the checkpoint's own fsync saw it first.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import sqlite3
 import time
@@ -38,6 +43,8 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
+SQLITE_IOERR = 10  # primary result code of SQLite's disk I/O errors
+
 
 class GroupCommitRunner:
     """Runs metadata calls inline and returns once what they (and earlier calls) wrote is
@@ -47,29 +54,48 @@ class GroupCommitRunner:
         self._store = store
         self._checkpoint_interval = checkpoint_interval
         self._last_checkpoint = time.monotonic()
-        self.group = GroupSync(self._sync_round, name="discovery log")
+        self.group = GroupSync(lambda: self._store.sync_wal(), name="discovery log")
         self._needed = 0  # the round that makes the latest write durable
+        self._checkpointing: trio.Event | None = None  # set while a checkpoint holds calls back
+        self.checkpoints = 0
 
     async def __call__(self, fn: Callable[[], T]) -> T:
         await trio.lowlevel.checkpoint()
+        while self._checkpointing is not None:
+            await self._checkpointing.wait()
         before = self._store.changes
+        wrote = False
         try:
             return fn()
         finally:
             if self._store.changes != before:
                 self._needed = self.group.ticket()
+                wrote = True
             if not self.group.is_durable(self._needed):
                 try:
                     await self.group.sync(self._needed)
                 except OSError as exc:
                     raise StorageFailure(f"metadata write-back failed: {exc}") from None
+            if wrote and self._checkpoint_due():
+                await self._checkpoint()
 
-    def _sync_round(self) -> None:
-        self._store.sync_wal()
-        now = time.monotonic()
-        if now - self._last_checkpoint >= self._checkpoint_interval:
-            self._last_checkpoint = now
-            try:
-                self._store.checkpoint()
-            except sqlite3.Error as exc:  # the log keeps the commits; the next round retries
-                log.warning("discovery checkpoint failed: %s", exc)
+    def _checkpoint_due(self) -> bool:
+        due = time.monotonic() - self._last_checkpoint >= self._checkpoint_interval
+        return due and self._checkpointing is None
+
+    async def _checkpoint(self) -> None:
+        self._checkpointing = trio.Event()
+        try:
+            with trio.CancelScope(shield=True):  # calls are held back until it ends
+                await trio.to_thread.run_sync(self._store.checkpoint)
+            self.checkpoints += 1
+        except sqlite3.Error as exc:
+            if exc.sqlite_errorcode & 0xFF == SQLITE_IOERR:
+                failure = OSError(errno.EIO, f"checkpoint failed: {exc}")
+                self.group.fail(failure)
+                raise StorageFailure(f"metadata write-back failed: {failure}") from None
+            log.warning("discovery checkpoint failed: %s", exc)  # the log keeps the commits
+        finally:
+            self._last_checkpoint = time.monotonic()
+            self._checkpointing.set()
+            self._checkpointing = None
