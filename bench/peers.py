@@ -213,33 +213,13 @@ class Nginx(Server):
         conf = self.workdir / "nginx.conf"
         conf.write_text(self.config())
         # -e: the error log before the config is read (default: a system path).
+        options = ["-c", str(conf), "-p", str(self.workdir), "-e", str(self.workdir / "error.log")]
         test = subprocess.run(
-            [
-                "nginx",
-                "-t",
-                "-q",
-                "-c",
-                str(conf),
-                "-p",
-                str(self.workdir),
-                "-e",
-                str(self.workdir / "error.log"),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
+            ["nginx", "-t", "-q", *options], capture_output=True, text=True, check=False
         )
         if test.returncode != 0:
             raise ServerError(f"nginx -t rejected {conf}:\n{test.stderr}")
-        return [
-            "nginx",
-            "-c",
-            str(conf),
-            "-p",
-            str(self.workdir),
-            "-e",
-            str(self.workdir / "error.log"),
-        ]
+        return ["nginx", *options]
 
     def config(self) -> str:
         d = self.workdir
