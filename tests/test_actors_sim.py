@@ -18,6 +18,7 @@ from karma8.core.errors import (
     NotFound,
     PreconditionFailed,
     StorageFailure,
+    UploadConflict,
 )
 from karma8.core.layout import split
 from karma8.core.model import VersionState
@@ -241,6 +242,21 @@ def test_storage_nodes_drop_parts_discovery_does_not_know_after_a_grace() -> Non
         assert "deadbeefdeadbeef.0" not in node.disk.parts
         assert sum(k.startswith(version.version_id) for k in disk_keys(cluster)) == 5
         assert await read(cluster.gateway, "kept") == payload(100)
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_a_stored_part_cannot_be_overwritten() -> None:
+    async def go(cluster: SimCluster) -> None:
+        version = await cluster.gateway.put("default", "imm", chunks(payload(100)))
+        part = version.parts[1]
+        node = next(n for n in cluster.nodes if n.node_id == part.node.node_id)
+        storage = cluster.network.endpoint(node.node_id).actor
+        assert isinstance(storage, StorageNode)
+        with pytest.raises(UploadConflict):
+            await storage.put_part(part.key, chunks(b"other bytes"))
+        assert node.disk.used == sum(len(p.data) for p in node.disk.parts.values())
+        assert await read(cluster.gateway, "imm") == payload(100)
 
     run_with_cluster(go, scenario=SCENARIO)
 

@@ -127,7 +127,7 @@ async def test_part_visible_only_after_commit(tmp_path: Path) -> None:
     assert await store.used_bytes() == 0
     with pytest.raises(NotFound):
         await read(store, "v.1", 0, 0)
-    assert len(tmp_files(tmp_path)) == 1
+    assert tmp_files(tmp_path) == []  # less than the write buffer: not on disk before commit
     await writer.commit(sha(data))
     assert await store.keys() == ["v.1"]
     assert await store.stat("v.1") == StoredPart(key="v.1", size=100, checksum=sha(data))
@@ -137,12 +137,13 @@ async def test_part_visible_only_after_commit(tmp_path: Path) -> None:
 
 
 async def test_writers_use_distinct_temporaries(tmp_path: Path) -> None:
-    store = new_store(tmp_path)
+    store = new_store(tmp_path, write_buffer=2)
     first = await store.create("same.0")
     second = await store.create("same.0")
-    assert len(tmp_files(tmp_path)) == 2
+    assert tmp_files(tmp_path) == []  # created by the first flush
     await first.write(b"one")
     await second.write(b"two")
+    assert len(tmp_files(tmp_path)) == 2
     await first.commit(sha(b"one"))
     with pytest.raises(UploadConflict):
         await second.commit(sha(b"two"))
@@ -164,6 +165,36 @@ async def test_discard_removes_temporary_and_is_idempotent(tmp_path: Path) -> No
     assert store.in_flight_bytes == 0
     with pytest.raises(trio.ClosedResourceError):
         await writer.write(b"x")
+
+
+@pytest.mark.parametrize("size", [10, 3 * MIB])
+async def test_a_temporary_that_cannot_be_created_fails_cleanly(tmp_path: Path, size: int) -> None:
+    # The temporary is created late (first flush, or commit for a small part): the failure
+    # surfaces there as a StorageFailure, and nothing becomes visible or stays counted.
+    store = new_store(tmp_path)
+    await put(store, "ok.0", payload(10))
+    (tmp_path / "tmp").rmdir()
+    with pytest.raises(StorageFailure):
+        await put(store, "bad.0", payload(size))
+    assert await store.keys() == ["ok.0"]
+    assert store.in_flight_bytes == 0
+    assert await store.used_bytes() == 10
+    (tmp_path / "tmp").mkdir()
+    await put(store, "bad.0", payload(size))  # the disk is back: the same key works
+    assert b"".join(await read(store, "bad.0", 0, size)) == payload(size)
+
+
+async def test_discarding_a_write_that_never_flushed(tmp_path: Path) -> None:
+    store = new_store(tmp_path)
+    writer = await store.create("n.0")
+    await writer.write(payload(1000))
+    assert store.in_flight_bytes == 1000
+    await writer.discard()
+    assert store.in_flight_bytes == 0
+    assert tmp_files(tmp_path) == []
+    assert await store.keys() == []
+    with pytest.raises(trio.ClosedResourceError):
+        await writer.commit(sha(payload(1000)))
 
 
 async def test_cancelled_write_is_discarded(tmp_path: Path) -> None:
@@ -192,7 +223,7 @@ async def test_reopened_store_sees_the_same_parts(tmp_path: Path) -> None:
     for key, data in parts.items():
         await put(store, key, data)
     pending = await store.create("pending.0")
-    await pending.write(b"never committed")
+    await pending.write(payload(2 * MIB))  # more than the write buffer: flushed to tmp/
     assert len(tmp_files(tmp_path)) == 1
     used = await store.used_bytes()
     assert used == sum(len(d) for d in parts.values())

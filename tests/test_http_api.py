@@ -155,6 +155,20 @@ async def test_internal_apis_need_the_cluster_secret(net: NetDriver) -> None:
     assert (await net._http.get(url(net, "/healthz"))).json()["ok"] is True
 
 
+async def test_a_stored_part_cannot_be_overwritten(
+    net: NetDriver, client: httpx.AsyncClient
+) -> None:
+    await client.put(url(net, "/default/immutable"), content=b"original bytes")
+    version = await net.stat("immutable")
+    part = version.parts[0]
+    target = f"{part.node.url}/v1/parts/{part.key}"
+    response = await net._internal.put(target, content=b"other")
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "upload_conflict"
+    assert (await net._internal.head(target)).status_code == 200
+    assert await net.get("immutable") == b"original bytes"
+
+
 async def test_short_body_then_disconnect_leaves_nothing(net: NetDriver) -> None:
     host, port = net._gateway.removeprefix("http://").split(":")
     stream = await trio.open_tcp_stream(host, int(port))

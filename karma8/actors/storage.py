@@ -27,7 +27,6 @@ from karma8.core.errors import (
     Karma8Error,
     NotFound,
     Unavailable,
-    UploadConflict,
 )
 from karma8.core.model import NodeRegistration
 from karma8.ports import BlockingRunner, DiscoveryAPI, PartStore, StoredPart
@@ -180,11 +179,12 @@ class StorageNode:
     async def put_part(self, key: str, chunks: AsyncIterable[bytes]) -> StoredPart:
         """Write a part from a stream; returns once it is durable.
 
-        Cancellation or a failing stream discards the partial write.
+        Cancellation or a failing stream discards the partial write. A key that is already
+        stored raises :class:`UploadConflict` from the store's commit (parts are immutable).
+        There is no lookup before the write: part keys are unique per upload, so a duplicate
+        is a caller's bug, and looking first cost every PUT five disk lookups.
         """
         check_part_key(key)
-        if await self._store.stat(key) is not None:
-            raise UploadConflict(f"part {key} already exists")
         writer = await self._store.create(key)
         digest = hashlib.sha256()
         size = 0

@@ -45,10 +45,13 @@ before); nothing writes version 1 any more.
 Why a header and not a sidecar file or an extended attribute: the checksums and length then
 travel with the bytes in one inode and one atomic link, so they can never be orphaned or
 mismatched, and a backup or ``cp`` keeps them (xattrs are easily lost and not on every file
-system). :meth:`FilePartStore.stat` reads only the first 96 bytes. A temporary starts with 96
-zero bytes and gets its trailer and header only at commit, so a file without the magic was
-never committed. The recorded length and block size let :meth:`FilePartStore.open` detect
-truncation up front (file shorter than header + payload + trailer: :class:`IntegrityError`),
+system). :meth:`FilePartStore.stat` reads only the first 96 bytes. A temporary's first 96
+bytes stay a hole (zeros) until commit writes the trailer and the header, so a file without
+the magic was never committed. The temporary is created by the writer's first flush
+(``write_buffer`` bytes) or at commit: a part smaller than the buffer is created, written
+header to trailer with one ``pwritev``, closed and linked in a single trip to a worker thread.
+The recorded length and block size let :meth:`FilePartStore.open` detect truncation up
+front (file shorter than header + payload + trailer: :class:`IntegrityError`),
 and the sha256 lets :meth:`FilePartStore.verify` (the scrubber) detect bit rot. The store does
 not compute the sha256 while writing: the storage actor already hashes the stream it passes to
 :meth:`FilePartWriter.write` and hands the digest to commit.
@@ -150,7 +153,6 @@ from karma8.net.partfile import (
     fsync_dir,
     payload_bytes,
     pread_exact,
-    pwrite_all,
     read_trailer,
     storage_error,
 )
@@ -272,30 +274,15 @@ class FilePartStore:
     async def create(self, key: str) -> FilePartWriter:
         """Start writing a part; it stays invisible until :meth:`FilePartWriter.commit`.
 
+        Touches no disk: the writer creates its temporary file with its first flush, or in
+        its commit (so a failure to create it is raised from there).
+
         Raises:
             InvalidRequest: The key is not a plain file name.
-            DiskFull, StorageFailure: The temporary file could not be created.
         """
         check_key(key)
-        tmp = self._tmp / f"{key}~{secrets.token_hex(8)}.tmp"
-
-        def start() -> int:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC, 0o644)
-            try:
-                pwrite_all(fd, bytes(HEADER_SIZE), 0)
-            except BaseException:
-                close_quietly(fd)
-                tmp.unlink(missing_ok=True)
-                raise
-            return fd
-
-        try:
-            # In a thread even for small parts: allocating an inode takes ext4 hundreds of
-            # microseconds while sync rounds run (measured), too long to block the loop.
-            fd = await self._run(start)
-        except OSError as exc:
-            raise storage_error(exc, "creating a part") from None
-        return FilePartWriter(self, key, tmp, fd)
+        await trio.lowlevel.checkpoint()
+        return FilePartWriter(self, key, self._tmp / f"{key}~{secrets.token_hex(8)}.tmp")
 
     def open(self, key: str, *, offset: int, length: int) -> PartRead:
         """Read ``length`` bytes of a part from ``offset``, as chunks of at most ``read_chunk``.

@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
-from karma8.core.errors import DiskFull, IntegrityError, NotFound, StorageFailure
+from karma8.core.errors import DiskFull, IntegrityError, NotFound, StorageFailure, UploadConflict
 from karma8.ports import StoredPart
 
 
@@ -177,7 +177,11 @@ class _MemoryWriter:
         disk._in_flight += len(data)
 
     async def commit(self, checksum: str) -> None:
+        if self._done:
+            raise trio.ClosedResourceError("part writer already committed or discarded")
         await self._disk._sleep(self._disk._fsync_latency)
+        if self._key in self._disk.parts:  # parts are immutable, as on a real disk
+            raise UploadConflict(f"part {self._key} already exists")
         data = b"".join(self._chunks)
         self._release()
         self._disk.parts[self._key] = _Part(data=data, checksum=checksum)
