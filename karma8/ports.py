@@ -130,6 +130,11 @@ class StorageAPI(Protocol):
 
         ``size``, when the caller knows it, is the exact byte count the chunks add up to (a
         transport may announce it, e.g. as a Content-Length, instead of framing chunks).
+
+        The returned size and checksum are of the bytes the node stored, as the node computed
+        them. A transport that can damage bytes on the way checks them against what it sent
+        and raises :class:`IntegrityError` on a mismatch (the HTTP client does); an
+        in-process call hands the node the caller's own ``bytes`` and has nothing to check.
         """
         ...
 

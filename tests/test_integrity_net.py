@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from karma8.actors.storage import StorageNode
+from karma8.core.errors import NotFound
 from karma8.net import admin
 from karma8.net.partfile import HEADER_SIZE
+from karma8.ports import StoredPart
 
 from drivers import net_config, net_driver
 
@@ -134,3 +138,43 @@ async def test_large_reads_fetch_parts_together_and_still_never_yield_wrong_byte
         with pytest.raises(httpx.RemoteProtocolError):
             await client.get(f"{gateway}/default/large-bad")
         assert (await client.get(f"{gateway}/default/large")).content == data
+
+
+async def test_a_part_damaged_on_its_way_to_a_node_fails_the_put(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nodes reached over HTTP: the client hashes what it sends and compares it with what the
+    # node says it stored. Here one node stores its part with a byte flipped on arrival (as
+    # a bad NIC or buffer would): the PUT must fail, and leave neither a version nor parts.
+    damaged: list[str] = []
+    original = StorageNode.put_part
+
+    async def flip_first_byte(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        first = True
+        async for chunk in chunks:
+            if first and chunk:
+                chunk = bytes([chunk[0] ^ 0x01]) + chunk[1:]
+                first = False
+            yield chunk
+
+    async def put_part(self: StorageNode, key: str, chunks: AsyncIterable[bytes]) -> StoredPart:
+        if key.endswith(".2"):
+            damaged.append(key)
+            return await original(self, key, flip_first_byte(chunks))
+        return await original(self, key, chunks)
+
+    async with net_driver(tmp_path, local_calls=False) as net:
+        await net.put("before", payload(20_000, 4))
+        monkeypatch.setattr(StorageNode, "put_part", put_part)
+        response = await net._http.put(
+            f"{net._gateway}/default/damaged", content=payload(20_000, 5)
+        )
+        assert response.status_code == 502
+        assert response.json()["error"]["code"] == "integrity_error"
+        assert damaged
+        monkeypatch.undo()
+        with pytest.raises(NotFound):
+            await net.stat("damaged")
+        await net.settle()
+        assert all(not key.startswith(damaged[0].split(".")[0]) for key in await net.part_keys())
+        assert await net.get("before") == payload(20_000, 4)

@@ -4,7 +4,10 @@ PUT
     ``begin_upload`` at discovery (a pending version and 5 placed nodes), then the body flows
     through a :class:`StripeSplitter` into 5 bounded channels, one per part, each drained by a
     task streaming to its node. All 5 tasks live in one nursery: the first failure cancels the
-    other writes and the body. Then ``commit_upload`` makes the version current. On any failure
+    other writes and the body. Each node checksums (sha256) the part it stores and the
+    receipts carry those checksums; that the node got the bytes the gateway sent is the
+    transport's check (:meth:`karma8.ports.StorageAPI.put_part`), and the gateway checks that
+    every node took its whole part. Then ``commit_upload`` makes the version current. On any failure
     the written parts are deleted and the version aborted, in a shielded scope with a deadline,
     and the error propagates. Memory per upload is one row held by the splitter plus
     ``channel_depth`` units per part in flight.
@@ -195,13 +198,13 @@ class Gateway:
         size: int | None,
         receipts: list[PartReceipt | None],
     ) -> None:
-        hashed = _HashedChunks(chunks, self._blocking)
+        counted = _PartChunks(chunks)
         async with chunks:
             try:
                 stored = await self._storage.put_part(
-                    placement.node, placement.key, hashed, size=size
+                    placement.node, placement.key, counted, size=size
                 )
-            except Unavailable:
+            except (Unavailable, IntegrityError):
                 raise
             except Karma8Error as exc:
                 raise StorageFailure(
@@ -209,16 +212,13 @@ class Gateway:
                     f" {exc.message}"
                 ) from None
         # The channel ends only once the splitter is done with the body: a node that answers
-        # before reading to the end did not store the whole part.
-        if not hashed.exhausted:
+        # before reading to the end did not store the whole part. (That the bytes arrived
+        # intact is the transport's check: see StorageAPI.put_part.)
+        if not counted.exhausted or stored.size != counted.size:
             raise IntegrityError(
-                f"node {placement.node.node_id} answered before reading all of part"
-                f" {placement.index}"
-            )
-        if stored.checksum != hashed.digest.hexdigest():
-            raise IntegrityError(
-                f"node {placement.node.node_id} stored part {placement.index} with checksum"
-                f" {stored.checksum}, the gateway sent {hashed.digest.hexdigest()}"
+                f"node {placement.node.node_id} stored {stored.size} bytes of part"
+                f" {placement.index}, the gateway sent {counted.size}"
+                + ("" if counted.exhausted else " and more were to come")
             )
         receipts[placement.index] = PartReceipt(
             index=placement.index, size=stored.size, checksum=stored.checksum
@@ -320,16 +320,15 @@ class Gateway:
         )
 
 
-class _HashedChunks:
-    """One part's chunks on their way to its node, hashed as the node pulls them."""
+class _PartChunks:
+    """One part's chunks on their way to its node, counted as the node pulls them."""
 
-    def __init__(self, chunks: trio.MemoryReceiveChannel[bytes], blocking: BlockingRunner) -> None:
+    def __init__(self, chunks: trio.MemoryReceiveChannel[bytes]) -> None:
         self._chunks = chunks
-        self._blocking = blocking
-        self.digest = hashlib.sha256()
+        self.size = 0
         self.exhausted = False
 
-    def __aiter__(self) -> _HashedChunks:
+    def __aiter__(self) -> _PartChunks:
         return self
 
     async def __anext__(self) -> bytes:
@@ -338,7 +337,7 @@ class _HashedChunks:
         except trio.EndOfChannel:
             self.exhausted = True
             raise StopAsyncIteration from None
-        await update_digest(self.digest, chunk, self._blocking)
+        self.size += len(chunk)
         return chunk
 
 

@@ -7,6 +7,7 @@ karma8 error class the server raised, from the JSON body's code.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,7 +15,8 @@ from urllib.parse import quote
 
 import httpx
 
-from karma8.core.errors import Karma8Error, Unavailable, error_from_code
+from karma8.actors.hashing import update_digest
+from karma8.core.errors import IntegrityError, Karma8Error, Unavailable, error_from_code
 from karma8.core.model import (
     FileEntry,
     FileVersion,
@@ -33,7 +35,7 @@ from karma8.net.codec import (
 )
 from karma8.net.common import SECRET_HEADER
 from karma8.net.http_fixes import patch_httpcore
-from karma8.ports import StoredPart
+from karma8.ports import BlockingRunner, StoredPart
 
 
 def make_http_client(secret: str | None, *, timeout: float = 60.0) -> httpx.AsyncClient:
@@ -158,7 +160,16 @@ class HttpDiscoveryClient(_Http):
 
 
 class HttpStorageClient(_Http):
-    """:class:`karma8.ports.StorageAPI` over HTTP; nodes are addressed by their URL."""
+    """:class:`karma8.ports.StorageAPI` over HTTP; nodes are addressed by their URL.
+
+    A part goes out hashed (sha256, big chunks in ``blocking``'s worker threads), and the
+    node's answer must name the same size and checksum: bytes damaged between this process's
+    memory and the node's are an :class:`IntegrityError`, not a stored part.
+    """
+
+    def __init__(self, client: httpx.AsyncClient, *, blocking: BlockingRunner) -> None:
+        super().__init__(client)
+        self._blocking = blocking
 
     def _url(self, node: NodeRef, key: str) -> str:
         return f"{node.url.rstrip('/')}/v1/parts/{_path(key)}"
@@ -169,8 +180,16 @@ class HttpStorageClient(_Http):
         # With a known size the body goes out with a Content-Length: chunked framing would copy
         # every chunk once more to glue its size line on.
         headers = {"Content-Length": str(size)} if size is not None else None
-        response = await self.request("PUT", self._url(node, key), content=chunks, headers=headers)
-        return decode_stored(response.json())
+        sent = _HashedBody(chunks, self._blocking)
+        response = await self.request("PUT", self._url(node, key), content=sent, headers=headers)
+        stored = decode_stored(response.json())
+        checksum = sent.digest.hexdigest()
+        if stored.size != sent.size or stored.checksum != checksum:
+            raise IntegrityError(
+                f"node {node.node_id} stored part {key} as {stored.size} bytes with checksum"
+                f" {stored.checksum}; {sent.size} bytes with checksum {checksum} were sent"
+            )
+        return stored
 
     @asynccontextmanager
     async def read_part(
@@ -193,6 +212,25 @@ class HttpStorageClient(_Http):
 
     async def delete_part(self, node: NodeRef, key: str) -> None:
         await self.request("DELETE", self._url(node, key))
+
+
+class _HashedBody:
+    """A request body that hashes the chunks as the transport sends them."""
+
+    def __init__(self, chunks: AsyncIterable[bytes], blocking: BlockingRunner) -> None:
+        self._chunks = aiter(chunks)
+        self._blocking = blocking
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def __aiter__(self) -> _HashedBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await anext(self._chunks)
+        await update_digest(self.digest, chunk, self._blocking)
+        self.size += len(chunk)
+        return chunk
 
 
 class _RawChunks:

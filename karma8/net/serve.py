@@ -317,7 +317,7 @@ async def run_gateway(
     gateway = build_gateway(
         config,
         discovery=HttpDiscoveryClient(http, discovery_url),
-        storage=HttpStorageClient(http),
+        storage=HttpStorageClient(http, blocking=ThreadRunner(HASH_THREADS)),
     )
     await serve_gateway(gateway, config, port=port, task_status=task_status)
 
@@ -389,7 +389,7 @@ async def run_cluster(
                 )
                 await nursery.start(partial(serve_storage, node, config))
                 local[node.node_id] = node
-            storage: StorageAPI = HttpStorageClient(http)
+            storage: StorageAPI = HttpStorageClient(http, blocking=ThreadRunner(HASH_THREADS))
             if config.local_calls:
                 storage = LocalFirstStorageClient(local, storage)
             gateway = build_gateway(config, discovery=reach, storage=storage)
