@@ -19,6 +19,11 @@ log = logging.getLogger("karma8.net")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
+# HTTP responses of at most this many bytes are read whole before the status line goes out
+# (one body write, and a failure is an error status rather than a body cut short); larger
+# ones stream, so memory per request stays bounded either way.
+WHOLE_BODY_BYTES = 64 * 1024
+
 
 def create_app(name: str, *, secret: str | None) -> QuartTrio:
     """A Quart-Trio app with streaming bodies, JSON errors and (if ``secret``) auth."""

@@ -1,7 +1,7 @@
 """The storage node's internal HTTP API (authenticated with the cluster secret).
 
 PUT    /v1/parts/{key}                    stream a part in; 201 + {"key","size","checksum"}
-GET    /v1/parts/{key}?offset=&length=    stream bytes out, Content-Length exact
+GET    /v1/parts/{key}?offset=&length=    bytes out (streamed above 64 KiB), Content-Length exact
 HEAD   /v1/parts/{key}                    size and checksum headers
 DELETE /v1/parts/{key}                    204, idempotent
 GET    /v1/parts                          {"keys": [...]}
@@ -18,7 +18,7 @@ from quart_trio import QuartTrio
 from karma8.actors.storage import StorageNode
 from karma8.core.errors import InvalidRequest, NotFound
 from karma8.net.codec import encode_stored
-from karma8.net.common import create_app, int_arg
+from karma8.net.common import WHOLE_BODY_BYTES, create_app, int_arg
 
 
 class _OpenedBody:
@@ -74,8 +74,14 @@ def storage_app(node: StorageNode, *, secret: str | None) -> QuartTrio:
         if offset + length > stored.size:
             raise InvalidRequest(f"bytes [{offset}, {offset + length}) are beyond the part")
 
-        # Opened before the status line, so a damaged or truncated part is a JSON error.
-        body = await _OpenedBody.open(node.read_part(key, offset=offset, length=length))
+        body: bytes | _OpenedBody
+        if length <= WHOLE_BODY_BYTES:
+            # Read whole first: a block that fails its check is a JSON error, not a cut.
+            async with node.read_part(key, offset=offset, length=length) as chunks:
+                body = b"".join([chunk async for chunk in chunks])
+        else:
+            # Opened before the status line, so a damaged or truncated part is a JSON error.
+            body = await _OpenedBody.open(node.read_part(key, offset=offset, length=length))
         response = Response(body, status=200, mimetype="application/octet-stream")
         response.headers["Content-Length"] = str(length)
         response.timeout = None
