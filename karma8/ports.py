@@ -154,8 +154,9 @@ class PartWriter(Protocol):
 
     async def write(self, data: bytes) -> None: ...
 
-    async def commit(self, checksum: str) -> None:
-        """Make the part durable and visible (fsync, rename, fsync the directory)."""
+    async def commit(self) -> StoredPart:
+        """Make the part durable and visible; returns its size and the sha256 of its bytes,
+        which the writer computes as they go to the disk (one pass with the block checks)."""
         ...
 
     async def discard(self) -> None:

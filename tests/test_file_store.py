@@ -38,12 +38,13 @@ async def put(store: PartStore, key: str, data: bytes, *, chunk: int = 4096) -> 
     try:
         for pos in range(0, len(data), chunk):
             await writer.write(data[pos : pos + chunk])
-        await writer.commit(sha(data))
+        stored = await writer.commit()
     except BaseException:
         with trio.CancelScope(shield=True):
             await writer.discard()
         raise
-    return StoredPart(key=key, size=len(data), checksum=sha(data))
+    assert stored == StoredPart(key=key, size=len(data), checksum=sha(data))
+    return stored
 
 
 async def read(store: PartStore, key: str, offset: int, length: int) -> list[bytes]:
@@ -128,7 +129,7 @@ async def test_part_visible_only_after_commit(tmp_path: Path) -> None:
     with pytest.raises(NotFound):
         await read(store, "v.1", 0, 0)
     assert tmp_files(tmp_path) == []  # less than the write buffer: not on disk before commit
-    await writer.commit(sha(data))
+    await writer.commit()
     assert await store.keys() == ["v.1"]
     assert await store.stat("v.1") == StoredPart(key="v.1", size=100, checksum=sha(data))
     assert tmp_files(tmp_path) == []
@@ -144,9 +145,9 @@ async def test_writers_use_distinct_temporaries(tmp_path: Path) -> None:
     await first.write(b"one")
     await second.write(b"two")
     assert len(tmp_files(tmp_path)) == 2
-    await first.commit(sha(b"one"))
+    assert (await first.commit()).checksum == sha(b"one")
     with pytest.raises(UploadConflict):
-        await second.commit(sha(b"two"))
+        await second.commit()
     await second.discard()
     assert tmp_files(tmp_path) == []
     assert b"".join(await read(store, "same.0", 0, 3)) == b"one"
@@ -194,7 +195,7 @@ async def test_discarding_a_write_that_never_flushed(tmp_path: Path) -> None:
     assert tmp_files(tmp_path) == []
     assert await store.keys() == []
     with pytest.raises(trio.ClosedResourceError):
-        await writer.commit(sha(payload(1000)))
+        await writer.commit()
 
 
 async def test_cancelled_write_is_discarded(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ discarded, under a shield so cancellation cannot leave a half-written temporary 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import AsyncIterable, AsyncIterator
@@ -21,7 +20,6 @@ from contextlib import AbstractAsyncContextManager
 import attrs
 import trio
 
-from karma8.actors.hashing import update_digest
 from karma8.core.errors import (
     InvalidRequest,
     Karma8Error,
@@ -29,7 +27,7 @@ from karma8.core.errors import (
     Unavailable,
 )
 from karma8.core.model import NodeRegistration
-from karma8.ports import BlockingRunner, DiscoveryAPI, PartStore, StoredPart
+from karma8.ports import DiscoveryAPI, PartStore, StoredPart
 
 log = logging.getLogger("karma8.storage")
 _PART_KEY = re.compile(r"[0-9a-zA-Z_-]{1,64}\.[0-9]{1,3}")
@@ -74,13 +72,11 @@ class StorageNode:
         url: str,
         store: PartStore,
         discovery: DiscoveryAPI,
-        blocking: BlockingRunner,
         config: StorageConfig,
     ) -> None:
         self.node_id = node_id
         self.url = url
         self._store = store
-        self._blocking = blocking
         self._discovery = discovery
         self._config = config
         self._suspects: dict[str, float] = {}
@@ -186,20 +182,14 @@ class StorageNode:
         """
         check_part_key(key)
         writer = await self._store.create(key)
-        digest = hashlib.sha256()
-        size = 0
         try:
             async for chunk in chunks:
-                await update_digest(digest, chunk, self._blocking)
-                size += len(chunk)
                 await writer.write(chunk)
-            checksum = digest.hexdigest()
-            await writer.commit(checksum)
+            return await writer.commit()  # the store hashes as it writes
         except BaseException:
             with trio.CancelScope(shield=True):
                 await writer.discard()
             raise
-        return StoredPart(key=key, size=size, checksum=checksum)
 
     def read_part(
         self, key: str, *, offset: int, length: int

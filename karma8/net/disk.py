@@ -52,9 +52,9 @@ the magic was never committed. The temporary is created by the writer's first fl
 header to trailer with one ``pwritev``, closed and linked in a single trip to a worker thread.
 The recorded length and block size let :meth:`FilePartStore.open` detect truncation up
 front (file shorter than header + payload + trailer: :class:`IntegrityError`),
-and the sha256 lets :meth:`FilePartStore.verify` (the scrubber) detect bit rot. The store does
-not compute the sha256 while writing: the storage actor already hashes the stream it passes to
-:meth:`FilePartWriter.write` and hands the digest to commit.
+and the sha256 lets :meth:`FilePartStore.verify` (the scrubber) detect bit rot. The writer
+computes the sha256 as the bytes go to the disk, in the same pass (and the same worker
+thread) as the block CRCs, and :meth:`FilePartWriter.commit` returns it.
 
 Block checksums: every read is verified
 ---------------------------------------
@@ -77,11 +77,12 @@ It is not a defence against someone forging bytes; the end-to-end sha256 remains
 is still checked on whole-part reads and by ``verify``).
 
 Costs: the trailer is 4 bytes per 64 KiB (0.006 % of the payload; 16 KiB per GiB). Writing
-computes one CRC pass over the bytes, in the thread hop that writes them, and one extra
-``pwrite`` of the trailer at commit. Opening a part for reading reads its whole trailer (one
-``pread``; 64 bytes for a 1 MiB part). A read costs one CRC pass over what it reads, and a
-range read reads at most two partial blocks more than asked (< 128 KiB); a reader holds at most
-``read_chunk`` plus two blocks of verified bytes. Aligned whole-part reads read nothing extra.
+computes one CRC pass (next to the sha256) over the bytes, in the thread hop that writes
+them, and one extra ``pwrite`` of the trailer at commit. Opening a part for reading reads its
+whole trailer (one ``pread``; 64 bytes for a 1 MiB part). A read costs one CRC pass over what
+it reads, and a range read reads at most two partial blocks more than asked (< 128 KiB); a
+reader holds at most ``read_chunk`` plus two blocks of verified bytes. Aligned whole-part
+reads read nothing extra.
 
 Fan-out and how much a node can hold
 ------------------------------------

@@ -8,6 +8,7 @@ checks, :class:`FilePartWriter` (a write in progress) and the range reader.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import struct
@@ -28,6 +29,7 @@ from karma8.core.errors import (
     UploadConflict,
 )
 from karma8.net.groupsync import start_writeback
+from karma8.ports import StoredPart
 
 if TYPE_CHECKING:
     from karma8.net.disk import FilePartStore
@@ -248,7 +250,9 @@ class FilePartWriter:
         self._accepted = 0  # bytes counted in the store's in-flight total
         self._file_pos = HEADER_SIZE
         self._done = False
-        # Block checksums so far: finished blocks, and the running CRC of the open block.
+        # Checksums of what is written so far: the part's sha256, the finished blocks' CRCs
+        # and the running CRC of the open block.
+        self._sha256 = hashlib.sha256()
         self._block_crcs: list[int] = []
         self._block_crc = 0
         self._block_fill = 0
@@ -286,8 +290,10 @@ class FilePartWriter:
         else:
             await trio.lowlevel.checkpoint()
 
-    def _add_crcs(self, data: bytes) -> None:
-        """Add bytes just written to the block checksums."""
+    def _add_checksums(self, data: bytes) -> None:
+        """Add bytes just written to the part's sha256 and block CRCs (both release the GIL
+        for big buffers, so a flush thread runs them next to the event loop)."""
+        self._sha256.update(data)
         view = memoryview(data)
         crc, fill = self._block_crc, self._block_fill
         while view:
@@ -301,8 +307,8 @@ class FilePartWriter:
         self._block_crc, self._block_fill = crc, fill
 
     def _flush_sync(self, chunks: list[bytes], pos: int) -> None:
-        """Write buffered bytes at ``pos`` and add them to the block checksums (in a thread,
-        or inline for a few bytes to a file that exists).
+        """Write buffered bytes at ``pos`` and add them to the checksums (in a thread, or
+        inline for a few bytes to a file that exists).
 
         The checksums are only updated once the bytes are written, so a failed write can be
         retried from the same state.
@@ -312,7 +318,7 @@ class FilePartWriter:
         pwrite_all(fd, data, pos)
         if len(data) >= WRITEBACK_BYTES and self._store._group_sync is not None:
             start_writeback(fd, pos, len(data))
-        self._add_crcs(data)
+        self._add_checksums(data)
 
     async def _flush(self) -> None:
         self._check_open()
@@ -330,25 +336,19 @@ class FilePartWriter:
         self._buffer, self._buffered = [], 0
         self._file_pos += size
 
-    async def commit(self, checksum: str) -> None:
+    async def commit(self) -> StoredPart:
         """Write the trailer and header, link the part into place and make it durable: with
         the store's group sync (one ``syncfs`` shared by concurrent commits) where available,
         else an fsync of the file and of its directory.
 
-        Either returns with the part durable and visible, or raises with it not visible (the
-        caller then calls :meth:`discard`).
-
-        Args:
-            checksum: The sha256 of the bytes written, as 64 lowercase hex digits.
+        Either returns the part (size and sha256) durable and visible, or raises with it not
+        visible (the caller then calls :meth:`discard`).
 
         Raises:
-            ValueError: The checksum is not 64 lowercase hex digits.
             UploadConflict: A part with this key is already committed.
             DiskFull, StorageFailure: The disk failed.
         """
         self._check_open()
-        if not _CHECKSUM.fullmatch(checksum):
-            raise ValueError("checksum must be a sha256 as 64 lowercase hex digits")
         store = self._store
         group = store._group_sync
         length = self._file_pos - HEADER_SIZE + self._buffered
@@ -365,11 +365,14 @@ class FilePartWriter:
             whole = pos == HEADER_SIZE
             if data and not whole:
                 pwrite_all(fd, data, pos)
-            self._add_crcs(data)
+            self._add_checksums(data)
             crcs = self._block_crcs + ([self._block_crc] if self._block_fill else [])
             trailer = _block_crcs_trailer(crcs)
             header = PartHeader(
-                checksum=checksum, length=length, block_size=BLOCK, trailer_crc=zlib.crc32(trailer)
+                checksum=self._sha256.hexdigest(),
+                length=length,
+                block_size=BLOCK,
+                trailer_crc=zlib.crc32(trailer),
             )
             assert header.blocks == len(crcs)
             if whole:
@@ -432,6 +435,7 @@ class FilePartWriter:
         # No checkpoint from here on: a commit that returns has taken effect.
         self._release()
         store._used += length
+        return StoredPart(key=self._key, size=length, checksum=self._sha256.hexdigest())
 
     async def discard(self) -> None:
         """Close and delete the temporary. Idempotent, safe after any failure, no-op after

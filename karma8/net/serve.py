@@ -231,7 +231,6 @@ def build_storage_node(
             data_dir, capacity_bytes=capacity or config.capacity, group_sync=group_sync
         ),
         discovery=discovery,
-        blocking=ThreadRunner(HASH_THREADS),
         config=StorageConfig(
             heartbeat_interval=config.heartbeat_interval,
             orphan_check_interval=config.orphan_check_interval,

@@ -146,7 +146,6 @@ class SimCluster:
             url=f"sim://{node.node_id}",
             store=node.disk,
             discovery=SimDiscoveryClient(self.network, node.node_id),
-            blocking=self.world.blocking,
             config=self.storage_config,
         )
 

@@ -176,16 +176,18 @@ class _MemoryWriter:
         self._size += len(data)
         disk._in_flight += len(data)
 
-    async def commit(self, checksum: str) -> None:
+    async def commit(self) -> StoredPart:
         if self._done:
             raise trio.ClosedResourceError("part writer already committed or discarded")
         await self._disk._sleep(self._disk._fsync_latency)
         if self._key in self._disk.parts:  # parts are immutable, as on a real disk
             raise UploadConflict(f"part {self._key} already exists")
         data = b"".join(self._chunks)
+        checksum = hashlib.sha256(data).hexdigest()
         self._release()
         self._disk.parts[self._key] = _Part(data=data, checksum=checksum)
         self._disk._used += len(data)
+        return StoredPart(key=self._key, size=len(data), checksum=checksum)
 
     async def discard(self) -> None:
         self._release()
