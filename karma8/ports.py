@@ -43,8 +43,8 @@ class IdSource(Protocol):
 
 
 class BlockingRunner(Protocol):
-    """Runs a short blocking call (a SQLite transaction, hashing a big chunk) for an actor:
-    inline in the simulator; in net mode hashing goes to a worker thread, and metadata calls
+    """Runs a short blocking call (a SQLite transaction, hashing a big chunk): inline in the
+    simulator; in net mode hashing goes to a worker thread, and metadata calls
     run inline and return once their commits are durable (``karma8.net.metasync``)."""
 
     async def __call__(self, fn: Callable[[], T]) -> T: ...
@@ -139,9 +139,16 @@ class StorageAPI(Protocol):
         ...
 
     def read_part(
-        self, node: NodeRef, key: str, *, offset: int, length: int
+        self, node: NodeRef, key: str, *, offset: int, length: int, checksum: str | None = None
     ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
-        """Open ``length`` bytes of a part from ``offset`` as a stream of chunks."""
+        """Open ``length`` bytes of a part from ``offset`` as a stream of chunks.
+
+        The node checks what it reads from its disk; a read of the whole part, its sha256
+        too, before the last chunk. ``checksum`` (the part's sha256, given for a whole-part
+        read) is for a transport that can damage bytes on the way: it hashes what arrives and
+        raises :class:`IntegrityError` before the last chunk on a mismatch (the HTTP client
+        does). An in-process read hands on the node's own bytes.
+        """
         ...
 
     async def delete_part(self, node: NodeRef, key: str) -> None:

@@ -452,12 +452,13 @@ async def test_flipped_byte_fails_the_range_reads_that_cover_it(tmp_path: Path) 
         (bad, 1),
         (bad - 1, 3),
         (BLOCK, BLOCK),
-        (0, MULTI),
         (500, 2 * BLOCK),
         (BLOCK + 5000, 10),  # same block, other bytes: the block as a whole is suspect
     ]:
         with pytest.raises(IntegrityError, match="block checksums"):
             await read(store, "x.0", offset, length)
+    with pytest.raises(IntegrityError, match="does not match its checksum"):
+        await read(store, "x.0", 0, MULTI)  # the whole part: its sha256, before its end
     assert not await store.verify("x.0")
     # Other blocks still read fine.
     for offset, length in [(0, BLOCK), (10, 100), (2 * BLOCK, MULTI - 2 * BLOCK), (MULTI - 1, 1)]:
@@ -523,6 +524,8 @@ async def test_version_1_parts_still_read(tmp_path: Path) -> None:
     assert await store.verify("old.0")
     flip_bit(path, HEADER_SIZE + 77)
     assert not await store.verify("old.0")  # the sha256 still guards version-1 parts
+    with pytest.raises(IntegrityError, match="does not match its checksum"):
+        await read(store, "old.0", 0, MULTI)  # and every whole-part read of them
     os.truncate(store.part_path("old.1"), HEADER_SIZE + MULTI - 1)
     with pytest.raises(IntegrityError, match="truncated"):
         await read(store, "old.1", 0, 1)
@@ -607,3 +610,35 @@ async def test_stores_on_one_file_system_share_sync_rounds(tmp_path: Path) -> No
         assert sorted(await store.keys()) == sorted(f"h.{j}" for j in range(8))
     # 40 commits on five stores, far fewer syncs.
     assert 1 <= group.rounds - before < 20
+
+
+async def test_a_whole_part_read_checks_the_sha256_before_its_last_bytes(tmp_path: Path) -> None:
+    # A damaged byte whose block CRC was rewritten to match (as no accident would): block
+    # checks pass, so a range read returns it, but a whole-part read fails on the sha256
+    # before handing out its last chunk.
+    store = new_store(tmp_path, read_chunk=BLOCK)
+    data = payload(MULTI, seed=11)
+    await put(store, "s.0", data)
+    path = store.part_path("s.0")
+    raw = bytearray(path.read_bytes())
+    raw[HEADER_SIZE + 10] ^= 0x01
+    damaged = bytes(raw[HEADER_SIZE : HEADER_SIZE + MULTI])
+    blocks = [damaged[i : i + BLOCK] for i in range(0, MULTI, BLOCK)]
+    trailer = struct.pack(f"!{len(blocks)}I", *(zlib.crc32(b) for b in blocks))
+    raw[HEADER_SIZE + MULTI :] = trailer
+    struct.pack_into("!I", raw, 88, zlib.crc32(trailer))  # the header's trailer CRC ...
+    struct.pack_into("!I", raw, 80, zlib.crc32(bytes(raw[:80]) + bytes(raw[84:96])))  # ... and CRC
+    path.write_bytes(bytes(raw))
+
+    assert b"".join(await read(store, "s.0", 0, 100)) == damaged[:100]  # a range: blocks only
+    got: list[bytes] = []
+
+    async def read_all() -> None:
+        async with store.open("s.0", offset=0, length=MULTI) as chunks:
+            async for chunk in chunks:
+                got.append(chunk)
+
+    with pytest.raises(IntegrityError, match="does not match its checksum"):
+        await read_all()
+    assert len(got) == -(-MULTI // BLOCK) - 1  # every chunk but the last
+    assert not await store.verify("s.0")

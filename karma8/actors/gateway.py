@@ -26,14 +26,12 @@ GET
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 
 import attrs
 import trio
 
-from karma8.actors.hashing import OFFLOAD_BYTES, update_digest
 from karma8.core.errors import (
     IntegrityError,
     InvalidRequest,
@@ -52,7 +50,11 @@ from karma8.core.model import (
     VersionState,
 )
 from karma8.core.names import check_name, check_namespace
-from karma8.ports import BlockingRunner, DiscoveryAPI, StorageAPI
+from karma8.ports import DiscoveryAPI, StorageAPI
+
+# A part with at least this much left to read fetches together with the others (see
+# _Stitcher._fetch_ahead); below it the concurrency costs more than it saves.
+FETCH_AHEAD_BYTES = 64 * 1024
 
 
 @attrs.frozen(kw_only=True)
@@ -87,12 +89,10 @@ class Gateway:
         *,
         discovery: DiscoveryAPI,
         storage: StorageAPI,
-        blocking: BlockingRunner,
         config: GatewayConfig,
     ) -> None:
         self._discovery = discovery
         self._storage = storage
-        self._blocking = blocking
         self._config = config
 
     # -- PUT ------------------------------------------------------------------------------
@@ -276,7 +276,9 @@ class Gateway:
         """Open bytes ``[start, stop)`` of a committed version as a stream of chunks.
 
         Only the parts the range touches are opened. The stream raises StorageFailure or
-        IntegrityError if a part cannot be read or fails verification.
+        IntegrityError if a part cannot be read or fails verification: its length here, its
+        sha256 (for a whole-file read) by the node that reads it from disk and, where bytes
+        travel, by the transport (:meth:`karma8.ports.StorageAPI.read_part`).
         """
         size = version.size
         if size is None or version.state is not VersionState.COMMITTED:
@@ -293,14 +295,16 @@ class Gateway:
                 try:
                     stream = await stack.enter_async_context(
                         self._storage.read_part(
-                            placement.node, placement.key, offset=offset, length=length
+                            placement.node,
+                            placement.key,
+                            offset=offset,
+                            length=length,
+                            checksum=placement.checksum if whole else None,
                         )
                     )
                 except Karma8Error as exc:
                     raise _read_failure(placement, exc) from None
-                cursors[placement.index] = _PartCursor(
-                    placement, stream, length, verify=whole, blocking=self._blocking
-                )
+                cursors[placement.index] = _PartCursor(placement, stream, length)
             yield _Stitcher(version.layout, size, start, stop, cursors)
 
     # -- DELETE / list --------------------------------------------------------------------
@@ -367,10 +371,10 @@ def _read_failure(placement: PartPlacement, exc: Karma8Error) -> Karma8Error:
 
 
 class _PartCursor:
-    """Reads exact byte counts from one part stream, verifying the part as it goes.
+    """Reads exact byte counts from one part stream, checking its length as it goes.
 
     Holds at most one chunk fetched ahead (:meth:`fetch`), so the stitcher can fetch the next
-    chunk of every part at once: reading, checking and hashing them then overlap.
+    chunk of every part at once: the nodes' reads and checks then overlap.
     """
 
     def __init__(
@@ -378,18 +382,13 @@ class _PartCursor:
         placement: PartPlacement,
         stream: AsyncIterator[bytes],
         length: int,
-        *,
-        verify: bool,
-        blocking: BlockingRunner,
     ) -> None:
         self._placement = placement
-        self._blocking = blocking
         self._stream = stream
         self.unfetched = length  # bytes the node has not sent yet
         self._buf = b""
         self._pos = 0
         self._ahead: bytes | None = None
-        self._digest = hashlib.sha256() if verify and placement.checksum else None
 
     @property
     def needs_fetch(self) -> bool:
@@ -397,16 +396,12 @@ class _PartCursor:
         return self._pos == len(self._buf) and self._ahead is None and self.unfetched > 0
 
     async def fetch(self) -> None:
-        """Fetch, check and hash the part's next chunk; it is handed out by :meth:`read`."""
+        """Fetch the part's next chunk; it is handed out by :meth:`read`."""
         assert self._ahead is None
         self._ahead = await self._next_verified()
 
     async def _next_verified(self) -> bytes:
-        """The part's next chunk from the node, checked and hashed.
-
-        The whole part's checksum is checked when its last chunk arrives, before any byte of
-        that chunk is handed out.
-        """
+        """The part's next chunk from the node, its length checked."""
         try:
             chunk = await anext(self._stream)
         except StopAsyncIteration:
@@ -419,13 +414,6 @@ class _PartCursor:
         self.unfetched -= len(chunk)
         if self.unfetched < 0:
             raise IntegrityError(f"part {self._placement.index} is longer than recorded")
-        if self._digest is not None:
-            await update_digest(self._digest, chunk, self._blocking)
-            if self.unfetched == 0 and self._digest.hexdigest() != self._placement.checksum:
-                raise IntegrityError(
-                    f"part {self._placement.index} on node {self._placement.node.node_id}"
-                    " does not match its checksum"
-                )
         return chunk
 
     async def read(self, limit: int) -> bytes:
@@ -482,11 +470,11 @@ class _Stitcher:
 
     async def _fetch_ahead(self, needed: _PartCursor) -> None:
         """Fetch the next chunk of ``needed`` and, for large reads, of every other part that
-        has none waiting, concurrently: the nodes' reads and the hashing overlap on the cores
+        has none waiting, concurrently: the nodes' reads and checks overlap on the cores
         instead of running one chunk after another. At most one chunk per part is held.
         """
         others = [c for c in self._cursors.values() if c is not needed and c.needs_fetch]
-        if not others or needed.unfetched < OFFLOAD_BYTES:
+        if not others or needed.unfetched < FETCH_AHEAD_BYTES:
             await needed.fetch()
             return
         failures: list[Exception] = []

@@ -15,7 +15,6 @@ from urllib.parse import quote
 
 import httpx
 
-from karma8.actors.hashing import update_digest
 from karma8.core.errors import IntegrityError, Karma8Error, Unavailable, error_from_code
 from karma8.core.model import (
     FileEntry,
@@ -34,6 +33,7 @@ from karma8.net.codec import (
     encode_registration,
 )
 from karma8.net.common import SECRET_HEADER
+from karma8.net.hashing import update_digest
 from karma8.net.http_fixes import patch_httpcore
 from karma8.ports import BlockingRunner, StoredPart
 
@@ -193,7 +193,7 @@ class HttpStorageClient(_Http):
 
     @asynccontextmanager
     async def read_part(
-        self, node: NodeRef, key: str, *, offset: int, length: int
+        self, node: NodeRef, key: str, *, offset: int, length: int, checksum: str | None = None
     ) -> AsyncIterator[AsyncIterator[bytes]]:
         url = self._url(node, key)
         try:
@@ -202,7 +202,11 @@ class HttpStorageClient(_Http):
             ) as response:
                 await raise_for_error(response)
                 raw = response.aiter_raw()
-                yield _RawChunks(raw, url)
+                if checksum is None:
+                    yield _RawChunks(raw, url)
+                else:
+                    chunks = _RawChunks(raw, url)
+                    yield _CheckedChunks(chunks, key, length, checksum, self._blocking)
                 # Readers stop at the exact length; reading the (empty) end of the stream
                 # lets httpx finish its generators and keep the connection for reuse.
                 async for _ in raw:
@@ -230,6 +234,37 @@ class _HashedBody:
         chunk = await anext(self._chunks)
         await update_digest(self.digest, chunk, self._blocking)
         self.size += len(chunk)
+        return chunk
+
+
+class _CheckedChunks:
+    """A whole part arriving from a node, hashed on the way: a mismatch with the part's
+    checksum raises :class:`IntegrityError` instead of handing out the last chunk."""
+
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        key: str,
+        length: int,
+        checksum: str,
+        blocking: BlockingRunner,
+    ) -> None:
+        self._chunks = chunks
+        self._key = key
+        self._left = length
+        self._checksum = checksum
+        self._blocking = blocking
+        self._digest = hashlib.sha256()
+
+    def __aiter__(self) -> _CheckedChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await anext(self._chunks)
+        await update_digest(self._digest, chunk, self._blocking)
+        self._left -= len(chunk)
+        if self._left <= 0 and self._digest.hexdigest() != self._checksum:
+            raise IntegrityError(f"part {self._key} arrived damaged: not its checksum")
         return chunk
 
 

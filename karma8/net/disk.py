@@ -59,13 +59,17 @@ thread) as the block CRCs, and :meth:`FilePartWriter.commit` returns it.
 Block checksums: every read is verified
 ---------------------------------------
 The sha256 covers the whole part, so it can only be checked by a reader that reads the whole
-part (the gateway does so on a whole-file GET). A Range GET reads a slice of each part, and a
-flipped byte inside the slice would be served silently. So the payload is also cut into fixed
-blocks of ``B`` bytes, each with a CRC-32 in the trailer, and *every* read, at any offset and
-length, is widened to the whole blocks it touches; each block's CRC is checked before any byte
-of it is handed out, and a mismatch raises :class:`IntegrityError` (the storage node then cuts
-its response short, so the client never gets wrong bytes). The trailer is loaded and checked
-against its own CRC when a part is opened, so a damaged trailer is reported as such, on open.
+part: a whole-part read hashes what it reads (in the same worker thread as the ``pread``) and
+raises :class:`IntegrityError` before handing out its last chunk if the part does not match
+its checksum. A Range GET reads a slice of each part, and a flipped byte inside the slice
+would be served silently. So the payload is also cut into fixed blocks of ``B`` bytes, each
+with a CRC-32 in the trailer, and every other read, at any offset and length, is widened to
+the whole blocks it touches; each block's CRC is checked before any byte of it is handed out,
+and a mismatch raises :class:`IntegrityError` (the storage node then answers with an error, or
+cuts a streamed response short, so the client never gets a complete body with wrong bytes).
+A whole-part read skips the block CRCs: the sha256 already covers every byte before the end,
+and both passes cost a third more CPU. The trailer is loaded and checked against its own CRC
+when a part is opened, so a damaged trailer is reported as such, on open.
 
 Why CRC-32 (``zlib.crc32``) and not a sha256 per block: it is in the standard library, releases
 the GIL on large buffers (it runs in the worker threads next to the ``pread``), needs 4 bytes per
@@ -73,16 +77,16 @@ block instead of 32, and is much faster (~3 GB/s against ~1.4 GB/s for sha256 wi
 core, on the development machine; the gap is larger without SHA extensions). It is built to
 catch accidental damage, which is what it is for: with 64 KiB blocks it detects every 1- and
 2-bit error and every burst of up to 32 bits, and anything else except with probability 2^-32.
-It is not a defence against someone forging bytes; the end-to-end sha256 remains for that (and
-is still checked on whole-part reads and by ``verify``).
+It is not a defence against someone forging bytes; the sha256 remains for that (checked on
+whole-part reads and by ``verify``).
 
 Costs: the trailer is 4 bytes per 64 KiB (0.006 % of the payload; 16 KiB per GiB). Writing
 computes one CRC pass (next to the sha256) over the bytes, in the thread hop that writes
 them, and one extra ``pwrite`` of the trailer at commit. Opening a part for reading reads its
-whole trailer (one ``pread``; 64 bytes for a 1 MiB part). A read costs one CRC pass over what
-it reads, and a range read reads at most two partial blocks more than asked (< 128 KiB); a
-reader holds at most ``read_chunk`` plus two blocks of verified bytes. Aligned whole-part
-reads read nothing extra.
+whole trailer (one ``pread``; 64 bytes for a 1 MiB part). A range read costs one CRC pass
+over what it reads and reads at most two partial blocks more than asked (< 128 KiB); a reader
+holds at most ``read_chunk`` plus two blocks of verified bytes. A whole-part read costs one
+sha256 pass and reads nothing extra.
 
 Fan-out and how much a node can hold
 ------------------------------------

@@ -38,11 +38,13 @@ class LocalFirstStorageClient:
         return await local.put_part(key, chunks)
 
     def read_part(
-        self, node: NodeRef, key: str, *, offset: int, length: int
+        self, node: NodeRef, key: str, *, offset: int, length: int, checksum: str | None = None
     ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         local = self._local.get(node.node_id)
         if local is None:
-            return self._remote.read_part(node, key, offset=offset, length=length)
+            return self._remote.read_part(
+                node, key, offset=offset, length=length, checksum=checksum
+            )
         return local.read_part(key, offset=offset, length=length)
 
     async def delete_part(self, node: NodeRef, key: str) -> None:

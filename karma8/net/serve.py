@@ -49,7 +49,7 @@ T = TypeVar("T")
 log = logging.getLogger("karma8.serve")
 
 CLUSTER_FILE = "cluster.json"
-HASH_THREADS = 8  # per actor; hashing releases the GIL
+HASH_THREADS = 8  # per HTTP storage client; hashing releases the GIL
 NODE_ID_FILE = "node_id"
 
 
@@ -285,7 +285,6 @@ def build_gateway(config: NetConfig, *, discovery: DiscoveryAPI, storage: Storag
     return Gateway(
         discovery=discovery,
         storage=storage,
-        blocking=ThreadRunner(HASH_THREADS),
         config=GatewayConfig(max_file_size=config.max_file_size),
     )
 

@@ -141,8 +141,10 @@ class SimStorageClient:
 
     @asynccontextmanager
     async def read_part(
-        self, node: NodeRef, key: str, *, offset: int, length: int
+        self, node: NodeRef, key: str, *, offset: int, length: int, checksum: str | None = None
     ) -> AsyncIterator[AsyncIterator[bytes]]:
+        # ``checksum`` is unused: the simulated network delivers bytes as they were sent (the
+        # node's disk checks them).
         dst = node.node_id
 
         # Opening is a call (so it pays latency and can fail like one); the stream then flows

@@ -80,7 +80,6 @@ class SimCluster:
         return Gateway(
             discovery=SimDiscoveryClient(self.network, GATEWAY),
             storage=SimStorageClient(self.network, GATEWAY),
-            blocking=self.world.blocking,
             config=GatewayConfig(),
         )
 

@@ -1,9 +1,9 @@
-"""Checksumming bytes on their way through an actor.
+"""Checksumming bytes on their way over HTTP (the storage client's transfer checks).
 
-hashlib releases the GIL while it hashes a buffer, so a big chunk hashed through the actor's
-:class:`~karma8.ports.BlockingRunner` (a worker thread in net mode) runs on another core while
-the event loop keeps moving bytes; in the simulator the runner calls it inline. Small chunks are
-hashed in place: for them the hop would cost more than the hash.
+hashlib releases the GIL while it hashes a buffer, so a big chunk hashed through a
+:class:`~karma8.ports.BlockingRunner` (a worker thread) runs on another core while the event
+loop keeps moving bytes. Small chunks are hashed in place: for them the hop would cost more
+than the hash.
 """
 
 from __future__ import annotations
