@@ -46,7 +46,7 @@ async def flip_first_byte(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
 
 
 @LOCAL_OR_HTTP
-async def test_flipped_and_truncated_parts_never_yield_wrong_bytes(
+async def test_flipped_and_truncated_parts_never_read_back_complete(
     tmp_path: Path, local_calls: bool
 ) -> None:
     async with net_driver(tmp_path, local_calls=local_calls) as net:
@@ -135,7 +135,7 @@ async def test_range_get_of_a_flipped_byte_never_yields_wrong_bytes(
 
 
 @LOCAL_OR_HTTP
-async def test_large_reads_fetch_parts_together_and_still_never_yield_wrong_bytes(
+async def test_large_reads_fetch_parts_together_and_still_never_complete_wrong(
     tmp_path: Path, local_calls: bool
 ) -> None:
     # Parts of hundreds of KiB: the gateway fetches the next chunk of every part at once

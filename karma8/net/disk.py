@@ -10,15 +10,20 @@ Directory layout::
       parts/<aa>/<bb>/<key>      committed parts; aa, bb = first 4 hex digits of blake2b(key)
 
 A write goes to its own file in ``tmp/``. :meth:`FilePartWriter.commit` writes the block
-checksum trailer and the header, fsyncs the file, creates the leaf directory if needed (fsyncing
-its parent), hard-links the file into ``parts/aa/bb/`` and fsyncs the leaf directory, then
-unlinks the temporary name. Link plus unlink is a rename that refuses to replace: parts are
-immutable, so a second commit of the same key fails with :class:`UploadConflict` instead of
-silently swapping bytes under a reader (and the used-bytes counter cannot double-count). Because
-the file was fsynced *before* it got its final name, any name that survives a crash points at
-complete, durable bytes; a crash at any earlier point leaves only a temporary, which the next
-start deletes. Deleting a part fsyncs its leaf directory too, so a deletion the node reports to
-discovery cannot come back after a crash.
+checksum trailer and the header, creates the leaf directory if needed, hard-links the file into
+``parts/aa/bb/`` and unlinks the temporary name; the part counts as stored only once it is
+durable. With group sync (the default on Linux) that is once a ``syncfs`` that started after
+the link has completed (:mod:`karma8.net.groupsync`); a commit whose round fails or is
+cancelled unlinks the part again. Without it, the file is fsynced before the link, and the
+new directory's parent and the leaf directory after it. Link plus unlink is a rename that
+refuses to replace: parts are immutable, so a second commit of the same key fails with
+:class:`UploadConflict` instead of silently swapping bytes under a reader (and the used-bytes
+counter cannot double-count). A crash before a part is durable can leave its name with
+incomplete bytes (group sync links first); such a part fails its header or checksums, and its
+version was never committed (discovery commits only after every part is durable), so it is an
+orphan the node deletes. A crash leaves temporaries too, which the next start deletes.
+Deleting a part fsyncs its leaf directory, so a deletion the node reports to discovery
+cannot come back after a crash.
 
 Part file format (all integers big-endian): a fixed 96-byte header, the part's bytes (the
 payload), then a trailer of per-block checksums::
@@ -56,8 +61,8 @@ and the sha256 lets :meth:`FilePartStore.verify` (the scrubber) detect bit rot. 
 computes the sha256 as the bytes go to the disk, in the same pass (and the same worker
 thread) as the block CRCs, and :meth:`FilePartWriter.commit` returns it.
 
-Block checksums: every read is verified
----------------------------------------
+Every read is verified: the whole part by its sha256, a range by block checksums
+--------------------------------------------------------------------------------
 The sha256 covers the whole part, so it can only be checked by a reader that reads the whole
 part: a whole-part read hashes what it reads (in the same worker thread as the ``pread``) and
 raises :class:`IntegrityError` before handing out its last chunk if the part does not match
@@ -117,8 +122,9 @@ headers, trailers, block rounding and directories.
 
 Blocking file-system calls run in ``trio.to_thread.run_sync`` (never abandoned on
 cancellation, so no call is ever left running behind a task), except small ones: opening a
-part, reading its header and trailer, creating a temporary, and reading or writing at most
-``inline_io`` bytes (64 KiB) run on the event loop, as nginx reads files by default. A thread
+part, reading its header and trailer, and reading or writing at most ``inline_io`` bytes
+(64 KiB) to an open file run on the event loop, as nginx reads files by default. Creating a
+temporary and every commit (which writes, links and may make a directory) go to a thread. A thread
 hop costs more CPU than such a call served from the page cache (profiled: 4 KiB GETs spent
 most of their time handing calls to threads and back); fsync and bulk transfers always go to a
 thread. ``inline_io=0`` sends everything to threads. Writes are buffered up to

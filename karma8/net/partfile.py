@@ -250,6 +250,7 @@ class FilePartWriter:
         self._accepted = 0  # bytes counted in the store's in-flight total
         self._file_pos = HEADER_SIZE
         self._done = False
+        self._sealed = False  # commit was called: one attempt only (then discard)
         # Checksums of what is written so far: the part's sha256, the finished blocks' CRCs
         # and the running CRC of the open block.
         self._sha256 = hashlib.sha256()
@@ -258,7 +259,7 @@ class FilePartWriter:
         self._block_fill = 0
 
     def _check_open(self) -> None:
-        if self._done:
+        if self._done or self._sealed:
             raise trio.ClosedResourceError("part writer already committed or discarded")
 
     def _open_sync(self) -> int:
@@ -349,6 +350,9 @@ class FilePartWriter:
             DiskFull, StorageFailure: The disk failed.
         """
         self._check_open()
+        # A commit is tried once: a failed one may have consumed the buffer into checksums
+        # and the temporary into a link, so after it the writer only discards.
+        self._sealed = True
         store = self._store
         group = store._group_sync
         length = self._file_pos - HEADER_SIZE + self._buffered
