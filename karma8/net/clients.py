@@ -180,7 +180,7 @@ class HttpStorageClient(_Http):
         # With a known size the body goes out with a Content-Length: chunked framing would copy
         # every chunk once more to glue its size line on.
         headers = {"Content-Length": str(size)} if size is not None else None
-        sent = _HashedBody(chunks, self._blocking)
+        sent = _HashedChunks(chunks, self._blocking)
         response = await self.request("PUT", self._url(node, key), content=sent, headers=headers)
         stored = decode_stored(response.json())
         checksum = sent.digest.hexdigest()
@@ -202,11 +202,13 @@ class HttpStorageClient(_Http):
             ) as response:
                 await raise_for_error(response)
                 raw = response.aiter_raw()
+                chunks = _RawChunks(raw, url)
                 if checksum is None:
-                    yield _RawChunks(raw, url)
+                    yield chunks
                 else:
-                    chunks = _RawChunks(raw, url)
-                    yield _CheckedChunks(chunks, key, length, checksum, self._blocking)
+                    yield _CheckedChunks(
+                        chunks, self._blocking, key=key, length=length, checksum=checksum
+                    )
                 # Readers stop at the exact length; reading the (empty) end of the stream
                 # lets httpx finish its generators and keep the connection for reuse.
                 async for _ in raw:
@@ -218,8 +220,8 @@ class HttpStorageClient(_Http):
         await self.request("DELETE", self._url(node, key))
 
 
-class _HashedBody:
-    """A request body that hashes the chunks as the transport sends them."""
+class _HashedChunks:
+    """Chunks on their way through the transport, hashed (sha256) and counted as they go."""
 
     def __init__(self, chunks: AsyncIterable[bytes], blocking: BlockingRunner) -> None:
         self._chunks = aiter(chunks)
@@ -227,7 +229,7 @@ class _HashedBody:
         self.digest = hashlib.sha256()
         self.size = 0
 
-    def __aiter__(self) -> _HashedBody:
+    def __aiter__(self) -> _HashedChunks:
         return self
 
     async def __anext__(self) -> bytes:
@@ -237,33 +239,27 @@ class _HashedBody:
         return chunk
 
 
-class _CheckedChunks:
-    """A whole part arriving from a node, hashed on the way: a mismatch with the part's
-    checksum raises :class:`IntegrityError` instead of handing out the last chunk."""
+class _CheckedChunks(_HashedChunks):
+    """A whole part arriving from a node: a mismatch with the part's checksum raises
+    :class:`IntegrityError` instead of handing out the last chunk."""
 
     def __init__(
         self,
-        chunks: AsyncIterator[bytes],
+        chunks: AsyncIterable[bytes],
+        blocking: BlockingRunner,
+        *,
         key: str,
         length: int,
         checksum: str,
-        blocking: BlockingRunner,
     ) -> None:
-        self._chunks = chunks
+        super().__init__(chunks, blocking)
         self._key = key
-        self._left = length
+        self._length = length
         self._checksum = checksum
-        self._blocking = blocking
-        self._digest = hashlib.sha256()
-
-    def __aiter__(self) -> _CheckedChunks:
-        return self
 
     async def __anext__(self) -> bytes:
-        chunk = await anext(self._chunks)
-        await update_digest(self._digest, chunk, self._blocking)
-        self._left -= len(chunk)
-        if self._left <= 0 and self._digest.hexdigest() != self._checksum:
+        chunk = await super().__anext__()
+        if self.size >= self._length and self.digest.hexdigest() != self._checksum:
             raise IntegrityError(f"part {self._key} arrived damaged: not its checksum")
         return chunk
 

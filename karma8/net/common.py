@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
 from quart import Response, jsonify, request
@@ -23,6 +24,12 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 # (one body write, and a failure is an error status rather than a body cut short); larger
 # ones stream, so memory per request stays bounded either way.
 WHOLE_BODY_BYTES = 64 * 1024
+
+
+async def read_whole(opened: AbstractAsyncContextManager[AsyncIterator[bytes]]) -> bytes:
+    """Open a stream of chunks, read it to the end and close it: a small response's body."""
+    async with opened as chunks:
+        return b"".join([chunk async for chunk in chunks])
 
 
 def create_app(name: str, *, secret: str | None) -> QuartTrio:

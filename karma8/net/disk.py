@@ -124,10 +124,10 @@ Blocking file-system calls run in ``trio.to_thread.run_sync`` (never abandoned o
 cancellation, so no call is ever left running behind a task), except small ones: opening a
 part, reading its header and trailer, and reading or writing at most ``inline_io`` bytes
 (64 KiB) to an open file run on the event loop, as nginx reads files by default. Creating a
-temporary and every commit (which writes, links and may make a directory) go to a thread. A thread
-hop costs more CPU than such a call served from the page cache (profiled: 4 KiB GETs spent
-most of their time handing calls to threads and back); fsync and bulk transfers always go to a
-thread. ``inline_io=0`` sends everything to threads. Writes are buffered up to
+temporary and every commit (which writes, links and may make a directory) go to a thread.
+A thread hop costs more CPU than such a call served from the page cache (profiled: 4 KiB GETs
+spent most of their time handing calls to threads and back); fsync and bulk transfers always
+go to a thread. ``inline_io=0`` sends everything to threads. Writes are buffered up to
 ``write_buffer`` bytes (1 MiB) per thread hop; reads hop once per ``read_chunk`` bytes (widened
 to whole blocks, so with the default 1 MiB an aligned read reads exactly 16 blocks). Any other
 ``OSError`` becomes :class:`StorageFailure` with a message that names no paths.
@@ -157,7 +157,6 @@ from karma8.net.partfile import (
     SAFE_KEY,
     FilePartWriter,
     PartHeader,
-    PartRead,
     check_blocks,
     check_key,
     close_quietly,
@@ -167,6 +166,7 @@ from karma8.net.partfile import (
     read_trailer,
     storage_error,
 )
+from karma8.net.partread import PartRead
 from karma8.ports import StoredPart
 
 T = TypeVar("T")

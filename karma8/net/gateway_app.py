@@ -25,7 +25,7 @@ from karma8.core.errors import InvalidRequest, Karma8Error
 from karma8.core.model import FileVersion
 from karma8.core.ranges import resolve_range
 from karma8.net.codec import encode_entry
-from karma8.net.common import WHOLE_BODY_BYTES, create_app, int_arg
+from karma8.net.common import WHOLE_BODY_BYTES, create_app, int_arg, read_whole
 
 log = logging.getLogger("karma8.gateway")
 
@@ -150,8 +150,7 @@ def gateway_app(gateway: Gateway) -> QuartTrio:
         if not head and stop - start <= WHOLE_BODY_BYTES:
             # Small: read it all first. One body write instead of one per part piece, and any
             # failure, a checksum too, is an error status rather than a body cut short.
-            async with gateway.open_read(version, start=start, stop=stop) as chunks:
-                body = b"".join([chunk async for chunk in chunks])
+            body = await read_whole(gateway.open_read(version, start=start, stop=stop))
         elif not head:
             # Open the part streams before the status line goes out, so that a node that is
             # down or a missing part is a 502/503 with a JSON body, not a truncated 200.

@@ -1,8 +1,9 @@
-"""The part file: its on-disk format and the per-file writer and reader.
+"""The part file: its on-disk format and the per-file writer.
 
 See :mod:`karma8.net.disk` for the theory of operation (layout, commit protocol, format table,
 costs). This module holds the mechanics of one file: header and trailer encoding, block CRC
-checks, :class:`FilePartWriter` (a write in progress) and the range reader.
+checks and :class:`FilePartWriter` (a write in progress); :mod:`karma8.net.partread` holds
+the reader.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import os
 import re
 import struct
 import zlib
-from contextlib import AbstractAsyncContextManager, suppress
+from contextlib import suppress
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
 import attrs
@@ -365,11 +365,12 @@ class FilePartWriter:
             without group sync. A part that never filled the write buffer is written here
             whole, header to trailer, with one system call."""
             fd = self._open_sync()
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            whole = pos == HEADER_SIZE
-            if data and not whole:
-                pwrite_all(fd, data, pos)
-            self._add_checksums(data)
+            whole = pos == HEADER_SIZE  # nothing flushed yet: written below in one call
+            data = b"".join(chunks) if whole else b""
+            if whole:
+                self._add_checksums(data)
+            elif chunks:
+                self._flush_sync(chunks, pos)
             crcs = self._block_crcs + ([self._block_crc] if self._block_fill else [])
             trailer = _block_crcs_trailer(crcs)
             header = PartHeader(
@@ -468,151 +469,3 @@ class FilePartWriter:
             self._store._in_flight -= self._accepted
             self._accepted = 0
             self._buffer, self._buffered = [], 0
-
-
-class PartRead(AbstractAsyncContextManager["_ChunkReader"]):
-    """The context manager :meth:`FilePartStore.open` returns: opens on entry, closes on exit."""
-
-    def __init__(self, store: FilePartStore, key: str, offset: int, length: int) -> None:
-        self._store = store
-        self._key = key
-        self._offset = offset
-        self._length = length
-        self._reader: _ChunkReader | None = None
-
-    async def __aenter__(self) -> _ChunkReader:
-        if self._reader is not None:
-            raise RuntimeError("a part reader cannot be entered twice")
-        key, offset, length = self._key, self._offset, self._length
-
-        def open_checked() -> tuple[int, PartHeader, tuple[int, ...]]:
-            fd, header, size = self._store._open_part(key)
-            try:
-                if size < header.file_size:
-                    raise IntegrityError(f"part {key} is truncated")
-                if offset + length > header.length:
-                    raise IntegrityError(f"part {key} is shorter than {offset + length} bytes")
-                crcs = read_trailer(fd, header, key)
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd, header, crcs
-
-        try:
-            fd, header, crcs = await self._store._run_small(open_checked)
-        except OSError as exc:
-            raise storage_error(exc, "opening a part") from None
-        self._reader = _ChunkReader(
-            self._store, key, fd, header, crcs, offset, offset + length, self._store._read_chunk
-        )
-        return self._reader
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        # Close synchronously: an await here could be cancelled before it ran, leaking the fd.
-        if self._reader is not None:
-            self._reader.close()
-
-
-class _ChunkReader:
-    """Chunks of a part's payload range ``[start, end)``, each at most ``chunk`` bytes (all but
-    the last exactly ``chunk``). A class, not an async generator, so a reader abandoned part-way
-    needs no finaliser task.
-
-    Reads whole blocks (one thread hop per refill, covering at least the next chunk) and checks
-    every block against its CRC in that thread before any of its bytes are kept; verified bytes
-    not yet handed out wait in ``_buf`` (at most one chunk plus two blocks). A read of the whole
-    part is checked by its sha256 instead, computed in the same thread hops, before its last
-    bytes are handed out. A version-1 part has no blocks: reads are then exactly the requested
-    bytes, checked only by the sha256 of a whole-part read.
-    """
-
-    def __init__(
-        self,
-        store: FilePartStore,
-        key: str,
-        fd: int,
-        header: PartHeader,
-        crcs: tuple[int, ...],
-        start: int,
-        end: int,
-        chunk: int,
-    ) -> None:
-        self._store = store
-        self._key = key
-        self._fd: int | None = fd
-        self._block = header.block_size or 1
-        self._verify = bool(header.block_size)
-        self._crcs = crcs
-        self._length = header.length
-        self._pos = start
-        self._end = end
-        self._chunk = chunk
-        self._buf = b""  # verified payload bytes from _buf_start; ends on a block boundary
-        self._buf_start = start
-        # A whole-part read is read in order from 0, so it checks the sha256 as it goes, and
-        # that check alone: it covers every byte before the last chunk is handed out, which
-        # is what a reader of the whole part can use (block CRCs on top cost a third more).
-        whole = start == 0 and end == header.length and header.length > 0
-        self._sha256 = hashlib.sha256() if whole else None
-        self._checksum = header.checksum
-        if whole:
-            self._verify = False
-
-    def __aiter__(self) -> _ChunkReader:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._fd is None:
-            raise trio.ClosedResourceError("part reader is closed")
-        if self._pos >= self._end:
-            raise StopAsyncIteration
-        want = min(self._chunk, self._end - self._pos)
-        if self._pos + want > self._buf_start + len(self._buf):
-            await self._fill(self._fd, self._pos + want)
-        at = self._pos - self._buf_start
-        data = self._buf if at == 0 and want == len(self._buf) else self._buf[at : at + want]
-        self._pos += want
-        return data
-
-    async def _fill(self, fd: int, need: int) -> None:
-        """Read and verify whole blocks so that ``_buf`` covers ``[_pos, need)``."""
-        block, key, crcs = self._block, self._key, self._crcs
-        buf_end = self._buf_start + len(self._buf)
-        keep = self._buf[self._pos - self._buf_start :] if buf_end > self._pos else b""
-        # The buffer ends on a block boundary, so reading on from its end reads whole blocks.
-        first = buf_end if keep else self._pos // block * block
-        last = min(-(-need // block) * block, self._length)
-        verify, sha256, length = self._verify, self._sha256, self._length
-
-        def read_blocks() -> bytes:
-            data = pread_exact(fd, last - first, HEADER_SIZE + first)
-            if len(data) < last - first:
-                raise IntegrityError(f"part {key} ended early")
-            if verify and not check_blocks(data, first // block, block, crcs):
-                raise IntegrityError(f"part {key} does not match its block checksums")
-            if sha256 is not None:
-                sha256.update(data)
-                if last == length and sha256.hexdigest() != self._checksum:
-                    raise IntegrityError(f"part {key} does not match its checksum")
-            return data
-
-        try:
-            data = await self._store._run_small(read_blocks, last - first)
-        except OSError as exc:
-            raise storage_error(exc, "reading a part") from None
-        if keep:
-            self._buf, self._buf_start = keep + data, self._pos
-        else:
-            self._buf, self._buf_start = data, first
-
-    def close(self) -> None:
-        """Close the file; idempotent."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            close_quietly(fd)
-        self._buf = b""

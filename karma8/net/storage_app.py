@@ -18,7 +18,7 @@ from quart_trio import QuartTrio
 from karma8.actors.storage import StorageNode
 from karma8.core.errors import InvalidRequest, NotFound
 from karma8.net.codec import encode_stored
-from karma8.net.common import WHOLE_BODY_BYTES, create_app, int_arg
+from karma8.net.common import WHOLE_BODY_BYTES, create_app, int_arg, read_whole
 
 
 class _OpenedBody:
@@ -77,8 +77,7 @@ def storage_app(node: StorageNode, *, secret: str | None) -> QuartTrio:
         body: bytes | _OpenedBody
         if length <= WHOLE_BODY_BYTES:
             # Read whole first: a block that fails its check is a JSON error, not a cut.
-            async with node.read_part(key, offset=offset, length=length) as chunks:
-                body = b"".join([chunk async for chunk in chunks])
+            body = await read_whole(node.read_part(key, offset=offset, length=length))
         else:
             # Opened before the status line, so a damaged or truncated part is a JSON error.
             body = await _OpenedBody.open(node.read_part(key, offset=offset, length=length))
