@@ -143,11 +143,11 @@ class StorageAPI(Protocol):
     ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         """Open ``length`` bytes of a part from ``offset`` as a stream of chunks.
 
-        The node checks what it reads from its disk; a read of the whole part, its sha256
-        too, before the last chunk. ``checksum`` (the part's sha256, given for a whole-part
-        read) is for a transport that can damage bytes on the way: it hashes what arrives and
-        raises :class:`IntegrityError` before the last chunk on a mismatch (the HTTP client
-        does). An in-process read hands on the node's own bytes.
+        The node checks what it reads from its disk (the file store: every block's CRC
+        before any byte of it is handed out). ``checksum`` (the part's sha256, given for a
+        whole-part read) is for a transport that can damage bytes on the way: it hashes what
+        arrives and raises :class:`IntegrityError` before the last chunk on a mismatch (the
+        HTTP client does). An in-process read hands on the node's own bytes.
         """
         ...
 

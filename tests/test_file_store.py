@@ -7,6 +7,8 @@ import hashlib
 import os
 import random
 import struct
+import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,10 @@ import pytest
 import trio
 
 from karma8.core.errors import DiskFull, IntegrityError, NotFound, StorageFailure, UploadConflict
+from karma8.net import partread
 from karma8.net.disk import FilePartStore
 from karma8.net.groupsync import GroupSync, SyncGroups
-from karma8.net.partfile import BLOCK, HEADER_SIZE
+from karma8.net.partfile import BLOCK, HEADER_SIZE, pread_exact
 from karma8.ports import PartStore, StoredPart
 
 MIB = 1 << 20
@@ -412,11 +415,12 @@ def block_ranges(size: int) -> list[tuple[int, int]]:
     return [(offset, min(length, size - offset)) for offset, length in ranges]
 
 
+@pytest.mark.parametrize("inline_io", [0, 1 << 16])  # 0: every read in a thread, read ahead
 @pytest.mark.parametrize("read_chunk", [7, 1000, BLOCK, MIB])
 async def test_range_reads_across_blocks_return_the_right_bytes(
-    tmp_path: Path, read_chunk: int
+    tmp_path: Path, read_chunk: int, inline_io: int
 ) -> None:
-    store = new_store(tmp_path, read_chunk=read_chunk)
+    store = new_store(tmp_path, read_chunk=read_chunk, inline_io=inline_io)
     data = payload(MULTI, seed=5)
     await put(store, "b.0", data, chunk=5000)
     for offset, length in block_ranges(MULTI):
@@ -459,8 +463,8 @@ async def test_flipped_byte_fails_the_range_reads_that_cover_it(tmp_path: Path) 
     ]:
         with pytest.raises(IntegrityError, match="block checksums"):
             await read(store, "x.0", offset, length)
-    with pytest.raises(IntegrityError, match="does not match its checksum"):
-        await read(store, "x.0", 0, MULTI)  # the whole part: its sha256, before its end
+    with pytest.raises(IntegrityError, match="block checksums"):
+        await read(store, "x.0", 0, MULTI)  # the whole part: the same block checks
     assert not await store.verify("x.0")
     # Other blocks still read fine.
     for offset, length in [(0, BLOCK), (10, 100), (2 * BLOCK, MULTI - 2 * BLOCK), (MULTI - 1, 1)]:
@@ -470,6 +474,91 @@ async def test_flipped_byte_fails_the_range_reads_that_cover_it(tmp_path: Path) 
         got = [await chunks.__anext__(), await chunks.__anext__()]
         assert b"".join(got) == data[BLOCK - 250 : BLOCK - 50]
         with pytest.raises(IntegrityError):
+            await chunks.__anext__()
+
+
+class SlowReads:
+    """Holds every ``pread`` of part bytes from file offset ``at`` on, until released."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, at: int) -> None:
+        self.release = threading.Event()
+        self.started = threading.Event()
+        real = pread_exact
+
+        def held(fd: int, size: int, pos: int) -> bytes:
+            if pos >= at:
+                self.started.set()
+                self.release.wait(10)
+            return real(fd, size, pos)
+
+        monkeypatch.setattr(partread, "pread_exact", held)
+
+
+def fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+async def test_a_reader_closed_during_its_read_ahead_closes_the_file_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = new_store(tmp_path, read_chunk=BLOCK, inline_io=0)
+    data = payload(MULTI, seed=6)
+    await put(store, "ra.0", data)
+    slow = SlowReads(monkeypatch, at=HEADER_SIZE + 2 * BLOCK)
+    async with store.open("ra.0", offset=0, length=MULTI) as chunks:
+        assert await chunks.__anext__() == data[:BLOCK]
+        assert await chunks.__anext__() == data[BLOCK : 2 * BLOCK]  # and block 2 is read ahead
+        assert await trio.to_thread.run_sync(slow.started.wait, 10)
+        fd = chunks._fd
+        assert fd is not None
+    # Closed while the read-ahead runs: the descriptor stays open (a reused number would be
+    # read by that pread) until the read ends, and then it is closed.
+    assert fd_is_open(fd)
+    slow.release.set()
+
+    def closed_soon() -> bool:
+        deadline = time.monotonic() + 10
+        while fd_is_open(fd) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not fd_is_open(fd)
+
+    assert await trio.to_thread.run_sync(closed_soon)
+
+
+async def test_a_read_cancelled_while_its_read_ahead_runs_resumes_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A version-1 part: its whole-part read hashes every block once, in order, so a block
+    # dropped or read twice after the cancellation would fail the read.
+    store = new_store(tmp_path, read_chunk=1000, inline_io=0)
+    data = payload(MULTI, seed=7)
+    write_version_1(store, "rc.0", data)
+    slow = SlowReads(monkeypatch, at=HEADER_SIZE + 2000)
+    async with store.open("rc.0", offset=0, length=MULTI) as chunks:
+        got = [await chunks.__anext__()]
+        got.append(await chunks.__anext__())  # and bytes 2000..2999 are read ahead
+        assert await trio.to_thread.run_sync(slow.started.wait, 10)
+        with trio.move_on_after(0.05) as scope:
+            await chunks.__anext__()
+        assert scope.cancelled_caught
+        slow.release.set()
+        got += [chunk async for chunk in chunks]
+    assert b"".join(got) == data
+
+
+async def test_a_failed_read_ahead_fails_the_next_chunk(tmp_path: Path) -> None:
+    store = new_store(tmp_path, read_chunk=BLOCK, inline_io=0)
+    data = payload(MULTI, seed=8)
+    await put(store, "rf.0", data)
+    flip_bit(store.part_path("rf.0"), HEADER_SIZE + 2 * BLOCK + 9)
+    async with store.open("rf.0", offset=0, length=MULTI) as chunks:
+        assert await chunks.__anext__() == data[:BLOCK]
+        assert await chunks.__anext__() == data[BLOCK : 2 * BLOCK]
+        with pytest.raises(IntegrityError, match="block checksums"):
             await chunks.__anext__()
 
 
@@ -614,10 +703,12 @@ async def test_stores_on_one_file_system_share_sync_rounds(tmp_path: Path) -> No
     assert 1 <= group.rounds - before < 20
 
 
-async def test_a_whole_part_read_checks_the_sha256_before_its_last_bytes(tmp_path: Path) -> None:
-    # A damaged byte whose block CRC was rewritten to match (as no accident would): block
-    # checks pass, so a range read returns it, but a whole-part read fails on the sha256
-    # before handing out its last chunk.
+async def test_block_crcs_catch_accidents_and_the_sha256_catches_a_forged_block(
+    tmp_path: Path,
+) -> None:
+    # A damaged byte whose block CRC was rewritten to match (as no accident would): every
+    # read checks blocks only, so it returns the byte; the scrubber's sha256 catches it (and
+    # over HTTP so does the client's check of the recorded sha256: test_integrity_net).
     store = new_store(tmp_path, read_chunk=BLOCK)
     data = payload(MULTI, seed=11)
     await put(store, "s.0", data)
@@ -632,15 +723,6 @@ async def test_a_whole_part_read_checks_the_sha256_before_its_last_bytes(tmp_pat
     struct.pack_into("!I", raw, 80, zlib.crc32(bytes(raw[:80]) + bytes(raw[84:96])))  # ... and CRC
     path.write_bytes(bytes(raw))
 
-    assert b"".join(await read(store, "s.0", 0, 100)) == damaged[:100]  # a range: blocks only
-    got: list[bytes] = []
-
-    async def read_all() -> None:
-        async with store.open("s.0", offset=0, length=MULTI) as chunks:
-            async for chunk in chunks:
-                got.append(chunk)
-
-    with pytest.raises(IntegrityError, match="does not match its checksum"):
-        await read_all()
-    assert len(got) == -(-MULTI // BLOCK) - 1  # every chunk but the last
+    assert b"".join(await read(store, "s.0", 0, 100)) == damaged[:100]
+    assert b"".join(await read(store, "s.0", 0, MULTI)) == damaged
     assert not await store.verify("s.0")

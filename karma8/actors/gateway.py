@@ -277,8 +277,8 @@ class Gateway:
 
         Only the parts the range touches are opened. The stream raises StorageFailure or
         IntegrityError if a part cannot be read or fails verification: its length here, its
-        sha256 (for a whole-file read) by the node that reads it from disk and, where bytes
-        travel, by the transport (:meth:`karma8.ports.StorageAPI.read_part`).
+        bytes by the node that reads them from disk and, where bytes travel, by the
+        transport (:meth:`karma8.ports.StorageAPI.read_part`).
         """
         size = version.size
         if size is None or version.state is not VersionState.COMMITTED:

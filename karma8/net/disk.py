@@ -61,37 +61,48 @@ and the sha256 lets :meth:`FilePartStore.verify` (the scrubber) detect bit rot. 
 computes the sha256 as the bytes go to the disk, in the same pass (and the same worker
 thread) as the block CRCs, and :meth:`FilePartWriter.commit` returns it.
 
-Every read is verified: the whole part by its sha256, a range by block checksums
---------------------------------------------------------------------------------
-The sha256 covers the whole part, so it can only be checked by a reader that reads the whole
-part: a whole-part read hashes what it reads (in the same worker thread as the ``pread``) and
-raises :class:`IntegrityError` before handing out its last chunk if the part does not match
-its checksum. A Range GET reads a slice of each part, and a flipped byte inside the slice
-would be served silently. So the payload is also cut into fixed blocks of ``B`` bytes, each
-with a CRC-32 in the trailer, and every other read, at any offset and length, is widened to
-the whole blocks it touches; each block's CRC is checked before any byte of it is handed out,
-and a mismatch raises :class:`IntegrityError` (the storage node then answers with an error, or
-cuts a streamed response short, so the client never gets a complete body with wrong bytes).
-A whole-part read skips the block CRCs: the sha256 already covers every byte before the end,
-and both passes cost a third more CPU. The trailer is loaded and checked against its own CRC
-when a part is opened, so a damaged trailer is reported as such, on open.
+Every read is verified, block by block, before any byte of a block is handed out
+---------------------------------------------------------------------------------
+The payload is cut into fixed blocks of ``B`` bytes, each with a CRC-32 in the trailer. Every
+read, of the whole part or of a slice at any offset and length, is widened to the whole
+blocks it touches, and each block's CRC is checked (in the worker thread that ``pread`` it)
+before any byte of it is handed out; a mismatch raises :class:`IntegrityError` (the storage
+node then answers with an error, or cuts a streamed response short, so the client never gets
+a complete body with wrong bytes, and no damaged byte leaves the node). The trailer is loaded
+and checked against its own CRC when a part is opened, so a damaged trailer is reported as
+such, on open. The sha256 is not checked on reads: it is what :meth:`FilePartStore.verify`
+(the scrubber) checks, and what a storage client checks where bytes travel over HTTP
+(:class:`karma8.net.clients.HttpStorageClient`, against the checksum discovery recorded).
+A version-1 part has no blocks, so a whole-part read of one checks its sha256 as it goes,
+before handing out its last chunk.
+
+Why not the sha256 on every whole-part read, as karma8 did until 2026-11: it guards against
+the same accidents as the CRCs here (it is checked against the part's own header, written in
+the same pass as the CRCs), costs 1.6 times the CPU (1.4 GB/s against 2.2 GB/s per core on
+the development machine), and can only fail at the end of the part, after its damaged bytes
+went out.
 
 Why CRC-32 (``zlib.crc32``) and not a sha256 per block: it is in the standard library, releases
-the GIL on large buffers (it runs in the worker threads next to the ``pread``), needs 4 bytes per
-block instead of 32, and is much faster (~3 GB/s against ~1.4 GB/s for sha256 with SHA-NI, per
-core, on the development machine; the gap is larger without SHA extensions). It is built to
-catch accidental damage, which is what it is for: with 64 KiB blocks it detects every 1- and
-2-bit error and every burst of up to 32 bits, and anything else except with probability 2^-32.
-It is not a defence against someone forging bytes; the sha256 remains for that (checked on
-whole-part reads and by ``verify``).
+the GIL on large buffers (it runs in the worker threads next to the ``pread``), and needs 4
+bytes per block instead of 32. It is built to catch accidental damage, which is what it is
+for: with 64 KiB blocks it detects every 1- and 2-bit error and every burst of up to 32 bits,
+and anything else except with probability 2^-32. It is not a defence against someone forging
+bytes and their CRCs; the sha256 remains for that (checked by ``verify`` and by the HTTP
+storage client).
 
 Costs: the trailer is 4 bytes per 64 KiB (0.006 % of the payload; 16 KiB per GiB). Writing
 computes one CRC pass (next to the sha256) over the bytes, in the thread hop that writes
 them, and one extra ``pwrite`` of the trailer at commit. Opening a part for reading reads its
-whole trailer (one ``pread``; 64 bytes for a 1 MiB part). A range read costs one CRC pass
-over what it reads and reads at most two partial blocks more than asked (< 128 KiB); a reader
-holds at most ``read_chunk`` plus two blocks of verified bytes. A whole-part read costs one
-sha256 pass and reads nothing extra.
+whole trailer (one ``pread``; 64 bytes for a 1 MiB part). A read costs one CRC pass over what
+it reads and reads at most two partial blocks more than asked (< 128 KiB; nothing more for a
+whole-part read).
+
+Reading ahead: a reader that hands out a chunk read by a worker thread starts reading the
+next one in a worker thread right away, so the disk read and its checks overlap with
+whatever the consumer does with the chunk (a gateway sending it on, a storage node writing
+it to a socket). One read at a time, in order, and only while trio's default thread limiter
+has a token to spare. A reader holds at most ``read_chunk`` plus two blocks of verified
+bytes, and one more chunk being read.
 
 Fan-out and how much a node can hold
 ------------------------------------
@@ -120,14 +131,16 @@ consistent. :attr:`capacity_bytes` is a quota on payload bytes: a write fails wi
 system itself reports ``ENOSPC``/``EDQUOT``. Leave headroom below the real disk size for
 headers, trailers, block rounding and directories.
 
-Blocking file-system calls run in ``trio.to_thread.run_sync`` (never abandoned on
-cancellation, so no call is ever left running behind a task), except small ones: opening a
-part, reading its header and trailer, and reading or writing at most ``inline_io`` bytes
-(64 KiB) to an open file run on the event loop, as nginx reads files by default. Creating a
-temporary and every commit (which writes, links and may make a directory) go to a thread.
-A thread hop costs more CPU than such a call served from the page cache (profiled: 4 KiB GETs
-spent most of their time handing calls to threads and back); fsync and bulk transfers always
-go to a thread. ``inline_io=0`` sends everything to threads. Writes are buffered up to
+Blocking file-system calls run in ``trio.to_thread.run_sync`` (never abandoned on cancellation,
+so no call is ever left running behind a task), except a reader's read-ahead, which nobody
+waits for: a reader closed while it runs leaves the file descriptor to that thread, which
+closes it after its ``pread`` (so the number is never reused under it). Small calls run on the
+event loop: opening a part, reading its header and trailer, and reading or writing at most
+``inline_io`` bytes (64 KiB) to an open file, as nginx reads files by default. Creating a
+temporary and every commit (which writes, links and may make a directory) go to a thread. A
+thread hop costs more CPU than such a call served from the page cache (profiled: 4 KiB GETs
+spent most of their time handing calls to threads and back); fsync and bulk transfers always go
+to a thread. ``inline_io=0`` sends everything to threads. Writes are buffered up to
 ``write_buffer`` bytes (1 MiB) per thread hop; reads hop once per ``read_chunk`` bytes (widened
 to whole blocks, so with the default 1 MiB an aligned read reads exactly 16 blocks). Any other
 ``OSError`` becomes :class:`StorageFailure` with a message that names no paths.
