@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from karma8.core.errors import DiskFull, IntegrityError, NotFound, StorageFailure, UploadConflict
-from karma8.net import partread
+from karma8.net import groupsync, partread
 from karma8.net.disk import FilePartStore
 from karma8.net.groupsync import GroupSync, SyncGroups
 from karma8.net.partfile import BLOCK, HEADER_SIZE, pread_exact
@@ -662,6 +663,32 @@ async def test_concurrent_commits_share_sync_rounds(tmp_path: Path) -> None:
     assert sorted(await store.keys()) == sorted(f"g.{i}" for i in range(40))
     # 40 commits, and far fewer syncs (each round covers every commit waiting for it).
     assert 1 <= group.rounds - before < 20
+
+
+@pytest.mark.skipif(GroupSync.open(Path(".")) is None, reason="syncfs is Linux only")
+async def test_large_writes_start_early_sync_rounds_that_nobody_waits_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(groupsync, "EARLY_SYNC_BYTES", 3 * MIB)
+    store = new_store(tmp_path)
+    group = store._group_sync
+    assert group is not None
+    writer = await store.create("e.0")
+    await writer.write(payload(2 * MIB))  # two 1 MiB flushes: below the threshold
+    await trio.testing.wait_all_tasks_blocked()
+    assert group.ticket() == 1  # no round has started
+    await writer.write(payload(MIB, seed=1))  # the third: a round starts, not awaited
+    await trio.testing.wait_all_tasks_blocked()
+    assert group.ticket() == 2
+    await writer.write(payload(MIB, seed=2))  # counting starts again from that round
+    await trio.testing.wait_all_tasks_blocked()
+    assert group.ticket() == 2
+    assert await writer.commit() == StoredPart(
+        key="e.0",
+        size=4 * MIB,
+        checksum=sha(payload(2 * MIB) + payload(MIB, seed=1) + payload(MIB, seed=2)),
+    )
+    assert group.rounds >= 2  # the early round, and the one the commit waited for
 
 
 @pytest.mark.skipif(GroupSync.open(Path(".")) is None, reason="syncfs is Linux only")

@@ -16,6 +16,17 @@ must be restarted (it rechecks its parts). The file descriptor that ``syncfs`` r
 write-back errors through is opened when the store opens, so an error of any write since then
 is seen.
 
+Early rounds. On a virtual disk the guest's writes can complete into the host's cache, and
+only the flush a ``syncfs`` ends with makes the host write them out: measured here, 256 MiB
+written with ``sync_file_range`` as it went still took 0.4 s to ``fdatasync`` at the end. So
+a large upload's last round paid for all of its bytes at once. Writers therefore report what
+they write (:meth:`GroupSync.written`, 1 MiB flushes and up), and once
+:data:`EARLY_SYNC_BYTES` (32 MiB) have been written since the last round began, a round
+starts that nobody waits for; the disk then persists an upload while it arrives, and the
+round its commit waits for has at most about 32 MiB left. (256 MiB PUT, embedded cluster,
+3 rounds x 3 interleaved: median 1.10 s without, 0.80 s with 32 MiB; 16 and 48 MiB about
+the same, 64 MiB 0.91 s, 128 MiB 1.0 s.) Small parts never trigger one.
+
 Linux only (``syncfs`` via libc); elsewhere :func:`GroupSync.open` returns None and the store
 fsyncs every part and directory itself. The storage nodes of one process that share a file
 system share one syncer (:class:`SyncGroups`): one round then covers every node's commits.
@@ -32,6 +43,7 @@ import os
 import sys
 import weakref
 from collections.abc import Callable
+from contextlib import suppress
 from functools import partial
 from pathlib import Path
 
@@ -60,6 +72,8 @@ _SYNC_FILE_RANGE = _linux_libc(
     "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
 )
 _SYNC_FILE_RANGE_WRITE = 2
+# A round starts on its own once this many bytes were written since the last one began.
+EARLY_SYNC_BYTES = 32 << 20
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -89,6 +103,7 @@ class GroupSync:
         self._started = 0
         self._finished = 0
         self._failure: OSError | None = None
+        self._unsynced = 0  # bytes reported by written() since the last round started
 
     @classmethod
     def open(cls, path: Path) -> GroupSync | None:
@@ -126,12 +141,31 @@ class GroupSync:
             if self._finished >= ticket:
                 return
             self._started += 1
+            self._unsynced = 0
             try:
                 await trio.to_thread.run_sync(self._sync)
             except OSError as exc:
                 self._failure = exc
                 raise
             self._finished = self._started
+
+    def written(self, nbytes: int) -> None:
+        """Count bytes written to the file system; once :data:`EARLY_SYNC_BYTES` have been
+        written since the last round began, and no round is running, start one that nobody
+        waits for (see "Early rounds" in the module doc)."""
+        self._unsynced += nbytes
+        if self._unsynced < EARLY_SYNC_BYTES or self._lock.locked():
+            return
+        self._unsynced = 0
+        with suppress(RuntimeError):  # the run is shutting down: no round is needed
+            trio.lowlevel.spawn_system_task(self._early_round, name=f"early {self._name}")
+
+    async def _early_round(self) -> None:
+        # A system task, as nothing waits for it: it holds no resource but the round lock,
+        # and its only failure, a write-back error, is recorded (fail-stop) for every later
+        # sync, which raises it to a writer that does wait.
+        with suppress(OSError):
+            await self.sync()
 
     def fail(self, failure: OSError) -> None:
         """Fail-stop from now on, as after a failed round (another sync path failed)."""

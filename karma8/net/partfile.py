@@ -342,6 +342,8 @@ class FilePartWriter:
             raise storage_error(exc, "writing a part") from None
         self._buffer, self._buffered = [], 0
         self._file_pos += size
+        if store._group_sync is not None and size >= WRITEBACK_BYTES:
+            store._group_sync.written(size)  # may start an early sync round
 
     async def commit(self) -> StoredPart:
         """Write the trailer and header, link the part into place and make it durable: with
