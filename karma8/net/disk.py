@@ -185,6 +185,11 @@ from karma8.ports import StoredPart
 T = TypeVar("T")
 
 
+def _fan_out(key: str) -> str:
+    """Four hex digits naming a key's leaf directory (``parts/aa/bb``)."""
+    return hashlib.blake2b(key.encode("ascii"), digest_size=2).hexdigest()
+
+
 class FilePartStore:
     """:class:`karma8.ports.PartStore` on a local directory (see the module docstring).
 
@@ -228,6 +233,7 @@ class FilePartStore:
         self._write_buffer = write_buffer
         self._inline_io = inline_io
         self._parts = self.root / "parts"
+        self._parts_str = os.fspath(self._parts)
         self._tmp = self.root / "tmp"
         self._parts.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
@@ -275,9 +281,15 @@ class FilePartStore:
 
     def _leaf(self, key: str) -> tuple[Path, Path]:
         """The two fan-out directories of a key: ``parts/aa`` and ``parts/aa/bb``."""
-        digest = hashlib.blake2b(key.encode("ascii"), digest_size=2).hexdigest()
+        digest = _fan_out(key)
         first = self._parts / digest[:2]
         return first, first / digest[2:]
+
+    def _part_file(self, key: str) -> str:
+        """:meth:`part_path` as a string, built without pathlib (15 us less per part opened,
+        five times per GET)."""
+        digest = _fan_out(key)
+        return f"{self._parts_str}/{digest[:2]}/{digest[2:]}/{key}"
 
     def part_path(self, key: str) -> Path:
         """Where a committed part with this key lives (whether or not it exists)."""
@@ -334,7 +346,7 @@ class FilePartStore:
         Raises NotFound or IntegrityError (the header); closes the fd on failure.
         """
         try:
-            fd = os.open(self.part_path(key), os.O_RDONLY | O_CLOEXEC)
+            fd = os.open(self._part_file(key), os.O_RDONLY | O_CLOEXEC)
         except FileNotFoundError:
             raise NotFound(f"part {key} is not on this node") from None
         try:
