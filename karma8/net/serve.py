@@ -65,7 +65,7 @@ class NetConfig:
     discovery_url: str | None = None
     storage_nodes: int = 6
     capacity: int = 10 << 30
-    stripe_unit: int = 1 << 20
+    stripe_unit: int = 4 << 20
     max_file_size: int = 1 << 40
     heartbeat_interval: float = 2.0
     node_timeout: float = 10.0
