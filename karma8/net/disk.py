@@ -142,8 +142,10 @@ thread hop costs more CPU than such a call served from the page cache (profiled:
 spent most of their time handing calls to threads and back); fsync and bulk transfers always go
 to a thread. ``inline_io=0`` sends everything to threads. Writes are buffered up to
 ``write_buffer`` bytes (1 MiB) per thread hop; reads hop once per ``read_chunk`` bytes (widened
-to whole blocks, so with the default 1 MiB an aligned read reads exactly 16 blocks). Any other
-``OSError`` becomes :class:`StorageFailure` with a message that names no paths.
+to whole blocks, so with the default 4 MiB an aligned read reads exactly 64 blocks; 4 MiB
+rather than 1 MiB, net mode's stripe unit: a 256 MiB GET took 0.24-0.28 s and 34 CPU-cs instead
+of 0.32-0.39 s and 42, for up to two chunks held per part being read). Any other ``OSError``
+becomes :class:`StorageFailure` with a message that names no paths.
 """
 
 from __future__ import annotations
@@ -203,7 +205,7 @@ class FilePartStore:
         root: Path,
         *,
         capacity_bytes: int,
-        read_chunk: int = 1 << 20,
+        read_chunk: int = 4 << 20,
         write_buffer: int = DEFAULT_WRITE_BUFFER,
         inline_io: int = 1 << 16,
         group_sync: bool | GroupSync = True,
