@@ -33,6 +33,14 @@ def test_combined_crc_of_64_kib_blocks() -> None:
     assert combined_crc([], block, block) == 0
 
 
+def test_check_blocks_refuses_more_bytes_than_blocks() -> None:
+    blob = bytes(range(40))
+    crcs = (zlib.crc32(blob[:16]), zlib.crc32(blob[16:32]))  # the last 8 bytes have none
+    assert check_blocks(blob[:32], 0, 16, crcs)
+    assert not check_blocks(blob, 0, 16, crcs)
+    assert not check_blocks(blob[16:], 1, 16, crcs)
+
+
 def test_bad_lengths_are_refused() -> None:
     with pytest.raises(ValueError, match="last piece length 0"):
         combined_crc([1, 2], 8, 0)
@@ -47,7 +55,8 @@ def test_check_blocks_finds_every_single_flipped_bit(block: int, data: st.DataOb
     blob = data.draw(st.binary(min_size=1, max_size=6 * block))
     crcs = tuple(zlib.crc32(blob[i : i + block]) for i in range(0, len(blob), block))
     first = data.draw(st.integers(0, len(crcs) - 1))
-    chunk = blob[first * block :]
+    stop = data.draw(st.integers(first + 1, len(crcs)))  # whole blocks, maybe not to the end
+    chunk = blob[first * block : stop * block]
     assert check_blocks(chunk, first, block, crcs)
     bit = data.draw(st.integers(0, 8 * len(chunk) - 1))
     damaged = bytearray(chunk)

@@ -514,8 +514,11 @@ async def test_a_reader_closed_during_its_read_ahead_closes_the_file_after_it(
         assert await chunks.__anext__() == data[:BLOCK]
         assert await chunks.__anext__() == data[BLOCK : 2 * BLOCK]  # and block 2 is read ahead
         assert await trio.to_thread.run_sync(slow.started.wait, 10)
-        fd = chunks._fd
+        fd, ahead = chunks._fd, chunks._ahead
         assert fd is not None
+        assert ahead is not None
+    limiter = trio.to_thread.current_default_thread_limiter()
+    assert limiter.borrowed_tokens == 1  # the read-ahead's, while it runs
     # Closed while the read-ahead runs: the descriptor stays open (a reused number would be
     # read by that pread) until the read ends, and then it is closed.
     assert fd_is_open(fd)
@@ -528,6 +531,30 @@ async def test_a_reader_closed_during_its_read_ahead_closes_the_file_after_it(
         return not fd_is_open(fd)
 
     assert await trio.to_thread.run_sync(closed_soon)
+    await ahead.wait()
+    assert limiter.borrowed_tokens == 0  # and its token is back
+
+
+async def test_read_ahead_leaves_thread_tokens_for_other_work(tmp_path: Path) -> None:
+    store = new_store(tmp_path, read_chunk=BLOCK, inline_io=0)
+    data = payload(MULTI, seed=5)
+    await put(store, "rt.0", data)
+    limiter = trio.to_thread.current_default_thread_limiter()
+    assert b"".join(await read(store, "rt.0", 0, MULTI)) == data
+    assert limiter.borrowed_tokens == 0
+    # With more than half of the tokens taken, readers read only when asked.
+    hogs = [object() for _ in range(int(limiter.total_tokens) // 2 + 1)]
+    for hog in hogs:
+        limiter.acquire_on_behalf_of_nowait(hog)
+    try:
+        async with store.open("rt.0", offset=0, length=MULTI) as chunks:
+            assert await chunks.__anext__() == data[:BLOCK]
+            assert chunks._ahead is None
+            got = [data[:BLOCK]] + [chunk async for chunk in chunks]
+        assert b"".join(got) == data
+    finally:
+        for hog in hogs:
+            limiter.release_on_behalf_of(hog)
 
 
 async def test_a_read_cancelled_while_its_read_ahead_runs_resumes_in_order(
@@ -559,6 +586,7 @@ async def test_a_failed_read_ahead_fails_the_next_chunk(tmp_path: Path) -> None:
     async with store.open("rf.0", offset=0, length=MULTI) as chunks:
         assert await chunks.__anext__() == data[:BLOCK]
         assert await chunks.__anext__() == data[BLOCK : 2 * BLOCK]
+        assert chunks._ahead is not None  # block 2 is being read ahead: its check fails
         with pytest.raises(IntegrityError, match="block checksums"):
             await chunks.__anext__()
 
@@ -674,13 +702,14 @@ async def test_large_writes_start_early_sync_rounds_that_nobody_waits_for(
     group = store._group_sync
     assert group is not None
     writer = await store.create("e.0")
-    await writer.write(payload(2 * MIB))  # two 1 MiB flushes: below the threshold
+    await writer.write(payload(2 * MIB))  # one 2 MiB flush: below the threshold
     await trio.testing.wait_all_tasks_blocked()
     assert group.ticket() == 1  # no round has started
-    await writer.write(payload(MIB, seed=1))  # the third: a round starts, not awaited
+    await writer.write(payload(MIB, seed=1))  # 3 MiB: a round starts, not awaited
     await trio.testing.wait_all_tasks_blocked()
     assert group.ticket() == 2
-    await writer.write(payload(MIB, seed=2))  # counting starts again from that round
+    await group.sync(ticket=1)  # (let it finish: the next write finds no round running)
+    await writer.write(payload(MIB, seed=2))  # counting started again with that round
     await trio.testing.wait_all_tasks_blocked()
     assert group.ticket() == 2
     assert await writer.commit() == StoredPart(
@@ -689,6 +718,30 @@ async def test_large_writes_start_early_sync_rounds_that_nobody_waits_for(
         checksum=sha(payload(2 * MIB) + payload(MIB, seed=1) + payload(MIB, seed=2)),
     )
     assert group.rounds >= 2  # the early round, and the one the commit waited for
+
+
+@pytest.mark.skipif(GroupSync.open(Path(".")) is None, reason="syncfs is Linux only")
+@pytest.mark.parametrize("error", [OSError(errno.EIO, "Input/output error"), ValueError("bug")])
+async def test_a_failed_early_round_fails_the_commits_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    monkeypatch.setattr(groupsync, "EARLY_SYNC_BYTES", 2 * MIB)
+    store = new_store(tmp_path)
+    group = store._group_sync
+    assert group is not None
+
+    def failing_sync() -> None:
+        raise error
+
+    monkeypatch.setattr(group, "_sync", failing_sync)
+    writer = await store.create("ef.0")
+    await writer.write(payload(2 * MIB))  # starts an early round, which fails
+    await trio.testing.wait_all_tasks_blocked()
+    monkeypatch.undo()  # the disk "recovers"; the failure is remembered (fail-stop)
+    with pytest.raises(StorageFailure):
+        await writer.commit()
+    await writer.discard()
+    assert await store.keys() == []
 
 
 @pytest.mark.skipif(GroupSync.open(Path(".")) is None, reason="syncfs is Linux only")

@@ -23,7 +23,8 @@ a large upload's last round paid for all of its bytes at once. Writers therefore
 they write (:meth:`GroupSync.written`, 1 MiB flushes and up), and once
 :data:`EARLY_SYNC_BYTES` (32 MiB) have been written since the last round began, a round
 starts that nobody waits for; the disk then persists an upload while it arrives, and the
-round its commit waits for has at most about 32 MiB left. (256 MiB PUT, embedded cluster,
+round its commit waits for has about 32 MiB left (plus what arrived while the last early
+round ran). (256 MiB PUT, embedded cluster,
 3 rounds x 3 interleaved: median 1.10 s without, 0.80 s with 32 MiB; 16 and 48 MiB about
 the same, 64 MiB 0.91 s, 128 MiB 1.0 s.) Small parts never trigger one.
 
@@ -39,6 +40,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import logging
 import os
 import sys
 import weakref
@@ -48,6 +51,8 @@ from functools import partial
 from pathlib import Path
 
 import trio
+
+log = logging.getLogger("karma8.groupsync")
 
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -158,14 +163,24 @@ class GroupSync:
             return
         self._unsynced = 0
         with suppress(RuntimeError):  # the run is shutting down: no round is needed
-            trio.lowlevel.spawn_system_task(self._early_round, name=f"early {self._name}")
+            trio.lowlevel.spawn_system_task(
+                self._early_round, self.ticket(), name=f"early {self._name}"
+            )
 
-    async def _early_round(self) -> None:
-        # A system task, as nothing waits for it: it holds no resource but the round lock,
-        # and its only failure, a write-back error, is recorded (fail-stop) for every later
-        # sync, which raises it to a writer that does wait.
-        with suppress(OSError):
-            await self.sync()
+    async def _early_round(self, ticket: int) -> None:
+        # A system task, as nothing waits for it: it holds no resource but the round lock.
+        # Its ticket is taken when it is asked for, so a round that starts in between (a
+        # commit's) makes it a no-op. An exception must not escape a system task (trio
+        # would crash the process): a write-back error is already recorded by sync() for
+        # every later sync, which raises it to a writer that waits; anything else is
+        # recorded here the same way, fail-stop, since durability is then unknown.
+        try:
+            await self.sync(ticket)
+        except OSError:
+            pass
+        except Exception as exc:
+            log.exception("early %s round failed", self._name)
+            self.fail(OSError(errno.EIO, f"a sync round failed: {exc!r}"))
 
     def fail(self, failure: OSError) -> None:
         """Fail-stop from now on, as after a failed round (another sync path failed)."""

@@ -226,9 +226,11 @@ def check_blocks(data: bytes, first_block: int, block: int, crcs: tuple[int, ...
     if not data:
         return True
     count = -(-len(data) // block)
+    window = crcs[first_block : first_block + count]
+    if len(window) != count:  # more bytes than the part has blocks
+        return False
     last = len(data) - (count - 1) * block
-    expected = combined_crc(crcs[first_block : first_block + count], block, last)
-    return zlib.crc32(data) == expected
+    return zlib.crc32(data) == combined_crc(window, block, last)
 
 
 def payload_bytes(file_size: int) -> int:

@@ -131,16 +131,15 @@ class _ChunkReader:
             raise StopAsyncIteration
         want = min(self._chunk, self._end - self._pos)
         if self._pos + want > self._buf_start + len(self._buf):
-            ahead, self._ahead = self._ahead, None
+            ahead = self._ahead
             if ahead is None:
                 first, last = self._span(self._pos + want)
                 data = await self._store._run_small(self._reading(first, last), last - first)
             else:
-                try:
-                    await ahead.wait()
-                except BaseException:  # cancelled: the read is kept for the next call
-                    self._ahead = ahead
-                    raise
+                # Stays in _ahead while it runs: cancelled here, the next call collects it,
+                # and a close meanwhile hands the fd to its thread.
+                await ahead.wait()
+                self._ahead = None
                 first, data = ahead.first, ahead.unwrap()
             self._keep(first, data)
         at = self._pos - self._buf_start
@@ -193,9 +192,10 @@ class _ChunkReader:
         """Start reading the next chunk in a worker thread while this one is consumed.
 
         Only for reads a thread would do anyway (larger than ``inline_io``), one at a time,
-        and only while the thread limiter has a token to spare: without one, the next call
-        reads as it would have. The read stays in order, so a whole-part sha256 sees every
-        byte once, in order.
+        and only while at least half of trio's default thread limiter's tokens are free
+        (opens, commits and sync rounds use the same limiter): otherwise, or if no thread
+        can be started, the next call reads as it would have. The read stays in order, so a
+        whole-part sha256 sees every byte once, in order.
         """
         if self._ahead is not None or self._fd is None or self._pos >= self._end:
             return
@@ -217,7 +217,7 @@ class _ChunkReader:
 
 
 class _ReadAhead:
-    """One blocking read running in a worker thread, its result collected by :meth:`result`.
+    """One blocking read running in a worker thread: :meth:`wait` for it, then :meth:`unwrap`.
 
     Unlike ``trio.to_thread.run_sync`` nobody waits for it while it runs, so it may outlive
     the reader that started it: the reader then hands its file descriptor over
@@ -226,9 +226,8 @@ class _ReadAhead:
     default thread limiter while it runs, like any other thread hop of the store.
     """
 
-    def __init__(self, first: int, fd: int, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, first: int, limiter: trio.CapacityLimiter) -> None:
         self.first = first
-        self._fd = fd
         self._limiter = limiter
         self._done = trio.Event()
         self._outcome: outcome.Outcome[bytes] | None = None
@@ -239,7 +238,9 @@ class _ReadAhead:
     @classmethod
     def start(cls, read: Callable[[], bytes], first: int, fd: int) -> _ReadAhead | None:
         limiter = trio.to_thread.current_default_thread_limiter()
-        ahead = cls(first, fd, limiter)
+        if limiter.available_tokens * 2 < limiter.total_tokens:
+            return None
+        ahead = cls(first, limiter)
         try:
             limiter.acquire_on_behalf_of_nowait(ahead)
         except trio.WouldBlock:
@@ -257,9 +258,9 @@ class _ReadAhead:
 
         try:
             trio.lowlevel.start_thread_soon(read, deliver, name="karma8 read-ahead")
-        except BaseException:
+        except RuntimeError:  # no thread could be started: read when asked, as without
             limiter.release_on_behalf_of(ahead)
-            raise
+            return None
         return ahead
 
     def _report(self, result: outcome.Outcome[bytes]) -> None:
