@@ -135,11 +135,11 @@ async def test_range_get_of_a_flipped_byte_never_yields_wrong_bytes(
 
 
 @LOCAL_OR_HTTP
-async def test_large_reads_fetch_parts_together_and_still_never_complete_wrong(
+async def test_large_reads_that_read_ahead_still_never_complete_wrong(
     tmp_path: Path, local_calls: bool
 ) -> None:
-    # Parts of hundreds of KiB: the gateway fetches the next chunk of every part at once
-    # (gateway._Stitcher._fetch_ahead); a bad part must still stop the body short.
+    # Parts of hundreds of KiB: the nodes read chunks ahead of what the gateway asks for
+    # (karma8/net/partread.py); a bad part must still stop the body short.
     data = payload(3 << 20, 5)
     async with net_driver(tmp_path, local_calls=local_calls) as net:
         await net.put("large", data)

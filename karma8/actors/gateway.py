@@ -20,8 +20,9 @@ PUT
 GET
     ``resolve`` at discovery, then :meth:`Gateway.open_read` opens the part streams the range
     touches and interleaves them in file order, segment by segment, without collecting parts.
-    A whole-file read verifies every part's size and checksum before handing out its last
-    bytes, so a corrupt or truncated part fails the response rather than completing it.
+    The gateway checks every part's length; the part streams check its bytes (the node's
+    block CRCs, and over HTTP the transport's sha256) before handing them out, so a corrupt
+    or truncated part fails the response rather than completing it.
 """
 
 from __future__ import annotations
@@ -51,10 +52,6 @@ from karma8.core.model import (
 )
 from karma8.core.names import check_name, check_namespace
 from karma8.ports import DiscoveryAPI, StorageAPI
-
-# A part with at least this much left to read fetches together with the others (see
-# _Stitcher._fetch_ahead); below it the concurrency costs more than it saves.
-FETCH_AHEAD_BYTES = 64 * 1024
 
 
 @attrs.frozen(kw_only=True)
@@ -373,8 +370,11 @@ def _read_failure(placement: PartPlacement, exc: Karma8Error) -> Karma8Error:
 class _PartCursor:
     """Reads exact byte counts from one part stream, checking its length as it goes.
 
-    Holds at most one chunk fetched ahead (:meth:`fetch`), so the stitcher can fetch the next
-    chunk of every part at once: the nodes' reads and checks then overlap.
+    Holds at most the chunk it is handing out. It fetches nothing ahead itself: the part
+    streams read ahead on their own (a node's file reader reads its next chunk in a thread as
+    it hands one out; over HTTP, the socket buffers what the node sends), so the parts' reads
+    overlap with sending without the gateway holding a chunk per part (measured: the same
+    speed as fetching every part's next chunk at once, 16 MiB less per 256 MiB GET).
     """
 
     def __init__(
@@ -385,48 +385,36 @@ class _PartCursor:
     ) -> None:
         self._placement = placement
         self._stream = stream
-        self.unfetched = length  # bytes the node has not sent yet
+        self._unread = length  # bytes the node has not sent yet
         self._buf = b""
         self._pos = 0
-        self._ahead: bytes | None = None
 
-    @property
-    def needs_fetch(self) -> bool:
-        """True if the next read would have to wait for the node."""
-        return self._pos == len(self._buf) and self._ahead is None and self.unfetched > 0
-
-    async def fetch(self) -> None:
-        """Fetch the part's next chunk; it is handed out by :meth:`read`."""
-        assert self._ahead is None
-        self._ahead = await self._next_verified()
-
-    async def _next_verified(self) -> bytes:
+    async def _next_chunk(self) -> bytes:
         """The part's next chunk from the node, its length checked."""
         try:
             chunk = await anext(self._stream)
         except StopAsyncIteration:
             raise IntegrityError(
                 f"part {self._placement.index} on node {self._placement.node.node_id}"
-                f" ended {self.unfetched} bytes early"
+                f" ended {self._unread} bytes early"
             ) from None
         except Karma8Error as exc:
             raise _read_failure(self._placement, exc) from None
-        self.unfetched -= len(chunk)
-        if self.unfetched < 0:
+        self._unread -= len(chunk)
+        if self._unread < 0:
             raise IntegrityError(f"part {self._placement.index} is longer than recorded")
         return chunk
 
     async def read(self, limit: int) -> bytes:
         """Up to ``limit`` bytes (at least one) of the part."""
         while self._pos == len(self._buf):  # (a node may send an empty chunk)
-            if self._ahead is None:
-                await self.fetch()
-            assert self._ahead is not None
-            self._buf, self._pos, self._ahead = self._ahead, 0, None
+            self._buf, self._pos = await self._next_chunk(), 0
         if self._pos == 0 and len(self._buf) <= limit:
-            piece = self._buf
-        else:
-            piece = self._buf[self._pos : self._pos + limit]
+            # Handed on whole: drop our reference, so the chunk is freed once it is sent
+            # rather than when the next one arrives (a chunk is up to 4 MiB, per part).
+            piece, self._buf = self._buf, b""
+            return piece
+        piece = self._buf[self._pos : self._pos + limit]
         self._pos += len(piece)
         return piece
 
@@ -462,32 +450,6 @@ class _Stitcher:
             self._cursor = self._cursors[segment.part]
             self._remaining = segment.length
         assert self._cursor is not None
-        if self._cursor.needs_fetch:
-            await self._fetch_ahead(self._cursor)
         piece = await self._cursor.read(self._remaining)
         self._remaining -= len(piece)
         return piece
-
-    async def _fetch_ahead(self, needed: _PartCursor) -> None:
-        """Fetch the next chunk of ``needed`` and, for large reads, of every other part that
-        has none waiting, concurrently: the nodes' reads and checks overlap on the cores
-        instead of running one chunk after another. At most one chunk per part is held.
-        """
-        others = [c for c in self._cursors.values() if c is not needed and c.needs_fetch]
-        if not others or needed.unfetched < FETCH_AHEAD_BYTES:
-            await needed.fetch()
-            return
-        failures: list[Exception] = []
-
-        async def fetch(cursor: _PartCursor, cancel_scope: trio.CancelScope) -> None:
-            try:
-                await cursor.fetch()
-            except Exception as exc:  # raised below, as itself, not in an exception group
-                failures.append(exc)
-                cancel_scope.cancel()  # the read has failed: stop waiting for the others
-
-        async with trio.open_nursery() as nursery:
-            for cursor in (needed, *others):
-                nursery.start_soon(fetch, cursor, nursery.cancel_scope)
-        if failures:
-            raise failures[0]

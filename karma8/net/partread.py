@@ -143,7 +143,12 @@ class _ChunkReader:
                 first, data = ahead.first, ahead.unwrap()
             self._keep(first, data)
         at = self._pos - self._buf_start
-        data = self._buf if at == 0 and want == len(self._buf) else self._buf[at : at + want]
+        if at == 0 and want == len(self._buf):
+            # Handed out whole: drop our reference, so the chunk is freed once its consumer
+            # is done with it rather than when the next one arrives.
+            data, self._buf, self._buf_start = self._buf, b"", self._pos + want
+        else:
+            data = self._buf[at : at + want]
         self._pos += want
         self._read_ahead()
         return data
