@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -33,7 +34,6 @@ from karma8.net.codec import (
     encode_registration,
 )
 from karma8.net.common import SECRET_HEADER
-from karma8.net.hashing import update_digest
 from karma8.net.http_fixes import patch_httpcore
 from karma8.ports import BlockingRunner, StoredPart
 
@@ -220,6 +220,12 @@ class HttpStorageClient(_Http):
         await self.request("DELETE", self._url(node, key))
 
 
+# Chunks at least this big are hashed in a worker thread (hashlib releases the GIL, so the
+# hash runs on another core while the loop moves bytes); smaller ones in place, where the
+# hop would cost more than the hash.
+OFFLOAD_BYTES = 1 << 16
+
+
 class _HashedChunks:
     """Chunks on their way through the transport, hashed (sha256) and counted as they go."""
 
@@ -234,7 +240,10 @@ class _HashedChunks:
 
     async def __anext__(self) -> bytes:
         chunk = await anext(self._chunks)
-        await update_digest(self.digest, chunk, self._blocking)
+        if len(chunk) >= OFFLOAD_BYTES:
+            await self._blocking(partial(self.digest.update, chunk))
+        else:
+            self.digest.update(chunk)
         self.size += len(chunk)
         return chunk
 
