@@ -13,8 +13,9 @@ A write goes to its own file in ``tmp/``. :meth:`FilePartWriter.commit` writes t
 checksum trailer and the header, creates the leaf directory if needed, hard-links the file into
 ``parts/aa/bb/`` and unlinks the temporary name; the part counts as stored only once it is
 durable. With group sync (the default on Linux) that is once a ``syncfs`` that started after
-the link has completed (:mod:`karma8.net.groupsync`); a commit whose round fails or is
-cancelled unlinks the part again. Without it, the file is fsynced before the link, and the
+the link has completed (:mod:`karma8.net.groupsync`; the writing and linking is a step that
+round's thread runs before it syncs); a commit whose round fails or is cancelled unlinks the
+part again. Without it, the file is fsynced before the link, and the
 new directory's parent and the leaf directory after it. Link plus unlink is a rename that
 refuses to replace: parts are immutable, so a second commit of the same key fails with
 :class:`UploadConflict` instead of silently swapping bytes under a reader (and the used-bytes

@@ -250,7 +250,8 @@ class FilePartWriter:
         self._key = key
         self._tmp = tmp
         # The temporary file is created by the first flush, or by the commit: a part smaller
-        # than the write buffer then costs one trip to a worker thread in all.
+        # than the write buffer then costs no thread trip of its own (its commit is a step
+        # of a sync round's trip, or one trip without group sync).
         self._fd: int | None = None
         self._created = False
         self._buffer: list[bytes] = []
@@ -428,22 +429,29 @@ class FilePartWriter:
                 self._tmp.unlink(missing_ok=True)
             store._known_dirs.update((first, leaf))
 
+        linked = False
+
         def finish() -> None:
+            nonlocal linked
             write_out()
             link_in()
+            linked = True
 
         try:
-            # One trip to a worker thread: creating the file (for a small part), linking it
-            # and making a directory all modify directories, which ext4 makes wait behind
-            # running sync rounds (measured: open(O_CREAT) 330 us then, 30 us alone).
-            await store._run(finish)
-            if group is not None:
+            # In a worker thread: creating the file (for a small part), linking it and making
+            # a directory all modify directories, which ext4 makes wait behind running sync
+            # rounds (measured: open(O_CREAT) 330 us then, 30 us alone). With group sync, in
+            # the thread of the round that then makes it durable, with the other writers'.
+            if group is None:
+                await store._run(finish)
+            else:
                 try:
-                    await group.sync()
+                    await group.sync(before=finish)
                 except BaseException:
                     # Not durable (a failed round, or cancelled while waiting): not visible.
-                    with suppress(OSError):
-                        final.unlink(missing_ok=True)
+                    if linked:
+                        with suppress(OSError):
+                            final.unlink(missing_ok=True)
                     raise
         except OSError as exc:
             raise storage_error(exc, "committing a part") from None

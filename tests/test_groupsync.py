@@ -1,0 +1,212 @@
+"""GroupSync rounds that run writers' steps before their sync (karma8.net.groupsync)."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from karma8.net.disk import FilePartStore
+from karma8.net.groupsync import GroupSync
+
+
+class Log:
+    """A sync function that records, in order, the steps that ran and each sync."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.lock = threading.Lock()
+        self.hold = threading.Event()
+        self.hold.set()
+        self.fail = False
+
+    def step(self, name: str) -> None:
+        with self.lock:
+            self.events.append(name)
+
+    def sync(self) -> None:
+        self.hold.wait()
+        if self.fail:
+            raise OSError(errno.EIO, "Input/output error")
+        with self.lock:
+            self.events.append("sync")
+
+
+async def test_steps_run_once_each_before_the_sync_their_writers_wait_for() -> None:
+    log = Log()
+    group = GroupSync(log.sync)
+    returned: dict[str, int] = {}
+
+    async def writer(name: str) -> None:
+        await group.sync(before=lambda: log.step(name))
+        returned[name] = len(log.events)  # how much had happened when it returned
+
+    async with trio.open_nursery() as nursery:
+        for i in range(30):
+            nursery.start_soon(writer, f"w{i}")
+    steps = [e for e in log.events if e != "sync"]
+    assert sorted(steps) == sorted(f"w{i}" for i in range(30))  # each ran exactly once
+    for name, seen in returned.items():
+        done = log.events[:seen]
+        # Its step ran, and a sync ran after it, before the writer returned.
+        assert name in done
+        assert "sync" in done[done.index(name) :]
+    # 30 writers, far fewer rounds (one thread trip each).
+    assert 1 <= group.rounds < 10
+
+
+async def test_a_failing_step_fails_only_its_writer() -> None:
+    log = Log()
+    group = GroupSync(log.sync)
+
+    def bad() -> None:
+        raise ValueError("no such directory")
+
+    results: dict[str, str] = {}
+
+    async def writer(name: str, step: Callable[[], None]) -> None:
+        try:
+            await group.sync(before=step)
+            results[name] = "ok"
+        except ValueError as exc:
+            results[name] = f"failed: {exc}"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer, "good1", lambda: log.step("good1"))
+        nursery.start_soon(writer, "bad", bad)
+        nursery.start_soon(writer, "good2", lambda: log.step("good2"))
+    assert results == {"good1": "ok", "bad": "failed: no such directory", "good2": "ok"}
+    assert log.events.count("sync") >= 1
+    assert await _still_works(group, log)
+
+
+async def test_a_step_cancelled_before_a_round_took_it_never_runs() -> None:
+    log = Log()
+    group = GroupSync(log.sync)
+    log.hold.clear()  # the first round's sync blocks
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(group.sync)  # runs a round, held in its sync
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.CancelScope() as scope:
+            nursery.start_soon(lambda: _cancel_soon(scope))
+            await group.sync(before=lambda: log.step("cancelled"))  # waits for the lock
+        assert scope.cancelled_caught
+        log.hold.set()
+    await group.sync()  # a later round does not run it either
+    assert "cancelled" not in log.events
+
+
+async def test_a_writer_cancelled_while_another_round_runs_its_step_waits_for_it() -> None:
+    log = Log()
+    group = GroupSync(log.sync)
+    in_step = threading.Event()
+    finish_step = threading.Event()
+
+    def slow_step() -> None:
+        in_step.set()
+        finish_step.wait()
+        log.step("slow")
+
+    log.hold.clear()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(group.sync)  # round 1, held in its sync
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(group.sync)  # next in line: it will run round 2
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.CancelScope() as scope:
+
+            async def cancel_once_running() -> None:
+                try:
+                    await trio.testing.wait_all_tasks_blocked()
+                    log.hold.set()  # round 1 ends; round 2 takes our step
+                    await trio.to_thread.run_sync(in_step.wait)
+                    scope.cancel()
+                    await trio.sleep(0.05)
+                finally:
+                    finish_step.set()  # never leave the round's thread blocked
+
+            nursery.start_soon(cancel_once_running)
+            await group.sync(before=slow_step)  # waits behind the plain one
+        # Cancelled, but it returned only once its step had run: the caller can undo it.
+        assert scope.cancelled_caught
+        assert "slow" in log.events
+
+
+async def test_a_failed_round_fails_its_writers_and_every_later_one() -> None:
+    log = Log()
+    group = GroupSync(log.sync)
+    log.fail = True
+    with pytest.raises(OSError, match="Input/output error"):
+        await group.sync(before=lambda: log.step("first"))
+    assert log.events == ["first"]  # the step ran; the sync after it failed
+    log.fail = False  # the disk "recovers": still fail-stop
+    with pytest.raises(OSError, match="an earlier write-back failed"):
+        await group.sync(before=lambda: log.step("later"))
+    assert "later" not in log.events  # no round ran it
+    with pytest.raises(OSError, match="an earlier write-back failed"):
+        await group.sync()
+
+
+@pytest.mark.skipif(GroupSync.open(Path(".")) is None, reason="syncfs is Linux only")
+async def test_a_commit_cancelled_after_its_part_was_linked_leaves_no_part(
+    tmp_path: Path,
+) -> None:
+    store = FilePartStore(tmp_path / "node", capacity_bytes=1 << 30)
+    group = store._group_sync
+    assert group is not None
+    real_sync = group._sync
+    release = [threading.Event(), threading.Event()]
+    syncing = threading.Event()
+    calls = 0
+
+    def held_sync() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            syncing.set()  # round 2: the part's step has run, the sync has not
+        release[min(calls, 2) - 1].wait()
+        real_sync()
+
+    group._sync = held_sync
+    writer = await store.create("ca.0")
+    await writer.write(b"x" * 1000)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(group.sync)  # round 1, held
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(group.sync)  # will run round 2, which takes the commit's step
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.CancelScope() as scope:
+
+            async def cancel_in_round_2() -> None:
+                try:
+                    await trio.testing.wait_all_tasks_blocked()
+                    release[0].set()
+                    await trio.to_thread.run_sync(syncing.wait)
+                    assert store.part_path("ca.0").exists()  # linked, not yet durable
+                    scope.cancel()
+                    await trio.sleep(0.05)
+                finally:
+                    for event in release:  # never leave a round's thread blocked
+                        event.set()
+
+            nursery.start_soon(cancel_in_round_2)
+            await writer.commit()
+        assert scope.cancelled_caught
+    await writer.discard()
+    assert await store.stat("ca.0") is None  # the commit unlinked what its step linked
+    assert await store.keys() == []
+
+
+async def _cancel_soon(scope: trio.CancelScope) -> None:
+    await trio.testing.wait_all_tasks_blocked()
+    scope.cancel()
+
+
+async def _still_works(group: GroupSync, log: Log) -> bool:
+    await group.sync(before=lambda: log.step("after"))
+    return "after" in log.events
