@@ -6,6 +6,7 @@ import errno
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -135,6 +136,83 @@ async def test_a_writer_cancelled_while_another_round_runs_its_step_waits_for_it
         # Cancelled, but it returned only once its step had run: the caller can undo it.
         assert scope.cancelled_caught
         assert "slow" in log.events
+
+
+async def test_a_round_runs_the_steps_it_took_even_if_its_runner_is_cancelled() -> None:
+    # The runner gets the lock and is cancelled in the same tick, before its thread starts:
+    # the steps it took (another writer's) must still run, and be synced, before that writer
+    # returns. (Found by review: they were marked done without running.)
+    log = Log()
+    group = GroupSync(log.sync)
+    scope = trio.CancelScope()
+    go = trio.Event()
+    returned: list[list[str]] = []
+    async with trio.open_nursery() as nursery:
+
+        async def holder() -> None:
+            await group._lock.acquire()
+            await go.wait()
+            group._lock.release()  # hands the lock to the runner...
+            scope.cancel()  # ...and its request is cancelled in the same tick
+
+        async def runner() -> None:
+            with scope:
+                await group.sync()
+
+        async def writer() -> None:
+            await group.sync(before=lambda: log.step("w"))
+            returned.append(list(log.events))
+
+        nursery.start_soon(holder)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(runner)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        go.set()
+    assert returned == [["w", "sync"]]  # its step ran, then a sync, then it returned
+
+
+async def test_steps_fail_if_their_round_cannot_start_a_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    log = Log()
+    group = GroupSync(log.sync)
+    real_run_sync = trio.to_thread.run_sync
+    calls = 0
+
+    async def no_thread_once(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("can't start new thread")
+        return await real_run_sync(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", no_thread_once)
+    outcomes: dict[str, str] = {}
+
+    async def writer(name: str) -> None:
+        try:
+            await group.sync(before=lambda: log.step(name))
+            outcomes[name] = "ok"
+        except OSError as exc:
+            outcomes[name] = f"OSError: {exc.strerror}"
+        except RuntimeError as exc:
+            outcomes[name] = f"RuntimeError: {exc}"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer, "a")  # one runs a round that takes both steps and fails
+        nursery.start_soon(writer, "b")
+    # Whichever ran the round gets its error; the other learns that its step did not run.
+    assert sorted(outcomes.values()) == [
+        "OSError: the sync round could not run",
+        "RuntimeError: can't start new thread",
+    ]
+    assert "a" not in log.events  # neither step ran, and both writers were told so
+    assert "b" not in log.events
+    log.events.clear()
+    await group.sync(before=lambda: log.step("later"))  # not fail-stop: nothing was lost
+    assert log.events == ["later", "sync"]
 
 
 async def test_a_failed_round_fails_its_writers_and_every_later_one() -> None:

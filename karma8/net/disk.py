@@ -55,7 +55,8 @@ system). :meth:`FilePartStore.stat` reads only the first 96 bytes. A temporary's
 bytes stay a hole (zeros) until commit writes the trailer and the header, so a file without
 the magic was never committed. The temporary is created by the writer's first flush
 (``write_buffer`` bytes) or at commit: a part smaller than the buffer is created, written
-header to trailer with one ``pwritev``, closed and linked in a single trip to a worker thread.
+header to trailer with one ``pwritev``, closed and linked by one step of a sync round's worker
+thread (:mod:`karma8.net.groupsync`; one trip of its own without group sync).
 The recorded length and block size let :meth:`FilePartStore.open` detect truncation up
 front (file shorter than header + payload + trailer: :class:`IntegrityError`),
 and the sha256 lets :meth:`FilePartStore.verify` (the scrubber) detect bit rot. The writer

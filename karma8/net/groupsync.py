@@ -149,12 +149,17 @@ class GroupSync:
         thread of the next round, before its sync: one thread trip per round for every
         writer, where a trip of each writer's own cost the event loop ~120 us (measured).
         If the step raises, that exception is raised here, and the round goes on for the
-        others. Cancelled before its round took the step, it never runs; cancelled after,
-        this waits (shielded) until the step has run, so the caller can undo it.
+        others. Cancelled before a round took the step, it never runs; cancelled after,
+        this waits (shielded) until that round has ended, sync included, so that the caller
+        can undo what the step did. Once a round has taken steps it runs them, whatever
+        happens to the task that runs the round.
 
         Raises:
-            OSError: This round or an earlier one failed (fail-stop, see the module doc).
+            OSError: This round or an earlier one failed (fail-stop, see the module doc), or
+                the round could not run the step.
+            Exception: Whatever ``before`` raised.
         """
+        assert ticket is None or before is None, "a step takes the next round's ticket"
         step = None
         if before is not None:
             step = _Step(before)
@@ -179,18 +184,24 @@ class GroupSync:
             assert step.done.is_set()  # a round that started after it took it, and ended
             if step.error is not None:
                 raise step.error
+            assert step.ran
 
     async def _run_round(self) -> None:
         self._started += 1
         self._unsynced = 0
         steps, self._steps = self._steps, []
         try:
-            await trio.to_thread.run_sync(_round, steps, self._sync)
+            # Shielded: the steps are taken, and their writers count on this round to run
+            # them (a cancellation before the thread started would skip them).
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_round, steps, self._sync)
         except OSError as exc:
             self._failure = exc
             raise
         finally:
             for taken in steps:
+                if not taken.ran and taken.error is None:  # no thread could be started
+                    taken.error = OSError(errno.EAGAIN, "the sync round could not run")
                 taken.done.set()
         self._finished = self._started
 
@@ -238,6 +249,7 @@ def _round(steps: list[_Step], sync: Callable[[], None]) -> None:
     """A round, in a worker thread: the steps (a failure is kept for its writer, and the
     round goes on), then the sync."""
     for step in steps:
+        step.ran = True
         try:
             step.fn()
         except BaseException as exc:  # whatever it is, it is that writer's, not the round's
@@ -248,12 +260,13 @@ def _round(steps: list[_Step], sync: Callable[[], None]) -> None:
 class _Step:
     """A writer's blocking step, run by a round before its sync."""
 
-    __slots__ = ("done", "error", "fn")
+    __slots__ = ("done", "error", "fn", "ran")
 
     def __init__(self, fn: Callable[[], None]) -> None:
         self.fn = fn
         self.done = trio.Event()  # set once the round that took it has ended
         self.error: BaseException | None = None
+        self.ran = False  # set by the round's thread as it runs it
 
 
 def _syncfs(fd: int) -> None:

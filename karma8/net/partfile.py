@@ -361,11 +361,15 @@ class FilePartWriter:
             DiskFull, StorageFailure: The disk failed.
         """
         self._check_open()
+        store = self._store
+        group = store._group_sync
+        if self._created and self._buffer and group is not None:
+            # What is left of a large part is written here, not in the sync round's step:
+            # steps run one after another in the round's thread, and its sync waits for them.
+            await self._flush()
         # A commit is tried once: a failed one may have consumed the buffer into checksums
         # and the temporary into a link, so after it the writer only discards.
         self._sealed = True
-        store = self._store
-        group = store._group_sync
         length = self._file_pos - HEADER_SIZE + self._buffered
         chunks, pos = self._buffer, self._file_pos
         first, leaf = store._leaf(self._key)
