@@ -181,12 +181,12 @@ async def test_steps_fail_if_their_round_cannot_start_a_thread(
     real_run_sync = trio.to_thread.run_sync
     calls = 0
 
-    async def no_thread_once(*args: Any) -> Any:
+    async def no_thread_once(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("can't start new thread")
-        return await real_run_sync(*args)
+        return await real_run_sync(*args, **kwargs)
 
     monkeypatch.setattr(trio.to_thread, "run_sync", no_thread_once)
     outcomes: dict[str, str] = {}
@@ -213,6 +213,38 @@ async def test_steps_fail_if_their_round_cannot_start_a_thread(
     log.events.clear()
     await group.sync(before=lambda: log.step("later"))  # not fail-stop: nothing was lost
     assert log.events == ["later", "sync"]
+
+
+async def test_rounds_do_not_wait_for_the_default_thread_limiter() -> None:
+    # Reads and opens of parts use trio's default thread limiter; a commit's round must not
+    # queue behind them.
+    log = Log()
+    group = GroupSync(log.sync)
+    limiter = trio.to_thread.current_default_thread_limiter()
+    borrowers = [object() for _ in range(int(limiter.total_tokens))]
+    for borrower in borrowers:
+        limiter.acquire_on_behalf_of_nowait(borrower)
+    gave_back_early = False
+
+    def give_back() -> None:
+        for borrower in borrowers:
+            limiter.release_on_behalf_of(borrower)
+
+    async with trio.open_nursery() as nursery:
+
+        async def give_back_after_a_while() -> None:
+            nonlocal gave_back_early
+            await trio.sleep(2)  # only if the round waits for a default token (the failure)
+            gave_back_early = True
+            give_back()
+
+        nursery.start_soon(give_back_after_a_while)
+        await group.sync(before=lambda: log.step("w"))
+        nursery.cancel_scope.cancel()
+    if not gave_back_early:
+        give_back()
+    assert not gave_back_early
+    assert log.events == ["w", "sync"]
 
 
 async def test_a_failed_round_fails_its_writers_and_every_later_one() -> None:

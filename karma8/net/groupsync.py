@@ -116,6 +116,9 @@ class GroupSync:
         self._failure: OSError | None = None
         self._unsynced = 0  # bytes reported by written() since the last round started
         self._steps: list[_Step] = []  # to run in the next round's thread, before its sync
+        # Rounds run one at a time (the lock) on a thread token of their own: a commit's round
+        # never queues behind the reads and opens that share trio's default thread limiter.
+        self._limiter = trio.CapacityLimiter(1)
 
     @classmethod
     def open(cls, path: Path) -> GroupSync | None:
@@ -194,7 +197,7 @@ class GroupSync:
             # Shielded: the steps are taken, and their writers count on this round to run
             # them (a cancellation before the thread started would skip them).
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_round, steps, self._sync)
+                await trio.to_thread.run_sync(_round, steps, self._sync, limiter=self._limiter)
         except OSError as exc:
             self._failure = exc
             raise
