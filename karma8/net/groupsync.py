@@ -203,7 +203,7 @@ class GroupSync:
             raise
         finally:
             for taken in steps:
-                if not taken.ran and taken.error is None:  # no thread could be started
+                if not taken.ran:  # no thread could be started (only a run sets an error)
                     taken.error = OSError(errno.EAGAIN, "the sync round could not run")
                 taken.done.set()
         self._finished = self._started
