@@ -77,6 +77,16 @@ async def test_unsatisfiable_range_is_416(net: NetDriver, client: httpx.AsyncCli
     response = await client.get(url(net, "/default/r"), headers={"Range": "bytes=10-"})
     assert response.status_code == 416
     assert response.json()["error"]["code"] == "range_not_satisfiable"
+    assert response.headers["Content-Range"] == "bytes */10"
+
+
+async def test_allowed_methods_are_named(net: NetDriver, client: httpx.AsyncClient) -> None:
+    options = await client.options(url(net, "/default/f"))
+    assert options.status_code == 204
+    refused = await client.post(url(net, "/default/f"))
+    assert refused.status_code == 405
+    for response in (options, refused):
+        assert response.headers["Allow"] == "DELETE, GET, HEAD, OPTIONS, PUT"
 
 
 @pytest.mark.parametrize(
