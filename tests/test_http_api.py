@@ -199,3 +199,54 @@ async def test_metrics_count_requests(net: NetDriver, client: httpx.AsyncClient)
     await client.get(url(net, "/default/m"))
     metrics = (await client.get(url(net, "/metrics"))).json()
     assert metrics == {"puts": 1, "gets": 1, "read_errors": 0}
+
+
+async def gateway_stream(net: NetDriver) -> trio.SocketStream:
+    host, port = net._gateway.removeprefix("http://").split(":")
+    return await trio.open_tcp_stream(host, int(port))
+
+
+async def read_until_closed(stream: trio.SocketStream) -> bytes:
+    received = b""
+    while chunk := await stream.receive_some(65536):
+        received += chunk
+    return received
+
+
+@pytest.mark.parametrize("path", ["/default/small", "/healthz"])
+async def test_a_connection_the_client_closes_is_closed_at_once(net: NetDriver, path: str) -> None:
+    # Hypercorn's keep-alive timer (75 s) used to hold it open, in CLOSE-WAIT.
+    await net._http.put(url(net, "/default/small"), content=b"x" * 100)
+    async with await gateway_stream(net) as stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await trio.sleep(0.2)  # the answer is sent and the connection waits for the next
+        await stream.send_eof()
+        with trio.fail_after(5):
+            answer = await read_until_closed(stream)
+    assert answer.startswith(b"HTTP/1.1 200")
+
+
+async def test_http2_is_not_spoken(net: NetDriver, client: httpx.AsyncClient) -> None:
+    await client.put(url(net, "/default/h2"), content=b"hello")
+    async with await gateway_stream(net) as stream:
+        await stream.send_all(
+            b"GET /default/h2 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+        )
+        await stream.send_eof()
+        with trio.fail_after(5):
+            upgrade = await read_until_closed(stream)
+    assert upgrade.startswith(b"HTTP/1.1 200")  # the upgrade is ignored
+    assert upgrade.endswith(b"hello")
+    # A prior-knowledge HTTP/2 client, with a DATA frame for a stream (HTTP/2 used to crash
+    # the process on such a frame after an early answer): refused, and the gateway lives on.
+    async with await gateway_stream(net) as stream:
+        await stream.send_all(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # SETTINGS
+            + b"\x00\x00\x05\x00\x00\x00\x00\x00\x01hello"  # DATA on stream 1
+        )
+        with trio.fail_after(5):
+            refused = await read_until_closed(stream)
+    assert not refused.startswith(b"\x00")  # no HTTP/2 frame came back
+    assert (await client.get(url(net, "/default/h2"))).content == b"hello"

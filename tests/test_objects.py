@@ -27,8 +27,11 @@ BIG = 1 << 30
 CHUNK = b"x" * 65536
 
 
-def http_scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> HTTPScope:
-    return cast(HTTPScope, {"type": "http", "method": method, "path": path, "headers": headers})
+def http_scope(
+    method: str, path: str, headers: list[tuple[bytes, bytes]], version: str = "1.1"
+) -> HTTPScope:
+    scope = {"type": "http", "http_version": version, "method": method, "path": path}
+    return cast(HTTPScope, scope | {"headers": headers})
 
 
 class FakeServer:
@@ -234,3 +237,31 @@ async def test_a_body_that_ends_with_a_disconnect_fails_the_put_without_an_answe
         )
     assert server.sent == []  # nobody to answer
     assert stats["puts"] == 0
+
+
+async def test_an_http2_body_without_a_length_is_read() -> None:
+    # HTTP/2 has no chunked coding: a body of unknown size comes with neither header.
+    received: list[bytes] = []
+
+    class Collector(StubGateway):
+        async def put(
+            self,
+            namespace: str,
+            name: str,
+            body: AsyncIterable[bytes],
+            *,
+            content_length: int | None = None,
+            if_absent: bool = False,
+        ) -> FileVersion:
+            received.extend([chunk async for chunk in body])
+            return await self.stat(namespace, name)
+
+    server = FakeServer()
+    await server.request(b"abc", more=True)
+    await server.request(b"def")
+    with trio.fail_after(5):
+        await routes(Collector())(
+            http_scope("PUT", "/default/x", [], version="2"), server.receive, server.send
+        )
+    assert b"".join(received) == b"abcdef"
+    assert server.status == 201

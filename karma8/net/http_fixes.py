@@ -1,4 +1,4 @@
-"""Two fixes to the HTTP stack that streaming storage needs (Quart 0.22, Quart-Trio 0.12,
+"""Fixes to the HTTP stack that streaming storage needs (Quart 0.22, Quart-Trio 0.12,
 Hypercorn 0.18; versions pinned in pyproject.toml and asserted here).
 
 1. Request-body backpressure. Stock Quart drains every ASGI body message into an unbounded
@@ -23,6 +23,18 @@ Hypercorn 0.18; versions pinned in pyproject.toml and asserted here).
    loop during a large PUT). :class:`PassThroughReceiveBuffer` hands a chunk that arrives
    into an empty buffer and is wanted whole straight through, uncopied; anything else (header
    lines, a chunk split between a body and the next request) takes the stock path.
+
+5. A connection the client closed is closed at once. Hypercorn starts its keep-alive timer
+   (75 s) when a connection is ready for the next request, and nothing stops it when the
+   client then closes: the socket stayed in CLOSE-WAIT until the timer ran out (1,000 GETs
+   on a connection each left ~210 such sockets behind). Quart-Trio hid it by cancelling its
+   handler on the disconnect; the gateway's object routes (:mod:`karma8.net.objects`) do not.
+
+6. HTTP/1.1 only, as documented. Hypercorn switches a cleartext connection to HTTP/2 on a
+   prior-knowledge preface or an ``Upgrade: h2c``; its HTTP/2 path crashes the whole process
+   on a DATA frame for a stream that was already answered (an early error), and none of the
+   fixes above apply to it. The upgrade is ignored (RFC 9110 allows it), and the preface is
+   parsed as an HTTP/1.1 request, which fails.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import httpcore
 import trio
 from h11._receivebuffer import ReceiveBuffer
 from hypercorn.events import Closed, RawData
+from hypercorn.protocol import h11 as h11_protocol
 from hypercorn.trio import tcp_server
 from quart.wrappers import Response
 from quart_trio import QuartTrio
@@ -174,6 +187,7 @@ def install_backpressure(app: QuartTrio) -> None:
 
 _original_close = tcp_server.TCPServer._close
 _original_protocol_send = tcp_server.TCPServer.protocol_send
+_original_read_data = tcp_server.TCPServer._read_data
 
 
 async def _shielded_close(self: Any) -> None:
@@ -196,6 +210,18 @@ async def _cancellable_send(self: Any, event: Any) -> None:
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
             raise
+
+
+async def _read_data_then_stop_idle_timer(self: Any) -> None:
+    await _original_read_data(self)
+    # The client closed: no request can follow, so the keep-alive timer must not hold the
+    # connection (and its socket) open until it runs out.
+    await self.idle_task.stop()
+
+
+async def _http11_only(self: Any, event: h11.Request) -> None:
+    """Stands in for Hypercorn's switch to HTTP/2 (an h2c upgrade or a prior-knowledge
+    preface): the request goes on as HTTP/1.1."""
 
 
 class PassThroughReceiveBuffer(ReceiveBuffer):
@@ -267,6 +293,8 @@ def patch_hypercorn() -> None:
     setattr(tcp_server, "MAX_RECV", RECEIVE_SIZE)  # noqa: B010
     setattr(tcp_server.TCPServer, "_close", _shielded_close)  # noqa: B010
     setattr(tcp_server.TCPServer, "protocol_send", _cancellable_send)  # noqa: B010
+    setattr(tcp_server.TCPServer, "_read_data", _read_data_then_stop_idle_timer)  # noqa: B010
+    setattr(h11_protocol.H11Protocol, "_check_protocol", _http11_only)  # noqa: B010
 
 
 def patch_httpcore() -> None:

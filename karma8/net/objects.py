@@ -91,10 +91,14 @@ class _Exchange:
             name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         self.headers = headers
-        # Whether every message of the request body has been received. A request without
-        # a body (most GETs) has one message, which the queue always has room for.
+        # Whether every message of the request body has been received. An HTTP/1 request
+        # without a body (most GETs) has one message, which the queue always has room for;
+        # elsewhere (HTTP/2 frames a body of unknown size without either header) the
+        # messages tell.
         self._body_done = (
-            headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers
+            scope["http_version"].startswith("1")
+            and headers.get("content-length", "0") == "0"
+            and "transfer-encoding" not in headers
         )
         self.gone = False  # the client closed the connection mid-body
         self.started = False  # the status line is on its way: errors can no longer be answered
