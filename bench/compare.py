@@ -1,7 +1,7 @@
 """karma8 against nginx and SeaweedFS: large and small files over HTTP on one machine;
 then karma8 alone: its gateway's memory and its simulator's speed.
 
-    scripts/bench [--quick] [--rounds N] [--systems nginx,seaweedfs,karma8]
+    scripts/bench [--quick] [--rounds N] [--systems nginx,seaweedfs,stack,karma8]
                   [--workloads large,small,rss,sim] [--large-mib 256] [--small-seconds 10]
                   [--get-files 500] [--rss-sizes 64,1024] [--sim-runs 3]
                   [--write-docs docs/benchmarks.md | --no-write]
@@ -15,12 +15,16 @@ whole run; while one is measured the others are idle. The client side is the sam
 curl for large files, wrk for small ones. Client-side files (the large body) live on
 /dev/shm, so the client never waits for its own disk.
 
+Besides the stores, ``stack`` (the stack ceiling, ``bench/stack_ceiling.py``) is an in-memory
+store served the way karma8's gateway is: the most karma8 could reach on its HTTP stack here.
+
 Workloads, per round and, within a round, per workload, the stores in the order given
-(nginx, SeaweedFS, karma8 by default), so that slow drifts of the machine spread evenly:
+(nginx, SeaweedFS, stack, karma8 by default), so that slow drifts of the machine spread evenly:
 
 - large PUT: ``curl -T`` of one random file of ``--large-mib`` MiB (Content-Length known,
   ``Expect: 100-continue`` off for everyone) to a fresh name per round; MB/s = bytes / 1e6 /
-  curl's ``time_total``.
+  curl's ``time_total``. Before the stores, the disk's own durable write rate: the same file
+  written into the work directory and ``fdatasync``-ed (``bench/ceilings.py``).
 - large GET: ``curl -o /dev/null`` of the file this round's PUT wrote (so its pages are
   probably still cached: a warm-cache read). Once per store, outside the timing, a download
   is hashed and compared with the source (SHA-256).
@@ -74,6 +78,7 @@ from pathlib import Path
 from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ceilings import ceiling_lines, disk_write_rate
 from gateway_rss import DEFAULT_SIZES_MIB, RssResult, RssRow, measure_gateway_rss
 from peers import SERVERS, Server, ServerError, first_line
 from sim_speed import GOAL_PUTS_PER_SECOND, SimSpeed, measure_sim_speed
@@ -163,6 +168,7 @@ class Run:
     get_lua: Path
     results: dict[str, dict[str, list[Sample]]] = field(default_factory=dict)
     verified: dict[str, str] = field(default_factory=dict)
+    disk: list[float] = field(default_factory=list)  # the disk's durable write rate by round
 
     def add(self, workload: Workload, server: Server, sample: Sample) -> None:
         self.results.setdefault(workload.key, {}).setdefault(server.key, []).append(sample)
@@ -416,6 +422,15 @@ def run_rounds(run: Run, servers: list[Server]) -> None:
     s = run.settings
     for round_no in range(1, s.rounds + 1):
         for workload in s.workloads:
+            if workload.key == "large_put":
+                os.sync()
+                rate = disk_write_rate(run.large_file, run.workdir / f"disk-r{round_no}.bin")
+                run.disk.append(rate)
+                print(
+                    f"round {round_no}/{s.rounds}  {'disk write':<10} {'fdatasync':<10}"
+                    f" {fmt(rate):>9} MB/s",
+                    flush=True,
+                )
             for server in servers:
                 server.check_alive()
                 os.sync()
@@ -606,6 +621,10 @@ def peer_section(run: Run, servers: list[Server]) -> list[str]:
             [f"{w.label} ({w.unit})", *cells, *[ratio(meds["karma8"], meds[k]) for k in others]]
         )
     summary = md_table(header, rows, [False, *[True] * (len(header) - 1)])
+    medians = {
+        w.key: {k: median(run.results.get(w.key, {}).get(k, [])) for k in keys} for w in s.workloads
+    }
+    ceilings = ceiling_lines(medians, run.disk)
 
     detail_rows = []
     for w in s.workloads:
@@ -671,6 +690,7 @@ def peer_section(run: Run, servers: list[Server]) -> list[str]:
         ),
         summary,
         "",
+        *([*ceilings, ""] if ceilings else []),
         systems,
         "",
         "Every round (in run order), and wrk's latency (median over the rounds):",
@@ -859,8 +879,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="rounds (default 5; --quick: 2)")
     p.add_argument(
         "--systems",
-        default="nginx,seaweedfs,karma8",
-        help="comma-separated subset of nginx,seaweedfs,karma8 (in this order)",
+        default=",".join(SERVERS),
+        help=f"comma-separated subset of {','.join(SERVERS)} (run in this order)",
     )
     p.add_argument(
         "--workloads",

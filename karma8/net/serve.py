@@ -27,6 +27,7 @@ import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.typing import Framework
 from quart_trio import QuartTrio
 
 from karma8.actors.discovery import Discovery, DiscoveryConfig
@@ -109,7 +110,7 @@ class RandomIds:
 
 
 async def serve_app(
-    app: QuartTrio,
+    app: Framework,
     *,
     host: str,
     port: int,

@@ -1,0 +1,130 @@
+"""The ceiling of karma8's HTTP stack: a file store in memory, on the server karma8 runs on.
+
+    python bench/stack_ceiling.py --port N [--host 127.0.0.1]
+
+PUT keeps the body under its path (201), GET answers it (200, or 404), HEAD its length,
+anything else 405. Nothing is split, hashed, synced or written to disk, and nothing survives
+a restart: this is not a store. It is served exactly as karma8's gateway is, by
+:func:`karma8.net.serve.serve_app` (Hypercorn on trio, one process, karma8's Hypercorn
+configuration and fixes), as a plain ASGI callable like karma8's object routes, so what it
+answers per second is the most that any karma8 built on this stack could answer on this
+machine. ``bench/compare.py`` measures it beside the stores, in the same run (system
+``stack``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+
+import trio
+from hypercorn.typing import ASGIReceiveCallable as Receive
+from hypercorn.typing import ASGISendCallable as Send
+from hypercorn.typing import Scope
+
+from karma8.net.serve import serve_app
+
+# A GET is sent in slices of this size, as karma8 streams a file (its stripe unit).
+SLICE = 1 << 20
+
+
+class MemoryFiles:
+    """The ASGI app: files by URL path, in a dict."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        if method == "PUT":
+            body = await _read_body(receive)
+            if body is None:
+                return  # the client left
+            self.files[path] = body
+            await _answer(send, 201, b"")
+        elif method in ("GET", "HEAD"):
+            data = self.files.get(path)
+            if data is None:
+                await _answer(send, 404, b"not found\n")
+            elif method == "HEAD":
+                await _start(send, 200, len(data))
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:
+                await _start(send, 200, len(data))
+                for at in range(0, len(data), SLICE):
+                    more = at + SLICE < len(data)
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": data[at : at + SLICE],
+                            "more_body": more,
+                        }
+                    )
+                if not data:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            await _answer(send, 405, b"method not allowed\n")
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None  # http.disconnect
+        chunks.append(message["body"])
+        if not message["more_body"]:
+            return b"".join(chunks)
+
+
+async def _start(send: Send, status: int, length: int) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-length", str(length).encode())],
+        }
+    )
+
+
+async def _answer(send: Send, status: int, body: bytes) -> None:
+    await _start(send, status, len(body))
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def serve(host: str, port: int) -> None:
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(partial(serve_app, MemoryFiles(), host=host, port=port))
+        print(f"serving {url}", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    trio.run(serve, args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        sys.exit(130)
