@@ -16,16 +16,18 @@ curl for large files, wrk for small ones. Client-side files (the large body) liv
 /dev/shm, so the client never waits for its own disk.
 
 Besides the stores, ``stack`` (the stack ceiling, ``bench/stack_ceiling.py``) is an in-memory
-store served the way karma8's gateway is: the most karma8 could reach on its HTTP stack here,
-for small files (it takes no part in the large-file workloads).
+store served the way karma8's gateway is, in one process: for small files, the most karma8
+could reach on its HTTP stack here with one event loop (it takes no part in the large-file
+workloads).
 
 Workloads, per round and, within a round, per workload, the stores in the order given
 (nginx, SeaweedFS, stack, karma8 by default), so that slow drifts of the machine spread evenly:
 
 - large PUT: ``curl -T`` of one random file of ``--large-mib`` MiB (Content-Length known,
   ``Expect: 100-continue`` off for everyone) to a fresh name per round; MB/s = bytes / 1e6 /
-  curl's ``time_total``. Before the stores, the disk's own durable write rate: the same file
-  written into the work directory and ``fdatasync``-ed (``bench/ceilings.py``).
+  curl's ``time_total``. Before the first round and after the last, the disk's own durable
+  write rate: the same file written into the work directory with write-back started as it
+  goes, then ``fdatasync``-ed (``bench/ceilings.py``).
 - large GET: ``curl -o /dev/null`` of the file this round's PUT wrote (so its pages are
   probably still cached: a warm-cache read). Once per store, outside the timing, a download
   is hashed and compared with the source (SHA-256).
@@ -169,7 +171,8 @@ class Run:
     get_lua: Path
     results: dict[str, dict[str, list[Sample]]] = field(default_factory=dict)
     verified: dict[str, str] = field(default_factory=dict)
-    disk: list[float] = field(default_factory=list)  # the disk's durable write rate by round
+    # The disk's durable write rate (MB/s) "before" and "after" the rounds; None: failed.
+    disk: dict[str, float | None] = field(default_factory=dict)
 
     def add(self, workload: Workload, server: Server, sample: Sample) -> None:
         self.results.setdefault(workload.key, {}).setdefault(server.key, []).append(sample)
@@ -423,15 +426,6 @@ def run_rounds(run: Run, servers: list[Server]) -> None:
     s = run.settings
     for round_no in range(1, s.rounds + 1):
         for workload in s.workloads:
-            if workload.key == "large_put":
-                os.sync()
-                rate = disk_write_rate(run.large_file, run.workdir / f"disk-r{round_no}.bin")
-                run.disk.append(rate)
-                print(
-                    f"round {round_no}/{s.rounds}  {'disk write':<10} {'fdatasync':<10}"
-                    f" {fmt(rate):>9} MB/s",
-                    flush=True,
-                )
             for server in servers:
                 if workload.group not in server.groups:
                     continue
@@ -446,10 +440,25 @@ def run_rounds(run: Run, servers: list[Server]) -> None:
                     else ""
                 )
                 print(
-                    f"round {round_no}/{s.rounds}  {workload.label:<10} {server.label:<10}"
+                    f"round {round_no}/{s.rounds}  {workload.label:<10} {server.label:<13}"
                     f" {fmt(sample.value):>9} {workload.unit}{latency}{note}",
                     flush=True,
                 )
+
+
+def probe_disk(run: Run, when: str) -> None:
+    """The disk's durable write rate for the large file (``bench/ceilings.py``), if the
+    large workloads run; a failure is reported and leaves no rate."""
+    if not any(w.key == "large_put" for w in run.settings.workloads):
+        return
+    os.sync()
+    try:
+        rate: float | None = disk_write_rate(run.large_file, run.workdir / f"disk-{when}.bin")
+    except OSError as exc:
+        print(f"disk write {when} the rounds failed: {exc}", file=sys.stderr)
+        rate = None
+    run.disk[when] = rate
+    print(f"disk write {when} the rounds: {fmt(rate)} MB/s (durable)", flush=True)
 
 
 def prepare(run: Run, servers: list[Server]) -> None:
@@ -631,7 +640,7 @@ def peer_section(run: Run, servers: list[Server]) -> list[str]:
     medians = {
         w.key: {k: median(run.results.get(w.key, {}).get(k, [])) for k in keys} for w in s.workloads
     }
-    ceilings = ceiling_lines(medians, run.disk)
+    ceilings = ceiling_lines(medians, run.disk, os.cpu_count() or 1)
 
     detail_rows = []
     for w in s.workloads:
@@ -877,7 +886,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog=os.environ.get("BENCH_PROG", "compare.py"),
         description="Benchmark karma8 against nginx (WebDAV) and SeaweedFS on this machine, "
-        "then karma8's gateway memory (rss) and simulator speed (sim) alone.",
+        "beside the ceilings of the disk and of karma8's HTTP stack (an in-memory store on "
+        "it), then karma8's gateway memory (rss) and simulator speed (sim) alone.",
     )
     p.add_argument(
         "--quick",
@@ -964,12 +974,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if "sim" in alone and sim_runs < 1:
         sys.exit("--sim-runs: at least 1")
     rounds = args.rounds or (2 if args.quick else 5)
+    taking_part = [k for k in systems if groups & set(SERVERS[k].groups)]
+    if groups & set(PEER_GROUPS) and not taking_part:
+        sys.exit(f"none of --systems {','.join(systems)} takes part in --workloads")
     return Settings(
         rounds=rounds,
         large_bytes=args.large_mib << 20,
         small_seconds=args.small_seconds or (4 if args.quick else 10),
         get_files=args.get_files or (200 if args.quick else 500),
-        systems=[k for k in SERVERS if k in systems],
+        systems=[k for k in SERVERS if k in taking_part],  # in --systems' order
         workloads=[w for w in WORKLOADS if w.group in groups],
         quick=args.quick,
         rss_sizes=rss_sizes if "rss" in alone else [],
@@ -1077,7 +1090,9 @@ def benchmark(
             flush=True,
         )
     prepare(run, servers)
+    probe_disk(run, "before")
     run_rounds(run, servers)
+    probe_disk(run, "after")
     return run, servers
 
 

@@ -4,13 +4,14 @@
 
 PUT keeps the body under its path (201), GET answers it (200, or 404), HEAD its length,
 anything else 405. Nothing is split, hashed, synced or written to disk, and nothing survives
-a restart: this is not a store. It is served exactly as karma8's gateway is, by
+a restart: this is not a store. It is served as karma8's gateway is, by
 :func:`karma8.net.serve.serve_app` (Hypercorn on trio, one process, karma8's Hypercorn
-configuration and fixes), as a plain ASGI callable like karma8's object routes, so the
-small requests it answers per second are the most that any karma8 built on this stack could
-answer on this machine. ``bench/compare.py`` measures it beside the stores, in the same run
-(system ``stack``), with small files only: a large file it holds whole in new memory, which
-this VM hands out slowly, so its large-file rates bound nothing.
+configuration and fixes, no read timeout: karma8's default), as a plain ASGI callable like
+karma8's object routes, so the small requests it answers per second are the most that any
+karma8 built on this stack could answer on this machine with one event loop.
+``bench/compare.py`` measures it beside the stores, in the same run (system ``stack``), with
+small files only: a large file it holds whole in new memory, which this VM hands out slowly,
+so its large-file rates bound nothing.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class MemoryFiles:
                 if not data:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
         else:
-            await _answer(send, 405, b"method not allowed\n")
+            await _answer(send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD, PUT")])
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
@@ -90,28 +91,33 @@ async def _read_body(receive: Receive) -> bytes | None:
         if message["type"] != "http.request":
             return None  # http.disconnect
         chunks.append(message["body"])
-        if not message["more_body"]:
+        if not message.get("more_body", False):
             return b"".join(chunks)
 
 
-async def _start(send: Send, status: int, length: int) -> None:
+async def _start(
+    send: Send, status: int, length: int, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-length", str(length).encode())],
+            "headers": [(b"content-length", str(length).encode()), *(headers or [])],
         }
     )
 
 
-async def _answer(send: Send, status: int, body: bytes) -> None:
-    await _start(send, status, len(body))
+async def _answer(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await _start(send, status, len(body), headers)
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def serve(host: str, port: int) -> None:
     async with trio.open_nursery() as nursery:
-        url = await nursery.start(partial(serve_app, MemoryFiles(), host=host, port=port))
+        app = MemoryFiles()
+        url = await nursery.start(partial(serve_app, app, host=host, port=port, read_timeout=None))
         print(f"serving {url}", flush=True)
 
 
