@@ -976,7 +976,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
     rounds = args.rounds or (2 if args.quick else 5)
     taking_part = [k for k in systems if groups & set(SERVERS[k].groups)]
     if groups & set(PEER_GROUPS) and not taking_part:
-        sys.exit(f"none of --systems {','.join(systems)} takes part in --workloads")
+        sys.exit(
+            f"no system of --systems {','.join(systems)} takes part in"
+            f" --workloads {','.join(sorted(groups & set(PEER_GROUPS)))}"
+        )
     return Settings(
         rounds=rounds,
         large_bytes=args.large_mib << 20,
