@@ -20,6 +20,8 @@ import os
 import time
 from pathlib import Path
 
+from common import ratio
+
 from karma8.net.groupsync import start_writeback
 
 CHUNK = 1 << 20
@@ -53,11 +55,6 @@ def disk_write_rate(source: Path, target: Path) -> float:
     return written / 1e6 / (time.perf_counter() - started)
 
 
-def _times(a: float, b: float) -> str:
-    r = a / b
-    return f"{r:.2f}x" if r >= 0.1 else f"{r:.3f}x"
-
-
 def ceiling_lines(
     medians: dict[str, dict[str, float | None]], disk: dict[str, float | None], cores: int
 ) -> list[str]:
@@ -83,12 +80,12 @@ def ceiling_lines(
         if nginx is not None:
             text += (
                 f" nginx's large PUT (median), which does not sync, ran at"
-                f" {_times(nginx, best)} the disk's best rate"
+                f" {ratio(nginx, best)} the disk's best rate"
                 + ("; no durable store can match it here." if nginx > best else ".")
             )
         karma8 = med("large_put", "karma8")
         if karma8 is not None:
-            text += f" karma8's ran at {_times(karma8, best)} it."
+            text += f" karma8's ran at {ratio(karma8, best)} it."
         lines.append(text)
     parts = []
     for workload, label in (("small_put", "PUTs"), ("small_get", "GETs")):
@@ -99,8 +96,8 @@ def ceiling_lines(
         seaweed = med(workload, "seaweedfs")
         if seaweed is not None:
             part += (
-                f" ({_times(ceiling, seaweed)} SeaweedFS; with a process per core, {cores}"
-                f" here, at most {_times(cores * ceiling, seaweed)})"
+                f" ({ratio(ceiling, seaweed)} SeaweedFS; with a process per core, {cores}"
+                f" here, at most {ratio(cores * ceiling, seaweed)})"
             )
         karma8 = med(workload, "karma8")
         if karma8 is not None:

@@ -1,4 +1,5 @@
-"""Helpers for the benchmarks: start karma8 roles as real processes, read their peak RSS."""
+"""Helpers for the benchmarks: start karma8 roles as real processes, read their peak RSS,
+write ratios."""
 
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    """``a / b`` as ``1.23x`` (three decimals below 0.1), or ``-`` without a value."""
+    if a is None or b is None or b == 0:
+        return "-"
+    r = a / b
+    return f"{r:.2f}x" if r >= 0.1 else f"{r:.3f}x"
 
 
 def peak_rss_kib(pid: int) -> int:

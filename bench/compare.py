@@ -82,6 +82,7 @@ from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ceilings import ceiling_lines, disk_write_rate
+from common import ratio
 from gateway_rss import DEFAULT_SIZES_MIB, RssResult, RssRow, measure_gateway_rss
 from peers import SERVERS, Server, ServerError, first_line
 from sim_speed import GOAL_PUTS_PER_SECOND, SimSpeed, measure_sim_speed
@@ -606,13 +607,6 @@ def median(samples: list[Sample]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def ratio(a: float | None, b: float | None) -> str:
-    if a is None or b is None or b == 0:
-        return "-"
-    r = a / b
-    return f"{r:.2f}x" if r >= 0.1 else f"{r:.3f}x"
-
-
 def peer_section(run: Run, servers: list[Server]) -> list[str]:
     """The comparison with the other stores: summary, systems, every round, method."""
     s = run.settings
@@ -623,9 +617,12 @@ def peer_section(run: Run, servers: list[Server]) -> list[str]:
     header = ["workload", *[labels[k] for k in keys], *[f"karma8/{labels[k]}" for k in others]]
     rows = []
     measures = {srv.key: srv.groups for srv in servers}
+    medians = {
+        w.key: {k: median(run.results.get(w.key, {}).get(k, [])) for k in keys} for w in s.workloads
+    }
     for w in s.workloads:
         per = run.results.get(w.key, {})
-        meds = {k: median(per.get(k, [])) for k in keys}
+        meds = medians[w.key]
         cells = []
         for k in keys:
             if w.group not in measures[k]:
@@ -637,9 +634,6 @@ def peer_section(run: Run, servers: list[Server]) -> list[str]:
             [f"{w.label} ({w.unit})", *cells, *[ratio(meds["karma8"], meds[k]) for k in others]]
         )
     summary = md_table(header, rows, [False, *[True] * (len(header) - 1)])
-    medians = {
-        w.key: {k: median(run.results.get(w.key, {}).get(k, [])) for k in keys} for w in s.workloads
-    }
     ceilings = ceiling_lines(medians, run.disk, os.cpu_count() or 1)
 
     detail_rows = []
@@ -985,7 +979,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         large_bytes=args.large_mib << 20,
         small_seconds=args.small_seconds or (4 if args.quick else 10),
         get_files=args.get_files or (200 if args.quick else 500),
-        systems=[k for k in SERVERS if k in taking_part],  # in --systems' order
+        systems=[k for k in SERVERS if k in taking_part],  # in SERVERS' order
         workloads=[w for w in WORKLOADS if w.group in groups],
         quick=args.quick,
         rss_sizes=rss_sizes if "rss" in alone else [],
