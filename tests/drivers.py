@@ -28,6 +28,23 @@ from karma8.sim.workload import GATEWAY, BytesChunks
 UNIT = 1024  # small stripe unit so that multi-row files stay small
 HEARTBEAT = 0.1
 RETIRE_GRACE = 0.3
+# How long a test waits for something the cluster does by itself (garbage collected, a
+# node seen) before it gives up: a guard against a hang, far above the few heartbeats it
+# takes, so that no verdict depends on the machine's speed. Virtual seconds in sim.
+GIVE_UP = 120.0
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]], *, what: str = "") -> None:
+    """Wait until ``condition()`` holds, checking once a heartbeat, in either world.
+
+    Raises:
+        AssertionError: It did not hold within :data:`GIVE_UP` seconds.
+    """
+    with trio.move_on_after(GIVE_UP):
+        while not await condition():  # noqa: ASYNC110 - a poll: no event says it holds
+            await trio.sleep(HEARTBEAT)
+        return
+    raise AssertionError(f"never held: {what or condition.__name__}")
 
 
 class Driver(Protocol):
@@ -48,10 +65,6 @@ class Driver(Protocol):
     async def add_node(self) -> str: ...
 
     async def part_keys(self) -> list[str]: ...
-
-    async def settle(self) -> None:
-        """Wait until heartbeats have collected garbage."""
-        ...
 
 
 class SimDriver:
@@ -115,9 +128,6 @@ class SimDriver:
 
     async def part_keys(self) -> list[str]:
         return sorted(k for node in self._cluster.nodes for k in node.disk.parts)
-
-    async def settle(self) -> None:
-        await trio.sleep(RETIRE_GRACE + 10 * HEARTBEAT)
 
 
 class NetDriver:
@@ -197,6 +207,14 @@ class NetDriver:
         )
         return (data_dir / "node_id").read_text().strip()
 
+    def parts_being_written(self) -> list[Path]:
+        """Temporary files of part writes in progress, on every node's disk."""
+        return sorted(self._data_dir.glob("*/tmp/*.tmp"))
+
+    async def reserved_bytes(self) -> int:
+        """Bytes reserved on all nodes for uploads in flight."""
+        return sum(node.reserved_bytes for node in await self.nodes())
+
     async def part_keys(self) -> list[str]:
         keys: list[str] = []
         for node in await self.nodes():
@@ -204,9 +222,6 @@ class NetDriver:
             await raise_for_error(response)
             keys += response.json()["keys"]
         return sorted(keys)
-
-    async def settle(self) -> None:
-        await trio.sleep(RETIRE_GRACE + 10 * HEARTBEAT)
 
 
 def net_config(*, local_calls: bool = True) -> NetConfig:
@@ -219,7 +234,7 @@ def net_config(*, local_calls: bool = True) -> NetConfig:
         stripe_unit=UNIT,
         capacity=1 << 30,
         heartbeat_interval=HEARTBEAT,
-        node_timeout=2.0,
+        node_timeout=GIVE_UP / 4,  # no node of a loaded machine is taken for dead
         retire_grace=RETIRE_GRACE,
         sweep_interval=HEARTBEAT,
     )

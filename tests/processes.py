@@ -23,7 +23,7 @@ class Service:
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # a guard against a hang, not a speed limit
         while time.monotonic() < deadline:
             text = log.read_text()
             match = re.search(ready, text)

@@ -9,7 +9,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -18,13 +18,32 @@ import pytest
 from processes import Service
 
 SECRET = "fault-test-secret"
+# Timers short enough for the sweeper to clean up within seconds, long enough that a loaded
+# machine's slow heartbeat or upload is not taken for a dead node or an abandoned upload.
 FAST = """
 heartbeat_interval = 0.2
-node_timeout = 1.0
+node_timeout = 10.0
 retire_grace = 0.2
 sweep_interval = 0.2
-upload_ttl = 3.0
+upload_ttl = 6.0
+stripe_unit = "1 MiB"
 """
+# A guard against a hang while waiting for the cluster to do something by itself; far above
+# what it takes, so that no verdict depends on the machine's speed.
+GIVE_UP = 120.0
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + GIVE_UP
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.05)
+
+
+def grows(files: dict[str, bytes], by: int) -> Callable[[], bool]:
+    """True once ``files`` holds ``by`` more entries than now."""
+    now = len(files)
+    return lambda: len(files) >= now + by
 
 
 def free_port() -> int:
@@ -75,20 +94,28 @@ class Cluster:
         self.url = self.gateway.match.group(1)
         self.restarts = 0
 
-    def kill_and_restart(self, role: str) -> None:
-        """kill -9 one role, then start it again on the same data and port."""
+    def kill(self, role: str) -> None:
+        """kill -9 one role: "gateway", "discovery" or "node-N"."""
+        self._service(role).stop(signal.SIGKILL)
+
+    def restart(self, role: str) -> None:
+        """Start a killed role again on the same data and port."""
         self.restarts += 1
         log = self.root / f"{role}-restart-{self.restarts}.log"
         if role == "gateway":
-            self.gateway.stop(signal.SIGKILL)
             self.gateway = Service(self.gateway_args, r"gateway up: (http://\S+)", log)
         elif role == "discovery":
-            self.discovery.stop(signal.SIGKILL)
             self.discovery = Service(self.discovery_args, r"discovery up: (http://\S+)", log)
         else:
             index = int(role.removeprefix("node-"))
-            self.nodes[index].stop(signal.SIGKILL)
             self.nodes[index] = Service(self.node_args[index], r"storage node \S+ up", log)
+
+    def _service(self, role: str) -> Service:
+        if role == "gateway":
+            return self.gateway
+        if role == "discovery":
+            return self.discovery
+        return self.nodes[int(role.removeprefix("node-"))]
 
     def part_files(self) -> list[str]:
         """Every part and temporary file on every node's disk."""
@@ -99,13 +126,10 @@ class Cluster:
                 found += [str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file()]
         return sorted(found)
 
-    def wait_until_only(self, expected: int, timeout: float = 20.0) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            files = self.part_files()
-            if len(files) == expected or time.monotonic() > deadline:
-                return files
-            time.sleep(0.2)
+    def wait_until_only(self, expected: int) -> list[str]:
+        """The part files once there are ``expected`` of them (the sweeper's work is done)."""
+        wait_for(lambda: len(self.part_files()) == expected, f"{expected} part files")
+        return self.part_files()
 
     def stop(self) -> None:
         for service in [self.gateway, *self.nodes, self.discovery]:
@@ -121,34 +145,48 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         c.stop()
 
 
-def body(size: int, pause_after: int | None = None, pause: float = 0.0) -> Iterator[bytes]:
+def body(
+    size: int, pause_at: int, paused: threading.Event, resume: threading.Event
+) -> Iterator[bytes]:
+    """``size`` random bytes; after ``pause_at`` of them, sets ``paused`` and waits for
+    ``resume`` before sending the rest."""
     sent = 0
     chunk = os.urandom(1 << 20)
     while sent < size:
         piece = chunk[: min(len(chunk), size - sent)]
         yield piece
         sent += len(piece)
-        if pause_after is not None and sent >= pause_after:
-            time.sleep(pause)
-            pause_after = None
+        if sent == pause_at:
+            paused.set()
+            assert resume.wait(GIVE_UP)
 
 
 def test_kill_9_of_a_storage_node_mid_put_fails_it_cleanly(cluster: Cluster) -> None:
-    with httpx.Client(timeout=60) as client:
+    with httpx.Client(timeout=GIVE_UP) as client:
         old = os.urandom(300_000)
         assert client.put(f"{cluster.url}/default/f", content=old).status_code == 201
 
-        # The upload stalls after 20 MiB; meanwhile one of its five nodes is killed.
+        # The upload stops after 20 MiB (rows have reached all five nodes); one of its nodes
+        # is killed; then the rest of the body follows.
+        paused, resume = threading.Event(), threading.Event()
+
         def killer() -> None:
-            time.sleep(1.0)
-            cluster.nodes[2].proc.send_signal(signal.SIGKILL)
+            try:
+                if paused.wait(GIVE_UP):
+                    cluster.nodes[2].proc.send_signal(signal.SIGKILL)
+                    cluster.nodes[2].proc.wait()
+            finally:
+                resume.set()
 
         thread = threading.Thread(target=killer)
         thread.start()
-        response = client.put(
-            f"{cluster.url}/default/f", content=body(80 << 20, pause_after=20 << 20, pause=2.0)
-        )
-        thread.join()
+        try:
+            response = client.put(
+                f"{cluster.url}/default/f", content=body(80 << 20, 20 << 20, paused, resume)
+            )
+        finally:
+            thread.join()
+        assert paused.is_set()
         assert response.status_code in (502, 503), response.text
         assert response.json()["error"]["code"] in ("storage_failure", "unavailable")
         # The name still serves the previous version... once the killed node is back.
@@ -169,14 +207,14 @@ def test_client_abort_mid_body_leaves_nothing(cluster: Cluster) -> None:
         )
         for _ in range(12):  # 12 MiB in chunked encoding: a few stripe rows reach the nodes
             sock.sendall(b"100000\r\n" + os.urandom(1 << 20) + b"\r\n")
-        time.sleep(0.5)
-    with httpx.Client() as client:
+        wait_for(lambda: cluster.part_files() != [], "part writes begun on the nodes")
+    with httpx.Client(timeout=GIVE_UP) as client:
         assert client.get(f"{cluster.url}/default/aborted").status_code == 404
     assert cluster.wait_until_only(0) == []
 
 
 def test_short_body_leaves_nothing_and_keeps_the_old_version(cluster: Cluster) -> None:
-    with httpx.Client() as client:
+    with httpx.Client(timeout=GIVE_UP) as client:
         assert client.put(f"{cluster.url}/default/s", content=b"old").status_code == 201
     host, port = cluster.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
@@ -184,12 +222,11 @@ def test_short_body_leaves_nothing_and_keeps_the_old_version(cluster: Cluster) -
             b"PUT /default/s HTTP/1.1\r\nHost: x\r\nContent-Length: 20000000\r\n\r\n"
             + os.urandom(7 << 20)
         )
-        time.sleep(0.5)
         sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(10)
+        sock.settimeout(GIVE_UP)
         reply = sock.recv(4096)
         assert reply == b"" or reply.startswith(b"HTTP/1.1 400")
-    with httpx.Client() as client:
+    with httpx.Client(timeout=GIVE_UP) as client:
         assert client.get(f"{cluster.url}/default/s").content == b"old"
     assert len(cluster.wait_until_only(5)) == 5
 
@@ -217,15 +254,18 @@ def test_kill_9_of_each_role_during_a_stream_of_puts_loses_no_acknowledged_file(
     thread = threading.Thread(target=writer)
     thread.start()
     try:
+        # Each kill lands while PUTs flow, and at least one PUT meets the dead role; the next
+        # kill waits until PUTs succeed again.
         for role in ("node-3", "discovery", "gateway", "node-0"):
-            time.sleep(1.0)
-            cluster.kill_and_restart(role)
-        time.sleep(1.0)
+            wait_for(grows(acknowledged, 5), f"5 more PUTs before {role} dies")
+            more_failed = grows(failed, 1)
+            cluster.kill(role)
+            wait_for(more_failed, f"a PUT that meets the dead {role}")
+            cluster.restart(role)
+        wait_for(grows(acknowledged, 5), "PUTs after the last restart")
     finally:
         stop.set()
         thread.join()
-    assert len(acknowledged) > 20, (len(acknowledged), len(failed))
-    assert failed, "no PUT was interrupted: the kills did not hit anything"
     with httpx.Client(timeout=30) as client:
         for name, data in acknowledged.items():
             response = client.get(f"{cluster.url}/default/{name}")
@@ -240,7 +280,7 @@ def test_kill_9_of_each_role_during_a_stream_of_puts_loses_no_acknowledged_file(
                 assert response.content == data, name
                 committed += 1
     # Orphans of the interrupted uploads are swept: 5 part files per committed file remain.
-    files = cluster.wait_until_only(5 * committed, timeout=30)
+    files = cluster.wait_until_only(5 * committed)
     assert len(files) == 5 * committed, (len(files), committed)
     # Node identities persisted across the kill.
     ids = {(cluster.root / f"node-{i}" / "node_id").read_text() for i in range(5)}

@@ -127,7 +127,7 @@ async def test_a_writer_cancelled_while_another_round_runs_its_step_waits_for_it
                     log.hold.set()  # round 1 ends; round 2 takes our step
                     await trio.to_thread.run_sync(in_step.wait)
                     scope.cancel()
-                    await trio.sleep(0.05)
+                    await trio.testing.wait_all_tasks_blocked()
                 finally:
                     finish_step.set()  # never leave the round's thread blocked
 
@@ -232,13 +232,15 @@ async def test_rounds_do_not_wait_for_the_default_thread_limiter() -> None:
 
     async with trio.open_nursery() as nursery:
 
-        async def give_back_after_a_while() -> None:
+        async def give_back_if_a_round_waits_for_one() -> None:
             nonlocal gave_back_early
-            await trio.sleep(2)  # only if the round waits for a default token (the failure)
+            # A poll (no event tells of a waiter); only the failure ever waits there.
+            while limiter.statistics().tasks_waiting == 0:  # noqa: ASYNC110
+                await trio.sleep(0.001)
             gave_back_early = True
             give_back()
 
-        nursery.start_soon(give_back_after_a_while)
+        nursery.start_soon(give_back_if_a_round_waits_for_one)
         await group.sync(before=lambda: log.step("w"))
         nursery.cancel_scope.cancel()
     if not gave_back_early:
@@ -299,7 +301,7 @@ async def test_a_commit_cancelled_after_its_part_was_linked_leaves_no_part(
                     await trio.to_thread.run_sync(syncing.wait)
                     assert store.part_path("ca.0").exists()  # linked, not yet durable
                     scope.cancel()
-                    await trio.sleep(0.05)
+                    await trio.testing.wait_all_tasks_blocked()
                 finally:
                     for event in release:  # never leave a round's thread blocked
                         event.set()

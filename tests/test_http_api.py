@@ -10,8 +10,9 @@ import pytest
 import trio
 
 from karma8.core.errors import NotFound
+from karma8.net.serve import KEEP_ALIVE_TIMEOUT
 
-from drivers import NetDriver, net_driver
+from drivers import GIVE_UP, NetDriver, eventually, net_driver
 
 
 @pytest.fixture
@@ -187,11 +188,19 @@ async def test_short_body_then_disconnect_leaves_nothing(net: NetDriver) -> None
             b"PUT /default/short HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
             + b"x" * 30_000
         )
-        await trio.sleep(0.3)  # the gateway has begun the upload and written some rows
-    await net.settle()
+
+        async def the_upload_began() -> bool:
+            return await net.reserved_bytes() > 0
+
+        await eventually(the_upload_began)
+
+    async def nothing_left() -> bool:
+        no_parts = await net.part_keys() == [] and net.parts_being_written() == []
+        return no_parts and await net.reserved_bytes() == 0
+
+    await eventually(nothing_left)
     with pytest.raises(NotFound):
         await net.stat("short")
-    assert await net.part_keys() == []
 
 
 async def test_metrics_count_requests(net: NetDriver, client: httpx.AsyncClient) -> None:
@@ -204,6 +213,19 @@ async def test_metrics_count_requests(net: NetDriver, client: httpx.AsyncClient)
 async def gateway_stream(net: NetDriver) -> trio.SocketStream:
     host, port = net._gateway.removeprefix("http://").split(":")
     return await trio.open_tcp_stream(host, int(port))
+
+
+async def read_one_response(stream: trio.SocketStream) -> bytes:
+    """One whole response with a Content-Length: its head and its body."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += await stream.receive_some(65536)
+    head = received.split(b"\r\n\r\n", 1)[0]
+    lengths = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    total = len(head) + 4 + int(lengths[0].split(b":", 1)[1])
+    while len(received) < total:
+        received += await stream.receive_some(65536)
+    return received
 
 
 async def read_until_closed(stream: trio.SocketStream) -> bytes:
@@ -219,11 +241,12 @@ async def test_a_connection_the_client_closes_is_closed_at_once(net: NetDriver, 
     await net._http.put(url(net, "/default/small"), content=b"x" * 100)
     async with await gateway_stream(net) as stream:
         await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        await trio.sleep(0.2)  # the answer is sent and the connection waits for the next
+        answer = await read_one_response(stream)  # the connection now waits for the next
         await stream.send_eof()
-        with trio.fail_after(5):
-            answer = await read_until_closed(stream)
+        with trio.fail_after(KEEP_ALIVE_TIMEOUT / 2):  # closed by the client's EOF, not the timer
+            rest = await read_until_closed(stream)
     assert answer.startswith(b"HTTP/1.1 200")
+    assert rest == b""
 
 
 async def test_http2_is_not_spoken(net: NetDriver, client: httpx.AsyncClient) -> None:
@@ -234,7 +257,7 @@ async def test_http2_is_not_spoken(net: NetDriver, client: httpx.AsyncClient) ->
             b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
         )
         await stream.send_eof()
-        with trio.fail_after(5):
+        with trio.fail_after(GIVE_UP):
             upgrade = await read_until_closed(stream)
     assert upgrade.startswith(b"HTTP/1.1 200")  # the upgrade is ignored
     assert upgrade.endswith(b"hello")
@@ -246,7 +269,7 @@ async def test_http2_is_not_spoken(net: NetDriver, client: httpx.AsyncClient) ->
             + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # SETTINGS
             + b"\x00\x00\x05\x00\x00\x00\x00\x00\x01hello"  # DATA on stream 1
         )
-        with trio.fail_after(5):
+        with trio.fail_after(GIVE_UP):
             refused = await read_until_closed(stream)
     assert not refused.startswith(b"\x00")  # no HTTP/2 frame came back
     assert (await client.get(url(net, "/default/h2"))).content == b"hello"

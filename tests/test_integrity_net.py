@@ -15,7 +15,7 @@ from karma8.net import admin
 from karma8.net.partfile import HEADER_SIZE
 from karma8.ports import StoredPart
 
-from drivers import net_config, net_driver
+from drivers import eventually, net_config, net_driver
 
 
 def part_file(root: Path, key: str) -> Path:
@@ -184,8 +184,12 @@ async def test_a_part_damaged_on_its_way_to_a_node_fails_the_put(
         monkeypatch.undo()
         with pytest.raises(NotFound):
             await net.stat("damaged")
-        await net.settle()
-        assert all(not key.startswith(damaged[0].split(".")[0]) for key in await net.part_keys())
+        version = damaged[0].split(".")[0]
+
+        async def its_parts_are_gone() -> bool:
+            return all(not key.startswith(version) for key in await net.part_keys())
+
+        await eventually(its_parts_are_gone)
         assert await net.get("before") == payload(20_000, 4)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from karma8.core.errors import StorageFailure
 from karma8.metadata.sqlite import SqliteMetadataStore
@@ -103,9 +104,9 @@ async def test_a_read_waits_until_an_earlier_write_is_durable(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(write)
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(read)
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()
         assert done == []  # the reader saw the commit, so it waits for it to be durable
         sync.release.set()
     assert sorted(done) == ["read", "write"]
@@ -139,7 +140,7 @@ async def test_an_acknowledged_write_is_in_the_files_a_crash_leaves(tmp_path: Pa
 
 async def test_writes_checkpoint_the_log_into_the_database(tmp_path: Path) -> None:
     store = open_store(tmp_path)
-    run = GroupCommitRunner(store, checkpoint_interval=0.0)
+    run = GroupCommitRunner(store, checkpoint_bytes=0)
     await run(lambda: store.create_namespace("moved", 1.0))
     assert run.checkpoints == 1
     assert (tmp_path / "meta.sqlite3-wal").stat().st_size == 0  # emptied, not just copied
@@ -166,27 +167,62 @@ def test_without_a_checkpoint_the_commit_is_only_in_the_log(tmp_path: Path) -> N
     store.close()
 
 
-async def test_the_log_stays_bounded_under_steady_writes(tmp_path: Path) -> None:
-    store = open_store(tmp_path)
-    run = GroupCommitRunner(store, checkpoint_interval=0.05)
-    wal = tmp_path / "meta.sqlite3-wal"
-    largest = 0
+class LogWatch:
+    """Records the log's size as each metadata call starts and after each checkpoint."""
 
+    def __init__(self, store: SqliteMetadataStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.store = store
+        self.at_call: list[int] = []
+        self.after_checkpoint: list[int] = []
+        real = store.checkpoint
+
+        def checkpoint() -> bool:
+            completed = real()
+            self.after_checkpoint.append(store.log_bytes())
+            return completed
+
+        monkeypatch.setattr(store, "checkpoint", checkpoint)
+
+    def create(self, name: str) -> None:
+        self.at_call.append(self.store.log_bytes())
+        self.store.create_namespace(name, 1.0)
+
+
+async def eight_writers(run: GroupCommitRunner, watch: LogWatch, commits: int = 150) -> None:
     async def writer(w: int) -> None:
-        nonlocal largest
-        for i in range(150):
-            await run(partial(store.create_namespace, f"w{w}-{i}", 1.0))
-            largest = max(largest, wal.stat().st_size)
+        for i in range(commits):
+            await run(partial(watch.create, f"w{w}-{i}"))
 
     async with trio.open_nursery() as nursery:
         for w in range(8):
             nursery.start_soon(writer, w)
-    assert run.checkpoints >= 2
-    # 1,200 commits of a couple of pages each: without checkpoints that complete the log
-    # holds them all (measured: 10.3 MB); each checkpoint empties it (measured: 1.4 MB).
-    assert largest < 4_000_000, largest
+
+
+BOUND = 64 << 10
+
+
+async def test_no_call_starts_on_a_log_past_its_bound(
+    store: SqliteMetadataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = GroupCommitRunner(store, checkpoint_bytes=BOUND)
+    watch = LogWatch(store, monkeypatch)
+    await eight_writers(run, watch)
+    # A commit is a couple of pages: 1,200 of them are many times the bound.
+    assert run.checkpoints >= 5, run.checkpoints
+    assert max(watch.at_call) < BOUND
+    assert watch.after_checkpoint == [0] * len(watch.after_checkpoint)  # each empties it
     assert all(store.namespace_exists(f"w{w}-149") for w in range(8))
-    store.close()
+
+
+async def test_without_the_bound_the_log_grows_past_it(
+    store: SqliteMetadataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The converse of the test above, so that it can fail.
+    run = GroupCommitRunner(store, checkpoint_bytes=1 << 40)
+    watch = LogWatch(store, monkeypatch)
+    await eight_writers(run, watch)
+    assert run.checkpoints == 0
+    assert max(watch.at_call) > 5 * BOUND
 
 
 async def test_a_checkpoint_io_error_is_fail_stop(
@@ -198,7 +234,7 @@ async def test_a_checkpoint_io_error_is_fail_stop(
         raise exc
 
     monkeypatch.setattr(store, "checkpoint", broken_checkpoint)
-    run = GroupCommitRunner(store, checkpoint_interval=0.0)
+    run = GroupCommitRunner(store, checkpoint_bytes=0)
     with pytest.raises(StorageFailure, match="write-back failed"):
         await run(lambda: store.create_namespace("x", 1.0))
     monkeypatch.undo()

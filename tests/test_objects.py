@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import pytest
 import trio
+import trio.testing
 from hypercorn.typing import ASGIReceiveEvent, ASGISendEvent, HTTPScope, Scope
 
 from karma8.actors.gateway import Gateway, GatewayConfig
@@ -25,6 +26,9 @@ from karma8.ports import DiscoveryAPI, StorageAPI
 
 BIG = 1 << 30
 CHUNK = b"x" * 65536
+# A guard against a hang, in virtual time (the autojump clock): reached only if every task
+# waits for something that never comes.
+HANG = 60
 
 
 def http_scope(
@@ -182,7 +186,9 @@ async def test_other_routes_go_to_the_app() -> None:
     assert server.sent == []
 
 
-async def test_an_early_answer_drains_the_body_it_did_not_read() -> None:
+async def test_an_early_answer_drains_the_body_it_did_not_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     # The namespace is refused before the body is read. Hypercorn puts the disconnect into
     # the request's queue once the answer has ended; with the queue full of unread body and
     # nobody reading, that would wait forever.
@@ -191,7 +197,7 @@ async def test_an_early_answer_drains_the_body_it_did_not_read() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.keep_sending)
         await trio.testing.wait_all_tasks_blocked()  # the queue is full
-        with trio.fail_after(5):
+        with trio.fail_after(HANG):
             await routes(StubGateway())(
                 http_scope("PUT", "/Bad NS/x", headers), server.receive, server.send
             )
@@ -200,23 +206,27 @@ async def test_an_early_answer_drains_the_body_it_did_not_read() -> None:
     assert b"invalid_name" in server.bodies()[-1]["body"]
 
 
-async def test_a_download_stops_when_the_client_goes_away() -> None:
+async def test_a_download_stops_when_the_client_goes_away(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     gateway = StubGateway()
     server = FakeServer(leave_after=3)
     await server.request()  # a GET: its (empty) body is complete
-    with trio.fail_after(5):
+    with trio.fail_after(HANG):
         await routes(gateway)(http_scope("GET", "/default/big", []), server.receive, server.send)
     assert server.status == 200
     assert all(body["more_body"] for body in server.bodies())  # never ended as complete
     assert gateway.streams_open == 0
 
 
-async def test_a_read_that_fails_mid_stream_cuts_the_body_short() -> None:
+async def test_a_read_that_fails_mid_stream_cuts_the_body_short(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     stats = {"gets": 0, "puts": 0, "read_errors": 0}
     gateway = StubGateway(fail_after=2)
     server = FakeServer()
     await server.request()
-    with trio.fail_after(5):
+    with trio.fail_after(HANG):
         await routes(gateway, stats)(
             http_scope("GET", "/default/big", []), server.receive, server.send
         )
@@ -228,12 +238,14 @@ async def test_a_read_that_fails_mid_stream_cuts_the_body_short() -> None:
     assert gateway.streams_open == 0
 
 
-async def test_a_body_that_ends_with_a_disconnect_fails_the_put_without_an_answer() -> None:
+async def test_a_body_that_ends_with_a_disconnect_fails_the_put_without_an_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     server = FakeServer()
     await server.request(b"abc", more=True)
     await server.disconnect()
     stats = {"gets": 0, "puts": 0, "read_errors": 0}
-    with trio.fail_after(5):
+    with trio.fail_after(HANG):
         await routes(BodyReader(), stats)(
             http_scope("PUT", "/default/x", [(b"content-length", b"10")]),
             server.receive,
@@ -243,13 +255,15 @@ async def test_a_body_that_ends_with_a_disconnect_fails_the_put_without_an_answe
     assert stats["puts"] == 0
 
 
-async def test_an_http2_body_without_a_length_is_read() -> None:
+async def test_an_http2_body_without_a_length_is_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     # HTTP/2 has no chunked coding: a body of unknown size comes with neither header.
     gateway = BodyReader()
     server = FakeServer()
     await server.request(b"abc", more=True)
     await server.request(b"def")
-    with trio.fail_after(5):
+    with trio.fail_after(HANG):
         await routes(gateway)(
             http_scope("PUT", "/default/x", [], version="2"), server.receive, server.send
         )

@@ -65,7 +65,8 @@ class SqliteMetadataStore:
         Args:
             sync_on_commit: Each commit syncs the log (``synchronous=FULL``). False: commits
                 only write it, and the caller syncs with :meth:`sync_wal` before it acts on
-                them and calls :meth:`checkpoint` now and then (no automatic checkpoints).
+                them and calls :meth:`checkpoint` when :meth:`log_bytes` says the log is long
+                enough (no automatic checkpoints).
         """
         self._path = str(path)
         self._wal = None if self._path == ":memory:" else Path(self._path + "-wal")
@@ -87,6 +88,7 @@ class SqliteMetadataStore:
                 self._db.execute("PRAGMA wal_autocheckpoint = 0")
         self._db.executescript(SCHEMA)
         if self._wal is not None and not sync_on_commit:
+            self.checkpoint()  # start with an empty log: what recovery or the schema left
             self._open_wal()
 
     def close(self) -> None:
@@ -136,6 +138,15 @@ class SqliteMetadataStore:
         self._open_wal()
         if self._wal_fd is not None:
             os.fdatasync(self._wal_fd)
+
+    def log_bytes(self) -> int:
+        """Size of the write-ahead log now (0 in memory or right after a checkpoint)."""
+        if self._wal is None:
+            return 0
+        try:
+            return os.stat(self._wal).st_size
+        except FileNotFoundError:
+            return 0
 
     def checkpoint(self) -> bool:
         """Copy the log into the database and empty it (``TRUNCATE``); True if it completed.

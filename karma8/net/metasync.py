@@ -15,10 +15,12 @@ rounds, so N commits cost one ``fdatasync``, and no call returns before its comm
 A call that only reads also waits, if an earlier write is not durable yet: otherwise a reader
 could act on a commit (say, serve a file) that a power loss then takes back.
 
-Once per ``checkpoint_interval`` seconds, after a write, the runner checkpoints the log into
-the database and empties it, in a worker thread, holding new metadata calls back meanwhile
-(the event loop keeps serving everything else): with writers running the checkpoint could
-never finish and the log would grow without end. A failed sync, or an I/O error of a
+When a write leaves the log at ``checkpoint_bytes`` or longer, its caller checkpoints the log
+into the database and empties it, in a worker thread, holding new metadata calls back from
+that moment (the event loop keeps serving everything else): with writers running the
+checkpoint could never finish and the log would grow without end. So no call ever starts on a
+log at or past the bound, however fast the writers are; counting bytes, not seconds, keeps
+that true on any machine. A failed sync, or an I/O error of a
 checkpoint, is fail-stop: that call and every later one raise :class:`StorageFailure`;
 restart the service. The log is synced through a descriptor opened with the store, so a
 write-back error is reported even if the checkpoint's own fsync saw it first.
@@ -29,7 +31,6 @@ from __future__ import annotations
 import errno
 import logging
 import sqlite3
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -50,10 +51,9 @@ class GroupCommitRunner:
     """Runs metadata calls inline and returns once what they (and earlier calls) wrote is
     durable."""
 
-    def __init__(self, store: SqliteMetadataStore, *, checkpoint_interval: float = 1.0) -> None:
+    def __init__(self, store: SqliteMetadataStore, *, checkpoint_bytes: int = 4 << 20) -> None:
         self._store = store
-        self._checkpoint_interval = checkpoint_interval
-        self._last_checkpoint = time.monotonic()
+        self._checkpoint_bytes = checkpoint_bytes
         self.group = GroupSync(lambda: self._store.sync_wal(), name="discovery log")
         self._needed = 0  # the round that makes the latest write durable
         self._checkpointing: trio.Event | None = None  # set while a checkpoint holds calls back
@@ -64,31 +64,31 @@ class GroupCommitRunner:
         while self._checkpointing is not None:
             await self._checkpointing.wait()
         before = self._store.changes
-        wrote = False
         try:
             return fn()
         finally:
             if self._store.changes != before:
                 self._needed = self.group.ticket()
-                wrote = True
+                if self._checkpoint_due():
+                    # No await before _checkpoint() holds calls back: none starts on this log.
+                    await self._checkpoint()
             if not self.group.is_durable(self._needed):
                 try:
                     await self.group.sync(self._needed)
                 except OSError as exc:
                     raise StorageFailure(f"metadata write-back failed: {exc}") from None
-            if wrote and self._checkpoint_due():
-                await self._checkpoint()
 
     def _checkpoint_due(self) -> bool:
-        due = time.monotonic() - self._last_checkpoint >= self._checkpoint_interval
-        return due and self._checkpointing is None
+        if self._checkpointing is not None:
+            return False
+        return self._store.log_bytes() >= self._checkpoint_bytes
 
     async def _checkpoint(self) -> None:
         self._checkpointing = trio.Event()
         try:
             with trio.CancelScope(shield=True):  # calls are held back until it ends
-                await trio.to_thread.run_sync(self._store.checkpoint)
-            self.checkpoints += 1
+                completed = await trio.to_thread.run_sync(self._store.checkpoint)
+            self.checkpoints += completed
         except sqlite3.Error as exc:
             if exc.sqlite_errorcode & 0xFF == SQLITE_IOERR:
                 failure = OSError(errno.EIO, f"checkpoint failed: {exc}")
@@ -96,6 +96,5 @@ class GroupCommitRunner:
                 raise StorageFailure(f"metadata write-back failed: {failure}") from None
             log.warning("discovery checkpoint failed: %s", exc)  # the log keeps the commits
         finally:
-            self._last_checkpoint = time.monotonic()
             self._checkpointing.set()
             self._checkpointing = None

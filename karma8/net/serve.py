@@ -104,6 +104,10 @@ class WallClock:
         return time.time()
 
 
+# Seconds an idle keep-alive connection stays open (Hypercorn's default is 5).
+KEEP_ALIVE_TIMEOUT = 75
+
+
 class RandomIds:
     def new_id(self) -> str:
         return secrets.token_hex(8)
@@ -124,7 +128,7 @@ async def serve_app(
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.read_timeout = read_timeout or None
-    config.keep_alive_timeout = 75
+    config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
     async with trio.open_nursery() as nursery:
         urls: list[str] = await nursery.start(hypercorn_serve, app, config)
         task_status.started(urls[0])
