@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-from karma8.actors.gateway import Gateway
-from karma8.core.model import FileVersion
-from karma8.sim.runner import run_scenario
-from karma8.sim.scenario import load_scenario
+from karma8.sim.monitor import FaultTimeline
 from karma8.sim.workload import History, Op, read_violation
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,13 +46,29 @@ def test_failed_put_must_never_be_visible_and_not_found_only_before_writes() -> 
     assert read_violation(h, get(None, 0.5, 0.7)) is None
 
 
-def test_a_gateway_that_does_not_clean_up_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def no_clean_up(
-        self: Gateway, version: FileVersion, *, commit_attempted: bool
-    ) -> FileVersion | None:
-        return None
+def test_a_fault_explains_what_overlaps_it_on_the_actors_it_touched() -> None:
+    timeline = FaultTimeline()
+    timeline.add("crash", 1.0, 2.0, ["node-a"])
+    timeline.add("partition", 5.0, 6.0, ["gateway", "node-b"])
+    timeline.add("lossy_link", 8.0, 9.0, ["node-c", "*"])
+    breaks = frozenset({"crash", "partition", "lossy_link"})
+    assert timeline.touches(1.5, 3.0, {"node-a"}, breaks) is not None
+    assert timeline.touches(2.5, 3.0, {"node-a"}, breaks) is None  # after it
+    assert timeline.touches(1.5, 3.0, {"node-b"}, breaks) is None  # another node
+    assert timeline.touches(1.5, 3.0, {"*"}, breaks) is not None  # any actor
+    assert timeline.touches(1.5, 3.0, {"node-a"}, frozenset({"disk_full"})) is None
+    assert timeline.touches(8.5, 8.6, {"node-z"}, breaks) is not None  # "*" is everyone
 
-    monkeypatch.setattr(Gateway, "_clean_up", no_clean_up)
-    result = run_scenario(load_scenario(ROOT / "scenarios" / "failed_write.toml"))
-    assert not result.ok
-    assert result.invariants["no_orphan_parts"] is False
+
+def test_a_link_is_broken_by_a_crash_of_either_end_or_a_fault_between_them() -> None:
+    timeline = FaultTimeline()
+    timeline.add("crash", 1.0, 2.0, ["discovery"])
+    timeline.add("partition", 5.0, 6.0, ["gateway", "node-b"])
+    timeline.add("lossy_link", 8.0, 9.0, ["node-c", "*"])
+    timeline.add("slow_link", 10.0, 11.0, ["gateway", "discovery"])
+    assert timeline.link_broken(0.0, 1.5, "gateway", "discovery")
+    assert timeline.link_broken(5.5, 7.0, "gateway", "node-b")
+    assert not timeline.link_broken(5.5, 7.0, "gateway", "node-a")
+    assert not timeline.link_broken(5.5, 7.0, "discovery", "node-b")  # not their link
+    assert timeline.link_broken(8.5, 8.6, "gateway", "node-c")
+    assert not timeline.link_broken(10.0, 11.0, "gateway", "discovery")  # only slow

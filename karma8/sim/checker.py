@@ -76,6 +76,15 @@ def no_orphans(cluster: SimCluster) -> list[str]:
     return problems
 
 
+def reservations_released(cluster: SimCluster) -> list[str]:
+    """With no upload in flight, no node has bytes reserved."""
+    return [
+        f"{node.node_id} still has {node.reserved_bytes} bytes reserved after the quiet phase"
+        for node in cluster.store.list_nodes()
+        if node.reserved_bytes != 0
+    ]
+
+
 def fill_spread(cluster: SimCluster) -> float:
     """(max - min) / mean of the bytes on each node; 0 for an empty cluster."""
     used = [node.disk.used for node in cluster.nodes]

@@ -40,7 +40,14 @@ class SimNode:
 
 
 class SimCluster:
-    def __init__(self, world: World, scenario: Scenario, nursery: trio.Nursery) -> None:
+    def __init__(
+        self,
+        world: World,
+        scenario: Scenario,
+        nursery: trio.Nursery,
+        *,
+        store: SqliteMetadataStore | None = None,
+    ) -> None:
         self.world = world
         self.scenario = scenario
         self._nursery = nursery
@@ -49,7 +56,7 @@ class SimCluster:
             world,
             LinkConfig(latency=scenario.network.latency, bandwidth=scenario.network.bandwidth),
         )
-        self.store = SqliteMetadataStore(":memory:")
+        self.store = store or SqliteMetadataStore(":memory:")
         self.discovery_config = DiscoveryConfig(
             layout=StripeLayout(parts=5, unit=spec.stripe_unit),
             upload_ttl=spec.upload_ttl,
@@ -115,6 +122,10 @@ class SimCluster:
         else:
             node = next(n for n in self.nodes if n.node_id == name)
             self._nursery.start_soon(self._serve, endpoint, self._storage(node))
+
+    def disk_of(self, node_id: str) -> MemoryDisk | None:
+        """The disk of the node with ``node_id``, if it has joined."""
+        return next((n.disk for n in self.nodes if n.node_id == node_id), None)
 
     @property
     def gateway(self) -> Gateway:

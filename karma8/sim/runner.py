@@ -20,6 +20,7 @@ from karma8.sim import checker
 from karma8.sim.cluster import SimCluster
 from karma8.sim.determinism import run_deterministic
 from karma8.sim.disk import WriteFault
+from karma8.sim.monitor import FaultTimeline, Monitor, ObservedStore
 from karma8.sim.network import LinkFault
 from karma8.sim.scenario import LINK_ACTIONS, Event, Scenario
 from karma8.sim.workload import Client, History, Op, read_file
@@ -92,13 +93,18 @@ def run_scenario(scenario: Scenario, seed: int | None = None) -> SimResult:
 async def _simulate(scenario: Scenario, seed: int) -> SimResult:
     world = World(seed)
     history = History()
+    monitor = Monitor(history, FaultTimeline())
     async with trio.open_nursery() as nursery:
         await nursery.start(world.pump.run)
-        cluster = SimCluster(world, scenario, nursery)
+        cluster = SimCluster(world, scenario, nursery, store=ObservedStore(monitor))
+        monitor.disk_of = cluster.disk_of
+        monitor.attach(cluster.store, nursery)
         await cluster.start()
         wall_start = time.perf_counter()
         async with trio.open_nursery() as load:
-            load.start_soon(_play_events, cluster, scenario.events, name="sim-events")
+            load.start_soon(
+                _play_events, cluster, monitor.timeline, scenario.events, name="sim-events"
+            )
             for index in range(scenario.workload.clients):
                 client = Client(
                     index=index,
@@ -113,17 +119,21 @@ async def _simulate(scenario: Scenario, seed: int) -> SimResult:
         world.record("quiet")
         await trio.sleep(scenario.quiet)
         finals = await _final_reads(cluster, history)
-        result = _judge(scenario, seed, world, cluster, history, finals, load_end, load_wall)
+        result = _judge(
+            scenario, seed, world, cluster, history, monitor, finals, load_end, load_wall
+        )
         nursery.cancel_scope.cancel()
     return result
 
 
-async def _play_events(cluster: SimCluster, events: tuple[Event, ...]) -> None:
+async def _play_events(
+    cluster: SimCluster, timeline: FaultTimeline, events: tuple[Event, ...]
+) -> None:
     async with trio.open_nursery() as restarts:
         for event in events:
             await trio.sleep_until(event.at)
             cluster.world.record(f"event {event.action}")
-            await _apply(cluster, event, restarts)
+            await _apply(cluster, timeline, event, restarts)
 
 
 async def _restart_later(cluster: SimCluster, spec: str, at: float) -> None:
@@ -131,19 +141,24 @@ async def _restart_later(cluster: SimCluster, spec: str, at: float) -> None:
     cluster.restart(spec)
 
 
-async def _apply(cluster: SimCluster, event: Event, restarts: trio.Nursery) -> None:
+async def _apply(
+    cluster: SimCluster, timeline: FaultTimeline, event: Event, restarts: trio.Nursery
+) -> None:
     until = event.at + event.duration
     if event.action == "add_nodes":
         for _ in range(event.count):
             await cluster.add_node()
     elif event.action == "crash":
+        timeline.add("crash", event.at, until, [cluster.endpoint_name(event.target)])
         cluster.crash(event.target)
         restarts.start_soon(_restart_later, cluster, event.target, until, name="sim-restart")
     elif event.action == "disk_full":
-        disk = cluster.nodes[event.node].disk
-        disk.full_until = max(disk.full_until, until)
+        node = cluster.nodes[event.node]
+        timeline.add("disk_full", event.at, until, [node.node_id])
+        node.disk.full_until = max(node.disk.full_until, until)
     elif event.action in LINK_ACTIONS:
         a, b = (cluster.endpoint_name(spec) for spec in event.between)
+        timeline.add(event.action, event.at, until, [a, b])
         cluster.network.faults.append(
             LinkFault(
                 a=a,
@@ -155,7 +170,9 @@ async def _apply(cluster: SimCluster, event: Event, restarts: trio.Nursery) -> N
             )
         )
     elif event.action == "fail_writes":
-        cluster.nodes[event.node].disk.faults.append(
+        node = cluster.nodes[event.node]
+        timeline.add("fail_writes", event.at, until, [node.node_id])
+        node.disk.faults.append(
             WriteFault(
                 start=event.at,
                 until=until,
@@ -191,16 +208,23 @@ def _judge(
     world: World,
     cluster: SimCluster,
     history: History,
+    monitor: Monitor,
     finals: list[Op],
     load_end: float,
     load_wall: float,
 ) -> SimResult:
     reads = [op for op in history.ops if op.kind == "get" and op.ok]
+    failed_reads, failed_writes = monitor.unexplained_failures()
     violations = {
         "acknowledged_writes_read_back": checker.final_reads(history, finals),
         "no_torn_or_stale_reads": checker.reads_consistent(history, reads),
+        "committed_parts_stored": monitor.committed_parts,
+        "failed_reads_explained": failed_reads,
+        "failed_writes_explained": failed_writes,
+        "failed_uploads_cleaned_up": monitor.uploads_cleaned,
         "parts_obey_layout": checker.layout_holds(cluster),
         "no_orphan_parts": checker.no_orphans(cluster),
+        "reservations_released": checker.reservations_released(cluster),
     }
     if scenario.checks.max_fill_spread is not None:
         violations["fill_spread_within_bound"] = checker.fill_within(

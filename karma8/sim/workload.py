@@ -54,11 +54,23 @@ class Op:
 class History:
     ops: list[Op] = attrs.Factory(list)
     by_name: dict[str, list[Op]] = attrs.Factory(dict)
+    # Told of each operation as it starts and as it ends (karma8.sim.monitor watches them).
+    on_start: Callable[[Op], None] | None = None
+    on_end: Callable[[Op], None] | None = None
 
     def add(self, op: Op) -> Op:
+        """Record ``op`` as started now."""
         self.ops.append(op)
         self.by_name.setdefault(op.name, []).append(op)
+        if self.on_start is not None:
+            self.on_start(op)
         return op
+
+    def end(self, op: Op) -> None:
+        """Record ``op`` as answered now (its outcome fields set)."""
+        op.end = trio.current_time()
+        if self.on_end is not None:
+            self.on_end(op)
 
     def failures(self) -> Counter[str]:
         return Counter(f"{op.kind}:{op.error}" for op in self.ops if op.error)
@@ -180,7 +192,7 @@ class Client:
             op.ok = True
         except Karma8Error as exc:
             op.error = exc.code
-        op.end = trio.current_time()
+        self._history.end(op)
         return op
 
     async def delete(self, name: str) -> Op:
@@ -201,7 +213,7 @@ class Client:
             op.maybe = True  # the request may have been carried out; the answer was lost
         except Karma8Error as exc:
             op.error = exc.code
-        op.end = trio.current_time()
+        self._history.end(op)
 
 
 class BytesChunks:

@@ -1,0 +1,281 @@
+"""Checks made while a simulated run goes on, against the fault schedule.
+
+End-state checks alone miss data that was lost and then overwritten, and leaks that a sweeper
+hides before the run ends. The :class:`Monitor` watches the run as it happens:
+
+* at the moment discovery commits a version, every part must be on the node the metadata
+  names, with the recorded size and checksum, sizes per the layout, on distinct nodes;
+* a failed upload whose gateway did not crash must be cleaned up by its cleanup deadline
+  (:data:`CLEANUP_DEADLINE` after the client got its error): the version no longer pending
+  (so its reservations are released) and its parts gone, except where the fault schedule
+  made discovery (then the outcome is unknown and the parts are rightly kept) or that node
+  unreachable from the gateway;
+* after the run, every failed operation must be explained by a fault active during it
+  (:class:`FaultTimeline`); a read may also fail when a write of the same name raced it.
+
+The store hook is :class:`ObservedStore`, the simulator's metadata store with the commit
+observed; actors cannot tell it from the plain one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import attrs
+import trio
+
+from karma8.core.layout import StripeLayout
+from karma8.core.model import FileVersion, PartReceipt, VersionState
+from karma8.core.placement import NodeLoad
+from karma8.metadata.sqlite import SqliteMetadataStore
+from karma8.sim.disk import MemoryDisk
+from karma8.sim.workload import GATEWAY, History, Op
+
+DISCOVERY = "discovery"
+ANY = "*"
+# Virtual seconds a gateway has, after answering a failed PUT, to abort its version and delete
+# its parts. It does so at once; this leaves room for slow links, not for a sweeper.
+CLEANUP_DEADLINE = 2.0
+# Failures an operation may meet without any fault: honest refusals, not losses.
+REFUSALS = frozenset({"not_enough_nodes", "precondition_failed"})
+
+
+@attrs.frozen(kw_only=True)
+class FaultWindow:
+    """A fault active in ``[start, until]`` on ``actors`` (endpoint names; "*" for any)."""
+
+    kind: str  # "crash", "partition", "lossy_link", "slow_link", "disk_full", "fail_writes"
+    start: float
+    until: float
+    actors: frozenset[str]
+
+
+# Faults that can make a call fail (slow links only delay: the simulator has no timeouts).
+BREAKS_CALLS = frozenset({"crash", "partition", "lossy_link"})
+BREAKS_WRITES = BREAKS_CALLS | {"disk_full", "fail_writes"}
+
+
+@attrs.define
+class FaultTimeline:
+    """Every fault of a run, as applied, with the node ids it touched."""
+
+    windows: list[FaultWindow] = attrs.Factory(list)
+
+    def add(self, kind: str, start: float, until: float, actors: Sequence[str]) -> None:
+        self.windows.append(
+            FaultWindow(kind=kind, start=start, until=until, actors=frozenset(actors))
+        )
+
+    def touches(
+        self, start: float, end: float, actors: set[str], kinds: frozenset[str]
+    ) -> FaultWindow | None:
+        """A fault of ``kinds`` on any of ``actors`` overlapping ``[start, end]``, if any."""
+        for window in self.windows:
+            if window.kind not in kinds or window.until < start or window.start > end:
+                continue
+            if ANY in actors or ANY in window.actors or window.actors & actors:
+                return window
+        return None
+
+    def link_broken(self, start: float, end: float, a: str, b: str) -> bool:
+        """Whether ``a`` or ``b`` crashed, or a fault on their link could fail a call."""
+        for window in self.windows:
+            if window.kind not in BREAKS_CALLS or window.until < start or window.start > end:
+                continue
+            if window.kind == "crash":
+                if window.actors & {a, b}:
+                    return True
+            elif window.actors <= {a, b, ANY} and window.actors & {a, b}:
+                return True
+        return False
+
+
+@attrs.define(kw_only=True)
+class _Begun:
+    at: float
+    version: FileVersion
+
+
+class Monitor:
+    """Collects violations found during a run; see the module docstring."""
+
+    def __init__(self, history: History, timeline: FaultTimeline) -> None:
+        self.history = history
+        self.timeline = timeline
+        self.disk_of: Callable[[str], MemoryDisk | None] = lambda node_id: None
+        self.committed_parts: list[str] = []
+        self.uploads_cleaned: list[str] = []
+        self._begun: dict[str, list[_Begun]] = {}
+        self._committed_ids: set[str] = set()
+        self._part_nodes: dict[str, set[str]] = {}  # name -> nodes of its committed versions
+        self._in_flight: dict[str, list[Op]] = {}  # name -> PUTs not yet answered
+        self._nursery: trio.Nursery | None = None
+        self._store: SqliteMetadataStore | None = None
+
+    def attach(self, store: SqliteMetadataStore, nursery: trio.Nursery) -> None:
+        """Start watching: checks after a failed PUT run as tasks of ``nursery``."""
+        self._store = store
+        self._nursery = nursery
+        self.history.on_start = self._started
+        self.history.on_end = self._ended
+
+    # -- store events (synchronous, inside discovery's transaction calls) ------------------
+
+    def begun(self, version: FileVersion) -> None:
+        self._begun.setdefault(version.name, []).append(
+            _Begun(at=trio.current_time(), version=version)
+        )
+
+    def committed(self, version: FileVersion) -> None:
+        """Check, at this moment, that the parts the metadata names are stored as recorded."""
+        now = trio.current_time()
+        where = f"t={now:.6f} {version.namespace}/{version.name} ({version.version_id})"
+        assert version.size is not None
+        expected = version.layout.part_sizes(version.size)
+        nodes = [p.node.node_id for p in version.parts]
+        self._committed_ids.add(version.version_id)
+        self._part_nodes.setdefault(version.name, set()).update(nodes)
+        if len(set(nodes)) != len(nodes) or len(nodes) != version.layout.parts:
+            self.committed_parts.append(f"{where}: committed with parts on nodes {nodes}")
+        for part in version.parts:
+            disk = self.disk_of(part.node.node_id)
+            stored = None if disk is None else disk.parts.get(part.key)
+            if stored is None:
+                self.committed_parts.append(
+                    f"{where}: committed, but part {part.index} is not on {part.node.node_id}"
+                )
+            elif len(stored.data) != part.size or part.size != expected[part.index]:
+                self.committed_parts.append(
+                    f"{where}: part {part.index} has {len(stored.data)} bytes on disk,"
+                    f" {part.size} recorded, the layout says {expected[part.index]}"
+                )
+            elif stored.checksum != part.checksum:
+                self.committed_parts.append(
+                    f"{where}: part {part.index} on disk does not match its recorded checksum"
+                )
+
+    # -- history events ---------------------------------------------------------------------
+
+    def _started(self, op: Op) -> None:
+        if op.kind == "put":
+            self._in_flight.setdefault(op.name, []).append(op)
+
+    def _ended(self, op: Op) -> None:
+        if op.kind != "put":
+            return
+        self._in_flight[op.name].remove(op)
+        if not op.ok and self._nursery is not None:
+            self._nursery.start_soon(self._check_cleanup, op, name=f"sim-monitor-cleanup-{op.name}")
+
+    async def _check_cleanup(self, op: Op) -> None:
+        deadline = op.end + CLEANUP_DEADLINE
+        await trio.sleep_until(deadline)
+        if self.timeline.touches(op.start, deadline, {GATEWAY}, frozenset({"crash"})):
+            return  # a crashed gateway leaves its upload to the sweepers
+        assert self._store is not None
+        pending = {v.version_id for v in self._store.versions(VersionState.PENDING)}
+        for begun in self._begun.get(op.name, []):
+            version = begun.version
+            if not op.start <= begun.at <= op.end:
+                continue
+            if any(other.start <= begun.at for other in self._in_flight.get(op.name, [])):
+                continue  # another PUT of the name may own it; checked when that one ends
+            if version.version_id in self._committed_ids:
+                continue  # committed after all (the answer was lost): its parts are live
+            where = (
+                f"PUT of {op.name} failed at t={op.end:.6f} ({op.error});"
+                f" at t={deadline:.6f} its version {version.version_id}"
+            )
+            if self.timeline.link_broken(op.start, deadline, GATEWAY, DISCOVERY):
+                continue  # the gateway cannot learn the outcome: it keeps the parts, rightly
+            if version.version_id in pending:
+                self.uploads_cleaned.append(f"{where} is still pending, holding its reservation")
+            for part in version.parts:
+                node = part.node.node_id
+                disk = self.disk_of(node)
+                if disk is None or part.key not in disk.parts:
+                    continue
+                if not self.timeline.link_broken(op.start, deadline, GATEWAY, node):
+                    self.uploads_cleaned.append(f"{where} still has part {part.index} on {node}")
+
+    # -- after the run ----------------------------------------------------------------------
+
+    def unexplained_failures(self) -> tuple[list[str], list[str]]:
+        """(failed reads, failed writes) that no fault, race or honest refusal explains."""
+        reads: list[str] = []
+        writes: list[str] = []
+        for op in self.history.ops:
+            if op.ok or op.error is None or op.error in REFUSALS:
+                continue
+            span = f"t={op.start:.6f}..{op.end:.6f}"
+            if op.kind == "get":
+                if self._read_explained(op):
+                    continue
+                reads.append(f"GET {op.name} at {span} failed ({op.error}); no fault explains it")
+            elif not self.timeline.touches(op.start, op.end, {ANY}, BREAKS_WRITES):
+                writes.append(
+                    f"{op.kind.upper()} {op.name} at {span} failed ({op.error});"
+                    " no fault was active"
+                )
+        return reads, writes
+
+    def _read_explained(self, op: Op) -> bool:
+        actors = {GATEWAY, DISCOVERY} | self._part_nodes.get(op.name, set())
+        if self.timeline.touches(op.start, op.end, actors, BREAKS_CALLS):
+            return True
+        # A write of the name racing the read may retire the version it is reading.
+        return any(
+            w.kind in ("put", "delete") and w.start <= op.end and w.end >= op.start
+            for w in self.history.by_name.get(op.name, [])
+        )
+
+
+class ObservedStore(SqliteMetadataStore):
+    """The simulator's in-memory metadata store, telling a :class:`Monitor` of each begun and
+    committed version as the transaction that made it returns."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        super().__init__(":memory:")
+        self._monitor = monitor
+
+    def begin_version(
+        self,
+        *,
+        version_id: str,
+        namespace: str,
+        name: str,
+        layout: StripeLayout,
+        size_hint: int | None,
+        now: float,
+        expires_at: float,
+        if_absent: bool,
+        place: Callable[[Sequence[NodeLoad]], Sequence[str]],
+    ) -> FileVersion:
+        version = super().begin_version(
+            version_id=version_id,
+            namespace=namespace,
+            name=name,
+            layout=layout,
+            size_hint=size_hint,
+            now=now,
+            expires_at=expires_at,
+            if_absent=if_absent,
+            place=place,
+        )
+        self._monitor.begun(version)
+        return version
+
+    def commit_version(
+        self,
+        *,
+        version_id: str,
+        size: int,
+        receipts: Sequence[PartReceipt],
+        now: float,
+        if_absent: bool,
+    ) -> FileVersion:
+        version = super().commit_version(
+            version_id=version_id, size=size, receipts=receipts, now=now, if_absent=if_absent
+        )
+        self._monitor.committed(version)
+        return version

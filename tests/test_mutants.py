@@ -1,0 +1,210 @@
+"""Mutants: deliberately broken actors that the simulator's checker must catch.
+
+Each mutant breaks one promise of the system. It is run against the shipped scenarios (cheapest
+first) and then the CI swarm seeds, and must be caught; the test names which check caught it
+and where. A mutant that survives means the checker has a hole. The table of results is in
+docs/scenarios.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+from collections.abc import AsyncIterable, Callable, Sequence
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+
+from karma8.actors import discovery as discovery_module
+from karma8.actors import gateway as gateway_module
+from karma8.actors.gateway import Gateway
+from karma8.actors.storage import StorageNode
+from karma8.core.errors import Karma8Error
+from karma8.core.layout import StripeSplitter
+from karma8.core.model import FileVersion, PartPlacement, PartReceipt
+from karma8.core.placement import NodeLoad, place_parts
+from karma8.metadata.sqlite import SqliteMetadataStore
+from karma8.ports import StoredPart
+from karma8.sim.runner import run_scenario
+from karma8.sim.scenario import load_scenario
+from karma8.sim.swarm import swarm_scenario
+from karma8.sim.workload import BytesChunks
+
+ROOT = Path(__file__).resolve().parent.parent
+# Shipped scenarios, cheapest first; then swarm seeds, as CI runs them.
+SCENARIOS = ["basic", "disk_full", "crash_restart", "failed_write", "network_faults"]
+SWARM_SEEDS = range(1, 201)
+
+
+@attrs.frozen(kw_only=True)
+class Caught:
+    where: str  # "scenario NAME" or "swarm seed N"
+    runs: int  # scenarios and seeds run until it was caught
+    checks: tuple[str, ...]  # the invariants that failed
+
+
+def hunt(scenarios: Sequence[str]) -> Caught | None:
+    """Run scenarios, then swarm seeds, until one fails; None if the mutant survives all."""
+    named = (
+        (f"scenario {name}", run_scenario(load_scenario(ROOT / "scenarios" / f"{name}.toml")))
+        for name in scenarios
+    )
+    seeds = ((f"swarm seed {s}", run_scenario(swarm_scenario(s), s)) for s in SWARM_SEEDS)
+    for runs, (where, result) in enumerate(itertools.chain(named, seeds), start=1):
+        if not result.ok:
+            failed = tuple(name for name, holds in result.invariants.items() if not holds)
+            return Caught(where=where, runs=runs, checks=failed)
+    return None
+
+
+# -- the mutants ------------------------------------------------------------------------------
+
+
+def skip_rollback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed upload is left as it is: no abort, no part deleted."""
+
+    async def no_clean_up(
+        self: Gateway, version: FileVersion, *, commit_attempted: bool
+    ) -> FileVersion | None:
+        await trio.lowlevel.checkpoint()
+        return None
+
+    monkeypatch.setattr(Gateway, "_clean_up", no_clean_up)
+
+
+def commit_with_a_missing_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed part write is ignored and the file committed with a made-up receipt."""
+
+    async def optimistic(
+        self: Gateway,
+        placement: PartPlacement,
+        chunks: trio.MemoryReceiveChannel[bytes],
+        size: int | None,
+        receipts: list[PartReceipt | None],
+    ) -> None:
+        async with chunks:
+            data = b"".join([chunk async for chunk in chunks])
+        with contextlib.suppress(Karma8Error):
+            await self._storage.put_part(placement.node, placement.key, BytesChunks(data))
+        receipts[placement.index] = PartReceipt(
+            index=placement.index, size=len(data), checksum=hashlib.sha256(data).hexdigest()
+        )
+
+    monkeypatch.setattr(Gateway, "_write_part", optimistic)
+
+
+def split_off_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The splitter gives part 1 the last byte of part 0's tail piece."""
+
+    class OffByOne(StripeSplitter):
+        def finish(self) -> list[tuple[int, bytes]]:
+            pieces = dict(super().finish())
+            if pieces.get(0):
+                moved = pieces[0][-1:]
+                pieces[0] = pieces[0][:-1]
+                pieces[1] = moved + pieces.get(1, b"")
+            return [(index, pieces[index]) for index in sorted(pieces) if pieces[index]]
+
+    monkeypatch.setattr(gateway_module, "StripeSplitter", OffByOne)
+
+
+def serve_a_stale_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway remembers the first version it resolved for a name and serves it on."""
+    seen: dict[tuple[str, str], FileVersion] = {}
+    resolve = Gateway.stat
+
+    async def cached(self: Gateway, namespace: str, name: str) -> FileVersion:
+        if (namespace, name) not in seen:
+            seen[namespace, name] = await resolve(self, namespace, name)
+        return seen[namespace, name]
+
+    monkeypatch.setattr(Gateway, "stat", cached)
+
+
+def two_parts_on_one_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Placement puts part 1 on the node of part 0."""
+
+    def doubled(loads: Sequence[NodeLoad], **kwargs: object) -> list[str]:
+        chosen = list(place_parts(loads, **kwargs))  # type: ignore[arg-type]
+        return [chosen[0], chosen[0], *chosen[2:]]
+
+    monkeypatch.setattr(discovery_module, "place_parts", doubled)
+
+
+def reservation_never_released(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Committing or aborting a version leaves its reserved bytes reserved."""
+    release = SqliteMetadataStore._release_reservations
+
+    def keep_reserved(self: SqliteMetadataStore, db: object, version_id: str, **kw: bool) -> None:
+        rows = self._db.execute(
+            "SELECT node_id, reserved FROM parts WHERE version_id = ?", (version_id,)
+        ).fetchall()
+        release(self, db, version_id, **kw)  # type: ignore[arg-type]
+        self._db.executemany(
+            "UPDATE nodes SET reserved_bytes = reserved_bytes + ? WHERE node_id = ?",
+            [(row["reserved"], row["node_id"]) for row in rows],
+        )
+
+    monkeypatch.setattr(SqliteMetadataStore, "_release_reservations", keep_reserved)
+
+
+def acknowledge_before_durable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node answers a part write before the part is committed; it commits a little later."""
+
+    async def eager(self: StorageNode, key: str, chunks: AsyncIterable[bytes]) -> StoredPart:
+        writer = await self._store.create(key)
+        digest, size = hashlib.sha256(), 0
+        async for chunk in chunks:
+            await writer.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+
+        async def commit_later() -> None:
+            await trio.sleep(0.05)
+            with contextlib.suppress(Exception):
+                await writer.commit()
+
+        trio.lowlevel.spawn_system_task(commit_later, name=f"mutant-commit-{key}")
+        return StoredPart(key=key, size=size, checksum=digest.hexdigest())
+
+    monkeypatch.setattr(StorageNode, "put_part", eager)
+
+
+Mutant = Callable[[pytest.MonkeyPatch], None]
+MUTANTS: list[tuple[Mutant, set[str]]] = [
+    # (mutant, the checks allowed to be the ones that catch it)
+    (skip_rollback, {"failed_uploads_cleaned_up"}),
+    (commit_with_a_missing_part, {"committed_parts_stored"}),
+    (split_off_by_one, {"failed_writes_explained"}),
+    (serve_a_stale_version, {"no_torn_or_stale_reads", "failed_reads_explained"}),
+    (two_parts_on_one_node, {"committed_parts_stored", "parts_obey_layout"}),
+    (reservation_never_released, {"reservations_released"}),
+    (acknowledge_before_durable, {"committed_parts_stored"}),
+]
+
+
+@pytest.mark.parametrize(("mutant", "expected"), MUTANTS, ids=lambda m: getattr(m, "__name__", ""))
+def test_the_checker_catches_the_mutant(
+    mutant: Mutant,
+    expected: set[str],
+    monkeypatch: pytest.MonkeyPatch,
+    record_property: Callable[[str, object], None],
+) -> None:
+    mutant(monkeypatch)
+    caught = hunt(SCENARIOS)
+    assert caught is not None, f"{mutant.__name__} survived every scenario and swarm seed"
+    record_property("caught", f"{caught.where} after {caught.runs} runs by {caught.checks}")
+    assert expected & set(caught.checks), (mutant.__name__, caught)
+
+
+@pytest.mark.parametrize("mutant", [skip_rollback, commit_with_a_missing_part])
+@pytest.mark.parametrize("scenario", ["failed_write", "disk_full"])
+def test_the_mutants_first_found_are_caught_by_shipped_scenarios(
+    mutant: Mutant, scenario: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mutant(monkeypatch)
+    result = run_scenario(load_scenario(ROOT / "scenarios" / f"{scenario}.toml"))
+    assert not result.ok, f"{mutant.__name__} passed {scenario}"
