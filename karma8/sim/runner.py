@@ -134,8 +134,8 @@ async def _restart_later(cluster: SimCluster, spec: str, at: float) -> None:
 async def _apply(cluster: SimCluster, event: Event, restarts: trio.Nursery) -> None:
     until = event.at + event.duration
     if event.action == "add_nodes":
-        for _ in range(event.count):
-            await cluster.add_node()
+        for capacity in event.added_capacities(cluster.scenario.cluster):
+            await cluster.add_node(capacity)
     elif event.action == "crash":
         cluster.crash(event.target)
         restarts.start_soon(_restart_later, cluster, event.target, until, name="sim-restart")
