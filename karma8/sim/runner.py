@@ -202,9 +202,9 @@ def _judge(
         "parts_obey_layout": checker.layout_holds(cluster),
         "no_orphan_parts": checker.no_orphans(cluster),
     }
-    if scenario.checks.max_fill_spread is not None:
+    if scenario.checks.max_fill_spread_pp is not None:
         violations["fill_spread_within_bound"] = checker.fill_within(
-            cluster, scenario.checks.max_fill_spread
+            cluster, scenario.checks.max_fill_spread_pp
         )
     ops = Counter(op.kind for op in history.ops)
     ok_ops = Counter(op.kind for op in history.ops if op.ok)
@@ -232,7 +232,7 @@ def _judge(
         "load_wall_seconds": round(load_wall, 3),
         "puts_per_wall_second": round(ops.get("put", 0) / load_wall, 1) if load_wall else 0.0,
         "sim_seconds": round(trio.current_time(), 6),
-        "fill_spread": round(checker.fill_spread(cluster), 4),
+        "fill_spread_pp": round(checker.fill_spread(cluster), 4),
     }
     return SimResult(
         scenario=scenario.name,

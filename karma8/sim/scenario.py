@@ -82,7 +82,8 @@ class WorkloadSpec:
 
 @attrs.frozen(kw_only=True)
 class ChecksSpec:
-    max_fill_spread: float | None = None
+    # max - min of the nodes' fill (used / capacity) at the end, in percentage points.
+    max_fill_spread_pp: float | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -218,9 +219,9 @@ def parse_scenario(
         raise source.error("workload.mix", "put", "at least one operation needs a weight > 0")
 
     k = top.table("checks")
-    spread = k.get("max_fill_spread", None)
+    spread = k.get("max_fill_spread_pp", None)
     checks = ChecksSpec(
-        max_fill_spread=None if spread is None else k.number("max_fill_spread", 0.0)
+        max_fill_spread_pp=None if spread is None else k.number("max_fill_spread_pp", 0.0)
     )
     k.finish()
 
