@@ -162,8 +162,19 @@ def swarm_scenario(seed: int) -> Scenario:
             get=rng.uniform(0, 4),
             delete=rng.uniform(0, 2),
         ),
-        events=tuple(sorted(events, key=lambda e: e.at)),
+        events=events,
     )
+
+
+class SwarmCrashed(Exception):
+    """An exception escaped the run of one seed: a bug, not a failed invariant.
+
+    The original exception is the ``__cause__``.
+    """
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(f"the simulation crashed at swarm seed {seed}")
+        self.seed = seed
 
 
 @attrs.frozen(kw_only=True)
@@ -179,11 +190,18 @@ def run_swarm(
     first_seed: int = 1,
     progress: Callable[[int, SimResult], None] | None = None,
 ) -> SwarmOutcome:
-    """Run ``count`` swarm seeds from ``first_seed``; stop at the first failing one."""
+    """Run ``count`` swarm seeds from ``first_seed``; stop at the first failing one.
+
+    Raises:
+        SwarmCrashed: a seed's run raised instead of returning a result.
+    """
     runs = 0
     for seed in range(first_seed, first_seed + count):
-        scenario = swarm_scenario(seed)
-        result = run_scenario(scenario, seed)
+        try:
+            scenario = swarm_scenario(seed)
+            result = run_scenario(scenario, seed)
+        except Exception as exc:
+            raise SwarmCrashed(seed) from exc
         runs += 1
         if progress is not None:
             progress(seed, result)
