@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _swarm(args: argparse.Namespace) -> int:
-    from karma8.sim.swarm import run_swarm
+    from karma8.sim.swarm import SwarmCrashed, run_swarm
 
     first = 1 if args.seed is None else args.seed
 
@@ -113,10 +113,12 @@ def _swarm(args: argparse.Namespace) -> int:
 
     try:
         outcome = run_swarm(args.swarm, first_seed=first, progress=progress)
-    except Exception:  # a crash is a failure too, and must say how to replay it
-        traceback.print_exc()
+    except SwarmCrashed as crash:  # a crash is a failure too, and must say how to replay it
+        traceback.print_exception(crash.__cause__ or crash)
+        replay = f"karma8 sim --swarm 1 --seed {crash.seed}"
         print(
-            "karma8 sim: the swarm crashed; the last seed printed + 1 replays it", file=sys.stderr
+            f"karma8 sim: the simulation crashed at seed {crash.seed}; replay: {replay}",
+            file=sys.stderr,
         )
         return EXIT_CRASHED
     if outcome.failed is None:

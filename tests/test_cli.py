@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from karma8.cli import main
+from karma8.sim import swarm
+from karma8.sim.runner import SimResult
+from karma8.sim.scenario import Scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 BASIC = str(ROOT / "scenarios" / "basic.toml")
@@ -97,3 +100,64 @@ def test_swarm_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "seed      8  ok" in out
     assert "2 seeds from 8, all invariants held" in out
     assert main(["sim", BASIC, "--swarm", "1"]) == 2
+
+
+def _result(seed: int, *, ok: bool) -> SimResult:
+    """A made-up swarm result, enough for the text and JSON reports."""
+    counts = {"put": 1, "get": 0, "delete": 0}
+    return SimResult(
+        scenario=f"swarm-{seed}",
+        seed=seed,
+        trace_sha256="0" * 64,
+        invariants={"no_orphan_parts": ok},
+        violations={} if ok else {"no_orphan_parts": ["orphan part x.0 on node-1"]},
+        stats={
+            "ops": counts,
+            "succeeded": counts,
+            "failures": {},
+            "bytes_put": 1,
+            "injected_write_failures": 0,
+            "trace_events": 1,
+            "load_seconds": 1.0,
+            "sim_seconds": 2.0,
+            "wall_seconds": 0.01,
+            "puts_per_wall_second": 100.0,
+            "fill_spread_pp": 0.0,
+        },
+        nodes=[],
+    )
+
+
+@pytest.mark.parametrize("mode", [[], ["--json"]])
+def test_a_swarm_seed_that_crashes_names_its_seed_and_replay_on_stderr(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], mode: list[str]
+) -> None:
+    def run(scenario: Scenario, seed: int | None = None) -> SimResult:
+        assert seed is not None
+        if seed == 12:
+            raise RuntimeError("the simulator broke")
+        return _result(seed, ok=True)
+
+    monkeypatch.setattr(swarm, "run_scenario", run)
+    assert main(["sim", "--swarm", "5", "--seed", "10", *mode]) == 3
+    err = capsys.readouterr().err
+    assert "RuntimeError: the simulator broke" in err
+    assert "crashed at seed 12; replay: karma8 sim --swarm 1 --seed 12" in err
+
+
+@pytest.mark.parametrize("mode", [[], ["--json"]])
+def test_a_failing_swarm_seed_prints_its_replay_line_on_stderr(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], mode: list[str]
+) -> None:
+    monkeypatch.setattr(
+        swarm, "run_scenario", lambda scenario, seed=None: _result(seed or 0, ok=seed != 11)
+    )
+    assert main(["sim", "--swarm", "5", "--seed", "10", *mode]) == 1
+    captured = capsys.readouterr()
+    assert "swarm: seed 11 failed; replay with: karma8 sim --swarm 1 --seed 11" in captured.err
+    if mode:
+        assert json.loads(captured.out)["violations"] == {
+            "no_orphan_parts": ["orphan part x.0 on node-1"]
+        }
+    else:
+        assert "FAIL no_orphan_parts" in captured.out

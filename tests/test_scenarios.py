@@ -25,7 +25,7 @@ def result_of(stem: str) -> SimResult:
 
 def test_scenarios_are_shipped() -> None:
     names = {p.stem for p in SCENARIOS}
-    assert {"basic", "add_nodes", "failed_write"} <= names
+    assert {"basic", "add_nodes", "failed_write", "mixed_capacities"} <= names
 
 
 @pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
@@ -42,6 +42,22 @@ def test_add_nodes_new_nodes_receive_parts_and_catch_up() -> None:
     assert all(n.parts > 0 for n in joined_late)
     mean = sum(n.used_bytes for n in result.nodes) / len(result.nodes)
     assert all(n.used_bytes > 0.85 * mean for n in joined_late)
+
+
+def test_mixed_capacities_fill_evenly_by_fraction_not_by_bytes() -> None:
+    result = result_of("mixed_capacities")
+    mib = 1 << 20
+    assert sorted({n.capacity_bytes for n in result.nodes}) == [8 * mib, 16 * mib, 32 * mib]
+    used = {
+        size: sum(n.used_bytes for n in result.nodes if n.capacity_bytes == size) / 4
+        for size in (8 * mib, 16 * mib, 32 * mib)
+    }
+    # Bytes follow capacity (1:2:4) ...
+    assert 1.7 < used[16 * mib] / used[8 * mib] < 2.3
+    assert 3.4 < used[32 * mib] / used[8 * mib] < 4.6
+    # ... so fills are close, measured in percentage points.
+    assert 0 < result.stats["fill_spread_pp"] < 5.0
+    assert min(n.fill for n in result.nodes) > 0.1
 
 
 def test_failed_write_fails_some_puts_cleanly() -> None:

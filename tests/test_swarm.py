@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from karma8.sim.swarm import run_swarm, swarm_scenario
+from karma8.sim.scenario import Event
+from karma8.sim.swarm import may_strand_uploads, run_swarm, swarm_scenario
 
 SEEDS = 200
 BATCH = 50
@@ -26,3 +27,40 @@ def test_swarm_scenarios_are_a_function_of_the_seed_and_vary() -> None:
     assert len({s.cluster.storage_nodes for s in scenarios}) > 2
     actions = {e.action for s in scenarios for e in s.events}
     assert {"crash", "partition", "fail_writes", "disk_full", "lossy_link"} <= actions
+
+
+def test_swarm_timers_capacities_and_fault_mixes_vary() -> None:
+    scenarios = [swarm_scenario(seed) for seed in range(1, 200)]
+    clusters = [s.cluster for s in scenarios]
+    for field in ("heartbeat_interval", "orphan_grace", "orphan_check_interval", "upload_ttl"):
+        assert len({getattr(c, field) for c in clusters}) > 50, field
+    assert all(c.node_timeout > c.heartbeat_interval for c in clusters)
+    # The TTL is sometimes longer than the run, so only the gateway's own clean-up removes a
+    # failed upload, and never so when a fault may keep the gateway from cleaning up.
+    long_ttl = [s for s in scenarios if s.cluster.upload_ttl > s.duration + s.quiet]
+    assert 20 < len(long_ttl) < 150
+    assert not any(may_strand_uploads(e) for s in long_ttl for e in s.events)
+    assert any(s.cluster.upload_ttl < s.quiet for s in scenarios)
+    # Capacities: sometimes one for all, sometimes mixed in ratios 1:2:4.
+    mixed = [c.initial_capacities() for c in clusters if isinstance(c.capacity, tuple)]
+    assert 20 < len(mixed) < 180
+    assert any(len(set(caps)) == 3 and max(caps) == 4 * min(caps) for caps in mixed)
+    assert any(e.capacity for s in scenarios for e in s.events if e.action == "add_nodes")
+    # Faults: sometimes none, sometimes several of one kind.
+    assert sum(not s.events for s in scenarios) > 20
+    assert any(len(s.events) >= 2 and len({e.action for e in s.events}) == 1 for s in scenarios)
+
+
+def test_stranding_faults_are_those_that_cut_the_gateway_off_discovery() -> None:
+    def link(action: str, a: str, b: str) -> Event:
+        return Event(at=1.0, action=action, between=(a, b), duration=1.0, loss=0.1, latency=0.1)
+
+    assert may_strand_uploads(Event(at=1.0, action="crash", target="gateway", duration=1.0))
+    assert may_strand_uploads(Event(at=1.0, action="crash", target="discovery", duration=1.0))
+    assert not may_strand_uploads(Event(at=1.0, action="crash", target="node:1", duration=1.0))
+    assert may_strand_uploads(link("partition", "discovery", "gateway"))
+    assert may_strand_uploads(link("lossy_link", "gateway", "*"))
+    assert may_strand_uploads(link("lossy_link", "discovery", "*"))
+    assert not may_strand_uploads(link("lossy_link", "node:2", "*"))
+    assert not may_strand_uploads(link("partition", "gateway", "node:2"))
+    assert not may_strand_uploads(link("slow_link", "gateway", "discovery"))

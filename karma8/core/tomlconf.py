@@ -50,13 +50,29 @@ class TableReader:
         return value
 
     def size(self, key: str, default: int, *, minimum: int = 0) -> int:
+        return self._size(key, self.get(key, default), minimum)
+
+    def sizes(
+        self, key: str, default: int | tuple[int, ...], *, count: int, each: str, minimum: int = 0
+    ) -> int | tuple[int, ...]:
+        """One size, or an array of exactly ``count`` sizes, one per ``each`` (a tuple)."""
+        value = self.get(key, default)
+        if not isinstance(value, (list, tuple)):
+            return self._size(key, value, minimum)
+        if len(value) != count:
+            raise self.fail(
+                key, f"expected one size or {count} sizes (one per {each}), got {len(value)}"
+            )
+        return tuple(self._size(key, item, minimum, f"item {i}: ") for i, item in enumerate(value))
+
+    def _size(self, key: str, value: object, minimum: int, where: str = "") -> int:
         try:
-            value = parse_size(self.get(key, default))
+            size = parse_size(value)
         except ValueError as exc:
-            raise self.fail(key, str(exc)) from None
-        if value < minimum:
-            raise self.fail(key, f"must be >= {minimum} bytes, got {value}")
-        return value
+            raise self.fail(key, f"{where}{exc}") from None
+        if size < minimum:
+            raise self.fail(key, f"{where}must be >= {minimum} bytes, got {size}")
+        return size
 
     def boolean(self, key: str, default: bool) -> bool:
         value = self.get(key, default)

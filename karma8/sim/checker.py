@@ -7,6 +7,7 @@ the actors: the reference history, the metadata store and every node's disk.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 from karma8.core.model import VersionState
 from karma8.sim.cluster import SimCluster
@@ -85,15 +86,23 @@ def reservations_released(cluster: SimCluster) -> list[str]:
     ]
 
 
+def spread_pp(disks: Iterable[tuple[int, int]]) -> float:
+    """Fill spread of ``(used, capacity)`` disks: max - min of used/capacity, in percentage points.
+
+    Fill is relative to each disk's own capacity, so a cluster of mixed capacities that fills
+    evenly spreads by 0, whatever its bytes per node.
+    """
+    fills = [100 * used / capacity for used, capacity in disks]
+    return max(fills) - min(fills) if fills else 0.0
+
+
 def fill_spread(cluster: SimCluster) -> float:
-    """(max - min) / mean of the bytes on each node; 0 for an empty cluster."""
-    used = [node.disk.used for node in cluster.nodes]
-    mean = sum(used) / len(used)
-    return 0.0 if mean == 0 else (max(used) - min(used)) / mean
+    """The nodes' fill spread at this moment, in percentage points (see :func:`spread_pp`)."""
+    return spread_pp((node.disk.used, node.disk.capacity_bytes) for node in cluster.nodes)
 
 
-def fill_within(cluster: SimCluster, bound: float) -> list[str]:
+def fill_within(cluster: SimCluster, bound_pp: float) -> list[str]:
     spread = fill_spread(cluster)
-    if spread <= bound:
+    if spread <= bound_pp:
         return []
-    return [f"fill spread {spread:.3f} exceeds the bound {bound}"]
+    return [f"fill spread {spread:.3f} pp exceeds the bound {bound_pp} pp"]

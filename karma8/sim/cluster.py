@@ -92,8 +92,8 @@ class SimCluster:
 
     async def start(self) -> None:
         await self._nursery.start(self._serve, self.network.endpoint(DISCOVERY), self._discovery())
-        for _ in range(self.scenario.cluster.storage_nodes):
-            await self.add_node()
+        for capacity in self.scenario.cluster.initial_capacities():
+            await self.add_node(capacity)
         self.network.endpoint(GATEWAY).bring_up(self._gateway())
 
     def endpoint_name(self, spec: str) -> str:
@@ -133,11 +133,14 @@ class SimCluster:
         assert isinstance(gateway, Gateway), "the gateway is down"
         return gateway
 
-    async def add_node(self) -> SimNode:
-        """Join a new, empty storage node; returns once it has registered."""
+    async def add_node(self, capacity: int | None = None) -> SimNode:
+        """Join a new, empty storage node; returns once it has registered.
+
+        ``capacity`` defaults to the scenario's capacity for added nodes.
+        """
         node_id = f"node-{self.world.ids.new_id()[:8]}"
         disk = MemoryDisk(
-            capacity_bytes=self.scenario.cluster.capacity,
+            capacity_bytes=self.scenario.cluster.join_capacity if capacity is None else capacity,
             rng=self._disk_rng,
             sleep=self.world.sleep,
             fsync_latency=self.scenario.disk.fsync_latency,

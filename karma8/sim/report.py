@@ -59,7 +59,7 @@ def render_text(result: SimResult, *, replay: str) -> str:
             f"{format_size(node.used_bytes):>12}"
             f"{node.parts:>8}  {100 * node.fill:5.2f}% {bar}"
         )
-    lines.append(f"  fill spread (max-min)/mean: {s['fill_spread']:.3f}")
+    lines.append(f"  fill spread (max - min fill): {s['fill_spread_pp']:.2f} pp")
     lines += ["", "invariants"]
     for name, holds in result.invariants.items():
         lines.append(f"  {'ok  ' if holds else 'FAIL'} {name}")

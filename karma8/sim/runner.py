@@ -146,8 +146,8 @@ async def _apply(
 ) -> None:
     until = event.at + event.duration
     if event.action == "add_nodes":
-        for _ in range(event.count):
-            await cluster.add_node()
+        for capacity in event.added_capacities(cluster.scenario.cluster):
+            await cluster.add_node(capacity)
     elif event.action == "crash":
         timeline.add("crash", event.at, until, [cluster.endpoint_name(event.target)])
         cluster.crash(event.target)
@@ -226,9 +226,9 @@ def _judge(
         "no_orphan_parts": checker.no_orphans(cluster),
         "reservations_released": checker.reservations_released(cluster),
     }
-    if scenario.checks.max_fill_spread is not None:
+    if scenario.checks.max_fill_spread_pp is not None:
         violations["fill_spread_within_bound"] = checker.fill_within(
-            cluster, scenario.checks.max_fill_spread
+            cluster, scenario.checks.max_fill_spread_pp
         )
     ops = Counter(op.kind for op in history.ops)
     ok_ops = Counter(op.kind for op in history.ops if op.ok)
@@ -256,7 +256,7 @@ def _judge(
         "load_wall_seconds": round(load_wall, 3),
         "puts_per_wall_second": round(ops.get("put", 0) / load_wall, 1) if load_wall else 0.0,
         "sim_seconds": round(trio.current_time(), 6),
-        "fill_spread": round(checker.fill_spread(cluster), 4),
+        "fill_spread_pp": round(checker.fill_spread(cluster), 4),
     }
     return SimResult(
         scenario=scenario.name,

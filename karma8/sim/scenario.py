@@ -22,8 +22,13 @@ class ScenarioError(ConfigError):
 
 @attrs.frozen(kw_only=True)
 class ClusterSpec:
+    """The initial cluster and the actors' timers.
+
+    ``capacity`` is one size for every initial node, or one size per initial node.
+    """
+
     storage_nodes: int = 6
-    capacity: int = 1 << 30
+    capacity: int | tuple[int, ...] = attrs.field(default=1 << 30)
     stripe_unit: int = 64 * 1024
     heartbeat_interval: float = 1.0
     node_timeout: float = 5.0
@@ -32,6 +37,25 @@ class ClusterSpec:
     sweep_interval: float = 1.0
     orphan_check_interval: float = 5.0
     orphan_grace: float = 10.0
+
+    @capacity.validator
+    def _one_per_node(self, attribute: object, value: int | tuple[int, ...]) -> None:
+        if isinstance(value, tuple) and len(value) != self.storage_nodes:
+            raise ValueError(f"{len(value)} capacities for {self.storage_nodes} storage nodes")
+
+    def initial_capacities(self) -> tuple[int, ...]:
+        """The capacity of each initial node, in join order."""
+        if isinstance(self.capacity, int):
+            return (self.capacity,) * self.storage_nodes
+        return self.capacity
+
+    @property
+    def join_capacity(self) -> int:
+        """Capacity of a node added without its own: the largest initial capacity.
+
+        A node added later is assumed to be no smaller than any already in the cluster.
+        """
+        return self.capacity if isinstance(self.capacity, int) else max(self.capacity)
 
 
 @attrs.frozen(kw_only=True)
@@ -58,7 +82,8 @@ class WorkloadSpec:
 
 @attrs.frozen(kw_only=True)
 class ChecksSpec:
-    max_fill_spread: float | None = None
+    # max - min of the nodes' fill (used / capacity) at the end, in percentage points.
+    max_fill_spread_pp: float | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -76,6 +101,17 @@ class Event:
     between: tuple[str, str] = ("", "")
     latency: float = 0.0
     loss: float = 0.0
+    # add_nodes: one capacity per added node; empty means each gets the cluster's join_capacity.
+    capacity: tuple[int, ...] = attrs.field(default=())
+
+    @capacity.validator
+    def _one_per_added_node(self, attribute: object, value: tuple[int, ...]) -> None:
+        if value and len(value) != self.count:
+            raise ValueError(f"{len(value)} capacities for {self.count} added nodes")
+
+    def added_capacities(self, cluster: ClusterSpec) -> tuple[int, ...]:
+        """The capacity of each node an ``add_nodes`` event adds, in join order."""
+        return self.capacity or (cluster.join_capacity,) * self.count
 
 
 ACTIONS = (
@@ -135,9 +171,12 @@ def parse_scenario(
 
     c = top.table("cluster")
     cd = defaults.cluster
+    storage_nodes = c.integer("storage_nodes", cd.storage_nodes, minimum=6)
     cluster = ClusterSpec(
-        storage_nodes=c.integer("storage_nodes", cd.storage_nodes, minimum=6),
-        capacity=c.size("capacity", cd.capacity, minimum=1),
+        storage_nodes=storage_nodes,
+        capacity=c.sizes(
+            "capacity", cd.capacity, count=storage_nodes, each="storage node", minimum=1
+        ),
         stripe_unit=c.size("stripe_unit", cd.stripe_unit, minimum=1),
         heartbeat_interval=c.number("heartbeat_interval", cd.heartbeat_interval, minimum=0.001),
         node_timeout=c.number("node_timeout", cd.node_timeout, minimum=0.001),
@@ -180,9 +219,9 @@ def parse_scenario(
         raise source.error("workload.mix", "put", "at least one operation needs a weight > 0")
 
     k = top.table("checks")
-    spread = k.get("max_fill_spread", None)
+    spread = k.get("max_fill_spread_pp", None)
     checks = ChecksSpec(
-        max_fill_spread=None if spread is None else k.number("max_fill_spread", 0.0)
+        max_fill_spread_pp=None if spread is None else k.number("max_fill_spread_pp", 0.0)
     )
     k.finish()
 
@@ -197,10 +236,11 @@ def parse_scenario(
         action = e.string("action", "")
         if action not in ACTIONS:
             raise e.fail("action", f"unknown action {action!r} (known: {', '.join(ACTIONS)})")
+        count = e.integer("count", 1, minimum=1)
         event = Event(
             at=e.number("at", 0.0),
             action=action,
-            count=e.integer("count", 1, minimum=1),
+            count=count,
             node=e.integer("node", 0),
             duration=e.number("duration", 0.0),
             probability=e.number("probability", 1.0),
@@ -209,6 +249,7 @@ def parse_scenario(
             between=_pair(e, "between"),
             latency=e.number("latency", 0.0),
             loss=e.number("loss", 0.0),
+            capacity=_added_capacities(e, count),
         )
         _check_event(e, event)
         e.finish()
@@ -230,6 +271,13 @@ def parse_scenario(
     top.finish()
     _check_event_nodes(source, scenario)
     return scenario
+
+
+def _added_capacities(e: TableReader, count: int) -> tuple[int, ...]:
+    if e.get("capacity", None) is None:
+        return ()
+    sizes = e.sizes("capacity", 0, count=count, each="added node", minimum=1)
+    return sizes if isinstance(sizes, tuple) else (sizes,) * count
 
 
 def _pair(e: TableReader, key: str) -> tuple[str, str]:
