@@ -32,7 +32,8 @@ def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([CURL, "-sS", "--fail-with-body", *args], capture_output=True)
 
 
-def karma8(*args: str, cwd: Path | None = None) -> str:
+def karma8(*args: str, cwd: Path) -> str:
+    """Run a karma8 command in ``cwd`` (never the checkout's, with its ``./karma8-data``)."""
     out = subprocess.run(
         [sys.executable, "-m", "karma8.cli", *args],
         capture_output=True,
@@ -55,6 +56,7 @@ def start_cluster(tmp_path: Path, config: Path, name: str) -> Service:
         ["serve", "--data", str(tmp_path / "data"), "--config", str(config)],
         r"gateway (http://127\.0\.0\.1:\d+)",
         tmp_path / f"{name}.log",
+        cwd=tmp_path,
     )
 
 
@@ -81,28 +83,35 @@ def test_embedded_cluster_curl_round_trip_stat_join_and_restart(
             assert part.returncode == 0
             assert part.stdout == big[first : last + 1]
         assert curl("-r", "-3", f"{gateway}/default/dir/file-1048579").stdout == big[-3:]
-        stat = json.loads(karma8("stat", "default/dir/file-1048579", "--json", "--data", str(data)))
+        stat = json.loads(
+            karma8("stat", "default/dir/file-1048579", "--json", "--data", str(data), cwd=tmp_path)
+        )
         sizes_of_parts = [p["size"] for p in stat["parts"]]
         assert len({p["node_id"] for p in stat["parts"]}) == 5
         assert max(sizes_of_parts) - min(sizes_of_parts) <= 1
         assert sum(sizes_of_parts) == (1 << 20) + 3
-        assert "dir/file-1048579" in karma8("stat", "default/dir/file-1048579", "--data", str(data))
+        assert "dir/file-1048579" in karma8(
+            "stat", "default/dir/file-1048579", "--data", str(data), cwd=tmp_path
+        )
 
         # One command adds a storage node; new files place a part on it (it is the emptiest).
         with service(
             ["serve", "--role", "storage", "--data", str(data / "joined")],
             r"storage node (node-[0-9a-f]+) up",
             tmp_path / "joined.log",
+            cwd=tmp_path,
         ) as joined:
             node_id = joined.match.group(1)
-            nodes = json.loads(karma8("nodes", "--json", "--data", str(data)))
+            nodes = json.loads(karma8("nodes", "--json", "--data", str(data), cwd=tmp_path))
             assert node_id in {n["node_id"] for n in nodes}
             src = tmp_path / "in-new"
             src.write_bytes(os.urandom(300_000))
             assert curl("-T", str(src), f"{gateway}/default/new").returncode == 0
-            stat = json.loads(karma8("stat", "default/new", "--json", "--data", str(data)))
+            stat = json.loads(
+                karma8("stat", "default/new", "--json", "--data", str(data), cwd=tmp_path)
+            )
             assert node_id in {p["node_id"] for p in stat["parts"]}
-            assert "available" in karma8("nodes", "--data", str(data))
+            assert "available" in karma8("nodes", "--data", str(data), cwd=tmp_path)
             new_file = src.read_bytes()
     finally:
         assert cluster.stop() == 0  # SIGTERM: a clean shutdown
@@ -120,6 +129,7 @@ def test_embedded_cluster_curl_round_trip_stat_join_and_restart(
             ["serve", "--role", "storage", "--data", str(data / "joined")],
             r"storage node (node-[0-9a-f]+) up",
             tmp_path / "joined-2.log",
+            cwd=tmp_path,
         ) as joined:
             assert joined.match.group(1) == node_id  # same identity after a restart
             out = tmp_path / "again-new"
@@ -144,6 +154,7 @@ def test_one_process_per_role(tmp_path: Path) -> None:
         ],
         r"discovery up: (http://\S+)",
         tmp_path / "discovery.log",
+        cwd=tmp_path,
     ) as discovery:
         url = discovery.match.group(1)
         nodes = [
@@ -160,6 +171,7 @@ def test_one_process_per_role(tmp_path: Path) -> None:
                 ],
                 r"storage node \S+ up",
                 tmp_path / f"node-{i}.log",
+                cwd=tmp_path,
             )
             for i in range(6)
         ]
@@ -168,6 +180,7 @@ def test_one_process_per_role(tmp_path: Path) -> None:
                 ["serve", "--role", "gw", "--port", "0", "--discovery", url, *env_secret],
                 r"gateway up: (http://\S+)",
                 tmp_path / "gateway.log",
+                cwd=tmp_path,
             ) as gateway:
                 base = gateway.match.group(1)
                 src = tmp_path / "file"
