@@ -6,11 +6,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from karma8.net.locate import ClusterInfo, write_cluster_info
 
 from processes import Service, service
 
@@ -42,6 +47,15 @@ def karma8(*args: str, cwd: Path) -> str:
     )
     assert out.returncode == 0, out.stderr
     return out.stdout
+
+
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses connections: bound (so no one else takes it), not
+    listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -200,3 +214,35 @@ def test_one_process_per_role(tmp_path: Path) -> None:
         finally:
             for node in nodes:
                 node.stop()
+
+
+def test_a_stale_cluster_file_in_the_working_directory_does_not_win(tmp_path: Path) -> None:
+    """The original failure: ./karma8-data/cluster.json of a stopped cluster, in the working
+    directory, captured a node started with --data inside another cluster's directory, and
+    the node waited for the stopped cluster, silently. The --data dir's parent comes first."""
+    live = tmp_path / "cluster"
+    with closed_port() as dead:
+        stale = tmp_path / "karma8-data"
+        stale.mkdir()
+        dead_url = f"http://127.0.0.1:{dead}"
+        info = ClusterInfo(gateway=dead_url, discovery=dead_url, secret="old", data_dir=str(stale))
+        write_cluster_info(stale, info)
+        with service(
+            ["serve", "--role", "discovery", "--port", "0", "--data", str(live), "--secret", "s"],
+            r"discovery up: (http://\S+)",
+            tmp_path / "discovery.log",
+            cwd=tmp_path,
+        ) as discovery:
+            url = discovery.match.group(1)
+            info = ClusterInfo(gateway=url, discovery=url, secret="s", data_dir=str(live))
+            write_cluster_info(live, info)
+            with service(
+                ["serve", "--role", "storage", "--data", str(live / "node")],
+                r"storage node (node-[0-9a-f]+) up",
+                tmp_path / "node.log",
+                cwd=tmp_path,
+            ) as node:
+                said = f"karma8: cluster {url} (from {live / 'cluster.json'}, with its secret)"
+                assert said in node.log.read_text()
+                nodes = json.loads(karma8("nodes", "--json", "--data", str(live), cwd=tmp_path))
+                assert [n["node_id"] for n in nodes] == [node.match.group(1)]

@@ -12,7 +12,6 @@ find the cluster, and running it again on the same directory resumes with the sa
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -20,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import attrs
 import httpx
@@ -42,6 +41,7 @@ from karma8.net.gateway_app import gateway_app
 from karma8.net.groupsync import GroupSync, SyncGroups
 from karma8.net.http_fixes import patch_hypercorn
 from karma8.net.local import LocalFirstStorageClient
+from karma8.net.locate import ClusterInfo, read_cluster_info, write_cluster_info
 from karma8.net.metasync import GroupCommitRunner
 from karma8.net.storage_app import storage_app
 from karma8.ports import DiscoveryAPI, StorageAPI
@@ -49,7 +49,6 @@ from karma8.ports import DiscoveryAPI, StorageAPI
 T = TypeVar("T")
 log = logging.getLogger("karma8.serve")
 
-CLUSTER_FILE = "cluster.json"
 HASH_THREADS = 8  # per HTTP storage client; hashing releases the GIL
 NODE_ID_FILE = "node_id"
 
@@ -325,43 +324,10 @@ async def run_gateway(
     await serve_gateway(gateway, config, port=port, task_status=task_status)
 
 
-@attrs.frozen(kw_only=True)
-class ClusterInfo:
-    """What ``cluster.json`` records about a running embedded cluster."""
-
-    gateway: str
-    discovery: str
-    secret: str
-    data_dir: str
-
-
-def read_cluster_info(data_dir: Path) -> ClusterInfo | None:
-    path = data_dir / CLUSTER_FILE
-    if not path.exists():
-        return None
-    raw: dict[str, Any] = json.loads(path.read_text())
-    return ClusterInfo(
-        gateway=str(raw["gateway"]),
-        discovery=str(raw["discovery"]),
-        secret=str(raw["secret"]),
-        data_dir=str(raw.get("data_dir", data_dir)),
-    )
-
-
 def cluster_secret(data_dir: Path) -> str:
     """The embedded cluster's secret: kept in cluster.json so restarts and joins agree."""
     info = read_cluster_info(data_dir)
     return info.secret if info is not None else secrets.token_urlsafe(24)
-
-
-def _write_cluster_info(data_dir: Path, info: ClusterInfo) -> None:
-    path = data_dir / CLUSTER_FILE
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(attrs.asdict(info), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 async def run_cluster(
@@ -403,7 +369,7 @@ async def run_cluster(
                 secret=secret,
                 data_dir=absolute,
             )
-            _write_cluster_info(data_dir, info)
+            write_cluster_info(data_dir, info)
             task_status.started(info)
     finally:
         store.close()
