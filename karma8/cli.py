@@ -299,6 +299,7 @@ def _serve(args: argparse.Namespace) -> int:
                         cfg,
                         data_dir=args.data,
                         discovery_url=cluster.discovery,
+                        discovery_from=cluster.discovery_from,
                         http=http,
                         port=args.port,
                     )
@@ -310,6 +311,7 @@ def _serve(args: argparse.Namespace) -> int:
                         net.run_gateway,
                         cfg,
                         discovery_url=cluster.discovery,
+                        discovery_from=cluster.discovery_from,
                         http=http,
                         port=args.port,
                     )

@@ -246,3 +246,19 @@ def test_a_stale_cluster_file_in_the_working_directory_does_not_win(tmp_path: Pa
                 assert said in node.log.read_text()
                 nodes = json.loads(karma8("nodes", "--json", "--data", str(live), cwd=tmp_path))
                 assert [n["node_id"] for n in nodes] == [node.match.group(1)]
+
+
+@pytest.mark.parametrize("role", ["storage", "gw"])
+def test_a_service_that_cannot_reach_discovery_says_so(tmp_path: Path, role: str) -> None:
+    """Instead of waiting silently, a node or gateway warns, naming the URL and its source."""
+    with closed_port() as port:
+        url = f"http://127.0.0.1:{port}"
+        args = ["serve", "--role", role, "--port", "0", "--discovery", url, "--secret", "s"]
+        if role == "storage":
+            args += ["--data", str(tmp_path / "node")]
+        warning = rf"WARNING cannot reach discovery at {url} \(from --discovery\)"
+        with service(args, warning, tmp_path / f"{role}.log", cwd=tmp_path) as waiting:
+            assert f"karma8: cluster {url} (from --discovery; secret from --secret)" in (
+                waiting.log.read_text()
+            )
+        assert waiting.proc.returncode == 0  # SIGTERM stops it even before it is up

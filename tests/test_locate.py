@@ -1,13 +1,19 @@
-"""How commands find the cluster (karma8/net/locate.py)."""
+"""How commands find the cluster (karma8/net/locate.py), and the warnings of a discovery
+client that cannot reach discovery."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import trio
 
+from karma8.core.errors import Unavailable
 from karma8.core.tomlconf import ConfigError
+from karma8.net.clients import HttpDiscoveryClient
 from karma8.net.locate import ClusterInfo, ClusterRef, locate_cluster, write_cluster_info
 
 
@@ -87,3 +93,32 @@ def test_nothing_found_or_a_broken_file_is_one_clear_error(tmp_path: Path) -> No
             locate(tmp_path)
         # Looked at only for a secret, a broken file does not stand in the way of a given URL.
         assert locate(tmp_path, discovery="http://x").secret is None
+
+
+async def test_a_discovery_client_warns_while_it_cannot_reach_discovery(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    answers = iter([False] * 8 + [True])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if next(answers):
+            return httpx.Response(200, json={"nodes": []})
+        raise httpx.ConnectError("refused", request=request)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        client = HttpDiscoveryClient(http, "http://d:1", origin="--discovery", warn_every=5.0)
+        with caplog.at_level(logging.WARNING, logger="karma8.net.clients"):
+            for _ in range(8):  # one attempt a second, as a registering node makes
+                with pytest.raises(Unavailable):
+                    await client.list_nodes()
+                await trio.sleep(1.0)
+            assert await client.list_nodes() == []
+    # The first failure, one reminder five seconds on (not one per attempt), the recovery.
+    where = "discovery at http://d:1 (from --discovery)"
+    failure = "GET http://d:1/v1/nodes: ConnectError"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cannot reach {where}: {failure}",
+        f"still cannot reach {where}, for 5 s: {failure}",
+        f"{where} answers again",
+    ]
+    assert {r.levelno for r in caplog.records} == {logging.WARNING}

@@ -32,6 +32,7 @@ from quart_trio import QuartTrio
 from karma8.actors.discovery import Discovery, DiscoveryConfig
 from karma8.actors.gateway import Gateway, GatewayConfig
 from karma8.actors.storage import StorageConfig, StorageNode
+from karma8.core.errors import Karma8Error, Unavailable
 from karma8.core.layout import StripeLayout
 from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.net.clients import HttpDiscoveryClient, HttpStorageClient, make_http_client
@@ -50,6 +51,10 @@ T = TypeVar("T")
 log = logging.getLogger("karma8.serve")
 
 HASH_THREADS = 8  # per HTTP storage client; hashing releases the GIL
+# A node or gateway that cannot reach discovery says so this often (seconds), and a gateway
+# asks discovery this often until it first answers.
+DISCOVERY_WARN_EVERY = 5.0
+GATEWAY_PROBE_EVERY = 1.0
 NODE_ID_FILE = "node_id"
 
 
@@ -271,17 +276,18 @@ async def run_storage(
     *,
     data_dir: Path,
     discovery_url: str,
+    discovery_from: str | None = None,
     http: httpx.AsyncClient,
     port: int | None = None,
     capacity: int | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    node = build_storage_node(
-        config,
-        data_dir=data_dir,
-        discovery=HttpDiscoveryClient(http, discovery_url),
-        capacity=capacity,
+    """A storage node on its own; it warns while it cannot reach ``discovery_url``, naming
+    where that came from (``discovery_from``), so that a wrong URL does not wait silently."""
+    discovery = HttpDiscoveryClient(
+        http, discovery_url, origin=discovery_from, warn_every=DISCOVERY_WARN_EVERY
     )
+    node = build_storage_node(config, data_dir=data_dir, discovery=discovery, capacity=capacity)
     await serve_storage(node, config, port=port, task_status=task_status)
 
 
@@ -312,16 +318,38 @@ async def run_gateway(
     config: NetConfig,
     *,
     discovery_url: str,
+    discovery_from: str | None = None,
     http: httpx.AsyncClient,
     port: int | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """A gateway on its own. It asks discovery in the background until discovery first
+    answers, so that a gateway that cannot reach it warns (as :func:`run_storage`'s node
+    does) before a client finds out."""
+    discovery = HttpDiscoveryClient(
+        http, discovery_url, origin=discovery_from, warn_every=DISCOVERY_WARN_EVERY
+    )
     gateway = build_gateway(
         config,
-        discovery=HttpDiscoveryClient(http, discovery_url),
+        discovery=discovery,
         storage=HttpStorageClient(http, blocking=ThreadRunner(HASH_THREADS)),
     )
-    await serve_gateway(gateway, config, port=port, task_status=task_status)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_probe_discovery, discovery, name="gateway-probe-discovery")
+        await serve_gateway(gateway, config, port=port, task_status=task_status)
+
+
+async def _probe_discovery(discovery: DiscoveryAPI) -> None:
+    """Ask discovery for its nodes until it answers; the client logs what fails."""
+    while True:
+        try:
+            await discovery.list_nodes()
+            return
+        except Unavailable:
+            await trio.sleep(GATEWAY_PROBE_EVERY)
+        except Karma8Error as exc:  # it answered, and refused: e.g. a wrong secret
+            log.warning("discovery refused the gateway: %s", exc.message)
+            return
 
 
 def cluster_secret(data_dir: Path) -> str:
