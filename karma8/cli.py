@@ -34,6 +34,10 @@ from karma8.sim.runner import SimResult, run_scenario
 from karma8.sim.scenario import load_scenario
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASHED = 0, 1, 2, 3
+# A reader that closed stdout early (``karma8 nodes | head -1``), and Ctrl-C: the statuses a
+# shell shows for a program killed by SIGPIPE or SIGINT (128 + the signal's number).
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 ROLES = ("all", "gw", "discovery", "storage")
 
 
@@ -116,6 +120,8 @@ def _swarm(args: argparse.Namespace) -> int:
 
     try:
         outcome = run_swarm(args.swarm, first_seed=first, progress=progress)
+    except BrokenPipeError:
+        raise  # the reader of the progress lines left: not a crash
     except Exception:  # a crash is a failure too, and must say how to replay it
         traceback.print_exc()
         print(
@@ -324,6 +330,8 @@ def _serve(args: argparse.Namespace) -> int:
         error = _user_error(exc)
         if error is None:
             raise
+        if isinstance(error, BrokenPipeError):
+            raise error from None  # stdout's reader left: main() stops quietly
         print(f"karma8 serve: {_message(error)}", file=sys.stderr)
         return EXIT_USAGE if isinstance(error, ConfigError) else EXIT_FAILED
     return EXIT_OK
@@ -394,11 +402,31 @@ def _admin(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "sim":
-        return _sim(args)
-    if args.command == "serve":
-        return _serve(args)
-    return _admin(args)
+    try:
+        if args.command == "sim":
+            status = _sim(args)
+        elif args.command == "serve":
+            status = _serve(args)
+        else:
+            status = _admin(args)
+        sys.stdout.flush()  # a reader that left must show here, not when Python exits
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        print(f"karma8 {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return status
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's last flush at exit has nowhere to fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except OSError:  # stdout is not a file (a test's capture): nothing to flush into a pipe
+        pass
 
 
 if __name__ == "__main__":

@@ -49,6 +49,23 @@ def karma8(*args: str, cwd: Path) -> str:
     return out.stdout
 
 
+def karma8_into_closed_pipe(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a karma8 command whose stdout is a pipe nobody reads: its reader closed before
+    karma8 started, so the first write fails, as behind ``| head -1`` once head has left."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "karma8.cli", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+        )
+    finally:
+        os.close(write_end)
+
+
 @contextmanager
 def closed_port() -> Iterator[int]:
     """A port on 127.0.0.1 that refuses connections: bound (so no one else takes it), not
@@ -81,6 +98,7 @@ def test_embedded_cluster_curl_round_trip_stat_join_and_restart(
     cluster = start_cluster(tmp_path, config, "cluster-1")
     try:
         gateway = cluster.match.group(1)
+        cluster_url = json.loads((data / "cluster.json").read_text())["discovery"]
         sizes = [0, 1, 4, 5, 6, (1 << 20) + 3]
         for size in sizes:
             src = tmp_path / f"in-{size}"
@@ -126,6 +144,13 @@ def test_embedded_cluster_curl_round_trip_stat_join_and_restart(
             )
             assert node_id in {p["node_id"] for p in stat["parts"]}
             assert "available" in karma8("nodes", "--data", str(data), cwd=tmp_path)
+            # A reader that leaves early (| head -1) ends the command quietly: status 141
+            # (128 + SIGPIPE), no traceback, only the line naming the cluster on stderr.
+            piped = karma8_into_closed_pipe("nodes", "--data", str(data), cwd=tmp_path)
+            assert piped.returncode == 141, piped.stderr
+            assert piped.stderr.splitlines() == [
+                f"karma8: cluster {cluster_url} (from {data / 'cluster.json'}, with its secret)"
+            ]
             new_file = src.read_bytes()
     finally:
         assert cluster.stop() == 0  # SIGTERM: a clean shutdown
