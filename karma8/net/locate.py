@@ -54,7 +54,7 @@ def read_cluster_info(data_dir: Path) -> ClusterInfo | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise ConfigError(f"{path.absolute()}: cannot read: {exc.strerror}") from None
+        raise ConfigError(f"{_shown(path)}: cannot read: {exc.strerror}") from None
     try:
         raw: Any = json.loads(text)
         if not isinstance(raw, dict):
@@ -69,7 +69,7 @@ def read_cluster_info(data_dir: Path) -> ClusterInfo | None:
         problem = f"no {exc} key"
     except (ValueError, TypeError) as exc:
         problem = str(exc)
-    raise ConfigError(f"{path.absolute()}: not a karma8 cluster file: {problem}")
+    raise ConfigError(f"{_shown(path)}: not a karma8 cluster file: {problem}")
 
 
 def write_cluster_info(data_dir: Path, info: ClusterInfo) -> None:
@@ -184,4 +184,5 @@ def _candidate_dirs(data: Path | None, default_data: Path) -> list[Path]:
 
 
 def _shown(path: Path) -> str:
-    return str(path.absolute())
+    """An absolute path without ``..``: the file a user would open to check."""
+    return os.path.abspath(path)
