@@ -28,12 +28,16 @@ import trio
 from karma8.core.errors import Karma8Error
 from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
 from karma8.core.units import parse_size
+from karma8.net.locate import DEFAULT_DATA, ENV_SECRET, ClusterRef, locate_cluster
 from karma8.sim.report import render_json, render_text
 from karma8.sim.runner import SimResult, run_scenario
 from karma8.sim.scenario import load_scenario
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASHED = 0, 1, 2, 3
-DEFAULT_DATA = "karma8-data"
+# A reader that closed stdout early (``karma8 nodes | head -1``), and Ctrl-C: the statuses a
+# shell shows for a program killed by SIGPIPE or SIGINT (128 + the signal's number).
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 ROLES = ("all", "gw", "discovery", "storage")
 
 
@@ -86,8 +90,11 @@ def _parser() -> argparse.ArgumentParser:
             admin.add_argument("path", help="NAMESPACE/NAME")
         admin.add_argument("--discovery", help="discovery URL (or KARMA8_DISCOVERY)")
         admin.add_argument("--secret", help="cluster secret (or KARMA8_SECRET)")
+        admin.add_argument("--config", type=Path, help="TOML file with discovery_url and secret")
         admin.add_argument(
-            "--data", type=Path, help=f"embedded cluster directory (default ./{DEFAULT_DATA})"
+            "--data",
+            type=Path,
+            help=f"the embedded cluster's directory, holding cluster.json (else ./{DEFAULT_DATA})",
         )
         admin.add_argument("--json", action="store_true", help="print JSON")
     return parser
@@ -205,31 +212,23 @@ def load_net_config(path: Path | None, overrides: dict[str, Any]) -> Any:
     return attrs.evolve(base, **values)
 
 
-def _discovery_for(
-    args: argparse.Namespace, config_url: str | None = None, config_secret: str | None = None
-) -> tuple[str, str | None]:
-    """Find the cluster: --discovery, KARMA8_DISCOVERY, the config, or cluster.json.
+def _locate(args: argparse.Namespace, config: Any | None) -> ClusterRef:
+    """The cluster a command uses (order: karma8/net/locate.py), announced on stderr.
 
-    The secret: --secret, KARMA8_SECRET, the config file, then cluster.json.
+    Stdout stays for the command's output (``--json``); the line says which cluster and
+    where it came from, so that a stale ``cluster.json`` cannot be followed silently.
     """
-    from karma8.net.serve import read_cluster_info
-
-    secret = args.secret or os.environ.get("KARMA8_SECRET") or config_secret
-    url = args.discovery or os.environ.get("KARMA8_DISCOVERY") or config_url
-    data = args.data if args.command != "serve" else None
-    info = read_cluster_info(data or Path(DEFAULT_DATA))
-    if url is None and info is None and args.command == "serve" and args.data is not None:
-        info = read_cluster_info(args.data.parent)  # a node dir inside an embedded cluster
-    if url is None:
-        if info is None:
-            raise ConfigError(
-                "cannot find the cluster: pass --discovery URL, set KARMA8_DISCOVERY,"
-                f" or run from the directory holding ./{DEFAULT_DATA}"
-            )
-        url = info.discovery
-    if secret is None and info is not None:
-        secret = info.secret
-    return url, secret
+    ref = locate_cluster(
+        discovery=args.discovery,
+        secret=args.secret,
+        environ=os.environ,
+        config_path=args.config,
+        config_url=config.discovery_url if config is not None else None,
+        config_secret=config.secret if config is not None else None,
+        data=args.data,
+    )
+    print(f"karma8: {ref.describe()}", file=sys.stderr, flush=True)
+    return ref
 
 
 async def _until_signalled(run: Callable[[trio.Nursery], Awaitable[None]]) -> None:
@@ -258,7 +257,7 @@ def _serve(args: argparse.Namespace) -> int:
         overrides: dict[str, Any] = {
             "host": args.host,
             "storage_nodes": args.nodes,
-            "secret": args.secret or os.environ.get("KARMA8_SECRET"),
+            "secret": args.secret or os.environ.get(ENV_SECRET),
             "capacity": parse_size(args.capacity) if args.capacity else None,
         }
         config = load_net_config(args.config, overrides)
@@ -269,7 +268,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def run(nursery: trio.Nursery) -> None:
         if role == "all":
-            data = args.data or Path(DEFAULT_DATA)
+            data = args.data or DEFAULT_DATA
             cfg = config
             if args.port is not None:
                 cfg = attrs.evolve(cfg, gateway_port=args.port)
@@ -281,7 +280,7 @@ def _serve(args: argparse.Namespace) -> int:
             )
             print(f"try: curl -T FILE {info.gateway}/default/hello.txt", flush=True)
         elif role == "discovery":
-            data = args.data or Path(DEFAULT_DATA)
+            data = args.data or DEFAULT_DATA
             data.mkdir(parents=True, exist_ok=True)
             url = await nursery.start(
                 partial(
@@ -293,19 +292,20 @@ def _serve(args: argparse.Namespace) -> int:
             )
             print(f"karma8 discovery up: {url}", flush=True)
         else:
-            discovery_url, secret = _discovery_for(args, config.discovery_url, config.secret)
-            cfg = attrs.evolve(config, secret=secret)
-            http = make_http_client(secret)
+            if role == "storage" and args.data is None:
+                raise ConfigError("--role storage needs --data DIR (its own directory)")
+            cluster = _locate(args, config)
+            cfg = attrs.evolve(config, secret=cluster.secret)
+            http = make_http_client(cluster.secret)
             await nursery.start(_hold_client, http)
             if role == "storage":
-                if args.data is None:
-                    raise ConfigError("--role storage needs --data DIR (its own directory)")
                 url = await nursery.start(
                     partial(
                         net.run_storage,
                         cfg,
                         data_dir=args.data,
-                        discovery_url=discovery_url,
+                        discovery_url=cluster.discovery,
+                        discovery_from=cluster.discovery_from,
                         http=http,
                         port=args.port,
                     )
@@ -316,7 +316,8 @@ def _serve(args: argparse.Namespace) -> int:
                     partial(
                         net.run_gateway,
                         cfg,
-                        discovery_url=discovery_url,
+                        discovery_url=cluster.discovery,
+                        discovery_from=cluster.discovery_from,
                         http=http,
                         port=args.port,
                     )
@@ -329,6 +330,8 @@ def _serve(args: argparse.Namespace) -> int:
         error = _user_error(exc)
         if error is None:
             raise
+        if isinstance(error, BrokenPipeError):
+            raise error from None  # stdout's reader left: main() stops quietly
         print(f"karma8 serve: {_message(error)}", file=sys.stderr)
         return EXIT_USAGE if isinstance(error, ConfigError) else EXIT_FAILED
     return EXIT_OK
@@ -363,7 +366,9 @@ def _admin(args: argparse.Namespace) -> int:
     from karma8.net import admin
 
     try:
-        url, secret = _discovery_for(args)
+        config = load_net_config(args.config, {}) if args.config is not None else None
+        cluster = _locate(args, config)
+        url, secret = cluster.discovery, cluster.secret
         if args.command == "nodes":
             nodes = trio.run(admin.fetch_nodes, url, secret)
             print(
@@ -397,11 +402,31 @@ def _admin(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "sim":
-        return _sim(args)
-    if args.command == "serve":
-        return _serve(args)
-    return _admin(args)
+    try:
+        if args.command == "sim":
+            status = _sim(args)
+        elif args.command == "serve":
+            status = _serve(args)
+        else:
+            status = _admin(args)
+        sys.stdout.flush()  # a reader that left must show here, not when Python exits
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        print(f"karma8 {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return status
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's last flush at exit has nowhere to fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except OSError:  # stdout is not a file (a test's capture): nothing to flush into a pipe
+        pass
 
 
 if __name__ == "__main__":

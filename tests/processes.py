@@ -14,13 +14,20 @@ from pathlib import Path
 
 
 class Service:
-    def __init__(self, args: list[str], ready: str, log: Path) -> None:
+    """A ``karma8`` process whose output goes to ``log``; ready once ``ready`` matches it.
+
+    ``cwd`` is required: karma8 looks for ``./karma8-data`` in its working directory, so a
+    test that inherited the checkout's would depend on what was left there.
+    """
+
+    def __init__(self, args: list[str], ready: str, log: Path, *, cwd: Path) -> None:
         self.log = log
         self._file = open(log, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "karma8.cli", *args],
             stdout=self._file,
             stderr=subprocess.STDOUT,
+            cwd=cwd,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         deadline = time.monotonic() + 120  # a guard against a hang, not a speed limit
@@ -49,8 +56,8 @@ class Service:
 
 
 @contextmanager
-def service(args: list[str], ready: str, log: Path) -> Iterator[Service]:
-    s = Service(args, ready, log)
+def service(args: list[str], ready: str, log: Path, *, cwd: Path) -> Iterator[Service]:
+    s = Service(args, ready, log, cwd=cwd)
     try:
         yield s
     finally:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,3 +164,20 @@ def test_a_failing_swarm_seed_prints_its_replay_line_on_stderr(
         }
     else:
         assert "FAIL no_orphan_parts" in captured.out
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path: Path) -> None:
+    """``karma8 sim --swarm 5 | head -0``: status 141 (128 + SIGPIPE), and no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # before karma8 starts: its first write fails, whatever the timing
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "karma8.cli", "sim", "--swarm", "5", "--seed", "8"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")

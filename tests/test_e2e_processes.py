@@ -6,11 +6,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from karma8.net.locate import ClusterInfo, write_cluster_info
 
 from processes import Service, service
 
@@ -32,7 +37,8 @@ def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([CURL, "-sS", "--fail-with-body", *args], capture_output=True)
 
 
-def karma8(*args: str, cwd: Path | None = None) -> str:
+def karma8(*args: str, cwd: Path) -> str:
+    """Run a karma8 command in ``cwd`` (never the checkout's, with its ``./karma8-data``)."""
     out = subprocess.run(
         [sys.executable, "-m", "karma8.cli", *args],
         capture_output=True,
@@ -41,6 +47,32 @@ def karma8(*args: str, cwd: Path | None = None) -> str:
     )
     assert out.returncode == 0, out.stderr
     return out.stdout
+
+
+def karma8_into_closed_pipe(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a karma8 command whose stdout is a pipe nobody reads: its reader closed before
+    karma8 started, so the first write fails, as behind ``| head -1`` once head has left."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "karma8.cli", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+        )
+    finally:
+        os.close(write_end)
+
+
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses connections: bound (so no one else takes it), not
+    listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -55,6 +87,7 @@ def start_cluster(tmp_path: Path, config: Path, name: str) -> Service:
         ["serve", "--data", str(tmp_path / "data"), "--config", str(config)],
         r"gateway (http://127\.0\.0\.1:\d+)",
         tmp_path / f"{name}.log",
+        cwd=tmp_path,
     )
 
 
@@ -65,6 +98,7 @@ def test_embedded_cluster_curl_round_trip_stat_join_and_restart(
     cluster = start_cluster(tmp_path, config, "cluster-1")
     try:
         gateway = cluster.match.group(1)
+        cluster_url = json.loads((data / "cluster.json").read_text())["discovery"]
         sizes = [0, 1, 4, 5, 6, (1 << 20) + 3]
         for size in sizes:
             src = tmp_path / f"in-{size}"
@@ -81,28 +115,42 @@ def test_embedded_cluster_curl_round_trip_stat_join_and_restart(
             assert part.returncode == 0
             assert part.stdout == big[first : last + 1]
         assert curl("-r", "-3", f"{gateway}/default/dir/file-1048579").stdout == big[-3:]
-        stat = json.loads(karma8("stat", "default/dir/file-1048579", "--json", "--data", str(data)))
+        stat = json.loads(
+            karma8("stat", "default/dir/file-1048579", "--json", "--data", str(data), cwd=tmp_path)
+        )
         sizes_of_parts = [p["size"] for p in stat["parts"]]
         assert len({p["node_id"] for p in stat["parts"]}) == 5
         assert max(sizes_of_parts) - min(sizes_of_parts) <= 1
         assert sum(sizes_of_parts) == (1 << 20) + 3
-        assert "dir/file-1048579" in karma8("stat", "default/dir/file-1048579", "--data", str(data))
+        assert "dir/file-1048579" in karma8(
+            "stat", "default/dir/file-1048579", "--data", str(data), cwd=tmp_path
+        )
 
         # One command adds a storage node; new files place a part on it (it is the emptiest).
         with service(
             ["serve", "--role", "storage", "--data", str(data / "joined")],
             r"storage node (node-[0-9a-f]+) up",
             tmp_path / "joined.log",
+            cwd=tmp_path,
         ) as joined:
             node_id = joined.match.group(1)
-            nodes = json.loads(karma8("nodes", "--json", "--data", str(data)))
+            nodes = json.loads(karma8("nodes", "--json", "--data", str(data), cwd=tmp_path))
             assert node_id in {n["node_id"] for n in nodes}
             src = tmp_path / "in-new"
             src.write_bytes(os.urandom(300_000))
             assert curl("-T", str(src), f"{gateway}/default/new").returncode == 0
-            stat = json.loads(karma8("stat", "default/new", "--json", "--data", str(data)))
+            stat = json.loads(
+                karma8("stat", "default/new", "--json", "--data", str(data), cwd=tmp_path)
+            )
             assert node_id in {p["node_id"] for p in stat["parts"]}
-            assert "available" in karma8("nodes", "--data", str(data))
+            assert "available" in karma8("nodes", "--data", str(data), cwd=tmp_path)
+            # A reader that leaves early (| head -1) ends the command quietly: status 141
+            # (128 + SIGPIPE), no traceback, only the line naming the cluster on stderr.
+            piped = karma8_into_closed_pipe("nodes", "--data", str(data), cwd=tmp_path)
+            assert piped.returncode == 141, piped.stderr
+            assert piped.stderr.splitlines() == [
+                f"karma8: cluster {cluster_url} (from {data / 'cluster.json'}, with its secret)"
+            ]
             new_file = src.read_bytes()
     finally:
         assert cluster.stop() == 0  # SIGTERM: a clean shutdown
@@ -120,6 +168,7 @@ def test_embedded_cluster_curl_round_trip_stat_join_and_restart(
             ["serve", "--role", "storage", "--data", str(data / "joined")],
             r"storage node (node-[0-9a-f]+) up",
             tmp_path / "joined-2.log",
+            cwd=tmp_path,
         ) as joined:
             assert joined.match.group(1) == node_id  # same identity after a restart
             out = tmp_path / "again-new"
@@ -144,6 +193,7 @@ def test_one_process_per_role(tmp_path: Path) -> None:
         ],
         r"discovery up: (http://\S+)",
         tmp_path / "discovery.log",
+        cwd=tmp_path,
     ) as discovery:
         url = discovery.match.group(1)
         nodes = [
@@ -160,6 +210,7 @@ def test_one_process_per_role(tmp_path: Path) -> None:
                 ],
                 r"storage node \S+ up",
                 tmp_path / f"node-{i}.log",
+                cwd=tmp_path,
             )
             for i in range(6)
         ]
@@ -168,6 +219,7 @@ def test_one_process_per_role(tmp_path: Path) -> None:
                 ["serve", "--role", "gw", "--port", "0", "--discovery", url, *env_secret],
                 r"gateway up: (http://\S+)",
                 tmp_path / "gateway.log",
+                cwd=tmp_path,
             ) as gateway:
                 base = gateway.match.group(1)
                 src = tmp_path / "file"
@@ -187,3 +239,51 @@ def test_one_process_per_role(tmp_path: Path) -> None:
         finally:
             for node in nodes:
                 node.stop()
+
+
+def test_a_stale_cluster_file_in_the_working_directory_does_not_win(tmp_path: Path) -> None:
+    """The original failure: ./karma8-data/cluster.json of a stopped cluster, in the working
+    directory, captured a node started with --data inside another cluster's directory, and
+    the node waited for the stopped cluster, silently. The --data dir's parent comes first."""
+    live = tmp_path / "cluster"
+    with closed_port() as dead:
+        stale = tmp_path / "karma8-data"
+        stale.mkdir()
+        dead_url = f"http://127.0.0.1:{dead}"
+        info = ClusterInfo(gateway=dead_url, discovery=dead_url, secret="old", data_dir=str(stale))
+        write_cluster_info(stale, info)
+        with service(
+            ["serve", "--role", "discovery", "--port", "0", "--data", str(live), "--secret", "s"],
+            r"discovery up: (http://\S+)",
+            tmp_path / "discovery.log",
+            cwd=tmp_path,
+        ) as discovery:
+            url = discovery.match.group(1)
+            info = ClusterInfo(gateway=url, discovery=url, secret="s", data_dir=str(live))
+            write_cluster_info(live, info)
+            with service(
+                ["serve", "--role", "storage", "--data", str(live / "node")],
+                r"storage node (node-[0-9a-f]+) up",
+                tmp_path / "node.log",
+                cwd=tmp_path,
+            ) as node:
+                said = f"karma8: cluster {url} (from {live / 'cluster.json'}, with its secret)"
+                assert said in node.log.read_text()
+                nodes = json.loads(karma8("nodes", "--json", "--data", str(live), cwd=tmp_path))
+                assert [n["node_id"] for n in nodes] == [node.match.group(1)]
+
+
+@pytest.mark.parametrize("role", ["storage", "gw"])
+def test_a_service_that_cannot_reach_discovery_says_so(tmp_path: Path, role: str) -> None:
+    """Instead of waiting silently, a node or gateway warns, naming the URL and its source."""
+    with closed_port() as port:
+        url = f"http://127.0.0.1:{port}"
+        args = ["serve", "--role", role, "--port", "0", "--discovery", url, "--secret", "s"]
+        if role == "storage":
+            args += ["--data", str(tmp_path / "node")]
+        warning = rf"WARNING cannot reach discovery at {url} \(from --discovery\)"
+        with service(args, warning, tmp_path / f"{role}.log", cwd=tmp_path) as waiting:
+            assert f"karma8: cluster {url} (from --discovery; secret from --secret)" in (
+                waiting.log.read_text()
+            )
+        assert waiting.proc.returncode == 0  # SIGTERM stops it even before it is up

@@ -66,7 +66,7 @@ class Cluster:
             *("--data", str(root / "meta"), *common),
         ]
         self.discovery = Service(
-            self.discovery_args, r"discovery up: (http://\S+)", root / "discovery.log"
+            self.discovery_args, r"discovery up: (http://\S+)", root / "discovery.log", cwd=root
         )
         self.discovery_url = self.discovery.match.group(1)
         self.node_args = [
@@ -83,14 +83,16 @@ class Cluster:
             for i in range(5)
         ]
         self.nodes = [
-            Service(args, r"storage node \S+ up", root / f"node-{i}.log")
+            Service(args, r"storage node \S+ up", root / f"node-{i}.log", cwd=root)
             for i, args in enumerate(self.node_args)
         ]
         self.gateway_args = [
             *("serve", "--role", "gw", "--port", str(free_port())),
             *("--discovery", self.discovery_url, *common),
         ]
-        self.gateway = Service(self.gateway_args, r"gateway up: (http://\S+)", root / "gw.log")
+        self.gateway = Service(
+            self.gateway_args, r"gateway up: (http://\S+)", root / "gw.log", cwd=root
+        )
         self.url = self.gateway.match.group(1)
         self.restarts = 0
 
@@ -103,12 +105,18 @@ class Cluster:
         self.restarts += 1
         log = self.root / f"{role}-restart-{self.restarts}.log"
         if role == "gateway":
-            self.gateway = Service(self.gateway_args, r"gateway up: (http://\S+)", log)
+            self.gateway = Service(
+                self.gateway_args, r"gateway up: (http://\S+)", log, cwd=self.root
+            )
         elif role == "discovery":
-            self.discovery = Service(self.discovery_args, r"discovery up: (http://\S+)", log)
+            self.discovery = Service(
+                self.discovery_args, r"discovery up: (http://\S+)", log, cwd=self.root
+            )
         else:
             index = int(role.removeprefix("node-"))
-            self.nodes[index] = Service(self.node_args[index], r"storage node \S+ up", log)
+            self.nodes[index] = Service(
+                self.node_args[index], r"storage node \S+ up", log, cwd=self.root
+            )
 
     def _service(self, role: str) -> Service:
         if role == "gateway":
@@ -192,7 +200,10 @@ def test_kill_9_of_a_storage_node_mid_put_fails_it_cleanly(cluster: Cluster) -> 
         # The name still serves the previous version... once the killed node is back.
         cluster.nodes[2].stop()
         cluster.nodes[2] = Service(
-            cluster.node_args[2], r"storage node \S+ up", cluster.root / "node-2-again.log"
+            cluster.node_args[2],
+            r"storage node \S+ up",
+            cluster.root / "node-2-again.log",
+            cwd=cluster.root,
         )
         assert client.get(f"{cluster.url}/default/f").content == old
     # Only the 5 parts of the old version remain, on disk, anywhere.

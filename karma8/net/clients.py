@@ -2,12 +2,14 @@
 
 One ``httpx.AsyncClient`` per process is shared by both (connection reuse, keep-alive).
 Transport failures become :class:`Unavailable`; error responses are rebuilt into the same
-karma8 error class the server raised, from the JSON body's code.
+karma8 error class the server raised, from the JSON body's code. A discovery client can report,
+at WARNING, while it cannot reach discovery: services that depend on it must not wait silently.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -15,6 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import trio
 
 from karma8.core.errors import IntegrityError, Karma8Error, Unavailable, error_from_code
 from karma8.core.model import (
@@ -36,6 +39,8 @@ from karma8.net.codec import (
 from karma8.net.common import SECRET_HEADER
 from karma8.net.http_fixes import patch_httpcore
 from karma8.ports import BlockingRunner, StoredPart
+
+log = logging.getLogger(__name__)
 
 
 def make_http_client(secret: str | None, *, timeout: float = 60.0) -> httpx.AsyncClient:
@@ -63,11 +68,16 @@ class _Http:
     def __init__(self, client: httpx.AsyncClient) -> None:
         self._client = client
 
-    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    async def send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """The response, whatever its status; a transport failure raises Unavailable."""
         try:
-            response = await self._client.request(method, url, **kwargs)
+            return await self._client.request(method, url, **kwargs)
         except httpx.TransportError as exc:
             raise Unavailable(f"{method} {url}: {type(exc).__name__}") from None
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """The response of a request that succeeded; an error response raises its error."""
+        response = await self.send(method, url, **kwargs)
         await raise_for_error(response)
         return response
 
@@ -76,15 +86,63 @@ def _path(*segments: str) -> str:
     return "/".join(quote(s, safe="/") for s in segments)
 
 
-class HttpDiscoveryClient(_Http):
-    """:class:`karma8.ports.DiscoveryAPI` over HTTP."""
+class Reachability:
+    """Warns that a service cannot be reached: at the first failure, then at most every
+    ``every`` seconds while failures go on, and once when it answers again."""
 
-    def __init__(self, client: httpx.AsyncClient, base_url: str) -> None:
+    def __init__(self, what: str, *, every: float) -> None:
+        self._what = what
+        self._every = every
+        self._down_since: float | None = None
+        self._last_warning = 0.0
+
+    def failed(self, error: str) -> None:
+        now = trio.current_time()
+        if self._down_since is None:
+            self._down_since = self._last_warning = now
+            log.warning("cannot reach %s: %s", self._what, error)
+        elif now - self._last_warning >= self._every:
+            self._last_warning = now
+            down = now - self._down_since
+            log.warning("still cannot reach %s, for %.0f s: %s", self._what, down, error)
+
+    def answered(self) -> None:
+        if self._down_since is not None:
+            self._down_since = None
+            log.warning("%s answers again", self._what)
+
+
+class HttpDiscoveryClient(_Http):
+    """:class:`karma8.ports.DiscoveryAPI` over HTTP.
+
+    With ``warn_every`` (seconds), failures to reach discovery are logged as
+    :class:`Reachability` says, naming the URL and ``origin`` (where the URL came from).
+    Without, the caller reports them (an admin command prints its one error line).
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        base_url: str,
+        *,
+        origin: str | None = None,
+        warn_every: float | None = None,
+    ) -> None:
         super().__init__(client)
         self._base = base_url.rstrip("/")
+        what = f"discovery at {self._base}" + (f" (from {origin})" if origin else "")
+        self._reach = Reachability(what, every=warn_every) if warn_every is not None else None
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = await self.request(method, f"{self._base}{path}", **kwargs)
+        try:
+            response = await self.send(method, f"{self._base}{path}", **kwargs)
+        except Unavailable as exc:
+            if self._reach is not None:
+                self._reach.failed(exc.message)
+            raise
+        if self._reach is not None:
+            self._reach.answered()
+        await raise_for_error(response)
         return response.json() if response.content else None
 
     async def begin_upload(

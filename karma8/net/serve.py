@@ -12,7 +12,6 @@ find the cluster, and running it again on the same directory resumes with the sa
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -20,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import attrs
 import httpx
@@ -33,6 +32,7 @@ from quart_trio import QuartTrio
 from karma8.actors.discovery import Discovery, DiscoveryConfig
 from karma8.actors.gateway import Gateway, GatewayConfig
 from karma8.actors.storage import StorageConfig, StorageNode
+from karma8.core.errors import Karma8Error, Unavailable
 from karma8.core.layout import StripeLayout
 from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.net.clients import HttpDiscoveryClient, HttpStorageClient, make_http_client
@@ -42,6 +42,7 @@ from karma8.net.gateway_app import gateway_app
 from karma8.net.groupsync import GroupSync, SyncGroups
 from karma8.net.http_fixes import patch_hypercorn
 from karma8.net.local import LocalFirstStorageClient
+from karma8.net.locate import ClusterInfo, read_cluster_info, write_cluster_info
 from karma8.net.metasync import GroupCommitRunner
 from karma8.net.storage_app import storage_app
 from karma8.ports import DiscoveryAPI, StorageAPI
@@ -49,8 +50,11 @@ from karma8.ports import DiscoveryAPI, StorageAPI
 T = TypeVar("T")
 log = logging.getLogger("karma8.serve")
 
-CLUSTER_FILE = "cluster.json"
 HASH_THREADS = 8  # per HTTP storage client; hashing releases the GIL
+# A node or gateway that cannot reach discovery says so this often (seconds), and a gateway
+# asks discovery this often until it first answers.
+DISCOVERY_WARN_EVERY = 5.0
+GATEWAY_PROBE_EVERY = 1.0
 NODE_ID_FILE = "node_id"
 
 
@@ -272,17 +276,18 @@ async def run_storage(
     *,
     data_dir: Path,
     discovery_url: str,
+    discovery_from: str | None = None,
     http: httpx.AsyncClient,
     port: int | None = None,
     capacity: int | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    node = build_storage_node(
-        config,
-        data_dir=data_dir,
-        discovery=HttpDiscoveryClient(http, discovery_url),
-        capacity=capacity,
+    """A storage node on its own; it warns while it cannot reach ``discovery_url``, naming
+    where that came from (``discovery_from``), so that a wrong URL does not wait silently."""
+    discovery = HttpDiscoveryClient(
+        http, discovery_url, origin=discovery_from, warn_every=DISCOVERY_WARN_EVERY
     )
+    node = build_storage_node(config, data_dir=data_dir, discovery=discovery, capacity=capacity)
     await serve_storage(node, config, port=port, task_status=task_status)
 
 
@@ -313,55 +318,44 @@ async def run_gateway(
     config: NetConfig,
     *,
     discovery_url: str,
+    discovery_from: str | None = None,
     http: httpx.AsyncClient,
     port: int | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """A gateway on its own. It asks discovery in the background until discovery first
+    answers, so that a gateway that cannot reach it warns (as :func:`run_storage`'s node
+    does) before a client finds out."""
+    discovery = HttpDiscoveryClient(
+        http, discovery_url, origin=discovery_from, warn_every=DISCOVERY_WARN_EVERY
+    )
     gateway = build_gateway(
         config,
-        discovery=HttpDiscoveryClient(http, discovery_url),
+        discovery=discovery,
         storage=HttpStorageClient(http, blocking=ThreadRunner(HASH_THREADS)),
     )
-    await serve_gateway(gateway, config, port=port, task_status=task_status)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_probe_discovery, discovery, name="gateway-probe-discovery")
+        await serve_gateway(gateway, config, port=port, task_status=task_status)
 
 
-@attrs.frozen(kw_only=True)
-class ClusterInfo:
-    """What ``cluster.json`` records about a running embedded cluster."""
-
-    gateway: str
-    discovery: str
-    secret: str
-    data_dir: str
-
-
-def read_cluster_info(data_dir: Path) -> ClusterInfo | None:
-    path = data_dir / CLUSTER_FILE
-    if not path.exists():
-        return None
-    raw: dict[str, Any] = json.loads(path.read_text())
-    return ClusterInfo(
-        gateway=str(raw["gateway"]),
-        discovery=str(raw["discovery"]),
-        secret=str(raw["secret"]),
-        data_dir=str(raw.get("data_dir", data_dir)),
-    )
+async def _probe_discovery(discovery: DiscoveryAPI) -> None:
+    """Ask discovery for its nodes until it answers; the client logs what fails."""
+    while True:
+        try:
+            await discovery.list_nodes()
+            return
+        except Unavailable:
+            await trio.sleep(GATEWAY_PROBE_EVERY)
+        except Karma8Error as exc:  # it answered, and refused: e.g. a wrong secret
+            log.warning("discovery refused the gateway: %s", exc.message)
+            return
 
 
 def cluster_secret(data_dir: Path) -> str:
     """The embedded cluster's secret: kept in cluster.json so restarts and joins agree."""
     info = read_cluster_info(data_dir)
     return info.secret if info is not None else secrets.token_urlsafe(24)
-
-
-def _write_cluster_info(data_dir: Path, info: ClusterInfo) -> None:
-    path = data_dir / CLUSTER_FILE
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(attrs.asdict(info), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 async def run_cluster(
@@ -403,7 +397,7 @@ async def run_cluster(
                 secret=secret,
                 data_dir=absolute,
             )
-            _write_cluster_info(data_dir, info)
+            write_cluster_info(data_dir, info)
             task_status.started(info)
     finally:
         store.close()

@@ -1,0 +1,188 @@
+"""``cluster.json`` and how a command finds the cluster it talks to.
+
+The embedded cluster writes ``cluster.json`` (URLs and secret) into its data directory. A
+command that needs a running cluster (``serve --role storage|gw``, ``nodes``, ``stat``,
+``scrub``) takes its discovery URL from the first of:
+
+1. ``--discovery URL``;
+2. ``$KARMA8_DISCOVERY``;
+3. ``discovery_url`` in the ``--config`` file;
+4. ``cluster.json`` in ``--data DIR``, then in DIR's parent (a node directory inside an
+   embedded cluster's directory);
+5. ``./karma8-data/cluster.json`` in the working directory.
+
+What the user named comes before the working directory: a ``cluster.json`` left behind by a
+cluster that has stopped must not capture a command pointed elsewhere. The secret is
+``--secret``, ``$KARMA8_SECRET``, the config file's ``secret``, else the secret of the
+``cluster.json`` that gave the URL; for a URL given otherwise, that of a candidate
+``cluster.json`` naming the same discovery, so no cluster's secret is sent to another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from karma8.core.tomlconf import ConfigError
+
+CLUSTER_FILE = "cluster.json"
+DEFAULT_DATA = Path("karma8-data")
+ENV_DISCOVERY = "KARMA8_DISCOVERY"
+ENV_SECRET = "KARMA8_SECRET"
+
+
+@attrs.frozen(kw_only=True)
+class ClusterInfo:
+    """What ``cluster.json`` records about a running embedded cluster."""
+
+    gateway: str
+    discovery: str
+    secret: str
+    data_dir: str
+
+
+def read_cluster_info(data_dir: Path) -> ClusterInfo | None:
+    """``data_dir/cluster.json``, or None if there is none; a broken one is a ConfigError."""
+    path = data_dir / CLUSTER_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{_shown(path)}: cannot read: {exc.strerror}") from None
+    try:
+        raw: Any = json.loads(text)
+        if not isinstance(raw, dict):
+            raise TypeError("expected a JSON object")
+        return ClusterInfo(
+            gateway=str(raw["gateway"]),
+            discovery=str(raw["discovery"]),
+            secret=str(raw["secret"]),
+            data_dir=str(raw.get("data_dir", data_dir)),
+        )
+    except KeyError as exc:
+        problem = f"no {exc} key"
+    except (ValueError, TypeError) as exc:
+        problem = str(exc)
+    raise ConfigError(f"{_shown(path)}: not a karma8 cluster file: {problem}")
+
+
+def write_cluster_info(data_dir: Path, info: ClusterInfo) -> None:
+    """Write ``cluster.json`` atomically, readable by its owner only (it holds the secret)."""
+    path = data_dir / CLUSTER_FILE
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(attrs.asdict(info), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+@attrs.frozen(kw_only=True)
+class ClusterRef:
+    """The discovery a command uses and its secret, each with where it came from."""
+
+    discovery: str
+    discovery_from: str
+    secret: str | None
+    secret_from: str | None
+
+    def describe(self) -> str:
+        """One line for stderr: ``cluster URL (from WHERE, with its secret)`` or the like."""
+        if self.secret_from is None:
+            secret = "; no secret"
+        elif self.secret_from == self.discovery_from:
+            secret = ", with its secret"
+        else:
+            secret = f"; secret from {self.secret_from}"
+        return f"cluster {self.discovery} (from {self.discovery_from}{secret})"
+
+
+def locate_cluster(
+    *,
+    discovery: str | None,
+    secret: str | None,
+    environ: Mapping[str, str],
+    config_path: Path | None = None,
+    config_url: str | None = None,
+    config_secret: str | None = None,
+    data: Path | None = None,
+    default_data: Path = DEFAULT_DATA,
+) -> ClusterRef:
+    """The cluster to use, in the order of the module docstring.
+
+    Raises:
+        ConfigError: nothing names a cluster (the message lists what was tried), or a
+            ``cluster.json`` on the way cannot be read.
+    """
+    config = str(config_path) if config_path else "the config file"
+    urls = [
+        (discovery, "--discovery"),
+        (environ.get(ENV_DISCOVERY), f"${ENV_DISCOVERY}"),
+        (config_url, f"discovery_url in {config}"),
+    ]
+    secrets = [
+        (secret, "--secret"),
+        (environ.get(ENV_SECRET), f"${ENV_SECRET}"),
+        (config_secret, f"secret in {config}"),
+    ]
+    files = _candidate_dirs(data, default_data)
+    given_secret, given_from = next(((s, f) for s, f in secrets if s), (None, None))
+    url, url_from = next(((u, f) for u, f in urls if u), (None, None))
+    if url is not None and url_from is not None:
+        if given_secret is not None:
+            return ClusterRef(
+                discovery=url, discovery_from=url_from, secret=given_secret, secret_from=given_from
+            )
+        for directory in files:
+            try:
+                info = read_cluster_info(directory)
+            except ConfigError:
+                continue  # only looked at for a secret: a broken file must not block the URL
+            if info is not None and info.discovery.rstrip("/") == url.rstrip("/"):
+                return ClusterRef(
+                    discovery=url,
+                    discovery_from=url_from,
+                    secret=info.secret,
+                    secret_from=_shown(directory / CLUSTER_FILE),
+                )
+        return ClusterRef(discovery=url, discovery_from=url_from, secret=None, secret_from=None)
+    for directory in files:
+        info = read_cluster_info(directory)
+        if info is not None:
+            origin = _shown(directory / CLUSTER_FILE)
+            return ClusterRef(
+                discovery=info.discovery,
+                discovery_from=origin,
+                secret=given_secret or info.secret,
+                secret_from=given_from or origin,
+            )
+    tried = ", ".join(_shown(d / CLUSTER_FILE) for d in files)
+    raise ConfigError(
+        f"cannot find the cluster: pass --discovery URL, set ${ENV_DISCOVERY}, set discovery_url"
+        f" in --config, or point --data at a cluster's directory (no {tried})"
+    )
+
+
+def _candidate_dirs(data: Path | None, default_data: Path) -> list[Path]:
+    """Where ``cluster.json`` may be, in order, each directory once."""
+    candidates = [data, data.parent] if data is not None else []
+    candidates.append(default_data)
+    seen: set[Path] = set()
+    ordered: list[Path] = []
+    for directory in candidates:
+        key = directory.resolve()
+        if key not in seen:
+            seen.add(key)
+            ordered.append(directory)
+    return ordered
+
+
+def _shown(path: Path) -> str:
+    """An absolute path without ``..``: the file a user would open to check."""
+    return os.path.abspath(path)
