@@ -20,7 +20,10 @@ from karma8.net.locate import ClusterInfo, write_cluster_info
 from processes import Service, service
 
 CURL = shutil.which("curl")
-pytestmark = pytest.mark.skipif(CURL is None, reason="curl is not installed (.ci/run installs it)")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CURL is None, reason="curl is not installed (.ci/run installs it)"),
+]
 
 FAST = """
 gateway_port = 0

@@ -17,6 +17,8 @@ import pytest
 
 from processes import Service
 
+pytestmark = pytest.mark.slow  # scripts/check --fast leaves it out
+
 SECRET = "fault-test-secret"
 # Timers short enough for the sweeper to clean up within seconds, long enough that a loaded
 # machine's slow heartbeat or upload is not taken for a dead node or an abandoned upload.

@@ -513,7 +513,7 @@ async def test_a_reader_closed_during_its_read_ahead_closes_the_file_after_it(
     async with store.open("ra.0", offset=0, length=MULTI) as chunks:
         assert await chunks.__anext__() == data[:BLOCK]
         assert await chunks.__anext__() == data[BLOCK : 2 * BLOCK]  # and block 2 is read ahead
-        assert await trio.to_thread.run_sync(slow.started.wait, 10)
+        assert await trio.to_thread.run_sync(slow.started.wait, 120)
         fd, ahead = chunks._fd, chunks._ahead
         assert fd is not None
         assert ahead is not None
@@ -569,7 +569,7 @@ async def test_a_read_cancelled_while_its_read_ahead_runs_resumes_in_order(
     async with store.open("rc.0", offset=0, length=MULTI) as chunks:
         got = [await chunks.__anext__()]
         got.append(await chunks.__anext__())  # and bytes 2000..2999 are read ahead
-        assert await trio.to_thread.run_sync(slow.started.wait, 10)
+        assert await trio.to_thread.run_sync(slow.started.wait, 120)
         with trio.move_on_after(0.05) as scope:
             await chunks.__anext__()
         assert scope.cancelled_caught

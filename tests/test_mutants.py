@@ -33,6 +33,8 @@ from karma8.sim.scenario import load_scenario
 from karma8.sim.swarm import swarm_scenario
 from karma8.sim.workload import BytesChunks
 
+pytestmark = pytest.mark.slow  # scripts/check --fast leaves it out
+
 ROOT = Path(__file__).resolve().parent.parent
 # Shipped scenarios, cheapest first; then swarm seeds, as CI runs them.
 SCENARIOS = ["basic", "disk_full", "crash_restart", "failed_write", "network_faults"]

@@ -28,6 +28,7 @@ def test_scenarios_are_shipped() -> None:
     assert {"basic", "add_nodes", "failed_write", "mixed_capacities"} <= names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
 def test_scenario_invariants_hold(path: Path) -> None:
     result = result_of(path.stem)
@@ -35,6 +36,7 @@ def test_scenario_invariants_hold(path: Path) -> None:
     assert result.stats["succeeded"]["put"] > 0
 
 
+@pytest.mark.slow
 def test_add_nodes_new_nodes_receive_parts_and_catch_up() -> None:
     result = result_of("add_nodes")
     joined_late = [n for n in result.nodes if n.joined_at >= 12.0]
@@ -44,6 +46,7 @@ def test_add_nodes_new_nodes_receive_parts_and_catch_up() -> None:
     assert all(n.used_bytes > 0.85 * mean for n in joined_late)
 
 
+@pytest.mark.slow
 def test_mixed_capacities_fill_evenly_by_fraction_not_by_bytes() -> None:
     result = result_of("mixed_capacities")
     mib = 1 << 20
@@ -60,12 +63,14 @@ def test_mixed_capacities_fill_evenly_by_fraction_not_by_bytes() -> None:
     assert min(n.fill for n in result.nodes) > 0.1
 
 
+@pytest.mark.slow
 def test_failed_write_fails_some_puts_cleanly() -> None:
     result = result_of("failed_write")
     assert result.stats["failures"].get("put:storage_failure", 0) > 0
     assert result.stats["injected_write_failures"] > 0
 
 
+@pytest.mark.slow
 def test_same_seed_same_trace_within_one_process_and_other_seed_differs() -> None:
     scenario = load_scenario(ROOT / "scenarios" / "basic.toml")
     first = run_scenario(scenario, 11)
@@ -73,6 +78,7 @@ def test_same_seed_same_trace_within_one_process_and_other_seed_differs() -> Non
     assert run_scenario(scenario, 12).trace_sha256 != first.trace_sha256
 
 
+@pytest.mark.slow
 def test_same_seed_same_trace_across_processes() -> None:
     def trace() -> str:
         out = subprocess.run(

@@ -11,6 +11,7 @@ SEEDS = 200
 BATCH = 50
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first", range(1, SEEDS + 1, BATCH))
 def test_swarm_seeds_hold_every_invariant(first: int) -> None:
     outcome = run_swarm(BATCH, first_seed=first)
