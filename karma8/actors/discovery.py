@@ -19,7 +19,7 @@ import attrs
 import trio
 
 from karma8.core.errors import InvalidRequest, NotFound, TooLarge
-from karma8.core.layout import StripeLayout
+from karma8.core.layout import DEFAULT_MAX_FILE_SIZE, StripeLayout
 from karma8.core.model import (
     FileEntry,
     FileVersion,
@@ -40,11 +40,11 @@ class DiscoveryConfig:
 
     layout: StripeLayout = attrs.Factory(StripeLayout)
     upload_ttl: float = 3600.0
-    node_timeout: float = 15.0
+    node_timeout: float = 10.0
     retire_grace: float = 60.0
     sweep_interval: float = 5.0
     garbage_batch: int = 1000
-    max_file_size: int = 1 << 40
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
     namespaces: tuple[str, ...] = ("default",)
 
 

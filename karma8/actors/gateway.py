@@ -42,7 +42,7 @@ from karma8.core.errors import (
     TooLarge,
     Unavailable,
 )
-from karma8.core.layout import StripeLayout, StripeSplitter
+from karma8.core.layout import DEFAULT_MAX_FILE_SIZE, StripeLayout, StripeSplitter
 from karma8.core.model import (
     FileEntry,
     FileVersion,
@@ -56,7 +56,7 @@ from karma8.ports import DiscoveryAPI, StorageAPI
 
 @attrs.frozen(kw_only=True)
 class GatewayConfig:
-    max_file_size: int = 1 << 40
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
     channel_depth: int = 1
     cleanup_timeout: float = 30.0
 

@@ -29,7 +29,8 @@ from collections.abc import Iterator, Sequence
 import attrs
 
 DEFAULT_PARTS = 5
-DEFAULT_UNIT = 1 << 20
+DEFAULT_UNIT = 4 << 20  # the stripe unit of new files unless configured
+DEFAULT_MAX_FILE_SIZE = 1 << 40  # the largest file a gateway or discovery accepts
 
 
 def _validate_positive(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:

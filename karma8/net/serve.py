@@ -58,9 +58,17 @@ GATEWAY_PROBE_EVERY = 1.0
 NODE_ID_FILE = "node_id"
 
 
+_DISCOVERY = DiscoveryConfig()
+_STORAGE = StorageConfig()
+
+
 @attrs.frozen(kw_only=True)
 class NetConfig:
-    """Settings of net-mode services; see docs/configuration.md for every key."""
+    """Settings of net-mode services; see docs/configuration.md for every key.
+
+    The actors' settings take their defaults from the actors' own configs, the one definition
+    that the simulator's scenarios share too.
+    """
 
     host: str = "127.0.0.1"
     secret: str | None = None
@@ -70,17 +78,17 @@ class NetConfig:
     discovery_url: str | None = None
     storage_nodes: int = 6
     capacity: int = 10 << 30
-    stripe_unit: int = 4 << 20
-    max_file_size: int = 1 << 40
-    heartbeat_interval: float = 2.0
-    node_timeout: float = 10.0
-    upload_ttl: float = 3600.0
-    retire_grace: float = 60.0
-    sweep_interval: float = 5.0
-    orphan_check_interval: float = 60.0
-    orphan_grace: float = 600.0
-    scrub_interval: float = 86400.0
-    scrub_pause: float = 0.05
+    stripe_unit: int = _DISCOVERY.layout.unit
+    max_file_size: int = _DISCOVERY.max_file_size
+    heartbeat_interval: float = _STORAGE.heartbeat_interval
+    node_timeout: float = _DISCOVERY.node_timeout
+    upload_ttl: float = _DISCOVERY.upload_ttl
+    retire_grace: float = _DISCOVERY.retire_grace
+    sweep_interval: float = _DISCOVERY.sweep_interval
+    orphan_check_interval: float = _STORAGE.orphan_check_interval
+    orphan_grace: float = _STORAGE.orphan_grace
+    scrub_interval: float = _STORAGE.scrub_interval
+    scrub_pause: float = _STORAGE.scrub_pause
     # Hypercorn closes a connection that has *received* nothing for this long, even while a
     # download is flowing out; 0 disables it (the default).
     read_timeout: int = 0

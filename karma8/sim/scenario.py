@@ -13,11 +13,18 @@ from pathlib import Path
 
 import attrs
 
+from karma8.actors.discovery import DiscoveryConfig
+from karma8.actors.storage import StorageConfig
 from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
 
 
 class ScenarioError(ConfigError):
     """A scenario file that cannot be used, with what and where."""
+
+
+# The actors' settings default to the actors' own configs, as in net mode: one definition.
+_DISCOVERY = DiscoveryConfig()
+_STORAGE = StorageConfig()
 
 
 @attrs.frozen(kw_only=True)
@@ -29,14 +36,14 @@ class ClusterSpec:
 
     storage_nodes: int = 6
     capacity: int | tuple[int, ...] = attrs.field(default=1 << 30)
-    stripe_unit: int = 64 * 1024
-    heartbeat_interval: float = 1.0
-    node_timeout: float = 5.0
-    upload_ttl: float = 60.0
-    retire_grace: float = 5.0
-    sweep_interval: float = 1.0
-    orphan_check_interval: float = 5.0
-    orphan_grace: float = 10.0
+    stripe_unit: int = _DISCOVERY.layout.unit
+    heartbeat_interval: float = _STORAGE.heartbeat_interval
+    node_timeout: float = _DISCOVERY.node_timeout
+    upload_ttl: float = _DISCOVERY.upload_ttl
+    retire_grace: float = _DISCOVERY.retire_grace
+    sweep_interval: float = _DISCOVERY.sweep_interval
+    orphan_check_interval: float = _STORAGE.orphan_check_interval
+    orphan_grace: float = _STORAGE.orphan_grace
 
     @capacity.validator
     def _one_per_node(self, attribute: object, value: int | tuple[int, ...]) -> None:
