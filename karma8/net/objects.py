@@ -1,14 +1,12 @@
 """The gateway's object routes, ``PUT|GET|HEAD|DELETE /{namespace}/{name}``, as plain ASGI.
 
 Quart gives every request an app and a request context, a routing match, request and
-response objects and the hooks around them. For a 4 KiB file that machinery cost the event
-loop more than storing or fetching the file: with 16 clients, small GETs ran 317-525/s through
-Quart and 746-764/s through a first prototype of this handler (wrk, same minutes); in
-interleaved pairs this module against the Quart routes measured GETs +32 %, PUTs +7 %.
-These four routes are the data path, so :class:`ObjectRoutes` serves them itself, installed
-the way Quart documents ASGI middleware (``app.asgi_app = ObjectRoutes(...)``). Everything
-else (listing, metrics, health, an unknown route) still goes to Quart, and the app is still a
-Quart-Trio app served by Hypercorn.
+response objects and the hooks around them; for a small file that machinery cost the event
+loop more than storing or fetching the file (measured: docs/benchmarks.md, "What limits
+karma8"). These four routes are the data path, so :class:`ObjectRoutes` serves them itself,
+installed the way Quart documents ASGI middleware (``app.asgi_app = ObjectRoutes(...)``).
+Everything else (listing, metrics, health, an unknown route) still goes to Quart, and the app
+is still a Quart-Trio app served by Hypercorn.
 
 What Quart-Trio did for these routes that a handler of its own must do too:
 
