@@ -126,6 +126,8 @@ def _result(seed: int, *, ok: bool) -> SimResult:
             "wall_seconds": 0.01,
             "puts_per_wall_second": 100.0,
             "fill_spread_pp": 0.0,
+            "capacity_bytes": 0,
+            "usable_capacity_bytes": 0,
         },
         nodes=[],
     )

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from karma8.core.errors import NotEnoughNodes
-from karma8.core.placement import NodeLoad, place_parts
+from karma8.core.placement import NodeLoad, place_parts, usable_capacity
 
 
 @st.composite
@@ -72,3 +72,22 @@ def test_not_enough_nodes_says_how_many() -> None:
     nodes[2] = NodeLoad(node_id="n2", capacity=100, used=95)
     with pytest.raises(NotEnoughNodes, match="have 4"):
         place_parts(nodes, count=5, part_size=10, salt="v")
+
+
+@given(st.lists(st.integers(min_value=0, max_value=1 << 40), min_size=5, max_size=30))
+def test_usable_capacity_is_what_equal_parts_on_distinct_nodes_can_fill(caps: list[int]) -> None:
+    usable = usable_capacity(caps)
+    assert usable <= sum(caps)
+    # No node holds more than a fifth of the stored bytes, and that much fits on the nodes.
+    assert sum(min(c, usable // 5) for c in caps) >= usable - 5
+    if max(caps) * 5 <= sum(caps):
+        assert usable == sum(caps)  # nobody is too big: every byte is usable
+    assert usable_capacity([*caps, 1 << 30]) >= usable  # a node never takes room away
+
+
+def test_usable_capacity_of_mixed_nodes() -> None:
+    assert usable_capacity([100] * 6) == 600
+    assert usable_capacity([100] * 4) == 0  # fewer than 5 nodes hold nothing
+    # One huge node next to five small ones: it can only ever hold a fifth of the total.
+    assert usable_capacity([1000, 100, 100, 100, 100, 100]) == 625
+    assert usable_capacity([8, 8, 16, 16, 32, 32]) == 80

@@ -65,3 +65,24 @@ def place_parts(
         )
     ranked = sorted(candidates, key=lambda n: (n.fill, rendezvous(salt, n.node_id), n.node_id))
     return tuple(n.node_id for n in ranked[:count])
+
+
+def usable_capacity(capacities: Sequence[int], *, parts: int = 5) -> int:
+    """Bytes of files the nodes can hold together when every file puts ``parts`` equal parts on
+    ``parts`` distinct nodes.
+
+    A node then holds at most ``1/parts`` of all stored bytes, so a node bigger than that share
+    can never fill. For the total ``T``: with the ``k`` largest nodes capped at ``T/parts``, the
+    rest must hold ``T - k*T/parts``, so ``T <= parts * S_k / (parts - k)`` with ``S_k`` the
+    sum of all but the ``k`` largest; the smallest of these bounds (k < parts) is reached.
+    Fewer than ``parts`` nodes hold nothing.
+    """
+    if len(capacities) < parts:
+        return 0
+    ordered = sorted(capacities, reverse=True)
+    rest = sum(ordered)
+    bounds = []
+    for k in range(parts):
+        bounds.append(parts * rest // (parts - k))
+        rest -= ordered[k]
+    return min(bounds)

@@ -9,6 +9,7 @@ import httpx
 
 from karma8.core.errors import Karma8Error
 from karma8.core.model import FileVersion, NodeState, NodeStatus
+from karma8.core.placement import usable_capacity
 from karma8.core.units import format_size
 from karma8.net.clients import HttpDiscoveryClient, make_http_client, raise_for_error
 from karma8.net.codec import encode_node, encode_version
@@ -49,7 +50,13 @@ def nodes_table(nodes: list[NodeStatus]) -> str:
                 str(n.parts),
             )
         )
-    return _table(rows)
+    raw = sum(n.capacity_bytes for n in nodes)
+    usable = usable_capacity([n.capacity_bytes for n in nodes])
+    return (
+        _table(rows)
+        + f"\nusable capacity {format_size(usable)} of {format_size(raw)}"
+        + " (5 parts of a file on 5 distinct nodes: a node can hold at most a fifth)"
+    )
 
 
 def version_json(version: FileVersion) -> dict[str, Any]:

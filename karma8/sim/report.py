@@ -60,6 +60,10 @@ def render_text(result: SimResult, *, replay: str) -> str:
             f"{node.parts:>8}  {100 * node.fill:5.2f}% {bar}"
         )
     lines.append(f"  fill spread (max - min fill): {s['fill_spread_pp']:.2f} pp")
+    lines.append(
+        f"  usable capacity {format_size(s['usable_capacity_bytes'])}"
+        f" of {format_size(s['capacity_bytes'])} (5 parts of a file on 5 distinct nodes)"
+    )
     lines += ["", "invariants"]
     for name, holds in result.invariants.items():
         lines.append(f"  {'ok  ' if holds else 'FAIL'} {name}")

@@ -16,6 +16,7 @@ import attrs
 import trio
 
 from karma8.core.errors import Karma8Error
+from karma8.core.placement import usable_capacity
 from karma8.sim import checker
 from karma8.sim.cluster import SimCluster
 from karma8.sim.determinism import run_deterministic
@@ -257,6 +258,8 @@ def _judge(
         "puts_per_wall_second": round(ops.get("put", 0) / load_wall, 1) if load_wall else 0.0,
         "sim_seconds": round(trio.current_time(), 6),
         "fill_spread_pp": round(checker.fill_spread(cluster), 4),
+        "capacity_bytes": sum(node.disk.capacity_bytes for node in cluster.nodes),
+        "usable_capacity_bytes": usable_capacity([n.disk.capacity_bytes for n in cluster.nodes]),
     }
     return SimResult(
         scenario=scenario.name,
