@@ -241,7 +241,10 @@ async def test_a_connection_the_client_closes_is_closed_at_once(net: NetDriver, 
     await net._http.put(url(net, "/default/small"), content=b"x" * 100)
     async with await gateway_stream(net) as stream:
         await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        answer = await read_one_response(stream)  # the connection now waits for the next
+        answer = await read_one_response(stream)
+        # Let the server recycle the connection and start its keep-alive timer: an EOF that
+        # arrives before that ends the connection through another path.
+        await trio.sleep(0.5)
         await stream.send_eof()
         with trio.fail_after(KEEP_ALIVE_TIMEOUT / 2):  # closed by the client's EOF, not the timer
             rest = await read_until_closed(stream)

@@ -1,16 +1,38 @@
-"""The pass-through receive buffer: h11 parses any byte stream exactly as with its own buffer."""
+"""Each patch of :mod:`karma8.net.http_fixes`, by a test that fails without it.
+
+The two connection fixes seen from a client, a closed connection closed at once and HTTP/2
+not spoken, are tested end to end in tests/test_http_api.py.
+"""
 
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import h11
+import httpcore
+import pytest
+import trio
+import trio.testing
 from h11._receivebuffer import ReceiveBuffer
+from hypercorn.events import Event, RawData
+from hypercorn.trio import tcp_server
 from hypothesis import given
 from hypothesis import strategies as st
+from quart import request
+from quart_trio import QuartTrio
 
-from karma8.net.http_fixes import PassThroughReceiveBuffer
+from karma8.net import http_fixes
+from karma8.net.http_fixes import (
+    HIGH_WATER,
+    RECEIVE_SIZE,
+    PassThroughReceiveBuffer,
+    check_versions,
+    install_backpressure,
+    patch_httpcore,
+    patch_hypercorn,
+)
 
 
 def requests(bodies: list[bytes], chunked: list[bool]) -> bytes:
@@ -95,3 +117,119 @@ def test_a_chunk_split_between_a_body_and_the_next_request_takes_the_stock_path(
     lines = buf.maybe_extract_lines()
     assert lines is not None
     assert [bytes(line) for line in lines] == [b"GET / HTTP/1.1"]
+
+
+def test_every_h11_connection_gets_the_pass_through_buffer() -> None:
+    patch_httpcore()
+    assert isinstance(h11.Connection(h11.CLIENT)._receive_buffer, PassThroughReceiveBuffer)
+
+
+def test_hypercorn_and_httpcore_read_receive_size_at_a_time() -> None:
+    patch_hypercorn()
+    patch_httpcore()
+    assert tcp_server.MAX_RECV == RECEIVE_SIZE
+    assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES == RECEIVE_SIZE
+
+
+def test_another_version_of_a_patched_package_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http_fixes, "version", lambda name: "0.0.1")
+    with pytest.raises(RuntimeError, match="installed"):
+        check_versions()
+
+
+def socket_stream() -> tuple[trio.SocketStream, trio.socket.SocketType]:
+    ours, peer = trio.socket.socketpair()
+    return trio.SocketStream(ours), peer
+
+
+async def test_a_cancelled_close_still_closes_the_socket() -> None:
+    # Stock Hypercorn checkpoints in send_eof first: cancelled there, it never closes.
+    patch_hypercorn()
+    stream, peer = socket_stream()
+    with peer, trio.CancelScope() as scope:
+        scope.cancel()
+        server: Any = SimpleNamespace(stream=stream)  # what _close uses of a TCPServer
+        await tcp_server.TCPServer._close(server)
+    assert stream.socket.fileno() == -1
+
+
+async def test_a_send_to_a_client_that_stops_reading_can_be_cancelled() -> None:
+    # Stock Hypercorn shields send_all: the send ends only when the peer goes away.
+    patch_hypercorn()
+    stream, peer = socket_stream()
+    events: list[Event] = []
+
+    async def handle(event: Event) -> None:
+        events.append(event)
+
+    server: Any = SimpleNamespace(  # what protocol_send uses of a TCPServer
+        stream=stream, send_lock=trio.Lock(), protocol=SimpleNamespace(handle=handle)
+    )
+
+    async def peer_leaves_later() -> None:
+        await trio.sleep(5)
+        peer.close()
+
+    with peer:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer_leaves_later)
+            started = trio.current_time()
+            with trio.move_on_after(0.2):
+                await tcp_server.TCPServer.protocol_send(server, RawData(b"x" * (16 << 20)))
+            assert trio.current_time() - started < 2
+            nursery.cancel_scope.cancel()
+    assert stream.socket.fileno() == -1
+
+
+async def test_a_request_body_is_buffered_up_to_the_high_water_mark() -> None:
+    app = QuartTrio(__name__)
+    install_backpressure(app)
+    read = trio.Event()
+
+    @app.route("/part", methods=["PUT"])
+    async def put() -> str:
+        await read.wait()
+        return str(sum([len(chunk) async for chunk in request.body]))
+
+    chunk, count = b"x" * 65536, 64
+    received = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        if received == count:
+            await trio.sleep_forever()
+        received += 1
+        return {"type": "http.request", "body": chunk, "more_body": received < count}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(b"host", b"h"), (b"content-length", str(len(chunk) * count).encode())]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "PUT",
+        "scheme": "http",
+        "path": "/part",
+        "raw_path": b"/part",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "extensions": {},
+    }
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cast(Any, app), scope, receive, send)  # plain dicts as ASGI
+            await trio.testing.wait_all_tasks_blocked()
+            assert received * len(chunk) <= HIGH_WATER + len(chunk)
+            read.set()
+    assert received == count
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert body == str(len(chunk) * count).encode()

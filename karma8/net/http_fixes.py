@@ -1,40 +1,53 @@
-"""Fixes to the HTTP stack that streaming storage needs (Quart 0.22, Quart-Trio 0.12,
-Hypercorn 0.18; versions pinned in pyproject.toml and asserted here).
+"""Fixes to the HTTP stack that streaming storage needs. Each one names its upstream issue
+(or, where none exists, the upstream line it works around) and has a test in
+tests/test_http_fixes.py or tests/test_http_api.py. The packages are pinned in pyproject.toml
+and :func:`check_versions` refuses any other version before a patch is applied.
 
-1. Request-body backpressure. Stock Quart drains every ASGI body message into an unbounded
-   buffer, so a 300 MiB PUT to a slow handler costs 300 MiB of RAM (measured: 43 -> 344 MiB
-   RSS). :class:`BoundedBody` makes Quart's receiver wait while more than ``HIGH_WATER`` bytes
-   are buffered; Hypercorn's bounded per-request queue then fills, its reader stops, and TCP
-   flow control slows the client. Memory per request stays bounded by the stripe row.
+1. Request-body backpressure (Quart 0.22, Quart-Trio 0.12). Quart appends every ASGI body
+   message to an unbounded buffer, so a large PUT to a slow handler is held in RAM.
+   :class:`BoundedBody` makes Quart's receiver wait while more than ``HIGH_WATER`` bytes are
+   buffered; Hypercorn's bounded per-request queue then fills, its reader stops, and TCP flow
+   control slows the client. Installed through the app's settings, not patched.
+   No upstream issue; the buffer: https://github.com/pallets/quart/blob/0.22.0/src/quart/wrappers/request.py#L104-L107
+   and its reader: https://github.com/pgjones/quart-trio/blob/0.12.0/src/quart_trio/asgi.py#L36
 
-2. Hypercorn connection handling. ``TCPServer._close`` runs unshielded: when Quart-Trio
-   cancels a handler that answered before reading the body (an early 4xx), the socket is
-   never closed and the client hangs. And ``protocol_send`` shields ``send_all``, so a client
-   that stops reading blocks shutdown forever. We shield the close and make sends cancellable.
+2. Hypercorn connection handling (0.18). ``TCPServer._close`` runs unshielded: when
+   Quart-Trio cancels a handler that answered before reading the body (an early 4xx), the
+   socket is never closed and the client hangs. And ``protocol_send`` shields ``send_all``,
+   so a client that stops reading blocks shutdown forever. We shield the close and make sends
+   cancellable.
+   Close: https://github.com/pgjones/hypercorn/issues/106
+   Send, no upstream issue: https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/trio/tcp_server.py#L82-L91
 
-3. Read sizes. Hypercorn receives at most 64 KiB per socket read and httpcore reads response
-   bodies 64 KiB at a time. Every chunk then costs a trip through h11, the ASGI queue, Quart
-   and our actors; at 1 MiB per read the per-chunk work is paid 16 times less often (profiled:
-   the per-chunk overhead, not the bytes, dominated the gateway's CPU time).
+3. Read sizes. Hypercorn and httpcore read at most 64 KiB per socket read; every chunk then
+   costs a trip through h11, the ASGI queue, Quart and our actors, and that per-chunk work,
+   not the bytes, dominated the gateway's CPU time. Both read ``RECEIVE_SIZE`` instead.
+   No upstream issue (module constants, not settings):
+   https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/trio/tcp_server.py#L17 and
+   https://github.com/encode/httpcore/blob/1.0.9/httpcore/_async/http11.py#L44
 
-4. Body bytes through h11 (0.16, asserted). h11's receive buffer is a bytearray: every body
-   chunk is copied in, then copied out twice (``maybe_extract_at_most`` slices before it
-   extracts), each copy a fresh 1 MiB allocation (profiled: a quarter of the gateway's event
-   loop during a large PUT). :class:`PassThroughReceiveBuffer` hands a chunk that arrives
-   into an empty buffer and is wanted whole straight through, uncopied; anything else (header
-   lines, a chunk split between a body and the next request) takes the stock path.
+4. Body bytes through h11 (0.16). h11's receive buffer is a bytearray: every body chunk is
+   copied in, then copied out twice (``maybe_extract_at_most`` slices before it extracts).
+   :class:`PassThroughReceiveBuffer` hands a chunk that arrives into an empty buffer and is
+   wanted whole straight through, uncopied; anything else (header lines, a chunk split
+   between a body and the next request) takes the stock path.
+   Upstream: https://github.com/python-hyper/h11/issues/35
 
 5. A connection the client closed is closed at once. Hypercorn starts its keep-alive timer
-   (75 s) when a connection is ready for the next request, and nothing stops it when the
-   client then closes: the socket stayed in CLOSE-WAIT until the timer ran out (1,000 GETs
-   on a connection each left ~210 such sockets behind). Quart-Trio hid it by cancelling its
-   handler on the disconnect; the gateway's object routes (:mod:`karma8.net.objects`) do not.
+   when a connection is ready for the next request, and nothing stops it when the client
+   then closes: the socket stays in CLOSE-WAIT until the timer runs out. Quart-Trio hid it
+   by cancelling its handler on the disconnect; the gateway's object routes
+   (:mod:`karma8.net.objects`) do not.
+   Reported for the trio worker in https://github.com/pgjones/hypercorn/pull/87, which fixed
+   the end-of-file handling; the timer still holds the connection:
+   https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/trio/tcp_server.py#L100-L115
 
 6. HTTP/1.1 only, as documented. Hypercorn switches a cleartext connection to HTTP/2 on a
    prior-knowledge preface or an ``Upgrade: h2c``; its HTTP/2 path crashes the whole process
    on a DATA frame for a stream that was already answered (an early error), and none of the
    fixes above apply to it. The upgrade is ignored (RFC 9110 allows it), and the preface is
    parsed as an HTTP/1.1 request, which fails.
+   Upstream: https://github.com/pgjones/hypercorn/pull/365
 """
 
 from __future__ import annotations
@@ -59,13 +72,27 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 HIGH_WATER = 1 << 20
 RECEIVE_SIZE = 1 << 20
-PINNED = {"quart": "0.22.0", "quart-trio": "0.12.0", "hypercorn": "0.18.0", "h11": "0.16.0"}
+PINNED = {
+    "quart": "0.22.0",
+    "quart-trio": "0.12.0",
+    "hypercorn": "0.18.0",
+    "h11": "0.16.0",
+    "httpcore": "1.0.9",
+}
 
 
 def check_versions() -> None:
+    """Refuse to patch any version but the ones the patches were written for."""
     wrong = {name: version(name) for name, want in PINNED.items() if version(name) != want}
     if wrong:
         raise RuntimeError(f"karma8.net patches {PINNED}; installed {wrong}")
+
+
+def _replace(owner: object, name: str, value: object) -> None:
+    """Set ``owner.name``, which must exist: a renamed upstream name fails loudly."""
+    if not hasattr(owner, name):
+        raise RuntimeError(f"karma8.net patches {owner!r}.{name}, which no longer exists")
+    setattr(owner, name, value)
 
 
 class BoundedBody(TrioBody):
@@ -178,6 +205,7 @@ class BoundedConnection(TrioASGIHTTPConnection):
 
 def install_backpressure(app: QuartTrio) -> None:
     """Make ``app`` stream request bodies with bounded buffering, without size limits."""
+    check_versions()
     app.asgi_http_class = BoundedConnection
     app.request_class = BoundedRequest
     app.config["MAX_CONTENT_LENGTH"] = None  # limits are enforced by the actors, streaming
@@ -283,21 +311,22 @@ class PassThroughReceiveBuffer(ReceiveBuffer):
 def patch_h11() -> None:
     """Every h11 connection (Hypercorn's and httpcore's) gets the pass-through buffer."""
     check_versions()
-    setattr(h11._connection, "ReceiveBuffer", PassThroughReceiveBuffer)  # noqa: B010
+    _replace(h11._connection, "ReceiveBuffer", PassThroughReceiveBuffer)
 
 
 def patch_hypercorn() -> None:
     """Apply the connection fixes and the read size (idempotent; process-wide)."""
     check_versions()
     patch_h11()
-    setattr(tcp_server, "MAX_RECV", RECEIVE_SIZE)  # noqa: B010
-    setattr(tcp_server.TCPServer, "_close", _shielded_close)  # noqa: B010
-    setattr(tcp_server.TCPServer, "protocol_send", _cancellable_send)  # noqa: B010
-    setattr(tcp_server.TCPServer, "_read_data", _read_data_then_stop_idle_timer)  # noqa: B010
-    setattr(h11_protocol.H11Protocol, "_check_protocol", _http11_only)  # noqa: B010
+    _replace(tcp_server, "MAX_RECV", RECEIVE_SIZE)
+    _replace(tcp_server.TCPServer, "_close", _shielded_close)
+    _replace(tcp_server.TCPServer, "protocol_send", _cancellable_send)
+    _replace(tcp_server.TCPServer, "_read_data", _read_data_then_stop_idle_timer)
+    _replace(h11_protocol.H11Protocol, "_check_protocol", _http11_only)
 
 
 def patch_httpcore() -> None:
     """Read response bodies ``RECEIVE_SIZE`` bytes at a time (idempotent; process-wide)."""
+    check_versions()
     patch_h11()
-    setattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES", RECEIVE_SIZE)  # noqa: B010
+    _replace(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES", RECEIVE_SIZE)
