@@ -1,4 +1,4 @@
-"""The file-backed part store (karma8.net.disk) on a real temporary directory."""
+"""The file-backed part store (karma8.store.files.store) on a real temporary directory."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ import trio
 import trio.testing
 
 from karma8.core.errors import DiskFull, IntegrityError, NotFound, StorageFailure, UploadConflict
-from karma8.net import groupsync, partread
-from karma8.net.disk import FilePartStore
-from karma8.net.groupsync import GroupSync, SyncGroups
-from karma8.net.partfile import BLOCK, HEADER_SIZE, pread_exact
 from karma8.ports import PartStore, StoredPart
+from karma8.store import groupsync
+from karma8.store.files import reader
+from karma8.store.files.store import FilePartStore
+from karma8.store.files.writer import BLOCK, HEADER_SIZE, pread_exact
+from karma8.store.groupsync import GroupSync, SyncGroups
 
 MIB = 1 << 20
 BIG = 1 << 30
@@ -492,7 +493,7 @@ class SlowReads:
                 self.release.wait(10)
             return real(fd, size, pos)
 
-        monkeypatch.setattr(partread, "pread_exact", held)
+        monkeypatch.setattr(reader, "pread_exact", held)
 
 
 def fd_is_open(fd: int) -> bool:

@@ -1,4 +1,4 @@
-"""GroupSync rounds that run writers' steps before their sync (karma8.net.groupsync)."""
+"""GroupSync rounds that run writers' steps before their sync (karma8.store.groupsync)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import trio
 import trio.testing
 
-from karma8.net.disk import FilePartStore
-from karma8.net.groupsync import GroupSync
+from karma8.store.files.store import FilePartStore
+from karma8.store.groupsync import GroupSync
 
 
 class Log:

@@ -13,7 +13,7 @@ A write goes to its own file in ``tmp/``. :meth:`FilePartWriter.commit` writes t
 checksum trailer and the header, creates the leaf directory if needed, hard-links the file into
 ``parts/aa/bb/`` and unlinks the temporary name; the part counts as stored only once it is
 durable. With group sync (the default on Linux) that is once a ``syncfs`` that started after
-the link has completed (:mod:`karma8.net.groupsync`; the writing and linking is a step that
+the link has completed (:mod:`karma8.store.groupsync`; the writing and linking is a step that
 round's thread runs before it syncs); a commit whose round fails or is cancelled unlinks the
 part again. Without it, the file is fsynced before the link, and the
 new directory's parent and the leaf directory after it. Link plus unlink is a rename that
@@ -56,7 +56,7 @@ bytes stay a hole (zeros) until commit writes the trailer and the header, so a f
 the magic was never committed. The temporary is created by the writer's first flush
 (``write_buffer`` bytes) or at commit: a part smaller than the buffer is created, written
 header to trailer with one ``pwritev``, closed and linked by one step of a sync round's worker
-thread (:mod:`karma8.net.groupsync`; one trip of its own without group sync).
+thread (:mod:`karma8.store.groupsync`; one trip of its own without group sync).
 The recorded length and block size let :meth:`FilePartStore.open` detect truncation up
 front (file shorter than header + payload + trailer: :class:`IntegrityError`),
 and the sha256 lets :meth:`FilePartStore.verify` (the scrubber) detect bit rot. The writer
@@ -166,8 +166,9 @@ from karma8.core.errors import (
     InvalidRequest,
     NotFound,
 )
-from karma8.net.groupsync import GroupSync
-from karma8.net.partfile import (
+from karma8.ports import StoredPart
+from karma8.store.files.reader import PartRead
+from karma8.store.files.writer import (
     DEFAULT_WRITE_BUFFER,
     HEADER_SIZE,
     O_CLOEXEC,
@@ -183,8 +184,7 @@ from karma8.net.partfile import (
     read_trailer,
     storage_error,
 )
-from karma8.net.partread import PartRead
-from karma8.ports import StoredPart
+from karma8.store.groupsync import GroupSync
 
 T = TypeVar("T")
 
@@ -225,9 +225,9 @@ class FilePartStore:
             inline_io: Reads and writes of at most this many bytes, and opening parts, run
                 on the event loop instead of a thread (0: always a thread).
             group_sync: Make committed parts durable with shared ``syncfs`` rounds
-                (:mod:`karma8.net.groupsync`; Linux) instead of two fsyncs per part; True
+                (:mod:`karma8.store.groupsync`; Linux) instead of two fsyncs per part; True
                 for a syncer of the store's own, or one shared with other stores on the same
-                file system (:class:`karma8.net.groupsync.SyncGroups`).
+                file system (:class:`karma8.store.groupsync.SyncGroups`).
         """
         if read_chunk <= 0 or write_buffer <= 0:
             raise ValueError("read_chunk and write_buffer must be positive")

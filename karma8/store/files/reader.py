@@ -1,5 +1,5 @@
 """Reading a part file: :class:`PartRead` (what :meth:`FilePartStore.open` returns) and the
-chunk reader that verifies what it hands out (see :mod:`karma8.net.disk`, "Every read is
+chunk reader that verifies what it hands out (see :mod:`karma8.store.files.store`, "Every read is
 verified")."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import outcome
 import trio
 
 from karma8.core.errors import IntegrityError
-from karma8.net.partfile import (
+from karma8.store.files.writer import (
     HEADER_SIZE,
     PartHeader,
     check_blocks,
@@ -27,7 +27,7 @@ from karma8.net.partfile import (
 )
 
 if TYPE_CHECKING:
-    from karma8.net.disk import FilePartStore
+    from karma8.store.files.store import FilePartStore
 
 
 class PartRead(AbstractAsyncContextManager["_ChunkReader"]):

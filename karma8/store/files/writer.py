@@ -1,9 +1,9 @@
 """The part file: its on-disk format and the per-file writer.
 
-See :mod:`karma8.net.disk` for the theory of operation (layout, commit protocol, format table,
-costs). This module holds the mechanics of one file: header and trailer encoding, block CRC
-checks and :class:`FilePartWriter` (a write in progress); :mod:`karma8.net.partread` holds
-the reader.
+See :mod:`karma8.store.files.store` for the theory of operation (layout, commit protocol,
+format table, costs). This module holds the mechanics of one file: header and trailer
+encoding, block CRC checks and :class:`FilePartWriter` (a write in progress);
+:mod:`karma8.store.files.reader` holds the reader.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from karma8.core.errors import (
     StorageFailure,
     UploadConflict,
 )
-from karma8.net.crc32 import combined_crc
-from karma8.net.groupsync import start_writeback
 from karma8.ports import StoredPart
+from karma8.store.crc32 import combined_crc
+from karma8.store.groupsync import start_writeback
 
 if TYPE_CHECKING:
-    from karma8.net.disk import FilePartStore
+    from karma8.store.files.store import FilePartStore
 
 T = TypeVar("T")
 
@@ -221,7 +221,7 @@ def check_blocks(data: bytes, first_block: int, block: int, crcs: tuple[int, ...
     """Whether whole blocks ``first_block, ...`` read as ``data`` match their checksums.
 
     One CRC pass over all of ``data`` (one GIL release), compared with the blocks' CRCs
-    combined (:mod:`karma8.net.crc32`).
+    combined (:mod:`karma8.store.crc32`).
     """
     if not data:
         return True

@@ -1,0 +1,1 @@
+"""The part store: a storage node's parts on a real disk."""

@@ -1,0 +1,1 @@
+"""The file engine: one file per part."""
