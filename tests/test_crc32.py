@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from karma8.store.crc32 import combined_crc, crc32_combine
-from karma8.store.files.writer import check_blocks
+from karma8.store.files.format import check_blocks
 
 
 @given(st.binary(max_size=300), st.binary(max_size=300))

@@ -269,7 +269,7 @@ async def test_a_commit_cancelled_after_its_part_was_linked_leaves_no_part(
     tmp_path: Path,
 ) -> None:
     store = FilePartStore(tmp_path / "node", capacity_bytes=1 << 30)
-    group = store._group_sync
+    group = store.group_sync
     assert group is not None
     real_sync = group._sync
     release = [threading.Event(), threading.Event()]

@@ -13,7 +13,7 @@ from karma8.actors.storage import StorageNode
 from karma8.core.errors import NotFound
 from karma8.net import admin
 from karma8.ports import StoredPart
-from karma8.store.files.writer import HEADER_SIZE
+from karma8.store.files.format import HEADER_SIZE
 
 from drivers import eventually, net_config, net_driver
 

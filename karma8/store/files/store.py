@@ -155,43 +155,36 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import trio
 
-from karma8.core.errors import (
-    IntegrityError,
-    InvalidRequest,
-    NotFound,
-)
+from karma8.core.errors import IntegrityError, InvalidRequest, NotFound
 from karma8.ports import StoredPart
-from karma8.store.files.reader import PartRead
-from karma8.store.files.writer import (
-    DEFAULT_WRITE_BUFFER,
-    HEADER_SIZE,
-    O_CLOEXEC,
-    SAFE_KEY,
-    FilePartWriter,
-    PartHeader,
-    check_blocks,
-    check_key,
+from karma8.store.diskio import (
+    BlockingIO,
     close_quietly,
     fsync_dir,
-    payload_bytes,
     pread_exact,
-    read_trailer,
     storage_error,
 )
+from karma8.store.files.context import (
+    DEFAULT_READ_CHUNK,
+    DEFAULT_WRITE_BUFFER,
+    FileStoreContext,
+)
+from karma8.store.files.format import (
+    HEADER_SIZE,
+    PartHeader,
+    check_blocks,
+    payload_bytes,
+    read_trailer,
+)
+from karma8.store.files.reader import PartRead
+from karma8.store.files.tree import PartTree, check_key
+from karma8.store.files.writer import FilePartWriter
 from karma8.store.groupsync import GroupSync
-
-T = TypeVar("T")
-
-
-def _fan_out(key: str) -> str:
-    """Four hex digits naming a key's leaf directory (``parts/aa/bb``)."""
-    return hashlib.blake2b(key.encode("ascii"), digest_size=2).hexdigest()
+from karma8.store.quota import SpaceQuota
 
 
 class FilePartStore:
@@ -199,7 +192,8 @@ class FilePartStore:
 
     Attributes:
         root: The store's directory.
-        capacity_bytes: The quota on committed plus in-flight payload bytes.
+        context: What the store shares with its writers and readers.
+        cleaned_temporaries: How many leftover temporaries opening the store deleted.
     """
 
     def __init__(
@@ -207,7 +201,7 @@ class FilePartStore:
         root: Path,
         *,
         capacity_bytes: int,
-        read_chunk: int = 4 << 20,
+        read_chunk: int = DEFAULT_READ_CHUNK,
         write_buffer: int = DEFAULT_WRITE_BUFFER,
         inline_io: int = 1 << 16,
         group_sync: bool | GroupSync = True,
@@ -232,82 +226,38 @@ class FilePartStore:
         if read_chunk <= 0 or write_buffer <= 0:
             raise ValueError("read_chunk and write_buffer must be positive")
         self.root = Path(root)
-        self.capacity_bytes = capacity_bytes
-        self._read_chunk = read_chunk
-        self._write_buffer = write_buffer
-        self._inline_io = inline_io
-        self._parts = self.root / "parts"
-        self._parts_str = os.fspath(self._parts)
-        self._tmp = self.root / "tmp"
-        self._parts.mkdir(parents=True, exist_ok=True)
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        self._in_flight = 0
-        # Directories known to exist (parts/aa, parts/aa/bb): no stat before each link.
-        self._known_dirs: set[Path] = set()
-        if isinstance(group_sync, GroupSync):
-            self._group_sync: GroupSync | None = group_sync
-        else:
-            self._group_sync = GroupSync.open(self.root) if group_sync else None
-        self.cleaned_temporaries = self._clean_tmp()
-        self._used = self._scan_used()
+        tree = PartTree(self.root)
+        tree.make()
+        syncer = group_sync if isinstance(group_sync, GroupSync) else None
+        if group_sync is True:
+            syncer = GroupSync.open(self.root)
+        self.cleaned_temporaries = tree.clean_temporaries()
+        self.context = FileStoreContext(
+            tree=tree,
+            quota=SpaceQuota(capacity_bytes, used_bytes=tree.payload_total()),
+            io=BlockingIO(inline_io=inline_io),
+            read_chunk=read_chunk,
+            write_buffer=write_buffer,
+            group_sync=syncer,
+        )
 
-    # -- start-up ---------------------------------------------------------------------------
+    @property
+    def capacity_bytes(self) -> int:
+        """The quota on committed plus in-flight payload bytes."""
+        return self.context.quota.capacity_bytes
 
-    def _clean_tmp(self) -> int:
-        removed = 0
-        with os.scandir(self._tmp) as entries:
-            for entry in entries:
-                if entry.is_file(follow_symlinks=False):
-                    os.unlink(entry.path)
-                    removed += 1
-        return removed
+    @capacity_bytes.setter
+    def capacity_bytes(self, value: int) -> None:
+        self.context.quota.capacity_bytes = value
 
-    def _leaf_dirs(self) -> list[str]:
-        leaves: list[str] = []
-        with os.scandir(self._parts) as top:
-            for first in top:
-                if not first.is_dir(follow_symlinks=False):
-                    continue
-                with os.scandir(first.path) as second:
-                    leaves.extend(e.path for e in second if e.is_dir(follow_symlinks=False))
-        return leaves
-
-    def _scan_used(self) -> int:
-        used = 0
-        for leaf in self._leaf_dirs():
-            with os.scandir(leaf) as entries:
-                for entry in entries:
-                    if entry.is_file(follow_symlinks=False) and SAFE_KEY.fullmatch(entry.name):
-                        used += payload_bytes(entry.stat(follow_symlinks=False).st_size)
-        return used
-
-    # -- paths ------------------------------------------------------------------------------
-
-    def _leaf(self, key: str) -> tuple[Path, Path]:
-        """The two fan-out directories of a key: ``parts/aa`` and ``parts/aa/bb``."""
-        digest = _fan_out(key)
-        first = self._parts / digest[:2]
-        return first, first / digest[2:]
-
-    def _part_file(self, key: str) -> str:
-        """:meth:`part_path` as a string, built without pathlib (15 us less per part opened,
-        five times per GET)."""
-        digest = _fan_out(key)
-        return f"{self._parts_str}/{digest[:2]}/{digest[2:]}/{key}"
+    @property
+    def group_sync(self) -> GroupSync | None:
+        """The syncer commits wait for, or None where each commit fsyncs itself."""
+        return self.context.group_sync
 
     def part_path(self, key: str) -> Path:
         """Where a committed part with this key lives (whether or not it exists)."""
-        return self._leaf(check_key(key))[1] / key
-
-    async def _run(self, fn: Callable[[], T]) -> T:
-        return await trio.to_thread.run_sync(fn)
-
-    async def _run_small(self, fn: Callable[[], T], nbytes: int = 0) -> T:
-        """Run a short file-system call inline if it moves at most ``inline_io`` bytes."""
-        if not self._inline_io or nbytes > self._inline_io:
-            return await self._run(fn)
-        await trio.lowlevel.checkpoint()
-        return fn()
+        return self.context.tree.part_path(key)
 
     # -- PartStore --------------------------------------------------------------------------
 
@@ -322,7 +272,7 @@ class FilePartStore:
         """
         check_key(key)
         await trio.lowlevel.checkpoint()
-        return FilePartWriter(self, key, self._tmp / f"{key}~{secrets.token_hex(8)}.tmp")
+        return FilePartWriter(self.context, key)
 
     def open(self, key: str, *, offset: int, length: int) -> PartRead:
         """Read ``length`` bytes of a part from ``offset``, as chunks of at most ``read_chunk``.
@@ -342,24 +292,7 @@ class FilePartStore:
         check_key(key)
         if offset < 0 or length < 0:
             raise InvalidRequest("offset and length must not be negative")
-        return PartRead(self, key, offset, length)
-
-    def _open_part(self, key: str) -> tuple[int, PartHeader, int]:
-        """Open a part for reading (in a thread): its fd, header and file size.
-
-        Raises NotFound or IntegrityError (the header); closes the fd on failure.
-        """
-        try:
-            fd = os.open(self._part_file(key), os.O_RDONLY | O_CLOEXEC)
-        except FileNotFoundError:
-            raise NotFound(f"part {key} is not on this node") from None
-        try:
-            header = PartHeader.decode(pread_exact(fd, HEADER_SIZE, 0), key)
-            size = os.fstat(fd).st_size
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd, header, size
+        return PartRead(self.context, key, offset, length)
 
     async def stat(self, key: str) -> StoredPart | None:
         """The committed part's size and checksum from its header, or None if absent.
@@ -371,17 +304,18 @@ class FilePartStore:
             IntegrityError: The part's header is damaged.
         """
         check_key(key)
+        tree = self.context.tree
 
         def read_header() -> PartHeader | None:
             try:
-                fd, header, _ = self._open_part(key)
+                fd, header, _ = tree.open_part(key)
             except NotFound:
                 return None
             os.close(fd)
             return header
 
         try:
-            header = await self._run_small(read_header)
+            header = await self.context.io.run_small(read_header)
         except OSError as exc:
             raise storage_error(exc, "reading a part") from None
         if header is None:
@@ -421,43 +355,30 @@ class FilePartStore:
             return size
 
         try:
-            size = await self._run(take_out)
+            size = await self.context.io.run(take_out)
         except OSError as exc:
             raise storage_error(exc, doing) from None
         if size is None:
             return False
-        self._used = max(0, self._used - payload_bytes(size))
+        self.context.quota.remove_used(payload_bytes(size))
         return True
 
     async def keys(self) -> list[str]:
         """The keys of all committed parts, sorted (walks the tree in a thread)."""
-
-        def walk() -> list[str]:
-            found: list[str] = []
-            for leaf in self._leaf_dirs():
-                with os.scandir(leaf) as entries:
-                    found.extend(
-                        e.name
-                        for e in entries
-                        if SAFE_KEY.fullmatch(e.name) and e.is_file(follow_symlinks=False)
-                    )
-            found.sort()
-            return found
-
         try:
-            return await self._run(walk)
+            return await self.context.io.run(self.context.tree.keys)
         except OSError as exc:
             raise storage_error(exc, "listing parts") from None
 
     async def used_bytes(self) -> int:
         """Payload bytes of committed parts (a counter; no disk access)."""
         await trio.lowlevel.checkpoint()
-        return self._used
+        return self.context.quota.used_bytes
 
     @property
     def in_flight_bytes(self) -> int:
         """Bytes accepted by writers that have neither committed nor discarded."""
-        return self._in_flight
+        return self.context.quota.in_flight_bytes
 
     async def verify(self, key: str) -> bool:
         """Re-read a part and check it against its header and trailer.
@@ -473,7 +394,7 @@ class FilePartStore:
         """
         check_key(key)
         try:
-            fd, header, size = await self._run(lambda: self._open_part(key))
+            fd, header, size = await self.context.io.run(lambda: self.context.tree.open_part(key))
         except IntegrityError:
             return False
         except OSError as exc:
@@ -482,13 +403,14 @@ class FilePartStore:
             if size != header.file_size:
                 return False
             try:
-                crcs = await self._run(lambda: read_trailer(fd, header, key))
+                crcs = await self.context.io.run(lambda: read_trailer(fd, header, key))
             except IntegrityError:
                 return False
             digest = hashlib.sha256()
             block = header.block_size
             # Whole blocks per hop (about read_chunk bytes), so each block is checked in one go.
-            step = max(block, self._read_chunk // block * block) if block else self._read_chunk
+            chunk = self.context.read_chunk
+            step = max(block, chunk // block * block) if block else chunk
             pos = 0
             while pos < header.length:
                 want = min(step, header.length - pos)
@@ -500,7 +422,7 @@ class FilePartStore:
                     digest.update(data)
                     return not block or check_blocks(data, at // block, block, crcs)
 
-                if not await self._run(check_chunk):
+                if not await self.context.io.run(check_chunk):
                     return False
                 pos += want
             return secrets.compare_digest(digest.hexdigest(), header.checksum)

@@ -1,254 +1,47 @@
-"""The part file: its on-disk format and the per-file writer.
+"""Writing one part file: :class:`FilePartWriter`, what ``FilePartStore.create`` returns.
 
-See :mod:`karma8.store.files.store` for the theory of operation (layout, commit protocol,
-format table, costs). This module holds the mechanics of one file: header and trailer
-encoding, block CRC checks and :class:`FilePartWriter` (a write in progress);
-:mod:`karma8.store.files.reader` holds the reader.
+A writer buffers up to ``write_buffer`` bytes and writes them to its temporary file in a worker
+thread, computing the part's sha256 and block CRCs in the same pass. Its commit writes the
+trailer and the header, links the file into place and waits until it is durable (see
+:mod:`karma8.store.files` for the protocol); a part smaller than the buffer is written whole,
+header to trailer, with one system call in that commit.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
-import re
-import struct
 import zlib
 from contextlib import suppress
-from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
 
-import attrs
 import trio
 
-from karma8.core.errors import (
-    DiskFull,
-    IntegrityError,
-    InvalidRequest,
-    StorageFailure,
-    UploadConflict,
-)
+from karma8.core.errors import UploadConflict
 from karma8.ports import StoredPart
-from karma8.store.crc32 import combined_crc
+from karma8.store.diskio import (
+    O_CLOEXEC,
+    close_quietly,
+    fsync_dir,
+    pwrite_all,
+    pwritev_all,
+    storage_error,
+)
+from karma8.store.files.context import FileStoreContext
+from karma8.store.files.format import BLOCK, HEADER_SIZE, PartHeader, encode_trailer
 from karma8.store.groupsync import start_writeback
 
-if TYPE_CHECKING:
-    from karma8.store.files.store import FilePartStore
-
-T = TypeVar("T")
-
-MAGIC = b"K8PART"
-FORMAT_VERSION = 2
-_V1 = 1
-_HEADER_BODY = struct.Struct("!6sH64sQ")
-_HEADER_CRC = struct.Struct("!I")
-_HEADER_V2 = struct.Struct("!III")  # block size, trailer CRC, reserved
-HEADER_SIZE = 96
-assert _HEADER_BODY.size + _HEADER_CRC.size + _HEADER_V2.size == HEADER_SIZE
-
-BLOCK = 64 * 1024
-"""Bytes of payload per block checksum (written into every version-2 header)."""
-_BLOCK_CRC_SIZE = 4
-
-DEFAULT_WRITE_BUFFER = 1 << 20
 # Flushes at least this large start their write-back at once (see groupsync.start_writeback).
 WRITEBACK_BYTES = 1 << 20
-
-# Defence in depth: the storage actor validates keys; this only guarantees a key is one plain
-# file name (no separators, no leading dot, no "~" used by temporary names).
-SAFE_KEY = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z_.-]{0,127}")
-_CHECKSUM = re.compile(r"[0-9a-f]{64}")
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-
-
-@attrs.frozen
-class PartHeader:
-    """The decoded header of a part file.
-
-    ``block_size`` is 0 for a version-1 part, which has no block checksums and no trailer.
-    """
-
-    checksum: str
-    length: int
-    block_size: int = BLOCK
-    trailer_crc: int = 0
-
-    @property
-    def version(self) -> int:
-        return FORMAT_VERSION if self.block_size else _V1
-
-    @property
-    def blocks(self) -> int:
-        """How many block checksums the trailer holds."""
-        return -(-self.length // self.block_size) if self.block_size else 0
-
-    @property
-    def trailer_size(self) -> int:
-        return _BLOCK_CRC_SIZE * self.blocks
-
-    @property
-    def file_size(self) -> int:
-        """The size of a complete part file with this header."""
-        return HEADER_SIZE + self.length + self.trailer_size
-
-    def encode(self) -> bytes:
-        """The 96 header bytes for this part (version 2 only: nothing writes version 1)."""
-        if not self.block_size:
-            raise ValueError("only version-2 headers are written")
-        body = _HEADER_BODY.pack(MAGIC, FORMAT_VERSION, self.checksum.encode("ascii"), self.length)
-        rest = _HEADER_V2.pack(self.block_size, self.trailer_crc, 0)
-        return body + _HEADER_CRC.pack(zlib.crc32(rest, zlib.crc32(body))) + rest
-
-    @classmethod
-    def decode(cls, data: bytes, key: str) -> PartHeader:
-        """Parse a header (version 2, or version 1 without block checksums).
-
-        Args:
-            data: The first bytes of a part file (at least :data:`HEADER_SIZE` expected).
-            key: The part's key, for error messages.
-
-        Raises:
-            IntegrityError: The header is short, has a bad magic, version, CRC or block size.
-        """
-        if len(data) < HEADER_SIZE:
-            raise IntegrityError(f"part {key} has a truncated header")
-        body = data[: _HEADER_BODY.size]
-        rest = data[_HEADER_BODY.size + _HEADER_CRC.size : HEADER_SIZE]
-        magic, version, checksum, length = _HEADER_BODY.unpack(body)
-        (crc,) = _HEADER_CRC.unpack_from(data, _HEADER_BODY.size)
-        # Version 1 covers bytes 0..79; version 2 (and any later one) the whole header.
-        expected = zlib.crc32(body)
-        if version != _V1:
-            expected = zlib.crc32(rest, expected)
-        if magic != MAGIC or crc != expected:
-            raise IntegrityError(f"part {key} has a damaged header")
-        if version not in (_V1, FORMAT_VERSION):
-            raise IntegrityError(f"part {key} has unknown format version {version}")
-        text = checksum.decode("ascii", errors="replace")
-        if not _CHECKSUM.fullmatch(text):
-            raise IntegrityError(f"part {key} has a damaged header")
-        if version == _V1:
-            return cls(checksum=text, length=length, block_size=0)
-        block_size, trailer_crc, _ = _HEADER_V2.unpack(rest)
-        if block_size <= 0:
-            raise IntegrityError(f"part {key} has a damaged header")
-        return cls(checksum=text, length=length, block_size=block_size, trailer_crc=trailer_crc)
-
-
-def storage_error(exc: OSError, doing: str) -> Exception:
-    """Map an OSError to the karma8 error a caller may see (never naming paths)."""
-    if exc.errno in _FULL_ERRNOS:
-        return DiskFull("no space left on the node")
-    reason = exc.strerror or type(exc).__name__
-    return StorageFailure(f"disk error while {doing}: {reason}")
-
-
-def check_key(key: str) -> str:
-    if not SAFE_KEY.fullmatch(key):
-        raise InvalidRequest(f"invalid part key {key!r}")
-    return key
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def pread_exact(fd: int, size: int, pos: int) -> bytes:
-    """Read ``size`` bytes at ``pos``; fewer only at end of file."""
-    data = os.pread(fd, size, pos)
-    if len(data) == size or not data:
-        return data
-    pieces = [data]
-    got = len(data)
-    while got < size:
-        more = os.pread(fd, size - got, pos + got)
-        if not more:
-            break
-        pieces.append(more)
-        got += len(more)
-    return b"".join(pieces)
-
-
-def pwrite_all(fd: int, data: bytes, pos: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, pos)
-        view = view[written:]
-        pos += written
-
-
-def pwritev_all(fd: int, buffers: list[bytes], pos: int) -> None:
-    """Write ``buffers`` one after another at ``pos``, with one system call if it can."""
-    written = os.pwritev(fd, buffers, pos)
-    total = sum(len(b) for b in buffers)
-    if written < total:
-        pwrite_all(fd, b"".join(buffers)[written:], pos + written)
-
-
-def close_quietly(fd: int) -> None:
-    with suppress(OSError):
-        os.close(fd)
-
-
-def _block_crcs_trailer(crcs: list[int]) -> bytes:
-    return struct.pack(f"!{len(crcs)}I", *crcs)
-
-
-def read_trailer(fd: int, header: PartHeader, key: str) -> tuple[int, ...]:
-    """Read and check a part's block checksums (in a thread); () for a version-1 part.
-
-    Raises:
-        IntegrityError: The trailer is cut short or does not match its CRC.
-    """
-    if not header.blocks:
-        return ()
-    size = header.trailer_size
-    data = pread_exact(fd, size, HEADER_SIZE + header.length)
-    if len(data) < size:
-        raise IntegrityError(f"part {key} is truncated")
-    if zlib.crc32(data) != header.trailer_crc:
-        raise IntegrityError(f"part {key} has a damaged block checksum trailer")
-    return struct.unpack(f"!{header.blocks}I", data)
-
-
-def check_blocks(data: bytes, first_block: int, block: int, crcs: tuple[int, ...]) -> bool:
-    """Whether whole blocks ``first_block, ...`` read as ``data`` match their checksums.
-
-    One CRC pass over all of ``data`` (one GIL release), compared with the blocks' CRCs
-    combined (:mod:`karma8.store.crc32`).
-    """
-    if not data:
-        return True
-    count = -(-len(data) // block)
-    window = crcs[first_block : first_block + count]
-    if len(window) != count:  # more bytes than the part has blocks
-        return False
-    last = len(data) - (count - 1) * block
-    return zlib.crc32(data) == combined_crc(window, block, last)
-
-
-def payload_bytes(file_size: int) -> int:
-    """Payload length of a version-2 part file of this size written with :data:`BLOCK`.
-
-    The file holds ``L + 4 * ceil(L / BLOCK)`` bytes after the header, and that determines L.
-    """
-    after_header = max(0, file_size - HEADER_SIZE)
-    return after_header - _BLOCK_CRC_SIZE * -(-after_header // (BLOCK + _BLOCK_CRC_SIZE))
 
 
 class FilePartWriter:
     """:class:`karma8.ports.PartWriter` for one temporary file. Use from one task at a time."""
 
-    def __init__(self, store: FilePartStore, key: str, tmp: Path) -> None:
-        self._store = store
+    def __init__(self, context: FileStoreContext, key: str) -> None:
+        """A writer of the part ``key`` (already checked) into a fresh temporary name."""
+        self._context = context
         self._key = key
-        self._tmp = tmp
+        self._tmp = context.tree.temporary(key)
         # The temporary file is created by the first flush, or by the commit: a part smaller
         # than the write buffer then costs no thread trip of its own (its commit is a step
         # of a sync round's trip, or one trip without group sync).
@@ -287,15 +80,13 @@ class FilePartWriter:
             StorageFailure: Another disk error.
         """
         self._check_open()
-        store = self._store
-        if store._used + store._in_flight + len(data) > store.capacity_bytes:
-            raise DiskFull("no space left on the node")
+        context = self._context
+        context.quota.reserve(len(data))
         if data:
             self._buffer.append(bytes(data))
             self._buffered += len(data)
             self._accepted += len(data)
-            store._in_flight += len(data)
-        if self._buffered >= store._write_buffer:
+        if self._buffered >= context.write_buffer:
             await self._flush()
         else:
             await trio.lowlevel.checkpoint()
@@ -326,7 +117,7 @@ class FilePartWriter:
         fd = self._open_sync()
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         pwrite_all(fd, data, pos)
-        if len(data) >= WRITEBACK_BYTES and self._store._group_sync is not None:
+        if len(data) >= WRITEBACK_BYTES and self._context.group_sync is not None:
             start_writeback(fd, pos, len(data))
         self._add_checksums(data)
 
@@ -335,18 +126,18 @@ class FilePartWriter:
         if not self._buffer:
             return
         chunks, size, pos = self._buffer, self._buffered, self._file_pos
-        store = self._store
+        context = self._context
         try:
             if self._created:
-                await store._run_small(lambda: self._flush_sync(chunks, pos), size)
+                await context.io.run_small(lambda: self._flush_sync(chunks, pos), size)
             else:
-                await store._run(lambda: self._flush_sync(chunks, pos))
+                await context.io.run(lambda: self._flush_sync(chunks, pos))
         except OSError as exc:
             raise storage_error(exc, "writing a part") from None
         self._buffer, self._buffered = [], 0
         self._file_pos += size
-        if store._group_sync is not None and size >= WRITEBACK_BYTES:
-            store._group_sync.written(size)  # may start an early sync round
+        if context.group_sync is not None and size >= WRITEBACK_BYTES:
+            context.group_sync.written(size)  # may start an early sync round
 
     async def commit(self) -> StoredPart:
         """Write the trailer and header, link the part into place and make it durable: with
@@ -361,8 +152,8 @@ class FilePartWriter:
             DiskFull, StorageFailure: The disk failed.
         """
         self._check_open()
-        store = self._store
-        group = store._group_sync
+        context = self._context
+        group = context.group_sync
         if self._created and self._buffer and group is not None:
             # What is left of a large part is written here, not in the sync round's step:
             # steps run one after another in the round's thread, and its sync waits for them.
@@ -372,7 +163,8 @@ class FilePartWriter:
         self._sealed = True
         length = self._file_pos - HEADER_SIZE + self._buffered
         chunks, pos = self._buffer, self._file_pos
-        first, leaf = store._leaf(self._key)
+        dirs = context.tree.leaf(self._key)
+        leaf = dirs[1]
         final = leaf / self._key
 
         def write_out() -> None:
@@ -387,7 +179,7 @@ class FilePartWriter:
             elif chunks:
                 self._flush_sync(chunks, pos)
             crcs = self._block_crcs + ([self._block_crc] if self._block_fill else [])
-            trailer = _block_crcs_trailer(crcs)
+            trailer = encode_trailer(crcs)
             header = PartHeader(
                 checksum=self._sha256.hexdigest(),
                 length=length,
@@ -407,14 +199,7 @@ class FilePartWriter:
 
         def link_in() -> None:
             """Make the part visible under its final name (synced only without group sync)."""
-            new_dirs: list[Path] = []
-            for directory in (first, leaf):
-                if directory not in store._known_dirs and not directory.is_dir():
-                    # Also sync the parent when another thread won the mkdir race: it may not
-                    # have synced yet, and our part must not depend on its progress.
-                    new_dirs.append(directory)
-                    with suppress(FileExistsError):
-                        directory.mkdir()
+            new_dirs = context.tree.make_dirs(dirs)
             if group is None:
                 for directory in new_dirs:
                     fsync_dir(directory.parent)
@@ -431,7 +216,7 @@ class FilePartWriter:
             # Durable or about to be; a temporary name left behind is removed on start.
             with suppress(OSError):
                 self._tmp.unlink(missing_ok=True)
-            store._known_dirs.update((first, leaf))
+            context.tree.remember_dirs(dirs)
 
         linked = False
 
@@ -447,7 +232,7 @@ class FilePartWriter:
             # rounds (measured: open(O_CREAT) 330 us then, 30 us alone). With group sync, in
             # the thread of the round that then makes it durable, with the other writers'.
             if group is None:
-                await store._run(finish)
+                await context.io.run(finish)
             else:
                 try:
                     await group.sync(before=finish)
@@ -461,7 +246,7 @@ class FilePartWriter:
             raise storage_error(exc, "committing a part") from None
         # No checkpoint from here on: a commit that returns has taken effect.
         self._release()
-        store._used += length
+        context.quota.add_used(length)
         return StoredPart(key=self._key, size=length, checksum=self._sha256.hexdigest())
 
     async def discard(self) -> None:
@@ -483,11 +268,11 @@ class FilePartWriter:
             with suppress(OSError):
                 tmp.unlink(missing_ok=True)
 
-        await self._store._run(remove)
+        await self._context.io.run(remove)
 
     def _release(self) -> None:
         if not self._done:
             self._done = True
-            self._store._in_flight -= self._accepted
+            self._context.quota.release(self._accepted)
             self._accepted = 0
             self._buffer, self._buffered = [], 0
