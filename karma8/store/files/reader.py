@@ -1,6 +1,7 @@
-"""Reading a part file: :class:`PartRead` (what :meth:`FilePartStore.open` returns) and the
-chunk reader that verifies what it hands out (see :mod:`karma8.store.files.store`, "Every read is
-verified")."""
+"""Reading a part file: :class:`PartRead` (what ``FilePartStore.open`` returns) and the chunk
+reader that checks every block it hands out against its CRC, reading the next chunk ahead in
+a worker thread (see "Reading" in :mod:`karma8.store.files`).
+"""
 
 from __future__ import annotations
 

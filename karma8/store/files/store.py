@@ -1,153 +1,6 @@
-"""A storage node's disk as a directory of part files: :class:`karma8.ports.PartStore` for net mode.
-
-Theory of operation
-===================
-
-Directory layout::
-
-    root/
-      tmp/<key>~<random>.tmp     writes in progress (deleted on start: they never committed)
-      parts/<aa>/<bb>/<key>      committed parts; aa, bb = first 4 hex digits of blake2b(key)
-
-A write goes to its own file in ``tmp/``. :meth:`FilePartWriter.commit` writes the block
-checksum trailer and the header, creates the leaf directory if needed, hard-links the file into
-``parts/aa/bb/`` and unlinks the temporary name; the part counts as stored only once it is
-durable. With group sync (the default on Linux) that is once a ``syncfs`` that started after
-the link has completed (:mod:`karma8.store.groupsync`; the writing and linking is a step that
-round's thread runs before it syncs); a commit whose round fails or is cancelled unlinks the
-part again. Without it, the file is fsynced before the link, and the
-new directory's parent and the leaf directory after it. Link plus unlink is a rename that
-refuses to replace: parts are immutable, so a second commit of the same key fails with
-:class:`UploadConflict` instead of silently swapping bytes under a reader (and the used-bytes
-counter cannot double-count). A crash before a part is durable can leave its name with
-incomplete bytes (group sync links first); such a part fails its header or checksums, and its
-version was never committed (discovery commits only after every part is durable), so it is an
-orphan the node deletes. A crash leaves temporaries too, which the next start deletes.
-Deleting a part fsyncs its leaf directory, so a deletion the node reports to discovery
-cannot come back after a crash.
-
-Part file format (all integers big-endian): a fixed 96-byte header, the part's bytes (the
-payload), then a trailer of per-block checksums::
-
-    offset   size  field
-    0        6     magic b"K8PART"
-    6        2     format version (2; version 1 is still read, see below)
-    8        64    sha256 of the payload, lowercase hex, ASCII
-    72       8     payload length L
-    80       4     CRC-32 of header bytes 0..79 then 84..95 (tells a damaged header from
-                   damaged data)
-    84       4     block size B (65,536 = :data:`BLOCK`)
-    88       4     CRC-32 of the trailer (tells a damaged trailer from a damaged block)
-    92       4     reserved, zero
-    96       L     the payload
-    96+L     4*n   trailer: CRC-32 of each B-byte block of the payload in order (the last block
-                   may be short), n = ceil(L / B); nothing for an empty part
-
-Version 1 (the first format) has the same first 80 bytes, a header CRC over bytes 0..79 only,
-12 reserved zero bytes and no trailer. Such parts are still read, and ``verify`` and
-whole-part reads still check their sha256, but a read of a slice of one is not verified (as
-before); nothing writes version 1 any more.
-
-Why a header and not a sidecar file or an extended attribute: the checksums and length then
-travel with the bytes in one inode and one atomic link, so they can never be orphaned or
-mismatched, and a backup or ``cp`` keeps them (xattrs are easily lost and not on every file
-system). :meth:`FilePartStore.stat` reads only the first 96 bytes. A temporary's first 96
-bytes stay a hole (zeros) until commit writes the trailer and the header, so a file without
-the magic was never committed. The temporary is created by the writer's first flush
-(``write_buffer`` bytes) or at commit: a part smaller than the buffer is created, written
-header to trailer with one ``pwritev``, closed and linked by one step of a sync round's worker
-thread (:mod:`karma8.store.groupsync`; one trip of its own without group sync).
-The recorded length and block size let :meth:`FilePartStore.open` detect truncation up
-front (file shorter than header + payload + trailer: :class:`IntegrityError`),
-and the sha256 lets :meth:`FilePartStore.verify` (the scrubber) detect bit rot. The writer
-computes the sha256 as the bytes go to the disk, in the same pass (and the same worker
-thread) as the block CRCs, and :meth:`FilePartWriter.commit` returns it.
-
-Every read is verified, block by block, before any byte of a block is handed out
----------------------------------------------------------------------------------
-The payload is cut into fixed blocks of ``B`` bytes, each with a CRC-32 in the trailer. Every
-read, of the whole part or of a slice at any offset and length, is widened to the whole
-blocks it touches, and each block's CRC is checked (in the worker thread that ``pread`` it)
-before any byte of it is handed out; a mismatch raises :class:`IntegrityError` (the storage
-node then answers with an error, or cuts a streamed response short, so the client never gets
-a complete body with wrong bytes, and no damaged byte leaves the node). The trailer is loaded
-and checked against its own CRC when a part is opened, so a damaged trailer is reported as
-such, on open. The sha256 is not checked on reads: it is what :meth:`FilePartStore.verify`
-(the scrubber) checks, and what a storage client checks where bytes travel over HTTP
-(:class:`karma8.net.clients.HttpStorageClient`, against the checksum discovery recorded).
-A version-1 part has no blocks, so a whole-part read of one checks its sha256 as it goes,
-before handing out its last chunk.
-
-Why not the sha256 on every whole-part read, as karma8 did until 2026-11: it guards against
-the same accidents as the CRCs here (it is checked against the part's own header, written in
-the same pass as the CRCs), costs 1.6 times the CPU (1.4 GB/s against 2.2 GB/s per core on
-the development machine), and can only fail at the end of the part, after its damaged bytes
-went out.
-
-Why CRC-32 (``zlib.crc32``) and not a sha256 per block: it is in the standard library, releases
-the GIL on large buffers (it runs in the worker threads next to the ``pread``), and needs 4
-bytes per block instead of 32. It is built to catch accidental damage, which is what it is
-for: with 64 KiB blocks it detects every 1- and 2-bit error and every burst of up to 32 bits,
-and anything else except with probability 2^-32. It is not a defence against someone forging
-bytes and their CRCs; the sha256 remains for that (checked by ``verify`` and by the HTTP
-storage client).
-
-Costs: the trailer is 4 bytes per 64 KiB (0.006 % of the payload; 16 KiB per GiB). Writing
-computes one CRC pass (next to the sha256) over the bytes, in the thread hop that writes
-them, and one extra ``pwrite`` of the trailer at commit. Opening a part for reading reads its
-whole trailer (one ``pread``; 64 bytes for a 1 MiB part). A read costs one CRC pass over what
-it reads and reads at most two partial blocks more than asked (< 128 KiB; nothing more for a
-whole-part read).
-
-Reading ahead: a reader that hands out a chunk read by a worker thread starts reading the
-next one in a worker thread right away, so the disk read and its checks overlap with
-whatever the consumer does with the chunk (a gateway sending it on, a storage node writing
-it to a socket). One read at a time, in order, and only while trio's default thread limiter
-has a token to spare. A reader holds at most ``read_chunk`` plus two blocks of verified
-bytes, and one more chunk being read.
-
-Fan-out and how much a node can hold
-------------------------------------
-Keys hash uniformly over 256 x 256 = 65,536 leaf directories, so a node holding N parts has
-about N / 65,536 entries per leaf: 1 million parts is ~15 per leaf, 65 million ~1,000, and a
-leaf reaches ~10,000 entries (where listing it starts to cost) only at ~650 million parts.
-Directory size is therefore not what limits a node; inodes are. Every part is one inode and
-at least one file-system block (4 KiB on ext4, so tiny parts cost 4 KiB each), and ext4 created
-with defaults has one inode per 16 KiB of disk: a 1 TiB disk has ~67 million inodes, i.e. about
-1,000 parts per leaf at the limit (check ``df -i``). Each leaf directory also costs an inode
-and a 4 KiB block once it exists, ~256 MiB for all 65,536 leaves: noise on a multi-terabyte
-disk, but a small test node with a few thousand parts pays one directory block per part.
-ext4 without ``large_dir`` caps a directory at ~10 million entries, which at this fan-out would
-need ~650 billion parts.
-
-Accounting and threads
-----------------------
-``used_bytes`` counts the payload bytes of committed parts (not headers, trailers or block
-rounding). It is computed once on start by stat-ing every part file (one ``stat`` per part, no
-reads: seconds for millions of parts on an SSD) and then kept as a counter. The payload length
-is derived from the file size assuming the version-2 layout with ``B`` = :data:`BLOCK` (the size
-is 96 + L + 4*ceil(L/B), which determines L); a version-1 part is therefore counted 4 bytes per
-64 KiB short. The same formula is used when a part is deleted, so the counter stays
-consistent. :attr:`capacity_bytes` is a quota on payload bytes: a write fails with
-:class:`DiskFull` when committed plus in-flight bytes would exceed it, and also when the file
-system itself reports ``ENOSPC``/``EDQUOT``. Leave headroom below the real disk size for
-headers, trailers, block rounding and directories.
-
-Blocking file-system calls run in ``trio.to_thread.run_sync`` (never abandoned on cancellation,
-so no call is ever left running behind a task), except a reader's read-ahead, which nobody
-waits for: a reader closed while it runs leaves the file descriptor to that thread, which
-closes it after its ``pread`` (so the number is never reused under it). Small calls run on the
-event loop: opening a part, reading its header and trailer, and reading or writing at most
-``inline_io`` bytes (64 KiB) to an open file, as nginx reads files by default. Creating a
-temporary and every commit (which writes, links and may make a directory) go to a thread. A
-thread hop costs more CPU than such a call served from the page cache (profiled: 4 KiB GETs
-spent most of their time handing calls to threads and back); fsync and bulk transfers always go
-to a thread. ``inline_io=0`` sends everything to threads. Writes are buffered up to
-``write_buffer`` bytes (1 MiB) per thread hop; reads hop once per ``read_chunk`` bytes (widened
-to whole blocks, so with the default 4 MiB an aligned read reads exactly 64 blocks; 4 MiB
-rather than 1 MiB, net mode's stripe unit: a 256 MiB GET took 0.24-0.28 s and 34 CPU-cs instead
-of 0.32-0.39 s and 42, for up to two chunks held per part being read). Any other ``OSError``
-becomes :class:`StorageFailure` with a message that names no paths.
+"""A storage node's disk as a directory of part files: :class:`karma8.ports.PartStore` for net
+mode. The theory of operation (layout, commit protocol, format, checks) is in
+:mod:`karma8.store.files`.
 """
 
 from __future__ import annotations
@@ -188,7 +41,7 @@ from karma8.store.quota import SpaceQuota
 
 
 class FilePartStore:
-    """:class:`karma8.ports.PartStore` on a local directory (see the module docstring).
+    """:class:`karma8.ports.PartStore` on a local directory (see :mod:`karma8.store.files`).
 
     Attributes:
         root: The store's directory.
@@ -213,7 +66,7 @@ class FilePartStore:
 
         Args:
             root: The data directory; ``parts/`` and ``tmp/`` are created inside it.
-            capacity_bytes: Quota on payload bytes (see the module docstring).
+            capacity_bytes: Quota on committed plus in-flight payload bytes.
             read_chunk: Largest chunk a reader yields.
             write_buffer: Bytes a writer buffers before handing them to a thread.
             inline_io: Reads and writes of at most this many bytes, and opening parts, run

@@ -229,8 +229,8 @@ class FilePartWriter:
         try:
             # In a worker thread: creating the file (for a small part), linking it and making
             # a directory all modify directories, which ext4 makes wait behind running sync
-            # rounds (measured: open(O_CREAT) 330 us then, 30 us alone). With group sync, in
-            # the thread of the round that then makes it durable, with the other writers'.
+            # rounds. With group sync, in the thread of the round that then makes it durable,
+            # with the other writers' steps.
             if group is None:
                 await context.io.run(finish)
             else:
