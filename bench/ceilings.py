@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common import ratio
 
-from karma8.net.groupsync import start_writeback
+from karma8.store.groupsync import start_writeback
 
 CHUNK = 1 << 20
 

@@ -1,4 +1,4 @@
-"""CRC-32 arithmetic (karma8.net.crc32) against zlib itself."""
+"""CRC-32 arithmetic (karma8.store.crc32) against zlib itself."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from karma8.net.crc32 import combined_crc, crc32_combine
-from karma8.net.partfile import check_blocks
+from karma8.store.crc32 import combined_crc, crc32_combine
+from karma8.store.files.format import check_blocks
 
 
 @given(st.binary(max_size=300), st.binary(max_size=300))

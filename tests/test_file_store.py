@@ -1,4 +1,4 @@
-"""The file-backed part store (karma8.net.disk) on a real temporary directory."""
+"""The file-backed part store (karma8.store.files.store) on a real temporary directory."""
 
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ import trio
 import trio.testing
 
 from karma8.core.errors import DiskFull, IntegrityError, NotFound, StorageFailure, UploadConflict
-from karma8.net import groupsync, partread
-from karma8.net.disk import FilePartStore
-from karma8.net.groupsync import GroupSync, SyncGroups
-from karma8.net.partfile import BLOCK, HEADER_SIZE, pread_exact
 from karma8.ports import PartStore, StoredPart
+from karma8.store import groupsync
+from karma8.store.diskio import pread_exact
+from karma8.store.files import reader
+from karma8.store.files.format import BLOCK, HEADER_SIZE
+from karma8.store.files.store import FilePartStore
+from karma8.store.groupsync import GroupSync, SyncGroups
 
 MIB = 1 << 20
 BIG = 1 << 30
@@ -354,7 +356,7 @@ async def test_delete_is_idempotent(tmp_path: Path) -> None:
     assert await store.keys() == ["del.1"]
     assert await store.stat("del.0") is None
     assert not store.part_path("del.0").exists()
-    assert new_store(tmp_path)._used == 23
+    assert await new_store(tmp_path).used_bytes() == 23
 
 
 async def test_fan_out_nests_parts_two_levels_deep(tmp_path: Path) -> None:
@@ -492,7 +494,7 @@ class SlowReads:
                 self.release.wait(10)
             return real(fd, size, pos)
 
-        monkeypatch.setattr(partread, "pread_exact", held)
+        monkeypatch.setattr(reader, "pread_exact", held)
 
 
 def fd_is_open(fd: int) -> bool:
@@ -682,7 +684,7 @@ async def test_every_durability_path_round_trips(
 @pytest.mark.skipif(GroupSync.open(Path(".")) is None, reason="syncfs is Linux only")
 async def test_concurrent_commits_share_sync_rounds(tmp_path: Path) -> None:
     store = new_store(tmp_path)
-    group = store._group_sync
+    group = store.group_sync
     assert group is not None
     before = group.rounds
     async with trio.open_nursery() as nursery:
@@ -699,7 +701,7 @@ async def test_large_writes_start_early_sync_rounds_that_nobody_waits_for(
 ) -> None:
     monkeypatch.setattr(groupsync, "EARLY_SYNC_BYTES", 3 * MIB)
     store = new_store(tmp_path)
-    group = store._group_sync
+    group = store.group_sync
     assert group is not None
     writer = await store.create("e.0")
     await writer.write(payload(2 * MIB))  # one 2 MiB flush: below the threshold
@@ -727,7 +729,7 @@ async def test_a_failed_early_round_fails_the_commits_after_it(
 ) -> None:
     monkeypatch.setattr(groupsync, "EARLY_SYNC_BYTES", 2 * MIB)
     store = new_store(tmp_path)
-    group = store._group_sync
+    group = store.group_sync
     assert group is not None
 
     def failing_sync() -> None:
@@ -749,7 +751,7 @@ async def test_a_failed_sync_fails_the_commit_and_every_later_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = new_store(tmp_path)
-    group = store._group_sync
+    group = store.group_sync
     assert group is not None
 
     def failing_syncfs() -> None:

@@ -1,4 +1,4 @@
-"""GroupSync rounds that run writers' steps before their sync (karma8.net.groupsync)."""
+"""GroupSync rounds that run writers' steps before their sync (karma8.store.groupsync)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import trio
 import trio.testing
 
-from karma8.net.disk import FilePartStore
-from karma8.net.groupsync import GroupSync
+from karma8.store.files.store import FilePartStore
+from karma8.store.groupsync import GroupSync
 
 
 class Log:
@@ -269,7 +269,7 @@ async def test_a_commit_cancelled_after_its_part_was_linked_leaves_no_part(
     tmp_path: Path,
 ) -> None:
     store = FilePartStore(tmp_path / "node", capacity_bytes=1 << 30)
-    group = store._group_sync
+    group = store.group_sync
     assert group is not None
     real_sync = group._sync
     release = [threading.Event(), threading.Event()]

@@ -12,8 +12,8 @@ import pytest
 from karma8.actors.storage import StorageNode
 from karma8.core.errors import NotFound
 from karma8.net import admin
-from karma8.net.partfile import HEADER_SIZE
 from karma8.ports import StoredPart
+from karma8.store.files.format import HEADER_SIZE
 
 from drivers import eventually, net_config, net_driver
 
@@ -139,7 +139,7 @@ async def test_large_reads_that_read_ahead_still_never_complete_wrong(
     tmp_path: Path, local_calls: bool
 ) -> None:
     # Parts of hundreds of KiB: the nodes read chunks ahead of what the gateway asks for
-    # (karma8/net/partread.py); a bad part must still stop the body short.
+    # (karma8/store/files/reader.py); a bad part must still stop the body short.
     data = payload(3 << 20, 5)
     async with net_driver(tmp_path, local_calls=local_calls) as net:
         await net.put("large", data)

@@ -8,7 +8,7 @@ one, each commit was also an ``fdatasync`` of its own.
 :class:`GroupCommitRunner` is the :class:`karma8.ports.BlockingRunner` that discovery calls its
 store through. It runs the call inline (an indexed SQLite transaction takes tens of
 microseconds) on a store opened with ``sync_on_commit=False``; if the call changed anything,
-it then waits for a :class:`~karma8.net.groupsync.GroupSync` round of
+it then waits for a :class:`~karma8.store.groupsync.GroupSync` round of
 :meth:`SqliteMetadataStore.sync_wal` that started after the commit. Concurrent callers share
 rounds, so N commits cost one ``fdatasync``, and no call returns before its commit is durable.
 
@@ -38,7 +38,7 @@ import trio
 
 from karma8.core.errors import StorageFailure
 from karma8.metadata.sqlite import SqliteMetadataStore
-from karma8.net.groupsync import GroupSync
+from karma8.store.groupsync import GroupSync
 
 T = TypeVar("T")
 

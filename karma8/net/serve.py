@@ -37,15 +37,15 @@ from karma8.core.layout import StripeLayout
 from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.net.clients import HttpDiscoveryClient, HttpStorageClient, make_http_client
 from karma8.net.discovery_app import discovery_app
-from karma8.net.disk import FilePartStore
 from karma8.net.gateway_app import gateway_app
-from karma8.net.groupsync import GroupSync, SyncGroups
 from karma8.net.http_fixes import patch_hypercorn
 from karma8.net.local import LocalFirstStorageClient
 from karma8.net.locate import ClusterInfo, read_cluster_info, write_cluster_info
 from karma8.net.metasync import GroupCommitRunner
 from karma8.net.storage_app import storage_app
 from karma8.ports import DiscoveryAPI, StorageAPI
+from karma8.store.files.store import FilePartStore
+from karma8.store.groupsync import GroupSync, SyncGroups
 
 T = TypeVar("T")
 log = logging.getLogger("karma8.serve")

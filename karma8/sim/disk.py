@@ -5,9 +5,9 @@ not. Write faults fail a write at a byte offset or with a probability, during a 
 the disk also fails writes when full. Reads yield chunks of ``read_chunk`` bytes.
 
 Opening a part for reading first checks its bytes against its sha256, so every read, a range
-read included, fails with :class:`IntegrityError` on a damaged part, as a real node's per-block
-checksums make it (karma8.net.disk). The simulator's parts are small, so hashing the whole part
-on every open is cheap.
+read included, fails with :class:`IntegrityError` on a damaged part, as a real node's
+per-block checksums make it (:mod:`karma8.store.files`). The simulator's parts are small, so
+hashing the whole part on every open is cheap.
 """
 
 from __future__ import annotations

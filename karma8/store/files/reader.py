@@ -1,6 +1,7 @@
-"""Reading a part file: :class:`PartRead` (what :meth:`FilePartStore.open` returns) and the
-chunk reader that verifies what it hands out (see :mod:`karma8.net.disk`, "Every read is
-verified")."""
+"""Reading a part file: :class:`PartRead` (what ``FilePartStore.open`` returns) and the chunk
+reader that checks every block it hands out against its CRC, reading the next chunk ahead in
+a worker thread (see "Reading" in :mod:`karma8.store.files`).
+"""
 
 from __future__ import annotations
 
@@ -10,31 +11,22 @@ import threading
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, suppress
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 import outcome
 import trio
 
 from karma8.core.errors import IntegrityError
-from karma8.net.partfile import (
-    HEADER_SIZE,
-    PartHeader,
-    check_blocks,
-    close_quietly,
-    pread_exact,
-    read_trailer,
-    storage_error,
-)
-
-if TYPE_CHECKING:
-    from karma8.net.disk import FilePartStore
+from karma8.store.diskio import BlockingIO, close_quietly, pread_exact, storage_error
+from karma8.store.files.context import FileStoreContext
+from karma8.store.files.format import HEADER_SIZE, PartHeader, check_blocks, read_trailer
 
 
 class PartRead(AbstractAsyncContextManager["_ChunkReader"]):
     """The context manager :meth:`FilePartStore.open` returns: opens on entry, closes on exit."""
 
-    def __init__(self, store: FilePartStore, key: str, offset: int, length: int) -> None:
-        self._store = store
+    def __init__(self, context: FileStoreContext, key: str, offset: int, length: int) -> None:
+        """A read of ``[offset, offset + length)`` of the part ``key`` (arguments checked)."""
+        self._context = context
         self._key = key
         self._offset = offset
         self._length = length
@@ -46,7 +38,7 @@ class PartRead(AbstractAsyncContextManager["_ChunkReader"]):
         key, offset, length = self._key, self._offset, self._length
 
         def open_checked() -> tuple[int, PartHeader, tuple[int, ...]]:
-            fd, header, size = self._store._open_part(key)
+            fd, header, size = self._context.tree.open_part(key)
             try:
                 if size < header.file_size:
                     raise IntegrityError(f"part {key} is truncated")
@@ -59,11 +51,18 @@ class PartRead(AbstractAsyncContextManager["_ChunkReader"]):
             return fd, header, crcs
 
         try:
-            fd, header, crcs = await self._store._run_small(open_checked)
+            fd, header, crcs = await self._context.io.run_small(open_checked)
         except OSError as exc:
             raise storage_error(exc, "opening a part") from None
         self._reader = _ChunkReader(
-            self._store, key, fd, header, crcs, offset, offset + length, self._store._read_chunk
+            self._context.io,
+            key,
+            fd,
+            header,
+            crcs,
+            offset,
+            offset + length,
+            self._context.read_chunk,
         )
         return self._reader
 
@@ -93,7 +92,7 @@ class _ChunkReader:
 
     def __init__(
         self,
-        store: FilePartStore,
+        io: BlockingIO,
         key: str,
         fd: int,
         header: PartHeader,
@@ -102,7 +101,7 @@ class _ChunkReader:
         end: int,
         chunk: int,
     ) -> None:
-        self._store = store
+        self._io = io
         self._key = key
         self._fd: int | None = fd
         self._block = header.block_size or 1
@@ -134,7 +133,7 @@ class _ChunkReader:
             ahead = self._ahead
             if ahead is None:
                 first, last = self._span(self._pos + want)
-                data = await self._store._run_small(self._reading(first, last), last - first)
+                data = await self._io.run_small(self._reading(first, last), last - first)
             else:
                 # Stays in _ahead while it runs: cancelled here, the next call collects it,
                 # and a close meanwhile hands the fd to its thread.
@@ -208,7 +207,7 @@ class _ChunkReader:
         if need <= self._buf_start + len(self._buf):
             return
         first, last = self._span(need)
-        if last - first <= self._store._inline_io:
+        if last - first <= self._io.inline_io:
             return
         self._ahead = _ReadAhead.start(self._reading(first, last), first, self._fd)
 

@@ -1,45 +1,32 @@
 """Group commit: one ``syncfs(2)`` (or ``fdatasync``) makes many writers' changes durable.
 
-A part used to cost two fsyncs of its own (the file, then its directory) in a worker thread.
-With many small parts in flight that is many thread hops and journal commits per second, and
-the hops, not the disk, limited small PUTs (profiled: a futex storm of threads handing the GIL
-back and forth). Instead a committing writer calls :meth:`GroupSync.sync`, which returns once
-a ``syncfs`` that *started after the call* has completed. Writers that arrive while a round
-runs share the next round, so N concurrent commits cost about two syncs, not 2N. What a
-writer must do first (finish its file and link it into place, without syncing) it hands over
-as a step: the next round's worker thread runs every step it takes, then syncs, so N
-commits also cost about two thread trips, not N+2, as group commit's leader writes its
-followers' records in a database's log. (A trip costs the event loop ~120 us of CPU here;
-4 KiB PUTs with 16 clients, 6 interleaved pairs: 5 of 6 faster, median +7 %.)
+A committing writer calls :meth:`GroupSync.sync`, which returns once a sync that *started
+after the call* has completed. Writers that arrive while a round runs share the next round, so
+N concurrent commits cost about two syncs, not one or two each. What a writer must do first
+(finish its file and link it into place, without syncing) it hands over as a step: the next
+round's worker thread runs every step it took, then syncs, as a database's group-commit leader
+writes its followers' records, so N commits also share one thread trip.
 
 ``syncfs`` flushes every dirty file of the file system (data, inodes and directory entries)
 and the device cache. Errors are fail-stop, as PostgreSQL treats a failed fsync: a failed
-write-back cannot be retried (the kernel may have dropped the dirty pages), and it cannot be
-attributed to one writer, so after a failed round every later sync fails too, and the node
-must be restarted (it rechecks its parts). The file descriptor that ``syncfs`` reports
-write-back errors through is opened when the store opens, so an error of any write since then
-is seen.
+write-back cannot be retried (the kernel may have dropped the dirty pages) nor attributed to
+one writer, so after a failed round every later sync fails too, and the node must be
+restarted (it rechecks its parts). The descriptor ``syncfs`` reports write-back errors through
+is opened with the store, so an error of any write since then is seen.
 
-Early rounds. On a virtual disk the guest's writes can complete into the host's cache, and only
-the flush a ``syncfs`` ends with makes the host write them out: measured here, 256 MiB written
-with ``sync_file_range`` as it went still took 0.4 s to ``fdatasync`` at the end. So a large
-upload's last round paid for all of its bytes at once. Writers therefore report what they write
-(:meth:`GroupSync.written`, 1 MiB flushes and up), and once :data:`EARLY_SYNC_BYTES` (32 MiB)
-have been written since the last round began, a round starts that nobody waits for; the disk
-then persists an upload while it arrives, and the round its commit waits for has about 32 MiB
-left (plus what arrived while the last early round ran). (256 MiB PUT, embedded cluster, 3
-rounds x 3 interleaved: median 1.10 s without, 0.80 s with 32 MiB; 16 and 48 MiB about the
-same, 64 MiB 0.91 s, 128 MiB 1.0 s.) Small parts never trigger one, and they gain from them
-when large uploads run: each round then flushes at most ~32 MiB of someone else's bytes (small
-PUTs with ``wrk -c8`` during 256 MiB PUTs: p99 246-273 ms with early rounds, 568-800 ms
-without).
+Early rounds. A disk may complete writes into a cache that only a flush empties (a virtual
+disk into its host's), so a large upload's commit would pay for all of its bytes at once.
+Writers therefore report what they write (:meth:`GroupSync.written`), and once
+:data:`EARLY_SYNC_BYTES` have been written since the last round began, a round starts that
+nobody waits for: the disk persists an upload while it arrives, and the round its commit waits
+for has about that much left. Small parts never trigger one, and gain from them next to large
+uploads: a round then flushes at most that much of someone else's bytes.
 
-Linux only (``syncfs`` via libc); elsewhere :func:`GroupSync.open` returns None and the store
+Linux only (``syncfs`` via libc); elsewhere :meth:`GroupSync.open` returns None and the store
 fsyncs every part and directory itself. The storage nodes of one process that share a file
-system share one syncer (:class:`SyncGroups`): one round then covers every node's commits.
-
-The same rounds make discovery's SQLite commits durable with one ``fdatasync`` of the
-write-ahead log for many transactions (:mod:`karma8.net.metasync`).
+system share one syncer (:class:`SyncGroups`). The same rounds make discovery's SQLite commits
+durable with one ``fdatasync`` of the write-ahead log for many transactions
+(:mod:`karma8.net.metasync`). Measurements: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -150,7 +137,7 @@ class GroupSync:
 
         ``before`` is a blocking step (writing and linking a file) to run first, in the
         thread of the next round, before its sync: one thread trip per round for every
-        writer, where a trip of each writer's own cost the event loop ~120 us (measured).
+        writer instead of one each.
         If the step raises, that exception is raised here, and the round goes on for the
         others. Cancelled before a round took the step, it never runs; cancelled after,
         this waits (shielded) until that round has ended, sync included, so that the caller

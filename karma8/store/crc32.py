@@ -1,11 +1,10 @@
 """CRC-32 arithmetic (zlib's CRC): the CRC of a concatenation from the CRCs of its pieces.
 
 The file store keeps one CRC per 64 KiB block of a part. Checking a chunk of n blocks with n
-calls of ``zlib.crc32`` hands the GIL back and forth n times between the worker thread and the
-event loop (each call releases it); measured on a 256 MiB GET with 1 MiB chunks (n = 16),
-three times the futex calls of one call per chunk. So a chunk is checked with one
-``zlib.crc32`` over all of it, compared with the blocks' stored CRCs combined here, in a few
-table look-ups per block.
+calls of ``zlib.crc32`` would hand the GIL back and forth n times between the worker thread
+and the event loop (each call releases it). So a chunk is checked with one ``zlib.crc32``
+over all of it, compared with the blocks' stored CRCs combined here, in a few table look-ups
+per block.
 
 A CRC is a remainder of polynomial division, so ``crc(A + B) = crc(A) * x^(8 len B) + crc(B)``
 modulo the CRC polynomial (zlib's ``crc32_combine``; the pre- and post-inversion cancel).
