@@ -23,6 +23,7 @@ from karma8.core.model import (
     NodeRef,
     NodeRegistration,
     NodeStatus,
+    PartPlacement,
     PartReceipt,
 )
 from karma8.core.placement import NodeLoad
@@ -119,6 +120,21 @@ class DiscoveryAPI(Protocol):
         """Those of ``keys`` that discovery has no record of on ``node_id`` (orphans)."""
         ...
 
+    async def report_node_failure(self, *, node_id: str, reason: str) -> None:
+        """A write to ``node_id`` failed because of the node (unreachable, disk full, a
+        storage failure): it gets no new parts until a heartbeat proves it healthy."""
+        ...
+
+    async def replace_part(
+        self, *, version_id: str, index: int, failed_node_id: str
+    ) -> PartPlacement:
+        """Move part ``index`` of a pending upload, and its reservation, off a node that failed
+        before taking any of its bytes, onto an available node that holds no other part of it.
+
+        Raises UploadConflict (not pending, or the part is not on that node), NotEnoughNodes.
+        """
+        ...
+
 
 class StorageAPI(Protocol):
     """What a gateway asks of any storage node, addressed by :class:`NodeRef`."""
@@ -208,7 +224,11 @@ class MetadataStore(Protocol):
 
     def namespace_exists(self, namespace: str) -> bool: ...
 
-    def upsert_node(self, registration: NodeRegistration, now: float) -> None: ...
+    def upsert_node(
+        self, registration: NodeRegistration, now: float, *, suspect_for: float = 0.0
+    ) -> None: ...
+
+    def mark_node_suspect(self, node_id: str, now: float) -> bool: ...
 
     def mark_stale_nodes(self, seen_before: float) -> list[str]: ...
 
@@ -239,6 +259,15 @@ class MetadataStore(Protocol):
     ) -> FileVersion: ...
 
     def abort_version(self, version_id: str, now: float) -> FileVersion: ...
+
+    def replace_part(
+        self,
+        *,
+        version_id: str,
+        index: int,
+        failed_node_id: str,
+        place: Callable[[Sequence[NodeLoad], int], Sequence[str]],
+    ) -> PartPlacement: ...
 
     def current_version(self, namespace: str, name: str) -> FileVersion | None: ...
 

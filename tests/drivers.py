@@ -62,7 +62,11 @@ class Driver(Protocol):
 
     async def nodes(self) -> list[NodeStatus]: ...
 
-    async def add_node(self) -> str: ...
+    async def add_node(self, capacity: int | None = None) -> str: ...
+
+    async def kill_node(self, node_id: str) -> None:
+        """Stop a node added by :meth:`add_node` as a killed process stops."""
+        ...
 
     async def part_keys(self) -> list[str]: ...
 
@@ -123,8 +127,11 @@ class SimDriver:
     async def nodes(self) -> list[NodeStatus]:
         return self._cluster.store.list_nodes()
 
-    async def add_node(self) -> str:
-        return (await self._cluster.add_node()).node_id
+    async def add_node(self, capacity: int | None = None) -> str:
+        return (await self._cluster.add_node(capacity)).node_id
+
+    async def kill_node(self, node_id: str) -> None:
+        self._net.endpoint(node_id).crash()
 
     async def part_keys(self) -> list[str]:
         return sorted(k for node in self._cluster.nodes for k in node.disk.parts)
@@ -153,6 +160,7 @@ class NetDriver:
         self._nursery = nursery
         self._data_dir = data_dir
         self._extra = 0
+        self._joined: dict[str, trio.CancelScope] = {}  # node id -> its task, of added nodes
 
     def _url(self, name: str) -> str:
         return f"{self._gateway}/default/{name}"
@@ -193,19 +201,30 @@ class NetDriver:
     async def nodes(self) -> list[NodeStatus]:
         return await self._discovery.list_nodes()
 
-    async def add_node(self) -> str:
+    async def add_node(self, capacity: int | None = None) -> str:
         self._extra += 1
         data_dir = self._data_dir / f"joined-{self._extra}"
-        await self._nursery.start(
-            partial(
-                run_storage,
-                self._config,
-                data_dir=data_dir,
-                discovery_url=self._discovery_url,
-                http=self._internal,
-            )
-        )
-        return (data_dir / "node_id").read_text().strip()
+        scope = trio.CancelScope()
+
+        async def run(*, task_status: trio.TaskStatus[str]) -> None:
+            with scope:
+                await run_storage(
+                    self._config,
+                    data_dir=data_dir,
+                    discovery_url=self._discovery_url,
+                    http=self._internal,
+                    capacity=capacity,
+                    task_status=task_status,
+                )
+
+        await self._nursery.start(run)
+        node_id = (data_dir / "node_id").read_text().strip()
+        self._joined[node_id] = scope
+        return node_id
+
+    async def kill_node(self, node_id: str) -> None:
+        self._joined.pop(node_id).cancel()
+        await trio.lowlevel.checkpoint()
 
     def parts_being_written(self) -> list[Path]:
         """Temporary files of part writes in progress, on every node's disk."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 import pytest
 import trio
@@ -18,10 +19,11 @@ from karma8.core.errors import (
     NotFound,
     PreconditionFailed,
     StorageFailure,
+    Unavailable,
     UploadConflict,
 )
 from karma8.core.layout import split
-from karma8.core.model import VersionState
+from karma8.core.model import NodeState, PartPlacement, VersionState
 from karma8.sim.cluster import SimCluster
 from karma8.sim.disk import WriteFault
 from karma8.sim.runner import run_with_cluster
@@ -277,5 +279,122 @@ def test_scrub_quarantines_a_corrupt_part_and_reads_then_fail_cleanly() -> None:
         with pytest.raises(StorageFailure):
             await read(cluster.gateway, "s")
         assert (await storage.scrub()).corrupt == ()
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def spy_on_moves(cluster: SimCluster) -> list[PartPlacement]:
+    """Every part placement discovery's store moves (``replace_part``), in order."""
+    moved: list[PartPlacement] = []
+    store = cluster.store
+    original = store.replace_part
+
+    def replace_part(**kwargs: Any) -> PartPlacement:
+        placement = original(**kwargs)
+        moved.append(placement)
+        return placement
+
+    store.replace_part = replace_part  # type: ignore[method-assign]
+    return moved
+
+
+def node_state(cluster: SimCluster, node_id: str) -> NodeState:
+    return next(n.state for n in cluster.store.list_nodes() if n.node_id == node_id)
+
+
+def test_a_crashed_node_fails_only_the_put_it_was_writing_and_is_avoided_at_once() -> None:
+    async def go(cluster: SimCluster) -> None:
+        gw = cluster.gateway
+        cluster.network.crashable = True
+        moved = spy_on_moves(cluster)
+        paused, resume = trio.Event(), trio.Event()
+
+        async def stalls_mid_body() -> AsyncGenerator[bytes]:
+            yield payload(100)  # 5 rows: every node has taken some of its part
+            paused.set()
+            await resume.wait()
+            yield payload(100, 1)
+
+        async def victim() -> None:
+            body = stalls_mid_body()
+            with pytest.raises(Unavailable):
+                await gw.put("default", "victim", body)
+            await body.aclose()  # abandoned mid-way: finalised here, not by the collector
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(victim)
+            await paused.wait()
+            (pending,) = cluster.store.versions(VersionState.PENDING)
+            dead = pending.parts[0].node.node_id
+            crashed_at = trio.current_time()
+            cluster.network.endpoint(dead).crash()
+            resume.set()
+
+        # Every PUT from now on succeeds, at once: the dead node is suspect and no longer
+        # placed, and PUTs placed on it before the report move their part elsewhere.
+        async def client(i: int) -> None:
+            for j in range(8):
+                data = payload(200, 10 * i + j)
+                version = await gw.put("default", f"c{i}/{j}", chunks(data), content_length=200)
+                assert dead not in {p.node.node_id for p in version.parts}
+
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(client, i)
+        spec = cluster.scenario.cluster
+        assert trio.current_time() - crashed_at < spec.node_timeout / 10
+        assert node_state(cluster, dead) is NodeState.SUSPECT
+        assert all(p.node.node_id != dead for p in moved)
+        for i in range(4):
+            assert await read(gw, f"c{i}/7") == payload(200, 10 * i + 7)
+        # The failed PUT left nothing behind on the living nodes.
+        assert not [k for k in disk_keys(cluster) if k.startswith(pending.version_id)]
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_puts_placed_on_a_dead_node_move_the_part_to_another_node() -> None:
+    async def go(cluster: SimCluster) -> None:
+        moved = spy_on_moves(cluster)
+        dead = cluster.nodes[0].node_id
+        cluster.network.endpoint(dead).crash()
+        for i in range(10):
+            data = payload(150, i)
+            version = await cluster.gateway.put("default", f"f{i}", chunks(data))
+            assert dead not in {p.node.node_id for p in version.parts}
+            assert await read(cluster.gateway, f"f{i}") == data
+        # The first PUT met the dead node: its part moved; later ones never chose it.
+        assert len(moved) == 1
+        assert node_state(cluster, dead) is NodeState.SUSPECT
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_a_full_node_fails_one_put_then_is_not_chosen_until_it_heartbeats_again() -> None:
+    async def go(cluster: SimCluster) -> None:
+        gw = cluster.gateway
+        full = cluster.nodes[0]
+        full.disk.full_until = 1e9
+        failures: list[str] = []
+        for i in range(20):
+            try:
+                version = await gw.put("default", f"f{i}", chunks(payload(100, i)))
+            except StorageFailure as exc:
+                failures.append(exc.message)
+                continue
+            assert full.node_id not in {p.node.node_id for p in version.parts}
+        # The node took bytes before it failed (a write fails when full, as on a real disk),
+        # so that PUT failed; the node was reported at once and no other PUT chose it.
+        assert len(failures) == 1
+        assert "no space" in failures[0]
+        assert node_state(cluster, full.node_id) is NodeState.SUSPECT
+        assert not [k for k in full.disk.parts]
+        # Room again: a heartbeat suspect_for after the report makes it available.
+        full.disk.full_until = 0.0
+        suspect_for = cluster.discovery_config.suspect_for
+        await trio.sleep(suspect_for + 2 * cluster.scenario.cluster.heartbeat_interval)
+        assert node_state(cluster, full.node_id) is NodeState.AVAILABLE
+        version = await gw.put("default", "after", chunks(payload(100)))
+        assert full.node_id in {p.node.node_id for p in version.parts}  # the emptiest
 
     run_with_cluster(go, scenario=SCENARIO)

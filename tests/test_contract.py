@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from karma8.core.errors import InvalidName, NotFound, PreconditionFailed
+from karma8.core.errors import (
+    InvalidName,
+    NotFound,
+    PreconditionFailed,
+    StorageFailure,
+    Unavailable,
+)
 from karma8.core.layout import split
+from karma8.core.model import NodeState
 
 from drivers import Check, Driver, eventually, run_in
 
@@ -91,6 +98,28 @@ async def joined_node_receives_new_parts(d: Driver) -> None:
     assert node_id in placed, (version_id, placed)
 
 
+async def puts_avoid_a_dead_node_and_a_full_one(d: Driver) -> None:
+    for i in range(2):
+        await d.put(f"early/{i}", payload(5000, i))  # the nodes there now are no longer empty
+    dead = await d.add_node()  # empty: the next PUT chooses it
+    await d.kill_node(dead)
+    for i in range(4):
+        await d.put(f"dead/{i}", payload(5000, i))  # its part moves to another node
+        assert dead not in {p.node.node_id for p in (await d.stat(f"dead/{i}")).parts}
+    states = {n.node_id: n.state for n in await d.nodes()}
+    assert states[dead] is NodeState.SUSPECT
+    # A node too small for its part: without a size hint (chunked) nothing is reserved, so
+    # it is chosen, and fails once its disk is full. That PUT fails; later ones avoid it.
+    full = await d.add_node(capacity=2 * d.unit)
+    with pytest.raises((StorageFailure, Unavailable)):
+        await d.put("full/0", payload(20 * d.unit, 0), chunked=True)
+    assert {n.node_id: n.state for n in await d.nodes()}[full] is NodeState.SUSPECT
+    for i in range(1, 4):
+        await d.put(f"full/{i}", payload(20 * d.unit, i), chunked=True)
+        assert await d.get(f"full/{i}") == payload(20 * d.unit, i)
+        assert full not in {p.node.node_id for p in (await d.stat(f"full/{i}")).parts}
+
+
 CHECKS: list[Check] = [
     round_trip_edge_sizes,
     chunked_upload,
@@ -98,6 +127,7 @@ CHECKS: list[Check] = [
     overwrite_and_delete_leave_no_parts,
     conditional_put_and_bad_names,
     joined_node_receives_new_parts,
+    puts_avoid_a_dead_node_and_a_full_one,
 ]
 
 

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from karma8.core.errors import IntegrityError, NotFound, PreconditionFailed, UploadConflict
+from karma8.core.errors import (
+    IntegrityError,
+    NotEnoughNodes,
+    NotFound,
+    PreconditionFailed,
+    UploadConflict,
+)
 from karma8.core.layout import StripeLayout
 from karma8.core.model import NodeRegistration, PartReceipt, VersionState
-from karma8.core.placement import NodeLoad
+from karma8.core.placement import NodeLoad, place_parts
+from karma8.metadata.schema import SCHEMA
 from karma8.metadata.sqlite import SqliteMetadataStore
 
 LAYOUT = StripeLayout(parts=5, unit=4)
@@ -180,3 +188,108 @@ def test_file_database_survives_reopen(tmp_path: Path) -> None:
     s.create_namespace("default", 0.0)
     s.close()
     assert SqliteMetadataStore(path).namespace_exists("default")
+
+
+def beat(store: SqliteMetadataStore, node_id: str, now: float, suspect_for: float = 4.0) -> None:
+    registration = NodeRegistration(node_id=node_id, url=f"http://{node_id}", capacity_bytes=1000)
+    store.upsert_node(registration, now, suspect_for=suspect_for)
+
+
+def states(store: SqliteMetadataStore) -> dict[str, str]:
+    return {n.node_id: n.state.value for n in store.list_nodes()}
+
+
+def test_a_reported_node_is_suspect_until_a_heartbeat_suspect_for_after_the_report(
+    store: SqliteMetadataStore,
+) -> None:
+    assert store.mark_node_suspect("n2", 10.0)
+    assert not store.mark_node_suspect("nobody", 10.0)
+    assert states(store)["n2"] == "suspect"
+    assert next(n for n in store.list_nodes() if n.node_id == "n2").failed_at == 10.0
+    beat(store, "n2", 13.9)  # too soon: a heartbeat may have been sent before the failure
+    assert states(store)["n2"] == "suspect"
+    store.mark_node_suspect("n2", 9.0)  # a report that arrives late does not move it back
+    beat(store, "n2", 14.0)
+    assert states(store)["n2"] == "available"
+    # Placement skips a suspect node.
+    store.mark_node_suspect("n0", 20.0)
+    seen: list[NodeLoad] = []
+
+    def spy(loads: Sequence[NodeLoad]) -> list[str]:
+        seen.extend(loads)
+        return [n.node_id for n in loads if n.available][:5]
+
+    store.begin_version(
+        version_id="v",
+        namespace="default",
+        name="f",
+        layout=LAYOUT,
+        size_hint=10,
+        now=20.0,
+        expires_at=100.0,
+        if_absent=False,
+        place=spy,
+    )
+    assert [n.node_id for n in seen if not n.available] == ["n0"]
+
+
+def test_a_silent_suspect_node_becomes_unavailable_and_a_report_keeps_it_so(
+    store: SqliteMetadataStore,
+) -> None:
+    store.mark_node_suspect("n1", 1.0)
+    beat(store, "n0", 10.0)
+    assert store.mark_stale_nodes(5.0) == ["n1", "n2", "n3", "n4", "n5"]
+    assert states(store)["n1"] == "unavailable"
+    store.mark_node_suspect("n2", 10.0)
+    assert states(store)["n2"] == "unavailable"
+    beat(store, "n2", 12.0)  # back, but the report is recent
+    assert states(store)["n2"] == "suspect"
+    beat(store, "n1", 12.0)  # back long after its report
+    assert states(store)["n1"] == "available"
+
+
+def test_replace_part_moves_the_part_and_its_reservation(store: SqliteMetadataStore) -> None:
+    begin(store, "v1", size=100)  # parts of 20 bytes on n0..n4
+    sizes: list[int] = []
+
+    def emptiest(loads: Sequence[NodeLoad], part_size: int) -> list[str]:
+        sizes.append(part_size)
+        return [n.node_id for n in loads if n.available][:1]
+
+    placement = store.replace_part(version_id="v1", index=2, failed_node_id="n2", place=emptiest)
+    assert (placement.index, placement.key, placement.node.node_id) == (2, "v1.2", "n5")
+    assert sizes == [20]
+    nodes = {n.node_id: n for n in store.list_nodes()}
+    assert (nodes["n2"].reserved_bytes, nodes["n2"].parts) == (0, 0)
+    assert (nodes["n5"].reserved_bytes, nodes["n5"].parts) == (20, 1)
+    with pytest.raises(UploadConflict, match="not on node n2"):
+        store.replace_part(version_id="v1", index=2, failed_node_id="n2", place=emptiest)
+    # The one node without a part of the version is suspect: placement refuses.
+    store.mark_node_suspect("n2", 1.0)
+    with pytest.raises(NotEnoughNodes):
+        store.replace_part(
+            version_id="v1",
+            index=0,
+            failed_node_id="n0",
+            place=lambda loads, size: place_parts(loads, count=1, part_size=size, salt="v1"),
+        )
+    receipts = [PartReceipt(index=i, size=20, checksum="c") for i in range(5)]
+    version = store.commit_version(
+        version_id="v1", size=100, receipts=receipts, now=1.0, if_absent=False
+    )
+    assert [p.node.node_id for p in version.parts] == ["n0", "n1", "n5", "n3", "n4"]
+    assert all(n.reserved_bytes == 0 for n in store.list_nodes())
+    with pytest.raises(UploadConflict, match="committed, not pending"):
+        store.replace_part(version_id="v1", index=1, failed_node_id="n1", place=emptiest)
+
+
+def test_an_old_database_gains_the_failed_at_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA.replace(",\n    failed_at       REAL\n", "\n"))
+    db.close()
+    store = SqliteMetadataStore(path)
+    beat(store, "n0", 1.0)
+    assert store.mark_node_suspect("n0", 2.0)
+    assert states(store) == {"n0": "suspect"}
+    store.close()

@@ -82,11 +82,14 @@ def commit_with_a_missing_part(monkeypatch: pytest.MonkeyPatch) -> None:
 
     async def optimistic(
         self: Gateway,
-        placement: PartPlacement,
+        version_id: str,
+        placed: list[PartPlacement],
+        index: int,
         chunks: trio.MemoryReceiveChannel[bytes],
         size: int | None,
         receipts: list[PartReceipt | None],
     ) -> None:
+        placement = placed[index]
         async with chunks:
             data = b"".join([chunk async for chunk in chunks])
         with contextlib.suppress(Karma8Error):

@@ -8,11 +8,15 @@ expires (its gateway died) is aborted by the sweeper; storage nodes learn about 
 in heartbeat replies and delete them.
 
 Nodes are never deleted. A node that misses heartbeats for ``node_timeout`` becomes
-UNAVAILABLE (no new parts) until it heartbeats again.
+UNAVAILABLE (no new parts) until it heartbeats again. A node a gateway reports failing
+(:meth:`Discovery.report_node_failure`) becomes SUSPECT at once, also without new parts, until
+a heartbeat arrives ``suspect_for`` seconds or more after the report: a node that keeps failing
+is never chosen on the strength of a heartbeat sent just before the failure.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import attrs
@@ -25,12 +29,14 @@ from karma8.core.model import (
     FileVersion,
     NodeRegistration,
     NodeStatus,
+    PartPlacement,
     PartReceipt,
 )
 from karma8.core.names import check_name, check_namespace
 from karma8.core.placement import NodeLoad, place_parts
 from karma8.ports import BlockingRunner, Clock, IdSource, MetadataStore
 
+log = logging.getLogger("karma8.discovery")
 MAX_LIST_LIMIT = 1000
 
 
@@ -41,6 +47,11 @@ class DiscoveryConfig:
     layout: StripeLayout = attrs.Factory(StripeLayout)
     upload_ttl: float = 3600.0
     node_timeout: float = 10.0
+    # A node reported failing gets no new parts until it heartbeats this long after the
+    # report: two of the nodes' default heartbeat intervals, so one heartbeat sent before the
+    # failure (or racing the report) cannot clear it, and a healthy node is back within
+    # ~3 heartbeats.
+    suspect_for: float = 4.0
     retire_grace: float = 60.0
     sweep_interval: float = 5.0
     garbage_batch: int = 1000
@@ -137,6 +148,22 @@ class Discovery:
         now = self._clock.now()
         return await self._blocking(lambda: self._store.abort_version(version_id, now))
 
+    async def replace_part(
+        self, *, version_id: str, index: int, failed_node_id: str
+    ) -> PartPlacement:
+        layout = self.config.layout
+        if not 0 <= index < layout.parts:
+            raise InvalidRequest(f"part index must be between 0 and {layout.parts - 1}")
+
+        def place(loads: Sequence[NodeLoad], part_size: int) -> Sequence[str]:
+            return place_parts(loads, count=1, part_size=part_size, salt=f"{version_id}.{index}")
+
+        return await self._blocking(
+            lambda: self._store.replace_part(
+                version_id=version_id, index=index, failed_node_id=failed_node_id, place=place
+            )
+        )
+
     async def resolve(self, *, namespace: str, name: str) -> FileVersion:
         check_namespace(namespace)
         check_name(name)
@@ -171,7 +198,10 @@ class Discovery:
     async def register_node(self, registration: NodeRegistration) -> None:
         _check_registration(registration)
         now = self._clock.now()
-        await self._blocking(lambda: self._store.upsert_node(registration, now))
+        suspect_for = self.config.suspect_for
+        await self._blocking(
+            lambda: self._store.upsert_node(registration, now, suspect_for=suspect_for)
+        )
 
     async def heartbeat(
         self, registration: NodeRegistration, *, deleted: Sequence[str]
@@ -181,7 +211,7 @@ class Discovery:
         node_id = registration.node_id
 
         def beat() -> list[str]:
-            self._store.upsert_node(registration, now)
+            self._store.upsert_node(registration, now, suspect_for=self.config.suspect_for)
             if deleted:
                 self._store.forget_parts(node_id, deleted)
             return self._store.garbage_for_node(
@@ -199,6 +229,14 @@ class Discovery:
         asked = list(keys)
         known = await self._blocking(lambda: self._store.part_keys_on_node(node_id))
         return [key for key in asked if key not in known]
+
+    async def report_node_failure(self, *, node_id: str, reason: str) -> None:
+        if not node_id:
+            raise InvalidRequest("a failure report needs a node id")
+        now = self._clock.now()
+        known = await self._blocking(lambda: self._store.mark_node_suspect(node_id, now))
+        if known:
+            log.warning("node %s is suspect: %s", node_id, reason[:200])
 
 
 def _check_registration(registration: NodeRegistration) -> None:

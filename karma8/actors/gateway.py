@@ -12,6 +12,13 @@ PUT
     and the error propagates. Memory per upload is one row held by the splitter plus
     ``channel_depth`` units per part in flight.
 
+    A part write that fails because of its node (unreachable, disk full, a storage failure) is
+    reported to discovery, which stops placing parts there (the node is SUSPECT). If the node
+    failed before it took any of the part's bytes, the chunks are all still in the part's
+    channel: discovery moves the part to another node (``replace_part``) and the same channel
+    is streamed there, up to ``part_retries`` times. Bytes a node took are not kept, so a
+    node failing later fails the PUT.
+
     A commit whose answer is lost is settled by ``abort_upload``, which reports the version's
     final state: if the commit had in fact happened the PUT succeeds; if discovery cannot be
     reached, nothing is deleted (the parts may belong to a committed version) and the pending
@@ -27,6 +34,7 @@ GET
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 
@@ -34,6 +42,7 @@ import attrs
 import trio
 
 from karma8.core.errors import (
+    DiskFull,
     IntegrityError,
     InvalidRequest,
     Karma8Error,
@@ -59,6 +68,8 @@ class GatewayConfig:
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     channel_depth: int = 1
     cleanup_timeout: float = 30.0
+    # How many times one part moves to another node when its node fails before taking bytes.
+    part_retries: int = 2
 
 
 def primary_error(group: BaseExceptionGroup[BaseException]) -> Karma8Error | None:
@@ -128,27 +139,33 @@ class Gateway:
             )
         if begin_scope.cancelled_caught:
             raise Unavailable("discovery did not answer in time")
+        # Where each part is now: a part whose node fails before taking any bytes moves.
+        placed = list(version.parts)
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
-            size, receipts = await self._write_parts(version, body, content_length)
+            size, receipts = await self._write_parts(version, placed, body, content_length)
         except BaseException:
-            await self._clean_up(version, commit_attempted=False)
+            await self._clean_up(_placed_on(version, placed), commit_attempted=False)
             raise
         try:
             return await self._discovery.commit_upload(
                 version_id=version.version_id, size=size, receipts=receipts, if_absent=if_absent
             )
         except Karma8Error:
-            settled = await self._clean_up(version, commit_attempted=True)
+            settled = await self._clean_up(_placed_on(version, placed), commit_attempted=True)
             if settled is not None and settled.state is VersionState.COMMITTED:
                 return settled
             raise
         except BaseException:
-            await self._clean_up(version, commit_attempted=True)
+            await self._clean_up(_placed_on(version, placed), commit_attempted=True)
             raise
 
     async def _write_parts(
-        self, version: FileVersion, body: AsyncIterable[bytes], content_length: int | None
+        self,
+        version: FileVersion,
+        placed: list[PartPlacement],
+        body: AsyncIterable[bytes],
+        content_length: int | None,
     ) -> tuple[int, list[PartReceipt]]:
         layout = version.layout
         splitter = StripeSplitter(layout, content_length)
@@ -163,7 +180,9 @@ class Gateway:
                     senders.append(send)
                     nursery.start_soon(
                         self._write_part,
-                        placement,
+                        version.version_id,
+                        placed,
+                        placement.index,
                         receive,
                         None if sizes is None else sizes[placement.index],
                         receipts,
@@ -190,24 +209,38 @@ class Gateway:
 
     async def _write_part(
         self,
-        placement: PartPlacement,
+        version_id: str,
+        placed: list[PartPlacement],
+        index: int,
         chunks: trio.MemoryReceiveChannel[bytes],
         size: int | None,
         receipts: list[PartReceipt | None],
     ) -> None:
-        counted = _PartChunks(chunks)
+        """Stream part ``index`` to its node; on a node failure before the node took anything,
+        move the part (``placed[index]``) to another node and stream the same chunks there."""
         async with chunks:
-            try:
-                stored = await self._storage.put_part(
-                    placement.node, placement.key, counted, size=size
-                )
-            except (Unavailable, IntegrityError):
-                raise
-            except Karma8Error as exc:
-                raise StorageFailure(
-                    f"writing part {placement.index} to node {placement.node.node_id} failed:"
-                    f" {exc.message}"
-                ) from None
+            for attempt in itertools.count():
+                placement = placed[index]
+                counted = _PartChunks(chunks)
+                try:
+                    stored = await self._storage.put_part(
+                        placement.node, placement.key, counted, size=size
+                    )
+                    break
+                except Karma8Error as exc:
+                    if not _node_at_fault(exc):
+                        raise _write_failure(placement, exc) from None
+                    await self._report_failure(placement, exc)
+                    if counted.started or attempt >= self._config.part_retries:
+                        raise _write_failure(placement, exc) from None
+                    try:
+                        placed[index] = await self._discovery.replace_part(
+                            version_id=version_id,
+                            index=index,
+                            failed_node_id=placement.node.node_id,
+                        )
+                    except Karma8Error:
+                        raise _write_failure(placement, exc) from None
         # The channel ends only once the splitter is done with the body: a node that answers
         # before reading to the end did not store the whole part. (That the bytes arrived
         # intact is the transport's check: see StorageAPI.put_part.)
@@ -220,6 +253,14 @@ class Gateway:
         receipts[placement.index] = PartReceipt(
             index=placement.index, size=stored.size, checksum=stored.checksum
         )
+
+    async def _report_failure(self, placement: PartPlacement, exc: Karma8Error) -> None:
+        # Best effort: an unreachable discovery must not turn a node's error into its own.
+        with suppress(Karma8Error):
+            await self._discovery.report_node_failure(
+                node_id=placement.node.node_id,
+                reason=f"writing part {placement.key} failed: {exc.code}: {exc.message}",
+            )
 
     async def _clean_up(
         self, version: FileVersion, *, commit_attempted: bool
@@ -328,6 +369,7 @@ class _PartChunks:
         self._chunks = chunks
         self.size = 0
         self.exhausted = False
+        self.started = False  # the node took a chunk, or saw the end: a retry would lose it
 
     def __aiter__(self) -> _PartChunks:
         return self
@@ -336,8 +378,9 @@ class _PartChunks:
         try:
             chunk = await self._chunks.receive()
         except trio.EndOfChannel:
-            self.exhausted = True
+            self.started = self.exhausted = True
             raise StopAsyncIteration from None
+        self.started = True
         self.size += len(chunk)
         return chunk
 
@@ -357,6 +400,26 @@ def _too_long(content_length: int | None, max_size: int) -> Karma8Error:
     if content_length is not None:
         return InvalidRequest(f"body is longer than Content-Length ({content_length})")
     return TooLarge(f"body is larger than the limit of {max_size} bytes")
+
+
+def _placed_on(version: FileVersion, placed: Sequence[PartPlacement]) -> FileVersion:
+    """The version with its parts where they were last placed (for clean-up)."""
+    return attrs.evolve(version, parts=tuple(placed))
+
+
+def _node_at_fault(exc: Karma8Error) -> bool:
+    """Whether a failed part write says the node is unfit for new parts: it could not be
+    reached, is full or failed to store. (A damaged transfer, a conflict or a bad request is
+    not the node's health; a cancelled write, e.g. a client gone, is no error at all.)"""
+    return isinstance(exc, (Unavailable, DiskFull, StorageFailure)) or type(exc) is Karma8Error
+
+
+def _write_failure(placement: PartPlacement, exc: Karma8Error) -> Karma8Error:
+    if isinstance(exc, (Unavailable, IntegrityError)):
+        return exc
+    return StorageFailure(
+        f"writing part {placement.index} to node {placement.node.node_id} failed: {exc.message}"
+    )
 
 
 def _read_failure(placement: PartPlacement, exc: Karma8Error) -> Karma8Error:

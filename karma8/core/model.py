@@ -25,8 +25,16 @@ from karma8.core.layout import StripeLayout
 
 
 class NodeState(enum.Enum):
+    """Whether placement may choose a node.
+
+    AVAILABLE: heartbeating and trusted. UNAVAILABLE: silent for ``node_timeout``. SUSPECT: a
+    write to it failed because of the node (a gateway reported it); it becomes AVAILABLE with
+    the first heartbeat that arrives ``suspect_for`` seconds or more after the report.
+    """
+
     AVAILABLE = "available"
     UNAVAILABLE = "unavailable"
+    SUSPECT = "suspect"
 
 
 class VersionState(enum.Enum):
@@ -66,6 +74,7 @@ class NodeStatus:
     reserved_bytes: int
     parts: int
     last_seen: float
+    failed_at: float | None = None  # when a write to it last failed because of the node
 
 
 @attrs.frozen(kw_only=True)

@@ -21,7 +21,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     parts           INTEGER NOT NULL DEFAULT 0,
     state           TEXT NOT NULL,
     registered_at   REAL NOT NULL,
-    last_seen       REAL NOT NULL
+    last_seen       REAL NOT NULL,
+    failed_at       REAL
 );
 CREATE TABLE IF NOT EXISTS versions (
     version_id    TEXT PRIMARY KEY,

@@ -87,9 +87,16 @@ class SqliteMetadataStore:
                 self._db.execute("PRAGMA synchronous = NORMAL")
                 self._db.execute("PRAGMA wal_autocheckpoint = 0")
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
         if self._wal is not None and not sync_on_commit:
             self.checkpoint()  # start with an empty log: what recovery or the schema left
             self._open_wal()
+
+    def _add_missing_columns(self) -> None:
+        """Bring a database created by an older karma8 up to the schema (columns added later)."""
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(nodes)")}
+        if "failed_at" not in columns:
+            self._db.execute("ALTER TABLE nodes ADD COLUMN failed_at REAL")
 
     def close(self) -> None:
         if self._checkpointer is not None:
@@ -200,7 +207,11 @@ class SqliteMetadataStore:
 
     # -- nodes ----------------------------------------------------------------------------
 
-    def upsert_node(self, registration: NodeRegistration, now: float) -> None:
+    def upsert_node(
+        self, registration: NodeRegistration, now: float, *, suspect_for: float = 0.0
+    ) -> None:
+        """Record a registration or heartbeat: the node is AVAILABLE again, unless a write to
+        it failed less than ``suspect_for`` seconds ago (then it stays SUSPECT)."""
         with self._tx() as db:
             db.execute(
                 """
@@ -209,7 +220,9 @@ class SqliteMetadataStore:
                 VALUES (:id, :url, :cap, :disk, 'available', :now, :now)
                 ON CONFLICT(node_id) DO UPDATE SET
                     url = excluded.url, capacity_bytes = excluded.capacity_bytes,
-                    disk_used_bytes = excluded.disk_used_bytes, state = 'available',
+                    disk_used_bytes = excluded.disk_used_bytes,
+                    state = CASE WHEN failed_at IS NOT NULL AND failed_at > :cleared_before
+                                 THEN 'suspect' ELSE 'available' END,
                     last_seen = excluded.last_seen
                 """,
                 {
@@ -218,19 +231,35 @@ class SqliteMetadataStore:
                     "cap": registration.capacity_bytes,
                     "disk": registration.disk_used_bytes,
                     "now": now,
+                    "cleared_before": now - suspect_for,
                 },
             )
+
+    def mark_node_suspect(self, node_id: str, now: float) -> bool:
+        """A write to the node failed because of it: no new parts until it proves healthy.
+
+        An UNAVAILABLE node stays so (its next heartbeat decides); returns False for an
+        unknown node.
+        """
+        with self._tx() as db:
+            changed = db.execute(
+                "UPDATE nodes SET failed_at = max(coalesce(failed_at, :now), :now),"
+                " state = CASE WHEN state = 'unavailable' THEN state ELSE 'suspect' END"
+                " WHERE node_id = :id",
+                {"id": node_id, "now": now},
+            ).rowcount
+        return changed > 0
 
     def mark_stale_nodes(self, seen_before: float) -> list[str]:
         with self._tx() as db:
             rows = db.execute(
-                "SELECT node_id FROM nodes WHERE state = 'available' AND last_seen < ?"
+                "SELECT node_id FROM nodes WHERE state != 'unavailable' AND last_seen < ?"
                 " ORDER BY node_id",
                 (seen_before,),
             ).fetchall()
             db.execute(
                 "UPDATE nodes SET state = 'unavailable'"
-                " WHERE state = 'available' AND last_seen < ?",
+                " WHERE state != 'unavailable' AND last_seen < ?",
                 (seen_before,),
             )
         return [r["node_id"] for r in rows]
@@ -247,6 +276,7 @@ class SqliteMetadataStore:
                 reserved_bytes=r["reserved_bytes"],
                 parts=r["parts"],
                 last_seen=r["last_seen"],
+                failed_at=r["failed_at"],
             )
             for r in rows
         ]
@@ -273,16 +303,7 @@ class SqliteMetadataStore:
                 raise PreconditionFailed(f"{namespace}/{name} already exists")
             rows = db.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
             urls = {r["node_id"]: r["url"] for r in rows}
-            loads = [
-                NodeLoad(
-                    node_id=r["node_id"],
-                    capacity=r["capacity_bytes"],
-                    used=r["used_bytes"],
-                    reserved=r["reserved_bytes"],
-                    available=r["state"] == NodeState.AVAILABLE.value,
-                )
-                for r in rows
-            ]
+            loads = [_load_of(r) for r in rows]
             chosen = list(place(loads))
             db.execute(
                 """
@@ -398,6 +419,58 @@ class SqliteMetadataStore:
                     (now, version_id),
                 )
             return self._load_version(db, version_id)
+
+    def replace_part(
+        self,
+        *,
+        version_id: str,
+        index: int,
+        failed_node_id: str,
+        place: Callable[[Sequence[NodeLoad], int], Sequence[str]],
+    ) -> PartPlacement:
+        """Move part ``index`` of a pending version, and its reservation, off a node that
+        failed before taking any of its bytes, to the node ``place(loads, reserved bytes)``
+        picks among those that hold no part of the version.
+
+        Raises:
+            UploadConflict: The version is not pending, or the part is not on that node.
+            NotEnoughNodes: (from ``place``) no other node can take it.
+        """
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT state FROM versions WHERE version_id = ?", (version_id,)
+            ).fetchone()
+            if row is None or row["state"] != VersionState.PENDING.value:
+                state = "unknown" if row is None else row["state"]
+                raise UploadConflict(f"upload {version_id} is {state}, not pending")
+            part = db.execute(
+                "SELECT part_key, node_id, reserved FROM parts WHERE version_id = ? AND idx = ?",
+                (version_id, index),
+            ).fetchone()
+            if part is None or part["node_id"] != failed_node_id:
+                raise UploadConflict(
+                    f"part {index} of upload {version_id} is not on node {failed_node_id}"
+                )
+            holding = {
+                r["node_id"]
+                for r in db.execute("SELECT node_id FROM parts WHERE version_id = ?", (version_id,))
+            }
+            rows = db.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
+            loads = [_load_of(r) for r in rows if r["node_id"] not in holding]
+            (node_id,) = place(loads, part["reserved"])
+            url = next(r["url"] for r in rows if r["node_id"] == node_id)
+            db.execute(
+                "UPDATE parts SET node_id = ? WHERE version_id = ? AND idx = ?",
+                (node_id, version_id, index),
+            )
+            db.executemany(
+                "UPDATE nodes SET reserved_bytes = reserved_bytes + ?, parts = parts + ?"
+                " WHERE node_id = ?",
+                [(-part["reserved"], -1, failed_node_id), (part["reserved"], 1, node_id)],
+            )
+        return PartPlacement(
+            index=index, key=part["part_key"], node=NodeRef(node_id=node_id, url=url)
+        )
 
     def expire_pending(self, now: float) -> int:
         with self._tx() as db:
@@ -575,3 +648,14 @@ class SqliteMetadataStore:
             committed_at=row["committed_at"],
             etag=row["etag"],
         )
+
+
+def _load_of(row: sqlite3.Row) -> NodeLoad:
+    """What placement needs to know of a node row (only AVAILABLE nodes are candidates)."""
+    return NodeLoad(
+        node_id=row["node_id"],
+        capacity=row["capacity_bytes"],
+        used=row["used_bytes"],
+        reserved=row["reserved_bytes"],
+        available=row["state"] == NodeState.AVAILABLE.value,
+    )

@@ -26,11 +26,13 @@ from karma8.core.model import (
     NodeRef,
     NodeRegistration,
     NodeStatus,
+    PartPlacement,
     PartReceipt,
 )
 from karma8.net.codec import (
     decode_entry,
     decode_node,
+    decode_placement,
     decode_stored,
     decode_version,
     encode_receipt,
@@ -215,6 +217,17 @@ class HttpDiscoveryClient(_Http):
         path = f"/v1/nodes/{_path(node_id)}/unknown-parts"
         result = await self._json("POST", path, json={"keys": list(keys)})
         return [str(k) for k in result["unknown"]]
+
+    async def report_node_failure(self, *, node_id: str, reason: str) -> None:
+        path = f"/v1/nodes/{_path(node_id)}/failures"
+        await self._json("POST", path, json={"reason": reason})
+
+    async def replace_part(
+        self, *, version_id: str, index: int, failed_node_id: str
+    ) -> PartPlacement:
+        path = f"/v1/uploads/{_path(version_id)}/parts/{index}/replace"
+        result = await self._json("POST", path, json={"failed_node_id": failed_node_id})
+        return decode_placement(result)
 
 
 class HttpStorageClient(_Http):

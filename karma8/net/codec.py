@@ -78,6 +78,27 @@ def decode_layout(obj: Json) -> StripeLayout:
         raise InvalidRequest(str(exc)) from None
 
 
+def encode_placement(p: PartPlacement) -> Json:
+    return {
+        "index": p.index,
+        "key": p.key,
+        "node_id": p.node.node_id,
+        "url": p.node.url,
+        "size": p.size,
+        "checksum": p.checksum,
+    }
+
+
+def decode_placement(obj: Json) -> PartPlacement:
+    return PartPlacement(
+        index=_get(obj, "index", int),
+        key=_get(obj, "key", str),
+        node=NodeRef(node_id=_get(obj, "node_id", str), url=_get(obj, "url", str)),
+        size=_get(obj, "size", int, optional=True),
+        checksum=_get(obj, "checksum", str, optional=True),
+    )
+
+
 def encode_version(v: FileVersion) -> Json:
     return {
         "version_id": v.version_id,
@@ -86,17 +107,7 @@ def encode_version(v: FileVersion) -> Json:
         "state": v.state.value,
         "size": v.size,
         "layout": encode_layout(v.layout),
-        "parts": [
-            {
-                "index": p.index,
-                "key": p.key,
-                "node_id": p.node.node_id,
-                "url": p.node.url,
-                "size": p.size,
-                "checksum": p.checksum,
-            }
-            for p in v.parts
-        ],
+        "parts": [encode_placement(p) for p in v.parts],
         "created_at": v.created_at,
         "committed_at": v.committed_at,
         "etag": v.etag,
@@ -115,16 +126,7 @@ def decode_version(obj: Json) -> FileVersion:
         state=state,
         size=_get(obj, "size", int, optional=True),
         layout=decode_layout(_get(obj, "layout", dict)),
-        parts=tuple(
-            PartPlacement(
-                index=_get(p, "index", int),
-                key=_get(p, "key", str),
-                node=NodeRef(node_id=_get(p, "node_id", str), url=_get(p, "url", str)),
-                size=_get(p, "size", int, optional=True),
-                checksum=_get(p, "checksum", str, optional=True),
-            )
-            for p in _get(obj, "parts", list)
-        ),
+        parts=tuple(decode_placement(p) for p in _get(obj, "parts", list)),
         created_at=float(_get(obj, "created_at", (int, float))),
         committed_at=_get(obj, "committed_at", (int, float), optional=True),
         etag=_get(obj, "etag", str, optional=True),
@@ -171,6 +173,7 @@ def encode_node(n: NodeStatus) -> Json:
         "reserved_bytes": n.reserved_bytes,
         "parts": n.parts,
         "last_seen": n.last_seen,
+        "failed_at": n.failed_at,
     }
 
 
@@ -188,6 +191,7 @@ def decode_node(obj: Json) -> NodeStatus:
         reserved_bytes=_get(obj, "reserved_bytes", int),
         parts=_get(obj, "parts", int),
         last_seen=float(_get(obj, "last_seen", (int, float))),
+        failed_at=_get(obj, "failed_at", (int, float), optional=True),
     )
 
 

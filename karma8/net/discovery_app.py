@@ -3,12 +3,15 @@
 POST   /v1/uploads                         begin: {namespace,name,size_hint,if_absent}
 POST   /v1/uploads/{version_id}/commit     {size, receipts:[{index,size,checksum}], if_absent}
 POST   /v1/uploads/{version_id}/abort
+POST   /v1/uploads/{version_id}/parts/{index}/replace   {failed_node_id} -> the new placement
 GET    /v1/files/{namespace}/{name}        the committed version (404 if none)
 DELETE /v1/files/{namespace}/{name}        {"deleted": bool}
 GET    /v1/files/{namespace}?prefix=&after=&limit=
 PUT    /v1/namespaces/{namespace}
 POST   /v1/nodes                           register {node_id,url,capacity_bytes,...}
 POST   /v1/nodes/{node_id}/heartbeat       {registration, deleted:[keys]} -> {garbage:[keys]}
+POST   /v1/nodes/{node_id}/unknown-parts   {keys:[keys]} -> {unknown:[keys]}
+POST   /v1/nodes/{node_id}/failures        {reason}: the node is suspect
 GET    /v1/nodes
 """
 
@@ -24,6 +27,7 @@ from karma8.net.codec import (
     decode_registration,
     encode_entry,
     encode_node,
+    encode_placement,
     encode_version,
 )
 from karma8.net.common import create_app, int_arg, json_body
@@ -66,6 +70,16 @@ def discovery_app(discovery: Discovery, *, secret: str | None) -> QuartTrio:
     @app.route("/v1/uploads/<version_id>/abort", methods=["POST"])
     async def abort(version_id: str) -> Response:
         return jsonify(encode_version(await discovery.abort_upload(version_id=version_id)))
+
+    @app.route("/v1/uploads/<version_id>/parts/<int:index>/replace", methods=["POST"])
+    async def replace_part(version_id: str, index: int) -> Response:
+        failed = (await json_body()).get("failed_node_id")
+        if not isinstance(failed, str) or not failed:
+            raise InvalidRequest("failed_node_id must be a node id")
+        placement = await discovery.replace_part(
+            version_id=version_id, index=index, failed_node_id=failed
+        )
+        return jsonify(encode_placement(placement))
 
     @app.route("/v1/files/<namespace>/<path:name>", methods=["GET"])
     async def resolve(namespace: str, name: str) -> Response:
@@ -113,6 +127,14 @@ def discovery_app(discovery: Discovery, *, secret: str | None) -> QuartTrio:
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise InvalidRequest("keys must be a list of part keys")
         return jsonify({"unknown": await discovery.unknown_parts(node_id=node_id, keys=keys)})
+
+    @app.route("/v1/nodes/<node_id>/failures", methods=["POST"])
+    async def report_failure(node_id: str) -> tuple[str, int]:
+        reason = (await json_body()).get("reason", "")
+        if not isinstance(reason, str):
+            raise InvalidRequest("reason must be a string")
+        await discovery.report_node_failure(node_id=node_id, reason=reason)
+        return "", 204
 
     @app.route("/v1/nodes", methods=["GET"])
     async def list_nodes() -> Response:

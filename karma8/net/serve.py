@@ -82,6 +82,7 @@ class NetConfig:
     max_file_size: int = _DISCOVERY.max_file_size
     heartbeat_interval: float = _STORAGE.heartbeat_interval
     node_timeout: float = _DISCOVERY.node_timeout
+    suspect_for: float = _DISCOVERY.suspect_for
     upload_ttl: float = _DISCOVERY.upload_ttl
     retire_grace: float = _DISCOVERY.retire_grace
     sweep_interval: float = _DISCOVERY.sweep_interval
@@ -167,6 +168,7 @@ def build_discovery(config: NetConfig, store: SqliteMetadataStore) -> Discovery:
             layout=StripeLayout(parts=5, unit=config.stripe_unit),
             upload_ttl=config.upload_ttl,
             node_timeout=config.node_timeout,
+            suspect_for=config.suspect_for,
             retire_grace=config.retire_grace,
             sweep_interval=config.sweep_interval,
             max_file_size=config.max_file_size,

@@ -18,6 +18,7 @@ from karma8.core.model import (
     NodeRef,
     NodeRegistration,
     NodeStatus,
+    PartPlacement,
     PartReceipt,
 )
 from karma8.ports import StoredPart
@@ -119,6 +120,22 @@ class SimDiscoveryClient:
             return await d.unknown_parts(node_id=node_id, keys=asked)
 
         return await self._net.call(self._src, DISCOVERY, "unknown_parts", op)
+
+    async def report_node_failure(self, *, node_id: str, reason: str) -> None:
+        async def op(d: Discovery) -> None:
+            await d.report_node_failure(node_id=node_id, reason=reason)
+
+        await self._net.call(self._src, DISCOVERY, f"report_node_failure {node_id}", op)
+
+    async def replace_part(
+        self, *, version_id: str, index: int, failed_node_id: str
+    ) -> PartPlacement:
+        async def op(d: Discovery) -> PartPlacement:
+            return await d.replace_part(
+                version_id=version_id, index=index, failed_node_id=failed_node_id
+            )
+
+        return await self._net.call(self._src, DISCOVERY, f"replace_part {version_id}.{index}", op)
 
 
 class SimStorageClient:

@@ -13,8 +13,8 @@ hides before the run ends. The :class:`Monitor` watches the run as it happens:
 * after the run, every failed operation must be explained by a fault active during it
   (:class:`FaultTimeline`); a read may also fail when a write of the same name raced it.
 
-The store hook is :class:`ObservedStore`, the simulator's metadata store with the commit
-observed; actors cannot tell it from the plain one.
+The store hook is :class:`ObservedStore`, the simulator's metadata store with begins, part
+moves and commits observed; actors cannot tell it from the plain one.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from karma8.core.layout import StripeLayout
-from karma8.core.model import FileVersion, PartReceipt, VersionState
+from karma8.core.model import FileVersion, PartPlacement, PartReceipt, VersionState
 from karma8.core.placement import NodeLoad
 from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.sim.disk import MemoryDisk
@@ -94,6 +94,7 @@ class FaultTimeline:
 class _Begun:
     at: float
     version: FileVersion
+    moved: list[PartPlacement] = attrs.Factory(list)  # parts placed again (replace_part)
 
 
 class Monitor:
@@ -125,6 +126,13 @@ class Monitor:
         self._begun.setdefault(version.name, []).append(
             _Begun(at=trio.current_time(), version=version)
         )
+
+    def replaced(self, version_id: str, placement: PartPlacement) -> None:
+        """A part of a pending version moved to another node: clean-up must cover it too."""
+        for begun in self._begun.values():
+            for record in begun:
+                if record.version.version_id == version_id:
+                    record.moved.append(placement)
 
     def committed(self, version: FileVersion) -> None:
         """Check, at this moment, that the parts the metadata names are stored as recorded."""
@@ -190,7 +198,7 @@ class Monitor:
                 continue  # the gateway cannot learn the outcome: it keeps the parts, rightly
             if version.version_id in pending:
                 self.uploads_cleaned.append(f"{where} is still pending, holding its reservation")
-            for part in version.parts:
+            for part in (*version.parts, *begun.moved):
                 node = part.node.node_id
                 disk = self.disk_of(node)
                 if disk is None or part.key not in disk.parts:
@@ -264,6 +272,20 @@ class ObservedStore(SqliteMetadataStore):
         )
         self._monitor.begun(version)
         return version
+
+    def replace_part(
+        self,
+        *,
+        version_id: str,
+        index: int,
+        failed_node_id: str,
+        place: Callable[[Sequence[NodeLoad], int], Sequence[str]],
+    ) -> PartPlacement:
+        placement = super().replace_part(
+            version_id=version_id, index=index, failed_node_id=failed_node_id, place=place
+        )
+        self._monitor.replaced(version_id, placement)
+        return placement
 
     def commit_version(
         self,
