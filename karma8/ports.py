@@ -208,6 +208,11 @@ class PartStore(Protocol):
 
     async def used_bytes(self) -> int: ...
 
+    async def free_bytes(self) -> int:
+        """Bytes the disk under the store can still take, whatever the quota: a node's
+        capacity is the smaller of its quota and what it uses plus this."""
+        ...
+
     async def verify(self, key: str) -> bool:
         """Re-read a part; True if its bytes match its recorded checksum. Raises NotFound."""
         ...

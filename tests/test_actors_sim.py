@@ -398,3 +398,20 @@ def test_a_full_node_fails_one_put_then_is_not_chosen_until_it_heartbeats_again(
         assert full.node_id in {p.node.node_id for p in version.parts}  # the emptiest
 
     run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_a_full_disk_shrinks_its_nodes_capacity_so_no_put_even_tries_it() -> None:
+    async def go(cluster: SimCluster) -> None:
+        gw = cluster.gateway
+        await gw.put("default", "before", chunks(payload(100)))
+        full = cluster.nodes[0]
+        full.disk.full_until = 1e9  # full for a reason that is not karma8's quota
+        await trio.sleep(2 * cluster.scenario.cluster.heartbeat_interval)  # a heartbeat tells
+        status = next(n for n in cluster.store.list_nodes() if n.node_id == full.node_id)
+        assert status.capacity_bytes == full.disk.used  # what it holds, and no more
+        for i in range(20):  # none fails: the node is never chosen
+            version = await gw.put("default", f"f{i}", chunks(payload(100, i)))
+            assert full.node_id not in {p.node.node_id for p in version.parts}
+        assert node_state(cluster, full.node_id) is NodeState.AVAILABLE  # full, not failing
+
+    run_with_cluster(go, scenario=SCENARIO)

@@ -4,6 +4,7 @@ writes, commits, reads, faults and space."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -320,3 +321,11 @@ async def test_fan_out_nests_parts_two_levels_deep(tmp_path: Path) -> None:
     assert len(leaves) > 32  # hashed, not grouped by version
     assert all(p.is_dir() for p in parts.iterdir())
     assert store.part_path(keys[0]).read_bytes()[:6] == b"K8PART"
+
+
+async def test_free_bytes_is_what_the_file_system_has_left(tmp_path: Path) -> None:
+    store = new_store(tmp_path)
+    free = await store.free_bytes()
+    usage = shutil.disk_usage(tmp_path)  # f_bavail in units of f_frsize, as the store counts
+    assert 0 < free <= usage.total
+    assert abs(free - usage.free) < 1 << 30  # other writers on the machine meanwhile

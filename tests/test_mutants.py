@@ -206,10 +206,11 @@ def test_the_checker_catches_the_mutant(
 
 
 @pytest.mark.parametrize("mutant", [skip_rollback, commit_with_a_missing_part])
-@pytest.mark.parametrize("scenario", ["failed_write", "disk_full"])
-def test_the_mutants_first_found_are_caught_by_shipped_scenarios(
-    mutant: Mutant, scenario: str, monkeypatch: pytest.MonkeyPatch
+def test_the_mutants_first_found_are_caught_by_a_shipped_scenario(
+    mutant: Mutant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The issue found them passing failed_write.toml (and disk_full.toml, where a full disk
+    # is now avoided before any PUT meets it).
     mutant(monkeypatch)
-    result = run_scenario(load_scenario(ROOT / "scenarios" / f"{scenario}.toml"))
-    assert not result.ok, f"{mutant.__name__} passed {scenario}"
+    result = run_scenario(load_scenario(ROOT / "scenarios" / "failed_write.toml"))
+    assert not result.ok, f"{mutant.__name__} passed failed_write"

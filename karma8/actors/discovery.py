@@ -242,5 +242,5 @@ class Discovery:
 def _check_registration(registration: NodeRegistration) -> None:
     if not registration.node_id or not registration.url:
         raise InvalidRequest("a node needs an id and a url")
-    if registration.capacity_bytes <= 0:
-        raise InvalidRequest("a node's capacity must be positive")
+    if registration.capacity_bytes < 0:  # 0: a full disk, registered but never chosen
+        raise InvalidRequest("a node's capacity must not be negative")

@@ -82,11 +82,15 @@ class StorageNode:
         self._suspects: dict[str, float] = {}
 
     async def registration(self) -> NodeRegistration:
+        """What discovery is told: the capacity is the smaller of the quota and what the disk
+        can really hold (used plus free), so a disk that fills up for any reason is avoided."""
+        used = await self._store.used_bytes()
+        free = await self._store.free_bytes()
         return NodeRegistration(
             node_id=self.node_id,
             url=self.url,
-            capacity_bytes=self._store.capacity_bytes,
-            disk_used_bytes=await self._store.used_bytes(),
+            capacity_bytes=min(self._store.capacity_bytes, used + free),
+            disk_used_bytes=used,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -130,6 +130,14 @@ class MemoryDisk:
     async def used_bytes(self) -> int:
         return self._used
 
+    async def free_bytes(self) -> int:
+        """0 while a ``disk_full`` event lasts; else the capacity not yet used (the
+        simulated disk is as large as the node's quota)."""
+        await trio.lowlevel.checkpoint()
+        if trio.current_time() < self.full_until:
+            return 0
+        return max(0, self.capacity_bytes - self._used)
+
     @property
     def used(self) -> int:
         return self._used

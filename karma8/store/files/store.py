@@ -228,6 +228,14 @@ class FilePartStore:
         await trio.lowlevel.checkpoint()
         return self.context.quota.used_bytes
 
+    async def free_bytes(self) -> int:
+        """Bytes an unprivileged writer can still put on the store's file system."""
+        try:
+            stats = await self.context.io.run(lambda: os.statvfs(self.root))
+        except OSError as exc:
+            raise storage_error(exc, "reading free space") from None
+        return stats.f_bavail * stats.f_frsize
+
     @property
     def in_flight_bytes(self) -> int:
         """Bytes accepted by writers that have neither committed nor discarded."""
