@@ -129,7 +129,10 @@ def _swarm(args: argparse.Namespace) -> int:
         )
         return EXIT_CRASHED
     if outcome.failed is None:
-        print(f"swarm: {outcome.runs} seeds from {first}, all invariants held")
+        if args.json:
+            print(json.dumps({"ok": True, "seeds": outcome.runs, "first_seed": first}))
+        else:
+            print(f"swarm: {outcome.runs} seeds from {first}, all invariants held")
         return EXIT_OK
     result = outcome.failed
     replay = f"karma8 sim --swarm 1 --seed {result.seed}"

@@ -25,7 +25,7 @@ from karma8.core.errors import (
 from karma8.core.layout import split
 from karma8.core.model import NodeState, PartPlacement, VersionState
 from karma8.sim.cluster import SimCluster
-from karma8.sim.disk import WriteFault
+from karma8.sim.disk import MemoryDisk, WriteFault
 from karma8.sim.runner import run_with_cluster
 from karma8.sim.scenario import ClusterSpec, Scenario
 from karma8.sim.workload import BytesChunks
@@ -413,5 +413,22 @@ def test_a_full_disk_shrinks_its_nodes_capacity_so_no_put_even_tries_it() -> Non
             version = await gw.put("default", f"f{i}", chunks(payload(100, i)))
             assert full.node_id not in {p.node.node_id for p in version.parts}
         assert node_state(cluster, full.node_id) is NodeState.AVAILABLE  # full, not failing
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_a_node_that_cannot_read_its_free_space_registers_with_its_quota(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def unreadable(self: MemoryDisk) -> int:
+        raise StorageFailure("statvfs failed: Input/output error")
+
+    monkeypatch.setattr(MemoryDisk, "free_bytes", unreadable)
+
+    async def go(cluster: SimCluster) -> None:
+        nodes = cluster.store.list_nodes()
+        assert len(nodes) == 6  # every node came up
+        assert {n.capacity_bytes for n in nodes} == {SCENARIO.cluster.capacity}
+        await cluster.gateway.put("default", "f", chunks(payload(100)))
 
     run_with_cluster(go, scenario=SCENARIO)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from karma8.cli import main
+from karma8.core.model import NodeState, NodeStatus
+from karma8.net import admin
 from karma8.sim import swarm
 from karma8.sim.runner import SimResult
 from karma8.sim.scenario import Scenario
@@ -183,3 +185,28 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path: Path) -> 
     finally:
         os.close(write_end)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+def test_a_swarm_that_holds_answers_one_json_object_in_json_mode(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(
+        swarm, "run_scenario", lambda scenario, seed=None: _result(seed or 0, ok=True)
+    )
+    assert main(["sim", "--swarm", "3", "--seed", "7", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"ok": True, "seeds": 3, "first_seed": 7}
+
+
+def test_a_node_whose_disk_is_full_shows_as_full() -> None:
+    full = NodeStatus(
+        node_id="node-1",
+        url="http://n",
+        state=NodeState.AVAILABLE,
+        capacity_bytes=0,
+        used_bytes=0,
+        reserved_bytes=0,
+        parts=0,
+        last_seen=0.0,
+    )
+    assert "100.00%" in admin.nodes_table([full])
+    assert admin.nodes_json([full])[0]["fill_percent"] == 100.0

@@ -130,3 +130,15 @@ def test_nodes_get_their_capacities_in_a_run() -> None:
     )
     result = run_scenario(scenario)
     assert [n.capacity_bytes // MIB for n in result.nodes] == [1, 1, 2, 2, 4, 4, 8, 1, 4]
+
+
+def test_an_unset_quiet_phase_is_long_enough_for_the_timers_to_collect_garbage() -> None:
+    short = parse_scenario(
+        "[cluster]\nretire_grace = 1.0\norphan_grace = 2.0\n"
+        "orphan_check_interval = 1.0\nheartbeat_interval = 0.5\n"
+        "sweep_interval = 0.5\n"
+    )
+    assert short.quiet == 30.0  # the timers need less: the usual 30 s
+    defaults = parse_scenario("")
+    assert defaults.quiet == defaults.cluster.settle_seconds > 700  # production timers
+    assert parse_scenario("quiet = 5.0").quiet == 5.0  # what a scenario says wins

@@ -85,12 +85,13 @@ class StorageNode:
         """What discovery is told: the capacity is the smaller of the quota and what the disk
         can really hold (used plus free), so a disk that fills up for any reason is avoided."""
         used = await self._store.used_bytes()
-        free = await self._store.free_bytes()
+        capacity = self._store.capacity_bytes
+        try:
+            capacity = min(capacity, used + await self._store.free_bytes())
+        except Karma8Error as exc:  # the disk's free space is unknown: the quota must do
+            log.warning("node %s: cannot read the disk's free space: %s", self.node_id, exc)
         return NodeRegistration(
-            node_id=self.node_id,
-            url=self.url,
-            capacity_bytes=min(self._store.capacity_bytes, used + free),
-            disk_used_bytes=used,
+            node_id=self.node_id, url=self.url, capacity_bytes=capacity, disk_used_bytes=used
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

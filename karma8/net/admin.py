@@ -29,11 +29,13 @@ async def fetch_version(
         )
 
 
+def fill_percent(node: NodeStatus) -> float:
+    """Used over capacity; a node of capacity 0 (its disk is full) is full."""
+    return 100 * node.used_bytes / node.capacity_bytes if node.capacity_bytes > 0 else 100.0
+
+
 def nodes_json(nodes: list[NodeStatus]) -> list[dict[str, Any]]:
-    return [
-        {**encode_node(n), "fill_percent": round(100 * n.used_bytes / n.capacity_bytes, 3)}
-        for n in nodes
-    ]
+    return [{**encode_node(n), "fill_percent": round(fill_percent(n), 3)} for n in nodes]
 
 
 def nodes_table(nodes: list[NodeStatus]) -> str:
@@ -46,7 +48,7 @@ def nodes_table(nodes: list[NodeStatus]) -> str:
                 n.state.value,
                 format_size(n.capacity_bytes),
                 format_size(n.used_bytes),
-                f"{100 * n.used_bytes / n.capacity_bytes:.2f}%",
+                f"{fill_percent(n):.2f}%",
                 str(n.parts),
             )
         )

@@ -18,9 +18,10 @@ could act on a commit (say, serve a file) that a power loss then takes back.
 When a write leaves the log at ``checkpoint_bytes`` or longer, its caller checkpoints the log
 into the database and empties it, in a worker thread, holding new metadata calls back from
 that moment (the event loop keeps serving everything else): with writers running the
-checkpoint could never finish and the log would grow without end. So no call ever starts on a
-log at or past the bound, however fast the writers are; counting bytes, not seconds, keeps
-that true on any machine. A failed sync, or an I/O error of a
+checkpoint could never finish and the log would grow without end. So no call starts on a log
+at or past the bound, however fast the writers are (counting bytes, not seconds, keeps that
+true on any machine), unless a checkpoint could not complete: then the next write tries
+again. A failed sync, or an I/O error of a
 checkpoint, is fail-stop: that call and every later one raise :class:`StorageFailure`;
 restart the service. The log is synced through a descriptor opened with the store, so a
 write-back error is reported even if the checkpoint's own fsync saw it first.

@@ -50,9 +50,10 @@ class FaultWindow:
     actors: frozenset[str]
 
 
-# Faults that can make a call fail (slow links only delay: the simulator has no timeouts).
+# Faults that can make a call fail (a slow link only delays a call: the simulator has no
+# call timeouts). A write can also fail because it was slow: its upload outlives upload_ttl.
 BREAKS_CALLS = frozenset({"crash", "partition", "lossy_link"})
-BREAKS_WRITES = BREAKS_CALLS | {"disk_full", "fail_writes"}
+BREAKS_WRITES = BREAKS_CALLS | {"disk_full", "fail_writes", "slow_link"}
 
 
 @attrs.define

@@ -64,6 +64,19 @@ class ClusterSpec:
         """
         return self.capacity if isinstance(self.capacity, int) else max(self.capacity)
 
+    @property
+    def settle_seconds(self) -> float:
+        """How long garbage takes to go once the load stops, under these timers: retired parts
+        after their grace, orphans after a check and their grace, each confirmed by heartbeats.
+        A scenario's quiet phase is at least this long unless it says otherwise."""
+        return (
+            self.retire_grace
+            + self.orphan_check_interval
+            + self.orphan_grace
+            + 5 * self.heartbeat_interval
+            + 2 * self.sweep_interval
+        )
+
 
 @attrs.frozen(kw_only=True)
 class NetworkSpec:
@@ -267,7 +280,7 @@ def parse_scenario(
         description=top.string("description", ""),
         seed=top.integer("seed", defaults.seed),
         duration=top.number("duration", defaults.duration),
-        quiet=top.number("quiet", defaults.quiet),
+        quiet=top.number("quiet", max(defaults.quiet, cluster.settle_seconds)),
         cluster=cluster,
         network=network,
         disk=disk,
