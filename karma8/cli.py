@@ -144,7 +144,9 @@ def _swarm(args: argparse.Namespace) -> int:
 def _sim(args: argparse.Namespace) -> int:
     # The actors log what a real service would (a node turned suspect, ...); in a simulation
     # those are simulated events, told by the report and its invariants, not on stderr.
-    logging.getLogger("karma8").addHandler(logging.NullHandler())
+    actors = logging.getLogger("karma8")
+    if not any(isinstance(h, logging.NullHandler) for h in actors.handlers):
+        actors.addHandler(logging.NullHandler())
     if args.swarm is not None:
         if args.scenario is not None:
             print("karma8 sim: --swarm makes its own scenarios; drop the file", file=sys.stderr)

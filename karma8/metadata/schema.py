@@ -5,6 +5,8 @@ property of the schema; node load is kept as counters on the node row (see
 :mod:`karma8.metadata.sqlite`).
 """
 
+import sqlite3
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS namespaces (
     name        TEXT PRIMARY KEY,
@@ -56,3 +58,10 @@ CREATE TABLE IF NOT EXISTS parts (
 );
 CREATE INDEX IF NOT EXISTS parts_by_node ON parts(node_id);
 """
+
+
+def add_missing_columns(db: sqlite3.Connection) -> None:
+    """Bring a database created by an older karma8 up to the schema (columns added later)."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
+    if "failed_at" not in columns:
+        db.execute("ALTER TABLE nodes ADD COLUMN failed_at REAL")

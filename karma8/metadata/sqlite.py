@@ -44,7 +44,6 @@ from karma8.core.model import (
     FileVersion,
     NodeRef,
     NodeRegistration,
-    NodeState,
     NodeStatus,
     PartPlacement,
     PartReceipt,
@@ -53,7 +52,8 @@ from karma8.core.model import (
     part_key,
 )
 from karma8.core.placement import NodeLoad
-from karma8.metadata.schema import SCHEMA
+from karma8.metadata.rows import committed_id, load_version, node_load, node_status
+from karma8.metadata.schema import SCHEMA, add_missing_columns
 
 
 class SqliteMetadataStore:
@@ -87,16 +87,10 @@ class SqliteMetadataStore:
                 self._db.execute("PRAGMA synchronous = NORMAL")
                 self._db.execute("PRAGMA wal_autocheckpoint = 0")
         self._db.executescript(SCHEMA)
-        self._add_missing_columns()
+        add_missing_columns(self._db)
         if self._wal is not None and not sync_on_commit:
             self.checkpoint()  # start with an empty log: what recovery or the schema left
             self._open_wal()
-
-    def _add_missing_columns(self) -> None:
-        """Bring a database created by an older karma8 up to the schema (columns added later)."""
-        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(nodes)")}
-        if "failed_at" not in columns:
-            self._db.execute("ALTER TABLE nodes ADD COLUMN failed_at REAL")
 
     def close(self) -> None:
         if self._checkpointer is not None:
@@ -266,20 +260,7 @@ class SqliteMetadataStore:
 
     def list_nodes(self) -> list[NodeStatus]:
         rows = self._db.execute("SELECT * FROM nodes ORDER BY registered_at, node_id").fetchall()
-        return [
-            NodeStatus(
-                node_id=r["node_id"],
-                url=r["url"],
-                state=NodeState(r["state"]),
-                capacity_bytes=r["capacity_bytes"],
-                used_bytes=r["used_bytes"],
-                reserved_bytes=r["reserved_bytes"],
-                parts=r["parts"],
-                last_seen=r["last_seen"],
-                failed_at=r["failed_at"],
-            )
-            for r in rows
-        ]
+        return [node_status(r) for r in rows]
 
     # -- versions -------------------------------------------------------------------------
 
@@ -299,11 +280,11 @@ class SqliteMetadataStore:
         reserve = layout.part_sizes(size_hint) if size_hint is not None else (0,) * layout.parts
         with self._tx() as db:
             self._require_namespace(db, namespace)
-            if if_absent and self._committed_id(db, namespace, name) is not None:
+            if if_absent and committed_id(db, namespace, name) is not None:
                 raise PreconditionFailed(f"{namespace}/{name} already exists")
             rows = db.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
             urls = {r["node_id"]: r["url"] for r in rows}
-            loads = [_load_of(r) for r in rows]
+            loads = [node_load(r) for r in rows]
             chosen = list(place(loads))
             db.execute(
                 """
@@ -383,7 +364,7 @@ class SqliteMetadataStore:
                         f"upload {version_id}: part {index} has {by_index[index].size} bytes,"
                         f" the layout says {want}"
                     )
-            previous = self._committed_id(db, row["namespace"], row["name"])
+            previous = committed_id(db, row["namespace"], row["name"])
             if previous is not None:
                 if if_absent:
                     raise PreconditionFailed(f"{row['namespace']}/{row['name']} already exists")
@@ -403,7 +384,7 @@ class SqliteMetadataStore:
                 " WHERE version_id = ?",
                 (size, now, etag_of(checksums), version_id),
             )
-            return self._load_version(db, version_id)
+            return load_version(db, version_id)
 
     def abort_version(self, version_id: str, now: float) -> FileVersion:
         with self._tx() as db:
@@ -418,7 +399,7 @@ class SqliteMetadataStore:
                     "UPDATE versions SET state = 'aborted', retired_at = ? WHERE version_id = ?",
                     (now, version_id),
                 )
-            return self._load_version(db, version_id)
+            return load_version(db, version_id)
 
     def replace_part(
         self,
@@ -456,7 +437,7 @@ class SqliteMetadataStore:
                 for r in db.execute("SELECT node_id FROM parts WHERE version_id = ?", (version_id,))
             }
             rows = db.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
-            loads = [_load_of(r) for r in rows if r["node_id"] not in holding]
+            loads = [node_load(r) for r in rows if r["node_id"] not in holding]
             (node_id,) = place(loads, part["reserved"])
             url = next(r["url"] for r in rows if r["node_id"] == node_id)
             db.execute(
@@ -505,17 +486,17 @@ class SqliteMetadataStore:
         db.execute("UPDATE parts SET reserved = 0 WHERE version_id = ?", (version_id,))
 
     def current_version(self, namespace: str, name: str) -> FileVersion | None:
-        version_id = self._committed_id(self._db, namespace, name)
+        version_id = committed_id(self._db, namespace, name)
         if version_id is None:
             if not self.namespace_exists(namespace):
                 raise NotFound(f"namespace {namespace!r} does not exist")
             return None
-        return self._load_version(self._db, version_id)
+        return load_version(self._db, version_id)
 
     def retire_current(self, namespace: str, name: str, now: float) -> bool:
         with self._tx() as db:
             self._require_namespace(db, namespace)
-            version_id = self._committed_id(db, namespace, name)
+            version_id = committed_id(db, namespace, name)
             if version_id is None:
                 return False
             db.execute(
@@ -601,61 +582,4 @@ class SqliteMetadataStore:
                 "SELECT version_id FROM versions WHERE state = ? ORDER BY version_id",
                 (state.value,),
             )
-        return [self._load_version(self._db, r["version_id"]) for r in rows.fetchall()]
-
-    # -- helpers --------------------------------------------------------------------------
-
-    @staticmethod
-    def _committed_id(db: sqlite3.Connection, namespace: str, name: str) -> str | None:
-        row = db.execute(
-            "SELECT version_id FROM versions WHERE namespace = ? AND name = ?"
-            " AND state = 'committed'",
-            (namespace, name),
-        ).fetchone()
-        return None if row is None else str(row["version_id"])
-
-    @staticmethod
-    def _load_version(db: sqlite3.Connection, version_id: str) -> FileVersion:
-        row = db.execute("SELECT * FROM versions WHERE version_id = ?", (version_id,)).fetchone()
-        if row is None:
-            raise NotFound(f"version {version_id} is unknown")
-        parts = db.execute(
-            """
-            SELECT p.idx, p.part_key, p.size, p.checksum, n.node_id, n.url
-            FROM parts p JOIN nodes n USING (node_id)
-            WHERE p.version_id = ? ORDER BY p.idx
-            """,
-            (version_id,),
-        ).fetchall()
-        return FileVersion(
-            version_id=row["version_id"],
-            namespace=row["namespace"],
-            name=row["name"],
-            state=VersionState(row["state"]),
-            size=row["size"],
-            layout=StripeLayout(parts=row["k"], unit=row["unit"]),
-            parts=tuple(
-                PartPlacement(
-                    index=p["idx"],
-                    key=p["part_key"],
-                    node=NodeRef(node_id=p["node_id"], url=p["url"]),
-                    size=p["size"],
-                    checksum=p["checksum"],
-                )
-                for p in parts
-            ),
-            created_at=row["created_at"],
-            committed_at=row["committed_at"],
-            etag=row["etag"],
-        )
-
-
-def _load_of(row: sqlite3.Row) -> NodeLoad:
-    """What placement needs to know of a node row (only AVAILABLE nodes are candidates)."""
-    return NodeLoad(
-        node_id=row["node_id"],
-        capacity=row["capacity_bytes"],
-        used=row["used_bytes"],
-        reserved=row["reserved_bytes"],
-        available=row["state"] == NodeState.AVAILABLE.value,
-    )
+        return [load_version(self._db, r["version_id"]) for r in rows.fetchall()]

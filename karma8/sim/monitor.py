@@ -20,13 +20,12 @@ moves and commits observed; actors cannot tell it from the plain one.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import trio
 
-from karma8.core.layout import StripeLayout
-from karma8.core.model import FileVersion, PartPlacement, PartReceipt, VersionState
-from karma8.core.placement import NodeLoad
+from karma8.core.model import FileVersion, PartPlacement, VersionState
 from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.sim.disk import MemoryDisk
 from karma8.sim.workload import GATEWAY, History, Op
@@ -107,7 +106,8 @@ class Monitor:
         self.disk_of: Callable[[str], MemoryDisk | None] = lambda node_id: None
         self.committed_parts: list[str] = []
         self.uploads_cleaned: list[str] = []
-        self._begun: dict[str, list[_Begun]] = {}
+        self._begun: dict[str, list[_Begun]] = {}  # name -> versions begun for it
+        self._begun_by_id: dict[str, _Begun] = {}
         self._committed_ids: set[str] = set()
         self._part_nodes: dict[str, set[str]] = {}  # name -> nodes of its committed versions
         self._in_flight: dict[str, list[Op]] = {}  # name -> PUTs not yet answered
@@ -124,16 +124,13 @@ class Monitor:
     # -- store events (synchronous, inside discovery's transaction calls) ------------------
 
     def begun(self, version: FileVersion) -> None:
-        self._begun.setdefault(version.name, []).append(
-            _Begun(at=trio.current_time(), version=version)
-        )
+        record = _Begun(at=trio.current_time(), version=version)
+        self._begun.setdefault(version.name, []).append(record)
+        self._begun_by_id[version.version_id] = record
 
     def replaced(self, version_id: str, placement: PartPlacement) -> None:
         """A part of a pending version moved to another node: clean-up must cover it too."""
-        for begun in self._begun.values():
-            for record in begun:
-                if record.version.version_id == version_id:
-                    record.moved.append(placement)
+        self._begun_by_id[version_id].moved.append(placement)
 
     def committed(self, version: FileVersion) -> None:
         """Check, at this moment, that the parts the metadata names are stored as recorded."""
@@ -247,58 +244,18 @@ class ObservedStore(SqliteMetadataStore):
         super().__init__(":memory:")
         self._monitor = monitor
 
-    def begin_version(
-        self,
-        *,
-        version_id: str,
-        namespace: str,
-        name: str,
-        layout: StripeLayout,
-        size_hint: int | None,
-        now: float,
-        expires_at: float,
-        if_absent: bool,
-        place: Callable[[Sequence[NodeLoad]], Sequence[str]],
-    ) -> FileVersion:
-        version = super().begin_version(
-            version_id=version_id,
-            namespace=namespace,
-            name=name,
-            layout=layout,
-            size_hint=size_hint,
-            now=now,
-            expires_at=expires_at,
-            if_absent=if_absent,
-            place=place,
-        )
+    # Keyword arguments pass through untouched: each override only adds the notification.
+    def begin_version(self, **kwargs: Any) -> FileVersion:
+        version = super().begin_version(**kwargs)
         self._monitor.begun(version)
         return version
 
-    def replace_part(
-        self,
-        *,
-        version_id: str,
-        index: int,
-        failed_node_id: str,
-        place: Callable[[Sequence[NodeLoad], int], Sequence[str]],
-    ) -> PartPlacement:
-        placement = super().replace_part(
-            version_id=version_id, index=index, failed_node_id=failed_node_id, place=place
-        )
-        self._monitor.replaced(version_id, placement)
+    def replace_part(self, **kwargs: Any) -> PartPlacement:
+        placement = super().replace_part(**kwargs)
+        self._monitor.replaced(kwargs["version_id"], placement)
         return placement
 
-    def commit_version(
-        self,
-        *,
-        version_id: str,
-        size: int,
-        receipts: Sequence[PartReceipt],
-        now: float,
-        if_absent: bool,
-    ) -> FileVersion:
-        version = super().commit_version(
-            version_id=version_id, size=size, receipts=receipts, now=now, if_absent=if_absent
-        )
+    def commit_version(self, **kwargs: Any) -> FileVersion:
+        version = super().commit_version(**kwargs)
         self._monitor.committed(version)
         return version
