@@ -20,13 +20,16 @@ from karma8.core.layout import StripeLayout
 from karma8.core.model import (
     FileEntry,
     FileVersion,
+    MoveTicket,
     NodeRef,
     NodeRegistration,
     NodeStatus,
     PartPlacement,
     PartReceipt,
+    RebalanceStatus,
 )
 from karma8.core.placement import NodeLoad
+from karma8.core.rebalance import MovablePart, Move, NodeFill, RebalancePlan
 
 T = TypeVar("T")
 
@@ -134,6 +137,33 @@ class DiscoveryAPI(Protocol):
         Raises UploadConflict (not pending, or the part is not on that node), NotEnoughNodes.
         """
         ...
+
+
+class RebalanceAPI(Protocol):
+    """What the rebalancer asks of discovery: plans, and the steps of each part move."""
+
+    async def plan_rebalance(
+        self,
+        *,
+        tolerance_pp: float,
+        batch: int,
+        max_bytes: int | None = None,
+        no_donors: frozenset[str] = frozenset(),
+        no_receivers: frozenset[str] = frozenset(),
+    ) -> RebalancePlan: ...
+
+    async def rebalance_status(self) -> RebalanceStatus: ...
+
+    async def begin_move(self, move: Move, *, lease: float) -> MoveTicket:
+        """Record the move, reserve its bytes on the target. Raises MoveConflict."""
+        ...
+
+    async def finish_move(self, *, key: str, target: str, checksum: str) -> None:
+        """Switch the part to the target's copy. Raises MoveConflict or IntegrityError
+        (the move is then aborted)."""
+        ...
+
+    async def abort_move(self, *, key: str) -> None: ...
 
 
 class StorageAPI(Protocol):
@@ -289,3 +319,19 @@ class MetadataStore(Protocol):
     def forget_parts(self, node_id: str, keys: Sequence[str]) -> int: ...
 
     def part_keys_on_node(self, node_id: str) -> set[str]: ...
+
+    def expire_moves(self, now: float) -> int: ...
+
+    def rebalance_fills(self) -> list[NodeFill]: ...
+
+    def movable_parts(self, node_id: str, *, limit: int) -> list[MovablePart]: ...
+
+    def begin_move(
+        self, *, key: str, source: str, target: str, now: float, lease_until: float
+    ) -> MoveTicket: ...
+
+    def finish_move(self, *, key: str, target: str, checksum: str, now: float) -> None: ...
+
+    def abort_move(self, key: str, now: float) -> bool: ...
+
+    def move_counts(self) -> dict[str, int]: ...

@@ -27,13 +27,24 @@ from karma8.core.layout import DEFAULT_MAX_FILE_SIZE, StripeLayout
 from karma8.core.model import (
     FileEntry,
     FileVersion,
+    MoveTicket,
     NodeRegistration,
     NodeStatus,
     PartPlacement,
     PartReceipt,
+    RebalanceStatus,
 )
 from karma8.core.names import check_name, check_namespace
 from karma8.core.placement import NodeLoad, place_parts
+from karma8.core.rebalance import (
+    Move,
+    RebalancePlan,
+    bytes_over_target,
+    fill_targets,
+    imbalance_pp,
+    plan_moves,
+    spread_pp,
+)
 from karma8.ports import BlockingRunner, Clock, IdSource, MetadataStore
 
 log = logging.getLogger("karma8.discovery")
@@ -87,9 +98,10 @@ class Discovery:
             await self.sweep()
 
     async def sweep(self) -> None:
-        """Abort expired uploads and mark silent nodes unavailable (idempotent)."""
+        """Abort expired uploads and part moves, mark silent nodes unavailable (idempotent)."""
         now = self._clock.now()
         await self._blocking(lambda: self._store.expire_pending(now))
+        await self._blocking(lambda: self._store.expire_moves(now))
         stale_before = now - self.config.node_timeout
         await self._blocking(lambda: self._store.mark_stale_nodes(stale_before))
 
@@ -237,6 +249,87 @@ class Discovery:
         known = await self._blocking(lambda: self._store.mark_node_suspect(node_id, now))
         if known:
             log.warning("node %s is suspect: %s", node_id, reason[:200])
+
+    # -- part moves (the rebalancer's side, see karma8.actors.rebalancer) -------------------
+
+    async def plan_rebalance(
+        self,
+        *,
+        tolerance_pp: float,
+        batch: int,
+        max_bytes: int | None = None,
+        no_donors: frozenset[str] = frozenset(),
+        no_receivers: frozenset[str] = frozenset(),
+    ) -> RebalancePlan:
+        """The next moves towards even filling, from up to ``batch`` parts of each node above
+        its target (see :func:`karma8.core.rebalance.plan_moves`)."""
+        parts = self.config.layout.parts
+
+        def plan() -> RebalancePlan:
+            fills = self._store.rebalance_fills()
+            targets = fill_targets(fills, parts=parts)
+            donors = [
+                n.node_id
+                for n in fills
+                if n.live - targets[n.node_id] > tolerance_pp / 100 * n.capacity
+                and n.node_id not in no_donors
+            ]
+            candidates = {d: self._store.movable_parts(d, limit=batch) for d in donors}
+            moves = plan_moves(
+                fills,
+                candidates,
+                parts=parts,
+                tolerance_pp=tolerance_pp,
+                max_bytes=max_bytes,
+                no_donors=no_donors,
+                no_receivers=no_receivers,
+            )
+            return RebalancePlan(fills=tuple(fills), targets=targets, moves=tuple(moves))
+
+        return await self._blocking(plan)
+
+    async def rebalance_status(self) -> RebalanceStatus:
+        """How even the filling is and what moved so far (without the mover's rate)."""
+        parts = self.config.layout.parts
+
+        def status() -> RebalanceStatus:
+            fills = self._store.rebalance_fills()
+            targets = fill_targets(fills, parts=parts)
+            counts = self._store.move_counts()
+            live = {n.node_id: n.live for n in fills}
+            return RebalanceStatus(
+                spread_pp=spread_pp(fills, parts=parts),
+                imbalance_pp=imbalance_pp(fills, targets),
+                remaining_bytes=bytes_over_target(live, targets) + counts["moving_bytes"],
+                moving_bytes=counts["moving_bytes"],
+                moving_parts=counts["moving_parts"],
+                moved_bytes=counts["moved_bytes"],
+                moved_parts=counts["moved_parts"],
+            )
+
+        return await self._blocking(status)
+
+    async def begin_move(self, move: Move, *, lease: float) -> MoveTicket:
+        now = self._clock.now()
+        return await self._blocking(
+            lambda: self._store.begin_move(
+                key=move.key,
+                source=move.source,
+                target=move.target,
+                now=now,
+                lease_until=now + lease,
+            )
+        )
+
+    async def finish_move(self, *, key: str, target: str, checksum: str) -> None:
+        now = self._clock.now()
+        await self._blocking(
+            lambda: self._store.finish_move(key=key, target=target, checksum=checksum, now=now)
+        )
+
+    async def abort_move(self, *, key: str) -> None:
+        now = self._clock.now()
+        await self._blocking(lambda: self._store.abort_move(key, now))
 
 
 def _check_registration(registration: NodeRegistration) -> None:

@@ -69,6 +69,12 @@ class UploadConflict(Karma8Error):
     code = "upload_conflict"
 
 
+class MoveConflict(Karma8Error):
+    """A part move that can no longer happen or finish (the part changed, the lease ran out)."""
+
+    code = "move_conflict"
+
+
 class NotEnoughNodes(Karma8Error):
     """Fewer available storage nodes with room than a file needs parts."""
 
@@ -111,6 +117,7 @@ ERROR_TYPES: dict[str, type[Karma8Error]] = {
         PreconditionFailed,
         RangeNotSatisfiable,
         UploadConflict,
+        MoveConflict,
         NotEnoughNodes,
         StorageFailure,
         IntegrityError,

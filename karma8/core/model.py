@@ -132,3 +132,37 @@ def etag_of(checksums: tuple[str, ...] | list[str]) -> str:
     """A strong ETag for a version: a digest over its part checksums, in part order."""
     digest = hashlib.sha256("\n".join(checksums).encode()).hexdigest()
     return f'"{digest[:32]}"'
+
+
+@attrs.frozen(kw_only=True)
+class MoveTicket:
+    """A part move discovery has recorded: copy ``key`` from ``source`` to ``target`` before
+    ``lease_until``, then report it done (the copy must match ``checksum``)."""
+
+    key: str
+    size: int
+    checksum: str
+    source: NodeRef
+    target: NodeRef
+    lease_until: float
+
+
+@attrs.frozen(kw_only=True)
+class RebalanceStatus:
+    """How evenly the nodes are filled and what the rebalancer has done and has left.
+
+    ``spread_pp``: max - min fill of the nodes that take part (available, capacity > 0), in
+    percentage points; ``imbalance_pp``: how far the node furthest from its target is.
+    ``remaining_bytes``: the least that must still move to reach the targets.
+    """
+
+    spread_pp: float
+    imbalance_pp: float
+    remaining_bytes: int
+    moving_bytes: int
+    moving_parts: int
+    moved_bytes: int
+    moved_parts: int
+    rate_bytes_per_s: float = 0.0
+    eta_seconds: float | None = None
+    active: bool = False

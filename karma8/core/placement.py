@@ -2,9 +2,11 @@
 
 Theory of operation
 -------------------
-Candidates are available nodes with room for one part. They are ranked by fill fraction
-``(used + reserved) / capacity``, where *reserved* counts bytes promised to uploads still in
-flight, so concurrent uploads see each other. The ``count`` lowest win; one node never holds
+Candidates are available nodes with room for one part (``capacity - used - reserved``, all that
+is on the disk and promised to it). They are ranked by fill fraction ``(live + reserved) /
+capacity``, where *live* counts the bytes of current files only (not garbage or copies a part
+move left behind, which go soon) and *reserved* counts bytes promised to uploads and part moves
+in flight, so concurrent uploads see each other. The ``count`` lowest win; one node never holds
 two parts of a version. Equal fills are common (a fresh cluster, nodes joining empty), so ties
 break by a rendezvous hash of (salt, node id) where the salt is the version id: every upload
 gets its own deterministic order over the tied nodes instead of all herding onto the same five.
@@ -32,6 +34,7 @@ class NodeLoad:
     used: int
     reserved: int = 0
     available: bool = True
+    live: int | None = None  # bytes of current files; None: all of ``used``
 
     @property
     def free(self) -> int:
@@ -39,7 +42,8 @@ class NodeLoad:
 
     @property
     def fill(self) -> float:
-        return (self.used + self.reserved) / self.capacity if self.capacity > 0 else 1.0
+        held = self.used if self.live is None else self.live
+        return (held + self.reserved) / self.capacity if self.capacity > 0 else 1.0
 
 
 def rendezvous(salt: str, node_id: str) -> int:

@@ -85,4 +85,5 @@ def node_load(row: sqlite3.Row) -> NodeLoad:
         used=row["used_bytes"],
         reserved=row["reserved_bytes"],
         available=row["state"] == NodeState.AVAILABLE.value,
+        live=row["live_bytes"],
     )

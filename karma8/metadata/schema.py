@@ -1,8 +1,10 @@
-"""Discovery's SQLite schema: namespaces, nodes, versions and parts.
+"""Discovery's SQLite schema: namespaces, nodes, versions and parts, and part moves.
 
 The partial unique index ``one_committed`` makes "at most one committed version per name" a
 property of the schema; node load is kept as counters on the node row (see
-:mod:`karma8.metadata.sqlite`).
+:mod:`karma8.metadata.sqlite`). ``moves`` holds the part copies under way (one per part at
+most); ``stale_copies`` the copies a move left behind, deleted like garbage once readers are
+done (see :mod:`karma8.metadata.moves`).
 """
 
 import sqlite3
@@ -20,6 +22,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     used_bytes      INTEGER NOT NULL DEFAULT 0,
     reserved_bytes  INTEGER NOT NULL DEFAULT 0,
     disk_used_bytes INTEGER NOT NULL DEFAULT 0,
+    live_bytes      INTEGER NOT NULL DEFAULT 0,
     parts           INTEGER NOT NULL DEFAULT 0,
     state           TEXT NOT NULL,
     registered_at   REAL NOT NULL,
@@ -57,6 +60,27 @@ CREATE TABLE IF NOT EXISTS parts (
     PRIMARY KEY (version_id, idx)
 );
 CREATE INDEX IF NOT EXISTS parts_by_node ON parts(node_id);
+CREATE TABLE IF NOT EXISTS moves (
+    part_key    TEXT PRIMARY KEY,
+    version_id  TEXT NOT NULL,
+    source      TEXT NOT NULL REFERENCES nodes(node_id),
+    target      TEXT NOT NULL REFERENCES nodes(node_id),
+    size        INTEGER NOT NULL,
+    started_at  REAL NOT NULL,
+    lease_until REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS stale_copies (
+    part_key    TEXT NOT NULL,
+    node_id     TEXT NOT NULL REFERENCES nodes(node_id),
+    size        INTEGER NOT NULL,
+    released_at REAL NOT NULL,
+    PRIMARY KEY (part_key, node_id)
+);
+CREATE INDEX IF NOT EXISTS stale_by_node ON stale_copies(node_id, released_at);
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 """
 
 
@@ -65,3 +89,12 @@ def add_missing_columns(db: sqlite3.Connection) -> None:
     columns = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
     if "failed_at" not in columns:
         db.execute("ALTER TABLE nodes ADD COLUMN failed_at REAL")
+    if "live_bytes" not in columns:
+        db.execute("ALTER TABLE nodes ADD COLUMN live_bytes INTEGER NOT NULL DEFAULT 0")
+        db.execute(
+            """
+            UPDATE nodes SET live_bytes = coalesce((
+                SELECT sum(p.size) FROM parts p JOIN versions v USING (version_id)
+                WHERE p.node_id = nodes.node_id AND v.state = 'committed'), 0)
+            """
+        )

@@ -2,23 +2,18 @@
 
 Theory of operation
 -------------------
-Every public method is one transaction (``BEGIN IMMEDIATE`` … ``COMMIT``), so each is atomic
-and concurrent callers serialise on SQLite's write lock. The simulator opens ``:memory:`` and
-calls methods inline. A file is opened in WAL mode, either with ``synchronous=FULL`` (a commit
-is durable when it returns) or, with ``sync_on_commit=False``, as net mode runs it: methods run
-inline on the event loop with ``synchronous=NORMAL``, and the caller makes commits durable in
-groups with :meth:`SqliteMetadataStore.sync_wal` (one ``fdatasync`` of the log, in a worker
-thread, for every commit before it) and, holding writers back, moves the log into the
-database with :meth:`SqliteMetadataStore.checkpoint` (:mod:`karma8.net.metasync`). A commit's
-frames are in the log, checksummed, before ``COMMIT`` returns; once the log is synced,
-recovery after a power loss replays them, exactly as if the commit had synced the log itself.
+Every public method is one transaction; the connection and the durability of commits are
+:mod:`karma8.metadata.database`'s.
 
 Node load is kept as counters on the node row, updated in the same transaction as the part
-rows they summarise, so placement never scans parts:
+rows they summarise, so placement and the rebalancer never scan parts:
 
-* ``reserved_bytes``: bytes promised to parts of PENDING versions (from the size hint);
-* ``used_bytes``: bytes of parts whose size is known (committed once), until the node reports
-  the part deleted; ``parts`` counts part rows on the node.
+* ``reserved_bytes``: bytes promised to parts of PENDING versions (from the size hint) and
+  to part copies under way;
+* ``used_bytes``: bytes on the node's disk as discovery knows them: parts whose size is known
+  (committed once) and copies a move left behind, until the node reports them deleted;
+* ``live_bytes``: bytes of its parts of COMMITTED versions (what the rebalancer evens out);
+* ``parts`` counts part rows on the node.
 
 The partial unique index ``one_committed`` makes "at most one committed version per name" a
 property of the schema, not of the code.
@@ -26,11 +21,8 @@ property of the schema, not of the code.
 
 from __future__ import annotations
 
-import os
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 from karma8.core.errors import (
     IntegrityError,
@@ -42,6 +34,7 @@ from karma8.core.layout import StripeLayout
 from karma8.core.model import (
     FileEntry,
     FileVersion,
+    MoveTicket,
     NodeRef,
     NodeRegistration,
     NodeStatus,
@@ -52,132 +45,14 @@ from karma8.core.model import (
     part_key,
 )
 from karma8.core.placement import NodeLoad
+from karma8.core.rebalance import MovablePart, NodeFill
+from karma8.metadata import moves
+from karma8.metadata.database import SqliteDatabase
 from karma8.metadata.rows import committed_id, load_version, node_load, node_status
-from karma8.metadata.schema import SCHEMA, add_missing_columns
 
 
-class SqliteMetadataStore:
+class SqliteMetadataStore(SqliteDatabase):
     """The :class:`karma8.ports.MetadataStore` on SQLite."""
-
-    def __init__(self, path: str | Path = ":memory:", *, sync_on_commit: bool = True) -> None:
-        """Open (creating if needed) the store at ``path``, or in memory.
-
-        Args:
-            sync_on_commit: Each commit syncs the log (``synchronous=FULL``). False: commits
-                only write it, and the caller syncs with :meth:`sync_wal` before it acts on
-                them and calls :meth:`checkpoint` when :meth:`log_bytes` says the log is long
-                enough (no automatic checkpoints).
-        """
-        self._path = str(path)
-        self._wal = None if self._path == ":memory:" else Path(self._path + "-wal")
-        # The log, opened once (sync_wal): a write-back error of any write since then is
-        # reported to this descriptor, even if another one (a checkpoint's fsync) saw it first.
-        self._wal_fd: int | None = None
-        self._wal_inode: int | None = None
-        self._checkpointer: sqlite3.Connection | None = None
-        # Calls may come from a worker thread (one at a time), hence check_same_thread=False.
-        self._db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA foreign_keys = ON")
-        if self._wal is not None:
-            self._db.execute("PRAGMA journal_mode = WAL")
-            if sync_on_commit:
-                self._db.execute("PRAGMA synchronous = FULL")
-            else:
-                self._db.execute("PRAGMA synchronous = NORMAL")
-                self._db.execute("PRAGMA wal_autocheckpoint = 0")
-        self._db.executescript(SCHEMA)
-        add_missing_columns(self._db)
-        if self._wal is not None and not sync_on_commit:
-            self.checkpoint()  # start with an empty log: what recovery or the schema left
-            self._open_wal()
-
-    def close(self) -> None:
-        if self._checkpointer is not None:
-            self._checkpointer.close()
-        self._db.close()
-        if self._wal_fd is not None:
-            os.close(self._wal_fd)
-            self._wal_fd = None
-
-    def _open_wal(self) -> None:
-        """(Re)open the log if it is not the file our descriptor holds; sync a new name."""
-        assert self._wal is not None
-        try:
-            inode = os.stat(self._wal).st_ino
-        except FileNotFoundError:
-            return  # no log: everything is in the database file, synced by the checkpoint
-        if inode == self._wal_inode:
-            return
-        if self._wal_fd is not None:
-            os.close(self._wal_fd)
-            self._wal_fd = None
-        self._wal_fd = os.open(self._wal, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self._wal_inode = os.fstat(self._wal_fd).st_ino
-        # As SQLite does for a log it created: the name must survive a crash too.
-        directory = os.open(self._wal.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-    @property
-    def changes(self) -> int:
-        """Rows changed through this store so far (grows with every write)."""
-        return self._db.total_changes
-
-    def sync_wal(self) -> None:
-        """Make every commit so far durable: ``fdatasync`` the write-ahead log (and, for a
-        new log file, its directory). Safe from any one thread at a time; does not touch the
-        connection.
-
-        Raises:
-            OSError: The sync failed (the caller must treat it as fail-stop).
-        """
-        if self._wal is None:
-            return
-        self._open_wal()
-        if self._wal_fd is not None:
-            os.fdatasync(self._wal_fd)
-
-    def log_bytes(self) -> int:
-        """Size of the write-ahead log now (0 in memory or right after a checkpoint)."""
-        if self._wal is None:
-            return 0
-        try:
-            return os.stat(self._wal).st_size
-        except FileNotFoundError:
-            return 0
-
-    def checkpoint(self) -> bool:
-        """Copy the log into the database and empty it (``TRUNCATE``); True if it completed.
-
-        Uses a connection of its own, so it may run in a worker thread, one caller at a time;
-        it completes only if nobody writes meanwhile (the caller holds writers back), else
-        the log keeps what was not copied and the next checkpoint goes on.
-
-        Raises:
-            sqlite3.Error: The checkpoint failed (an I/O error must be treated as fail-stop).
-        """
-        if self._wal is None:
-            return True
-        if self._checkpointer is None:
-            self._checkpointer = sqlite3.connect(
-                self._path, isolation_level=None, check_same_thread=False, timeout=0
-            )
-            self._checkpointer.execute("PRAGMA synchronous = NORMAL")
-        busy, _, _ = self._checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        return not busy
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     # -- namespaces -----------------------------------------------------------------------
 
@@ -368,16 +243,14 @@ class SqliteMetadataStore:
             if previous is not None:
                 if if_absent:
                     raise PreconditionFailed(f"{row['namespace']}/{row['name']} already exists")
-                db.execute(
-                    "UPDATE versions SET state = 'retired', retired_at = ? WHERE version_id = ?",
-                    (now, previous),
-                )
+                _retire(db, previous, now)
             for receipt in receipts:
                 db.execute(
                     "UPDATE parts SET size = ?, checksum = ? WHERE version_id = ? AND idx = ?",
                     (receipt.size, receipt.checksum, version_id, receipt.index),
                 )
             self._release_reservations(db, version_id, count_size=True)
+            _count_live(db, version_id, +1)
             checksums = [by_index[i].checksum for i in range(layout.parts)]
             db.execute(
                 "UPDATE versions SET state = 'committed', size = ?, committed_at = ?, etag = ?"
@@ -499,10 +372,7 @@ class SqliteMetadataStore:
             version_id = committed_id(db, namespace, name)
             if version_id is None:
                 return False
-            db.execute(
-                "UPDATE versions SET state = 'retired', retired_at = ? WHERE version_id = ?",
-                (now, version_id),
-            )
+            _retire(db, version_id, now)
             return True
 
     def list_files(self, namespace: str, *, prefix: str, after: str, limit: int) -> list[FileEntry]:
@@ -527,15 +397,19 @@ class SqliteMetadataStore:
     # -- garbage --------------------------------------------------------------------------
 
     def garbage_for_node(self, node_id: str, *, retired_before: float, limit: int) -> list[str]:
+        """Keys the node should delete: parts of aborted versions, parts of versions retired
+        before ``retired_before``, and copies a move left behind as long ago."""
         rows = self._db.execute(
             """
             SELECT p.part_key FROM versions v CROSS JOIN parts p
             WHERE v.state IN ('aborted', 'retired')
               AND (v.state = 'aborted' OR v.retired_at <= ?)
               AND p.version_id = v.version_id AND +p.node_id = ?
-            ORDER BY p.part_key LIMIT ?
+            UNION
+            SELECT part_key FROM stale_copies WHERE node_id = ? AND released_at <= ?
+            ORDER BY 1 LIMIT ?
             """,
-            (retired_before, node_id, limit),
+            (retired_before, node_id, node_id, retired_before, limit),
         ).fetchall()
         return [r["part_key"] for r in rows]
 
@@ -544,6 +418,9 @@ class SqliteMetadataStore:
         forgotten = 0
         with self._tx() as db:
             for key in keys:
+                if moves.forget_stale(db, node_id, key):
+                    forgotten += 1
+                    continue
                 row = db.execute(
                     """
                     SELECT p.version_id, p.size FROM parts p JOIN versions v USING (version_id)
@@ -568,10 +445,82 @@ class SqliteMetadataStore:
         return forgotten
 
     def part_keys_on_node(self, node_id: str) -> set[str]:
+        """Every key discovery knows on the node: its parts, copies moving to it, and stale
+        copies waiting for deletion."""
         return {
-            r["part_key"]
-            for r in self._db.execute("SELECT part_key FROM parts WHERE node_id = ?", (node_id,))
+            r[0]
+            for r in self._db.execute(
+                "SELECT part_key FROM parts WHERE node_id = :id"
+                " UNION SELECT part_key FROM moves WHERE target = :id"
+                " UNION SELECT part_key FROM stale_copies WHERE node_id = :id",
+                {"id": node_id},
+            )
         }
+
+    # -- part moves (see karma8.metadata.moves) -------------------------------------------
+
+    def rebalance_fills(self) -> list[NodeFill]:
+        return moves.node_fills(self._db)
+
+    def movable_parts(self, node_id: str, *, limit: int) -> list[MovablePart]:
+        return moves.movable_parts(self._db, node_id, limit)
+
+    def begin_move(
+        self, *, key: str, source: str, target: str, now: float, lease_until: float
+    ) -> MoveTicket:
+        with self._tx() as db:
+            return moves.begin_move(
+                db, key=key, source=source, target=target, now=now, lease_until=lease_until
+            )
+
+    def finish_move(self, *, key: str, target: str, checksum: str, now: float) -> None:
+        """Switch a moved part to its copy on ``target``. Raises MoveConflict or
+        IntegrityError, having aborted the move, when it cannot."""
+        with self._tx() as db:
+            problem = moves.finish_move(db, key=key, target=target, checksum=checksum, now=now)
+        if problem is not None:
+            raise problem
+
+    def abort_move(self, key: str, now: float) -> bool:
+        with self._tx() as db:
+            return moves.abort_move(db, key=key, now=now)
+
+    def expire_moves(self, now: float) -> int:
+        """Abort the moves whose lease ran out (their mover died or hung)."""
+        with self._tx() as db:
+            expired = moves.expired_moves(db, now)
+            for key in expired:
+                moves.abort_move(db, key=key, now=now)
+        return len(expired)
+
+    def move_counts(self) -> dict[str, int]:
+        """Moves under way and done: ``moving_parts``, ``moving_bytes``, ``moved_parts``,
+        ``moved_bytes``, and ``stale_copies`` left by moves and not yet deleted."""
+        parts, size = moves.moving(self._db)
+        stale = self._db.execute("SELECT count(*) FROM stale_copies").fetchone()[0]
+        return {
+            "stale_copies": int(stale),
+            "moving_parts": parts,
+            "moving_bytes": size,
+            "moved_parts": moves.counter(self._db, "moved_parts"),
+            "moved_bytes": moves.counter(self._db, "moved_bytes"),
+        }
+
+    def part_row(self, key: str) -> PartPlacement | None:
+        """A part by its key, wherever it is (for checkers and admin tools)."""
+        row = self._db.execute(
+            "SELECT p.*, n.url FROM parts p JOIN nodes n USING (node_id) WHERE p.part_key = ?",
+            (key,),
+        ).fetchone()
+        if row is None:
+            return None
+        return PartPlacement(
+            index=row["idx"],
+            key=key,
+            node=NodeRef(node_id=row["node_id"], url=row["url"]),
+            size=row["size"],
+            checksum=row["checksum"],
+        )
 
     def versions(self, state: VersionState | None = None) -> list[FileVersion]:
         """Every version (or those in ``state``), for checkers and admin tools."""
@@ -583,3 +532,25 @@ class SqliteMetadataStore:
                 (state.value,),
             )
         return [load_version(self._db, r["version_id"]) for r in rows.fetchall()]
+
+
+def _retire(db: sqlite3.Connection, version_id: str, now: float) -> None:
+    """A committed version stops being current: its parts become garbage after the grace."""
+    db.execute(
+        "UPDATE versions SET state = 'retired', retired_at = ? WHERE version_id = ?",
+        (now, version_id),
+    )
+    _count_live(db, version_id, -1)
+
+
+def _count_live(db: sqlite3.Connection, version_id: str, sign: int) -> None:
+    """Add (``sign`` +1) or remove (-1) a committed version's parts in their nodes' live bytes."""
+    db.execute(
+        """
+        UPDATE nodes SET live_bytes = live_bytes + :sign * (
+            SELECT coalesce(sum(p.size), 0) FROM parts p
+            WHERE p.version_id = :version AND p.node_id = nodes.node_id)
+        WHERE node_id IN (SELECT node_id FROM parts WHERE version_id = :version)
+        """,
+        {"sign": sign, "version": version_id},
+    )

@@ -34,6 +34,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "precondition_failed": 412,
     "range_not_satisfiable": 416,
     "upload_conflict": 409,
+    "move_conflict": 409,
     "not_enough_nodes": 503,
     "storage_failure": 502,
     "integrity_error": 502,

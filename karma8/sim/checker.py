@@ -7,9 +7,10 @@ the actors: the reference history, the metadata store and every node's disk.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from karma8.core.model import VersionState
+from karma8.core.rebalance import NodeFill, bytes_over_target, fill_targets, spread_pp
 from karma8.sim.cluster import SimCluster
 from karma8.sim.workload import History, Op, read_violation
 
@@ -74,6 +75,11 @@ def no_orphans(cluster: SimCluster) -> list[str]:
         left = cluster.store.versions(state)
         if left:
             problems.append(f"{len(left)} {state.value} versions remain after the quiet phase")
+    counts = cluster.store.move_counts()
+    if counts["moving_parts"]:
+        problems.append(f"{counts['moving_parts']} part moves are still under way")
+    if counts["stale_copies"]:
+        problems.append(f"{counts['stale_copies']} copies left by moves are not deleted")
     return problems
 
 
@@ -86,19 +92,17 @@ def reservations_released(cluster: SimCluster) -> list[str]:
     ]
 
 
-def spread_pp(disks: Iterable[tuple[int, int]]) -> float:
-    """Fill spread of ``(used, capacity)`` disks: max - min of used/capacity, in percentage points.
-
-    Fill is relative to each disk's own capacity, so a cluster of mixed capacities that fills
-    evenly spreads by 0, whatever its bytes per node.
-    """
-    fills = [100 * used / capacity for used, capacity in disks]
-    return max(fills) - min(fills) if fills else 0.0
+def _fills(cluster: SimCluster) -> list[NodeFill]:
+    return [
+        NodeFill(node_id=n.node_id, capacity=n.disk.capacity_bytes, live=n.disk.used, free=0)
+        for n in cluster.nodes
+    ]
 
 
 def fill_spread(cluster: SimCluster) -> float:
-    """The nodes' fill spread at this moment, in percentage points (see :func:`spread_pp`)."""
-    return spread_pp((node.disk.used, node.disk.capacity_bytes) for node in cluster.nodes)
+    """The nodes' fill spread now, in percentage points: max - min of used / capacity among
+    the nodes that can fill (a node bigger than a fifth of the cluster's bytes cannot)."""
+    return spread_pp(_fills(cluster))
 
 
 def fill_within(cluster: SimCluster, bound_pp: float) -> list[str]:
@@ -106,3 +110,47 @@ def fill_within(cluster: SimCluster, bound_pp: float) -> list[str]:
     if spread <= bound_pp:
         return []
     return [f"fill spread {spread:.3f} pp exceeds the bound {bound_pp} pp"]
+
+
+def refused_puts(history: History) -> int:
+    return sum(1 for op in history.ops if op.kind == "put" and op.error == "not_enough_nodes")
+
+
+def refusals_within(history: History, bound: int) -> list[str]:
+    refused = refused_puts(history)
+    return [] if refused <= bound else [f"{refused} PUTs refused (not_enough_nodes), bound {bound}"]
+
+
+def least_to_move(cluster: SimCluster, moves: Sequence[tuple[str, str, str, int]]) -> int:
+    """The least any rebalancer must have moved to reach the end state: the bytes each node
+    would hold had nothing moved, above its target for the bytes stored at the end."""
+    live: dict[str, int] = {node.node_id: 0 for node in cluster.nodes}
+    live_keys = set()
+    for version in cluster.store.versions(VersionState.COMMITTED):
+        for part in version.parts:
+            live[part.node.node_id] += part.size or 0
+            live_keys.add(part.key)
+    unmoved = dict(live)
+    for key, source, target, size in moves:
+        if key in live_keys:
+            unmoved[target] -= size
+            unmoved[source] += size
+    fills = [
+        NodeFill(node_id=n.node_id, capacity=n.disk.capacity_bytes, live=live[n.node_id], free=0)
+        for n in cluster.nodes
+    ]
+    return bytes_over_target(unmoved, fill_targets(fills))
+
+
+def move_ratio(moved: int, least: int) -> float:
+    """Bytes moved over the least needed (1.0 when neither moved nor needed anything)."""
+    if least == 0:
+        return 1.0 if moved == 0 else float("inf")
+    return moved / least
+
+
+def moves_within(moved: int, least: int, bound: float) -> list[str]:
+    ratio = move_ratio(moved, least)
+    if ratio <= bound:
+        return []
+    return [f"moved {moved} bytes, {ratio:.3f} x the least needed ({least}); bound {bound}"]

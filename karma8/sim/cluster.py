@@ -14,6 +14,7 @@ import trio
 
 from karma8.actors.discovery import Discovery, DiscoveryConfig
 from karma8.actors.gateway import Gateway, GatewayConfig
+from karma8.actors.rebalancer import Rebalancer
 from karma8.actors.storage import StorageConfig, StorageNode
 from karma8.core.layout import StripeLayout
 from karma8.metadata.sqlite import SqliteMetadataStore
@@ -70,6 +71,7 @@ class SimCluster:
             orphan_grace=spec.orphan_grace,
         )
         self.nodes: list[SimNode] = []
+        self.rebalancer: Rebalancer | None = None  # of the discovery process last started
         self._disk_rng = world.rng("disk")
         # Handlers are tracked (a cancel scope per call) only if something can crash.
         self.network.crashable = any(e.action == "crash" for e in scenario.events)
@@ -90,8 +92,19 @@ class SimCluster:
             config=GatewayConfig(),
         )
 
+    def _discovery_process(self) -> _DiscoveryProcess:
+        discovery = self._discovery()
+        self.rebalancer = Rebalancer(
+            discovery=discovery,
+            storage=SimStorageClient(self.network, DISCOVERY),
+            config=self.scenario.rebalance,
+        )
+        return _DiscoveryProcess(discovery, self.rebalancer)
+
     async def start(self) -> None:
-        await self._nursery.start(self._serve, self.network.endpoint(DISCOVERY), self._discovery())
+        await self._nursery.start(
+            self._serve, self.network.endpoint(DISCOVERY), self._discovery_process()
+        )
         for capacity in self.scenario.cluster.initial_capacities():
             await self.add_node(capacity)
         self.network.endpoint(GATEWAY).bring_up(self._gateway())
@@ -118,7 +131,7 @@ class SimCluster:
         if spec == GATEWAY:
             endpoint.bring_up(self._gateway())
         elif spec == DISCOVERY:
-            self._nursery.start_soon(self._serve, endpoint, self._discovery())
+            self._nursery.start_soon(self._serve, endpoint, self._discovery_process())
         else:
             node = next(n for n in self.nodes if n.node_id == name)
             self._nursery.start_soon(self._serve, endpoint, self._storage(node))
@@ -171,5 +184,20 @@ class SimCluster:
     ) -> None:
         with trio.CancelScope() as scope:
             endpoint.background = scope
-            endpoint.bring_up(actor)
+            endpoint.bring_up(actor.serves if isinstance(actor, _DiscoveryProcess) else actor)
             await actor.run(task_status=task_status)
+
+
+class _DiscoveryProcess:
+    """Discovery and the rebalancer beside it: one process, crashing and restarting together;
+    the network reaches discovery."""
+
+    def __init__(self, discovery: Discovery, rebalancer: Rebalancer) -> None:
+        self.serves = discovery
+        self._rebalancer = rebalancer
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.serves.run)
+            await nursery.start(self._rebalancer.run)
+            task_status.started()

@@ -10,6 +10,7 @@ hides before the run ends. The :class:`Monitor` watches the run as it happens:
   (so its reservations are released) and its parts gone, except where the fault schedule
   made discovery (then the outcome is unknown and the parts are rightly kept) or that node
   unreachable from the gateway;
+* at the moment a part move switches, the target must hold the part as recorded;
 * after the run, every failed operation must be explained by a fault active during it
   (:class:`FaultTimeline`); a read may also fail when a write of the same name raced it.
 
@@ -106,6 +107,8 @@ class Monitor:
         self.disk_of: Callable[[str], MemoryDisk | None] = lambda node_id: None
         self.committed_parts: list[str] = []
         self.uploads_cleaned: list[str] = []
+        self.moved_parts: list[str] = []
+        self.moves: list[tuple[str, str, str, int]] = []  # (key, source, target, size) switched
         self._begun: dict[str, list[_Begun]] = {}  # name -> versions begun for it
         self._begun_by_id: dict[str, _Begun] = {}
         self._committed_ids: set[str] = set()
@@ -159,6 +162,25 @@ class Monitor:
                 self.committed_parts.append(
                     f"{where}: part {part.index} on disk does not match its recorded checksum"
                 )
+
+    def moved(self, key: str, source: str, target: str) -> None:
+        """Check, at the switch, that the part's new home holds it as recorded."""
+        assert self._store is not None
+        row = self._store.part_row(key)
+        where = f"t={trio.current_time():.6f} move of {key} from {source} to {target}"
+        if row is None or row.node.node_id != target:
+            self.moved_parts.append(f"{where}: the metadata does not name the target")
+            return
+        self.moves.append((key, source, target, row.size or 0))
+        begun = self._begun_by_id.get(key.rsplit(".", 1)[0])
+        if begun is not None:
+            self._part_nodes.setdefault(begun.version.name, set()).add(target)
+        disk = self.disk_of(target)
+        stored = None if disk is None else disk.parts.get(key)
+        if stored is None:
+            self.moved_parts.append(f"{where}: switched, but the target does not hold it")
+        elif len(stored.data) != row.size or stored.checksum != row.checksum:
+            self.moved_parts.append(f"{where}: the target's copy differs from the record")
 
     # -- history events ---------------------------------------------------------------------
 
@@ -259,3 +281,9 @@ class ObservedStore(SqliteMetadataStore):
         version = super().commit_version(**kwargs)
         self._monitor.committed(version)
         return version
+
+    def finish_move(self, **kwargs: Any) -> None:
+        source = self.part_row(kwargs["key"])
+        super().finish_move(**kwargs)
+        assert source is not None  # the move finished, so the part was there
+        self._monitor.moved(kwargs["key"], source.node.node_id, kwargs["target"])

@@ -16,6 +16,7 @@ import attrs
 import trio
 
 from karma8.core.errors import Karma8Error
+from karma8.core.model import RebalanceStatus
 from karma8.core.placement import usable_capacity
 from karma8.sim import checker
 from karma8.sim.cluster import SimCluster
@@ -120,9 +121,12 @@ async def _simulate(scenario: Scenario, seed: int) -> SimResult:
         world.record("quiet")
         await trio.sleep(scenario.quiet)
         finals = await _final_reads(cluster, history)
+        rebalance = await cluster.rebalancer.status() if cluster.rebalancer else None
         result = _judge(
             scenario, seed, world, cluster, history, monitor, finals, load_end, load_wall
         )
+        if rebalance is not None:
+            result.stats["rebalance"] = _rebalance_stats(rebalance, cluster, monitor)
         nursery.cancel_scope.cancel()
     return result
 
@@ -226,10 +230,21 @@ def _judge(
         "parts_obey_layout": checker.layout_holds(cluster),
         "no_orphan_parts": checker.no_orphans(cluster),
         "reservations_released": checker.reservations_released(cluster),
+        "moved_parts_stored": monitor.moved_parts,
     }
-    if scenario.checks.max_fill_spread_pp is not None:
+    checks = scenario.checks
+    if checks.max_fill_spread_pp is not None:
         violations["fill_spread_within_bound"] = checker.fill_within(
-            cluster, scenario.checks.max_fill_spread_pp
+            cluster, checks.max_fill_spread_pp
+        )
+    if checks.max_refused_puts is not None:
+        violations["refused_puts_within_bound"] = checker.refusals_within(
+            history, checks.max_refused_puts
+        )
+    if checks.max_move_ratio is not None:
+        moved = sum(size for *_, size in monitor.moves)
+        violations["moved_bytes_near_least"] = checker.moves_within(
+            moved, checker.least_to_move(cluster, monitor.moves), checks.max_move_ratio
         )
     ops = Counter(op.kind for op in history.ops)
     ok_ops = Counter(op.kind for op in history.ops if op.ok)
@@ -261,6 +276,7 @@ def _judge(
         "capacity_bytes": sum(node.disk.capacity_bytes for node in cluster.nodes),
         "usable_capacity_bytes": usable_capacity([n.disk.capacity_bytes for n in cluster.nodes]),
     }
+    stats["refused_puts"] = checker.refused_puts(history)
     return SimResult(
         scenario=scenario.name,
         seed=seed,
@@ -270,3 +286,19 @@ def _judge(
         stats=stats,
         nodes=nodes,
     )
+
+
+def _rebalance_stats(
+    status: RebalanceStatus, cluster: SimCluster, monitor: Monitor
+) -> dict[str, Any]:
+    """What the rebalancer did: bytes and parts moved, the least that had to move, what is left."""
+    moved = sum(size for *_, size in monitor.moves)
+    least = checker.least_to_move(cluster, monitor.moves)
+    return {
+        "moved_bytes": moved,
+        "moved_parts": len(monitor.moves),
+        "least_bytes": least,
+        "ratio": round(checker.move_ratio(moved, least), 4),
+        "remaining_bytes": status.remaining_bytes,
+        "imbalance_pp": round(status.imbalance_pp, 4),
+    }

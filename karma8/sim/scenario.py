@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 
 from karma8.actors.discovery import DiscoveryConfig
+from karma8.actors.rebalancer import RebalancerConfig
 from karma8.actors.storage import StorageConfig
 from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
+
+T = TypeVar("T")
 
 
 class ScenarioError(ConfigError):
@@ -102,8 +107,13 @@ class WorkloadSpec:
 
 @attrs.frozen(kw_only=True)
 class ChecksSpec:
-    # max - min of the nodes' fill (used / capacity) at the end, in percentage points.
+    # max - min of the nodes' fill (used / capacity) at the end, in percentage points, among
+    # the nodes that can fill (not capped at a fifth of the bytes by the layout).
     max_fill_spread_pp: float | None = None
+    # PUTs refused (not_enough_nodes) while the cluster held less than its usable capacity.
+    max_refused_puts: int | None = None
+    # Bytes the rebalancer moved over the least any rebalancer must move to reach the end state.
+    max_move_ratio: float | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -166,6 +176,7 @@ class Scenario:
     disk: DiskSpec = DiskSpec()
     workload: WorkloadSpec = WorkloadSpec()
     checks: ChecksSpec = ChecksSpec()
+    rebalance: RebalancerConfig = attrs.Factory(RebalancerConfig)
     events: tuple[Event, ...] = ()
 
 
@@ -239,11 +250,27 @@ def parse_scenario(
         raise source.error("workload.mix", "put", "at least one operation needs a weight > 0")
 
     k = top.table("checks")
-    spread = k.get("max_fill_spread_pp", None)
     checks = ChecksSpec(
-        max_fill_spread_pp=None if spread is None else k.number("max_fill_spread_pp", 0.0)
+        max_fill_spread_pp=_optional(k, "max_fill_spread_pp", lambda key: k.number(key, 0.0)),
+        max_refused_puts=_optional(k, "max_refused_puts", lambda key: k.integer(key, 0)),
+        max_move_ratio=_optional(k, "max_move_ratio", lambda key: k.number(key, 1.0)),
     )
     k.finish()
+
+    r = top.table("rebalance")
+    rd = defaults.rebalance
+    rebalance = RebalancerConfig(
+        enabled=r.boolean("enabled", rd.enabled),
+        interval=r.number("interval", rd.interval, minimum=0.001),
+        start_pp=r.number("start_pp", rd.start_pp),
+        tolerance_pp=r.number("tolerance_pp", rd.tolerance_pp, minimum=0.001),
+        bandwidth=float(r.size("bandwidth", int(rd.bandwidth))),
+        concurrency=r.integer("concurrency", rd.concurrency, minimum=1),
+        batch=r.integer("batch", rd.batch, minimum=1),
+        round_bytes=r.size("round_bytes", rd.round_bytes, minimum=1),
+        move_lease=r.number("move_lease", rd.move_lease, minimum=0.001),
+    )
+    r.finish()
 
     raw_events = top.get("events", [])
     if not isinstance(raw_events, list):
@@ -286,11 +313,17 @@ def parse_scenario(
         disk=disk,
         workload=workload,
         checks=checks,
+        rebalance=rebalance,
         events=tuple(sorted(events, key=lambda ev: ev.at)),
     )
     top.finish()
     _check_event_nodes(source, scenario)
     return scenario
+
+
+def _optional(table: TableReader, key: str, read: Callable[[str], T]) -> T | None:
+    """A key with no default: None when absent, else read (and checked) by ``read``."""
+    return None if table.get(key, None) is None else read(key)
 
 
 def _added_capacities(e: TableReader, count: int) -> tuple[int, ...]:

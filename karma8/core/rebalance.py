@@ -1,0 +1,204 @@
+"""Rebalancing: the bytes each node should hold, and the part moves that get it there.
+
+Theory of operation
+-------------------
+Every node should hold the same fraction of its capacity. One limit bends that: a node holds
+at most one part of a file, so at most ``1/parts`` of all stored bytes. A node whose fair
+share is bigger is capped at ``total/parts`` and the others share the rest by capacity
+(water-filling); :func:`fill_targets` computes this.
+
+Any rebalancer that ends at these targets must move at least the bytes each node holds above
+its target (:func:`bytes_over_target`). :func:`plan_moves` moves a part only from a node above
+its target to one below it, never further than a tolerance past either, so each byte moves at
+most once and the bytes moved stay close to that minimum (parts are discrete, hence the
+tolerance). A part never goes to a node that holds another part of its version, or a copy of
+the same part still waiting for deletion (the move's ``blocked`` nodes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import attrs
+
+
+@attrs.frozen(kw_only=True)
+class NodeFill:
+    """A node as the rebalancer sees it.
+
+    ``live``: bytes of committed parts it holds, counting moves under way as done. ``free``:
+    bytes its disk can still take (capacity minus everything on it and reserved for it).
+    """
+
+    node_id: str
+    capacity: int
+    live: int
+    free: int
+
+    @property
+    def fill(self) -> float:
+        return self.live / self.capacity if self.capacity > 0 else 1.0
+
+
+@attrs.frozen(kw_only=True)
+class MovablePart:
+    """A committed part that may move, and the nodes it may not move to."""
+
+    key: str
+    version_id: str
+    size: int
+    node_id: str
+    blocked: frozenset[str] = frozenset()
+
+
+@attrs.frozen(kw_only=True)
+class Move:
+    """Copy part ``key`` from ``source`` to ``target``, then switch and delete the source."""
+
+    key: str
+    size: int
+    source: str
+    target: str
+
+
+@attrs.frozen(kw_only=True)
+class RebalancePlan:
+    """Moves planned from the nodes' fills, and the targets they were planned towards."""
+
+    fills: tuple[NodeFill, ...]
+    targets: dict[str, int]
+    moves: tuple[Move, ...]
+
+    @property
+    def bytes(self) -> int:
+        return sum(m.size for m in self.moves)
+
+
+def fill_targets(nodes: Sequence[NodeFill], *, parts: int = 5) -> dict[str, int]:
+    """The bytes each node holds when the ``live`` bytes are spread evenly by capacity, no
+    node holding more than ``1/parts`` of them (water-filling)."""
+    fraction, capped, share = _water_fill(nodes, parts)
+    return {
+        n.node_id: round(share) if n.node_id in capped else round(fraction * n.capacity)
+        for n in nodes
+    }
+
+
+def capped_nodes(nodes: Sequence[NodeFill], *, parts: int = 5) -> set[str]:
+    """The nodes too big to fill: their target is ``1/parts`` of all live bytes."""
+    return _water_fill(nodes, parts)[1]
+
+
+def _water_fill(nodes: Sequence[NodeFill], parts: int) -> tuple[float, set[str], float]:
+    """(fill fraction of the uncapped nodes, the capped nodes, the cap in bytes)."""
+    total = sum(n.live for n in nodes)
+    share = total / parts
+    capped: set[str] = set()
+    ordered = sorted(nodes, key=lambda n: (-n.capacity, n.node_id))
+    while True:
+        rest = [n for n in ordered if n.node_id not in capped]
+        rest_capacity = sum(n.capacity for n in rest)
+        if not rest or rest_capacity <= 0:
+            return 0.0, capped, share
+        fraction = (total - share * len(capped)) / rest_capacity
+        if len(rest) > 1 and fraction * rest[0].capacity > share:
+            capped.add(rest[0].node_id)
+            continue
+        return fraction, capped, share
+
+
+def bytes_over_target(live: Mapping[str, int], targets: Mapping[str, int]) -> int:
+    """The least any rebalancer must move to bring ``live`` bytes to ``targets``."""
+    return sum(max(0, live[node_id] - target) for node_id, target in targets.items())
+
+
+def imbalance_pp(nodes: Sequence[NodeFill], targets: Mapping[str, int]) -> float:
+    """How far the node furthest from its target is, in percentage points of its capacity."""
+    return max(
+        (100 * abs(n.live - targets[n.node_id]) / n.capacity for n in nodes if n.capacity > 0),
+        default=0.0,
+    )
+
+
+def spread_pp(nodes: Sequence[NodeFill], *, parts: int = 5) -> float:
+    """Max - min fill, in percentage points, of the nodes that can fill: those not capped at
+    ``1/parts`` of the bytes (a capped node's lower fill is the layout's, not an imbalance)."""
+    capped = capped_nodes(nodes, parts=parts)
+    fills = [100 * n.fill for n in nodes if n.capacity > 0 and n.node_id not in capped]
+    return max(fills) - min(fills) if fills else 0.0
+
+
+def plan_moves(
+    nodes: Sequence[NodeFill],
+    candidates: Mapping[str, Sequence[MovablePart]],
+    *,
+    parts: int = 5,
+    tolerance_pp: float = 0.5,
+    max_bytes: int | None = None,
+    no_donors: frozenset[str] = frozenset(),
+    no_receivers: frozenset[str] = frozenset(),
+) -> list[Move]:
+    """Moves that bring every node within ``tolerance_pp`` of its target, as far as the
+    ``candidates`` (movable parts, by the node holding them) allow.
+
+    The donor furthest over its target gives next, its biggest part first, to the node furthest
+    below its target that may take it; a part moves only if it leaves the donor no further than
+    the tolerance below its target and the receiver no further than its target: new files keep
+    landing on the emptiest nodes while parts move, so a receiver filled to the brim would
+    overshoot. ``max_bytes`` caps the plan; ``no_donors`` and ``no_receivers`` keep nodes to one
+    direction (a caller rebalancing in rounds keeps each node's first role, so no byte moves
+    back and forth).
+    """
+    targets = fill_targets(nodes, parts=parts)
+    by_id = {n.node_id: n for n in nodes}
+    load = {n.node_id: n.live for n in nodes}
+    free = {n.node_id: n.free for n in nodes}
+    slack = {n.node_id: tolerance_pp / 100 * n.capacity for n in nodes}
+
+    def excess(node_id: str) -> float:
+        return load[node_id] - targets[node_id]
+
+    def room(node_id: str) -> float:
+        return targets[node_id] - load[node_id]
+
+    def fraction_over(node_id: str) -> float:
+        return excess(node_id) / max(by_id[node_id].capacity, 1)
+
+    # Each donor's parts, biggest first; the donor furthest over its target gives next.
+    queues = {
+        n.node_id: sorted(candidates.get(n.node_id, ()), key=lambda p: (p.size, p.key))
+        for n in nodes
+        if excess(n.node_id) > slack[n.node_id] and n.node_id not in no_donors
+    }
+    moves: list[Move] = []
+    planned = 0
+    gained: dict[str, set[str]] = {}  # version id -> nodes this plan gives one of its parts
+    while True:
+        giving = [d for d, queue in queues.items() if queue and excess(d) > slack[d]]
+        if not giving:
+            return moves
+        donor = max(giving, key=lambda d: (fraction_over(d), d))
+        part = queues[donor].pop()
+        if part.size <= 0 or part.size > excess(donor) + slack[donor]:
+            continue
+        if max_bytes is not None and planned + part.size > max_bytes:
+            return moves
+        receivers = [
+            node_id
+            for node_id in load
+            if node_id != donor
+            and node_id not in no_receivers
+            and node_id not in part.blocked
+            and node_id not in gained.get(part.version_id, ())
+            and room(node_id) >= part.size
+            and free[node_id] >= part.size
+        ]
+        if not receivers:
+            continue
+        target = max(receivers, key=lambda r: (room(r) / max(by_id[r].capacity, 1), r))
+        moves.append(Move(key=part.key, size=part.size, source=donor, target=target))
+        planned += part.size
+        gained.setdefault(part.version_id, set()).add(target)
+        load[donor] -= part.size
+        load[target] += part.size
+        free[target] -= part.size

@@ -1,0 +1,148 @@
+"""Discovery's SQLite database: the connection, its schema and the durability of commits.
+
+Every public method of :class:`karma8.metadata.sqlite.SqliteMetadataStore` is one transaction
+(:meth:`SqliteDatabase._tx`: ``BEGIN IMMEDIATE`` … ``COMMIT``), so each is atomic and
+concurrent callers serialise on SQLite's write lock. The simulator opens ``:memory:`` and
+calls methods inline. A file is opened in WAL mode, either with ``synchronous=FULL`` (a commit
+is durable when it returns) or, with ``sync_on_commit=False``, as net mode runs it: methods run
+inline on the event loop with ``synchronous=NORMAL``, and the caller makes commits durable in
+groups with :meth:`SqliteDatabase.sync_wal` (one ``fdatasync`` of the log, in a worker
+thread, for every commit before it) and, holding writers back, moves the log into the
+database with :meth:`SqliteDatabase.checkpoint` (:mod:`karma8.net.metasync`). A commit's
+frames are in the log, checksummed, before ``COMMIT`` returns; once the log is synced,
+recovery after a power loss replays them, exactly as if the commit had synced the log itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from karma8.metadata.schema import SCHEMA, add_missing_columns
+
+
+class SqliteDatabase:
+    """A connection to discovery's database and the durability of its commits."""
+
+    def __init__(self, path: str | Path = ":memory:", *, sync_on_commit: bool = True) -> None:
+        """Open (creating if needed) the store at ``path``, or in memory.
+
+        Args:
+            sync_on_commit: Each commit syncs the log (``synchronous=FULL``). False: commits
+                only write it, and the caller syncs with :meth:`sync_wal` before it acts on
+                them and calls :meth:`checkpoint` when :meth:`log_bytes` says the log is long
+                enough (no automatic checkpoints).
+        """
+        self._path = str(path)
+        self._wal = None if self._path == ":memory:" else Path(self._path + "-wal")
+        # The log, opened once (sync_wal): a write-back error of any write since then is
+        # reported to this descriptor, even if another one (a checkpoint's fsync) saw it first.
+        self._wal_fd: int | None = None
+        self._wal_inode: int | None = None
+        self._checkpointer: sqlite3.Connection | None = None
+        # Calls may come from a worker thread (one at a time), hence check_same_thread=False.
+        self._db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA foreign_keys = ON")
+        if self._wal is not None:
+            self._db.execute("PRAGMA journal_mode = WAL")
+            if sync_on_commit:
+                self._db.execute("PRAGMA synchronous = FULL")
+            else:
+                self._db.execute("PRAGMA synchronous = NORMAL")
+                self._db.execute("PRAGMA wal_autocheckpoint = 0")
+        self._db.executescript(SCHEMA)
+        add_missing_columns(self._db)
+        if self._wal is not None and not sync_on_commit:
+            self.checkpoint()  # start with an empty log: what recovery or the schema left
+            self._open_wal()
+
+    def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+        self._db.close()
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
+
+    def _open_wal(self) -> None:
+        """(Re)open the log if it is not the file our descriptor holds; sync a new name."""
+        assert self._wal is not None
+        try:
+            inode = os.stat(self._wal).st_ino
+        except FileNotFoundError:
+            return  # no log: everything is in the database file, synced by the checkpoint
+        if inode == self._wal_inode:
+            return
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
+        self._wal_fd = os.open(self._wal, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._wal_inode = os.fstat(self._wal_fd).st_ino
+        # As SQLite does for a log it created: the name must survive a crash too.
+        directory = os.open(self._wal.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    @property
+    def changes(self) -> int:
+        """Rows changed through this store so far (grows with every write)."""
+        return self._db.total_changes
+
+    def sync_wal(self) -> None:
+        """Make every commit so far durable: ``fdatasync`` the write-ahead log (and, for a
+        new log file, its directory). Safe from any one thread at a time; does not touch the
+        connection.
+
+        Raises:
+            OSError: The sync failed (the caller must treat it as fail-stop).
+        """
+        if self._wal is None:
+            return
+        self._open_wal()
+        if self._wal_fd is not None:
+            os.fdatasync(self._wal_fd)
+
+    def log_bytes(self) -> int:
+        """Size of the write-ahead log now (0 in memory or right after a checkpoint)."""
+        if self._wal is None:
+            return 0
+        try:
+            return os.stat(self._wal).st_size
+        except FileNotFoundError:
+            return 0
+
+    def checkpoint(self) -> bool:
+        """Copy the log into the database and empty it (``TRUNCATE``); True if it completed.
+
+        Uses a connection of its own, so it may run in a worker thread, one caller at a time;
+        it completes only if nobody writes meanwhile (the caller holds writers back), else
+        the log keeps what was not copied and the next checkpoint goes on.
+
+        Raises:
+            sqlite3.Error: The checkpoint failed (an I/O error must be treated as fail-stop).
+        """
+        if self._wal is None:
+            return True
+        if self._checkpointer is None:
+            self._checkpointer = sqlite3.connect(
+                self._path, isolation_level=None, check_same_thread=False, timeout=0
+            )
+            self._checkpointer.execute("PRAGMA synchronous = NORMAL")
+        busy, _, _ = self._checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
