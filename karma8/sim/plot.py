@@ -1,8 +1,9 @@
 """``karma8 sim --plot FILE``: each storage node's fill over simulated time, as SVG or PNG.
 
 The top panel has one line per node (fill in percent of its own capacity), the faults of the
-run as shaded spans and the nodes that joined later as dashed lines; the bottom panel has the
-fill spread (max - min fill) in percentage points, with the scenario's bound if it sets one.
+run as shaded spans, the nodes that joined later as dashed lines and the end of the load
+phase as a dotted one. The bottom panel has the fill spread (max - min fill) in percentage
+points, with the scenario's bound if it sets one.
 
 matplotlib is imported by :func:`plot_fill` only, and drawn with the Agg canvas, never a
 window: the simulator itself never imports it.
@@ -74,6 +75,9 @@ def plot_fill(result: SimResult, path: str, *, bound_pp: float | None = None) ->
         _draw_nodes(fills, series)
         _draw_faults(fills, spread, series)
         _draw_joins(fills, series)
+        load_end = result.stats.get("load_seconds")
+        if isinstance(load_end, float | int) and load_end < series.samples[-1].at:
+            _mark(fills, load_end, "clients stop", linestyle=":")
         _draw_spread(spread, series, bound_pp)
         verdict = "OK" if result.ok else "FAILED"
         fills.set_title(
@@ -159,16 +163,21 @@ def _draw_joins(axes: Axes, series: FillSeries) -> None:
     for group in groups:
         first, last = group[0], group[-1]
         who = f"node {first.index}" if first is last else f"nodes {first.index}-{last.index}"
-        axes.axvline(first.at, color="#555555", linestyle="--", linewidth=1)
-        axes.annotate(
-            f"{who} joined",
-            xy=(first.at, 0.0),
-            xycoords=("data", "axes fraction"),
-            xytext=(3, 3),
-            textcoords="offset points",
-            fontsize=7,
-            color="#333333",
-        )
+        _mark(axes, first.at, f"{who} joined", linestyle="--")
+
+
+def _mark(axes: Axes, at: float, text: str, *, linestyle: str) -> None:
+    """A vertical line at ``at``, labelled at its foot."""
+    axes.axvline(at, color="#555555", linestyle=linestyle, linewidth=1)
+    axes.annotate(
+        text,
+        xy=(at, 0.0),
+        xycoords=("data", "axes fraction"),
+        xytext=(3, 3),
+        textcoords="offset points",
+        fontsize=7,
+        color="#333333",
+    )
 
 
 def _draw_spread(axes: Axes, series: FillSeries, bound_pp: float | None) -> None:
@@ -180,7 +189,13 @@ def _draw_spread(axes: Axes, series: FillSeries, bound_pp: float | None) -> None
         label="fill spread",
     )
     if bound_pp is not None:
-        axes.axhline(bound_pp, color="#d62728", linestyle=":", linewidth=1, label="bound")
+        axes.axhline(
+            bound_pp,
+            color="#d62728",
+            linestyle=":",
+            linewidth=1,
+            label="bound (checked at the end)",
+        )
         axes.legend(loc="upper right", fontsize=7)
     axes.set_ylabel("spread (pp)")
     axes.set_xlabel("simulated time (s)")
