@@ -169,8 +169,8 @@ def _sim(args: argparse.Namespace) -> int:
             print("karma8 sim: --plot draws one scenario; not with --swarm", file=sys.stderr)
             return EXIT_USAGE
         return _swarm(args)
-    if not args.sample_interval > 0:
-        print("karma8 sim: --sample-interval must be > 0", file=sys.stderr)
+    if not args.sample_interval >= 0.001:  # the pump's tick: nothing changes in between
+        print("karma8 sim: --sample-interval must be >= 0.001 (seconds)", file=sys.stderr)
         return EXIT_USAGE
     if args.plot is not None:
         from karma8.sim.plot import PlotError, check_path  # matplotlib itself comes later

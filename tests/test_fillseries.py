@@ -257,7 +257,8 @@ def test_plot_png_is_a_png(
     [
         (["--plot", "fill.jpg"], "must end in .svg or .png"),
         (["--plot", "fill"], "must end in .svg or .png"),
-        (["--sample-interval", "0"], "--sample-interval must be > 0"),
+        (["--sample-interval", "0"], "--sample-interval must be >= 0.001"),
+        (["--sample-interval", "nan"], "--sample-interval must be >= 0.001"),
     ],
 )
 def test_bad_plot_options_exit_2_before_running(
