@@ -1,6 +1,6 @@
 """The ``karma8`` command: wiring of the worlds to the actors.
 
-karma8 sim SCENARIO.toml [--seed N] [--json] [--check-determinism]
+karma8 sim SCENARIO.toml [--seed N] [--json] [--check-determinism] [--plot FILE.svg|.png]
 karma8 serve [--role all|gw|discovery|storage] [--config FILE] [--data DIR] ...
 karma8 nodes [--json]                 storage nodes as discovery sees them
 karma8 stat NAMESPACE/NAME [--json]   a file's version, layout and parts
@@ -29,9 +29,10 @@ from karma8.core.errors import Karma8Error
 from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
 from karma8.core.units import parse_size
 from karma8.net.locate import DEFAULT_DATA, ENV_SECRET, ClusterRef, locate_cluster
+from karma8.sim.fillseries import DEFAULT_INTERVAL
 from karma8.sim.report import render_json, render_text
 from karma8.sim.runner import SimResult, run_scenario
-from karma8.sim.scenario import load_scenario
+from karma8.sim.scenario import Scenario, load_scenario
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASHED = 0, 1, 2, 3
 # A reader that closed stdout early (``karma8 nodes | head -1``), and Ctrl-C: the statuses a
@@ -59,6 +60,19 @@ def _parser() -> argparse.ArgumentParser:
         "--check-determinism",
         action="store_true",
         help="run twice in this process and fail unless both traces are identical",
+    )
+    sim.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="draw each node's fill over simulated time into FILE (.svg or .png)",
+    )
+    sim.add_argument(
+        "--sample-interval",
+        type=float,
+        default=DEFAULT_INTERVAL,
+        metavar="S",
+        help=f"virtual seconds between fill samples (default {DEFAULT_INTERVAL};"
+        " long runs thin them)",
     )
 
     serve = commands.add_parser("serve", help="run karma8 services on real sockets")
@@ -151,7 +165,21 @@ def _sim(args: argparse.Namespace) -> int:
         if args.scenario is not None:
             print("karma8 sim: --swarm makes its own scenarios; drop the file", file=sys.stderr)
             return EXIT_USAGE
+        if args.plot is not None:
+            print("karma8 sim: --plot draws one scenario; not with --swarm", file=sys.stderr)
+            return EXIT_USAGE
         return _swarm(args)
+    if not args.sample_interval >= 0.001:  # the pump's tick: nothing changes in between
+        print("karma8 sim: --sample-interval must be >= 0.001 (seconds)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.plot is not None:
+        from karma8.sim.plot import PlotError, check_path  # matplotlib itself comes later
+
+        try:
+            check_path(args.plot)
+        except PlotError as exc:
+            print(f"karma8 sim: --plot {exc}", file=sys.stderr)
+            return EXIT_USAGE
     if args.scenario is None:
         print("karma8 sim: a scenario file (or --swarm N) is needed", file=sys.stderr)
         return EXIT_USAGE
@@ -163,8 +191,12 @@ def _sim(args: argparse.Namespace) -> int:
     seed = scenario.seed if args.seed is None else args.seed
     replay = f"karma8 sim {shlex.quote(args.scenario)} --seed {seed}"
     try:
-        result = run_scenario(scenario, seed)
-        again = run_scenario(scenario, seed) if args.check_determinism else None
+        result = run_scenario(scenario, seed, fill_interval=args.sample_interval)
+        again = (
+            run_scenario(scenario, seed, fill_interval=args.sample_interval)
+            if args.check_determinism
+            else None
+        )
     except Exception:  # a bug in karma8 or the simulator, not a failed invariant
         traceback.print_exc()
         print(f"karma8 sim: the simulation crashed; replay: {replay}", file=sys.stderr)
@@ -176,8 +208,26 @@ def _sim(args: argparse.Namespace) -> int:
             result.violations["deterministic_replay"] = [
                 f"second run traced {again.trace_sha256}, first {result.trace_sha256}"
             ]
+    plot_error = _plot(args.plot, result, scenario) if args.plot is not None else None
     print(render_json(result) if args.json else render_text(result, replay=replay))
+    if plot_error is not None:
+        print(f"karma8 sim: --plot {plot_error}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.plot is not None:
+        print(f"karma8 sim: fill plot written to {args.plot}", file=sys.stderr)
     return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _plot(path: str, result: SimResult, scenario: Scenario) -> str | None:
+    """Draw ``--plot``'s file, before the report is printed (so that a reader leaving early
+    cannot stop it); the error, if it cannot be drawn."""
+    from karma8.sim.plot import PlotError, plot_fill
+
+    try:
+        plot_fill(result, path, bound_pp=scenario.checks.max_fill_spread_pp)
+    except PlotError as exc:
+        return str(exc)
+    return None
 
 
 # -- serve -------------------------------------------------------------------------------

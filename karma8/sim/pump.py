@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -33,6 +34,9 @@ class Pump:
         self._seq = 0
         self._scope: trio.CancelScope | None = None
         self.wakeups = 0
+        # Called with the time at each wake-up, before any sleeper is woken: an observer that
+        # only reads (karma8.sim.fillseries) sees the world without adding a scheduling point.
+        self.on_wake: Callable[[float], None] | None = None
 
     def _quantize(self, deadline: float) -> float:
         return math.ceil(deadline / self.tick) * self.tick
@@ -63,6 +67,8 @@ class Pump:
             self._scope = None
             now = trio.current_time()
             self.wakeups += 1
+            if self.on_wake is not None:
+                self.on_wake(now)
             while self._heap and self._heap[0][0] <= now:
                 _, _, sleeper = heapq.heappop(self._heap)
                 if sleeper.alive:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import attrs
 
 from karma8.core.units import format_size
+from karma8.sim import fillseries
 from karma8.sim.runner import SimResult
 
 BAR = 30
@@ -23,11 +23,13 @@ def to_json(result: SimResult) -> dict[str, Any]:
         "violations": result.violations,
         "stats": result.stats,
         "nodes": [attrs.asdict(node) for node in result.nodes],
+        **({"fill_series": fillseries.to_json(result.fill)} if result.fill is not None else {}),
     }
 
 
 def render_json(result: SimResult) -> str:
-    return json.dumps(to_json(result), indent=2, sort_keys=False)
+    # json.dumps(indent=2), except that the series' lists of numbers stay on one line each.
+    return fillseries.json_text(to_json(result))
 
 
 def render_text(result: SimResult, *, replay: str) -> str:

@@ -22,6 +22,7 @@ from karma8.sim import checker
 from karma8.sim.cluster import SimCluster
 from karma8.sim.determinism import run_deterministic
 from karma8.sim.disk import WriteFault
+from karma8.sim.fillseries import DEFAULT_INTERVAL, FillSampler, FillSeries
 from karma8.sim.monitor import FaultTimeline, Monitor, ObservedStore
 from karma8.sim.network import LinkFault
 from karma8.sim.scenario import LINK_ACTIONS, Event, Scenario
@@ -53,6 +54,7 @@ class SimResult:
     violations: dict[str, list[str]]
     stats: dict[str, Any]
     nodes: list[NodeReport]
+    fill: FillSeries | None = None  # each node's fill over the run (karma8/sim/fillseries.py)
 
     @property
     def ok(self) -> bool:
@@ -81,18 +83,40 @@ def run_with_cluster(
     return run_deterministic(main, seed=seed)
 
 
-def run_scenario(scenario: Scenario, seed: int | None = None) -> SimResult:
-    """Run ``scenario`` deterministically (``seed`` overrides the scenario's own)."""
+def run_scenario(
+    scenario: Scenario, seed: int | None = None, *, fill_interval: float = DEFAULT_INTERVAL
+) -> SimResult:
+    """Run ``scenario`` deterministically (``seed`` overrides the scenario's own); sample the
+    nodes' fill every ``fill_interval`` virtual seconds (:class:`FillSeries`)."""
     seed = scenario.seed if seed is None else seed
     started = time.perf_counter()
-    result = run_deterministic(lambda: _simulate(scenario, seed), seed=seed)
+    result = run_deterministic(lambda: _simulate(scenario, seed, fill_interval), seed=seed)
     wall = time.perf_counter() - started
     stats = dict(result.stats)
     stats["wall_seconds"] = round(wall, 3)
     return attrs.evolve(result, stats=stats)
 
 
-async def _simulate(scenario: Scenario, seed: int) -> SimResult:
+def _fill_sampler(cluster: SimCluster, timeline: FaultTimeline, interval: float) -> FillSampler:
+    def nodes() -> list[tuple[str, int, int, bool]]:
+        network = cluster.network
+        return [
+            (n.node_id, n.disk.used, n.disk.capacity_bytes, network.endpoint(n.node_id).up)
+            for n in cluster.nodes
+        ]
+
+    sampler = FillSampler(
+        nodes=nodes,
+        joins=lambda: [(n.node_id, n.joined_at) for n in cluster.nodes],
+        timeline=timeline,
+        start=trio.current_time(),
+        interval=interval,
+    )
+    cluster.world.pump.on_wake = sampler.observe
+    return sampler
+
+
+async def _simulate(scenario: Scenario, seed: int, fill_interval: float) -> SimResult:
     world = World(seed)
     history = History()
     monitor = Monitor(history, FaultTimeline())
@@ -102,6 +126,7 @@ async def _simulate(scenario: Scenario, seed: int) -> SimResult:
         monitor.disk_of = cluster.disk_of
         monitor.attach(cluster.store, nursery)
         await cluster.start()
+        sampler = _fill_sampler(cluster, monitor.timeline, fill_interval)
         wall_start = time.perf_counter()
         async with trio.open_nursery() as load:
             load.start_soon(
@@ -127,6 +152,7 @@ async def _simulate(scenario: Scenario, seed: int) -> SimResult:
         )
         if rebalance is not None:
             result.stats["rebalance"] = _rebalance_stats(rebalance, cluster, monitor)
+        result = attrs.evolve(result, fill=sampler.finish(trio.current_time()))
         nursery.cancel_scope.cancel()
     return result
 
