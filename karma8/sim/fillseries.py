@@ -24,7 +24,7 @@ from typing import Any
 
 import attrs
 
-from karma8.sim.checker import spread_pp
+from karma8.core import rebalance
 from karma8.sim.monitor import FaultTimeline, FaultWindow
 
 DEFAULT_INTERVAL = 0.25  # virtual seconds between samples
@@ -142,7 +142,14 @@ class FillSampler:
             NodeFill(node_id=node_id, used_bytes=used, capacity_bytes=capacity, up=up)
             for node_id, used, capacity, up in self._nodes()
         )
-        spread = spread_pp((n.used_bytes, n.capacity_bytes) for n in nodes)
+        spread = rebalance.spread_pp(
+            [
+                rebalance.NodeFill(
+                    node_id=n.node_id, capacity=n.capacity_bytes, live=n.used_bytes, free=0
+                )
+                for n in nodes
+            ]
+        )
         return FillSample(at=round(at, 6), nodes=nodes, spread_pp=round(spread, 4))
 
     def _thin(self) -> None:
