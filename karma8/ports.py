@@ -324,7 +324,9 @@ class MetadataStore(Protocol):
 
     def rebalance_fills(self) -> list[NodeFill]: ...
 
-    def movable_parts(self, node_id: str, *, limit: int) -> list[MovablePart]: ...
+    def movable_parts(
+        self, node_id: str, *, limit: int, receivers: Sequence[str]
+    ) -> list[MovablePart]: ...
 
     def begin_move(
         self, *, key: str, source: str, target: str, now: float, lease_until: float

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from karma8.cli import main
+from karma8.core import rebalance
 from karma8.sim import fillseries
 from karma8.sim.fillseries import FillSampler, FillSeries
 from karma8.sim.monitor import FaultTimeline
@@ -96,7 +97,15 @@ def test_every_sample_holds_every_joined_node_with_its_fill_and_spread(tiny: Sim
         assert all(joined[i] <= sample.at for i in ids)
         fills = [node.fill for node in sample.nodes]
         assert all(0.0 <= fill <= 1.0 for fill in fills)
-        assert sample.spread_pp == pytest.approx(100 * (max(fills) - min(fills)), abs=1e-4)
+        # The spread is of the nodes that can fill (a node over a fifth of the bytes cannot).
+        loads = [
+            rebalance.NodeFill(
+                node_id=n.node_id, capacity=n.capacity_bytes, live=n.used_bytes, free=0
+            )
+            for n in sample.nodes
+        ]
+        assert sample.spread_pp == pytest.approx(rebalance.spread_pp(loads), abs=1e-4)
+        assert sample.spread_pp <= 100 * (max(fills) - min(fills)) + 1e-4
     assert len(series.samples[0].nodes) == 6
     assert len(series.samples[-1].nodes) == 8
     # The last sample is the report's final table.

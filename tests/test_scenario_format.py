@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from karma8.sim.checker import spread_pp
 from karma8.sim.runner import run_scenario
 from karma8.sim.scenario import ClusterSpec, Event, Scenario, ScenarioError, parse_scenario
 
@@ -94,26 +91,6 @@ def test_capacity_lists_round_trip(sizes: list[int]) -> None:
     cluster = parse_scenario(text).cluster
     assert cluster.initial_capacities() == tuple(sizes)
     assert cluster.join_capacity == max(sizes)
-
-
-@given(
-    st.lists(st.integers(1, 1 << 40), min_size=1, max_size=12),
-    st.fractions(0, 1),
-)
-def test_an_even_fill_spreads_by_zero_whatever_the_capacities(
-    capacities: list[int], fill: Fraction
-) -> None:
-    disks = [(int(c * fill), c) for c in capacities]
-    # Rounding to whole bytes moves a fill by less than one byte's worth of each disk.
-    assert spread_pp(disks) <= 100 * max(1 / c for c in capacities) + 1e-9
-
-
-@given(st.lists(st.tuples(st.integers(0, 1000), st.integers(1, 1000)), min_size=1))
-def test_spread_is_max_minus_min_fill_in_percentage_points(disks: list[tuple[int, int]]) -> None:
-    fills = [100 * used / capacity for used, capacity in disks]
-    assert spread_pp(disks) == pytest.approx(max(fills) - min(fills))
-    assert spread_pp([(1, 4), (2, 8), (8, 32)]) == 0.0
-    assert spread_pp([(1, 4), (4, 8)]) == pytest.approx(25.0)
 
 
 def test_nodes_get_their_capacities_in_a_run() -> None:

@@ -274,7 +274,14 @@ class Discovery:
                 if n.live - targets[n.node_id] > tolerance_pp / 100 * n.capacity
                 and n.node_id not in no_donors
             ]
-            candidates = {d: self._store.movable_parts(d, limit=batch) for d in donors}
+            receivers = [
+                n.node_id
+                for n in fills
+                if n.live < targets[n.node_id] and n.node_id not in no_receivers
+            ]
+            candidates = {
+                d: self._store.movable_parts(d, limit=batch, receivers=receivers) for d in donors
+            }
             moves = plan_moves(
                 fills,
                 candidates,

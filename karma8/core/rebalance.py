@@ -94,6 +94,8 @@ def _water_fill(nodes: Sequence[NodeFill], parts: int) -> tuple[float, set[str],
     total = sum(n.live for n in nodes)
     share = total / parts
     capped: set[str] = set()
+    if len(nodes) < parts:  # no file fits at all: nothing to cap
+        share = float(total)
     ordered = sorted(nodes, key=lambda n: (-n.capacity, n.node_id))
     while True:
         rest = [n for n in ordered if n.node_id not in capped]
@@ -101,7 +103,7 @@ def _water_fill(nodes: Sequence[NodeFill], parts: int) -> tuple[float, set[str],
         if not rest or rest_capacity <= 0:
             return 0.0, capped, share
         fraction = (total - share * len(capped)) / rest_capacity
-        if len(rest) > 1 and fraction * rest[0].capacity > share:
+        if len(rest) > 1 and fraction * rest[0].capacity > share * (1 + 1e-9):
             capped.add(rest[0].node_id)
             continue
         return fraction, capped, share
@@ -173,8 +175,12 @@ def plan_moves(
     moves: list[Move] = []
     planned = 0
     gained: dict[str, set[str]] = {}  # version id -> nodes this plan gives one of its parts
+    gave: set[str] = set()
+    took: set[str] = set()
     while True:
-        giving = [d for d, queue in queues.items() if queue and excess(d) > slack[d]]
+        giving = [
+            d for d, queue in queues.items() if queue and excess(d) > slack[d] and d not in took
+        ]
         if not giving:
             return moves
         donor = max(giving, key=lambda d: (fraction_over(d), d))
@@ -188,6 +194,7 @@ def plan_moves(
             for node_id in load
             if node_id != donor
             and node_id not in no_receivers
+            and node_id not in gave
             and node_id not in part.blocked
             and node_id not in gained.get(part.version_id, ())
             and room(node_id) >= part.size
@@ -199,6 +206,8 @@ def plan_moves(
         moves.append(Move(key=part.key, size=part.size, source=donor, target=target))
         planned += part.size
         gained.setdefault(part.version_id, set()).add(target)
+        gave.add(donor)
+        took.add(target)
         load[donor] -= part.size
         load[target] += part.size
         free[target] -= part.size

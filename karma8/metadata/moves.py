@@ -19,6 +19,7 @@ while it still holds a stale copy of it, so a late deletion can never hit a live
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 
 from karma8.core.errors import IntegrityError, MoveConflict
 from karma8.core.model import MoveTicket, NodeRef, NodeState
@@ -45,17 +46,29 @@ def node_fills(db: sqlite3.Connection) -> list[NodeFill]:
     ]
 
 
-def movable_parts(db: sqlite3.Connection, node_id: str, limit: int) -> list[MovablePart]:
-    """Up to ``limit`` committed parts on ``node_id`` not already moving, each with the nodes
-    it may not go to (those holding a part of its version or a stale copy of it)."""
+def movable_parts(
+    db: sqlite3.Connection, node_id: str, limit: int, receivers: Sequence[str]
+) -> list[MovablePart]:
+    """Up to ``limit`` committed parts on ``node_id`` not already moving that at least one of
+    ``receivers`` may take, each with the nodes it may not go to (those holding a part of its
+    version or a stale copy of it).
+
+    Filtering by receivers in the query matters: a receiver soon holds a part of many old
+    versions, and the first parts of every donor would otherwise be the same blocked ones.
+    """
+    if not receivers:
+        return []
+    marks = ", ".join("?" * len(receivers))
     rows = db.execute(
-        """
+        f"""
         SELECT p.part_key, p.version_id, p.size FROM parts p JOIN versions v USING (version_id)
         WHERE p.node_id = ? AND v.state = 'committed' AND p.size > 0
           AND NOT EXISTS (SELECT 1 FROM moves m WHERE m.part_key = p.part_key)
+          AND (SELECT count(*) FROM parts q
+               WHERE q.version_id = p.version_id AND q.node_id IN ({marks})) < ?
         LIMIT ?
         """,
-        (node_id, limit),
+        (node_id, *receivers, len(receivers), limit),
     ).fetchall()
     parts = []
     for r in rows:

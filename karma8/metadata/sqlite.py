@@ -462,8 +462,10 @@ class SqliteMetadataStore(SqliteDatabase):
     def rebalance_fills(self) -> list[NodeFill]:
         return moves.node_fills(self._db)
 
-    def movable_parts(self, node_id: str, *, limit: int) -> list[MovablePart]:
-        return moves.movable_parts(self._db, node_id, limit)
+    def movable_parts(
+        self, node_id: str, *, limit: int, receivers: Sequence[str]
+    ) -> list[MovablePart]:
+        return moves.movable_parts(self._db, node_id, limit, receivers)
 
     def begin_move(
         self, *, key: str, source: str, target: str, now: float, lease_until: float

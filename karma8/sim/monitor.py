@@ -54,6 +54,8 @@ class FaultWindow:
 # call timeouts). A write can also fail because it was slow: its upload outlives upload_ttl.
 BREAKS_CALLS = frozenset({"crash", "partition", "lossy_link"})
 BREAKS_WRITES = BREAKS_CALLS | {"disk_full", "fail_writes", "slow_link"}
+# Faults of one storage node (crash of a node, its disk full or failing).
+NODE_FAULTS = frozenset({"crash", "disk_full", "fail_writes"})
 
 
 @attrs.define
@@ -246,6 +248,23 @@ class Monitor:
                     " no fault was active"
                 )
         return reads, writes
+
+    def puts_failed_after_faults(self, node_ids: set[str]) -> list[str]:
+        """Failed PUTs that were not in flight when a fault on one of ``node_ids`` began."""
+        starts = [
+            w.start
+            for w in self.timeline.windows
+            if w.kind in NODE_FAULTS and (w.actors & node_ids or ANY in w.actors)
+        ]
+        return [
+            f"PUT {op.name} at t={op.start:.6f}..{op.end:.6f} failed ({op.error}),"
+            " though no storage node fault began while it ran"
+            for op in self.history.ops
+            if op.kind == "put"
+            and not op.ok
+            and op.error not in REFUSALS
+            and not any(op.start <= start <= op.end for start in starts)
+        ]
 
     def _read_explained(self, op: Op) -> bool:
         actors = {GATEWAY, DISCOVERY} | self._part_nodes.get(op.name, set())

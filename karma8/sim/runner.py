@@ -267,6 +267,10 @@ def _judge(
         violations["refused_puts_within_bound"] = checker.refusals_within(
             history, checks.max_refused_puts
         )
+    if checks.failed_puts_only_in_flight:
+        violations["failed_puts_were_in_flight"] = monitor.puts_failed_after_faults(
+            {node.node_id for node in cluster.nodes}
+        )
     if checks.max_move_ratio is not None:
         moved = sum(size for *_, size in monitor.moves)
         violations["moved_bytes_near_least"] = checker.moves_within(

@@ -114,6 +114,9 @@ class ChecksSpec:
     max_refused_puts: int | None = None
     # Bytes the rebalancer moved over the least any rebalancer must move to reach the end state.
     max_move_ratio: float | None = None
+    # A failed PUT must have been in flight when a fault on a storage node began: PUTs that
+    # start later find the node avoided (suspect or unavailable) or their part placed again.
+    failed_puts_only_in_flight: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -254,6 +257,7 @@ def parse_scenario(
         max_fill_spread_pp=_optional(k, "max_fill_spread_pp", lambda key: k.number(key, 0.0)),
         max_refused_puts=_optional(k, "max_refused_puts", lambda key: k.integer(key, 0)),
         max_move_ratio=_optional(k, "max_move_ratio", lambda key: k.number(key, 1.0)),
+        failed_puts_only_in_flight=k.boolean("failed_puts_only_in_flight", False),
     )
     k.finish()
 
