@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import sqlite3
 from collections.abc import AsyncIterable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -21,11 +23,14 @@ import trio
 from karma8.actors import discovery as discovery_module
 from karma8.actors import gateway as gateway_module
 from karma8.actors.gateway import Gateway
+from karma8.actors.rebalancer import Rebalancer
 from karma8.actors.storage import StorageNode
 from karma8.core.errors import Karma8Error
 from karma8.core.layout import StripeSplitter
-from karma8.core.model import FileVersion, PartPlacement, PartReceipt
+from karma8.core.model import FileVersion, MoveTicket, PartPlacement, PartReceipt
 from karma8.core.placement import NodeLoad, place_parts
+from karma8.core.rebalance import MovablePart
+from karma8.metadata import moves as moves_module
 from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.ports import StoredPart
 from karma8.sim.runner import run_scenario
@@ -178,6 +183,61 @@ def acknowledge_before_durable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(StorageNode, "put_part", eager)
 
 
+def switch_without_copying(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rebalancer reports a move done without copying the part."""
+
+    async def pretend(self: Rebalancer, ticket: MoveTicket) -> str:
+        await trio.lowlevel.checkpoint()
+        return ticket.checksum
+
+    monkeypatch.setattr(Rebalancer, "_copy", pretend)
+
+
+def delete_the_source_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rebalancer deletes the source's copy as soon as the part switched, though readers
+    that resolved the version before the switch still read it there."""
+    carry_out = Rebalancer._carry_out
+
+    async def hasty(self: Rebalancer, ticket: MoveTicket) -> bool:
+        moved = await carry_out(self, ticket)
+        if moved:
+            with contextlib.suppress(Karma8Error):
+                await self._storage.delete_part(ticket.source, ticket.key)
+        return moved
+
+    monkeypatch.setattr(Rebalancer, "_carry_out", hasty)
+
+
+def move_to_a_sibling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Moves ignore which nodes hold the other parts of the file (planner and metadata)."""
+    begin = moves_module.begin_move
+
+    def anywhere(db: sqlite3.Connection, **kwargs: Any) -> MoveTicket:
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS hidden AS SELECT * FROM parts LIMIT 0")
+        version = db.execute(
+            "SELECT version_id FROM parts WHERE part_key = ?", (kwargs["key"],)
+        ).fetchone()[0]
+        db.execute(  # hide the siblings from the check, then put them back
+            "INSERT INTO temp.hidden SELECT * FROM parts WHERE version_id = ? AND node_id = ?",
+            (version, kwargs["target"]),
+        )
+        db.execute(
+            "DELETE FROM parts WHERE version_id = ? AND node_id = ?", (version, kwargs["target"])
+        )
+        try:
+            return begin(db, **kwargs)
+        finally:
+            db.execute("INSERT INTO parts SELECT * FROM temp.hidden")
+            db.execute("DELETE FROM temp.hidden")
+
+    def unblocked(db: sqlite3.Connection, *args: Any) -> list[MovablePart]:
+        return [attrs.evolve(p, blocked=frozenset()) for p in movable(db, *args)]
+
+    movable = moves_module.movable_parts
+    monkeypatch.setattr(moves_module, "begin_move", anywhere)
+    monkeypatch.setattr(moves_module, "movable_parts", unblocked)
+
+
 Mutant = Callable[[pytest.MonkeyPatch], None]
 MUTANTS: list[tuple[Mutant, set[str]]] = [
     # (mutant, the checks allowed to be the ones that catch it)
@@ -189,17 +249,30 @@ MUTANTS: list[tuple[Mutant, set[str]]] = [
     (reservation_never_released, {"reservations_released"}),
     (acknowledge_before_durable, {"committed_parts_stored"}),
 ]
+# Mutants of the rebalancer, hunted in the scenarios where it moves parts.
+REBALANCE_SCENARIOS = ["join_at_70", "join_at_92", "node_killed"]
+REBALANCE_MUTANTS: list[tuple[Mutant, set[str]]] = [
+    (switch_without_copying, {"moved_parts_stored"}),
+    (delete_the_source_at_once, {"failed_reads_explained", "acknowledged_writes_read_back"}),
+    (move_to_a_sibling, {"parts_obey_layout"}),
+]
 
 
-@pytest.mark.parametrize(("mutant", "expected"), MUTANTS, ids=lambda m: getattr(m, "__name__", ""))
+@pytest.mark.parametrize(
+    ("mutant", "expected", "scenarios"),
+    [(m, e, SCENARIOS) for m, e in MUTANTS]
+    + [(m, e, REBALANCE_SCENARIOS) for m, e in REBALANCE_MUTANTS],
+    ids=lambda m: getattr(m, "__name__", ""),
+)
 def test_the_checker_catches_the_mutant(
     mutant: Mutant,
     expected: set[str],
+    scenarios: list[str],
     monkeypatch: pytest.MonkeyPatch,
     record_property: Callable[[str, object], None],
 ) -> None:
     mutant(monkeypatch)
-    caught = hunt(SCENARIOS)
+    caught = hunt(scenarios)
     assert caught is not None, f"{mutant.__name__} survived every scenario and swarm seed"
     record_property("caught", f"{caught.where} after {caught.runs} runs by {caught.checks}")
     assert expected & set(caught.checks), (mutant.__name__, caught)

@@ -1,0 +1,198 @@
+"""Part moves in the SQLite metadata store: each step, its conflicts, and what a crash leaves."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from karma8.core.errors import IntegrityError, MoveConflict
+from karma8.core.model import NodeRegistration, NodeState, VersionState
+from karma8.metadata.schema import SCHEMA
+from karma8.metadata.sqlite import SqliteMetadataStore
+
+from test_metadata import begin, receipts
+
+LEASE = 50.0
+
+
+@pytest.fixture
+def store() -> SqliteMetadataStore:
+    """Six nodes of 1000 bytes; file "f" (v1, 50 bytes) committed on n0..n4; n5 empty."""
+    s = SqliteMetadataStore()
+    s.create_namespace("default", 0.0)
+    for i in range(6):
+        s.upsert_node(
+            NodeRegistration(node_id=f"n{i}", url=f"http://n{i}", capacity_bytes=1000), 0.0
+        )
+    begin(s, "v1", size=50)
+    s.commit_version(version_id="v1", size=50, receipts=receipts(50), now=2.0, if_absent=False)
+    return s
+
+
+def nodes(store: SqliteMetadataStore) -> dict[str, tuple[int, int, int]]:
+    """node id -> (used, reserved, parts)."""
+    return {n.node_id: (n.used_bytes, n.reserved_bytes, n.parts) for n in store.list_nodes()}
+
+
+def live(store: SqliteMetadataStore) -> dict[str, int]:
+    return {f.node_id: f.live for f in store.rebalance_fills()}
+
+
+def test_a_move_copies_switches_and_leaves_the_old_copy_for_readers(
+    store: SqliteMetadataStore,
+) -> None:
+    ticket = store.begin_move(key="v1.0", source="n0", target="n5", now=3.0, lease_until=53.0)
+    assert ticket.size == 10
+    assert ticket.checksum == "c0"
+    assert ticket.source.url == "http://n0"
+    assert ticket.target.url == "http://n5"
+    assert nodes(store)["n5"] == (0, 10, 0)  # reserved while it copies
+    assert live(store)["n5"] == 10  # planning counts it as done
+    assert "v1.0" in store.part_keys_on_node("n5")  # never an orphan on the target
+    store.finish_move(key="v1.0", target="n5", checksum="c0", now=4.0)
+    version = store.current_version("default", "f")
+    assert version is not None
+    assert version.parts[0].node.node_id == "n5"
+    assert nodes(store)["n5"] == (10, 0, 1)
+    assert nodes(store)["n0"] == (10, 0, 0)  # the old copy is still on its disk
+    assert live(store)["n0"] == 0
+    assert "v1.0" in store.part_keys_on_node("n0")
+    # Deleted like garbage once readers are done, then forgotten with its bytes.
+    assert store.garbage_for_node("n0", retired_before=3.9, limit=10) == []
+    assert store.garbage_for_node("n0", retired_before=4.0, limit=10) == ["v1.0"]
+    assert store.garbage_for_node("n5", retired_before=100.0, limit=10) == []
+    assert store.forget_parts("n0", ["v1.0"]) == 1
+    assert nodes(store)["n0"] == (0, 0, 0)
+    assert "v1.0" not in store.part_keys_on_node("n0")
+    counts = store.move_counts()
+    assert counts["moved_bytes"] == 10
+    assert counts["moved_parts"] == 1
+    assert counts["stale_copies"] == 0
+    assert counts["moving_parts"] == 0
+
+
+def test_begin_refuses_what_would_break_a_rule(store: SqliteMetadataStore) -> None:
+    with pytest.raises(MoveConflict, match="not a committed part"):
+        store.begin_move(key="v1.0", source="n1", target="n5", now=3.0, lease_until=LEASE)
+    with pytest.raises(MoveConflict, match="holds a part"):
+        store.begin_move(key="v1.0", source="n0", target="n1", now=3.0, lease_until=LEASE)
+    with pytest.raises(MoveConflict, match="already"):
+        store.begin_move(key="v1.0", source="n0", target="n0", now=3.0, lease_until=LEASE)
+    store.mark_node_suspect("n5", 3.0)
+    with pytest.raises(MoveConflict, match="not available"):
+        store.begin_move(key="v1.0", source="n0", target="n5", now=3.0, lease_until=LEASE)
+    store.upsert_node(NodeRegistration(node_id="n5", url="http://n5", capacity_bytes=5), 9.0)
+    with pytest.raises(MoveConflict, match="no room"):
+        store.begin_move(key="v1.0", source="n0", target="n5", now=9.0, lease_until=LEASE)
+    store.upsert_node(NodeRegistration(node_id="n5", url="http://n5", capacity_bytes=900), 9.0)
+    store.begin_move(key="v1.0", source="n0", target="n5", now=9.0, lease_until=LEASE)
+    with pytest.raises(MoveConflict, match="moving already"):
+        store.begin_move(key="v1.0", source="n0", target="n5", now=9.0, lease_until=LEASE)
+    begin(store, "v2", name="g", size=50)  # pending parts never move
+    with pytest.raises(MoveConflict, match="not a committed part"):
+        store.begin_move(key="v2.0", source="n0", target="n5", now=9.0, lease_until=LEASE)
+
+
+def test_a_wrong_copy_is_refused_and_becomes_garbage(store: SqliteMetadataStore) -> None:
+    store.begin_move(key="v1.0", source="n0", target="n5", now=3.0, lease_until=LEASE)
+    with pytest.raises(IntegrityError):
+        store.finish_move(key="v1.0", target="n5", checksum="bad", now=4.0)
+    version = store.current_version("default", "f")
+    assert version is not None
+    assert version.parts[0].node.node_id == "n0"  # readers never see the wrong copy
+    assert nodes(store)["n5"] == (0, 0, 0)
+    assert store.garbage_for_node("n5", retired_before=4.0, limit=10) == ["v1.0"]
+    # While that copy waits for deletion, the part may not go back to that node.
+    with pytest.raises(MoveConflict, match=r"copy of v1\.0"):
+        store.begin_move(key="v1.0", source="n0", target="n5", now=5.0, lease_until=LEASE)
+    store.forget_parts("n5", ["v1.0"])
+    store.begin_move(key="v1.0", source="n0", target="n5", now=5.0, lease_until=LEASE)
+
+
+def test_a_version_retired_while_its_part_moves_is_not_switched(
+    store: SqliteMetadataStore,
+) -> None:
+    store.begin_move(key="v1.0", source="n0", target="n5", now=3.0, lease_until=LEASE)
+    assert store.retire_current("default", "f", 3.5)
+    with pytest.raises(MoveConflict, match="changed"):
+        store.finish_move(key="v1.0", target="n5", checksum="c0", now=4.0)
+    # Both copies go: the part's own as garbage of its version, the target's as a stale copy.
+    assert store.garbage_for_node("n0", retired_before=10.0, limit=10) == ["v1.0"]
+    assert store.garbage_for_node("n5", retired_before=10.0, limit=10) == ["v1.0"]
+    assert all(n == 0 for n in live(store).values())
+
+
+def test_a_lease_that_runs_out_aborts_the_move(store: SqliteMetadataStore) -> None:
+    """A rebalancer that died mid-copy: discovery's sweeper ends its move."""
+    store.begin_move(key="v1.0", source="n0", target="n5", now=3.0, lease_until=10.0)
+    assert store.expire_moves(9.9) == 0
+    assert store.expire_moves(10.0) == 1
+    assert nodes(store)["n5"] == (0, 0, 0)
+    with pytest.raises(MoveConflict, match="no move"):
+        store.finish_move(key="v1.0", target="n5", checksum="c0", now=10.5)
+    version = store.current_version("default", "f")
+    assert version is not None
+    assert version.parts[0].node.node_id == "n0"
+    assert store.move_counts()["stale_copies"] == 1
+
+
+def test_a_finish_after_the_lease_is_refused(store: SqliteMetadataStore) -> None:
+    store.begin_move(key="v1.0", source="n0", target="n5", now=3.0, lease_until=10.0)
+    with pytest.raises(MoveConflict, match="lease"):
+        store.finish_move(key="v1.0", target="n5", checksum="c0", now=10.0)
+    assert store.move_counts()["moving_parts"] == 0
+
+
+def test_movable_parts_name_the_nodes_they_may_not_go_to(store: SqliteMetadataStore) -> None:
+    parts = store.movable_parts("n0", limit=10, receivers=["n5"])
+    assert [p.key for p in parts] == ["v1.0"]
+    assert parts[0].blocked == frozenset({"n0", "n1", "n2", "n3", "n4"})
+    assert store.movable_parts("n0", limit=10, receivers=["n1"]) == []  # n1 holds v1.1
+    assert store.movable_parts("n0", limit=10, receivers=[]) == []
+    store.begin_move(key="v1.0", source="n0", target="n5", now=3.0, lease_until=LEASE)
+    assert store.movable_parts("n0", limit=10, receivers=["n5"]) == []  # moving already
+
+
+def test_live_bytes_follow_commits_overwrites_and_deletes(store: SqliteMetadataStore) -> None:
+    assert live(store) == {"n0": 10, "n1": 10, "n2": 10, "n3": 10, "n4": 10, "n5": 0}
+    begin(store, "v2", size=100)
+    assert live(store)["n0"] == 10  # pending bytes are not live
+    store.commit_version(
+        version_id="v2", size=100, receipts=receipts(100), now=3.0, if_absent=False
+    )
+    assert live(store)["n0"] == 20  # v1 retired, v2 current
+    assert store.retire_current("default", "f", 4.0)
+    assert set(live(store).values()) == {0}
+
+
+def test_only_available_nodes_with_capacity_are_planned_over(store: SqliteMetadataStore) -> None:
+    store.mark_stale_nodes(seen_before=1.0)
+    store.upsert_node(NodeRegistration(node_id="n1", url="http://n1", capacity_bytes=0), 5.0)
+    store.upsert_node(NodeRegistration(node_id="n2", url="http://n2", capacity_bytes=1000), 5.0)
+    states = {n.node_id: n.state for n in store.list_nodes()}
+    assert states["n0"] is NodeState.UNAVAILABLE
+    assert [f.node_id for f in store.rebalance_fills()] == ["n2"]
+
+
+def test_an_old_database_gains_live_bytes_from_its_committed_parts(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    store = SqliteMetadataStore(path)
+    store.create_namespace("default", 0.0)
+    for i in range(5):
+        store.upsert_node(
+            NodeRegistration(node_id=f"n{i}", url=f"http://n{i}", capacity_bytes=1000), 0.0
+        )
+    begin(store, "v1", size=50)
+    store.commit_version(version_id="v1", size=50, receipts=receipts(50), now=2.0, if_absent=False)
+    store.close()
+    db = sqlite3.connect(path)  # as a karma8 without moves left it
+    db.execute("ALTER TABLE nodes DROP COLUMN live_bytes")
+    db.commit()
+    db.close()
+    assert "live_bytes" not in SCHEMA.split("CREATE TABLE IF NOT EXISTS versions")[1]
+    reopened = SqliteMetadataStore(path)
+    assert {f.live for f in reopened.rebalance_fills()} == {10}
+    assert [v.state for v in reopened.versions()] == [VersionState.COMMITTED]
+    reopened.close()
