@@ -158,7 +158,9 @@ async def test_listing_paginates(net: NetDriver, client: httpx.AsyncClient) -> N
 async def test_internal_apis_need_the_cluster_secret(net: NetDriver) -> None:
     async with httpx.AsyncClient() as anonymous:
         nodes = await net.nodes()
-        for target in (f"{net._discovery_url}/v1/nodes", f"{nodes[0].url}/v1/parts"):
+        targets = [f"{net._discovery_url}/v1/nodes", f"{nodes[0].url}/v1/parts"]
+        targets.append(f"{nodes[0].url}/v1/parts/abc.0")  # a part route (the data plane)
+        for target in targets:
             response = await anonymous.get(target)
             assert response.status_code == 403
             assert response.json()["error"]["code"] == "forbidden"
@@ -179,6 +181,29 @@ async def test_a_stored_part_cannot_be_overwritten(
     assert response.json()["error"]["code"] == "upload_conflict"
     assert (await net._internal.head(target)).status_code == 200
     assert await net.get("immutable") == b"original bytes"
+
+
+async def test_part_routes_answer_as_documented(net: NetDriver, client: httpx.AsyncClient) -> None:
+    await client.put(url(net, "/default/parts"), content=b"0123456789" * 5)
+    part = (await net.stat("parts")).parts[0]
+    target = f"{part.node.url}/v1/parts/{part.key}"
+    head = await net._internal.head(target)
+    assert head.status_code == 200
+    assert head.headers["Content-Length"] == "10"
+    assert head.headers["X-Karma8-Checksum"] == part.checksum
+    span = await net._internal.get(target, params={"offset": 2, "length": 3})
+    assert (span.status_code, span.content) == (200, b"234")
+    assert span.headers["Content-Length"] == "3"
+    beyond = await net._internal.get(target, params={"offset": 8, "length": 3})
+    assert (beyond.status_code, beyond.json()["error"]["code"]) == (400, "invalid_request")
+    missing = await net._internal.get(f"{part.node.url}/v1/parts/{part.key}0")
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "not_found")
+    options = await net._internal.options(target)
+    refused = await net._internal.post(target, content=b"x")
+    assert (options.status_code, refused.status_code) == (204, 405)
+    assert refused.json()["error"]["code"] == "method_not_allowed"
+    for response in (options, refused):
+        assert response.headers["Allow"] == "DELETE, GET, HEAD, OPTIONS, PUT"
 
 
 async def test_short_body_then_disconnect_leaves_nothing(net: NetDriver) -> None:
