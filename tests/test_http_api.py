@@ -8,12 +8,10 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-import trio.testing
 
 from karma8.core.errors import NotFound
-from karma8.net.serve import KEEP_ALIVE_TIMEOUT
 
-from drivers import GIVE_UP, NetDriver, eventually, net_driver
+from drivers import NetDriver, eventually, net_driver
 
 
 @pytest.fixture
@@ -234,73 +232,3 @@ async def test_metrics_count_requests(net: NetDriver, client: httpx.AsyncClient)
     await client.get(url(net, "/default/m"))
     metrics = (await client.get(url(net, "/metrics"))).json()
     assert metrics == {"puts": 1, "gets": 1, "read_errors": 0}
-
-
-async def gateway_stream(net: NetDriver) -> trio.SocketStream:
-    host, port = net._gateway.removeprefix("http://").split(":")
-    return await trio.open_tcp_stream(host, int(port))
-
-
-async def read_one_response(stream: trio.SocketStream) -> bytes:
-    """One whole response with a Content-Length: its head and its body."""
-    received = b""
-    while b"\r\n\r\n" not in received:
-        received += await stream.receive_some(65536)
-    head = received.split(b"\r\n\r\n", 1)[0]
-    lengths = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
-    total = len(head) + 4 + int(lengths[0].split(b":", 1)[1])
-    while len(received) < total:
-        received += await stream.receive_some(65536)
-    return received
-
-
-async def read_until_closed(stream: trio.SocketStream) -> bytes:
-    received = b""
-    while chunk := await stream.receive_some(65536):
-        received += chunk
-    return received
-
-
-async def test_a_connection_the_client_closes_is_closed_at_once(net: NetDriver) -> None:
-    # On an object route (Quart's own routes close such a connection anyway).
-    path = "/default/small"
-    # Hypercorn's keep-alive timer (75 s) used to hold it open, in CLOSE-WAIT.
-    await net._http.put(url(net, "/default/small"), content=b"x" * 100)
-    async with await gateway_stream(net) as stream:
-        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        answer = await read_one_response(stream)
-        # The server runs in this trio run: once every task waits, it has recycled the
-        # connection and started its keep-alive timer (an EOF that arrives before that ends
-        # the connection through another path, and the test would guard nothing).
-        await trio.testing.wait_all_tasks_blocked()
-        await stream.send_eof()
-        with trio.fail_after(KEEP_ALIVE_TIMEOUT / 2):  # closed by the client's EOF, not the timer
-            rest = await read_until_closed(stream)
-    assert answer.startswith(b"HTTP/1.1 200")
-    assert rest == b""
-
-
-async def test_http2_is_not_spoken(net: NetDriver, client: httpx.AsyncClient) -> None:
-    await client.put(url(net, "/default/h2"), content=b"hello")
-    async with await gateway_stream(net) as stream:
-        await stream.send_all(
-            b"GET /default/h2 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
-            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
-        )
-        await stream.send_eof()
-        with trio.fail_after(GIVE_UP):
-            upgrade = await read_until_closed(stream)
-    assert upgrade.startswith(b"HTTP/1.1 200")  # the upgrade is ignored
-    assert upgrade.endswith(b"hello")
-    # A prior-knowledge HTTP/2 client, with a DATA frame for a stream (HTTP/2 used to crash
-    # the process on such a frame after an early answer): refused, and the gateway lives on.
-    async with await gateway_stream(net) as stream:
-        await stream.send_all(
-            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-            + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # SETTINGS
-            + b"\x00\x00\x05\x00\x00\x00\x00\x00\x01hello"  # DATA on stream 1
-        )
-        with trio.fail_after(GIVE_UP):
-            refused = await read_until_closed(stream)
-    assert not refused.startswith(b"\x00")  # no HTTP/2 frame came back
-    assert (await client.get(url(net, "/default/h2"))).content == b"hello"

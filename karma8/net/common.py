@@ -11,7 +11,6 @@ from quart_trio import QuartTrio
 from karma8.core.errors import InvalidRequest, Karma8Error
 from karma8.net.codec import error_body, error_status
 from karma8.net.exchange import METHOD_NOT_ALLOWED, SECRET_HEADER, check_secret, int_value
-from karma8.net.http_fixes import install_backpressure
 
 log = logging.getLogger("karma8.net")
 
@@ -22,7 +21,6 @@ def create_app(name: str, *, secret: str | None) -> QuartTrio:
     Files and parts do not pass through it: :mod:`karma8.net.exchange` serves them in front.
     """
     app = QuartTrio(name)
-    install_backpressure(app)
     # No size limit of Quart's own on a JSON body: a node's key lists (heartbeats, unknown
     # parts) grow with the node. Nor timeouts: Hypercorn's and the clients' apply.
     app.config["MAX_CONTENT_LENGTH"] = None
