@@ -8,12 +8,10 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-import trio.testing
 
 from karma8.core.errors import NotFound
-from karma8.net.serve import KEEP_ALIVE_TIMEOUT
 
-from drivers import GIVE_UP, NetDriver, eventually, net_driver
+from drivers import NetDriver, eventually, net_driver
 
 
 @pytest.fixture
@@ -158,7 +156,9 @@ async def test_listing_paginates(net: NetDriver, client: httpx.AsyncClient) -> N
 async def test_internal_apis_need_the_cluster_secret(net: NetDriver) -> None:
     async with httpx.AsyncClient() as anonymous:
         nodes = await net.nodes()
-        for target in (f"{net._discovery_url}/v1/nodes", f"{nodes[0].url}/v1/parts"):
+        targets = [f"{net._discovery_url}/v1/nodes", f"{nodes[0].url}/v1/parts"]
+        targets.append(f"{nodes[0].url}/v1/parts/abc.0")  # a part route (the data plane)
+        for target in targets:
             response = await anonymous.get(target)
             assert response.status_code == 403
             assert response.json()["error"]["code"] == "forbidden"
@@ -179,6 +179,29 @@ async def test_a_stored_part_cannot_be_overwritten(
     assert response.json()["error"]["code"] == "upload_conflict"
     assert (await net._internal.head(target)).status_code == 200
     assert await net.get("immutable") == b"original bytes"
+
+
+async def test_part_routes_answer_as_documented(net: NetDriver, client: httpx.AsyncClient) -> None:
+    await client.put(url(net, "/default/parts"), content=b"0123456789" * 5)
+    part = (await net.stat("parts")).parts[0]
+    target = f"{part.node.url}/v1/parts/{part.key}"
+    head = await net._internal.head(target)
+    assert head.status_code == 200
+    assert head.headers["Content-Length"] == "10"
+    assert head.headers["X-Karma8-Checksum"] == part.checksum
+    span = await net._internal.get(target, params={"offset": 2, "length": 3})
+    assert (span.status_code, span.content) == (200, b"234")
+    assert span.headers["Content-Length"] == "3"
+    beyond = await net._internal.get(target, params={"offset": 8, "length": 3})
+    assert (beyond.status_code, beyond.json()["error"]["code"]) == (400, "invalid_request")
+    missing = await net._internal.get(f"{part.node.url}/v1/parts/{part.key}0")
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "not_found")
+    options = await net._internal.options(target)
+    refused = await net._internal.post(target, content=b"x")
+    assert (options.status_code, refused.status_code) == (204, 405)
+    assert refused.json()["error"]["code"] == "method_not_allowed"
+    for response in (options, refused):
+        assert response.headers["Allow"] == "DELETE, GET, HEAD, OPTIONS, PUT"
 
 
 async def test_short_body_then_disconnect_leaves_nothing(net: NetDriver) -> None:
@@ -209,73 +232,3 @@ async def test_metrics_count_requests(net: NetDriver, client: httpx.AsyncClient)
     await client.get(url(net, "/default/m"))
     metrics = (await client.get(url(net, "/metrics"))).json()
     assert metrics == {"puts": 1, "gets": 1, "read_errors": 0}
-
-
-async def gateway_stream(net: NetDriver) -> trio.SocketStream:
-    host, port = net._gateway.removeprefix("http://").split(":")
-    return await trio.open_tcp_stream(host, int(port))
-
-
-async def read_one_response(stream: trio.SocketStream) -> bytes:
-    """One whole response with a Content-Length: its head and its body."""
-    received = b""
-    while b"\r\n\r\n" not in received:
-        received += await stream.receive_some(65536)
-    head = received.split(b"\r\n\r\n", 1)[0]
-    lengths = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
-    total = len(head) + 4 + int(lengths[0].split(b":", 1)[1])
-    while len(received) < total:
-        received += await stream.receive_some(65536)
-    return received
-
-
-async def read_until_closed(stream: trio.SocketStream) -> bytes:
-    received = b""
-    while chunk := await stream.receive_some(65536):
-        received += chunk
-    return received
-
-
-async def test_a_connection_the_client_closes_is_closed_at_once(net: NetDriver) -> None:
-    # On an object route (Quart's own routes close such a connection anyway).
-    path = "/default/small"
-    # Hypercorn's keep-alive timer (75 s) used to hold it open, in CLOSE-WAIT.
-    await net._http.put(url(net, "/default/small"), content=b"x" * 100)
-    async with await gateway_stream(net) as stream:
-        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        answer = await read_one_response(stream)
-        # The server runs in this trio run: once every task waits, it has recycled the
-        # connection and started its keep-alive timer (an EOF that arrives before that ends
-        # the connection through another path, and the test would guard nothing).
-        await trio.testing.wait_all_tasks_blocked()
-        await stream.send_eof()
-        with trio.fail_after(KEEP_ALIVE_TIMEOUT / 2):  # closed by the client's EOF, not the timer
-            rest = await read_until_closed(stream)
-    assert answer.startswith(b"HTTP/1.1 200")
-    assert rest == b""
-
-
-async def test_http2_is_not_spoken(net: NetDriver, client: httpx.AsyncClient) -> None:
-    await client.put(url(net, "/default/h2"), content=b"hello")
-    async with await gateway_stream(net) as stream:
-        await stream.send_all(
-            b"GET /default/h2 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
-            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
-        )
-        await stream.send_eof()
-        with trio.fail_after(GIVE_UP):
-            upgrade = await read_until_closed(stream)
-    assert upgrade.startswith(b"HTTP/1.1 200")  # the upgrade is ignored
-    assert upgrade.endswith(b"hello")
-    # A prior-knowledge HTTP/2 client, with a DATA frame for a stream (HTTP/2 used to crash
-    # the process on such a frame after an early answer): refused, and the gateway lives on.
-    async with await gateway_stream(net) as stream:
-        await stream.send_all(
-            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-            + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # SETTINGS
-            + b"\x00\x00\x05\x00\x00\x00\x00\x00\x01hello"  # DATA on stream 1
-        )
-        with trio.fail_after(GIVE_UP):
-            refused = await read_until_closed(stream)
-    assert not refused.startswith(b"\x00")  # no HTTP/2 frame came back
-    assert (await client.get(url(net, "/default/h2"))).content == b"hello"

@@ -1,14 +1,16 @@
 """Each patch of :mod:`karma8.net.http_fixes`, by a test that fails without it.
 
-The two connection fixes seen from a client, a closed connection closed at once and HTTP/2
-not spoken, are tested end to end in tests/test_http_api.py.
+The fixes a client sees (a closed connection closed at once, HTTP/2 not spoken) are tested
+on a real socket, against Hypercorn serving a plain ASGI app as the data-plane routes are
+served (:func:`karma8.net.serve.serve_app`).
 """
 
 from __future__ import annotations
 
 import itertools
+from functools import partial
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import h11
 import httpcore
@@ -18,21 +20,19 @@ import trio.testing
 from h11._receivebuffer import ReceiveBuffer
 from hypercorn.events import Event, RawData
 from hypercorn.trio import tcp_server
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from hypothesis import given
 from hypothesis import strategies as st
-from quart import request
-from quart_trio import QuartTrio
 
 from karma8.net import http_fixes
 from karma8.net.http_fixes import (
-    HIGH_WATER,
     RECEIVE_SIZE,
     PassThroughReceiveBuffer,
     check_versions,
-    install_backpressure,
     patch_httpcore,
     patch_hypercorn,
 )
+from karma8.net.serve import KEEP_ALIVE_TIMEOUT, serve_app
 
 
 def requests(bodies: list[bytes], chunked: list[bool]) -> bytes:
@@ -190,53 +190,79 @@ async def test_a_send_to_a_client_that_stops_reading_can_be_cancelled(
     assert stream.socket.fileno() == -1
 
 
-async def test_a_request_body_is_buffered_up_to_the_high_water_mark() -> None:
-    app = QuartTrio(__name__)
-    install_backpressure(app)
-    read = trio.Event()
+HELLO = b"hello"
+GIVE_UP = 30  # seconds; a guard against a hang on a real socket
 
-    @app.route("/part", methods=["PUT"])
-    async def put() -> str:
-        await read.wait()
-        return str(sum([len(chunk) async for chunk in request.body]))
 
-    chunk, count = b"x" * 65536, 64
-    received = 0
+async def hello(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """A plain ASGI app (as the data-plane routes are): ``hello`` to every request. It is not
+    cancelled when its client goes away, as Quart-Trio's handlers are."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    headers = [(b"content-length", str(len(HELLO)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": HELLO, "more_body": False})
 
-    async def receive() -> dict[str, Any]:
-        nonlocal received
-        if received == count:
-            await trio.sleep_forever()
-        received += 1
-        return {"type": "http.request", "body": chunk, "more_body": received < count}
 
-    sent: list[dict[str, Any]] = []
+async def served(nursery: trio.Nursery) -> trio.SocketStream:
+    """A connection to :func:`hello`, served by Hypercorn in ``nursery``."""
+    url: str = await nursery.start(partial(serve_app, hello, host="127.0.0.1", port=0))
+    host, port = url.removeprefix("http://").split(":")
+    return await trio.open_tcp_stream(host, int(port))
 
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
 
-    headers = [(b"host", b"h"), (b"content-length", str(len(chunk) * count).encode())]
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "PUT",
-        "scheme": "http",
-        "path": "/part",
-        "raw_path": b"/part",
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers,
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-        "extensions": {},
-    }
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(cast(Any, app), scope, receive, send)  # plain dicts as ASGI
+async def read_until_closed(stream: trio.SocketStream) -> bytes:
+    received = b""
+    while chunk := await stream.receive_some(65536):
+        received += chunk
+    return received
+
+
+async def test_a_connection_the_client_closes_is_closed_at_once() -> None:
+    # Hypercorn's keep-alive timer (75 s) used to hold it open, in CLOSE-WAIT.
+    async with trio.open_nursery() as nursery:
+        async with await served(nursery) as stream:
+            await stream.send_all(b"GET /f HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while not answer.endswith(HELLO):
+                answer += await stream.receive_some(65536)
+            # The server runs in this trio run: once every task waits, it has recycled the
+            # connection and started its keep-alive timer (an EOF that arrives before that
+            # ends the connection through another path, and the test would guard nothing).
             await trio.testing.wait_all_tasks_blocked()
-            assert received * len(chunk) <= HIGH_WATER + len(chunk)
-            read.set()
-    assert received == count
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    assert body == str(len(chunk) * count).encode()
+            await stream.send_eof()
+            with trio.fail_after(KEEP_ALIVE_TIMEOUT / 2):  # closed by the EOF, not the timer
+                rest = await read_until_closed(stream)
+        nursery.cancel_scope.cancel()
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert rest == b""
+
+
+async def test_http2_is_not_spoken() -> None:
+    async with trio.open_nursery() as nursery:
+        async with await served(nursery) as stream:
+            await stream.send_all(
+                b"GET /f HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+            )
+            await stream.send_eof()
+            with trio.fail_after(GIVE_UP):
+                upgrade = await read_until_closed(stream)
+        assert upgrade.startswith(b"HTTP/1.1 200")  # the upgrade is ignored
+        assert upgrade.endswith(HELLO)
+        # A prior-knowledge HTTP/2 client, with a DATA frame for a stream (HTTP/2 used to
+        # crash the process on such a frame after an early answer): refused, and the server
+        # lives on.
+        async with await served(nursery) as stream:
+            await stream.send_all(
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+                + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # SETTINGS
+                + b"\x00\x00\x05\x00\x00\x00\x00\x00\x01hello"  # DATA on stream 1
+            )
+            with trio.fail_after(GIVE_UP):
+                refused = await read_until_closed(stream)
+        assert not refused.startswith(b"\x00")  # no HTTP/2 frame came back
+        nursery.cancel_scope.cancel()

@@ -38,7 +38,7 @@ from karma8.net.codec import (
     encode_receipt,
     encode_registration,
 )
-from karma8.net.common import SECRET_HEADER
+from karma8.net.exchange import SECRET_HEADER
 from karma8.net.http_fixes import patch_httpcore
 from karma8.ports import BlockingRunner, StoredPart
 

@@ -2,41 +2,30 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
-from typing import Any, TypeVar
+from typing import Any
 
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
-from karma8.core.errors import Forbidden, InvalidRequest, Karma8Error
+from karma8.core.errors import InvalidRequest, Karma8Error
 from karma8.net.codec import error_body, error_status
-from karma8.net.http_fixes import install_backpressure
+from karma8.net.exchange import METHOD_NOT_ALLOWED, SECRET_HEADER, check_secret, int_value
 
-SECRET_HEADER = "X-Karma8-Secret"
 log = logging.getLogger("karma8.net")
-
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-
-# HTTP responses of at most this many bytes are read whole before the status line goes out
-# (one body write, and a failure is an error status rather than a body cut short); larger
-# ones stream, so memory per request stays bounded either way.
-WHOLE_BODY_BYTES = 64 * 1024
-
-
-async def read_whole(opened: AbstractAsyncContextManager[AsyncIterator[bytes]]) -> bytes:
-    """Open a stream of chunks, read it to the end and close it: a small response's body."""
-    async with opened as chunks:
-        return b"".join([chunk async for chunk in chunks])
 
 
 def create_app(name: str, *, secret: str | None) -> QuartTrio:
-    """A Quart-Trio app with streaming bodies, JSON errors and (if ``secret``) auth."""
+    """A Quart-Trio app for a role's control routes: JSON errors, (if ``secret``) auth.
+
+    Files and parts do not pass through it: :mod:`karma8.net.exchange` serves them in front.
+    """
     app = QuartTrio(name)
-    install_backpressure(app)
-    app.config["JSON_SORT_KEYS"] = False
+    # No size limit of Quart's own on a JSON body: a node's key lists (heartbeats, unknown
+    # parts) grow with the node. Nor timeouts: Hypercorn's and the clients' apply.
+    app.config["MAX_CONTENT_LENGTH"] = None
+    app.config["BODY_TIMEOUT"] = None
+    app.config["RESPONSE_TIMEOUT"] = None
 
     @app.errorhandler(Karma8Error)
     async def karma8_error(error: Karma8Error) -> tuple[Response, int]:
@@ -48,9 +37,7 @@ def create_app(name: str, *, secret: str | None) -> QuartTrio:
 
     @app.errorhandler(405)
     async def bad_method(_: Exception) -> tuple[Response, int]:
-        return jsonify(
-            {"error": {"code": "method_not_allowed", "message": "method not allowed here"}}
-        ), 405
+        return jsonify(METHOD_NOT_ALLOWED), 405
 
     @app.errorhandler(Exception)
     async def internal(error: Exception) -> tuple[Response, int]:
@@ -63,9 +50,7 @@ def create_app(name: str, *, secret: str | None) -> QuartTrio:
         async def authenticate() -> None:
             if request.path == "/healthz":
                 return
-            given = request.headers.get(SECRET_HEADER, "")
-            if not hmac.compare_digest(given.encode(), secret.encode()):
-                raise Forbidden("missing or wrong cluster secret")
+            check_secret(request.headers.get(SECRET_HEADER), secret)
 
     @app.route("/healthz")
     async def healthz() -> Response:
@@ -82,15 +67,5 @@ async def json_body() -> dict[str, Any]:
 
 
 def int_arg(name: str, default: int | None = None) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        if default is None:
-            raise InvalidRequest(f"query parameter {name!r} is required")
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidRequest(f"query parameter {name!r} must be an integer") from None
-    if value < 0:
-        raise InvalidRequest(f"query parameter {name!r} must not be negative")
-    return value
+    """Query parameter ``name`` of the current request, as a non-negative integer."""
+    return int_value(name, request.args.get(name), default)

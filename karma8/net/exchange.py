@@ -1,0 +1,280 @@
+"""The data plane: one way to read and write HTTP bodies, for every role.
+
+The gateway's object routes (:mod:`karma8.net.objects`) and a storage node's part routes
+(:mod:`karma8.net.parts`) carry the bytes; both are :class:`ExchangeRoutes`, plain ASGI put
+in front of their role's Quart-Trio app the way Quart documents middleware
+(``app.asgi_app = ...``). Quart keeps the JSON control routes. Quart's per-request machinery
+cost the event loop more than storing a small file did, and its request body buffered
+(docs/architecture.md, "Net mode").
+
+An :class:`Exchange` is one request and its answer:
+
+- **Backpressure.** The body is read as its consumer asks for it; meanwhile Hypercorn's
+  queue of a request's messages (10) fills, its reader stops and TCP slows the client.
+- **A client that goes away.** Mid-body, the next read raises :class:`ClientGone`, the
+  consumer cleans up, and no answer is sent. Mid-download, a watcher ends the stream. Once
+  the whole body is in, nothing is cancelled: the work finishes and the answer is dropped.
+- **An answer before the body was read** (an error). The rest of the body is drained while
+  the answer goes out: Hypercorn hands the request its disconnect through the same queue,
+  and with the queue full and nobody reading, that connection would hang.
+
+:class:`ExchangeRoutes` matches a path, checks the cluster secret, picks the handler by
+method (``OPTIONS`` and ``405`` name the others in ``Allow``) and answers a
+:class:`~karma8.core.errors.Karma8Error` as its JSON error body.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Generic, TypeVar
+from urllib.parse import parse_qsl
+
+import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
+
+from karma8.core.errors import Forbidden, InvalidRequest, Karma8Error
+from karma8.net.codec import error_body, error_status
+
+ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+T = TypeVar("T")
+
+SECRET_HEADER = "X-Karma8-Secret"
+JSON_TYPE = (b"content-type", b"application/json")
+OCTETS_TYPE = (b"content-type", b"application/octet-stream")
+METHOD_NOT_ALLOWED = {"error": {"code": "method_not_allowed", "message": "method not allowed here"}}
+INTERNAL_ERROR = {"error": {"code": "internal", "message": "internal error"}}
+
+# HTTP responses of at most this many bytes are read whole before the status line goes out
+# (one body write, and a failure is an error status rather than a body cut short); larger
+# ones stream, so memory per request stays bounded either way.
+WHOLE_BODY_BYTES = 64 * 1024
+
+
+async def read_whole(opened: AbstractAsyncContextManager[AsyncIterator[bytes]]) -> bytes:
+    """Open a stream of chunks, read it to the end and close it: a small response's body."""
+    async with opened as chunks:
+        return b"".join([chunk async for chunk in chunks])
+
+
+def check_secret(given: str | None, secret: str) -> None:
+    """Raise :class:`Forbidden` unless ``given`` is the cluster secret (compared in constant
+    time)."""
+    if not hmac.compare_digest((given or "").encode(), secret.encode()):
+        raise Forbidden("missing or wrong cluster secret")
+
+
+def int_value(name: str, raw: str | None, default: int | None = None) -> int:
+    """Query parameter ``name`` (``raw``, None if absent) as a non-negative integer."""
+    if raw is None:
+        if default is None:
+            raise InvalidRequest(f"query parameter {name!r} is required")
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"query parameter {name!r} must be an integer") from None
+    if value < 0:
+        raise InvalidRequest(f"query parameter {name!r} must not be negative")
+    return value
+
+
+class ClientGone(InvalidRequest):
+    """The client closed the connection before the request body ended."""
+
+
+class Exchange:
+    """One request on a data-plane route: its headers and body, and the answer.
+
+    Iterating over it yields the request body's chunks as they arrive.
+    """
+
+    __slots__ = (
+        "_body_done",
+        "_query",
+        "_receive",
+        "_scope",
+        "_send",
+        "gone",
+        "headers",
+        "started",
+    )
+
+    def __init__(self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable):
+        self._scope = scope
+        self._receive = receive
+        self._send = send
+        self._query: dict[str, str] | None = None
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in scope["headers"]:  # names arrive lower-case (h11)
+            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        self.headers = headers
+        # Whether every message of the request body has been received. An HTTP/1 request
+        # without a body (most GETs) has one message, which the queue always has room for;
+        # elsewhere (HTTP/2 frames a body of unknown size without either header) the
+        # messages tell.
+        self._body_done = (
+            scope["http_version"].startswith("1")
+            and headers.get("content-length", "0") == "0"
+            and "transfer-encoding" not in headers
+        )
+        self.gone = False  # the client closed the connection mid-body
+        self.started = False  # the status line is on its way: errors can no longer be answered
+
+    def content_length(self) -> int | None:
+        raw = self.headers.get("content-length")
+        if raw is None:
+            return None
+        if not raw.isdigit():
+            raise InvalidRequest("Content-Length must be a non-negative integer")
+        return int(raw)
+
+    def int_arg(self, name: str, default: int | None = None) -> int:
+        """Query parameter ``name`` as a non-negative integer (``default`` if absent)."""
+        if self._query is None:
+            self._query = {}
+            raw = self._scope.get("query_string", b"").decode("latin-1")
+            for key, value in parse_qsl(raw, keep_blank_values=True):
+                self._query.setdefault(key, value)  # the first one counts, as in Quart
+        return int_value(name, self._query.get(name), default)
+
+    def __aiter__(self) -> Exchange:
+        return self
+
+    async def __anext__(self) -> bytes:
+        """The request body's next chunk, as the consumer asks for it (backpressure).
+
+        Raises:
+            ClientGone: the client closed the connection before the body ended.
+        """
+        while not self._body_done:
+            message = await self._receive()
+            if message["type"] != "http.request":
+                self._body_done = self.gone = True
+                raise ClientGone("the client closed the connection before the body ended")
+            self._body_done = not message["more_body"]
+            if message["body"]:
+                return message["body"]
+        raise StopAsyncIteration
+
+    async def start(self, status: int, headers: Headers) -> None:
+        self.started = True
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def write(self, chunk: bytes, *, more: bool = True) -> None:
+        await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
+
+    async def answer(self, status: int, headers: Headers, body: bytes = b"") -> None:
+        """Send a whole answer, draining what is left of the request body meanwhile."""
+        if self._body_done:
+            await self.start(status, headers)
+            await self.write(body, more=False)
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._drain)
+            await self.start(status, headers)
+            await self.write(body, more=False)
+            nursery.cancel_scope.cancel()
+
+    async def answer_json(self, status: int, value: Any, headers: Headers | None = None) -> None:
+        # As Quart writes JSON (the control routes): compact, keys sorted, a newline at the end.
+        body = json.dumps(value, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+        length = (b"content-length", str(len(body)).encode())
+        await self.answer(status, [JSON_TYPE, length, *(headers or [])], body)
+
+    async def stream(self, chunks: AsyncIterable[bytes]) -> None:
+        """After :meth:`start`, send ``chunks`` as the body, until they end or the client
+        goes away (then it returns early, and the chunks are not read further).
+
+        Raises:
+            Karma8Error: reading a chunk failed. The body's last message was not sent, so
+                Hypercorn closes the connection and the client gets a short body.
+        """
+        failure: Karma8Error | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._until_gone, nursery.cancel_scope)
+            try:
+                async for chunk in chunks:
+                    await self.write(chunk)
+            except Karma8Error as exc:
+                failure = exc
+            else:
+                await self.write(b"", more=False)
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _drain(self) -> None:
+        while not self._body_done:
+            message = await self._receive()
+            self._body_done = message["type"] != "http.request" or not message["more_body"]
+
+    async def _until_gone(self, scope: trio.CancelScope) -> None:
+        while (await self._receive())["type"] == "http.request":
+            pass
+        scope.cancel()
+
+
+Handler = Callable[[Exchange, T], Awaitable[None]]
+
+
+class ExchangeRoutes(Generic[T]):
+    """ASGI middleware: serves the requests whose path :meth:`match` claims, hands every
+    other request to ``app``.
+
+    ``handlers`` maps a method to its handler, called with the exchange and what
+    :meth:`match` returned. With ``secret``, every claimed request must carry it in
+    ``X-Karma8-Secret`` (checked before the method, as the Quart routes do).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        handlers: Mapping[str, Handler[T]],
+        *,
+        log: logging.Logger,
+        secret: str | None = None,
+    ) -> None:
+        self._app = app
+        self._handlers = dict(handlers)
+        self._allow = (b"allow", ", ".join(sorted({*handlers, "OPTIONS"})).encode())
+        self._log = log
+        self._secret = secret
+
+    def match(self, path: str) -> T | None:
+        """What a handler needs from ``path`` (e.g. a name), or None: another route's."""
+        raise NotImplementedError
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        target = self.match(scope["path"]) if scope["type"] == "http" else None
+        if target is None:
+            await self._app(scope, receive, send)
+            return
+        assert scope["type"] == "http"
+        exchange = Exchange(scope, receive, send)
+        try:
+            if self._secret is not None:
+                check_secret(exchange.headers.get(SECRET_HEADER.lower()), self._secret)
+            handler = self._handlers.get(scope["method"])
+            if handler is not None:
+                await handler(exchange, target)
+            elif scope["method"] == "OPTIONS":
+                await exchange.answer(204, [self._allow])
+            else:
+                await exchange.answer_json(405, METHOD_NOT_ALLOWED, [self._allow])
+        except Karma8Error as exc:
+            if exchange.gone or exchange.started:
+                self._log.info("%s %s ended early: %s", scope["method"], scope["path"], exc.message)
+            else:
+                await exchange.answer_json(error_status(exc), error_body(exc))
+        except Exception:
+            self._log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if not exchange.started:
+                await exchange.answer_json(500, INTERNAL_ERROR)
