@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from karma8.cli import main
+from karma8.core import rebalance
 from karma8.sim import fillseries
-from karma8.sim.fillseries import FillSampler, FillSeries
+from karma8.sim.fillseries import FillSample, FillSampler, FillSeries
 from karma8.sim.monitor import FaultTimeline
 from karma8.sim.report import render_json, to_json
 from karma8.sim.runner import SimResult, run_scenario
@@ -67,6 +68,17 @@ def tiny() -> SimResult:
     return run_scenario(parse_scenario(TINY), fill_interval=0.1)
 
 
+def _core_spread(sample: FillSample) -> float:
+    return rebalance.spread_pp(
+        [
+            rebalance.NodeFill(
+                node_id=n.node_id, capacity=n.capacity_bytes, live=n.used_bytes, free=0
+            )
+            for n in sample.nodes
+        ]
+    )
+
+
 def _series(result: SimResult) -> FillSeries:
     assert result.fill is not None
     return result.fill
@@ -96,7 +108,9 @@ def test_every_sample_holds_every_joined_node_with_its_fill_and_spread(tiny: Sim
         assert all(joined[i] <= sample.at for i in ids)
         fills = [node.fill for node in sample.nodes]
         assert all(0.0 <= fill <= 1.0 for fill in fills)
-        assert sample.spread_pp == pytest.approx(100 * (max(fills) - min(fills)), abs=1e-4)
+        # The spread of the nodes that can fill: not those capped at a fifth of the bytes.
+        assert sample.spread_pp == pytest.approx(_core_spread(sample), abs=1e-4)
+        assert sample.spread_pp <= 100 * (max(fills) - min(fills)) + 1e-4
     assert len(series.samples[0].nodes) == 6
     assert len(series.samples[-1].nodes) == 8
     # The last sample is the report's final table.
@@ -145,7 +159,8 @@ def _sampler(used: dict[str, int], max_samples: int = 8) -> FillSampler:
 
 
 def test_the_sampler_records_each_grid_time_passed_and_thins_a_long_run() -> None:
-    used = {"a": 0, "b": 0}
+    # Six nodes, so that none is too big to fill (a node holds at most a fifth of the bytes).
+    used = dict.fromkeys("abcdef", 0)
     sampler = _sampler(used)
     sampler.observe(0.4)  # before the first grid point (0.5)
     used["a"] = 10
@@ -153,13 +168,13 @@ def test_the_sampler_records_each_grid_time_passed_and_thins_a_long_run() -> Non
     used["b"] = 30
     series = sampler.finish(1.8)
     assert [s.at for s in series.samples] == [0.5, 1.0, 1.5, 1.8]
-    assert [[n.used_bytes for n in s.nodes] for s in series.samples] == [
-        [10, 0],
-        [10, 0],
-        [10, 0],
-        [10, 30],
+    assert [[n.used_bytes for n in s.nodes][:3] for s in series.samples] == [
+        [10, 0, 0],
+        [10, 0, 0],
+        [10, 0, 0],
+        [10, 30, 0],
     ]
-    assert [s.spread_pp for s in series.samples] == [10.0, 10.0, 10.0, 20.0]
+    assert [s.spread_pp for s in series.samples] == [10.0, 10.0, 10.0, 30.0]
 
     long = _sampler({"a": 1})
     for step in range(1, 200):

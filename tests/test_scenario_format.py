@@ -8,11 +8,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from karma8.sim.checker import spread_pp
+from karma8.core import rebalance
 from karma8.sim.runner import run_scenario
 from karma8.sim.scenario import ClusterSpec, Event, Scenario, ScenarioError, parse_scenario
 
 MIB = 1 << 20
+
+
+def spread_pp(disks: list[tuple[int, int]]) -> float:
+    """The core's fill spread of (used, capacity) disks; ``parts=1`` caps no node (a node may
+    hold every byte), so it is the plain max - min fill."""
+    fills = [
+        rebalance.NodeFill(node_id=f"n{i}", capacity=capacity, live=used, free=capacity - used)
+        for i, (used, capacity) in enumerate(disks)
+    ]
+    return rebalance.spread_pp(fills, parts=1)
 
 
 def test_one_capacity_applies_to_every_node_and_to_added_ones() -> None:
