@@ -1,0 +1,159 @@
+"""Rebalancing in net mode: discovery's ``/v1/rebalance`` routes, on the embedded cluster
+(real sockets on 127.0.0.1).
+
+Each test fills 6 small nodes, adds 2 empty ones and leaves the rebalancer off by itself
+(``enabled = false``), so that nothing moves until a test asks: the plan a dry run shows is
+the cluster's, not a race with a rebalancing already under way.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import httpx
+import pytest
+
+from karma8.actors.rebalancer import RebalancerConfig
+from karma8.core.model import NodeState
+from karma8.net.serve import NetConfig
+
+from drivers import NetDriver, eventually, net_config, net_driver
+
+CAPACITY = 512 * 1024
+FILES = 60
+FILE_SIZE = 6000  # parts of 1200 bytes: a quarter of a point of a node, so the fill can even out
+
+
+def small_cluster() -> NetConfig:
+    return attrs.evolve(
+        net_config(),
+        capacity=CAPACITY,
+        rebalance=RebalancerConfig(enabled=False, interval=0.2, bandwidth=0),
+    )
+
+
+@asynccontextmanager
+async def imbalanced(tmp_path: Path) -> AsyncIterator[tuple[NetDriver, dict[str, bytes]]]:
+    """6 nodes at ~11% of their capacity, and 2 empty nodes just joined."""
+    rng = random.Random(18)
+    files = {f"f{i}": rng.randbytes(FILE_SIZE) for i in range(FILES)}
+    async with net_driver(tmp_path, config=small_cluster()) as net:
+        for name, data in files.items():
+            await net.put(name, data)
+        for _ in range(2):
+            await net.add_node(CAPACITY)
+
+        async def all_eight_available() -> bool:
+            nodes = await net.nodes()
+            return sum(n.state is NodeState.AVAILABLE for n in nodes) == 8
+
+        await eventually(all_eight_available)
+        yield net, files
+
+
+async def rebalance(net: NetDriver, method: str = "GET", **params: str) -> httpx.Response:
+    return await net._internal.request(method, f"{net._discovery_url}/v1/rebalance", params=params)
+
+
+async def test_status_and_dry_run_move_nothing_then_a_start_evens_the_fill(
+    tmp_path: Path,
+) -> None:
+    async with imbalanced(tmp_path) as (net, files):
+        before = {n.node_id: n.parts for n in await net.nodes()}
+        status = await rebalance(net)
+        assert status.status_code == 200
+        body = status.json()
+        assert body["state"] == "idle"  # far off, but it does not start by itself
+        assert body["remaining_bytes"] > 0
+        assert body["spread_pp"] > 5
+        assert (body["moved_parts"], body["moving_parts"], body["active"]) == (0, 0, False)
+        assert body["settings"] == {
+            "enabled": False,
+            "interval": 0.2,
+            "start_pp": 1.0,
+            "tolerance_pp": 0.25,
+            "bandwidth": 0.0,
+            "concurrency": 4,
+        }
+
+        dry = await rebalance(net, "POST", dry_run="1")
+        assert dry.status_code == 200
+        plan = dry.json()
+        assert plan["dry_run"] is True
+        assert plan["moves"] > 0
+        assert plan["move_bytes"] >= plan["moves"] * (FILE_SIZE // 5)
+        assert plan["remaining_bytes"] == body["remaining_bytes"]
+        assert plan["spread_after_pp"] < plan["spread_pp"]
+        assert len(plan["nodes"]) == 8
+        total = sum(n["live_bytes"] for n in plan["nodes"])
+        assert total == FILES * FILE_SIZE
+        assert sum(n["after_bytes"] for n in plan["nodes"]) == total
+        empty = [n for n in plan["nodes"] if n["live_bytes"] == 0]
+        assert len(empty) == 2
+        for node in plan["nodes"]:
+            assert node["capacity_bytes"] == CAPACITY
+            assert node["fill_percent"] == pytest.approx(100 * node["live_bytes"] / CAPACITY, 1e-3)
+            assert abs(node["target_bytes"] - total / 8) <= 1
+        for node in empty:
+            assert 0 < node["after_bytes"] <= node["target_bytes"]
+            assert node["fill_after_percent"] > 0
+        assert plan["status"]["state"] == "idle"
+
+        # A dry run moves nothing, and a typo of it starts nothing.
+        typo = await rebalance(net, "POST", dryrun="1")
+        assert typo.status_code == 400
+        assert typo.json()["error"] == {
+            "code": "invalid_request",
+            "message": "unknown query parameter 'dryrun' (known: dry_run)",
+        }
+        assert {n.node_id: n.parts for n in await net.nodes()} == before
+        assert (await rebalance(net)).json()["moved_parts"] == 0
+
+        start = await rebalance(net, "POST")
+        assert start.status_code == 202
+        assert start.json()["state"] == "rebalancing"
+
+        async def done() -> bool:
+            now = (await rebalance(net)).json()
+            return bool(now["moved_parts"] > 0 and now["state"] != "rebalancing")
+
+        await eventually(done)
+        after = (await rebalance(net)).json()
+        assert after["moved_bytes"] >= plan["move_bytes"]
+        assert after["spread_pp"] < 1.0  # parts are 0.23 points of a node
+        assert after["remaining_bytes"] < body["remaining_bytes"] / 10
+        by_id = {n.node_id: n for n in await net.nodes()}
+        for node in empty:
+            assert by_id[node["node_id"]].parts > 0
+        for name, data in files.items():
+            assert await net.get(name) == data
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "message"),
+    [
+        ("POST", {"dry_run": "maybe"}, "dry_run must be 1 or 0 (or true/false), got 'maybe'"),
+        ("POST", {"dry_run": "1", "force": "1"}, "unknown query parameter 'force'"),
+        ("GET", {"dry_run": "1"}, "unknown query parameter 'dry_run' (it takes none)"),
+    ],
+)
+async def test_bad_queries_are_400_and_the_routes_need_the_secret(
+    tmp_path: Path, method: str, params: dict[str, str], message: str
+) -> None:
+    async with net_driver(tmp_path, config=small_cluster()) as net:
+        bad = await rebalance(net, method, **params)
+        assert bad.status_code == 400
+        assert bad.json()["error"]["code"] == "invalid_request"
+        assert message in bad.json()["error"]["message"]
+        async with httpx.AsyncClient() as anonymous:
+            for verb in ("GET", "POST"):
+                refused = await anonymous.request(verb, f"{net._discovery_url}/v1/rebalance")
+                assert refused.status_code == 403
+                assert refused.json()["error"]["code"] == "forbidden"
+        empty = (await rebalance(net, "POST", dry_run="true")).json()
+        assert (empty["moves"], empty["move_bytes"], empty["remaining_bytes"]) == (0, 0, 0)
+        assert empty["status"]["state"] == "balanced"
