@@ -2,8 +2,10 @@
 
 karma8 sim SCENARIO.toml [--seed N] [--json] [--check-determinism] [--plot FILE.svg|.png]
 karma8 serve [--role all|gw|discovery|storage] [--config FILE] [--data DIR] ...
-karma8 nodes [--json]                 storage nodes as discovery sees them
+karma8 nodes [--json]                 storage nodes as discovery sees them, and rebalancing
 karma8 stat NAMESPACE/NAME [--json]   a file's version, layout and parts
+karma8 scrub [--json]                 verify every part on every node now
+karma8 rebalance [--dry-run] [--json] rebalance now, or show the next round's plan
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import attrs
 import trio
 
-from karma8.core.errors import Karma8Error
+from karma8.core.errors import Karma8Error, Unavailable
 from karma8.core.tomlconf import ConfigError
 from karma8.core.units import parse_size
 from karma8.net.locate import DEFAULT_DATA, ENV_SECRET, ClusterRef, locate_cluster
@@ -108,10 +110,17 @@ def _parser() -> argparse.ArgumentParser:
         ("nodes", "list storage nodes"),
         ("stat", "show a file's parts"),
         ("scrub", "verify every part on every node now; quarantine corrupt ones"),
+        ("rebalance", "move parts towards even filling now, or show the plan (--dry-run)"),
     ):
         admin = commands.add_parser(name, help=help_text)
         if name == "stat":
             admin.add_argument("path", help="NAMESPACE/NAME")
+        if name == "rebalance":
+            admin.add_argument(
+                "--dry-run",
+                action="store_true",
+                help="show the next round's moves per node; move nothing",
+            )
         admin.add_argument("--discovery", help="discovery URL (or KARMA8_DISCOVERY)")
         admin.add_argument("--secret", help="cluster secret (or KARMA8_SECRET)")
         admin.add_argument("--config", type=Path, help="TOML file with discovery_url and secret")
@@ -411,22 +420,25 @@ def _admin(args: argparse.Namespace) -> int:
     from karma8.net import admin
     from karma8.net.settings import load_net_config
 
+    url = None
     try:
         config = load_net_config(args.config, {}) if args.config is not None else None
         cluster = _locate(args, config)
         url, secret = cluster.discovery, cluster.secret
         if args.command == "nodes":
-            nodes = trio.run(admin.fetch_nodes, url, secret)
+            nodes, report = trio.run(admin.fetch_nodes_and_rebalance, url, secret)
             print(
-                json.dumps(admin.nodes_json(nodes), indent=2)
+                json.dumps(admin.nodes_json(nodes, report), indent=2)
                 if args.json
-                else admin.nodes_table(nodes)
+                else admin.nodes_table(nodes) + "\n" + admin.rebalance_lines(report)
             )
         elif args.command == "scrub":
             results = trio.run(admin.scrub_all, url, secret)
             print(json.dumps(results, indent=2) if args.json else admin.scrub_table(results))
             if any(r.get("corrupt") or "error" in r for r in results):
                 return EXIT_FAILED
+        elif args.command == "rebalance":
+            _rebalance(args, url, secret)
         else:
             namespace, sep, name = args.path.partition("/")
             if not sep or not name:
@@ -440,10 +452,37 @@ def _admin(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"karma8 {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Unavailable as exc:
+        print(
+            f"karma8 {args.command}: cannot reach discovery at {url}: {exc.message}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     except Karma8Error as exc:
         print(f"karma8 {args.command}: {exc.message}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _rebalance(args: argparse.Namespace, url: str, secret: str | None) -> None:
+    """``karma8 rebalance``: the plan (``--dry-run``), or start a pass; then the status."""
+    from karma8.net import admin
+
+    if args.dry_run:
+        plan, report = trio.run(admin.fetch_plan, url, secret)
+        print(
+            json.dumps(admin.plan_json(plan, report), indent=2)
+            if args.json
+            else admin.plan_text(plan, report)
+        )
+        return
+    report = trio.run(admin.start_rebalance, url, secret)
+    print(
+        json.dumps(admin.report_json(report), indent=2)
+        if args.json
+        else "rebalancing started: discovery runs a pass now, whatever the threshold\n"
+        + admin.rebalance_lines(report)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,5 +1,5 @@
-"""Rebalancing in net mode: discovery's ``/v1/rebalance`` routes, on the embedded cluster
-(real sockets on 127.0.0.1).
+"""Rebalancing in net mode: discovery's ``/v1/rebalance`` routes, ``karma8 rebalance`` and the
+footer of ``karma8 nodes``, on the embedded cluster (real sockets on 127.0.0.1).
 
 Each test fills 6 small nodes, adds 2 empty ones and leaves the rebalancer off by itself
 (``enabled = false``), so that nothing moves until a test asks: the plan a dry run shows is
@@ -8,20 +8,29 @@ the cluster's, not a race with a rebalancing already under way.
 
 from __future__ import annotations
 
+import json
+import os
 import random
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import attrs
 import httpx
 import pytest
+import trio
 
 from karma8.actors.rebalancer import RebalancerConfig
+from karma8.cli import main
 from karma8.core.model import NodeState
 from karma8.net.serve import NetConfig
 
-from drivers import NetDriver, eventually, net_config, net_driver
+from drivers import GIVE_UP, NetDriver, eventually, net_config, net_driver
+from processes import wait_for
 
 CAPACITY = 512 * 1024
 FILES = 60
@@ -157,3 +166,150 @@ async def test_bad_queries_are_400_and_the_routes_need_the_secret(
         empty = (await rebalance(net, "POST", dry_run="true")).json()
         assert (empty["moves"], empty["move_bytes"], empty["remaining_bytes"]) == (0, 0, 0)
         assert empty["status"]["state"] == "balanced"
+
+
+# -- the commands -------------------------------------------------------------------------
+
+
+@contextmanager
+def cluster_in_a_thread(tmp_path: Path) -> Iterator[list[str]]:
+    """:func:`imbalanced` run by trio in another thread while the test calls ``main()``;
+    yields the flags that point a command at it."""
+    ready = threading.Event()
+    shared: dict[str, Any] = {}
+
+    async def serve() -> None:
+        async with imbalanced(tmp_path) as (net, _):
+            shared["flags"] = ["--discovery", net._discovery_url, "--secret", net._config.secret]
+            shared["token"] = trio.lowlevel.current_trio_token()
+            with trio.CancelScope() as scope:
+                shared["stop"] = scope.cancel
+                ready.set()
+                await trio.sleep_forever()
+
+    def run() -> None:
+        try:
+            trio.run(serve)
+        except BaseException as exc:
+            shared["error"] = exc
+            ready.set()
+
+    thread = threading.Thread(target=run, name="cluster")
+    thread.start()
+    try:
+        assert ready.wait(GIVE_UP), "the cluster did not start"
+        if "error" in shared:
+            raise shared["error"]
+        yield shared["flags"]
+    finally:
+        if "stop" in shared:
+            trio.from_thread.run_sync(shared["stop"], trio_token=shared["token"])
+        thread.join(GIVE_UP)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[list[str]]:
+    with cluster_in_a_thread(tmp_path) as flags:
+        yield flags
+
+
+def test_rebalance_dry_run_prints_each_node_now_and_after_the_round(
+    cluster: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["rebalance", "--dry-run", *cluster]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith(f"karma8: cluster {cluster[1]} (from --discovery; secret from --secret)")
+    lines = out.splitlines()
+    assert lines[0] == "dry run: nothing moved"
+    assert lines[1].split() == ["NODE", "CAPACITY", "LIVE", "TARGET", "FILL", "AFTER"]
+    rows = [line.split() for line in lines[2:10]]
+    assert all(row[0].startswith("node-") and row[1:3] == ["512.0", "KiB"] for row in rows)
+    assert sum(row[3:5] == ["0", "B"] and row[-2] == "0.00%" for row in rows) == 2
+    assert lines[10].startswith("next round: ")
+    assert " moves, " in lines[10]
+    assert lines[11].startswith("remaining ")
+    assert lines[12].startswith("fill spread ")
+    assert lines[12].endswith("(idle; rebalancing on its own is off)")
+    assert (
+        lines[13]
+        == "moved 0 B (0 parts), moving now 0 B (0 parts), remaining "
+        + (lines[11].removeprefix("remaining ").split(" (")[0])
+    )
+    assert lines[14] == "rate - (throttle unthrottled), ETA -"
+
+    assert main(["rebalance", "--dry-run", "--json", *cluster]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["dry_run"] is True
+    assert plan["moves"] > 0
+    assert len(plan["nodes"]) == 8
+
+
+def test_nodes_ends_with_the_rebalancing_and_rebalance_starts_it(
+    cluster: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["nodes", *cluster]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[9].startswith("usable capacity ")
+    assert lines[10].startswith("fill spread ")
+    assert lines[10].endswith(" pp (idle; rebalancing on its own is off)")
+    assert lines[11].startswith("moved 0 B (0 parts), moving now 0 B (0 parts), remaining ")
+
+    assert main(["rebalance", *cluster]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "rebalancing started: discovery runs a pass now, whatever the threshold"
+    assert out[1].endswith("(rebalancing)")
+
+    def nodes_json() -> dict[str, Any]:
+        assert main(["nodes", "--json", *cluster]) == 0
+        parsed: dict[str, Any] = json.loads(capsys.readouterr().out)
+        return parsed
+
+    def finished() -> bool:
+        report = nodes_json()["rebalance"]
+        return bool(report["moved_parts"] > 0 and report["state"] != "rebalancing")
+
+    wait_for(finished, "the rebalancing finished")
+    listed = nodes_json()
+    assert len(listed["nodes"]) == 8
+    assert all("fill_percent" in n for n in listed["nodes"])
+    assert listed["rebalance"]["moved_bytes"] > 0
+    assert main(["nodes", *cluster]) == 0
+    footer = capsys.readouterr().out.splitlines()[10:]
+    assert footer[0].startswith("fill spread 0.")
+    assert footer[1].startswith("moved ")
+    assert not footer[1].startswith("moved 0 B")
+
+
+def test_rebalance_into_a_closed_pipe_stops_quietly(cluster: list[str], tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "karma8.cli", "rebalance", "--dry-run", *cluster],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141
+    assert done.stderr.splitlines() == [
+        f"karma8: cluster {cluster[1]} (from --discovery; secret from --secret)"
+    ]
+
+
+def test_rebalance_says_when_discovery_cannot_be_reached(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import socket
+
+    with socket.socket() as sock:  # bound, not listening: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        for command in (["rebalance"], ["rebalance", "--dry-run"], ["nodes"]):
+            assert main([*command, "--discovery", url, "--secret", "x"]) == 1
+            err = capsys.readouterr().err.splitlines()
+            assert err[0] == f"karma8: cluster {url} (from --discovery; secret from --secret)"
+            assert err[1].startswith(f"karma8 {command[0]}: cannot reach discovery at {url}: ")
+            assert len(err) == 2
