@@ -73,8 +73,8 @@ def rebalance_lines(report: RebalanceReport) -> str:
     if state == IDLE and not settings.enabled:
         state += "; rebalancing on its own is off"
     throttle = format_rate(settings.bandwidth) if settings.bandwidth > 0 else "unthrottled"
-    # The rate of the last moves decays once none are made: shown only while moving.
-    moving = report.state == REBALANCING
+    # The rate of the last moves decays once none are made: shown only while parts move.
+    moving = report.state == REBALANCING and (s.active or s.moving_parts > 0)
     rate = format_rate(s.rate_bytes_per_s) if moving else "-"
     eta = format_eta(s.eta_seconds) if moving else "-"
     return "\n".join(
