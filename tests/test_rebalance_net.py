@@ -313,3 +313,24 @@ def test_rebalance_says_when_discovery_cannot_be_reached(
             assert err[0] == f"karma8: cluster {url} (from --discovery; secret from --secret)"
             assert err[1].startswith(f"karma8 {command[0]}: cannot reach discovery at {url}: ")
             assert len(err) == 2
+
+
+async def test_a_rebalancer_that_fails_unexpectedly_starts_again_and_discovery_stays(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    from karma8.net.serve import keep_rebalancing
+
+    runs = 0
+
+    class Broken:
+        config = RebalancerConfig(interval=5.0)
+
+        async def run(self) -> None:
+            nonlocal runs
+            runs += 1
+            raise ValueError("an answer it cannot read")
+
+    with trio.move_on_after(12.0):
+        await keep_rebalancing(Broken())  # type: ignore[arg-type]
+    assert runs == 3  # at 0, 5 and 10 s
+    assert caplog.text.count("the rebalancer failed; it starts again in 5 s") == 3

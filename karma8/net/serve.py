@@ -192,7 +192,7 @@ async def serve_discovery(
     rebalancer = Rebalancer(discovery=discovery, storage=storage, config=config.rebalance)
     async with trio.open_nursery() as nursery:
         await nursery.start(discovery.run)
-        await nursery.start(rebalancer.run)
+        await nursery.start(keep_rebalancing, rebalancer)
         url = await nursery.start(
             _serving(
                 discovery_app(discovery, secret=config.secret, rebalancer=rebalancer),
@@ -202,6 +202,23 @@ async def serve_discovery(
         )
         log.info("discovery listening on %s", url)
         task_status.started(url)
+
+
+async def keep_rebalancing(
+    rebalancer: Rebalancer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the rebalancer until cancelled. It stops on its own only for an error it does not
+    expect (a bug, an answer it cannot read): that is logged, and it starts again after an
+    ``interval``, so that discovery never goes down with it."""
+    task_status.started()
+    while True:
+        try:
+            await rebalancer.run()
+        except Exception:
+            log.exception(
+                "the rebalancer failed; it starts again in %g s", rebalancer.config.interval
+            )
+            await trio.sleep(rebalancer.config.interval)
 
 
 async def run_discovery(
