@@ -193,9 +193,8 @@ def test_two_nodes_join_and_the_rebalancer_evens_the_fill_under_load(tmp_path: P
         files.update(items)
 
         with httpx.Client(timeout=30, headers={"X-Karma8-Secret": SECRET}) as http:
-            before = rebalance_status(http, cluster.discovery_url)
-            assert before["state"] == "balanced"
-            assert before["moved_parts"] == 0
+            # Placement alone keeps nodes of one size even.
+            assert rebalance_status(http, cluster.discovery_url)["spread_pp"] <= SPREAD_PP
 
             client = Client(cluster.url, files, rng)
             client.start()
