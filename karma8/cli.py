@@ -2,8 +2,10 @@
 
 karma8 sim SCENARIO.toml [--seed N] [--json] [--check-determinism] [--plot FILE.svg|.png]
 karma8 serve [--role all|gw|discovery|storage] [--config FILE] [--data DIR] ...
-karma8 nodes [--json]                 storage nodes as discovery sees them
+karma8 nodes [--json]                 storage nodes as discovery sees them, and rebalancing
 karma8 stat NAMESPACE/NAME [--json]   a file's version, layout and parts
+karma8 scrub [--json]                 verify every part on every node now
+karma8 rebalance [--dry-run] [--json] rebalance now, or show the next round's plan
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import os
 import shlex
 import signal
 import sys
-import tomllib
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -25,8 +26,8 @@ from typing import Any
 import attrs
 import trio
 
-from karma8.core.errors import Karma8Error
-from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
+from karma8.core.errors import Karma8Error, Unavailable
+from karma8.core.tomlconf import ConfigError
 from karma8.core.units import parse_size
 from karma8.net.locate import DEFAULT_DATA, ENV_SECRET, ClusterRef, locate_cluster
 from karma8.sim.fillseries import DEFAULT_INTERVAL
@@ -92,16 +93,34 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--secret", help="cluster secret (or KARMA8_SECRET)")
     serve.add_argument("--capacity", help="storage capacity, e.g. '20 GiB'")
     serve.add_argument("--nodes", type=int, help="storage nodes of --role all (default 6)")
+    serve.add_argument(
+        "--rebalance-bandwidth",
+        metavar="SIZE",
+        help="bytes per second the rebalancer may copy, e.g. '16 MiB'; 0 = unthrottled"
+        " (all and discovery roles)",
+    )
+    serve.add_argument(
+        "--no-rebalance",
+        action="store_true",
+        help="do not rebalance on its own; `karma8 rebalance` still does (all and discovery)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="log more")
 
     for name, help_text in (
         ("nodes", "list storage nodes"),
         ("stat", "show a file's parts"),
         ("scrub", "verify every part on every node now; quarantine corrupt ones"),
+        ("rebalance", "move parts towards even filling now, or show the plan (--dry-run)"),
     ):
         admin = commands.add_parser(name, help=help_text)
         if name == "stat":
             admin.add_argument("path", help="NAMESPACE/NAME")
+        if name == "rebalance":
+            admin.add_argument(
+                "--dry-run",
+                action="store_true",
+                help="show the next round's moves per node; move nothing",
+            )
         admin.add_argument("--discovery", help="discovery URL (or KARMA8_DISCOVERY)")
         admin.add_argument("--secret", help="cluster secret (or KARMA8_SECRET)")
         admin.add_argument("--config", type=Path, help="TOML file with discovery_url and secret")
@@ -233,43 +252,6 @@ def _plot(path: str, result: SimResult, scenario: Scenario) -> str | None:
 # -- serve -------------------------------------------------------------------------------
 
 
-def load_net_config(path: Path | None, overrides: dict[str, Any]) -> Any:
-    """NetConfig from a TOML file (top-level keys = NetConfig fields) plus CLI overrides."""
-    from karma8.net.serve import NetConfig
-
-    base = NetConfig()
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            text = path.read_text(encoding="utf-8")
-            data = tomllib.loads(text)
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        reader = TableReader(ConfigSource(str(path), text), data, "")
-        for field in attrs.fields(NetConfig):
-            default = getattr(base, field.name)
-            if field.name in ("capacity", "stripe_unit", "max_file_size"):
-                values[field.name] = reader.size(field.name, default, minimum=1)
-            elif field.name in ("secret", "discovery_url"):
-                raw = reader.get(field.name, default)
-                if raw is not None and not isinstance(raw, str):
-                    raise reader.fail(field.name, "expected a string")
-                values[field.name] = raw
-            elif field.name == "host":
-                values[field.name] = reader.string(field.name, default)
-            elif isinstance(default, bool):
-                values[field.name] = reader.boolean(field.name, default)
-            elif isinstance(default, float):
-                values[field.name] = reader.number(field.name, default, minimum=0.001)
-            else:
-                values[field.name] = reader.integer(field.name, default)
-        reader.finish()
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return attrs.evolve(base, **values)
-
-
 def _locate(args: argparse.Namespace, config: Any | None) -> ClusterRef:
     """The cluster a command uses (order: karma8/net/locate.py), announced on stderr.
 
@@ -305,6 +287,7 @@ async def _until_signalled(run: Callable[[trio.Nursery], Awaitable[None]]) -> No
 def _serve(args: argparse.Namespace) -> int:
     from karma8.net import serve as net
     from karma8.net.clients import make_http_client
+    from karma8.net.settings import load_net_config
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -318,7 +301,11 @@ def _serve(args: argparse.Namespace) -> int:
             "secret": args.secret or os.environ.get(ENV_SECRET),
             "capacity": parse_size(args.capacity) if args.capacity else None,
         }
-        config = load_net_config(args.config, overrides)
+        rebalance: dict[str, Any] = {
+            "bandwidth": _bandwidth(args.rebalance_bandwidth),
+            "enabled": False if args.no_rebalance else None,
+        }
+        config = load_net_config(args.config, overrides, rebalance)
     except (ConfigError, ValueError) as exc:
         print(f"karma8 serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -395,6 +382,15 @@ def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _bandwidth(raw: str | None) -> float | None:
+    if raw is None:
+        return None
+    try:
+        return float(parse_size(raw))
+    except ValueError as exc:
+        raise ConfigError(f"--rebalance-bandwidth: {exc}") from None
+
+
 def _user_error(exc: BaseException) -> Exception | None:
     """The configuration, OS or karma8 error inside ``exc`` (trio wraps them in groups)."""
     if isinstance(exc, ConfigError | OSError | Karma8Error):
@@ -422,23 +418,27 @@ async def _hold_client(http: Any, *, task_status: trio.TaskStatus[None]) -> None
 
 def _admin(args: argparse.Namespace) -> int:
     from karma8.net import admin
+    from karma8.net.settings import load_net_config
 
+    url = None
     try:
         config = load_net_config(args.config, {}) if args.config is not None else None
         cluster = _locate(args, config)
         url, secret = cluster.discovery, cluster.secret
         if args.command == "nodes":
-            nodes = trio.run(admin.fetch_nodes, url, secret)
+            nodes, report = trio.run(admin.fetch_nodes_and_rebalance, url, secret)
             print(
-                json.dumps(admin.nodes_json(nodes), indent=2)
+                json.dumps(admin.nodes_json(nodes, report), indent=2)
                 if args.json
-                else admin.nodes_table(nodes)
+                else admin.nodes_table(nodes) + "\n" + admin.rebalance_lines(report)
             )
         elif args.command == "scrub":
             results = trio.run(admin.scrub_all, url, secret)
             print(json.dumps(results, indent=2) if args.json else admin.scrub_table(results))
             if any(r.get("corrupt") or "error" in r for r in results):
                 return EXIT_FAILED
+        elif args.command == "rebalance":
+            _rebalance(args, url, secret)
         else:
             namespace, sep, name = args.path.partition("/")
             if not sep or not name:
@@ -452,10 +452,37 @@ def _admin(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"karma8 {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Unavailable as exc:
+        print(
+            f"karma8 {args.command}: cannot reach discovery at {url}: {exc.message}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     except Karma8Error as exc:
         print(f"karma8 {args.command}: {exc.message}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _rebalance(args: argparse.Namespace, url: str, secret: str | None) -> None:
+    """``karma8 rebalance``: the plan (``--dry-run``), or start a pass; then the status."""
+    from karma8.net import admin
+
+    if args.dry_run:
+        plan, report = trio.run(admin.fetch_plan, url, secret)
+        print(
+            json.dumps(admin.plan_json(plan, report), indent=2)
+            if args.json
+            else admin.plan_text(plan, report)
+        )
+        return
+    report = trio.run(admin.start_rebalance, url, secret)
+    print(
+        json.dumps(admin.report_json(report), indent=2)
+        if args.json
+        else "rebalancing started: discovery runs a pass now, whatever the threshold\n"
+        + admin.rebalance_lines(report)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

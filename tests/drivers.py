@@ -260,9 +260,12 @@ def net_config(*, local_calls: bool = True) -> NetConfig:
 
 
 @asynccontextmanager
-async def net_driver(data_dir: Path, *, local_calls: bool = True) -> AsyncIterator[NetDriver]:
-    """The embedded cluster on real sockets; ``local_calls=False`` sends every hop over HTTP."""
-    config = net_config(local_calls=local_calls)
+async def net_driver(
+    data_dir: Path, *, local_calls: bool = True, config: NetConfig | None = None
+) -> AsyncIterator[NetDriver]:
+    """The embedded cluster on real sockets; ``local_calls=False`` sends every hop over HTTP.
+    ``config`` replaces :func:`net_config`'s."""
+    config = config or net_config(local_calls=local_calls)
     async with (
         make_http_client(config.secret) as internal,
         httpx.AsyncClient(timeout=30) as http,

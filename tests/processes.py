@@ -5,12 +5,31 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+# A guard against a hang while waiting for the cluster to do something by itself; far above
+# what it takes, so that no verdict depends on the machine's speed.
+GIVE_UP = 120.0
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    """Wait until ``condition()`` holds, checking every 50 ms; fail after :data:`GIVE_UP`."""
+    deadline = time.monotonic() + GIVE_UP
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class Service:

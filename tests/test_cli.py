@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from karma8.cli import main
-from karma8.core.model import NodeState, NodeStatus
+from karma8.core.model import NodeState, NodeStatus, RebalanceStatus
+from karma8.core.rebalance_report import RebalanceReport, RebalanceSettings
 from karma8.net import admin
 from karma8.sim import swarm
 from karma8.sim.runner import SimResult
@@ -209,4 +210,85 @@ def test_a_node_whose_disk_is_full_shows_as_full() -> None:
         last_seen=0.0,
     )
     assert "100.00%" in admin.nodes_table([full])
-    assert admin.nodes_json([full])[0]["fill_percent"] == 100.0
+    assert admin.nodes_json([full], _report())["nodes"][0]["fill_percent"] == 100.0
+
+
+def _report(**status: object) -> RebalanceReport:
+    fields: dict[str, object] = {
+        "spread_pp": 12.345,
+        "imbalance_pp": 8.0,
+        "remaining_bytes": 3 << 20,
+        "moving_bytes": 256 << 10,
+        "moving_parts": 8,
+        "moved_bytes": 1 << 20,
+        "moved_parts": 34,
+        "rate_bytes_per_s": float(1 << 20),
+        "eta_seconds": 3.0,
+        "active": True,
+        **status,
+    }
+    settings = RebalanceSettings(
+        enabled=True,
+        interval=10.0,
+        start_pp=1.0,
+        tolerance_pp=0.25,
+        bandwidth=2 << 20,
+        concurrency=4,
+    )
+    return RebalanceReport(
+        status=RebalanceStatus(**fields),  # type: ignore[arg-type]
+        state="rebalancing" if fields["active"] else "idle",
+        settings=settings,
+    )
+
+
+def test_the_rebalancing_footer_shows_progress_rate_and_eta_only_while_moving() -> None:
+    assert admin.rebalance_lines(_report()).splitlines() == [
+        "fill spread 12.35 pp (rebalancing)",
+        "moved 1.0 MiB (34 parts), moving now 256.0 KiB (8 parts), remaining 3.0 MiB",
+        "rate 1.0 MiB/s (throttle 2.0 MiB/s), ETA 3 s",
+    ]
+    idle = admin.rebalance_lines(_report(active=False, moving_parts=0, moving_bytes=0))
+    assert idle.splitlines()[0] == "fill spread 12.35 pp (idle)"
+    assert idle.splitlines()[2] == "rate - (throttle 2.0 MiB/s), ETA -"
+    assert [admin.format_eta(s) for s in (None, 0.4, 59, 61, 3600 * 2 + 60 * 5)] == [
+        "-",
+        "0 s",
+        "59 s",
+        "1 min 1 s",
+        "2 h 5 min",
+    ]
+
+
+def test_the_rebalance_table_of_the_config_file_and_its_flags(tmp_path: Path) -> None:
+    from karma8.actors.rebalancer import RebalancerConfig
+    from karma8.core.tomlconf import ConfigError
+    from karma8.net.settings import load_net_config
+
+    path = tmp_path / "k.toml"
+    path.write_text("capacity = '1 MiB'\n[rebalance]\nbandwidth = '16 MiB'\ninterval = 2.5\n")
+    config = load_net_config(path, {})
+    assert config.capacity == 1 << 20
+    assert config.rebalance == RebalancerConfig(bandwidth=16 << 20, interval=2.5)
+    flags = load_net_config(path, {}, {"bandwidth": 0.0, "enabled": False, "interval": None})
+    assert flags.rebalance == RebalancerConfig(bandwidth=0.0, enabled=False, interval=2.5)
+    assert load_net_config(None, {}).rebalance == RebalancerConfig()
+
+    path.write_text("[rebalance]\ninterval = 1.0\nbandwdith = '1 MiB'\n")
+    with pytest.raises(ConfigError, match=r"k.toml:3: rebalance.bandwdith: unknown key \(known: "):
+        load_net_config(path, {})
+    path.write_text("[rebalance]\nconcurrency = 0\n")
+    with pytest.raises(ConfigError, match=r"k.toml:2: rebalance.concurrency: must be >= 1, got 0"):
+        load_net_config(path, {})
+    path.write_text("rebalance = 3\n")
+    with pytest.raises(ConfigError, match=r"rebalance: expected a table"):
+        load_net_config(path, {})
+
+
+def test_a_bad_rebalance_bandwidth_flag_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["serve", "--rebalance-bandwidth", "1 parsec"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "karma8 serve: --rebalance-bandwidth: expected a size"
+    )

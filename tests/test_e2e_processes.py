@@ -137,8 +137,9 @@ def test_embedded_cluster_curl_round_trip_stat_join_and_restart(
             cwd=tmp_path,
         ) as joined:
             node_id = joined.match.group(1)
-            nodes = json.loads(karma8("nodes", "--json", "--data", str(data), cwd=tmp_path))
-            assert node_id in {n["node_id"] for n in nodes}
+            listed = json.loads(karma8("nodes", "--json", "--data", str(data), cwd=tmp_path))
+            assert node_id in {n["node_id"] for n in listed["nodes"]}
+            assert listed["rebalance"]["state"] in ("rebalancing", "balanced", "idle")
             src = tmp_path / "in-new"
             src.write_bytes(os.urandom(300_000))
             assert curl("-T", str(src), f"{gateway}/default/new").returncode == 0
@@ -272,8 +273,8 @@ def test_a_stale_cluster_file_in_the_working_directory_does_not_win(tmp_path: Pa
             ) as node:
                 said = f"karma8: cluster {url} (from {live / 'cluster.json'}, with its secret)"
                 assert said in node.log.read_text()
-                nodes = json.loads(karma8("nodes", "--json", "--data", str(live), cwd=tmp_path))
-                assert [n["node_id"] for n in nodes] == [node.match.group(1)]
+                listed = json.loads(karma8("nodes", "--json", "--data", str(live), cwd=tmp_path))
+                assert [n["node_id"] for n in listed["nodes"]] == [node.match.group(1)]
 
 
 @pytest.mark.parametrize("role", ["storage", "gw"])

@@ -8,14 +8,13 @@ import os
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from processes import Service
+from processes import GIVE_UP, Service, free_port, wait_for
 
 pytestmark = pytest.mark.slow  # scripts/check --fast leaves it out
 
@@ -30,28 +29,12 @@ sweep_interval = 0.2
 upload_ttl = 6.0
 stripe_unit = "1 MiB"
 """
-# A guard against a hang while waiting for the cluster to do something by itself; far above
-# what it takes, so that no verdict depends on the machine's speed.
-GIVE_UP = 120.0
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + GIVE_UP
-    while not condition():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.05)
 
 
 def grows(files: dict[str, bytes], by: int) -> Callable[[], bool]:
     """True once ``files`` holds ``by`` more entries than now."""
     now = len(files)
     return lambda: len(files) >= now + by
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Cluster:

@@ -1,4 +1,4 @@
-"""Admin views of a running cluster: ``karma8 nodes`` and ``karma8 stat``."""
+"""Admin views of a running cluster: ``karma8 nodes``, ``stat``, ``scrub``, ``rebalance``."""
 
 from __future__ import annotations
 
@@ -10,14 +10,33 @@ import httpx
 from karma8.core.errors import Karma8Error
 from karma8.core.model import FileVersion, NodeState, NodeStatus
 from karma8.core.placement import usable_capacity
+from karma8.core.rebalance_report import IDLE, REBALANCING, PlanSummary, RebalanceReport
 from karma8.core.units import format_size
 from karma8.net.clients import HttpDiscoveryClient, make_http_client, raise_for_error
-from karma8.net.codec import encode_node, encode_version
+from karma8.net.codec import encode_node, encode_plan, encode_report, encode_version
 
 
 async def fetch_nodes(discovery_url: str, secret: str | None) -> list[NodeStatus]:
     async with make_http_client(secret, timeout=10.0) as http:
         return await HttpDiscoveryClient(http, discovery_url).list_nodes()
+
+
+async def fetch_nodes_and_rebalance(
+    discovery_url: str, secret: str | None
+) -> tuple[list[NodeStatus], RebalanceReport]:
+    async with make_http_client(secret, timeout=10.0) as http:
+        discovery = HttpDiscoveryClient(http, discovery_url)
+        return await discovery.list_nodes(), await discovery.rebalance_report()
+
+
+async def fetch_plan(discovery_url: str, secret: str | None) -> tuple[PlanSummary, RebalanceReport]:
+    async with make_http_client(secret, timeout=60.0) as http:
+        return await HttpDiscoveryClient(http, discovery_url).rebalance_plan()
+
+
+async def start_rebalance(discovery_url: str, secret: str | None) -> RebalanceReport:
+    async with make_http_client(secret, timeout=10.0) as http:
+        return await HttpDiscoveryClient(http, discovery_url).start_rebalance()
 
 
 async def fetch_version(
@@ -34,8 +53,87 @@ def fill_percent(node: NodeStatus) -> float:
     return 100 * node.used_bytes / node.capacity_bytes if node.capacity_bytes > 0 else 100.0
 
 
-def nodes_json(nodes: list[NodeStatus]) -> list[dict[str, Any]]:
-    return [{**encode_node(n), "fill_percent": round(fill_percent(n), 3)} for n in nodes]
+def nodes_json(nodes: list[NodeStatus], report: RebalanceReport) -> dict[str, Any]:
+    """``karma8 nodes --json``: the nodes (as ``GET /v1/nodes``, with their fill) and the
+    rebalancing (as ``GET /v1/rebalance``)."""
+    return {
+        "nodes": [{**encode_node(n), "fill_percent": round(fill_percent(n), 3)} for n in nodes],
+        "rebalance": encode_report(report),
+    }
+
+
+def report_json(report: RebalanceReport) -> dict[str, Any]:
+    return encode_report(report)
+
+
+def rebalance_lines(report: RebalanceReport) -> str:
+    """The footer of ``karma8 nodes`` (and of ``karma8 rebalance``): spread, state, progress."""
+    s, settings = report.status, report.settings
+    state = report.state
+    if state == IDLE and not settings.enabled:
+        state += "; rebalancing on its own is off"
+    throttle = format_rate(settings.bandwidth) if settings.bandwidth > 0 else "unthrottled"
+    # The rate of the last moves decays once none are made: shown only while parts move.
+    moving = report.state == REBALANCING and (s.active or s.moving_parts > 0)
+    rate = format_rate(s.rate_bytes_per_s) if moving else "-"
+    eta = format_eta(s.eta_seconds) if moving else "-"
+    return "\n".join(
+        (
+            f"fill spread {s.spread_pp:.2f} pp ({state})",
+            f"moved {format_size(s.moved_bytes)} ({s.moved_parts} parts),"
+            f" moving now {format_size(s.moving_bytes)} ({s.moving_parts} parts),"
+            f" remaining {format_size(s.remaining_bytes)}",
+            f"rate {rate} (throttle {throttle}), ETA {eta}",
+        )
+    )
+
+
+def format_rate(bytes_per_s: float) -> str:
+    return f"{format_size(bytes_per_s)}/s" if bytes_per_s > 0 else "-"
+
+
+def format_eta(seconds: float | None) -> str:
+    """``None`` (no rate to estimate from) -> ``-``; else seconds, minutes or hours."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
+    return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} min"
+
+
+def plan_json(plan: PlanSummary, report: RebalanceReport) -> dict[str, Any]:
+    """What ``POST /v1/rebalance?dry_run=1`` answers."""
+    return {"dry_run": True, **encode_plan(plan), "status": encode_report(report)}
+
+
+def plan_text(plan: PlanSummary, report: RebalanceReport) -> str:
+    """``karma8 rebalance --dry-run``: each node now and after the next round, the round,
+    what remains, then the status."""
+    rows = [("NODE", "CAPACITY", "LIVE", "TARGET", "FILL", "AFTER")]
+    for n in plan.nodes:
+        rows.append(
+            (
+                n.node_id,
+                format_size(n.capacity),
+                format_size(n.live),
+                format_size(n.target),
+                f"{n.fill_percent:.2f}%",
+                f"{n.after_percent:.2f}%",
+            )
+        )
+    return "\n".join(
+        (
+            "dry run: nothing moved",
+            _table(rows),
+            f"next round: {plan.moves} moves, {format_size(plan.move_bytes)};"
+            f" fill spread {plan.spread_pp:.2f} pp now, {plan.spread_after_pp:.2f} pp after",
+            f"remaining {format_size(plan.remaining_bytes)}"
+            " (the least that must still move to reach every target)",
+            rebalance_lines(report),
+        )
+    )
 
 
 def nodes_table(nodes: list[NodeStatus]) -> str:

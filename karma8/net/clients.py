@@ -29,10 +29,13 @@ from karma8.core.model import (
     PartPlacement,
     PartReceipt,
 )
+from karma8.core.rebalance_report import PlanSummary, RebalanceReport
 from karma8.net.codec import (
     decode_entry,
     decode_node,
     decode_placement,
+    decode_plan,
+    decode_report,
     decode_stored,
     decode_version,
     encode_receipt,
@@ -228,6 +231,17 @@ class HttpDiscoveryClient(_Http):
         path = f"/v1/uploads/{_path(version_id)}/parts/{index}/replace"
         result = await self._json("POST", path, json={"failed_node_id": failed_node_id})
         return decode_placement(result)
+
+    async def rebalance_report(self) -> RebalanceReport:
+        return decode_report(await self._json("GET", "/v1/rebalance"))
+
+    async def start_rebalance(self) -> RebalanceReport:
+        return decode_report(await self._json("POST", "/v1/rebalance"))
+
+    async def rebalance_plan(self) -> tuple[PlanSummary, RebalanceReport]:
+        """The next round's plan (a dry run: nothing moves) and the status with it."""
+        result = await self._json("POST", "/v1/rebalance", params={"dry_run": "1"})
+        return decode_plan(result), decode_report(result.get("status"))
 
 
 class HttpStorageClient(_Http):

@@ -20,7 +20,15 @@ from karma8.core.model import (
     NodeStatus,
     PartPlacement,
     PartReceipt,
+    RebalanceStatus,
     VersionState,
+)
+from karma8.core.rebalance_report import (
+    STATES,
+    NodePlan,
+    PlanSummary,
+    RebalanceReport,
+    RebalanceSettings,
 )
 from karma8.ports import StoredPart
 
@@ -218,4 +226,117 @@ def decode_stored(obj: Json) -> StoredPart:
         key=_get(obj, "key", str),
         size=_get(obj, "size", int),
         checksum=_get(obj, "checksum", str),
+    )
+
+
+def _number(obj: Json, key: str, *, optional: bool = False) -> Any:
+    value = _get(obj, key, (int, float), optional=optional)
+    return None if value is None else float(value)
+
+
+def encode_status(s: RebalanceStatus) -> Json:
+    return {
+        "spread_pp": s.spread_pp,
+        "imbalance_pp": s.imbalance_pp,
+        "remaining_bytes": s.remaining_bytes,
+        "moving_bytes": s.moving_bytes,
+        "moving_parts": s.moving_parts,
+        "moved_bytes": s.moved_bytes,
+        "moved_parts": s.moved_parts,
+        "rate_bytes_per_s": s.rate_bytes_per_s,
+        "eta_seconds": s.eta_seconds,
+        "active": s.active,
+    }
+
+
+def decode_status(obj: Json) -> RebalanceStatus:
+    return RebalanceStatus(
+        spread_pp=_number(obj, "spread_pp"),
+        imbalance_pp=_number(obj, "imbalance_pp"),
+        remaining_bytes=_get(obj, "remaining_bytes", int),
+        moving_bytes=_get(obj, "moving_bytes", int),
+        moving_parts=_get(obj, "moving_parts", int),
+        moved_bytes=_get(obj, "moved_bytes", int),
+        moved_parts=_get(obj, "moved_parts", int),
+        rate_bytes_per_s=_number(obj, "rate_bytes_per_s"),
+        eta_seconds=_number(obj, "eta_seconds", optional=True),
+        active=_get(obj, "active", bool),
+    )
+
+
+def encode_report(r: RebalanceReport) -> Json:
+    """The status's fields at the top level, then ``state`` and ``settings``."""
+    s = r.settings
+    settings = {
+        "enabled": s.enabled,
+        "interval": s.interval,
+        "start_pp": s.start_pp,
+        "tolerance_pp": s.tolerance_pp,
+        "bandwidth": s.bandwidth,
+        "concurrency": s.concurrency,
+    }
+    return {**encode_status(r.status), "state": r.state, "settings": settings}
+
+
+def decode_report(obj: Json) -> RebalanceReport:
+    state = _get(obj, "state", str)
+    if state not in STATES:
+        raise InvalidRequest(f"unknown rebalancing state {state!r}")
+    s = _get(obj, "settings", dict)
+    return RebalanceReport(
+        status=decode_status(obj),
+        state=state,
+        settings=RebalanceSettings(
+            enabled=_get(s, "enabled", bool),
+            interval=_number(s, "interval"),
+            start_pp=_number(s, "start_pp"),
+            tolerance_pp=_number(s, "tolerance_pp"),
+            bandwidth=_number(s, "bandwidth"),
+            concurrency=_get(s, "concurrency", int),
+        ),
+    )
+
+
+def encode_node_plan(n: NodePlan) -> Json:
+    return {
+        "node_id": n.node_id,
+        "capacity_bytes": n.capacity,
+        "live_bytes": n.live,
+        "target_bytes": n.target,
+        "after_bytes": n.after,
+        "fill_percent": round(n.fill_percent, 3),
+        "target_percent": round(n.target_percent, 3),
+        "fill_after_percent": round(n.after_percent, 3),
+    }
+
+
+def decode_node_plan(obj: Json) -> NodePlan:
+    return NodePlan(
+        node_id=_get(obj, "node_id", str),
+        capacity=_get(obj, "capacity_bytes", int),
+        live=_get(obj, "live_bytes", int),
+        target=_get(obj, "target_bytes", int),
+        after=_get(obj, "after_bytes", int),
+    )
+
+
+def encode_plan(p: PlanSummary) -> Json:
+    return {
+        "nodes": [encode_node_plan(n) for n in p.nodes],
+        "moves": p.moves,
+        "move_bytes": p.move_bytes,
+        "remaining_bytes": p.remaining_bytes,
+        "spread_pp": p.spread_pp,
+        "spread_after_pp": p.spread_after_pp,
+    }
+
+
+def decode_plan(obj: Json) -> PlanSummary:
+    return PlanSummary(
+        nodes=tuple(decode_node_plan(n) for n in _get(obj, "nodes", list)),
+        moves=_get(obj, "moves", int),
+        move_bytes=_get(obj, "move_bytes", int),
+        remaining_bytes=_get(obj, "remaining_bytes", int),
+        spread_pp=_number(obj, "spread_pp"),
+        spread_after_pp=_number(obj, "spread_after_pp"),
     )

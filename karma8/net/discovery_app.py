@@ -13,6 +13,9 @@ POST   /v1/nodes/{node_id}/heartbeat       {registration, deleted:[keys]} -> {ga
 POST   /v1/nodes/{node_id}/unknown-parts   {keys:[keys]} -> {unknown:[keys]}
 POST   /v1/nodes/{node_id}/failures        {reason}: the node is suspect
 GET    /v1/nodes
+GET    /v1/rebalance                       the rebalancer's status, state and settings
+POST   /v1/rebalance                       rebalance now: 202 and the status
+POST   /v1/rebalance?dry_run=1             the next round's plan, nothing moved
 """
 
 from __future__ import annotations
@@ -21,19 +24,32 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
 from karma8.actors.discovery import Discovery
+from karma8.actors.rebalancer import Rebalancer
 from karma8.core.errors import InvalidRequest
+from karma8.core.rebalance_report import (
+    RebalanceReport,
+    RebalanceSettings,
+    rebalance_state,
+    summarize_plan,
+)
 from karma8.net.codec import (
     decode_receipt,
     decode_registration,
     encode_entry,
     encode_node,
     encode_placement,
+    encode_plan,
+    encode_report,
     encode_version,
 )
 from karma8.net.common import create_app, int_arg, json_body
 
+# What ?dry_run= accepts, and what it means.
+_FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
-def discovery_app(discovery: Discovery, *, secret: str | None) -> QuartTrio:
+
+def discovery_app(discovery: Discovery, *, secret: str | None, rebalancer: Rebalancer) -> QuartTrio:
+    """Discovery's routes; ``rebalancer`` is the one running beside it in this process."""
     app = create_app("discovery", secret=secret)
 
     @app.route("/v1/uploads", methods=["POST"])
@@ -140,4 +156,53 @@ def discovery_app(discovery: Discovery, *, secret: str | None) -> QuartTrio:
     async def list_nodes() -> Response:
         return jsonify({"nodes": [encode_node(n) for n in await discovery.list_nodes()]})
 
+    async def report(*, requested: bool = False) -> RebalanceReport:
+        status = await rebalancer.status()
+        c = rebalancer.config
+        return RebalanceReport(
+            status=status,
+            state=rebalance_state(status, start_pp=c.start_pp, requested=requested),
+            settings=RebalanceSettings(
+                enabled=c.enabled,
+                interval=c.interval,
+                start_pp=c.start_pp,
+                tolerance_pp=c.tolerance_pp,
+                bandwidth=c.bandwidth,
+                concurrency=c.concurrency,
+            ),
+        )
+
+    @app.route("/v1/rebalance", methods=["GET"])
+    async def rebalance_status() -> Response:
+        _only_args(set())
+        return jsonify(encode_report(await report()))
+
+    @app.route("/v1/rebalance", methods=["POST"])
+    async def rebalance() -> tuple[Response, int]:
+        _only_args({"dry_run"})
+        raw = request.args.get("dry_run", "0")
+        dry_run = _FLAGS.get(raw.strip().lower())
+        if dry_run is None:
+            raise InvalidRequest(f"dry_run must be 1 or 0 (or true/false), got {raw!r}")
+        if not dry_run:
+            rebalancer.request()
+            return jsonify(encode_report(await report(requested=True))), 202
+        plan = await rebalancer.plan()
+        now = await report()
+        summary = summarize_plan(
+            plan,
+            remaining_bytes=now.status.remaining_bytes,
+            parts=discovery.config.layout.parts,
+        )
+        return jsonify({"dry_run": True, **encode_plan(summary), "status": encode_report(now)}), 200
+
     return app
+
+
+def _only_args(known: set[str]) -> None:
+    """Refuse a query parameter the route does not know: a typo (``dryrun=1``) must not
+    start a rebalancing that was meant as a dry run."""
+    for name in request.args:
+        if name not in known:
+            what = f"known: {', '.join(sorted(known))}" if known else "it takes none"
+            raise InvalidRequest(f"unknown query parameter {name!r} ({what})")

@@ -31,6 +31,7 @@ from quart_trio import QuartTrio
 
 from karma8.actors.discovery import Discovery, DiscoveryConfig
 from karma8.actors.gateway import Gateway, GatewayConfig
+from karma8.actors.rebalancer import Rebalancer, RebalancerConfig
 from karma8.actors.storage import StorageConfig, StorageNode
 from karma8.core.errors import Karma8Error, Unavailable
 from karma8.core.layout import StripeLayout
@@ -96,6 +97,8 @@ class NetConfig:
     # Embedded cluster: the gateway and nodes call the discovery and nodes of their own process
     # directly instead of over loopback HTTP (every role still serves its socket).
     local_calls: bool = True
+    # The rebalancer beside discovery (the config file's [rebalance] table).
+    rebalance: RebalancerConfig = attrs.Factory(RebalancerConfig)
 
 
 class ThreadRunner:
@@ -180,20 +183,42 @@ async def serve_discovery(
     discovery: Discovery,
     config: NetConfig,
     *,
+    storage: StorageAPI,
     port: int | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Discovery and, beside it, the rebalancer, which moves parts through ``storage`` (read
+    from the source node, written to the target, as a gateway does)."""
+    rebalancer = Rebalancer(discovery=discovery, storage=storage, config=config.rebalance)
     async with trio.open_nursery() as nursery:
         await nursery.start(discovery.run)
+        await nursery.start(keep_rebalancing, rebalancer)
         url = await nursery.start(
             _serving(
-                discovery_app(discovery, secret=config.secret),
+                discovery_app(discovery, secret=config.secret, rebalancer=rebalancer),
                 config,
                 config.discovery_port if port is None else port,
             )
         )
         log.info("discovery listening on %s", url)
         task_status.started(url)
+
+
+async def keep_rebalancing(
+    rebalancer: Rebalancer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the rebalancer until cancelled. It stops on its own only for an error it does not
+    expect (a bug, an answer it cannot read): that is logged, and it starts again after an
+    ``interval``, so that discovery never goes down with it."""
+    task_status.started()
+    while True:
+        try:
+            await rebalancer.run()
+        except Exception:
+            log.exception(
+                "the rebalancer failed; it starts again in %g s", rebalancer.config.interval
+            )
+            await trio.sleep(rebalancer.config.interval)
 
 
 async def run_discovery(
@@ -203,11 +228,17 @@ async def run_discovery(
     port: int | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Discovery on its own; its rebalancer reaches the nodes over HTTP with the secret."""
     store = open_metadata(database)
     try:
-        await serve_discovery(
-            build_discovery(config, store), config, port=port, task_status=task_status
-        )
+        async with make_http_client(config.secret) as http:
+            await serve_discovery(
+                build_discovery(config, store),
+                config,
+                storage=HttpStorageClient(http, blocking=ThreadRunner(HASH_THREADS)),
+                port=port,
+                task_status=task_status,
+            )
     finally:
         store.close()
 
@@ -381,14 +412,20 @@ async def run_cluster(
     store = open_metadata(data_dir / "discovery.sqlite3")
     try:
         async with make_http_client(secret) as http, trio.open_nursery() as nursery:
-            discovery = build_discovery(config, store)
-            discovery_url = await nursery.start(partial(serve_discovery, discovery, config))
             # Co-located roles call each other in-process (karma8/net/local.py), unless the
-            # configuration asks for every hop to go over HTTP.
+            # configuration asks for every hop to go over HTTP. The gateway and the
+            # rebalancer share one storage client; the nodes join ``local`` as they start.
+            local: dict[str, StorageNode] = {}
+            storage: StorageAPI = HttpStorageClient(http, blocking=ThreadRunner(HASH_THREADS))
+            if config.local_calls:
+                storage = LocalFirstStorageClient(local, storage)
+            discovery = build_discovery(config, store)
+            discovery_url = await nursery.start(
+                partial(serve_discovery, discovery, config, storage=storage)
+            )
             reach: DiscoveryAPI = (
                 discovery if config.local_calls else HttpDiscoveryClient(http, discovery_url)
             )
-            local: dict[str, StorageNode] = {}
             sync_groups = SyncGroups()  # nodes on one file system share one syncfs per round
             for node_dir in node_dirs:
                 node = build_storage_node(
@@ -396,9 +433,6 @@ async def run_cluster(
                 )
                 await nursery.start(partial(serve_storage, node, config))
                 local[node.node_id] = node
-            storage: StorageAPI = HttpStorageClient(http, blocking=ThreadRunner(HASH_THREADS))
-            if config.local_calls:
-                storage = LocalFirstStorageClient(local, storage)
             gateway = build_gateway(config, discovery=reach, storage=storage)
             gateway_url = await nursery.start(partial(serve_gateway, gateway, config))
             info = ClusterInfo(

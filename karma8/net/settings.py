@@ -1,0 +1,84 @@
+"""``karma8 serve --config FILE``: the TOML file read strictly into a :class:`NetConfig`.
+
+Top-level keys are :class:`NetConfig`'s fields; the one table, ``[rebalance]``, holds the
+rebalancer's settings under the names a scenario's ``[rebalance]`` table uses. Every default
+comes from the configs themselves (``NetConfig``, and through it the actors' configs), so there
+is one definition of each. See docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from karma8.actors.rebalancer import RebalancerConfig
+from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
+from karma8.net.serve import NetConfig
+
+SIZES = ("capacity", "stripe_unit", "max_file_size")
+OPTIONAL_STRINGS = ("secret", "discovery_url")
+
+
+def load_net_config(
+    path: Path | None,
+    overrides: dict[str, Any],
+    rebalance_overrides: dict[str, Any] | None = None,
+) -> NetConfig:
+    """NetConfig from a TOML file plus command-line overrides (``None`` values are unset)."""
+    base = NetConfig()
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = tomllib.loads(text)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        reader = TableReader(ConfigSource(str(path), text), data, "")
+        for field in attrs.fields(NetConfig):
+            default = getattr(base, field.name)
+            if field.name == "rebalance":
+                values[field.name] = read_rebalance(reader.table("rebalance"), default)
+            elif field.name in SIZES:
+                values[field.name] = reader.size(field.name, default, minimum=1)
+            elif field.name in OPTIONAL_STRINGS:
+                raw = reader.get(field.name, default)
+                if raw is not None and not isinstance(raw, str):
+                    raise reader.fail(field.name, "expected a string")
+                values[field.name] = raw
+            elif field.name == "host":
+                values[field.name] = reader.string(field.name, default)
+            elif isinstance(default, bool):
+                values[field.name] = reader.boolean(field.name, default)
+            elif isinstance(default, float):
+                values[field.name] = reader.number(field.name, default, minimum=0.001)
+            else:
+                values[field.name] = reader.integer(field.name, default)
+        reader.finish()
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = attrs.evolve(base, **values)
+    given = {k: v for k, v in (rebalance_overrides or {}).items() if v is not None}
+    if given:
+        config = attrs.evolve(config, rebalance=attrs.evolve(config.rebalance, **given))
+    return config
+
+
+def read_rebalance(r: TableReader, defaults: RebalancerConfig) -> RebalancerConfig:
+    """The ``[rebalance]`` table: the keys, types and limits of a scenario's."""
+    config = RebalancerConfig(
+        enabled=r.boolean("enabled", defaults.enabled),
+        interval=r.number("interval", defaults.interval, minimum=0.001),
+        start_pp=r.number("start_pp", defaults.start_pp),
+        tolerance_pp=r.number("tolerance_pp", defaults.tolerance_pp, minimum=0.001),
+        bandwidth=float(r.size("bandwidth", int(defaults.bandwidth))),
+        concurrency=r.integer("concurrency", defaults.concurrency, minimum=1),
+        batch=r.integer("batch", defaults.batch, minimum=1),
+        round_bytes=r.size("round_bytes", defaults.round_bytes, minimum=1),
+        move_lease=r.number("move_lease", defaults.move_lease, minimum=0.001),
+    )
+    r.finish()
+    return config
