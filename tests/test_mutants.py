@@ -250,7 +250,7 @@ MUTANTS: list[tuple[Mutant, set[str]]] = [
     (acknowledge_before_durable, {"committed_parts_stored"}),
 ]
 # Mutants of the rebalancer, hunted in the scenarios where it moves parts.
-REBALANCE_SCENARIOS = ["join_at_70", "join_at_92", "node_killed"]
+REBALANCE_SCENARIOS = ["join_at_70", "join_under_reads", "join_at_92", "node_killed"]
 REBALANCE_MUTANTS: list[tuple[Mutant, set[str]]] = [
     (switch_without_copying, {"moved_parts_stored"}),
     (delete_the_source_at_once, {"failed_reads_explained", "acknowledged_writes_read_back"}),

@@ -24,9 +24,10 @@ import logging
 import attrs
 import trio
 
-from karma8.core.errors import IntegrityError, Karma8Error, Unavailable
+from karma8.core.errors import IntegrityError, Karma8Error, MoveConflict, Unavailable
 from karma8.core.model import MoveTicket, RebalanceStatus
 from karma8.core.rebalance import Move, RebalancePlan
+from karma8.core.tomlconf import TableReader
 from karma8.ports import RebalanceAPI, StorageAPI
 
 log = logging.getLogger("karma8.rebalancer")
@@ -49,6 +50,23 @@ class RebalancerConfig:
     round_bytes: int = 1 << 30
     # A move must finish within its lease, or discovery aborts it (its mover died).
     move_lease: float = 300.0
+
+
+def read_rebalance(r: TableReader, defaults: RebalancerConfig) -> RebalancerConfig:
+    """A ``[rebalance]`` TOML table (a scenario's or a net config's), checked strictly."""
+    config = RebalancerConfig(
+        enabled=r.boolean("enabled", defaults.enabled),
+        interval=r.number("interval", defaults.interval, minimum=0.001),
+        start_pp=r.number("start_pp", defaults.start_pp),
+        tolerance_pp=r.number("tolerance_pp", defaults.tolerance_pp, minimum=0.001),
+        bandwidth=float(r.size("bandwidth", int(defaults.bandwidth))),
+        concurrency=r.integer("concurrency", defaults.concurrency, minimum=1),
+        batch=r.integer("batch", defaults.batch, minimum=1),
+        round_bytes=r.size("round_bytes", defaults.round_bytes, minimum=1),
+        move_lease=r.number("move_lease", defaults.move_lease, minimum=0.001),
+    )
+    r.finish()
+    return config
 
 
 class Rebalancer:
@@ -181,7 +199,9 @@ class Rebalancer:
             checksum = await self._copy(ticket)
             await self._discovery.finish_move(key=ticket.key, target=target, checksum=checksum)
         except Karma8Error as exc:
-            log.warning(
+            # A file overwritten or deleted while its part moved is an expected race.
+            log.log(
+                logging.INFO if isinstance(exc, MoveConflict) else logging.WARNING,
                 "moving %s from %s to %s failed: %s",
                 ticket.key,
                 ticket.source.node_id,

@@ -9,10 +9,10 @@ share is bigger is capped at ``total/parts`` and the others share the rest by ca
 
 Any rebalancer that ends at these targets must move at least the bytes each node holds above
 its target (:func:`bytes_over_target`). :func:`plan_moves` moves a part only from a node above
-its target to one below it, never further than a tolerance past either, so each byte moves at
-most once and the bytes moved stay close to that minimum (parts are discrete, hence the
-tolerance). A part never goes to a node that holds another part of its version, or a copy of
-the same part still waiting for deletion (the move's ``blocked`` nodes).
+its target to one below it, never further than a tolerance (or half a part) past either, so
+each byte moves at most once and the bytes moved stay close to that minimum (parts are
+discrete, hence the tolerance). A part never goes to a node that holds another part of its
+version, or a copy of the same part still waiting for deletion (the move's ``blocked`` nodes).
 """
 
 from __future__ import annotations
@@ -144,12 +144,13 @@ def plan_moves(
     ``candidates`` (movable parts, by the node holding them) allow.
 
     The donor furthest over its target gives next, its biggest part first, to the node furthest
-    below its target that may take it; a part moves only if it leaves the donor no further than
-    the tolerance below its target and the receiver no further than its target: new files keep
-    landing on the emptiest nodes while parts move, so a receiver filled to the brim would
-    overshoot. ``max_bytes`` caps the plan; ``no_donors`` and ``no_receivers`` keep nodes to one
-    direction (a caller rebalancing in rounds keeps each node's first role, so no byte moves
-    back and forth).
+    below its target that may take it. A part moves only if the two nodes' squared distances
+    from their targets shrink (so plans applied in turn end), the donor ends no further below
+    its target than the tolerance, and the receiver no further above it than half the part
+    (half a part either way when parts are big against a node). Receivers are not filled past
+    that: new files keep landing on the emptiest nodes while parts move. ``max_bytes`` caps
+    the plan; ``no_donors`` and ``no_receivers`` keep nodes to one direction (a caller
+    rebalancing in rounds keeps each node's first role, so no byte moves back and forth).
     """
     targets = fill_targets(nodes, parts=parts)
     by_id = {n.node_id: n for n in nodes}
@@ -185,7 +186,9 @@ def plan_moves(
             return moves
         donor = max(giving, key=lambda d: (fraction_over(d), d))
         part = queues[donor].pop()
-        if part.size <= 0 or part.size > excess(donor) + slack[donor]:
+        # A move leaves the donor at most the tolerance (or half the part, for parts big
+        # against a node) below its target, and the receiver at most half the part above.
+        if part.size <= 0 or part.size > excess(donor) + max(slack[donor], part.size / 2):
             continue
         if max_bytes is not None and planned + part.size > max_bytes:
             return moves
@@ -197,7 +200,8 @@ def plan_moves(
             and node_id not in gave
             and node_id not in part.blocked
             and node_id not in gained.get(part.version_id, ())
-            and room(node_id) >= part.size
+            and room(node_id) >= part.size / 2
+            and excess(donor) + room(node_id) > part.size  # the squared gaps shrink
             and free[node_id] >= part.size
         ]
         if not receivers:

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from karma8.actors.rebalancer import RebalancerConfig
+from karma8.actors.rebalancer import read_rebalance
 from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
 from karma8.net.serve import NetConfig
 
@@ -64,21 +64,4 @@ def load_net_config(
     given = {k: v for k, v in (rebalance_overrides or {}).items() if v is not None}
     if given:
         config = attrs.evolve(config, rebalance=attrs.evolve(config.rebalance, **given))
-    return config
-
-
-def read_rebalance(r: TableReader, defaults: RebalancerConfig) -> RebalancerConfig:
-    """The ``[rebalance]`` table: the keys, types and limits of a scenario's."""
-    config = RebalancerConfig(
-        enabled=r.boolean("enabled", defaults.enabled),
-        interval=r.number("interval", defaults.interval, minimum=0.001),
-        start_pp=r.number("start_pp", defaults.start_pp),
-        tolerance_pp=r.number("tolerance_pp", defaults.tolerance_pp, minimum=0.001),
-        bandwidth=float(r.size("bandwidth", int(defaults.bandwidth))),
-        concurrency=r.integer("concurrency", defaults.concurrency, minimum=1),
-        batch=r.integer("batch", defaults.batch, minimum=1),
-        round_bytes=r.size("round_bytes", defaults.round_bytes, minimum=1),
-        move_lease=r.number("move_lease", defaults.move_lease, minimum=0.001),
-    )
-    r.finish()
     return config

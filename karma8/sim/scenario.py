@@ -16,7 +16,7 @@ from typing import TypeVar
 import attrs
 
 from karma8.actors.discovery import DiscoveryConfig
-from karma8.actors.rebalancer import RebalancerConfig
+from karma8.actors.rebalancer import RebalancerConfig, read_rebalance
 from karma8.actors.storage import StorageConfig
 from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
 
@@ -261,20 +261,7 @@ def parse_scenario(
     )
     k.finish()
 
-    r = top.table("rebalance")
-    rd = defaults.rebalance
-    rebalance = RebalancerConfig(
-        enabled=r.boolean("enabled", rd.enabled),
-        interval=r.number("interval", rd.interval, minimum=0.001),
-        start_pp=r.number("start_pp", rd.start_pp),
-        tolerance_pp=r.number("tolerance_pp", rd.tolerance_pp, minimum=0.001),
-        bandwidth=float(r.size("bandwidth", int(rd.bandwidth))),
-        concurrency=r.integer("concurrency", rd.concurrency, minimum=1),
-        batch=r.integer("batch", rd.batch, minimum=1),
-        round_bytes=r.size("round_bytes", rd.round_bytes, minimum=1),
-        move_lease=r.number("move_lease", rd.move_lease, minimum=0.001),
-    )
-    r.finish()
+    rebalance = read_rebalance(top.table("rebalance"), defaults.rebalance)
 
     raw_events = top.get("events", [])
     if not isinstance(raw_events, list):

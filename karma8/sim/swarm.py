@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import attrs
 
+from karma8.actors.rebalancer import RebalancerConfig
 from karma8.sim.runner import SimResult, run_scenario
 from karma8.sim.scenario import ClusterSpec, Event, Scenario, WorkloadSpec
 
@@ -135,7 +136,7 @@ def swarm_scenario(seed: int) -> Scenario:
     # Tiny stripe units exercise row edges; they are paired with tiny files, since a file
     # costs one segment per unit.
     unit = rng.choice([7, 1024, 8192])
-    return Scenario(
+    scenario = Scenario(
         name=f"swarm-{seed}",
         seed=seed,
         duration=duration,
@@ -162,7 +163,58 @@ def swarm_scenario(seed: int) -> Scenario:
             get=rng.uniform(0, 4),
             delete=rng.uniform(0, 2),
         ),
+        rebalance=_rebalance(rng),
         events=events,
+    )
+    return _while_parts_move(rng, scenario) if rng.random() < 0.5 else scenario
+
+
+def _while_parts_move(rng: random.Random, scenario: Scenario) -> Scenario:
+    """The same seed made to strike while parts move: small nodes that take real data, empty
+    nodes joining early, an eager rebalancer, and the faults after the join."""
+    join = round(scenario.duration * rng.uniform(0.2, 0.4), 3)
+    events = [
+        attrs.evolve(e, at=round(rng.uniform(join + 0.1, scenario.duration + 3.0), 3))
+        for e in scenario.events
+        if e.action != "add_nodes"
+    ]
+    events.append(Event(at=join, action="add_nodes", count=rng.randint(1, 3)))
+    big = scenario.cluster.stripe_unit > 7
+    return attrs.evolve(
+        scenario,
+        cluster=attrs.evolve(scenario.cluster, capacity=rng.choice([2 << 20, 4 << 20])),
+        workload=attrs.evolve(
+            scenario.workload,
+            names=400,
+            file_size=(0, 40_000 if big else 300),
+            delete=min(scenario.workload.delete, 0.5),
+        ),
+        rebalance=RebalancerConfig(
+            interval=round(rng.uniform(0.2, 1.0), 3),
+            start_pp=0.0,
+            tolerance_pp=0.01,
+            bandwidth=float(rng.choice([256 << 10, 1 << 20, 0])),
+            concurrency=rng.randint(1, 4),
+            batch=rng.choice([4, 64]),
+            move_lease=rng.choice([0.05, 0.5, 5.0]),
+        ),
+        events=tuple(sorted(events, key=lambda e: e.at)),
+    )
+
+
+def _rebalance(rng: random.Random) -> RebalancerConfig:
+    """An eager rebalancer most of the time, so parts move while the faults strike: low
+    thresholds, short intervals and, now and then, leases shorter than a copy."""
+    if rng.random() < 0.2:
+        return RebalancerConfig()  # the defaults: rarely moves in a run this short
+    return RebalancerConfig(
+        interval=round(rng.uniform(0.2, 2.0), 3),
+        start_pp=rng.choice([0.0, 0.01, 1.0]),
+        tolerance_pp=rng.choice([0.001, 0.01, 0.25]),
+        bandwidth=float(rng.choice([256 << 10, 2 << 20, 16 << 20, 0])),
+        concurrency=rng.randint(1, 4),
+        batch=rng.choice([4, 64, 256]),
+        move_lease=rng.choice([0.05, 0.5, 5.0, 300.0]),
     )
 
 
