@@ -100,3 +100,28 @@ def test_same_seed_same_trace_across_processes() -> None:
         return str(json.loads(out)["trace_sha256"])
 
     assert trace() == trace()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stem", ["join_at_70", "join_at_92", "node_killed", "join_under_reads"])
+def test_the_rebalancer_evens_out_nodes_that_joined_or_came_back_empty(stem: str) -> None:
+    result = result_of(stem)
+    checked = set(result.invariants)
+    assert {"fill_spread_within_bound", "refused_puts_within_bound"} <= checked
+    assert result.stats["rebalance"]["moved_parts"] > 0
+    assert result.stats["fill_spread_pp"] <= 2.0
+    assert result.stats["refused_puts"] == 0
+    if stem != "join_under_reads":  # overwrites retire moved parts there
+        assert "moved_bytes_near_least" in checked
+        assert result.stats["rebalance"]["ratio"] <= 1.1
+
+
+@pytest.mark.slow
+def test_nodes_too_big_to_fill_cause_no_refusal_and_no_moves() -> None:
+    result = result_of("capped_nodes")
+    assert result.ok, result.violations
+    assert result.stats["refused_puts"] == 0
+    assert result.stats["rebalance"]["moved_parts"] == 0
+    held = sum(n.used_bytes for n in result.nodes)
+    assert held > 0.9 * result.stats["usable_capacity_bytes"]
+    assert result.stats["usable_capacity_bytes"] == 80 << 20

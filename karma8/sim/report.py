@@ -66,6 +66,16 @@ def render_text(result: SimResult, *, replay: str) -> str:
         f"  usable capacity {format_size(s['usable_capacity_bytes'])}"
         f" of {format_size(s['capacity_bytes'])} (5 parts of a file on 5 distinct nodes)"
     )
+    if s.get("refused_puts"):
+        lines.append(f"  PUTs refused for want of nodes with room: {s['refused_puts']}")
+    moves = s.get("rebalance")
+    if moves is not None:
+        lines.append(
+            f"  rebalancer moved {format_size(moves['moved_bytes'])} ({moves['moved_parts']}"
+            f" parts), {moves['ratio']:.3f} x the least needed"
+            f" ({format_size(moves['least_bytes'])}); {format_size(moves['remaining_bytes'])}"
+            f" left, furthest node {moves['imbalance_pp']:.2f} pp off its target"
+        )
     lines += ["", "invariants"]
     for name, holds in result.invariants.items():
         lines.append(f"  {'ok  ' if holds else 'FAIL'} {name}")
