@@ -11,7 +11,7 @@ import timeit
 
 from karma8.core.layout import StripeLayout
 from karma8.core.model import FileVersion, NodeRef, PartPlacement, VersionState
-from karma8.net.codec import decode_version, encode_version
+from karma8.net.codec import decode, encode
 
 VERSION = FileVersion(
     version_id="0190d5f0c2a47b3e9f1d2c3b4a5e6f70",
@@ -37,7 +37,7 @@ VERSION = FileVersion(
 
 
 def round_trip() -> None:
-    decode_version(encode_version(VERSION))
+    decode(encode(VERSION), FileVersion)
 
 
 def main() -> None:
@@ -45,17 +45,17 @@ def main() -> None:
     parser.add_argument("--number", type=int, default=20000)
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
-    assert decode_version(encode_version(VERSION)) == VERSION
+    assert decode(encode(VERSION), FileVersion) == VERSION
     for name, fn in [
-        ("encode", lambda: encode_version(VERSION)),
-        ("decode", lambda: decode_version(WIRE)),
+        ("encode", lambda: encode(VERSION)),
+        ("decode", lambda: decode(WIRE, FileVersion)),
         ("encode+decode", round_trip),
     ]:
         best = min(timeit.repeat(fn, number=args.number, repeat=args.repeat)) / args.number
         print(f"{name:14} {best * 1e6:7.2f} us")
 
 
-WIRE = encode_version(VERSION)
+WIRE = encode(VERSION)
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,6 @@ import enum
 import json
 import types
 import typing
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -39,42 +38,21 @@ from karma8.core.rebalance_report import (
 from karma8.net import codec
 from karma8.ports import StoredPart
 
-ENCODERS: dict[type, Callable[[Any], dict[str, Any]]] = {
-    StripeLayout: codec.encode_layout,
-    PartPlacement: codec.encode_placement,
-    FileVersion: codec.encode_version,
-    PartReceipt: codec.encode_receipt,
-    NodeRegistration: codec.encode_registration,
-    NodeStatus: codec.encode_node,
-    FileEntry: codec.encode_entry,
-    StoredPart: codec.encode_stored,
-    RebalanceStatus: codec.encode_status,
-    RebalanceReport: codec.encode_report,
-    NodePlan: codec.encode_node_plan,
-    PlanSummary: codec.encode_plan,
-}
-DECODERS: dict[type, Callable[[Any], Any]] = {
-    StripeLayout: codec.decode_layout,
-    PartPlacement: codec.decode_placement,
-    FileVersion: codec.decode_version,
-    PartReceipt: codec.decode_receipt,
-    NodeRegistration: codec.decode_registration,
-    NodeStatus: codec.decode_node,
-    FileEntry: codec.decode_entry,
-    StoredPart: codec.decode_stored,
-    RebalanceStatus: codec.decode_status,
-    RebalanceReport: codec.decode_report,
-    NodePlan: codec.decode_node_plan,
-    PlanSummary: codec.decode_plan,
-}
-
-
-def encode(record: Any) -> dict[str, Any]:
-    return ENCODERS[type(record)](record)
-
-
-def decode(obj: Any, cls: type[Any]) -> Any:
-    return DECODERS[cls](obj)
+RECORD_TYPES = [
+    StripeLayout,
+    PartPlacement,
+    FileVersion,
+    PartReceipt,
+    NodeRegistration,
+    NodeStatus,
+    FileEntry,
+    StoredPart,
+    RebalanceStatus,
+    RebalanceReport,
+    NodePlan,
+    PlanSummary,
+]
+encode, decode = codec.encode, codec.decode
 
 
 NODE = NodeRef(node_id="n1", url="http://127.0.0.1:9001")
@@ -221,7 +199,7 @@ PINNED: list[tuple[Any, str]] = [
 
 
 def test_every_record_type_is_pinned() -> None:
-    assert {type(record) for record, _ in PINNED} == set(ENCODERS) == set(DECODERS)
+    assert {type(record) for record, _ in PINNED} == set(RECORD_TYPES)
 
 
 @pytest.mark.parametrize(("record", "wire"), PINNED)
@@ -278,7 +256,7 @@ def records(cls: type[Any]) -> st.SearchStrategy[Any]:
     return st.builds(cls, **fields)
 
 
-@pytest.mark.parametrize("cls", list(ENCODERS), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", RECORD_TYPES, ids=lambda c: c.__name__)
 @given(data=st.data())
 def test_decoding_inverts_encoding(cls: type[Any], data: st.DataObject) -> None:
     record = data.draw(records(cls))
@@ -335,7 +313,7 @@ def test_malformed_input_is_an_invalid_request_naming_the_field(
 
 
 @pytest.mark.parametrize("obj", [None, [], "x", 3])
-@pytest.mark.parametrize("cls", list(DECODERS), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", RECORD_TYPES, ids=lambda c: c.__name__)
 def test_anything_but_an_object_is_an_invalid_request(cls: type[Any], obj: Any) -> None:
     with pytest.raises(InvalidRequest):
         decode(obj, cls)
