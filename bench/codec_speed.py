@@ -7,6 +7,7 @@ discovery answer on a small-file PUT/GET).
 from __future__ import annotations
 
 import argparse
+import time
 import timeit
 
 from karma8.core.layout import StripeLayout
@@ -51,7 +52,9 @@ def main() -> None:
         ("decode", lambda: decode(WIRE, FileVersion)),
         ("encode+decode", round_trip),
     ]:
-        best = min(timeit.repeat(fn, number=args.number, repeat=args.repeat)) / args.number
+        # CPU time: another process on the machine disturbs it less than the wall clock.
+        runs = timeit.repeat(fn, number=args.number, repeat=args.repeat, timer=time.process_time)
+        best = min(runs) / args.number
         print(f"{name:14} {best * 1e6:7.2f} us")
 
 
