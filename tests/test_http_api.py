@@ -232,3 +232,14 @@ async def test_metrics_count_requests(net: NetDriver, client: httpx.AsyncClient)
     await client.get(url(net, "/default/m"))
     metrics = (await client.get(url(net, "/metrics"))).json()
     assert metrics == {"puts": 1, "gets": 1, "read_errors": 0}
+
+
+async def test_a_malformed_record_from_a_peer_is_a_400_naming_the_field(net: NetDriver) -> None:
+    registration = {"node_id": "n9", "url": "http://h:1", "capacity_bytes": "lots"}
+    response = await net._internal.post(
+        f"{net._discovery_url}/v1/nodes", json=registration | {"disk_used_bytes": 0}
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert "capacity_bytes" in error["message"]

@@ -13,7 +13,7 @@ from karma8.core.placement import usable_capacity
 from karma8.core.rebalance_report import IDLE, REBALANCING, PlanSummary, RebalanceReport
 from karma8.core.units import format_size
 from karma8.net.clients import HttpDiscoveryClient, make_http_client, raise_for_error
-from karma8.net.codec import encode_node, encode_plan, encode_report, encode_version
+from karma8.net.codec import encode
 
 
 async def fetch_nodes(discovery_url: str, secret: str | None) -> list[NodeStatus]:
@@ -57,13 +57,13 @@ def nodes_json(nodes: list[NodeStatus], report: RebalanceReport) -> dict[str, An
     """``karma8 nodes --json``: the nodes (as ``GET /v1/nodes``, with their fill) and the
     rebalancing (as ``GET /v1/rebalance``)."""
     return {
-        "nodes": [{**encode_node(n), "fill_percent": round(fill_percent(n), 3)} for n in nodes],
-        "rebalance": encode_report(report),
+        "nodes": [{**encode(n), "fill_percent": round(fill_percent(n), 3)} for n in nodes],
+        "rebalance": encode(report),
     }
 
 
 def report_json(report: RebalanceReport) -> dict[str, Any]:
-    return encode_report(report)
+    return encode(report)
 
 
 def rebalance_lines(report: RebalanceReport) -> str:
@@ -105,7 +105,7 @@ def format_eta(seconds: float | None) -> str:
 
 def plan_json(plan: PlanSummary, report: RebalanceReport) -> dict[str, Any]:
     """What ``POST /v1/rebalance?dry_run=1`` answers."""
-    return {"dry_run": True, **encode_plan(plan), "status": encode_report(report)}
+    return {"dry_run": True, **encode(plan), "status": encode(report)}
 
 
 def plan_text(plan: PlanSummary, report: RebalanceReport) -> str:
@@ -160,7 +160,7 @@ def nodes_table(nodes: list[NodeStatus]) -> str:
 
 
 def version_json(version: FileVersion) -> dict[str, Any]:
-    return encode_version(version)
+    return encode(version)
 
 
 def version_table(version: FileVersion) -> str:

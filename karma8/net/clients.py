@@ -30,17 +30,7 @@ from karma8.core.model import (
     PartReceipt,
 )
 from karma8.core.rebalance_report import PlanSummary, RebalanceReport
-from karma8.net.codec import (
-    decode_entry,
-    decode_node,
-    decode_placement,
-    decode_plan,
-    decode_report,
-    decode_stored,
-    decode_version,
-    encode_receipt,
-    encode_registration,
-)
+from karma8.net.codec import decode, encode
 from karma8.net.exchange import SECRET_HEADER
 from karma8.net.http_fixes import patch_httpcore
 from karma8.ports import BlockingRunner, StoredPart
@@ -159,7 +149,7 @@ class HttpDiscoveryClient(_Http):
             "size_hint": size_hint,
             "if_absent": if_absent,
         }
-        return decode_version(await self._json("POST", "/v1/uploads", json=body))
+        return decode(await self._json("POST", "/v1/uploads", json=body), FileVersion)
 
     async def commit_upload(
         self,
@@ -171,18 +161,18 @@ class HttpDiscoveryClient(_Http):
     ) -> FileVersion:
         body = {
             "size": size,
-            "receipts": [encode_receipt(r) for r in receipts],
+            "receipts": [encode(r) for r in receipts],
             "if_absent": if_absent,
         }
         path = f"/v1/uploads/{_path(version_id)}/commit"
-        return decode_version(await self._json("POST", path, json=body))
+        return decode(await self._json("POST", path, json=body), FileVersion)
 
     async def abort_upload(self, *, version_id: str) -> FileVersion:
         path = f"/v1/uploads/{_path(version_id)}/abort"
-        return decode_version(await self._json("POST", path))
+        return decode(await self._json("POST", path), FileVersion)
 
     async def resolve(self, *, namespace: str, name: str) -> FileVersion:
-        return decode_version(await self._json("GET", f"/v1/files/{_path(namespace, name)}"))
+        return decode(await self._json("GET", f"/v1/files/{_path(namespace, name)}"), FileVersion)
 
     async def delete_file(self, *, namespace: str, name: str) -> bool:
         result = await self._json("DELETE", f"/v1/files/{_path(namespace, name)}")
@@ -196,25 +186,25 @@ class HttpDiscoveryClient(_Http):
             f"/v1/files/{_path(namespace)}",
             params={"prefix": prefix, "after": after, "limit": limit},
         )
-        return [decode_entry(e) for e in result["files"]]
+        return [decode(e, FileEntry) for e in result["files"]]
 
     async def create_namespace(self, *, namespace: str) -> None:
         await self._json("PUT", f"/v1/namespaces/{_path(namespace)}")
 
     async def register_node(self, registration: NodeRegistration) -> None:
-        await self._json("POST", "/v1/nodes", json=encode_registration(registration))
+        await self._json("POST", "/v1/nodes", json=encode(registration))
 
     async def heartbeat(
         self, registration: NodeRegistration, *, deleted: Sequence[str]
     ) -> list[str]:
-        body = {"registration": encode_registration(registration), "deleted": list(deleted)}
+        body = {"registration": encode(registration), "deleted": list(deleted)}
         path = f"/v1/nodes/{_path(registration.node_id)}/heartbeat"
         result = await self._json("POST", path, json=body)
         return [str(k) for k in result["garbage"]]
 
     async def list_nodes(self) -> list[NodeStatus]:
         result = await self._json("GET", "/v1/nodes")
-        return [decode_node(n) for n in result["nodes"]]
+        return [decode(n, NodeStatus) for n in result["nodes"]]
 
     async def unknown_parts(self, *, node_id: str, keys: Sequence[str]) -> list[str]:
         path = f"/v1/nodes/{_path(node_id)}/unknown-parts"
@@ -230,18 +220,18 @@ class HttpDiscoveryClient(_Http):
     ) -> PartPlacement:
         path = f"/v1/uploads/{_path(version_id)}/parts/{index}/replace"
         result = await self._json("POST", path, json={"failed_node_id": failed_node_id})
-        return decode_placement(result)
+        return decode(result, PartPlacement)
 
     async def rebalance_report(self) -> RebalanceReport:
-        return decode_report(await self._json("GET", "/v1/rebalance"))
+        return decode(await self._json("GET", "/v1/rebalance"), RebalanceReport)
 
     async def start_rebalance(self) -> RebalanceReport:
-        return decode_report(await self._json("POST", "/v1/rebalance"))
+        return decode(await self._json("POST", "/v1/rebalance"), RebalanceReport)
 
     async def rebalance_plan(self) -> tuple[PlanSummary, RebalanceReport]:
         """The next round's plan (a dry run: nothing moves) and the status with it."""
         result = await self._json("POST", "/v1/rebalance", params={"dry_run": "1"})
-        return decode_plan(result), decode_report(result.get("status"))
+        return decode(result, PlanSummary), decode(result.get("status"), RebalanceReport)
 
 
 class HttpStorageClient(_Http):
@@ -267,7 +257,7 @@ class HttpStorageClient(_Http):
         headers = {"Content-Length": str(size)} if size is not None else None
         sent = _HashedChunks(chunks, self._blocking)
         response = await self.request("PUT", self._url(node, key), content=sent, headers=headers)
-        stored = decode_stored(response.json())
+        stored = decode(response.json(), StoredPart)
         checksum = sent.digest.hexdigest()
         if stored.size != sent.size or stored.checksum != checksum:
             raise IntegrityError(

@@ -1,36 +1,35 @@
 """JSON forms of the core records and errors, for the internal HTTP APIs.
 
-Every record crosses the wire as a plain JSON object whose keys are the attrs field names;
-decoding validates types, so a malformed message from a peer is an ``InvalidRequest``, never a
-``KeyError`` deep inside an actor.
+``encode(record)`` and ``decode(obj, Record)`` are a cattrs converter: a record crosses the
+wire as a JSON object whose keys are its attrs field names, enums as their values, tuples as
+lists, None as null. Two records write a field's record inline, its keys among their own (a
+part placement's ``node``, a rebalance report's ``status``), and a node plan's byte counts end
+in ``_bytes``, followed by its fill percentages (rounded; ignored when decoding).
+
+Decoding is strict (an int is not a bool, a float or a string; a list is not any iterable;
+only a field with a default may be left out) so a malformed message from a peer is an
+``InvalidRequest`` that names the field, never a ``KeyError`` deep inside an actor.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+from cattrs.cols import list_structure_factory
+from cattrs.errors import ClassValidationError, IterableValidationError, IterableValidationNote
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from karma8.core.errors import InvalidRequest, Karma8Error
-from karma8.core.layout import StripeLayout
-from karma8.core.model import (
-    FileEntry,
-    FileVersion,
-    NodeRef,
-    NodeRegistration,
-    NodeState,
-    NodeStatus,
-    PartPlacement,
-    PartReceipt,
-    RebalanceStatus,
-    VersionState,
-)
-from karma8.core.rebalance_report import (
-    STATES,
-    NodePlan,
-    PlanSummary,
-    RebalanceReport,
-    RebalanceSettings,
-)
-from karma8.ports import StoredPart
+from karma8.core.model import PartPlacement
+from karma8.core.rebalance_report import STATES, NodePlan, RebalanceReport
+
+T = TypeVar("T")
+Json = dict[str, Any]
 
 # What each error code means at the HTTP edge.
 STATUS_BY_CODE: dict[str, int] = {
@@ -60,283 +59,155 @@ def error_body(error: Karma8Error) -> dict[str, Any]:
     return {"error": {"code": error.code, "message": error.message}}
 
 
-Json = dict[str, Any]
+def encode(record: Any) -> Json:
+    """The JSON object of an attrs record."""
+    obj: Json = _json.unstructure(record)
+    return obj
 
 
-def _get(obj: Json, key: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
-    if not isinstance(obj, dict):
-        raise InvalidRequest("expected a JSON object")
-    value = obj.get(key)
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) and kind in (int, float, (int, float)):
-        raise InvalidRequest(f"field {key!r} must be a number")
-    if not isinstance(value, kind):
-        raise InvalidRequest(f"field {key!r} is missing or has the wrong type")
-    return value
-
-
-def encode_layout(layout: StripeLayout) -> Json:
-    return {"parts": layout.parts, "unit": layout.unit}
-
-
-def decode_layout(obj: Json) -> StripeLayout:
+def decode(obj: object, cls: type[T]) -> T:
+    """The ``cls`` record that ``obj`` (parsed JSON from a peer) holds; raises InvalidRequest."""
     try:
-        return StripeLayout(parts=_get(obj, "parts", int), unit=_get(obj, "unit", int))
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
+        return _json.structure(obj, cls)
+    except (cattrs.BaseValidationError, _Malformed) as exc:
+        raise InvalidRequest(f"malformed {cls.__name__}: {'; '.join(_problems(exc))}") from None
 
 
-def encode_placement(p: PartPlacement) -> Json:
+class _Malformed(TypeError):
+    """A JSON value of the wrong kind; the message says what was expected."""
+
+
+def _problems(exc: BaseException, path: str = "") -> list[str]:
+    """``path: what is wrong`` for each error under ``exc`` (cattrs groups them by record and
+    list), the path in JSON keys: renamed keys as on the wire, no step into an inline field."""
+    if not isinstance(exc, ClassValidationError | IterableValidationError):
+        what = "missing" if isinstance(exc, KeyError) else str(exc)
+        return [f"{path.lstrip('.')}: {what}" if path else what]
+    with_notes, without = exc.group_exceptions()
+    problems = [p for sub in without for p in _problems(sub, path)]
+    for sub, note in with_notes:
+        if isinstance(note, IterableValidationNote):
+            step = f"[{note.index}]"
+        elif note.name == _INLINE.get(exc.cl):
+            step = ""
+        else:
+            step = "." + _KEYS.get(exc.cl, {}).get(note.name, note.name)
+        problems += _problems(sub, path + step)
+    return problems
+
+
+def _exactly(kind: type, expected: str) -> Any:
+    def structure(value: object, _: object) -> object:
+        if type(value) is kind:  # not isinstance: True is not an int
+            return value
+        raise _Malformed(f"expected {expected}")
+
+    return structure
+
+
+def _number(value: object, _: object) -> float:
+    if type(value) is float or type(value) is int:
+        return float(value)
+    raise _Malformed("expected a number")
+
+
+def _state(value: object, _: object) -> str:
+    if type(value) is str and value in STATES:
+        return value
+    raise _Malformed(f"expected one of {', '.join(STATES)}")
+
+
+_json = cattrs.Converter(unstruct_collection_overrides={tuple: list})
+for _kind, _expected in [(str, "a string"), (int, "an integer"), (bool, "true or false")]:
+    _json.register_structure_hook(_kind, _exactly(_kind, _expected))
+_json.register_structure_hook(float, _number)
+
+# Records that write a field's record inline, and attributes whose key is not their name.
+_INLINE: dict[type, str] = {PartPlacement: "node", RebalanceReport: "status"}
+_KEYS: dict[type, dict[str, str]] = {
+    NodePlan: {f: f"{f}_bytes" for f in ("capacity", "live", "target", "after")}
+}
+_OVERRIDES: dict[type, dict[str, Any]] = {
+    NodePlan: {name: override(rename=key) for name, key in _KEYS[NodePlan].items()},
+    RebalanceReport: {"state": override(struct_hook=_state)},
+}
+
+
+def _origin(t: Any) -> object:
+    return typing.get_origin(t)
+
+
+@_json.register_structure_hook_factory(
+    lambda t: _origin(t) in (typing.Union, types.UnionType) and type(None) in typing.get_args(t)
+)
+def _structure_optional(t: Any, converter: cattrs.Converter) -> Any:
+    """``X | None`` (cattrs's own hook would look X's hook up on every call)."""
+    (inner,) = (arg for arg in typing.get_args(t) if arg is not type(None))
+    structure = converter.get_structure_hook(inner)
+    return lambda value, _: None if value is None else structure(value, inner)
+
+
+@_json.register_structure_hook_factory(lambda t: _origin(t) is tuple)
+def _structure_tuple(t: Any, converter: cattrs.Converter) -> Any:
+    items = list_structure_factory(t, converter)
+
+    def structure(value: object, _: object) -> Any:
+        if type(value) is not list:  # not any iterable: a string or an object
+            raise _Malformed("expected a list")
+        return tuple(items(value, t))
+
+    return structure
+
+
+@_json.register_structure_hook_factory(attrs.has)
+def _structure_record(cls: type, converter: cattrs.Converter) -> Any:
+    structure: Callable[[Json, type], Any] = make_dict_structure_fn(
+        cls, converter, **_OVERRIDES.get(cls, {})
+    )
+    inline = _INLINE.get(cls)
+
+    def structure_record(obj: object, _: object) -> Any:
+        if type(obj) is not dict:
+            raise _Malformed("expected an object")
+        return structure({**obj, inline: obj} if inline else obj, cls)
+
+    return structure_record
+
+
+# The unstructure functions are cattrs's, but for the records whose JSON is not their fields.
+
+
+def _unstructure_placement(p: PartPlacement) -> Json:
+    """Written out: the node's keys go between the key and the size, and this is the hot path
+    (every discovery answer holds a version's placements; flattening cattrs's dict costs 3x)."""
+    node = p.node
     return {
         "index": p.index,
         "key": p.key,
-        "node_id": p.node.node_id,
-        "url": p.node.url,
+        "node_id": node.node_id,
+        "url": node.url,
         "size": p.size,
         "checksum": p.checksum,
     }
 
 
-def decode_placement(obj: Json) -> PartPlacement:
-    return PartPlacement(
-        index=_get(obj, "index", int),
-        key=_get(obj, "key", str),
-        node=NodeRef(node_id=_get(obj, "node_id", str), url=_get(obj, "url", str)),
-        size=_get(obj, "size", int, optional=True),
-        checksum=_get(obj, "checksum", str, optional=True),
-    )
+_report_rest = make_dict_unstructure_fn(RebalanceReport, _json, status=override(omit=True))
+_node_plan_bytes = make_dict_unstructure_fn(NodePlan, _json, **_OVERRIDES[NodePlan])
 
 
-def encode_version(v: FileVersion) -> Json:
+def _unstructure_report(report: RebalanceReport) -> Json:
+    return {**_json.unstructure(report.status), **_report_rest(report)}
+
+
+def _unstructure_node_plan(plan: NodePlan) -> Json:
     return {
-        "version_id": v.version_id,
-        "namespace": v.namespace,
-        "name": v.name,
-        "state": v.state.value,
-        "size": v.size,
-        "layout": encode_layout(v.layout),
-        "parts": [encode_placement(p) for p in v.parts],
-        "created_at": v.created_at,
-        "committed_at": v.committed_at,
-        "etag": v.etag,
+        **_node_plan_bytes(plan),
+        "fill_percent": round(plan.fill_percent, 3),
+        "target_percent": round(plan.target_percent, 3),
+        "fill_after_percent": round(plan.after_percent, 3),
     }
 
 
-def decode_version(obj: Json) -> FileVersion:
-    try:
-        state = VersionState(_get(obj, "state", str))
-    except ValueError:
-        raise InvalidRequest("unknown version state") from None
-    return FileVersion(
-        version_id=_get(obj, "version_id", str),
-        namespace=_get(obj, "namespace", str),
-        name=_get(obj, "name", str),
-        state=state,
-        size=_get(obj, "size", int, optional=True),
-        layout=decode_layout(_get(obj, "layout", dict)),
-        parts=tuple(decode_placement(p) for p in _get(obj, "parts", list)),
-        created_at=float(_get(obj, "created_at", (int, float))),
-        committed_at=_get(obj, "committed_at", (int, float), optional=True),
-        etag=_get(obj, "etag", str, optional=True),
-    )
-
-
-def encode_receipt(r: PartReceipt) -> Json:
-    return {"index": r.index, "size": r.size, "checksum": r.checksum}
-
-
-def decode_receipt(obj: Json) -> PartReceipt:
-    return PartReceipt(
-        index=_get(obj, "index", int),
-        size=_get(obj, "size", int),
-        checksum=_get(obj, "checksum", str),
-    )
-
-
-def encode_registration(r: NodeRegistration) -> Json:
-    return {
-        "node_id": r.node_id,
-        "url": r.url,
-        "capacity_bytes": r.capacity_bytes,
-        "disk_used_bytes": r.disk_used_bytes,
-    }
-
-
-def decode_registration(obj: Json) -> NodeRegistration:
-    return NodeRegistration(
-        node_id=_get(obj, "node_id", str),
-        url=_get(obj, "url", str),
-        capacity_bytes=_get(obj, "capacity_bytes", int),
-        disk_used_bytes=_get(obj, "disk_used_bytes", int),
-    )
-
-
-def encode_node(n: NodeStatus) -> Json:
-    return {
-        "node_id": n.node_id,
-        "url": n.url,
-        "state": n.state.value,
-        "capacity_bytes": n.capacity_bytes,
-        "used_bytes": n.used_bytes,
-        "reserved_bytes": n.reserved_bytes,
-        "parts": n.parts,
-        "last_seen": n.last_seen,
-        "failed_at": n.failed_at,
-    }
-
-
-def decode_node(obj: Json) -> NodeStatus:
-    try:
-        state = NodeState(_get(obj, "state", str))
-    except ValueError:
-        raise InvalidRequest("unknown node state") from None
-    return NodeStatus(
-        node_id=_get(obj, "node_id", str),
-        url=_get(obj, "url", str),
-        state=state,
-        capacity_bytes=_get(obj, "capacity_bytes", int),
-        used_bytes=_get(obj, "used_bytes", int),
-        reserved_bytes=_get(obj, "reserved_bytes", int),
-        parts=_get(obj, "parts", int),
-        last_seen=float(_get(obj, "last_seen", (int, float))),
-        failed_at=_get(obj, "failed_at", (int, float), optional=True),
-    )
-
-
-def encode_entry(e: FileEntry) -> Json:
-    return {"name": e.name, "size": e.size, "etag": e.etag, "committed_at": e.committed_at}
-
-
-def decode_entry(obj: Json) -> FileEntry:
-    return FileEntry(
-        name=_get(obj, "name", str),
-        size=_get(obj, "size", int),
-        etag=_get(obj, "etag", str),
-        committed_at=float(_get(obj, "committed_at", (int, float))),
-    )
-
-
-def encode_stored(s: StoredPart) -> Json:
-    return {"key": s.key, "size": s.size, "checksum": s.checksum}
-
-
-def decode_stored(obj: Json) -> StoredPart:
-    return StoredPart(
-        key=_get(obj, "key", str),
-        size=_get(obj, "size", int),
-        checksum=_get(obj, "checksum", str),
-    )
-
-
-def _number(obj: Json, key: str, *, optional: bool = False) -> Any:
-    value = _get(obj, key, (int, float), optional=optional)
-    return None if value is None else float(value)
-
-
-def encode_status(s: RebalanceStatus) -> Json:
-    return {
-        "spread_pp": s.spread_pp,
-        "imbalance_pp": s.imbalance_pp,
-        "remaining_bytes": s.remaining_bytes,
-        "moving_bytes": s.moving_bytes,
-        "moving_parts": s.moving_parts,
-        "moved_bytes": s.moved_bytes,
-        "moved_parts": s.moved_parts,
-        "rate_bytes_per_s": s.rate_bytes_per_s,
-        "eta_seconds": s.eta_seconds,
-        "active": s.active,
-    }
-
-
-def decode_status(obj: Json) -> RebalanceStatus:
-    return RebalanceStatus(
-        spread_pp=_number(obj, "spread_pp"),
-        imbalance_pp=_number(obj, "imbalance_pp"),
-        remaining_bytes=_get(obj, "remaining_bytes", int),
-        moving_bytes=_get(obj, "moving_bytes", int),
-        moving_parts=_get(obj, "moving_parts", int),
-        moved_bytes=_get(obj, "moved_bytes", int),
-        moved_parts=_get(obj, "moved_parts", int),
-        rate_bytes_per_s=_number(obj, "rate_bytes_per_s"),
-        eta_seconds=_number(obj, "eta_seconds", optional=True),
-        active=_get(obj, "active", bool),
-    )
-
-
-def encode_report(r: RebalanceReport) -> Json:
-    """The status's fields at the top level, then ``state`` and ``settings``."""
-    s = r.settings
-    settings = {
-        "enabled": s.enabled,
-        "interval": s.interval,
-        "start_pp": s.start_pp,
-        "tolerance_pp": s.tolerance_pp,
-        "bandwidth": s.bandwidth,
-        "concurrency": s.concurrency,
-    }
-    return {**encode_status(r.status), "state": r.state, "settings": settings}
-
-
-def decode_report(obj: Json) -> RebalanceReport:
-    state = _get(obj, "state", str)
-    if state not in STATES:
-        raise InvalidRequest(f"unknown rebalancing state {state!r}")
-    s = _get(obj, "settings", dict)
-    return RebalanceReport(
-        status=decode_status(obj),
-        state=state,
-        settings=RebalanceSettings(
-            enabled=_get(s, "enabled", bool),
-            interval=_number(s, "interval"),
-            start_pp=_number(s, "start_pp"),
-            tolerance_pp=_number(s, "tolerance_pp"),
-            bandwidth=_number(s, "bandwidth"),
-            concurrency=_get(s, "concurrency", int),
-        ),
-    )
-
-
-def encode_node_plan(n: NodePlan) -> Json:
-    return {
-        "node_id": n.node_id,
-        "capacity_bytes": n.capacity,
-        "live_bytes": n.live,
-        "target_bytes": n.target,
-        "after_bytes": n.after,
-        "fill_percent": round(n.fill_percent, 3),
-        "target_percent": round(n.target_percent, 3),
-        "fill_after_percent": round(n.after_percent, 3),
-    }
-
-
-def decode_node_plan(obj: Json) -> NodePlan:
-    return NodePlan(
-        node_id=_get(obj, "node_id", str),
-        capacity=_get(obj, "capacity_bytes", int),
-        live=_get(obj, "live_bytes", int),
-        target=_get(obj, "target_bytes", int),
-        after=_get(obj, "after_bytes", int),
-    )
-
-
-def encode_plan(p: PlanSummary) -> Json:
-    return {
-        "nodes": [encode_node_plan(n) for n in p.nodes],
-        "moves": p.moves,
-        "move_bytes": p.move_bytes,
-        "remaining_bytes": p.remaining_bytes,
-        "spread_pp": p.spread_pp,
-        "spread_after_pp": p.spread_after_pp,
-    }
-
-
-def decode_plan(obj: Json) -> PlanSummary:
-    return PlanSummary(
-        nodes=tuple(decode_node_plan(n) for n in _get(obj, "nodes", list)),
-        moves=_get(obj, "moves", int),
-        move_bytes=_get(obj, "move_bytes", int),
-        remaining_bytes=_get(obj, "remaining_bytes", int),
-        spread_pp=_number(obj, "spread_pp"),
-        spread_after_pp=_number(obj, "spread_after_pp"),
-    )
+_json.register_unstructure_hook(PartPlacement, _unstructure_placement)
+_json.register_unstructure_hook(RebalanceReport, _unstructure_report)
+_json.register_unstructure_hook(NodePlan, _unstructure_node_plan)

@@ -26,22 +26,14 @@ from quart_trio import QuartTrio
 from karma8.actors.discovery import Discovery
 from karma8.actors.rebalancer import Rebalancer
 from karma8.core.errors import InvalidRequest
+from karma8.core.model import NodeRegistration, PartReceipt
 from karma8.core.rebalance_report import (
     RebalanceReport,
     RebalanceSettings,
     rebalance_state,
     summarize_plan,
 )
-from karma8.net.codec import (
-    decode_receipt,
-    decode_registration,
-    encode_entry,
-    encode_node,
-    encode_placement,
-    encode_plan,
-    encode_report,
-    encode_version,
-)
+from karma8.net.codec import decode, encode
 from karma8.net.common import create_app, int_arg, json_body
 
 # What ?dry_run= accepts, and what it means.
@@ -66,7 +58,7 @@ def discovery_app(discovery: Discovery, *, secret: str | None, rebalancer: Rebal
             size_hint=size_hint,
             if_absent=bool(body.get("if_absent", False)),
         )
-        return jsonify(encode_version(version)), 201
+        return jsonify(encode(version)), 201
 
     @app.route("/v1/uploads/<version_id>/commit", methods=["POST"])
     async def commit(version_id: str) -> Response:
@@ -78,14 +70,14 @@ def discovery_app(discovery: Discovery, *, secret: str | None, rebalancer: Rebal
         version = await discovery.commit_upload(
             version_id=version_id,
             size=size,
-            receipts=[decode_receipt(r) for r in receipts],
+            receipts=[decode(r, PartReceipt) for r in receipts],
             if_absent=bool(body.get("if_absent", False)),
         )
-        return jsonify(encode_version(version))
+        return jsonify(encode(version))
 
     @app.route("/v1/uploads/<version_id>/abort", methods=["POST"])
     async def abort(version_id: str) -> Response:
-        return jsonify(encode_version(await discovery.abort_upload(version_id=version_id)))
+        return jsonify(encode(await discovery.abort_upload(version_id=version_id)))
 
     @app.route("/v1/uploads/<version_id>/parts/<int:index>/replace", methods=["POST"])
     async def replace_part(version_id: str, index: int) -> Response:
@@ -95,11 +87,11 @@ def discovery_app(discovery: Discovery, *, secret: str | None, rebalancer: Rebal
         placement = await discovery.replace_part(
             version_id=version_id, index=index, failed_node_id=failed
         )
-        return jsonify(encode_placement(placement))
+        return jsonify(encode(placement))
 
     @app.route("/v1/files/<namespace>/<path:name>", methods=["GET"])
     async def resolve(namespace: str, name: str) -> Response:
-        return jsonify(encode_version(await discovery.resolve(namespace=namespace, name=name)))
+        return jsonify(encode(await discovery.resolve(namespace=namespace, name=name)))
 
     @app.route("/v1/files/<namespace>/<path:name>", methods=["DELETE"])
     async def delete(namespace: str, name: str) -> Response:
@@ -113,7 +105,7 @@ def discovery_app(discovery: Discovery, *, secret: str | None, rebalancer: Rebal
             after=request.args.get("after", ""),
             limit=int_arg("limit", 1000),
         )
-        return jsonify({"files": [encode_entry(e) for e in entries]})
+        return jsonify({"files": [encode(e) for e in entries]})
 
     @app.route("/v1/namespaces/<namespace>", methods=["PUT"])
     async def create_namespace(namespace: str) -> tuple[str, int]:
@@ -122,13 +114,13 @@ def discovery_app(discovery: Discovery, *, secret: str | None, rebalancer: Rebal
 
     @app.route("/v1/nodes", methods=["POST"])
     async def register() -> tuple[str, int]:
-        await discovery.register_node(decode_registration(await json_body()))
+        await discovery.register_node(decode(await json_body(), NodeRegistration))
         return "", 204
 
     @app.route("/v1/nodes/<node_id>/heartbeat", methods=["POST"])
     async def heartbeat(node_id: str) -> Response:
         body = await json_body()
-        registration = decode_registration(body.get("registration", {}))
+        registration = decode(body.get("registration", {}), NodeRegistration)
         if registration.node_id != node_id:
             raise InvalidRequest("node id in the path and the body differ")
         deleted = body.get("deleted", [])
@@ -154,7 +146,7 @@ def discovery_app(discovery: Discovery, *, secret: str | None, rebalancer: Rebal
 
     @app.route("/v1/nodes", methods=["GET"])
     async def list_nodes() -> Response:
-        return jsonify({"nodes": [encode_node(n) for n in await discovery.list_nodes()]})
+        return jsonify({"nodes": [encode(n) for n in await discovery.list_nodes()]})
 
     async def report(*, requested: bool = False) -> RebalanceReport:
         status = await rebalancer.status()
@@ -175,7 +167,7 @@ def discovery_app(discovery: Discovery, *, secret: str | None, rebalancer: Rebal
     @app.route("/v1/rebalance", methods=["GET"])
     async def rebalance_status() -> Response:
         _only_args(set())
-        return jsonify(encode_report(await report()))
+        return jsonify(encode(await report()))
 
     @app.route("/v1/rebalance", methods=["POST"])
     async def rebalance() -> tuple[Response, int]:
@@ -186,7 +178,7 @@ def discovery_app(discovery: Discovery, *, secret: str | None, rebalancer: Rebal
             raise InvalidRequest(f"dry_run must be 1 or 0 (or true/false), got {raw!r}")
         if not dry_run:
             rebalancer.request()
-            return jsonify(encode_report(await report(requested=True))), 202
+            return jsonify(encode(await report(requested=True))), 202
         plan = await rebalancer.plan()
         now = await report()
         summary = summarize_plan(
@@ -194,7 +186,7 @@ def discovery_app(discovery: Discovery, *, secret: str | None, rebalancer: Rebal
             remaining_bytes=now.status.remaining_bytes,
             parts=discovery.config.layout.parts,
         )
-        return jsonify({"dry_run": True, **encode_plan(summary), "status": encode_report(now)}), 200
+        return jsonify({"dry_run": True, **encode(summary), "status": encode(now)}), 200
 
     return app
 

@@ -19,7 +19,7 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
 from karma8.actors.gateway import Gateway
-from karma8.net.codec import encode_entry
+from karma8.net.codec import encode
 from karma8.net.common import create_app, int_arg
 from karma8.net.objects import ObjectRoutes
 
@@ -44,7 +44,7 @@ def gateway_app(gateway: Gateway) -> QuartTrio:
             after=request.args.get("after", ""),
             limit=limit,
         )
-        files = [encode_entry(e) for e in entries]
+        files = [encode(e) for e in entries]
         next_after = entries[-1].name if len(entries) == limit else None
         return jsonify({"namespace": namespace, "files": files, "next_after": next_after})
 

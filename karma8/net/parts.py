@@ -10,7 +10,7 @@ import logging
 
 from karma8.actors.storage import StorageNode
 from karma8.core.errors import InvalidRequest, Karma8Error, NotFound
-from karma8.net.codec import encode_stored
+from karma8.net.codec import encode
 from karma8.net.exchange import (
     OCTETS_TYPE,
     WHOLE_BODY_BYTES,
@@ -48,7 +48,7 @@ class PartRoutes(ExchangeRoutes[str]):
 
     async def _put(self, exchange: Exchange, key: str) -> None:
         stored = await self._node.put_part(key, exchange)
-        await exchange.answer_json(201, encode_stored(stored))
+        await exchange.answer_json(201, encode(stored))
 
     async def _head(self, exchange: Exchange, key: str) -> None:
         stored = await self._node.stat_part(key)
