@@ -314,3 +314,42 @@ async def test_100_continue_waits_for_the_app_to_ask_for_the_body() -> None:
                 answer = head.partition(b"\r\n\r\n")[2] or await read_head(stream)
             assert answer.startswith(b"HTTP/1.1 200"), answer
         nursery.cancel_scope.cancel()
+
+
+GO_ON: list[trio.Event] = []  # the closing answer's body waits for the last one
+
+
+async def closing_answer(
+    scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+) -> None:
+    """``hello`` with ``Connection: close``, before the request body was read; the body of
+    the answer is sent once the test sets ``GO_ON[-1]``."""
+    if scope["type"] != "http":
+        await hello(scope, receive, send)
+        return
+    headers = [(b"content-length", str(len(HELLO)).encode()), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": 400, "headers": headers})
+    await GO_ON[-1].wait()
+    await send({"type": "http.response.body", "body": HELLO, "more_body": False})
+
+
+async def test_bytes_after_a_closing_answer_do_not_cut_it_short() -> None:
+    # Stock Hypercorn: a request after the one answered with "Connection: close" is a
+    # protocol error to h11, and Hypercorn's reader closes the connection mid-answer.
+    GO_ON.append(trio.Event())
+    async with trio.open_nursery() as nursery:
+        url: str = await nursery.start(partial(serve_app, closing_answer, host="127.0.0.1", port=0))
+        host, port = url.removeprefix("http://").split(":")
+        async with await trio.open_tcp_stream(host, int(port)) as stream:
+            await stream.send_all(
+                b"PUT /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            with trio.fail_after(GIVE_UP):
+                head = await read_head(stream)
+                await stream.send_all(b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
+                await trio.testing.wait_all_tasks_blocked()  # the server has read them
+                GO_ON[-1].set()
+                answer = head + await read_until_closed(stream)
+        nursery.cancel_scope.cancel()
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert answer.endswith(HELLO)  # whole, and nothing for the second request

@@ -50,6 +50,16 @@ and :func:`check_versions` refuses any other version before a patch is applied.
    answered first (h11 then no longer counts the client as waiting). No upstream issue; the
    line: https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/protocol/h11.py#L155-L160
    Precedent: https://github.com/Kludex/uvicorn/pull/166
+
+7. An answer that closes the connection is sent whole. Once an answer says ``Connection:
+   close``, h11 takes any further bytes from the client (a pipelined request, e.g. one
+   smuggled after a Transfer-Encoding + Content-Length request) for a protocol error, and
+   Hypercorn's reader then closes the socket at once, mid-answer. While an answer is being
+   sent, that close waits for its end (Hypercorn closes after it anyway); and a close takes
+   the send lock, so its ``send_eof`` never meets another task's ``send_all``.
+   No upstream issue; the lines:
+   https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/protocol/h11.py#L162-L168
+   https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/trio/tcp_server.py#L92-L94
 """
 
 from __future__ import annotations
@@ -102,6 +112,19 @@ async def _shielded_close(self: Any) -> None:
 
 
 async def _cancellable_send(self: Any, event: Any) -> None:
+    if isinstance(event, Closed):
+        connection = getattr(self.protocol.protocol, "connection", None)
+        if isinstance(connection, h11.Connection) and connection.our_state is h11.SEND_BODY:
+            # Bytes after a request answered with "Connection: close" (a pipelined request)
+            # are a protocol error to h11, and Hypercorn's reader closes at once, cutting
+            # the answer in progress. It is closed when the answer ends instead.
+            return
+        # And the close waits for a send in progress (send_eof would meet the app task's
+        # send_all: BusyResourceError).
+        async with self.send_lock:
+            await self._close()
+        await self.protocol.handle(Closed())
+        return
     if not isinstance(event, RawData):
         await _original_protocol_send(self, event)
         return
