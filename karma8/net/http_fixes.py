@@ -113,11 +113,17 @@ async def _shielded_close(self: Any) -> None:
 
 async def _cancellable_send(self: Any, event: Any) -> None:
     if isinstance(event, Closed):
-        connection = getattr(self.protocol.protocol, "connection", None)
-        if isinstance(connection, h11.Connection) and connection.our_state is h11.SEND_BODY:
+        protocol = self.protocol.protocol
+        connection = getattr(protocol, "connection", None)
+        if (
+            isinstance(connection, h11.Connection)
+            and connection.our_state is h11.SEND_BODY
+            and getattr(protocol, "stream", None) is not None
+        ):
             # Bytes after a request answered with "Connection: close" (a pipelined request)
             # are a protocol error to h11, and Hypercorn's reader closes at once, cutting
-            # the answer in progress. It is closed when the answer ends instead.
+            # the answer in progress. It is closed when the app is done with its stream
+            # (Hypercorn lets go of the stream first, then closes: that close goes ahead).
             return
         # And the close waits for a send in progress (send_eof would meet the app task's
         # send_all: BusyResourceError).
