@@ -29,7 +29,7 @@ import trio
 from karma8.core.errors import Karma8Error, Unavailable
 from karma8.core.tomlconf import ConfigError
 from karma8.core.units import parse_size
-from karma8.net.locate import DEFAULT_DATA, ENV_SECRET, ClusterRef, locate_cluster
+from karma8.net.locate import DEFAULT_DATA, ClusterRef, given_secrets, locate_cluster
 from karma8.sim.fillseries import DEFAULT_INTERVAL
 from karma8.sim.report import render_json, render_text
 from karma8.sim.runner import SimResult, run_scenario
@@ -41,6 +41,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASHED = 0, 1, 2, 3
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 ROLES = ("all", "gw", "discovery", "storage")
+SECRET_HELP = "cluster secret (visible in `ps`: prefer --secret-file or KARMA8_SECRET)"
+SECRET_FILE_HELP = "file holding the cluster secret (or KARMA8_SECRET_FILE)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (0 = any free port)")
     serve.add_argument("--discovery", help="discovery URL (gw and storage roles)")
-    serve.add_argument("--secret", help="cluster secret (or KARMA8_SECRET)")
+    serve.add_argument("--secret", help=SECRET_HELP)
+    serve.add_argument("--secret-file", type=Path, metavar="PATH", help=SECRET_FILE_HELP)
     serve.add_argument("--capacity", help="storage capacity, e.g. '20 GiB'")
     serve.add_argument("--nodes", type=int, help="storage nodes of --role all (default 6)")
     serve.add_argument(
@@ -122,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
                 help="show the next round's moves per node; move nothing",
             )
         admin.add_argument("--discovery", help="discovery URL (or KARMA8_DISCOVERY)")
-        admin.add_argument("--secret", help="cluster secret (or KARMA8_SECRET)")
+        admin.add_argument("--secret", help=SECRET_HELP)
+        admin.add_argument("--secret-file", type=Path, metavar="PATH", help=SECRET_FILE_HELP)
         admin.add_argument("--config", type=Path, help="TOML file with discovery_url and secret")
         admin.add_argument(
             "--data",
@@ -261,6 +265,7 @@ def _locate(args: argparse.Namespace, config: Any | None) -> ClusterRef:
     ref = locate_cluster(
         discovery=args.discovery,
         secret=args.secret,
+        secret_file=args.secret_file,
         environ=os.environ,
         config_path=args.config,
         config_url=config.discovery_url if config is not None else None,
@@ -298,7 +303,10 @@ def _serve(args: argparse.Namespace) -> int:
         overrides: dict[str, Any] = {
             "host": args.host,
             "storage_nodes": args.nodes,
-            "secret": args.secret or os.environ.get(ENV_SECRET),
+            "secret": next(
+                (s for s, _ in given_secrets(args.secret, args.secret_file, os.environ) if s),
+                None,
+            ),
             "capacity": parse_size(args.capacity) if args.capacity else None,
         }
         rebalance: dict[str, Any] = {

@@ -8,6 +8,7 @@ time is virtual (the autojump clock), and the tests wait on events, never on the
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 import trio
 import trio.testing
 
+from karma8.core.errors import StorageFailure
 from karma8.net.exchange import ExchangeRoutes
 from karma8.net.objects import ObjectRoutes
 from karma8.net.parts import PartRoutes, part_path
@@ -320,3 +322,50 @@ async def test_a_part_is_read_back_whole_in_ranges_and_by_head(
     deleted = await request("DELETE")
     assert (deleted.status, deleted.body()) == (204, b"")
     assert node.stored == 0
+
+
+async def test_a_5xx_names_a_request_id_and_is_logged_with_its_cause(
+    plane: Plane,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = plane.make(None)
+    cause = "node http://10.9.8.7:9000 failed: connection refused"
+
+    async def failing(*args: Any, **kwargs: Any) -> None:
+        raise StorageFailure(cause)
+
+    monkeypatch.setattr(backend, plane.lookup, failing)
+    server = FakeServer()
+    await server.request()
+    with caplog.at_level(logging.WARNING):
+        await plane.routes(backend)(http_scope("GET", plane.missing, plane.headers), *server.calls)
+    assert server.status == 502
+    error = json.loads(server.body())["error"]
+    request_id = server.header(b"x-request-id")
+    assert request_id
+    assert error["request_id"] == request_id.decode()
+    if plane.name == "gateway":  # public: the cause stays in the log
+        assert "10.9.8.7" not in server.body().decode()
+    [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    logged = record.getMessage()
+    for part in (request_id.decode(), "GET", plane.missing, cause, "502"):
+        assert part in logged
+
+
+async def test_every_answer_has_a_request_id(
+    plane: Plane, autojump_clock: trio.testing.MockClock
+) -> None:
+    ids = set()
+    for _ in range(2):
+        server = FakeServer()
+        await server.request()
+        await plane.routes(plane.make(None))(
+            http_scope("GET", plane.missing, plane.headers), *server.calls
+        )
+        request_id = server.header(b"x-request-id")
+        assert request_id
+        assert json.loads(server.body())["error"]["request_id"] == request_id.decode()
+        ids.add(request_id)
+    assert len(ids) == 2

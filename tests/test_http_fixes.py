@@ -266,3 +266,90 @@ async def test_http2_is_not_spoken() -> None:
                 refused = await read_until_closed(stream)
         assert not refused.startswith(b"\x00")  # no HTTP/2 frame came back
         nursery.cancel_scope.cancel()
+
+
+async def reject_or_read(
+    scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+) -> None:
+    """``/reject``: 400 on the headers alone; any other path reads the body, then ``hello``."""
+    if scope["type"] != "http":
+        await hello(scope, receive, send)
+        return
+    if scope["path"] != "/reject":
+        while (await receive()).get("more_body"):
+            pass
+    status = 400 if scope["path"] == "/reject" else 200
+    headers = [(b"content-length", str(len(HELLO)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": HELLO, "more_body": False})
+
+
+async def read_head(stream: trio.SocketStream) -> bytes:
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = await stream.receive_some(65536)
+        assert chunk, head
+        head += chunk
+    return head
+
+
+async def test_100_continue_waits_for_the_app_to_ask_for_the_body() -> None:
+    # Stock Hypercorn sends "100 Continue" as soon as the headers are in: the client then
+    # sends its body even though the app rejects the request on its headers.
+    expect = b"Host: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    async with trio.open_nursery() as nursery:
+        url: str = await nursery.start(partial(serve_app, reject_or_read, host="127.0.0.1", port=0))
+        host, port = url.removeprefix("http://").split(":")
+        async with await trio.open_tcp_stream(host, int(port)) as stream:
+            await stream.send_all(b"PUT /reject HTTP/1.1\r\n" + expect)
+            with trio.fail_after(GIVE_UP):
+                head = await read_head(stream)
+            assert head.startswith(b"HTTP/1.1 400"), head  # no 100 before it
+        async with await trio.open_tcp_stream(host, int(port)) as stream:
+            await stream.send_all(b"PUT /accept HTTP/1.1\r\n" + expect)
+            with trio.fail_after(GIVE_UP):
+                head = await read_head(stream)
+                assert head.startswith(b"HTTP/1.1 100 "), head
+                await stream.send_all(b"12345")
+                answer = head.partition(b"\r\n\r\n")[2] or await read_head(stream)
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+        nursery.cancel_scope.cancel()
+
+
+GO_ON: list[trio.Event] = []  # the closing answer's body waits for the last one
+
+
+async def closing_answer(
+    scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+) -> None:
+    """``hello`` with ``Connection: close``, before the request body was read; the body of
+    the answer is sent once the test sets ``GO_ON[-1]``."""
+    if scope["type"] != "http":
+        await hello(scope, receive, send)
+        return
+    headers = [(b"content-length", str(len(HELLO)).encode()), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": 400, "headers": headers})
+    await GO_ON[-1].wait()
+    await send({"type": "http.response.body", "body": HELLO, "more_body": False})
+
+
+async def test_bytes_after_a_closing_answer_do_not_cut_it_short() -> None:
+    # Stock Hypercorn: a request after the one answered with "Connection: close" is a
+    # protocol error to h11, and Hypercorn's reader closes the connection mid-answer.
+    GO_ON.append(trio.Event())
+    async with trio.open_nursery() as nursery:
+        url: str = await nursery.start(partial(serve_app, closing_answer, host="127.0.0.1", port=0))
+        host, port = url.removeprefix("http://").split(":")
+        async with await trio.open_tcp_stream(host, int(port)) as stream:
+            await stream.send_all(
+                b"PUT /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            with trio.fail_after(GIVE_UP):
+                head = await read_head(stream)
+                await stream.send_all(b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
+                await trio.testing.wait_all_tasks_blocked()  # the server has read them
+                GO_ON[-1].set()
+                answer = head + await read_until_closed(stream)
+        nursery.cancel_scope.cancel()
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert answer.endswith(HELLO)  # whole, and nothing for the second request

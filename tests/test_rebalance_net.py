@@ -118,6 +118,7 @@ async def test_status_and_dry_run_move_nothing_then_a_start_evens_the_fill(
         assert typo.json()["error"] == {
             "code": "invalid_request",
             "message": "unknown query parameter 'dryrun' (known: dry_run)",
+            "request_id": typo.headers["X-Request-Id"],
         }
         assert {n.node_id: n.parts for n in await net.nodes()} == before
         assert (await rebalance(net)).json()["moved_parts"] == 0

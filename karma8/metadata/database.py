@@ -15,6 +15,7 @@ recovery after a power loss replays them, exactly as if the commit had synced th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -22,6 +23,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from karma8.metadata.schema import SCHEMA, add_missing_columns
+
+
+def _owner_only(path: Path) -> None:
+    """Create the database file readable by its owner only (SQLite gives its -wal and -shm
+    files the database's mode), or narrow an existing one and its companions to that."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    os.close(fd)
+    for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if file.stat().st_mode & 0o777 != 0o600:
+                os.chmod(file, 0o600)
 
 
 class SqliteDatabase:
@@ -43,6 +55,8 @@ class SqliteDatabase:
         self._wal_fd: int | None = None
         self._wal_inode: int | None = None
         self._checkpointer: sqlite3.Connection | None = None
+        if self._wal is not None:
+            _owner_only(Path(self._path))
         # Calls may come from a worker thread (one at a time), hence check_same_thread=False.
         self._db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row

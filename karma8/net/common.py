@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
 from quart import Response, jsonify, request
@@ -28,8 +29,17 @@ def create_app(name: str, *, secret: str | None) -> QuartTrio:
     app.config["RESPONSE_TIMEOUT"] = None
 
     @app.errorhandler(Karma8Error)
-    async def karma8_error(error: Karma8Error) -> tuple[Response, int]:
-        return jsonify(error_body(error)), error_status(error)
+    async def karma8_error(error: Karma8Error) -> tuple[Response, int, dict[str, str]]:
+        # As the data plane answers (karma8.net.exchange): a request id, and a 5xx logged.
+        status, request_id = error_status(error), secrets.token_hex(8)
+        if status >= 500:
+            log.error(
+                "%s %s failed with %d [request %s]: %s",
+                *(request.method, request.path, status, request_id, error.message),
+            )
+        body = error_body(error)
+        body["error"]["request_id"] = request_id
+        return jsonify(body), status, {"X-Request-Id": request_id}
 
     @app.errorhandler(404)
     async def no_route(_: Exception) -> tuple[Response, int]:
@@ -40,9 +50,17 @@ def create_app(name: str, *, secret: str | None) -> QuartTrio:
         return jsonify(METHOD_NOT_ALLOWED), 405
 
     @app.errorhandler(Exception)
-    async def internal(error: Exception) -> tuple[Response, int]:
-        log.exception("unhandled error in %s", name, exc_info=error)
-        return jsonify({"error": {"code": "internal", "message": "internal error"}}), 500
+    async def internal(error: Exception) -> tuple[Response, int, dict[str, str]]:
+        request_id = secrets.token_hex(8)
+        log.error(
+            "unhandled error in %s: %s %s [request %s]",
+            *(name, request.method, request.path, request_id),
+            exc_info=error,
+        )
+        body = {
+            "error": {"code": "internal", "message": "internal error", "request_id": request_id}
+        }
+        return jsonify(body), 500, {"X-Request-Id": request_id}
 
     if secret is not None:
 

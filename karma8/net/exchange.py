@@ -28,15 +28,17 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
+import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Generic, TypeVar
-from urllib.parse import parse_qsl
+from typing import Any, Generic, TypeVar, cast
+from urllib.parse import parse_qsl, unquote
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
-from karma8.core.errors import Forbidden, InvalidRequest, Karma8Error
+from karma8.core.errors import Forbidden, InvalidName, InvalidRequest, Karma8Error
 from karma8.net.codec import error_body, error_status
 
 ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
@@ -48,6 +50,20 @@ JSON_TYPE = (b"content-type", b"application/json")
 OCTETS_TYPE = (b"content-type", b"application/octet-stream")
 METHOD_NOT_ALLOWED = {"error": {"code": "method_not_allowed", "message": "method not allowed here"}}
 INTERNAL_ERROR = {"error": {"code": "internal", "message": "internal error"}}
+
+REQUEST_ID_HEADER = b"x-request-id"
+CLOSE = (b"connection", b"close")
+# What a client is told of a 5xx: the cause (a node's address, a peer's message) is in the
+# log, under the request id.
+PUBLIC_5XX = {
+    "storage_failure": "a storage node failed",
+    "integrity_error": "stored data failed a check",
+    "unavailable": "a cluster service did not answer",
+    "not_enough_nodes": "not enough storage nodes with room",
+    "disk_full": "a storage node is full",
+}
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})?")
+_ABSOLUTE = re.compile(rb"(?i)https?://[^/?#]*")
 
 # HTTP responses of at most this many bytes are read whole before the status line goes out
 # (one body write, and a failure is an error status rather than a body cut short); larger
@@ -83,6 +99,48 @@ def int_value(name: str, raw: str | None, default: int | None = None) -> int:
     return value
 
 
+def origin_form(raw_path: bytes) -> bytes:
+    """The path of an absolute-form request target (``http://host/ns/name``), or
+    ``raw_path`` as it is (origin-form). RFC 9112 §3.2.2: a server must accept both."""
+    absolute = _ABSOLUTE.match(raw_path)
+    if absolute is None:
+        return raw_path
+    return raw_path[absolute.end() :] or b"/"
+
+
+def decode_path(raw_path: bytes) -> str:
+    """Percent-decode a request path strictly (RFC 3986 §2.1): a ``%`` not followed by two
+    hex digits, or bytes that are not UTF-8 once decoded, raise :class:`InvalidName`, so two
+    different paths never name the same file (Hypercorn's ``unquote`` turns both into text).
+    """
+
+    def unescape(match: re.Match[bytes]) -> bytes:
+        if match.group(1) is None:
+            at = match.start()
+            raise InvalidName(
+                f"invalid percent-encoding at byte {at} of the path: '%' must be followed by"
+                " two hex digits (write '%25' for '%')"
+            )
+        return bytes([int(match.group(1), 16)])
+
+    decoded = _ESCAPE.sub(unescape, raw_path)
+    try:
+        return decoded.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidName(
+            f"the path is not UTF-8 once percent-decoded (byte 0x{decoded[exc.start]:02x}"
+            f" at {exc.start})"
+        ) from None
+
+
+def smuggling_risk(headers: Mapping[str, str]) -> bool:
+    """Whether a request has both Transfer-Encoding and Content-Length: RFC 9112 §6.1 asks
+    a server to reject it or close after it; h11 lets Transfer-Encoding win and keeps the
+    connection, so a proxy that framed it by Content-Length would disagree on where the
+    next request starts."""
+    return "transfer-encoding" in headers and "content-length" in headers
+
+
 class ClientGone(InvalidRequest):
     """The client closed the connection before the request body ended."""
 
@@ -101,11 +159,19 @@ class Exchange:
         "_send",
         "gone",
         "headers",
+        "request_id",
         "started",
     )
 
-    def __init__(self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable):
+    def __init__(
+        self,
+        scope: HTTPScope,
+        receive: ASGIReceiveCallable,
+        send: ASGISendCallable,
+        request_id: str = "",
+    ):
         self._scope = scope
+        self.request_id = request_id or secrets.token_hex(8)
         self._receive = receive
         self._send = send
         self._query: dict[str, str] | None = None
@@ -164,20 +230,26 @@ class Exchange:
 
     async def start(self, status: int, headers: Headers) -> None:
         self.started = True
+        headers = [*headers, (REQUEST_ID_HEADER, self.request_id.encode())]
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def write(self, chunk: bytes, *, more: bool = True) -> None:
         await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
 
     async def answer(self, status: int, headers: Headers, body: bytes = b"") -> None:
-        """Send a whole answer, draining what is left of the request body meanwhile."""
+        """Send a whole answer. Before the request body ended (an error), the answer says
+        ``Connection: close`` and goes out at once: the rest of the body is not waited for,
+        only drained while the answer is written, so that Hypercorn's queue of messages
+        has room for the disconnect (with the queue full and nobody reading, the
+        connection would hang). The drain starts after the status line, so it never
+        calls for a ``100 Continue``."""
         if self._body_done:
             await self.start(status, headers)
             await self.write(body, more=False)
             return
         async with trio.open_nursery() as nursery:
+            await self.start(status, [*headers, CLOSE])
             nursery.start_soon(self._drain)
-            await self.start(status, headers)
             await self.write(body, more=False)
             nursery.cancel_scope.cancel()
 
@@ -230,6 +302,12 @@ class ExchangeRoutes(Generic[T]):
     ``handlers`` maps a method to its handler, called with the exchange and what
     :meth:`match` returned. With ``secret``, every claimed request must carry it in
     ``X-Karma8-Secret`` (checked before the method, as the Quart routes do).
+
+    The edge is strict (docs/http-api.md, "Requests"): an absolute-form target is served
+    as its path; a path that is not strictly percent-encoded UTF-8, or a request with both
+    Transfer-Encoding and Content-Length, is a 400 that closes the connection. Every answer
+    carries ``X-Request-Id``; a 5xx is logged with it and the cause, and with ``public``
+    the client gets the id and a generic message instead of the cause.
     """
 
     def __init__(
@@ -239,12 +317,14 @@ class ExchangeRoutes(Generic[T]):
         *,
         log: logging.Logger,
         secret: str | None = None,
+        public: bool = False,
     ) -> None:
         self._app = app
         self._handlers = dict(handlers)
         self._allow = (b"allow", ", ".join(sorted({*handlers, "OPTIONS"})).encode())
         self._log = log
         self._secret = secret
+        self._public = public
 
     def match(self, path: str) -> T | None:
         """What a handler needs from ``path`` (e.g. a name), or None: another route's."""
@@ -253,28 +333,65 @@ class ExchangeRoutes(Generic[T]):
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
-        target = self.match(scope["path"]) if scope["type"] == "http" else None
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        origin = origin_form(raw_path)
+        if origin is not raw_path:  # absolute-form: every route sees the path alone
+            scope = cast(
+                HTTPScope,
+                {**scope, "raw_path": origin, "path": unquote(origin.decode("latin-1"))},
+            )
+        bad_path: InvalidName | None = None
+        try:
+            path = decode_path(origin)
+        except InvalidName as exc:
+            path, bad_path = scope["path"], exc
+        target = self.match(path)
         if target is None:
             await self._app(scope, receive, send)
             return
-        assert scope["type"] == "http"
         exchange = Exchange(scope, receive, send)
+        method, where = scope["method"], origin.decode("latin-1")
         try:
+            if smuggling_risk(exchange.headers):
+                raise InvalidRequest(
+                    "a request must not have both Transfer-Encoding and Content-Length"
+                )
+            if bad_path is not None:
+                raise bad_path
             if self._secret is not None:
                 check_secret(exchange.headers.get(SECRET_HEADER.lower()), self._secret)
-            handler = self._handlers.get(scope["method"])
+            # Checks that need only the headers (the cluster secret above; a namespace's
+            # access) belong here or at the start of a handler: before anything reads the
+            # body, which is what sends "100 Continue" (karma8.net.http_fixes, fix 6).
+            handler = self._handlers.get(method)
             if handler is not None:
                 await handler(exchange, target)
-            elif scope["method"] == "OPTIONS":
+            elif method == "OPTIONS":
                 await exchange.answer(204, [self._allow])
             else:
                 await exchange.answer_json(405, METHOD_NOT_ALLOWED, [self._allow])
         except Karma8Error as exc:
+            status = error_status(exc)
+            if status >= 500:
+                self._log.error(
+                    "%s %s failed with %d [request %s]: %s",
+                    *(method, where, status, exchange.request_id, exc.message),
+                )
             if exchange.gone or exchange.started:
-                self._log.info("%s %s ended early: %s", scope["method"], scope["path"], exc.message)
-            else:
-                await exchange.answer_json(error_status(exc), error_body(exc))
+                self._log.info("%s %s ended early: %s", method, where, exc.message)
+                return
+            body = error_body(exc)
+            body["error"]["request_id"] = exchange.request_id
+            if self._public and status >= 500:
+                body["error"]["message"] = PUBLIC_5XX.get(exc.code, "internal error")
+            await exchange.answer_json(status, body)
         except Exception:
-            self._log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            self._log.exception(
+                "unhandled error in %s %s [request %s]", method, where, exchange.request_id
+            )
             if not exchange.started:
-                await exchange.answer_json(500, INTERNAL_ERROR)
+                body = {"error": {**INTERNAL_ERROR["error"], "request_id": exchange.request_id}}
+                await exchange.answer_json(500, body)

@@ -41,13 +41,34 @@ and :func:`check_versions` refuses any other version before a patch is applied.
    fixes above apply to it. The upgrade is ignored (RFC 9110 allows it), and the preface is
    parsed as an HTTP/1.1 request, which fails.
    Upstream: https://github.com/pgjones/hypercorn/pull/365
+
+6. ``100 Continue`` when the app asks for the body. Hypercorn answers ``Expect:
+   100-continue`` as soon as the request's headers are parsed, before the app has seen
+   them, so a client that waits for it sends its whole body even to a request the app
+   rejects on its headers (no such namespace, too large, no access). The 100 goes out when
+   the app first calls ``receive()`` instead (as uvicorn and hyper do), and not at all if it
+   answered first (h11 then no longer counts the client as waiting). No upstream issue; the
+   line: https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/protocol/h11.py#L155-L160
+   Precedent: https://github.com/Kludex/uvicorn/pull/166
+
+7. An answer that closes the connection is sent whole. Once an answer says ``Connection:
+   close``, h11 takes any further bytes from the client (a pipelined request, e.g. one
+   smuggled after a Transfer-Encoding + Content-Length request) for a protocol error, and
+   Hypercorn's reader then closes the socket at once, mid-answer. While an answer is being
+   sent, that close waits for its end (Hypercorn closes after it anyway); and a close takes
+   the send lock, so its ``send_eof`` never meets another task's ``send_all``.
+   No upstream issue; the lines:
+   https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/protocol/h11.py#L162-L168
+   https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/trio/tcp_server.py#L92-L94
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from importlib.metadata import version
 from typing import Any
 
+import h11
 import h11._connection
 import httpcore
 import trio
@@ -81,6 +102,8 @@ def _replace(owner: object, name: str, value: object) -> None:
 _original_close = tcp_server.TCPServer._close
 _original_protocol_send = tcp_server.TCPServer.protocol_send
 _original_read_data = tcp_server.TCPServer._read_data
+_original_h11_init = h11_protocol.H11Protocol.__init__
+_original_create_stream = h11_protocol.H11Protocol._create_stream
 
 
 async def _shielded_close(self: Any) -> None:
@@ -89,6 +112,25 @@ async def _shielded_close(self: Any) -> None:
 
 
 async def _cancellable_send(self: Any, event: Any) -> None:
+    if isinstance(event, Closed):
+        protocol = self.protocol.protocol
+        connection = getattr(protocol, "connection", None)
+        if (
+            isinstance(connection, h11.Connection)
+            and connection.our_state is h11.SEND_BODY
+            and getattr(protocol, "stream", None) is not None
+        ):
+            # Bytes after a request answered with "Connection: close" (a pipelined request)
+            # are a protocol error to h11, and Hypercorn's reader closes at once, cutting
+            # the answer in progress. It is closed when the app is done with its stream
+            # (Hypercorn lets go of the stream first, then closes: that close goes ahead).
+            return
+        # And the close waits for a send in progress (send_eof would meet the app task's
+        # send_all: BusyResourceError).
+        async with self.send_lock:
+            await self._close()
+        await self.protocol.handle(Closed())
+        return
     if not isinstance(event, RawData):
         await _original_protocol_send(self, event)
         return
@@ -173,6 +215,67 @@ class PassThroughReceiveBuffer(ReceiveBuffer):
         return super().is_next_line_obviously_invalid_request_line()
 
 
+class ContinueOnAskConnection(h11.Connection):
+    """h11's server connection, that counts the client as waiting for ``100 Continue`` only
+    once the app asked for the body (:attr:`continue_asked`, cleared per request)."""
+
+    continue_asked = False
+
+    @property
+    def they_are_waiting_for_100_continue(self) -> bool:
+        return self.continue_asked and super().they_are_waiting_for_100_continue
+
+
+class _AskForContinue:
+    """Hypercorn's app wrapper, with a ``receive`` that calls ``ask`` first, once."""
+
+    def __init__(self, app: Any, ask: Callable[[], Awaitable[None]]) -> None:
+        self._app = app
+        self._ask = ask
+
+    async def __call__(self, scope: Any, receive: Any, send: Any, *args: Any) -> None:
+        asked = False
+
+        async def receive_asking() -> Any:
+            nonlocal asked
+            if not asked:
+                asked = True
+                await self._ask()
+            return await receive()
+
+        await self._app(scope, receive_asking, send, *args)
+
+
+def _h11_init_continue_on_ask(self: Any, *args: Any, **kwargs: Any) -> None:
+    _original_h11_init(self, *args, **kwargs)
+    self.connection = ContinueOnAskConnection(
+        h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
+    )
+
+
+async def _send_continue(protocol: Any) -> None:
+    connection = protocol.connection
+    if not isinstance(connection, ContinueOnAskConnection) or connection.continue_asked:
+        return
+    connection.continue_asked = True
+    if connection.they_are_waiting_for_100_continue:
+        continue_ = h11.InformationalResponse(
+            status_code=100, headers=protocol.config.response_headers("h11")
+        )
+        await protocol._send_h11_event(continue_)
+
+
+async def _create_stream_continue_on_ask(self: Any, request: h11.Request) -> None:
+    if isinstance(self.connection, ContinueOnAskConnection):
+        self.connection.continue_asked = False
+    app = self.app
+    self.app = _AskForContinue(app, lambda: _send_continue(self))
+    try:
+        await _original_create_stream(self, request)
+    finally:
+        self.app = app
+
+
 def patch_h11() -> None:
     """Every h11 connection (Hypercorn's and httpcore's) gets the pass-through buffer."""
     check_versions()
@@ -188,6 +291,8 @@ def patch_hypercorn() -> None:
     _replace(tcp_server.TCPServer, "protocol_send", _cancellable_send)
     _replace(tcp_server.TCPServer, "_read_data", _read_data_then_stop_idle_timer)
     _replace(h11_protocol.H11Protocol, "_check_protocol", _http11_only)
+    _replace(h11_protocol.H11Protocol, "__init__", _h11_init_continue_on_ask)
+    _replace(h11_protocol.H11Protocol, "_create_stream", _create_stream_continue_on_ask)
 
 
 def patch_httpcore() -> None:

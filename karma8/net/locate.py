@@ -13,15 +13,18 @@ command that needs a running cluster (``serve --role storage|gw``, ``nodes``, ``
 
 What the user named comes before the working directory: a ``cluster.json`` left behind by a
 cluster that has stopped must not capture a command pointed elsewhere. The secret is
-``--secret``, ``$KARMA8_SECRET``, the config file's ``secret``, else the secret of the
+``--secret``, ``--secret-file PATH``, ``$KARMA8_SECRET``, ``$KARMA8_SECRET_FILE`` (a path),
+the config file's ``secret``, else the secret of the
 ``cluster.json`` that gave the URL; for a URL given otherwise, that of a candidate
 ``cluster.json`` naming the same discovery, so no cluster's secret is sent to another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ CLUSTER_FILE = "cluster.json"
 DEFAULT_DATA = Path("karma8-data")
 ENV_DISCOVERY = "KARMA8_DISCOVERY"
 ENV_SECRET = "KARMA8_SECRET"
+ENV_SECRET_FILE = "KARMA8_SECRET_FILE"
 
 
 @attrs.frozen(kw_only=True)
@@ -73,14 +77,56 @@ def read_cluster_info(data_dir: Path) -> ClusterInfo | None:
 
 
 def write_cluster_info(data_dir: Path, info: ClusterInfo) -> None:
-    """Write ``cluster.json`` atomically, readable by its owner only (it holds the secret)."""
-    path = data_dir / CLUSTER_FILE
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(attrs.asdict(info), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write ``cluster.json`` atomically, readable by its owner only (it holds the secret).
+
+    A fresh temporary file each time (``mkstemp``: ``O_EXCL``, mode 0600 whatever the umask),
+    so a stale one, whatever its mode, is never reused; fsynced, then renamed over the old.
+    """
+    text = json.dumps(attrs.asdict(info), indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{CLUSTER_FILE}.", suffix=".tmp", dir=data_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, data_dir / CLUSTER_FILE)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_secret_file(path: Path | str) -> str:
+    """The secret in ``path`` (``--secret-file``, ``$KARMA8_SECRET_FILE``), without the
+    whitespace around it. Raises ConfigError if it cannot be read or is empty."""
+    try:
+        secret = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{_shown(Path(path))}: cannot read the secret: {exc}") from None
+    if not secret:
+        raise ConfigError(f"{_shown(Path(path))}: the secret file is empty")
+    return secret
+
+
+def given_secrets(
+    secret: str | None, secret_file: Path | None, environ: Mapping[str, str]
+) -> list[tuple[str | None, str]]:
+    """The secrets given on the command line or in the environment, each with where it came
+    from, first one first: ``--secret``, ``--secret-file``, ``$KARMA8_SECRET``,
+    ``$KARMA8_SECRET_FILE``. A file is read only if nothing before it gave a secret."""
+    given: list[tuple[str | None, str]] = [(secret, "--secret")]
+    sources: list[tuple[str | Path | None, str, bool]] = [
+        (secret_file, "--secret-file", True),
+        (environ.get(ENV_SECRET), f"${ENV_SECRET}", False),
+        (environ.get(ENV_SECRET_FILE), f"${ENV_SECRET_FILE}", True),
+    ]
+    for value, origin, is_file in sources:
+        if is_file and value and not any(s for s, _ in given):
+            given.append((read_secret_file(value), origin))
+        else:
+            given.append((None if is_file or not value else str(value), origin))
+    return given
 
 
 @attrs.frozen(kw_only=True)
@@ -108,6 +154,7 @@ def locate_cluster(
     discovery: str | None,
     secret: str | None,
     environ: Mapping[str, str],
+    secret_file: Path | None = None,
     config_path: Path | None = None,
     config_url: str | None = None,
     config_secret: str | None = None,
@@ -127,8 +174,7 @@ def locate_cluster(
         (config_url, f"discovery_url in {config}"),
     ]
     secrets = [
-        (secret, "--secret"),
-        (environ.get(ENV_SECRET), f"${ENV_SECRET}"),
+        *given_secrets(secret, secret_file, environ),
         (config_secret, f"secret in {config}"),
     ]
     files = _candidate_dirs(data, default_data)

@@ -57,7 +57,7 @@ class ObjectRoutes(ExchangeRoutes[Target]):
 
     def __init__(self, gateway: Gateway, stats: dict[str, int], app: ASGIApp) -> None:
         handlers = {"PUT": self._put, "GET": self._get, "HEAD": self._head, "DELETE": self._delete}
-        super().__init__(app, handlers, log=log)
+        super().__init__(app, handlers, log=log, public=True)
         self._gateway = gateway
         self._stats = stats
 
@@ -130,7 +130,12 @@ class ObjectRoutes(ExchangeRoutes[Target]):
                 await exchange.stream(chunks)
             except Karma8Error as exc:
                 self._stats["read_errors"] += 1
-                log.error("GET %s/%s failed mid-stream: %s", *target, exc.message)
+                log.error(
+                    "GET %s/%s failed mid-stream [request %s]: %s",
+                    *target,
+                    exchange.request_id,
+                    exc.message,
+                )
 
     async def _delete(self, exchange: Exchange, target: Target) -> None:
         await self._gateway.delete(*target)

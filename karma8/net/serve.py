@@ -45,6 +45,7 @@ from karma8.net.locate import ClusterInfo, read_cluster_info, write_cluster_info
 from karma8.net.metasync import GroupCommitRunner
 from karma8.net.storage_app import storage_app
 from karma8.ports import DiscoveryAPI, StorageAPI
+from karma8.store.diskio import private_dir
 from karma8.store.files.store import FilePartStore
 from karma8.store.groupsync import GroupSync, SyncGroups
 
@@ -229,6 +230,7 @@ async def run_discovery(
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Discovery on its own; its rebalancer reaches the nodes over HTTP with the secret."""
+    private_dir(database.parent)
     store = open_metadata(database)
     try:
         async with make_http_client(config.secret) as http:
@@ -245,7 +247,7 @@ async def run_discovery(
 
 def load_node_id(data_dir: Path) -> str:
     """The node's permanent id, created on first start and kept in its data directory."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)
     path = data_dir / NODE_ID_FILE
     if path.exists():
         node_id = path.read_text().strip()
@@ -449,7 +451,7 @@ async def run_cluster(
 
 def _prepare_cluster_dir(config: NetConfig, data_dir: Path) -> tuple[NetConfig, list[Path], str]:
     """The secret (kept across restarts) and the node directories (existing ones first)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)
     config = attrs.evolve(config, secret=config.secret or cluster_secret(data_dir))
     existing = sorted(p for p in data_dir.glob("storage-*") if p.is_dir())
     fresh = [data_dir / f"storage-{i}" for i in range(len(existing), config.storage_nodes)]

@@ -60,6 +60,22 @@ def storage_error(exc: OSError, doing: str) -> Exception:
     return StorageFailure(f"disk error while {doing}: {reason}")
 
 
+# Parts and databases are the users' data: readable by the service's user only. A file is
+# created with FILE_MODE and a directory with DIR_MODE (the umask can only narrow them);
+# an existing directory of ours is narrowed on start by private_dir (docs/operations.md,
+# "File modes").
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def private_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) with :data:`DIR_MODE`, or narrow an existing
+    one to it."""
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    if os.stat(path).st_mode & 0o777 != DIR_MODE:
+        os.chmod(path, DIR_MODE)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
     try:

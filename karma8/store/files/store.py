@@ -15,6 +15,7 @@ import trio
 from karma8.core.errors import IntegrityError, InvalidRequest, NotFound
 from karma8.ports import StoredPart
 from karma8.store.diskio import (
+    DIR_MODE,
     BlockingIO,
     close_quietly,
     fsync_dir,
@@ -193,7 +194,7 @@ class FilePartStore:
 
         def take_out() -> int | None:
             if into is not None:
-                into.mkdir(exist_ok=True)
+                into.mkdir(mode=DIR_MODE, exist_ok=True)
             try:
                 size = os.stat(path).st_size
                 if into is None:

@@ -17,7 +17,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from karma8.core.errors import InvalidRequest, NotFound
-from karma8.store.diskio import O_CLOEXEC, pread_exact
+from karma8.store.diskio import DIR_MODE, O_CLOEXEC, pread_exact, private_dir
 from karma8.store.files.format import HEADER_SIZE, PartHeader, payload_bytes
 
 # Defence in depth: the storage actor validates keys; this only guarantees a key is one plain
@@ -59,9 +59,10 @@ class PartTree:
         self._known_dirs: set[Path] = set()
 
     def make(self) -> None:
-        """Create ``parts/`` and ``tmp/`` if missing."""
-        self.parts.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        """Create the root, ``parts/`` and ``tmp/`` if missing, owner-only (narrowed if
+        they exist: the parts' own directories below are created so)."""
+        for directory in (self.root, self.parts, self.tmp):
+            private_dir(directory)
 
     # -- names ------------------------------------------------------------------------------
 
@@ -100,7 +101,7 @@ class PartTree:
             if directory not in self._known_dirs and not directory.is_dir():
                 new_dirs.append(directory)
                 with suppress(FileExistsError):
-                    directory.mkdir()
+                    directory.mkdir(mode=DIR_MODE)
         return new_dirs
 
     def remember_dirs(self, dirs: tuple[Path, Path]) -> None:

@@ -19,6 +19,7 @@ import trio
 from karma8.core.errors import UploadConflict
 from karma8.ports import StoredPart
 from karma8.store.diskio import (
+    FILE_MODE,
     O_CLOEXEC,
     close_quietly,
     fsync_dir,
@@ -68,7 +69,9 @@ class FilePartWriter:
         """The temporary's descriptor, creating the file first if needed (in a thread:
         allocating an inode takes ext4 hundreds of microseconds while sync rounds run)."""
         if self._fd is None:
-            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC, 0o644)
+            self._fd = os.open(
+                self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC, FILE_MODE
+            )
             self._created = True
         return self._fd
 
