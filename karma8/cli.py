@@ -323,7 +323,20 @@ def _serve(args: argparse.Namespace) -> int:
                 f"  data {info.data_dir}",
                 flush=True,
             )
-            print(f"try: curl -T FILE {info.gateway}/default/hello.txt", flush=True)
+            public = cfg.public(embedded=True)
+            for namespace in public:
+                print(
+                    f"namespace {namespace!r} is public: anyone who can reach"
+                    f" {info.gateway} can read and write it",
+                    flush=True,
+                )
+            print(
+                "a private namespace: karma8 namespace create NAME;"
+                " then karma8 token create NAME --read --write",
+                flush=True,
+            )
+            if public:
+                print(f"try: curl -T FILE {info.gateway}/{public[0]}/hello.txt", flush=True)
         elif role == "discovery":
             data = args.data or DEFAULT_DATA
             data.mkdir(parents=True, exist_ok=True)

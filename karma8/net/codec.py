@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from karma8.core.access import NamespaceInfo, TokenInfo
 from karma8.core.errors import InvalidRequest, Karma8Error
 from karma8.core.layout import StripeLayout
 from karma8.core.model import (
@@ -38,6 +39,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "invalid_name": 400,
     "invalid_request": 400,
     "too_large": 413,
+    "unauthorized": 401,
     "forbidden": 403,
     "precondition_failed": 412,
     "range_not_satisfiable": 416,
@@ -54,6 +56,13 @@ STATUS_BY_CODE: dict[str, int] = {
 
 def error_status(error: Karma8Error) -> int:
     return STATUS_BY_CODE.get(error.code, 500)
+
+
+def error_headers(error: Karma8Error) -> list[tuple[bytes, bytes]]:
+    """Headers an error's response carries: a 401 names the scheme it wants (RFC 6750)."""
+    if error.code == "unauthorized":
+        return [(b"www-authenticate", b'Bearer realm="karma8"')]
+    return []
 
 
 def error_body(error: Karma8Error) -> dict[str, Any]:
@@ -339,4 +348,40 @@ def decode_plan(obj: Json) -> PlanSummary:
         remaining_bytes=_get(obj, "remaining_bytes", int),
         spread_pp=_number(obj, "spread_pp"),
         spread_after_pp=_number(obj, "spread_after_pp"),
+    )
+
+
+def encode_namespace(n: NamespaceInfo) -> Json:
+    return {"name": n.name, "public": n.public, "enabled": n.enabled, "created_at": n.created_at}
+
+
+def decode_namespace(obj: Json) -> NamespaceInfo:
+    return NamespaceInfo(
+        name=_get(obj, "name", str),
+        public=_get(obj, "public", bool),
+        enabled=_get(obj, "enabled", bool),
+        created_at=float(_get(obj, "created_at", (int, float))),
+    )
+
+
+def encode_token(t: TokenInfo) -> Json:
+    """A token's record: never its secret."""
+    return {
+        "token_id": t.token_id,
+        "namespace": t.namespace,
+        "read": t.read,
+        "write": t.write,
+        "created_at": t.created_at,
+        "revoked_at": t.revoked_at,
+    }
+
+
+def decode_token(obj: Json) -> TokenInfo:
+    return TokenInfo(
+        token_id=_get(obj, "token_id", str),
+        namespace=_get(obj, "namespace", str),
+        read=_get(obj, "read", bool),
+        write=_get(obj, "write", bool),
+        created_at=float(_get(obj, "created_at", (int, float))),
+        revoked_at=_get(obj, "revoked_at", (int, float), optional=True),
     )

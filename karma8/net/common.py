@@ -9,7 +9,7 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
 from karma8.core.errors import InvalidRequest, Karma8Error
-from karma8.net.codec import error_body, error_status
+from karma8.net.codec import error_body, error_headers, error_status
 from karma8.net.exchange import METHOD_NOT_ALLOWED, SECRET_HEADER, check_secret, int_value
 
 log = logging.getLogger("karma8.net")
@@ -28,8 +28,9 @@ def create_app(name: str, *, secret: str | None) -> QuartTrio:
     app.config["RESPONSE_TIMEOUT"] = None
 
     @app.errorhandler(Karma8Error)
-    async def karma8_error(error: Karma8Error) -> tuple[Response, int]:
-        return jsonify(error_body(error)), error_status(error)
+    async def karma8_error(error: Karma8Error) -> tuple[Response, int, dict[str, str]]:
+        headers = {k.decode(): v.decode() for k, v in error_headers(error)}
+        return jsonify(error_body(error)), error_status(error), headers
 
     @app.errorhandler(404)
     async def no_route(_: Exception) -> tuple[Response, int]:

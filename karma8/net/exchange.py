@@ -37,7 +37,7 @@ import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
 from karma8.core.errors import Forbidden, InvalidRequest, Karma8Error
-from karma8.net.codec import error_body, error_status
+from karma8.net.codec import error_body, error_headers, error_status
 
 ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
@@ -273,7 +273,7 @@ class ExchangeRoutes(Generic[T]):
             if exchange.gone or exchange.started:
                 self._log.info("%s %s ended early: %s", scope["method"], scope["path"], exc.message)
             else:
-                await exchange.answer_json(error_status(exc), error_body(exc))
+                await exchange.answer_json(error_status(exc), error_body(exc), error_headers(exc))
         except Exception:
             self._log.exception("unhandled error in %s %s", scope["method"], scope["path"])
             if not exchange.started:
