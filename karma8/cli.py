@@ -6,6 +6,8 @@ karma8 nodes [--json]                 storage nodes as discovery sees them, and 
 karma8 stat NAMESPACE/NAME [--json]   a file's version, layout and parts
 karma8 scrub [--json]                 verify every part on every node now
 karma8 rebalance [--dry-run] [--json] rebalance now, or show the next round's plan
+karma8 namespace create NAME [--public] | list | disable NAME
+karma8 token create NAMESPACE [--read] [--write] | list [NAMESPACE] | revoke ID
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import trio
 from karma8.core.errors import Karma8Error, Unavailable
 from karma8.core.tomlconf import ConfigError
 from karma8.core.units import parse_size
+from karma8.net.access_admin import add_access_commands, run_access
 from karma8.net.locate import DEFAULT_DATA, ENV_SECRET, ClusterRef, locate_cluster
 from karma8.sim.fillseries import DEFAULT_INTERVAL
 from karma8.sim.report import render_json, render_text
@@ -121,16 +124,22 @@ def _parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="show the next round's moves per node; move nothing",
             )
-        admin.add_argument("--discovery", help="discovery URL (or KARMA8_DISCOVERY)")
-        admin.add_argument("--secret", help="cluster secret (or KARMA8_SECRET)")
-        admin.add_argument("--config", type=Path, help="TOML file with discovery_url and secret")
-        admin.add_argument(
-            "--data",
-            type=Path,
-            help=f"the embedded cluster's directory, holding cluster.json (else ./{DEFAULT_DATA})",
-        )
-        admin.add_argument("--json", action="store_true", help="print JSON")
+        _cluster_args(admin)
+    add_access_commands(commands, _cluster_args)
     return parser
+
+
+def _cluster_args(admin: argparse.ArgumentParser) -> None:
+    """The options of an admin command: where the cluster is, and --json."""
+    admin.add_argument("--discovery", help="discovery URL (or KARMA8_DISCOVERY)")
+    admin.add_argument("--secret", help="cluster secret (or KARMA8_SECRET)")
+    admin.add_argument("--config", type=Path, help="TOML file with discovery_url and secret")
+    admin.add_argument(
+        "--data",
+        type=Path,
+        help=f"the embedded cluster's directory, holding cluster.json (else ./{DEFAULT_DATA})",
+    )
+    admin.add_argument("--json", action="store_true", help="print JSON")
 
 
 # -- sim ---------------------------------------------------------------------------------
@@ -452,6 +461,11 @@ def _admin(args: argparse.Namespace) -> int:
                 return EXIT_FAILED
         elif args.command == "rebalance":
             _rebalance(args, url, secret)
+        elif args.command in ("namespace", "token"):
+            out, note = run_access(args, url, secret)
+            print(out)
+            if note is not None:
+                print(f"karma8 {args.command} {args.action}: {note}", file=sys.stderr)
         else:
             namespace, sep, name = args.path.partition("/")
             if not sep or not name:
