@@ -3,7 +3,9 @@ the public API's 401/403/404 on real sockets."""
 
 from __future__ import annotations
 
+import json
 import random
+import socket
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +16,7 @@ import trio
 
 from karma8.actors.discovery import Discovery, DiscoveryConfig
 from karma8.actors.gateway import Gateway, GatewayConfig
+from karma8.cli import main
 from karma8.core.access import (
     AccessCache,
     Right,
@@ -390,3 +393,76 @@ async def test_discovery_namespace_and_token_routes(net: NetDriver) -> None:
     assert none.status_code == 400
     unknown_arg = await internal.get(f"{net._discovery_url}/v1/tokens?namespce=pub")
     assert unknown_arg.status_code == 400
+
+
+# -- the commands ----------------------------------------------------------------------
+
+
+async def _karma8(net: NetDriver, *args: str) -> int:
+    at = ["--discovery", net._discovery_url, "--secret", net._config.secret or ""]
+    status: int = await trio.to_thread.run_sync(main, [*args, *at])
+    return status
+
+
+async def test_namespace_and_token_commands(
+    net: NetDriver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await _karma8(net, "namespace", "create", "team") == 0
+    assert "team" in capsys.readouterr().out
+    assert await _karma8(net, "namespace", "list", "--json") == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {n["name"]: n["public"] for n in listed} == {
+        "default": False,
+        "open": True,
+        "team": False,
+    }
+    assert await _karma8(net, "token", "create", "team", "--read") == 0
+    out, err = capsys.readouterr()
+    token = out.strip()
+    assert parse_token(token) is not None
+    assert "not shown again" in err
+    await net._discovery.check_access(namespace="team", token=token, right=Right.READ)
+    assert await _karma8(net, "token", "list", "team") == 0
+    table = capsys.readouterr().out
+    token_id = token.split("_")[1]
+    assert token_id in table
+    assert token.split("_")[2] not in table
+    assert "read" in table
+    assert await _karma8(net, "token", "revoke", token_id, "--json") == 0
+    assert json.loads(capsys.readouterr().out)[0]["revoked_at"] is not None
+    with pytest.raises(Unauthorized):
+        await net._discovery.check_access(namespace="team", token=token, right=Right.READ)
+    assert await _karma8(net, "namespace", "disable", "team") == 0
+    assert "disabled" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "needle"),
+    [
+        (["token", "create", "default"], 2, "give --read, --write or both"),
+        (["token", "create", "nope", "--read"], 1, "namespace 'nope' does not exist"),
+        (["token", "revoke", "nope"], 1, "token 'nope' does not exist"),
+        (["namespace", "create", "bad name"], 1, "invalid"),
+        (["namespace", "create", "open"], 1, "already exists and is public"),
+        (["namespace", "disable", "nope"], 1, "does not exist"),
+    ],
+)
+async def test_commands_refuse_bad_input_clearly(
+    net: NetDriver, capsys: pytest.CaptureFixture[str], args: list[str], status: int, needle: str
+) -> None:
+    assert await _karma8(net, *args) == status
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert needle in err.lower()
+    assert "Traceback" not in err
+
+
+def test_commands_say_when_discovery_is_unreachable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        args = ["token", "list", "--discovery", f"http://127.0.0.1:{port}", "--secret", "s"]
+        assert main(args) == 1
+    assert "cannot reach discovery at" in capsys.readouterr().err

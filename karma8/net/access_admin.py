@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from karma8.core.access import NamespaceInfo, TokenInfo
-from karma8.core.errors import InvalidRequest
+from karma8.core.tomlconf import ConfigError
 from karma8.net.codec import encode_namespace, encode_token
 
 NOT_SHOWN_AGAIN = (
@@ -57,7 +57,7 @@ def add_access_commands(
 def run_access(args: argparse.Namespace, url: str, secret: str | None) -> tuple[str, str | None]:
     """Run ``karma8 namespace|token ACTION``: what to print on stdout, and on stderr."""
     if args.command == "token" and args.action == "create" and not (args.read or args.write):
-        raise InvalidRequest("give --read, --write or both")
+        raise ConfigError("give --read, --write or both")
     result = trio.run(_call, args, url, secret)
     as_json = args.json
     if isinstance(result, tuple):  # token create
