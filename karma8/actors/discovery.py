@@ -268,10 +268,13 @@ class Discovery:
 
     async def check_access(self, *, namespace: str, token: str | None, right: Right) -> None:
         check_namespace(namespace)
-        parsed = parse_token(token) if token is not None else None
-        token_id, secret_hash = (parsed[0], hash_secret(parsed[1])) if parsed else (None, None)
-        if token is not None and parsed is None:
-            token_id, secret_hash = "", ""  # malformed: no such token
+        token_id: str | None = None
+        secret_hash: str | None = None
+        if token is not None:
+            parsed = parse_token(token)
+            # A malformed token is looked up as the empty id, which no token has: 401.
+            token_id, secret = parsed if parsed is not None else ("", "")
+            secret_hash = hash_secret(secret)
         await self._blocking(
             lambda: self._store.check_access(namespace, token_id, secret_hash, right)
         )
