@@ -6,6 +6,8 @@ karma8 nodes [--json]                 storage nodes as discovery sees them, and 
 karma8 stat NAMESPACE/NAME [--json]   a file's version, layout and parts
 karma8 scrub [--json]                 verify every part on every node now
 karma8 rebalance [--dry-run] [--json] rebalance now, or show the next round's plan
+karma8 namespace create NAME [--public] | list | disable NAME
+karma8 token create NAMESPACE [--read] [--write] | list [NAMESPACE] | revoke ID
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import trio
 from karma8.core.errors import Karma8Error, Unavailable
 from karma8.core.tomlconf import ConfigError
 from karma8.core.units import parse_size
+from karma8.net.access_admin import add_access_commands, run_access
 from karma8.net.locate import DEFAULT_DATA, ClusterRef, given_secrets, locate_cluster
 from karma8.sim.fillseries import DEFAULT_INTERVAL
 from karma8.sim.report import render_json, render_text
@@ -124,17 +127,23 @@ def _parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="show the next round's moves per node; move nothing",
             )
-        admin.add_argument("--discovery", help="discovery URL (or KARMA8_DISCOVERY)")
-        admin.add_argument("--secret", help=SECRET_HELP)
-        admin.add_argument("--secret-file", type=Path, metavar="PATH", help=SECRET_FILE_HELP)
-        admin.add_argument("--config", type=Path, help="TOML file with discovery_url and secret")
-        admin.add_argument(
-            "--data",
-            type=Path,
-            help=f"the embedded cluster's directory, holding cluster.json (else ./{DEFAULT_DATA})",
-        )
-        admin.add_argument("--json", action="store_true", help="print JSON")
+        _cluster_args(admin)
+    add_access_commands(commands, _cluster_args)
     return parser
+
+
+def _cluster_args(admin: argparse.ArgumentParser) -> None:
+    """The options of an admin command: where the cluster is, and --json."""
+    admin.add_argument("--discovery", help="discovery URL (or KARMA8_DISCOVERY)")
+    admin.add_argument("--secret", help=SECRET_HELP)
+    admin.add_argument("--secret-file", type=Path, metavar="PATH", help=SECRET_FILE_HELP)
+    admin.add_argument("--config", type=Path, help="TOML file with discovery_url and secret")
+    admin.add_argument(
+        "--data",
+        type=Path,
+        help=f"the embedded cluster's directory, holding cluster.json (else ./{DEFAULT_DATA})",
+    )
+    admin.add_argument("--json", action="store_true", help="print JSON")
 
 
 # -- sim ---------------------------------------------------------------------------------
@@ -331,7 +340,20 @@ def _serve(args: argparse.Namespace) -> int:
                 f"  data {info.data_dir}",
                 flush=True,
             )
-            print(f"try: curl -T FILE {info.gateway}/default/hello.txt", flush=True)
+            public = cfg.public(embedded=True)
+            for namespace in public:
+                print(
+                    f"namespace {namespace!r} is public: anyone who can reach"
+                    f" {info.gateway} can read and write it",
+                    flush=True,
+                )
+            print(
+                "a private namespace: karma8 namespace create NAME;"
+                " then karma8 token create NAME --read --write",
+                flush=True,
+            )
+            if public:
+                print(f"try: curl -T FILE {info.gateway}/{public[0]}/hello.txt", flush=True)
         elif role == "discovery":
             data = args.data or DEFAULT_DATA
             data.mkdir(parents=True, exist_ok=True)
@@ -447,6 +469,11 @@ def _admin(args: argparse.Namespace) -> int:
                 return EXIT_FAILED
         elif args.command == "rebalance":
             _rebalance(args, url, secret)
+        elif args.command in ("namespace", "token"):
+            out, note = run_access(args, url, secret)
+            print(out)
+            if note is not None:
+                print(f"karma8 {args.command} {args.action}: {note}", file=sys.stderr)
         else:
             namespace, sep, name = args.path.partition("/")
             if not sep or not name:

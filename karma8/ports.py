@@ -16,6 +16,7 @@ from typing import Protocol, TypeVar
 
 import attrs
 
+from karma8.core.access import NamespaceInfo, Right, TokenInfo
 from karma8.core.layout import StripeLayout
 from karma8.core.model import (
     FileEntry,
@@ -106,7 +107,32 @@ class DiscoveryAPI(Protocol):
         self, *, namespace: str, prefix: str, after: str, limit: int
     ) -> list[FileEntry]: ...
 
-    async def create_namespace(self, *, namespace: str) -> None: ...
+    async def create_namespace(self, *, namespace: str, public: bool = False) -> NamespaceInfo:
+        """Create a namespace (idempotent; enables a disabled one). Raises InvalidName,
+        InvalidRequest if it exists with the other ``public``."""
+        ...
+
+    async def list_namespaces(self) -> list[NamespaceInfo]: ...
+
+    async def disable_namespace(self, *, namespace: str) -> NamespaceInfo:
+        """No more reads or writes there (404); files and tokens are kept. Raises NotFound."""
+        ...
+
+    async def create_token(
+        self, *, namespace: str, read: bool, write: bool
+    ) -> tuple[str, TokenInfo]:
+        """A new token and what it grants; the token text is returned only here."""
+        ...
+
+    async def list_tokens(self, *, namespace: str | None = None) -> list[TokenInfo]: ...
+
+    async def revoke_token(self, *, token_id: str) -> TokenInfo: ...
+
+    async def check_access(self, *, namespace: str, token: str | None, right: Right) -> None:
+        """Raise unless ``token`` (None: anonymous) may ``right`` in ``namespace``: NotFound
+        (no such namespace, or disabled), Unauthorized (no token, an unknown, wrong or
+        revoked one), Forbidden (another namespace's token, or one without the right)."""
+        ...
 
     async def register_node(self, registration: NodeRegistration) -> None: ...
 
@@ -255,9 +281,34 @@ class PartStore(Protocol):
 class MetadataStore(Protocol):
     """Discovery's durable state. Every method is one short, atomic transaction."""
 
-    def create_namespace(self, namespace: str, now: float) -> None: ...
+    def create_namespace(self, namespace: str, now: float, *, public: bool = False) -> None: ...
+
+    def add_namespace(self, namespace: str, now: float, *, public: bool) -> NamespaceInfo: ...
+
+    def disable_namespace(self, namespace: str) -> NamespaceInfo: ...
+
+    def list_namespaces(self) -> list[NamespaceInfo]: ...
 
     def namespace_exists(self, namespace: str) -> bool: ...
+
+    def add_token(
+        self,
+        *,
+        token_id: str,
+        namespace: str,
+        read: bool,
+        write: bool,
+        secret_hash: str,
+        now: float,
+    ) -> TokenInfo: ...
+
+    def list_tokens(self, namespace: str | None = None) -> list[TokenInfo]: ...
+
+    def revoke_token(self, token_id: str, now: float) -> TokenInfo: ...
+
+    def check_access(
+        self, namespace: str, token_id: str | None, secret_hash: str | None, right: Right
+    ) -> None: ...
 
     def upsert_node(
         self, registration: NodeRegistration, now: float, *, suspect_for: float = 0.0

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from karma8.net.locate import ClusterInfo, write_cluster_info
@@ -226,15 +227,24 @@ def test_one_process_per_role(tmp_path: Path) -> None:
                 cwd=tmp_path,
             ) as gateway:
                 base = gateway.match.group(1)
+                # A discovery of its own makes no namespace public: tokens, by command.
+                admin = ["--discovery", url, *env_secret]
+                refused = curl("-i", "-X", "PUT", "-d", "x", f"{base}/default/a/b/c")
+                assert b"401" in refused.stdout.split(b"\r\n", 1)[0]
+                assert b'www-authenticate: bearer realm="karma8"' in refused.stdout.lower()
+                token = karma8(
+                    "token", "create", "default", "--read", "--write", *admin, cwd=tmp_path
+                )
+                auth = ["-H", f"Authorization: Bearer {token.strip()}"]
                 src = tmp_path / "file"
                 src.write_bytes(os.urandom(2_000_003))
-                assert curl("-T", str(src), f"{base}/default/a/b/c").returncode == 0
+                assert curl(*auth, "-T", str(src), f"{base}/default/a/b/c").returncode == 0
                 out = tmp_path / "out"
-                assert curl("-o", str(out), f"{base}/default/a/b/c").returncode == 0
+                assert curl(*auth, "-o", str(out), f"{base}/default/a/b/c").returncode == 0
                 assert out.read_bytes() == src.read_bytes()
-                head = curl("-I", f"{base}/default/a/b/c").stdout.decode()
+                head = curl(*auth, "-I", f"{base}/default/a/b/c").stdout.decode()
                 assert "content-length: 2000003" in head.lower()
-                listing = json.loads(curl(f"{base}/default/?prefix=a/").stdout)
+                listing = json.loads(curl(*auth, f"{base}/default/?prefix=a/").stdout)
                 assert [f["name"] for f in listing["files"]] == ["a/b/c"]
                 # The internal APIs refuse requests without the cluster secret.
                 denied = curl(f"{url}/v1/nodes")
@@ -243,6 +253,55 @@ def test_one_process_per_role(tmp_path: Path) -> None:
         finally:
             for node in nodes:
                 node.stop()
+
+
+def test_private_namespace_with_tokens_by_command(tmp_path: Path) -> None:
+    """The embedded cluster: a private namespace and its tokens made with ``karma8``, then
+    a write token writes, a read token reads, and nothing passes without the right one."""
+    config = tmp_path / "karma8.toml"
+    config.write_text(FAST)
+    data = tmp_path / "data"
+    cluster = Service(
+        ["serve", "--data", str(data), "--config", str(config)],
+        r"gateway (http://\S+)[\s\S]*namespace 'default' is public",
+        tmp_path / "cluster.log",
+        cwd=tmp_path,
+    )
+    try:
+        base = cluster.match.group(1)
+        at = ["--data", str(data)]
+        karma8("namespace", "create", "team", *at, cwd=tmp_path)
+        listed = json.loads(karma8("namespace", "list", "--json", *at, cwd=tmp_path))
+        assert {n["name"]: n["public"] for n in listed} == {"default": True, "team": False}
+        writer = karma8("token", "create", "team", "--write", *at, cwd=tmp_path).strip()
+        reader = karma8("token", "create", "team", "--read", *at, cwd=tmp_path).strip()
+        with httpx.Client(base_url=base, timeout=30) as http:
+            url = "/team/report.txt"
+            assert http.put(url, content=b"secret data").status_code == 401
+            put = http.put(url, content=b"secret data", headers=_bearer(reader))
+            assert put.status_code == 403
+            assert http.put(url, content=b"secret data", headers=_bearer(writer)).status_code == 201
+            assert http.get(url).status_code == 401
+            assert http.get(url, headers=_bearer(writer)).status_code == 403
+            got = http.get(url, headers=_bearer(reader))
+            assert (got.status_code, got.content) == (200, b"secret data")
+            assert http.get("/default/anyone.txt").status_code == 404  # public: no 401
+            assert http.put("/nope/x", headers=_bearer(writer), content=b"x").status_code == 404
+        tokens = json.loads(karma8("token", "list", "team", "--json", *at, cwd=tmp_path))
+        assert sorted(t["read"] for t in tokens) == [False, True]
+        assert all("secret" not in json.dumps(t) and writer not in json.dumps(t) for t in tokens)
+        (reader_id,) = [t["token_id"] for t in tokens if t["read"]]
+        karma8("token", "revoke", reader_id, *at, cwd=tmp_path)
+        revoked = json.loads(karma8("token", "list", "--json", *at, cwd=tmp_path))
+        assert [t["revoked_at"] is not None for t in revoked if t["token_id"] == reader_id] == [
+            True
+        ]
+    finally:
+        assert cluster.stop() == 0
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
 
 
 def test_a_stale_cluster_file_in_the_working_directory_does_not_win(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ retire_grace = 0.2
 sweep_interval = 0.2
 upload_ttl = 6.0
 stripe_unit = "1 MiB"
+public_namespaces = ["default"]
 """
 
 

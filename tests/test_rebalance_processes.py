@@ -35,6 +35,7 @@ node_timeout = 10.0
 retire_grace = 1.0
 sweep_interval = 0.2
 upload_ttl = 10.0
+public_namespaces = ["default"]
 
 [rebalance]
 interval = 0.5

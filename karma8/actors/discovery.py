@@ -1,4 +1,5 @@
-"""The discovery actor: namespaces, storage nodes, file versions and their parts.
+"""The discovery actor: namespaces and their tokens, storage nodes, file versions and their
+parts.
 
 Discovery is the one place that decides where parts go and which version of a file is current.
 Uploads are two-phase: :meth:`Discovery.begin_upload` creates a PENDING version with its
@@ -18,10 +19,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 
 import attrs
 import trio
 
+from karma8.core.access import (
+    NamespaceInfo,
+    Right,
+    TokenInfo,
+    format_token,
+    hash_secret,
+    parse_token,
+)
 from karma8.core.errors import InvalidRequest, NotFound, TooLarge
 from karma8.core.layout import DEFAULT_MAX_FILE_SIZE, StripeLayout
 from karma8.core.model import (
@@ -68,6 +78,9 @@ class DiscoveryConfig:
     garbage_batch: int = 1000
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     namespaces: tuple[str, ...] = ("default",)
+    # Those of ``namespaces`` anyone may read and write without a token (made public at
+    # start-up if they were not).
+    public_namespaces: tuple[str, ...] = ()
 
 
 class Discovery:
@@ -90,12 +103,18 @@ class Discovery:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Create the configured namespaces, then sweep until cancelled."""
+        now = self._clock.now()
         for namespace in self.config.namespaces:
-            await self.create_namespace(namespace=namespace)
+            check_namespace(namespace)
+            await self._blocking(partial(self._ensure_namespace, namespace, now))
         task_status.started()
         while True:
             await trio.sleep(self.config.sweep_interval)
             await self.sweep()
+
+    def _ensure_namespace(self, namespace: str, now: float) -> None:
+        public = namespace in self.config.public_namespaces
+        self._store.create_namespace(namespace, now, public=public)
 
     async def sweep(self) -> None:
         """Abort expired uploads and part moves, mark silent nodes unavailable (idempotent)."""
@@ -200,10 +219,65 @@ class Discovery:
             lambda: self._store.list_files(namespace, prefix=prefix, after=after, limit=limit)
         )
 
-    async def create_namespace(self, *, namespace: str) -> None:
+    # -- namespaces and tokens (see karma8.core.access) ----------------------------------
+
+    async def create_namespace(self, *, namespace: str, public: bool = False) -> NamespaceInfo:
         check_namespace(namespace)
         now = self._clock.now()
-        await self._blocking(lambda: self._store.create_namespace(namespace, now))
+        return await self._blocking(
+            lambda: self._store.add_namespace(namespace, now, public=public)
+        )
+
+    async def list_namespaces(self) -> list[NamespaceInfo]:
+        return await self._blocking(self._store.list_namespaces)
+
+    async def disable_namespace(self, *, namespace: str) -> NamespaceInfo:
+        check_namespace(namespace)
+        return await self._blocking(lambda: self._store.disable_namespace(namespace))
+
+    async def create_token(
+        self, *, namespace: str, read: bool, write: bool
+    ) -> tuple[str, TokenInfo]:
+        check_namespace(namespace)
+        token_id = self._ids.new_id()
+        secret = self._ids.new_id() + self._ids.new_id()
+        now = self._clock.now()
+        info = await self._blocking(
+            lambda: self._store.add_token(
+                token_id=token_id,
+                namespace=namespace,
+                read=read,
+                write=write,
+                secret_hash=hash_secret(secret),
+                now=now,
+            )
+        )
+        log.info("token %s created for namespace %s (%s)", token_id, namespace, info.rights)
+        return format_token(token_id, secret), info
+
+    async def list_tokens(self, *, namespace: str | None = None) -> list[TokenInfo]:
+        if namespace is not None:
+            check_namespace(namespace)
+        return await self._blocking(lambda: self._store.list_tokens(namespace))
+
+    async def revoke_token(self, *, token_id: str) -> TokenInfo:
+        now = self._clock.now()
+        info = await self._blocking(lambda: self._store.revoke_token(token_id, now))
+        log.info("token %s of namespace %s revoked", token_id, info.namespace)
+        return info
+
+    async def check_access(self, *, namespace: str, token: str | None, right: Right) -> None:
+        check_namespace(namespace)
+        token_id: str | None = None
+        secret_hash: str | None = None
+        if token is not None:
+            parsed = parse_token(token)
+            # A malformed token is looked up as the empty id, which no token has: 401.
+            token_id, secret = parsed if parsed is not None else ("", "")
+            secret_hash = hash_secret(secret)
+        await self._blocking(
+            lambda: self._store.check_access(namespace, token_id, secret_hash, right)
+        )
 
     # -- nodes ----------------------------------------------------------------------------
 

@@ -1,5 +1,9 @@
 """The gateway actor: the public face of karma8.
 
+Access
+    Every request is first :meth:`Gateway.authorize`-d: discovery checks the namespace and the
+    token (:mod:`karma8.core.access`); positive answers are cached for a few seconds.
+
 PUT
     ``begin_upload`` at discovery (a pending version and 5 placed nodes), then the body flows
     through a :class:`StripeSplitter` into 5 bounded channels, one per part, each drained by a
@@ -41,6 +45,7 @@ from contextlib import AsyncExitStack, asynccontextmanager, suppress
 import attrs
 import trio
 
+from karma8.core.access import AccessCache, Right, cache_key
 from karma8.core.errors import (
     DiskFull,
     IntegrityError,
@@ -70,6 +75,9 @@ class GatewayConfig:
     cleanup_timeout: float = 30.0
     # How many times one part moves to another node when its node fails before taking bytes.
     part_retries: int = 2
+    # Seconds a positive access answer is reused without asking discovery: a revoked token
+    # or a disabled namespace is refused within this long. 0: ask every time.
+    access_cache_ttl: float = 5.0
 
 
 def primary_error(group: BaseExceptionGroup[BaseException]) -> Karma8Error | None:
@@ -102,6 +110,21 @@ class Gateway:
         self._discovery = discovery
         self._storage = storage
         self._config = config
+        self._access = AccessCache(config.access_cache_ttl)
+
+    async def authorize(self, namespace: str, token: str | None, right: Right) -> None:
+        """Raise unless ``token`` (None: anonymous) may ``right`` in ``namespace``.
+
+        Called before a request's body is read. Positive answers are kept for
+        ``access_cache_ttl`` seconds; refusals are not. Raises InvalidName, NotFound,
+        Unauthorized, Forbidden (see :meth:`karma8.ports.DiscoveryAPI.check_access`).
+        """
+        check_namespace(namespace)
+        key = cache_key(namespace, token, right)
+        if self._access.allows(key, trio.current_time()):
+            return
+        await self._discovery.check_access(namespace=namespace, token=token, right=right)
+        self._access.remember(key, trio.current_time())
 
     # -- PUT ------------------------------------------------------------------------------
 

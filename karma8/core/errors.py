@@ -45,8 +45,16 @@ class TooLarge(Karma8Error):
     code = "too_large"
 
 
+class Unauthorized(Karma8Error):
+    """No valid credentials: a private namespace without a token, or an unknown, wrong or
+    revoked token."""
+
+    code = "unauthorized"
+
+
 class Forbidden(Karma8Error):
-    """The caller may not do this (wrong token, disabled namespace)."""
+    """The caller may not do this: a token without the right, or of another namespace; a
+    wrong cluster secret."""
 
     code = "forbidden"
 
@@ -113,6 +121,7 @@ ERROR_TYPES: dict[str, type[Karma8Error]] = {
         InvalidName,
         InvalidRequest,
         TooLarge,
+        Unauthorized,
         Forbidden,
         PreconditionFailed,
         RangeNotSatisfiable,

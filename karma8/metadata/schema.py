@@ -1,10 +1,12 @@
-"""Discovery's SQLite schema: namespaces, nodes, versions and parts, and part moves.
+"""Discovery's SQLite schema: namespaces and their tokens, nodes, versions and parts, and
+part moves.
 
 The partial unique index ``one_committed`` makes "at most one committed version per name" a
 property of the schema; node load is kept as counters on the node row (see
 :mod:`karma8.metadata.sqlite`). ``moves`` holds the part copies under way (one per part at
 most); ``stale_copies`` the copies a move left behind, deleted like garbage once readers are
-done (see :mod:`karma8.metadata.moves`).
+done (see :mod:`karma8.metadata.moves`). ``tokens`` holds each token's sha256 of its secret,
+never the secret (see :mod:`karma8.metadata.access`).
 """
 
 import sqlite3
@@ -13,8 +15,19 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS namespaces (
     name        TEXT PRIMARY KEY,
     created_at  REAL NOT NULL,
-    enabled     INTEGER NOT NULL DEFAULT 1
+    enabled     INTEGER NOT NULL DEFAULT 1,
+    public      INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id    TEXT PRIMARY KEY,
+    namespace   TEXT NOT NULL REFERENCES namespaces(name),
+    can_read    INTEGER NOT NULL,
+    can_write   INTEGER NOT NULL,
+    secret_hash TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    revoked_at  REAL
+);
+CREATE INDEX IF NOT EXISTS tokens_by_namespace ON tokens(namespace);
 CREATE TABLE IF NOT EXISTS nodes (
     node_id         TEXT PRIMARY KEY,
     url             TEXT NOT NULL,
@@ -86,6 +99,9 @@ CREATE TABLE IF NOT EXISTS counters (
 
 def add_missing_columns(db: sqlite3.Connection) -> None:
     """Bring a database created by an older karma8 up to the schema (columns added later)."""
+    namespace_columns = {r[1] for r in db.execute("PRAGMA table_info(namespaces)")}
+    if "public" not in namespace_columns:  # namespaces before access control: private
+        db.execute("ALTER TABLE namespaces ADD COLUMN public INTEGER NOT NULL DEFAULT 0")
     columns = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
     if "failed_at" not in columns:
         db.execute("ALTER TABLE nodes ADD COLUMN failed_at REAL")

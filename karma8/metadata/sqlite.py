@@ -47,32 +47,13 @@ from karma8.core.model import (
 from karma8.core.placement import NodeLoad
 from karma8.core.rebalance import MovablePart, NodeFill
 from karma8.metadata import moves
-from karma8.metadata.database import SqliteDatabase
+from karma8.metadata.access import NamespaceStore
 from karma8.metadata.rows import committed_id, load_version, node_load, node_status
 
 
-class SqliteMetadataStore(SqliteDatabase):
-    """The :class:`karma8.ports.MetadataStore` on SQLite."""
-
-    # -- namespaces -----------------------------------------------------------------------
-
-    def create_namespace(self, namespace: str, now: float) -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO namespaces(name, created_at) VALUES (?, ?)",
-                (namespace, now),
-            )
-
-    def namespace_exists(self, namespace: str) -> bool:
-        row = self._db.execute(
-            "SELECT enabled FROM namespaces WHERE name = ?", (namespace,)
-        ).fetchone()
-        return row is not None and bool(row["enabled"])
-
-    def _require_namespace(self, db: sqlite3.Connection, namespace: str) -> None:
-        row = db.execute("SELECT enabled FROM namespaces WHERE name = ?", (namespace,)).fetchone()
-        if row is None or not row["enabled"]:
-            raise NotFound(f"namespace {namespace!r} does not exist")
+class SqliteMetadataStore(NamespaceStore):
+    """The :class:`karma8.ports.MetadataStore` on SQLite (namespaces and tokens:
+    :class:`karma8.metadata.access.NamespaceStore`)."""
 
     # -- nodes ----------------------------------------------------------------------------
 

@@ -126,7 +126,7 @@ def plan_text(plan: PlanSummary, report: RebalanceReport) -> str:
     return "\n".join(
         (
             "dry run: nothing moved",
-            _table(rows),
+            table(rows),
             f"next round: {plan.moves} moves, {format_size(plan.move_bytes)};"
             f" fill spread {plan.spread_pp:.2f} pp now, {plan.spread_after_pp:.2f} pp after",
             f"remaining {format_size(plan.remaining_bytes)}"
@@ -153,7 +153,7 @@ def nodes_table(nodes: list[NodeStatus]) -> str:
     raw = sum(n.capacity_bytes for n in nodes)
     usable = usable_capacity([n.capacity_bytes for n in nodes])
     return (
-        _table(rows)
+        table(rows)
         + f"\nusable capacity {format_size(usable)} of {format_size(raw)}"
         + " (5 parts of a file on 5 distinct nodes: a node can hold at most a fifth)"
     )
@@ -175,10 +175,10 @@ def version_table(version: FileVersion) -> str:
     rows = [("PART", "NODE", "SIZE", "CHECKSUM (sha256)")]
     for p in version.parts:
         rows.append((str(p.index), p.node.node_id, str(p.size), p.checksum or "-"))
-    return "\n".join(head) + _table(rows)
+    return "\n".join(head) + table(rows)
 
 
-def _table(rows: Sequence[Sequence[str]]) -> str:
+def table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -211,4 +211,4 @@ def scrub_table(results: list[dict[str, Any]]) -> str:
             rows.append((r["node_id"], "-", f"error: {r['error']}"))
         else:
             rows.append((r["node_id"], str(r["checked"]), ", ".join(r["corrupt"]) or "none"))
-    return _table(rows)
+    return table(rows)

@@ -19,6 +19,7 @@ from urllib.parse import quote
 import httpx
 import trio
 
+from karma8.core.access import NamespaceInfo, Right, TokenInfo
 from karma8.core.errors import IntegrityError, Karma8Error, Unavailable, error_from_code
 from karma8.core.model import (
     FileEntry,
@@ -188,8 +189,38 @@ class HttpDiscoveryClient(_Http):
         )
         return [decode(e, FileEntry) for e in result["files"]]
 
-    async def create_namespace(self, *, namespace: str) -> None:
-        await self._json("PUT", f"/v1/namespaces/{_path(namespace)}")
+    async def create_namespace(self, *, namespace: str, public: bool = False) -> NamespaceInfo:
+        body = {"public": public}
+        path = f"/v1/namespaces/{_path(namespace)}"
+        return decode(await self._json("PUT", path, json=body), NamespaceInfo)
+
+    async def list_namespaces(self) -> list[NamespaceInfo]:
+        result = await self._json("GET", "/v1/namespaces")
+        return [decode(n, NamespaceInfo) for n in result["namespaces"]]
+
+    async def disable_namespace(self, *, namespace: str) -> NamespaceInfo:
+        path = f"/v1/namespaces/{_path(namespace)}/disable"
+        return decode(await self._json("POST", path), NamespaceInfo)
+
+    async def create_token(
+        self, *, namespace: str, read: bool, write: bool
+    ) -> tuple[str, TokenInfo]:
+        body = {"namespace": namespace, "read": read, "write": write}
+        result = await self._json("POST", "/v1/tokens", json=body)
+        token = result.pop("token")
+        return str(token), decode(result, TokenInfo)
+
+    async def list_tokens(self, *, namespace: str | None = None) -> list[TokenInfo]:
+        params = {"namespace": namespace} if namespace is not None else {}
+        result = await self._json("GET", "/v1/tokens", params=params)
+        return [decode(t, TokenInfo) for t in result["tokens"]]
+
+    async def revoke_token(self, *, token_id: str) -> TokenInfo:
+        return decode(await self._json("POST", f"/v1/tokens/{_path(token_id)}/revoke"), TokenInfo)
+
+    async def check_access(self, *, namespace: str, token: str | None, right: Right) -> None:
+        body = {"namespace": namespace, "token": token, "right": right.value}
+        await self._json("POST", "/v1/access", json=body)
 
     async def register_node(self, registration: NodeRegistration) -> None:
         await self._json("POST", "/v1/nodes", json=encode(registration))

@@ -37,6 +37,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "invalid_name": 400,
     "invalid_request": 400,
     "too_large": 413,
+    "unauthorized": 401,
     "forbidden": 403,
     "precondition_failed": 412,
     "range_not_satisfiable": 416,
@@ -53,6 +54,13 @@ STATUS_BY_CODE: dict[str, int] = {
 
 def error_status(error: Karma8Error) -> int:
     return STATUS_BY_CODE.get(error.code, 500)
+
+
+def error_headers(error: Karma8Error) -> list[tuple[bytes, bytes]]:
+    """Headers an error's response carries: a 401 names the scheme it wants (RFC 6750)."""
+    if error.code == "unauthorized":
+        return [(b"www-authenticate", b'Bearer realm="karma8"')]
+    return []
 
 
 def error_body(error: Karma8Error) -> dict[str, Any]:

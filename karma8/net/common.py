@@ -10,7 +10,7 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
 from karma8.core.errors import InvalidRequest, Karma8Error
-from karma8.net.codec import error_body, error_status
+from karma8.net.codec import error_body, error_headers, error_status
 from karma8.net.exchange import METHOD_NOT_ALLOWED, SECRET_HEADER, check_secret, int_value
 
 log = logging.getLogger("karma8.net")
@@ -39,7 +39,8 @@ def create_app(name: str, *, secret: str | None) -> QuartTrio:
             )
         body = error_body(error)
         body["error"]["request_id"] = request_id
-        return jsonify(body), status, {"X-Request-Id": request_id}
+        headers = {k.decode(): v.decode() for k, v in error_headers(error)}
+        return jsonify(body), status, {"X-Request-Id": request_id, **headers}
 
     @app.errorhandler(404)
     async def no_route(_: Exception) -> tuple[Response, int]:

@@ -7,7 +7,13 @@ POST   /v1/uploads/{version_id}/parts/{index}/replace   {failed_node_id} -> the 
 GET    /v1/files/{namespace}/{name}        the committed version (404 if none)
 DELETE /v1/files/{namespace}/{name}        {"deleted": bool}
 GET    /v1/files/{namespace}?prefix=&after=&limit=
-PUT    /v1/namespaces/{namespace}
+GET    /v1/namespaces                      {namespaces:[{name,public,enabled,created_at}]}
+PUT    /v1/namespaces/{namespace}          create {public}: the namespace (idempotent)
+POST   /v1/namespaces/{namespace}/disable  the namespace, disabled
+POST   /v1/tokens                          {namespace,read,write}: 201 {token, token_id, ...}
+GET    /v1/tokens?namespace=               {tokens:[...]}, never their secrets
+POST   /v1/tokens/{token_id}/revoke        the token, revoked
+POST   /v1/access                          {namespace,token,right}: 204, or 401/403/404
 POST   /v1/nodes                           register {node_id,url,capacity_bytes,...}
 POST   /v1/nodes/{node_id}/heartbeat       {registration, deleted:[keys]} -> {garbage:[keys]}
 POST   /v1/nodes/{node_id}/unknown-parts   {keys:[keys]} -> {unknown:[keys]}
@@ -25,6 +31,7 @@ from quart_trio import QuartTrio
 
 from karma8.actors.discovery import Discovery
 from karma8.actors.rebalancer import Rebalancer
+from karma8.core.access import parse_right
 from karma8.core.errors import InvalidRequest
 from karma8.core.model import NodeRegistration, PartReceipt
 from karma8.core.rebalance_report import (
@@ -107,9 +114,53 @@ def discovery_app(discovery: Discovery, *, secret: str | None, rebalancer: Rebal
         )
         return jsonify({"files": [encode(e) for e in entries]})
 
+    @app.route("/v1/namespaces", methods=["GET"])
+    async def list_namespaces() -> Response:
+        namespaces = await discovery.list_namespaces()
+        return jsonify({"namespaces": [encode(n) for n in namespaces]})
+
     @app.route("/v1/namespaces/<namespace>", methods=["PUT"])
-    async def create_namespace(namespace: str) -> tuple[str, int]:
-        await discovery.create_namespace(namespace=namespace)
+    async def create_namespace(namespace: str) -> Response:
+        body = await request.get_json(force=True, silent=True) or {}
+        public = body.get("public", False) if isinstance(body, dict) else None
+        if not isinstance(public, bool):
+            raise InvalidRequest("public must be true or false")
+        info = await discovery.create_namespace(namespace=namespace, public=public)
+        return jsonify(encode(info))
+
+    @app.route("/v1/namespaces/<namespace>/disable", methods=["POST"])
+    async def disable_namespace(namespace: str) -> Response:
+        return jsonify(encode(await discovery.disable_namespace(namespace=namespace)))
+
+    @app.route("/v1/tokens", methods=["POST"])
+    async def create_token() -> tuple[Response, int]:
+        body = await json_body()
+        namespace, read, write = body.get("namespace"), body.get("read"), body.get("write")
+        if not isinstance(namespace, str):
+            raise InvalidRequest("namespace must be a string")
+        if not isinstance(read, bool) or not isinstance(write, bool):
+            raise InvalidRequest("read and write must be true or false")
+        token, info = await discovery.create_token(namespace=namespace, read=read, write=write)
+        return jsonify({"token": token, **encode(info)}), 201
+
+    @app.route("/v1/tokens", methods=["GET"])
+    async def list_tokens() -> Response:
+        _only_args({"namespace"})
+        tokens = await discovery.list_tokens(namespace=request.args.get("namespace"))
+        return jsonify({"tokens": [encode(t) for t in tokens]})
+
+    @app.route("/v1/tokens/<token_id>/revoke", methods=["POST"])
+    async def revoke_token(token_id: str) -> Response:
+        return jsonify(encode(await discovery.revoke_token(token_id=token_id)))
+
+    @app.route("/v1/access", methods=["POST"])
+    async def check_access() -> tuple[str, int]:
+        body = await json_body()
+        namespace, token = body.get("namespace"), body.get("token")
+        if not isinstance(namespace, str) or not (token is None or isinstance(token, str)):
+            raise InvalidRequest("access needs a namespace and a token (or null)")
+        right = parse_right(str(body.get("right", "")))
+        await discovery.check_access(namespace=namespace, token=token, right=right)
         return "", 204
 
     @app.route("/v1/nodes", methods=["POST"])

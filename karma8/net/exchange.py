@@ -39,7 +39,7 @@ import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
 from karma8.core.errors import Forbidden, InvalidName, InvalidRequest, Karma8Error
-from karma8.net.codec import error_body, error_status
+from karma8.net.codec import error_body, error_headers, error_status
 
 ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
@@ -387,7 +387,7 @@ class ExchangeRoutes(Generic[T]):
             body["error"]["request_id"] = exchange.request_id
             if self._public and status >= 500:
                 body["error"]["message"] = PUBLIC_5XX.get(exc.code, "internal error")
-            await exchange.answer_json(status, body)
+            await exchange.answer_json(status, body, error_headers(exc))
         except Exception:
             self._log.exception(
                 "unhandled error in %s %s [request %s]", method, where, exchange.request_id

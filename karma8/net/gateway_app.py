@@ -8,9 +8,10 @@
     GET    /healthz
     GET    /metrics                counters: puts, gets, read_errors (JSON)
 
-Names may contain ``/``. Errors are JSON: ``{"error": {"code": ..., "message": ...}}``. The
-object routes (the first four) are served by :mod:`karma8.net.objects` in front of Quart;
-the rest are Quart routes.
+Every route on a namespace takes ``Authorization: Bearer <token>`` (none for a public
+namespace): 401, 403 or 404 otherwise. Names may contain ``/``. Errors are JSON:
+``{"error": {"code": ..., "message": ...}}``. The object routes (the first four) are served by
+:mod:`karma8.net.objects` in front of Quart; the rest are Quart routes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
 from karma8.actors.gateway import Gateway
+from karma8.core.access import Right, bearer_token
 from karma8.net.codec import encode
 from karma8.net.common import create_app, int_arg
 from karma8.net.objects import ObjectRoutes
@@ -37,6 +39,8 @@ def gateway_app(gateway: Gateway) -> QuartTrio:
 
     @app.route("/<namespace>/", methods=["GET"])
     async def listing(namespace: str) -> Response:
+        token = bearer_token(request.headers.get("authorization"))
+        await gateway.authorize(namespace, token, Right.READ)
         limit = int_arg("limit", 1000)
         entries = await gateway.list(
             namespace,

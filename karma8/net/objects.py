@@ -1,6 +1,9 @@
 """The gateway's object routes, ``PUT|GET|HEAD|DELETE /{namespace}/{name}``, on the data
 plane (:mod:`karma8.net.exchange`) in front of the gateway's Quart app.
 
+Each route first asks the gateway whether the request's token may read (GET, HEAD) or write
+(PUT, DELETE) in the namespace, before any byte of the body is read.
+
 Everything else (listing, metrics, health, an unknown route) still goes to Quart.
 """
 
@@ -9,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from karma8.actors.gateway import Gateway
+from karma8.core.access import Right, bearer_token
 from karma8.core.errors import InvalidRequest, Karma8Error, RangeNotSatisfiable
 from karma8.core.model import FileVersion
 from karma8.core.ranges import resolve_range
@@ -64,8 +68,13 @@ class ObjectRoutes(ExchangeRoutes[Target]):
     def match(self, path: str) -> Target | None:
         return object_path(path)
 
+    async def _authorize(self, exchange: Exchange, namespace: str, right: Right) -> None:
+        token = bearer_token(exchange.headers.get("authorization"))
+        await self._gateway.authorize(namespace, token, right)
+
     async def _put(self, exchange: Exchange, target: Target) -> None:
         namespace, name = target
+        await self._authorize(exchange, namespace, Right.WRITE)
         if_none_match = exchange.headers.get("if-none-match")
         if if_none_match is not None and if_none_match.strip() != "*":
             raise InvalidRequest("on PUT, If-None-Match supports only '*'")
@@ -93,6 +102,7 @@ class ObjectRoutes(ExchangeRoutes[Target]):
         await self._read(exchange, target, head=True)
 
     async def _read(self, exchange: Exchange, target: Target, *, head: bool) -> None:
+        await self._authorize(exchange, target[0], Right.READ)
         version = await self._gateway.stat(*target)
         assert version.size is not None
         if etag_matches(exchange.headers.get("if-none-match"), version.etag):
@@ -138,5 +148,6 @@ class ObjectRoutes(ExchangeRoutes[Target]):
                 )
 
     async def _delete(self, exchange: Exchange, target: Target) -> None:
+        await self._authorize(exchange, target[0], Right.WRITE)
         await self._gateway.delete(*target)
         await exchange.answer(204, [])

@@ -61,6 +61,7 @@ NODE_ID_FILE = "node_id"
 
 
 _DISCOVERY = DiscoveryConfig()
+_GATEWAY = GatewayConfig()
 _STORAGE = StorageConfig()
 
 
@@ -100,6 +101,19 @@ class NetConfig:
     local_calls: bool = True
     # The rebalancer beside discovery (the config file's [rebalance] table).
     rebalance: RebalancerConfig = attrs.Factory(RebalancerConfig)
+    # Namespaces discovery makes sure exist at start-up, and those of them anyone may read
+    # and write without a token. None: all of ``namespaces`` in the embedded cluster (the
+    # quick start), none for a discovery of its own.
+    namespaces: tuple[str, ...] = _DISCOVERY.namespaces
+    public_namespaces: tuple[str, ...] | None = None
+    # Seconds a gateway reuses a positive access answer (a revoked token works this long).
+    access_cache_ttl: float = _GATEWAY.access_cache_ttl
+
+    def public(self, *, embedded: bool) -> tuple[str, ...]:
+        """The namespaces made public at start-up, for the embedded cluster or not."""
+        if self.public_namespaces is not None:
+            return self.public_namespaces
+        return self.namespaces if embedded else ()
 
 
 class ThreadRunner:
@@ -161,8 +175,11 @@ def open_metadata(path: Path) -> SqliteMetadataStore:
     return SqliteMetadataStore(path, sync_on_commit=False)
 
 
-def build_discovery(config: NetConfig, store: SqliteMetadataStore) -> Discovery:
-    """Discovery on ``store``, which :func:`open_metadata` opened."""
+def build_discovery(
+    config: NetConfig, store: SqliteMetadataStore, *, embedded: bool = False
+) -> Discovery:
+    """Discovery on ``store``, which :func:`open_metadata` opened; ``embedded``: of the
+    embedded cluster (its namespaces public unless the configuration says otherwise)."""
     return Discovery(
         store=store,
         blocking=GroupCommitRunner(store),
@@ -176,6 +193,8 @@ def build_discovery(config: NetConfig, store: SqliteMetadataStore) -> Discovery:
             retire_grace=config.retire_grace,
             sweep_interval=config.sweep_interval,
             max_file_size=config.max_file_size,
+            namespaces=config.namespaces,
+            public_namespaces=config.public(embedded=embedded),
         ),
     )
 
@@ -338,7 +357,9 @@ def build_gateway(config: NetConfig, *, discovery: DiscoveryAPI, storage: Storag
     return Gateway(
         discovery=discovery,
         storage=storage,
-        config=GatewayConfig(max_file_size=config.max_file_size),
+        config=GatewayConfig(
+            max_file_size=config.max_file_size, access_cache_ttl=config.access_cache_ttl
+        ),
     )
 
 
@@ -421,7 +442,7 @@ async def run_cluster(
             storage: StorageAPI = HttpStorageClient(http, blocking=ThreadRunner(HASH_THREADS))
             if config.local_calls:
                 storage = LocalFirstStorageClient(local, storage)
-            discovery = build_discovery(config, store)
+            discovery = build_discovery(config, store, embedded=True)
             discovery_url = await nursery.start(
                 partial(serve_discovery, discovery, config, storage=storage)
             )

@@ -15,11 +15,14 @@ from typing import Any
 import attrs
 
 from karma8.actors.rebalancer import read_rebalance
+from karma8.core.errors import InvalidName
+from karma8.core.names import check_namespace
 from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
 from karma8.net.serve import NetConfig
 
 SIZES = ("capacity", "stripe_unit", "max_file_size")
 OPTIONAL_STRINGS = ("secret", "discovery_url")
+NAME_LISTS = ("namespaces", "public_namespaces")
 
 
 def load_net_config(
@@ -50,6 +53,8 @@ def load_net_config(
                 if raw is not None and not isinstance(raw, str):
                     raise reader.fail(field.name, "expected a string")
                 values[field.name] = raw
+            elif field.name in NAME_LISTS:
+                values[field.name] = _names(reader, field.name, default)
             elif field.name == "host":
                 values[field.name] = reader.string(field.name, default)
             elif isinstance(default, bool):
@@ -61,7 +66,30 @@ def load_net_config(
         reader.finish()
     values.update({k: v for k, v in overrides.items() if v is not None})
     config = attrs.evolve(base, **values)
+    unknown = sorted(set(config.public_namespaces or ()) - set(config.namespaces))
+    if unknown:
+        raise ConfigError(
+            f"{path or 'configuration'}: public_namespaces names {', '.join(unknown)},"
+            f" not in namespaces ({', '.join(config.namespaces) or 'none'})"
+        )
     given = {k: v for k, v in (rebalance_overrides or {}).items() if v is not None}
     if given:
         config = attrs.evolve(config, rebalance=attrs.evolve(config.rebalance, **given))
     return config
+
+
+def _names(
+    reader: TableReader, key: str, default: tuple[str, ...] | None
+) -> tuple[str, ...] | None:
+    """A list of namespace names, each checked as discovery would."""
+    raw = reader.get(key, None)
+    if raw is None:
+        return default
+    if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
+        raise reader.fail(key, "expected a list of namespace names")
+    for name in raw:
+        try:
+            check_namespace(name)
+        except InvalidName as exc:
+            raise reader.fail(key, exc.message) from None
+    return tuple(raw)

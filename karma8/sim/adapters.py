@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 from karma8.actors.discovery import Discovery
 from karma8.actors.storage import StorageNode
+from karma8.core.access import NamespaceInfo, Right, TokenInfo
 from karma8.core.errors import Karma8Error, error_from_code
 from karma8.core.model import (
     FileEntry,
@@ -85,11 +86,49 @@ class SimDiscoveryClient:
 
         return await self._net.call(self._src, DISCOVERY, "list_files", op)
 
-    async def create_namespace(self, *, namespace: str) -> None:
-        async def op(d: Discovery) -> None:
-            await d.create_namespace(namespace=namespace)
+    async def create_namespace(self, *, namespace: str, public: bool = False) -> NamespaceInfo:
+        async def op(d: Discovery) -> NamespaceInfo:
+            return await d.create_namespace(namespace=namespace, public=public)
 
-        await self._net.call(self._src, DISCOVERY, "create_namespace", op)
+        return await self._net.call(self._src, DISCOVERY, "create_namespace", op)
+
+    async def list_namespaces(self) -> list[NamespaceInfo]:
+        async def op(d: Discovery) -> list[NamespaceInfo]:
+            return await d.list_namespaces()
+
+        return await self._net.call(self._src, DISCOVERY, "list_namespaces", op)
+
+    async def disable_namespace(self, *, namespace: str) -> NamespaceInfo:
+        async def op(d: Discovery) -> NamespaceInfo:
+            return await d.disable_namespace(namespace=namespace)
+
+        return await self._net.call(self._src, DISCOVERY, "disable_namespace", op)
+
+    async def create_token(
+        self, *, namespace: str, read: bool, write: bool
+    ) -> tuple[str, TokenInfo]:
+        async def op(d: Discovery) -> tuple[str, TokenInfo]:
+            return await d.create_token(namespace=namespace, read=read, write=write)
+
+        return await self._net.call(self._src, DISCOVERY, "create_token", op)
+
+    async def list_tokens(self, *, namespace: str | None = None) -> list[TokenInfo]:
+        async def op(d: Discovery) -> list[TokenInfo]:
+            return await d.list_tokens(namespace=namespace)
+
+        return await self._net.call(self._src, DISCOVERY, "list_tokens", op)
+
+    async def revoke_token(self, *, token_id: str) -> TokenInfo:
+        async def op(d: Discovery) -> TokenInfo:
+            return await d.revoke_token(token_id=token_id)
+
+        return await self._net.call(self._src, DISCOVERY, "revoke_token", op)
+
+    async def check_access(self, *, namespace: str, token: str | None, right: Right) -> None:
+        async def op(d: Discovery) -> None:
+            await d.check_access(namespace=namespace, token=token, right=right)
+
+        await self._net.call(self._src, DISCOVERY, "check_access", op)
 
     async def register_node(self, registration: NodeRegistration) -> None:
         async def op(d: Discovery) -> None:

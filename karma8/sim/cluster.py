@@ -64,6 +64,7 @@ class SimCluster:
             node_timeout=spec.node_timeout,
             retire_grace=spec.retire_grace,
             sweep_interval=spec.sweep_interval,
+            public_namespaces=DiscoveryConfig().namespaces,  # the simulator's clients: anonymous
         )
         self.storage_config = StorageConfig(
             heartbeat_interval=spec.heartbeat_interval,
