@@ -70,6 +70,9 @@ class GatewayConfig:
     cleanup_timeout: float = 30.0
     # How many times one part moves to another node when its node fails before taking bytes.
     part_retries: int = 2
+    # Discovery reserves room for the first ``reserve_step`` bytes of a Content-Length at
+    # begin; the gateway extends the reservation by this much as the body passes it.
+    reserve_step: int = 64 << 20
 
 
 def primary_error(group: BaseExceptionGroup[BaseException]) -> Karma8Error | None:
@@ -172,6 +175,10 @@ class Gateway:
         sizes = None if content_length is None else layout.part_sizes(content_length)
         receipts: list[PartReceipt | None] = [None] * layout.parts
         limit = self._config.max_file_size if content_length is None else content_length
+        step = self._config.reserve_step
+        # Bytes reserved on the nodes so far; a body without a Content-Length reserves
+        # nothing (as before) and is never extended.
+        reserved = limit if content_length is None else min(content_length, step)
         try:
             async with trio.open_nursery() as nursery:
                 senders = []
@@ -194,6 +201,13 @@ class Gateway:
                     async for chunk in body:
                         if splitter.size + len(chunk) > limit:
                             raise _too_long(content_length, self._config.max_file_size)
+                        if splitter.size + len(chunk) > reserved:
+                            assert content_length is not None  # else reserved == limit
+                            wanted = -(-(splitter.size + len(chunk)) // step) * step
+                            reserved = min(content_length, wanted)
+                            await self._discovery.extend_upload(
+                                version_id=version.version_id, size=reserved
+                            )
                         await _send_all(senders, splitter.feed(chunk))
                     if content_length is not None and splitter.size != content_length:
                         raise InvalidRequest(

@@ -36,6 +36,7 @@ from karma8.actors.storage import StorageConfig, StorageNode
 from karma8.core.errors import Karma8Error, Unavailable
 from karma8.core.layout import StripeLayout
 from karma8.metadata.sqlite import SqliteMetadataStore
+from karma8.net.bounds import UploadGate
 from karma8.net.clients import HttpDiscoveryClient, HttpStorageClient, make_http_client
 from karma8.net.discovery_app import discovery_app
 from karma8.net.gateway_app import gateway_app
@@ -57,6 +58,7 @@ HASH_THREADS = 8  # per HTTP storage client; hashing releases the GIL
 DISCOVERY_WARN_EVERY = 5.0
 GATEWAY_PROBE_EVERY = 1.0
 NODE_ID_FILE = "node_id"
+HEADER_TIMEOUT = 30.0  # seconds; NetConfig.header_timeout
 
 
 _DISCOVERY = DiscoveryConfig()
@@ -94,6 +96,21 @@ class NetConfig:
     # Hypercorn closes a connection that has *received* nothing for this long, even while a
     # download is flowing out; 0 disables it (the default).
     read_timeout: int = 0
+    # Bounds on what clients can hold (docs/configuration.md, "Bounded resources").
+    # PUTs in flight per gateway; beyond, 503 with Retry-After, the body unread.
+    max_uploads: int = 256
+    # A client that sends no body bytes for this long has its upload aborted and cleaned up.
+    idle_timeout: float = 30.0
+    # A connection must send a request's headers within this long of opening (or of the
+    # previous answer); Hypercorn's keep_alive_timeout, which also closes idle connections.
+    header_timeout: float = HEADER_TIMEOUT
+    # Requests in flight from a gateway (or the rebalancer) to one storage node.
+    node_connections: int = 512
+    # Connections to discovery, a pool apart from the nodes': uploads cannot starve it.
+    discovery_connections: int = 64
+    # Room reserved at begin for at most this many bytes of a Content-Length; the rest as it
+    # arrives.
+    reserve_step: int = _DISCOVERY.reserve_step
     # Embedded cluster: the gateway and nodes call the discovery and nodes of their own process
     # directly instead of over loopback HTTP (every role still serves its socket).
     local_calls: bool = True
@@ -120,10 +137,6 @@ class WallClock:
         return time.time()
 
 
-# Seconds an idle keep-alive connection stays open (Hypercorn's default is 5).
-KEEP_ALIVE_TIMEOUT = 75
-
-
 class RandomIds:
     def new_id(self) -> str:
         return secrets.token_hex(8)
@@ -135,6 +148,7 @@ async def serve_app(
     host: str,
     port: int,
     read_timeout: int | None = 60,
+    header_timeout: float = HEADER_TIMEOUT,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` with Hypercorn until cancelled; reports ``http://host:port``."""
@@ -144,7 +158,9 @@ async def serve_app(
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.read_timeout = read_timeout or None
-    config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
+    # Covers the wait for a request's headers too: Hypercorn's idle timer runs from the
+    # connection's start (or the previous answer) until a whole request head has arrived.
+    config.keep_alive_timeout = header_timeout
     async with trio.open_nursery() as nursery:
         urls: list[str] = await nursery.start(hypercorn_serve, app, config)
         task_status.started(urls[0])
@@ -152,7 +168,14 @@ async def serve_app(
 
 def _serving(app: QuartTrio, config: NetConfig, port: int) -> Callable[..., Awaitable[None]]:
     """``serve_app`` for ``app`` bound with the config's host and read timeout."""
-    return partial(serve_app, app, host=config.host, port=port, read_timeout=config.read_timeout)
+    return partial(
+        serve_app,
+        app,
+        host=config.host,
+        port=port,
+        read_timeout=config.read_timeout,
+        header_timeout=config.header_timeout,
+    )
 
 
 def open_metadata(path: Path) -> SqliteMetadataStore:
@@ -175,8 +198,26 @@ def build_discovery(config: NetConfig, store: SqliteMetadataStore) -> Discovery:
             retire_grace=config.retire_grace,
             sweep_interval=config.sweep_interval,
             max_file_size=config.max_file_size,
+            reserve_step=config.reserve_step,
         ),
     )
+
+
+def storage_client(config: NetConfig, http: httpx.AsyncClient) -> HttpStorageClient:
+    """Storage nodes over ``http`` (a pool of its own), ``node_connections`` per node."""
+    return HttpStorageClient(
+        http, blocking=ThreadRunner(HASH_THREADS), node_connections=config.node_connections
+    )
+
+
+def data_pool(config: NetConfig) -> httpx.AsyncClient:
+    """The pool to storage nodes: bounded per node by :func:`storage_client`."""
+    return make_http_client(config.secret, max_connections=None)
+
+
+def control_pool(config: NetConfig) -> httpx.AsyncClient:
+    """The pool to discovery, apart from the nodes' one."""
+    return make_http_client(config.secret, max_connections=config.discovery_connections)
 
 
 async def serve_discovery(
@@ -231,11 +272,11 @@ async def run_discovery(
     """Discovery on its own; its rebalancer reaches the nodes over HTTP with the secret."""
     store = open_metadata(database)
     try:
-        async with make_http_client(config.secret) as http:
+        async with data_pool(config) as http:
             await serve_discovery(
                 build_discovery(config, store),
                 config,
-                storage=HttpStorageClient(http, blocking=ThreadRunner(HASH_THREADS)),
+                storage=storage_client(config, http),
                 port=port,
                 task_status=task_status,
             )
@@ -336,7 +377,7 @@ def build_gateway(config: NetConfig, *, discovery: DiscoveryAPI, storage: Storag
     return Gateway(
         discovery=discovery,
         storage=storage,
-        config=GatewayConfig(max_file_size=config.max_file_size),
+        config=GatewayConfig(max_file_size=config.max_file_size, reserve_step=config.reserve_step),
     )
 
 
@@ -349,10 +390,18 @@ async def serve_gateway(
 ) -> None:
     async with trio.open_nursery() as nursery:
         url = await nursery.start(
-            _serving(gateway_app(gateway), config, config.gateway_port if port is None else port)
+            _serving(
+                gateway_app(gateway, gateway_uploads(config)),
+                config,
+                config.gateway_port if port is None else port,
+            )
         )
         log.info("gateway listening on %s", url)
         task_status.started(url)
+
+
+def gateway_uploads(config: NetConfig) -> UploadGate:
+    return UploadGate(max_uploads=config.max_uploads, idle_timeout=config.idle_timeout)
 
 
 async def run_gateway(
@@ -366,16 +415,13 @@ async def run_gateway(
 ) -> None:
     """A gateway on its own. It asks discovery in the background until discovery first
     answers, so that a gateway that cannot reach it warns (as :func:`run_storage`'s node
-    does) before a client finds out."""
+    does) before a client finds out. ``http`` is the pool to discovery; the nodes get a pool
+    of their own."""
     discovery = HttpDiscoveryClient(
         http, discovery_url, origin=discovery_from, warn_every=DISCOVERY_WARN_EVERY
     )
-    gateway = build_gateway(
-        config,
-        discovery=discovery,
-        storage=HttpStorageClient(http, blocking=ThreadRunner(HASH_THREADS)),
-    )
-    async with trio.open_nursery() as nursery:
+    async with data_pool(config) as nodes, trio.open_nursery() as nursery:
+        gateway = build_gateway(config, discovery=discovery, storage=storage_client(config, nodes))
         nursery.start_soon(_probe_discovery, discovery, name="gateway-probe-discovery")
         await serve_gateway(gateway, config, port=port, task_status=task_status)
 
@@ -411,12 +457,16 @@ async def run_cluster(
     assert secret is not None
     store = open_metadata(data_dir / "discovery.sqlite3")
     try:
-        async with make_http_client(secret) as http, trio.open_nursery() as nursery:
+        async with (
+            data_pool(config) as http,
+            control_pool(config) as control,
+            trio.open_nursery() as nursery,
+        ):
             # Co-located roles call each other in-process (karma8/net/local.py), unless the
             # configuration asks for every hop to go over HTTP. The gateway and the
             # rebalancer share one storage client; the nodes join ``local`` as they start.
             local: dict[str, StorageNode] = {}
-            storage: StorageAPI = HttpStorageClient(http, blocking=ThreadRunner(HASH_THREADS))
+            storage: StorageAPI = storage_client(config, http)
             if config.local_calls:
                 storage = LocalFirstStorageClient(local, storage)
             discovery = build_discovery(config, store)
@@ -424,7 +474,7 @@ async def run_cluster(
                 partial(serve_discovery, discovery, config, storage=storage)
             )
             reach: DiscoveryAPI = (
-                discovery if config.local_calls else HttpDiscoveryClient(http, discovery_url)
+                discovery if config.local_calls else HttpDiscoveryClient(control, discovery_url)
             )
             sync_groups = SyncGroups()  # nodes on one file system share one syncfs per round
             for node_dir in node_dirs:
