@@ -73,6 +73,12 @@ class GatewayConfig:
     # Discovery reserves room for the first ``reserve_step`` bytes of a Content-Length at
     # begin; the gateway extends the reservation by this much as the body passes it.
     reserve_step: int = 64 << 20
+    # A splitter holds back up to one row (5 stripe units) until it knows where the row
+    # goes: always without a Content-Length, and for a file's tail. An upload that would
+    # hold more than ``stage_free`` bytes first takes one of ``staging_uploads`` slots (for the
+    # rest of its body), so what stalled uploads can hold is bounded gateway-wide.
+    staging_uploads: int = 16
+    stage_free: int = 1 << 20
 
 
 def primary_error(group: BaseExceptionGroup[BaseException]) -> Karma8Error | None:
@@ -105,6 +111,7 @@ class Gateway:
         self._discovery = discovery
         self._storage = storage
         self._config = config
+        self._staging = trio.Semaphore(config.staging_uploads)
 
     # -- PUT ------------------------------------------------------------------------------
 
@@ -176,6 +183,7 @@ class Gateway:
         receipts: list[PartReceipt | None] = [None] * layout.parts
         limit = self._config.max_file_size if content_length is None else content_length
         step = self._config.reserve_step
+        stage_free = self._config.stage_free
         # Bytes reserved on the nodes so far; a body without a Content-Length reserves
         # nothing (as before) and is never extended.
         reserved = limit if content_length is None else min(content_length, step)
@@ -198,7 +206,11 @@ class Gateway:
                 async with AsyncExitStack() as closing:
                     for send in senders:
                         await closing.enter_async_context(send)
+                    staging = False
                     async for chunk in body:
+                        if not staging and splitter.held_after(len(chunk)) > stage_free:
+                            await closing.enter_async_context(self._staging)
+                            staging = True
                         if splitter.size + len(chunk) > limit:
                             raise _too_long(content_length, self._config.max_file_size)
                         if splitter.size + len(chunk) > reserved:

@@ -142,6 +142,12 @@ class StripeSplitter:
         """Bytes held back, waiting for their row to complete (always < one row)."""
         return len(self._row)
 
+    def held_after(self, count: int) -> int:
+        """Bytes :attr:`buffered` would hold after feeding ``count`` more bytes."""
+        if self._expected is not None:
+            return max(0, self.size + count - self._direct_end)
+        return (len(self._row) + count) % self._layout.row_size
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:
         if self._finished:
             raise RuntimeError("feed() after finish()")

@@ -5,15 +5,15 @@
   :class:`IdleBody`: a client that sends nothing for ``idle_timeout`` seconds fails its upload
   with :class:`ClientIdle`, and the gateway's failure path aborts the version (reservations
   released) and deletes its parts, as for any failed PUT.
-- :func:`give_back_memory`: once uploads end, the C allocator returns the freed pages of
-  their buffers to the system (``malloc_trim``), rather than keeping the high-water mark.
+- :func:`give_back_memory`: the C allocator returns the freed pages of ended uploads'
+  buffers to the system (``malloc_trim`` every few seconds), rather than keeping the
+  high-water mark.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import math
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 import trio
@@ -21,8 +21,8 @@ import trio
 from karma8.core.errors import InvalidRequest, Unavailable
 
 RETRY_AFTER = (b"retry-after", b"1")
-# At most one malloc_trim per this many seconds (it walks the heap).
-TRIM_EVERY = 1.0
+# Seconds between two malloc_trim calls in a gateway.
+TRIM_EVERY = 5.0
 
 
 class ClientIdle(InvalidRequest):
@@ -53,8 +53,6 @@ class UploadGate:
         self.max_uploads = max_uploads
         self.idle_timeout = idle_timeout
         self.in_flight = 0
-        self._trim = _malloc_trim()
-        self._last_trim = -math.inf
 
     def busy(self) -> Unavailable | None:
         """The error to answer if no upload may start now, else None (and one is counted:
@@ -69,32 +67,30 @@ class UploadGate:
 
     def done(self) -> None:
         self.in_flight -= 1
-        now = trio.current_time()
-        if self._trim is not None and now - self._last_trim >= TRIM_EVERY:
-            self._last_trim = now
-            self._trim()
 
 
-def _malloc_trim() -> Callable[[], None] | None:
-    """``malloc_trim(0)`` of glibc, or None elsewhere."""
+def _malloc_trim() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim``, or None elsewhere."""
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = libc.malloc_trim if libc is not None else None
+        trim = ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):
         return None
     if trim is None:
         return None
     trim.argtypes = [ctypes.c_size_t]
-
-    def call() -> None:
-        trim(0)
-
-    return call
+    return lambda: trim(0)
 
 
-def give_back_memory() -> None:
-    """Trim the C heap now (tests and benchmarks)."""
+async def give_back_memory(*, every: float = TRIM_EVERY) -> None:
+    """Until cancelled, every ``every`` seconds, hand the C heap's free pages back to the
+    system. Buffers of uploads and connections that ended are freed by Python, but glibc keeps
+    the pages (its mmap threshold grows with the largest block freed, so later megabyte
+    buffers come from the heap, where free pages stay mapped): RSS would keep the high-water
+    mark of a burst of stalled uploads. A trim walks the heap once: about a millisecond."""
     trim = _malloc_trim()
-    if trim is not None:
+    if trim is None:
+        return
+    while True:
+        await trio.sleep(every)
         trim()

@@ -36,7 +36,7 @@ from karma8.actors.storage import StorageConfig, StorageNode
 from karma8.core.errors import Karma8Error, Unavailable
 from karma8.core.layout import StripeLayout
 from karma8.metadata.sqlite import SqliteMetadataStore
-from karma8.net.bounds import UploadGate
+from karma8.net.bounds import UploadGate, give_back_memory
 from karma8.net.clients import HttpDiscoveryClient, HttpStorageClient, make_http_client
 from karma8.net.discovery_app import discovery_app
 from karma8.net.gateway_app import gateway_app
@@ -63,6 +63,7 @@ HEADER_TIMEOUT = 30.0  # seconds; NetConfig.header_timeout
 
 _DISCOVERY = DiscoveryConfig()
 _STORAGE = StorageConfig()
+_GATEWAY = GatewayConfig()
 
 
 @attrs.frozen(kw_only=True)
@@ -108,6 +109,9 @@ class NetConfig:
     node_connections: int = 512
     # Connections to discovery, a pool apart from the nodes': uploads cannot starve it.
     discovery_connections: int = 64
+    # Uploads that may hold back a partial row (up to 5 stripe units) at once; the others
+    # wait for a slot before they stage more than 1 MiB.
+    staging_uploads: int = _GATEWAY.staging_uploads
     # Room reserved at begin for at most this many bytes of a Content-Length; the rest as it
     # arrives.
     reserve_step: int = _DISCOVERY.reserve_step
@@ -377,7 +381,11 @@ def build_gateway(config: NetConfig, *, discovery: DiscoveryAPI, storage: Storag
     return Gateway(
         discovery=discovery,
         storage=storage,
-        config=GatewayConfig(max_file_size=config.max_file_size, reserve_step=config.reserve_step),
+        config=GatewayConfig(
+            max_file_size=config.max_file_size,
+            reserve_step=config.reserve_step,
+            staging_uploads=config.staging_uploads,
+        ),
     )
 
 
@@ -396,6 +404,7 @@ async def serve_gateway(
                 config.gateway_port if port is None else port,
             )
         )
+        nursery.start_soon(give_back_memory, name="gateway-give-back-memory")
         log.info("gateway listening on %s", url)
         task_status.started(url)
 
