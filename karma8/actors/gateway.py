@@ -203,9 +203,9 @@ class Gateway:
                         receipts,
                         name=f"gw-put-{placement.key}",
                     )
+                # The channels end (each part's end) only once the body is whole: a body that
+                # fails must not look like its end to the writers, which the nursery cancels.
                 async with AsyncExitStack() as closing:
-                    for send in senders:
-                        await closing.enter_async_context(send)
                     staging = False
                     async for chunk in body:
                         if not staging and splitter.held_after(len(chunk)) > stage_free:
@@ -226,6 +226,8 @@ class Gateway:
                             f"body has {splitter.size} bytes, Content-Length said {content_length}"
                         )
                     await _send_all(senders, splitter.finish())
+                for send in senders:
+                    await send.aclose()
         except BaseExceptionGroup as group:
             error = primary_error(group)
             if error is None:
