@@ -229,6 +229,7 @@ class Gateway:
                 for send in senders:
                     await send.aclose()
         except BaseExceptionGroup as group:
+            splitter.discard()
             error = primary_error(group)
             if error is None:
                 raise

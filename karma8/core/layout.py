@@ -184,6 +184,12 @@ class StripeSplitter:
                 self._row.clear()
         return out
 
+    def discard(self) -> None:
+        """Drop what is held back (a failed upload): the memory goes now, not when the
+        splitter does, which an exception's traceback may keep alive for a while."""
+        self._finished = True
+        self._row = bytearray()
+
     def finish(self) -> list[tuple[int, bytes]]:
         """The tail pieces (empty pieces omitted). The splitter cannot be fed afterwards."""
         if self._finished:

@@ -5,21 +5,25 @@
   :class:`IdleBody`: a client that sends nothing for ``idle_timeout`` seconds fails its upload
   with :class:`ClientIdle`, and the gateway's failure path aborts the version (reservations
   released) and deletes its parts, as for any failed PUT.
-- :func:`give_back_memory`: the C allocator returns the freed pages of ended uploads'
-  buffers to the system (``malloc_trim`` every few seconds), rather than keeping the
-  high-water mark.
+- :func:`give_back_memory`: the memory of ended uploads goes back to the system (a garbage
+  collection, then ``malloc_trim``, every few seconds while uploads end), rather than the
+  process keeping the high-water mark.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
+import logging
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 import trio
 
 from karma8.core.errors import InvalidRequest, Unavailable
 
+log = logging.getLogger("karma8.gateway")
 RETRY_AFTER = (b"retry-after", b"1")
 # Seconds between two malloc_trim calls in a gateway.
 TRIM_EVERY = 5.0
@@ -53,6 +57,7 @@ class UploadGate:
         self.max_uploads = max_uploads
         self.idle_timeout = idle_timeout
         self.in_flight = 0
+        self.ended = 0  # uploads ended since start
 
     def busy(self) -> Unavailable | None:
         """The error to answer if no upload may start now, else None (and one is counted:
@@ -67,6 +72,7 @@ class UploadGate:
 
     def done(self) -> None:
         self.in_flight -= 1
+        self.ended += 1
 
 
 def _malloc_trim() -> Callable[[], object] | None:
@@ -82,15 +88,29 @@ def _malloc_trim() -> Callable[[], object] | None:
     return lambda: trim(0)
 
 
-async def give_back_memory(*, every: float = TRIM_EVERY) -> None:
-    """Until cancelled, every ``every`` seconds, hand the C heap's free pages back to the
-    system. Buffers of uploads and connections that ended are freed by Python, but glibc keeps
-    the pages (its mmap threshold grows with the largest block freed, so later megabyte
-    buffers come from the heap, where free pages stay mapped): RSS would keep the high-water
-    mark of a burst of stalled uploads. A trim walks the heap once: about a millisecond."""
+async def give_back_memory(gate: UploadGate, *, every: float = TRIM_EVERY) -> None:
+    """Until cancelled, every ``every`` seconds in which uploads ended, give their memory back.
+
+    A failed upload's buffers can stay alive in reference cycles (an exception's traceback
+    holds the frames that hold them) until Python's cyclic collector runs, which an idle
+    process may not do for a long time: measured, 30 stalled 19 MiB uploads left the RSS at
+    278 MiB after they were aborted instead of 64. So a full collection first, then glibc's
+    ``malloc_trim``, which hands the heap's free pages back (glibc keeps them otherwise: its
+    mmap threshold grows with the largest block freed, so later megabyte buffers come from
+    the heap)."""
     trim = _malloc_trim()
-    if trim is None:
-        return
+    seen = gate.ended
     while True:
         await trio.sleep(every)
-        trim()
+        if gate.ended == seen:
+            continue
+        seen = gate.ended
+        started = time.perf_counter()
+        collected = gc.collect()
+        if trim is not None:
+            trim()
+        log.debug(
+            "gave memory back: %d objects collected, %.1f ms",
+            collected,
+            (time.perf_counter() - started) * 1000,
+        )

@@ -59,6 +59,9 @@ DISCOVERY_WARN_EVERY = 5.0
 GATEWAY_PROBE_EVERY = 1.0
 NODE_ID_FILE = "node_id"
 HEADER_TIMEOUT = 30.0  # seconds; NetConfig.header_timeout
+# A gateway's uploads waiting for a staging slot, or stalled behind a slow node, hold their
+# queued body pieces: 2 instead of Hypercorn's 10 bounds that at ~2 MiB per upload.
+GATEWAY_APP_QUEUE = 2
 
 
 _DISCOVERY = DiscoveryConfig()
@@ -153,6 +156,7 @@ async def serve_app(
     port: int,
     read_timeout: int | None = 60,
     header_timeout: float = HEADER_TIMEOUT,
+    app_queue: int = 10,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` with Hypercorn until cancelled; reports ``http://host:port``."""
@@ -165,12 +169,17 @@ async def serve_app(
     # Covers the wait for a request's headers too: Hypercorn's idle timer runs from the
     # connection's start (or the previous answer) until a whole request head has arrived.
     config.keep_alive_timeout = header_timeout
+    # Messages (body pieces of up to http_fixes.RECEIVE_SIZE) queued for a request that is
+    # not reading: Hypercorn's max_app_queue_size (default 10).
+    config.max_app_queue_size = app_queue
     async with trio.open_nursery() as nursery:
         urls: list[str] = await nursery.start(hypercorn_serve, app, config)
         task_status.started(urls[0])
 
 
-def _serving(app: QuartTrio, config: NetConfig, port: int) -> Callable[..., Awaitable[None]]:
+def _serving(
+    app: QuartTrio, config: NetConfig, port: int, *, app_queue: int = 10
+) -> Callable[..., Awaitable[None]]:
     """``serve_app`` for ``app`` bound with the config's host and read timeout."""
     return partial(
         serve_app,
@@ -179,6 +188,7 @@ def _serving(app: QuartTrio, config: NetConfig, port: int) -> Callable[..., Awai
         port=port,
         read_timeout=config.read_timeout,
         header_timeout=config.header_timeout,
+        app_queue=app_queue,
     )
 
 
@@ -396,21 +406,19 @@ async def serve_gateway(
     port: int | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    uploads = UploadGate(max_uploads=config.max_uploads, idle_timeout=config.idle_timeout)
     async with trio.open_nursery() as nursery:
         url = await nursery.start(
             _serving(
-                gateway_app(gateway, gateway_uploads(config)),
+                gateway_app(gateway, uploads),
                 config,
                 config.gateway_port if port is None else port,
+                app_queue=GATEWAY_APP_QUEUE,
             )
         )
-        nursery.start_soon(give_back_memory, name="gateway-give-back-memory")
+        nursery.start_soon(give_back_memory, uploads, name="gateway-give-back-memory")
         log.info("gateway listening on %s", url)
         task_status.started(url)
-
-
-def gateway_uploads(config: NetConfig) -> UploadGate:
-    return UploadGate(max_uploads=config.max_uploads, idle_timeout=config.idle_timeout)
 
 
 async def run_gateway(
