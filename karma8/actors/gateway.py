@@ -82,20 +82,33 @@ class GatewayConfig:
 
 
 def primary_error(group: BaseExceptionGroup[BaseException]) -> Karma8Error | None:
-    """The first karma8 error in a (nested) exception group, if any.
+    """The first karma8 error in a (nested) exception group, if any; a part writer that
+    stopped early (:class:`_WriterStopped`) only if no other error says why.
 
     None if the group holds a ``Cancelled``: an outer cancellation must propagate as it is.
     """
     if group.subgroup(trio.Cancelled) is not None:
         return None
+    errors = group.subgroup(lambda exc: isinstance(exc, Karma8Error))
+    if errors is None:
+        return None
+    found = _flat(errors)
+    causes = [exc for exc in found if not isinstance(exc, _WriterStopped)]
+    return (causes or found)[0]
+
+
+def _flat(group: BaseExceptionGroup[BaseException]) -> list[Karma8Error]:
+    out: list[Karma8Error] = []
     for exc in group.exceptions:
-        if isinstance(exc, Karma8Error):
-            return exc
         if isinstance(exc, BaseExceptionGroup):
-            found = primary_error(exc)
-            if found is not None:
-                return found
-    return None
+            out += _flat(exc)
+        elif isinstance(exc, Karma8Error):
+            out.append(exc)
+    return out
+
+
+class _WriterStopped(StorageFailure):
+    """A part's writer stopped taking chunks: the consequence of its own error, if any."""
 
 
 class Gateway:
@@ -247,7 +260,9 @@ class Gateway:
     ) -> None:
         """Stream part ``index`` to its node; on a node failure before the node took anything,
         move the part (``placed[index]``) to another node and stream the same chunks there."""
-        async with chunks:
+        # Closed without a checkpoint (``with``, not ``async with``): the body, woken by the
+        # close, must not run and fail before this task's own error reaches the nursery.
+        with chunks:
             for attempt in itertools.count():
                 placement = placed[index]
                 counted = _PartChunks(chunks)
@@ -422,7 +437,7 @@ async def _send_all(
         try:
             await senders[index].send(piece)
         except trio.BrokenResourceError:
-            raise StorageFailure(f"the writer of part {index} stopped early") from None
+            raise _WriterStopped(f"the writer of part {index} stopped early") from None
 
 
 def _too_long(content_length: int | None, max_size: int) -> Karma8Error:
