@@ -25,7 +25,6 @@ import sqlite3
 from collections.abc import Callable, Sequence
 
 from karma8.core.errors import (
-    DiskFull,
     IntegrityError,
     NotFound,
     PreconditionFailed,
@@ -47,7 +46,7 @@ from karma8.core.model import (
 )
 from karma8.core.placement import NodeLoad
 from karma8.core.rebalance import MovablePart, NodeFill
-from karma8.metadata import moves
+from karma8.metadata import moves, reservations
 from karma8.metadata.database import SqliteDatabase
 from karma8.metadata.rows import committed_id, load_version, node_load, node_status
 
@@ -334,44 +333,8 @@ class SqliteMetadataStore(SqliteDatabase):
         )
 
     def extend_reservation(self, *, version_id: str, size: int) -> None:
-        """Reserve, for every part of a pending version, its share of a ``size``-byte file
-        (a part already holding at least that keeps its reservation), in one transaction.
-
-        Raises:
-            UploadConflict: The version is not pending.
-            DiskFull: A part's node has no room for the extra bytes (nothing is reserved).
-        """
         with self._tx() as db:
-            row = db.execute(
-                "SELECT state, k, unit FROM versions WHERE version_id = ?", (version_id,)
-            ).fetchone()
-            if row is None or row["state"] != VersionState.PENDING.value:
-                state = "unknown" if row is None else row["state"]
-                raise UploadConflict(f"upload {version_id} is {state}, not pending")
-            wanted = StripeLayout(parts=row["k"], unit=row["unit"]).part_sizes(size)
-            parts = db.execute(
-                "SELECT p.idx, p.node_id, p.reserved, n.capacity_bytes - n.used_bytes"
-                " - n.reserved_bytes AS free FROM parts p JOIN nodes n USING (node_id)"
-                " WHERE p.version_id = ? ORDER BY p.idx",
-                (version_id,),
-            ).fetchall()
-            grow = [(wanted[p["idx"]] - p["reserved"], p) for p in parts]
-            for extra, part in grow:
-                if extra > part["free"]:
-                    raise DiskFull(
-                        f"node {part['node_id']} has no room for {extra} more bytes of part"
-                        f" {part['idx']} of upload {version_id}"
-                    )
-            for extra, part in grow:
-                if extra > 0:
-                    db.execute(
-                        "UPDATE parts SET reserved = reserved + ? WHERE version_id = ? AND idx = ?",
-                        (extra, version_id, part["idx"]),
-                    )
-                    db.execute(
-                        "UPDATE nodes SET reserved_bytes = reserved_bytes + ? WHERE node_id = ?",
-                        (extra, part["node_id"]),
-                    )
+            reservations.extend(db, version_id, size)
 
     def expire_pending(self, now: float) -> int:
         with self._tx() as db:
