@@ -38,7 +38,7 @@ def extend(db: sqlite3.Connection, version_id: str, size: int) -> None:
     ).fetchall()
     grow = [(wanted[p["idx"]] - p["reserved"], p) for p in parts]
     for extra, part in grow:
-        if 0 < extra and extra > part["free"]:
+        if extra > 0 and extra > part["free"]:
             raise DiskFull(
                 f"node {part['node_id']} has no room for {extra} more bytes of part"
                 f" {part['idx']} of upload {version_id}"
