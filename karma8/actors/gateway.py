@@ -239,7 +239,7 @@ class Gateway:
                             f"body has {splitter.size} bytes, Content-Length said {content_length}"
                         )
                     await _send_all(senders, splitter.finish())
-                for send in senders:
+                for send in reversed(senders):
                     await send.aclose()
         except BaseExceptionGroup as group:
             splitter.discard()
@@ -260,9 +260,7 @@ class Gateway:
     ) -> None:
         """Stream part ``index`` to its node; on a node failure before the node took anything,
         move the part (``placed[index]``) to another node and stream the same chunks there."""
-        # Closed without a checkpoint (``with``, not ``async with``): the body, woken by the
-        # close, must not run and fail before this task's own error reaches the nursery.
-        with chunks:
+        async with chunks:
             for attempt in itertools.count():
                 placement = placed[index]
                 counted = _PartChunks(chunks)
@@ -429,6 +427,9 @@ class _PartChunks:
         return chunk
 
 
+WRITER_GRACE = 1.0  # seconds; a writer that stopped without an error (a bug) fails the PUT
+
+
 async def _send_all(
     senders: Sequence[trio.MemorySendChannel[bytes]],
     pieces: Sequence[tuple[int, bytes]],
@@ -437,6 +438,9 @@ async def _send_all(
         try:
             await senders[index].send(piece)
         except trio.BrokenResourceError:
+            # The writer closed its channel on its way out with its own error, which cancels
+            # this nursery: wait for that, so that the cause, not this, is the PUT's error.
+            await trio.sleep(WRITER_GRACE)
             raise _WriterStopped(f"the writer of part {index} stopped early") from None
 
 
