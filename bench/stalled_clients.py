@@ -71,15 +71,20 @@ def main() -> None:
     parser.add_argument("--headers", type=int, default=200)
     parser.add_argument("--stall", type=int, default=4096, help="body bytes each upload sends")
     parser.add_argument("--chunked", action="store_true", help="chunked bodies, else a length")
-    parser.add_argument("--idle", type=float, default=5.0, help="idle_timeout, header_timeout")
+    parser.add_argument("--idle", type=float, default=30.0, help="idle_timeout, header_timeout")
     parser.add_argument("--probes", type=int, default=20)
+    parser.add_argument(
+        "--no-config", action="store_true", help="no gateway config (a version before the limits)"
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/karma8-stalled"))
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
     config = args.workdir / "gateway.toml"
     config.write_text(
-        f"idle_timeout = {args.idle}\nheader_timeout = {args.idle}\n"
+        ""
+        if args.no_config
+        else f"idle_timeout = {args.idle}\nheader_timeout = {args.idle}\n"
         f"max_uploads = {args.uploads + 64}\n"
     )
     with separate_cluster(args.workdir, secret=SECRET) as discovery:
