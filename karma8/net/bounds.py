@@ -25,6 +25,7 @@ from karma8.core.errors import InvalidRequest, Unavailable
 
 log = logging.getLogger("karma8.gateway")
 RETRY_AFTER = (b"retry-after", b"1")
+WARN_EVERY = 10.0  # seconds between two warnings that uploads are refused
 # Seconds between two malloc_trim calls in a gateway.
 TRIM_EVERY = 5.0
 
@@ -58,11 +59,16 @@ class UploadGate:
         self.idle_timeout = idle_timeout
         self.in_flight = 0
         self.ended = 0  # uploads ended since start
+        self._warned = -WARN_EVERY
 
     def busy(self) -> Unavailable | None:
         """The error to answer if no upload may start now, else None (and one is counted:
         call :meth:`done` when it ends)."""
         if self.in_flight >= self.max_uploads:
+            now = trio.current_time()
+            if now - self._warned >= WARN_EVERY:  # an operator should know, not every time
+                self._warned = now
+                log.warning("%d uploads in flight (max_uploads): refusing PUTs", self.in_flight)
             return Unavailable(f"{self.in_flight} uploads in flight, the limit; retry later")
         self.in_flight += 1
         return None
