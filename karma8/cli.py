@@ -371,7 +371,9 @@ def _serve(args: argparse.Namespace) -> int:
                 raise ConfigError("--role storage needs --data DIR (its own directory)")
             cluster = _locate(args, config)
             cfg = attrs.evolve(config, secret=cluster.secret)
-            http = make_http_client(cluster.secret)
+            # The pool to discovery (nodes heartbeat through it; a gateway's calls to the
+            # nodes have a pool of their own).
+            http = make_http_client(cluster.secret, max_connections=cfg.discovery_connections)
             await nursery.start(_hold_client, http)
             if role == "storage":
                 url = await nursery.start(

@@ -164,6 +164,15 @@ class DiscoveryAPI(Protocol):
         """
         ...
 
+    async def extend_upload(self, *, version_id: str, size: int) -> None:
+        """Reserve room on the parts' nodes for a ``size``-byte file: at begin, only the
+        first ``reserve_step`` bytes of the size hint are reserved, and the gateway extends the
+        reservation as the body's bytes arrive.
+
+        Raises UploadConflict (not pending), DiskFull (a node has no room; nothing reserved).
+        """
+        ...
+
 
 class RebalanceAPI(Protocol):
     """What the rebalancer asks of discovery: plans, and the steps of each part move."""
@@ -332,7 +341,10 @@ class MetadataStore(Protocol):
         expires_at: float,
         if_absent: bool,
         place: Callable[[Sequence[NodeLoad]], Sequence[str]],
+        reserve_size: int | None = None,
     ) -> FileVersion: ...
+
+    def extend_reservation(self, *, version_id: str, size: int) -> None: ...
 
     def commit_version(
         self,

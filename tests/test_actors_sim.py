@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -430,5 +431,28 @@ def test_a_node_that_cannot_read_its_free_space_registers_with_its_quota(
         assert len(nodes) == 6  # every node came up
         assert {n.capacity_bytes for n in nodes} == {SCENARIO.cluster.capacity}
         await cluster.gateway.put("default", "f", chunks(payload(100)))
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_the_gateway_extends_the_reservation_as_the_body_arrives() -> None:
+    async def go(cluster: SimCluster) -> None:
+        gw = cluster.gateway
+        gw._config = attrs.evolve(gw._config, reserve_step=300)
+        asked: list[int] = []
+        original = cluster.store.extend_reservation
+
+        def extend_reservation(**kwargs: Any) -> None:
+            asked.append(kwargs["size"])
+            original(**kwargs)
+
+        cluster.store.extend_reservation = extend_reservation  # type: ignore[method-assign]
+        data = payload(1000, 3)
+        await gw.put("default", "grows", chunks(data, 70), content_length=1000)
+        assert asked == [600, 900, 1000]  # each time the body passes what is reserved
+        assert await read(gw, "grows") == data
+        await gw.put("default", "chunked", chunks(data, 70))  # no length: nothing reserved
+        assert asked == [600, 900, 1000]
+        assert all(n.reserved_bytes == 0 for n in cluster.store.list_nodes())
 
     run_with_cluster(go, scenario=SCENARIO)

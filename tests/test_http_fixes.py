@@ -32,7 +32,7 @@ from karma8.net.http_fixes import (
     patch_httpcore,
     patch_hypercorn,
 )
-from karma8.net.serve import KEEP_ALIVE_TIMEOUT, serve_app
+from karma8.net.serve import HEADER_TIMEOUT, serve_app
 
 
 def requests(bodies: list[bytes], chunked: list[bool]) -> bytes:
@@ -234,7 +234,7 @@ async def test_a_connection_the_client_closes_is_closed_at_once() -> None:
             # ends the connection through another path, and the test would guard nothing).
             await trio.testing.wait_all_tasks_blocked()
             await stream.send_eof()
-            with trio.fail_after(KEEP_ALIVE_TIMEOUT / 2):  # closed by the EOF, not the timer
+            with trio.fail_after(HEADER_TIMEOUT / 2):  # closed by the EOF, not the timer
                 rest = await read_until_closed(stream)
         nursery.cancel_scope.cancel()
     assert answer.startswith(b"HTTP/1.1 200")

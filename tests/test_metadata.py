@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from karma8.core.errors import (
+    DiskFull,
     IntegrityError,
     NotEnoughNodes,
     NotFound,
@@ -293,3 +294,37 @@ def test_an_old_database_gains_the_failed_at_column(tmp_path: Path) -> None:
     assert store.mark_node_suspect("n0", 2.0)
     assert states(store) == {"n0": "suspect"}
     store.close()
+
+
+def reserved(store: SqliteMetadataStore) -> dict[str, int]:
+    return {n.node_id: n.reserved_bytes for n in store.list_nodes()}
+
+
+def test_a_reservation_starts_capped_and_grows_with_the_bytes(store: SqliteMetadataStore) -> None:
+    # A hint of 4000 bytes (800 a part) reserves only what a 100-byte file needs (20 a part).
+    store.begin_version(
+        version_id="v1",
+        namespace="default",
+        name="f",
+        layout=LAYOUT,
+        size_hint=4000,
+        now=1.0,
+        expires_at=100.0,
+        if_absent=False,
+        place=first_five,
+        reserve_size=100,
+    )
+    assert reserved(store) == {"n0": 20, "n1": 20, "n2": 20, "n3": 20, "n4": 20, "n5": 0}
+    store.extend_reservation(version_id="v1", size=1000)
+    assert reserved(store)["n0"] == 200
+    store.extend_reservation(version_id="v1", size=500)  # never shrinks
+    assert reserved(store)["n0"] == 200
+    # Another upload takes room on n0..n4: v1 cannot grow past it, and nothing changes.
+    begin(store, "v2", name="g", size=3000)
+    with pytest.raises(DiskFull, match="no room"):
+        store.extend_reservation(version_id="v1", size=4000)
+    assert reserved(store)["n0"] == 200 + 600
+    store.abort_version("v1", 2.0)
+    assert reserved(store)["n0"] == 600
+    with pytest.raises(UploadConflict, match="aborted, not pending"):
+        store.extend_reservation(version_id="v1", size=2000)

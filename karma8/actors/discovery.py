@@ -77,6 +77,10 @@ class DiscoveryConfig:
     sweep_interval: float = 5.0
     garbage_batch: int = 1000
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
+    # At begin, nodes reserve room for at most this many bytes of a file's size hint; the
+    # gateway reserves the rest as bytes arrive (extend_upload), so a client that announces a
+    # huge Content-Length and then stalls holds little. Placement still needs room for all.
+    reserve_step: int = 64 << 20
     namespaces: tuple[str, ...] = ("default",)
     # Those of ``namespaces`` anyone may read and write without a token (made public at
     # start-up if they were not).
@@ -157,6 +161,7 @@ class Discovery:
                 expires_at=now + self.config.upload_ttl,
                 if_absent=if_absent,
                 place=place,
+                reserve_size=self.config.reserve_step,
             )
         )
 
@@ -193,6 +198,13 @@ class Discovery:
             lambda: self._store.replace_part(
                 version_id=version_id, index=index, failed_node_id=failed_node_id, place=place
             )
+        )
+
+    async def extend_upload(self, *, version_id: str, size: int) -> None:
+        if not 0 <= size <= self.config.max_file_size:
+            raise InvalidRequest(f"size must be between 0 and {self.config.max_file_size}")
+        await self._blocking(
+            lambda: self._store.extend_reservation(version_id=version_id, size=size)
         )
 
     async def resolve(self, *, namespace: str, name: str) -> FileVersion:

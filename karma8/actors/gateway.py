@@ -78,23 +78,45 @@ class GatewayConfig:
     # Seconds a positive access answer is reused without asking discovery: a revoked token
     # or a disabled namespace is refused within this long. 0: ask every time.
     access_cache_ttl: float = 5.0
+    # Discovery reserves room for the first ``reserve_step`` bytes of a Content-Length at
+    # begin; the gateway extends the reservation by this much as the body passes it.
+    reserve_step: int = 64 << 20
+    # A splitter holds back up to one row (5 stripe units) until it knows where the row
+    # goes: always without a Content-Length, and for a file's tail. An upload that would
+    # hold more than ``stage_free`` bytes first takes one of ``staging_uploads`` slots (for the
+    # rest of its body), so what stalled uploads can hold is bounded gateway-wide.
+    staging_uploads: int = 16
+    stage_free: int = 1 << 20
 
 
 def primary_error(group: BaseExceptionGroup[BaseException]) -> Karma8Error | None:
-    """The first karma8 error in a (nested) exception group, if any.
+    """The first karma8 error in a (nested) exception group, if any; a part writer that
+    stopped early (:class:`_WriterStopped`) only if no other error says why.
 
     None if the group holds a ``Cancelled``: an outer cancellation must propagate as it is.
     """
     if group.subgroup(trio.Cancelled) is not None:
         return None
+    errors = group.subgroup(lambda exc: isinstance(exc, Karma8Error))
+    if errors is None:
+        return None
+    found = _flat(errors)
+    causes = [exc for exc in found if not isinstance(exc, _WriterStopped)]
+    return (causes or found)[0]
+
+
+def _flat(group: BaseExceptionGroup[BaseException]) -> list[Karma8Error]:
+    out: list[Karma8Error] = []
     for exc in group.exceptions:
-        if isinstance(exc, Karma8Error):
-            return exc
         if isinstance(exc, BaseExceptionGroup):
-            found = primary_error(exc)
-            if found is not None:
-                return found
-    return None
+            out += _flat(exc)
+        elif isinstance(exc, Karma8Error):
+            out.append(exc)
+    return out
+
+
+class _WriterStopped(StorageFailure):
+    """A part's writer stopped taking chunks: the consequence of its own error, if any."""
 
 
 class Gateway:
@@ -111,6 +133,7 @@ class Gateway:
         self._storage = storage
         self._config = config
         self._access = AccessCache(config.access_cache_ttl)
+        self._staging = trio.Semaphore(config.staging_uploads)
 
     async def authorize(self, namespace: str, token: str | None, right: Right) -> None:
         """Raise unless ``token`` (None: anonymous) may ``right`` in ``namespace``.
@@ -195,6 +218,11 @@ class Gateway:
         sizes = None if content_length is None else layout.part_sizes(content_length)
         receipts: list[PartReceipt | None] = [None] * layout.parts
         limit = self._config.max_file_size if content_length is None else content_length
+        step = self._config.reserve_step
+        stage_free = self._config.stage_free
+        # Bytes reserved on the nodes so far; a body without a Content-Length reserves
+        # nothing (as before) and is never extended.
+        reserved = limit if content_length is None else min(content_length, step)
         try:
             async with trio.open_nursery() as nursery:
                 senders = []
@@ -211,19 +239,33 @@ class Gateway:
                         receipts,
                         name=f"gw-put-{placement.key}",
                     )
+                # The channels end (each part's end) only once the body is whole: a body that
+                # fails must not look like its end to the writers, which the nursery cancels.
                 async with AsyncExitStack() as closing:
-                    for send in senders:
-                        await closing.enter_async_context(send)
+                    staging = False
                     async for chunk in body:
+                        if not staging and splitter.held_after(len(chunk)) > stage_free:
+                            await closing.enter_async_context(self._staging)
+                            staging = True
                         if splitter.size + len(chunk) > limit:
                             raise _too_long(content_length, self._config.max_file_size)
+                        if splitter.size + len(chunk) > reserved:
+                            assert content_length is not None  # else reserved == limit
+                            wanted = -(-(splitter.size + len(chunk)) // step) * step
+                            reserved = min(content_length, wanted)
+                            await self._discovery.extend_upload(
+                                version_id=version.version_id, size=reserved
+                            )
                         await _send_all(senders, splitter.feed(chunk))
                     if content_length is not None and splitter.size != content_length:
                         raise InvalidRequest(
                             f"body has {splitter.size} bytes, Content-Length said {content_length}"
                         )
                     await _send_all(senders, splitter.finish())
+                for send in reversed(senders):
+                    await send.aclose()
         except BaseExceptionGroup as group:
+            splitter.discard()
             error = primary_error(group)
             if error is None:
                 raise
@@ -408,6 +450,9 @@ class _PartChunks:
         return chunk
 
 
+WRITER_GRACE = 1.0  # seconds; a writer that stopped without an error (a bug) fails the PUT
+
+
 async def _send_all(
     senders: Sequence[trio.MemorySendChannel[bytes]],
     pieces: Sequence[tuple[int, bytes]],
@@ -416,7 +461,10 @@ async def _send_all(
         try:
             await senders[index].send(piece)
         except trio.BrokenResourceError:
-            raise StorageFailure(f"the writer of part {index} stopped early") from None
+            # The writer closed its channel on its way out with its own error, which cancels
+            # this nursery: wait for that, so that the cause, not this, is the PUT's error.
+            await trio.sleep(WRITER_GRACE)
+            raise _WriterStopped(f"the writer of part {index} stopped early") from None
 
 
 def _too_long(content_length: int | None, max_size: int) -> Karma8Error:

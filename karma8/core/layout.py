@@ -142,6 +142,12 @@ class StripeSplitter:
         """Bytes held back, waiting for their row to complete (always < one row)."""
         return len(self._row)
 
+    def held_after(self, count: int) -> int:
+        """Bytes :attr:`buffered` would hold after feeding ``count`` more bytes."""
+        if self._expected is not None:
+            return max(0, self.size + count - self._direct_end)
+        return (len(self._row) + count) % self._layout.row_size
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:
         if self._finished:
             raise RuntimeError("feed() after finish()")
@@ -177,6 +183,12 @@ class StripeSplitter:
                 row.release()
                 self._row.clear()
         return out
+
+    def discard(self) -> None:
+        """Drop what is held back (a failed upload): the memory goes now, not when the
+        splitter does, which an exception's traceback may keep alive for a while."""
+        self._finished = True
+        self._row = bytearray()
 
     def finish(self) -> list[tuple[int, bytes]]:
         """The tail pieces (empty pieces omitted). The splitter cannot be fed afterwards."""

@@ -46,7 +46,7 @@ from karma8.core.model import (
 )
 from karma8.core.placement import NodeLoad
 from karma8.core.rebalance import MovablePart, NodeFill
-from karma8.metadata import moves
+from karma8.metadata import moves, reservations
 from karma8.metadata.access import NamespaceStore
 from karma8.metadata.rows import committed_id, load_version, node_load, node_status
 
@@ -132,8 +132,14 @@ class SqliteMetadataStore(NamespaceStore):
         expires_at: float,
         if_absent: bool,
         place: Callable[[Sequence[NodeLoad]], Sequence[str]],
+        reserve_size: int | None = None,
     ) -> FileVersion:
-        reserve = layout.part_sizes(size_hint) if size_hint is not None else (0,) * layout.parts
+        # Bytes reserved now: for ``reserve_size`` bytes of the file (default: the hint); the
+        # rest is reserved as it arrives (:meth:`extend_reservation`).
+        reserved_for = size_hint if reserve_size is None else min(reserve_size, size_hint or 0)
+        reserve = (
+            layout.part_sizes(reserved_for) if reserved_for is not None else (0,) * layout.parts
+        )
         with self._tx() as db:
             self._require_namespace(db, namespace)
             if if_absent and committed_id(db, namespace, name) is not None:
@@ -306,6 +312,10 @@ class SqliteMetadataStore(NamespaceStore):
         return PartPlacement(
             index=index, key=part["part_key"], node=NodeRef(node_id=node_id, url=url)
         )
+
+    def extend_reservation(self, *, version_id: str, size: int) -> None:
+        with self._tx() as db:
+            reservations.extend(db, version_id, size)
 
     def expire_pending(self, now: float) -> int:
         with self._tx() as db:

@@ -39,13 +39,17 @@ from karma8.ports import BlockingRunner, StoredPart
 log = logging.getLogger(__name__)
 
 
-def make_http_client(secret: str | None, *, timeout: float = 60.0) -> httpx.AsyncClient:
+def make_http_client(
+    secret: str | None, *, timeout: float = 60.0, max_connections: int | None = 200
+) -> httpx.AsyncClient:
+    """A pool of connections; ``max_connections`` None: unbounded (a caller that bounds
+    them itself, as :class:`HttpStorageClient` per node)."""
     patch_httpcore()
     headers = {SECRET_HEADER: secret} if secret else {}
     return httpx.AsyncClient(
         headers=headers,
         timeout=httpx.Timeout(timeout, connect=5.0),
-        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=50),
     )
 
 
@@ -253,6 +257,10 @@ class HttpDiscoveryClient(_Http):
         result = await self._json("POST", path, json={"failed_node_id": failed_node_id})
         return decode(result, PartPlacement)
 
+    async def extend_upload(self, *, version_id: str, size: int) -> None:
+        path = f"/v1/uploads/{_path(version_id)}/extend"
+        await self._json("POST", path, json={"size": size})
+
     async def rebalance_report(self) -> RebalanceReport:
         return decode(await self._json("GET", "/v1/rebalance"), RebalanceReport)
 
@@ -273,9 +281,30 @@ class HttpStorageClient(_Http):
     memory and the node's are an :class:`IntegrityError`, not a stored part.
     """
 
-    def __init__(self, client: httpx.AsyncClient, *, blocking: BlockingRunner) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        blocking: BlockingRunner,
+        node_connections: int | None = None,
+    ) -> None:
         super().__init__(client)
         self._blocking = blocking
+        # Requests in flight per node (a connection each): uploads that hold one node's
+        # connections do not take those of the others, nor discovery's (its own pool).
+        self._node_connections = node_connections
+        self._per_node: dict[str, trio.Semaphore] = {}
+
+    @asynccontextmanager
+    async def _connection(self, node: NodeRef) -> AsyncIterator[None]:
+        if self._node_connections is None:
+            yield
+            return
+        limit = self._per_node.get(node.url)
+        if limit is None:
+            limit = self._per_node[node.url] = trio.Semaphore(self._node_connections)
+        async with limit:
+            yield
 
     def _url(self, node: NodeRef, key: str) -> str:
         return f"{node.url.rstrip('/')}/v1/parts/{_path(key)}"
@@ -287,7 +316,10 @@ class HttpStorageClient(_Http):
         # every chunk once more to glue its size line on.
         headers = {"Content-Length": str(size)} if size is not None else None
         sent = _HashedChunks(chunks, self._blocking)
-        response = await self.request("PUT", self._url(node, key), content=sent, headers=headers)
+        async with self._connection(node):
+            response = await self.request(
+                "PUT", self._url(node, key), content=sent, headers=headers
+            )
         stored = decode(response.json(), StoredPart)
         checksum = sent.digest.hexdigest()
         if stored.size != sent.size or stored.checksum != checksum:
@@ -303,9 +335,12 @@ class HttpStorageClient(_Http):
     ) -> AsyncIterator[AsyncIterator[bytes]]:
         url = self._url(node, key)
         try:
-            async with self._client.stream(
-                "GET", url, params={"offset": offset, "length": length}
-            ) as response:
+            async with (
+                self._connection(node),
+                self._client.stream(
+                    "GET", url, params={"offset": offset, "length": length}
+                ) as response,
+            ):
                 await raise_for_error(response)
                 raw = response.aiter_raw()
                 chunks = _RawChunks(raw, url)
@@ -323,7 +358,8 @@ class HttpStorageClient(_Http):
             raise Unavailable(f"GET {url}: {type(exc).__name__}") from None
 
     async def delete_part(self, node: NodeRef, key: str) -> None:
-        await self.request("DELETE", self._url(node, key))
+        async with self._connection(node):
+            await self.request("DELETE", self._url(node, key))
 
 
 # Chunks at least this big are hashed in a worker thread (hashlib releases the GIL, so the

@@ -96,6 +96,14 @@ def discovery_app(discovery: Discovery, *, secret: str | None, rebalancer: Rebal
         )
         return jsonify(encode(placement))
 
+    @app.route("/v1/uploads/<version_id>/extend", methods=["POST"])
+    async def extend(version_id: str) -> Response:
+        size = (await json_body()).get("size")
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise InvalidRequest("size must be an integer")
+        await discovery.extend_upload(version_id=version_id, size=size)
+        return jsonify({})
+
     @app.route("/v1/files/<namespace>/<path:name>", methods=["GET"])
     async def resolve(namespace: str, name: str) -> Response:
         return jsonify(encode(await discovery.resolve(namespace=namespace, name=name)))

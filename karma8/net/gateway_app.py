@@ -21,16 +21,17 @@ from quart_trio import QuartTrio
 
 from karma8.actors.gateway import Gateway
 from karma8.core.access import Right, bearer_token
+from karma8.net.bounds import UploadGate
 from karma8.net.codec import encode
 from karma8.net.common import create_app, int_arg
 from karma8.net.objects import ObjectRoutes
 
 
-def gateway_app(gateway: Gateway) -> QuartTrio:
+def gateway_app(gateway: Gateway, uploads: UploadGate | None = None) -> QuartTrio:
     app = create_app("gateway", secret=None)
     stats = {"gets": 0, "puts": 0, "read_errors": 0}
     # Quart's documented way to put ASGI middleware in front of an app.
-    app.asgi_app = ObjectRoutes(gateway, stats, app.asgi_app)  # type: ignore[method-assign]
+    app.asgi_app = ObjectRoutes(gateway, stats, app.asgi_app, uploads)  # type: ignore[method-assign]
 
     @app.route("/metrics", methods=["GET"])
     async def metrics() -> Response:

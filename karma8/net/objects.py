@@ -10,12 +10,14 @@ Everything else (listing, metrics, health, an unknown route) still goes to Quart
 from __future__ import annotations
 
 import logging
+import math
 
 from karma8.actors.gateway import Gateway
 from karma8.core.access import Right, bearer_token
 from karma8.core.errors import InvalidRequest, Karma8Error, RangeNotSatisfiable
 from karma8.core.model import FileVersion
 from karma8.core.ranges import resolve_range
+from karma8.net.bounds import RETRY_AFTER, UploadGate
 from karma8.net.codec import error_body, error_status
 from karma8.net.exchange import (
     OCTETS_TYPE,
@@ -59,11 +61,18 @@ class ObjectRoutes(ExchangeRoutes[Target]):
     """The object routes; every other request goes to ``app``. ``stats`` counts PUTs, GETs
     and GETs that failed mid-stream (``/metrics``)."""
 
-    def __init__(self, gateway: Gateway, stats: dict[str, int], app: ASGIApp) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        stats: dict[str, int],
+        app: ASGIApp,
+        uploads: UploadGate | None = None,
+    ) -> None:
         handlers = {"PUT": self._put, "GET": self._get, "HEAD": self._head, "DELETE": self._delete}
         super().__init__(app, handlers, log=log, public=True)
         self._gateway = gateway
         self._stats = stats
+        self._uploads = uploads or UploadGate(max_uploads=1 << 30, idle_timeout=math.inf)
 
     def match(self, path: str) -> Target | None:
         return object_path(path)
@@ -78,13 +87,21 @@ class ObjectRoutes(ExchangeRoutes[Target]):
         if_none_match = exchange.headers.get("if-none-match")
         if if_none_match is not None and if_none_match.strip() != "*":
             raise InvalidRequest("on PUT, If-None-Match supports only '*'")
-        version = await self._gateway.put(
-            namespace,
-            name,
-            exchange,
-            content_length=exchange.content_length(),
-            if_absent=if_none_match is not None,
-        )
+        content_length = exchange.content_length()
+        busy = self._uploads.busy()
+        if busy is not None:  # answered at once, the body unread
+            await exchange.answer_json(error_status(busy), error_body(busy), [RETRY_AFTER])
+            return
+        try:
+            version = await self._gateway.put(
+                namespace,
+                name,
+                self._uploads.body(exchange),
+                content_length=content_length,
+                if_absent=if_none_match is not None,
+            )
+        finally:
+            self._uploads.done()
         self._stats["puts"] += 1
         body = {
             "namespace": version.namespace,

@@ -36,6 +36,7 @@ from karma8.actors.storage import StorageConfig, StorageNode
 from karma8.core.errors import Karma8Error, Unavailable
 from karma8.core.layout import StripeLayout
 from karma8.metadata.sqlite import SqliteMetadataStore
+from karma8.net.bounds import UploadGate, give_back_memory
 from karma8.net.clients import HttpDiscoveryClient, HttpStorageClient, make_http_client
 from karma8.net.discovery_app import discovery_app
 from karma8.net.gateway_app import gateway_app
@@ -58,11 +59,16 @@ HASH_THREADS = 8  # per HTTP storage client; hashing releases the GIL
 DISCOVERY_WARN_EVERY = 5.0
 GATEWAY_PROBE_EVERY = 1.0
 NODE_ID_FILE = "node_id"
+HEADER_TIMEOUT = 30.0  # seconds; NetConfig.header_timeout
+# A gateway's uploads waiting for a staging slot, or stalled behind a slow node, hold their
+# queued body pieces: 2 instead of Hypercorn's 10 bounds that at ~2 MiB per upload.
+GATEWAY_APP_QUEUE = 2
 
 
 _DISCOVERY = DiscoveryConfig()
 _GATEWAY = GatewayConfig()
 _STORAGE = StorageConfig()
+_GATEWAY = GatewayConfig()
 
 
 @attrs.frozen(kw_only=True)
@@ -96,6 +102,24 @@ class NetConfig:
     # Hypercorn closes a connection that has *received* nothing for this long, even while a
     # download is flowing out; 0 disables it (the default).
     read_timeout: int = 0
+    # Bounds on what clients can hold (docs/configuration.md, "Bounded resources").
+    # PUTs in flight per gateway; beyond, 503 with Retry-After, the body unread.
+    max_uploads: int = 256
+    # A client that sends no body bytes for this long has its upload aborted and cleaned up.
+    idle_timeout: float = 30.0
+    # A connection must send a request's headers within this long of opening (or of the
+    # previous answer); Hypercorn's keep_alive_timeout, which also closes idle connections.
+    header_timeout: float = HEADER_TIMEOUT
+    # Requests in flight from a gateway (or the rebalancer) to one storage node.
+    node_connections: int = 512
+    # Connections to discovery, a pool apart from the nodes': uploads cannot starve it.
+    discovery_connections: int = 64
+    # Uploads that may hold back a partial row (up to 5 stripe units) at once; the others
+    # wait for a slot before they stage more than 1 MiB.
+    staging_uploads: int = _GATEWAY.staging_uploads
+    # Room reserved at begin for at most this many bytes of a Content-Length; the rest as it
+    # arrives.
+    reserve_step: int = _DISCOVERY.reserve_step
     # Embedded cluster: the gateway and nodes call the discovery and nodes of their own process
     # directly instead of over loopback HTTP (every role still serves its socket).
     local_calls: bool = True
@@ -135,10 +159,6 @@ class WallClock:
         return time.time()
 
 
-# Seconds an idle keep-alive connection stays open (Hypercorn's default is 5).
-KEEP_ALIVE_TIMEOUT = 75
-
-
 class RandomIds:
     def new_id(self) -> str:
         return secrets.token_hex(8)
@@ -150,6 +170,8 @@ async def serve_app(
     host: str,
     port: int,
     read_timeout: int | None = 60,
+    header_timeout: float = HEADER_TIMEOUT,
+    app_queue: int = 10,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` with Hypercorn until cancelled; reports ``http://host:port``."""
@@ -159,15 +181,30 @@ async def serve_app(
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.read_timeout = read_timeout or None
-    config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
+    # Covers the wait for a request's headers too: Hypercorn's idle timer runs from the
+    # connection's start (or the previous answer) until a whole request head has arrived.
+    config.keep_alive_timeout = header_timeout
+    # Messages (body pieces of up to http_fixes.RECEIVE_SIZE) queued for a request that is
+    # not reading: Hypercorn's max_app_queue_size (default 10).
+    config.max_app_queue_size = app_queue
     async with trio.open_nursery() as nursery:
         urls: list[str] = await nursery.start(hypercorn_serve, app, config)
         task_status.started(urls[0])
 
 
-def _serving(app: QuartTrio, config: NetConfig, port: int) -> Callable[..., Awaitable[None]]:
+def _serving(
+    app: QuartTrio, config: NetConfig, port: int, *, app_queue: int = 10
+) -> Callable[..., Awaitable[None]]:
     """``serve_app`` for ``app`` bound with the config's host and read timeout."""
-    return partial(serve_app, app, host=config.host, port=port, read_timeout=config.read_timeout)
+    return partial(
+        serve_app,
+        app,
+        host=config.host,
+        port=port,
+        read_timeout=config.read_timeout,
+        header_timeout=config.header_timeout,
+        app_queue=app_queue,
+    )
 
 
 def open_metadata(path: Path) -> SqliteMetadataStore:
@@ -195,8 +232,26 @@ def build_discovery(
             max_file_size=config.max_file_size,
             namespaces=config.namespaces,
             public_namespaces=config.public(embedded=embedded),
+            reserve_step=config.reserve_step,
         ),
     )
+
+
+def storage_client(config: NetConfig, http: httpx.AsyncClient) -> HttpStorageClient:
+    """Storage nodes over ``http`` (a pool of its own), ``node_connections`` per node."""
+    return HttpStorageClient(
+        http, blocking=ThreadRunner(HASH_THREADS), node_connections=config.node_connections
+    )
+
+
+def data_pool(config: NetConfig) -> httpx.AsyncClient:
+    """The pool to storage nodes: bounded per node by :func:`storage_client`."""
+    return make_http_client(config.secret, max_connections=None)
+
+
+def control_pool(config: NetConfig) -> httpx.AsyncClient:
+    """The pool to discovery, apart from the nodes' one."""
+    return make_http_client(config.secret, max_connections=config.discovery_connections)
 
 
 async def serve_discovery(
@@ -252,11 +307,11 @@ async def run_discovery(
     private_dir(database.parent)
     store = open_metadata(database)
     try:
-        async with make_http_client(config.secret) as http:
+        async with data_pool(config) as http:
             await serve_discovery(
                 build_discovery(config, store),
                 config,
-                storage=HttpStorageClient(http, blocking=ThreadRunner(HASH_THREADS)),
+                storage=storage_client(config, http),
                 port=port,
                 task_status=task_status,
             )
@@ -358,7 +413,10 @@ def build_gateway(config: NetConfig, *, discovery: DiscoveryAPI, storage: Storag
         discovery=discovery,
         storage=storage,
         config=GatewayConfig(
-            max_file_size=config.max_file_size, access_cache_ttl=config.access_cache_ttl
+            max_file_size=config.max_file_size,
+            access_cache_ttl=config.access_cache_ttl,
+            reserve_step=config.reserve_step,
+            staging_uploads=config.staging_uploads,
         ),
     )
 
@@ -370,10 +428,17 @@ async def serve_gateway(
     port: int | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    uploads = UploadGate(max_uploads=config.max_uploads, idle_timeout=config.idle_timeout)
     async with trio.open_nursery() as nursery:
         url = await nursery.start(
-            _serving(gateway_app(gateway), config, config.gateway_port if port is None else port)
+            _serving(
+                gateway_app(gateway, uploads),
+                config,
+                config.gateway_port if port is None else port,
+                app_queue=GATEWAY_APP_QUEUE,
+            )
         )
+        nursery.start_soon(give_back_memory, uploads, name="gateway-give-back-memory")
         log.info("gateway listening on %s", url)
         task_status.started(url)
 
@@ -389,16 +454,13 @@ async def run_gateway(
 ) -> None:
     """A gateway on its own. It asks discovery in the background until discovery first
     answers, so that a gateway that cannot reach it warns (as :func:`run_storage`'s node
-    does) before a client finds out."""
+    does) before a client finds out. ``http`` is the pool to discovery; the nodes get a pool
+    of their own."""
     discovery = HttpDiscoveryClient(
         http, discovery_url, origin=discovery_from, warn_every=DISCOVERY_WARN_EVERY
     )
-    gateway = build_gateway(
-        config,
-        discovery=discovery,
-        storage=HttpStorageClient(http, blocking=ThreadRunner(HASH_THREADS)),
-    )
-    async with trio.open_nursery() as nursery:
+    async with data_pool(config) as nodes, trio.open_nursery() as nursery:
+        gateway = build_gateway(config, discovery=discovery, storage=storage_client(config, nodes))
         nursery.start_soon(_probe_discovery, discovery, name="gateway-probe-discovery")
         await serve_gateway(gateway, config, port=port, task_status=task_status)
 
@@ -434,12 +496,16 @@ async def run_cluster(
     assert secret is not None
     store = open_metadata(data_dir / "discovery.sqlite3")
     try:
-        async with make_http_client(secret) as http, trio.open_nursery() as nursery:
+        async with (
+            data_pool(config) as http,
+            control_pool(config) as control,
+            trio.open_nursery() as nursery,
+        ):
             # Co-located roles call each other in-process (karma8/net/local.py), unless the
             # configuration asks for every hop to go over HTTP. The gateway and the
             # rebalancer share one storage client; the nodes join ``local`` as they start.
             local: dict[str, StorageNode] = {}
-            storage: StorageAPI = HttpStorageClient(http, blocking=ThreadRunner(HASH_THREADS))
+            storage: StorageAPI = storage_client(config, http)
             if config.local_calls:
                 storage = LocalFirstStorageClient(local, storage)
             discovery = build_discovery(config, store, embedded=True)
@@ -447,7 +513,7 @@ async def run_cluster(
                 partial(serve_discovery, discovery, config, storage=storage)
             )
             reach: DiscoveryAPI = (
-                discovery if config.local_calls else HttpDiscoveryClient(http, discovery_url)
+                discovery if config.local_calls else HttpDiscoveryClient(control, discovery_url)
             )
             sync_groups = SyncGroups()  # nodes on one file system share one syncfs per round
             for node_dir in node_dirs:

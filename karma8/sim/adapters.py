@@ -176,6 +176,12 @@ class SimDiscoveryClient:
 
         return await self._net.call(self._src, DISCOVERY, f"replace_part {version_id}.{index}", op)
 
+    async def extend_upload(self, *, version_id: str, size: int) -> None:
+        async def op(d: Discovery) -> None:
+            await d.extend_upload(version_id=version_id, size=size)
+
+        await self._net.call(self._src, DISCOVERY, f"extend_upload {version_id}", op)
+
 
 class SimStorageClient:
     """:class:`karma8.ports.StorageAPI` over the simulated network (node id = endpoint)."""
