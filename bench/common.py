@@ -65,6 +65,8 @@ def separate_cluster(
 ) -> Iterator[str]:
     """Discovery and ``nodes`` storage nodes as separate processes; yields the discovery URL."""
     workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "discovery.toml"  # anonymous requests, as to the peers
+    config.write_text('public_namespaces = ["default"]\n')
     with karma8_process(
         [
             "serve",
@@ -76,6 +78,8 @@ def separate_cluster(
             str(workdir / "meta"),
             "--secret",
             secret,
+            "--config",
+            str(config),
         ],
         r"discovery up: (http://\S+)",
         workdir / "discovery.log",

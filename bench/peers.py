@@ -376,13 +376,15 @@ class Karma8(Server):
         if info["gateway"] != self.base_url:
             raise ServerError(f"karma8 gateway is {info['gateway']}, expected {self.base_url}")
         discovery_port = int(info["discovery"].rsplit(":", 1)[1])
+        # Public, as the peers are: every request anonymous, no token to check.
         status = http_status(
             "PUT",
             f"/v1/namespaces/{NAMESPACE}",
             discovery_port,
-            headers={"X-Karma8-Secret": info["secret"]},
+            body=b'{"public": true}',
+            headers={"X-Karma8-Secret": info["secret"], "Content-Type": "application/json"},
         )
-        if status != 204:
+        if status != 200:
             raise ServerError(
                 f"creating namespace {NAMESPACE!r} answered {status}\n" + self.log_tail()
             )

@@ -65,7 +65,7 @@ def movable_parts(
         WHERE p.node_id = ? AND v.state = 'committed' AND p.size > 0
           AND NOT EXISTS (SELECT 1 FROM moves m WHERE m.part_key = p.part_key)
           AND (SELECT count(*) FROM parts q
-               WHERE q.version_id = p.version_id AND q.node_id IN ({marks})) < ?
+               WHERE q.version_id = p.version_id AND +q.node_id IN ({marks})) < ?
         LIMIT ?
         """,
         (node_id, *receivers, len(receivers), limit),
@@ -122,7 +122,7 @@ def begin_move(
     if node["capacity_bytes"] - node["used_bytes"] - node["reserved_bytes"] < part["size"]:
         raise MoveConflict(f"node {target} has no room for part {key}")
     taken = db.execute(
-        "SELECT 1 FROM parts WHERE version_id = ? AND node_id = ?"
+        "SELECT 1 FROM parts WHERE version_id = ? AND +node_id = ?"
         " UNION ALL SELECT 1 FROM stale_copies WHERE part_key = ? AND node_id = ?",
         (part["version_id"], target, key, target),
     ).fetchone()

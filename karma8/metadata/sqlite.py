@@ -542,7 +542,7 @@ def _count_live(db: sqlite3.Connection, version_id: str, sign: int) -> None:
         """
         UPDATE nodes SET live_bytes = live_bytes + :sign * (
             SELECT coalesce(sum(p.size), 0) FROM parts p
-            WHERE p.version_id = :version AND p.node_id = nodes.node_id)
+            WHERE p.version_id = :version AND +p.node_id = nodes.node_id)
         WHERE node_id IN (SELECT node_id FROM parts WHERE version_id = :version)
         """,
         {"sign": sign, "version": version_id},

@@ -111,6 +111,7 @@ class Monitor:
         self.uploads_cleaned: list[str] = []
         self.moved_parts: list[str] = []
         self.moves: list[tuple[str, str, str, int]] = []  # (key, source, target, size) switched
+        self.detections: list[tuple[str, float]] = []  # (node id, when marked failing)
         self._begun: dict[str, list[_Begun]] = {}  # name -> versions begun for it
         self._begun_by_id: dict[str, _Begun] = {}
         self._committed_ids: set[str] = set()
@@ -250,21 +251,33 @@ class Monitor:
         return reads, writes
 
     def puts_failed_after_faults(self, node_ids: set[str]) -> list[str]:
-        """Failed PUTs that were not in flight when a fault on one of ``node_ids`` began."""
-        starts = [
-            w.start
-            for w in self.timeline.windows
-            if w.kind in NODE_FAULTS and (w.actors & node_ids or ANY in w.actors)
-        ]
+        """Failed PUTs that were not in flight when a fault on one of ``node_ids`` was detected.
+
+        A fault is detected when the cluster first learns of it after it began: the node
+        reported failing by a gateway (suspect) or marked unavailable by discovery; until then
+        nobody can know (a disk is full only when a write meets it). A PUT that started before
+        the detection may fail; one that started after must find the node avoided.
+        """
+        spans = []
+        for w in self.timeline.windows:
+            if w.kind not in NODE_FAULTS or not (w.actors & node_ids or ANY in w.actors):
+                continue
+            seen = [t for node, t in self.detections if node in w.actors and t >= w.start]
+            spans.append((w.start, min(seen, default=w.until)))
         return [
             f"PUT {op.name} at t={op.start:.6f}..{op.end:.6f} failed ({op.error}),"
-            " though no storage node fault began while it ran"
+            " though it started after every storage node fault it overlaps was detected"
             for op in self.history.ops
             if op.kind == "put"
             and not op.ok
             and op.error not in REFUSALS
-            and not any(op.start <= start <= op.end for start in starts)
+            and not any(op.start <= detected and op.end >= start for start, detected in spans)
         ]
+
+    def detected(self, node_ids: list[str]) -> None:
+        """Nodes the cluster now knows failing (suspect or unavailable)."""
+        now = trio.current_time()
+        self.detections.extend((node_id, now) for node_id in node_ids)
 
     def _read_explained(self, op: Op) -> bool:
         actors = {GATEWAY, DISCOVERY} | self._part_nodes.get(op.name, set())
@@ -300,6 +313,17 @@ class ObservedStore(SqliteMetadataStore):
         version = super().commit_version(**kwargs)
         self._monitor.committed(version)
         return version
+
+    def mark_node_suspect(self, node_id: str, now: float) -> bool:
+        known = super().mark_node_suspect(node_id, now)
+        if known:
+            self._monitor.detected([node_id])
+        return known
+
+    def mark_stale_nodes(self, seen_before: float) -> list[str]:
+        stale = super().mark_stale_nodes(seen_before)
+        self._monitor.detected(stale)
+        return stale
 
     def finish_move(self, **kwargs: Any) -> None:
         source = self.part_row(kwargs["key"])
