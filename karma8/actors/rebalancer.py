@@ -182,15 +182,6 @@ class Rebalancer:
                 nursery.start_soon(one, ticket)
         return moved
 
-    async def move(self, move: Move) -> bool:
-        """Move one part now; True if it moved. A failure aborts the move (logged)."""
-        try:
-            ticket = await self._discovery.begin_move(move, lease=self.config.move_lease)
-        except Karma8Error as exc:
-            log.info("not moving %s: %s", move.key, exc)
-            return False
-        return await self._carry_out(ticket)
-
     async def _carry_out(self, ticket: MoveTicket) -> bool:
         """Copy a recorded move's part and switch to it; abort the move on any failure."""
         target = ticket.target.node_id

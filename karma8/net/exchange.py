@@ -25,6 +25,7 @@ method (``OPTIONS`` and ``405`` name the others in ``Allow``) and answers a
 
 from __future__ import annotations
 
+import abc
 import hmac
 import json
 import logging
@@ -295,7 +296,7 @@ class Exchange:
 Handler = Callable[[Exchange, T], Awaitable[None]]
 
 
-class ExchangeRoutes(Generic[T]):
+class ExchangeRoutes(abc.ABC, Generic[T]):
     """ASGI middleware: serves the requests whose path :meth:`match` claims, hands every
     other request to ``app``.
 
@@ -326,9 +327,9 @@ class ExchangeRoutes(Generic[T]):
         self._secret = secret
         self._public = public
 
+    @abc.abstractmethod
     def match(self, path: str) -> T | None:
         """What a handler needs from ``path`` (e.g. a name), or None: another route's."""
-        raise NotImplementedError
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
