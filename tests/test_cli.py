@@ -283,6 +283,13 @@ def test_the_rebalance_table_of_the_config_file_and_its_flags(tmp_path: Path) ->
     path.write_text("rebalance = 3\n")
     with pytest.raises(ConfigError, match=r"rebalance: expected a table"):
         load_net_config(path, {})
+    # Counts where 0 would refuse or stall every request.
+    for key in ("max_connections", "max_uploads", "node_connections", "staging_uploads"):
+        path.write_text(f"{key} = 0\n")
+        with pytest.raises(ConfigError, match=rf"k.toml:1: {key}: must be >= 1, got 0"):
+            load_net_config(path, {})
+    path.write_text("max_connections = 64\n")
+    assert load_net_config(path, {}).max_connections == 64
 
 
 def test_a_bad_rebalance_bandwidth_flag_is_a_usage_error(

@@ -353,3 +353,35 @@ async def test_bytes_after_a_closing_answer_do_not_cut_it_short() -> None:
         nursery.cancel_scope.cancel()
     assert answer.startswith(b"HTTP/1.1 400")
     assert answer.endswith(HELLO)  # whole, and nothing for the second request
+
+
+async def test_connections_beyond_the_cap_get_503_and_are_closed() -> None:
+    # Stock Hypercorn serves every connection it can accept: no 503, the third is served.
+    async with trio.open_nursery() as nursery:
+        url: str = await nursery.start(
+            partial(serve_app, hello, host="127.0.0.1", port=0, max_connections=2)
+        )
+        host, port = url.removeprefix("http://").split(":")
+        held = [await trio.open_tcp_stream(host, int(port)) for _ in range(2)]
+        # Both are being served once every task waits (each has a TCPServer reading it).
+        await trio.testing.wait_all_tasks_blocked()
+        async with await trio.open_tcp_stream(host, int(port)) as third:
+            await third.send_all(b"GET /f HTTP/1.1\r\nHost: x\r\n\r\n")
+            with trio.fail_after(GIVE_UP):
+                refused = await read_until_closed(third)
+        head, _, body = refused.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503")
+        assert b"retry-after: 1" in head
+        assert b"connection: close" in head
+        assert b"max_connections" in body
+        # One held connection closes: the next one is served again.
+        await held.pop().aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        async with await trio.open_tcp_stream(host, int(port)) as fourth:
+            await fourth.send_all(b"GET /f HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            with trio.fail_after(GIVE_UP):
+                served_again = await read_until_closed(fourth)
+        assert served_again.startswith(b"HTTP/1.1 200")
+        for stream in held:
+            await stream.aclose()
+        nursery.cancel_scope.cancel()

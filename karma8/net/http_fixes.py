@@ -60,10 +60,23 @@ and :func:`check_versions` refuses any other version before a patch is applied.
    No upstream issue; the lines:
    https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/protocol/h11.py#L162-L168
    https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/trio/tcp_server.py#L92-L94
+
+8. A cap on open connections. Hypercorn takes every connection it can accept, so enough
+   idle or slow ones hold a descriptor and a task each until the process runs out. A server
+   given a cap (:func:`cap_connections`) answers a connection beyond it with a ``503`` and
+   ``Retry-After`` and closes it, as uvicorn's ``--limit-concurrency`` does, and logs (at
+   most every 10 s) that it did.
+   Upstream: https://github.com/pgjones/hypercorn/issues/81
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import math
+import secrets
+import weakref
 from collections.abc import Awaitable, Callable
 from importlib.metadata import version
 from typing import Any
@@ -73,9 +86,12 @@ import h11._connection
 import httpcore
 import trio
 from h11._receivebuffer import ReceiveBuffer
+from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, RawData
 from hypercorn.protocol import h11 as h11_protocol
 from hypercorn.trio import tcp_server
+
+log = logging.getLogger("karma8.net")
 
 RECEIVE_SIZE = 1 << 20
 PINNED = {
@@ -99,6 +115,7 @@ def _replace(owner: object, name: str, value: object) -> None:
     setattr(owner, name, value)
 
 
+_original_run = tcp_server.TCPServer.run
 _original_close = tcp_server.TCPServer._close
 _original_protocol_send = tcp_server.TCPServer.protocol_send
 _original_read_data = tcp_server.TCPServer._read_data
@@ -276,6 +293,93 @@ async def _create_stream_continue_on_ask(self: Any, request: h11.Request) -> Non
         self.app = app
 
 
+class ConnectionCap:
+    """At most ``limit`` connections open at once on one server (patch 8)."""
+
+    WARN_EVERY = 10.0
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"a connection cap must be at least 1, not {limit}")
+        self.limit = limit
+        self.open = 0
+        self.refused = 0
+        self._warned = -math.inf
+
+    def refusal(self) -> bytes:
+        """The whole answer to a connection beyond the cap."""
+        request_id = secrets.token_hex(8)
+        body = json.dumps(
+            {
+                "error": {
+                    "code": "unavailable",
+                    "message": f"the server has {self.limit} connections open (max_connections);"
+                    " retry later",
+                    "request_id": request_id,
+                }
+            }
+        ).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nretry-after: 1\r\nx-request-id: {request_id}\r\n"
+            "connection: close\r\n\r\n"
+        )
+        return head.encode("latin-1") + body
+
+    def note_refusal(self) -> None:
+        self.refused += 1
+        now = trio.current_time()
+        if now - self._warned >= self.WARN_EVERY:  # an operator should know, not every time
+            self._warned = now
+            log.warning(
+                "%d connections open (max_connections): refusing new ones (%d so far)",
+                self.open,
+                self.refused,
+            )
+
+
+REFUSAL_TIMEOUT = 1.0  # seconds to hand a refused connection its 503
+REFUSAL_DRAIN = 1 << 16  # bytes of a refused connection's request read and dropped
+_caps: weakref.WeakKeyDictionary[HypercornConfig, ConnectionCap] = weakref.WeakKeyDictionary()
+
+
+def cap_connections(config: HypercornConfig, limit: int) -> ConnectionCap:
+    """Serve at most ``limit`` connections at once with ``config`` (patch 8)."""
+    cap = _caps[config] = ConnectionCap(limit)
+    return cap
+
+
+async def _refuse(stream: trio.SocketStream, answer: bytes) -> None:
+    """Send ``answer``, then close without a reset: a socket closed with unread bytes (the
+    client's request) sends RST, and the client may lose the answer. So the write side ends
+    first and what the client sent is read and dropped (at most REFUSAL_DRAIN bytes, for at
+    most REFUSAL_TIMEOUT) until it closes too: a lingering close."""
+    with trio.move_on_after(REFUSAL_TIMEOUT), contextlib.suppress(trio.BrokenResourceError):
+        await stream.send_all(answer)
+        await stream.send_eof()
+        drained = 0
+        while drained < REFUSAL_DRAIN and (chunk := await stream.receive_some(65536)):
+            drained += len(chunk)
+    with trio.CancelScope(shield=True):
+        await stream.aclose()
+
+
+async def _capped_run(self: Any) -> None:
+    cap = _caps.get(self.config)
+    if cap is None:
+        await _original_run(self)
+        return
+    if cap.open >= cap.limit:
+        cap.note_refusal()
+        await _refuse(self.stream, cap.refusal())
+        return
+    cap.open += 1
+    try:
+        await _original_run(self)
+    finally:
+        cap.open -= 1
+
+
 def patch_h11() -> None:
     """Every h11 connection (Hypercorn's and httpcore's) gets the pass-through buffer."""
     check_versions()
@@ -287,6 +391,7 @@ def patch_hypercorn() -> None:
     check_versions()
     patch_h11()
     _replace(tcp_server, "MAX_RECV", RECEIVE_SIZE)
+    _replace(tcp_server.TCPServer, "run", _capped_run)
     _replace(tcp_server.TCPServer, "_close", _shielded_close)
     _replace(tcp_server.TCPServer, "protocol_send", _cancellable_send)
     _replace(tcp_server.TCPServer, "_read_data", _read_data_then_stop_idle_timer)

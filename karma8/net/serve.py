@@ -40,7 +40,7 @@ from karma8.net.bounds import UploadGate, give_back_memory
 from karma8.net.clients import HttpDiscoveryClient, HttpStorageClient, make_http_client
 from karma8.net.discovery_app import discovery_app
 from karma8.net.gateway_app import gateway_app
-from karma8.net.http_fixes import patch_hypercorn
+from karma8.net.http_fixes import cap_connections, patch_hypercorn
 from karma8.net.local import LocalFirstStorageClient
 from karma8.net.locate import ClusterInfo, read_cluster_info, write_cluster_info
 from karma8.net.metasync import GroupCommitRunner
@@ -60,6 +60,9 @@ DISCOVERY_WARN_EVERY = 5.0
 GATEWAY_PROBE_EVERY = 1.0
 NODE_ID_FILE = "node_id"
 HEADER_TIMEOUT = 30.0  # seconds; NetConfig.header_timeout
+# Connections per server: far below the descriptors a process may open (ulimit -n) once the
+# internal pools have theirs, far above what the bounded uploads need.
+MAX_CONNECTIONS = 4096
 # A gateway's uploads waiting for a staging slot, or stalled behind a slow node, hold their
 # queued body pieces: 2 instead of Hypercorn's 10 bounds that at ~2 MiB per upload.
 GATEWAY_APP_QUEUE = 2
@@ -110,6 +113,8 @@ class NetConfig:
     # A connection must send a request's headers within this long of opening (or of the
     # previous answer); Hypercorn's keep_alive_timeout, which also closes idle connections.
     header_timeout: float = HEADER_TIMEOUT
+    # Connections each server of the process keeps open at once; beyond, 503 and close.
+    max_connections: int = MAX_CONNECTIONS
     # Requests in flight from a gateway (or the rebalancer) to one storage node.
     node_connections: int = 512
     # Connections to discovery, a pool apart from the nodes': uploads cannot starve it.
@@ -172,11 +177,13 @@ async def serve_app(
     read_timeout: int | None = 60,
     header_timeout: float = HEADER_TIMEOUT,
     app_queue: int = 10,
+    max_connections: int = MAX_CONNECTIONS,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` with Hypercorn until cancelled; reports ``http://host:port``."""
     patch_hypercorn()
     config = HypercornConfig()
+    cap_connections(config, max_connections)
     config.bind = [f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -204,6 +211,7 @@ def _serving(
         read_timeout=config.read_timeout,
         header_timeout=config.header_timeout,
         app_queue=app_queue,
+        max_connections=config.max_connections,
     )
 
 

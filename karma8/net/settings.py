@@ -23,6 +23,14 @@ from karma8.net.serve import NetConfig
 SIZES = ("capacity", "stripe_unit", "max_file_size", "reserve_step")
 OPTIONAL_STRINGS = ("secret", "discovery_url")
 NAME_LISTS = ("namespaces", "public_namespaces")
+# Counts where 0 would refuse or stall every request.
+POSITIVE = (
+    "max_connections",
+    "max_uploads",
+    "node_connections",
+    "discovery_connections",
+    "staging_uploads",
+)
 
 
 def load_net_config(
@@ -62,7 +70,8 @@ def load_net_config(
             elif isinstance(default, float):
                 values[field.name] = reader.number(field.name, default, minimum=0.001)
             else:
-                values[field.name] = reader.integer(field.name, default)
+                minimum = 1 if field.name in POSITIVE else 0
+                values[field.name] = reader.integer(field.name, default, minimum=minimum)
         reader.finish()
     values.update({k: v for k, v in overrides.items() if v is not None})
     config = attrs.evolve(base, **values)
