@@ -8,6 +8,7 @@ karma8 scrub [--json]                 verify every part on every node now
 karma8 rebalance [--dry-run] [--json] rebalance now, or show the next round's plan
 karma8 namespace create NAME [--public] | list | disable NAME
 karma8 token create NAMESPACE [--read] [--write] | list [NAMESPACE] | revoke ID
+karma8 put FILE NAMESPACE/NAME | get NAMESPACE/NAME [FILE|-] | ls NAMESPACE/[PREFIX] | rm ...
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from karma8.core.errors import Karma8Error, Unavailable
 from karma8.core.tomlconf import ConfigError
 from karma8.core.units import parse_size
 from karma8.net.access_admin import add_access_commands, run_access
+from karma8.net.client import COMMANDS as CLIENT_COMMANDS
+from karma8.net.client import add_client_commands, run_client
 from karma8.net.locate import DEFAULT_DATA, ClusterRef, given_secrets, locate_cluster
 from karma8.sim.fillseries import DEFAULT_INTERVAL
 from karma8.sim.report import render_json, render_text
@@ -129,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
             )
         _cluster_args(admin)
     add_access_commands(commands, _cluster_args)
+    add_client_commands(commands)
     return parser
 
 
@@ -529,6 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = _sim(args)
         elif args.command == "serve":
             status = _serve(args)
+        elif args.command in CLIENT_COMMANDS:
+            status = run_client(args)
         else:
             status = _admin(args)
         sys.stdout.flush()  # a reader that left must show here, not when Python exits

@@ -144,15 +144,26 @@ range_headers = st.one_of(
 )
 
 
+# If-Range: none, the file's own ETag, its weak form, another ETag, a date.
+if_ranges = st.sampled_from([None, "own", "W/own", '"other"', "Sat, 05 Dec 2026 10:00:00 GMT"])
+
+
 @FUZZ
-@given(size=st.sampled_from([0, 1, 14, 200]), header=range_headers)
+@given(size=st.sampled_from([0, 1, 14, 200]), header=range_headers, if_range=if_ranges)
 def test_ranges_serve_what_the_rules_select(
-    gateway: tuple[str, int], size: int, header: str
+    gateway: tuple[str, int], size: int, header: str, if_range: str | None
 ) -> None:
     data = bytes(i % 251 for i in range(size))
     name = f"range-{size}"
-    assert exchange(gateway, request("PUT", name.encode(), body=data)).status == 201
-    answer = exchange(gateway, request("GET", name.encode(), headers=f"Range: {header}\r\n"))
+    stored = exchange(gateway, request("PUT", name.encode(), body=data))
+    assert stored.status == 201
+    lines = f"Range: {header}\r\n"
+    if if_range is not None:
+        lines += f"If-Range: {if_range.replace('own', stored.headers['etag'])}\r\n"
+    answer = exchange(gateway, request("GET", name.encode(), headers=lines))
+    if if_range not in (None, "own"):  # only the file's own strong ETag lets a range through
+        assert (answer.status, answer.body) == (200, data), (header, if_range)
+        return
     try:
         selected = resolve_range(header.strip(" \t"), size)
     except RangeNotSatisfiable:

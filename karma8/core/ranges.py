@@ -40,3 +40,13 @@ def resolve_range(header: str | None, size: int) -> tuple[int, int] | None:
         raise RangeNotSatisfiable(f"range starts at {start}, the file has {size} bytes")
     stop = size if not last else min(int(last) + 1, size)
     return start, stop
+
+
+def if_range_allows(header: str | None, etag: str | None) -> bool:
+    """Whether a Range may be served under ``If-Range`` (RFC 9110 §13.1.5): only when the
+    header is absent or names the current ETag, compared strongly (a weak ``W/`` tag never
+    matches). A date cannot match: there is no Last-Modified. Otherwise the whole file is
+    served, so a client resuming a download of another version starts over."""
+    if header is None:
+        return True
+    return etag is not None and header.strip() == etag

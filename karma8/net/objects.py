@@ -16,7 +16,7 @@ from karma8.actors.gateway import Gateway
 from karma8.core.access import Right, bearer_token
 from karma8.core.errors import InvalidRequest, Karma8Error, RangeNotSatisfiable
 from karma8.core.model import FileVersion
-from karma8.core.ranges import resolve_range
+from karma8.core.ranges import if_range_allows, resolve_range
 from karma8.net.bounds import RETRY_AFTER, UploadGate
 from karma8.net.codec import error_body, error_status
 from karma8.net.exchange import (
@@ -125,8 +125,11 @@ class ObjectRoutes(ExchangeRoutes[Target]):
         if etag_matches(exchange.headers.get("if-none-match"), version.etag):
             await exchange.answer(304, _version_headers(version))
             return
+        wanted = exchange.headers.get("range")
+        if not if_range_allows(exchange.headers.get("if-range"), version.etag):
+            wanted = None
         try:
-            span = resolve_range(exchange.headers.get("range"), version.size)
+            span = resolve_range(wanted, version.size)
         except RangeNotSatisfiable as exc:
             unsatisfied = [(b"content-range", f"bytes */{version.size}".encode())]
             await exchange.answer_json(error_status(exc), error_body(exc), unsatisfied)
