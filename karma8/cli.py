@@ -113,7 +113,15 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not rebalance on its own; `karma8 rebalance` still does (all and discovery)",
     )
-    serve.add_argument("-v", "--verbose", action="store_true", help="log more")
+    serve.add_argument(
+        "-v", "--verbose", action="store_true", help="log more: one line per request too"
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines as text (default) or one JSON object per line",
+    )
 
     for name, help_text in (
         ("nodes", "list storage nodes"),
@@ -305,13 +313,14 @@ async def _until_signalled(run: Callable[[trio.Nursery], Awaitable[None]]) -> No
 def _serve(args: argparse.Namespace) -> int:
     from karma8.net import serve as net
     from karma8.net.clients import make_http_client
+    from karma8.net.requestlog import configure_logging
     from karma8.net.settings import load_net_config
 
-    logging.basicConfig(
+    configure_logging(
         level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        json_lines=args.log_format == "json",
+        role=args.role,
     )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per internal request
     try:
         overrides: dict[str, Any] = {
             "host": args.host,

@@ -34,6 +34,7 @@ from karma8.core.rebalance_report import PlanSummary, RebalanceReport
 from karma8.net.codec import decode, encode
 from karma8.net.exchange import SECRET_HEADER
 from karma8.net.http_fixes import patch_httpcore
+from karma8.net.requestlog import outgoing_headers
 from karma8.ports import BlockingRunner, StoredPart
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,15 @@ def make_http_client(
     headers = {SECRET_HEADER: secret} if secret else {}
     return httpx.AsyncClient(
         headers=headers,
+        event_hooks={"request": [_carry_request_id]},
         timeout=httpx.Timeout(timeout, connect=5.0),
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=50),
     )
+
+
+async def _carry_request_id(request: httpx.Request) -> None:
+    """An internal request made while serving a request carries that request's id."""
+    request.headers.update(outgoing_headers())
 
 
 async def raise_for_error(response: httpx.Response) -> None:

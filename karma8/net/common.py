@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
-import secrets
+import time
 from typing import Any
 
-from quart import Response, jsonify, request
+from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 
 from karma8.core.errors import InvalidRequest, Karma8Error
+from karma8.net import requestlog
 from karma8.net.codec import error_body, error_headers, error_status
 from karma8.net.exchange import METHOD_NOT_ALLOWED, SECRET_HEADER, check_secret, int_value
+from karma8.net.requestlog import REQUEST_ID_HEADER, accept_request_id, log_access
 
 log = logging.getLogger("karma8.net")
 
@@ -28,10 +30,33 @@ def create_app(name: str, *, secret: str | None) -> QuartTrio:
     app.config["BODY_TIMEOUT"] = None
     app.config["RESPONSE_TIMEOUT"] = None
 
+    # First of the before_request hooks: a refused secret is logged with the id too. The
+    # handler, its error handlers and after_request run in the same task, so they see it.
+    @app.before_request
+    async def take_request_id() -> None:
+        g.request_id = accept_request_id(request.headers.get(REQUEST_ID_HEADER))
+        g.began = time.perf_counter()
+        requestlog.current.set(g.request_id)
+
+    @app.after_request
+    async def give_request_id(response: Response) -> Response:
+        request_id = _request_id()
+        response.headers[REQUEST_ID_HEADER] = request_id
+        sent = response.content_length or 0
+        log_access(
+            request.method,
+            request.full_path.rstrip("?"),
+            response.status_code,
+            sent,
+            g.get("began", time.perf_counter()),
+            request_id,
+        )
+        return response
+
     @app.errorhandler(Karma8Error)
     async def karma8_error(error: Karma8Error) -> tuple[Response, int, dict[str, str]]:
         # As the data plane answers (karma8.net.exchange): a request id, and a 5xx logged.
-        status, request_id = error_status(error), secrets.token_hex(8)
+        status, request_id = error_status(error), _request_id()
         if status >= 500:
             log.error(
                 "%s %s failed with %d [request %s]: %s",
@@ -40,7 +65,7 @@ def create_app(name: str, *, secret: str | None) -> QuartTrio:
         body = error_body(error)
         body["error"]["request_id"] = request_id
         headers = {k.decode(): v.decode() for k, v in error_headers(error)}
-        return jsonify(body), status, {"X-Request-Id": request_id, **headers}
+        return jsonify(body), status, headers
 
     @app.errorhandler(404)
     async def no_route(_: Exception) -> tuple[Response, int]:
@@ -51,8 +76,8 @@ def create_app(name: str, *, secret: str | None) -> QuartTrio:
         return jsonify(METHOD_NOT_ALLOWED), 405
 
     @app.errorhandler(Exception)
-    async def internal(error: Exception) -> tuple[Response, int, dict[str, str]]:
-        request_id = secrets.token_hex(8)
+    async def internal(error: Exception) -> tuple[Response, int]:
+        request_id = _request_id()
         log.error(
             "unhandled error in %s: %s %s [request %s]",
             *(name, request.method, request.path, request_id),
@@ -61,7 +86,7 @@ def create_app(name: str, *, secret: str | None) -> QuartTrio:
         body = {
             "error": {"code": "internal", "message": "internal error", "request_id": request_id}
         }
-        return jsonify(body), 500, {"X-Request-Id": request_id}
+        return jsonify(body), 500
 
     if secret is not None:
 
@@ -76,6 +101,13 @@ def create_app(name: str, *, secret: str | None) -> QuartTrio:
         return jsonify({"ok": True, "role": name})
 
     return app
+
+
+def _request_id() -> str:
+    """The current request's id (made here if the request never reached the hook)."""
+    if "request_id" not in g:
+        g.request_id = accept_request_id(None)
+    return str(g.request_id)
 
 
 async def json_body() -> dict[str, Any]:

@@ -30,7 +30,7 @@ import hmac
 import json
 import logging
 import re
-import secrets
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Generic, TypeVar, cast
@@ -40,7 +40,9 @@ import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
 from karma8.core.errors import Forbidden, InvalidName, InvalidRequest, Karma8Error
+from karma8.net import requestlog
 from karma8.net.codec import error_body, error_headers, error_status
+from karma8.net.requestlog import accept_request_id, log_access
 
 ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
@@ -161,7 +163,9 @@ class Exchange:
         "gone",
         "headers",
         "request_id",
+        "sent",
         "started",
+        "status",
     )
 
     def __init__(
@@ -172,7 +176,6 @@ class Exchange:
         request_id: str = "",
     ):
         self._scope = scope
-        self.request_id = request_id or secrets.token_hex(8)
         self._receive = receive
         self._send = send
         self._query: dict[str, str] | None = None
@@ -181,6 +184,8 @@ class Exchange:
             name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         self.headers = headers
+        # The client's X-Request-Id if sane, else a new one (karma8.net.requestlog).
+        self.request_id = request_id or accept_request_id(headers.get("x-request-id"))
         # Whether every message of the request body has been received. An HTTP/1 request
         # without a body (most GETs) has one message, which the queue always has room for;
         # elsewhere (HTTP/2 frames a body of unknown size without either header) the
@@ -192,6 +197,8 @@ class Exchange:
         )
         self.gone = False  # the client closed the connection mid-body
         self.started = False  # the status line is on its way: errors can no longer be answered
+        self.status: int | None = None  # of the answer, once started
+        self.sent = 0  # body bytes handed to the server
 
     def content_length(self) -> int | None:
         raw = self.headers.get("content-length")
@@ -231,10 +238,12 @@ class Exchange:
 
     async def start(self, status: int, headers: Headers) -> None:
         self.started = True
+        self.status = status
         headers = [*headers, (REQUEST_ID_HEADER, self.request_id.encode())]
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def write(self, chunk: bytes, *, more: bool = True) -> None:
+        self.sent += len(chunk)
         await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
 
     async def answer(self, status: int, headers: Headers, body: bytes = b"") -> None:
@@ -355,6 +364,17 @@ class ExchangeRoutes(abc.ABC, Generic[T]):
             return
         exchange = Exchange(scope, receive, send)
         method, where = scope["method"], origin.decode("latin-1")
+        began = time.perf_counter()
+        token = requestlog.current.set(exchange.request_id)
+        try:
+            await self._serve(exchange, target, method, where, bad_path)
+        finally:
+            requestlog.current.reset(token)
+            log_access(method, where, exchange.status, exchange.sent, began, exchange.request_id)
+
+    async def _serve(
+        self, exchange: Exchange, target: T, method: str, where: str, bad_path: InvalidName | None
+    ) -> None:
         try:
             if smuggling_risk(exchange.headers):
                 raise InvalidRequest(
