@@ -2,6 +2,7 @@
 
 karma8 sim SCENARIO.toml [--seed N] [--json] [--check-determinism] [--plot FILE.svg|.png]
 karma8 serve [--role all|gw|discovery|storage] [--config FILE] [--data DIR] ...
+karma8 status [--watch [S]] [--json]  the cluster on one screen
 karma8 nodes [--json]                 storage nodes as discovery sees them, and rebalancing
 karma8 stat NAMESPACE/NAME [--json]   a file's version, layout and parts
 karma8 scrub [--json]                 verify every part on every node now
@@ -20,6 +21,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -49,6 +51,7 @@ EXIT_INTERRUPTED = 128 + signal.SIGINT
 ROLES = ("all", "gw", "discovery", "storage")
 SECRET_HELP = "cluster secret (visible in `ps`: prefer --secret-file or KARMA8_SECRET)"
 SECRET_FILE_HELP = "file holding the cluster secret (or KARMA8_SECRET_FILE)"
+WATCH_EVERY = 2.0  # seconds between redraws of `karma8 status --watch`
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     for name, help_text in (
+        ("status", "the cluster on one screen: nodes, fill, files, uploads, rebalancing"),
         ("nodes", "list storage nodes"),
         ("stat", "show a file's parts"),
         ("scrub", "verify every part on every node now; quarantine corrupt ones"),
@@ -132,6 +136,15 @@ def _parser() -> argparse.ArgumentParser:
         admin = commands.add_parser(name, help=help_text)
         if name == "stat":
             admin.add_argument("path", help="NAMESPACE/NAME")
+        if name == "status":
+            admin.add_argument(
+                "--watch",
+                type=float,
+                nargs="?",
+                const=WATCH_EVERY,
+                metavar="S",
+                help=f"redraw every S seconds (default {WATCH_EVERY:g}) until Ctrl-C",
+            )
         if name == "rebalance":
             admin.add_argument(
                 "--dry-run",
@@ -482,6 +495,8 @@ def _admin(args: argparse.Namespace) -> int:
             print(json.dumps(results, indent=2) if args.json else admin.scrub_table(results))
             if any(r.get("corrupt") or "error" in r for r in results):
                 return EXIT_FAILED
+        elif args.command == "status":
+            _status(args, url, secret)
         elif args.command == "rebalance":
             _rebalance(args, url, secret)
         elif args.command in ("namespace", "token"):
@@ -512,6 +527,30 @@ def _admin(args: argparse.Namespace) -> int:
         print(f"karma8 {args.command}: {exc.message}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _status(args: argparse.Namespace, url: str, secret: str | None) -> None:
+    """``karma8 status``: once, or redrawn every ``--watch`` seconds until interrupted."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from karma8.net.codec import encode
+    from karma8.net.status_view import fetch_status, render
+
+    if args.watch is not None and not args.watch >= 0.1:
+        raise ConfigError("--watch takes at least 0.1 seconds")
+    status = trio.run(fetch_status, url, secret)
+    if args.json:
+        print(json.dumps(encode(status), indent=2))
+        return
+    console = Console()
+    if args.watch is None:
+        console.print(render(status))
+        return
+    with Live(render(status), console=console, auto_refresh=False) as live:
+        while True:
+            time.sleep(args.watch)
+            live.update(render(trio.run(fetch_status, url, secret)), refresh=True)
 
 
 def _rebalance(args: argparse.Namespace, url: str, secret: str | None) -> None:

@@ -19,6 +19,7 @@ import attrs
 from karma8.core.access import NamespaceInfo, Right, TokenInfo
 from karma8.core.layout import StripeLayout
 from karma8.core.model import (
+    ClusterTotals,
     FileEntry,
     FileVersion,
     MoveTicket,
@@ -328,6 +329,10 @@ class MetadataStore(Protocol):
     def mark_stale_nodes(self, seen_before: float) -> list[str]: ...
 
     def list_nodes(self) -> list[NodeStatus]: ...
+
+    def totals(self) -> ClusterTotals:
+        """Committed files, their bytes, and pending uploads."""
+        ...
 
     def begin_version(
         self,

@@ -35,6 +35,7 @@ from karma8.core.access import (
 from karma8.core.errors import InvalidRequest, NotFound, TooLarge
 from karma8.core.layout import DEFAULT_MAX_FILE_SIZE, StripeLayout
 from karma8.core.model import (
+    ClusterTotals,
     FileEntry,
     FileVersion,
     MoveTicket,
@@ -322,6 +323,9 @@ class Discovery:
 
     async def list_nodes(self) -> list[NodeStatus]:
         return await self._blocking(self._store.list_nodes)
+
+    async def totals(self) -> ClusterTotals:
+        return await self._blocking(self._store.totals)
 
     async def unknown_parts(self, *, node_id: str, keys: Sequence[str]) -> list[str]:
         asked = list(keys)

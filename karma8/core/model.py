@@ -78,6 +78,15 @@ class NodeStatus:
 
 
 @attrs.frozen(kw_only=True)
+class ClusterTotals:
+    """What the cluster stores: current files and their bytes, and uploads under way."""
+
+    files: int
+    bytes: int
+    pending_uploads: int
+
+
+@attrs.frozen(kw_only=True)
 class PartPlacement:
     """Part ``index`` of a version and the node that holds it."""
 

@@ -32,6 +32,7 @@ from karma8.core.errors import (
 )
 from karma8.core.layout import StripeLayout
 from karma8.core.model import (
+    ClusterTotals,
     FileEntry,
     FileVersion,
     MoveTicket,
@@ -46,7 +47,7 @@ from karma8.core.model import (
 )
 from karma8.core.placement import NodeLoad
 from karma8.core.rebalance import MovablePart, NodeFill
-from karma8.metadata import moves, reservations
+from karma8.metadata import moves, reservations, totals
 from karma8.metadata.access import NamespaceStore
 from karma8.metadata.rows import committed_id, load_version, node_load, node_status
 
@@ -117,6 +118,9 @@ class SqliteMetadataStore(NamespaceStore):
     def list_nodes(self) -> list[NodeStatus]:
         rows = self._db.execute("SELECT * FROM nodes ORDER BY registered_at, node_id").fetchall()
         return [node_status(r) for r in rows]
+
+    def totals(self) -> ClusterTotals:
+        return totals.totals(self._db)
 
     # -- versions -------------------------------------------------------------------------
 

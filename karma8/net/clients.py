@@ -31,6 +31,7 @@ from karma8.core.model import (
     PartReceipt,
 )
 from karma8.core.rebalance_report import PlanSummary, RebalanceReport
+from karma8.core.status import ClusterStatus
 from karma8.net.codec import decode, encode
 from karma8.net.exchange import SECRET_HEADER
 from karma8.net.http_fixes import patch_httpcore
@@ -278,6 +279,10 @@ class HttpDiscoveryClient(_Http):
         """The next round's plan (a dry run: nothing moves) and the status with it."""
         result = await self._json("POST", "/v1/rebalance", params={"dry_run": "1"})
         return decode(result, PlanSummary), decode(result.get("status"), RebalanceReport)
+
+    async def cluster_status(self) -> ClusterStatus:
+        """The cluster at a glance (``karma8 status``)."""
+        return decode(await self._json("GET", "/v1/status"), ClusterStatus)
 
 
 class HttpStorageClient(_Http):

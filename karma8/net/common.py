@@ -16,6 +16,9 @@ from karma8.net.exchange import METHOD_NOT_ALLOWED, SECRET_HEADER, check_secret,
 from karma8.net.requestlog import REQUEST_ID_HEADER, accept_request_id, log_access
 
 log = logging.getLogger("karma8.net")
+# Routes that check the secret themselves (or need none): a health probe, and a page a
+# browser opens, which cannot send X-Karma8-Secret.
+OWN_AUTH = frozenset({"/healthz", "/status"})
 
 
 def create_app(name: str, *, secret: str | None) -> QuartTrio:
@@ -92,7 +95,7 @@ def create_app(name: str, *, secret: str | None) -> QuartTrio:
 
         @app.before_request
         async def authenticate() -> None:
-            if request.path == "/healthz":
+            if request.path in OWN_AUTH:
                 return
             check_secret(request.headers.get(SECRET_HEADER), secret)
 

@@ -19,6 +19,8 @@ POST   /v1/nodes/{node_id}/heartbeat       {registration, deleted:[keys]} -> {ga
 POST   /v1/nodes/{node_id}/unknown-parts   {keys:[keys]} -> {unknown:[keys]}
 POST   /v1/nodes/{node_id}/failures        {reason}: the node is suspect
 GET    /v1/nodes
+GET    /v1/status                          the cluster at a glance (``karma8 status``)
+GET    /status                             the same as an HTML page (Basic auth: the secret)
 GET    /v1/rebalance                       the rebalancer's status, state and settings
 POST   /v1/rebalance                       rebalance now: 202 and the status
 POST   /v1/rebalance?dry_run=1             the next round's plan, nothing moved
@@ -26,13 +28,18 @@ POST   /v1/rebalance?dry_run=1             the next round's plan, nothing moved
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
+import time
+
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
 from karma8.actors.discovery import Discovery
 from karma8.actors.rebalancer import Rebalancer
 from karma8.core.access import parse_right
-from karma8.core.errors import InvalidRequest
+from karma8.core.errors import InvalidRequest, Unauthorized
 from karma8.core.model import NodeRegistration, PartReceipt
 from karma8.core.rebalance_report import (
     RebalanceReport,
@@ -40,15 +47,26 @@ from karma8.core.rebalance_report import (
     rebalance_state,
     summarize_plan,
 )
+from karma8.core.status import ClusterStatus
 from karma8.net.codec import decode, encode
 from karma8.net.common import create_app, int_arg, json_body
+from karma8.net.exchange import SECRET_HEADER
+from karma8.net.requestlog import RecentErrors
+from karma8.net.status_page import render_status
 
 # What ?dry_run= accepts, and what it means.
 _FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
-def discovery_app(discovery: Discovery, *, secret: str | None, rebalancer: Rebalancer) -> QuartTrio:
-    """Discovery's routes; ``rebalancer`` is the one running beside it in this process."""
+def discovery_app(
+    discovery: Discovery,
+    *,
+    secret: str | None,
+    rebalancer: Rebalancer,
+    recent_errors: RecentErrors | None = None,
+) -> QuartTrio:
+    """Discovery's routes; ``rebalancer`` is the one running beside it in this process,
+    ``recent_errors`` what the status view shows of the process's log."""
     app = create_app("discovery", secret=secret)
 
     @app.route("/v1/uploads", methods=["POST"])
@@ -223,6 +241,30 @@ def discovery_app(discovery: Discovery, *, secret: str | None, rebalancer: Rebal
             ),
         )
 
+    async def cluster_status() -> ClusterStatus:
+        return ClusterStatus(
+            time=time.time(),
+            nodes=tuple(await discovery.list_nodes()),
+            namespaces=tuple(await discovery.list_namespaces()),
+            totals=await discovery.totals(),
+            rebalance=await report(),
+            recent_errors=recent_errors.latest() if recent_errors is not None else (),
+        )
+
+    @app.route("/v1/status", methods=["GET"])
+    async def status_json() -> Response:
+        _only_args(set())
+        return jsonify(encode(await cluster_status()))
+
+    @app.route("/status", methods=["GET"])
+    async def status_page() -> Response | tuple[Response, int, dict[str, str]]:
+        if secret is not None and not _page_allowed(secret):
+            refused = Unauthorized("the status page needs the cluster secret (any user name)")
+            body = {"error": {"code": refused.code, "message": refused.message}}
+            return jsonify(body), 401, {"WWW-Authenticate": 'Basic realm="karma8 status"'}
+        page = render_status(await cluster_status())
+        return Response(page, content_type="text/html; charset=utf-8")
+
     @app.route("/v1/rebalance", methods=["GET"])
     async def rebalance_status() -> Response:
         _only_args(set())
@@ -248,6 +290,19 @@ def discovery_app(discovery: Discovery, *, secret: str | None, rebalancer: Rebal
         return jsonify({"dry_run": True, **encode(summary), "status": encode(now)}), 200
 
     return app
+
+
+def _page_allowed(secret: str) -> bool:
+    """The secret in ``X-Karma8-Secret``, or as the password of HTTP Basic auth (what a
+    browser sends: ``http://karma8:SECRET@host:port/status``, or its login prompt)."""
+    given = request.headers.get(SECRET_HEADER)
+    scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
+    if given is None and scheme.lower() == "basic":
+        try:
+            given = base64.b64decode(encoded, validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+    return given is not None and hmac.compare_digest(given.encode(), secret.encode())
 
 
 def _only_args(known: set[str]) -> None:

@@ -18,8 +18,11 @@ import logging
 import re
 import secrets
 import time
+from collections import deque
 from contextvars import ContextVar
 from typing import Any
+
+from karma8.core.status import LoggedError
 
 REQUEST_ID_HEADER = "X-Request-Id"
 _SANE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -132,3 +135,30 @@ def configure_logging(*, level: int, json_lines: bool, role: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the access lines say it once
+
+
+class RecentErrors(logging.Handler):
+    """Keeps the process's latest warnings and errors for the status view."""
+
+    def __init__(self, capacity: int = 50) -> None:
+        super().__init__(logging.WARNING)
+        self._kept: deque[LoggedError] = deque(maxlen=capacity)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a record that cannot format: the handler must not raise
+            message = str(record.msg)
+        self._kept.append(
+            LoggedError(
+                time=record.created,
+                level=record.levelname.lower(),
+                logger=record.name,
+                message=message,
+                request_id=getattr(record, "request_id", None) or current.get() or "-",
+            )
+        )
+
+    def latest(self) -> tuple[LoggedError, ...]:
+        """Newest first."""
+        return tuple(reversed(self._kept))

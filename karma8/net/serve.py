@@ -44,6 +44,7 @@ from karma8.net.http_fixes import cap_connections, patch_hypercorn
 from karma8.net.local import LocalFirstStorageClient
 from karma8.net.locate import ClusterInfo, read_cluster_info, write_cluster_info
 from karma8.net.metasync import GroupCommitRunner
+from karma8.net.requestlog import RecentErrors
 from karma8.net.storage_app import storage_app
 from karma8.ports import DiscoveryAPI, StorageAPI
 from karma8.store.diskio import private_dir
@@ -273,18 +274,25 @@ async def serve_discovery(
     """Discovery and, beside it, the rebalancer, which moves parts through ``storage`` (read
     from the source node, written to the target, as a gateway does)."""
     rebalancer = Rebalancer(discovery=discovery, storage=storage, config=config.rebalance)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(discovery.run)
-        await nursery.start(keep_rebalancing, rebalancer)
-        url = await nursery.start(
-            _serving(
-                discovery_app(discovery, secret=config.secret, rebalancer=rebalancer),
-                config,
-                config.discovery_port if port is None else port,
+    # The status view's recent errors: this process's warnings and errors (in the embedded
+    # cluster, every role's).
+    recent = RecentErrors()
+    root = logging.getLogger()
+    root.addHandler(recent)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(discovery.run)
+            await nursery.start(keep_rebalancing, rebalancer)
+            app = discovery_app(
+                discovery, secret=config.secret, rebalancer=rebalancer, recent_errors=recent
             )
-        )
-        log.info("discovery listening on %s", url)
-        task_status.started(url)
+            url = await nursery.start(
+                _serving(app, config, config.discovery_port if port is None else port)
+            )
+            log.info("discovery listening on %s", url)
+            task_status.started(url)
+    finally:
+        root.removeHandler(recent)
 
 
 async def keep_rebalancing(

@@ -1,0 +1,56 @@
+"""The cluster at a glance: what ``karma8 status`` and discovery's status page show. Pure."""
+
+from __future__ import annotations
+
+import attrs
+
+from karma8.core.access import NamespaceInfo
+from karma8.core.model import ClusterTotals, NodeState, NodeStatus
+from karma8.core.rebalance_report import RebalanceReport
+
+
+@attrs.frozen(kw_only=True)
+class LoggedError:
+    """A warning or error a process logged (discovery keeps the latest few)."""
+
+    time: float
+    level: str
+    logger: str
+    message: str
+    request_id: str
+
+
+@attrs.frozen(kw_only=True)
+class ClusterStatus:
+    """``GET /v1/status`` at discovery."""
+
+    time: float
+    nodes: tuple[NodeStatus, ...]
+    namespaces: tuple[NamespaceInfo, ...]
+    totals: ClusterTotals
+    rebalance: RebalanceReport
+    recent_errors: tuple[LoggedError, ...]
+
+    @property
+    def capacity_bytes(self) -> int:
+        """Capacity of the nodes that take parts (available or suspect)."""
+        return sum(n.capacity_bytes for n in self.nodes if n.state is not NodeState.UNAVAILABLE)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(n.used_bytes for n in self.nodes)
+
+    def count(self, state: NodeState) -> int:
+        return sum(1 for n in self.nodes if n.state is state)
+
+
+def fill(node: NodeStatus) -> float:
+    """The part of a node's capacity in use, 0 to 1 (0 for a node without capacity)."""
+    if node.capacity_bytes <= 0:
+        return 0.0
+    return min(1.0, node.used_bytes / node.capacity_bytes)
+
+
+def seen_ago(node: NodeStatus, now: float) -> float:
+    """Seconds since the node's last heartbeat."""
+    return max(0.0, now - node.last_seen)

@@ -1,0 +1,20 @@
+"""Cluster-wide counts for the status view (``karma8 status``, discovery's status page)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from karma8.core.model import ClusterTotals
+
+
+def totals(db: sqlite3.Connection) -> ClusterTotals:
+    """Committed files and their bytes (one index scan: ``one_committed`` holds exactly
+    them), and pending versions (``versions_pending``)."""
+    files, size = db.execute(
+        "SELECT count(*), total(size) FROM versions INDEXED BY one_committed"
+        " WHERE state = 'committed'"
+    ).fetchone()
+    (pending,) = db.execute(
+        "SELECT count(*) FROM versions INDEXED BY versions_pending WHERE state = 'pending'"
+    ).fetchone()
+    return ClusterTotals(files=int(files), bytes=int(size), pending_uploads=int(pending))
