@@ -227,13 +227,6 @@ async def test_short_body_then_disconnect_leaves_nothing(net: NetDriver) -> None
         await net.stat("short")
 
 
-async def test_metrics_count_requests(net: NetDriver, client: httpx.AsyncClient) -> None:
-    await client.put(url(net, "/default/m"), content=b"abc")
-    await client.get(url(net, "/default/m"))
-    metrics = (await client.get(url(net, "/metrics"))).json()
-    assert metrics == {"puts": 1, "gets": 1, "read_errors": 0}
-
-
 async def test_a_malformed_record_from_a_peer_is_a_400_naming_the_field(net: NetDriver) -> None:
     registration = {"node_id": "n9", "url": "http://h:1", "capacity_bytes": "lots"}
     response = await net._internal.post(

@@ -116,6 +116,6 @@ async def test_the_status_page_in_a_browser(net: NetDriver, tmp_path: Path) -> N
     assert "node-table" not in refused
     answer = await net._http.get(f"http://{host}/status")
     assert answer.status_code == 401
-    assert answer.headers["WWW-Authenticate"] == 'Basic realm="karma8 status"'
+    assert answer.headers["WWW-Authenticate"] == 'Basic realm="karma8"'
     wrong = await net._http.get(f"http://{host}/status", auth=("karma8", "wrong"))
     assert wrong.status_code == 401

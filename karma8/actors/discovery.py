@@ -105,6 +105,8 @@ class Discovery:
         self._clock = clock
         self._ids = ids
         self.config = config
+        # Plain counts since start, for the operator's metrics (the net layer reads them).
+        self.counts = {"sweeps": 0, "expired_uploads": 0}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Create the configured namespaces, then sweep until cancelled."""
@@ -124,10 +126,13 @@ class Discovery:
     async def sweep(self) -> None:
         """Abort expired uploads and part moves, mark silent nodes unavailable (idempotent)."""
         now = self._clock.now()
-        await self._blocking(lambda: self._store.expire_pending(now))
+        self.counts["expired_uploads"] += await self._blocking(
+            lambda: self._store.expire_pending(now)
+        )
         await self._blocking(lambda: self._store.expire_moves(now))
         stale_before = now - self.config.node_timeout
         await self._blocking(lambda: self._store.mark_stale_nodes(stale_before))
+        self.counts["sweeps"] += 1
 
     # -- files ----------------------------------------------------------------------------
 

@@ -80,6 +80,10 @@ class StorageNode:
         self._discovery = discovery
         self._config = config
         self._suspects: dict[str, float] = {}
+        # Plain counts since start, for the operator's metrics (the net layer reads them).
+        self.counts = dict.fromkeys(
+            ("scrubbed_parts", "corrupt_parts", "garbage_deleted", "orphans_deleted"), 0
+        )
 
     async def registration(self) -> NodeRegistration:
         """What discovery is told: the capacity is the smaller of the quota and what the disk
@@ -129,6 +133,7 @@ class StorageNode:
             for key in garbage:
                 await self._store.delete(key)
                 deleted.append(key)
+                self.counts["garbage_deleted"] += 1
 
     async def scrub(self, *, pause: float = 0.0) -> ScrubReport:
         """Verify every part against its checksum; quarantine the ones that fail.
@@ -145,9 +150,11 @@ class StorageNode:
             except NotFound:
                 continue  # deleted meanwhile
             checked += 1
+            self.counts["scrubbed_parts"] += 1
             if not intact:
                 await self._store.quarantine(key)
                 corrupt.append(key)
+                self.counts["corrupt_parts"] += 1
                 log.error("node %s: part %s failed its checksum; quarantined", self.node_id, key)
             if pause:
                 await trio.sleep(pause)
@@ -175,6 +182,7 @@ class StorageNode:
             if now - since >= self._config.orphan_grace:
                 await self._store.delete(key)
                 del self._suspects[key]
+                self.counts["orphans_deleted"] += 1
                 log.warning("node %s: deleted orphan part %s", self.node_id, key)
 
     async def put_part(self, key: str, chunks: AsyncIterable[bytes]) -> StoredPart:

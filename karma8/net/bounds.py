@@ -59,12 +59,14 @@ class UploadGate:
         self.idle_timeout = idle_timeout
         self.in_flight = 0
         self.ended = 0  # uploads ended since start
+        self.refused = 0  # uploads refused at max_uploads since start
         self._warned = -WARN_EVERY
 
     def busy(self) -> Unavailable | None:
         """The error to answer if no upload may start now, else None (and one is counted:
         call :meth:`done` when it ends)."""
         if self.in_flight >= self.max_uploads:
+            self.refused += 1
             now = trio.current_time()
             if now - self._warned >= WARN_EVERY:  # an operator should know, not every time
                 self._warned = now

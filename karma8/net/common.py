@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
 import logging
 import time
 from typing import Any
@@ -13,12 +16,13 @@ from karma8.core.errors import InvalidRequest, Karma8Error
 from karma8.net import requestlog
 from karma8.net.codec import error_body, error_headers, error_status
 from karma8.net.exchange import METHOD_NOT_ALLOWED, SECRET_HEADER, check_secret, int_value
+from karma8.net.metrics import CONTENT_TYPE, METRICS
 from karma8.net.requestlog import REQUEST_ID_HEADER, accept_request_id, log_access
 
 log = logging.getLogger("karma8.net")
 # Routes that check the secret themselves (or need none): a health probe, and a page a
 # browser opens, which cannot send X-Karma8-Secret.
-OWN_AUTH = frozenset({"/healthz", "/status"})
+OWN_AUTH = frozenset({"/healthz", "/status", "/metrics"})
 
 
 def create_app(name: str, *, secret: str | None) -> QuartTrio:
@@ -46,6 +50,16 @@ def create_app(name: str, *, secret: str | None) -> QuartTrio:
         request_id = _request_id()
         response.headers[REQUEST_ID_HEADER] = request_id
         sent = response.content_length or 0
+        rule = request.url_rule.rule if request.url_rule is not None else "(none)"
+        METRICS.observe(
+            role=name,
+            route=rule,
+            method=request.method,
+            status=response.status_code,
+            sent=sent,
+            received=request.content_length or 0,
+            started=g.get("began", time.perf_counter()),
+        )
         log_access(
             request.method,
             request.full_path.rstrip("?"),
@@ -103,7 +117,35 @@ def create_app(name: str, *, secret: str | None) -> QuartTrio:
     async def healthz() -> Response:
         return jsonify({"ok": True, "role": name})
 
+    @app.route("/metrics")
+    async def metrics() -> Response | tuple[Response, int, dict[str, str]]:
+        if secret is not None and not secret_given(secret):
+            return challenge("the metrics need the cluster secret")
+        return Response(await METRICS.render(), content_type=CONTENT_TYPE)
+
     return app
+
+
+def secret_given(secret: str) -> bool:
+    """Whether the request carries the secret: in ``X-Karma8-Secret``, as a Bearer token
+    (what a Prometheus scrape sends with ``authorization``), or as the password of HTTP Basic
+    auth (what a browser sends: ``http://karma8:SECRET@host:port/status``)."""
+    given = request.headers.get(SECRET_HEADER)
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if given is None and scheme.lower() == "bearer":
+        given = value.strip()
+    elif given is None and scheme.lower() == "basic":
+        try:
+            given = base64.b64decode(value, validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+    return given is not None and hmac.compare_digest(given.encode(), secret.encode())
+
+
+def challenge(message: str) -> tuple[Response, int, dict[str, str]]:
+    """A 401 that asks a browser for the secret (any user name, the secret as password)."""
+    body = {"error": {"code": "unauthorized", "message": f"{message} (any user name)"}}
+    return jsonify(body), 401, {"WWW-Authenticate": 'Basic realm="karma8"'}
 
 
 def _request_id() -> str:

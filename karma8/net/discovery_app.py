@@ -21,6 +21,7 @@ POST   /v1/nodes/{node_id}/failures        {reason}: the node is suspect
 GET    /v1/nodes
 GET    /v1/status                          the cluster at a glance (``karma8 status``)
 GET    /status                             the same as an HTML page (Basic auth: the secret)
+GET    /metrics                            Prometheus metrics of the process (the secret)
 GET    /v1/rebalance                       the rebalancer's status, state and settings
 POST   /v1/rebalance                       rebalance now: 202 and the status
 POST   /v1/rebalance?dry_run=1             the next round's plan, nothing moved
@@ -28,9 +29,6 @@ POST   /v1/rebalance?dry_run=1             the next round's plan, nothing moved
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
 import time
 
 from quart import Response, jsonify, request
@@ -39,7 +37,7 @@ from quart_trio import QuartTrio
 from karma8.actors.discovery import Discovery
 from karma8.actors.rebalancer import Rebalancer
 from karma8.core.access import parse_right
-from karma8.core.errors import InvalidRequest, Unauthorized
+from karma8.core.errors import InvalidRequest
 from karma8.core.model import NodeRegistration, PartReceipt
 from karma8.core.rebalance_report import (
     RebalanceReport,
@@ -49,8 +47,7 @@ from karma8.core.rebalance_report import (
 )
 from karma8.core.status import ClusterStatus
 from karma8.net.codec import decode, encode
-from karma8.net.common import create_app, int_arg, json_body
-from karma8.net.exchange import SECRET_HEADER
+from karma8.net.common import challenge, create_app, int_arg, json_body, secret_given
 from karma8.net.requestlog import RecentErrors
 from karma8.net.status_page import render_status
 
@@ -258,10 +255,8 @@ def discovery_app(
 
     @app.route("/status", methods=["GET"])
     async def status_page() -> Response | tuple[Response, int, dict[str, str]]:
-        if secret is not None and not _page_allowed(secret):
-            refused = Unauthorized("the status page needs the cluster secret (any user name)")
-            body = {"error": {"code": refused.code, "message": refused.message}}
-            return jsonify(body), 401, {"WWW-Authenticate": 'Basic realm="karma8 status"'}
+        if secret is not None and not secret_given(secret):
+            return challenge("the status page needs the cluster secret")
         page = render_status(await cluster_status())
         return Response(page, content_type="text/html; charset=utf-8")
 
@@ -290,19 +285,6 @@ def discovery_app(
         return jsonify({"dry_run": True, **encode(summary), "status": encode(now)}), 200
 
     return app
-
-
-def _page_allowed(secret: str) -> bool:
-    """The secret in ``X-Karma8-Secret``, or as the password of HTTP Basic auth (what a
-    browser sends: ``http://karma8:SECRET@host:port/status``, or its login prompt)."""
-    given = request.headers.get(SECRET_HEADER)
-    scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
-    if given is None and scheme.lower() == "basic":
-        try:
-            given = base64.b64decode(encoded, validate=True).decode("utf-8").partition(":")[2]
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-    return given is not None and hmac.compare_digest(given.encode(), secret.encode())
 
 
 def _only_args(known: set[str]) -> None:

@@ -42,6 +42,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, S
 from karma8.core.errors import Forbidden, InvalidName, InvalidRequest, Karma8Error
 from karma8.net import requestlog
 from karma8.net.codec import error_body, error_headers, error_status
+from karma8.net.metrics import METRICS
 from karma8.net.requestlog import accept_request_id, log_access
 
 ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
@@ -162,6 +163,7 @@ class Exchange:
         "_send",
         "gone",
         "headers",
+        "received",
         "request_id",
         "sent",
         "started",
@@ -199,6 +201,7 @@ class Exchange:
         self.started = False  # the status line is on its way: errors can no longer be answered
         self.status: int | None = None  # of the answer, once started
         self.sent = 0  # body bytes handed to the server
+        self.received = 0  # body bytes read
 
     def content_length(self) -> int | None:
         raw = self.headers.get("content-length")
@@ -233,6 +236,7 @@ class Exchange:
                 raise ClientGone("the client closed the connection before the body ended")
             self._body_done = not message["more_body"]
             if message["body"]:
+                self.received += len(message["body"])
                 return message["body"]
         raise StopAsyncIteration
 
@@ -336,6 +340,10 @@ class ExchangeRoutes(abc.ABC, Generic[T]):
         self._secret = secret
         self._public = public
 
+    # The metrics' labels: the serving role, and the route's pattern.
+    role: str = ""
+    route: str = ""
+
     @abc.abstractmethod
     def match(self, path: str) -> T | None:
         """What a handler needs from ``path`` (e.g. a name), or None: another route's."""
@@ -371,6 +379,15 @@ class ExchangeRoutes(abc.ABC, Generic[T]):
         finally:
             requestlog.current.reset(token)
             log_access(method, where, exchange.status, exchange.sent, began, exchange.request_id)
+            METRICS.observe(
+                role=self.role,
+                route=self.route,
+                method=method,
+                status=exchange.status,
+                sent=exchange.sent,
+                received=exchange.received,
+                started=began,
+            )
 
     async def _serve(
         self, exchange: Exchange, target: T, method: str, where: str, bad_path: InvalidName | None

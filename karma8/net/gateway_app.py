@@ -6,7 +6,7 @@
     DELETE /{namespace}/{name}     204 (idempotent)
     GET    /{namespace}/?prefix=&after=&limit=    JSON listing, paginated
     GET    /healthz
-    GET    /metrics                counters: puts, gets, read_errors (JSON)
+    GET    /metrics                Prometheus metrics of the process (karma8.net.metrics)
 
 Every route on a namespace takes ``Authorization: Bearer <token>`` (none for a public
 namespace): 401, 403 or 404 otherwise. Names may contain ``/``. Errors are JSON:
@@ -24,19 +24,18 @@ from karma8.core.access import Right, bearer_token
 from karma8.net.bounds import UploadGate
 from karma8.net.codec import encode
 from karma8.net.common import create_app, int_arg
-from karma8.net.objects import ObjectRoutes
+from karma8.net.objects import ObjectRoutes, new_stats
 
 
-def gateway_app(gateway: Gateway, uploads: UploadGate | None = None) -> QuartTrio:
+def gateway_app(
+    gateway: Gateway, uploads: UploadGate | None = None, stats: dict[str, int] | None = None
+) -> QuartTrio:
+    """``stats`` (PUTs stored, GETs begun, GETs that failed mid-stream) is what the object
+    routes count, for the metrics."""
     app = create_app("gateway", secret=None)
-    stats = {"gets": 0, "puts": 0, "read_errors": 0}
+    counts = stats if stats is not None else new_stats()
     # Quart's documented way to put ASGI middleware in front of an app.
-    app.asgi_app = ObjectRoutes(gateway, stats, app.asgi_app, uploads)  # type: ignore[method-assign]
-
-    @app.route("/metrics", methods=["GET"])
-    async def metrics() -> Response:
-        """Counters since start: successful PUTs, GETs begun, GETs that failed mid-stream."""
-        return jsonify(stats)
+    app.asgi_app = ObjectRoutes(gateway, counts, app.asgi_app, uploads)  # type: ignore[method-assign]
 
     @app.route("/<namespace>/", methods=["GET"])
     async def listing(namespace: str) -> Response:

@@ -57,6 +57,11 @@ def _version_headers(version: FileVersion) -> Headers:
 Target = tuple[str, str]  # (namespace, name)
 
 
+def new_stats() -> dict[str, int]:
+    """The counts :class:`ObjectRoutes` keeps."""
+    return {"gets": 0, "puts": 0, "read_errors": 0}
+
+
 class ObjectRoutes(ExchangeRoutes[Target]):
     """The object routes; every other request goes to ``app``. ``stats`` counts PUTs, GETs
     and GETs that failed mid-stream (``/metrics``)."""
@@ -73,6 +78,9 @@ class ObjectRoutes(ExchangeRoutes[Target]):
         self._gateway = gateway
         self._stats = stats
         self._uploads = uploads or UploadGate(max_uploads=1 << 30, idle_timeout=math.inf)
+
+    role = "gateway"
+    route = "/{namespace}/{name}"
 
     def match(self, path: str) -> Target | None:
         return object_path(path)

@@ -43,6 +43,9 @@ class PartRoutes(ExchangeRoutes[str]):
         super().__init__(app, handlers, log=log, secret=secret)
         self._node = node
 
+    role = "storage"
+    route = "/v1/parts/{key}"
+
     def match(self, path: str) -> str | None:
         return part_path(path)
 

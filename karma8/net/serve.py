@@ -44,7 +44,10 @@ from karma8.net.http_fixes import cap_connections, patch_hypercorn
 from karma8.net.local import LocalFirstStorageClient
 from karma8.net.locate import ClusterInfo, read_cluster_info, write_cluster_info
 from karma8.net.metasync import GroupCommitRunner
+from karma8.net.metrics import METRICS
+from karma8.net.objects import new_stats
 from karma8.net.requestlog import RecentErrors
+from karma8.net.sources import discovery_source, gateway_source, storage_source
 from karma8.net.storage_app import storage_app
 from karma8.ports import DiscoveryAPI, StorageAPI
 from karma8.store.diskio import private_dir
@@ -280,17 +283,18 @@ async def serve_discovery(
     root = logging.getLogger()
     root.addHandler(recent)
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(discovery.run)
-            await nursery.start(keep_rebalancing, rebalancer)
-            app = discovery_app(
-                discovery, secret=config.secret, rebalancer=rebalancer, recent_errors=recent
-            )
-            url = await nursery.start(
-                _serving(app, config, config.discovery_port if port is None else port)
-            )
-            log.info("discovery listening on %s", url)
-            task_status.started(url)
+        with METRICS.source(discovery_source(discovery, rebalancer)):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(discovery.run)
+                await nursery.start(keep_rebalancing, rebalancer)
+                app = discovery_app(
+                    discovery, secret=config.secret, rebalancer=rebalancer, recent_errors=recent
+                )
+                url = await nursery.start(
+                    _serving(app, config, config.discovery_port if port is None else port)
+                )
+                log.info("discovery listening on %s", url)
+                task_status.started(url)
     finally:
         root.removeHandler(recent)
 
@@ -390,18 +394,19 @@ async def serve_storage(
     port: int | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        url = await nursery.start(
-            _serving(
-                storage_app(node, secret=config.secret),
-                config,
-                config.storage_port if port is None else port,
+    with METRICS.source(storage_source(node)):
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(
+                _serving(
+                    storage_app(node, secret=config.secret),
+                    config,
+                    config.storage_port if port is None else port,
+                )
             )
-        )
-        node.url = url
-        await nursery.start(node.run)
-        log.info("storage node %s listening on %s", node.node_id, url)
-        task_status.started(url)
+            node.url = url
+            await nursery.start(node.run)
+            log.info("storage node %s listening on %s", node.node_id, url)
+            task_status.started(url)
 
 
 async def run_storage(
@@ -445,18 +450,20 @@ async def serve_gateway(
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     uploads = UploadGate(max_uploads=config.max_uploads, idle_timeout=config.idle_timeout)
-    async with trio.open_nursery() as nursery:
-        url = await nursery.start(
-            _serving(
-                gateway_app(gateway, uploads),
-                config,
-                config.gateway_port if port is None else port,
-                app_queue=GATEWAY_APP_QUEUE,
+    stats = new_stats()
+    with METRICS.source(gateway_source(stats, uploads)):
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(
+                _serving(
+                    gateway_app(gateway, uploads, stats),
+                    config,
+                    config.gateway_port if port is None else port,
+                    app_queue=GATEWAY_APP_QUEUE,
+                )
             )
-        )
-        nursery.start_soon(give_back_memory, uploads, name="gateway-give-back-memory")
-        log.info("gateway listening on %s", url)
-        task_status.started(url)
+            nursery.start_soon(give_back_memory, uploads, name="gateway-give-back-memory")
+            log.info("gateway listening on %s", url)
+            task_status.started(url)
 
 
 async def run_gateway(

@@ -1,0 +1,165 @@
+"""What each role adds to its process's metrics when scraped (:mod:`karma8.net.metrics`):
+states read from the objects that serve it, and the counts its actors keep."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from karma8.actors.discovery import Discovery
+from karma8.actors.rebalancer import Rebalancer
+from karma8.actors.storage import StorageNode
+from karma8.core.model import NodeState
+from karma8.core.status import fill
+from karma8.net.bounds import UploadGate
+from karma8.net.metrics import Sample, Source
+
+
+def gateway_source(stats: dict[str, int], uploads: UploadGate) -> Source:
+    async def read() -> Iterable[Sample]:
+        return [
+            ("karma8_gateway_puts", "counter", "Files stored", {}, stats["puts"]),
+            ("karma8_gateway_gets", "counter", "Reads begun", {}, stats["gets"]),
+            (
+                "karma8_gateway_read_failures",
+                "counter",
+                "Reads cut short by a part that failed mid-stream",
+                {},
+                stats["read_errors"],
+            ),
+            (
+                "karma8_gateway_uploads_in_flight",
+                "gauge",
+                "Uploads in flight",
+                {},
+                uploads.in_flight,
+            ),
+            (
+                "karma8_gateway_uploads_refused",
+                "counter",
+                "Uploads refused at max_uploads",
+                {},
+                uploads.refused,
+            ),
+        ]
+
+    return read
+
+
+def discovery_source(discovery: Discovery, rebalancer: Rebalancer) -> Source:
+    async def read() -> Iterable[Sample]:
+        samples: list[Sample] = []
+        for node in await discovery.list_nodes():
+            labels = {"node": node.node_id}
+            samples += [
+                (
+                    "karma8_node_capacity_bytes",
+                    "gauge",
+                    "A node's capacity",
+                    labels,
+                    node.capacity_bytes,
+                ),
+                ("karma8_node_used_bytes", "gauge", "Bytes a node stores", labels, node.used_bytes),
+                (
+                    "karma8_node_reserved_bytes",
+                    "gauge",
+                    "Bytes reserved for uploads",
+                    labels,
+                    node.reserved_bytes,
+                ),
+                ("karma8_node_fill_ratio", "gauge", "used / capacity", labels, fill(node)),
+                ("karma8_node_parts", "gauge", "Parts a node holds", labels, node.parts),
+                (
+                    "karma8_node_last_seen_timestamp_seconds",
+                    "gauge",
+                    "A node's last heartbeat",
+                    labels,
+                    node.last_seen,
+                ),
+            ]
+            for state in NodeState:
+                samples.append(
+                    (
+                        "karma8_node_state",
+                        "gauge",
+                        "1 for the node's state",
+                        {**labels, "state": state.value},
+                        float(node.state is state),
+                    )
+                )
+        totals = await discovery.totals()
+        status = await rebalancer.status()
+        samples += [
+            ("karma8_files", "gauge", "Current (committed) files", {}, totals.files),
+            ("karma8_file_bytes", "gauge", "Bytes of the current files", {}, totals.bytes),
+            (
+                "karma8_pending_uploads",
+                "gauge",
+                "Uploads begun, not committed or aborted",
+                {},
+                totals.pending_uploads,
+            ),
+            (
+                "karma8_rebalance_moved_parts",
+                "counter",
+                "Parts moved by the rebalancer",
+                {},
+                status.moved_parts,
+            ),
+            (
+                "karma8_rebalance_moved_bytes",
+                "counter",
+                "Bytes moved by the rebalancer",
+                {},
+                status.moved_bytes,
+            ),
+            (
+                "karma8_rebalance_moving_parts",
+                "gauge",
+                "Part moves under way",
+                {},
+                status.moving_parts,
+            ),
+            (
+                "karma8_rebalance_remaining_bytes",
+                "gauge",
+                "Bytes still to move to even the fill",
+                {},
+                status.remaining_bytes,
+            ),
+            (
+                "karma8_fill_spread_pp",
+                "gauge",
+                "Max - min fill of the nodes, percentage points",
+                {},
+                status.spread_pp,
+            ),
+        ]
+        samples += _counts("karma8_discovery", discovery.counts, {})
+        return samples
+
+    return read
+
+
+def storage_source(node: StorageNode) -> Source:
+    async def read() -> Iterable[Sample]:
+        return _counts("karma8_storage", node.counts, {"node": node.node_id})
+
+    return read
+
+
+# What the actors count, and how each count is shown.
+_COUNTS: dict[str, str] = {
+    "sweeps": "Sweeper passes",
+    "expired_uploads": "Uploads the sweeper aborted (their gateway went away)",
+    "scrubbed_parts": "Parts the scrubber verified",
+    "corrupt_parts": "Parts the scrubber found corrupt (quarantined)",
+    "garbage_deleted": "Parts deleted as garbage (retired, aborted, moved away)",
+    "orphans_deleted": "Parts deleted as orphans (no version names them)",
+}
+
+
+def _counts(prefix: str, counts: dict[str, int], labels: dict[str, str]) -> list[Sample]:
+    return [
+        (f"{prefix}_{name}", "counter", _COUNTS.get(name, name), labels, value)
+        for name, value in sorted(counts.items())
+    ]
