@@ -47,8 +47,8 @@ from karma8.net.metasync import GroupCommitRunner
 from karma8.net.storage_app import storage_app
 from karma8.ports import DiscoveryAPI, StorageAPI
 from karma8.store.diskio import private_dir
-from karma8.store.files.store import FilePartStore
 from karma8.store.groupsync import GroupSync, SyncGroups
+from karma8.store.tiered import DEFAULT_SMALL_PART_MAX, open_part_store
 
 T = TypeVar("T")
 log = logging.getLogger("karma8.serve")
@@ -87,6 +87,8 @@ class NetConfig:
     discovery_url: str | None = None
     storage_nodes: int = 6
     capacity: int = 10 << 30
+    # Parts of at most this many bytes are packed into volume files; 0: every part a file.
+    small_part_max: int = DEFAULT_SMALL_PART_MAX
     stripe_unit: int = _DISCOVERY.layout.unit
     max_file_size: int = _DISCOVERY.max_file_size
     heartbeat_interval: float = _STORAGE.heartbeat_interval
@@ -353,8 +355,11 @@ def build_storage_node(
     return StorageNode(
         node_id=node_id,
         url="",  # known once bound
-        store=FilePartStore(
-            data_dir, capacity_bytes=capacity or config.capacity, group_sync=group_sync
+        store=open_part_store(
+            data_dir,
+            capacity_bytes=capacity or config.capacity,
+            small_part_max=config.small_part_max,
+            group_sync=group_sync,
         ),
         discovery=discovery,
         config=StorageConfig(

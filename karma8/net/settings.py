@@ -48,6 +48,8 @@ def load_net_config(
                 values[field.name] = read_rebalance(reader.table("rebalance"), default)
             elif field.name in SIZES:
                 values[field.name] = reader.size(field.name, default, minimum=1)
+            elif field.name == "small_part_max":
+                values[field.name] = reader.size(field.name, default, minimum=0)
             elif field.name in OPTIONAL_STRINGS:
                 raw = reader.get(field.name, default)
                 if raw is not None and not isinstance(raw, str):

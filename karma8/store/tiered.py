@@ -256,3 +256,19 @@ class _OneChunk:
         if not data:  # an empty range yields nothing, as the file engine's reader does
             raise StopAsyncIteration
         return data
+
+
+def open_part_store(
+    root: Path,
+    *,
+    capacity_bytes: int,
+    small_part_max: int = DEFAULT_SMALL_PART_MAX,
+    group_sync: bool | GroupSync = True,
+) -> TieredPartStore | FilePartStore:
+    """A node's store on ``root``: small parts packed, or every part a file when
+    ``small_part_max`` is 0 (blocking: it opens and scans the disk)."""
+    if small_part_max <= 0:
+        return FilePartStore(root, capacity_bytes=capacity_bytes, group_sync=group_sync)
+    return TieredPartStore(
+        root, capacity_bytes=capacity_bytes, small_part_max=small_part_max, group_sync=group_sync
+    )
