@@ -76,7 +76,11 @@ def packed_parts(node_root: Path) -> dict[str, tuple[Path, int]]:
     for path in sorted((node_root / "volumes").glob("*.vol")):
         volume, generation = (int(x) for x in path.name.split(".")[:2])
         data = path.read_bytes()
-        found = scan(lambda at, n, data=data: data[at : at + n], len(data))
+
+        def read(at: int, n: int, data: bytes = data) -> bytes:
+            return data[at : at + n]
+
+        found = scan(read, len(data))
         index.load(volume, generation, found.needles)
         paths[volume] = path
     found_refs = (index.get(key) for key in list(index.keys()))
