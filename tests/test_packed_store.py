@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from karma8.core.errors import IntegrityError, NotFound, UploadConflict
 from karma8.ports import PartStore, StoredPart
 from karma8.store.packed.format import HEADER_SIZE, needle_size
-from karma8.store.tiered import TieredPartStore
+from karma8.store.tiered import TieredPartStore, open_part_store
 
 from storehelpers import BIG, flip_bit, payload, put, read, sha
 
@@ -228,7 +228,6 @@ async def test_volumes_roll_over_and_compaction_frees_space(tmp_path: Path) -> N
         assert await store.delete(f"k.{i}")
         del datas[f"k.{i}"]
     await store.compact()
-    await trio.testing.wait_all_tasks_blocked()
     after = sum(p.stat().st_size for p in volume_paths(store))
     assert store.packed.compactions > 0
     assert after < before / 2
@@ -331,3 +330,19 @@ async def test_small_parts_add_few_inodes(tmp_path: Path) -> None:
 
 def test_header_is_aligned() -> None:
     assert HEADER_SIZE % 8 == 0
+
+
+async def test_packing_off_keeps_packed_parts_readable(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path)
+    await put(store, "old.0", payload(10))
+    store.close()
+    off = open_part_store(tmp_path, capacity_bytes=BIG, small_part_max=0, group_sync=False)
+    assert isinstance(off, TieredPartStore)
+    for size in (0, 10):
+        await put(off, f"new.{size}", payload(size))
+    assert off.files.part_path("new.0").exists()
+    assert off.files.part_path("new.10").exists()
+    assert b"".join(await read(off, "old.0", 0, 10)) == payload(10)
+    off.close()
+    fresh = open_part_store(tmp_path / "fresh", capacity_bytes=BIG, small_part_max=0)
+    assert not isinstance(fresh, TieredPartStore)

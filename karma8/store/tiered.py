@@ -33,7 +33,8 @@ class TieredPartStore:
     Attributes:
         files: The file engine (large parts; also owns the quota).
         packed: The packed engine (small parts).
-        small_part_max: Parts of at most this many bytes are packed.
+        small_part_max: Parts of at most this many bytes are packed (0: none; parts packed
+            before stay readable).
     """
 
     def __init__(
@@ -48,8 +49,8 @@ class TieredPartStore:
         inline_io: int = 1 << 16,
     ) -> None:
         """Open both engines on ``root`` (blocking: see their constructors)."""
-        if small_part_max <= 0:
-            raise ValueError("small_part_max must be positive (0 means: use FilePartStore)")
+        if small_part_max < 0:
+            raise ValueError("small_part_max must not be negative")
         self.files = FilePartStore(
             root, capacity_bytes=capacity_bytes, group_sync=group_sync, inline_io=inline_io
         )
@@ -185,13 +186,17 @@ class TieredWriter:
             self._buffered += len(data)
             await trio.lowlevel.checkpoint()
             return
-        # Too large to pack: a file from now on. The file writer reserves its own bytes.
+        await self._spill(data)
+
+    async def _spill(self, data: bytes = b"") -> PartWriter:
+        """Become a file writer, fed what was buffered (it reserves its own bytes)."""
         buffered, self._buffer = self._buffer, []
-        store.files.context.quota.release(self._buffered)
+        self._store.files.context.quota.release(self._buffered)
         self._buffered = 0
-        self._file = await store.files.create(self._key)
+        self._file = file = await self._store.files.create(self._key)
         for chunk in (*buffered, data):
-            await self._file.write(chunk)
+            await file.write(chunk)
+        return file
 
     async def commit(self) -> StoredPart:
         """Make the part durable and visible in its engine (see the module doc).
@@ -207,6 +212,8 @@ class TieredWriter:
             raise UploadConflict(f"part {key} already exists")
         store._committing.add(key)
         try:
+            if self._file is None and not store.small_part_max:
+                await self._spill()  # packing is off
             if self._file is not None:
                 if store.packed.has(key):
                     raise UploadConflict(f"part {key} already exists")
@@ -266,8 +273,9 @@ def open_part_store(
     group_sync: bool | GroupSync = True,
 ) -> TieredPartStore | FilePartStore:
     """A node's store on ``root``: small parts packed, or every part a file when
-    ``small_part_max`` is 0 (blocking: it opens and scans the disk)."""
-    if small_part_max <= 0:
+    ``small_part_max`` is 0 and nothing was ever packed there (blocking: it opens and scans
+    the disk)."""
+    if small_part_max <= 0 and not (root / "volumes").exists():
         return FilePartStore(root, capacity_bytes=capacity_bytes, group_sync=group_sync)
     return TieredPartStore(
         root, capacity_bytes=capacity_bytes, small_part_max=small_part_max, group_sync=group_sync

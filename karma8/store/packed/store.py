@@ -133,6 +133,7 @@ class PackedStore:
         self._files: dict[int, VolumeFile] = {}
         self._pending: set[str] = set()
         self._compacting: set[int] = set()
+        self._compactions_idle: trio.Event | None = None
         self._roll_lock = trio.Lock()
         self.truncated_bytes = self._recover()
         if not self._files:
@@ -196,6 +197,11 @@ class PackedStore:
     def volumes(self) -> dict[int, VolumeFile]:
         """The current generation of every volume, by id."""
         return dict(self._files)
+
+    @property
+    def compacting(self) -> frozenset[int]:
+        """The volumes being compacted now (in the background, or by :meth:`compact`)."""
+        return frozenset(self._compacting)
 
     def has(self, key: str) -> bool:
         """The part is committed here, or a commit of it is in flight."""
@@ -412,13 +418,17 @@ class PackedStore:
             log.exception("compacting volume %d failed", volume)
 
     async def compact(self) -> int:
-        """Compact every sealed volume whose garbage passes the ratio, now; how many."""
+        """Compact every sealed volume whose garbage passes the ratio, now, and wait for the
+        compactions running in the background; how many this call ran."""
         done = 0
         for volume in sorted(self._files):
             if self._should_compact(volume):
                 self._compacting.add(volume)
                 await self._compact(volume)
                 done += 1
+        while self._compacting:
+            self._compactions_idle = self._compactions_idle or trio.Event()
+            await self._compactions_idle.wait()
         return done
 
     async def _compact(self, volume: int) -> None:
@@ -457,6 +467,9 @@ class PackedStore:
                 closing.set()
             old.unpin()
             self._compacting.discard(volume)
+            if not self._compacting and self._compactions_idle is not None:
+                self._compactions_idle.set()
+                self._compactions_idle = None
             if not old.retired:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
