@@ -171,6 +171,11 @@ class PackedStore:
 
             found = scan(read, size)
             if found.end < size:
+                log.warning(
+                    "%s: %d bytes after the last intact needle cut off (never acknowledged)",
+                    path,
+                    size - found.end,
+                )
                 os.ftruncate(fd, found.end)
                 os.fsync(fd)
                 truncated += size - found.end
