@@ -43,8 +43,8 @@ Needle format (:mod:`~karma8.store.packed.format`; integers big-endian)::
     56+K     L     the payload
     ...      0..7  zero padding to a multiple of 8 bytes
 
-Recovery. There is no index file: opening scans every volume's needle headers (one ``pread``
-each) and applies them in file order. A
+Recovery. There is no index file: opening scans every volume's needle headers (read in 1 MiB
+windows) and applies them in file order. A
 needle counts if its header CRC holds and it fits in the file; bytes that are not one (an
 append cancelled before its step ran leaves a hole of zeros, a damaged header) are skipped
 to the next aligned magic. After the last needle found the volume is truncated: those bytes

@@ -165,11 +165,7 @@ class PackedStore:
             path = self.directory / volume_name(volume, generation)
             fd = os.open(path, os.O_RDWR | O_CLOEXEC)
             size = os.fstat(fd).st_size
-
-            def read(at: int, n: int, fd: int = fd) -> bytes:
-                return pread_exact(fd, n, at)
-
-            found = scan(read, size)
+            found = scan(_WindowReader(fd).read, size)
             if found.end < size:
                 log.warning(
                     "%s: %d bytes after the last intact needle cut off (never acknowledged)",
@@ -480,6 +476,25 @@ class PackedStore:
                     await trio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(lambda: old.path.unlink(missing_ok=True))
+
+
+class _WindowReader:
+    """Reads of a volume served from 1 MiB windows: a scan reads each needle's header, and
+    one ``pread`` per window instead of per needle."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._start = 0
+        self._window = b""
+
+    def read(self, at: int, n: int) -> bytes:
+        end = at + n
+        if at < self._start or end > self._start + len(self._window):
+            if n > _COPY_BUFFER:
+                return pread_exact(self._fd, n, at)
+            self._start = at
+            self._window = pread_exact(self._fd, _COPY_BUFFER, at)
+        return self._window[at - self._start : end - self._start]
 
 
 def _copy(src: int, refs: list[NeedleRef], tmp: Path) -> tuple[list[int], int]:
