@@ -4,6 +4,7 @@ small parts as needles in volume files, large ones as files."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from karma8.core.errors import IntegrityError, NotFound, UploadConflict
 from karma8.ports import PartStore, StoredPart
+from karma8.store.packed import store as packed_store
 from karma8.store.packed.format import HEADER_SIZE, needle_size
 from karma8.store.tiered import TieredPartStore, open_part_store
 
@@ -346,3 +348,80 @@ async def test_packing_off_keeps_packed_parts_readable(tmp_path: Path) -> None:
     off.close()
     fresh = open_part_store(tmp_path / "fresh", capacity_bytes=BIG, small_part_max=0)
     assert not isinstance(fresh, TieredPartStore)
+
+
+async def _sealed_with_garbage(root: Path) -> TieredPartStore:
+    """A store whose volume 1 is sealed and holds parts k.0..k.9, k.0..k.5 deleted."""
+    store = new_tiered(root, volume_size=2048, compact_ratio=1.0)  # nothing compacts yet
+    for i in range(10):
+        await put(store, f"k.{i}", payload(150, seed=i))
+    await put(store, "next.0", payload(150))
+    assert len(store.packed.volumes) >= 2
+    for i in range(6):
+        assert await store.delete(f"k.{i}")
+    store.packed.compact_ratio = 0.5
+    return store
+
+
+async def test_a_delete_during_the_copy_stays_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await _sealed_with_garbage(tmp_path)
+    copying, go_on = threading.Event(), threading.Event()
+    real_copy = packed_store._copy
+
+    def slow_copy(*args: Any) -> Any:
+        copying.set()
+        go_on.wait()
+        return real_copy(*args)
+
+    monkeypatch.setattr(packed_store, "_copy", slow_copy)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.compact)
+        await trio.to_thread.run_sync(copying.wait)
+        assert await store.delete("k.7")  # its needle is being copied right now
+        go_on.set()
+    assert store.packed.compactions == 1
+    assert await store.stat("k.7") is None
+    store.close()
+    again = new_tiered(tmp_path, volume_size=2048)
+    assert sorted(await again.keys()) == ["k.6", "k.8", "k.9", "next.0"]
+    assert b"".join(await read(again, "k.8", 0, 150)) == payload(150, seed=8)
+
+
+async def test_a_read_pinned_across_the_switch_reads_the_old_file(tmp_path: Path) -> None:
+    store = await _sealed_with_garbage(tmp_path)
+    reading, go_on = threading.Event(), threading.Event()
+    packed = store.packed
+    real_io = packed._io
+
+    class SlowReads:
+        inline_io = 0
+
+        async def run(self, fn: Any) -> Any:
+            return await real_io.run(fn)
+
+        async def run_small(self, fn: Any, nbytes: int = 0) -> Any:
+            def slow() -> Any:
+                reading.set()
+                go_on.wait()
+                return fn()
+
+            return await trio.to_thread.run_sync(slow)
+
+    packed._io = SlowReads()  # type: ignore[assignment]
+    got: list[bytes] = []
+
+    async def read_k9() -> None:
+        got.append(b"".join(await read(store, "k.9", 0, 150)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_k9)
+        await trio.to_thread.run_sync(reading.wait)
+        packed._io = real_io
+        await store.compact()  # switches and unlinks the generation the read holds
+        assert packed.compactions == 1
+        assert not any(p.name.startswith("00000001.0.") for p in (tmp_path / "volumes").iterdir())
+        go_on.set()
+    assert got == [payload(150, seed=9)]
+    assert b"".join(await read(store, "k.9", 0, 150)) == payload(150, seed=9)
