@@ -20,7 +20,7 @@ from karma8.core.names import check_namespace
 from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
 from karma8.net.serve import NetConfig
 
-SIZES = ("capacity", "stripe_unit", "max_file_size", "reserve_step")
+SIZES = ("capacity", "stripe_unit", "max_file_size", "reserve_step", "volume_size")
 OPTIONAL_STRINGS = ("secret", "discovery_url")
 NAME_LISTS = ("namespaces", "public_namespaces")
 

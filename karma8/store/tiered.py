@@ -24,6 +24,8 @@ from karma8.store.files.tree import check_key
 from karma8.store.groupsync import GroupSync
 from karma8.store.packed.store import DEFAULT_COMPACT_RATIO, DEFAULT_VOLUME_SIZE, PackedStore
 
+__all__ = ["DEFAULT_SMALL_PART_MAX", "DEFAULT_VOLUME_SIZE", "TieredPartStore", "open_part_store"]
+
 DEFAULT_SMALL_PART_MAX = 64 << 10
 
 
@@ -270,6 +272,7 @@ def open_part_store(
     *,
     capacity_bytes: int,
     small_part_max: int = DEFAULT_SMALL_PART_MAX,
+    volume_size: int = DEFAULT_VOLUME_SIZE,
     group_sync: bool | GroupSync = True,
 ) -> TieredPartStore | FilePartStore:
     """A node's store on ``root``: small parts packed, or every part a file when
@@ -278,5 +281,9 @@ def open_part_store(
     if small_part_max <= 0 and not (root / "volumes").exists():
         return FilePartStore(root, capacity_bytes=capacity_bytes, group_sync=group_sync)
     return TieredPartStore(
-        root, capacity_bytes=capacity_bytes, small_part_max=small_part_max, group_sync=group_sync
+        root,
+        capacity_bytes=capacity_bytes,
+        small_part_max=small_part_max,
+        volume_size=volume_size,
+        group_sync=group_sync,
     )
