@@ -14,6 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from karma8.core.errors import IntegrityError, NotFound, UploadConflict
+from karma8.core.tomlconf import ConfigError
+from karma8.net.settings import load_net_config
 from karma8.ports import PartStore, StoredPart
 from karma8.store.packed import store as packed_store
 from karma8.store.packed.format import HEADER_SIZE, needle_size
@@ -425,3 +427,15 @@ async def test_a_read_pinned_across_the_switch_reads_the_old_file(tmp_path: Path
         go_on.set()
     assert got == [payload(150, seed=9)]
     assert b"".join(await read(store, "k.9", 0, 150)) == payload(150, seed=9)
+
+
+def test_the_settings_read_sizes_and_zero(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('small_part_max = "32 KiB"\nvolume_size = "256 MiB"\n')
+    loaded = load_net_config(config, {})
+    assert (loaded.small_part_max, loaded.volume_size) == (32 << 10, 256 << 20)
+    config.write_text("small_part_max = 0\n")
+    assert load_net_config(config, {}).small_part_max == 0
+    config.write_text("volume_size = 0\n")
+    with pytest.raises(ConfigError, match="volume_size"):
+        load_net_config(config, {})
