@@ -439,3 +439,23 @@ def test_the_settings_read_sizes_and_zero(tmp_path: Path) -> None:
     config.write_text("volume_size = 0\n")
     with pytest.raises(ConfigError, match="volume_size"):
         load_net_config(config, {})
+
+
+async def test_a_volume_compacted_to_nothing_goes_away(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path, volume_size=2048)
+    for i in range(30):
+        await put(store, f"k.{i}", payload(150, seed=i))
+    first = {ref.key for ref in store.packed.index.refs_in(1)}
+    assert first
+    assert len(store.packed.volumes) >= 3
+    for key in first:
+        assert await store.delete(key)
+    await store.compact()
+    assert 1 not in store.packed.volumes
+    assert not any(name.startswith("00000001.") for name in os.listdir(tmp_path / "volumes"))
+    left = sorted(f"k.{i}" for i in range(30) if f"k.{i}" not in first)
+    assert await store.keys() == left
+    store.close()
+    again = new_tiered(tmp_path, volume_size=2048)
+    assert await again.keys() == left
+    await put(again, "after.0", payload(10))

@@ -462,6 +462,13 @@ class PackedStore:
             self._files[volume] = VolumeFile(volume, generation, final, fd, end)
             old.retired = True
             self.compactions += 1
+            gone = [old.path]
+            if end == 0:  # nothing left: the volume goes, and its inode with it
+                del self._files[volume]
+                close_quietly(fd)
+                gone.append(final)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(lambda: _unlink(gone))
         finally:
             closing, old.closing = old.closing, None
             if closing is not None:
@@ -474,8 +481,11 @@ class PackedStore:
             if not old.retired:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(lambda: old.path.unlink(missing_ok=True))
+
+
+def _unlink(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 class _WindowReader:
