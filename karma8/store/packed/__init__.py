@@ -67,8 +67,9 @@ during the copy are appended to the new file, which is fsynced and renamed into 
 on the event loop and with no checkpoint, the index moves to the new generation, and the old
 file is unlinked. Reads that looked up the old generation hold its descriptor open until
 they end (the file is unlinked, not gone), so a read of a needle being moved gets the right
-bytes; deletes of the volume wait the few moments of the switch. A crash before the rename
-leaves a ``.tmp`` (deleted on open); after it, two generations, of which the newer wins.
+bytes; deletes of the volume wait the few moments of the switch. A volume left with no live
+needle is deleted. A crash before the rename leaves a ``.tmp`` (deleted on open); after it,
+two generations, of which the newer wins.
 
 Accounting. ``used_bytes`` counts live payload bytes (on open from the index), in the one
 :class:`~karma8.store.quota.SpaceQuota` the routing store shares with the file engine;
