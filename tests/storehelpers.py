@@ -11,7 +11,10 @@ import trio
 import trio.testing
 
 from karma8.ports import PartStore, StoredPart
+from karma8.store.files.format import HEADER_SIZE
 from karma8.store.files.store import FilePartStore
+from karma8.store.packed.format import scan
+from karma8.store.packed.index import PackedIndex
 
 MIB = 1 << 20
 BIG = 1 << 30
@@ -60,3 +63,39 @@ def tmp_files(root: Path) -> list[str]:
 def new_store(root: Path, **kwargs: Any) -> FilePartStore:
     kwargs.setdefault("capacity_bytes", BIG)
     return FilePartStore(root, **kwargs)
+
+
+def packed_parts(node_root: Path) -> dict[str, tuple[Path, int]]:
+    """The live packed parts under a node's directory: key -> (volume, payload offset).
+
+    Reads the volumes without changing them (the node may be running), with the engine's own
+    scan and index.
+    """
+    index = PackedIndex()
+    paths: dict[int, Path] = {}
+    for path in sorted((node_root / "volumes").glob("*.vol")):
+        volume, generation = (int(x) for x in path.name.split(".")[:2])
+        data = path.read_bytes()
+
+        def read(at: int, n: int, data: bytes = data) -> bytes:
+            return data[at : at + n]
+
+        found = scan(read, len(data))
+        index.load(volume, generation, found.needles)
+        paths[volume] = path
+    found_refs = (index.get(key) for key in list(index.keys()))
+    return {ref.key: (paths[ref.volume], ref.data_offset) for ref in found_refs if ref is not None}
+
+
+def part_location(root: Path, key: str) -> tuple[Path, int]:
+    """Where the payload of part ``key`` starts on some node under ``root`` (any depth):
+    a part file and its header size, or a volume and the needle's payload offset."""
+    files = list(root.glob(f"**/parts/*/*/{key}"))
+    if files:
+        (path,) = files
+        return path, HEADER_SIZE
+    for volumes in root.glob("**/volumes"):
+        found = packed_parts(volumes.parent).get(key)
+        if found is not None:
+            return found
+    raise FileNotFoundError(key)

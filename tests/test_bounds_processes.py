@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from processes import GIVE_UP, Service, wait_for
+from storehelpers import packed_parts
 
 pytestmark = pytest.mark.slow  # scripts/check --fast leaves it out
 
@@ -96,8 +97,11 @@ class Cluster:
         nodes = self.http.get(url, headers={"X-Karma8-Secret": SECRET})
         return sum(int(n["reserved_bytes"]) for n in nodes.json()["nodes"])
 
-    def part_files(self) -> list[Path]:
-        return [p for p in self.root.glob("node-*/parts/**/*") if p.is_file()]
+    def part_files(self) -> list[str]:
+        """Every part on the nodes' disks: files, and needles live in volumes."""
+        files = [str(p) for p in self.root.glob("node-*/parts/**/*") if p.is_file()]
+        nodes = sorted(self.root.glob("node-*"))
+        return files + [f"{node}:{key}" for node in nodes for key in packed_parts(node)]
 
     def _close_sockets(self) -> None:
         for sock in self.sockets:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from processes import GIVE_UP, Service, free_port, wait_for
+from storehelpers import packed_parts
 
 pytestmark = pytest.mark.slow  # scripts/check --fast leaves it out
 
@@ -112,12 +113,14 @@ class Cluster:
         return self.nodes[int(role.removeprefix("node-"))]
 
     def part_files(self) -> list[str]:
-        """Every part and temporary file on every node's disk."""
+        """Every part (a file, or a needle live in a volume) and temporary file on every
+        node's disk."""
         found = []
         for i in range(5):
             for sub in ("parts", "tmp"):
                 base = self.root / f"node-{i}" / sub
                 found += [str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file()]
+            found += [f"node-{i}/volumes:{key}" for key in packed_parts(self.root / f"node-{i}")]
         return sorted(found)
 
     def wait_until_only(self, expected: int) -> list[str]:

@@ -14,14 +14,15 @@ from karma8.actors.storage import StorageNode
 from karma8.core.errors import NotFound
 from karma8.net import admin
 from karma8.ports import StoredPart
-from karma8.store.files.format import HEADER_SIZE
 
 from drivers import eventually, net_config, net_driver
+from storehelpers import flip_bit, part_location
 
 
-def part_file(root: Path, key: str) -> Path:
-    (found,) = root.glob(f"storage-*/parts/*/*/{key}")
-    return found
+def flip_payload_byte(root: Path, key: str, at: int) -> None:
+    """Flip a bit of byte ``at`` of a part's payload, a part file or a packed needle."""
+    path, start = part_location(root, key)
+    flip_bit(path, start + at)
 
 
 # Parts read by the gateway in-process (embedded cluster) and over HTTP (separate processes).
@@ -64,18 +65,15 @@ async def test_flipped_and_truncated_parts_never_read_back_complete(
     async with net_driver(tmp_path, local_calls=local_calls) as net:
         await net.put("flipped", payload(500_000, 1))  # streamed: more than 64 KiB
         await net.put("small-flipped", payload(50_000, 4))  # read whole before answering
-        await net.put("truncated", payload(50_000, 2))
+        await net.put("truncated", payload(500_000, 2))
         await net.put("healthy", payload(50_000, 3))
         flipped = (await net.stat("flipped")).parts[1].key
         small_flipped = (await net.stat("small-flipped")).parts[2].key
         truncated = (await net.stat("truncated")).parts[3].key
 
-        for key in (flipped, small_flipped):
-            path = part_file(tmp_path, key)
-            raw = bytearray(path.read_bytes())
-            raw[HEADER_SIZE + 100] ^= 0x01
-            path.write_bytes(bytes(raw))
-        path = part_file(tmp_path, truncated)
+        for key in (flipped, small_flipped):  # a part file, and a part packed in a volume
+            flip_payload_byte(tmp_path, key, 100)
+        path, _ = part_location(tmp_path, truncated)  # a part file (over small_part_max)
         path.write_bytes(path.read_bytes()[:-10])
 
         client = net._http
@@ -119,10 +117,7 @@ async def test_range_get_of_a_flipped_byte_never_yields_wrong_bytes(
         bad = 150_000  # a byte of the file, somewhere in the middle of one part
         (segment,) = version.layout.segments(len(data), bad, bad + 1)
         placement = next(p for p in version.parts if p.index == segment.part)
-        path = part_file(tmp_path, placement.key)
-        raw = bytearray(path.read_bytes())
-        raw[HEADER_SIZE + segment.offset] ^= 0x01
-        path.write_bytes(bytes(raw))
+        flip_payload_byte(tmp_path, placement.key, segment.offset)  # a packed part
 
         client = net._http
         url = f"{net._gateway}/default/ranged"
@@ -161,10 +156,7 @@ async def test_large_reads_that_read_ahead_still_never_complete_wrong(
         gateway = net._gateway
         assert (await client.get(f"{gateway}/default/large")).content == data
         key = (await net.stat("large-bad")).parts[3].key
-        path = part_file(tmp_path, key)
-        raw = bytearray(path.read_bytes())
-        raw[HEADER_SIZE + 200_000] ^= 0x01
-        path.write_bytes(bytes(raw))
+        flip_payload_byte(tmp_path, key, 200_000)
         with pytest.raises(httpx.RemoteProtocolError):
             await client.get(f"{gateway}/default/large-bad")
         assert (await client.get(f"{gateway}/default/large")).content == data

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from processes import Service, free_port, wait_for
+from storehelpers import packed_parts
 
 pytestmark = pytest.mark.slow  # scripts/check --fast leaves it out
 
@@ -129,8 +130,11 @@ class Cluster:
         )
         return done.stdout
 
-    def part_files(self, index: int) -> list[Path]:
-        return [p for p in (self.root / f"node-{index}" / "parts").rglob("*") if p.is_file()]
+    def part_files(self, index: int) -> list[str]:
+        """The parts on a node's disk: files, and needles live in its volumes."""
+        node = self.root / f"node-{index}"
+        files = [str(p) for p in (node / "parts").rglob("*") if p.is_file()]
+        return files + [f"volumes:{key}" for key in packed_parts(node)]
 
 
 class Client(threading.Thread):

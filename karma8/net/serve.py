@@ -51,8 +51,8 @@ from karma8.net.sources import discovery_source, gateway_source, storage_source
 from karma8.net.storage_app import storage_app
 from karma8.ports import DiscoveryAPI, StorageAPI
 from karma8.store.diskio import private_dir
-from karma8.store.files.store import FilePartStore
 from karma8.store.groupsync import GroupSync, SyncGroups
+from karma8.store.tiered import DEFAULT_SMALL_PART_MAX, DEFAULT_VOLUME_SIZE, open_part_store
 
 T = TypeVar("T")
 log = logging.getLogger("karma8.serve")
@@ -94,6 +94,10 @@ class NetConfig:
     discovery_url: str | None = None
     storage_nodes: int = 6
     capacity: int = 10 << 30
+    # Parts of at most this many bytes are packed into volume files; 0: every part a file.
+    small_part_max: int = DEFAULT_SMALL_PART_MAX
+    # A volume of packed parts is sealed, and a new one started, past this size.
+    volume_size: int = DEFAULT_VOLUME_SIZE
     stripe_unit: int = _DISCOVERY.layout.unit
     max_file_size: int = _DISCOVERY.max_file_size
     heartbeat_interval: float = _STORAGE.heartbeat_interval
@@ -373,8 +377,12 @@ def build_storage_node(
     return StorageNode(
         node_id=node_id,
         url="",  # known once bound
-        store=FilePartStore(
-            data_dir, capacity_bytes=capacity or config.capacity, group_sync=group_sync
+        store=open_part_store(
+            data_dir,
+            capacity_bytes=capacity or config.capacity,
+            small_part_max=config.small_part_max,
+            volume_size=config.volume_size,
+            group_sync=group_sync,
         ),
         discovery=discovery,
         config=StorageConfig(

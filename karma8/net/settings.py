@@ -20,7 +20,7 @@ from karma8.core.names import check_namespace
 from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
 from karma8.net.serve import NetConfig
 
-SIZES = ("capacity", "stripe_unit", "max_file_size", "reserve_step")
+SIZES = ("capacity", "stripe_unit", "max_file_size", "reserve_step", "volume_size")
 OPTIONAL_STRINGS = ("secret", "discovery_url")
 NAME_LISTS = ("namespaces", "public_namespaces")
 # Counts where 0 would refuse or stall every request.
@@ -56,6 +56,8 @@ def load_net_config(
                 values[field.name] = read_rebalance(reader.table("rebalance"), default)
             elif field.name in SIZES:
                 values[field.name] = reader.size(field.name, default, minimum=1)
+            elif field.name == "small_part_max":
+                values[field.name] = reader.size(field.name, default, minimum=0)
             elif field.name in OPTIONAL_STRINGS:
                 raw = reader.get(field.name, default)
                 if raw is not None and not isinstance(raw, str):

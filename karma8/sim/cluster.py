@@ -121,6 +121,9 @@ class SimCluster:
         name = self.endpoint_name(spec)
         self.world.record(f"crash {name}")
         self.network.endpoint(name).crash()
+        disk = self.disk_of(name)
+        if disk is not None:
+            disk.crash()  # what was not yet synced is lost; the disk recovers as on restart
 
     def restart(self, spec: str) -> None:
         """Start a crashed actor again: a new process on the same disk or database."""

@@ -5,8 +5,12 @@ This is net mode's :class:`karma8.ports.PartStore`; the simulator has its own, i
 
 - :mod:`karma8.store.files`, the file engine: one file per part (``FilePartStore``), for parts
   of any size. Each part costs an inode and at least one file-system block.
-- Planned: an engine for small parts, packed into one file or an SQLite database, where a file
-  per part would cost more in inodes, blocks and directory changes than the part itself.
+- :mod:`karma8.store.packed`, the packed engine: small parts as needles appended to a few large
+  volume files with an index in memory, where a file per part would cost more in inodes,
+  blocks and directory changes than the part itself.
+
+:mod:`karma8.store.tiered` (``TieredPartStore``) is the port over both: parts of at most
+``small_part_max`` bytes packed, the others files. Only it knows both engines.
 
 What every engine can use lives beside them:
 

@@ -1,0 +1,173 @@
+"""The needle: one part (or one tombstone) in a volume file, and the scan that finds them.
+
+Pure functions over bytes and a ``read(offset, size)`` callable: no trio, no file system, so
+the store, its tests and a simulated disk run the same code. The byte table is in the package
+docstring (:mod:`karma8.store.packed`).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Callable
+
+import attrs
+
+MAGIC = b"K8ND"
+VERSION = 1
+LIVE = 0
+TOMBSTONE = 1
+ALIGN = 8
+# magic, version, flags, key length, payload length, payload CRC-32, sha256 (raw)
+_FIELDS = struct.Struct(">4sBBHQI32s")
+HEADER_SIZE = _FIELDS.size + 4  # the fields, then the CRC-32 of the fields and the key
+MAX_KEY = 1024
+# How far a scan reads at once while it looks for the next needle after damaged bytes.
+_RESYNC_READ = 1 << 16
+
+
+def aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def needle_size(key_len: int, length: int) -> int:
+    """Bytes a needle takes in its volume, padding included."""
+    return aligned(HEADER_SIZE + key_len + length)
+
+
+@attrs.frozen(kw_only=True)
+class Needle:
+    """A needle's header as a scan found it at ``offset`` of its volume.
+
+    Attributes:
+        key: The part's key.
+        offset: Where the needle starts in its volume.
+        flags: :data:`LIVE` or :data:`TOMBSTONE`.
+        length: Payload bytes (0 for a tombstone).
+        crc: CRC-32 of the payload.
+        sha256: sha256 of the payload (raw bytes; zeros for a tombstone).
+    """
+
+    key: str
+    offset: int
+    flags: int
+    length: int
+    crc: int
+    sha256: bytes
+
+    @property
+    def data_offset(self) -> int:
+        """Where the payload starts in the volume."""
+        return self.offset + HEADER_SIZE + len(self.key.encode())
+
+    @property
+    def size(self) -> int:
+        """Bytes the needle takes in its volume, padding included."""
+        return needle_size(len(self.key.encode()), self.length)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
+def encode(key: str, payload: bytes, *, sha256: bytes, crc: int | None = None) -> bytes:
+    """A live needle: header, key, payload, zero padding to :data:`ALIGN` bytes."""
+    if crc is None:
+        crc = zlib.crc32(payload)
+    return _encode(key, LIVE, payload, crc, sha256)
+
+
+def encode_tombstone(key: str) -> bytes:
+    """A tombstone: the part ``key`` of the same volume is deleted."""
+    return _encode(key, TOMBSTONE, b"", 0, bytes(32))
+
+
+def _encode(key: str, flags: int, payload: bytes, crc: int, sha256: bytes) -> bytes:
+    raw_key = key.encode()
+    if not 0 < len(raw_key) <= MAX_KEY:
+        raise ValueError("a needle's key must be 1 to 1024 bytes")
+    fields = _FIELDS.pack(MAGIC, VERSION, flags, len(raw_key), len(payload), crc, sha256)
+    header_crc = zlib.crc32(raw_key, zlib.crc32(fields))
+    size = needle_size(len(raw_key), len(payload))
+    pad = size - HEADER_SIZE - len(raw_key) - len(payload)
+    return b"".join((fields, header_crc.to_bytes(4, "big"), raw_key, payload, bytes(pad)))
+
+
+def decode_header(data: bytes, offset: int) -> Needle | None:
+    """The needle whose header and key start ``data`` (read at ``offset``), or None if
+    these bytes are not an intact needle header (wrong magic or version, bad CRC)."""
+    if len(data) < HEADER_SIZE:
+        return None
+    magic, version, flags, key_len, length, crc, sha = _FIELDS.unpack_from(data)
+    if magic != MAGIC or version != VERSION or flags not in (LIVE, TOMBSTONE):
+        return None
+    if not 0 < key_len <= MAX_KEY or len(data) < HEADER_SIZE + key_len:
+        return None
+    raw_key = data[HEADER_SIZE : HEADER_SIZE + key_len]
+    stored = int.from_bytes(data[_FIELDS.size : HEADER_SIZE], "big")
+    if zlib.crc32(raw_key, zlib.crc32(data[: _FIELDS.size])) != stored:
+        return None
+    try:
+        key = raw_key.decode()
+    except UnicodeDecodeError:
+        return None
+    return Needle(key=key, offset=offset, flags=flags, length=length, crc=crc, sha256=sha)
+
+
+@attrs.frozen(kw_only=True)
+class ScanResult:
+    """What a volume holds, as :func:`scan` read it.
+
+    Attributes:
+        needles: Intact needle headers, in file order.
+        end: Where the volume's good bytes end: the rest is a torn tail (never acknowledged)
+            for the caller to truncate.
+        skipped: Bytes between needles that were not a needle (a commit cancelled before
+            its bytes were written, or a damaged header): garbage.
+    """
+
+    needles: list[Needle]
+    end: int
+    skipped: int
+
+
+def scan(read: Callable[[int, int], bytes], size: int) -> ScanResult:
+    """Find the needles of a volume of ``size`` bytes, read with ``read(offset, n)``.
+
+    A needle counts if its header is intact and it fits in the volume. Bytes that are not one
+    are skipped, looking for the next needle at every :data:`ALIGN`-byte offset. The volume
+    ends after the last needle found, and the last live needle must also match its payload
+    CRC: an append in flight when the node stopped may have reached the disk only in part.
+    """
+    needles: list[Needle] = []
+    pos = 0
+    while pos + HEADER_SIZE <= size:
+        head = read(pos, min(HEADER_SIZE + MAX_KEY, size - pos))
+        needle = decode_header(head, pos)
+        if needle is not None and needle.end <= size:
+            needles.append(needle)
+            pos = needle.end
+            continue
+        pos = _next_magic(read, pos + ALIGN, size)
+    while needles:
+        last = needles[-1]
+        if last.flags != LIVE or zlib.crc32(read(last.data_offset, last.length)) == last.crc:
+            break
+        needles.pop()
+    end = needles[-1].end if needles else 0
+    return ScanResult(needles=needles, end=end, skipped=end - sum(n.size for n in needles))
+
+
+def _next_magic(read: Callable[[int, int], bytes], pos: int, size: int) -> int:
+    """The first aligned offset at or after ``pos`` where :data:`MAGIC` starts, or ``size``."""
+    while pos + HEADER_SIZE <= size:
+        block = read(pos, min(_RESYNC_READ, size - pos))
+        at = block.find(MAGIC)
+        while at != -1 and at % ALIGN:
+            at = block.find(MAGIC, at + 1)
+        if at != -1:
+            return pos + at
+        # A magic at an aligned offset of a block read from an aligned offset lies whole in
+        # it, unless the block is the volume's short last piece.
+        pos += max(ALIGN, len(block) - len(block) % ALIGN)
+    return size

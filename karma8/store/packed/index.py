@@ -1,0 +1,135 @@
+"""The packed engine's index: where each live part's needle is, and what each volume holds.
+
+Pure and in memory: rebuilt on open from the volumes' scans (:func:`format.scan`), then kept
+up to date by the store on the event loop (no locking). Compaction moves a part's needle
+within its volume id (a new generation of the volume file), so a reference names both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+
+from karma8.store.packed.format import LIVE, Needle
+
+
+@attrs.frozen(kw_only=True)
+class NeedleRef:
+    """A live part in a volume.
+
+    Attributes:
+        key: The part's key.
+        volume: The volume's id.
+        generation: The volume file's generation (compaction writes the next one).
+        offset: Where the needle starts in that file.
+        size: Bytes the needle takes (header, key, payload, padding).
+        length: Payload bytes.
+        data_offset: Where the payload starts.
+        crc: CRC-32 of the payload.
+        sha256: sha256 of the payload (raw).
+    """
+
+    key: str
+    volume: int
+    generation: int
+    offset: int
+    size: int
+    length: int
+    data_offset: int
+    crc: int
+    sha256: bytes
+
+    @classmethod
+    def of(cls, needle: Needle, volume: int, generation: int) -> NeedleRef:
+        return cls(
+            key=needle.key,
+            volume=volume,
+            generation=generation,
+            offset=needle.offset,
+            size=needle.size,
+            length=needle.length,
+            data_offset=needle.data_offset,
+            crc=needle.crc,
+            sha256=needle.sha256,
+        )
+
+    def moved(self, generation: int, offset: int) -> NeedleRef:
+        """The same needle copied to ``offset`` of the volume's next generation."""
+        return attrs.evolve(
+            self,
+            generation=generation,
+            offset=offset,
+            data_offset=offset + (self.data_offset - self.offset),
+        )
+
+
+class PackedIndex:
+    """key -> :class:`NeedleRef`, and per volume the keys and needle bytes still live."""
+
+    def __init__(self) -> None:
+        self._refs: dict[str, NeedleRef] = {}
+        self._keys: dict[int, set[str]] = {}
+        self._live: dict[int, int] = {}
+        self.payload_bytes = 0  # live payload bytes, all volumes
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._refs
+
+    def get(self, key: str) -> NeedleRef | None:
+        return self._refs.get(key)
+
+    def keys(self) -> Iterable[str]:
+        return self._refs.keys()
+
+    def refs_in(self, volume: int) -> list[NeedleRef]:
+        """The live needles of a volume, in file order."""
+        return sorted((self._refs[k] for k in self._keys.get(volume, ())), key=_by_offset)
+
+    def live_bytes(self, volume: int) -> int:
+        """Bytes of the volume's live needles (the rest of the file is garbage)."""
+        return self._live.get(volume, 0)
+
+    def load(self, volume: int, generation: int, needles: Iterable[Needle]) -> None:
+        """Apply a volume's scan, in file order: a tombstone deletes the part before it in
+        the same volume (deletes go to the volume of the needle they delete)."""
+        for needle in needles:
+            if needle.flags == LIVE:
+                current = self._refs.get(needle.key)
+                if current is not None:  # only after a crash: the later volume wins
+                    self.remove(needle.key)
+                self.add(NeedleRef.of(needle, volume, generation))
+            else:
+                current = self._refs.get(needle.key)
+                if current is not None and current.volume == volume:
+                    self.remove(needle.key)
+
+    def add(self, ref: NeedleRef) -> None:
+        assert ref.key not in self._refs
+        self._refs[ref.key] = ref
+        self._keys.setdefault(ref.volume, set()).add(ref.key)
+        self._live[ref.volume] = self._live.get(ref.volume, 0) + ref.size
+        self.payload_bytes += ref.length
+
+    def remove(self, key: str) -> NeedleRef | None:
+        ref = self._refs.pop(key, None)
+        if ref is not None:
+            self._keys[ref.volume].discard(key)
+            self._live[ref.volume] -= ref.size
+            self.payload_bytes -= ref.length
+        return ref
+
+    def move(self, old: NeedleRef, new: NeedleRef) -> bool:
+        """Point the part at its copy, if ``old`` is still its live needle (the part was
+        not deleted meanwhile). Needle sizes do not change, so neither does accounting."""
+        if self._refs.get(old.key) is not old:
+            return False
+        self._refs[old.key] = new
+        return True
+
+
+def _by_offset(ref: NeedleRef) -> int:
+    return ref.offset

@@ -1,0 +1,550 @@
+"""A storage node's small parts packed into volume files: :class:`PackedStore`.
+
+The theory of operation (format, appends, recovery, compaction) is in
+:mod:`karma8.store.packed`. The routing store in front of it and the file engine is
+:class:`karma8.store.tiered.TieredPartStore`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+import zlib
+from pathlib import Path
+
+import trio
+
+from karma8.core.errors import IntegrityError, NotFound, UploadConflict
+from karma8.ports import StoredPart
+from karma8.store.diskio import (
+    DIR_MODE,
+    FILE_MODE,
+    O_CLOEXEC,
+    BlockingIO,
+    close_quietly,
+    fsync_dir,
+    pread_exact,
+    pwrite_all,
+    storage_error,
+)
+from karma8.store.groupsync import GroupSync
+from karma8.store.packed.format import HEADER_SIZE, encode, encode_tombstone, scan
+from karma8.store.packed.index import NeedleRef, PackedIndex
+from karma8.store.quota import SpaceQuota
+
+log = logging.getLogger("karma8.store.packed")
+
+DEFAULT_VOLUME_SIZE = 1 << 30
+DEFAULT_COMPACT_RATIO = 0.5
+_NAME = re.compile(r"^(\d{8})\.(\d+)\.vol$")
+_COPY_BUFFER = 1 << 20
+
+
+def volume_name(volume: int, generation: int) -> str:
+    return f"{volume:08d}.{generation}.vol"
+
+
+class VolumeFile:
+    """One generation of a volume, open for appends and reads. Event-loop state only.
+
+    Attributes:
+        end: Where the next append goes (bytes reserved so far).
+        pins: Reads and appends using ``fd`` now; a retired file is closed when they end.
+        appends: Appends in flight (compaction waits for none).
+        closing: Set while compaction finishes the volume: new appends wait for it.
+    """
+
+    def __init__(self, volume: int, generation: int, path: Path, fd: int, end: int) -> None:
+        self.volume = volume
+        self.generation = generation
+        self.path = path
+        self.fd = fd
+        self.end = end
+        self.pins = 0
+        self.appends = 0
+        self.retired = False
+        self.closing: trio.Event | None = None
+        self._idle: trio.Event | None = None
+
+    def pin(self) -> None:
+        self.pins += 1
+
+    def unpin(self) -> None:
+        self.pins -= 1
+        if self.retired and self.pins == 0:
+            close_quietly(self.fd)
+
+    def append_done(self) -> None:
+        self.appends -= 1
+        if self.appends == 0 and self._idle is not None:
+            self._idle.set()
+            self._idle = None
+
+    async def wait_idle(self) -> None:
+        """Until no append to this file is in flight."""
+        while self.appends:
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()
+
+
+class PackedStore:
+    """Small parts as needles in append-only volume files (see :mod:`karma8.store.packed`).
+
+    Not a full :class:`karma8.ports.PartStore`: writers buffer in
+    :class:`karma8.store.tiered.TieredPartStore`, which hands a whole part to :meth:`put`.
+
+    Attributes:
+        directory: Where the volumes are (``root/volumes``).
+        index: The live parts.
+        compactions: How many volumes compaction has rewritten since opening.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        quota: SpaceQuota,
+        io: BlockingIO,
+        group_sync: GroupSync | None,
+        volume_size: int = DEFAULT_VOLUME_SIZE,
+        compact_ratio: float = DEFAULT_COMPACT_RATIO,
+    ) -> None:
+        """Open (creating if needed) the volumes under ``root`` and rebuild the index.
+
+        Blocks: reads every needle's header (one ``pread`` each), truncates a torn tail,
+        removes leftovers of an interrupted compaction. Adds the live payload to ``quota``.
+        """
+        if volume_size <= 0 or not 0 < compact_ratio <= 1:
+            raise ValueError("volume_size must be positive and compact_ratio in (0, 1]")
+        self.directory = Path(root) / "volumes"
+        self.directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        self.quarantine_dir = Path(root) / "quarantine"
+        self.volume_size = volume_size
+        self.compact_ratio = compact_ratio
+        self.index = PackedIndex()
+        self.compactions = 0
+        self._quota = quota
+        self._io = io
+        self._group = group_sync
+        self._files: dict[int, VolumeFile] = {}
+        self._pending: set[str] = set()
+        self._compacting: set[int] = set()
+        self._compactions_idle: trio.Event | None = None
+        self._roll_lock = trio.Lock()
+        self.truncated_bytes = self._recover()
+        if not self._files:
+            self._files[1] = self._create(1, 0)
+        self._active = max(self._files)
+        quota.add_used(self.index.payload_bytes)
+
+    # -- opening ----------------------------------------------------------------------------
+
+    def _recover(self) -> int:
+        """Load every volume's newest generation; returns the torn bytes truncated."""
+        newest: dict[int, int] = {}
+        for name in os.listdir(self.directory):
+            match = _NAME.match(name)
+            if match is None:
+                if name.endswith(".tmp"):  # an interrupted compaction's output
+                    (self.directory / name).unlink(missing_ok=True)
+                continue
+            volume, generation = int(match[1]), int(match[2])
+            newest[volume] = max(generation, newest.get(volume, generation))
+        for name in os.listdir(self.directory):
+            match = _NAME.match(name)
+            if match is not None and int(match[2]) < newest[int(match[1])]:
+                # A compaction renamed its output into place but did not unlink the source.
+                (self.directory / name).unlink()
+        truncated = 0
+        for volume in sorted(newest):
+            generation = newest[volume]
+            path = self.directory / volume_name(volume, generation)
+            fd = os.open(path, os.O_RDWR | O_CLOEXEC)
+            size = os.fstat(fd).st_size
+            found = scan(_WindowReader(fd).read, size)
+            if found.end < size:
+                log.warning(
+                    "%s: %d bytes after the last intact needle cut off (never acknowledged)",
+                    path,
+                    size - found.end,
+                )
+                os.ftruncate(fd, found.end)
+                os.fsync(fd)
+                truncated += size - found.end
+            self.index.load(volume, generation, found.needles)
+            self._files[volume] = VolumeFile(volume, generation, path, fd, found.end)
+        return truncated
+
+    def _create(self, volume: int, generation: int) -> VolumeFile:
+        path = self.directory / volume_name(volume, generation)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_CLOEXEC, FILE_MODE)
+        if self._group is None:
+            fsync_dir(self.directory)  # else the next round's syncfs makes the name durable
+        return VolumeFile(volume, generation, path, fd, 0)
+
+    def close(self) -> None:
+        """Close the volumes' descriptors (the store is unusable afterwards)."""
+        for file in self._files.values():
+            close_quietly(file.fd)
+        self._files.clear()
+
+    # -- what the routing store calls -------------------------------------------------------
+
+    @property
+    def volumes(self) -> dict[int, VolumeFile]:
+        """The current generation of every volume, by id."""
+        return dict(self._files)
+
+    @property
+    def compacting(self) -> frozenset[int]:
+        """The volumes being compacted now (in the background, or by :meth:`compact`)."""
+        return frozenset(self._compacting)
+
+    def has(self, key: str) -> bool:
+        """The part is committed here, or a commit of it is in flight."""
+        return key in self.index or key in self._pending
+
+    async def put(self, key: str, payload: bytes) -> StoredPart:
+        """Append a part and return once it is durable (shared sync rounds).
+
+        Raises:
+            UploadConflict: The key is here already, or being committed.
+            DiskFull, StorageFailure: The disk failed (the part is not stored).
+        """
+        if self.has(key):
+            raise UploadConflict(f"part {key} already exists")
+        self._pending.add(key)
+        try:
+            sha256 = hashlib.sha256(payload).digest()
+            crc = zlib.crc32(payload)
+            needle = encode(key, payload, sha256=sha256, crc=crc)
+            file = await self._active_for(len(needle))
+            offset = await self._append(file, needle, "committing a part")
+            self.index.add(
+                NeedleRef(
+                    key=key,
+                    volume=file.volume,
+                    generation=file.generation,
+                    offset=offset,
+                    size=len(needle),
+                    length=len(payload),
+                    data_offset=offset + HEADER_SIZE + len(key.encode()),
+                    crc=crc,
+                    sha256=sha256,
+                )
+            )
+            self._quota.add_used(len(payload))
+        finally:
+            self._pending.discard(key)
+        return StoredPart(key=key, size=len(payload), checksum=sha256.hex())
+
+    async def _active_for(self, nbytes: int) -> VolumeFile:
+        """The volume to append ``nbytes`` to, rolling over to a new one past the size."""
+        file = self._files[self._active]
+        if file.end == 0 or file.end + nbytes <= self.volume_size:
+            return file
+        async with self._roll_lock:
+            file = self._files[self._active]
+            if file.end and file.end + nbytes > self.volume_size:
+                sealed = file.volume
+                file = await self._io.run(lambda: self._create(sealed + 1, 0))
+                self._files[file.volume] = file
+                self._active = file.volume
+                self._maybe_compact(sealed)
+        return file
+
+    async def _append(self, file: VolumeFile, data: bytes, doing: str) -> int:
+        """Write ``data`` at the end of ``file`` and wait until it is durable; its offset.
+
+        The offset is taken here, on the event loop, so appends to one volume never overlap;
+        the write is a step of the next sync round (one thread trip and one ``syncfs`` for
+        every commit waiting), or a write and ``fdatasync`` of its own without group sync.
+        A cancelled or failed append leaves a hole, or bytes nothing indexes: garbage.
+        """
+        offset = file.end
+        file.end += len(data)
+        file.appends += 1
+        file.pin()
+
+        def write() -> None:
+            pwrite_all(file.fd, data, offset)
+
+        def write_and_sync() -> None:
+            write()
+            os.fdatasync(file.fd)
+
+        try:
+            if self._group is not None:
+                await self._group.sync(before=write)
+            else:
+                await self._io.run(write_and_sync)
+        except OSError as exc:
+            raise storage_error(exc, doing) from None
+        finally:
+            file.unpin()
+            file.append_done()
+        return offset
+
+    def stat(self, key: str) -> StoredPart | None:
+        ref = self.index.get(key)
+        if ref is None:
+            return None
+        return StoredPart(key=key, size=ref.length, checksum=ref.sha256.hex())
+
+    async def read(self, key: str) -> bytes | None:
+        """The part's whole payload, checked against its CRC; None if not here.
+
+        Raises:
+            IntegrityError: The bytes do not match the needle's CRC.
+        """
+        ref = self.index.get(key)
+        if ref is None:
+            return None
+        data = await self._read_raw(ref)
+        if len(data) != ref.length or zlib.crc32(data) != ref.crc:
+            raise IntegrityError(f"part {key} does not match its checksum")
+        return data
+
+    async def _read_raw(self, ref: NeedleRef) -> bytes:
+        # Pinned: compaction may retire this generation meanwhile; its descriptor stays open
+        # (and the file readable, though unlinked) until the read ends.
+        file = self._files[ref.volume]
+        assert file.generation == ref.generation
+        file.pin()
+        try:
+            return await self._io.run_small(
+                lambda: pread_exact(file.fd, ref.length, ref.data_offset), ref.length
+            )
+        except OSError as exc:
+            raise storage_error(exc, "reading a part") from None
+        finally:
+            file.unpin()
+
+    async def verify(self, key: str) -> bool:
+        """True if the part's bytes match its CRC and sha256.
+
+        Raises:
+            NotFound: Not here.
+        """
+        ref = self.index.get(key)
+        if ref is None:
+            raise NotFound(f"part {key} is not on this node")
+        data = await self._read_raw(ref)
+        return (
+            len(data) == ref.length
+            and zlib.crc32(data) == ref.crc
+            and secrets.compare_digest(hashlib.sha256(data).digest(), ref.sha256)
+        )
+
+    async def delete(self, key: str) -> bool:
+        """Append a tombstone to the part's volume; once durable, the part is gone. False if
+        it was not here."""
+        while True:
+            ref = self.index.get(key)
+            if ref is None:
+                await trio.lowlevel.checkpoint()
+                return False
+            file = self._files[ref.volume]
+            if file.closing is None:
+                break
+            await file.closing.wait()  # compaction is switching the volume: look again
+        await self._append(file, encode_tombstone(key), "deleting a part")
+        if self.index.get(key) is not ref:  # a concurrent delete of the same key won
+            return False
+        self.index.remove(key)
+        self._quota.remove_used(ref.length)
+        self._maybe_compact(ref.volume)
+        return True
+
+    async def quarantine(self, key: str) -> bool:
+        """Copy the part's bytes to ``root/quarantine/KEY`` (durably), then delete it here."""
+        ref = self.index.get(key)
+        if ref is None:
+            await trio.lowlevel.checkpoint()
+            return False
+        data = await self._read_raw(ref)
+        target = self.quarantine_dir / key
+
+        def keep() -> None:
+            self.quarantine_dir.mkdir(mode=DIR_MODE, exist_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, FILE_MODE)
+            try:
+                pwrite_all(fd, data, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_dir(self.quarantine_dir)
+
+        try:
+            await self._io.run(keep)
+        except OSError as exc:
+            raise storage_error(exc, "quarantining a part") from None
+        return await self.delete(key)
+
+    # -- compaction -------------------------------------------------------------------------
+
+    def garbage_ratio(self, volume: int) -> float:
+        """The share of a volume's bytes that no live part uses."""
+        end = self._files[volume].end
+        return 1 - self.index.live_bytes(volume) / end if end else 0.0
+
+    def _should_compact(self, volume: int) -> bool:
+        return (
+            volume != self._active
+            and volume not in self._compacting
+            and volume in self._files
+            and self.garbage_ratio(volume) >= self.compact_ratio
+        )
+
+    def _maybe_compact(self, volume: int) -> None:
+        """Start compacting a sealed volume in the background once its garbage passes the
+        ratio (a system task: the store owns no nursery, as the group sync's early rounds)."""
+        if self._should_compact(volume):
+            self._compacting.add(volume)
+            try:
+                trio.lowlevel.spawn_system_task(
+                    self._compact_in_background, volume, name=f"compact volume {volume}"
+                )
+            except RuntimeError:  # the run is shutting down
+                self._compacting.discard(volume)
+
+    async def _compact_in_background(self, volume: int) -> None:
+        try:
+            await self._compact(volume)
+        except Exception:  # nothing may escape a system task; the volume stays as it was
+            log.exception("compacting volume %d failed", volume)
+
+    async def compact(self) -> int:
+        """Compact every sealed volume whose garbage passes the ratio, now, and wait for the
+        compactions running in the background; how many this call ran."""
+        done = 0
+        for volume in sorted(self._files):
+            if self._should_compact(volume):
+                self._compacting.add(volume)
+                await self._compact(volume)
+                done += 1
+        while self._compacting:
+            self._compactions_idle = self._compactions_idle or trio.Event()
+            await self._compactions_idle.wait()
+        return done
+
+    async def _compact(self, volume: int) -> None:
+        """Rewrite a sealed volume with its live needles only, as its next generation.
+
+        Appends never go to a sealed volume except tombstones, so writes carry on in the
+        active one. Readers keep reading the old generation until the switch, which is
+        atomic on the event loop; one that started before it holds the old descriptor open.
+        Parts deleted while the copy ran get their tombstones again in the new file.
+        """
+        old = self._files[volume]
+        generation = old.generation + 1
+        final = self.directory / volume_name(volume, generation)
+        tmp = final.with_name(final.name + ".tmp")
+        old.pin()
+        try:
+            await old.wait_idle()  # a commit that took its offset before the volume sealed
+            snapshot = self.index.refs_in(volume)
+            offsets, end = await trio.to_thread.run_sync(lambda: _copy(old.fd, snapshot, tmp))
+            old.closing = trio.Event()
+            await old.wait_idle()
+            dead = [ref for ref in snapshot if self.index.get(ref.key) is not ref]
+            fd = await trio.to_thread.run_sync(
+                lambda: _finish(tmp, final, end, [r.key for r in dead])
+            )
+            # The switch: no checkpoint until the index names only the new file.
+            for ref, offset in zip(snapshot, offsets, strict=True):
+                self.index.move(ref, ref.moved(generation, offset))
+            end += sum(len(encode_tombstone(r.key)) for r in dead)
+            self._files[volume] = VolumeFile(volume, generation, final, fd, end)
+            old.retired = True
+            self.compactions += 1
+            gone = [old.path]
+            if end == 0:  # nothing left: the volume goes, and its inode with it
+                del self._files[volume]
+                close_quietly(fd)
+                gone.append(final)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(lambda: _unlink(gone))
+        finally:
+            closing, old.closing = old.closing, None
+            if closing is not None:
+                closing.set()
+            old.unpin()
+            self._compacting.discard(volume)
+            if not self._compacting and self._compactions_idle is not None:
+                self._compactions_idle.set()
+                self._compactions_idle = None
+            if not old.retired:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
+
+
+def _unlink(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+class _WindowReader:
+    """Reads of a volume served from 1 MiB windows: a scan reads each needle's header, and
+    one ``pread`` per window instead of per needle."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._start = 0
+        self._window = b""
+
+    def read(self, at: int, n: int) -> bytes:
+        end = at + n
+        if at < self._start or end > self._start + len(self._window):
+            if n > _COPY_BUFFER:
+                return pread_exact(self._fd, n, at)
+            self._start = at
+            self._window = pread_exact(self._fd, _COPY_BUFFER, at)
+        return self._window[at - self._start : end - self._start]
+
+
+def _copy(src: int, refs: list[NeedleRef], tmp: Path) -> tuple[list[int], int]:
+    """Copy needles to a new file, back to back (in a worker thread); their new offsets."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, FILE_MODE)
+    offsets: list[int] = []
+    pos = 0
+    pending: list[bytes] = []
+    pending_size = 0
+    try:
+        for ref in refs:
+            data = pread_exact(src, ref.size, ref.offset)
+            if len(data) != ref.size:
+                raise OSError(5, "a volume is shorter than its index")
+            offsets.append(pos + pending_size)
+            pending.append(data)
+            pending_size += len(data)
+            if pending_size >= _COPY_BUFFER:
+                pwrite_all(fd, b"".join(pending), pos)
+                pos += pending_size
+                pending, pending_size = [], 0
+        if pending:
+            pwrite_all(fd, b"".join(pending), pos)
+            pos += pending_size
+    finally:
+        os.close(fd)
+    return offsets, pos
+
+
+def _finish(tmp: Path, final: Path, end: int, dead: list[str]) -> int:
+    """Append tombstones for ``dead``, make the new generation durable and put it in place
+    (in a worker thread); its descriptor."""
+    fd = os.open(tmp, os.O_RDWR | O_CLOEXEC)
+    try:
+        if dead:
+            pwrite_all(fd, b"".join(encode_tombstone(key) for key in dead), end)
+        os.fsync(fd)
+        os.rename(tmp, final)
+        fsync_dir(final.parent)  # before the old generation is unlinked
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -1,0 +1,461 @@
+"""The packed engine (karma8.store.packed) behind the routing store (karma8.store.tiered):
+small parts as needles in volume files, large ones as files."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from karma8.core.errors import IntegrityError, NotFound, UploadConflict
+from karma8.core.tomlconf import ConfigError
+from karma8.net.settings import load_net_config
+from karma8.ports import PartStore, StoredPart
+from karma8.store.packed import store as packed_store
+from karma8.store.packed.format import HEADER_SIZE, needle_size
+from karma8.store.tiered import TieredPartStore, open_part_store
+
+from storehelpers import BIG, flip_bit, payload, put, read, sha
+
+T = 1024  # small_part_max in these tests
+
+
+def new_tiered(root: Path, **kwargs: Any) -> TieredPartStore:
+    kwargs.setdefault("capacity_bytes", BIG)
+    kwargs.setdefault("small_part_max", T)
+    kwargs.setdefault("group_sync", False)
+    return TieredPartStore(root, **kwargs)
+
+
+def files_under(root: Path) -> int:
+    return sum(len(files) + len(dirs) for _, dirs, files in os.walk(root))
+
+
+def volume_paths(store: TieredPartStore) -> list[Path]:
+    return [v.path for _, v in sorted(store.packed.volumes.items())]
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    size=st.one_of(st.integers(0, 3 * T), st.sampled_from([T - 1, T, T + 1])),
+    chunk=st.integers(1, 2 * T),
+    span=st.tuples(st.integers(0, 3 * T), st.integers(0, 3 * T)),
+)
+def test_round_trip_around_the_threshold(
+    tmp_path_factory: pytest.TempPathFactory, size: int, chunk: int, span: tuple[int, int]
+) -> None:
+    root = tmp_path_factory.mktemp("tiered")
+
+    async def main() -> None:
+        store = new_tiered(root)
+        data = payload(size, seed=size)
+        await put(store, "k.1", data, chunk=chunk)
+        assert (store.packed.stat("k.1") is not None) == (size <= T)
+        assert await store.stat("k.1") == StoredPart(key="k.1", size=size, checksum=sha(data))
+        assert b"".join(await read(store, "k.1", 0, size)) == data
+        offset = min(span[0], size)
+        length = min(span[1], size - offset)
+        assert b"".join(await read(store, "k.1", offset, length)) == data[offset : offset + length]
+        assert await store.verify("k.1")
+        assert await store.used_bytes() == size
+        assert store.in_flight_bytes == 0
+        assert await store.keys() == ["k.1"]
+        store.close()
+        again = new_tiered(root)
+        assert b"".join(await read(again, "k.1", 0, size)) == data
+        assert await again.used_bytes() == size
+        assert await again.delete("k.1")
+        assert await again.stat("k.1") is None
+        assert await again.used_bytes() == 0
+        again.close()
+
+    trio.run(main)
+
+
+async def test_range_past_the_end_and_missing(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path)
+    await put(store, "k.0", payload(10))
+    with pytest.raises(IntegrityError):
+        await read(store, "k.0", 5, 6)
+    with pytest.raises(NotFound):
+        await read(store, "nope.0", 0, 0)
+    with pytest.raises(NotFound):
+        await store.verify("nope.0")
+    assert not await store.delete("nope.0")
+    assert await read(store, "k.0", 10, 0) == []
+
+
+@pytest.mark.parametrize(("first", "second"), [(10, 5000), (5000, 10), (10, 10), (5000, 5000)])
+async def test_keys_are_immutable_across_engines(tmp_path: Path, first: int, second: int) -> None:
+    store = new_tiered(tmp_path)
+    await put(store, "k.0", payload(first))
+    writer = await store.create("k.0")
+    await writer.write(payload(second, seed=3))
+    with pytest.raises(UploadConflict):
+        await writer.commit()
+    await writer.discard()
+    assert await store.stat("k.0") == StoredPart(
+        key="k.0", size=first, checksum=sha(payload(first))
+    )
+    assert store.in_flight_bytes == 0
+
+
+async def test_concurrent_commits_of_one_key_one_wins(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path)
+    results: list[str] = []
+
+    async def one(size: int) -> None:
+        writer = await store.create("k.0")
+        await writer.write(payload(size))
+        try:
+            await writer.commit()
+            results.append("ok")
+        except UploadConflict:
+            await writer.discard()
+            results.append("conflict")
+
+    async with trio.open_nursery() as nursery:
+        for size in (10, 20, 5000):
+            nursery.start_soon(one, size)
+    assert sorted(results) == ["conflict", "conflict", "ok"]
+
+
+async def test_discard_leaves_nothing(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path)
+    for size in (10, 5000):
+        writer = await store.create("k.0")
+        await writer.write(payload(size))
+        assert store.in_flight_bytes == size
+        await writer.discard()
+        await writer.discard()
+        assert store.in_flight_bytes == 0
+        assert await store.stat("k.0") is None
+    assert await store.keys() == []
+
+
+def _three(root: Path) -> tuple[TieredPartStore, list[bytes]]:
+    store = new_tiered(root)
+    return store, [payload(n, seed=n) for n in (100, 7, 333)]
+
+
+async def test_a_torn_last_needle_is_dropped_at_every_offset(tmp_path: Path) -> None:
+    store, datas = _three(tmp_path / "src")
+    for i, data in enumerate(datas):
+        await put(store, f"k.{i}", data)
+    (path,) = volume_paths(store)
+    image = path.read_bytes()
+    last = needle_size(3, len(datas[2]))
+    start = len(image) - last
+    store.close()
+    for cut in range(start, len(image)):
+        root = tmp_path / f"cut{cut}"
+        (root / "volumes").mkdir(parents=True)
+        (root / "volumes" / path.name).write_bytes(image[:cut])
+        again = new_tiered(root)
+        assert await again.keys() == ["k.0", "k.1"]
+        for i in (0, 1):
+            assert b"".join(await read(again, f"k.{i}", 0, len(datas[i]))) == datas[i]
+        assert await again.used_bytes() == len(datas[0]) + len(datas[1])
+        assert (root / "volumes" / path.name).stat().st_size == start
+        await put(again, "k.2", datas[2])  # appends go on where the good bytes end
+        again.close()
+
+
+async def test_a_flipped_byte_fails_reads_and_verify(tmp_path: Path) -> None:
+    store, datas = _three(tmp_path)
+    for i, data in enumerate(datas):
+        await put(store, f"k.{i}", data)
+    ref = store.packed.index.get("k.1")
+    assert ref is not None
+    flip_bit(volume_paths(store)[0], ref.data_offset + 3)
+    with pytest.raises(IntegrityError):
+        await read(store, "k.1", 0, 1)
+    assert not await store.verify("k.1")
+    assert await store.verify("k.0")
+    assert await store.verify("k.2")
+    assert await store.quarantine("k.1")
+    assert await store.stat("k.1") is None
+    assert (tmp_path / "quarantine" / "k.1").exists()
+    assert not await store.quarantine("k.1")
+
+
+async def test_a_damaged_header_in_the_middle_skips_one_needle(tmp_path: Path) -> None:
+    store, datas = _three(tmp_path)
+    for i, data in enumerate(datas):
+        await put(store, f"k.{i}", data)
+    ref = store.packed.index.get("k.1")
+    assert ref is not None
+    flip_bit(volume_paths(store)[0], ref.offset + 9)
+    store.close()
+    again = new_tiered(tmp_path)
+    assert await again.keys() == ["k.0", "k.2"]
+    assert b"".join(await read(again, "k.2", 0, len(datas[2]))) == datas[2]
+
+
+async def test_tombstones_and_used_bytes_survive_reopen(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path)
+    for i in range(10):
+        await put(store, f"k.{i}", payload(50 + i))
+    await put(store, "big.0", payload(5000))
+    for i in range(0, 10, 2):
+        assert await store.delete(f"k.{i}")
+    used = await store.used_bytes()
+    store.close()
+    again = new_tiered(tmp_path)
+    assert await again.keys() == sorted(["big.0"] + [f"k.{i}" for i in range(1, 10, 2)])
+    assert await again.used_bytes() == used == 5000 + sum(50 + i for i in range(1, 10, 2))
+    await put(again, "k.0", payload(3, seed=9))  # a deleted key may be written again
+    again.close()
+    third = new_tiered(tmp_path)
+    assert b"".join(await read(third, "k.0", 0, 3)) == payload(3, seed=9)
+
+
+async def test_volumes_roll_over_and_compaction_frees_space(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path, volume_size=4096, compact_ratio=0.5)
+    datas = {f"k.{i}": payload(200, seed=i) for i in range(100)}
+    for key, data in datas.items():
+        await put(store, key, data)
+    assert len(store.packed.volumes) > 4
+    before = sum(p.stat().st_size for p in volume_paths(store))
+    for i in range(0, 100, 3):
+        assert await store.delete(f"k.{i}")
+        del datas[f"k.{i}"]
+    for i in range(1, 100, 3):
+        assert await store.delete(f"k.{i}")
+        del datas[f"k.{i}"]
+    await store.compact()
+    after = sum(p.stat().st_size for p in volume_paths(store))
+    assert store.packed.compactions > 0
+    assert after < before / 2
+    for key, data in datas.items():
+        assert b"".join(await read(store, key, 0, 200)) == data
+    assert await store.used_bytes() == 200 * len(datas)
+    assert sorted(os.listdir(tmp_path / "volumes")) == sorted(p.name for p in volume_paths(store))
+    store.close()
+    again = new_tiered(tmp_path, volume_size=4096)
+    assert sorted(await again.keys()) == sorted(datas)
+    assert await again.used_bytes() == 200 * len(datas)
+
+
+async def test_compaction_under_concurrent_writes_reads_and_deletes(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path, volume_size=8192, compact_ratio=0.3, group_sync=True)
+    live: dict[str, bytes] = {}
+    for i in range(200):
+        live[f"a.{i}"] = payload(100 + i % 50, seed=i)
+        await put(store, f"a.{i}", live[f"a.{i}"])
+    stop = trio.Event()
+
+    async def reader() -> None:
+        while not stop.is_set():
+            for key, data in list(live.items()):
+                try:
+                    got = b"".join(await read(store, key, 0, len(data)))
+                except NotFound:
+                    if key in live:
+                        raise
+                    continue
+                assert got == data
+            await trio.lowlevel.checkpoint()
+
+    async def writer() -> None:
+        for i in range(200):
+            data = payload(60, seed=1000 + i)
+            await put(store, f"b.{i}", data)
+            live[f"b.{i}"] = data
+
+    async def deleter() -> None:
+        for i in range(0, 200, 2):
+            del live[f"a.{i}"]
+            assert await store.delete(f"a.{i}")
+            if i % 20 == 0:
+                await store.compact()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        nursery.start_soon(reader)
+        async with trio.open_nursery() as work:
+            work.start_soon(writer)
+            work.start_soon(deleter)
+        await store.compact()
+        stop.set()
+    assert store.packed.compactions > 0
+    for key, data in live.items():
+        assert b"".join(await read(store, key, 0, len(data))) == data
+    assert await store.used_bytes() == sum(len(d) for d in live.values())
+    store.close()
+    again = new_tiered(tmp_path, volume_size=8192)
+    assert sorted(await again.keys()) == sorted(live)
+    for key, data in live.items():
+        assert b"".join(await read(again, key, 0, len(data))) == data
+
+
+async def test_a_read_started_before_a_switch_gets_the_old_bytes(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path, volume_size=1024, inline_io=0)
+    for i in range(20):
+        await put(store, f"k.{i}", payload(100, seed=i))
+    for i in range(0, 20, 2):
+        await store.delete(f"k.{i}")
+    results: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        for i in range(1, 20, 2):
+            nursery.start_soon(_collect, store, f"k.{i}", results)
+        nursery.start_soon(store.compact)
+    assert sorted(results) == sorted(payload(100, seed=i) for i in range(1, 20, 2))
+
+
+async def _collect(store: PartStore, key: str, into: list[bytes]) -> None:
+    into.append(b"".join(await read(store, key, 0, 100)))
+
+
+async def test_small_parts_add_few_inodes(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path, small_part_max=64 << 10, group_sync=True)
+    before = files_under(tmp_path)
+    limiter = trio.CapacityLimiter(100)
+
+    async def one(i: int) -> None:
+        async with limiter:
+            await put(store, f"{i:016x}.{i % 5}", payload(820, seed=i))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(2000):
+            nursery.start_soon(one, i)
+    assert files_under(tmp_path) - before < 10
+    assert len(await store.keys()) == 2000
+    assert await store.used_bytes() == 2000 * 820
+
+
+def test_header_is_aligned() -> None:
+    assert HEADER_SIZE % 8 == 0
+
+
+async def test_packing_off_keeps_packed_parts_readable(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path)
+    await put(store, "old.0", payload(10))
+    store.close()
+    off = open_part_store(tmp_path, capacity_bytes=BIG, small_part_max=0, group_sync=False)
+    assert isinstance(off, TieredPartStore)
+    for size in (0, 10):
+        await put(off, f"new.{size}", payload(size))
+    assert off.files.part_path("new.0").exists()
+    assert off.files.part_path("new.10").exists()
+    assert b"".join(await read(off, "old.0", 0, 10)) == payload(10)
+    off.close()
+    fresh = open_part_store(tmp_path / "fresh", capacity_bytes=BIG, small_part_max=0)
+    assert not isinstance(fresh, TieredPartStore)
+
+
+async def _sealed_with_garbage(root: Path) -> TieredPartStore:
+    """A store whose volume 1 is sealed and holds parts k.0..k.9, k.0..k.5 deleted."""
+    store = new_tiered(root, volume_size=2048, compact_ratio=1.0)  # nothing compacts yet
+    for i in range(10):
+        await put(store, f"k.{i}", payload(150, seed=i))
+    await put(store, "next.0", payload(150))
+    assert len(store.packed.volumes) >= 2
+    for i in range(6):
+        assert await store.delete(f"k.{i}")
+    store.packed.compact_ratio = 0.5
+    return store
+
+
+async def test_a_delete_during_the_copy_stays_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await _sealed_with_garbage(tmp_path)
+    copying, go_on = threading.Event(), threading.Event()
+    real_copy = packed_store._copy
+
+    def slow_copy(*args: Any) -> Any:
+        copying.set()
+        go_on.wait()
+        return real_copy(*args)
+
+    monkeypatch.setattr(packed_store, "_copy", slow_copy)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.compact)
+        await trio.to_thread.run_sync(copying.wait)
+        assert await store.delete("k.7")  # its needle is being copied right now
+        go_on.set()
+    assert store.packed.compactions == 1
+    assert await store.stat("k.7") is None
+    store.close()
+    again = new_tiered(tmp_path, volume_size=2048)
+    assert sorted(await again.keys()) == ["k.6", "k.8", "k.9", "next.0"]
+    assert b"".join(await read(again, "k.8", 0, 150)) == payload(150, seed=8)
+
+
+async def test_a_read_pinned_across_the_switch_reads_the_old_file(tmp_path: Path) -> None:
+    store = await _sealed_with_garbage(tmp_path)
+    reading, go_on = threading.Event(), threading.Event()
+    packed = store.packed
+    real_io = packed._io
+
+    class SlowReads:
+        inline_io = 0
+
+        async def run(self, fn: Any) -> Any:
+            return await real_io.run(fn)
+
+        async def run_small(self, fn: Any, nbytes: int = 0) -> Any:
+            def slow() -> Any:
+                reading.set()
+                go_on.wait()
+                return fn()
+
+            return await trio.to_thread.run_sync(slow)
+
+    packed._io = SlowReads()  # type: ignore[assignment]
+    got: list[bytes] = []
+
+    async def read_k9() -> None:
+        got.append(b"".join(await read(store, "k.9", 0, 150)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_k9)
+        await trio.to_thread.run_sync(reading.wait)
+        packed._io = real_io
+        await store.compact()  # switches and unlinks the generation the read holds
+        assert packed.compactions == 1
+        assert not any(p.name.startswith("00000001.0.") for p in (tmp_path / "volumes").iterdir())
+        go_on.set()
+    assert got == [payload(150, seed=9)]
+    assert b"".join(await read(store, "k.9", 0, 150)) == payload(150, seed=9)
+
+
+def test_the_settings_read_sizes_and_zero(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('small_part_max = "32 KiB"\nvolume_size = "256 MiB"\n')
+    loaded = load_net_config(config, {})
+    assert (loaded.small_part_max, loaded.volume_size) == (32 << 10, 256 << 20)
+    config.write_text("small_part_max = 0\n")
+    assert load_net_config(config, {}).small_part_max == 0
+    config.write_text("volume_size = 0\n")
+    with pytest.raises(ConfigError, match="volume_size"):
+        load_net_config(config, {})
+
+
+async def test_a_volume_compacted_to_nothing_goes_away(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path, volume_size=2048)
+    for i in range(30):
+        await put(store, f"k.{i}", payload(150, seed=i))
+    first = {ref.key for ref in store.packed.index.refs_in(1)}
+    assert first
+    assert len(store.packed.volumes) >= 3
+    for key in first:
+        assert await store.delete(key)
+    await store.compact()
+    assert 1 not in store.packed.volumes
+    assert not any(name.startswith("00000001.") for name in os.listdir(tmp_path / "volumes"))
+    left = sorted(f"k.{i}" for i in range(30) if f"k.{i}" not in first)
+    assert await store.keys() == left
+    store.close()
+    again = new_tiered(tmp_path, volume_size=2048)
+    assert await again.keys() == left
+    await put(again, "after.0", payload(10))
