@@ -44,14 +44,12 @@ from karma8.core.model import (
     FileEntry,
     FileVersion,
     MoveTicket,
-    NodeRef,
     NodeRegistration,
     NodeStatus,
     PartPlacement,
     PartReceipt,
     RebalanceStatus,
     VersionState,
-    part_key,
 )
 from karma8.core.names import check_name, check_namespace
 from karma8.core.placement import NodeLoad, place_parts
@@ -77,9 +75,9 @@ class DiscoveryConfig:
 
     layout: StripeLayout = attrs.Factory(StripeLayout)
     upload_ttl: float = 3600.0
-    # How long a small upload's placement (place_upload) holds: its parts must be written and
-    # committed within it. Its keys are known to the nodes' orphan checks until then; a dead
-    # gateway's parts are orphans from its end on.
+    # How long a small upload's placement (place_upload) holds, and never longer than
+    # upload_ttl: its parts must be written and committed within it. Its keys are known to
+    # the nodes' orphan checks until then; a dead gateway's parts are orphans from its end on.
     placement_lease: float = 60.0
     node_timeout: float = 10.0
     # A node reported failing gets no new parts until it heartbeats this long after the
@@ -236,7 +234,7 @@ class Discovery:
         lease = self.leases.drop(version_id)
         if lease is not None:
             await trio.lowlevel.checkpoint()
-            return attrs.evolve(_leased_version(lease), state=VersionState.ABORTED)
+            return attrs.evolve(lease.pending_version(), state=VersionState.ABORTED)
         return await self._blocking(lambda: self._store.abort_version(version_id, now))
 
     async def place_upload(
@@ -272,12 +270,12 @@ class Discovery:
                 urls=tuple(urls[n] for n in chosen),
                 reserved=sizes,
                 created_at=now,
-                expires_at=now + self.config.placement_lease,
+                expires_at=now + min(self.config.placement_lease, self.config.upload_ttl),
             )
             self.leases.grant(lease)
             return lease
 
-        return _leased_version(await self._blocking(place))
+        return (await self._blocking(place)).pending_version()
 
     async def replace_part(
         self, *, version_id: str, index: int, failed_node_id: str
@@ -308,7 +306,7 @@ class Discovery:
             (node_id,) = place(loads, lease.reserved[index])
             url = next(url for load, url in view if load.node_id == node_id)
             moved = self.leases.move(version_id, index, node_id, url)
-            return _leased_version(moved).parts[index]
+            return moved.pending_version().parts[index]
 
         return await self._blocking(replace)
 
@@ -578,24 +576,3 @@ def _check_registration(registration: NodeRegistration) -> None:
         raise InvalidRequest("a node needs an id and a url")
     if registration.capacity_bytes < 0:  # 0: a full disk, registered but never chosen
         raise InvalidRequest("a node's capacity must not be negative")
-
-
-def _leased_version(lease: Lease) -> FileVersion:
-    """The PENDING version a placement lease stands for (no store holds it)."""
-    return FileVersion(
-        version_id=lease.version_id,
-        namespace=lease.namespace,
-        name=lease.name,
-        state=VersionState.PENDING,
-        size=None,
-        layout=lease.layout,
-        parts=tuple(
-            PartPlacement(
-                index=index,
-                key=part_key(lease.version_id, index),
-                node=NodeRef(node_id=node_id, url=url),
-            )
-            for index, (node_id, url) in enumerate(zip(lease.nodes, lease.urls, strict=True))
-        ),
-        created_at=lease.created_at,
-    )

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import attrs
 
 from karma8.core.layout import StripeLayout
+from karma8.core.model import FileVersion, NodeRef, PartPlacement, VersionState, part_key
 
 
 @attrs.frozen(kw_only=True)
@@ -46,7 +47,27 @@ class Lease:
     def keys_on(self, node_id: str) -> Iterator[str]:
         for index, node in enumerate(self.nodes):
             if node == node_id:
-                yield f"{self.version_id}.{index}"
+                yield part_key(self.version_id, index)
+
+    def pending_version(self) -> FileVersion:
+        """The PENDING version the lease stands for (no store holds it)."""
+        return FileVersion(
+            version_id=self.version_id,
+            namespace=self.namespace,
+            name=self.name,
+            state=VersionState.PENDING,
+            size=None,
+            layout=self.layout,
+            parts=tuple(
+                PartPlacement(
+                    index=index,
+                    key=part_key(self.version_id, index),
+                    node=NodeRef(node_id=node_id, url=url),
+                )
+                for index, (node_id, url) in enumerate(zip(self.nodes, self.urls, strict=True))
+            ),
+            created_at=self.created_at,
+        )
 
 
 class PlacementLeases:
