@@ -23,6 +23,11 @@ PUT
     is streamed there, up to ``part_retries`` times. Bytes a node took are not kept, so a
     node failing later fails the PUT.
 
+    A body with a Content-Length of at most ``small_file_max`` is read whole first, then
+    placed by ``place_upload`` (a lease in discovery's memory, no transaction), split at once
+    and written by the same part writers, each fed its pieces instead of a channel; the
+    commit is its one metadata transaction. Failures are handled as above.
+
     A commit whose answer is lost is settled by ``abort_upload``, which reports the version's
     final state: if the commit had in fact happened the PUT succeeds; if discovery cannot be
     reached, nothing is deleted (the parts may belong to a committed version) and the pending
