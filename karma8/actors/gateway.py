@@ -94,8 +94,14 @@ class GatewayConfig:
     stage_free: int = 1 << 20
     # A body with a Content-Length of at most this many bytes is read whole before its parts
     # are placed: its placement is a lease at discovery and the commit its one metadata
-    # transaction (see put). 0: every body streams through begin_upload.
-    small_file_max: int = 1 << 20
+    # transaction (see put). 0: every body streams through begin_upload. At most
+    # ``stage_free``: a held body is no more than any upload holds without a staging slot.
+    small_file_max: int = attrs.field(default=1 << 20)
+
+    @small_file_max.validator
+    def _held_like_staged(self, attribute: object, value: int) -> None:
+        if not 0 <= value <= self.stage_free:
+            raise ValueError(f"small_file_max must be between 0 and {self.stage_free} bytes")
 
 
 def primary_error(group: BaseExceptionGroup[BaseException]) -> Karma8Error | None:
