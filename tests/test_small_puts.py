@@ -12,6 +12,8 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from karma8.actors.discovery import Discovery
 from karma8.core.errors import PreconditionFailed, UploadConflict
@@ -252,3 +254,57 @@ def test_leases_hold_their_bytes_per_node() -> None:
     assert len(leases) == 0
     assert leases.reserved_on("f") == 0
     assert attrs.evolve(moved).nodes[0] == "f"
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["grant", "move", "drop", "expire"]),
+            st.integers(0, 5),  # which lease
+            st.integers(0, 4),  # part index
+            st.sampled_from("abcdefgh"),  # node
+            st.integers(0, 20),  # size or time
+        ),
+        max_size=40,
+    )
+)
+def test_leased_bytes_per_node_are_the_sum_over_held_leases(
+    steps: list[tuple[str, int, int, str, int]],
+) -> None:
+    leases = PlacementLeases()
+    layout = StripeLayout(parts=5, unit=4)
+    held: dict[str, Lease] = {}
+    for action, which, index, node, number in steps:
+        version_id = f"v{which}"
+        if action == "grant" and version_id not in held:
+            lease = Lease(
+                version_id=version_id,
+                namespace="default",
+                name=version_id,
+                layout=layout,
+                size=number,
+                nodes=tuple("abcdefgh"[(which + i) % 8] for i in range(5)),
+                urls=("u",) * 5,
+                reserved=layout.part_sizes(number),
+                created_at=0.0,
+                expires_at=float(number),
+            )
+            leases.grant(lease)
+            held[version_id] = lease
+        elif action == "move" and version_id in held and node not in held[version_id].nodes:
+            held[version_id] = leases.move(version_id, index, node, "u")
+        elif action == "drop":
+            assert (leases.drop(version_id) is None) == (version_id not in held)
+            held.pop(version_id, None)
+        elif action == "expire":
+            for gone in leases.expire(float(number)):
+                del held[gone]
+        for n in "abcdefgh":
+            want = sum(
+                size
+                for lease in held.values()
+                for node_id, size in zip(lease.nodes, lease.reserved, strict=True)
+                if node_id == n
+            )
+            assert leases.reserved_on(n) == want
+    assert len(leases) == len(held)
