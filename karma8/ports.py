@@ -75,6 +75,17 @@ class DiscoveryAPI(Protocol):
         PreconditionFailed (``if_absent`` and the name exists), TooLarge."""
         ...
 
+    async def place_upload(
+        self, *, namespace: str, name: str, size: int, if_absent: bool = False
+    ) -> FileVersion:
+        """Place a small upload whose ``size`` is known, without writing anything down: the
+        placement is a lease in discovery's memory (``placement_lease`` seconds), its bytes
+        reserved there. The answer is a PENDING version that no store holds; commit it with
+        :meth:`commit_upload` (one transaction), drop it with :meth:`abort_upload`, move a
+        part with :meth:`replace_part`. Raises NotFound, NotEnoughNodes, PreconditionFailed,
+        TooLarge, InvalidRequest."""
+        ...
+
     async def commit_upload(
         self,
         *,
@@ -85,15 +96,20 @@ class DiscoveryAPI(Protocol):
     ) -> FileVersion:
         """Atomically make the version current and retire the previous one.
 
-        Raises UploadConflict if the version is no longer pending, PreconditionFailed if
-        ``if_absent`` and another version became current meanwhile, IntegrityError if the
-        receipts do not match the layout.
+        For a placement lease (:meth:`place_upload`) this is the upload's one transaction: the
+        version is written COMMITTED with its parts, and the lease released.
+
+        Raises UploadConflict if the version is no longer pending (or its lease expired or
+        is unknown), PreconditionFailed if ``if_absent`` and another version became current
+        meanwhile, IntegrityError if the receipts do not match the layout.
         """
         ...
 
     async def abort_upload(self, *, version_id: str) -> FileVersion:
-        """Abort a pending version. Returns the version's state afterwards: if the version had
-        already committed (a commit whose answer was lost), it stays committed."""
+        """Abort a pending version or drop a placement lease. Returns the version's state
+        afterwards: if the version had already committed (a commit whose answer was lost), it
+        stays committed. Raises NotFound if the version is unknown (never written down, or
+        already collected): it cannot commit any more."""
         ...
 
     async def resolve(self, *, namespace: str, name: str) -> FileVersion:
@@ -158,7 +174,8 @@ class DiscoveryAPI(Protocol):
     async def replace_part(
         self, *, version_id: str, index: int, failed_node_id: str
     ) -> PartPlacement:
-        """Move part ``index`` of a pending upload, and its reservation, off a node that failed
+        """Move part ``index`` of a pending upload (or of a placement lease), and its
+        reservation, off a node that failed
         before taking any of its bytes, onto an available node that holds no other part of it.
 
         Raises UploadConflict (not pending, or the part is not on that node), NotEnoughNodes.
@@ -363,6 +380,25 @@ class MetadataStore(Protocol):
 
     def abort_version(self, version_id: str, now: float) -> FileVersion: ...
 
+    def placement_view(
+        self, namespace: str, name: str, *, if_absent: bool
+    ) -> list[tuple[NodeLoad, str]]: ...
+
+    def commit_placed(
+        self,
+        *,
+        version_id: str,
+        namespace: str,
+        name: str,
+        layout: StripeLayout,
+        nodes: Sequence[str],
+        size: int,
+        receipts: Sequence[PartReceipt],
+        created_at: float,
+        now: float,
+        if_absent: bool,
+    ) -> FileVersion: ...
+
     def replace_part(
         self,
         *,
@@ -397,7 +433,14 @@ class MetadataStore(Protocol):
     ) -> list[MovablePart]: ...
 
     def begin_move(
-        self, *, key: str, source: str, target: str, now: float, lease_until: float
+        self,
+        *,
+        key: str,
+        source: str,
+        target: str,
+        now: float,
+        lease_until: float,
+        held: int = 0,
     ) -> MoveTicket: ...
 
     def finish_move(self, *, key: str, target: str, checksum: str, now: float) -> None: ...

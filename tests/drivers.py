@@ -125,7 +125,8 @@ class SimDriver:
         return version
 
     async def nodes(self) -> list[NodeStatus]:
-        return self._cluster.store.list_nodes()
+        assert self._cluster.discovery is not None  # as discovery reports them: with leases
+        return await self._cluster.discovery.list_nodes()
 
     async def add_node(self, capacity: int | None = None) -> str:
         return (await self._cluster.add_node(capacity)).node_id

@@ -438,7 +438,7 @@ def test_a_node_that_cannot_read_its_free_space_registers_with_its_quota(
 def test_the_gateway_extends_the_reservation_as_the_body_arrives() -> None:
     async def go(cluster: SimCluster) -> None:
         gw = cluster.gateway
-        gw._config = attrs.evolve(gw._config, reserve_step=300)
+        gw._config = attrs.evolve(gw._config, reserve_step=300, small_file_max=0)
         asked: list[int] = []
         original = cluster.store.extend_reservation
 

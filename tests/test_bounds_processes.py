@@ -198,7 +198,8 @@ def test_stalled_clients_cannot_stop_the_gateway(cluster: Cluster) -> None:
 
 
 def test_beyond_max_uploads_the_answer_is_503_at_once(cluster: Cluster) -> None:
-    head = b"PUT /default/held HTTP/1.1\r\nHost: g\r\nContent-Length: 100\r\n\r\nx"
+    # Longer than small_file_max, so each held upload begins (a pending version) at once.
+    head = b"PUT /default/held HTTP/1.1\r\nHost: g\r\nContent-Length: 2000000\r\n\r\nx"
     held = [cluster.connect_small(head) for _ in range(FULL_AT)]
     wait_for(lambda: pending(cluster) == FULL_AT, "the small gateway is full")
     small = cluster.http

@@ -25,6 +25,7 @@ from karma8.core.model import (
     NodeStatus,
     PartPlacement,
     PartReceipt,
+    PlaceRequest,
     RebalanceStatus,
     VersionState,
 )
@@ -43,6 +44,7 @@ RECORD_TYPES = [
     PartPlacement,
     FileVersion,
     PartReceipt,
+    PlaceRequest,
     NodeRegistration,
     NodeStatus,
     FileEntry,
@@ -195,6 +197,10 @@ PINNED: list[tuple[Any, str]] = [
         f'{{"nodes": [{NODE_PLAN_JSON}], "moves": 2, "move_bytes": 400, "remaining_bytes": 500,'
         ' "spread_pp": 20.0, "spread_after_pp": 4.5}',
     ),
+    (
+        PlaceRequest(namespace="default", name="docs/a.txt", size=11),
+        '{"namespace": "default", "name": "docs/a.txt", "size": 11, "if_absent": false}',
+    ),
 ]
 
 
@@ -293,6 +299,8 @@ def _wire(index: int) -> dict[str, Any]:
         (PartPlacement, _wire(1) | {"node_id": 1}, "node_id"),
         (NodeRegistration, _wire(6) | {"capacity_bytes": "big"}, "capacity_bytes"),
         (NodeStatus, _wire(7) | {"state": "gone"}, "state"),
+        (PlaceRequest, _wire(len(PINNED) - 1) | {"size": "11"}, "size"),
+        (PlaceRequest, {"namespace": "default", "size": 11}, "name"),
         (NodeStatus, _wire(7) | {"last_seen": None}, "last_seen"),
         (RebalanceStatus, _wire(11) | {"active": 1}, "active"),
         (RebalanceReport, _wire(13) | {"state": "asleep"}, "state"),

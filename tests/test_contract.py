@@ -120,6 +120,25 @@ async def puts_avoid_a_dead_node_and_a_full_one(d: Driver) -> None:
         assert full not in {p.node.node_id for p in (await d.stat(f"full/{i}")).parts}
 
 
+async def held_and_streamed_bodies_release_every_reservation(d: Driver) -> None:
+    # A body with a Content-Length up to small_file_max is held whole and placed under a
+    # lease (one metadata transaction); a longer one streams through begin and commit.
+    held = payload(3 * 5 * d.unit + 2, 5)
+    streamed = payload((1 << 20) + 3, 6)
+    for name, data in [("sized/held", held), ("sized/streamed", streamed)]:
+        await d.put(name, data)
+        assert await d.get(name) == data
+        version = await d.stat(name)
+        assert [p.size for p in version.parts] == [len(p) for p in split(version.layout, data)]
+        assert len({p.node.node_id for p in version.parts}) == 5
+    # A refused held PUT writes nothing and holds nothing.
+    with pytest.raises(PreconditionFailed):
+        await d.put("sized/held", b"again", if_absent=True)
+    assert all(n.reserved_bytes == 0 for n in await d.nodes())
+    live = {(await d.stat(name)).version_id for name in ("sized/held", "sized/streamed")}
+    assert {k.rsplit(".", 1)[0] for k in await d.part_keys()} == live
+
+
 CHECKS: list[Check] = [
     round_trip_edge_sizes,
     chunked_upload,
@@ -128,6 +147,7 @@ CHECKS: list[Check] = [
     conditional_put_and_bad_names,
     joined_node_receives_new_parts,
     puts_avoid_a_dead_node_and_a_full_one,
+    held_and_streamed_bodies_release_every_reservation,
 ]
 
 

@@ -204,12 +204,33 @@ async def test_part_routes_answer_as_documented(net: NetDriver, client: httpx.As
         assert response.headers["Allow"] == "DELETE, GET, HEAD, OPTIONS, PUT"
 
 
-async def test_short_body_then_disconnect_leaves_nothing(net: NetDriver) -> None:
+async def test_short_small_body_then_disconnect_leaves_nothing(net: NetDriver) -> None:
+    # A body up to small_file_max is read whole before anything is placed or reserved.
     host, port = net._gateway.removeprefix("http://").split(":")
     stream = await trio.open_tcp_stream(host, int(port))
     async with stream:
         await stream.send_all(
             b"PUT /default/short HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+            + b"x" * 30_000
+        )
+        await trio.sleep(0.2)
+
+    async def nothing_left() -> bool:
+        no_parts = await net.part_keys() == [] and net.parts_being_written() == []
+        return no_parts and await net.reserved_bytes() == 0
+
+    await eventually(nothing_left)
+    with pytest.raises(NotFound):
+        await net.stat("short")
+
+
+async def test_short_body_then_disconnect_leaves_nothing(net: NetDriver) -> None:
+    # Longer than small_file_max (1 MiB): the body streams, so the upload begins at once.
+    host, port = net._gateway.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(
+            b"PUT /default/short HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n"
             + b"x" * 30_000
         )
 

@@ -8,6 +8,11 @@ transaction. A pending version that is neither committed nor aborted before ``up
 expires (its gateway died) is aborted by the sweeper; storage nodes learn about garbage parts
 in heartbeat replies and delete them.
 
+A small upload (:meth:`Discovery.place_upload`) writes nothing down until its commit: its
+placement is a lease in memory (:mod:`karma8.core.leases`) whose bytes count as reserved and
+whose part keys count as known to the nodes' orphan checks until it is committed, aborted or
+expires. Its commit is then the upload's one transaction.
+
 Nodes are never deleted. A node that misses heartbeats for ``node_timeout`` becomes
 UNAVAILABLE (no new parts) until it heartbeats again. A node a gateway reports failing
 (:meth:`Discovery.report_node_failure`) becomes SUSPECT at once, also without new parts, until
@@ -32,8 +37,9 @@ from karma8.core.access import (
     hash_secret,
     parse_token,
 )
-from karma8.core.errors import InvalidRequest, NotFound, TooLarge
+from karma8.core.errors import InvalidRequest, NotFound, TooLarge, UploadConflict
 from karma8.core.layout import DEFAULT_MAX_FILE_SIZE, StripeLayout
+from karma8.core.leases import Lease, PlacementLeases
 from karma8.core.model import (
     ClusterTotals,
     FileEntry,
@@ -44,11 +50,13 @@ from karma8.core.model import (
     PartPlacement,
     PartReceipt,
     RebalanceStatus,
+    VersionState,
 )
 from karma8.core.names import check_name, check_namespace
 from karma8.core.placement import NodeLoad, place_parts
 from karma8.core.rebalance import (
     Move,
+    NodeFill,
     RebalancePlan,
     bytes_over_target,
     fill_targets,
@@ -68,6 +76,10 @@ class DiscoveryConfig:
 
     layout: StripeLayout = attrs.Factory(StripeLayout)
     upload_ttl: float = 3600.0
+    # How long a small upload's placement (place_upload) holds, and never longer than
+    # upload_ttl: its parts must be written and committed within it. Its keys are known to
+    # the nodes' orphan checks until then; a dead gateway's parts are orphans from its end on.
+    placement_lease: float = 60.0
     node_timeout: float = 10.0
     # A node reported failing gets no new parts until it heartbeats this long after the
     # report: two of the nodes' default heartbeat intervals, so one heartbeat sent before the
@@ -99,14 +111,17 @@ class Discovery:
         clock: Clock,
         ids: IdSource,
         config: DiscoveryConfig,
+        leases: PlacementLeases | None = None,
     ) -> None:
         self._store = store
         self._blocking = blocking
         self._clock = clock
         self._ids = ids
         self.config = config
+        # In memory only: a restarted discovery forgets them (their commits are refused).
+        self.leases = PlacementLeases() if leases is None else leases
         # Plain counts since start, for the operator's metrics (the net layer reads them).
-        self.counts = {"sweeps": 0, "expired_uploads": 0}
+        self.counts = {"sweeps": 0, "expired_uploads": 0, "expired_placements": 0}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Create the configured namespaces, then sweep until cancelled."""
@@ -126,6 +141,10 @@ class Discovery:
     async def sweep(self) -> None:
         """Abort expired uploads and part moves, mark silent nodes unavailable (idempotent)."""
         now = self._clock.now()
+        ended = self.leases.expire(now)
+        if ended:
+            log.info("%d placement leases expired", len(ended))
+            self.counts["expired_placements"] += len(ended)
         self.counts["expired_uploads"] += await self._blocking(
             lambda: self._store.expire_pending(now)
         )
@@ -154,7 +173,9 @@ class Discovery:
         now = self._clock.now()
 
         def place(loads: Sequence[NodeLoad]) -> Sequence[str]:
-            return place_parts(loads, count=layout.parts, part_size=part_size, salt=version_id)
+            return place_parts(
+                self._with_leases(loads), count=layout.parts, part_size=part_size, salt=version_id
+            )
 
         return await self._blocking(
             lambda: self._store.begin_version(
@@ -180,15 +201,88 @@ class Discovery:
         if_absent: bool = False,
     ) -> FileVersion:
         now = self._clock.now()
-        return await self._blocking(
-            lambda: self._store.commit_version(
-                version_id=version_id, size=size, receipts=receipts, now=now, if_absent=if_absent
+
+        def commit() -> FileVersion:
+            # The lease is taken in the same step as the transaction: no moment in between
+            # when its parts are neither leased nor named by a row (an orphan check's answer).
+            if not self.leases.holds(version_id):
+                return self._store.commit_version(
+                    version_id=version_id,
+                    size=size,
+                    receipts=receipts,
+                    now=now,
+                    if_absent=if_absent,
+                )
+            lease = self.leases.get(version_id, now)
+            self.leases.drop(version_id)
+            if lease is None:
+                raise UploadConflict(f"upload {version_id}: its placement lease expired")
+            if size != lease.size:
+                raise InvalidRequest(
+                    f"upload {version_id} was placed for {lease.size} bytes, not {size}"
+                )
+            return self._store.commit_placed(
+                version_id=version_id,
+                namespace=lease.namespace,
+                name=lease.name,
+                layout=lease.layout,
+                nodes=lease.nodes,
+                size=size,
+                receipts=receipts,
+                created_at=lease.created_at,
+                now=now,
+                if_absent=if_absent,
             )
-        )
+
+        return await self._blocking(commit)
 
     async def abort_upload(self, *, version_id: str) -> FileVersion:
         now = self._clock.now()
+        lease = self.leases.drop(version_id)
+        if lease is not None:
+            await trio.lowlevel.checkpoint()
+            return attrs.evolve(lease.pending_version(), state=VersionState.ABORTED)
         return await self._blocking(lambda: self._store.abort_version(version_id, now))
+
+    async def place_upload(
+        self, *, namespace: str, name: str, size: int, if_absent: bool = False
+    ) -> FileVersion:
+        check_namespace(namespace)
+        check_name(name)
+        if size < 0:
+            raise InvalidRequest("size must not be negative")
+        if size > self.config.max_file_size:
+            raise TooLarge(f"{size} bytes is more than the limit of {self.config.max_file_size}")
+        layout = self.config.layout
+        sizes = layout.part_sizes(size)
+        version_id = self._ids.new_id()
+
+        def place() -> Lease:
+            view = self._store.placement_view(namespace, name, if_absent=if_absent)
+            urls = {load.node_id: url for load, url in view}
+            chosen = place_parts(
+                self._with_leases([load for load, _ in view]),
+                count=layout.parts,
+                part_size=max(sizes),
+                salt=version_id,
+            )
+            now = self._clock.now()
+            lease = Lease(
+                version_id=version_id,
+                namespace=namespace,
+                name=name,
+                layout=layout,
+                size=size,
+                nodes=tuple(chosen),
+                urls=tuple(urls[n] for n in chosen),
+                reserved=sizes,
+                created_at=now,
+                expires_at=now + min(self.config.placement_lease, self.config.upload_ttl),
+            )
+            self.leases.grant(lease)
+            return lease
+
+        return (await self._blocking(place)).pending_version()
 
     async def replace_part(
         self, *, version_id: str, index: int, failed_node_id: str
@@ -197,14 +291,51 @@ class Discovery:
         if not 0 <= index < layout.parts:
             raise InvalidRequest(f"part index must be between 0 and {layout.parts - 1}")
 
-        def place(loads: Sequence[NodeLoad], part_size: int) -> Sequence[str]:
-            return place_parts(loads, count=1, part_size=part_size, salt=f"{version_id}.{index}")
+        salt = f"{version_id}.{index}"
 
-        return await self._blocking(
-            lambda: self._store.replace_part(
-                version_id=version_id, index=index, failed_node_id=failed_node_id, place=place
-            )
-        )
+        def place(loads: Sequence[NodeLoad], part_size: int) -> Sequence[str]:
+            return place_parts(self._with_leases(loads), count=1, part_size=part_size, salt=salt)
+
+        def replace() -> PartPlacement:
+            if not self.leases.holds(version_id):
+                return self._store.replace_part(
+                    version_id=version_id, index=index, failed_node_id=failed_node_id, place=place
+                )
+            lease = self.leases.get(version_id, self._clock.now())
+            if lease is None:
+                raise UploadConflict(f"upload {version_id}: its placement lease expired")
+            if lease.nodes[index] != failed_node_id:
+                raise UploadConflict(
+                    f"part {index} of upload {version_id} is not on node {failed_node_id}"
+                )
+            view = self._store.placement_view(lease.namespace, lease.name, if_absent=False)
+            loads = [load for load, _ in view if load.node_id not in lease.nodes]
+            (node_id,) = place(loads, lease.reserved[index])
+            url = next(url for load, url in view if load.node_id == node_id)
+            moved = self.leases.move(version_id, index, node_id, url)
+            return moved.pending_version().parts[index]
+
+        return await self._blocking(replace)
+
+    def _with_leases(self, loads: Sequence[NodeLoad]) -> list[NodeLoad]:
+        """``loads`` with the bytes placement leases reserve added to each node's."""
+        leases = self.leases
+        return [
+            attrs.evolve(load, reserved=load.reserved + held)
+            if (held := leases.reserved_on(load.node_id))
+            else load
+            for load in loads
+        ]
+
+    def _fills_with_leases(self) -> list[NodeFill]:
+        """The rebalancer's view of the nodes: room that placement leases hold is not free."""
+        leases = self.leases
+        return [
+            attrs.evolve(fill, free=fill.free - held)
+            if (held := leases.reserved_on(fill.node_id))
+            else fill
+            for fill in self._store.rebalance_fills()
+        ]
 
     async def extend_upload(self, *, version_id: str, size: int) -> None:
         if not 0 <= size <= self.config.max_file_size:
@@ -327,15 +458,32 @@ class Discovery:
         return await self._blocking(beat)
 
     async def list_nodes(self) -> list[NodeStatus]:
-        return await self._blocking(self._store.list_nodes)
+        """The nodes, their reserved bytes counting placement leases."""
+        nodes = await self._blocking(self._store.list_nodes)
+        leases = self.leases
+        return [
+            attrs.evolve(n, reserved_bytes=n.reserved_bytes + held)
+            if (held := leases.reserved_on(n.node_id))
+            else n
+            for n in nodes
+        ]
 
     async def totals(self) -> ClusterTotals:
-        return await self._blocking(self._store.totals)
+        """As the store counts them, small uploads under a placement lease in flight too."""
+        stored = await self._blocking(self._store.totals)
+        return attrs.evolve(stored, pending_uploads=stored.pending_uploads + len(self.leases))
 
     async def unknown_parts(self, *, node_id: str, keys: Sequence[str]) -> list[str]:
         asked = list(keys)
-        known = await self._blocking(lambda: self._store.part_keys_on_node(node_id))
-        return [key for key in asked if key not in known]
+
+        def known() -> set[str]:
+            # An unexpired placement lease's parts are known: written for a commit in flight.
+            # Read in the same step as the rows, so no commit falls in between.
+            leased = self.leases.keys_on(node_id, self._clock.now())
+            return self._store.part_keys_on_node(node_id) | leased
+
+        held = await self._blocking(known)
+        return [key for key in asked if key not in held]
 
     async def report_node_failure(self, *, node_id: str, reason: str) -> None:
         if not node_id:
@@ -361,7 +509,7 @@ class Discovery:
         parts = self.config.layout.parts
 
         def plan() -> RebalancePlan:
-            fills = self._store.rebalance_fills()
+            fills = self._fills_with_leases()
             targets = fill_targets(fills, parts=parts)
             donors = [
                 n.node_id
@@ -395,7 +543,7 @@ class Discovery:
         parts = self.config.layout.parts
 
         def status() -> RebalanceStatus:
-            fills = self._store.rebalance_fills()
+            fills = self._fills_with_leases()
             targets = fill_targets(fills, parts=parts)
             counts = self._store.move_counts()
             live = {n.node_id: n.live for n in fills}
@@ -420,6 +568,7 @@ class Discovery:
                 target=move.target,
                 now=now,
                 lease_until=now + lease,
+                held=self.leases.reserved_on(move.target),
             )
         )
 

@@ -23,6 +23,11 @@ PUT
     is streamed there, up to ``part_retries`` times. Bytes a node took are not kept, so a
     node failing later fails the PUT.
 
+    A body with a Content-Length of at most ``small_file_max`` is read whole first, then
+    placed by ``place_upload`` (a lease in discovery's memory, no transaction), split at once
+    and written by the same part writers, each fed its pieces instead of a channel; the
+    commit is its one metadata transaction. Failures are handled as above.
+
     A commit whose answer is lost is settled by ``abort_upload``, which reports the version's
     final state: if the commit had in fact happened the PUT succeeds; if discovery cannot be
     reached, nothing is deleted (the parts may belong to a committed version) and the pending
@@ -87,6 +92,16 @@ class GatewayConfig:
     # rest of its body), so what stalled uploads can hold is bounded gateway-wide.
     staging_uploads: int = 16
     stage_free: int = 1 << 20
+    # A body with a Content-Length of at most this many bytes is read whole before its parts
+    # are placed: its placement is a lease at discovery and the commit its one metadata
+    # transaction (see put). 0: every body streams through begin_upload. At most
+    # ``stage_free``: a held body is no more than any upload holds without a staging slot.
+    small_file_max: int = attrs.field(default=1 << 20)
+
+    @small_file_max.validator
+    def _held_like_staged(self, attribute: object, value: int) -> None:
+        if not 0 <= value <= self.stage_free:
+            raise ValueError(f"small_file_max must be between 0 and {self.stage_free} bytes")
 
 
 def primary_error(group: BaseExceptionGroup[BaseException]) -> Karma8Error | None:
@@ -176,20 +191,31 @@ class Gateway:
             raise TooLarge(
                 f"{content_length} bytes is more than the limit of {self._config.max_file_size}"
             )
+        held: bytes | None = None
+        if content_length is not None and content_length <= self._config.small_file_max:
+            held = await self._read_whole(body, content_length)
         # Shielded: if the client goes away while discovery is creating the version, we still
         # learn its id and abort it below, instead of leaving a reservation until it expires.
         with trio.move_on_after(self._config.cleanup_timeout) as begin_scope:
             begin_scope.shield = True
-            version = await self._discovery.begin_upload(
-                namespace=namespace, name=name, size_hint=content_length, if_absent=if_absent
-            )
+            if held is None:
+                version = await self._discovery.begin_upload(
+                    namespace=namespace, name=name, size_hint=content_length, if_absent=if_absent
+                )
+            else:
+                version = await self._discovery.place_upload(
+                    namespace=namespace, name=name, size=len(held), if_absent=if_absent
+                )
         if begin_scope.cancelled_caught:
             raise Unavailable("discovery did not answer in time")
         # Where each part is now: a part whose node fails before taking any bytes moves.
         placed = list(version.parts)
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
-            size, receipts = await self._write_parts(version, placed, body, content_length)
+            if held is None:
+                size, receipts = await self._write_parts(version, placed, body, content_length)
+            else:
+                size, receipts = len(held), await self._write_held(version, placed, held)
         except BaseException:
             await self._clean_up(_placed_on(version, placed), commit_attempted=False)
             raise
@@ -205,6 +231,52 @@ class Gateway:
         except BaseException:
             await self._clean_up(_placed_on(version, placed), commit_attempted=True)
             raise
+
+    async def _read_whole(self, body: AsyncIterable[bytes], content_length: int) -> bytes:
+        """The whole body of a small upload; raises InvalidRequest unless it has exactly
+        ``content_length`` bytes (a client gone or idle raises whatever the body raises)."""
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in body:
+            size += len(chunk)
+            if size > content_length:
+                raise _too_long(content_length, self._config.max_file_size)
+            chunks.append(chunk)
+        if size != content_length:
+            raise InvalidRequest(f"body has {size} bytes, Content-Length said {content_length}")
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _write_held(
+        self, version: FileVersion, placed: list[PartPlacement], data: bytes
+    ) -> list[PartReceipt]:
+        """Write a body held whole: split at once, its 5 parts written concurrently by the
+        same part writers as a streamed body's, each from its pieces instead of a channel."""
+        layout = version.layout
+        splitter = StripeSplitter(layout, len(data))
+        pieces: list[list[bytes]] = [[] for _ in range(layout.parts)]
+        for index, piece in (*splitter.feed(data), *splitter.finish()):
+            pieces[index].append(piece)
+        sizes = layout.part_sizes(len(data))
+        receipts: list[PartReceipt | None] = [None] * layout.parts
+        try:
+            async with trio.open_nursery() as nursery:
+                for placement in version.parts:
+                    nursery.start_soon(
+                        self._write_part,
+                        version.version_id,
+                        placed,
+                        placement.index,
+                        _HeldChunks(pieces[placement.index]),
+                        sizes[placement.index],
+                        receipts,
+                        name=f"gw-put-{placement.key}",
+                    )
+        except BaseExceptionGroup as group:
+            error = primary_error(group)
+            if error is None:
+                raise
+            raise error from None
+        return [r for r in receipts if r is not None]
 
     async def _write_parts(
         self,
@@ -277,7 +349,7 @@ class Gateway:
         version_id: str,
         placed: list[PartPlacement],
         index: int,
-        chunks: trio.MemoryReceiveChannel[bytes],
+        chunks: trio.MemoryReceiveChannel[bytes] | _HeldChunks,
         size: int | None,
         receipts: list[PartReceipt | None],
     ) -> None:
@@ -427,10 +499,41 @@ class Gateway:
         )
 
 
+class _HeldChunks:
+    """A held part's pieces, received like a part channel's chunks: no task feeds it."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self._pieces = pieces
+        self._next = 0
+
+    async def receive(self) -> bytes:
+        # No checkpoint: the node's writer awaits each piece's write.
+        if self._next == len(self._pieces):
+            raise trio.EndOfChannel
+        piece = self._pieces[self._next]
+        self._next += 1
+        return piece
+
+    def __aiter__(self) -> _HeldChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> _HeldChunks:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._pieces = []
+
+
 class _PartChunks:
     """One part's chunks on their way to its node, counted as the node pulls them."""
 
-    def __init__(self, chunks: trio.MemoryReceiveChannel[bytes]) -> None:
+    def __init__(self, chunks: trio.MemoryReceiveChannel[bytes] | _HeldChunks) -> None:
         self._chunks = chunks
         self.size = 0
         self.exhausted = False

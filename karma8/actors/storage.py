@@ -52,8 +52,9 @@ class StorageConfig:
     register_retry: float = 1.0
     # Every ``orphan_check_interval`` seconds the node asks discovery which of its parts it
     # does not know; a part still unknown ``orphan_grace`` seconds after it was first seen
-    # unknown is deleted. (A part whose upload is in flight is known from its begin on, so
-    # only true leftovers qualify: e.g. a write that landed after its version was collected.)
+    # unknown is deleted. (A part whose upload is in flight is known from its begin on, or
+    # its placement lease's, so only true leftovers qualify: e.g. a write that landed after
+    # its version was collected, or a small PUT's parts once its lease is gone.)
     orphan_check_interval: float = 60.0
     orphan_grace: float = 600.0
     # The background scrubber re-reads every part once per ``scrub_interval`` (0 = never),

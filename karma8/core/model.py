@@ -123,6 +123,16 @@ class FileVersion:
 
 
 @attrs.frozen(kw_only=True)
+class PlaceRequest:
+    """A small upload asking discovery for a placement lease (``place_upload``)."""
+
+    namespace: str
+    name: str
+    size: int
+    if_absent: bool = False
+
+
+@attrs.frozen(kw_only=True)
 class FileEntry:
     """A line of a listing."""
 

@@ -93,10 +93,18 @@ def movable_parts(
 
 
 def begin_move(
-    db: sqlite3.Connection, *, key: str, source: str, target: str, now: float, lease_until: float
+    db: sqlite3.Connection,
+    *,
+    key: str,
+    source: str,
+    target: str,
+    now: float,
+    lease_until: float,
+    held: int = 0,
 ) -> MoveTicket:
     """Record a move and reserve its bytes on the target. Raises MoveConflict when the part is
-    not a committed part on ``source``, is moving already, or ``target`` may not take it."""
+    not a committed part on ``source``, is moving already, or ``target`` may not take it
+    (``held``: bytes reserved on the target outside the metadata, by placement leases)."""
     part = db.execute(
         """
         SELECT p.version_id, p.size, p.checksum, p.node_id, v.state
@@ -119,7 +127,8 @@ def begin_move(
     node = nodes.get(target)
     if node is None or node["state"] != NodeState.AVAILABLE.value:
         raise MoveConflict(f"node {target} is not available")
-    if node["capacity_bytes"] - node["used_bytes"] - node["reserved_bytes"] < part["size"]:
+    room = node["capacity_bytes"] - node["used_bytes"] - node["reserved_bytes"] - held
+    if room < part["size"]:
         raise MoveConflict(f"node {target} has no room for part {key}")
     taken = db.execute(
         "SELECT 1 FROM parts WHERE version_id = ? AND +node_id = ?"

@@ -220,16 +220,7 @@ class SqliteMetadataStore(NamespaceStore):
             if row["expires_at"] <= now:
                 raise UploadConflict(f"upload {version_id} expired")
             layout = StripeLayout(parts=row["k"], unit=row["unit"])
-            expected = layout.part_sizes(size)
-            by_index = {r.index: r for r in receipts}
-            if sorted(by_index) != list(range(layout.parts)) or len(receipts) != layout.parts:
-                raise IntegrityError(f"upload {version_id}: need one receipt per part")
-            for index, want in enumerate(expected):
-                if by_index[index].size != want:
-                    raise IntegrityError(
-                        f"upload {version_id}: part {index} has {by_index[index].size} bytes,"
-                        f" the layout says {want}"
-                    )
+            by_index = _check_receipts(version_id, layout, size, receipts)
             previous = committed_id(db, row["namespace"], row["name"])
             if previous is not None:
                 if if_absent:
@@ -247,6 +238,96 @@ class SqliteMetadataStore(NamespaceStore):
                 "UPDATE versions SET state = 'committed', size = ?, committed_at = ?, etag = ?"
                 " WHERE version_id = ?",
                 (size, now, etag_of(checksums), version_id),
+            )
+            return load_version(db, version_id)
+
+    def placement_view(
+        self, namespace: str, name: str, *, if_absent: bool
+    ) -> list[tuple[NodeLoad, str]]:
+        """What placing a small upload needs, read without a transaction: every node's load
+        and url. Raises NotFound (namespace), PreconditionFailed (``if_absent`` and the name
+        exists), so an upload that cannot commit fails before its parts are written."""
+        self._require_namespace(self._db, namespace)
+        if if_absent and committed_id(self._db, namespace, name) is not None:
+            raise PreconditionFailed(f"{namespace}/{name} already exists")
+        rows = self._db.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
+        return [(node_load(r), r["url"]) for r in rows]
+
+    def commit_placed(
+        self,
+        *,
+        version_id: str,
+        namespace: str,
+        name: str,
+        layout: StripeLayout,
+        nodes: Sequence[str],
+        size: int,
+        receipts: Sequence[PartReceipt],
+        created_at: float,
+        now: float,
+        if_absent: bool,
+    ) -> FileVersion:
+        """Commit a version whose parts were written without a pending row (a placement
+        lease): in one transaction, insert it COMMITTED with its part rows, count their bytes
+        as used and live on ``nodes``, and retire the previous version of the name.
+
+        Raises NotFound (namespace), PreconditionFailed (``if_absent`` and the name exists),
+        IntegrityError (receipts that do not match the layout), UploadConflict (the version
+        id is taken).
+        """
+        by_index = _check_receipts(version_id, layout, size, receipts)
+        checksums = [by_index[i].checksum for i in range(layout.parts)]
+        with self._tx() as db:
+            self._require_namespace(db, namespace)
+            if db.execute("SELECT 1 FROM versions WHERE version_id = ?", (version_id,)).fetchone():
+                raise UploadConflict(f"upload {version_id} exists already")
+            previous = committed_id(db, namespace, name)
+            if previous is not None:
+                if if_absent:
+                    raise PreconditionFailed(f"{namespace}/{name} already exists")
+                _retire(db, previous, now)
+            db.execute(
+                """
+                INSERT INTO versions(version_id, namespace, name, state, size_hint, k, unit,
+                                     created_at, expires_at, size, committed_at, etag)
+                VALUES (?, ?, ?, 'committed', ?, ?, ?, ?, ?, ?, ?, ?)
+                """,
+                (
+                    version_id,
+                    namespace,
+                    name,
+                    size,
+                    layout.parts,
+                    layout.unit,
+                    created_at,
+                    now,
+                    size,
+                    now,
+                    etag_of(checksums),
+                ),
+            )
+            db.executemany(
+                "INSERT INTO parts(version_id, idx, part_key, node_id, reserved, size, checksum)"
+                " VALUES (?, ?, ?, ?, 0, ?, ?)",
+                [
+                    (
+                        version_id,
+                        index,
+                        part_key(version_id, index),
+                        node_id,
+                        by_index[index].size,
+                        by_index[index].checksum,
+                    )
+                    for index, node_id in enumerate(nodes)
+                ],
+            )
+            db.executemany(
+                "UPDATE nodes SET used_bytes = used_bytes + :size, live_bytes = live_bytes + :size,"
+                " parts = parts + 1 WHERE node_id = :node",
+                [
+                    {"size": by_index[index].size, "node": node_id}
+                    for index, node_id in enumerate(nodes)
+                ],
             )
             return load_version(db, version_id)
 
@@ -463,11 +544,24 @@ class SqliteMetadataStore(NamespaceStore):
         return moves.movable_parts(self._db, node_id, limit, receivers)
 
     def begin_move(
-        self, *, key: str, source: str, target: str, now: float, lease_until: float
+        self,
+        *,
+        key: str,
+        source: str,
+        target: str,
+        now: float,
+        lease_until: float,
+        held: int = 0,
     ) -> MoveTicket:
         with self._tx() as db:
             return moves.begin_move(
-                db, key=key, source=source, target=target, now=now, lease_until=lease_until
+                db,
+                key=key,
+                source=source,
+                target=target,
+                now=now,
+                lease_until=lease_until,
+                held=held,
             )
 
     def finish_move(self, *, key: str, target: str, checksum: str, now: float) -> None:
@@ -529,6 +623,22 @@ class SqliteMetadataStore(NamespaceStore):
                 (state.value,),
             )
         return [load_version(self._db, r["version_id"]) for r in rows.fetchall()]
+
+
+def _check_receipts(
+    version_id: str, layout: StripeLayout, size: int, receipts: Sequence[PartReceipt]
+) -> dict[int, PartReceipt]:
+    """The receipts by part index, once they are one per part with the layout's sizes."""
+    by_index = {r.index: r for r in receipts}
+    if sorted(by_index) != list(range(layout.parts)) or len(receipts) != layout.parts:
+        raise IntegrityError(f"upload {version_id}: need one receipt per part")
+    for index, want in enumerate(layout.part_sizes(size)):
+        if by_index[index].size != want:
+            raise IntegrityError(
+                f"upload {version_id}: part {index} has {by_index[index].size} bytes,"
+                f" the layout says {want}"
+            )
+    return by_index
 
 
 def _retire(db: sqlite3.Connection, version_id: str, now: float) -> None:

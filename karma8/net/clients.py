@@ -29,6 +29,7 @@ from karma8.core.model import (
     NodeStatus,
     PartPlacement,
     PartReceipt,
+    PlaceRequest,
 )
 from karma8.core.rebalance_report import PlanSummary, RebalanceReport
 from karma8.core.status import ClusterStatus
@@ -163,6 +164,12 @@ class HttpDiscoveryClient(_Http):
             "if_absent": if_absent,
         }
         return decode(await self._json("POST", "/v1/uploads", json=body), FileVersion)
+
+    async def place_upload(
+        self, *, namespace: str, name: str, size: int, if_absent: bool = False
+    ) -> FileVersion:
+        body = encode(PlaceRequest(namespace=namespace, name=name, size=size, if_absent=if_absent))
+        return decode(await self._json("POST", "/v1/placements", json=body), FileVersion)
 
     async def commit_upload(
         self,

@@ -38,7 +38,7 @@ from karma8.actors.discovery import Discovery
 from karma8.actors.rebalancer import Rebalancer
 from karma8.core.access import parse_right
 from karma8.core.errors import InvalidRequest
-from karma8.core.model import NodeRegistration, PartReceipt
+from karma8.core.model import NodeRegistration, PartReceipt, PlaceRequest
 from karma8.core.rebalance_report import (
     RebalanceReport,
     RebalanceSettings,
@@ -79,6 +79,17 @@ def discovery_app(
             name=str(body.get("name", "")),
             size_hint=size_hint,
             if_absent=bool(body.get("if_absent", False)),
+        )
+        return jsonify(encode(version)), 201
+
+    @app.route("/v1/placements", methods=["POST"])
+    async def place() -> tuple[Response, int]:
+        request = decode(await json_body(), PlaceRequest)
+        version = await discovery.place_upload(
+            namespace=request.namespace,
+            name=request.name,
+            size=request.size,
+            if_absent=request.if_absent,
         )
         return jsonify(encode(version)), 201
 

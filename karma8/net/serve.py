@@ -130,6 +130,8 @@ class NetConfig:
     # Uploads that may hold back a partial row (up to 5 stripe units) at once; the others
     # wait for a slot before they stage more than 1 MiB.
     staging_uploads: int = _GATEWAY.staging_uploads
+    # Bodies with a Content-Length up to this are held whole: one metadata transaction each.
+    small_file_max: int = _GATEWAY.small_file_max
     # Room reserved at begin for at most this many bytes of a Content-Length; the rest as it
     # arrives.
     reserve_step: int = _DISCOVERY.reserve_step
@@ -446,6 +448,7 @@ def build_gateway(config: NetConfig, *, discovery: DiscoveryAPI, storage: Storag
             access_cache_ttl=config.access_cache_ttl,
             reserve_step=config.reserve_step,
             staging_uploads=config.staging_uploads,
+            small_file_max=config.small_file_max,
         ),
     )
 

@@ -151,6 +151,7 @@ def storage_source(node: StorageNode) -> Source:
 _COUNTS: dict[str, str] = {
     "sweeps": "Sweeper passes",
     "expired_uploads": "Uploads the sweeper aborted (their gateway went away)",
+    "expired_placements": "Placement leases of small uploads that expired uncommitted",
     "scrubbed_parts": "Parts the scrubber verified",
     "corrupt_parts": "Parts the scrubber found corrupt (quarantined)",
     "garbage_deleted": "Parts deleted as garbage (retired, aborted, moved away)",

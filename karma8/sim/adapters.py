@@ -45,6 +45,16 @@ class SimDiscoveryClient:
 
         return await self._net.call(self._src, DISCOVERY, "begin_upload", op)
 
+    async def place_upload(
+        self, *, namespace: str, name: str, size: int, if_absent: bool = False
+    ) -> FileVersion:
+        async def op(d: Discovery) -> FileVersion:
+            return await d.place_upload(
+                namespace=namespace, name=name, size=size, if_absent=if_absent
+            )
+
+        return await self._net.call(self._src, DISCOVERY, "place_upload", op)
+
     async def commit_upload(
         self,
         *,

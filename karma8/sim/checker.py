@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+from karma8.core.leases import PlacementLeases
 from karma8.core.model import VersionState
 from karma8.core.rebalance import NodeFill, bytes_over_target, fill_targets, spread_pp
 from karma8.sim.cluster import SimCluster
@@ -84,12 +85,17 @@ def no_orphans(cluster: SimCluster) -> list[str]:
 
 
 def reservations_released(cluster: SimCluster) -> list[str]:
-    """With no upload in flight, no node has bytes reserved."""
-    return [
+    """With no upload in flight, no node has bytes reserved, in the metadata or by a
+    placement lease."""
+    leases = cluster.discovery.leases if cluster.discovery is not None else PlacementLeases()
+    problems = [
         f"{node.node_id} still has {node.reserved_bytes} bytes reserved after the quiet phase"
         for node in cluster.store.list_nodes()
         if node.reserved_bytes != 0
     ]
+    if len(leases):
+        problems.append(f"{len(leases)} placement leases are still held after the quiet phase")
+    return problems
 
 
 def _fills(cluster: SimCluster) -> list[NodeFill]:

@@ -7,6 +7,7 @@ cancel scope the endpoint owns, so a crash stops it like a killed process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -17,6 +18,7 @@ from karma8.actors.gateway import Gateway, GatewayConfig
 from karma8.actors.rebalancer import Rebalancer
 from karma8.actors.storage import StorageConfig, StorageNode
 from karma8.core.layout import StripeLayout
+from karma8.core.leases import PlacementLeases
 from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.sim.adapters import DISCOVERY, SimDiscoveryClient, SimStorageClient
 from karma8.sim.disk import MemoryDisk
@@ -48,6 +50,7 @@ class SimCluster:
         nursery: trio.Nursery,
         *,
         store: SqliteMetadataStore | None = None,
+        leases: Callable[[], PlacementLeases] = PlacementLeases,
     ) -> None:
         self.world = world
         self.scenario = scenario
@@ -58,9 +61,12 @@ class SimCluster:
             LinkConfig(latency=scenario.network.latency, bandwidth=scenario.network.bandwidth),
         )
         self.store = store or SqliteMetadataStore(":memory:")
+        self._leases = leases
+        self.discovery: Discovery | None = None  # the discovery process last started
         self.discovery_config = DiscoveryConfig(
             layout=StripeLayout(parts=5, unit=spec.stripe_unit),
             upload_ttl=spec.upload_ttl,
+            placement_lease=spec.placement_lease,
             node_timeout=spec.node_timeout,
             retire_grace=spec.retire_grace,
             sweep_interval=spec.sweep_interval,
@@ -84,17 +90,18 @@ class SimCluster:
             clock=self.world.clock,
             ids=self.world.ids,
             config=self.discovery_config,
+            leases=self._leases(),  # memory: a restarted discovery starts with none
         )
 
     def _gateway(self) -> Gateway:
         return Gateway(
             discovery=SimDiscoveryClient(self.network, GATEWAY),
             storage=SimStorageClient(self.network, GATEWAY),
-            config=GatewayConfig(),
+            config=GatewayConfig(small_file_max=self.scenario.cluster.small_file_max),
         )
 
     def _discovery_process(self) -> _DiscoveryProcess:
-        discovery = self._discovery()
+        discovery = self.discovery = self._discovery()
         self.rebalancer = Rebalancer(
             discovery=discovery,
             storage=SimStorageClient(self.network, DISCOVERY),

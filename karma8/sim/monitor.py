@@ -15,7 +15,10 @@ hides before the run ends. The :class:`Monitor` watches the run as it happens:
   (:class:`FaultTimeline`); a read may also fail when a write of the same name raced it.
 
 The store hook is :class:`ObservedStore`, the simulator's metadata store with begins, part
-moves and commits observed; actors cannot tell it from the plain one.
+moves and commits observed; actors cannot tell it from the plain one. A small upload begins
+with a placement lease in discovery's memory, not in the store: :class:`ObservedLeases` tells
+the monitor of each lease granted and each part it moves, and the clean-up check counts a
+lease still held like a version still pending.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 import attrs
 import trio
 
+from karma8.core.leases import Lease, PlacementLeases
 from karma8.core.model import FileVersion, PartPlacement, VersionState
 from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.sim.disk import MemoryDisk
@@ -119,6 +123,7 @@ class Monitor:
         self._in_flight: dict[str, list[Op]] = {}  # name -> PUTs not yet answered
         self._nursery: trio.Nursery | None = None
         self._store: SqliteMetadataStore | None = None
+        self.leases: PlacementLeases | None = None  # those of the discovery last started
 
     def attach(self, store: SqliteMetadataStore, nursery: trio.Nursery) -> None:
         """Start watching: checks after a failed PUT run as tasks of ``nursery``."""
@@ -205,6 +210,7 @@ class Monitor:
             return  # a crashed gateway leaves its upload to the sweepers
         assert self._store is not None
         pending = {v.version_id for v in self._store.versions(VersionState.PENDING)}
+        leases = self.leases
         for begun in self._begun.get(op.name, []):
             version = begun.version
             if not op.start <= begun.at <= op.end:
@@ -221,6 +227,8 @@ class Monitor:
                 continue  # the gateway cannot learn the outcome: it keeps the parts, rightly
             if version.version_id in pending:
                 self.uploads_cleaned.append(f"{where} is still pending, holding its reservation")
+            if leases is not None and leases.holds(version.version_id):
+                self.uploads_cleaned.append(f"{where} still holds its placement lease")
             for part in (*version.parts, *begun.moved):
                 node = part.node.node_id
                 disk = self.disk_of(node)
@@ -314,6 +322,11 @@ class ObservedStore(SqliteMetadataStore):
         self._monitor.committed(version)
         return version
 
+    def commit_placed(self, **kwargs: Any) -> FileVersion:
+        version = super().commit_placed(**kwargs)
+        self._monitor.committed(version)
+        return version
+
     def mark_node_suspect(self, node_id: str, now: float) -> bool:
         known = super().mark_node_suspect(node_id, now)
         if known:
@@ -330,3 +343,23 @@ class ObservedStore(SqliteMetadataStore):
         super().finish_move(**kwargs)
         assert source is not None  # the move finished, so the part was there
         self._monitor.moved(kwargs["key"], source.node.node_id, kwargs["target"])
+
+
+class ObservedLeases(PlacementLeases):
+    """One discovery process's placement leases, telling a :class:`Monitor` of each lease
+    granted (a small upload begun) and each part moved; the monitor checks the leases of the
+    discovery started last."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        super().__init__()
+        self._monitor = monitor
+        monitor.leases = self
+
+    def grant(self, lease: Lease) -> None:
+        super().grant(lease)
+        self._monitor.begun(lease.pending_version())
+
+    def move(self, version_id: str, index: int, node_id: str, url: str) -> Lease:
+        moved = super().move(version_id, index, node_id, url)
+        self._monitor.replaced(version_id, moved.pending_version().parts[index])
+        return moved

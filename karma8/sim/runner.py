@@ -23,7 +23,7 @@ from karma8.sim.cluster import SimCluster
 from karma8.sim.determinism import run_deterministic
 from karma8.sim.disk import WriteFault
 from karma8.sim.fillseries import DEFAULT_INTERVAL, FillSampler, FillSeries
-from karma8.sim.monitor import FaultTimeline, Monitor, ObservedStore
+from karma8.sim.monitor import FaultTimeline, Monitor, ObservedLeases, ObservedStore
 from karma8.sim.network import LinkFault
 from karma8.sim.scenario import LINK_ACTIONS, Event, Scenario
 from karma8.sim.workload import Client, History, Op, read_file
@@ -122,7 +122,13 @@ async def _simulate(scenario: Scenario, seed: int, fill_interval: float) -> SimR
     monitor = Monitor(history, FaultTimeline())
     async with trio.open_nursery() as nursery:
         await nursery.start(world.pump.run)
-        cluster = SimCluster(world, scenario, nursery, store=ObservedStore(monitor))
+        cluster = SimCluster(
+            world,
+            scenario,
+            nursery,
+            store=ObservedStore(monitor),
+            leases=lambda: ObservedLeases(monitor),
+        )
         monitor.disk_of = cluster.disk_of
         monitor.attach(cluster.store, nursery)
         await cluster.start()

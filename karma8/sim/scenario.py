@@ -16,6 +16,7 @@ from typing import TypeVar
 import attrs
 
 from karma8.actors.discovery import DiscoveryConfig
+from karma8.actors.gateway import GatewayConfig
 from karma8.actors.rebalancer import RebalancerConfig, read_rebalance
 from karma8.actors.storage import StorageConfig
 from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
@@ -30,6 +31,7 @@ class ScenarioError(ConfigError):
 # The actors' settings default to the actors' own configs, as in net mode: one definition.
 _DISCOVERY = DiscoveryConfig()
 _STORAGE = StorageConfig()
+_GATEWAY = GatewayConfig()
 
 
 @attrs.frozen(kw_only=True)
@@ -49,6 +51,9 @@ class ClusterSpec:
     sweep_interval: float = _DISCOVERY.sweep_interval
     orphan_check_interval: float = _STORAGE.orphan_check_interval
     orphan_grace: float = _STORAGE.orphan_grace
+    placement_lease: float = _DISCOVERY.placement_lease
+    # Bodies up to this size take the small-file path (0: every body streams).
+    small_file_max: int = _GATEWAY.small_file_max
 
     @capacity.validator
     def _one_per_node(self, attribute: object, value: int | tuple[int, ...]) -> None:
@@ -221,6 +226,8 @@ def parse_scenario(
             "orphan_check_interval", cd.orphan_check_interval, minimum=0.001
         ),
         orphan_grace=c.number("orphan_grace", cd.orphan_grace),
+        placement_lease=c.number("placement_lease", cd.placement_lease, minimum=0.001),
+        small_file_max=c.size("small_file_max", cd.small_file_max),
     )
     c.finish()
 

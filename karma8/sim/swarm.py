@@ -153,6 +153,9 @@ def swarm_scenario(seed: int) -> Scenario:
             # A part orphaned late in the load phase is gone within check + grace + check.
             orphan_check_interval=round(rng.uniform(0.5, 4.0), 3),
             orphan_grace=round(rng.uniform(0.0, 8.0), 3),
+            # Half the seeds stream every body (the two-phase path), half hold small ones
+            # (a placement lease, one transaction); drawn apart, so the rest is unchanged.
+            small_file_max=random.Random(f"karma8-swarm/{seed}/small").choice([0, 1 << 20]),
         ),
         workload=WorkloadSpec(
             clients=rng.randint(1, 6),

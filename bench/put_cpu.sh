@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# CPU per small PUT of the embedded cluster: start `karma8 serve --role all` from TREE (put on
+# PYTHONPATH, so a `git archive` of an older commit can be measured beside this one), run
+# `wrk -t2 -c16` PUTs of a 4 KiB body to new names for SECONDS, and print the rate and the
+# process's CPU time (user + system, /proc/PID/stat) per PUT. CPU per request moves less than
+# the rate on a shared machine; still, compare only runs interleaved in the same minutes.
+#   bench/put_cpu.sh TREE [SECONDS] [EXTRA_TOML_LINE]
+#   e.g. for i in 1 2 3; do bench/put_cpu.sh /tmp/base 8; bench/put_cpu.sh "$PWD" 8; done
+set -euo pipefail
+tree=$(cd "$1" && pwd)
+seconds=${2:-8}
+extra=${3:-}
+here=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d /var/tmp/karma8-put-cpu.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+port=$((20000 + RANDOM % 10000))
+printf 'host = "127.0.0.1"\ngateway_port = %d\ndiscovery_port = %d\nstorage_nodes = 6\n%s\n' \
+    "$port" "$((port + 1))" "$extra" > "$work/karma8.toml"
+head -c 4096 /dev/urandom > "$work/body"
+cat > "$work/put.lua" <<'LUA'
+local threads = {}
+function setup(thread)
+  thread:set("tid", #threads + 1)
+  table.insert(threads, thread)
+end
+function init(args)
+  prefix = args[1]
+  local f = assert(io.open(args[2], "rb"))
+  body = f:read("*a")
+  f:close()
+  counter = 0
+end
+function request()
+  counter = counter + 1
+  return wrk.format("PUT", prefix .. "-" .. tid .. "-" .. counter, nil, body)
+end
+LUA
+PYTHONPATH=$tree "$here/.venv/bin/karma8" serve --role all --data "$work/data" \
+    --config "$work/karma8.toml" > "$work/log" 2>&1 &
+pid=$!
+for _ in $(seq 150); do [ -f "$work/data/cluster.json" ] && break; sleep 0.2; done
+sleep 1
+before=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+out=$(wrk -t2 -c16 -d"${seconds}s" -s "$work/put.lua" "http://127.0.0.1:$port/" \
+    -- "/default/p$RANDOM" "$work/body")
+after=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+kill -INT "$pid"
+wait "$pid" || true
+requests=$(echo "$out" | awk '/requests in/ {print $1}')
+rate=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+ticks=$(getconf CLK_TCK)
+cpu=$(echo "scale=3; ($after - $before) * 1000 / $ticks / $requests" | bc)
+echo "$(basename "$tree"): $rate PUT/s, $requests PUTs, $cpu ms of CPU per PUT" \
+    "$(echo "$out" | grep -E 'Non-2xx|Socket errors' || true)"
