@@ -106,6 +106,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--capacity", help="storage capacity, e.g. '20 GiB'")
     serve.add_argument("--nodes", type=int, help="storage nodes of --role all (default 6)")
     serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="gateway processes sharing the gateway's port (all and gw roles;"
+        " default: one per core)",
+    )
+    # A gateway worker started by another gateway (karma8/net/workers.py): it binds a port
+    # that others share, and exits with its parent.
+    serve.add_argument("--shared-port", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument(
         "--rebalance-bandwidth",
         metavar="SIZE",
         help="bytes per second the rebalancer may copy, e.g. '16 MiB'; 0 = unthrottled"
@@ -328,6 +338,7 @@ def _serve(args: argparse.Namespace) -> int:
     from karma8.net.clients import make_http_client
     from karma8.net.requestlog import configure_logging
     from karma8.net.settings import load_net_config
+    from karma8.net.workers import READY_PREFIX, die_with_parent
 
     configure_logging(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -343,16 +354,21 @@ def _serve(args: argparse.Namespace) -> int:
                 None,
             ),
             "capacity": parse_size(args.capacity) if args.capacity else None,
+            "gateway_workers": args.workers,
         }
         rebalance: dict[str, Any] = {
             "bandwidth": _bandwidth(args.rebalance_bandwidth),
             "enabled": False if args.no_rebalance else None,
         }
+        if args.workers is not None and args.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {args.workers}")
         config = load_net_config(args.config, overrides, rebalance)
     except (ConfigError, ValueError) as exc:
         print(f"karma8 serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     role = args.role
+    if args.shared_port:
+        die_with_parent()
 
     async def run(nursery: trio.Nursery) -> None:
         if role == "all":
@@ -423,9 +439,10 @@ def _serve(args: argparse.Namespace) -> int:
                         discovery_from=cluster.discovery_from,
                         http=http,
                         port=args.port,
+                        shared_port=args.shared_port,
                     )
                 )
-                print(f"karma8 gateway up: {url}", flush=True)
+                print(f"{READY_PREFIX} {url}", flush=True)
 
     try:
         trio.run(_until_signalled, run)

@@ -49,6 +49,7 @@ from karma8.net.objects import new_stats
 from karma8.net.requestlog import RecentErrors
 from karma8.net.sources import discovery_source, gateway_source, storage_source
 from karma8.net.storage_app import storage_app
+from karma8.net.workers import run_gateway_workers, shared_port_socket
 from karma8.ports import DiscoveryAPI, StorageAPI
 from karma8.store.diskio import private_dir
 from karma8.store.groupsync import GroupSync, SyncGroups
@@ -147,6 +148,9 @@ class NetConfig:
     public_namespaces: tuple[str, ...] | None = None
     # Seconds a gateway reuses a positive access answer (a revoked token works this long).
     access_cache_ttl: float = _GATEWAY.access_cache_ttl
+    # Gateway processes sharing the gateway's port (karma8/net/workers.py); 1: the gateway
+    # alone, in this process.
+    gateway_workers: int = attrs.Factory(lambda: os.cpu_count() or 1)
 
     def public(self, *, embedded: bool) -> tuple[str, ...]:
         """The namespaces made public at start-up, for the embedded cluster or not."""
@@ -188,13 +192,23 @@ async def serve_app(
     header_timeout: float = HEADER_TIMEOUT,
     app_queue: int = 10,
     max_connections: int = MAX_CONNECTIONS,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` with Hypercorn until cancelled; reports ``http://host:port``."""
+    """Serve ``app`` with Hypercorn until cancelled; reports ``http://host:port``.
+
+    ``reuse_port``: bind with ``SO_REUSEPORT``, so that other processes (gateway workers)
+    can listen on the same port and the kernel spreads new connections over them.
+    """
     patch_hypercorn()
     config = HypercornConfig()
     cap_connections(config, max_connections)
-    config.bind = [f"{host}:{port}"]
+    if reuse_port:
+        # Hypercorn sets SO_REUSEPORT only for its own multi-worker mode; a socket handed
+        # over by descriptor is taken as it is (and closed by Hypercorn).
+        config.bind = [f"fd://{shared_port_socket(host, port).detach()}"]
+    else:
+        config.bind = [f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.read_timeout = read_timeout or None
@@ -210,7 +224,7 @@ async def serve_app(
 
 
 def _serving(
-    app: QuartTrio, config: NetConfig, port: int, *, app_queue: int = 10
+    app: QuartTrio, config: NetConfig, port: int, *, app_queue: int = 10, reuse_port: bool = False
 ) -> Callable[..., Awaitable[None]]:
     """``serve_app`` for ``app`` bound with the config's host and read timeout."""
     return partial(
@@ -222,6 +236,7 @@ def _serving(
         header_timeout=config.header_timeout,
         app_queue=app_queue,
         max_connections=config.max_connections,
+        reuse_port=reuse_port,
     )
 
 
@@ -458,8 +473,10 @@ async def serve_gateway(
     config: NetConfig,
     *,
     port: int | None = None,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """The gateway's socket; ``reuse_port``: shared with gateway workers (SO_REUSEPORT)."""
     uploads = UploadGate(max_uploads=config.max_uploads, idle_timeout=config.idle_timeout)
     stats = new_stats()
     with METRICS.source(gateway_source(stats, uploads)):
@@ -470,6 +487,7 @@ async def serve_gateway(
                     config,
                     config.gateway_port if port is None else port,
                     app_queue=GATEWAY_APP_QUEUE,
+                    reuse_port=reuse_port,
                 )
             )
             nursery.start_soon(give_back_memory, uploads, name="gateway-give-back-memory")
@@ -484,19 +502,47 @@ async def run_gateway(
     discovery_from: str | None = None,
     http: httpx.AsyncClient,
     port: int | None = None,
+    shared_port: bool = False,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """A gateway on its own. It asks discovery in the background until discovery first
-    answers, so that a gateway that cannot reach it warns (as :func:`run_storage`'s node
-    does) before a client finds out. ``http`` is the pool to discovery; the nodes get a pool
-    of their own."""
+    """A gateway on its own, with ``gateway_workers - 1`` workers on its port. It asks
+    discovery in the background until discovery first answers, so that a gateway that cannot
+    reach it warns (as :func:`run_storage`'s node does) before a client finds out. ``http``
+    is the pool to discovery; the nodes get a pool of their own. ``shared_port``: this
+    gateway is itself a worker, binding a port that others share."""
     discovery = HttpDiscoveryClient(
         http, discovery_url, origin=discovery_from, warn_every=DISCOVERY_WARN_EVERY
     )
     async with data_pool(config) as nodes, trio.open_nursery() as nursery:
         gateway = build_gateway(config, discovery=discovery, storage=storage_client(config, nodes))
         nursery.start_soon(_probe_discovery, discovery, name="gateway-probe-discovery")
-        await serve_gateway(gateway, config, port=port, task_status=task_status)
+        url = await nursery.start(
+            partial(
+                serve_gateway,
+                gateway,
+                config,
+                port=port,
+                reuse_port=shared_port or config.gateway_workers > 1,
+            )
+        )
+        await _start_workers(nursery, config, gateway_url=url, discovery_url=discovery_url)
+        task_status.started(url)
+
+
+async def _start_workers(
+    nursery: trio.Nursery, config: NetConfig, *, gateway_url: str, discovery_url: str
+) -> None:
+    """The ``gateway_workers - 1`` workers beside the gateway at ``gateway_url``."""
+    if config.gateway_workers > 1:
+        await nursery.start(
+            partial(
+                run_gateway_workers,
+                config.gateway_workers - 1,
+                config,
+                port=int(gateway_url.rsplit(":", 1)[1]),
+                discovery_url=discovery_url,
+            )
+        )
 
 
 async def _probe_discovery(discovery: DiscoveryAPI) -> None:
@@ -524,7 +570,8 @@ async def run_cluster(
     data_dir: Path,
     task_status: trio.TaskStatus[ClusterInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The embedded default: discovery + ``storage_nodes`` nodes + gateway on one host."""
+    """The embedded default: discovery + ``storage_nodes`` nodes + gateway on one host, and
+    ``gateway_workers - 1`` gateway worker processes on the gateway's port."""
     config, node_dirs, absolute = _prepare_cluster_dir(config, data_dir)
     secret = config.secret
     assert secret is not None
@@ -557,7 +604,12 @@ async def run_cluster(
                 await nursery.start(partial(serve_storage, node, config))
                 local[node.node_id] = node
             gateway = build_gateway(config, discovery=reach, storage=storage)
-            gateway_url = await nursery.start(partial(serve_gateway, gateway, config))
+            gateway_url = await nursery.start(
+                partial(serve_gateway, gateway, config, reuse_port=config.gateway_workers > 1)
+            )
+            await _start_workers(
+                nursery, config, gateway_url=gateway_url, discovery_url=discovery_url
+            )
             info = ClusterInfo(
                 gateway=gateway_url,
                 discovery=discovery_url,

@@ -65,6 +65,8 @@ def load_net_config(
                 values[field.name] = raw
             elif field.name in NAME_LISTS:
                 values[field.name] = _names(reader, field.name, default)
+            elif field.name == "gateway_workers":
+                values[field.name] = reader.integer(field.name, default, minimum=1)
             elif field.name == "host":
                 values[field.name] = reader.string(field.name, default)
             elif isinstance(default, bool):

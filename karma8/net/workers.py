@@ -1,0 +1,216 @@
+"""Gateway workers: more event loops behind one port.
+
+One event loop runs all of a gateway's Python (HTTP parsing, the actors, trio's scheduler) on
+one core. With ``gateway_workers = N`` a gateway (``--role gw``, or the one of the embedded
+cluster) starts N - 1 more gateways as child processes that listen on the same port: each
+binds it with ``SO_REUSEPORT``, and the kernel hands every new connection to one of them. The
+children are this program itself, ``karma8 serve --role gw``, run with the parent's effective
+configuration; they reach discovery and the storage nodes over HTTP. Why this layout, and what
+was measured against it: docs/architecture.md, "Gateway workers".
+
+Lifecycle, in the parent's nursery: :func:`run_gateway_workers` reports ready once every worker
+printed its "up" line. A worker that exits while the parent runs brings the parent down with
+:class:`WorkerExited`, naming the worker and its status: restarting it would hide a worker that
+crashes again and again, and whatever supervises the parent (systemd, a container runtime)
+restarts the whole, configuration included. Cancelling the parent (SIGINT, SIGTERM) terminates
+every worker (SIGTERM, then SIGKILL after trio's grace) and waits for it to exit. Workers run in
+a session of their own, so that a terminal's Ctrl-C reaches the parent alone, which stops them
+in order; on Linux a worker also asks the kernel for SIGTERM should the parent die without
+doing so (:func:`die_with_parent`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from functools import partial
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+if TYPE_CHECKING:
+    from karma8.net.serve import NetConfig
+
+log = logging.getLogger("karma8.workers")
+
+READY_PREFIX = "karma8 gateway up:"  # what ``karma8 serve --role gw`` prints once it listens
+SHARED_PORT_FLAG = "--shared-port"  # the CLI's hidden flag: bind with SO_REUSEPORT
+ENV_SECRET = "KARMA8_SECRET"  # how a worker gets the secret: not on its command line
+BACKLOG = 4096
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class WorkerExited(ChildProcessError):
+    """A gateway worker exited on its own while the cluster ran."""
+
+
+def shared_port_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` that other processes may bind too
+    (``SO_REUSEPORT``, same user); port 0 picks a free port, which they then bind."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host.strip("[]"), port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent exits (a worker whose parent
+    was killed with SIGKILL must not keep the port); a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def worker_config_toml(config: NetConfig) -> str:
+    """``config``'s top-level settings as a config file (``karma8/net/settings.py`` reads it
+    back): a worker runs with exactly its parent's settings. The secret is left out."""
+    lines = ["# A gateway worker's settings, written by its parent (karma8/net/workers.py)"]
+    for field in attrs.fields(type(config)):
+        value = getattr(config, field.name)
+        if field.name in ("secret", "rebalance") or value is None:
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        elif isinstance(value, str):
+            text = json.dumps(value)
+        else:
+            text = json.dumps(list(value))
+        lines.append(f"{field.name} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def worker_command(config_path: str, *, port: int, discovery_url: str, verbose: bool) -> list[str]:
+    """``karma8 serve --role gw`` as one worker of a shared port."""
+    return [
+        sys.executable,
+        "-m",
+        "karma8.cli",
+        "serve",
+        "--role",
+        "gw",
+        "--config",
+        config_path,
+        "--port",
+        str(port),
+        "--discovery",
+        discovery_url,
+        "--workers",
+        "1",
+        SHARED_PORT_FLAG,
+        *(["--verbose"] if verbose else []),
+    ]
+
+
+async def run_gateway_workers(
+    count: int,
+    config: NetConfig,
+    *,
+    port: int,
+    discovery_url: str,
+    task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``count`` gateway workers on ``port`` until cancelled; reports their pids once
+    every one listens. Raises :class:`WorkerExited` if one exits on its own."""
+    assert config.secret is not None
+    env = {**os.environ, ENV_SECRET: config.secret}
+    env.pop("KARMA8_SECRET_FILE", None)
+    fd, path = tempfile.mkstemp(prefix="karma8-gateway-worker-", suffix=".toml")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(worker_config_toml(config))
+        command = worker_command(
+            path,
+            port=port,
+            discovery_url=discovery_url,
+            verbose=logging.getLogger().isEnabledFor(logging.INFO),
+        )
+        async with trio.open_nursery() as nursery:
+            pids = [await nursery.start(_run_worker, command, env) for _ in range(count)]
+            os.unlink(path)  # read by every worker at its start
+            log.info("gateway workers %s listening on port %d", pids, port)
+            task_status.started(pids)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+async def _run_worker(
+    command: Sequence[str], env: dict[str, str], *, task_status: trio.TaskStatus[int]
+) -> None:
+    """One worker: started, ready once it prints its "up" line, its stdout drained after."""
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(_supervise, command, env)
+        assert process.stdout is not None
+        ready = await _wait_ready(process.stdout)
+        if ready:
+            task_status.started(process.pid)
+            await _drain(process.stdout)
+        await trio.sleep_forever()  # _supervise raises once the process has exited
+
+
+async def _supervise(
+    command: Sequence[str], env: dict[str, str], *, task_status: trio.TaskStatus[trio.Process]
+) -> None:
+    """Run the worker; once it has exited (not cancelled), raise :class:`WorkerExited`."""
+    run = partial(
+        trio.run_process,
+        list(command),
+        stdout=subprocess.PIPE,
+        env=env,
+        check=False,
+        start_new_session=True,
+    )
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(run)
+        task_status.started(process)
+    status = process.returncode
+    assert status is not None
+    how = (
+        f"was killed by {signal.Signals(-status).name}"
+        if status < 0
+        else f"exited with status {status}"
+    )
+    raise WorkerExited(f"gateway worker {process.pid} {how}; stopping the cluster")
+
+
+async def _wait_ready(stdout: trio.abc.ReceiveStream) -> bool:
+    """Read lines until the worker says it is up (True), or its stdout closes (False)."""
+    buffer = b""
+    while True:
+        chunk = await stdout.receive_some()
+        if not chunk:
+            return False
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            if line.decode(errors="replace").startswith(READY_PREFIX):
+                return True
+
+
+async def _drain(stdout: trio.abc.ReceiveStream) -> None:
+    while await stdout.receive_some():
+        pass
