@@ -56,11 +56,15 @@ def disk_write_rate(source: Path, target: Path) -> float:
 
 
 def ceiling_lines(
-    medians: dict[str, dict[str, float | None]], disk: dict[str, float | None], cores: int
+    medians: dict[str, dict[str, float | None]],
+    disk: dict[str, float | None],
+    cores: int,
+    workers: int = 1,
 ) -> list[str]:
     """Sentences on what bounds the targets, from the run's medians (workload → system →
-    median), the disk's rates (``before``/``after`` the rounds, None if that probe failed)
-    and the number of cores; empty if neither ceiling was measured."""
+    median), the disk's rates (``before``/``after`` the rounds, None if that probe failed),
+    the number of cores and of processes on the ceiling's port; empty if neither ceiling was
+    measured."""
 
     def med(workload: str, system: str) -> float | None:
         value = medians.get(workload, {}).get(system)
@@ -95,10 +99,13 @@ def ceiling_lines(
         part = f"{ceiling:,.0f} small {label}/s"
         seaweed = med(workload, "seaweedfs")
         if seaweed is not None:
-            part += (
-                f" ({ratio(ceiling, seaweed)} SeaweedFS; with a process per core, {cores}"
-                f" here, at most {ratio(cores * ceiling, seaweed)})"
-            )
+            part += f" ({ratio(ceiling, seaweed)} SeaweedFS"
+            if workers < cores:
+                part += (
+                    f"; with a process per core, {cores} here, at most"
+                    f" {ratio(cores * ceiling / workers, seaweed)}"
+                )
+            part += ")"
         karma8 = med(workload, "karma8")
         if karma8 is not None:
             part += f", of which karma8 reaches {karma8 / ceiling:.0%}"
@@ -106,7 +113,8 @@ def ceiling_lines(
     if parts:
         lines.append(
             "- **The stack**: an in-memory store served as karma8's gateway is (the stack "
-            "ceiling: one process, Hypercorn on trio, nothing on disk) answered "
+            f"ceiling: {workers} process{'es' if workers != 1 else ''} on the port, Hypercorn"
+            " on trio, nothing on disk) answered "
             + "; ".join(parts)
             + ". Every store on this stack pays that server's cost per request, and the "
             "client shares the cores."

@@ -156,7 +156,7 @@ def benchmark(
 
     servers: list[Server] = []
     for key in s.systems:
-        server = SERVERS[key](workdir)
+        server = SERVERS[key](workdir, workers=s.workers)
         cleanup.servers.append(server)
         t0 = time.monotonic()
         server.start()

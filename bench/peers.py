@@ -118,8 +118,9 @@ class Server:
     stop_grace: float = 20.0  # seconds between SIGTERM and SIGKILL
     groups: tuple[str, ...] = ("large", "small")  # the workloads (--workloads) it takes part in
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, workers: int = 1) -> None:
         self.workdir = workdir / self.key
+        self.workers = workers  # processes serving the port (karma8 and the stack ceiling)
         self.workdir.mkdir(parents=True)
         self.log_path = self.workdir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -340,8 +341,8 @@ class Karma8(Server):
         " metadata in SQLite (WAL), commits durable (group fdatasync of the log) first"
     )
 
-    def __init__(self, workdir: Path) -> None:
-        super().__init__(workdir)
+    def __init__(self, workdir: Path, *, workers: int = 1) -> None:
+        super().__init__(workdir, workers=workers)
         self.data = self.workdir / "data"
 
     def command(self) -> list[str]:
@@ -355,6 +356,7 @@ class Karma8(Server):
             f"gateway_port = {gateway}\n"
             f"discovery_port = {discovery}\n"
             "storage_nodes = 6\n"
+            f"gateway_workers = {self.workers}\n"
         )
         return [
             tool_path("karma8"),
@@ -406,7 +408,16 @@ class StackCeiling(Server):
         self.version = f"hypercorn {metadata.version('hypercorn')}, trio {metadata.version('trio')}"
         (self.port,) = free_ports(1)
         script = Path(__file__).resolve().parent / "stack_ceiling.py"
-        return [sys.executable, str(script), "--host", HOST, "--port", str(self.port)]
+        return [
+            sys.executable,
+            str(script),
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+        ]
 
     def ready(self) -> bool:
         return http_status("HEAD", "/", self.port, timeout=2.0) != 0

@@ -119,7 +119,7 @@ def peer_section(run: Run, servers: list[Server]) -> list[str]:
             [f"{w.label} ({w.unit})", *cells, *[ratio(meds["karma8"], meds[k]) for k in others]]
         )
     summary = md_table(header, rows, [False, *[True] * (len(header) - 1)])
-    ceilings = ceiling_lines(medians, run.disk, os.cpu_count() or 1)
+    ceilings = ceiling_lines(medians, run.disk, os.cpu_count() or 1, s.workers)
 
     detail_rows = []
     for w in s.workloads:
@@ -292,6 +292,10 @@ def report(
     what = []
     if run is not None:
         what.append(f"{s.rounds} round{'s' if s.rounds != 1 else ''}")
+        what.append(
+            f"karma8 and the stack ceiling with {s.workers} gateway process"
+            f"{'es' if s.workers != 1 else ''} on the port"
+        )
         groups = {w.group for w in s.workloads}
         if "large" in groups:
             what.append(f"large file {s.large_bytes >> 20} MiB")

@@ -45,6 +45,7 @@ class Settings:
     quick: bool = False
     rss_sizes: list[int] = field(default_factory=list)  # MiB; empty: no rss workload
     sim_runs: int = 0  # 0: no sim workload
+    workers: int = 1  # karma8's gateway_workers, and the stack ceiling's processes
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -96,6 +97,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=Path,
         default=Path("/var/tmp"),
         help="where the stores' work directory is made; must be a real disk (default /var/tmp)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes serving karma8's gateway port (its gateway_workers) and the stack"
+        " ceiling's (default: one per core)",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument(
@@ -155,4 +163,5 @@ def settings_from(args: argparse.Namespace) -> Settings:
         quick=args.quick,
         rss_sizes=rss_sizes if "rss" in alone else [],
         sim_runs=sim_runs if "sim" in alone else 0,
+        workers=args.workers,
     )

@@ -1,6 +1,6 @@
 """The ceiling of karma8's HTTP stack: a file store in memory, on the server karma8 runs on.
 
-    python bench/stack_ceiling.py --port N [--host 127.0.0.1]
+    python bench/stack_ceiling.py --port N [--host 127.0.0.1] [--workers W]
 
 PUT keeps the body under its path (201), GET answers it (200, or 404), HEAD its length,
 anything else 405. Nothing is split, hashed, synced or written to disk, and nothing survives
@@ -8,7 +8,11 @@ a restart: this is not a store. It is served as karma8's gateway is, by
 :func:`karma8.net.serve.serve_app` (Hypercorn on trio, one process, karma8's Hypercorn
 configuration and fixes, no read timeout: karma8's default), as a plain ASGI callable like
 karma8's object routes, so the small requests it answers per second are the most that any
-karma8 built on this stack could answer on this machine with one event loop.
+karma8 built on this stack could answer on this machine with one event loop. With
+``--workers W`` it runs W such processes on the port (``SO_REUSEPORT``, as karma8's gateway
+workers do), the ceiling for a karma8 with W gateway workers. Each process keeps a dict of
+its own, so a GET may reach one that did not take the PUT: then it answers as many zero bytes
+as the last body it stored (the same work as the stored body; 404 if it stored none).
 ``bench/compare.py`` measures it beside the stores, in the same run (system ``stack``), with
 small files only: a large file it holds whole in new memory, which this VM hands out slowly,
 so its large-file rates bound nothing.
@@ -31,8 +35,10 @@ from karma8.net.serve import serve_app
 class MemoryFiles:
     """The ASGI app: files by URL path, in a dict."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, shared: bool = False) -> None:
         self.files: dict[str, bytes] = {}
+        self.shared = shared  # one of several processes on the port
+        self.last = b""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -46,9 +52,12 @@ class MemoryFiles:
             if body is None:
                 return  # the client left
             self.files[path] = body
+            self.last = bytes(len(body))
             await _answer(send, 201, b"")
         elif method in ("GET", "HEAD"):
             data = self.files.get(path)
+            if data is None and self.shared and self.last:
+                data = self.last  # stored by another process on the port
             if data is None:
                 await _answer(send, 404, b"not found\n")
             else:  # the whole file in one message: it takes part in small-file workloads only
@@ -99,19 +108,34 @@ async def _answer(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, workers: int, shared: bool) -> None:
     async with trio.open_nursery() as nursery:
-        app = MemoryFiles()
-        url = await nursery.start(partial(serve_app, app, host=host, port=port, read_timeout=None))
+        app = MemoryFiles(shared=shared or workers > 1)
+        url = await nursery.start(
+            partial(
+                serve_app,
+                app,
+                host=host,
+                port=port,
+                read_timeout=None,
+                reuse_port=shared or workers > 1,
+            )
+        )
         print(f"serving {url}", flush=True)
+        bound = url.rsplit(":", 1)[1]
+        for _ in range(workers - 1):  # stopped with this process (cancelled: SIGTERM)
+            command = [sys.executable, __file__, "--host", host, "--port", bound, "--shared"]
+            nursery.start_soon(partial(trio.run_process, command))
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1, help="processes on the port")
+    parser.add_argument("--shared", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    trio.run(serve, args.host, args.port)
+    trio.run(serve, args.host, args.port, args.workers, args.shared)
     return 0
 
 
