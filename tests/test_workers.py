@@ -1,0 +1,53 @@
+"""Gateway workers' settings: the config key and flag, and the file a worker reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import attrs
+import pytest
+
+from karma8.cli import main
+from karma8.core.tomlconf import ConfigError
+from karma8.net.serve import NetConfig
+from karma8.net.settings import load_net_config
+from karma8.net.workers import worker_config_toml
+
+
+def test_gateway_workers_default_to_the_cores_and_come_from_the_file_or_the_flag(
+    tmp_path: Path,
+) -> None:
+    assert NetConfig().gateway_workers == (os.cpu_count() or 1)
+    path = tmp_path / "k.toml"
+    path.write_text("gateway_workers = 3\n")
+    assert load_net_config(path, {}).gateway_workers == 3
+    assert load_net_config(path, {"gateway_workers": 1}).gateway_workers == 1
+    path.write_text("gateway_workers = 0\n")
+    with pytest.raises(ConfigError, match="gateway_workers: must be >= 1, got 0"):
+        load_net_config(path, {})
+
+
+def test_workers_below_one_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--workers", "0"]) == 2
+    assert "--workers must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_worker_reads_back_its_parents_settings_without_the_secret(tmp_path: Path) -> None:
+    parent = attrs.evolve(
+        NetConfig(),
+        secret="s3cret",
+        host="::1",
+        gateway_port=0,
+        max_uploads=7,
+        idle_timeout=2.5,
+        local_calls=False,
+        namespaces=("a", "b"),
+        public_namespaces=("b",),
+        gateway_workers=4,
+    )
+    text = worker_config_toml(parent)
+    assert "s3cret" not in text
+    path = tmp_path / "worker.toml"
+    path.write_text(text)
+    assert load_net_config(path, {}) == attrs.evolve(parent, secret=None)

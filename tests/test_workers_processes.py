@@ -1,0 +1,130 @@
+"""Gateway workers as real processes: the embedded cluster with 2 gateway processes on one
+port, both serving, stopped by SIGINT or SIGTERM with nothing left behind; a worker that dies
+brings the cluster down."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+from processes import Service, wait_for
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+gateway_port = 0
+discovery_port = 0
+heartbeat_interval = 0.2
+stripe_unit = "64 KiB"
+gateway_workers = 2
+"""
+
+
+def start(tmp_path: Path) -> tuple[Service, str]:
+    config = tmp_path / "karma8.toml"
+    config.write_text(CONFIG)
+    cluster = Service(
+        ["serve", "--data", str(tmp_path / "data"), "--config", str(config)],
+        r"gateway (http://127\.0\.0\.1:\d+)",
+        tmp_path / "cluster.log",
+        cwd=tmp_path,
+    )
+    return cluster, cluster.match.group(1)
+
+
+def metrics(gateway: str) -> dict[str, int]:
+    """``/metrics`` over a new connection, so that the kernel may pick either worker."""
+    with httpx.Client() as client:
+        answer = client.get(f"{gateway}/metrics")
+    answer.raise_for_status()
+    values: dict[str, int] = answer.json()
+    return values
+
+
+def counters_by_worker(gateway: str, workers: int) -> dict[int, dict[str, int]]:
+    """Every worker's counters: asked over new connections until each has answered."""
+    seen: dict[int, dict[str, int]] = {}
+
+    def all_answered() -> bool:
+        m = metrics(gateway)
+        seen[m["worker"]] = m
+        return len(seen) == workers
+
+    wait_for(all_answered, f"{workers} gateway processes answering on one port")
+    return seen
+
+
+def exited(pid: int) -> bool:
+    """Gone, or a zombie nobody has reaped yet (it holds no socket)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return re.search(r"^State:\s+Z", status, re.MULTILINE) is not None
+
+
+def port_free(port: int) -> bool:
+    """No one listens on ``port``: it binds without SO_REUSEPORT (time-waits allowed)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_two_gateway_workers_share_the_port_and_stop_with_the_cluster(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    cluster, gateway = start(tmp_path)
+    port = int(gateway.rsplit(":", 1)[1])
+    try:
+        pids = set(counters_by_worker(gateway, 2))
+        assert cluster.proc.pid in pids  # the cluster's own gateway, and one worker
+        bodies: dict[str, bytes] = {}
+        # PUTs and GETs over many connections, until both processes have taken PUTs.
+        while not all(c["puts"] for c in counters_by_worker(gateway, 2).values()):
+            for _ in range(8):
+                with httpx.Client() as client:
+                    name = f"f{len(bodies)}"
+                    bodies[name] = os.urandom(len(bodies) * 97 + 1)
+                    put = client.put(f"{gateway}/default/{name}", content=bodies[name])
+                    assert put.status_code == 201, put.text
+        for name, body in bodies.items():
+            with httpx.Client() as client:
+                got = client.get(f"{gateway}/default/{name}")
+                assert got.status_code == 200
+                assert got.content == body
+        counters = counters_by_worker(gateway, 2)
+        assert sum(c["puts"] for c in counters.values()) == len(bodies)
+        assert sum(c["gets"] for c in counters.values()) == len(bodies)
+    finally:
+        status = cluster.stop(sig)
+    assert status == 0, cluster.log.read_text()
+    assert all(exited(pid) for pid in pids)
+    assert port_free(port)
+
+
+def test_a_worker_that_dies_brings_the_cluster_down_with_a_clear_message(tmp_path: Path) -> None:
+    cluster, gateway = start(tmp_path)
+    port = int(gateway.rsplit(":", 1)[1])
+    try:
+        pids = set(counters_by_worker(gateway, 2))
+        (worker,) = pids - {cluster.proc.pid}
+        os.kill(worker, signal.SIGKILL)
+        status = cluster.proc.wait(timeout=60)  # a guard against a hang, not a speed limit
+    finally:
+        cluster.stop()
+    log = cluster.log.read_text()
+    assert status == 1, log
+    assert f"gateway worker {worker} was killed by SIGKILL" in log
+    assert all(exited(pid) for pid in pids)
+    assert port_free(port)
