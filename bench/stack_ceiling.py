@@ -12,7 +12,8 @@ karma8 built on this stack could answer on this machine with one event loop. Wit
 ``--workers W`` it runs W such processes on the port (``SO_REUSEPORT``, as karma8's gateway
 workers do), the ceiling for a karma8 with W gateway workers. Each process keeps a dict of
 its own, so a GET may reach one that did not take the PUT: then it answers as many zero bytes
-as the last body it stored (the same work as the stored body; 404 if it stored none).
+as the last body it stored (the same work as the stored body; an empty body if it stored
+none yet).
 ``bench/compare.py`` measures it beside the stores, in the same run (system ``stack``), with
 small files only: a large file it holds whole in new memory, which this VM hands out slowly,
 so its large-file rates bound nothing.
@@ -56,7 +57,7 @@ class MemoryFiles:
             await _answer(send, 201, b"")
         elif method in ("GET", "HEAD"):
             data = self.files.get(path)
-            if data is None and self.shared and self.last:
+            if data is None and self.shared:
                 data = self.last  # stored by another process on the port
             if data is None:
                 await _answer(send, 404, b"not found\n")

@@ -338,7 +338,7 @@ def _serve(args: argparse.Namespace) -> int:
     from karma8.net.clients import make_http_client
     from karma8.net.requestlog import configure_logging
     from karma8.net.settings import load_net_config
-    from karma8.net.workers import READY_PREFIX, die_with_parent
+    from karma8.net.workers import READY_PREFIX, exit_with_parent
 
     configure_logging(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -367,8 +367,6 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"karma8 serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     role = args.role
-    if args.shared_port:
-        die_with_parent()
 
     async def run(nursery: trio.Nursery) -> None:
         if role == "all":
@@ -417,6 +415,8 @@ def _serve(args: argparse.Namespace) -> int:
             # nodes have a pool of their own).
             http = make_http_client(cluster.secret, max_connections=cfg.discovery_connections)
             await nursery.start(_hold_client, http)
+            if args.shared_port:
+                nursery.start_soon(exit_with_parent, nursery.cancel_scope)
             if role == "storage":
                 url = await nursery.start(
                     partial(

@@ -128,3 +128,17 @@ def test_a_worker_that_dies_brings_the_cluster_down_with_a_clear_message(tmp_pat
     assert f"gateway worker {worker} was killed by SIGKILL" in log
     assert all(exited(pid) for pid in pids)
     assert port_free(port)
+
+
+def test_workers_stop_when_the_cluster_is_killed_outright(tmp_path: Path) -> None:
+    cluster, gateway = start(tmp_path)
+    port = int(gateway.rsplit(":", 1)[1])
+    try:
+        pids = set(counters_by_worker(gateway, 2))
+        cluster.proc.kill()  # SIGKILL: no chance to stop its workers itself
+        cluster.proc.wait()
+        wait_for(lambda: all(exited(pid) for pid in pids), "the worker to follow its parent")
+        wait_for(lambda: port_free(port), "the port to be free")
+    finally:
+        cluster.stop()
+    assert "the gateway that started this worker is gone" in cluster.log.read_text()

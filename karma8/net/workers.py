@@ -15,14 +15,13 @@ crashes again and again, and whatever supervises the parent (systemd, a containe
 restarts the whole, configuration included. Cancelling the parent (SIGINT, SIGTERM) terminates
 every worker (SIGTERM, then SIGKILL after trio's grace) and waits for it to exit. Workers run in
 a session of their own, so that a terminal's Ctrl-C reaches the parent alone, which stops them
-in order; on Linux a worker also asks the kernel for SIGTERM should the parent die without
-doing so (:func:`die_with_parent`).
+in order. A worker also stops once the parent is gone, however it went (even SIGKILL): its
+stdin is a pipe that only the parent holds open (:func:`exit_with_parent`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -47,7 +46,6 @@ READY_PREFIX = "karma8 gateway up:"  # what ``karma8 serve --role gw`` prints on
 SHARED_PORT_FLAG = "--shared-port"  # the CLI's hidden flag: bind with SO_REUSEPORT
 ENV_SECRET = "KARMA8_SECRET"  # how a worker gets the secret: not on its command line
 BACKLOG = 4096
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class WorkerExited(ChildProcessError):
@@ -72,15 +70,14 @@ def shared_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def die_with_parent() -> None:
-    """Ask Linux to send this process SIGTERM when its parent exits (a worker whose parent
-    was killed with SIGKILL must not keep the port); a no-op elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:  # the parent died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+async def exit_with_parent(scope: trio.CancelScope) -> None:
+    """A worker's watch on its parent: cancel ``scope`` once the pipe on this process's stdin,
+    which the parent holds open, ends (the parent exited, however it did)."""
+    async with trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())) as stdin:
+        while await stdin.receive_some():
+            pass
+    print("karma8: the gateway that started this worker is gone, shutting down", file=sys.stderr)
+    scope.cancel()
 
 
 def worker_config_toml(config: NetConfig) -> str:
@@ -179,6 +176,7 @@ async def _supervise(
     run = partial(
         trio.run_process,
         list(command),
+        stdin=subprocess.PIPE,  # held open by this process: see exit_with_parent
         stdout=subprocess.PIPE,
         env=env,
         check=False,
