@@ -101,9 +101,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--workers",
         type=int,
-        default=os.cpu_count() or 1,
+        default=1,
         help="processes serving karma8's gateway port (its gateway_workers) and the stack"
-        " ceiling's (default: one per core)",
+        " ceiling's (default 1, karma8's default)",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument(

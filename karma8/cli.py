@@ -109,8 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         metavar="N",
-        help="gateway processes sharing the gateway's port (all and gw roles;"
-        " default: one per core)",
+        help="gateway processes sharing the gateway's port (all and gw roles; default 1)",
     )
     # A gateway worker started by another gateway (karma8/net/workers.py): it binds a port
     # that others share, and exits with its parent.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import attrs
@@ -15,10 +14,10 @@ from karma8.net.settings import load_net_config
 from karma8.net.workers import worker_config_toml
 
 
-def test_gateway_workers_default_to_the_cores_and_come_from_the_file_or_the_flag(
+def test_gateway_workers_default_to_one_and_come_from_the_file_or_the_flag(
     tmp_path: Path,
 ) -> None:
-    assert NetConfig().gateway_workers == (os.cpu_count() or 1)
+    assert NetConfig().gateway_workers == 1
     path = tmp_path / "k.toml"
     path.write_text("gateway_workers = 3\n")
     assert load_net_config(path, {}).gateway_workers == 3

@@ -149,8 +149,8 @@ class NetConfig:
     # Seconds a gateway reuses a positive access answer (a revoked token works this long).
     access_cache_ttl: float = _GATEWAY.access_cache_ttl
     # Gateway processes sharing the gateway's port (karma8/net/workers.py); 1: the gateway
-    # alone, in this process.
-    gateway_workers: int = attrs.Factory(lambda: os.cpu_count() or 1)
+    # alone, in this process. More measured slower on 2 cores (docs/benchmarks.md).
+    gateway_workers: int = 1
 
     def public(self, *, embedded: bool) -> tuple[str, ...]:
         """The namespaces made public at start-up, for the embedded cluster or not."""
