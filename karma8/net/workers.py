@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
+from karma8.net.locate import ENV_SECRET, ENV_SECRET_FILE
+
 if TYPE_CHECKING:
     from karma8.net.serve import NetConfig
 
@@ -44,8 +46,6 @@ log = logging.getLogger("karma8.workers")
 
 READY_PREFIX = "karma8 gateway up:"  # what ``karma8 serve --role gw`` prints once it listens
 SHARED_PORT_FLAG = "--shared-port"  # the CLI's hidden flag: bind with SO_REUSEPORT
-ENV_SECRET = "KARMA8_SECRET"  # how a worker gets the secret: not on its command line
-BACKLOG = 4096
 
 
 class WorkerExited(ChildProcessError):
@@ -53,7 +53,7 @@ class WorkerExited(ChildProcessError):
 
 
 def shared_port_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` that other processes may bind too
+    """A TCP socket bound to ``host:port`` that other processes may bind too
     (``SO_REUSEPORT``, same user); port 0 picks a free port, which they then bind."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -61,8 +61,7 @@ def shared_port_socket(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host.strip("[]"), port))
-        sock.listen(BACKLOG)
+        sock.bind((host.strip("[]"), port))  # Hypercorn calls listen()
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -133,8 +132,9 @@ async def run_gateway_workers(
     """Run ``count`` gateway workers on ``port`` until cancelled; reports their pids once
     every one listens. Raises :class:`WorkerExited` if one exits on its own."""
     assert config.secret is not None
+    # The secret through the environment: a command line is visible in ``ps``.
     env = {**os.environ, ENV_SECRET: config.secret}
-    env.pop("KARMA8_SECRET_FILE", None)
+    env.pop(ENV_SECRET_FILE, None)
     fd, path = tempfile.mkstemp(prefix="karma8-gateway-worker-", suffix=".toml")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
