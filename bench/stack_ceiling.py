@@ -11,9 +11,8 @@ karma8's object routes, so the small requests it answers per second are the most
 karma8 built on this stack could answer on this machine with one event loop. With
 ``--workers W`` it runs W such processes on the port (``SO_REUSEPORT``, as karma8's gateway
 workers do), the ceiling for a karma8 with W gateway workers. Each process keeps a dict of
-its own, so a GET may reach one that did not take the PUT: then it answers as many zero bytes
-as the last body it stored (the same work as the stored body; an empty body if it stored
-none yet).
+its own and also writes every body to a file in a directory on /dev/shm that they share, from
+which a GET that reaches another process than the PUT did reads it.
 ``bench/compare.py`` measures it beside the stores, in the same run (system ``stack``), with
 small files only: a large file it holds whole in new memory, which this VM hands out slowly,
 so its large-file rates bound nothing.
@@ -22,8 +21,12 @@ so its large-file rates bound nothing.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import signal
 import sys
+import tempfile
 from functools import partial
+from pathlib import Path
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable as Receive
@@ -36,10 +39,14 @@ from karma8.net.serve import serve_app
 class MemoryFiles:
     """The ASGI app: files by URL path, in a dict."""
 
-    def __init__(self, *, shared: bool = False) -> None:
+    def __init__(self, *, shared: Path | None = None) -> None:
         self.files: dict[str, bytes] = {}
-        self.shared = shared  # one of several processes on the port
-        self.last = b""
+        self.shared = shared  # one of several processes on the port: the bodies of all
+
+    def _shared_path(self, path: str) -> Path | None:
+        if self.shared is None:
+            return None
+        return self.shared / hashlib.sha1(path.encode()).hexdigest()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -53,12 +60,15 @@ class MemoryFiles:
             if body is None:
                 return  # the client left
             self.files[path] = body
-            self.last = bytes(len(body))
+            shared = self._shared_path(path)
+            if shared is not None:
+                shared.write_bytes(body)
             await _answer(send, 201, b"")
         elif method in ("GET", "HEAD"):
             data = self.files.get(path)
-            if data is None and self.shared:
-                data = self.last  # stored by another process on the port
+            shared = self._shared_path(path)
+            if data is None and shared is not None and shared.exists():
+                data = shared.read_bytes()  # stored by another process on the port
             if data is None:
                 await _answer(send, 404, b"not found\n")
             else:  # the whole file in one message: it takes part in small-file workloads only
@@ -109,9 +119,19 @@ async def _answer(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def serve(host: str, port: int, workers: int, shared: bool) -> None:
+async def serve(host: str, port: int, workers: int, shared: Path | None) -> None:
+    if workers > 1:
+        with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="stack-ceiling-") as tmp:
+            await _serve(host, port, workers, Path(tmp))
+    else:
+        await _serve(host, port, workers, shared)
+
+
+async def _serve(host: str, port: int, workers: int, shared: Path | None) -> None:
     async with trio.open_nursery() as nursery:
-        app = MemoryFiles(shared=shared or workers > 1)
+        # SIGTERM (how the benchmark stops it) ends it cleanly: its workers, then the directory.
+        nursery.start_soon(_until_signalled, nursery.cancel_scope)
+        app = MemoryFiles(shared=shared)
         url = await nursery.start(
             partial(
                 serve_app,
@@ -119,14 +139,22 @@ async def serve(host: str, port: int, workers: int, shared: bool) -> None:
                 host=host,
                 port=port,
                 read_timeout=None,
-                reuse_port=shared or workers > 1,
+                reuse_port=shared is not None,
             )
         )
         print(f"serving {url}", flush=True)
         bound = url.rsplit(":", 1)[1]
         for _ in range(workers - 1):  # stopped with this process (cancelled: SIGTERM)
-            command = [sys.executable, __file__, "--host", host, "--port", bound, "--shared"]
+            command = [sys.executable, __file__, "--host", host, "--port", bound]
+            command += ["--shared", str(shared)]
             nursery.start_soon(partial(trio.run_process, command))
+
+
+async def _until_signalled(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
 
 
 def main(argv: list[str]) -> int:
@@ -134,7 +162,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1, help="processes on the port")
-    parser.add_argument("--shared", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--shared", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     trio.run(serve, args.host, args.port, args.workers, args.shared)
     return 0
