@@ -38,6 +38,7 @@ import attrs
 import trio
 
 from karma8.net.locate import ENV_SECRET, ENV_SECRET_FILE
+from karma8.net.requestlog import JsonFormatter
 
 if TYPE_CHECKING:
     from karma8.net.serve import NetConfig
@@ -99,8 +100,12 @@ def worker_config_toml(config: NetConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def worker_command(config_path: str, *, port: int, discovery_url: str, verbose: bool) -> list[str]:
-    """``karma8 serve --role gw`` as one worker of a shared port."""
+def worker_command(config_path: str, *, port: int, discovery_url: str) -> list[str]:
+    """``karma8 serve --role gw`` as one worker of a shared port, logging as this process
+    does (its level, text or JSON lines)."""
+    root = logging.getLogger()
+    verbose = root.isEnabledFor(logging.INFO)
+    json_lines = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
     return [
         sys.executable,
         "-m",
@@ -118,6 +123,7 @@ def worker_command(config_path: str, *, port: int, discovery_url: str, verbose: 
         "1",
         SHARED_PORT_FLAG,
         *(["--verbose"] if verbose else []),
+        *(["--log-format", "json"] if json_lines else []),
     ]
 
 
@@ -143,7 +149,6 @@ async def run_gateway_workers(
             path,
             port=port,
             discovery_url=discovery_url,
-            verbose=logging.getLogger().isEnabledFor(logging.INFO),
         )
         async with trio.open_nursery() as nursery:
             pids = [await nursery.start(_run_worker, command, env) for _ in range(count)]
