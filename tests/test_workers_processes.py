@@ -4,6 +4,7 @@ brings the cluster down."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -142,3 +143,38 @@ def test_workers_stop_when_the_cluster_is_killed_outright(tmp_path: Path) -> Non
     finally:
         cluster.stop()
     assert "the gateway that started this worker is gone" in cluster.log.read_text()
+
+
+def test_a_gateway_of_its_own_runs_workers_too(tmp_path: Path) -> None:
+    config = tmp_path / "karma8.toml"
+    config.write_text(CONFIG.replace("gateway_workers = 2", "gateway_workers = 1"))
+    cluster = Service(
+        ["serve", "--data", str(tmp_path / "data"), "--config", str(config)],
+        r"discovery (http://127\.0\.0\.1:\d+)",
+        tmp_path / "cluster.log",
+        cwd=tmp_path,
+    )
+    try:
+        secret = json.loads((tmp_path / "data" / "cluster.json").read_text())["secret"]
+        gw = Service(
+            [
+                *("serve", "--role", "gw", "--port", "0", "--workers", "2"),
+                *("--discovery", cluster.match.group(1), "--secret", secret),
+            ],
+            r"karma8 gateway up: (http://127\.0\.0\.1:\d+)",
+            tmp_path / "gw.log",
+            cwd=tmp_path,
+        )
+        gateway = gw.match.group(1)
+        port = int(gateway.rsplit(":", 1)[1])
+        try:
+            pids = set(counters_by_worker(gateway, 2))
+            with httpx.Client() as client:
+                assert client.put(f"{gateway}/default/a", content=b"abc").status_code == 201
+                assert client.get(f"{gateway}/default/a").content == b"abc"
+        finally:
+            assert gw.stop(signal.SIGTERM) == 0, gw.log.read_text()
+        assert all(exited(pid) for pid in pids)
+        assert port_free(port)
+    finally:
+        cluster.stop()
