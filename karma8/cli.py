@@ -315,7 +315,8 @@ def _locate(args: argparse.Namespace, config: Any | None) -> ClusterRef:
         config_secret=config.secret if config is not None else None,
         data=args.data,
     )
-    print(f"karma8: {ref.describe()}", file=sys.stderr, flush=True)
+    if not getattr(args, "shared_port", False):  # a gateway worker: its parent said it
+        print(f"karma8: {ref.describe()}", file=sys.stderr, flush=True)
     return ref
 
 
@@ -375,8 +376,8 @@ def _serve(args: argparse.Namespace) -> int:
                 cfg = attrs.evolve(cfg, gateway_port=args.port)
             info = await nursery.start(partial(net.run_cluster, cfg, data_dir=data))
             print(
-                f"karma8 cluster up: gateway {info.gateway}  discovery {info.discovery}"
-                f"  data {info.data_dir}",
+                f"karma8 cluster up: gateway {info.gateway}{_processes(cfg.gateway_workers)}"
+                f"  discovery {info.discovery}  data {info.data_dir}",
                 flush=True,
             )
             public = cfg.public(embedded=True)
@@ -441,7 +442,7 @@ def _serve(args: argparse.Namespace) -> int:
                         shared_port=args.shared_port,
                     )
                 )
-                print(f"{READY_PREFIX} {url}", flush=True)
+                print(f"{READY_PREFIX} {url}{_processes(cfg.gateway_workers)}", flush=True)
 
     try:
         trio.run(_until_signalled, run)
@@ -454,6 +455,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"karma8 serve: {_message(error)}", file=sys.stderr)
         return EXIT_USAGE if isinstance(error, ConfigError) else EXIT_FAILED
     return EXIT_OK
+
+
+def _processes(workers: int) -> str:
+    """How a gateway's ``up`` line names its workers, if it has any."""
+    return f" ({workers} processes)" if workers > 1 else ""
 
 
 def _bandwidth(raw: str | None) -> float | None:
