@@ -145,13 +145,16 @@ async def run_gateway_workers(
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(worker_config_toml(config))
-        command = worker_command(
-            path,
-            port=port,
-            discovery_url=discovery_url,
-        )
+        command = worker_command(path, port=port, discovery_url=discovery_url)
+        pids: list[int] = []
+
+        async def start_one(nursery: trio.Nursery) -> None:
+            pids.append(await nursery.start(_run_worker, command, env))
+
         async with trio.open_nursery() as nursery:
-            pids = [await nursery.start(_run_worker, command, env) for _ in range(count)]
+            async with trio.open_nursery() as starting:  # all at once: ready in one start-up
+                for _ in range(count):
+                    starting.start_soon(start_one, nursery)
             os.unlink(path)  # read by every worker at its start
             log.info("gateway workers %s listening on port %d", pids, port)
             task_status.started(pids)
