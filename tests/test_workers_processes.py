@@ -40,12 +40,23 @@ def start(tmp_path: Path) -> tuple[Service, str]:
 
 
 def metrics(gateway: str) -> dict[str, int]:
-    """``/metrics`` over a new connection, so that the kernel may pick either worker."""
+    """The answering process's pid and counters, from ``/metrics`` over a new connection, so
+    that the kernel may pick either worker."""
     with httpx.Client() as client:
         answer = client.get(f"{gateway}/metrics")
     answer.raise_for_status()
-    values: dict[str, int] = answer.json()
-    return values
+    text = answer.text
+
+    def sample(pattern: str) -> int:
+        found = re.search(pattern, text, re.MULTILINE)
+        assert found is not None, f"{pattern} not in /metrics"
+        return int(float(found.group(1)))
+
+    return {
+        "worker": sample(r'^karma8_gateway_process\{pid="(\d+)"\} 1'),
+        "puts": sample(r"^karma8_gateway_puts_total (\S+)$"),
+        "gets": sample(r"^karma8_gateway_gets_total (\S+)$"),
+    }
 
 
 def counters_by_worker(gateway: str, workers: int) -> dict[int, dict[str, int]]:

@@ -3,6 +3,7 @@ states read from the objects that serve it, and the counts its actors keep."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 from karma8.actors.discovery import Discovery
@@ -39,6 +40,14 @@ def gateway_source(stats: dict[str, int], uploads: UploadGate) -> Source:
                 "Uploads refused at max_uploads",
                 {},
                 uploads.refused,
+            ),
+            # Gateway workers share a port: this says which process answered the scrape.
+            (
+                "karma8_gateway_process",
+                "gauge",
+                "The gateway process that answered (pid); each counts its own requests",
+                {"pid": str(os.getpid())},
+                1,
             ),
         ]
 
