@@ -132,16 +132,10 @@ async def _serve(host: str, port: int, workers: int, shared: Path | None) -> Non
         # SIGTERM (how the benchmark stops it) ends it cleanly: its workers, then the directory.
         nursery.start_soon(_until_signalled, nursery.cancel_scope)
         app = MemoryFiles(shared=shared)
-        url = await nursery.start(
-            partial(
-                serve_app,
-                app,
-                host=host,
-                port=port,
-                read_timeout=None,
-                reuse_port=shared is not None,
-            )
-        )
+        serving = partial(serve_app, app, host=host, port=port, read_timeout=None)
+        if shared is not None:  # only then: an A/B run of a karma8 without the option works
+            serving = partial(serving, reuse_port=True)
+        url = await nursery.start(serving)
         print(f"serving {url}", flush=True)
         bound = url.rsplit(":", 1)[1]
         for _ in range(workers - 1):  # stopped with this process (cancelled: SIGTERM)
