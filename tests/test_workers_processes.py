@@ -99,6 +99,8 @@ def test_two_gateway_workers_share_the_port_and_stop_with_the_cluster(
     cluster, gateway = start(tmp_path)
     port = int(gateway.rsplit(":", 1)[1])
     try:
+        info = json.loads((tmp_path / "data" / "cluster.json").read_text())
+        assert info["gateway"] == gateway  # written once the workers listen: the one URL
         pids = set(counters_by_worker(gateway, 2))
         assert cluster.proc.pid in pids  # the cluster's own gateway, and one worker
         bodies: dict[str, bytes] = {}
