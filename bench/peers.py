@@ -276,8 +276,9 @@ class SeaweedFS(Server):
     # its data is thrown away anyway.
     stop_grace = 3.0
 
-    def __init__(self, workdir: Path) -> None:
-        super().__init__(workdir)
+    def __init__(self, workdir: Path, *, workers: int = 1) -> None:
+        # Go's runtime uses every core by itself: ``workers`` changes nothing here.
+        super().__init__(workdir, workers=workers)
         self.sockets: list[Path] = []
 
     def command(self) -> list[str]:
