@@ -322,15 +322,16 @@ GO_ON: list[trio.Event] = []  # the closing answer's body waits for the last one
 async def closing_answer(
     scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
 ) -> None:
-    """``hello`` with ``Connection: close``, before the request body was read; the body of
-    the answer is sent once the test sets ``GO_ON[-1]``."""
+    """``hello`` with ``Connection: close``, before the request body was read; the head and
+    the first byte go out at once, the rest once the test sets ``GO_ON[-1]``."""
     if scope["type"] != "http":
         await hello(scope, receive, send)
         return
     headers = [(b"content-length", str(len(HELLO)).encode()), (b"connection", b"close")]
     await send({"type": "http.response.start", "status": 400, "headers": headers})
+    await send({"type": "http.response.body", "body": HELLO[:1], "more_body": True})
     await GO_ON[-1].wait()
-    await send({"type": "http.response.body", "body": HELLO, "more_body": False})
+    await send({"type": "http.response.body", "body": HELLO[1:], "more_body": False})
 
 
 async def test_bytes_after_a_closing_answer_do_not_cut_it_short() -> None:
@@ -353,6 +354,36 @@ async def test_bytes_after_a_closing_answer_do_not_cut_it_short() -> None:
         nursery.cancel_scope.cancel()
     assert answer.startswith(b"HTTP/1.1 400")
     assert answer.endswith(HELLO)  # whole, and nothing for the second request
+
+
+async def test_a_small_answer_goes_out_in_one_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stock Hypercorn sends the head, the body and the (empty) end of the body apart.
+    sent: list[bytes] = []
+    send_all = trio.SocketStream.send_all
+    client: list[trio.SocketStream] = []
+
+    async def recording(self: trio.SocketStream, data: Any) -> None:
+        if self not in client:  # the server's side of the connection
+            sent.append(bytes(data))
+        await send_all(self, data)
+
+    monkeypatch.setattr(trio.SocketStream, "send_all", recording)
+    async with trio.open_nursery() as nursery:
+        async with await served(nursery) as stream:
+            client.append(stream)
+            for method in (b"GET", b"HEAD"):
+                sent.clear()
+                await stream.send_all(method + b" /f HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = b""
+                with trio.fail_after(GIVE_UP):
+                    while b"\r\n\r\n" not in answer or (
+                        method == b"GET" and not answer.endswith(HELLO)
+                    ):
+                        answer += await stream.receive_some(65536)
+                await trio.testing.wait_all_tasks_blocked()
+                assert answer.startswith(b"HTTP/1.1 200")
+                assert [data for data in sent if data] == [answer], method
+        nursery.cancel_scope.cancel()
 
 
 async def test_connections_beyond_the_cap_get_503_and_are_closed() -> None:
