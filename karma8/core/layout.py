@@ -41,6 +41,36 @@ MAX_PARITY = 2  # parity parts a version may have
 MAX_COPIES = 5  # copies of each part a raid1 version may have
 
 
+ENGINES = ("raid0", "raid1", "parity")
+DEFAULT_COPIES = 2  # a raid1 namespace's copies of each part unless chosen
+DEFAULT_PARITY = 1  # a parity namespace's parity parts unless chosen
+
+
+def engine_redundancy(
+    engine: str, *, copies: int | None = None, parity: int | None = None
+) -> tuple[int, int]:
+    """``(copies, parity)`` of an engine, its defaults filled in.
+
+    Raises:
+        ValueError: an unknown engine, or a setting it has not or out of range.
+    """
+    if engine == "raid0" and copies in (None, 1) and parity in (None, 0):
+        return 1, 0
+    if engine == "raid1" and parity in (None, 0):
+        copies = DEFAULT_COPIES if copies is None else copies
+        if not 2 <= copies <= MAX_COPIES:
+            raise ValueError(f"raid1 keeps 2 to {MAX_COPIES} copies of each part, not {copies}")
+        return copies, 0
+    if engine == "parity" and copies in (None, 1):
+        parity = DEFAULT_PARITY if parity is None else parity
+        if not 1 <= parity <= MAX_PARITY:
+            raise ValueError(f"parity adds 1 to {MAX_PARITY} parity parts, not {parity}")
+        return 1, parity
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    raise ValueError(f"{engine} takes no {'copies' if engine != 'raid1' else 'parity'} setting")
+
+
 def _validate_positive(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
     if value < 1:
         raise ValueError(f"{attribute.name} must be >= 1, got {value}")
