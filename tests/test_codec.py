@@ -126,8 +126,8 @@ PINNED: list[tuple[Any, str]] = [
     (
         attrs.evolve(VERSION, state=VersionState.PENDING, size=None, parts=(), committed_at=None),
         '{"version_id": "v1", "namespace": "default", "name": "docs/a.txt", "state": "pending",'
-        ' "size": null, "layout": {"parts": 5, "unit": 4096, "copies": 1, "parity": 0}, "parts": [], "created_at": 1.5,'
-        ' "committed_at": null, "etag": "\\"abc\\""}',
+        ' "size": null, "layout": {"parts": 5, "unit": 4096, "copies": 1, "parity": 0},'
+        ' "parts": [], "created_at": 1.5, "committed_at": null, "etag": "\\"abc\\""}',
     ),
     (
         PartReceipt(index=2, size=7, checksum="crc:2"),
