@@ -91,3 +91,18 @@ def test_copies_and_parity_are_exclusive_and_bounded() -> None:
 def test_rebuild_needs_k_shares() -> None:
     with pytest.raises(ValueError, match="need 5"):
         rebuild(5, 2, {0: b"a", 1: b"b", 2: b"c", 5: b"d"})
+
+
+def test_spare_counts_the_losses_a_file_still_survives() -> None:
+    raid0, raid1, parity = (
+        StripeLayout(unit=4),
+        StripeLayout(unit=4, copies=2),
+        StripeLayout(unit=4, parity=2),
+    )
+    assert raid0.spare(set(range(5))) == 0
+    assert raid0.spare({0, 1, 2, 3}) == -1
+    assert raid1.spare(set(range(10))) == 1
+    assert raid1.spare(set(range(10)) - {3}) == 0
+    assert raid1.spare(set(range(10)) - {3, 8}) == -1
+    assert parity.spare(set(range(7)) - {1}) == 1
+    assert parity.spare(set(range(7)) - {1, 6, 2}) == -1

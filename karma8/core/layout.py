@@ -135,6 +135,13 @@ class StripeLayout:
             return None
         return slot % self.parts
 
+    def spare(self, readable: set[int]) -> int:
+        """How many more stored parts may be lost, with only the slots in ``readable``
+        readable: :attr:`tolerates` at full redundancy, -1 if the file cannot be read."""
+        if self.parity:
+            return len(readable) - self.parts
+        return min(sum(s in readable for s in self.copies_of(p)) for p in range(self.parts)) - 1
+
     def copies_of(self, part: int) -> tuple[int, ...]:
         """The slots that hold data part ``part``, the first copy first."""
         return tuple(c * self.parts + part for c in range(self.copies))

@@ -27,15 +27,16 @@ def final_reads(history: History, finals: list[Op]) -> list[str]:
 
 
 def layout_holds(cluster: SimCluster) -> list[str]:
-    """Committed versions: k parts on k distinct nodes, sizes per layout, bytes per checksum."""
+    """Committed versions: every stored part (data parts, copies, parity parts) on its own
+    node, sizes per layout, bytes per checksum."""
     problems = []
     disks = {node.node_id: node.disk for node in cluster.nodes}
     for version in cluster.store.versions(VersionState.COMMITTED):
         assert version.size is not None
-        expected = version.layout.part_sizes(version.size)
+        expected = version.layout.slot_sizes(version.size)
         nodes = [p.node.node_id for p in version.parts]
         where = f"{version.namespace}/{version.name} ({version.version_id})"
-        if len(version.parts) != version.layout.parts or len(set(nodes)) != len(nodes):
+        if len(version.parts) != version.layout.slots or len(set(nodes)) != len(nodes):
             problems.append(f"{where}: parts on nodes {nodes}")
         for part in version.parts:
             stored = disks[part.node.node_id].parts.get(part.key)

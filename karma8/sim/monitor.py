@@ -148,11 +148,11 @@ class Monitor:
         now = trio.current_time()
         where = f"t={now:.6f} {version.namespace}/{version.name} ({version.version_id})"
         assert version.size is not None
-        expected = version.layout.part_sizes(version.size)
+        expected = version.layout.slot_sizes(version.size)
         nodes = [p.node.node_id for p in version.parts]
         self._committed_ids.add(version.version_id)
         self._part_nodes.setdefault(version.name, set()).update(nodes)
-        if len(set(nodes)) != len(nodes) or len(nodes) != version.layout.parts:
+        if len(set(nodes)) != len(nodes) or len(nodes) != version.layout.slots:
             self.committed_parts.append(f"{where}: committed with parts on nodes {nodes}")
         for part in version.parts:
             disk = self.disk_of(part.node.node_id)
