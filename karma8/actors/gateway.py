@@ -758,7 +758,7 @@ class _Sources:
         self.layout = version.layout
         self.deadline = deadline
         self.failed: set[int] = set()
-        self._open: list[tuple[int, AsyncExitStack]] = []
+        self._open: list[tuple[_PartCursor, AsyncExitStack]] = []
 
     def slot(self, index: int) -> PartPlacement:
         return self.version.parts[index]
@@ -783,18 +783,20 @@ class _Sources:
             except Karma8Error:
                 self.failed.add(slot)
                 return None
-            self._open.append((slot, stack))
-            return _PartCursor(placement, stream, length)
+            cursor = _PartCursor(placement, stream, length)
+            self._open.append((cursor, stack))
+            return cursor
         self.failed.add(slot)
         await _abandon(stack)
         return None
 
-    async def give_up(self, slot: int) -> None:
-        """Stop using ``slot`` for the rest of this read: its streams are closed now."""
+    async def give_up(self, slot: int, cursor: _PartCursor | None) -> None:
+        """Open ``slot`` no more during this read, and close ``cursor``'s stream now. (Other
+        cursors reading the slot go on until they fail themselves.)"""
         self.failed.add(slot)
         keep = []
         for opened, stack in self._open:
-            if opened == slot:
+            if opened is cursor:
                 await _abandon(stack)
             else:
                 keep.append((opened, stack))
@@ -842,7 +844,7 @@ class _RedundantCursor:
     async def _switch(self) -> None:
         sources = self._sources
         if self._slot is not None:
-            await sources.give_up(self._slot)
+            await sources.give_up(self._slot, self._cursor)
         self._cursor = self._slot = None
         for slot in sources.layout.copies_of(self._part):
             if slot in sources.failed:
@@ -945,7 +947,6 @@ class _RebuiltPart:
             except Karma8Error:
                 pass
         if got < real:
-            self._cursors.pop(slot, None)
-            await sources.give_up(slot)
+            await sources.give_up(slot, self._cursors.pop(slot, None))
             return None
         return b"".join(chunks) + bytes(count - real)
