@@ -906,22 +906,29 @@ class _RebuiltPart:
         sources = self._sources
         layout = sources.layout
         count = min(self.BLOCK, self._end - self._pos)
-        shares: dict[int, bytes] = {}
-        for slot in range(layout.slots):
-            if len(shares) == layout.parts:
-                break
-            if slot == self._part or slot in sources.failed:
-                continue
-            block = await self._block(slot, count)
-            if block is not None:
-                shares[slot] = block
-        if len(shares) < layout.parts:
-            raise Unavailable(
-                f"part {self._part} of version {sources.version.version_id} cannot be rebuilt:"
-                f" {len(sources.failed)} of its parts cannot be read"
-            )
+        shares: dict[int, bytes | None] = {}
+        # The k sources are read at once; one that fails is replaced by the next slot.
+        while sum(b is not None for b in shares.values()) < layout.parts:
+            need = layout.parts - sum(b is not None for b in shares.values())
+            batch = [
+                s
+                for s in range(layout.slots)
+                if s != self._part and s not in sources.failed and s not in shares
+            ][:need]
+            if len(batch) < need:
+                raise Unavailable(
+                    f"part {self._part} of version {sources.version.version_id} cannot be"
+                    f" rebuilt: {len(sources.failed)} of its parts cannot be read"
+                )
+            async with trio.open_nursery() as nursery:
+                for slot in batch:
+                    nursery.start_soon(self._fetch, slot, count, shares)
         self._pos += count
-        return rebuild(layout.parts, layout.parity, shares)[self._part]
+        found = {slot: block for slot, block in shares.items() if block is not None}
+        return rebuild(layout.parts, layout.parity, found)[self._part]
+
+    async def _fetch(self, slot: int, count: int, shares: dict[int, bytes | None]) -> None:
+        shares[slot] = await self._block(slot, count)
 
     async def _block(self, slot: int, count: int) -> bytes | None:
         """``count`` bytes of ``slot`` from ``_pos``, zero-padded past its end; None if the
@@ -949,4 +956,5 @@ class _RebuiltPart:
         if got < real:
             await sources.give_up(slot, self._cursors.pop(slot, None))
             return None
-        return b"".join(chunks) + bytes(count - real)
+        block = b"".join(chunks)
+        return block if real == count else block + bytes(count - real)

@@ -18,6 +18,7 @@ the very bytes raid0 stores: the code adds parts and changes none.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping, Sequence
 
 import zfec
@@ -27,7 +28,7 @@ class ParityEncoder:
     """Computes ``parity`` parity parts while the data parts stream by.
 
     :meth:`feed` takes data part ``part``'s next chunk and returns the parity parts' next
-    chunks (one bytes per parity part, all of one length, possibly empty); :meth:`finish`
+    chunks (one bytes per parity part, all of one length, possibly none); :meth:`finish`
     pads the shorter parts' ends with zeros and returns the last chunks.
     """
 
@@ -35,32 +36,56 @@ class ParityEncoder:
         if parity < 1:
             raise ValueError(f"parity must be >= 1, got {parity}")
         self._parts = parts
-        self._parity = parity
         self._encoder = zfec.Encoder(parts, parts + parity)
-        self._pending = [bytearray() for _ in range(parts)]
+        self._numbers = list(range(parts, parts + parity))
+        # Each part's chunks not coded yet, kept as given (a whole unit, the usual case, is
+        # coded without a copy), and their total.
+        self._pending: list[collections.deque[memoryview]] = [
+            collections.deque() for _ in range(parts)
+        ]
+        self._held = [0] * parts
 
     def feed(self, part: int, chunk: bytes) -> list[bytes]:
-        self._pending[part] += chunk
-        ready = min(len(p) for p in self._pending)
+        if chunk:
+            self._pending[part].append(memoryview(chunk))
+            self._held[part] += len(chunk)
+        ready = min(self._held)
         if ready == 0:
             return []
-        return self._code(ready)
+        return self._code([self._take(i, ready) for i in range(self._parts)])
 
     def finish(self) -> list[bytes]:
-        longest = max(len(p) for p in self._pending)
+        longest = max(self._held)
         if longest == 0:
             return []
-        for pending in self._pending:
-            pending.extend(bytes(longest - len(pending)))
-        return self._code(longest)
+        blocks: list[bytes | bytearray | memoryview] = []
+        for i, held in enumerate(list(self._held)):
+            block = self._take(i, held)
+            blocks.append(block if held == longest else bytes(block) + bytes(longest - held))
+        return self._code(blocks)
 
-    def _code(self, length: int) -> list[bytes]:
-        blocks = [bytes(p[:length]) for p in self._pending]
-        for pending in self._pending:
-            del pending[:length]
-        return list(
-            self._encoder.encode(blocks, list(range(self._parts, self._parts + self._parity)))
-        )
+    def _take(self, part: int, count: int) -> bytes | bytearray | memoryview:
+        """The next ``count`` bytes of a part's pending chunks."""
+        pending = self._pending[part]
+        self._held[part] -= count
+        if count == 0:
+            return b""
+        if len(pending[0]) == count:
+            return pending.popleft()
+        out = bytearray()
+        while count:
+            head = pending[0]
+            if len(head) <= count:
+                out += pending.popleft()
+                count -= len(head)
+            else:
+                out += head[:count]
+                pending[0] = head[count:]
+                count = 0
+        return out
+
+    def _code(self, blocks: list[bytes | bytearray | memoryview]) -> list[bytes]:
+        return list(self._encoder.encode(blocks, self._numbers))
 
 
 def encode_parity(data_parts: Sequence[bytes], parity: int) -> list[bytes]:
