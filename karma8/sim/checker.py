@@ -39,6 +39,8 @@ def layout_holds(cluster: SimCluster) -> list[str]:
         if len(version.parts) != version.layout.slots or len(set(nodes)) != len(nodes):
             problems.append(f"{where}: parts on nodes {nodes}")
         for part in version.parts:
+            if part.key in cluster.lost_keys:
+                continue  # wiped or damaged by a fault event: its loss is the event's
             stored = disks[part.node.node_id].parts.get(part.key)
             if stored is None:
                 problems.append(f"{where}: part {part.index} missing on {part.node.node_id}")
@@ -52,7 +54,7 @@ def layout_holds(cluster: SimCluster) -> list[str]:
                 problems.append(f"{where}: part {part.index} does not match its checksum")
         sizes = [
             len(disks[p.node.node_id].parts[p.key].data)
-            for p in version.parts
+            for p in version.parts[: version.layout.parts]
             if p.key in disks[p.node.node_id].parts
         ]
         if sizes and max(sizes) - min(sizes) > 1:
@@ -73,8 +75,13 @@ def no_orphans(cluster: SimCluster) -> list[str]:
         for key in sorted(node.disk.parts)
         if key not in live
     ]
+    # A node lost for good (wiped and not back) never deletes its share of garbage: versions
+    # with a part there stay, rightly, until it returns.
+    down = {n.node_id for n in cluster.nodes if not cluster.network.endpoint(n.node_id).up}
     for state in (VersionState.PENDING, VersionState.ABORTED, VersionState.RETIRED):
-        left = cluster.store.versions(state)
+        left = [
+            v for v in cluster.store.versions(state) if not {p.node.node_id for p in v.parts} & down
+        ]
         if left:
             problems.append(f"{len(left)} {state.value} versions remain after the quiet phase")
     counts = cluster.store.move_counts()
