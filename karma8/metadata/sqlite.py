@@ -477,6 +477,13 @@ class SqliteMetadataStore(NamespaceStore):
 
     # -- garbage --------------------------------------------------------------------------
 
+    def stale_copies(self) -> list[tuple[str, str]]:
+        """Every copy a move left behind, not deleted yet: (part key, node id)."""
+        rows = self._db.execute(
+            "SELECT part_key, node_id FROM stale_copies ORDER BY part_key, node_id"
+        ).fetchall()
+        return [(r["part_key"], r["node_id"]) for r in rows]
+
     def garbage_for_node(self, node_id: str, *, retired_before: float, limit: int) -> list[str]:
         """Keys the node should delete: parts of aborted versions, parts of versions retired
         before ``retired_before``, and copies a move left behind as long ago."""

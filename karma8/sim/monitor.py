@@ -160,6 +160,8 @@ class Monitor:
         if len(set(nodes)) != len(nodes) or len(nodes) != version.layout.slots:
             self.committed_parts.append(f"{where}: committed with parts on nodes {nodes}")
         for part in version.parts:
+            if self.timeline.touches(0.0, now, {part.node.node_id}, frozenset({"wipe"})):
+                continue  # its disk was lost, maybe after it stored the part: a fault's loss
             disk = self.disk_of(part.node.node_id)
             stored = None if disk is None else disk.parts.get(part.key)
             if stored is None:
