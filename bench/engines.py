@@ -134,9 +134,7 @@ def main() -> None:
         target = 0.8 / overhead[engine]
         deg = degraded.get(engine)
         deg_text = "-" if deg is None else f"{deg:.0f} ({deg / get:.2f} x healthy)"
-        print(
-            f"{engine:8}  {put:6.0f}  {put / put0:6.2f}  {target:6.2f}   {get:6.0f}  {deg_text}"
-        )
+        print(f"{engine:8}  {put:6.0f}  {put / put0:6.2f}  {target:6.2f}   {get:6.0f}  {deg_text}")
 
 
 if __name__ == "__main__":
