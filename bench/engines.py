@@ -19,17 +19,23 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import karma8_process
+# The roles run as ``python -c ... serve``: another session's clean-up that stops
+# ``karma8 serve`` processes by name (pkill -f) on this shared machine then leaves them be.
+LAUNCH = (
+    "import runpy, sys; sys.argv[0] = 'k8-bench';"
+    " runpy.run_module('karma8.cli', run_name='__main__')"
+)
 
 ENGINES = {
     "raid0": [],
@@ -46,20 +52,50 @@ public_namespaces = ["default"]
 """
 
 
+@contextmanager
+def role(args: list[str], ready: str, log: Path) -> Iterator[tuple[int, str]]:
+    """``karma8 ARGS`` (as :data:`LAUNCH`) until the block ends: (pid, ``ready``'s group)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", LAUNCH, *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not (match := re.search(ready, log.read_text())):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{args} did not start:\n{log.read_text()}")
+                time.sleep(0.05)
+            yield proc.pid, match.group(1)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def curl_seconds(*args: str) -> float:
     out = subprocess.run(
-        ["curl", "-sS", "--fail", "-H", "Expect:", "-w", "%{time_total}", *args],
+        ["curl", "-sS", "--fail-with-body", "-H", "Expect:", "-w", "\n%{time_total}", *args],
         capture_output=True,
         text=True,
-        check=True,
     )
+    if out.returncode:
+        raise RuntimeError(f"curl {' '.join(args)}: {out.returncode} {out.stderr} {out.stdout}")
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def karma8(*args: str) -> str:
-    return subprocess.run(
-        [sys.executable, "-m", "karma8.cli", *args], capture_output=True, text=True, check=True
-    ).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "karma8.cli", *args], capture_output=True, text=True
+    )
+    if out.returncode:
+        raise RuntimeError(f"karma8 {' '.join(args)}: {out.stderr}")
+    return out.stdout
 
 
 def main() -> None:
@@ -84,7 +120,7 @@ def main() -> None:
     try:
         with ExitStack() as stack:
             _, gateway = stack.enter_context(
-                karma8_process(
+                role(
                     ["serve", "--data", str(data), "--config", str(config)],
                     r"gateway (http://\S+)",
                     args.workdir / "cluster.log",
@@ -92,7 +128,7 @@ def main() -> None:
             )
             own = [
                 stack.enter_context(
-                    karma8_process(
+                    role(
                         ["serve", "--role", "storage", "--data", str(data / f"own-{i}")],
                         r"storage node (node-[0-9a-f]+) up",
                         args.workdir / f"own-{i}.log",
@@ -107,19 +143,32 @@ def main() -> None:
                 for engine in ENGINES:
                     ns = "default" if engine == "raid0" else engine
                     url = f"{gateway}/{ns}/big"
-                    puts[engine].append(size / 1e6 / curl_seconds("-T", str(body), url))
+                    try:
+                        seconds = curl_seconds("-T", str(body), url)
+                    except RuntimeError:
+                        print(karma8("nodes", *at), file=sys.stderr)
+                        print(karma8("status", *at), file=sys.stderr)
+                        raise
+                    puts[engine].append(size / 1e6 / seconds)
                     gets[engine].append(size / 1e6 / curl_seconds("-o", "/dev/null", url))
                     time.sleep(1.5)  # the previous version's parts are collected
             pid, victim = own[0]
+            # Which files have a part on the node about to be killed (asked while all is up).
+            holders = [
+                engine
+                for engine in ENGINES
+                if engine != "raid0"  # it cannot be read with a node of its down
+                and victim
+                in {
+                    p["node_id"]
+                    for p in json.loads(karma8("stat", f"{engine}/big", "--json", *at))["parts"]
+                }
+            ]
             os.kill(pid, signal.SIGKILL)
             degraded: dict[str, float] = {}
-            for engine in ENGINES:
-                ns = "default" if engine == "raid0" else engine
-                stat = json.loads(karma8("stat", f"{ns}/big", "--json", *at))
-                if engine == "raid0" or victim not in {p["node_id"] for p in stat["parts"]}:
-                    continue
+            for engine in holders:
                 got = args.workdir / "got.bin"
-                seconds = curl_seconds("-o", str(got), f"{gateway}/{ns}/big")
+                seconds = curl_seconds("-o", str(got), f"{gateway}/{engine}/big")
                 assert hashlib.sha256(got.read_bytes()).hexdigest() == digest, engine
                 got.unlink()
                 degraded[engine] = size / 1e6 / seconds
