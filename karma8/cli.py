@@ -530,11 +530,11 @@ def _admin(args: argparse.Namespace) -> int:
             namespace, sep, name = args.path.partition("/")
             if not sep or not name:
                 raise ConfigError("expected NAMESPACE/NAME, e.g. default/photos/cat.jpg")
-            version = trio.run(admin.fetch_version, url, secret, namespace, name)
+            version, states = trio.run(admin.fetch_version, url, secret, namespace, name)
             print(
-                json.dumps(admin.version_json(version), indent=2)
+                json.dumps(admin.version_json(version, states), indent=2)
                 if args.json
-                else admin.version_table(version)
+                else admin.version_table(version, states)
             )
     except ConfigError as exc:
         print(f"karma8 {args.command}: {exc}", file=sys.stderr)

@@ -124,8 +124,18 @@ class DiscoveryAPI(Protocol):
         self, *, namespace: str, prefix: str, after: str, limit: int
     ) -> list[FileEntry]: ...
 
-    async def create_namespace(self, *, namespace: str, public: bool = False) -> NamespaceInfo:
-        """Create a namespace (idempotent; enables a disabled one). Raises InvalidName,
+    async def create_namespace(
+        self,
+        *,
+        namespace: str,
+        public: bool = False,
+        engine: str = "raid0",
+        copies: int | None = None,
+        parity: int | None = None,
+    ) -> NamespaceInfo:
+        """Create a namespace (idempotent; enables a disabled one) whose new files are written
+        with ``engine`` (raid0, raid1 with ``copies``, parity with ``parity`` parts; see
+        :func:`karma8.core.layout.engine_redundancy`). Raises InvalidName,
         InvalidRequest if it exists with the other ``public``."""
         ...
 
@@ -310,7 +320,11 @@ class MetadataStore(Protocol):
 
     def create_namespace(self, namespace: str, now: float, *, public: bool = False) -> None: ...
 
-    def add_namespace(self, namespace: str, now: float, *, public: bool) -> NamespaceInfo: ...
+    def add_namespace(
+        self, namespace: str, now: float, *, public: bool, copies: int = 1, parity: int = 0
+    ) -> NamespaceInfo: ...
+
+    def namespace_info(self, namespace: str) -> NamespaceInfo: ...
 
     def disable_namespace(self, namespace: str) -> NamespaceInfo: ...
 

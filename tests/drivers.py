@@ -49,6 +49,9 @@ async def eventually(condition: Callable[[], Awaitable[bool]], *, what: str = ""
 
 class Driver(Protocol):
     unit: int
+    namespace: str  # where put, get, stat and delete go
+
+    async def create_namespace(self, name: str, *, engine: str, **settings: int) -> None: ...
 
     async def put(
         self, name: str, data: bytes, *, chunked: bool = False, if_absent: bool = False
@@ -77,6 +80,16 @@ class SimDriver:
     def __init__(self, cluster: SimCluster) -> None:
         self._cluster = cluster
         self._net = cluster.network
+        self.namespace = "default"
+
+    async def create_namespace(self, name: str, *, engine: str, **settings: int) -> None:
+        assert self._cluster.discovery is not None
+        await self._cluster.discovery.create_namespace(
+            namespace=name,
+            engine=engine,
+            copies=settings.get("copies"),
+            parity=settings.get("parity"),
+        )
 
     async def _call(self, what: str, fn: Callable[[Gateway], Awaitable[object]]) -> object:
         return await self._net.call("contract", GATEWAY, what, fn)
@@ -86,7 +99,7 @@ class SimDriver:
     ) -> str:
         async def op(gw: Gateway) -> FileVersion:
             return await gw.put(
-                "default",
+                self.namespace,
                 name,
                 BytesChunks(data, 3000),
                 content_length=None if chunked else len(data),
@@ -99,7 +112,7 @@ class SimDriver:
 
     async def get(self, name: str, start: int | None = None, stop: int | None = None) -> bytes:
         async def op(gw: Gateway) -> bytes:
-            version = await gw.stat("default", name)
+            version = await gw.stat(self.namespace, name)
             out = bytearray()
             async with gw.open_read(version, start=start or 0, stop=stop) as stream:
                 async for chunk in stream:
@@ -112,13 +125,13 @@ class SimDriver:
 
     async def delete(self, name: str) -> None:
         async def op(gw: Gateway) -> bool:
-            return await gw.delete("default", name)
+            return await gw.delete(self.namespace, name)
 
         await self._call(f"delete {name}", op)
 
     async def stat(self, name: str) -> FileVersion:
         async def op(gw: Gateway) -> FileVersion:
-            return await gw.stat("default", name)
+            return await gw.stat(self.namespace, name)
 
         version = await self._call(f"stat {name}", op)
         assert isinstance(version, FileVersion)
@@ -162,9 +175,19 @@ class NetDriver:
         self._data_dir = data_dir
         self._extra = 0
         self._joined: dict[str, trio.CancelScope] = {}  # node id -> its task, of added nodes
+        self.namespace = "default"
+
+    async def create_namespace(self, name: str, *, engine: str, **settings: int) -> None:
+        await self._discovery.create_namespace(
+            namespace=name,
+            public=True,
+            engine=engine,
+            copies=settings.get("copies"),
+            parity=settings.get("parity"),
+        )
 
     def _url(self, name: str) -> str:
-        return f"{self._gateway}/default/{name}"
+        return f"{self._gateway}/{self.namespace}/{name}"
 
     async def put(
         self, name: str, data: bytes, *, chunked: bool = False, if_absent: bool = False
@@ -197,7 +220,7 @@ class NetDriver:
         assert response.status_code == 204
 
     async def stat(self, name: str) -> FileVersion:
-        return await self._discovery.resolve(namespace="default", name=name)
+        return await self._discovery.resolve(namespace=self.namespace, name=name)
 
     async def nodes(self) -> list[NodeStatus]:
         return await self._discovery.list_nodes()

@@ -110,21 +110,24 @@ NODE_PLAN_JSON = (
 
 # Each record as the current peers put it on the wire: keys, their order, value types, nulls.
 PINNED: list[tuple[Any, str]] = [
-    (StripeLayout(parts=5, unit=4096), '{"parts": 5, "unit": 4096}'),
+    (
+        StripeLayout(parts=5, unit=4096),
+        '{"parts": 5, "unit": 4096, "copies": 1, "parity": 0}',
+    ),
     (PLACEMENT, PLACEMENT_JSON),
     (PENDING, PENDING_JSON),
     (
         VERSION,
         '{"version_id": "v1", "namespace": "default", "name": "docs/a.txt", "state": "committed",'
-        ' "size": 11, "layout": {"parts": 5, "unit": 4096},'
+        ' "size": 11, "layout": {"parts": 5, "unit": 4096, "copies": 1, "parity": 0},'
         f' "parts": [{PLACEMENT_JSON}, {PENDING_JSON}], "created_at": 1.5, "committed_at": 2.25,'
         ' "etag": "\\"abc\\""}',
     ),
     (
         attrs.evolve(VERSION, state=VersionState.PENDING, size=None, parts=(), committed_at=None),
         '{"version_id": "v1", "namespace": "default", "name": "docs/a.txt", "state": "pending",'
-        ' "size": null, "layout": {"parts": 5, "unit": 4096}, "parts": [], "created_at": 1.5,'
-        ' "committed_at": null, "etag": "\\"abc\\""}',
+        ' "size": null, "layout": {"parts": 5, "unit": 4096, "copies": 1, "parity": 0},'
+        ' "parts": [], "created_at": 1.5, "committed_at": null, "etag": "\\"abc\\""}',
     ),
     (
         PartReceipt(index=2, size=7, checksum="crc:2"),
@@ -201,6 +204,10 @@ PINNED: list[tuple[Any, str]] = [
         PlaceRequest(namespace="default", name="docs/a.txt", size=11),
         '{"namespace": "default", "name": "docs/a.txt", "size": 11, "if_absent": false}',
     ),
+    (
+        StripeLayout(parts=5, unit=4096, parity=2),
+        '{"parts": 5, "unit": 4096, "copies": 1, "parity": 2}',
+    ),
 ]
 
 
@@ -227,6 +234,8 @@ def test_whole_numbers_decode_as_floats() -> None:
 _SPECIAL: dict[tuple[type, str], st.SearchStrategy[Any]] = {
     (StripeLayout, "parts"): st.integers(1, 64),
     (StripeLayout, "unit"): st.integers(1, 1 << 40),
+    (StripeLayout, "copies"): st.just(1),
+    (StripeLayout, "parity"): st.integers(0, 2),
     (RebalanceReport, "state"): st.sampled_from(STATES),
 }
 

@@ -139,6 +139,37 @@ async def held_and_streamed_bodies_release_every_reservation(d: Driver) -> None:
     assert {k.rsplit(".", 1)[0] for k in await d.part_keys()} == live
 
 
+async def _reads_with_a_node_down(d: Driver, engine: str, nodes: int, **settings: int) -> None:
+    """A redundant namespace: its files read back whole and in ranges with a node down."""
+    joined = [await d.add_node() for _ in range(nodes)]  # empty: new parts go there first
+    await d.create_namespace("safe", engine=engine, **settings)
+    d.namespace = "safe"
+    files = {f"f{size}": payload(size, size) for size in [0, 3, 5 * d.unit + 2, 40_003]}
+    for name, data in files.items():
+        await d.put(name, data, chunked=len(data) > 5)
+    # Kill the joined node that holds parts of the most files (raid1 puts a part of every
+    # file on every one of its 10 nodes; parity leaves one of 7 out of each file).
+    holders = {n: 0 for n in joined}
+    for name in files:
+        for node in {p.node.node_id for p in (await d.stat(name)).parts} & set(joined):
+            holders[node] += 1
+    victim = max(joined, key=lambda n: holders[n])
+    assert holders[victim] >= 2, holders  # most files are read with a part lost
+    await d.kill_node(victim)
+    for name, data in files.items():
+        assert await d.get(name) == data, name
+        if len(data) > 2:
+            assert await d.get(name, 1, len(data) - 1) == data[1:-1], name
+
+
+async def raid1_reads_with_a_node_down(d: Driver) -> None:
+    await _reads_with_a_node_down(d, "raid1", 4, copies=2)
+
+
+async def parity_reads_with_a_node_down(d: Driver) -> None:
+    await _reads_with_a_node_down(d, "parity", 1, parity=1)
+
+
 CHECKS: list[Check] = [
     round_trip_edge_sizes,
     chunked_upload,
@@ -148,6 +179,8 @@ CHECKS: list[Check] = [
     joined_node_receives_new_parts,
     puts_avoid_a_dead_node_and_a_full_one,
     held_and_streamed_bodies_release_every_reservation,
+    raid1_reads_with_a_node_down,
+    parity_reads_with_a_node_down,
 ]
 
 

@@ -26,7 +26,7 @@ from karma8.actors.discovery import Discovery
 from karma8.actors.gateway import Gateway
 from karma8.actors.rebalancer import Rebalancer
 from karma8.actors.storage import StorageNode
-from karma8.core.errors import Karma8Error
+from karma8.core.errors import Karma8Error, Unavailable
 from karma8.core.layout import StripeSplitter
 from karma8.core.model import FileVersion, MoveTicket, PartPlacement, PartReceipt
 from karma8.core.placement import NodeLoad, place_parts
@@ -258,6 +258,44 @@ def collect_leased_parts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(StorageNode, "_drop_orphans", no_grace)
 
 
+def read_without_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read of a redundant file gives up at the first part that fails, as raid0's does,
+    instead of reading another copy or rebuilding it."""
+    open_source = gateway_module._Sources.open
+
+    async def first_only(
+        self: gateway_module._Sources, slot: int, offset: int, length: int
+    ) -> gateway_module._PartCursor | None:
+        cursor = await open_source(self, slot, offset, length)
+        if cursor is None:
+            raise Unavailable(f"part {slot} cannot be read")
+        return cursor
+
+    async def no_switch(self: gateway_module._RedundantCursor) -> None:
+        raise Unavailable("a part stopped mid-read")
+
+    switch = gateway_module._RedundantCursor._switch
+
+    async def first_switch_only(self: gateway_module._RedundantCursor) -> None:
+        if self._slot is not None:
+            await no_switch(self)
+        await switch(self)
+
+    monkeypatch.setattr(gateway_module._Sources, "open", first_only)
+    monkeypatch.setattr(gateway_module._RedundantCursor, "_switch", first_switch_only)
+
+
+def two_copies_on_one_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Placement of a redundant version puts the second copy of part 0 (raid1's slot 5; a
+    parity part for parity) on the node of part 0."""
+
+    def doubled(loads: Sequence[NodeLoad], **kwargs: Any) -> list[str]:
+        chosen = list(place_parts(loads, **kwargs))
+        return chosen if len(chosen) <= 5 else [*chosen[:5], chosen[0], *chosen[6:]]
+
+    monkeypatch.setattr(discovery_module, "place_parts", doubled)
+
+
 Mutant = Callable[[pytest.MonkeyPatch], None]
 MUTANTS: list[tuple[Mutant, set[str]]] = [
     # (mutant, the checks allowed to be the ones that catch it)
@@ -282,12 +320,19 @@ REBALANCE_MUTANTS: list[tuple[Mutant, set[str]]] = [
     (delete_the_source_at_once, {"failed_reads_explained", "acknowledged_writes_read_back"}),
     (move_to_a_sibling, {"parts_obey_layout"}),
 ]
+# Mutants of the redundant engines, hunted in the scenarios that lose nodes and parts.
+REDUNDANCY_SCENARIOS = ["raid1_lost_node", "parity_lost_node"]
+REDUNDANCY_MUTANTS: list[tuple[Mutant, set[str]]] = [
+    (read_without_fallback, {"failed_reads_explained", "acknowledged_writes_read_back"}),
+    (two_copies_on_one_node, {"committed_parts_stored", "parts_obey_layout"}),
+]
 
 
 @pytest.mark.parametrize(
     ("mutant", "expected", "scenarios"),
     [(m, e, SCENARIOS) for m, e in MUTANTS]
-    + [(m, e, REBALANCE_SCENARIOS) for m, e in REBALANCE_MUTANTS],
+    + [(m, e, REBALANCE_SCENARIOS) for m, e in REBALANCE_MUTANTS]
+    + [(m, e, REDUNDANCY_SCENARIOS) for m, e in REDUNDANCY_MUTANTS],
     ids=lambda m: getattr(m, "__name__", ""),
 )
 def test_the_checker_catches_the_mutant(

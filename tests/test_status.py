@@ -51,7 +51,12 @@ async def test_the_status_route_counts_files_nodes_and_uploads(net: NetDriver) -
     response = await net._internal.get(f"{net._discovery_url}/v1/status")
     assert response.status_code == 200
     status = response.json()
-    assert status["totals"] == {"files": 3, "bytes": 10 + 2000 + 3000, "pending_uploads": 0}
+    assert status["totals"] == {
+        "files": 3,
+        "bytes": 10 + 2000 + 3000,
+        "pending_uploads": 0,
+        "degraded_files": 0,
+    }
     assert len(status["nodes"]) == 6
     assert {n["name"] for n in status["namespaces"]} == {"default"}
     assert status["rebalance"]["state"] in ("balanced", "idle", "rebalancing")

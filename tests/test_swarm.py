@@ -47,8 +47,24 @@ def test_swarm_timers_capacities_and_fault_mixes_vary() -> None:
     assert 20 < len(mixed) < 180
     assert any(len(set(caps)) == 3 and max(caps) == 4 * min(caps) for caps in mixed)
     assert any(e.capacity for s in scenarios for e in s.events if e.action == "add_nodes")
-    # Faults: sometimes none, sometimes several of one kind.
-    assert sum(not s.events for s in scenarios) > 20
+    # Faults: sometimes none, sometimes several of one kind (besides the losses a redundant
+    # engine is drawn with).
+    losses = ("wipe", "corrupt")
+    assert sum(not [e for e in s.events if e.action not in losses] for s in scenarios) > 20
+    # Engines: a third of the seeds are redundant, with enough nodes, and lose as many parts'
+    # nodes as the engine tolerates.
+    redundant = [s for s in scenarios if s.cluster.engine != "raid0"]
+    assert 40 < len(redundant) < 100
+    assert {(s.cluster.engine, s.cluster.copies, s.cluster.parity) for s in redundant} == {
+        ("raid1", 2, None),
+        ("parity", None, 1),
+        ("parity", None, 2),
+    }
+    for s in redundant:
+        lost = [e for e in s.events if e.action in losses]
+        assert len(lost) == len({e.target for e in lost}) == s.cluster.tolerates
+        slots = 5 * (s.cluster.copies or 1) + (s.cluster.parity or 0)
+        assert s.cluster.storage_nodes >= slots + s.cluster.tolerates
     assert any(len(s.events) >= 2 and len({e.action for e in s.events}) == 1 for s in scenarios)
 
 

@@ -38,7 +38,13 @@ from karma8.core.access import (
     parse_token,
 )
 from karma8.core.errors import InvalidRequest, NotFound, TooLarge, UploadConflict
-from karma8.core.layout import DEFAULT_MAX_FILE_SIZE, StripeLayout
+from karma8.core.layout import (
+    DEFAULT_MAX_FILE_SIZE,
+    MAX_COPIES,
+    MAX_PARITY,
+    StripeLayout,
+    engine_redundancy,
+)
 from karma8.core.leases import Lease, PlacementLeases
 from karma8.core.model import (
     ClusterTotals,
@@ -122,6 +128,7 @@ class Discovery:
         self.leases = PlacementLeases() if leases is None else leases
         # Plain counts since start, for the operator's metrics (the net layer reads them).
         self.counts = {"sweeps": 0, "expired_uploads": 0, "expired_placements": 0}
+        self._engines: dict[str, tuple[int, int]] = {}  # namespace -> (copies, parity)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Create the configured namespaces, then sweep until cancelled."""
@@ -167,14 +174,14 @@ class Discovery:
                 raise TooLarge(
                     f"{size_hint} bytes is more than the limit of {self.config.max_file_size}"
                 )
-        layout = self.config.layout
+        layout = await self._layout_for(namespace)
         part_size = max(layout.part_sizes(size_hint or 0))
         version_id = self._ids.new_id()
         now = self._clock.now()
 
         def place(loads: Sequence[NodeLoad]) -> Sequence[str]:
             return place_parts(
-                self._with_leases(loads), count=layout.parts, part_size=part_size, salt=version_id
+                self._with_leases(loads), count=layout.slots, part_size=part_size, salt=version_id
             )
 
         return await self._blocking(
@@ -253,8 +260,8 @@ class Discovery:
             raise InvalidRequest("size must not be negative")
         if size > self.config.max_file_size:
             raise TooLarge(f"{size} bytes is more than the limit of {self.config.max_file_size}")
-        layout = self.config.layout
-        sizes = layout.part_sizes(size)
+        layout = await self._layout_for(namespace)
+        sizes = layout.slot_sizes(size)
         version_id = self._ids.new_id()
 
         def place() -> Lease:
@@ -262,7 +269,7 @@ class Discovery:
             urls = {load.node_id: url for load, url in view}
             chosen = place_parts(
                 self._with_leases([load for load, _ in view]),
-                count=layout.parts,
+                count=layout.slots,
                 part_size=max(sizes),
                 salt=version_id,
             )
@@ -287,9 +294,8 @@ class Discovery:
     async def replace_part(
         self, *, version_id: str, index: int, failed_node_id: str
     ) -> PartPlacement:
-        layout = self.config.layout
-        if not 0 <= index < layout.parts:
-            raise InvalidRequest(f"part index must be between 0 and {layout.parts - 1}")
+        if not 0 <= index < self.config.layout.parts * MAX_COPIES + MAX_PARITY:
+            raise InvalidRequest(f"part index {index} is out of range")
 
         salt = f"{version_id}.{index}"
 
@@ -304,7 +310,7 @@ class Discovery:
             lease = self.leases.get(version_id, self._clock.now())
             if lease is None:
                 raise UploadConflict(f"upload {version_id}: its placement lease expired")
-            if lease.nodes[index] != failed_node_id:
+            if index >= len(lease.nodes) or lease.nodes[index] != failed_node_id:
                 raise UploadConflict(
                     f"part {index} of upload {version_id} is not on node {failed_node_id}"
                 )
@@ -370,12 +376,35 @@ class Discovery:
 
     # -- namespaces and tokens (see karma8.core.access) ----------------------------------
 
-    async def create_namespace(self, *, namespace: str, public: bool = False) -> NamespaceInfo:
+    async def create_namespace(
+        self,
+        *,
+        namespace: str,
+        public: bool = False,
+        engine: str = "raid0",
+        copies: int | None = None,
+        parity: int | None = None,
+    ) -> NamespaceInfo:
         check_namespace(namespace)
+        try:
+            chosen = engine_redundancy(engine, copies=copies, parity=parity)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
         now = self._clock.now()
         return await self._blocking(
-            lambda: self._store.add_namespace(namespace, now, public=public)
+            lambda: self._store.add_namespace(
+                namespace, now, public=public, copies=chosen[0], parity=chosen[1]
+            )
         )
+
+    async def _layout_for(self, namespace: str) -> StripeLayout:
+        """The layout new files of ``namespace`` get: the configured stripe, the namespace's
+        engine. Raises NotFound. (An engine never changes, so it is remembered.)"""
+        known = self._engines.get(namespace)
+        if known is None:
+            info = await self._blocking(lambda: self._store.namespace_info(namespace))
+            known = self._engines[namespace] = (info.copies, info.parity)
+        return attrs.evolve(self.config.layout, copies=known[0], parity=known[1])
 
     async def list_namespaces(self) -> list[NamespaceInfo]:
         return await self._blocking(self._store.list_namespaces)

@@ -39,6 +39,14 @@ GET
     The gateway checks every part's length; the part streams check its bytes (the node's
     block CRCs, and over HTTP the transport's sha256) before handing them out, so a corrupt
     or truncated part fails the response rather than completing it.
+
+Redundant engines (raid1, parity; see docs/architecture.md, "Engines")
+    A version's layout may store more than its 5 data parts: copies, or parity parts that
+    :class:`karma8.core.erasure.ParityEncoder` computes as the chunks pass. Every stored part
+    has its writer in the same nursery, so the PUT stays all or nothing. A read gives each
+    data part a :class:`_RedundantCursor`, which switches, at the byte where its source
+    failed (down, slower than ``read_deadline``, or a chunk that fails its check), to another
+    copy or to the part rebuilt from the others (:class:`_RebuiltPart`).
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ import attrs
 import trio
 
 from karma8.core.access import AccessCache, Right, cache_key
+from karma8.core.erasure import ParityEncoder, encode_parity, rebuild
 from karma8.core.errors import (
     DiskFull,
     IntegrityError,
@@ -78,6 +87,9 @@ class GatewayConfig:
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     channel_depth: int = 1
     cleanup_timeout: float = 30.0
+    # A read of a redundant version (raid1, parity) that waits longer than this for a part's
+    # node (to open it, or for its next chunk) reads another copy or rebuilds the part.
+    read_deadline: float = 5.0
     # How many times one part moves to another node when its node fails before taking bytes.
     part_retries: int = 2
     # Seconds a positive access answer is reused without asking discovery: a revoked token
@@ -249,15 +261,19 @@ class Gateway:
     async def _write_held(
         self, version: FileVersion, placed: list[PartPlacement], data: bytes
     ) -> list[PartReceipt]:
-        """Write a body held whole: split at once, its 5 parts written concurrently by the
-        same part writers as a streamed body's, each from its pieces instead of a channel."""
+        """Write a body held whole: split at once, its parts (their copies, its parity parts)
+        written concurrently by the same part writers as a streamed body's, each from its
+        pieces instead of a channel."""
         layout = version.layout
         splitter = StripeSplitter(layout, len(data))
         pieces: list[list[bytes]] = [[] for _ in range(layout.parts)]
         for index, piece in (*splitter.feed(data), *splitter.finish()):
             pieces[index].append(piece)
-        sizes = layout.part_sizes(len(data))
-        receipts: list[PartReceipt | None] = [None] * layout.parts
+        if layout.parity:
+            coded = encode_parity([b"".join(p) for p in pieces], layout.parity)
+            pieces += [[p] for p in coded]
+        sizes = layout.slot_sizes(len(data))
+        receipts: list[PartReceipt | None] = [None] * layout.slots
         try:
             async with trio.open_nursery() as nursery:
                 for placement in version.parts:
@@ -266,7 +282,7 @@ class Gateway:
                         version.version_id,
                         placed,
                         placement.index,
-                        _HeldChunks(pieces[placement.index]),
+                        _HeldChunks(pieces[_source_of(layout, placement.index)]),
                         sizes[placement.index],
                         receipts,
                         name=f"gw-put-{placement.key}",
@@ -287,8 +303,8 @@ class Gateway:
     ) -> tuple[int, list[PartReceipt]]:
         layout = version.layout
         splitter = StripeSplitter(layout, content_length)
-        sizes = None if content_length is None else layout.part_sizes(content_length)
-        receipts: list[PartReceipt | None] = [None] * layout.parts
+        sizes = None if content_length is None else layout.slot_sizes(content_length)
+        receipts: list[PartReceipt | None] = [None] * layout.slots
         limit = self._config.max_file_size if content_length is None else content_length
         step = self._config.reserve_step
         stage_free = self._config.stage_free
@@ -311,6 +327,7 @@ class Gateway:
                         receipts,
                         name=f"gw-put-{placement.key}",
                     )
+                fanout = _Fanout(layout, senders)
                 # The channels end (each part's end) only once the body is whole: a body that
                 # fails must not look like its end to the writers, which the nursery cancels.
                 async with AsyncExitStack() as closing:
@@ -328,12 +345,13 @@ class Gateway:
                             await self._discovery.extend_upload(
                                 version_id=version.version_id, size=reserved
                             )
-                        await _send_all(senders, splitter.feed(chunk))
+                        await fanout.send(splitter.feed(chunk))
                     if content_length is not None and splitter.size != content_length:
                         raise InvalidRequest(
                             f"body has {splitter.size} bytes, Content-Length said {content_length}"
                         )
-                    await _send_all(senders, splitter.finish())
+                    await fanout.send(splitter.finish())
+                    await fanout.finish()
                 for send in reversed(senders):
                     await send.aclose()
         except BaseExceptionGroup as group:
@@ -462,7 +480,15 @@ class Gateway:
         spans = version.layout.part_spans(size, start, stop)
         whole = start == 0 and stop == size
         async with AsyncExitStack() as stack:
-            cursors: dict[int, _PartCursor] = {}
+            cursors: dict[int, _PartCursor | _RedundantCursor] = {}
+            if version.layout.tolerates:
+                sources = _Sources(self._storage, version, self._config.read_deadline)
+                stack.push_async_callback(sources.aclose)
+                for part, span in enumerate(spans):
+                    if span is not None:
+                        cursors[part] = await _RedundantCursor.open(sources, part, *span)
+                yield _Stitcher(version.layout, size, start, stop, cursors)
+                return
             for placement, span in zip(version.parts, spans, strict=True):
                 if span is None:
                     continue
@@ -556,18 +582,52 @@ class _PartChunks:
 WRITER_GRACE = 1.0  # seconds; a writer that stopped without an error (a bug) fails the PUT
 
 
-async def _send_all(
-    senders: Sequence[trio.MemorySendChannel[bytes]],
-    pieces: Sequence[tuple[int, bytes]],
-) -> None:
-    for index, piece in pieces:
-        try:
-            await senders[index].send(piece)
-        except trio.BrokenResourceError:
-            # The writer closed its channel on its way out with its own error, which cancels
-            # this nursery: wait for that, so that the cause, not this, is the PUT's error.
-            await trio.sleep(WRITER_GRACE)
-            raise _WriterStopped(f"the writer of part {index} stopped early") from None
+class _Fanout:
+    """Sends the splitter's data part chunks to every slot that stores them: each copy, and
+    the parity encoder, whose chunks go to the parity parts' slots."""
+
+    def __init__(
+        self, layout: StripeLayout, senders: Sequence[trio.MemorySendChannel[bytes]]
+    ) -> None:
+        self._copies = [[senders[s] for s in layout.copies_of(p)] for p in range(layout.parts)]
+        first_parity = layout.parts * layout.copies
+        self._parity = list(enumerate(senders[first_parity:], start=first_parity))
+        self._encoder = ParityEncoder(layout.parts, layout.parity) if layout.parity else None
+
+    async def send(self, pieces: Sequence[tuple[int, bytes]]) -> None:
+        for index, piece in pieces:
+            for sender in self._copies[index]:
+                await _send(sender, index, piece)
+            if self._encoder is not None:
+                await self._send_parity(self._encoder.feed(index, piece))
+
+    async def finish(self) -> None:
+        """Send the parity parts' last chunks (the data parts' ends, zero-padded)."""
+        if self._encoder is not None:
+            await self._send_parity(self._encoder.finish())
+
+    async def _send_parity(self, coded: Sequence[bytes]) -> None:
+        if not coded:  # nothing new that every data part has reached
+            return
+        for (slot, sender), chunk in zip(self._parity, coded, strict=True):
+            await _send(sender, slot, chunk)
+
+
+async def _send(sender: trio.MemorySendChannel[bytes], slot: int, piece: bytes) -> None:
+    try:
+        await sender.send(piece)
+    except trio.BrokenResourceError:
+        # The writer closed its channel on its way out with its own error, which cancels
+        # this nursery: wait for that, so that the cause, not this, is the PUT's error.
+        await trio.sleep(WRITER_GRACE)
+        raise _WriterStopped(f"the writer of part {slot} stopped early") from None
+
+
+def _source_of(layout: StripeLayout, slot: int) -> int:
+    """Which of a held body's piece lists a slot is written from: its data part's, or (for
+    a parity part) its own, after the data parts'."""
+    part = layout.data_part(slot)
+    return slot - layout.parts * (layout.copies - 1) if part is None else part
 
 
 def _too_long(content_length: int | None, max_size: int) -> Karma8Error:
@@ -669,11 +729,11 @@ class _Stitcher:
         size: int,
         start: int,
         stop: int,
-        cursors: dict[int, _PartCursor],
+        cursors: dict[int, _PartCursor | _RedundantCursor],
     ) -> None:
         self._segments = layout.segments(size, start, stop)
         self._cursors = cursors
-        self._cursor: _PartCursor | None = None
+        self._cursor: _PartCursor | _RedundantCursor | None = None
         self._remaining = 0
 
     def __aiter__(self) -> _Stitcher:
@@ -690,3 +750,219 @@ class _Stitcher:
         piece = await self._cursor.read(self._remaining)
         self._remaining -= len(piece)
         return piece
+
+
+class _Sources:
+    """Opens the part streams of one read of a redundant version, and remembers which slots
+    failed during it, so that no cursor tries them again.
+
+    Each stream has its own exit stack: a stream given up on (its node failed or was slow)
+    is closed at once, as failed, rather than drained to its end when the read completes.
+    """
+
+    def __init__(self, storage: StorageAPI, version: FileVersion, deadline: float) -> None:
+        self.storage = storage
+        self.version = version
+        self.layout = version.layout
+        self.deadline = deadline
+        self.failed: set[int] = set()
+        self._open: list[tuple[_PartCursor, AsyncExitStack]] = []
+
+    def slot(self, index: int) -> PartPlacement:
+        return self.version.parts[index]
+
+    async def open(self, slot: int, offset: int, length: int) -> _PartCursor | None:
+        """A cursor over bytes ``[offset, offset + length)`` of ``slot``, or None (and the
+        slot counts as failed) if its node cannot open it within the deadline."""
+        placement = self.slot(slot)
+        whole = offset == 0 and length == placement.size
+        stack = AsyncExitStack()
+        with trio.move_on_after(self.deadline):
+            try:
+                stream = await stack.enter_async_context(
+                    self.storage.read_part(
+                        placement.node,
+                        placement.key,
+                        offset=offset,
+                        length=length,
+                        checksum=placement.checksum if whole else None,
+                    )
+                )
+            except Karma8Error:
+                self.failed.add(slot)
+                return None
+            cursor = _PartCursor(placement, stream, length)
+            self._open.append((cursor, stack))
+            return cursor
+        self.failed.add(slot)
+        await _abandon(stack)
+        return None
+
+    async def give_up(self, slot: int, cursor: _PartCursor | None) -> None:
+        """Open ``slot`` no more during this read, and close ``cursor``'s stream now. (Other
+        cursors reading the slot go on until they fail themselves.)"""
+        self.failed.add(slot)
+        keep = []
+        for opened, stack in self._open:
+            if opened is cursor:
+                await _abandon(stack)
+            else:
+                keep.append((opened, stack))
+        self._open = keep
+
+    async def aclose(self) -> None:
+        for _, stack in reversed(self._open):
+            await stack.aclose()
+
+
+async def _abandon(stack: AsyncExitStack) -> None:
+    """Close a stream given up on as failed (not drained), shielded, within a second."""
+    with trio.move_on_after(1.0) as scope:
+        scope.shield = True
+        with suppress(Exception):
+            await stack.__aexit__(StreamAbandoned, StreamAbandoned("given up"), None)
+
+
+class StreamAbandoned(Karma8Error):
+    """A part stream the gateway stopped reading from (its node failed or was too slow)."""
+
+
+class _RedundantCursor:
+    """Data part ``part``'s bytes from wherever they can be had: its first copy, else the
+    next copy, else (parity) rebuilt from other parts, switching source at the exact byte
+    where the last one failed. A failure is an error of the node (Unavailable, a storage
+    failure), a chunk that fails its checks (IntegrityError: the node checks each block
+    before handing it on, so nothing wrong was handed out), or no answer within
+    ``read_deadline``. Raises Unavailable once no source is left."""
+
+    def __init__(self, sources: _Sources, part: int, offset: int, length: int) -> None:
+        self._sources = sources
+        self._part = part
+        self._pos = offset
+        self._end = offset + length
+        self._cursor: _PartCursor | None = None
+        self._slot: int | None = None
+
+    @classmethod
+    async def open(cls, sources: _Sources, part: int, offset: int, length: int) -> _RedundantCursor:
+        cursor = cls(sources, part, offset, length)
+        await cursor._switch()
+        return cursor
+
+    async def _switch(self) -> None:
+        sources = self._sources
+        if self._slot is not None:
+            await sources.give_up(self._slot, self._cursor)
+        self._cursor = self._slot = None
+        for slot in sources.layout.copies_of(self._part):
+            if slot in sources.failed:
+                continue
+            cursor = await sources.open(slot, self._pos, self._end - self._pos)
+            if cursor is not None:
+                self._cursor, self._slot = cursor, slot
+                return
+        if sources.layout.parity:
+            rebuilt = _RebuiltPart(sources, self._part, self._pos, self._end)
+            self._cursor = _PartCursor(sources.slot(self._part), rebuilt, self._end - self._pos)
+            return
+        raise Unavailable(
+            f"part {self._part} of version {sources.version.version_id}: no copy can be read"
+        )
+
+    async def read(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes (at least one) of the part."""
+        limit = min(limit, self._end - self._pos)
+        while True:
+            assert self._cursor is not None
+            if self._slot is None:
+                # Rebuilding: each source has its own deadline; an error means too many
+                # parts are lost, and propagates.
+                rebuilt = await self._cursor.read(limit)
+                self._pos += len(rebuilt)
+                return rebuilt
+            piece: bytes | None = None
+            with trio.move_on_after(self._sources.deadline):
+                with suppress(Karma8Error):
+                    piece = await self._cursor.read(limit)
+            if piece is None:
+                await self._switch()
+                continue
+            self._pos += len(piece)
+            return piece
+
+
+class _RebuiltPart:
+    """Bytes ``[pos, end)`` of data part ``part`` rebuilt, block by block, from the same
+    bytes of k other parts (data parts and parity parts; see :mod:`karma8.core.erasure`).
+    A source that fails is dropped for the rest of the read and another takes its place."""
+
+    BLOCK = 1 << 20
+
+    def __init__(self, sources: _Sources, part: int, pos: int, end: int) -> None:
+        self._sources = sources
+        self._part = part
+        self._pos = pos
+        self._end = end
+        self._cursors: dict[int, _PartCursor] = {}
+
+    def __aiter__(self) -> _RebuiltPart:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._pos >= self._end:
+            raise StopAsyncIteration
+        sources = self._sources
+        layout = sources.layout
+        count = min(self.BLOCK, self._end - self._pos)
+        shares: dict[int, bytes | None] = {}
+        # The k sources are read at once; one that fails is replaced by the next slot.
+        while sum(b is not None for b in shares.values()) < layout.parts:
+            need = layout.parts - sum(b is not None for b in shares.values())
+            batch = [
+                s
+                for s in range(layout.slots)
+                if s != self._part and s not in sources.failed and s not in shares
+            ][:need]
+            if len(batch) < need:
+                raise Unavailable(
+                    f"part {self._part} of version {sources.version.version_id} cannot be"
+                    f" rebuilt: {len(sources.failed)} of its parts cannot be read"
+                )
+            async with trio.open_nursery() as nursery:
+                for slot in batch:
+                    nursery.start_soon(self._fetch, slot, count, shares)
+        self._pos += count
+        found = {slot: block for slot, block in shares.items() if block is not None}
+        return rebuild(layout.parts, layout.parity, found)[self._part]
+
+    async def _fetch(self, slot: int, count: int, shares: dict[int, bytes | None]) -> None:
+        shares[slot] = await self._block(slot, count)
+
+    async def _block(self, slot: int, count: int) -> bytes | None:
+        """``count`` bytes of ``slot`` from ``_pos``, zero-padded past its end; None if the
+        slot fails (it is then dropped)."""
+        sources = self._sources
+        size = sources.slot(slot).size or 0
+        real = max(0, min(self._pos + count, size) - self._pos)
+        cursor = self._cursors.get(slot)
+        if cursor is None and real:
+            cursor = await sources.open(slot, self._pos, min(self._end, size) - self._pos)
+            if cursor is None:
+                return None
+            self._cursors[slot] = cursor
+        chunks: list[bytes] = []
+        got = 0
+        with trio.move_on_after(sources.deadline):
+            try:
+                while got < real:
+                    assert cursor is not None
+                    chunk = await cursor.read(real - got)
+                    chunks.append(chunk)
+                    got += len(chunk)
+            except Karma8Error:
+                pass
+        if got < real:
+            await sources.give_up(slot, self._cursors.pop(slot, None))
+            return None
+        block = b"".join(chunks)
+        return block if real == count else block + bytes(count - real)

@@ -37,6 +37,10 @@ class NamespaceInfo:
     public: bool
     enabled: bool
     created_at: float
+    # The engine new files are written with (see karma8.core.layout.engine_redundancy).
+    engine: str = "raid0"
+    copies: int = 1
+    parity: int = 0
 
 
 @attrs.frozen(kw_only=True)

@@ -19,6 +19,12 @@ Reading maps a byte range of the file to *segments* ``(part, offset, length)`` i
 concatenating the segments' bytes gives the range. The layout ``(k, u)`` is stored with every
 file version, so old files read back after the defaults change.
 
+Redundancy is part of the layout too: a version is written to ``slots`` stored parts. raid0
+has the k data parts (slots 0..k-1); raid1 (``copies`` r > 1) writes copy c of data part i
+to slot ``c*k + i``; parity (``parity`` m > 0) adds m parity parts in slots k..k+m-1, each as
+long as the longest data part (the data parts of the tail, zero-padded, are its code's input;
+see :mod:`karma8.core.erasure`).
+
 Everything here is pure and synchronous: no I/O, no trio.
 """
 
@@ -31,6 +37,38 @@ import attrs
 DEFAULT_PARTS = 5
 DEFAULT_UNIT = 4 << 20  # the stripe unit of new files unless configured
 DEFAULT_MAX_FILE_SIZE = 1 << 40  # the largest file a gateway or discovery accepts
+MAX_PARITY = 2  # parity parts a version may have
+MAX_COPIES = 5  # copies of each part a raid1 version may have
+
+
+ENGINES = ("raid0", "raid1", "parity")
+DEFAULT_COPIES = 2  # a raid1 namespace's copies of each part unless chosen
+DEFAULT_PARITY = 1  # a parity namespace's parity parts unless chosen
+
+
+def engine_redundancy(
+    engine: str, *, copies: int | None = None, parity: int | None = None
+) -> tuple[int, int]:
+    """``(copies, parity)`` of an engine, its defaults filled in.
+
+    Raises:
+        ValueError: an unknown engine, or a setting it has not or out of range.
+    """
+    if engine == "raid0" and copies in (None, 1) and parity in (None, 0):
+        return 1, 0
+    if engine == "raid1" and parity in (None, 0):
+        copies = DEFAULT_COPIES if copies is None else copies
+        if not 2 <= copies <= MAX_COPIES:
+            raise ValueError(f"raid1 keeps 2 to {MAX_COPIES} copies of each part, not {copies}")
+        return copies, 0
+    if engine == "parity" and copies in (None, 1):
+        parity = DEFAULT_PARITY if parity is None else parity
+        if not 1 <= parity <= MAX_PARITY:
+            raise ValueError(f"parity adds 1 to {MAX_PARITY} parity parts, not {parity}")
+        return 1, parity
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    raise ValueError(f"{engine} takes no {'copies' if engine != 'raid1' else 'parity'} setting")
 
 
 def _validate_positive(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -53,10 +91,65 @@ class StripeLayout:
 
     parts: int = attrs.field(default=DEFAULT_PARTS, validator=_validate_positive)
     unit: int = attrs.field(default=DEFAULT_UNIT, validator=_validate_positive)
+    copies: int = attrs.field(default=1)
+    parity: int = attrs.field(default=0)
+
+    @copies.validator
+    def _check_copies(self, _attribute: object, value: int) -> None:
+        if not 1 <= value <= MAX_COPIES:
+            raise ValueError(f"copies must be between 1 and {MAX_COPIES}, got {value}")
+
+    @parity.validator
+    def _check_parity(self, _attribute: object, value: int) -> None:
+        if not 0 <= value <= MAX_PARITY:
+            raise ValueError(f"parity must be between 0 and {MAX_PARITY}, got {value}")
+        if value and self.copies > 1:
+            raise ValueError("a layout has copies or parity parts, not both")
 
     @property
     def row_size(self) -> int:
         return self.parts * self.unit
+
+    @property
+    def engine(self) -> str:
+        """``raid0``, ``raid1`` or ``parity``."""
+        if self.parity:
+            return "parity"
+        return "raid1" if self.copies > 1 else "raid0"
+
+    @property
+    def slots(self) -> int:
+        """How many parts are stored: data parts, their copies and parity parts."""
+        return self.parts * self.copies + self.parity
+
+    @property
+    def tolerates(self) -> int:
+        """How many of a version's nodes may be lost with every byte still readable."""
+        return self.copies - 1 + self.parity
+
+    def data_part(self, slot: int) -> int | None:
+        """The data part that ``slot`` holds (a copy of), or None for a parity part."""
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot must be between 0 and {self.slots - 1}, got {slot}")
+        if slot >= self.parts * self.copies:
+            return None
+        return slot % self.parts
+
+    def spare(self, readable: set[int]) -> int:
+        """How many more stored parts may be lost, with only the slots in ``readable``
+        readable: :attr:`tolerates` at full redundancy, -1 if the file cannot be read."""
+        if self.parity:
+            return len(readable) - self.parts
+        return min(sum(s in readable for s in self.copies_of(p)) for p in range(self.parts)) - 1
+
+    def copies_of(self, part: int) -> tuple[int, ...]:
+        """The slots that hold data part ``part``, the first copy first."""
+        return tuple(c * self.parts + part for c in range(self.copies))
+
+    def slot_sizes(self, size: int) -> tuple[int, ...]:
+        """Size of every stored part (slot) of a file of ``size`` bytes."""
+        sizes = self.part_sizes(size)
+        return sizes * self.copies + (sizes[0],) * self.parity
 
     def part_sizes(self, size: int) -> tuple[int, ...]:
         """Size of every part of a file of ``size`` bytes."""

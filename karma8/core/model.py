@@ -79,11 +79,15 @@ class NodeStatus:
 
 @attrs.frozen(kw_only=True)
 class ClusterTotals:
-    """What the cluster stores: current files and their bytes, and uploads under way."""
+    """What the cluster stores: current files and their bytes, and uploads under way.
+
+    ``degraded_files``: current files with a part on an unavailable node, i.e. below full
+    redundancy (a raid0 file among them cannot be read until the node is back)."""
 
     files: int
     bytes: int
     pending_uploads: int
+    degraded_files: int = 0
 
 
 @attrs.frozen(kw_only=True)

@@ -12,6 +12,7 @@ import sqlite3
 
 from karma8.core.access import NamespaceInfo, Right, TokenInfo
 from karma8.core.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
+from karma8.core.layout import StripeLayout
 from karma8.metadata.database import SqliteDatabase
 
 
@@ -29,20 +30,29 @@ class NamespaceStore(SqliteDatabase):
             if public:
                 db.execute("UPDATE namespaces SET public = 1 WHERE name = ?", (namespace,))
 
-    def add_namespace(self, namespace: str, now: float, *, public: bool) -> NamespaceInfo:
-        """Create ``namespace`` (an operator's command). Idempotent; a disabled namespace is
-        enabled again. Raises InvalidRequest if it exists and is public where ``public`` says
-        private, or the other way round (that is not changed silently)."""
+    def add_namespace(
+        self, namespace: str, now: float, *, public: bool, copies: int = 1, parity: int = 0
+    ) -> NamespaceInfo:
+        """Create ``namespace`` (an operator's command) with an engine (``copies`` of each part
+        or ``parity`` parts; see :func:`karma8.core.layout.engine_redundancy`). Idempotent; a
+        disabled namespace is enabled again. Raises InvalidRequest if it exists and is public
+        where ``public`` says private, or the other way round, or has another engine (that is
+        not changed silently: files keep the engine they were written with)."""
         with self._tx() as db:
             row = _namespace_row(db, namespace)
             if row is None:
                 db.execute(
-                    "INSERT INTO namespaces(name, created_at, public) VALUES (?, ?, ?)",
-                    (namespace, now, int(public)),
+                    "INSERT INTO namespaces(name, created_at, public, copies, parity)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (namespace, now, int(public), copies, parity),
                 )
             elif bool(row["public"]) != public:
                 what = "public" if row["public"] else "private"
                 raise InvalidRequest(f"namespace {namespace!r} already exists and is {what}")
+            elif (row["copies"], row["parity"]) != (copies, parity):
+                raise InvalidRequest(
+                    f"namespace {namespace!r} already exists with engine {_namespace(row).engine}"
+                )
             else:
                 db.execute("UPDATE namespaces SET enabled = 1 WHERE name = ?", (namespace,))
             info = _namespace_row(db, namespace)
@@ -63,6 +73,13 @@ class NamespaceStore(SqliteDatabase):
     def list_namespaces(self) -> list[NamespaceInfo]:
         rows = self._db.execute("SELECT * FROM namespaces ORDER BY name").fetchall()
         return [_namespace(r) for r in rows]
+
+    def namespace_info(self, namespace: str) -> NamespaceInfo:
+        """An enabled namespace; raises NotFound for an unknown or disabled one."""
+        row = _namespace_row(self._db, namespace)
+        if row is None or not row["enabled"]:
+            raise NotFound(f"namespace {namespace!r} does not exist")
+        return _namespace(row)
 
     def namespace_exists(self, namespace: str) -> bool:
         row = _namespace_row(self._db, namespace)
@@ -164,6 +181,9 @@ def _namespace(row: sqlite3.Row) -> NamespaceInfo:
         public=bool(row["public"]),
         enabled=bool(row["enabled"]),
         created_at=row["created_at"],
+        engine=StripeLayout(copies=row["copies"], parity=row["parity"]).engine,
+        copies=row["copies"],
+        parity=row["parity"],
     )
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import sqlite3
 
 from karma8.core.errors import DiskFull, UploadConflict
-from karma8.core.layout import StripeLayout
 from karma8.core.model import VersionState
+from karma8.metadata.rows import layout_of
 
 
 def extend(db: sqlite3.Connection, version_id: str, size: int) -> None:
@@ -24,12 +24,12 @@ def extend(db: sqlite3.Connection, version_id: str, size: int) -> None:
         DiskFull: A part's node has no room for the extra bytes (nothing is reserved).
     """
     row = db.execute(
-        "SELECT state, k, unit FROM versions WHERE version_id = ?", (version_id,)
+        "SELECT state, k, unit, copies, parity FROM versions WHERE version_id = ?", (version_id,)
     ).fetchone()
     if row is None or row["state"] != VersionState.PENDING.value:
         state = "unknown" if row is None else row["state"]
         raise UploadConflict(f"upload {version_id} is {state}, not pending")
-    wanted = StripeLayout(parts=row["k"], unit=row["unit"]).part_sizes(size)
+    wanted = layout_of(row).slot_sizes(size)
     parts = db.execute(
         "SELECT p.idx, p.node_id, p.reserved, n.capacity_bytes - n.used_bytes"
         " - n.reserved_bytes AS free FROM parts p JOIN nodes n USING (node_id)"

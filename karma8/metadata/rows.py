@@ -45,7 +45,7 @@ def load_version(db: sqlite3.Connection, version_id: str) -> FileVersion:
         name=row["name"],
         state=VersionState(row["state"]),
         size=row["size"],
-        layout=StripeLayout(parts=row["k"], unit=row["unit"]),
+        layout=layout_of(row),
         parts=tuple(
             PartPlacement(
                 index=p["idx"],
@@ -86,4 +86,11 @@ def node_load(row: sqlite3.Row) -> NodeLoad:
         reserved=row["reserved_bytes"],
         available=row["state"] == NodeState.AVAILABLE.value,
         live=row["live_bytes"],
+    )
+
+
+def layout_of(row: sqlite3.Row) -> StripeLayout:
+    """The layout a version row was written with."""
+    return StripeLayout(
+        parts=row["k"], unit=row["unit"], copies=row["copies"], parity=row["parity"]
     )

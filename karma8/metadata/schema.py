@@ -16,7 +16,9 @@ CREATE TABLE IF NOT EXISTS namespaces (
     name        TEXT PRIMARY KEY,
     created_at  REAL NOT NULL,
     enabled     INTEGER NOT NULL DEFAULT 1,
-    public      INTEGER NOT NULL DEFAULT 0
+    public      INTEGER NOT NULL DEFAULT 0,
+    copies      INTEGER NOT NULL DEFAULT 1,
+    parity      INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS tokens (
     token_id    TEXT PRIMARY KEY,
@@ -51,6 +53,8 @@ CREATE TABLE IF NOT EXISTS versions (
     size_hint     INTEGER,
     k             INTEGER NOT NULL,
     unit          INTEGER NOT NULL,
+    copies        INTEGER NOT NULL DEFAULT 1,
+    parity        INTEGER NOT NULL DEFAULT 0,
     etag          TEXT,
     created_at    REAL NOT NULL,
     expires_at    REAL NOT NULL,
@@ -102,6 +106,13 @@ def add_missing_columns(db: sqlite3.Connection) -> None:
     namespace_columns = {r[1] for r in db.execute("PRAGMA table_info(namespaces)")}
     if "public" not in namespace_columns:  # namespaces before access control: private
         db.execute("ALTER TABLE namespaces ADD COLUMN public INTEGER NOT NULL DEFAULT 0")
+    # Engines came later: older namespaces and versions are raid0 (one copy, no parity).
+    for table in ("namespaces", "versions"):
+        have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        if "copies" not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN copies INTEGER NOT NULL DEFAULT 1")
+        if "parity" not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN parity INTEGER NOT NULL DEFAULT 0")
     columns = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
     if "failed_at" not in columns:
         db.execute("ALTER TABLE nodes ADD COLUMN failed_at REAL")

@@ -49,7 +49,7 @@ from karma8.core.placement import NodeLoad
 from karma8.core.rebalance import MovablePart, NodeFill
 from karma8.metadata import moves, reservations, totals
 from karma8.metadata.access import NamespaceStore
-from karma8.metadata.rows import committed_id, load_version, node_load, node_status
+from karma8.metadata.rows import committed_id, layout_of, load_version, node_load, node_status
 
 
 class SqliteMetadataStore(NamespaceStore):
@@ -142,7 +142,7 @@ class SqliteMetadataStore(NamespaceStore):
         # rest is reserved as it arrives (:meth:`extend_reservation`).
         reserved_for = size_hint if reserve_size is None else min(reserve_size, size_hint or 0)
         reserve = (
-            layout.part_sizes(reserved_for) if reserved_for is not None else (0,) * layout.parts
+            layout.slot_sizes(reserved_for) if reserved_for is not None else (0,) * layout.slots
         )
         with self._tx() as db:
             self._require_namespace(db, namespace)
@@ -155,8 +155,8 @@ class SqliteMetadataStore(NamespaceStore):
             db.execute(
                 """
                 INSERT INTO versions(version_id, namespace, name, state, size_hint, k, unit,
-                                     created_at, expires_at)
-                VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?)
+                                     copies, parity, created_at, expires_at)
+                VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)
                 """,
                 (
                     version_id,
@@ -165,6 +165,8 @@ class SqliteMetadataStore(NamespaceStore):
                     size_hint,
                     layout.parts,
                     layout.unit,
+                    layout.copies,
+                    layout.parity,
                     now,
                     expires_at,
                 ),
@@ -219,7 +221,7 @@ class SqliteMetadataStore(NamespaceStore):
                 raise UploadConflict(f"upload {version_id} is {row['state']}, not pending")
             if row["expires_at"] <= now:
                 raise UploadConflict(f"upload {version_id} expired")
-            layout = StripeLayout(parts=row["k"], unit=row["unit"])
+            layout = layout_of(row)
             by_index = _check_receipts(version_id, layout, size, receipts)
             previous = committed_id(db, row["namespace"], row["name"])
             if previous is not None:
@@ -289,8 +291,9 @@ class SqliteMetadataStore(NamespaceStore):
             db.execute(
                 """
                 INSERT INTO versions(version_id, namespace, name, state, size_hint, k, unit,
-                                     created_at, expires_at, size, committed_at, etag)
-                VALUES (?, ?, ?, 'committed', ?, ?, ?, ?, ?, ?, ?, ?)
+                                     copies, parity, created_at, expires_at, size,
+                                     committed_at, etag)
+                VALUES (?, ?, ?, 'committed', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 """,
                 (
                     version_id,
@@ -299,6 +302,8 @@ class SqliteMetadataStore(NamespaceStore):
                     size,
                     layout.parts,
                     layout.unit,
+                    layout.copies,
+                    layout.parity,
                     created_at,
                     now,
                     size,
@@ -472,6 +477,13 @@ class SqliteMetadataStore(NamespaceStore):
 
     # -- garbage --------------------------------------------------------------------------
 
+    def stale_copies(self) -> list[tuple[str, str]]:
+        """Every copy a move left behind, not deleted yet: (part key, node id)."""
+        rows = self._db.execute(
+            "SELECT part_key, node_id FROM stale_copies ORDER BY part_key, node_id"
+        ).fetchall()
+        return [(r["part_key"], r["node_id"]) for r in rows]
+
     def garbage_for_node(self, node_id: str, *, retired_before: float, limit: int) -> list[str]:
         """Keys the node should delete: parts of aborted versions, parts of versions retired
         before ``retired_before``, and copies a move left behind as long ago."""
@@ -628,11 +640,15 @@ class SqliteMetadataStore(NamespaceStore):
 def _check_receipts(
     version_id: str, layout: StripeLayout, size: int, receipts: Sequence[PartReceipt]
 ) -> dict[int, PartReceipt]:
-    """The receipts by part index, once they are one per part with the layout's sizes."""
+    """The receipts by slot, once they are one per stored part with the layout's sizes and
+    every copy of a data part has the same checksum."""
     by_index = {r.index: r for r in receipts}
-    if sorted(by_index) != list(range(layout.parts)) or len(receipts) != layout.parts:
+    if sorted(by_index) != list(range(layout.slots)) or len(receipts) != layout.slots:
         raise IntegrityError(f"upload {version_id}: need one receipt per part")
-    for index, want in enumerate(layout.part_sizes(size)):
+    for part in range(layout.parts):
+        if len({by_index[slot].checksum for slot in layout.copies_of(part)}) > 1:
+            raise IntegrityError(f"upload {version_id}: the copies of part {part} differ")
+    for index, want in enumerate(layout.slot_sizes(size)):
         if by_index[index].size != want:
             raise IntegrityError(
                 f"upload {version_id}: part {index} has {by_index[index].size} bytes,"

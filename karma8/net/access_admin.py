@@ -16,6 +16,8 @@ from typing import Any
 import trio
 
 from karma8.core.access import NamespaceInfo, TokenInfo
+from karma8.core.errors import NotFound
+from karma8.core.layout import ENGINES
 from karma8.core.tomlconf import ConfigError
 from karma8.net.codec import encode
 
@@ -37,7 +39,18 @@ def add_access_commands(
     create.add_argument(
         "--public", action="store_true", help="anyone may read and write it, without a token"
     )
+    create.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="raid0",
+        help="raid0: 5 parts (default); raid1: each part on --copies nodes;"
+        " parity: 5 parts and --parity parity parts",
+    )
+    create.add_argument("--copies", type=int, help="raid1: copies of each part (default 2)")
+    create.add_argument("--parity", type=int, help="parity: parity parts, 1 or 2 (default 1)")
     actions.add_parser("list", help="list namespaces")
+    show = actions.add_parser("show", help="one namespace: access, state and engine")
+    show.add_argument("name")
     disable = actions.add_parser("disable", help="refuse every request (404); files are kept")
     disable.add_argument("name")
     token = commands.add_parser("token", help="create, list or revoke access tokens")
@@ -87,7 +100,18 @@ async def _call(args: argparse.Namespace, url: str, secret: str | None) -> Any:
         discovery = HttpDiscoveryClient(http, url)
         match args.command, args.action:
             case "namespace", "create":
-                return await discovery.create_namespace(namespace=args.name, public=args.public)
+                return await discovery.create_namespace(
+                    namespace=args.name,
+                    public=args.public,
+                    engine=args.engine,
+                    copies=args.copies,
+                    parity=args.parity,
+                )
+            case "namespace", "show":
+                for info in await discovery.list_namespaces():
+                    if info.name == args.name:
+                        return info
+                raise NotFound(f"namespace {args.name!r} does not exist")
             case "namespace", "list":
                 return await discovery.list_namespaces()
             case "namespace", "disable":
@@ -106,12 +130,21 @@ async def _call(args: argparse.Namespace, url: str, secret: str | None) -> Any:
 def namespaces_table(namespaces: list[NamespaceInfo]) -> str:
     from karma8.net.admin import table
 
-    rows = [("NAME", "ACCESS", "STATE", "CREATED")]
+    rows = [("NAME", "ACCESS", "STATE", "ENGINE", "CREATED")]
     for n in namespaces:
         access = "public (anyone reads and writes)" if n.public else "tokens"
         state = "enabled" if n.enabled else "disabled"
-        rows.append((n.name, access, state, _time(n.created_at)))
+        rows.append((n.name, access, state, engine_label(n), _time(n.created_at)))
     return table(rows)
+
+
+def engine_label(n: NamespaceInfo) -> str:
+    """``raid0``, ``raid1 x2`` or ``parity 5+1``, with the failures it tolerates."""
+    if n.engine == "raid1":
+        return f"raid1 x{n.copies} (survives {n.copies - 1} lost node)"
+    if n.engine == "parity":
+        return f"parity 5+{n.parity} (survives {n.parity} lost node{'s' if n.parity > 1 else ''})"
+    return "raid0"
 
 
 def tokens_table(tokens: list[TokenInfo]) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from karma8.core.errors import Karma8Error
+from karma8.core.layout import StripeLayout
 from karma8.core.model import FileVersion, NodeState, NodeStatus
 from karma8.core.placement import usable_capacity
 from karma8.core.rebalance_report import IDLE, REBALANCING, PlanSummary, RebalanceReport
@@ -41,11 +42,27 @@ async def start_rebalance(discovery_url: str, secret: str | None) -> RebalanceRe
 
 async def fetch_version(
     discovery_url: str, secret: str | None, namespace: str, name: str
-) -> FileVersion:
+) -> tuple[FileVersion, dict[str, NodeState]]:
+    """A file's current version, and the state of every node (for its redundancy)."""
     async with make_http_client(secret, timeout=10.0) as http:
-        return await HttpDiscoveryClient(http, discovery_url).resolve(
-            namespace=namespace, name=name
-        )
+        discovery = HttpDiscoveryClient(http, discovery_url)
+        version = await discovery.resolve(namespace=namespace, name=name)
+        nodes = await discovery.list_nodes()
+    return version, {n.node_id: n.state for n in nodes}
+
+
+def redundancy(version: FileVersion, states: dict[str, NodeState]) -> str:
+    """``full``, ``degraded`` or ``unreadable``, and the node losses the file still survives
+    (a part on an unavailable node counts as lost)."""
+    readable = {
+        p.index for p in version.parts if states.get(p.node.node_id) is not NodeState.UNAVAILABLE
+    }
+    spare = version.layout.spare(readable)
+    if spare < 0:
+        return "unreadable until a node is back"
+    if spare == version.layout.tolerates:
+        return f"full (survives {spare} lost node{'' if spare == 1 else 's'})"
+    return f"degraded: survives {spare} more lost node{'' if spare == 1 else 's'}"
 
 
 def fill_percent(node: NodeStatus) -> float:
@@ -159,22 +176,52 @@ def nodes_table(nodes: list[NodeStatus]) -> str:
     )
 
 
-def version_json(version: FileVersion) -> dict[str, Any]:
-    return encode(version)
+def version_json(version: FileVersion, states: dict[str, NodeState]) -> dict[str, Any]:
+    return {**encode(version), "redundancy": redundancy(version, states)}
 
 
-def version_table(version: FileVersion) -> str:
+def engine_of(layout: StripeLayout) -> str:
+    """A layout's engine and the node losses it survives."""
+    if layout.engine == "raid1":
+        return f"raid1, {layout.copies} copies of each part (survives {layout.tolerates} lost)"
+    if layout.engine == "parity":
+        return f"parity, 5+{layout.parity} (survives {layout.tolerates} lost)"
+    return "raid0 (no redundancy)"
+
+
+def holds(layout: StripeLayout, slot: int) -> str:
+    """What a stored part is: ``data 3``, ``copy 2 of 3``, ``parity 1``."""
+    part = layout.data_part(slot)
+    if part is None:
+        return f"parity {slot - layout.parts * layout.copies + 1}"
+    copy = slot // layout.parts
+    return f"data {part}" if copy == 0 else f"copy {copy + 1} of {part}"
+
+
+def version_table(version: FileVersion, states: dict[str, NodeState]) -> str:
     head = [
         f"{version.namespace}/{version.name}",
         f"  version   {version.version_id} ({version.state.value})",
         f"  size      {version.size} bytes",
         f"  layout    {version.layout.parts} parts, stripe unit {version.layout.unit} bytes",
+        f"  engine    {engine_of(version.layout)}",
+        f"  redundancy {redundancy(version, states)}",
         f"  etag      {version.etag}",
         "",
     ]
-    rows = [("PART", "NODE", "SIZE", "CHECKSUM (sha256)")]
+    rows = [("PART", "HOLDS", "NODE", "NODE STATE", "SIZE", "CHECKSUM (sha256)")]
     for p in version.parts:
-        rows.append((str(p.index), p.node.node_id, str(p.size), p.checksum or "-"))
+        state = states.get(p.node.node_id)
+        rows.append(
+            (
+                str(p.index),
+                holds(version.layout, p.index),
+                p.node.node_id,
+                "-" if state is None else state.value,
+                str(p.size),
+                p.checksum or "-",
+            )
+        )
     return "\n".join(head) + table(rows)
 
 

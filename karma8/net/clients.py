@@ -208,8 +208,20 @@ class HttpDiscoveryClient(_Http):
         )
         return [decode(e, FileEntry) for e in result["files"]]
 
-    async def create_namespace(self, *, namespace: str, public: bool = False) -> NamespaceInfo:
-        body = {"public": public}
+    async def create_namespace(
+        self,
+        *,
+        namespace: str,
+        public: bool = False,
+        engine: str = "raid0",
+        copies: int | None = None,
+        parity: int | None = None,
+    ) -> NamespaceInfo:
+        body: dict[str, object] = {"public": public, "engine": engine}
+        if copies is not None:
+            body["copies"] = copies
+        if parity is not None:
+            body["parity"] = parity
         path = f"/v1/namespaces/{_path(namespace)}"
         return decode(await self._json("PUT", path, json=body), NamespaceInfo)
 

@@ -7,8 +7,10 @@ POST   /v1/uploads/{version_id}/parts/{index}/replace   {failed_node_id} -> the 
 GET    /v1/files/{namespace}/{name}        the committed version (404 if none)
 DELETE /v1/files/{namespace}/{name}        {"deleted": bool}
 GET    /v1/files/{namespace}?prefix=&after=&limit=
-GET    /v1/namespaces                      {namespaces:[{name,public,enabled,created_at}]}
-PUT    /v1/namespaces/{namespace}          create {public}: the namespace (idempotent)
+GET    /v1/namespaces                      {namespaces:[{name,public,enabled,created_at,
+                                                        engine,copies,parity}]}
+PUT    /v1/namespaces/{namespace}          create {public,engine,copies,parity}: the namespace
+                                            (idempotent)
 POST   /v1/namespaces/{namespace}/disable  the namespace, disabled
 POST   /v1/tokens                          {namespace,read,write}: 201 {token, token_id, ...}
 GET    /v1/tokens?namespace=               {tokens:[...]}, never their secrets
@@ -156,10 +158,21 @@ def discovery_app(
     @app.route("/v1/namespaces/<namespace>", methods=["PUT"])
     async def create_namespace(namespace: str) -> Response:
         body = await request.get_json(force=True, silent=True) or {}
-        public = body.get("public", False) if isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            raise InvalidRequest("the body must be a JSON object")
+        public = body.get("public", False)
         if not isinstance(public, bool):
             raise InvalidRequest("public must be true or false")
-        info = await discovery.create_namespace(namespace=namespace, public=public)
+        engine = body.get("engine", "raid0")
+        if not isinstance(engine, str):
+            raise InvalidRequest("engine must be raid0, raid1 or parity")
+        copies, parity = body.get("copies"), body.get("parity")
+        for field, value in (("copies", copies), ("parity", parity)):
+            if value is not None and (type(value) is not int):
+                raise InvalidRequest(f"{field} must be a whole number")
+        info = await discovery.create_namespace(
+            namespace=namespace, public=public, engine=engine, copies=copies, parity=parity
+        )
         return jsonify(encode(info))
 
     @app.route("/v1/namespaces/<namespace>/disable", methods=["POST"])

@@ -108,6 +108,13 @@ def discovery_source(discovery: Discovery, rebalancer: Rebalancer) -> Source:
                 totals.pending_uploads,
             ),
             (
+                "karma8_degraded_files",
+                "gauge",
+                "Current files with a part on an unavailable node (below full redundancy)",
+                {},
+                totals.degraded_files,
+            ),
+            (
                 "karma8_rebalance_moved_parts",
                 "counter",
                 "Parts moved by the rebalancer",

@@ -41,7 +41,8 @@ def render(status: ClusterStatus) -> Any:
         ("karma8", "bold"),
         f"  {len(status.nodes)} nodes ({status.count(NodeState.AVAILABLE)} available),"
         f" {format_size(status.used_bytes)} of {format_size(status.capacity_bytes)} used\n",
-        f"{t.files} files, {format_size(t.bytes)}; {t.pending_uploads} uploads in flight",
+        f"{t.files} files, {format_size(t.bytes)}; {t.pending_uploads} uploads in flight;"
+        f" {t.degraded_files} below full redundancy",
     )
     moving = (
         f"rebalancing: {r.state}, spread {r.status.spread_pp:.2f} pp,"

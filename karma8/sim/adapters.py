@@ -96,9 +96,19 @@ class SimDiscoveryClient:
 
         return await self._net.call(self._src, DISCOVERY, "list_files", op)
 
-    async def create_namespace(self, *, namespace: str, public: bool = False) -> NamespaceInfo:
+    async def create_namespace(
+        self,
+        *,
+        namespace: str,
+        public: bool = False,
+        engine: str = "raid0",
+        copies: int | None = None,
+        parity: int | None = None,
+    ) -> NamespaceInfo:
         async def op(d: Discovery) -> NamespaceInfo:
-            return await d.create_namespace(namespace=namespace, public=public)
+            return await d.create_namespace(
+                namespace=namespace, public=public, engine=engine, copies=copies, parity=parity
+            )
 
         return await self._net.call(self._src, DISCOVERY, "create_namespace", op)
 

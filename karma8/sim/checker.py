@@ -27,17 +27,20 @@ def final_reads(history: History, finals: list[Op]) -> list[str]:
 
 
 def layout_holds(cluster: SimCluster) -> list[str]:
-    """Committed versions: k parts on k distinct nodes, sizes per layout, bytes per checksum."""
+    """Committed versions: every stored part (data parts, copies, parity parts) on its own
+    node, sizes per layout, bytes per checksum."""
     problems = []
     disks = {node.node_id: node.disk for node in cluster.nodes}
     for version in cluster.store.versions(VersionState.COMMITTED):
         assert version.size is not None
-        expected = version.layout.part_sizes(version.size)
+        expected = version.layout.slot_sizes(version.size)
         nodes = [p.node.node_id for p in version.parts]
         where = f"{version.namespace}/{version.name} ({version.version_id})"
-        if len(version.parts) != version.layout.parts or len(set(nodes)) != len(nodes):
+        if len(version.parts) != version.layout.slots or len(set(nodes)) != len(nodes):
             problems.append(f"{where}: parts on nodes {nodes}")
         for part in version.parts:
+            if part.key in cluster.lost_keys:
+                continue  # wiped or damaged by a fault event: its loss is the event's
             stored = disks[part.node.node_id].parts.get(part.key)
             if stored is None:
                 problems.append(f"{where}: part {part.index} missing on {part.node.node_id}")
@@ -51,7 +54,7 @@ def layout_holds(cluster: SimCluster) -> list[str]:
                 problems.append(f"{where}: part {part.index} does not match its checksum")
         sizes = [
             len(disks[p.node.node_id].parts[p.key].data)
-            for p in version.parts
+            for p in version.parts[: version.layout.parts]
             if p.key in disks[p.node.node_id].parts
         ]
         if sizes and max(sizes) - min(sizes) > 1:
@@ -72,15 +75,27 @@ def no_orphans(cluster: SimCluster) -> list[str]:
         for key in sorted(node.disk.parts)
         if key not in live
     ]
+    # A node lost for good (wiped and not back) never deletes its share of garbage: versions
+    # with a part there stay, rightly, until it returns.
+    down = {n.node_id for n in cluster.nodes if not cluster.network.endpoint(n.node_id).up}
     for state in (VersionState.PENDING, VersionState.ABORTED, VersionState.RETIRED):
-        left = cluster.store.versions(state)
+        left = [
+            v for v in cluster.store.versions(state) if not {p.node.node_id for p in v.parts} & down
+        ]
         if left:
             problems.append(f"{len(left)} {state.value} versions remain after the quiet phase")
     counts = cluster.store.move_counts()
     if counts["moving_parts"]:
         problems.append(f"{counts['moving_parts']} part moves are still under way")
-    if counts["stale_copies"]:
-        problems.append(f"{counts['stale_copies']} copies left by moves are not deleted")
+    # Copies left on a node lost for good wait for it, like its other garbage; a part lost
+    # by a fault event fails every move of it, each leaving a (missing) copy to forget.
+    stale = [
+        (key, node)
+        for key, node in cluster.store.stale_copies()
+        if node not in down and key not in cluster.lost_keys
+    ]
+    if stale:
+        problems.append(f"{len(stale)} copies left by moves are not deleted")
     return problems
 
 

@@ -17,7 +17,7 @@ from karma8.actors.discovery import Discovery, DiscoveryConfig
 from karma8.actors.gateway import Gateway, GatewayConfig
 from karma8.actors.rebalancer import Rebalancer
 from karma8.actors.storage import StorageConfig, StorageNode
-from karma8.core.layout import StripeLayout
+from karma8.core.layout import StripeLayout, engine_redundancy
 from karma8.core.leases import PlacementLeases
 from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.sim.adapters import DISCOVERY, SimDiscoveryClient, SimStorageClient
@@ -61,6 +61,11 @@ class SimCluster:
             LinkConfig(latency=scenario.network.latency, bandwidth=scenario.network.bandwidth),
         )
         self.store = store or SqliteMetadataStore(":memory:")
+        # The workload's namespace, with the scenario's engine (discovery then finds it).
+        copies, parity = engine_redundancy(spec.engine, copies=spec.copies, parity=spec.parity)
+        self.store.add_namespace("default", 0.0, public=True, copies=copies, parity=parity)
+        # Keys of parts wiped or damaged by fault events: lost for good, nothing repairs them.
+        self.lost_keys: set[str] = set()
         self._leases = leases
         self.discovery: Discovery | None = None  # the discovery process last started
         self.discovery_config = DiscoveryConfig(
@@ -81,7 +86,7 @@ class SimCluster:
         self.rebalancer: Rebalancer | None = None  # of the discovery process last started
         self._disk_rng = world.rng("disk")
         # Handlers are tracked (a cancel scope per call) only if something can crash.
-        self.network.crashable = any(e.action == "crash" for e in scenario.events)
+        self.network.crashable = any(e.action in ("crash", "wipe") for e in scenario.events)
 
     def _discovery(self) -> Discovery:
         return Discovery(

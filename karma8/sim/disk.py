@@ -148,6 +148,13 @@ class MemoryDisk:
         await trio.lowlevel.checkpoint()
         return self._remove(key) is not None
 
+    def wipe(self) -> list[str]:
+        """Lose every part (a disk replaced): the keys that were on it."""
+        keys = sorted(self.parts)
+        for key in keys:
+            self._remove(key)
+        return keys
+
     def _remove(self, key: str) -> bytes | None:
         """Take a part out (a tombstone for a packed one, durable at once); its bytes."""
         ref = self.index.get(key)

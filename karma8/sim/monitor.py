@@ -57,7 +57,9 @@ class FaultWindow:
 # Faults that can make a call fail (a slow link only delays a call: the simulator has no
 # call timeouts). A write can also fail because it was slow: its upload outlives upload_ttl.
 BREAKS_CALLS = frozenset({"crash", "partition", "lossy_link"})
-BREAKS_WRITES = BREAKS_CALLS | {"disk_full", "fail_writes", "slow_link"}
+BREAKS_WRITES = BREAKS_CALLS | {"disk_full", "fail_writes", "slow_link", "wipe"}
+# What may make a part unreadable: its node unreachable, wiped, or the part damaged.
+BREAKS_PARTS = BREAKS_CALLS | {"wipe", "corrupt"}
 # Faults of one storage node (crash of a node, its disk full or failing).
 NODE_FAULTS = frozenset({"crash", "disk_full", "fail_writes"})
 
@@ -110,6 +112,9 @@ class Monitor:
     def __init__(self, history: History, timeline: FaultTimeline) -> None:
         self.history = history
         self.timeline = timeline
+        # How many of a file's nodes may be down, wiped or corrupt with every read still
+        # succeeding (the workload namespace's engine): more is needed to explain a failure.
+        self.tolerates = 0
         self.disk_of: Callable[[str], MemoryDisk | None] = lambda node_id: None
         self.committed_parts: list[str] = []
         self.uploads_cleaned: list[str] = []
@@ -148,13 +153,15 @@ class Monitor:
         now = trio.current_time()
         where = f"t={now:.6f} {version.namespace}/{version.name} ({version.version_id})"
         assert version.size is not None
-        expected = version.layout.part_sizes(version.size)
+        expected = version.layout.slot_sizes(version.size)
         nodes = [p.node.node_id for p in version.parts]
         self._committed_ids.add(version.version_id)
         self._part_nodes.setdefault(version.name, set()).update(nodes)
-        if len(set(nodes)) != len(nodes) or len(nodes) != version.layout.parts:
+        if len(set(nodes)) != len(nodes) or len(nodes) != version.layout.slots:
             self.committed_parts.append(f"{where}: committed with parts on nodes {nodes}")
         for part in version.parts:
+            if self.timeline.touches(0.0, now, {part.node.node_id}, frozenset({"wipe"})):
+                continue  # its disk was lost, maybe after it stored the part: a fault's loss
             disk = self.disk_of(part.node.node_id)
             stored = None if disk is None else disk.parts.get(part.key)
             if stored is None:
@@ -288,8 +295,14 @@ class Monitor:
         self.detections.extend((node_id, now) for node_id in node_ids)
 
     def _read_explained(self, op: Op) -> bool:
-        actors = {GATEWAY, DISCOVERY} | self._part_nodes.get(op.name, set())
-        if self.timeline.touches(op.start, op.end, actors, BREAKS_CALLS):
+        if self.timeline.touches(op.start, op.end, {GATEWAY, DISCOVERY}, BREAKS_CALLS):
+            return True
+        faulty = [
+            node
+            for node in sorted(self._part_nodes.get(op.name, set()))
+            if self.timeline.touches(op.start, op.end, {node}, BREAKS_PARTS)
+        ]
+        if len(faulty) > self.tolerates:
             return True
         # A write of the name racing the read may retire the version it is reading.
         return any(

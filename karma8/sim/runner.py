@@ -7,6 +7,7 @@ A run is a pure function of (scenario, seed): :func:`run_scenario` returns the s
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -130,6 +131,7 @@ async def _simulate(scenario: Scenario, seed: int, fill_interval: float) -> SimR
             leases=lambda: ObservedLeases(monitor),
         )
         monitor.disk_of = cluster.disk_of
+        monitor.tolerates = scenario.cluster.tolerates
         monitor.attach(cluster.store, nursery)
         await cluster.start()
         sampler = _fill_sampler(cluster, monitor.timeline, fill_interval)
@@ -206,6 +208,31 @@ async def _apply(
                 loss=event.loss,
             )
         )
+    elif event.action == "wipe":
+        # The node is lost with its disk; with a duration it comes back empty (a replaced
+        # disk). Its parts stay lost: nothing repairs them, so the fault never ends.
+        name = cluster.endpoint_name(event.target)
+        timeline.add("wipe", event.at, math.inf, [name])
+        cluster.crash(event.target)
+        disk = cluster.disk_of(name)
+        assert disk is not None
+        cluster.lost_keys.update(disk.wipe())
+        if event.duration > 0:
+            restarts.start_soon(_restart_later, cluster, event.target, until, name="sim-restart")
+    elif event.action == "corrupt":
+        name = cluster.endpoint_name(event.target)
+        timeline.add("corrupt", event.at, math.inf, [name])
+        disk = cluster.disk_of(name)
+        assert disk is not None
+        keys = sorted(disk.parts)
+        rng = cluster.world.rng("corrupt")
+        for key in rng.sample(keys, min(event.count, len(keys))):
+            stored = disk.parts[key]
+            data = stored.data
+            if data:
+                at = rng.randrange(len(data))
+                stored.data = data[:at] + bytes([data[at] ^ 0x5A]) + data[at + 1 :]
+                cluster.lost_keys.add(key)
     elif event.action == "fail_writes":
         node = cluster.nodes[event.node]
         timeline.add("fail_writes", event.at, until, [node.node_id])

@@ -19,6 +19,7 @@ from karma8.actors.discovery import DiscoveryConfig
 from karma8.actors.gateway import GatewayConfig
 from karma8.actors.rebalancer import RebalancerConfig, read_rebalance
 from karma8.actors.storage import StorageConfig
+from karma8.core.layout import engine_redundancy
 from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
 
 T = TypeVar("T")
@@ -54,6 +55,16 @@ class ClusterSpec:
     placement_lease: float = _DISCOVERY.placement_lease
     # Bodies up to this size take the small-file path (0: every body streams).
     small_file_max: int = _GATEWAY.small_file_max
+    # The engine of the workload's namespace (see karma8.core.layout.engine_redundancy).
+    engine: str = "raid0"
+    copies: int | None = None
+    parity: int | None = None
+
+    @property
+    def tolerates(self) -> int:
+        """How many lost, wiped or corrupt nodes the workload's files survive."""
+        copies, parity = engine_redundancy(self.engine, copies=self.copies, parity=self.parity)
+        return copies - 1 + parity
 
     @capacity.validator
     def _one_per_node(self, attribute: object, value: int | tuple[int, ...]) -> None:
@@ -160,6 +171,8 @@ ACTIONS = (
     "partition",
     "slow_link",
     "lossy_link",
+    "wipe",
+    "corrupt",
 )
 LINK_ACTIONS = ("partition", "slow_link", "lossy_link")
 _TARGET = re.compile(r"discovery|gateway|node:(\d+)")
@@ -228,7 +241,14 @@ def parse_scenario(
         orphan_grace=c.number("orphan_grace", cd.orphan_grace),
         placement_lease=c.number("placement_lease", cd.placement_lease, minimum=0.001),
         small_file_max=c.size("small_file_max", cd.small_file_max),
+        engine=c.string("engine", cd.engine),
+        copies=_optional(c, "copies", lambda key: c.integer(key, 2)),
+        parity=_optional(c, "parity", lambda key: c.integer(key, 1)),
     )
+    try:
+        engine_redundancy(cluster.engine, copies=cluster.copies, parity=cluster.parity)
+    except ValueError as exc:
+        raise c.fail("engine", str(exc)) from None
     c.finish()
 
     n = top.table("network")
@@ -344,6 +364,10 @@ def _check_event(e: TableReader, event: Event) -> None:
         raise e.fail("probability", f"must be <= 1, got {event.probability}")
     if event.action in ("fail_writes", "disk_full", "crash", *LINK_ACTIONS) and event.duration <= 0:
         raise e.fail("duration", f"{event.action} needs a duration > 0")
+    if event.action in ("wipe", "corrupt") and target_node(event.target) is None:
+        raise e.fail(
+            "target", f"{event.action} needs a storage node 'node:N', got {event.target!r}"
+        )
     if event.action == "crash" and not _TARGET.fullmatch(event.target):
         raise e.fail("target", f"expected 'discovery', 'gateway' or 'node:N', got {event.target!r}")
     if event.action in LINK_ACTIONS:

@@ -169,7 +169,56 @@ def swarm_scenario(seed: int) -> Scenario:
         rebalance=_rebalance(rng),
         events=events,
     )
-    return _while_parts_move(rng, scenario) if rng.random() < 0.5 else scenario
+    scenario = _while_parts_move(rng, scenario) if rng.random() < 0.5 else scenario
+    return _with_engine(random.Random(f"karma8-swarm/{seed}/engine"), scenario)
+
+
+# (engine, copies, parity) drawn for a third of the seeds; the rest stay raid0 (and, drawn
+# from their own stream, keep the scenario they had before engines existed).
+ENGINES: tuple[tuple[str, int | None, int | None], ...] = (
+    ("raid1", 2, None),
+    ("parity", None, 1),
+    ("parity", None, 2),
+)
+
+
+def _with_engine(rng: random.Random, scenario: Scenario) -> Scenario:
+    """A third of the seeds: a redundant engine, enough nodes for it, and as many lost
+    parts as it tolerates: nodes wiped for good (or back empty) and parts corrupt, each on
+    its own node, at random times. No acknowledged file may then become unreadable."""
+    if rng.random() >= 1 / 3:
+        return scenario
+    engine, copies, parity = rng.choice(ENGINES)
+    slots = 5 * (copies or 1) + (parity or 0)
+    tolerates = (copies or 1) - 1 + (parity or 0)
+    cluster = scenario.cluster
+    nodes = max(cluster.storage_nodes, slots + tolerates + rng.randint(0, 2))
+    capacity = cluster.capacity
+    if isinstance(capacity, tuple):
+        capacity = capacity + capacity[: nodes - len(capacity)] * 4
+        capacity = capacity[:nodes]
+    victims = rng.sample(range(nodes), tolerates)
+    losses = []
+    for node in victims:
+        at = round(rng.uniform(0.2, scenario.duration), 3)
+        if rng.random() < 0.5:
+            back = rng.choice([0.0, round(rng.uniform(0.5, 3.0), 3)])
+            losses.append(Event(at=at, action="wipe", target=f"node:{node}", duration=back))
+        else:
+            count = rng.randint(1, 20)
+            losses.append(Event(at=at, action="corrupt", target=f"node:{node}", count=count))
+    return attrs.evolve(
+        scenario,
+        cluster=attrs.evolve(
+            cluster,
+            storage_nodes=nodes,
+            capacity=capacity,
+            engine=engine,
+            copies=copies,
+            parity=parity,
+        ),
+        events=tuple(sorted((*scenario.events, *losses), key=lambda e: e.at)),
+    )
 
 
 def _while_parts_move(rng: random.Random, scenario: Scenario) -> Scenario:

@@ -1,0 +1,231 @@
+"""raid1 and parity namespaces in the simulator: what is stored, and reads that do not
+notice a lost node, a slow one or a corrupt part."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import trio
+
+from karma8.actors.discovery import Discovery
+from karma8.actors.gateway import Gateway
+from karma8.core.erasure import encode_parity
+from karma8.core.errors import InvalidRequest, NotEnoughNodes, Unavailable
+from karma8.core.layout import split
+from karma8.core.model import FileVersion, VersionState
+from karma8.sim.cluster import SimCluster
+from karma8.sim.network import LinkFault
+from karma8.sim.runner import run_with_cluster
+from karma8.sim.scenario import ClusterSpec, Scenario
+from karma8.sim.workload import BytesChunks
+
+UNIT = 4
+SCENARIO = Scenario(
+    name="redundancy",
+    cluster=ClusterSpec(storage_nodes=11, stripe_unit=UNIT, retire_grace=2.0, upload_ttl=30.0),
+)
+SIZES = [0, 1, 4, 5, 6, 19, 20, 21, 41, 1003]
+ENGINES = [("raid1", {"copies": 2}), ("parity", {"parity": 1}), ("parity", {"parity": 2})]
+
+
+def discovery(cluster: SimCluster) -> Discovery:
+    assert cluster.discovery is not None
+    return cluster.discovery
+
+
+def payload(size: int, salt: int = 0) -> bytes:
+    return bytes((i * 31 + salt) % 256 for i in range(size))
+
+
+async def read(
+    gw: Gateway, namespace: str, name: str, start: int = 0, stop: int | None = None
+) -> bytes:
+    version = await gw.stat(namespace, name)
+    out = bytearray()
+    async with gw.open_read(version, start=start, stop=stop) as stream:
+        async for chunk in stream:
+            out += chunk
+    return bytes(out)
+
+
+async def make(cluster: SimCluster, engine: str, settings: dict[str, int]) -> str:
+    namespace = f"{engine}{settings.get('copies', settings.get('parity'))}"
+    info = await discovery(cluster).create_namespace(
+        namespace=namespace,
+        engine=engine,
+        copies=settings.get("copies"),
+        parity=settings.get("parity"),
+    )
+    assert info.engine == engine
+    return namespace
+
+
+def node_of(cluster: SimCluster, version: FileVersion, slot: int) -> str:
+    return version.parts[slot].node.node_id
+
+
+@pytest.mark.parametrize(("engine", "settings"), ENGINES)
+@pytest.mark.parametrize("streamed", [False, True])
+def test_stored_parts_are_raid0s_plus_copies_or_parity(
+    engine: str, settings: dict[str, int], streamed: bool
+) -> None:
+    async def go(cluster: SimCluster) -> None:
+        namespace = await make(cluster, engine, settings)
+        gw = cluster.gateway
+        disks = {n.node_id: n.disk for n in cluster.nodes}
+        for size in SIZES:
+            data = payload(size)
+            version = await gw.put(
+                namespace,
+                f"f/{size}",
+                BytesChunks(data, 7),
+                content_length=None if streamed else size,
+            )
+            layout = version.layout
+            assert version.state is VersionState.COMMITTED
+            assert len(version.parts) == layout.slots
+            assert len({p.node.node_id for p in version.parts}) == layout.slots
+            data_parts = split(layout, data)
+            expected = [data_parts[i % 5] for i in range(5 * layout.copies)]
+            expected += encode_parity(data_parts, layout.parity) if layout.parity else []
+            for part in version.parts:
+                assert disks[part.node.node_id].parts[part.key].data == expected[part.index]
+            assert await read(gw, namespace, f"f/{size}") == data
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_engine_settings_are_checked_and_kept() -> None:
+    async def go(cluster: SimCluster) -> None:
+        d = discovery(cluster)
+        with pytest.raises(InvalidRequest, match="engine"):
+            await d.create_namespace(namespace="x", engine="raid5")
+        with pytest.raises(InvalidRequest, match="parity"):
+            await d.create_namespace(namespace="x", engine="parity", parity=3)
+        with pytest.raises(InvalidRequest, match="copies"):
+            await d.create_namespace(namespace="x", engine="parity", copies=2)
+        info = await d.create_namespace(namespace="m", engine="raid1")
+        assert (info.engine, info.copies, info.parity) == ("raid1", 2, 0)
+        with pytest.raises(InvalidRequest, match="raid1"):
+            await d.create_namespace(namespace="m", engine="parity")
+        listed = {n.name: n.engine for n in await d.list_namespaces()}
+        assert listed == {"default": "raid0", "m": "raid1"}
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_too_few_nodes_for_the_engine_is_a_clear_error() -> None:
+    small = Scenario(name="six", cluster=ClusterSpec(storage_nodes=6, stripe_unit=UNIT))
+
+    async def go(cluster: SimCluster) -> None:
+        await discovery(cluster).create_namespace(namespace="p", engine="parity", parity=2)
+        for content_length in (None, 30):
+            with pytest.raises(NotEnoughNodes, match="need 7 storage nodes"):
+                await cluster.gateway.put(
+                    "p", "f", BytesChunks(payload(30), 7), content_length=content_length
+                )
+
+    run_with_cluster(go, scenario=small)
+
+
+async def lose(cluster: SimCluster, node_id: str) -> None:
+    cluster.network.endpoint(node_id).crash()
+
+
+def corrupt(cluster: SimCluster, version: FileVersion, slot: int) -> None:
+    part = version.parts[slot]
+    disk = cluster.disk_of(part.node.node_id)
+    assert disk is not None
+    stored = disk.parts[part.key]
+    stored.data = bytes([stored.data[0] ^ 1]) + stored.data[1:]
+
+
+@pytest.mark.parametrize(("engine", "settings"), ENGINES)
+def test_reads_survive_as_many_lost_nodes_as_the_engine_tolerates(
+    engine: str, settings: dict[str, int]
+) -> None:
+    async def go(cluster: SimCluster) -> None:
+        namespace = await make(cluster, engine, settings)
+        gw = cluster.gateway
+        files = {}
+        for size in SIZES:
+            data = payload(size, size)
+            files[size] = (data, await gw.put(namespace, f"f/{size}", BytesChunks(data, 5)))
+        big = files[1003][1]
+        tolerates = big.layout.tolerates
+        # Lose the nodes of data parts 0 and 2 (as many as tolerated).
+        for slot in (0, 2)[:tolerates]:
+            await lose(cluster, node_of(cluster, big, slot))
+        for size, (data, _) in files.items():
+            assert await read(gw, namespace, f"f/{size}") == data, size
+            assert (
+                await read(gw, namespace, f"f/{size}", size // 3, size - size // 4)
+                == (data[size // 3 : size - size // 4])
+            )
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+@pytest.mark.parametrize(("engine", "settings"), ENGINES)
+def test_a_corrupt_part_is_read_from_another_copy_or_rebuilt(
+    engine: str, settings: dict[str, int]
+) -> None:
+    async def go(cluster: SimCluster) -> None:
+        namespace = await make(cluster, engine, settings)
+        data = payload(1003, 9)
+        version = await cluster.gateway.put(namespace, "c", BytesChunks(data, 64))
+        corrupt(cluster, version, 3)
+        if version.layout.tolerates > 1:
+            await lose(cluster, node_of(cluster, version, 1))
+        assert await read(cluster.gateway, namespace, "c") == data
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_one_loss_more_than_tolerated_fails_cleanly() -> None:
+    async def go(cluster: SimCluster) -> None:
+        namespace = await make(cluster, "parity", {"parity": 1})
+        version = await cluster.gateway.put(namespace, "f", BytesChunks(payload(200), 9))
+        await lose(cluster, node_of(cluster, version, 0))
+        await lose(cluster, node_of(cluster, version, 5))
+        with pytest.raises(Unavailable, match="cannot be rebuilt"):
+            await read(cluster.gateway, namespace, "f")
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+@pytest.mark.parametrize(("engine", "settings"), ENGINES)
+def test_a_node_lost_in_the_middle_of_a_read_changes_nothing_for_the_reader(
+    engine: str, settings: dict[str, int]
+) -> None:
+    async def go(cluster: SimCluster) -> None:
+        namespace = await make(cluster, engine, settings)
+        data = payload(1_000_003, 3)  # parts of ~200 kB: several of the disk's 64 kB chunks
+        gw = cluster.gateway
+        version = await gw.put(namespace, "big", BytesChunks(data, 1 << 16))
+        out = bytearray()
+        async with gw.open_read(await gw.stat(namespace, "big")) as stream:
+            async for chunk in stream:
+                out += chunk
+                if len(out) > 300_000 and len(out) - len(chunk) <= 300_000:
+                    for slot in (1, 4)[: version.layout.tolerates]:
+                        await lose(cluster, node_of(cluster, version, slot))
+        assert bytes(out) == data
+
+    big_units = attrs.evolve(SCENARIO, cluster=attrs.evolve(SCENARIO.cluster, stripe_unit=16384))
+    run_with_cluster(go, scenario=big_units)
+
+
+def test_a_slow_node_is_read_around() -> None:
+    async def go(cluster: SimCluster) -> None:
+        namespace = await make(cluster, "raid1", {"copies": 2})
+        data = payload(500, 4)
+        gw = cluster.gateway
+        version = await gw.put(namespace, "slow", BytesChunks(data, 50))
+        slow = node_of(cluster, version, 2)
+        now = trio.current_time()
+        cluster.network.faults.append(LinkFault(a=slow, b="*", until=now + 600, extra_latency=60))
+        with trio.fail_after(30):
+            assert await read(gw, namespace, "slow") == data
+
+    run_with_cluster(go, scenario=SCENARIO)
