@@ -29,6 +29,11 @@ retire_grace = 0.2
 sweep_interval = 0.2
 upload_ttl = 6.0
 stripe_unit = "1 MiB"
+# A small PUT whose commit dies with discovery leaves parts that no lease (lost with the
+# process) or row names: orphans, which the nodes collect after orphan_grace (10 min by
+# default, a margin against a discovery started on the wrong database).
+orphan_check_interval = 0.5
+orphan_grace = 2.0
 public_namespaces = ["default"]
 """
 
@@ -125,7 +130,11 @@ class Cluster:
 
     def wait_until_only(self, expected: int) -> list[str]:
         """The part files once there are ``expected`` of them (the sweeper's work is done)."""
-        wait_for(lambda: len(self.part_files()) == expected, f"{expected} part files")
+        try:
+            wait_for(lambda: len(self.part_files()) == expected, f"{expected} part files")
+        except AssertionError:
+            found = self.part_files()
+            raise AssertionError(f"{len(found)} part files, not {expected}: {found}") from None
         return self.part_files()
 
     def stop(self) -> None:

@@ -170,6 +170,28 @@ def test_a_dead_gateways_parts_are_collected() -> None:
     run_with_cluster(go, scenario=SCENARIO)
 
 
+def test_an_expired_leases_parts_go_to_the_nodes_as_garbage() -> None:
+    # With the orphan check out of reach, only the heartbeats' garbage can collect them:
+    # as soon as the lease has expired, as an aborted upload's parts are.
+    slow_orphans = attrs.evolve(
+        SCENARIO, cluster=attrs.evolve(SCENARIO.cluster, orphan_check_interval=1e6)
+    )
+
+    async def go(cluster: SimCluster) -> None:
+        d = discovery(cluster)
+        version = await d.place_upload(namespace="default", name="dead", size=23)
+        await write_parts(cluster, version.version_id, payload(23))
+        await trio.sleep(4.0)  # within the lease: kept
+        assert len(keys_of(cluster, version.version_id)) == 5
+        await trio.sleep(1.0 + 0.5 + 2 * 0.5 + 0.5)  # expiry, a sweep, two heartbeats
+        assert keys_of(cluster, version.version_id) == []
+        assert d.counts["expired_placements"] == 1
+        # Reported deleted: not handed out again.
+        assert d._expired_parts == {}
+
+    run_with_cluster(go, scenario=slow_orphans)
+
+
 def test_an_aborted_lease_releases_its_reservation_and_its_keys() -> None:
     async def go(cluster: SimCluster) -> None:
         d = discovery(cluster)

@@ -126,6 +126,11 @@ class Discovery:
         self.config = config
         # In memory only: a restarted discovery forgets them (their commits are refused).
         self.leases = PlacementLeases() if leases is None else leases
+        # Parts of small uploads whose lease ended uncommitted (expired: their gateway died;
+        # or aborted), per node: handed to the nodes as garbage with their heartbeats, as an
+        # aborted version's parts are, until a node reports them deleted. In memory: after a
+        # restart the nodes' orphan check collects them instead (after orphan_grace).
+        self._expired_parts: dict[str, set[str]] = {}
         # Plain counts since start, for the operator's metrics (the net layer reads them).
         self.counts = {"sweeps": 0, "expired_uploads": 0, "expired_placements": 0}
         self._engines: dict[str, tuple[int, int]] = {}  # namespace -> (copies, parity)
@@ -141,6 +146,11 @@ class Discovery:
             await trio.sleep(self.config.sweep_interval)
             await self.sweep()
 
+    def _collect(self, lease: Lease) -> None:
+        """Hand the parts of a lease that ended uncommitted to their nodes as garbage."""
+        for node_id, key in lease.placed_keys():
+            self._expired_parts.setdefault(node_id, set()).add(key)
+
     def _ensure_namespace(self, namespace: str, now: float) -> None:
         public = namespace in self.config.public_namespaces
         self._store.create_namespace(namespace, now, public=public)
@@ -148,10 +158,12 @@ class Discovery:
     async def sweep(self) -> None:
         """Abort expired uploads and part moves, mark silent nodes unavailable (idempotent)."""
         now = self._clock.now()
-        ended = self.leases.expire(now)
+        ended = self.leases.expire_leases(now)
         if ended:
             log.info("%d placement leases expired", len(ended))
             self.counts["expired_placements"] += len(ended)
+            for lease in ended:
+                self._collect(lease)
         self.counts["expired_uploads"] += await self._blocking(
             lambda: self._store.expire_pending(now)
         )
@@ -247,6 +259,9 @@ class Discovery:
         now = self._clock.now()
         lease = self.leases.drop(version_id)
         if lease is not None:
+            # The gateway deletes the parts it wrote; a node it cannot reach now gets them
+            # as garbage once it heartbeats again, as an aborted version's parts.
+            self._collect(lease)
             await trio.lowlevel.checkpoint()
             return attrs.evolve(lease.pending_version(), state=VersionState.ABORTED)
         return await self._blocking(lambda: self._store.abort_version(version_id, now))
@@ -484,7 +499,15 @@ class Discovery:
                 limit=self.config.garbage_batch,
             )
 
-        return await self._blocking(beat)
+        garbage = await self._blocking(beat)
+        expired = self._expired_parts.get(node_id)
+        if expired:
+            expired.difference_update(deleted)
+            room = self.config.garbage_batch - len(garbage)
+            garbage += sorted(expired)[: max(room, 0)]
+            if not expired:
+                del self._expired_parts[node_id]
+        return garbage
 
     async def list_nodes(self) -> list[NodeStatus]:
         """The nodes, their reserved bytes counting placement leases."""

@@ -44,6 +44,11 @@ class Lease:
     created_at: float
     expires_at: float
 
+    def placed_keys(self) -> Iterator[tuple[str, str]]:
+        """(node id, part key) of every part the lease placed."""
+        for index, node in enumerate(self.nodes):
+            yield node, part_key(self.version_id, index)
+
     def keys_on(self, node_id: str) -> Iterator[str]:
         for index, node in enumerate(self.nodes):
             if node == node_id:
@@ -118,10 +123,12 @@ class PlacementLeases:
 
     def expire(self, now: float) -> list[str]:
         """Drop every lease that ended at or before ``now``; their version ids, sorted."""
+        return [lease.version_id for lease in self.expire_leases(now)]
+
+    def expire_leases(self, now: float) -> list[Lease]:
+        """Drop every lease that ended at or before ``now``; the leases, by version id."""
         ended = sorted(v for v, lease in self._leases.items() if lease.expires_at <= now)
-        for version_id in ended:
-            self.drop(version_id)
-        return ended
+        return [lease for v in ended if (lease := self.drop(v)) is not None]
 
     def reserved_on(self, node_id: str) -> int:
         """Bytes the held leases reserve on ``node_id`` (expired ones until dropped)."""
