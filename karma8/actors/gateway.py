@@ -52,6 +52,7 @@ Redundant engines (raid1, parity; see docs/architecture.md, "Engines")
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 
@@ -161,6 +162,9 @@ class Gateway:
         self._config = config
         self._access = AccessCache(config.access_cache_ttl)
         self._staging = trio.Semaphore(config.staging_uploads)
+        # Part reads and writes that failed because of their node, by (node id, "read" or
+        # "write"): plain counts for the operator's metrics (the net layer reads them).
+        self.part_failures: Counter[tuple[str, str]] = Counter()
 
     async def authorize(self, namespace: str, token: str | None, right: Right) -> None:
         """Raise unless ``token`` (None: anonymous) may ``right`` in ``namespace``.
@@ -410,6 +414,7 @@ class Gateway:
         )
 
     async def _report_failure(self, placement: PartPlacement, exc: Karma8Error) -> None:
+        self.part_failures[placement.node.node_id, "write"] += 1
         # Best effort: an unreachable discovery must not turn a node's error into its own.
         with suppress(Karma8Error):
             await self._discovery.report_node_failure(
@@ -482,7 +487,9 @@ class Gateway:
         async with AsyncExitStack() as stack:
             cursors: dict[int, _PartCursor | _RedundantCursor] = {}
             if version.layout.tolerates:
-                sources = _Sources(self._storage, version, self._config.read_deadline)
+                sources = _Sources(
+                    self._storage, version, self._config.read_deadline, self.part_failures
+                )
                 stack.push_async_callback(sources.aclose)
                 for part, span in enumerate(spans):
                     if span is not None:
@@ -504,6 +511,7 @@ class Gateway:
                         )
                     )
                 except Karma8Error as exc:
+                    self.part_failures[placement.node.node_id, "read"] += 1
                     raise _read_failure(placement, exc) from None
                 cursors[placement.index] = _PartCursor(placement, stream, length)
             yield _Stitcher(version.layout, size, start, stop, cursors)
@@ -760,12 +768,19 @@ class _Sources:
     is closed at once, as failed, rather than drained to its end when the read completes.
     """
 
-    def __init__(self, storage: StorageAPI, version: FileVersion, deadline: float) -> None:
+    def __init__(
+        self,
+        storage: StorageAPI,
+        version: FileVersion,
+        deadline: float,
+        failures: Counter[tuple[str, str]],
+    ) -> None:
         self.storage = storage
         self.version = version
         self.layout = version.layout
         self.deadline = deadline
         self.failed: set[int] = set()
+        self._failures = failures
         self._open: list[tuple[_PartCursor, AsyncExitStack]] = []
 
     def slot(self, index: int) -> PartPlacement:
@@ -789,19 +804,24 @@ class _Sources:
                     )
                 )
             except Karma8Error:
-                self.failed.add(slot)
+                self._fail(slot)
                 return None
             cursor = _PartCursor(placement, stream, length)
             self._open.append((cursor, stack))
             return cursor
-        self.failed.add(slot)
+        self._fail(slot)
         await _abandon(stack)
         return None
+
+    def _fail(self, slot: int) -> None:
+        if slot not in self.failed:
+            self.failed.add(slot)
+            self._failures[self.slot(slot).node.node_id, "read"] += 1
 
     async def give_up(self, slot: int, cursor: _PartCursor | None) -> None:
         """Open ``slot`` no more during this read, and close ``cursor``'s stream now. (Other
         cursors reading the slot go on until they fail themselves.)"""
-        self.failed.add(slot)
+        self._fail(slot)
         keep = []
         for opened, stack in self._open:
             if opened is cursor:

@@ -479,7 +479,7 @@ async def serve_gateway(
     """The gateway's socket; ``reuse_port``: shared with gateway workers (SO_REUSEPORT)."""
     uploads = UploadGate(max_uploads=config.max_uploads, idle_timeout=config.idle_timeout)
     stats = new_stats()
-    with METRICS.source(gateway_source(stats, uploads)):
+    with METRICS.source(gateway_source(gateway, stats, uploads)):
         async with trio.open_nursery() as nursery:
             url = await nursery.start(
                 _serving(

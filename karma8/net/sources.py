@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable
 
 from karma8.actors.discovery import Discovery
+from karma8.actors.gateway import Gateway
 from karma8.actors.rebalancer import Rebalancer
 from karma8.actors.storage import StorageNode
 from karma8.core.model import NodeState
@@ -15,9 +16,20 @@ from karma8.net.bounds import UploadGate
 from karma8.net.metrics import Sample, Source
 
 
-def gateway_source(stats: dict[str, int], uploads: UploadGate) -> Source:
+def gateway_source(gateway: Gateway, stats: dict[str, int], uploads: UploadGate) -> Source:
     async def read() -> Iterable[Sample]:
+        failures: list[Sample] = [
+            (
+                "karma8_gateway_part_failures",
+                "counter",
+                "Part reads and writes that failed because of their node",
+                {"node": node_id, "op": op},
+                count,
+            )
+            for (node_id, op), count in sorted(gateway.part_failures.items())
+        ]
         return [
+            *failures,
             ("karma8_gateway_puts", "counter", "Files stored", {}, stats["puts"]),
             ("karma8_gateway_gets", "counter", "Reads begun", {}, stats["gets"]),
             (
