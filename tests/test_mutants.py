@@ -22,6 +22,7 @@ import trio
 
 from karma8.actors import discovery as discovery_module
 from karma8.actors import gateway as gateway_module
+from karma8.actors import reads
 from karma8.actors.discovery import Discovery
 from karma8.actors.gateway import Gateway
 from karma8.actors.rebalancer import Rebalancer
@@ -261,28 +262,28 @@ def collect_leased_parts(monkeypatch: pytest.MonkeyPatch) -> None:
 def read_without_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     """A read of a redundant file gives up at the first part that fails, as raid0's does,
     instead of reading another copy or rebuilding it."""
-    open_source = gateway_module._Sources.open
+    open_source = reads.Sources.open
 
     async def first_only(
-        self: gateway_module._Sources, slot: int, offset: int, length: int
-    ) -> gateway_module._PartCursor | None:
+        self: reads.Sources, slot: int, offset: int, length: int
+    ) -> reads.PartCursor | None:
         cursor = await open_source(self, slot, offset, length)
         if cursor is None:
             raise Unavailable(f"part {slot} cannot be read")
         return cursor
 
-    async def no_switch(self: gateway_module._RedundantCursor) -> None:
+    async def no_switch(self: reads.RedundantCursor) -> None:
         raise Unavailable("a part stopped mid-read")
 
-    switch = gateway_module._RedundantCursor._switch
+    switch = reads.RedundantCursor._switch
 
-    async def first_switch_only(self: gateway_module._RedundantCursor) -> None:
+    async def first_switch_only(self: reads.RedundantCursor) -> None:
         if self._slot is not None:
             await no_switch(self)
         await switch(self)
 
-    monkeypatch.setattr(gateway_module._Sources, "open", first_only)
-    monkeypatch.setattr(gateway_module._RedundantCursor, "_switch", first_switch_only)
+    monkeypatch.setattr(reads.Sources, "open", first_only)
+    monkeypatch.setattr(reads.RedundantCursor, "_switch", first_switch_only)
 
 
 def two_copies_on_one_node(monkeypatch: pytest.MonkeyPatch) -> None:

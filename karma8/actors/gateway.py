@@ -44,9 +44,9 @@ Redundant engines (raid1, parity; see docs/architecture.md, "Engines")
     A version's layout may store more than its 5 data parts: copies, or parity parts that
     :class:`karma8.core.erasure.ParityEncoder` computes as the chunks pass. Every stored part
     has its writer in the same nursery, so the PUT stays all or nothing. A read gives each
-    data part a :class:`_RedundantCursor`, which switches, at the byte where its source
+    data part a :class:`karma8.actors.reads.RedundantCursor`, which switches, at the byte where its source
     failed (down, slower than ``read_deadline``, or a chunk that fails its check), to another
-    copy or to the part rebuilt from the others (:class:`_RebuiltPart`).
+    copy or to the part rebuilt from the others (:class:`karma8.actors.reads.RebuiltPart`).
 """
 
 from __future__ import annotations
@@ -59,8 +59,10 @@ from contextlib import AsyncExitStack, asynccontextmanager, suppress
 import attrs
 import trio
 
+from karma8.actors.reads import PartCursor, RedundantCursor, Sources, Stitcher, read_failure
+from karma8.actors.writes import Fanout, HeldChunks, PartChunks, WriterStopped
 from karma8.core.access import AccessCache, Right, cache_key
-from karma8.core.erasure import ParityEncoder, encode_parity, rebuild
+from karma8.core.erasure import encode_parity
 from karma8.core.errors import (
     DiskFull,
     IntegrityError,
@@ -119,7 +121,7 @@ class GatewayConfig:
 
 def primary_error(group: BaseExceptionGroup[BaseException]) -> Karma8Error | None:
     """The first karma8 error in a (nested) exception group, if any; a part writer that
-    stopped early (:class:`_WriterStopped`) only if no other error says why.
+    stopped early (:class:`WriterStopped`) only if no other error says why.
 
     None if the group holds a ``Cancelled``: an outer cancellation must propagate as it is.
     """
@@ -129,7 +131,7 @@ def primary_error(group: BaseExceptionGroup[BaseException]) -> Karma8Error | Non
     if errors is None:
         return None
     found = _flat(errors)
-    causes = [exc for exc in found if not isinstance(exc, _WriterStopped)]
+    causes = [exc for exc in found if not isinstance(exc, WriterStopped)]
     return (causes or found)[0]
 
 
@@ -141,10 +143,6 @@ def _flat(group: BaseExceptionGroup[BaseException]) -> list[Karma8Error]:
         elif isinstance(exc, Karma8Error):
             out.append(exc)
     return out
-
-
-class _WriterStopped(StorageFailure):
-    """A part's writer stopped taking chunks: the consequence of its own error, if any."""
 
 
 class Gateway:
@@ -286,7 +284,7 @@ class Gateway:
                         version.version_id,
                         placed,
                         placement.index,
-                        _HeldChunks(pieces[_source_of(layout, placement.index)]),
+                        HeldChunks(pieces[_source_of(layout, placement.index)]),
                         sizes[placement.index],
                         receipts,
                         name=f"gw-put-{placement.key}",
@@ -331,7 +329,7 @@ class Gateway:
                         receipts,
                         name=f"gw-put-{placement.key}",
                     )
-                fanout = _Fanout(layout, senders)
+                fanout = Fanout(layout, senders)
                 # The channels end (each part's end) only once the body is whole: a body that
                 # fails must not look like its end to the writers, which the nursery cancels.
                 async with AsyncExitStack() as closing:
@@ -371,7 +369,7 @@ class Gateway:
         version_id: str,
         placed: list[PartPlacement],
         index: int,
-        chunks: trio.MemoryReceiveChannel[bytes] | _HeldChunks,
+        chunks: trio.MemoryReceiveChannel[bytes] | HeldChunks,
         size: int | None,
         receipts: list[PartReceipt | None],
     ) -> None:
@@ -380,7 +378,7 @@ class Gateway:
         async with chunks:
             for attempt in itertools.count():
                 placement = placed[index]
-                counted = _PartChunks(chunks)
+                counted = PartChunks(chunks)
                 try:
                     stored = await self._storage.put_part(
                         placement.node, placement.key, counted, size=size
@@ -485,16 +483,16 @@ class Gateway:
         spans = version.layout.part_spans(size, start, stop)
         whole = start == 0 and stop == size
         async with AsyncExitStack() as stack:
-            cursors: dict[int, _PartCursor | _RedundantCursor] = {}
+            cursors: dict[int, PartCursor | RedundantCursor] = {}
             if version.layout.tolerates:
-                sources = _Sources(
+                sources = Sources(
                     self._storage, version, self._config.read_deadline, self.part_failures
                 )
                 stack.push_async_callback(sources.aclose)
                 for part, span in enumerate(spans):
                     if span is not None:
-                        cursors[part] = await _RedundantCursor.open(sources, part, *span)
-                yield _Stitcher(version.layout, size, start, stop, cursors)
+                        cursors[part] = await RedundantCursor.open(sources, part, *span)
+                yield Stitcher(version.layout, size, start, stop, cursors)
                 return
             for placement, span in zip(version.parts, spans, strict=True):
                 if span is None:
@@ -512,9 +510,9 @@ class Gateway:
                     )
                 except Karma8Error as exc:
                     self.part_failures[placement.node.node_id, "read"] += 1
-                    raise _read_failure(placement, exc) from None
-                cursors[placement.index] = _PartCursor(placement, stream, length)
-            yield _Stitcher(version.layout, size, start, stop, cursors)
+                    raise read_failure(placement, exc) from None
+                cursors[placement.index] = PartCursor(placement, stream, length)
+            yield Stitcher(version.layout, size, start, stop, cursors)
 
     # -- DELETE / list --------------------------------------------------------------------
 
@@ -531,104 +529,6 @@ class Gateway:
         return await self._discovery.list_files(
             namespace=namespace, prefix=prefix, after=after, limit=limit
         )
-
-
-class _HeldChunks:
-    """A held part's pieces, received like a part channel's chunks: no task feeds it."""
-
-    def __init__(self, pieces: list[bytes]) -> None:
-        self._pieces = pieces
-        self._next = 0
-
-    async def receive(self) -> bytes:
-        # No checkpoint: the node's writer awaits each piece's write.
-        if self._next == len(self._pieces):
-            raise trio.EndOfChannel
-        piece = self._pieces[self._next]
-        self._next += 1
-        return piece
-
-    def __aiter__(self) -> _HeldChunks:
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            return await self.receive()
-        except trio.EndOfChannel:
-            raise StopAsyncIteration from None
-
-    async def __aenter__(self) -> _HeldChunks:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._pieces = []
-
-
-class _PartChunks:
-    """One part's chunks on their way to its node, counted as the node pulls them."""
-
-    def __init__(self, chunks: trio.MemoryReceiveChannel[bytes] | _HeldChunks) -> None:
-        self._chunks = chunks
-        self.size = 0
-        self.exhausted = False
-        self.started = False  # the node took a chunk, or saw the end: a retry would lose it
-
-    def __aiter__(self) -> _PartChunks:
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            chunk = await self._chunks.receive()
-        except trio.EndOfChannel:
-            self.started = self.exhausted = True
-            raise StopAsyncIteration from None
-        self.started = True
-        self.size += len(chunk)
-        return chunk
-
-
-WRITER_GRACE = 1.0  # seconds; a writer that stopped without an error (a bug) fails the PUT
-
-
-class _Fanout:
-    """Sends the splitter's data part chunks to every slot that stores them: each copy, and
-    the parity encoder, whose chunks go to the parity parts' slots."""
-
-    def __init__(
-        self, layout: StripeLayout, senders: Sequence[trio.MemorySendChannel[bytes]]
-    ) -> None:
-        self._copies = [[senders[s] for s in layout.copies_of(p)] for p in range(layout.parts)]
-        first_parity = layout.parts * layout.copies
-        self._parity = list(enumerate(senders[first_parity:], start=first_parity))
-        self._encoder = ParityEncoder(layout.parts, layout.parity) if layout.parity else None
-
-    async def send(self, pieces: Sequence[tuple[int, bytes]]) -> None:
-        for index, piece in pieces:
-            for sender in self._copies[index]:
-                await _send(sender, index, piece)
-            if self._encoder is not None:
-                await self._send_parity(self._encoder.feed(index, piece))
-
-    async def finish(self) -> None:
-        """Send the parity parts' last chunks (the data parts' ends, zero-padded)."""
-        if self._encoder is not None:
-            await self._send_parity(self._encoder.finish())
-
-    async def _send_parity(self, coded: Sequence[bytes]) -> None:
-        if not coded:  # nothing new that every data part has reached
-            return
-        for (slot, sender), chunk in zip(self._parity, coded, strict=True):
-            await _send(sender, slot, chunk)
-
-
-async def _send(sender: trio.MemorySendChannel[bytes], slot: int, piece: bytes) -> None:
-    try:
-        await sender.send(piece)
-    except trio.BrokenResourceError:
-        # The writer closed its channel on its way out with its own error, which cancels
-        # this nursery: wait for that, so that the cause, not this, is the PUT's error.
-        await trio.sleep(WRITER_GRACE)
-        raise _WriterStopped(f"the writer of part {slot} stopped early") from None
 
 
 def _source_of(layout: StripeLayout, slot: int) -> int:
@@ -662,327 +562,3 @@ def _write_failure(placement: PartPlacement, exc: Karma8Error) -> Karma8Error:
     return StorageFailure(
         f"writing part {placement.index} to node {placement.node.node_id} failed: {exc.message}"
     )
-
-
-def _read_failure(placement: PartPlacement, exc: Karma8Error) -> Karma8Error:
-    if isinstance(exc, (StorageFailure, Unavailable, IntegrityError)):
-        return exc
-    return StorageFailure(
-        f"part {placement.index} on node {placement.node.node_id} cannot be read: {exc.message}"
-    )
-
-
-class _PartCursor:
-    """Reads exact byte counts from one part stream, checking its length as it goes.
-
-    Holds at most the chunk it is handing out. It fetches nothing ahead itself: the part
-    streams read ahead on their own (a node's file reader reads its next chunk in a thread as
-    it hands one out; over HTTP, the socket buffers what the node sends), so the parts' reads
-    overlap with sending without the gateway holding a chunk per part (measured: the same
-    speed as fetching every part's next chunk at once, 16 MiB less per 256 MiB GET).
-    """
-
-    def __init__(
-        self,
-        placement: PartPlacement,
-        stream: AsyncIterator[bytes],
-        length: int,
-    ) -> None:
-        self._placement = placement
-        self._stream = stream
-        self._unread = length  # bytes the node has not sent yet
-        self._buf = b""
-        self._pos = 0
-
-    async def _next_chunk(self) -> bytes:
-        """The part's next chunk from the node, its length checked."""
-        try:
-            chunk = await anext(self._stream)
-        except StopAsyncIteration:
-            raise IntegrityError(
-                f"part {self._placement.index} on node {self._placement.node.node_id}"
-                f" ended {self._unread} bytes early"
-            ) from None
-        except Karma8Error as exc:
-            raise _read_failure(self._placement, exc) from None
-        self._unread -= len(chunk)
-        if self._unread < 0:
-            raise IntegrityError(f"part {self._placement.index} is longer than recorded")
-        return chunk
-
-    async def read(self, limit: int) -> bytes:
-        """Up to ``limit`` bytes (at least one) of the part."""
-        while self._pos == len(self._buf):  # (a node may send an empty chunk)
-            self._buf, self._pos = await self._next_chunk(), 0
-        if self._pos == 0 and len(self._buf) <= limit:
-            # Handed on whole: drop our reference, so the chunk is freed once it is sent
-            # rather than when the next one arrives (a chunk is up to 4 MiB, per part).
-            piece, self._buf = self._buf, b""
-            return piece
-        piece = self._buf[self._pos : self._pos + limit]
-        self._pos += len(piece)
-        return piece
-
-
-class _Stitcher:
-    """Interleaves part cursors back into file order, segment by segment.
-
-    An async iterator class rather than an async generator: a read abandoned half-way (a
-    failed part, a client gone) then leaves nothing for a finaliser to clean up.
-    """
-
-    def __init__(
-        self,
-        layout: StripeLayout,
-        size: int,
-        start: int,
-        stop: int,
-        cursors: dict[int, _PartCursor | _RedundantCursor],
-    ) -> None:
-        self._segments = layout.segments(size, start, stop)
-        self._cursors = cursors
-        self._cursor: _PartCursor | _RedundantCursor | None = None
-        self._remaining = 0
-
-    def __aiter__(self) -> _Stitcher:
-        return self
-
-    async def __anext__(self) -> bytes:
-        while self._remaining == 0:
-            segment = next(self._segments, None)
-            if segment is None:
-                raise StopAsyncIteration
-            self._cursor = self._cursors[segment.part]
-            self._remaining = segment.length
-        assert self._cursor is not None
-        piece = await self._cursor.read(self._remaining)
-        self._remaining -= len(piece)
-        return piece
-
-
-class _Sources:
-    """Opens the part streams of one read of a redundant version, and remembers which slots
-    failed during it, so that no cursor tries them again.
-
-    Each stream has its own exit stack: a stream given up on (its node failed or was slow)
-    is closed at once, as failed, rather than drained to its end when the read completes.
-    """
-
-    def __init__(
-        self,
-        storage: StorageAPI,
-        version: FileVersion,
-        deadline: float,
-        failures: Counter[tuple[str, str]],
-    ) -> None:
-        self.storage = storage
-        self.version = version
-        self.layout = version.layout
-        self.deadline = deadline
-        self.failed: set[int] = set()
-        self._failures = failures
-        self._open: list[tuple[_PartCursor, AsyncExitStack]] = []
-
-    def slot(self, index: int) -> PartPlacement:
-        return self.version.parts[index]
-
-    async def open(self, slot: int, offset: int, length: int) -> _PartCursor | None:
-        """A cursor over bytes ``[offset, offset + length)`` of ``slot``, or None (and the
-        slot counts as failed) if its node cannot open it within the deadline."""
-        placement = self.slot(slot)
-        whole = offset == 0 and length == placement.size
-        stack = AsyncExitStack()
-        with trio.move_on_after(self.deadline):
-            try:
-                stream = await stack.enter_async_context(
-                    self.storage.read_part(
-                        placement.node,
-                        placement.key,
-                        offset=offset,
-                        length=length,
-                        checksum=placement.checksum if whole else None,
-                    )
-                )
-            except Karma8Error:
-                self._fail(slot)
-                return None
-            cursor = _PartCursor(placement, stream, length)
-            self._open.append((cursor, stack))
-            return cursor
-        self._fail(slot)
-        await _abandon(stack)
-        return None
-
-    def _fail(self, slot: int) -> None:
-        if slot not in self.failed:
-            self.failed.add(slot)
-            self._failures[self.slot(slot).node.node_id, "read"] += 1
-
-    async def give_up(self, slot: int, cursor: _PartCursor | None) -> None:
-        """Open ``slot`` no more during this read, and close ``cursor``'s stream now. (Other
-        cursors reading the slot go on until they fail themselves.)"""
-        self._fail(slot)
-        keep = []
-        for opened, stack in self._open:
-            if opened is cursor:
-                await _abandon(stack)
-            else:
-                keep.append((opened, stack))
-        self._open = keep
-
-    async def aclose(self) -> None:
-        for _, stack in reversed(self._open):
-            await stack.aclose()
-
-
-async def _abandon(stack: AsyncExitStack) -> None:
-    """Close a stream given up on as failed (not drained), shielded, within a second."""
-    with trio.move_on_after(1.0) as scope:
-        scope.shield = True
-        with suppress(Exception):
-            await stack.__aexit__(StreamAbandoned, StreamAbandoned("given up"), None)
-
-
-class StreamAbandoned(Karma8Error):
-    """A part stream the gateway stopped reading from (its node failed or was too slow)."""
-
-
-class _RedundantCursor:
-    """Data part ``part``'s bytes from wherever they can be had: its first copy, else the
-    next copy, else (parity) rebuilt from other parts, switching source at the exact byte
-    where the last one failed. A failure is an error of the node (Unavailable, a storage
-    failure), a chunk that fails its checks (IntegrityError: the node checks each block
-    before handing it on, so nothing wrong was handed out), or no answer within
-    ``read_deadline``. Raises Unavailable once no source is left."""
-
-    def __init__(self, sources: _Sources, part: int, offset: int, length: int) -> None:
-        self._sources = sources
-        self._part = part
-        self._pos = offset
-        self._end = offset + length
-        self._cursor: _PartCursor | None = None
-        self._slot: int | None = None
-
-    @classmethod
-    async def open(cls, sources: _Sources, part: int, offset: int, length: int) -> _RedundantCursor:
-        cursor = cls(sources, part, offset, length)
-        await cursor._switch()
-        return cursor
-
-    async def _switch(self) -> None:
-        sources = self._sources
-        if self._slot is not None:
-            await sources.give_up(self._slot, self._cursor)
-        self._cursor = self._slot = None
-        for slot in sources.layout.copies_of(self._part):
-            if slot in sources.failed:
-                continue
-            cursor = await sources.open(slot, self._pos, self._end - self._pos)
-            if cursor is not None:
-                self._cursor, self._slot = cursor, slot
-                return
-        if sources.layout.parity:
-            rebuilt = _RebuiltPart(sources, self._part, self._pos, self._end)
-            self._cursor = _PartCursor(sources.slot(self._part), rebuilt, self._end - self._pos)
-            return
-        raise Unavailable(
-            f"part {self._part} of version {sources.version.version_id}: no copy can be read"
-        )
-
-    async def read(self, limit: int) -> bytes:
-        """Up to ``limit`` bytes (at least one) of the part."""
-        limit = min(limit, self._end - self._pos)
-        while True:
-            assert self._cursor is not None
-            if self._slot is None:
-                # Rebuilding: each source has its own deadline; an error means too many
-                # parts are lost, and propagates.
-                rebuilt = await self._cursor.read(limit)
-                self._pos += len(rebuilt)
-                return rebuilt
-            piece: bytes | None = None
-            with trio.move_on_after(self._sources.deadline):
-                with suppress(Karma8Error):
-                    piece = await self._cursor.read(limit)
-            if piece is None:
-                await self._switch()
-                continue
-            self._pos += len(piece)
-            return piece
-
-
-class _RebuiltPart:
-    """Bytes ``[pos, end)`` of data part ``part`` rebuilt, block by block, from the same
-    bytes of k other parts (data parts and parity parts; see :mod:`karma8.core.erasure`).
-    A source that fails is dropped for the rest of the read and another takes its place."""
-
-    BLOCK = 1 << 20
-
-    def __init__(self, sources: _Sources, part: int, pos: int, end: int) -> None:
-        self._sources = sources
-        self._part = part
-        self._pos = pos
-        self._end = end
-        self._cursors: dict[int, _PartCursor] = {}
-
-    def __aiter__(self) -> _RebuiltPart:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._pos >= self._end:
-            raise StopAsyncIteration
-        sources = self._sources
-        layout = sources.layout
-        count = min(self.BLOCK, self._end - self._pos)
-        shares: dict[int, bytes | None] = {}
-        # The k sources are read at once; one that fails is replaced by the next slot.
-        while sum(b is not None for b in shares.values()) < layout.parts:
-            need = layout.parts - sum(b is not None for b in shares.values())
-            batch = [
-                s
-                for s in range(layout.slots)
-                if s != self._part and s not in sources.failed and s not in shares
-            ][:need]
-            if len(batch) < need:
-                raise Unavailable(
-                    f"part {self._part} of version {sources.version.version_id} cannot be"
-                    f" rebuilt: {len(sources.failed)} of its parts cannot be read"
-                )
-            async with trio.open_nursery() as nursery:
-                for slot in batch:
-                    nursery.start_soon(self._fetch, slot, count, shares)
-        self._pos += count
-        found = {slot: block for slot, block in shares.items() if block is not None}
-        return rebuild(layout.parts, layout.parity, found)[self._part]
-
-    async def _fetch(self, slot: int, count: int, shares: dict[int, bytes | None]) -> None:
-        shares[slot] = await self._block(slot, count)
-
-    async def _block(self, slot: int, count: int) -> bytes | None:
-        """``count`` bytes of ``slot`` from ``_pos``, zero-padded past its end; None if the
-        slot fails (it is then dropped)."""
-        sources = self._sources
-        size = sources.slot(slot).size or 0
-        real = max(0, min(self._pos + count, size) - self._pos)
-        cursor = self._cursors.get(slot)
-        if cursor is None and real:
-            cursor = await sources.open(slot, self._pos, min(self._end, size) - self._pos)
-            if cursor is None:
-                return None
-            self._cursors[slot] = cursor
-        chunks: list[bytes] = []
-        got = 0
-        with trio.move_on_after(sources.deadline):
-            try:
-                while got < real:
-                    assert cursor is not None
-                    chunk = await cursor.read(real - got)
-                    chunks.append(chunk)
-                    got += len(chunk)
-            except Karma8Error:
-                pass
-        if got < real:
-            await sources.give_up(slot, self._cursors.pop(slot, None))
-            return None
-        block = b"".join(chunks)
-        return block if real == count else block + bytes(count - real)

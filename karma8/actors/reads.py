@@ -1,0 +1,342 @@
+"""How the gateway reads a version back: each part as a checked stream of exact length,
+stitched in file order; for a redundant version, from another copy or rebuilt from parity
+when a part's node fails, is slow or serves a corrupt block (see :mod:`karma8.actors.gateway`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, suppress
+
+import trio
+
+from karma8.core.erasure import rebuild
+from karma8.core.errors import IntegrityError, Karma8Error, StorageFailure, Unavailable
+from karma8.core.layout import StripeLayout
+from karma8.core.model import FileVersion, PartPlacement
+from karma8.ports import StorageAPI
+
+
+def read_failure(placement: PartPlacement, exc: Karma8Error) -> Karma8Error:
+    if isinstance(exc, (StorageFailure, Unavailable, IntegrityError)):
+        return exc
+    return StorageFailure(
+        f"part {placement.index} on node {placement.node.node_id} cannot be read: {exc.message}"
+    )
+
+
+class PartCursor:
+    """Reads exact byte counts from one part stream, checking its length as it goes.
+
+    Holds at most the chunk it is handing out. It fetches nothing ahead itself: the part
+    streams read ahead on their own (a node's file reader reads its next chunk in a thread as
+    it hands one out; over HTTP, the socket buffers what the node sends), so the parts' reads
+    overlap with sending without the gateway holding a chunk per part (measured: the same
+    speed as fetching every part's next chunk at once, 16 MiB less per 256 MiB GET).
+    """
+
+    def __init__(
+        self,
+        placement: PartPlacement,
+        stream: AsyncIterator[bytes],
+        length: int,
+    ) -> None:
+        self._placement = placement
+        self._stream = stream
+        self._unread = length  # bytes the node has not sent yet
+        self._buf = b""
+        self._pos = 0
+
+    async def _next_chunk(self) -> bytes:
+        """The part's next chunk from the node, its length checked."""
+        try:
+            chunk = await anext(self._stream)
+        except StopAsyncIteration:
+            raise IntegrityError(
+                f"part {self._placement.index} on node {self._placement.node.node_id}"
+                f" ended {self._unread} bytes early"
+            ) from None
+        except Karma8Error as exc:
+            raise read_failure(self._placement, exc) from None
+        self._unread -= len(chunk)
+        if self._unread < 0:
+            raise IntegrityError(f"part {self._placement.index} is longer than recorded")
+        return chunk
+
+    async def read(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes (at least one) of the part."""
+        while self._pos == len(self._buf):  # (a node may send an empty chunk)
+            self._buf, self._pos = await self._next_chunk(), 0
+        if self._pos == 0 and len(self._buf) <= limit:
+            # Handed on whole: drop our reference, so the chunk is freed once it is sent
+            # rather than when the next one arrives (a chunk is up to 4 MiB, per part).
+            piece, self._buf = self._buf, b""
+            return piece
+        piece = self._buf[self._pos : self._pos + limit]
+        self._pos += len(piece)
+        return piece
+
+
+class Stitcher:
+    """Interleaves part cursors back into file order, segment by segment.
+
+    An async iterator class rather than an async generator: a read abandoned half-way (a
+    failed part, a client gone) then leaves nothing for a finaliser to clean up.
+    """
+
+    def __init__(
+        self,
+        layout: StripeLayout,
+        size: int,
+        start: int,
+        stop: int,
+        cursors: dict[int, PartCursor | RedundantCursor],
+    ) -> None:
+        self._segments = layout.segments(size, start, stop)
+        self._cursors = cursors
+        self._cursor: PartCursor | RedundantCursor | None = None
+        self._remaining = 0
+
+    def __aiter__(self) -> Stitcher:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while self._remaining == 0:
+            segment = next(self._segments, None)
+            if segment is None:
+                raise StopAsyncIteration
+            self._cursor = self._cursors[segment.part]
+            self._remaining = segment.length
+        assert self._cursor is not None
+        piece = await self._cursor.read(self._remaining)
+        self._remaining -= len(piece)
+        return piece
+
+
+class Sources:
+    """Opens the part streams of one read of a redundant version, and remembers which slots
+    failed during it, so that no cursor tries them again.
+
+    Each stream has its own exit stack: a stream given up on (its node failed or was slow)
+    is closed at once, as failed, rather than drained to its end when the read completes.
+    """
+
+    def __init__(
+        self,
+        storage: StorageAPI,
+        version: FileVersion,
+        deadline: float,
+        failures: Counter[tuple[str, str]],
+    ) -> None:
+        self.storage = storage
+        self.version = version
+        self.layout = version.layout
+        self.deadline = deadline
+        self.failed: set[int] = set()
+        self._failures = failures
+        self._open: list[tuple[PartCursor, AsyncExitStack]] = []
+
+    def slot(self, index: int) -> PartPlacement:
+        return self.version.parts[index]
+
+    async def open(self, slot: int, offset: int, length: int) -> PartCursor | None:
+        """A cursor over bytes ``[offset, offset + length)`` of ``slot``, or None (and the
+        slot counts as failed) if its node cannot open it within the deadline."""
+        placement = self.slot(slot)
+        whole = offset == 0 and length == placement.size
+        stack = AsyncExitStack()
+        with trio.move_on_after(self.deadline):
+            try:
+                stream = await stack.enter_async_context(
+                    self.storage.read_part(
+                        placement.node,
+                        placement.key,
+                        offset=offset,
+                        length=length,
+                        checksum=placement.checksum if whole else None,
+                    )
+                )
+            except Karma8Error:
+                self._fail(slot)
+                return None
+            cursor = PartCursor(placement, stream, length)
+            self._open.append((cursor, stack))
+            return cursor
+        self._fail(slot)
+        await abandon(stack)
+        return None
+
+    def _fail(self, slot: int) -> None:
+        if slot not in self.failed:
+            self.failed.add(slot)
+            self._failures[self.slot(slot).node.node_id, "read"] += 1
+
+    async def give_up(self, slot: int, cursor: PartCursor | None) -> None:
+        """Open ``slot`` no more during this read, and close ``cursor``'s stream now. (Other
+        cursors reading the slot go on until they fail themselves.)"""
+        self._fail(slot)
+        keep = []
+        for opened, stack in self._open:
+            if opened is cursor:
+                await abandon(stack)
+            else:
+                keep.append((opened, stack))
+        self._open = keep
+
+    async def aclose(self) -> None:
+        for _, stack in reversed(self._open):
+            await stack.aclose()
+
+
+async def abandon(stack: AsyncExitStack) -> None:
+    """Close a stream given up on as failed (not drained), shielded, within a second."""
+    with trio.move_on_after(1.0) as scope:
+        scope.shield = True
+        with suppress(Exception):
+            await stack.__aexit__(StreamAbandoned, StreamAbandoned("given up"), None)
+
+
+class StreamAbandoned(Karma8Error):
+    """A part stream the gateway stopped reading from (its node failed or was too slow)."""
+
+
+class RedundantCursor:
+    """Data part ``part``'s bytes from wherever they can be had: its first copy, else the
+    next copy, else (parity) rebuilt from other parts, switching source at the exact byte
+    where the last one failed. A failure is an error of the node (Unavailable, a storage
+    failure), a chunk that fails its checks (IntegrityError: the node checks each block
+    before handing it on, so nothing wrong was handed out), or no answer within
+    ``read_deadline``. Raises Unavailable once no source is left."""
+
+    def __init__(self, sources: Sources, part: int, offset: int, length: int) -> None:
+        self._sources = sources
+        self._part = part
+        self._pos = offset
+        self._end = offset + length
+        self._cursor: PartCursor | None = None
+        self._slot: int | None = None
+
+    @classmethod
+    async def open(cls, sources: Sources, part: int, offset: int, length: int) -> RedundantCursor:
+        cursor = cls(sources, part, offset, length)
+        await cursor._switch()
+        return cursor
+
+    async def _switch(self) -> None:
+        sources = self._sources
+        if self._slot is not None:
+            await sources.give_up(self._slot, self._cursor)
+        self._cursor = self._slot = None
+        for slot in sources.layout.copies_of(self._part):
+            if slot in sources.failed:
+                continue
+            cursor = await sources.open(slot, self._pos, self._end - self._pos)
+            if cursor is not None:
+                self._cursor, self._slot = cursor, slot
+                return
+        if sources.layout.parity:
+            rebuilt = RebuiltPart(sources, self._part, self._pos, self._end)
+            self._cursor = PartCursor(sources.slot(self._part), rebuilt, self._end - self._pos)
+            return
+        raise Unavailable(
+            f"part {self._part} of version {sources.version.version_id}: no copy can be read"
+        )
+
+    async def read(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes (at least one) of the part."""
+        limit = min(limit, self._end - self._pos)
+        while True:
+            assert self._cursor is not None
+            if self._slot is None:
+                # Rebuilding: each source has its own deadline; an error means too many
+                # parts are lost, and propagates.
+                rebuilt = await self._cursor.read(limit)
+                self._pos += len(rebuilt)
+                return rebuilt
+            piece: bytes | None = None
+            with trio.move_on_after(self._sources.deadline):
+                with suppress(Karma8Error):
+                    piece = await self._cursor.read(limit)
+            if piece is None:
+                await self._switch()
+                continue
+            self._pos += len(piece)
+            return piece
+
+
+class RebuiltPart:
+    """Bytes ``[pos, end)`` of data part ``part`` rebuilt, block by block, from the same
+    bytes of k other parts (data parts and parity parts; see :mod:`karma8.core.erasure`).
+    A source that fails is dropped for the rest of the read and another takes its place."""
+
+    BLOCK = 1 << 20
+
+    def __init__(self, sources: Sources, part: int, pos: int, end: int) -> None:
+        self._sources = sources
+        self._part = part
+        self._pos = pos
+        self._end = end
+        self._cursors: dict[int, PartCursor] = {}
+
+    def __aiter__(self) -> RebuiltPart:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._pos >= self._end:
+            raise StopAsyncIteration
+        sources = self._sources
+        layout = sources.layout
+        count = min(self.BLOCK, self._end - self._pos)
+        shares: dict[int, bytes | None] = {}
+        # The k sources are read at once; one that fails is replaced by the next slot.
+        while sum(b is not None for b in shares.values()) < layout.parts:
+            need = layout.parts - sum(b is not None for b in shares.values())
+            batch = [
+                s
+                for s in range(layout.slots)
+                if s != self._part and s not in sources.failed and s not in shares
+            ][:need]
+            if len(batch) < need:
+                raise Unavailable(
+                    f"part {self._part} of version {sources.version.version_id} cannot be"
+                    f" rebuilt: {len(sources.failed)} of its parts cannot be read"
+                )
+            async with trio.open_nursery() as nursery:
+                for slot in batch:
+                    nursery.start_soon(self._fetch, slot, count, shares)
+        self._pos += count
+        found = {slot: block for slot, block in shares.items() if block is not None}
+        return rebuild(layout.parts, layout.parity, found)[self._part]
+
+    async def _fetch(self, slot: int, count: int, shares: dict[int, bytes | None]) -> None:
+        shares[slot] = await self._block(slot, count)
+
+    async def _block(self, slot: int, count: int) -> bytes | None:
+        """``count`` bytes of ``slot`` from ``_pos``, zero-padded past its end; None if the
+        slot fails (it is then dropped)."""
+        sources = self._sources
+        size = sources.slot(slot).size or 0
+        real = max(0, min(self._pos + count, size) - self._pos)
+        cursor = self._cursors.get(slot)
+        if cursor is None and real:
+            cursor = await sources.open(slot, self._pos, min(self._end, size) - self._pos)
+            if cursor is None:
+                return None
+            self._cursors[slot] = cursor
+        chunks: list[bytes] = []
+        got = 0
+        with trio.move_on_after(sources.deadline):
+            try:
+                while got < real:
+                    assert cursor is not None
+                    chunk = await cursor.read(real - got)
+                    chunks.append(chunk)
+                    got += len(chunk)
+            except Karma8Error:
+                pass
+        if got < real:
+            await sources.give_up(slot, self._cursors.pop(slot, None))
+            return None
+        block = b"".join(chunks)
+        return block if real == count else block + bytes(count - real)

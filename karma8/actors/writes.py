@@ -1,0 +1,117 @@
+"""How the gateway feeds a version's parts to their writers: the pieces of a body held
+whole, the chunks a node pulls (counted, so a part whose node took nothing can move), and the
+fan-out of each data piece to its copies and to the parity encoder
+(see :mod:`karma8.actors.gateway`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import trio
+
+from karma8.core.erasure import ParityEncoder
+from karma8.core.errors import StorageFailure
+from karma8.core.layout import StripeLayout
+
+
+class WriterStopped(StorageFailure):
+    """A part's writer stopped taking chunks: the consequence of its own error, if any."""
+
+
+class HeldChunks:
+    """A held part's pieces, received like a part channel's chunks: no task feeds it."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self._pieces = pieces
+        self._next = 0
+
+    async def receive(self) -> bytes:
+        # No checkpoint: the node's writer awaits each piece's write.
+        if self._next == len(self._pieces):
+            raise trio.EndOfChannel
+        piece = self._pieces[self._next]
+        self._next += 1
+        return piece
+
+    def __aiter__(self) -> HeldChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> HeldChunks:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._pieces = []
+
+
+class PartChunks:
+    """One part's chunks on their way to its node, counted as the node pulls them."""
+
+    def __init__(self, chunks: trio.MemoryReceiveChannel[bytes] | HeldChunks) -> None:
+        self._chunks = chunks
+        self.size = 0
+        self.exhausted = False
+        self.started = False  # the node took a chunk, or saw the end: a retry would lose it
+
+    def __aiter__(self) -> PartChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._chunks.receive()
+        except trio.EndOfChannel:
+            self.started = self.exhausted = True
+            raise StopAsyncIteration from None
+        self.started = True
+        self.size += len(chunk)
+        return chunk
+
+
+WRITER_GRACE = 1.0  # seconds; a writer that stopped without an error (a bug) fails the PUT
+
+
+class Fanout:
+    """Sends the splitter's data part chunks to every slot that stores them: each copy, and
+    the parity encoder, whose chunks go to the parity parts' slots."""
+
+    def __init__(
+        self, layout: StripeLayout, senders: Sequence[trio.MemorySendChannel[bytes]]
+    ) -> None:
+        self._copies = [[senders[s] for s in layout.copies_of(p)] for p in range(layout.parts)]
+        first_parity = layout.parts * layout.copies
+        self._parity = list(enumerate(senders[first_parity:], start=first_parity))
+        self._encoder = ParityEncoder(layout.parts, layout.parity) if layout.parity else None
+
+    async def send(self, pieces: Sequence[tuple[int, bytes]]) -> None:
+        for index, piece in pieces:
+            for sender in self._copies[index]:
+                await send_piece(sender, index, piece)
+            if self._encoder is not None:
+                await self._send_parity(self._encoder.feed(index, piece))
+
+    async def finish(self) -> None:
+        """Send the parity parts' last chunks (the data parts' ends, zero-padded)."""
+        if self._encoder is not None:
+            await self._send_parity(self._encoder.finish())
+
+    async def _send_parity(self, coded: Sequence[bytes]) -> None:
+        if not coded:  # nothing new that every data part has reached
+            return
+        for (slot, sender), chunk in zip(self._parity, coded, strict=True):
+            await send_piece(sender, slot, chunk)
+
+
+async def send_piece(sender: trio.MemorySendChannel[bytes], slot: int, piece: bytes) -> None:
+    try:
+        await sender.send(piece)
+    except trio.BrokenResourceError:
+        # The writer closed its channel on its way out with its own error, which cancels
+        # this nursery: wait for that, so that the cause, not this, is the PUT's error.
+        await trio.sleep(WRITER_GRACE)
+        raise WriterStopped(f"the writer of part {slot} stopped early") from None
