@@ -44,9 +44,10 @@ Redundant engines (raid1, parity; see docs/architecture.md, "Engines")
     A version's layout may store more than its 5 data parts: copies, or parity parts that
     :class:`karma8.core.erasure.ParityEncoder` computes as the chunks pass. Every stored part
     has its writer in the same nursery, so the PUT stays all or nothing. A read gives each
-    data part a :class:`karma8.actors.reads.RedundantCursor`, which switches, at the byte where its source
-    failed (down, slower than ``read_deadline``, or a chunk that fails its check), to another
-    copy or to the part rebuilt from the others (:class:`karma8.actors.reads.RebuiltPart`).
+    data part a :class:`karma8.actors.reads.RedundantCursor`, which switches, at the byte
+    where its source failed (down, slower than ``read_deadline``, or a chunk that fails its
+    check), to another copy or to the part rebuilt from the others
+    (:class:`karma8.actors.reads.RebuiltPart`).
 """
 
 from __future__ import annotations
