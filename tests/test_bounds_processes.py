@@ -149,6 +149,14 @@ def liar(cluster: Cluster, i: int) -> socket.socket:
     return cluster.connect(head.encode())
 
 
+def uploads_in_flight(gateway: httpx.Client) -> float:
+    """The gateway's uploads in flight, from its metrics."""
+    for line in gateway.get("/metrics").text.splitlines():
+        if line.startswith("karma8_gateway_uploads_in_flight "):
+            return float(line.split()[1])
+    raise AssertionError("no karma8_gateway_uploads_in_flight in /metrics")
+
+
 def pending(cluster: Cluster) -> int:
     with sqlite3.connect(cluster.root / "meta" / "discovery.sqlite3") as db:
         return _count_pending(db)
@@ -212,4 +220,6 @@ def test_beyond_max_uploads_the_answer_is_503_at_once(cluster: Cluster) -> None:
     for sock in held:
         sock.close()  # a client gone: its upload is cleaned up at once
     wait_for(lambda: pending(cluster) == 0, "the held uploads are aborted")
+    # Aborted first, then their parts deleted; only then do they leave the gateway's count.
+    wait_for(lambda: uploads_in_flight(small) == 0, "the held uploads have ended")
     assert small.put("/default/now", content=b"n").status_code == 201
