@@ -421,6 +421,21 @@ class Gateway:
                 reason=f"writing part {placement.key} failed: {exc.code}: {exc.message}",
             )
 
+    async def _report_lost(self, sources: Sources) -> None:
+        """Tell discovery which parts a read found missing or corrupt, so that they are
+        repaired. Best effort, shielded and brief: the read is over."""
+        by_node: dict[str, list[str]] = {}
+        for slot in sorted(sources.lost):
+            placement = sources.slot(slot)
+            by_node.setdefault(placement.node.node_id, []).append(placement.key)
+        with trio.move_on_after(self._config.read_deadline) as scope:
+            scope.shield = True
+            for node_id, keys in by_node.items():
+                with suppress(Karma8Error):
+                    await self._discovery.report_lost_parts(
+                        node_id=node_id, keys=keys, reason="a read found it missing or corrupt"
+                    )
+
     async def _clean_up(
         self, version: FileVersion, *, commit_attempted: bool
     ) -> FileVersion | None:
@@ -489,6 +504,7 @@ class Gateway:
                 sources = Sources(
                     self._storage, version, self._config.read_deadline, self.part_failures
                 )
+                stack.push_async_callback(self._report_lost, sources)  # (runs after aclose)
                 stack.push_async_callback(sources.aclose)
                 for part, span in enumerate(spans):
                     if span is not None:

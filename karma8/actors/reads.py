@@ -11,8 +11,14 @@ from contextlib import AsyncExitStack, suppress
 
 import trio
 
-from karma8.core.erasure import rebuild
-from karma8.core.errors import IntegrityError, Karma8Error, StorageFailure, Unavailable
+from karma8.core.erasure import rebuild_share
+from karma8.core.errors import (
+    IntegrityError,
+    Karma8Error,
+    NotFound,
+    StorageFailure,
+    Unavailable,
+)
 from karma8.core.layout import StripeLayout
 from karma8.core.model import FileVersion, PartPlacement
 from karma8.ports import StorageAPI
@@ -116,7 +122,8 @@ class Stitcher:
 
 class Sources:
     """Opens the part streams of one read of a redundant version, and remembers which slots
-    failed during it, so that no cursor tries them again.
+    failed during it, so that no cursor tries them again, and which of them the node lost
+    (missing, or failing its checks: ``lost``), for the reader to report.
 
     Each stream has its own exit stack: a stream given up on (its node failed or was slow)
     is closed at once, as failed, rather than drained to its end when the read completes.
@@ -134,6 +141,7 @@ class Sources:
         self.layout = version.layout
         self.deadline = deadline
         self.failed: set[int] = set()
+        self.lost: set[int] = set()
         self._failures = failures
         self._open: list[tuple[PartCursor, AsyncExitStack]] = []
 
@@ -157,25 +165,30 @@ class Sources:
                         checksum=placement.checksum if whole else None,
                     )
                 )
-            except Karma8Error:
-                self._fail(slot)
+            except Karma8Error as exc:
+                self._fail(slot, exc)
                 return None
             cursor = PartCursor(placement, stream, length)
             self._open.append((cursor, stack))
             return cursor
-        self._fail(slot)
+        self._fail(slot, None)
         await abandon(stack)
         return None
 
-    def _fail(self, slot: int) -> None:
+    def _fail(self, slot: int, exc: Karma8Error | None) -> None:
+        if isinstance(exc, (NotFound, IntegrityError)):
+            self.lost.add(slot)
         if slot not in self.failed:
             self.failed.add(slot)
             self._failures[self.slot(slot).node.node_id, "read"] += 1
 
-    async def give_up(self, slot: int, cursor: PartCursor | None) -> None:
-        """Open ``slot`` no more during this read, and close ``cursor``'s stream now. (Other
-        cursors reading the slot go on until they fail themselves.)"""
-        self._fail(slot)
+    async def give_up(
+        self, slot: int, cursor: PartCursor | None, exc: Karma8Error | None = None
+    ) -> None:
+        """Open ``slot`` no more during this read (``exc``: why, if not too slow), and close
+        ``cursor``'s stream now. (Other cursors reading the slot go on until they fail
+        themselves.)"""
+        self._fail(slot, exc)
         keep = []
         for opened, stack in self._open:
             if opened is cursor:
@@ -216,6 +229,7 @@ class RedundantCursor:
         self._end = offset + length
         self._cursor: PartCursor | None = None
         self._slot: int | None = None
+        self._error: Karma8Error | None = None  # why the current source was given up
 
     @classmethod
     async def open(cls, sources: Sources, part: int, offset: int, length: int) -> RedundantCursor:
@@ -226,8 +240,9 @@ class RedundantCursor:
     async def _switch(self) -> None:
         sources = self._sources
         if self._slot is not None:
-            await sources.give_up(self._slot, self._cursor)
+            await sources.give_up(self._slot, self._cursor, self._error)
         self._cursor = self._slot = None
+        self._error = None
         for slot in sources.layout.copies_of(self._part):
             if slot in sources.failed:
                 continue
@@ -256,8 +271,10 @@ class RedundantCursor:
                 return rebuilt
             piece: bytes | None = None
             with trio.move_on_after(self._sources.deadline):
-                with suppress(Karma8Error):
+                try:
                     piece = await self._cursor.read(limit)
+                except Karma8Error as exc:
+                    self._error = exc
             if piece is None:
                 await self._switch()
                 continue
@@ -266,15 +283,16 @@ class RedundantCursor:
 
 
 class RebuiltPart:
-    """Bytes ``[pos, end)`` of data part ``part`` rebuilt, block by block, from the same
-    bytes of k other parts (data parts and parity parts; see :mod:`karma8.core.erasure`).
-    A source that fails is dropped for the rest of the read and another takes its place."""
+    """Bytes ``[pos, end)`` of ``slot`` (a data part, or a parity part for repair) rebuilt,
+    block by block, from the same bytes of k other parts (data parts and parity parts; see
+    :mod:`karma8.core.erasure`). A source that fails is dropped for the rest of the read
+    and another takes its place."""
 
     BLOCK = 1 << 20
 
-    def __init__(self, sources: Sources, part: int, pos: int, end: int) -> None:
+    def __init__(self, sources: Sources, slot: int, pos: int, end: int) -> None:
         self._sources = sources
-        self._part = part
+        self._slot = slot
         self._pos = pos
         self._end = end
         self._cursors: dict[int, PartCursor] = {}
@@ -295,11 +313,11 @@ class RebuiltPart:
             batch = [
                 s
                 for s in range(layout.slots)
-                if s != self._part and s not in sources.failed and s not in shares
+                if s != self._slot and s not in sources.failed and s not in shares
             ][:need]
             if len(batch) < need:
                 raise Unavailable(
-                    f"part {self._part} of version {sources.version.version_id} cannot be"
+                    f"part {self._slot} of version {sources.version.version_id} cannot be"
                     f" rebuilt: {len(sources.failed)} of its parts cannot be read"
                 )
             async with trio.open_nursery() as nursery:
@@ -307,7 +325,7 @@ class RebuiltPart:
                     nursery.start_soon(self._fetch, slot, count, shares)
         self._pos += count
         found = {slot: block for slot, block in shares.items() if block is not None}
-        return rebuild(layout.parts, layout.parity, found)[self._part]
+        return rebuild_share(layout.parts, layout.parity, found, self._slot)
 
     async def _fetch(self, slot: int, count: int, shares: dict[int, bytes | None]) -> None:
         shares[slot] = await self._block(slot, count)
@@ -326,6 +344,7 @@ class RebuiltPart:
             self._cursors[slot] = cursor
         chunks: list[bytes] = []
         got = 0
+        error: Karma8Error | None = None
         with trio.move_on_after(sources.deadline):
             try:
                 while got < real:
@@ -333,10 +352,10 @@ class RebuiltPart:
                     chunk = await cursor.read(real - got)
                     chunks.append(chunk)
                     got += len(chunk)
-            except Karma8Error:
-                pass
+            except Karma8Error as exc:
+                error = exc
         if got < real:
-            await sources.give_up(slot, self._cursors.pop(slot, None))
+            await sources.give_up(slot, self._cursors.pop(slot, None), error)
             return None
         block = b"".join(chunks)
         return block if real == count else block + bytes(count - real)

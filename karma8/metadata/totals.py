@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from karma8.core.model import ClusterTotals
+from karma8.metadata.repairs import LOST
 
 
 def totals(db: sqlite3.Connection) -> ClusterTotals:
@@ -17,12 +18,7 @@ def totals(db: sqlite3.Connection) -> ClusterTotals:
     (pending,) = db.execute(
         "SELECT count(*) FROM versions INDEXED BY versions_pending WHERE state = 'pending'"
     ).fetchone()
-    # Through parts_by_node over the unavailable nodes only: cheap while few are down.
-    (degraded,) = db.execute(
-        "SELECT count(DISTINCT p.version_id) FROM nodes n JOIN parts p USING (node_id)"
-        " JOIN versions v USING (version_id)"
-        " WHERE n.state = 'unavailable' AND v.state = 'committed'"
-    ).fetchone()
+    (degraded,) = db.execute(f"SELECT count(DISTINCT version_id) FROM ({LOST}) lost").fetchone()
     return ClusterTotals(
         files=int(files),
         bytes=int(size),

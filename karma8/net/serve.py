@@ -32,6 +32,7 @@ from quart_trio import QuartTrio
 from karma8.actors.discovery import Discovery, DiscoveryConfig
 from karma8.actors.gateway import Gateway, GatewayConfig
 from karma8.actors.rebalancer import Rebalancer, RebalancerConfig
+from karma8.actors.repair import RepairConfig, Repairer
 from karma8.actors.storage import StorageConfig, StorageNode
 from karma8.core.errors import Karma8Error, Unavailable
 from karma8.core.layout import StripeLayout
@@ -141,6 +142,8 @@ class NetConfig:
     local_calls: bool = True
     # The rebalancer beside discovery (the config file's [rebalance] table).
     rebalance: RebalancerConfig = attrs.Factory(RebalancerConfig)
+    # Repair beside discovery (the config file's [repair] table).
+    repair: RepairConfig = attrs.Factory(RepairConfig)
     # Namespaces discovery makes sure exist at start-up, and those of them anyone may read
     # and write without a token. None: all of ``namespaces`` in the embedded cluster (the
     # quick start), none for a discovery of its own.
@@ -295,21 +298,28 @@ async def serve_discovery(
     port: int | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Discovery and, beside it, the rebalancer, which moves parts through ``storage`` (read
-    from the source node, written to the target, as a gateway does)."""
+    """Discovery and, beside it, the rebalancer and repair, which move parts through
+    ``storage`` (read from the source node or rebuilt from the others, written to the
+    target, as a gateway does)."""
     rebalancer = Rebalancer(discovery=discovery, storage=storage, config=config.rebalance)
+    repairer = Repairer(discovery=discovery, storage=storage, config=config.repair)
     # The status view's recent errors: this process's warnings and errors (in the embedded
     # cluster, every role's).
     recent = RecentErrors()
     root = logging.getLogger()
     root.addHandler(recent)
     try:
-        with METRICS.source(discovery_source(discovery, rebalancer)):
+        with METRICS.source(discovery_source(discovery, rebalancer, repairer)):
             async with trio.open_nursery() as nursery:
                 await nursery.start(discovery.run)
-                await nursery.start(keep_rebalancing, rebalancer)
+                await nursery.start(keep_running, rebalancer, "the rebalancer")
+                await nursery.start(keep_running, repairer, "repair")
                 app = discovery_app(
-                    discovery, secret=config.secret, rebalancer=rebalancer, recent_errors=recent
+                    discovery,
+                    secret=config.secret,
+                    rebalancer=rebalancer,
+                    repairer=repairer,
+                    recent_errors=recent,
                 )
                 url = await nursery.start(
                     _serving(app, config, config.discovery_port if port is None else port)
@@ -320,21 +330,22 @@ async def serve_discovery(
         root.removeHandler(recent)
 
 
-async def keep_rebalancing(
-    rebalancer: Rebalancer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+async def keep_running(
+    mover: Rebalancer | Repairer,
+    name: str,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the rebalancer until cancelled. It stops on its own only for an error it does not
-    expect (a bug, an answer it cannot read): that is logged, and it starts again after an
-    ``interval``, so that discovery never goes down with it."""
+    """Run the rebalancer or repair until cancelled. It stops on its own only for an error it
+    does not expect (a bug, an answer it cannot read): that is logged, and it starts again
+    after an ``interval``, so that discovery never goes down with it."""
     task_status.started()
     while True:
         try:
-            await rebalancer.run()
+            await mover.run()
         except Exception:
-            log.exception(
-                "the rebalancer failed; it starts again in %g s", rebalancer.config.interval
-            )
-            await trio.sleep(rebalancer.config.interval)
+            log.exception("%s failed; it starts again in %g s", name, mover.config.interval)
+            await trio.sleep(mover.config.interval)
 
 
 async def run_discovery(
