@@ -506,9 +506,10 @@ class Gateway:
                 )
                 stack.push_async_callback(self._report_lost, sources)  # (runs after aclose)
                 stack.push_async_callback(sources.aclose)
-                for part, span in enumerate(spans):
-                    if span is not None:
-                        cursors[part] = await RedundantCursor.open(sources, part, *span)
+                live = [(part, span) for part, span in enumerate(spans) if span is not None]
+                sources.ends = {part: offset + length for part, (offset, length) in live}
+                for part, (offset, length) in live:
+                    cursors[part] = await RedundantCursor.open(sources, part, offset, length)
                 yield Stitcher(version.layout, size, start, stop, cursors)
                 return
             for placement, span in zip(version.parts, spans, strict=True):
