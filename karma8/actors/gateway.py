@@ -46,8 +46,9 @@ Redundant engines (raid1, parity; see docs/architecture.md, "Engines")
     has its writer in the same nursery, so the PUT stays all or nothing. A read gives each
     data part a :class:`karma8.actors.reads.RedundantCursor`, which switches, at the byte
     where its source failed (down, slower than ``read_deadline``, or a chunk that fails its
-    check), to another copy or to the part rebuilt from the others
-    (:class:`karma8.actors.reads.RebuiltPart`).
+    check), to another copy or to the read's rebuild from the others
+    (:class:`karma8.actors.reads.SharedRebuild`), and reports the parts it found missing or
+    corrupt for repair.
 """
 
 from __future__ import annotations
