@@ -1,0 +1,148 @@
+"""Lost parts and their repair in the metadata store: what counts as lost and due, where a
+rebuilt part may go, and what a finished or aborted repair leaves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from karma8.core.errors import IntegrityError, MoveConflict
+from karma8.core.layout import StripeLayout
+from karma8.core.model import NodeRegistration, PartReceipt
+from karma8.core.placement import NodeLoad
+from karma8.core.rebalance import MovablePart
+from karma8.metadata.sqlite import SqliteMetadataStore
+
+PARITY = StripeLayout(parts=5, unit=4, parity=1)
+RAID0 = StripeLayout(parts=5, unit=4)
+NODES = [f"n{i}" for i in range(9)]
+
+
+def commit(
+    store: SqliteMetadataStore, vid: str, layout: StripeLayout, nodes: Sequence[str]
+) -> None:
+    sizes = layout.slot_sizes(50)
+    store.commit_placed(
+        version_id=vid,
+        namespace="default",
+        name=vid,
+        layout=layout,
+        nodes=nodes,
+        size=50,
+        receipts=[
+            PartReceipt(index=i, size=s, checksum=f"{vid}-c{i}") for i, s in enumerate(sizes)
+        ],
+        created_at=1.0,
+        now=1.0,
+        if_absent=False,
+    )
+
+
+@pytest.fixture
+def store() -> SqliteMetadataStore:
+    """Nine nodes; "p" (parity 5+1) on n0..n5, "r" (raid0) on n0..n4; n6..n8 empty."""
+    s = SqliteMetadataStore()
+    s.create_namespace("default", 0.0)
+    for node in NODES:
+        s.upsert_node(
+            NodeRegistration(node_id=node, url=f"http://{node}", capacity_bytes=1000), 0.0
+        )
+    commit(s, "p", PARITY, NODES[:6])
+    commit(s, "r", RAID0, NODES[:5])
+    return s
+
+
+def emptiest(loads: Sequence[NodeLoad], part: MovablePart) -> str | None:
+    ready = sorted((n.fill, n.node_id) for n in loads if n.available and n.free >= part.size)
+    return ready[0][1] if ready else None
+
+
+def repair(store: SqliteMetadataStore, lost_before: float, now: float = 10.0) -> list[str]:
+    repairs = store.begin_repairs(
+        lost_before=lost_before,
+        limit=10,
+        now=now,
+        lease_until=now + 50,
+        place=emptiest,
+        held=lambda node: 0,
+    )
+    return [f"{r.ticket.key}:{r.ticket.source.node_id}->{r.ticket.target.node_id}" for r in repairs]
+
+
+def test_a_reported_part_is_due_at_once_and_only_if_its_node_holds_it(
+    store: SqliteMetadataStore,
+) -> None:
+    assert store.mark_damaged("n1", ["p.1", "p.2", "nope.0"], "failed its checksum", 5.0) == 1
+    assert store.mark_damaged("n1", ["p.1"], "again", 6.0) == 0  # once is enough
+    counts = store.repair_counts(lost_before=0.0)
+    assert counts["lost_parts"] == counts["due_parts"] == 1
+    assert counts["degraded_files"] == 1
+    assert repair(store, lost_before=0.0) == ["p.1:n1->n6"]
+    assert repair(store, lost_before=0.0) == []  # moving already: not recorded twice
+    assert store.repair_counts(lost_before=0.0)["repairing_parts"] == 1
+
+
+def test_a_part_on_an_unavailable_node_is_due_after_repair_after(
+    store: SqliteMetadataStore,
+) -> None:
+    store.mark_stale_nodes(seen_before=1.0)  # every node last seen at 0.0: all unavailable
+    for node in NODES[1:]:
+        store.upsert_node(
+            NodeRegistration(node_id=node, url=f"http://{node}", capacity_bytes=1000), 3.0
+        )
+    # n0 unavailable since (last seen) 0.0: both files have a part there.
+    counts = store.repair_counts(lost_before=-1.0)
+    assert (counts["degraded_files"], counts["lost_parts"], counts["due_parts"]) == (2, 1, 0)
+    assert repair(store, lost_before=-1.0) == []  # not away for repair_after yet
+    # raid0's part cannot be rebuilt: only the parity file's is due.
+    assert repair(store, lost_before=0.0) == ["p.0:n0->n6"]
+
+
+def test_a_finished_repair_switches_the_part_counts_it_and_forgets_the_report(
+    store: SqliteMetadataStore,
+) -> None:
+    store.mark_damaged("n2", ["p.2"], "missing on its node", 5.0)
+    repair(store, lost_before=0.0)
+    store.finish_move(key="p.2", target="n6", checksum="p-c2", now=11.0)
+    version = store.current_version("default", "p")
+    assert version is not None
+    assert version.parts[2].node.node_id == "n6"
+    counts = store.repair_counts(lost_before=100.0)
+    assert (counts["lost_parts"], counts["degraded_files"], counts["repairing_parts"]) == (0, 0, 0)
+    assert (counts["repaired_parts"], counts["repaired_bytes"]) == (1, 10)
+    assert store.move_counts()["moved_parts"] == 0  # a repair is not a rebalancing move
+    # The lost copy is garbage for n2, should it ever come back.
+    assert store.garbage_for_node("n2", retired_before=11.0, limit=10) == ["p.2"]
+    assert store.mark_damaged("n2", ["p.2"], "late report", 12.0) == 0  # it moved on
+
+
+def test_a_repair_with_the_wrong_bytes_is_refused_and_due_again(
+    store: SqliteMetadataStore,
+) -> None:
+    store.mark_damaged("n3", ["p.3"], "failed its checksum", 5.0)
+    repair(store, lost_before=0.0)
+    with pytest.raises(IntegrityError, match="does not match"):
+        store.finish_move(key="p.3", target="n6", checksum="wrong", now=11.0)
+    # The bad copy is garbage on n6; the part stays lost and goes elsewhere next time.
+    assert store.garbage_for_node("n6", retired_before=11.0, limit=10) == ["p.3"]
+    assert repair(store, lost_before=0.0) == ["p.3:n3->n7"]
+
+
+def test_two_lost_parts_of_one_file_never_go_to_one_node(store: SqliteMetadataStore) -> None:
+    store.mark_damaged("n0", ["p.0"], "failed its checksum", 5.0)
+    store.mark_damaged("n1", ["p.1"], "failed its checksum", 5.0)
+    done = repair(store, lost_before=0.0)
+    assert sorted(done) == ["p.0:n0->n6", "p.1:n1->n7"]
+    # And the mover's own check refuses it whatever a planner says.
+    store.mark_damaged("n2", ["p.2"], "failed its checksum", 5.0)
+    with pytest.raises(MoveConflict, match="holds a part"):
+        store.begin_move(key="p.2", source="n2", target="n6", now=6.0, lease_until=60.0)
+
+
+def test_with_no_node_free_of_the_file_a_lost_part_waits(store: SqliteMetadataStore) -> None:
+    for node in NODES[6:]:  # the three empty nodes go away
+        store.mark_node_suspect(node, 5.0)
+    store.mark_damaged("n4", ["p.4"], "failed its checksum", 5.0)
+    assert repair(store, lost_before=0.0) == []
+    assert store.repair_counts(lost_before=0.0)["due_parts"] == 1
