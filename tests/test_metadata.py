@@ -6,6 +6,7 @@ import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
+import attrs
 import pytest
 
 from karma8.core.errors import (
@@ -120,6 +121,66 @@ def test_commit_checks_state_sizes_and_expiry(store: SqliteMetadataStore) -> Non
             version_id="v1", size=10, receipts=receipts(10), now=2.0, if_absent=False
         )
     assert store.garbage_for_node("n0", retired_before=0.0, limit=10) == ["v1.0"]
+
+
+def test_a_commit_sent_again_succeeds_and_changes_nothing(store: SqliteMetadataStore) -> None:
+    """A commit whose answer was lost is sent again (maybe to another discovery instance):
+    for the version it committed, with the same receipts, it answers success, once retired
+    too; with other receipts, or for a version aborted instead, it is refused."""
+    begin(store, "v1")
+    first = store.commit_version(
+        version_id="v1", size=10, receipts=receipts(10), now=2.0, if_absent=True
+    )
+    before = store.list_nodes()
+    again = store.commit_version(
+        version_id="v1", size=10, receipts=receipts(10), now=3.0, if_absent=True
+    )
+    assert again == first
+    assert store.list_nodes() == before  # nothing counted twice
+    other = [attrs.evolve(r, checksum="x") for r in receipts(10)]
+    with pytest.raises(UploadConflict, match="committed, not pending"):
+        store.commit_version(version_id="v1", size=10, receipts=other, now=3.0, if_absent=False)
+    with pytest.raises(UploadConflict):
+        store.commit_version(
+            version_id="v1", size=10, receipts=receipts(10)[:4], now=3.0, if_absent=False
+        )
+    begin(store, "v2")
+    store.commit_version(version_id="v2", size=10, receipts=receipts(10), now=4.0, if_absent=False)
+    retired = store.commit_version(
+        version_id="v1", size=10, receipts=receipts(10), now=5.0, if_absent=False
+    )
+    assert retired.state is VersionState.RETIRED
+    current = store.current_version("default", "f")
+    assert current is not None and current.version_id == "v2"
+    begin(store, "v3")
+    store.abort_version("v3", 6.0)
+    with pytest.raises(UploadConflict, match="aborted, not pending"):
+        store.commit_version(
+            version_id="v3", size=10, receipts=receipts(10), now=7.0, if_absent=False
+        )
+
+
+def test_a_placed_commit_sent_again_succeeds(store: SqliteMetadataStore) -> None:
+    """A small upload's commit sent again finds its version committed (the placement lease is
+    gone with the first commit, or held by another instance): success, nothing counted twice."""
+    placed = store.commit_placed(
+        version_id="p1",
+        namespace="default",
+        name="small",
+        layout=LAYOUT,
+        nodes=["n0", "n1", "n2", "n3", "n4"],
+        size=10,
+        receipts=receipts(10),
+        created_at=1.0,
+        now=2.0,
+        if_absent=False,
+    )
+    before = store.list_nodes()
+    again = store.commit_version(
+        version_id="p1", size=10, receipts=receipts(10), now=3.0, if_absent=False
+    )
+    assert again == placed
+    assert store.list_nodes() == before
 
 
 def test_abort_after_commit_reports_committed(store: SqliteMetadataStore) -> None:

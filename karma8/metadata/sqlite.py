@@ -221,6 +221,10 @@ class SqliteMetadataStore(NamespaceStore):
             ).fetchone()
             if row is None:
                 raise UploadConflict(f"upload {version_id} is unknown")
+            if _same_commit(db, row, size, receipts):
+                # A commit sent again (its answer was lost, or another discovery instance
+                # got it first): it happened, so it succeeds again, changing nothing.
+                return load_version(db, version_id)
             if row["state"] != VersionState.PENDING.value:
                 raise UploadConflict(f"upload {version_id} is {row['state']}, not pending")
             if row["expires_at"] <= now:
@@ -724,6 +728,23 @@ def _check_receipts(
                 f" the layout says {want}"
             )
     return by_index
+
+
+def _same_commit(
+    db: sqlite3.Connection, row: sqlite3.Row, size: int, receipts: Sequence[PartReceipt]
+) -> bool:
+    """Whether the version of ``row`` was committed (it may be retired since) with this size
+    and these receipts."""
+    if row["committed_at"] is None or row["size"] != size:
+        return False
+    stored = {
+        r["idx"]: (r["size"], r["checksum"])
+        for r in db.execute(
+            "SELECT idx, size, checksum FROM parts WHERE version_id = ?", (row["version_id"],)
+        )
+    }
+    given = {r.index: (r.size, r.checksum) for r in receipts}
+    return len(given) == len(receipts) and given == stored
 
 
 def _retire(db: sqlite3.Connection, version_id: str, now: float) -> None:
