@@ -151,7 +151,8 @@ def test_a_commit_sent_again_succeeds_and_changes_nothing(store: SqliteMetadataS
     )
     assert retired.state is VersionState.RETIRED
     current = store.current_version("default", "f")
-    assert current is not None and current.version_id == "v2"
+    assert current is not None
+    assert current.version_id == "v2"
     begin(store, "v3")
     store.abort_version("v3", 6.0)
     with pytest.raises(UploadConflict, match="aborted, not pending"):
