@@ -101,7 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (0 = any free port)")
-    serve.add_argument("--discovery", help="discovery URL (gw and storage roles)")
+    serve.add_argument(
+        "--discovery",
+        help="discovery URL, or several comma-separated (gw and storage roles)",
+        metavar="URL[,URL...]",
+    )
     serve.add_argument("--secret", help=SECRET_HELP)
     serve.add_argument("--secret-file", type=Path, metavar="PATH", help=SECRET_FILE_HELP)
     serve.add_argument("--capacity", help="storage capacity, e.g. '20 GiB'")
@@ -169,7 +173,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cluster_args(admin: argparse.ArgumentParser) -> None:
     """The options of an admin command: where the cluster is, and --json."""
-    admin.add_argument("--discovery", help="discovery URL (or KARMA8_DISCOVERY)")
+    admin.add_argument(
+        "--discovery",
+        metavar="URL[,URL...]",
+        help="discovery URL, or several comma-separated (or KARMA8_DISCOVERY)",
+    )
     admin.add_argument("--secret", help=SECRET_HELP)
     admin.add_argument("--secret-file", type=Path, metavar="PATH", help=SECRET_FILE_HELP)
     admin.add_argument("--config", type=Path, help="TOML file with discovery_url and secret")

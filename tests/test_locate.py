@@ -122,3 +122,33 @@ async def test_a_discovery_client_warns_while_it_cannot_reach_discovery(
         f"{where} answers again",
     ]
     assert {r.levelno for r in caplog.records} == {logging.WARNING}
+
+
+def test_several_discovery_urls_from_the_flag_the_environment_or_the_file(
+    tmp_path: Path,
+) -> None:
+    from karma8.net.settings import load_net_config
+
+    ref = locate(tmp_path, discovery="http://a:8090, http://b:8090/,http://a:8090")
+    assert ref.discovery == "http://a:8090,http://b:8090"
+    assert ref.urls == ("http://a:8090", "http://b:8090")
+    assert ref.describe() == "cluster http://a:8090, http://b:8090 (from --discovery; no secret)"
+    ref = locate(tmp_path, environ={"KARMA8_DISCOVERY": "http://a:1,http://b:2"})
+    assert (ref.urls, ref.discovery_from) == (("http://a:1", "http://b:2"), "$KARMA8_DISCOVERY")
+    # A cluster.json naming one of them lends its secret.
+    cluster_file(tmp_path / "cwd" / "karma8-data", "http://b:8090", "secret-b")
+    assert locate(tmp_path, discovery="http://a:8090,http://b:8090").secret == "secret-b"
+    with pytest.raises(ConfigError, match="expected http://HOST:PORT"):
+        locate(tmp_path, discovery="http://a:8090,b:8090")
+    with pytest.raises(ConfigError, match="no discovery URL"):
+        locate(tmp_path, discovery=" , ")
+
+    path = tmp_path / "k.toml"
+    path.write_text('discovery_url = ["http://a:8090", "http://b:8090/"]\n')
+    assert load_net_config(path, {}).discovery_url == "http://a:8090,http://b:8090"
+    path.write_text('discovery_url = "http://a:8090,http://b:8090"\n')
+    assert load_net_config(path, {}).discovery_url == "http://a:8090,http://b:8090"
+    for bad, problem in [("[1, 2]", "a URL or a list of URLs"), ('"ftp://x"', "http://HOST")]:
+        path.write_text(f"discovery_url = {bad}\n")
+        with pytest.raises(ConfigError, match=rf"k.toml:1: discovery_url: .*{problem}"):
+            load_net_config(path, {})

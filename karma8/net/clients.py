@@ -4,12 +4,21 @@ One ``httpx.AsyncClient`` per process is shared by both (connection reuse, keep-
 Transport failures become :class:`Unavailable`; error responses are rebuilt into the same
 karma8 error class the server raised, from the JSON body's code. A discovery client can report,
 at WARNING, while it cannot reach discovery: services that depend on it must not wait silently.
+
+Several discovery instances (sharing one metadata database) are one :class:`HttpDiscoveryClient`
+that fails over: a call goes to the instance that answered last (sticky) and, when that one
+cannot be reached, times out or answers 502/503/504 without a karma8 answer of its own, to the
+next, all within one time budget. A call that may have reached the first instance is sent again
+only if repeating it is safe (:class:`Resend`); a small upload's commit, abort and part
+replacement go only to the instance whose memory holds its placement lease.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
+import math
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -37,6 +46,7 @@ from karma8.core.status import ClusterStatus
 from karma8.net.codec import decode, encode
 from karma8.net.exchange import SECRET_HEADER
 from karma8.net.http_fixes import patch_httpcore
+from karma8.net.locate import discovery_urls
 from karma8.net.requestlog import outgoing_headers
 from karma8.ports import BlockingRunner, StoredPart
 
@@ -96,6 +106,39 @@ def _path(*segments: str) -> str:
     return "/".join(quote(s, safe="/") for s in segments)
 
 
+def _within(timeout: httpx.Timeout, seconds: float) -> httpx.Timeout:
+    """``timeout`` with no phase longer than ``seconds``."""
+
+    def cap(phase: float | None) -> float:
+        return min(math.inf if phase is None else phase, seconds)
+
+    return httpx.Timeout(
+        connect=cap(timeout.connect),
+        read=cap(timeout.read),
+        write=cap(timeout.write),
+        pool=cap(timeout.pool),
+    )
+
+
+def _said(response: httpx.Response) -> str:
+    """`` (its message)`` of a karma8 error answer, else nothing."""
+    try:
+        return f" ({response.json()['error']['message']})"
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+async def _answered(response: httpx.Response) -> bool:
+    """Whether an error response is karma8's own answer to the request (a JSON error other than
+    ``unavailable``), rather than a proxy's or an overloaded server's refusal."""
+    await response.aread()
+    try:
+        code = response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(code, str) and code != "unavailable"
+
+
 class Reachability:
     """Warns that a service cannot be reached: at the first failure, then at most every
     ``every`` seconds while failures go on, and once when it answers again."""
@@ -122,10 +165,48 @@ class Reachability:
             log.warning("%s answers again", self._what)
 
 
-class HttpDiscoveryClient(_Http):
-    """:class:`karma8.ports.DiscoveryAPI` over HTTP.
+class Resend(enum.Enum):
+    """Whether a discovery call that failed after it may have reached an instance (a timeout,
+    a connection lost mid-answer, a 502/503/504 from a proxy) is sent to the next one."""
 
-    With ``warn_every`` (seconds), failures to reach discovery are logged as
+    # Idempotent for the same arguments, or harmless to repeat: reads; heartbeats;
+    # commit (an already committed version with the same receipts answers success); abort;
+    # a begin or placement repeated leaves at most a pending upload that expires.
+    ALWAYS = "always"
+    # Only when it certainly did not arrive (the connection was never made): a second
+    # token, or a namespace created twice (the second refused), is not what was asked.
+    UNSENT = "unsent"
+
+
+# Statuses on which a call moves to the next discovery instance, unless the answer is one of
+# karma8's own errors other than ``unavailable`` (e.g. 503 not_enough_nodes is an answer).
+FAILOVER_STATUSES = frozenset({502, 503, 504})
+# Failures that prove a request never left: no connection was made (or none was free).
+_UNSENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# Placement leases remembered per client (version id -> instance); entries leave at commit or
+# abort, and the oldest go first past this many.
+LEASES_REMEMBERED = 1 << 16
+
+
+class _Failed(Exception):
+    """One instance's failure: its message, and whether the request may have arrived."""
+
+    def __init__(self, message: str, *, maybe_arrived: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.maybe_arrived = maybe_arrived
+
+
+class HttpDiscoveryClient(_Http):
+    """:class:`karma8.ports.DiscoveryAPI` over HTTP, to one discovery instance or several.
+
+    ``urls``: one base URL, several comma-separated, or a sequence of them. Each call starts
+    at the instance that answered last and fails over as the module docstring says; all its
+    attempts together take at most ``budget`` seconds (default: the pool's read timeout, what
+    one instance had), each at most its share of what is left, so that one instance that
+    hangs leaves time for the next.
+
+    With ``warn_every`` (seconds), failures to reach each instance are logged as
     :class:`Reachability` says, naming the URL and ``origin`` (where the URL came from).
     Without, the caller reports them (an admin command prints its one error line).
     """
@@ -133,27 +214,92 @@ class HttpDiscoveryClient(_Http):
     def __init__(
         self,
         client: httpx.AsyncClient,
-        base_url: str,
+        urls: str | Sequence[str],
         *,
         origin: str | None = None,
         warn_every: float | None = None,
+        budget: float | None = None,
     ) -> None:
         super().__init__(client)
-        self._base = base_url.rstrip("/")
-        what = f"discovery at {self._base}" + (f" (from {origin})" if origin else "")
-        self._reach = Reachability(what, every=warn_every) if warn_every is not None else None
+        spec = urls if isinstance(urls, str) else ",".join(urls)
+        self._urls = discovery_urls(spec)
+        self._current = 0  # the instance that answered last
+        self._budget = budget if budget is not None else (client.timeout.read or 60.0)
+        suffix = f" (from {origin})" if origin else ""
+        self._reach = [
+            Reachability(f"discovery at {url}{suffix}", every=warn_every)
+            if warn_every is not None
+            else None
+            for url in self._urls
+        ]
+        self._leases: dict[str, int] = {}  # small uploads' version id -> lease holder
 
-    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return self._urls
+
+    async def _json(
+        self,
+        method: str,
+        path: str,
+        *,
+        resend: Resend = Resend.ALWAYS,
+        only: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The JSON answer of the first instance that answers; an error answer raises its
+        error. Raises Unavailable, naming what each instance tried did, when none answered
+        (or when one that may have got the request failed and ``resend`` forbids the next)."""
+        count = len(self._urls)
+        order = [only] if only is not None else [(self._current + i) % count for i in range(count)]
+        deadline = trio.current_time() + self._budget
+        failures: list[str] = []
+        for position, index in enumerate(order):
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                failures.append(f"no time left within {self._budget:g} s")
+                break
+            try:
+                response = await self._attempt(
+                    index, method, path, remaining / (len(order) - position), **kwargs
+                )
+            except _Failed as failed:
+                failures.append(failed.message)
+                if failed.maybe_arrived and resend is Resend.UNSENT:
+                    break
+                continue
+            self._current = index
+            await raise_for_error(response)
+            return response.json() if response.content else None
+        raise Unavailable("; ".join(failures))
+
+    async def _attempt(
+        self, index: int, method: str, path: str, seconds: float, **kwargs: Any
+    ) -> httpx.Response:
+        """One instance's answer, or _Failed if it has none to give."""
+        url = f"{self._urls[index]}{path}"
+        reach = self._reach[index]
         try:
-            response = await self.send(method, f"{self._base}{path}", **kwargs)
-        except Unavailable as exc:
-            if self._reach is not None:
-                self._reach.failed(exc.message)
-            raise
-        if self._reach is not None:
-            self._reach.answered()
-        await raise_for_error(response)
-        return response.json() if response.content else None
+            response = await self._client.request(
+                method, url, timeout=_within(self._client.timeout, seconds), **kwargs
+            )
+        except httpx.TransportError as exc:
+            message = f"{method} {url}: {type(exc).__name__}"
+            if reach is not None:
+                reach.failed(message)
+            raise _Failed(message, maybe_arrived=not isinstance(exc, _UNSENT_ERRORS)) from None
+        if response.status_code in FAILOVER_STATUSES and not await _answered(response):
+            message = f"{method} {url}: HTTP {response.status_code}{_said(response)}"
+            if reach is not None:
+                reach.failed(message)
+            raise _Failed(message, maybe_arrived=True)
+        if reach is not None:
+            reach.answered()
+        return response
+
+    def _holder(self, version_id: str) -> int | None:
+        """The instance holding a small upload's placement lease, if this client placed it."""
+        return self._leases.get(version_id)
 
     async def begin_upload(
         self, *, namespace: str, name: str, size_hint: int | None, if_absent: bool = False
@@ -170,7 +316,12 @@ class HttpDiscoveryClient(_Http):
         self, *, namespace: str, name: str, size: int, if_absent: bool = False
     ) -> FileVersion:
         body = encode(PlaceRequest(namespace=namespace, name=name, size=size, if_absent=if_absent))
-        return decode(await self._json("POST", "/v1/placements", json=body), FileVersion)
+        version = decode(await self._json("POST", "/v1/placements", json=body), FileVersion)
+        # The lease lives in the memory of the instance that answered: commit there.
+        self._leases[version.version_id] = self._current
+        while len(self._leases) > LEASES_REMEMBERED:
+            del self._leases[next(iter(self._leases))]
+        return version
 
     async def commit_upload(
         self,
@@ -186,11 +337,17 @@ class HttpDiscoveryClient(_Http):
             "if_absent": if_absent,
         }
         path = f"/v1/uploads/{_path(version_id)}/commit"
-        return decode(await self._json("POST", path, json=body), FileVersion)
+        answer = await self._json("POST", path, only=self._holder(version_id), json=body)
+        self._leases.pop(version_id, None)
+        return decode(answer, FileVersion)
 
     async def abort_upload(self, *, version_id: str) -> FileVersion:
         path = f"/v1/uploads/{_path(version_id)}/abort"
-        return decode(await self._json("POST", path), FileVersion)
+        try:
+            answer = await self._json("POST", path, only=self._holder(version_id))
+        finally:
+            self._leases.pop(version_id, None)
+        return decode(answer, FileVersion)
 
     async def resolve(self, *, namespace: str, name: str) -> FileVersion:
         return decode(await self._json("GET", f"/v1/files/{_path(namespace, name)}"), FileVersion)
@@ -224,7 +381,8 @@ class HttpDiscoveryClient(_Http):
         if parity is not None:
             body["parity"] = parity
         path = f"/v1/namespaces/{_path(namespace)}"
-        return decode(await self._json("PUT", path, json=body), NamespaceInfo)
+        answer = await self._json("PUT", path, resend=Resend.UNSENT, json=body)
+        return decode(answer, NamespaceInfo)
 
     async def list_namespaces(self) -> list[NamespaceInfo]:
         result = await self._json("GET", "/v1/namespaces")
@@ -238,7 +396,7 @@ class HttpDiscoveryClient(_Http):
         self, *, namespace: str, read: bool, write: bool
     ) -> tuple[str, TokenInfo]:
         body = {"namespace": namespace, "read": read, "write": write}
-        result = await self._json("POST", "/v1/tokens", json=body)
+        result = await self._json("POST", "/v1/tokens", resend=Resend.UNSENT, json=body)
         token = result.pop("token")
         return str(token), decode(result, TokenInfo)
 
@@ -290,7 +448,8 @@ class HttpDiscoveryClient(_Http):
         self, *, version_id: str, index: int, failed_node_id: str
     ) -> PartPlacement:
         path = f"/v1/uploads/{_path(version_id)}/parts/{index}/replace"
-        result = await self._json("POST", path, json={"failed_node_id": failed_node_id})
+        body = {"failed_node_id": failed_node_id}
+        result = await self._json("POST", path, only=self._holder(version_id), json=body)
         return decode(result, PartPlacement)
 
     async def extend_upload(self, *, version_id: str, size: int) -> None:

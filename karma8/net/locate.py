@@ -16,7 +16,13 @@ cluster that has stopped must not capture a command pointed elsewhere. The secre
 ``--secret``, ``--secret-file PATH``, ``$KARMA8_SECRET``, ``$KARMA8_SECRET_FILE`` (a path),
 the config file's ``secret``, else the secret of the
 ``cluster.json`` that gave the URL; for a URL given otherwise, that of a candidate
-``cluster.json`` naming the same discovery, so no cluster's secret is sent to another.
+``cluster.json`` naming one of the same discovery URLs, so no cluster's secret is sent to
+another.
+
+A discovery URL may be a list: several discovery instances sharing one metadata database,
+written ``URL,URL`` (``--discovery``, ``$KARMA8_DISCOVERY``) or as a TOML array
+(``discovery_url``). Inside karma8 the list travels as that one comma-separated string;
+:func:`discovery_urls` reads it, and the discovery client fails over between them.
 """
 
 from __future__ import annotations
@@ -38,6 +44,26 @@ DEFAULT_DATA = Path("karma8-data")
 ENV_DISCOVERY = "KARMA8_DISCOVERY"
 ENV_SECRET = "KARMA8_SECRET"
 ENV_SECRET_FILE = "KARMA8_SECRET_FILE"
+
+
+def discovery_urls(spec: str) -> tuple[str, ...]:
+    """The discovery URLs of ``URL[,URL...]``, without trailing slashes, each once.
+
+    Raises:
+        ConfigError: no URL, or one that is not ``http://`` or ``https://``.
+    """
+    urls: list[str] = []
+    for part in spec.split(","):
+        url = part.strip().rstrip("/")
+        if not url:
+            continue
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"discovery URL {url!r}: expected http://HOST:PORT")
+        if url not in urls:
+            urls.append(url)
+    if not urls:
+        raise ConfigError(f"no discovery URL in {spec!r}")
+    return tuple(urls)
 
 
 @attrs.frozen(kw_only=True)
@@ -131,12 +157,19 @@ def given_secrets(
 
 @attrs.frozen(kw_only=True)
 class ClusterRef:
-    """The discovery a command uses and its secret, each with where it came from."""
+    """The discovery a command uses and its secret, each with where it came from.
+
+    ``discovery`` is one URL or several, comma-separated (:func:`discovery_urls`).
+    """
 
     discovery: str
     discovery_from: str
     secret: str | None
     secret_from: str | None
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return discovery_urls(self.discovery)
 
     def describe(self) -> str:
         """One line for stderr: ``cluster URL (from WHERE, with its secret)`` or the like."""
@@ -146,7 +179,8 @@ class ClusterRef:
             secret = ", with its secret"
         else:
             secret = f"; secret from {self.secret_from}"
-        return f"cluster {self.discovery} (from {self.discovery_from}{secret})"
+        urls = ", ".join(self.urls)
+        return f"cluster {urls} (from {self.discovery_from}{secret})"
 
 
 def locate_cluster(
@@ -179,8 +213,10 @@ def locate_cluster(
     ]
     files = _candidate_dirs(data, default_data)
     given_secret, given_from = next(((s, f) for s, f in secrets if s), (None, None))
-    url, url_from = next(((u, f) for u, f in urls if u), (None, None))
-    if url is not None and url_from is not None:
+    given_url, url_from = next(((u, f) for u, f in urls if u), (None, None))
+    if given_url is not None and url_from is not None:
+        listed = discovery_urls(given_url)
+        url = ",".join(listed)
         if given_secret is not None:
             return ClusterRef(
                 discovery=url, discovery_from=url_from, secret=given_secret, secret_from=given_from
@@ -190,7 +226,7 @@ def locate_cluster(
                 info = read_cluster_info(directory)
             except ConfigError:
                 continue  # only looked at for a secret: a broken file must not block the URL
-            if info is not None and info.discovery.rstrip("/") == url.rstrip("/"):
+            if info is not None and info.discovery.rstrip("/") in listed:
                 return ClusterRef(
                     discovery=url,
                     discovery_from=url_from,

@@ -93,6 +93,8 @@ class NetConfig:
     gateway_port: int = 8080
     discovery_port: int = 8090
     storage_port: int = 0
+    # One discovery URL or several, comma-separated (instances sharing one database): the
+    # gateway's and the nodes' discovery client fails over between them.
     discovery_url: str | None = None
     storage_nodes: int = 6
     capacity: int = 10 << 30
@@ -457,7 +459,8 @@ async def run_storage(
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A storage node on its own; it warns while it cannot reach ``discovery_url``, naming
-    where that came from (``discovery_from``), so that a wrong URL does not wait silently."""
+    where that came from (``discovery_from``), so that a wrong URL does not wait silently.
+    With several URLs (comma-separated) it registers and heartbeats with whichever answers."""
     discovery = HttpDiscoveryClient(
         http, discovery_url, origin=discovery_from, warn_every=DISCOVERY_WARN_EVERY
     )
@@ -519,8 +522,9 @@ async def run_gateway(
     """A gateway on its own, with ``gateway_workers - 1`` workers on its port. It asks
     discovery in the background until discovery first answers, so that a gateway that cannot
     reach it warns (as :func:`run_storage`'s node does) before a client finds out. ``http``
-    is the pool to discovery; the nodes get a pool of their own. ``shared_port``: this
-    gateway is itself a worker, binding a port that others share."""
+    is the pool to discovery; the nodes get a pool of their own. ``discovery_url``: one URL
+    or several, comma-separated, which the discovery client fails over between.
+    ``shared_port``: this gateway is itself a worker, binding a port that others share."""
     discovery = HttpDiscoveryClient(
         http, discovery_url, origin=discovery_from, warn_every=DISCOVERY_WARN_EVERY
     )

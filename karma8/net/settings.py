@@ -19,10 +19,11 @@ from karma8.actors.repair import read_repair
 from karma8.core.errors import InvalidName
 from karma8.core.names import check_namespace
 from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
+from karma8.net.locate import discovery_urls
 from karma8.net.serve import NetConfig
 
 SIZES = ("capacity", "stripe_unit", "max_file_size", "reserve_step", "volume_size")
-OPTIONAL_STRINGS = ("secret", "discovery_url")
+OPTIONAL_STRINGS = ("secret",)
 NAME_LISTS = ("namespaces", "public_namespaces")
 # Counts where 0 would refuse or stall every request.
 POSITIVE = (
@@ -66,6 +67,8 @@ def load_net_config(
                 if raw is not None and not isinstance(raw, str):
                     raise reader.fail(field.name, "expected a string")
                 values[field.name] = raw
+            elif field.name == "discovery_url":
+                values[field.name] = _discovery(reader, field.name, default)
             elif field.name in NAME_LISTS:
                 values[field.name] = _names(reader, field.name, default)
             elif field.name == "gateway_workers":
@@ -109,3 +112,19 @@ def _names(
         except InvalidName as exc:
             raise reader.fail(key, exc.message) from None
     return tuple(raw)
+
+
+def _discovery(reader: TableReader, key: str, default: str | None) -> str | None:
+    """One discovery URL, several comma-separated, or a list of them: as one
+    comma-separated string (:func:`karma8.net.locate.discovery_urls`)."""
+    raw = reader.get(key, None)
+    if raw is None:
+        return default
+    if isinstance(raw, list) and all(isinstance(u, str) for u in raw):
+        raw = ",".join(raw)
+    if not isinstance(raw, str):
+        raise reader.fail(key, "expected a URL or a list of URLs")
+    try:
+        return ",".join(discovery_urls(raw))
+    except ConfigError as exc:
+        raise reader.fail(key, str(exc)) from None
