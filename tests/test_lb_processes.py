@@ -25,8 +25,6 @@ import pytest
 
 from processes import GIVE_UP, Service, free_port, service, wait_for
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "docs" / "lb" / "karma8-nginx.conf"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -167,6 +165,17 @@ def put_until_stored(client: httpx.Client, url: str, data: bytes) -> int:
     raise AssertionError(f"PUT {url} failed 5 times")
 
 
+def test_the_operations_page_shows_the_shipped_config() -> None:
+    """Every directive of the nginx block in docs/operations.md is in the shipped file."""
+    page = (ROOT / "docs" / "operations.md").read_text()
+    block = page.split("```nginx\n", 1)[1].split("```", 1)[0]
+    shipped = " ".join(SHIPPED.read_text().split())
+    directives = [d.strip() for d in re.split(r"[;{}]", block) if d.strip()]
+    missing = [d for d in directives if " ".join(d.split()) not in shipped]
+    assert missing == []
+
+
+@pytest.mark.slow
 def test_nginx_in_front_of_two_gateways_survives_the_kill_of_one(
     balanced: tuple[Nginx, list[Service]],
 ) -> None:
