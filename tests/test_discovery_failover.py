@@ -280,7 +280,14 @@ async def test_each_attempt_gets_its_share_of_the_time_left() -> None:
         client = HttpDiscoveryClient(http, "http://a:1, http://b:1/", budget=10.0)
         assert client.urls == ("http://a:1", "http://b:1")
         assert await client.list_nodes() == []
-    (host_a, first), (host_b, second) = timeouts
-    assert (host_a, host_b) == ("a", "b")
-    assert first == pytest.approx(5.0, abs=0.5)  # half of the budget: two instances to try
-    assert 4.0 < second <= 10.0  # what is left
+        (host_a, first), (host_b, second) = timeouts
+        assert (host_a, host_b) == ("a", "b")
+        assert first == pytest.approx(5.0, abs=0.5)  # half of the budget: two instances to try
+        assert 4.0 < second <= 10.0  # what is left
+        # With a longer budget an attempt that leaves another to try is capped (a hung
+        # instance costs 10 s, not half of a minute); the last one gets the rest.
+        timeouts.clear()
+        client = HttpDiscoveryClient(http, "http://a:1,http://b:1", budget=60.0)
+        assert await client.list_nodes() == []
+        assert timeouts[0] == ("a", 10.0)
+        assert 59.0 < timeouts[1][1] <= 60.0  # the first failed at once

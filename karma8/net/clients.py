@@ -183,6 +183,10 @@ class Resend(enum.Enum):
 FAILOVER_STATUSES = frozenset({502, 503, 504})
 # Failures that prove a request never left: no connection was made (or none was free).
 _UNSENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# Seconds an attempt may take while another instance is left to try: discovery answers in
+# milliseconds, so one that is silent this long is hung (stopped, partitioned), and the call
+# moves on instead of spending half its budget there. The last attempt gets what is left.
+ATTEMPT_TIMEOUT = 10.0
 # Placement leases remembered per client (version id -> instance); entries leave at commit or
 # abort, and the oldest go first past this many.
 LEASES_REMEMBERED = 1 << 16
@@ -203,8 +207,8 @@ class HttpDiscoveryClient(_Http):
     ``urls``: one base URL, several comma-separated, or a sequence of them. Each call starts
     at the instance that answered last and fails over as the module docstring says; all its
     attempts together take at most ``budget`` seconds (default: the pool's read timeout, what
-    one instance had), each at most its share of what is left, so that one instance that
-    hangs leaves time for the next.
+    one instance had), each but the last at most its share of what is left and at most
+    ``attempt_timeout``, so that one instance that hangs leaves time for the next.
 
     With ``warn_every`` (seconds), failures to reach each instance are logged as
     :class:`Reachability` says, naming the URL and ``origin`` (where the URL came from).
@@ -219,12 +223,14 @@ class HttpDiscoveryClient(_Http):
         origin: str | None = None,
         warn_every: float | None = None,
         budget: float | None = None,
+        attempt_timeout: float = ATTEMPT_TIMEOUT,
     ) -> None:
         super().__init__(client)
         spec = urls if isinstance(urls, str) else ",".join(urls)
         self._urls = discovery_urls(spec)
         self._current = 0  # the instance that answered last
         self._budget = budget if budget is not None else (client.timeout.read or 60.0)
+        self._attempt_timeout = attempt_timeout
         suffix = f" (from {origin})" if origin else ""
         self._reach = [
             Reachability(f"discovery at {url}{suffix}", every=warn_every)
@@ -259,10 +265,10 @@ class HttpDiscoveryClient(_Http):
             if remaining <= 0:
                 failures.append(f"no time left within {self._budget:g} s")
                 break
+            left = len(order) - position
+            seconds = remaining if left == 1 else min(remaining / left, self._attempt_timeout)
             try:
-                response = await self._attempt(
-                    index, method, path, remaining / (len(order) - position), **kwargs
-                )
+                response = await self._attempt(index, method, path, seconds, **kwargs)
             except _Failed as failed:
                 failures.append(failed.message)
                 if failed.maybe_arrived and resend is Resend.UNSENT:
