@@ -6,19 +6,13 @@ karma8 error class the server raised, from the JSON body's code. A discovery cli
 at WARNING, while it cannot reach discovery: services that depend on it must not wait silently.
 
 Several discovery instances (sharing one metadata database) are one :class:`HttpDiscoveryClient`
-that fails over: a call goes to the instance that answered last (sticky) and, when that one
-cannot be reached, times out or answers 502/503/504 without a karma8 answer of its own, to the
-next, all within one time budget. A call that may have reached the first instance is sent again
-only if repeating it is safe (:class:`Resend`); a small upload's commit, abort and part
-replacement go only to the instance whose memory holds its placement lease.
+that fails over between them (:mod:`karma8.net.failover`); a small upload's commit, abort and
+part replacement go only to the instance whose memory holds its placement lease.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
-import logging
-import math
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -45,12 +39,10 @@ from karma8.core.rebalance_report import PlanSummary, RebalanceReport
 from karma8.core.status import ClusterStatus
 from karma8.net.codec import decode, encode
 from karma8.net.exchange import SECRET_HEADER
+from karma8.net.failover import ATTEMPT_TIMEOUT, Instances, Resend
 from karma8.net.http_fixes import patch_httpcore
-from karma8.net.locate import discovery_urls
 from karma8.net.requestlog import outgoing_headers
 from karma8.ports import BlockingRunner, StoredPart
-
-log = logging.getLogger(__name__)
 
 
 def make_http_client(
@@ -106,113 +98,19 @@ def _path(*segments: str) -> str:
     return "/".join(quote(s, safe="/") for s in segments)
 
 
-def _within(timeout: httpx.Timeout, seconds: float) -> httpx.Timeout:
-    """``timeout`` with no phase longer than ``seconds``."""
-
-    def cap(phase: float | None) -> float:
-        return min(math.inf if phase is None else phase, seconds)
-
-    return httpx.Timeout(
-        connect=cap(timeout.connect),
-        read=cap(timeout.read),
-        write=cap(timeout.write),
-        pool=cap(timeout.pool),
-    )
-
-
-def _said(response: httpx.Response) -> str:
-    """`` (its message)`` of a karma8 error answer, else nothing."""
-    try:
-        return f" ({response.json()['error']['message']})"
-    except (ValueError, KeyError, TypeError):
-        return ""
-
-
-async def _answered(response: httpx.Response) -> bool:
-    """Whether an error response is karma8's own answer to the request (a JSON error other than
-    ``unavailable``), rather than a proxy's or an overloaded server's refusal."""
-    await response.aread()
-    try:
-        code = response.json()["error"]["code"]
-    except (ValueError, KeyError, TypeError):
-        return False
-    return isinstance(code, str) and code != "unavailable"
-
-
-class Reachability:
-    """Warns that a service cannot be reached: at the first failure, then at most every
-    ``every`` seconds while failures go on, and once when it answers again."""
-
-    def __init__(self, what: str, *, every: float) -> None:
-        self._what = what
-        self._every = every
-        self._down_since: float | None = None
-        self._last_warning = 0.0
-
-    def failed(self, error: str) -> None:
-        now = trio.current_time()
-        if self._down_since is None:
-            self._down_since = self._last_warning = now
-            log.warning("cannot reach %s: %s", self._what, error)
-        elif now - self._last_warning >= self._every:
-            self._last_warning = now
-            down = now - self._down_since
-            log.warning("still cannot reach %s, for %.0f s: %s", self._what, down, error)
-
-    def answered(self) -> None:
-        if self._down_since is not None:
-            self._down_since = None
-            log.warning("%s answers again", self._what)
-
-
-class Resend(enum.Enum):
-    """Whether a discovery call that failed after it may have reached an instance (a timeout,
-    a connection lost mid-answer, a 502/503/504 from a proxy) is sent to the next one."""
-
-    # Idempotent for the same arguments, or harmless to repeat: reads; heartbeats;
-    # commit (an already committed version with the same receipts answers success); abort;
-    # a begin or placement repeated leaves at most a pending upload that expires.
-    ALWAYS = "always"
-    # Only when it certainly did not arrive (the connection was never made): a second
-    # token, or a namespace created twice (the second refused), is not what was asked.
-    UNSENT = "unsent"
-
-
-# Statuses on which a call moves to the next discovery instance, unless the answer is one of
-# karma8's own errors other than ``unavailable`` (e.g. 503 not_enough_nodes is an answer).
-FAILOVER_STATUSES = frozenset({502, 503, 504})
-# Failures that prove a request never left: no connection was made (or none was free).
-_UNSENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-# Seconds an attempt may take while another instance is left to try: discovery answers in
-# milliseconds, so one that is silent this long is hung (stopped, partitioned), and the call
-# moves on instead of spending half its budget there. The last attempt gets what is left.
-ATTEMPT_TIMEOUT = 10.0
 # Placement leases remembered per client (version id -> instance); entries leave at commit or
 # abort, and the oldest go first past this many.
 LEASES_REMEMBERED = 1 << 16
 
 
-class _Failed(Exception):
-    """One instance's failure: its message, and whether the request may have arrived."""
-
-    def __init__(self, message: str, *, maybe_arrived: bool) -> None:
-        super().__init__(message)
-        self.message = message
-        self.maybe_arrived = maybe_arrived
-
-
 class HttpDiscoveryClient(_Http):
     """:class:`karma8.ports.DiscoveryAPI` over HTTP, to one discovery instance or several.
 
-    ``urls``: one base URL, several comma-separated, or a sequence of them. Each call starts
-    at the instance that answered last and fails over as the module docstring says; all its
-    attempts together take at most ``budget`` seconds (default: the pool's read timeout, what
-    one instance had), each but the last at most its share of what is left and at most
-    ``attempt_timeout``, so that one instance that hangs leaves time for the next.
-
-    With ``warn_every`` (seconds), failures to reach each instance are logged as
-    :class:`Reachability` says, naming the URL and ``origin`` (where the URL came from).
-    Without, the caller reports them (an admin command prints its one error line).
+    ``urls``: one base URL, several comma-separated, or a sequence of them; the other
+    arguments are :class:`karma8.net.failover.Instances`'s, which decides where each call
+    goes. Without ``warn_every`` the caller reports failures (an admin command prints its one
+    error line). Each call says whether it may be sent again after it may have arrived
+    (:class:`karma8.net.failover.Resend`).
     """
 
     def __init__(
@@ -226,23 +124,19 @@ class HttpDiscoveryClient(_Http):
         attempt_timeout: float = ATTEMPT_TIMEOUT,
     ) -> None:
         super().__init__(client)
-        spec = urls if isinstance(urls, str) else ",".join(urls)
-        self._urls = discovery_urls(spec)
-        self._current = 0  # the instance that answered last
-        self._budget = budget if budget is not None else (client.timeout.read or 60.0)
-        self._attempt_timeout = attempt_timeout
-        suffix = f" (from {origin})" if origin else ""
-        self._reach = [
-            Reachability(f"discovery at {url}{suffix}", every=warn_every)
-            if warn_every is not None
-            else None
-            for url in self._urls
-        ]
+        self._instances = Instances(
+            client,
+            urls,
+            origin=origin,
+            warn_every=warn_every,
+            budget=budget,
+            attempt_timeout=attempt_timeout,
+        )
         self._leases: dict[str, int] = {}  # small uploads' version id -> lease holder
 
     @property
     def urls(self) -> tuple[str, ...]:
-        return self._urls
+        return self._instances.urls
 
     async def _json(
         self,
@@ -253,55 +147,11 @@ class HttpDiscoveryClient(_Http):
         only: int | None = None,
         **kwargs: Any,
     ) -> Any:
-        """The JSON answer of the first instance that answers; an error answer raises its
-        error. Raises Unavailable, naming what each instance tried did, when none answered
-        (or when one that may have got the request failed and ``resend`` forbids the next)."""
-        count = len(self._urls)
-        order = [only] if only is not None else [(self._current + i) % count for i in range(count)]
-        deadline = trio.current_time() + self._budget
-        failures: list[str] = []
-        for position, index in enumerate(order):
-            remaining = deadline - trio.current_time()
-            if remaining <= 0:
-                failures.append(f"no time left within {self._budget:g} s")
-                break
-            left = len(order) - position
-            seconds = remaining if left == 1 else min(remaining / left, self._attempt_timeout)
-            try:
-                response = await self._attempt(index, method, path, seconds, **kwargs)
-            except _Failed as failed:
-                failures.append(failed.message)
-                if failed.maybe_arrived and resend is Resend.UNSENT:
-                    break
-                continue
-            self._current = index
-            await raise_for_error(response)
-            return response.json() if response.content else None
-        raise Unavailable("; ".join(failures))
-
-    async def _attempt(
-        self, index: int, method: str, path: str, seconds: float, **kwargs: Any
-    ) -> httpx.Response:
-        """One instance's answer, or _Failed if it has none to give."""
-        url = f"{self._urls[index]}{path}"
-        reach = self._reach[index]
-        try:
-            response = await self._client.request(
-                method, url, timeout=_within(self._client.timeout, seconds), **kwargs
-            )
-        except httpx.TransportError as exc:
-            message = f"{method} {url}: {type(exc).__name__}"
-            if reach is not None:
-                reach.failed(message)
-            raise _Failed(message, maybe_arrived=not isinstance(exc, _UNSENT_ERRORS)) from None
-        if response.status_code in FAILOVER_STATUSES and not await _answered(response):
-            message = f"{method} {url}: HTTP {response.status_code}{_said(response)}"
-            if reach is not None:
-                reach.failed(message)
-            raise _Failed(message, maybe_arrived=True)
-        if reach is not None:
-            reach.answered()
-        return response
+        """The JSON answer of the first instance that answers (:class:`Instances`); an error
+        answer raises its error."""
+        response = await self._instances.call(method, path, resend=resend, only=only, **kwargs)
+        await raise_for_error(response)
+        return response.json() if response.content else None
 
     def _holder(self, version_id: str) -> int | None:
         """The instance holding a small upload's placement lease, if this client placed it."""
@@ -324,7 +174,7 @@ class HttpDiscoveryClient(_Http):
         body = encode(PlaceRequest(namespace=namespace, name=name, size=size, if_absent=if_absent))
         version = decode(await self._json("POST", "/v1/placements", json=body), FileVersion)
         # The lease lives in the memory of the instance that answered: commit there.
-        self._leases[version.version_id] = self._current
+        self._leases[version.version_id] = self._instances.current
         while len(self._leases) > LEASES_REMEMBERED:
             del self._leases[next(iter(self._leases))]
         return version
