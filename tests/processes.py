@@ -1,9 +1,11 @@
-"""Running karma8 roles as real processes in tests."""
+"""Running karma8 roles as real processes in tests, and nginx in front of gateways."""
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +15,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+import pytest
+
+# The nginx config docs/lb ships, and Debian's nginx (None where it is not installed).
+SHIPPED_NGINX_CONF = Path(__file__).resolve().parents[1] / "docs" / "lb" / "karma8-nginx.conf"
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 # A guard against a hang while waiting for the cluster to do something by itself; far above
 # what it takes, so that no verdict depends on the machine's speed.
 GIVE_UP = 120.0
@@ -81,3 +89,81 @@ def service(args: list[str], ready: str, log: Path, *, cwd: Path) -> Iterator[Se
         yield s
     finally:
         s.stop()
+
+
+def need_nginx() -> None:
+    """Skip a test without nginx, or fail it under CI, where every test must run."""
+    if NGINX is None:
+        if os.environ.get("CI"):
+            pytest.fail("nginx is missing: scripts/bootstrap --test-tools installs it")
+        pytest.skip("nginx is not installed (scripts/bootstrap --test-tools installs it)")
+
+
+def nginx_config(root: Path, *, port: int, gateways: list[str]) -> Path:
+    """The shipped file with the test's gateways and address, inside the process-level
+    settings a private nginx needs: its pid, logs and temporary files under ``root``."""
+    shipped = SHIPPED_NGINX_CONF.read_text()
+    servers = "\n".join(
+        f"    server {g.removeprefix('http://')} max_fails=2 fail_timeout=5s;" for g in gateways
+    )
+    text, count = re.subn(r"(?m)^    server 10\.0\.0\.\d+:8080 .*;\n", "", shipped)
+    assert count == 2, "the shipped upstream lists two example gateways"
+    text = text.replace("upstream karma8_gateways {\n", f"upstream karma8_gateways {{\n{servers}\n")
+    text = text.replace("    listen 80;", f"    listen 127.0.0.1:{port};")
+    text = text.replace("/var/log/nginx/karma8.log", str(root / "access.log"))
+    temp = "\n".join(
+        f"{kind}_temp_path {root / kind};" for kind in ("client_body", "proxy", "fastcgi")
+    )
+    user = f"user {getpass.getuser()};\n" if os.geteuid() == 0 else ""
+    conf = root / "nginx.conf"
+    conf.write_text(
+        f"{user}daemon off;\nworker_processes 1;\npid {root / 'nginx.pid'};\n"
+        f"error_log {root / 'error.log'} info;\nevents {{ worker_connections 256; }}\n"
+        f"http {{\n{temp}\n{text}\n}}\n"
+    )
+    return conf
+
+
+class Nginx:
+    """nginx (Debian's binary) in front of ``gateways`` with the shipped config, as this user,
+    everything under ``root``; ``url`` once it answers."""
+
+    def __init__(self, root: Path, *, gateways: list[str]) -> None:
+        assert NGINX is not None
+        root.mkdir()
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        conf = nginx_config(root, port=self.port, gateways=gateways)
+        check = subprocess.run(
+            [NGINX, "-t", "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")],
+            capture_output=True,
+            text=True,
+        )
+        assert check.returncode == 0, check.stderr
+        self.proc = subprocess.Popen(
+            [NGINX, "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def up() -> bool:
+            assert self.proc.poll() is None, (root / "error.log").read_text()
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=5).status_code < 500
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, "nginx answers")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)  # graceful: workers finish, then exit
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def errors(self) -> str:
+        return (self.root / "error.log").read_text()

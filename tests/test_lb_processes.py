@@ -9,12 +9,9 @@ in the test's directory; scripts/bootstrap --test-tools installs it."""
 
 from __future__ import annotations
 
-import getpass
 import os
 import re
-import shutil
 import signal
-import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -23,11 +20,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from processes import GIVE_UP, Service, free_port, service, wait_for
+from processes import (
+    GIVE_UP,
+    SHIPPED_NGINX_CONF,
+    Nginx,
+    Service,
+    free_port,
+    need_nginx,
+    service,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "docs" / "lb" / "karma8-nginx.conf"
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 SECRET = "lb-test-secret"
 CONFIG = """
 heartbeat_interval = 0.2
@@ -39,79 +43,9 @@ public_namespaces = ["default"]
 """
 
 
-def nginx_config(root: Path, *, port: int, gateways: list[str]) -> Path:
-    """The shipped file with the test's gateways and address, inside the process-level
-    settings a private nginx needs: its pid, logs and temporary files under ``root``."""
-    shipped = SHIPPED.read_text()
-    servers = "\n".join(
-        f"    server {g.removeprefix('http://')} max_fails=2 fail_timeout=5s;" for g in gateways
-    )
-    text, count = re.subn(r"(?m)^    server 10\.0\.0\.\d+:8080 .*;\n", "", shipped)
-    assert count == 2, "the shipped upstream lists two example gateways"
-    text = text.replace("upstream karma8_gateways {\n", f"upstream karma8_gateways {{\n{servers}\n")
-    text = text.replace("    listen 80;", f"    listen 127.0.0.1:{port};")
-    text = text.replace("/var/log/nginx/karma8.log", str(root / "access.log"))
-    temp = "\n".join(
-        f"{kind}_temp_path {root / kind};" for kind in ("client_body", "proxy", "fastcgi")
-    )
-    user = f"user {getpass.getuser()};\n" if os.geteuid() == 0 else ""
-    conf = root / "nginx.conf"
-    conf.write_text(
-        f"{user}daemon off;\nworker_processes 1;\npid {root / 'nginx.pid'};\n"
-        f"error_log {root / 'error.log'} info;\nevents {{ worker_connections 256; }}\n"
-        f"http {{\n{temp}\n{text}\n}}\n"
-    )
-    return conf
-
-
-class Nginx:
-    def __init__(self, root: Path, *, gateways: list[str]) -> None:
-        assert NGINX is not None
-        root.mkdir()
-        self.root = root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        conf = nginx_config(root, port=self.port, gateways=gateways)
-        check = subprocess.run(
-            [NGINX, "-t", "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")],
-            capture_output=True,
-            text=True,
-        )
-        assert check.returncode == 0, check.stderr
-        self.proc = subprocess.Popen(
-            [NGINX, "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-        def up() -> bool:
-            assert self.proc.poll() is None, (root / "error.log").read_text()
-            try:
-                return httpx.get(f"{self.url}/healthz", timeout=5).status_code < 500
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, "nginx answers")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # graceful: workers finish, then exit
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def errors(self) -> str:
-        return (self.root / "error.log").read_text()
-
-
 @pytest.fixture
 def balanced(tmp_path: Path) -> Iterator[tuple[Nginx, list[Service]]]:
-    if NGINX is None:
-        if os.environ.get("CI"):
-            pytest.fail("nginx is missing: scripts/bootstrap --test-tools installs it")
-        pytest.skip("nginx is not installed (scripts/bootstrap --test-tools installs it)")
+    need_nginx()
     config = tmp_path / "k.toml"
     config.write_text(CONFIG)
     common = ["--secret", SECRET, "--config", str(config)]
@@ -169,7 +103,7 @@ def test_the_operations_page_shows_the_shipped_config() -> None:
     """Every directive of the nginx block in docs/operations.md is in the shipped file."""
     page = (ROOT / "docs" / "operations.md").read_text()
     block = page.split("```nginx\n", 1)[1].split("```", 1)[0]
-    shipped = " ".join(SHIPPED.read_text().split())
+    shipped = " ".join(SHIPPED_NGINX_CONF.read_text().split())
     directives = [d.strip() for d in re.split(r"[;{}]", block) if d.strip()]
     missing = [d for d in directives if " ".join(d.split()) not in shipped]
     assert missing == []
