@@ -111,9 +111,7 @@ def nginx_config(root: Path, *, port: int, gateways: list[str]) -> Path:
     text = text.replace("upstream karma8_gateways {\n", f"upstream karma8_gateways {{\n{servers}\n")
     text = text.replace("    listen 80;", f"    listen 127.0.0.1:{port};")
     text = text.replace("/var/log/nginx/karma8.log", str(root / "access.log"))
-    temp = "\n".join(
-        f"{kind}_temp_path {root / kind};" for kind in ("client_body", "proxy", "fastcgi")
-    )
+    temp = "\n".join(f"{kind}_temp_path {root / kind};" for kind in _nginx_temp_kinds())
     user = f"user {getpass.getuser()};\n" if os.geteuid() == 0 else ""
     conf = root / "nginx.conf"
     conf.write_text(
@@ -122,6 +120,16 @@ def nginx_config(root: Path, *, port: int, gateways: list[str]) -> Path:
         f"http {{\n{temp}\n{text}\n}}\n"
     )
     return conf
+
+
+def _nginx_temp_kinds() -> list[str]:
+    """The temporary directories this nginx was built with (``client_body``, ``proxy``, and
+    those of the modules it has): each is moved into the test's directory, so that nothing
+    is written where the package keeps its own (which a user other than root cannot)."""
+    assert NGINX is not None
+    built = subprocess.run([NGINX, "-V"], capture_output=True, text=True).stderr
+    kinds = re.findall(r"--http-([a-z-]+)-temp-path=", built)
+    return [kind.replace("-", "_") for kind in kinds] or ["client_body", "proxy"]
 
 
 class Nginx:
