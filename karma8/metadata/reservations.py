@@ -8,14 +8,13 @@ expiry release what each part row holds.
 
 from __future__ import annotations
 
-import sqlite3
-
 from karma8.core.errors import DiskFull, UploadConflict
 from karma8.core.model import VersionState
 from karma8.metadata.rows import layout_of
+from karma8.metadata.sql import Connection
 
 
-def extend(db: sqlite3.Connection, version_id: str, size: int) -> None:
+def extend(db: Connection, version_id: str, size: int) -> None:
     """Reserve, for every part of a pending version, its share of a ``size``-byte file
     (a part already holding at least that keeps its reservation).
 
