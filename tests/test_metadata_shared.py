@@ -1,0 +1,231 @@
+"""The metadata store shared: several discovery instances on one PostgreSQL database racing for
+the same nodes and names; leadership leases; schema versions and migrations on both
+databases."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from karma8.core.errors import DiskFull, NotEnoughNodes, PreconditionFailed
+from karma8.core.layout import StripeLayout
+from karma8.core.model import NodeRegistration, PartReceipt, VersionState
+from karma8.core.placement import place_parts
+from karma8.metadata.postgres import PostgresDatabase, PostgresMetadataStore
+from karma8.metadata.schema import LATEST, MIGRATIONS, SchemaError, schema_version, upgrade
+from karma8.metadata.sql import POSTGRESQL, SQLITE
+from karma8.metadata.sqlite import SqliteMetadataStore
+from karma8.metadata.store import SqlMetadataStore
+
+from pgcluster import PgCluster
+
+LAYOUT = StripeLayout(parts=5, unit=4)
+CAPACITY = 100  # bytes per node: 6 nodes hold 12 files of 50 bytes (10 a part)
+THREADS = 4  # per instance
+ROUNDS = 12  # uploads per thread
+
+
+@pytest.fixture
+def instances(pg_url: str) -> Iterator[tuple[PostgresMetadataStore, PostgresMetadataStore]]:
+    """Two discovery instances' stores (a pool each) on one database with 6 small nodes."""
+    a = PostgresMetadataStore(pg_url, pool_size=THREADS)
+    b = PostgresMetadataStore(pg_url, pool_size=THREADS)
+    a.create_namespace("default", 0.0)
+    for i in range(6):
+        registration = NodeRegistration(
+            node_id=f"n{i}", url=f"http://n{i}", capacity_bytes=CAPACITY
+        )
+        a.upsert_node(registration, 0.0)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def receipts(size: int) -> list[PartReceipt]:
+    return [
+        PartReceipt(index=i, size=s, checksum=f"c{i}")
+        for i, s in enumerate(LAYOUT.part_sizes(size))
+    ]
+
+
+def race(
+    stores: Sequence[SqlMetadataStore], upload: Callable[[SqlMetadataStore, str], str]
+) -> list[str]:
+    """Run ``upload(store, version id)`` ROUNDS times in THREADS threads per store, all
+    released at once; the outcomes."""
+    start = threading.Barrier(THREADS * len(stores))
+
+    def worker(store: SqlMetadataStore, thread: str) -> list[str]:
+        start.wait()
+        return [upload(store, f"{thread}-{i}") for i in range(ROUNDS)]
+
+    with ThreadPoolExecutor(THREADS * len(stores)) as pool:
+        futures = [
+            pool.submit(worker, store, f"s{s}t{t}")
+            for s, store in enumerate(stores)
+            for t in range(THREADS)
+        ]
+        return [outcome for f in futures for outcome in f.result()]
+
+
+def check_nodes_and_names(store: SqlMetadataStore) -> None:
+    """No node holds or promises more than its capacity; no name has two committed versions."""
+    for node in store.list_nodes():
+        assert node.used_bytes + node.reserved_bytes <= node.capacity_bytes, node
+    committed = store.versions(VersionState.COMMITTED)
+    names = [(v.namespace, v.name) for v in committed]
+    assert len(names) == len(set(names))
+    on_node: dict[str, int] = {}
+    for version in store.versions():
+        for part in version.parts:
+            on_node[part.node.node_id] = on_node.get(part.node.node_id, 0) + (part.size or 0)
+    assert all(used <= CAPACITY for used in on_node.values()), on_node
+
+
+def test_two_instances_racing_begin_and_commit_never_overfill_a_node(
+    instances: tuple[PostgresMetadataStore, PostgresMetadataStore],
+) -> None:
+    def upload(store: SqlMetadataStore, version_id: str) -> str:
+        try:
+            store.begin_version(
+                version_id=version_id,
+                namespace="default",
+                name=f"f{int(version_id[-1]) % 3}",  # overwrites race for three names
+                layout=LAYOUT,
+                size_hint=50,
+                now=1.0,
+                expires_at=100.0,
+                if_absent=False,
+                place=lambda loads: place_parts(loads, count=5, part_size=10, salt=version_id),
+            )
+        except NotEnoughNodes:
+            return "full"
+        store.commit_version(
+            version_id=version_id, size=50, receipts=receipts(50), now=2.0, if_absent=False
+        )
+        return "ok"
+
+    outcomes = race(instances, upload)
+    assert outcomes.count("ok") == 12  # exactly what fits: 600 bytes of nodes, 50 a file
+    check_nodes_and_names(instances[0])
+    assert 1 <= len(instances[1].versions(VersionState.COMMITTED)) <= 3
+
+
+def test_commits_of_two_instances_leases_never_overfill_a_node(
+    instances: tuple[PostgresMetadataStore, PostgresMetadataStore],
+) -> None:
+    """Each instance places against the database alone (its leases are its own memory), so
+    both may place onto the same room: the commit's own check refuses the one too many."""
+
+    def upload(store: SqlMetadataStore, version_id: str) -> str:
+        view = store.placement_view("default", version_id, if_absent=False)
+        try:
+            nodes = place_parts([load for load, _ in view], count=5, part_size=10, salt=version_id)
+        except NotEnoughNodes:
+            return "full"
+        try:
+            store.commit_placed(
+                version_id=version_id,
+                namespace="default",
+                name="same" if version_id.endswith("0") else version_id,
+                layout=LAYOUT,
+                nodes=nodes,
+                size=50,
+                receipts=receipts(50),
+                created_at=1.0,
+                now=2.0,
+                if_absent=version_id.endswith("0"),
+            )
+        except DiskFull:
+            return "refused"
+        except PreconditionFailed:
+            return "exists"
+        return "ok"
+
+    outcomes = race(instances, upload)
+    assert outcomes.count("ok") <= 12
+    assert outcomes.count("exists") >= THREADS * 2 - 1 - outcomes.count("full")
+    check_nodes_and_names(instances[1])
+
+
+def test_one_holder_of_a_leadership_lease_at_a_time(new_store: SqlMetadataStore) -> None:
+    store = new_store
+    assert store.hold_leadership("sweeper", "a", now=0.0, until=10.0)
+    assert not store.hold_leadership("sweeper", "b", now=5.0, until=15.0)
+    assert store.hold_leadership("rebalancer", "b", now=5.0, until=15.0)  # another role
+    assert store.hold_leadership("sweeper", "a", now=6.0, until=16.0)  # renewed
+    assert not store.hold_leadership("sweeper", "b", now=15.9, until=25.0)
+    assert store.hold_leadership("sweeper", "b", now=16.0, until=26.0)  # a's ran out
+    assert not store.hold_leadership("sweeper", "a", now=17.0, until=27.0)
+
+
+def test_two_instances_racing_for_leadership_elect_one(
+    instances: tuple[PostgresMetadataStore, PostgresMetadataStore],
+) -> None:
+    def claim(store: SqlMetadataStore, holder: str) -> str:
+        return "won" if store.hold_leadership("sweeper", holder, now=1.0, until=9.0) else ""
+
+    assert race(instances, claim).count("won") == 1
+
+
+# -- schema versions ----------------------------------------------------------------------
+
+
+def test_a_sqlite_database_from_before_versions_is_upgraded_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "discovery.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript((Path(__file__).parent / "data/metadata-before-versions.sql").read_text())
+    old.close()
+    store = SqliteMetadataStore(path)
+    with store._read() as db:
+        assert schema_version(db, SQLITE) == LATEST
+    current = store.current_version("default", "a/file")
+    assert current is not None
+    assert (current.version_id, current.size) == ("v2", 50)
+    assert [v.version_id for v in store.versions(VersionState.RETIRED)] == ["v1"]
+    assert store.move_counts()["moving_parts"] == 1
+    assert [t.token_id for t in store.list_tokens("team")] == ["t1"]
+    assert store.hold_leadership("sweeper", "me", now=1.0, until=2.0)
+    store.close()
+    again = SqliteMetadataStore(path)  # reopening applies nothing more
+    with again._read() as db:
+        assert db.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
+    again.close()
+
+
+def test_postgresql_refuses_a_schema_behind_until_upgraded(pg_cluster: PgCluster) -> None:
+    url = pg_cluster.new_database(template="template0")
+    with pytest.raises(SchemaError, match="karma8 db upgrade"):
+        PostgresMetadataStore(url)
+    old = PostgresDatabase(url, check_schema=False)
+    with old._tx() as db:  # as the first versioned karma8 left it
+        db.execute("CREATE TABLE schema_version (version BIGINT)")
+        MIGRATIONS[0].apply(db, POSTGRESQL)
+        db.execute("INSERT INTO schema_version(version) VALUES (1)")
+    assert old.version == 1
+    with pytest.raises(SchemaError, match="version 1, this karma8 needs"):
+        PostgresMetadataStore(url)
+    assert [m.version for m in old.upgrade()] == list(range(2, LATEST + 1))
+    assert old.upgrade() == []
+    old.close()
+    store = PostgresMetadataStore(url)
+    assert store.version == LATEST
+    assert store.hold_leadership("rebalancer", "me", now=1.0, until=2.0)
+    store.close()
+
+
+def test_a_schema_newer_than_karma8_is_refused(new_store: SqlMetadataStore) -> None:
+    with new_store._tx() as db:
+        db.execute("UPDATE schema_version SET version = ?", (LATEST + 1,))
+    with new_store._tx() as db, pytest.raises(SchemaError, match="newer"):
+        upgrade(db, new_store.dialect)
+    if isinstance(new_store, PostgresMetadataStore):
+        with pytest.raises(SchemaError, match="newer"):
+            new_store.check_schema()
