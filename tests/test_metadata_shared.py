@@ -4,6 +4,7 @@ databases."""
 
 from __future__ import annotations
 
+import random
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -11,7 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
+from karma8.actors.discovery import Discovery, DiscoveryConfig
+from karma8.actors.rebalancer import RebalancerConfig
+from karma8.cli import main
 from karma8.core.errors import DiskFull, NotEnoughNodes, PreconditionFailed
 from karma8.core.layout import StripeLayout
 from karma8.core.model import NodeRegistration, PartReceipt, VersionState
@@ -21,6 +27,8 @@ from karma8.metadata.schema import LATEST, MIGRATIONS, SchemaError, schema_versi
 from karma8.metadata.sql import POSTGRESQL, SQLITE
 from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.metadata.store import SqlMetadataStore
+from karma8.net.serve import keep_rebalancing
+from karma8.sim.world import InlineRunner, SimClock, SimIds
 
 from pgcluster import PgCluster
 
@@ -231,3 +239,110 @@ def test_a_schema_newer_than_karma8_is_refused(new_store: SqlMetadataStore) -> N
     if isinstance(new_store, PostgresMetadataStore):
         with pytest.raises(SchemaError, match="newer"):
             new_store.check_schema()
+
+
+# -- karma8 db, karma8 serve ---------------------------------------------------------------
+
+
+def test_karma8_db_upgrades_postgresql_and_serve_refuses_it_before(
+    pg_cluster: PgCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = pg_cluster.new_database(template="template0")
+    config = tmp_path / "discovery.toml"
+    config.write_text(f'metadata_url = "{url}"\nsecret = "s"\n')
+    assert main(["db", "version", "--config", str(config)]) == 0
+    assert capsys.readouterr().out == (
+        f"schema version 0; this karma8: {LATEST} (run `karma8 db upgrade`)\n"
+    )
+    serve = ["serve", "--role", "discovery", "--config", str(config), "--data", str(tmp_path)]
+    assert main(serve) == 1
+    assert "run `karma8 db upgrade`" in capsys.readouterr().err
+    assert main(["db", "upgrade", "--metadata-url", url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "applied migration 1: the schema before versions"
+    assert out[-1] == f"schema version {LATEST} (was 0)"
+    assert main(["db", "upgrade", "--metadata-url", url]) == 0
+    assert capsys.readouterr().out == f"schema version {LATEST}: up to date\n"
+    assert main(["db", "version", "--metadata-url", url]) == 0
+    assert "(up to date)" in capsys.readouterr().out
+
+
+def test_karma8_db_on_the_embedded_sqlite_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["db", "version", "--data", str(tmp_path)]) == 1
+    assert "no database at" in capsys.readouterr().err
+    old = sqlite3.connect(tmp_path / "discovery.sqlite3")
+    old.executescript((Path(__file__).parent / "data/metadata-before-versions.sql").read_text())
+    old.close()
+    assert main(["db", "version", "--data", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("schema version 0;")
+    assert main(["db", "upgrade", "--data", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"schema version {LATEST} (was 0)"
+
+
+def test_a_bad_metadata_url_is_a_configuration_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "discovery.toml"
+    config.write_text('metadata_url = "mysql://db/karma8"\n')
+    assert main(["db", "version", "--config", str(config)]) == 2
+    assert "expected a PostgreSQL URL" in capsys.readouterr().err
+
+
+# -- discovery instances sharing a store ---------------------------------------------------
+
+
+async def test_one_of_two_discovery_instances_sweeps(
+    pg_url: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Both drop their own expired placement leases; only the leader touches the store."""
+    clock = SimClock()
+    stores = [PostgresMetadataStore(pg_url, pool_size=1) for _ in range(2)]
+    config = DiscoveryConfig(leader_lease=15.0)
+    instances = [
+        Discovery(
+            store=store,
+            blocking=InlineRunner(),
+            clock=clock,
+            ids=SimIds(random.Random(i)),
+            config=config,
+            instance=f"d{i}",
+        )
+        for i, store in enumerate(stores)
+    ]
+    try:
+        for d in instances:
+            await d.sweep()
+        assert [d.counts["sweeps"] for d in instances] == [1, 0]
+        await trio.sleep(10.0)
+        await instances[1].sweep()  # d0's lease holds until 15
+        assert instances[1].counts["sweeps"] == 0
+        await trio.sleep(10.0)  # d0 stopped renewing: d1 takes over
+        await instances[1].sweep()
+        await instances[0].sweep()
+        assert [d.counts["sweeps"] for d in instances] == [1, 1]
+    finally:
+        for store in stores:
+            store.close()
+
+
+async def test_the_rebalancer_runs_only_while_its_lease_is_held(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    runs: list[float] = []
+    leading = [False, True, True, False, False, True]  # successive lead() answers
+
+    class Counting:
+        config = RebalancerConfig(interval=1.0)
+
+        async def run(self) -> None:
+            runs.append(trio.current_time())
+            await trio.sleep_forever()
+
+    async def lead() -> bool:
+        return leading.pop(0) if leading else False
+
+    with trio.move_on_after(30.0):
+        await keep_rebalancing(Counting(), lead=lead, renew_every=5.0)  # type: ignore[arg-type]
+    assert runs == [5.0, 20.0]  # started when it led, stopped at 15 when it lost the lease
