@@ -7,7 +7,10 @@ current_version, run straight against the store (no HTTP, no event loop).
 SQLite is opened as net mode opens it (commits synced in groups by the caller, so no fsync
 here). For PostgreSQL the database's schema must be up to date (``karma8 db upgrade``); each
 instance is a store with a pool of its own, as a discovery process is, and its threads are
-spread over them. Prints operations per second (one operation: the three calls).
+spread over them. Prints operations per second (one operation: the three calls) and the
+process's CPU time per operation. It uses only the store's public API, so the same file
+runs against an older tree for an A/B of the SQLite path:
+``for t in OLD NEW; do $t/.venv/bin/python bench/metadata_ops.py; done``.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from karma8.core.layout import StripeLayout
 from karma8.core.model import NodeRegistration, PartReceipt
 from karma8.core.placement import place_parts
-from karma8.metadata.store import SqlMetadataStore
+
+if TYPE_CHECKING:
+    from karma8.metadata.store import SqlMetadataStore
 
 LAYOUT = StripeLayout()
 SIZE = 4096
@@ -53,10 +59,14 @@ def put_and_get(store: SqlMetadataStore, version_id: str) -> None:
     store.current_version("bench", version_id)
 
 
-def rate(stores: list[SqlMetadataStore], threads: int, seconds: float, tag: str) -> float:
-    """Operations per second over ``seconds``, ``threads`` threads spread over ``stores``."""
+def rate(
+    stores: list[SqlMetadataStore], threads: int, seconds: float, tag: str
+) -> tuple[float, float]:
+    """Operations per second over ``seconds``, ``threads`` threads spread over ``stores``,
+    and CPU microseconds per operation."""
     done = [0] * threads
     stop = time.monotonic() + seconds
+    cpu = time.process_time()
 
     def work(t: int) -> None:
         store = stores[t % len(stores)]
@@ -69,7 +79,8 @@ def rate(stores: list[SqlMetadataStore], threads: int, seconds: float, tag: str)
         w.start()
     for w in workers:
         w.join()
-    return sum(done) / seconds
+    ops = max(sum(done), 1)
+    return ops / seconds, (time.process_time() - cpu) / ops * 1e6
 
 
 def main() -> None:
@@ -79,14 +90,13 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=1, help="stores (pools) on PostgreSQL")
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
-    stores: list[SqlMetadataStore]
     if args.metadata_url is None:
         from karma8.metadata.sqlite import SqliteMetadataStore
 
         if args.threads != [1]:  # one connection, called inline by net mode
             parser.error("SQLite runs one call at a time: --threads 1")
         path = Path(tempfile.mkdtemp()) / "discovery.sqlite3"
-        stores = [SqliteMetadataStore(path, sync_on_commit=False)]
+        stores: list[SqlMetadataStore] = [SqliteMetadataStore(path, sync_on_commit=False)]
     else:
         from karma8.metadata.postgres import PostgresMetadataStore
 
@@ -97,8 +107,12 @@ def main() -> None:
     prepare(stores[0])
     rate(stores, 1, 1.0, f"warm-{time.time_ns()}")
     for threads in args.threads:
-        ops = rate(stores, threads, args.seconds, f"t{threads}-{time.time_ns()}")
-        print(f"threads {threads:>3}  instances {len(stores)}  {ops:8.0f} ops/s", flush=True)
+        ops, cpu = rate(stores, threads, args.seconds, f"t{threads}-{time.time_ns()}")
+        print(
+            f"threads {threads:>3}  instances {len(stores)}  {ops:8.0f} ops/s"
+            f"  {cpu:7.1f} us CPU/op",
+            flush=True,
+        )
     for store in stores:
         store.close()
 
