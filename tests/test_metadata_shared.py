@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psycopg
+import psycopg.conninfo
 import pytest
 import trio
 import trio.testing
@@ -18,7 +20,7 @@ import trio.testing
 from karma8.actors.discovery import Discovery, DiscoveryConfig
 from karma8.actors.rebalancer import RebalancerConfig
 from karma8.cli import main
-from karma8.core.errors import DiskFull, NotEnoughNodes, PreconditionFailed
+from karma8.core.errors import DiskFull, NotEnoughNodes, PreconditionFailed, Unavailable
 from karma8.core.layout import StripeLayout
 from karma8.core.model import NodeRegistration, PartReceipt, VersionState
 from karma8.core.placement import place_parts
@@ -346,3 +348,23 @@ async def test_the_rebalancer_runs_only_while_its_lease_is_held(
     with trio.move_on_after(30.0):
         await keep_rebalancing(Counting(), lead=lead, renew_every=5.0)  # type: ignore[arg-type]
     assert runs == [5.0, 20.0]  # started when it led, stopped at 15 when it lost the lease
+
+
+def test_a_cut_connection_is_unavailable_once_then_replaced(
+    pg_url: str, pg_cluster: PgCluster
+) -> None:
+    store = PostgresMetadataStore(pg_url, pool_size=1)
+    try:
+        store.create_namespace("default", 0.0)
+        database = psycopg.conninfo.conninfo_to_dict(pg_url)["dbname"]
+        with psycopg.connect(pg_cluster.admin_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (database,),
+            )
+        with pytest.raises(Unavailable, match="metadata database is unavailable"):
+            store.namespace_exists("default")
+        assert store.namespace_exists("default")
+        assert store.hold_leadership("sweeper", "me", now=1.0, until=2.0)
+    finally:
+        store.close()

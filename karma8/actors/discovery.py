@@ -41,7 +41,7 @@ from karma8.core.access import (
     hash_secret,
     parse_token,
 )
-from karma8.core.errors import InvalidRequest, NotFound, TooLarge, UploadConflict
+from karma8.core.errors import InvalidRequest, NotFound, TooLarge, Unavailable, UploadConflict
 from karma8.core.layout import (
     DEFAULT_MAX_FILE_SIZE,
     MAX_COPIES,
@@ -155,7 +155,10 @@ class Discovery:
         task_status.started()
         while True:
             await trio.sleep(self.config.sweep_interval)
-            await self.sweep()
+            try:
+                await self.sweep()
+            except Unavailable as exc:  # a shared database out of reach: the next one
+                log.warning("sweep skipped: %s", exc)
 
     def _collect(self, lease: Lease) -> None:
         """Hand the parts of a lease that ended uncommitted to their nodes as garbage."""

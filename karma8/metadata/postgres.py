@@ -16,6 +16,10 @@ no lock and run outside transactions, one statement at a time, as SQLite's do.
 
 The schema is not created here: ``karma8 db upgrade`` does it, and a store refuses a
 database whose schema is behind or ahead (:class:`~karma8.metadata.schema.SchemaError`).
+
+A database that cannot be reached (down, restarting, a connection cut, the pool exhausted
+for its timeout) is :class:`~karma8.core.errors.Unavailable` (503), not a crash: the pool
+drops a broken connection and the next call opens another.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import psycopg
 from psycopg.rows import RowMaker
 from psycopg_pool import ConnectionPool
 
+from karma8.core.errors import Unavailable
 from karma8.metadata.schema import LATEST, Migration, SchemaError, schema_version, upgrade
 from karma8.metadata.sql import POSTGRESQL, Connection, Cursor, Database
 from karma8.metadata.store import SqlMetadataStore
@@ -99,6 +104,7 @@ class PostgresDatabase(Database):
             min_size=1,
             max_size=pool_size,
             kwargs={"autocommit": True},
+            timeout=10.0,  # waiting for a connection: then Unavailable (503)
             configure=_configure,
             open=False,
         )
@@ -141,14 +147,24 @@ class PostgresDatabase(Database):
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
-        with self._pool.connection() as conn:
+        with _reachable(), self._pool.connection() as conn:
             yield PgConnection(conn)
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
-        with self._pool.connection() as conn, conn.transaction():
+        with _reachable(), self._pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK,))
             yield PgConnection(conn)
+
+
+@contextmanager
+def _reachable() -> Iterator[None]:
+    """PostgreSQL's connection-level failures (SQLSTATE classes 08, 53, 57, 58, and the
+    pool's timeout) as :class:`Unavailable`."""
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        raise Unavailable(f"the metadata database is unavailable: {exc}") from None
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:

@@ -395,7 +395,7 @@ async def keep_rebalancing(
         await _rebalance_forever(rebalancer)
         return
     while True:
-        if not await lead():
+        if not await _leads(lead):
             await trio.sleep(renew_every)
             continue
         log.info("this discovery leads the rebalancer")
@@ -410,10 +410,19 @@ async def _while_leading(
     """Renew a leadership lease; cancel ``scope`` once it is lost."""
     while True:
         await trio.sleep(renew_every)
-        if not await lead():
+        if not await _leads(lead):
             break
     log.warning("this discovery no longer leads the rebalancer; another one does")
     scope.cancel()
+
+
+async def _leads(lead: Callable[[], Awaitable[bool]]) -> bool:
+    """``lead()``, or False while the store cannot say (its database out of reach)."""
+    try:
+        return await lead()
+    except Unavailable as exc:
+        log.warning("leadership unknown, taken as lost: %s", exc)
+        return False
 
 
 async def _rebalance_forever(rebalancer: Rebalancer) -> None:
