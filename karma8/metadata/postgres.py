@@ -65,9 +65,15 @@ class PgRow(tuple[Any, ...]):
 
 
 def _rows(cursor: psycopg.Cursor[Any]) -> RowMaker[PgRow]:
-    names = {c.name: i for i, c in enumerate(cursor.description or ())}
-    row_class = type("Row", (PgRow,), {"names": names, "__slots__": ()})
-    return row_class  # type: ignore[return-value]
+    return _row_class(tuple(c.name for c in cursor.description or ()))
+
+
+@functools.lru_cache(maxsize=512)
+def _row_class(names: tuple[str, ...]) -> type[PgRow]:
+    """The row class of one result shape (made once: a class per query would cost more than
+    the query's rows)."""
+    index = {name: i for i, name in enumerate(names)}
+    return type("Row", (PgRow,), {"names": index, "__slots__": ()})
 
 
 class PgConnection:
