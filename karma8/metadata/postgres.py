@@ -65,7 +65,12 @@ class PgRow(tuple[Any, ...]):
 
 
 def _rows(cursor: psycopg.Cursor[Any]) -> RowMaker[PgRow]:
-    return _row_class(tuple(c.name for c in cursor.description or ()))
+    # The field names straight from libpq: ``cursor.description`` makes a Column object per
+    # field and query.
+    result = cursor.pgresult
+    if result is None:
+        return _row_class(())
+    return _row_class(tuple((result.fname(i) or b"").decode() for i in range(result.nfields)))
 
 
 @functools.lru_cache(maxsize=512)
