@@ -7,10 +7,13 @@ from __future__ import annotations
 import random
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
+import attrs
+import httpx
 import psycopg
 import psycopg.conninfo
 import pytest
@@ -29,9 +32,12 @@ from karma8.metadata.schema import LATEST, MIGRATIONS, SchemaError, schema_versi
 from karma8.metadata.sql import POSTGRESQL, SQLITE
 from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.metadata.store import SqlMetadataStore
-from karma8.net.serve import keep_rebalancing
+from karma8.net.clients import make_http_client
+from karma8.net.dbadmin import DATABASE_FILE as DATABASE
+from karma8.net.serve import keep_rebalancing, run_discovery, run_gateway, run_storage
 from karma8.sim.world import InlineRunner, SimClock, SimIds
 
+from drivers import eventually, net_config
 from pgcluster import PgCluster
 
 LAYOUT = StripeLayout(parts=5, unit=4)
@@ -368,3 +374,57 @@ def test_a_cut_connection_is_unavailable_once_then_replaced(
         assert store.hold_leadership("sweeper", "me", now=1.0, until=2.0)
     finally:
         store.close()
+
+
+async def test_two_discovery_services_on_one_database_serve_one_cluster(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Nodes heartbeat to discovery A only; gateway A uses A and gateway B uses B. Files put
+    through either read back through the other, small (one transaction, B's lease) and
+    streamed (begin on A, commit on A)."""
+    config = attrs.evolve(
+        net_config(local_calls=False), metadata_url=pg_url, public_namespaces=("default",)
+    )
+    small, large = random.Random(1).randbytes(3000), random.Random(2).randbytes(300_000)
+    async with (
+        make_http_client(config.secret) as internal,
+        httpx.AsyncClient(timeout=30) as client,
+        trio.open_nursery() as nursery,
+    ):
+        discoveries = [
+            await nursery.start(
+                partial(run_discovery, config, database=tmp_path / name / DATABASE, port=0)
+            )
+            for name in ("a", "b")
+        ]
+        for i in range(6):
+            await nursery.start(
+                partial(
+                    run_storage,
+                    config,
+                    data_dir=tmp_path / f"node{i}",
+                    discovery_url=discoveries[0],
+                    http=internal,
+                    port=0,
+                )
+            )
+        gateways = [
+            await nursery.start(partial(run_gateway, config, discovery_url=url, http=internal))
+            for url in discoveries
+        ]
+
+        async def put_small_through_b() -> bool:
+            answer = await client.put(f"{gateways[1]}/default/small", content=small)
+            return answer.status_code == 201
+
+        await eventually(put_small_through_b, what="6 nodes known to B through the database")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, len(large), 65536):
+                yield large[start : start + 65536]
+
+        answer = await client.put(f"{gateways[0]}/default/large", content=chunks())
+        assert answer.status_code == 201, answer.text
+        assert (await client.get(f"{gateways[0]}/default/small")).content == small
+        assert (await client.get(f"{gateways[1]}/default/large")).content == large
+        nursery.cancel_scope.cancel()
