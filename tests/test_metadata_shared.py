@@ -173,8 +173,8 @@ def test_commits_of_two_instances_leases_never_overfill_a_node(
     check_nodes_and_names(instances[1])
 
 
-def test_one_holder_of_a_leadership_lease_at_a_time(new_store: SqlMetadataStore) -> None:
-    store = new_store
+def test_one_holder_of_a_leadership_lease_at_a_time(pg_url: str) -> None:
+    store = PostgresMetadataStore(pg_url, pool_size=1)
     assert store.hold_leadership("sweeper", "a", now=0.0, until=10.0)
     assert not store.hold_leadership("sweeper", "b", now=5.0, until=15.0)
     assert store.hold_leadership("rebalancer", "b", now=5.0, until=15.0)  # another role
@@ -182,6 +182,13 @@ def test_one_holder_of_a_leadership_lease_at_a_time(new_store: SqlMetadataStore)
     assert not store.hold_leadership("sweeper", "b", now=15.9, until=25.0)
     assert store.hold_leadership("sweeper", "b", now=16.0, until=26.0)  # a's ran out
     assert not store.hold_leadership("sweeper", "a", now=17.0, until=27.0)
+    store.close()
+
+
+def test_sqlite_always_leads() -> None:
+    store = SqliteMetadataStore()
+    assert store.hold_leadership("sweeper", "a", now=0.0, until=10.0)
+    assert store.hold_leadership("sweeper", "b", now=1.0, until=10.0)
 
 
 def test_two_instances_racing_for_leadership_elect_one(

@@ -1,7 +1,7 @@
 """Reservations that grow with the bytes an upload has received (one transaction each).
 
 At begin, discovery reserves each part's share of at most ``reserve_step`` bytes of the
-size hint (``SqliteMetadataStore.begin_version``'s ``reserve_size``); the gateway asks for
+size hint (``SqlMetadataStore.begin_version``'s ``reserve_size``); the gateway asks for
 more as the body passes what is reserved. Releasing them is unchanged: commit, abort and
 expiry release what each part row holds.
 """
