@@ -8,9 +8,10 @@ process) plus 4 storage nodes of their own, so that raid1's 10 parts find 10 dis
 and one node can be killed. Per round, the engines in turn (interleaved, so that slow drifts
 of the machine spread evenly): ``curl -T`` of one random file on /dev/shm to the engine's
 namespace (the same name each round), then ``curl -o /dev/null`` of it; MB/s = bytes / 1e6
-/ curl's ``time_total``. After the last round one of the separate nodes is killed with
-SIGKILL and each file that has a part there is read again (degraded GET), checked by
-SHA-256. Prints medians; the ratios in docs/benchmarks.md come from them.
+/ curl's ``time_total``. After the last round the separate node holding a data part of
+the most redundant files is killed with SIGKILL and each file that has a part there is read
+again (degraded GET), checked by SHA-256. Prints medians; the ratios in docs/benchmarks.md
+come from them.
 """
 
 from __future__ import annotations
@@ -152,17 +153,26 @@ def main() -> None:
                     puts[engine].append(size / 1e6 / seconds)
                     gets[engine].append(size / 1e6 / curl_seconds("-o", "/dev/null", url))
                     time.sleep(1.5)  # the previous version's parts are collected
-            pid, victim = own[0]
-            # Which files have a part on the node about to be killed (asked while all is up).
-            holders = [
-                engine
+            # The separate node holding a data part (the costly loss: parity parts are not
+            # read) of the most redundant files, asked while all is up.
+            placed = {
+                engine: json.loads(karma8("stat", f"{engine}/big", "--json", *at))["parts"]
                 for engine in ENGINES
                 if engine != "raid0"  # it cannot be read with a node of its down
-                and victim
-                in {
-                    p["node_id"]
-                    for p in json.loads(karma8("stat", f"{engine}/big", "--json", *at))["parts"]
-                }
+            }
+
+            def data_parts_on(node: str) -> int:
+                return sum(
+                    any(p["node_id"] == node and p["index"] < 5 for p in parts)
+                    or (engine == "raid1" and any(p["node_id"] == node for p in parts))
+                    for engine, parts in placed.items()
+                )
+
+            pid, victim = max(own, key=lambda o: data_parts_on(o[1]))
+            holders = [
+                engine
+                for engine, parts in placed.items()
+                if any(p["node_id"] == victim for p in parts)
             ]
             os.kill(pid, signal.SIGKILL)
             degraded: dict[str, float] = {}

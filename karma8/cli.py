@@ -33,6 +33,7 @@ import attrs
 import trio
 
 from karma8.core.errors import Karma8Error, Unavailable
+from karma8.core.status import repair_line
 from karma8.core.tomlconf import ConfigError
 from karma8.core.units import parse_size
 from karma8.metadata.schema import SchemaError
@@ -516,11 +517,13 @@ def _admin(args: argparse.Namespace) -> int:
         cluster = _locate(args, config)
         url, secret = cluster.discovery, cluster.secret
         if args.command == "nodes":
-            nodes, report = trio.run(admin.fetch_nodes_and_rebalance, url, secret)
+            nodes, report, repair = trio.run(admin.fetch_nodes_and_movers, url, secret)
             print(
-                json.dumps(admin.nodes_json(nodes, report), indent=2)
+                json.dumps(admin.nodes_json(nodes, report, repair), indent=2)
                 if args.json
-                else admin.nodes_table(nodes) + "\n" + admin.rebalance_lines(report)
+                else "\n".join(
+                    (admin.nodes_table(nodes), admin.rebalance_lines(report), repair_line(repair))
+                )
             )
         elif args.command == "scrub":
             results = trio.run(admin.scrub_all, url, secret)

@@ -30,6 +30,8 @@ from karma8.core.model import (
     PartPlacement,
     PartReceipt,
     RebalanceStatus,
+    Repair,
+    RepairStatus,
 )
 from karma8.core.placement import NodeLoad
 from karma8.core.rebalance import MovablePart, Move, NodeFill, RebalancePlan
@@ -183,6 +185,16 @@ class DiscoveryAPI(Protocol):
         storage failure): it gets no new parts until a heartbeat proves it healthy."""
         ...
 
+    async def report_lost_parts(self, *, node_id: str, keys: Sequence[str], reason: str) -> None:
+        """``node_id`` lost these parts (they failed their checksum, or are missing): the
+        redundant ones are rebuilt elsewhere. Keys it does not hold are ignored."""
+        ...
+
+    async def expected_parts(self, *, node_id: str) -> list[str]:
+        """Keys of the current versions' parts that discovery knows on ``node_id``: a node
+        that lists its own keys after asking finds those it lost."""
+        ...
+
     async def replace_part(
         self, *, version_id: str, index: int, failed_node_id: str
     ) -> PartPlacement:
@@ -229,6 +241,14 @@ class RebalanceAPI(Protocol):
         ...
 
     async def abort_move(self, *, key: str) -> None: ...
+
+    async def begin_repairs(self, *, repair_after: float, limit: int, lease: float) -> list[Repair]:
+        """Record moves that rebuild up to ``limit`` lost parts of redundant versions (reported
+        lost, or on a node unavailable for ``repair_after`` seconds), each onto an available
+        node holding no part of its version; finished or aborted like any move."""
+        ...
+
+    async def repair_status(self, *, repair_after: float) -> RepairStatus: ...
 
 
 class StorageAPI(Protocol):
@@ -469,3 +489,20 @@ class MetadataStore(Protocol):
     def abort_move(self, key: str, now: float) -> bool: ...
 
     def move_counts(self) -> dict[str, int]: ...
+
+    def mark_damaged(self, node_id: str, keys: Sequence[str], reason: str, now: float) -> int: ...
+
+    def expected_parts(self, node_id: str) -> list[str]: ...
+
+    def begin_repairs(
+        self,
+        *,
+        lost_before: float,
+        limit: int,
+        now: float,
+        lease_until: float,
+        place: Callable[[Sequence[NodeLoad], MovablePart], str | None],
+        held: Callable[[str], int],
+    ) -> list[Repair]: ...
+
+    def repair_counts(self, lost_before: float) -> dict[str, int]: ...

@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 
 from karma8.cli import main
-from karma8.core.model import NodeState, NodeStatus, RebalanceStatus
+from karma8.core.model import NodeState, NodeStatus, RebalanceStatus, RepairStatus
 from karma8.core.rebalance_report import RebalanceReport, RebalanceSettings
+from karma8.core.status import repair_line
 from karma8.net import admin
 from karma8.sim import swarm
 from karma8.sim.runner import SimResult
@@ -210,7 +212,28 @@ def test_a_node_whose_disk_is_full_shows_as_full() -> None:
         last_seen=0.0,
     )
     assert "100.00%" in admin.nodes_table([full])
-    assert admin.nodes_json([full], _report())["nodes"][0]["fill_percent"] == 100.0
+    assert admin.nodes_json([full], _report(), REPAIR)["nodes"][0]["fill_percent"] == 100.0
+
+
+REPAIR = RepairStatus(
+    degraded_files=3,
+    lost_parts=4,
+    due_parts=1,
+    repairing_parts=1,
+    repaired_parts=20,
+    repaired_bytes=5 << 20,
+    rate_bytes_per_s=float(2 << 20),
+)
+
+
+def test_the_repair_line_says_what_is_lost_due_rebuilding_and_done() -> None:
+    assert repair_line(REPAIR) == (
+        "repair: 3 files below full redundancy, 4 lost parts (1 due), 1 rebuilding,"
+        " 20 rebuilt (5.0 MiB), 2.0 MiB/s"
+    )
+    idle = attrs.evolve(REPAIR, repairing_parts=0)  # the rate of past rebuilds is not shown
+    assert repair_line(idle).endswith("0 rebuilding, 20 rebuilt (5.0 MiB)")
+    assert admin.nodes_json([], _report(), REPAIR)["repair"]["due_parts"] == 1
 
 
 def _report(**status: object) -> RebalanceReport:

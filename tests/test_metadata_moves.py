@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from karma8.core.errors import IntegrityError, MoveConflict
-from karma8.core.model import NodeRegistration, NodeState, VersionState
+from karma8.core.layout import StripeLayout
+from karma8.core.model import NodeRegistration, NodeState, PartReceipt, VersionState
 from karma8.metadata.schema import SCHEMA
 from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.metadata.store import SqlMetadataStore
@@ -233,3 +234,52 @@ def test_a_commit_costs_the_same_however_many_parts_the_nodes_hold() -> None:
         put(f"b{i}")
     late = max(put(f"c{i}") for i in range(5))
     assert late <= 2 * early + 5, (early, late)
+
+
+def test_a_part_reported_lost_is_repaired_onto_another_node(new_store: SqlMetadataStore) -> None:
+    """Repair's side of the store (on both databases): a report, the counts, a repair move
+    chosen and finished like any move."""
+    store = new_store
+    store.create_namespace("default", 0.0)
+    for i in range(7):
+        store.upsert_node(
+            NodeRegistration(node_id=f"n{i}", url=f"http://n{i}", capacity_bytes=1000), 0.0
+        )
+    layout = StripeLayout(parts=5, unit=4, parity=1)
+    store.begin_version(
+        version_id="p1",
+        namespace="default",
+        name="f",
+        layout=layout,
+        size_hint=50,
+        now=1.0,
+        expires_at=100.0,
+        if_absent=False,
+        place=lambda loads: [n.node_id for n in loads][:6],
+    )
+    store.commit_version(
+        version_id="p1",
+        size=50,
+        receipts=[
+            PartReceipt(index=i, size=s, checksum=f"c{i}")
+            for i, s in enumerate(layout.slot_sizes(50))
+        ],
+        now=2.0,
+        if_absent=False,
+    )
+    assert store.mark_damaged("n0", ["p1.0", "p1.1"], "corrupt", 3.0) == 1  # n0 holds p1.0 only
+    counts = store.repair_counts(lost_before=0.0)
+    assert (counts["degraded_files"], counts["lost_parts"], counts["due_parts"]) == (1, 1, 1)
+    (repair,) = store.begin_repairs(
+        lost_before=0.0,
+        limit=10,
+        now=4.0,
+        lease_until=50.0,
+        place=lambda loads, part: loads[0].node_id if loads else None,
+        held=lambda node_id: 0,
+    )
+    assert (repair.ticket.key, repair.ticket.target.node_id, repair.slot) == ("p1.0", "n6", 0)
+    store.finish_move(key="p1.0", target="n6", checksum="c0", now=5.0)
+    counts = store.repair_counts(lost_before=0.0)
+    assert (counts["lost_parts"], counts["repaired_parts"]) == (0, 1)
+    assert store.expected_parts("n6") == ["p1.0"]

@@ -34,7 +34,7 @@ from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.metadata.store import SqlMetadataStore
 from karma8.net.clients import make_http_client
 from karma8.net.dbadmin import DATABASE_FILE as DATABASE
-from karma8.net.serve import keep_rebalancing, run_discovery, run_gateway, run_storage
+from karma8.net.serve import keep_running, run_discovery, run_gateway, run_storage
 from karma8.sim.world import InlineRunner, SimClock, SimIds
 
 from drivers import eventually, net_config
@@ -359,7 +359,7 @@ async def test_the_rebalancer_runs_only_while_its_lease_is_held(
         return leading.pop(0) if leading else False
 
     with trio.move_on_after(30.0):
-        await keep_rebalancing(Counting(), lead=lead, renew_every=5.0)  # type: ignore[arg-type]
+        await keep_running(Counting(), "the rebalancer", lead=lead, renew_every=5.0)  # type: ignore[arg-type]
     assert runs == [5.0, 20.0]  # started when it led, stopped at 15 when it lost the lease
 
 

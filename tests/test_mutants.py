@@ -26,13 +26,15 @@ from karma8.actors import reads
 from karma8.actors.discovery import Discovery
 from karma8.actors.gateway import Gateway
 from karma8.actors.rebalancer import Rebalancer
+from karma8.actors.repair import Repairer
 from karma8.actors.storage import StorageNode
 from karma8.core.errors import Karma8Error, Unavailable
 from karma8.core.layout import StripeSplitter
-from karma8.core.model import FileVersion, MoveTicket, PartPlacement, PartReceipt
+from karma8.core.model import FileVersion, MoveTicket, PartPlacement, PartReceipt, Repair
 from karma8.core.placement import NodeLoad, place_parts
 from karma8.core.rebalance import MovablePart
 from karma8.metadata import moves as moves_module
+from karma8.metadata import repairs as repairs_module
 from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.ports import StoredPart
 from karma8.sim.runner import run_scenario
@@ -212,6 +214,18 @@ def delete_the_source_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def move_to_a_sibling(monkeypatch: pytest.MonkeyPatch) -> None:
     """Moves ignore which nodes hold the other parts of the file (planner and metadata)."""
+
+    def unblocked(db: sqlite3.Connection, *args: Any) -> list[MovablePart]:
+        return [attrs.evolve(p, blocked=frozenset()) for p in movable(db, *args)]
+
+    movable = moves_module.movable_parts
+    move_to_a_sibling_begin(monkeypatch)
+    monkeypatch.setattr(moves_module, "movable_parts", unblocked)
+
+
+def move_to_a_sibling_begin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The metadata's half of the sibling mutants: a move's check of the target skips the
+    file's other parts."""
     begin = moves_module.begin_move
 
     def anywhere(db: sqlite3.Connection, **kwargs: Any) -> MoveTicket:
@@ -232,12 +246,7 @@ def move_to_a_sibling(monkeypatch: pytest.MonkeyPatch) -> None:
             db.execute("INSERT INTO parts SELECT * FROM temp.hidden")
             db.execute("DELETE FROM temp.hidden")
 
-    def unblocked(db: sqlite3.Connection, *args: Any) -> list[MovablePart]:
-        return [attrs.evolve(p, blocked=frozenset()) for p in movable(db, *args)]
-
-    movable = moves_module.movable_parts
     monkeypatch.setattr(moves_module, "begin_move", anywhere)
-    monkeypatch.setattr(moves_module, "movable_parts", unblocked)
 
 
 def collect_leased_parts(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -256,7 +265,7 @@ def collect_leased_parts(monkeypatch: pytest.MonkeyPatch) -> None:
                 await self._store.delete(key)
 
     monkeypatch.setattr(Discovery, "unknown_parts", rows_only)
-    monkeypatch.setattr(StorageNode, "_drop_orphans", no_grace)
+    monkeypatch.setattr(StorageNode, "_check_parts", no_grace)
 
 
 def read_without_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -284,6 +293,28 @@ def read_without_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(reads.Sources, "open", first_only)
     monkeypatch.setattr(reads.RedundantCursor, "_switch", first_switch_only)
+
+
+def repair_onto_a_sibling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repair ignores which nodes hold the file's other parts: it may rebuild a lost part on
+    a node that holds another part of the file (planner and metadata)."""
+    due = repairs_module.due_parts
+
+    def unblocked(db: sqlite3.Connection, *args: Any) -> list[MovablePart]:
+        return [attrs.evolve(p, blocked=frozenset({p.node_id})) for p in due(db, *args)]
+
+    monkeypatch.setattr(repairs_module, "due_parts", unblocked)
+    move_to_a_sibling_begin(monkeypatch)
+
+
+def repair_without_rebuilding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repair switches the part to its target without writing it there."""
+
+    async def pretend(self: Repairer, repair: Repair) -> str:
+        await trio.lowlevel.checkpoint()
+        return repair.ticket.checksum
+
+    monkeypatch.setattr(Repairer, "_rebuild", pretend)
 
 
 def two_copies_on_one_node(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -327,13 +358,20 @@ REDUNDANCY_MUTANTS: list[tuple[Mutant, set[str]]] = [
     (read_without_fallback, {"failed_reads_explained", "acknowledged_writes_read_back"}),
     (two_copies_on_one_node, {"committed_parts_stored", "parts_obey_layout"}),
 ]
+# Mutants of repair, hunted where it rebuilds parts.
+REPAIR_SCENARIOS = ["parity_repair"]
+REPAIR_MUTANTS: list[tuple[Mutant, set[str]]] = [
+    (repair_onto_a_sibling, {"parts_obey_layout"}),
+    (repair_without_rebuilding, {"moved_parts_stored", "full_redundancy_restored"}),
+]
 
 
 @pytest.mark.parametrize(
     ("mutant", "expected", "scenarios"),
     [(m, e, SCENARIOS) for m, e in MUTANTS]
     + [(m, e, REBALANCE_SCENARIOS) for m, e in REBALANCE_MUTANTS]
-    + [(m, e, REDUNDANCY_SCENARIOS) for m, e in REDUNDANCY_MUTANTS],
+    + [(m, e, REDUNDANCY_SCENARIOS) for m, e in REDUNDANCY_MUTANTS]
+    + [(m, e, REPAIR_SCENARIOS) for m, e in REPAIR_MUTANTS],
     ids=lambda m: getattr(m, "__name__", ""),
 )
 def test_the_checker_catches_the_mutant(

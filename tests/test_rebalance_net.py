@@ -319,7 +319,7 @@ def test_rebalance_says_when_discovery_cannot_be_reached(
 async def test_a_rebalancer_that_fails_unexpectedly_starts_again_and_discovery_stays(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from karma8.net.serve import keep_rebalancing
+    from karma8.net.serve import keep_running
 
     runs = 0
 
@@ -332,6 +332,6 @@ async def test_a_rebalancer_that_fails_unexpectedly_starts_again_and_discovery_s
             raise ValueError("an answer it cannot read")
 
     with trio.move_on_after(12.0):
-        await keep_rebalancing(Broken())  # type: ignore[arg-type]
+        await keep_running(Broken(), "the rebalancer")  # type: ignore[arg-type]
     assert runs == 3  # at 0, 5 and 10 s
     assert caplog.text.count("the rebalancer failed; it starts again in 5 s") == 3

@@ -1,6 +1,7 @@
 """Redundant namespaces on real processes: the embedded cluster (6 storage nodes in one
 process) plus storage nodes of their own, which are killed with SIGKILL while a part of
-another file rots on a third node. Every file still reads back byte-identical."""
+another file rots on a third node. Every file still reads back byte-identical, and repair
+brings every file back to full redundancy on the nodes left."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from processes import Service
+from processes import Service, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -25,6 +26,11 @@ retire_grace = 0.5
 sweep_interval = 0.2
 stripe_unit = "64 KiB"
 public_namespaces = ["default"]
+node_timeout = 2.0
+
+[repair]
+interval = 0.5
+repair_after = 2.0
 """
 SIZES = [0, 1, 5, 65_536 * 5 + 3, 1_000_003, 2_000_000]
 
@@ -52,8 +58,10 @@ def corrupt(path: Path) -> None:
     path.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize(("engine", "extra", "killed"), [("parity2", 2, 2), ("raid1", 5, 1)])
-def test_files_read_back_with_nodes_killed_and_a_part_corrupt(
+# Own nodes: enough that with the killed ones gone every file's lost parts have a node to go
+# to that holds no part of it (parity 5+2: 7 of 10 nodes; raid1: 10 of 12).
+@pytest.mark.parametrize(("engine", "extra", "killed"), [("parity2", 4, 2), ("raid1", 6, 1)])
+def test_files_read_back_with_nodes_killed_and_a_part_corrupt_then_are_repaired(
     tmp_path: Path, engine: str, extra: int, killed: int
 ) -> None:
     config = tmp_path / "karma8.toml"
@@ -131,6 +139,28 @@ def test_files_read_back_with_nodes_killed_and_a_part_corrupt(
                 if len(body) > 100:
                     assert ranged.status_code == 206
                     assert ranged.content == body[100:200_001], name
+
+            # The killed nodes' parts (after repair_after) and the corrupt part (reported by
+            # the read that met it) are rebuilt on the nodes left.
+            def repaired() -> bool:
+                repair = json.loads(karma8("nodes", "--json", *at, cwd=tmp_path))["repair"]
+                return bool(repair["lost_parts"] == 0 and repair["degraded_files"] == 0)
+
+            wait_for(repaired, "every file back at full redundancy")
+            repair = json.loads(karma8("nodes", "--json", *at, cwd=tmp_path))["repair"]
+            on_killed = sum(
+                p["node_id"] in killed_ids
+                for version in versions.values()
+                for p in version["parts"]  # type: ignore[attr-defined]
+            )
+            assert repair["repaired_parts"] >= on_killed + 1  # and the corrupt one
+            slots = 7 if engine == "parity2" else 10
+            for name, body in files.items():
+                now = json.loads(karma8("stat", f"safe/{name}", "--json", *at, cwd=tmp_path))
+                nodes = [p["node_id"] for p in now["parts"]]
+                assert len(set(nodes)) == len(nodes) == slots, name  # each on its own node
+                assert not set(nodes) & killed_ids, name
+                assert http.get(f"/safe/{name}").content == body, name
     finally:
         for service in own:
             service.stop()

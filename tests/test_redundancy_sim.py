@@ -3,6 +3,10 @@ notice a lost node, a slow one or a corrupt part."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
 import attrs
 import pytest
 import trio
@@ -233,3 +237,49 @@ def test_a_slow_node_is_read_around() -> None:
             assert await read(gw, namespace, "slow") == data
 
     run_with_cluster(go, scenario=SCENARIO)
+
+
+class CountingStorage:
+    """A gateway's storage client that counts the part bytes it reads."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.read = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @asynccontextmanager
+    async def read_part(self, *args: Any, **kwargs: Any) -> AsyncIterator[AsyncIterator[bytes]]:
+        async with self._inner.read_part(*args, **kwargs) as chunks:
+
+            async def counted() -> AsyncIterator[bytes]:
+                async for chunk in chunks:
+                    self.read += len(chunk)
+                    yield chunk
+
+            yield counted()
+
+
+@pytest.mark.parametrize("parity", [1, 2])
+def test_a_degraded_parity_read_takes_in_about_the_file_not_more(parity: int) -> None:
+    """With a data part lost, every data part comes from one shared rebuild over k
+    streams: the read takes in the file's size (plus a window at most), where reading the
+    healthy parts on their own besides the rebuild took in 9/5 of it."""
+
+    async def go(cluster: SimCluster) -> None:
+        namespace = await make(cluster, "parity", {"parity": parity})
+        data = payload(2_000_003, 8)
+        gw = cluster.gateway
+        version = await gw.put(namespace, "big", BytesChunks(data, 1 << 16))
+        await lose(cluster, node_of(cluster, version, 1))
+        counting = CountingStorage(gw._storage)
+        gw._storage = counting
+        assert await read(gw, namespace, "big") == data
+        assert len(data) <= counting.read <= len(data) * 1.1
+        counting.read = 0
+        assert await read(gw, namespace, "big", 700_000, 1_300_000) == data[700_000:1_300_000]
+        assert counting.read <= 600_000 + 5 * (1 << 20)  # the range, and a window per slot
+
+    big_units = attrs.evolve(SCENARIO, cluster=attrs.evolve(SCENARIO.cluster, stripe_unit=16384))
+    run_with_cluster(go, scenario=big_units)

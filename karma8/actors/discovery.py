@@ -21,7 +21,7 @@ is never chosen on the strength of a heartbeat sent just before the failure.
 
 Several discovery instances may share one database (PostgreSQL): the store keeps placement and
 commits correct between them, and a leadership lease in the store (:meth:`Discovery.lead`)
-lets one of them at a time run the store-wide sweep and the rebalancer.
+lets one of them at a time run the store-wide sweep, the rebalancer and repair.
 """
 
 from __future__ import annotations
@@ -41,7 +41,14 @@ from karma8.core.access import (
     hash_secret,
     parse_token,
 )
-from karma8.core.errors import InvalidRequest, NotFound, TooLarge, Unavailable, UploadConflict
+from karma8.core.errors import (
+    InvalidRequest,
+    NotEnoughNodes,
+    NotFound,
+    TooLarge,
+    Unavailable,
+    UploadConflict,
+)
 from karma8.core.layout import (
     DEFAULT_MAX_FILE_SIZE,
     MAX_COPIES,
@@ -60,11 +67,14 @@ from karma8.core.model import (
     PartPlacement,
     PartReceipt,
     RebalanceStatus,
+    Repair,
+    RepairStatus,
     VersionState,
 )
 from karma8.core.names import check_name, check_namespace
 from karma8.core.placement import NodeLoad, place_parts
 from karma8.core.rebalance import (
+    MovablePart,
     Move,
     NodeFill,
     RebalancePlan,
@@ -571,7 +581,19 @@ class Discovery:
         if known:
             log.warning("node %s is suspect: %s", node_id, reason[:200])
 
-    # -- part moves (the rebalancer's side, see karma8.actors.rebalancer) -------------------
+    async def report_lost_parts(self, *, node_id: str, keys: Sequence[str], reason: str) -> None:
+        if not node_id:
+            raise InvalidRequest("a report of lost parts needs a node id")
+        now = self._clock.now()
+        asked = list(keys)
+        marked = await self._blocking(lambda: self._store.mark_damaged(node_id, asked, reason, now))
+        if marked:
+            log.warning("node %s lost %d parts: %s", node_id, marked, reason[:200])
+
+    async def expected_parts(self, *, node_id: str) -> list[str]:
+        return await self._blocking(lambda: self._store.expected_parts(node_id))
+
+    # -- part moves (the rebalancer's and repair's side, see karma8.actors.rebalancer) ------
 
     async def plan_rebalance(
         self,
@@ -659,6 +681,44 @@ class Discovery:
     async def abort_move(self, *, key: str) -> None:
         now = self._clock.now()
         await self._blocking(lambda: self._store.abort_move(key, now))
+
+    async def begin_repairs(self, *, repair_after: float, limit: int, lease: float) -> list[Repair]:
+        """Each lost part goes where a new part would: the emptiest available node with room
+        that holds no part of its version (ties broken by the part's key)."""
+        now = self._clock.now()
+        leases = self.leases
+
+        def place(loads: Sequence[NodeLoad], part: MovablePart) -> str | None:
+            try:
+                (target,) = place_parts(
+                    self._with_leases(loads), count=1, part_size=part.size, salt=part.key
+                )
+            except NotEnoughNodes:
+                return None
+            return target
+
+        return await self._blocking(
+            lambda: self._store.begin_repairs(
+                lost_before=now - repair_after,
+                limit=limit,
+                now=now,
+                lease_until=now + lease,
+                place=place,
+                held=leases.reserved_on,
+            )
+        )
+
+    async def repair_status(self, *, repair_after: float) -> RepairStatus:
+        lost_before = self._clock.now() - repair_after
+        c = await self._blocking(lambda: self._store.repair_counts(lost_before))
+        return RepairStatus(
+            degraded_files=c["degraded_files"],
+            lost_parts=c["lost_parts"],
+            due_parts=c["due_parts"],
+            repairing_parts=c["repairing_parts"],
+            repaired_parts=c["repaired_parts"],
+            repaired_bytes=c["repaired_bytes"],
+        )
 
 
 def _check_registration(registration: NodeRegistration) -> None:

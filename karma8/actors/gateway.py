@@ -46,8 +46,9 @@ Redundant engines (raid1, parity; see docs/architecture.md, "Engines")
     has its writer in the same nursery, so the PUT stays all or nothing. A read gives each
     data part a :class:`karma8.actors.reads.RedundantCursor`, which switches, at the byte
     where its source failed (down, slower than ``read_deadline``, or a chunk that fails its
-    check), to another copy or to the part rebuilt from the others
-    (:class:`karma8.actors.reads.RebuiltPart`).
+    check), to another copy or to the read's rebuild from the others
+    (:class:`karma8.actors.reads.SharedRebuild`), and reports the parts it found missing or
+    corrupt for repair.
 """
 
 from __future__ import annotations
@@ -421,6 +422,21 @@ class Gateway:
                 reason=f"writing part {placement.key} failed: {exc.code}: {exc.message}",
             )
 
+    async def _report_lost(self, sources: Sources) -> None:
+        """Tell discovery which parts a read found missing or corrupt, so that they are
+        repaired. Best effort, shielded and brief: the read is over."""
+        by_node: dict[str, list[str]] = {}
+        for slot in sorted(sources.lost):
+            placement = sources.slot(slot)
+            by_node.setdefault(placement.node.node_id, []).append(placement.key)
+        with trio.move_on_after(self._config.read_deadline) as scope:
+            scope.shield = True
+            for node_id, keys in by_node.items():
+                with suppress(Karma8Error):
+                    await self._discovery.report_lost_parts(
+                        node_id=node_id, keys=keys, reason="a read found it missing or corrupt"
+                    )
+
     async def _clean_up(
         self, version: FileVersion, *, commit_attempted: bool
     ) -> FileVersion | None:
@@ -489,10 +505,12 @@ class Gateway:
                 sources = Sources(
                     self._storage, version, self._config.read_deadline, self.part_failures
                 )
+                stack.push_async_callback(self._report_lost, sources)  # (runs after aclose)
                 stack.push_async_callback(sources.aclose)
-                for part, span in enumerate(spans):
-                    if span is not None:
-                        cursors[part] = await RedundantCursor.open(sources, part, *span)
+                live = [(part, span) for part, span in enumerate(spans) if span is not None]
+                sources.ends = {part: offset + length for part, (offset, length) in live}
+                for part, (offset, length) in live:
+                    cursors[part] = await RedundantCursor.open(sources, part, offset, length)
                 yield Stitcher(version.layout, size, start, stop, cursors)
                 return
             for placement, span in zip(version.parts, spans, strict=True):

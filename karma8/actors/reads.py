@@ -11,8 +11,14 @@ from contextlib import AsyncExitStack, suppress
 
 import trio
 
-from karma8.core.erasure import rebuild
-from karma8.core.errors import IntegrityError, Karma8Error, StorageFailure, Unavailable
+from karma8.core.erasure import rebuild, rebuild_share
+from karma8.core.errors import (
+    IntegrityError,
+    Karma8Error,
+    NotFound,
+    StorageFailure,
+    Unavailable,
+)
 from karma8.core.layout import StripeLayout
 from karma8.core.model import FileVersion, PartPlacement
 from karma8.ports import StorageAPI
@@ -116,7 +122,8 @@ class Stitcher:
 
 class Sources:
     """Opens the part streams of one read of a redundant version, and remembers which slots
-    failed during it, so that no cursor tries them again.
+    failed during it, so that no cursor tries them again, and which of them the node lost
+    (missing, or failing its checks: ``lost``), for the reader to report.
 
     Each stream has its own exit stack: a stream given up on (its node failed or was slow)
     is closed at once, as failed, rather than drained to its end when the read completes.
@@ -134,6 +141,10 @@ class Sources:
         self.layout = version.layout
         self.deadline = deadline
         self.failed: set[int] = set()
+        self.lost: set[int] = set()
+        # Where the read ends in each data part it reads (bounds what a rebuild reads).
+        self.ends: dict[int, int] = {}
+        self.shared: SharedRebuild | None = None
         self._failures = failures
         self._open: list[tuple[PartCursor, AsyncExitStack]] = []
 
@@ -157,25 +168,40 @@ class Sources:
                         checksum=placement.checksum if whole else None,
                     )
                 )
-            except Karma8Error:
-                self._fail(slot)
+            except Karma8Error as exc:
+                self._fail(slot, exc)
                 return None
             cursor = PartCursor(placement, stream, length)
             self._open.append((cursor, stack))
             return cursor
-        self._fail(slot)
+        self._fail(slot, None)
         await abandon(stack)
         return None
 
-    def _fail(self, slot: int) -> None:
+    def _fail(self, slot: int, exc: Karma8Error | None) -> None:
+        if isinstance(exc, (NotFound, IntegrityError)):
+            self.lost.add(slot)
         if slot not in self.failed:
             self.failed.add(slot)
             self._failures[self.slot(slot).node.node_id, "read"] += 1
 
-    async def give_up(self, slot: int, cursor: PartCursor | None) -> None:
-        """Open ``slot`` no more during this read, and close ``cursor``'s stream now. (Other
-        cursors reading the slot go on until they fail themselves.)"""
-        self._fail(slot)
+    async def give_up(
+        self, slot: int, cursor: PartCursor | None, exc: Karma8Error | None = None
+    ) -> None:
+        """Open ``slot`` no more during this read (``exc``: why, if not too slow), and close
+        ``cursor``'s stream now. (Other cursors reading the slot go on until they fail
+        themselves.)"""
+        self._fail(slot, exc)
+        if cursor is not None:
+            await self.close(cursor)
+
+    def share_rebuild(self) -> None:
+        """From now on every data part of this read comes from one shared rebuild."""
+        if self.shared is None:
+            self.shared = SharedRebuild(self)
+
+    async def close(self, cursor: PartCursor) -> None:
+        """Close a healthy stream no longer needed (its slot stays readable)."""
         keep = []
         for opened, stack in self._open:
             if opened is cursor:
@@ -207,7 +233,11 @@ class RedundantCursor:
     where the last one failed. A failure is an error of the node (Unavailable, a storage
     failure), a chunk that fails its checks (IntegrityError: the node checks each block
     before handing it on, so nothing wrong was handed out), or no answer within
-    ``read_deadline``. Raises Unavailable once no source is left."""
+    ``read_deadline``. Raises Unavailable once no source is left.
+
+    Once one data part of a parity version is being rebuilt, every cursor of the read moves
+    to the same :class:`SharedRebuild` at its next read: the read then takes in k parts'
+    worth of bytes, as a healthy one does, instead of its own parts plus k more."""
 
     def __init__(self, sources: Sources, part: int, offset: int, length: int) -> None:
         self._sources = sources
@@ -216,6 +246,7 @@ class RedundantCursor:
         self._end = offset + length
         self._cursor: PartCursor | None = None
         self._slot: int | None = None
+        self._error: Karma8Error | None = None  # why the current source was given up
 
     @classmethod
     async def open(cls, sources: Sources, part: int, offset: int, length: int) -> RedundantCursor:
@@ -226,8 +257,11 @@ class RedundantCursor:
     async def _switch(self) -> None:
         sources = self._sources
         if self._slot is not None:
-            await sources.give_up(self._slot, self._cursor)
+            await sources.give_up(self._slot, self._cursor, self._error)
         self._cursor = self._slot = None
+        self._error = None
+        if sources.shared is not None:
+            return  # rebuilding already: read from it
         for slot in sources.layout.copies_of(self._part):
             if slot in sources.failed:
                 continue
@@ -236,8 +270,7 @@ class RedundantCursor:
                 self._cursor, self._slot = cursor, slot
                 return
         if sources.layout.parity:
-            rebuilt = RebuiltPart(sources, self._part, self._pos, self._end)
-            self._cursor = PartCursor(sources.slot(self._part), rebuilt, self._end - self._pos)
+            sources.share_rebuild()
             return
         raise Unavailable(
             f"part {self._part} of version {sources.version.version_id}: no copy can be read"
@@ -246,18 +279,24 @@ class RedundantCursor:
     async def read(self, limit: int) -> bytes:
         """Up to ``limit`` bytes (at least one) of the part."""
         limit = min(limit, self._end - self._pos)
+        sources = self._sources
         while True:
-            assert self._cursor is not None
-            if self._slot is None:
-                # Rebuilding: each source has its own deadline; an error means too many
-                # parts are lost, and propagates.
-                rebuilt = await self._cursor.read(limit)
+            if sources.shared is not None:
+                if self._cursor is not None:  # a healthy stream, no longer needed
+                    await sources.close(self._cursor)
+                    self._cursor = self._slot = None
+                # Each source has its own deadline; an error means too many parts are
+                # lost, and propagates.
+                rebuilt = await sources.shared.read(self._part, self._pos, limit)
                 self._pos += len(rebuilt)
                 return rebuilt
+            assert self._cursor is not None
             piece: bytes | None = None
-            with trio.move_on_after(self._sources.deadline):
-                with suppress(Karma8Error):
+            with trio.move_on_after(sources.deadline):
+                try:
                     piece = await self._cursor.read(limit)
+                except Karma8Error as exc:
+                    self._error = exc
             if piece is None:
                 await self._switch()
                 continue
@@ -265,67 +304,64 @@ class RedundantCursor:
             return piece
 
 
-class RebuiltPart:
-    """Bytes ``[pos, end)`` of data part ``part`` rebuilt, block by block, from the same
-    bytes of k other parts (data parts and parity parts; see :mod:`karma8.core.erasure`).
-    A source that fails is dropped for the rest of the read and another takes its place."""
+class BlockRebuilder:
+    """The same byte range of k readable slots of a parity version, read window by window
+    from one stream per slot (each continues where the last window ended), zero-padded past
+    a slot's end. A slot that fails or is too slow is dropped for the rest of the read and
+    the next readable slot takes its place."""
 
-    BLOCK = 1 << 20
-
-    def __init__(self, sources: Sources, part: int, pos: int, end: int) -> None:
+    def __init__(self, sources: Sources, *, skip: int | None = None) -> None:
         self._sources = sources
-        self._part = part
-        self._pos = pos
-        self._end = end
-        self._cursors: dict[int, PartCursor] = {}
+        self._skip = skip  # a slot never to read (the one being rebuilt)
+        self._cursors: dict[int, tuple[PartCursor, int]] = {}  # slot -> (cursor, position)
 
-    def __aiter__(self) -> RebuiltPart:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._pos >= self._end:
-            raise StopAsyncIteration
+    async def shares(self, start: int, count: int, end: int) -> dict[int, bytes]:
+        """k shares of bytes ``[start, start + count)``, by slot; a stream opened here
+        reads on to ``end`` (or the slot's size)."""
         sources = self._sources
         layout = sources.layout
-        count = min(self.BLOCK, self._end - self._pos)
         shares: dict[int, bytes | None] = {}
-        # The k sources are read at once; one that fails is replaced by the next slot.
         while sum(b is not None for b in shares.values()) < layout.parts:
             need = layout.parts - sum(b is not None for b in shares.values())
             batch = [
                 s
                 for s in range(layout.slots)
-                if s != self._part and s not in sources.failed and s not in shares
+                if s != self._skip and s not in sources.failed and s not in shares
             ][:need]
             if len(batch) < need:
                 raise Unavailable(
-                    f"part {self._part} of version {sources.version.version_id} cannot be"
-                    f" rebuilt: {len(sources.failed)} of its parts cannot be read"
+                    f"version {sources.version.version_id} cannot be rebuilt:"
+                    f" {len(sources.failed)} of its parts cannot be read"
                 )
             async with trio.open_nursery() as nursery:
                 for slot in batch:
-                    nursery.start_soon(self._fetch, slot, count, shares)
-        self._pos += count
-        found = {slot: block for slot, block in shares.items() if block is not None}
-        return rebuild(layout.parts, layout.parity, found)[self._part]
+                    nursery.start_soon(self._fetch, slot, start, count, end, shares)
+        return {slot: block for slot, block in shares.items() if block is not None}
 
-    async def _fetch(self, slot: int, count: int, shares: dict[int, bytes | None]) -> None:
-        shares[slot] = await self._block(slot, count)
+    async def _fetch(
+        self, slot: int, start: int, count: int, end: int, shares: dict[int, bytes | None]
+    ) -> None:
+        shares[slot] = await self._block(slot, start, count, end)
 
-    async def _block(self, slot: int, count: int) -> bytes | None:
-        """``count`` bytes of ``slot`` from ``_pos``, zero-padded past its end; None if the
+    async def _block(self, slot: int, start: int, count: int, end: int) -> bytes | None:
+        """``count`` bytes of ``slot`` from ``start``, zero-padded past its end; None if the
         slot fails (it is then dropped)."""
         sources = self._sources
         size = sources.slot(slot).size or 0
-        real = max(0, min(self._pos + count, size) - self._pos)
-        cursor = self._cursors.get(slot)
+        real = max(0, min(start + count, size) - start)
+        held = self._cursors.get(slot)
+        if held is not None and held[1] != start:  # (not where it stopped: start afresh)
+            await sources.close(held[0])
+            del self._cursors[slot]
+            held = None
+        cursor = held[0] if held is not None else None
         if cursor is None and real:
-            cursor = await sources.open(slot, self._pos, min(self._end, size) - self._pos)
+            cursor = await sources.open(slot, start, min(max(end, start + count), size) - start)
             if cursor is None:
                 return None
-            self._cursors[slot] = cursor
         chunks: list[bytes] = []
         got = 0
+        error: Karma8Error | None = None
         with trio.move_on_after(sources.deadline):
             try:
                 while got < real:
@@ -333,10 +369,71 @@ class RebuiltPart:
                     chunk = await cursor.read(real - got)
                     chunks.append(chunk)
                     got += len(chunk)
-            except Karma8Error:
-                pass
+            except Karma8Error as exc:
+                error = exc
         if got < real:
-            await sources.give_up(slot, self._cursors.pop(slot, None))
+            self._cursors.pop(slot, None)
+            await sources.give_up(slot, cursor, error)
             return None
+        if cursor is not None:
+            self._cursors[slot] = (cursor, start + count)
         block = b"".join(chunks)
         return block if real == count else block + bytes(count - real)
+
+
+class SharedRebuild:
+    """Every data part of one read of a parity version, decoded window by window from the
+    shares of k readable slots (:class:`BlockRebuilder`). Windows start at multiples of
+    :data:`WINDOW` (a whole number of stripe units), so the parts, which the stitcher reads
+    in turn unit by unit, all find their bytes in the window last decoded; the one before
+    it is kept too."""
+
+    WINDOW = 1 << 20
+
+    def __init__(self, sources: Sources) -> None:
+        self._sources = sources
+        self._rebuilder = BlockRebuilder(sources)
+        unit = sources.layout.unit
+        self._window = max(unit, self.WINDOW - self.WINDOW % unit)
+        self._end = max(sources.ends.values(), default=sources.slot(0).size or 0)
+        self._decoded: dict[int, list[bytes]] = {}  # window start -> data blocks
+
+    async def read(self, part: int, pos: int, limit: int) -> bytes:
+        start = pos - pos % self._window
+        blocks = self._decoded.get(start)
+        if blocks is None:
+            count = min(self._window, max(self._end, pos + limit) - start)
+            layout = self._sources.layout
+            shares = await self._rebuilder.shares(start, count, self._end)
+            blocks = rebuild(layout.parts, layout.parity, shares)
+            self._decoded = {s: b for s, b in self._decoded.items() if s == start - self._window}
+            self._decoded[start] = blocks
+        offset = pos - start
+        return blocks[part][offset : offset + limit]
+
+
+class RebuiltPart:
+    """Bytes ``[pos, end)`` of ``slot`` (a data part, or a parity part for repair) rebuilt,
+    block by block, from the same bytes of k other parts (data parts and parity parts; see
+    :mod:`karma8.core.erasure`)."""
+
+    BLOCK = 1 << 20
+
+    def __init__(self, sources: Sources, slot: int, pos: int, end: int) -> None:
+        self._sources = sources
+        self._slot = slot
+        self._pos = pos
+        self._end = end
+        self._rebuilder = BlockRebuilder(sources, skip=slot)
+
+    def __aiter__(self) -> RebuiltPart:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._pos >= self._end:
+            raise StopAsyncIteration
+        count = min(self.BLOCK, self._end - self._pos)
+        shares = await self._rebuilder.shares(self._pos, count, self._end)
+        self._pos += count
+        layout = self._sources.layout
+        return rebuild_share(layout.parts, layout.parity, shares, self._slot)

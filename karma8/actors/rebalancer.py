@@ -17,13 +17,13 @@ moving never takes a cluster's disks or network from its clients.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 
 import attrs
 import trio
 
+from karma8.actors.throttle import Throttle
 from karma8.core.errors import IntegrityError, Karma8Error, MoveConflict, Unavailable
 from karma8.core.model import MoveTicket, RebalanceStatus
 from karma8.core.rebalance import Move, RebalancePlan
@@ -80,8 +80,7 @@ class Rebalancer:
         self.config = config
         self._requested = trio.Event()
         self._active = False
-        self._next_copy = 0.0  # the throttle: when the next byte may go
-        self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
+        self._throttle = Throttle(config.bandwidth)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Check the fill every ``interval`` (or when asked) and rebalance; until cancelled."""
@@ -153,7 +152,7 @@ class Rebalancer:
     async def status(self) -> RebalanceStatus:
         """Discovery's view of the fill, with this mover's rate and an estimate of the rest."""
         status = await self._discovery.rebalance_status()
-        rate = self._rate()
+        rate = self._throttle.rate()
         eta = status.remaining_bytes / rate if rate > 0 else None
         if status.remaining_bytes == 0:
             eta = 0.0
@@ -186,7 +185,7 @@ class Rebalancer:
         """Copy a recorded move's part and switch to it; abort the move on any failure."""
         target = ticket.target.node_id
         try:
-            await self._throttle(ticket.size)
+            await self._throttle.wait(ticket.size)
             checksum = await self._copy(ticket)
             await self._discovery.finish_move(key=ticket.key, target=target, checksum=checksum)
         except Karma8Error as exc:
@@ -202,7 +201,7 @@ class Rebalancer:
             with trio.CancelScope(shield=True), contextlib.suppress(Karma8Error):
                 await self._discovery.abort_move(key=ticket.key)  # else its lease ends it
             return False
-        self._recent.append((trio.current_time(), ticket.size))
+        self._throttle.done(ticket.size)
         return True
 
     async def _copy(self, ticket: MoveTicket) -> str:
@@ -219,19 +218,3 @@ class Rebalancer:
         if stored.size != ticket.size or stored.checksum != ticket.checksum:
             raise IntegrityError(f"the copy of {ticket.key} on {ticket.target.node_id} differs")
         return stored.checksum
-
-    async def _throttle(self, size: int) -> None:
-        """Wait until ``size`` more bytes fit in the shared bandwidth budget."""
-        if self.config.bandwidth <= 0:
-            return
-        now = trio.current_time()
-        start = max(now, self._next_copy)
-        self._next_copy = start + size / self.config.bandwidth
-        await trio.sleep_until(start)
-
-    def _rate(self) -> float:
-        """Bytes per second over the recent moves, decaying while none are made."""
-        if len(self._recent) < 2:
-            return 0.0
-        window = trio.current_time() - self._recent[0][0]
-        return sum(size for _, size in list(self._recent)[1:]) / window if window > 0 else 0.0

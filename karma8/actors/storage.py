@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import AsyncIterable, AsyncIterator
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, suppress
 
 import attrs
 import trio
@@ -123,7 +123,7 @@ class StorageNode:
             await trio.sleep(self._config.heartbeat_interval)
             if trio.current_time() >= next_orphan_check:
                 next_orphan_check = trio.current_time() + self._config.orphan_check_interval
-                await self._drop_orphans()
+                await self._check_parts()
             try:
                 garbage = await self._discovery.heartbeat(
                     await self.registration(), deleted=deleted
@@ -139,9 +139,9 @@ class StorageNode:
     async def scrub(self, *, pause: float = 0.0) -> ScrubReport:
         """Verify every part against its checksum; quarantine the ones that fail.
 
-        A quarantined part is no longer served: a GET that needs it fails cleanly instead of
-        returning wrong bytes. (karma8 keeps one copy of each part, so scrubbing detects and
-        contains corruption; it cannot repair it.)
+        A quarantined part is no longer served: a read that needs it fails cleanly instead of
+        returning wrong bytes, and discovery is told, so that a part of a redundant file is
+        rebuilt elsewhere (a raid0 file's part cannot be).
         """
         checked = 0
         corrupt: list[str] = []
@@ -159,6 +159,12 @@ class StorageNode:
                 log.error("node %s: part %s failed its checksum; quarantined", self.node_id, key)
             if pause:
                 await trio.sleep(pause)
+        if corrupt:
+            # Best effort: one not told now is found missing by the next parts check.
+            with suppress(Karma8Error):
+                await self._discovery.report_lost_parts(
+                    node_id=self.node_id, keys=corrupt, reason="failed its checksum"
+                )
         return ScrubReport(node_id=self.node_id, checked=checked, corrupt=tuple(corrupt))
 
     async def run_scrubber(self) -> None:
@@ -169,13 +175,29 @@ class StorageNode:
             await trio.sleep(self._config.scrub_interval)
             await self.scrub(pause=self._config.scrub_pause)
 
-    async def _drop_orphans(self) -> None:
-        """Delete parts discovery has not known of for ``orphan_grace`` seconds."""
-        keys = await self._store.keys()
+    async def _check_parts(self) -> None:
+        """Compare the parts on disk with discovery's records, both ways: report the parts
+        it expects here that are gone (a lost or replaced disk, a part taken out), and delete
+        those it has not known of for ``orphan_grace`` seconds.
+
+        Discovery's list is asked for before the disk is listed: a part it names was written
+        here before it was recorded, so one missing from the later listing is lost (this
+        node's deletions of garbage happen in this same task, never in between)."""
         try:
+            expected = await self._discovery.expected_parts(node_id=self.node_id)
+        except Karma8Error:
+            return  # discovery unreachable: nothing is judged on a guess
+        keys = await self._store.keys()
+        missing = sorted(set(expected).difference(keys))
+        try:
+            if missing:
+                log.error("node %s: %d parts are missing", self.node_id, len(missing))
+                await self._discovery.report_lost_parts(
+                    node_id=self.node_id, keys=missing, reason="missing on its node"
+                )
             unknown = set(await self._discovery.unknown_parts(node_id=self.node_id, keys=keys))
         except Karma8Error:
-            return  # discovery unreachable: nothing is deleted on a guess
+            return
         now = trio.current_time()
         self._suspects = {k: since for k, since in self._suspects.items() if k in unknown}
         for key in sorted(unknown):

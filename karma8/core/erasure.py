@@ -123,3 +123,13 @@ def rebuild(parts: int, parity: int, shares: Mapping[int, bytes]) -> list[bytes]
         numbers.append(number)
     decoded = zfec.Decoder(parts, parts + parity).decode(blocks, numbers)
     return [bytes(b) for b in decoded]
+
+
+def rebuild_share(parts: int, parity: int, shares: Mapping[int, bytes], number: int) -> bytes:
+    """Share ``number``'s block, a data part's or a parity part's, from any k other shares
+    (a lost parity part is coded again from the data blocks)."""
+    data = rebuild(parts, parity, shares)
+    if number < parts:
+        return data[number]
+    (block,) = zfec.Encoder(parts, parts + parity).encode(data, [number])
+    return bytes(block)

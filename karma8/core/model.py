@@ -81,8 +81,9 @@ class NodeStatus:
 class ClusterTotals:
     """What the cluster stores: current files and their bytes, and uploads under way.
 
-    ``degraded_files``: current files with a part on an unavailable node, i.e. below full
-    redundancy (a raid0 file among them cannot be read until the node is back)."""
+    ``degraded_files``: current files with a part on an unavailable node or lost (reported
+    corrupt or missing by its node or a reader), i.e. below full redundancy (a raid0 file among
+    them cannot be read until the node is back)."""
 
     files: int
     bytes: int
@@ -188,4 +189,35 @@ class RebalanceStatus:
     moved_parts: int
     rate_bytes_per_s: float = 0.0
     eta_seconds: float | None = None
+    active: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class Repair:
+    """A part of a redundant version to rebuild: ``ticket`` is the recorded move from the
+    node that lost it (or has been away too long) to a node that holds no part of
+    ``version``; ``slot`` is the part's index in the version."""
+
+    ticket: MoveTicket
+    version: FileVersion
+    slot: int
+
+
+@attrs.frozen(kw_only=True)
+class RepairStatus:
+    """Redundancy lost and regained.
+
+    ``lost_parts``: parts of current redundant files on an unavailable node or reported
+    lost; ``due_parts``: those of them that repair works on now (lost, or on a node away for
+    ``repair_after``); ``repairing_parts``: rebuilds under way; ``repaired_*``: done since the
+    database was made.
+    """
+
+    degraded_files: int
+    lost_parts: int
+    due_parts: int
+    repairing_parts: int
+    repaired_parts: int
+    repaired_bytes: int
+    rate_bytes_per_s: float = 0.0
     active: bool = False

@@ -5,8 +5,9 @@ from __future__ import annotations
 import attrs
 
 from karma8.core.access import NamespaceInfo
-from karma8.core.model import ClusterTotals, NodeState, NodeStatus
+from karma8.core.model import ClusterTotals, NodeState, NodeStatus, RepairStatus
 from karma8.core.rebalance_report import RebalanceReport
+from karma8.core.units import format_size
 
 
 @attrs.frozen(kw_only=True)
@@ -29,6 +30,7 @@ class ClusterStatus:
     namespaces: tuple[NamespaceInfo, ...]
     totals: ClusterTotals
     rebalance: RebalanceReport
+    repair: RepairStatus
     recent_errors: tuple[LoggedError, ...]
 
     @property
@@ -54,3 +56,18 @@ def fill(node: NodeStatus) -> float:
 def seen_ago(node: NodeStatus, now: float) -> float:
     """Seconds since the node's last heartbeat."""
     return max(0.0, now - node.last_seen)
+
+
+def repair_line(repair: RepairStatus) -> str:
+    """One line on redundancy and its repair, for ``karma8 nodes``, ``status`` and the page."""
+    rate = (
+        f", {format_size(repair.rate_bytes_per_s)}/s"
+        if repair.repairing_parts and repair.rate_bytes_per_s > 0
+        else ""
+    )
+    return (
+        f"repair: {repair.degraded_files} files below full redundancy,"
+        f" {repair.lost_parts} lost parts ({repair.due_parts} due),"
+        f" {repair.repairing_parts} rebuilding, {repair.repaired_parts} rebuilt"
+        f" ({format_size(repair.repaired_bytes)}){rate}"
+    )

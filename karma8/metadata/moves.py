@@ -101,10 +101,12 @@ def begin_move(
     now: float,
     lease_until: float,
     held: int = 0,
+    kind: str = "rebalance",
 ) -> MoveTicket:
     """Record a move and reserve its bytes on the target. Raises MoveConflict when the part is
     not a committed part on ``source``, is moving already, or ``target`` may not take it
-    (``held``: bytes reserved on the target outside the metadata, by placement leases)."""
+    (``held``: bytes reserved on the target outside the metadata, by placement leases). A
+    ``repair`` brings the part from the version's other parts: its source may be away."""
     part = db.execute(
         """
         SELECT p.version_id, p.size, p.checksum, p.node_id, v.state
@@ -131,16 +133,17 @@ def begin_move(
     if room < part["size"]:
         raise MoveConflict(f"node {target} has no room for part {key}")
     taken = db.execute(
-        "SELECT 1 FROM parts WHERE version_id = ? AND +node_id = ?"
-        " UNION ALL SELECT 1 FROM stale_copies WHERE part_key = ? AND node_id = ?",
-        (part["version_id"], target, key, target),
+        "SELECT 1 FROM parts WHERE version_id = :v AND +node_id = :t"
+        " UNION ALL SELECT 1 FROM stale_copies WHERE part_key = :k AND node_id = :t"
+        " UNION ALL SELECT 1 FROM moves WHERE version_id = :v AND target = :t",
+        {"v": part["version_id"], "t": target, "k": key},
     ).fetchone()
     if taken:
         raise MoveConflict(f"node {target} holds a part of that version or a copy of {key}")
     db.execute(
-        "INSERT INTO moves(part_key, version_id, source, target, size, started_at, lease_until)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (key, part["version_id"], source, target, part["size"], now, lease_until),
+        "INSERT INTO moves(part_key, version_id, source, target, size, started_at, lease_until,"
+        " kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (key, part["version_id"], source, target, part["size"], now, lease_until, kind),
     )
     db.execute(
         "UPDATE nodes SET reserved_bytes = reserved_bytes + ? WHERE node_id = ?",
@@ -199,8 +202,10 @@ def finish_move(
         (key, move["source"], size, now),
     )
     db.execute("DELETE FROM moves WHERE part_key = ?", (key,))
-    _count(db, "moved_bytes", size)
-    _count(db, "moved_parts", 1)
+    db.execute("DELETE FROM damaged_parts WHERE part_key = ?", (key,))
+    done = "repaired" if move["kind"] == "repair" else "moved"
+    _count(db, f"{done}_bytes", size)
+    _count(db, f"{done}_parts", 1)
     return None
 
 
@@ -246,9 +251,11 @@ def forget_stale(db: Connection, node_id: str, key: str) -> bool:
     return True
 
 
-def moving(db: Connection) -> tuple[int, int]:
-    """(parts, bytes) of the moves under way."""
-    row = db.execute("SELECT count(*), coalesce(sum(size), 0) FROM moves").fetchone()
+def moving(db: Connection, kind: str = "rebalance") -> tuple[int, int]:
+    """(parts, bytes) of the moves of ``kind`` under way."""
+    row = db.execute(
+        "SELECT count(*), coalesce(sum(size), 0) FROM moves WHERE kind = ?", (kind,)
+    ).fetchone()
     return int(row[0]), int(row[1])
 
 

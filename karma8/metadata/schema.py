@@ -1,12 +1,15 @@
 """Discovery's schema, on SQLite and PostgreSQL, and its versions.
 
-Tables: namespaces and their tokens, nodes, versions and parts, part moves, and the
-leadership leases of background duties. The partial unique index ``one_committed`` makes "at
-most one committed version per name" a property of the schema; node load is kept as counters
-on the node row (see :mod:`karma8.metadata.store`). ``moves`` holds the part copies under way
-(one per part at most); ``stale_copies`` the copies a move left behind, deleted like garbage
-once readers are done (see :mod:`karma8.metadata.moves`). ``tokens`` holds each token's sha256
-of its secret, never the secret (see :mod:`karma8.metadata.access`).
+Tables: namespaces and their tokens, nodes, versions and parts, part moves, parts reported
+lost, and the leadership leases of background duties. The partial unique index
+``one_committed`` makes "at most one committed version per name" a property of the schema;
+node load is kept as counters on the node row (see :mod:`karma8.metadata.store`). ``moves``
+holds the part copies under way (one per part at most; ``kind``: evening out fill or a
+repair); ``stale_copies`` the copies a move left behind, deleted like garbage once readers are
+done (see :mod:`karma8.metadata.moves`). ``tokens`` holds each token's sha256 of its secret,
+never the secret (see :mod:`karma8.metadata.access`). ``damaged_parts`` holds parts their node
+or a reader reported corrupt or missing, until repair moves them (see
+:mod:`karma8.metadata.repairs`).
 
 Versions: ``schema_version`` holds the number of the last migration applied; :data:`MIGRATIONS`
 are applied in order, each in the transaction of :func:`upgrade`. The DDL is written for
@@ -98,7 +101,8 @@ CREATE TABLE IF NOT EXISTS moves (
     target      TEXT NOT NULL REFERENCES nodes(node_id),
     size        INTEGER NOT NULL,
     started_at  REAL NOT NULL,
-    lease_until REAL NOT NULL
+    lease_until REAL NOT NULL,
+    kind        TEXT NOT NULL DEFAULT 'rebalance'
 );
 CREATE TABLE IF NOT EXISTS stale_copies (
     part_key    TEXT NOT NULL,
@@ -108,6 +112,12 @@ CREATE TABLE IF NOT EXISTS stale_copies (
     PRIMARY KEY (part_key, node_id)
 );
 CREATE INDEX IF NOT EXISTS stale_by_node ON stale_copies(node_id, released_at);
+CREATE TABLE IF NOT EXISTS damaged_parts (
+    part_key    TEXT PRIMARY KEY,
+    node_id     TEXT NOT NULL REFERENCES nodes(node_id),
+    reason      TEXT NOT NULL,
+    reported_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -127,6 +137,8 @@ def add_missing_columns(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE {table} ADD COLUMN copies INTEGER NOT NULL DEFAULT 1")
         if "parity" not in have:
             db.execute(f"ALTER TABLE {table} ADD COLUMN parity INTEGER NOT NULL DEFAULT 0")
+    if "kind" not in {r[1] for r in db.execute("PRAGMA table_info(moves)")}:
+        db.execute("ALTER TABLE moves ADD COLUMN kind TEXT NOT NULL DEFAULT 'rebalance'")
     columns = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
     if "failed_at" not in columns:
         db.execute("ALTER TABLE nodes ADD COLUMN failed_at REAL")

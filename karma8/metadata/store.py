@@ -26,9 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import attrs
+
 from karma8.core.errors import (
     DiskFull,
     IntegrityError,
+    MoveConflict,
     NotFound,
     PreconditionFailed,
     UploadConflict,
@@ -44,13 +47,14 @@ from karma8.core.model import (
     NodeStatus,
     PartPlacement,
     PartReceipt,
+    Repair,
     VersionState,
     etag_of,
     part_key,
 )
 from karma8.core.placement import NodeLoad
 from karma8.core.rebalance import MovablePart, NodeFill
-from karma8.metadata import moves, reservations, totals
+from karma8.metadata import moves, repairs, reservations, totals
 from karma8.metadata.access import NamespaceStore
 from karma8.metadata.rows import committed_id, layout_of, load_version, node_load, node_status
 from karma8.metadata.sql import Connection
@@ -553,6 +557,7 @@ class SqlMetadataStore(NamespaceStore):
                 if row is None:
                     continue
                 db.execute("DELETE FROM parts WHERE part_key = ?", (key,))
+                repairs.forget(db, key)
                 db.execute(
                     "UPDATE nodes SET used_bytes = used_bytes - ?, parts = parts - 1"
                     " WHERE node_id = ?",
@@ -646,6 +651,72 @@ class SqlMetadataStore(NamespaceStore):
                 "moved_parts": moves.counter(db, "moved_parts"),
                 "moved_bytes": moves.counter(db, "moved_bytes"),
             }
+
+    # -- repair (see karma8.metadata.repairs) ---------------------------------------------
+
+    def mark_damaged(self, node_id: str, keys: Sequence[str], reason: str, now: float) -> int:
+        with self._tx() as db:
+            return repairs.mark_damaged(db, node_id, keys, reason, now)
+
+    def expected_parts(self, node_id: str) -> list[str]:
+        """Keys of the parts of current versions that the node holds, as discovery knows."""
+        with self._read() as db:
+            return [
+                r[0]
+                for r in db.execute(
+                    "SELECT p.part_key FROM parts p JOIN versions v USING (version_id)"
+                    " WHERE p.node_id = ? AND v.state = 'committed' ORDER BY p.part_key",
+                    (node_id,),
+                )
+            ]
+
+    def begin_repairs(
+        self,
+        *,
+        lost_before: float,
+        limit: int,
+        now: float,
+        lease_until: float,
+        place: Callable[[Sequence[NodeLoad], MovablePart], str | None],
+        held: Callable[[str], int],
+    ) -> list[Repair]:
+        """Record repair moves for up to ``limit`` due parts (see
+        :func:`karma8.metadata.repairs.due_parts`), each to the node ``place`` picks among
+        the available ones it may go to (None: none can take it now)."""
+        repaired: list[Repair] = []
+        with self._tx() as db:
+            loads = {
+                r["node_id"]: node_load(r)
+                for r in db.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
+            }
+            for part in repairs.due_parts(db, lost_before, limit):
+                allowed = [n for n in loads.values() if n.node_id not in part.blocked]
+                target = place(allowed, part)
+                if target is None:
+                    continue
+                try:
+                    ticket = moves.begin_move(
+                        db,
+                        key=part.key,
+                        source=part.node_id,
+                        target=target,
+                        now=now,
+                        lease_until=lease_until,
+                        held=held(target),
+                        kind="repair",
+                    )
+                except MoveConflict:
+                    continue  # (checked before anything was written)
+                load = loads[target]
+                loads[target] = attrs.evolve(load, reserved=load.reserved + part.size)
+                version = load_version(db, part.version_id)
+                slot = next(p.index for p in version.parts if p.key == part.key)
+                repaired.append(Repair(ticket=ticket, version=version, slot=slot))
+        return repaired
+
+    def repair_counts(self, lost_before: float) -> dict[str, int]:
+        with self._read() as db:
+            return repairs.counts(db, lost_before)
 
     def part_row(self, key: str) -> PartPlacement | None:
         """A part by its key, wherever it is (for checkers and admin tools)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from karma8.core.model import ClusterTotals
+from karma8.metadata.repairs import LOST
 from karma8.metadata.sql import Connection
 
 
@@ -16,12 +17,7 @@ def totals(db: Connection) -> ClusterTotals:
     (pending,) = db.execute(
         "SELECT count(*) FROM versions INDEXED BY versions_pending WHERE state = 'pending'"
     ).fetchone()
-    # Through parts_by_node over the unavailable nodes only: cheap while few are down.
-    (degraded,) = db.execute(
-        "SELECT count(DISTINCT p.version_id) FROM nodes n JOIN parts p USING (node_id)"
-        " JOIN versions v USING (version_id)"
-        " WHERE n.state = 'unavailable' AND v.state = 'committed'"
-    ).fetchone()
+    (degraded,) = db.execute(f"SELECT count(DISTINCT version_id) FROM ({LOST}) lost").fetchone()
     return ClusterTotals(
         files=int(files),
         bytes=int(size),

@@ -9,7 +9,7 @@ import httpx
 
 from karma8.core.errors import Karma8Error
 from karma8.core.layout import StripeLayout
-from karma8.core.model import FileVersion, NodeState, NodeStatus
+from karma8.core.model import FileVersion, NodeState, NodeStatus, RepairStatus
 from karma8.core.placement import usable_capacity
 from karma8.core.rebalance_report import IDLE, REBALANCING, PlanSummary, RebalanceReport
 from karma8.core.units import format_size
@@ -22,12 +22,16 @@ async def fetch_nodes(discovery_url: str, secret: str | None) -> list[NodeStatus
         return await HttpDiscoveryClient(http, discovery_url).list_nodes()
 
 
-async def fetch_nodes_and_rebalance(
+async def fetch_nodes_and_movers(
     discovery_url: str, secret: str | None
-) -> tuple[list[NodeStatus], RebalanceReport]:
+) -> tuple[list[NodeStatus], RebalanceReport, RepairStatus]:
     async with make_http_client(secret, timeout=10.0) as http:
         discovery = HttpDiscoveryClient(http, discovery_url)
-        return await discovery.list_nodes(), await discovery.rebalance_report()
+        return (
+            await discovery.list_nodes(),
+            await discovery.rebalance_report(),
+            await discovery.repair_status(),
+        )
 
 
 async def fetch_plan(discovery_url: str, secret: str | None) -> tuple[PlanSummary, RebalanceReport]:
@@ -70,12 +74,15 @@ def fill_percent(node: NodeStatus) -> float:
     return 100 * node.used_bytes / node.capacity_bytes if node.capacity_bytes > 0 else 100.0
 
 
-def nodes_json(nodes: list[NodeStatus], report: RebalanceReport) -> dict[str, Any]:
-    """``karma8 nodes --json``: the nodes (as ``GET /v1/nodes``, with their fill) and the
-    rebalancing (as ``GET /v1/rebalance``)."""
+def nodes_json(
+    nodes: list[NodeStatus], report: RebalanceReport, repair: RepairStatus
+) -> dict[str, Any]:
+    """``karma8 nodes --json``: the nodes (as ``GET /v1/nodes``, with their fill), the
+    rebalancing (as ``GET /v1/rebalance``) and repair (as ``GET /v1/repair``)."""
     return {
         "nodes": [{**encode(n), "fill_percent": round(fill_percent(n), 3)} for n in nodes],
         "rebalance": encode(report),
+        "repair": encode(repair),
     }
 
 

@@ -30,6 +30,7 @@ from karma8.core.model import (
     PartPlacement,
     PartReceipt,
     PlaceRequest,
+    RepairStatus,
 )
 from karma8.core.rebalance_report import PlanSummary, RebalanceReport
 from karma8.core.status import ClusterStatus
@@ -277,6 +278,14 @@ class HttpDiscoveryClient(_Http):
         path = f"/v1/nodes/{_path(node_id)}/failures"
         await self._json("POST", path, json={"reason": reason})
 
+    async def report_lost_parts(self, *, node_id: str, keys: Sequence[str], reason: str) -> None:
+        path = f"/v1/nodes/{_path(node_id)}/lost-parts"
+        await self._json("POST", path, json={"keys": list(keys), "reason": reason})
+
+    async def expected_parts(self, *, node_id: str) -> list[str]:
+        result = await self._json("GET", f"/v1/nodes/{_path(node_id)}/parts")
+        return [str(k) for k in result["keys"]]
+
     async def replace_part(
         self, *, version_id: str, index: int, failed_node_id: str
     ) -> PartPlacement:
@@ -287,6 +296,9 @@ class HttpDiscoveryClient(_Http):
     async def extend_upload(self, *, version_id: str, size: int) -> None:
         path = f"/v1/uploads/{_path(version_id)}/extend"
         await self._json("POST", path, json={"size": size})
+
+    async def repair_status(self) -> RepairStatus:
+        return decode(await self._json("GET", "/v1/repair"), RepairStatus)
 
     async def rebalance_report(self) -> RebalanceReport:
         return decode(await self._json("GET", "/v1/rebalance"), RebalanceReport)

@@ -20,6 +20,8 @@ POST   /v1/nodes                           register {node_id,url,capacity_bytes,
 POST   /v1/nodes/{node_id}/heartbeat       {registration, deleted:[keys]} -> {garbage:[keys]}
 POST   /v1/nodes/{node_id}/unknown-parts   {keys:[keys]} -> {unknown:[keys]}
 POST   /v1/nodes/{node_id}/failures        {reason}: the node is suspect
+POST   /v1/nodes/{node_id}/lost-parts      {keys, reason}: the node lost them; repair them
+GET    /v1/nodes/{node_id}/parts           {keys:[...]}: current parts discovery knows there
 GET    /v1/nodes
 GET    /v1/status                          the cluster at a glance (``karma8 status``)
 GET    /status                             the same as an HTML page (Basic auth: the secret)
@@ -27,6 +29,8 @@ GET    /metrics                            Prometheus metrics of the process (th
 GET    /v1/rebalance                       the rebalancer's status, state and settings
 POST   /v1/rebalance                       rebalance now: 202 and the status
 POST   /v1/rebalance?dry_run=1             the next round's plan, nothing moved
+GET    /v1/repair                          lost parts, repairs under way and done
+POST   /v1/repair                          look for lost parts now: 202 and the status
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from quart_trio import QuartTrio
 
 from karma8.actors.discovery import Discovery
 from karma8.actors.rebalancer import Rebalancer
+from karma8.actors.repair import Repairer
 from karma8.core.access import parse_right
 from karma8.core.errors import InvalidRequest
 from karma8.core.model import NodeRegistration, PartReceipt, PlaceRequest
@@ -62,10 +67,11 @@ def discovery_app(
     *,
     secret: str | None,
     rebalancer: Rebalancer,
+    repairer: Repairer,
     recent_errors: RecentErrors | None = None,
 ) -> QuartTrio:
-    """Discovery's routes; ``rebalancer`` is the one running beside it in this process,
-    ``recent_errors`` what the status view shows of the process's log."""
+    """Discovery's routes; ``rebalancer`` and ``repairer`` are the ones running beside it in
+    this process, ``recent_errors`` what the status view shows of the process's log."""
     app = create_app("discovery", secret=secret)
 
     @app.route("/v1/uploads", methods=["POST"])
@@ -234,6 +240,21 @@ def discovery_app(
             raise InvalidRequest("keys must be a list of part keys")
         return jsonify({"unknown": await discovery.unknown_parts(node_id=node_id, keys=keys)})
 
+    @app.route("/v1/nodes/<node_id>/lost-parts", methods=["POST"])
+    async def report_lost_parts(node_id: str) -> tuple[str, int]:
+        body = await json_body()
+        keys, reason = body.get("keys"), body.get("reason", "")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise InvalidRequest("keys must be a list of part keys")
+        if not isinstance(reason, str):
+            raise InvalidRequest("reason must be a string")
+        await discovery.report_lost_parts(node_id=node_id, keys=keys, reason=reason)
+        return "", 204
+
+    @app.route("/v1/nodes/<node_id>/parts", methods=["GET"])
+    async def expected_parts(node_id: str) -> Response:
+        return jsonify({"keys": await discovery.expected_parts(node_id=node_id)})
+
     @app.route("/v1/nodes/<node_id>/failures", methods=["POST"])
     async def report_failure(node_id: str) -> tuple[str, int]:
         reason = (await json_body()).get("reason", "")
@@ -269,6 +290,7 @@ def discovery_app(
             namespaces=tuple(await discovery.list_namespaces()),
             totals=await discovery.totals(),
             rebalance=await report(),
+            repair=await repairer.status(),
             recent_errors=recent_errors.latest() if recent_errors is not None else (),
         )
 
@@ -307,6 +329,17 @@ def discovery_app(
             parts=discovery.config.layout.parts,
         )
         return jsonify({"dry_run": True, **encode(summary), "status": encode(now)}), 200
+
+    @app.route("/v1/repair", methods=["GET"])
+    async def repair_status() -> Response:
+        _only_args(set())
+        return jsonify(encode(await repairer.status()))
+
+    @app.route("/v1/repair", methods=["POST"])
+    async def repair() -> tuple[Response, int]:
+        _only_args(set())
+        repairer.request()
+        return jsonify(encode(await repairer.status())), 202
 
     return app
 

@@ -33,6 +33,7 @@ from quart_trio import QuartTrio
 from karma8.actors.discovery import Discovery, DiscoveryConfig
 from karma8.actors.gateway import Gateway, GatewayConfig
 from karma8.actors.rebalancer import Rebalancer, RebalancerConfig
+from karma8.actors.repair import RepairConfig, Repairer
 from karma8.actors.storage import StorageConfig, StorageNode
 from karma8.core.errors import Karma8Error, Unavailable
 from karma8.core.layout import StripeLayout
@@ -150,6 +151,8 @@ class NetConfig:
     local_calls: bool = True
     # The rebalancer beside discovery (the config file's [rebalance] table).
     rebalance: RebalancerConfig = attrs.Factory(RebalancerConfig)
+    # Repair beside discovery (the config file's [repair] table).
+    repair: RepairConfig = attrs.Factory(RepairConfig)
     # Namespaces discovery makes sure exist at start-up, and those of them anyone may read
     # and write without a token. None: all of ``namespaces`` in the embedded cluster (the
     # quick start), none for a discovery of its own.
@@ -346,28 +349,39 @@ async def serve_discovery(
     port: int | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Discovery and, beside it, the rebalancer, which moves parts through ``storage`` (read
-    from the source node, written to the target, as a gateway does)."""
+    """Discovery and, beside it, the rebalancer and repair, which move parts through
+    ``storage`` (read from the source node or rebuilt from the others, written to the
+    target, as a gateway does)."""
     rebalancer = Rebalancer(discovery=discovery, storage=storage, config=config.rebalance)
+    repairer = Repairer(discovery=discovery, storage=storage, config=config.repair)
     # The status view's recent errors: this process's warnings and errors (in the embedded
     # cluster, every role's).
     recent = RecentErrors()
     root = logging.getLogger()
     root.addHandler(recent)
     try:
-        with METRICS.source(discovery_source(discovery, rebalancer)):
+        with METRICS.source(discovery_source(discovery, rebalancer, repairer)):
             async with trio.open_nursery() as nursery:
                 await nursery.start(discovery.run)
-                await nursery.start(
-                    partial(
-                        keep_rebalancing,
-                        rebalancer,
-                        lead=partial(discovery.lead, "rebalancer"),
-                        renew_every=discovery.config.leader_lease / 3,
+                for mover, role, name in (
+                    (rebalancer, "rebalancer", "the rebalancer"),
+                    (repairer, "repair", "repair"),
+                ):
+                    await nursery.start(
+                        partial(
+                            keep_running,
+                            mover,
+                            name,
+                            lead=partial(discovery.lead, role),
+                            renew_every=discovery.config.leader_lease / 3,
+                        )
                     )
-                )
                 app = discovery_app(
-                    discovery, secret=config.secret, rebalancer=rebalancer, recent_errors=recent
+                    discovery,
+                    secret=config.secret,
+                    rebalancer=rebalancer,
+                    repairer=repairer,
+                    recent_errors=recent,
                 )
                 url = await nursery.start(
                     _serving(app, config, config.discovery_port if port is None else port)
@@ -378,41 +392,42 @@ async def serve_discovery(
         root.removeHandler(recent)
 
 
-async def keep_rebalancing(
-    rebalancer: Rebalancer,
+async def keep_running(
+    mover: Rebalancer | Repairer,
+    name: str,
     *,
     lead: Callable[[], Awaitable[bool]] | None = None,
     renew_every: float = 5.0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the rebalancer until cancelled, while ``lead()`` says this discovery leads it
-    (asked every ``renew_every`` seconds, which renews the lease; None: always). It stops on
-    its own only for an error it does not expect (a bug, an answer it cannot read): that is
-    logged, and it starts again after an ``interval``, so that discovery never goes down
-    with it."""
+    """Run the rebalancer or repair until cancelled, while ``lead()`` says this discovery
+    leads it (asked every ``renew_every`` seconds, which renews the lease; None: always). It
+    stops on its own only for an error it does not expect (a bug, an answer it cannot read):
+    that is logged, and it starts again after an ``interval``, so that discovery never goes
+    down with it."""
     task_status.started()
     if lead is None:
-        await _rebalance_forever(rebalancer)
+        await _run_forever(mover, name)
         return
     while True:
         if not await _leads(lead):
             await trio.sleep(renew_every)
             continue
-        log.info("this discovery leads the rebalancer")
+        log.info("this discovery leads %s", name)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_while_leading, lead, renew_every, nursery.cancel_scope)
-            await _rebalance_forever(rebalancer)
+            nursery.start_soon(_while_leading, lead, renew_every, nursery.cancel_scope, name)
+            await _run_forever(mover, name)
 
 
 async def _while_leading(
-    lead: Callable[[], Awaitable[bool]], renew_every: float, scope: trio.CancelScope
+    lead: Callable[[], Awaitable[bool]], renew_every: float, scope: trio.CancelScope, name: str
 ) -> None:
     """Renew a leadership lease; cancel ``scope`` once it is lost."""
     while True:
         await trio.sleep(renew_every)
         if not await _leads(lead):
             break
-    log.warning("this discovery no longer leads the rebalancer; another one does")
+    log.warning("this discovery no longer leads %s; another one does", name)
     scope.cancel()
 
 
@@ -425,15 +440,13 @@ async def _leads(lead: Callable[[], Awaitable[bool]]) -> bool:
         return False
 
 
-async def _rebalance_forever(rebalancer: Rebalancer) -> None:
+async def _run_forever(mover: Rebalancer | Repairer, name: str) -> None:
     while True:
         try:
-            await rebalancer.run()
+            await mover.run()
         except Exception:
-            log.exception(
-                "the rebalancer failed; it starts again in %g s", rebalancer.config.interval
-            )
-            await trio.sleep(rebalancer.config.interval)
+            log.exception("%s failed; it starts again in %g s", name, mover.config.interval)
+            await trio.sleep(mover.config.interval)
 
 
 async def run_discovery(

@@ -1,7 +1,7 @@
 """``karma8 serve --config FILE``: the TOML file read strictly into a :class:`NetConfig`.
 
-Top-level keys are :class:`NetConfig`'s fields; the one table, ``[rebalance]``, holds the
-rebalancer's settings under the names a scenario's ``[rebalance]`` table uses. Every default
+Top-level keys are :class:`NetConfig`'s fields; the tables ``[rebalance]`` and ``[repair]``
+hold the rebalancer's and repair's settings under the names a scenario's tables use. Every default
 comes from the configs themselves (``NetConfig``, and through it the actors' configs), so there
 is one definition of each. See docs/configuration.md.
 """
@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 from karma8.actors.rebalancer import read_rebalance
+from karma8.actors.repair import read_repair
 from karma8.core.errors import InvalidName
 from karma8.core.names import check_namespace
 from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
@@ -56,6 +57,8 @@ def load_net_config(
             default = getattr(base, field.name)
             if field.name == "rebalance":
                 values[field.name] = read_rebalance(reader.table("rebalance"), default)
+            elif field.name == "repair":
+                values[field.name] = read_repair(reader.table("repair"), default)
             elif field.name in SIZES:
                 values[field.name] = reader.size(field.name, default, minimum=1)
             elif field.name == "small_part_max":

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from karma8.actors.discovery import Discovery
 from karma8.actors.gateway import Gateway
 from karma8.actors.rebalancer import Rebalancer
+from karma8.actors.repair import Repairer
 from karma8.actors.storage import StorageNode
 from karma8.core.model import NodeState
 from karma8.core.status import fill
@@ -66,7 +67,7 @@ def gateway_source(gateway: Gateway, stats: dict[str, int], uploads: UploadGate)
     return read
 
 
-def discovery_source(discovery: Discovery, rebalancer: Rebalancer) -> Source:
+def discovery_source(discovery: Discovery, rebalancer: Rebalancer, repairer: Repairer) -> Source:
     async def read() -> Iterable[Sample]:
         samples: list[Sample] = []
         for node in await discovery.list_nodes():
@@ -109,6 +110,7 @@ def discovery_source(discovery: Discovery, rebalancer: Rebalancer) -> Source:
                 )
         totals = await discovery.totals()
         status = await rebalancer.status()
+        repair = await repairer.status()
         samples += [
             ("karma8_files", "gauge", "Current (committed) files", {}, totals.files),
             ("karma8_file_bytes", "gauge", "Bytes of the current files", {}, totals.bytes),
@@ -122,7 +124,7 @@ def discovery_source(discovery: Discovery, rebalancer: Rebalancer) -> Source:
             (
                 "karma8_degraded_files",
                 "gauge",
-                "Current files with a part on an unavailable node (below full redundancy)",
+                "Current files with a part lost or on an unavailable node (below full redundancy)",
                 {},
                 totals.degraded_files,
             ),
@@ -160,6 +162,43 @@ def discovery_source(discovery: Discovery, rebalancer: Rebalancer) -> Source:
                 "Max - min fill of the nodes, percentage points",
                 {},
                 status.spread_pp,
+            ),
+        ]
+        samples += [
+            (
+                "karma8_repair_lost_parts",
+                "gauge",
+                "Parts of redundant files lost or on an unavailable node",
+                {},
+                repair.lost_parts,
+            ),
+            (
+                "karma8_repair_due_parts",
+                "gauge",
+                "Lost parts that repair rebuilds now (reported lost, or away repair_after)",
+                {},
+                repair.due_parts,
+            ),
+            (
+                "karma8_repair_repairing_parts",
+                "gauge",
+                "Rebuilds under way",
+                {},
+                repair.repairing_parts,
+            ),
+            (
+                "karma8_repair_repaired_parts",
+                "counter",
+                "Lost parts rebuilt on other nodes",
+                {},
+                repair.repaired_parts,
+            ),
+            (
+                "karma8_repair_repaired_bytes",
+                "counter",
+                "Bytes of lost parts rebuilt on other nodes",
+                {},
+                repair.repaired_bytes,
             ),
         ]
         samples += _counts("karma8_discovery", discovery.counts, {})

@@ -8,7 +8,7 @@ import time
 from html import escape
 
 from karma8.core.model import NodeState
-from karma8.core.status import ClusterStatus, fill, seen_ago
+from karma8.core.status import ClusterStatus, fill, repair_line, seen_ago
 from karma8.core.units import format_size
 
 REFRESH_SECONDS = 5
@@ -57,6 +57,7 @@ def _summary(status: ClusterStatus) -> str:
         f"<span id=uploads>{t.pending_uploads} uploads in flight</span>",
         f"<span id=rebalance>rebalancing: {escape(r.state)},"
         f" spread {r.status.spread_pp:.2f} pp</span>",
+        f"<span id=repair>{escape(repair_line(status.repair))}</span>",
     ]
     return f"<p class=summary>{''.join(items)}</p>"
 

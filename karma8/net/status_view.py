@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from karma8.core.model import NodeState
-from karma8.core.status import ClusterStatus, fill, seen_ago
+from karma8.core.status import ClusterStatus, fill, repair_line, seen_ago
 from karma8.core.units import format_size
 from karma8.net.clients import HttpDiscoveryClient, make_http_client
 
@@ -44,6 +44,7 @@ def render(status: ClusterStatus) -> Any:
         f"{t.files} files, {format_size(t.bytes)}; {t.pending_uploads} uploads in flight;"
         f" {t.degraded_files} below full redundancy",
     )
+    repair = repair_line(status.repair)
     moving = (
         f"rebalancing: {r.state}, spread {r.status.spread_pp:.2f} pp,"
         f" {r.status.moved_parts} parts moved ({format_size(r.status.moved_bytes)}),"
@@ -65,7 +66,7 @@ def render(status: ClusterStatus) -> Any:
             str(node.parts),
             f"{seen_ago(node, status.time):.0f}s",
         )
-    parts: list[Any] = [summary, Text(moving), Text(""), nodes]
+    parts: list[Any] = [summary, Text(moving), Text(repair), Text(""), nodes]
     if status.recent_errors:
         parts.append(Text(f"\nlatest errors ({len(status.recent_errors)} kept):", style="bold"))
         for e in status.recent_errors[:ERRORS_SHOWN]:

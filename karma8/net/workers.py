@@ -86,7 +86,7 @@ def worker_config_toml(config: NetConfig) -> str:
     lines = ["# A gateway worker's settings, written by its parent (karma8/net/workers.py)"]
     for field in attrs.fields(type(config)):
         value = getattr(config, field.name)
-        if field.name in ("secret", "rebalance") or value is None:
+        if field.name in ("secret", "rebalance", "repair") or value is None:  # (not a gateway's)
             continue
         if isinstance(value, bool):
             text = "true" if value else "false"

@@ -186,6 +186,20 @@ class SimDiscoveryClient:
 
         await self._net.call(self._src, DISCOVERY, f"report_node_failure {node_id}", op)
 
+    async def report_lost_parts(self, *, node_id: str, keys: Sequence[str], reason: str) -> None:
+        asked = list(keys)
+
+        async def op(d: Discovery) -> None:
+            await d.report_lost_parts(node_id=node_id, keys=asked, reason=reason)
+
+        await self._net.call(self._src, DISCOVERY, f"report_lost_parts {node_id}", op)
+
+    async def expected_parts(self, *, node_id: str) -> list[str]:
+        async def op(d: Discovery) -> list[str]:
+            return await d.expected_parts(node_id=node_id)
+
+        return await self._net.call(self._src, DISCOVERY, "expected_parts", op)
+
     async def replace_part(
         self, *, version_id: str, index: int, failed_node_id: str
     ) -> PartPlacement:

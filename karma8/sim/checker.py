@@ -10,7 +10,7 @@ import hashlib
 from collections.abc import Sequence
 
 from karma8.core.leases import PlacementLeases
-from karma8.core.model import VersionState
+from karma8.core.model import NodeState, VersionState
 from karma8.core.rebalance import NodeFill, bytes_over_target, fill_targets, spread_pp
 from karma8.sim.cluster import SimCluster
 from karma8.sim.workload import History, Op, read_violation
@@ -62,6 +62,29 @@ def layout_holds(cluster: SimCluster) -> list[str]:
     return problems
 
 
+def fully_redundant(cluster: SimCluster) -> list[str]:
+    """Every current file of a redundant engine has every stored part intact on an
+    available node: what faults took, repair rebuilt (no exemption for lost parts here)."""
+    problems = []
+    disks = {node.node_id: node.disk for node in cluster.nodes}
+    available = {n.node_id for n in cluster.store.list_nodes() if n.state is NodeState.AVAILABLE}
+    for version in cluster.store.versions(VersionState.COMMITTED):
+        if not version.layout.tolerates:
+            continue
+        where = f"{version.namespace}/{version.name} ({version.version_id})"
+        for part in version.parts:
+            node = part.node.node_id
+            stored = disks[node].parts.get(part.key)
+            if node not in available:
+                problems.append(f"{where}: part {part.index} is on unavailable node {node}")
+            elif stored is None or hashlib.sha256(stored.data).hexdigest() != part.checksum:
+                problems.append(f"{where}: part {part.index} is lost on {node}")
+    counts = cluster.store.repair_counts(lost_before=float("inf"))
+    if counts["repairing_parts"]:
+        problems.append(f"{counts['repairing_parts']} repairs are still under way")
+    return problems
+
+
 def no_orphans(cluster: SimCluster) -> list[str]:
     """Only parts of committed versions are on disk, and metadata holds no garbage."""
     live = {
@@ -85,8 +108,9 @@ def no_orphans(cluster: SimCluster) -> list[str]:
         if left:
             problems.append(f"{len(left)} {state.value} versions remain after the quiet phase")
     counts = cluster.store.move_counts()
-    if counts["moving_parts"]:
-        problems.append(f"{counts['moving_parts']} part moves are still under way")
+    moving = counts["moving_parts"] + cluster.store.repair_counts(0.0)["repairing_parts"]
+    if moving:
+        problems.append(f"{moving} part moves are still under way")
     # Copies left on a node lost for good wait for it, like its other garbage; a part lost
     # by a fault event fails every move of it, each leaving a (missing) copy to forget.
     stale = [

@@ -16,6 +16,7 @@ import trio
 from karma8.actors.discovery import Discovery, DiscoveryConfig
 from karma8.actors.gateway import Gateway, GatewayConfig
 from karma8.actors.rebalancer import Rebalancer
+from karma8.actors.repair import Repairer
 from karma8.actors.storage import StorageConfig, StorageNode
 from karma8.core.layout import StripeLayout, engine_redundancy
 from karma8.core.leases import PlacementLeases
@@ -64,7 +65,7 @@ class SimCluster:
         # The workload's namespace, with the scenario's engine (discovery then finds it).
         copies, parity = engine_redundancy(spec.engine, copies=spec.copies, parity=spec.parity)
         self.store.add_namespace("default", 0.0, public=True, copies=copies, parity=parity)
-        # Keys of parts wiped or damaged by fault events: lost for good, nothing repairs them.
+        # Keys of parts wiped or damaged by fault events (until repair rebuilds them elsewhere).
         self.lost_keys: set[str] = set()
         self._leases = leases
         self.discovery: Discovery | None = None  # the discovery process last started
@@ -80,10 +81,12 @@ class SimCluster:
         self.storage_config = StorageConfig(
             heartbeat_interval=spec.heartbeat_interval,
             orphan_check_interval=spec.orphan_check_interval,
+            scrub_interval=spec.scrub_interval,
             orphan_grace=spec.orphan_grace,
         )
         self.nodes: list[SimNode] = []
         self.rebalancer: Rebalancer | None = None  # of the discovery process last started
+        self.repairer: Repairer | None = None  # likewise
         self._disk_rng = world.rng("disk")
         # Handlers are tracked (a cancel scope per call) only if something can crash.
         self.network.crashable = any(e.action in ("crash", "wipe") for e in scenario.events)
@@ -107,12 +110,12 @@ class SimCluster:
 
     def _discovery_process(self) -> _DiscoveryProcess:
         discovery = self.discovery = self._discovery()
+        storage = SimStorageClient(self.network, DISCOVERY)
         self.rebalancer = Rebalancer(
-            discovery=discovery,
-            storage=SimStorageClient(self.network, DISCOVERY),
-            config=self.scenario.rebalance,
+            discovery=discovery, storage=storage, config=self.scenario.rebalance
         )
-        return _DiscoveryProcess(discovery, self.rebalancer)
+        self.repairer = Repairer(discovery=discovery, storage=storage, config=self.scenario.repair)
+        return _DiscoveryProcess(discovery, self.rebalancer, self.repairer)
 
     async def start(self) -> None:
         await self._nursery.start(
@@ -205,15 +208,17 @@ class SimCluster:
 
 
 class _DiscoveryProcess:
-    """Discovery and the rebalancer beside it: one process, crashing and restarting together;
-    the network reaches discovery."""
+    """Discovery, and the rebalancer and repair beside it: one process, crashing and
+    restarting together; the network reaches discovery."""
 
-    def __init__(self, discovery: Discovery, rebalancer: Rebalancer) -> None:
+    def __init__(self, discovery: Discovery, rebalancer: Rebalancer, repairer: Repairer) -> None:
         self.serves = discovery
         self._rebalancer = rebalancer
+        self._repairer = repairer
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.serves.run)
             await nursery.start(self._rebalancer.run)
+            await nursery.start(self._repairer.run)
             task_status.started()

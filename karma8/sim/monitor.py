@@ -120,6 +120,7 @@ class Monitor:
         self.uploads_cleaned: list[str] = []
         self.moved_parts: list[str] = []
         self.moves: list[tuple[str, str, str, int]] = []  # (key, source, target, size) switched
+        self.repairs: list[tuple[str, str, str, int]] = []  # likewise, parts rebuilt
         self.detections: list[tuple[str, float]] = []  # (node id, when marked failing)
         self._begun: dict[str, list[_Begun]] = {}  # name -> versions begun for it
         self._begun_by_id: dict[str, _Begun] = {}
@@ -178,15 +179,16 @@ class Monitor:
                     f"{where}: part {part.index} on disk does not match its recorded checksum"
                 )
 
-    def moved(self, key: str, source: str, target: str) -> None:
-        """Check, at the switch, that the part's new home holds it as recorded."""
+    def moved(self, key: str, source: str, target: str, *, repair: bool = False) -> None:
+        """Check, at the switch, that the part's new home holds it as recorded (a repair's
+        as a rebalancing move's)."""
         assert self._store is not None
         row = self._store.part_row(key)
         where = f"t={trio.current_time():.6f} move of {key} from {source} to {target}"
         if row is None or row.node.node_id != target:
             self.moved_parts.append(f"{where}: the metadata does not name the target")
             return
-        self.moves.append((key, source, target, row.size or 0))
+        (self.repairs if repair else self.moves).append((key, source, target, row.size or 0))
         begun = self._begun_by_id.get(key.rsplit(".", 1)[0])
         if begun is not None:
             self._part_nodes.setdefault(begun.version.name, set()).add(target)
@@ -353,9 +355,15 @@ class ObservedStore(SqliteMetadataStore):
 
     def finish_move(self, **kwargs: Any) -> None:
         source = self.part_row(kwargs["key"])
+        kind = self._db.execute(
+            "SELECT kind FROM moves WHERE part_key = ?", (kwargs["key"],)
+        ).fetchone()
         super().finish_move(**kwargs)
-        assert source is not None  # the move finished, so the part was there
-        self._monitor.moved(kwargs["key"], source.node.node_id, kwargs["target"])
+        assert source is not None
+        assert kind is not None
+        self._monitor.moved(
+            kwargs["key"], source.node.node_id, kwargs["target"], repair=kind[0] == "repair"
+        )
 
 
 class ObservedLeases(PlacementLeases):

@@ -76,6 +76,12 @@ def render_text(result: SimResult, *, replay: str) -> str:
             f" ({format_size(moves['least_bytes'])}); {format_size(moves['remaining_bytes'])}"
             f" left, furthest node {moves['imbalance_pp']:.2f} pp off its target"
         )
+    repairs = s.get("repair")
+    if repairs is not None:
+        lines.append(
+            f"  repair rebuilt {repairs['repaired_parts']} lost parts"
+            f" ({format_size(repairs['repaired_bytes'])}) on other nodes"
+        )
     lines += ["", "invariants"]
     for name, holds in result.invariants.items():
         lines.append(f"  {'ok  ' if holds else 'FAIL'} {name}")

@@ -160,6 +160,11 @@ async def _simulate(scenario: Scenario, seed: int, fill_interval: float) -> SimR
         )
         if rebalance is not None:
             result.stats["rebalance"] = _rebalance_stats(rebalance, cluster, monitor)
+        if monitor.repairs:
+            result.stats["repair"] = {
+                "repaired_parts": len(monitor.repairs),
+                "repaired_bytes": sum(size for *_, size in monitor.repairs),
+            }
         result = attrs.evolve(result, fill=sampler.finish(trio.current_time()))
         nursery.cancel_scope.cancel()
     return result
@@ -210,7 +215,8 @@ async def _apply(
         )
     elif event.action == "wipe":
         # The node is lost with its disk; with a duration it comes back empty (a replaced
-        # disk). Its parts stay lost: nothing repairs them, so the fault never ends.
+        # disk). Its parts stay lost where they were (repair rebuilds those of redundant
+        # files elsewhere), so the fault never ends.
         name = cluster.endpoint_name(event.target)
         timeline.add("wipe", event.at, math.inf, [name])
         cluster.crash(event.target)
@@ -300,6 +306,8 @@ def _judge(
         violations["refused_puts_within_bound"] = checker.refusals_within(
             history, checks.max_refused_puts
         )
+    if checks.full_redundancy:
+        violations["full_redundancy_restored"] = checker.fully_redundant(cluster)
     if checks.failed_puts_only_in_flight:
         violations["failed_puts_were_in_flight"] = monitor.puts_failed_after_faults(
             {node.node_id for node in cluster.nodes}

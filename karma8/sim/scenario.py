@@ -18,6 +18,7 @@ import attrs
 from karma8.actors.discovery import DiscoveryConfig
 from karma8.actors.gateway import GatewayConfig
 from karma8.actors.rebalancer import RebalancerConfig, read_rebalance
+from karma8.actors.repair import RepairConfig, read_repair
 from karma8.actors.storage import StorageConfig
 from karma8.core.layout import engine_redundancy
 from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
@@ -53,6 +54,8 @@ class ClusterSpec:
     orphan_check_interval: float = _STORAGE.orphan_check_interval
     orphan_grace: float = _STORAGE.orphan_grace
     placement_lease: float = _DISCOVERY.placement_lease
+    # How often each node's scrubber re-reads all its parts (0: never).
+    scrub_interval: float = _STORAGE.scrub_interval
     # Bodies up to this size take the small-file path (0: every body streams).
     small_file_max: int = _GATEWAY.small_file_max
     # The engine of the workload's namespace (see karma8.core.layout.engine_redundancy).
@@ -133,6 +136,9 @@ class ChecksSpec:
     # A failed PUT must have been in flight when a fault on a storage node began: PUTs that
     # start later find the node avoided (suspect or unavailable) or their part placed again.
     failed_puts_only_in_flight: bool = False
+    # Every current file of a redundant engine is back at full redundancy at the end: each
+    # stored part intact on an available node (repair rebuilt what the faults took).
+    full_redundancy: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -198,6 +204,7 @@ class Scenario:
     workload: WorkloadSpec = WorkloadSpec()
     checks: ChecksSpec = ChecksSpec()
     rebalance: RebalancerConfig = attrs.Factory(RebalancerConfig)
+    repair: RepairConfig = attrs.Factory(RepairConfig)
     events: tuple[Event, ...] = ()
 
 
@@ -240,6 +247,7 @@ def parse_scenario(
         ),
         orphan_grace=c.number("orphan_grace", cd.orphan_grace),
         placement_lease=c.number("placement_lease", cd.placement_lease, minimum=0.001),
+        scrub_interval=c.number("scrub_interval", cd.scrub_interval),
         small_file_max=c.size("small_file_max", cd.small_file_max),
         engine=c.string("engine", cd.engine),
         copies=_optional(c, "copies", lambda key: c.integer(key, 2)),
@@ -285,10 +293,12 @@ def parse_scenario(
         max_refused_puts=_optional(k, "max_refused_puts", lambda key: k.integer(key, 0)),
         max_move_ratio=_optional(k, "max_move_ratio", lambda key: k.number(key, 1.0)),
         failed_puts_only_in_flight=k.boolean("failed_puts_only_in_flight", False),
+        full_redundancy=k.boolean("full_redundancy", False),
     )
     k.finish()
 
     rebalance = read_rebalance(top.table("rebalance"), defaults.rebalance)
+    repair = read_repair(top.table("repair"), defaults.repair)
 
     raw_events = top.get("events", [])
     if not isinstance(raw_events, list):
@@ -332,6 +342,7 @@ def parse_scenario(
         workload=workload,
         checks=checks,
         rebalance=rebalance,
+        repair=repair,
         events=tuple(sorted(events, key=lambda ev: ev.at)),
     )
     top.finish()

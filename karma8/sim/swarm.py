@@ -13,6 +13,7 @@ from collections.abc import Callable
 import attrs
 
 from karma8.actors.rebalancer import RebalancerConfig
+from karma8.actors.repair import RepairConfig
 from karma8.sim.runner import SimResult, run_scenario
 from karma8.sim.scenario import ClusterSpec, Event, Scenario, WorkloadSpec
 
@@ -185,7 +186,9 @@ ENGINES: tuple[tuple[str, int | None, int | None], ...] = (
 def _with_engine(rng: random.Random, scenario: Scenario) -> Scenario:
     """A third of the seeds: a redundant engine, enough nodes for it, and as many lost
     parts as it tolerates: nodes wiped for good (or back empty) and parts corrupt, each on
-    its own node, at random times. No acknowledged file may then become unreadable."""
+    its own node, at random times. No acknowledged file may then become unreadable, and
+    repair (eager here: a short ``repair_after``, a scrubber every 2 s) must bring every
+    file back to full redundancy by the end of the quiet phase."""
     if rng.random() >= 1 / 3:
         return scenario
     engine, copies, parity = rng.choice(ENGINES)
@@ -207,6 +210,8 @@ def _with_engine(rng: random.Random, scenario: Scenario) -> Scenario:
         else:
             count = rng.randint(1, 20)
             losses.append(Event(at=at, action="corrupt", target=f"node:{node}", count=count))
+    eager = random.Random(f"karma8-swarm/{scenario.seed}/repair")
+    repair = RepairConfig(interval=0.5, repair_after=round(eager.uniform(0.5, 8.0), 3), bandwidth=0)
     return attrs.evolve(
         scenario,
         cluster=attrs.evolve(
@@ -216,7 +221,10 @@ def _with_engine(rng: random.Random, scenario: Scenario) -> Scenario:
             engine=engine,
             copies=copies,
             parity=parity,
+            scrub_interval=2.0,
         ),
+        repair=repair,
+        checks=attrs.evolve(scenario.checks, full_redundancy=True),
         events=tuple(sorted((*scenario.events, *losses), key=lambda e: e.at)),
     )
 
