@@ -10,6 +10,7 @@ karma8 rebalance [--dry-run] [--json] rebalance now, or show the next round's pl
 karma8 namespace create NAME [--public] | list | disable NAME
 karma8 token create NAMESPACE [--read] [--write] | list [NAMESPACE] | revoke ID
 karma8 put FILE NAMESPACE/NAME | get NAMESPACE/NAME [FILE|-] | ls NAMESPACE/[PREFIX] | rm ...
+karma8 db version | upgrade [--metadata-url URL | --config FILE | --data DIR]
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ from karma8.core.errors import Karma8Error, Unavailable
 from karma8.core.status import repair_line
 from karma8.core.tomlconf import ConfigError
 from karma8.core.units import parse_size
+from karma8.metadata.schema import SchemaError
 from karma8.net.access_admin import add_access_commands, run_access
 from karma8.net.client import COMMANDS as CLIENT_COMMANDS
 from karma8.net.client import add_client_commands, run_client
+from karma8.net.dbadmin import add_db_commands, run_db
 from karma8.net.locate import DEFAULT_DATA, ClusterRef, given_secrets, locate_cluster
 from karma8.sim.fillseries import DEFAULT_INTERVAL
 from karma8.sim.report import render_json, render_text
@@ -168,6 +171,7 @@ def _parser() -> argparse.ArgumentParser:
         _cluster_args(admin)
     add_access_commands(commands, _cluster_args)
     add_client_commands(commands)
+    add_db_commands(commands)
     return parser
 
 
@@ -376,6 +380,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"karma8 serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     role = args.role
+    if role in ("all", "discovery"):
+        try:
+            net.check_metadata(config)
+        except (ConfigError, SchemaError) as exc:
+            print(f"karma8 serve: {exc}", file=sys.stderr)
+            return EXIT_FAILED
 
     async def run(nursery: trio.Nursery) -> None:
         if role == "all":
@@ -616,6 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = _serve(args)
         elif args.command in CLIENT_COMMANDS:
             status = run_client(args)
+        elif args.command == "db":
+            status = run_db(args)
         else:
             status = _admin(args)
         sys.stdout.flush()  # a reader that left must show here, not when Python exits

@@ -2,10 +2,11 @@
 
 Actors receive implementations of these in their constructors and never learn which world
 provides them. ``karma8.sim`` implements them with in-memory, virtual-time, fault-injecting
-adapters; ``karma8.net`` with HTTP clients, real files and real time. The metadata store is one
-SQLite implementation (``karma8.metadata``) used by both worlds; what differs is the
-:class:`BlockingRunner` that runs its calls (inline in the simulator; in net, inline with
-commits made durable in shared log syncs, see ``karma8.net.metasync``).
+adapters; ``karma8.net`` with HTTP clients, real files and real time. The metadata store
+(``karma8.metadata``) is on SQLite in both worlds, or on PostgreSQL in net mode; what differs
+is the :class:`BlockingRunner` that runs its calls (inline in the simulator; in net, inline
+with commits made durable in shared log syncs, see ``karma8.net.metasync``, or in worker
+threads for PostgreSQL).
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ class IdSource(Protocol):
 
 class BlockingRunner(Protocol):
     """Runs a short blocking call (a SQLite transaction, hashing a big chunk): inline in the
-    simulator; in net mode hashing goes to a worker thread, and metadata calls
-    run inline and return once their commits are durable (``karma8.net.metasync``)."""
+    simulator; in net mode hashing goes to a worker thread, and metadata calls run inline
+    and return once their commits are durable (``karma8.net.metasync``), or, on PostgreSQL,
+    in worker threads, as many as the store has connections."""
 
     async def __call__(self, fn: Callable[[], T]) -> T: ...
 
@@ -383,6 +385,11 @@ class MetadataStore(Protocol):
 
     def totals(self) -> ClusterTotals:
         """Committed files, their bytes, and pending uploads."""
+        ...
+
+    def hold_leadership(self, role: str, holder: str, *, now: float, until: float) -> bool:
+        """Take or renew ``role``'s lease for ``holder`` until ``until``; True if ``holder``
+        holds it (discovery instances sharing a store run a role only while they do)."""
         ...
 
     def begin_version(

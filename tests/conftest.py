@@ -7,6 +7,12 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import settings
 
+from karma8.metadata.postgres import PostgresMetadataStore
+from karma8.metadata.sqlite import SqliteMetadataStore
+from karma8.metadata.store import SqlMetadataStore
+
+from pgcluster import PgCluster
+
 settings.register_profile("ci", max_examples=200, deadline=None, print_blob=True)
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
@@ -22,3 +28,34 @@ def _root_logging_restored() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A PostgreSQL server for this test session (skipped, or failed under CI, if missing)."""
+    cluster = PgCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster) -> str:
+    """A fresh PostgreSQL database with the schema, for one test."""
+    return pg_cluster.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_store(request: pytest.FixtureRequest) -> Iterator[SqlMetadataStore]:
+    """An empty metadata store, on each database in turn."""
+    store: SqlMetadataStore
+    if request.param == "sqlite":
+        store = SqliteMetadataStore()
+    else:
+        url = request.getfixturevalue("pg_url")
+        store = PostgresMetadataStore(url, pool_size=2)
+    try:
+        yield store
+    finally:
+        store.close()

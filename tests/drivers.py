@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
+import attrs
 import httpx
 import trio
 
@@ -322,19 +323,22 @@ SIM_SCENARIO = Scenario(
 Check = Callable[[Driver], Awaitable[None]]
 
 
-def run_in(world: str, check: Check, tmp_path: Path) -> None:
+def run_in(world: str, check: Check, tmp_path: Path, *, metadata_url: str | None = None) -> None:
     """Run ``check`` against a fresh cluster of ``world``.
 
     "sim": the simulator; "net": the embedded cluster as ``karma8 serve`` runs it (co-located
     roles call each other in-process); "net-http": the same with every internal hop over HTTP,
-    as between separate processes.
+    as between separate processes; "net-pg": "net" with its metadata at ``metadata_url``.
     """
     if world == "sim":
         run_with_cluster(lambda cluster: check(SimDriver(cluster)), scenario=SIM_SCENARIO)
         return
 
     async def main() -> None:
-        async with net_driver(tmp_path, local_calls=world != "net-http") as driver:
+        config = attrs.evolve(
+            net_config(local_calls=world != "net-http"), metadata_url=metadata_url
+        )
+        async with net_driver(tmp_path, config=config) as driver:
             await check(driver)
 
     trio.run(main)

@@ -27,6 +27,7 @@ from karma8.core.access import (
 )
 from karma8.core.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
 from karma8.metadata.sqlite import SqliteMetadataStore
+from karma8.metadata.store import SqlMetadataStore
 from karma8.sim.world import InlineRunner, SimClock, SimIds
 
 from drivers import NetDriver, net_config, net_driver
@@ -64,15 +65,15 @@ def test_the_cache_keeps_answers_for_its_ttl_and_stays_bounded() -> None:
 
 
 @pytest.fixture
-def store() -> SqliteMetadataStore:
-    s = SqliteMetadataStore()
+def store(new_store: SqlMetadataStore) -> SqlMetadataStore:
+    s = new_store
     s.add_namespace("team", 1.0, public=False)
     s.add_namespace("open", 1.0, public=True)
     s.add_namespace("other", 1.0, public=False)
     return s
 
 
-def _token(store: SqliteMetadataStore, tid: str, ns: str, *, read: bool, write: bool) -> str:
+def _token(store: SqlMetadataStore, tid: str, ns: str, *, read: bool, write: bool) -> str:
     store.add_token(
         token_id=tid,
         namespace=ns,
@@ -84,7 +85,7 @@ def _token(store: SqliteMetadataStore, tid: str, ns: str, *, read: bool, write: 
     return hash_secret(f"secret{tid}")
 
 
-def test_only_the_hash_of_a_secret_is_stored(store: SqliteMetadataStore, tmp_path: Path) -> None:
+def test_only_the_hash_of_a_secret_is_stored(tmp_path: Path) -> None:
     path = tmp_path / "meta.sqlite3"
     s = SqliteMetadataStore(path)
     s.add_namespace("team", 1.0, public=False)
@@ -102,7 +103,7 @@ def test_only_the_hash_of_a_secret_is_stored(store: SqliteMetadataStore, tmp_pat
     assert hash_secret("plaintextsecret").encode() in raw
 
 
-def test_the_read_write_matrix(store: SqliteMetadataStore) -> None:
+def test_the_read_write_matrix(store: SqlMetadataStore) -> None:
     tokens = {
         "r": _token(store, "r", "team", read=True, write=False),
         "w": _token(store, "w", "team", read=False, write=True),
@@ -130,7 +131,7 @@ def test_the_read_write_matrix(store: SqliteMetadataStore) -> None:
             store.check_access("nope", "rw", tokens["rw"], right)
 
 
-def test_revoked_tokens_and_disabled_namespaces(store: SqliteMetadataStore) -> None:
+def test_revoked_tokens_and_disabled_namespaces(store: SqlMetadataStore) -> None:
     hashed = _token(store, "t", "team", read=True, write=True)
     first = store.revoke_token("t", 10.0)
     assert first.revoked_at == 10.0

@@ -1,6 +1,7 @@
 """The contract suite: the same checks against the simulated world and real sockets.
 
-Each check is written once against :class:`drivers.Driver`; ``world`` picks the adapters.
+Each check is written once against :class:`drivers.Driver`; ``world`` picks the adapters
+(``net-pg``: real sockets with the metadata on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from karma8.core.model import NodeState
 
 from drivers import Check, Driver, eventually, run_in
 
-WORLDS = ["sim", "net", "net-http"]
+WORLDS = ["sim", "net", "net-http", "net-pg"]
 
 
 def payload(size: int, salt: int = 0) -> bytes:
@@ -186,5 +187,6 @@ CHECKS: list[Check] = [
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("world", WORLDS)
-def test_contract(world: str, check: Check, tmp_path: Path) -> None:
-    run_in(world, check, tmp_path)
+def test_contract(world: str, check: Check, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    metadata_url = request.getfixturevalue("pg_url") if world == "net-pg" else None
+    run_in(world, check, tmp_path, metadata_url=metadata_url)

@@ -1,4 +1,4 @@
-"""The SQLite metadata store: two-phase versions, counters, garbage."""
+"""The metadata store, on SQLite and on PostgreSQL: two-phase versions, counters, garbage."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from karma8.core.model import NodeRegistration, PartReceipt, VersionState
 from karma8.core.placement import NodeLoad, place_parts
 from karma8.metadata.schema import SCHEMA
 from karma8.metadata.sqlite import SqliteMetadataStore
+from karma8.metadata.store import SqlMetadataStore
 
 LAYOUT = StripeLayout(parts=5, unit=4)
 
@@ -31,8 +32,8 @@ def first_five(loads: Sequence[NodeLoad]) -> list[str]:
 
 
 @pytest.fixture
-def store() -> SqliteMetadataStore:
-    s = SqliteMetadataStore()
+def store(new_store: SqlMetadataStore) -> SqlMetadataStore:
+    s = new_store
     s.create_namespace("default", 0.0)
     for i in range(6):
         s.upsert_node(
@@ -42,7 +43,7 @@ def store() -> SqliteMetadataStore:
 
 
 def begin(
-    store: SqliteMetadataStore,
+    store: SqlMetadataStore,
     vid: str,
     name: str = "f",
     size: int | None = 10,
@@ -68,7 +69,7 @@ def receipts(size: int) -> list[PartReceipt]:
     ]
 
 
-def test_begin_is_invisible_until_commit(store: SqliteMetadataStore) -> None:
+def test_begin_is_invisible_until_commit(store: SqlMetadataStore) -> None:
     begin(store, "v1")
     assert store.current_version("default", "f") is None
     assert sum(n.reserved_bytes for n in store.list_nodes()) == 10
@@ -86,7 +87,7 @@ def test_begin_is_invisible_until_commit(store: SqliteMetadataStore) -> None:
 
 
 def test_overwrite_retires_the_previous_version_and_garbage_is_collected(
-    store: SqliteMetadataStore,
+    store: SqlMetadataStore,
 ) -> None:
     for vid in ("v1", "v2"):
         begin(store, vid)
@@ -104,7 +105,7 @@ def test_overwrite_retires_the_previous_version_and_garbage_is_collected(
     assert sum(n.used_bytes for n in store.list_nodes()) == 10
 
 
-def test_commit_checks_state_sizes_and_expiry(store: SqliteMetadataStore) -> None:
+def test_commit_checks_state_sizes_and_expiry(store: SqlMetadataStore) -> None:
     begin(store, "v1")
     with pytest.raises(IntegrityError):
         store.commit_version(
@@ -123,7 +124,7 @@ def test_commit_checks_state_sizes_and_expiry(store: SqliteMetadataStore) -> Non
     assert store.garbage_for_node("n0", retired_before=0.0, limit=10) == ["v1.0"]
 
 
-def test_a_commit_sent_again_succeeds_and_changes_nothing(store: SqliteMetadataStore) -> None:
+def test_a_commit_sent_again_succeeds_and_changes_nothing(store: SqlMetadataStore) -> None:
     """A commit whose answer was lost is sent again (maybe to another discovery instance):
     for the version it committed, with the same receipts, it answers success, once retired
     too; with other receipts, or for a version aborted instead, it is refused."""
@@ -161,7 +162,7 @@ def test_a_commit_sent_again_succeeds_and_changes_nothing(store: SqliteMetadataS
         )
 
 
-def test_a_placed_commit_sent_again_succeeds(store: SqliteMetadataStore) -> None:
+def test_a_placed_commit_sent_again_succeeds(store: SqlMetadataStore) -> None:
     """A small upload's commit sent again finds its version committed (the placement lease is
     gone with the first commit, or held by another instance): success, nothing counted twice."""
     placed = store.commit_placed(
@@ -184,13 +185,13 @@ def test_a_placed_commit_sent_again_succeeds(store: SqliteMetadataStore) -> None
     assert store.list_nodes() == before
 
 
-def test_abort_after_commit_reports_committed(store: SqliteMetadataStore) -> None:
+def test_abort_after_commit_reports_committed(store: SqlMetadataStore) -> None:
     begin(store, "v1")
     store.commit_version(version_id="v1", size=10, receipts=receipts(10), now=2.0, if_absent=False)
     assert store.abort_version("v1", 3.0).state is VersionState.COMMITTED
 
 
-def test_if_absent(store: SqliteMetadataStore) -> None:
+def test_if_absent(store: SqlMetadataStore) -> None:
     begin(store, "v1", if_absent=True)
     begin(store, "v2", if_absent=True)
     store.commit_version(version_id="v1", size=10, receipts=receipts(10), now=2.0, if_absent=True)
@@ -202,7 +203,7 @@ def test_if_absent(store: SqliteMetadataStore) -> None:
         begin(store, "v3", if_absent=True)
 
 
-def test_expiry_aborts_pending_versions(store: SqliteMetadataStore) -> None:
+def test_expiry_aborts_pending_versions(store: SqlMetadataStore) -> None:
     begin(store, "v1")
     assert store.expire_pending(50.0) == 0
     assert store.expire_pending(100.0) == 1
@@ -210,7 +211,7 @@ def test_expiry_aborts_pending_versions(store: SqliteMetadataStore) -> None:
     assert sum(n.reserved_bytes for n in store.list_nodes()) == 0
 
 
-def test_listing_and_unknown_namespace(store: SqliteMetadataStore) -> None:
+def test_listing_and_unknown_namespace(store: SqlMetadataStore) -> None:
     for i, name in enumerate(["a/1", "a/2", "b/1"]):
         begin(store, f"v{i}", name=name)
         store.commit_version(
@@ -237,7 +238,7 @@ def test_listing_and_unknown_namespace(store: SqliteMetadataStore) -> None:
         )
 
 
-def test_stale_nodes_become_unavailable(store: SqliteMetadataStore) -> None:
+def test_stale_nodes_become_unavailable(store: SqlMetadataStore) -> None:
     store.upsert_node(NodeRegistration(node_id="n0", url="http://n0", capacity_bytes=1000), 10.0)
     assert store.mark_stale_nodes(5.0) == ["n1", "n2", "n3", "n4", "n5"]
     states = {n.node_id: n.state.value for n in store.list_nodes()}
@@ -253,17 +254,17 @@ def test_file_database_survives_reopen(tmp_path: Path) -> None:
     assert SqliteMetadataStore(path).namespace_exists("default")
 
 
-def beat(store: SqliteMetadataStore, node_id: str, now: float, suspect_for: float = 4.0) -> None:
+def beat(store: SqlMetadataStore, node_id: str, now: float, suspect_for: float = 4.0) -> None:
     registration = NodeRegistration(node_id=node_id, url=f"http://{node_id}", capacity_bytes=1000)
     store.upsert_node(registration, now, suspect_for=suspect_for)
 
 
-def states(store: SqliteMetadataStore) -> dict[str, str]:
+def states(store: SqlMetadataStore) -> dict[str, str]:
     return {n.node_id: n.state.value for n in store.list_nodes()}
 
 
 def test_a_reported_node_is_suspect_until_a_heartbeat_suspect_for_after_the_report(
-    store: SqliteMetadataStore,
+    store: SqlMetadataStore,
 ) -> None:
     assert store.mark_node_suspect("n2", 10.0)
     assert not store.mark_node_suspect("nobody", 10.0)
@@ -297,7 +298,7 @@ def test_a_reported_node_is_suspect_until_a_heartbeat_suspect_for_after_the_repo
 
 
 def test_a_silent_suspect_node_becomes_unavailable_and_a_report_keeps_it_so(
-    store: SqliteMetadataStore,
+    store: SqlMetadataStore,
 ) -> None:
     store.mark_node_suspect("n1", 1.0)
     beat(store, "n0", 10.0)
@@ -311,7 +312,7 @@ def test_a_silent_suspect_node_becomes_unavailable_and_a_report_keeps_it_so(
     assert states(store)["n1"] == "available"
 
 
-def test_replace_part_moves_the_part_and_its_reservation(store: SqliteMetadataStore) -> None:
+def test_replace_part_moves_the_part_and_its_reservation(store: SqlMetadataStore) -> None:
     begin(store, "v1", size=100)  # parts of 20 bytes on n0..n4
     sizes: list[int] = []
 
@@ -358,11 +359,11 @@ def test_an_old_database_gains_the_failed_at_column(tmp_path: Path) -> None:
     store.close()
 
 
-def reserved(store: SqliteMetadataStore) -> dict[str, int]:
+def reserved(store: SqlMetadataStore) -> dict[str, int]:
     return {n.node_id: n.reserved_bytes for n in store.list_nodes()}
 
 
-def test_a_reservation_starts_capped_and_grows_with_the_bytes(store: SqliteMetadataStore) -> None:
+def test_a_reservation_starts_capped_and_grows_with_the_bytes(store: SqlMetadataStore) -> None:
     # A hint of 4000 bytes (800 a part) reserves only what a 100-byte file needs (20 a part).
     store.begin_version(
         version_id="v1",

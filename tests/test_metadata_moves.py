@@ -1,4 +1,5 @@
-"""Part moves in the SQLite metadata store: each step, its conflicts, and what a crash leaves."""
+"""Part moves in the metadata store (SQLite, PostgreSQL): each step, its conflicts, and what a
+crash leaves."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from karma8.core.errors import IntegrityError, MoveConflict
-from karma8.core.model import NodeRegistration, NodeState, VersionState
+from karma8.core.layout import StripeLayout
+from karma8.core.model import NodeRegistration, NodeState, PartReceipt, VersionState
 from karma8.metadata.schema import SCHEMA
 from karma8.metadata.sqlite import SqliteMetadataStore
+from karma8.metadata.store import SqlMetadataStore
 
 from test_metadata import begin, receipts
 
@@ -18,9 +21,9 @@ LEASE = 50.0
 
 
 @pytest.fixture
-def store() -> SqliteMetadataStore:
+def store(new_store: SqlMetadataStore) -> SqlMetadataStore:
     """Six nodes of 1000 bytes; file "f" (v1, 50 bytes) committed on n0..n4; n5 empty."""
-    s = SqliteMetadataStore()
+    s = new_store
     s.create_namespace("default", 0.0)
     for i in range(6):
         s.upsert_node(
@@ -31,17 +34,17 @@ def store() -> SqliteMetadataStore:
     return s
 
 
-def nodes(store: SqliteMetadataStore) -> dict[str, tuple[int, int, int]]:
+def nodes(store: SqlMetadataStore) -> dict[str, tuple[int, int, int]]:
     """node id -> (used, reserved, parts)."""
     return {n.node_id: (n.used_bytes, n.reserved_bytes, n.parts) for n in store.list_nodes()}
 
 
-def live(store: SqliteMetadataStore) -> dict[str, int]:
+def live(store: SqlMetadataStore) -> dict[str, int]:
     return {f.node_id: f.live for f in store.rebalance_fills()}
 
 
 def test_a_move_copies_switches_and_leaves_the_old_copy_for_readers(
-    store: SqliteMetadataStore,
+    store: SqlMetadataStore,
 ) -> None:
     ticket = store.begin_move(key="v1.0", source="n0", target="n5", now=3.0, lease_until=53.0)
     assert ticket.size == 10
@@ -73,7 +76,7 @@ def test_a_move_copies_switches_and_leaves_the_old_copy_for_readers(
     assert counts["moving_parts"] == 0
 
 
-def test_begin_refuses_what_would_break_a_rule(store: SqliteMetadataStore) -> None:
+def test_begin_refuses_what_would_break_a_rule(store: SqlMetadataStore) -> None:
     with pytest.raises(MoveConflict, match="not a committed part"):
         store.begin_move(key="v1.0", source="n1", target="n5", now=3.0, lease_until=LEASE)
     with pytest.raises(MoveConflict, match="holds a part"):
@@ -95,7 +98,7 @@ def test_begin_refuses_what_would_break_a_rule(store: SqliteMetadataStore) -> No
         store.begin_move(key="v2.0", source="n0", target="n5", now=9.0, lease_until=LEASE)
 
 
-def test_a_wrong_copy_is_refused_and_becomes_garbage(store: SqliteMetadataStore) -> None:
+def test_a_wrong_copy_is_refused_and_becomes_garbage(store: SqlMetadataStore) -> None:
     store.begin_move(key="v1.0", source="n0", target="n5", now=3.0, lease_until=LEASE)
     with pytest.raises(IntegrityError):
         store.finish_move(key="v1.0", target="n5", checksum="bad", now=4.0)
@@ -112,7 +115,7 @@ def test_a_wrong_copy_is_refused_and_becomes_garbage(store: SqliteMetadataStore)
 
 
 def test_a_version_retired_while_its_part_moves_is_not_switched(
-    store: SqliteMetadataStore,
+    store: SqlMetadataStore,
 ) -> None:
     store.begin_move(key="v1.0", source="n0", target="n5", now=3.0, lease_until=LEASE)
     assert store.retire_current("default", "f", 3.5)
@@ -124,7 +127,7 @@ def test_a_version_retired_while_its_part_moves_is_not_switched(
     assert all(n == 0 for n in live(store).values())
 
 
-def test_a_lease_that_runs_out_aborts_the_move(store: SqliteMetadataStore) -> None:
+def test_a_lease_that_runs_out_aborts_the_move(store: SqlMetadataStore) -> None:
     """A rebalancer that died mid-copy: discovery's sweeper ends its move."""
     store.begin_move(key="v1.0", source="n0", target="n5", now=3.0, lease_until=10.0)
     assert store.expire_moves(9.9) == 0
@@ -138,14 +141,14 @@ def test_a_lease_that_runs_out_aborts_the_move(store: SqliteMetadataStore) -> No
     assert store.move_counts()["stale_copies"] == 1
 
 
-def test_a_finish_after_the_lease_is_refused(store: SqliteMetadataStore) -> None:
+def test_a_finish_after_the_lease_is_refused(store: SqlMetadataStore) -> None:
     store.begin_move(key="v1.0", source="n0", target="n5", now=3.0, lease_until=10.0)
     with pytest.raises(MoveConflict, match="lease"):
         store.finish_move(key="v1.0", target="n5", checksum="c0", now=10.0)
     assert store.move_counts()["moving_parts"] == 0
 
 
-def test_movable_parts_name_the_nodes_they_may_not_go_to(store: SqliteMetadataStore) -> None:
+def test_movable_parts_name_the_nodes_they_may_not_go_to(store: SqlMetadataStore) -> None:
     parts = store.movable_parts("n0", limit=10, receivers=["n5"])
     assert [p.key for p in parts] == ["v1.0"]
     assert parts[0].blocked == frozenset({"n0", "n1", "n2", "n3", "n4"})
@@ -155,7 +158,7 @@ def test_movable_parts_name_the_nodes_they_may_not_go_to(store: SqliteMetadataSt
     assert store.movable_parts("n0", limit=10, receivers=["n5"]) == []  # moving already
 
 
-def test_live_bytes_follow_commits_overwrites_and_deletes(store: SqliteMetadataStore) -> None:
+def test_live_bytes_follow_commits_overwrites_and_deletes(store: SqlMetadataStore) -> None:
     assert live(store) == {"n0": 10, "n1": 10, "n2": 10, "n3": 10, "n4": 10, "n5": 0}
     begin(store, "v2", size=100)
     assert live(store)["n0"] == 10  # pending bytes are not live
@@ -167,7 +170,7 @@ def test_live_bytes_follow_commits_overwrites_and_deletes(store: SqliteMetadataS
     assert set(live(store).values()) == {0}
 
 
-def test_only_available_nodes_with_capacity_are_planned_over(store: SqliteMetadataStore) -> None:
+def test_only_available_nodes_with_capacity_are_planned_over(store: SqlMetadataStore) -> None:
     store.mark_stale_nodes(seen_before=1.0)
     store.upsert_node(NodeRegistration(node_id="n1", url="http://n1", capacity_bytes=0), 5.0)
     store.upsert_node(NodeRegistration(node_id="n2", url="http://n2", capacity_bytes=1000), 5.0)
@@ -189,6 +192,7 @@ def test_an_old_database_gains_live_bytes_from_its_committed_parts(tmp_path: Pat
     store.close()
     db = sqlite3.connect(path)  # as a karma8 without moves left it
     db.execute("ALTER TABLE nodes DROP COLUMN live_bytes")
+    db.execute("DROP TABLE schema_version")
     db.commit()
     db.close()
     assert "live_bytes" not in SCHEMA.split("CREATE TABLE IF NOT EXISTS versions")[1]
@@ -230,3 +234,52 @@ def test_a_commit_costs_the_same_however_many_parts_the_nodes_hold() -> None:
         put(f"b{i}")
     late = max(put(f"c{i}") for i in range(5))
     assert late <= 2 * early + 5, (early, late)
+
+
+def test_a_part_reported_lost_is_repaired_onto_another_node(new_store: SqlMetadataStore) -> None:
+    """Repair's side of the store (on both databases): a report, the counts, a repair move
+    chosen and finished like any move."""
+    store = new_store
+    store.create_namespace("default", 0.0)
+    for i in range(7):
+        store.upsert_node(
+            NodeRegistration(node_id=f"n{i}", url=f"http://n{i}", capacity_bytes=1000), 0.0
+        )
+    layout = StripeLayout(parts=5, unit=4, parity=1)
+    store.begin_version(
+        version_id="p1",
+        namespace="default",
+        name="f",
+        layout=layout,
+        size_hint=50,
+        now=1.0,
+        expires_at=100.0,
+        if_absent=False,
+        place=lambda loads: [n.node_id for n in loads][:6],
+    )
+    store.commit_version(
+        version_id="p1",
+        size=50,
+        receipts=[
+            PartReceipt(index=i, size=s, checksum=f"c{i}")
+            for i, s in enumerate(layout.slot_sizes(50))
+        ],
+        now=2.0,
+        if_absent=False,
+    )
+    assert store.mark_damaged("n0", ["p1.0", "p1.1"], "corrupt", 3.0) == 1  # n0 holds p1.0 only
+    counts = store.repair_counts(lost_before=0.0)
+    assert (counts["degraded_files"], counts["lost_parts"], counts["due_parts"]) == (1, 1, 1)
+    (repair,) = store.begin_repairs(
+        lost_before=0.0,
+        limit=10,
+        now=4.0,
+        lease_until=50.0,
+        place=lambda loads, part: loads[0].node_id if loads else None,
+        held=lambda node_id: 0,
+    )
+    assert (repair.ticket.key, repair.ticket.target.node_id, repair.slot) == ("p1.0", "n6", 0)
+    store.finish_move(key="p1.0", target="n6", checksum="c0", now=5.0)
+    counts = store.repair_counts(lost_before=0.0)
+    assert (counts["lost_parts"], counts["repaired_parts"]) == (0, 1)
+    assert store.expected_parts("n6") == ["p1.0"]

@@ -18,6 +18,10 @@ UNAVAILABLE (no new parts) until it heartbeats again. A node a gateway reports f
 (:meth:`Discovery.report_node_failure`) becomes SUSPECT at once, also without new parts, until
 a heartbeat arrives ``suspect_for`` seconds or more after the report: a node that keeps failing
 is never chosen on the strength of a heartbeat sent just before the failure.
+
+Several discovery instances may share one database (PostgreSQL): the store keeps placement and
+commits correct between them, and a leadership lease in the store (:meth:`Discovery.lead`)
+lets one of them at a time run the store-wide sweep, the rebalancer and repair.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from karma8.core.errors import (
     NotEnoughNodes,
     NotFound,
     TooLarge,
+    Unavailable,
     UploadConflict,
 )
 from karma8.core.layout import (
@@ -103,6 +108,10 @@ class DiscoveryConfig:
     suspect_for: float = 4.0
     retire_grace: float = 60.0
     sweep_interval: float = 5.0
+    # How long a leadership lease (the sweeper's, the rebalancer's) lasts unless renewed; the
+    # holder renews it every sweep, so it must outlast a few sweep intervals (and the clock
+    # skew between instances sharing a database).
+    leader_lease: float = 15.0
     garbage_batch: int = 1000
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     # At begin, nodes reserve room for at most this many bytes of a file's size hint; the
@@ -127,8 +136,11 @@ class Discovery:
         ids: IdSource,
         config: DiscoveryConfig,
         leases: PlacementLeases | None = None,
+        instance: str = "discovery",
     ) -> None:
         self._store = store
+        # This process among the discovery instances sharing the store (leadership leases).
+        self.instance = instance
         self._blocking = blocking
         self._clock = clock
         self._ids = ids
@@ -153,7 +165,10 @@ class Discovery:
         task_status.started()
         while True:
             await trio.sleep(self.config.sweep_interval)
-            await self.sweep()
+            try:
+                await self.sweep()
+            except Unavailable as exc:  # a shared database out of reach: the next one
+                log.warning("sweep skipped: %s", exc)
 
     def _collect(self, lease: Lease) -> None:
         """Hand the parts of a lease that ended uncommitted to their nodes as garbage."""
@@ -164,8 +179,18 @@ class Discovery:
         public = namespace in self.config.public_namespaces
         self._store.create_namespace(namespace, now, public=public)
 
+    async def lead(self, role: str) -> bool:
+        """Take or renew the leadership lease of ``role`` (``sweeper``, ``rebalancer``): True
+        while this instance is the one of those sharing the store that runs it."""
+        now = self._clock.now()
+        until = now + self.config.leader_lease
+        return await self._blocking(
+            lambda: self._store.hold_leadership(role, self.instance, now=now, until=until)
+        )
+
     async def sweep(self) -> None:
-        """Abort expired uploads and part moves, mark silent nodes unavailable (idempotent)."""
+        """Drop this instance's expired placement leases; if it leads the sweep, abort
+        expired uploads and part moves and mark silent nodes unavailable (idempotent)."""
         now = self._clock.now()
         ended = self.leases.expire_leases(now)
         if ended:
@@ -173,6 +198,8 @@ class Discovery:
             self.counts["expired_placements"] += len(ended)
             for lease in ended:
                 self._collect(lease)
+        if not await self.lead("sweeper"):
+            return
         self.counts["expired_uploads"] += await self._blocking(
             lambda: self._store.expire_pending(now)
         )

@@ -15,11 +15,13 @@ gateway did not delete (it died, or its node was unreachable) are orphans the no
 
 Leases live in one process's memory: a discovery that restarts forgets them, so commits of the
 uploads in flight are refused and their parts become orphans, as above. Time is passed in
-(``now``), never read here.
+(``now``), never read here. Discovery may call in from worker threads (its metadata calls on
+PostgreSQL run there), so each method holds a lock: a running sum is never half updated.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import attrs
@@ -84,15 +86,17 @@ class PlacementLeases:
     def __init__(self) -> None:
         self._leases: dict[str, Lease] = {}
         self._by_node: dict[str, int] = {}
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self._leases)
 
     def grant(self, lease: Lease) -> None:
         """Hold ``lease``; its version id must be new."""
-        assert lease.version_id not in self._leases
-        self._leases[lease.version_id] = lease
-        self._count(lease, +1)
+        with self._lock:
+            assert lease.version_id not in self._leases
+            self._leases[lease.version_id] = lease
+            self._count(lease, +1)
 
     def get(self, version_id: str, now: float) -> Lease | None:
         """The lease of ``version_id`` if held and not expired at ``now``."""
@@ -105,21 +109,23 @@ class PlacementLeases:
 
     def move(self, version_id: str, index: int, node_id: str, url: str) -> Lease:
         """Part ``index`` of a held lease goes to ``node_id``, its reservation with it."""
-        lease = self._leases[version_id]
-        nodes, urls = list(lease.nodes), list(lease.urls)
-        nodes[index], urls[index] = node_id, url
-        moved = attrs.evolve(lease, nodes=tuple(nodes), urls=tuple(urls))
-        self._count(lease, -1)
-        self._leases[version_id] = moved
-        self._count(moved, +1)
-        return moved
+        with self._lock:
+            lease = self._leases[version_id]
+            nodes, urls = list(lease.nodes), list(lease.urls)
+            nodes[index], urls[index] = node_id, url
+            moved = attrs.evolve(lease, nodes=tuple(nodes), urls=tuple(urls))
+            self._count(lease, -1)
+            self._leases[version_id] = moved
+            self._count(moved, +1)
+            return moved
 
     def drop(self, version_id: str) -> Lease | None:
         """Release a lease (committed, aborted or expired); None if it was not held."""
-        lease = self._leases.pop(version_id, None)
-        if lease is not None:
-            self._count(lease, -1)
-        return lease
+        with self._lock:
+            lease = self._leases.pop(version_id, None)
+            if lease is not None:
+                self._count(lease, -1)
+            return lease
 
     def expire(self, now: float) -> list[str]:
         """Drop every lease that ended at or before ``now``; their version ids, sorted."""
@@ -127,8 +133,9 @@ class PlacementLeases:
 
     def expire_leases(self, now: float) -> list[Lease]:
         """Drop every lease that ended at or before ``now``; the leases, by version id."""
-        ended = sorted(v for v, lease in self._leases.items() if lease.expires_at <= now)
-        return [lease for v in ended if (lease := self.drop(v)) is not None]
+        with self._lock:
+            ended = sorted(v for v, lease in self._leases.items() if lease.expires_at <= now)
+            return [lease for v in ended if (lease := self.drop(v)) is not None]
 
     def reserved_on(self, node_id: str) -> int:
         """Bytes the held leases reserve on ``node_id`` (expired ones until dropped)."""
@@ -136,12 +143,13 @@ class PlacementLeases:
 
     def keys_on(self, node_id: str, now: float) -> set[str]:
         """Part keys of unexpired leases on ``node_id``: known, never orphans."""
-        return {
-            key
-            for lease in self._leases.values()
-            if lease.expires_at > now
-            for key in lease.keys_on(node_id)
-        }
+        with self._lock:
+            return {
+                key
+                for lease in self._leases.values()
+                if lease.expires_at > now
+                for key in lease.keys_on(node_id)
+            }
 
     def _count(self, lease: Lease, sign: int) -> None:
         for node, size in zip(lease.nodes, lease.reserved, strict=True):

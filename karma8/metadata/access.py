@@ -1,4 +1,4 @@
-"""Namespaces and their tokens in discovery's SQLite: each method one transaction.
+"""Namespaces and their tokens in discovery's database: each method one transaction.
 
 A token row keeps the sha256 of the token's secret, never the secret; :meth:`check_access`
 compares hashes in constant time. A disabled namespace is as if it did not exist (its files
@@ -8,15 +8,14 @@ and tokens stay, and come back if it is enabled again). See :mod:`karma8.core.ac
 from __future__ import annotations
 
 import hmac
-import sqlite3
 
 from karma8.core.access import NamespaceInfo, Right, TokenInfo
 from karma8.core.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
 from karma8.core.layout import StripeLayout
-from karma8.metadata.database import SqliteDatabase
+from karma8.metadata.sql import Connection, Database, Row
 
 
-class NamespaceStore(SqliteDatabase):
+class NamespaceStore(Database):
     """The namespace and token half of :class:`karma8.ports.MetadataStore`."""
 
     def create_namespace(self, namespace: str, now: float, *, public: bool = False) -> None:
@@ -24,7 +23,8 @@ class NamespaceStore(SqliteDatabase):
         public if ``public``; a disabled one stays disabled, a public one stays public."""
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO namespaces(name, created_at, public) VALUES (?, ?, ?)",
+                "INSERT INTO namespaces(name, created_at, public) VALUES (?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
                 (namespace, now, int(public)),
             )
             if public:
@@ -71,21 +71,24 @@ class NamespaceStore(SqliteDatabase):
         return _namespace(row)
 
     def list_namespaces(self) -> list[NamespaceInfo]:
-        rows = self._db.execute("SELECT * FROM namespaces ORDER BY name").fetchall()
+        with self._read() as db:
+            rows = db.execute("SELECT * FROM namespaces ORDER BY name").fetchall()
         return [_namespace(r) for r in rows]
 
     def namespace_info(self, namespace: str) -> NamespaceInfo:
         """An enabled namespace; raises NotFound for an unknown or disabled one."""
-        row = _namespace_row(self._db, namespace)
+        with self._read() as db:
+            row = _namespace_row(db, namespace)
         if row is None or not row["enabled"]:
             raise NotFound(f"namespace {namespace!r} does not exist")
         return _namespace(row)
 
     def namespace_exists(self, namespace: str) -> bool:
-        row = _namespace_row(self._db, namespace)
+        with self._read() as db:
+            row = _namespace_row(db, namespace)
         return row is not None and bool(row["enabled"])
 
-    def _require_namespace(self, db: sqlite3.Connection, namespace: str) -> None:
+    def _require_namespace(self, db: Connection, namespace: str) -> None:
         row = _namespace_row(db, namespace)
         if row is None or not row["enabled"]:
             raise NotFound(f"namespace {namespace!r} does not exist")
@@ -116,13 +119,14 @@ class NamespaceStore(SqliteDatabase):
         return _token(row)
 
     def list_tokens(self, namespace: str | None = None) -> list[TokenInfo]:
-        if namespace is None:
-            rows = self._db.execute("SELECT * FROM tokens ORDER BY namespace, created_at")
-        else:
-            rows = self._db.execute(
-                "SELECT * FROM tokens WHERE namespace = ? ORDER BY created_at", (namespace,)
-            )
-        return [_token(r) for r in rows.fetchall()]
+        with self._read() as db:
+            if namespace is None:
+                rows = db.execute("SELECT * FROM tokens ORDER BY namespace, created_at")
+            else:
+                rows = db.execute(
+                    "SELECT * FROM tokens WHERE namespace = ? ORDER BY created_at", (namespace,)
+                )
+            return [_token(r) for r in rows.fetchall()]
 
     def revoke_token(self, token_id: str, now: float) -> TokenInfo:
         """Revoke a token (idempotent: the first revocation's time stays). Raises NotFound."""
@@ -145,12 +149,13 @@ class NamespaceStore(SqliteDatabase):
         unknown, wrong or revoked one. Forbidden: a token of another namespace or without
         the right.
         """
-        row = self._db.execute(
-            "SELECT n.enabled, n.public, t.namespace, t.can_read, t.can_write, t.secret_hash,"
-            " t.revoked_at FROM namespaces n LEFT JOIN tokens t ON t.token_id = ?"
-            " WHERE n.name = ?",
-            (token_id, namespace),
-        ).fetchone()
+        with self._read() as db:
+            row = db.execute(
+                "SELECT n.enabled, n.public, t.namespace, t.can_read, t.can_write,"
+                " t.secret_hash, t.revoked_at FROM namespaces n"
+                " LEFT JOIN tokens t ON t.token_id = ? WHERE n.name = ?",
+                (token_id, namespace),
+            ).fetchone()
         if row is None or not row["enabled"]:
             raise NotFound(f"namespace {namespace!r} does not exist")
         if row["public"]:
@@ -168,14 +173,12 @@ class NamespaceStore(SqliteDatabase):
             raise Forbidden(f"the token may not {right.value} in namespace {namespace!r}")
 
 
-def _namespace_row(db: sqlite3.Connection, namespace: str) -> sqlite3.Row | None:
-    row: sqlite3.Row | None = db.execute(
-        "SELECT * FROM namespaces WHERE name = ?", (namespace,)
-    ).fetchone()
+def _namespace_row(db: Connection, namespace: str) -> Row | None:
+    row: Row | None = db.execute("SELECT * FROM namespaces WHERE name = ?", (namespace,)).fetchone()
     return row
 
 
-def _namespace(row: sqlite3.Row) -> NamespaceInfo:
+def _namespace(row: Row) -> NamespaceInfo:
     return NamespaceInfo(
         name=row["name"],
         public=bool(row["public"]),
@@ -187,7 +190,7 @@ def _namespace(row: sqlite3.Row) -> NamespaceInfo:
     )
 
 
-def _token(row: sqlite3.Row) -> TokenInfo:
+def _token(row: Row) -> TokenInfo:
     return TokenInfo(
         token_id=row["token_id"],
         namespace=row["namespace"],

@@ -2,7 +2,9 @@
 
 Every public method of :class:`karma8.metadata.sqlite.SqliteMetadataStore` is one transaction
 (:meth:`SqliteDatabase._tx`: ``BEGIN IMMEDIATE`` … ``COMMIT``), so each is atomic and
-concurrent callers serialise on SQLite's write lock. The simulator opens ``:memory:`` and
+concurrent callers serialise on SQLite's write lock; reads run on the same connection, outside
+transactions. Opening a database brings its schema up to date (:func:`~.schema.upgrade`). The
+simulator opens ``:memory:`` and
 calls methods inline. A file is opened in WAL mode, either with ``synchronous=FULL`` (a commit
 is durable when it returns) or, with ``sync_on_commit=False``, as net mode runs it: methods run
 inline on the event loop with ``synchronous=NORMAL``, and the caller makes commits durable in
@@ -19,10 +21,11 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from karma8.metadata.schema import SCHEMA, add_missing_columns
+from karma8.metadata.schema import upgrade
+from karma8.metadata.sql import SQLITE, Database
 
 
 def _owner_only(path: Path) -> None:
@@ -36,8 +39,10 @@ def _owner_only(path: Path) -> None:
                 os.chmod(file, 0o600)
 
 
-class SqliteDatabase:
+class SqliteDatabase(Database):
     """A connection to discovery's database and the durability of its commits."""
+
+    dialect = SQLITE
 
     def __init__(self, path: str | Path = ":memory:", *, sync_on_commit: bool = True) -> None:
         """Open (creating if needed) the store at ``path``, or in memory.
@@ -68,8 +73,9 @@ class SqliteDatabase:
             else:
                 self._db.execute("PRAGMA synchronous = NORMAL")
                 self._db.execute("PRAGMA wal_autocheckpoint = 0")
-        self._db.executescript(SCHEMA)
-        add_missing_columns(self._db)
+        with self._tx() as db:
+            upgrade(db, SQLITE)
+        self._reading = nullcontext(self._db)  # _read(): the connection itself, no layer
         if self._wal is not None and not sync_on_commit:
             self.checkpoint()  # start with an empty log: what recovery or the schema left
             self._open_wal()
@@ -150,6 +156,9 @@ class SqliteDatabase:
             self._checkpointer.execute("PRAGMA synchronous = NORMAL")
         busy, _, _ = self._checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         return not busy
+
+    def _read(self) -> nullcontext[sqlite3.Connection]:
+        return self._reading
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

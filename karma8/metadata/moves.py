@@ -1,4 +1,4 @@
-"""Part moves in discovery's SQLite: each step one transaction, safe to crash between any two.
+"""Part moves in discovery's database: each step one transaction, safe to crash between any two.
 
 A move of part ``key`` from ``source`` to ``target`` goes:
 
@@ -18,15 +18,15 @@ while it still holds a stale copy of it, so a late deletion can never hit a live
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 
 from karma8.core.errors import IntegrityError, MoveConflict
 from karma8.core.model import MoveTicket, NodeRef, NodeState
 from karma8.core.rebalance import MovablePart, NodeFill
+from karma8.metadata.sql import Connection
 
 
-def node_fills(db: sqlite3.Connection) -> list[NodeFill]:
+def node_fills(db: Connection) -> list[NodeFill]:
     """The available nodes with capacity, their live bytes counting moves under way as done."""
     outgoing = _sum_by(db, "SELECT source, sum(size) FROM moves GROUP BY source")
     incoming = _sum_by(db, "SELECT target, sum(size) FROM moves GROUP BY target")
@@ -47,7 +47,7 @@ def node_fills(db: sqlite3.Connection) -> list[NodeFill]:
 
 
 def movable_parts(
-    db: sqlite3.Connection, node_id: str, limit: int, receivers: Sequence[str]
+    db: Connection, node_id: str, limit: int, receivers: Sequence[str]
 ) -> list[MovablePart]:
     """Up to ``limit`` committed parts on ``node_id`` not already moving that at least one of
     ``receivers`` may take, each with the nodes it may not go to (those holding a part of its
@@ -93,7 +93,7 @@ def movable_parts(
 
 
 def begin_move(
-    db: sqlite3.Connection,
+    db: Connection,
     *,
     key: str,
     source: str,
@@ -160,7 +160,7 @@ def begin_move(
 
 
 def finish_move(
-    db: sqlite3.Connection, *, key: str, target: str, checksum: str, now: float
+    db: Connection, *, key: str, target: str, checksum: str, now: float
 ) -> Exception | None:
     """Switch the part to its copy on ``target``, or abort the move: returns None when the
     part moved, else the error to raise once this transaction has committed the abort."""
@@ -209,7 +209,7 @@ def finish_move(
     return None
 
 
-def abort_move(db: sqlite3.Connection, *, key: str, now: float) -> bool:
+def abort_move(db: Connection, *, key: str, now: float) -> bool:
     """Drop a move: release its reservation; whatever reached the target is a stale copy."""
     move = db.execute("SELECT * FROM moves WHERE part_key = ?", (key,)).fetchone()
     if move is None:
@@ -221,14 +221,14 @@ def abort_move(db: sqlite3.Connection, *, key: str, now: float) -> bool:
     )
     # Its bytes were never counted in the target's used_bytes: the stale copy weighs 0.
     db.execute(
-        "INSERT OR IGNORE INTO stale_copies(part_key, node_id, size, released_at)"
-        " VALUES (?, ?, 0, ?)",
+        "INSERT INTO stale_copies(part_key, node_id, size, released_at)"
+        " VALUES (?, ?, 0, ?) ON CONFLICT DO NOTHING",
         (key, move["target"], now),
     )
     return True
 
 
-def expired_moves(db: sqlite3.Connection, now: float) -> list[str]:
+def expired_moves(db: Connection, now: float) -> list[str]:
     return [
         r["part_key"]
         for r in db.execute(
@@ -237,7 +237,7 @@ def expired_moves(db: sqlite3.Connection, now: float) -> list[str]:
     ]
 
 
-def forget_stale(db: sqlite3.Connection, node_id: str, key: str) -> bool:
+def forget_stale(db: Connection, node_id: str, key: str) -> bool:
     """A node deleted a stale copy: forget it and the bytes it took."""
     row = db.execute(
         "SELECT size FROM stale_copies WHERE part_key = ? AND node_id = ?", (key, node_id)
@@ -251,7 +251,7 @@ def forget_stale(db: sqlite3.Connection, node_id: str, key: str) -> bool:
     return True
 
 
-def moving(db: sqlite3.Connection, kind: str = "rebalance") -> tuple[int, int]:
+def moving(db: Connection, kind: str = "rebalance") -> tuple[int, int]:
     """(parts, bytes) of the moves of ``kind`` under way."""
     row = db.execute(
         "SELECT count(*), coalesce(sum(size), 0) FROM moves WHERE kind = ?", (kind,)
@@ -259,18 +259,18 @@ def moving(db: sqlite3.Connection, kind: str = "rebalance") -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def counter(db: sqlite3.Connection, name: str) -> int:
+def counter(db: Connection, name: str) -> int:
     row = db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
     return 0 if row is None else int(row["value"])
 
 
-def _count(db: sqlite3.Connection, name: str, delta: int) -> None:
+def _count(db: Connection, name: str, delta: int) -> None:
     db.execute(
         "INSERT INTO counters(name, value) VALUES (?, ?)"
-        " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+        " ON CONFLICT(name) DO UPDATE SET value = counters.value + excluded.value",
         (name, delta),
     )
 
 
-def _sum_by(db: sqlite3.Connection, sql: str) -> dict[str, int]:
+def _sum_by(db: Connection, sql: str) -> dict[str, int]:
     return {r[0]: int(r[1]) for r in db.execute(sql)}

@@ -1,4 +1,4 @@
-"""Lost parts and their repair in discovery's SQLite.
+"""Lost parts and their repair in discovery's database.
 
 A part of a current version is *lost* when its node is UNAVAILABLE, or when its node or a
 reader reported it corrupt or missing (``damaged_parts``, keyed by the part and the node that
@@ -14,10 +14,10 @@ ever comes back.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 
 from karma8.core.rebalance import MovablePart
+from karma8.metadata.sql import Connection
 
 # Lost parts of current versions, one row each: on an unavailable node (through parts_by_node,
 # cheap while few nodes are down), or reported lost on the node that holds them.
@@ -40,9 +40,7 @@ LOST = """
 """
 
 
-def mark_damaged(
-    db: sqlite3.Connection, node_id: str, keys: Sequence[str], reason: str, now: float
-) -> int:
+def mark_damaged(db: Connection, node_id: str, keys: Sequence[str], reason: str, now: float) -> int:
     """Record that ``node_id`` lost these parts; only parts it holds as far as discovery
     knows count. Returns how many were newly recorded."""
     marked = 0
@@ -58,19 +56,20 @@ def mark_damaged(
             "INSERT INTO damaged_parts(part_key, node_id, reason, reported_at)"
             " VALUES (?, ?, ?, ?) ON CONFLICT(part_key) DO UPDATE SET"
             " node_id = excluded.node_id, reason = excluded.reason,"
-            " reported_at = excluded.reported_at WHERE node_id != excluded.node_id",
+            " reported_at = excluded.reported_at"
+            " WHERE damaged_parts.node_id != excluded.node_id",
             (key, node_id, reason[:200], now),
         )
         marked += cursor.rowcount
     return marked
 
 
-def forget(db: sqlite3.Connection, key: str) -> None:
+def forget(db: Connection, key: str) -> None:
     """The part moved or is gone: its report no longer applies."""
     db.execute("DELETE FROM damaged_parts WHERE part_key = ?", (key,))
 
 
-def due_parts(db: sqlite3.Connection, lost_before: float, limit: int) -> list[MovablePart]:
+def due_parts(db: Connection, lost_before: float, limit: int) -> list[MovablePart]:
     """Up to ``limit`` lost parts of redundant versions due for repair and not moving, those
     reported lost first, each with the nodes it may not go to (those holding a part of its
     version, a stale copy of it or a copy on its way)."""
@@ -106,7 +105,7 @@ def due_parts(db: sqlite3.Connection, lost_before: float, limit: int) -> list[Mo
     return parts
 
 
-def counts(db: sqlite3.Connection, lost_before: float) -> dict[str, int]:
+def counts(db: Connection, lost_before: float) -> dict[str, int]:
     """``degraded_files`` (current files with a lost part, raid0 too), ``lost_parts`` and
     ``due_parts`` (of redundant files), ``repairing_parts``, ``repaired_parts`` and
     ``repaired_bytes``."""

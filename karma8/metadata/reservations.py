@@ -1,21 +1,20 @@
 """Reservations that grow with the bytes an upload has received (one transaction each).
 
 At begin, discovery reserves each part's share of at most ``reserve_step`` bytes of the
-size hint (``SqliteMetadataStore.begin_version``'s ``reserve_size``); the gateway asks for
+size hint (``SqlMetadataStore.begin_version``'s ``reserve_size``); the gateway asks for
 more as the body passes what is reserved. Releasing them is unchanged: commit, abort and
 expiry release what each part row holds.
 """
 
 from __future__ import annotations
 
-import sqlite3
-
 from karma8.core.errors import DiskFull, UploadConflict
 from karma8.core.model import VersionState
 from karma8.metadata.rows import layout_of
+from karma8.metadata.sql import Connection
 
 
-def extend(db: sqlite3.Connection, version_id: str, size: int) -> None:
+def extend(db: Connection, version_id: str, size: int) -> None:
     """Reserve, for every part of a pending version, its share of a ``size``-byte file
     (a part already holding at least that keeps its reservation).
 

@@ -1,8 +1,6 @@
-"""Reading discovery's SQLite rows back as the model's records (karma8.core.model)."""
+"""Reading discovery's rows back as the model's records (karma8.core.model)."""
 
 from __future__ import annotations
-
-import sqlite3
 
 from karma8.core.errors import NotFound
 from karma8.core.layout import StripeLayout
@@ -15,9 +13,10 @@ from karma8.core.model import (
     VersionState,
 )
 from karma8.core.placement import NodeLoad
+from karma8.metadata.sql import Connection, Row
 
 
-def committed_id(db: sqlite3.Connection, namespace: str, name: str) -> str | None:
+def committed_id(db: Connection, namespace: str, name: str) -> str | None:
     """The id of the committed version of ``namespace/name``, if any."""
     row = db.execute(
         "SELECT version_id FROM versions WHERE namespace = ? AND name = ? AND state = 'committed'",
@@ -26,7 +25,7 @@ def committed_id(db: sqlite3.Connection, namespace: str, name: str) -> str | Non
     return None if row is None else str(row["version_id"])
 
 
-def load_version(db: sqlite3.Connection, version_id: str) -> FileVersion:
+def load_version(db: Connection, version_id: str) -> FileVersion:
     """A version with its parts, in index order. Raises NotFound."""
     row = db.execute("SELECT * FROM versions WHERE version_id = ?", (version_id,)).fetchone()
     if row is None:
@@ -62,7 +61,7 @@ def load_version(db: sqlite3.Connection, version_id: str) -> FileVersion:
     )
 
 
-def node_status(row: sqlite3.Row) -> NodeStatus:
+def node_status(row: Row) -> NodeStatus:
     """A node row as discovery reports it."""
     return NodeStatus(
         node_id=row["node_id"],
@@ -77,7 +76,7 @@ def node_status(row: sqlite3.Row) -> NodeStatus:
     )
 
 
-def node_load(row: sqlite3.Row) -> NodeLoad:
+def node_load(row: Row) -> NodeLoad:
     """What placement needs to know of a node row (only AVAILABLE nodes are candidates)."""
     return NodeLoad(
         node_id=row["node_id"],
@@ -89,7 +88,7 @@ def node_load(row: sqlite3.Row) -> NodeLoad:
     )
 
 
-def layout_of(row: sqlite3.Row) -> StripeLayout:
+def layout_of(row: Row) -> StripeLayout:
     """The layout a version row was written with."""
     return StripeLayout(
         parts=row["k"], unit=row["unit"], copies=row["copies"], parity=row["parity"]

@@ -1,17 +1,32 @@
-"""Discovery's SQLite schema: namespaces and their tokens, nodes, versions and parts, and
-part moves.
+"""Discovery's schema, on SQLite and PostgreSQL, and its versions.
 
-The partial unique index ``one_committed`` makes "at most one committed version per name" a
-property of the schema; node load is kept as counters on the node row (see
-:mod:`karma8.metadata.sqlite`). ``moves`` holds the part copies under way (one per part at
-most; ``kind``: evening out fill or a repair); ``stale_copies`` the copies a move left
-behind, deleted like garbage once readers are done (see :mod:`karma8.metadata.moves`).
-``tokens`` holds each token's sha256 of its secret, never the secret (see
-:mod:`karma8.metadata.access`). ``damaged_parts`` holds parts their node or a reader reported
-corrupt or missing, until repair moves them (see :mod:`karma8.metadata.repairs`).
+Tables: namespaces and their tokens, nodes, versions and parts, part moves, parts reported
+lost, and the leadership leases of background duties. The partial unique index
+``one_committed`` makes "at most one committed version per name" a property of the schema;
+node load is kept as counters on the node row (see :mod:`karma8.metadata.store`). ``moves``
+holds the part copies under way (one per part at most; ``kind``: evening out fill or a
+repair); ``stale_copies`` the copies a move left behind, deleted like garbage once readers are
+done (see :mod:`karma8.metadata.moves`). ``tokens`` holds each token's sha256 of its secret,
+never the secret (see :mod:`karma8.metadata.access`). ``damaged_parts`` holds parts their node
+or a reader reported corrupt or missing, until repair moves them (see
+:mod:`karma8.metadata.repairs`).
+
+Versions: ``schema_version`` holds the number of the last migration applied; :data:`MIGRATIONS`
+are applied in order, each in the transaction of :func:`upgrade`. The DDL is written for
+SQLite; :func:`ddl` gives PostgreSQL's (64-bit integers, doubles, and byte-order text, so
+that names sort and compare as in SQLite). A SQLite database from before versions (no
+``schema_version``) is brought up to the first version by migration 1 itself.
 """
 
+from __future__ import annotations
+
+import re
 import sqlite3
+from collections.abc import Callable
+
+import attrs
+
+from karma8.metadata.sql import SQLITE, Connection, Dialect
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS namespaces (
@@ -136,3 +151,91 @@ def add_missing_columns(db: sqlite3.Connection) -> None:
                 WHERE p.node_id = nodes.node_id AND v.state = 'committed'), 0)
             """
         )
+
+
+LEADERS = """
+CREATE TABLE IF NOT EXISTS leaders (
+    role        TEXT PRIMARY KEY,
+    holder      TEXT NOT NULL,
+    expires_at  REAL NOT NULL
+);
+"""
+
+
+class SchemaError(Exception):
+    """The database's schema is not the one this karma8 runs on (behind or ahead)."""
+
+
+@attrs.frozen(kw_only=True)
+class Migration:
+    """One step of the schema: ``version`` is the schema's number once it is applied."""
+
+    version: int
+    what: str
+    apply: Callable[[Connection, Dialect], None]
+
+
+def _script(sql: str) -> Callable[[Connection, Dialect], None]:
+    def apply(db: Connection, dialect: Dialect) -> None:
+        for statement in sql.split(";"):
+            if statement.strip():
+                db.execute(ddl(statement, dialect))
+
+    return apply
+
+
+def _baseline(db: Connection, dialect: Dialect) -> None:
+    _script(SCHEMA)(db, dialect)
+    if dialect is SQLITE:
+        assert isinstance(db, sqlite3.Connection)
+        add_missing_columns(db)
+
+
+MIGRATIONS = (
+    Migration(version=1, what="the schema before versions", apply=_baseline),
+    Migration(version=2, what="leadership leases (leaders)", apply=_script(LEADERS)),
+)
+LATEST = MIGRATIONS[-1].version
+
+_PG_TYPES = {"INTEGER": "BIGINT", "REAL": "DOUBLE PRECISION", "TEXT": 'TEXT COLLATE "C"'}
+
+
+def ddl(sql: str, dialect: Dialect) -> str:
+    """``sql`` (SQLite's DDL) in ``dialect``."""
+    if dialect is SQLITE:
+        return sql
+    return re.sub(r"\b(INTEGER|REAL|TEXT)\b", lambda m: _PG_TYPES[m.group(1)], sql)
+
+
+def schema_version(db: Connection, dialect: Dialect) -> int:
+    """The last migration applied to ``db`` (0: none, or a SQLite database from before)."""
+    if dialect is SQLITE:
+        exists = "SELECT count(*) FROM sqlite_master WHERE name = 'schema_version'"
+    else:
+        exists = (
+            "SELECT count(*) FROM information_schema.tables"
+            " WHERE table_schema = current_schema() AND table_name = 'schema_version'"
+        )
+    if not db.execute(exists).fetchone()[0]:
+        return 0
+    row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+    return int(row[0] or 0)
+
+
+def upgrade(db: Connection, dialect: Dialect) -> list[Migration]:
+    """Apply the migrations ``db`` lacks, in order, inside the caller's transaction; returns
+    them. Raises SchemaError if the database is newer than this karma8."""
+    db.execute(ddl("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)", dialect))
+    current = schema_version(db, dialect)
+    if current > LATEST:
+        raise SchemaError(
+            f"the metadata schema is version {current}, newer than this karma8's {LATEST}:"
+            " upgrade karma8"
+        )
+    applied = [m for m in MIGRATIONS if m.version > current]
+    for migration in applied:
+        migration.apply(db, dialect)
+    if applied:
+        db.execute("DELETE FROM schema_version")
+        db.execute("INSERT INTO schema_version(version) VALUES (?)", (LATEST,))
+    return applied

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 from karma8.core.model import ClusterTotals
 from karma8.metadata.repairs import LOST
+from karma8.metadata.sql import Connection
 
 
-def totals(db: sqlite3.Connection) -> ClusterTotals:
+def totals(db: Connection) -> ClusterTotals:
     """Committed files and their bytes (one index scan: ``one_committed`` holds exactly
     them), and pending versions (``versions_pending``)."""
     files, size = db.execute(
-        "SELECT count(*), total(size) FROM versions INDEXED BY one_committed"
+        "SELECT count(*), coalesce(sum(size), 0) FROM versions INDEXED BY one_committed"
         " WHERE state = 'committed'"
     ).fetchone()
     (pending,) = db.execute(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -36,7 +37,9 @@ from karma8.actors.repair import RepairConfig, Repairer
 from karma8.actors.storage import StorageConfig, StorageNode
 from karma8.core.errors import Karma8Error, Unavailable
 from karma8.core.layout import StripeLayout
+from karma8.core.tomlconf import ConfigError
 from karma8.metadata.sqlite import SqliteMetadataStore
+from karma8.metadata.store import SqlMetadataStore
 from karma8.net.bounds import UploadGate, give_back_memory
 from karma8.net.clients import HttpDiscoveryClient, HttpStorageClient, make_http_client
 from karma8.net.discovery_app import discovery_app
@@ -51,7 +54,7 @@ from karma8.net.requestlog import RecentErrors
 from karma8.net.sources import discovery_source, gateway_source, storage_source
 from karma8.net.storage_app import storage_app
 from karma8.net.workers import run_gateway_workers, shared_port_socket
-from karma8.ports import DiscoveryAPI, StorageAPI
+from karma8.ports import BlockingRunner, DiscoveryAPI, StorageAPI
 from karma8.store.diskio import private_dir
 from karma8.store.groupsync import GroupSync, SyncGroups
 from karma8.store.tiered import DEFAULT_SMALL_PART_MAX, DEFAULT_VOLUME_SIZE, open_part_store
@@ -110,6 +113,12 @@ class NetConfig:
     upload_ttl: float = _DISCOVERY.upload_ttl
     retire_grace: float = _DISCOVERY.retire_grace
     sweep_interval: float = _DISCOVERY.sweep_interval
+    leader_lease: float = _DISCOVERY.leader_lease
+    # Discovery's metadata on PostgreSQL ("postgresql://user@host/db"), shared by every
+    # discovery instance given the same URL; None: SQLite in discovery's data directory.
+    metadata_url: str | None = None
+    # Connections to PostgreSQL per discovery, and so its metadata calls at once (threads).
+    metadata_connections: int = 8
     orphan_check_interval: float = _STORAGE.orphan_check_interval
     orphan_grace: float = _STORAGE.orphan_grace
     scrub_interval: float = _STORAGE.scrub_interval
@@ -245,21 +254,62 @@ def _serving(
     )
 
 
-def open_metadata(path: Path) -> SqliteMetadataStore:
-    """Discovery's database as net mode runs it: commits made durable in groups."""
-    return SqliteMetadataStore(path, sync_on_commit=False)
+def open_metadata(config: NetConfig, path: Path) -> SqlMetadataStore:
+    """Discovery's database as net mode runs it: PostgreSQL at ``metadata_url``, else SQLite
+    at ``path`` with commits made durable in groups.
+
+    Raises:
+        SchemaError: PostgreSQL's schema is not this karma8's (``karma8 db upgrade``).
+        ConfigError: PostgreSQL cannot be reached.
+    """
+    if config.metadata_url is None:
+        return SqliteMetadataStore(path, sync_on_commit=False)
+    import psycopg  # only here: psycopg takes ~0.1 s to import, every other command spared
+
+    from karma8.metadata.postgres import PostgresMetadataStore
+
+    try:
+        return PostgresMetadataStore(config.metadata_url, pool_size=config.metadata_connections)
+    except psycopg.Error as exc:
+        raise ConfigError(f"cannot open the metadata at metadata_url: {exc}") from None
+
+
+def check_metadata(config: NetConfig) -> None:
+    """Fail before start-up unless PostgreSQL (if configured) is reachable with this
+    karma8's schema; raises as :func:`open_metadata` does."""
+    if config.metadata_url is not None:
+        import psycopg
+
+        from karma8.metadata.postgres import PostgresDatabase
+
+        try:
+            PostgresDatabase(config.metadata_url, pool_size=1).close()
+        except psycopg.Error as exc:
+            raise ConfigError(f"cannot open the metadata at metadata_url: {exc}") from None
 
 
 def build_discovery(
-    config: NetConfig, store: SqliteMetadataStore, *, embedded: bool = False
+    config: NetConfig, store: SqlMetadataStore, *, embedded: bool = False
 ) -> Discovery:
     """Discovery on ``store``, which :func:`open_metadata` opened; ``embedded``: of the
-    embedded cluster (its namespaces public unless the configuration says otherwise)."""
+    embedded cluster (its namespaces public unless the configuration says otherwise).
+
+    SQLite's calls run inline with commits synced in groups; PostgreSQL's in worker threads,
+    as many at once as the store has connections (a round trip must not stall the loop)."""
+    blocking: BlockingRunner
+    if isinstance(store, SqliteMetadataStore):
+        blocking = GroupCommitRunner(store)
+    else:
+        from karma8.metadata.postgres import PostgresDatabase
+
+        assert isinstance(store, PostgresDatabase)
+        blocking = ThreadRunner(store.pool_size)
     return Discovery(
         store=store,
-        blocking=GroupCommitRunner(store),
+        blocking=blocking,
         clock=WallClock(),
         ids=RandomIds(),
+        instance=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}",
         config=DiscoveryConfig(
             layout=StripeLayout(parts=5, unit=config.stripe_unit),
             upload_ttl=config.upload_ttl,
@@ -267,6 +317,7 @@ def build_discovery(
             suspect_for=config.suspect_for,
             retire_grace=config.retire_grace,
             sweep_interval=config.sweep_interval,
+            leader_lease=config.leader_lease,
             max_file_size=config.max_file_size,
             namespaces=config.namespaces,
             public_namespaces=config.public(embedded=embedded),
@@ -314,8 +365,19 @@ async def serve_discovery(
         with METRICS.source(discovery_source(discovery, rebalancer, repairer)):
             async with trio.open_nursery() as nursery:
                 await nursery.start(discovery.run)
-                await nursery.start(keep_running, rebalancer, "the rebalancer")
-                await nursery.start(keep_running, repairer, "repair")
+                for mover, role, name in (
+                    (rebalancer, "rebalancer", "the rebalancer"),
+                    (repairer, "repair", "repair"),
+                ):
+                    await nursery.start(
+                        partial(
+                            keep_running,
+                            mover,
+                            name,
+                            lead=partial(discovery.lead, role),
+                            renew_every=discovery.config.leader_lease / 3,
+                        )
+                    )
                 app = discovery_app(
                     discovery,
                     secret=config.secret,
@@ -336,12 +398,51 @@ async def keep_running(
     mover: Rebalancer | Repairer,
     name: str,
     *,
+    lead: Callable[[], Awaitable[bool]] | None = None,
+    renew_every: float = 5.0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the rebalancer or repair until cancelled. It stops on its own only for an error it
-    does not expect (a bug, an answer it cannot read): that is logged, and it starts again
-    after an ``interval``, so that discovery never goes down with it."""
+    """Run the rebalancer or repair until cancelled, while ``lead()`` says this discovery
+    leads it (asked every ``renew_every`` seconds, which renews the lease; None: always). It
+    stops on its own only for an error it does not expect (a bug, an answer it cannot read):
+    that is logged, and it starts again after an ``interval``, so that discovery never goes
+    down with it."""
     task_status.started()
+    if lead is None:
+        await _run_forever(mover, name)
+        return
+    while True:
+        if not await _leads(lead):
+            await trio.sleep(renew_every)
+            continue
+        log.info("this discovery leads %s", name)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_while_leading, lead, renew_every, nursery.cancel_scope, name)
+            await _run_forever(mover, name)
+
+
+async def _while_leading(
+    lead: Callable[[], Awaitable[bool]], renew_every: float, scope: trio.CancelScope, name: str
+) -> None:
+    """Renew a leadership lease; cancel ``scope`` once it is lost."""
+    while True:
+        await trio.sleep(renew_every)
+        if not await _leads(lead):
+            break
+    log.warning("this discovery no longer leads %s; another one does", name)
+    scope.cancel()
+
+
+async def _leads(lead: Callable[[], Awaitable[bool]]) -> bool:
+    """``lead()``, or False while the store cannot say (its database out of reach)."""
+    try:
+        return await lead()
+    except Unavailable as exc:
+        log.warning("leadership unknown, taken as lost: %s", exc)
+        return False
+
+
+async def _run_forever(mover: Rebalancer | Repairer, name: str) -> None:
     while True:
         try:
             await mover.run()
@@ -359,7 +460,7 @@ async def run_discovery(
 ) -> None:
     """Discovery on its own; its rebalancer reaches the nodes over HTTP with the secret."""
     private_dir(database.parent)
-    store = open_metadata(database)
+    store = open_metadata(config, database)
     try:
         async with data_pool(config) as http:
             await serve_discovery(
@@ -590,7 +691,7 @@ async def run_cluster(
     config, node_dirs, absolute = _prepare_cluster_dir(config, data_dir)
     secret = config.secret
     assert secret is not None
-    store = open_metadata(data_dir / "discovery.sqlite3")
+    store = open_metadata(config, data_dir / "discovery.sqlite3")
     try:
         async with (
             data_pool(config) as http,

@@ -23,7 +23,8 @@ from karma8.net.locate import discovery_urls
 from karma8.net.serve import NetConfig
 
 SIZES = ("capacity", "stripe_unit", "max_file_size", "reserve_step", "volume_size")
-OPTIONAL_STRINGS = ("secret",)
+OPTIONAL_STRINGS = ("secret", "metadata_url")
+METADATA_SCHEMES = ("postgresql://", "postgres://")
 NAME_LISTS = ("namespaces", "public_namespaces")
 # Counts where 0 would refuse or stall every request.
 POSITIVE = (
@@ -32,6 +33,7 @@ POSITIVE = (
     "node_connections",
     "discovery_connections",
     "staging_uploads",
+    "metadata_connections",
 )
 
 
@@ -66,6 +68,8 @@ def load_net_config(
                 raw = reader.get(field.name, default)
                 if raw is not None and not isinstance(raw, str):
                     raise reader.fail(field.name, "expected a string")
+                if field.name == "metadata_url" and raw is not None:
+                    _check_metadata_url(reader, raw)
                 values[field.name] = raw
             elif field.name == "discovery_url":
                 values[field.name] = _discovery(reader, field.name, default)
@@ -95,6 +99,13 @@ def load_net_config(
     if given:
         config = attrs.evolve(config, rebalance=attrs.evolve(config.rebalance, **given))
     return config
+
+
+def _check_metadata_url(reader: TableReader, url: str) -> None:
+    if not url.startswith(METADATA_SCHEMES):
+        raise reader.fail(
+            "metadata_url", "expected a PostgreSQL URL, postgresql://USER@HOST[:PORT]/DATABASE"
+        )
 
 
 def _names(

@@ -1,0 +1,809 @@
+"""Discovery's metadata: the store's logic, one code for SQLite and PostgreSQL.
+
+Theory of operation
+-------------------
+Every public method is one transaction (or, for reads, runs outside any); the SQL is
+SQLite's, run as it is by :mod:`karma8.metadata.sqlite` and rewritten once per statement by
+:mod:`karma8.metadata.postgres` (:mod:`karma8.metadata.sql` says what each must provide).
+Write transactions never interleave: each reads what it decides on (node load, the current
+version of a name) and writes in the same transaction.
+
+Node load is kept as counters on the node row, updated in the same transaction as the part
+rows they summarise, so placement and the rebalancer never scan parts:
+
+* ``reserved_bytes``: bytes promised to parts of PENDING versions (from the size hint) and
+  to part copies under way;
+* ``used_bytes``: bytes on the node's disk as discovery knows them: parts whose size is known
+  (committed once) and copies a move left behind, until the node reports them deleted;
+* ``live_bytes``: bytes of its parts of COMMITTED versions (what the rebalancer evens out);
+* ``parts`` counts part rows on the node.
+
+The partial unique index ``one_committed`` makes "at most one committed version per name" a
+property of the schema, not of the code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import attrs
+
+from karma8.core.errors import (
+    DiskFull,
+    IntegrityError,
+    MoveConflict,
+    NotFound,
+    PreconditionFailed,
+    UploadConflict,
+)
+from karma8.core.layout import StripeLayout
+from karma8.core.model import (
+    ClusterTotals,
+    FileEntry,
+    FileVersion,
+    MoveTicket,
+    NodeRef,
+    NodeRegistration,
+    NodeStatus,
+    PartPlacement,
+    PartReceipt,
+    Repair,
+    VersionState,
+    etag_of,
+    part_key,
+)
+from karma8.core.placement import NodeLoad
+from karma8.core.rebalance import MovablePart, NodeFill
+from karma8.metadata import moves, repairs, reservations, totals
+from karma8.metadata.access import NamespaceStore
+from karma8.metadata.rows import committed_id, layout_of, load_version, node_load, node_status
+from karma8.metadata.sql import Connection, Row
+
+
+class SqlMetadataStore(NamespaceStore):
+    """The :class:`karma8.ports.MetadataStore` on a :class:`~karma8.metadata.sql.Database`
+    (namespaces and tokens: :class:`karma8.metadata.access.NamespaceStore`)."""
+
+    # -- nodes ----------------------------------------------------------------------------
+
+    def upsert_node(
+        self, registration: NodeRegistration, now: float, *, suspect_for: float = 0.0
+    ) -> None:
+        """Record a registration or heartbeat: the node is AVAILABLE again, unless a write to
+        it failed less than ``suspect_for`` seconds ago (then it stays SUSPECT)."""
+        with self._tx() as db:
+            db.execute(
+                """
+                INSERT INTO nodes(node_id, url, capacity_bytes, disk_used_bytes, state,
+                                  registered_at, last_seen)
+                VALUES (:id, :url, :cap, :disk, 'available', :now, :now)
+                ON CONFLICT(node_id) DO UPDATE SET
+                    url = excluded.url, capacity_bytes = excluded.capacity_bytes,
+                    disk_used_bytes = excluded.disk_used_bytes,
+                    state = CASE WHEN nodes.failed_at IS NOT NULL
+                                      AND nodes.failed_at > :cleared_before
+                                 THEN 'suspect' ELSE 'available' END,
+                    last_seen = excluded.last_seen
+                """,
+                {
+                    "id": registration.node_id,
+                    "url": registration.url,
+                    "cap": registration.capacity_bytes,
+                    "disk": registration.disk_used_bytes,
+                    "now": now,
+                    "cleared_before": now - suspect_for,
+                },
+            )
+
+    def mark_node_suspect(self, node_id: str, now: float) -> bool:
+        """A write to the node failed because of it: no new parts until it proves healthy.
+
+        An UNAVAILABLE node stays so (its next heartbeat decides); returns False for an
+        unknown node.
+        """
+        with self._tx() as db:
+            changed = db.execute(
+                "UPDATE nodes"
+                " SET failed_at = CASE WHEN failed_at > :now THEN failed_at ELSE :now END,"
+                " state = CASE WHEN state = 'unavailable' THEN state ELSE 'suspect' END"
+                " WHERE node_id = :id",
+                {"id": node_id, "now": now},
+            ).rowcount
+        return changed > 0
+
+    def mark_stale_nodes(self, seen_before: float) -> list[str]:
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT node_id FROM nodes WHERE state != 'unavailable' AND last_seen < ?"
+                " ORDER BY node_id",
+                (seen_before,),
+            ).fetchall()
+            db.execute(
+                "UPDATE nodes SET state = 'unavailable'"
+                " WHERE state != 'unavailable' AND last_seen < ?",
+                (seen_before,),
+            )
+        return [r["node_id"] for r in rows]
+
+    def list_nodes(self) -> list[NodeStatus]:
+        with self._read() as db:
+            rows = db.execute("SELECT * FROM nodes ORDER BY registered_at, node_id").fetchall()
+        return [node_status(r) for r in rows]
+
+    def totals(self) -> ClusterTotals:
+        with self._read() as db:
+            return totals.totals(db)
+
+    def hold_leadership(self, role: str, holder: str, *, now: float, until: float) -> bool:
+        """Take or renew the lease of ``role`` (the sweeper, the rebalancer) for ``holder``
+        until ``until``: True if ``holder`` holds it now (it was free, expired at ``now``, or
+        its own). Discovery instances sharing a database run a role only while they hold it.
+        """
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO leaders(role, holder, expires_at) VALUES (:role, :holder, :until)"
+                " ON CONFLICT(role) DO UPDATE SET holder = excluded.holder,"
+                " expires_at = excluded.expires_at"
+                " WHERE leaders.holder = excluded.holder OR leaders.expires_at <= :now",
+                {"role": role, "holder": holder, "until": until, "now": now},
+            )
+            row = db.execute("SELECT holder FROM leaders WHERE role = ?", (role,)).fetchone()
+        return bool(row["holder"] == holder)
+
+    # -- versions -------------------------------------------------------------------------
+
+    def begin_version(
+        self,
+        *,
+        version_id: str,
+        namespace: str,
+        name: str,
+        layout: StripeLayout,
+        size_hint: int | None,
+        now: float,
+        expires_at: float,
+        if_absent: bool,
+        place: Callable[[Sequence[NodeLoad]], Sequence[str]],
+        reserve_size: int | None = None,
+    ) -> FileVersion:
+        # Bytes reserved now: for ``reserve_size`` bytes of the file (default: the hint); the
+        # rest is reserved as it arrives (:meth:`extend_reservation`).
+        reserved_for = size_hint if reserve_size is None else min(reserve_size, size_hint or 0)
+        reserve = (
+            layout.slot_sizes(reserved_for) if reserved_for is not None else (0,) * layout.slots
+        )
+        with self._tx() as db:
+            self._require_namespace(db, namespace)
+            if if_absent and committed_id(db, namespace, name) is not None:
+                raise PreconditionFailed(f"{namespace}/{name} already exists")
+            rows = db.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
+            urls = {r["node_id"]: r["url"] for r in rows}
+            loads = [node_load(r) for r in rows]
+            chosen = list(place(loads))
+            db.execute(
+                """
+                INSERT INTO versions(version_id, namespace, name, state, size_hint, k, unit,
+                                     copies, parity, created_at, expires_at)
+                VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)
+                """,
+                (
+                    version_id,
+                    namespace,
+                    name,
+                    size_hint,
+                    layout.parts,
+                    layout.unit,
+                    layout.copies,
+                    layout.parity,
+                    now,
+                    expires_at,
+                ),
+            )
+            db.executemany(
+                "INSERT INTO parts(version_id, idx, part_key, node_id, reserved)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [
+                    (version_id, index, part_key(version_id, index), node_id, reserve[index])
+                    for index, node_id in enumerate(chosen)
+                ],
+            )
+            db.executemany(
+                "UPDATE nodes SET reserved_bytes = reserved_bytes + ?, parts = parts + 1"
+                " WHERE node_id = ?",
+                [(reserve[index], node_id) for index, node_id in enumerate(chosen)],
+            )
+        return FileVersion(
+            version_id=version_id,
+            namespace=namespace,
+            name=name,
+            state=VersionState.PENDING,
+            size=None,
+            layout=layout,
+            parts=tuple(
+                PartPlacement(
+                    index=index,
+                    key=part_key(version_id, index),
+                    node=NodeRef(node_id=node_id, url=urls[node_id]),
+                )
+                for index, node_id in enumerate(chosen)
+            ),
+            created_at=now,
+        )
+
+    def commit_version(
+        self,
+        *,
+        version_id: str,
+        size: int,
+        receipts: Sequence[PartReceipt],
+        now: float,
+        if_absent: bool,
+    ) -> FileVersion:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM versions WHERE version_id = ?", (version_id,)
+            ).fetchone()
+            if row is None:
+                raise UploadConflict(f"upload {version_id} is unknown")
+            if _same_commit(db, row, size, receipts):
+                # A commit sent again (its answer was lost, or another discovery instance
+                # got it first): it happened, so it succeeds again, changing nothing.
+                return load_version(db, version_id)
+            if row["state"] != VersionState.PENDING.value:
+                raise UploadConflict(f"upload {version_id} is {row['state']}, not pending")
+            if row["expires_at"] <= now:
+                raise UploadConflict(f"upload {version_id} expired")
+            layout = layout_of(row)
+            by_index = _check_receipts(version_id, layout, size, receipts)
+            previous = committed_id(db, row["namespace"], row["name"])
+            if previous is not None:
+                if if_absent:
+                    raise PreconditionFailed(f"{row['namespace']}/{row['name']} already exists")
+                _retire(db, previous, now)
+            for receipt in receipts:
+                db.execute(
+                    "UPDATE parts SET size = ?, checksum = ? WHERE version_id = ? AND idx = ?",
+                    (receipt.size, receipt.checksum, version_id, receipt.index),
+                )
+            self._release_reservations(db, version_id, count_size=True)
+            _count_live(db, version_id, +1)
+            checksums = [by_index[i].checksum for i in range(layout.parts)]
+            db.execute(
+                "UPDATE versions SET state = 'committed', size = ?, committed_at = ?, etag = ?"
+                " WHERE version_id = ?",
+                (size, now, etag_of(checksums), version_id),
+            )
+            return load_version(db, version_id)
+
+    def placement_view(
+        self, namespace: str, name: str, *, if_absent: bool
+    ) -> list[tuple[NodeLoad, str]]:
+        """What placing a small upload needs, read without a transaction: every node's load
+        and url. Raises NotFound (namespace), PreconditionFailed (``if_absent`` and the name
+        exists), so an upload that cannot commit fails before its parts are written."""
+        with self._read() as db:
+            self._require_namespace(db, namespace)
+            if if_absent and committed_id(db, namespace, name) is not None:
+                raise PreconditionFailed(f"{namespace}/{name} already exists")
+            rows = db.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
+        return [(node_load(r), r["url"]) for r in rows]
+
+    def commit_placed(
+        self,
+        *,
+        version_id: str,
+        namespace: str,
+        name: str,
+        layout: StripeLayout,
+        nodes: Sequence[str],
+        size: int,
+        receipts: Sequence[PartReceipt],
+        created_at: float,
+        now: float,
+        if_absent: bool,
+    ) -> FileVersion:
+        """Commit a version whose parts were written without a pending row (a placement
+        lease): in one transaction, insert it COMMITTED with its part rows, count their bytes
+        as used and live on ``nodes``, and retire the previous version of the name.
+
+        A node's room is checked again here: the lease reserved it only in the memory of the
+        discovery that granted it, and others sharing the database do not see it.
+
+        Raises NotFound (namespace), PreconditionFailed (``if_absent`` and the name exists),
+        IntegrityError (receipts that do not match the layout), UploadConflict (the version
+        id is taken), DiskFull (a node has no room left for its part).
+        """
+        by_index = _check_receipts(version_id, layout, size, receipts)
+        checksums = [by_index[i].checksum for i in range(layout.parts)]
+        with self._tx() as db:
+            self._require_namespace(db, namespace)
+            if db.execute("SELECT 1 FROM versions WHERE version_id = ?", (version_id,)).fetchone():
+                raise UploadConflict(f"upload {version_id} exists already")
+            previous = committed_id(db, namespace, name)
+            if previous is not None:
+                if if_absent:
+                    raise PreconditionFailed(f"{namespace}/{name} already exists")
+                _retire(db, previous, now)
+            db.execute(
+                """
+                INSERT INTO versions(version_id, namespace, name, state, size_hint, k, unit,
+                                     copies, parity, created_at, expires_at, size,
+                                     committed_at, etag)
+                VALUES (?, ?, ?, 'committed', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                """,
+                (
+                    version_id,
+                    namespace,
+                    name,
+                    size,
+                    layout.parts,
+                    layout.unit,
+                    layout.copies,
+                    layout.parity,
+                    created_at,
+                    now,
+                    size,
+                    now,
+                    etag_of(checksums),
+                ),
+            )
+            db.executemany(
+                "INSERT INTO parts(version_id, idx, part_key, node_id, reserved, size, checksum)"
+                " VALUES (?, ?, ?, ?, 0, ?, ?)",
+                [
+                    (
+                        version_id,
+                        index,
+                        part_key(version_id, index),
+                        node_id,
+                        by_index[index].size,
+                        by_index[index].checksum,
+                    )
+                    for index, node_id in enumerate(nodes)
+                ],
+            )
+            counted = db.executemany(
+                "UPDATE nodes SET used_bytes = used_bytes + :size, live_bytes = live_bytes + :size,"
+                " parts = parts + 1"
+                " WHERE node_id = :node AND capacity_bytes - used_bytes - reserved_bytes >= :size",
+                sorted(
+                    (
+                        {"size": by_index[index].size, "node": node_id}
+                        for index, node_id in enumerate(nodes)
+                    ),
+                    key=lambda update: update["node"],
+                ),
+            ).rowcount
+            if counted != len(nodes):
+                raise DiskFull(f"upload {version_id}: a node has no room left for its part")
+            return load_version(db, version_id)
+
+    def abort_version(self, version_id: str, now: float) -> FileVersion:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT state FROM versions WHERE version_id = ?", (version_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"upload {version_id} is unknown")
+            if row["state"] == VersionState.PENDING.value:
+                self._release_reservations(db, version_id, count_size=False)
+                db.execute(
+                    "UPDATE versions SET state = 'aborted', retired_at = ? WHERE version_id = ?",
+                    (now, version_id),
+                )
+            return load_version(db, version_id)
+
+    def replace_part(
+        self,
+        *,
+        version_id: str,
+        index: int,
+        failed_node_id: str,
+        place: Callable[[Sequence[NodeLoad], int], Sequence[str]],
+    ) -> PartPlacement:
+        """Move part ``index`` of a pending version, and its reservation, off a node that
+        failed before taking any of its bytes, to the node ``place(loads, reserved bytes)``
+        picks among those that hold no part of the version.
+
+        Raises:
+            UploadConflict: The version is not pending, or the part is not on that node.
+            NotEnoughNodes: (from ``place``) no other node can take it.
+        """
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT state FROM versions WHERE version_id = ?", (version_id,)
+            ).fetchone()
+            if row is None or row["state"] != VersionState.PENDING.value:
+                state = "unknown" if row is None else row["state"]
+                raise UploadConflict(f"upload {version_id} is {state}, not pending")
+            part = db.execute(
+                "SELECT part_key, node_id, reserved FROM parts WHERE version_id = ? AND idx = ?",
+                (version_id, index),
+            ).fetchone()
+            if part is None or part["node_id"] != failed_node_id:
+                raise UploadConflict(
+                    f"part {index} of upload {version_id} is not on node {failed_node_id}"
+                )
+            holding = {
+                r["node_id"]
+                for r in db.execute("SELECT node_id FROM parts WHERE version_id = ?", (version_id,))
+            }
+            rows = db.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
+            loads = [node_load(r) for r in rows if r["node_id"] not in holding]
+            (node_id,) = place(loads, part["reserved"])
+            url = next(r["url"] for r in rows if r["node_id"] == node_id)
+            db.execute(
+                "UPDATE parts SET node_id = ? WHERE version_id = ? AND idx = ?",
+                (node_id, version_id, index),
+            )
+            db.executemany(
+                "UPDATE nodes SET reserved_bytes = reserved_bytes + ?, parts = parts + ?"
+                " WHERE node_id = ?",
+                [(-part["reserved"], -1, failed_node_id), (part["reserved"], 1, node_id)],
+            )
+        return PartPlacement(
+            index=index, key=part["part_key"], node=NodeRef(node_id=node_id, url=url)
+        )
+
+    def extend_reservation(self, *, version_id: str, size: int) -> None:
+        with self._tx() as db:
+            reservations.extend(db, version_id, size)
+
+    def expire_pending(self, now: float) -> int:
+        with self._tx() as db:
+            expired = [
+                r["version_id"]
+                for r in db.execute(
+                    "SELECT version_id FROM versions WHERE state = 'pending' AND expires_at <= ?"
+                    " ORDER BY version_id",
+                    (now,),
+                )
+            ]
+            for version_id in expired:
+                self._release_reservations(db, version_id, count_size=False)
+                db.execute(
+                    "UPDATE versions SET state = 'aborted', retired_at = ? WHERE version_id = ?",
+                    (now, version_id),
+                )
+        return len(expired)
+
+    def _release_reservations(self, db: Connection, version_id: str, *, count_size: bool) -> None:
+        for part in db.execute(
+            "SELECT node_id, reserved, size FROM parts WHERE version_id = ?", (version_id,)
+        ).fetchall():
+            used = (part["size"] or 0) if count_size else 0
+            db.execute(
+                "UPDATE nodes SET reserved_bytes = reserved_bytes - ?,"
+                " used_bytes = used_bytes + ? WHERE node_id = ?",
+                (part["reserved"], used, part["node_id"]),
+            )
+        db.execute("UPDATE parts SET reserved = 0 WHERE version_id = ?", (version_id,))
+
+    def current_version(self, namespace: str, name: str) -> FileVersion | None:
+        with self._read() as db:
+            version_id = committed_id(db, namespace, name)
+            if version_id is None:
+                self._require_namespace(db, namespace)
+                return None
+            return load_version(db, version_id)
+
+    def retire_current(self, namespace: str, name: str, now: float) -> bool:
+        with self._tx() as db:
+            self._require_namespace(db, namespace)
+            version_id = committed_id(db, namespace, name)
+            if version_id is None:
+                return False
+            _retire(db, version_id, now)
+            return True
+
+    def list_files(self, namespace: str, *, prefix: str, after: str, limit: int) -> list[FileEntry]:
+        with self._read() as db:
+            self._require_namespace(db, namespace)
+            rows = db.execute(
+                """
+                SELECT name, size, etag, committed_at FROM versions
+                WHERE namespace = ? AND state = 'committed' AND name > ?
+                  AND name >= ? AND name < ?
+                ORDER BY name LIMIT ?
+                """,
+                (namespace, after, prefix, prefix + "\U0010ffff", limit),
+            ).fetchall()
+        return [
+            FileEntry(
+                name=r["name"], size=r["size"], etag=r["etag"], committed_at=r["committed_at"]
+            )
+            for r in rows
+        ]
+
+    # -- garbage --------------------------------------------------------------------------
+
+    def stale_copies(self) -> list[tuple[str, str]]:
+        """Every copy a move left behind, not deleted yet: (part key, node id)."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT part_key, node_id FROM stale_copies ORDER BY part_key, node_id"
+            ).fetchall()
+        return [(r["part_key"], r["node_id"]) for r in rows]
+
+    def garbage_for_node(self, node_id: str, *, retired_before: float, limit: int) -> list[str]:
+        """Keys the node should delete: parts of aborted versions, parts of versions retired
+        before ``retired_before``, and copies a move left behind as long ago."""
+        with self._read() as db:
+            rows = db.execute(
+                """
+                SELECT p.part_key FROM versions v CROSS JOIN parts p
+                WHERE v.state IN ('aborted', 'retired')
+                  AND (v.state = 'aborted' OR v.retired_at <= ?)
+                  AND p.version_id = v.version_id AND +p.node_id = ?
+                UNION
+                SELECT part_key FROM stale_copies WHERE node_id = ? AND released_at <= ?
+                ORDER BY 1 LIMIT ?
+                """,
+                (retired_before, node_id, node_id, retired_before, limit),
+            ).fetchall()
+        return [r["part_key"] for r in rows]
+
+    def forget_parts(self, node_id: str, keys: Sequence[str]) -> int:
+        """Drop rows of garbage parts the node has deleted. Live parts are never dropped."""
+        forgotten = 0
+        with self._tx() as db:
+            for key in keys:
+                if moves.forget_stale(db, node_id, key):
+                    forgotten += 1
+                    continue
+                row = db.execute(
+                    """
+                    SELECT p.version_id, p.size FROM parts p JOIN versions v USING (version_id)
+                    WHERE p.part_key = ? AND p.node_id = ? AND v.state IN ('aborted', 'retired')
+                    """,
+                    (key, node_id),
+                ).fetchone()
+                if row is None:
+                    continue
+                db.execute("DELETE FROM parts WHERE part_key = ?", (key,))
+                repairs.forget(db, key)
+                db.execute(
+                    "UPDATE nodes SET used_bytes = used_bytes - ?, parts = parts - 1"
+                    " WHERE node_id = ?",
+                    (row["size"] or 0, node_id),
+                )
+                remaining = db.execute(
+                    "SELECT 1 FROM parts WHERE version_id = ? LIMIT 1", (row["version_id"],)
+                ).fetchone()
+                if remaining is None:
+                    db.execute("DELETE FROM versions WHERE version_id = ?", (row["version_id"],))
+                forgotten += 1
+        return forgotten
+
+    def part_keys_on_node(self, node_id: str) -> set[str]:
+        """Every key discovery knows on the node: its parts, copies moving to it, and stale
+        copies waiting for deletion."""
+        with self._read() as db:
+            return {
+                r[0]
+                for r in db.execute(
+                    "SELECT part_key FROM parts WHERE node_id = :id"
+                    " UNION SELECT part_key FROM moves WHERE target = :id"
+                    " UNION SELECT part_key FROM stale_copies WHERE node_id = :id",
+                    {"id": node_id},
+                )
+            }
+
+    # -- part moves (see karma8.metadata.moves) -------------------------------------------
+
+    def rebalance_fills(self) -> list[NodeFill]:
+        with self._read() as db:
+            return moves.node_fills(db)
+
+    def movable_parts(
+        self, node_id: str, *, limit: int, receivers: Sequence[str]
+    ) -> list[MovablePart]:
+        with self._read() as db:
+            return moves.movable_parts(db, node_id, limit, receivers)
+
+    def begin_move(
+        self,
+        *,
+        key: str,
+        source: str,
+        target: str,
+        now: float,
+        lease_until: float,
+        held: int = 0,
+    ) -> MoveTicket:
+        with self._tx() as db:
+            return moves.begin_move(
+                db,
+                key=key,
+                source=source,
+                target=target,
+                now=now,
+                lease_until=lease_until,
+                held=held,
+            )
+
+    def finish_move(self, *, key: str, target: str, checksum: str, now: float) -> None:
+        """Switch a moved part to its copy on ``target``. Raises MoveConflict or
+        IntegrityError, having aborted the move, when it cannot."""
+        with self._tx() as db:
+            problem = moves.finish_move(db, key=key, target=target, checksum=checksum, now=now)
+        if problem is not None:
+            raise problem
+
+    def abort_move(self, key: str, now: float) -> bool:
+        with self._tx() as db:
+            return moves.abort_move(db, key=key, now=now)
+
+    def expire_moves(self, now: float) -> int:
+        """Abort the moves whose lease ran out (their mover died or hung)."""
+        with self._tx() as db:
+            expired = moves.expired_moves(db, now)
+            for key in expired:
+                moves.abort_move(db, key=key, now=now)
+        return len(expired)
+
+    def move_counts(self) -> dict[str, int]:
+        """Moves under way and done: ``moving_parts``, ``moving_bytes``, ``moved_parts``,
+        ``moved_bytes``, and ``stale_copies`` left by moves and not yet deleted."""
+        with self._read() as db:
+            parts, size = moves.moving(db)
+            stale = db.execute("SELECT count(*) FROM stale_copies").fetchone()[0]
+            return {
+                "stale_copies": int(stale),
+                "moving_parts": parts,
+                "moving_bytes": size,
+                "moved_parts": moves.counter(db, "moved_parts"),
+                "moved_bytes": moves.counter(db, "moved_bytes"),
+            }
+
+    # -- repair (see karma8.metadata.repairs) ---------------------------------------------
+
+    def mark_damaged(self, node_id: str, keys: Sequence[str], reason: str, now: float) -> int:
+        with self._tx() as db:
+            return repairs.mark_damaged(db, node_id, keys, reason, now)
+
+    def expected_parts(self, node_id: str) -> list[str]:
+        """Keys of the parts of current versions that the node holds, as discovery knows."""
+        with self._read() as db:
+            return [
+                r[0]
+                for r in db.execute(
+                    "SELECT p.part_key FROM parts p JOIN versions v USING (version_id)"
+                    " WHERE p.node_id = ? AND v.state = 'committed' ORDER BY p.part_key",
+                    (node_id,),
+                )
+            ]
+
+    def begin_repairs(
+        self,
+        *,
+        lost_before: float,
+        limit: int,
+        now: float,
+        lease_until: float,
+        place: Callable[[Sequence[NodeLoad], MovablePart], str | None],
+        held: Callable[[str], int],
+    ) -> list[Repair]:
+        """Record repair moves for up to ``limit`` due parts (see
+        :func:`karma8.metadata.repairs.due_parts`), each to the node ``place`` picks among
+        the available ones it may go to (None: none can take it now)."""
+        repaired: list[Repair] = []
+        with self._tx() as db:
+            loads = {
+                r["node_id"]: node_load(r)
+                for r in db.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
+            }
+            for part in repairs.due_parts(db, lost_before, limit):
+                allowed = [n for n in loads.values() if n.node_id not in part.blocked]
+                target = place(allowed, part)
+                if target is None:
+                    continue
+                try:
+                    ticket = moves.begin_move(
+                        db,
+                        key=part.key,
+                        source=part.node_id,
+                        target=target,
+                        now=now,
+                        lease_until=lease_until,
+                        held=held(target),
+                        kind="repair",
+                    )
+                except MoveConflict:
+                    continue  # (checked before anything was written)
+                load = loads[target]
+                loads[target] = attrs.evolve(load, reserved=load.reserved + part.size)
+                version = load_version(db, part.version_id)
+                slot = next(p.index for p in version.parts if p.key == part.key)
+                repaired.append(Repair(ticket=ticket, version=version, slot=slot))
+        return repaired
+
+    def repair_counts(self, lost_before: float) -> dict[str, int]:
+        with self._read() as db:
+            return repairs.counts(db, lost_before)
+
+    def part_row(self, key: str) -> PartPlacement | None:
+        """A part by its key, wherever it is (for checkers and admin tools)."""
+        with self._read() as db:
+            row = db.execute(
+                "SELECT p.*, n.url FROM parts p JOIN nodes n USING (node_id) WHERE p.part_key = ?",
+                (key,),
+            ).fetchone()
+        if row is None:
+            return None
+        return PartPlacement(
+            index=row["idx"],
+            key=key,
+            node=NodeRef(node_id=row["node_id"], url=row["url"]),
+            size=row["size"],
+            checksum=row["checksum"],
+        )
+
+    def versions(self, state: VersionState | None = None) -> list[FileVersion]:
+        """Every version (or those in ``state``), for checkers and admin tools."""
+        with self._read() as db:
+            if state is None:
+                rows = db.execute("SELECT version_id FROM versions ORDER BY version_id")
+            else:
+                rows = db.execute(
+                    "SELECT version_id FROM versions WHERE state = ? ORDER BY version_id",
+                    (state.value,),
+                )
+            return [load_version(db, r["version_id"]) for r in rows.fetchall()]
+
+
+def _check_receipts(
+    version_id: str, layout: StripeLayout, size: int, receipts: Sequence[PartReceipt]
+) -> dict[int, PartReceipt]:
+    """The receipts by slot, once they are one per stored part with the layout's sizes and
+    every copy of a data part has the same checksum."""
+    by_index = {r.index: r for r in receipts}
+    if sorted(by_index) != list(range(layout.slots)) or len(receipts) != layout.slots:
+        raise IntegrityError(f"upload {version_id}: need one receipt per part")
+    for part in range(layout.parts):
+        if len({by_index[slot].checksum for slot in layout.copies_of(part)}) > 1:
+            raise IntegrityError(f"upload {version_id}: the copies of part {part} differ")
+    for index, want in enumerate(layout.slot_sizes(size)):
+        if by_index[index].size != want:
+            raise IntegrityError(
+                f"upload {version_id}: part {index} has {by_index[index].size} bytes,"
+                f" the layout says {want}"
+            )
+    return by_index
+
+
+def _same_commit(db: Connection, row: Row, size: int, receipts: Sequence[PartReceipt]) -> bool:
+    """Whether the version of ``row`` was committed (it may be retired since) with this size
+    and these receipts."""
+    if row["committed_at"] is None or row["size"] != size:
+        return False
+    stored = {
+        r["idx"]: (r["size"], r["checksum"])
+        for r in db.execute(
+            "SELECT idx, size, checksum FROM parts WHERE version_id = ?", (row["version_id"],)
+        ).fetchall()
+    }
+    given = {r.index: (r.size, r.checksum) for r in receipts}
+    return len(given) == len(receipts) and given == stored
+
+
+def _retire(db: Connection, version_id: str, now: float) -> None:
+    """A committed version stops being current: its parts become garbage after the grace."""
+    db.execute(
+        "UPDATE versions SET state = 'retired', retired_at = ? WHERE version_id = ?",
+        (now, version_id),
+    )
+    _count_live(db, version_id, -1)
+
+
+def _count_live(db: Connection, version_id: str, sign: int) -> None:
+    """Add (``sign`` +1) or remove (-1) a committed version's parts in their nodes' live bytes."""
+    db.execute(
+        """
+        UPDATE nodes SET live_bytes = live_bytes + :sign * (
+            SELECT coalesce(sum(p.size), 0) FROM parts p
+            WHERE p.version_id = :version AND +p.node_id = nodes.node_id)
+        WHERE node_id IN (SELECT node_id FROM parts WHERE version_id = :version)
+        """,
+        {"sign": sign, "version": version_id},
+    )
