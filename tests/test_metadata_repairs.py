@@ -1,5 +1,5 @@
-"""Lost parts and their repair in the metadata store: what counts as lost and due, where a
-rebuilt part may go, and what a finished or aborted repair leaves."""
+"""Lost parts and their repair in the metadata store, on both databases: what counts as lost
+and due, where a rebuilt part may go, and what a finished or aborted repair leaves."""
 
 from __future__ import annotations
 
@@ -12,16 +12,14 @@ from karma8.core.layout import StripeLayout
 from karma8.core.model import NodeRegistration, PartReceipt
 from karma8.core.placement import NodeLoad
 from karma8.core.rebalance import MovablePart
-from karma8.metadata.sqlite import SqliteMetadataStore
+from karma8.metadata.store import SqlMetadataStore
 
 PARITY = StripeLayout(parts=5, unit=4, parity=1)
 RAID0 = StripeLayout(parts=5, unit=4)
 NODES = [f"n{i}" for i in range(9)]
 
 
-def commit(
-    store: SqliteMetadataStore, vid: str, layout: StripeLayout, nodes: Sequence[str]
-) -> None:
+def commit(store: SqlMetadataStore, vid: str, layout: StripeLayout, nodes: Sequence[str]) -> None:
     sizes = layout.slot_sizes(50)
     store.commit_placed(
         version_id=vid,
@@ -40,9 +38,9 @@ def commit(
 
 
 @pytest.fixture
-def store() -> SqliteMetadataStore:
+def store(new_store: SqlMetadataStore) -> SqlMetadataStore:
     """Nine nodes; "p" (parity 5+1) on n0..n5, "r" (raid0) on n0..n4; n6..n8 empty."""
-    s = SqliteMetadataStore()
+    s = new_store
     s.create_namespace("default", 0.0)
     for node in NODES:
         s.upsert_node(
@@ -58,7 +56,7 @@ def emptiest(loads: Sequence[NodeLoad], part: MovablePart) -> str | None:
     return ready[0][1] if ready else None
 
 
-def repair(store: SqliteMetadataStore, lost_before: float, now: float = 10.0) -> list[str]:
+def repair(store: SqlMetadataStore, lost_before: float, now: float = 10.0) -> list[str]:
     repairs = store.begin_repairs(
         lost_before=lost_before,
         limit=10,
@@ -71,7 +69,7 @@ def repair(store: SqliteMetadataStore, lost_before: float, now: float = 10.0) ->
 
 
 def test_a_reported_part_is_due_at_once_and_only_if_its_node_holds_it(
-    store: SqliteMetadataStore,
+    store: SqlMetadataStore,
 ) -> None:
     assert store.mark_damaged("n1", ["p.1", "p.2", "nope.0"], "failed its checksum", 5.0) == 1
     assert store.mark_damaged("n1", ["p.1"], "again", 6.0) == 0  # once is enough
@@ -84,7 +82,7 @@ def test_a_reported_part_is_due_at_once_and_only_if_its_node_holds_it(
 
 
 def test_a_part_on_an_unavailable_node_is_due_after_repair_after(
-    store: SqliteMetadataStore,
+    store: SqlMetadataStore,
 ) -> None:
     store.mark_stale_nodes(seen_before=1.0)  # every node last seen at 0.0: all unavailable
     for node in NODES[1:]:
@@ -100,7 +98,7 @@ def test_a_part_on_an_unavailable_node_is_due_after_repair_after(
 
 
 def test_a_finished_repair_switches_the_part_counts_it_and_forgets_the_report(
-    store: SqliteMetadataStore,
+    store: SqlMetadataStore,
 ) -> None:
     store.mark_damaged("n2", ["p.2"], "missing on its node", 5.0)
     repair(store, lost_before=0.0)
@@ -118,7 +116,7 @@ def test_a_finished_repair_switches_the_part_counts_it_and_forgets_the_report(
 
 
 def test_a_repair_with_the_wrong_bytes_is_refused_and_due_again(
-    store: SqliteMetadataStore,
+    store: SqlMetadataStore,
 ) -> None:
     store.mark_damaged("n3", ["p.3"], "failed its checksum", 5.0)
     repair(store, lost_before=0.0)
@@ -129,7 +127,7 @@ def test_a_repair_with_the_wrong_bytes_is_refused_and_due_again(
     assert repair(store, lost_before=0.0) == ["p.3:n3->n7"]
 
 
-def test_two_lost_parts_of_one_file_never_go_to_one_node(store: SqliteMetadataStore) -> None:
+def test_two_lost_parts_of_one_file_never_go_to_one_node(store: SqlMetadataStore) -> None:
     store.mark_damaged("n0", ["p.0"], "failed its checksum", 5.0)
     store.mark_damaged("n1", ["p.1"], "failed its checksum", 5.0)
     done = repair(store, lost_before=0.0)
@@ -140,7 +138,7 @@ def test_two_lost_parts_of_one_file_never_go_to_one_node(store: SqliteMetadataSt
         store.begin_move(key="p.2", source="n2", target="n6", now=6.0, lease_until=60.0)
 
 
-def test_with_no_node_free_of_the_file_a_lost_part_waits(store: SqliteMetadataStore) -> None:
+def test_with_no_node_free_of_the_file_a_lost_part_waits(store: SqlMetadataStore) -> None:
     for node in NODES[6:]:  # the three empty nodes go away
         store.mark_node_suspect(node, 5.0)
     store.mark_damaged("n4", ["p.4"], "failed its checksum", 5.0)

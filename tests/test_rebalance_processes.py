@@ -239,7 +239,8 @@ def test_two_nodes_join_and_the_rebalancer_evens_the_fill_under_load(tmp_path: P
         plan = cluster.karma8("rebalance", "--dry-run")
         print(f"\n$ karma8 nodes   (as the new nodes joined)\n{joined}")
         print(f"$ karma8 nodes   (at the end)\n{listed}\n$ karma8 rebalance --dry-run\n{plan}")
-        footer = listed.splitlines()[-3:]
+        footer = listed.splitlines()[-4:]  # the rebalancing's 3 lines, then repair's
+        assert footer[3].startswith("repair: 0 files below full redundancy"), listed
         moved = re.match(r"moved (\S+ \S+) \((\d+) parts\)", footer[1])
         assert moved is not None, listed
         assert moved.group(1) != "0 B"
