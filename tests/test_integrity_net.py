@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from karma8.actors.storage import StorageNode
 from karma8.core.errors import NotFound
 from karma8.net import admin
+from karma8.net.status_view import fetch_status
 from karma8.ports import StoredPart
 
 from drivers import eventually, net_config, net_driver
@@ -93,16 +94,22 @@ async def test_flipped_and_truncated_parts_never_read_back_complete(
         assert (await client.get(f"{gateway}/default/healthy")).content == payload(50_000, 3)
         assert await read_failures(client, gateway) == failures_before + 1
 
+        # Each node that served a damaged part verified it and took it out of service (the
+        # reader, over HTTP, saw only a cut stream or an error), and told discovery.
+        damaged = (flipped, small_flipped, truncated)
+
+        async def taken_out() -> bool:
+            status = await fetch_status(net._discovery_url, net_config().secret)
+            reported = status.totals.degraded_files == 3
+            return reported and all(quarantined(tmp_path, key) for key in damaged)
+
+        await eventually(taken_out, what="the damaged parts quarantined and reported")
+        # The scrubber finds nothing more; the damaged parts are no longer served.
         results = await admin.scrub_all(net._discovery_url, net_config().secret)
-        corrupt = sorted(key for r in results for key in r["corrupt"])
-        assert corrupt == sorted([flipped, small_flipped, truncated])
-        assert sum(r["checked"] for r in results) == 20
-        # Quarantined parts are out of service: a clean error, and kept aside on disk.
+        assert all(r["corrupt"] == [] for r in results)
+        assert sum(r["checked"] for r in results) == 20 - 3
         response = await client.get(f"{gateway}/default/flipped")
         assert response.status_code == 502
-        assert quarantined(tmp_path, flipped)
-        again = await admin.scrub_all(net._discovery_url, net_config().secret)
-        assert all(r["corrupt"] == [] for r in again)
 
 
 @LOCAL_OR_HTTP
@@ -122,14 +129,21 @@ async def test_range_get_of_a_flipped_byte_never_yields_wrong_bytes(
         client = net._http
         url = f"{net._gateway}/default/ranged"
         # A Range GET reads only a slice of each part (the whole-part sha256 is not checked):
-        # the block checksums stop the damaged bytes at the storage node.
+        # the block checksums stop the damaged bytes at the storage node, which then takes
+        # the part out of service (a later read finds it gone).
         for first, last in [(bad, bad), (bad - 2000, bad + 2000)]:
             try:
                 response = await client.get(url, headers={"Range": f"bytes={first}-{last}"})
             except httpx.RemoteProtocolError:
                 continue  # cut short before its end: the client can tell
             assert response.status_code == 502, (response.status_code, first, last)
-            assert response.json()["error"]["code"] == "integrity_error"
+            code = response.json()["error"]["code"]
+            assert code in ("integrity_error", "storage_failure"), code
+
+        async def taken_out() -> bool:
+            return quarantined(tmp_path, placement.key)
+
+        await eventually(taken_out, what="the damaged part quarantined")
 
         # Bytes that live in a different part still read fine.
         unit = version.layout.unit

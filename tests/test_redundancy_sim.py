@@ -252,13 +252,24 @@ class CountingStorage:
     @asynccontextmanager
     async def read_part(self, *args: Any, **kwargs: Any) -> AsyncIterator[AsyncIterator[bytes]]:
         async with self._inner.read_part(*args, **kwargs) as chunks:
+            yield Counted(chunks, self)
 
-            async def counted() -> AsyncIterator[bytes]:
-                async for chunk in chunks:
-                    self.read += len(chunk)
-                    yield chunk
 
-            yield counted()
+class Counted:
+    """A part stream that adds what passes to its counter (an iterator class: a stream
+    given up on leaves no generator to finalise)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], counter: CountingStorage) -> None:
+        self._chunks = chunks
+        self._counter = counter
+
+    def __aiter__(self) -> Counted:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await anext(self._chunks)
+        self._counter.read += len(chunk)
+        return chunk
 
 
 @pytest.mark.parametrize("parity", [1, 2])

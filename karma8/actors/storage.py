@@ -16,11 +16,13 @@ import logging
 import re
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AbstractAsyncContextManager, suppress
+from typing import Any
 
 import attrs
 import trio
 
 from karma8.core.errors import (
+    IntegrityError,
     InvalidRequest,
     Karma8Error,
     NotFound,
@@ -81,6 +83,9 @@ class StorageNode:
         self._discovery = discovery
         self._config = config
         self._suspects: dict[str, float] = {}
+        # Parts a read found damaged, for the checker task (bounded: when it is full, the
+        # scrubber finds the rest).
+        self._damaged_send, self._damaged_receive = trio.open_memory_channel[str](256)
         # Plain counts since start, for the operator's metrics (the net layer reads them).
         self.counts = dict.fromkeys(
             ("scrubbed_parts", "corrupt_parts", "garbage_deleted", "orphans_deleted"), 0
@@ -114,6 +119,7 @@ class StorageNode:
         task_status.started()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.run_scrubber, name=f"scrubber-{self.node_id}")
+            nursery.start_soon(self._check_damaged, name=f"checker-{self.node_id}")
             await self._heartbeats()
 
     async def _heartbeats(self) -> None:
@@ -159,13 +165,39 @@ class StorageNode:
                 log.error("node %s: part %s failed its checksum; quarantined", self.node_id, key)
             if pause:
                 await trio.sleep(pause)
-        if corrupt:
-            # Best effort: one not told now is found missing by the next parts check.
-            with suppress(Karma8Error):
-                await self._discovery.report_lost_parts(
-                    node_id=self.node_id, keys=corrupt, reason="failed its checksum"
-                )
+        await self._report_corrupt(corrupt)
         return ScrubReport(node_id=self.node_id, checked=checked, corrupt=tuple(corrupt))
+
+    async def _check_damaged(self) -> None:
+        """Verify each part a read found damaged and, if it is corrupt, take it out of
+        service and report it, as the scrubber would. (Over HTTP the reader sees only a cut
+        stream, which could as well be this node dying: the node is the one that knows.)"""
+        async for key in self._damaged_receive:
+            try:
+                intact = await self._store.verify(key)
+            except NotFound:
+                continue
+            if intact:
+                continue
+            await self._store.quarantine(key)
+            self.counts["corrupt_parts"] += 1
+            log.error(
+                "node %s: part %s failed its checksum on a read; quarantined", self.node_id, key
+            )
+            await self._report_corrupt([key])
+
+    def _read_failed_check(self, key: str) -> None:
+        with suppress(trio.WouldBlock):
+            self._damaged_send.send_nowait(key)
+
+    async def _report_corrupt(self, keys: list[str]) -> None:
+        if not keys:
+            return
+        # Best effort: one not told now is found missing by the next parts check.
+        with suppress(Karma8Error):
+            await self._discovery.report_lost_parts(
+                node_id=self.node_id, keys=keys, reason="failed its checksum"
+            )
 
     async def run_scrubber(self) -> None:
         """Scrub all parts once per ``scrub_interval``, throttled; runs until cancelled."""
@@ -233,7 +265,7 @@ class StorageNode:
         check_part_key(key)
         if offset < 0 or length < 0:
             raise InvalidRequest("offset and length must not be negative")
-        return self._store.open(key, offset=offset, length=length)
+        return _Watched(self._store.open(key, offset=offset, length=length), key, self)
 
     async def stat_part(self, key: str) -> StoredPart | None:
         check_part_key(key)
@@ -245,3 +277,41 @@ class StorageNode:
 
     async def part_keys(self) -> list[str]:
         return await self._store.keys()
+
+
+class _Watched:
+    """A part read whose block that fails its check (at opening or mid-stream) has the
+    node verify the part in the background; the error goes on to the reader at once."""
+
+    def __init__(
+        self,
+        opened: AbstractAsyncContextManager[AsyncIterator[bytes]],
+        key: str,
+        node: StorageNode,
+    ) -> None:
+        self._opened = opened
+        self._key = key
+        self._node = node
+        self._chunks: AsyncIterator[bytes] | None = None
+
+    async def __aenter__(self) -> _Watched:
+        try:
+            self._chunks = await self._opened.__aenter__()
+        except IntegrityError:
+            self._node._read_failed_check(self._key)
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self._opened.__aexit__(*exc_info)
+
+    def __aiter__(self) -> _Watched:
+        return self
+
+    async def __anext__(self) -> bytes:
+        assert self._chunks is not None
+        try:
+            return await anext(self._chunks)
+        except IntegrityError:
+            self._node._read_failed_check(self._key)
+            raise
