@@ -128,9 +128,11 @@ async def instances(tmp_path: Path, *, nodes: int = 6) -> AsyncIterator[Instance
             await nursery.start(discovery.run)
             nodes_http = HttpStorageClient(http, blocking=inline)
             rebalancer = Rebalancer(
-                discovery=discovery, storage=nodes_http, config=RebalancerConfig()
+                discovery=discovery.moves, storage=nodes_http, config=RebalancerConfig()
             )
-            repairer = Repairer(discovery=discovery, storage=nodes_http, config=RepairConfig())
+            repairer = Repairer(
+                discovery=discovery.moves, storage=nodes_http, config=RepairConfig()
+            )
             app = discovery_app(discovery, secret=SECRET, rebalancer=rebalancer, repairer=repairer)
             urls.append(await nursery.start(partial(serve_app, app, host="127.0.0.1", port=0)))
         proxy = Proxy(urls[0])

@@ -76,11 +76,11 @@ def test_a_node_gone_for_repair_after_has_its_parts_rebuilt_elsewhere(
         on_gone = [v for v in before if {p.node.node_id for p in v.parts} & set(gone)]
         lost = sum(p.node.node_id in gone for v in before for p in v.parts)
         await trio.sleep(REPAIR_AFTER / 2)  # away, but not long enough: nothing moves yet
-        status = await discovery(cluster).repair_status(repair_after=REPAIR_AFTER)
+        status = await discovery(cluster).moves.repair_status(repair_after=REPAIR_AFTER)
         assert (status.degraded_files, status.lost_parts) == (len(on_gone), lost)
         assert (status.due_parts, status.repaired_parts) == (0, 0)
         await settle(cluster, REPAIR_AFTER + 10)
-        status = await discovery(cluster).repair_status(repair_after=REPAIR_AFTER)
+        status = await discovery(cluster).moves.repair_status(repair_after=REPAIR_AFTER)
         assert (status.lost_parts, status.degraded_files) == (0, 0)
         assert status.repaired_parts == lost
         for version in await versions(cluster, namespace, list(files)):
@@ -157,7 +157,7 @@ def test_raid0_parts_cannot_be_repaired_and_nothing_moves() -> None:
         node = (await cluster.gateway.stat("default", "f/1003")).parts[0].node.node_id
         await lose(cluster, node)
         await trio.sleep(REPAIR_AFTER + 10)
-        status = await discovery(cluster).repair_status(repair_after=REPAIR_AFTER)
+        status = await discovery(cluster).moves.repair_status(repair_after=REPAIR_AFTER)
         assert status.degraded_files > 0  # counted below full redundancy ...
         assert (status.lost_parts, status.repairing_parts, status.repaired_parts) == (0, 0, 0)
         for version in await versions(cluster, "default", list(files)):  # ... and left alone
@@ -177,7 +177,7 @@ def test_repair_waits_for_a_target_when_no_node_may_take_the_part() -> None:
         node = (await cluster.gateway.stat(namespace, "f/1003")).parts[3].node.node_id
         await lose(cluster, node)
         await trio.sleep(REPAIR_AFTER + 10)
-        status = await discovery(cluster).repair_status(repair_after=REPAIR_AFTER)
+        status = await discovery(cluster).moves.repair_status(repair_after=REPAIR_AFTER)
         assert status.due_parts == len(files)
         assert status.repaired_parts == 0
         assert checker.layout_holds(cluster) == []

@@ -217,10 +217,12 @@ def test_the_rebalancer_counts_leased_bytes_as_taken() -> None:
         d = discovery(cluster)
         await cluster.gateway.put("default", "f", BytesChunks(payload(50), 7), content_length=50)
         before = {
-            f.node_id: f.free for f in (await d.plan_rebalance(tolerance_pp=0, batch=1)).fills
+            f.node_id: f.free for f in (await d.moves.plan_rebalance(tolerance_pp=0, batch=1)).fills
         }
         version = await d.place_upload(namespace="default", name="g", size=1000)
-        after = {f.node_id: f.free for f in (await d.plan_rebalance(tolerance_pp=0, batch=1)).fills}
+        after = {
+            f.node_id: f.free for f in (await d.moves.plan_rebalance(tolerance_pp=0, batch=1)).fills
+        }
         for placement in version.parts:
             node = placement.node.node_id
             assert before[node] - after[node] == 200

@@ -33,6 +33,7 @@ from functools import partial
 import attrs
 import trio
 
+from karma8.actors.movedesk import MoveDesk
 from karma8.core.access import (
     NamespaceInfo,
     Right,
@@ -43,7 +44,6 @@ from karma8.core.access import (
 )
 from karma8.core.errors import (
     InvalidRequest,
-    NotEnoughNodes,
     NotFound,
     TooLarge,
     Unavailable,
@@ -61,29 +61,14 @@ from karma8.core.model import (
     ClusterTotals,
     FileEntry,
     FileVersion,
-    MoveTicket,
     NodeRegistration,
     NodeStatus,
     PartPlacement,
     PartReceipt,
-    RebalanceStatus,
-    Repair,
-    RepairStatus,
     VersionState,
 )
 from karma8.core.names import check_name, check_namespace
 from karma8.core.placement import NodeLoad, place_parts
-from karma8.core.rebalance import (
-    MovablePart,
-    Move,
-    NodeFill,
-    RebalancePlan,
-    bytes_over_target,
-    fill_targets,
-    imbalance_pp,
-    plan_moves,
-    spread_pp,
-)
 from karma8.ports import BlockingRunner, Clock, IdSource, MetadataStore
 
 log = logging.getLogger("karma8.discovery")
@@ -155,6 +140,14 @@ class Discovery:
         # Plain counts since start, for the operator's metrics (the net layer reads them).
         self.counts = {"sweeps": 0, "expired_uploads": 0, "expired_placements": 0}
         self._engines: dict[str, tuple[int, int]] = {}  # namespace -> (copies, parity)
+        # What the rebalancer and repair ask for (karma8.ports.RebalanceAPI).
+        self.moves = MoveDesk(
+            store=store,
+            blocking=blocking,
+            clock=clock,
+            leases=self.leases,
+            parts=config.layout.parts,
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Create the configured namespaces, then sweep until cancelled."""
@@ -229,7 +222,10 @@ class Discovery:
 
         def place(loads: Sequence[NodeLoad]) -> Sequence[str]:
             return place_parts(
-                self._with_leases(loads), count=layout.slots, part_size=part_size, salt=version_id
+                self.leases.with_held(loads),
+                count=layout.slots,
+                part_size=part_size,
+                salt=version_id,
             )
 
         return await self._blocking(
@@ -319,7 +315,7 @@ class Discovery:
             view = self._store.placement_view(namespace, name, if_absent=if_absent)
             urls = {load.node_id: url for load, url in view}
             chosen = place_parts(
-                self._with_leases([load for load, _ in view]),
+                self.leases.with_held([load for load, _ in view]),
                 count=layout.slots,
                 part_size=max(sizes),
                 salt=version_id,
@@ -351,7 +347,9 @@ class Discovery:
         salt = f"{version_id}.{index}"
 
         def place(loads: Sequence[NodeLoad], part_size: int) -> Sequence[str]:
-            return place_parts(self._with_leases(loads), count=1, part_size=part_size, salt=salt)
+            return place_parts(
+                self.leases.with_held(loads), count=1, part_size=part_size, salt=salt
+            )
 
         def replace() -> PartPlacement:
             if not self.leases.holds(version_id):
@@ -373,26 +371,6 @@ class Discovery:
             return moved.pending_version().parts[index]
 
         return await self._blocking(replace)
-
-    def _with_leases(self, loads: Sequence[NodeLoad]) -> list[NodeLoad]:
-        """``loads`` with the bytes placement leases reserve added to each node's."""
-        leases = self.leases
-        return [
-            attrs.evolve(load, reserved=load.reserved + held)
-            if (held := leases.reserved_on(load.node_id))
-            else load
-            for load in loads
-        ]
-
-    def _fills_with_leases(self) -> list[NodeFill]:
-        """The rebalancer's view of the nodes: room that placement leases hold is not free."""
-        leases = self.leases
-        return [
-            attrs.evolve(fill, free=fill.free - held)
-            if (held := leases.reserved_on(fill.node_id))
-            else fill
-            for fill in self._store.rebalance_fills()
-        ]
 
     async def extend_upload(self, *, version_id: str, size: int) -> None:
         if not 0 <= size <= self.config.max_file_size:
@@ -592,133 +570,6 @@ class Discovery:
 
     async def expected_parts(self, *, node_id: str) -> list[str]:
         return await self._blocking(lambda: self._store.expected_parts(node_id))
-
-    # -- part moves (the rebalancer's and repair's side, see karma8.actors.rebalancer) ------
-
-    async def plan_rebalance(
-        self,
-        *,
-        tolerance_pp: float,
-        batch: int,
-        max_bytes: int | None = None,
-        no_donors: frozenset[str] = frozenset(),
-        no_receivers: frozenset[str] = frozenset(),
-    ) -> RebalancePlan:
-        """The next moves towards even filling, from up to ``batch`` parts of each node above
-        its target (see :func:`karma8.core.rebalance.plan_moves`)."""
-        parts = self.config.layout.parts
-
-        def plan() -> RebalancePlan:
-            fills = self._fills_with_leases()
-            targets = fill_targets(fills, parts=parts)
-            donors = [
-                n.node_id
-                for n in fills
-                if n.live - targets[n.node_id] > tolerance_pp / 100 * n.capacity
-                and n.node_id not in no_donors
-            ]
-            receivers = [
-                n.node_id
-                for n in fills
-                if n.live < targets[n.node_id] and n.node_id not in no_receivers
-            ]
-            candidates = {
-                d: self._store.movable_parts(d, limit=batch, receivers=receivers) for d in donors
-            }
-            moves = plan_moves(
-                fills,
-                candidates,
-                parts=parts,
-                tolerance_pp=tolerance_pp,
-                max_bytes=max_bytes,
-                no_donors=no_donors,
-                no_receivers=no_receivers,
-            )
-            return RebalancePlan(fills=tuple(fills), targets=targets, moves=tuple(moves))
-
-        return await self._blocking(plan)
-
-    async def rebalance_status(self) -> RebalanceStatus:
-        """How even the filling is and what moved so far (without the mover's rate)."""
-        parts = self.config.layout.parts
-
-        def status() -> RebalanceStatus:
-            fills = self._fills_with_leases()
-            targets = fill_targets(fills, parts=parts)
-            counts = self._store.move_counts()
-            live = {n.node_id: n.live for n in fills}
-            return RebalanceStatus(
-                spread_pp=spread_pp(fills, parts=parts),
-                imbalance_pp=imbalance_pp(fills, targets),
-                remaining_bytes=bytes_over_target(live, targets) + counts["moving_bytes"],
-                moving_bytes=counts["moving_bytes"],
-                moving_parts=counts["moving_parts"],
-                moved_bytes=counts["moved_bytes"],
-                moved_parts=counts["moved_parts"],
-            )
-
-        return await self._blocking(status)
-
-    async def begin_move(self, move: Move, *, lease: float) -> MoveTicket:
-        now = self._clock.now()
-        return await self._blocking(
-            lambda: self._store.begin_move(
-                key=move.key,
-                source=move.source,
-                target=move.target,
-                now=now,
-                lease_until=now + lease,
-                held=self.leases.reserved_on(move.target),
-            )
-        )
-
-    async def finish_move(self, *, key: str, target: str, checksum: str) -> None:
-        now = self._clock.now()
-        await self._blocking(
-            lambda: self._store.finish_move(key=key, target=target, checksum=checksum, now=now)
-        )
-
-    async def abort_move(self, *, key: str) -> None:
-        now = self._clock.now()
-        await self._blocking(lambda: self._store.abort_move(key, now))
-
-    async def begin_repairs(self, *, repair_after: float, limit: int, lease: float) -> list[Repair]:
-        """Each lost part goes where a new part would: the emptiest available node with room
-        that holds no part of its version (ties broken by the part's key)."""
-        now = self._clock.now()
-        leases = self.leases
-
-        def place(loads: Sequence[NodeLoad], part: MovablePart) -> str | None:
-            try:
-                (target,) = place_parts(
-                    self._with_leases(loads), count=1, part_size=part.size, salt=part.key
-                )
-            except NotEnoughNodes:
-                return None
-            return target
-
-        return await self._blocking(
-            lambda: self._store.begin_repairs(
-                lost_before=now - repair_after,
-                limit=limit,
-                now=now,
-                lease_until=now + lease,
-                place=place,
-                held=leases.reserved_on,
-            )
-        )
-
-    async def repair_status(self, *, repair_after: float) -> RepairStatus:
-        lost_before = self._clock.now() - repair_after
-        c = await self._blocking(lambda: self._store.repair_counts(lost_before))
-        return RepairStatus(
-            degraded_files=c["degraded_files"],
-            lost_parts=c["lost_parts"],
-            due_parts=c["due_parts"],
-            repairing_parts=c["repairing_parts"],
-            repaired_parts=c["repaired_parts"],
-            repaired_bytes=c["repaired_bytes"],
-        )
 
 
 def _check_registration(registration: NodeRegistration) -> None:

@@ -22,12 +22,14 @@ PostgreSQL run there), so each method holds a lock: a running sum is never half 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import attrs
 
 from karma8.core.layout import StripeLayout
 from karma8.core.model import FileVersion, NodeRef, PartPlacement, VersionState, part_key
+from karma8.core.placement import NodeLoad
+from karma8.core.rebalance import NodeFill
 
 
 @attrs.frozen(kw_only=True)
@@ -140,6 +142,24 @@ class PlacementLeases:
     def reserved_on(self, node_id: str) -> int:
         """Bytes the held leases reserve on ``node_id`` (expired ones until dropped)."""
         return self._by_node.get(node_id, 0)
+
+    def with_held(self, loads: Sequence[NodeLoad]) -> list[NodeLoad]:
+        """``loads`` with the bytes the leases hold added to each node's reserved bytes."""
+        return [
+            attrs.evolve(load, reserved=load.reserved + held)
+            if (held := self.reserved_on(load.node_id))
+            else load
+            for load in loads
+        ]
+
+    def less_held(self, fills: Sequence[NodeFill]) -> list[NodeFill]:
+        """``fills`` with the room the leases hold taken from each node's free bytes."""
+        return [
+            attrs.evolve(fill, free=fill.free - held)
+            if (held := self.reserved_on(fill.node_id))
+            else fill
+            for fill in fills
+        ]
 
     def keys_on(self, node_id: str, now: float) -> set[str]:
         """Part keys of unexpired leases on ``node_id``: known, never orphans."""

@@ -354,8 +354,8 @@ async def serve_discovery(
     """Discovery and, beside it, the rebalancer and repair, which move parts through
     ``storage`` (read from the source node or rebuilt from the others, written to the
     target, as a gateway does)."""
-    rebalancer = Rebalancer(discovery=discovery, storage=storage, config=config.rebalance)
-    repairer = Repairer(discovery=discovery, storage=storage, config=config.repair)
+    rebalancer = Rebalancer(discovery=discovery.moves, storage=storage, config=config.rebalance)
+    repairer = Repairer(discovery=discovery.moves, storage=storage, config=config.repair)
     # The status view's recent errors: this process's warnings and errors (in the embedded
     # cluster, every role's).
     recent = RecentErrors()

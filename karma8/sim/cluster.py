@@ -112,9 +112,11 @@ class SimCluster:
         discovery = self.discovery = self._discovery()
         storage = SimStorageClient(self.network, DISCOVERY)
         self.rebalancer = Rebalancer(
-            discovery=discovery, storage=storage, config=self.scenario.rebalance
+            discovery=discovery.moves, storage=storage, config=self.scenario.rebalance
         )
-        self.repairer = Repairer(discovery=discovery, storage=storage, config=self.scenario.repair)
+        self.repairer = Repairer(
+            discovery=discovery.moves, storage=storage, config=self.scenario.repair
+        )
         return _DiscoveryProcess(discovery, self.rebalancer, self.repairer)
 
     async def start(self) -> None:
