@@ -26,12 +26,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import attrs
-
 from karma8.core.errors import (
     DiskFull,
     IntegrityError,
-    MoveConflict,
     NotFound,
     PreconditionFailed,
     UploadConflict,
@@ -41,26 +38,25 @@ from karma8.core.model import (
     ClusterTotals,
     FileEntry,
     FileVersion,
-    MoveTicket,
     NodeRef,
     NodeRegistration,
     NodeStatus,
     PartPlacement,
     PartReceipt,
-    Repair,
     VersionState,
     etag_of,
     part_key,
 )
 from karma8.core.placement import NodeLoad
-from karma8.core.rebalance import MovablePart, NodeFill
-from karma8.metadata import moves, repairs, reservations, totals
+from karma8.metadata import reservations, totals
 from karma8.metadata.access import NamespaceStore
+from karma8.metadata.movestore import MoveStore
+from karma8.metadata.nodeparts import NodePartsStore
 from karma8.metadata.rows import committed_id, layout_of, load_version, node_load, node_status
 from karma8.metadata.sql import Connection, Row
 
 
-class SqlMetadataStore(NamespaceStore):
+class SqlMetadataStore(NamespaceStore, MoveStore, NodePartsStore):
     """The :class:`karma8.ports.MetadataStore` on a :class:`~karma8.metadata.sql.Database`
     (namespaces and tokens: :class:`karma8.metadata.access.NamespaceStore`)."""
 
@@ -514,213 +510,6 @@ class SqlMetadataStore(NamespaceStore):
             )
             for r in rows
         ]
-
-    # -- garbage --------------------------------------------------------------------------
-
-    def stale_copies(self) -> list[tuple[str, str]]:
-        """Every copy a move left behind, not deleted yet: (part key, node id)."""
-        with self._read() as db:
-            rows = db.execute(
-                "SELECT part_key, node_id FROM stale_copies ORDER BY part_key, node_id"
-            ).fetchall()
-        return [(r["part_key"], r["node_id"]) for r in rows]
-
-    def garbage_for_node(self, node_id: str, *, retired_before: float, limit: int) -> list[str]:
-        """Keys the node should delete: parts of aborted versions, parts of versions retired
-        before ``retired_before``, and copies a move left behind as long ago."""
-        with self._read() as db:
-            rows = db.execute(
-                """
-                SELECT p.part_key FROM versions v CROSS JOIN parts p
-                WHERE v.state IN ('aborted', 'retired')
-                  AND (v.state = 'aborted' OR v.retired_at <= ?)
-                  AND p.version_id = v.version_id AND +p.node_id = ?
-                UNION
-                SELECT part_key FROM stale_copies WHERE node_id = ? AND released_at <= ?
-                ORDER BY 1 LIMIT ?
-                """,
-                (retired_before, node_id, node_id, retired_before, limit),
-            ).fetchall()
-        return [r["part_key"] for r in rows]
-
-    def forget_parts(self, node_id: str, keys: Sequence[str]) -> int:
-        """Drop rows of garbage parts the node has deleted. Live parts are never dropped."""
-        forgotten = 0
-        with self._tx() as db:
-            for key in keys:
-                if moves.forget_stale(db, node_id, key):
-                    forgotten += 1
-                    continue
-                row = db.execute(
-                    """
-                    SELECT p.version_id, p.size FROM parts p JOIN versions v USING (version_id)
-                    WHERE p.part_key = ? AND p.node_id = ? AND v.state IN ('aborted', 'retired')
-                    """,
-                    (key, node_id),
-                ).fetchone()
-                if row is None:
-                    continue
-                db.execute("DELETE FROM parts WHERE part_key = ?", (key,))
-                repairs.forget(db, key)
-                db.execute(
-                    "UPDATE nodes SET used_bytes = used_bytes - ?, parts = parts - 1"
-                    " WHERE node_id = ?",
-                    (row["size"] or 0, node_id),
-                )
-                remaining = db.execute(
-                    "SELECT 1 FROM parts WHERE version_id = ? LIMIT 1", (row["version_id"],)
-                ).fetchone()
-                if remaining is None:
-                    db.execute("DELETE FROM versions WHERE version_id = ?", (row["version_id"],))
-                forgotten += 1
-        return forgotten
-
-    def part_keys_on_node(self, node_id: str) -> set[str]:
-        """Every key discovery knows on the node: its parts, copies moving to it, and stale
-        copies waiting for deletion."""
-        with self._read() as db:
-            return {
-                r[0]
-                for r in db.execute(
-                    "SELECT part_key FROM parts WHERE node_id = :id"
-                    " UNION SELECT part_key FROM moves WHERE target = :id"
-                    " UNION SELECT part_key FROM stale_copies WHERE node_id = :id",
-                    {"id": node_id},
-                )
-            }
-
-    # -- part moves (see karma8.metadata.moves) -------------------------------------------
-
-    def rebalance_fills(self) -> list[NodeFill]:
-        with self._read() as db:
-            return moves.node_fills(db)
-
-    def movable_parts(
-        self, node_id: str, *, limit: int, receivers: Sequence[str]
-    ) -> list[MovablePart]:
-        with self._read() as db:
-            return moves.movable_parts(db, node_id, limit, receivers)
-
-    def begin_move(
-        self,
-        *,
-        key: str,
-        source: str,
-        target: str,
-        now: float,
-        lease_until: float,
-        held: int = 0,
-    ) -> MoveTicket:
-        with self._tx() as db:
-            return moves.begin_move(
-                db,
-                key=key,
-                source=source,
-                target=target,
-                now=now,
-                lease_until=lease_until,
-                held=held,
-            )
-
-    def finish_move(self, *, key: str, target: str, checksum: str, now: float) -> None:
-        """Switch a moved part to its copy on ``target``. Raises MoveConflict or
-        IntegrityError, having aborted the move, when it cannot."""
-        with self._tx() as db:
-            problem = moves.finish_move(db, key=key, target=target, checksum=checksum, now=now)
-        if problem is not None:
-            raise problem
-
-    def abort_move(self, key: str, now: float) -> bool:
-        with self._tx() as db:
-            return moves.abort_move(db, key=key, now=now)
-
-    def expire_moves(self, now: float) -> int:
-        """Abort the moves whose lease ran out (their mover died or hung)."""
-        with self._tx() as db:
-            expired = moves.expired_moves(db, now)
-            for key in expired:
-                moves.abort_move(db, key=key, now=now)
-        return len(expired)
-
-    def move_counts(self) -> dict[str, int]:
-        """Moves under way and done: ``moving_parts``, ``moving_bytes``, ``moved_parts``,
-        ``moved_bytes``, and ``stale_copies`` left by moves and not yet deleted."""
-        with self._read() as db:
-            parts, size = moves.moving(db)
-            stale = db.execute("SELECT count(*) FROM stale_copies").fetchone()[0]
-            return {
-                "stale_copies": int(stale),
-                "moving_parts": parts,
-                "moving_bytes": size,
-                "moved_parts": moves.counter(db, "moved_parts"),
-                "moved_bytes": moves.counter(db, "moved_bytes"),
-            }
-
-    # -- repair (see karma8.metadata.repairs) ---------------------------------------------
-
-    def mark_damaged(self, node_id: str, keys: Sequence[str], reason: str, now: float) -> int:
-        with self._tx() as db:
-            return repairs.mark_damaged(db, node_id, keys, reason, now)
-
-    def expected_parts(self, node_id: str) -> list[str]:
-        """Keys of the parts of current versions that the node holds, as discovery knows."""
-        with self._read() as db:
-            return [
-                r[0]
-                for r in db.execute(
-                    "SELECT p.part_key FROM parts p JOIN versions v USING (version_id)"
-                    " WHERE p.node_id = ? AND v.state = 'committed' ORDER BY p.part_key",
-                    (node_id,),
-                )
-            ]
-
-    def begin_repairs(
-        self,
-        *,
-        lost_before: float,
-        limit: int,
-        now: float,
-        lease_until: float,
-        place: Callable[[Sequence[NodeLoad], MovablePart], str | None],
-        held: Callable[[str], int],
-    ) -> list[Repair]:
-        """Record repair moves for up to ``limit`` due parts (see
-        :func:`karma8.metadata.repairs.due_parts`), each to the node ``place`` picks among
-        the available ones it may go to (None: none can take it now)."""
-        repaired: list[Repair] = []
-        with self._tx() as db:
-            loads = {
-                r["node_id"]: node_load(r)
-                for r in db.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
-            }
-            for part in repairs.due_parts(db, lost_before, limit):
-                allowed = [n for n in loads.values() if n.node_id not in part.blocked]
-                target = place(allowed, part)
-                if target is None:
-                    continue
-                try:
-                    ticket = moves.begin_move(
-                        db,
-                        key=part.key,
-                        source=part.node_id,
-                        target=target,
-                        now=now,
-                        lease_until=lease_until,
-                        held=held(target),
-                        kind="repair",
-                    )
-                except MoveConflict:
-                    continue  # (checked before anything was written)
-                load = loads[target]
-                loads[target] = attrs.evolve(load, reserved=load.reserved + part.size)
-                version = load_version(db, part.version_id)
-                slot = next(p.index for p in version.parts if p.key == part.key)
-                repaired.append(Repair(ticket=ticket, version=version, slot=slot))
-        return repaired
-
-    def repair_counts(self, lost_before: float) -> dict[str, int]:
-        with self._read() as db:
-            return repairs.counts(db, lost_before)
 
     def part_row(self, key: str) -> PartPlacement | None:
         """A part by its key, wherever it is (for checkers and admin tools)."""
