@@ -20,7 +20,7 @@ import trio
 from hypercorn.typing import Framework
 
 from karma8.net.clients import HttpDiscoveryClient, make_http_client
-from karma8.net.serve import serve_app
+from karma8.net.serving import serve_app
 
 Message = dict[str, Any]
 

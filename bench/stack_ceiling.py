@@ -5,7 +5,7 @@
 PUT keeps the body under its path (201), GET answers it (200, or 404), HEAD its length,
 anything else 405. Nothing is split, hashed, synced or written to disk, and nothing survives
 a restart: this is not a store. It is served as karma8's gateway is, by
-:func:`karma8.net.serve.serve_app` (Hypercorn on trio, one process, karma8's Hypercorn
+:func:`karma8.net.serving.serve_app` (Hypercorn on trio, one process, karma8's Hypercorn
 configuration and fixes, no read timeout: karma8's default), as a plain ASGI callable like
 karma8's object routes, so the small requests it answers per second are the most that any
 karma8 built on this stack could answer on this machine with one event loop. With
@@ -33,7 +33,7 @@ from hypercorn.typing import ASGIReceiveCallable as Receive
 from hypercorn.typing import ASGISendCallable as Send
 from hypercorn.typing import Scope
 
-from karma8.net.serve import serve_app
+from karma8.net.serving import serve_app
 
 
 class MemoryFiles:

@@ -349,6 +349,7 @@ async def _until_signalled(run: Callable[[trio.Nursery], Awaitable[None]]) -> No
 def _serve(args: argparse.Namespace) -> int:
     from karma8.net import serve as net
     from karma8.net.clients import make_http_client
+    from karma8.net.discovery_role import check_metadata, run_discovery
     from karma8.net.requestlog import configure_logging
     from karma8.net.settings import load_net_config
     from karma8.net.workers import READY_PREFIX, exit_with_parent
@@ -382,7 +383,7 @@ def _serve(args: argparse.Namespace) -> int:
     role = args.role
     if role in ("all", "discovery"):
         try:
-            net.check_metadata(config)
+            check_metadata(config)
         except (ConfigError, SchemaError) as exc:
             print(f"karma8 serve: {exc}", file=sys.stderr)
             return EXIT_FAILED
@@ -418,7 +419,7 @@ def _serve(args: argparse.Namespace) -> int:
             data.mkdir(parents=True, exist_ok=True)
             url = await nursery.start(
                 partial(
-                    net.run_discovery,
+                    run_discovery,
                     config,
                     database=data / "discovery.sqlite3",
                     port=args.port,

@@ -20,7 +20,8 @@ import trio
 from karma8.actors.gateway import Gateway
 from karma8.core.model import FileVersion, NodeStatus
 from karma8.net.clients import HttpDiscoveryClient, make_http_client, raise_for_error
-from karma8.net.serve import NetConfig, run_cluster, run_storage
+from karma8.net.netconfig import NetConfig
+from karma8.net.serve import run_cluster, run_storage
 from karma8.sim.cluster import SimCluster
 from karma8.sim.runner import run_with_cluster
 from karma8.sim.scenario import ClusterSpec, Scenario

@@ -29,7 +29,7 @@ from karma8.core.model import NodeRegistration, PartReceipt, VersionState
 from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.net.clients import HttpDiscoveryClient, HttpStorageClient, make_http_client
 from karma8.net.discovery_app import discovery_app
-from karma8.net.serve import RandomIds, WallClock, serve_app
+from karma8.net.serving import RandomIds, WallClock, serve_app
 
 from processes import free_port
 

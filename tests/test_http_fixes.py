@@ -2,7 +2,7 @@
 
 The fixes a client sees (a closed connection closed at once, HTTP/2 not spoken) are tested
 on a real socket, against Hypercorn serving a plain ASGI app as the data-plane routes are
-served (:func:`karma8.net.serve.serve_app`).
+served (:func:`karma8.net.serving.serve_app`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from karma8.net.http_fixes import (
     patch_httpcore,
     patch_hypercorn,
 )
-from karma8.net.serve import HEADER_TIMEOUT, serve_app
+from karma8.net.netconfig import HEADER_TIMEOUT
+from karma8.net.serving import serve_app
 
 
 def requests(bodies: list[bytes], chunked: list[bool]) -> bytes:

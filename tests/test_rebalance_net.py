@@ -27,7 +27,7 @@ import trio
 from karma8.actors.rebalancer import RebalancerConfig
 from karma8.cli import main
 from karma8.core.model import NodeState
-from karma8.net.serve import NetConfig
+from karma8.net.netconfig import NetConfig
 
 from drivers import GIVE_UP, NetDriver, eventually, net_config, net_driver
 from processes import wait_for
@@ -319,7 +319,7 @@ def test_rebalance_says_when_discovery_cannot_be_reached(
 async def test_a_rebalancer_that_fails_unexpectedly_starts_again_and_discovery_stays(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from karma8.net.serve import keep_running
+    from karma8.net.discovery_role import keep_running
 
     runs = 0
 

@@ -9,7 +9,7 @@ import pytest
 
 from karma8.cli import main
 from karma8.core.tomlconf import ConfigError
-from karma8.net.serve import NetConfig
+from karma8.net.netconfig import NetConfig
 from karma8.net.settings import load_net_config
 from karma8.net.workers import worker_config_toml
 

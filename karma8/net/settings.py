@@ -20,7 +20,7 @@ from karma8.core.errors import InvalidName
 from karma8.core.names import check_namespace
 from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
 from karma8.net.locate import discovery_urls
-from karma8.net.serve import NetConfig
+from karma8.net.netconfig import NetConfig
 
 SIZES = ("capacity", "stripe_unit", "max_file_size", "reserve_step", "volume_size")
 OPTIONAL_STRINGS = ("secret", "metadata_url")

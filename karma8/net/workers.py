@@ -41,7 +41,7 @@ from karma8.net.locate import ENV_SECRET, ENV_SECRET_FILE
 from karma8.net.requestlog import JsonFormatter
 
 if TYPE_CHECKING:
-    from karma8.net.serve import NetConfig
+    from karma8.net.netconfig import NetConfig
 
 log = logging.getLogger("karma8.workers")
 

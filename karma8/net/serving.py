@@ -1,0 +1,124 @@
+"""What every net-mode role stands on: Hypercorn serving an app, the pools to discovery
+and to the nodes, and the real world's clock, ids and worker threads."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TypeVar
+
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.typing import Framework
+from quart_trio import QuartTrio
+
+from karma8.net.clients import HttpStorageClient, make_http_client
+from karma8.net.http_fixes import cap_connections, patch_hypercorn
+from karma8.net.netconfig import HEADER_TIMEOUT, MAX_CONNECTIONS, NetConfig
+from karma8.net.workers import shared_port_socket
+
+T = TypeVar("T")
+HASH_THREADS = 8  # per HTTP storage client; hashing releases the GIL
+
+
+class ThreadRunner:
+    """:class:`karma8.ports.BlockingRunner` for net mode: at most ``threads`` worker threads.
+
+    Hashing a chunk takes a while; running it in a thread keeps the event loop serving bytes
+    (and hashlib, which releases the GIL, uses another core).
+    """
+
+    def __init__(self, threads: int = 1) -> None:
+        self._limiter = trio.CapacityLimiter(threads)
+
+    async def __call__(self, fn: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+
+
+class WallClock:
+    def now(self) -> float:
+        return time.time()
+
+
+class RandomIds:
+    def new_id(self) -> str:
+        return secrets.token_hex(8)
+
+
+async def serve_app(
+    app: Framework,
+    *,
+    host: str,
+    port: int,
+    read_timeout: int | None = 60,
+    header_timeout: float = HEADER_TIMEOUT,
+    app_queue: int = 10,
+    max_connections: int = MAX_CONNECTIONS,
+    reuse_port: bool = False,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` with Hypercorn until cancelled; reports ``http://host:port``.
+
+    ``reuse_port``: bind with ``SO_REUSEPORT``, so that other processes (gateway workers)
+    can listen on the same port and the kernel spreads new connections over them.
+    """
+    patch_hypercorn()
+    config = HypercornConfig()
+    cap_connections(config, max_connections)
+    if reuse_port:
+        # Hypercorn sets SO_REUSEPORT only for its own multi-worker mode; a socket handed
+        # over by descriptor is taken as it is (and closed by Hypercorn).
+        config.bind = [f"fd://{shared_port_socket(host, port).detach()}"]
+    else:
+        config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.read_timeout = read_timeout or None
+    # Covers the wait for a request's headers too: Hypercorn's idle timer runs from the
+    # connection's start (or the previous answer) until a whole request head has arrived.
+    config.keep_alive_timeout = header_timeout
+    # Messages (body pieces of up to http_fixes.RECEIVE_SIZE) queued for a request that is
+    # not reading: Hypercorn's max_app_queue_size (default 10).
+    config.max_app_queue_size = app_queue
+    async with trio.open_nursery() as nursery:
+        urls: list[str] = await nursery.start(hypercorn_serve, app, config)
+        task_status.started(urls[0])
+
+
+def serving(
+    app: QuartTrio, config: NetConfig, port: int, *, app_queue: int = 10, reuse_port: bool = False
+) -> Callable[..., Awaitable[None]]:
+    """``serve_app`` for ``app`` bound with the config's host and read timeout."""
+    return partial(
+        serve_app,
+        app,
+        host=config.host,
+        port=port,
+        read_timeout=config.read_timeout,
+        header_timeout=config.header_timeout,
+        app_queue=app_queue,
+        max_connections=config.max_connections,
+        reuse_port=reuse_port,
+    )
+
+
+def storage_client(config: NetConfig, http: httpx.AsyncClient) -> HttpStorageClient:
+    """Storage nodes over ``http`` (a pool of its own), ``node_connections`` per node."""
+    return HttpStorageClient(
+        http, blocking=ThreadRunner(HASH_THREADS), node_connections=config.node_connections
+    )
+
+
+def data_pool(config: NetConfig) -> httpx.AsyncClient:
+    """The pool to storage nodes: bounded per node by :func:`storage_client`."""
+    return make_http_client(config.secret, max_connections=None)
+
+
+def control_pool(config: NetConfig) -> httpx.AsyncClient:
+    """The pool to discovery, apart from the nodes' one."""
+    return make_http_client(config.secret, max_connections=config.discovery_connections)
