@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,16 +167,30 @@ RPS_RE = re.compile(r"^Requests/sec:\s+([\d.]+)", re.MULTILINE)
 
 def wrk(server: Server, script: Path, seconds: int, script_args: list[str]) -> Sample:
     """wrk with CONNECTIONS connections for ``seconds``; Requests/sec, errors and latency."""
+    return wrk_url(server.base_url, script, seconds, script_args)
+
+
+def wrk_url(
+    base_url: str,
+    script: Path,
+    seconds: int,
+    script_args: list[str],
+    *,
+    threads: int = WRK_THREADS,
+    connections: int = CONNECTIONS,
+) -> Sample:
+    """wrk against ``base_url`` with ``threads`` threads and ``connections`` connections
+    for ``seconds``; Requests/sec, errors and latency."""
     args = [
         "wrk",
-        f"-t{WRK_THREADS}",
-        f"-c{CONNECTIONS}",
+        f"-t{threads}",
+        f"-c{connections}",
         f"-d{seconds}s",
         "--timeout",
         "30s",
         "-s",
         str(script),
-        server.base_url,
+        base_url,
         "--",
         *script_args,
     ]
@@ -204,11 +219,17 @@ def wrk(server: Server, script: Path, seconds: int, script_args: list[str]) -> S
 
 def prefill(server: Server, body: Path, count: int, config: Path) -> None:
     """PUT ``count`` small files get-00000… with curl, 16 in parallel; raise on any failure."""
+    prefill_urls(server.url, server.label, body, count, config)
+
+
+def prefill_urls(
+    url: Callable[[str], str], label: str, body: Path, count: int, config: Path
+) -> None:
+    """:func:`prefill` with file ``name`` at ``url(name)``; ``label`` names it in errors."""
     with open(config, "w") as f:
         for i in range(count):
             f.write(
-                f'upload-file = "{body}"\nurl = "{server.url(f"get-{i:05d}")}"\n'
-                'output = "/dev/null"\n'
+                f'upload-file = "{body}"\nurl = "{url(f"get-{i:05d}")}"\noutput = "/dev/null"\n'
             )
     code, out, err = curl(
         [
@@ -228,14 +249,14 @@ def prefill(server: Server, body: Path, count: int, config: Path) -> None:
     bad = [s for s in statuses if int(s) not in PUT_OK]
     if code != 0 or len(statuses) != count or bad:
         raise ServerError(
-            f"{server.label}: prefill of {count} files failed (curl exit {code},"
+            f"{label}: prefill of {count} files failed (curl exit {code},"
             f" {len(statuses)} answers, {len(bad)} bad: {bad[:5]}) {err[-300:]}"
         )
     back = subprocess.run(
-        ["curl", "-sS", "--fail", server.url("get-00000")],
+        ["curl", "-sS", "--fail", url("get-00000")],
         capture_output=True,
         timeout=60,
         check=False,
     )
     if back.returncode != 0 or back.stdout != body.read_bytes():
-        raise ServerError(f"{server.label}: get-00000 does not read back as written")
+        raise ServerError(f"{label}: get-00000 does not read back as written")

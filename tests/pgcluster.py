@@ -1,5 +1,6 @@
 """A throwaway PostgreSQL cluster for the tests: Debian's PostgreSQL 15 binaries, a temporary
-directory, a unix socket in it, no fsync. Tests get a fresh database each, copied from a
+directory, a unix socket in it, no fsync (``durable=True``: PostgreSQL's defaults, fsync on, as
+bench/gateways.py runs it). Tests get a fresh database each, copied from a
 template that already holds the schema.
 
 initdb refuses to run as root, so as root the server runs as the ``postgres`` user (the
@@ -37,7 +38,9 @@ def missing(reason: str) -> None:
 class PgCluster:
     """One PostgreSQL server in a temporary directory, listening on a unix socket there."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        """``durable``: PostgreSQL's defaults (fsync, synchronous commits, full page writes),
+        as a benchmark wants; else none of them, as the tests want."""
         if not (BIN / "initdb").exists():
             missing(f"no {BIN / 'initdb'} (scripts/bootstrap --test-tools installs it)")
         self.dir = Path(tempfile.mkdtemp(prefix="karma8-pg-"))
@@ -53,10 +56,10 @@ class PgCluster:
             "--locale=C", "--no-sync",
         )  # fmt: skip
         options = (
-            f"-c listen_addresses='' -c unix_socket_directories='{self.dir}'"
-            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            " -c max_connections=200"
+            f"-c listen_addresses='' -c unix_socket_directories='{self.dir}' -c max_connections=200"
         )
+        if not durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.dir / "log"),
                   "-w", "start")  # fmt: skip
         self.admin_url = self.url("postgres")
