@@ -12,11 +12,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+
+from storehelpers import packed_parts
 
 # The nginx config docs/lb ships, and Debian's nginx (None where it is not installed).
 SHIPPED_NGINX_CONF = Path(__file__).resolve().parents[1] / "docs" / "lb" / "karma8-nginx.conf"
@@ -175,3 +177,58 @@ class Nginx:
 
     def errors(self) -> str:
         return (self.root / "error.log").read_text()
+
+
+def start_nodes(
+    stack: ExitStack, root: Path, discovery: str, common: list[str], *, count: int = 5
+) -> None:
+    """``count`` storage nodes, ``node-I`` under ``root``, each its own process, on the
+    discovery URL list ``discovery``; stopped when ``stack`` closes."""
+    for i in range(count):
+        stack.enter_context(
+            service(
+                [
+                    *("serve", "--role", "storage", "--data", str(root / f"node-{i}")),
+                    *("--discovery", discovery, *common),
+                ],
+                r"storage node \S+ up",
+                root / f"node-{i}.log",
+                cwd=root,
+            )
+        )
+
+
+def start_gateways(
+    stack: ExitStack, root: Path, discovery: str, common: list[str], *, count: int = 2
+) -> list[Service]:
+    """``count`` gateway processes on the discovery URL list ``discovery``."""
+    return [
+        stack.enter_context(
+            service(
+                ["serve", "--role", "gw", "--port", "0", "--discovery", discovery, *common],
+                r"gateway up: (http://\S+)",
+                root / f"gw-{i}.log",
+                cwd=root,
+            )
+        )
+        for i in range(count)
+    ]
+
+
+def part_files(root: Path, *, nodes: int = 5) -> int:
+    """Parts (files, and needles live in volumes) and temporaries on the disks of the nodes
+    :func:`start_nodes` started."""
+    count = 0
+    for i in range(nodes):
+        node = root / f"node-{i}"
+        count += sum(1 for sub in ("parts", "tmp") for p in (node / sub).rglob("*") if p.is_file())
+        count += len(packed_parts(node))
+    return count
+
+
+def stored(client: httpx.Client, url: str, data: bytes) -> bool:
+    """A PUT acknowledged (201); False for any other answer or none."""
+    try:
+        return client.put(url, content=data).status_code == 201
+    except httpx.HTTPError:
+        return False

@@ -16,8 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from processes import GIVE_UP, Service, free_port, wait_for
-from storehelpers import packed_parts
+from processes import GIVE_UP, Service, free_port, part_files, stored, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -33,23 +32,6 @@ orphan_check_interval = 0.5
 orphan_grace = 2.0
 public_namespaces = ["default"]
 """
-
-
-def part_files(root: Path) -> int:
-    """Parts (files, and needles live in volumes) and temporaries on every node's disk."""
-    count = 0
-    for i in range(5):
-        node = root / f"node-{i}"
-        count += sum(1 for sub in ("parts", "tmp") for p in (node / sub).rglob("*") if p.is_file())
-        count += len(packed_parts(node))
-    return count
-
-
-def stored(client: httpx.Client, url: str, data: bytes) -> bool:
-    try:
-        return client.put(url, content=data).status_code == 201
-    except httpx.HTTPError:
-        return False
 
 
 def test_gateways_and_nodes_fail_over_to_the_next_discovery(tmp_path: Path) -> None:

@@ -21,8 +21,18 @@ import httpx
 import pytest
 
 from pgcluster import PgCluster
-from processes import GIVE_UP, Nginx, Service, free_port, need_nginx, service, wait_for
-from storehelpers import packed_parts
+from processes import (
+    GIVE_UP,
+    Nginx,
+    free_port,
+    need_nginx,
+    part_files,
+    service,
+    start_gateways,
+    start_nodes,
+    stored,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -39,23 +49,6 @@ orphan_check_interval = 0.5
 orphan_grace = 3.0
 public_namespaces = ["default"]
 """
-
-
-def part_files(root: Path) -> int:
-    """Parts (files, and needles live in volumes) and temporaries on every node's disk."""
-    count = 0
-    for i in range(5):
-        node = root / f"node-{i}"
-        count += sum(1 for sub in ("parts", "tmp") for p in (node / sub).rglob("*") if p.is_file())
-        count += len(packed_parts(node))
-    return count
-
-
-def stored(client: httpx.Client, url: str, data: bytes) -> bool:
-    try:
-        return client.put(url, content=data).status_code == 201
-    except httpx.HTTPError:
-        return False
 
 
 def grows(counted: Callable[[], int], by: int) -> Callable[[], bool]:
@@ -84,29 +77,8 @@ def test_the_loss_of_a_discovery_instance_and_of_a_gateway(
             )
             for i, port in enumerate(ports)
         ]
-        for i in range(5):
-            stack.enter_context(
-                service(
-                    [
-                        *("serve", "--role", "storage", "--data", str(tmp_path / f"node-{i}")),
-                        *("--discovery", urls, *common),
-                    ],
-                    r"storage node \S+ up",
-                    tmp_path / f"node-{i}.log",
-                    cwd=tmp_path,
-                )
-            )
-        gateways: list[Service] = [
-            stack.enter_context(
-                service(
-                    ["serve", "--role", "gw", "--port", "0", "--discovery", urls, *common],
-                    r"gateway up: (http://\S+)",
-                    tmp_path / f"gw-{i}.log",
-                    cwd=tmp_path,
-                )
-            )
-            for i in range(2)
-        ]
+        start_nodes(stack, tmp_path, urls, common)
+        gateways = start_gateways(stack, tmp_path, urls, common)
         nginx = Nginx(tmp_path / "nginx", gateways=[g.match.group(1) for g in gateways])
         stack.callback(nginx.stop)
         base = f"{nginx.url}/default"

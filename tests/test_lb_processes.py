@@ -28,6 +28,8 @@ from processes import (
     free_port,
     need_nginx,
     service,
+    start_gateways,
+    start_nodes,
     wait_for,
 )
 
@@ -60,29 +62,8 @@ def balanced(tmp_path: Path) -> Iterator[tuple[Nginx, list[Service]]]:
         )
         # A dead instance first: every process must fail over to the live one.
         urls = f"http://127.0.0.1:{free_port()},{discovery.match.group(1)}"
-        for i in range(5):
-            stack.enter_context(
-                service(
-                    [
-                        *("serve", "--role", "storage", "--data", str(tmp_path / f"node-{i}")),
-                        *("--discovery", urls, *common),
-                    ],
-                    r"storage node \S+ up",
-                    tmp_path / f"node-{i}.log",
-                    cwd=tmp_path,
-                )
-            )
-        gateways = [
-            stack.enter_context(
-                service(
-                    ["serve", "--role", "gw", "--port", "0", "--discovery", urls, *common],
-                    r"gateway up: (http://\S+)",
-                    tmp_path / f"gw-{i}.log",
-                    cwd=tmp_path,
-                )
-            )
-            for i in range(2)
-        ]
+        start_nodes(stack, tmp_path, urls, common)
+        gateways = start_gateways(stack, tmp_path, urls, common)
         nginx = Nginx(tmp_path / "nginx", gateways=[g.match.group(1) for g in gateways])
         stack.callback(nginx.stop)
         yield nginx, gateways
