@@ -2,6 +2,7 @@
 (5+1, 5+2) namespaces, then GETs with one storage node killed.
 
     .venv/bin/python bench/engines.py [--mib 256] [--rounds 3] [--workdir /var/tmp/k8-engines]
+                                      [--victim-holds raid1|parity1|parity2]
 
 The embedded cluster (``karma8 serve``: discovery, gateway and 6 storage nodes in one
 process) plus 4 storage nodes of their own, so that raid1's 10 parts find 10 distinct nodes
@@ -104,6 +105,11 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/k8-engines"))
+    parser.add_argument(
+        "--victim-holds",
+        choices=[e for e in ENGINES if e != "raid0"],
+        help="kill a node holding a data part of this engine's file (if a separate one does)",
+    )
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
@@ -168,7 +174,14 @@ def main() -> None:
                     for engine, parts in placed.items()
                 )
 
-            pid, victim = max(own, key=lambda o: data_parts_on(o[1]))
+            first = args.victim_holds  # an engine whose data part the victim must hold, if any
+
+            def rank(node: str) -> tuple[bool, int]:
+                parts = placed.get(first, [])
+                holds = any(p["node_id"] == node and p["index"] < 5 for p in parts)
+                return holds, data_parts_on(node)
+
+            pid, victim = max(own, key=lambda o: rank(o[1]))
             holders = [
                 engine
                 for engine, parts in placed.items()
