@@ -425,6 +425,8 @@ class Gateway:
     async def _report_lost(self, sources: Sources) -> None:
         """Tell discovery which parts a read found missing or corrupt, so that they are
         repaired. Best effort, shielded and brief: the read is over."""
+        if not sources.lost:
+            return
         by_node: dict[str, list[str]] = {}
         for slot in sorted(sources.lost):
             placement = sources.slot(slot)

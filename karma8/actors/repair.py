@@ -115,9 +115,9 @@ class Repairer:
                 if not repairs:
                     return rebuilt
                 done = await self._carry_out_all(repairs)
-                if done == 0:
+                if not done:
                     return rebuilt  # every rebuild failed (too many sources lost): try later
-                rebuilt += done
+                rebuilt += sum(repair.ticket.size for repair in done)
         finally:
             self._active = False
 
@@ -125,15 +125,15 @@ class Repairer:
         status = await self._discovery.repair_status(repair_after=self.config.repair_after)
         return attrs.evolve(status, active=self._active, rate_bytes_per_s=self._throttle.rate())
 
-    async def _carry_out_all(self, repairs: list[Repair]) -> int:
-        done = 0
+    async def _carry_out_all(self, repairs: list[Repair]) -> list[Repair]:
+        """The repairs that succeeded, ``concurrency`` at a time."""
+        done: list[Repair] = []
         limit = trio.Semaphore(self.config.concurrency)
 
         async def one(repair: Repair) -> None:
-            nonlocal done
             async with limit:
                 if await self._carry_out(repair):
-                    done += repair.ticket.size or 1
+                    done.append(repair)
 
         async with trio.open_nursery() as nursery:
             for repair in repairs:

@@ -11,6 +11,7 @@ SQLite's planner hints) and caches the result.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -53,7 +54,7 @@ SQLITE = Dialect("sqlite")
 POSTGRESQL = Dialect("postgresql")
 
 
-class Database:
+class Database(ABC):
     """A store's database: transactions, reads, and the dialect. Subclasses implement it.
 
     ``_tx()`` is one transaction that sees every commit before it and that no other write
@@ -63,11 +64,11 @@ class Database:
 
     dialect: Dialect
 
-    def _tx(self) -> AbstractContextManager[Connection]:
-        raise NotImplementedError
+    @abstractmethod
+    def _tx(self) -> AbstractContextManager[Connection]: ...
 
-    def _read(self) -> AbstractContextManager[Connection]:
-        raise NotImplementedError
+    @abstractmethod
+    def _read(self) -> AbstractContextManager[Connection]: ...
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def close(self) -> None: ...
