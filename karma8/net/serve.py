@@ -258,9 +258,10 @@ async def _probe_discovery(discovery: DiscoveryAPI) -> None:
 
 
 def cluster_secret(data_dir: Path) -> str:
-    """The embedded cluster's secret: kept in cluster.json so restarts and joins agree."""
+    """The embedded cluster's secret: kept in cluster.json so restarts and joins agree. Hex, so
+    that it never starts with "-" and can follow `--secret` on a command line."""
     info = read_cluster_info(data_dir)
-    return info.secret if info is not None else secrets.token_urlsafe(24)
+    return info.secret if info is not None else secrets.token_hex(24)
 
 
 async def run_cluster(
