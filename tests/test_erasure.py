@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from karma8.core.erasure import ParityEncoder, encode_parity, rebuild
+from karma8.core import erasure, isal
+from karma8.core.erasure import Code, ParityEncoder, encode_parity, rebuild
 from karma8.core.layout import StripeLayout, StripeSplitter, split
 
 
@@ -86,6 +87,56 @@ def test_copies_and_parity_are_exclusive_and_bounded() -> None:
         StripeLayout(parity=3)
     with pytest.raises(ValueError, match="copies"):
         StripeLayout(copies=0)
+
+
+def test_isa_l_is_the_kernel_here() -> None:
+    # pyeclib's wheel bundles ISA-L; a release that moves or drops it must fail here, not
+    # silently leave parity PUTs at zfec's rate.
+    assert erasure.KERNEL == "isa-l"
+
+
+@given(
+    parity=st.integers(1, 2),
+    length=st.integers(1, 300),
+    seed=st.binary(min_size=1, max_size=64),
+    lost=st.data(),
+    kind=st.sampled_from(["bytes", "bytearray", "view", "slice"]),
+)
+def test_isa_l_computes_zfecs_code(
+    parity: int, length: int, seed: bytes, lost: st.DataObject, kind: str
+) -> None:
+    fast, reference = Code(5, parity), Code(5, parity, kernel=None)
+    blocks = [bytes((seed * (length + i))[i : i + length]) for i in range(5)]
+    given_blocks = _as(kind, blocks)
+    coded = fast.encode(given_blocks)
+    assert coded == reference.encode(blocks)
+    shares = dict(enumerate([*blocks, *coded]))
+    gone = lost.draw(st.sets(st.integers(0, 4 + parity), min_size=1, max_size=parity))
+    left = {n: b for n, b in shares.items() if n not in gone}
+    assert fast.rebuild(left) == reference.rebuild(left) == blocks
+    for number in gone:
+        assert fast.encode(blocks, [number]) == [shares[number]]
+
+
+def _as(kind: str, blocks: list[bytes]) -> list[bytes | bytearray | memoryview]:
+    """The blocks as the encoder may hold them: whole chunks, copies, views, slices."""
+    if kind == "bytearray":
+        return [bytearray(b) for b in blocks]
+    if kind == "view":
+        return [memoryview(b) for b in blocks]
+    if kind == "slice":
+        return [memoryview(b"x" + b)[1:] for b in blocks]
+    return list(blocks)
+
+
+def test_isa_l_refuses_a_singular_matrix_and_short_inputs() -> None:
+    kernel = isal.load()
+    assert kernel is not None
+    with pytest.raises(ValueError, match="singular"):
+        kernel.invert([[1, 2], [1, 2]])
+    tables = kernel.tables([[1, 1]])
+    with pytest.raises(ValueError, match="3 bytes, 4 wanted"):
+        kernel.encode(tables, [b"abcd", b"abc"], 4)
 
 
 def test_rebuild_needs_k_shares() -> None:
