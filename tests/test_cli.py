@@ -12,7 +12,17 @@ import attrs
 import pytest
 
 from karma8.cli import main
-from karma8.core.model import NodeState, NodeStatus, RebalanceStatus, RepairStatus
+from karma8.core.layout import StripeLayout
+from karma8.core.model import (
+    FileVersion,
+    NodeRef,
+    NodeState,
+    NodeStatus,
+    PartPlacement,
+    RebalanceStatus,
+    RepairStatus,
+    VersionState,
+)
 from karma8.core.rebalance_report import RebalanceReport, RebalanceSettings
 from karma8.core.status import repair_line
 from karma8.net import admin
@@ -234,6 +244,33 @@ def test_the_repair_line_says_what_is_lost_due_rebuilding_and_done() -> None:
     idle = attrs.evolve(REPAIR, repairing_parts=0)  # the rate of past rebuilds is not shown
     assert repair_line(idle).endswith("0 rebuilding, 20 rebuilt (5.0 MiB)")
     assert admin.nodes_json([], _report(), REPAIR)["repair"]["due_parts"] == 1
+
+
+def test_stat_counts_a_part_reported_lost_on_an_available_node_as_lost() -> None:
+    layout = StripeLayout(unit=4, parity=2)
+    parts = tuple(
+        PartPlacement(index=i, key=f"v.{i}", node=NodeRef(node_id=f"n{i}", url="http://n"))
+        for i in range(7)
+    )
+    version = FileVersion(
+        version_id="v",
+        namespace="default",
+        name="f",
+        state=VersionState.COMMITTED,
+        size=28,
+        layout=layout,
+        parts=parts,
+        created_at=0.0,
+    )
+    states = {f"n{i}": NodeState.AVAILABLE for i in range(7)}
+    assert admin.redundancy(version, states) == "full (survives 2 lost nodes)"
+    rotten = attrs.evolve(
+        version, parts=(attrs.evolve(parts[0], reported_lost="corrupt"), *parts[1:])
+    )
+    assert admin.redundancy(rotten, states) == "degraded: survives 1 more lost node"
+    assert "data 0, reported lost (corrupt)" in admin.version_table(rotten, states)
+    states["n1"] = NodeState.UNAVAILABLE
+    assert admin.redundancy(rotten, states) == "degraded: survives 0 more lost nodes"
 
 
 def _report(**status: object) -> RebalanceReport:

@@ -101,11 +101,17 @@ def test_a_finished_repair_switches_the_part_counts_it_and_forgets_the_report(
     store: SqlMetadataStore,
 ) -> None:
     store.mark_damaged("n2", ["p.2"], "missing on its node", 5.0)
+    version = store.current_version("default", "p")
+    assert version is not None  # `karma8 stat` shows the report with the part
+    assert [p.reported_lost for p in version.parts] == [None, None, "missing on its node"] + [
+        None
+    ] * 3
     repair(store, lost_before=0.0)
     store.finish_move(key="p.2", target="n6", checksum="p-c2", now=11.0)
     version = store.current_version("default", "p")
     assert version is not None
     assert version.parts[2].node.node_id == "n6"
+    assert version.parts[2].reported_lost is None
     counts = store.repair_counts(lost_before=100.0)
     assert (counts["lost_parts"], counts["degraded_files"], counts["repairing_parts"]) == (0, 0, 0)
     assert (counts["repaired_parts"], counts["repaired_bytes"]) == (1, 10)

@@ -190,6 +190,30 @@ def test_a_corrupt_part_is_read_from_another_copy_or_rebuilt(
     run_with_cluster(go, scenario=SCENARIO)
 
 
+@pytest.mark.parametrize(("engine", "settings"), ENGINES)
+def test_a_part_reported_lost_is_not_read_until_repaired(
+    engine: str, settings: dict[str, int]
+) -> None:
+    async def go(cluster: SimCluster) -> None:
+        namespace = await make(cluster, engine, settings)
+        data = payload(1003, 5)
+        gw = cluster.gateway
+        version = await gw.put(namespace, "r", BytesChunks(data, 64))
+        rotten = version.parts[2]
+        await discovery(cluster).report_lost_parts(
+            node_id=rotten.node.node_id, keys=[rotten.key], reason="failed its check"
+        )
+        stat = await gw.stat(namespace, "r")
+        assert stat.parts[2].reported_lost == "failed its check"
+        counting = CountingStorage(gw._storage)
+        gw._storage = counting
+        assert await read(gw, namespace, "r") == data
+        assert rotten.key not in counting.keys
+        assert not gw.part_failures  # skipped, not failed: its node is not counted against
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
 def test_one_loss_more_than_tolerated_fails_cleanly() -> None:
     async def go(cluster: SimCluster) -> None:
         namespace = await make(cluster, "parity", {"parity": 1})
@@ -245,13 +269,17 @@ class CountingStorage:
     def __init__(self, inner: Any) -> None:
         self._inner = inner
         self.read = 0
+        self.keys: list[str] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     @asynccontextmanager
-    async def read_part(self, *args: Any, **kwargs: Any) -> AsyncIterator[AsyncIterator[bytes]]:
-        async with self._inner.read_part(*args, **kwargs) as chunks:
+    async def read_part(
+        self, node: Any, key: str, **kwargs: Any
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        self.keys.append(key)
+        async with self._inner.read_part(node, key, **kwargs) as chunks:
             yield Counted(chunks, self)
 
 

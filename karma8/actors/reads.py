@@ -140,7 +140,9 @@ class Sources:
         self.version = version
         self.layout = version.layout
         self.deadline = deadline
-        self.failed: set[int] = set()
+        # A part reported lost on its node (it failed a check there, or is missing) is not
+        # tried: read another copy or rebuild at once, until repair has replaced it.
+        self.failed: set[int] = {p.index for p in version.parts if p.reported_lost is not None}
         self.lost: set[int] = set()
         # Where the read ends in each data part it reads (bounds what a rebuild reads).
         self.ends: dict[int, int] = {}

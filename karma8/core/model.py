@@ -93,13 +93,15 @@ class ClusterTotals:
 
 @attrs.frozen(kw_only=True)
 class PartPlacement:
-    """Part ``index`` of a version and the node that holds it."""
+    """Part ``index`` of a version and the node that holds it; ``reported_lost`` is why, if
+    that node or a reader reported the part corrupt or missing there (repair rebuilds it)."""
 
     index: int
     key: str
     node: NodeRef
     size: int | None = None
     checksum: str | None = None
+    reported_lost: str | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -32,8 +32,9 @@ def load_version(db: Connection, version_id: str) -> FileVersion:
         raise NotFound(f"version {version_id} is unknown")
     parts = db.execute(
         """
-        SELECT p.idx, p.part_key, p.size, p.checksum, n.node_id, n.url
+        SELECT p.idx, p.part_key, p.size, p.checksum, n.node_id, n.url, d.reason
         FROM parts p JOIN nodes n USING (node_id)
+        LEFT JOIN damaged_parts d ON d.part_key = p.part_key AND d.node_id = p.node_id
         WHERE p.version_id = ? ORDER BY p.idx
         """,
         (version_id,),
@@ -52,6 +53,7 @@ def load_version(db: Connection, version_id: str) -> FileVersion:
                 node=NodeRef(node_id=p["node_id"], url=p["url"]),
                 size=p["size"],
                 checksum=p["checksum"],
+                reported_lost=p["reason"],
             )
             for p in parts
         ),

@@ -57,9 +57,11 @@ async def fetch_version(
 
 def redundancy(version: FileVersion, states: dict[str, NodeState]) -> str:
     """``full``, ``degraded`` or ``unreadable``, and the node losses the file still survives
-    (a part on an unavailable node counts as lost)."""
+    (a part on an unavailable node, or reported corrupt or missing, counts as lost)."""
     readable = {
-        p.index for p in version.parts if states.get(p.node.node_id) is not NodeState.UNAVAILABLE
+        p.index
+        for p in version.parts
+        if states.get(p.node.node_id) is not NodeState.UNAVAILABLE and p.reported_lost is None
     }
     spare = version.layout.spare(readable)
     if spare < 0:
@@ -222,7 +224,8 @@ def version_table(version: FileVersion, states: dict[str, NodeState]) -> str:
         rows.append(
             (
                 str(p.index),
-                holds(version.layout, p.index),
+                holds(version.layout, p.index)
+                + ("" if p.reported_lost is None else f", reported lost ({p.reported_lost})"),
                 p.node.node_id,
                 "-" if state is None else state.value,
                 str(p.size),

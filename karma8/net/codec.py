@@ -187,9 +187,10 @@ def _structure_record(cls: type, converter: cattrs.Converter) -> Any:
 
 def _unstructure_placement(p: PartPlacement) -> Json:
     """Written out: the node's keys go between the key and the size, and this is the hot path
-    (every discovery answer holds a version's placements; flattening cattrs's dict costs 3x)."""
+    (every discovery answer holds a version's placements; flattening cattrs's dict costs 3x);
+    ``reported_lost`` only where set."""
     node = p.node
-    return {
+    out: Json = {
         "index": p.index,
         "key": p.key,
         "node_id": node.node_id,
@@ -197,6 +198,9 @@ def _unstructure_placement(p: PartPlacement) -> Json:
         "size": p.size,
         "checksum": p.checksum,
     }
+    if p.reported_lost is not None:  # rare: only then on the wire
+        out["reported_lost"] = p.reported_lost
+    return out
 
 
 _report_rest = make_dict_unstructure_fn(RebalanceReport, _json, status=override(omit=True))
