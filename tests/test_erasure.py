@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 
 import pytest
 from hypothesis import given
@@ -89,6 +90,7 @@ def test_copies_and_parity_are_exclusive_and_bounded() -> None:
         StripeLayout(copies=0)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pyeclib's wheels: Linux")
 def test_isa_l_is_the_kernel_here() -> None:
     # pyeclib's wheel bundles ISA-L; a release that moves or drops it must fail here, not
     # silently leave parity PUTs at zfec's rate.
@@ -129,6 +131,17 @@ def _as(kind: str, blocks: list[bytes]) -> list[bytes | bytearray | memoryview]:
     return list(blocks)
 
 
+@pytest.mark.parametrize("kernel", [isal.load(), None], ids=["isa-l", "zfec"])
+def test_a_code_refuses_too_few_blocks_or_blocks_of_different_lengths(
+    kernel: isal.Isal | None,
+) -> None:
+    code = Code(5, 2, kernel=kernel)
+    with pytest.raises(ValueError, match="4 blocks"):
+        code.encode([b"a" * 100] * 4)
+    with pytest.raises(ValueError, match="differ in length"):
+        code.encode([b"a" * 10] * 4 + [b"a" * 12])
+
+
 def test_isa_l_refuses_a_singular_matrix_and_short_inputs() -> None:
     kernel = isal.load()
     assert kernel is not None
@@ -137,6 +150,8 @@ def test_isa_l_refuses_a_singular_matrix_and_short_inputs() -> None:
     tables = kernel.tables([[1, 1]])
     with pytest.raises(ValueError, match="3 bytes, 4 wanted"):
         kernel.encode(tables, [b"abcd", b"abc"], 4)
+    with pytest.raises(ValueError, match="1 inputs for a matrix of 2 columns"):
+        kernel.encode(tables, [b"abcd"], 4)
 
 
 def test_rebuild_needs_k_shares() -> None:

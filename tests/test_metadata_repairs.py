@@ -121,6 +121,16 @@ def test_a_finished_repair_switches_the_part_counts_it_and_forgets_the_report(
     assert store.mark_damaged("n2", ["p.2"], "late report", 12.0) == 0  # it moved on
 
 
+def test_a_reports_reason_is_kept_printable_and_short(store: SqlMetadataStore) -> None:
+    store.mark_damaged("n3", ["p.3"], "bad\nline\x1b[2J" + "x" * 300, 5.0)
+    version = store.current_version("default", "p")
+    assert version is not None
+    reason = version.parts[3].reported_lost
+    assert reason is not None
+    assert reason.startswith("bad?line?[2J")
+    assert len(reason) == 200
+
+
 def test_a_repair_with_the_wrong_bytes_is_refused_and_due_again(
     store: SqlMetadataStore,
 ) -> None:

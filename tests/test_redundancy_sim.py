@@ -214,6 +214,34 @@ def test_a_part_reported_lost_is_not_read_until_repaired(
     run_with_cluster(go, scenario=SCENARIO)
 
 
+@pytest.mark.parametrize(("engine", "settings"), ENGINES)
+def test_a_part_reported_lost_is_still_read_when_nothing_else_is_left(
+    engine: str, settings: dict[str, int]
+) -> None:
+    """A report may be stale (the part is fine): with as many other losses as the layout
+    tolerates, the read takes the reported part rather than failing."""
+
+    async def go(cluster: SimCluster) -> None:
+        namespace = await make(cluster, engine, settings)
+        data = payload(1003, 6)
+        gw = cluster.gateway
+        version = await gw.put(namespace, "s", BytesChunks(data, 64))
+        reported = version.parts[2]
+        await discovery(cluster).report_lost_parts(
+            node_id=reported.node.node_id, keys=[reported.key], reason="missing on its node"
+        )
+        layout = version.layout
+        others = [s for s in range(layout.slots) if s != 2 and layout.data_part(s) in (2, None)]
+        for slot in others[: layout.tolerates]:  # raid1: part 2's other copy; parity: parity
+            await lose(cluster, node_of(cluster, version, slot))
+        counting = CountingStorage(gw._storage)
+        gw._storage = counting
+        assert await read(gw, namespace, "s") == data
+        assert reported.key in counting.keys
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
 def test_one_loss_more_than_tolerated_fails_cleanly() -> None:
     async def go(cluster: SimCluster) -> None:
         namespace = await make(cluster, "parity", {"parity": 1})

@@ -6,7 +6,7 @@ when a part's node fails, is slow or serves a corrupt block (see :mod:`karma8.ac
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, suppress
 
 import trio
@@ -140,10 +140,12 @@ class Sources:
         self.version = version
         self.layout = version.layout
         self.deadline = deadline
-        # A part reported lost on its node (it failed a check there, or is missing) is not
-        # tried: read another copy or rebuild at once, until repair has replaced it.
-        self.failed: set[int] = {p.index for p in version.parts if p.reported_lost is not None}
+        self.failed: set[int] = set()
         self.lost: set[int] = set()
+        # Parts reported lost on their node (a failed check there, or missing) until repair
+        # replaces them: tried last, after every other copy or a rebuild around them (a
+        # report may be stale: a disk that was only unmounted, say).
+        self.suspect = frozenset(p.index for p in version.parts if p.reported_lost is not None)
         # Where the read ends in each data part it reads (bounds what a rebuild reads).
         self.ends: dict[int, int] = {}
         self.shared: SharedRebuild | None = None
@@ -152,6 +154,11 @@ class Sources:
 
     def slot(self, index: int) -> PartPlacement:
         return self.version.parts[index]
+
+    def readable(self, slots: Iterable[int]) -> list[int]:
+        """``slots`` not failed during this read, those reported lost last."""
+        left = [s for s in slots if s not in self.failed]
+        return sorted(left, key=self.suspect.__contains__)
 
     async def open(self, slot: int, offset: int, length: int) -> PartCursor | None:
         """A cursor over bytes ``[offset, offset + length)`` of ``slot``, or None (and the
@@ -264,9 +271,9 @@ class RedundantCursor:
         self._error = None
         if sources.shared is not None:
             return  # rebuilding already: read from it
-        for slot in sources.layout.copies_of(self._part):
-            if slot in sources.failed:
-                continue
+        for slot in sources.readable(sources.layout.copies_of(self._part)):
+            if slot in sources.suspect and sources.layout.parity:
+                break  # rebuild around it: the rebuild takes it only if nothing else is left
             cursor = await sources.open(slot, self._pos, self._end - self._pos)
             if cursor is not None:
                 self._cursor, self._slot = cursor, slot
@@ -325,11 +332,9 @@ class BlockRebuilder:
         shares: dict[int, bytes | None] = {}
         while sum(b is not None for b in shares.values()) < layout.parts:
             need = layout.parts - sum(b is not None for b in shares.values())
-            batch = [
-                s
-                for s in range(layout.slots)
-                if s != self._skip and s not in sources.failed and s not in shares
-            ][:need]
+            batch = sources.readable(
+                s for s in range(layout.slots) if s != self._skip and s not in shares
+            )[:need]
             if len(batch) < need:
                 raise Unavailable(
                     f"version {sources.version.version_id} cannot be rebuilt:"

@@ -57,7 +57,15 @@ class Code:
         self._parity_tables = kernel.tables(self.generator[parts:]) if kernel else None
 
     def encode(self, blocks: Sequence[Block], numbers: Sequence[int] | None = None) -> list[bytes]:
-        """Shares ``numbers`` (default: every parity share) of k equal-length data blocks."""
+        """Shares ``numbers`` (default: every parity share) of k equal-length data blocks.
+
+        Raises:
+            ValueError: not k blocks, or blocks of different lengths.
+        """
+        if len(blocks) != self.parts:
+            raise ValueError(f"{len(blocks)} blocks for a code of {self.parts} data parts")
+        if len({len(b) for b in blocks}) > 1:
+            raise ValueError(f"blocks differ in length: {sorted({len(b) for b in blocks})}")
         numbers = list(range(self.parts, self.parts + self.parity)) if numbers is None else numbers
         if self._kernel is None:
             return [bytes(b) for b in self._zfec.encode(list(blocks), list(numbers))]

@@ -77,7 +77,13 @@ class Isal:
         return [list(raw[r * n : (r + 1) * n]) for r in range(n)]
 
     def encode(self, tables: Tables, inputs: Sequence[Buffer], length: int) -> list[bytes]:
-        """``tables``' matrix times the k inputs' first ``length`` bytes: one output per row."""
+        """``tables``' matrix times the k inputs' first ``length`` bytes: one output per row.
+
+        Raises:
+            ValueError: not k inputs, or one shorter than ``length``.
+        """
+        if len(inputs) != tables.k:
+            raise ValueError(f"{len(inputs)} inputs for a matrix of {tables.k} columns")
         sources = (ctypes.c_char_p * tables.k)(*(_readable(b, length) for b in inputs))
         outputs = [ctypes.create_string_buffer(length) for _ in range(tables.rows)]
         targets = (ctypes.c_void_p * tables.rows)(*(ctypes.addressof(o) for o in outputs))

@@ -42,7 +42,9 @@ LOST = """
 
 def mark_damaged(db: Connection, node_id: str, keys: Sequence[str], reason: str, now: float) -> int:
     """Record that ``node_id`` lost these parts; only parts it holds as far as discovery
-    knows count. Returns how many were newly recorded."""
+    knows count. Returns how many were newly recorded. The reason is kept printable (it is
+    shown in ``karma8 stat``) and at most 200 characters."""
+    reason = "".join(c if c.isprintable() else "?" for c in reason[:200])
     marked = 0
     for key in keys:
         if (
@@ -58,7 +60,7 @@ def mark_damaged(db: Connection, node_id: str, keys: Sequence[str], reason: str,
             " node_id = excluded.node_id, reason = excluded.reason,"
             " reported_at = excluded.reported_at"
             " WHERE damaged_parts.node_id != excluded.node_id",
-            (key, node_id, reason[:200], now),
+            (key, node_id, reason, now),
         )
         marked += cursor.rowcount
     return marked
