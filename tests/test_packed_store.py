@@ -108,6 +108,30 @@ async def test_keys_are_immutable_across_engines(tmp_path: Path, first: int, sec
     assert store.in_flight_bytes == 0
 
 
+@pytest.mark.parametrize("group_sync", [False, True])
+async def test_a_damaged_part_file_refuses_a_small_part_and_the_hole_is_harmless(
+    tmp_path: Path, group_sync: bool
+) -> None:
+    if group_sync and packed_store.GroupSync.open(tmp_path) is None:
+        pytest.skip("syncfs is Linux only")
+    store = new_tiered(tmp_path, group_sync=group_sync)
+    await put(store, "k.0", payload(5000))  # a part file
+    flip_bit(store.files.part_path("k.0"), 3)  # its header damaged
+    await put(store, "a.0", payload(10))
+    writer = await store.create("k.0")
+    await writer.write(payload(10, seed=3))
+    with pytest.raises(UploadConflict):  # looked for in the thread that appends
+        await writer.commit()
+    await writer.discard()
+    await put(store, "b.0", payload(20, seed=4))  # after the hole the refused put left
+    store.close()
+    again = new_tiered(tmp_path)
+    assert b"".join(await read(again, "a.0", 0, 10)) == payload(10)
+    assert b"".join(await read(again, "b.0", 0, 20)) == payload(20, seed=4)
+    assert again.packed.stat("k.0") is None
+    again.close()
+
+
 async def test_concurrent_commits_of_one_key_one_wins(tmp_path: Path) -> None:
     store = new_tiered(tmp_path)
     results: list[str] = []

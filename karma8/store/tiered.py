@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -222,13 +223,11 @@ class TieredWriter:
                 part = await self._file.commit()
                 self._done = True
                 return part
-            try:
-                in_files = await store.files.stat(key)
-            except IntegrityError:
-                in_files = StoredPart(key=key, size=0, checksum="")  # a damaged part file
-            if in_files is not None:
-                raise UploadConflict(f"part {key} already exists")
-            part = await store.packed.put(key, b"".join(self._buffer))
+            # A part file of this key (whole or damaged) refuses it; looked for in the
+            # sync round's thread, not on the event loop.
+            part = await store.packed.put(
+                key, b"".join(self._buffer), held_elsewhere=partial(store.files.holds_blocking, key)
+            )
             self._release()
             return part
         finally:

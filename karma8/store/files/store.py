@@ -148,6 +148,11 @@ class FilePartStore:
             raise InvalidRequest("offset and length must not be negative")
         return PartRead(self.context, key, offset, length)
 
+    def holds_blocking(self, key: str) -> bool:
+        """Whether any file is where part ``key`` would be (committed, or damaged): a
+        blocking check for a thread that is about to store the key elsewhere."""
+        return os.path.lexists(self.context.tree.part_file(check_key(key)))
+
     async def stat(self, key: str) -> StoredPart | None:
         """The committed part's size and checksum from its header, or None if absent.
 

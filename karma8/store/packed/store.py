@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -208,11 +209,17 @@ class PackedStore:
         """The part is committed here, or a commit of it is in flight."""
         return key in self.index or key in self._pending
 
-    async def put(self, key: str, payload: bytes) -> StoredPart:
+    async def put(
+        self, key: str, payload: bytes, *, held_elsewhere: Callable[[], bool] | None = None
+    ) -> StoredPart:
         """Append a part and return once it is durable (shared sync rounds).
 
+        ``held_elsewhere`` is a blocking check run just before the write, in the sync
+        round's thread (off the event loop): if it says the key is stored elsewhere (the
+        file engine), nothing is written and the put is refused.
+
         Raises:
-            UploadConflict: The key is here already, or being committed.
+            UploadConflict: The key is here already, or being committed, or held elsewhere.
             DiskFull, StorageFailure: The disk failed (the part is not stored).
         """
         if self.has(key):
@@ -223,7 +230,14 @@ class PackedStore:
             crc = zlib.crc32(payload)
             needle = encode(key, payload, sha256=sha256, crc=crc)
             file = await self._active_for(len(needle))
-            offset = await self._append(file, needle, "committing a part")
+            refuse = None
+            if held_elsewhere is not None:
+
+                def refuse() -> None:
+                    if held_elsewhere():
+                        raise UploadConflict(f"part {key} already exists")
+
+            offset = await self._append(file, needle, "committing a part", before=refuse)
             self.index.add(
                 NeedleRef(
                     key=key,
@@ -257,13 +271,22 @@ class PackedStore:
                 self._maybe_compact(sealed)
         return file
 
-    async def _append(self, file: VolumeFile, data: bytes, doing: str) -> int:
+    async def _append(
+        self,
+        file: VolumeFile,
+        data: bytes,
+        doing: str,
+        *,
+        before: Callable[[], None] | None = None,
+    ) -> int:
         """Write ``data`` at the end of ``file`` and wait until it is durable; its offset.
 
         The offset is taken here, on the event loop, so appends to one volume never overlap;
         the write is a step of the next sync round (one thread trip and one ``syncfs`` for
         every commit waiting), or a write and ``fdatasync`` of its own without group sync.
         A cancelled or failed append leaves a hole, or bytes nothing indexes: garbage.
+        ``before`` runs first in the same thread; what it raises is raised here, and
+        nothing is written.
         """
         offset = file.end
         file.end += len(data)
@@ -271,6 +294,8 @@ class PackedStore:
         file.pin()
 
         def write() -> None:
+            if before is not None:
+                before()
             pwrite_all(file.fd, data, offset)
 
         def write_and_sync() -> None:
