@@ -17,6 +17,7 @@ from karma8.core.errors import IntegrityError, NotFound, UploadConflict
 from karma8.core.tomlconf import ConfigError
 from karma8.net.settings import load_net_config
 from karma8.ports import PartStore, StoredPart
+from karma8.store.groupsync import GroupSync
 from karma8.store.packed import store as packed_store
 from karma8.store.packed.format import HEADER_SIZE, needle_size
 from karma8.store.tiered import TieredPartStore, open_part_store
@@ -112,7 +113,7 @@ async def test_keys_are_immutable_across_engines(tmp_path: Path, first: int, sec
 async def test_a_damaged_part_file_refuses_a_small_part_and_the_hole_is_harmless(
     tmp_path: Path, group_sync: bool
 ) -> None:
-    if group_sync and packed_store.GroupSync.open(tmp_path) is None:
+    if group_sync and GroupSync.open(tmp_path) is None:
         pytest.skip("syncfs is Linux only")
     store = new_tiered(tmp_path, group_sync=group_sync)
     await put(store, "k.0", payload(5000))  # a part file
