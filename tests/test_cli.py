@@ -243,6 +243,8 @@ def test_the_repair_line_says_what_is_lost_due_rebuilding_and_done() -> None:
     )
     idle = attrs.evolve(REPAIR, repairing_parts=0)  # the rate of past rebuilds is not shown
     assert repair_line(idle).endswith("0 rebuilding, 20 rebuilt (5.0 MiB)")
+    stuck = attrs.evolve(idle, waiting_parts=1)
+    assert "(1 due, 1 waiting for a node that holds no part of their file)" in repair_line(stuck)
     assert admin.nodes_json([], _report(), REPAIR)["repair"]["due_parts"] == 1
 
 
@@ -268,7 +270,8 @@ def test_stat_counts_a_part_reported_lost_on_an_available_node_as_lost() -> None
         version, parts=(attrs.evolve(parts[0], reported_lost="corrupt"), *parts[1:])
     )
     assert admin.redundancy(rotten, states) == "degraded: survives 1 more lost node"
-    assert "data 0, reported lost (corrupt)" in admin.version_table(rotten, states)
+    table = admin.version_table(rotten, states)
+    assert "v.0  data 0, reported lost (corrupt)  n0" in table  # the key: where it is on disk
     states["n1"] = NodeState.UNAVAILABLE
     assert admin.redundancy(rotten, states) == "degraded: survives 0 more lost nodes"
 

@@ -177,13 +177,17 @@ def test_repair_waits_for_a_target_when_no_node_may_take_the_part() -> None:
         node = (await cluster.gateway.stat(namespace, "f/1003")).parts[3].node.node_id
         await lose(cluster, node)
         await trio.sleep(REPAIR_AFTER + 10)
-        status = await discovery(cluster).moves.repair_status(repair_after=REPAIR_AFTER)
-        assert status.due_parts == len(files)
+        assert cluster.repairer is not None
+        status = await cluster.repairer.status()  # what `karma8 nodes` says
+        assert status.due_parts == status.waiting_parts == len(files)
         assert status.repaired_parts == 0
         assert checker.layout_holds(cluster) == []
         await cluster.add_node()
         await settle(cluster, 10.0)
         for name, data in files.items():
             assert await read(cluster.gateway, namespace, name) == data
+        status = await cluster.repairer.status()
+        assert status.due_parts == status.waiting_parts == 0
+        assert status.repaired_parts == len(files)
 
     run_with_cluster(go, scenario=few)

@@ -77,6 +77,8 @@ class Repairer:
         self.config = config
         self._requested = trio.Event()
         self._active = False
+        # The last pass found due parts but recorded no repair: no node may take them.
+        self._unplaced = False
         self._throttle = Throttle(config.bandwidth)
         # Reads of source parts that failed, by node: (node id, "read") -> count.
         self.source_failures: Counter[tuple[str, str]] = Counter()
@@ -112,6 +114,7 @@ class Repairer:
                     limit=self.config.batch,
                     lease=self.config.move_lease,
                 )
+                self._unplaced = not repairs
                 if not repairs:
                     return rebuilt
                 done = await self._carry_out_all(repairs)
@@ -123,7 +126,13 @@ class Repairer:
 
     async def status(self) -> RepairStatus:
         status = await self._discovery.repair_status(repair_after=self.config.repair_after)
-        return attrs.evolve(status, active=self._active, rate_bytes_per_s=self._throttle.rate())
+        waiting = status.due_parts if self._unplaced and not self._active else 0
+        return attrs.evolve(
+            status,
+            active=self._active,
+            rate_bytes_per_s=self._throttle.rate(),
+            waiting_parts=waiting,
+        )
 
     async def _carry_out_all(self, repairs: list[Repair]) -> list[Repair]:
         """The repairs that succeeded, ``concurrency`` at a time."""

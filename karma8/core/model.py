@@ -210,9 +210,11 @@ class RepairStatus:
     """Redundancy lost and regained.
 
     ``lost_parts``: parts of current redundant files on an unavailable node or reported
-    lost; ``due_parts``: those of them that repair works on now (lost, or on a node away for
-    ``repair_after``); ``repairing_parts``: rebuilds under way; ``repaired_*``: done since the
-    database was made.
+    lost; ``due_parts``: those of them due for repair (reported lost, or on a node away for
+    ``repair_after``) and not being rebuilt; ``waiting_parts``: due parts that repair's last
+    pass found no node for (every available node with room holds a part of their file: one
+    node more than the layout's parts is needed); ``repairing_parts``: rebuilds under way;
+    ``repaired_*``: done since the database was made.
     """
 
     degraded_files: int
@@ -223,3 +225,4 @@ class RepairStatus:
     repaired_bytes: int
     rate_bytes_per_s: float = 0.0
     active: bool = False
+    waiting_parts: int = 0

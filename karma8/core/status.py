@@ -65,9 +65,14 @@ def repair_line(repair: RepairStatus) -> str:
         if repair.repairing_parts and repair.rate_bytes_per_s > 0
         else ""
     )
+    waiting = (
+        f", {repair.waiting_parts} waiting for a node that holds no part of their file"
+        if repair.waiting_parts
+        else ""
+    )
     return (
         f"repair: {repair.degraded_files} files below full redundancy,"
-        f" {repair.lost_parts} lost parts ({repair.due_parts} due),"
+        f" {repair.lost_parts} lost parts ({repair.due_parts} due{waiting}),"
         f" {repair.repairing_parts} rebuilding, {repair.repaired_parts} rebuilt"
         f" ({format_size(repair.repaired_bytes)}){rate}"
     )

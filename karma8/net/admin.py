@@ -218,12 +218,13 @@ def version_table(version: FileVersion, states: dict[str, NodeState]) -> str:
         f"  etag      {version.etag}",
         "",
     ]
-    rows = [("PART", "HOLDS", "NODE", "NODE STATE", "SIZE", "CHECKSUM (sha256)")]
+    rows = [("PART", "KEY", "HOLDS", "NODE", "NODE STATE", "SIZE", "CHECKSUM (sha256)")]
     for p in version.parts:
         state = states.get(p.node.node_id)
         rows.append(
             (
                 str(p.index),
+                p.key,
                 holds(version.layout, p.index)
                 + ("" if p.reported_lost is None else f", reported lost ({p.reported_lost})"),
                 p.node.node_id,

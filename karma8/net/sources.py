@@ -175,9 +175,16 @@ def discovery_source(discovery: Discovery, rebalancer: Rebalancer, repairer: Rep
             (
                 "karma8_repair_due_parts",
                 "gauge",
-                "Lost parts that repair rebuilds now (reported lost, or away repair_after)",
+                "Lost parts due for repair (reported lost, or away repair_after), not rebuilding",
                 {},
                 repair.due_parts,
+            ),
+            (
+                "karma8_repair_waiting_parts",
+                "gauge",
+                "Due parts no node may take now (each holds a part of their file)",
+                {},
+                repair.waiting_parts,
             ),
             (
                 "karma8_repair_repairing_parts",
