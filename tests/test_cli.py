@@ -222,8 +222,16 @@ def test_a_node_whose_disk_is_full_shows_as_full() -> None:
         last_seen=0.0,
     )
     assert "100.00%" in admin.nodes_table([full])
+    up = [attrs.evolve(full, node_id=f"n{i}", capacity_bytes=100) for i in range(6)]
+    down = attrs.evolve(up[0], node_id="gone", state=NodeState.UNAVAILABLE)
+    assert admin.nodes_table(up).endswith("usable capacity 600 B of 600 B" + _WHY + ")")
+    assert admin.nodes_table([*up[1:], down]).endswith(
+        "usable capacity 500 B of 600 B" + _WHY + "; without the 1 unavailable)"
+    )
     assert admin.nodes_json([full], _report(), REPAIR)["nodes"][0]["fill_percent"] == 100.0
 
+
+_WHY = " (5 parts of a file on 5 distinct nodes: a node can hold at most a fifth"
 
 REPAIR = RepairStatus(
     degraded_files=3,

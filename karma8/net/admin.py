@@ -177,11 +177,13 @@ def nodes_table(nodes: list[NodeStatus]) -> str:
             )
         )
     raw = sum(n.capacity_bytes for n in nodes)
-    usable = usable_capacity([n.capacity_bytes for n in nodes])
+    up = [n.capacity_bytes for n in nodes if n.state is not NodeState.UNAVAILABLE]
+    down = len(nodes) - len(up)
     return (
         table(rows)
-        + f"\nusable capacity {format_size(usable)} of {format_size(raw)}"
-        + " (5 parts of a file on 5 distinct nodes: a node can hold at most a fifth)"
+        + f"\nusable capacity {format_size(usable_capacity(up))} of {format_size(raw)}"
+        + " (5 parts of a file on 5 distinct nodes: a node can hold at most a fifth"
+        + (f"; without the {down} unavailable)" if down else ")")
     )
 
 
