@@ -17,8 +17,8 @@ the very bytes raid0 stores: the code adds parts and changes none.
 
 The code is zfec's: its generator matrix is read off zfec (by coding unit vectors), and the
 bytes on disk are what zfec computes. Where ISA-L loads (:mod:`karma8.core.isal`), ISA-L
-computes the same products with vector instructions and without the GIL (some 20 times
-zfec's rate); elsewhere zfec does. :data:`KERNEL` says which.
+computes the same products with vector instructions and without the GIL (several times
+zfec's rate: docs/benchmarks.md, "Engines"); elsewhere zfec does. :data:`KERNEL` says which.
 """
 
 from __future__ import annotations

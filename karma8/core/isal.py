@@ -1,7 +1,7 @@
 """ISA-L's GF(256) kernels (Intel's Intelligent Storage Acceleration Library), through ctypes.
 
 ISA-L multiplies a matrix over GF(256) by k input buffers with the machine's widest vector
-unit (AVX2, AVX-512, GFNI), some 20 times faster than zfec here, and ctypes lets go of the
+unit (AVX2, AVX-512, GFNI), far faster than zfec's table lookups, and ctypes lets go of the
 GIL while it runs. karma8 keeps zfec's code (the parity bytes on disk are zfec's); ISA-L
 only computes the same products: :mod:`karma8.core.erasure` hands it zfec's matrix. The
 library is the one pyeclib's wheels bundle (pyeclib is ISA-L's Python distribution); only
