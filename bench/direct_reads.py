@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sqlite3
 import sys
 import zlib
@@ -31,6 +30,7 @@ import trio
 from hypercorn.typing import ASGIReceiveCallable as Receive
 from hypercorn.typing import ASGISendCallable as Send
 from hypercorn.typing import Scope
+from stack_ceiling import lifespan, until_signalled
 
 from karma8.net.serving import serve_app
 from karma8.store.packed.format import LIVE, scan
@@ -61,7 +61,7 @@ class DirectReads:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -98,19 +98,9 @@ def _pread(fd: int, offset: int, count: int) -> bytes:
     return os.pread(fd, count, offset)
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
 async def serve(data: Path, host: str, port: int, workers: int) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_until_signalled, nursery.cancel_scope)
+        nursery.start_soon(until_signalled, nursery.cancel_scope)
         app = DirectReads(data)
         serving = partial(serve_app, app, host=host, port=port, read_timeout=None)
         url = await nursery.start(partial(serving, reuse_port=True))
@@ -118,13 +108,6 @@ async def serve(data: Path, host: str, port: int, workers: int) -> None:
         for _ in range(workers - 1):  # stopped with this process
             command = [sys.executable, __file__, "--data", str(data), "--port", str(port)]
             nursery.start_soon(partial(trio.run_process, command))
-
-
-async def _until_signalled(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for _ in signals:
-            scope.cancel()
-            return
 
 
 def main(argv: list[str]) -> int:

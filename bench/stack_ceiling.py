@@ -50,7 +50,7 @@ class MemoryFiles:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -79,7 +79,7 @@ class MemoryFiles:
             await _answer(send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD, PUT")])
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def lifespan(receive: Receive, send: Send) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
@@ -130,7 +130,7 @@ async def serve(host: str, port: int, workers: int, shared: Path | None) -> None
 async def _serve(host: str, port: int, workers: int, shared: Path | None) -> None:
     async with trio.open_nursery() as nursery:
         # SIGTERM (how the benchmark stops it) ends it cleanly: its workers, then the directory.
-        nursery.start_soon(_until_signalled, nursery.cancel_scope)
+        nursery.start_soon(until_signalled, nursery.cancel_scope)
         app = MemoryFiles(shared=shared)
         serving = partial(serve_app, app, host=host, port=port, read_timeout=None)
         if shared is not None:  # only then: an A/B run of a karma8 without the option works
@@ -144,7 +144,7 @@ async def _serve(host: str, port: int, workers: int, shared: Path | None) -> Non
             nursery.start_soon(partial(trio.run_process, command))
 
 
-async def _until_signalled(scope: trio.CancelScope) -> None:
+async def until_signalled(scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for _ in signals:
             scope.cancel()

@@ -47,9 +47,11 @@ class Code:
         self.parts, self.parity = parts, parity
         self._zfec = zfec.Encoder(parts, parts + parity)
         self._kernel = kernel
-        numbers = list(range(parts, parts + parity))
+        self._parity_numbers = list(range(parts, parts + parity))
         unit = [[bytes([int(i == j)]) for j in range(parts)] for i in range(parts)]
-        columns = [[c[0] for c in self._zfec.encode(unit[i], numbers)] for i in range(parts)]
+        columns = [
+            [c[0] for c in self._zfec.encode(unit[i], self._parity_numbers)] for i in range(parts)
+        ]
         # Row r of the generator: share r's coefficients over the k data blocks.
         self.generator = [[int(i == j) for j in range(parts)] for i in range(parts)] + [
             [columns[i][j] for i in range(parts)] for j in range(parity)
@@ -66,15 +68,15 @@ class Code:
             raise ValueError(f"{len(blocks)} blocks for a code of {self.parts} data parts")
         if len({len(b) for b in blocks}) > 1:
             raise ValueError(f"blocks differ in length: {sorted({len(b) for b in blocks})}")
-        numbers = list(range(self.parts, self.parts + self.parity)) if numbers is None else numbers
+        numbers = self._parity_numbers if numbers is None else list(numbers)
         if self._kernel is None:
-            return [bytes(b) for b in self._zfec.encode(list(blocks), list(numbers))]
-        length = len(blocks[0])
-        if list(numbers) == list(range(self.parts, self.parts + self.parity)):
+            return [bytes(b) for b in self._zfec.encode(list(blocks), numbers)]
+        if numbers == self._parity_numbers:
             assert self._parity_tables is not None
-            return self._kernel.encode(self._parity_tables, blocks, length)
-        tables = self._kernel.tables([self.generator[n] for n in numbers])
-        return self._kernel.encode(tables, blocks, length)
+            tables = self._parity_tables
+        else:
+            tables = self._kernel.tables([self.generator[n] for n in numbers])
+        return self._kernel.encode(tables, blocks, len(blocks[0]))
 
     def rebuild(self, shares: Mapping[int, bytes]) -> list[bytes]:
         """The k data blocks from any k shares (equal lengths; share number -> block)."""

@@ -105,11 +105,7 @@ def _readable(buffer: Buffer, length: int) -> bytes:
         base = buffer.obj
         if isinstance(base, bytes) and buffer.contiguous and buffer.nbytes == len(base):
             buffer = base
-    if isinstance(buffer, bytes):
-        if len(buffer) < length:
-            raise ValueError(f"an input of {len(buffer)} bytes, {length} wanted")
-        return buffer
-    out = bytes(buffer)
+    out = buffer if isinstance(buffer, bytes) else bytes(buffer)
     if len(out) < length:
         raise ValueError(f"an input of {len(out)} bytes, {length} wanted")
     return out
