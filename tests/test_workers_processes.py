@@ -191,3 +191,68 @@ def test_a_gateway_of_its_own_runs_workers_too(tmp_path: Path) -> None:
         assert port_free(port)
     finally:
         cluster.stop()
+
+
+def direct_reads(gateway: str, pid: int) -> dict[tuple[str, str], int]:
+    """Worker ``pid``'s direct-read counters (what, how), asked over new connections."""
+    found: dict[tuple[str, str], int] = {}
+
+    def answered() -> bool:
+        with httpx.Client() as client:
+            text = client.get(f"{gateway}/metrics").text
+        if f'karma8_gateway_process{{pid="{pid}"}} 1' not in text:
+            return False
+        for labels, value in re.findall(
+            r"^karma8_gateway_direct_reads_total\{([^}]*)\} (\S+)$", text, re.MULTILINE
+        ):
+            pairs = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+            found[pairs["what"], pairs["how"]] = int(float(value))
+        return True
+
+    wait_for(answered, f"gateway worker {pid} answering /metrics")
+    return found
+
+
+def test_a_worker_reads_small_files_directly_and_sees_every_change(tmp_path: Path) -> None:
+    cluster, gateway = start(tmp_path)
+    try:
+        (worker,) = set(counters_by_worker(gateway, 2)) - {cluster.proc.pid}
+        bodies = {f"s{i}": os.urandom(i * 131 + 1) for i in range(12)}
+        bodies["large"] = os.urandom(1 << 20)  # parts in files: the worker asks the nodes
+        with httpx.Client() as client:
+            for name, body in bodies.items():
+                assert client.put(f"{gateway}/default/{name}", content=body).status_code == 201
+
+        def read_all() -> None:
+            for name, body in bodies.items():
+                with httpx.Client() as client:  # a new connection: either process
+                    got = client.get(f"{gateway}/default/{name}")
+                assert got.status_code == 200, name
+                assert got.content == body, name
+
+        def served_both_ways() -> bool:
+            read_all()
+            counts = direct_reads(gateway, worker)
+            return counts.get(("part", "direct"), 0) > 0 and counts.get(("part", "asked"), 0) > 0
+
+        wait_for(served_both_ways, "the worker to read parts directly and from nodes")
+        assert direct_reads(gateway, worker)[("resolve", "direct")] > 0
+        # Changes made through the cluster's own gateway are seen at once by the worker.
+        bodies["s0"] = os.urandom(999)
+        with httpx.Client() as client:
+            assert client.put(f"{gateway}/default/s0", content=bodies["s0"]).status_code == 201
+            assert client.delete(f"{gateway}/default/s1").status_code == 204
+        del bodies["s1"]
+        before = counters_by_worker(gateway, 2)[worker]["gets"]
+
+        def worker_read_the_changes() -> bool:
+            read_all()
+            for _ in range(4):
+                with httpx.Client() as client:
+                    assert client.get(f"{gateway}/default/s1").status_code == 404
+            return counters_by_worker(gateway, 2)[worker]["gets"] >= before + 2 * len(bodies)
+
+        wait_for(worker_read_the_changes, "the worker to serve reads after the changes")
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log.read_text()

@@ -104,6 +104,9 @@ class NetConfig:
     # Gateway processes sharing the gateway's port (karma8/net/workers.py); 1: the gateway
     # alone, in this process. More measured slower on 2 cores (docs/benchmarks.md).
     gateway_workers: int = 1
+    # Embedded cluster: its gateway workers read the metadata and small parts from the
+    # cluster's files instead of asking discovery and the nodes (karma8/net/direct.py).
+    direct_reads: bool = True
 
     def public(self, *, embedded: bool) -> tuple[str, ...]:
         """The namespaces made public at start-up, for the embedded cluster or not."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -28,6 +29,12 @@ from karma8.actors.storage import StorageConfig, StorageNode
 from karma8.core.errors import Karma8Error, Unavailable
 from karma8.net.bounds import UploadGate, give_back_memory
 from karma8.net.clients import HttpDiscoveryClient
+from karma8.net.direct import (
+    DirectReadStorage,
+    DirectResolveDiscovery,
+    direct_source,
+    open_direct_reads,
+)
 from karma8.net.discovery_role import build_discovery, open_metadata, serve_discovery
 from karma8.net.gateway_app import gateway_app
 from karma8.net.local import LocalFirstStorageClient
@@ -201,6 +208,7 @@ async def run_gateway(
     http: httpx.AsyncClient,
     port: int | None = None,
     shared_port: bool = False,
+    read_from: Path | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A gateway on its own, with ``gateway_workers - 1`` workers on its port. It asks
@@ -208,30 +216,68 @@ async def run_gateway(
     reach it warns (as :func:`run_storage`'s node does) before a client finds out. ``http``
     is the pool to discovery; the nodes get a pool of their own. ``discovery_url``: one URL
     or several, comma-separated, which the discovery client fails over between.
-    ``shared_port``: this gateway is itself a worker, binding a port that others share."""
-    discovery = HttpDiscoveryClient(
-        http, discovery_url, origin=discovery_from, warn_every=DISCOVERY_WARN_EVERY
-    )
-    async with data_pool(config) as nodes, trio.open_nursery() as nursery:
-        gateway = build_gateway(config, discovery=discovery, storage=storage_client(config, nodes))
-        nursery.start_soon(_probe_discovery, discovery, name="gateway-probe-discovery")
-        url = await nursery.start(
-            partial(
-                serve_gateway,
-                gateway,
-                config,
-                port=port,
-                reuse_port=shared_port or config.gateway_workers > 1,
-            )
+    ``shared_port``: this gateway is itself a worker, binding a port that others share.
+    ``read_from``: an embedded cluster's data directory on this host, whose metadata and
+    small parts this gateway reads directly (:mod:`karma8.net.direct`)."""
+    metadata, readers = open_direct_reads(read_from) if read_from is not None else (None, {})
+    discovery: HttpDiscoveryClient
+    if metadata is not None:
+        discovery = DirectResolveDiscovery(
+            http,
+            discovery_url,
+            metadata=metadata,
+            origin=discovery_from,
+            warn_every=DISCOVERY_WARN_EVERY,
         )
-        await _start_workers(nursery, config, gateway_url=url, discovery_url=discovery_url)
-        task_status.started(url)
+    else:
+        discovery = HttpDiscoveryClient(
+            http, discovery_url, origin=discovery_from, warn_every=DISCOVERY_WARN_EVERY
+        )
+    try:
+        async with (
+            data_pool(config) as nodes,
+            AsyncExitStack() as published,
+            trio.open_nursery() as nursery,
+        ):
+            storage: StorageAPI = storage_client(config, nodes)
+            if readers:
+                storage = DirectReadStorage(storage, readers, config.small_part_max)
+            if read_from is not None:
+                direct = direct_source(
+                    storage if isinstance(storage, DirectReadStorage) else None,
+                    discovery if isinstance(discovery, DirectResolveDiscovery) else None,
+                )
+                published.enter_context(METRICS.source(direct))
+            gateway = build_gateway(config, discovery=discovery, storage=storage)
+            nursery.start_soon(_probe_discovery, discovery, name="gateway-probe-discovery")
+            url = await nursery.start(
+                partial(
+                    serve_gateway,
+                    gateway,
+                    config,
+                    port=port,
+                    reuse_port=shared_port or config.gateway_workers > 1,
+                )
+            )
+            await _start_workers(nursery, config, gateway_url=url, discovery_url=discovery_url)
+            task_status.started(url)
+    finally:
+        for reader in readers.values():
+            reader.close()
+        if metadata is not None:
+            metadata.close()
 
 
 async def _start_workers(
-    nursery: trio.Nursery, config: NetConfig, *, gateway_url: str, discovery_url: str
+    nursery: trio.Nursery,
+    config: NetConfig,
+    *,
+    gateway_url: str,
+    discovery_url: str,
+    read_from: Path | None = None,
 ) -> None:
-    """The ``gateway_workers - 1`` workers beside the gateway at ``gateway_url``."""
+    """The ``gateway_workers - 1`` workers beside the gateway at ``gateway_url``;
+    ``read_from``: the embedded cluster's data directory, which they read directly."""
     if config.gateway_workers > 1:
         await nursery.start(
             partial(
@@ -240,6 +286,7 @@ async def _start_workers(
                 config,
                 port=int(gateway_url.rsplit(":", 1)[1]),
                 discovery_url=discovery_url,
+                read_from=read_from,
             )
         )
 
@@ -308,7 +355,11 @@ async def run_cluster(
                 partial(serve_gateway, gateway, config, reuse_port=config.gateway_workers > 1)
             )
             await _start_workers(
-                nursery, config, gateway_url=gateway_url, discovery_url=discovery_url
+                nursery,
+                config,
+                gateway_url=gateway_url,
+                discovery_url=discovery_url,
+                read_from=Path(absolute) if config.direct_reads else None,
             )
             info = ClusterInfo(
                 gateway=gateway_url,

@@ -32,6 +32,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import attrs
@@ -47,6 +48,7 @@ log = logging.getLogger("karma8.workers")
 
 READY_PREFIX = "karma8 gateway up:"  # what ``karma8 serve --role gw`` prints once it listens
 SHARED_PORT_FLAG = "--shared-port"  # the CLI's hidden flag: bind with SO_REUSEPORT
+READ_FROM_FLAG = "--read-from"  # the CLI's hidden flag: a data directory to read directly
 
 
 class WorkerExited(ChildProcessError):
@@ -100,9 +102,12 @@ def worker_config_toml(config: NetConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def worker_command(config_path: str, *, port: int, discovery_url: str) -> list[str]:
+def worker_command(
+    config_path: str, *, port: int, discovery_url: str, read_from: Path | None = None
+) -> list[str]:
     """``karma8 serve --role gw`` as one worker of a shared port, logging as this process
-    does (its level, text or JSON lines)."""
+    does (its level, text or JSON lines); ``read_from``: the data directory it reads
+    directly (:mod:`karma8.net.direct`)."""
     root = logging.getLogger()
     verbose = root.isEnabledFor(logging.INFO)
     json_lines = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
@@ -122,6 +127,7 @@ def worker_command(config_path: str, *, port: int, discovery_url: str) -> list[s
         "--workers",
         "1",
         SHARED_PORT_FLAG,
+        *([READ_FROM_FLAG, str(read_from)] if read_from is not None else []),
         *(["--verbose"] if verbose else []),
         *(["--log-format", "json"] if json_lines else []),
     ]
@@ -133,6 +139,7 @@ async def run_gateway_workers(
     *,
     port: int,
     discovery_url: str,
+    read_from: Path | None = None,
     task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``count`` gateway workers on ``port`` until cancelled; reports their pids once
@@ -145,7 +152,7 @@ async def run_gateway_workers(
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(worker_config_toml(config))
-        command = worker_command(path, port=port, discovery_url=discovery_url)
+        command = worker_command(path, port=port, discovery_url=discovery_url, read_from=read_from)
         pids: list[int] = []
 
         async def start_one(nursery: trio.Nursery) -> None:

@@ -40,7 +40,7 @@ log = logging.getLogger("karma8.store.packed")
 
 DEFAULT_VOLUME_SIZE = 1 << 30
 DEFAULT_COMPACT_RATIO = 0.5
-_NAME = re.compile(r"^(\d{8})\.(\d+)\.vol$")
+VOLUME_NAME = re.compile(r"^(\d{8})\.(\d+)\.vol$")
 _COPY_BUFFER = 1 << 20
 
 
@@ -148,7 +148,7 @@ class PackedStore:
         """Load every volume's newest generation; returns the torn bytes truncated."""
         newest: dict[int, int] = {}
         for name in os.listdir(self.directory):
-            match = _NAME.match(name)
+            match = VOLUME_NAME.match(name)
             if match is None:
                 if name.endswith(".tmp"):  # an interrupted compaction's output
                     (self.directory / name).unlink(missing_ok=True)
@@ -156,7 +156,7 @@ class PackedStore:
             volume, generation = int(match[1]), int(match[2])
             newest[volume] = max(generation, newest.get(volume, generation))
         for name in os.listdir(self.directory):
-            match = _NAME.match(name)
+            match = VOLUME_NAME.match(name)
             if match is not None and int(match[2]) < newest[int(match[1])]:
                 # A compaction renamed its output into place but did not unlink the source.
                 (self.directory / name).unlink()

@@ -1,0 +1,222 @@
+"""Direct reads: a gateway worker reads small files from its parent's disk, not over HTTP.
+
+A gateway worker of the embedded cluster (``karma8 serve --workers N``, see
+:mod:`karma8.net.workers`) runs on the same host as discovery and the storage nodes, which
+live in its parent process. Asking them over HTTP costs each side about a millisecond of CPU
+per hop, several times what the read itself costs (docs/benchmarks.md, "Gateway workers").
+So a worker reads what it can the way its parent would, from the same files:
+
+- the current version of a name from discovery's SQLite database, opened read-only (a WAL
+  reader never blocks the writer, and sees every commit made before the PUT that made it
+  was acknowledged);
+- a small part's bytes from its node's packed volumes (:class:`PackedReader`), checked
+  against the needle's CRC.
+
+Everything else goes to the parent as before (:class:`HttpDiscoveryClient`,
+:class:`HttpStorageClient`): writes, deletes, listings, access checks, a name the database
+does not have (for discovery's exact error), a part that is not packed, not found, or fails
+its check (the node then reads it, verifies it, and reports or quarantines it, and the
+gateway's redundant read goes around it as for any failed part).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from karma8.core.model import FileVersion, NodeRef
+from karma8.metadata.rows import committed_id, load_version
+from karma8.net.clients import HttpDiscoveryClient
+from karma8.net.metrics import Sample, Source
+from karma8.ports import StorageAPI, StoredPart
+from karma8.store.packed.reader import PackedReader
+
+log = logging.getLogger("karma8.direct")
+
+DATABASE = "discovery.sqlite3"  # an embedded cluster's discovery database, in its data dir
+NODE_ID_FILE = "node_id"
+
+
+class ReadOnlyMetadata:
+    """Discovery's SQLite database, opened read-only by another process."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+
+    def current_version(self, namespace: str, name: str) -> FileVersion | None:
+        """The committed version of ``namespace/name``; None if the database has none."""
+        version_id = committed_id(self._db, namespace, name)
+        return None if version_id is None else load_version(self._db, version_id)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class DirectResolveDiscovery(HttpDiscoveryClient):
+    """The HTTP discovery client, but names resolve from the database when it has them."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        urls: str,
+        *,
+        metadata: ReadOnlyMetadata,
+        origin: str | None = None,
+        warn_every: float | None = None,
+    ) -> None:
+        super().__init__(client, urls, origin=origin, warn_every=warn_every)
+        self._metadata = metadata
+        self.counts = {"direct": 0, "asked": 0}  # resolves read directly, and asked for
+
+    async def resolve(self, *, namespace: str, name: str) -> FileVersion:
+        try:
+            version = self._metadata.current_version(namespace, name)
+        except sqlite3.Error as exc:
+            log.warning("reading the metadata directly failed, asking discovery: %s", exc)
+            version = None
+        if version is None:  # discovery says which: no such namespace, or no such file
+            self.counts["asked"] += 1
+            return await super().resolve(namespace=namespace, name=name)
+        self.counts["direct"] += 1
+        return version
+
+
+class DirectReadStorage:
+    """:class:`karma8.ports.StorageAPI` that reads packed parts of local nodes itself."""
+
+    def __init__(
+        self, remote: StorageAPI, readers: Mapping[str, PackedReader], small_part_max: int
+    ) -> None:
+        self.remote = remote
+        self._readers = readers
+        self._small_part_max = small_part_max
+        self.counts = {"direct": 0, "asked": 0}  # part reads from the volumes, and from nodes
+
+    async def put_part(
+        self, node: NodeRef, key: str, chunks: AsyncIterable[bytes], *, size: int | None = None
+    ) -> StoredPart:
+        return await self.remote.put_part(node, key, chunks, size=size)
+
+    def read_part(
+        self, node: NodeRef, key: str, *, offset: int, length: int, checksum: str | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        reader = self._readers.get(node.node_id)
+        if reader is not None and offset + length <= self._small_part_max:
+            return _DirectRead(self, reader, node, key, offset, length, checksum)
+        self.counts["asked"] += 1
+        return self.remote.read_part(node, key, offset=offset, length=length, checksum=checksum)
+
+    async def delete_part(self, node: NodeRef, key: str) -> None:
+        await self.remote.delete_part(node, key)
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+
+
+class _DirectRead:
+    """One part read: from the volumes if the whole part is there and intact, else from the
+    node (the remote read is entered in its place)."""
+
+    def __init__(
+        self,
+        storage: DirectReadStorage,
+        reader: PackedReader,
+        node: NodeRef,
+        key: str,
+        offset: int,
+        length: int,
+        checksum: str | None,
+    ) -> None:
+        self._storage = storage
+        self._reader = reader
+        self._node = node
+        self._key = key
+        self._offset = offset
+        self._length = length
+        self._checksum = checksum
+        self._remote: AbstractAsyncContextManager[AsyncIterator[bytes]] | None = None
+
+    async def __aenter__(self) -> AsyncIterator[bytes]:
+        # The whole payload (its CRC covers all of it), at most small_part_max bytes.
+        data = self._reader.read(self._key)
+        if data is not None and self._offset + self._length <= len(data):
+            self._storage.counts["direct"] += 1
+            return _One(data[self._offset : self._offset + self._length])
+        self._storage.counts["asked"] += 1
+        self._remote = self._storage.remote.read_part(
+            self._node, self._key, offset=self._offset, length=self._length, checksum=self._checksum
+        )
+        return await self._remote.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        if self._remote is not None:
+            return await self._remote.__aexit__(exc_type, exc, tb)
+        return None
+
+
+class _One:
+    """A stream of one chunk."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> _One:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._data is None:
+            raise StopAsyncIteration
+        data, self._data = self._data, None
+        return data
+
+
+def open_direct_reads(data_dir: Path) -> tuple[ReadOnlyMetadata | None, dict[str, PackedReader]]:
+    """The database (None if it is not there: metadata on PostgreSQL) and a reader per node
+    directory (``storage-*`` with a ``node_id``) of an embedded cluster's ``data_dir``."""
+    database = data_dir / DATABASE
+    metadata = ReadOnlyMetadata(database) if database.exists() else None
+    readers: dict[str, PackedReader] = {}
+    for node_dir in sorted(data_dir.glob("storage-*")):
+        id_file = node_dir / NODE_ID_FILE
+        if id_file.exists():
+            node_id = id_file.read_text().strip()
+            if node_id:
+                readers[node_id] = PackedReader(node_dir)
+    return metadata, readers
+
+
+def direct_source(
+    storage: DirectReadStorage | None, discovery: DirectResolveDiscovery | None
+) -> Source:
+    """What a gateway that reads directly adds to its process's metrics."""
+
+    async def read() -> Iterable[Sample]:
+        samples: list[Sample] = []
+        for what, counts in (("part", storage), ("resolve", discovery)):
+            for how, count in (counts.counts if counts is not None else {}).items():
+                samples.append(
+                    (
+                        "karma8_gateway_direct_reads",
+                        "counter",
+                        "Part reads and name resolves done from the cluster's files (direct)"
+                        " or asked of the nodes and discovery (asked)",
+                        {"what": what, "how": how},
+                        count,
+                    )
+                )
+        return samples
+
+    return read

@@ -1,0 +1,79 @@
+"""A gateway worker's storage port (karma8.net.direct.DirectReadStorage): packed parts of
+the nodes it can see are read from their volumes; everything else, and anything that fails
+its check there, is asked of the node."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from karma8.core.model import NodeRef
+from karma8.net.direct import DirectReadStorage
+from karma8.ports import StoredPart
+from karma8.store.packed.reader import PackedReader
+from karma8.store.tiered import TieredPartStore
+
+from storehelpers import BIG, flip_bit, packed_parts, payload, put
+
+T = 1024
+NODE = NodeRef(node_id="node-a", url="http://127.0.0.1:1")
+OTHER = NodeRef(node_id="node-b", url="http://127.0.0.1:2")
+
+
+class AskedNode:
+    """The remote port: records what it is asked and answers ``b"node:" + key``."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str, int, int]] = []
+
+    async def put_part(
+        self, node: NodeRef, key: str, chunks: AsyncIterable[bytes], *, size: int | None = None
+    ) -> StoredPart:
+        raise AssertionError("not used")
+
+    @asynccontextmanager
+    async def read_part(
+        self, node: NodeRef, key: str, *, offset: int, length: int, checksum: str | None = None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        self.asked.append((node.node_id, key, offset, length))
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield (b"node:" + key.encode())[offset : offset + length]
+
+        yield chunks()
+
+    async def delete_part(self, node: NodeRef, key: str) -> None:
+        raise AssertionError("not used")
+
+
+async def read(
+    storage: DirectReadStorage, node: NodeRef, key: str, offset: int, length: int
+) -> bytes:
+    async with storage.read_part(node, key, offset=offset, length=length) as chunks:
+        return b"".join([c async for c in chunks])
+
+
+async def test_packed_parts_are_read_directly_and_the_rest_is_asked(tmp_path: Path) -> None:
+    store = TieredPartStore(tmp_path, capacity_bytes=BIG, small_part_max=T, group_sync=False)
+    await put(store, "p.0", payload(500, seed=1))
+    await put(store, "p.1", payload(300, seed=2))
+    await put(store, "big.0", payload(T + 10))
+    node = AskedNode()
+    storage = DirectReadStorage(node, {NODE.node_id: PackedReader(tmp_path)}, small_part_max=T)
+    assert await read(storage, NODE, "p.0", 0, 500) == payload(500, seed=1)
+    assert await read(storage, NODE, "p.0", 100, 50) == payload(500, seed=1)[100:150]
+    assert node.asked == []
+    assert storage.counts == {"direct": 2, "asked": 0}
+    # A node it cannot see, a part too large to be packed, a key it does not hold.
+    assert await read(storage, OTHER, "p.1", 0, 6) == b"node:p"
+    assert await read(storage, NODE, "big.0", 0, 5) == b"node:"
+    assert await read(storage, NODE, "gone.0", 0, 6) == b"node:g"
+    # A part whose bytes fail their CRC: the node reads it (and verifies and reports it).
+    path, offset = packed_parts(tmp_path)["p.1"]
+    flip_bit(path, offset + 3)
+    assert await read(storage, NODE, "p.1", 0, 7) == b"node:p."
+    assert [key for _, key, _, _ in node.asked] == ["p.1", "big.0", "gone.0", "p.1"]
+    assert storage.counts == {"direct": 2, "asked": 4}
+    storage.close()
+    store.close()

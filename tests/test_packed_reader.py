@@ -1,0 +1,156 @@
+"""A read-only view of a node's packed volumes (karma8.store.packed.reader), as a gateway
+worker keeps one beside the node that writes them (karma8.net.direct): it finds what the
+node appended, deleted and compacted since it last looked, and answers None (ask the node)
+for anything it cannot vouch for."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from karma8.store.packed.format import HEADER_SIZE
+from karma8.store.packed.reader import PackedReader
+from karma8.store.tiered import TieredPartStore
+
+from storehelpers import BIG, flip_bit, packed_parts, payload, put
+
+T = 1024  # small_part_max in these tests
+
+
+def new_tiered(root: Path, **kwargs: Any) -> TieredPartStore:
+    kwargs.setdefault("capacity_bytes", BIG)
+    kwargs.setdefault("small_part_max", T)
+    kwargs.setdefault("group_sync", False)
+    return TieredPartStore(root, **kwargs)
+
+
+def deleted_files_open() -> list[str]:
+    """Files this process holds open that were unlinked (a retired volume generation)."""
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue
+    return [t for t in targets if t.endswith(".vol (deleted)")]
+
+
+async def test_it_finds_what_the_node_appends_after_it_opened(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path)
+    await put(store, "a.0", payload(100, seed=1))
+    reader = PackedReader(tmp_path)
+    assert reader.read("a.0") == payload(100, seed=1)
+    assert reader.read("a.1") is None
+    for i in range(1, 30):
+        await put(store, f"a.{i}", payload(10 * i, seed=i))
+    refreshes = reader.refreshes
+    assert reader.read("a.29") == payload(290, seed=29)  # a miss: one refresh finds it
+    assert reader.refreshes == refreshes + 1
+    for i in range(1, 29):
+        assert reader.read(f"a.{i}") == payload(10 * i, seed=i)
+    assert reader.refreshes == refreshes + 1  # the rest were indexed by that refresh
+    reader.close()
+    store.close()
+
+
+async def test_large_parts_and_unknown_keys_are_none(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path)
+    await put(store, "big.0", payload(T + 1))  # a part file: not the reader's
+    reader = PackedReader(tmp_path)
+    assert reader.read("big.0") is None
+    assert reader.read("nowhere.0") is None
+    reader.close()
+    store.close()
+
+
+async def test_a_corrupt_payload_is_none_not_bytes(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path)
+    await put(store, "c.0", payload(200, seed=3))
+    reader = PackedReader(tmp_path)
+    path, offset = packed_parts(tmp_path)["c.0"]
+    flip_bit(path, offset + 17)
+    assert reader.read("c.0") is None
+    reader.close()
+    store.close()
+
+
+async def test_deleted_parts_leave_its_index_on_the_next_refresh(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path)
+    for i in range(4):
+        await put(store, f"d.{i}", payload(50, seed=i))
+    reader = PackedReader(tmp_path)
+    await store.delete("d.1")
+    await put(store, "d.9", payload(5))
+    assert reader.read("d.9") == payload(5)  # the refresh also read d.1's tombstone
+    assert reader.read("d.1") is None
+    assert reader.read("d.2") == payload(50, seed=2)
+    reader.close()
+    store.close()
+
+
+async def test_compaction_moves_needles_and_it_follows(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path, volume_size=2048)
+    for i in range(40):
+        await put(store, f"e.{i}", payload(100, seed=i))
+    reader = PackedReader(tmp_path)
+    assert reader.read("e.3") == payload(100, seed=3)
+    for i in range(40):
+        if i % 3:
+            await store.delete(f"e.{i}")
+    await store.compact()
+    assert store.packed.compactions > 0
+    await put(store, "e.new", payload(7))
+    assert reader.read("e.new") == payload(7)  # a refresh that saw the new generations
+    assert not deleted_files_open(), "the reader still holds a retired generation"
+    for i in range(40):
+        assert reader.read(f"e.{i}") == (None if i % 3 else payload(100, seed=i))
+    reader.close()
+    store.close()
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(cut=st.integers(1, HEADER_SIZE + 16 + 300))
+def test_a_needle_half_written_is_not_read_until_it_is_whole(
+    tmp_path_factory: pytest.TempPathFactory, cut: int
+) -> None:
+    """The node's append of the last needle is seen in part (a ``pwrite`` in flight): the
+    reader neither returns it nor loses its place, and finds it once it is whole."""
+    root = tmp_path_factory.mktemp("torn")
+
+    async def write() -> None:
+        store = new_tiered(root)
+        await put(store, "f.0", payload(100, seed=1))
+        await put(store, "f.1", payload(300, seed=2))
+        store.close()
+
+    trio.run(write)
+    (volume,) = (root / "volumes").iterdir()
+    whole = volume.read_bytes()
+    _, offset = packed_parts(root)["f.1"]
+    cut_at = min(len(whole) - 1, offset - HEADER_SIZE - len("f.1") + cut)
+    with open(volume, "r+b") as f:
+        f.truncate(cut_at)
+    reader = PackedReader(root)
+    assert reader.read("f.0") == payload(100, seed=1)
+    assert reader.read("f.1") is None
+    with open(volume, "r+b") as f:  # the rest of the write lands
+        f.seek(cut_at)
+        f.write(whole[cut_at:])
+    assert reader.read("f.1") == payload(300, seed=2)
+    reader.close()
+
+
+def test_a_directory_without_volumes_reads_nothing(tmp_path: Path) -> None:
+    reader = PackedReader(tmp_path)
+    assert reader.read("g.0") is None
+    os.makedirs(tmp_path / "volumes")
+    assert reader.read("g.0") is None
+    reader.close()
