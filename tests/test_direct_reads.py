@@ -1,6 +1,6 @@
-"""A gateway worker's storage port (karma8.net.direct.DirectReadStorage): packed parts of
-the nodes it can see are read from their volumes; everything else, and anything that fails
-its check there, is asked of the node."""
+"""A gateway worker's storage port (karma8.net.direct.DirectReadStorage): parts of the
+nodes it can see are read from their directories (packed volumes, part files); everything
+else, and anything that fails its check there when opened, is asked of the node."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from karma8.core.model import NodeRef
 from karma8.net.direct import DirectReadStorage
 from karma8.ports import StoredPart
-from karma8.store.packed.reader import PackedReader
+from karma8.store.readonly import PartStoreReader
 from karma8.store.tiered import TieredPartStore
 
 from storehelpers import BIG, flip_bit, packed_parts, payload, put
@@ -60,20 +60,26 @@ async def test_packed_parts_are_read_directly_and_the_rest_is_asked(tmp_path: Pa
     await put(store, "p.1", payload(300, seed=2))
     await put(store, "big.0", payload(T + 10))
     node = AskedNode()
-    storage = DirectReadStorage(node, {NODE.node_id: PackedReader(tmp_path)}, small_part_max=T)
+    storage = DirectReadStorage(node, {NODE.node_id: PartStoreReader(tmp_path)}, small_part_max=T)
     assert await read(storage, NODE, "p.0", 0, 500) == payload(500, seed=1)
     assert await read(storage, NODE, "p.0", 100, 50) == payload(500, seed=1)[100:150]
     assert node.asked == []
     assert storage.counts == {"direct": 2, "asked": 0}
-    # A node it cannot see, a part too large to be packed, a key it does not hold.
+    # A part file is read through the file engine's checked reader.
+    assert await read(storage, NODE, "big.0", 7, T) == payload(T + 10)[7 : T + 7]
+    assert storage.counts == {"direct": 3, "asked": 0}
+    # A node it cannot see, a key it does not hold.
     assert await read(storage, OTHER, "p.1", 0, 6) == b"node:p"
-    assert await read(storage, NODE, "big.0", 0, 5) == b"node:"
     assert await read(storage, NODE, "gone.0", 0, 6) == b"node:g"
     # A part whose bytes fail their CRC: the node reads it (and verifies and reports it).
     path, offset = packed_parts(tmp_path)["p.1"]
     flip_bit(path, offset + 3)
     assert await read(storage, NODE, "p.1", 0, 7) == b"node:p."
-    assert [key for _, key, _, _ in node.asked] == ["p.1", "big.0", "gone.0", "p.1"]
-    assert storage.counts == {"direct": 2, "asked": 4}
+    # So is a part file whose header is damaged.
+    big = next(tmp_path.glob("**/parts/*/*/big.0"))
+    flip_bit(big, 2)
+    assert await read(storage, NODE, "big.0", 0, 5) == b"node:"
+    assert [key for _, key, _, _ in node.asked] == ["p.1", "gone.0", "p.1", "big.0"]
+    assert storage.counts == {"direct": 3, "asked": 4}
     storage.close()
     store.close()

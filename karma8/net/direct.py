@@ -1,4 +1,4 @@
-"""Direct reads: a gateway worker reads small files from its parent's disk, not over HTTP.
+"""Direct reads: a gateway worker reads files from its parent's disk, not over HTTP.
 
 A gateway worker of the embedded cluster (``karma8 serve --workers N``, see
 :mod:`karma8.net.workers`) runs on the same host as discovery and the storage nodes, which
@@ -9,13 +9,14 @@ So a worker reads what it can the way its parent would, from the same files:
 - the current version of a name from discovery's SQLite database, opened read-only (a WAL
   reader never blocks the writer, and sees every commit made before the PUT that made it
   was acknowledged);
-- a small part's bytes from its node's packed volumes (:class:`PackedReader`), checked
-  against the needle's CRC.
+- a part's bytes from its node's directory (:class:`PartStoreReader`): a packed part
+  checked against its needle's CRC, a part file block by block against its CRCs, as the
+  node itself reads them.
 
 Everything else goes to the parent as before (:class:`HttpDiscoveryClient`,
 :class:`HttpStorageClient`): writes, deletes, listings, access checks, a name the database
-does not have (for discovery's exact error), a part that is not packed, not found, or fails
-its check (the node then reads it, verifies it, and reports or quarantines it, and the
+does not have (for discovery's exact error), a part not found there or failing its check
+when opened (the node then reads it, verifies it, and reports or quarantines it, and the
 gateway's redundant read goes around it as for any failed part).
 """
 
@@ -30,12 +31,13 @@ from types import TracebackType
 
 import httpx
 
+from karma8.core.errors import Karma8Error
 from karma8.core.model import FileVersion, NodeRef
 from karma8.metadata.rows import committed_id, load_version
 from karma8.net.clients import HttpDiscoveryClient
 from karma8.net.metrics import Sample, Source
 from karma8.ports import StorageAPI, StoredPart
-from karma8.store.packed.reader import PackedReader
+from karma8.store.readonly import PartStoreReader
 
 log = logging.getLogger("karma8.direct")
 
@@ -89,15 +91,15 @@ class DirectResolveDiscovery(HttpDiscoveryClient):
 
 
 class DirectReadStorage:
-    """:class:`karma8.ports.StorageAPI` that reads packed parts of local nodes itself."""
+    """:class:`karma8.ports.StorageAPI` that reads the parts of local nodes itself."""
 
     def __init__(
-        self, remote: StorageAPI, readers: Mapping[str, PackedReader], small_part_max: int
+        self, remote: StorageAPI, readers: Mapping[str, PartStoreReader], small_part_max: int
     ) -> None:
         self.remote = remote
         self._readers = readers
-        self._small_part_max = small_part_max
-        self.counts = {"direct": 0, "asked": 0}  # part reads from the volumes, and from nodes
+        self.small_part_max = small_part_max
+        self.counts = {"direct": 0, "asked": 0}  # part reads from the node's files, and asked
 
     async def put_part(
         self, node: NodeRef, key: str, chunks: AsyncIterable[bytes], *, size: int | None = None
@@ -108,7 +110,7 @@ class DirectReadStorage:
         self, node: NodeRef, key: str, *, offset: int, length: int, checksum: str | None = None
     ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         reader = self._readers.get(node.node_id)
-        if reader is not None and offset + length <= self._small_part_max:
+        if reader is not None:
             return _DirectRead(self, reader, node, key, offset, length, checksum)
         self.counts["asked"] += 1
         return self.remote.read_part(node, key, offset=offset, length=length, checksum=checksum)
@@ -122,13 +124,13 @@ class DirectReadStorage:
 
 
 class _DirectRead:
-    """One part read: from the volumes if the whole part is there and intact, else from the
-    node (the remote read is entered in its place)."""
+    """One part read: from the node's volumes or part file if it is there and intact at
+    opening, else from the node (whose read is then entered in its place)."""
 
     def __init__(
         self,
         storage: DirectReadStorage,
-        reader: PackedReader,
+        reader: PartStoreReader,
         node: NodeRef,
         key: str,
         offset: int,
@@ -142,19 +144,30 @@ class _DirectRead:
         self._offset = offset
         self._length = length
         self._checksum = checksum
-        self._remote: AbstractAsyncContextManager[AsyncIterator[bytes]] | None = None
+        self._opened: AbstractAsyncContextManager[AsyncIterator[bytes]] | None = None
 
     async def __aenter__(self) -> AsyncIterator[bytes]:
-        # The whole payload (its CRC covers all of it), at most small_part_max bytes.
-        data = self._reader.read(self._key)
-        if data is not None and self._offset + self._length <= len(data):
-            self._storage.counts["direct"] += 1
-            return _One(data[self._offset : self._offset + self._length])
-        self._storage.counts["asked"] += 1
-        self._remote = self._storage.remote.read_part(
-            self._node, self._key, offset=self._offset, length=self._length, checksum=self._checksum
+        start, stop = self._offset, self._offset + self._length
+        counts = self._storage.counts
+        if stop <= self._storage.small_part_max:
+            data = self._reader.read_packed(self._key)  # all of it: its CRC covers all of it
+            if data is not None and stop <= len(data):
+                counts["direct"] += 1
+                return _One(data if (start, stop) == (0, len(data)) else data[start:stop])
+        opened = self._reader.open_file(self._key, offset=start, length=self._length)
+        try:
+            chunks = await opened.__aenter__()
+        except Karma8Error:  # not a file here, or damaged: the node knows best
+            pass
+        else:
+            self._opened = opened
+            counts["direct"] += 1
+            return chunks
+        counts["asked"] += 1
+        self._opened = self._storage.remote.read_part(
+            self._node, self._key, offset=start, length=self._length, checksum=self._checksum
         )
-        return await self._remote.__aenter__()
+        return await self._opened.__aenter__()
 
     async def __aexit__(
         self,
@@ -162,8 +175,8 @@ class _DirectRead:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        if self._remote is not None:
-            return await self._remote.__aexit__(exc_type, exc, tb)
+        if self._opened is not None:
+            return await self._opened.__aexit__(exc_type, exc, tb)
         return None
 
 
@@ -183,18 +196,20 @@ class _One:
         return data
 
 
-def open_direct_reads(data_dir: Path) -> tuple[ReadOnlyMetadata | None, dict[str, PackedReader]]:
+def open_direct_reads(
+    data_dir: Path,
+) -> tuple[ReadOnlyMetadata | None, dict[str, PartStoreReader]]:
     """The database (None if it is not there: metadata on PostgreSQL) and a reader per node
     directory (``storage-*`` with a ``node_id``) of an embedded cluster's ``data_dir``."""
     database = data_dir / DATABASE
     metadata = ReadOnlyMetadata(database) if database.exists() else None
-    readers: dict[str, PackedReader] = {}
+    readers: dict[str, PartStoreReader] = {}
     for node_dir in sorted(data_dir.glob("storage-*")):
         id_file = node_dir / NODE_ID_FILE
         if id_file.exists():
             node_id = id_file.read_text().strip()
             if node_id:
-                readers[node_id] = PackedReader(node_dir)
+                readers[node_id] = PartStoreReader(node_dir)
     return metadata, readers
 
 
