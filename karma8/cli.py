@@ -118,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     # A gateway worker started by another gateway (karma8/net/workers.py): it binds a port
     # that others share, and exits with its parent.
     serve.add_argument("--shared-port", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--handoff", metavar="PATH", help=argparse.SUPPRESS)
     serve.add_argument(
         "--rebalance-bandwidth",
         metavar="SIZE",
@@ -340,6 +341,7 @@ def _serve(args: argparse.Namespace) -> int:
                         http=http,
                         port=args.port,
                         shared_port=args.shared_port,
+                        handoff=args.handoff,
                     )
                 )
                 print(f"{READY_PREFIX} {url}{_processes(cfg.gateway_workers)}", flush=True)

@@ -12,9 +12,11 @@ find the cluster, and running it again on the same directory resumes with the sa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -30,6 +32,7 @@ from karma8.net.bounds import UploadGate, give_back_memory
 from karma8.net.clients import HttpDiscoveryClient
 from karma8.net.discovery_role import build_discovery, open_metadata, serve_discovery
 from karma8.net.gateway_app import gateway_app
+from karma8.net.handoff import handoff_socket
 from karma8.net.local import LocalFirstStorageClient
 from karma8.net.locate import ClusterInfo, read_cluster_info, write_cluster_info
 from karma8.net.metrics import METRICS
@@ -172,9 +175,13 @@ async def serve_gateway(
     *,
     port: int | None = None,
     reuse_port: bool = False,
+    adopt_from: str | None = None,
+    hand_off_to: str | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The gateway's socket; ``reuse_port``: shared with gateway workers (SO_REUSEPORT)."""
+    """The gateway's socket; ``reuse_port``: shared with gateway workers (SO_REUSEPORT).
+    ``adopt_from``: the Unix socket this gateway takes its workers' write connections on;
+    ``hand_off_to``: the one this gateway, a worker, hands them to (karma8/net/handoff.py)."""
     uploads = UploadGate(max_uploads=config.max_uploads, idle_timeout=config.idle_timeout)
     stats = new_stats()
     with METRICS.source(gateway_source(gateway, stats, uploads)):
@@ -186,6 +193,8 @@ async def serve_gateway(
                     config.gateway_port if port is None else port,
                     app_queue=GATEWAY_APP_QUEUE,
                     reuse_port=reuse_port,
+                    adopt_from=adopt_from,
+                    hand_off_to=hand_off_to,
                 )
             )
             nursery.start_soon(give_back_memory, uploads, name="gateway-give-back-memory")
@@ -201,6 +210,7 @@ async def run_gateway(
     http: httpx.AsyncClient,
     port: int | None = None,
     shared_port: bool = False,
+    handoff: str | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A gateway on its own, with ``gateway_workers - 1`` workers on its port. It asks
@@ -208,30 +218,43 @@ async def run_gateway(
     reach it warns (as :func:`run_storage`'s node does) before a client finds out. ``http``
     is the pool to discovery; the nodes get a pool of their own. ``discovery_url``: one URL
     or several, comma-separated, which the discovery client fails over between.
-    ``shared_port``: this gateway is itself a worker, binding a port that others share."""
+    ``shared_port``: this gateway is itself a worker, binding a port that others share;
+    ``handoff``: its parent's Unix socket, which it hands write connections to."""
     discovery = HttpDiscoveryClient(
         http, discovery_url, origin=discovery_from, warn_every=DISCOVERY_WARN_EVERY
     )
-    async with data_pool(config) as nodes, trio.open_nursery() as nursery:
-        gateway = build_gateway(config, discovery=discovery, storage=storage_client(config, nodes))
-        nursery.start_soon(_probe_discovery, discovery, name="gateway-probe-discovery")
-        url = await nursery.start(
-            partial(
-                serve_gateway,
-                gateway,
-                config,
-                port=port,
-                reuse_port=shared_port or config.gateway_workers > 1,
+    with handoff_socket(config.gateway_workers > 1) as adopt_from:
+        async with data_pool(config) as nodes, trio.open_nursery() as nursery:
+            storage = storage_client(config, nodes)
+            gateway = build_gateway(config, discovery=discovery, storage=storage)
+            nursery.start_soon(_probe_discovery, discovery, name="gateway-probe-discovery")
+            url = await nursery.start(
+                partial(
+                    serve_gateway,
+                    gateway,
+                    config,
+                    port=port,
+                    reuse_port=shared_port or config.gateway_workers > 1,
+                    adopt_from=adopt_from,
+                    hand_off_to=handoff,
+                )
             )
-        )
-        await _start_workers(nursery, config, gateway_url=url, discovery_url=discovery_url)
-        task_status.started(url)
+            await _start_workers(
+                nursery, config, gateway_url=url, discovery_url=discovery_url, handoff=adopt_from
+            )
+            task_status.started(url)
 
 
 async def _start_workers(
-    nursery: trio.Nursery, config: NetConfig, *, gateway_url: str, discovery_url: str
+    nursery: trio.Nursery,
+    config: NetConfig,
+    *,
+    gateway_url: str,
+    discovery_url: str,
+    handoff: str | None,
 ) -> None:
-    """The ``gateway_workers - 1`` workers beside the gateway at ``gateway_url``."""
+    """The ``gateway_workers - 1`` workers beside the gateway at ``gateway_url``, handing
+    their write connections to it at ``handoff``."""
     if config.gateway_workers > 1:
         await nursery.start(
             partial(
@@ -240,6 +263,7 @@ async def _start_workers(
                 config,
                 port=int(gateway_url.rsplit(":", 1)[1]),
                 discovery_url=discovery_url,
+                handoff=handoff,
             )
         )
 
@@ -278,6 +302,7 @@ async def run_cluster(
     store = open_metadata(config, data_dir / "discovery.sqlite3")
     try:
         async with (
+            _handoff_socket(config.gateway_workers > 1) as handoff,
             data_pool(config) as http,
             control_pool(config) as control,
             trio.open_nursery() as nursery,
@@ -305,10 +330,20 @@ async def run_cluster(
                 local[node.node_id] = node
             gateway = build_gateway(config, discovery=reach, storage=storage)
             gateway_url = await nursery.start(
-                partial(serve_gateway, gateway, config, reuse_port=config.gateway_workers > 1)
+                partial(
+                    serve_gateway,
+                    gateway,
+                    config,
+                    reuse_port=config.gateway_workers > 1,
+                    adopt_from=handoff,
+                )
             )
             await _start_workers(
-                nursery, config, gateway_url=gateway_url, discovery_url=discovery_url
+                nursery,
+                config,
+                gateway_url=gateway_url,
+                discovery_url=discovery_url,
+                handoff=handoff,
             )
             info = ClusterInfo(
                 gateway=gateway_url,
@@ -320,6 +355,13 @@ async def run_cluster(
             task_status.started(info)
     finally:
         store.close()
+
+
+@contextlib.asynccontextmanager
+async def _handoff_socket(enabled: bool) -> AsyncIterator[str | None]:
+    """:func:`handoff_socket`, beside the async resources of :func:`run_cluster`."""
+    with handoff_socket(enabled) as path:
+        yield path
 
 
 def _prepare_cluster_dir(config: NetConfig, data_dir: Path) -> tuple[NetConfig, list[Path], str]:

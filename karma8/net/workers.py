@@ -47,6 +47,7 @@ log = logging.getLogger("karma8.workers")
 
 READY_PREFIX = "karma8 gateway up:"  # what ``karma8 serve --role gw`` prints once it listens
 SHARED_PORT_FLAG = "--shared-port"  # the CLI's hidden flag: bind with SO_REUSEPORT
+HANDOFF_FLAG = "--handoff"  # the CLI's hidden flag: the parent's socket for write connections
 
 
 class WorkerExited(ChildProcessError):
@@ -100,9 +101,11 @@ def worker_config_toml(config: NetConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def worker_command(config_path: str, *, port: int, discovery_url: str) -> list[str]:
+def worker_command(
+    config_path: str, *, port: int, discovery_url: str, handoff: str | None = None
+) -> list[str]:
     """``karma8 serve --role gw`` as one worker of a shared port, logging as this process
-    does (its level, text or JSON lines)."""
+    does (its level, text or JSON lines), handing write connections to ``handoff``."""
     root = logging.getLogger()
     verbose = root.isEnabledFor(logging.INFO)
     json_lines = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
@@ -122,6 +125,7 @@ def worker_command(config_path: str, *, port: int, discovery_url: str) -> list[s
         "--workers",
         "1",
         SHARED_PORT_FLAG,
+        *([HANDOFF_FLAG, handoff] if handoff is not None else []),
         *(["--verbose"] if verbose else []),
         *(["--log-format", "json"] if json_lines else []),
     ]
@@ -133,10 +137,12 @@ async def run_gateway_workers(
     *,
     port: int,
     discovery_url: str,
+    handoff: str | None = None,
     task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``count`` gateway workers on ``port`` until cancelled; reports their pids once
-    every one listens. Raises :class:`WorkerExited` if one exits on its own."""
+    every one listens. Raises :class:`WorkerExited` if one exits on its own. ``handoff``:
+    the Unix socket the workers hand their write connections to (karma8/net/handoff.py)."""
     assert config.secret is not None
     # The secret through the environment: a command line is visible in ``ps``.
     env = {**os.environ, ENV_SECRET: config.secret}
@@ -145,7 +151,7 @@ async def run_gateway_workers(
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(worker_config_toml(config))
-        command = worker_command(path, port=port, discovery_url=discovery_url)
+        command = worker_command(path, port=port, discovery_url=discovery_url, handoff=handoff)
         pids: list[int] = []
 
         async def start_one(nursery: trio.Nursery) -> None:
