@@ -294,3 +294,13 @@ async def test_the_parent_drops_and_closes_anything_but_one_tcp_connection() -> 
         # And the parent still takes writes.
         answer = await one_request(pair, request("PUT", body=b"x"))
     assert answer.endswith(b"parent")
+
+
+def test_the_parents_socket_lives_in_a_private_directory_removed_at_exit() -> None:
+    with handoff_socket() as path:
+        assert path is not None
+        directory = os.path.dirname(path)
+        assert os.stat(directory).st_mode & 0o777 == 0o700
+    assert not os.path.exists(directory)
+    with handoff_socket(enabled=False) as none:  # one gateway process: no socket at all
+        assert none is None
