@@ -120,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--shared-port", action="store_true", help=argparse.SUPPRESS)
     # ... and reads its parent's metadata and small parts directly (karma8/net/direct.py).
     serve.add_argument("--read-from", type=Path, help=argparse.SUPPRESS)
+    serve.add_argument("--handoff", metavar="PATH", help=argparse.SUPPRESS)
     serve.add_argument(
         "--rebalance-bandwidth",
         metavar="SIZE",
@@ -343,6 +344,7 @@ def _serve(args: argparse.Namespace) -> int:
                         port=args.port,
                         shared_port=args.shared_port,
                         read_from=args.read_from,
+                        handoff=args.handoff,
                     )
                 )
                 print(f"{READY_PREFIX} {url}{_processes(cfg.gateway_workers)}", flush=True)

@@ -1,6 +1,6 @@
 """Gateway workers as real processes: the embedded cluster with 2 gateway processes on one
-port, both serving, stopped by SIGINT or SIGTERM with nothing left behind; a worker that dies
-brings the cluster down."""
+port, both serving (writes through the parent: a worker hands them over), stopped by SIGINT
+or SIGTERM with nothing left behind; a worker that dies brings the cluster down."""
 
 from __future__ import annotations
 
@@ -56,6 +56,11 @@ def metrics(gateway: str) -> dict[str, int]:
         "worker": sample(r'^karma8_gateway_process\{pid="(\d+)"\} 1'),
         "puts": sample(r"^karma8_gateway_puts_total (\S+)$"),
         "gets": sample(r"^karma8_gateway_gets_total (\S+)$"),
+        "handed_off": (
+            sample(r"^karma8_gateway_handed_off_total (\S+)$")
+            if "karma8_gateway_handed_off_total" in text
+            else 0  # the parent hands nothing off
+        ),
     }
 
 
@@ -104,8 +109,10 @@ def test_two_gateway_workers_share_the_port_and_stop_with_the_cluster(
         pids = set(counters_by_worker(gateway, 2))
         assert cluster.proc.pid in pids  # the cluster's own gateway, and one worker
         bodies: dict[str, bytes] = {}
-        # PUTs and GETs over many connections, until both processes have taken PUTs.
-        while not all(c["puts"] for c in counters_by_worker(gateway, 2).values()):
+        # PUTs over new connections, until the worker has taken some (and handed them to the
+        # cluster's own gateway, which stores every one).
+        (worker,) = pids - {cluster.proc.pid}
+        while not counters_by_worker(gateway, 2)[worker]["handed_off"]:
             for _ in range(8):
                 with httpx.Client() as client:
                     name = f"f{len(bodies)}"
@@ -118,7 +125,8 @@ def test_two_gateway_workers_share_the_port_and_stop_with_the_cluster(
                 assert got.status_code == 200
                 assert got.content == body
         counters = counters_by_worker(gateway, 2)
-        assert sum(c["puts"] for c in counters.values()) == len(bodies)
+        assert counters[cluster.proc.pid]["puts"] == len(bodies)
+        assert counters[worker]["puts"] == 0
         assert sum(c["gets"] for c in counters.values()) == len(bodies)
     finally:
         status = cluster.stop(sig)
@@ -181,10 +189,22 @@ def test_a_gateway_of_its_own_runs_workers_too(tmp_path: Path) -> None:
         gateway = gw.match.group(1)
         port = int(gateway.rsplit(":", 1)[1])
         try:
-            pids = set(counters_by_worker(gateway, 2))
+            counters = counters_by_worker(gateway, 2)
+            pids = set(counters)
+            (worker,) = pids - {gw.proc.pid}
+            # PUTs over new connections until the worker has handed some to its parent.
             with httpx.Client() as client:
                 assert client.put(f"{gateway}/default/a", content=b"abc").status_code == 201
                 assert client.get(f"{gateway}/default/a").content == b"abc"
+            puts = 1
+            while not counters_by_worker(gateway, 2)[worker]["handed_off"]:
+                with httpx.Client() as client:
+                    put = client.put(f"{gateway}/default/b{puts}", content=b"abc")
+                    assert put.status_code == 201, put.text
+                puts += 1
+            counters = counters_by_worker(gateway, 2)
+            assert counters[gw.proc.pid]["puts"] == puts
+            assert counters[worker]["puts"] == 0
         finally:
             assert gw.stop(signal.SIGTERM) == 0, gw.log.read_text()
         assert all(exited(pid) for pid in pids)

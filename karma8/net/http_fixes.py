@@ -75,6 +75,15 @@ and :func:`check_versions` refuses any other version before a patch is applied.
    small (``COALESCE_MAX``), and an empty end is not sent at all: one send per small answer,
    as aiohttp does (https://github.com/aio-libs/aiohttp/pull/10991). No upstream issue; the
    lines: https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/protocol/h11.py#L121-L145
+
+10. Connections that move between processes. Hypercorn serves the connections its own
+   listeners accept, which it builds from sockets only. A gateway worker hands write
+   connections to its parent (:mod:`karma8.net.handoff`): :func:`route_connections` lets a
+   route take a connection before Hypercorn reads a byte of it, and
+   :func:`connection_handler` serves a stream accepted elsewhere with Hypercorn's own TCP
+   server, config and patches (tested in tests/test_handoff.py). Not a fix, so no upstream
+   issue; the lines:
+   https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/trio/run.py#L96-L108
 """
 
 from __future__ import annotations
@@ -99,6 +108,9 @@ from hypercorn.events import Closed, RawData
 from hypercorn.protocol import events as stream_events
 from hypercorn.protocol import h11 as h11_protocol
 from hypercorn.trio import tcp_server
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState, Framework
+from hypercorn.utils import wrap_app
 
 log = logging.getLogger("karma8.net")
 
@@ -385,9 +397,46 @@ async def _capped_run(self: Any) -> None:
         return
     cap.open += 1
     try:
+        route = _routes.get(self.config)
+        if route is not None and await route(self.stream):
+            return  # taken elsewhere, unread: Hypercorn must not close (or half-close) it
         await _original_run(self)
     finally:
         cap.open -= 1
+
+
+Route = Callable[[trio.SocketStream], Awaitable[bool]]
+_routes: weakref.WeakKeyDictionary[HypercornConfig, Route] = weakref.WeakKeyDictionary()
+
+
+def route_connections(config: HypercornConfig, route: Route) -> None:
+    """Ask ``route`` about each connection served with ``config`` (a capped one) before
+    Hypercorn reads it; True: the route took it, and Hypercorn leaves it alone (patch 10)."""
+    if config not in _caps:
+        raise ValueError("route_connections needs a capped config (cap_connections)")
+    _routes[config] = route
+
+
+def connection_handler(
+    app: Framework, config: HypercornConfig
+) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """Hypercorn serving ``app`` on a stream accepted elsewhere, as it serves one its own
+    listeners accept: its TCP server with ``config``, so with every patch here and the same
+    connection cap (patch 10)."""
+    check_versions()
+    wrapped = wrap_app(app, config.wsgi_max_body_size, None)
+    # A context of its own: Hypercorn's (inside its serve) counts requests for its
+    # max_requests, which this server leaves unset, and marks a graceful shutdown, which a
+    # cancellation (how karma8 stops) does not wait for.
+    context = WorkerContext(config.max_requests)
+    state = ConnectionState({})  # the lifespan state Quart-Trio's apps never write
+
+    async def handle(stream: trio.SocketStream) -> None:
+        # (Annotated as an SSL stream; its own listeners give it plain ones too.)
+        server = tcp_server.TCPServer(wrapped, config, context, state, stream)  # type: ignore[arg-type]
+        await server.run()
+
+    return handle
 
 
 COALESCE_MAX = 1 << 16  # body bytes sent with the head in one piece (copied once to join)

@@ -12,9 +12,11 @@ find the cluster, and running it again on the same directory resumes with the sa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
@@ -37,6 +39,7 @@ from karma8.net.direct import (
 )
 from karma8.net.discovery_role import build_discovery, open_metadata, serve_discovery
 from karma8.net.gateway_app import gateway_app
+from karma8.net.handoff import handoff_socket
 from karma8.net.local import LocalFirstStorageClient
 from karma8.net.locate import ClusterInfo, read_cluster_info, write_cluster_info
 from karma8.net.metrics import METRICS
@@ -179,9 +182,13 @@ async def serve_gateway(
     *,
     port: int | None = None,
     reuse_port: bool = False,
+    adopt_from: str | None = None,
+    hand_off_to: str | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The gateway's socket; ``reuse_port``: shared with gateway workers (SO_REUSEPORT)."""
+    """The gateway's socket; ``reuse_port``: shared with gateway workers (SO_REUSEPORT).
+    ``adopt_from``: the Unix socket this gateway takes its workers' write connections on;
+    ``hand_off_to``: the one this gateway, a worker, hands them to (karma8/net/handoff.py)."""
     uploads = UploadGate(max_uploads=config.max_uploads, idle_timeout=config.idle_timeout)
     stats = new_stats()
     with METRICS.source(gateway_source(gateway, stats, uploads)):
@@ -193,6 +200,8 @@ async def serve_gateway(
                     config.gateway_port if port is None else port,
                     app_queue=GATEWAY_APP_QUEUE,
                     reuse_port=reuse_port,
+                    adopt_from=adopt_from,
+                    hand_off_to=hand_off_to,
                 )
             )
             nursery.start_soon(give_back_memory, uploads, name="gateway-give-back-memory")
@@ -209,6 +218,7 @@ async def run_gateway(
     port: int | None = None,
     shared_port: bool = False,
     read_from: Path | None = None,
+    handoff: str | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A gateway on its own, with ``gateway_workers - 1`` workers on its port. It asks
@@ -216,9 +226,10 @@ async def run_gateway(
     reach it warns (as :func:`run_storage`'s node does) before a client finds out. ``http``
     is the pool to discovery; the nodes get a pool of their own. ``discovery_url``: one URL
     or several, comma-separated, which the discovery client fails over between.
-    ``shared_port``: this gateway is itself a worker, binding a port that others share.
+    ``shared_port``: this gateway is itself a worker, binding a port that others share;
+    ``handoff``: its parent's Unix socket, which it hands write connections to;
     ``read_from``: an embedded cluster's data directory on this host, whose metadata and
-    small parts this gateway reads directly (:mod:`karma8.net.direct`)."""
+    parts this gateway reads directly (:mod:`karma8.net.direct`)."""
     metadata, readers = open_direct_reads(read_from) if read_from is not None else (None, {})
     discovery: HttpDiscoveryClient
     if metadata is not None:
@@ -234,33 +245,42 @@ async def run_gateway(
             http, discovery_url, origin=discovery_from, warn_every=DISCOVERY_WARN_EVERY
         )
     try:
-        async with (
-            data_pool(config) as nodes,
-            AsyncExitStack() as published,
-            trio.open_nursery() as nursery,
-        ):
-            storage: StorageAPI = storage_client(config, nodes)
-            if readers:
-                storage = DirectReadStorage(storage, readers, config.small_part_max)
-            if read_from is not None:
-                direct = direct_source(
-                    storage if isinstance(storage, DirectReadStorage) else None,
-                    discovery if isinstance(discovery, DirectResolveDiscovery) else None,
+        with handoff_socket(config.gateway_workers > 1) as adopt_from:
+            async with (
+                data_pool(config) as nodes,
+                AsyncExitStack() as published,
+                trio.open_nursery() as nursery,
+            ):
+                storage: StorageAPI = storage_client(config, nodes)
+                if readers:
+                    storage = DirectReadStorage(storage, readers, config.small_part_max)
+                if read_from is not None:
+                    direct = direct_source(
+                        storage if isinstance(storage, DirectReadStorage) else None,
+                        discovery if isinstance(discovery, DirectResolveDiscovery) else None,
+                    )
+                    published.enter_context(METRICS.source(direct))
+                gateway = build_gateway(config, discovery=discovery, storage=storage)
+                nursery.start_soon(_probe_discovery, discovery, name="gateway-probe-discovery")
+                url = await nursery.start(
+                    partial(
+                        serve_gateway,
+                        gateway,
+                        config,
+                        port=port,
+                        reuse_port=shared_port or config.gateway_workers > 1,
+                        adopt_from=adopt_from,
+                        hand_off_to=handoff,
+                    )
                 )
-                published.enter_context(METRICS.source(direct))
-            gateway = build_gateway(config, discovery=discovery, storage=storage)
-            nursery.start_soon(_probe_discovery, discovery, name="gateway-probe-discovery")
-            url = await nursery.start(
-                partial(
-                    serve_gateway,
-                    gateway,
+                await _start_workers(
+                    nursery,
                     config,
-                    port=port,
-                    reuse_port=shared_port or config.gateway_workers > 1,
+                    gateway_url=url,
+                    discovery_url=discovery_url,
+                    handoff=adopt_from,
                 )
-            )
-            await _start_workers(nursery, config, gateway_url=url, discovery_url=discovery_url)
-            task_status.started(url)
+                task_status.started(url)
     finally:
         for reader in readers.values():
             reader.close()
@@ -274,10 +294,12 @@ async def _start_workers(
     *,
     gateway_url: str,
     discovery_url: str,
+    handoff: str | None,
     read_from: Path | None = None,
 ) -> None:
-    """The ``gateway_workers - 1`` workers beside the gateway at ``gateway_url``;
-    ``read_from``: the embedded cluster's data directory, which they read directly."""
+    """The ``gateway_workers - 1`` workers beside the gateway at ``gateway_url``, handing
+    their write connections to it at ``handoff``; ``read_from``: the embedded cluster's data
+    directory, which they read directly."""
     if config.gateway_workers > 1:
         await nursery.start(
             partial(
@@ -287,6 +309,7 @@ async def _start_workers(
                 port=int(gateway_url.rsplit(":", 1)[1]),
                 discovery_url=discovery_url,
                 read_from=read_from,
+                handoff=handoff,
             )
         )
 
@@ -325,6 +348,7 @@ async def run_cluster(
     store = open_metadata(config, data_dir / "discovery.sqlite3")
     try:
         async with (
+            _handoff_socket(config.gateway_workers > 1) as handoff,
             data_pool(config) as http,
             control_pool(config) as control,
             trio.open_nursery() as nursery,
@@ -352,7 +376,13 @@ async def run_cluster(
                 local[node.node_id] = node
             gateway = build_gateway(config, discovery=reach, storage=storage)
             gateway_url = await nursery.start(
-                partial(serve_gateway, gateway, config, reuse_port=config.gateway_workers > 1)
+                partial(
+                    serve_gateway,
+                    gateway,
+                    config,
+                    reuse_port=config.gateway_workers > 1,
+                    adopt_from=handoff,
+                )
             )
             await _start_workers(
                 nursery,
@@ -360,6 +390,7 @@ async def run_cluster(
                 gateway_url=gateway_url,
                 discovery_url=discovery_url,
                 read_from=Path(absolute) if config.direct_reads else None,
+                handoff=handoff,
             )
             info = ClusterInfo(
                 gateway=gateway_url,
@@ -371,6 +402,13 @@ async def run_cluster(
             task_status.started(info)
     finally:
         store.close()
+
+
+@contextlib.asynccontextmanager
+async def _handoff_socket(enabled: bool) -> AsyncIterator[str | None]:
+    """:func:`handoff_socket`, beside the async resources of :func:`run_cluster`."""
+    with handoff_socket(enabled) as path:
+        yield path
 
 
 def _prepare_cluster_dir(config: NetConfig, data_dir: Path) -> tuple[NetConfig, list[Path], str]:

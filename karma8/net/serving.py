@@ -3,6 +3,7 @@ and to the nodes, and the real world's clock, ids and worker threads."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -18,7 +19,14 @@ from hypercorn.typing import Framework
 from quart_trio import QuartTrio
 
 from karma8.net.clients import HttpStorageClient, make_http_client
-from karma8.net.http_fixes import cap_connections, patch_hypercorn
+from karma8.net.handoff import Handoff, serve_handoffs
+from karma8.net.http_fixes import (
+    cap_connections,
+    connection_handler,
+    patch_hypercorn,
+    route_connections,
+)
+from karma8.net.metrics import METRICS
 from karma8.net.netconfig import HEADER_TIMEOUT, MAX_CONNECTIONS, NetConfig
 from karma8.net.workers import shared_port_socket
 
@@ -60,16 +68,25 @@ async def serve_app(
     app_queue: int = 10,
     max_connections: int = MAX_CONNECTIONS,
     reuse_port: bool = False,
+    adopt_from: str | None = None,
+    hand_off_to: str | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` with Hypercorn until cancelled; reports ``http://host:port``.
 
     ``reuse_port``: bind with ``SO_REUSEPORT``, so that other processes (gateway workers)
     can listen on the same port and the kernel spreads new connections over them.
+    ``adopt_from``: also serve the connections workers hand over on a Unix socket at this
+    path; ``hand_off_to``: hand write connections to the gateway listening there
+    (:mod:`karma8.net.handoff`).
     """
     patch_hypercorn()
     config = HypercornConfig()
     cap_connections(config, max_connections)
+    handoff = None
+    if hand_off_to is not None:
+        handoff = Handoff(hand_off_to, timeout=header_timeout)
+        route_connections(config, handoff.divert)
     if reuse_port:
         # Hypercorn sets SO_REUSEPORT only for its own multi-worker mode; a socket handed
         # over by descriptor is taken as it is (and closed by Hypercorn).
@@ -85,13 +102,29 @@ async def serve_app(
     # Messages (body pieces of up to http_fixes.RECEIVE_SIZE) queued for a request that is
     # not reading: Hypercorn's max_app_queue_size (default 10).
     config.max_app_queue_size = app_queue
-    async with trio.open_nursery() as nursery:
-        urls: list[str] = await nursery.start(hypercorn_serve, app, config)
-        task_status.started(urls[0])
+    counted = METRICS.source(handoff.samples) if handoff else contextlib.nullcontext()
+    try:
+        with counted:
+            async with trio.open_nursery() as nursery:
+                if adopt_from is not None:
+                    handler = connection_handler(app, config)
+                    await nursery.start(serve_handoffs, adopt_from, handler)
+                urls: list[str] = await nursery.start(hypercorn_serve, app, config)
+                task_status.started(urls[0])
+    finally:
+        if handoff is not None:
+            handoff.close()
 
 
 def serving(
-    app: QuartTrio, config: NetConfig, port: int, *, app_queue: int = 10, reuse_port: bool = False
+    app: QuartTrio,
+    config: NetConfig,
+    port: int,
+    *,
+    app_queue: int = 10,
+    reuse_port: bool = False,
+    adopt_from: str | None = None,
+    hand_off_to: str | None = None,
 ) -> Callable[..., Awaitable[None]]:
     """``serve_app`` for ``app`` bound with the config's host and read timeout."""
     return partial(
@@ -104,6 +137,8 @@ def serving(
         app_queue=app_queue,
         max_connections=config.max_connections,
         reuse_port=reuse_port,
+        adopt_from=adopt_from,
+        hand_off_to=hand_off_to,
     )
 
 

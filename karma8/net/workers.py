@@ -49,6 +49,7 @@ log = logging.getLogger("karma8.workers")
 READY_PREFIX = "karma8 gateway up:"  # what ``karma8 serve --role gw`` prints once it listens
 SHARED_PORT_FLAG = "--shared-port"  # the CLI's hidden flag: bind with SO_REUSEPORT
 READ_FROM_FLAG = "--read-from"  # the CLI's hidden flag: a data directory to read directly
+HANDOFF_FLAG = "--handoff"  # the CLI's hidden flag: the parent's socket for write connections
 
 
 class WorkerExited(ChildProcessError):
@@ -103,11 +104,16 @@ def worker_config_toml(config: NetConfig) -> str:
 
 
 def worker_command(
-    config_path: str, *, port: int, discovery_url: str, read_from: Path | None = None
+    config_path: str,
+    *,
+    port: int,
+    discovery_url: str,
+    read_from: Path | None = None,
+    handoff: str | None = None,
 ) -> list[str]:
     """``karma8 serve --role gw`` as one worker of a shared port, logging as this process
-    does (its level, text or JSON lines); ``read_from``: the data directory it reads
-    directly (:mod:`karma8.net.direct`)."""
+    does (its level, text or JSON lines), handing write connections to ``handoff``;
+    ``read_from``: the data directory it reads directly (:mod:`karma8.net.direct`)."""
     root = logging.getLogger()
     verbose = root.isEnabledFor(logging.INFO)
     json_lines = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
@@ -128,6 +134,7 @@ def worker_command(
         "1",
         SHARED_PORT_FLAG,
         *([READ_FROM_FLAG, str(read_from)] if read_from is not None else []),
+        *([HANDOFF_FLAG, handoff] if handoff is not None else []),
         *(["--verbose"] if verbose else []),
         *(["--log-format", "json"] if json_lines else []),
     ]
@@ -140,10 +147,12 @@ async def run_gateway_workers(
     port: int,
     discovery_url: str,
     read_from: Path | None = None,
+    handoff: str | None = None,
     task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``count`` gateway workers on ``port`` until cancelled; reports their pids once
-    every one listens. Raises :class:`WorkerExited` if one exits on its own."""
+    every one listens. Raises :class:`WorkerExited` if one exits on its own. ``handoff``:
+    the Unix socket the workers hand their write connections to (karma8/net/handoff.py)."""
     assert config.secret is not None
     # The secret through the environment: a command line is visible in ``ps``.
     env = {**os.environ, ENV_SECRET: config.secret}
@@ -152,7 +161,9 @@ async def run_gateway_workers(
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(worker_config_toml(config))
-        command = worker_command(path, port=port, discovery_url=discovery_url, read_from=read_from)
+        command = worker_command(
+            path, port=port, discovery_url=discovery_url, read_from=read_from, handoff=handoff
+        )
         pids: list[int] = []
 
         async def start_one(nursery: trio.Nursery) -> None:

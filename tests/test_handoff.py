@@ -1,0 +1,306 @@
+"""Write connections handed from a gateway worker to its parent (karma8/net/handoff.py, and
+patch 10 of karma8/net/http_fixes.py), in one process: two Hypercorn servers, each serving an
+app that answers with its own name, one as the worker (``hand_off_to``) and one as the parent
+(``adopt_from``), joined by the parent's Unix socket. Clients connect to the worker's port."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
+
+from karma8.net.handoff import MESSAGE, classify, handoff_socket
+from karma8.net.netconfig import HEADER_TIMEOUT
+from karma8.net.serving import serve_app
+
+GIVE_UP = 30  # seconds; a guard against a hang on a real socket
+
+
+def named(name: bytes) -> ASGIFramework:
+    """An ASGI app that reads each request's body and answers with ``name`` (in a header
+    too, for HEAD)."""
+
+    async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        while (await receive()).get("more_body"):
+            pass
+        headers = [(b"content-length", str(len(name)).encode()), (b"x-served-by", name)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": name, "more_body": False})
+
+    return app
+
+
+class Pair:
+    def __init__(self, nursery: trio.Nursery, path: str, worker_url: str) -> None:
+        self.nursery = nursery
+        self.path = path
+        host, port = worker_url.removeprefix("http://").split(":")
+        self.host, self.port = host, int(port)
+
+    async def connect(self) -> trio.SocketStream:
+        return await trio.open_tcp_stream(self.host, self.port)
+
+
+@asynccontextmanager
+async def worker_and_parent(
+    *, parent: bool = True, parent_connections: int = 64
+) -> AsyncIterator[Pair]:
+    """A worker handing off to a parent (or to a socket nobody listens on: ``parent=False``)."""
+    with handoff_socket() as path:
+        assert path is not None
+        async with trio.open_nursery() as nursery:
+            if parent:
+                await nursery.start(
+                    partial(
+                        serve_app,
+                        named(b"parent"),
+                        host="127.0.0.1",
+                        port=0,
+                        adopt_from=path,
+                        max_connections=parent_connections,
+                    )
+                )
+            worker_url = await nursery.start(
+                partial(serve_app, named(b"worker"), host="127.0.0.1", port=0, hand_off_to=path)
+            )
+            yield Pair(nursery, path, worker_url)
+            nursery.cancel_scope.cancel()
+
+
+async def read_until_closed(stream: trio.SocketStream) -> bytes:
+    received = b""
+    try:
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    except trio.BrokenResourceError:  # reset: closed with bytes unread
+        pass
+    return received
+
+
+async def one_request(pair: Pair, head: bytes) -> bytes:
+    """``head`` (ending the headers) on a new connection, asking it to close; the answer."""
+    async with await pair.connect() as stream:
+        await stream.send_all(head)
+        with trio.fail_after(GIVE_UP):
+            return await read_until_closed(stream)
+
+
+def request(method: str, path: str = "/ns/f", body: bytes = b"", *, close: bool = True) -> bytes:
+    connection = "Connection: close\r\n" if close else ""
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{connection}\r\n"
+    ).encode() + body
+
+
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [
+        (b"GET / HTTP/1.1", "read"),
+        (b"HEAD /", "read"),
+        (b"PUT /x", "write"),
+        (b"POST /x", "write"),
+        (b"DELETE /", "write"),
+        (b"OPTIONS", None),  # a space could still follow
+        (b"OPTIONS ", "write"),
+        (b"PU", None),
+        (b"G", None),
+        (b"", None),
+        (b"OPTIONSX", "other"),
+        (b"put /x", "other"),
+        (b"\x16\x03\x01", "other"),
+        (b"\r\nPUT", "other"),
+        (b" PUT", "other"),
+        (b"PRI * HTTP/2.0", "write"),
+    ],
+)
+def test_the_first_bytes_name_the_first_requests_kind(head: bytes, kind: str | None) -> None:
+    assert classify(head) == kind
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST", "DELETE"])
+async def test_a_write_is_answered_by_the_parent(method: str) -> None:
+    async with worker_and_parent() as pair:
+        answer = await one_request(pair, request(method, body=b"x" * 1000))
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert answer.endswith(b"parent")
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_a_read_is_answered_by_the_worker(method: str) -> None:
+    async with worker_and_parent() as pair:
+        answer = await one_request(pair, request(method))
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert b"x-served-by: worker" in answer
+
+
+async def test_many_writes_on_new_connections_all_reach_the_parent() -> None:
+    async with worker_and_parent() as pair:
+        answers = [await one_request(pair, request("PUT", body=b"y" * i)) for i in range(50)]
+    assert all(a.startswith(b"HTTP/1.1 200") and a.endswith(b"parent") for a in answers)
+
+
+async def test_a_kept_alive_connection_that_starts_with_a_read_stays_with_the_worker() -> None:
+    async with worker_and_parent() as pair, await pair.connect() as stream:
+        await stream.send_all(request("GET", close=False))
+        first = b""
+        while not first.endswith(b"worker"):
+            first += await stream.receive_some(65536)
+        await stream.send_all(request("PUT", body=b"z" * 100))
+        with trio.fail_after(GIVE_UP):
+            second = await read_until_closed(stream)
+    assert first.startswith(b"HTTP/1.1 200")
+    assert second.startswith(b"HTTP/1.1 200")
+    assert second.endswith(b"worker")
+
+
+async def test_a_write_whose_method_arrives_byte_by_byte_still_reaches_the_parent() -> None:
+    async with worker_and_parent() as pair, await pair.connect() as stream:
+        whole = request("DELETE")
+        for i in range(4):  # "D", "E", "L", "E": the worker waits for each next byte
+            await stream.send_all(whole[i : i + 1])
+            await trio.testing.wait_all_tasks_blocked()
+        await stream.send_all(whole[4:])
+        with trio.fail_after(GIVE_UP):
+            answer = await read_until_closed(stream)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert answer.endswith(b"parent")
+
+
+async def test_with_no_parent_the_worker_serves_writes_itself() -> None:
+    async with worker_and_parent(parent=False) as pair:
+        answer = await one_request(pair, request("PUT", body=b"x"))
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert answer.endswith(b"worker")
+
+
+async def test_a_parent_that_goes_away_leaves_writes_with_the_worker() -> None:
+    with handoff_socket() as path:
+        assert path is not None
+        async with trio.open_nursery() as nursery:
+            parent = trio.CancelScope()
+            serve = partial(serve_app, named(b"parent"), host="127.0.0.1", port=0)
+            await nursery.start(_in_scope, parent, partial(serve, adopt_from=path))
+            worker_url = await nursery.start(
+                partial(serve_app, named(b"worker"), host="127.0.0.1", port=0, hand_off_to=path)
+            )
+            pair = Pair(nursery, path, worker_url)
+            before = await one_request(pair, request("PUT", body=b"x"))
+            parent.cancel()
+            await trio.testing.wait_all_tasks_blocked()  # the parent has closed its sockets
+            after = await one_request(pair, request("PUT", body=b"x"))
+            nursery.cancel_scope.cancel()
+    assert before.endswith(b"parent")  # the worker had a connection to the parent
+    assert after.startswith(b"HTTP/1.1 200")
+    assert after.endswith(b"worker")
+
+
+async def _in_scope(
+    scope: trio.CancelScope, serve: partial[Any], *, task_status: trio.TaskStatus[None]
+) -> None:
+    with scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve)
+            task_status.started()
+
+
+@pytest.mark.parametrize(
+    "garbage", [b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"hello there\r\n\r\n"]
+)
+async def test_garbage_stays_with_the_worker_and_gets_its_400(garbage: bytes) -> None:
+    async with worker_and_parent() as pair:
+        answer = await one_request(pair, garbage)
+    assert answer.startswith(b"HTTP/1.1 400")
+
+
+async def test_a_connection_that_stalls_in_its_method_is_closed_at_the_header_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with worker_and_parent() as pair, await pair.connect() as stream:
+        start = trio.current_time()
+        await stream.send_all(b"PU")
+        answer = await read_until_closed(stream)
+        waited = trio.current_time() - start  # virtual time: the clock jumps when all wait
+    assert answer == b""  # closed without an answer, as Hypercorn's header timeout closes
+    assert HEADER_TIMEOUT <= waited < 2 * HEADER_TIMEOUT
+
+
+async def test_a_connection_that_sends_nothing_is_closed_at_the_header_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with worker_and_parent() as pair, await pair.connect() as stream:
+        start = trio.current_time()
+        answer = await read_until_closed(stream)
+        waited = trio.current_time() - start
+    assert answer == b""
+    assert HEADER_TIMEOUT <= waited < 2 * HEADER_TIMEOUT
+
+
+async def test_an_adopted_connection_counts_against_the_parents_cap() -> None:
+    # The parent's one slot is held by a handed-over write whose body never ends.
+    async with worker_and_parent(parent_connections=1) as pair, await pair.connect() as held:
+        await held.send_all(b"PUT /ns/f HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        await trio.testing.wait_all_tasks_blocked()
+        refused = await one_request(pair, request("PUT", body=b"x"))
+    assert refused.startswith(b"HTTP/1.1 503")
+    assert b"max_connections" in refused
+
+
+async def send_to_parent(path: str, data: bytes, fds: list[int]) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(path)
+        socket.send_fds(sock, [data], fds)
+
+
+async def test_the_parent_drops_and_closes_anything_but_one_tcp_connection() -> None:
+    async with worker_and_parent() as pair:
+        strays: list[tuple[bytes, list[int]]] = []
+        reads: list[int] = []
+        for data, count in [(MESSAGE, 2), (b"X", 1), (MESSAGE, 1)]:
+            fds = []
+            for _ in range(count):
+                read, write = os.pipe()  # not a socket; once the parent closes it, EOF
+                reads.append(read)
+                fds.append(write)
+            strays.append((data, fds))
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        for data, fds in strays:
+            await send_to_parent(pair.path, data, fds)
+            for fd in fds:
+                os.close(fd)
+        await send_to_parent(pair.path, MESSAGE, [udp.fileno()])
+        await send_to_parent(pair.path, MESSAGE, [listening.fileno()])
+        await send_to_parent(pair.path, MESSAGE + MESSAGE, [])
+        for read in reads:  # each write end's last copy was the parent's: closed
+            assert await trio.to_thread.run_sync(os.read, read, 1) == b""
+            os.close(read)
+        udp.close()
+        listening.close()
+        # And the parent still takes writes.
+        answer = await one_request(pair, request("PUT", body=b"x"))
+    assert answer.endswith(b"parent")
+
+
+def test_the_parents_socket_lives_in_a_private_directory_removed_at_exit() -> None:
+    with handoff_socket() as path:
+        assert path is not None
+        directory = os.path.dirname(path)
+        assert os.stat(directory).st_mode & 0o777 == 0o700
+    assert not os.path.exists(directory)
+    with handoff_socket(enabled=False) as none:  # one gateway process: no socket at all
+        assert none is None
