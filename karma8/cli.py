@@ -113,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         metavar="N",
-        help="gateway processes sharing the gateway's port (all and gw roles; default 1)",
+        help="gateway processes sharing the gateway's port (all and gw roles; default: 1 per core)",
     )
     # A gateway worker started by another gateway (karma8/net/workers.py): it binds a port
     # that others share, and exits with its parent.

@@ -282,6 +282,9 @@ def net_config(*, local_calls: bool = True) -> NetConfig:
         node_timeout=GIVE_UP / 4,  # no node of a loaded machine is taken for dead
         retire_grace=RETIRE_GRACE,
         sweep_interval=HEARTBEAT,
+        # One gateway process, whose metrics and logs are this test's: the worker layout
+        # (one per core by default) has tests of its own (test_workers_processes.py).
+        gateway_workers=1,
     )
 
 

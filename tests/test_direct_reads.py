@@ -8,13 +8,18 @@ from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
+
+from karma8.core.errors import IntegrityError
 from karma8.core.model import NodeRef
 from karma8.net.direct import DirectReadStorage
 from karma8.ports import StoredPart
 from karma8.store.readonly import PartStoreReader
 from karma8.store.tiered import TieredPartStore
 
-from storehelpers import BIG, flip_bit, packed_parts, payload, put
+from storehelpers import BIG, flip_bit, packed_parts, part_location, payload, put
 
 T = 1024
 NODE = NodeRef(node_id="node-a", url="http://127.0.0.1:1")
@@ -81,5 +86,26 @@ async def test_packed_parts_are_read_directly_and_the_rest_is_asked(tmp_path: Pa
     assert await read(storage, NODE, "big.0", 0, 5) == b"node:"
     assert [key for _, key, _, _ in node.asked] == ["p.1", "gone.0", "p.1", "big.0"]
     assert storage.counts == {"direct": 3, "asked": 4}
+    storage.close()
+    store.close()
+
+
+async def test_a_block_failing_its_check_fails_the_read_and_the_node_reads_it_again(
+    tmp_path: Path,
+) -> None:
+    store = TieredPartStore(tmp_path, capacity_bytes=BIG, small_part_max=T, group_sync=False)
+    await put(store, "big.1", payload(3 * T))
+    path, offset = part_location(tmp_path, "big.1")
+    flip_bit(path, offset + 2 * T)  # a block's payload: the file opens, the block fails
+    node = AskedNode()
+    storage = DirectReadStorage(node, {NODE.node_id: PartStoreReader(tmp_path)}, small_part_max=T)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(storage.run)
+        with pytest.raises(IntegrityError):
+            await read(storage, NODE, "big.1", 0, 3 * T)
+        assert storage.counts == {"direct": 1, "asked": 0}
+        await wait_all_tasks_blocked()
+        assert node.asked == [(NODE.node_id, "big.1", 0, 3 * T)]  # so that it finds it too
+        nursery.cancel_scope.cancel()
     storage.close()
     store.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import attrs
@@ -9,15 +10,15 @@ import pytest
 
 from karma8.cli import main
 from karma8.core.tomlconf import ConfigError
-from karma8.net.netconfig import NetConfig
+from karma8.net.netconfig import NetConfig, usable_cores
 from karma8.net.settings import load_net_config
 from karma8.net.workers import worker_config_toml
 
 
-def test_gateway_workers_default_to_one_and_come_from_the_file_or_the_flag(
+def test_gateway_workers_default_to_the_cores_and_come_from_the_file_or_the_flag(
     tmp_path: Path,
 ) -> None:
-    assert NetConfig().gateway_workers == 1
+    assert NetConfig().gateway_workers == len(os.sched_getaffinity(0)) == usable_cores()
     path = tmp_path / "k.toml"
     path.write_text("gateway_workers = 3\n")
     assert load_net_config(path, {}).gateway_workers == 3
@@ -44,6 +45,7 @@ def test_a_worker_reads_back_its_parents_settings_without_the_secret(tmp_path: P
         namespaces=("a", "b"),
         public_namespaces=("b",),
         gateway_workers=4,
+        access_cache_ttl=0.0,  # every request asks: what the docs say 0 means
     )
     text = worker_config_toml(parent)
     assert "s3cret" not in text

@@ -17,21 +17,24 @@ Everything else goes to the parent as before (:class:`HttpDiscoveryClient`,
 :class:`HttpStorageClient`): writes, deletes, listings, access checks, a name the database
 does not have (for discovery's exact error), a part not found there or failing its check
 when opened (the node then reads it, verifies it, and reports or quarantines it, and the
-gateway's redundant read goes around it as for any failed part).
+gateway's redundant read goes around it as for any failed part). A part file whose block
+fails its check mid-stream fails the read as the node's own read would, and the node is
+asked for the same bytes in the background, so that it finds the damage itself.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, suppress
 from pathlib import Path
 from types import TracebackType
 
 import httpx
+import trio
 
-from karma8.core.errors import Karma8Error
+from karma8.core.errors import IntegrityError, Karma8Error
 from karma8.core.model import FileVersion, NodeRef
 from karma8.metadata.rows import committed_id, load_version
 from karma8.net.clients import HttpDiscoveryClient
@@ -40,6 +43,8 @@ from karma8.ports import StorageAPI, StoredPart
 from karma8.store.readonly import PartStoreReader
 
 log = logging.getLogger("karma8.direct")
+
+_Span = tuple[NodeRef, str, int, int]  # a part read: node, key, offset, length
 
 DATABASE = "discovery.sqlite3"  # an embedded cluster's discovery database, in its data dir
 NODE_ID_FILE = "node_id"
@@ -100,6 +105,21 @@ class DirectReadStorage:
         self._readers = readers
         self.small_part_max = small_part_max
         self.counts = {"direct": 0, "asked": 0}  # part reads from the node's files, and asked
+        # Part reads that failed a block's check mid-stream, for the node to read again.
+        self._damaged_send, self._damaged_receive = trio.open_memory_channel[_Span](64)
+
+    async def run(self) -> None:
+        """Until cancelled: have each node read again what failed its check here, so that it
+        verifies the part, quarantines and reports it, as when it serves a damaged read."""
+        async for node, key, offset, length in self._damaged_receive:
+            with suppress(Karma8Error):
+                async with self.remote.read_part(node, key, offset=offset, length=length) as chunks:
+                    async for _ in chunks:
+                        pass
+
+    def _damaged(self, span: _Span) -> None:
+        with suppress(trio.WouldBlock):  # many at once: the scrubber finds the rest
+            self._damaged_send.send_nowait(span)
 
     async def put_part(
         self, node: NodeRef, key: str, chunks: AsyncIterable[bytes], *, size: int | None = None
@@ -162,7 +182,8 @@ class _DirectRead:
         else:
             self._opened = opened
             counts["direct"] += 1
-            return chunks
+            span = (self._node, self._key, start, self._length)
+            return _Watched(chunks, lambda: self._storage._damaged(span))
         counts["asked"] += 1
         self._opened = self._storage.remote.read_part(
             self._node, self._key, offset=start, length=self._length, checksum=self._checksum
@@ -178,6 +199,25 @@ class _DirectRead:
         if self._opened is not None:
             return await self._opened.__aexit__(exc_type, exc, tb)
         return None
+
+
+class _Watched:
+    """A part file's chunks whose damaged block (:class:`IntegrityError`, raised on to the
+    reader) is reported with ``damaged``."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], damaged: Callable[[], None]) -> None:
+        self._chunks = chunks
+        self._on_damage = damaged
+
+    def __aiter__(self) -> _Watched:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await anext(self._chunks)
+        except IntegrityError:
+            self._on_damage()
+            raise
 
 
 class _One:

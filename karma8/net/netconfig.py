@@ -3,6 +3,8 @@ reads it strictly: :mod:`karma8.net.settings`; docs/configuration.md lists the k
 
 from __future__ import annotations
 
+import os
+
 import attrs
 
 from karma8.actors.discovery import DiscoveryConfig
@@ -20,6 +22,12 @@ MAX_CONNECTIONS = 4096
 _DISCOVERY = DiscoveryConfig()
 _GATEWAY = GatewayConfig()
 _STORAGE = StorageConfig()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), the default gateway processes."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
 @attrs.frozen(kw_only=True)
@@ -102,8 +110,8 @@ class NetConfig:
     # Seconds a gateway reuses a positive access answer (a revoked token works this long).
     access_cache_ttl: float = _GATEWAY.access_cache_ttl
     # Gateway processes sharing the gateway's port (karma8/net/workers.py); 1: the gateway
-    # alone, in this process. More measured slower on 2 cores (docs/benchmarks.md).
-    gateway_workers: int = 1
+    # alone, in this process. Default: one per core this process may run on.
+    gateway_workers: int = attrs.field(factory=usable_cores)
     # Embedded cluster: its gateway workers read the metadata and small parts from the
     # cluster's files instead of asking discovery and the nodes (karma8/net/direct.py).
     direct_reads: bool = True

@@ -254,6 +254,7 @@ async def run_gateway(
                 storage: StorageAPI = storage_client(config, nodes)
                 if readers:
                     storage = DirectReadStorage(storage, readers, config.small_part_max)
+                    nursery.start_soon(storage.run, name="gateway-direct-damage")
                 if read_from is not None:
                     direct = direct_source(
                         storage if isinstance(storage, DirectReadStorage) else None,

@@ -26,6 +26,8 @@ SIZES = ("capacity", "stripe_unit", "max_file_size", "reserve_step", "volume_siz
 OPTIONAL_STRINGS = ("secret", "metadata_url")
 METADATA_SCHEMES = ("postgresql://", "postgres://")
 NAME_LISTS = ("namespaces", "public_namespaces")
+# Durations where 0 means "never keep" rather than a stall.
+ZERO_SECONDS = ("access_cache_ttl",)
 # Counts where 0 would refuse or stall every request.
 POSITIVE = (
     "max_connections",
@@ -82,7 +84,8 @@ def load_net_config(
             elif isinstance(default, bool):
                 values[field.name] = reader.boolean(field.name, default)
             elif isinstance(default, float):
-                values[field.name] = reader.number(field.name, default, minimum=0.001)
+                minimum = 0.0 if field.name in ZERO_SECONDS else 0.001
+                values[field.name] = reader.number(field.name, default, minimum=minimum)
             else:
                 minimum = 1 if field.name in POSITIVE else 0
                 values[field.name] = reader.integer(field.name, default, minimum=minimum)
