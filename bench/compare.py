@@ -3,7 +3,7 @@ then karma8 alone: its gateway's memory and its simulator's speed.
 
     scripts/bench [--quick] [--rounds N] [--systems nginx,seaweedfs,stack,karma8]
                   [--workloads large,small,rss,sim] [--large-mib 256] [--small-seconds 10]
-                  [--get-files 500] [--rss-sizes 64,1024] [--sim-runs 3] [--workers 1]
+                  [--get-files 500] [--rss-sizes 64,1024] [--sim-runs 3] [--workers N]
                   [--write-docs docs/benchmarks.md | --no-write]
 
 Method
@@ -17,8 +17,8 @@ curl for large files, wrk for small ones. Client-side files (the large body) liv
 
 Besides the stores, ``stack`` (the stack ceiling, ``bench/stack_ceiling.py``) is an in-memory
 store served the way karma8's gateway is, by as many processes on its port as karma8's gateway
-has (``--workers``, default 1): for small files, the most karma8 could reach on its HTTP stack
-here with that many event loops (it takes no part in the large-file
+has (``--workers``, default karma8's: one per core): for small files, the most karma8 could
+reach on its HTTP stack here with that many event loops (it takes no part in the large-file
 workloads).
 
 Workloads, per round and, within a round, per workload, the stores in the order given

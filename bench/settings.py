@@ -12,6 +12,8 @@ from pathlib import Path
 from gateway_rss import DEFAULT_SIZES_MIB
 from peers import SERVERS
 
+from karma8.net.netconfig import usable_cores
+
 REPO = Path(__file__).resolve().parent.parent
 PEER_GROUPS = ("large", "small")
 KARMA8_GROUPS = ("rss", "sim")  # karma8 alone, after the stores are stopped
@@ -45,7 +47,8 @@ class Settings:
     quick: bool = False
     rss_sizes: list[int] = field(default_factory=list)  # MiB; empty: no rss workload
     sim_runs: int = 0  # 0: no sim workload
-    workers: int = 1  # karma8's gateway_workers, and the stack ceiling's processes
+    workers: int = field(default_factory=usable_cores)  # karma8's gateway_workers, and the
+    # stack ceiling's processes
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -101,9 +104,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--workers",
         type=int,
-        default=1,
+        default=usable_cores(),
         help="processes serving karma8's gateway port (its gateway_workers) and the stack"
-        " ceiling's (default 1, karma8's default)",
+        " ceiling's (default: karma8's, one per core)",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument(

@@ -15,6 +15,7 @@ from karma8.store.files.format import HEADER_SIZE
 from karma8.store.files.store import FilePartStore
 from karma8.store.packed.format import scan
 from karma8.store.packed.index import PackedIndex
+from karma8.store.tiered import TieredPartStore
 
 MIB = 1 << 20
 BIG = 1 << 30
@@ -58,6 +59,17 @@ def flip_bit(path: Path, pos: int) -> None:
 
 def tmp_files(root: Path) -> list[str]:
     return sorted(os.listdir(root / "tmp"))
+
+
+SMALL = 1024  # small_part_max of the packed engine's tests
+
+
+def new_tiered(root: Path, **kwargs: Any) -> TieredPartStore:
+    """The routing store on ``root`` without group sync, parts up to :data:`SMALL` packed."""
+    kwargs.setdefault("capacity_bytes", BIG)
+    kwargs.setdefault("small_part_max", SMALL)
+    kwargs.setdefault("group_sync", False)
+    return TieredPartStore(root, **kwargs)
 
 
 def new_store(root: Path, **kwargs: Any) -> FilePartStore:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -16,18 +15,10 @@ from hypothesis import strategies as st
 
 from karma8.store.packed.format import HEADER_SIZE
 from karma8.store.packed.reader import PackedReader
-from karma8.store.tiered import TieredPartStore
 
-from storehelpers import BIG, flip_bit, packed_parts, payload, put
+from storehelpers import SMALL, flip_bit, new_tiered, packed_parts, payload, put
 
-T = 1024  # small_part_max in these tests
-
-
-def new_tiered(root: Path, **kwargs: Any) -> TieredPartStore:
-    kwargs.setdefault("capacity_bytes", BIG)
-    kwargs.setdefault("small_part_max", T)
-    kwargs.setdefault("group_sync", False)
-    return TieredPartStore(root, **kwargs)
+T = SMALL  # small_part_max in these tests
 
 
 def deleted_files_open() -> list[str]:

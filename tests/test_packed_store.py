@@ -22,16 +22,9 @@ from karma8.store.packed import store as packed_store
 from karma8.store.packed.format import HEADER_SIZE, needle_size
 from karma8.store.tiered import TieredPartStore, open_part_store
 
-from storehelpers import BIG, flip_bit, payload, put, read, sha
+from storehelpers import BIG, SMALL, flip_bit, new_tiered, payload, put, read, sha
 
-T = 1024  # small_part_max in these tests
-
-
-def new_tiered(root: Path, **kwargs: Any) -> TieredPartStore:
-    kwargs.setdefault("capacity_bytes", BIG)
-    kwargs.setdefault("small_part_max", T)
-    kwargs.setdefault("group_sync", False)
-    return TieredPartStore(root, **kwargs)
+T = SMALL  # small_part_max in these tests
 
 
 def files_under(root: Path) -> int:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from processes import Service, wait_for
+from storehelpers import flip_bit, part_location
 
 pytestmark = pytest.mark.slow
 
@@ -274,6 +275,44 @@ def test_a_worker_reads_small_files_directly_and_sees_every_change(tmp_path: Pat
             return counters_by_worker(gateway, 2)[worker]["gets"] >= before + 2 * len(bodies)
 
         wait_for(worker_read_the_changes, "the worker to serve reads after the changes")
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log.read_text()
+
+
+def test_a_damaged_part_read_by_a_worker_is_cut_short_and_its_node_quarantines_it(
+    tmp_path: Path,
+) -> None:
+    cluster, gateway = start(tmp_path)
+    try:
+        (worker,) = set(counters_by_worker(gateway, 2)) - {cluster.proc.pid}
+        with httpx.Client() as client:  # parts in files: a block fails mid-stream
+            assert client.put(f"{gateway}/default/big", content=os.urandom(3 << 20)).is_success
+        key = next(p.name for p in (tmp_path / "data").glob("storage-*/parts/*/*/*"))
+        path, payload_at = part_location(tmp_path / "data", key)
+        flip_bit(path, payload_at + 100_000)
+        held: list[httpx.Client] = []
+
+        def worker_connection() -> bool:
+            """A keep-alive connection the worker holds (a first request that reads stays)."""
+            client = httpx.Client()
+            if f'pid="{worker}"' in client.get(f"{gateway}/metrics").text:
+                held.append(client)
+                return True
+            client.close()
+            return False
+
+        wait_for(worker_connection, "a connection that the worker holds")
+        try:
+            with pytest.raises(httpx.RemoteProtocolError):
+                held[0].get(f"{gateway}/default/big")  # cut short: never a whole, wrong body
+        finally:
+            held[0].close()
+        assert direct_reads(gateway, worker)[("part", "direct")] > 0
+        wait_for(
+            lambda: bool(list((tmp_path / "data").glob(f"storage-*/quarantine/{key}"))),
+            "the node to read the damaged part again and quarantine it",
+        )
     finally:
         status = cluster.stop()
     assert status == 0, cluster.log.read_text()

@@ -41,6 +41,7 @@ from karma8.net.clients import HttpDiscoveryClient
 from karma8.net.metrics import Sample, Source
 from karma8.ports import StorageAPI, StoredPart
 from karma8.store.readonly import PartStoreReader
+from karma8.store.tiered import OneChunk
 
 log = logging.getLogger("karma8.direct")
 
@@ -173,7 +174,7 @@ class _DirectRead:
             data = self._reader.read_packed(self._key)  # all of it: its CRC covers all of it
             if data is not None and stop <= len(data):
                 counts["direct"] += 1
-                return _One(data if (start, stop) == (0, len(data)) else data[start:stop])
+                return OneChunk(data if (start, stop) == (0, len(data)) else data[start:stop])
         opened = self._reader.open_file(self._key, offset=start, length=self._length)
         try:
             chunks = await opened.__aenter__()
@@ -218,22 +219,6 @@ class _Watched:
         except IntegrityError:
             self._on_damage()
             raise
-
-
-class _One:
-    """A stream of one chunk."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data: bytes | None = data
-
-    def __aiter__(self) -> _One:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._data is None:
-            raise StopAsyncIteration
-        data, self._data = self._data, None
-        return data
 
 
 def open_direct_reads(

@@ -116,7 +116,7 @@ class TieredPartStore:
             return
         if offset + length > len(data):
             raise IntegrityError(f"part {key} is shorter than {offset + length} bytes")
-        yield _OneChunk(
+        yield OneChunk(
             data[offset : offset + length] if (offset, length) != (0, len(data)) else data
         )
 
@@ -249,13 +249,13 @@ class TieredWriter:
             self._buffer = []
 
 
-class _OneChunk:
+class OneChunk:
     """An iterator over one chunk (a class, not an async generator: nothing to finalise)."""
 
     def __init__(self, data: bytes) -> None:
         self._data: bytes | None = data
 
-    def __aiter__(self) -> _OneChunk:
+    def __aiter__(self) -> OneChunk:
         return self
 
     async def __anext__(self) -> bytes:
