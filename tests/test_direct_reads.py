@@ -13,8 +13,10 @@ import trio
 from trio.testing import wait_all_tasks_blocked
 
 from karma8.core.errors import IntegrityError
-from karma8.core.model import NodeRef
-from karma8.net.direct import DirectReadStorage
+from karma8.core.layout import StripeLayout
+from karma8.core.model import NodeRef, NodeRegistration, PartReceipt
+from karma8.metadata.sqlite import SqliteMetadataStore
+from karma8.net.direct import DirectReadStorage, ReadOnlyMetadata
 from karma8.ports import StoredPart
 from karma8.store.readonly import PartStoreReader
 from karma8.store.tiered import TieredPartStore
@@ -108,4 +110,55 @@ async def test_a_block_failing_its_check_fails_the_read_and_the_node_reads_it_ag
         assert node.asked == [(NODE.node_id, "big.1", 0, 3 * T)]  # so that it finds it too
         nursery.cancel_scope.cancel()
     storage.close()
+    store.close()
+
+
+def test_a_worker_resolves_only_what_discovery_has_made_durable(tmp_path: Path) -> None:
+    """Discovery commits without syncing and syncs the log in rounds; until a round has
+    covered a commit, a worker reading the database must not answer with it (a power loss
+    could take it back), and asks discovery instead."""
+    path = tmp_path / "discovery.sqlite3"
+    store = SqliteMetadataStore(path, sync_on_commit=False)
+    store.create_namespace("default", 0.0)
+    for i in range(6):
+        store.upsert_node(
+            NodeRegistration(node_id=f"n{i}", url=f"http://n{i}", capacity_bytes=10_000), 0.0
+        )
+    layout = StripeLayout(parts=5, unit=64)
+
+    def commit(vid: str) -> None:
+        store.begin_version(
+            version_id=vid,
+            namespace="default",
+            name="f",
+            layout=layout,
+            size_hint=10,
+            now=1.0,
+            expires_at=100.0,
+            if_absent=False,
+            place=lambda loads: [n.node_id for n in loads][:5],
+        )
+        parts = [
+            PartReceipt(index=i, size=s, checksum=f"c{i}")
+            for i, s in enumerate(layout.part_sizes(10))
+        ]
+        store.commit_version(version_id=vid, size=10, receipts=parts, now=2.0, if_absent=False)
+
+    worker = ReadOnlyMetadata(path)
+    commit("v1")
+    assert store.current_version("default", "f") is not None  # committed, in the log
+    assert worker.current_version("default", "f") is None  # ... but not synced
+    store.sync_wal()
+    found = worker.current_version("default", "f")
+    assert found is not None
+    assert found.version_id == "v1"
+    commit("v2")  # a newer version not synced yet: neither is answered
+    assert worker.current_version("default", "f") is None
+    store.checkpoint()  # the log copied into the database (synced) and emptied
+    v2 = worker.current_version("default", "f")
+    assert v2 is not None
+    assert v2.version_id == "v2"
+    commit("v3")
+    assert worker.current_version("default", "f") is None
+    worker.close()
     store.close()

@@ -17,7 +17,7 @@ import trio
 import trio.testing
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 
-from karma8.net.handoff import MESSAGE, classify, handoff_socket
+from karma8.net.handoff import MESSAGE, classify, first_request_kind, handoff_socket
 from karma8.net.netconfig import HEADER_TIMEOUT
 from karma8.net.serving import serve_app
 
@@ -304,3 +304,14 @@ def test_the_parents_socket_lives_in_a_private_directory_removed_at_exit() -> No
     assert not os.path.exists(directory)
     with handoff_socket(enabled=False) as none:  # one gateway process: no socket at all
         assert none is None
+
+
+async def test_a_method_cut_off_by_the_peers_end_of_stream_is_not_a_request() -> None:
+    """Half a method, then the peer shuts its side: the socket stays readable with no new
+    byte, which must end the peek rather than spin on it."""
+    a, b = trio.socket.socketpair()
+    with a, b:
+        await a.send(b"PU")
+        a.shutdown(socket.SHUT_WR)
+        with trio.fail_after(GIVE_UP):  # a guard: the bug spun here until the header timeout
+            assert await first_request_kind(b) == "other"

@@ -5,7 +5,10 @@ for anything it cannot vouch for."""
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,12 +16,23 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from karma8.store.packed.format import HEADER_SIZE
-from karma8.store.packed.reader import PackedReader
+from karma8.store.packed.format import HEADER_SIZE, encode
+from karma8.store.packed.reader import MISS_REFRESH_EVERY, PackedReader
 
 from storehelpers import SMALL, flip_bit, new_tiered, packed_parts, payload, put
 
 T = SMALL  # small_part_max in these tests
+
+
+def overwrite(path: Path, at: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(data)
+
+
+def ticking() -> Callable[[], float]:
+    """A clock 10 ms further on at every reading: every miss may refresh."""
+    return itertools.count(0.0, 0.01).__next__
 
 
 def deleted_files_open() -> list[str]:
@@ -35,7 +49,7 @@ def deleted_files_open() -> list[str]:
 async def test_it_finds_what_the_node_appends_after_it_opened(tmp_path: Path) -> None:
     store = new_tiered(tmp_path)
     await put(store, "a.0", payload(100, seed=1))
-    reader = PackedReader(tmp_path)
+    reader = PackedReader(tmp_path, clock=ticking())
     assert reader.read("a.0") == payload(100, seed=1)
     assert reader.read("a.1") is None
     for i in range(1, 30):
@@ -53,7 +67,7 @@ async def test_it_finds_what_the_node_appends_after_it_opened(tmp_path: Path) ->
 async def test_large_parts_and_unknown_keys_are_none(tmp_path: Path) -> None:
     store = new_tiered(tmp_path)
     await put(store, "big.0", payload(T + 1))  # a part file: not the reader's
-    reader = PackedReader(tmp_path)
+    reader = PackedReader(tmp_path, clock=ticking())
     assert reader.read("big.0") is None
     assert reader.read("nowhere.0") is None
     reader.close()
@@ -63,7 +77,7 @@ async def test_large_parts_and_unknown_keys_are_none(tmp_path: Path) -> None:
 async def test_a_corrupt_payload_is_none_not_bytes(tmp_path: Path) -> None:
     store = new_tiered(tmp_path)
     await put(store, "c.0", payload(200, seed=3))
-    reader = PackedReader(tmp_path)
+    reader = PackedReader(tmp_path, clock=ticking())
     path, offset = packed_parts(tmp_path)["c.0"]
     flip_bit(path, offset + 17)
     assert reader.read("c.0") is None
@@ -75,7 +89,7 @@ async def test_deleted_parts_leave_its_index_on_the_next_refresh(tmp_path: Path)
     store = new_tiered(tmp_path)
     for i in range(4):
         await put(store, f"d.{i}", payload(50, seed=i))
-    reader = PackedReader(tmp_path)
+    reader = PackedReader(tmp_path, clock=ticking())
     await store.delete("d.1")
     await put(store, "d.9", payload(5))
     assert reader.read("d.9") == payload(5)  # the refresh also read d.1's tombstone
@@ -89,7 +103,7 @@ async def test_compaction_moves_needles_and_it_follows(tmp_path: Path) -> None:
     store = new_tiered(tmp_path, volume_size=2048)
     for i in range(40):
         await put(store, f"e.{i}", payload(100, seed=i))
-    reader = PackedReader(tmp_path)
+    reader = PackedReader(tmp_path, clock=ticking())
     assert reader.read("e.3") == payload(100, seed=3)
     for i in range(40):
         if i % 3:
@@ -129,7 +143,7 @@ def test_a_needle_half_written_is_not_read_until_it_is_whole(
     cut_at = min(len(whole) - 1, offset - HEADER_SIZE - len("f.1") + cut)
     with open(volume, "r+b") as f:
         f.truncate(cut_at)
-    reader = PackedReader(root)
+    reader = PackedReader(root, clock=ticking())
     assert reader.read("f.0") == payload(100, seed=1)
     assert reader.read("f.1") is None
     with open(volume, "r+b") as f:  # the rest of the write lands
@@ -140,8 +154,70 @@ def test_a_needle_half_written_is_not_read_until_it_is_whole(
 
 
 def test_a_directory_without_volumes_reads_nothing(tmp_path: Path) -> None:
-    reader = PackedReader(tmp_path)
+    reader = PackedReader(tmp_path, clock=ticking())
     assert reader.read("g.0") is None
     os.makedirs(tmp_path / "volumes")
     assert reader.read("g.0") is None
     reader.close()
+
+
+async def test_a_gap_skipped_while_its_append_was_in_flight_is_read_once_filled(
+    tmp_path: Path,
+) -> None:
+    """Appends may land out of order (each from its own thread, without group sync): a
+    needle past a gap is indexed, and the gap is scanned again until its needle is there."""
+    store = new_tiered(tmp_path)
+    for i in range(3):
+        await put(store, f"h.{i}", payload(100, seed=i))
+    store.close()
+    (volume,) = (tmp_path / "volumes").iterdir()
+    whole = volume.read_bytes()
+    _, offset = packed_parts(tmp_path)["h.1"]
+    start = offset - HEADER_SIZE - len("h.1")
+    end = packed_parts(tmp_path)["h.2"][1] - HEADER_SIZE - len("h.2")
+    overwrite(volume, start, bytes(end - start))  # h.1's bytes not there yet: zeros
+    reader = PackedReader(tmp_path, clock=ticking())
+    assert reader.read("h.0") == payload(100, seed=0)
+    assert reader.read("h.2") == payload(100, seed=2)
+    assert reader.read("h.1") is None
+    overwrite(volume, start, whole[start:end])
+    assert reader.read("h.1") == payload(100, seed=1)
+    reader.close()
+
+
+async def test_the_first_needle_of_a_key_stays_and_whole_reads_check_the_sha256(
+    tmp_path: Path,
+) -> None:
+    """Bytes that look like a needle for a part already indexed (say, inside a payload
+    someone uploaded) do not replace it; a whole read is checked against the metadata's
+    sha256 of the part."""
+    store = new_tiered(tmp_path)
+    real = payload(200, seed=5)
+    await put(store, "k.0", real)
+    forged = payload(200, seed=6)
+    fake = encode("k.0", forged, sha256=hashlib.sha256(forged).digest())
+    pad = bytes(-(HEADER_SIZE + len("carrier.0")) % 8)  # the needle at an aligned offset
+    await put(store, "carrier.0", pad + fake)  # a payload that holds a whole, valid needle
+    path, at = packed_parts(tmp_path)["carrier.0"]
+    flip_bit(path, at - HEADER_SIZE - len("carrier.0") + 30)  # the carrier's header: a scan
+    # now skips to the next magic, inside its payload, and finds the forged k.0 there
+    reader = PackedReader(tmp_path, clock=ticking())
+    assert reader.read("k.0") == real
+    assert reader.read("k.0", hashlib.sha256(real).hexdigest()) == real
+    assert reader.read("k.0", hashlib.sha256(forged).hexdigest()) is None
+    reader.close()
+    store.close()
+
+
+async def test_misses_close_together_ask_the_node_without_rescanning(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path)
+    now = [0.0]
+    reader = PackedReader(tmp_path, clock=lambda: now[0])
+    await put(store, "m.0", payload(10))
+    assert reader.read("m.0") is None  # refreshed at 0.0 when opened: too soon
+    refreshes = reader.refreshes
+    now[0] += MISS_REFRESH_EVERY
+    assert reader.read("m.0") == payload(10)
+    assert reader.refreshes == refreshes + 1
+    reader.close()
+    store.close()

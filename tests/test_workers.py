@@ -18,7 +18,7 @@ from karma8.net.workers import worker_config_toml
 def test_gateway_workers_default_to_the_cores_and_come_from_the_file_or_the_flag(
     tmp_path: Path,
 ) -> None:
-    assert NetConfig().gateway_workers == len(os.sched_getaffinity(0)) == usable_cores()
+    assert NetConfig().gateway_workers == usable_cores() >= 1
     path = tmp_path / "k.toml"
     path.write_text("gateway_workers = 3\n")
     assert load_net_config(path, {}).gateway_workers == 3
@@ -26,6 +26,20 @@ def test_gateway_workers_default_to_the_cores_and_come_from_the_file_or_the_flag
     path.write_text("gateway_workers = 0\n")
     with pytest.raises(ConfigError, match="gateway_workers: must be >= 1, got 0"):
         load_net_config(path, {})
+
+
+def test_the_default_follows_a_cgroup_cpu_quota(tmp_path: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    assert usable_cores(tmp_path / "missing") == cores
+    cpu_max.write_text("max 100000\n")
+    assert usable_cores(cpu_max) == cores
+    cpu_max.write_text("50000 100000\n")  # half a core: one process
+    assert usable_cores(cpu_max) == 1
+    cpu_max.write_text(f"{100000 * cores + 1} 100000\n")  # more than the affinity allows
+    assert usable_cores(cpu_max) == cores
+    cpu_max.write_text("garbage\n")
+    assert usable_cores(cpu_max) == cores
 
 
 def test_workers_below_one_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

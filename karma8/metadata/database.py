@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import struct
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -60,6 +62,11 @@ class SqliteDatabase(Database):
         self._wal_fd: int | None = None
         self._wal_inode: int | None = None
         self._checkpointer: sqlite3.Connection | None = None
+        # What of the log is durable, for readers in other processes (karma8/net/direct.py).
+        durable_later = self._wal is not None and not sync_on_commit
+        self._mark = DurableMark(Path(self._path + MARK_SUFFIX)) if durable_later else None
+        self._mark_lock = threading.Lock()  # sync rounds and checkpoints run in threads
+        self._epoch = 0  # checkpoints so far: a sync measured before one must not publish
         if self._wal is not None:
             _owner_only(Path(self._path))
         # Calls may come from a worker thread (one at a time), hence check_same_thread=False.
@@ -81,6 +88,8 @@ class SqliteDatabase(Database):
             self._open_wal()
 
     def close(self) -> None:
+        if self._mark is not None:
+            self._mark.close()
         if self._checkpointer is not None:
             self._checkpointer.close()
         self._db.close()
@@ -116,7 +125,8 @@ class SqliteDatabase(Database):
 
     def sync_wal(self) -> None:
         """Make every commit so far durable: ``fdatasync`` the write-ahead log (and, for a
-        new log file, its directory). Safe from any one thread at a time; does not touch the
+        new log file, its directory), then publish how much of it is durable
+        (:class:`DurableMark`). Safe from any one thread at a time; does not touch the
         connection.
 
         Raises:
@@ -126,7 +136,12 @@ class SqliteDatabase(Database):
             return
         self._open_wal()
         if self._wal_fd is not None:
+            with self._mark_lock:
+                epoch, log = self._epoch, os.fstat(self._wal_fd)
             os.fdatasync(self._wal_fd)
+            with self._mark_lock:
+                if epoch == self._epoch and self._mark is not None:  # not emptied meanwhile
+                    self._mark.publish(log.st_ino, log.st_size)
 
     def log_bytes(self) -> int:
         """Size of the write-ahead log now (0 in memory or right after a checkpoint)."""
@@ -149,6 +164,10 @@ class SqliteDatabase(Database):
         """
         if self._wal is None:
             return True
+        with self._mark_lock:  # the log is about to be emptied: no offset in it holds
+            self._epoch += 1
+            if self._mark is not None:
+                self._mark.publish(0, 0)
         if self._checkpointer is None:
             self._checkpointer = sqlite3.connect(
                 self._path, isolation_level=None, check_same_thread=False, timeout=0
@@ -169,3 +188,47 @@ class SqliteDatabase(Database):
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+
+MARK_SUFFIX = "-durable"  # beside the database: discovery.sqlite3-durable
+_MARK = struct.Struct("<QQ")  # the log's inode, and how many of its bytes are durable
+
+
+class DurableMark:
+    """How much of a SQLite write-ahead log is durable, published for other processes.
+
+    Commits are visible in the log before its ``fdatasync``; a process that reads the
+    database directly (a gateway worker) must not act on one that a power loss could take
+    back. The writer publishes, after each sync, the log's inode and the size it had when the
+    sync began, and (inode 0, size 0) before a checkpoint empties it. A reader that finished
+    its read transaction when the log was at most that size (same inode) read only durable
+    commits: the log only grows between checkpoints, and a checkpoint that emptied it had
+    first copied every commit into the database file and synced it. The record is written
+    twice; a reader that sees two different copies (a write in progress) treats it as not
+    durable. The file is not synced: it describes a log that a restart recovers anyway.
+    """
+
+    def __init__(self, path: Path, *, writer: bool = True) -> None:
+        flags = os.O_RDWR | os.O_CREAT if writer else os.O_RDONLY
+        self._fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o600)
+        if writer:
+            self.publish(0, 0)
+
+    def publish(self, inode: int, size: int) -> None:
+        record = _MARK.pack(inode, size)
+        os.pwrite(self._fd, record + record, 0)
+
+    def durable(self, log: Path) -> bool:
+        """Whether every commit in ``log`` as it is now is durable."""
+        data = os.pread(self._fd, 2 * _MARK.size, 0)
+        if len(data) != 2 * _MARK.size or data[: _MARK.size] != data[_MARK.size :]:
+            return False
+        inode, size = _MARK.unpack_from(data)
+        try:
+            now = os.stat(log)
+        except FileNotFoundError:
+            return False
+        return now.st_size == 0 or (now.st_ino == inode and now.st_size <= size)
+
+    def close(self) -> None:
+        os.close(self._fd)

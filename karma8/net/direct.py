@@ -34,8 +34,9 @@ from types import TracebackType
 import httpx
 import trio
 
-from karma8.core.errors import IntegrityError, Karma8Error
+from karma8.core.errors import IntegrityError, Karma8Error, NotFound
 from karma8.core.model import FileVersion, NodeRef
+from karma8.metadata.database import MARK_SUFFIX, DurableMark
 from karma8.metadata.rows import committed_id, load_version
 from karma8.net.clients import HttpDiscoveryClient
 from karma8.net.metrics import Sample, Source
@@ -55,15 +56,33 @@ class ReadOnlyMetadata:
     """Discovery's SQLite database, opened read-only by another process."""
 
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        # timeout=0: on the event loop, a busy database is asked over HTTP, not waited for.
+        self._db = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, check_same_thread=False, timeout=0
+        )
         self._db.row_factory = sqlite3.Row
+        self._db.isolation_level = None  # BEGIN and COMMIT are this class's
+        self._log = Path(f"{path}-wal")
+        mark = Path(f"{path}{MARK_SUFFIX}")
+        self._mark = DurableMark(mark, writer=False) if mark.exists() else None
 
     def current_version(self, namespace: str, name: str) -> FileVersion | None:
-        """The committed version of ``namespace/name``; None if the database has none."""
-        version_id = committed_id(self._db, namespace, name)
-        return None if version_id is None else load_version(self._db, version_id)
+        """The committed version of ``namespace/name``, read in one transaction; None if the
+        database has none, or if what was read may not be durable yet (see
+        :class:`DurableMark`): the caller asks discovery, which waits for it."""
+        self._db.execute("BEGIN")
+        try:
+            version_id = committed_id(self._db, namespace, name)
+            version = None if version_id is None else load_version(self._db, version_id)
+        finally:
+            self._db.execute("COMMIT")
+        if version is None or self._mark is None or not self._mark.durable(self._log):
+            return None
+        return version
 
     def close(self) -> None:
+        if self._mark is not None:
+            self._mark.close()
         self._db.close()
 
 
@@ -86,10 +105,10 @@ class DirectResolveDiscovery(HttpDiscoveryClient):
     async def resolve(self, *, namespace: str, name: str) -> FileVersion:
         try:
             version = self._metadata.current_version(namespace, name)
-        except sqlite3.Error as exc:
-            log.warning("reading the metadata directly failed, asking discovery: %s", exc)
+        except (sqlite3.Error, NotFound) as exc:
+            log.debug("reading the metadata directly failed, asking discovery: %s", exc)
             version = None
-        if version is None:  # discovery says which: no such namespace, or no such file
+        if version is None:  # discovery says which (no such namespace or file), or waits
             self.counts["asked"] += 1
             return await super().resolve(namespace=namespace, name=name)
         self.counts["direct"] += 1
@@ -171,7 +190,7 @@ class _DirectRead:
         start, stop = self._offset, self._offset + self._length
         counts = self._storage.counts
         if stop <= self._storage.small_part_max:
-            data = self._reader.read_packed(self._key)  # all of it: its CRC covers all of it
+            data = self._reader.read_packed(self._key, self._checksum)  # all of it
             if data is not None and stop <= len(data):
                 counts["direct"] += 1
                 return OneChunk(data if (start, stop) == (0, len(data)) else data[start:stop])
@@ -222,12 +241,14 @@ class _Watched:
 
 
 def open_direct_reads(
-    data_dir: Path,
+    data_dir: Path, *, metadata: bool = True
 ) -> tuple[ReadOnlyMetadata | None, dict[str, PartStoreReader]]:
-    """The database (None if it is not there: metadata on PostgreSQL) and a reader per node
-    directory (``storage-*`` with a ``node_id``) of an embedded cluster's ``data_dir``."""
+    """A reader per node directory (``storage-*`` with a ``node_id``) of an embedded
+    cluster's ``data_dir``, and its discovery database if ``metadata`` (False when the
+    metadata is elsewhere, on PostgreSQL: a database file left from before is stale) and the
+    file is there."""
     database = data_dir / DATABASE
-    metadata = ReadOnlyMetadata(database) if database.exists() else None
+    found = ReadOnlyMetadata(database) if metadata and database.exists() else None
     readers: dict[str, PartStoreReader] = {}
     for node_dir in sorted(data_dir.glob("storage-*")):
         id_file = node_dir / NODE_ID_FILE
@@ -235,7 +256,7 @@ def open_direct_reads(
             node_id = id_file.read_text().strip()
             if node_id:
                 readers[node_id] = PartStoreReader(node_dir)
-    return metadata, readers
+    return found, readers
 
 
 def direct_source(

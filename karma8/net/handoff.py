@@ -70,6 +70,8 @@ async def first_request_kind(sock: trio.socket.SocketType) -> Kind:
             kind = classify(head) if head else "other"
             if kind is not None:
                 return kind
+            if len(head) < lowat:  # readable, yet no new byte: the peer closed its side
+                return "other"
             lowat = len(head) + 1
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
             await trio.lowlevel.wait_readable(sock)

@@ -4,6 +4,7 @@ reads it strictly: :mod:`karma8.net.settings`; docs/configuration.md lists the k
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import attrs
 
@@ -24,10 +25,21 @@ _GATEWAY = GatewayConfig()
 _STORAGE = StorageConfig()
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity), the default gateway processes."""
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+
+
+def usable_cores(cpu_max: Path = CPU_MAX) -> int:
+    """The cores this process may run on, the default gateway processes: its CPU affinity,
+    narrowed by its cgroup's CPU quota (a container's ``--cpus``), rounded up."""
     affinity = getattr(os, "sched_getaffinity", None)
-    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+    cores = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 @attrs.frozen(kw_only=True)

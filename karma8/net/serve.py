@@ -230,7 +230,11 @@ async def run_gateway(
     ``handoff``: its parent's Unix socket, which it hands write connections to;
     ``read_from``: an embedded cluster's data directory on this host, whose metadata and
     parts this gateway reads directly (:mod:`karma8.net.direct`)."""
-    metadata, readers = open_direct_reads(read_from) if read_from is not None else (None, {})
+    metadata, readers = (
+        open_direct_reads(read_from, metadata=config.metadata_url is None)
+        if read_from is not None
+        else (None, {})
+    )
     discovery: HttpDiscoveryClient
     if metadata is not None:
         discovery = DirectResolveDiscovery(

@@ -26,9 +26,10 @@ class PartStoreReader:
         self.packed = PackedReader(root)
         self._files = FileStoreContext(tree=PartTree(root), quota=SpaceQuota(0), io=BlockingIO())
 
-    def read_packed(self, key: str) -> bytes | None:
-        """A packed part's whole payload, CRC-checked; None if not packed here or damaged."""
-        return self.packed.read(key)
+    def read_packed(self, key: str, checksum: str | None = None) -> bytes | None:
+        """A packed part's whole payload, CRC-checked (and against ``checksum``, its sha256,
+        if given); None if not packed here or damaged."""
+        return self.packed.read(key, checksum)
 
     def open_file(self, key: str, *, offset: int, length: int) -> PartRead:
         """Bytes ``[offset, offset + length)`` of a part file, as ``FilePartStore.open`` reads

@@ -4,35 +4,39 @@ A gateway worker (:mod:`karma8.net.direct`) reads small parts straight from the 
 the storage nodes its parent process runs, instead of asking them over HTTP. The node stays
 the only writer; the reader never writes, locks or truncates. It keeps its own index, built
 by scanning the volumes as the node does on open, and catches up when asked for a key it
-does not know: it scans each volume from where it stopped, and rescans a volume whose
-generation changed (compaction). What it may see that the node has not finished is harmless:
+does not know (and at least once every :data:`REFRESH_EVERY` seconds, so that it lets go of
+volume generations compaction retired): it scans each volume from where it stopped, again
+over the gaps it skipped (an append whose bytes were not there yet), and from the start a
+volume whose generation changed. What it may see that the node has not finished is harmless:
 a needle whose payload is still being written fails its CRC, and a torn tail is not indexed
-until it is whole; a read that finds nothing, or bytes that fail the CRC, returns None and the
-caller asks the node. A committed part's needle is durable before its version commits, so a
-version a worker resolved has needles the reader finds.
+until it is whole. The first needle indexed for a key stays (keys are never reused), so bytes
+inside a payload that merely look like a needle cannot replace a part; a whole-part read is
+also checked against the part's sha256 from the metadata. A read that finds nothing, or
+bytes that fail a check, returns None and the caller asks the node. A committed part's
+needle is durable before its version commits, so a version a worker resolved has needles the
+reader finds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
-import attrs
-
 from karma8.store.diskio import O_CLOEXEC, close_quietly, pread_exact
-from karma8.store.packed.format import LIVE, scan
+from karma8.store.packed.format import LIVE, Needle, scan
 from karma8.store.packed.store import VOLUME_NAME, volume_name
 
 _VOLUMES = "volumes"
+REFRESH_EVERY = 1.0  # seconds: the longest a retired volume generation stays open here
+MISS_REFRESH_EVERY = 0.005  # seconds: misses closer together than this ask the node at once
 
-
-@attrs.frozen
-class _Found:
-    volume: int
-    data_offset: int
-    length: int
-    crc: int
+# An indexed part: volume id, payload offset, payload length, CRC-32, sha256 (raw).
+_Found = tuple[int, int, int, int, bytes]
 
 
 class _Volume:
@@ -41,18 +45,20 @@ class _Volume:
     def __init__(self, generation: int, fd: int) -> None:
         self.generation = generation
         self.fd = fd
-        self.scanned = 0  # the intact needles before this offset are indexed
-        self.keys: set[str] = set()
+        self.scanned = 0  # scanned up to here (the rest is new, or a tail still being written)
+        self.gaps: list[tuple[int, int]] = []  # skipped spans before ``scanned``, to rescan
 
 
 class PackedReader:
     """Reads parts from the volumes under ``root`` (a node's directory) without writing."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.directory = Path(root) / _VOLUMES
+        self._clock = clock
         self._volumes: dict[int, _Volume] = {}
         self._index: dict[str, _Found] = {}
         self.refreshes = 0
+        self._refreshed = -REFRESH_EVERY
         self.refresh()
 
     def close(self) -> None:
@@ -61,29 +67,38 @@ class PackedReader:
         self._volumes.clear()
         self._index.clear()
 
-    def read(self, key: str) -> bytes | None:
-        """Part ``key``'s payload if it is here and matches its CRC; else None (the caller
-        asks the node, which knows best). Blocking: one ``pread`` (a refresh on a miss)."""
+    def read(self, key: str, checksum: str | None = None) -> bytes | None:
+        """Part ``key``'s payload if it is here and matches its CRC (and ``checksum``, its
+        sha256 in hex, if given); else None (the caller asks the node, which knows best).
+        Blocking: one ``pread`` (and a refresh on a miss, or once a second)."""
+        now = self._clock()
         found = self._index.get(key)
-        if found is None:
+        if now - self._refreshed >= (REFRESH_EVERY if found else MISS_REFRESH_EVERY):
             self.refresh()
             found = self._index.get(key)
-            if found is None:
-                return None
-        volume = self._volumes.get(found.volume)
+        if found is None:
+            return None
+        volume_id, offset, length, crc, sha256 = found
+        volume = self._volumes.get(volume_id)
         if volume is None:
             return None
         try:
-            data = pread_exact(volume.fd, found.length, found.data_offset)
+            data = pread_exact(volume.fd, length, offset)
         except OSError:
             return None
-        if len(data) != found.length or zlib.crc32(data) != found.crc:
+        if len(data) != length or zlib.crc32(data) != crc:
+            return None
+        if checksum is not None and not (
+            secrets.compare_digest(sha256.hex(), checksum)
+            and secrets.compare_digest(hashlib.sha256(data).hexdigest(), checksum)
+        ):
             return None
         return data
 
     def refresh(self) -> None:
         """Index what was appended, deleted or compacted since the last refresh."""
         self.refreshes += 1
+        self._refreshed = self._clock()
         try:
             names = os.listdir(self.directory)
         except OSError:
@@ -103,40 +118,69 @@ class PackedReader:
                 self._drop(volume_id)
                 current = None
             if current is None:
-                path = self.directory / volume_name(volume_id, generation)
                 try:
-                    fd = os.open(path, os.O_RDONLY | O_CLOEXEC)
+                    fd = os.open(
+                        self.directory / volume_name(volume_id, generation),
+                        os.O_RDONLY | O_CLOEXEC,
+                    )
                 except OSError:  # renamed or removed meanwhile: the next refresh sees it
                     continue
                 current = self._volumes[volume_id] = _Volume(generation, fd)
-            self._scan(volume_id, current)
+            self._catch_up(volume_id, current)
 
-    def _scan(self, volume_id: int, volume: _Volume) -> None:
+    def _catch_up(self, volume_id: int, volume: _Volume) -> None:
         try:
             size = os.fstat(volume.fd).st_size
         except OSError:
             return
-        start = volume.scanned
-        if size <= start:
-            return
-        found = scan(lambda offset, n: pread_exact(volume.fd, n, start + offset), size - start)
+        gaps, volume.gaps = volume.gaps, []
+        for start, stop in gaps:
+            inner, end = self._scan(volume_id, volume, start, stop)
+            volume.gaps += [*inner, (end, stop)] if end < stop else inner
+        if size > volume.scanned:
+            inner, end = self._scan(volume_id, volume, volume.scanned, size)
+            volume.gaps += inner
+            volume.scanned = end
+
+    def _scan(
+        self, volume_id: int, volume: _Volume, start: int, stop: int
+    ) -> tuple[list[tuple[int, int]], int]:
+        """Index the needles in ``[start, stop)``; returns the gaps before and between them,
+        and where the last one ends (what follows is for the caller: a gap still, or a tail
+        to scan again)."""
+
+        def read(offset: int, count: int) -> bytes:
+            return pread_exact(volume.fd, count, start + offset)
+
+        try:
+            found = scan(read, stop - start)
+        except OSError:
+            return [(start, stop)], start
+        gaps = []
+        at = start
         for needle in found.needles:
-            if needle.flags == LIVE:
-                self._index[needle.key] = _Found(
-                    volume_id, start + needle.data_offset, needle.length, needle.crc
+            if start + needle.offset > at:
+                gaps.append((at, start + needle.offset))
+            self._apply(volume_id, needle, start)
+            at = start + needle.end
+        return gaps, at
+
+    def _apply(self, volume_id: int, needle: Needle, base: int) -> None:
+        known = self._index.get(needle.key)
+        if needle.flags == LIVE:
+            if known is None:  # the first needle of a key stays
+                self._index[needle.key] = (
+                    volume_id,
+                    base + needle.data_offset,
+                    needle.length,
+                    needle.crc,
+                    needle.sha256,
                 )
-                volume.keys.add(needle.key)
-            else:
-                known = self._index.get(needle.key)
-                if known is not None and known.volume == volume_id:
-                    del self._index[needle.key]
-                volume.keys.discard(needle.key)
-        volume.scanned = start + found.end
+        elif known is not None and known[0] == volume_id:
+            del self._index[needle.key]  # a tombstone: in the volume of what it deletes
 
     def _drop(self, volume_id: int) -> None:
         volume = self._volumes.pop(volume_id)
-        for key in volume.keys:
-            known = self._index.get(key)
-            if known is not None and known.volume == volume_id:
-                del self._index[key]
+        for key in [k for k, found in self._index.items() if found[0] == volume_id]:
+            del self._index[key]
         close_quietly(volume.fd)
