@@ -16,7 +16,7 @@ from karma8.core.errors import IntegrityError
 from karma8.core.layout import StripeLayout
 from karma8.core.model import NodeRef, NodeRegistration, PartReceipt
 from karma8.metadata.sqlite import SqliteMetadataStore
-from karma8.net.direct import DirectReadStorage, ReadOnlyMetadata
+from karma8.net.direct import DirectReadStorage, ReadOnlyMetadata, open_direct_reads
 from karma8.ports import StoredPart
 from karma8.store.readonly import PartStoreReader
 from karma8.store.tiered import TieredPartStore
@@ -162,3 +162,20 @@ def test_a_worker_resolves_only_what_discovery_has_made_durable(tmp_path: Path) 
     assert worker.current_version("default", "f") is None
     worker.close()
     store.close()
+
+
+def test_with_the_metadata_elsewhere_a_database_file_left_behind_is_not_read(
+    tmp_path: Path,
+) -> None:
+    SqliteMetadataStore(tmp_path / "discovery.sqlite3", sync_on_commit=False).close()
+    (tmp_path / "storage-0").mkdir()
+    (tmp_path / "storage-0" / "node_id").write_text("node-a\n")
+    metadata, readers = open_direct_reads(tmp_path)
+    assert metadata is not None
+    assert list(readers) == ["node-a"]
+    metadata.close()
+    readers["node-a"].close()
+    metadata, readers = open_direct_reads(tmp_path, metadata=False)  # metadata_url is set
+    assert metadata is None
+    assert list(readers) == ["node-a"]
+    readers["node-a"].close()
