@@ -6,7 +6,7 @@
 # A tree is a directory holding a `karma8` package, e.g. `git archive REV karma8 | tar -x -C DIR`.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-old=$1 new=$2 pairs=${3:-2}
+old=$(cd "$1" && pwd) new=$(cd "$2" && pwd) pairs=${3:-2}
 if curl -s -o /dev/null http://127.0.0.1:8080/healthz; then
     echo "ab_small: port 8080 is in use; stop what serves it first" >&2
     exit 1
@@ -32,4 +32,7 @@ one() {  # label tree
     kill -INT "$pid"; wait "$pid" || true
     echo "$1  GET/s $g  PUT/s $p"
 }
+# From the work directory: `python -m` puts the current directory first on sys.path, ahead
+# of PYTHONPATH, so run from a checkout it would measure that checkout twice.
+cd "$work"
 for _ in $(seq 1 "$pairs"); do one old "$old"; one new "$new"; done
