@@ -40,7 +40,7 @@ from karma8.net.access_admin import add_access_commands, run_access
 from karma8.net.client import COMMANDS as CLIENT_COMMANDS
 from karma8.net.client import add_client_commands, run_client
 from karma8.net.dbadmin import add_db_commands, run_db
-from karma8.net.locate import DEFAULT_DATA, ClusterRef, given_secrets, locate_cluster
+from karma8.net.locate import DATABASE_FILE, DEFAULT_DATA, ClusterRef, given_secrets, locate_cluster
 from karma8.sim.command import run_sim
 from karma8.sim.fillseries import DEFAULT_INTERVAL
 
@@ -304,7 +304,7 @@ def _serve(args: argparse.Namespace) -> int:
                 partial(
                     run_discovery,
                     config,
-                    database=data / "discovery.sqlite3",
+                    database=data / DATABASE_FILE,
                     port=args.port,
                 )
             )

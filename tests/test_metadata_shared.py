@@ -33,8 +33,8 @@ from karma8.metadata.sql import POSTGRESQL, SQLITE
 from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.metadata.store import SqlMetadataStore
 from karma8.net.clients import make_http_client
-from karma8.net.dbadmin import DATABASE_FILE as DATABASE
 from karma8.net.discovery_role import keep_running, run_discovery
+from karma8.net.locate import DATABASE_FILE as DATABASE
 from karma8.net.serve import run_gateway, run_storage
 from karma8.sim.world import InlineRunner, SimClock, SimIds
 

@@ -17,10 +17,8 @@ from karma8.core.tomlconf import ConfigError
 from karma8.metadata.schema import LATEST, MIGRATIONS, SchemaError, schema_version
 from karma8.metadata.sql import SQLITE
 from karma8.metadata.sqlite import SqliteMetadataStore
-from karma8.net.locate import DEFAULT_DATA
+from karma8.net.locate import DATABASE_FILE, DEFAULT_DATA
 from karma8.net.settings import load_net_config
-
-DATABASE_FILE = "discovery.sqlite3"
 
 
 def add_db_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

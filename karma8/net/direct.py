@@ -7,8 +7,8 @@ per hop, several times what the read itself costs (docs/benchmarks.md, "Gateway 
 So a worker reads what it can the way its parent would, from the same files:
 
 - the current version of a name from discovery's SQLite database, opened read-only (a WAL
-  reader never blocks the writer, and sees every commit made before the PUT that made it
-  was acknowledged);
+  reader never blocks the writer), used only once discovery has synced what was read
+  (:class:`~karma8.metadata.database.DurableMark`);
 - a part's bytes from its node's directory (:class:`PartStoreReader`): a packed part
   checked against its needle's CRC, a part file block by block against its CRCs, as the
   node itself reads them.
@@ -39,6 +39,7 @@ from karma8.core.model import FileVersion, NodeRef
 from karma8.metadata.database import MARK_SUFFIX, DurableMark
 from karma8.metadata.rows import committed_id, load_version
 from karma8.net.clients import HttpDiscoveryClient
+from karma8.net.locate import DATABASE_FILE, NODE_ID_FILE
 from karma8.net.metrics import Sample, Source
 from karma8.ports import StorageAPI, StoredPart
 from karma8.store.readonly import PartStoreReader
@@ -47,9 +48,6 @@ from karma8.store.tiered import OneChunk
 log = logging.getLogger("karma8.direct")
 
 _Span = tuple[NodeRef, str, int, int]  # a part read: node, key, offset, length
-
-DATABASE = "discovery.sqlite3"  # an embedded cluster's discovery database, in its data dir
-NODE_ID_FILE = "node_id"
 
 
 class ReadOnlyMetadata:
@@ -247,7 +245,7 @@ def open_direct_reads(
     cluster's ``data_dir``, and its discovery database if ``metadata`` (False when the
     metadata is elsewhere, on PostgreSQL: a database file left from before is stale) and the
     file is there."""
-    database = data_dir / DATABASE
+    database = data_dir / DATABASE_FILE
     found = ReadOnlyMetadata(database) if metadata and database.exists() else None
     readers: dict[str, PartStoreReader] = {}
     for node_dir in sorted(data_dir.glob("storage-*")):

@@ -40,6 +40,8 @@ import attrs
 from karma8.core.tomlconf import ConfigError
 
 CLUSTER_FILE = "cluster.json"
+DATABASE_FILE = "discovery.sqlite3"  # discovery's SQLite database, in its data directory
+NODE_ID_FILE = "node_id"  # a storage node's permanent id, in its data directory
 DEFAULT_DATA = Path("karma8-data")
 ENV_DISCOVERY = "KARMA8_DISCOVERY"
 ENV_SECRET = "KARMA8_SECRET"

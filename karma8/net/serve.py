@@ -41,7 +41,13 @@ from karma8.net.discovery_role import build_discovery, open_metadata, serve_disc
 from karma8.net.gateway_app import gateway_app
 from karma8.net.handoff import handoff_socket
 from karma8.net.local import LocalFirstStorageClient
-from karma8.net.locate import ClusterInfo, read_cluster_info, write_cluster_info
+from karma8.net.locate import (
+    DATABASE_FILE,
+    NODE_ID_FILE,
+    ClusterInfo,
+    read_cluster_info,
+    write_cluster_info,
+)
 from karma8.net.metrics import METRICS
 from karma8.net.netconfig import NetConfig
 from karma8.net.objects import new_stats
@@ -61,7 +67,6 @@ log = logging.getLogger("karma8.serve")
 # asks discovery this often until it first answers.
 DISCOVERY_WARN_EVERY = 5.0
 GATEWAY_PROBE_EVERY = 1.0
-NODE_ID_FILE = "node_id"
 # A gateway's uploads waiting for a staging slot, or stalled behind a slow node, hold their
 # queued body pieces: 2 instead of Hypercorn's 10 bounds that at ~2 MiB per upload.
 GATEWAY_APP_QUEUE = 2
@@ -235,19 +240,22 @@ async def run_gateway(
         if read_from is not None
         else (None, {})
     )
-    discovery: HttpDiscoveryClient
+    resolver: DirectResolveDiscovery | None = None
     if metadata is not None:
-        discovery = DirectResolveDiscovery(
+        resolver = DirectResolveDiscovery(
             http,
             discovery_url,
             metadata=metadata,
             origin=discovery_from,
             warn_every=DISCOVERY_WARN_EVERY,
         )
-    else:
-        discovery = HttpDiscoveryClient(
+    discovery = (
+        resolver
+        if resolver is not None
+        else HttpDiscoveryClient(
             http, discovery_url, origin=discovery_from, warn_every=DISCOVERY_WARN_EVERY
         )
+    )
     try:
         with handoff_socket(config.gateway_workers > 1) as adopt_from:
             async with (
@@ -256,15 +264,12 @@ async def run_gateway(
                 trio.open_nursery() as nursery,
             ):
                 storage: StorageAPI = storage_client(config, nodes)
+                direct = None
                 if readers:
-                    storage = DirectReadStorage(storage, readers, config.small_part_max)
-                    nursery.start_soon(storage.run, name="gateway-direct-damage")
-                if read_from is not None:
-                    direct = direct_source(
-                        storage if isinstance(storage, DirectReadStorage) else None,
-                        discovery if isinstance(discovery, DirectResolveDiscovery) else None,
-                    )
-                    published.enter_context(METRICS.source(direct))
+                    storage = direct = DirectReadStorage(storage, readers, config.small_part_max)
+                    nursery.start_soon(direct.run, name="gateway-direct-damage")
+                if direct is not None or resolver is not None:
+                    published.enter_context(METRICS.source(direct_source(direct, resolver)))
                 gateway = build_gateway(config, discovery=discovery, storage=storage)
                 nursery.start_soon(_probe_discovery, discovery, name="gateway-probe-discovery")
                 url = await nursery.start(
@@ -350,7 +355,7 @@ async def run_cluster(
     config, node_dirs, absolute = _prepare_cluster_dir(config, data_dir)
     secret = config.secret
     assert secret is not None
-    store = open_metadata(config, data_dir / "discovery.sqlite3")
+    store = open_metadata(config, data_dir / DATABASE_FILE)
     try:
         async with (
             _handoff_socket(config.gateway_workers > 1) as handoff,
