@@ -121,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     # ... and reads its parent's metadata and small parts directly (karma8/net/direct.py).
     serve.add_argument("--read-from", type=Path, help=argparse.SUPPRESS)
     serve.add_argument("--handoff", metavar="PATH", help=argparse.SUPPRESS)
+    serve.add_argument("--writes", metavar="PATH", help=argparse.SUPPRESS)
     serve.add_argument(
         "--rebalance-bandwidth",
         metavar="SIZE",
@@ -345,6 +346,7 @@ def _serve(args: argparse.Namespace) -> int:
                         shared_port=args.shared_port,
                         read_from=args.read_from,
                         handoff=args.handoff,
+                        writes=args.writes,
                     )
                 )
                 print(f"{READY_PREFIX} {url}{_processes(cfg.gateway_workers)}", flush=True)

@@ -113,35 +113,36 @@ async def test_a_writer_cancelled_while_another_round_runs_its_step_waits_for_it
         finish_step.wait()
         log.step("slow")
 
-    log.hold.clear()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(group.sync)  # round 1, held in its sync
-        await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(group.sync)  # next in line: it will run round 2
-        await trio.testing.wait_all_tasks_blocked()
         with trio.CancelScope() as scope:
 
-            async def cancel_once_running() -> None:
+            async def other_runs_round() -> None:
                 try:
+                    # The writer waits for a round in progress (faked), so that the round
+                    # that takes its step is another task's, whatever the wake-up order.
                     await trio.testing.wait_all_tasks_blocked()
-                    log.hold.set()  # round 1 ends; round 2 takes our step
+                    group._running = None
+                    nursery.start_soon(group.sync)  # runs a round: it takes the step
                     await trio.to_thread.run_sync(in_step.wait)
+                    faked.set()  # the writer wakes to a round in progress, and waits
+                    await trio.testing.wait_all_tasks_blocked()
                     scope.cancel()
                     await trio.testing.wait_all_tasks_blocked()
                 finally:
                     finish_step.set()  # never leave the round's thread blocked
 
-            nursery.start_soon(cancel_once_running)
-            await group.sync(before=slow_step)  # waits behind the plain one
+            group._running = faked = trio.Event()
+            nursery.start_soon(other_runs_round)
+            await group.sync(before=slow_step)
         # Cancelled, but it returned only once its step had run: the caller can undo it.
         assert scope.cancelled_caught
         assert "slow" in log.events
 
 
 async def test_a_round_runs_the_steps_it_took_even_if_its_runner_is_cancelled() -> None:
-    # The runner gets the lock and is cancelled in the same tick, before its thread starts:
-    # the steps it took (another writer's) must still run, and be synced, before that writer
-    # returns. (Found by review: they were marked done without running.)
+    # The runner is woken by the end of a round and cancelled in the same tick, as it starts
+    # the next round: the steps it takes (another writer's) must still run, and be synced,
+    # before that writer returns. (Found by review: they were marked done without running.)
     log = Log()
     group = GroupSync(log.sync)
     scope = trio.CancelScope()
@@ -150,9 +151,10 @@ async def test_a_round_runs_the_steps_it_took_even_if_its_runner_is_cancelled() 
     async with trio.open_nursery() as nursery:
 
         async def holder() -> None:
-            await group._lock.acquire()
+            group._running = running = trio.Event()  # a round in progress, as far as sync sees
             await go.wait()
-            group._lock.release()  # hands the lock to the runner...
+            group._running = None
+            running.set()  # wakes the runner, which starts the next round...
             scope.cancel()  # ...and its request is cancelled in the same tick
 
         async def runner() -> None:
@@ -272,41 +274,38 @@ async def test_a_commit_cancelled_after_its_part_was_linked_leaves_no_part(
     group = store.group_sync
     assert group is not None
     real_sync = group._sync
-    release = [threading.Event(), threading.Event()]
+    release = threading.Event()
     syncing = threading.Event()
-    calls = 0
 
     def held_sync() -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            syncing.set()  # round 2: the part's step has run, the sync has not
-        release[min(calls, 2) - 1].wait()
+        syncing.set()  # the part's step has run, the sync has not
+        release.wait()
         real_sync()
 
     group._sync = held_sync
     writer = await store.create("ca.0")
     await writer.write(b"x" * 1000)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(group.sync)  # round 1, held
-        await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(group.sync)  # will run round 2, which takes the commit's step
-        await trio.testing.wait_all_tasks_blocked()
         with trio.CancelScope() as scope:
 
-            async def cancel_in_round_2() -> None:
+            async def cancel_in_round() -> None:
                 try:
+                    # The commit waits for a round in progress (faked); another task runs
+                    # the round that takes its step.
                     await trio.testing.wait_all_tasks_blocked()
-                    release[0].set()
+                    group._running = None
+                    nursery.start_soon(group.sync)
                     await trio.to_thread.run_sync(syncing.wait)
                     assert store.part_path("ca.0").exists()  # linked, not yet durable
+                    faked.set()
+                    await trio.testing.wait_all_tasks_blocked()
                     scope.cancel()
                     await trio.testing.wait_all_tasks_blocked()
                 finally:
-                    for event in release:  # never leave a round's thread blocked
-                        event.set()
+                    release.set()  # never leave a round's thread blocked
 
-            nursery.start_soon(cancel_in_round_2)
+            group._running = faked = trio.Event()
+            nursery.start_soon(cancel_in_round)
             await writer.commit()
         assert scope.cancelled_caught
     await writer.discard()

@@ -17,7 +17,14 @@ import trio
 import trio.testing
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 
-from karma8.net.handoff import MESSAGE, classify, first_request_kind, handoff_socket
+from karma8.net.handoff import (
+    HEAD_MAX,
+    MESSAGE,
+    classify,
+    declared_length,
+    first_request_kind,
+    handoff_socket,
+)
 from karma8.net.netconfig import HEADER_TIMEOUT
 from karma8.net.serving import serve_app
 
@@ -56,9 +63,10 @@ class Pair:
 
 @asynccontextmanager
 async def worker_and_parent(
-    *, parent: bool = True, parent_connections: int = 64
+    *, parent: bool = True, parent_connections: int = 64, keep_small_writes: int | None = None
 ) -> AsyncIterator[Pair]:
-    """A worker handing off to a parent (or to a socket nobody listens on: ``parent=False``)."""
+    """A worker handing off to a parent (or to a socket nobody listens on: ``parent=False``),
+    but the writes of at most ``keep_small_writes`` bytes."""
     with handoff_socket() as path:
         assert path is not None
         async with trio.open_nursery() as nursery:
@@ -74,7 +82,14 @@ async def worker_and_parent(
                     )
                 )
             worker_url = await nursery.start(
-                partial(serve_app, named(b"worker"), host="127.0.0.1", port=0, hand_off_to=path)
+                partial(
+                    serve_app,
+                    named(b"worker"),
+                    host="127.0.0.1",
+                    port=0,
+                    hand_off_to=path,
+                    keep_small_writes=keep_small_writes,
+                )
             )
             yield Pair(nursery, path, worker_url)
             nursery.cancel_scope.cancel()
@@ -128,6 +143,64 @@ def request(method: str, path: str = "/ns/f", body: bytes = b"", *, close: bool 
 )
 def test_the_first_bytes_name_the_first_requests_kind(head: bytes, kind: str | None) -> None:
     assert classify(head) == kind
+
+
+HEAD = b"PUT /ns/f HTTP/1.1\r\nHost: x\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [
+        (HEAD + b"Content-Length: 100\r\n\r\n", "small_write"),
+        (HEAD + b"content-length:  100 \r\n\r\nbody", "small_write"),
+        (HEAD + b"Content-Length: 0\r\n\r\n", "small_write"),
+        (HEAD + b"Content-Length: 101\r\n\r\n", "write"),
+        (HEAD + b"\r\n", "write"),  # no length: a chunked or empty body, the parent's
+        (HEAD + b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", "write"),
+        (HEAD + b"Content-Length: 5\r\nContent-Length: 5\r\n\r\n", "write"),
+        (HEAD + b"Content-Length: -5\r\n\r\n", "write"),
+        (HEAD + b"Content-Length: 5x\r\n\r\n", "write"),
+        (HEAD + b"Content-Length: 99999999999999999999\r\n\r\n", "write"),
+        (HEAD + b"no colon here\r\nContent-Length: 5\r\n\r\n", "write"),
+        (HEAD + b"Content-Length: 100\r\n", None),  # the head has not ended yet
+        (HEAD + b"X: " + b"y" * HEAD_MAX + b"\r\n", "write"),  # too long a head to wait for
+        (b"GET /ns/f HTTP/1.1\r\n", "read"),
+        (b"PUT ", None),
+    ],
+)
+def test_a_write_declaring_a_small_body_is_a_small_write(head: bytes, kind: str | None) -> None:
+    assert classify(head, small_max=100) == kind
+
+
+def test_the_declared_length_is_the_one_content_length_of_the_head() -> None:
+    assert declared_length(HEAD.rstrip(b"\r\n") + b"\r\nContent-Length: 7") == 7
+    assert declared_length(HEAD.rstrip(b"\r\n")) is None
+
+
+async def test_a_worker_keeping_small_writes_hands_over_only_the_large_ones() -> None:
+    async with worker_and_parent(keep_small_writes=10) as pair:
+        small = await one_request(pair, request("PUT", body=b"x" * 10))
+        large = await one_request(pair, request("PUT", body=b"x" * 11))
+        read = await one_request(pair, request("GET"))
+    assert small.endswith(b"worker")
+    assert large.endswith(b"parent")
+    assert read.endswith(b"worker")
+
+
+async def test_a_write_whose_head_stalls_goes_to_the_parent_at_the_header_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Its method says write; its length never comes: the parent gets it as before sizes.
+    async with worker_and_parent(keep_small_writes=10) as pair, await pair.connect() as stream:
+        start = trio.current_time()
+        await stream.send_all(b"PUT /ns/f HTTP/1.1\r\nHost: x\r\n")
+        await trio.sleep(HEADER_TIMEOUT + 1)
+        handed_at = trio.current_time() - start
+        await stream.send_all(b"Content-Length: 1\r\nConnection: close\r\n\r\nx")
+        with trio.fail_after(GIVE_UP):
+            answer = await read_until_closed(stream)
+    assert handed_at > HEADER_TIMEOUT
+    assert answer.endswith(b"parent")
 
 
 @pytest.mark.parametrize("method", ["PUT", "POST", "DELETE"])

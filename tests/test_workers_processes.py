@@ -1,6 +1,7 @@
-"""Gateway workers as real processes: the embedded cluster with 2 gateway processes on one
-port, both serving (writes through the parent: a worker hands them over), stopped by SIGINT
-or SIGTERM with nothing left behind; a worker that dies brings the cluster down."""
+"""Gateway workers as real processes: the embedded cluster with 2 gateway workers on one
+port, which the cluster's own process holds without serving (small uploads go to it over its
+pipe, large ones by their connection), stopped by SIGINT or SIGTERM with nothing left
+behind; a worker that dies brings the cluster down."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ discovery_port = 0
 heartbeat_interval = 0.2
 stripe_unit = "64 KiB"
 gateway_workers = 2
+small_file_max = 65536
 """
 
 
@@ -57,11 +59,14 @@ def metrics(gateway: str) -> dict[str, int]:
         "worker": sample(r'^karma8_gateway_process\{pid="(\d+)"\} 1'),
         "puts": sample(r"^karma8_gateway_puts_total (\S+)$"),
         "gets": sample(r"^karma8_gateway_gets_total (\S+)$"),
-        "handed_off": (
-            sample(r"^karma8_gateway_handed_off_total (\S+)$")
-            if "karma8_gateway_handed_off_total" in text
-            else 0  # the parent hands nothing off
-        ),
+        # 0 where absent: a gateway that started workers hands nothing over and sends nothing
+        **{
+            key: sample(rf"^{metric} (\S+)$") if metric in text else 0
+            for key, metric in [
+                ("handed_off", "karma8_gateway_handed_off_total"),
+                ("sent", "karma8_gateway_sent_to_parent_total"),
+            ]
+        },
     }
 
 
@@ -108,26 +113,25 @@ def test_two_gateway_workers_share_the_port_and_stop_with_the_cluster(
         info = json.loads((tmp_path / "data" / "cluster.json").read_text())
         assert info["gateway"] == gateway  # written once the workers listen: the one URL
         pids = set(counters_by_worker(gateway, 2))
-        assert cluster.proc.pid in pids  # the cluster's own gateway, and one worker
+        assert cluster.proc.pid not in pids  # it holds the port for its two workers
         bodies: dict[str, bytes] = {}
-        # PUTs over new connections, until the worker has taken some (and handed them to the
-        # cluster's own gateway, which stores every one).
-        (worker,) = pids - {cluster.proc.pid}
-        while not counters_by_worker(gateway, 2)[worker]["handed_off"]:
-            for _ in range(8):
-                with httpx.Client() as client:
-                    name = f"f{len(bodies)}"
-                    bodies[name] = os.urandom(len(bodies) * 97 + 1)
-                    put = client.put(f"{gateway}/default/{name}", content=bodies[name])
-                    assert put.status_code == 201, put.text
+        # Each on a new connection: small ones stay with the worker that got them, which
+        # sends them to the cluster's process; a large one is handed over with its connection.
+        for i in range(12):
+            with httpx.Client() as client:
+                name = f"f{i}"
+                bodies[name] = os.urandom(65536 + 1 if i % 4 == 0 else i * 97 + 1)
+                put = client.put(f"{gateway}/default/{name}", content=bodies[name])
+                assert put.status_code == 201, put.text
         for name, body in bodies.items():
             with httpx.Client() as client:
                 got = client.get(f"{gateway}/default/{name}")
                 assert got.status_code == 200
                 assert got.content == body
         counters = counters_by_worker(gateway, 2)
-        assert counters[cluster.proc.pid]["puts"] == len(bodies)
-        assert counters[worker]["puts"] == 0
+        assert sum(c["sent"] for c in counters.values()) == 9  # the small ones
+        assert sum(c["puts"] for c in counters.values()) == 9  # the large ones: the parent's
+        assert sum(c["handed_off"] for c in counters.values()) == 3
         assert sum(c["gets"] for c in counters.values()) == len(bodies)
     finally:
         status = cluster.stop(sig)
@@ -141,7 +145,7 @@ def test_a_worker_that_dies_brings_the_cluster_down_with_a_clear_message(tmp_pat
     port = int(gateway.rsplit(":", 1)[1])
     try:
         pids = set(counters_by_worker(gateway, 2))
-        (worker,) = pids - {cluster.proc.pid}
+        worker = min(pids)
         os.kill(worker, signal.SIGKILL)
         status = cluster.proc.wait(timeout=60)  # a guard against a hang, not a speed limit
     finally:
@@ -237,7 +241,7 @@ def direct_reads(gateway: str, pid: int) -> dict[tuple[str, str], int]:
 def test_a_worker_reads_small_files_directly_and_sees_every_change(tmp_path: Path) -> None:
     cluster, gateway = start(tmp_path)
     try:
-        (worker,) = set(counters_by_worker(gateway, 2)) - {cluster.proc.pid}
+        worker = min(counters_by_worker(gateway, 2))  # either of the two
         bodies = {f"s{i}": os.urandom(i * 131 + 1) for i in range(12)}
         bodies["large"] = os.urandom(3 << 20)  # parts in files, streamed
         with httpx.Client() as client:
@@ -259,7 +263,7 @@ def test_a_worker_reads_small_files_directly_and_sees_every_change(tmp_path: Pat
         counts = direct_reads(gateway, worker)
         assert counts[("resolve", "direct")] > 0
         assert counts[("part", "asked")] == 0  # every part was there to read
-        # Changes made through the cluster's own gateway are seen at once by the worker.
+        # Changes stored by the cluster's process are seen at once by the worker.
         bodies["s0"] = os.urandom(999)
         with httpx.Client() as client:
             assert client.put(f"{gateway}/default/s0", content=bodies["s0"]).status_code == 201
@@ -285,7 +289,7 @@ def test_a_damaged_part_read_by_a_worker_is_cut_short_and_its_node_quarantines_i
 ) -> None:
     cluster, gateway = start(tmp_path)
     try:
-        (worker,) = set(counters_by_worker(gateway, 2)) - {cluster.proc.pid}
+        worker = min(counters_by_worker(gateway, 2))  # either of the two
         with httpx.Client() as client:  # parts in files: a block fails mid-stream
             assert client.put(f"{gateway}/default/big", content=os.urandom(3 << 20)).is_success
         key = next(p.name for p in (tmp_path / "data").glob("storage-*/parts/*/*/*"))

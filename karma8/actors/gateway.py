@@ -209,7 +209,7 @@ class Gateway:
             )
         held: bytes | None = None
         if content_length is not None and content_length <= self._config.small_file_max:
-            held = await self._read_whole(body, content_length)
+            held = await self.read_held(body, content_length)
         # Shielded: if the client goes away while discovery is creating the version, we still
         # learn its id and abort it below, instead of leaving a reservation until it expires.
         with trio.move_on_after(self._config.cleanup_timeout) as begin_scope:
@@ -248,7 +248,12 @@ class Gateway:
             await self._clean_up(_placed_on(version, placed), commit_attempted=True)
             raise
 
-    async def _read_whole(self, body: AsyncIterable[bytes], content_length: int) -> bytes:
+    @property
+    def small_file_max(self) -> int:
+        """The largest body :meth:`put` reads whole before asking discovery where to put it."""
+        return self._config.small_file_max
+
+    async def read_held(self, body: AsyncIterable[bytes], content_length: int) -> bytes:
         """The whole body of a small upload; raises InvalidRequest unless it has exactly
         ``content_length`` bytes (a client gone or idle raises whatever the body raises)."""
         chunks: list[bytes] = []

@@ -25,17 +25,22 @@ from karma8.net.bounds import UploadGate
 from karma8.net.codec import encode
 from karma8.net.common import create_app, int_arg
 from karma8.net.objects import ObjectRoutes, new_stats
+from karma8.net.writepipe import ParentWrites
 
 
 def gateway_app(
-    gateway: Gateway, uploads: UploadGate | None = None, stats: dict[str, int] | None = None
+    gateway: Gateway,
+    uploads: UploadGate | None = None,
+    stats: dict[str, int] | None = None,
+    parent: ParentWrites | None = None,
 ) -> QuartTrio:
     """``stats`` (PUTs stored, GETs begun, GETs that failed mid-stream) is what the object
-    routes count, for the metrics."""
+    routes count, for the metrics; ``parent``: a worker's parent, which stores its small
+    uploads."""
     app = create_app("gateway", secret=None)
     counts = stats if stats is not None else new_stats()
     # Quart's documented way to put ASGI middleware in front of an app.
-    app.asgi_app = ObjectRoutes(gateway, counts, app.asgi_app, uploads)  # type: ignore[method-assign]
+    app.asgi_app = ObjectRoutes(gateway, counts, app.asgi_app, uploads, parent)  # type: ignore[method-assign]
 
     @app.route("/<namespace>/", methods=["GET"])
     async def listing(namespace: str) -> Response:

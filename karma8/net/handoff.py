@@ -43,12 +43,18 @@ SOCKET_NAME = "handoff.sock"
 SUN_PATH_MAX = 108  # bytes of a Unix socket's path, its terminating NUL included (Linux)
 ACCEPT_RETRY = 0.1  # seconds before accepting again after an error (out of descriptors)
 
-Kind = Literal["read", "write", "other"]
+HEAD_MAX = 8192  # the bytes a worker peeks at for a write's Content-Length
+
+Kind = Literal["read", "write", "small_write", "other"]
 
 
-def classify(head: bytes) -> Kind | None:
+def classify(head: bytes, small_max: int | None = None) -> Kind | None:
     """What a connection's first bytes say about its first request: ``read`` (GET, HEAD),
-    ``write`` (any other method), ``other`` (not a request line); None: too few bytes yet."""
+    ``write`` (any other method), ``other`` (not a request line); None: too few bytes yet.
+
+    With ``small_max``, a write whose head (within :data:`HEAD_MAX` bytes) declares a
+    ``Content-Length`` of at most ``small_max`` (and no ``Transfer-Encoding``) is
+    ``small_write``: a worker that can send small uploads to its parent keeps it."""
     word, space, _ = head.partition(b" ")
     if len(word) > METHOD_MAX or (word and not (word.isalpha() and word.isupper())):
         return "other"
@@ -56,18 +62,47 @@ def classify(head: bytes) -> Kind | None:
         return None
     if not word:
         return "other"
-    return "read" if word in READS else "write"
+    if word in READS:
+        return "read"
+    if small_max is None:
+        return "write"
+    end = head.find(b"\r\n\r\n")
+    if end < 0:
+        return None if len(head) < HEAD_MAX else "write"
+    length = declared_length(head[:end])
+    return "small_write" if length is not None and length <= small_max else "write"
 
 
-async def first_request_kind(sock: trio.socket.SocketType) -> Kind:
-    """Peek at ``sock`` until its first bytes :func:`classify`. An undecided prefix of n bytes
-    waits for byte n + 1 (``SO_RCVLOWAT``), not in a loop; the option is put back before
-    this returns. The end of the stream, or an error, is ``other``."""
+def declared_length(head: bytes) -> int | None:
+    """The one ``Content-Length`` of a request head (request line and header lines), or None
+    if it has none, several, a malformed one, or a ``Transfer-Encoding``."""
+    length = None
+    for line in head.split(b"\r\n")[1:]:
+        field, colon, value = line.partition(b":")
+        if not colon:
+            return None
+        field = field.lower()
+        if field == b"transfer-encoding":
+            return None
+        if field == b"content-length":
+            value = value.strip()
+            if length is not None or not value.isdigit() or len(value) > 19:
+                return None
+            length = int(value)
+    return length
+
+
+async def first_request_kind(sock: trio.socket.SocketType, small_max: int | None = None) -> Kind:
+    """Peek at ``sock`` until its first bytes :func:`classify` (with ``small_max``). An
+    undecided prefix of n bytes waits for byte n + 1 (``SO_RCVLOWAT``), not in a loop; the
+    option is put back before this returns. The end of the stream, or an error, is
+    ``other``."""
     lowat = 1
+    peek = METHOD_MAX + 1 if small_max is None else HEAD_MAX
     try:
         while True:
-            head = await sock.recv(METHOD_MAX + 1, socket.MSG_PEEK)
-            kind = classify(head) if head else "other"
+            head = await sock.recv(peek, socket.MSG_PEEK)
+            kind = classify(head, small_max) if head else "other"
             if kind is not None:
                 return kind
             if len(head) < lowat:  # readable, yet no new byte: the peer closed its side
@@ -83,26 +118,43 @@ async def first_request_kind(sock: trio.socket.SocketType) -> Kind:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
+def method_kind(sock: trio.socket.SocketType) -> Kind | None:
+    """:func:`classify` of what ``sock`` holds now, by its method alone, without waiting."""
+    try:
+        with socket.fromfd(sock.fileno(), sock.family, sock.type) as copy:
+            head = copy.recv(METHOD_MAX + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return None
+    return classify(head) if head else None
+
+
 class Handoff:
     """A worker's end: :meth:`divert` hands a write connection to the parent at ``path``.
 
     The connection to the parent is dialled on first use and again after it broke; a send
     never waits (a parent that is not taking descriptors leaves the connection here).
     ``timeout``: how long a connection may take to show its first request's method, the
-    header timeout the worker's Hypercorn applies to it.
+    header timeout the worker's Hypercorn applies to it. ``small_max``: a worker that sends
+    small uploads to its parent (:mod:`karma8.net.writepipe`) keeps the connections whose
+    first request is a write of at most this many bytes.
     """
 
-    def __init__(self, path: str, *, timeout: float) -> None:
+    def __init__(self, path: str, *, timeout: float, small_max: int | None = None) -> None:
         self.path = path
         self.timeout = timeout
+        self.small_max = small_max
         self._parent: socket.socket | None = None
         self.handed = 0  # connections the parent took
 
     async def divert(self, stream: trio.SocketStream) -> bool:
         """True: ``stream`` is no longer this worker's (the parent took it, or it showed no
         method in time, and is closed as the header timeout closes it). False: serve it."""
+        kind: Kind | None = None
         with trio.move_on_after(self.timeout):
-            kind = await first_request_kind(stream.socket)
+            kind = await first_request_kind(stream.socket, self.small_max)
+        if kind is None:  # no whole head in time: a write by its method goes as before
+            kind = method_kind(stream.socket) if self.small_max is not None else None
+        if kind is not None:
             if kind != "write" or not self._send(stream.socket.fileno()):
                 return False
             self.handed += 1
@@ -195,13 +247,13 @@ async def serve_handoffs(
                     log.warning("accepting a gateway worker's handoff connection: %s", exc)
                     await trio.sleep(ACCEPT_RETRY)
                     continue
-                if _peer_uid(worker) != os.getuid():
+                if peer_uid(worker) != os.getuid():
                     worker.close()  # the directory is private: nobody else should get here
                     continue
                 nursery.start_soon(_take_from, worker, handler, nursery)
 
 
-def _peer_uid(sock: trio.socket.SocketType) -> int | None:
+def peer_uid(sock: trio.socket.SocketType) -> int | None:
     try:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError:

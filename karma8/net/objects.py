@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import AsyncIterable
 
 from karma8.actors.gateway import Gateway
 from karma8.core.access import Right, bearer_token
 from karma8.core.errors import InvalidRequest, Karma8Error, RangeNotSatisfiable
 from karma8.core.model import FileVersion
+from karma8.core.names import check_name, check_namespace
 from karma8.core.ranges import if_range_allows, resolve_range
 from karma8.net.bounds import RETRY_AFTER, UploadGate
 from karma8.net.codec import error_body, error_status
@@ -28,6 +30,7 @@ from karma8.net.exchange import (
     Headers,
     read_whole,
 )
+from karma8.net.writepipe import ParentUnreachable, ParentWrites, held
 
 log = logging.getLogger("karma8.gateway")
 
@@ -72,12 +75,14 @@ class ObjectRoutes(ExchangeRoutes[Target]):
         stats: dict[str, int],
         app: ASGIApp,
         uploads: UploadGate | None = None,
+        parent: ParentWrites | None = None,
     ) -> None:
         handlers = {"PUT": self._put, "GET": self._get, "HEAD": self._head, "DELETE": self._delete}
         super().__init__(app, handlers, log=log, public=True)
         self._gateway = gateway
         self._stats = stats
         self._uploads = uploads or UploadGate(max_uploads=1 << 30, idle_timeout=math.inf)
+        self._parent = parent  # a gateway worker's parent, which stores its small uploads
 
     role = "gateway"
     route = "/{namespace}/{name}"
@@ -101,7 +106,7 @@ class ObjectRoutes(ExchangeRoutes[Target]):
             await exchange.answer_json(error_status(busy), error_body(busy), [RETRY_AFTER])
             return
         try:
-            version = await self._gateway.put(
+            version = await self._store(
                 namespace,
                 name,
                 self._uploads.body(exchange),
@@ -119,6 +124,38 @@ class ObjectRoutes(ExchangeRoutes[Target]):
             "etag": version.etag,
         }
         await exchange.answer_json(201, body, _version_headers(version))
+
+    async def _store(
+        self,
+        namespace: str,
+        name: str,
+        body: AsyncIterable[bytes],
+        *,
+        content_length: int | None,
+        if_absent: bool,
+    ) -> FileVersion:
+        """A worker sends a small upload, read whole here, to its parent to store
+        (:mod:`karma8.net.writepipe`); it stores it itself only if the parent is unreachable,
+        and everything else always."""
+        gateway = self._gateway
+        if (
+            self._parent is None
+            or content_length is None
+            or content_length > gateway.small_file_max
+        ):
+            return await gateway.put(
+                namespace, name, body, content_length=content_length, if_absent=if_absent
+            )
+        check_namespace(namespace)
+        check_name(name)
+        data = await gateway.read_held(body, content_length)
+        try:
+            return await self._parent.put(namespace, name, data, if_absent=if_absent)
+        except ParentUnreachable as exc:
+            log.warning("storing an upload without the gateway that started this one: %s", exc)
+            return await gateway.put(
+                namespace, name, held(data), content_length=len(data), if_absent=if_absent
+            )
 
     async def _get(self, exchange: Exchange, target: Target) -> None:
         await self._read(exchange, target, head=False)

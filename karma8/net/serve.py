@@ -17,7 +17,7 @@ import logging
 import os
 import secrets
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, aclosing
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -55,6 +55,7 @@ from karma8.net.serving import control_pool, data_pool, serving, storage_client
 from karma8.net.sources import gateway_source, storage_source
 from karma8.net.storage_app import storage_app
 from karma8.net.workers import run_gateway_workers
+from karma8.net.writepipe import ParentWrites, serve_writes, writes_socket
 from karma8.ports import DiscoveryAPI, StorageAPI
 from karma8.store.diskio import private_dir
 from karma8.store.groupsync import GroupSync, SyncGroups
@@ -189,24 +190,39 @@ async def serve_gateway(
     reuse_port: bool = False,
     adopt_from: str | None = None,
     hand_off_to: str | None = None,
+    store_writes_at: str | None = None,
+    parent: ParentWrites | None = None,
+    listen: bool = True,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The gateway's socket; ``reuse_port``: shared with gateway workers (SO_REUSEPORT).
+    """The gateway's socket (not ``listen``: held for the workers, see :func:`serve_app`);
+    ``reuse_port``: shared with gateway workers (SO_REUSEPORT).
     ``adopt_from``: the Unix socket this gateway takes its workers' write connections on;
-    ``hand_off_to``: the one this gateway, a worker, hands them to (karma8/net/handoff.py)."""
+    ``hand_off_to``: the one this gateway, a worker, hands them to (karma8/net/handoff.py).
+    ``store_writes_at``: the Unix socket this gateway stores its workers' small uploads
+    from; ``parent``: the one this gateway, a worker, sends them to
+    (karma8/net/writepipe.py), keeping the connections that begin with one."""
     uploads = UploadGate(max_uploads=config.max_uploads, idle_timeout=config.idle_timeout)
     stats = new_stats()
     with METRICS.source(gateway_source(gateway, stats, uploads)):
         async with trio.open_nursery() as nursery:
+            if store_writes_at is not None:
+                await nursery.start(
+                    partial(serve_writes, body_max=config.small_file_max),
+                    store_writes_at,
+                    gateway,
+                )
             url = await nursery.start(
                 serving(
-                    gateway_app(gateway, uploads, stats),
+                    gateway_app(gateway, uploads, stats, parent),
                     config,
                     config.gateway_port if port is None else port,
                     app_queue=GATEWAY_APP_QUEUE,
                     reuse_port=reuse_port,
                     adopt_from=adopt_from,
                     hand_off_to=hand_off_to,
+                    keep_small_writes=config.small_file_max if parent is not None else None,
+                    listen=listen,
                 )
             )
             nursery.start_soon(give_back_memory, uploads, name="gateway-give-back-memory")
@@ -224,6 +240,7 @@ async def run_gateway(
     shared_port: bool = False,
     read_from: Path | None = None,
     handoff: str | None = None,
+    writes: str | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A gateway on its own, with ``gateway_workers - 1`` workers on its port. It asks
@@ -233,6 +250,7 @@ async def run_gateway(
     or several, comma-separated, which the discovery client fails over between.
     ``shared_port``: this gateway is itself a worker, binding a port that others share;
     ``handoff``: its parent's Unix socket, which it hands write connections to;
+    ``writes``: its parent's Unix socket that stores small uploads for it;
     ``read_from``: an embedded cluster's data directory on this host, whose metadata and
     parts this gateway reads directly (:mod:`karma8.net.direct`)."""
     metadata, readers = (
@@ -264,6 +282,10 @@ async def run_gateway(
                 trio.open_nursery() as nursery,
             ):
                 storage: StorageAPI = storage_client(config, nodes)
+                parent = ParentWrites(writes) if writes is not None else None
+                if parent is not None:
+                    await published.enter_async_context(aclosing(parent))
+                    published.enter_context(METRICS.source(parent.samples))
                 direct = None
                 if readers:
                     storage = direct = DirectReadStorage(storage, readers, config.small_part_max)
@@ -281,6 +303,7 @@ async def run_gateway(
                         reuse_port=shared_port or config.gateway_workers > 1,
                         adopt_from=adopt_from,
                         hand_off_to=handoff,
+                        parent=parent,
                     )
                 )
                 await _start_workers(
@@ -306,20 +329,24 @@ async def _start_workers(
     discovery_url: str,
     handoff: str | None,
     read_from: Path | None = None,
+    writes: str | None = None,
+    count: int | None = None,
 ) -> None:
-    """The ``gateway_workers - 1`` workers beside the gateway at ``gateway_url``, handing
-    their write connections to it at ``handoff``; ``read_from``: the embedded cluster's data
-    directory, which they read directly."""
+    """``count`` workers (default ``gateway_workers - 1``) beside the gateway at
+    ``gateway_url``, handing their write connections to it at ``handoff`` and sending their
+    small uploads to ``writes``; ``read_from``: the embedded cluster's data directory, which
+    they read directly."""
     if config.gateway_workers > 1:
         await nursery.start(
             partial(
                 run_gateway_workers,
-                config.gateway_workers - 1,
+                config.gateway_workers - 1 if count is None else count,
                 config,
                 port=int(gateway_url.rsplit(":", 1)[1]),
                 discovery_url=discovery_url,
                 read_from=read_from,
                 handoff=handoff,
+                writes=writes,
             )
         )
 
@@ -385,6 +412,11 @@ async def run_cluster(
                 await nursery.start(partial(serve_storage, node, config))
                 local[node.node_id] = node
             gateway = build_gateway(config, discovery=reach, storage=storage)
+            writes = writes_socket(handoff) if handoff is not None else None
+            # With workers that read parts directly, the parent holds the port for them
+            # and serves none of it: they parse every request, it stores (docs/architecture.md,
+            # "Gateway workers").
+            front = handoff is not None and config.direct_reads
             gateway_url = await nursery.start(
                 partial(
                     serve_gateway,
@@ -392,6 +424,8 @@ async def run_cluster(
                     config,
                     reuse_port=config.gateway_workers > 1,
                     adopt_from=handoff,
+                    store_writes_at=writes,
+                    listen=not front,
                 )
             )
             await _start_workers(
@@ -401,6 +435,8 @@ async def run_cluster(
                 discovery_url=discovery_url,
                 read_from=Path(absolute) if config.direct_reads else None,
                 handoff=handoff,
+                writes=writes,
+                count=config.gateway_workers if front else config.gateway_workers - 1,
             )
             info = ClusterInfo(
                 gateway=gateway_url,

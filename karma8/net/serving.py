@@ -70,6 +70,8 @@ async def serve_app(
     reuse_port: bool = False,
     adopt_from: str | None = None,
     hand_off_to: str | None = None,
+    keep_small_writes: int | None = None,
+    listen: bool = True,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` with Hypercorn until cancelled; reports ``http://host:port``.
@@ -78,16 +80,24 @@ async def serve_app(
     can listen on the same port and the kernel spreads new connections over them.
     ``adopt_from``: also serve the connections workers hand over on a Unix socket at this
     path; ``hand_off_to``: hand write connections to the gateway listening there
-    (:mod:`karma8.net.handoff`).
+    (:mod:`karma8.net.handoff`), but those whose first request writes at most
+    ``keep_small_writes`` bytes. Not ``listen``: only hold the port (bound with
+    ``SO_REUSEPORT``, not listening, so the kernel gives its connections to the other
+    processes on it) and serve what ``adopt_from`` brings.
     """
     patch_hypercorn()
     config = HypercornConfig()
     cap_connections(config, max_connections)
     handoff = None
     if hand_off_to is not None:
-        handoff = Handoff(hand_off_to, timeout=header_timeout)
+        handoff = Handoff(hand_off_to, timeout=header_timeout, small_max=keep_small_writes)
         route_connections(config, handoff.divert)
-    if reuse_port:
+    held = None
+    if not listen:
+        held = shared_port_socket(host, port)
+        bound = held.getsockname()
+        config.bind = [f"{host}:{bound[1]}"]
+    elif reuse_port:
         # Hypercorn sets SO_REUSEPORT only for its own multi-worker mode; a socket handed
         # over by descriptor is taken as it is (and closed by Hypercorn).
         config.bind = [f"fd://{shared_port_socket(host, port).detach()}"]
@@ -109,9 +119,14 @@ async def serve_app(
                 if adopt_from is not None:
                     handler = connection_handler(app, config)
                     await nursery.start(serve_handoffs, adopt_from, handler)
-                urls: list[str] = await nursery.start(hypercorn_serve, app, config)
-                task_status.started(urls[0])
+                if held is None:
+                    urls: list[str] = await nursery.start(hypercorn_serve, app, config)
+                    task_status.started(urls[0])
+                else:
+                    task_status.started(f"http://{host}:{bound[1]}")
     finally:
+        if held is not None:
+            held.close()
         if handoff is not None:
             handoff.close()
 
@@ -125,6 +140,8 @@ def serving(
     reuse_port: bool = False,
     adopt_from: str | None = None,
     hand_off_to: str | None = None,
+    keep_small_writes: int | None = None,
+    listen: bool = True,
 ) -> Callable[..., Awaitable[None]]:
     """``serve_app`` for ``app`` bound with the config's host and read timeout."""
     return partial(
@@ -139,6 +156,8 @@ def serving(
         reuse_port=reuse_port,
         adopt_from=adopt_from,
         hand_off_to=hand_off_to,
+        keep_small_writes=keep_small_writes,
+        listen=listen,
     )
 
 

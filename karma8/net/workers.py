@@ -50,6 +50,7 @@ READY_PREFIX = "karma8 gateway up:"  # what ``karma8 serve --role gw`` prints on
 SHARED_PORT_FLAG = "--shared-port"  # the CLI's hidden flag: bind with SO_REUSEPORT
 READ_FROM_FLAG = "--read-from"  # the CLI's hidden flag: a data directory to read directly
 HANDOFF_FLAG = "--handoff"  # the CLI's hidden flag: the parent's socket for write connections
+WRITES_FLAG = "--writes"  # the CLI's hidden flag: the parent's socket for small uploads
 
 
 class WorkerExited(ChildProcessError):
@@ -110,10 +111,12 @@ def worker_command(
     discovery_url: str,
     read_from: Path | None = None,
     handoff: str | None = None,
+    writes: str | None = None,
 ) -> list[str]:
     """``karma8 serve --role gw`` as one worker of a shared port, logging as this process
     does (its level, text or JSON lines), handing write connections to ``handoff``;
-    ``read_from``: the data directory it reads directly (:mod:`karma8.net.direct`)."""
+    ``read_from``: the data directory it reads directly (:mod:`karma8.net.direct`);
+    ``writes``: the parent's socket that stores small uploads (:mod:`karma8.net.writepipe`)."""
     root = logging.getLogger()
     verbose = root.isEnabledFor(logging.INFO)
     json_lines = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
@@ -135,6 +138,7 @@ def worker_command(
         SHARED_PORT_FLAG,
         *([READ_FROM_FLAG, str(read_from)] if read_from is not None else []),
         *([HANDOFF_FLAG, handoff] if handoff is not None else []),
+        *([WRITES_FLAG, writes] if writes is not None else []),
         *(["--verbose"] if verbose else []),
         *(["--log-format", "json"] if json_lines else []),
     ]
@@ -148,11 +152,13 @@ async def run_gateway_workers(
     discovery_url: str,
     read_from: Path | None = None,
     handoff: str | None = None,
+    writes: str | None = None,
     task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``count`` gateway workers on ``port`` until cancelled; reports their pids once
     every one listens. Raises :class:`WorkerExited` if one exits on its own. ``handoff``:
-    the Unix socket the workers hand their write connections to (karma8/net/handoff.py)."""
+    the Unix socket the workers hand their write connections to (karma8/net/handoff.py);
+    ``writes``: the one they send small uploads to (karma8/net/writepipe.py)."""
     assert config.secret is not None
     # The secret through the environment: a command line is visible in ``ps``.
     env = {**os.environ, ENV_SECRET: config.secret}
@@ -162,7 +168,12 @@ async def run_gateway_workers(
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(worker_config_toml(config))
         command = worker_command(
-            path, port=port, discovery_url=discovery_url, read_from=read_from, handoff=handoff
+            path,
+            port=port,
+            discovery_url=discovery_url,
+            read_from=read_from,
+            handoff=handoff,
+            writes=writes,
         )
         pids: list[int] = []
 

@@ -97,14 +97,14 @@ class GroupSync:
     def __init__(self, sync: Callable[[], None], *, name: str = "sync") -> None:
         self._sync = sync
         self._name = name
-        self._lock = trio.Lock()
+        self._running: trio.Event | None = None  # set when the round in progress has ended
         self._started = 0
         self._finished = 0
         self._failure: OSError | None = None
         self._unsynced = 0  # bytes reported by written() since the last round started
         self._steps: list[_Step] = []  # to run in the next round's thread, before its sync
-        # Rounds run one at a time (the lock) on a thread token of their own: a commit's round
-        # never queues behind the reads and opens that share trio's default thread limiter.
+        # Rounds run one at a time on a thread token of their own: a commit's round never
+        # queues behind the reads and opens that share trio's default thread limiter.
         self._limiter = trio.CapacityLimiter(1)
 
     @classmethod
@@ -158,10 +158,18 @@ class GroupSync:
         elif ticket is None:
             ticket = self.ticket()
         try:
-            async with self._lock:
+            # A checkpoint first: the writers scheduled with this one add their steps before
+            # a round starts. Whoever then finds no round running runs the next; the others
+            # wait for it to end, all woken at once, and look again.
+            await trio.lowlevel.checkpoint()
+            while True:
                 self._check()
-                if self._finished < ticket:
+                if self._finished >= ticket:
+                    break
+                if self._running is None:
                     await self._run_round()
+                else:
+                    await self._running.wait()
         except BaseException:
             if step is not None and not step.done.is_set():
                 if step in self._steps:
@@ -177,6 +185,7 @@ class GroupSync:
             assert step.ran
 
     async def _run_round(self) -> None:
+        self._running = trio.Event()
         self._started += 1
         self._unsynced = 0
         steps, self._steps = self._steps, []
@@ -193,6 +202,9 @@ class GroupSync:
                 if not taken.ran:  # no thread could be started (only a run sets an error)
                     taken.error = OSError(errno.EAGAIN, "the sync round could not run")
                 taken.done.set()
+            running, self._running = self._running, None
+            assert running is not None
+            running.set()
         self._finished = self._started
 
     def written(self, nbytes: int) -> None:
@@ -200,7 +212,7 @@ class GroupSync:
         written since the last round began, and no round is running, start one that nobody
         waits for (see "Early rounds" in the module doc)."""
         self._unsynced += nbytes
-        if self._unsynced < EARLY_SYNC_BYTES or self._lock.locked():
+        if self._unsynced < EARLY_SYNC_BYTES or self._running is not None:
             return
         self._unsynced = 0
         with suppress(RuntimeError):  # the run is shutting down: no round is needed

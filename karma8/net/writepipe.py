@@ -1,0 +1,245 @@
+"""Small uploads a gateway worker has parsed, stored by the gateway that started it.
+
+In the embedded cluster the parent gateway calls discovery and the nodes in-process, a worker
+over HTTP; and parsing a request with Hypercorn costs about as much CPU as storing a small
+file. So a worker keeps the connections whose first request is a small write (its
+``Content-Length`` at most ``small_file_max``, :func:`karma8.net.handoff.first_request_kind`),
+parses each such request, reads its body whole, and sends the parent only what the store
+needs over a Unix stream socket in the parent's private directory: the parent runs
+:meth:`karma8.actors.gateway.Gateway.put` and sends back the version or the error. HTTP is
+then parsed on the worker's core and the parent's loop only stores.
+
+One request at a time per connection: a worker keeps a pool of connections, dials another
+when all are busy, and closes one whose call was cancelled. A frame is a fixed header
+(``>II``: JSON length, body length), a JSON object, then the body; an answer is ``>I`` and a
+JSON object (``{"version": ...}`` or ``{"error": {"code", "message"}}``, the codec's wire
+forms). The worker has already authorized the request; the parent trusts what comes from a
+process of its own user through its private directory, and checks the sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import trio
+
+from karma8.actors.gateway import Gateway
+from karma8.core.errors import Karma8Error, Unavailable, error_from_code
+from karma8.core.model import FileVersion
+from karma8.net import requestlog
+from karma8.net.codec import decode, encode, error_body
+from karma8.net.handoff import ACCEPT_RETRY, peer_uid
+from karma8.net.metrics import Sample
+
+log = logging.getLogger("karma8.writepipe")
+
+SOCKET_NAME = "writes.sock"  # beside the handoff socket, in the parent's private directory
+_REQUEST = struct.Struct(">II")  # JSON length, body length
+_ANSWER = struct.Struct(">I")  # JSON length
+JSON_MAX = 64 << 10  # a request's or answer's JSON: a namespace, a name, a request id
+IDLE_MAX = 64  # connections a worker keeps open for later calls
+
+
+class PipeBroken(Exception):
+    """The connection ended or sent something that is not a frame."""
+
+
+class _Frames:
+    """Exact reads from a stream, over its ``receive_some`` chunks."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self._buffer = bytearray()
+
+    async def read(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            chunk = await self.stream.receive_some(max(size - len(self._buffer), 65536))
+            if not chunk:
+                raise PipeBroken("the connection ended")
+            self._buffer += chunk
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    async def read_json(self, size: int) -> dict[str, Any]:
+        if size > JSON_MAX:
+            raise PipeBroken(f"a frame's JSON of {size} bytes")
+        try:
+            obj = json.loads(await self.read(size))
+        except ValueError as exc:
+            raise PipeBroken(f"a frame's JSON is malformed: {exc}") from None
+        if not isinstance(obj, dict):
+            raise PipeBroken("a frame's JSON is not an object")
+        return obj
+
+
+class ParentWrites:
+    """A worker's end: :meth:`put` has the parent at ``path`` store a small upload."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._idle: list[_Frames] = []
+        self.sent = 0  # uploads the parent stored or refused
+
+    async def put(self, namespace: str, name: str, data: bytes, *, if_absent: bool) -> FileVersion:
+        """The version the parent stored ``data`` as; raises what its gateway raised, or
+        Unavailable when the parent could not be asked or did not answer.
+
+        Raises:
+            ParentUnreachable: Nothing was sent (no parent): the caller may store it itself.
+        """
+        conn = self._idle.pop() if self._idle else await self._dial()
+        header = json.dumps(
+            {
+                "namespace": namespace,
+                "name": name,
+                "if_absent": if_absent,
+                "request_id": requestlog.current.get(),
+            }
+        ).encode()
+        ok = False
+        try:
+            try:
+                await conn.stream.send_all(_REQUEST.pack(len(header), len(data)) + header + data)
+                (size,) = _ANSWER.unpack(await conn.read(_ANSWER.size))
+                answer = await conn.read_json(size)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, PipeBroken) as exc:
+                raise Unavailable(f"the gateway did not answer for this upload: {exc}") from None
+            ok = True
+        finally:
+            if ok and len(self._idle) < IDLE_MAX:
+                self._idle.append(conn)
+            else:  # cancelled, broken or surplus: its answer (if any) is never read
+                await trio.aclose_forcefully(conn.stream)
+        self.sent += 1
+        return _answered(answer)
+
+    async def _dial(self) -> _Frames:
+        try:
+            stream = await trio.open_unix_socket(self.path)
+        except OSError as exc:
+            raise ParentUnreachable(f"{self.path}: {exc}") from None
+        return _Frames(stream)
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await trio.aclose_forcefully(conn.stream)
+
+    async def samples(self) -> Iterable[Sample]:
+        """For ``/metrics`` (each process counts its own)."""
+        return [
+            (
+                "karma8_gateway_sent_to_parent",
+                "counter",
+                "Small uploads this gateway worker parsed and its parent stored (or refused)",
+                {},
+                self.sent,
+            )
+        ]
+
+
+def writes_socket(handoff: str) -> str:
+    """The parent's socket for small uploads, in the private directory of its handoff
+    socket (:func:`karma8.net.handoff.handoff_socket`)."""
+    return os.path.join(os.path.dirname(handoff), SOCKET_NAME)
+
+
+class ParentUnreachable(Exception):
+    """No connection to the parent could be opened: nothing was sent."""
+
+
+def _answered(answer: dict[str, Any]) -> FileVersion:
+    error = answer.get("error")
+    if isinstance(error, dict):
+        raise error_from_code(str(error.get("code")), str(error.get("message")))
+    if "version" not in answer:
+        raise Unavailable("the gateway's answer for this upload was neither version nor error")
+    return decode(answer["version"], FileVersion)
+
+
+async def serve_writes(
+    path: str,
+    gateway: Gateway,
+    *,
+    body_max: int,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen at ``path`` until cancelled, storing the uploads workers send with
+    ``gateway``; a body over ``body_max`` bytes, or anything that is not a frame, closes
+    that connection. Reports once workers can connect."""
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with listener:
+        await listener.bind(path)
+        listener.listen()
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                try:
+                    sock, _ = await listener.accept()
+                except OSError as exc:  # e.g. out of descriptors: the worker gets Unavailable
+                    log.warning("accepting a gateway worker's write connection: %s", exc)
+                    await trio.sleep(ACCEPT_RETRY)
+                    continue
+                if peer_uid(sock) != os.getuid():
+                    sock.close()  # the directory is private: nobody else should get here
+                    continue
+                nursery.start_soon(_serve_worker, trio.SocketStream(sock), gateway, body_max)
+
+
+async def _serve_worker(stream: trio.SocketStream, gateway: Gateway, body_max: int) -> None:
+    """One connection's uploads, one at a time, until the worker closes it."""
+    frames = _Frames(stream)
+    async with stream:
+        while True:
+            try:
+                head = await frames.read(_REQUEST.size)
+            except (PipeBroken, trio.BrokenResourceError):
+                return  # the worker closed it (a cancelled call, or its exit)
+            try:
+                json_size, body_size = _REQUEST.unpack(head)
+                if body_size > body_max:
+                    raise PipeBroken(f"a body of {body_size} bytes (at most {body_max})")
+                request = await frames.read_json(json_size)
+                data = await frames.read(body_size)
+                answer = await _store(gateway, request, data)
+                out = json.dumps(answer).encode()
+                await stream.send_all(_ANSWER.pack(len(out)) + out)
+            except (PipeBroken, trio.BrokenResourceError) as exc:
+                if not isinstance(exc, trio.BrokenResourceError):
+                    log.warning("a gateway worker's upload was not a frame: %s", exc)
+                return
+
+
+async def _store(gateway: Gateway, request: dict[str, Any], data: bytes) -> dict[str, Any]:
+    namespace, name = request.get("namespace"), request.get("name")
+    if not isinstance(namespace, str) or not isinstance(name, str):
+        raise PipeBroken("an upload without namespace and name")
+    given = request.get("request_id")
+    token = requestlog.current.set(
+        requestlog.accept_request_id(given if isinstance(given, str) else None)
+    )
+    try:
+        version = await gateway.put(
+            namespace,
+            name,
+            held(data),
+            content_length=len(data),
+            if_absent=request.get("if_absent") is True,
+        )
+    except Karma8Error as exc:
+        return error_body(exc)
+    finally:
+        requestlog.current.reset(token)
+    return {"version": encode(version)}
+
+
+async def held(data: bytes) -> AsyncIterator[bytes]:
+    """A body already read whole, as the gateway takes one."""
+    yield data
