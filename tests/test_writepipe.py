@@ -11,19 +11,26 @@ import tempfile
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import trio
 import trio.testing
 
-from karma8.actors.gateway import Gateway
-from karma8.core.errors import InvalidName, PreconditionFailed, Unavailable
+from karma8.actors.gateway import Gateway, GatewayConfig
+from karma8.core.errors import (
+    InvalidName,
+    Karma8Error,
+    PreconditionFailed,
+    TooLarge,
+    Unavailable,
+)
 from karma8.core.layout import StripeLayout
 from karma8.core.model import FileVersion, VersionState
 from karma8.net import requestlog
 from karma8.net.objects import ObjectRoutes, new_stats
 from karma8.net.writepipe import ParentUnreachable, ParentWrites, serve_writes
+from karma8.ports import DiscoveryAPI, StorageAPI
 
 BODY_MAX = 1000
 
@@ -51,7 +58,6 @@ class FakeGateway:
         self.stored: list[tuple[str, str, bytes, bool, str | None]] = []
         self.refuse: set[str] = set()
         self.hold: trio.Event | None = None
-        self.small_file_max = BODY_MAX
 
     async def put(
         self,
@@ -71,17 +77,24 @@ class FakeGateway:
         self.stored.append((namespace, name, data, if_absent, requestlog.current.get()))
         return version(namespace, name, len(data))
 
+    def holds_whole(self, content_length: int | None) -> bool:
+        return content_length is not None and content_length <= BODY_MAX
+
     async def read_held(self, body: AsyncIterable[bytes], content_length: int) -> bytes:
         return b"".join([chunk async for chunk in body])
 
 
 @asynccontextmanager
-async def parent_and_worker(gateway: FakeGateway) -> AsyncIterator[tuple[ParentWrites, str]]:
+async def parent_and_worker(
+    gateway: FakeGateway, *, at_once: int = 8
+) -> AsyncIterator[tuple[ParentWrites, str]]:
     with tempfile.TemporaryDirectory(prefix="k8-pipe-", dir="/tmp") as directory:
         path = os.path.join(directory, "writes.sock")
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                partial(serve_writes, body_max=BODY_MAX), path, cast(Gateway, gateway)
+                partial(serve_writes, body_max=BODY_MAX, at_once=at_once),
+                path,
+                cast(Gateway, gateway),
             )
             worker = ParentWrites(path)
             try:
@@ -192,6 +205,95 @@ async def test_anything_but_a_frame_closes_that_connection_only(frame: bytes) ->
             assert await trio.to_thread.run_sync(raw.recv, 10) == b""  # closed, no answer
         assert (await worker.put("ns", "after", b"x", if_absent=False)).name == "after"
     assert [s[1] for s in gateway.stored] == ["after"]
+
+
+async def test_a_burst_of_new_connections_to_the_parent_all_get_stored() -> None:
+    # More connections at once than the parent's backlog once held: a full backlog is EAGAIN
+    # on a Unix socket's connect, which trio took for "in progress" (found by review).
+    gateway = FakeGateway()
+    failures: list[BaseException] = []
+    async with parent_and_worker(gateway) as (worker, _):
+
+        async def one(i: int) -> None:
+            try:
+                await worker.put("ns", f"b{i}", b"x", if_absent=False)
+            except (Unavailable, ParentUnreachable) as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(300):
+                nursery.start_soon(one, i)
+    assert failures == []
+    assert len(gateway.stored) == 300
+
+
+class Buggy(FakeGateway):
+    async def put(
+        self,
+        namespace: str,
+        name: str,
+        body: AsyncIterable[bytes],
+        *,
+        content_length: int | None = None,
+        if_absent: bool = False,
+    ) -> FileVersion:
+        if name == "boom":
+            raise RuntimeError("a bug, or an OSError nobody mapped")
+        return await super().put(
+            namespace, name, body, content_length=content_length, if_absent=if_absent
+        )
+
+
+async def test_an_unexpected_error_in_the_parent_is_a_500_and_the_parent_goes_on() -> None:
+    async with parent_and_worker(Buggy()) as (worker, _):
+        with pytest.raises(Karma8Error) as caught:
+            await worker.put("ns", "boom", b"x", if_absent=False)
+        assert (caught.value.code, caught.value.message) == ("internal", "internal error")
+        assert (await worker.put("ns", "after", b"x", if_absent=False)).name == "after"
+
+
+async def test_the_parent_stores_at_most_at_once_uploads_together() -> None:
+    gateway = FakeGateway()
+    gateway.hold = trio.Event()
+    async with parent_and_worker(gateway, at_once=2) as (worker, _):
+        running: list[str] = []
+        real_put = gateway.put
+
+        async def counted(*args: Any, **kwargs: Any) -> FileVersion:
+            running.append(args[1])
+            return await real_put(*args, **kwargs)
+
+        gateway.put = counted  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            for i in range(5):
+                nursery.start_soon(partial(worker.put, "ns", f"w{i}", b"x", if_absent=False))
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(running) == 2  # the others wait, their bodies unread
+            gateway.hold.set()
+    assert len(gateway.stored) == 5
+
+
+async def test_a_small_put_over_max_file_size_is_refused_before_its_body_is_read() -> None:
+    own = Gateway(
+        discovery=cast(DiscoveryAPI, None),
+        storage=cast(StorageAPI, None),
+        config=GatewayConfig(max_file_size=10, small_file_max=BODY_MAX),
+    )
+    read: list[bool] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        read.append(True)
+        yield b"x" * 20
+
+    async def app(*_: object) -> None:
+        raise AssertionError("not an object route")
+
+    async with parent_and_worker(FakeGateway()) as (worker, _):
+        routes = ObjectRoutes(own, new_stats(), app, parent=worker)
+        with pytest.raises(TooLarge):
+            await routes._store("ns", "f", body(), content_length=20, if_absent=False)
+    assert read == []
+    assert worker.sent == 0
 
 
 async def test_a_worker_without_its_parent_stores_the_upload_itself() -> None:

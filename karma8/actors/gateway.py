@@ -208,7 +208,8 @@ class Gateway:
                 f"{content_length} bytes is more than the limit of {self._config.max_file_size}"
             )
         held: bytes | None = None
-        if content_length is not None and content_length <= self._config.small_file_max:
+        if self.holds_whole(content_length):
+            assert content_length is not None
             held = await self.read_held(body, content_length)
         # Shielded: if the client goes away while discovery is creating the version, we still
         # learn its id and abort it below, instead of leaving a reservation until it expires.
@@ -248,10 +249,14 @@ class Gateway:
             await self._clean_up(_placed_on(version, placed), commit_attempted=True)
             raise
 
-    @property
-    def small_file_max(self) -> int:
-        """The largest body :meth:`put` reads whole before asking discovery where to put it."""
-        return self._config.small_file_max
+    def holds_whole(self, content_length: int | None) -> bool:
+        """Whether :meth:`put` reads a body of this declared length whole before asking
+        discovery where to put it (a small file; one over ``max_file_size`` is refused
+        unread)."""
+        config = self._config
+        return content_length is not None and content_length <= min(
+            config.small_file_max, config.max_file_size
+        )
 
     async def read_held(self, body: AsyncIterable[bytes], content_length: int) -> bytes:
         """The whole body of a small upload; raises InvalidRequest unless it has exactly

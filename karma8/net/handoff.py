@@ -52,9 +52,10 @@ def classify(head: bytes, small_max: int | None = None) -> Kind | None:
     """What a connection's first bytes say about its first request: ``read`` (GET, HEAD),
     ``write`` (any other method), ``other`` (not a request line); None: too few bytes yet.
 
-    With ``small_max``, a write whose head (within :data:`HEAD_MAX` bytes) declares a
+    With ``small_max``, a PUT whose head (within :data:`HEAD_MAX` bytes) declares a
     ``Content-Length`` of at most ``small_max`` (and no ``Transfer-Encoding``) is
-    ``small_write``: a worker that can send small uploads to its parent keeps it."""
+    ``small_write``: a worker that can send small uploads to its parent keeps it. Lines may
+    end in a bare LF, as h11 accepts."""
     word, space, _ = head.partition(b" ")
     if len(word) > METHOD_MAX or (word and not (word.isalpha() and word.isupper())):
         return "other"
@@ -64,12 +65,12 @@ def classify(head: bytes, small_max: int | None = None) -> Kind | None:
         return "other"
     if word in READS:
         return "read"
-    if small_max is None:
+    if small_max is None or word != b"PUT":
         return "write"
-    end = head.find(b"\r\n\r\n")
-    if end < 0:
+    ends = [i for i in (head.find(b"\n\n"), head.find(b"\n\r\n")) if i >= 0]
+    if not ends:
         return None if len(head) < HEAD_MAX else "write"
-    length = declared_length(head[:end])
+    length = declared_length(head[: min(ends)])
     return "small_write" if length is not None and length <= small_max else "write"
 
 
@@ -77,8 +78,8 @@ def declared_length(head: bytes) -> int | None:
     """The one ``Content-Length`` of a request head (request line and header lines), or None
     if it has none, several, a malformed one, or a ``Transfer-Encoding``."""
     length = None
-    for line in head.split(b"\r\n")[1:]:
-        field, colon, value = line.partition(b":")
+    for line in head.split(b"\n")[1:]:
+        field, colon, value = line.removesuffix(b"\r").partition(b":")
         if not colon:
             return None
         field = field.lower()
@@ -118,16 +119,6 @@ async def first_request_kind(sock: trio.socket.SocketType, small_max: int | None
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
-def method_kind(sock: trio.socket.SocketType) -> Kind | None:
-    """:func:`classify` of what ``sock`` holds now, by its method alone, without waiting."""
-    try:
-        with socket.fromfd(sock.fileno(), sock.family, sock.type) as copy:
-            head = copy.recv(METHOD_MAX + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except OSError:
-        return None
-    return classify(head) if head else None
-
-
 class Handoff:
     """A worker's end: :meth:`divert` hands a write connection to the parent at ``path``.
 
@@ -136,7 +127,7 @@ class Handoff:
     ``timeout``: how long a connection may take to show its first request's method, the
     header timeout the worker's Hypercorn applies to it. ``small_max``: a worker that sends
     small uploads to its parent (:mod:`karma8.net.writepipe`) keeps the connections whose
-    first request is a write of at most this many bytes.
+    first request is a PUT of at most this many bytes.
     """
 
     def __init__(self, path: str, *, timeout: float, small_max: int | None = None) -> None:
@@ -148,13 +139,10 @@ class Handoff:
 
     async def divert(self, stream: trio.SocketStream) -> bool:
         """True: ``stream`` is no longer this worker's (the parent took it, or it showed no
-        method in time, and is closed as the header timeout closes it). False: serve it."""
-        kind: Kind | None = None
+        method in time, or a PUT no whole head, and is closed as the header timeout closes
+        it). False: serve it."""
         with trio.move_on_after(self.timeout):
             kind = await first_request_kind(stream.socket, self.small_max)
-        if kind is None:  # no whole head in time: a write by its method goes as before
-            kind = method_kind(stream.socket) if self.small_max is not None else None
-        if kind is not None:
             if kind != "write" or not self._send(stream.socket.fileno()):
                 return False
             self.handed += 1

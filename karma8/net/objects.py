@@ -138,14 +138,11 @@ class ObjectRoutes(ExchangeRoutes[Target]):
         (:mod:`karma8.net.writepipe`); it stores it itself only if the parent is unreachable,
         and everything else always."""
         gateway = self._gateway
-        if (
-            self._parent is None
-            or content_length is None
-            or content_length > gateway.small_file_max
-        ):
+        if self._parent is None or not gateway.holds_whole(content_length):
             return await gateway.put(
                 namespace, name, body, content_length=content_length, if_absent=if_absent
             )
+        assert content_length is not None
         check_namespace(namespace)
         check_name(name)
         data = await gateway.read_held(body, content_length)

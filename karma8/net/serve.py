@@ -208,7 +208,11 @@ async def serve_gateway(
         async with trio.open_nursery() as nursery:
             if store_writes_at is not None:
                 await nursery.start(
-                    partial(serve_writes, body_max=config.small_file_max),
+                    partial(
+                        serve_writes,
+                        body_max=config.small_file_max,
+                        at_once=config.max_uploads,
+                    ),
                     store_writes_at,
                     gateway,
                 )
@@ -378,7 +382,9 @@ async def run_cluster(
     task_status: trio.TaskStatus[ClusterInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The embedded default: discovery + ``storage_nodes`` nodes + gateway on one host, and
-    ``gateway_workers - 1`` gateway worker processes on the gateway's port."""
+    with ``gateway_workers`` above 1 that many gateway worker processes on the gateway's port,
+    which this process then holds without serving (``gateway_workers - 1`` beside its own
+    gateway if ``direct_reads`` is off)."""
     config, node_dirs, absolute = _prepare_cluster_dir(config, data_dir)
     secret = config.secret
     assert secret is not None
@@ -414,8 +420,8 @@ async def run_cluster(
             gateway = build_gateway(config, discovery=reach, storage=storage)
             writes = writes_socket(handoff) if handoff is not None else None
             # With workers that read parts directly, the parent holds the port for them
-            # and serves none of it: they parse every request, it stores (docs/architecture.md,
-            # "Gateway workers").
+            # and serves none of it: they parse every request, it stores what they send it
+            # (docs/architecture.md, "Gateway workers: more than one event loop").
             front = handoff is not None and config.direct_reads
             gateway_url = await nursery.start(
                 partial(

@@ -34,6 +34,7 @@ from karma8.core.errors import Karma8Error, Unavailable, error_from_code
 from karma8.core.model import FileVersion
 from karma8.net import requestlog
 from karma8.net.codec import decode, encode, error_body
+from karma8.net.exchange import INTERNAL_ERROR
 from karma8.net.handoff import ACCEPT_RETRY, peer_uid
 from karma8.net.metrics import Sample
 
@@ -44,10 +45,15 @@ _REQUEST = struct.Struct(">II")  # JSON length, body length
 _ANSWER = struct.Struct(">I")  # JSON length
 JSON_MAX = 64 << 10  # a request's or answer's JSON: a namespace, a name, a request id
 IDLE_MAX = 64  # connections a worker keeps open for later calls
+DIAL_PATIENCE = 1.0  # seconds a worker retries a parent whose backlog is full
 
 
 class PipeBroken(Exception):
     """The connection ended or sent something that is not a frame."""
+
+
+class PipeEnded(PipeBroken):
+    """The connection ended (mid-frame too: a worker's call was cancelled while sending)."""
 
 
 class _Frames:
@@ -61,7 +67,7 @@ class _Frames:
         while len(self._buffer) < size:
             chunk = await self.stream.receive_some(max(size - len(self._buffer), 65536))
             if not chunk:
-                raise PipeBroken("the connection ended")
+                raise PipeEnded("the connection ended")
             self._buffer += chunk
         data = bytes(self._buffer[:size])
         del self._buffer[:size]
@@ -121,11 +127,28 @@ class ParentWrites:
         return _answered(answer)
 
     async def _dial(self) -> _Frames:
-        try:
-            stream = await trio.open_unix_socket(self.path)
-        except OSError as exc:
-            raise ParentUnreachable(f"{self.path}: {exc}") from None
-        return _Frames(stream)
+        """A new connection to the parent. A full backlog (``EAGAIN``: a Unix socket's
+        connect is never in progress) is retried for :data:`DIAL_PATIENCE`; ``connect`` is
+        called directly, as trio's would take ``EAGAIN`` for "in progress" and hand back a
+        socket that is not connected."""
+        deadline = trio.current_time() + DIAL_PATIENCE
+        pause = 0.001
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.connect(self.path)  # done, refused, or EAGAIN: never in progress
+            except BlockingIOError as exc:
+                sock.close()
+                if trio.current_time() >= deadline:
+                    raise ParentUnreachable(f"{self.path}: {exc}") from None
+                await trio.sleep(pause)
+                pause = min(pause * 2, 0.05)
+                continue
+            except OSError as exc:
+                sock.close()
+                raise ParentUnreachable(f"{self.path}: {exc}") from None
+            return _Frames(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
@@ -169,15 +192,19 @@ async def serve_writes(
     gateway: Gateway,
     *,
     body_max: int,
+    at_once: int,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen at ``path`` until cancelled, storing the uploads workers send with
-    ``gateway``; a body over ``body_max`` bytes, or anything that is not a frame, closes
-    that connection. Reports once workers can connect."""
+    ``gateway``, at most ``at_once`` at a time (a frame's body is read only once it may run,
+    so that the bodies this process holds are bounded as its own uploads are); a body over
+    ``body_max`` bytes, or anything that is not a frame, closes that connection. Reports
+    once workers can connect."""
+    limiter = trio.CapacityLimiter(at_once)
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with listener:
         await listener.bind(path)
-        listener.listen()
+        listener.listen(socket.SOMAXCONN)
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
@@ -190,30 +217,32 @@ async def serve_writes(
                 if peer_uid(sock) != os.getuid():
                     sock.close()  # the directory is private: nobody else should get here
                     continue
-                nursery.start_soon(_serve_worker, trio.SocketStream(sock), gateway, body_max)
+                nursery.start_soon(
+                    _serve_worker, trio.SocketStream(sock), gateway, body_max, limiter
+                )
 
 
-async def _serve_worker(stream: trio.SocketStream, gateway: Gateway, body_max: int) -> None:
+async def _serve_worker(
+    stream: trio.SocketStream, gateway: Gateway, body_max: int, limiter: trio.CapacityLimiter
+) -> None:
     """One connection's uploads, one at a time, until the worker closes it."""
     frames = _Frames(stream)
     async with stream:
         while True:
             try:
-                head = await frames.read(_REQUEST.size)
-            except (PipeBroken, trio.BrokenResourceError):
-                return  # the worker closed it (a cancelled call, or its exit)
-            try:
-                json_size, body_size = _REQUEST.unpack(head)
+                json_size, body_size = _REQUEST.unpack(await frames.read(_REQUEST.size))
                 if body_size > body_max:
                     raise PipeBroken(f"a body of {body_size} bytes (at most {body_max})")
-                request = await frames.read_json(json_size)
-                data = await frames.read(body_size)
-                answer = await _store(gateway, request, data)
+                async with limiter:
+                    request = await frames.read_json(json_size)
+                    data = await frames.read(body_size)
+                    answer = await _store(gateway, request, data)
                 out = json.dumps(answer).encode()
                 await stream.send_all(_ANSWER.pack(len(out)) + out)
-            except (PipeBroken, trio.BrokenResourceError) as exc:
-                if not isinstance(exc, trio.BrokenResourceError):
-                    log.warning("a gateway worker's upload was not a frame: %s", exc)
+            except (PipeEnded, trio.BrokenResourceError):
+                return  # the worker closed it: its exit, or a call cancelled (mid-frame too)
+            except PipeBroken as exc:
+                log.warning("a gateway worker's upload was not a frame: %s", exc)
                 return
 
 
@@ -235,6 +264,9 @@ async def _store(gateway: Gateway, request: dict[str, Any], data: bytes) -> dict
         )
     except Karma8Error as exc:
         return error_body(exc)
+    except Exception:  # as the HTTP routes answer it: a 500, and this process goes on
+        log.exception("storing %s/%s for a gateway worker failed", namespace, name)
+        return INTERNAL_ERROR
     finally:
         requestlog.current.reset(token)
     return {"version": encode(version)}
