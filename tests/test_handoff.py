@@ -390,3 +390,33 @@ async def test_a_method_cut_off_by_the_peers_end_of_stream_is_not_a_request() ->
         a.shutdown(socket.SHUT_WR)
         with trio.fail_after(GIVE_UP):  # a guard: the bug spun here until the header timeout
             assert await first_request_kind(b) == "other"
+
+
+async def test_a_gateway_that_does_not_listen_holds_the_port_for_the_others() -> None:
+    # The embedded cluster's parent: it binds the port (SO_REUSEPORT) and never listens, so
+    # every connection goes to the processes that do; the port stays its until cancelled.
+    returned: list[bool] = []
+
+    async def parent(*, task_status: trio.TaskStatus[str]) -> None:
+        await serve_app(
+            named(b"parent"), host="127.0.0.1", port=0, listen=False, task_status=task_status
+        )
+        returned.append(True)
+
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(parent)
+        port = int(url.rsplit(":", 1)[1])
+        with pytest.raises(OSError, match="connect"):  # nobody listens yet: refused
+            await trio.open_tcp_stream("127.0.0.1", port)
+        await nursery.start(
+            partial(serve_app, named(b"worker"), host="127.0.0.1", port=port, reuse_port=True)
+        )
+        for _ in range(4):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(request("GET"))
+                with trio.fail_after(GIVE_UP):
+                    assert (await read_until_closed(stream)).endswith(b"worker")
+        with socket.socket() as other, pytest.raises(OSError, match="in use"):
+            other.bind(("127.0.0.1", port))  # without SO_REUSEPORT: taken
+        assert returned == []  # it holds the port until cancelled
+        nursery.cancel_scope.cancel()

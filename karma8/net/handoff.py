@@ -27,6 +27,7 @@ import socket
 import struct
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from functools import partial
 from typing import Literal
 
 import trio
@@ -222,23 +223,38 @@ async def serve_handoffs(
     """Listen at ``path`` until cancelled; run ``handler`` on every connection a worker hands
     over, closing the stream after it (as :func:`trio.serve_listeners` does). Reports once
     workers can connect."""
+    await accept_workers(
+        path, partial(_take_from, handler), what="handoff", task_status=task_status
+    )
+
+
+async def accept_workers(
+    path: str,
+    serve: Callable[[trio.socket.SocketType, trio.Nursery], Awaitable[None]],
+    *,
+    what: str,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen at ``path`` (a Unix socket in a private directory) until cancelled; start
+    ``serve(sock, nursery)`` on every connection from a process of this user, closing any
+    other. ``what`` names the socket in warnings. Reports once workers can connect."""
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with listener:
         await listener.bind(path)
-        listener.listen()
+        listener.listen(socket.SOMAXCONN)
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
                 try:
                     worker, _ = await listener.accept()
                 except OSError as exc:  # e.g. out of descriptors: the workers keep theirs
-                    log.warning("accepting a gateway worker's handoff connection: %s", exc)
+                    log.warning("accepting a gateway worker's %s connection: %s", what, exc)
                     await trio.sleep(ACCEPT_RETRY)
                     continue
                 if peer_uid(worker) != os.getuid():
                     worker.close()  # the directory is private: nobody else should get here
                     continue
-                nursery.start_soon(_take_from, worker, handler, nursery)
+                nursery.start_soon(serve, worker, nursery)
 
 
 def peer_uid(sock: trio.socket.SocketType) -> int | None:
@@ -251,8 +267,8 @@ def peer_uid(sock: trio.socket.SocketType) -> int | None:
 
 
 async def _take_from(
-    worker: trio.socket.SocketType,
     handler: Callable[[trio.SocketStream], Awaitable[None]],
+    worker: trio.socket.SocketType,
     nursery: trio.Nursery,
 ) -> None:
     """One worker's descriptors, a byte each, until it disconnects."""

@@ -123,7 +123,9 @@ async def serve_app(
                     urls: list[str] = await nursery.start(hypercorn_serve, app, config)
                     task_status.started(urls[0])
                 else:
-                    task_status.started(f"http://{host}:{bound[1]}")
+                    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+                    task_status.started(f"http://{shown}:{bound[1]}")
+                    await trio.sleep_forever()  # holds the port until cancelled
     finally:
         if held is not None:
             held.close()

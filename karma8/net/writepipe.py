@@ -25,6 +25,7 @@ import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Iterable
+from functools import partial
 from typing import Any
 
 import trio
@@ -35,7 +36,7 @@ from karma8.core.model import FileVersion
 from karma8.net import requestlog
 from karma8.net.codec import decode, encode, error_body
 from karma8.net.exchange import INTERNAL_ERROR
-from karma8.net.handoff import ACCEPT_RETRY, peer_uid
+from karma8.net.handoff import accept_workers
 from karma8.net.metrics import Sample
 
 log = logging.getLogger("karma8.writepipe")
@@ -200,32 +201,19 @@ async def serve_writes(
     so that the bodies this process holds are bounded as its own uploads are); a body over
     ``body_max`` bytes, or anything that is not a frame, closes that connection. Reports
     once workers can connect."""
-    limiter = trio.CapacityLimiter(at_once)
-    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with listener:
-        await listener.bind(path)
-        listener.listen(socket.SOMAXCONN)
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            while True:
-                try:
-                    sock, _ = await listener.accept()
-                except OSError as exc:  # e.g. out of descriptors: the worker gets Unavailable
-                    log.warning("accepting a gateway worker's write connection: %s", exc)
-                    await trio.sleep(ACCEPT_RETRY)
-                    continue
-                if peer_uid(sock) != os.getuid():
-                    sock.close()  # the directory is private: nobody else should get here
-                    continue
-                nursery.start_soon(
-                    _serve_worker, trio.SocketStream(sock), gateway, body_max, limiter
-                )
+    serve = partial(_serve_worker, gateway, body_max, trio.CapacityLimiter(at_once))
+    await accept_workers(path, serve, what="write", task_status=task_status)
 
 
 async def _serve_worker(
-    stream: trio.SocketStream, gateway: Gateway, body_max: int, limiter: trio.CapacityLimiter
+    gateway: Gateway,
+    body_max: int,
+    limiter: trio.CapacityLimiter,
+    sock: trio.socket.SocketType,
+    _: trio.Nursery,
 ) -> None:
     """One connection's uploads, one at a time, until the worker closes it."""
+    stream = trio.SocketStream(sock)
     frames = _Frames(stream)
     async with stream:
         while True:
