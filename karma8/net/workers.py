@@ -1,9 +1,10 @@
 """Gateway workers: more event loops behind one port.
 
 One event loop runs all of a gateway's Python (HTTP parsing, the actors, trio's scheduler) on
-one core. With ``gateway_workers = N`` a gateway (``--role gw``, or the one of the embedded
-cluster) starts N - 1 more gateways as child processes that listen on the same port: each
-binds it with ``SO_REUSEPORT``, and the kernel hands every new connection to one of them. The
+one core. With ``gateway_workers = N`` a gateway (``--role gw``) starts N - 1 more gateways as
+child processes that listen on the same port (the embedded cluster, with direct reads, starts
+N and holds the port without serving it): each binds it with ``SO_REUSEPORT``, and the kernel
+hands every new connection to one of the listening processes. The
 children are this program itself, ``karma8 serve --role gw``, run with the parent's effective
 configuration; they reach discovery and the storage nodes over HTTP. Why this layout, and what
 was measured against it: docs/architecture.md, "Gateway workers".
