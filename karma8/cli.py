@@ -234,6 +234,7 @@ def _serve(args: argparse.Namespace) -> int:
     from karma8.net import serve as net
     from karma8.net.clients import make_http_client
     from karma8.net.discovery_role import check_metadata, run_discovery
+    from karma8.net.handoff import remove_orphaned
     from karma8.net.requestlog import configure_logging
     from karma8.net.settings import load_net_config
     from karma8.net.workers import READY_PREFIX, exit_with_parent
@@ -320,7 +321,14 @@ def _serve(args: argparse.Namespace) -> int:
             http = make_http_client(cluster.secret, max_connections=cfg.discovery_connections)
             await nursery.start(_hold_client, http)
             if args.shared_port:
-                nursery.start_soon(exit_with_parent, nursery.cancel_scope)
+                left = [path for path in (args.handoff, args.writes) if path is not None]
+                nursery.start_soon(
+                    partial(
+                        exit_with_parent,
+                        nursery.cancel_scope,
+                        on_gone=partial(remove_orphaned, left),
+                    )
+                )
             if role == "storage":
                 url = await nursery.start(
                     partial(

@@ -10,6 +10,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from karma8.net.handoff import (
     declared_length,
     first_request_kind,
     handoff_socket,
+    remove_orphaned,
 )
 from karma8.net.netconfig import HEADER_TIMEOUT
 from karma8.net.serving import serve_app
@@ -420,3 +422,20 @@ async def test_a_gateway_that_does_not_listen_holds_the_port_for_the_others() ->
             other.bind(("127.0.0.1", port))  # without SO_REUSEPORT: taken
         assert returned == []  # it holds the port until cancelled
         nursery.cancel_scope.cancel()
+
+
+def test_a_worker_removes_only_the_sockets_and_directory_its_killed_parent_left(
+    tmp_path: Path,
+) -> None:
+    left = tmp_path / "karma8-handoff-abc"
+    other = tmp_path / "elsewhere"
+    for directory in (left, other):
+        directory.mkdir()
+        for name in ("handoff.sock", "writes.sock"):
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.bind(str(directory / name))
+    (other / "a-file").write_text("not a socket")
+    remove_orphaned([str(left / "handoff.sock"), str(left / "writes.sock")])
+    remove_orphaned([str(other / "handoff.sock"), str(other / "a-file")])
+    assert not left.exists()
+    assert sorted(p.name for p in other.iterdir()) == ["a-file", "writes.sock"]  # kept

@@ -162,10 +162,14 @@ def test_workers_stop_when_the_cluster_is_killed_outright(tmp_path: Path) -> Non
     port = int(gateway.rsplit(":", 1)[1])
     try:
         pids = set(counters_by_worker(gateway, 2))
+        command = Path(f"/proc/{min(pids)}/cmdline").read_bytes().split(b"\0")
+        sockets = Path(os.fsdecode(command[command.index(b"--handoff") + 1])).parent
+        assert sockets.is_dir()
         cluster.proc.kill()  # SIGKILL: no chance to stop its workers itself
         cluster.proc.wait()
         wait_for(lambda: all(exited(pid) for pid in pids), "the worker to follow its parent")
         wait_for(lambda: port_free(port), "the port to be free")
+        assert not sockets.exists()  # its private directory, removed by the workers
     finally:
         cluster.stop()
     assert "the gateway that started this worker is gone" in cluster.log.read_text()

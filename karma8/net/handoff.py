@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import struct
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -41,6 +42,7 @@ METHOD_MAX = 7  # the longest standard method (OPTIONS, CONNECT): a longer first
 MESSAGE = b"C"  # the one byte each descriptor travels with
 FDS_MAX = 4  # room for this many descriptors per message: more than one is refused
 SOCKET_NAME = "handoff.sock"
+DIRECTORY_PREFIX = "karma8-handoff-"  # the parent's private directory for its sockets
 SUN_PATH_MAX = 108  # bytes of a Unix socket's path, its terminating NUL included (Linux)
 ACCEPT_RETRY = 0.1  # seconds before accepting again after an error (out of descriptors)
 
@@ -204,14 +206,30 @@ def handoff_socket(enabled: bool = True) -> Iterator[str | None]:
     if not enabled:
         yield None
         return
-    directory = tempfile.mkdtemp(prefix="karma8-handoff-")
+    directory = tempfile.mkdtemp(prefix=DIRECTORY_PREFIX)
     if len(os.fsencode(os.path.join(directory, SOCKET_NAME))) >= SUN_PATH_MAX:
         os.rmdir(directory)  # a long TMPDIR: a Unix socket's path is short
-        directory = tempfile.mkdtemp(prefix="karma8-handoff-", dir="/tmp")
+        directory = tempfile.mkdtemp(prefix=DIRECTORY_PREFIX, dir="/tmp")
     try:
         yield os.path.join(directory, SOCKET_NAME)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def remove_orphaned(paths: Iterable[str]) -> None:
+    """What a parent killed outright (SIGKILL) left behind, removed by its worker once it is
+    gone: each path that is a socket, then their directory if it is one of
+    :func:`handoff_socket`'s and now empty. Nothing else is ever removed."""
+    directories = set()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        directories.add(os.path.dirname(path))
+    for directory in directories:
+        if os.path.basename(directory).startswith(DIRECTORY_PREFIX):
+            with contextlib.suppress(OSError):  # not empty, or another worker was first
+                os.rmdir(directory)
 
 
 async def serve_handoffs(

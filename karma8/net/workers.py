@@ -31,7 +31,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,13 +75,18 @@ def shared_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def exit_with_parent(scope: trio.CancelScope) -> None:
+async def exit_with_parent(
+    scope: trio.CancelScope, *, on_gone: Callable[[], None] | None = None
+) -> None:
     """A worker's watch on its parent: cancel ``scope`` once the pipe on this process's stdin,
-    which the parent holds open, ends (the parent exited, however it did)."""
+    which the parent holds open, ends (the parent exited, however it did), after calling
+    ``on_gone`` (to remove what a parent killed outright could not)."""
     async with trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())) as stdin:
         while await stdin.receive_some():
             pass
     print("karma8: the gateway that started this worker is gone, shutting down", file=sys.stderr)
+    if on_gone is not None:
+        on_gone()
     scope.cancel()
 
 
