@@ -8,6 +8,8 @@ served (:func:`karma8.net.serving.serve_app`).
 from __future__ import annotations
 
 import itertools
+import logging
+from collections.abc import AsyncIterator
 from functools import partial
 from types import SimpleNamespace
 from typing import Any
@@ -25,6 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from karma8.net import http_fixes
+from karma8.net.exchange import Exchange, ExchangeRoutes
 from karma8.net.http_fixes import (
     RECEIVE_SIZE,
     PassThroughReceiveBuffer,
@@ -416,4 +419,45 @@ async def test_connections_beyond_the_cap_get_503_and_are_closed() -> None:
         assert served_again.startswith(b"HTTP/1.1 200")
         for stream in held:
             await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+class Streamed(ExchangeRoutes[str]):
+    """Every GET answered with a body streamed in pieces (as a large file is)."""
+
+    PIECES = [bytes([i]) * 65536 for i in range(4)]
+
+    def __init__(self) -> None:
+        super().__init__(hello, {"GET": self._get}, log=logging.getLogger("test"))
+
+    def match(self, path: str) -> str | None:
+        return path
+
+    async def _get(self, exchange: Exchange, _: str) -> None:
+        length = sum(map(len, self.PIECES))
+        await exchange.start(200, [(b"content-length", str(length).encode())])
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for piece in self.PIECES:
+                yield piece
+
+        await exchange.stream(pieces())
+
+
+@pytest.mark.parametrize("head", [b"HTTP/1.1\r\nConnection: close", b"HTTP/1.0"])
+async def test_a_streamed_answer_to_a_closing_request_ends_with_the_connection(
+    head: bytes,
+) -> None:
+    # The end of the body used to be sent inside the watch on the client's disconnect, which
+    # the end itself triggers: about half the time that cancelled Hypercorn's close, and a
+    # client reading to the end of the connection waited for ever (found by a user's test).
+    async with trio.open_nursery() as nursery:
+        url: str = await nursery.start(partial(serve_app, Streamed(), host="127.0.0.1", port=0))
+        host, port = url.removeprefix("http://").split(":")
+        for _ in range(20):  # each time a fair coin decided it
+            async with await trio.open_tcp_stream(host, int(port)) as stream:
+                await stream.send_all(b"GET /f " + head + b"\r\nHost: x\r\n\r\n")
+                with trio.fail_after(GIVE_UP):
+                    answer = await read_until_closed(stream)
+            assert answer.endswith(b"".join(Streamed.PIECES))
         nursery.cancel_scope.cancel()

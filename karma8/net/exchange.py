@@ -282,16 +282,22 @@ class Exchange:
                 Hypercorn closes the connection and the client gets a short body.
         """
         failure: Karma8Error | None = None
+        ended = False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._until_gone, nursery.cancel_scope)
             try:
                 async for chunk in chunks:
                     await self.write(chunk)
+                ended = True
             except Karma8Error as exc:
                 failure = exc
-            else:
-                await self.write(b"", more=False)
             nursery.cancel_scope.cancel()
+        if ended:
+            # The last message outside the watch on the client: sending it ends the stream,
+            # which tells the app "disconnect", and the watch, woken by it, would cancel the
+            # rest of this send, Hypercorn's close of a `Connection: close` connection
+            # included (the client then waits for an end that never comes).
+            await self.write(b"", more=False)
         if failure is not None:
             raise failure
 
