@@ -30,7 +30,8 @@ from karma8.net.exchange import (
     Headers,
     read_whole,
 )
-from karma8.net.writepipe import ParentUnreachable, ParentWrites, held
+from karma8.net.writepipe import ParentUnreachable, ParentWrites
+from karma8.store.tiered import OneChunk
 
 log = logging.getLogger("karma8.gateway")
 
@@ -151,7 +152,7 @@ class ObjectRoutes(ExchangeRoutes[Target]):
         except ParentUnreachable as exc:
             log.warning("storing an upload without the gateway that started this one: %s", exc)
             return await gateway.put(
-                namespace, name, held(data), content_length=len(data), if_absent=if_absent
+                namespace, name, OneChunk(data), content_length=len(data), if_absent=if_absent
             )
 
     async def _get(self, exchange: Exchange, target: Target) -> None:

@@ -313,6 +313,7 @@ async def run_gateway(
                 await _start_workers(
                     nursery,
                     config,
+                    config.gateway_workers - 1,
                     gateway_url=url,
                     discovery_url=discovery_url,
                     handoff=adopt_from,
@@ -328,23 +329,23 @@ async def run_gateway(
 async def _start_workers(
     nursery: trio.Nursery,
     config: NetConfig,
+    count: int,
     *,
     gateway_url: str,
     discovery_url: str,
     handoff: str | None,
     read_from: Path | None = None,
     writes: str | None = None,
-    count: int | None = None,
 ) -> None:
-    """``count`` workers (default ``gateway_workers - 1``) beside the gateway at
+    """``count`` workers (perhaps none) beside the gateway at
     ``gateway_url``, handing their write connections to it at ``handoff`` and sending their
     small uploads to ``writes``; ``read_from``: the embedded cluster's data directory, which
     they read directly."""
-    if config.gateway_workers > 1:
+    if count > 0:
         await nursery.start(
             partial(
                 run_gateway_workers,
-                config.gateway_workers - 1 if count is None else count,
+                count,
                 config,
                 port=int(gateway_url.rsplit(":", 1)[1]),
                 discovery_url=discovery_url,
@@ -437,12 +438,12 @@ async def run_cluster(
             await _start_workers(
                 nursery,
                 config,
+                config.gateway_workers if front else config.gateway_workers - 1,
                 gateway_url=gateway_url,
                 discovery_url=discovery_url,
                 read_from=Path(absolute) if config.direct_reads else None,
                 handoff=handoff,
                 writes=writes,
-                count=config.gateway_workers if front else config.gateway_workers - 1,
             )
             info = ClusterInfo(
                 gateway=gateway_url,

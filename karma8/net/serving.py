@@ -94,9 +94,7 @@ async def serve_app(
         route_connections(config, handoff.divert)
     held = None
     if not listen:
-        held = shared_port_socket(host, port)
-        bound = held.getsockname()
-        config.bind = [f"{host}:{bound[1]}"]
+        held = shared_port_socket(host, port)  # Hypercorn binds nothing: no config.bind
     elif reuse_port:
         # Hypercorn sets SO_REUSEPORT only for its own multi-worker mode; a socket handed
         # over by descriptor is taken as it is (and closed by Hypercorn).
@@ -124,7 +122,7 @@ async def serve_app(
                     task_status.started(urls[0])
                 else:
                     shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
-                    task_status.started(f"http://{shown}:{bound[1]}")
+                    task_status.started(f"http://{shown}:{held.getsockname()[1]}")
                     await trio.sleep_forever()  # holds the port until cancelled
     finally:
         if held is not None:

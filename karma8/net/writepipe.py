@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
@@ -38,6 +38,7 @@ from karma8.net.codec import decode, encode, error_body
 from karma8.net.exchange import INTERNAL_ERROR
 from karma8.net.handoff import accept_workers
 from karma8.net.metrics import Sample
+from karma8.store.tiered import OneChunk
 
 log = logging.getLogger("karma8.writepipe")
 
@@ -70,7 +71,8 @@ class _Frames:
             if not chunk:
                 raise PipeEnded("the connection ended")
             self._buffer += chunk
-        data = bytes(self._buffer[:size])
+        with memoryview(self._buffer) as view:
+            data = bytes(view[:size])
         del self._buffer[:size]
         return data
 
@@ -246,7 +248,7 @@ async def _store(gateway: Gateway, request: dict[str, Any], data: bytes) -> dict
         version = await gateway.put(
             namespace,
             name,
-            held(data),
+            OneChunk(data),
             content_length=len(data),
             if_absent=request.get("if_absent") is True,
         )
@@ -258,8 +260,3 @@ async def _store(gateway: Gateway, request: dict[str, Any], data: bytes) -> dict
     finally:
         requestlog.current.reset(token)
     return {"version": encode(version)}
-
-
-async def held(data: bytes) -> AsyncIterator[bytes]:
-    """A body already read whole, as the gateway takes one."""
-    yield data
