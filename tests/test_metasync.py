@@ -142,6 +142,8 @@ async def test_writes_checkpoint_the_log_into_the_database(tmp_path: Path) -> No
     store = open_store(tmp_path)
     run = GroupCommitRunner(store, checkpoint_bytes=0)
     await run(lambda: store.create_namespace("moved", 1.0))
+    assert run.checkpoints == 0  # the log is measured as a call starts: the next one
+    assert await run(lambda: store.namespace_exists("moved"))
     assert run.checkpoints == 1
     assert (tmp_path / "meta.sqlite3-wal").stat().st_size == 0  # emptied, not just copied
     # After the checkpoint the database file alone has the commit.
@@ -235,8 +237,114 @@ async def test_a_checkpoint_io_error_is_fail_stop(
 
     monkeypatch.setattr(store, "checkpoint", broken_checkpoint)
     run = GroupCommitRunner(store, checkpoint_bytes=0)
+    await run(lambda: store.create_namespace("x", 1.0))  # the log was empty as it started
     with pytest.raises(StorageFailure, match="write-back failed"):
-        await run(lambda: store.create_namespace("x", 1.0))
+        await run(lambda: store.create_namespace("x2", 1.0))
     monkeypatch.undo()
     with pytest.raises(StorageFailure):  # every later write: its log sync fails now
         await run(lambda: store.create_namespace("y", 1.0))
+
+
+def _log_size(tmp_path: Path) -> int:
+    return (tmp_path / "meta.sqlite3-wal").stat().st_size
+
+
+async def test_writes_sharing_a_round_share_one_commit(
+    store: SqliteMetadataStore, sync: CountingSync, run: GroupCommitRunner, tmp_path: Path
+) -> None:
+    await run(lambda: store.create_namespace("first", 1.0))
+    one = _log_size(tmp_path)
+    await run(lambda: store.create_namespace("second", 1.0))
+    alone = _log_size(tmp_path) - one  # the pages one commit writes to the log
+    sync.release.clear()  # a round runs (and holds) while 30 writers arrive: they share the next
+
+    async def create(i: int) -> None:
+        await run(lambda: store.create_namespace(f"ns{i}", 1.0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(create, -1)
+        await trio.testing.wait_all_tasks_blocked()
+        before = _log_size(tmp_path)
+        for i in range(30):
+            nursery.start_soon(create, i)
+        await trio.testing.wait_all_tasks_blocked()
+        sync.release.set()
+    assert all(store.namespace_exists(f"ns{i}") for i in range(-1, 30))
+    # Committed one by one they would have written 30 times the pages of one.
+    assert _log_size(tmp_path) - before < 5 * alone
+
+
+async def test_a_failing_call_in_a_batch_is_undone_alone(
+    store: SqliteMetadataStore, sync: CountingSync, run: GroupCommitRunner
+) -> None:
+    sync.release.clear()
+
+    def half_then_fail() -> None:
+        store.create_namespace("undone", 1.0)
+        with store._tx() as db:  # a transaction that writes, then fails
+            db.execute("INSERT INTO counters(name, value) VALUES ('x', 1)")
+            raise ValueError("refused")
+
+    async def fail() -> None:
+        with pytest.raises(ValueError, match="refused"):
+            await run(half_then_fail)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, lambda: store.create_namespace("before", 1.0))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(run, lambda: store.create_namespace("kept", 1.0))
+        nursery.start_soon(fail)
+        nursery.start_soon(run, lambda: store.create_namespace("after", 1.0))
+        await trio.testing.wait_all_tasks_blocked()
+        sync.release.set()
+    for name in ("before", "kept", "undone", "after"):  # undone's own transaction committed
+        assert store.namespace_exists(name)
+    reopened = SqliteMetadataStore(store._path)  # another connection: what was committed
+    try:
+        assert (
+            reopened._db.execute("SELECT count(*) FROM counters WHERE name = 'x'").fetchone()[0]
+            == 0
+        )
+        assert reopened.namespace_exists("after")
+    finally:
+        reopened.close()
+
+
+async def test_a_cancelled_caller_leaves_no_transaction_open(
+    store: SqliteMetadataStore, sync: CountingSync, run: GroupCommitRunner
+) -> None:
+    sync.release.clear()
+    scope = trio.CancelScope()
+
+    async def cancelled() -> None:
+        with scope:
+            await run(lambda: store.create_namespace("cancelled", 1.0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, lambda: store.create_namespace("held", 1.0))
+        await trio.testing.wait_all_tasks_blocked()  # its round hangs in the sync
+        nursery.start_soon(cancelled)
+        await trio.testing.wait_all_tasks_blocked()  # written, waiting for the next round
+        try:
+            assert store._db.in_transaction
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert scope.cancelled_caught
+            assert not store._db.in_transaction  # committed, though not synced
+        finally:
+            sync.release.set()
+    assert store.namespace_exists("cancelled")
+
+
+async def test_a_failed_batch_commit_is_fail_stop(
+    store: SqliteMetadataStore, run: GroupCommitRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_commit() -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store, "commit_batch", broken_commit)
+    with pytest.raises(StorageFailure, match="write-back failed"):
+        await run(lambda: store.create_namespace("lost", 1.0))
+    monkeypatch.undo()
+    with pytest.raises(StorageFailure):
+        await run(lambda: store.create_namespace("later", 1.0))

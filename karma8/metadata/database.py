@@ -3,13 +3,15 @@
 Every public method of :class:`karma8.metadata.sqlite.SqliteMetadataStore` is one transaction
 (:meth:`SqliteDatabase._tx`: ``BEGIN IMMEDIATE`` … ``COMMIT``), so each is atomic and
 concurrent callers serialise on SQLite's write lock; reads run on the same connection, outside
-transactions. Opening a database brings its schema up to date (:func:`~.schema.upgrade`). The
-simulator opens ``:memory:`` and
-calls methods inline. A file is opened in WAL mode, either with ``synchronous=FULL`` (a commit
-is durable when it returns) or, with ``sync_on_commit=False``, as net mode runs it: methods run
-inline on the event loop with ``synchronous=NORMAL``, and the caller makes commits durable in
-groups with :meth:`SqliteDatabase.sync_wal` (one ``fdatasync`` of the log, in a worker
-thread, for every commit before it) and, holding writers back, moves the log into the
+transactions (or inside the open batch, below, which they see). Opening a database brings
+its schema up to date (:func:`~.schema.upgrade`). The simulator opens ``:memory:`` and calls
+methods inline. A file is opened in WAL mode, either with ``synchronous=FULL`` (a commit is
+durable when it returns) or, with ``sync_on_commit=False``, as net mode runs it: methods run
+inline on the event loop with ``synchronous=NORMAL``; the caller may defer their commits so
+that many transactions share one (:attr:`SqliteDatabase.defer_commits`: each later one is a
+savepoint in the first, :meth:`SqliteDatabase.commit_batch` commits them), makes commits
+durable in groups with :meth:`SqliteDatabase.sync_wal` (one ``fdatasync`` of the log, in a
+worker thread, for every commit before it) and, holding writers back, moves the log into the
 database with :meth:`SqliteDatabase.checkpoint` (:mod:`karma8.net.metasync`). A commit's
 frames are in the log, checksummed, before ``COMMIT`` returns; once the log is synced,
 recovery after a power loss replays them, exactly as if the commit had synced the log itself.
@@ -67,6 +69,9 @@ class SqliteDatabase(Database):
         self._mark = DurableMark(Path(self._path + MARK_SUFFIX)) if durable_later else None
         self._mark_lock = threading.Lock()  # sync rounds and checkpoints run in threads
         self._epoch = 0  # checkpoints so far: a sync measured before one must not publish
+        # While set, a transaction's COMMIT is deferred: it stays open, later ones join it as
+        # savepoints, and commit_batch() commits them all (group commit: karma8.net.metasync).
+        self.defer_commits = False
         if self._wal is not None:
             _owner_only(Path(self._path))
         # Calls may come from a worker thread (one at a time), hence check_same_thread=False.
@@ -88,6 +93,7 @@ class SqliteDatabase(Database):
             self._open_wal()
 
     def close(self) -> None:
+        self.commit_batch()
         if self._mark is not None:
             self._mark.close()
         if self._checkpointer is not None:
@@ -181,13 +187,40 @@ class SqliteDatabase(Database):
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        if self._db.in_transaction:
+            # A batch is open (defer_commits): this transaction is a savepoint in it, undone
+            # alone if it fails, committed with the others by commit_batch().
+            self._db.execute("SAVEPOINT tx")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK TO tx")
+                self._db.execute("RELEASE tx")
+                raise
+            self._db.execute("RELEASE tx")
+            return
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        if not self.defer_commits:
+            self._db.execute("COMMIT")
+
+    def commit_batch(self) -> None:
+        """Commit the transactions run since the last call while :attr:`defer_commits` was
+        set (one ``COMMIT``: their pages are written to the log once, not once each).
+
+        Raises:
+            sqlite3.Error: The commit failed (none of them is in the log).
+        """
+        if self._db.in_transaction:
+            try:
+                self._db.execute("COMMIT")
+            finally:
+                if self._db.in_transaction:  # what SQLite did not roll back itself
+                    self._db.execute("ROLLBACK")
 
 
 MARK_SUFFIX = "-durable"  # beside the database: discovery.sqlite3-durable

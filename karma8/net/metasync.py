@@ -12,19 +12,27 @@ it then waits for a :class:`~karma8.store.groupsync.GroupSync` round of
 :meth:`SqliteMetadataStore.sync_wal` that started after the commit. Concurrent callers share
 rounds, so N commits cost one ``fdatasync``, and no call returns before its commit is durable.
 
+They share the ``COMMIT`` too: a call's transaction is left open (``defer_commits``), the
+calls after it join it as savepoints (one that fails is undone alone), and the round commits
+them all on the event loop as it starts, before its thread syncs the log. A small upload's
+commit touches ~15 pages of indexes and tables, the same few for every upload; committed one
+by one each wrote them all to the log again (~60 KiB per upload), in a batch once. A failed
+batch ``COMMIT`` is fail-stop like a failed sync. A caller cancelled while it waits commits
+the batch itself (the round it waited for might never come), so no transaction stays open.
+
 A call that only reads also waits, if an earlier write is not durable yet: otherwise a reader
 could act on a commit (say, serve a file) that a power loss then takes back.
 
-When a write leaves the log at ``checkpoint_bytes`` or longer, its caller checkpoints the log
-into the database and empties it, in a worker thread, holding new metadata calls back from
-that moment (the event loop keeps serving everything else): with writers running the
-checkpoint could never finish and the log would grow without end. So no call starts on a log
-at or past the bound, however fast the writers are (counting bytes, not seconds, keeps that
-true on any machine), unless a checkpoint could not complete: then the next write tries
-again. A failed sync, or an I/O error of a
-checkpoint, is fail-stop: that call and every later one raise :class:`StorageFailure`;
-restart the service. The log is synced through a descriptor opened with the store, so a
-write-back error is reported even if the checkpoint's own fsync saw it first.
+A call that finds the log at ``checkpoint_bytes`` or longer first checkpoints it into the
+database and empties it, in a worker thread, holding new metadata calls back from that moment
+(the event loop keeps serving everything else): with writers running the checkpoint could
+never finish and the log would grow without end. So no call starts on a log at or past the
+bound, however fast the writers are (counting bytes, not seconds, keeps that true on any
+machine), unless a checkpoint could not complete: then the next call tries again. A failed
+sync, or an I/O error of a checkpoint, is fail-stop: that call and every later one raise
+:class:`StorageFailure`; restart the service. The log is synced through a descriptor opened
+with the store, so a write-back error is reported even if the checkpoint's own fsync saw it
+first.
 """
 
 from __future__ import annotations
@@ -55,41 +63,77 @@ class GroupCommitRunner:
     def __init__(self, store: SqliteMetadataStore, *, checkpoint_bytes: int = 4 << 20) -> None:
         self._store = store
         self._checkpoint_bytes = checkpoint_bytes
-        self.group = GroupSync(lambda: self._store.sync_wal(), name="discovery log")
+        self.group = GroupSync(
+            lambda: self._store.sync_wal(), name="discovery log", prepare=self._commit_batch
+        )
         self._needed = 0  # the round that makes the latest write durable
         self._checkpointing: trio.Event | None = None  # set while a checkpoint holds calls back
         self.checkpoints = 0
+        self._batches = 0  # batches committed (or tried) so far
+        self._measured: tuple[int, int] | None = None  # (batches, changes) at the log's last size
 
     async def __call__(self, fn: Callable[[], T]) -> T:
         await trio.lowlevel.checkpoint()
         while self._checkpointing is not None:
             await self._checkpointing.wait()
+        if self._checkpoint_due():
+            # No await before _checkpoint() holds calls back: none starts on this log. (The
+            # log grows as rounds commit batches, so it is measured as each call starts.)
+            await self._checkpoint()
         before = self._store.changes
+        self._store.defer_commits = True
         try:
             return fn()
         finally:
+            self._store.defer_commits = False
             if self._store.changes != before:
                 self._needed = self.group.ticket()
-                if self._checkpoint_due():
-                    # No await before _checkpoint() holds calls back: none starts on this log.
-                    await self._checkpoint()
             if not self.group.is_durable(self._needed):
                 try:
                     await self.group.sync(self._needed)
                 except OSError as exc:
                     raise StorageFailure(f"metadata write-back failed: {exc}") from None
+                except BaseException:
+                    # Cancelled: the round this waited for may now never run, so the batch
+                    # is committed here (not synced: as a commit before a round always was).
+                    self._commit_quietly()
+                    raise
+
+    def _commit_batch(self) -> None:
+        """The round's first step: one COMMIT for every call since the last round."""
+        self._batches += 1
+        try:
+            self._store.commit_batch()
+        except sqlite3.Error as exc:
+            raise OSError(errno.EIO, f"committing a batch failed: {exc}") from None
+
+    def _commit_quietly(self) -> None:
+        try:
+            self._commit_batch()
+        except OSError as exc:
+            self.group.fail(exc)  # every later call raises it
 
     def _checkpoint_due(self) -> bool:
         if self._checkpointing is not None:
             return False
-        return self._store.log_bytes() >= self._checkpoint_bytes
+        # The log grows only by a commit: one of a batch, or of a write outside the calls.
+        written = (self._batches, self._store.changes)
+        if written == self._measured:
+            return False
+        size = self._store.log_bytes()
+        self._measured = written if size < self._checkpoint_bytes else None
+        return size > 0 and size >= self._checkpoint_bytes
 
     async def _checkpoint(self) -> None:
         self._checkpointing = trio.Event()
         try:
+            self._commit_batch()  # a transaction left open would keep the log from emptying
             with trio.CancelScope(shield=True):  # calls are held back until it ends
                 completed = await trio.to_thread.run_sync(self._store.checkpoint)
             self.checkpoints += completed
+        except OSError as exc:  # the batch's COMMIT
+            self.group.fail(exc)
+            raise StorageFailure(f"metadata write-back failed: {exc}") from None
         except sqlite3.Error as exc:
             if exc.sqlite_errorcode & 0xFF == SQLITE_IOERR:
                 failure = OSError(errno.EIO, f"checkpoint failed: {exc}")

@@ -94,8 +94,18 @@ class GroupSync:
     write-back error.
     """
 
-    def __init__(self, sync: Callable[[], None], *, name: str = "sync") -> None:
+    def __init__(
+        self,
+        sync: Callable[[], None],
+        *,
+        name: str = "sync",
+        prepare: Callable[[], None] | None = None,
+    ) -> None:
         self._sync = sync
+        # Run on the event loop as each round starts, before its thread: finishes what the
+        # round is to make durable (discovery's batch of transactions is committed there).
+        # An OSError from it fails the round, fail-stop, as a failed sync does.
+        self._prepare = prepare
         self._name = name
         self._running: trio.Event | None = None  # set when the round in progress has ended
         self._started = 0
@@ -193,6 +203,8 @@ class GroupSync:
             # Shielded: the steps are taken, and their writers count on this round to run
             # them (a cancellation before the thread started would skip them).
             with trio.CancelScope(shield=True):
+                if self._prepare is not None:
+                    self._prepare()
                 await trio.to_thread.run_sync(_round, steps, self._sync, limiter=self._limiter)
         except OSError as exc:
             self._failure = exc
