@@ -179,3 +179,64 @@ def test_with_the_metadata_elsewhere_a_database_file_left_behind_is_not_read(
     assert metadata is None
     assert list(readers) == ["node-a"]
     readers["node-a"].close()
+
+
+def test_a_resolved_name_is_kept_until_the_database_changes(tmp_path: Path) -> None:
+    """A hot file is resolved from memory while no other connection has committed; any
+    commit (here a node's heartbeat, then a new version of the name) makes the next resolve
+    read the database again, and see the new version."""
+    path = tmp_path / "discovery.sqlite3"
+    store = SqliteMetadataStore(path, sync_on_commit=False)
+    store.create_namespace("default", 0.0)
+    registrations = [
+        NodeRegistration(node_id=f"n{i}", url=f"http://n{i}", capacity_bytes=10_000)
+        for i in range(6)
+    ]
+    for registration in registrations:
+        store.upsert_node(registration, 0.0)
+    layout = StripeLayout(parts=5, unit=64)
+
+    def commit(vid: str) -> None:
+        parts = [
+            PartReceipt(index=i, size=s, checksum=f"c{i}")
+            for i, s in enumerate(layout.part_sizes(10))
+        ]
+        store.commit_placed(
+            version_id=vid,
+            namespace="default",
+            name="f",
+            layout=layout,
+            nodes=[f"n{i}" for i in range(5)],
+            size=10,
+            receipts=parts,
+            created_at=1.0,
+            now=2.0,
+            if_absent=False,
+        )
+        store.sync_wal()
+
+    worker = ReadOnlyMetadata(path)
+    reads: list[str] = []  # the versions the worker read from the database
+
+    def traced(statement: str) -> None:
+        if statement.startswith("SELECT * FROM versions WHERE version_id"):
+            reads.append(statement.rsplit("'", 2)[1])
+
+    worker._db.set_trace_callback(traced)
+    commit("v1")
+    for _ in range(3):
+        found = worker.current_version("default", "f")
+        assert found is not None
+        assert found.version_id == "v1"
+    assert reads == ["v1"]  # read once, then kept
+    store.upsert_node(registrations[0], 5.0)  # any commit: what was kept is dropped
+    store.sync_wal()
+    assert worker.current_version("default", "f") is not None
+    assert reads == ["v1", "v1"]
+    commit("v2")  # a new version of the name
+    found = worker.current_version("default", "f")
+    assert found is not None
+    assert found.version_id == "v2"
+    assert reads == ["v1", "v1", "v2"]
+    worker.close()
+    store.close()

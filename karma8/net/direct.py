@@ -51,7 +51,17 @@ _Span = tuple[NodeRef, str, int, int]  # a part read: node, key, offset, length
 
 
 class ReadOnlyMetadata:
-    """Discovery's SQLite database, opened read-only by another process."""
+    """Discovery's SQLite database, opened read-only by another process.
+
+    Names it resolved are kept until the database changes: ``PRAGMA data_version`` (the same
+    connection's count of commits by any other one, read from the shared log index, not the
+    disk) is taken before each read; while it stays the same, the database is as it was when
+    the kept answers were read (a read that began after a commit landed keeps an answer newer
+    than its count, never older), and what was durable then still is. A hot file then costs
+    one statement instead of four and a look at the durability mark.
+    """
+
+    CACHE_MAX = 4096  # names kept at most (then all are dropped): ~10 MiB of versions
 
     def __init__(self, path: Path) -> None:
         # timeout=0: on the event loop, a busy database is asked over HTTP, not waited for.
@@ -63,11 +73,21 @@ class ReadOnlyMetadata:
         self._log = Path(f"{path}-wal")
         mark = Path(f"{path}{MARK_SUFFIX}")
         self._mark = DurableMark(mark, writer=False) if mark.exists() else None
+        self._kept: dict[tuple[str, str], FileVersion] = {}
+        self._kept_at: int | None = None  # the data_version they were read at
 
     def current_version(self, namespace: str, name: str) -> FileVersion | None:
         """The committed version of ``namespace/name``, read in one transaction; None if the
         database has none, or if what was read may not be durable yet (see
         :class:`DurableMark`): the caller asks discovery, which waits for it."""
+        seen = self._db.execute("PRAGMA data_version").fetchone()[0]
+        if seen != self._kept_at:
+            self._kept.clear()
+            self._kept_at = seen
+        else:
+            kept = self._kept.get((namespace, name))
+            if kept is not None:
+                return kept
         self._db.execute("BEGIN")
         try:
             version_id = committed_id(self._db, namespace, name)
@@ -76,6 +96,9 @@ class ReadOnlyMetadata:
             self._db.execute("COMMIT")
         if version is None or self._mark is None or not self._mark.durable(self._log):
             return None
+        if len(self._kept) >= self.CACHE_MAX:
+            self._kept.clear()
+        self._kept[namespace, name] = version
         return version
 
     def close(self) -> None:
