@@ -4,6 +4,7 @@ else, and anything that fails its check there when opened, is asked of the node.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -154,6 +155,7 @@ def test_a_worker_resolves_only_what_discovery_has_made_durable(tmp_path: Path) 
     assert found.version_id == "v1"
     commit("v2")  # a newer version not synced yet: neither is answered
     assert worker.current_version("default", "f") is None
+    assert worker.current_version("default", "f") is None  # nor kept from the first look
     store.checkpoint()  # the log copied into the database (synced) and emptied
     v2 = worker.current_version("default", "f")
     assert v2 is not None
@@ -239,4 +241,85 @@ def test_a_resolved_name_is_kept_until_the_database_changes(tmp_path: Path) -> N
     assert found.version_id == "v2"
     assert reads == ["v1", "v1", "v2"]
     worker.close()
+    store.close()
+
+
+def test_after_a_checkpoint_that_could_not_empty_the_log_nothing_is_durable_until_one_does(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint that copied the log but could not empty it (a worker was reading) lets
+    discovery's next commit start the log over inside its old size: the durable mark must
+    not vouch for that commit before it is synced."""
+    path = tmp_path / "discovery.sqlite3"
+    store = SqliteMetadataStore(path, sync_on_commit=False)
+    store.create_namespace("default", 0.0)
+    for i in range(6):
+        store.upsert_node(
+            NodeRegistration(node_id=f"n{i}", url=f"http://n{i}", capacity_bytes=10**9), 0.0
+        )
+    layout = StripeLayout(parts=5, unit=64)
+
+    def commit(vid: str, name: str = "f") -> None:
+        store.commit_placed(
+            version_id=vid,
+            namespace="default",
+            name=name,
+            layout=layout,
+            nodes=[f"n{i}" for i in range(5)],
+            size=10,
+            receipts=[
+                PartReceipt(index=i, size=s, checksum=f"c{i}")
+                for i, s in enumerate(layout.part_sizes(10))
+            ],
+            created_at=1.0,
+            now=2.0,
+            if_absent=False,
+        )
+
+    for i in range(40):
+        commit(f"old{i}", f"g{i}")
+    commit("v1")
+    store.sync_wal()
+    worker = ReadOnlyMetadata(path)
+    reading = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    reading.execute("BEGIN")
+    reading.execute("SELECT count(*) FROM versions").fetchone()  # a read in flight
+    assert not store.checkpoint()  # copied, not emptied
+    reading.execute("COMMIT")
+    reading.close()
+    store.sync_wal()
+    commit("v2")  # starts the log over; committed, not synced
+    assert store.log_bytes() > 0
+    assert worker.current_version("default", "f") is None
+    store.sync_wal()
+    assert worker.current_version("default", "f") is None  # not until a checkpoint empties it
+    assert store.checkpoint()
+    store.sync_wal()
+    found = worker.current_version("default", "f")
+    assert found is not None
+    assert found.version_id == "v2"
+    worker.close()
+    store.close()
+
+
+def test_a_rolled_back_transaction_leaves_nothing_in_the_log(tmp_path: Path) -> None:
+    """Pages of a transaction are written to the log only at its commit (no spilling): a
+    rolled-back one would leave frames past the last commit, inside the size the durable
+    mark publishes, for a later commit to overwrite unsynced."""
+    store = SqliteMetadataStore(tmp_path / "discovery.sqlite3", sync_on_commit=False)
+    store._db.execute("PRAGMA cache_size = 10")  # a few pages: a big transaction would spill
+    store.create_namespace("default", 0.0)
+    before = store.log_bytes()
+
+    def big_then_undone() -> None:
+        with store._tx() as db:
+            for i in range(200):
+                db.execute(
+                    "INSERT INTO counters(name, value) VALUES (?, 0)", (f"{i:03d}" + "x" * 3000,)
+                )
+            raise ValueError("undo")
+
+    with pytest.raises(ValueError, match="undo"):
+        big_then_undone()
+    assert store.log_bytes() == before
     store.close()

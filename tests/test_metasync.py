@@ -7,7 +7,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -348,3 +348,110 @@ async def test_a_failed_batch_commit_is_fail_stop(
     monkeypatch.undo()
     with pytest.raises(StorageFailure):
         await run(lambda: store.create_namespace("later", 1.0))
+
+
+async def test_a_batch_sqlite_rolled_back_fails_its_round(
+    store: SqliteMetadataStore, sync: CountingSync, run: GroupCommitRunner
+) -> None:
+    """On a full disk SQLite rolls back the whole transaction, not just the statement: the
+    batch's earlier calls are gone with it, and they must not be acknowledged."""
+    sync.release.clear()  # a round runs (held) while A and B arrive: they share the next one
+    outcomes: dict[str, str] = {}
+
+    def full_disk() -> None:
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages + 1}")
+        try:
+            store.create_namespace("x" * 200_000, 1.0)
+        finally:
+            store._db.execute("PRAGMA max_page_count = 1073741823")
+
+    async def call(label: str, fn: Callable[[], object]) -> None:
+        try:
+            await run(fn)
+            outcomes[label] = "ok"
+        except (StorageFailure, sqlite3.Error) as exc:
+            outcomes[label] = type(exc).__name__
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, lambda: store.create_namespace("held", 1.0))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(call, "a", lambda: store.create_namespace("a", 1.0))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(call, "b", full_disk)
+        await trio.testing.wait_all_tasks_blocked()
+        sync.release.set()
+    assert outcomes["b"] != "ok"
+    assert outcomes["a"] == "StorageFailure"  # not acknowledged: its write is gone
+    assert not store.namespace_exists("a")
+    with pytest.raises(StorageFailure):  # fail-stop
+        await run(lambda: store.namespace_exists("held"))
+
+
+async def test_a_commit_that_fails_leaves_no_transaction_and_is_fail_stop(
+    store: SqliteMetadataStore, run: GroupCommitRunner
+) -> None:
+    """A real failing COMMIT (a deferred foreign key), not a stand-in."""
+
+    def dangling() -> None:
+        store.create_namespace("ok", 1.0)
+        with store._tx() as db:
+            db.execute("PRAGMA defer_foreign_keys = ON")
+            db.execute(
+                "INSERT INTO stale_copies(part_key, node_id, size, released_at)"
+                " VALUES ('k', 'no-such-node', 1, 1.0)"
+            )
+
+    with pytest.raises(StorageFailure, match="write-back failed"):
+        await run(dangling)
+    assert not store._db.in_transaction
+    assert not store.namespace_exists("ok")
+    with pytest.raises(StorageFailure):
+        await run(lambda: store.create_namespace("later", 1.0))
+    assert not store._db.in_transaction  # refused before it ran
+
+
+async def test_a_call_that_writes_nothing_leaves_no_transaction_open(
+    store: SqliteMetadataStore, sync: CountingSync, run: GroupCommitRunner
+) -> None:
+    def nothing_to_do() -> None:
+        with store._tx() as db:
+            db.execute("DELETE FROM counters WHERE name = 'none such'")
+
+    await run(nothing_to_do)
+    assert not store._db.in_transaction
+    assert sync.rounds == 0
+
+
+async def test_a_checkpoint_commits_the_open_batch_and_empties_the_log(
+    store: SqliteMetadataStore, sync: CountingSync, tmp_path: Path
+) -> None:
+    run = GroupCommitRunner(store, checkpoint_bytes=1 << 40)
+    sync.release.clear()
+    async with trio.open_nursery() as nursery:
+        try:
+            nursery.start_soon(run, lambda: store.create_namespace("first", 1.0))
+            await trio.testing.wait_all_tasks_blocked()  # committed; its round's sync held
+            nursery.start_soon(run, lambda: store.create_namespace("batched", 1.0))
+            await trio.testing.wait_all_tasks_blocked()
+            assert store._db.in_transaction  # waits for the next round
+            run._checkpoint_bytes = 1
+            measured: list[int] = []  # the log as the next call runs: it found it too long
+            ran = trio.Event()
+
+            def measure() -> None:
+                measured.append(_log_size(tmp_path))
+                ran.set()
+
+            nursery.start_soon(run, measure)
+            await ran.wait()  # (then it waits for the batch's round)
+            assert run.checkpoints == 1
+            assert measured == [0]  # emptied: the open batch was committed first
+            assert not store._db.in_transaction
+        finally:
+            sync.release.set()
+    reopened = SqliteMetadataStore(tmp_path / "meta.sqlite3")
+    try:
+        assert reopened.namespace_exists("batched")
+    finally:
+        reopened.close()

@@ -72,6 +72,9 @@ class SqliteDatabase(Database):
         # While set, a transaction's COMMIT is deferred: it stays open, later ones join it as
         # savepoints, and commit_batch() commits them all (group commit: karma8.net.metasync).
         self.defer_commits = False
+        self._batch_from = 0  # total_changes when the open batch began
+        self._batch_lost = False  # SQLite rolled back a batch: fail-stop (commit_batch)
+        self._mark_held = False  # a checkpoint could not empty the log (see checkpoint())
         if self._wal is not None:
             _owner_only(Path(self._path))
         # Calls may come from a worker thread (one at a time), hence check_same_thread=False.
@@ -85,6 +88,10 @@ class SqliteDatabase(Database):
             else:
                 self._db.execute("PRAGMA synchronous = NORMAL")
                 self._db.execute("PRAGMA wal_autocheckpoint = 0")
+                # A transaction's pages reach the log only at its COMMIT: one rolled back
+                # after spilling would leave frames past the last commit, inside the size
+                # DurableMark publishes as durable, for later commits to overwrite.
+                self._db.execute("PRAGMA cache_spill = OFF")
         with self._tx() as db:
             upgrade(db, SQLITE)
         self._reading = nullcontext(self._db)  # _read(): the connection itself, no layer
@@ -93,7 +100,8 @@ class SqliteDatabase(Database):
             self._open_wal()
 
     def close(self) -> None:
-        self.commit_batch()
+        if self._db.in_transaction:  # a batch no round committed: acknowledged to no one
+            self._db.execute("ROLLBACK")
         if self._mark is not None:
             self._mark.close()
         if self._checkpointer is not None:
@@ -146,7 +154,9 @@ class SqliteDatabase(Database):
                 epoch, log = self._epoch, os.fstat(self._wal_fd)
             os.fdatasync(self._wal_fd)
             with self._mark_lock:
-                if epoch == self._epoch and self._mark is not None:  # not emptied meanwhile
+                # Not if a checkpoint began meanwhile, nor while the last one left the log
+                # full: its next writer may start it over inside its old size.
+                if epoch == self._epoch and not self._mark_held and self._mark is not None:
                     self._mark.publish(log.st_ino, log.st_size)
 
     def log_bytes(self) -> int:
@@ -180,6 +190,13 @@ class SqliteDatabase(Database):
             )
             self._checkpointer.execute("PRAGMA synchronous = NORMAL")
         busy, _, _ = self._checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        with self._mark_lock:
+            # A checkpoint that copied the log but could not empty it (a reader in another
+            # process held it) lets the next writer start the log over from its beginning,
+            # inside its old size, where the mark's "no longer than" would pass commits not
+            # synced yet. So the mark stays at zero (readers ask discovery) until one
+            # completes, and the log grows from empty again.
+            self._mark_held = bool(busy)
         return not busy
 
     def _read(self) -> nullcontext[sqlite3.Connection]:
@@ -187,40 +204,61 @@ class SqliteDatabase(Database):
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        if self._db.in_transaction:
+        db = self._db
+        if db.in_transaction:
             # A batch is open (defer_commits): this transaction is a savepoint in it, undone
             # alone if it fails, committed with the others by commit_batch().
-            self._db.execute("SAVEPOINT tx")
+            db.execute("SAVEPOINT tx")
             try:
-                yield self._db
+                yield db
             except BaseException:
-                self._db.execute("ROLLBACK TO tx")
-                self._db.execute("RELEASE tx")
+                if db.in_transaction:
+                    db.execute("ROLLBACK TO tx")
+                    db.execute("RELEASE tx")
+                else:
+                    # SQLite rolled back the whole transaction (a full disk, an I/O error):
+                    # the batch's earlier transactions too, whose callers wait for it.
+                    self._batch_lost = True
                 raise
-            self._db.execute("RELEASE tx")
+            db.execute("RELEASE tx")
             return
-        self._db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")
+        self._batch_from = db.total_changes
         try:
-            yield self._db
+            yield db
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if db.in_transaction:  # else SQLite rolled it back itself
+                db.execute("ROLLBACK")
             raise
         if not self.defer_commits:
-            self._db.execute("COMMIT")
+            db.execute("COMMIT")
 
     def commit_batch(self) -> None:
         """Commit the transactions run since the last call while :attr:`defer_commits` was
         set (one ``COMMIT``: their pages are written to the log once, not once each).
 
         Raises:
-            sqlite3.Error: The commit failed (none of them is in the log).
+            sqlite3.Error: The commit failed, or SQLite had rolled the batch back after an
+                error in one of its transactions (none of them is in the log; and from then
+                on every call raises: the caller must treat it as fail-stop).
         """
+        if self._batch_lost:
+            raise sqlite3.OperationalError(
+                "SQLite rolled back a batch of transactions after an error in one of them"
+            )
         if self._db.in_transaction:
             try:
                 self._db.execute("COMMIT")
             finally:
                 if self._db.in_transaction:  # what SQLite did not roll back itself
                     self._db.execute("ROLLBACK")
+
+    def commit_if_unwritten(self) -> None:
+        """Commit an open batch in which nothing was written (a call that changed nothing
+        opened it): no round is coming for it, and an open transaction holds the write
+        lock and keeps checkpoints from emptying the log."""
+        if self._db.in_transaction and self._db.total_changes == self._batch_from:
+            self._db.execute("COMMIT")
 
 
 MARK_SUFFIX = "-durable"  # beside the database: discovery.sqlite3-durable
@@ -235,7 +273,9 @@ class DurableMark:
     back. The writer publishes, after each sync, the log's inode and the size it had when the
     sync began, and (inode 0, size 0) before a checkpoint empties it. A reader that finished
     its read transaction when the log was at most that size (same inode) read only durable
-    commits: the log only grows between checkpoints, and a checkpoint that emptied it had
+    commits: the log only grows between checkpoints that empty it (the store's connection
+    never spills a transaction's pages before its commit; after a checkpoint that could not
+    empty the log, nothing is published until one does), and a checkpoint that emptied it had
     first copied every commit into the database file and synced it. The record is written
     twice; a reader that sees two different copies (a write in progress) treats it as not
     durable. The file is not synced: it describes a log that a restart recovers anyway.

@@ -17,8 +17,12 @@ calls after it join it as savepoints (one that fails is undone alone), and the r
 them all on the event loop as it starts, before its thread syncs the log. A small upload's
 commit touches ~15 pages of indexes and tables, the same few for every upload; committed one
 by one each wrote them all to the log again (~60 KiB per upload), in a batch once. A failed
-batch ``COMMIT`` is fail-stop like a failed sync. A caller cancelled while it waits commits
-the batch itself (the round it waited for might never come), so no transaction stays open.
+batch ``COMMIT`` is fail-stop like a failed sync, and so is a batch SQLite rolled back whole
+(on a full disk or an I/O error it undoes the transaction, not just the failing savepoint):
+none of its callers is answered as if it had been written. No transaction is left open
+without a round to commit it: a call that wrote nothing commits an untouched batch at once,
+and a caller cancelled while it waits commits the batch itself (the round it waited for might
+never come). After a failure no call runs at all.
 
 A call that only reads also waits, if an earlier write is not durable yet: otherwise a reader
 could act on a commit (say, serve a file) that a power loss then takes back.
@@ -76,6 +80,8 @@ class GroupCommitRunner:
         await trio.lowlevel.checkpoint()
         while self._checkpointing is not None:
             await self._checkpointing.wait()
+        if self.group.failed:  # fail-stop: nothing more is written, nothing is answered
+            raise StorageFailure("metadata write-back failed earlier: restart discovery")
         if self._checkpoint_due():
             # No await before _checkpoint() holds calls back: none starts on this log. (The
             # log grows as rounds commit batches, so it is measured as each call starts.)
@@ -88,6 +94,8 @@ class GroupCommitRunner:
             self._store.defer_commits = False
             if self._store.changes != before:
                 self._needed = self.group.ticket()
+            else:
+                self._store.commit_if_unwritten()  # no round is coming for it
             if not self.group.is_durable(self._needed):
                 try:
                     await self.group.sync(self._needed)

@@ -139,6 +139,11 @@ class GroupSync:
     def is_durable(self, ticket: int) -> bool:
         return self._finished >= ticket
 
+    @property
+    def failed(self) -> bool:
+        """Whether a round (or another sync path, :meth:`fail`) has failed: fail-stop."""
+        return self._failure is not None
+
     async def sync(
         self, ticket: int | None = None, *, before: Callable[[], None] | None = None
     ) -> None:
