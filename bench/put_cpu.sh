@@ -6,6 +6,7 @@
 # the rate on a shared machine; still, compare only runs interleaved in the same minutes.
 #   bench/put_cpu.sh TREE [SECONDS] [EXTRA_TOML_LINE]
 #   e.g. for i in 1 2 3; do bench/put_cpu.sh /tmp/base 8; bench/put_cpu.sh "$PWD" 8; done
+# KARMA8_LAUNCH replaces the `karma8` command (e.g. bench/parent_bounds.py's experiments).
 set -euo pipefail
 tree=$(cd "$1" && pwd)
 seconds=${2:-8}
@@ -35,7 +36,9 @@ function request()
   return wrk.format("PUT", prefix .. "-" .. tid .. "-" .. counter, nil, body)
 end
 LUA
-PYTHONPATH=$tree "$here/.venv/bin/karma8" serve --role all --data "$work/data" \
+launch=${KARMA8_LAUNCH:-"$here/.venv/bin/karma8"}
+# shellcheck disable=SC2086  # a command and its arguments
+PYTHONPATH=$tree $launch serve --role all --data "$work/data" \
     --config "$work/karma8.toml" > "$work/log" 2>&1 &
 pid=$!
 for _ in $(seq 150); do [ -f "$work/data/cluster.json" ] && break; sleep 0.2; done
