@@ -7,6 +7,7 @@ within its volume id (a new generation of the volume file), so a reference names
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 
 import attrs
@@ -65,10 +66,17 @@ class NeedleRef:
 
 
 class PackedIndex:
-    """key -> :class:`NeedleRef`, and per volume the keys and needle bytes still live."""
+    """key -> :class:`NeedleRef`, and per volume the keys and needle bytes still live.
+
+    An entry is kept packed (:data:`_REF`, one bytes object) rather than as a
+    :class:`NeedleRef` and its int and bytes objects: a node holds one per part, and so does
+    each gateway worker's reader, so this is most of their memory per small part (about 260
+    bytes an entry with its key and the dict and set slots, against 440).
+    :meth:`get` and :meth:`refs_in` build the references, which compare by value.
+    """
 
     def __init__(self) -> None:
-        self._refs: dict[str, NeedleRef] = {}
+        self._refs: dict[str, bytes] = {}
         self._keys: dict[int, set[str]] = {}
         self._live: dict[int, int] = {}
         self.payload_bytes = 0  # live payload bytes, all volumes
@@ -80,14 +88,16 @@ class PackedIndex:
         return key in self._refs
 
     def get(self, key: str) -> NeedleRef | None:
-        return self._refs.get(key)
+        packed = self._refs.get(key)
+        return None if packed is None else _unpack(key, packed)
 
     def keys(self) -> Iterable[str]:
         return self._refs.keys()
 
     def refs_in(self, volume: int) -> list[NeedleRef]:
         """The live needles of a volume, in file order."""
-        return sorted((self._refs[k] for k in self._keys.get(volume, ())), key=_by_offset)
+        refs = (_unpack(k, self._refs[k]) for k in self._keys.get(volume, ()))
+        return sorted(refs, key=_by_offset)
 
     def live_bytes(self, volume: int) -> int:
         """Bytes of the volume's live needles (the rest of the file is garbage)."""
@@ -97,38 +107,70 @@ class PackedIndex:
         """Apply a volume's scan, in file order: a tombstone deletes the part before it in
         the same volume (deletes go to the volume of the needle they delete)."""
         for needle in needles:
+            current = self._refs.get(needle.key)
             if needle.flags == LIVE:
-                current = self._refs.get(needle.key)
                 if current is not None:  # only after a crash: the later volume wins
                     self.remove(needle.key)
                 self.add(NeedleRef.of(needle, volume, generation))
-            else:
-                current = self._refs.get(needle.key)
-                if current is not None and current.volume == volume:
-                    self.remove(needle.key)
+            elif current is not None and _REF.unpack_from(current)[0] == volume:
+                self.remove(needle.key)
 
     def add(self, ref: NeedleRef) -> None:
         assert ref.key not in self._refs
-        self._refs[ref.key] = ref
+        self._refs[ref.key] = _pack(ref)
         self._keys.setdefault(ref.volume, set()).add(ref.key)
         self._live[ref.volume] = self._live.get(ref.volume, 0) + ref.size
         self.payload_bytes += ref.length
 
     def remove(self, key: str) -> NeedleRef | None:
-        ref = self._refs.pop(key, None)
-        if ref is not None:
-            self._keys[ref.volume].discard(key)
-            self._live[ref.volume] -= ref.size
-            self.payload_bytes -= ref.length
+        packed = self._refs.pop(key, None)
+        if packed is None:
+            return None
+        ref = _unpack(key, packed)
+        self._keys[ref.volume].discard(key)
+        self._live[ref.volume] -= ref.size
+        self.payload_bytes -= ref.length
         return ref
 
     def move(self, old: NeedleRef, new: NeedleRef) -> bool:
         """Point the part at its copy, if ``old`` is still its live needle (the part was
         not deleted meanwhile). Needle sizes do not change, so neither does accounting."""
-        if self._refs.get(old.key) is not old:
+        if self._refs.get(old.key) != _pack(old):
             return False
-        self._refs[old.key] = new
+        self._refs[old.key] = _pack(new)
         return True
+
+
+# A packed entry: volume, generation, offset, size, length, data offset, CRC-32, sha256.
+_REF = struct.Struct("<IIQIIQI32s")
+
+
+def _pack(ref: NeedleRef) -> bytes:
+    return _REF.pack(
+        ref.volume,
+        ref.generation,
+        ref.offset,
+        ref.size,
+        ref.length,
+        ref.data_offset,
+        ref.crc,
+        ref.sha256,
+    )
+
+
+def _unpack(key: str, packed: bytes) -> NeedleRef:
+    volume, generation, offset, size, length, data_offset, crc, sha256 = _REF.unpack(packed)
+    return NeedleRef(
+        key=key,
+        volume=volume,
+        generation=generation,
+        offset=offset,
+        size=size,
+        length=length,
+        data_offset=data_offset,
+        crc=crc,
+        sha256=sha256,
+    )
 
 
 def _by_offset(ref: NeedleRef) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import struct
 import time
 import zlib
 from collections.abc import Callable
@@ -35,8 +36,9 @@ _VOLUMES = "volumes"
 REFRESH_EVERY = 1.0  # seconds: the longest a retired volume generation stays open here
 MISS_REFRESH_EVERY = 0.005  # seconds: misses closer together than this ask the node at once
 
-# An indexed part: volume id, payload offset, payload length, CRC-32, sha256 (raw).
-_Found = tuple[int, int, int, int, bytes]
+# An indexed part, packed (one bytes object: a reader holds one per part of every node):
+# volume id, payload offset, payload length, CRC-32, sha256 (raw).
+_FOUND = struct.Struct("<IQII32s")
 
 
 class _Volume:
@@ -56,7 +58,7 @@ class PackedReader:
         self.directory = Path(root) / _VOLUMES
         self._clock = clock
         self._volumes: dict[int, _Volume] = {}
-        self._index: dict[str, _Found] = {}
+        self._index: dict[str, bytes] = {}
         self.refreshes = 0
         self._refreshed = -REFRESH_EVERY
         self.refresh()
@@ -78,7 +80,7 @@ class PackedReader:
             found = self._index.get(key)
         if found is None:
             return None
-        volume_id, offset, length, crc, sha256 = found
+        volume_id, offset, length, crc, sha256 = _FOUND.unpack(found)
         volume = self._volumes.get(volume_id)
         if volume is None:
             return None
@@ -169,18 +171,23 @@ class PackedReader:
         known = self._index.get(needle.key)
         if needle.flags == LIVE:
             if known is None:  # the first needle of a key stays
-                self._index[needle.key] = (
+                self._index[needle.key] = _FOUND.pack(
                     volume_id,
                     base + needle.data_offset,
                     needle.length,
                     needle.crc,
                     needle.sha256,
                 )
-        elif known is not None and known[0] == volume_id:
+        elif known is not None and _volume_of(known) == volume_id:
             del self._index[needle.key]  # a tombstone: in the volume of what it deletes
 
     def _drop(self, volume_id: int) -> None:
         volume = self._volumes.pop(volume_id)
-        for key in [k for k, found in self._index.items() if found[0] == volume_id]:
+        for key in [k for k, found in self._index.items() if _volume_of(found) == volume_id]:
             del self._index[key]
         close_quietly(volume.fd)
+
+
+def _volume_of(found: bytes) -> int:
+    volume: int = _FOUND.unpack_from(found)[0]
+    return volume
