@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from karma8.store.packed.format import LIVE, Needle
+from karma8.store.packed.format import HEADER_SIZE, LIVE, Needle, needle_size
 
 
 @attrs.frozen(kw_only=True)
@@ -70,8 +70,8 @@ class PackedIndex:
 
     An entry is kept packed (:data:`_REF`, one bytes object) rather than as a
     :class:`NeedleRef` and its int and bytes objects: a node holds one per part, and so does
-    each gateway worker's reader, so this is most of their memory per small part (about 260
-    bytes an entry with its key and the dict and set slots, against 440).
+    each gateway worker's reader, so this is most of their memory per small part (about 280
+    resident bytes an entry with its key and the dict and set slots, against 490).
     :meth:`get` and :meth:`refs_in` build the references, which compare by value.
     """
 
@@ -90,6 +90,10 @@ class PackedIndex:
     def get(self, key: str) -> NeedleRef | None:
         packed = self._refs.get(key)
         return None if packed is None else _unpack(key, packed)
+
+    def is_current(self, ref: NeedleRef) -> bool:
+        """Whether ``ref`` is still its key's live needle (not deleted, nor moved since)."""
+        return self._refs.get(ref.key) == _pack(ref)
 
     def keys(self) -> Iterable[str]:
         return self._refs.keys()
@@ -135,39 +139,35 @@ class PackedIndex:
     def move(self, old: NeedleRef, new: NeedleRef) -> bool:
         """Point the part at its copy, if ``old`` is still its live needle (the part was
         not deleted meanwhile). Needle sizes do not change, so neither does accounting."""
-        if self._refs.get(old.key) != _pack(old):
+        if not self.is_current(old):
             return False
         self._refs[old.key] = _pack(new)
         return True
 
 
-# A packed entry: volume, generation, offset, size, length, data offset, CRC-32, sha256.
-_REF = struct.Struct("<IIQIIQI32s")
+# A packed entry: volume, generation, offset, payload length, CRC-32, sha256. The needle's
+# size and its payload's offset follow from these and the key (as format.Needle's do).
+_REF = struct.Struct("<IQQQI32s")
 
 
 def _pack(ref: NeedleRef) -> bytes:
-    return _REF.pack(
-        ref.volume,
-        ref.generation,
-        ref.offset,
-        ref.size,
-        ref.length,
-        ref.data_offset,
-        ref.crc,
-        ref.sha256,
-    )
+    assert len(ref.sha256) == 32
+    assert ref.size == needle_size(len(ref.key.encode()), ref.length)
+    assert ref.data_offset == ref.offset + HEADER_SIZE + len(ref.key.encode())
+    return _REF.pack(ref.volume, ref.generation, ref.offset, ref.length, ref.crc, ref.sha256)
 
 
 def _unpack(key: str, packed: bytes) -> NeedleRef:
-    volume, generation, offset, size, length, data_offset, crc, sha256 = _REF.unpack(packed)
+    volume, generation, offset, length, crc, sha256 = _REF.unpack(packed)
+    key_len = len(key.encode())
     return NeedleRef(
         key=key,
         volume=volume,
         generation=generation,
         offset=offset,
-        size=size,
+        size=needle_size(key_len, length),
         length=length,
-        data_offset=data_offset,
+        data_offset=offset + HEADER_SIZE + key_len,
         crc=crc,
         sha256=sha256,
     )

@@ -38,7 +38,7 @@ MISS_REFRESH_EVERY = 0.005  # seconds: misses closer together than this ask the 
 
 # An indexed part, packed (one bytes object: a reader holds one per part of every node):
 # volume id, payload offset, payload length, CRC-32, sha256 (raw).
-_FOUND = struct.Struct("<IQII32s")
+_FOUND = struct.Struct("<IQQI32s")
 
 
 class _Volume:

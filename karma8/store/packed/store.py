@@ -378,7 +378,7 @@ class PackedStore:
                 break
             await file.closing.wait()  # compaction is switching the volume: look again
         await self._append(file, encode_tombstone(key), "deleting a part")
-        if self.index.get(key) != ref:  # a concurrent delete of the same key won
+        if not self.index.is_current(ref):  # a concurrent delete of the same key won
             return False
         self.index.remove(key)
         self._quota.remove_used(ref.length)
@@ -476,7 +476,7 @@ class PackedStore:
             offsets, end = await trio.to_thread.run_sync(lambda: _copy(old.fd, snapshot, tmp))
             old.closing = trio.Event()
             await old.wait_idle()
-            dead = [ref for ref in snapshot if self.index.get(ref.key) != ref]
+            dead = [ref for ref in snapshot if not self.index.is_current(ref)]
             fd = await trio.to_thread.run_sync(
                 lambda: _finish(tmp, final, end, [r.key for r in dead])
             )
