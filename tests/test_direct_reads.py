@@ -5,7 +5,7 @@ else, and anything that fails its check there when opened, is asked of the node.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -183,41 +183,55 @@ def test_with_the_metadata_elsewhere_a_database_file_left_behind_is_not_read(
     readers["node-a"].close()
 
 
-def test_a_resolved_name_is_kept_until_the_database_changes(tmp_path: Path) -> None:
-    """A hot file is resolved from memory while no other connection has committed; any
-    commit (here a node's heartbeat, then a new version of the name) makes the next resolve
-    read the database again, and see the new version."""
-    path = tmp_path / "discovery.sqlite3"
-    store = SqliteMetadataStore(path, sync_on_commit=False)
-    store.create_namespace("default", 0.0)
-    registrations = [
-        NodeRegistration(node_id=f"n{i}", url=f"http://n{i}", capacity_bytes=10_000)
-        for i in range(6)
-    ]
-    for registration in registrations:
-        store.upsert_node(registration, 0.0)
-    layout = StripeLayout(parts=5, unit=64)
+class Discovered:
+    """Discovery's database as net mode opens it, 6 nodes, and small versions committed as a
+    placement lease's are (no pending row)."""
 
-    def commit(vid: str) -> None:
-        parts = [
-            PartReceipt(index=i, size=s, checksum=f"c{i}")
-            for i, s in enumerate(layout.part_sizes(10))
+    LAYOUT = StripeLayout(parts=5, unit=64)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.store = SqliteMetadataStore(path, sync_on_commit=False)
+        self.store.create_namespace("default", 0.0)
+        self.nodes = [
+            NodeRegistration(node_id=f"n{i}", url=f"http://n{i}", capacity_bytes=10**9)
+            for i in range(6)
         ]
-        store.commit_placed(
-            version_id=vid,
+        for registration in self.nodes:
+            self.store.upsert_node(registration, 0.0)
+
+    def commit(self, version_id: str, name: str = "f") -> None:
+        """Commit a 10-byte version of ``default/name`` (not synced)."""
+        self.store.commit_placed(
+            version_id=version_id,
             namespace="default",
-            name="f",
-            layout=layout,
-            nodes=[f"n{i}" for i in range(5)],
+            name=name,
+            layout=self.LAYOUT,
+            nodes=[n.node_id for n in self.nodes[:5]],
             size=10,
-            receipts=parts,
+            receipts=[
+                PartReceipt(index=i, size=size, checksum=f"c{i}")
+                for i, size in enumerate(self.LAYOUT.part_sizes(10))
+            ],
             created_at=1.0,
             now=2.0,
             if_absent=False,
         )
-        store.sync_wal()
 
-    worker = ReadOnlyMetadata(path)
+
+@pytest.fixture
+def discovered(tmp_path: Path) -> Iterator[Discovered]:
+    d = Discovered(tmp_path / "discovery.sqlite3")
+    yield d
+    d.store.close()
+
+
+def test_a_resolved_name_is_kept_until_the_database_changes(discovered: Discovered) -> None:
+    """A hot file is resolved from memory while no other connection has committed; any
+    commit (here a node's heartbeat, then a new version of the name) makes the next resolve
+    read the database again, and see the new version."""
+    store = discovered.store
+    worker = ReadOnlyMetadata(discovered.path)
     reads: list[str] = []  # the versions the worker read from the database
 
     def traced(statement: str) -> None:
@@ -225,57 +239,33 @@ def test_a_resolved_name_is_kept_until_the_database_changes(tmp_path: Path) -> N
             reads.append(statement.rsplit("'", 2)[1])
 
     worker._db.set_trace_callback(traced)
-    commit("v1")
+    discovered.commit("v1")
+    store.sync_wal()
     for _ in range(3):
         found = worker.current_version("default", "f")
         assert found is not None
         assert found.version_id == "v1"
     assert reads == ["v1"]  # read once, then kept
-    store.upsert_node(registrations[0], 5.0)  # any commit: what was kept is dropped
+    store.upsert_node(discovered.nodes[0], 5.0)  # any commit: what was kept is dropped
     store.sync_wal()
     assert worker.current_version("default", "f") is not None
     assert reads == ["v1", "v1"]
-    commit("v2")  # a new version of the name
+    discovered.commit("v2")  # a new version of the name
+    store.sync_wal()
     found = worker.current_version("default", "f")
     assert found is not None
     assert found.version_id == "v2"
     assert reads == ["v1", "v1", "v2"]
     worker.close()
-    store.close()
 
 
 def test_after_a_checkpoint_that_could_not_empty_the_log_nothing_is_durable_until_one_does(
-    tmp_path: Path,
+    discovered: Discovered,
 ) -> None:
     """A checkpoint that copied the log but could not empty it (a worker was reading) lets
     discovery's next commit start the log over inside its old size: the durable mark must
     not vouch for that commit before it is synced."""
-    path = tmp_path / "discovery.sqlite3"
-    store = SqliteMetadataStore(path, sync_on_commit=False)
-    store.create_namespace("default", 0.0)
-    for i in range(6):
-        store.upsert_node(
-            NodeRegistration(node_id=f"n{i}", url=f"http://n{i}", capacity_bytes=10**9), 0.0
-        )
-    layout = StripeLayout(parts=5, unit=64)
-
-    def commit(vid: str, name: str = "f") -> None:
-        store.commit_placed(
-            version_id=vid,
-            namespace="default",
-            name=name,
-            layout=layout,
-            nodes=[f"n{i}" for i in range(5)],
-            size=10,
-            receipts=[
-                PartReceipt(index=i, size=s, checksum=f"c{i}")
-                for i, s in enumerate(layout.part_sizes(10))
-            ],
-            created_at=1.0,
-            now=2.0,
-            if_absent=False,
-        )
-
+    store, path, commit = discovered.store, discovered.path, discovered.commit
     for i in range(40):
         commit(f"old{i}", f"g{i}")
     commit("v1")
@@ -299,7 +289,6 @@ def test_after_a_checkpoint_that_could_not_empty_the_log_nothing_is_durable_unti
     assert found is not None
     assert found.version_id == "v2"
     worker.close()
-    store.close()
 
 
 def test_a_rolled_back_transaction_leaves_nothing_in_the_log(tmp_path: Path) -> None:
