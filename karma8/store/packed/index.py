@@ -121,7 +121,7 @@ class PackedIndex:
 
     def add(self, ref: NeedleRef) -> None:
         assert ref.key not in self._refs
-        self._refs[ref.key] = _pack(ref)
+        self._refs[ref.key] = _entering(ref)
         self._keys.setdefault(ref.volume, set()).add(ref.key)
         self._live[ref.volume] = self._live.get(ref.volume, 0) + ref.size
         self.payload_bytes += ref.length
@@ -141,7 +141,7 @@ class PackedIndex:
         not deleted meanwhile). Needle sizes do not change, so neither does accounting."""
         if not self.is_current(old):
             return False
-        self._refs[old.key] = _pack(new)
+        self._refs[old.key] = _entering(new)
         return True
 
 
@@ -151,10 +151,16 @@ _REF = struct.Struct("<IQQQI32s")
 
 
 def _pack(ref: NeedleRef) -> bytes:
-    assert len(ref.sha256) == 32
-    assert ref.size == needle_size(len(ref.key.encode()), ref.length)
-    assert ref.data_offset == ref.offset + HEADER_SIZE + len(ref.key.encode())
     return _REF.pack(ref.volume, ref.generation, ref.offset, ref.length, ref.crc, ref.sha256)
+
+
+def _entering(ref: NeedleRef) -> bytes:
+    """``ref`` packed as it enters the index: what the entry leaves out must follow from it."""
+    key_len = len(ref.key.encode())
+    assert len(ref.sha256) == 32
+    assert ref.size == needle_size(key_len, ref.length)
+    assert ref.data_offset == ref.offset + HEADER_SIZE + key_len
+    return _pack(ref)
 
 
 def _unpack(key: str, packed: bytes) -> NeedleRef:
