@@ -60,6 +60,17 @@ class BlockingRunner(Protocol):
     async def __call__(self, fn: Callable[[], T]) -> T: ...
 
 
+class MetadataRunner(BlockingRunner, Protocol):
+    """The :class:`BlockingRunner` discovery calls its store through, with one more way in."""
+
+    async def read_ahead(self, fn: Callable[[], T]) -> T:
+        """Run ``fn``, which writes nothing, and return its answer without waiting for
+        earlier commits to be durable; an exception it raises is raised as ``__call__``
+        raises it (once they are). For an answer that grants nothing a power loss would not
+        take back with those commits (a placement lease, held in memory)."""
+        ...
+
+
 @attrs.frozen(kw_only=True)
 class StoredPart:
     """A part as a storage node holds it."""

@@ -8,7 +8,7 @@ with the instance that holds its placement lease."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -30,6 +30,7 @@ from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.net.clients import HttpDiscoveryClient, HttpStorageClient, make_http_client
 from karma8.net.discovery_app import discovery_app
 from karma8.net.serving import RandomIds, WallClock, serve_app
+from karma8.sim.world import InlineRunner
 
 from processes import free_port
 
@@ -38,8 +39,7 @@ SECRET = "failover-secret"
 LAYOUT = StripeLayout(parts=5, unit=4)
 
 
-async def inline(fn: Callable[[], T]) -> T:
-    return fn()
+inline = InlineRunner()
 
 
 class Proxy:

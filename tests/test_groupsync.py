@@ -180,17 +180,17 @@ async def test_steps_fail_if_their_round_cannot_start_a_thread(
 ) -> None:
     log = Log()
     group = GroupSync(log.sync)
-    real_run_sync = trio.to_thread.run_sync
+    real_start = trio.lowlevel.start_thread_soon
     calls = 0
 
-    async def no_thread_once(*args: Any, **kwargs: Any) -> Any:
+    def no_thread_once(*args: Any, **kwargs: Any) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("can't start new thread")
-        return await real_run_sync(*args, **kwargs)
+        real_start(*args, **kwargs)
 
-    monkeypatch.setattr(trio.to_thread, "run_sync", no_thread_once)
+    monkeypatch.setattr(trio.lowlevel, "start_thread_soon", no_thread_once)
     outcomes: dict[str, str] = {}
 
     async def writer(name: str) -> None:

@@ -112,6 +112,42 @@ async def test_a_read_waits_until_an_earlier_write_is_durable(
     assert sorted(done) == ["read", "write"]
 
 
+async def test_a_read_ahead_answers_at_once_and_its_error_waits_for_durability(
+    store: SqliteMetadataStore, sync: CountingSync, run: GroupCommitRunner
+) -> None:
+    sync.release.clear()  # the disk is slow: the first round hangs
+    done: list[str] = []
+
+    async def write() -> None:
+        await run(lambda: store.create_namespace("slow", 1.0))
+        done.append("write")
+
+    def refuse() -> None:
+        raise StorageFailure("an answer that states what the database holds")
+
+    async def read_ahead_failing() -> None:
+        with pytest.raises(StorageFailure, match="states what"):
+            await run.read_ahead(refuse)
+        done.append("error")
+
+    async def read_ahead() -> None:
+        assert await run.read_ahead(lambda: store.namespace_exists("slow"))
+        done.append("ahead")
+
+    async with trio.open_nursery() as nursery:
+        try:
+            nursery.start_soon(write)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(read_ahead)  # sees the commit not yet durable...
+            nursery.start_soon(read_ahead_failing)
+            await trio.testing.wait_all_tasks_blocked()
+            assert done == ["ahead"]  # ...and answers; an error waits, as in __call__
+        finally:
+            sync.release.set()
+    assert done == ["ahead", "write", "error"] or done == ["ahead", "error", "write"]
+    assert sync.rounds == 1  # the reads added no round
+
+
 async def test_a_failed_log_sync_fails_the_call_and_every_later_one(
     store: SqliteMetadataStore, sync: CountingSync, run: GroupCommitRunner
 ) -> None:

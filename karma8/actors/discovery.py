@@ -69,7 +69,7 @@ from karma8.core.model import (
 )
 from karma8.core.names import check_name, check_namespace
 from karma8.core.placement import NodeLoad, place_parts
-from karma8.ports import BlockingRunner, Clock, IdSource, MetadataStore
+from karma8.ports import Clock, IdSource, MetadataRunner, MetadataStore
 
 log = logging.getLogger("karma8.discovery")
 MAX_LIST_LIMIT = 1000
@@ -116,7 +116,7 @@ class Discovery:
         self,
         *,
         store: MetadataStore,
-        blocking: BlockingRunner,
+        blocking: MetadataRunner,
         clock: Clock,
         ids: IdSource,
         config: DiscoveryConfig,
@@ -336,7 +336,9 @@ class Discovery:
             self.leases.grant(lease)
             return lease
 
-        return (await self._blocking(place)).pending_version()
+        # At once, durable or not: a lease lives in this process's memory only, so a crash
+        # that takes back a commit placement saw also takes the lease; its commit checks again.
+        return (await self._blocking.read_ahead(place)).pending_version()
 
     async def replace_part(
         self, *, version_id: str, index: int, failed_node_id: str

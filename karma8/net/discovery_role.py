@@ -35,7 +35,7 @@ from karma8.net.serving import (
     storage_client,
 )
 from karma8.net.sources import discovery_source
-from karma8.ports import BlockingRunner, StorageAPI
+from karma8.ports import MetadataRunner, StorageAPI
 from karma8.store.diskio import private_dir
 
 log = logging.getLogger("karma8.serve")
@@ -83,7 +83,7 @@ def build_discovery(
 
     SQLite's calls run inline with commits synced in groups; PostgreSQL's in worker threads,
     as many at once as the store has connections (a round trip must not stall the loop)."""
-    blocking: BlockingRunner
+    blocking: MetadataRunner
     if isinstance(store, SqliteMetadataStore):
         blocking = GroupCommitRunner(store)
     else:

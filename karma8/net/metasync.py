@@ -25,7 +25,10 @@ and a caller cancelled while it waits commits the batch itself (the round it wai
 never come). After a failure no call runs at all.
 
 A call that only reads also waits, if an earlier write is not durable yet: otherwise a reader
-could act on a commit (say, serve a file) that a power loss then takes back.
+could act on a commit (say, serve a file) that a power loss then takes back. Only
+:meth:`GroupCommitRunner.read_ahead` answers at once, for a read whose successful answer lives
+no longer than the commits it may have seen (a small upload's placement: a lease in memory,
+which a crash takes back with them, and which its commit checks again); its errors still wait.
 
 A call that finds the log at ``checkpoint_bytes`` or longer first checkpoints it into the
 database and empties it, in a worker thread, holding new metadata calls back from that moment
@@ -80,8 +83,7 @@ class GroupCommitRunner:
         await trio.lowlevel.checkpoint()
         while self._checkpointing is not None:
             await self._checkpointing.wait()
-        if self.group.failed:  # fail-stop: nothing more is written, nothing is answered
-            raise StorageFailure("metadata write-back failed earlier: restart discovery")
+        self._check_failed()
         if self._checkpoint_due():
             # No await before _checkpoint() holds calls back: none starts on this log. (The
             # log grows as rounds commit batches, so it is measured as each call starts.)
@@ -96,16 +98,42 @@ class GroupCommitRunner:
                 self._needed = self.group.ticket()
             else:
                 self._store.commit_if_unwritten()  # no round is coming for it
-            if not self.group.is_durable(self._needed):
-                try:
-                    await self.group.sync(self._needed)
-                except OSError as exc:
-                    raise StorageFailure(f"metadata write-back failed: {exc}") from None
-                except BaseException:
-                    # Cancelled: the round this waited for may now never run, so the batch
-                    # is committed here (not synced: as a commit before a round always was).
-                    self._commit_quietly()
-                    raise
+            await self._wait_durable()
+
+    async def read_ahead(self, fn: Callable[[], T]) -> T:
+        """Run ``fn``, which writes nothing, and return its answer at once, durable or not
+        (see the module doc); an exception waits for durability first, as in ``__call__``.
+
+        No checkpoint of the log runs first: this call adds nothing to it. It does not yield
+        unless cancelled or failing: a placement is the first step of every small upload,
+        and a pass of the scheduler there costs each one a whole batch of other tasks."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self._checkpointing is not None:  # the checkpoint's thread has the connection
+            await self._checkpointing.wait()
+        self._check_failed()
+        try:
+            return fn()
+        except Exception:
+            await self._wait_durable()
+            raise
+
+    def _check_failed(self) -> None:
+        if self.group.failed:  # fail-stop: nothing more is written, nothing is answered
+            raise StorageFailure("metadata write-back failed earlier: restart discovery")
+
+    async def _wait_durable(self) -> None:
+        """Return once every call's writes so far are durable."""
+        if self.group.is_durable(self._needed):
+            return
+        try:
+            await self.group.sync(self._needed)
+        except OSError as exc:
+            raise StorageFailure(f"metadata write-back failed: {exc}") from None
+        except BaseException:
+            # Cancelled: the round this waited for may now never run, so the batch is
+            # committed here (not synced: as a commit before a round always was).
+            self._commit_quietly()
+            raise
 
     def _commit_batch(self) -> None:
         """The round's first step: one COMMIT for every call since the last round."""

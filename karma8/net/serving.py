@@ -35,7 +35,7 @@ HASH_THREADS = 8  # per HTTP storage client; hashing releases the GIL
 
 
 class ThreadRunner:
-    """:class:`karma8.ports.BlockingRunner` for net mode: at most ``threads`` worker threads.
+    """:class:`karma8.ports.MetadataRunner` for net mode: at most ``threads`` worker threads.
 
     Hashing a chunk takes a while; running it in a thread keeps the event loop serving bytes
     (and hashlib, which releases the GIL, uses another core).
@@ -46,6 +46,10 @@ class ThreadRunner:
 
     async def __call__(self, fn: Callable[[], T]) -> T:
         return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+
+    async def read_ahead(self, fn: Callable[[], T]) -> T:
+        """As ``__call__``: each call commits (and so is durable) before it returns."""
+        return await self(fn)
 
 
 class WallClock:

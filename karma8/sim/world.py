@@ -43,13 +43,16 @@ class SimIds:
 
 
 class InlineRunner:
-    """:class:`karma8.ports.BlockingRunner` for the simulator: no threads, call inline.
+    """:class:`karma8.ports.MetadataRunner` for the simulator: no threads, call inline.
 
     SQLite on ``:memory:`` answers in microseconds. Every call reaches discovery through a
     network hop, which is already a scheduling point, so no checkpoint is added here.
     """
 
     async def __call__(self, fn: Callable[[], T]) -> T:
+        return fn()
+
+    async def read_ahead(self, fn: Callable[[], T]) -> T:
         return fn()
 
 

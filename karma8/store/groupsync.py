@@ -42,8 +42,12 @@ from collections.abc import Callable
 from contextlib import suppress
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
+
+if TYPE_CHECKING:
+    from outcome import Outcome
 
 log = logging.getLogger("karma8.groupsync")
 
@@ -113,9 +117,6 @@ class GroupSync:
         self._failure: OSError | None = None
         self._unsynced = 0  # bytes reported by written() since the last round started
         self._steps: list[_Step] = []  # to run in the next round's thread, before its sync
-        # Rounds run one at a time on a thread token of their own: a commit's round never
-        # queues behind the reads and opens that share trio's default thread limiter.
-        self._limiter = trio.CapacityLimiter(1)
 
     @classmethod
     def open(cls, path: Path) -> GroupSync | None:
@@ -210,7 +211,7 @@ class GroupSync:
             with trio.CancelScope(shield=True):
                 if self._prepare is not None:
                     self._prepare()
-                await trio.to_thread.run_sync(_round, steps, self._sync, limiter=self._limiter)
+                await _in_thread(partial(_round, steps, self._sync))
         except OSError as exc:
             self._failure = exc
             raise
@@ -262,6 +263,25 @@ class GroupSync:
             raise OSError(
                 self._failure.errno, f"an earlier write-back failed: {self._failure.strerror}"
             )
+
+
+async def _in_thread(fn: Callable[[], None]) -> None:
+    """Run ``fn`` in a worker thread started at once, and return (or raise) what it did.
+
+    Rounds run one at a time, each its own thread trip, and never queue behind the reads and
+    opens that share ``trio.to_thread``'s default limiter. Taking a limiter would also cost
+    a pass of the scheduler before the thread starts: under load a whole batch of other
+    tasks, which every commit waiting for the round would wait through. Not cancellable:
+    the caller shields the round.
+    """
+    task = trio.lowlevel.current_task()
+    token = trio.lowlevel.current_trio_token()
+
+    def deliver(result: Outcome[None]) -> None:  # in the worker thread
+        token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+    trio.lowlevel.start_thread_soon(fn, deliver)
+    await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
 
 def _round(steps: list[_Step], sync: Callable[[], None]) -> None:
