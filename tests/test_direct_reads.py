@@ -226,36 +226,43 @@ def discovered(tmp_path: Path) -> Iterator[Discovered]:
     d.store.close()
 
 
-def test_a_resolved_name_is_kept_until_the_database_changes(discovered: Discovered) -> None:
-    """A hot file is resolved from memory while no other connection has committed; any
-    commit (here a node's heartbeat, then a new version of the name) makes the next resolve
-    read the database again, and see the new version."""
+def test_a_resolved_name_is_kept_while_it_stays_current(discovered: Discovered) -> None:
+    """A hot file is resolved from memory while no other connection has committed; after a
+    commit (here a node's heartbeat) it is given again, for ``keep_for`` seconds since it was
+    read, only once the name's committed version is seen to be the same; a new version of
+    the name is read at once, and so is the same one once ``keep_for`` has passed."""
     store = discovered.store
-    worker = ReadOnlyMetadata(discovered.path)
+    now = [0.0]
+    worker = ReadOnlyMetadata(discovered.path, keep_for=1.0, clock=lambda: now[0])
     reads: list[str] = []  # the versions the worker read from the database
 
     def traced(statement: str) -> None:
         if statement.startswith("SELECT * FROM versions WHERE version_id"):
             reads.append(statement.rsplit("'", 2)[1])
 
+    def resolved() -> str | None:
+        found = worker.current_version("default", "f")
+        return None if found is None else found.version_id
+
     worker._db.set_trace_callback(traced)
     discovered.commit("v1")
     store.sync_wal()
-    for _ in range(3):
-        found = worker.current_version("default", "f")
-        assert found is not None
-        assert found.version_id == "v1"
+    assert [resolved() for _ in range(3)] == ["v1"] * 3
     assert reads == ["v1"]  # read once, then kept
-    store.upsert_node(discovered.nodes[0], 5.0)  # any commit: what was kept is dropped
+    store.upsert_node(discovered.nodes[0], 5.0)  # a heartbeat: a commit, not of the name
     store.sync_wal()
-    assert worker.current_version("default", "f") is not None
-    assert reads == ["v1", "v1"]
+    now[0] = 0.9
+    assert [resolved() for _ in range(2)] == ["v1"] * 2
+    assert reads == ["v1"]  # still the name's version: kept
     discovered.commit("v2")  # a new version of the name
     store.sync_wal()
-    found = worker.current_version("default", "f")
-    assert found is not None
-    assert found.version_id == "v2"
-    assert reads == ["v1", "v1", "v2"]
+    assert resolved() == "v2"
+    assert reads == ["v1", "v2"]
+    store.upsert_node(discovered.nodes[0], 6.0)
+    store.sync_wal()
+    now[0] = 2.0  # v2 was read over a second ago: read again, whatever the name holds
+    assert resolved() == "v2"
+    assert reads == ["v1", "v2", "v2"]
     worker.close()
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, suppress
 from pathlib import Path
@@ -53,17 +54,28 @@ _Span = tuple[NodeRef, str, int, int]  # a part read: node, key, offset, length
 class ReadOnlyMetadata:
     """Discovery's SQLite database, opened read-only by another process.
 
-    Names it resolved are kept until the database changes: ``PRAGMA data_version`` (the same
-    connection's count of commits by any other one, read from the shared log index, not the
-    disk) is taken before each read; while it stays the same, the database is as it was when
-    the kept answers were read (a read that began after a commit landed keeps an answer newer
-    than its count, never older), and what was durable then still is. A hot file then costs
-    one statement instead of four and a look at the durability mark.
+    Names it resolved are kept. ``PRAGMA data_version`` (the same connection's count of
+    commits by any other one, read from the shared log index, not the disk) is taken before
+    each read; while it stays the same, the database is as it was when a kept answer was
+    read (a read that began after a commit landed keeps an answer newer than its count,
+    never older), and what was durable then still is: a hot file costs one statement
+    instead of four and a look at the durability mark. Once it has moved (any commit: a
+    heartbeat, every few seconds a node), a kept answer read less than ``keep_for`` seconds
+    ago is still given if the name's committed version is the same one (one more
+    statement): a version never changes but for where a part is, and a part moved away
+    stays where it was for ``retire_grace``, for reads that resolved it before, as for the
+    parent's own GETs. Older answers are read again.
     """
 
     CACHE_MAX = 4096  # names kept at most (then all are dropped): ~10 MiB of versions
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        keep_for: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         # timeout=0: on the event loop, a busy database is asked over HTTP, not waited for.
         self._db = sqlite3.connect(
             f"file:{path}?mode=ro", uri=True, check_same_thread=False, timeout=0
@@ -73,33 +85,42 @@ class ReadOnlyMetadata:
         self._log = Path(f"{path}-wal")
         mark = Path(f"{path}{MARK_SUFFIX}")
         self._mark = DurableMark(mark, writer=False) if mark.exists() else None
-        self._kept: dict[tuple[str, str], FileVersion] = {}
-        self._kept_at: int | None = None  # the data_version they were read at
+        self._keep_for = keep_for
+        self._clock = clock
+        # name -> (its version, the data_version it was last checked at, when it was read)
+        self._kept: dict[tuple[str, str], tuple[FileVersion, int, float]] = {}
 
     def current_version(self, namespace: str, name: str) -> FileVersion | None:
         """The committed version of ``namespace/name``, read in one transaction; None if the
         database has none, or if what was read may not be durable yet (see
         :class:`DurableMark`): the caller asks discovery, which waits for it."""
-        seen = self._db.execute("PRAGMA data_version").fetchone()[0]
-        if seen != self._kept_at:
-            self._kept.clear()
-            self._kept_at = seen
-        else:
-            kept = self._kept.get((namespace, name))
-            if kept is not None:
-                return kept
+        seen: int = self._db.execute("PRAGMA data_version").fetchone()[0]
+        key = (namespace, name)
+        kept = self._kept.get(key)
+        if kept is not None:
+            version, checked_at, read_at = kept
+            if checked_at == seen:
+                return version
+            if (
+                self._clock() - read_at < self._keep_for
+                and committed_id(self._db, namespace, name) == version.version_id
+            ):
+                self._kept[key] = (version, seen, read_at)
+                return version
+        read_at = self._clock()
         self._db.execute("BEGIN")
         try:
             version_id = committed_id(self._db, namespace, name)
-            version = None if version_id is None else load_version(self._db, version_id)
+            found = None if version_id is None else load_version(self._db, version_id)
         finally:
             self._db.execute("COMMIT")
-        if version is None or self._mark is None or not self._mark.durable(self._log):
+        if found is None or self._mark is None or not self._mark.durable(self._log):
+            self._kept.pop(key, None)
             return None
         if len(self._kept) >= self.CACHE_MAX:
             self._kept.clear()
-        self._kept[namespace, name] = version
-        return version
+        self._kept[key] = (found, seen, read_at)
+        return found
 
     def close(self) -> None:
         if self._mark is not None:
@@ -262,14 +283,16 @@ class _Watched:
 
 
 def open_direct_reads(
-    data_dir: Path, *, metadata: bool = True
+    data_dir: Path, *, metadata: bool = True, keep_for: float = 1.0
 ) -> tuple[ReadOnlyMetadata | None, dict[str, PartStoreReader]]:
     """A reader per node directory (``storage-*`` with a ``node_id``) of an embedded
     cluster's ``data_dir``, and its discovery database if ``metadata`` (False when the
     metadata is elsewhere, on PostgreSQL: a database file left from before is stale) and the
-    file is there."""
+    file is there, keeping resolved names as :class:`ReadOnlyMetadata` says."""
     database = data_dir / DATABASE_FILE
-    found = ReadOnlyMetadata(database) if metadata and database.exists() else None
+    found = (
+        ReadOnlyMetadata(database, keep_for=keep_for) if metadata and database.exists() else None
+    )
     readers: dict[str, PartStoreReader] = {}
     for node_dir in sorted(data_dir.glob("storage-*")):
         id_file = node_dir / NODE_ID_FILE

@@ -258,7 +258,12 @@ async def run_gateway(
     ``read_from``: an embedded cluster's data directory on this host, whose metadata and
     parts this gateway reads directly (:mod:`karma8.net.direct`)."""
     metadata, readers = (
-        open_direct_reads(read_from, metadata=config.metadata_url is None)
+        open_direct_reads(
+            read_from,
+            metadata=config.metadata_url is None,
+            # Well inside the time a moved part's old copy is kept for reads (see there).
+            keep_for=min(10.0, config.retire_grace / 4),
+        )
         if read_from is not None
         else (None, {})
     )
