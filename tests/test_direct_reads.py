@@ -263,6 +263,14 @@ def test_a_resolved_name_is_kept_while_it_stays_current(discovered: Discovered) 
     now[0] = 2.0  # v2 was read over a second ago: read again, whatever the name holds
     assert resolved() == "v2"
     assert reads == ["v1", "v2", "v2"]
+    store.upsert_node(discovered.nodes[0], 7.0)
+    store.sync_wal()
+    now[0] = 2.5
+    assert resolved() == "v2"  # checked, not read: given only while young...
+    assert reads == ["v1", "v2", "v2"]
+    now[0] = 3.5  # ...even with nothing committed since the check
+    assert resolved() == "v2"
+    assert reads == ["v1", "v2", "v2", "v2"]
     worker.close()
 
 

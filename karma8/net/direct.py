@@ -62,9 +62,12 @@ class ReadOnlyMetadata:
     instead of four and a look at the durability mark. Once it has moved (any commit: a
     heartbeat, every few seconds a node), a kept answer read less than ``keep_for`` seconds
     ago is still given if the name's committed version is the same one (one more
-    statement): a version never changes but for where a part is, and a part moved away
-    stays where it was for ``retire_grace``, for reads that resolved it before, as for the
-    parent's own GETs. Older answers are read again.
+    statement): a version's rows change only where its parts are (a part moved away stays
+    where it was for ``retire_grace``, for reads that resolved it before, as for the
+    parent's own GETs), which of them were reported lost (a read then tries such a part
+    first, and goes around it if it fails) and its nodes' URLs (asked only when a direct
+    read fails). Older answers are read again. ``keep_for`` 0: kept only while nothing
+    moves.
     """
 
     CACHE_MAX = 4096  # names kept at most (then all are dropped): ~10 MiB of versions
@@ -73,7 +76,7 @@ class ReadOnlyMetadata:
         self,
         path: Path,
         *,
-        keep_for: float = 1.0,
+        keep_for: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         # timeout=0: on the event loop, a busy database is asked over HTTP, not waited for.
@@ -87,8 +90,10 @@ class ReadOnlyMetadata:
         self._mark = DurableMark(mark, writer=False) if mark.exists() else None
         self._keep_for = keep_for
         self._clock = clock
-        # name -> (its version, the data_version it was last checked at, when it was read)
-        self._kept: dict[tuple[str, str], tuple[FileVersion, int, float]] = {}
+        # name -> (its version, the data_version it was last checked at, when it was read
+        # whole, and whether it was read whole at that data_version: only then is it as good
+        # as a new read while nothing moves; a checked one only while it is young enough)
+        self._kept: dict[tuple[str, str], tuple[FileVersion, int, float, bool]] = {}
 
     def current_version(self, namespace: str, name: str) -> FileVersion | None:
         """The committed version of ``namespace/name``, read in one transaction; None if the
@@ -98,14 +103,12 @@ class ReadOnlyMetadata:
         key = (namespace, name)
         kept = self._kept.get(key)
         if kept is not None:
-            version, checked_at, read_at = kept
-            if checked_at == seen:
+            version, checked_at, read_at, whole = kept
+            young = self._clock() - read_at < self._keep_for
+            if checked_at == seen and (whole or young):
                 return version
-            if (
-                self._clock() - read_at < self._keep_for
-                and committed_id(self._db, namespace, name) == version.version_id
-            ):
-                self._kept[key] = (version, seen, read_at)
+            if young and committed_id(self._db, namespace, name) == version.version_id:
+                self._kept[key] = (version, seen, read_at, False)
                 return version
         read_at = self._clock()
         self._db.execute("BEGIN")
@@ -119,7 +122,7 @@ class ReadOnlyMetadata:
             return None
         if len(self._kept) >= self.CACHE_MAX:
             self._kept.clear()
-        self._kept[key] = (found, seen, read_at)
+        self._kept[key] = (found, seen, read_at, True)
         return found
 
     def close(self) -> None:
@@ -283,7 +286,7 @@ class _Watched:
 
 
 def open_direct_reads(
-    data_dir: Path, *, metadata: bool = True, keep_for: float = 1.0
+    data_dir: Path, *, metadata: bool = True, keep_for: float = 0.0
 ) -> tuple[ReadOnlyMetadata | None, dict[str, PartStoreReader]]:
     """A reader per node directory (``storage-*`` with a ``node_id``) of an embedded
     cluster's ``data_dir``, and its discovery database if ``metadata`` (False when the

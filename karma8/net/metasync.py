@@ -111,11 +111,16 @@ class GroupCommitRunner:
         while self._checkpointing is not None:  # the checkpoint's thread has the connection
             await self._checkpointing.wait()
         self._check_failed()
+        before = self._store.changes
         try:
-            return fn()
+            answer = fn()
         except Exception:
             await self._wait_durable()
             raise
+        if self._store.changes != before:  # it wrote after all: answered as __call__ answers
+            self._needed = self.group.ticket()
+            await self._wait_durable()
+        return answer
 
     def _check_failed(self) -> None:
         if self.group.failed:  # fail-stop: nothing more is written, nothing is answered

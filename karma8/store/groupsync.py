@@ -265,6 +265,7 @@ class GroupSync:
             )
 
 
+@trio.lowlevel.enable_ki_protection  # a Ctrl-C between the start and the wait: a lost wake-up
 async def _in_thread(fn: Callable[[], None]) -> None:
     """Run ``fn`` in a worker thread started at once, and return (or raise) what it did.
 
