@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from processes import GIVE_UP, Service, free_port, wait_for
+from processes import GIVE_UP, Service, wait_for
 from storehelpers import packed_parts
 
 pytestmark = pytest.mark.slow  # scripts/check --fast leaves it out
@@ -44,6 +44,12 @@ def grows(files: dict[str, bytes], by: int) -> Callable[[], bool]:
     return lambda: len(files) >= now + by
 
 
+def _at_port(args: list[str], url: str) -> list[str]:
+    """``args`` with ``--port 0`` replaced by the port of ``url``."""
+    at = args.index("--port")
+    return [*args[: at + 1], url.rsplit(":", 1)[1], *args[at + 2 :]]
+
+
 class Cluster:
     """Discovery, 5 storage nodes and a gateway, one process each (so one can be killed)."""
 
@@ -52,15 +58,25 @@ class Cluster:
         config = root / "fast.toml"
         config.write_text(FAST)
         common = ["--secret", SECRET, "--config", str(config)]
-        # Fixed ports, so that a restarted discovery or gateway is found where it was.
-        self.discovery_args = [
-            *("serve", "--role", "discovery", "--port", str(free_port())),
+        self._started: list[Service] = []
+        try:
+            self._start(root, common)
+        except BaseException:
+            for service in reversed(self._started):  # none left running by a failed start
+                service.stop()
+            raise
+        self.restarts = 0
+
+    def _start(self, root: Path, common: list[str]) -> None:
+        # Port 0 first, then the port each got: a restarted discovery or gateway is found
+        # where it was (a port picked free beforehand may be taken before the bind).
+        discovery_args = [
+            *("serve", "--role", "discovery", "--port", "0"),
             *("--data", str(root / "meta"), *common),
         ]
-        self.discovery = Service(
-            self.discovery_args, r"discovery up: (http://\S+)", root / "discovery.log", cwd=root
-        )
+        self.discovery = self._run(discovery_args, r"discovery up: (http://\S+)", "discovery")
         self.discovery_url = self.discovery.match.group(1)
+        self.discovery_args = _at_port(discovery_args, self.discovery_url)
         self.node_args = [
             [
                 "serve",
@@ -75,18 +91,21 @@ class Cluster:
             for i in range(5)
         ]
         self.nodes = [
-            Service(args, r"storage node \S+ up", root / f"node-{i}.log", cwd=root)
+            self._run(args, r"storage node \S+ up", f"node-{i}")
             for i, args in enumerate(self.node_args)
         ]
-        self.gateway_args = [
-            *("serve", "--role", "gw", "--port", str(free_port())),
+        gateway_args = [
+            *("serve", "--role", "gw", "--port", "0"),
             *("--discovery", self.discovery_url, *common),
         ]
-        self.gateway = Service(
-            self.gateway_args, r"gateway up: (http://\S+)", root / "gw.log", cwd=root
-        )
+        self.gateway = self._run(gateway_args, r"gateway up: (http://\S+)", "gw")
         self.url = self.gateway.match.group(1)
-        self.restarts = 0
+        self.gateway_args = _at_port(gateway_args, self.url)
+
+    def _run(self, args: list[str], ready: str, name: str) -> Service:
+        service = Service(args, ready, self.root / f"{name}.log", cwd=self.root)
+        self._started.append(service)
+        return service
 
     def kill(self, role: str) -> None:
         """kill -9 one role: "gateway", "discovery" or "node-N"."""

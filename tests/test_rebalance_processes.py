@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from processes import Service, free_port, wait_for
+from processes import Service, wait_for
 from storehelpers import packed_parts
 
 pytestmark = pytest.mark.slow  # scripts/check --fast leaves it out
@@ -59,7 +59,7 @@ class Cluster:
         self.common = ["--secret", SECRET, "--config", str(self.config)]
         self.discovery = Service(
             [
-                *("serve", "--role", "discovery", "--port", str(free_port())),
+                *("serve", "--role", "discovery", "--port", "0"),
                 *("--data", str(root / "meta"), *self.common),
             ],
             r"discovery up: (http://\S+)",
