@@ -80,7 +80,9 @@ class GroupCommitRunner:
         self._measured: tuple[int, int] | None = None  # (batches, changes) at the log's last size
 
     async def __call__(self, fn: Callable[[], T]) -> T:
-        await trio.lowlevel.checkpoint()
+        # Not a pass of the scheduler first: a write waits for its round anyway, a read
+        # answers at once (each is a few SQLite statements).
+        await trio.lowlevel.checkpoint_if_cancelled()
         while self._checkpointing is not None:
             await self._checkpointing.wait()
         self._check_failed()
