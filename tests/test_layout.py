@@ -104,6 +104,21 @@ def test_a_splitter_told_the_size_refuses_more_or_fewer_bytes() -> None:
         StripeSplitter(layout, size=-1)
 
 
+@given(layout=layouts, size=st.integers(0, 5000))
+def test_a_whole_file_spans_every_part_whole(layout: StripeLayout, size: int) -> None:
+    # The whole file's spans (worked out from the part sizes) are those its segments touch.
+    touched: dict[int, tuple[int, int]] = {}
+    for segment in layout.segments(size):
+        lo, hi = touched.get(segment.part, (segment.offset, segment.offset))
+        touched[segment.part] = (min(lo, segment.offset), max(hi, segment.offset + segment.length))
+    expected = tuple(
+        (touched[part][0], touched[part][1] - touched[part][0]) if part in touched else None
+        for part in range(layout.parts)
+    )
+    assert layout.part_spans(size) == expected
+    assert layout.part_spans(size, 0, size) == expected
+
+
 @given(layout=layouts, data=st.data())
 def test_segments_map_any_range_to_the_same_bytes(
     layout: StripeLayout, data: st.DataObject

@@ -195,6 +195,8 @@ class StripeLayout:
         ``None`` for a part the range does not touch, so a Range read opens only the parts it
         needs. Within a part the touched bytes are contiguous, so one span per part suffices.
         """
+        if start == 0 and (stop is None or stop == size):  # the whole file: every part whole
+            return tuple((0, n) if n else None for n in self.part_sizes(size))
         lo: list[int | None] = [None] * self.parts
         hi = [0] * self.parts
         for seg in self.segments(size, start, stop):
