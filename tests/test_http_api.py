@@ -257,3 +257,20 @@ async def test_a_malformed_record_from_a_peer_is_a_400_naming_the_field(net: Net
     error = response.json()["error"]
     assert error["code"] == "invalid_request"
     assert "capacity_bytes" in error["message"]
+
+
+async def test_a_method_in_lowercase_is_not_that_method(net: NetDriver) -> None:
+    # Methods are case-sensitive (RFC 9110 §9.1): "put" is an unknown method, not PUT.
+    host, port = net._gateway.removeprefix("http://").rsplit(":", 1)
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        await stream.send_all(
+            b"put /default/lower HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"Connection: close\r\n\r\nab"
+        )
+        answer = b""
+        while chunk := await stream.receive_some(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 405"), answer
+    assert b'"method_not_allowed"' in answer
+    with pytest.raises(NotFound):
+        await net.stat("lower")

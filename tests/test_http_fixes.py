@@ -461,3 +461,33 @@ async def test_a_streamed_answer_to_a_closing_request_ends_with_the_connection(
                     answer = await read_until_closed(stream)
             assert answer.endswith(b"".join(Streamed.PIECES))
         nursery.cancel_scope.cancel()
+
+
+async def echo_method(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """The request's method, as the app sees it, as the body."""
+    if scope["type"] != "http":
+        await hello(scope, receive, send)
+        return
+    body = scope["method"].encode()
+    headers = [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def test_the_app_sees_the_method_as_the_client_sent_it() -> None:
+    # Methods are case-sensitive (RFC 9110 §9.1): Hypercorn upper-cased them, so "put" was
+    # routed as PUT and stored a file.
+    async with trio.open_nursery() as nursery:
+        url: str = await nursery.start(partial(serve_app, echo_method, host="127.0.0.1", port=0))
+        host, port = url.removeprefix("http://").split(":")
+        seen = []
+        for method in (b"put", b"PUT", b"Get", b"DELETE"):
+            async with await trio.open_tcp_stream(host, int(port)) as stream:
+                await stream.send_all(
+                    method + b" /f HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )
+                with trio.fail_after(GIVE_UP):
+                    answer = await read_until_closed(stream)
+                seen.append(answer.rsplit(b"\r\n\r\n", 1)[1])
+        nursery.cancel_scope.cancel()
+    assert seen == [b"put", b"PUT", b"Get", b"DELETE"]

@@ -84,6 +84,12 @@ and :func:`check_versions` refuses any other version before a patch is applied.
    server, config and patches (tested in tests/test_handoff.py). Not a fix, so no upstream
    issue; the lines:
    https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/trio/run.py#L96-L108
+
+11. Methods keep their case. RFC 9110 §9.1: the method token is case-sensitive, and
+   ``put`` is not ``PUT``; Hypercorn upper-cases it, so a lowercase ``put`` stored a file.
+   The app sees the method as sent, and answers one it does not know (405, as for ``FOO``).
+   No upstream issue; the line:
+   https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/protocol/h11.py#L240
 """
 
 from __future__ import annotations
@@ -266,13 +272,19 @@ class ContinueOnAskConnection(h11.Connection):
 
 
 class _AskForContinue:
-    """Hypercorn's app wrapper, with a ``receive`` that calls ``ask`` first, once."""
+    """Hypercorn's app wrapper, with a ``receive`` that calls ``ask`` first, once, and the
+    request's ``method`` as the client sent it, where Hypercorn upper-cased it (patch 11)."""
 
-    def __init__(self, app: Any, ask: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self, app: Any, ask: Callable[[], Awaitable[None]], method: str | None = None
+    ) -> None:
         self._app = app
         self._ask = ask
+        self._method = method
 
     async def __call__(self, scope: Any, receive: Any, send: Any, *args: Any) -> None:
+        if self._method is not None and scope.get("type") == "http":
+            scope = {**scope, "method": self._method}
         asked = False
 
         async def receive_asking() -> Any:
@@ -308,7 +320,10 @@ async def _create_stream_continue_on_ask(self: Any, request: h11.Request) -> Non
     if isinstance(self.connection, ContinueOnAskConnection):
         self.connection.continue_asked = False
     app = self.app
-    self.app = _AskForContinue(app, lambda: _send_continue(self))
+    sent = request.method.decode("ascii")  # h11 took it for a token: ASCII
+    self.app = _AskForContinue(
+        app, lambda: _send_continue(self), sent if sent != sent.upper() else None
+    )
     try:
         await _original_create_stream(self, request)
     finally:
