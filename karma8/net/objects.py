@@ -106,6 +106,7 @@ class ObjectRoutes(ExchangeRoutes[Target]):
         if busy is not None:  # answered at once, the body unread
             await exchange.answer_json(error_status(busy), error_body(busy), [RETRY_AFTER])
             return
+        failed = True
         try:
             version = await self._store(
                 namespace,
@@ -114,8 +115,9 @@ class ObjectRoutes(ExchangeRoutes[Target]):
                 content_length=content_length,
                 if_absent=if_none_match is not None,
             )
+            failed = False
         finally:
-            self._uploads.done()
+            self._uploads.done(failed=failed)
         self._stats["puts"] += 1
         body = {
             "namespace": version.namespace,
