@@ -232,6 +232,7 @@ async def _until_signalled(run: Callable[[trio.Nursery], Awaitable[None]]) -> No
 
 def _serve(args: argparse.Namespace) -> int:
     from karma8.net import serve as net
+    from karma8.net.bounds import settle_heap
     from karma8.net.clients import make_http_client
     from karma8.net.discovery_role import check_metadata, run_discovery
     from karma8.net.handoff import remove_orphaned
@@ -299,6 +300,7 @@ def _serve(args: argparse.Namespace) -> int:
             )
             if public:
                 print(f"try: curl -T FILE {info.gateway}/{public[0]}/hello.txt", flush=True)
+            settle_heap()
         elif role == "discovery":
             data = args.data or DEFAULT_DATA
             data.mkdir(parents=True, exist_ok=True)
@@ -311,6 +313,7 @@ def _serve(args: argparse.Namespace) -> int:
                 )
             )
             print(f"karma8 discovery up: {url}", flush=True)
+            settle_heap()
         else:
             if role == "storage" and args.data is None:
                 raise ConfigError("--role storage needs --data DIR (its own directory)")
@@ -342,6 +345,7 @@ def _serve(args: argparse.Namespace) -> int:
                     )
                 )
                 print(f"karma8 storage node {net.load_node_id(args.data)} up: {url}", flush=True)
+                settle_heap()
             else:
                 url = await nursery.start(
                     partial(
@@ -358,6 +362,7 @@ def _serve(args: argparse.Namespace) -> int:
                     )
                 )
                 print(f"{READY_PREFIX} {url}{_processes(cfg.gateway_workers)}", flush=True)
+                settle_heap()
 
     try:
         trio.run(_until_signalled, run)

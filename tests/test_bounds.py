@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 from functools import partial
 
 import trio
 import trio.testing
 
-from karma8.net.bounds import UploadGate, give_back_memory
+from karma8.net.bounds import UploadGate, give_back_memory, settle_heap
 
 
 async def test_memory_is_trimmed_after_uploads_and_collected_only_after_failed_ones(
@@ -45,3 +46,13 @@ async def test_memory_is_trimmed_after_uploads_and_collected_only_after_failed_o
         await trio.sleep(3)
         assert calls == ["trim", "collect", "trim"]  # nothing ended since
         nursery.cancel_scope.cancel()
+
+
+def test_a_settled_heap_is_left_out_of_collections() -> None:
+    built_at_start = [[index] for index in range(1000)]  # tracked, as start-up's objects are
+    frozen = gc.get_freeze_count()
+    settle_heap()
+    try:
+        assert gc.get_freeze_count() >= frozen + len(built_at_start)
+    finally:
+        gc.unfreeze()  # the rest of the suite collects as usual

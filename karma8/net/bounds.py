@@ -7,7 +7,8 @@
   released) and deletes its parts, as for any failed PUT.
 - :func:`give_back_memory`: the memory of ended uploads goes back to the system (a garbage
   collection, then ``malloc_trim``, every few seconds while uploads end), rather than the
-  process keeping the high-water mark.
+  process keeping the high-water mark; :func:`settle_heap` keeps start-up's objects out of
+  every collection.
 """
 
 from __future__ import annotations
@@ -83,6 +84,15 @@ class UploadGate:
         self.in_flight -= 1
         self.ended += 1
         self.failed += failed
+
+
+def settle_heap() -> None:
+    """Once a server is up: what start-up built (modules, classes, apps, indexes) lives as
+    long as the process, so the cyclic collector skips it from now on (``gc.freeze``). A
+    full collection, Python's own or :func:`give_back_memory`'s, otherwise walks those
+    ~75,000 objects on the event loop: ~40 ms in a gateway that has served nothing."""
+    gc.collect()
+    gc.freeze()
 
 
 def _malloc_trim() -> Callable[[], object] | None:
