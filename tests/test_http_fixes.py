@@ -463,31 +463,32 @@ async def test_a_streamed_answer_to_a_closing_request_ends_with_the_connection(
         nursery.cancel_scope.cancel()
 
 
-async def echo_method(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-    """The request's method, as the app sees it, as the body."""
-    if scope["type"] != "http":
-        await hello(scope, receive, send)
-        return
-    body = scope["method"].encode()
-    headers = [(b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def test_the_app_sees_the_method_as_the_client_sent_it() -> None:
+async def test_a_method_not_in_upper_case_is_501_before_any_app_sees_it() -> None:
     # Methods are case-sensitive (RFC 9110 §9.1): Hypercorn upper-cased them, so "put" was
-    # routed as PUT and stored a file.
+    # routed as PUT and stored a file (and Quart's routes took "options" for a write).
+    seen: list[str] = []
+
+    async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] == "http":
+            seen.append(scope["method"])
+        await reject_or_read(scope, receive, send)
+
+    answers = []
     async with trio.open_nursery() as nursery:
-        url: str = await nursery.start(partial(serve_app, echo_method, host="127.0.0.1", port=0))
+        url: str = await nursery.start(partial(serve_app, app, host="127.0.0.1", port=0))
         host, port = url.removeprefix("http://").split(":")
-        seen = []
-        for method in (b"put", b"PUT", b"Get", b"DELETE"):
+        for method in (b"put", b"PUT", b"Get", b"options", b"head"):
             async with await trio.open_tcp_stream(host, int(port)) as stream:
+                # A body, unread by the answer: the connection still closes at once.
                 await stream.send_all(
-                    method + b" /f HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                    method + b" /f HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                    b"Connection: close\r\n\r\nab"
                 )
                 with trio.fail_after(GIVE_UP):
-                    answer = await read_until_closed(stream)
-                seen.append(answer.rsplit(b"\r\n\r\n", 1)[1])
+                    answers.append(await read_until_closed(stream))
         nursery.cancel_scope.cancel()
-    assert seen == [b"put", b"PUT", b"Get", b"DELETE"]
+    assert seen == ["PUT"]  # the others never reached the app
+    assert [a.split(b" ")[1] for a in answers] == [b"501", b"200", b"501", b"501", b"501"]
+    assert b"connection: close" in answers[0].lower()
+    assert answers[0].endswith(b'methods are case-sensitive"}}\n')
+    assert answers[4].endswith(b"\r\n\r\n")  # "head": no body

@@ -86,8 +86,10 @@ and :func:`check_versions` refuses any other version before a patch is applied.
    https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/trio/run.py#L96-L108
 
 11. Methods keep their case. RFC 9110 §9.1: the method token is case-sensitive, and
-   ``put`` is not ``PUT``; Hypercorn upper-cases it, so a lowercase ``put`` stored a file.
-   The app sees the method as sent, and answers one it does not know (405, as for ``FOO``).
+   ``put`` is not ``PUT``; Hypercorn upper-cases it, so a lowercase ``put`` stored a file
+   (and Werkzeug, under the Quart apps, upper-cases it again to match routes). A method
+   that is not all upper case is answered ``501 Not Implemented`` before any app sees it,
+   as RFC 9110 §15.6.2 says of a method the server does not recognise.
    No upstream issue; the line:
    https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/protocol/h11.py#L240
 """
@@ -272,19 +274,13 @@ class ContinueOnAskConnection(h11.Connection):
 
 
 class _AskForContinue:
-    """Hypercorn's app wrapper, with a ``receive`` that calls ``ask`` first, once, and the
-    request's ``method`` as the client sent it, where Hypercorn upper-cased it (patch 11)."""
+    """Hypercorn's app wrapper, with a ``receive`` that calls ``ask`` first, once."""
 
-    def __init__(
-        self, app: Any, ask: Callable[[], Awaitable[None]], method: str | None = None
-    ) -> None:
+    def __init__(self, app: Any, ask: Callable[[], Awaitable[None]]) -> None:
         self._app = app
         self._ask = ask
-        self._method = method
 
     async def __call__(self, scope: Any, receive: Any, send: Any, *args: Any) -> None:
-        if self._method is not None and scope.get("type") == "http":
-            scope = {**scope, "method": self._method}
         asked = False
 
         async def receive_asking() -> Any:
@@ -295,6 +291,42 @@ class _AskForContinue:
             return await receive()
 
         await self._app(scope, receive_asking, send, *args)
+
+
+class _NotImplemented:
+    """In the app's place for a request whose method is not all upper case (patch 11): a
+    ``501`` that closes the connection, the body drained while it goes out, as
+    :meth:`karma8.net.exchange.Exchange.answer` answers before a body (else Hypercorn's
+    full queue of body messages would hold the connection open). A method Hypercorn would
+    take for ``HEAD`` gets no body (it drops one, while h11, comparing the bytes sent,
+    would wait for it)."""
+
+    def __init__(self, method: str) -> None:
+        self._method = method
+
+    async def __call__(self, scope: Any, receive: Any, send: Any, *args: Any) -> None:
+        message = f"no method {self._method!r}: methods are case-sensitive"
+        error = {"error": {"code": "not_implemented", "message": message}}
+        body = b""
+        if self._method.upper() != "HEAD":
+            body = json.dumps(error, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            (b"connection", b"close"),
+        ]
+
+        async def drain() -> None:
+            while True:
+                got = await receive()
+                if got["type"] != "http.request" or not got.get("more_body"):
+                    return
+
+        async with trio.open_nursery() as nursery:
+            await send({"type": "http.response.start", "status": 501, "headers": headers})
+            nursery.start_soon(drain)
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            nursery.cancel_scope.cancel()
 
 
 def _h11_init_continue_on_ask(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -321,9 +353,10 @@ async def _create_stream_continue_on_ask(self: Any, request: h11.Request) -> Non
         self.connection.continue_asked = False
     app = self.app
     sent = request.method.decode("ascii")  # h11 took it for a token: ASCII
-    self.app = _AskForContinue(
-        app, lambda: _send_continue(self), sent if sent != sent.upper() else None
-    )
+    if sent != sent.upper():
+        self.app = _NotImplemented(sent)
+    else:
+        self.app = _AskForContinue(app, lambda: _send_continue(self))
     try:
         await _original_create_stream(self, request)
     finally:
