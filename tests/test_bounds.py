@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 from functools import partial
 
 import trio
@@ -48,11 +49,18 @@ async def test_memory_is_trimmed_after_uploads_and_collected_only_after_failed_o
         nursery.cancel_scope.cancel()
 
 
-def test_a_settled_heap_is_left_out_of_collections() -> None:
+class _Node:
+    def __init__(self) -> None:
+        self.me = self  # a reference cycle: only the cyclic collector frees it
+
+
+def test_a_settled_heap_is_collected_first_then_left_out_of_collections() -> None:
     built_at_start = [[index] for index in range(1000)]  # tracked, as start-up's objects are
+    garbage = weakref.ref(_Node())  # start-up's garbage: collected, not frozen for good
     frozen = gc.get_freeze_count()
     settle_heap()
     try:
+        assert garbage() is None
         assert gc.get_freeze_count() >= frozen + len(built_at_start)
     finally:
         gc.unfreeze()  # the rest of the suite collects as usual

@@ -13,7 +13,8 @@ import trio
 import trio.testing
 from hypercorn.typing import Scope
 
-from karma8.net.objects import ObjectRoutes, object_path
+from karma8.net.bounds import UploadGate
+from karma8.net.objects import ObjectRoutes, new_stats, object_path
 
 from dataplane import CHUNK, HANG, FakeServer, StubGateway, http_scope
 
@@ -65,3 +66,21 @@ async def test_gets_puts_and_failed_reads_are_counted(
         await routes(http_scope("GET", "/default/f", []), *get.calls)
     assert (put.status, get.status) == (201, 200)
     assert stats == {"gets": 1, "puts": 1, "read_errors": 1}
+
+
+async def test_ended_uploads_are_counted_failed_or_not(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # For give_back_memory: a failed upload's buffers may sit in reference cycles.
+    uploads = UploadGate(max_uploads=4, idle_timeout=60.0)
+    routes = ObjectRoutes(StubGateway(), new_stats(), cast(Any, None), uploads=uploads)
+    statuses = []
+    with trio.fail_after(HANG):
+        for name in ("ok", "Bad//name"):  # the second fails: an invalid name
+            put = FakeServer()
+            await put.request(CHUNK)
+            headers = [(b"content-length", str(len(CHUNK)).encode())]
+            await routes(http_scope("PUT", f"/default/{name}", headers), *put.calls)
+            statuses.append(put.status)
+    assert statuses == [201, 400]
+    assert (uploads.ended, uploads.failed, uploads.in_flight) == (2, 1, 0)

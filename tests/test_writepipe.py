@@ -28,6 +28,7 @@ from karma8.core.errors import (
 from karma8.core.layout import StripeLayout
 from karma8.core.model import FileVersion, VersionState
 from karma8.net import requestlog
+from karma8.net.bounds import UploadGate
 from karma8.net.objects import ObjectRoutes, new_stats
 from karma8.net.writepipe import ParentUnreachable, ParentWrites, serve_writes
 from karma8.ports import DiscoveryAPI, StorageAPI
@@ -89,13 +90,13 @@ class FakeGateway:
 
 @asynccontextmanager
 async def parent_and_worker(
-    gateway: FakeGateway, *, at_once: int = 8
+    gateway: FakeGateway, *, at_once: int = 8, uploads: UploadGate | None = None
 ) -> AsyncIterator[tuple[ParentWrites, str]]:
     with tempfile.TemporaryDirectory(prefix="k8-pipe-", dir="/tmp") as directory:
         path = os.path.join(directory, "writes.sock")
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                partial(serve_writes, body_max=BODY_MAX, at_once=at_once),
+                partial(serve_writes, body_max=BODY_MAX, at_once=at_once, uploads=uploads),
                 path,
                 cast(Gateway, gateway),
             )
@@ -139,6 +140,18 @@ async def test_the_parents_refusal_comes_back_as_the_same_error() -> None:
         with pytest.raises(PreconditionFailed, match="ns/taken exists"):
             await worker.put("ns", "taken", b"x", if_absent=True)
         assert await worker.put("ns", "free", b"x", if_absent=True) is not None  # still open
+
+
+async def test_the_uploads_the_parent_stores_are_counted_failed_or_not() -> None:
+    # For give_back_memory: a failed upload's buffers may sit in reference cycles.
+    gateway = FakeGateway()
+    gateway.refuse.add("taken")
+    uploads = UploadGate(max_uploads=1, idle_timeout=1.0)
+    async with parent_and_worker(gateway, uploads=uploads) as (worker, _):
+        await worker.put("ns", "free", b"x", if_absent=True)
+        with pytest.raises(PreconditionFailed):
+            await worker.put("ns", "taken", b"x", if_absent=True)
+    assert (uploads.ended, uploads.failed, uploads.in_flight) == (2, 1, 0)
 
 
 async def test_calls_in_turn_share_a_connection_and_concurrent_ones_open_more() -> None:

@@ -82,6 +82,11 @@ class UploadGate:
 
     def done(self, *, failed: bool = False) -> None:
         self.in_flight -= 1
+        self.count_end(failed=failed)
+
+    def count_end(self, *, failed: bool) -> None:
+        """Count an upload that ended: one admitted here, or one this process stored for a
+        gateway worker (:mod:`karma8.net.writepipe`), for :func:`give_back_memory`."""
         self.ended += 1
         self.failed += failed
 
@@ -90,7 +95,9 @@ def settle_heap() -> None:
     """Once a server is up: what start-up built (modules, classes, apps, indexes) lives as
     long as the process, so the cyclic collector skips it from now on (``gc.freeze``). A
     full collection, Python's own or :func:`give_back_memory`'s, otherwise walks those
-    ~75,000 objects on the event loop: ~40 ms in a gateway that has served nothing."""
+    ~75,000 objects on the event loop: ~40 ms in a gateway that has served nothing. A
+    collection first, so that start-up's garbage is not kept; what a connection open at
+    that moment holds stays too, should it become garbage in a cycle (a few objects)."""
     gc.collect()
     gc.freeze()
 

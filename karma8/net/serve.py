@@ -212,6 +212,7 @@ async def serve_gateway(
                         serve_writes,
                         body_max=config.small_file_max,
                         at_once=config.max_uploads,
+                        uploads=uploads,
                     ),
                     store_writes_at,
                     gateway,

@@ -34,6 +34,7 @@ from karma8.actors.gateway import Gateway
 from karma8.core.errors import Karma8Error, Unavailable, error_from_code
 from karma8.core.model import FileVersion
 from karma8.net import requestlog
+from karma8.net.bounds import UploadGate
 from karma8.net.codec import decode, encode, error_body
 from karma8.net.exchange import INTERNAL_ERROR
 from karma8.net.handoff import accept_workers
@@ -196,14 +197,16 @@ async def serve_writes(
     *,
     body_max: int,
     at_once: int,
+    uploads: UploadGate | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen at ``path`` until cancelled, storing the uploads workers send with
     ``gateway``, at most ``at_once`` at a time (a frame's body is read only once it may run,
     so that the bodies this process holds are bounded as its own uploads are); a body over
-    ``body_max`` bytes, or anything that is not a frame, closes that connection. Reports
-    once workers can connect."""
-    serve = partial(_serve_worker, gateway, body_max, trio.CapacityLimiter(at_once))
+    ``body_max`` bytes, or anything that is not a frame, closes that connection. Each
+    upload that ends is counted in ``uploads`` (for :func:`give_back_memory`). Reports once
+    workers can connect."""
+    serve = partial(_serve_worker, gateway, body_max, trio.CapacityLimiter(at_once), uploads)
     await accept_workers(path, serve, what="write", task_status=task_status)
 
 
@@ -211,6 +214,7 @@ async def _serve_worker(
     gateway: Gateway,
     body_max: int,
     limiter: trio.CapacityLimiter,
+    uploads: UploadGate | None,
     sock: trio.socket.SocketType,
     _: trio.Nursery,
 ) -> None:
@@ -227,12 +231,16 @@ async def _serve_worker(
                     limiter.acquire_nowait()
                 except trio.WouldBlock:
                     await limiter.acquire()
+                failed = True
                 try:
                     request = await frames.read_json(json_size)
                     data = await frames.read(body_size)
                     answer = await _store(gateway, request, data)
+                    failed = "error" in answer
                 finally:
                     limiter.release()
+                    if uploads is not None:
+                        uploads.count_end(failed=failed)
                 out = json.dumps(answer).encode()
                 await stream.send_all(_ANSWER.pack(len(out)) + out)
             except (PipeEnded, trio.BrokenResourceError):
