@@ -300,7 +300,6 @@ def _serve(args: argparse.Namespace) -> int:
             )
             if public:
                 print(f"try: curl -T FILE {info.gateway}/{public[0]}/hello.txt", flush=True)
-            settle_heap()
         elif role == "discovery":
             data = args.data or DEFAULT_DATA
             data.mkdir(parents=True, exist_ok=True)
@@ -313,7 +312,6 @@ def _serve(args: argparse.Namespace) -> int:
                 )
             )
             print(f"karma8 discovery up: {url}", flush=True)
-            settle_heap()
         else:
             if role == "storage" and args.data is None:
                 raise ConfigError("--role storage needs --data DIR (its own directory)")
@@ -345,7 +343,6 @@ def _serve(args: argparse.Namespace) -> int:
                     )
                 )
                 print(f"karma8 storage node {net.load_node_id(args.data)} up: {url}", flush=True)
-                settle_heap()
             else:
                 url = await nursery.start(
                     partial(
@@ -362,7 +359,7 @@ def _serve(args: argparse.Namespace) -> int:
                     )
                 )
                 print(f"{READY_PREFIX} {url}{_processes(cfg.gateway_workers)}", flush=True)
-                settle_heap()
+        settle_heap()  # up: what start-up built stays out of every collection from now on
 
     try:
         trio.run(_until_signalled, run)

@@ -80,12 +80,7 @@ class GroupCommitRunner:
         self._measured: tuple[int, int] | None = None  # (batches, changes) at the log's last size
 
     async def __call__(self, fn: Callable[[], T]) -> T:
-        # Not a pass of the scheduler first: a write waits for its round anyway, a read
-        # answers at once (each is a few SQLite statements).
-        await trio.lowlevel.checkpoint_if_cancelled()
-        while self._checkpointing is not None:
-            await self._checkpointing.wait()
-        self._check_failed()
+        await self._admit()
         if self._checkpoint_due():
             # No await before _checkpoint() holds calls back: none starts on this log. (The
             # log grows as rounds commit batches, so it is measured as each call starts.)
@@ -96,9 +91,7 @@ class GroupCommitRunner:
             return fn()
         finally:
             self._store.defer_commits = False
-            if self._store.changes != before:
-                self._needed = self.group.ticket()
-            else:
+            if not self._wrote(before):
                 self._store.commit_if_unwritten()  # no round is coming for it
             await self._wait_durable()
 
@@ -109,24 +102,34 @@ class GroupCommitRunner:
         No checkpoint of the log runs first: this call adds nothing to it. It does not yield
         unless cancelled or failing: a placement is the first step of every small upload,
         and a pass of the scheduler there costs each one a whole batch of other tasks."""
-        await trio.lowlevel.checkpoint_if_cancelled()
-        while self._checkpointing is not None:  # the checkpoint's thread has the connection
-            await self._checkpointing.wait()
-        self._check_failed()
+        await self._admit()
         before = self._store.changes
         try:
             answer = fn()
         except Exception:
             await self._wait_durable()
             raise
-        if self._store.changes != before:  # it wrote after all: answered as __call__ answers
-            self._needed = self.group.ticket()
+        if self._wrote(before):  # it wrote after all: answered as __call__ answers
             await self._wait_durable()
         return answer
 
-    def _check_failed(self) -> None:
+    async def _admit(self) -> None:
+        """What every call waits for before it runs: not a pass of the scheduler (a write
+        waits for its round anyway, a read answers at once), but a checkpoint of the log in
+        progress (its thread has the connection); after a failure, nothing runs."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self._checkpointing is not None:
+            await self._checkpointing.wait()
         if self.group.failed:  # fail-stop: nothing more is written, nothing is answered
             raise StorageFailure("metadata write-back failed earlier: restart discovery")
+
+    def _wrote(self, before: int) -> bool:
+        """Whether the store changed since its count was ``before``; if so, the round that
+        makes it durable is the one every later wait waits for."""
+        if self._store.changes == before:
+            return False
+        self._needed = self.group.ticket()
+        return True
 
     async def _wait_durable(self) -> None:
         """Return once every call's writes so far are durable."""
