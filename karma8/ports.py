@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 import attrs
 
@@ -295,6 +295,18 @@ class StorageAPI(Protocol):
 
     async def delete_part(self, node: NodeRef, key: str) -> None:
         """Delete a part; deleting a missing part is not an error."""
+        ...
+
+
+@runtime_checkable
+class WholeParts(Protocol):
+    """A :class:`StorageAPI` that can hand some parts over whole at once, without opening a
+    stream (a gateway worker's reads of packed parts from its nodes' files)."""
+
+    def part_now(self, node: NodeRef, key: str, *, checksum: str) -> bytes | None:
+        """Part ``key``'s whole payload if it can be read at once here and is intact (its
+        CRC, and ``checksum``, its sha256); else None, and the caller reads it the usual
+        way, which finds out why. Blocking, but brief (one read of a small part)."""
         ...
 
 
