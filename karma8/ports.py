@@ -18,6 +18,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 import attrs
 
 from karma8.core.access import NamespaceInfo, Right, TokenInfo
+from karma8.core.errors import Karma8Error
 from karma8.core.layout import StripeLayout
 from karma8.core.model import (
     ClusterTotals,
@@ -307,6 +308,60 @@ class WholeParts(Protocol):
         """Part ``key``'s whole payload if it can be read at once here and is intact (its
         CRC, and ``checksum``, its sha256); else None, and the caller reads it the usual
         way, which finds out why. Blocking, but brief (one read of a small part)."""
+        ...
+
+
+@runtime_checkable
+class WholePartWriter(Protocol):
+    """A :class:`StorageAPI` that can store the parts of a body held whole together: their
+    writes run in one sync round, for one wait, instead of one writer each (the embedded
+    cluster's nodes in the gateway's own process)."""
+
+    async def put_whole_parts(
+        self, parts: Sequence[tuple[NodeRef, str, bytes]]
+    ) -> list[StoredPart | Karma8Error] | None:
+        """Store each ``(node, key, bytes)``; per part what it stored or why it did not (as
+        :meth:`StorageAPI.put_part` would have raised). None, having done nothing, if these
+        parts cannot be stored that way (a node elsewhere, a part too large to pack): the
+        caller writes them one by one. Cancelled, the parts written are garbage, as a
+        cancelled ``put_part``'s."""
+        ...
+
+
+class StepRunner(Protocol):
+    """Runs blocking steps in a thread before a sync that makes them durable, many writers'
+    steps in one round (:class:`karma8.store.groupsync.GroupSync`)."""
+
+    async def run_steps(self, fns: Sequence[Callable[[], None]]) -> list[BaseException | None]:
+        """Run the steps in one round; what each raised, None for one that ran through."""
+        ...
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class PendingWrite:
+    """A part's write begun but not run: ``step`` writes its bytes (blocking, for
+    ``runner`` to run in a round with other writes' steps); ``end`` must then be called once,
+    with what the step raised (None if it ran) or why it never ran, and returns the stored
+    part or raises (DiskFull, StorageFailure, UploadConflict, or that exception)."""
+
+    step: Callable[[], None]
+    end: Callable[[BaseException | None], StoredPart]
+    runner: StepRunner
+
+
+@runtime_checkable
+class WholePartStore(Protocol):
+    """A :class:`PartStore` that can begin a whole part's write for a caller to run with
+    others' (see :class:`WholePartWriter`)."""
+
+    def whole_runner(self, size: int) -> StepRunner | None:
+        """What runs the write of a whole part of ``size`` bytes begun by
+        :meth:`begin_whole`; None if this store cannot take one that way."""
+        ...
+
+    async def begin_whole(self, key: str, data: bytes) -> PendingWrite:
+        """Begin storing a whole part (``whole_runner`` says it can); raises as a writer's
+        commit would (UploadConflict, DiskFull), or InvalidRequest for a bad key."""
         ...
 
 

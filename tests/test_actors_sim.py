@@ -16,6 +16,7 @@ from karma8.core.errors import (
     IntegrityError,
     InvalidName,
     InvalidRequest,
+    Karma8Error,
     NotEnoughNodes,
     NotFound,
     PreconditionFailed,
@@ -24,7 +25,8 @@ from karma8.core.errors import (
     UploadConflict,
 )
 from karma8.core.layout import split
-from karma8.core.model import NodeState, PartPlacement, VersionState
+from karma8.core.model import NodeRef, NodeState, PartPlacement, VersionState
+from karma8.ports import StoredPart
 from karma8.sim.cluster import SimCluster
 from karma8.sim.disk import MemoryDisk, WriteFault
 from karma8.sim.runner import run_with_cluster
@@ -367,6 +369,59 @@ def test_puts_placed_on_a_dead_node_move_the_part_to_another_node() -> None:
         # The first PUT met the dead node: its part moved; later ones never chose it.
         assert len(moved) == 1
         assert node_state(cluster, dead) is NodeState.SUSPECT
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+class WholeWriting:
+    """The simulated storage port, with a held body's parts stored by ``put_whole_parts``
+    (each part's ``put_part`` in turn, its error as its result), as the embedded cluster's
+    nodes store them, so that the gateway's way of writing parts together is exercised."""
+
+    def __init__(self, storage: Any) -> None:
+        self.storage = storage
+        self.batches = 0
+        self.read_part = storage.read_part
+        self.delete_part = storage.delete_part
+        self.put_part = storage.put_part
+
+    async def put_whole_parts(
+        self, parts: list[tuple[NodeRef, str, bytes]]
+    ) -> list[StoredPart | Karma8Error]:
+        self.batches += 1
+        results: list[StoredPart | Karma8Error] = []
+        for node, key, data in parts:
+            try:
+                results.append(await self.put_part(node, key, chunks(data), size=len(data)))
+            except Karma8Error as exc:
+                results.append(exc)
+        return results
+
+
+def test_parts_written_together_move_off_a_dead_node_as_parts_written_alone_do() -> None:
+    async def go(cluster: SimCluster) -> None:
+        storage = WholeWriting(cluster.gateway._storage)
+        gw = Gateway(
+            discovery=cluster.gateway._discovery, storage=storage, config=cluster.gateway._config
+        )
+        dead = cluster.nodes[0].node_id
+        cluster.network.endpoint(dead).crash()
+        for i in range(10):
+            data = payload(150, i)
+            version = await gw.put("default", f"f{i}", chunks(data), content_length=len(data))
+            assert dead not in {p.node.node_id for p in version.parts}
+            assert await read(gw, f"f{i}") == data
+        assert storage.batches == 10
+        # The first PUT met the dead node (its part then moved); later ones never chose it.
+        assert gw.part_failures == {(dead, "write"): 1}
+        assert node_state(cluster, dead) is NodeState.SUSPECT
+        # A refusal that is not the node's fault fails the write; what it clashed with stays.
+        taken = await gw.stat("default", "f0")
+        placed = await gw._discovery.place_upload(namespace="default", name="g", size=150)
+        clash = attrs.evolve(placed, parts=(taken.parts[0], *placed.parts[1:]))
+        with pytest.raises(StorageFailure, match="already exists"):
+            await gw._write_held(clash, list(clash.parts), payload(150))
+        assert await read(gw, "f0") == payload(150, 0)
 
     run_with_cluster(go, scenario=SCENARIO)
 

@@ -86,6 +86,35 @@ async def test_a_failing_step_fails_only_its_writer() -> None:
     assert await _still_works(group, log)
 
 
+async def test_steps_run_together_share_one_round_and_each_gets_its_own_error() -> None:
+    log = Log()
+    group = GroupSync(log.sync)
+
+    def bad() -> None:
+        raise ValueError("no such directory")
+
+    errors = await group.run_steps([lambda: log.step("a"), bad, lambda: log.step("c")])
+    assert [type(error) for error in errors] == [type(None), ValueError, type(None)]
+    assert log.events == ["a", "c", "sync"]  # in order, then one sync
+    assert group.rounds == 1
+
+
+async def test_steps_run_together_and_cancelled_before_a_round_took_them_never_run() -> None:
+    log = Log()
+    group = GroupSync(log.sync)
+    log.hold.clear()  # the first round's sync blocks
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(group.sync)  # runs a round, held in its sync
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.CancelScope() as scope:
+            nursery.start_soon(lambda: _cancel_soon(scope))
+            await group.run_steps([lambda: log.step("x"), lambda: log.step("y")])
+        assert scope.cancelled_caught
+        log.hold.set()
+    await group.sync()  # a later round does not run them either
+    assert log.events == ["sync", "sync"]
+
+
 async def test_a_step_cancelled_before_a_round_took_it_never_runs() -> None:
     log = Log()
     group = GroupSync(log.sync)

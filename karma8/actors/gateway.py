@@ -84,7 +84,7 @@ from karma8.core.model import (
     VersionState,
 )
 from karma8.core.names import check_name, check_namespace
-from karma8.ports import DiscoveryAPI, StorageAPI, WholeParts
+from karma8.ports import DiscoveryAPI, StorageAPI, StoredPart, WholeParts, WholePartWriter
 
 
 @attrs.frozen(kw_only=True)
@@ -163,6 +163,7 @@ class Gateway:
         self._access = AccessCache(config.access_cache_ttl)
         self._staging = trio.Semaphore(config.staging_uploads)
         self._whole_parts = storage if isinstance(storage, WholeParts) else None
+        self._whole_writer = storage if isinstance(storage, WholePartWriter) else None
         # Part reads and writes that failed because of their node, by (node id, "read" or
         # "write"): plain counts for the operator's metrics (the net layer reads them).
         self.part_failures: Counter[tuple[str, str]] = Counter()
@@ -289,18 +290,38 @@ class Gateway:
             pieces += [[p] for p in coded]
         sizes = layout.slot_sizes(len(data))
         receipts: list[PartReceipt | None] = [None] * layout.slots
+        slots = [placement.index for placement in version.parts]
+        # Each slot's first try: all together where the storage can (one sync round, one
+        # wait), else each by its own writer; a slot whose node failed it is moved and
+        # written again by its writer, with the tries it has left.
+        retry: dict[int, Karma8Error | None] = dict.fromkeys(slots)
+        if self._whole_writer is not None:
+            stored = await self._whole_writer.put_whole_parts(
+                [
+                    (placed[s].node, placed[s].key, b"".join(pieces[_source_of(layout, s)]))
+                    for s in slots
+                ]
+            )
+            if stored is not None:
+                retry = {}
+                for slot, result in zip(slots, stored, strict=True):
+                    if isinstance(result, Karma8Error):
+                        retry[slot] = result
+                    else:
+                        receipts[slot] = self._receipt(placed[slot], result, sizes[slot])
         try:
             async with trio.open_nursery() as nursery:
-                for placement in version.parts:
+                for slot, failure in retry.items():
                     nursery.start_soon(
                         self._write_part,
                         version.version_id,
                         placed,
-                        placement.index,
-                        HeldChunks(pieces[_source_of(layout, placement.index)]),
-                        sizes[placement.index],
+                        slot,
+                        HeldChunks(pieces[_source_of(layout, slot)]),
+                        sizes[slot],
                         receipts,
-                        name=f"gw-put-{placement.key}",
+                        failure,
+                        name=f"gw-put-{placed[slot].key}",
                     )
         except BaseExceptionGroup as group:
             error = primary_error(group)
@@ -308,6 +329,16 @@ class Gateway:
                 raise
             raise error from None
         return [r for r in receipts if r is not None]
+
+    @staticmethod
+    def _receipt(placement: PartPlacement, stored: StoredPart, size: int) -> PartReceipt:
+        """A whole part's receipt, once the node says it stored all of it."""
+        if stored.size != size:
+            raise IntegrityError(
+                f"node {placement.node.node_id} stored {stored.size} bytes of part"
+                f" {placement.index}, the gateway sent {size}"
+            )
+        return PartReceipt(index=placement.index, size=stored.size, checksum=stored.checksum)
 
     async def _write_parts(
         self,
@@ -340,6 +371,7 @@ class Gateway:
                         receive,
                         None if sizes is None else sizes[placement.index],
                         receipts,
+                        None,
                         name=f"gw-put-{placement.key}",
                     )
                 fanout = Fanout(layout, senders)
@@ -385,14 +417,20 @@ class Gateway:
         chunks: trio.MemoryReceiveChannel[bytes] | HeldChunks,
         size: int | None,
         receipts: list[PartReceipt | None],
+        failed: Karma8Error | None,
     ) -> None:
         """Stream part ``index`` to its node; on a node failure before the node took anything,
-        move the part (``placed[index]``) to another node and stream the same chunks there."""
+        move the part (``placed[index]``) to another node and stream the same chunks there.
+        ``failed``: the first try already failed so (a held part written with others)."""
         async with chunks:
             for attempt in itertools.count():
                 placement = placed[index]
                 counted = PartChunks(chunks)
                 try:
+                    if failed is not None:  # (once)
+                        first: Karma8Error = failed
+                        failed = None
+                        raise first
                     stored = await self._storage.put_part(
                         placement.node, placement.key, counted, size=size
                     )

@@ -29,7 +29,14 @@ from karma8.core.errors import (
     Unavailable,
 )
 from karma8.core.model import NodeRegistration
-from karma8.ports import DiscoveryAPI, PartStore, StoredPart
+from karma8.ports import (
+    DiscoveryAPI,
+    PartStore,
+    PendingWrite,
+    StepRunner,
+    StoredPart,
+    WholePartStore,
+)
 
 log = logging.getLogger("karma8.storage")
 _PART_KEY = re.compile(r"[0-9a-zA-Z_-]{1,64}\.[0-9]{1,3}")
@@ -80,6 +87,7 @@ class StorageNode:
         self.node_id = node_id
         self.url = url
         self._store = store
+        self._whole = store if isinstance(store, WholePartStore) else None
         self._discovery = discovery
         self._config = config
         self._suspects: dict[str, float] = {}
@@ -258,6 +266,20 @@ class StorageNode:
             with trio.CancelScope(shield=True):
                 await writer.discard()
             raise
+
+    def whole_runner(self, size: int) -> StepRunner | None:
+        """What runs the write of a whole part of ``size`` bytes begun by :meth:`begin_whole`
+        (shared with the other nodes on its disk); None if this node cannot take one that
+        way (:meth:`put_part` then)."""
+        return None if self._whole is None else self._whole.whole_runner(size)
+
+    async def begin_whole(self, key: str, data: bytes) -> PendingWrite:
+        """:meth:`put_part` of a whole part up to its write, for a caller that runs the
+        writes of several parts together (see :class:`karma8.ports.PendingWrite`).
+        :meth:`whole_runner` must have said it can. Raises as :meth:`put_part` does."""
+        check_part_key(key)
+        assert self._whole is not None, "whole_runner said no"
+        return await self._whole.begin_whole(key, data)
 
     def read_part(
         self, key: str, *, offset: int, length: int

@@ -14,12 +14,13 @@ HTTP path would deliver it as a disconnect: both end in the node discarding the 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, suppress
 
 from karma8.actors.storage import StorageNode
+from karma8.core.errors import Karma8Error
 from karma8.core.model import NodeRef
-from karma8.ports import StorageAPI, StoredPart
+from karma8.ports import PendingWrite, StorageAPI, StoredPart
 
 
 class LocalFirstStorageClient:
@@ -36,6 +37,55 @@ class LocalFirstStorageClient:
         if local is None:
             return await self._remote.put_part(node, key, chunks, size=size)
         return await local.put_part(key, chunks)
+
+    async def put_whole_parts(
+        self, parts: Sequence[tuple[NodeRef, str, bytes]]
+    ) -> list[StoredPart | Karma8Error] | None:
+        """:class:`karma8.ports.WholePartWriter`: the parts' writes in one round of the sync
+        their nodes share, if every node is in this process and packs its part; else None."""
+        nodes: list[StorageNode] = []
+        runners: set[int] = set()
+        runner = None
+        for node, _, data in parts:
+            local = self._local.get(node.node_id)
+            runner = None if local is None else local.whole_runner(len(data))
+            if local is None or runner is None:
+                return None
+            nodes.append(local)
+            runners.add(id(runner))
+        if runner is None or len(runners) != 1:  # none, or nodes on different disks
+            return None
+        results: list[StoredPart | Karma8Error | None] = []
+        begun: list[tuple[int, PendingWrite]] = []
+        for slot, (local, (_, key, data)) in enumerate(zip(nodes, parts, strict=True)):
+            try:
+                begun.append((slot, await local.begin_whole(key, data)))
+                results.append(None)
+            except Karma8Error as exc:  # refused before any write (a conflict, no room)
+                results.append(exc)
+        errors: list[BaseException | None]
+        try:
+            errors = await runner.run_steps([pending.step for _, pending in begun])
+        except OSError as exc:  # the round failed: fail-stop, every write with it
+            errors = [exc] * len(begun)
+        except BaseException as exc:  # cancelled: the writes are ended, as garbage
+            for _, pending in begun:
+                with suppress(BaseException):  # each raises exc, or what it maps it to
+                    pending.end(exc)
+            raise
+        unexpected: BaseException | None = None
+        for (slot, pending), error in zip(begun, errors, strict=True):
+            try:
+                results[slot] = pending.end(error)
+            except Karma8Error as exc:
+                results[slot] = exc
+            except BaseException as exc:  # every write is ended before this is raised
+                unexpected = unexpected or exc
+        if unexpected is not None:
+            raise unexpected
+        stored = [result for result in results if result is not None]
+        assert len(stored) == len(parts)
+        return stored
 
     def read_part(
         self, node: NodeRef, key: str, *, offset: int, length: int, checksum: str | None = None

@@ -38,7 +38,7 @@ import logging
 import os
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from functools import partial
 from pathlib import Path
@@ -153,12 +153,9 @@ class GroupSync:
 
         ``before`` is a blocking step (writing and linking a file) to run first, in the
         thread of the next round, before its sync: one thread trip per round for every
-        writer instead of one each.
+        writer instead of one each (:meth:`run_steps`, for one step).
         If the step raises, that exception is raised here, and the round goes on for the
-        others. Cancelled before a round took the step, it never runs; cancelled after,
-        this waits (shielded) until that round has ended, sync included, so that the caller
-        can undo what the step did. Once a round has taken steps it runs them, whatever
-        happens to the task that runs the round.
+        others.
 
         Raises:
             OSError: This round or an earlier one failed (fail-stop, see the module doc), or
@@ -166,44 +163,63 @@ class GroupSync:
             Exception: Whatever ``before`` raised.
         """
         assert ticket is None or before is None, "a step takes the next round's ticket"
-        step = None
         if before is not None:
-            step = _Step(before)
-            self._steps.append(step)
-            ticket = self.ticket()  # the next round to start takes every step waiting
-        elif ticket is None:
-            ticket = self.ticket()
+            (error,) = await self.run_steps([before])
+            if error is not None:
+                raise error
+            return
+        await self._until(self.ticket() if ticket is None else ticket)
+
+    async def run_steps(self, fns: Sequence[Callable[[], None]]) -> list[BaseException | None]:
+        """Run blocking steps in the thread of the next round, in order, before its sync, and
+        return once that round has ended, sync included: what each step raised, None for one
+        that ran through (a writer of several parts hands them over together, and waits once).
+
+        The steps go to one round. Cancelled before a round took them, none runs; cancelled
+        after, this waits (shielded) until that round has ended, so that the caller can undo
+        what they did. Once a round has taken steps it runs them, whatever happens to the
+        task that runs the round.
+
+        Raises:
+            OSError: This round or an earlier one failed (fail-stop, see the module doc), or
+                the round could not run the steps.
+        """
+        steps = [_Step(fn) for fn in fns]
+        self._steps += steps
         try:
-            # A checkpoint first, unless a round is running (then this waits for it, a
-            # checkpoint itself): the writers scheduled with this one add their steps before
-            # a round starts. Whoever then finds no round running runs the next; the others
-            # wait for it to end, all woken at once, and look again. (Under load a round is
-            # nearly always running: a pass of the scheduler less for every writer.)
-            if self._running is None:
-                await trio.lowlevel.checkpoint()
-            else:
-                await trio.lowlevel.checkpoint_if_cancelled()
-            while True:
-                self._check()
-                if self._finished >= ticket:
-                    break
-                if self._running is None:
-                    await self._run_round()
-                else:
-                    await self._running.wait()
+            await self._until(self.ticket())  # the next round to start takes them all
         except BaseException:
-            if step is not None and not step.done.is_set():
-                if step in self._steps:
-                    self._steps.remove(step)  # no round took it: it never runs
+            if steps and not steps[0].done.is_set():
+                if steps[0] in self._steps:
+                    for step in steps:  # no round took them: they never run
+                        self._steps.remove(step)
                 else:
                     with trio.CancelScope(shield=True):
-                        await step.done.wait()
+                        await steps[0].done.wait()
             raise
-        if step is not None:
-            assert step.done.is_set()  # a round that started after it took it, and ended
-            if step.error is not None:
-                raise step.error
-            assert step.ran
+        # A round that started after they were added took them, and ended: each ran, or
+        # has the error that says why not.
+        assert all(step.done.is_set() and (step.ran or step.error) for step in steps)
+        return [step.error for step in steps]
+
+    async def _until(self, ticket: int) -> None:
+        # A checkpoint first, unless a round is running (then this waits for it, a
+        # checkpoint itself): the writers scheduled with this one add their steps before
+        # a round starts. Whoever then finds no round running runs the next; the others
+        # wait for it to end, all woken at once, and look again. (Under load a round is
+        # nearly always running: a pass of the scheduler less for every writer.)
+        if self._running is None:
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            self._check()
+            if self._finished >= ticket:
+                return
+            if self._running is None:
+                await self._run_round()
+            else:
+                await self._running.wait()
 
     async def _run_round(self) -> None:
         self._running = trio.Event()

@@ -16,10 +16,11 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
+import attrs
 import trio
 
 from karma8.core.errors import IntegrityError, InvalidRequest, NotFound, UploadConflict
-from karma8.ports import PartWriter, StoredPart
+from karma8.ports import PartWriter, PendingWrite, StepRunner, StoredPart
 from karma8.store.files.store import FilePartStore
 from karma8.store.files.tree import check_key
 from karma8.store.groupsync import GroupSync
@@ -95,6 +96,50 @@ class TieredPartStore:
         check_key(key)
         await trio.lowlevel.checkpoint_if_cancelled()  # cheap: no yield for a few bytes
         return TieredWriter(self, key)
+
+    def whole_runner(self, size: int) -> StepRunner | None:
+        """What runs the write of a whole part of ``size`` bytes begun by
+        :meth:`begin_whole`, or None if it would not be packed (too large, packing off)."""
+        if not self.small_part_max or size > self.small_part_max:
+            return None
+        return self.packed.group_sync or None
+
+    async def begin_whole(self, key: str, data: bytes) -> PendingWrite:
+        """Begin storing a whole small part (:meth:`whole_runner` says it is one): as a writer
+        fed ``data`` and committed would, up to the needle's write (see
+        :class:`karma8.ports.PendingWrite`).
+
+        Raises:
+            InvalidRequest: The key is not a plain file name.
+            UploadConflict: The key is committed in either engine, or being committed.
+            DiskFull: The quota would be exceeded.
+        """
+        check_key(key)
+        if self.whole_runner(len(data)) is None:
+            raise ValueError(f"a part of {len(data)} bytes is not packed here")
+        if key in self._committing:
+            raise UploadConflict(f"part {key} already exists")
+        quota = self.files.context.quota
+        quota.reserve(len(data))
+        self._committing.add(key)
+        try:
+            pending = await self.packed.begin_put(
+                key, data, held_elsewhere=partial(self.files.holds_blocking, key)
+            )
+        except BaseException:
+            self._committing.discard(key)
+            quota.release(len(data))
+            raise
+        packed_end = pending.end
+
+        def end(error: BaseException | None) -> StoredPart:
+            try:
+                return packed_end(error)
+            finally:
+                self._committing.discard(key)
+                quota.release(len(data))
+
+        return attrs.evolve(pending, end=end)
 
     @asynccontextmanager
     async def open(

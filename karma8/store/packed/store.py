@@ -13,13 +13,13 @@ import os
 import re
 import secrets
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
 
 from karma8.core.errors import IntegrityError, NotFound, UploadConflict
-from karma8.ports import StoredPart
+from karma8.ports import PendingWrite, StoredPart
 from karma8.store.diskio import (
     DIR_MODE,
     FILE_MODE,
@@ -196,6 +196,11 @@ class PackedStore:
     # -- what the routing store calls -------------------------------------------------------
 
     @property
+    def group_sync(self) -> GroupSync | None:
+        """The rounds its appends are written and synced in (None: each syncs alone)."""
+        return self._group
+
+    @property
     def volumes(self) -> dict[int, VolumeFile]:
         """The current generation of every volume, by id."""
         return dict(self._files)
@@ -222,6 +227,20 @@ class PackedStore:
             UploadConflict: The key is here already, or being committed, or held elsewhere.
             DiskFull, StorageFailure: The disk failed (the part is not stored).
         """
+        pending = await self.begin_put(key, payload, held_elsewhere=held_elsewhere)
+        try:
+            error = await self._run_step(pending.step)
+        except BaseException as exc:  # the round failed, or this was cancelled
+            error = exc
+        return pending.end(error)
+
+    async def begin_put(
+        self, key: str, payload: bytes, *, held_elsewhere: Callable[[], bool] | None = None
+    ) -> PendingWrite:
+        """:meth:`put` up to its write: the needle's place in a volume is taken and its
+        write is the returned step, which a sync round runs with other puts' (group sync),
+        or which writes and syncs it alone; then its ``end`` indexes the part (see
+        :class:`karma8.ports.PendingWrite`). Raises UploadConflict as :meth:`put` does."""
         if self.has(key):
             raise UploadConflict(f"part {key} already exists")
         self._pending.add(key)
@@ -230,14 +249,25 @@ class PackedStore:
             crc = zlib.crc32(payload)
             needle = encode(key, payload, sha256=sha256, crc=crc)
             file = await self._active_for(len(needle))
-            refuse = None
-            if held_elsewhere is not None:
+        except BaseException:
+            self._pending.discard(key)
+            raise
+        refuse = None
+        if held_elsewhere is not None:
 
-                def refuse() -> None:
-                    if held_elsewhere():
-                        raise UploadConflict(f"part {key} already exists")
+            def refuse() -> None:
+                if held_elsewhere():
+                    raise UploadConflict(f"part {key} already exists")
 
-            offset = await self._append(file, needle, "committing a part", before=refuse)
+        offset, step = self._begin_append(file, needle, before=refuse)
+
+        def end(error: BaseException | None) -> StoredPart:
+            self._end_append(file)
+            self._pending.discard(key)
+            if isinstance(error, OSError):
+                raise storage_error(error, "committing a part") from None
+            if error is not None:
+                raise error
             self.index.add(
                 NeedleRef(
                     key=key,
@@ -252,9 +282,9 @@ class PackedStore:
                 )
             )
             self._quota.add_used(len(payload))
-        finally:
-            self._pending.discard(key)
-        return StoredPart(key=key, size=len(payload), checksum=sha256.hex())
+            return StoredPart(key=key, size=len(payload), checksum=sha256.hex())
+
+        return PendingWrite(step=step, end=end, runner=self._group or _AloneRunner(self._io))
 
     async def _active_for(self, nbytes: int) -> VolumeFile:
         """The volume to append ``nbytes`` to, rolling over to a new one past the size."""
@@ -280,13 +310,30 @@ class PackedStore:
         before: Callable[[], None] | None = None,
     ) -> int:
         """Write ``data`` at the end of ``file`` and wait until it is durable; its offset.
+        ``before`` runs first in the same thread; what it raises is raised here, and
+        nothing is written."""
+        offset, step = self._begin_append(file, data, before=before)
+        try:
+            error = await self._run_step(step)
+        finally:
+            self._end_append(file)
+        if isinstance(error, OSError):
+            raise storage_error(error, doing) from None
+        if error is not None:
+            raise error
+        return offset
+
+    def _begin_append(
+        self, file: VolumeFile, data: bytes, *, before: Callable[[], None] | None
+    ) -> tuple[int, Callable[[], None]]:
+        """Take ``data``'s place at the end of ``file``: its offset, and the blocking step
+        that writes it (and, without group sync, syncs it). :meth:`_end_append` follows.
 
         The offset is taken here, on the event loop, so appends to one volume never overlap;
-        the write is a step of the next sync round (one thread trip and one ``syncfs`` for
-        every commit waiting), or a write and ``fdatasync`` of its own without group sync.
-        A cancelled or failed append leaves a hole, or bytes nothing indexes: garbage.
-        ``before`` runs first in the same thread; what it raises is raised here, and
-        nothing is written.
+        the step runs in the next sync round (one thread trip and one ``syncfs`` for every
+        commit waiting), or alone with an ``fdatasync`` without group sync. A cancelled or
+        failed append leaves a hole, or bytes nothing indexes: garbage. ``before`` runs
+        first in the same thread; if it raises, nothing is written.
         """
         offset = file.end
         file.end += len(data)
@@ -298,21 +345,26 @@ class PackedStore:
                 before()
             pwrite_all(file.fd, data, offset)
 
+        if self._group is not None:
+            return offset, write
+
         def write_and_sync() -> None:
             write()
             os.fdatasync(file.fd)
 
+        return offset, write_and_sync
+
+    def _end_append(self, file: VolumeFile) -> None:
+        file.unpin()
+        file.append_done()
+
+    async def _run_step(self, step: Callable[[], None]) -> BaseException | None:
+        """Run one append's step; what it raised (an OSError of the round too)."""
         try:
-            if self._group is not None:
-                await self._group.sync(before=write)
-            else:
-                await self._io.run(write_and_sync)
+            (error,) = await (self._group or _AloneRunner(self._io)).run_steps([step])
         except OSError as exc:
-            raise storage_error(exc, doing) from None
-        finally:
-            file.unpin()
-            file.append_done()
-        return offset
+            return exc
+        return error
 
     def stat(self, key: str) -> StoredPart | None:
         ref = self.index.get(key)
@@ -573,3 +625,22 @@ def _finish(tmp: Path, final: Path, end: int, dead: list[str]) -> int:
         os.close(fd)
         raise
     return fd
+
+
+class _AloneRunner:
+    """Steps without group sync: each in a thread trip of its own (a write and its
+    ``fdatasync``), one after the other."""
+
+    def __init__(self, io: BlockingIO) -> None:
+        self._io = io
+
+    async def run_steps(self, fns: Sequence[Callable[[], None]]) -> list[BaseException | None]:
+        errors: list[BaseException | None] = []
+        for fn in fns:
+            try:
+                await self._io.run(fn)
+            except Exception as exc:
+                errors.append(exc)
+            else:
+                errors.append(None)
+        return errors
