@@ -75,7 +75,7 @@ from karma8.core.errors import (
     TooLarge,
     Unavailable,
 )
-from karma8.core.layout import DEFAULT_MAX_FILE_SIZE, StripeLayout, StripeSplitter, merge
+from karma8.core.layout import DEFAULT_MAX_FILE_SIZE, StripeLayout, StripeSplitter
 from karma8.core.model import (
     FileEntry,
     FileVersion,
@@ -84,7 +84,7 @@ from karma8.core.model import (
     VersionState,
 )
 from karma8.core.names import check_name, check_namespace
-from karma8.ports import DiscoveryAPI, StorageAPI, StoredPart, WholeParts, WholePartWriter
+from karma8.ports import DiscoveryAPI, StorageAPI, StoredPart, WholePartWriter
 
 
 @attrs.frozen(kw_only=True)
@@ -162,7 +162,6 @@ class Gateway:
         self._config = config
         self._access = AccessCache(config.access_cache_ttl)
         self._staging = trio.Semaphore(config.staging_uploads)
-        self._whole_parts = storage if isinstance(storage, WholeParts) else None
         self._whole_writer = storage if isinstance(storage, WholePartWriter) else None
         # Part reads and writes that failed because of their node, by (node id, "read" or
         # "write"): plain counts for the operator's metrics (the net layer reads them).
@@ -532,46 +531,6 @@ class Gateway:
         check_namespace(namespace)
         check_name(name)
         return await self._discovery.resolve(namespace=namespace, name=name)
-
-    async def read_bytes(
-        self, version: FileVersion, *, start: int = 0, stop: int | None = None
-    ) -> bytes:
-        """Bytes ``[start, stop)`` of a committed version, read whole (a small answer's body).
-
-        A whole file whose data parts (the first copy of each) the storage can hand over at
-        once (:class:`karma8.ports.WholeParts`) is put back together from them without a
-        stream per part; any other read, and one where a part is not there whole and intact,
-        goes through :meth:`open_read`, which reads around it or says why it cannot.
-        """
-        size = version.size
-        if (
-            self._whole_parts is not None
-            and start == 0
-            and stop in (None, size)
-            and size is not None
-            and version.state is VersionState.COMMITTED
-        ):
-            layout = version.layout
-            parts: list[bytes] = []
-            for part in range(layout.parts):
-                slot = layout.copies_of(part)[0]
-                placement = version.parts[slot] if slot < len(version.parts) else None
-                if placement is None or placement.index != slot or placement.reported_lost:
-                    break
-                assert placement.checksum is not None  # a committed part's
-                data = self._whole_parts.part_now(
-                    placement.node, placement.key, checksum=placement.checksum
-                )
-                if data is None:
-                    break
-                parts.append(data)
-            else:
-                with suppress(ValueError):  # a part of the wrong length: the long way says
-                    whole = merge(layout, parts)
-                    await trio.lowlevel.checkpoint_if_cancelled()  # no pass of the scheduler
-                    return whole
-        async with self.open_read(version, start=start, stop=stop) as chunks:
-            return b"".join([chunk async for chunk in chunks])
 
     @asynccontextmanager
     async def open_read(
