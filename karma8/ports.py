@@ -51,6 +51,12 @@ class IdSource(Protocol):
 
     def new_id(self) -> str: ...
 
+    def new_version_id(self) -> str:
+        """A version's id: unique, 21 hex digits, in the order versions are created (its
+        first 13 the microseconds since the epoch), so that the metadata's indexes on it
+        grow at their end instead of at a random leaf each. Not a secret."""
+        ...
+
 
 class BlockingRunner(Protocol):
     """Runs a short blocking call (a SQLite transaction, hashing a big chunk): inline in the

@@ -217,7 +217,7 @@ class Discovery:
                 )
         layout = await self._layout_for(namespace)
         part_size = max(layout.part_sizes(size_hint or 0))
-        version_id = self._ids.new_id()
+        version_id = self._ids.new_version_id()
         now = self._clock.now()
 
         def place(loads: Sequence[NodeLoad]) -> Sequence[str]:
@@ -309,7 +309,7 @@ class Discovery:
             raise TooLarge(f"{size} bytes is more than the limit of {self.config.max_file_size}")
         layout = await self._layout_for(namespace)
         sizes = layout.slot_sizes(size)
-        version_id = self._ids.new_id()
+        version_id = self._ids.new_version_id()
 
         def place() -> Lease:
             view = self._store.placement_view(namespace, name, if_absent=if_absent)

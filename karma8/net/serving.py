@@ -61,6 +61,9 @@ class RandomIds:
     def new_id(self) -> str:
         return secrets.token_hex(8)
 
+    def new_version_id(self) -> str:
+        return f"{time.time_ns() // 1000:013x}{secrets.token_hex(4)}"
+
 
 async def serve_app(
     app: Framework,

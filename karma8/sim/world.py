@@ -37,9 +37,14 @@ class SimIds:
 
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
+        self._versions = 0
 
     def new_id(self) -> str:
         return f"{self._rng.getrandbits(64):016x}"
+
+    def new_version_id(self) -> str:
+        self._versions += 1  # in creation order, as in net mode (no wall clock here)
+        return f"{self._versions:013x}{self._rng.getrandbits(32):08x}"
 
 
 class InlineRunner:
