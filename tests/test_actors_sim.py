@@ -13,6 +13,7 @@ import trio
 from karma8.actors.gateway import Gateway
 from karma8.actors.storage import StorageNode
 from karma8.core.errors import (
+    DiskFull,
     IntegrityError,
     InvalidName,
     InvalidRequest,
@@ -376,14 +377,30 @@ def test_puts_placed_on_a_dead_node_move_the_part_to_another_node() -> None:
 class WholeWriting:
     """The simulated storage port, with a held body's parts stored by ``put_whole_parts``
     (each part's ``put_part`` in turn, its error as its result), as the embedded cluster's
-    nodes store them, so that the gateway's way of writing parts together is exercised."""
+    nodes store them, so that the gateway's way of writing parts together is exercised.
+    Every try of a key ending in ``refuse`` is refused as by a full node, after the node
+    took its bytes; ``tries`` records each part write, (key, node, "batch" or "alone")."""
 
-    def __init__(self, storage: Any) -> None:
+    def __init__(self, storage: Any, refuse: str | None = None, times: int = 1 << 30) -> None:
         self.storage = storage
+        self.refuse = refuse
+        self.times = times  # how many tries are refused
         self.batches = 0
+        self.tries: list[tuple[str, str, str]] = []
         self.read_part = storage.read_part
         self.delete_part = storage.delete_part
-        self.put_part = storage.put_part
+
+    async def put_part(
+        self, node: NodeRef, key: str, parts: Any, *, size: int | None = None, how: str = "alone"
+    ) -> StoredPart:
+        self.tries.append((key, node.node_id, how))
+        if self.refuse is not None and key.endswith(self.refuse) and self.times:
+            self.times -= 1
+            async for _ in parts:
+                pass
+            raise DiskFull("no space left on the node")
+        stored: StoredPart = await self.storage.put_part(node, key, parts, size=size)
+        return stored
 
     async def put_whole_parts(
         self, parts: list[tuple[NodeRef, str, bytes]]
@@ -392,10 +409,39 @@ class WholeWriting:
         results: list[StoredPart | Karma8Error] = []
         for node, key, data in parts:
             try:
-                results.append(await self.put_part(node, key, chunks(data), size=len(data)))
+                results.append(await self.put_part(node, key, chunks(data), how="batch"))
             except Karma8Error as exc:
                 results.append(exc)
         return results
+
+
+def test_a_part_written_together_moves_as_often_as_part_retries_allows() -> None:
+    async def go(cluster: SimCluster) -> None:
+        config = cluster.gateway._config
+        storage = WholeWriting(cluster.gateway._storage, refuse=".2")
+        gw = Gateway(discovery=cluster.gateway._discovery, storage=storage, config=config)
+        with pytest.raises(StorageFailure, match="no space"):
+            await gw.put("default", "f", chunks(payload(150)), content_length=150)
+        tries = [(node, how) for key, node, how in storage.tries if key.endswith(".2")]
+        # The batch was its first try; then as many moves as part_retries, each to a node
+        # not tried before, each write from its first piece (the node took them all).
+        assert [how for _, how in tries] == ["batch"] + ["alone"] * config.part_retries
+        assert len({node for node, _ in tries}) == len(tries)
+        assert sum(gw.part_failures.values()) == len(tries)
+        # Refused twice, after its nodes took every piece: it moves, whole, and the PUT holds.
+        storage.refuse, storage.times = ".3", 2
+        version = await gw.put("default", "g", chunks(payload(150, 1)), content_length=150)
+        assert await read(gw, "g") == payload(150, 1)
+        assert [how for key, _, how in storage.tries if key == f"{version.version_id}.3"] == [
+            "batch",
+            "alone",
+            "alone",
+        ]
+
+    run_with_cluster(
+        go,
+        scenario=attrs.evolve(SCENARIO, cluster=attrs.evolve(SCENARIO.cluster, storage_nodes=10)),
+    )
 
 
 def test_parts_written_together_move_off_a_dead_node_as_parts_written_alone_do() -> None:

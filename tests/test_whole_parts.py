@@ -4,6 +4,7 @@ each part's refusal its own, and nothing done where they cannot go together."""
 
 from __future__ import annotations
 
+import errno
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import trio
 import trio.testing
 
 from karma8.actors.storage import StorageConfig, StorageNode
-from karma8.core.errors import DiskFull, UploadConflict
+from karma8.core.errors import DiskFull, StorageFailure, UploadConflict
 from karma8.core.model import NodeRef
 from karma8.net.local import LocalFirstStorageClient
 from karma8.ports import StorageAPI, StoredPart
@@ -42,11 +43,17 @@ class HeldSync:
 class Cluster:
     """Six nodes, each on a store of its own, sharing one group sync (as on one disk)."""
 
-    def __init__(self, root: Path, group: GroupSync, capacity: int = BIG) -> None:
+    def __init__(
+        self, root: Path, group: GroupSync, capacity: int = BIG, volume_size: int = 1 << 20
+    ) -> None:
         self.group = group
         self.stores = [
             TieredPartStore(
-                root / f"n{i}", capacity_bytes=capacity, small_part_max=T, group_sync=group
+                root / f"n{i}",
+                capacity_bytes=capacity,
+                small_part_max=T,
+                group_sync=group,
+                volume_size=volume_size,
             )
             for i in range(6)
         ]
@@ -65,6 +72,17 @@ class Cluster:
     def close(self) -> None:
         for store in self.stores:
             store.close()
+
+    def held(self) -> list[tuple[set[str], set[str], int]]:
+        """What each store holds for writes in flight: keys being committed, needles
+        pending, reserved bytes (all empty once every write has ended)."""
+        return [
+            (set(store._committing), set(store.packed._pending), store.in_flight_bytes)
+            for store in self.stores
+        ]
+
+
+NOTHING_HELD: list[tuple[set[str], set[str], int]] = [(set(), set(), 0)] * 6
 
 
 @pytest.fixture
@@ -96,6 +114,7 @@ async def test_whole_parts_are_written_in_one_round_and_read_back(
         StoredPart(key=key, size=len(data), checksum=sha(data)) for _, key, data in wanted
     ]
     assert sync.calls == 1  # one round for all five
+    assert cluster.held() == NOTHING_HELD
     for (_, key, data), store in zip(wanted, cluster.stores, strict=False):
         assert b"".join(await read(store, key, 0, len(data))) == data
         assert await store.used_bytes() == len(data)
@@ -115,6 +134,7 @@ async def test_a_part_refused_is_that_part_s_error_alone(tmp_path: Path) -> None
         assert b"".join(await read(cluster.stores[1], "v.1", 0, 3)) == b"old"
         assert await cluster.stores[2].stat("v.2") is None
         assert [await s.used_bytes() for s in cluster.stores[:3]] == [300, 3, 0]
+        assert cluster.held() == NOTHING_HELD
     finally:
         cluster.close()
 
@@ -165,7 +185,63 @@ async def test_cancelled_whole_parts_leave_no_part_and_can_be_written_again(
     for (_, key, _), store in zip(wanted, cluster.stores, strict=False):
         assert await store.stat(key) is None
         assert await store.used_bytes() == 0
+    assert cluster.held() == NOTHING_HELD
     stored = await cluster.client.put_whole_parts(wanted)  # nothing holds the keys
     assert stored == [
         StoredPart(key=key, size=len(data), checksum=sha(data)) for _, key, data in wanted
     ]
+
+
+async def test_a_key_held_by_the_file_engine_or_being_committed_is_refused(
+    cluster: Cluster,
+) -> None:
+    await put(cluster.stores[0], "v.0", payload(T + 1))  # a part file of the key
+    cluster.stores[1]._committing.add("v.1")  # a writer of the key is committing it
+    stored = await cluster.client.put_whole_parts(parts(10, 10, 10))
+    assert stored is not None
+    assert [type(part) for part in stored] == [UploadConflict, UploadConflict, StoredPart]
+    assert b"".join(await read(cluster.stores[0], "v.0", 0, T + 1)) == payload(T + 1)
+    cluster.stores[1]._committing.discard("v.1")
+    assert cluster.held() == NOTHING_HELD
+
+
+def fill_volume(store: TieredPartStore) -> None:
+    """Make the store's next part start a new volume."""
+    store.packed.volumes[max(store.packed.volumes)].end = store.packed.volume_size
+
+
+async def test_a_volume_that_cannot_be_started_refuses_its_part_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = Cluster(tmp_path, GroupSync(HeldSync()))
+    try:
+        fill_volume(cluster.stores[1])
+
+        def no_descriptors(*args: object) -> None:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(cluster.stores[1].packed, "_create", no_descriptors)
+        stored = await cluster.client.put_whole_parts(parts(10, 10, 10))
+        assert stored is not None
+        assert isinstance(stored[1], StorageFailure)
+        assert "starting a volume" in stored[1].message
+        assert [type(part) for part in stored] == [StoredPart, StorageFailure, StoredPart]
+        assert cluster.held() == NOTHING_HELD
+    finally:
+        cluster.close()
+
+
+async def test_cancelled_while_beginning_the_parts_ends_those_begun(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, GroupSync(HeldSync()))
+    try:
+        fill_volume(cluster.stores[1])  # its part waits for a new volume: a checkpoint
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await cluster.client.put_whole_parts(parts(10, 10, 10))
+        assert scope.cancelled_caught
+        assert cluster.held() == NOTHING_HELD  # node 0's part was begun, and ended
+        stored = await cluster.client.put_whole_parts(parts(10, 10, 10))
+        assert stored is not None
+        assert all(isinstance(part, StoredPart) for part in stored)
+    finally:
+        cluster.close()

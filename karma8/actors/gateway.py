@@ -21,12 +21,15 @@ PUT
     failed before it took any of the part's bytes, the chunks are all still in the part's
     channel: discovery moves the part to another node (``replace_part``) and the same channel
     is streamed there, up to ``part_retries`` times. Bytes a node took are not kept, so a
-    node failing later fails the PUT.
+    node failing later fails the PUT; a body held whole (below) keeps its pieces, so its part
+    moves whatever the node took.
 
     A body with a Content-Length of at most ``small_file_max`` is read whole first, then
     placed by ``place_upload`` (a lease in discovery's memory, no transaction), split at once
-    and written by the same part writers, each fed its pieces instead of a channel; the
-    commit is its one metadata transaction. Failures are handled as above.
+    and written by the same part writers, each fed its pieces instead of a channel, or, where
+    the storage can (:class:`karma8.ports.WholePartWriter`: the embedded cluster's own
+    nodes), all together in one sync round; the commit is its one metadata transaction.
+    Failures are handled as above.
 
     A commit whose answer is lost is settled by ``abort_upload``, which reports the version's
     final state: if the commit had in fact happened the PUT succeeds; if discovery cannot be
@@ -277,8 +280,9 @@ class Gateway:
         self, version: FileVersion, placed: list[PartPlacement], data: bytes
     ) -> list[PartReceipt]:
         """Write a body held whole: split at once, its parts (their copies, its parity parts)
-        written concurrently by the same part writers as a streamed body's, each from its
-        pieces instead of a channel."""
+        written together where the storage can (one sync round, one wait), else concurrently
+        by the same part writers as a streamed body's, each from its pieces instead of a
+        channel; a part refused because of its node moves as a writer's would."""
         layout = version.layout
         splitter = StripeSplitter(layout, len(data))
         pieces: list[list[bytes]] = [[] for _ in range(layout.parts)]
@@ -420,10 +424,14 @@ class Gateway:
     ) -> None:
         """Stream part ``index`` to its node; on a node failure before the node took anything,
         move the part (``placed[index]``) to another node and stream the same chunks there.
-        ``failed``: the first try already failed so (a held part written with others)."""
+        ``failed``: the first try already failed so (a held part written with others).
+        A held part's pieces are kept, so it moves whatever its node took."""
+        held = chunks if isinstance(chunks, HeldChunks) else None
         async with chunks:
             for attempt in itertools.count():
                 placement = placed[index]
+                if held is not None and attempt:
+                    held.rewind()
                 counted = PartChunks(chunks)
                 try:
                     if failed is not None:  # (once)
@@ -438,7 +446,7 @@ class Gateway:
                     if not _node_at_fault(exc):
                         raise _write_failure(placement, exc) from None
                     await self._report_failure(placement, exc)
-                    if counted.started or attempt >= self._config.part_retries:
+                    if (counted.started and held is None) or attempt >= self._config.part_retries:
                         raise _write_failure(placement, exc) from None
                     try:
                         placed[index] = await self._discovery.replace_part(

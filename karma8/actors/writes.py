@@ -34,6 +34,10 @@ class HeldChunks:
         self._next += 1
         return piece
 
+    def rewind(self) -> None:
+        """From the first piece again (the part moves to another node)."""
+        self._next = 0
+
     def __aiter__(self) -> HeldChunks:
         return self
 

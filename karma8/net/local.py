@@ -55,20 +55,21 @@ class LocalFirstStorageClient:
             runners.add(id(runner))
         if runner is None or len(runners) != 1:  # none, or nodes on different disks
             return None
-        results: list[StoredPart | Karma8Error | None] = []
+        results: list[StoredPart | Karma8Error | None] = [None] * len(parts)
         begun: list[tuple[int, PendingWrite]] = []
-        for slot, (local, (_, key, data)) in enumerate(zip(nodes, parts, strict=True)):
-            try:
-                begun.append((slot, await local.begin_whole(key, data)))
-                results.append(None)
-            except Karma8Error as exc:  # refused before any write (a conflict, no room)
-                results.append(exc)
-        errors: list[BaseException | None]
+        errors: list[BaseException | None] = []
         try:
-            errors = await runner.run_steps([pending.step for _, pending in begun])
-        except OSError as exc:  # the round failed: fail-stop, every write with it
-            errors = [exc] * len(begun)
-        except BaseException as exc:  # cancelled: the writes are ended, as garbage
+            for slot, (local, (_, key, data)) in enumerate(zip(nodes, parts, strict=True)):
+                try:
+                    begun.append((slot, await local.begin_whole(key, data)))
+                except Karma8Error as exc:  # refused before any write (a conflict, no room)
+                    results[slot] = exc
+            if begun:
+                try:
+                    errors = await runner.run_steps([pending.step for _, pending in begun])
+                except OSError as exc:  # the round failed: fail-stop, every write with it
+                    errors = [exc] * len(begun)
+        except BaseException as exc:  # cancelled (or a bug): what was begun ends as garbage
             for _, pending in begun:
                 with suppress(BaseException):  # each raises exc, or what it maps it to
                     pending.end(exc)

@@ -58,11 +58,15 @@ class WallClock:
 
 
 class RandomIds:
+    def __init__(self) -> None:
+        self._last = 0  # microseconds of the last version id: never back, if the clock is
+
     def new_id(self) -> str:
         return secrets.token_hex(8)
 
     def new_version_id(self) -> str:
-        return f"{time.time_ns() // 1000:013x}{secrets.token_hex(4)}"
+        self._last = max(self._last, time.time_ns() // 1000)
+        return f"{self._last:013x}{secrets.token_hex(4)}"
 
 
 async def serve_app(

@@ -295,7 +295,10 @@ class PackedStore:
             file = self._files[self._active]
             if file.end and file.end + nbytes > self.volume_size:
                 sealed = file.volume
-                file = await self._io.run(lambda: self._create(sealed + 1, 0))
+                try:
+                    file = await self._io.run(lambda: self._create(sealed + 1, 0))
+                except OSError as exc:
+                    raise storage_error(exc, "starting a volume") from None
                 self._files[file.volume] = file
                 self._active = file.volume
                 self._maybe_compact(sealed)
