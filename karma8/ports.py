@@ -217,8 +217,9 @@ class DiscoveryAPI(Protocol):
         self, *, version_id: str, index: int, failed_node_id: str
     ) -> PartPlacement:
         """Move part ``index`` of a pending upload (or of a placement lease), and its
-        reservation, off a node that failed
-        before taking any of its bytes, onto an available node that holds no other part of it.
+        reservation, off a node that failed (before taking any of its bytes, or at any point
+        for a body the gateway holds whole), onto an available node that holds no other part
+        of it.
 
         Raises UploadConflict (not pending, or the part is not on that node), NotEnoughNodes.
         """

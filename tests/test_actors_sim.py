@@ -385,6 +385,7 @@ class WholeWriting:
         self.storage = storage
         self.refuse = refuse
         self.times = times  # how many tries are refused
+        self.keep = False  # a refused try alone stores the part, then its answer is lost
         self.batches = 0
         self.tries: list[tuple[str, str, str]] = []
         self.read_part = storage.read_part
@@ -396,6 +397,9 @@ class WholeWriting:
         self.tries.append((key, node.node_id, how))
         if self.refuse is not None and key.endswith(self.refuse) and self.times:
             self.times -= 1
+            if self.keep and how == "alone":
+                await self.storage.put_part(node, key, parts, size=size)
+                raise Unavailable(f"{node.node_id} did not answer")
             async for _ in parts:
                 pass
             raise DiskFull("no space left on the node")
@@ -437,10 +441,19 @@ def test_a_part_written_together_moves_as_often_as_part_retries_allows() -> None
             "alone",
             "alone",
         ]
+        # A node that kept the part it took (its answer lost) has it deleted when it moves.
+        storage.refuse, storage.times, storage.keep = ".1", 2, True
+        version = await gw.put("default", "h", chunks(payload(150, 2)), content_length=150)
+        assert await read(gw, "h") == payload(150, 2)
+        key = f"{version.version_id}.1"
+        tried = [node for k, node, _ in storage.tries if k == key]
+        holders = [n.node_id for n in cluster.nodes if key in n.disk.parts]
+        assert len(tried) == 3
+        assert holders == [tried[-1]]  # the copy left on the second node was deleted
 
     run_with_cluster(
         go,
-        scenario=attrs.evolve(SCENARIO, cluster=attrs.evolve(SCENARIO.cluster, storage_nodes=10)),
+        scenario=attrs.evolve(SCENARIO, cluster=attrs.evolve(SCENARIO.cluster, storage_nodes=16)),
     )
 
 

@@ -73,16 +73,22 @@ class Cluster:
         for store in self.stores:
             store.close()
 
-    def held(self) -> list[tuple[set[str], set[str], int]]:
+    def held(self) -> list[tuple[set[str], set[str], int, int]]:
         """What each store holds for writes in flight: keys being committed, needles
-        pending, reserved bytes (all empty once every write has ended)."""
+        pending, reserved bytes, appends and pins of its volumes (all none once every write
+        has ended; an append never ended would hold compaction off its volume)."""
         return [
-            (set(store._committing), set(store.packed._pending), store.in_flight_bytes)
+            (
+                set(store._committing),
+                set(store.packed._pending),
+                store.in_flight_bytes,
+                sum(file.appends + file.pins for file in store.packed.volumes.values()),
+            )
             for store in self.stores
         ]
 
 
-NOTHING_HELD: list[tuple[set[str], set[str], int]] = [(set(), set(), 0)] * 6
+NOTHING_HELD: list[tuple[set[str], set[str], int, int]] = [(set(), set(), 0, 0)] * 6
 
 
 @pytest.fixture

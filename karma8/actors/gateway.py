@@ -98,7 +98,8 @@ class GatewayConfig:
     # A read of a redundant version (raid1, parity) that waits longer than this for a part's
     # node (to open it, or for its next chunk) reads another copy or rebuilds the part.
     read_deadline: float = 5.0
-    # How many times one part moves to another node when its node fails before taking bytes.
+    # How many times one part moves to another node when its node fails before taking bytes
+    # (or at any point, for a body held whole).
     part_retries: int = 2
     # Seconds a positive access answer is reused without asking discovery: a revoked token
     # or a disabled namespace is refused within this long. 0: ask every time.
@@ -229,7 +230,8 @@ class Gateway:
                 )
         if begin_scope.cancelled_caught:
             raise Unavailable("discovery did not answer in time")
-        # Where each part is now: a part whose node fails before taking any bytes moves.
+        # Where each part is now: a part whose node fails before taking any bytes (any part of a
+        # body held whole) moves.
         placed = list(version.parts)
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -312,6 +314,8 @@ class Gateway:
                         retry[slot] = result
                     else:
                         receipts[slot] = self._receipt(placed[slot], result, sizes[slot])
+        # Nodes a part moved off after they took it all: any copy they kept is garbage.
+        abandoned: list[PartPlacement] = []
         try:
             async with trio.open_nursery() as nursery:
                 for slot, failure in retry.items():
@@ -324,6 +328,7 @@ class Gateway:
                         sizes[slot],
                         receipts,
                         failure,
+                        abandoned,
                         name=f"gw-put-{placed[slot].key}",
                     )
         except BaseExceptionGroup as group:
@@ -331,6 +336,9 @@ class Gateway:
             if error is None:
                 raise
             raise error from None
+        finally:
+            if abandoned:
+                await self._delete_all(abandoned)
         return [r for r in receipts if r is not None]
 
     @staticmethod
@@ -374,6 +382,7 @@ class Gateway:
                         receive,
                         None if sizes is None else sizes[placement.index],
                         receipts,
+                        None,
                         None,
                         name=f"gw-put-{placement.key}",
                     )
@@ -421,11 +430,13 @@ class Gateway:
         size: int | None,
         receipts: list[PartReceipt | None],
         failed: Karma8Error | None,
+        abandoned: list[PartPlacement] | None,
     ) -> None:
         """Stream part ``index`` to its node; on a node failure before the node took anything,
         move the part (``placed[index]``) to another node and stream the same chunks there.
         ``failed``: the first try already failed so (a held part written with others).
-        A held part's pieces are kept, so it moves whatever its node took."""
+        A held part's pieces are kept, so it moves whatever its node took; a node it moves off
+        after that goes into ``abandoned``, for its copy, if it kept one, to be deleted."""
         held = chunks if isinstance(chunks, HeldChunks) else None
         async with chunks:
             for attempt in itertools.count():
@@ -456,6 +467,8 @@ class Gateway:
                         )
                     except Karma8Error:
                         raise _write_failure(placement, exc) from None
+                    if counted.started and abandoned is not None:
+                        abandoned.append(placement)
         # The channel ends only once the splitter is done with the body: a node that answers
         # before reading to the end did not store the whole part. (That the bytes arrived
         # intact is the transport's check: see StorageAPI.put_part.)
@@ -525,6 +538,16 @@ class Gateway:
                         self._delete_quietly, placement, name=f"gw-undo-{placement.key}"
                     )
         return settled
+
+    async def _delete_all(self, placements: Sequence[PartPlacement]) -> None:
+        """Delete parts that are garbage, best effort, shielded and within cleanup_timeout."""
+        with trio.move_on_after(self._config.cleanup_timeout) as scope:
+            scope.shield = True
+            async with trio.open_nursery() as nursery:
+                for placement in placements:
+                    nursery.start_soon(
+                        self._delete_quietly, placement, name=f"gw-undo-{placement.key}"
+                    )
 
     async def _delete_quietly(self, placement: PartPlacement) -> None:
         # A part we cannot delete now is garbage of an aborted (or expiring) version, which the

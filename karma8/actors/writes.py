@@ -1,5 +1,6 @@
 """How the gateway feeds a version's parts to their writers: the pieces of a body held
-whole, the chunks a node pulls (counted, so a part whose node took nothing can move), and the
+whole (kept, so their part can move whatever its node took), the chunks a node pulls
+(counted, so a streamed part whose node took nothing can move), and the
 fan-out of each data piece to its copies and to the parity encoder
 (see :mod:`karma8.actors.gateway`).
 """

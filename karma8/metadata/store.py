@@ -428,8 +428,8 @@ class SqlMetadataStore(NamespaceStore, MoveStore, NodePartsStore):
         place: Callable[[Sequence[NodeLoad], int], Sequence[str]],
     ) -> PartPlacement:
         """Move part ``index`` of a pending version, and its reservation, off a node that
-        failed before taking any of its bytes, to the node ``place(loads, reserved bytes)``
-        picks among those that hold no part of the version.
+        failed writing it (see :meth:`karma8.ports.DiscoveryAPI.replace_part`), to the node
+        ``place(loads, reserved bytes)`` picks among those that hold no part of the version.
 
         Raises:
             UploadConflict: The version is not pending, or the part is not on that node.

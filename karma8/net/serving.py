@@ -59,13 +59,15 @@ class WallClock:
 
 class RandomIds:
     def __init__(self) -> None:
-        self._last = 0  # microseconds of the last version id: never back, if the clock is
+        # The time part of the last version id: each next one is later, by a microsecond at
+        # least, so ids stay unique and ordered in this process even if the clock steps back.
+        self._last = 0
 
     def new_id(self) -> str:
         return secrets.token_hex(8)
 
     def new_version_id(self) -> str:
-        self._last = max(self._last, time.time_ns() // 1000)
+        self._last = max(self._last + 1, time.time_ns() // 1000)
         return f"{self._last:013x}{secrets.token_hex(4)}"
 
 

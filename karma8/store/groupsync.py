@@ -184,6 +184,9 @@ class GroupSync:
             OSError: This round or an earlier one failed (fail-stop, see the module doc), or
                 the round could not run the steps.
         """
+        if not fns:
+            await trio.lowlevel.checkpoint()
+            return []
         steps = [_Step(fn) for fn in fns]
         self._steps += steps
         try:

@@ -166,7 +166,7 @@ class PackedStore:
             path = self.directory / volume_name(volume, generation)
             fd = os.open(path, os.O_RDWR | O_CLOEXEC)
             size = os.fstat(fd).st_size
-            found = scan(_WindowReader(fd).read, size)
+            found = scan(WindowReader(fd).read, size)
             if found.end < size:
                 log.warning(
                     "%s: %d bytes after the last intact needle cut off (never acknowledged)",
@@ -184,7 +184,12 @@ class PackedStore:
         path = self.directory / volume_name(volume, generation)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_CLOEXEC, FILE_MODE)
         if self._group is None:
-            fsync_dir(self.directory)  # else the next round's syncfs makes the name durable
+            try:
+                fsync_dir(self.directory)  # else the next round's syncfs makes the name durable
+            except OSError:  # not left behind: the next try creates it again
+                close_quietly(fd)
+                path.unlink(missing_ok=True)
+                raise
         return VolumeFile(volume, generation, path, fd, 0)
 
     def close(self) -> None:
@@ -568,12 +573,14 @@ def _unlink(paths: list[Path]) -> None:
         path.unlink(missing_ok=True)
 
 
-class _WindowReader:
+class WindowReader:
     """Reads of a volume served from 1 MiB windows: a scan reads each needle's header, and
-    one ``pread`` per window instead of per needle."""
+    one ``pread`` per window instead of per needle. Nothing at or past ``end`` (if given) is
+    read ahead."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, end: int | None = None) -> None:
         self._fd = fd
+        self._end = end
         self._start = 0
         self._window = b""
 
@@ -582,8 +589,9 @@ class _WindowReader:
         if at < self._start or end > self._start + len(self._window):
             if n > _COPY_BUFFER:
                 return pread_exact(self._fd, n, at)
+            ahead = _COPY_BUFFER if self._end is None else max(n, min(_COPY_BUFFER, self._end - at))
             self._start = at
-            self._window = pread_exact(self._fd, _COPY_BUFFER, at)
+            self._window = pread_exact(self._fd, ahead, at)
         return self._window[at - self._start : end - self._start]
 
 
