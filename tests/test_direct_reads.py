@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from trio.testing import wait_all_tasks_blocked
 
 from karma8.core.errors import IntegrityError
@@ -110,6 +111,26 @@ async def test_a_block_failing_its_check_fails_the_read_and_the_node_reads_it_ag
         await wait_all_tasks_blocked()
         assert node.asked == [(NODE.node_id, "big.1", 0, 3 * T)]  # so that it finds it too
         nursery.cancel_scope.cancel()
+    storage.close()
+    store.close()
+
+
+async def test_a_worker_indexes_its_nodes_appends_without_waiting_for_a_read(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = TieredPartStore(tmp_path, capacity_bytes=BIG, small_part_max=T, group_sync=False)
+    reader = PartStoreReader(tmp_path)
+    storage = DirectReadStorage(AskedNode(), {NODE.node_id: reader}, small_part_max=T)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(storage.run)
+        for i in range(600):  # ~540 KiB: more than one refresh's budget
+            await put(store, f"w{i}.0", payload(900, seed=i))
+        await trio.sleep(1)  # virtual: the keeper's rounds, each a bounded step or more
+        nursery.cancel_scope.cancel()
+    assert not reader.packed.behind
+    refreshes = reader.packed.refreshes
+    assert all(reader.read_packed(f"w{i}.0") == payload(900, seed=i) for i in range(600))
+    assert reader.packed.refreshes == refreshes  # found, and indexed already
     storage.close()
     store.close()
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from karma8.store.packed.format import HEADER_SIZE, encode
-from karma8.store.packed.reader import MISS_REFRESH_EVERY, PackedReader
+from karma8.store.packed.reader import MISS_REFRESH_EVERY, REFRESH_EVERY, PackedReader
 
 from storehelpers import SMALL, flip_bit, new_tiered, packed_parts, payload, put
 
@@ -219,5 +219,56 @@ async def test_misses_close_together_ask_the_node_without_rescanning(tmp_path: P
     now[0] += MISS_REFRESH_EVERY
     assert reader.read("m.0") == payload(10)
     assert reader.refreshes == refreshes + 1
+    reader.close()
+    store.close()
+
+
+async def test_a_reader_far_behind_catches_up_a_bounded_step_at_a_time(tmp_path: Path) -> None:
+    # A burst of writes while the reader read nothing: each refresh indexes at most its
+    # budget, and the steps together index what one unbounded refresh would.
+    store = new_tiered(tmp_path, volume_size=64 << 10)  # several volumes
+    now = [0.0]
+    reader = PackedReader(tmp_path, clock=lambda: now[0])
+    parts = {f"b{i}.0": payload(50 + (i * 37) % 900, seed=i) for i in range(300)}
+    for key, data in parts.items():
+        await put(store, key, data)
+    steps = 0
+    while not reader.refresh(budget=8 << 10):
+        assert reader.behind
+        steps += 1
+    assert not reader.behind
+    assert steps >= sum(len(d) for d in parts.values()) // (8 << 10) - 1
+    assert all(reader.read(key) == data for key, data in parts.items())
+    whole = PackedReader(tmp_path, clock=lambda: now[0])  # one unbounded scan on opening
+    assert whole._index == reader._index
+    # A budget smaller than one needle still moves on, a needle at a time.
+    await put(store, "big.0", payload(T, seed=99))
+    assert reader.refresh(budget=10)
+    assert reader.read("big.0") == payload(T, seed=99)
+    for opened in (reader, whole):
+        opened.close()
+    store.close()
+
+
+async def test_a_reader_behind_goes_on_catching_up_at_each_read(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path)
+    now = [0.0]
+    reader = PackedReader(tmp_path, clock=lambda: now[0])
+    await put(store, "old.0", payload(10))
+    now[0] += MISS_REFRESH_EVERY
+    assert reader.read("old.0") == payload(10)
+    for i in range(400):
+        await put(store, f"n{i}.0", payload(900, seed=i))
+    now[0] += 2 * REFRESH_EVERY  # the once-a-second refresh is due
+    refreshes = reader.refreshes
+    assert reader.read("old.0") == payload(10)  # one bounded step, not the whole burst
+    assert reader.behind
+    for _ in range(100):  # no time passes: each read refreshes while behind
+        if not reader.behind:
+            break
+        reader.read("old.0")
+    assert not reader.behind
+    assert reader.refreshes - refreshes > 1
+    assert reader.read("n399.0") == payload(900, seed=399)
     reader.close()
     store.close()

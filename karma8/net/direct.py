@@ -49,6 +49,7 @@ from karma8.store.tiered import OneChunk
 log = logging.getLogger("karma8.direct")
 
 _Span = tuple[NodeRef, str, int, int]  # a part read: node, key, offset, length
+KEEP_UP_EVERY = 0.2  # seconds between a worker's refreshes of its packed indexes
 
 
 class ReadOnlyMetadata:
@@ -174,13 +175,27 @@ class DirectReadStorage:
         self._damaged_send, self._damaged_receive = trio.open_memory_channel[_Span](64)
 
     async def run(self) -> None:
-        """Until cancelled: have each node read again what failed its check here, so that it
-        verifies the part, quarantines and reports it, as when it serves a damaged read."""
-        async for node, key, offset, length in self._damaged_receive:
-            with suppress(Karma8Error):
-                async with self.remote.read_part(node, key, offset=offset, length=length) as chunks:
-                    async for _ in chunks:
-                        pass
+        """Until cancelled: keep the packed indexes up with their nodes' appends, a bounded
+        refresh at a time (so that a burst of writes is indexed as it happens, not by the
+        first reads after it, each of which would then pay for part of it), and have each
+        node read again what failed its check here, so that it verifies the part,
+        quarantines and reports it, as when it serves a damaged read."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_up, name="gateway-direct-index")
+            async for node, key, offset, length in self._damaged_receive:
+                with suppress(Karma8Error):
+                    async with self.remote.read_part(
+                        node, key, offset=offset, length=length
+                    ) as chunks:
+                        async for _ in chunks:
+                            pass
+
+    async def _keep_up(self) -> None:
+        while True:
+            for reader in self._readers.values():
+                while not reader.packed.refresh():  # a bounded step; others run between
+                    await trio.lowlevel.checkpoint()
+            await trio.sleep(KEEP_UP_EVERY)
 
     def _damaged(self, span: _Span) -> None:
         with suppress(trio.WouldBlock):  # many at once: the scrubber finds the rest

@@ -30,11 +30,15 @@ from pathlib import Path
 
 from karma8.store.diskio import O_CLOEXEC, close_quietly, pread_exact
 from karma8.store.packed.format import LIVE, Needle, scan
-from karma8.store.packed.store import VOLUME_NAME, volume_name
+from karma8.store.packed.store import VOLUME_NAME, WindowReader, volume_name
 
 _VOLUMES = "volumes"
 REFRESH_EVERY = 1.0  # seconds: the longest a retired volume generation stays open here
 MISS_REFRESH_EVERY = 0.005  # seconds: misses closer together than this ask the node at once
+# Bytes of new needles a refresh indexes at most (~300 small parts, a millisecond or two): a
+# reader far behind (a burst of writes while it read nothing) catches up over several
+# refreshes instead of stopping its event loop for all of them at once.
+REFRESH_BUDGET = 256 << 10
 
 # An indexed part, packed (one bytes object: a reader holds one per part of every node):
 # volume id, payload offset, payload length, CRC-32, sha256 (raw).
@@ -61,7 +65,8 @@ class PackedReader:
         self._index: dict[str, bytes] = {}
         self.refreshes = 0
         self._refreshed = -REFRESH_EVERY
-        self.refresh()
+        self.behind = False  # the last refresh left new needles for the next one
+        self.refresh(budget=None)
 
     def close(self) -> None:
         for volume in self._volumes.values():
@@ -75,7 +80,7 @@ class PackedReader:
         Blocking: one ``pread`` (and a refresh on a miss, or once a second)."""
         now = self._clock()
         found = self._index.get(key)
-        if now - self._refreshed >= (REFRESH_EVERY if found else MISS_REFRESH_EVERY):
+        if self.behind or now - self._refreshed >= (REFRESH_EVERY if found else MISS_REFRESH_EVERY):
             self.refresh()
             found = self._index.get(key)
         if found is None:
@@ -97,14 +102,18 @@ class PackedReader:
             return None
         return data
 
-    def refresh(self) -> None:
-        """Index what was appended, deleted or compacted since the last refresh."""
+    def refresh(self, budget: int | None = REFRESH_BUDGET) -> bool:
+        """Index what was appended, deleted or compacted since the last refresh, at most
+        ``budget`` bytes of new needles (None: all); True if nothing is left for the next
+        one (:attr:`behind` says the same)."""
         self.refreshes += 1
         self._refreshed = self._clock()
+        self.behind = False
         try:
             names = os.listdir(self.directory)
         except OSError:
-            return
+            return True
+        left = budget
         newest: dict[int, int] = {}
         for name in names:
             match = VOLUME_NAME.match(name)
@@ -128,21 +137,39 @@ class PackedReader:
                 except OSError:  # renamed or removed meanwhile: the next refresh sees it
                     continue
                 current = self._volumes[volume_id] = _Volume(generation, fd)
-            self._catch_up(volume_id, current)
+            left = self._catch_up(volume_id, current, left, budget)
+        return not self.behind
 
-    def _catch_up(self, volume_id: int, volume: _Volume) -> None:
+    def _catch_up(
+        self, volume_id: int, volume: _Volume, budget: int | None, whole: int | None
+    ) -> int | None:
+        """Scan what is new in a volume, within ``budget`` bytes (of the refresh's ``whole``
+        budget); the budget left."""
         try:
             size = os.fstat(volume.fd).st_size
         except OSError:
-            return
+            return budget
         gaps, volume.gaps = volume.gaps, []
         for start, stop in gaps:
             inner, end = self._scan(volume_id, volume, start, stop)
             volume.gaps += [*inner, (end, stop)] if end < stop else inner
-        if size > volume.scanned:
-            inner, end = self._scan(volume_id, volume, volume.scanned, size)
-            volume.gaps += inner
-            volume.scanned = end
+        if size <= volume.scanned:
+            return budget
+        if budget is not None and budget <= 0:
+            self.behind = True
+            return budget
+        stop = size if budget is None else min(size, volume.scanned + budget)
+        inner, end = self._scan(volume_id, volume, volume.scanned, stop)
+        if end == volume.scanned and stop < size and budget == whole:
+            # Not one whole needle within a refresh's budget: this one scans on to the end.
+            stop = size
+            inner, end = self._scan(volume_id, volume, volume.scanned, stop)
+        volume.gaps += inner
+        spent = end - volume.scanned
+        volume.scanned = end
+        if stop < size:
+            self.behind = True  # (what follows the last whole needle is scanned next time)
+        return None if budget is None else budget - max(spent, 1)
 
     def _scan(
         self, volume_id: int, volume: _Volume, start: int, stop: int
@@ -151,8 +178,10 @@ class PackedReader:
         and where the last one ends (what follows is for the caller: a gap still, or a tail
         to scan again)."""
 
+        window = WindowReader(volume.fd, end=stop)
+
         def read(offset: int, count: int) -> bytes:
-            return pread_exact(volume.fd, count, start + offset)
+            return window.read(start + offset, count)
 
         try:
             found = scan(read, stop - start)
