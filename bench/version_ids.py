@@ -19,12 +19,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from karma8.core.layout import StripeLayout
-from karma8.core.model import NodeRegistration, PartReceipt
-from karma8.metadata.sqlite import SqliteMetadataStore
+from metadata_ops import LAYOUT, SIZE, prepare
 
-LAYOUT = StripeLayout()
-SIZE = 4096
+from karma8.core.model import PartReceipt
+from karma8.metadata.sqlite import SqliteMetadataStore
 
 
 def random_id() -> str:
@@ -37,11 +35,7 @@ def ordered_id() -> str:
 
 def run(kind: str, new_id: Callable[[], str], versions: int, batch: int) -> None:
     store = SqliteMetadataStore(Path(tempfile.mkdtemp()) / "d.sqlite3", sync_on_commit=False)
-    store.create_namespace("bench", 0.0)
-    for i in range(6):
-        store.upsert_node(
-            NodeRegistration(node_id=f"n{i}", url=f"http://n{i}", capacity_bytes=1 << 50), 0.0
-        )
+    prepare(store)  # the namespace "bench" and nodes n0..n5
     store.defer_commits = True
     sizes = LAYOUT.slot_sizes(SIZE)
     receipts = [
