@@ -97,6 +97,8 @@ def commit_with_a_missing_part(monkeypatch: pytest.MonkeyPatch) -> None:
         chunks: trio.MemoryReceiveChannel[bytes],
         size: int | None,
         receipts: list[PartReceipt | None],
+        failed: Karma8Error | None,
+        abandoned: list[PartPlacement] | None,
     ) -> None:
         placement = placed[index]
         async with chunks:
