@@ -135,6 +135,40 @@ async def test_a_worker_indexes_its_nodes_appends_without_waiting_for_a_read(
     store.close()
 
 
+async def test_a_node_whose_volumes_cannot_be_indexed_does_not_stop_the_others(
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stores = {
+        name: TieredPartStore(
+            tmp_path / name, capacity_bytes=BIG, small_part_max=T, group_sync=False
+        )
+        for name in ("bad", "good")
+    }
+    readers = {name: PartStoreReader(tmp_path / name) for name in stores}
+
+    def broken(budget: int | None = 0) -> bool:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(readers["bad"].packed, "refresh", broken)
+    storage = DirectReadStorage(AskedNode(), readers, small_part_max=T)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(storage.run)
+        await put(stores["good"], "g.0", payload(10))
+        await trio.sleep(1)  # virtual: five rounds of the worker's task, each failing for "bad"
+        nursery.cancel_scope.cancel()
+    refreshes = readers["good"].packed.refreshes
+    assert readers["good"].read_packed("g.0") == payload(10)
+    assert readers["good"].packed.refreshes == refreshes  # indexed by the task
+    failures = [r for r in caplog.records if "indexing node bad" in r.getMessage()]
+    assert len(failures) == 1  # logged once while it keeps failing
+    storage.close()
+    for store in stores.values():
+        store.close()
+
+
 def test_a_worker_resolves_only_what_discovery_has_made_durable(tmp_path: Path) -> None:
     """Discovery commits without syncing and syncs the log in rounds; until a round has
     covered a commit, a worker reading the database must not answer with it (a power loss

@@ -191,10 +191,18 @@ class DirectReadStorage:
                             pass
 
     async def _keep_up(self) -> None:
+        failing: set[str] = set()  # nodes whose last refresh failed (logged once until it works)
         while True:
-            for reader in self._readers.values():
-                while not reader.packed.refresh():  # a bounded step; others run between
-                    await trio.lowlevel.checkpoint()
+            for node_id, reader in self._readers.items():
+                try:
+                    while not reader.packed.refresh():  # a bounded step; others run between
+                        await trio.lowlevel.checkpoint()
+                except Exception:  # the worker goes on serving: its reads refresh for themselves
+                    if node_id not in failing:
+                        failing.add(node_id)
+                        log.exception("indexing node %s's volumes failed", node_id)
+                else:
+                    failing.discard(node_id)
             await trio.sleep(KEEP_UP_EVERY)
 
     def _damaged(self, span: _Span) -> None:
