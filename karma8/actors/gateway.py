@@ -532,22 +532,19 @@ class Gateway:
             ):
                 # Unknown outcome, or committed after all: the parts may be live. Keep them.
                 return settled
-            async with trio.open_nursery() as nursery:
-                for placement in version.parts:
-                    nursery.start_soon(
-                        self._delete_quietly, placement, name=f"gw-undo-{placement.key}"
-                    )
+            await self._delete_each(version.parts)
         return settled
 
     async def _delete_all(self, placements: Sequence[PartPlacement]) -> None:
         """Delete parts that are garbage, best effort, shielded and within cleanup_timeout."""
         with trio.move_on_after(self._config.cleanup_timeout) as scope:
             scope.shield = True
-            async with trio.open_nursery() as nursery:
-                for placement in placements:
-                    nursery.start_soon(
-                        self._delete_quietly, placement, name=f"gw-undo-{placement.key}"
-                    )
+            await self._delete_each(placements)
+
+    async def _delete_each(self, placements: Sequence[PartPlacement]) -> None:
+        async with trio.open_nursery() as nursery:
+            for placement in placements:
+                nursery.start_soon(self._delete_quietly, placement, name=f"gw-undo-{placement.key}")
 
     async def _delete_quietly(self, placement: PartPlacement) -> None:
         # A part we cannot delete now is garbage of an aborted (or expiring) version, which the

@@ -20,7 +20,7 @@ from contextlib import AbstractAsyncContextManager, suppress
 from karma8.actors.storage import StorageNode
 from karma8.core.errors import Karma8Error
 from karma8.core.model import NodeRef
-from karma8.ports import PendingWrite, StorageAPI, StoredPart
+from karma8.ports import PendingWrite, StepRunner, StorageAPI, StoredPart
 
 
 class LocalFirstStorageClient:
@@ -44,16 +44,15 @@ class LocalFirstStorageClient:
         """:class:`karma8.ports.WholePartWriter`: the parts' writes in one round of the sync
         their nodes share, if every node is in this process and packs its part; else None."""
         nodes: list[StorageNode] = []
-        runners: set[int] = set()
-        runner = None
+        runner: StepRunner | None = None
         for node, _, data in parts:
             local = self._local.get(node.node_id)
-            runner = None if local is None else local.whole_runner(len(data))
-            if local is None or runner is None:
-                return None
+            found = None if local is None else local.whole_runner(len(data))
+            if local is None or found is None or runner not in (None, found):
+                return None  # a node elsewhere, a part it would not pack, or two disks
             nodes.append(local)
-            runners.add(id(runner))
-        if runner is None or len(runners) != 1:  # none, or nodes on different disks
+            runner = found
+        if runner is None:  # no parts
             return None
         results: list[StoredPart | Karma8Error | None] = [None] * len(parts)
         begun: list[tuple[int, PendingWrite]] = []

@@ -102,7 +102,7 @@ class TieredPartStore:
         :meth:`begin_whole`, or None if it would not be packed (too large, packing off)."""
         if not self.small_part_max or size > self.small_part_max:
             return None
-        return self.packed.group_sync or None
+        return self.packed.group_sync
 
     async def begin_whole(self, key: str, data: bytes) -> PendingWrite:
         """Begin storing a whole small part (:meth:`whole_runner` says it is one): as a writer

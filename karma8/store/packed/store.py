@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 
 from karma8.core.errors import IntegrityError, NotFound, UploadConflict
-from karma8.ports import PendingWrite, StoredPart
+from karma8.ports import PendingWrite, StepRunner, StoredPart
 from karma8.store.diskio import (
     DIR_MODE,
     FILE_MODE,
@@ -131,6 +131,8 @@ class PackedStore:
         self._quota = quota
         self._io = io
         self._group = group_sync
+        # Where appends' steps run: the shared sync rounds, or each alone with its own sync.
+        self._runner: StepRunner = group_sync or _AloneRunner(io)
         self._files: dict[int, VolumeFile] = {}
         self._pending: set[str] = set()
         self._compacting: set[int] = set()
@@ -289,7 +291,7 @@ class PackedStore:
             self._quota.add_used(len(payload))
             return StoredPart(key=key, size=len(payload), checksum=sha256.hex())
 
-        return PendingWrite(step=step, end=end, runner=self._group or _AloneRunner(self._io))
+        return PendingWrite(step=step, end=end, runner=self._runner)
 
     async def _active_for(self, nbytes: int) -> VolumeFile:
         """The volume to append ``nbytes`` to, rolling over to a new one past the size."""
@@ -369,7 +371,7 @@ class PackedStore:
     async def _run_step(self, step: Callable[[], None]) -> BaseException | None:
         """Run one append's step; what it raised (an OSError of the round too)."""
         try:
-            (error,) = await (self._group or _AloneRunner(self._io)).run_steps([step])
+            (error,) = await self._runner.run_steps([step])
         except OSError as exc:
             return exc
         return error
