@@ -18,7 +18,7 @@ from karma8.core.tomlconf import ConfigError
 from karma8.net.settings import load_net_config
 from karma8.ports import PartStore, StoredPart
 from karma8.store.groupsync import GroupSync
-from karma8.store.packed import store as packed_store
+from karma8.store.packed import volumes
 from karma8.store.packed.format import HEADER_SIZE, needle_size
 from karma8.store.tiered import TieredPartStore, open_part_store
 
@@ -388,14 +388,14 @@ async def test_a_delete_during_the_copy_stays_deleted(
 ) -> None:
     store = await _sealed_with_garbage(tmp_path)
     copying, go_on = threading.Event(), threading.Event()
-    real_copy = packed_store._copy
+    real_copy = volumes.copy_needles
 
     def slow_copy(*args: Any) -> Any:
         copying.set()
         go_on.wait()
         return real_copy(*args)
 
-    monkeypatch.setattr(packed_store, "_copy", slow_copy)
+    monkeypatch.setattr(volumes, "copy_needles", slow_copy)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(store.compact)
         await trio.to_thread.run_sync(copying.wait)

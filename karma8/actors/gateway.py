@@ -65,20 +65,26 @@ import attrs
 import trio
 
 from karma8.actors.reads import PartCursor, RedundantCursor, Sources, Stitcher, read_failure
-from karma8.actors.writes import Fanout, HeldChunks, PartChunks, WriterStopped
+from karma8.actors.writes import (
+    Fanout,
+    HeldChunks,
+    PartChunks,
+    node_at_fault,
+    primary_error,
+    source_of,
+    write_failure,
+)
 from karma8.core.access import AccessCache, Right, cache_key
 from karma8.core.erasure import encode_parity
 from karma8.core.errors import (
-    DiskFull,
     IntegrityError,
     InvalidRequest,
     Karma8Error,
     NotFound,
-    StorageFailure,
     TooLarge,
     Unavailable,
 )
-from karma8.core.layout import DEFAULT_MAX_FILE_SIZE, StripeLayout, StripeSplitter
+from karma8.core.layout import DEFAULT_MAX_FILE_SIZE, StripeSplitter
 from karma8.core.model import (
     FileEntry,
     FileVersion,
@@ -123,32 +129,6 @@ class GatewayConfig:
     def _held_like_staged(self, attribute: object, value: int) -> None:
         if not 0 <= value <= self.stage_free:
             raise ValueError(f"small_file_max must be between 0 and {self.stage_free} bytes")
-
-
-def primary_error(group: BaseExceptionGroup[BaseException]) -> Karma8Error | None:
-    """The first karma8 error in a (nested) exception group, if any; a part writer that
-    stopped early (:class:`WriterStopped`) only if no other error says why.
-
-    None if the group holds a ``Cancelled``: an outer cancellation must propagate as it is.
-    """
-    if group.subgroup(trio.Cancelled) is not None:
-        return None
-    errors = group.subgroup(lambda exc: isinstance(exc, Karma8Error))
-    if errors is None:
-        return None
-    found = _flat(errors)
-    causes = [exc for exc in found if not isinstance(exc, WriterStopped)]
-    return (causes or found)[0]
-
-
-def _flat(group: BaseExceptionGroup[BaseException]) -> list[Karma8Error]:
-    out: list[Karma8Error] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            out += _flat(exc)
-        elif isinstance(exc, Karma8Error):
-            out.append(exc)
-    return out
 
 
 class Gateway:
@@ -303,7 +283,7 @@ class Gateway:
         if self._whole_writer is not None:
             stored = await self._whole_writer.put_whole_parts(
                 [
-                    (placed[s].node, placed[s].key, b"".join(pieces[_source_of(layout, s)]))
+                    (placed[s].node, placed[s].key, b"".join(pieces[source_of(layout, s)]))
                     for s in slots
                 ]
             )
@@ -324,7 +304,7 @@ class Gateway:
                         version.version_id,
                         placed,
                         slot,
-                        HeldChunks(pieces[_source_of(layout, slot)]),
+                        HeldChunks(pieces[source_of(layout, slot)]),
                         sizes[slot],
                         receipts,
                         failure,
@@ -454,11 +434,11 @@ class Gateway:
                     )
                     break
                 except Karma8Error as exc:
-                    if not _node_at_fault(exc):
-                        raise _write_failure(placement, exc) from None
+                    if not node_at_fault(exc):
+                        raise write_failure(placement, exc) from None
                     await self._report_failure(placement, exc)
                     if (counted.started and held is None) or attempt >= self._config.part_retries:
-                        raise _write_failure(placement, exc) from None
+                        raise write_failure(placement, exc) from None
                     try:
                         placed[index] = await self._discovery.replace_part(
                             version_id=version_id,
@@ -466,7 +446,7 @@ class Gateway:
                             failed_node_id=placement.node.node_id,
                         )
                     except Karma8Error:
-                        raise _write_failure(placement, exc) from None
+                        raise write_failure(placement, exc) from None
                     if counted.started and abandoned is not None:
                         abandoned.append(placement)
         # The channel ends only once the splitter is done with the body: a node that answers
@@ -628,13 +608,6 @@ class Gateway:
         )
 
 
-def _source_of(layout: StripeLayout, slot: int) -> int:
-    """Which of a held body's piece lists a slot is written from: its data part's, or (for
-    a parity part) its own, after the data parts'."""
-    part = layout.data_part(slot)
-    return slot - layout.parts * (layout.copies - 1) if part is None else part
-
-
 def _too_long(content_length: int | None, max_size: int) -> Karma8Error:
     if content_length is not None:
         return InvalidRequest(f"body is longer than Content-Length ({content_length})")
@@ -644,18 +617,3 @@ def _too_long(content_length: int | None, max_size: int) -> Karma8Error:
 def _placed_on(version: FileVersion, placed: Sequence[PartPlacement]) -> FileVersion:
     """The version with its parts where they were last placed (for clean-up)."""
     return attrs.evolve(version, parts=tuple(placed))
-
-
-def _node_at_fault(exc: Karma8Error) -> bool:
-    """Whether a failed part write says the node is unfit for new parts: it could not be
-    reached, is full or failed to store. (A damaged transfer, a conflict or a bad request is
-    not the node's health; a cancelled write, e.g. a client gone, is no error at all.)"""
-    return isinstance(exc, (Unavailable, DiskFull, StorageFailure)) or type(exc) is Karma8Error
-
-
-def _write_failure(placement: PartPlacement, exc: Karma8Error) -> Karma8Error:
-    if isinstance(exc, (Unavailable, IntegrityError)):
-        return exc
-    return StorageFailure(
-        f"writing part {placement.index} to node {placement.node.node_id} failed: {exc.message}"
-    )

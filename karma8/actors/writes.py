@@ -1,7 +1,8 @@
 """How the gateway feeds a version's parts to their writers: the pieces of a body held
 whole (kept, so their part can move whatever its node took), the chunks a node pulls
-(counted, so a streamed part whose node took nothing can move), and the
-fan-out of each data piece to its copies and to the parity encoder
+(counted, so a streamed part whose node took nothing can move), the
+fan-out of each data piece to its copies and to the parity encoder, and what a failed part
+write means: the node's fault or not, and the error the PUT reports
 (see :mod:`karma8.actors.gateway`).
 """
 
@@ -12,8 +13,15 @@ from collections.abc import Sequence
 import trio
 
 from karma8.core.erasure import ParityEncoder
-from karma8.core.errors import StorageFailure
+from karma8.core.errors import (
+    DiskFull,
+    IntegrityError,
+    Karma8Error,
+    StorageFailure,
+    Unavailable,
+)
 from karma8.core.layout import StripeLayout
+from karma8.core.model import PartPlacement
 
 
 class WriterStopped(StorageFailure):
@@ -120,3 +128,51 @@ async def send_piece(sender: trio.MemorySendChannel[bytes], slot: int, piece: by
         # this nursery: wait for that, so that the cause, not this, is the PUT's error.
         await trio.sleep(WRITER_GRACE)
         raise WriterStopped(f"the writer of part {slot} stopped early") from None
+
+
+def primary_error(group: BaseExceptionGroup[BaseException]) -> Karma8Error | None:
+    """The first karma8 error in a (nested) exception group, if any; a part writer that
+    stopped early (:class:`WriterStopped`) only if no other error says why.
+
+    None if the group holds a ``Cancelled``: an outer cancellation must propagate as it is.
+    """
+    if group.subgroup(trio.Cancelled) is not None:
+        return None
+    errors = group.subgroup(lambda exc: isinstance(exc, Karma8Error))
+    if errors is None:
+        return None
+    found = _flat_errors(errors)
+    causes = [exc for exc in found if not isinstance(exc, WriterStopped)]
+    return (causes or found)[0]
+
+
+def _flat_errors(group: BaseExceptionGroup[BaseException]) -> list[Karma8Error]:
+    out: list[Karma8Error] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out += _flat_errors(exc)
+        elif isinstance(exc, Karma8Error):
+            out.append(exc)
+    return out
+
+
+def source_of(layout: StripeLayout, slot: int) -> int:
+    """Which of a held body's piece lists a slot is written from: its data part's, or (for
+    a parity part) its own, after the data parts'."""
+    part = layout.data_part(slot)
+    return slot - layout.parts * (layout.copies - 1) if part is None else part
+
+
+def node_at_fault(exc: Karma8Error) -> bool:
+    """Whether a failed part write says the node is unfit for new parts: it could not be
+    reached, is full or failed to store. (A damaged transfer, a conflict or a bad request is
+    not the node's health; a cancelled write, e.g. a client gone, is no error at all.)"""
+    return isinstance(exc, (Unavailable, DiskFull, StorageFailure)) or type(exc) is Karma8Error
+
+
+def write_failure(placement: PartPlacement, exc: Karma8Error) -> Karma8Error:
+    if isinstance(exc, (Unavailable, IntegrityError)):
+        return exc
+    return StorageFailure(
+        f"writing part {placement.index} to node {placement.node.node_id} failed: {exc.message}"
+    )

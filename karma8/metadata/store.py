@@ -35,12 +35,9 @@ from karma8.core.errors import (
 )
 from karma8.core.layout import StripeLayout
 from karma8.core.model import (
-    ClusterTotals,
     FileEntry,
     FileVersion,
     NodeRef,
-    NodeRegistration,
-    NodeStatus,
     PartPlacement,
     PartReceipt,
     VersionState,
@@ -48,87 +45,21 @@ from karma8.core.model import (
     part_key,
 )
 from karma8.core.placement import NodeLoad
-from karma8.metadata import reservations, totals
+from karma8.metadata import reservations
 from karma8.metadata.access import NamespaceStore
 from karma8.metadata.movestore import MoveStore
 from karma8.metadata.nodeparts import NodePartsStore
-from karma8.metadata.rows import committed_id, layout_of, load_version, node_load, node_status
+from karma8.metadata.nodes import NodeStore
+from karma8.metadata.rows import committed_id, layout_of, load_version, node_load
 from karma8.metadata.sql import Connection, Row
 
 
-class SqlMetadataStore(NamespaceStore, MoveStore, NodePartsStore):
+class SqlMetadataStore(NamespaceStore, NodeStore, MoveStore, NodePartsStore):
     """The :class:`karma8.ports.MetadataStore` on a :class:`~karma8.metadata.sql.Database`
-    (namespaces and tokens: :class:`karma8.metadata.access.NamespaceStore`)."""
+    (namespaces and tokens: :class:`karma8.metadata.access.NamespaceStore`; nodes:
+    :class:`karma8.metadata.nodes.NodeStore`)."""
 
-    # -- nodes ----------------------------------------------------------------------------
-
-    def upsert_node(
-        self, registration: NodeRegistration, now: float, *, suspect_for: float = 0.0
-    ) -> None:
-        """Record a registration or heartbeat: the node is AVAILABLE again, unless a write to
-        it failed less than ``suspect_for`` seconds ago (then it stays SUSPECT)."""
-        with self._tx() as db:
-            db.execute(
-                """
-                INSERT INTO nodes(node_id, url, capacity_bytes, disk_used_bytes, state,
-                                  registered_at, last_seen)
-                VALUES (:id, :url, :cap, :disk, 'available', :now, :now)
-                ON CONFLICT(node_id) DO UPDATE SET
-                    url = excluded.url, capacity_bytes = excluded.capacity_bytes,
-                    disk_used_bytes = excluded.disk_used_bytes,
-                    state = CASE WHEN nodes.failed_at IS NOT NULL
-                                      AND nodes.failed_at > :cleared_before
-                                 THEN 'suspect' ELSE 'available' END,
-                    last_seen = excluded.last_seen
-                """,
-                {
-                    "id": registration.node_id,
-                    "url": registration.url,
-                    "cap": registration.capacity_bytes,
-                    "disk": registration.disk_used_bytes,
-                    "now": now,
-                    "cleared_before": now - suspect_for,
-                },
-            )
-
-    def mark_node_suspect(self, node_id: str, now: float) -> bool:
-        """A write to the node failed because of it: no new parts until it proves healthy.
-
-        An UNAVAILABLE node stays so (its next heartbeat decides); returns False for an
-        unknown node.
-        """
-        with self._tx() as db:
-            changed = db.execute(
-                "UPDATE nodes"
-                " SET failed_at = CASE WHEN failed_at > :now THEN failed_at ELSE :now END,"
-                " state = CASE WHEN state = 'unavailable' THEN state ELSE 'suspect' END"
-                " WHERE node_id = :id",
-                {"id": node_id, "now": now},
-            ).rowcount
-        return changed > 0
-
-    def mark_stale_nodes(self, seen_before: float) -> list[str]:
-        with self._tx() as db:
-            rows = db.execute(
-                "SELECT node_id FROM nodes WHERE state != 'unavailable' AND last_seen < ?"
-                " ORDER BY node_id",
-                (seen_before,),
-            ).fetchall()
-            db.execute(
-                "UPDATE nodes SET state = 'unavailable'"
-                " WHERE state != 'unavailable' AND last_seen < ?",
-                (seen_before,),
-            )
-        return [r["node_id"] for r in rows]
-
-    def list_nodes(self) -> list[NodeStatus]:
-        with self._read() as db:
-            rows = db.execute("SELECT * FROM nodes ORDER BY registered_at, node_id").fetchall()
-        return [node_status(r) for r in rows]
-
-    def totals(self) -> ClusterTotals:
-        with self._read() as db:
-            return totals.totals(db)
+    # -- leadership -----------------------------------------------------------------------
 
     def hold_leadership(self, role: str, holder: str, *, now: float, until: float) -> bool:
         """Take or renew the lease of ``role`` (the sweeper, the rebalancer) for ``holder``

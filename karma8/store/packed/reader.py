@@ -30,7 +30,7 @@ from pathlib import Path
 
 from karma8.store.diskio import O_CLOEXEC, close_quietly, pread_exact
 from karma8.store.packed.format import LIVE, Needle, scan
-from karma8.store.packed.store import VOLUME_NAME, WindowReader, volume_name
+from karma8.store.packed.volumes import VOLUME_NAME, WindowReader, volume_name
 
 _VOLUMES = "volumes"
 REFRESH_EVERY = 1.0  # seconds: the longest a retired volume generation stays open here

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import secrets
 import zlib
 from collections.abc import Callable, Sequence
@@ -32,64 +31,16 @@ from karma8.store.diskio import (
     storage_error,
 )
 from karma8.store.groupsync import GroupSync
+from karma8.store.packed import volumes
 from karma8.store.packed.format import HEADER_SIZE, encode, encode_tombstone, scan
 from karma8.store.packed.index import NeedleRef, PackedIndex
+from karma8.store.packed.volumes import VOLUME_NAME, VolumeFile, WindowReader, volume_name
 from karma8.store.quota import SpaceQuota
 
 log = logging.getLogger("karma8.store.packed")
 
 DEFAULT_VOLUME_SIZE = 1 << 30
 DEFAULT_COMPACT_RATIO = 0.5
-VOLUME_NAME = re.compile(r"^(\d{8})\.(\d+)\.vol$")
-_COPY_BUFFER = 1 << 20
-
-
-def volume_name(volume: int, generation: int) -> str:
-    return f"{volume:08d}.{generation}.vol"
-
-
-class VolumeFile:
-    """One generation of a volume, open for appends and reads. Event-loop state only.
-
-    Attributes:
-        end: Where the next append goes (bytes reserved so far).
-        pins: Reads and appends using ``fd`` now; a retired file is closed when they end.
-        appends: Appends in flight (compaction waits for none).
-        closing: Set while compaction finishes the volume: new appends wait for it.
-    """
-
-    def __init__(self, volume: int, generation: int, path: Path, fd: int, end: int) -> None:
-        self.volume = volume
-        self.generation = generation
-        self.path = path
-        self.fd = fd
-        self.end = end
-        self.pins = 0
-        self.appends = 0
-        self.retired = False
-        self.closing: trio.Event | None = None
-        self._idle: trio.Event | None = None
-
-    def pin(self) -> None:
-        self.pins += 1
-
-    def unpin(self) -> None:
-        self.pins -= 1
-        if self.retired and self.pins == 0:
-            close_quietly(self.fd)
-
-    def append_done(self) -> None:
-        self.appends -= 1
-        if self.appends == 0 and self._idle is not None:
-            self._idle.set()
-            self._idle = None
-
-    async def wait_idle(self) -> None:
-        """Until no append to this file is in flight."""
-        while self.appends:
-            if self._idle is None:
-                self._idle = trio.Event()
-            await self._idle.wait()
 
 
 class PackedStore:
@@ -535,12 +486,14 @@ class PackedStore:
         try:
             await old.wait_idle()  # a commit that took its offset before the volume sealed
             snapshot = self.index.refs_in(volume)
-            offsets, end = await trio.to_thread.run_sync(lambda: _copy(old.fd, snapshot, tmp))
+            offsets, end = await trio.to_thread.run_sync(
+                lambda: volumes.copy_needles(old.fd, snapshot, tmp)
+            )
             old.closing = trio.Event()
             await old.wait_idle()
             dead = [ref for ref in snapshot if not self.index.is_current(ref)]
             fd = await trio.to_thread.run_sync(
-                lambda: _finish(tmp, final, end, [r.key for r in dead])
+                lambda: volumes.finish_generation(tmp, final, end, [r.key for r in dead])
             )
             # The switch: no checkpoint until the index names only the new file.
             for ref, offset in zip(snapshot, offsets, strict=True):
@@ -555,7 +508,7 @@ class PackedStore:
                 close_quietly(fd)
                 gone.append(final)
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(lambda: _unlink(gone))
+                await trio.to_thread.run_sync(lambda: volumes.unlink_all(gone))
         finally:
             closing, old.closing = old.closing, None
             if closing is not None:
@@ -568,76 +521,6 @@ class PackedStore:
             if not old.retired:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
-
-
-def _unlink(paths: list[Path]) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)
-
-
-class WindowReader:
-    """Reads of a volume served from 1 MiB windows: a scan reads each needle's header, and
-    one ``pread`` per window instead of per needle. Nothing at or past ``end`` (if given) is
-    read ahead."""
-
-    def __init__(self, fd: int, end: int | None = None) -> None:
-        self._fd = fd
-        self._end = end
-        self._start = 0
-        self._window = b""
-
-    def read(self, at: int, n: int) -> bytes:
-        end = at + n
-        if at < self._start or end > self._start + len(self._window):
-            if n > _COPY_BUFFER:
-                return pread_exact(self._fd, n, at)
-            ahead = _COPY_BUFFER if self._end is None else max(n, min(_COPY_BUFFER, self._end - at))
-            self._start = at
-            self._window = pread_exact(self._fd, ahead, at)
-        return self._window[at - self._start : end - self._start]
-
-
-def _copy(src: int, refs: list[NeedleRef], tmp: Path) -> tuple[list[int], int]:
-    """Copy needles to a new file, back to back (in a worker thread); their new offsets."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, FILE_MODE)
-    offsets: list[int] = []
-    pos = 0
-    pending: list[bytes] = []
-    pending_size = 0
-    try:
-        for ref in refs:
-            data = pread_exact(src, ref.size, ref.offset)
-            if len(data) != ref.size:
-                raise OSError(5, "a volume is shorter than its index")
-            offsets.append(pos + pending_size)
-            pending.append(data)
-            pending_size += len(data)
-            if pending_size >= _COPY_BUFFER:
-                pwrite_all(fd, b"".join(pending), pos)
-                pos += pending_size
-                pending, pending_size = [], 0
-        if pending:
-            pwrite_all(fd, b"".join(pending), pos)
-            pos += pending_size
-    finally:
-        os.close(fd)
-    return offsets, pos
-
-
-def _finish(tmp: Path, final: Path, end: int, dead: list[str]) -> int:
-    """Append tombstones for ``dead``, make the new generation durable and put it in place
-    (in a worker thread); its descriptor."""
-    fd = os.open(tmp, os.O_RDWR | O_CLOEXEC)
-    try:
-        if dead:
-            pwrite_all(fd, b"".join(encode_tombstone(key) for key in dead), end)
-        os.fsync(fd)
-        os.rename(tmp, final)
-        fsync_dir(final.parent)  # before the old generation is unlinked
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 class _AloneRunner:

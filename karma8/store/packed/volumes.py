@@ -1,0 +1,145 @@
+"""A packed store's volume files: their names, an open generation's descriptor and counts
+(:class:`VolumeFile`), reads in windows for scans (:class:`WindowReader`), and the file work
+of a compaction (copying live needles to the next generation, putting it in place), which
+runs in worker threads. The theory of operation is in :mod:`karma8.store.packed`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import trio
+
+from karma8.store.diskio import (
+    FILE_MODE,
+    O_CLOEXEC,
+    close_quietly,
+    fsync_dir,
+    pread_exact,
+    pwrite_all,
+)
+from karma8.store.packed.format import encode_tombstone
+from karma8.store.packed.index import NeedleRef
+
+VOLUME_NAME = re.compile(r"^(\d{8})\.(\d+)\.vol$")
+WINDOW = 1 << 20  # bytes a scan reads at once, and a compaction copies
+
+
+def volume_name(volume: int, generation: int) -> str:
+    return f"{volume:08d}.{generation}.vol"
+
+
+class VolumeFile:
+    """One generation of a volume, open for appends and reads. Event-loop state only.
+
+    Attributes:
+        end: Where the next append goes (bytes reserved so far).
+        pins: Reads and appends using ``fd`` now; a retired file is closed when they end.
+        appends: Appends in flight (compaction waits for none).
+        closing: Set while compaction finishes the volume: new appends wait for it.
+    """
+
+    def __init__(self, volume: int, generation: int, path: Path, fd: int, end: int) -> None:
+        self.volume = volume
+        self.generation = generation
+        self.path = path
+        self.fd = fd
+        self.end = end
+        self.pins = 0
+        self.appends = 0
+        self.retired = False
+        self.closing: trio.Event | None = None
+        self._idle: trio.Event | None = None
+
+    def pin(self) -> None:
+        self.pins += 1
+
+    def unpin(self) -> None:
+        self.pins -= 1
+        if self.retired and self.pins == 0:
+            close_quietly(self.fd)
+
+    def append_done(self) -> None:
+        self.appends -= 1
+        if self.appends == 0 and self._idle is not None:
+            self._idle.set()
+            self._idle = None
+
+    async def wait_idle(self) -> None:
+        """Until no append to this file is in flight."""
+        while self.appends:
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()
+
+
+def unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+class WindowReader:
+    """Reads of a volume served from 1 MiB windows: a scan reads each needle's header, and
+    one ``pread`` per window instead of per needle. Nothing at or past ``end`` (if given) is
+    read ahead."""
+
+    def __init__(self, fd: int, end: int | None = None) -> None:
+        self._fd = fd
+        self._end = end
+        self._start = 0
+        self._window = b""
+
+    def read(self, at: int, n: int) -> bytes:
+        end = at + n
+        if at < self._start or end > self._start + len(self._window):
+            if n > WINDOW:
+                return pread_exact(self._fd, n, at)
+            ahead = WINDOW if self._end is None else max(n, min(WINDOW, self._end - at))
+            self._start = at
+            self._window = pread_exact(self._fd, ahead, at)
+        return self._window[at - self._start : end - self._start]
+
+
+def copy_needles(src: int, refs: list[NeedleRef], tmp: Path) -> tuple[list[int], int]:
+    """Copy needles to a new file, back to back (in a worker thread); their new offsets."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, FILE_MODE)
+    offsets: list[int] = []
+    pos = 0
+    pending: list[bytes] = []
+    pending_size = 0
+    try:
+        for ref in refs:
+            data = pread_exact(src, ref.size, ref.offset)
+            if len(data) != ref.size:
+                raise OSError(5, "a volume is shorter than its index")
+            offsets.append(pos + pending_size)
+            pending.append(data)
+            pending_size += len(data)
+            if pending_size >= WINDOW:
+                pwrite_all(fd, b"".join(pending), pos)
+                pos += pending_size
+                pending, pending_size = [], 0
+        if pending:
+            pwrite_all(fd, b"".join(pending), pos)
+            pos += pending_size
+    finally:
+        os.close(fd)
+    return offsets, pos
+
+
+def finish_generation(tmp: Path, final: Path, end: int, dead: list[str]) -> int:
+    """Append tombstones for ``dead``, make the new generation durable and put it in place
+    (in a worker thread); its descriptor."""
+    fd = os.open(tmp, os.O_RDWR | O_CLOEXEC)
+    try:
+        if dead:
+            pwrite_all(fd, b"".join(encode_tombstone(key) for key in dead), end)
+        os.fsync(fd)
+        os.rename(tmp, final)
+        fsync_dir(final.parent)  # before the old generation is unlinked
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
