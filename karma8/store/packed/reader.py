@@ -7,19 +7,23 @@ by scanning the volumes as the node does on open, and catches up when asked for 
 does not know (and at least once every :data:`REFRESH_EVERY` seconds, so that it lets go of
 volume generations compaction retired): it scans each volume from where it stopped, again
 over the gaps it skipped (an append whose bytes were not there yet), and from the start a
-volume whose generation changed. What it may see that the node has not finished is harmless:
-a needle whose payload is still being written fails its CRC, and a torn tail is not indexed
-until it is whole. The first needle indexed for a key stays (keys are never reused), so bytes
-inside a payload that merely look like a needle cannot replace a part; a whole-part read is
-also checked against the part's sha256 from the metadata. A read that finds nothing, or
-bytes that fail a check, returns None and the caller asks the node. A committed part's
-needle is durable before its version commits, so a version a worker resolved has needles the
-reader finds.
+volume whose generation changed. The generation it replaces is dropped at once, not by a
+pass over the index: each entry names the generation it was found in by a serial of the
+reader's own, and an entry of a dropped one is stale, passed over until the key's needle in
+the next generation replaces it (see :data:`STALE_SHARE`). What it may see that the node has
+not finished is harmless: a needle whose payload is still being written fails its CRC, and a
+torn tail is not indexed until it is whole. The first needle indexed for a key stays (keys
+are never reused), so bytes inside a payload that merely look like a needle cannot replace a
+part; a whole-part read is also checked against the part's sha256 from the metadata. A read
+that finds nothing, or bytes that fail a check, returns None and the caller asks the node. A
+committed part's needle is durable before its version commits, so a version a worker
+resolved has needles the reader finds.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import secrets
 import struct
@@ -40,19 +44,28 @@ MISS_REFRESH_EVERY = 0.005  # seconds: misses closer together than this ask the 
 # refreshes instead of stopping its event loop for all of them at once.
 REFRESH_BUDGET = 256 << 10
 
-# An indexed part, packed (one bytes object: a reader holds one per part of every node):
-# volume id, payload offset, payload length, CRC-32, sha256 (raw).
+# An indexed part, packed (one bytes object: a reader holds one per part of every node): the
+# serial of the volume generation it was found in, payload offset, payload length, CRC-32,
+# sha256 (raw).
 _FOUND = struct.Struct("<IQQI32s")
+# A generation dropped leaves its entries behind, stale (their serial names no open
+# generation): each is ignored, then replaced by the key's needle in the next generation or
+# removed when next read. Once caught up, stale entries past this share of the index are
+# swept in one pass (what a generation's rescan did not replace: deletes this reader had not
+# seen yet, so few).
+STALE_SHARE = 0.25
 
 
 class _Volume:
     """One volume generation as far as the reader has scanned it."""
 
-    def __init__(self, generation: int, fd: int) -> None:
+    def __init__(self, serial: int, generation: int, fd: int) -> None:
+        self.serial = serial  # this reader's number for this generation, never reused
         self.generation = generation
         self.fd = fd
         self.scanned = 0  # scanned up to here (the rest is new, or a tail still being written)
         self.gaps: list[tuple[int, int]] = []  # skipped spans before ``scanned``, to rescan
+        self.entries = 0  # index entries naming this generation
 
 
 class PackedReader:
@@ -61,8 +74,11 @@ class PackedReader:
     def __init__(self, root: Path, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.directory = Path(root) / _VOLUMES
         self._clock = clock
-        self._volumes: dict[int, _Volume] = {}
+        self._volumes: dict[int, _Volume] = {}  # by volume id: the generation open here
+        self._open: dict[int, _Volume] = {}  # the same, by serial
+        self._serials = itertools.count(1)
         self._index: dict[str, bytes] = {}
+        self._stale = 0  # entries whose generation was dropped
         self.refreshes = 0
         self._refreshed = -REFRESH_EVERY
         self.behind = False  # the last refresh left new needles for the next one
@@ -72,6 +88,7 @@ class PackedReader:
         for volume in self._volumes.values():
             close_quietly(volume.fd)
         self._volumes.clear()
+        self._open.clear()
         self._index.clear()
 
     def read(self, key: str, checksum: str | None = None) -> bytes | None:
@@ -85,9 +102,11 @@ class PackedReader:
             found = self._index.get(key)
         if found is None:
             return None
-        volume_id, offset, length, crc, sha256 = _FOUND.unpack(found)
-        volume = self._volumes.get(volume_id)
-        if volume is None:
+        serial, offset, length, crc, sha256 = _FOUND.unpack(found)
+        volume = self._open.get(serial)
+        if volume is None:  # stale: its generation was dropped, the key not found again yet
+            del self._index[key]
+            self._stale -= 1
             return None
         try:
             data = pread_exact(volume.fd, length, offset)
@@ -136,13 +155,14 @@ class PackedReader:
                     )
                 except OSError:  # renamed or removed meanwhile: the next refresh sees it
                     continue
-                current = self._volumes[volume_id] = _Volume(generation, fd)
-            left = self._catch_up(volume_id, current, left, budget)
+                current = _Volume(next(self._serials), generation, fd)
+                self._volumes[volume_id] = self._open[current.serial] = current
+            left = self._catch_up(current, left, budget)
+        if not self.behind and self._stale > STALE_SHARE * len(self._index):
+            self._sweep()
         return not self.behind
 
-    def _catch_up(
-        self, volume_id: int, volume: _Volume, budget: int | None, whole: int | None
-    ) -> int | None:
+    def _catch_up(self, volume: _Volume, budget: int | None, whole: int | None) -> int | None:
         """Scan what is new in a volume, within ``budget`` bytes (of the refresh's ``whole``
         budget); the budget left."""
         try:
@@ -151,7 +171,7 @@ class PackedReader:
             return budget
         gaps, volume.gaps = volume.gaps, []
         for start, stop in gaps:
-            inner, end = self._scan(volume_id, volume, start, stop)
+            inner, end = self._scan(volume, start, stop)
             volume.gaps += [*inner, (end, stop)] if end < stop else inner
         if size <= volume.scanned:
             return budget
@@ -159,11 +179,11 @@ class PackedReader:
             self.behind = True
             return budget
         stop = size if budget is None else min(size, volume.scanned + budget)
-        inner, end = self._scan(volume_id, volume, volume.scanned, stop)
+        inner, end = self._scan(volume, volume.scanned, stop)
         if end == volume.scanned and stop < size and budget == whole:
             # Not one whole needle within a refresh's budget: this one scans on to the end.
             stop = size
-            inner, end = self._scan(volume_id, volume, volume.scanned, stop)
+            inner, end = self._scan(volume, volume.scanned, stop)
         volume.gaps += inner
         spent = end - volume.scanned
         volume.scanned = end
@@ -171,9 +191,7 @@ class PackedReader:
             self.behind = True  # (what follows the last whole needle is scanned next time)
         return None if budget is None else budget - max(spent, 1)
 
-    def _scan(
-        self, volume_id: int, volume: _Volume, start: int, stop: int
-    ) -> tuple[list[tuple[int, int]], int]:
+    def _scan(self, volume: _Volume, start: int, stop: int) -> tuple[list[tuple[int, int]], int]:
         """Index the needles in ``[start, stop)``; returns the gaps before and between them,
         and where the last one ends (what follows is for the caller: a gap still, or a tail
         to scan again)."""
@@ -192,31 +210,43 @@ class PackedReader:
         for needle in found.needles:
             if start + needle.offset > at:
                 gaps.append((at, start + needle.offset))
-            self._apply(volume_id, needle, start)
+            self._apply(volume, needle, start)
             at = start + needle.end
         return gaps, at
 
-    def _apply(self, volume_id: int, needle: Needle, base: int) -> None:
+    def _apply(self, volume: _Volume, needle: Needle, base: int) -> None:
         known = self._index.get(needle.key)
+        current = known is not None and _serial_of(known) in self._open
         if needle.flags == LIVE:
-            if known is None:  # the first needle of a key stays
-                self._index[needle.key] = _FOUND.pack(
-                    volume_id,
-                    base + needle.data_offset,
-                    needle.length,
-                    needle.crc,
-                    needle.sha256,
-                )
-        elif known is not None and _volume_of(known) == volume_id:
+            if current:  # the first needle of a key stays
+                return
+            if known is not None:  # stale: this is the key's needle in a newer generation
+                self._stale -= 1
+            self._index[needle.key] = _FOUND.pack(
+                volume.serial,
+                base + needle.data_offset,
+                needle.length,
+                needle.crc,
+                needle.sha256,
+            )
+            volume.entries += 1
+        elif current and known is not None and _serial_of(known) == volume.serial:
             del self._index[needle.key]  # a tombstone: in the volume of what it deletes
+            volume.entries -= 1
 
     def _drop(self, volume_id: int) -> None:
+        """Forget a volume's generation at once: its entries go stale (see STALE_SHARE)."""
         volume = self._volumes.pop(volume_id)
-        for key in [k for k, found in self._index.items() if _volume_of(found) == volume_id]:
-            del self._index[key]
+        del self._open[volume.serial]
+        self._stale += volume.entries
         close_quietly(volume.fd)
 
+    def _sweep(self) -> None:
+        """Remove every stale entry (one pass over the index)."""
+        self._index = {k: f for k, f in self._index.items() if _serial_of(f) in self._open}
+        self._stale = 0
 
-def _volume_of(found: bytes) -> int:
-    volume: int = _FOUND.unpack_from(found)[0]
-    return volume
+
+def _serial_of(found: bytes) -> int:
+    serial: int = _FOUND.unpack_from(found)[0]
+    return serial
