@@ -77,6 +77,7 @@ async def test_unsatisfiable_range_is_416(net: NetDriver, client: httpx.AsyncCli
     response = await client.get(url(net, "/default/r"), headers={"Range": "bytes=10-"})
     assert response.status_code == 416
     assert response.json()["error"]["code"] == "range_not_satisfiable"
+    assert response.json()["error"]["request_id"] == response.headers["X-Request-Id"]
     assert response.headers["Content-Range"] == "bytes */10"
 
 
@@ -122,6 +123,7 @@ async def test_errors_are_json_with_the_right_status(
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code
     assert response.json()["error"]["message"]
+    assert response.json()["error"]["request_id"] == response.headers["X-Request-Id"]
 
 
 async def test_create_only_put(net: NetDriver, client: httpx.AsyncClient) -> None:
@@ -164,6 +166,15 @@ async def test_internal_apis_need_the_cluster_secret(net: NetDriver) -> None:
             assert response.json()["error"]["code"] == "forbidden"
         health = await anonymous.get(f"{net._discovery_url}/healthz")
         assert health.status_code == 200
+        # The control routes' own errors (Quart's): JSON with the request's id, and a 405
+        # names what is allowed.
+        for response, status in (
+            (await net._internal.get(f"{net._discovery_url}/no/such/route"), 404),
+            (await anonymous.post(f"{net._discovery_url}/healthz"), 405),
+        ):
+            assert response.status_code == status
+            assert response.json()["error"]["request_id"] == response.headers["X-Request-Id"]
+        assert "GET" in response.headers["Allow"]
     assert (await net._http.get(url(net, "/healthz"))).json()["ok"] is True
 
 
@@ -273,5 +284,6 @@ async def test_a_method_in_lowercase_is_not_that_method(net: NetDriver) -> None:
                 answer += chunk
     assert answer.startswith(b"HTTP/1.1 501"), answer
     assert b'"not_implemented"' in answer
+    assert b"x-request-id: " in answer.lower()
     with pytest.raises(NotFound):
         await net.stat("lower")

@@ -8,6 +8,7 @@ served (:func:`karma8.net.serving.serve_app`).
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from collections.abc import AsyncIterator
 from functools import partial
@@ -490,5 +491,8 @@ async def test_a_method_not_in_upper_case_is_501_before_any_app_sees_it() -> Non
     assert seen == ["PUT"]  # the others never reached the app
     assert [a.split(b" ")[1] for a in answers] == [b"501", b"200", b"501", b"501", b"501"]
     assert b"connection: close" in answers[0].lower()
-    assert answers[0].endswith(b'methods are case-sensitive"}}\n')
+    head, _, body = answers[0].partition(b"\r\n\r\n")
+    error = json.loads(body)["error"]
+    assert error["message"].endswith("methods are case-sensitive")
+    assert f"x-request-id: {error['request_id']}".encode() in head.lower()
     assert answers[4].endswith(b"\r\n\r\n")  # "head": no body

@@ -171,6 +171,8 @@ def node_at_fault(exc: Karma8Error) -> bool:
 
 
 def write_failure(placement: PartPlacement, exc: Karma8Error) -> Karma8Error:
+    """The PUT's error for a part write that failed and will not move: an unreachable node
+    or a damaged transfer as it is, anything else a storage failure naming part and node."""
     if isinstance(exc, (Unavailable, IntegrityError)):
         return exc
     return StorageFailure(

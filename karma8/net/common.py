@@ -86,11 +86,14 @@ def create_app(name: str, *, secret: str | None) -> QuartTrio:
 
     @app.errorhandler(404)
     async def no_route(_: Exception) -> tuple[Response, int]:
-        return jsonify({"error": {"code": "not_found", "message": "no such route"}}), 404
+        error = {"code": "not_found", "message": "no such route", "request_id": _request_id()}
+        return jsonify({"error": error}), 404
 
     @app.errorhandler(405)
-    async def bad_method(_: Exception) -> tuple[Response, int]:
-        return jsonify(METHOD_NOT_ALLOWED), 405
+    async def bad_method(error: Exception) -> tuple[Response, int, dict[str, str]]:
+        allowed = sorted(getattr(error, "valid_methods", None) or ())
+        body = {"error": {**METHOD_NOT_ALLOWED["error"], "request_id": _request_id()}}
+        return jsonify(body), 405, {"Allow": ", ".join(allowed)} if allowed else {}
 
     @app.errorhandler(Exception)
     async def internal(error: Exception) -> tuple[Response, int]:

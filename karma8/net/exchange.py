@@ -416,7 +416,8 @@ class ExchangeRoutes(abc.ABC, Generic[T]):
             elif method == "OPTIONS":
                 await exchange.answer(204, [self._allow])
             else:
-                await exchange.answer_json(405, METHOD_NOT_ALLOWED, [self._allow])
+                body = {"error": {**METHOD_NOT_ALLOWED["error"], "request_id": exchange.request_id}}
+                await exchange.answer_json(405, body, [self._allow])
         except Karma8Error as exc:
             status = error_status(exc)
             if status >= 500:

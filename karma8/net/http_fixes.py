@@ -120,6 +120,8 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, Framework
 from hypercorn.utils import wrap_app
 
+from karma8.net.requestlog import accept_request_id
+
 log = logging.getLogger("karma8.net")
 
 RECEIVE_SIZE = 1 << 20
@@ -306,13 +308,17 @@ class _NotImplemented:
 
     async def __call__(self, scope: Any, receive: Any, send: Any, *args: Any) -> None:
         message = f"no method {self._method!r}: methods are case-sensitive"
+        given = dict(scope.get("headers", ())).get(b"x-request-id", b"")
+        request_id = accept_request_id(given.decode("latin-1") or None)
         error = {"error": {"code": "not_implemented", "message": message}}
+        error["error"]["request_id"] = request_id
         body = b""
         if self._method.upper() != "HEAD":
             body = json.dumps(error, separators=(",", ":"), sort_keys=True).encode() + b"\n"
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", b"%d" % len(body)),
+            (b"x-request-id", request_id.encode()),
             (b"connection", b"close"),
         ]
 

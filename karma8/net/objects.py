@@ -177,7 +177,9 @@ class ObjectRoutes(ExchangeRoutes[Target]):
             span = resolve_range(wanted, version.size)
         except RangeNotSatisfiable as exc:
             unsatisfied = [(b"content-range", f"bytes */{version.size}".encode())]
-            await exchange.answer_json(error_status(exc), error_body(exc), unsatisfied)
+            refused = error_body(exc)
+            refused["error"]["request_id"] = exchange.request_id
+            await exchange.answer_json(error_status(exc), refused, unsatisfied)
             return
         start, stop = span if span is not None else (0, version.size)
         headers = [OCTETS_TYPE, (b"content-length", str(stop - start).encode())]

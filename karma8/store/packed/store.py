@@ -31,7 +31,7 @@ from karma8.store.diskio import (
     storage_error,
 )
 from karma8.store.groupsync import GroupSync
-from karma8.store.packed import volumes
+from karma8.store.packed import volumes as volume_files
 from karma8.store.packed.format import HEADER_SIZE, encode, encode_tombstone, scan
 from karma8.store.packed.index import NeedleRef, PackedIndex
 from karma8.store.packed.volumes import VOLUME_NAME, VolumeFile, WindowReader, volume_name
@@ -487,13 +487,13 @@ class PackedStore:
             await old.wait_idle()  # a commit that took its offset before the volume sealed
             snapshot = self.index.refs_in(volume)
             offsets, end = await trio.to_thread.run_sync(
-                lambda: volumes.copy_needles(old.fd, snapshot, tmp)
+                lambda: volume_files.copy_needles(old.fd, snapshot, tmp)
             )
             old.closing = trio.Event()
             await old.wait_idle()
             dead = [ref for ref in snapshot if not self.index.is_current(ref)]
             fd = await trio.to_thread.run_sync(
-                lambda: volumes.finish_generation(tmp, final, end, [r.key for r in dead])
+                lambda: volume_files.finish_generation(tmp, final, end, [r.key for r in dead])
             )
             # The switch: no checkpoint until the index names only the new file.
             for ref, offset in zip(snapshot, offsets, strict=True):
@@ -508,7 +508,7 @@ class PackedStore:
                 close_quietly(fd)
                 gone.append(final)
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(lambda: volumes.unlink_all(gone))
+                await trio.to_thread.run_sync(lambda: volume_files.unlink_all(gone))
         finally:
             closing, old.closing = old.closing, None
             if closing is not None:
