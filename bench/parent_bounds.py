@@ -9,15 +9,28 @@ VARIANT:
 - ``nowait``: discovery's SQL runs as it does, but no call waits for the log's sync (the
   cost of the metadata's durability waits);
 - ``nosql``: placement from a view of the nodes read once, and commits that write nothing
-  (the cost of discovery's SQL in the parent's event loop).
+  (the cost of discovery's SQL in the parent's event loop);
+- ``apart``: a stored PUT (unlike the other two): a small upload's two discovery calls
+  (place, commit) made by a second process, a discovery of its own on the same database,
+  over a Unix socket with JSON frames (what moving discovery out of the parent would cost,
+  built the plain way). Its CPU is counted among the workers' by ``bench/put_cpu.sh``.
 
 Then runs ``karma8`` with the remaining arguments. docs/benchmarks.md has the results.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
+import signal
+import socket
+import struct
+import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
@@ -99,9 +112,125 @@ def no_sql() -> None:
     SqlMetadataStore.commit_placed = commit  # type: ignore[method-assign]
 
 
-VARIANTS = {"nowait": no_waits, "nosql": no_sql}
+_FRAME = struct.Struct(">I")
+
+
+async def _read_frame(stream: trio.SocketStream, buffer: bytearray) -> Any:
+    while True:
+        if len(buffer) >= _FRAME.size:
+            (size,) = _FRAME.unpack_from(buffer)
+            if len(buffer) >= _FRAME.size + size:
+                obj = json.loads(bytes(buffer[_FRAME.size : _FRAME.size + size]))
+                del buffer[: _FRAME.size + size]
+                return obj
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise EOFError
+        buffer += chunk
+
+
+def _frame(obj: Any) -> bytes:
+    data = json.dumps(obj).encode()
+    return _FRAME.pack(len(data)) + data
+
+
+def discovery_child(database: str, path: str, report: str) -> None:
+    """The ``apart`` variant's other process: a discovery of its own on the same database,
+    placing and committing what the parent's gateway asks over a Unix socket."""
+    from karma8.core.errors import Karma8Error
+    from karma8.net.codec import encode, error_body
+    from karma8.net.discovery_role import build_discovery, open_metadata
+    from karma8.net.netconfig import NetConfig
+
+    async def serve() -> None:
+        config = NetConfig()
+        discovery = build_discovery(config, open_metadata(config, Path(database)), embedded=True)
+
+        async def connection(stream: trio.SocketStream) -> None:
+            buffer = bytearray()
+            while True:
+                try:
+                    call = await _read_frame(stream, buffer)
+                except (EOFError, trio.BrokenResourceError):
+                    return
+                try:
+                    if call["m"] == "place":
+                        answer = await discovery.place_upload(**call["a"])
+                    else:
+                        receipts = [PartReceipt(**r) for r in call["a"].pop("receipts")]
+                        answer = await discovery.commit_upload(**call["a"], receipts=receipts)
+                    reply: Any = {"version": encode(answer)}
+                except Karma8Error as exc:
+                    reply = error_body(exc)
+                await stream.send_all(_frame(reply))
+
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(256)
+        await trio.Path(report).write_text("ready")
+        await trio.serve_listeners(connection, [trio.SocketListener(listener)])
+
+    try:
+        trio.run(serve)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        Path(report).write_text(f"{time.process_time():.3f}")
+
+
+def discovery_apart() -> None:
+    """Discovery's two calls of a small upload (place, commit) made by another process on the
+    same database, over a Unix socket: the parent keeps its own discovery for the rest."""
+    from karma8.actors.discovery import Discovery
+    from karma8.core.errors import error_from_code
+    from karma8.net import discovery_role
+    from karma8.net.codec import decode, encode
+
+    workdir = Path(tempfile.mkdtemp(prefix="karma8-apart-"))
+    path, report = str(workdir / "discovery.sock"), str(workdir / "cpu")
+    build = discovery_role.build_discovery
+    idle: list[tuple[trio.SocketStream, bytearray]] = []
+
+    async def call(method: str, arguments: dict[str, Any]) -> FileVersion:
+        conn = idle.pop() if idle else (await trio.open_unix_socket(path), bytearray())
+        await conn[0].send_all(_frame({"m": method, "a": arguments}))
+        reply = await _read_frame(*conn)
+        idle.append(conn)
+        if "error" in reply:
+            raise error_from_code(reply["error"]["code"], reply["error"]["message"])
+        return decode(reply["version"], FileVersion)
+
+    async def place(self: Discovery, **arguments: Any) -> FileVersion:
+        return await call("place", arguments)
+
+    async def commit(self: Discovery, *, receipts: Sequence[PartReceipt], **rest: Any) -> Any:
+        return await call("commit", {**rest, "receipts": [encode(r) for r in receipts]})
+
+    def build_then_start_child(config: Any, store: Any, **kwargs: Any) -> Discovery:
+        discovery = build(config, store, **kwargs)
+        child = subprocess.Popen(
+            [sys.executable, __file__, "_child", store._path, path, report],
+            stdin=subprocess.DEVNULL,
+        )
+        atexit.register(child.send_signal, signal.SIGINT)
+        atexit.register(lambda: print(f"discovery apart: {Path(report).read_text()} s of CPU"))
+        while not Path(report).exists():
+            time.sleep(0.05)
+        Discovery.place_upload = place  # type: ignore[method-assign]
+        Discovery.commit_upload = commit  # type: ignore[method-assign]
+        return discovery
+
+    from karma8.net import serve
+
+    setattr(serve, "build_discovery", build_then_start_child)  # noqa: B010  # it imported it
+
+
+VARIANTS = {"nowait": no_waits, "nosql": no_sql, "apart": discovery_apart}
 
 if __name__ == "__main__":
+    if sys.argv[1] == "_child":
+        discovery_child(*sys.argv[2:5])
+        sys.exit(0)
     VARIANTS[sys.argv[1]]()
     from karma8.cli import main
 
