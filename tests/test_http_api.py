@@ -126,6 +126,18 @@ async def test_errors_are_json_with_the_right_status(
     assert response.json()["error"]["request_id"] == response.headers["X-Request-Id"]
 
 
+async def test_the_first_of_several_request_ids_is_the_one(
+    net: NetDriver, client: httpx.AsyncClient
+) -> None:
+    given = [("X-Request-Id", "first-id"), ("X-Request-Id", "second-id")]
+    for response in (
+        await client.get(url(net, "/default/missing"), headers=given),  # the data plane
+        await client.get(url(net, "/default/?limit=0"), headers=given),  # a control route
+    ):
+        assert response.headers["X-Request-Id"] == "first-id", response.headers
+        assert response.json()["error"]["request_id"] == "first-id"
+
+
 async def test_create_only_put(net: NetDriver, client: httpx.AsyncClient) -> None:
     headers = {"If-None-Match": "*"}
     assert (
@@ -175,6 +187,9 @@ async def test_internal_apis_need_the_cluster_secret(net: NetDriver) -> None:
             assert response.status_code == status
             assert response.json()["error"]["request_id"] == response.headers["X-Request-Id"]
         assert "GET" in response.headers["Allow"]
+        metrics = await anonymous.get(f"{net._discovery_url}/metrics")  # the secret's challenge
+        assert metrics.status_code == 401
+        assert metrics.json()["error"]["request_id"] == metrics.headers["X-Request-Id"]
     assert (await net._http.get(url(net, "/healthz"))).json()["ok"] is True
 
 
@@ -276,6 +291,7 @@ async def test_a_method_in_lowercase_is_not_that_method(net: NetDriver) -> None:
     async with await trio.open_tcp_stream(host, int(port)) as stream:
         await stream.send_all(
             b"put /default/lower HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"X-Request-Id: first-id\r\nX-Request-Id: second-id\r\n"
             b"Connection: close\r\n\r\nab"
         )
         answer = b""
@@ -284,6 +300,7 @@ async def test_a_method_in_lowercase_is_not_that_method(net: NetDriver) -> None:
                 answer += chunk
     assert answer.startswith(b"HTTP/1.1 501"), answer
     assert b'"not_implemented"' in answer
-    assert b"x-request-id: " in answer.lower()
+    assert b"x-request-id: first-id\r\n" in answer.lower()  # the client's, the first given
+    assert b'"request_id":"first-id"' in answer
     with pytest.raises(NotFound):
         await net.stat("lower")

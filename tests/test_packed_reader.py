@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-from collections.abc import Callable, ItemsView
+from collections.abc import Callable, ItemsView, Iterator, KeysView, ValuesView
 from pathlib import Path
 
 import pytest
@@ -51,24 +51,42 @@ def deleted_files_open() -> list[str]:
     return [t for t in targets if t.endswith(".vol (deleted)")]
 
 
-def indexed(reader: PackedReader) -> dict[str, bytes]:
-    """What the reader's index says of each key, but the generation's serial (its own
-    number, in the order it opened them); only entries of generations it has open."""
+def indexed(reader: PackedReader) -> dict[str, tuple[int, bytes]]:
+    """What the reader's index says of each key, its generation by volume id (the serial is
+    the reader's own number for it, in the order it opened them); only entries of the
+    generations it has open."""
+    volume_of = {volume.serial: volume_id for volume_id, volume in reader._volumes.items()}
     return {
-        k: f[4:]
-        for k, f in reader._index.items()
-        if int.from_bytes(f[:4], "little") in reader._open
+        key: (volume_of[serial], found[4:])
+        for key, found in reader._index.items()
+        if (serial := int.from_bytes(found[:4], "little")) in volume_of
     }
 
 
+def stale_entries(reader: PackedReader) -> int:
+    return sum(int.from_bytes(f[:4], "little") not in reader._open for f in reader._index.values())
+
+
 class CountedWalks(dict[str, bytes]):
-    """An index that counts the passes over it."""
+    """An index that counts the passes over it (by items, keys, values or iteration)."""
 
     walks = 0
 
     def items(self) -> ItemsView[str, bytes]:  # type: ignore[override]
         self.walks += 1
         return super().items()
+
+    def keys(self) -> KeysView[str]:  # type: ignore[override]
+        self.walks += 1
+        return super().keys()
+
+    def values(self) -> ValuesView[bytes]:  # type: ignore[override]
+        self.walks += 1
+        return super().values()
+
+    def __iter__(self) -> Iterator[str]:
+        self.walks += 1
+        return super().__iter__()
 
 
 async def test_it_finds_what_the_node_appends_after_it_opened(tmp_path: Path) -> None:
@@ -201,6 +219,29 @@ async def test_a_stale_entry_read_is_none_and_leaves_the_index(tmp_path: Path) -
     assert reader._stale == len(doomed) - 1
     for key in in_first:
         assert reader.read(key) == (None if key in doomed else payload(100, seed=int(key[2:])))
+    reader.close()
+    store.close()
+
+
+async def test_the_stale_count_is_the_stale_entries(tmp_path: Path) -> None:
+    # A delete the reader saw before the compaction leaves no entry behind, so it is not
+    # counted stale when its generation is dropped (else sweeps would come too early).
+    store = new_tiered(tmp_path, volume_size=2048)
+    for i in range(40):
+        await put(store, f"u.{i}", payload(100, seed=i))
+    first = sorted({path for path, _ in packed_parts(tmp_path).values()})[0]
+    in_first = sorted(k for k, (path, _) in packed_parts(tmp_path).items() if path == first)
+    now = [0.0]
+    reader = PackedReader(tmp_path, clock=lambda: now[0])
+    await store.delete(in_first[0])  # too little garbage to compact: the reader sees it
+    assert store.packed.compactions == 0
+    assert reader.refresh(budget=None)
+    for key in in_first[1 : len(in_first) // 2 + 1]:
+        await store.delete(key)
+    await store.compact()
+    assert store.packed.compactions == 1
+    assert reader.refresh(budget=None)
+    assert reader._stale == stale_entries(reader) > 0
     reader.close()
     store.close()
 

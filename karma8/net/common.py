@@ -147,7 +147,8 @@ def secret_given(secret: str) -> bool:
 
 def challenge(message: str) -> tuple[Response, int, dict[str, str]]:
     """A 401 that asks a browser for the secret (any user name, the secret as password)."""
-    body = {"error": {"code": "unauthorized", "message": f"{message} (any user name)"}}
+    error = {"code": "unauthorized", "message": f"{message} (any user name)"}
+    body = {"error": {**error, "request_id": _request_id()}}
     return jsonify(body), 401, {"WWW-Authenticate": 'Basic realm="karma8"'}
 
 

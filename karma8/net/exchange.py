@@ -186,8 +186,11 @@ class Exchange:
             name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         self.headers = headers
-        # The client's X-Request-Id if sane, else a new one (karma8.net.requestlog).
-        self.request_id = request_id or accept_request_id(headers.get("x-request-id"))
+        # The client's X-Request-Id if sane, else a new one (karma8.net.requestlog); of
+        # several, the first (as the control routes take it: a sane id has no comma).
+        given = headers.get("x-request-id")
+        first = None if given is None else given.split(",", 1)[0].strip()
+        self.request_id = request_id or accept_request_id(first)
         # Whether every message of the request body has been received. An HTTP/1 request
         # without a body (most GETs) has one message, which the queue always has room for;
         # elsewhere (HTTP/2 frames a body of unknown size without either header) the

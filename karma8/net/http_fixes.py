@@ -308,8 +308,8 @@ class _NotImplemented:
 
     async def __call__(self, scope: Any, receive: Any, send: Any, *args: Any) -> None:
         message = f"no method {self._method!r}: methods are case-sensitive"
-        given = dict(scope.get("headers", ())).get(b"x-request-id", b"")
-        request_id = accept_request_id(given.decode("latin-1") or None)
+        given = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), None)
+        request_id = accept_request_id(None if given is None else given.decode("latin-1"))
         error = {"error": {"code": "not_implemented", "message": message}}
         error["error"]["request_id"] = request_id
         body = b""

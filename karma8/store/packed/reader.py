@@ -90,6 +90,7 @@ class PackedReader:
         self._volumes.clear()
         self._open.clear()
         self._index.clear()
+        self._stale = 0
 
     def read(self, key: str, checksum: str | None = None) -> bytes | None:
         """Part ``key``'s payload if it is here and matches its CRC (and ``checksum``, its
