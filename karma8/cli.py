@@ -232,7 +232,7 @@ async def _until_signalled(run: Callable[[trio.Nursery], Awaitable[None]]) -> No
 
 def _serve(args: argparse.Namespace) -> int:
     from karma8.net import serve as net
-    from karma8.net.bounds import settle_heap
+    from karma8.net.bounds import descriptors_short, raise_open_files_limit, settle_heap
     from karma8.net.clients import make_http_client
     from karma8.net.discovery_role import check_metadata, run_discovery
     from karma8.net.handoff import remove_orphaned
@@ -267,6 +267,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"karma8 serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     role = args.role
+    short = descriptors_short(config.max_connections, raise_open_files_limit()[0])
+    if short is not None:
+        logging.getLogger("karma8.serve").warning("%s", short)
     if role in ("all", "discovery"):
         try:
             check_metadata(config)

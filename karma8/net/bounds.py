@@ -9,6 +9,11 @@
   collection, then ``malloc_trim``, every few seconds while uploads end), rather than the
   process keeping the high-water mark; :func:`settle_heap` keeps start-up's objects out of
   every collection.
+- :func:`raise_open_files_limit`: a server may hold ``max_connections`` sockets, beside its
+  pools and files, and a descriptor it cannot get is a connection dropped unanswered (an
+  ``accept`` that fails, a handed-over connection the kernel discards). So ``karma8 serve``
+  raises its soft limit to the hard one, as Go's runtime does for every program, and says
+  when even that is short of ``max_connections``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import resource
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 
@@ -89,6 +95,35 @@ class UploadGate:
         gateway worker (:mod:`karma8.net.writepipe`), for :func:`give_back_memory`."""
         self.ended += 1
         self.failed += failed
+
+
+DESCRIPTORS_SPARE = 256  # beside connections: pools, volume and log files, pipes, listeners
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft limit of open files to its hard limit (children inherit
+    it); the (soft, hard) limits then. Where the platform refuses, the soft one stays."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
+def descriptors_short(max_connections: int, limit: int) -> str | None:
+    """What to tell an operator whose ``max_connections`` (and the spare descriptors a
+    server needs beside them) the open-files limit cannot hold; None if it can."""
+    if limit == resource.RLIM_INFINITY or max_connections + DESCRIPTORS_SPARE <= limit:
+        return None
+    return (
+        f"max_connections = {max_connections} but this process may open only {limit} files"
+        f" (ulimit -n, raised to the hard limit where allowed): connections past about"
+        f" {max(limit - DESCRIPTORS_SPARE, 0)} may be dropped unanswered; raise the hard"
+        " limit (LimitNOFILE= under systemd) or lower max_connections"
+    )
 
 
 def settle_heap() -> None:
