@@ -23,6 +23,7 @@ from karma8.store.packed.reader import (
     STALE_SHARE,
     PackedReader,
 )
+from karma8.store.tiered import TieredPartStore
 
 from storehelpers import SMALL, flip_bit, new_tiered, packed_parts, payload, put
 
@@ -194,14 +195,19 @@ async def test_a_compacted_generation_is_dropped_without_a_pass_over_the_index(
     store.close()
 
 
+async def forty_in_small_volumes(tmp_path: Path, prefix: str) -> tuple[TieredPartStore, list[str]]:
+    """A node with 40 small parts in volumes of 2 KiB, and the keys in its first volume."""
+    store = new_tiered(tmp_path, volume_size=2048)
+    for i in range(40):
+        await put(store, f"{prefix}.{i}", payload(100, seed=i))
+    first = sorted({path for path, _ in packed_parts(tmp_path).values()})[0]
+    return store, sorted(k for k, (path, _) in packed_parts(tmp_path).items() if path == first)
+
+
 async def test_a_stale_entry_read_is_none_and_leaves_the_index(tmp_path: Path) -> None:
     # One volume compacted, most of its parts deleted unseen: too few stale entries for a
     # sweep, so one is still there when read, without a refresh.
-    store = new_tiered(tmp_path, volume_size=2048)
-    for i in range(40):
-        await put(store, f"t.{i}", payload(100, seed=i))
-    first = sorted({path for path, _ in packed_parts(tmp_path).values()})[0]
-    in_first = [k for k, (path, _) in packed_parts(tmp_path).items() if path == first]
+    store, in_first = await forty_in_small_volumes(tmp_path, "t")
     now = [0.0]
     reader = PackedReader(tmp_path, clock=lambda: now[0])
     doomed = in_first[: len(in_first) // 2 + 1]
@@ -226,11 +232,7 @@ async def test_a_stale_entry_read_is_none_and_leaves_the_index(tmp_path: Path) -
 async def test_the_stale_count_is_the_stale_entries(tmp_path: Path) -> None:
     # A delete the reader saw before the compaction leaves no entry behind, so it is not
     # counted stale when its generation is dropped (else sweeps would come too early).
-    store = new_tiered(tmp_path, volume_size=2048)
-    for i in range(40):
-        await put(store, f"u.{i}", payload(100, seed=i))
-    first = sorted({path for path, _ in packed_parts(tmp_path).values()})[0]
-    in_first = sorted(k for k, (path, _) in packed_parts(tmp_path).items() if path == first)
+    store, in_first = await forty_in_small_volumes(tmp_path, "u")
     now = [0.0]
     reader = PackedReader(tmp_path, clock=lambda: now[0])
     await store.delete(in_first[0])  # too little garbage to compact: the reader sees it
