@@ -360,6 +360,18 @@ class WholePartStore(Protocol):
         ...
 
 
+@runtime_checkable
+class WholeParts(Protocol):
+    """A :class:`StorageAPI` that can hand some parts over whole at once, without opening a
+    stream (a gateway worker's reads of packed parts from its nodes' files)."""
+
+    def part_now(self, node: NodeRef, key: str, *, checksum: str) -> bytes | None:
+        """Part ``key``'s whole payload if it can be read at once here and is intact (its
+        CRC, and ``checksum``, its sha256); else None, and the caller reads it the usual
+        way, which finds out why. Blocking, but brief (one read of a small part)."""
+        ...
+
+
 class PartWriter(Protocol):
     """A part being written: invisible to readers until :meth:`commit`."""
 

@@ -6,24 +6,34 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any, cast
 
+import attrs
 import pytest
 import trio
 import trio.testing
 from trio.testing import wait_all_tasks_blocked
 
+from karma8.actors.gateway import Gateway, GatewayConfig
 from karma8.core.errors import IntegrityError
-from karma8.core.layout import StripeLayout
-from karma8.core.model import NodeRef, NodeRegistration, PartReceipt
+from karma8.core.layout import StripeLayout, split
+from karma8.core.model import (
+    FileVersion,
+    NodeRef,
+    NodeRegistration,
+    PartPlacement,
+    PartReceipt,
+    VersionState,
+)
 from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.net.direct import DirectReadStorage, ReadOnlyMetadata, open_direct_reads
 from karma8.ports import StoredPart
 from karma8.store.readonly import PartStoreReader
-from karma8.store.tiered import TieredPartStore
+from karma8.store.tiered import OneChunk, TieredPartStore
 
-from storehelpers import BIG, flip_bit, packed_parts, part_location, payload, put
+from storehelpers import BIG, flip_bit, packed_parts, part_location, payload, put, sha
 
 T = 1024
 NODE = NodeRef(node_id="node-a", url="http://127.0.0.1:1")
@@ -131,6 +141,93 @@ async def test_a_worker_indexes_its_nodes_appends_without_waiting_for_a_read(
     refreshes = reader.packed.refreshes
     assert all(reader.read_packed(f"w{i}.0") == payload(900, seed=i) for i in range(600))
     assert reader.packed.refreshes == refreshes  # found, and indexed already
+    storage.close()
+    store.close()
+
+
+class KnowingNode(AskedNode):
+    """The remote port, answering with the parts' real bytes."""
+
+    def __init__(self, parts: dict[str, bytes]) -> None:
+        super().__init__()
+        self.parts = parts
+
+    @asynccontextmanager
+    async def read_part(
+        self, node: NodeRef, key: str, *, offset: int, length: int, checksum: str | None = None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        self.asked.append((node.node_id, key, offset, length))
+        yield OneChunk(self.parts[key][offset : offset + length])
+
+
+class OpenCounting(DirectReadStorage):
+    """Counts the part streams opened (the long way of a read)."""
+
+    opened = 0
+
+    def read_part(
+        self, node: NodeRef, key: str, *, offset: int, length: int, checksum: str | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        self.opened += 1
+        return super().read_part(node, key, offset=offset, length=length, checksum=checksum)
+
+
+async def stored(store: TieredPartStore, version_id: str, data: bytes) -> FileVersion:
+    layout = StripeLayout(unit=T)  # rows of 5 KiB
+    placements = []
+    for index, part in enumerate(split(layout, data)):
+        await put(store, f"{version_id}.{index}", part)
+        placement = PartPlacement(
+            index=index, key=f"{version_id}.{index}", node=NODE, size=len(part), checksum=sha(part)
+        )
+        placements.append(placement)
+    return FileVersion(
+        version_id=version_id,
+        namespace="ns",
+        name=version_id,
+        state=VersionState.COMMITTED,
+        size=len(data),
+        layout=layout,
+        parts=tuple(placements),
+        created_at=0.0,
+    )
+
+
+async def test_a_small_whole_read_takes_its_parts_at_once_else_it_goes_the_long_way(
+    tmp_path: Path,
+) -> None:
+    store = TieredPartStore(tmp_path, capacity_bytes=BIG, small_part_max=64 * T, group_sync=False)
+    tail, rows = payload(3000, seed=1), payload(12_345, seed=2)  # a tail; two rows and a tail
+    a, b = await stored(store, "a", tail), await stored(store, "b", rows)
+    parts = {f"a.{i}": p for i, p in enumerate(split(a.layout, tail))}
+    parts |= {f"b.{i}": p for i, p in enumerate(split(b.layout, rows))}
+    node = KnowingNode(parts)
+    storage = OpenCounting(node, {NODE.node_id: PartStoreReader(tmp_path)}, small_part_max=64 * T)
+    gateway = Gateway(discovery=cast(Any, None), storage=storage, config=GatewayConfig())
+    assert await gateway.read_bytes(a) == tail
+    assert await gateway.read_bytes(b, start=0, stop=len(rows)) == rows
+    assert (storage.opened, storage.counts, node.asked) == (0, {"direct": 10, "asked": 0}, [])
+    # A range: its parts' streams.
+    assert await gateway.read_bytes(b, start=100, stop=5000) == rows[100:5000]
+    assert storage.opened == 5
+    # A part that fails its check: the long way, where the node is asked for it.
+    path, offset = packed_parts(tmp_path)["a.2"]
+    flip_bit(path, offset + 3)
+    storage.opened = 0
+    assert await gateway.read_bytes(a) == tail
+    assert storage.opened == 5
+    assert node.asked == [(NODE.node_id, "a.2", 0, len(parts["a.2"]))]
+    # A part whose recorded checksum is not its bytes', or reported lost: the long way.
+    for changed, asked in (
+        (attrs.evolve(b.parts[1], checksum=sha(b"other")), ["b.1"]),  # the node is asked
+        (attrs.evolve(b.parts[1], reported_lost="missing on its node"), []),
+    ):
+        storage.opened = 0
+        node.asked.clear()
+        version = attrs.evolve(b, parts=(b.parts[0], changed, *b.parts[2:]))
+        assert await gateway.read_bytes(version) == rows
+        assert storage.opened == 5
+        assert [key for _, key, _, _ in node.asked] == asked
     storage.close()
     store.close()
 

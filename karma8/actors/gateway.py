@@ -64,14 +64,24 @@ from contextlib import AsyncExitStack, asynccontextmanager, suppress
 import attrs
 import trio
 
-from karma8.actors.reads import PartCursor, RedundantCursor, Sources, Stitcher, read_failure
+from karma8.actors.reads import (
+    PartCursor,
+    RedundantCursor,
+    Sources,
+    Stitcher,
+    read_failure,
+    whole_at_once,
+)
 from karma8.actors.writes import (
     Fanout,
     HeldChunks,
     PartChunks,
     node_at_fault,
+    placed_on,
     primary_error,
+    receipt_of,
     source_of,
+    too_long,
     write_failure,
 )
 from karma8.core.access import AccessCache, Right, cache_key
@@ -93,7 +103,7 @@ from karma8.core.model import (
     VersionState,
 )
 from karma8.core.names import check_name, check_namespace
-from karma8.ports import DiscoveryAPI, StorageAPI, StoredPart, WholePartWriter
+from karma8.ports import DiscoveryAPI, StorageAPI, WholeParts, WholePartWriter
 
 
 @attrs.frozen(kw_only=True)
@@ -147,6 +157,7 @@ class Gateway:
         self._access = AccessCache(config.access_cache_ttl)
         self._staging = trio.Semaphore(config.staging_uploads)
         self._whole_writer = storage if isinstance(storage, WholePartWriter) else None
+        self._whole_parts = storage if isinstance(storage, WholeParts) else None
         # Part reads and writes that failed because of their node, by (node id, "read" or
         # "write"): plain counts for the operator's metrics (the net layer reads them).
         self.part_failures: Counter[tuple[str, str]] = Counter()
@@ -220,19 +231,19 @@ class Gateway:
             else:
                 size, receipts = len(held), await self._write_held(version, placed, held)
         except BaseException:
-            await self._clean_up(_placed_on(version, placed), commit_attempted=False)
+            await self._clean_up(placed_on(version, placed), commit_attempted=False)
             raise
         try:
             return await self._discovery.commit_upload(
                 version_id=version.version_id, size=size, receipts=receipts, if_absent=if_absent
             )
         except Karma8Error:
-            settled = await self._clean_up(_placed_on(version, placed), commit_attempted=True)
+            settled = await self._clean_up(placed_on(version, placed), commit_attempted=True)
             if settled is not None and settled.state is VersionState.COMMITTED:
                 return settled
             raise
         except BaseException:
-            await self._clean_up(_placed_on(version, placed), commit_attempted=True)
+            await self._clean_up(placed_on(version, placed), commit_attempted=True)
             raise
 
     def holds_whole(self, content_length: int | None) -> bool:
@@ -252,7 +263,7 @@ class Gateway:
         async for chunk in body:
             size += len(chunk)
             if size > content_length:
-                raise _too_long(content_length, self._config.max_file_size)
+                raise too_long(content_length, self._config.max_file_size)
             chunks.append(chunk)
         if size != content_length:
             raise InvalidRequest(f"body has {size} bytes, Content-Length said {content_length}")
@@ -293,7 +304,7 @@ class Gateway:
                     if isinstance(result, Karma8Error):
                         retry[slot] = result
                     else:
-                        receipts[slot] = self._receipt(placed[slot], result, sizes[slot])
+                        receipts[slot] = receipt_of(placed[slot], result, sizes[slot])
         # Nodes a part moved off after they took it all: any copy they kept is garbage.
         abandoned: list[PartPlacement] = []
         try:
@@ -320,16 +331,6 @@ class Gateway:
             if abandoned:
                 await self._delete_all(abandoned)
         return [r for r in receipts if r is not None]
-
-    @staticmethod
-    def _receipt(placement: PartPlacement, stored: StoredPart, size: int) -> PartReceipt:
-        """A whole part's receipt, once the node says it stored all of it."""
-        if stored.size != size:
-            raise IntegrityError(
-                f"node {placement.node.node_id} stored {stored.size} bytes of part"
-                f" {placement.index}, the gateway sent {size}"
-            )
-        return PartReceipt(index=placement.index, size=stored.size, checksum=stored.checksum)
 
     async def _write_parts(
         self,
@@ -376,7 +377,7 @@ class Gateway:
                             await closing.enter_async_context(self._staging)
                             staging = True
                         if splitter.size + len(chunk) > limit:
-                            raise _too_long(content_length, self._config.max_file_size)
+                            raise too_long(content_length, self._config.max_file_size)
                         if splitter.size + len(chunk) > reserved:
                             assert content_length is not None  # else reserved == limit
                             wanted = -(-(splitter.size + len(chunk)) // step) * step
@@ -540,6 +541,24 @@ class Gateway:
         check_name(name)
         return await self._discovery.resolve(namespace=namespace, name=name)
 
+    async def read_bytes(
+        self, version: FileVersion, *, start: int = 0, stop: int | None = None
+    ) -> bytes:
+        """Bytes ``[start, stop)`` of a committed version, read whole (a small answer's body).
+
+        A whole file whose data parts (the first copy of each) the storage can hand over at
+        once (:class:`karma8.ports.WholeParts`) is put back together from them without a
+        stream per part; any other read, and one where a part is not there whole and intact,
+        goes through :meth:`open_read`, which reads around it or says why it cannot.
+        """
+        if self._whole_parts is not None and start == 0 and stop in (None, version.size):
+            whole = whole_at_once(version, self._whole_parts)
+            if whole is not None:
+                await trio.lowlevel.checkpoint_if_cancelled()  # no pass of the scheduler
+                return whole
+        async with self.open_read(version, start=start, stop=stop) as chunks:
+            return b"".join([chunk async for chunk in chunks])
+
     @asynccontextmanager
     async def open_read(
         self, version: FileVersion, *, start: int = 0, stop: int | None = None
@@ -606,14 +625,3 @@ class Gateway:
         return await self._discovery.list_files(
             namespace=namespace, prefix=prefix, after=after, limit=limit
         )
-
-
-def _too_long(content_length: int | None, max_size: int) -> Karma8Error:
-    if content_length is not None:
-        return InvalidRequest(f"body is longer than Content-Length ({content_length})")
-    return TooLarge(f"body is larger than the limit of {max_size} bytes")
-
-
-def _placed_on(version: FileVersion, placed: Sequence[PartPlacement]) -> FileVersion:
-    """The version with its parts where they were last placed (for clean-up)."""
-    return attrs.evolve(version, parts=tuple(placed))

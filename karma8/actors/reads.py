@@ -1,6 +1,7 @@
 """How the gateway reads a version back: each part as a checked stream of exact length,
 stitched in file order; for a redundant version, from another copy or rebuilt from parity
-when a part's node fails, is slow or serves a corrupt block (see :mod:`karma8.actors.gateway`).
+when a part's node fails, is slow or serves a corrupt block (see :mod:`karma8.actors.gateway`);
+a small whole file from its data parts handed over at once, where the storage can.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from karma8.core.errors import (
     StorageFailure,
     Unavailable,
 )
-from karma8.core.layout import StripeLayout
-from karma8.core.model import FileVersion, PartPlacement
-from karma8.ports import StorageAPI
+from karma8.core.layout import StripeLayout, merge
+from karma8.core.model import FileVersion, PartPlacement, VersionState
+from karma8.ports import StorageAPI, WholeParts
 
 
 def read_failure(placement: PartPlacement, exc: Karma8Error) -> Karma8Error:
@@ -444,3 +445,27 @@ class RebuiltPart:
         self._pos += count
         layout = self._sources.layout
         return rebuild_share(layout.parts, layout.parity, shares, self._slot)
+
+
+def whole_at_once(version: FileVersion, storage: WholeParts) -> bytes | None:
+    """A committed version's bytes put back together from its data parts (the first copy of
+    each), if ``storage`` hands every one over whole and intact at once; else None, and the
+    read goes the long way, which reads around a missing or damaged part or says why."""
+    if version.state is not VersionState.COMMITTED or version.size is None:
+        return None
+    layout = version.layout
+    parts: list[bytes] = []
+    for part in range(layout.parts):
+        slot = layout.copies_of(part)[0]
+        placement = version.parts[slot] if slot < len(version.parts) else None
+        if placement is None or placement.index != slot or placement.reported_lost:
+            return None
+        assert placement.checksum is not None  # a committed part's
+        data = storage.part_now(placement.node, placement.key, checksum=placement.checksum)
+        if data is None:
+            return None
+        parts.append(data)
+    try:
+        return merge(layout, parts)
+    except ValueError:  # a part of the wrong length: the long way says
+        return None

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import attrs
 import trio
 
 from karma8.core.erasure import ParityEncoder
 from karma8.core.errors import (
     DiskFull,
     IntegrityError,
+    InvalidRequest,
     Karma8Error,
     StorageFailure,
+    TooLarge,
     Unavailable,
 )
 from karma8.core.layout import StripeLayout
-from karma8.core.model import PartPlacement
+from karma8.core.model import FileVersion, PartPlacement, PartReceipt
+from karma8.ports import StoredPart
 
 
 class WriterStopped(StorageFailure):
@@ -178,3 +182,25 @@ def write_failure(placement: PartPlacement, exc: Karma8Error) -> Karma8Error:
     return StorageFailure(
         f"writing part {placement.index} to node {placement.node.node_id} failed: {exc.message}"
     )
+
+
+def too_long(content_length: int | None, max_size: int) -> Karma8Error:
+    """A body that ran past its Content-Length, or past the largest file, without one."""
+    if content_length is not None:
+        return InvalidRequest(f"body is longer than Content-Length ({content_length})")
+    return TooLarge(f"body is larger than the limit of {max_size} bytes")
+
+
+def placed_on(version: FileVersion, placed: Sequence[PartPlacement]) -> FileVersion:
+    """The version with its parts where they were last placed (for clean-up)."""
+    return attrs.evolve(version, parts=tuple(placed))
+
+
+def receipt_of(placement: PartPlacement, stored: StoredPart, size: int) -> PartReceipt:
+    """A whole part's receipt, once the node says it stored all of it."""
+    if stored.size != size:
+        raise IntegrityError(
+            f"node {placement.node.node_id} stored {stored.size} bytes of part"
+            f" {placement.index}, the gateway sent {size}"
+        )
+    return PartReceipt(index=placement.index, size=stored.size, checksum=stored.checksum)

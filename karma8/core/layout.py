@@ -313,10 +313,13 @@ def split(layout: StripeLayout, data: bytes) -> list[bytes]:
 
 
 def merge(layout: StripeLayout, parts: Sequence[bytes]) -> bytes:
-    """Glue parts back into the file (inverse of :func:`split`)."""
+    """Glue whole parts back into the file (inverse of :func:`split`; a small file's read).
+    Raises ValueError if the parts' lengths are not a file's :meth:`StripeLayout.part_sizes`."""
     if len(parts) != layout.parts:
         raise ValueError(f"expected {layout.parts} parts, got {len(parts)}")
     size = sum(len(p) for p in parts)
     if tuple(len(p) for p in parts) != layout.part_sizes(size):
         raise ValueError("part sizes do not match the layout")
-    return b"".join(parts[s.part][s.offset : s.offset + s.length] for s in layout.segments(size))
+    if size < layout.row_size:  # a tail alone: one piece per part, in part order
+        return b"".join(parts)
+    return b"".join([parts[s.part][s.offset : s.offset + s.length] for s in layout.segments(size)])

@@ -214,6 +214,17 @@ class DirectReadStorage:
     ) -> StoredPart:
         return await self.remote.put_part(node, key, chunks, size=size)
 
+    def part_now(self, node: NodeRef, key: str, *, checksum: str) -> bytes | None:
+        """A packed part of a local node, whole and checked (:class:`karma8.ports.WholeParts`);
+        None for anything else: its read then opens it as :meth:`read_part` does."""
+        reader = self._readers.get(node.node_id)
+        if reader is None:
+            return None
+        data = reader.read_packed(key, checksum)
+        if data is not None:
+            self.counts["direct"] += 1
+        return data
+
     def read_part(
         self, node: NodeRef, key: str, *, offset: int, length: int, checksum: str | None = None
     ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:

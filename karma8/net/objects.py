@@ -28,7 +28,6 @@ from karma8.net.exchange import (
     Exchange,
     ExchangeRoutes,
     Headers,
-    read_whole,
 )
 from karma8.net.writepipe import ParentUnreachable, ParentWrites
 from karma8.store.tiered import OneChunk
@@ -190,11 +189,7 @@ class ObjectRoutes(ExchangeRoutes[Target]):
         if head or stop - start <= WHOLE_BODY_BYTES:
             # Small: read it all first. One body write instead of one per part piece, and any
             # failure, a checksum too, is an error status rather than a body cut short.
-            body = (
-                b""
-                if head
-                else await read_whole(self._gateway.open_read(version, start=start, stop=stop))
-            )
+            body = b"" if head else await self._gateway.read_bytes(version, start=start, stop=stop)
             self._stats["gets"] += 1
             await exchange.answer(status, headers, body)
             return
