@@ -365,10 +365,11 @@ class WholeParts(Protocol):
     """A :class:`StorageAPI` that can hand some parts over whole at once, without opening a
     stream (a gateway worker's reads of packed parts from its nodes' files)."""
 
-    def part_now(self, node: NodeRef, key: str, *, checksum: str) -> bytes | None:
-        """Part ``key``'s whole payload if it can be read at once here and is intact (its
-        CRC, and ``checksum``, its sha256); else None, and the caller reads it the usual
-        way, which finds out why. Blocking, but brief (one read of a small part)."""
+    def parts_now(self, parts: Sequence[PartPlacement]) -> list[bytes] | None:
+        """Every one of ``parts`` whole, if each can be read at once here and is intact (its
+        CRC, and its placement's checksum, the sha256); else None, and the caller reads them
+        the usual way, which finds out why. Blocking, but brief (one read of each small
+        part)."""
         ...
 
 

@@ -17,7 +17,8 @@ import trio.testing
 from trio.testing import wait_all_tasks_blocked
 
 from karma8.actors.gateway import Gateway, GatewayConfig
-from karma8.core.errors import IntegrityError
+from karma8.core.erasure import encode_parity
+from karma8.core.errors import IntegrityError, Karma8Error
 from karma8.core.layout import StripeLayout, split
 from karma8.core.model import (
     FileVersion,
@@ -172,10 +173,17 @@ class OpenCounting(DirectReadStorage):
         return super().read_part(node, key, offset=offset, length=length, checksum=checksum)
 
 
-async def stored(store: TieredPartStore, version_id: str, data: bytes) -> FileVersion:
-    layout = StripeLayout(unit=T)  # rows of 5 KiB
+async def stored(
+    store: TieredPartStore, version_id: str, data: bytes, layout: StripeLayout | None = None
+) -> FileVersion:
+    """``data`` stored as a committed version of ``layout`` (default raid0, rows of 5 KiB):
+    every slot, copies and parity parts too, on the one node."""
+    layout = layout or StripeLayout(unit=T)
+    data_parts = split(layout, data)
+    parity = encode_parity(data_parts, layout.parity) if layout.parity else []
+    slots = data_parts * layout.copies + parity
     placements = []
-    for index, part in enumerate(split(layout, data)):
+    for index, part in enumerate(slots):
         await put(store, f"{version_id}.{index}", part)
         placement = PartPlacement(
             index=index, key=f"{version_id}.{index}", node=NODE, size=len(part), checksum=sha(part)
@@ -191,6 +199,42 @@ async def stored(store: TieredPartStore, version_id: str, data: bytes) -> FileVe
         parts=tuple(placements),
         created_at=0.0,
     )
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        StripeLayout(unit=T),
+        StripeLayout(unit=T, copies=2),
+        StripeLayout(unit=T, parity=1),
+        StripeLayout(parts=3, unit=T, parity=2),
+    ],
+    ids=["raid0", "raid1", "parity1", "k3-parity2"],
+)
+async def test_a_small_whole_read_at_once_is_the_file_for_every_layout_and_size(
+    tmp_path: Path, layout: StripeLayout
+) -> None:
+    store = TieredPartStore(tmp_path, capacity_bytes=BIG, small_part_max=64 * T, group_sync=False)
+    row = layout.row_size
+    files = {}
+    for size in (0, 1, 4, row - 1, row, row + 1, 2 * row + 345):
+        data = payload(size, seed=size)
+        files[size] = (data, await stored(store, f"v{size}", data, layout))
+    # The worker's reader opens after the writes: it has every needle (no node is asked).
+    storage = OpenCounting(AskedNode(), {NODE.node_id: PartStoreReader(tmp_path)}, 64 * T)
+    gateway = Gateway(discovery=cast(Any, None), storage=storage, config=GatewayConfig())
+    for size, (data, version) in files.items():
+        assert await gateway.read_bytes(version) == data
+        assert storage.opened == 0, size  # every one at once
+        # A range, even one that starts or ends with the file, takes the parts' streams.
+        if size > 1:
+            assert await gateway.read_bytes(version, start=0, stop=size - 1) == data[:-1]
+            assert await gateway.read_bytes(version, start=1, stop=size) == data[1:]
+            assert storage.opened > 0
+            storage.opened = 0
+    assert storage.counts["asked"] == 0
+    storage.close()
+    store.close()
 
 
 async def test_a_small_whole_read_takes_its_parts_at_once_else_it_goes_the_long_way(
@@ -210,13 +254,23 @@ async def test_a_small_whole_read_takes_its_parts_at_once_else_it_goes_the_long_
     # A range: its parts' streams.
     assert await gateway.read_bytes(b, start=100, stop=5000) == rows[100:5000]
     assert storage.opened == 5
-    # A part that fails its check: the long way, where the node is asked for it.
+    # Not committed: the long way, which refuses it.
+    with pytest.raises(Karma8Error):
+        await gateway.read_bytes(attrs.evolve(b, state=VersionState.PENDING))
+    # A version whose size is not its parts': the long way, which finds the parts short.
+    with pytest.raises(IntegrityError):
+        await gateway.read_bytes(attrs.evolve(a, size=len(tail) + 5))
+    # A part that fails its check: the long way, where the node is asked for it; each part
+    # read counted once, as the long way read it.
     path, offset = packed_parts(tmp_path)["a.2"]
     flip_bit(path, offset + 3)
     storage.opened = 0
+    storage.counts.update(direct=0, asked=0)
+    node.asked.clear()
     assert await gateway.read_bytes(a) == tail
     assert storage.opened == 5
     assert node.asked == [(NODE.node_id, "a.2", 0, len(parts["a.2"]))]
+    assert storage.counts == {"direct": 4, "asked": 1}
     # A part whose recorded checksum is not its bytes', or reported lost: the long way.
     for changed, asked in (
         (attrs.evolve(b.parts[1], checksum=sha(b"other")), ["b.1"]),  # the node is asked

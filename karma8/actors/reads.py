@@ -454,18 +454,14 @@ def whole_at_once(version: FileVersion, storage: WholeParts) -> bytes | None:
     if version.state is not VersionState.COMMITTED or version.size is None:
         return None
     layout = version.layout
-    parts: list[bytes] = []
+    placements = []
     for part in range(layout.parts):
         slot = layout.copies_of(part)[0]
         placement = version.parts[slot] if slot < len(version.parts) else None
         if placement is None or placement.index != slot or placement.reported_lost:
             return None
-        assert placement.checksum is not None  # a committed part's
-        data = storage.part_now(placement.node, placement.key, checksum=placement.checksum)
-        if data is None:
-            return None
-        parts.append(data)
-    try:
-        return merge(layout, parts)
-    except ValueError:  # a part of the wrong length: the long way says
-        return None
+        placements.append(placement)
+    parts = storage.parts_now(placements)
+    if parts is None or tuple(map(len, parts)) != layout.part_sizes(version.size):
+        return None  # (a part of another length than the version's: the long way says)
+    return merge(layout, parts)
