@@ -12,12 +12,9 @@ set -euo pipefail
 tree=$(cd "$1" && pwd)
 seconds=${2:-8}
 extra=${3:-}
-here=$(cd "$(dirname "$0")/.." && pwd)
-work=$(mktemp -d /var/tmp/karma8-put-cpu.XXXXXX)
-trap 'rm -rf "$work"' EXIT
-port=$((20000 + RANDOM % 10000))
-printf 'host = "127.0.0.1"\ngateway_port = %d\ndiscovery_port = %d\nstorage_nodes = 6\n%s\n' \
-    "$port" "$((port + 1))" "$extra" > "$work/karma8.toml"
+# shellcheck source=bench/cluster.sh
+source "$(dirname "$0")/cluster.sh"
+start_cluster "$tree" "$extra"
 head -c 4096 /dev/urandom > "$work/body"
 cat > "$work/put.lua" <<'LUA'
 local threads = {}
@@ -37,24 +34,15 @@ function request()
   return wrk.format("PUT", prefix .. "-" .. tid .. "-" .. counter, nil, body)
 end
 LUA
-launch=${KARMA8_LAUNCH:-"$here/.venv/bin/karma8"}
-# shellcheck disable=SC2086  # a command and its arguments
-PYTHONPATH=$tree $launch serve --role all --data "$work/data" \
-    --config "$work/karma8.toml" > "$work/log" 2>&1 &
-pid=$!
-for _ in $(seq 150); do [ -f "$work/data/cluster.json" ] && break; sleep 0.2; done
-sleep 1
 workers=$(pgrep -P "$pid" | tr '\n' ' ')
-# CPU ticks (user + system) of the given processes, summed
-ticks_of() { for p in "$@"; do awk '{print $14 + $15}' "/proc/$p/stat"; done | paste -sd+ | bc; }
-idle_before=$(awk '/^cpu / {print $5}' /proc/stat)
+idle_before=$(idle_ticks)
 before=$(ticks_of "$pid")
 # shellcheck disable=SC2086  # one pid each
 workers_before=$(ticks_of $workers)
 out=$(wrk -t2 -c16 -d"${seconds}s" -s "$work/put.lua" "http://127.0.0.1:$port/" \
     -- "/default/p$RANDOM" "$work/body")
 after=$(ticks_of "$pid")
-idle_after=$(awk '/^cpu / {print $5}' /proc/stat)
+idle_after=$(idle_ticks)
 # shellcheck disable=SC2086
 workers_after=$(ticks_of $workers)
 kill -INT "$pid"
