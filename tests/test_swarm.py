@@ -7,8 +7,8 @@ import pytest
 from karma8.sim.scenario import Event
 from karma8.sim.swarm import may_strand_uploads, run_swarm, swarm_scenario
 
-SEEDS = 160  # with the rest of the suite, CI stays near 10 minutes on 2 cores
-BATCH = 20  # ~30 s each: small enough that no worker is left with a long tail
+SEEDS = 128  # with the rest of the suite, CI stays under ~10 minutes on 2 cores
+BATCH = 16  # ~20-35 s each: small enough that no worker is left with a long tail
 
 
 @pytest.mark.slow
