@@ -462,6 +462,9 @@ def whole_at_once(version: FileVersion, storage: WholeParts) -> bytes | None:
             return None
         placements.append(placement)
     parts = storage.parts_now(placements)
-    if parts is None or tuple(map(len, parts)) != layout.part_sizes(version.size):
-        return None  # (a part of another length than the version's: the long way says)
-    return merge(layout, parts)
+    if parts is None or sum(map(len, parts)) != version.size:
+        return None  # (parts of other lengths than the version's: the long way says)
+    try:
+        return merge(layout, parts)  # which checks each part's length against the size
+    except ValueError:
+        return None

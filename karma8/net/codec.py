@@ -63,8 +63,12 @@ def error_headers(error: Karma8Error) -> list[tuple[bytes, bytes]]:
     return []
 
 
-def error_body(error: Karma8Error) -> dict[str, Any]:
-    return {"error": {"code": error.code, "message": error.message}}
+def error_body(error: Karma8Error, request_id: str | None = None) -> dict[str, Any]:
+    """An error's JSON body, with the request's id where there is one to give."""
+    body: dict[str, Any] = {"code": error.code, "message": error.message}
+    if request_id is not None:
+        body["request_id"] = request_id
+    return {"error": body}
 
 
 def encode(record: Any) -> Json:

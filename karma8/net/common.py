@@ -79,8 +79,7 @@ def create_app(name: str, *, secret: str | None) -> QuartTrio:
                 "%s %s failed with %d [request %s]: %s",
                 *(request.method, request.path, status, request_id, error.message),
             )
-        body = error_body(error)
-        body["error"]["request_id"] = request_id
+        body = error_body(error, request_id)
         headers = {k.decode(): v.decode() for k, v in error_headers(error)}
         return jsonify(body), status, headers
 

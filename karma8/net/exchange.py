@@ -431,8 +431,7 @@ class ExchangeRoutes(abc.ABC, Generic[T]):
             if exchange.gone or exchange.started:
                 self._log.info("%s %s ended early: %s", method, where, exc.message)
                 return
-            body = error_body(exc)
-            body["error"]["request_id"] = exchange.request_id
+            body = error_body(exc, exchange.request_id)
             if self._public and status >= 500:
                 body["error"]["message"] = PUBLIC_5XX.get(exc.code, "internal error")
             await exchange.answer_json(status, body, error_headers(exc))

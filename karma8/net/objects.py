@@ -176,8 +176,7 @@ class ObjectRoutes(ExchangeRoutes[Target]):
             span = resolve_range(wanted, version.size)
         except RangeNotSatisfiable as exc:
             unsatisfied = [(b"content-range", f"bytes */{version.size}".encode())]
-            refused = error_body(exc)
-            refused["error"]["request_id"] = exchange.request_id
+            refused = error_body(exc, exchange.request_id)
             await exchange.answer_json(error_status(exc), refused, unsatisfied)
             return
         start, stop = span if span is not None else (0, version.size)

@@ -217,11 +217,11 @@ class PackedReader:
 
     def _apply(self, volume: _Volume, needle: Needle, base: int) -> None:
         known = self._index.get(needle.key)
-        current = known is not None and _serial_of(known) in self._open
+        serial = None if known is None else _serial_of(known)
         if needle.flags == LIVE:
-            if current:  # the first needle of a key stays
+            if serial in self._open:  # the first needle of a key stays
                 return
-            if known is not None:  # stale: this is the key's needle in a newer generation
+            if serial is not None:  # stale: this is the key's needle in a newer generation
                 self._stale -= 1
             self._index[needle.key] = _FOUND.pack(
                 volume.serial,
@@ -231,7 +231,7 @@ class PackedReader:
                 needle.sha256,
             )
             volume.entries += 1
-        elif current and known is not None and _serial_of(known) == volume.serial:
+        elif serial == volume.serial:
             del self._index[needle.key]  # a tombstone: in the volume of what it deletes
             volume.entries -= 1
 
