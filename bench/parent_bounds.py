@@ -14,6 +14,10 @@ VARIANT:
   (place, commit) made by a second process, a discovery of its own on the same database,
   over a Unix socket with JSON frames (what moving discovery out of the parent would cost,
   built the plain way). Its CPU is counted among the workers' by ``bench/put_cpu.sh``.
+- ``process``: a stored PUT: the cluster's one discovery in a child process that owns the
+  database; every discovery call of the parent (the gateway's, the nodes' heartbeats) made
+  over one Unix socket carrying many calls at once, pickled (a process of the same user, in
+  a private temporary directory). Its CPU is counted among the workers' too.
 
 Then runs ``karma8`` with the remaining arguments. docs/benchmarks.md has the results.
 """
@@ -21,7 +25,9 @@ Then runs ``karma8`` with the remaining arguments. docs/benchmarks.md has the re
 from __future__ import annotations
 
 import atexit
+import inspect
 import json
+import pickle
 import signal
 import socket
 import struct
@@ -225,9 +231,158 @@ def discovery_apart() -> None:
     setattr(serve, "build_discovery", build_then_start_child)  # noqa: B010  # it imported it
 
 
-VARIANTS = {"nowait": no_waits, "nosql": no_sql, "apart": discovery_apart}
+async def _read_pickle(stream: trio.SocketStream, buffer: bytearray) -> Any:
+    while True:
+        if len(buffer) >= _FRAME.size:
+            (size,) = _FRAME.unpack_from(buffer)
+            if len(buffer) >= _FRAME.size + size:
+                obj = pickle.loads(bytes(buffer[_FRAME.size : _FRAME.size + size]))
+                del buffer[: _FRAME.size + size]
+                return obj
+        chunk = await stream.receive_some(1 << 20)
+        if not chunk:
+            raise EOFError
+        buffer += chunk
+
+
+def _pickled(obj: Any) -> bytes:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return _FRAME.pack(len(data)) + data
+
+
+def process_child(config_file: str, database: str, path: str, report: str) -> None:
+    """The ``process`` variant's other process: the cluster's only discovery, owning its
+    database, answering every call the parent's proxies make over one Unix socket."""
+    from karma8.net.discovery_role import build_discovery, open_metadata
+
+    config = pickle.loads(Path(config_file).read_bytes())
+
+    async def serve() -> None:
+        discovery = build_discovery(config, open_metadata(config, Path(database)), embedded=True)
+
+        async def connection(stream: trio.SocketStream) -> None:
+            buffer = bytearray()
+            lock = trio.Lock()
+
+            async def run(call_id: int, method: str, args: Any, kwargs: Any) -> None:
+                try:
+                    reply = (call_id, True, await getattr(discovery, method)(*args, **kwargs))
+                except Exception as exc:
+                    reply = (call_id, False, exc)
+                async with lock:
+                    await stream.send_all(_pickled(reply))
+
+            async with trio.open_nursery() as calls:
+                while True:
+                    try:
+                        call = await _read_pickle(stream, buffer)
+                    except (EOFError, trio.BrokenResourceError):
+                        calls.cancel_scope.cancel()
+                        return
+                    calls.start_soon(run, *call)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(discovery.run)
+            listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            await listener.bind(path)
+            listener.listen(256)
+            await trio.Path(report).write_text("ready")
+            await trio.serve_listeners(connection, [trio.SocketListener(listener)])
+
+    try:
+        trio.run(serve)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        Path(report).write_text(f"{time.process_time():.3f}")
+
+
+def discovery_process() -> None:
+    """Every discovery call of the parent made by another process, the only one writing the
+    database, over one Unix socket with pickled calls (many in flight)."""
+    from karma8.actors.discovery import Discovery
+    from karma8.net import discovery_role
+
+    workdir = Path(tempfile.mkdtemp(prefix="karma8-process-"))
+    path, report = str(workdir / "discovery.sock"), str(workdir / "cpu")
+    build = discovery_role.build_discovery
+    state: dict[str, Any] = {"ids": 0, "waiting": {}}
+
+    async def reader(stream: trio.SocketStream) -> None:
+        buffer = bytearray()
+        while True:
+            call_id, ok, value = await _read_pickle(stream, buffer)
+            event, box = state["waiting"].pop(call_id)
+            box.append((ok, value))
+            event.set()
+
+    async def connect() -> trio.SocketStream:
+        if "stream" not in state:
+            state["stream"] = await trio.open_unix_socket(path)
+            state["lock"] = trio.Lock()
+            trio.lowlevel.spawn_system_task(reader, state["stream"])
+        stream: trio.SocketStream = state["stream"]
+        return stream
+
+    def proxy(method: str) -> Any:
+        async def call(self: Discovery, *args: Any, **kwargs: Any) -> Any:
+            stream = await connect()
+            state["ids"] += 1
+            call_id = state["ids"]
+            event, box = trio.Event(), []  # type: ignore[var-annotated]
+            state["waiting"][call_id] = (event, box)
+            async with state["lock"]:
+                await stream.send_all(_pickled((call_id, method, args, kwargs)))
+            await event.wait()
+            ok, value = box[0]
+            if not ok:
+                raise value
+            return value
+
+        return call
+
+    async def idle(self: Discovery, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def never_lead(self: Discovery, role: str) -> bool:
+        return False
+
+    def build_then_start_child(config: Any, store: Any, **kwargs: Any) -> Discovery:
+        discovery = build(config, store, **kwargs)
+        config_file = workdir / "config"
+        config_file.write_bytes(pickle.dumps(config))
+        child = subprocess.Popen(
+            [sys.executable, __file__, "_process", str(config_file), store._path, path, report],
+            stdin=subprocess.DEVNULL,
+        )
+        atexit.register(child.send_signal, signal.SIGINT)
+        atexit.register(lambda: print(f"discovery process: {Path(report).read_text()} s of CPU"))
+        while not Path(report).exists():
+            time.sleep(0.05)
+        for method, fn in list(vars(Discovery).items()):
+            if inspect.iscoroutinefunction(fn) and not method.startswith("_"):
+                setattr(Discovery, method, proxy(method))  # run and lead: below
+        Discovery.run = idle  # type: ignore[method-assign]
+        Discovery.lead = never_lead  # type: ignore[method-assign]
+        return discovery
+
+    from karma8.net import serve
+
+    setattr(serve, "build_discovery", build_then_start_child)  # noqa: B010  # it imported it
+
+
+VARIANTS = {
+    "nowait": no_waits,
+    "nosql": no_sql,
+    "apart": discovery_apart,
+    "process": discovery_process,
+}
 
 if __name__ == "__main__":
+    if sys.argv[1] == "_process":
+        process_child(*sys.argv[2:6])
+        sys.exit(0)
     if sys.argv[1] == "_child":
         discovery_child(*sys.argv[2:5])
         sys.exit(0)
