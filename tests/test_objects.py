@@ -6,6 +6,7 @@ What they share with a storage node's part routes (backpressure, a client that g
 
 from __future__ import annotations
 
+import json
 from typing import Any, cast
 
 import pytest
@@ -84,3 +85,20 @@ async def test_ended_uploads_are_counted_failed_or_not(
             statuses.append(put.status)
     assert statuses == [201, 400]
     assert (uploads.ended, uploads.failed, uploads.in_flight) == (2, 1, 0)
+
+
+async def test_a_put_beyond_max_uploads_is_a_503_with_the_request_id() -> None:
+    uploads = UploadGate(max_uploads=0, idle_timeout=60.0)  # every upload is one too many
+    routes = ObjectRoutes(StubGateway(), new_stats(), cast(Any, None), uploads=uploads)
+    put = FakeServer()
+    headers = [(b"content-length", b"1"), (b"x-request-id", b"busy-1")]
+    with trio.fail_after(HANG):
+        await routes(http_scope("PUT", "/default/f", headers), *put.calls)
+    assert put.status == 503
+    assert put.header(b"retry-after") == b"1"
+    assert put.header(b"x-request-id") == b"busy-1"
+    assert json.loads(put.body())["error"] == {
+        "code": "unavailable",
+        "message": "0 uploads in flight, the limit; retry later",
+        "request_id": "busy-1",
+    }

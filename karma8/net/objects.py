@@ -103,7 +103,8 @@ class ObjectRoutes(ExchangeRoutes[Target]):
         content_length = exchange.content_length()
         busy = self._uploads.busy()
         if busy is not None:  # answered at once, the body unread
-            await exchange.answer_json(error_status(busy), error_body(busy), [RETRY_AFTER])
+            body = error_body(busy, exchange.request_id)
+            await exchange.answer_json(error_status(busy), body, [RETRY_AFTER])
             return
         failed = True
         try:
