@@ -25,6 +25,7 @@ from typing import Any
 import karma8.store.groupsync as groupsync
 from karma8.actors.discovery import Discovery
 from karma8.actors.gateway import Gateway
+from karma8.actors.uploader import Uploader
 
 TIMES: defaultdict[str, list[float]] = defaultdict(list)
 
@@ -110,7 +111,7 @@ def report() -> None:
 if __name__ == "__main__":
     timed(Gateway, "put", "put")
     timed(Discovery, "place_upload", "  place")
-    timed(Gateway, "_write_held", "  parts")
+    timed(Uploader, "write_held", "  parts")
     timed(Discovery, "commit_upload", "  commit")
     time_rounds()
     atexit.register(report)

@@ -479,7 +479,7 @@ def test_parts_written_together_move_off_a_dead_node_as_parts_written_alone_do()
         placed = await gw._discovery.place_upload(namespace="default", name="g", size=150)
         clash = attrs.evolve(placed, parts=(taken.parts[0], *placed.parts[1:]))
         with pytest.raises(StorageFailure, match="already exists"):
-            await gw._write_held(clash, list(clash.parts), payload(150))
+            await gw._uploader.write_held(clash, list(clash.parts), payload(150))
         assert await read(gw, "f0") == payload(150, 0)
 
     run_with_cluster(go, scenario=SCENARIO)
@@ -551,8 +551,10 @@ def test_a_node_that_cannot_read_its_free_space_registers_with_its_quota(
 
 def test_the_gateway_extends_the_reservation_as_the_body_arrives() -> None:
     async def go(cluster: SimCluster) -> None:
-        gw = cluster.gateway
-        gw._config = attrs.evolve(gw._config, reserve_step=300, small_file_max=0)
+        config = attrs.evolve(cluster.gateway._config, reserve_step=300, small_file_max=0)
+        gw = Gateway(
+            discovery=cluster.gateway._discovery, storage=cluster.gateway._storage, config=config
+        )
         asked: list[int] = []
         original = cluster.store.extend_reservation
 

@@ -21,13 +21,14 @@ import pytest
 import trio
 
 from karma8.actors import discovery as discovery_module
-from karma8.actors import gateway as gateway_module
 from karma8.actors import reads
+from karma8.actors import uploader as uploader_module
 from karma8.actors.discovery import Discovery
 from karma8.actors.gateway import Gateway
 from karma8.actors.rebalancer import Rebalancer
 from karma8.actors.repair import Repairer
 from karma8.actors.storage import StorageNode
+from karma8.actors.uploader import Uploader
 from karma8.core.errors import Karma8Error, Unavailable
 from karma8.core.layout import StripeSplitter
 from karma8.core.model import FileVersion, MoveTicket, PartPlacement, PartReceipt, Repair
@@ -78,19 +79,19 @@ def skip_rollback(monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed upload is left as it is: no abort, no part deleted."""
 
     async def no_clean_up(
-        self: Gateway, version: FileVersion, *, commit_attempted: bool
+        self: Uploader, version: FileVersion, *, commit_attempted: bool
     ) -> FileVersion | None:
         await trio.lowlevel.checkpoint()
         return None
 
-    monkeypatch.setattr(Gateway, "_clean_up", no_clean_up)
+    monkeypatch.setattr(Uploader, "clean_up", no_clean_up)
 
 
 def commit_with_a_missing_part(monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed part write is ignored and the file committed with a made-up receipt."""
 
     async def optimistic(
-        self: Gateway,
+        self: Uploader,
         version_id: str,
         placed: list[PartPlacement],
         index: int,
@@ -109,7 +110,7 @@ def commit_with_a_missing_part(monkeypatch: pytest.MonkeyPatch) -> None:
             index=placement.index, size=len(data), checksum=hashlib.sha256(data).hexdigest()
         )
 
-    monkeypatch.setattr(Gateway, "_write_part", optimistic)
+    monkeypatch.setattr(Uploader, "_write_part", optimistic)
 
 
 def split_off_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -124,7 +125,7 @@ def split_off_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
                 pieces[1] = moved + pieces.get(1, b"")
             return [(index, pieces[index]) for index in sorted(pieces) if pieces[index]]
 
-    monkeypatch.setattr(gateway_module, "StripeSplitter", OffByOne)
+    monkeypatch.setattr(uploader_module, "StripeSplitter", OffByOne)
 
 
 def serve_a_stale_version(monkeypatch: pytest.MonkeyPatch) -> None:

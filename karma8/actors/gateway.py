@@ -36,6 +36,8 @@ PUT
     reached, nothing is deleted (the parts may belong to a committed version) and the pending
     version, if it still is one, expires and is swept.
 
+    The part writes and the clean-up are :class:`karma8.actors.uploader.Uploader`'s.
+
 GET
     ``resolve`` at discovery, then :meth:`Gateway.open_read` opens the part streams the range
     touches and interleaves them in file order, segment by segment, without collecting parts.
@@ -56,9 +58,8 @@ Redundant engines (raid1, parity; see docs/architecture.md, "Engines")
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 
 import attrs
@@ -72,38 +73,14 @@ from karma8.actors.reads import (
     read_failure,
     whole_at_once,
 )
-from karma8.actors.writes import (
-    Fanout,
-    HeldChunks,
-    PartChunks,
-    node_at_fault,
-    placed_on,
-    primary_error,
-    receipt_of,
-    source_of,
-    too_long,
-    write_failure,
-)
+from karma8.actors.uploader import Uploader
+from karma8.actors.writes import placed_on, too_long
 from karma8.core.access import AccessCache, Right, cache_key
-from karma8.core.erasure import encode_parity
-from karma8.core.errors import (
-    IntegrityError,
-    InvalidRequest,
-    Karma8Error,
-    NotFound,
-    TooLarge,
-    Unavailable,
-)
-from karma8.core.layout import DEFAULT_MAX_FILE_SIZE, StripeSplitter
-from karma8.core.model import (
-    FileEntry,
-    FileVersion,
-    PartPlacement,
-    PartReceipt,
-    VersionState,
-)
+from karma8.core.errors import InvalidRequest, Karma8Error, TooLarge, Unavailable
+from karma8.core.layout import DEFAULT_MAX_FILE_SIZE
+from karma8.core.model import FileEntry, FileVersion, VersionState
 from karma8.core.names import check_name, check_namespace
-from karma8.ports import DiscoveryAPI, StorageAPI, WholeParts, WholePartWriter
+from karma8.ports import DiscoveryAPI, StorageAPI, WholeParts
 
 
 @attrs.frozen(kw_only=True)
@@ -155,12 +132,13 @@ class Gateway:
         self._storage = storage
         self._config = config
         self._access = AccessCache(config.access_cache_ttl)
-        self._staging = trio.Semaphore(config.staging_uploads)
-        self._whole_writer = storage if isinstance(storage, WholePartWriter) else None
         self._whole_parts = storage if isinstance(storage, WholeParts) else None
         # Part reads and writes that failed because of their node, by (node id, "read" or
         # "write"): plain counts for the operator's metrics (the net layer reads them).
         self.part_failures: Counter[tuple[str, str]] = Counter()
+        self._uploader = Uploader(
+            discovery=discovery, storage=storage, config=config, part_failures=self.part_failures
+        )
 
     async def authorize(self, namespace: str, token: str | None, right: Right) -> None:
         """Raise unless ``token`` (None: anonymous) may ``right`` in ``namespace``.
@@ -224,26 +202,29 @@ class Gateway:
         # Where each part is now: a part whose node fails before taking any bytes (any part of a
         # body held whole) moves.
         placed = list(version.parts)
+        uploader = self._uploader
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             if held is None:
-                size, receipts = await self._write_parts(version, placed, body, content_length)
+                size, receipts = await self._uploader.write_streamed(
+                    version, placed, body, content_length
+                )
             else:
-                size, receipts = len(held), await self._write_held(version, placed, held)
+                size, receipts = len(held), await self._uploader.write_held(version, placed, held)
         except BaseException:
-            await self._clean_up(placed_on(version, placed), commit_attempted=False)
+            await uploader.clean_up(placed_on(version, placed), commit_attempted=False)
             raise
         try:
             return await self._discovery.commit_upload(
                 version_id=version.version_id, size=size, receipts=receipts, if_absent=if_absent
             )
         except Karma8Error:
-            settled = await self._clean_up(placed_on(version, placed), commit_attempted=True)
+            settled = await uploader.clean_up(placed_on(version, placed), commit_attempted=True)
             if settled is not None and settled.state is VersionState.COMMITTED:
                 return settled
             raise
         except BaseException:
-            await self._clean_up(placed_on(version, placed), commit_attempted=True)
+            await uploader.clean_up(placed_on(version, placed), commit_attempted=True)
             raise
 
     def holds_whole(self, content_length: int | None) -> bool:
@@ -269,209 +250,6 @@ class Gateway:
             raise InvalidRequest(f"body has {size} bytes, Content-Length said {content_length}")
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def _write_held(
-        self, version: FileVersion, placed: list[PartPlacement], data: bytes
-    ) -> list[PartReceipt]:
-        """Write a body held whole: split at once, its parts (their copies, its parity parts)
-        written together where the storage can (one sync round, one wait), else concurrently
-        by the same part writers as a streamed body's, each from its pieces instead of a
-        channel; a part refused because of its node moves as a writer's would."""
-        layout = version.layout
-        splitter = StripeSplitter(layout, len(data))
-        pieces: list[list[bytes]] = [[] for _ in range(layout.parts)]
-        for index, piece in (*splitter.feed(data), *splitter.finish()):
-            pieces[index].append(piece)
-        if layout.parity:
-            coded = encode_parity([b"".join(p) for p in pieces], layout.parity)
-            pieces += [[p] for p in coded]
-        sizes = layout.slot_sizes(len(data))
-        receipts: list[PartReceipt | None] = [None] * layout.slots
-        slots = [placement.index for placement in version.parts]
-        # Each slot's first try: all together where the storage can (one sync round, one
-        # wait), else each by its own writer; a slot whose node failed it is moved and
-        # written again by its writer, with the tries it has left.
-        retry: dict[int, Karma8Error | None] = dict.fromkeys(slots)
-        if self._whole_writer is not None:
-            stored = await self._whole_writer.put_whole_parts(
-                [
-                    (placed[s].node, placed[s].key, b"".join(pieces[source_of(layout, s)]))
-                    for s in slots
-                ]
-            )
-            if stored is not None:
-                retry = {}
-                for slot, result in zip(slots, stored, strict=True):
-                    if isinstance(result, Karma8Error):
-                        retry[slot] = result
-                    else:
-                        receipts[slot] = receipt_of(placed[slot], result, sizes[slot])
-        # Nodes a part moved off after they took it all: any copy they kept is garbage.
-        abandoned: list[PartPlacement] = []
-        try:
-            async with trio.open_nursery() as nursery:
-                for slot, failure in retry.items():
-                    nursery.start_soon(
-                        self._write_part,
-                        version.version_id,
-                        placed,
-                        slot,
-                        HeldChunks(pieces[source_of(layout, slot)]),
-                        sizes[slot],
-                        receipts,
-                        failure,
-                        abandoned,
-                        name=f"gw-put-{placed[slot].key}",
-                    )
-        except BaseExceptionGroup as group:
-            error = primary_error(group)
-            if error is None:
-                raise
-            raise error from None
-        finally:
-            if abandoned:
-                await self._delete_all(abandoned)
-        return [r for r in receipts if r is not None]
-
-    async def _write_parts(
-        self,
-        version: FileVersion,
-        placed: list[PartPlacement],
-        body: AsyncIterable[bytes],
-        content_length: int | None,
-    ) -> tuple[int, list[PartReceipt]]:
-        layout = version.layout
-        splitter = StripeSplitter(layout, content_length)
-        sizes = None if content_length is None else layout.slot_sizes(content_length)
-        receipts: list[PartReceipt | None] = [None] * layout.slots
-        limit = self._config.max_file_size if content_length is None else content_length
-        step = self._config.reserve_step
-        stage_free = self._config.stage_free
-        # Bytes reserved on the nodes so far; a body without a Content-Length reserves
-        # nothing (as before) and is never extended.
-        reserved = limit if content_length is None else min(content_length, step)
-        try:
-            async with trio.open_nursery() as nursery:
-                senders = []
-                for placement in version.parts:
-                    send, receive = trio.open_memory_channel[bytes](self._config.channel_depth)
-                    senders.append(send)
-                    nursery.start_soon(
-                        self._write_part,
-                        version.version_id,
-                        placed,
-                        placement.index,
-                        receive,
-                        None if sizes is None else sizes[placement.index],
-                        receipts,
-                        None,
-                        None,
-                        name=f"gw-put-{placement.key}",
-                    )
-                fanout = Fanout(layout, senders)
-                # The channels end (each part's end) only once the body is whole: a body that
-                # fails must not look like its end to the writers, which the nursery cancels.
-                async with AsyncExitStack() as closing:
-                    staging = False
-                    async for chunk in body:
-                        if not staging and splitter.held_after(len(chunk)) > stage_free:
-                            await closing.enter_async_context(self._staging)
-                            staging = True
-                        if splitter.size + len(chunk) > limit:
-                            raise too_long(content_length, self._config.max_file_size)
-                        if splitter.size + len(chunk) > reserved:
-                            assert content_length is not None  # else reserved == limit
-                            wanted = -(-(splitter.size + len(chunk)) // step) * step
-                            reserved = min(content_length, wanted)
-                            await self._discovery.extend_upload(
-                                version_id=version.version_id, size=reserved
-                            )
-                        await fanout.send(splitter.feed(chunk))
-                    if content_length is not None and splitter.size != content_length:
-                        raise InvalidRequest(
-                            f"body has {splitter.size} bytes, Content-Length said {content_length}"
-                        )
-                    await fanout.send(splitter.finish())
-                    await fanout.finish()
-                for send in reversed(senders):
-                    await send.aclose()
-        except BaseExceptionGroup as group:
-            splitter.discard()
-            error = primary_error(group)
-            if error is None:
-                raise
-            raise error from None
-        return splitter.size, [r for r in receipts if r is not None]
-
-    async def _write_part(
-        self,
-        version_id: str,
-        placed: list[PartPlacement],
-        index: int,
-        chunks: trio.MemoryReceiveChannel[bytes] | HeldChunks,
-        size: int | None,
-        receipts: list[PartReceipt | None],
-        failed: Karma8Error | None,
-        abandoned: list[PartPlacement] | None,
-    ) -> None:
-        """Stream part ``index`` to its node; on a node failure before the node took anything,
-        move the part (``placed[index]``) to another node and stream the same chunks there.
-        ``failed``: the first try already failed so (a held part written with others).
-        A held part's pieces are kept, so it moves whatever its node took; a node it moves off
-        after that goes into ``abandoned``, for its copy, if it kept one, to be deleted."""
-        held = chunks if isinstance(chunks, HeldChunks) else None
-        async with chunks:
-            for attempt in itertools.count():
-                placement = placed[index]
-                if held is not None and attempt:
-                    held.rewind()
-                counted = PartChunks(chunks)
-                try:
-                    if failed is not None:  # (once)
-                        first: Karma8Error = failed
-                        failed = None
-                        raise first
-                    stored = await self._storage.put_part(
-                        placement.node, placement.key, counted, size=size
-                    )
-                    break
-                except Karma8Error as exc:
-                    if not node_at_fault(exc):
-                        raise write_failure(placement, exc) from None
-                    await self._report_failure(placement, exc)
-                    if (counted.started and held is None) or attempt >= self._config.part_retries:
-                        raise write_failure(placement, exc) from None
-                    try:
-                        placed[index] = await self._discovery.replace_part(
-                            version_id=version_id,
-                            index=index,
-                            failed_node_id=placement.node.node_id,
-                        )
-                    except Karma8Error:
-                        raise write_failure(placement, exc) from None
-                    if counted.started and abandoned is not None:
-                        abandoned.append(placement)
-        # The channel ends only once the splitter is done with the body: a node that answers
-        # before reading to the end did not store the whole part. (That the bytes arrived
-        # intact is the transport's check: see StorageAPI.put_part.)
-        if not counted.exhausted or stored.size != counted.size:
-            raise IntegrityError(
-                f"node {placement.node.node_id} stored {stored.size} bytes of part"
-                f" {placement.index}, the gateway sent {counted.size}"
-                + ("" if counted.exhausted else " and more were to come")
-            )
-        receipts[placement.index] = PartReceipt(
-            index=placement.index, size=stored.size, checksum=stored.checksum
-        )
-
-    async def _report_failure(self, placement: PartPlacement, exc: Karma8Error) -> None:
-        self.part_failures[placement.node.node_id, "write"] += 1
-        # Best effort: an unreachable discovery must not turn a node's error into its own.
-        with suppress(Karma8Error):
-            await self._discovery.report_node_failure(
-                node_id=placement.node.node_id,
-                reason=f"writing part {placement.key} failed: {exc.code}: {exc.message}",
-            )
-
     async def _report_lost(self, sources: Sources) -> None:
         """Tell discovery which parts a read found missing or corrupt, so that they are
         repaired. Best effort, shielded and brief: the read is over."""
@@ -488,50 +266,6 @@ class Gateway:
                     await self._discovery.report_lost_parts(
                         node_id=node_id, keys=keys, reason="a read found it missing or corrupt"
                     )
-
-    async def _clean_up(
-        self, version: FileVersion, *, commit_attempted: bool
-    ) -> FileVersion | None:
-        """Undo an upload that failed; returns the version's settled state if known.
-
-        Shielded with a deadline: a cancelled PUT still cleans up after itself.
-        """
-        settled: FileVersion | None = None
-        with trio.move_on_after(self._config.cleanup_timeout) as scope:
-            scope.shield = True
-            gone = False
-            try:
-                settled = await self._discovery.abort_upload(version_id=version.version_id)
-            except NotFound:
-                gone = True  # expired, aborted and already collected: it cannot be committed
-            except Karma8Error:
-                settled = None
-            if (
-                commit_attempted
-                and not gone
-                and (settled is None or settled.state is not VersionState.ABORTED)
-            ):
-                # Unknown outcome, or committed after all: the parts may be live. Keep them.
-                return settled
-            await self._delete_each(version.parts)
-        return settled
-
-    async def _delete_all(self, placements: Sequence[PartPlacement]) -> None:
-        """Delete parts that are garbage, best effort, shielded and within cleanup_timeout."""
-        with trio.move_on_after(self._config.cleanup_timeout) as scope:
-            scope.shield = True
-            await self._delete_each(placements)
-
-    async def _delete_each(self, placements: Sequence[PartPlacement]) -> None:
-        async with trio.open_nursery() as nursery:
-            for placement in placements:
-                nursery.start_soon(self._delete_quietly, placement, name=f"gw-undo-{placement.key}")
-
-    async def _delete_quietly(self, placement: PartPlacement) -> None:
-        # A part we cannot delete now is garbage of an aborted (or expiring) version, which the
-        # node's heartbeat collects later.
-        with suppress(Karma8Error):
-            await self._storage.delete_part(placement.node, placement.key)
 
     # -- GET / HEAD -----------------------------------------------------------------------
 
