@@ -41,7 +41,6 @@ from karma8.net.client import COMMANDS as CLIENT_COMMANDS
 from karma8.net.client import add_client_commands, run_client
 from karma8.net.dbadmin import add_db_commands, run_db
 from karma8.net.locate import DATABASE_FILE, DEFAULT_DATA, ClusterRef, given_secrets, locate_cluster
-from karma8.sim.command import run_sim
 from karma8.sim.fillseries import DEFAULT_INTERVAL
 
 # A reader that closed stdout early (``karma8 nodes | head -1``), and Ctrl-C: the statuses a
@@ -522,6 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "sim":
+            from karma8.sim.command import run_sim  # only here: an admin command needs none of it
+
             status = run_sim(args)
         elif args.command == "serve":
             status = _serve(args)

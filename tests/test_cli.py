@@ -370,3 +370,12 @@ def test_a_bad_rebalance_bandwidth_flag_is_a_usage_error(
     assert capsys.readouterr().err.startswith(
         "karma8 serve: --rebalance-bandwidth: expected a size"
     )
+
+
+def test_the_command_loads_the_simulator_only_for_karma8_sim() -> None:
+    # Every admin command, `karma8 serve` and each gateway worker start the same module: the
+    # simulator (and pytest, which trio.testing loads with it) would add ~0.1 s to each.
+    heavy = ["karma8.sim.command", "karma8.sim.runner", "trio.testing", "pytest"]
+    probe = f"import sys, karma8.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -20,12 +20,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from karma8.core import rebalance
-from karma8.sim.monitor import FaultTimeline, FaultWindow
+
+if TYPE_CHECKING:  # annotations only: `karma8 --help` and the admin commands skip the sim
+    from karma8.sim.monitor import FaultTimeline, FaultWindow
 
 DEFAULT_INTERVAL = 0.25  # virtual seconds between samples
 MAX_SAMPLES = 2000  # regular samples kept per run (each holds every node) before thinning
