@@ -28,6 +28,7 @@ import atexit
 import inspect
 import json
 import pickle
+import shutil
 import signal
 import socket
 import struct
@@ -193,6 +194,7 @@ def discovery_apart() -> None:
     from karma8.net.codec import decode, encode
 
     workdir = Path(tempfile.mkdtemp(prefix="karma8-apart-"))
+    atexit.register(shutil.rmtree, workdir, True)  # registered first: runs after the report
     path, report = str(workdir / "discovery.sock"), str(workdir / "cpu")
     build = discovery_role.build_discovery
     idle: list[tuple[trio.SocketStream, bytearray]] = []
@@ -304,6 +306,7 @@ def discovery_process() -> None:
     from karma8.net import discovery_role
 
     workdir = Path(tempfile.mkdtemp(prefix="karma8-process-"))
+    atexit.register(shutil.rmtree, workdir, True)  # registered first: runs after the report
     path, report = str(workdir / "discovery.sock"), str(workdir / "cpu")
     build = discovery_role.build_discovery
     state: dict[str, Any] = {"ids": 0, "waiting": {}}
