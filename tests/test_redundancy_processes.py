@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -96,15 +97,32 @@ def test_files_read_back_with_nodes_killed_and_a_part_corrupt_then_are_repaired(
         assert shown[0]["engine"] == ("parity" if engine == "parity2" else "raid1")
         killed_ids = {s.match.group(1) for s in own[:killed]}
         files: dict[str, bytes] = {}
-        versions: dict[str, dict[str, object]] = {}
-        with httpx.Client(base_url=base, timeout=60) as http:
+        versions: dict[str, dict[str, Any]] = {}
+        cluster_file = json.loads((data / "cluster.json").read_text())
+        with (
+            httpx.Client(base_url=base, timeout=60) as http,
+            # Where each file's parts are: discovery's answer, as `karma8 stat` prints it
+            # (checked once below), without a process started for every file.
+            httpx.Client(
+                base_url=cluster_file["discovery"],
+                headers={"X-Karma8-Secret": cluster_file["secret"]},
+                timeout=60,
+            ) as discovery,
+        ):
+
+            def placed(name: str) -> dict[str, Any]:
+                answer = discovery.get(f"/v1/files/safe/{name}")
+                assert answer.status_code == 200, answer.text
+                version: dict[str, Any] = answer.json()
+                return version
+
             for i, size in enumerate(SIZES * 3):
                 name = f"f{i}-{size}"
                 files[name] = payload(size, i)
                 assert http.put(f"/safe/{name}", content=files[name]).status_code == 201
-                versions[name] = json.loads(
-                    karma8("stat", f"safe/{name}", "--json", *at, cwd=tmp_path)
-                )
+                versions[name] = placed(name)
+            stat = json.loads(karma8("stat", f"safe/{name}", "--json", *at, cwd=tmp_path))
+            assert stat["parts"] == versions[name]["parts"]
             # A file to corrupt: a big one that stays readable with the killed nodes' parts
             # and one more part corrupt.
             victim = None
@@ -147,7 +165,7 @@ def test_files_read_back_with_nodes_killed_and_a_part_corrupt_then_are_repaired(
             on_killed = sum(
                 p["node_id"] in killed_ids
                 for version in versions.values()
-                for p in version["parts"]  # type: ignore[attr-defined]
+                for p in version["parts"]
             )
 
             def repaired() -> bool:
@@ -161,7 +179,7 @@ def test_files_read_back_with_nodes_killed_and_a_part_corrupt_then_are_repaired(
             wait_for(repaired, "every file back at full redundancy")
             slots = 7 if engine == "parity2" else 10
             for name, body in files.items():
-                now = json.loads(karma8("stat", f"safe/{name}", "--json", *at, cwd=tmp_path))
+                now = placed(name)
                 nodes = [p["node_id"] for p in now["parts"]]
                 assert len(set(nodes)) == len(nodes) == slots, name  # each on its own node
                 assert not set(nodes) & killed_ids, name
