@@ -81,21 +81,3 @@ def test_a_tombstone_deletes_only_in_its_own_volume() -> None:
     assert ref is not None
     assert ref.volume == 2
     assert index.payload_bytes == 3
-
-
-def test_of_two_needles_of_a_key_in_one_volume_the_first_stays() -> None:
-    # As a worker's reader keeps it (karma8.store.packed.reader); in another volume, the
-    # later one wins (a compaction's copy, after a crash).
-    index = PackedIndex()
-    image = needle("k.0", b"first") + needle("k.0", b"forged")
-    index.load(1, 0, scan(reader(image), len(image)).needles)
-    ref = index.get("k.0")
-    assert ref is not None
-    assert (ref.volume, ref.offset, ref.length) == (1, 0, 5)
-    assert index.payload_bytes == 5
-    copy = needle("k.0", b"first")
-    index.load(2, 0, scan(reader(copy), len(copy)).needles)
-    moved = index.get("k.0")
-    assert moved is not None
-    assert moved.volume == 2
-    assert index.payload_bytes == 5

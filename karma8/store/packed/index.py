@@ -109,16 +109,11 @@ class PackedIndex:
 
     def load(self, volume: int, generation: int, needles: Iterable[Needle]) -> None:
         """Apply a volume's scan, in file order: a tombstone deletes the part before it in
-        the same volume (deletes go to the volume of the needle they delete). Of two live
-        needles of a key, the later volume's wins (a compaction's copy, after a crash), and
-        within one volume the first (as a worker's reader keeps it: a needle found after
-        another of its key can only be bytes inside a payload that look like one)."""
+        the same volume (deletes go to the volume of the needle they delete)."""
         for needle in needles:
             current = self._refs.get(needle.key)
             if needle.flags == LIVE:
-                if current is not None:
-                    if _REF.unpack_from(current)[0] == volume:
-                        continue
+                if current is not None:  # only after a crash: the later volume wins
                     self.remove(needle.key)
                 self.add(NeedleRef.of(needle, volume, generation))
             elif current is not None and _REF.unpack_from(current)[0] == volume:
