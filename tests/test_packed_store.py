@@ -3,6 +3,7 @@ small parts as needles in volume files, large ones as files."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
@@ -13,11 +14,13 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from karma8.core.errors import IntegrityError, NotFound, UploadConflict
+from karma8.core.errors import IntegrityError, Karma8Error, NotFound, UploadConflict
 from karma8.core.tomlconf import ConfigError
 from karma8.net.settings import load_net_config
 from karma8.ports import PartStore, StoredPart
+from karma8.store import diskio
 from karma8.store.groupsync import GroupSync
+from karma8.store.packed import store as packed_store
 from karma8.store.packed import volumes
 from karma8.store.packed.format import HEADER_SIZE, needle_size
 from karma8.store.tiered import TieredPartStore, open_part_store
@@ -216,6 +219,31 @@ async def test_a_damaged_header_in_the_middle_skips_one_needle(tmp_path: Path) -
     again = new_tiered(tmp_path)
     assert await again.keys() == ["k.0", "k.2"]
     assert b"".join(await read(again, "k.2", 0, len(datas[2]))) == datas[2]
+
+
+async def test_a_key_written_again_after_a_torn_append_reads_back_after_reopen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A failed append can leave a needle whose header is whole and which nothing indexed; the
+    # key may then be written again into the same volume (a move retried onto this node).
+    # After a restart the later needle is the part, as it was before.
+    store = new_tiered(tmp_path)
+    real = diskio.pwrite_all
+
+    def torn(fd: int, data: bytes, offset: int) -> None:
+        monkeypatch.setattr(packed_store, "pwrite_all", real)
+        real(fd, data[: len(data) // 2], offset)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(packed_store, "pwrite_all", torn)
+    with pytest.raises(Karma8Error):
+        await put(store, "k.1", payload(300))
+    await put(store, "k.1", payload(300, seed=2))
+    await put(store, "k.2", payload(200))  # the torn needle is not the volume's tail
+    store.close()
+    again = new_tiered(tmp_path)
+    assert b"".join(await read(again, "k.1", 0, 300)) == payload(300, seed=2)
+    assert await again.verify("k.1")
 
 
 async def test_tombstones_and_used_bytes_survive_reopen(tmp_path: Path) -> None:

@@ -206,11 +206,11 @@ class Gateway:
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             if held is None:
-                size, receipts = await self._uploader.write_streamed(
+                size, receipts = await uploader.write_streamed(
                     version, placed, body, content_length
                 )
             else:
-                size, receipts = len(held), await self._uploader.write_held(version, placed, held)
+                size, receipts = len(held), await uploader.write_held(version, placed, held)
         except BaseException:
             await uploader.clean_up(placed_on(version, placed), commit_attempted=False)
             raise

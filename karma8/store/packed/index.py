@@ -109,11 +109,14 @@ class PackedIndex:
 
     def load(self, volume: int, generation: int, needles: Iterable[Needle]) -> None:
         """Apply a volume's scan, in file order: a tombstone deletes the part before it in
-        the same volume (deletes go to the volume of the needle they delete)."""
+        the same volume (deletes go to the volume of the needle they delete). Of two live
+        needles of a key the later wins, as the running node indexed it: an append that
+        failed after its bytes landed leaves a whole needle nothing indexed, and the key may
+        be written again (a move retried onto this node), in this volume or a later one."""
         for needle in needles:
             current = self._refs.get(needle.key)
             if needle.flags == LIVE:
-                if current is not None:  # only after a crash: the later volume wins
+                if current is not None:
                     self.remove(needle.key)
                 self.add(NeedleRef.of(needle, volume, generation))
             elif current is not None and _REF.unpack_from(current)[0] == volume:

@@ -12,10 +12,13 @@ pass over the index: each entry names the generation it was found in by a serial
 reader's own, and an entry of a dropped one is stale, passed over until the key's needle in
 the next generation replaces it (see :data:`STALE_SHARE`). What it may see that the node has
 not finished is harmless: a needle whose payload is still being written fails its CRC, and a
-torn tail is not indexed until it is whole. The first needle indexed for a key stays (keys
-are never reused), so bytes inside a payload that merely look like a needle cannot replace a
-part; a whole-part read is also checked against the part's sha256 from the metadata. A read
-that finds nothing, or bytes that fail a check, returns None and the caller asks the node. A
+torn tail is not indexed until it is whole. The first needle indexed for a key stays, so
+bytes inside a payload that merely look like a needle cannot replace a part. (A key written
+again after an append that failed or was cancelled once its bytes landed, which the node
+indexes by its later needle, is read here from the earlier one: the same part's bytes, a
+key naming one part, or bytes that fail the CRC.) A whole-part read is also checked against
+the part's sha256 from the metadata. A read that finds nothing, or bytes that fail a check,
+returns None and the caller asks the node. A
 committed part's needle is durable before its version commits, so a version a worker
 resolved has needles the reader finds.
 """
