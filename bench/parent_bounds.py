@@ -18,6 +18,10 @@ VARIANT:
   database; every discovery call of the parent (the gateway's, the nodes' heartbeats) made
   over one Unix socket carrying many calls at once, pickled (a process of the same user, in
   a private temporary directory). Its CPU is counted among the workers' too.
+- ``shared``: a stored PUT: the cluster's gateway (``gateway_workers = 1``: its own process
+  parses and stores) binds its port with ``SO_REUSEPORT``, so that several independent
+  clusters share one port (``bench/put_shared_nothing.sh``: each process stores what it
+  parses, nothing between them, the bound of any layout that spreads whole PUTs).
 
 Then runs ``karma8`` with the remaining arguments. docs/benchmarks.md has the results.
 """
@@ -375,11 +379,24 @@ def discovery_process() -> None:
     setattr(serve, "build_discovery", build_then_start_child)  # noqa: B010  # it imported it
 
 
+def shared_port() -> None:
+    """The gateway binds its port with SO_REUSEPORT even without workers."""
+    from karma8.net import serve
+
+    serve_gateway = serve.serve_gateway
+
+    async def sharing(*args: Any, **kwargs: Any) -> None:
+        await serve_gateway(*args, **{**kwargs, "reuse_port": True})
+
+    setattr(serve, "serve_gateway", sharing)  # noqa: B010  # run_cluster looks it up there
+
+
 VARIANTS = {
     "nowait": no_waits,
     "nosql": no_sql,
     "apart": discovery_apart,
     "process": discovery_process,
+    "shared": shared_port,
 }
 
 if __name__ == "__main__":
