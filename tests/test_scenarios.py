@@ -17,34 +17,34 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = sorted((ROOT / "scenarios").glob("*.toml"))
 
 
+# Scenarios with a test of their own, which also checks the invariants: in the suite each
+# scenario runs once (on one worker), not once more for the invariants on another.
+OWN_TEST = {"add_nodes", "mixed_capacities", "failed_write"}
+
+
 @functools.cache
 def result_of(stem: str) -> SimResult:
-    """Each scenario runs once per test process; the tests that look at one scenario's result
-    share an xdist group (:func:`of_scenario`), so that one worker runs it once for them."""
-    return run_scenario(load_scenario(ROOT / "scenarios" / f"{stem}.toml"))
+    """A scenario's result, its invariants checked (each runs once per test process)."""
+    result = run_scenario(load_scenario(ROOT / "scenarios" / f"{stem}.toml"))
+    assert result.ok, result.violations
+    assert result.stats["succeeded"]["put"] > 0
+    return result
 
 
 def test_scenarios_are_shipped() -> None:
     names = {p.stem for p in SCENARIOS}
-    assert {"basic", "add_nodes", "failed_write", "mixed_capacities"} <= names
-
-
-def of_scenario(stem: str) -> pytest.MarkDecorator:
-    return pytest.mark.xdist_group(f"scenario-{stem}")
+    assert {"basic"} | OWN_TEST <= names
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "path", [pytest.param(p, marks=of_scenario(p.stem)) for p in SCENARIOS], ids=lambda p: p.stem
+    "path", [p for p in SCENARIOS if p.stem not in OWN_TEST], ids=lambda p: p.stem
 )
 def test_scenario_invariants_hold(path: Path) -> None:
-    result = result_of(path.stem)
-    assert result.ok, result.violations
-    assert result.stats["succeeded"]["put"] > 0
+    result_of(path.stem)
 
 
 @pytest.mark.slow
-@of_scenario("add_nodes")
 def test_add_nodes_new_nodes_receive_parts_and_catch_up() -> None:
     result = result_of("add_nodes")
     joined_late = [n for n in result.nodes if n.joined_at >= 12.0]
@@ -55,7 +55,6 @@ def test_add_nodes_new_nodes_receive_parts_and_catch_up() -> None:
 
 
 @pytest.mark.slow
-@of_scenario("mixed_capacities")
 def test_mixed_capacities_fill_evenly_by_fraction_not_by_bytes() -> None:
     result = result_of("mixed_capacities")
     mib = 1 << 20
@@ -73,7 +72,6 @@ def test_mixed_capacities_fill_evenly_by_fraction_not_by_bytes() -> None:
 
 
 @pytest.mark.slow
-@of_scenario("failed_write")
 def test_failed_write_fails_some_puts_cleanly() -> None:
     result = result_of("failed_write")
     assert result.stats["failures"].get("put:storage_failure", 0) > 0
