@@ -21,7 +21,7 @@ VARIANT:
 - ``shared``: a stored PUT: the cluster's gateway (``gateway_workers = 1``: its own process
   parses and stores) binds its port with ``SO_REUSEPORT``, so that several independent
   clusters share one port (``bench/put_shared_nothing.sh``: each process stores what it
-  parses, nothing between them, the bound of any layout that spreads whole PUTs).
+  parses, nothing between them: how far spreading whole PUTs over the cores goes).
 
 Then runs ``karma8`` with the remaining arguments. docs/benchmarks.md has the results.
 """

@@ -22,7 +22,7 @@ from karma8.store import diskio
 from karma8.store.groupsync import GroupSync
 from karma8.store.packed import store as packed_store
 from karma8.store.packed import volumes
-from karma8.store.packed.format import HEADER_SIZE, needle_size
+from karma8.store.packed.format import HEADER_SIZE, needle_size, scan
 from karma8.store.tiered import TieredPartStore, open_part_store
 
 from storehelpers import BIG, SMALL, flip_bit, new_tiered, payload, put, read, sha
@@ -239,8 +239,11 @@ async def test_a_key_written_again_after_a_torn_append_reads_back_after_reopen(
     with pytest.raises(Karma8Error):
         await put(store, "k.1", payload(300))
     await put(store, "k.1", payload(300, seed=2))
-    await put(store, "k.2", payload(200))  # the torn needle is not the volume's tail
+    (volume,) = volume_paths(store)
     store.close()
+    image = volume.read_bytes()
+    found = scan(lambda at, n: image[at : at + n], len(image)).needles
+    assert [n.key for n in found] == ["k.1", "k.1"]  # the torn one's header is whole
     again = new_tiered(tmp_path)
     assert b"".join(await read(again, "k.1", 0, 300)) == payload(300, seed=2)
     assert await again.verify("k.1")
