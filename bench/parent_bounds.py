@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -126,15 +126,17 @@ def no_sql() -> None:
 _FRAME = struct.Struct(">I")
 
 
-async def _read_frame(stream: trio.SocketStream, buffer: bytearray) -> Any:
+async def _read_frame(
+    stream: trio.SocketStream, buffer: bytearray, loads: Callable[[bytes], Any] = json.loads
+) -> Any:
     while True:
         if len(buffer) >= _FRAME.size:
             (size,) = _FRAME.unpack_from(buffer)
             if len(buffer) >= _FRAME.size + size:
-                obj = json.loads(bytes(buffer[_FRAME.size : _FRAME.size + size]))
+                obj = loads(bytes(buffer[_FRAME.size : _FRAME.size + size]))
                 del buffer[: _FRAME.size + size]
                 return obj
-        chunk = await stream.receive_some(65536)
+        chunk = await stream.receive_some(1 << 20)
         if not chunk:
             raise EOFError
         buffer += chunk
@@ -143,6 +145,27 @@ async def _read_frame(stream: trio.SocketStream, buffer: bytearray) -> Any:
 def _frame(obj: Any) -> bytes:
     data = json.dumps(obj).encode()
     return _FRAME.pack(len(data)) + data
+
+
+async def _serve_unix(
+    path: str, report: str, handler: Callable[[trio.SocketStream], Awaitable[None]]
+) -> None:
+    """A child's listener on a Unix socket; ``report`` says "ready" once it listens."""
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(path)
+    listener.listen(256)
+    await trio.Path(report).write_text("ready")
+    await trio.serve_listeners(handler, [trio.SocketListener(listener)])
+
+
+def _run_reporting(serve: Callable[[], Awaitable[None]], report: str) -> None:
+    """Run a child until SIGINT, then write its CPU seconds to ``report``."""
+    try:
+        trio.run(serve)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        Path(report).write_text(f"{time.process_time():.3f}")
 
 
 def discovery_child(database: str, path: str, report: str) -> None:
@@ -175,18 +198,9 @@ def discovery_child(database: str, path: str, report: str) -> None:
                     reply = error_body(exc)
                 await stream.send_all(_frame(reply))
 
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await listener.bind(path)
-        listener.listen(256)
-        await trio.Path(report).write_text("ready")
-        await trio.serve_listeners(connection, [trio.SocketListener(listener)])
+        await _serve_unix(path, report, connection)
 
-    try:
-        trio.run(serve)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        Path(report).write_text(f"{time.process_time():.3f}")
+    _run_reporting(serve, report)
 
 
 def discovery_apart() -> None:
@@ -237,20 +251,6 @@ def discovery_apart() -> None:
     setattr(serve, "build_discovery", build_then_start_child)  # noqa: B010  # it imported it
 
 
-async def _read_pickle(stream: trio.SocketStream, buffer: bytearray) -> Any:
-    while True:
-        if len(buffer) >= _FRAME.size:
-            (size,) = _FRAME.unpack_from(buffer)
-            if len(buffer) >= _FRAME.size + size:
-                obj = pickle.loads(bytes(buffer[_FRAME.size : _FRAME.size + size]))
-                del buffer[: _FRAME.size + size]
-                return obj
-        chunk = await stream.receive_some(1 << 20)
-        if not chunk:
-            raise EOFError
-        buffer += chunk
-
-
 def _pickled(obj: Any) -> bytes:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     return _FRAME.pack(len(data)) + data
@@ -281,7 +281,7 @@ def process_child(config_file: str, database: str, path: str, report: str) -> No
             async with trio.open_nursery() as calls:
                 while True:
                     try:
-                        call = await _read_pickle(stream, buffer)
+                        call = await _read_frame(stream, buffer, pickle.loads)
                     except (EOFError, trio.BrokenResourceError):
                         calls.cancel_scope.cancel()
                         return
@@ -289,18 +289,9 @@ def process_child(config_file: str, database: str, path: str, report: str) -> No
 
         async with trio.open_nursery() as nursery:
             await nursery.start(discovery.run)
-            listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            await listener.bind(path)
-            listener.listen(256)
-            await trio.Path(report).write_text("ready")
-            await trio.serve_listeners(connection, [trio.SocketListener(listener)])
+            await _serve_unix(path, report, connection)
 
-    try:
-        trio.run(serve)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        Path(report).write_text(f"{time.process_time():.3f}")
+    _run_reporting(serve, report)
 
 
 def discovery_process() -> None:
@@ -318,7 +309,7 @@ def discovery_process() -> None:
     async def reader(stream: trio.SocketStream) -> None:
         buffer = bytearray()
         while True:
-            call_id, ok, value = await _read_pickle(stream, buffer)
+            call_id, ok, value = await _read_frame(stream, buffer, pickle.loads)
             event, box = state["waiting"].pop(call_id)
             box.append((ok, value))
             event.set()
