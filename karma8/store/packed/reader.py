@@ -18,9 +18,8 @@ again after an append that failed or was cancelled once its bytes landed, which 
 indexes by its later needle, is read here from the earlier one: the same part's bytes, a
 key naming one part, or bytes that fail the CRC.) A whole-part read is also checked against
 the part's sha256 from the metadata. A read that finds nothing, or bytes that fail a check,
-returns None and the caller asks the node. A
-committed part's needle is durable before its version commits, so a version a worker
-resolved has needles the reader finds.
+returns None and the caller asks the node. A committed part's needle is durable before its
+version commits, so a version a worker resolved has needles the reader finds.
 """
 
 from __future__ import annotations
