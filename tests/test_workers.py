@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from karma8.cli import main
 from karma8.core.tomlconf import ConfigError
 from karma8.net.netconfig import NetConfig, usable_cores
 from karma8.net.settings import load_net_config
-from karma8.net.workers import worker_config_toml
+from karma8.net.workers import shared_port_socket, worker_config_toml
 
 
 def test_gateway_workers_default_to_the_cores_and_come_from_the_file_or_the_flag(
@@ -66,3 +68,21 @@ def test_a_worker_reads_back_its_parents_settings_without_the_secret(tmp_path: P
     path = tmp_path / "worker.toml"
     path.write_text(text)
     assert load_net_config(path, {}) == attrs.evolve(parent, secret=None)
+
+
+def test_a_shared_port_must_be_free_unless_a_worker_joins_its_parent() -> None:
+    # Else a second karma8 started on the same port would join the first one's gateways and
+    # the kernel would split connections between two clusters.
+    first = shared_port_socket("127.0.0.1", 0)
+    try:
+        first.listen(8)
+        port = first.getsockname()[1]
+        with pytest.raises(OSError, match="in use") as refused:
+            shared_port_socket("127.0.0.1", port)
+        assert refused.value.errno == errno.EADDRINUSE
+        with contextlib.closing(shared_port_socket("127.0.0.1", port, joining=True)) as worker:
+            assert worker.getsockname()[1] == port
+    finally:
+        first.close()
+    with contextlib.closing(shared_port_socket("127.0.0.1", port)):  # free again
+        pass

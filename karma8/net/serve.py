@@ -188,6 +188,7 @@ async def serve_gateway(
     *,
     port: int | None = None,
     reuse_port: bool = False,
+    join_port: bool = False,
     adopt_from: str | None = None,
     hand_off_to: str | None = None,
     store_writes_at: str | None = None,
@@ -196,7 +197,8 @@ async def serve_gateway(
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The gateway's socket (not ``listen``: held for the workers, see :func:`serve_app`);
-    ``reuse_port``: shared with gateway workers (SO_REUSEPORT).
+    ``reuse_port``: shared with gateway workers (SO_REUSEPORT); ``join_port``: this
+    gateway is a worker joining its parent's port (which the parent found free).
     ``adopt_from``: the Unix socket this gateway takes its workers' write connections on;
     ``hand_off_to``: the one this gateway, a worker, hands them to (karma8/net/handoff.py).
     ``store_writes_at``: the Unix socket this gateway stores its workers' small uploads
@@ -224,6 +226,7 @@ async def serve_gateway(
                     config.gateway_port if port is None else port,
                     app_queue=GATEWAY_APP_QUEUE,
                     reuse_port=reuse_port,
+                    join_port=join_port,
                     adopt_from=adopt_from,
                     hand_off_to=hand_off_to,
                     keep_small_writes=config.small_file_max if parent is not None else None,
@@ -311,6 +314,7 @@ async def run_gateway(
                         config,
                         port=port,
                         reuse_port=shared_port or config.gateway_workers > 1,
+                        join_port=shared_port,
                         adopt_from=adopt_from,
                         hand_off_to=handoff,
                         parent=parent,

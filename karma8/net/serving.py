@@ -81,6 +81,7 @@ async def serve_app(
     app_queue: int = 10,
     max_connections: int = MAX_CONNECTIONS,
     reuse_port: bool = False,
+    join_port: bool = False,
     adopt_from: str | None = None,
     hand_off_to: str | None = None,
     keep_small_writes: int | None = None,
@@ -90,7 +91,9 @@ async def serve_app(
     """Serve ``app`` with Hypercorn until cancelled; reports ``http://host:port``.
 
     ``reuse_port``: bind with ``SO_REUSEPORT``, so that other processes (gateway workers)
-    can listen on the same port and the kernel spreads new connections over them.
+    can listen on the same port and the kernel spreads new connections over them; the
+    first of them finds the port free, or fails as a plain bind would, and the others
+    ``join_port``.
     ``adopt_from``: also serve the connections workers hand over on a Unix socket at this
     path; ``hand_off_to``: hand write connections to the gateway listening there
     (:mod:`karma8.net.handoff`), but those whose first request writes at most
@@ -111,7 +114,8 @@ async def serve_app(
     elif reuse_port:
         # Hypercorn sets SO_REUSEPORT only for its own multi-worker mode; a socket handed
         # over by descriptor is taken as it is (and closed by Hypercorn).
-        config.bind = [f"fd://{shared_port_socket(host, port).detach()}"]
+        shared = shared_port_socket(host, port, joining=join_port)
+        config.bind = [f"fd://{shared.detach()}"]
     else:
         config.bind = [f"{host}:{port}"]
     config.accesslog = None
@@ -151,6 +155,7 @@ def serving(
     *,
     app_queue: int = 10,
     reuse_port: bool = False,
+    join_port: bool = False,
     adopt_from: str | None = None,
     hand_off_to: str | None = None,
     keep_small_writes: int | None = None,
@@ -167,6 +172,7 @@ def serving(
         app_queue=app_queue,
         max_connections=config.max_connections,
         reuse_port=reuse_port,
+        join_port=join_port,
         adopt_from=adopt_from,
         hand_off_to=hand_off_to,
         keep_small_writes=keep_small_writes,

@@ -58,10 +58,20 @@ class WorkerExited(ChildProcessError):
     """A gateway worker exited on its own while the cluster ran."""
 
 
-def shared_port_socket(host: str, port: int) -> socket.socket:
+def shared_port_socket(host: str, port: int, *, joining: bool = False) -> socket.socket:
     """A TCP socket bound to ``host:port`` that other processes may bind too
-    (``SO_REUSEPORT``, same user); port 0 picks a free port, which they then bind."""
+    (``SO_REUSEPORT``, same user); port 0 picks a free port, which they then bind.
+
+    Unless ``joining`` (a worker binding the port its parent bound), the port must be free,
+    as for a plain bind: ``SO_REUSEPORT`` alone would let a second karma8 started on the
+    same port join the first one's gateways, and the kernel would split connections between
+    two clusters. Raises OSError (EADDRINUSE) then.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port and not joining:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Hypercorn binds
+            probe.bind((host.strip("[]"), port))
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
