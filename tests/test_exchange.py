@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from karma8.core.errors import StorageFailure
+from karma8.core.errors import NotEnoughNodes, StorageFailure
 from karma8.net.exchange import ExchangeRoutes
 from karma8.net.objects import ObjectRoutes
 from karma8.net.parts import PartRoutes, part_path
@@ -352,6 +352,24 @@ async def test_a_5xx_names_a_request_id_and_is_logged_with_its_cause(
     logged = record.getMessage()
     for part in (request_id.decode(), "GET", plane.missing, cause, "502"):
         assert part in logged
+
+
+async def test_a_public_503_not_enough_nodes_says_how_many(
+    plane: Plane, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Counts, no addresses: what a client needs to act on (http-api.md promises it).
+    backend = plane.make(None)
+    need = "need 7 storage nodes with 2 bytes free, have 6 (6 available of 6)"
+
+    async def short(*args: Any, **kwargs: Any) -> None:
+        raise NotEnoughNodes(need)
+
+    monkeypatch.setattr(backend, plane.lookup, short)
+    server = FakeServer()
+    await server.request()
+    await plane.routes(backend)(http_scope("GET", plane.missing, plane.headers), *server.calls)
+    assert server.status == 503
+    assert json.loads(server.body())["error"]["message"] == need
 
 
 async def test_every_answer_has_a_request_id(

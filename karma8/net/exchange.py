@@ -58,14 +58,15 @@ INTERNAL_ERROR = {"error": {"code": "internal", "message": "internal error"}}
 REQUEST_ID_HEADER = b"x-request-id"
 CLOSE = (b"connection", b"close")
 # What a client is told of a 5xx: the cause (a node's address, a peer's message) is in the
-# log, under the request id.
+# log, under the request id. A 503 not_enough_nodes is told as it is: its message is counts
+# ("need 7 storage nodes with 2 bytes free, have 6 ..."), what a client acts on.
 PUBLIC_5XX = {
     "storage_failure": "a storage node failed",
     "integrity_error": "stored data failed a check",
     "unavailable": "a cluster service did not answer",
-    "not_enough_nodes": "not enough storage nodes with room",
     "disk_full": "a storage node is full",
 }
+TOLD_AS_IS = frozenset({"not_enough_nodes"})
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})?")
 _ABSOLUTE = re.compile(rb"(?i)https?://[^/?#]*")
 
@@ -432,7 +433,7 @@ class ExchangeRoutes(abc.ABC, Generic[T]):
                 self._log.info("%s %s ended early: %s", method, where, exc.message)
                 return
             body = error_body(exc, exchange.request_id)
-            if self._public and status >= 500:
+            if self._public and status >= 500 and exc.code not in TOLD_AS_IS:
                 body["error"]["message"] = PUBLIC_5XX.get(exc.code, "internal error")
             await exchange.answer_json(status, body, error_headers(exc))
         except Exception:
