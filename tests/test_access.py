@@ -394,6 +394,13 @@ async def test_discovery_namespace_and_token_routes(net: NetDriver) -> None:
     assert none.status_code == 400
     unknown_arg = await internal.get(f"{net._discovery_url}/v1/tokens?namespce=pub")
     assert unknown_arg.status_code == 400
+    # A namespace is for good: a body that is not what it should be makes none.
+    for body in (b'{"public": true', b'{"engin": "raid1"}', b"[]", b"true"):
+        refused = await internal.put(f"{net._discovery_url}/v1/namespaces/typo", content=body)
+        assert refused.status_code == 400, body
+    assert "typo" not in {n.name for n in await d.list_namespaces()}
+    plain = await internal.put(f"{net._discovery_url}/v1/namespaces/plain")  # no body
+    assert (plain.status_code, plain.json()["public"]) == (200, False)
 
 
 # -- the commands ----------------------------------------------------------------------

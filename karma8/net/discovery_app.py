@@ -62,6 +62,9 @@ from karma8.net.status_page import render_status
 _FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
+NAMESPACE_FIELDS = frozenset({"public", "engine", "copies", "parity"})  # PUT /v1/namespaces/…
+
+
 def discovery_app(
     discovery: Discovery,
     *,
@@ -163,9 +166,14 @@ def discovery_app(
 
     @app.route("/v1/namespaces/<namespace>", methods=["PUT"])
     async def create_namespace(namespace: str) -> Response:
-        body = await request.get_json(force=True, silent=True) or {}
-        if not isinstance(body, dict):
-            raise InvalidRequest("the body must be a JSON object")
+        # No body: the defaults. A body that is not the JSON object of these fields is a 400,
+        # never a namespace made with defaults it did not ask for (it is for good).
+        body = await json_body() if (await request.get_data()).strip() else {}
+        unknown = sorted(set(body) - NAMESPACE_FIELDS)
+        if unknown:
+            raise InvalidRequest(
+                f"unknown field {', '.join(unknown)} (known: {', '.join(sorted(NAMESPACE_FIELDS))})"
+            )
         public = body.get("public", False)
         if not isinstance(public, bool):
             raise InvalidRequest("public must be true or false")
