@@ -168,6 +168,13 @@ def test_a_cluster_that_is_down_and_bad_usage(tmp_path: Path) -> None:
         f"karma8 get: cannot reach the gateway at http://127.0.0.1:{port}"
     )
     assert down.stderr.count("\n") == 1
+    # A file that cannot be written is one line too, before anything is asked or written.
+    at = ["--gateway", f"http://127.0.0.1:{port}"]
+    for out, said in ((tmp_path, "is a directory"), (tmp_path / "nope" / "x", "no such")):
+        refused = karma8("get", "default/x", str(out), *at, cwd=tmp_path)
+        assert (refused.returncode, refused.stderr.count("\n")) == (2, 1), refused.stderr
+        assert said in refused.stderr
+    assert not list(tmp_path.rglob("*.karma8-partial*"))
     usage = karma8("get", "no-slash", cwd=tmp_path)
     assert usage.returncode == 2
     assert "expected NAMESPACE/NAME" in usage.stderr

@@ -255,7 +255,6 @@ def _put(http: httpx.Client, target: Target, args: argparse.Namespace) -> str:
 
 
 def _get(http: httpx.Client, target: Target, args: argparse.Namespace) -> str:
-    import httpx
 
     namespace, name = split_path(args.path, name_required=True)
     out = args.file or name.rsplit("/", 1)[-1]
@@ -266,6 +265,28 @@ def _get(http: httpx.Client, target: Target, args: argparse.Namespace) -> str:
                 sys.stdout.buffer.write(chunk)
         sys.stdout.buffer.flush()
         return ""
+    if Path(out).is_dir():
+        raise ConfigError(f"{out}: is a directory; name the file to write in it")
+    if not Path(out).parent.is_dir():
+        raise ConfigError(f"{out}: no such directory {str(Path(out).parent)!r}")
+    try:
+        return _download(http, target, args, namespace, name, out)
+    except OSError as exc:  # the partial file kept, if any, for a run that resumes
+        raise ClientError(f"{out}: cannot write: {exc.strerror}") from None
+
+
+def _download(
+    http: httpx.Client,
+    target: Target,
+    args: argparse.Namespace,
+    namespace: str,
+    name: str,
+    out: str,
+) -> str:
+    """``karma8 get`` into the file ``out``, resuming a partial download of the same version."""
+    import httpx
+
+    url = target.url(namespace, name)
     partial = Path(out + PARTIAL)
     etag_file = Path(out + PARTIAL + ".etag")
     have = partial.stat().st_size if partial.exists() and etag_file.exists() else 0
