@@ -58,6 +58,9 @@ def test_a_stale_file_in_the_working_directory_loses_to_the_data_dirs_parent(
     parent = cluster_file(tmp_path / "live", "http://127.0.0.1:8090", "live")
     ref = locate(tmp_path, data=tmp_path / "live" / "storage-extra")
     assert ref.describe() == f"cluster http://127.0.0.1:8090 (from {parent}, with its secret)"
+    # A --data naming no cluster (a typo) does not fall back on the working directory's.
+    with pytest.raises(ConfigError, match="cluster"):
+        locate(tmp_path, data=tmp_path / "typo" / "storage-extra")
 
 
 def test_the_secret_follows_its_own_order_and_never_crosses_clusters(tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ command that needs a running cluster (``serve --role storage|gw``, ``nodes``, ``
 3. ``discovery_url`` in the ``--config`` file;
 4. ``cluster.json`` in ``--data DIR``, then in DIR's parent (a node directory inside an
    embedded cluster's directory);
-5. ``./karma8-data/cluster.json`` in the working directory.
+5. without ``--data``, ``./karma8-data/cluster.json`` in the working directory.
 
-What the user named comes before the working directory: a ``cluster.json`` left behind by a
+What the user named replaces the working directory: a ``cluster.json`` left behind by a
 cluster that has stopped must not capture a command pointed elsewhere. The secret is
 ``--secret``, ``--secret-file PATH``, ``$KARMA8_SECRET``, ``$KARMA8_SECRET_FILE`` (a path),
 the config file's ``secret``, else the secret of the
@@ -254,9 +254,10 @@ def locate_cluster(
 
 
 def _candidate_dirs(data: Path | None, default_data: Path) -> list[Path]:
-    """Where ``cluster.json`` may be, in order, each directory once."""
-    candidates = [data, data.parent] if data is not None else []
-    candidates.append(default_data)
+    """Where ``cluster.json`` may be, in order, each directory once: ``data`` and its parent
+    if given (a typo there must not fall back on the working directory's cluster), else the
+    working directory's ``karma8-data``."""
+    candidates = [data, data.parent] if data is not None else [default_data]
     seen: set[Path] = set()
     ordered: list[Path] = []
     for directory in candidates:
