@@ -91,6 +91,9 @@ class StorageNode:
         self._discovery = discovery
         self._config = config
         self._suspects: dict[str, float] = {}
+        # Parts the last check found missing: each is logged once, when first found (they
+        # are reported to discovery at every check until repair has moved them off).
+        self._missing: frozenset[str] = frozenset()
         # Parts a read found damaged, for the checker task (bounded: when it is full, the
         # scrubber finds the rest).
         self._damaged_send, self._damaged_receive = trio.open_memory_channel[str](256)
@@ -230,8 +233,15 @@ class StorageNode:
         keys = await self._store.keys()
         missing = sorted(set(expected).difference(keys))
         try:
+            new = [key for key in missing if key not in self._missing]
+            self._missing = frozenset(missing)
+            if new:
+                log.error(
+                    "node %s: %d parts are missing (e.g. %s), %d of them newly found;"
+                    " reported for repair",
+                    *(self.node_id, len(missing), new[0], len(new)),
+                )
             if missing:
-                log.error("node %s: %d parts are missing", self.node_id, len(missing))
                 await self._discovery.report_lost_parts(
                     node_id=self.node_id, keys=missing, reason="missing on its node"
                 )
