@@ -255,7 +255,6 @@ def _put(http: httpx.Client, target: Target, args: argparse.Namespace) -> str:
 
 
 def _get(http: httpx.Client, target: Target, args: argparse.Namespace) -> str:
-
     namespace, name = split_path(args.path, name_required=True)
     out = args.file or name.rsplit("/", 1)[-1]
     url = target.url(namespace, name)
@@ -270,13 +269,14 @@ def _get(http: httpx.Client, target: Target, args: argparse.Namespace) -> str:
     if not Path(out).parent.is_dir():
         raise ConfigError(f"{out}: no such directory {str(Path(out).parent)!r}")
     try:
-        return _download(http, target, args, namespace, name, out)
+        return _download(http, url, target, args, namespace, name, out)
     except OSError as exc:  # the partial file kept, if any, for a run that resumes
         raise ClientError(f"{out}: cannot write: {exc.strerror}") from None
 
 
 def _download(
     http: httpx.Client,
+    url: str,
     target: Target,
     args: argparse.Namespace,
     namespace: str,
@@ -286,7 +286,6 @@ def _download(
     """``karma8 get`` into the file ``out``, resuming a partial download of the same version."""
     import httpx
 
-    url = target.url(namespace, name)
     partial = Path(out + PARTIAL)
     etag_file = Path(out + PARTIAL + ".etag")
     have = partial.stat().st_size if partial.exists() and etag_file.exists() else 0
