@@ -23,7 +23,8 @@ VARIANT:
   clusters share one port (``bench/put_shared_nothing.sh``: each process stores what it
   parses, nothing between them: how far spreading whole PUTs over the cores goes).
 
-Then runs ``karma8`` with the remaining arguments. docs/benchmarks.md has the results.
+Variants join with ``+`` (``shared+nosql``: each shared-nothing cluster without discovery's
+SQL). Then runs ``karma8`` with the remaining arguments. docs/benchmarks.md has the results.
 """
 
 from __future__ import annotations
@@ -377,7 +378,8 @@ def shared_port() -> None:
     serve_gateway = serve.serve_gateway
 
     async def sharing(*args: Any, **kwargs: Any) -> None:
-        await serve_gateway(*args, **{**kwargs, "reuse_port": True})
+        # Every cluster joins the port: none is its first binder, which would refuse one in use.
+        await serve_gateway(*args, **{**kwargs, "reuse_port": True, "join_port": True})
 
     setattr(serve, "serve_gateway", sharing)  # noqa: B010  # run_cluster looks it up there
 
@@ -397,7 +399,8 @@ if __name__ == "__main__":
     if sys.argv[1] == "_child":
         discovery_child(*sys.argv[2:5])
         sys.exit(0)
-    VARIANTS[sys.argv[1]]()
+    for variant in sys.argv[1].split("+"):  # e.g. shared+nosql: both at once
+        VARIANTS[variant]()
     from karma8.cli import main
 
     sys.argv = ["karma8", *sys.argv[2:]]

@@ -6,6 +6,7 @@
 # wrk's), how idle the machine stayed, and each cluster's CPU (an uneven split of the
 # connections shows there). Compare with bench/put_cpu.sh in the same minutes.
 #   bench/put_shared_nothing.sh [N] [SECONDS]     e.g. bench/put_shared_nothing.sh 2 8
+# BOUNDS adds bench/parent_bounds.py variants to each cluster (BOUNDS=nosql: no discovery SQL).
 set -euo pipefail
 n=${1:-2}
 seconds=${2:-8}
@@ -24,7 +25,7 @@ port=$((20000 + RANDOM % 10000))
 for i in $(seq "$n"); do
     printf 'host = "127.0.0.1"\ngateway_port = %d\ndiscovery_port = %d\nstorage_nodes = 6\ngateway_workers = 1\n' \
         "$port" "$((port + i))" > "$work/karma8-$i.toml"
-    "$here/.venv/bin/python" "$here/bench/parent_bounds.py" shared serve --role all \
+    "$here/.venv/bin/python" "$here/bench/parent_bounds.py" "shared${BOUNDS:++$BOUNDS}" serve --role all \
         --data "$work/data-$i" --config "$work/karma8-$i.toml" > "$work/log-$i" 2>&1 &
     pids+=($!)
 done
