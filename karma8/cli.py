@@ -38,7 +38,7 @@ from karma8.core.units import parse_size
 from karma8.metadata.schema import SchemaError
 from karma8.net.access_admin import add_access_commands, run_access
 from karma8.net.client import COMMANDS as CLIENT_COMMANDS
-from karma8.net.client import add_client_commands, run_client
+from karma8.net.client import add_client_commands, run_client, split_path
 from karma8.net.dbadmin import add_db_commands, run_db
 from karma8.net.locate import DATABASE_FILE, DEFAULT_DATA, ClusterRef, given_secrets, locate_cluster
 from karma8.sim.fillseries import DEFAULT_INTERVAL
@@ -50,6 +50,7 @@ EXIT_INTERRUPTED = 128 + signal.SIGINT
 ROLES = ("all", "gw", "discovery", "storage")
 SECRET_HELP = "cluster secret (visible in `ps`: prefer --secret-file or KARMA8_SECRET)"
 SECRET_FILE_HELP = "file holding the cluster secret (or KARMA8_SECRET_FILE)"
+PIPED_WIDTH = 1000  # columns `karma8 status` lays its table out in when not on a terminal
 WATCH_EVERY = 2.0  # seconds between redraws of `karma8 status --watch`
 
 
@@ -448,9 +449,7 @@ def _admin(args: argparse.Namespace) -> int:
             if note is not None:
                 print(f"karma8 {args.command} {args.action}: {note}", file=sys.stderr)
         else:
-            namespace, sep, name = args.path.partition("/")
-            if not sep or not name:
-                raise ConfigError("expected NAMESPACE/NAME, e.g. default/photos/cat.jpg")
+            namespace, name = split_path(args.path, name_required=True)
             version, states = trio.run(admin.fetch_version, url, secret, namespace, name)
             print(
                 json.dumps(admin.version_json(version, states), indent=2)
@@ -487,9 +486,17 @@ def _status(args: argparse.Namespace, url: str, secret: str | None) -> None:
         print(json.dumps(encode(status), indent=2))
         return
     console = Console()
+    if not console.is_terminal:  # a pipe or a file: whole lines, not cut to a screen's width
+        console = Console(soft_wrap=True, width=PIPED_WIDTH)
     if args.watch is None:
         console.print(render(status))
         return
+    if not console.is_terminal:  # a pipe or a file: each screen after the last, as it comes
+        while True:
+            console.print(render(status), "")
+            console.file.flush()
+            time.sleep(args.watch)
+            status = trio.run(fetch_status, url, secret)
     with Live(render(status), console=console, auto_refresh=False) as live:
         while True:
             time.sleep(args.watch)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from karma8.core.layout import StripeLayout, StripeSplitter, merge, split
+from karma8.core.layout import StripeLayout, StripeSplitter, engine_redundancy, merge, split
 
 layouts = st.builds(StripeLayout, parts=st.integers(1, 8), unit=st.integers(1, 64))
 
@@ -165,3 +165,28 @@ def test_splitter_refuses_use_after_finish() -> None:
         splitter.feed(b"x")
     with pytest.raises(RuntimeError):
         splitter.finish()
+
+
+@pytest.mark.parametrize(
+    ("engine", "copies", "parity", "message"),
+    [
+        ("raid0", 2, None, "raid0 takes no copies setting"),
+        ("raid0", None, 1, "raid0 takes no parity setting"),
+        ("raid1", None, 1, "raid1 takes no parity setting"),
+        ("parity", 2, None, "parity takes no copies setting"),
+        ("raid1", 9, None, "raid1 keeps 2 to 5 copies of each part, not 9"),
+        ("parity", None, 3, "parity adds 1 to 2 parity parts, not 3"),
+        ("raid5", None, None, "engine must be one of"),
+    ],
+)
+def test_an_engine_refuses_a_setting_naming_it(
+    engine: str, copies: int | None, parity: int | None, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        engine_redundancy(engine, copies=copies, parity=parity)
+
+
+def test_an_engine_fills_in_its_defaults() -> None:
+    assert engine_redundancy("raid0") == (1, 0)
+    assert engine_redundancy("raid1") == (2, 0)
+    assert engine_redundancy("parity", parity=2) == (1, 2)

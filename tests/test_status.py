@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -78,12 +79,38 @@ async def test_karma8_status_prints_the_cluster(net: NetDriver, tmp_path: Path) 
         [sys.executable, "-m", "karma8.cli", "status", *args],
         capture_stdout=True,
         cwd=tmp_path,
-        env={**os.environ, "COLUMNS": "100"},
+        env={**os.environ, "COLUMNS": "40"},
     )
     text = screen.stdout.decode()
     assert "6 nodes (6 available)" in text
     assert "1 files, 1 B; 0 uploads in flight" in text
     assert text.count("available ") >= 6
+    # Into a pipe: whole lines, not wrapped at the terminal's width and padded.
+    assert "B to move\n" in text
+    assert not [line for line in text.splitlines() if line != line.rstrip()]
+
+
+async def test_karma8_status_watch_into_a_pipe_prints_each_screen(
+    net: NetDriver, tmp_path: Path
+) -> None:
+    """Not a terminal: no redrawing in place (which would print nothing until interrupted),
+    every screen after the last, as it is fetched."""
+    args = ["--discovery", net._discovery_url, "--secret", secret(net), "--watch", "0.1"]
+    seen = b""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "karma8.cli", "status", *args], stdout=subprocess.PIPE, cwd=tmp_path
+    )
+    assert process.stdout is not None
+    try:
+        with trio.fail_after(GIVE_UP):
+            while seen.count(b"6 nodes (6 available)") < 2:
+                chunk = await process.stdout.receive_some()
+                assert chunk, f"the watch ended early: {seen!r}"
+                seen += chunk
+    finally:
+        process.kill()
+        await process.wait()
+        await process.stdout.aclose()
 
 
 async def browse(url: str, profile: Path) -> str:

@@ -68,7 +68,9 @@ def engine_redundancy(
         return 1, parity
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    raise ValueError(f"{engine} takes no {'copies' if engine != 'raid1' else 'parity'} setting")
+    # The setting this engine does not take (raid0 takes neither; name the one given).
+    extra = "parity" if engine == "raid1" or parity not in (None, 0) else "copies"
+    raise ValueError(f"{engine} takes no {extra} setting")
 
 
 def _validate_positive(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:

@@ -80,7 +80,7 @@ class NamespaceStore(Database):
         with self._read() as db:
             row = _namespace_row(db, namespace)
         if row is None or not row["enabled"]:
-            raise NotFound(f"namespace {namespace!r} does not exist")
+            raise NotFound(f"namespace {namespace!r} does not exist or is disabled")
         return _namespace(row)
 
     def namespace_exists(self, namespace: str) -> bool:
@@ -91,7 +91,7 @@ class NamespaceStore(Database):
     def _require_namespace(self, db: Connection, namespace: str) -> None:
         row = _namespace_row(db, namespace)
         if row is None or not row["enabled"]:
-            raise NotFound(f"namespace {namespace!r} does not exist")
+            raise NotFound(f"namespace {namespace!r} does not exist or is disabled")
 
     # -- tokens ---------------------------------------------------------------------------
 
@@ -119,10 +119,14 @@ class NamespaceStore(Database):
         return _token(row)
 
     def list_tokens(self, namespace: str | None = None) -> list[TokenInfo]:
+        """Every token, or ``namespace``'s (a disabled one's too). Raises NotFound for a
+        namespace that was never created."""
         with self._read() as db:
             if namespace is None:
                 rows = db.execute("SELECT * FROM tokens ORDER BY namespace, created_at")
             else:
+                if _namespace_row(db, namespace) is None:
+                    raise NotFound(f"namespace {namespace!r} does not exist")
                 rows = db.execute(
                     "SELECT * FROM tokens WHERE namespace = ? ORDER BY created_at", (namespace,)
                 )
@@ -157,7 +161,7 @@ class NamespaceStore(Database):
                 (token_id, namespace),
             ).fetchone()
         if row is None or not row["enabled"]:
-            raise NotFound(f"namespace {namespace!r} does not exist")
+            raise NotFound(f"namespace {namespace!r} does not exist or is disabled")
         if row["public"]:
             return
         if token_id is None or secret_hash is None:

@@ -16,8 +16,9 @@ from typing import Any
 import trio
 
 from karma8.core.access import NamespaceInfo, TokenInfo
-from karma8.core.errors import NotFound
-from karma8.core.layout import ENGINES
+from karma8.core.errors import InvalidName, NotFound
+from karma8.core.layout import ENGINES, engine_redundancy
+from karma8.core.names import check_namespace
 from karma8.core.tomlconf import ConfigError
 from karma8.net.codec import encode
 
@@ -71,6 +72,7 @@ def run_access(args: argparse.Namespace, url: str, secret: str | None) -> tuple[
     """Run ``karma8 namespace|token ACTION``: what to print on stdout, and on stderr."""
     if args.command == "token" and args.action == "create" and not (args.read or args.write):
         raise ConfigError("give --read, --write or both")
+    _check_arguments(args)
     result = trio.run(_call, args, url, secret)
     as_json = args.json
     if isinstance(result, tuple):  # token create
@@ -91,6 +93,19 @@ def run_access(args: argparse.Namespace, url: str, secret: str | None) -> tuple[
     if as_json:
         return json.dumps([encode(t) for t in tokens], indent=2), None
     return tokens_table(tokens), None
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse a malformed name or engine setting here, as discovery would (the same checks),
+    so that it is a usage error (exit 2) before anything is asked."""
+    namespace = getattr(args, "name", None) or getattr(args, "namespace", None)
+    try:
+        if namespace is not None:
+            check_namespace(namespace)
+        if args.command == "namespace" and args.action == "create":
+            engine_redundancy(args.engine, copies=args.copies, parity=args.parity)
+    except (InvalidName, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 async def _call(args: argparse.Namespace, url: str, secret: str | None) -> Any:
