@@ -5,6 +5,7 @@ databases."""
 from __future__ import annotations
 
 import random
+import socket
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -281,6 +282,20 @@ def test_karma8_db_upgrades_postgresql_and_serve_refuses_it_before(
     assert capsys.readouterr().out == f"schema version {LATEST}: up to date\n"
     assert main(["db", "version", "--metadata-url", url]) == 0
     assert "(up to date)" in capsys.readouterr().out
+
+
+def test_karma8_db_says_at_once_when_postgresql_cannot_be_reached(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"postgresql://karma8@127.0.0.1:{sock.getsockname()[1]}/karma8"
+        assert main(["db", "version", "--metadata-url", url]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("karma8 db version: ")
+    assert "Connection refused" in err
+    assert len(err.splitlines()) <= 3
+    assert not [r for r in caplog.records if r.name.startswith("psycopg")]  # no pool retries
 
 
 def test_karma8_db_on_the_embedded_sqlite_file(

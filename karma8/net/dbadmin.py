@@ -58,9 +58,17 @@ def run_db(args: argparse.Namespace) -> int:
         return 1
 
 
+CONNECT_TIMEOUT = 10  # seconds `karma8 db` waits for PostgreSQL to answer
+
+
 def _postgres(command: str, url: str) -> int:
+    import psycopg
+
     from karma8.metadata.postgres import PostgresDatabase
 
+    # One connection first: a database that cannot be reached is its one error at once, not
+    # the pool's retries logged until its own timeout.
+    psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT).close()
     database = PostgresDatabase(url, pool_size=1, check_schema=False)
     try:
         if command == "upgrade":
