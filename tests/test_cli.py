@@ -379,3 +379,35 @@ def test_the_command_loads_the_simulator_only_for_karma8_sim() -> None:
     probe = f"import sys, karma8.cli; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_second_process_on_a_node_directory_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One process serves a node's directory: a second one (a node started twice, or an
+    embedded cluster adopting a node that still runs) stops before it opens the store."""
+    node = tmp_path / "node"
+    node.mkdir()
+    code = (
+        "import sys; from pathlib import Path; from karma8.net.serve import lock_node_dir;"
+        f" lock_node_dir(Path({str(node)!r})); print('held', flush=True); sys.stdin.read()"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as holder:
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline() == "held\n"
+            args = ["serve", "--role", "storage", "--data", str(node), "--port", "0"]
+            args += ["--discovery", "http://127.0.0.1:9", "--secret", "s"]
+            assert main(args) == 1
+            err = capsys.readouterr().err
+            assert f"{node} is in use by another process (pid {holder.pid})" in err
+            assert "Traceback" not in err
+            assert not (node / "parts").exists()  # refused before the store was opened
+        finally:
+            holder.kill()
+    from karma8.net.serve import lock_node_dir
+
+    lock_node_dir(node)  # free again; and held twice by one process, it is its own
+    lock_node_dir(node)

@@ -13,6 +13,8 @@ find the cluster, and running it again on the same directory resumes with the sa
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import secrets
@@ -73,9 +75,38 @@ GATEWAY_PROBE_EVERY = 1.0
 GATEWAY_APP_QUEUE = 2
 
 
+NODE_LOCK_FILE = "lock"  # held (flock) by the process serving a node's data directory
+_node_locks: dict[Path, int] = {}  # the directories this process holds, by resolved path
+
+
+def lock_node_dir(data_dir: Path) -> None:
+    """Hold ``data_dir`` for this process until it exits, or raise: two processes serving
+    one node would scan and cut each other's volumes on open, answer for each other's parts
+    (each knows only its own), and flip the node's address at discovery with every heartbeat.
+    Held again by the same process (a node restarted in-process), it is already held."""
+    key = data_dir.resolve()
+    if key in _node_locks:
+        return
+    fd = os.open(data_dir / NODE_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise OSError(
+            errno.EBUSY,
+            f"storage node directory {data_dir} is in use by another process (pid {holder});"
+            " one process serves a node: stop that one first",
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _node_locks[key] = fd
+
+
 def load_node_id(data_dir: Path) -> str:
     """The node's permanent id, created on first start and kept in its data directory."""
     private_dir(data_dir)
+    lock_node_dir(data_dir)
     path = data_dir / NODE_ID_FILE
     if path.exists():
         node_id = path.read_text().strip()
