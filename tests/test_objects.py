@@ -69,6 +69,21 @@ async def test_gets_puts_and_failed_reads_are_counted(
     assert stats == {"gets": 1, "puts": 1, "read_errors": 1}
 
 
+async def test_a_read_that_fails_before_its_first_byte_is_an_error_status(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # (A parity file missing more parts than it survives fails as its rebuild starts.)
+    stats = new_stats()
+    routes = ObjectRoutes(StubGateway(fail_after=0), stats, cast(Any, None))
+    get = FakeServer()
+    with trio.fail_after(HANG):
+        await get.request()
+        await routes(http_scope("GET", "/default/f", []), *get.calls)
+    assert get.status == 502
+    assert json.loads(get.body())["error"]["code"] == "storage_failure"
+    assert stats == {"gets": 0, "puts": 0, "read_errors": 0}
+
+
 async def test_ended_uploads_are_counted_failed_or_not(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

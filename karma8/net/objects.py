@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 
 from karma8.actors.gateway import Gateway
 from karma8.core.access import Right, bearer_token
@@ -193,13 +193,15 @@ class ObjectRoutes(ExchangeRoutes[Target]):
             self._stats["gets"] += 1
             await exchange.answer(status, headers, body)
             return
-        # The part streams are opened before the status line goes out, so that a node that
-        # is down or a missing part is a 502/503 with a JSON body, not a 200 cut short.
+        # The part streams are opened, and the first chunk read, before the status line goes
+        # out, so that a node that is down, a missing part, or a parity file missing more
+        # parts than it survives is a 502/503 with a JSON body, not a 200 cut short.
         async with self._gateway.open_read(version, start=start, stop=stop) as chunks:
+            first = await anext(chunks, b"")
             self._stats["gets"] += 1
             await exchange.start(status, headers)
             try:
-                await exchange.stream(chunks)
+                await exchange.stream(_FirstThen(first, chunks))
             except Karma8Error as exc:
                 self._stats["read_errors"] += 1
                 log.error(
@@ -213,3 +215,22 @@ class ObjectRoutes(ExchangeRoutes[Target]):
         await self._authorize(exchange, target[0], Right.WRITE)
         await self._gateway.delete(*target)
         await exchange.answer(204, [])
+
+
+class _FirstThen:
+    """``first``, then the rest of ``rest`` (an iterator class, as the read's own chunks
+    are: an abandoned async generator would close its streams only when collected)."""
+
+    def __init__(self, first: bytes, rest: AsyncIterator[bytes]) -> None:
+        self._first: bytes | None = first
+        self._rest = rest
+
+    def __aiter__(self) -> _FirstThen:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            if first:
+                return first
+        return await self._rest.__anext__()
