@@ -237,7 +237,7 @@ def _serve(args: argparse.Namespace) -> int:
     from karma8.net.discovery_role import check_metadata, run_discovery
     from karma8.net.handoff import remove_orphaned
     from karma8.net.requestlog import configure_logging
-    from karma8.net.settings import load_net_config
+    from karma8.net.settings import PORT_MAX, load_net_config
     from karma8.net.workers import READY_PREFIX, exit_with_parent
 
     configure_logging(
@@ -262,6 +262,8 @@ def _serve(args: argparse.Namespace) -> int:
         }
         if args.workers is not None and args.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+        if args.port is not None and not 0 <= args.port <= PORT_MAX:
+            raise ConfigError(f"--port must be between 0 and {PORT_MAX}, got {args.port}")
         config = load_net_config(args.config, overrides, rebalance)
     except (ConfigError, ValueError) as exc:
         print(f"karma8 serve: {exc}", file=sys.stderr)

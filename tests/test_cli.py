@@ -66,6 +66,8 @@ def test_text_report_and_determinism_check(capsys: pytest.CaptureFixture[str]) -
         ),
         ("this is not toml", "not valid TOML"),
         ("[workload]\nfile_size = ['1 XB', 2]\n", "expected a size"),
+        ("[cluster]\nengine = 'raid1'\n", "raid1 puts a file's 10 parts on 10 nodes"),
+        ("[cluster]\nengine = 'parity'\nparity = 2\n", "give at least 7, got 6"),
     ],
 )
 def test_bad_scenarios_exit_2_with_a_message_naming_the_problem(
@@ -81,6 +83,57 @@ def test_bad_scenarios_exit_2_with_a_message_naming_the_problem(
 def test_missing_scenario_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["sim", "/nonexistent/x.toml"]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_scenario_or_config_file_that_is_not_text_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "binary.toml"
+    path.write_bytes(b"name = '\xff\xfe'\n")
+    assert main(["sim", str(path)]) == 2
+    assert f"{path}: not UTF-8 text (byte 8)" in capsys.readouterr().err
+    assert main(["serve", "--config", str(path), "--data", str(tmp_path / "d")]) == 2
+    assert f"{path}: not UTF-8 text (byte 8)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["sim", "--swarm", "0"], "--swarm takes at least 1 seed, got 0"),
+        (["sim", "--swarm", "-1"], "--swarm takes at least 1 seed, got -1"),
+        (["serve", "--port", "70000"], "--port must be between 0 and 65535, got 70000"),
+        (["serve", "--port", "-1"], "--port must be between 0 and 65535, got -1"),
+        (["serve", "--nodes", "0"], "--nodes must be at least 6, got 0"),
+        (["serve", "--capacity", "0"], "--capacity must be at least 1 byte, got 0"),
+        (["serve", "--role", "storage", "--capacity", "0"], "--capacity must be at least 1"),
+    ],
+)
+def test_numbers_out_of_range_on_the_command_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], needle: str
+) -> None:
+    if args[0] == "serve":
+        args = [*args, "--data", str(tmp_path / "d")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ("gateway_port = 70000", "gateway_port: must be <= 65535, got 70000"),
+        ("storage_nodes = 5", "storage_nodes: must be >= 6, got 5"),
+    ],
+)
+def test_a_config_file_number_out_of_range_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str, needle: str
+) -> None:
+    config = tmp_path / "k.toml"
+    config.write_text(line + "\n")
+    assert main(["serve", "--config", str(config), "--data", str(tmp_path / "d")]) == 2
+    assert needle in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -41,12 +41,16 @@ class TableReader:
             raise self.fail(key, f"must be >= {minimum}, got {value}")
         return float(value)
 
-    def integer(self, key: str, default: int, *, minimum: int = 0) -> int:
+    def integer(
+        self, key: str, default: int, *, minimum: int = 0, maximum: int | None = None
+    ) -> int:
         value = self.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(key, f"expected an integer, got {value!r}")
         if value < minimum:
             raise self.fail(key, f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.fail(key, f"must be <= {maximum}, got {value}")
         return value
 
     def size(self, key: str, default: int, *, minimum: int = 0) -> int:

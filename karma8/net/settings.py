@@ -24,6 +24,8 @@ from karma8.net.netconfig import NetConfig
 
 SIZES = ("capacity", "stripe_unit", "max_file_size", "reserve_step", "volume_size")
 OPTIONAL_STRINGS = ("secret", "metadata_url")
+PORT_MAX = 65535
+MIN_NODES = 6  # the embedded cluster's storage nodes: a file takes 5, and there are always more
 METADATA_SCHEMES = ("postgresql://", "postgres://")
 NAME_LISTS = ("namespaces", "public_namespaces")
 # Durations where 0 means "never keep" rather than a stall.
@@ -55,6 +57,8 @@ def load_net_config(
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): not TOML") from None
         reader = TableReader(ConfigSource(str(path), text), data, "")
         for field in attrs.fields(NetConfig):
             default = getattr(base, field.name)
@@ -86,11 +90,17 @@ def load_net_config(
             elif isinstance(default, float):
                 minimum = 0.0 if field.name in ZERO_SECONDS else 0.001
                 values[field.name] = reader.number(field.name, default, minimum=minimum)
+            elif field.name.endswith("_port"):
+                values[field.name] = reader.integer(field.name, default, maximum=PORT_MAX)
+            elif field.name == "storage_nodes":
+                values[field.name] = reader.integer(field.name, default, minimum=MIN_NODES)
             else:
                 minimum = 1 if field.name in POSITIVE else 0
                 values[field.name] = reader.integer(field.name, default, minimum=minimum)
         reader.finish()
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    _check_flags(given)
+    values.update(given)
     config = attrs.evolve(base, **values)
     unknown = sorted(set(config.public_namespaces or ()) - set(config.namespaces))
     if unknown:
@@ -102,6 +112,15 @@ def load_net_config(
     if given:
         config = attrs.evolve(config, rebalance=attrs.evolve(config.rebalance, **given))
     return config
+
+
+def _check_flags(given: dict[str, Any]) -> None:
+    """The command line's values (``karma8 serve``'s flags), held to what the file's are."""
+    nodes, capacity = given.get("storage_nodes"), given.get("capacity")
+    if nodes is not None and nodes < MIN_NODES:
+        raise ConfigError(f"--nodes must be at least {MIN_NODES}, got {nodes}")
+    if capacity is not None and capacity < 1:
+        raise ConfigError(f"--capacity must be at least 1 byte, got {capacity}")
 
 
 def _check_metadata_url(reader: TableReader, url: str) -> None:

@@ -64,6 +64,9 @@ def run_sim(args: argparse.Namespace) -> int:
     if not any(isinstance(h, logging.NullHandler) for h in actors.handlers):
         actors.addHandler(logging.NullHandler())
     if args.swarm is not None:
+        if args.swarm < 1:
+            print(f"karma8 sim: --swarm takes at least 1 seed, got {args.swarm}", file=sys.stderr)
+            return EXIT_USAGE
         if args.scenario is not None:
             print("karma8 sim: --swarm makes its own scenarios; drop the file", file=sys.stderr)
             return EXIT_USAGE

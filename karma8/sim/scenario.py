@@ -20,7 +20,7 @@ from karma8.actors.gateway import GatewayConfig
 from karma8.actors.rebalancer import RebalancerConfig, read_rebalance
 from karma8.actors.repair import RepairConfig, read_repair
 from karma8.actors.storage import StorageConfig
-from karma8.core.layout import engine_redundancy
+from karma8.core.layout import StripeLayout, engine_redundancy
 from karma8.core.tomlconf import ConfigError, ConfigSource, TableReader
 
 T = TypeVar("T")
@@ -214,6 +214,8 @@ def load_scenario(path: str | Path) -> Scenario:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ScenarioError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(f"{path}: not UTF-8 text (byte {exc.start}): not TOML") from None
     return parse_scenario(text, origin=str(path), default_name=path.stem)
 
 
@@ -254,9 +256,18 @@ def parse_scenario(
         parity=_optional(c, "parity", lambda key: c.integer(key, 1)),
     )
     try:
-        engine_redundancy(cluster.engine, copies=cluster.copies, parity=cluster.parity)
+        copies, parity = engine_redundancy(
+            cluster.engine, copies=cluster.copies, parity=cluster.parity
+        )
     except ValueError as exc:
         raise c.fail("engine", str(exc)) from None
+    slots = StripeLayout(copies=copies, parity=parity).slots  # each on a node of its own
+    if storage_nodes < slots:
+        raise c.fail(
+            "storage_nodes",
+            f"{cluster.engine} puts a file's {slots} parts on {slots} nodes: give at least"
+            f" {slots}, got {storage_nodes}",
+        )
     c.finish()
 
     n = top.table("network")
