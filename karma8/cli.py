@@ -50,7 +50,6 @@ EXIT_INTERRUPTED = 128 + signal.SIGINT
 ROLES = ("all", "gw", "discovery", "storage")
 SECRET_HELP = "cluster secret (visible in `ps`: prefer --secret-file or KARMA8_SECRET)"
 SECRET_FILE_HELP = "file holding the cluster secret (or KARMA8_SECRET_FILE)"
-PIPED_WIDTH = 1000  # columns `karma8 status` lays its table out in when not on a terminal
 WATCH_EVERY = 2.0  # seconds between redraws of `karma8 status --watch`
 
 
@@ -475,11 +474,10 @@ def _admin(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace, url: str, secret: str | None) -> None:
     """``karma8 status``: once, or redrawn every ``--watch`` seconds until interrupted."""
-    from rich.console import Console
     from rich.live import Live
 
     from karma8.net.codec import encode
-    from karma8.net.status_view import fetch_status, render
+    from karma8.net.status_view import fetch_status, make_console, render
 
     if args.watch is not None and not args.watch >= 0.1:
         raise ConfigError("--watch takes at least 0.1 seconds")
@@ -487,9 +485,7 @@ def _status(args: argparse.Namespace, url: str, secret: str | None) -> None:
     if args.json:
         print(json.dumps(encode(status), indent=2))
         return
-    console = Console()
-    if not console.is_terminal:  # a pipe or a file: whole lines, not cut to a screen's width
-        console = Console(soft_wrap=True, width=PIPED_WIDTH)
+    console = make_console()
     if args.watch is None:
         console.print(render(status))
         return

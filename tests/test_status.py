@@ -94,7 +94,7 @@ async def test_karma8_status_watch_into_a_pipe_prints_each_screen(
     net: NetDriver, tmp_path: Path
 ) -> None:
     """Not a terminal: no redrawing in place (which would print nothing until interrupted),
-    every screen after the last, as it is fetched."""
+    every screen after the last, as it is fetched; and a reader that leaves ends it."""
     args = ["--discovery", net._discovery_url, "--secret", secret(net), "--watch", "0.1"]
     seen = b""
     process = await trio.lowlevel.open_process(
@@ -107,6 +107,8 @@ async def test_karma8_status_watch_into_a_pipe_prints_each_screen(
                 chunk = await process.stdout.receive_some()
                 assert chunk, f"the watch ended early: {seen!r}"
                 seen += chunk
+            await process.stdout.aclose()  # the reader leaves (`| head`): it ends, 141
+            assert await process.wait() == 141
     finally:
         process.kill()
         await process.wait()

@@ -25,6 +25,26 @@ async def fetch_status(discovery_url: str, secret: str | None) -> ClusterStatus:
         return await HttpDiscoveryClient(http, discovery_url).cluster_status()
 
 
+PIPED_WIDTH = 1000  # columns the screen is laid out in when not on a terminal
+
+
+def make_console() -> Any:
+    """A rich console for the screen: on a terminal as rich makes it; into a pipe or a file,
+    whole lines never cut to a width. A reader that leaves (``| head``) is a BrokenPipeError
+    for the command to end on (exit 141, as every karma8 command), where rich exits 1."""
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError
+
+    console = _Console()
+    if not console.is_terminal:
+        console = _Console(soft_wrap=True, width=PIPED_WIDTH)
+    return console
+
+
 def fill_bar(share: float) -> str:
     full = round(share * BAR)
     return "█" * full + "░" * (BAR - full)
