@@ -165,6 +165,13 @@ async def test_listing_paginates(net: NetDriver, client: httpx.AsyncClient) -> N
     assert [f["name"] for f in rest["files"]] == ["a/3"]
     assert rest["next_after"] is None
     assert all(f["size"] == 3 for f in first["files"] + rest["files"])
+    # Percent-encoded bytes that are not UTF-8: a 400, as in a path, not an empty listing.
+    for query in ("prefix=%ff", "after=%ff", "prefix=a/&x=%c3"):
+        refused = await client.get(url(net, f"/default/?{query}"))
+        assert refused.status_code == 400
+        assert "not UTF-8" in refused.json()["error"]["message"]
+    unicode = (await client.get(url(net, "/default/?prefix=%C3%A9"))).json()
+    assert unicode["files"] == []
 
 
 async def test_internal_apis_need_the_cluster_secret(net: NetDriver) -> None:

@@ -7,6 +7,7 @@ import binascii
 import hmac
 import logging
 import time
+import urllib.parse
 from typing import Any
 
 from quart import Response, g, jsonify, request
@@ -163,6 +164,20 @@ async def json_body() -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object")
     return data
+
+
+def text_arg(name: str, default: str = "") -> str:
+    """Query parameter ``name`` of the current request as text. The query string must be
+    UTF-8 once percent-decoded, as a path must: Werkzeug would put U+FFFD where it is not,
+    and ``?prefix=%ff`` would list nothing where it should say why."""
+    try:
+        urllib.parse.parse_qsl(
+            request.query_string.decode("latin-1"), keep_blank_values=True, errors="strict"
+        )
+    except UnicodeDecodeError:
+        raise InvalidRequest("the query string is not UTF-8 text once percent-decoded") from None
+    value = request.args.get(name)
+    return default if value is None else value
 
 
 def int_arg(name: str, default: int | None = None) -> int:

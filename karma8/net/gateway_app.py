@@ -23,7 +23,7 @@ from karma8.actors.gateway import Gateway
 from karma8.core.access import Right, bearer_token
 from karma8.net.bounds import UploadGate
 from karma8.net.codec import encode
-from karma8.net.common import create_app, int_arg
+from karma8.net.common import create_app, int_arg, text_arg
 from karma8.net.objects import ObjectRoutes, new_stats
 from karma8.net.writepipe import ParentWrites
 
@@ -49,8 +49,8 @@ def gateway_app(
         limit = int_arg("limit", 1000)
         entries = await gateway.list(
             namespace,
-            prefix=request.args.get("prefix", ""),
-            after=request.args.get("after", ""),
+            prefix=text_arg("prefix"),
+            after=text_arg("after"),
             limit=limit,
         )
         files = [encode(e) for e in entries]
