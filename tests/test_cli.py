@@ -25,7 +25,9 @@ from karma8.core.model import (
 )
 from karma8.core.rebalance_report import RebalanceReport, RebalanceSettings
 from karma8.core.status import repair_line
+from karma8.core.tomlconf import ConfigError
 from karma8.net import admin
+from karma8.net.client import split_path
 from karma8.sim import swarm
 from karma8.sim.runner import SimResult
 from karma8.sim.scenario import Scenario
@@ -464,3 +466,13 @@ def test_a_second_process_on_a_node_directory_is_refused(
 
     lock_node_dir(node)  # free again; and held twice by one process, it is its own
     lock_node_dir(node)
+
+
+def test_a_listing_takes_a_bare_namespace_and_stat_shows_the_parts_stored() -> None:
+    assert split_path("default", name_required=False) == ("default", "")
+    assert split_path("default/a/", name_required=False) == ("default", "a/")
+    with pytest.raises(ConfigError, match="expected NAMESPACE/NAME"):
+        split_path("default", name_required=True)
+    assert admin.layout_line(StripeLayout(unit=16)) == "5 data parts, stripe unit 16 bytes"
+    assert admin.layout_line(StripeLayout(unit=16, parity=2)).startswith("5 data parts (7 stored)")
+    assert admin.layout_line(StripeLayout(unit=16, copies=2)).startswith("5 data parts (10 stored)")

@@ -21,6 +21,7 @@ from karma8.net.locate import (
     read_cluster_info,
     write_cluster_info,
 )
+from karma8.net.serve import load_node_id
 from karma8.store.diskio import private_dir
 
 from storehelpers import new_store, put
@@ -64,6 +65,15 @@ def test_parts_and_their_directories_are_owner_only(tmp_path: Path, umask: int) 
         assert mode(directory) == 0o700, directory
         directory = directory.parent
     assert mode(root / "tmp") == 0o700
+
+
+def test_a_nodes_id_and_lock_files_are_owner_only(tmp_path: Path, umask: int) -> None:
+    node = tmp_path / f"node-{umask:o}"
+    node_id = load_node_id(node)
+    assert (node / "node_id").read_text() == node_id + "\n"
+    assert mode(node / "node_id") == 0o600
+    assert mode(node / "lock") == 0o600
+    assert mode(node) == 0o700
 
 
 def test_existing_directories_are_narrowed_on_start(tmp_path: Path) -> None:

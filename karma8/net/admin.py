@@ -200,6 +200,12 @@ def engine_of(layout: StripeLayout) -> str:
     return "raid0 (no redundancy)"
 
 
+def layout_line(layout: StripeLayout) -> str:
+    """``5 parts, stripe unit …``, with the parts stored when copies or parity add some."""
+    stored = "" if layout.slots == layout.parts else f" ({layout.slots} stored)"
+    return f"{layout.parts} data parts{stored}, stripe unit {layout.unit} bytes"
+
+
 def holds(layout: StripeLayout, slot: int) -> str:
     """What a stored part is: ``data 3``, ``copy 2 of 3``, ``parity 1``."""
     part = layout.data_part(slot)
@@ -214,7 +220,7 @@ def version_table(version: FileVersion, states: dict[str, NodeState]) -> str:
         f"{version.namespace}/{version.name}",
         f"  version   {version.version_id} ({version.state.value})",
         f"  size      {version.size} bytes",
-        f"  layout    {version.layout.parts} parts, stripe unit {version.layout.unit} bytes",
+        f"  layout    {layout_line(version.layout)}",
         f"  engine    {engine_of(version.layout)}",
         f"  redundancy {redundancy(version, states)}",
         f"  etag      {version.etag}",

@@ -76,7 +76,7 @@ def add_client_commands(commands: Any) -> None:
     get.add_argument("path", metavar="NAMESPACE/NAME")
     get.add_argument("file", metavar="FILE", nargs="?")
     ls = commands.add_parser("ls", help="list the files of a namespace")
-    ls.add_argument("path", metavar="NAMESPACE/[PREFIX]")
+    ls.add_argument("path", metavar="NAMESPACE[/PREFIX]")
     rm = commands.add_parser("rm", help="delete a file")
     rm.add_argument("path", metavar="NAMESPACE/NAME")
     for parser in (put, get, ls, rm):
@@ -147,10 +147,11 @@ def _client_file(given: Path | None) -> dict[str, str]:
 
 
 def split_path(path: str, *, name_required: bool) -> tuple[str, str]:
+    """``(namespace, name)`` of ``NAMESPACE/NAME``; without a name required (a listing's
+    ``NAMESPACE/PREFIX``), a bare ``NAMESPACE`` is its whole listing."""
     namespace, sep, name = path.partition("/")
-    if not sep or (name_required and not name):
-        what = "NAMESPACE/NAME" if name_required else "NAMESPACE/[PREFIX]"
-        raise ConfigError(f"{path!r}: expected {what}, e.g. default/photos/cat.jpg")
+    if name_required and not (sep and name):
+        raise ConfigError(f"{path!r}: expected NAMESPACE/NAME, e.g. default/photos/cat.jpg")
     try:
         check_namespace(namespace)
         if name_required:
@@ -362,7 +363,8 @@ def _ls(http: httpx.Client, target: Target, args: argparse.Namespace) -> str:
         for f in files
     ]
     total = sum(f["size"] for f in files)
-    lines.append(f"{len(files)} files, {format_size(total)} ({total} bytes)")
+    count = f"{len(files)} file{'' if len(files) == 1 else 's'}"
+    lines.append(f"{count}, {format_size(total)} ({total} bytes)")
     return "\n".join(lines)
 
 

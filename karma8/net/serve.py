@@ -59,7 +59,7 @@ from karma8.net.storage_app import storage_app
 from karma8.net.workers import run_gateway_workers
 from karma8.net.writepipe import ParentWrites, serve_writes, writes_socket
 from karma8.ports import DiscoveryAPI, StorageAPI
-from karma8.store.diskio import private_dir
+from karma8.store.diskio import FILE_MODE, private_dir
 from karma8.store.groupsync import GroupSync, SyncGroups
 from karma8.store.tiered import open_part_store
 
@@ -87,7 +87,7 @@ def lock_node_dir(data_dir: Path) -> None:
     key = data_dir.resolve()
     if key in _node_locks:
         return
-    fd = os.open(data_dir / NODE_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(data_dir / NODE_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -114,7 +114,8 @@ def load_node_id(data_dir: Path) -> str:
             return node_id
     node_id = f"node-{secrets.token_hex(6)}"
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+    with open(fd, "w") as f:
         f.write(node_id + "\n")
         f.flush()
         os.fsync(f.fileno())
