@@ -253,13 +253,15 @@ def table(rows: Sequence[Sequence[str]]) -> str:
 
 
 async def scrub_all(discovery_url: str, secret: str | None) -> list[dict[str, Any]]:
-    """Ask every available storage node to scrub now; one result per node."""
+    """Ask every available storage node to scrub now; one result per node: what it checked
+    and found corrupt, an ``error`` (it could not be asked), or ``skipped`` (discovery has
+    it suspect or unavailable: nodes are never removed, so a dead one is no failure here)."""
     async with make_http_client(secret, timeout=3600.0) as http:
         nodes = await HttpDiscoveryClient(http, discovery_url).list_nodes()
         results: list[dict[str, Any]] = []
         for node in nodes:
             if node.state is not NodeState.AVAILABLE:
-                results.append({"node_id": node.node_id, "error": "unavailable"})
+                results.append({"node_id": node.node_id, "skipped": node.state.value})
                 continue
             try:
                 response = await http.post(f"{node.url}/v1/scrub")
@@ -273,7 +275,9 @@ async def scrub_all(discovery_url: str, secret: str | None) -> list[dict[str, An
 def scrub_table(results: list[dict[str, Any]]) -> str:
     rows = [("NODE", "CHECKED", "CORRUPT (quarantined)")]
     for r in results:
-        if "error" in r:
+        if "skipped" in r:
+            rows.append((r["node_id"], "-", f"skipped: the node is {r['skipped']}"))
+        elif "error" in r:
             rows.append((r["node_id"], "-", f"error: {r['error']}"))
         else:
             rows.append((r["node_id"], str(r["checked"]), ", ".join(r["corrupt"]) or "none"))
