@@ -11,9 +11,10 @@ import attrs
 import pytest
 import trio
 
-from drivers import GIVE_UP, NetDriver, net_config, net_driver
 from karma8.cli import main
 from karma8.core.model import NodeState
+
+from drivers import NetDriver, eventually, net_config, net_driver
 
 
 async def _scrub(net: NetDriver, *args: str) -> int:
@@ -30,11 +31,11 @@ async def test_scrub_skips_a_dead_node_and_fails_on_a_corrupt_part(
         await net.put("f", b"x" * 1_000_000)  # parts in files (over small_part_max)
         dead = await net.add_node()
         await net.kill_node(dead)
-        with trio.fail_after(GIVE_UP):
-            while {n.node_id: n.state for n in await net.nodes()}[dead] is not (
-                NodeState.UNAVAILABLE
-            ):
-                await trio.sleep(0.1)
+
+        async def down() -> bool:
+            return {n.node_id: n.state for n in await net.nodes()}[dead] is NodeState.UNAVAILABLE
+
+        await eventually(down, what="the killed node taken for down")
         assert await _scrub(net, "--json") == 0
         results = {r["node_id"]: r for r in json.loads(capsys.readouterr().out)}
         assert results[dead] == {"node_id": dead, "skipped": "unavailable"}
