@@ -22,18 +22,12 @@ from karma8.store import diskio
 from karma8.store.groupsync import GroupSync
 from karma8.store.packed import store as packed_store
 from karma8.store.packed import volumes
-from karma8.store.packed.format import HEADER_SIZE, encode, encode_tombstone, needle_size, scan
-from karma8.store.packed.index import PackedIndex
-from karma8.store.packed.reader import PackedReader
+from karma8.store.packed.format import HEADER_SIZE, needle_size, scan
 from karma8.store.tiered import TieredPartStore, open_part_store
 
 from storehelpers import BIG, SMALL, flip_bit, new_tiered, payload, put, read, sha
 
 T = SMALL  # small_part_max in these tests
-
-
-def needle_bytes(key: str, data: bytes) -> bytes:
-    return encode(key, data, sha256=bytes(32))
 
 
 def files_under(root: Path) -> int:
@@ -253,90 +247,6 @@ async def test_a_key_written_again_after_a_torn_append_reads_back_after_reopen(
     again = new_tiered(tmp_path)
     assert b"".join(await read(again, "k.1", 0, 300)) == payload(300, seed=2)
     assert await again.verify("k.1")
-
-
-def _crafted(prefix: int, keys: list[str], swallow_to: int, at: int, size: int) -> bytes:
-    """A client's payload of ``size`` bytes that starts ``prefix`` bytes before an aligned
-    offset ``at`` of the volume and holds, there, well-formed needles of ``keys`` (other
-    bytes), then the header of a needle claiming everything up to ``swallow_to``."""
-    fake = b"".join(encode(key, b"forged", sha256=bytes(32)) for key in keys)
-    swallow_at = at + len(fake)
-    length = swallow_to - swallow_at - HEADER_SIZE - 3
-    swallow = encode("k.9", bytes(length), sha256=bytes(32))[: HEADER_SIZE + 3]
-    body = b"\x01" * prefix + fake + swallow
-    return body + b"\x02" * (size - len(body))
-
-
-async def test_needles_inside_a_payload_behind_a_damaged_header_change_nothing(
-    tmp_path: Path,
-) -> None:
-    # A damaged header makes the recovery scan look for the next needle inside that
-    # needle's payload, which a client chose: there it finds needles of other files' keys
-    # (valid CRCs: a client can compute them), one written before and one after, and one
-    # whose length reaches over the real needles after it to the volume's end. None may
-    # replace a part or cut the volume short; the node's index and a worker's reader both
-    # keep the real parts.
-    store = new_tiered(tmp_path)
-    real, last, size = payload(200, seed=1), payload(120, seed=3), 600
-    await put(store, "k.1", real)
-    second = needle_size(3, len(real))  # where k.2's needle starts
-    data_at = second + HEADER_SIZE + 3
-    prefix = -data_at % 8
-    end = second + needle_size(3, size) + needle_size(3, len(last))
-    crafted = _crafted(prefix, ["k.1", "k.3"], end, data_at + prefix, size)
-    await put(store, "k.2", crafted)
-    await put(store, "k.3", last)
-    (volume,) = volume_paths(store)
-    assert volume.stat().st_size == end
-    store.close()
-    flip_bit(volume, second + 9)  # k.2's header: its key length
-    image = volume.read_bytes()
-    found = scan(lambda at, n: image[at : at + n], len(image))
-    assert [(n.key, n.resynced) for n in found.needles] == [
-        ("k.1", False),
-        ("k.1", True),  # the forged ones: found, but trusted less
-        ("k.3", True),
-        ("k.3", True),  # the real one, after the damaged needle
-    ]
-    assert found.end == end
-    again = new_tiered(tmp_path)
-    assert await again.keys() == ["k.1", "k.3"]
-    assert b"".join(await read(again, "k.1", 0, len(real))) == real
-    assert b"".join(await read(again, "k.3", 0, len(last))) == last
-    assert volume.stat().st_size == end  # nothing cut
-    reader = PackedReader(tmp_path)
-    assert reader.read("k.1") == real
-    assert reader.read("k.3") is None  # after the damaged header: the node is asked
-    reader.close()
-    again.close()
-
-
-async def test_a_resynced_needle_gives_way_and_a_hole_of_zeros_is_no_resync(
-    tmp_path: Path,
-) -> None:
-    zeros = bytes(64)  # an append cancelled before its bytes were written
-    image = needle_bytes("k.0", b"a") + zeros + needle_bytes("k.1", b"b")
-    found = scan(lambda at, n: image[at : at + n], len(image))
-    assert [(n.key, n.resynced) for n in found.needles] == [("k.0", False), ("k.1", False)]
-    damaged = bytearray(needle_bytes("k.5", b"c"))
-    damaged[9] ^= 1
-    image = needle_bytes("k.0", b"a") + bytes(damaged) + needle_bytes("k.0", b"z")
-    image += encode_tombstone("k.0")
-    found = scan(lambda at, n: image[at : at + n], len(image))
-    assert [(n.key, n.resynced) for n in found.needles] == [("k.0", False)] + [("k.0", True)] * 2
-    index = PackedIndex()
-    index.load(1, 0, found.needles)  # neither the resynced needle nor its tombstone counts
-    ref = index.get("k.0")
-    assert ref is not None
-    assert ref.offset == 0
-    # The other way round: a needle reached without resyncing replaces a resynced one.
-    index = PackedIndex()
-    index.load(1, 0, found.needles[1:2])
-    first = needle_bytes("k.0", b"a")
-    index.load(2, 0, scan(lambda at, n: first[at : at + n], len(first)).needles)
-    ref = index.get("k.0")
-    assert ref is not None
-    assert ref.volume == 2
 
 
 async def test_tombstones_and_used_bytes_survive_reopen(tmp_path: Path) -> None:

@@ -50,11 +50,7 @@ append cancelled before its step ran leaves a hole of zeros, a damaged header) a
 to the next aligned magic. After the last needle found the volume is truncated: those bytes
 were never acknowledged. The last live needle must also match its payload CRC, else it is a
 torn append and is truncated too. A damaged needle elsewhere stays indexed and fails its
-reads (its version is then repaired, or collected as an orphan if it never committed). A scan
-that skipped anything but zeros (a damaged header) may go on inside that needle's payload,
-which a client chose and may have filled with needles: from there on a needle counts only if
-its payload matches its CRC too, and it neither replaces nor deletes a part found before the
-skip (a worker's reader leaves such needles to the node). Why no
+reads (its version is then repaired, or collected as an orphan if it never committed). Why no
 index file (which would spare reading sealed volumes' headers): it is a second thing to keep
 consistent with the volumes through crashes and compaction, and the headers of a node's small
 parts are few enough to scan (docs/architecture.md, "The packed engine").

@@ -46,9 +46,6 @@ class Needle:
         length: Payload bytes (0 for a tombstone).
         crc: CRC-32 of the payload.
         sha256: sha256 of the payload (raw bytes; zeros for a tombstone).
-        resynced: Found after the scan skipped bytes that were not zeros (a damaged
-            header): it may lie inside the payload of the needle whose header was damaged,
-            needle-like bytes a client stored, so it is trusted less (see :func:`scan`).
     """
 
     key: str
@@ -57,7 +54,6 @@ class Needle:
     length: int
     crc: int
     sha256: bytes
-    resynced: bool = False
 
     @property
     def data_offset(self) -> int:
@@ -128,79 +124,50 @@ class ScanResult:
             for the caller to truncate.
         skipped: Bytes between needles that were not a needle (a commit cancelled before
             its bytes were written, or a damaged header): garbage.
-        resynced: Whether the needles end resynced (or the scan was told they began so):
-            a scan going on from ``end`` goes on resynced.
     """
 
     needles: list[Needle]
     end: int
     skipped: int
-    resynced: bool = False
 
 
-def scan(read: Callable[[int, int], bytes], size: int, *, resynced: bool = False) -> ScanResult:
+def scan(read: Callable[[int, int], bytes], size: int) -> ScanResult:
     """Find the needles of a volume of ``size`` bytes, read with ``read(offset, n)``.
 
     A needle counts if its header is intact and it fits in the volume. Bytes that are not one
     are skipped, looking for the next needle at every :data:`ALIGN`-byte offset. The volume
     ends after the last needle found, and the last live needle must also match its payload
     CRC: an append in flight when the node stopped may have reached the disk only in part.
-
-    Skipping zeros (an append cancelled before its bytes were written) loses nothing. Skipping
-    anything else (a damaged header) may land inside the damaged needle's payload, on bytes a
-    client stored that look like needles, whose lengths may even reach over real needles after
-    them. So from then on (or from the start, ``resynced``: a scan going on from an earlier
-    one that was) each needle is ``resynced`` and counts only if its payload matches its CRC
-    too (read, where a header scan reads only headers); and those who apply a scan let a
-    resynced needle neither replace nor delete a needle reached without resyncing
-    (:meth:`karma8.store.packed.index.PackedIndex.load`).
     """
     needles: list[Needle] = []
-    pos, given = 0, resynced
+    pos = 0
     while pos + HEADER_SIZE <= size:
         head = read(pos, min(HEADER_SIZE + MAX_KEY, size - pos))
         needle = decode_header(head, pos)
         if needle is not None and needle.end <= size:
-            if not resynced:
-                needles.append(needle)
-                pos = needle.end
-                continue
-            if needle.flags != LIVE or _payload_intact(read, needle):
-                needles.append(attrs.evolve(needle, resynced=True))
-                pos = needle.end
-                continue
-        pos, dirty = _next_magic(read, pos, size)
-        resynced = resynced or dirty
+            needles.append(needle)
+            pos = needle.end
+            continue
+        pos = _next_magic(read, pos + ALIGN, size)
     while needles:
         last = needles[-1]
-        if last.flags != LIVE or _payload_intact(read, last):
+        if last.flags != LIVE or zlib.crc32(read(last.data_offset, last.length)) == last.crc:
             break
         needles.pop()
     end = needles[-1].end if needles else 0
-    skipped = end - sum(n.size for n in needles)
-    # What follows the last needle is a tail (cut off, or scanned again by a reader): a skip
-    # there says nothing of the needles before it.
-    resynced = given or (bool(needles) and needles[-1].resynced)
-    return ScanResult(needles=needles, end=end, skipped=skipped, resynced=resynced)
+    return ScanResult(needles=needles, end=end, skipped=end - sum(n.size for n in needles))
 
 
-def _payload_intact(read: Callable[[int, int], bytes], needle: Needle) -> bool:
-    return zlib.crc32(read(needle.data_offset, needle.length)) == needle.crc
-
-
-def _next_magic(read: Callable[[int, int], bytes], start: int, size: int) -> tuple[int, bool]:
-    """The first aligned offset after ``start`` where :data:`MAGIC` starts (or ``size``), and
-    whether any byte from ``start`` to there is not zero."""
-    pos, dirty = start, False
+def _next_magic(read: Callable[[int, int], bytes], pos: int, size: int) -> int:
+    """The first aligned offset at or after ``pos`` where :data:`MAGIC` starts, or ``size``."""
     while pos + HEADER_SIZE <= size:
         block = read(pos, min(_RESYNC_READ, size - pos))
-        at = block.find(MAGIC, ALIGN if pos == start else 0)
+        at = block.find(MAGIC)
         while at != -1 and at % ALIGN:
             at = block.find(MAGIC, at + 1)
         if at != -1:
-            return pos + at, dirty or block.count(0, 0, at) != at
-        dirty = dirty or block.count(0) != len(block)
+            return pos + at
         # A magic at an aligned offset of a block read from an aligned offset lies whole in
         # it, unless the block is the volume's short last piece.
         pos += max(ALIGN, len(block) - len(block) % ALIGN)
-    return size, dirty
+    return size

@@ -80,7 +80,6 @@ class PackedIndex:
         self._keys: dict[int, set[str]] = {}
         self._live: dict[int, int] = {}
         self.payload_bytes = 0  # live payload bytes, all volumes
-        self._resynced: set[str] = set()  # keys whose entry a scan found resyncing (few)
 
     def __len__(self) -> int:
         return len(self._refs)
@@ -113,21 +112,13 @@ class PackedIndex:
         the same volume (deletes go to the volume of the needle they delete). Of two live
         needles of a key the later wins, as the running node indexed it: an append that
         failed after its bytes landed leaves a whole needle nothing indexed, and the key may
-        be written again (a move retried onto this node), in this volume or a later one.
-
-        Except that a needle the scan found resyncing (:attr:`Needle.resynced`: perhaps bytes
-        a client stored, inside a needle whose header was damaged) neither replaces nor
-        deletes one it reached without resyncing."""
+        be written again (a move retried onto this node), in this volume or a later one."""
         for needle in needles:
             current = self._refs.get(needle.key)
-            if current is not None and needle.resynced and needle.key not in self._resynced:
-                continue  # the entry came from a needle in the chain: it stays
             if needle.flags == LIVE:
                 if current is not None:
                     self.remove(needle.key)
                 self.add(NeedleRef.of(needle, volume, generation))
-                if needle.resynced:
-                    self._resynced.add(needle.key)
             elif current is not None and _REF.unpack_from(current)[0] == volume:
                 self.remove(needle.key)
 
@@ -142,7 +133,6 @@ class PackedIndex:
         packed = self._refs.pop(key, None)
         if packed is None:
             return None
-        self._resynced.discard(key)
         ref = _unpack(key, packed)
         self._keys[ref.volume].discard(key)
         self._live[ref.volume] -= ref.size

@@ -68,7 +68,6 @@ class _Volume:
         self.scanned = 0  # scanned up to here (the rest is new, or a tail still being written)
         self.gaps: list[tuple[int, int]] = []  # skipped spans before ``scanned``, to rescan
         self.entries = 0  # index entries naming this generation
-        self.resynced = False  # a scan of it skipped bytes that were not zeros (format.scan)
 
 
 class PackedReader:
@@ -206,10 +205,9 @@ class PackedReader:
             return window.read(start + offset, count)
 
         try:
-            found = scan(read, stop - start, resynced=volume.resynced)
+            found = scan(read, stop - start)
         except OSError:
             return [(start, stop)], start
-        volume.resynced = found.resynced
         gaps = []
         at = start
         for needle in found.needles:
@@ -220,13 +218,7 @@ class PackedReader:
         return gaps, at
 
     def _apply(self, volume: _Volume, needle: Needle, base: int) -> None:
-        """Index one needle. One a scan found resyncing (format.scan: perhaps bytes a client
-        stored) is not indexed: a read of its key goes to the node, which decides between
-        it and the others of its key."""
-        if needle.resynced:
-            return
-        key = needle.key
-        known = self._index.get(key)
+        known = self._index.get(needle.key)
         serial = None if known is None else _serial_of(known)
         if needle.flags == LIVE:
             if serial in self._open:  # the first needle of a key stays
@@ -242,7 +234,7 @@ class PackedReader:
             )
             volume.entries += 1
         elif serial == volume.serial:
-            del self._index[key]  # a tombstone: in the volume of what it deletes
+            del self._index[needle.key]  # a tombstone: in the volume of what it deletes
             volume.entries -= 1
 
     def _drop(self, volume_id: int) -> None:
