@@ -58,7 +58,7 @@ def run_db(args: argparse.Namespace) -> int:
         return 1
 
 
-CONNECT_TIMEOUT = 10  # seconds `karma8 db` waits for PostgreSQL to answer
+CONNECT_TIMEOUT = 10  # seconds `karma8 db` waits for PostgreSQL, unless its URL says
 
 
 def _postgres(command: str, url: str) -> int:
@@ -68,7 +68,9 @@ def _postgres(command: str, url: str) -> int:
 
     # One connection first: a database that cannot be reached is its one error at once, not
     # the pool's retries logged until its own timeout.
-    psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT).close()
+    if "connect_timeout" not in psycopg.conninfo.conninfo_to_dict(url):  # the URL's wins
+        url = psycopg.conninfo.make_conninfo(url, connect_timeout=CONNECT_TIMEOUT)
+    psycopg.connect(url).close()
     database = PostgresDatabase(url, pool_size=1, check_schema=False)
     try:
         if command == "upgrade":
