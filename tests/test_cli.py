@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -476,3 +477,15 @@ def test_a_listing_takes_a_bare_namespace_and_stat_shows_the_parts_stored() -> N
     assert admin.layout_line(StripeLayout(unit=16)) == "5 data parts, stripe unit 16 bytes"
     assert admin.layout_line(StripeLayout(unit=16, parity=2)).startswith("5 data parts (7 stored)")
     assert admin.layout_line(StripeLayout(unit=16, copies=2)).startswith("5 data parts (10 stored)")
+
+
+def test_a_port_in_use_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["serve", "--role", "discovery", "--port", str(port), "--secret", "s"]
+        assert main([*args, "--data", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port} is already in use" in err
+    assert "Traceback" not in err

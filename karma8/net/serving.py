@@ -4,10 +4,11 @@ and to the nodes, and the real world's clock, ids and worker threads."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from typing import TypeVar
 
@@ -28,7 +29,7 @@ from karma8.net.http_fixes import (
 )
 from karma8.net.metrics import METRICS
 from karma8.net.netconfig import HEADER_TIMEOUT, MAX_CONNECTIONS, NetConfig
-from karma8.net.workers import shared_port_socket
+from karma8.net.workers import check_port_free, shared_port_socket
 
 T = TypeVar("T")
 HASH_THREADS = 8  # per HTTP storage client; hashing releases the GIL
@@ -109,15 +110,17 @@ async def serve_app(
         handoff = Handoff(hand_off_to, timeout=header_timeout, small_max=keep_small_writes)
         route_connections(config, handoff.divert)
     held = None
-    if not listen:
-        held = shared_port_socket(host, port)  # Hypercorn binds nothing: no config.bind
-    elif reuse_port:
-        # Hypercorn sets SO_REUSEPORT only for its own multi-worker mode; a socket handed
-        # over by descriptor is taken as it is (and closed by Hypercorn).
-        shared = shared_port_socket(host, port, joining=join_port)
-        config.bind = [f"fd://{shared.detach()}"]
-    else:
-        config.bind = [f"{host}:{port}"]
+    with _naming_the_port(host, port):
+        if not listen:
+            held = shared_port_socket(host, port)  # Hypercorn binds nothing: no config.bind
+        elif reuse_port:
+            # Hypercorn sets SO_REUSEPORT only for its own multi-worker mode; a socket handed
+            # over by descriptor is taken as it is (and closed by Hypercorn).
+            shared = shared_port_socket(host, port, joining=join_port)
+            config.bind = [f"fd://{shared.detach()}"]
+        else:
+            check_port_free(host, port)  # (Hypercorn's bind leaks its socket when it fails)
+            config.bind = [f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.read_timeout = read_timeout or None
@@ -135,7 +138,8 @@ async def serve_app(
                     handler = connection_handler(app, config)
                     await nursery.start(serve_handoffs, adopt_from, handler)
                 if held is None:
-                    urls: list[str] = await nursery.start(hypercorn_serve, app, config)
+                    with _naming_the_port(host, port):
+                        urls: list[str] = await nursery.start(hypercorn_serve, app, config)
                     task_status.started(urls[0])
                 else:
                     shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
@@ -195,3 +199,25 @@ def data_pool(config: NetConfig) -> httpx.AsyncClient:
 def control_pool(config: NetConfig) -> httpx.AsyncClient:
     """The pool to discovery, apart from the nodes' one."""
     return make_http_client(config.secret, max_connections=config.discovery_connections)
+
+
+@contextlib.contextmanager
+def _naming_the_port(host: str, port: int) -> Iterator[None]:
+    """A bind that fails because the address is taken says which one (the OS's message
+    does not, and a cluster binds several)."""
+
+    def taken(exc: BaseException) -> bool:
+        return isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE
+
+    try:
+        yield
+    except BaseException as exc:  # Hypercorn's bind fails inside its nurseries: in groups
+        found = taken(exc) or (
+            isinstance(exc, BaseExceptionGroup) and exc.subgroup(taken) is not None
+        )
+        if not found:
+            raise
+        raise OSError(
+            errno.EADDRINUSE,
+            f"{host}:{port} is already in use (another karma8, or another program)",
+        ) from None

@@ -58,6 +58,17 @@ class WorkerExited(ChildProcessError):
     """A gateway worker exited on its own while the cluster ran."""
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise OSError (EADDRINUSE) unless ``host:port`` could be bound now, as Hypercorn binds
+    (port 0 always can), leaving nothing open either way."""
+    if not port:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Hypercorn binds
+        probe.bind((host.strip("[]"), port))
+
+
 def shared_port_socket(host: str, port: int, *, joining: bool = False) -> socket.socket:
     """A TCP socket bound to ``host:port`` that other processes may bind too
     (``SO_REUSEPORT``, same user); port 0 picks a free port, which they then bind.
@@ -68,10 +79,8 @@ def shared_port_socket(host: str, port: int, *, joining: bool = False) -> socket
     two clusters. Raises OSError (EADDRINUSE) then.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    if port and not joining:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Hypercorn binds
-            probe.bind((host.strip("[]"), port))
+    if not joining:
+        check_port_free(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
