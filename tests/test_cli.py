@@ -338,6 +338,12 @@ def test_stat_counts_a_part_reported_lost_on_an_available_node_as_lost() -> None
     assert "v.0  data 0, reported lost (corrupt)  n0" in table  # the key: where it is on disk
     states["n1"] = NodeState.UNAVAILABLE
     assert admin.redundancy(rotten, states) == "degraded: survives 0 more lost nodes"
+    states["n2"] = NodeState.UNAVAILABLE
+    assert admin.redundancy(rotten, states) == "unreadable until a node is back"
+    # raid0 with a part lost on a node that is up: no node coming back brings it back.
+    raid0 = attrs.evolve(rotten, layout=StripeLayout(unit=4), parts=rotten.parts[:5])
+    up = {f"n{i}": NodeState.AVAILABLE for i in range(5)}
+    assert admin.redundancy(raid0, up).startswith("unreadable: a part is lost on its node")
 
 
 def _report(**status: object) -> RebalanceReport:

@@ -65,7 +65,10 @@ def redundancy(version: FileVersion, states: dict[str, NodeState]) -> str:
     }
     spare = version.layout.spare(readable)
     if spare < 0:
-        return "unreadable until a node is back"
+        down = any(states.get(p.node.node_id) is NodeState.UNAVAILABLE for p in version.parts)
+        if down:
+            return "unreadable until a node is back"
+        return "unreadable: a part is lost on its node (corrupt or missing), none to rebuild from"
     if spare == version.layout.tolerates:
         return f"full (survives {spare} lost node{'' if spare == 1 else 's'})"
     return f"degraded: survives {spare} more lost node{'' if spare == 1 else 's'}"
