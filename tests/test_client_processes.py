@@ -72,6 +72,15 @@ def test_round_trips_listing_and_removal(cluster: Path, tmp_path: Path) -> None:
         assert got.returncode == 0, got.stderr
         assert out.read_bytes() == src.read_bytes()
         assert not list(tmp_path.glob("*.karma8-partial*"))
+    # A partial download of this very version but longer than it (edited by hand, say) is
+    # no prefix of it: the download starts over instead of a 416 on every run.
+    listed = json.loads(karma8("ls", "default/c/f1", "--json", *data, cwd=tmp_path).stdout)
+    (tmp_path / "long.karma8-partial").write_bytes(b"xy")
+    (tmp_path / "long.karma8-partial.etag").write_text(listed[0]["etag"])
+    long = karma8("get", "default/c/f1", str(tmp_path / "long"), *data, cwd=tmp_path)
+    assert long.returncode == 0, long.stderr
+    assert (tmp_path / "long").read_bytes() == (tmp_path / "in-1").read_bytes()
+    assert not list(tmp_path.glob("long.karma8-partial*"))
     # To stdout, and from stdin.
     piped = subprocess.run(
         [sys.executable, "-m", "karma8.cli", "put", "-", "default/c/piped", *data],
@@ -84,6 +93,8 @@ def test_round_trips_listing_and_removal(cluster: Path, tmp_path: Path) -> None:
     listed = json.loads(karma8("ls", "default/c/", "--json", *data, cwd=tmp_path).stdout)
     assert [f["name"] for f in listed] == ["c/f0", "c/f1", "c/f4097", "c/piped"]
     assert "4 files" in karma8("ls", "default/c/", *data, cwd=tmp_path).stdout
+    assert "1 file," in karma8("ls", "default/c/f1", *data, cwd=tmp_path).stdout
+    assert "c/f4097" in karma8("ls", "default", *data, cwd=tmp_path).stdout  # a bare one
     assert karma8("rm", "default/c/piped", *data, cwd=tmp_path).returncode == 0
     gone = karma8("get", "default/c/piped", "-", *data, cwd=tmp_path)
     assert gone.returncode == 1

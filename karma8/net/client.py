@@ -25,7 +25,7 @@ import os
 import sys
 import tomllib
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -291,9 +291,15 @@ def _download(
     etag_file = Path(out + PARTIAL + ".etag")
     have = partial.stat().st_size if partial.exists() and etag_file.exists() else 0
     headers = target.headers()
-    if have:
-        headers.update({"Range": f"bytes={have}-", "If-Range": etag_file.read_text()})
-    with _stream(http, url, headers) as response:
+    with ExitStack() as stack:
+        if have:
+            ranged = {**headers, "Range": f"bytes={have}-", "If-Range": etag_file.read_text()}
+            response = stack.enter_context(_stream(http, url, ranged, allow=416))
+            if response.status_code == 416:  # the partial file is this version's length or
+                stack.close()  # longer: no prefix of it (edited, or another's): start over
+                have = 0
+        if not have:
+            response = stack.enter_context(_stream(http, url, headers))
         resumed = response.status_code == 206
         if not resumed:
             have = 0
@@ -330,13 +336,17 @@ def _download(
 
 
 @contextmanager
-def _stream(http: httpx.Client, url: str, headers: dict[str, str]) -> Iterator[httpx.Response]:
-    """``http.stream("GET", ...)``, with a failed request as a ClientError."""
+def _stream(
+    http: httpx.Client, url: str, headers: dict[str, str], *, allow: int | None = None
+) -> Iterator[httpx.Response]:
+    """``http.stream("GET", ...)``, with a failed request (but an ``allow`` status) as a
+    ClientError."""
     import httpx
 
     try:
         with http.stream("GET", url, headers=headers) as response:
-            _raise_for_error(response)
+            if response.status_code != allow:
+                _raise_for_error(response)
             yield response
     except httpx.TransportError as exc:
         raise ClientError(f"cannot reach the gateway at {_origin(url)}: {_reason(exc)}") from None
