@@ -36,9 +36,9 @@ from karma8.core.status import repair_line
 from karma8.core.tomlconf import ConfigError
 from karma8.core.units import parse_size
 from karma8.metadata.schema import SchemaError
-from karma8.net.access_admin import add_access_commands, run_access
+from karma8.net.access_admin import add_access_commands, check_arguments, run_access
 from karma8.net.client import COMMANDS as CLIENT_COMMANDS
-from karma8.net.client import add_client_commands, run_client, split_path
+from karma8.net.client import add_client_commands, run_client, split_path, wrong_role
 from karma8.net.dbadmin import add_db_commands, run_db
 from karma8.net.locate import DATABASE_FILE, DEFAULT_DATA, ClusterRef, given_secrets, locate_cluster
 from karma8.sim.fillseries import DEFAULT_INTERVAL
@@ -423,6 +423,10 @@ def _admin(args: argparse.Namespace) -> int:
 
     url = None
     try:
+        if args.command in ("namespace", "token"):
+            check_arguments(args)
+        elif args.command == "stat":
+            split_path(args.path, name_required=True)
         config = load_net_config(args.config, {}) if args.config is not None else None
         cluster = _locate(args, config)
         url, secret = cluster.discovery, cluster.secret
@@ -468,6 +472,9 @@ def _admin(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     except Karma8Error as exc:
         print(f"karma8 {args.command}: {exc.message}", file=sys.stderr)
+        hint = wrong_role(url, "discovery") if url is not None else None
+        if hint is not None:
+            print(f"karma8 {args.command}: {hint}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 

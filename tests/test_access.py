@@ -470,6 +470,8 @@ async def test_commands_refuse_bad_input_clearly(
     assert out == ""
     assert needle in err.lower()
     assert "Traceback" not in err
+    if status == 2:  # refused before the cluster is looked for (which says where it found it)
+        assert "karma8: cluster" not in err
 
 
 def test_commands_say_when_discovery_is_unreachable(
@@ -481,3 +483,20 @@ def test_commands_say_when_discovery_is_unreachable(
         args = ["token", "list", "--discovery", f"http://127.0.0.1:{port}", "--secret", "s"]
         assert main(args) == 1
     assert "cannot reach discovery at" in capsys.readouterr().err
+
+
+async def test_a_service_of_the_wrong_role_is_named(
+    net: NetDriver, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # The gateway's URL given as discovery's, and discovery's as the gateway's: each answer
+    # alone ("namespace 'v1' does not exist", "wrong cluster secret") would mislead.
+    at = ["--discovery", net._gateway, "--secret", net._config.secret or ""]
+    assert await trio.to_thread.run_sync(main, ["nodes", *at]) == 1
+    err = capsys.readouterr().err
+    assert f"{net._gateway} is a karma8 gateway, not the discovery" in err
+    (tmp_path / "f").write_bytes(b"x")
+    put = ["put", str(tmp_path / "f"), "default/f", "--gateway", net._discovery_url]
+    assert await trio.to_thread.run_sync(main, put) == 1
+    assert f"{net._discovery_url} is a karma8 discovery, not the gateway" in capsys.readouterr().err
+    assert await _karma8(net, "stat", "default/nope") == 1  # the right role: no such line
+    assert "is a karma8" not in capsys.readouterr().err

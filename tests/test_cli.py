@@ -25,7 +25,7 @@ from karma8.core.model import (
     VersionState,
 )
 from karma8.core.rebalance_report import RebalanceReport, RebalanceSettings
-from karma8.core.status import repair_line
+from karma8.core.status import LoggedError, repair_line
 from karma8.core.tomlconf import ConfigError
 from karma8.net import admin
 from karma8.net.client import split_path
@@ -495,3 +495,14 @@ def test_a_port_in_use_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[st
     err = capsys.readouterr().err
     assert f"127.0.0.1:{port} is already in use" in err
     assert "Traceback" not in err
+
+
+def test_a_logged_error_is_shown_with_its_request_id_once() -> None:
+    logged = LoggedError(
+        time=0.0,
+        level="ERROR",
+        logger="karma8.gateway",
+        message="GET default/f failed with 503 [request 2bec0a]: no copy can be read",
+        request_id="2bec0a",
+    )
+    assert logged.shown_message == "GET default/f failed with 503: no copy can be read"

@@ -20,6 +20,12 @@ class LoggedError:
     message: str
     request_id: str
 
+    @property
+    def shown_message(self) -> str:
+        """The message without the `` [request ID]`` a log line carries, for a screen that
+        shows the id on its own."""
+        return self.message.replace(f" [request {self.request_id}]", "")
+
 
 @attrs.frozen(kw_only=True)
 class ClusterStatus:

@@ -70,9 +70,7 @@ def add_access_commands(
 
 def run_access(args: argparse.Namespace, url: str, secret: str | None) -> tuple[str, str | None]:
     """Run ``karma8 namespace|token ACTION``: what to print on stdout, and on stderr."""
-    if args.command == "token" and args.action == "create" and not (args.read or args.write):
-        raise ConfigError("give --read, --write or both")
-    _check_arguments(args)
+    check_arguments(args)
     result = trio.run(_call, args, url, secret)
     as_json = args.json
     if isinstance(result, tuple):  # token create
@@ -95,9 +93,12 @@ def run_access(args: argparse.Namespace, url: str, secret: str | None) -> tuple[
     return tokens_table(tokens), None
 
 
-def _check_arguments(args: argparse.Namespace) -> None:
-    """Refuse a malformed name or engine setting here, as discovery would (the same checks),
-    so that it is a usage error (exit 2) before anything is asked."""
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse a token without rights, a malformed name or engine setting here, as discovery
+    would (the same checks), so that it is a usage error (exit 2) before anything is asked
+    or the cluster is even looked for."""
+    if args.command == "token" and args.action == "create" and not (args.read or args.write):
+        raise ConfigError("give --read, --write or both")
     namespace = getattr(args, "name", None) or getattr(args, "namespace", None)
     try:
         if namespace is not None:

@@ -96,6 +96,7 @@ def run_client(args: argparse.Namespace) -> int:
     """Run ``karma8 put|get|ls|rm``; the exit status."""
     import httpx
 
+    target: Target | None = None
     try:
         target = find_target(args)
         with httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0)) as http:
@@ -105,6 +106,9 @@ def run_client(args: argparse.Namespace) -> int:
         return 2
     except ClientError as exc:
         print(f"karma8 {args.command}: {exc}", file=sys.stderr)
+        hint = wrong_role(target.gateway, "gateway") if target is not None else None
+        if hint is not None:
+            print(f"karma8 {args.command}: {hint}", file=sys.stderr)
         return 1
     if out:
         print(out)
@@ -144,6 +148,21 @@ def _client_file(given: Path | None) -> dict[str, str]:
     if not all(isinstance(v, str) for v in data.values()):
         raise ConfigError(f"{path}: gateway and token are strings")
     return data
+
+
+def wrong_role(url: str, expected: str) -> str | None:
+    """After a request to ``url`` failed: if ``url`` is a karma8 service of another role
+    (its ``/healthz`` says which), what to tell the user; else None."""
+    import httpx
+
+    try:
+        role = httpx.get(f"{url}/healthz", timeout=2.0).json().get("role")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    if not isinstance(role, str) or role == expected:
+        return None
+    option = "--gateway" if expected == "gateway" else "--discovery"
+    return f"{url} is a karma8 {role}, not the {expected}: give the {expected}'s URL ({option})"
 
 
 def split_path(path: str, *, name_required: bool) -> tuple[str, str]:

@@ -101,7 +101,7 @@ def _errors(status: ClusterStatus) -> str:
     rows = "".join(
         f"<tr><td>{time.strftime('%H:%M:%S', time.gmtime(e.time))}</td>"
         f"<td>{escape(e.level)}</td><td>{escape(e.logger)}</td><td>{escape(e.request_id)}</td>"
-        f"<td style='white-space:normal'>{escape(e.message)}</td></tr>"
+        f"<td style='white-space:normal'>{escape(e.shown_message)}</td></tr>"
         for e in status.recent_errors
     )
     head = "<tr><th>time</th><th>level</th><th>logger</th><th>request</th><th>message</th></tr>"

@@ -91,5 +91,5 @@ def render(status: ClusterStatus) -> Any:
         parts.append(Text(f"\nlatest errors ({len(status.recent_errors)} kept):", style="bold"))
         for e in status.recent_errors[:ERRORS_SHOWN]:
             at = time.strftime("%H:%M:%S", time.gmtime(e.time))
-            parts.append(Text(f"{at} {e.level} [{e.request_id}] {e.message}", style="red"))
+            parts.append(Text(f"{at} {e.level} [{e.request_id}] {e.shown_message}", style="red"))
     return Group(*parts)
