@@ -7,6 +7,7 @@ import json
 import random
 import socket
 import sqlite3
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -500,3 +501,20 @@ async def test_a_service_of_the_wrong_role_is_named(
     assert f"{net._discovery_url} is a karma8 discovery, not the gateway" in capsys.readouterr().err
     assert await _karma8(net, "stat", "default/nope") == 1  # the right role: no such line
     assert "is a karma8" not in capsys.readouterr().err
+
+
+async def test_a_gateway_with_a_wrong_secret_stops(net: NetDriver, tmp_path: Path) -> None:
+    # As a node does: serving, it would answer every client 403 for discovery's refusal.
+    args = ["serve", "--role", "gw", "--port", "0", "--workers", "1", "--secret", "wrong"]
+    with trio.fail_after(60):  # a guard against a hang, not a wait
+        done = await trio.run_process(
+            [sys.executable, "-m", "karma8.cli", *args, "--discovery", net._discovery_url],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=tmp_path,
+        )
+    assert done.returncode == 1
+    err = done.stderr.decode()
+    assert "discovery refused this gateway: missing or wrong cluster secret" in err
+    assert "Traceback" not in err

@@ -137,6 +137,9 @@ class Discovery:
         # aborted version's parts are, until a node reports them deleted. In memory: after a
         # restart the nodes' orphan check collects them instead (after orphan_grace).
         self._expired_parts: dict[str, set[str]] = {}
+        # Nodes this instance's sweep marked unavailable, until they heartbeat here again: so
+        # that a node going silent and coming back are each one line of the log.
+        self._silent: set[str] = set()
         # Plain counts since start, for the operator's metrics (the net layer reads them).
         self.counts = {"sweeps": 0, "expired_uploads": 0, "expired_placements": 0}
         self._engines: dict[str, tuple[int, int]] = {}  # namespace -> (copies, parity)
@@ -198,7 +201,15 @@ class Discovery:
         )
         await self._blocking(lambda: self._store.expire_moves(now))
         stale_before = now - self.config.node_timeout
-        await self._blocking(lambda: self._store.mark_stale_nodes(stale_before))
+        gone = await self._blocking(lambda: self._store.mark_stale_nodes(stale_before))
+        for node_id in gone:
+            log.warning(
+                "node %s is unavailable: no heartbeat for over %g s (no new parts go there;"
+                " its files' reads go around it or fail until it is back)",
+                node_id,
+                self.config.node_timeout,
+            )
+        self._silent.update(gone)
         self.counts["sweeps"] += 1
 
     # -- files ----------------------------------------------------------------------------
@@ -516,6 +527,9 @@ class Discovery:
             )
 
         garbage = await self._blocking(beat)
+        if node_id in self._silent:
+            self._silent.discard(node_id)
+            log.warning("node %s is back: it heartbeats again", node_id)
         expired = self._expired_parts.get(node_id)
         if expired:
             expired.difference_update(deleted)

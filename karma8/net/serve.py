@@ -30,7 +30,7 @@ import trio
 
 from karma8.actors.gateway import Gateway, GatewayConfig
 from karma8.actors.storage import StorageConfig, StorageNode
-from karma8.core.errors import Karma8Error, Unavailable
+from karma8.core.errors import Forbidden, Karma8Error, Unavailable
 from karma8.net.bounds import UploadGate, give_back_memory
 from karma8.net.clients import HttpDiscoveryClient
 from karma8.net.direct import (
@@ -399,14 +399,18 @@ async def _start_workers(
 
 
 async def _probe_discovery(discovery: DiscoveryAPI) -> None:
-    """Ask discovery for its nodes until it answers; the client logs what fails."""
+    """Ask discovery for its nodes until it answers; the client logs what fails. Refused
+    (a wrong secret) the gateway stops, as a node does: serving, it would answer every
+    client 403 for discovery's refusal, as if the client's credentials were wrong."""
     while True:
         try:
             await discovery.list_nodes()
             return
         except Unavailable:
             await trio.sleep(GATEWAY_PROBE_EVERY)
-        except Karma8Error as exc:  # it answered, and refused: e.g. a wrong secret
+        except Forbidden as exc:
+            raise Forbidden(f"discovery refused this gateway: {exc.message}") from None
+        except Karma8Error as exc:  # it answered, and refused something else
             log.warning("discovery refused the gateway: %s", exc.message)
             return
 

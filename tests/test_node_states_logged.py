@@ -1,0 +1,55 @@
+"""Discovery tells the log when a node goes silent (unavailable) and when it is back: with
+only reads going on, nothing else would ever mention a dead node."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from karma8.actors.discovery import Discovery, DiscoveryConfig
+from karma8.core.model import NodeRegistration, NodeState
+from karma8.metadata.sqlite import SqliteMetadataStore
+from karma8.sim.world import InlineRunner, SimClock, SimIds
+
+
+async def test_a_silent_node_and_its_return_are_each_one_warning(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SqliteMetadataStore(tmp_path / "d.sqlite3")
+    discovery = Discovery(
+        store=store,
+        blocking=InlineRunner(),
+        clock=SimClock(),
+        ids=SimIds(random.Random(1)),
+        config=DiscoveryConfig(node_timeout=5.0),
+    )
+    nodes = [
+        NodeRegistration(node_id=f"n{i}", url=f"http://n{i}", capacity_bytes=9) for i in (0, 1)
+    ]
+    try:
+        caplog.set_level(logging.WARNING, logger="karma8")
+        for node in nodes:
+            await discovery.heartbeat(node, deleted=[])
+        await trio.sleep(3.0)
+        await discovery.heartbeat(nodes[1], deleted=[])  # n1 goes on beating
+        await trio.sleep(3.0)
+        await discovery.sweep()
+        await discovery.sweep()  # (marked once: a second sweep says nothing more)
+        states = {n.node_id: n.state for n in await discovery.list_nodes()}
+        assert states == {"n0": NodeState.UNAVAILABLE, "n1": NodeState.AVAILABLE}
+        messages = [r.getMessage() for r in caplog.records]
+        assert messages == [
+            "node n0 is unavailable: no heartbeat for over 5 s (no new parts"
+            " go there; its files' reads go around it or fail until it is back)"
+        ]
+        caplog.clear()
+        await discovery.heartbeat(nodes[0], deleted=[])
+        await discovery.heartbeat(nodes[0], deleted=[])
+        assert [r.getMessage() for r in caplog.records] == ["node n0 is back: it heartbeats again"]
+    finally:
+        store.close()
