@@ -405,7 +405,11 @@ def _user_error(exc: BaseException) -> Exception | None:
 
 
 def _message(error: Exception) -> str:
-    return error.message if isinstance(error, Karma8Error) else str(error)
+    if isinstance(error, Karma8Error):
+        return error.message
+    if isinstance(error, OSError) and error.strerror and error.filename is None:
+        return error.strerror  # karma8's own (a port, a node's directory): no "[Errno N]"
+    return str(error)
 
 
 async def _hold_client(http: Any, *, task_status: trio.TaskStatus[None]) -> None:
@@ -443,6 +447,9 @@ def _admin(args: argparse.Namespace) -> int:
             results = trio.run(admin.scrub_all, url, secret)
             print(json.dumps(results, indent=2) if args.json else admin.scrub_table(results))
             if any(r.get("corrupt") or "error" in r for r in results):
+                return EXIT_FAILED
+            if not any("checked" in r for r in results):
+                print("karma8 scrub: no node could be scrubbed: none is up", file=sys.stderr)
                 return EXIT_FAILED
         elif args.command == "status":
             _status(args, url, secret)

@@ -27,6 +27,7 @@ from karma8.core.model import (
     MoveTicket,
     NodeRef,
     NodeRegistration,
+    NodeState,
     NodeStatus,
     PartPlacement,
     PartReceipt,
@@ -463,7 +464,7 @@ class MetadataStore(Protocol):
 
     def upsert_node(
         self, registration: NodeRegistration, now: float, *, suspect_for: float = 0.0
-    ) -> None: ...
+    ) -> NodeState | None: ...
 
     def mark_node_suspect(self, node_id: str, now: float) -> bool: ...
 

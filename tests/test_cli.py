@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -28,7 +29,8 @@ from karma8.core.rebalance_report import RebalanceReport, RebalanceSettings
 from karma8.core.status import LoggedError, repair_line
 from karma8.core.tomlconf import ConfigError
 from karma8.net import admin
-from karma8.net.client import split_path
+from karma8.net.client import split_path, wrong_role
+from karma8.net.serving import _naming_the_port
 from karma8.sim import swarm
 from karma8.sim.runner import SimResult
 from karma8.sim.scenario import Scenario
@@ -106,7 +108,7 @@ def test_a_scenario_or_config_file_that_is_not_text_exits_2(
         (["sim", "--swarm", "-1"], "--swarm takes at least 1 seed, got -1"),
         (["serve", "--port", "70000"], "--port must be between 0 and 65535, got 70000"),
         (["serve", "--port", "-1"], "--port must be between 0 and 65535, got -1"),
-        (["serve", "--nodes", "0"], "--nodes must be at least 6, got 0"),
+        (["serve", "--nodes", "0"], "--nodes must be at least 5, got 0"),
         (["serve", "--capacity", "0"], "--capacity must be at least 1 byte, got 0"),
         (["serve", "--role", "storage", "--capacity", "0"], "--capacity must be at least 1"),
     ],
@@ -127,7 +129,7 @@ def test_numbers_out_of_range_on_the_command_line_exit_2(
     ("line", "needle"),
     [
         ("gateway_port = 70000", "gateway_port: must be <= 65535, got 70000"),
-        ("storage_nodes = 5", "storage_nodes: must be >= 6, got 5"),
+        ("storage_nodes = 4", "storage_nodes: must be >= 5, got 4"),
     ],
 )
 def test_a_config_file_number_out_of_range_exits_2(
@@ -465,6 +467,7 @@ def test_a_second_process_on_a_node_directory_is_refused(
             assert main(args) == 1
             err = capsys.readouterr().err
             assert f"{node} is in use by another process (pid {holder.pid})" in err
+            assert "[Errno" not in err
             assert "Traceback" not in err
             assert not (node / "parts").exists()  # refused before the store was opened
         finally:
@@ -493,7 +496,7 @@ def test_a_port_in_use_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[st
         args = ["serve", "--role", "discovery", "--port", str(port), "--secret", "s"]
         assert main([*args, "--data", str(tmp_path / "d")]) == 1
     err = capsys.readouterr().err
-    assert f"127.0.0.1:{port} is already in use" in err
+    assert f"karma8 serve: 127.0.0.1:{port} is already in use" in err
     assert "Traceback" not in err
 
 
@@ -506,3 +509,22 @@ def test_a_logged_error_is_shown_with_its_request_id_once() -> None:
         request_id="2bec0a",
     )
     assert logged.shown_message == "GET default/f failed with 503: no copy can be read"
+
+
+def test_a_hint_about_the_role_never_fails_the_command() -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    several = f"http://127.0.0.1:{port},http://127.0.0.1:{port + 1}"
+    assert wrong_role(several, "discovery") is None  # nothing answers, and two URLs
+    assert wrong_role("not a url", "gateway") is None
+
+
+def test_a_port_in_use_is_named_only_when_nothing_else_went_wrong() -> None:
+    in_use = OSError(errno.EADDRINUSE, "Address already in use")
+    named = pytest.raises(OSError, match=r"127\.0\.0\.1:1 is already in use")
+    with named, _naming_the_port("127.0.0.1", 1):
+        raise BaseExceptionGroup("bind", [in_use])
+    with pytest.raises(BaseExceptionGroup) as kept, _naming_the_port("127.0.0.1", 1):
+        raise BaseExceptionGroup("bind", [in_use, KeyboardInterrupt()])
+    assert kept.value.subgroup(KeyboardInterrupt) is not None  # an interrupt is not lost

@@ -62,6 +62,7 @@ from karma8.core.model import (
     FileEntry,
     FileVersion,
     NodeRegistration,
+    NodeState,
     NodeStatus,
     PartPlacement,
     PartReceipt,
@@ -137,9 +138,6 @@ class Discovery:
         # aborted version's parts are, until a node reports them deleted. In memory: after a
         # restart the nodes' orphan check collects them instead (after orphan_grace).
         self._expired_parts: dict[str, set[str]] = {}
-        # Nodes this instance's sweep marked unavailable, until they heartbeat here again: so
-        # that a node going silent and coming back are each one line of the log.
-        self._silent: set[str] = set()
         # Plain counts since start, for the operator's metrics (the net layer reads them).
         self.counts = {"sweeps": 0, "expired_uploads": 0, "expired_placements": 0}
         self._engines: dict[str, tuple[int, int]] = {}  # namespace -> (copies, parity)
@@ -209,7 +207,6 @@ class Discovery:
                 node_id,
                 self.config.node_timeout,
             )
-        self._silent.update(gone)
         self.counts["sweeps"] += 1
 
     # -- files ----------------------------------------------------------------------------
@@ -516,19 +513,18 @@ class Discovery:
         now = self._clock.now()
         node_id = registration.node_id
 
-        def beat() -> list[str]:
-            self._store.upsert_node(registration, now, suspect_for=self.config.suspect_for)
+        def beat() -> tuple[NodeState | None, list[str]]:
+            was = self._store.upsert_node(registration, now, suspect_for=self.config.suspect_for)
             if deleted:
                 self._store.forget_parts(node_id, deleted)
-            return self._store.garbage_for_node(
+            return was, self._store.garbage_for_node(
                 node_id,
                 retired_before=now - self.config.retire_grace,
                 limit=self.config.garbage_batch,
             )
 
-        garbage = await self._blocking(beat)
-        if node_id in self._silent:
-            self._silent.discard(node_id)
+        was, garbage = await self._blocking(beat)
+        if was is NodeState.UNAVAILABLE:
             log.warning("node %s is back: it heartbeats again", node_id)
         expired = self._expired_parts.get(node_id)
         if expired:

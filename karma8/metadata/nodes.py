@@ -5,7 +5,7 @@ cluster's totals. Part of :class:`karma8.metadata.store.SqlMetadataStore`.
 
 from __future__ import annotations
 
-from karma8.core.model import ClusterTotals, NodeRegistration, NodeStatus
+from karma8.core.model import ClusterTotals, NodeRegistration, NodeState, NodeStatus
 from karma8.metadata import totals
 from karma8.metadata.rows import node_status
 from karma8.metadata.sql import Database
@@ -16,10 +16,14 @@ class NodeStore(Database):
 
     def upsert_node(
         self, registration: NodeRegistration, now: float, *, suspect_for: float = 0.0
-    ) -> None:
+    ) -> NodeState | None:
         """Record a registration or heartbeat: the node is AVAILABLE again, unless a write to
-        it failed less than ``suspect_for`` seconds ago (then it stays SUSPECT)."""
+        it failed less than ``suspect_for`` seconds ago (then it stays SUSPECT). Returns the
+        state it had (None: a new node)."""
         with self._tx() as db:
+            before = db.execute(
+                "SELECT state FROM nodes WHERE node_id = ?", (registration.node_id,)
+            ).fetchone()
             db.execute(
                 """
                 INSERT INTO nodes(node_id, url, capacity_bytes, disk_used_bytes, state,
@@ -42,6 +46,7 @@ class NodeStore(Database):
                     "cleared_before": now - suspect_for,
                 },
             )
+        return None if before is None else NodeState(before["state"])
 
     def mark_node_suspect(self, node_id: str, now: float) -> bool:
         """A write to the node failed because of it: no new parts until it proves healthy.

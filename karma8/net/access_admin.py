@@ -99,7 +99,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     or the cluster is even looked for."""
     if args.command == "token" and args.action == "create" and not (args.read or args.write):
         raise ConfigError("give --read, --write or both")
-    namespace = getattr(args, "name", None) or getattr(args, "namespace", None)
+    namespace = getattr(args, "name", None)
+    if namespace is None:
+        namespace = getattr(args, "namespace", None)
     try:
         if namespace is not None:
             check_namespace(namespace)

@@ -65,8 +65,8 @@ def redundancy(version: FileVersion, states: dict[str, NodeState]) -> str:
     }
     spare = version.layout.spare(readable)
     if spare < 0:
-        down = any(states.get(p.node.node_id) is NodeState.UNAVAILABLE for p in version.parts)
-        if down:
+        kept = {p.index for p in version.parts if p.reported_lost is None}
+        if version.layout.spare(kept) >= 0:  # what is missing is only on nodes that are down
             return "unreadable until a node is back"
         return "unreadable: a part is lost on its node (corrupt or missing), none to rebuild from"
     if spare == version.layout.tolerates:
@@ -257,13 +257,14 @@ def table(rows: Sequence[Sequence[str]]) -> str:
 
 async def scrub_all(discovery_url: str, secret: str | None) -> list[dict[str, Any]]:
     """Ask every available storage node to scrub now; one result per node: what it checked
-    and found corrupt, an ``error`` (it could not be asked), or ``skipped`` (discovery has
-    it suspect or unavailable: nodes are never removed, so a dead one is no failure here)."""
+    and found corrupt, an ``error`` (it could not be asked), or ``skipped`` (discovery has it
+    unavailable: nodes are never removed, so a dead one is no failure here; a suspect one,
+    alive after a failed write, is the first worth scrubbing)."""
     async with make_http_client(secret, timeout=3600.0) as http:
         nodes = await HttpDiscoveryClient(http, discovery_url).list_nodes()
         results: list[dict[str, Any]] = []
         for node in nodes:
-            if node.state is not NodeState.AVAILABLE:
+            if node.state is NodeState.UNAVAILABLE:
                 results.append({"node_id": node.node_id, "skipped": node.state.value})
                 continue
             try:

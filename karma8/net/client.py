@@ -49,7 +49,12 @@ COMMANDS = ("put", "get", "ls", "rm")
 
 
 class ClientError(Exception):
-    """A request that failed: one line for the user."""
+    """A request that failed: one line for the user. ``answered``: a server answered it (with
+    an error status), rather than none being reached."""
+
+    def __init__(self, message: str, *, answered: bool = False) -> None:
+        super().__init__(message)
+        self.answered = answered
 
 
 @attrs.frozen
@@ -106,7 +111,7 @@ def run_client(args: argparse.Namespace) -> int:
         return 2
     except ClientError as exc:
         print(f"karma8 {args.command}: {exc}", file=sys.stderr)
-        hint = wrong_role(target.gateway, "gateway") if target is not None else None
+        hint = wrong_role(target.gateway, "gateway") if target and exc.answered else None
         if hint is not None:
             print(f"karma8 {args.command}: {hint}", file=sys.stderr)
         return 1
@@ -142,6 +147,8 @@ def _client_file(given: Path | None) -> dict[str, str]:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): not TOML") from None
     unknown = sorted(set(data) - {"gateway", "token"})
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]} (known: gateway, token)")
@@ -151,13 +158,15 @@ def _client_file(given: Path | None) -> dict[str, str]:
 
 
 def wrong_role(url: str, expected: str) -> str | None:
-    """After a request to ``url`` failed: if ``url`` is a karma8 service of another role
-    (its ``/healthz`` says which), what to tell the user; else None."""
+    """After a request to ``url`` was answered with an error: if ``url`` (the first, of
+    several comma-separated) is a karma8 service of another role (its ``/healthz`` says
+    which), what to tell the user; else None. A hint never fails the command."""
     import httpx
 
+    url = url.split(",")[0]
     try:
         role = httpx.get(f"{url}/healthz", timeout=2.0).json().get("role")
-    except (httpx.HTTPError, ValueError, AttributeError):
+    except Exception:  # not reachable, not JSON, not a URL: no hint
         return None
     if not isinstance(role, str) or role == expected:
         return None
@@ -202,7 +211,7 @@ def _raise_for_error(response: httpx.Response) -> None:
         detail = f"{error['message']} ({response.status_code} {error['code']})"
     except (ValueError, KeyError, TypeError):
         detail = f"{response.status_code} {response.reason_phrase}"
-    raise ClientError(detail)
+    raise ClientError(detail, answered=True)
 
 
 def _origin(url: str) -> str:
@@ -315,8 +324,8 @@ def _download(
             ranged = {**headers, "Range": f"bytes={have}-", "If-Range": etag_file.read_text()}
             response = stack.enter_context(_stream(http, url, ranged, allow=416))
             if response.status_code == 416:  # the partial file is this version's length or
-                stack.close()  # longer: no prefix of it (edited, or another's): start over
-                have = 0
+                stack.close()  # longer (edited; or whole, a run stopped as it renamed it):
+                have = 0  # start over
         if not have:
             response = stack.enter_context(_stream(http, url, headers))
         resumed = response.status_code == 206

@@ -103,6 +103,14 @@ def lock_node_dir(data_dir: Path) -> None:
     _node_locks[key] = fd
 
 
+def release_node_dir(data_dir: Path) -> None:
+    """Let ``data_dir`` go (its node stopped): another process, or this one again, may hold
+    it. (A process that exits lets go of its directories anyway.)"""
+    fd = _node_locks.pop(data_dir.resolve(), None)
+    if fd is not None:
+        os.close(fd)  # the flock goes with the last descriptor of its open file
+
+
 def load_node_id(data_dir: Path) -> str:
     """The node's permanent id, created on first start and kept in its data directory."""
     private_dir(data_dir)
@@ -197,7 +205,10 @@ async def run_storage(
         http, discovery_url, origin=discovery_from, warn_every=DISCOVERY_WARN_EVERY
     )
     node = build_storage_node(config, data_dir=data_dir, discovery=discovery, capacity=capacity)
-    await serve_storage(node, config, port=port, task_status=task_status)
+    try:
+        await serve_storage(node, config, port=port, task_status=task_status)
+    finally:
+        release_node_dir(data_dir)
 
 
 def build_gateway(config: NetConfig, *, discovery: DiscoveryAPI, storage: StorageAPI) -> Gateway:
@@ -501,6 +512,8 @@ async def run_cluster(
             task_status.started(info)
     finally:
         store.close()
+        for node_dir in node_dirs:
+            release_node_dir(node_dir)
 
 
 @contextlib.asynccontextmanager

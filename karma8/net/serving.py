@@ -212,9 +212,11 @@ def _naming_the_port(host: str, port: int) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:  # Hypercorn's bind fails inside its nurseries: in groups
-        found = taken(exc) or (
-            isinstance(exc, BaseExceptionGroup) and exc.subgroup(taken) is not None
-        )
+        if isinstance(exc, BaseExceptionGroup):
+            match, rest = exc.split(taken)
+            found = match is not None and rest is None  # (a cancellation, say, goes on)
+        else:
+            found = taken(exc)
         if not found:
             raise
         raise OSError(

@@ -25,7 +25,7 @@ from karma8.net.netconfig import NetConfig
 SIZES = ("capacity", "stripe_unit", "max_file_size", "reserve_step", "volume_size")
 OPTIONAL_STRINGS = ("secret", "metadata_url")
 PORT_MAX = 65535
-MIN_NODES = 6  # the embedded cluster's storage nodes: a file takes 5, and there are always more
+MIN_NODES = 5  # the embedded cluster's storage nodes: a file takes 5
 METADATA_SCHEMES = ("postgresql://", "postgres://")
 NAME_LISTS = ("namespaces", "public_namespaces")
 # Durations where 0 means "never keep" rather than a stall.
