@@ -346,6 +346,10 @@ def test_stat_counts_a_part_reported_lost_on_an_available_node_as_lost() -> None
     raid0 = attrs.evolve(rotten, layout=StripeLayout(unit=4), parts=rotten.parts[:5])
     up = {f"n{i}": NodeState.AVAILABLE for i in range(5)}
     assert admin.redundancy(raid0, up).startswith("unreadable: a part is lost on its node")
+    up["n3"] = NodeState.UNAVAILABLE  # a node back would not bring part 0 back either
+    assert admin.redundancy(raid0, up).startswith("unreadable: a part is lost on its node")
+    healthy = attrs.evolve(raid0, parts=version.parts[:5])
+    assert admin.redundancy(healthy, up) == "unreadable until a node is back"
 
 
 def _report(**status: object) -> RebalanceReport:
