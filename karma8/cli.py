@@ -427,10 +427,11 @@ def _admin(args: argparse.Namespace) -> int:
 
     url = None
     try:
+        stat_path = None
         if args.command in ("namespace", "token"):
             check_arguments(args)
         elif args.command == "stat":
-            split_path(args.path, name_required=True)
+            stat_path = split_path(args.path, name_required=True)
         config = load_net_config(args.config, {}) if args.config is not None else None
         cluster = _locate(args, config)
         url, secret = cluster.discovery, cluster.secret
@@ -461,8 +462,8 @@ def _admin(args: argparse.Namespace) -> int:
             if note is not None:
                 print(f"karma8 {args.command} {args.action}: {note}", file=sys.stderr)
         else:
-            namespace, name = split_path(args.path, name_required=True)
-            version, states = trio.run(admin.fetch_version, url, secret, namespace, name)
+            assert stat_path is not None
+            version, states = trio.run(admin.fetch_version, url, secret, *stat_path)
             print(
                 json.dumps(admin.version_json(version, states), indent=2)
                 if args.json

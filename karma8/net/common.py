@@ -166,18 +166,20 @@ async def json_body() -> dict[str, Any]:
     return data
 
 
-def text_arg(name: str, default: str = "") -> str:
-    """Query parameter ``name`` of the current request as text. The query string must be
-    UTF-8 once percent-decoded, as a path must: Werkzeug would put U+FFFD where it is not,
-    and ``?prefix=%ff`` would list nothing where it should say why."""
+def text_args() -> dict[str, str]:
+    """The current request's query parameters as text (the first value of each). The query
+    string must be UTF-8 once percent-decoded, as a path must: Werkzeug would put U+FFFD
+    where it is not, and ``?prefix=%ff`` would list nothing where it should say why."""
     try:
-        urllib.parse.parse_qsl(
+        pairs = urllib.parse.parse_qsl(
             request.query_string.decode("latin-1"), keep_blank_values=True, errors="strict"
         )
     except UnicodeDecodeError:
         raise InvalidRequest("the query string is not UTF-8 text once percent-decoded") from None
-    value = request.args.get(name)
-    return default if value is None else value
+    args: dict[str, str] = {}
+    for name, value in pairs:
+        args.setdefault(name, value)
+    return args
 
 
 def int_arg(name: str, default: int | None = None) -> int:
