@@ -267,7 +267,7 @@ def test_karma8_db_upgrades_postgresql_and_serve_refuses_it_before(
     url = pg_cluster.new_database(template="template0")
     config = tmp_path / "discovery.toml"
     config.write_text(f'metadata_url = "{url}"\nsecret = "s"\n')
-    assert main(["db", "version", "--config", str(config)]) == 0
+    assert main(["db", "version", "--config", str(config)]) == 1  # behind: a check that fails
     assert capsys.readouterr().out == (
         f"schema version 0; this karma8: {LATEST} (run `karma8 db upgrade`)\n"
     )
@@ -306,10 +306,17 @@ def test_karma8_db_on_the_embedded_sqlite_file(
     old = sqlite3.connect(tmp_path / "discovery.sqlite3")
     old.executescript((Path(__file__).parent / "data/metadata-before-versions.sql").read_text())
     old.close()
-    assert main(["db", "version", "--data", str(tmp_path)]) == 0
+    assert main(["db", "version", "--data", str(tmp_path)]) == 1
     assert capsys.readouterr().out.startswith("schema version 0;")
     assert main(["db", "upgrade", "--data", str(tmp_path)]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"schema version {LATEST} (was 0)"
+    assert main(["db", "version", "--data", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.endswith("(up to date)\n")
+    with sqlite3.connect(tmp_path / "discovery.sqlite3") as newer:  # a later karma8's
+        newer.execute("INSERT INTO schema_version(version) VALUES (?)", (LATEST + 1,))
+    newer.close()
+    assert main(["db", "version", "--data", str(tmp_path)]) == 1
+    assert capsys.readouterr().out.endswith("(newer than this karma8)\n")
 
 
 def test_a_bad_metadata_url_is_a_configuration_error(

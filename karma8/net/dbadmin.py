@@ -13,6 +13,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from karma8.core.exits import EXIT_FAILED, EXIT_OK
 from karma8.core.tomlconf import ConfigError
 from karma8.metadata.schema import LATEST, MIGRATIONS, SchemaError, schema_version
 from karma8.metadata.sql import SQLITE
@@ -25,7 +26,7 @@ def add_db_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser
     db = commands.add_parser("db", help="discovery's metadata schema: version, upgrade")
     actions = db.add_subparsers(dest="db_command", required=True)
     for name, help_text in (
-        ("version", "show the schema's version and this karma8's"),
+        ("version", "show the schema's version and this karma8's (exit 1 unless they match)"),
         ("upgrade", "bring the schema up to this karma8's (PostgreSQL: before discovery starts)"),
     ):
         action = actions.add_parser(name, help=help_text)
@@ -73,10 +74,9 @@ def _postgres(command: str, url: str) -> int:
     psycopg.connect(url).close()
     database = PostgresDatabase(url, pool_size=1, check_schema=False)
     try:
-        if command == "upgrade":
-            _report(database.version, [m.version for m in database.upgrade()])
-        else:
-            _show(database.version)
+        if command != "upgrade":
+            return _show(database.version)
+        _report(database.version, [m.version for m in database.upgrade()])
     finally:
         database.close()
     return 0
@@ -89,19 +89,21 @@ def _sqlite(command: str, path: Path) -> int:
     with sqlite3.connect(path) as raw:
         before = schema_version(raw, SQLITE)
     raw.close()
-    if command == "upgrade":
-        SqliteMetadataStore(path).close()  # opening upgrades it
-        _report(before, [m.version for m in MIGRATIONS if m.version > before])
-    else:
-        _show(before)
+    if command != "upgrade":
+        return _show(before)
+    SqliteMetadataStore(path).close()  # opening upgrades it
+    _report(before, [m.version for m in MIGRATIONS if m.version > before])
     return 0
 
 
-def _show(version: int) -> None:
+def _show(version: int) -> int:
+    """Print the schema's version; 0 if this karma8 can serve it as it is, else 1 (so that a
+    deploy script can ask before it starts discovery)."""
     state = "up to date" if version == LATEST else "run `karma8 db upgrade`"
     if version > LATEST:
         state = "newer than this karma8"
     print(f"schema version {version}; this karma8: {LATEST} ({state})")
+    return EXIT_OK if version == LATEST else EXIT_FAILED
 
 
 def _report(before: int, applied: list[int]) -> None:
