@@ -34,6 +34,7 @@ from stack_ceiling import lifespan, until_signalled
 
 from karma8.net.serving import serve_app
 from karma8.store.packed.format import LIVE, scan
+from karma8.store.packed.volumes import parse_volume_name
 
 RESOLVE = """
     SELECT p.part_key, p.node_id FROM versions v JOIN parts p USING (version_id)
@@ -51,9 +52,11 @@ class DirectReads:
         for node_dir in sorted(data.glob("storage-*")):
             node_id = (node_dir / "node_id").read_text().strip()
             for volume in sorted((node_dir / "volumes").glob("*.vol")):
+                parsed = parse_volume_name(volume.name)
+                assert parsed is not None, volume
                 fd = os.open(volume, os.O_RDONLY)
                 size = os.fstat(fd).st_size
-                for n in scan(partial(_pread, fd), size).needles:
+                for n in scan(partial(_pread, fd), size, parsed[2]).needles:
                     if n.flags == LIVE:
                         self.needles[node_id, n.key] = (fd, n.data_offset, n.length, n.crc)
                     else:

@@ -13,8 +13,10 @@ import trio.testing
 from karma8.ports import PartStore, StoredPart
 from karma8.store.files.format import HEADER_SIZE
 from karma8.store.files.store import FilePartStore
+from karma8.store.packed import format as packed_format
 from karma8.store.packed.format import scan
 from karma8.store.packed.index import PackedIndex
+from karma8.store.packed.volumes import parse_volume_name
 from karma8.store.tiered import TieredPartStore
 
 MIB = 1 << 20
@@ -86,13 +88,15 @@ def packed_parts(node_root: Path) -> dict[str, tuple[Path, int]]:
     index = PackedIndex()
     paths: dict[int, Path] = {}
     for path in sorted((node_root / "volumes").glob("*.vol")):
-        volume, generation = (int(x) for x in path.name.split(".")[:2])
+        parsed = parse_volume_name(path.name)
+        assert parsed is not None, path
+        volume, generation, salt = parsed
         data = path.read_bytes()
 
         def read(at: int, n: int, data: bytes = data) -> bytes:
             return data[at : at + n]
 
-        found = scan(read, len(data))
+        found = scan(read, len(data), salt)
         index.load(volume, generation, found.needles)
         paths[volume] = path
     found_refs = (index.get(key) for key in list(index.keys()))
@@ -111,3 +115,16 @@ def part_location(root: Path, key: str) -> tuple[Path, int]:
         if found is not None:
             return found
     raise FileNotFoundError(key)
+
+
+def forged_header(key: str, length: int, salt: bytes | None) -> bytes:
+    """A needle's header and key, well formed for a volume of ``salt`` (None: unsalted, as
+    anyone can compute), claiming a payload of ``length`` bytes that do not follow."""
+    raw_key = key.encode()
+    version = packed_format.VERSION if salt is None else packed_format.SALTED
+    fields = packed_format._FIELDS.pack(
+        packed_format.MAGIC, version, packed_format.LIVE, len(raw_key), length, 0, bytes(32)
+    )
+    check = packed_format._header_check(fields, raw_key, salt)
+    pad = bytes(-len(raw_key) % packed_format.ALIGN)
+    return fields + check.to_bytes(4, "big") + raw_key + pad

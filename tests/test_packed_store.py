@@ -4,6 +4,7 @@ small parts as needles in volume files, large ones as files."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import threading
 from pathlib import Path
@@ -20,12 +21,24 @@ from karma8.net.settings import load_net_config
 from karma8.ports import PartStore, StoredPart
 from karma8.store import diskio
 from karma8.store.groupsync import GroupSync
+from karma8.store.packed import format as format_module
 from karma8.store.packed import store as packed_store
 from karma8.store.packed import volumes
 from karma8.store.packed.format import HEADER_SIZE, needle_size, scan
+from karma8.store.packed.reader import PackedReader
 from karma8.store.tiered import TieredPartStore, open_part_store
 
-from storehelpers import BIG, SMALL, flip_bit, new_tiered, payload, put, read, sha
+from storehelpers import (
+    BIG,
+    SMALL,
+    flip_bit,
+    forged_header,
+    new_tiered,
+    payload,
+    put,
+    read,
+    sha,
+)
 
 T = SMALL  # small_part_max in these tests
 
@@ -221,6 +234,87 @@ async def test_a_damaged_header_in_the_middle_skips_one_needle(tmp_path: Path) -
     assert b"".join(await read(again, "k.2", 0, len(datas[2]))) == datas[2]
 
 
+async def test_needles_a_client_forged_in_a_payload_stay_out_past_a_damaged_header(
+    tmp_path: Path,
+) -> None:
+    """A payload holding well-formed unsalted needles (what a client can compute: a part of
+    a version not stored yet, a tombstone of the next part, a header claiming a payload
+    that reaches over the needles after it) behind a damaged header: the reopened store
+    finds none of them, and every real needle after the carrier stays, indexed and whole."""
+    store = new_tiered(tmp_path)
+    sha256 = bytes(32)
+    forged = b"".join(
+        (
+            format_module.encode("future.0", b"forged", sha256=sha256, salt=None),
+            format_module.encode_tombstone("after.0", salt=None),
+            forged_header("long.0", 1 << 20, None),  # past the volume's end
+        )
+    )
+    pad = bytes(-(HEADER_SIZE + len("carrier.0")) % format_module.ALIGN)
+    await put(store, "carrier.0", pad + forged)
+    after = {f"after.{i}": payload(100, seed=i) for i in range(3)}
+    for key, data in after.items():
+        await put(store, key, data)
+    carrier = store.packed.index.get("carrier.0")
+    assert carrier is not None
+    flip_bit(volume_paths(store)[0], carrier.offset + 9)
+    store.close()
+    again = new_tiered(tmp_path)
+    assert await again.keys() == sorted(after)
+    for key, data in after.items():
+        assert b"".join(await read(again, key, 0, 100)) == data
+    assert again.packed.truncated_bytes == 0
+    reader = PackedReader(tmp_path)
+    assert reader.read("future.0") is None
+    assert all(reader.read(key) == data for key, data in after.items())
+    reader.close()
+    again.close()
+
+
+async def test_a_volume_from_before_salts_is_read_deleted_in_and_compacted(
+    tmp_path: Path,
+) -> None:
+    """A volume written before volumes had salts (no salt in its name, unsalted needles)
+    opens and serves its parts; appends go to a new, salted volume; deletes of its parts
+    append unsalted tombstones to it, and its compaction keeps it unsalted."""
+    legacy = {f"old.{i}": payload(300, seed=i) for i in range(6)}
+    (tmp_path / "volumes").mkdir(parents=True)
+    (tmp_path / "volumes" / "00000001.0.vol").write_bytes(
+        b"".join(
+            format_module.encode(key, data, sha256=hashlib.sha256(data).digest(), salt=None)
+            for key, data in legacy.items()
+        )
+    )
+    store = new_tiered(tmp_path, compact_ratio=0.5)
+    assert sorted(store.packed.volumes) == [1, 2]
+    assert store.packed.volumes[1].salt is None
+    assert store.packed.volumes[2].salt is not None
+    await put(store, "new.0", payload(100, seed=9))
+    assert store.packed.index.get("new.0").volume == 2  # type: ignore[union-attr]
+    for i in range(4):
+        assert await store.delete(f"old.{i}")
+        del legacy[f"old.{i}"]
+    await store.compact()
+    assert store.packed.volumes[1].generation == 1
+    salt = store.packed.volumes[2].salt
+    assert salt is not None
+    assert sorted(os.listdir(tmp_path / "volumes")) == [
+        "00000001.1.vol",
+        f"00000002.0.{salt.hex()}.vol",
+    ]
+    store.close()
+    again = new_tiered(tmp_path)
+    assert await again.keys() == sorted([*legacy, "new.0"])
+    for key, data in legacy.items():
+        assert b"".join(await read(again, key, 0, 300)) == data
+    reader = PackedReader(tmp_path)
+    for key, data in legacy.items():
+        assert reader.read(key) == data
+    assert reader.read("new.0") == payload(100, seed=9)
+    reader.close()
+    again.close()
+
+
 async def test_a_key_written_again_after_a_torn_append_reads_back_after_reopen(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,9 +334,10 @@ async def test_a_key_written_again_after_a_torn_append_reads_back_after_reopen(
         await put(store, "k.1", payload(300))
     await put(store, "k.1", payload(300, seed=2))
     (volume,) = volume_paths(store)
+    salt = store.packed.volumes[1].salt
     store.close()
     image = volume.read_bytes()
-    found = scan(lambda at, n: image[at : at + n], len(image)).needles
+    found = scan(lambda at, n: image[at : at + n], len(image), salt).needles
     assert [n.key for n in found] == ["k.1", "k.1"]  # the torn one's header is whole
     again = new_tiered(tmp_path)
     assert b"".join(await read(again, "k.1", 0, 300)) == payload(300, seed=2)

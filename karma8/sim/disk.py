@@ -37,6 +37,9 @@ from karma8.store.packed.format import HEADER_SIZE, encode, encode_tombstone, sc
 from karma8.store.packed.index import NeedleRef, PackedIndex
 
 VOLUME = 1  # the one volume's id
+# Its salt: the same on every simulated disk (a real volume's is random; what the salt keeps
+# out, needles forged inside payloads, no simulated client writes).
+SALT = b"karma8.s"
 COMPACT_AFTER = 64 * 1024  # bytes a volume must reach before it is compacted
 
 
@@ -160,7 +163,7 @@ class MemoryDisk:
         ref = self.index.get(key)
         if ref is not None:
             data = self._payload(ref)
-            self._append(encode_tombstone(key))
+            self._append(encode_tombstone(key, salt=SALT))
             self.index.remove(key)
             self._used -= ref.length
             self._maybe_compact()
@@ -225,7 +228,7 @@ class MemoryDisk:
         if key in self.files or key in self.index or key in self._pending:
             raise UploadConflict(f"part {key} already exists")
         sha256 = hashlib.sha256(data).digest()
-        needle = encode(key, data, sha256=sha256)
+        needle = encode(key, data, sha256=sha256, salt=SALT)
         epoch = self._epoch
         self._pending.add(key)
         offset = self._append(needle)
@@ -274,7 +277,7 @@ class MemoryDisk:
         self._unsynced.clear()
         self._pending.clear()
         image = bytes(self.volume)
-        found = scan(lambda at, n: image[at : at + n], len(image))
+        found = scan(lambda at, n: image[at : at + n], len(image), SALT)
         self.torn_bytes += len(image) - found.end
         del self.volume[found.end :]
         self.index = PackedIndex()

@@ -11,8 +11,14 @@ Theory of operation
 Directory layout::
 
     root/
-      volumes/<id:08d>.<gen>.vol        a volume: needles back to back (8-byte aligned)
-      volumes/<id:08d>.<gen>.vol.tmp    a compaction's output being written (deleted on open)
+      volumes/<id:08d>.<gen>.<salt>.vol      a volume: needles back to back (8-byte aligned)
+      volumes/<id:08d>.<gen>.<salt>.vol.tmp  a compaction's output being written (deleted
+                                             on open)
+      volumes/<id:08d>.<gen>.vol             a volume written before salts (read, deleted
+                                             in and compacted; never appended to again)
+
+The salt is 8 random bytes (16 hex digits), chosen when the volume is created and kept by
+every generation of it; it is in the name, not the file, so no damaged sector can lose it.
       quarantine/<key>                  a quarantined part's payload, as a plain file
 
 Appending (:mod:`~karma8.store.packed.store`). One volume is active. A commit takes its offset
@@ -31,29 +37,33 @@ Needle format (:mod:`~karma8.store.packed.format`; integers big-endian)::
 
     offset   size  field
     0        4     magic b"K8ND"
-    4        1     format version (1)
+    4        1     format version: 2 in a salted volume (1 in one from before salts)
     5        1     flags: 0 live part, 1 tombstone (deletes the key's needle before it in
                    the same volume)
     6        2     key length K (1..1024)
     8        8     payload length L (0 for a tombstone)
     16       4     CRC-32 of the payload
     20       32    sha256 of the payload (raw; zeros for a tombstone)
-    52       4     CRC-32 of bytes 0..51 then of the key (tells a damaged header)
+    52       4     check of bytes 0..51 then of the key (tells a damaged header): a
+                   BLAKE2b MAC keyed by the volume's salt (4 bytes), the CRC-32 in a
+                   volume from before salts
     56       K     the key, UTF-8
     56+K     L     the payload
     ...      0..7  zero padding to a multiple of 8 bytes
 
 Recovery. There is no index file: opening scans every volume's needle headers (read in 1 MiB
-windows) and applies them in file order. A
-needle counts if its header CRC holds and it fits in the file; bytes that are not one (an
-append cancelled before its step ran leaves a hole of zeros, a damaged header) are skipped
-to the next aligned magic. After the last needle found the volume is truncated: those bytes
-were never acknowledged. The last live needle must also match its payload CRC, else it is a
-torn append and is truncated too. A damaged needle elsewhere stays indexed and fails its
-reads (its version is then repaired, or collected as an orphan if it never committed). Why no
-index file (which would spare reading sealed volumes' headers): it is a second thing to keep
-consistent with the volumes through crashes and compaction, and the headers of a node's small
-parts are few enough to scan (docs/architecture.md, "The packed engine").
+windows) and applies them in file order. A needle counts if its header check holds and it
+fits in the file; bytes that are not one (an append cancelled before its step ran leaves a
+hole of zeros, a damaged header) are skipped to the next aligned magic. That magic may lie
+inside a payload, whose bytes a client chose; the salt is why what it finds there is not
+taken for a needle: a client can compute a CRC-32, not a MAC under a key it never sees.
+After the last needle found the volume is truncated: those bytes were never acknowledged.
+The last live needle must also match its payload CRC, else it is a torn append and is
+truncated too. A damaged needle elsewhere stays indexed and fails its reads (its version is
+then repaired, or collected as an orphan if it never committed). Why no index file (which
+would spare reading sealed volumes' headers): it is a second thing to keep consistent with
+the volumes through crashes and compaction, and the headers of a node's small parts are few
+enough to scan (docs/architecture.md, "The packed engine").
 
 Reading. An index entry names the volume, its generation, the offset, the length, the
 payload's CRC-32 and sha256. Every read reads the whole payload (at most ``small_part_max``)

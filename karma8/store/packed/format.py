@@ -7,6 +7,9 @@ docstring (:mod:`karma8.store.packed`).
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
 import struct
 import zlib
 from collections.abc import Callable
@@ -14,13 +17,15 @@ from collections.abc import Callable
 import attrs
 
 MAGIC = b"K8ND"
-VERSION = 1
+VERSION = 1  # a needle of an unsalted volume (written before volumes had salts)
+SALTED = 2  # a needle of a salted volume: its header's check is keyed by the volume's salt
+SALT_SIZE = 8
 LIVE = 0
 TOMBSTONE = 1
 ALIGN = 8
 # magic, version, flags, key length, payload length, payload CRC-32, sha256 (raw)
 _FIELDS = struct.Struct(">4sBBHQI32s")
-HEADER_SIZE = _FIELDS.size + 4  # the fields, then the CRC-32 of the fields and the key
+HEADER_SIZE = _FIELDS.size + 4  # the fields, then the check of the fields and the key
 MAX_KEY = 1024
 # How far a scan reads at once while it looks for the next needle after damaged bytes.
 _RESYNC_READ = 1 << 16
@@ -70,42 +75,74 @@ class Needle:
         return self.offset + self.size
 
 
-def encode(key: str, payload: bytes, *, sha256: bytes, crc: int | None = None) -> bytes:
-    """A live needle: header, key, payload, zero padding to :data:`ALIGN` bytes."""
+def new_salt() -> bytes:
+    """A new volume's salt: random, never shown to a client."""
+    return os.urandom(SALT_SIZE)
+
+
+def encode(
+    key: str, payload: bytes, *, sha256: bytes, salt: bytes | None, crc: int | None = None
+) -> bytes:
+    """A live needle of a volume salted with ``salt`` (None: an unsalted volume): header,
+    key, payload, zero padding to :data:`ALIGN` bytes."""
     if crc is None:
         crc = zlib.crc32(payload)
-    return _encode(key, LIVE, payload, crc, sha256)
+    return _encode(key, LIVE, payload, crc, sha256, salt)
 
 
-def encode_tombstone(key: str) -> bytes:
-    """A tombstone: the part ``key`` of the same volume is deleted."""
-    return _encode(key, TOMBSTONE, b"", 0, bytes(32))
+def encode_tombstone(key: str, *, salt: bytes | None) -> bytes:
+    """A tombstone: the part ``key`` of the same volume (salted with ``salt``) is deleted."""
+    return _encode(key, TOMBSTONE, b"", 0, bytes(32), salt)
 
 
-def _encode(key: str, flags: int, payload: bytes, crc: int, sha256: bytes) -> bytes:
+def _encode(
+    key: str, flags: int, payload: bytes, crc: int, sha256: bytes, salt: bytes | None
+) -> bytes:
     raw_key = key.encode()
     if not 0 < len(raw_key) <= MAX_KEY:
         raise ValueError("a needle's key must be 1 to 1024 bytes")
-    fields = _FIELDS.pack(MAGIC, VERSION, flags, len(raw_key), len(payload), crc, sha256)
-    header_crc = zlib.crc32(raw_key, zlib.crc32(fields))
+    version = VERSION if salt is None else SALTED
+    fields = _FIELDS.pack(MAGIC, version, flags, len(raw_key), len(payload), crc, sha256)
+    check = _header_check(fields, raw_key, salt)
     size = needle_size(len(raw_key), len(payload))
     pad = size - HEADER_SIZE - len(raw_key) - len(payload)
-    return b"".join((fields, header_crc.to_bytes(4, "big"), raw_key, payload, bytes(pad)))
+    return b"".join((fields, check.to_bytes(4, "big"), raw_key, payload, bytes(pad)))
 
 
-def decode_header(data: bytes, offset: int) -> Needle | None:
-    """The needle whose header and key start ``data`` (read at ``offset``), or None if
-    these bytes are not an intact needle header (wrong magic or version, bad CRC)."""
+def _header_check(fields: bytes, raw_key: bytes, salt: bytes | None) -> int:
+    """What a header's last 4 bytes hold: the CRC-32 of the fields and the key, or, in a
+    salted volume, a MAC of them keyed by its salt (BLAKE2b, 4 bytes). A client chooses the
+    bytes of its payloads and can compute a CRC, so a payload can hold what looks like an
+    intact unsalted needle; without the volume's salt it cannot make a salted one, except
+    by a guess right once in 2^32."""
+    if salt is None:
+        return zlib.crc32(raw_key, zlib.crc32(fields))
+    mac = _keyed(salt).copy()  # a copy of a keyed hasher costs half a new one
+    mac.update(fields)
+    mac.update(raw_key)
+    return int.from_bytes(mac.digest(), "big")
+
+
+@functools.lru_cache(maxsize=64)
+def _keyed(salt: bytes) -> hashlib.blake2b:
+    return hashlib.blake2b(key=salt, digest_size=4)
+
+
+def decode_header(data: bytes, offset: int, salt: bytes | None) -> Needle | None:
+    """The needle whose header and key start ``data`` (read at ``offset``) in a volume
+    salted with ``salt`` (None: unsalted), or None if these bytes are not an intact needle
+    header of that volume (wrong magic, version or check)."""
     if len(data) < HEADER_SIZE:
         return None
     magic, version, flags, key_len, length, crc, sha = _FIELDS.unpack_from(data)
-    if magic != MAGIC or version != VERSION or flags not in (LIVE, TOMBSTONE):
+    wanted = VERSION if salt is None else SALTED
+    if magic != MAGIC or version != wanted or flags not in (LIVE, TOMBSTONE):
         return None
     if not 0 < key_len <= MAX_KEY or len(data) < HEADER_SIZE + key_len:
         return None
     raw_key = data[HEADER_SIZE : HEADER_SIZE + key_len]
     stored = int.from_bytes(data[_FIELDS.size : HEADER_SIZE], "big")
-    if zlib.crc32(raw_key, zlib.crc32(data[: _FIELDS.size])) != stored:
+    if _header_check(data[: _FIELDS.size], raw_key, salt) != stored:
         return None
     try:
         key = raw_key.decode()
@@ -131,8 +168,9 @@ class ScanResult:
     skipped: int
 
 
-def scan(read: Callable[[int, int], bytes], size: int) -> ScanResult:
-    """Find the needles of a volume of ``size`` bytes, read with ``read(offset, n)``.
+def scan(read: Callable[[int, int], bytes], size: int, salt: bytes | None) -> ScanResult:
+    """Find the needles of a volume of ``size`` bytes salted with ``salt`` (None: an
+    unsalted one), read with ``read(offset, n)``.
 
     A needle counts if its header is intact and it fits in the volume. Bytes that are not one
     are skipped, looking for the next needle at every :data:`ALIGN`-byte offset. The volume
@@ -143,7 +181,7 @@ def scan(read: Callable[[int, int], bytes], size: int) -> ScanResult:
     pos = 0
     while pos + HEADER_SIZE <= size:
         head = read(pos, min(HEADER_SIZE + MAX_KEY, size - pos))
-        needle = decode_header(head, pos)
+        needle = decode_header(head, pos, salt)
         if needle is not None and needle.end <= size:
             needles.append(needle)
             pos = needle.end

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from karma8.store.diskio import O_CLOEXEC, close_quietly, pread_exact
 from karma8.store.packed.format import LIVE, Needle, scan
-from karma8.store.packed.volumes import VOLUME_NAME, WindowReader, volume_name
+from karma8.store.packed.volumes import WindowReader, parse_volume_name, volume_name
 
 _VOLUMES = "volumes"
 REFRESH_EVERY = 1.0  # seconds: the longest a retired volume generation stays open here
@@ -61,9 +61,10 @@ STALE_SHARE = 0.25
 class _Volume:
     """One volume generation as far as the reader has scanned it."""
 
-    def __init__(self, serial: int, generation: int, fd: int) -> None:
+    def __init__(self, serial: int, generation: int, salt: bytes | None, fd: int) -> None:
         self.serial = serial  # this reader's number for this generation, never reused
         self.generation = generation
+        self.salt = salt
         self.fd = fd
         self.scanned = 0  # scanned up to here (the rest is new, or a tail still being written)
         self.gaps: list[tuple[int, int]] = []  # skipped spans before ``scanned``, to rescan
@@ -136,16 +137,17 @@ class PackedReader:
         except OSError:
             return True
         left = budget
-        newest: dict[int, int] = {}
+        newest: dict[int, tuple[int, bytes | None]] = {}
         for name in names:
-            match = VOLUME_NAME.match(name)
-            if match is not None:
-                volume, generation = int(match[1]), int(match[2])
-                newest[volume] = max(generation, newest.get(volume, generation))
+            parsed = parse_volume_name(name)
+            if parsed is not None:
+                volume, generation, salt = parsed
+                if volume not in newest or generation > newest[volume][0]:
+                    newest[volume] = generation, salt
         for volume_id in list(self._volumes):
             if volume_id not in newest:  # compaction left it with no live needle
                 self._drop(volume_id)
-        for volume_id, generation in sorted(newest.items()):
+        for volume_id, (generation, salt) in sorted(newest.items()):
             current = self._volumes.get(volume_id)
             if current is not None and current.generation != generation:
                 self._drop(volume_id)
@@ -153,12 +155,12 @@ class PackedReader:
             if current is None:
                 try:
                     fd = os.open(
-                        self.directory / volume_name(volume_id, generation),
+                        self.directory / volume_name(volume_id, generation, salt),
                         os.O_RDONLY | O_CLOEXEC,
                     )
                 except OSError:  # renamed or removed meanwhile: the next refresh sees it
                     continue
-                current = _Volume(next(self._serials), generation, fd)
+                current = _Volume(next(self._serials), generation, salt, fd)
                 self._volumes[volume_id] = self._open[current.serial] = current
             left = self._catch_up(current, left, budget)
         if not self.behind and self._stale > STALE_SHARE * len(self._index):
@@ -205,7 +207,7 @@ class PackedReader:
             return window.read(start + offset, count)
 
         try:
-            found = scan(read, stop - start)
+            found = scan(read, stop - start, volume.salt)
         except OSError:
             return [(start, stop)], start
         gaps = []

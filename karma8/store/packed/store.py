@@ -32,9 +32,21 @@ from karma8.store.diskio import (
 )
 from karma8.store.groupsync import GroupSync
 from karma8.store.packed import volumes as volume_files
-from karma8.store.packed.format import HEADER_SIZE, encode, encode_tombstone, scan
+from karma8.store.packed.format import (
+    HEADER_SIZE,
+    encode,
+    encode_tombstone,
+    needle_size,
+    new_salt,
+    scan,
+)
 from karma8.store.packed.index import NeedleRef, PackedIndex
-from karma8.store.packed.volumes import VOLUME_NAME, VolumeFile, WindowReader, volume_name
+from karma8.store.packed.volumes import (
+    VolumeFile,
+    WindowReader,
+    parse_volume_name,
+    volume_name,
+)
 from karma8.store.quota import SpaceQuota
 
 log = logging.getLogger("karma8.store.packed")
@@ -90,8 +102,10 @@ class PackedStore:
         self._compactions_idle: trio.Event | None = None
         self._roll_lock = trio.Lock()
         self.truncated_bytes = self._recover()
-        if not self._files:
-            self._files[1] = self._create(1, 0)
+        last = max(self._files, default=0)
+        if not last or self._files[last].salt is None:
+            # Appends go to a salted volume: one written before salts is left as it is.
+            self._files[last + 1] = self._create(last + 1, 0)
         self._active = max(self._files)
         quota.add_used(self.index.payload_bytes)
 
@@ -99,27 +113,28 @@ class PackedStore:
 
     def _recover(self) -> int:
         """Load every volume's newest generation; returns the torn bytes truncated."""
-        newest: dict[int, int] = {}
+        newest: dict[int, tuple[int, bytes | None]] = {}
         for name in os.listdir(self.directory):
-            match = VOLUME_NAME.match(name)
-            if match is None:
+            parsed = parse_volume_name(name)
+            if parsed is None:
                 if name.endswith(".tmp"):  # an interrupted compaction's output
                     (self.directory / name).unlink(missing_ok=True)
                 continue
-            volume, generation = int(match[1]), int(match[2])
-            newest[volume] = max(generation, newest.get(volume, generation))
+            volume, generation, salt = parsed
+            if volume not in newest or generation > newest[volume][0]:
+                newest[volume] = generation, salt
         for name in os.listdir(self.directory):
-            match = VOLUME_NAME.match(name)
-            if match is not None and int(match[2]) < newest[int(match[1])]:
+            parsed = parse_volume_name(name)
+            if parsed is not None and parsed[1] < newest[parsed[0]][0]:
                 # A compaction renamed its output into place but did not unlink the source.
                 (self.directory / name).unlink()
         truncated = 0
         for volume in sorted(newest):
-            generation = newest[volume]
-            path = self.directory / volume_name(volume, generation)
+            generation, salt = newest[volume]
+            path = self.directory / volume_name(volume, generation, salt)
             fd = os.open(path, os.O_RDWR | O_CLOEXEC)
             size = os.fstat(fd).st_size
-            found = scan(WindowReader(fd).read, size)
+            found = scan(WindowReader(fd).read, size, salt)
             if found.end < size:
                 log.warning(
                     "%s: %d bytes after the last intact needle cut off (never acknowledged)",
@@ -130,11 +145,12 @@ class PackedStore:
                 os.fsync(fd)
                 truncated += size - found.end
             self.index.load(volume, generation, found.needles)
-            self._files[volume] = VolumeFile(volume, generation, path, fd, found.end)
+            self._files[volume] = VolumeFile(volume, generation, salt, path, fd, found.end)
         return truncated
 
     def _create(self, volume: int, generation: int) -> VolumeFile:
-        path = self.directory / volume_name(volume, generation)
+        salt = new_salt()
+        path = self.directory / volume_name(volume, generation, salt)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_CLOEXEC, FILE_MODE)
         if self._group is None:
             try:
@@ -143,7 +159,7 @@ class PackedStore:
                 close_quietly(fd)
                 path.unlink(missing_ok=True)
                 raise
-        return VolumeFile(volume, generation, path, fd, 0)
+        return VolumeFile(volume, generation, salt, path, fd, 0)
 
     def close(self) -> None:
         """Close the volumes' descriptors (the store is unusable afterwards)."""
@@ -205,8 +221,8 @@ class PackedStore:
         try:
             sha256 = hashlib.sha256(payload).digest()
             crc = zlib.crc32(payload)
-            needle = encode(key, payload, sha256=sha256, crc=crc)
-            file = await self._active_for(len(needle))
+            file = await self._active_for(needle_size(len(key.encode()), len(payload)))
+            needle = encode(key, payload, sha256=sha256, salt=file.salt, crc=crc)
         except BaseException:
             self._pending.discard(key)
             raise
@@ -390,7 +406,7 @@ class PackedStore:
             if file.closing is None:
                 break
             await file.closing.wait()  # compaction is switching the volume: look again
-        await self._append(file, encode_tombstone(key), "deleting a part")
+        await self._append(file, encode_tombstone(key, salt=file.salt), "deleting a part")
         if not self.index.is_current(ref):  # a concurrent delete of the same key won
             return False
         self.index.remove(key)
@@ -480,7 +496,7 @@ class PackedStore:
         """
         old = self._files[volume]
         generation = old.generation + 1
-        final = self.directory / volume_name(volume, generation)
+        final = self.directory / volume_name(volume, generation, old.salt)
         tmp = final.with_name(final.name + ".tmp")
         old.pin()
         try:
@@ -493,13 +509,15 @@ class PackedStore:
             await old.wait_idle()
             dead = [ref for ref in snapshot if not self.index.is_current(ref)]
             fd = await trio.to_thread.run_sync(
-                lambda: volume_files.finish_generation(tmp, final, end, [r.key for r in dead])
+                lambda: volume_files.finish_generation(
+                    tmp, final, end, [r.key for r in dead], old.salt
+                )
             )
             # The switch: no checkpoint until the index names only the new file.
             for ref, offset in zip(snapshot, offsets, strict=True):
                 self.index.move(ref, ref.moved(generation, offset))
-            end += sum(len(encode_tombstone(r.key)) for r in dead)
-            self._files[volume] = VolumeFile(volume, generation, final, fd, end)
+            end += sum(len(encode_tombstone(r.key, salt=old.salt)) for r in dead)
+            self._files[volume] = VolumeFile(volume, generation, old.salt, final, fd, end)
             old.retired = True
             self.compactions += 1
             gone = [old.path]

@@ -23,27 +23,45 @@ from karma8.store.diskio import (
 from karma8.store.packed.format import encode_tombstone
 from karma8.store.packed.index import NeedleRef
 
-VOLUME_NAME = re.compile(r"^(\d{8})\.(\d+)\.vol$")
+# <id>.<generation>.<salt, hex>.vol; a volume written before salts has none in its name.
+VOLUME_NAME = re.compile(r"^(\d{8})\.(\d+)(?:\.([0-9a-f]{16}))?\.vol$")
 WINDOW = 1 << 20  # bytes a scan reads at once, and a compaction copies
 
 
-def volume_name(volume: int, generation: int) -> str:
-    return f"{volume:08d}.{generation}.vol"
+def volume_name(volume: int, generation: int, salt: bytes | None) -> str:
+    """A volume generation's file name. The salt is kept in the name, not in the file, so
+    that no damaged sector of the file can lose it (every generation of a volume has its
+    first one's salt: compaction copies needles as they are)."""
+    middle = "" if salt is None else f".{salt.hex()}"
+    return f"{volume:08d}.{generation}{middle}.vol"
+
+
+def parse_volume_name(name: str) -> tuple[int, int, bytes | None] | None:
+    """``(volume, generation, salt)`` of a volume file's name; None if it is not one."""
+    match = VOLUME_NAME.match(name)
+    if match is None:
+        return None
+    salt = None if match[3] is None else bytes.fromhex(match[3])
+    return int(match[1]), int(match[2]), salt
 
 
 class VolumeFile:
     """One generation of a volume, open for appends and reads. Event-loop state only.
 
     Attributes:
+        salt: What its needles' headers are checked with (None: written before salts).
         end: Where the next append goes (bytes reserved so far).
         pins: Reads and appends using ``fd`` now; a retired file is closed when they end.
         appends: Appends in flight (compaction waits for none).
         closing: Set while compaction finishes the volume: new appends wait for it.
     """
 
-    def __init__(self, volume: int, generation: int, path: Path, fd: int, end: int) -> None:
+    def __init__(
+        self, volume: int, generation: int, salt: bytes | None, path: Path, fd: int, end: int
+    ) -> None:
         self.volume = volume
         self.generation = generation
+        self.salt = salt
         self.path = path
         self.fd = fd
         self.end = end
@@ -129,13 +147,14 @@ def copy_needles(src: int, refs: list[NeedleRef], tmp: Path) -> tuple[list[int],
     return offsets, pos
 
 
-def finish_generation(tmp: Path, final: Path, end: int, dead: list[str]) -> int:
+def finish_generation(tmp: Path, final: Path, end: int, dead: list[str], salt: bytes | None) -> int:
     """Append tombstones for ``dead``, make the new generation durable and put it in place
     (in a worker thread); its descriptor."""
     fd = os.open(tmp, os.O_RDWR | O_CLOEXEC)
     try:
         if dead:
-            pwrite_all(fd, b"".join(encode_tombstone(key) for key in dead), end)
+            tombstones = (encode_tombstone(key, salt=salt) for key in dead)
+            pwrite_all(fd, b"".join(tombstones), end)
         os.fsync(fd)
         os.rename(tmp, final)
         fsync_dir(final.parent)  # before the old generation is unlinked
