@@ -38,6 +38,7 @@ def test_lines_carry_the_current_request_id() -> None:
         line = json.loads(JsonFormatter("gw").format(record("inside")))
         # A message that names its request already is not told twice.
         named = TextFormatter().format(record("failed [request trace-9]: why"))
+        named_json = json.loads(JsonFormatter("gw").format(record("failed [request trace-9]: why")))
     finally:
         requestlog.current.reset(token)
     assert text.endswith("WARNING inside [request trace-9]")
@@ -46,6 +47,8 @@ def test_lines_carry_the_current_request_id() -> None:
     assert line["level"] == "warning"
     assert line["time"].endswith("Z")
     assert named.count("trace-9") == 1
+    assert named_json["message"] == "failed: why"
+    assert named_json["request_id"] == "trace-9"
 
 
 def test_internal_requests_carry_it() -> None:

@@ -110,13 +110,17 @@ class JsonFormatter(logging.Formatter):
         self._role = role
 
     def format(self, record: logging.LogRecord) -> str:
+        request_id = getattr(record, "request_id", "-")
+        message = record.getMessage()
+        if request_id != "-":  # the id has a field of its own: not told twice
+            message = message.replace(f" [request {request_id}]", "")
         line: dict[str, Any] = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "role": self._role,
-            "message": record.getMessage(),
-            "request_id": getattr(record, "request_id", "-"),
+            "message": message,
+            "request_id": request_id,
         }
         http = getattr(record, "http", None)
         if http is not None:
