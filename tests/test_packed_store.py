@@ -243,21 +243,23 @@ async def test_needles_a_client_forged_in_a_payload_stay_out_past_a_damaged_head
     finds none of them, and every real needle after the carrier stays, indexed and whole."""
     store = new_tiered(tmp_path)
     sha256 = bytes(32)
-    forged = b"".join(
-        (
-            format_module.encode("future.0", b"forged", sha256=sha256, salt=None),
-            format_module.encode_tombstone("after.0", salt=None),
-            forged_header("long.0", 1 << 20, None),  # past the volume's end
-        )
-    )
-    pad = bytes(-(HEADER_SIZE + len("carrier.0")) % format_module.ALIGN)
-    await put(store, "carrier.0", pad + forged)
     after = {f"after.{i}": payload(100, seed=i) for i in range(3)}
+    pad = bytes(-(HEADER_SIZE + len("carrier.0")) % format_module.ALIGN)
+    two = format_module.encode("future.0", b"forged", sha256=sha256, salt=None)
+    two += format_module.encode_tombstone("after.0", salt=None)
+    # A header whose payload would end exactly where the volume will end: the needles after
+    # the carrier inside it, and popped with it as a torn tail (its CRC cannot match them).
+    long_at = HEADER_SIZE + len("carrier.0") + len(pad) + len(two)
+    carrier_size = needle_size(len("carrier.0"), len(pad + two + forged_header("long.0", 0, None)))
+    volume_end = carrier_size + sum(needle_size(len(key), 100) for key in after)
+    long_length = volume_end - long_at - HEADER_SIZE - len("long.0")
+    await put(store, "carrier.0", pad + two + forged_header("long.0", long_length, None))
     for key, data in after.items():
         await put(store, key, data)
     carrier = store.packed.index.get("carrier.0")
     assert carrier is not None
     flip_bit(volume_paths(store)[0], carrier.offset + 9)
+    assert store.packed.volumes[1].end == volume_end
     store.close()
     again = new_tiered(tmp_path)
     assert await again.keys() == sorted(after)
@@ -285,7 +287,7 @@ async def test_a_volume_from_before_salts_is_read_deleted_in_and_compacted(
             for key, data in legacy.items()
         )
     )
-    store = new_tiered(tmp_path, compact_ratio=0.5)
+    store = new_tiered(tmp_path, compact_ratio=1.0)  # nothing compacts before the reopen
     assert sorted(store.packed.volumes) == [1, 2]
     assert store.packed.volumes[1].salt is None
     assert store.packed.volumes[2].salt is not None
@@ -294,6 +296,15 @@ async def test_a_volume_from_before_salts_is_read_deleted_in_and_compacted(
     for i in range(4):
         assert await store.delete(f"old.{i}")
         del legacy[f"old.{i}"]
+    # The tombstones, unsalted in the unsalted volume, are read back as such.
+    store.close()
+    store = new_tiered(tmp_path, compact_ratio=0.5)
+    assert store.packed.truncated_bytes == 0
+    assert await store.keys() == sorted([*legacy, "new.0"])
+    reader = PackedReader(tmp_path)
+    assert reader.read("old.0") is None
+    assert reader.read("old.5") == legacy["old.5"]
+    reader.close()
     await store.compact()
     assert store.packed.volumes[1].generation == 1
     salt = store.packed.volumes[2].salt
@@ -312,6 +323,90 @@ async def test_a_volume_from_before_salts_is_read_deleted_in_and_compacted(
         assert reader.read(key) == data
     assert reader.read("new.0") == payload(100, seed=9)
     reader.close()
+    again.close()
+
+
+async def test_two_volumes_of_one_id_and_two_salts_are_both_kept(tmp_path: Path) -> None:
+    """A karma8 from before salts run again on a directory does not see the salted volumes
+    and may create an unsalted one of the same id (and a newer one after it): on the next
+    open both hold acknowledged parts, so one moves to a free id, and none is lost."""
+    store = new_tiered(tmp_path)
+    await put(store, "salted.0", payload(100, seed=1))
+    salted_name = store.packed.volumes[1].path.name
+    store.close()
+    (tmp_path / "volumes" / "00000001.0.vol").write_bytes(
+        format_module.encode("old.0", b"old", sha256=hashlib.sha256(b"old").digest(), salt=None)
+    )
+    again = new_tiered(tmp_path)
+    assert await again.keys() == ["old.0", "salted.0"]
+    assert b"".join(await read(again, "old.0", 0, 3)) == b"old"
+    assert sorted(os.listdir(tmp_path / "volumes")) == sorted(
+        [salted_name, "00000002.0.vol", again.packed.volumes[3].path.name]
+    )
+    await put(again, "new.0", payload(10))
+    again.close()
+    third = new_tiered(tmp_path)
+    assert await third.keys() == ["new.0", "old.0", "salted.0"]
+    third.close()
+
+
+def test_volume_names_are_sorted_into_what_to_open_delete_and_renumber() -> None:
+    s1, s2 = "11" * 8, "22" * 8
+    plan = volumes.plan_volumes(
+        [
+            f"00000001.0.{s1}.vol",
+            f"00000001.1.{s1}.vol",  # its compaction's output: the older one goes
+            "00000001.3.vol",  # another volume of id 1
+            f"00000002.0.{s2}.vol",
+            "00000003.0.vol",
+            "00000003.1.vol",
+            "00000004.0.ABCDEF0123456789.vol",  # not a volume's name
+            "notes.txt",
+        ]
+    )
+    assert plan.current == {
+        1: (1, bytes.fromhex(s1)),
+        2: (0, bytes.fromhex(s2)),
+        3: (1, None),
+        4: (3, None),
+    }
+    assert plan.superseded == [f"00000001.0.{s1}.vol", "00000003.0.vol"]
+    assert plan.renumber == [("00000001.3.vol", 4)]
+    assert plan.unknown == ["00000004.0.ABCDEF0123456789.vol"]
+
+
+@pytest.mark.parametrize("rename", ["unsalted", "other salt"])
+async def test_a_volume_under_a_name_not_its_own_is_refused_not_cut(
+    tmp_path: Path, rename: str
+) -> None:
+    """Renamed (or copied under another name), a volume's needles do not check out under
+    the salt its name gives: the store does not open rather than cut it to nothing."""
+    store = new_tiered(tmp_path)
+    for i in range(3):
+        await put(store, f"k.{i}", payload(100, seed=i))
+    path = store.packed.volumes[1].path
+    store.close()
+    wrong = "00000001.0.vol" if rename == "unsalted" else f"00000001.0.{'ab' * 8}.vol"
+    os.rename(path, path.with_name(wrong))
+    size = path.with_name(wrong).stat().st_size
+    with pytest.raises(OSError, match="do not check out under the salt its name gives"):
+        new_tiered(tmp_path)
+    assert path.with_name(wrong).stat().st_size == size
+    os.rename(path.with_name(wrong), path)
+    again = new_tiered(tmp_path)
+    assert await again.keys() == ["k.0", "k.1", "k.2"]
+    again.close()
+
+
+async def test_a_first_append_torn_is_still_cut(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path)
+    await put(store, "k.0", payload(100))
+    path = store.packed.volumes[1].path
+    store.close()
+    os.truncate(path, path.stat().st_size - 1)  # its last byte (padding) never landed
+    again = new_tiered(tmp_path)
+    assert await again.keys() == []
+    assert path.stat().st_size == 0
     again.close()
 
 

@@ -16,10 +16,15 @@ Directory layout::
                                              on open)
       volumes/<id:08d>.<gen>.vol             a volume written before salts (read, deleted
                                              in and compacted; never appended to again)
+      quarantine/<key>                       a quarantined part's payload, as a plain file
 
 The salt is 8 random bytes (16 hex digits), chosen when the volume is created and kept by
 every generation of it; it is in the name, not the file, so no damaged sector can lose it.
-      quarantine/<key>                  a quarantined part's payload, as a plain file
+Opening deletes a volume's older generations (a compaction's source not unlinked yet) and
+gives a free id to a volume whose id another of another salt has (a karma8 from before salts
+run again on the directory creates ids it cannot see are taken). A volume whose first needle
+is whole but whose needles do not check out under the salt its name gives was renamed: the
+store refuses to open rather than cut it as a torn tail.
 
 Appending (:mod:`~karma8.store.packed.store`). One volume is active. A commit takes its offset
 at the active volume's end on the event loop, so appends to a volume never overlap, and hands

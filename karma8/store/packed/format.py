@@ -109,8 +109,9 @@ def _header_check(fields: bytes, raw_key: bytes, salt: bytes | None) -> int:
     """What a header's last 4 bytes hold: the CRC-32 of the fields and the key, or, in a
     salted volume, a MAC of them keyed by its salt (BLAKE2b, 4 bytes). A client chooses the
     bytes of its payloads and can compute a CRC, so a payload can hold what looks like an
-    intact unsalted needle; without the volume's salt it cannot make a salted one, except
-    by a guess right once in 2^32."""
+    intact unsalted needle; without the volume's salt each header it forges passes by
+    chance once in 2^32 (a 64 KiB payload holds some 4,000: one in a million per damaged
+    header in front of one)."""
     if salt is None:
         return zlib.crc32(raw_key, zlib.crc32(fields))
     mac = _keyed(salt).copy()  # a copy of a keyed hasher costs half a new one
@@ -154,6 +155,23 @@ def decode_header(data: bytes, offset: int, salt: bytes | None) -> Needle | None
         data_offset=offset + HEADER_SIZE + key_len,
         size=(HEADER_SIZE + key_len + length + ALIGN - 1) // ALIGN * ALIGN,
     )
+
+
+def whole_first_needle(read: Callable[[int, int], bytes], size: int) -> bool:
+    """Whether a volume of ``size`` bytes starts with a whole needle of either format, its
+    header's check aside: a magic, a known version and flags, a key, and all its bytes there,
+    its payload matching its CRC. The first needle cannot lie inside a payload, so a volume
+    where it is whole but no needle checks out under the salt its name gives was renamed or
+    copied under another name, not torn: its bytes are not to be cut."""
+    head = read(0, min(HEADER_SIZE + MAX_KEY, size))
+    if len(head) < HEADER_SIZE:
+        return False
+    magic, version, flags, key_len, length, crc, _ = _FIELDS.unpack_from(head)
+    if magic != MAGIC or version not in (VERSION, SALTED) or flags not in (LIVE, TOMBSTONE):
+        return False
+    if not 0 < key_len <= MAX_KEY or needle_size(key_len, length) > size:
+        return False
+    return bool(zlib.crc32(read(HEADER_SIZE + key_len, length)) == crc)
 
 
 @attrs.frozen(kw_only=True)

@@ -138,12 +138,17 @@ class PackedReader:
             return True
         left = budget
         newest: dict[int, tuple[int, bytes | None]] = {}
+        mixed: set[int] = set()  # ids of volumes of two salts: the node renumbers one on open
         for name in names:
             parsed = parse_volume_name(name)
             if parsed is not None:
                 volume, generation, salt = parsed
+                if volume in newest and newest[volume][1] != salt:
+                    mixed.add(volume)
                 if volume not in newest or generation > newest[volume][0]:
                     newest[volume] = generation, salt
+        for volume in mixed:
+            del newest[volume]
         for volume_id in list(self._volumes):
             if volume_id not in newest:  # compaction left it with no live needle
                 self._drop(volume_id)

@@ -7,6 +7,7 @@ The theory of operation (format, appends, recovery, compaction) is in
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -39,12 +40,13 @@ from karma8.store.packed.format import (
     needle_size,
     new_salt,
     scan,
+    whole_first_needle,
 )
 from karma8.store.packed.index import NeedleRef, PackedIndex
 from karma8.store.packed.volumes import (
     VolumeFile,
     WindowReader,
-    parse_volume_name,
+    plan_volumes,
     volume_name,
 )
 from karma8.store.quota import SpaceQuota
@@ -112,29 +114,52 @@ class PackedStore:
     # -- opening ----------------------------------------------------------------------------
 
     def _recover(self) -> int:
-        """Load every volume's newest generation; returns the torn bytes truncated."""
-        newest: dict[int, tuple[int, bytes | None]] = {}
+        """Load every volume's newest generation; returns the torn bytes truncated.
+
+        Raises:
+            OSError: A volume whose first needle is whole but whose needles do not check out
+                under the salt its name gives (renamed or copied under another name): it is
+                left as it is, not cut to nothing.
+        """
         for name in os.listdir(self.directory):
-            parsed = parse_volume_name(name)
-            if parsed is None:
-                if name.endswith(".tmp"):  # an interrupted compaction's output
-                    (self.directory / name).unlink(missing_ok=True)
-                continue
-            volume, generation, salt = parsed
-            if volume not in newest or generation > newest[volume][0]:
-                newest[volume] = generation, salt
-        for name in os.listdir(self.directory):
-            parsed = parse_volume_name(name)
-            if parsed is not None and parsed[1] < newest[parsed[0]][0]:
-                # A compaction renamed its output into place but did not unlink the source.
-                (self.directory / name).unlink()
+            if name.endswith(".tmp"):  # an interrupted compaction's output
+                (self.directory / name).unlink(missing_ok=True)
+        plan = plan_volumes(os.listdir(self.directory))
+        for name in plan.unknown:
+            log.warning("%s: not a volume's name; left alone", self.directory / name)
+        for name in plan.superseded:
+            (self.directory / name).unlink()
+        for name, volume in plan.renumber:
+            generation, salt = plan.current[volume]
+            target = self.directory / volume_name(volume, generation, salt)
+            log.warning(
+                "%s: another volume has its id (an earlier karma8 ran on this directory);"
+                " renamed %s",
+                self.directory / name,
+                target.name,
+            )
+            os.rename(self.directory / name, target)
+        if plan.renumber:
+            fsync_dir(self.directory)
         truncated = 0
-        for volume in sorted(newest):
-            generation, salt = newest[volume]
+        for volume in sorted(plan.current):
+            generation, salt = plan.current[volume]
             path = self.directory / volume_name(volume, generation, salt)
             fd = os.open(path, os.O_RDWR | O_CLOEXEC)
-            size = os.fstat(fd).st_size
-            found = scan(WindowReader(fd).read, size, salt)
+            try:
+                size = os.fstat(fd).st_size
+                reader = WindowReader(fd)
+                found = scan(reader.read, size, salt)
+                if found.end == 0 < size and whole_first_needle(reader.read, size):
+                    raise OSError(
+                        errno.EINVAL,
+                        f"{path}: its needles do not check out under the salt its name gives"
+                        " (renamed, or copied under another name?); not opened, nothing cut:"
+                        " give the file back its name",
+                    )
+            except BaseException:
+                os.close(fd)
+                raise
             if found.end < size:
                 log.warning(
                     "%s: %d bytes after the last intact needle cut off (never acknowledged)",
@@ -222,6 +247,7 @@ class PackedStore:
             sha256 = hashlib.sha256(payload).digest()
             crc = zlib.crc32(payload)
             file = await self._active_for(needle_size(len(key.encode()), len(payload)))
+            assert file.salt is not None  # parts are never appended to an unsalted volume
             needle = encode(key, payload, sha256=sha256, salt=file.salt, crc=crc)
         except BaseException:
             self._pending.discard(key)
@@ -516,7 +542,7 @@ class PackedStore:
             # The switch: no checkpoint until the index names only the new file.
             for ref, offset in zip(snapshot, offsets, strict=True):
                 self.index.move(ref, ref.moved(generation, offset))
-            end += sum(len(encode_tombstone(r.key, salt=old.salt)) for r in dead)
+            end += sum(needle_size(len(r.key.encode()), 0) for r in dead)  # their tombstones
             self._files[volume] = VolumeFile(volume, generation, old.salt, final, fd, end)
             old.retired = True
             self.compactions += 1

@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+import attrs
 import trio
 
 from karma8.store.diskio import (
@@ -43,6 +44,63 @@ def parse_volume_name(name: str) -> tuple[int, int, bytes | None] | None:
         return None
     salt = None if match[3] is None else bytes.fromhex(match[3])
     return int(match[1]), int(match[2]), salt
+
+
+@attrs.frozen(kw_only=True)
+class VolumePlan:
+    """What a directory's volume files are, as :func:`plan_volumes` read their names.
+
+    Attributes:
+        current: Each volume's generation to open, and its salt, by volume id.
+        superseded: Older generations of a volume, for the store to delete (a compaction
+            renamed its output into place but did not unlink the source).
+        renumber: ``(name, new id)``: a volume whose id another volume of another salt has
+            too (never so from the store's own work: a compaction keeps its volume's salt;
+            but a version from before salts run again on the directory creates ids it
+            cannot see are taken). Both hold parts; this one moves to a free id.
+        unknown: Names ending in ``.vol`` that are not a volume's (left alone).
+    """
+
+    current: dict[int, tuple[int, bytes | None]]
+    superseded: list[str]
+    renumber: list[tuple[str, int]]
+    unknown: list[str]
+
+
+def plan_volumes(names: list[str]) -> VolumePlan:
+    """Sort a ``volumes/`` directory's names: which generation of each volume to open,
+    which to delete, which volumes to give a free id. Pure: the store does the file work."""
+    by_id: dict[int, dict[bytes | None, dict[int, str]]] = {}
+    unknown = []
+    for name in names:
+        parsed = parse_volume_name(name)
+        if parsed is None:
+            if name.endswith(".vol"):
+                unknown.append(name)
+            continue
+        volume, generation, salt = parsed
+        by_id.setdefault(volume, {}).setdefault(salt, {})[generation] = name
+    current: dict[int, tuple[int, bytes | None]] = {}
+    superseded: list[str] = []
+    renumber: list[tuple[str, int]] = []
+    free = max(by_id, default=0) + 1
+    for volume in sorted(by_id):
+        # One salt keeps the id (a salted one before none, then in byte order); any other
+        # is another volume, given the next free id.
+        salts = sorted(by_id[volume], key=lambda salt: (salt is None, salt or b""))
+        for rank, salt in enumerate(salts):
+            generations = by_id[volume][salt]
+            newest = max(generations)
+            superseded += [generations[g] for g in sorted(generations) if g < newest]
+            if rank == 0:
+                current[volume] = newest, salt
+            else:
+                renumber.append((generations[newest], free))
+                current[free] = newest, salt
+                free += 1
+    return VolumePlan(
+        current=current, superseded=sorted(superseded), renumber=renumber, unknown=sorted(unknown)
+    )
 
 
 class VolumeFile:
