@@ -121,6 +121,23 @@ def test_a_finished_repair_switches_the_part_counts_it_and_forgets_the_report(
     assert store.mark_damaged("n2", ["p.2"], "late report", 12.0) == 0  # it moved on
 
 
+def test_a_report_is_forgotten_once_its_node_lists_the_part_again(
+    store: SqlMetadataStore,
+) -> None:
+    store.mark_damaged("n2", ["p.2"], "missing on its node", 5.0)
+    store.mark_damaged("n3", ["p.3"], "a read found it missing or corrupt", 5.0)
+    assert store.forget_present("n2", ["x.1", "p.3"]) == 0  # p.3's report is n3's
+    assert store.forget_present("n2", ["p.2", "x.1"]) == 1
+    version = store.current_version("default", "p")
+    assert version is not None
+    assert [p.reported_lost for p in version.parts][2:4] == [
+        None,
+        "a read found it missing or corrupt",
+    ]
+    assert store.repair_counts(lost_before=100.0)["lost_parts"] == 1
+    assert store.forget_present("n2", ["p.2"]) == 0
+
+
 def test_a_reports_reason_is_kept_printable_and_short(store: SqlMetadataStore) -> None:
     store.mark_damaged("n3", ["p.3"], "bad\nline\x1b[2J" + "x" * 300, 5.0)
     version = store.current_version("default", "p")

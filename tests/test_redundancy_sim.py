@@ -214,6 +214,25 @@ def test_a_part_reported_lost_is_not_read_until_repaired(
     run_with_cluster(go, scenario=SCENARIO)
 
 
+def test_a_report_of_a_part_its_node_still_holds_goes_at_the_next_parts_check() -> None:
+    """A node away or a read that failed on the way has a part reported lost; its node's
+    next parts check lists it, and the report goes: the file is not shown unreadable (a
+    raid0 file's reports were never removed otherwise)."""
+
+    async def go(cluster: SimCluster) -> None:
+        gw = cluster.gateway
+        version = await gw.put("default", "back", BytesChunks(payload(1003, 7), 64))
+        part = version.parts[2]
+        await discovery(cluster).report_lost_parts(
+            node_id=part.node.node_id, keys=[part.key], reason="a read found it missing"
+        )
+        assert (await gw.stat("default", "back")).parts[2].reported_lost is not None
+        await trio.sleep(2 * SCENARIO.cluster.orphan_check_interval)
+        assert (await gw.stat("default", "back")).parts[2].reported_lost is None
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
 @pytest.mark.parametrize(("engine", "settings"), ENGINES)
 def test_a_part_reported_lost_is_still_read_when_nothing_else_is_left(
     engine: str, settings: dict[str, int]

@@ -94,6 +94,20 @@ class MoveStore(Database):
         with self._tx() as db:
             return repairs.mark_damaged(db, node_id, keys, reason, now)
 
+    def forget_present(self, node_id: str, present: Sequence[str]) -> int:
+        """Forget the loss reports of ``node_id``'s parts it holds (see
+        :func:`karma8.metadata.repairs.forget_present`); how many."""
+        with self._read() as db:
+            if (
+                db.execute(
+                    "SELECT 1 FROM damaged_parts WHERE node_id = ? LIMIT 1", (node_id,)
+                ).fetchone()
+                is None
+            ):
+                return 0  # nearly always: no write, no transaction
+        with self._tx() as db:
+            return repairs.forget_present(db, node_id, present)
+
     def begin_repairs(
         self,
         *,

@@ -66,6 +66,22 @@ def mark_damaged(db: Connection, node_id: str, keys: Sequence[str], reason: str,
     return marked
 
 
+def forget_present(db: Connection, node_id: str, present: Sequence[str]) -> int:
+    """Forget the reports of ``node_id``'s parts that it lists as ``present`` (a node that
+    was away, a part taken out and put back, a read that failed on the way): a part that is
+    there is not lost; one that is there but damaged, its node's checks find and report again
+    (they quarantine it: it is then not there). Returns how many were forgotten."""
+    marked = [
+        r[0] for r in db.execute("SELECT part_key FROM damaged_parts WHERE node_id = ?", (node_id,))
+    ]
+    found = set(marked).intersection(present)
+    db.executemany(
+        "DELETE FROM damaged_parts WHERE part_key = ? AND node_id = ?",
+        [(key, node_id) for key in sorted(found)],
+    )
+    return len(found)
+
+
 def forget(db: Connection, key: str) -> None:
     """The part moved or is gone: its report no longer applies."""
     db.execute("DELETE FROM damaged_parts WHERE part_key = ?", (key,))
