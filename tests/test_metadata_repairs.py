@@ -9,7 +9,7 @@ import pytest
 
 from karma8.core.errors import IntegrityError, MoveConflict
 from karma8.core.layout import StripeLayout
-from karma8.core.model import NodeRegistration, PartReceipt
+from karma8.core.model import FAILED_ITS_CHECKSUM, NodeRegistration, PartReceipt
 from karma8.core.placement import NodeLoad
 from karma8.core.rebalance import MovablePart
 from karma8.metadata.store import SqlMetadataStore
@@ -126,15 +126,18 @@ def test_a_report_is_forgotten_once_its_node_lists_the_part_again(
 ) -> None:
     store.mark_damaged("n2", ["p.2"], "missing on its node", 5.0)
     store.mark_damaged("n3", ["p.3"], "a read found it missing or corrupt", 5.0)
+    store.mark_damaged("n4", ["p.4"], FAILED_ITS_CHECKSUM, 5.0)
     assert store.forget_present("n2", ["x.1", "p.3"]) == 0  # p.3's report is n3's
     assert store.forget_present("n2", ["p.2", "x.1"]) == 1
+    # Still there after its node found it damaged: it could not take it out.
+    assert store.forget_present("n4", ["p.4"]) == 0
     version = store.current_version("default", "p")
     assert version is not None
     assert [p.reported_lost for p in version.parts][2:4] == [
         None,
         "a read found it missing or corrupt",
     ]
-    assert store.repair_counts(lost_before=100.0)["lost_parts"] == 1
+    assert store.repair_counts(lost_before=100.0)["lost_parts"] == 2
     assert store.forget_present("n2", ["p.2"]) == 0
 
 

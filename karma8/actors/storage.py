@@ -28,7 +28,7 @@ from karma8.core.errors import (
     NotFound,
     Unavailable,
 )
-from karma8.core.model import NodeRegistration
+from karma8.core.model import FAILED_ITS_CHECKSUM, NodeRegistration
 from karma8.ports import (
     DiscoveryAPI,
     PartStore,
@@ -207,7 +207,7 @@ class StorageNode:
         # Best effort: one not told now is found missing by the next parts check.
         with suppress(Karma8Error):
             await self._discovery.report_lost_parts(
-                node_id=self.node_id, keys=keys, reason="failed its checksum"
+                node_id=self.node_id, keys=keys, reason=FAILED_ITS_CHECKSUM
             )
 
     async def run_scrubber(self) -> None:

@@ -91,6 +91,11 @@ class ClusterTotals:
     degraded_files: int = 0
 
 
+# Why a node reports a part it checked and found damaged (it then quarantines it): the one
+# report its node listing the part again does not answer (see forget_present).
+FAILED_ITS_CHECKSUM = "failed its checksum"
+
+
 @attrs.frozen(kw_only=True)
 class PartPlacement:
     """Part ``index`` of a version and the node that holds it; ``reported_lost`` is why, if

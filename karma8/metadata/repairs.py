@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from karma8.core.model import FAILED_ITS_CHECKSUM
 from karma8.core.rebalance import MovablePart
 from karma8.metadata.sql import Connection
 
@@ -69,10 +70,15 @@ def mark_damaged(db: Connection, node_id: str, keys: Sequence[str], reason: str,
 def forget_present(db: Connection, node_id: str, present: Sequence[str]) -> int:
     """Forget the reports of ``node_id``'s parts that it lists as ``present`` (a node that
     was away, a part taken out and put back, a read that failed on the way): a part that is
-    there is not lost; one that is there but damaged, its node's checks find and report again
-    (they quarantine it: it is then not there). Returns how many were forgotten."""
+    there is not lost. Not the node's own report that the part failed its checksum: it
+    quarantines such a part, and one still listed is one it could not take out, damaged
+    still. Returns how many were forgotten."""
     marked = [
-        r[0] for r in db.execute("SELECT part_key FROM damaged_parts WHERE node_id = ?", (node_id,))
+        r[0]
+        for r in db.execute(
+            "SELECT part_key FROM damaged_parts WHERE node_id = ? AND reason != ?",
+            (node_id, FAILED_ITS_CHECKSUM),
+        )
     ]
     found = set(marked).intersection(present)
     db.executemany(
