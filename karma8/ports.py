@@ -199,7 +199,8 @@ class DiscoveryAPI(Protocol):
 
     async def unknown_parts(self, *, node_id: str, keys: Sequence[str]) -> list[str]:
         """Those of ``keys``, every part ``node_id`` holds, that discovery has no record of
-        on it (orphans). Parts among them reported lost are no longer marked so."""
+        on it (orphans). Those among them its parts check reported missing are no longer
+        marked lost."""
         ...
 
     async def report_node_failure(self, *, node_id: str, reason: str) -> None:

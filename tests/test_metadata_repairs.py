@@ -9,7 +9,12 @@ import pytest
 
 from karma8.core.errors import IntegrityError, MoveConflict
 from karma8.core.layout import StripeLayout
-from karma8.core.model import FAILED_ITS_CHECKSUM, NodeRegistration, PartReceipt
+from karma8.core.model import (
+    FAILED_ITS_CHECKSUM,
+    MISSING_ON_ITS_NODE,
+    NodeRegistration,
+    PartReceipt,
+)
 from karma8.core.placement import NodeLoad
 from karma8.core.rebalance import MovablePart
 from karma8.metadata.store import SqlMetadataStore
@@ -124,12 +129,13 @@ def test_a_finished_repair_switches_the_part_counts_it_and_forgets_the_report(
 def test_a_report_is_forgotten_once_its_node_lists_the_part_again(
     store: SqlMetadataStore,
 ) -> None:
-    store.mark_damaged("n2", ["p.2"], "missing on its node", 5.0)
+    store.mark_damaged("n2", ["p.2"], MISSING_ON_ITS_NODE, 5.0)
     store.mark_damaged("n3", ["p.3"], "a read found it missing or corrupt", 5.0)
     store.mark_damaged("n4", ["p.4"], FAILED_ITS_CHECKSUM, 5.0)
     assert store.forget_present("n2", ["x.1", "p.3"]) == 0  # p.3's report is n3's
     assert store.forget_present("n2", ["p.2", "x.1"]) == 1
-    # Still there after its node found it damaged: it could not take it out.
+    # Reports of damage stay: a part that is there may be damaged still.
+    assert store.forget_present("n3", ["p.3"]) == 0
     assert store.forget_present("n4", ["p.4"]) == 0
     version = store.current_version("default", "p")
     assert version is not None

@@ -375,38 +375,58 @@ def test_volume_names_are_sorted_into_what_to_open_delete_and_renumber() -> None
     assert plan.unknown == ["00000004.0.ABCDEF0123456789.vol"]
 
 
-@pytest.mark.parametrize("rename", ["unsalted", "other salt"])
-async def test_a_volume_under_a_name_not_its_own_is_refused_not_cut(
-    tmp_path: Path, rename: str
+@pytest.mark.parametrize("case", ["unsalted name", "other salt", "hole first", "one damaged"])
+async def test_a_volume_none_of_whose_needles_checks_out_is_set_aside_not_cut(
+    tmp_path: Path, case: str
 ) -> None:
-    """Renamed (or copied under another name), a volume's needles do not check out under
-    the salt its name gives: the store does not open rather than cut it to nothing."""
+    """Renamed (or copied under another name) a volume's needles do not check out under the
+    salt its name gives; nor do they when every header is damaged. Whole needles are in it
+    all the same, so it is no torn tail: the store moves it to volumes/refused/ whole, opens
+    without it, and under its own name again it serves its parts."""
     store = new_tiered(tmp_path)
-    for i in range(3):
+    for i in range(1 if case == "one damaged" else 3):
         await put(store, f"k.{i}", payload(100, seed=i))
     path = store.packed.volumes[1].path
     store.close()
-    wrong = "00000001.0.vol" if rename == "unsalted" else f"00000001.0.{'ab' * 8}.vol"
-    os.rename(path, path.with_name(wrong))
-    size = path.with_name(wrong).stat().st_size
-    with pytest.raises(OSError, match="do not check out under the salt its name gives"):
-        new_tiered(tmp_path)
-    assert path.with_name(wrong).stat().st_size == size
-    os.rename(path.with_name(wrong), path)
+    name = {"unsalted name": "00000001.0.vol", "other salt": f"00000001.0.{'ab' * 8}.vol"}
+    moved = path.with_name(name.get(case, path.name))
+    os.rename(path, moved)
+    if case == "hole first":  # the first append cancelled before it was written: zeros
+        overwrite = bytearray(moved.read_bytes())
+        overwrite[: needle_size(3, 100)] = bytes(needle_size(3, 100))
+        moved.write_bytes(bytes(overwrite))
+        os.rename(moved, moved.with_name(f"00000001.0.{'cd' * 8}.vol"))
+        moved = moved.with_name(f"00000001.0.{'cd' * 8}.vol")
+    if case == "one damaged":
+        flip_bit(moved, 53)  # the only needle's header check
+    size = moved.stat().st_size
     again = new_tiered(tmp_path)
-    assert await again.keys() == ["k.0", "k.1", "k.2"]
+    assert await again.keys() == []
+    assert again.packed.truncated_bytes == 0
+    aside = tmp_path / "volumes" / "refused" / moved.name
+    assert aside.stat().st_size == size
     again.close()
+    if case in name:  # back under its own name: every part again
+        os.rename(aside, path)
+        third = new_tiered(tmp_path)
+        assert await third.keys() == ["k.0", "k.1", "k.2"]
+        third.close()
 
 
-async def test_a_first_append_torn_is_still_cut(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tear", ["short", "payload"])
+async def test_a_first_append_torn_is_still_cut(tmp_path: Path, tear: str) -> None:
     store = new_tiered(tmp_path)
     await put(store, "k.0", payload(100))
     path = store.packed.volumes[1].path
     store.close()
-    os.truncate(path, path.stat().st_size - 1)  # its last byte (padding) never landed
+    if tear == "short":
+        os.truncate(path, path.stat().st_size - 1)  # its last byte (padding) never landed
+    else:
+        flip_bit(path, HEADER_SIZE + len("k.0") + 50)  # its payload landed only in part
     again = new_tiered(tmp_path)
     assert await again.keys() == []
     assert path.stat().st_size == 0
+    assert not (tmp_path / "volumes" / "refused").exists()
     again.close()
 
 

@@ -16,7 +16,7 @@ from karma8.actors.gateway import Gateway
 from karma8.core.erasure import encode_parity
 from karma8.core.errors import InvalidRequest, NotEnoughNodes, Unavailable
 from karma8.core.layout import split
-from karma8.core.model import FileVersion, VersionState
+from karma8.core.model import MISSING_ON_ITS_NODE, FileVersion, VersionState
 from karma8.sim.cluster import SimCluster
 from karma8.sim.network import LinkFault
 from karma8.sim.runner import run_with_cluster
@@ -215,16 +215,16 @@ def test_a_part_reported_lost_is_not_read_until_repaired(
 
 
 def test_a_report_of_a_part_its_node_still_holds_goes_at_the_next_parts_check() -> None:
-    """A node away or a read that failed on the way has a part reported lost; its node's
-    next parts check lists it, and the report goes: the file is not shown unreadable (a
-    raid0 file's reports were never removed otherwise)."""
+    """A node's parts check reported a part missing (its directory was away, or another
+    karma8 ran on it); its next check lists it, and the report goes: the file is not shown
+    unreadable (a raid0 file's reports were never removed otherwise)."""
 
     async def go(cluster: SimCluster) -> None:
         gw = cluster.gateway
         version = await gw.put("default", "back", BytesChunks(payload(1003, 7), 64))
         part = version.parts[2]
         await discovery(cluster).report_lost_parts(
-            node_id=part.node.node_id, keys=[part.key], reason="a read found it missing"
+            node_id=part.node.node_id, keys=[part.key], reason=MISSING_ON_ITS_NODE
         )
         assert (await gw.stat("default", "back")).parts[2].reported_lost is not None
         await trio.sleep(2 * SCENARIO.cluster.orphan_check_interval)

@@ -561,11 +561,13 @@ class Discovery:
             return self._store.part_keys_on_node(node_id) | leased
 
         held = await self._blocking(known)
-        # The keys are all the node holds: a part reported lost that it holds is not.
+        # The keys are all the node holds: one its parts check reported missing is back.
         forgotten = await self._blocking(lambda: self._store.forget_present(node_id, asked))
         if forgotten:
             log.warning(
-                "node %s holds %d parts reported lost: no longer marked lost", node_id, forgotten
+                "node %s holds %d parts it reported missing: no longer marked lost",
+                node_id,
+                forgotten,
             )
         return [key for key in asked if key not in held]
 

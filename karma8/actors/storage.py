@@ -28,7 +28,7 @@ from karma8.core.errors import (
     NotFound,
     Unavailable,
 )
-from karma8.core.model import FAILED_ITS_CHECKSUM, NodeRegistration
+from karma8.core.model import FAILED_ITS_CHECKSUM, MISSING_ON_ITS_NODE, NodeRegistration
 from karma8.ports import (
     DiscoveryAPI,
     PartStore,
@@ -243,7 +243,7 @@ class StorageNode:
                 )
             if missing:
                 await self._discovery.report_lost_parts(
-                    node_id=self.node_id, keys=missing, reason="missing on its node"
+                    node_id=self.node_id, keys=missing, reason=MISSING_ON_ITS_NODE
                 )
             unknown = set(await self._discovery.unknown_parts(node_id=self.node_id, keys=keys))
         except Karma8Error:

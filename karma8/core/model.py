@@ -91,9 +91,11 @@ class ClusterTotals:
     degraded_files: int = 0
 
 
-# Why a node reports a part it checked and found damaged (it then quarantines it): the one
-# report its node listing the part again does not answer (see forget_present).
+# Why a node reports parts: it checked one and found it damaged (it then quarantines it);
+# its parts check found one it should hold missing, which a later check listing the part
+# again answers (see karma8.metadata.repairs.forget_present).
 FAILED_ITS_CHECKSUM = "failed its checksum"
+MISSING_ON_ITS_NODE = "missing on its node"
 
 
 @attrs.frozen(kw_only=True)

@@ -95,18 +95,16 @@ class MoveStore(Database):
             return repairs.mark_damaged(db, node_id, keys, reason, now)
 
     def forget_present(self, node_id: str, present: Sequence[str]) -> int:
-        """Forget the loss reports of ``node_id``'s parts it holds (see
-        :func:`karma8.metadata.repairs.forget_present`); how many."""
+        """Forget ``node_id``'s reports, made by its own parts check, that parts were missing
+        on it, of those it now lists as ``present`` (a node that was away from its directory,
+        a disk put back, another karma8 run on it for a while): how many. Reports of damage,
+        the node's or a reader's, stay: a part that is there may be damaged still."""
         with self._read() as db:
-            if (
-                db.execute(
-                    "SELECT 1 FROM damaged_parts WHERE node_id = ? LIMIT 1", (node_id,)
-                ).fetchone()
-                is None
-            ):
-                return 0  # nearly always: no write, no transaction
-        with self._tx() as db:
-            return repairs.forget_present(db, node_id, present)
+            found = sorted(set(repairs.missing_reported(db, node_id)).intersection(present))
+        if found:  # rarely: no transaction otherwise
+            with self._tx() as db:
+                repairs.forget_missing(db, node_id, found)
+        return len(found)
 
     def begin_repairs(
         self,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from karma8.core.model import FAILED_ITS_CHECKSUM
+from karma8.core.model import MISSING_ON_ITS_NODE
 from karma8.core.rebalance import MovablePart
 from karma8.metadata.sql import Connection
 
@@ -67,25 +67,23 @@ def mark_damaged(db: Connection, node_id: str, keys: Sequence[str], reason: str,
     return marked
 
 
-def forget_present(db: Connection, node_id: str, present: Sequence[str]) -> int:
-    """Forget the reports of ``node_id``'s parts that it lists as ``present`` (a node that
-    was away, a part taken out and put back, a read that failed on the way): a part that is
-    there is not lost. Not the node's own report that the part failed its checksum: it
-    quarantines such a part, and one still listed is one it could not take out, damaged
-    still. Returns how many were forgotten."""
-    marked = [
+def missing_reported(db: Connection, node_id: str) -> list[str]:
+    """The parts ``node_id``'s own parts check reported missing there."""
+    return [
         r[0]
         for r in db.execute(
-            "SELECT part_key FROM damaged_parts WHERE node_id = ? AND reason != ?",
-            (node_id, FAILED_ITS_CHECKSUM),
+            "SELECT part_key FROM damaged_parts WHERE node_id = ? AND reason = ?",
+            (node_id, MISSING_ON_ITS_NODE),
         )
     ]
-    found = set(marked).intersection(present)
+
+
+def forget_missing(db: Connection, node_id: str, keys: Sequence[str]) -> None:
+    """Forget the node's reports that these parts were missing on it."""
     db.executemany(
-        "DELETE FROM damaged_parts WHERE part_key = ? AND node_id = ?",
-        [(key, node_id) for key in sorted(found)],
+        "DELETE FROM damaged_parts WHERE part_key = ? AND node_id = ? AND reason = ?",
+        [(key, node_id, MISSING_ON_ITS_NODE) for key in keys],
     )
-    return len(found)
 
 
 def forget(db: Connection, key: str) -> None:

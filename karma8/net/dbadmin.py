@@ -40,7 +40,8 @@ def add_db_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def run_db(args: argparse.Namespace) -> int:
-    """``karma8 db …``: 0 done, 1 the database cannot be used, 2 bad arguments."""
+    """``karma8 db …``: 0 done (for `version`: the schema is this karma8's), 1 the database
+    cannot be used (or, for `version`, its schema is not this karma8's), 2 bad arguments."""
     try:
         url = args.metadata_url
         if url is None and args.config is not None:

@@ -18,7 +18,7 @@ POST   /v1/tokens/{token_id}/revoke        the token, revoked
 POST   /v1/access                          {namespace,token,right}: 204, or 401/403/404
 POST   /v1/nodes                           register {node_id,url,capacity_bytes,...}
 POST   /v1/nodes/{node_id}/heartbeat       {registration, deleted:[keys]} -> {garbage:[keys]}
-POST   /v1/nodes/{node_id}/unknown-parts   {keys:[keys]} -> {unknown:[keys]}
+POST   /v1/nodes/{node_id}/unknown-parts   {keys:[all it holds]} -> {unknown:[keys]}
 POST   /v1/nodes/{node_id}/failures        {reason}: the node is suspect
 POST   /v1/nodes/{node_id}/lost-parts      {keys, reason}: the node lost them; repair them
 GET    /v1/nodes/{node_id}/parts           {keys:[...]}: current parts discovery knows there

@@ -16,15 +16,17 @@ Directory layout::
                                              on open)
       volumes/<id:08d>.<gen>.vol             a volume written before salts (read, deleted
                                              in and compacted; never appended to again)
+      volumes/refused/<name>                 a volume set aside on open (below)
       quarantine/<key>                       a quarantined part's payload, as a plain file
 
 The salt is 8 random bytes (16 hex digits), chosen when the volume is created and kept by
 every generation of it; it is in the name, not the file, so no damaged sector can lose it.
 Opening deletes a volume's older generations (a compaction's source not unlinked yet) and
 gives a free id to a volume whose id another of another salt has (a karma8 from before salts
-run again on the directory creates ids it cannot see are taken). A volume whose first needle
-is whole but whose needles do not check out under the salt its name gives was renamed: the
-store refuses to open rather than cut it as a torn tail.
+run again on the directory creates ids it cannot see are taken). A volume none of whose
+needles checks out under the salt its name gives, though whole needles are in it (renamed,
+copied under another name, or damaged in every header), is no torn tail: it is moved to
+``volumes/refused/`` whole, not cut, and its parts are missing until it is put back.
 
 Appending (:mod:`~karma8.store.packed.store`). One volume is active. A commit takes its offset
 at the active volume's end on the event loop, so appends to a volume never overlap, and hands

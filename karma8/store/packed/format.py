@@ -157,21 +157,35 @@ def decode_header(data: bytes, offset: int, salt: bytes | None) -> Needle | None
     )
 
 
-def whole_first_needle(read: Callable[[int, int], bytes], size: int) -> bool:
-    """Whether a volume of ``size`` bytes starts with a whole needle of either format, its
-    header's check aside: a magic, a known version and flags, a key, and all its bytes there,
-    its payload matching its CRC. The first needle cannot lie inside a payload, so a volume
-    where it is whole but no needle checks out under the salt its name gives was renamed or
-    copied under another name, not torn: its bytes are not to be cut."""
-    head = read(0, min(HEADER_SIZE + MAX_KEY, size))
-    if len(head) < HEADER_SIZE:
-        return False
-    magic, version, flags, key_len, length, crc, _ = _FIELDS.unpack_from(head)
-    if magic != MAGIC or version not in (VERSION, SALTED) or flags not in (LIVE, TOMBSTONE):
-        return False
-    if not 0 < key_len <= MAX_KEY or needle_size(key_len, length) > size:
-        return False
-    return bool(zlib.crc32(read(HEADER_SIZE + key_len, length)) == crc)
+def holds_whole_needles(read: Callable[[int, int], bytes], size: int) -> bool:
+    """Whether a volume of ``size`` bytes holds a whole needle of either format anywhere,
+    its header's check aside: at an aligned magic, a known version and flags, a key, all its
+    bytes there and its payload matching its CRC. Asked of a volume where no needle checks
+    out under its salt: with whole needles in it, it was renamed, copied under another
+    name, or damaged in every header, not torn, and its bytes are not to be cut."""
+    pos = _next_magic(read, 0, size)
+    while pos < size:
+        head = read(pos, min(HEADER_SIZE + MAX_KEY, size - pos))
+        if len(head) >= HEADER_SIZE:
+            magic, version, flags, key_len, length, crc, _ = _FIELDS.unpack_from(head)
+            if (
+                magic == MAGIC
+                and version in (VERSION, SALTED)
+                and flags in (LIVE, TOMBSTONE)
+                and 0 < key_len <= MAX_KEY
+                and pos + needle_size(key_len, length) <= size
+                and _crc_of(read, pos + HEADER_SIZE + key_len, length) == crc
+            ):
+                return True
+        pos = _next_magic(read, pos + ALIGN, size)
+    return False
+
+
+def _crc_of(read: Callable[[int, int], bytes], offset: int, length: int) -> int:
+    crc = 0
+    for at in range(offset, offset + length, _RESYNC_READ):
+        crc = zlib.crc32(read(at, min(_RESYNC_READ, offset + length - at)), crc)
+    return crc
 
 
 @attrs.frozen(kw_only=True)

@@ -154,7 +154,7 @@ class PackedReader:
                 self._drop(volume_id)
         for volume_id, (generation, salt) in sorted(newest.items()):
             current = self._volumes.get(volume_id)
-            if current is not None and current.generation != generation:
+            if current is not None and (current.generation, current.salt) != (generation, salt):
                 self._drop(volume_id)
                 current = None
             if current is None:

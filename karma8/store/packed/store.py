@@ -7,7 +7,6 @@ The theory of operation (format, appends, recovery, compaction) is in
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
@@ -37,10 +36,10 @@ from karma8.store.packed.format import (
     HEADER_SIZE,
     encode,
     encode_tombstone,
+    holds_whole_needles,
     needle_size,
     new_salt,
     scan,
-    whole_first_needle,
 )
 from karma8.store.packed.index import NeedleRef, PackedIndex
 from karma8.store.packed.volumes import (
@@ -55,6 +54,7 @@ log = logging.getLogger("karma8.store.packed")
 
 DEFAULT_VOLUME_SIZE = 1 << 30
 DEFAULT_COMPACT_RATIO = 0.5
+REFUSED = "refused"  # under volumes/: volumes set aside on open, nothing cut (see _set_aside)
 
 
 class PackedStore:
@@ -116,10 +116,8 @@ class PackedStore:
     def _recover(self) -> int:
         """Load every volume's newest generation; returns the torn bytes truncated.
 
-        Raises:
-            OSError: A volume whose first needle is whole but whose needles do not check out
-                under the salt its name gives (renamed or copied under another name): it is
-                left as it is, not cut to nothing.
+        A volume in which no needle checks out under the salt its name gives, though whole
+        needles are in it, is set aside (:meth:`_set_aside`), not cut to nothing.
         """
         for name in os.listdir(self.directory):
             if name.endswith(".tmp"):  # an interrupted compaction's output
@@ -146,20 +144,13 @@ class PackedStore:
             generation, salt = plan.current[volume]
             path = self.directory / volume_name(volume, generation, salt)
             fd = os.open(path, os.O_RDWR | O_CLOEXEC)
-            try:
-                size = os.fstat(fd).st_size
-                reader = WindowReader(fd)
-                found = scan(reader.read, size, salt)
-                if found.end == 0 < size and whole_first_needle(reader.read, size):
-                    raise OSError(
-                        errno.EINVAL,
-                        f"{path}: its needles do not check out under the salt its name gives"
-                        " (renamed, or copied under another name?); not opened, nothing cut:"
-                        " give the file back its name",
-                    )
-            except BaseException:
+            size = os.fstat(fd).st_size
+            reader = WindowReader(fd)
+            found = scan(reader.read, size, salt)
+            if found.end == 0 < size and holds_whole_needles(reader.read, size):
                 os.close(fd)
-                raise
+                self._set_aside(path)
+                continue
             if found.end < size:
                 log.warning(
                     "%s: %d bytes after the last intact needle cut off (never acknowledged)",
@@ -172,6 +163,22 @@ class PackedStore:
             self.index.load(volume, generation, found.needles)
             self._files[volume] = VolumeFile(volume, generation, salt, path, fd, found.end)
         return truncated
+
+    def _set_aside(self, path: Path) -> None:
+        """Move a volume none of whose needles checks out under its salt, though whole ones
+        are in it, to ``volumes/refused/``: not cut as a torn tail, and out of the way."""
+        aside = self.directory / REFUSED
+        aside.mkdir(mode=DIR_MODE, exist_ok=True)
+        os.rename(path, aside / path.name)
+        fsync_dir(aside)
+        fsync_dir(self.directory)
+        log.error(
+            "%s: no needle checks out under the salt its name gives, yet whole needles are"
+            " in it (renamed, copied under another name, or every header damaged): moved to"
+            " %s, nothing cut; its parts are missing here until it is back under its own name",
+            path,
+            aside / path.name,
+        )
 
     def _create(self, volume: int, generation: int) -> VolumeFile:
         salt = new_salt()
