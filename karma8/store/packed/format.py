@@ -153,7 +153,7 @@ def decode_header(data: bytes, offset: int, salt: bytes | None) -> Needle | None
         crc=crc,
         sha256=sha,
         data_offset=offset + HEADER_SIZE + key_len,
-        size=(HEADER_SIZE + key_len + length + ALIGN - 1) // ALIGN * ALIGN,
+        size=needle_size(key_len, length),
     )
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from karma8.store.diskio import O_CLOEXEC, close_quietly, pread_exact
 from karma8.store.packed.format import LIVE, Needle, scan
-from karma8.store.packed.volumes import WindowReader, parse_volume_name, volume_name
+from karma8.store.packed.volumes import WindowReader, plan_volumes, volume_name, volume_of
 
 _VOLUMES = "volumes"
 REFRESH_EVERY = 1.0  # seconds: the longest a retired volume generation stays open here
@@ -137,18 +137,11 @@ class PackedReader:
         except OSError:
             return True
         left = budget
-        newest: dict[int, tuple[int, bytes | None]] = {}
-        mixed: set[int] = set()  # ids of volumes of two salts: the node renumbers one on open
-        for name in names:
-            parsed = parse_volume_name(name)
-            if parsed is not None:
-                volume, generation, salt = parsed
-                if volume in newest and newest[volume][1] != salt:
-                    mixed.add(volume)
-                if volume not in newest or generation > newest[volume][0]:
-                    newest[volume] = generation, salt
-        for volume in mixed:
-            del newest[volume]
+        plan = plan_volumes(names)
+        # An id of volumes of two salts is the node's to renumber as it opens: none is read.
+        skipped = {new for _, new in plan.renumber}
+        skipped.update(volume_of(name) for name, _ in plan.renumber)
+        newest = {v: current for v, current in plan.current.items() if v not in skipped}
         for volume_id in list(self._volumes):
             if volume_id not in newest:  # compaction left it with no live needle
                 self._drop(volume_id)

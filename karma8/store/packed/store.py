@@ -119,10 +119,11 @@ class PackedStore:
         A volume in which no needle checks out under the salt its name gives, though whole
         needles are in it, is set aside (:meth:`_set_aside`), not cut to nothing.
         """
-        for name in os.listdir(self.directory):
+        names = os.listdir(self.directory)
+        for name in names:
             if name.endswith(".tmp"):  # an interrupted compaction's output
                 (self.directory / name).unlink(missing_ok=True)
-        plan = plan_volumes(os.listdir(self.directory))
+        plan = plan_volumes(names)
         for name in plan.unknown:
             log.warning("%s: not a volume's name; left alone", self.directory / name)
         for name in plan.superseded:

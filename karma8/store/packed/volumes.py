@@ -46,6 +46,13 @@ def parse_volume_name(name: str) -> tuple[int, int, bytes | None] | None:
     return int(match[1]), int(match[2]), salt
 
 
+def volume_of(name: str) -> int:
+    """The volume id of a volume file's name (one :func:`parse_volume_name` accepts)."""
+    parsed = parse_volume_name(name)
+    assert parsed is not None, name
+    return parsed[0]
+
+
 @attrs.frozen(kw_only=True)
 class VolumePlan:
     """What a directory's volume files are, as :func:`plan_volumes` read their names.
