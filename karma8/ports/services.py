@@ -1,33 +1,22 @@
-"""The ports: every capability an actor needs from the world, as a typing.Protocol.
-
-Actors receive implementations of these in their constructors and never learn which world
-provides them. ``karma8.sim`` implements them with in-memory, virtual-time, fault-injecting
-adapters; ``karma8.net`` with HTTP clients, real files and real time. The metadata store
-(``karma8.metadata``) is on SQLite in both worlds, or on PostgreSQL in net mode; what differs
-is the :class:`BlockingRunner` that runs its calls (inline in the simulator; in net, inline
-with commits made durable in shared log syncs, see ``karma8.net.metasync``, or in worker
-threads for PostgreSQL).
-"""
+"""The actors' services to one another: what gateways and nodes ask of discovery, what the
+rebalancer asks of it, and what a gateway asks of any storage node."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import attrs
 
 from karma8.core.access import NamespaceInfo, Right, TokenInfo
 from karma8.core.errors import Karma8Error
-from karma8.core.layout import StripeLayout
 from karma8.core.model import (
-    ClusterTotals,
     FileEntry,
     FileVersion,
     MoveTicket,
     NodeRef,
     NodeRegistration,
-    NodeState,
     NodeStatus,
     PartPlacement,
     PartReceipt,
@@ -35,48 +24,7 @@ from karma8.core.model import (
     Repair,
     RepairStatus,
 )
-from karma8.core.placement import NodeLoad
-from karma8.core.rebalance import MovablePart, Move, NodeFill, RebalancePlan
-
-T = TypeVar("T")
-
-
-class Clock(Protocol):
-    """Wall-clock time in seconds since the epoch (virtual in the simulator)."""
-
-    def now(self) -> float: ...
-
-
-class IdSource(Protocol):
-    """Unique, unguessable ids (seeded in the simulator)."""
-
-    def new_id(self) -> str: ...
-
-    def new_version_id(self) -> str:
-        """A version's id: unique, 21 hex digits, in the order versions are created (its
-        first 13 the microseconds since the epoch), so that the metadata's indexes on it
-        grow at their end instead of at a random leaf each. Not a secret."""
-        ...
-
-
-class BlockingRunner(Protocol):
-    """Runs a short blocking call (a SQLite transaction, hashing a big chunk): inline in the
-    simulator; in net mode hashing goes to a worker thread, and metadata calls run inline
-    and return once their commits are durable (``karma8.net.metasync``), or, on PostgreSQL,
-    in worker threads, as many as the store has connections."""
-
-    async def __call__(self, fn: Callable[[], T]) -> T: ...
-
-
-class MetadataRunner(BlockingRunner, Protocol):
-    """The :class:`BlockingRunner` discovery calls its store through, with one more way in."""
-
-    async def read_ahead(self, fn: Callable[[], T]) -> T:
-        """Run ``fn``, which writes nothing, and return its answer without waiting for
-        earlier commits to be durable; an exception it raises is raised as ``__call__``
-        raises it (once they are). For an answer that grants nothing a power loss would not
-        take back with those commits (a placement lease, held in memory)."""
-        ...
+from karma8.core.rebalance import Move, RebalancePlan
 
 
 @attrs.frozen(kw_only=True)
@@ -328,43 +276,6 @@ class WholePartWriter(Protocol):
         ...
 
 
-class StepRunner(Protocol):
-    """Runs blocking steps in a thread before a sync that makes them durable, many writers'
-    steps in one round (:class:`karma8.store.groupsync.GroupSync`)."""
-
-    async def run_steps(self, fns: Sequence[Callable[[], None]]) -> list[BaseException | None]:
-        """Run the steps in one round; what each raised, None for one that ran through."""
-        ...
-
-
-@attrs.frozen(kw_only=True, eq=False)
-class PendingWrite:
-    """A part's write begun but not run: ``step`` writes its bytes (blocking, for
-    ``runner`` to run in a round with other writes' steps); ``end`` must then be called once,
-    with what the step raised (None if it ran) or why it never ran, and returns the stored
-    part or raises (DiskFull, StorageFailure, UploadConflict, or that exception)."""
-
-    step: Callable[[], None]
-    end: Callable[[BaseException | None], StoredPart]
-    runner: StepRunner
-
-
-@runtime_checkable
-class WholePartStore(Protocol):
-    """A :class:`PartStore` that can begin a whole part's write for a caller to run with
-    others' (see :class:`WholePartWriter`)."""
-
-    def whole_runner(self, size: int) -> StepRunner | None:
-        """What runs the write of a whole part of ``size`` bytes begun by
-        :meth:`begin_whole`; None if this store cannot take one that way."""
-        ...
-
-    async def begin_whole(self, key: str, data: bytes) -> PendingWrite:
-        """Begin storing a whole part (``whole_runner`` says it can); raises as a writer's
-        commit would (UploadConflict, DiskFull), or InvalidRequest for a bad key."""
-        ...
-
-
 @runtime_checkable
 class WholeParts(Protocol):
     """A :class:`StorageAPI` that can hand some parts over whole at once, without opening a
@@ -376,226 +287,3 @@ class WholeParts(Protocol):
         the usual way, which finds out why. Blocking, but brief (one read of each small
         part)."""
         ...
-
-
-class PartWriter(Protocol):
-    """A part being written: invisible to readers until :meth:`commit`."""
-
-    async def write(self, data: bytes) -> None: ...
-
-    async def commit(self) -> StoredPart:
-        """Make the part durable and visible; returns its size and the sha256 of its bytes,
-        which the writer computes as they go to the disk (one pass with the block checks)."""
-        ...
-
-    async def discard(self) -> None:
-        """Drop whatever was written. Safe to call after a failure, and more than once."""
-        ...
-
-
-class PartStore(Protocol):
-    """A storage node's disk."""
-
-    capacity_bytes: int
-
-    async def create(self, key: str) -> PartWriter: ...
-
-    def open(
-        self, key: str, *, offset: int, length: int
-    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
-        """Read ``length`` bytes from ``offset``; raises NotFound, IntegrityError if short."""
-        ...
-
-    async def stat(self, key: str) -> StoredPart | None: ...
-
-    async def delete(self, key: str) -> bool: ...
-
-    async def keys(self) -> list[str]: ...
-
-    async def used_bytes(self) -> int: ...
-
-    async def free_bytes(self) -> int:
-        """Bytes the disk under the store can still take, whatever the quota: a node's
-        capacity is the smaller of its quota and what it uses plus this."""
-        ...
-
-    async def verify(self, key: str) -> bool:
-        """Re-read a part; True if its bytes match its recorded checksum. Raises NotFound."""
-        ...
-
-    async def quarantine(self, key: str) -> bool:
-        """Take a part out of service (kept aside for inspection); False if absent."""
-        ...
-
-
-class MetadataStore(Protocol):
-    """Discovery's durable state. Every method is one short, atomic transaction."""
-
-    def create_namespace(self, namespace: str, now: float, *, public: bool = False) -> None: ...
-
-    def add_namespace(
-        self, namespace: str, now: float, *, public: bool, copies: int = 1, parity: int = 0
-    ) -> NamespaceInfo: ...
-
-    def namespace_info(self, namespace: str) -> NamespaceInfo: ...
-
-    def disable_namespace(self, namespace: str) -> NamespaceInfo: ...
-
-    def list_namespaces(self) -> list[NamespaceInfo]: ...
-
-    def namespace_exists(self, namespace: str) -> bool: ...
-
-    def add_token(
-        self,
-        *,
-        token_id: str,
-        namespace: str,
-        read: bool,
-        write: bool,
-        secret_hash: str,
-        now: float,
-    ) -> TokenInfo: ...
-
-    def list_tokens(self, namespace: str | None = None) -> list[TokenInfo]: ...
-
-    def revoke_token(self, token_id: str, now: float) -> TokenInfo: ...
-
-    def check_access(
-        self, namespace: str, token_id: str | None, secret_hash: str | None, right: Right
-    ) -> None: ...
-
-    def upsert_node(
-        self, registration: NodeRegistration, now: float, *, suspect_for: float = 0.0
-    ) -> NodeState | None: ...
-
-    def mark_node_suspect(self, node_id: str, now: float) -> bool: ...
-
-    def mark_stale_nodes(self, seen_before: float) -> list[str]: ...
-
-    def list_nodes(self) -> list[NodeStatus]: ...
-
-    def totals(self) -> ClusterTotals:
-        """Committed files, their bytes, and pending uploads."""
-        ...
-
-    def hold_leadership(self, role: str, holder: str, *, now: float, until: float) -> bool:
-        """Take or renew ``role``'s lease for ``holder`` until ``until``; True if ``holder``
-        holds it (discovery instances sharing a store run a role only while they do)."""
-        ...
-
-    def begin_version(
-        self,
-        *,
-        version_id: str,
-        namespace: str,
-        name: str,
-        layout: StripeLayout,
-        size_hint: int | None,
-        now: float,
-        expires_at: float,
-        if_absent: bool,
-        place: Callable[[Sequence[NodeLoad]], Sequence[str]],
-        reserve_size: int | None = None,
-    ) -> FileVersion: ...
-
-    def extend_reservation(self, *, version_id: str, size: int) -> None: ...
-
-    def commit_version(
-        self,
-        *,
-        version_id: str,
-        size: int,
-        receipts: Sequence[PartReceipt],
-        now: float,
-        if_absent: bool,
-    ) -> FileVersion: ...
-
-    def abort_version(self, version_id: str, now: float) -> FileVersion: ...
-
-    def placement_view(
-        self, namespace: str, name: str, *, if_absent: bool
-    ) -> list[tuple[NodeLoad, str]]: ...
-
-    def commit_placed(
-        self,
-        *,
-        version_id: str,
-        namespace: str,
-        name: str,
-        layout: StripeLayout,
-        nodes: Sequence[str],
-        size: int,
-        receipts: Sequence[PartReceipt],
-        created_at: float,
-        now: float,
-        if_absent: bool,
-    ) -> FileVersion: ...
-
-    def replace_part(
-        self,
-        *,
-        version_id: str,
-        index: int,
-        failed_node_id: str,
-        place: Callable[[Sequence[NodeLoad], int], Sequence[str]],
-    ) -> PartPlacement: ...
-
-    def current_version(self, namespace: str, name: str) -> FileVersion | None: ...
-
-    def retire_current(self, namespace: str, name: str, now: float) -> bool: ...
-
-    def list_files(
-        self, namespace: str, *, prefix: str, after: str, limit: int
-    ) -> list[FileEntry]: ...
-
-    def expire_pending(self, now: float) -> int: ...
-
-    def garbage_for_node(self, node_id: str, *, retired_before: float, limit: int) -> list[str]: ...
-
-    def forget_parts(self, node_id: str, keys: Sequence[str]) -> int: ...
-
-    def part_keys_on_node(self, node_id: str) -> set[str]: ...
-
-    def expire_moves(self, now: float) -> int: ...
-
-    def rebalance_fills(self) -> list[NodeFill]: ...
-
-    def movable_parts(
-        self, node_id: str, *, limit: int, receivers: Sequence[str]
-    ) -> list[MovablePart]: ...
-
-    def begin_move(
-        self,
-        *,
-        key: str,
-        source: str,
-        target: str,
-        now: float,
-        lease_until: float,
-        held: int = 0,
-    ) -> MoveTicket: ...
-
-    def finish_move(self, *, key: str, target: str, checksum: str, now: float) -> None: ...
-
-    def abort_move(self, key: str, now: float) -> bool: ...
-
-    def move_counts(self) -> dict[str, int]: ...
-
-    def mark_damaged(self, node_id: str, keys: Sequence[str], reason: str, now: float) -> int: ...
-
-    def forget_present(self, node_id: str, present: Sequence[str]) -> int: ...
-
-    def expected_parts(self, node_id: str) -> list[str]: ...
-
-    def begin_repairs(
-        self,
-        *,
-        lost_before: float,
-        limit: int,
-        now: float,
-        lease_until: float,
-        place: Callable[[Sequence[NodeLoad], MovablePart], str | None],
-        held: Callable[[str], int],
-    ) -> list[Repair]: ...
-
-    def repair_counts(self, lost_before: float) -> dict[str, int]: ...
