@@ -496,3 +496,100 @@ async def test_a_method_not_in_upper_case_is_501_before_any_app_sees_it() -> Non
     assert error["message"].endswith("methods are case-sensitive")
     assert f"x-request-id: {error['request_id']}".encode() in head.lower()
     assert answers[4].endswith(b"\r\n\r\n")  # "head": no body
+
+
+class SpawnedTasks(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.names.append(task.name)
+
+
+async def test_the_keep_alive_timer_is_one_task_per_connection() -> None:
+    # Hypercorn started a new timer task each time the connection went idle (and cancelled
+    # it at the next request): a task and two scheduler trips per request.
+    spawned = SpawnedTasks()
+    async with trio.open_nursery() as nursery:
+        async with await served(nursery) as stream:
+            trio.lowlevel.add_instrument(spawned)
+            try:
+                for _ in range(10):
+                    await stream.send_all(b"GET /f HTTP/1.1\r\nHost: x\r\n\r\n")
+                    answer = b""
+                    with trio.fail_after(GIVE_UP):
+                        while not answer.endswith(HELLO):
+                            answer += await stream.receive_some(65536)
+                    assert answer.startswith(b"HTTP/1.1 200")
+                await trio.testing.wait_all_tasks_blocked()
+            finally:
+                trio.lowlevel.remove_instrument(spawned)
+        nursery.cancel_scope.cancel()
+    timers = [name for name in spawned.names if "idle" in name.lower()]
+    assert len(timers) <= 1, timers
+
+
+class IdleServer:
+    """What the keep-alive timer knows of Hypercorn's TCP server: its config, its context
+    (``terminated``: a graceful shutdown) and how it closes an idle connection."""
+
+    def __init__(self) -> None:
+        self.config = SimpleNamespace(keep_alive_timeout=5)
+        self.terminated = trio.Event()
+        self.context = SimpleNamespace(terminated=self.terminated)
+        self.closed_at: float | None = None
+
+    async def _idle_timeout(self) -> None:  # the action Hypercorn hands its timer
+        raise AssertionError("the timer closes the connection itself")
+
+    async def _initiate_server_close(self) -> None:
+        self.closed_at = trio.current_time()
+
+
+async def test_the_timer_closes_only_an_idle_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = IdleServer()
+    timer = http_fixes.IdleTimer()
+    async with trio.open_nursery() as nursery:
+        group = SimpleNamespace(_nursery=nursery)
+        await timer.restart(group, server._idle_timeout)  # idle: closed 5 s from now
+        await trio.sleep(4)
+        await timer.stop()  # a request: never closed while it runs
+        await trio.sleep(60)
+        server.terminated.set()  # a graceful shutdown waits for the answer
+        await trio.sleep(1)
+        assert server.closed_at is None
+        start = trio.current_time()
+        await timer.restart(group, server._idle_timeout)  # answered: idle, shut down
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.closed_at == start
+
+
+async def test_the_timer_closes_a_connection_idle_for_its_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = IdleServer()
+    timer = http_fixes.IdleTimer()
+    async with trio.open_nursery() as nursery:
+        group = SimpleNamespace(_nursery=nursery)
+        await timer.restart(group, server._idle_timeout)
+        await trio.sleep(3)
+        await timer.stop()
+        await timer.restart(group, server._idle_timeout)  # idle again: 5 s from here
+        start = trio.current_time()
+    assert server.closed_at == start + 5
+
+
+async def test_a_cancelled_timer_ends_without_closing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The reader ended (the client closed): Hypercorn closes the connection itself.
+    server = IdleServer()
+    timer = http_fixes.IdleTimer()
+    async with trio.open_nursery() as nursery:
+        await timer.restart(SimpleNamespace(_nursery=nursery), server._idle_timeout)
+        await trio.sleep(1)
+        timer.cancel()
+    assert server.closed_at is None
+    assert trio.current_time() < 5
