@@ -81,6 +81,15 @@ def test_round_trips_listing_and_removal(cluster: Path, tmp_path: Path) -> None:
     assert long.returncode == 0, long.stderr
     assert (tmp_path / "long").read_bytes() == (tmp_path / "in-1").read_bytes()
     assert not list(tmp_path.glob("long.karma8-partial*"))
+    # One already whole (a run stopped as it renamed it) is only moved into place.
+    listed = json.loads(karma8("ls", "default/c/f4097", "--json", *data, cwd=tmp_path).stdout)
+    (tmp_path / "whole.karma8-partial").write_bytes((tmp_path / "in-4097").read_bytes())
+    (tmp_path / "whole.karma8-partial.etag").write_text(listed[0]["etag"])
+    whole = karma8("get", "default/c/f4097", str(tmp_path / "whole"), *data, cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    assert "(resumed at 4097 bytes)" in whole.stdout
+    assert (tmp_path / "whole").read_bytes() == (tmp_path / "in-4097").read_bytes()
+    assert not list(tmp_path.glob("whole.karma8-partial*"))
     # To stdout, and from stdin.
     piped = subprocess.run(
         [sys.executable, "-m", "karma8.cli", "put", "-", "default/c/piped", *data],

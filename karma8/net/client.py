@@ -323,9 +323,12 @@ def _download(
         if have:
             ranged = {**headers, "Range": f"bytes={have}-", "If-Range": etag_file.read_text()}
             response = stack.enter_context(_stream(http, url, ranged, allow=416))
-            if response.status_code == 416:  # the partial file is this version's length or
-                stack.close()  # longer (edited; or whole, a run stopped as it renamed it):
-                have = 0  # start over
+            if response.status_code == 416:  # If-Range matched (else a 200): the partial
+                whole = _whole_length(response) == have  # file is no shorter than the version
+                stack.close()
+                if whole:  # a run stopped as it renamed it: nothing is left to fetch
+                    return _finish(args, namespace, name, out, size=have, resumed_at=have)
+                have = 0  # longer (edited by hand): start over
         if not have:
             response = stack.enter_context(_stream(http, url, headers))
         resumed = response.status_code == 206
@@ -355,11 +358,30 @@ def _download(
             f"the download stopped at {written} of {size} bytes; run the same command again"
             " to resume"
         )
-    partial.replace(out)
-    etag_file.unlink()
-    note = f" (resumed at {have} bytes)" if resumed else ""
+    return _finish(args, namespace, name, out, size=size, resumed_at=have if resumed else None)
+
+
+def _whole_length(response: httpx.Response) -> int | None:
+    """The version's length a 416's ``Content-Range: bytes */LENGTH`` gives, if it does."""
+    unit, _, length = response.headers.get("Content-Range", "").partition(" */")
+    return int(length) if unit == "bytes" and length.isdigit() else None
+
+
+def _finish(
+    args: argparse.Namespace,
+    namespace: str,
+    name: str,
+    out: str,
+    *,
+    size: int,
+    resumed_at: int | None,
+) -> str:
+    """Move the whole download into place; what ``karma8 get`` says of it."""
+    Path(out + PARTIAL).replace(out)
+    Path(out + PARTIAL + ".etag").unlink()
     if args.json:
-        return json.dumps({"file": out, "size": size, "resumed_at": have if resumed else None})
+        return json.dumps({"file": out, "size": size, "resumed_at": resumed_at})
+    note = f" (resumed at {resumed_at} bytes)" if resumed_at is not None else ""
     return f"{namespace}/{name} -> {out}: {format_size(size)} ({size} bytes){note}"
 
 
