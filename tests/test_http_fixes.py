@@ -593,3 +593,25 @@ async def test_a_cancelled_timer_ends_without_closing(
         timer.cancel()
     assert server.closed_at is None
     assert trio.current_time() < 5
+
+
+async def test_a_request_at_the_deadline_leaves_the_timer_running(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A request handled in the same scheduler batch as the deadline expiry lifts the
+    # deadline of an already cancelled scope: the timer must not take that for cancel().
+    for _ in range(20):  # the batch's order is random; both orders, with near certainty
+        server = IdleServer()
+        timer = http_fixes.IdleTimer()
+        async with trio.open_nursery() as nursery:
+            group = SimpleNamespace(_nursery=nursery)
+            await timer.restart(group, server._idle_timeout)
+            await trio.sleep_until(trio.current_time() + 5)  # woken with the timer
+            if server.closed_at is not None:
+                continue  # the timer ran first and closed it: fine
+            await timer.stop()  # the request arrived
+            await trio.sleep(60)
+            await timer.restart(group, server._idle_timeout)  # answered
+            start = trio.current_time()
+            await trio.sleep(6)
+            assert server.closed_at == start + 5

@@ -229,6 +229,7 @@ class IdleTimer:
         self._scope = trio.CancelScope()
         self._idle = trio.Event()  # set while the connection waits for a request
         self._timeout: float | None = None
+        self._ended = False
 
     async def restart(self, task_group: Any, action: Callable[[], Awaitable[None]]) -> None:
         # ``action`` is the server's ``_idle_timeout``, bound: its server is what to close.
@@ -246,17 +247,24 @@ class IdleTimer:
 
     def cancel(self) -> None:
         """End the timer for good: the connection's reader is done."""
+        self._ended = True
         self._scope.cancel()
 
     async def _watch(self, server: Any) -> None:
-        with self._scope:
-            while True:
-                await self._idle.wait()
-                await server.context.terminated.wait()
-                if self._idle.is_set():
-                    break  # shut down while idle; while a request runs, once it is answered
-        if self._scope.cancelled_caught and self._scope.deadline > trio.current_time():
-            return  # cancel(): the reader ended, and Hypercorn closes the connection
+        while True:
+            with self._scope:
+                while True:
+                    await self._idle.wait()
+                    await server.context.terminated.wait()
+                    if self._idle.is_set():
+                        break  # shut down while idle; while a request runs, once answered
+            if self._ended:
+                return  # cancel(): the reader ended, and Hypercorn closes the connection
+            if not self._scope.cancelled_caught or self._scope.deadline <= trio.current_time():
+                break
+            # The deadline passed, but a request lifted it (or a restart moved it) before
+            # this task ran: a cancelled scope stays cancelled, so watch on with a new one.
+            self._scope = trio.CancelScope(deadline=self._scope.deadline)
         with trio.CancelScope(shield=True):
             await server._initiate_server_close()
 
