@@ -17,6 +17,7 @@ from karma8.core.model import (
 )
 from karma8.core.placement import NodeLoad
 from karma8.core.rebalance import MovablePart
+from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.metadata.store import SqlMetadataStore
 
 PARITY = StripeLayout(parts=5, unit=4, parity=1)
@@ -186,3 +187,20 @@ def test_with_no_node_free_of_the_file_a_lost_part_waits(store: SqlMetadataStore
     store.mark_damaged("n4", ["p.4"], "failed its checksum", 5.0)
     assert repair(store, lost_before=0.0) == []
     assert store.repair_counts(lost_before=0.0)["due_parts"] == 1
+
+
+def test_a_nodes_own_reports_are_found_by_index() -> None:
+    # A lost disk reports every part it held; the node's next listing must not scan them all
+    # (nor every other node's) to find its own.
+    store = SqliteMetadataStore(":memory:")
+    with store._read() as db:
+        plan = " ".join(
+            str(row[-1])
+            for row in db.execute(
+                "EXPLAIN QUERY PLAN SELECT part_key FROM damaged_parts"
+                " WHERE node_id = ? AND reason = ?",
+                ("n1", MISSING_ON_ITS_NODE),
+            )
+        )
+    store.close()
+    assert "USING INDEX damaged_by_node" in plan, plan

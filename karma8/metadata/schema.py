@@ -162,6 +162,14 @@ CREATE TABLE IF NOT EXISTS leaders (
 """
 
 
+# A node's parts check asks for its own reports (``repairs.missing_reported``) on every
+# listing; without it that query scans every report of every node, which a lost disk makes
+# as many as the parts it held.
+DAMAGED_BY_NODE = """
+CREATE INDEX IF NOT EXISTS damaged_by_node ON damaged_parts(node_id, reason);
+"""
+
+
 class SchemaError(Exception):
     """The database's schema is not the one this karma8 runs on (behind or ahead)."""
 
@@ -194,6 +202,11 @@ def _baseline(db: Connection, dialect: Dialect) -> None:
 MIGRATIONS = (
     Migration(version=1, what="the schema before versions", apply=_baseline),
     Migration(version=2, what="leadership leases (leaders)", apply=_script(LEADERS)),
+    Migration(
+        version=3,
+        what="reports of damaged parts by node (damaged_by_node)",
+        apply=_script(DAMAGED_BY_NODE),
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 
