@@ -73,12 +73,14 @@ async def test_range_requests(
 
 
 async def test_unsatisfiable_range_is_416(net: NetDriver, client: httpx.AsyncClient) -> None:
-    await client.put(url(net, "/default/r"), content=b"0123456789")
+    put = await client.put(url(net, "/default/r"), content=b"0123456789")
     response = await client.get(url(net, "/default/r"), headers={"Range": "bytes=10-"})
     assert response.status_code == 416
     assert response.json()["error"]["code"] == "range_not_satisfiable"
     assert response.json()["error"]["request_id"] == response.headers["X-Request-Id"]
     assert response.headers["Content-Range"] == "bytes */10"
+    # Which version it is of: a client resuming checks it is the one it has a part of.
+    assert response.headers["ETag"] == put.headers["ETag"]
 
 
 async def test_allowed_methods_are_named(net: NetDriver, client: httpx.AsyncClient) -> None:

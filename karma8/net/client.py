@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Iterator
@@ -321,10 +322,14 @@ def _download(
     headers = target.headers()
     with ExitStack() as stack:
         if have:
-            ranged = {**headers, "Range": f"bytes={have}-", "If-Range": etag_file.read_text()}
+            sent = etag_file.read_text()
+            ranged = {**headers, "Range": f"bytes={have}-", "If-Range": sent}
             response = stack.enter_context(_stream(http, url, ranged, allow=416))
-            if response.status_code == 416:  # If-Range matched (else a 200): the partial
-                whole = _whole_length(response) == have  # file is no shorter than the version
+            # A hop that dropped If-Range would answer for another version: trust a 206 or
+            # a 416 only when it names the ETag the partial file is of.
+            same = response.headers.get("ETag") == sent
+            if response.status_code == 416 or (response.status_code == 206 and not same):
+                whole = response.status_code == 416 and same and _whole_length(response) == have
                 stack.close()
                 if whole:  # a run stopped as it renamed it: nothing is left to fetch
                     return _finish(args, namespace, name, out, size=have, resumed_at=have)
@@ -363,8 +368,8 @@ def _download(
 
 def _whole_length(response: httpx.Response) -> int | None:
     """The version's length a 416's ``Content-Range: bytes */LENGTH`` gives, if it does."""
-    unit, _, length = response.headers.get("Content-Range", "").partition(" */")
-    return int(length) if unit == "bytes" and length.isdigit() else None
+    match = re.fullmatch(r"bytes \*/([0-9]+)", response.headers.get("Content-Range", "").strip())
+    return int(match[1]) if match else None
 
 
 def _finish(

@@ -176,7 +176,10 @@ class ObjectRoutes(ExchangeRoutes[Target]):
         try:
             span = resolve_range(wanted, version.size)
         except RangeNotSatisfiable as exc:
-            unsatisfied = [(b"content-range", f"bytes */{version.size}".encode())]
+            unsatisfied = [
+                (b"content-range", f"bytes */{version.size}".encode()),
+                *_version_headers(version),
+            ]
             refused = error_body(exc, exchange.request_id)
             await exchange.answer_json(error_status(exc), refused, unsatisfied)
             return
