@@ -615,3 +615,27 @@ async def test_a_request_at_the_deadline_leaves_the_timer_running(
             start = trio.current_time()
             await trio.sleep(6)
             assert server.closed_at == start + 5
+
+
+async def test_a_kept_alive_connection_is_closed_once_idle_for_the_keep_alive_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # End to end through Hypercorn (keep_alive_timeout = header_timeout): requests that come
+    # within the timeout keep the connection; idle for the timeout, it is closed.
+    async with trio.open_nursery() as nursery:
+        url: str = await nursery.start(
+            partial(serve_app, hello, host="127.0.0.1", port=0, header_timeout=5.0)
+        )
+        host, port = url.removeprefix("http://").split(":")
+        async with await trio.open_tcp_stream(host, int(port)) as stream:
+            for _ in range(3):
+                await trio.sleep(4)
+                await stream.send_all(b"GET /f HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = b""
+                while not answer.endswith(HELLO):
+                    answer += await stream.receive_some(65536)
+                assert answer.startswith(b"HTTP/1.1 200")
+            answered = trio.current_time()
+            assert await read_until_closed(stream) == b""
+            assert trio.current_time() - answered == pytest.approx(5.0, abs=0.1)
+        nursery.cancel_scope.cancel()
