@@ -123,18 +123,20 @@ async def serve(host: str, port: int, workers: int, shared: Path | None) -> None
     if workers > 1:
         with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="stack-ceiling-") as tmp:
             await _serve(host, port, workers, Path(tmp))
-    else:
-        await _serve(host, port, workers, shared)
+    else:  # alone, or (``--shared``) one of a first process's others, joining its port
+        await _serve(host, port, workers, shared, join=shared is not None)
 
 
-async def _serve(host: str, port: int, workers: int, shared: Path | None) -> None:
+async def _serve(
+    host: str, port: int, workers: int, shared: Path | None, *, join: bool = False
+) -> None:
     async with trio.open_nursery() as nursery:
         # SIGTERM (how the benchmark stops it) ends it cleanly: its workers, then the directory.
         nursery.start_soon(until_signalled, nursery.cancel_scope)
         app = MemoryFiles(shared=shared)
         serving = partial(serve_app, app, host=host, port=port, read_timeout=None)
         if shared is not None:  # only then: an A/B run of a karma8 without the option works
-            serving = partial(serving, reuse_port=True)
+            serving = partial(serving, reuse_port=True, join_port=join)
         url = await nursery.start(serving)
         print(f"serving {url}", flush=True)
         bound = url.rsplit(":", 1)[1]
