@@ -27,11 +27,19 @@ retire_grace = 0.5
 sweep_interval = 0.2
 stripe_unit = "64 KiB"
 public_namespaces = ["default"]
-node_timeout = 2.0
+# Long enough that no live node is taken for dead on a loaded machine (a CI run of 3 test
+# workers on 2 cores starved nodes' heartbeats for over 2 s, and repair then moved their
+# parts under the test); the killed nodes are still found and rebuilt within seconds.
+node_timeout = 10.0
 
 [repair]
 interval = 0.5
 repair_after = 2.0
+
+# The test follows where each part is (what the killed nodes held, which part to corrupt):
+# a rebalancing that evens out the empty nodes it adds would move parts under it too.
+[rebalance]
+enabled = false
 """
 SIZES = [0, 1, 5, 65_536 * 5 + 3, 1_000_003, 2_000_000]
 
