@@ -332,8 +332,10 @@ def _download(
                 whole = response.status_code == 416 and same and _whole_length(response) == have
                 stack.close()
                 if whole:  # a run stopped as it renamed it: nothing is left to fetch
-                    return _finish(args, namespace, name, out, size=have, resumed_at=have)
-                have = 0  # longer (edited by hand): start over
+                    return _finish(
+                        args, namespace, name, out, partial, etag_file, size=have, resumed_at=have
+                    )
+                have = 0  # another version's, or longer (edited by hand): start over
         if not have:
             response = stack.enter_context(_stream(http, url, headers))
         resumed = response.status_code == 206
@@ -363,7 +365,16 @@ def _download(
             f"the download stopped at {written} of {size} bytes; run the same command again"
             " to resume"
         )
-    return _finish(args, namespace, name, out, size=size, resumed_at=have if resumed else None)
+    return _finish(
+        args,
+        namespace,
+        name,
+        out,
+        partial,
+        etag_file,
+        size=size,
+        resumed_at=have if resumed else None,
+    )
 
 
 def _whole_length(response: httpx.Response) -> int | None:
@@ -377,13 +388,15 @@ def _finish(
     namespace: str,
     name: str,
     out: str,
+    partial: Path,
+    etag_file: Path,
     *,
     size: int,
     resumed_at: int | None,
 ) -> str:
-    """Move the whole download into place; what ``karma8 get`` says of it."""
-    Path(out + PARTIAL).replace(out)
-    Path(out + PARTIAL + ".etag").unlink()
+    """Move the whole download (``partial``) into place; what ``karma8 get`` says of it."""
+    partial.replace(out)
+    etag_file.unlink()
     if args.json:
         return json.dumps({"file": out, "size": size, "resumed_at": resumed_at})
     note = f" (resumed at {resumed_at} bytes)" if resumed_at is not None else ""
