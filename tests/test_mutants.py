@@ -1,9 +1,11 @@
 """Mutants: deliberately broken actors that the simulator's checker must catch.
 
-Each mutant breaks one promise of the system. It is run against the shipped scenarios (cheapest
-first) and then the CI swarm seeds, and must be caught; the test names which check caught it
-and where. A mutant that survives means the checker has a hole. The table of results is in
-docs/scenarios.md.
+Each mutant breaks one promise of the system. It is run first against the shipped scenario
+that caught it when it was written down (the table in docs/scenarios.md), then against the
+other scenarios of its group (cheapest first) and the CI swarm seeds, and must be caught; the
+test names which check caught it and where. A mutant that survives means the checker has a
+hole. Hunting the known catcher first keeps the suite's time to one scenario a mutant, while a
+change that moves the catch elsewhere still passes (the record says where).
 """
 
 from __future__ import annotations
@@ -58,11 +60,13 @@ class Caught:
     checks: tuple[str, ...]  # the invariants that failed
 
 
-def hunt(scenarios: Sequence[str]) -> Caught | None:
-    """Run scenarios, then swarm seeds, until one fails; None if the mutant survives all."""
+def hunt(scenarios: Sequence[str], *, first: str) -> Caught | None:
+    """Run ``first``, the other scenarios, then swarm seeds, until one fails; None if the
+    mutant survives all."""
+    order = [first, *(name for name in scenarios if name != first)]
     named = (
         (f"scenario {name}", run_scenario(load_scenario(ROOT / "scenarios" / f"{name}.toml")))
-        for name in scenarios
+        for name in order
     )
     seeds = ((f"swarm seed {s}", run_scenario(swarm_scenario(s), s)) for s in SWARM_SEEDS)
     for runs, (where, result) in enumerate(itertools.chain(named, seeds), start=1):
@@ -332,71 +336,88 @@ def two_copies_on_one_node(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 Mutant = Callable[[pytest.MonkeyPatch], None]
-MUTANTS: list[tuple[Mutant, set[str]]] = [
-    # (mutant, the checks allowed to be the ones that catch it)
-    (skip_rollback, {"failed_uploads_cleaned_up"}),
-    (commit_with_a_missing_part, {"committed_parts_stored"}),
-    (split_off_by_one, {"failed_writes_explained"}),
-    (serve_a_stale_version, {"no_torn_or_stale_reads", "failed_reads_explained"}),
-    (two_parts_on_one_node, {"committed_parts_stored", "parts_obey_layout"}),
-    (reservation_never_released, {"reservations_released"}),
-    (acknowledge_before_durable, {"committed_parts_stored"}),
+# (mutant, the checks allowed to be the ones that catch it, the scenario hunted first: the one
+# that caught it last time, as docs/scenarios.md's table says)
+Hunted = tuple[Mutant, set[str], str]
+MUTANTS: list[Hunted] = [
+    (skip_rollback, {"failed_uploads_cleaned_up"}, "failed_write"),
+    (commit_with_a_missing_part, {"committed_parts_stored"}, "failed_write"),
+    (split_off_by_one, {"failed_writes_explained"}, "basic"),
+    (serve_a_stale_version, {"no_torn_or_stale_reads", "failed_reads_explained"}, "basic"),
+    (two_parts_on_one_node, {"committed_parts_stored", "parts_obey_layout"}, "basic"),
+    # Small uploads reserve nothing in the metadata (a placement lease holds their room), so
+    # only the streamed uploads of failed_write meet this one.
+    (reservation_never_released, {"reservations_released"}, "failed_write"),
+    (acknowledge_before_durable, {"committed_parts_stored"}, "basic"),
     # A part deleted before its commit fails the commit's check; deleted just after (the
     # node acts on an answer given while the commit was in flight), the reads that need it.
     (
         collect_leased_parts,
         {"committed_parts_stored", "failed_reads_explained", "acknowledged_writes_read_back"},
+        "basic",
     ),
 ]
 # Mutants of the rebalancer, hunted in the scenarios where it moves parts.
 REBALANCE_SCENARIOS = ["join_at_70", "join_under_reads", "join_at_92", "node_killed"]
-REBALANCE_MUTANTS: list[tuple[Mutant, set[str]]] = [
-    (switch_without_copying, {"moved_parts_stored"}),
-    (delete_the_source_at_once, {"failed_reads_explained", "acknowledged_writes_read_back"}),
-    (move_to_a_sibling, {"parts_obey_layout"}),
+REBALANCE_MUTANTS: list[Hunted] = [
+    (switch_without_copying, {"moved_parts_stored"}, "join_at_70"),
+    (
+        delete_the_source_at_once,
+        {"failed_reads_explained", "acknowledged_writes_read_back"},
+        "join_under_reads",
+    ),
+    (move_to_a_sibling, {"parts_obey_layout"}, "join_at_70"),
 ]
 # Mutants of the redundant engines, hunted in the scenarios that lose nodes and parts.
 REDUNDANCY_SCENARIOS = ["raid1_lost_node", "parity_lost_node"]
-REDUNDANCY_MUTANTS: list[tuple[Mutant, set[str]]] = [
-    (read_without_fallback, {"failed_reads_explained", "acknowledged_writes_read_back"}),
-    (two_copies_on_one_node, {"committed_parts_stored", "parts_obey_layout"}),
+REDUNDANCY_MUTANTS: list[Hunted] = [
+    (
+        read_without_fallback,
+        {"failed_reads_explained", "acknowledged_writes_read_back"},
+        "raid1_lost_node",
+    ),
+    (
+        two_copies_on_one_node,
+        {"committed_parts_stored", "parts_obey_layout"},
+        "raid1_lost_node",
+    ),
 ]
 # Mutants of repair, hunted where it rebuilds parts.
 REPAIR_SCENARIOS = ["parity_repair"]
-REPAIR_MUTANTS: list[tuple[Mutant, set[str]]] = [
-    (repair_onto_a_sibling, {"parts_obey_layout"}),
-    (repair_without_rebuilding, {"moved_parts_stored", "full_redundancy_restored"}),
+REPAIR_MUTANTS: list[Hunted] = [
+    (repair_onto_a_sibling, {"parts_obey_layout"}, "parity_repair"),
+    (
+        repair_without_rebuilding,
+        {"moved_parts_stored", "full_redundancy_restored"},
+        "parity_repair",
+    ),
 ]
+# The issue found these two passing failed_write.toml (and disk_full.toml, where a full disk
+# is now avoided before any PUT meets it): failed_write, hunted first, must catch them itself.
+CAUGHT_BY_FAILED_WRITE = {skip_rollback, commit_with_a_missing_part}
 
 
 @pytest.mark.parametrize(
-    ("mutant", "expected", "scenarios"),
-    [(m, e, SCENARIOS) for m, e in MUTANTS]
-    + [(m, e, REBALANCE_SCENARIOS) for m, e in REBALANCE_MUTANTS]
-    + [(m, e, REDUNDANCY_SCENARIOS) for m, e in REDUNDANCY_MUTANTS]
-    + [(m, e, REPAIR_SCENARIOS) for m, e in REPAIR_MUTANTS],
+    ("mutant", "expected", "first", "scenarios"),
+    [(m, e, f, SCENARIOS) for m, e, f in MUTANTS]
+    + [(m, e, f, REBALANCE_SCENARIOS) for m, e, f in REBALANCE_MUTANTS]
+    + [(m, e, f, REDUNDANCY_SCENARIOS) for m, e, f in REDUNDANCY_MUTANTS]
+    + [(m, e, f, REPAIR_SCENARIOS) for m, e, f in REPAIR_MUTANTS],
     ids=lambda m: getattr(m, "__name__", ""),
 )
 def test_the_checker_catches_the_mutant(
     mutant: Mutant,
     expected: set[str],
+    first: str,
     scenarios: list[str],
     monkeypatch: pytest.MonkeyPatch,
     record_property: Callable[[str, object], None],
 ) -> None:
+    assert first in scenarios
     mutant(monkeypatch)
-    caught = hunt(scenarios)
+    caught = hunt(scenarios, first=first)
     assert caught is not None, f"{mutant.__name__} survived every scenario and swarm seed"
     record_property("caught", f"{caught.where} after {caught.runs} runs by {caught.checks}")
     assert expected & set(caught.checks), (mutant.__name__, caught)
-
-
-@pytest.mark.parametrize("mutant", [skip_rollback, commit_with_a_missing_part])
-def test_the_mutants_first_found_are_caught_by_a_shipped_scenario(
-    mutant: Mutant, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The issue found them passing failed_write.toml (and disk_full.toml, where a full disk
-    # is now avoided before any PUT meets it).
-    mutant(monkeypatch)
-    result = run_scenario(load_scenario(ROOT / "scenarios" / "failed_write.toml"))
-    assert not result.ok, f"{mutant.__name__} passed failed_write"
+    if mutant in CAUGHT_BY_FAILED_WRITE:
+        assert caught.where == "scenario failed_write", (mutant.__name__, caught)
