@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import subprocess
 from pathlib import Path
 
 import attrs
@@ -14,7 +15,12 @@ from karma8.cli import main
 from karma8.core.tomlconf import ConfigError
 from karma8.net.netconfig import NetConfig, usable_cores
 from karma8.net.settings import load_net_config
-from karma8.net.workers import shared_port_socket, worker_config_toml
+from karma8.net.workers import (
+    shared_port_socket,
+    worker_command,
+    worker_config_toml,
+    worker_env,
+)
 
 
 def test_gateway_workers_default_to_the_cores_and_come_from_the_file_or_the_flag(
@@ -86,3 +92,21 @@ def test_a_shared_port_must_be_free_unless_a_worker_joins_its_parent() -> None:
         first.close()
     with contextlib.closing(shared_port_socket("127.0.0.1", port)):  # free again
         pass
+
+
+def test_a_worker_runs_its_parents_karma8_not_one_in_the_working_directory(
+    tmp_path: Path,
+) -> None:
+    # A decoy package where `python -m` would look first: the working directory.
+    (tmp_path / "karma8").mkdir()
+    (tmp_path / "karma8" / "__init__.py").write_text("raise SystemExit('the decoy karma8')\n")
+    command = worker_command("w.toml", port=1, discovery_url="http://127.0.0.1:1")
+    interpreter = command[: command.index("karma8.cli") + 1]
+    env = worker_env({"PATH": os.environ.get("PATH", "")}, "s3cret")
+    assert env["KARMA8_SECRET"] == "s3cret"
+    found = subprocess.run(
+        [*interpreter, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert found.returncode == 0, found.stderr
+    assert "decoy" not in found.stderr
+    assert "serve" in found.stdout

@@ -31,7 +31,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
+import karma8
 from karma8.net.locate import ENV_SECRET, ENV_SECRET_FILE
 from karma8.net.requestlog import JsonFormatter
 
@@ -147,6 +148,7 @@ def worker_command(
     json_lines = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
     return [
         sys.executable,
+        "-P",  # not the working directory's karma8: this process's (worker_env)
         "-m",
         "karma8.cli",
         "serve",
@@ -169,6 +171,19 @@ def worker_command(
     ]
 
 
+def worker_env(parent: Mapping[str, str], secret: str) -> dict[str, str]:
+    """A worker's environment: its parent's, with the secret (a command line is visible in
+    ``ps``), and the directory this process's ``karma8`` package came from first on
+    ``PYTHONPATH``. ``python -m`` would otherwise put the working directory first: started
+    in a checkout of another karma8 version, the workers would run that code beside this
+    parent (the pipe and handoff formats are one build's)."""
+    env = {**parent, ENV_SECRET: secret}
+    env.pop(ENV_SECRET_FILE, None)
+    root = str(Path(karma8.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [parent.get("PYTHONPATH")])])
+    return env
+
+
 async def run_gateway_workers(
     count: int,
     config: NetConfig,
@@ -185,9 +200,7 @@ async def run_gateway_workers(
     the Unix socket the workers hand their write connections to (karma8/net/handoff.py);
     ``writes``: the one they send small uploads to (karma8/net/writepipe.py)."""
     assert config.secret is not None
-    # The secret through the environment: a command line is visible in ``ps``.
-    env = {**os.environ, ENV_SECRET: config.secret}
-    env.pop(ENV_SECRET_FILE, None)
+    env = worker_env(os.environ, config.secret)
     fd, path = tempfile.mkstemp(prefix="karma8-gateway-worker-", suffix=".toml")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
