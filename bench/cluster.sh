@@ -16,9 +16,11 @@ start_cluster() {
     printf 'host = "127.0.0.1"\ngateway_port = %d\ndiscovery_port = %d\nstorage_nodes = 6\n%s\n' \
         "$port" "$((port + 1))" "$extra" > "$work/karma8.toml"
     launch=${KARMA8_LAUNCH:-"$here/.venv/bin/karma8"}
+    # From the work directory: `python -m` (an older tree's gateway workers) puts the current
+    # directory first on sys.path, ahead of PYTHONPATH.
     # shellcheck disable=SC2086  # a command and its arguments
-    PYTHONPATH=$tree $launch serve --role all --data "$work/data" \
-        --config "$work/karma8.toml" > "$work/log" 2>&1 &
+    (cd "$work" && exec env PYTHONPATH="$tree" $launch serve --role all --data "$work/data" \
+        --config "$work/karma8.toml" > "$work/log" 2>&1) &
     pid=$!
     for _ in $(seq 150); do [ -f "$work/data/cluster.json" ] && break; sleep 0.2; done
     sleep 1
