@@ -26,7 +26,7 @@ from karma8.core.errors import (
     Unavailable,
 )
 from karma8.core.layout import StripeLayout
-from karma8.core.model import FileVersion, VersionState
+from karma8.core.model import FileVersion, StoredVersion, VersionState
 from karma8.net import requestlog
 from karma8.net.bounds import UploadGate
 from karma8.net.objects import ObjectRoutes, new_stats
@@ -117,8 +117,8 @@ async def test_an_upload_is_stored_by_the_parent_and_its_version_comes_back() ->
         finally:
             requestlog.current.reset(token)
         again = await worker.put("ns", "empty", b"", if_absent=False)
-    assert got == version("ns", "a/b.txt", 5)
-    assert again == version("ns", "empty", 0)
+    assert got == StoredVersion.of(version("ns", "a/b.txt", 5))
+    assert again == StoredVersion.of(version("ns", "empty", 0))
     assert gateway.stored == [
         ("ns", "a/b.txt", b"hello", True, "req-1"),
         ("ns", "empty", b"", False, again_id(gateway)),
@@ -131,6 +131,44 @@ def again_id(gateway: FakeGateway) -> str | None:
     given = gateway.stored[1][4]
     assert given is not None
     return given
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"{}",
+        b'{"version": {"version_id": "v"}}',
+        b'{"stored": {"id": "v", "ns": "ns", "name": "f", "size": "3", "etag": null}}',
+        b'{"stored": {"id": "v", "ns": "ns", "size": 3, "etag": null}}',
+        b'{"stored": ["v"]}',
+    ],
+)
+async def test_an_answer_that_is_neither_a_stored_version_nor_an_error_is_unavailable(
+    answer: bytes,
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="k8-pipe-", dir="/tmp") as directory:
+        path = os.path.join(directory, "writes.sock")
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen()
+
+        async def parent() -> None:  # reads one frame, answers ``answer``
+            conn, _ = await listener.accept()
+            async with trio.SocketStream(conn) as stream:
+                head = await stream.receive_some(8)
+                json_size, body_size = struct.unpack(">II", head)
+                left = json_size + body_size
+                while left:
+                    left -= len(await stream.receive_some(left))
+                await stream.send_all(struct.pack(">I", len(answer)) + answer)
+
+        worker = ParentWrites(path)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(parent)
+            with pytest.raises(Unavailable, match="upload"):
+                await worker.put("ns", "f", b"abc", if_absent=False)
+        await worker.aclose()
+        listener.close()
 
 
 async def test_the_parents_refusal_comes_back_as_the_same_error() -> None:

@@ -137,6 +137,29 @@ class FileVersion:
 
 
 @attrs.frozen(kw_only=True)
+class StoredVersion:
+    """What a PUT answers with: the version it stored, without where its parts went (a
+    gateway worker gets this much back from the process that stored its upload)."""
+
+    version_id: str
+    namespace: str
+    name: str
+    size: int
+    etag: str | None
+
+    @classmethod
+    def of(cls, version: FileVersion) -> StoredVersion:
+        assert version.size is not None, "a stored version has a size"
+        return cls(
+            version_id=version.version_id,
+            namespace=version.namespace,
+            name=version.name,
+            size=version.size,
+            etag=version.etag,
+        )
+
+
+@attrs.frozen(kw_only=True)
 class PlaceRequest:
     """A small upload asking discovery for a placement lease (``place_upload``)."""
 

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from karma8.actors.gateway import Gateway
 from karma8.core.access import Right, bearer_token
 from karma8.core.errors import InvalidRequest, Karma8Error, RangeNotSatisfiable
-from karma8.core.model import FileVersion
+from karma8.core.model import FileVersion, StoredVersion
 from karma8.core.names import check_name, check_namespace
 from karma8.core.ranges import if_range_allows, resolve_range
 from karma8.net.bounds import RETRY_AFTER, UploadGate
@@ -52,7 +52,7 @@ def etag_matches(header: str | None, etag: str | None) -> bool:
     return "*" in candidates or etag in candidates
 
 
-def _version_headers(version: FileVersion) -> Headers:
+def _version_headers(version: FileVersion | StoredVersion) -> Headers:
     etag = [(b"etag", version.etag.encode())] if version.etag else []
     return [*etag, (b"accept-ranges", b"bytes"), (b"x-karma8-version", version.version_id.encode())]
 
@@ -136,15 +136,16 @@ class ObjectRoutes(ExchangeRoutes[Target]):
         *,
         content_length: int | None,
         if_absent: bool,
-    ) -> FileVersion:
+    ) -> StoredVersion:
         """A worker sends a small upload, read whole here, to its parent to store
         (:mod:`karma8.net.writepipe`); it stores it itself only if the parent is unreachable,
         and everything else always."""
         gateway = self._gateway
         if self._parent is None or not gateway.holds_whole(content_length):
-            return await gateway.put(
+            version = await gateway.put(
                 namespace, name, body, content_length=content_length, if_absent=if_absent
             )
+            return StoredVersion.of(version)
         assert content_length is not None
         check_namespace(namespace)
         check_name(name)
@@ -153,9 +154,10 @@ class ObjectRoutes(ExchangeRoutes[Target]):
             return await self._parent.put(namespace, name, data, if_absent=if_absent)
         except ParentUnreachable as exc:
             log.warning("storing an upload without the gateway that started this one: %s", exc)
-            return await gateway.put(
+            version = await gateway.put(
                 namespace, name, OneChunk(data), content_length=len(data), if_absent=if_absent
             )
+            return StoredVersion.of(version)
 
     async def _get(self, exchange: Exchange, target: Target) -> None:
         await self._read(exchange, target, head=False)

@@ -12,9 +12,10 @@ then parsed on the worker's core and the parent's loop only stores.
 One request at a time per connection: a worker keeps a pool of connections, dials another
 when all are busy, and closes one whose call was cancelled. A frame is a fixed header
 (``>II``: JSON length, body length), a JSON object, then the body; an answer is ``>I`` and a
-JSON object (``{"version": ...}`` or ``{"error": {"code", "message"}}``, the codec's wire
-forms). The worker has already authorized the request; the parent trusts what comes from a
-process of its own user through its private directory, and checks the sizes.
+JSON object: ``{"stored": ...}`` (the :class:`~karma8.core.model.StoredVersion` a PUT
+answers with, no more) or ``{"error": {"code", "message"}}`` (the codec's wire form). The
+worker has already authorized the request; the parent trusts what comes from a process of
+its own user through its private directory, and checks the sizes.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ import trio
 
 from karma8.actors.gateway import Gateway
 from karma8.core.errors import Karma8Error, Unavailable, error_from_code
-from karma8.core.model import FileVersion
+from karma8.core.model import StoredVersion
 from karma8.net import requestlog
 from karma8.net.bounds import UploadGate
-from karma8.net.codec import decode, encode, error_body
+from karma8.net.codec import error_body
 from karma8.net.exchange import INTERNAL_ERROR
 from karma8.net.handoff import accept_workers
 from karma8.net.metrics import Sample
@@ -97,7 +98,9 @@ class ParentWrites:
         self._idle: list[_Frames] = []
         self.sent = 0  # uploads the parent stored or refused
 
-    async def put(self, namespace: str, name: str, data: bytes, *, if_absent: bool) -> FileVersion:
+    async def put(
+        self, namespace: str, name: str, data: bytes, *, if_absent: bool
+    ) -> StoredVersion:
         """The version the parent stored ``data`` as; raises what its gateway raised, or
         Unavailable when the parent could not be asked or did not answer.
 
@@ -182,13 +185,26 @@ class ParentUnreachable(Exception):
     """No connection to the parent could be opened: nothing was sent."""
 
 
-def _answered(answer: dict[str, Any]) -> FileVersion:
+def _answered(answer: dict[str, Any]) -> StoredVersion:
     error = answer.get("error")
     if isinstance(error, dict):
         raise error_from_code(str(error.get("code")), str(error.get("message")))
-    if "version" not in answer:
+    stored = answer.get("stored")
+    if not isinstance(stored, dict):
         raise Unavailable("the gateway's answer for this upload was neither version nor error")
-    return decode(answer["version"], FileVersion)
+    version_id, namespace, name = stored.get("id"), stored.get("ns"), stored.get("name")
+    size, etag = stored.get("size"), stored.get("etag")
+    if not (
+        isinstance(version_id, str)
+        and isinstance(namespace, str)
+        and isinstance(name, str)
+        and isinstance(size, int)
+        and (etag is None or isinstance(etag, str))
+    ):
+        raise Unavailable(f"the gateway's answer for this upload is malformed: {stored!r}")
+    return StoredVersion(
+        version_id=version_id, namespace=namespace, name=name, size=size, etag=etag
+    )
 
 
 async def serve_writes(
@@ -273,4 +289,15 @@ async def _store(gateway: Gateway, request: dict[str, Any], data: bytes) -> dict
         return INTERNAL_ERROR
     finally:
         requestlog.current.reset(token)
-    return {"version": encode(version)}
+    # The few fields the worker answers with (a whole FileVersion, its parts and their nodes,
+    # cost both sides more to encode and decode than the rest of the frame).
+    assert version.size is not None
+    return {
+        "stored": {
+            "id": version.version_id,
+            "ns": version.namespace,
+            "name": version.name,
+            "size": version.size,
+            "etag": version.etag,
+        }
+    }
