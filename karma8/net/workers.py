@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-import karma8
 from karma8.net.locate import ENV_SECRET, ENV_SECRET_FILE
 from karma8.net.requestlog import JsonFormatter
 
@@ -148,7 +147,7 @@ def worker_command(
     json_lines = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
     return [
         sys.executable,
-        "-P",  # not the working directory's karma8: this process's (worker_env)
+        "-P",  # not the working directory first: this process's path (worker_env)
         "-m",
         "karma8.cli",
         "serve",
@@ -173,14 +172,14 @@ def worker_command(
 
 def worker_env(parent: Mapping[str, str], secret: str) -> dict[str, str]:
     """A worker's environment: its parent's, with the secret (a command line is visible in
-    ``ps``), and the directory this process's ``karma8`` package came from first on
-    ``PYTHONPATH``. ``python -m`` would otherwise put the working directory first: started
-    in a checkout of another karma8 version, the workers would run that code beside this
-    parent (the pipe and handoff formats are one build's)."""
+    ``ps``), and this process's module search path as ``PYTHONPATH``, so that the worker
+    (``python -P``) imports exactly the code its parent runs. ``python -m`` alone would put
+    the working directory first: started in a checkout of another karma8 version, the
+    workers would run that code beside this parent (the pipe and handoff formats are one
+    build's)."""
     env = {**parent, ENV_SECRET: secret}
     env.pop(ENV_SECRET_FILE, None)
-    root = str(Path(karma8.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [parent.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join(entry or os.getcwd() for entry in sys.path)
     return env
 
 
