@@ -482,6 +482,35 @@ def test_a_second_process_on_a_node_directory_is_refused(
     lock_node_dir(node)
 
 
+@pytest.mark.parametrize("role", ["discovery", "all"])
+def test_a_second_discovery_on_a_sqlite_database_is_refused(
+    role: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One discovery serves a SQLite database: a second (another `--role discovery`, or an
+    embedded cluster, on the same directory) stops before it opens it."""
+    lock = tmp_path / "discovery.sqlite3.lock"
+    code = (
+        "import sys; from pathlib import Path; from karma8.store.diskio import hold_lock;"
+        f" hold_lock(Path({str(lock)!r}), str); print('held', flush=True); sys.stdin.read()"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as holder:
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline() == "held\n"
+            args = ["serve", "--role", role, "--data", str(tmp_path), "--secret", "s"]
+            args += ["--port", "0"] if role == "discovery" else ["--workers", "1"]
+            assert main(args) == 1
+            err = capsys.readouterr().err
+            database = tmp_path / "discovery.sqlite3"
+            assert f"{database} is in use by another process (pid {holder.pid})" in err
+            assert "Traceback" not in err
+            assert not database.exists()  # refused before the database was opened
+        finally:
+            holder.kill()
+
+
 def test_a_listing_takes_a_bare_namespace_and_stat_shows_the_parts_stored() -> None:
     assert split_path("default", name_required=False) == ("default", "")
     assert split_path("default/a/", name_required=False) == ("default", "a/")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from karma8.cli import main
 from karma8.core.tomlconf import ConfigError
 from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.net.locate import (
@@ -22,6 +23,7 @@ from karma8.net.locate import (
     write_cluster_info,
 )
 from karma8.net.serve import load_node_id
+from karma8.net.settings import load_net_config
 from karma8.store.diskio import private_dir
 
 from storehelpers import new_store, put
@@ -126,3 +128,23 @@ def test_the_secret_from_a_file_or_the_environment(tmp_path: Path) -> None:
     for broken in (tmp_path / "empty", tmp_path / "missing"):
         with pytest.raises(ConfigError, match="secret"):
             given_secrets(None, broken, {})
+
+
+def test_an_empty_secret_is_an_error_not_an_open_cluster(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Taken for "no secret", it left discovery and the nodes open to anyone, without a word.
+    with pytest.raises(ConfigError, match="--secret is empty"):
+        given_secrets(" ", None, {})
+    with pytest.raises(ConfigError, match=r"\$KARMA8_SECRET is set but empty"):
+        given_secrets(None, None, {"KARMA8_SECRET": ""})
+    config = tmp_path / "k.toml"
+    config.write_text('secret = ""\n')
+    with pytest.raises(ConfigError, match="secret: is empty"):
+        load_net_config(config, {})
+    assert main(["serve", "--role", "discovery", "--config", str(config), "--port", "0"]) == 2
+    assert "secret: is empty" in capsys.readouterr().err
+    args = ["serve", "--role", "discovery", "--secret", "", "--port", "0"]
+    assert main([*args, "--data", str(tmp_path / "d")]) == 2
+    assert "--secret is empty" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -36,7 +36,7 @@ from karma8.net.serving import (
 )
 from karma8.net.sources import discovery_source
 from karma8.ports import MetadataRunner, StorageAPI
-from karma8.store.diskio import private_dir
+from karma8.store.diskio import hold_lock, private_dir
 
 log = logging.getLogger("karma8.serve")
 
@@ -50,6 +50,16 @@ def open_metadata(config: NetConfig, path: Path) -> SqlMetadataStore:
         ConfigError: PostgreSQL cannot be reached.
     """
     if config.metadata_url is None:
+        # One discovery on a SQLite database: a second would keep its own placement leases,
+        # caches and sync rounds, and both would answer for the cluster.
+        hold_lock(
+            path.with_name(path.name + ".lock"),
+            lambda pid: (
+                f"discovery's database {path} is in use by another process (pid {pid});"
+                " one discovery serves a SQLite database: stop that one first (several discovery"
+                " instances share PostgreSQL: metadata_url)"
+            ),
+        )
         return SqliteMetadataStore(path, sync_on_commit=False)
     import psycopg  # only here: psycopg takes ~0.1 s to import, every other command spared
 

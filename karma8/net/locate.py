@@ -142,7 +142,18 @@ def given_secrets(
 ) -> list[tuple[str | None, str]]:
     """The secrets given on the command line or in the environment, each with where it came
     from, first one first: ``--secret``, ``--secret-file``, ``$KARMA8_SECRET``,
-    ``$KARMA8_SECRET_FILE``. A file is read only if nothing before it gave a secret."""
+    ``$KARMA8_SECRET_FILE``. A file is read only if nothing before it gave a secret.
+
+    Raises:
+        ConfigError: A secret given empty (``--secret ''``, ``$KARMA8_SECRET`` set to
+            nothing), or a secret file that cannot be read or is empty.
+    """
+    # An empty secret is an error, as an empty secret file is: taken for "no secret", it
+    # would leave discovery and the nodes open to anyone without a word.
+    if secret is not None and not secret.strip():
+        raise ConfigError("--secret is empty (leave it out for no secret)")
+    if ENV_SECRET in environ and not environ[ENV_SECRET].strip():
+        raise ConfigError(f"${ENV_SECRET} is set but empty (unset it for no secret)")
     given: list[tuple[str | None, str]] = [(secret, "--secret")]
     sources: list[tuple[str | Path | None, str, bool]] = [
         (secret_file, "--secret-file", True),

@@ -13,8 +13,6 @@ find the cluster, and running it again on the same directory resumes with the sa
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import logging
 import os
 import secrets
@@ -59,7 +57,7 @@ from karma8.net.storage_app import storage_app
 from karma8.net.workers import run_gateway_workers
 from karma8.net.writepipe import ParentWrites, serve_writes, writes_socket
 from karma8.ports import DiscoveryAPI, StorageAPI
-from karma8.store.diskio import FILE_MODE, private_dir
+from karma8.store.diskio import FILE_MODE, hold_lock, private_dir, release_lock
 from karma8.store.groupsync import GroupSync, SyncGroups
 from karma8.store.tiered import open_part_store
 
@@ -76,7 +74,6 @@ GATEWAY_APP_QUEUE = 2
 
 
 NODE_LOCK_FILE = "lock"  # held (flock) by the process serving a node's data directory
-_node_locks: dict[Path, int] = {}  # the directories this process holds, by resolved path
 
 
 def lock_node_dir(data_dir: Path) -> None:
@@ -84,31 +81,19 @@ def lock_node_dir(data_dir: Path) -> None:
     one node would scan and cut each other's volumes on open, answer for each other's parts
     (each knows only its own), and flip the node's address at discovery with every heartbeat.
     Held again by the same process (a node restarted in-process), it is already held."""
-    key = data_dir.resolve()
-    if key in _node_locks:
-        return
-    fd = os.open(data_dir / NODE_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise OSError(
-            errno.EBUSY,
-            f"storage node directory {data_dir} is in use by another process (pid {holder});"
-            " one process serves a node: stop that one first",
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _node_locks[key] = fd
+    hold_lock(
+        data_dir / NODE_LOCK_FILE,
+        lambda pid: (
+            f"storage node directory {data_dir} is in use by another process"
+            f" (pid {pid}); one process serves a node: stop that one first"
+        ),
+    )
 
 
 def release_node_dir(data_dir: Path) -> None:
     """Let ``data_dir`` go (its node stopped): another process, or this one again, may hold
     it. (A process that exits lets go of its directories anyway.)"""
-    fd = _node_locks.pop(data_dir.resolve(), None)
-    if fd is not None:
-        os.close(fd)  # the flock goes with the last descriptor of its open file
+    release_lock(data_dir / NODE_LOCK_FILE)
 
 
 def load_node_id(data_dir: Path) -> str:

@@ -76,6 +76,9 @@ def load_net_config(
                     raise reader.fail(field.name, "expected a string")
                 if field.name == "metadata_url" and raw is not None:
                     _check_metadata_url(reader, raw)
+                if field.name == "secret" and raw is not None and not raw.strip():
+                    # Not "no secret": that leaves discovery and the nodes open to anyone.
+                    raise reader.fail(field.name, "is empty (leave it out for no secret)")
                 values[field.name] = raw
             elif field.name == "discovery_url":
                 values[field.name] = _discovery(reader, field.name, default)

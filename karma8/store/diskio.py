@@ -11,6 +11,7 @@ reaches callers as the karma8 error :func:`storage_error` makes of it, which nam
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from collections.abc import Callable
 from contextlib import suppress
@@ -74,6 +75,36 @@ def private_dir(path: Path) -> None:
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     if os.stat(path).st_mode & 0o777 != DIR_MODE:
         os.chmod(path, DIR_MODE)
+
+
+_held_locks: dict[Path, int] = {}  # lock files this process holds, by resolved path
+
+
+def hold_lock(path: Path, in_use: Callable[[str], str]) -> None:
+    """Hold the lock file ``path`` (``flock``, created if missing) until this process exits
+    or :func:`release_lock`; held already by this process, it is its own. Held by another
+    process, raise ``OSError(EBUSY)`` whose message is ``in_use`` of that process's pid
+    (written in the file)."""
+    key = path.resolve()
+    if key in _held_locks:
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise OSError(errno.EBUSY, in_use(holder)) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_locks[key] = fd
+
+
+def release_lock(path: Path) -> None:
+    """Let go of a lock :func:`hold_lock` took (a process that exits lets go of all)."""
+    fd = _held_locks.pop(path.resolve(), None)
+    if fd is not None:
+        os.close(fd)  # the flock goes with the last descriptor of its open file
 
 
 def fsync_dir(path: Path) -> None:
