@@ -44,6 +44,7 @@ from karma8.core.access import (
 )
 from karma8.core.errors import (
     InvalidRequest,
+    NodeConflict,
     NotFound,
     TooLarge,
     Unavailable,
@@ -138,6 +139,8 @@ class Discovery:
         # aborted version's parts are, until a node reports them deleted. In memory: after a
         # restart the nodes' orphan check collects them instead (after orphan_grace).
         self._expired_parts: dict[str, set[str]] = {}
+        # Where each node id was last heard from, and when (see _check_place).
+        self._places: dict[str, tuple[str, float]] = {}
         # Plain counts since start, for the operator's metrics (the net layer reads them).
         self.counts = {"sweeps": 0, "expired_uploads": 0, "expired_placements": 0}
         self._engines: dict[str, tuple[int, int]] = {}  # namespace -> (copies, parity)
@@ -498,9 +501,30 @@ class Discovery:
 
     # -- nodes ----------------------------------------------------------------------------
 
+    def _check_place(self, registration: NodeRegistration, now: float) -> None:
+        """Refuse a node id heard from a second place while the first was heard within
+        ``node_timeout``: two processes serving copies of one node's directory would each
+        take part of its new parts and answer for the other's (a copy started beside the
+        original, say a backup). The place this instance last heard wins; a node restarted
+        in place (same directory) is the same place, whatever its address."""
+        place = registration.place
+        if place is None:
+            return
+        node_id = registration.node_id
+        held = self._places.get(node_id)
+        if held is not None and held[0] != place and now - held[1] < self.config.node_timeout:
+            raise NodeConflict(
+                f"node {node_id} is served from another place ({held[0]}), heard"
+                f" {now - held[1]:.1f} s ago: a copy of its directory? One process serves a"
+                f" node; if that one is gone, start this one again after"
+                f" {self.config.node_timeout:g} s"
+            )
+        self._places[node_id] = (place, now)
+
     async def register_node(self, registration: NodeRegistration) -> None:
         _check_registration(registration)
         now = self._clock.now()
+        self._check_place(registration, now)
         suspect_for = self.config.suspect_for
         await self._blocking(
             lambda: self._store.upsert_node(registration, now, suspect_for=suspect_for)
@@ -511,6 +535,7 @@ class Discovery:
     ) -> list[str]:
         _check_registration(registration)
         now = self._clock.now()
+        self._check_place(registration, now)
         node_id = registration.node_id
 
         def beat() -> tuple[NodeState | None, list[str]]:

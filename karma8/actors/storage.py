@@ -83,9 +83,11 @@ class StorageNode:
         store: PartStore,
         discovery: DiscoveryAPI,
         config: StorageConfig,
+        place: str | None = None,
     ) -> None:
         self.node_id = node_id
         self.url = url
+        self.place = place  # where its directory is (NodeRegistration.place)
         self._store = store
         self._whole = store if isinstance(store, WholePartStore) else None
         self._discovery = discovery
@@ -112,14 +114,19 @@ class StorageNode:
         except Karma8Error as exc:  # the disk's free space is unknown: the quota must do
             log.warning("node %s: cannot read the disk's free space: %s", self.node_id, exc)
         return NodeRegistration(
-            node_id=self.node_id, url=self.url, capacity_bytes=capacity, disk_used_bytes=used
+            node_id=self.node_id,
+            url=self.url,
+            capacity_bytes=capacity,
+            disk_used_bytes=used,
+            place=self.place,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Register (retrying while discovery is unreachable), report ready, then heartbeat
         and scrub in the background until cancelled.
 
-        A refused registration (bad capacity, wrong secret) is not retried: it raises.
+        A refused registration (bad capacity, wrong secret, the id heard from another place)
+        is not retried: it raises.
         """
         while True:
             try:

@@ -83,6 +83,13 @@ class MoveConflict(Karma8Error):
     code = "move_conflict"
 
 
+class NodeConflict(Karma8Error):
+    """A storage node id heard from a second place while the first still heartbeats: two
+    processes serve copies of one node's directory."""
+
+    code = "node_conflict"
+
+
 class NotEnoughNodes(Karma8Error):
     """Fewer available storage nodes with room than a file needs parts."""
 
@@ -127,6 +134,7 @@ ERROR_TYPES: dict[str, type[Karma8Error]] = {
         RangeNotSatisfiable,
         UploadConflict,
         MoveConflict,
+        NodeConflict,
         NotEnoughNodes,
         StorageFailure,
         IntegrityError,

@@ -60,6 +60,9 @@ class NodeRegistration:
     url: str
     capacity_bytes: int
     disk_used_bytes: int = 0
+    # Where the node's directory is (host, device and inode of its id file), or None: the
+    # same id heard from two places at once is two copies of one node (NodeConflict).
+    place: str | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -43,6 +43,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "range_not_satisfiable": 416,
     "upload_conflict": 409,
     "move_conflict": 409,
+    "node_conflict": 409,
     "not_enough_nodes": 503,
     "storage_failure": 502,
     "integrity_error": 502,

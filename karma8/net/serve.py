@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import secrets
+import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, aclosing
 from functools import partial
@@ -116,6 +117,14 @@ def load_node_id(data_dir: Path) -> str:
     return node_id
 
 
+def node_place(data_dir: Path) -> str:
+    """Where a node's directory is, as discovery compares it (``NodeRegistration.place``):
+    this host, and the directory's device and inode. A copy of the directory is elsewhere;
+    the directory restarted on another port is not."""
+    st = os.stat(data_dir)
+    return f"{socket.gethostname()}:{st.st_dev}:{st.st_ino}"
+
+
 def build_storage_node(
     config: NetConfig,
     *,
@@ -132,6 +141,7 @@ def build_storage_node(
     return StorageNode(
         node_id=node_id,
         url="",  # known once bound
+        place=node_place(data_dir),
         store=open_part_store(
             data_dir,
             capacity_bytes=capacity or config.capacity,
