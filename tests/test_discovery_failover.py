@@ -25,7 +25,7 @@ from karma8.actors.rebalancer import Rebalancer, RebalancerConfig
 from karma8.actors.repair import RepairConfig, Repairer
 from karma8.core.errors import NotEnoughNodes, Unavailable, UploadConflict
 from karma8.core.layout import StripeLayout
-from karma8.core.model import NodeRegistration, PartReceipt, VersionState
+from karma8.core.model import NodeRef, NodeRegistration, PartReceipt, VersionState
 from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.net.clients import HttpDiscoveryClient, HttpStorageClient, make_http_client
 from karma8.net.discovery_app import discovery_app
@@ -293,3 +293,15 @@ async def test_each_attempt_gets_its_share_of_the_time_left(
         client = HttpDiscoveryClient(http, "http://a:1,http://b:1", budget=60.0)
         assert await client.list_nodes() == []
         assert timeouts == [("a", 10.0), ("b", 57.0)]
+
+
+async def test_a_call_after_the_process_closed_its_connections_is_unavailable() -> None:
+    # A worker stopping closes its pool while a shielded clean-up (an upload's abort) still
+    # runs: that call is a 503 like any unreachable discovery, not a 500 with a traceback.
+    async with make_http_client(SECRET, timeout=5) as http:
+        discovery = HttpDiscoveryClient(http, [dead_url(), dead_url()])
+        nodes = HttpStorageClient(http, blocking=inline)
+    with pytest.raises(Unavailable, match="shutting down"):
+        await discovery.abort_upload(version_id="v1")
+    with pytest.raises(Unavailable, match="shutting down"):
+        await nodes.delete_part(NodeRef(node_id="n1", url=dead_url()), "k.0")

@@ -81,7 +81,10 @@ class _Http:
         self._client = client
 
     async def send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        """The response, whatever its status; a transport failure raises Unavailable."""
+        """The response, whatever its status; a transport failure raises Unavailable, as
+        does a call after this process closed its connections (it is stopping)."""
+        if self._client.is_closed:
+            raise Unavailable(f"{method} {url}: not sent, this process is shutting down")
         try:
             return await self._client.request(method, url, **kwargs)
         except httpx.TransportError as exc:

@@ -161,6 +161,10 @@ class Instances:
         """One instance's answer, or Failed if it has none to give."""
         url = f"{self.urls[index]}{path}"
         reach = self._reach[index]
+        if self._client.is_closed:  # this process is stopping (say, a clean-up shielded)
+            raise Failed(
+                f"{method} {url}: not sent, this process is shutting down", maybe_arrived=False
+            )
         try:
             response = await self._client.request(
                 method, url, timeout=within(self._client.timeout, seconds), **kwargs
