@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -373,7 +374,10 @@ def _serve(args: argparse.Namespace) -> int:
             raise
         if isinstance(error, BrokenPipeError):
             raise error from None  # stdout's reader left: main() stops quietly
-        print(f"karma8 serve: {_message(error)}", file=sys.stderr)
+        message = _message(error)
+        if isinstance(error, socket.gaierror):  # the address to listen on
+            message = f"host {config.host!r} (--host or the config's host): {message}"
+        print(f"karma8 serve: {message}", file=sys.stderr)
         return EXIT_USAGE if isinstance(error, ConfigError) else EXIT_FAILED
     return EXIT_OK
 
@@ -538,7 +542,10 @@ def _rebalance(args: argparse.Namespace, url: str, secret: str | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said with the command's own usage, not karma8's list of commands
+        _innermost(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "sim":
             from karma8.sim.command import run_sim  # only here: an admin command needs none of it
@@ -560,6 +567,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"karma8 {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     return status
+
+
+def _innermost(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.ArgumentParser:
+    """The (sub)command parser that parsed ``args``: ``karma8 db upgrade``'s, say."""
+    while True:
+        chosen = [
+            action.choices[getattr(args, action.dest)]
+            for action in parser._actions
+            if isinstance(action, argparse._SubParsersAction)
+            and getattr(args, action.dest, None) in action.choices
+        ]
+        if not chosen:
+            return parser
+        parser = chosen[0]
 
 
 def _silence_stdout() -> None:

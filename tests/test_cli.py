@@ -561,3 +561,40 @@ def test_a_port_in_use_is_named_only_when_nothing_else_went_wrong() -> None:
     with pytest.raises(BaseExceptionGroup) as kept, _naming_the_port("127.0.0.1", 1):
         raise BaseExceptionGroup("bind", [in_use, KeyboardInterrupt()])
     assert kept.value.subgroup(KeyboardInterrupt) is not None  # an interrupt is not lost
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage", "unknown"),
+    [
+        (["get", "default/x", "-v"], "usage: karma8 get ", "-v"),
+        (["ls", "default", "--limit", "0"], "usage: karma8 ls ", "--limit 0"),
+        (["db", "upgrade", "--bogus"], "usage: karma8 db upgrade ", "--bogus"),
+    ],
+)
+def test_an_unknown_option_is_shown_with_its_commands_usage(
+    argv: list[str], usage: str, unknown: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage)
+    assert f"unrecognized arguments: {unknown}" in err
+
+
+def test_a_host_that_does_not_resolve_is_named_in_the_error(tmp_path: Path) -> None:
+    # In a process of its own: Hypercorn leaves the socket it could not bind unclosed.
+    config = tmp_path / "k.toml"
+    config.write_text('host = "no.such.host.invalid"\n')
+    args = ["serve", "--role", "discovery", "--config", str(config), "--port", "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "karma8.cli", *args, "--data", str(tmp_path / "d")],
+        env={**os.environ, "KARMA8_SECRET": "s"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1
+    prefix = "karma8 serve: host 'no.such.host.invalid' (--host or the config's host): "
+    assert done.stderr.startswith(prefix), done.stderr
+    assert "Traceback" not in done.stderr
