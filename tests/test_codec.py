@@ -134,9 +134,9 @@ PINNED: list[tuple[Any, str]] = [
         '{"index": 2, "size": 7, "checksum": "crc:2"}',
     ),
     (
-        NodeRegistration(node_id="n1", url="http://h:1", capacity_bytes=1 << 30),
+        NodeRegistration(node_id="n1", url="http://h:1", capacity_bytes=1 << 30, place="h:2:3"),
         '{"node_id": "n1", "url": "http://h:1", "capacity_bytes": 1073741824,'
-        ' "disk_used_bytes": 0}',
+        ' "disk_used_bytes": 0, "place": "h:2:3"}',
     ),
     (
         NodeStatus(
@@ -220,6 +220,12 @@ def test_the_wire_form_is_pinned(record: Any, wire: str) -> None:
     # json.dumps keeps key order and tells 1 from 1.0 and null from a missing key.
     assert json.dumps(encode(record)) == wire
     assert decode(json.loads(wire), type(record)) == record
+
+
+def test_a_registration_of_a_node_that_names_no_place_decodes() -> None:
+    # An older node's: discovery then compares no place for it (NodeConflict).
+    wire = {"node_id": "n1", "url": "http://h:1", "capacity_bytes": 1, "disk_used_bytes": 0}
+    assert decode(wire, NodeRegistration).place is None
 
 
 def test_whole_numbers_decode_as_floats() -> None:
