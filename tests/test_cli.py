@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -449,16 +451,12 @@ def test_the_command_loads_the_simulator_only_for_karma8_sim() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_a_second_process_on_a_node_directory_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """One process serves a node's directory: a second one (a node started twice, or an
-    embedded cluster adopting a node that still runs) stops before it opens the store."""
-    node = tmp_path / "node"
-    node.mkdir()
+@contextlib.contextmanager
+def lock_held_elsewhere(lock: Path) -> Iterator[int]:
+    """``lock`` held (``diskio.hold_lock``) by another process while inside; its pid."""
     code = (
-        "import sys; from pathlib import Path; from karma8.net.serve import lock_node_dir;"
-        f" lock_node_dir(Path({str(node)!r})); print('held', flush=True); sys.stdin.read()"
+        "import sys; from pathlib import Path; from karma8.store.diskio import hold_lock;"
+        f" hold_lock(Path({str(lock)!r}), str); print('held', flush=True); sys.stdin.read()"
     )
     with subprocess.Popen(
         [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
@@ -466,16 +464,27 @@ def test_a_second_process_on_a_node_directory_is_refused(
         try:
             assert holder.stdout is not None
             assert holder.stdout.readline() == "held\n"
-            args = ["serve", "--role", "storage", "--data", str(node), "--port", "0"]
-            args += ["--discovery", "http://127.0.0.1:9", "--secret", "s"]
-            assert main(args) == 1
-            err = capsys.readouterr().err
-            assert f"{node} is in use by another process (pid {holder.pid})" in err
-            assert "[Errno" not in err
-            assert "Traceback" not in err
-            assert not (node / "parts").exists()  # refused before the store was opened
+            yield holder.pid
         finally:
             holder.kill()
+
+
+def test_a_second_process_on_a_node_directory_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One process serves a node's directory: a second one (a node started twice, or an
+    embedded cluster adopting a node that still runs) stops before it opens the store."""
+    node = tmp_path / "node"
+    node.mkdir()
+    with lock_held_elsewhere(node / "lock") as pid:
+        args = ["serve", "--role", "storage", "--data", str(node), "--port", "0"]
+        args += ["--discovery", "http://127.0.0.1:9", "--secret", "s"]
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert f"{node} is in use by another process (pid {pid})" in err
+        assert "[Errno" not in err
+        assert "Traceback" not in err
+        assert not (node / "parts").exists()  # refused before the store was opened
     from karma8.net.serve import lock_node_dir
 
     lock_node_dir(node)  # free again; and held twice by one process, it is its own
@@ -488,27 +497,15 @@ def test_a_second_discovery_on_a_sqlite_database_is_refused(
 ) -> None:
     """One discovery serves a SQLite database: a second (another `--role discovery`, or an
     embedded cluster, on the same directory) stops before it opens it."""
-    lock = tmp_path / "discovery.sqlite3.lock"
-    code = (
-        "import sys; from pathlib import Path; from karma8.store.diskio import hold_lock;"
-        f" hold_lock(Path({str(lock)!r}), str); print('held', flush=True); sys.stdin.read()"
-    )
-    with subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    ) as holder:
-        try:
-            assert holder.stdout is not None
-            assert holder.stdout.readline() == "held\n"
-            args = ["serve", "--role", role, "--data", str(tmp_path), "--secret", "s"]
-            args += ["--port", "0"] if role == "discovery" else ["--workers", "1"]
-            assert main(args) == 1
-            err = capsys.readouterr().err
-            database = tmp_path / "discovery.sqlite3"
-            assert f"{database} is in use by another process (pid {holder.pid})" in err
-            assert "Traceback" not in err
-            assert not database.exists()  # refused before the database was opened
-        finally:
-            holder.kill()
+    with lock_held_elsewhere(tmp_path / "discovery.sqlite3.lock") as pid:
+        args = ["serve", "--role", role, "--data", str(tmp_path), "--secret", "s"]
+        args += ["--port", "0"] if role == "discovery" else ["--workers", "1"]
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        database = tmp_path / "discovery.sqlite3"
+        assert f"{database} is in use by another process (pid {pid})" in err
+        assert "Traceback" not in err
+        assert not database.exists()  # refused before the database was opened
 
 
 def test_a_listing_takes_a_bare_namespace_and_stat_shows_the_parts_stored() -> None:
