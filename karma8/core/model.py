@@ -60,7 +60,7 @@ class NodeRegistration:
     url: str
     capacity_bytes: int
     disk_used_bytes: int = 0
-    # Where the node's directory is (host, device and inode of its id file), or None: the
+    # Where the node's directory is (host, and the directory's device and inode), or None: the
     # same id heard from two places at once is two copies of one node (NodeConflict).
     place: str | None = None
 
