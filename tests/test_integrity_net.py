@@ -41,6 +41,18 @@ async def read_failures(client: httpx.AsyncClient, gateway: str) -> float:
     raise AssertionError("no karma8_gateway_read_failures_total in /metrics")
 
 
+async def damaged_get(client: httpx.AsyncClient, url: str, *, cut: bool) -> None:
+    """GET ``url``, a file with a damaged part: cut short after its status line if ``cut``,
+    else a ``502 integrity_error`` before it. Never a complete body."""
+    if cut:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.get(url)
+        return
+    response = await client.get(url)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "integrity_error"
+
+
 def quarantined(root: Path, key: str) -> bool:
     return bool(list(root.glob(f"storage-*/quarantine/{key}")))
 
@@ -80,10 +92,13 @@ async def test_flipped_and_truncated_parts_never_read_back_complete(
         client = net._http
         gateway = net._gateway
         failures_before = await read_failures(client, gateway)
-        # The flipped byte is only visible once the part has been read: a streamed response
-        # is cut short before its end, so the client can tell (never a complete, wrong body).
-        with pytest.raises(httpx.RemoteProtocolError):
-            await client.get(f"{gateway}/default/flipped")
+        # The flipped byte is only visible once the part has been read. In the gateway's
+        # process, part 1 is first read after the status line: the streamed response is cut
+        # short before its end, so the client can tell (never a complete, wrong body). A
+        # node reached over HTTP reads the first chunk of what it sends (here the whole
+        # part) before its own status line: the gateway hears of the damage as it opens
+        # the part, before its status line, and says so.
+        await damaged_get(client, f"{gateway}/default/flipped", cut=local_calls)
         # A small file is read whole before the status line (by the gateway, and over HTTP
         # by the node too): the damage is an error status. The truncated part is caught
         # when it is opened, before the status line as well.
@@ -92,7 +107,7 @@ async def test_flipped_and_truncated_parts_never_read_back_complete(
             assert response.status_code == 502
             assert response.json()["error"]["code"] == "integrity_error"
         assert (await client.get(f"{gateway}/default/healthy")).content == payload(50_000, 3)
-        assert await read_failures(client, gateway) == failures_before + 1
+        assert await read_failures(client, gateway) == failures_before + local_calls
 
         # Each node that served a damaged part verified it and took it out of service (the
         # reader, over HTTP, saw only a cut stream or an error), and told discovery.
@@ -108,8 +123,59 @@ async def test_flipped_and_truncated_parts_never_read_back_complete(
         results = await admin.scrub_all(net._discovery_url, net_config().secret)
         assert all(r["corrupt"] == [] for r in results)
         assert sum(r["checked"] for r in results) == 20 - 3
-        response = await client.get(f"{gateway}/default/flipped")
-        assert response.status_code == 502
+        # The part cut the first read short; now that it is out of service, every read is
+        # an error status before any byte, saying why: the same as for the others.
+        for name in ("flipped", "small-flipped", "truncated"):
+            response = await client.get(f"{gateway}/default/{name}")
+            assert response.status_code == 502
+            assert response.json()["error"]["code"] == "integrity_error"
+
+
+@LOCAL_OR_HTTP
+async def test_a_damaged_part_without_redundancy_is_the_same_error_every_time(
+    tmp_path: Path, local_calls: bool
+) -> None:
+    # raid0: nothing to read around a damaged part with. The read that finds the damage
+    # before the status line and every read after the node took the part out of service
+    # (quarantined: "not on this node") get the same answer, 502 integrity_error. Before,
+    # a node reached over HTTP cut its part stream before its first byte (the damage was in
+    # its first block), which the gateway took for a node gone (503 unavailable), and once
+    # the part was quarantined a read said 502 storage_failure, as for a node failing.
+    async with net_driver(tmp_path, local_calls=local_calls) as net:
+        await net.put("streamed", payload(500_000, 6))  # parts in files; answers stream
+        await net.put("small", payload(4096, 7))  # parts packed; the answer is read whole
+        damaged = [
+            (await net.stat("streamed")).parts[0].key,
+            (await net.stat("small")).parts[2].key,
+        ]
+        for key in damaged:
+            flip_payload_byte(tmp_path, key, 10)  # the part's first block
+
+        client = net._http
+        gateway = net._gateway
+
+        async def answers(name: str) -> tuple[int, str]:
+            response = await client.get(f"{gateway}/default/{name}")
+            return response.status_code, response.json()["error"]["code"]
+
+        assert await answers("streamed") == (502, "integrity_error")
+        assert await answers("small") == (502, "integrity_error")
+
+        async def taken_out() -> bool:
+            status = await fetch_status(net._discovery_url, net_config().secret)
+            reported = status.totals.degraded_files == 2
+            return reported and all(quarantined(tmp_path, key) for key in damaged)
+
+        await eventually(taken_out, what="the damaged parts quarantined and reported")
+        for _ in range(2):
+            assert await answers("streamed") == (502, "integrity_error")
+            assert await answers("small") == (502, "integrity_error")
+        # A range that touches only healthy parts still reads.
+        response = await client.get(
+            f"{gateway}/default/streamed", headers={"Range": "bytes=1024-2047"}
+        )
+        assert response.status_code == 206
+        assert response.content == payload(500_000, 6)[1024:2048]
 
 
 @LOCAL_OR_HTTP
@@ -171,8 +237,9 @@ async def test_large_reads_that_read_ahead_still_never_complete_wrong(
         assert (await client.get(f"{gateway}/default/large")).content == data
         key = (await net.stat("large-bad")).parts[3].key
         flip_payload_byte(tmp_path, key, 200_000)
-        with pytest.raises(httpx.RemoteProtocolError):
-            await client.get(f"{gateway}/default/large-bad")
+        # (Over HTTP the node's first chunk, the whole part here, is checked before the
+        # status lines: an error status instead.)
+        await damaged_get(client, f"{gateway}/default/large-bad", cut=local_calls)
         assert (await client.get(f"{gateway}/default/large")).content == data
 
 

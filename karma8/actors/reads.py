@@ -26,8 +26,18 @@ from karma8.ports import StorageAPI, WholeParts
 
 
 def read_failure(placement: PartPlacement, exc: Karma8Error) -> Karma8Error:
+    """What a read without another copy says of a part that ``exc`` kept from it."""
     if isinstance(exc, (StorageFailure, Unavailable, IntegrityError)):
         return exc
+    if isinstance(exc, NotFound):
+        # A committed part its node does not have: taken out of service after it failed a
+        # check (a node quarantines such a part), or lost with the node's disk. Its bytes
+        # are gone for good, as damaged ones are: the same answer as the read that found
+        # the damage, not a node's failure, which a retry might get past.
+        return IntegrityError(
+            f"part {placement.index} on node {placement.node.node_id} is gone (quarantined"
+            f" after failing a check, or lost): {exc.message}"
+        )
     return StorageFailure(
         f"part {placement.index} on node {placement.node.node_id} cannot be read: {exc.message}"
     )

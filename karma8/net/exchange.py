@@ -82,6 +82,27 @@ async def read_whole(opened: AbstractAsyncContextManager[AsyncIterator[bytes]]) 
         return b"".join([chunk async for chunk in chunks])
 
 
+class FirstThen:
+    """``first``, then the rest of ``rest``: a streamed body whose first chunk was read
+    before the status line, so that a read failing at once is an error status rather than
+    a body cut short. (An iterator class, as the reads' own chunks are: an abandoned async
+    generator would close its streams only when collected.)"""
+
+    def __init__(self, first: bytes, rest: AsyncIterator[bytes]) -> None:
+        self._first: bytes | None = first
+        self._rest = rest
+
+    def __aiter__(self) -> FirstThen:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            if first:
+                return first
+        return await self._rest.__anext__()
+
+
 def check_secret(given: str | None, secret: str) -> None:
     """Raise :class:`Forbidden` unless ``given`` is the cluster secret (compared in constant
     time)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable
 
 from karma8.actors.gateway import Gateway
 from karma8.core.access import Right, bearer_token
@@ -27,6 +27,7 @@ from karma8.net.exchange import (
     ASGIApp,
     Exchange,
     ExchangeRoutes,
+    FirstThen,
     Headers,
 )
 from karma8.net.writepipe import ParentUnreachable, ParentWrites
@@ -206,7 +207,7 @@ class ObjectRoutes(ExchangeRoutes[Target]):
             self._stats["gets"] += 1
             await exchange.start(status, headers)
             try:
-                await exchange.stream(_FirstThen(first, chunks))
+                await exchange.stream(FirstThen(first, chunks))
             except Karma8Error as exc:
                 self._stats["read_errors"] += 1
                 log.error(
@@ -220,22 +221,3 @@ class ObjectRoutes(ExchangeRoutes[Target]):
         await self._authorize(exchange, target[0], Right.WRITE)
         await self._gateway.delete(*target)
         await exchange.answer(204, [])
-
-
-class _FirstThen:
-    """``first``, then the rest of ``rest`` (an iterator class, as the read's own chunks
-    are: an abandoned async generator would close its streams only when collected)."""
-
-    def __init__(self, first: bytes, rest: AsyncIterator[bytes]) -> None:
-        self._first: bytes | None = first
-        self._rest = rest
-
-    def __aiter__(self) -> _FirstThen:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._first is not None:
-            first, self._first = self._first, None
-            if first:
-                return first
-        return await self._rest.__anext__()

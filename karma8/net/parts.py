@@ -17,6 +17,7 @@ from karma8.net.exchange import (
     ASGIApp,
     Exchange,
     ExchangeRoutes,
+    FirstThen,
     read_whole,
 )
 
@@ -78,11 +79,15 @@ class PartRoutes(ExchangeRoutes[str]):
             body = await read_whole(self._node.read_part(key, offset=offset, length=length))
             await exchange.answer(200, headers, body)
             return
-        # Opened before the status line, so a damaged or truncated part is a JSON error.
+        # Opened, and its first chunk read (every block of it checked), before the status
+        # line, so a damaged or truncated part, or a damaged first block, is a JSON error:
+        # a gateway told so answers 502 integrity_error, where a cut before any byte would
+        # have looked to it like a node gone (503).
         async with self._node.read_part(key, offset=offset, length=length) as chunks:
+            first = await anext(chunks, b"")
             await exchange.start(200, headers)
             try:
-                await exchange.stream(chunks)
+                await exchange.stream(FirstThen(first, chunks))
             except Karma8Error as exc:
                 log.error("GET part %s failed mid-stream: %s", key, exc.message)
 
