@@ -15,6 +15,7 @@ from karma8.core.rebalance import (
     NodeFill,
     bytes_over_target,
     capped_nodes,
+    donors,
     fill_targets,
     imbalance_pp,
     plan_moves,
@@ -95,16 +96,19 @@ def test_fewer_nodes_than_parts_cap_nothing() -> None:
 
 
 @st.composite
-def clusters(draw: st.DrawFn) -> tuple[list[NodeFill], dict[str, list[MovablePart]]]:
-    """Nodes holding files of five parts each on five distinct nodes, unevenly."""
+def clusters(
+    draw: st.DrawFn, *, biggest: int = 2_000, files: int = 60, capacity: int | None = None
+) -> tuple[list[NodeFill], dict[str, list[MovablePart]]]:
+    """Nodes holding files of five parts each on five distinct nodes, unevenly (up to ``files``
+    files of parts up to ``biggest`` bytes)."""
     count = draw(st.integers(6, 12))
-    capacity = draw(st.sampled_from([50_000, 100_000, 200_000]))
+    if capacity is None:
+        capacity = draw(st.sampled_from([50_000, 100_000, 200_000]))
     ids = [f"n{i}" for i in range(count)]
     favoured = ids[: draw(st.integers(5, count))]  # new nodes joined empty
     held: dict[str, list[MovablePart]] = {i: [] for i in ids}
-    files = draw(st.integers(0, 60))
-    for f in range(files):
-        size = draw(st.integers(1, 2_000))
+    for f in range(draw(st.integers(0, files))):
+        size = draw(st.integers(1, biggest))
         nodes = draw(st.permutations(favoured))[:5]
         for index, node_id in enumerate(nodes):
             held[node_id].append(
@@ -237,3 +241,87 @@ def test_roles_and_room_are_respected() -> None:
     assert moves
     assert {m.target for m in moves} == {"new"}
     assert imbalance_pp(nodes, fill_targets(nodes)) > 50
+
+
+def _old_nodes_and_a_new_one() -> tuple[list[NodeFill], dict[str, list[MovablePart]]]:
+    """Six old nodes 0.9 tolerance (of 0.5 pp) above their target, a new one empty 5.4
+    tolerances below it: 126 files of five 30-byte parts, each on all old nodes but one."""
+    old = [f"o{i}" for i in range(6)]
+    held: dict[str, list[MovablePart]] = {node_id: [] for node_id in [*old, "new"]}
+    for f in range(126):
+        owners = [node_id for i, node_id in enumerate(old) if i != f % 6]
+        for index, node_id in enumerate(owners):
+            held[node_id].append(
+                MovablePart(
+                    key=f"v{f}.{index}",
+                    version_id=f"v{f}",
+                    size=30,
+                    node_id=node_id,
+                    blocked=frozenset(owners),
+                )
+            )
+    return [fill(node_id, 100_000, sum(p.size for p in held[node_id])) for node_id in held], held
+
+
+def test_a_node_far_below_its_target_takes_from_donors_within_the_tolerance() -> None:
+    nodes, held = _old_nodes_and_a_new_one()
+    targets = fill_targets(nodes)
+    assert {n.live - targets[n.node_id] for n in nodes} == {450, -2700}  # slack: 500 bytes
+    moves = plan_moves(nodes, held, tolerance_pp=0.5)
+    assert {m.target for m in moves} == {"new"}
+    nodes, held = _apply(nodes, held, moves)
+    assert imbalance_pp(nodes, fill_targets(nodes)) <= 0.5
+    assert plan_moves(nodes, held, tolerance_pp=0.5) == []
+
+
+def test_donors_within_the_tolerance_give_only_to_a_node_beyond_it() -> None:
+    nodes, _ = _old_nodes_and_a_new_one()
+    targets = fill_targets(nodes)
+    old = {f"o{i}": ["new"] for i in range(6)}
+    assert donors(nodes, targets, tolerance_pp=0.5) == old
+    assert donors(nodes, targets, tolerance_pp=0.5, no_donors=frozenset({"o0"})) == {
+        d: r for d, r in old.items() if d != "o0"
+    }
+    assert donors(nodes, targets, tolerance_pp=0.5, no_receivers=frozenset({"new"})) == {}
+    assert donors(nodes, targets, tolerance_pp=5.4) == {}  # the new node is within it too
+    assert donors(nodes, targets, tolerance_pp=0.4) == old  # now over by more: the same
+    # Targets 540, tolerance 50 bytes: a is over by more (to any node below its target), d by
+    # less (to c only, more than the tolerance below); b is below by less.
+    nodes = [fill("a", 1000, 700), fill("d", 1000, 560), fill("b", 1000, 520)]
+    nodes.append(fill("c", 1000, 380))
+    assert donors(nodes, fill_targets(nodes), tolerance_pp=5) == {"a": ["b", "c"], "d": ["c"]}
+
+
+@st.composite
+def small_parts(
+    draw: st.DrawFn,
+) -> tuple[list[NodeFill], dict[str, list[MovablePart]], float]:
+    """A cluster of 100 kB nodes whose parts are small beside the tolerance (at most
+    1/12 of it), with the tolerance."""
+    tolerance = draw(st.floats(0.1, 2.0))
+    nodes, held = draw(clusters(biggest=int(tolerance * 1_000) // 12, files=200, capacity=100_000))
+    return nodes, held, tolerance
+
+
+@settings(max_examples=100)
+@given(small_parts())
+@example((*_old_nodes_and_a_new_one(), 0.5))
+def test_plans_in_turn_bring_every_node_within_the_tolerance_when_parts_are_small(
+    cluster: tuple[list[NodeFill], dict[str, list[MovablePart]], float],
+) -> None:
+    # Nodes of one size, files whose parts are of one size: a node below its target never
+    # holds a part of every file of a node above its own, so some part can always move. This
+    # holds too when every node above its target is within the tolerance and the one below is
+    # far from it (a new node): those must give as well.
+    nodes, held, tolerance = cluster
+    biggest = max((p.size for ps in held.values() for p in ps), default=0)
+    for _ in range(50):
+        moves = plan_moves(nodes, held, tolerance_pp=tolerance)
+        if not moves:
+            break
+        nodes, held = _apply(nodes, held, moves)
+    else:
+        pytest.fail("plans never ran out")
+    targets = fill_targets(nodes)
+    for n in nodes:
+        assert abs(n.live - targets[n.node_id]) <= tolerance / 100 * n.capacity + biggest / 2

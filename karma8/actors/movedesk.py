@@ -18,6 +18,7 @@ from karma8.core.rebalance import (
     Move,
     RebalancePlan,
     bytes_over_target,
+    donors,
     fill_targets,
     imbalance_pp,
     plan_moves,
@@ -53,26 +54,22 @@ class MoveDesk:
         no_donors: frozenset[str] = frozenset(),
         no_receivers: frozenset[str] = frozenset(),
     ) -> RebalancePlan:
-        """The next moves towards even filling, from up to ``batch`` parts of each node above
-        its target (see :func:`karma8.core.rebalance.plan_moves`)."""
+        """The next moves towards even filling, from up to ``batch`` parts of each node that
+        may give (see :func:`karma8.core.rebalance.donors` and ``plan_moves``)."""
         parts = self._parts
 
         def plan() -> RebalancePlan:
             fills = self._leases.less_held(self._store.rebalance_fills())
             targets = fill_targets(fills, parts=parts)
-            donors = [
-                n.node_id
-                for n in fills
-                if n.live - targets[n.node_id] > tolerance_pp / 100 * n.capacity
-                and n.node_id not in no_donors
-            ]
-            receivers = [
-                n.node_id
-                for n in fills
-                if n.live < targets[n.node_id] and n.node_id not in no_receivers
-            ]
             candidates = {
-                d: self._store.movable_parts(d, limit=batch, receivers=receivers) for d in donors
+                d: self._store.movable_parts(d, limit=batch, receivers=receivers)
+                for d, receivers in donors(
+                    fills,
+                    targets,
+                    tolerance_pp=tolerance_pp,
+                    no_donors=no_donors,
+                    no_receivers=no_receivers,
+                ).items()
             }
             moves = plan_moves(
                 fills,

@@ -11,8 +11,12 @@ Any rebalancer that ends at these targets must move at least the bytes each node
 its target (:func:`bytes_over_target`). :func:`plan_moves` moves a part only from a node above
 its target to one below it, never further than a tolerance (or half a part) past either, so
 each byte moves at most once and the bytes moved stay close to that minimum (parts are
-discrete, hence the tolerance). A part never goes to a node that holds another part of its
-version, or a copy of the same part still waiting for deletion (the move's ``blocked`` nodes).
+discrete, hence the tolerance). One end of each move is further from its target than the
+tolerance: a node more than the tolerance above its target gives to any node below its own,
+and a node less above gives only to a node more than the tolerance below (a new node, say,
+while the others are each a little over: together they owe it far more than the tolerance).
+A part never goes to a node that holds another part of its version, or a copy of the same
+part still waiting for deletion (the move's ``blocked`` nodes).
 """
 
 from __future__ import annotations
@@ -130,6 +134,33 @@ def spread_pp(nodes: Sequence[NodeFill], *, parts: int = 5) -> float:
     return max(fills) - min(fills) if fills else 0.0
 
 
+def donors(
+    nodes: Sequence[NodeFill],
+    targets: Mapping[str, int],
+    *,
+    tolerance_pp: float,
+    no_donors: frozenset[str] = frozenset(),
+    no_receivers: frozenset[str] = frozenset(),
+) -> dict[str, list[str]]:
+    """The nodes that may give parts, each with the nodes it may give to: a node more than
+    ``tolerance_pp`` above its target gives to any node below its own, and one less above to
+    the nodes more than ``tolerance_pp`` below theirs (see :func:`plan_moves`)."""
+    live = {n.node_id: n.live for n in nodes}
+    slack = {n.node_id: _slack(n, tolerance_pp) for n in nodes}
+    below = [r for r in live if live[r] < targets[r] and r not in no_receivers]
+    short = [r for r in below if targets[r] - live[r] > slack[r]]
+    gives = {
+        d: below if live[d] - targets[d] > slack[d] else short
+        for d in live
+        if live[d] > targets[d] and d not in no_donors
+    }
+    return {d: receivers for d, receivers in gives.items() if receivers}
+
+
+def _slack(node: NodeFill, tolerance_pp: float) -> float:
+    return tolerance_pp / 100 * node.capacity
+
+
 def plan_moves(
     nodes: Sequence[NodeFill],
     candidates: Mapping[str, Sequence[MovablePart]],
@@ -144,11 +175,15 @@ def plan_moves(
     ``candidates`` (movable parts, by the node holding them) allow.
 
     The donor furthest over its target gives next, its biggest part first, to the node furthest
-    below its target that may take it. A part moves only if the two nodes' squared distances
-    from their targets shrink (so plans applied in turn end), the donor ends no further below
-    its target than the tolerance, and the receiver no further above it than half the part
-    (half a part either way when parts are big against a node). Receivers are not filled past
-    that: new files keep landing on the emptiest nodes while parts move. ``max_bytes`` caps
+    below its target that may take it. A donor is a node more than the tolerance over its
+    target, giving to any node below its own; or, while some node that may take is more than
+    the tolerance below its target, any node over its target, giving only to such a node (so
+    nodes each a little over still fill a new node, and nodes within the tolerance trade no
+    parts among themselves). A part moves only if the two nodes' squared distances from their
+    targets shrink (so plans applied in turn end), the donor ends no further below its target
+    than the tolerance, and the receiver no further above it than half the part (half a part
+    either way when parts are big against a node). Receivers are not filled past that: new
+    files keep landing on the emptiest nodes while parts move. ``max_bytes`` caps
     the plan; ``no_donors`` and ``no_receivers`` keep nodes to one direction (a caller
     rebalancing in rounds keeps each node's first role, so no byte moves back and forth).
     """
@@ -156,7 +191,7 @@ def plan_moves(
     by_id = {n.node_id: n for n in nodes}
     load = {n.node_id: n.live for n in nodes}
     free = {n.node_id: n.free for n in nodes}
-    slack = {n.node_id: tolerance_pp / 100 * n.capacity for n in nodes}
+    slack = {n.node_id: _slack(n, tolerance_pp) for n in nodes}
 
     def excess(node_id: str) -> float:
         return load[node_id] - targets[node_id]
@@ -167,11 +202,22 @@ def plan_moves(
     def fraction_over(node_id: str) -> float:
         return excess(node_id) / max(by_id[node_id].capacity, 1)
 
+    def over(node_id: str) -> bool:  # gives to any node below its target
+        return excess(node_id) > slack[node_id]
+
+    def short(node_id: str) -> bool:  # takes from any node above its target
+        return room(node_id) > slack[node_id]
+
     # Each donor's parts, biggest first; the donor furthest over its target gives next.
     queues = {
-        n.node_id: sorted(candidates.get(n.node_id, ()), key=lambda p: (p.size, p.key))
-        for n in nodes
-        if excess(n.node_id) > slack[n.node_id] and n.node_id not in no_donors
+        d: sorted(candidates.get(d, ()), key=lambda p: (p.size, p.key))
+        for d in donors(
+            nodes,
+            targets,
+            tolerance_pp=tolerance_pp,
+            no_donors=no_donors,
+            no_receivers=no_receivers,
+        )
     }
     moves: list[Move] = []
     planned = 0
@@ -179,8 +225,11 @@ def plan_moves(
     gave: set[str] = set()
     took: set[str] = set()
     while True:
+        wanted = any(short(r) for r in load if r not in no_receivers)
         giving = [
-            d for d, queue in queues.items() if queue and excess(d) > slack[d] and d not in took
+            d
+            for d, queue in queues.items()
+            if queue and d not in took and (over(d) or (wanted and excess(d) > 0))
         ]
         if not giving:
             return moves
@@ -201,6 +250,7 @@ def plan_moves(
             and node_id not in part.blocked
             and node_id not in gained.get(part.version_id, ())
             and room(node_id) >= part.size / 2
+            and (over(donor) or short(node_id))
             and excess(donor) + room(node_id) > part.size  # the squared gaps shrink
             and free[node_id] >= part.size
         ]
