@@ -177,6 +177,7 @@ class NetDriver:
         self._data_dir = data_dir
         self._extra = 0
         self._joined: dict[str, trio.CancelScope] = {}  # node id -> its task, of added nodes
+        self._dirs: dict[str, Path] = {}  # node id -> its directory, of added nodes
         self.namespace = "default"
 
     async def create_namespace(self, name: str, *, engine: str, **settings: int) -> None:
@@ -227,9 +228,16 @@ class NetDriver:
     async def nodes(self) -> list[NodeStatus]:
         return await self._discovery.list_nodes()
 
-    async def add_node(self, capacity: int | None = None) -> str:
-        self._extra += 1
-        data_dir = self._data_dir / f"joined-{self._extra}"
+    async def add_node(
+        self, capacity: int | None = None, *, port: int | None = None, again: str | None = None
+    ) -> str:
+        """A node in a new directory; or in the directory of ``again``, a node this added,
+        which must be killed first (its ``node_id`` file, if it was removed, is new)."""
+        if again is None:
+            self._extra += 1
+            data_dir = self._data_dir / f"joined-{self._extra}"
+        else:
+            data_dir = self.node_dir(again)
         scope = trio.CancelScope()
 
         async def run(*, task_status: trio.TaskStatus[str]) -> None:
@@ -240,13 +248,19 @@ class NetDriver:
                     discovery_url=self._discovery_url,
                     http=self._internal,
                     capacity=capacity,
+                    port=port,
                     task_status=task_status,
                 )
 
         await self._nursery.start(run)
         node_id = (data_dir / "node_id").read_text().strip()
         self._joined[node_id] = scope
+        self._dirs[node_id] = data_dir
         return node_id
+
+    def node_dir(self, node_id: str) -> Path:
+        """The directory of a node :meth:`add_node` started."""
+        return self._dirs[node_id]
 
     async def kill_node(self, node_id: str) -> None:
         self._joined.pop(node_id).cancel()

@@ -18,7 +18,7 @@ from karma8.core.errors import (
     UploadConflict,
 )
 from karma8.core.layout import StripeLayout
-from karma8.core.model import NodeRegistration, PartReceipt, VersionState
+from karma8.core.model import NodeRegistration, NodeState, PartReceipt, VersionState
 from karma8.core.placement import NodeLoad, place_parts
 from karma8.metadata.schema import SCHEMA
 from karma8.metadata.sqlite import SqliteMetadataStore
@@ -244,6 +244,34 @@ def test_stale_nodes_become_unavailable(store: SqlMetadataStore) -> None:
     states = {n.node_id: n.state.value for n in store.list_nodes()}
     assert states["n0"] == "available"
     assert states["n1"] == "unavailable"
+
+
+def test_a_node_at_another_nodes_address_takes_it_off_that_nodes_record(
+    store: SqlMetadataStore,
+) -> None:
+    # n0's disk was wiped; its directory restarted on the same port under a new id, n9.
+    begin(store, "v1")
+    store.commit_version(version_id="v1", size=10, receipts=receipts(10), now=2.0, if_absent=False)
+    newcomer = NodeRegistration(node_id="n9", url="http://n0", capacity_bytes=1000)
+    arrival = store.upsert_node(newcomer, 20.0)
+    assert (arrival.was, arrival.displaced) == (None, ("n0",))
+    nodes = {n.node_id: n for n in store.list_nodes()}
+    assert (nodes["n0"].url, nodes["n0"].state) == ("", NodeState.UNAVAILABLE)
+    assert nodes["n9"].url == "http://n0"
+    current = store.current_version("default", "f")
+    assert current is not None
+    # No reader is sent to n9 for n0's part: it has no address.
+    assert {p.node.node_id: p.node.url for p in current.parts}["n0"] == ""
+    assert store.upsert_node(newcomer, 21.0).displaced == ()  # its heartbeats take nothing
+    # n0 comes back, from an address of its own: its parts are read there again.
+    back = store.upsert_node(
+        NodeRegistration(node_id="n0", url="http://n0-again", capacity_bytes=1000), 30.0
+    )
+    assert (back.was, back.displaced) == (NodeState.UNAVAILABLE, ())
+    current = store.current_version("default", "f")
+    assert current is not None
+    assert {p.node.node_id: p.node.url for p in current.parts}["n0"] == "http://n0-again"
+    assert states(store)["n0"] == "available"
 
 
 def test_file_database_survives_reopen(tmp_path: Path) -> None:

@@ -62,6 +62,7 @@ from karma8.core.model import (
     ClusterTotals,
     FileEntry,
     FileVersion,
+    NodeArrival,
     NodeRegistration,
     NodeState,
     NodeStatus,
@@ -139,8 +140,11 @@ class Discovery:
         # aborted version's parts are, until a node reports them deleted. In memory: after a
         # restart the nodes' orphan check collects them instead (after orphan_grace).
         self._expired_parts: dict[str, set[str]] = {}
-        # Where each node id was last heard from, and when (see _check_place).
+        # Where each node id was last heard from, and when (see _check_place); which node
+        # each address was last heard from, and when (see _check_address).
         self._places: dict[str, tuple[str, float]] = {}
+        self._addresses: dict[str, tuple[str, float]] = {}
+        self._urls: dict[str, str] = {}  # node id -> the address it was last heard at
         # Plain counts since start, for the operator's metrics (the net layer reads them).
         self.counts = {"sweeps": 0, "expired_uploads": 0, "expired_placements": 0}
         self._engines: dict[str, tuple[int, int]] = {}  # namespace -> (copies, parity)
@@ -189,6 +193,8 @@ class Discovery:
         """Drop this instance's expired placement leases; if it leads the sweep, abort
         expired uploads and part moves and mark silent nodes unavailable (idempotent)."""
         now = self._clock.now()
+        heard_after = now - self.config.node_timeout
+        self._addresses = {u: h for u, h in self._addresses.items() if h[1] >= heard_after}
         ended = self.leases.expire_leases(now)
         if ended:
             log.info("%d placement leases expired", len(ended))
@@ -521,14 +527,48 @@ class Discovery:
             )
         self._places[node_id] = (place, now)
 
+    def _check_address(self, registration: NodeRegistration, now: float) -> None:
+        """Refuse a node at an address another node id was heard from within
+        ``node_timeout``: readers would be sent to one for the other's parts. An address that
+        other node has been silent at for longer is stale (a node whose disk was wiped came
+        back under a new id on the same port, say): the store takes it off that node's record
+        (:meth:`karma8.ports.MetadataStore.upsert_node`)."""
+        url, node_id = registration.url, registration.node_id
+        held = self._addresses.get(url)
+        if held is not None and held[0] != node_id and now - held[1] < self.config.node_timeout:
+            raise NodeConflict(
+                f"node {held[0]} is served at {url}, heard {now - held[1]:.1f} s ago: node"
+                f" {node_id} cannot take its address. One node answers at an address; if that"
+                f" one is gone from it, start this one again after {self.config.node_timeout:g}"
+                " s"
+            )
+        moved_from = self._urls.get(node_id)
+        if moved_from is not None and moved_from != url:  # restarted on another port: that
+            self._addresses.pop(moved_from, None)  # address is free at once
+        self._addresses[url] = (node_id, now)
+        self._urls[node_id] = url
+
+    @staticmethod
+    def _arrived(registration: NodeRegistration, arrival: NodeArrival) -> None:
+        for node_id in arrival.displaced:
+            log.warning(
+                "node %s is unavailable: node %s now answers at its address %s (its reads"
+                " fail until it registers from an address of its own)",
+                node_id,
+                registration.node_id,
+                registration.url,
+            )
+
     async def register_node(self, registration: NodeRegistration) -> None:
         _check_registration(registration)
         now = self._clock.now()
         self._check_place(registration, now)
+        self._check_address(registration, now)
         suspect_for = self.config.suspect_for
-        await self._blocking(
+        arrival = await self._blocking(
             lambda: self._store.upsert_node(registration, now, suspect_for=suspect_for)
         )
+        self._arrived(registration, arrival)
 
     async def heartbeat(
         self, registration: NodeRegistration, *, deleted: Sequence[str]
@@ -536,20 +576,24 @@ class Discovery:
         _check_registration(registration)
         now = self._clock.now()
         self._check_place(registration, now)
+        self._check_address(registration, now)
         node_id = registration.node_id
 
-        def beat() -> tuple[NodeState | None, list[str]]:
-            was = self._store.upsert_node(registration, now, suspect_for=self.config.suspect_for)
+        def beat() -> tuple[NodeArrival, list[str]]:
+            arrival = self._store.upsert_node(
+                registration, now, suspect_for=self.config.suspect_for
+            )
             if deleted:
                 self._store.forget_parts(node_id, deleted)
-            return was, self._store.garbage_for_node(
+            return arrival, self._store.garbage_for_node(
                 node_id,
                 retired_before=now - self.config.retire_grace,
                 limit=self.config.garbage_batch,
             )
 
-        was, garbage = await self._blocking(beat)
-        if was is NodeState.UNAVAILABLE:
+        arrival, garbage = await self._blocking(beat)
+        self._arrived(registration, arrival)
+        if arrival.was is NodeState.UNAVAILABLE:
             log.warning("node %s is back: it heartbeats again", node_id)
         expired = self._expired_parts.get(node_id)
         if expired:

@@ -46,7 +46,8 @@ class VersionState(enum.Enum):
 
 @attrs.frozen(kw_only=True)
 class NodeRef:
-    """Where a storage node is: its permanent id and its current address."""
+    """Where a storage node is: its permanent id and its current address (empty: none known,
+    another node took the one it had; it is unavailable until it registers again)."""
 
     node_id: str
     url: str
@@ -63,6 +64,16 @@ class NodeRegistration:
     # Where the node's directory is (host, and the directory's device and inode), or None: the
     # same id heard from two places at once is two copies of one node (NodeConflict).
     place: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class NodeArrival:
+    """What recording a registration or heartbeat found: the state the node had (None: a new
+    node), and the nodes whose address it took (silent ones whose records still named it: a
+    node whose disk was wiped came back under a new id on the same address, say)."""
+
+    was: NodeState | None
+    displaced: tuple[str, ...] = ()
 
 
 @attrs.frozen(kw_only=True)

@@ -5,22 +5,40 @@ cluster's totals. Part of :class:`karma8.metadata.store.SqlMetadataStore`.
 
 from __future__ import annotations
 
-from karma8.core.model import ClusterTotals, NodeRegistration, NodeState, NodeStatus
+from karma8.core.model import (
+    ClusterTotals,
+    NodeArrival,
+    NodeRegistration,
+    NodeState,
+    NodeStatus,
+)
 from karma8.metadata import totals
 from karma8.metadata.rows import node_status
-from karma8.metadata.sql import Database
+from karma8.metadata.sql import Connection, Database
 
 
 class NodeStore(Database):
     """The share of :class:`karma8.ports.MetadataStore` that keeps the nodes' rows."""
 
     def upsert_node(
-        self, registration: NodeRegistration, now: float, *, suspect_for: float = 0.0
-    ) -> NodeState | None:
+        self,
+        registration: NodeRegistration,
+        now: float,
+        *,
+        suspect_for: float = 0.0,
+    ) -> NodeArrival:
         """Record a registration or heartbeat: the node is AVAILABLE again, unless a write to
         it failed less than ``suspect_for`` seconds ago (then it stays SUSPECT). Returns the
-        state it had (None: a new node)."""
+        state it had (None: a new node) and the nodes whose address it took.
+
+        An address is one node's: another node's record that names the same url is stale
+        (its node is gone from there: a wiped disk restarted under a new id on the same port,
+        say; discovery refuses the newcomer while it still hears that node there). Its
+        address is cleared and the node UNAVAILABLE, so that no reader is sent to the
+        newcomer for that node's parts; it has an address again when it registers from its
+        own."""
         with self._tx() as db:
+            displaced = _take_url(db, registration)
             before = db.execute(
                 "SELECT state FROM nodes WHERE node_id = ?", (registration.node_id,)
             ).fetchone()
@@ -46,7 +64,8 @@ class NodeStore(Database):
                     "cleared_before": now - suspect_for,
                 },
             )
-        return None if before is None else NodeState(before["state"])
+        was = None if before is None else NodeState(before["state"])
+        return NodeArrival(was=was, displaced=displaced)
 
     def mark_node_suspect(self, node_id: str, now: float) -> bool:
         """A write to the node failed because of it: no new parts until it proves healthy.
@@ -86,3 +105,19 @@ class NodeStore(Database):
     def totals(self) -> ClusterTotals:
         with self._read() as db:
             return totals.totals(db)
+
+
+def _take_url(db: Connection, registration: NodeRegistration) -> tuple[str, ...]:
+    """Clear the address of the other nodes whose records name ``registration``'s url (see
+    upsert_node); returns their ids."""
+    url, node_id = registration.url, registration.node_id
+    rows = db.execute(
+        "SELECT node_id FROM nodes WHERE url = ? AND node_id != ? ORDER BY node_id",
+        (url, node_id),
+    ).fetchall()
+    if rows:
+        db.execute(
+            "UPDATE nodes SET url = '', state = 'unavailable' WHERE url = ? AND node_id != ?",
+            (url, node_id),
+        )
+    return tuple(row["node_id"] for row in rows)

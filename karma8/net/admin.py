@@ -171,7 +171,7 @@ def nodes_table(nodes: list[NodeStatus]) -> str:
         rows.append(
             (
                 n.node_id,
-                n.url,
+                n.url or "-",  # none: another node took its address
                 n.state.value,
                 format_size(n.capacity_bytes),
                 format_size(n.used_bytes),

@@ -368,6 +368,11 @@ class HttpStorageClient(_Http):
             yield
 
     def _url(self, node: NodeRef, key: str) -> str:
+        if not node.url:  # another node took its address (karma8.ports.MetadataStore)
+            raise Unavailable(
+                f"node {node.node_id} is unavailable: another node answers at the address it"
+                " had, and it has not registered from one of its own since"
+            )
         return f"{node.url.rstrip('/')}/v1/parts/{_path(key)}"
 
     async def put_part(

@@ -70,7 +70,7 @@ def _nodes(status: ClusterStatus) -> str:
         state = escape(node.state.value)
         rows.append(
             f"<tr id='node-{escape(node.node_id)}'><td>{escape(node.node_id)}</td>"
-            f"<td>{escape(node.url)}</td><td class='state-{state}'>{state}</td>"
+            f"<td>{escape(node.url or '-')}</td><td class='state-{state}'>{state}</td>"
             f"<td><span class='bar{heat}'><span style='width:{share * 100:.1f}%'></span></span>"
             f" <span class=fill>{share * 100:.1f}%</span></td>"
             f"<td class=num>{format_size(node.used_bytes)}</td>"

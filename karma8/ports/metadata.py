@@ -13,8 +13,8 @@ from karma8.core.model import (
     FileEntry,
     FileVersion,
     MoveTicket,
+    NodeArrival,
     NodeRegistration,
-    NodeState,
     NodeStatus,
     PartPlacement,
     PartReceipt,
@@ -61,8 +61,12 @@ class MetadataStore(Protocol):
     ) -> None: ...
 
     def upsert_node(
-        self, registration: NodeRegistration, now: float, *, suspect_for: float = 0.0
-    ) -> NodeState | None: ...
+        self,
+        registration: NodeRegistration,
+        now: float,
+        *,
+        suspect_for: float = 0.0,
+    ) -> NodeArrival: ...
 
     def mark_node_suspect(self, node_id: str, now: float) -> bool: ...
 
