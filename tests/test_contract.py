@@ -18,7 +18,7 @@ from karma8.core.errors import (
     Unavailable,
 )
 from karma8.core.layout import split
-from karma8.core.model import NodeState
+from karma8.core.model import FileVersion, NodeState
 
 from drivers import Check, Driver, eventually, run_in
 
@@ -171,6 +171,58 @@ async def parity_reads_with_a_node_down(d: Driver) -> None:
     await _reads_with_a_node_down(d, "parity", 1, parity=1)
 
 
+async def _put_onto(d: Driver, nodes: set[str], size: int) -> tuple[str, FileVersion]:
+    """The name and version of a file of ``size`` bytes put with parts on all of ``nodes``
+    (files are put until one is)."""
+    for i in range(20):
+        name = f"on/{size}/{i}"
+        await d.put(name, payload(size, i))
+        version = await d.stat(name)
+        if nodes <= {p.node.node_id for p in version.parts}:
+            return name, version
+    raise AssertionError(f"no file of {size} bytes was placed on all of {nodes}")
+
+
+async def a_read_with_a_node_down_names_it(d: Driver) -> None:
+    """A raid0 file with a part on a node that is down: 503 unavailable, saying which part
+    of which file is on which node (not only that some service did not answer), and no
+    internal address."""
+    dead = await d.add_node()  # empty: the next PUTs choose it
+    # Read whole before the answer starts, and streamed (its parts opened first).
+    files = [await _put_onto(d, {dead}, size) for size in (5000, 100_003)]
+    await d.kill_node(dead)
+    for name, version in files:
+        [part] = [p.index for p in version.parts if p.node.node_id == dead]
+        with pytest.raises(Unavailable) as refused:
+            await d.get(name)
+        message = refused.value.message
+        told = f"part {part} of default/{name} is on node {dead}, which does not answer"
+        assert told in message, message
+        assert "://" not in message, message
+
+
+async def a_parity_read_past_its_parity_counts_the_nodes_down(d: Driver) -> None:
+    """A parity file with more parts on nodes that are down than its parity rebuilds: 503
+    unavailable, saying how many parts are lost, on which nodes, and how many the parity
+    rebuilds."""
+    dead = {await d.add_node() for _ in range(2)}  # empty: the next PUTs choose them
+    await d.create_namespace("safe", engine="parity", parity=1)
+    d.namespace = "safe"
+    name, version = await _put_onto(d, dead, 40_003)
+    for node in dead:
+        await d.kill_node(node)
+    with pytest.raises(Unavailable) as refused:
+        await d.get(name)
+    message = refused.value.message
+    assert message.startswith(f"safe/{name}: 2 of its 6 parts cannot be read;"), message
+    assert "parity 1 rebuilds at most 1" in message, message
+    for p in version.parts:
+        if p.node.node_id in dead:
+            told = f"part {p.index} is on node {p.node.node_id}, which does not answer"
+            assert told in message, message
+    assert "://" not in message, message
+
+
 CHECKS: list[Check] = [
     round_trip_edge_sizes,
     chunked_upload,
@@ -182,6 +234,8 @@ CHECKS: list[Check] = [
     held_and_streamed_bodies_release_every_reservation,
     raid1_reads_with_a_node_down,
     parity_reads_with_a_node_down,
+    a_read_with_a_node_down_names_it,
+    a_parity_read_past_its_parity_counts_the_nodes_down,
 ]
 
 

@@ -70,6 +70,7 @@ from karma8.actors.reads import (
     RedundantCursor,
     Sources,
     Stitcher,
+    file_of,
     read_failure,
     whole_at_once,
 )
@@ -340,8 +341,8 @@ class Gateway:
                     )
                 except Karma8Error as exc:
                     self.part_failures[placement.node.node_id, "read"] += 1
-                    raise read_failure(placement, exc) from None
-                cursors[placement.index] = PartCursor(placement, stream, length)
+                    raise read_failure(placement, exc, file_of(version)) from None
+                cursors[placement.index] = PartCursor(placement, stream, length, file_of(version))
             yield Stitcher(version.layout, size, start, stop, cursors)
 
     # -- DELETE / list --------------------------------------------------------------------

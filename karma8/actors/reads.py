@@ -25,9 +25,34 @@ from karma8.core.model import FileVersion, PartPlacement, VersionState
 from karma8.ports import StorageAPI, WholeParts
 
 
-def read_failure(placement: PartPlacement, exc: Karma8Error) -> Karma8Error:
-    """What a read without another copy says of a part that ``exc`` kept from it."""
-    if isinstance(exc, (StorageFailure, Unavailable, IntegrityError)):
+def file_of(version: FileVersion) -> str:
+    """A version's file as a message names it: ``namespace/name``."""
+    return f"{version.namespace}/{version.name}"
+
+
+def unread(placement: PartPlacement, exc: Karma8Error | None) -> str:
+    """Why part ``placement`` could not be read (``exc``; None: no answer in time), as a
+    client may be told it: the part, its node's id, never its address."""
+    on = f"part {placement.index} is on node {placement.node.node_id}"
+    if exc is None:
+        return f"{on}, which did not answer in time"
+    if isinstance(exc, Unavailable):
+        return f"{on}, which does not answer"
+    if isinstance(exc, (NotFound, IntegrityError)):
+        return f"{on}, which lost it or found it damaged"
+    return f"{on}, which failed to read it"
+
+
+def read_failure(placement: PartPlacement, exc: Karma8Error, file: str) -> Karma8Error:
+    """What a read of ``file`` without another copy says of a part that ``exc`` kept from
+    it."""
+    if isinstance(exc, Unavailable):
+        # Which part of which file, on which node: "does not answer" alone cannot be told
+        # from discovery being down. (The node's address and the transport's error are in
+        # the message, for the log; a client is told the rest.)
+        where = f"part {placement.index} of {file} is on node {placement.node.node_id}"
+        return Unavailable.told(f"{where}, which does not answer", exc.message)
+    if isinstance(exc, (StorageFailure, IntegrityError)):
         return exc
     if isinstance(exc, NotFound):
         # A committed part its node does not have: taken out of service after it failed a
@@ -58,8 +83,10 @@ class PartCursor:
         placement: PartPlacement,
         stream: AsyncIterator[bytes],
         length: int,
+        file: str,
     ) -> None:
         self._placement = placement
+        self._file = file  # namespace/name, for messages
         self._stream = stream
         self._unread = length  # bytes the node has not sent yet
         self._buf = b""
@@ -75,7 +102,7 @@ class PartCursor:
                 f" ended {self._unread} bytes early"
             ) from None
         except Karma8Error as exc:
-            raise read_failure(self._placement, exc) from None
+            raise read_failure(self._placement, exc, self._file) from None
         self._unread -= len(chunk)
         if self._unread < 0:
             raise IntegrityError(f"part {self._placement.index} is longer than recorded")
@@ -152,6 +179,7 @@ class Sources:
         self.layout = version.layout
         self.deadline = deadline
         self.failed: set[int] = set()
+        self.why: dict[int, Karma8Error | None] = {}  # failed slot -> its error (None: slow)
         self.lost: set[int] = set()
         # Parts reported lost on their node (a failed check there, or missing) until repair
         # replaces them: tried last, after every other copy or a rebuild around them (a
@@ -191,7 +219,7 @@ class Sources:
             except Karma8Error as exc:
                 self._fail(slot, exc)
                 return None
-            cursor = PartCursor(placement, stream, length)
+            cursor = PartCursor(placement, stream, length, file_of(self.version))
             self._open.append((cursor, stack))
             return cursor
         self._fail(slot, None)
@@ -203,6 +231,7 @@ class Sources:
             self.lost.add(slot)
         if slot not in self.failed:
             self.failed.add(slot)
+            self.why[slot] = exc
             self._failures[self.slot(slot).node.node_id, "read"] += 1
 
     async def give_up(
@@ -214,6 +243,16 @@ class Sources:
         self._fail(slot, exc)
         if cursor is not None:
             await self.close(cursor)
+
+    def cannot_read(self, summary: str, slots: Iterable[int]) -> Unavailable:
+        """Unavailable: ``summary``, then why each of ``slots`` (failed ones) could not be
+        read; what a client is told, with the nodes' own messages for the log."""
+        slots = sorted(slots)
+        public = "; ".join([summary, *(unread(self.slot(s), self.why.get(s)) for s in slots)])
+        causes = [(self.why.get(s), self.slot(s).node.node_id) for s in slots]
+        return Unavailable.told(
+            public, "; ".join(f"{node}: {exc.message}" for exc, node in causes if exc)
+        )
 
     def share_rebuild(self) -> None:
         """From now on every data part of this read comes from one shared rebuild."""
@@ -292,8 +331,11 @@ class RedundantCursor:
         if sources.layout.parity:
             sources.share_rebuild()
             return
-        raise Unavailable(
-            f"part {self._part} of version {sources.version.version_id}: no copy can be read"
+        copies = sources.layout.copies_of(self._part)
+        raise sources.cannot_read(
+            f"part {self._part} of {file_of(sources.version)}: none of its {len(copies)}"
+            " copies can be read",
+            (slot for slot in copies if slot in sources.failed),
         )
 
     async def read(self, limit: int) -> bytes:
@@ -347,9 +389,11 @@ class BlockRebuilder:
                 s for s in range(layout.slots) if s != self._skip and s not in shares
             )[:need]
             if len(batch) < need:
-                raise Unavailable(
-                    f"version {sources.version.version_id} cannot be rebuilt:"
-                    f" {len(sources.failed)} of its parts cannot be read"
+                raise sources.cannot_read(
+                    f"{file_of(sources.version)}: {len(sources.failed)} of its {layout.slots}"
+                    f" parts cannot be read; parity {layout.parity} rebuilds at most"
+                    f" {layout.parity}",
+                    sources.failed,
                 )
             async with trio.open_nursery() as nursery:
                 for slot in batch:

@@ -25,7 +25,7 @@ from collections import Counter
 import attrs
 import trio
 
-from karma8.actors.reads import PartCursor, RebuiltPart, RedundantCursor, Sources
+from karma8.actors.reads import PartCursor, RebuiltPart, RedundantCursor, Sources, file_of
 from karma8.actors.throttle import Throttle
 from karma8.core.errors import IntegrityError, Karma8Error, MoveConflict, Unavailable
 from karma8.core.model import Repair, RepairStatus
@@ -188,7 +188,7 @@ class Repairer:
             cursor: PartCursor | RedundantCursor
             if part is None:  # a parity part: coded again from the data
                 rebuilt = RebuiltPart(sources, slot, 0, size)
-                cursor = PartCursor(version.parts[slot], rebuilt, size)
+                cursor = PartCursor(version.parts[slot], rebuilt, size, file_of(version))
             else:
                 cursor = await RedundantCursor.open(sources, part, 0, size)
             stored = await self._storage.put_part(

@@ -4,11 +4,14 @@ Every failure a client or an operator can see has a class here with a stable ``c
 edge maps codes to statuses (karma8/net); the simulated network carries ``(code, message)`` pairs
 and rebuilds the same class on the other side, so an actor cannot tell which world raised it.
 Messages are written for the person reading them and never include internals (paths, stacks).
+A message may name a node's address, which the public HTTP edge does not show a client: there a
+5xx says only its kind, or ``public``, a part of the message written to be shown (which part of
+which file, on which node id, and why).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Self
 
 
 class Karma8Error(Exception):
@@ -16,9 +19,18 @@ class Karma8Error(Exception):
 
     code: ClassVar[str] = "internal"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, public: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # What a client of the public API may be told of this failure if it is a 5xx (no
+        # internal address); None: only what kind of failure it was.
+        self.public = public
+
+    @classmethod
+    def told(cls, public: str, cause: str | None = None) -> Self:
+        """An error whose message is ``public``, to be shown to any client, followed by
+        ``cause`` (a peer's message, for the log)."""
+        return cls(public if not cause else f"{public} ({cause})", public=public)
 
 
 class NotFound(Karma8Error):

@@ -58,8 +58,10 @@ INTERNAL_ERROR = {"error": {"code": "internal", "message": "internal error"}}
 REQUEST_ID_HEADER = b"x-request-id"
 CLOSE = (b"connection", b"close")
 # What a client is told of a 5xx: the cause (a node's address, a peer's message) is in the
-# log, under the request id. A 503 not_enough_nodes is told as it is: its message is counts
-# ("need 7 storage nodes with 2 bytes free, have 6 ..."), what a client acts on.
+# log, under the request id. An error with a ``public`` message is told that instead (a read
+# names the part, the file and the node id it could not read); a 503 not_enough_nodes is told
+# as it is: its message is counts ("need 7 storage nodes with 2 bytes free, have 6 ..."),
+# what a client acts on.
 PUBLIC_5XX = {
     "storage_failure": "a storage node failed",
     "integrity_error": "stored data failed a check",
@@ -455,7 +457,7 @@ class ExchangeRoutes(abc.ABC, Generic[T]):
                 return
             body = error_body(exc, exchange.request_id)
             if self._public and status >= 500 and exc.code not in TOLD_AS_IS:
-                body["error"]["message"] = PUBLIC_5XX.get(exc.code, "internal error")
+                body["error"]["message"] = exc.public or PUBLIC_5XX.get(exc.code, "internal error")
             await exchange.answer_json(status, body, error_headers(exc))
         except Exception:
             self._log.exception(
