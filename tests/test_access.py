@@ -10,6 +10,7 @@ import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -168,6 +169,60 @@ def test_revoked_tokens_and_disabled_namespaces(store: SqlMetadataStore) -> None
         "other": False,
         "team": False,
     }
+
+
+@pytest.mark.parametrize(
+    ("public", "engine", "asked", "refusal"),
+    [
+        # An operator's trial: created --public --engine parity --parity 2, disabled, then
+        # "create tmpp" said "is public", and "--public --engine parity" said "with engine
+        # parity": the parity was asked for, and what differed (its count) was not named.
+        (
+            True,
+            (1, 2),
+            {"public": False, "copies": 1, "parity": 0},
+            "namespace 'tmpp' already exists as public with engine parity 5+2, not private"
+            " with engine raid0; ask for the same (--public --engine parity --parity 2) to"
+            " enable it again",
+        ),
+        (
+            True,
+            (1, 2),
+            {"public": True, "copies": 1, "parity": 1},
+            "namespace 'tmpp' already exists with engine parity 5+2, not parity 5+1; ask for"
+            " the same (--public --engine parity --parity 2) to enable it again",
+        ),
+        (
+            False,
+            (3, 0),
+            {"public": True, "copies": 3, "parity": 0},
+            "namespace 'tmpp' already exists as private, not public; ask for the same"
+            " (--engine raid1 --copies 3) to enable it again",
+        ),
+    ],
+)
+def test_a_disabled_namespace_asked_for_differently_is_refused_naming_what_differs(
+    store: SqlMetadataStore,
+    public: bool,
+    engine: tuple[int, int],
+    asked: dict[str, Any],
+    refusal: str,
+) -> None:
+    copies, parity = engine
+    store.add_namespace("tmpp", 1.0, public=public, copies=copies, parity=parity)
+    store.disable_namespace("tmpp")
+    with pytest.raises(InvalidRequest) as refused:
+        store.add_namespace("tmpp", 2.0, **asked)
+    assert refused.value.message == refusal
+    assert not store.namespace_exists("tmpp")  # still disabled
+    info = store.add_namespace("tmpp", 3.0, public=public, copies=copies, parity=parity)
+    assert info.enabled
+    assert (info.public, info.copies, info.parity) == (public, copies, parity)
+    # Enabled, a different request is refused the same way, without "to enable it again".
+    with pytest.raises(InvalidRequest) as refused:
+        store.add_namespace("tmpp", 4.0, **asked)
+    head, _, _ = refusal.partition("; ask")
+    assert refused.value.message == f"{head}; its access and engine never change"
 
 
 def test_a_database_from_before_access_control_is_upgraded(tmp_path: Path) -> None:
@@ -445,6 +500,22 @@ async def test_namespace_and_token_commands(
     assert "disabled" in capsys.readouterr().out
 
 
+async def test_a_disabled_namespace_is_enabled_by_asking_for_it_as_it_was(
+    net: NetDriver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    made = ["namespace", "create", "tmpp", "--public", "--engine", "parity"]
+    assert await _karma8(net, *made, "--parity", "2") == 0
+    assert await _karma8(net, "namespace", "disable", "tmpp") == 0
+    capsys.readouterr()
+    for asked in (["namespace", "create", "tmpp"], made):
+        assert await _karma8(net, *asked) == 1
+        err = capsys.readouterr().err
+        assert "ask for the same (--public --engine parity --parity 2) to enable it" in err
+    assert "with engine parity 5+2, not parity 5+1;" in err
+    assert await _karma8(net, *made, "--parity", "2") == 0
+    assert "tmpp  public (anyone reads and writes)  enabled" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("args", "status", "needle"),
     [
@@ -459,7 +530,7 @@ async def test_namespace_and_token_commands(
         (["token", "list", "Bad"], 2, "invalid namespace"),
         (["stat", "Bad/x"], 2, "invalid namespace"),
         (["stat", "default"], 2, "expected namespace/name"),
-        (["namespace", "create", "open"], 1, "already exists and is public"),
+        (["namespace", "create", "open"], 1, "already exists as public, not private"),
         (["namespace", "disable", "nope"], 1, "does not exist"),
     ],
 )

@@ -120,6 +120,14 @@ class StripeLayout:
         return "raid1" if self.copies > 1 else "raid0"
 
     @property
+    def label(self) -> str:
+        """The engine with its counts: ``raid0``, ``raid1 x2`` (copies of each part) or
+        ``parity 5+2`` (data parts + parity parts)."""
+        if self.parity:
+            return f"parity {self.parts}+{self.parity}"
+        return f"raid1 x{self.copies}" if self.copies > 1 else "raid0"
+
+    @property
     def slots(self) -> int:
         """How many parts are stored: data parts, their copies and parity parts."""
         return self.parts * self.copies + self.parity

@@ -35,9 +35,11 @@ class NamespaceStore(Database):
     ) -> NamespaceInfo:
         """Create ``namespace`` (an operator's command) with an engine (``copies`` of each part
         or ``parity`` parts; see :func:`karma8.core.layout.engine_redundancy`). Idempotent; a
-        disabled namespace is enabled again. Raises InvalidRequest if it exists and is public
-        where ``public`` says private, or the other way round, or has another engine (that is
-        not changed silently: files keep the engine they were written with)."""
+        disabled namespace is enabled again. Raises InvalidRequest, naming what differs and
+        what to ask for, if it exists and is public where ``public`` says private, or the
+        other way round, or has another engine or count (none is changed silently: files
+        keep the engine they were written with, and a mistyped name must not enable a public
+        namespace someone asked for as private)."""
         with self._tx() as db:
             row = _namespace_row(db, namespace)
             if row is None:
@@ -46,13 +48,8 @@ class NamespaceStore(Database):
                     " VALUES (?, ?, ?, ?, ?)",
                     (namespace, now, int(public), copies, parity),
                 )
-            elif bool(row["public"]) != public:
-                what = "public" if row["public"] else "private"
-                raise InvalidRequest(f"namespace {namespace!r} already exists and is {what}")
-            elif (row["copies"], row["parity"]) != (copies, parity):
-                raise InvalidRequest(
-                    f"namespace {namespace!r} already exists with engine {_namespace(row).engine}"
-                )
+            elif (bool(row["public"]), row["copies"], row["parity"]) != (public, copies, parity):
+                raise InvalidRequest(_not_as_asked(_namespace(row), public, copies, parity))
             else:
                 db.execute("UPDATE namespaces SET enabled = 1 WHERE name = ?", (namespace,))
             info = _namespace_row(db, namespace)
@@ -192,6 +189,36 @@ def _namespace(row: Row) -> NamespaceInfo:
         copies=row["copies"],
         parity=row["parity"],
     )
+
+
+def _not_as_asked(info: NamespaceInfo, public: bool, copies: int, parity: int) -> str:
+    """Why a namespace that exists was not created (enabled) as asked: what it is and what
+    was asked, where they differ, and what to ask for (the options of ``karma8 namespace
+    create``)."""
+    access = {True: "public", False: "private"}
+    has = StripeLayout(copies=info.copies, parity=info.parity).label
+    asked = StripeLayout(copies=copies, parity=parity).label
+    if info.public != public and has != asked:
+        differs = (
+            f"as {access[info.public]} with engine {has}, not {access[public]} with engine {asked}"
+        )
+    elif info.public != public:
+        differs = f"as {access[info.public]}, not {access[public]}"
+    else:
+        differs = f"with engine {has}, not {asked}"
+    if info.enabled:
+        return (
+            f"namespace {info.name!r} already exists {differs}; its access and engine never change"
+        )
+    options = ["--public"] if info.public else []
+    if info.engine != "raid0":
+        options += ["--engine", info.engine]
+    if info.engine == "raid1":
+        options += ["--copies", str(info.copies)]
+    if info.engine == "parity":
+        options += ["--parity", str(info.parity)]
+    same = f"ask for the same ({' '.join(options)})" if options else "ask for the same (no options)"
+    return f"namespace {info.name!r} already exists {differs}; {same} to enable it again"
 
 
 def _token(row: Row) -> TokenInfo:
