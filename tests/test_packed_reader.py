@@ -41,15 +41,16 @@ def ticking() -> Callable[[], float]:
     return itertools.count(0.0, 0.01).__next__
 
 
-def deleted_files_open() -> list[str]:
-    """Files this process holds open that were unlinked (a retired volume generation)."""
+def deleted_files_open(under: Path) -> list[str]:
+    """Files under ``under`` this process holds open that were unlinked (a retired volume
+    generation): only the test's own, as other tests of the process may hold theirs."""
     targets = []
     for fd in os.listdir("/proc/self/fd"):
         try:
             targets.append(os.readlink(f"/proc/self/fd/{fd}"))
         except OSError:
             continue
-    return [t for t in targets if t.endswith(".vol (deleted)")]
+    return [t for t in targets if t.startswith(f"{under}/") and t.endswith(".vol (deleted)")]
 
 
 def indexed(reader: PackedReader) -> dict[str, tuple[int, bytes]]:
@@ -156,7 +157,7 @@ async def test_compaction_moves_needles_and_it_follows(tmp_path: Path) -> None:
     assert store.packed.compactions > 0
     await put(store, "e.new", payload(7))
     assert reader.read("e.new") == payload(7)  # a refresh that saw the new generations
-    assert not deleted_files_open(), "the reader still holds a retired generation"
+    assert not deleted_files_open(tmp_path), "the reader still holds a retired generation"
     for i in range(40):
         assert reader.read(f"e.{i}") == (None if i % 3 else payload(100, seed=i))
     reader.close()
@@ -190,7 +191,7 @@ async def test_a_compacted_generation_is_dropped_without_a_pass_over_the_index(
     assert set(reader._index) == live  # the deleted parts' entries swept
     for i in range(40):
         assert reader.read(f"s.{i}") == (payload(100, seed=i) if i % 3 == 0 else None)
-    assert not deleted_files_open(), "the reader still holds a retired generation"
+    assert not deleted_files_open(tmp_path), "the reader still holds a retired generation"
     reader.close()
     store.close()
 
