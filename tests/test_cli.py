@@ -313,6 +313,11 @@ def test_the_repair_line_says_what_is_lost_due_rebuilding_and_done() -> None:
     assert repair_line(idle).endswith("0 rebuilding, 20 rebuilt (5.0 MiB)")
     stuck = attrs.evolve(idle, waiting_parts=1)
     assert "(1 due, 1 waiting for a node that holds no part of their file)" in repair_line(stuck)
+    unrebuildable = attrs.evolve(idle, due_parts=0, unrebuildable_parts=4)
+    assert (
+        "4 lost parts (0 due, 4 cannot be rebuilt: too few readable parts of their file;"
+        " they wait for a node to return)"
+    ) in repair_line(unrebuildable)
     assert admin.nodes_json([], _report(), REPAIR)["repair"]["due_parts"] == 1
 
 

@@ -21,7 +21,9 @@ from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.metadata.store import SqlMetadataStore
 
 PARITY = StripeLayout(parts=5, unit=4, parity=1)
+PARITY2 = StripeLayout(parts=5, unit=4, parity=2)
 RAID0 = StripeLayout(parts=5, unit=4)
+RAID1 = StripeLayout(parts=5, unit=4, copies=2)
 NODES = [f"n{i}" for i in range(9)]
 
 
@@ -35,12 +37,19 @@ def commit(store: SqlMetadataStore, vid: str, layout: StripeLayout, nodes: Seque
         nodes=nodes,
         size=50,
         receipts=[
-            PartReceipt(index=i, size=s, checksum=f"{vid}-c{i}") for i, s in enumerate(sizes)
+            PartReceipt(index=i, size=s, checksum=f"{vid}-c{_data_part(layout, i)}")
+            for i, s in enumerate(sizes)
         ],
         created_at=1.0,
         now=1.0,
         if_absent=False,
     )
+
+
+def _data_part(layout: StripeLayout, slot: int) -> int:
+    """The slot's data part (copies share its checksum), or the slot for a parity part."""
+    part = layout.data_part(slot)
+    return slot if part is None else part
 
 
 @pytest.fixture
@@ -171,14 +180,53 @@ def test_a_repair_with_the_wrong_bytes_is_refused_and_due_again(
 
 
 def test_two_lost_parts_of_one_file_never_go_to_one_node(store: SqlMetadataStore) -> None:
-    store.mark_damaged("n0", ["p.0"], "failed its checksum", 5.0)
-    store.mark_damaged("n1", ["p.1"], "failed its checksum", 5.0)
+    commit(store, "q", PARITY2, NODES[:7])  # parity 5+2: two lost parts can be rebuilt
+    store.mark_damaged("n0", ["q.0"], "failed its checksum", 5.0)
+    store.mark_damaged("n1", ["q.1"], "failed its checksum", 5.0)
     done = repair(store, lost_before=0.0)
-    assert sorted(done) == ["p.0:n0->n6", "p.1:n1->n7"]
+    assert sorted(done) == ["q.0:n0->n7", "q.1:n1->n8"]
     # And the mover's own check refuses it whatever a planner says.
-    store.mark_damaged("n2", ["p.2"], "failed its checksum", 5.0)
+    store.mark_damaged("n2", ["q.2"], "failed its checksum", 5.0)
     with pytest.raises(MoveConflict, match="holds a part"):
-        store.begin_move(key="p.2", source="n2", target="n6", now=6.0, lease_until=60.0)
+        store.begin_move(key="q.2", source="n2", target="n7", now=6.0, lease_until=60.0)
+
+
+def test_a_part_that_cannot_be_rebuilt_is_not_due_and_is_counted_apart(
+    store: SqlMetadataStore,
+) -> None:
+    # Parity 5+1 with two parts lost (one on an unavailable node, one reported): 4 readable
+    # of the 5 a rebuild needs. Neither is due nor tried; both wait, counted on their own.
+    store.mark_stale_nodes(seen_before=1.0)  # every node last seen at 0.0: all unavailable
+    for node in NODES[1:]:
+        store.upsert_node(
+            NodeRegistration(node_id=node, url=f"http://{node}", capacity_bytes=1000), 3.0
+        )
+    store.mark_damaged("n3", ["p.3"], "failed its checksum", 5.0)
+    counts = store.repair_counts(lost_before=0.0)
+    assert (counts["lost_parts"], counts["due_parts"], counts["unrebuildable_parts"]) == (2, 0, 2)
+    assert repair(store, lost_before=0.0) == []
+    # Its node back, the reported part can be rebuilt again (and is due at once).
+    store.upsert_node(NodeRegistration(node_id="n0", url="http://n0", capacity_bytes=1000), 6.0)
+    counts = store.repair_counts(lost_before=0.0)
+    assert (counts["lost_parts"], counts["due_parts"], counts["unrebuildable_parts"]) == (1, 1, 0)
+    assert repair(store, lost_before=0.0) == ["p.3:n3->n6"]
+
+
+def test_a_raid1_part_can_be_rebuilt_while_another_copy_of_it_is_readable(
+    store: SqlMetadataStore,
+) -> None:
+    # raid1 x 2 over 5 parts: slots i and 5 + i hold data part i.
+    for node in ("n9", "n10"):
+        store.upsert_node(
+            NodeRegistration(node_id=node, url=f"http://{node}", capacity_bytes=1000), 0.0
+        )
+    commit(store, "m", RAID1, [*NODES, "n9"])
+    store.mark_damaged("n0", ["m.0"], "failed its checksum", 5.0)
+    store.mark_damaged("n5", ["m.5"], "failed its checksum", 5.0)  # data part 0's other copy
+    store.mark_damaged("n1", ["m.1"], "failed its checksum", 5.0)  # data part 1: m.6 is fine
+    counts = store.repair_counts(lost_before=0.0)
+    assert (counts["lost_parts"], counts["due_parts"], counts["unrebuildable_parts"]) == (3, 1, 2)
+    assert repair(store, lost_before=0.0) == ["m.1:n1->n10"]
 
 
 def test_with_no_node_free_of_the_file_a_lost_part_waits(store: SqlMetadataStore) -> None:

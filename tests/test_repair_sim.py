@@ -4,6 +4,8 @@ with an empty disk; raid0 parts cannot be and are not."""
 
 from __future__ import annotations
 
+import logging
+
 import attrs
 import pytest
 import trio
@@ -191,3 +193,48 @@ def test_repair_waits_for_a_target_when_no_node_may_take_the_part() -> None:
         assert status.repaired_parts == len(files)
 
     run_with_cluster(go, scenario=few)
+
+
+def test_parts_that_cannot_be_rebuilt_are_told_once_and_not_tried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Parity 5+1 with two nodes gone: the files with a part on each have 4 readable parts of
+    the 5 a rebuild needs. Repair does not try them (no warning per part and pass, no false
+    "waiting for a node" reason), says so once, and rebuilds them once a node is back."""
+
+    async def go(cluster: SimCluster) -> None:
+        namespace = await make(cluster, "parity", {"parity": 1})
+        files = await put_files(cluster, namespace)
+        big = await cluster.gateway.stat(namespace, "f/40000")
+        gone = [big.parts[0].node.node_id, big.parts[1].node.node_id]
+        before = await versions(cluster, namespace, list(files))
+        stuck = [v for v in before if set(gone) <= {p.node.node_id for p in v.parts}]
+        assert stuck
+        caplog.set_level(logging.INFO, logger="karma8.repair")
+        for node in gone:
+            cluster.crash(node)
+        await trio.sleep(REPAIR_AFTER * 3)  # 90 passes of repair
+        assert cluster.repairer is not None
+        status = await cluster.repairer.status()
+        assert status.unrebuildable_parts == 2 * len(stuck)
+        assert (status.due_parts, status.waiting_parts, status.repairing_parts) == (0, 0, 0)
+        assert status.lost_parts == status.unrebuildable_parts  # the others were rebuilt
+        repair_logs = [r for r in caplog.records if r.name == "karma8.repair"]
+        assert [r.getMessage() for r in repair_logs if r.levelno >= logging.WARNING] == [
+            f"{2 * len(stuck)} lost parts cannot be rebuilt: too few readable parts of their"
+            " file; they wait for a node to return"
+        ]
+        caplog.clear()
+        cluster.restart(gone[0])
+        await settle(cluster, 10.0)
+        status = await cluster.repairer.status()
+        assert (status.lost_parts, status.unrebuildable_parts) == (0, 0)
+        messages = [r.getMessage() for r in caplog.records if r.name == "karma8.repair"]
+        assert "no lost part is left that cannot be rebuilt" in messages
+        assert not [
+            r for r in caplog.records if r.name == "karma8.repair" and r.levelno >= logging.WARNING
+        ]
+        for name, data in files.items():
+            assert await read(cluster.gateway, namespace, name) == data
+
+    run_with_cluster(go, scenario=SCENARIO)

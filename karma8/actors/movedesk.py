@@ -161,6 +161,7 @@ class MoveDesk:
             degraded_files=c["degraded_files"],
             lost_parts=c["lost_parts"],
             due_parts=c["due_parts"],
+            unrebuildable_parts=c["unrebuildable_parts"],
             repairing_parts=c["repairing_parts"],
             repaired_parts=c["repaired_parts"],
             repaired_bytes=c["repaired_bytes"],

@@ -8,9 +8,12 @@ emptiest available node that holds no part of its version. It then rebuilds each
 the version's other parts, exactly as a degraded read does (another copy for raid1, a
 Reed-Solomon rebuild for parity: :mod:`karma8.actors.reads`), streams it to the target,
 and finishes the move, which checks the target's checksum against the one recorded at
-upload and switches the part row in one transaction. A rebuild that fails is aborted and
-its bytes on the target are deleted like any failed move's; one that dies with this process
-runs out of its lease. Rebuilds share a byte budget (``bandwidth``) with each other.
+upload and switches the part row in one transaction. A part whose version has too few
+readable parts to rebuild it from is not tried (discovery does not count it due): the
+repairer says so once, again when their number changes, and every ``REMIND`` seconds while
+it stays, until a node holding parts of their files returns. A rebuild that fails is
+aborted and its bytes on the target are deleted like any failed move's; one that dies with
+this process runs out of its lease. Rebuilds share a byte budget (``bandwidth``) with each other.
 
 It runs beside discovery and the rebalancer (one process: the rebalancer's moves and
 repair's never take the same part at once, discovery refuses the second).
@@ -33,6 +36,9 @@ from karma8.core.tomlconf import TableReader
 from karma8.ports import RebalanceAPI, StorageAPI
 
 log = logging.getLogger("karma8.repair")
+
+# Seconds between reminders that the same lost parts still cannot be rebuilt.
+REMIND = 3600.0
 
 
 @attrs.frozen(kw_only=True)
@@ -82,6 +88,9 @@ class Repairer:
         self._throttle = Throttle(config.bandwidth)
         # Reads of source parts that failed, by node: (node id, "read") -> count.
         self.source_failures: Counter[tuple[str, str]] = Counter()
+        # Lost parts that could not be rebuilt when last told, and when (trio time).
+        self._unrebuildable = 0
+        self._told_at = 0.0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Repair every ``interval`` (or when asked) until cancelled."""
@@ -108,6 +117,7 @@ class Repairer:
         rebuilt = 0
         self._active = True
         try:
+            await self._tell_unrebuildable()
             while True:
                 repairs = await self._discovery.begin_repairs(
                     repair_after=self.config.repair_after,
@@ -133,6 +143,24 @@ class Repairer:
             rate_bytes_per_s=self._throttle.rate(),
             waiting_parts=waiting,
         )
+
+    async def _tell_unrebuildable(self) -> None:
+        """Log the lost parts that cannot be rebuilt now when their number changes (and
+        every ``REMIND`` seconds while it stays): not one warning per part and pass."""
+        status = await self._discovery.repair_status(repair_after=self.config.repair_after)
+        count, now = status.unrebuildable_parts, trio.current_time()
+        if count == self._unrebuildable and not (count and now - self._told_at >= REMIND):
+            return
+        if count:
+            log.warning(
+                "%d lost part%s cannot be rebuilt: too few readable parts of their file;"
+                " they wait for a node to return",
+                count,
+                "" if count == 1 else "s",
+            )
+        else:
+            log.info("no lost part is left that cannot be rebuilt")
+        self._unrebuildable, self._told_at = count, now
 
     async def _carry_out_all(self, repairs: list[Repair]) -> list[Repair]:
         """The repairs that succeeded, ``concurrency`` at a time."""

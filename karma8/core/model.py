@@ -255,10 +255,12 @@ class RepairStatus:
 
     ``lost_parts``: parts of current redundant files on an unavailable node or reported
     lost; ``due_parts``: those of them due for repair (reported lost, or on a node away for
-    ``repair_after``) and not being rebuilt; ``waiting_parts``: due parts that repair's last
-    pass found no node for (every available node with room holds a part of their file: one
-    node more than the layout's parts is needed); ``repairing_parts``: rebuilds under way;
-    ``repaired_*``: done since the database was made.
+    ``repair_after``) that can be rebuilt now; ``unrebuildable_parts``: those that cannot
+    be (too few readable parts of their file), due or not: they wait for a node holding
+    parts of their file to return, and are not tried; ``waiting_parts``: due parts that
+    repair's last pass found no node for (every available node with room holds a part of
+    their file: one node more than the layout's parts is needed); ``repairing_parts``:
+    rebuilds under way; ``repaired_*``: done since the database was made.
     """
 
     degraded_files: int
@@ -270,3 +272,4 @@ class RepairStatus:
     rate_bytes_per_s: float = 0.0
     active: bool = False
     waiting_parts: int = 0
+    unrebuildable_parts: int = 0

@@ -76,9 +76,15 @@ def repair_line(repair: RepairStatus) -> str:
         if repair.waiting_parts
         else ""
     )
+    stuck = (
+        f", {repair.unrebuildable_parts} cannot be rebuilt: too few readable parts of their"
+        " file; they wait for a node to return"
+        if repair.unrebuildable_parts
+        else ""
+    )
     return (
         f"repair: {repair.degraded_files} files below full redundancy,"
-        f" {repair.lost_parts} lost parts ({repair.due_parts} due{waiting}),"
+        f" {repair.lost_parts} lost parts ({repair.due_parts} due{waiting}{stuck}),"
         f" {repair.repairing_parts} rebuilding, {repair.repaired_parts} rebuilt"
         f" ({format_size(repair.repaired_bytes)}){rate}"
     )

@@ -4,7 +4,10 @@ A part of a current version is *lost* when its node is UNAVAILABLE, or when its 
 reader reported it corrupt or missing (``damaged_parts``, keyed by the part and the node that
 lost it, so a report about a copy that has moved on since is ignored). A lost part of a
 redundant version (copies or parity) is *due* for repair when it was reported, or its node has
-been unavailable since before ``lost_before`` (``repair_after`` ago).
+been unavailable since before ``lost_before`` (``repair_after`` ago), and it can be rebuilt
+now: enough of its version's other parts are readable (for parity, as many as the data
+parts; for raid1, another copy of the same data part). One that cannot waits, without a
+rebuild being tried, until a node holding parts of its version is back.
 
 Repair is a move (:mod:`karma8.metadata.moves`) of kind ``repair`` whose bytes come from the
 version's other parts instead of the source: when it finishes, the part row names the new
@@ -23,21 +26,40 @@ from karma8.metadata.sql import Connection
 # Lost parts of current versions, one row each: on an unavailable node (through parts_by_node,
 # cheap while few nodes are down), or reported lost on the node that holds them.
 LOST = """
-    SELECT part_key, version_id, idx, node_id, size, last_seen, redundant,
+    SELECT part_key, version_id, idx, node_id, size, last_seen, redundant, k, parity,
            max(reported) AS reported
     FROM (
         SELECT p.part_key, p.version_id, p.idx, p.node_id, p.size, n.last_seen, 0 AS reported,
-               CASE WHEN v.copies > 1 OR v.parity > 0 THEN 1 ELSE 0 END AS redundant
+               CASE WHEN v.copies > 1 OR v.parity > 0 THEN 1 ELSE 0 END AS redundant,
+               v.k, v.parity
         FROM nodes n JOIN parts p USING (node_id) JOIN versions v USING (version_id)
         WHERE n.state = 'unavailable' AND v.state = 'committed'
         UNION ALL
         SELECT p.part_key, p.version_id, p.idx, p.node_id, p.size, n.last_seen, 1 AS reported,
-               CASE WHEN v.copies > 1 OR v.parity > 0 THEN 1 ELSE 0 END AS redundant
+               CASE WHEN v.copies > 1 OR v.parity > 0 THEN 1 ELSE 0 END AS redundant,
+               v.k, v.parity
         FROM damaged_parts d JOIN parts p ON p.part_key = d.part_key AND p.node_id = d.node_id
         JOIN versions v ON v.version_id = p.version_id JOIN nodes n ON n.node_id = p.node_id
         WHERE v.state = 'committed'
     ) found
-    GROUP BY part_key, version_id, idx, node_id, size, last_seen, redundant
+    GROUP BY part_key, version_id, idx, node_id, size, last_seen, redundant, k, parity
+"""
+
+# The lost parts with ``rebuildable``: 1 when a rebuild may succeed now, as many of the
+# version's parts readable (on a node not unavailable, not reported lost) as it needs: the
+# data parts' count for parity, one other copy of the same data part for raid1.
+LOST_REBUILDABLE = f"""
+    SELECT lost.*,
+           CASE WHEN redundant = 1 AND (
+               SELECT count(*) FROM parts q JOIN nodes qn ON qn.node_id = q.node_id
+               WHERE q.version_id = lost.version_id AND qn.state != 'unavailable'
+                 AND (lost.parity > 0 OR q.idx % lost.k = lost.idx % lost.k)
+                 AND NOT EXISTS (
+                     SELECT 1 FROM damaged_parts d
+                     WHERE d.part_key = q.part_key AND d.node_id = q.node_id)
+           ) >= CASE WHEN lost.parity > 0 THEN lost.k ELSE 1 END
+           THEN 1 ELSE 0 END AS rebuildable
+    FROM ({LOST}) lost
 """
 
 
@@ -92,13 +114,13 @@ def forget(db: Connection, key: str) -> None:
 
 
 def due_parts(db: Connection, lost_before: float, limit: int) -> list[MovablePart]:
-    """Up to ``limit`` lost parts of redundant versions due for repair and not moving, those
-    reported lost first, each with the nodes it may not go to (those holding a part of its
-    version, a stale copy of it or a copy on its way)."""
+    """Up to ``limit`` lost parts of redundant versions due for repair, rebuildable now and
+    not moving, those reported lost first, each with the nodes it may not go to (those
+    holding a part of its version, a stale copy of it or a copy on its way)."""
     rows = db.execute(
         f"""
-        SELECT * FROM ({LOST}) lost
-        WHERE redundant = 1 AND (reported = 1 OR last_seen <= ?)
+        SELECT * FROM ({LOST_REBUILDABLE}) lost
+        WHERE rebuildable = 1 AND (reported = 1 OR last_seen <= ?)
           AND NOT EXISTS (SELECT 1 FROM moves m WHERE m.part_key = lost.part_key)
         ORDER BY reported DESC, version_id, idx LIMIT ?
         """,
@@ -128,15 +150,18 @@ def due_parts(db: Connection, lost_before: float, limit: int) -> list[MovablePar
 
 
 def counts(db: Connection, lost_before: float) -> dict[str, int]:
-    """``degraded_files`` (current files with a lost part, raid0 too), ``lost_parts`` and
-    ``due_parts`` (of redundant files), ``repairing_parts``, ``repaired_parts`` and
-    ``repaired_bytes``."""
-    degraded, lost, due = db.execute(
+    """``degraded_files`` (current files with a lost part, raid0 too), ``lost_parts``,
+    ``due_parts`` (rebuildable now) and ``unrebuildable_parts`` (too few
+    readable parts of their file, due or not) of redundant files, ``repairing_parts``,
+    ``repaired_parts`` and ``repaired_bytes``."""
+    degraded, lost, due, unrebuildable = db.execute(
         f"""
         SELECT count(DISTINCT version_id), coalesce(sum(redundant), 0),
-               coalesce(sum(CASE WHEN redundant = 1 AND (reported = 1 OR last_seen <= ?)
+               coalesce(sum(CASE WHEN rebuildable = 1 AND (reported = 1 OR last_seen <= ?)
+                            THEN 1 ELSE 0 END), 0),
+               coalesce(sum(CASE WHEN redundant = 1 AND rebuildable = 0
                             THEN 1 ELSE 0 END), 0)
-        FROM ({LOST}) lost
+        FROM ({LOST_REBUILDABLE}) lost
         """,
         (lost_before,),
     ).fetchone()
@@ -151,6 +176,7 @@ def counts(db: Connection, lost_before: float) -> dict[str, int]:
         "degraded_files": int(degraded),
         "lost_parts": int(lost),
         "due_parts": int(due),
+        "unrebuildable_parts": int(unrebuildable),
         "repairing_parts": int(repairing),
         "repaired_parts": done.get("repaired_parts", 0),
         "repaired_bytes": done.get("repaired_bytes", 0),

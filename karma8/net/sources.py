@@ -187,6 +187,13 @@ def discovery_source(discovery: Discovery, rebalancer: Rebalancer, repairer: Rep
                 repair.waiting_parts,
             ),
             (
+                "karma8_repair_unrebuildable_parts",
+                "gauge",
+                "Lost parts that cannot be rebuilt now (too few readable parts of their file)",
+                {},
+                repair.unrebuildable_parts,
+            ),
+            (
                 "karma8_repair_repairing_parts",
                 "gauge",
                 "Rebuilds under way",
