@@ -53,3 +53,32 @@ async def test_a_silent_node_and_its_return_are_each_one_warning(
         assert [r.getMessage() for r in caplog.records] == ["node n0 is back: it heartbeats again"]
     finally:
         store.close()
+
+
+async def test_a_silent_node_that_registers_again_is_back_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restarted node registers (its first heartbeat comes after): that is its return."""
+    store = SqliteMetadataStore(tmp_path / "d.sqlite3")
+    discovery = Discovery(
+        store=store,
+        blocking=InlineRunner(),
+        clock=SimClock(),
+        ids=SimIds(random.Random(1)),
+        config=DiscoveryConfig(node_timeout=5.0),
+    )
+    node = NodeRegistration(node_id="n0", url="http://n0", capacity_bytes=9)
+    try:
+        caplog.set_level(logging.WARNING, logger="karma8")
+        await discovery.register_node(node)  # new: nothing to say
+        await trio.sleep(6.0)
+        await discovery.sweep()
+        assert [n.state for n in await discovery.list_nodes()] == [NodeState.UNAVAILABLE]
+        caplog.clear()
+        await discovery.register_node(node)
+        await discovery.heartbeat(node, deleted=[])
+        await discovery.register_node(node)
+        assert [r.getMessage() for r in caplog.records] == ["node n0 is back: it registers again"]
+        assert [n.state for n in await discovery.list_nodes()] == [NodeState.AVAILABLE]
+    finally:
+        store.close()

@@ -569,6 +569,8 @@ class Discovery:
             lambda: self._store.upsert_node(registration, now, suspect_for=suspect_for)
         )
         self._arrived(registration, arrival)
+        if arrival.was is NodeState.UNAVAILABLE:  # restarted: it registers before it heartbeats
+            log.warning("node %s is back: it registers again", registration.node_id)
 
     async def heartbeat(
         self, registration: NodeRegistration, *, deleted: Sequence[str]
