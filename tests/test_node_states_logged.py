@@ -12,7 +12,8 @@ import trio
 import trio.testing
 
 from karma8.actors.discovery import Discovery, DiscoveryConfig
-from karma8.core.model import NodeRegistration, NodeState
+from karma8.core.layout import StripeLayout
+from karma8.core.model import MISSING_ON_ITS_NODE, NodeRegistration, NodeState, PartReceipt
 from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.sim.world import InlineRunner, SimClock, SimIds
 
@@ -80,5 +81,52 @@ async def test_a_silent_node_that_registers_again_is_back_once(
         await discovery.register_node(node)
         assert [r.getMessage() for r in caplog.records] == ["node n0 is back: it registers again"]
         assert [n.state for n in await discovery.list_nodes()] == [NodeState.AVAILABLE]
+    finally:
+        store.close()
+
+
+async def test_lost_parts_are_counted_in_words_that_agree(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """'lost 1 part', 'lost 2 parts' (not 'lost 1 parts')."""
+    store = SqliteMetadataStore(tmp_path / "d.sqlite3")
+    discovery = Discovery(
+        store=store,
+        blocking=InlineRunner(),
+        clock=SimClock(),
+        ids=SimIds(random.Random(1)),
+        config=DiscoveryConfig(),
+    )
+    layout = StripeLayout(parts=2, unit=4)
+    store.create_namespace("default", 0.0)
+    for node in ("n0", "n1"):
+        store.upsert_node(
+            NodeRegistration(node_id=node, url=f"http://{node}", capacity_bytes=99), 0.0
+        )
+    for vid in ("a", "b"):
+        store.commit_placed(
+            version_id=vid,
+            namespace="default",
+            name=vid,
+            layout=layout,
+            nodes=["n0", "n1"],
+            size=8,
+            receipts=[PartReceipt(index=i, size=4, checksum=f"{vid}{i}") for i in (0, 1)],
+            created_at=1.0,
+            now=1.0,
+            if_absent=False,
+        )
+    try:
+        caplog.set_level(logging.WARNING, logger="karma8")
+        await discovery.report_lost_parts(node_id="n0", keys=["a.0"], reason="rotten")
+        await discovery.report_lost_parts(
+            node_id="n1", keys=["a.1", "b.1"], reason=MISSING_ON_ITS_NODE
+        )
+        await discovery.unknown_parts(node_id="n1", keys=["a.1"])
+        assert [r.getMessage() for r in caplog.records] == [
+            "node n0 lost 1 part: rotten",
+            f"node n1 lost 2 parts: {MISSING_ON_ITS_NODE}",
+            "node n1 holds 1 part it reported missing: no longer marked lost",
+        ]
     finally:
         store.close()

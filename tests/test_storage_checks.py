@@ -48,14 +48,18 @@ async def test_missing_parts_are_reported_every_check_and_logged_once_each(
         config=StorageConfig(),
     )
     with caplog.at_level(logging.ERROR, logger="karma8"):
+        discovery.expected.remove("v.2")
+        await node._check_parts()
+        discovery.expected.append("v.2")
         for _ in range(3):
             await node._check_parts()
         discovery.expected.append("v.3")
         await node._check_parts()
-    assert discovery.reported == [["v.1", "v.2"]] * 3 + [["v.1", "v.2", "v.3"]]
+    assert discovery.reported == [["v.1"]] + [["v.1", "v.2"]] * 3 + [["v.1", "v.2", "v.3"]]
     logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert logged == [
-        "node n0: 2 parts are missing (e.g. v.1), 2 of them newly found; reported for repair",
+        "node n0: 1 part is missing (v.1); reported for repair",
+        "node n0: 2 parts are missing (e.g. v.2), 1 of them newly found; reported for repair",
         "node n0: 3 parts are missing (e.g. v.3), 1 of them newly found; reported for repair",
     ]
     store.close()

@@ -636,9 +636,10 @@ class Discovery:
         forgotten = await self._blocking(lambda: self._store.forget_present(node_id, asked))
         if forgotten:
             log.warning(
-                "node %s holds %d parts it reported missing: no longer marked lost",
+                "node %s holds %d part%s it reported missing: no longer marked lost",
                 node_id,
                 forgotten,
+                "" if forgotten == 1 else "s",
             )
         return [key for key in asked if key not in held]
 
@@ -657,7 +658,13 @@ class Discovery:
         asked = list(keys)
         marked = await self._blocking(lambda: self._store.mark_damaged(node_id, asked, reason, now))
         if marked:
-            log.warning("node %s lost %d parts: %s", node_id, marked, reason[:200])
+            log.warning(
+                "node %s lost %d part%s: %s",
+                node_id,
+                marked,
+                "" if marked == 1 else "s",
+                reason[:200],
+            )
 
     async def expected_parts(self, *, node_id: str) -> list[str]:
         return await self._blocking(lambda: self._store.expected_parts(node_id))

@@ -242,7 +242,11 @@ class StorageNode:
         try:
             new = [key for key in missing if key not in self._missing]
             self._missing = frozenset(missing)
-            if new:
+            if new and len(missing) == 1:
+                log.error(
+                    "node %s: 1 part is missing (%s); reported for repair", self.node_id, new[0]
+                )
+            elif new:
                 log.error(
                     "node %s: %d parts are missing (e.g. %s), %d of them newly found;"
                     " reported for repair",
