@@ -150,10 +150,13 @@ class Rebalancer:
         )
 
     async def status(self) -> RebalanceStatus:
-        """Discovery's view of the fill, with this mover's rate and an estimate of the rest."""
+        """Discovery's view of the fill, with this mover's rate and an estimate of the rest:
+        only while parts move (the rate of past moves decays, but is not 0 for long after
+        them: an estimate from it then would be a number about nothing)."""
         status = await self._discovery.rebalance_status()
         rate = self._throttle.rate()
-        eta = status.remaining_bytes / rate if rate > 0 else None
+        moving = self._active or status.moving_parts > 0
+        eta = status.remaining_bytes / rate if rate > 0 and moving else None
         if status.remaining_bytes == 0:
             eta = 0.0
         return attrs.evolve(status, rate_bytes_per_s=rate, eta_seconds=eta, active=self._active)
