@@ -253,7 +253,7 @@ def _serve(args: argparse.Namespace) -> int:
                 (s for s, _ in given_secrets(args.secret, args.secret_file, os.environ) if s),
                 None,
             ),
-            "capacity": parse_size(args.capacity) if args.capacity else None,
+            "capacity": _size_flag("--capacity", args.capacity) if args.capacity else None,
             "gateway_workers": args.workers,
         }
         rebalance: dict[str, Any] = {
@@ -390,10 +390,15 @@ def _processes(workers: int) -> str:
 def _bandwidth(raw: str | None) -> float | None:
     if raw is None:
         return None
+    return float(_size_flag("--rebalance-bandwidth", raw))
+
+
+def _size_flag(flag: str, raw: str) -> int:
+    """A size given on the command line; an error names the flag."""
     try:
-        return float(parse_size(raw))
+        return parse_size(raw)
     except ValueError as exc:
-        raise ConfigError(f"--rebalance-bandwidth: {exc}") from None
+        raise ConfigError(f"{flag}: {exc}") from None
 
 
 def _user_error(exc: BaseException) -> Exception | None:

@@ -113,6 +113,12 @@ def test_a_scenario_or_config_file_that_is_not_text_exits_2(
         (["serve", "--nodes", "0"], "--nodes must be at least 5, got 0"),
         (["serve", "--capacity", "0"], "--capacity must be at least 1 byte, got 0"),
         (["serve", "--role", "storage", "--capacity", "0"], "--capacity must be at least 1"),
+        (
+            ["serve", "--role", "storage", "--capacity", "1 parsec"],
+            "--capacity: expected a size like 65536 or '64 KiB', got '1 parsec'",
+        ),
+        (["serve", "--capacity", "-5"], "--capacity: expected a size like 65536"),
+        (["serve", "--rebalance-bandwidth", "fast"], "--rebalance-bandwidth: expected a size"),
     ],
 )
 def test_numbers_out_of_range_on_the_command_line_exit_2(
