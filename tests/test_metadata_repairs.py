@@ -83,6 +83,15 @@ def repair(store: SqlMetadataStore, lost_before: float, now: float = 10.0) -> li
     return [f"{r.ticket.key}:{r.ticket.source.node_id}->{r.ticket.target.node_id}" for r in repairs]
 
 
+def _all_back_but_n0(store: SqlMetadataStore) -> None:
+    """Every node marked unavailable (all last seen at 0.0), then all but n0 heard at 3.0."""
+    store.mark_stale_nodes(seen_before=1.0)
+    for node in NODES[1:]:
+        store.upsert_node(
+            NodeRegistration(node_id=node, url=f"http://{node}", capacity_bytes=1000), 3.0
+        )
+
+
 def test_a_reported_part_is_due_at_once_and_only_if_its_node_holds_it(
     store: SqlMetadataStore,
 ) -> None:
@@ -99,11 +108,7 @@ def test_a_reported_part_is_due_at_once_and_only_if_its_node_holds_it(
 def test_a_part_on_an_unavailable_node_is_due_after_repair_after(
     store: SqlMetadataStore,
 ) -> None:
-    store.mark_stale_nodes(seen_before=1.0)  # every node last seen at 0.0: all unavailable
-    for node in NODES[1:]:
-        store.upsert_node(
-            NodeRegistration(node_id=node, url=f"http://{node}", capacity_bytes=1000), 3.0
-        )
+    _all_back_but_n0(store)
     # n0 unavailable since (last seen) 0.0: both files have a part there.
     counts = store.repair_counts(lost_before=-1.0)
     assert (counts["degraded_files"], counts["lost_parts"], counts["due_parts"]) == (2, 1, 0)
@@ -196,11 +201,7 @@ def test_a_part_that_cannot_be_rebuilt_is_not_due_and_is_counted_apart(
 ) -> None:
     # Parity 5+1 with two parts lost (one on an unavailable node, one reported): 4 readable
     # of the 5 a rebuild needs. Neither is due nor tried; both wait, counted on their own.
-    store.mark_stale_nodes(seen_before=1.0)  # every node last seen at 0.0: all unavailable
-    for node in NODES[1:]:
-        store.upsert_node(
-            NodeRegistration(node_id=node, url=f"http://{node}", capacity_bytes=1000), 3.0
-        )
+    _all_back_but_n0(store)
     store.mark_damaged("n3", ["p.3"], "failed its checksum", 5.0)
     counts = store.repair_counts(lost_before=0.0)
     assert (counts["lost_parts"], counts["due_parts"], counts["unrebuildable_parts"]) == (2, 0, 2)

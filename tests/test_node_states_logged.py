@@ -18,17 +18,22 @@ from karma8.metadata.sqlite import SqliteMetadataStore
 from karma8.sim.world import InlineRunner, SimClock, SimIds
 
 
-async def test_a_silent_node_and_its_return_are_each_one_warning(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
-) -> None:
-    store = SqliteMetadataStore(tmp_path / "d.sqlite3")
-    discovery = Discovery(
+def new_discovery(store: SqliteMetadataStore, config: DiscoveryConfig) -> Discovery:
+    """A discovery on ``store`` whose calls run inline, on the simulator's clock."""
+    return Discovery(
         store=store,
         blocking=InlineRunner(),
         clock=SimClock(),
         ids=SimIds(random.Random(1)),
-        config=DiscoveryConfig(node_timeout=5.0),
+        config=config,
     )
+
+
+async def test_a_silent_node_and_its_return_are_each_one_warning(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SqliteMetadataStore(tmp_path / "d.sqlite3")
+    discovery = new_discovery(store, DiscoveryConfig(node_timeout=5.0))
     nodes = [
         NodeRegistration(node_id=f"n{i}", url=f"http://n{i}", capacity_bytes=9) for i in (0, 1)
     ]
@@ -61,13 +66,7 @@ async def test_a_silent_node_that_registers_again_is_back_once(
 ) -> None:
     """A restarted node registers (its first heartbeat comes after): that is its return."""
     store = SqliteMetadataStore(tmp_path / "d.sqlite3")
-    discovery = Discovery(
-        store=store,
-        blocking=InlineRunner(),
-        clock=SimClock(),
-        ids=SimIds(random.Random(1)),
-        config=DiscoveryConfig(node_timeout=5.0),
-    )
+    discovery = new_discovery(store, DiscoveryConfig(node_timeout=5.0))
     node = NodeRegistration(node_id="n0", url="http://n0", capacity_bytes=9)
     try:
         caplog.set_level(logging.WARNING, logger="karma8")
@@ -90,13 +89,7 @@ async def test_lost_parts_are_counted_in_words_that_agree(
 ) -> None:
     """'lost 1 part', 'lost 2 parts' (not 'lost 1 parts')."""
     store = SqliteMetadataStore(tmp_path / "d.sqlite3")
-    discovery = Discovery(
-        store=store,
-        blocking=InlineRunner(),
-        clock=SimClock(),
-        ids=SimIds(random.Random(1)),
-        config=DiscoveryConfig(),
-    )
+    discovery = new_discovery(store, DiscoveryConfig())
     layout = StripeLayout(parts=2, unit=4)
     store.create_namespace("default", 0.0)
     for node in ("n0", "n1"):

@@ -174,13 +174,7 @@ def test_plans_applied_in_turn_converge_within_the_tolerance(
     nodes, held = cluster
     tolerance = 0.5
     biggest = max((p.size for ps in held.values() for p in ps), default=0)
-    for _ in range(50):
-        moves = plan_moves(nodes, held, tolerance_pp=tolerance)
-        if not moves:
-            break
-        nodes, held = _apply(nodes, held, moves)
-    else:
-        pytest.fail("plans never ran out")
+    nodes, held = _plans_in_turn(nodes, held, tolerance)
     # A node can stay off its target by the tolerance or half a part, or by parts no receiver
     # can take (every receiver holds a part of their version).
     targets = fill_targets(nodes)
@@ -193,6 +187,18 @@ def test_plans_applied_in_turn_converge_within_the_tolerance(
                 for r in nodes
                 if r.node_id not in p.blocked
             )
+
+
+def _plans_in_turn(
+    nodes: list[NodeFill], held: dict[str, list[MovablePart]], tolerance: float
+) -> tuple[list[NodeFill], dict[str, list[MovablePart]]]:
+    """The cluster once plans, applied in turn, run out (at most 50 of them)."""
+    for _ in range(50):
+        moves = plan_moves(nodes, held, tolerance_pp=tolerance)
+        if not moves:
+            return nodes, held
+        nodes, held = _apply(nodes, held, moves)
+    pytest.fail("plans never ran out")
 
 
 def _apply(
@@ -315,13 +321,7 @@ def test_plans_in_turn_bring_every_node_within_the_tolerance_when_parts_are_smal
     # far from it (a new node): those must give as well.
     nodes, held, tolerance = cluster
     biggest = max((p.size for ps in held.values() for p in ps), default=0)
-    for _ in range(50):
-        moves = plan_moves(nodes, held, tolerance_pp=tolerance)
-        if not moves:
-            break
-        nodes, held = _apply(nodes, held, moves)
-    else:
-        pytest.fail("plans never ran out")
+    nodes, held = _plans_in_turn(nodes, held, tolerance)
     targets = fill_targets(nodes)
     for n in nodes:
         assert abs(n.live - targets[n.node_id]) <= tolerance / 100 * n.capacity + biggest / 2
