@@ -44,12 +44,12 @@ from karma8.core.access import (
 )
 from karma8.core.errors import (
     InvalidRequest,
-    NodeConflict,
     NotFound,
     TooLarge,
     Unavailable,
     UploadConflict,
 )
+from karma8.core.heard import HeardNodes
 from karma8.core.layout import (
     DEFAULT_MAX_FILE_SIZE,
     MAX_COPIES,
@@ -140,11 +140,7 @@ class Discovery:
         # aborted version's parts are, until a node reports them deleted. In memory: after a
         # restart the nodes' orphan check collects them instead (after orphan_grace).
         self._expired_parts: dict[str, set[str]] = {}
-        # Where each node id was last heard from, and when (see _check_place); which node
-        # each address was last heard from, and when (see _check_address).
-        self._places: dict[str, tuple[str, float]] = {}
-        self._addresses: dict[str, tuple[str, float]] = {}
-        self._urls: dict[str, str] = {}  # node id -> the address it was last heard at
+        self._heard = HeardNodes(self.config.node_timeout)  # one node per process and address
         # Plain counts since start, for the operator's metrics (the net layer reads them).
         self.counts = {"sweeps": 0, "expired_uploads": 0, "expired_placements": 0}
         self._engines: dict[str, tuple[int, int]] = {}  # namespace -> (copies, parity)
@@ -193,8 +189,7 @@ class Discovery:
         """Drop this instance's expired placement leases; if it leads the sweep, abort
         expired uploads and part moves and mark silent nodes unavailable (idempotent)."""
         now = self._clock.now()
-        heard_after = now - self.config.node_timeout
-        self._addresses = {u: h for u, h in self._addresses.items() if h[1] >= heard_after}
+        self._heard.forget_silent(now)
         ended = self.leases.expire_leases(now)
         if ended:
             log.info("%d placement leases expired", len(ended))
@@ -507,47 +502,6 @@ class Discovery:
 
     # -- nodes ----------------------------------------------------------------------------
 
-    def _check_place(self, registration: NodeRegistration, now: float) -> None:
-        """Refuse a node id heard from a second place while the first was heard within
-        ``node_timeout``: two processes serving copies of one node's directory would each
-        take part of its new parts and answer for the other's (a copy started beside the
-        original, say a backup). The place this instance last heard wins; a node restarted
-        in place (same directory) is the same place, whatever its address."""
-        place = registration.place
-        if place is None:
-            return
-        node_id = registration.node_id
-        held = self._places.get(node_id)
-        if held is not None and held[0] != place and now - held[1] < self.config.node_timeout:
-            raise NodeConflict(
-                f"node {node_id} is served from another place ({held[0]}), heard"
-                f" {now - held[1]:.1f} s ago: a copy of its directory? One process serves a"
-                f" node; if that one is gone, start this one again after"
-                f" {self.config.node_timeout:g} s"
-            )
-        self._places[node_id] = (place, now)
-
-    def _check_address(self, registration: NodeRegistration, now: float) -> None:
-        """Refuse a node at an address another node id was heard from within
-        ``node_timeout``: readers would be sent to one for the other's parts. An address that
-        other node has been silent at for longer is stale (a node whose disk was wiped came
-        back under a new id on the same port, say): the store takes it off that node's record
-        (:meth:`karma8.ports.MetadataStore.upsert_node`)."""
-        url, node_id = registration.url, registration.node_id
-        held = self._addresses.get(url)
-        if held is not None and held[0] != node_id and now - held[1] < self.config.node_timeout:
-            raise NodeConflict(
-                f"node {held[0]} is served at {url}, heard {now - held[1]:.1f} s ago: node"
-                f" {node_id} cannot take its address. One node answers at an address; if that"
-                f" one is gone from it, start this one again after {self.config.node_timeout:g}"
-                " s"
-            )
-        moved_from = self._urls.get(node_id)
-        if moved_from is not None and moved_from != url:  # restarted on another port: that
-            self._addresses.pop(moved_from, None)  # address is free at once
-        self._addresses[url] = (node_id, now)
-        self._urls[node_id] = url
-
     @staticmethod
     def _arrived(registration: NodeRegistration, arrival: NodeArrival) -> None:
         for node_id in arrival.displaced:
@@ -562,8 +516,7 @@ class Discovery:
     async def register_node(self, registration: NodeRegistration) -> None:
         _check_registration(registration)
         now = self._clock.now()
-        self._check_place(registration, now)
-        self._check_address(registration, now)
+        self._heard.hear(registration, now)
         suspect_for = self.config.suspect_for
         arrival = await self._blocking(
             lambda: self._store.upsert_node(registration, now, suspect_for=suspect_for)
@@ -577,8 +530,7 @@ class Discovery:
     ) -> list[str]:
         _check_registration(registration)
         now = self._clock.now()
-        self._check_place(registration, now)
-        self._check_address(registration, now)
+        self._heard.hear(registration, now)
         node_id = registration.node_id
 
         def beat() -> tuple[NodeArrival, list[str]]:
