@@ -136,6 +136,20 @@ async def test_a_node_heard_at_another_address_frees_the_one_it_had() -> None:
     assert nodes == {"a": "http://127.0.0.1:2", "b": "http://127.0.0.1:1"}
 
 
+async def test_a_node_back_at_another_address_leaves_the_one_another_took_since() -> None:
+    clock = Clock()
+    d = discovery(clock)
+    await d.register_node(at("a", "http://127.0.0.1:1"))
+    clock.t += 11.0  # past node_timeout: a is silent; b takes its address
+    await d.register_node(at("b", "http://127.0.0.1:1"))
+    clock.t += 1.0
+    await d.register_node(at("a", "http://127.0.0.1:2"))  # a is back elsewhere
+    with pytest.raises(NodeConflict):  # b still answers at :1
+        await d.register_node(at("c", "http://127.0.0.1:1"))
+    nodes = {n.node_id: n.url for n in await d.list_nodes()}
+    assert nodes == {"a": "http://127.0.0.1:2", "b": "http://127.0.0.1:1"}
+
+
 async def test_a_restarted_discovery_refuses_no_address_it_has_not_heard() -> None:
     # The embedded cluster restarted: each node may bind a port another had before.
     clock = Clock()

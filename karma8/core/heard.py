@@ -51,8 +51,9 @@ class HeardNodes:
         if place is not None:
             self._places[node_id] = (place, now)
         moved_from = self._urls.get(node_id)
-        if moved_from is not None and moved_from != url:
-            self._addresses.pop(moved_from, None)  # restarted on another port: free at once
+        if moved_from is not None and moved_from != url:  # restarted on another port: the
+            if self._addresses.get(moved_from, ("",))[0] == node_id:  # old one is free at
+                del self._addresses[moved_from]  # once, unless another node has it since
         self._addresses[url] = (node_id, now)
         self._urls[node_id] = url
 
