@@ -174,9 +174,8 @@ def test_revoked_tokens_and_disabled_namespaces(store: SqlMetadataStore) -> None
 @pytest.mark.parametrize(
     ("public", "engine", "asked", "refusal"),
     [
-        # An operator's trial: created --public --engine parity --parity 2, disabled, then
-        # "create tmpp" said "is public", and "--public --engine parity" said "with engine
-        # parity": the parity was asked for, and what differed (its count) was not named.
+        # Created --public --engine parity --parity 2 and disabled: each refusal names
+        # what differs, the parity count too, not only the engine's name.
         (
             True,
             (1, 2),

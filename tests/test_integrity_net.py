@@ -137,10 +137,10 @@ async def test_a_damaged_part_without_redundancy_is_the_same_error_every_time(
 ) -> None:
     # raid0: nothing to read around a damaged part with. The read that finds the damage
     # before the status line and every read after the node took the part out of service
-    # (quarantined: "not on this node") get the same answer, 502 integrity_error. Before,
-    # a node reached over HTTP cut its part stream before its first byte (the damage was in
-    # its first block), which the gateway took for a node gone (503 unavailable), and once
-    # the part was quarantined a read said 502 storage_failure, as for a node failing.
+    # (quarantined: "not on this node") get the same answer, 502 integrity_error: a node
+    # reached over HTTP checks its first chunk before its status line (a cut before the
+    # first byte would look to the gateway like a node gone), and a quarantined part is
+    # gone, not a node failing.
     async with net_driver(tmp_path, local_calls=local_calls) as net:
         await net.put("streamed", payload(500_000, 6))  # parts in files; answers stream
         await net.put("small", payload(4096, 7))  # parts packed; the answer is read whole

@@ -1,7 +1,7 @@
 """The rebalancer's ETA: estimated only while parts move, as the docs say (``null`` without
 a rate, ``0`` when nothing remains). The rate of past moves decays but stays above zero for
-long after the last one; an estimate from it while nothing moves is a number about nothing
-(an operator saw ``eta_seconds: 68.6`` with no part moving)."""
+long after the last one; an estimate from it while nothing moves is a number about
+nothing."""
 
 from __future__ import annotations
 

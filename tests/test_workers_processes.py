@@ -325,7 +325,7 @@ def test_a_damaged_part_read_by_a_worker_is_cut_short_and_its_node_quarantines_i
             "the node to read the damaged part again and quarantine it",
         )
         # Out of service, the part is gone for good (raid0): every read now says so before
-        # any byte, whichever process answers (it used to be 502 storage_failure).
+        # any byte, whichever process answers.
         with httpx.Client() as client:
             for _ in range(3):
                 response = client.get(f"{gateway}/default/big")
