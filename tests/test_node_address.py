@@ -3,6 +3,7 @@ comes back under a new id; the old id's record must not send readers there for i
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import socket
@@ -74,5 +75,39 @@ def test_a_wiped_node_restarted_on_its_port_is_never_read_for_the_old_ids_parts(
                 await d.get("f")
             assert "failed with 503" in caplog.text
             assert f"node {old} is unavailable: another node answers" in caplog.text
+
+    trio.run(main)
+
+
+def files_open_under(directory: Path) -> list[str]:
+    """Files this process holds open under ``directory``."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(f"{directory}/"):
+            held.append(target)
+    return held
+
+
+def test_a_node_stopped_in_process_holds_none_of_its_files_open(tmp_path: Path) -> None:
+    async def main() -> None:
+        with trio.fail_after(GIVE_UP):
+            async with net_driver(tmp_path, config=net_config(local_calls=False)) as d:
+                for i in range(2):
+                    await d.put(f"early/{i}", b"x" * 5000)
+                node = await d.add_node()  # empty: the next PUT places a part there
+                await d.put("f", b"y" * 5000)  # a small part: packed, a volume opened
+                assert node in {p.node.node_id for p in (await d.stat("f")).parts}
+                directory = d.node_dir(node)
+                assert files_open_under(directory)
+                await d.kill_node(node)
+
+                async def closed() -> bool:
+                    return not files_open_under(directory)
+
+                await eventually(closed)
 
     trio.run(main)

@@ -321,6 +321,11 @@ class StorageNode:
     async def part_keys(self) -> list[str]:
         return await self._store.keys()
 
+    def close(self) -> None:
+        """Release the disk's descriptors once the node has stopped: its tasks have ended,
+        and nothing calls it any more (a node run in-process, whose process goes on)."""
+        self._store.close()
+
 
 class _Watched:
     """A part read whose block that fails its check (at opening or mid-stream) has the

@@ -203,6 +203,7 @@ async def run_storage(
     try:
         await serve_storage(node, config, port=port, task_status=task_status)
     finally:
+        node.close()  # its tasks ended with serve_storage's nursery
         release_node_dir(data_dir)
 
 

@@ -97,3 +97,8 @@ class PartStore(Protocol):
     async def quarantine(self, key: str) -> bool:
         """Take a part out of service (kept aside for inspection); False if absent."""
         ...
+
+    def close(self) -> None:
+        """Release what the store holds open between calls (descriptors), once nothing uses
+        it any more: no call may be running or come after."""
+        ...

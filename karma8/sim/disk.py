@@ -188,6 +188,9 @@ class MemoryDisk:
             raise NotFound(f"part {key} is not on this node")
         return hashlib.sha256(part.data).hexdigest() == part.checksum
 
+    def close(self) -> None:
+        """Nothing to release: the disk is memory."""
+
     async def quarantine(self, key: str) -> bool:
         stored = self.parts.get(key)
         if stored is None:

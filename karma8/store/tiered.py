@@ -201,6 +201,7 @@ class TieredPartStore:
         return await self.packed.compact()
 
     def close(self) -> None:
+        """Close the packed volumes' descriptors (see :meth:`karma8.ports.PartStore.close`)."""
         self.packed.close()
 
 

@@ -185,6 +185,9 @@ class FilePartStore:
         """Delete a part durably (the leaf directory is fsynced); False if it was absent."""
         return await self._take_out(key, into=None, doing="deleting a part")
 
+    def close(self) -> None:
+        """Nothing stays open between calls: each reader and writer closes its own file."""
+
     async def quarantine(self, key: str) -> bool:
         """Move a part out of service into ``root/quarantine`` (kept for inspection).
 
