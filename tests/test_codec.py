@@ -151,7 +151,8 @@ PINNED: list[tuple[Any, str]] = [
             failed_at=6.5,
         ),
         '{"node_id": "n1", "url": "http://h:1", "state": "suspect", "capacity_bytes": 100,'
-        ' "used_bytes": 10, "reserved_bytes": 5, "parts": 3, "last_seen": 7.0, "failed_at": 6.5}',
+        ' "used_bytes": 10, "reserved_bytes": 5, "parts": 3, "last_seen": 7.0, "failed_at": 6.5,'
+        ' "forgotten_at": null}',
     ),
     (
         NodeStatus(
@@ -166,7 +167,7 @@ PINNED: list[tuple[Any, str]] = [
         ),
         '{"node_id": "n2", "url": "http://h:2", "state": "available", "capacity_bytes": 0,'
         ' "used_bytes": 0, "reserved_bytes": 0, "parts": 0, "last_seen": 0.0,'
-        ' "failed_at": null}',
+        ' "failed_at": null, "forgotten_at": null}',
     ),
     (
         FileEntry(name="a", size=1, etag='"e"', committed_at=3.0),

@@ -102,6 +102,21 @@ class NodeConflict(Karma8Error):
     code = "node_conflict"
 
 
+class NodeForgotten(Karma8Error):
+    """A storage node id the operator forgot (``karma8 nodes forget``) registers or
+    heartbeats again: its parts were written off; its directory must be wiped and the node
+    started as a new one."""
+
+    code = "node_forgotten"
+
+
+class NodeNotGone(Karma8Error):
+    """``karma8 nodes forget`` of a node discovery still hears (or heard within
+    ``node_timeout``): only an unavailable node can be forgotten."""
+
+    code = "node_not_gone"
+
+
 class NotEnoughNodes(Karma8Error):
     """Fewer available storage nodes with room than a file needs parts."""
 
@@ -147,6 +162,8 @@ ERROR_TYPES: dict[str, type[Karma8Error]] = {
         UploadConflict,
         MoveConflict,
         NodeConflict,
+        NodeForgotten,
+        NodeNotGone,
         NotEnoughNodes,
         StorageFailure,
         IntegrityError,

@@ -30,11 +30,15 @@ class NodeState(enum.Enum):
     AVAILABLE: heartbeating and trusted. UNAVAILABLE: silent for ``node_timeout``. SUSPECT: a
     write to it failed because of the node (a gateway reported it); it becomes AVAILABLE with
     the first heartbeat that arrives ``suspect_for`` seconds or more after the report.
+    FORGOTTEN: an unavailable node the operator declared gone for good (``karma8 nodes
+    forget``): its parts count as lost at once, it counts in no total, and it may never
+    register again under that id.
     """
 
     AVAILABLE = "available"
     UNAVAILABLE = "unavailable"
     SUSPECT = "suspect"
+    FORGOTTEN = "forgotten"
 
 
 class VersionState(enum.Enum):
@@ -89,6 +93,7 @@ class NodeStatus:
     parts: int
     last_seen: float
     failed_at: float | None = None  # when a write to it last failed because of the node
+    forgotten_at: float | None = None  # when the operator forgot it (state FORGOTTEN)
 
 
 @attrs.frozen(kw_only=True)

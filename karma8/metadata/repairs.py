@@ -1,8 +1,8 @@
 """Lost parts and their repair in discovery's database.
 
-A part of a current version is *lost* when its node is UNAVAILABLE, or when its node or a
-reader reported it corrupt or missing (``damaged_parts``, keyed by the part and the node that
-lost it, so a report about a copy that has moved on since is ignored). A lost part of a
+A part of a current version is *lost* when its node is UNAVAILABLE or FORGOTTEN, or when its
+node or a reader reported it corrupt or missing (``damaged_parts``, keyed by the part and the
+node that lost it, so a report about a copy that has moved on since is ignored). A lost part of a
 redundant version (copies or parity) is *due* for repair when it was reported, or its node has
 been unavailable since before ``lost_before`` (``repair_after`` ago), and it can be rebuilt
 now: enough of its version's other parts are readable (for parity, as many as the data
@@ -13,6 +13,9 @@ Repair is a move (:mod:`karma8.metadata.moves`) of kind ``repair`` whose bytes c
 version's other parts instead of the source: when it finishes, the part row names the new
 node, the report is forgotten and the lost copy becomes a stale copy, deleted if its node
 ever comes back.
+
+Forgetting a node (:meth:`karma8.metadata.nodes.NodeStore.forget_node`) reports each of its
+current parts lost there: they are due at once, as reported ones are.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from karma8.core.model import MISSING_ON_ITS_NODE
 from karma8.core.rebalance import MovablePart
 from karma8.metadata.sql import Connection
 
-# Lost parts of current versions, one row each: on an unavailable node (through parts_by_node,
-# cheap while few nodes are down), or reported lost on the node that holds them.
+# Lost parts of current versions, one row each: on an unavailable or forgotten node (through
+# parts_by_node, cheap while few nodes are down, and a forgotten one's parts move off it), or
+# reported lost on the node that holds them.
 LOST = """
     SELECT part_key, version_id, idx, node_id, size, last_seen, redundant, k, parity,
            max(reported) AS reported
@@ -33,7 +37,7 @@ LOST = """
                CASE WHEN v.copies > 1 OR v.parity > 0 THEN 1 ELSE 0 END AS redundant,
                v.k, v.parity
         FROM nodes n JOIN parts p USING (node_id) JOIN versions v USING (version_id)
-        WHERE n.state = 'unavailable' AND v.state = 'committed'
+        WHERE n.state IN ('unavailable', 'forgotten') AND v.state = 'committed'
         UNION ALL
         SELECT p.part_key, p.version_id, p.idx, p.node_id, p.size, n.last_seen, 1 AS reported,
                CASE WHEN v.copies > 1 OR v.parity > 0 THEN 1 ELSE 0 END AS redundant,
@@ -46,13 +50,15 @@ LOST = """
 """
 
 # The lost parts with ``rebuildable``: 1 when a rebuild may succeed now, as many of the
-# version's parts readable (on a node not unavailable, not reported lost) as it needs: the
-# data parts' count for parity, one other copy of the same data part for raid1.
+# version's parts readable (on a node neither unavailable nor forgotten, not reported lost)
+# as it needs: the data parts' count for parity, one other copy of the same data part for
+# raid1.
 LOST_REBUILDABLE = f"""
     SELECT lost.*,
            CASE WHEN redundant = 1 AND (
                SELECT count(*) FROM parts q JOIN nodes qn ON qn.node_id = q.node_id
-               WHERE q.version_id = lost.version_id AND qn.state != 'unavailable'
+               WHERE q.version_id = lost.version_id
+                 AND qn.state NOT IN ('unavailable', 'forgotten')
                  AND (lost.parity > 0 OR q.idx % lost.k = lost.idx % lost.k)
                  AND NOT EXISTS (
                      SELECT 1 FROM damaged_parts d

@@ -75,6 +75,7 @@ def node_status(row: Row) -> NodeStatus:
         parts=row["parts"],
         last_seen=row["last_seen"],
         failed_at=row["failed_at"],
+        forgotten_at=row["forgotten_at"],
     )
 
 

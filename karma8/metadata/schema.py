@@ -170,6 +170,18 @@ CREATE INDEX IF NOT EXISTS damaged_by_node ON damaged_parts(node_id, reason);
 """
 
 
+def _forgotten_at(db: Connection, dialect: Dialect) -> None:
+    """When the operator forgot a node (``karma8 nodes forget``: state 'forgotten', for
+    good). Not in SCHEMA: every database, new or old, gets it here (once: a SQLite database
+    from before versions runs every migration, and may have it)."""
+    if dialect is SQLITE:
+        if "forgotten_at" in {r[1] for r in db.execute("PRAGMA table_info(nodes)")}:
+            return
+        db.execute("ALTER TABLE nodes ADD COLUMN forgotten_at REAL")
+    else:
+        db.execute(ddl("ALTER TABLE nodes ADD COLUMN IF NOT EXISTS forgotten_at REAL", dialect))
+
+
 class SchemaError(Exception):
     """The database's schema is not the one this karma8 runs on (behind or ahead)."""
 
@@ -206,6 +218,11 @@ MIGRATIONS = (
         version=3,
         what="reports of damaged parts by node (damaged_by_node)",
         apply=_script(DAMAGED_BY_NODE),
+    ),
+    Migration(
+        version=4,
+        what="nodes the operator forgot (nodes.forgotten_at)",
+        apply=_forgotten_at,
     ),
 )
 LATEST = MIGRATIONS[-1].version

@@ -44,6 +44,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "upload_conflict": 409,
     "move_conflict": 409,
     "node_conflict": 409,
+    "node_forgotten": 409,
+    "node_not_gone": 409,
     "not_enough_nodes": 503,
     "storage_failure": 502,
     "integrity_error": 502,

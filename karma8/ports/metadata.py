@@ -72,6 +72,10 @@ class MetadataStore(Protocol):
 
     def mark_stale_nodes(self, seen_before: float) -> list[str]: ...
 
+    def forget_node(self, node_id: str, now: float, *, heard_before: float) -> NodeStatus:
+        """See :meth:`karma8.metadata.nodes.NodeStore.forget_node`."""
+        ...
+
     def list_nodes(self) -> list[NodeStatus]: ...
 
     def totals(self) -> ClusterTotals:
