@@ -14,10 +14,13 @@ whose part keys count as known to the nodes' orphan checks until it is committed
 expires. Its commit is then the upload's one transaction.
 
 Nodes are never deleted. A node that misses heartbeats for ``node_timeout`` becomes
-UNAVAILABLE (no new parts) until it heartbeats again. A node a gateway reports failing
-(:meth:`Discovery.report_node_failure`) becomes SUSPECT at once, also without new parts, until
-a heartbeat arrives ``suspect_for`` seconds or more after the report: a node that keeps failing
-is never chosen on the strength of a heartbeat sent just before the failure.
+UNAVAILABLE (no new parts) until it heartbeats again. The operator may forget an UNAVAILABLE
+node for good (:meth:`Discovery.forget_node`: a dead disk): it becomes FORGOTTEN, its parts
+are lost at once (repair rebuilds the redundant ones), and its id is refused from then on.
+A node a gateway reports failing (:meth:`Discovery.report_node_failure`) becomes SUSPECT at
+once, also without new parts, until a heartbeat arrives ``suspect_for`` seconds or more after
+the report: a node that keeps failing is never chosen on the strength of a heartbeat sent
+just before the failure.
 
 Several discovery instances may share one database (PostgreSQL): the store keeps placement and
 commits correct between them, and a leadership lease in the store (:meth:`Discovery.lead`)
@@ -44,6 +47,7 @@ from karma8.core.access import (
 )
 from karma8.core.errors import (
     InvalidRequest,
+    NodeForgotten,
     NotFound,
     TooLarge,
     Unavailable,
@@ -518,9 +522,13 @@ class Discovery:
         now = self._clock.now()
         self._heard.hear(registration, now)
         suspect_for = self.config.suspect_for
-        arrival = await self._blocking(
-            lambda: self._store.upsert_node(registration, now, suspect_for=suspect_for)
-        )
+        try:
+            arrival = await self._blocking(
+                lambda: self._store.upsert_node(registration, now, suspect_for=suspect_for)
+            )
+        except NodeForgotten:
+            self._refused(registration.node_id)
+            raise
         self._arrived(registration, arrival)
         if arrival.was is NodeState.UNAVAILABLE:  # restarted: it registers before it heartbeats
             log.warning("node %s is back: it registers again", registration.node_id)
@@ -545,7 +553,11 @@ class Discovery:
                 limit=self.config.garbage_batch,
             )
 
-        arrival, garbage = await self._blocking(beat)
+        try:
+            arrival, garbage = await self._blocking(beat)
+        except NodeForgotten:
+            self._refused(node_id)
+            raise
         self._arrived(registration, arrival)
         if arrival.was is NodeState.UNAVAILABLE:
             log.warning("node %s is back: it heartbeats again", node_id)
@@ -557,6 +569,35 @@ class Discovery:
             if not expired:
                 del self._expired_parts[node_id]
         return garbage
+
+    def _refused(self, node_id: str) -> None:
+        """A forgotten node registered or heartbeat: it holds no address (a new node may take
+        its own at once)."""
+        self._heard.drop(node_id)
+        log.warning(
+            "node %s was refused: the operator forgot it; its directory must be wiped", node_id
+        )
+
+    async def forget_node(self, *, node_id: str) -> NodeStatus:
+        """Declare an unavailable node gone for good (see
+        :meth:`karma8.metadata.nodes.NodeStore.forget_node`); the node as it is then.
+        Idempotent. Raises NotFound, NodeNotGone (it was heard within ``node_timeout``)."""
+        if not node_id:
+            raise InvalidRequest("forgetting a node needs its id")
+        now = self._clock.now()
+        heard_before = now - self.config.node_timeout
+        node = await self._blocking(
+            lambda: self._store.forget_node(node_id, now, heard_before=heard_before)
+        )
+        self._heard.drop(node_id)
+        if node.forgotten_at == now:  # forgotten now, not before
+            log.warning(
+                "node %s is forgotten by the operator: its %d parts are lost there (those of"
+                " redundant files are rebuilt elsewhere now); it may never register again",
+                node_id,
+                node.parts,
+            )
+        return node
 
     async def list_nodes(self) -> list[NodeStatus]:
         """The nodes, their reserved bytes counting placement leases."""

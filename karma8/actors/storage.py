@@ -25,6 +25,7 @@ from karma8.core.errors import (
     IntegrityError,
     InvalidRequest,
     Karma8Error,
+    NodeForgotten,
     NotFound,
     Unavailable,
 )
@@ -125,8 +126,9 @@ class StorageNode:
         """Register (retrying while discovery is unreachable), report ready, then heartbeat
         and scrub in the background until cancelled.
 
-        A refused registration (bad capacity, wrong secret, the id heard from another place)
-        is not retried: it raises.
+        A refused registration (bad capacity, wrong secret, the id heard from another place,
+        a node the operator forgot) is not retried: it raises; so does a heartbeat refused
+        because the operator forgot the node.
         """
         while True:
             try:
@@ -152,6 +154,8 @@ class StorageNode:
                 garbage = await self._discovery.heartbeat(
                     await self.registration(), deleted=deleted
                 )
+            except NodeForgotten:
+                raise  # the operator wrote this node off: serving on would mislead
             except Karma8Error:
                 continue  # discovery unreachable: keep the deletions to report next time
             deleted = []

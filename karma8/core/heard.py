@@ -57,6 +57,14 @@ class HeardNodes:
         self._addresses[url] = (node_id, now)
         self._urls[node_id] = url
 
+    def drop(self, node_id: str) -> None:
+        """Forget where ``node_id`` was heard: it refuses nobody from now on (a node the
+        operator forgot, whose address a new node may take at once)."""
+        self._places.pop(node_id, None)
+        url = self._urls.pop(node_id, None)
+        if url is not None and self._addresses.get(url, ("", 0.0))[0] == node_id:
+            del self._addresses[url]
+
     def forget_silent(self, now: float) -> None:
         """Drop the addresses not heard from within ``node_timeout`` (they refuse nobody)."""
         self._addresses = {u: h for u, h in self._addresses.items() if self._recent(h, now)}

@@ -286,6 +286,10 @@ class HttpDiscoveryClient(_Http):
         result = await self._json("GET", "/v1/nodes")
         return [decode(n, NodeStatus) for n in result["nodes"]]
 
+    async def forget_node(self, *, node_id: str) -> NodeStatus:
+        """``karma8 nodes forget``: the node, forgotten (see :meth:`Discovery.forget_node`)."""
+        return decode(await self._json("POST", f"/v1/nodes/{_path(node_id)}/forget"), NodeStatus)
+
     async def unknown_parts(self, *, node_id: str, keys: Sequence[str]) -> list[str]:
         path = f"/v1/nodes/{_path(node_id)}/unknown-parts"
         result = await self._json("POST", path, json={"keys": list(keys)})

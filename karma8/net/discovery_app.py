@@ -22,6 +22,8 @@ POST   /v1/nodes/{node_id}/unknown-parts   {keys:[all it holds]} -> {unknown:[ke
 POST   /v1/nodes/{node_id}/failures        {reason}: the node is suspect
 POST   /v1/nodes/{node_id}/lost-parts      {keys, reason}: the node lost them; repair them
 GET    /v1/nodes/{node_id}/parts           {keys:[...]}: current parts discovery knows there
+POST   /v1/nodes/{node_id}/forget          an unavailable node is gone for good: the node
+                                            (idempotent; 409 node_not_gone if heard lately)
 GET    /v1/nodes
 GET    /v1/status                          the cluster at a glance (``karma8 status``)
 GET    /status                             the same as an HTML page (Basic auth: the secret)
@@ -270,6 +272,13 @@ def discovery_app(
             raise InvalidRequest("reason must be a string")
         await discovery.report_node_failure(node_id=node_id, reason=reason)
         return "", 204
+
+    @app.route("/v1/nodes/<node_id>/forget", methods=["POST"])
+    async def forget_node(node_id: str) -> Response:
+        _only_args(set())
+        node = await discovery.forget_node(node_id=node_id)
+        repairer.request()  # its parts are due now: no wait for the next round
+        return jsonify(encode(node))
 
     @app.route("/v1/nodes", methods=["GET"])
     async def list_nodes() -> Response:
