@@ -4,6 +4,7 @@ karma8 sim SCENARIO.toml [--seed N] [--json] [--check-determinism] [--plot FILE.
 karma8 serve [--role all|gw|discovery|storage] [--config FILE] [--data DIR] ...
 karma8 status [--watch [S]] [--json]  the cluster on one screen
 karma8 nodes [--json]                 storage nodes as discovery sees them, and rebalancing
+karma8 nodes forget NODE_ID [--json]  an unavailable node is gone for good: rebuild its parts
 karma8 stat NAMESPACE/NAME [--json]   a file's version, layout and parts
 karma8 scrub [--json]                 verify every part on every node now
 karma8 rebalance [--dry-run] [--json] rebalance now, or show the next round's plan
@@ -31,7 +32,7 @@ from typing import Any
 import attrs
 import trio
 
-from karma8.core.errors import Karma8Error, Unavailable
+from karma8.core.errors import Karma8Error, NodeForgotten, Unavailable
 from karma8.core.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from karma8.core.status import repair_line
 from karma8.core.tomlconf import ConfigError
@@ -162,6 +163,16 @@ def _parser() -> argparse.ArgumentParser:
                 metavar="S",
                 help=f"redraw every S seconds (default {WATCH_EVERY:g}) until Ctrl-C",
             )
+        if name == "nodes":
+            actions = admin.add_subparsers(dest="action", metavar="{forget}")
+            forget = actions.add_parser(
+                "forget",
+                help="declare an unavailable node gone for good (its disk died): its parts"
+                " are lost now, those of raid1 and parity files rebuilt elsewhere at once;"
+                " its id may never register again",
+            )
+            forget.add_argument("node_id", metavar="NODE_ID", help="the node's id (karma8 nodes)")
+            _cluster_args(forget)
         if name == "rebalance":
             admin.add_argument(
                 "--dry-run",
@@ -377,6 +388,8 @@ def _serve(args: argparse.Namespace) -> int:
         message = _message(error)
         if isinstance(error, socket.gaierror):  # the address to listen on
             message = f"host {config.host!r} (--host or the config's host): {message}"
+        if isinstance(error, NodeForgotten) and role == "storage" and args.data is not None:
+            message = f"{message} (its directory: {args.data})"
         print(f"karma8 serve: {message}", file=sys.stderr)
         return EXIT_USAGE if isinstance(error, ConfigError) else EXIT_FAILED
     return EXIT_OK
@@ -432,6 +445,7 @@ async def _hold_client(http: Any, *, task_status: trio.TaskStatus[None]) -> None
 
 def _admin(args: argparse.Namespace) -> int:
     from karma8.net import admin
+    from karma8.net.codec import encode
     from karma8.net.settings import load_net_config
 
     url = None
@@ -444,7 +458,10 @@ def _admin(args: argparse.Namespace) -> int:
         config = load_net_config(args.config, {}) if args.config is not None else None
         cluster = _locate(args, config)
         url, secret = cluster.discovery, cluster.secret
-        if args.command == "nodes":
+        if args.command == "nodes" and getattr(args, "action", None) == "forget":
+            node = trio.run(admin.forget_node, url, secret, args.node_id)
+            print(json.dumps(encode(node), indent=2) if args.json else admin.forgotten_text(node))
+        elif args.command == "nodes":
             nodes, report, repair = trio.run(admin.fetch_nodes_and_movers, url, secret)
             print(
                 json.dumps(admin.nodes_json(nodes, report, repair), indent=2)

@@ -9,6 +9,9 @@ from karma8.core.model import ClusterTotals, NodeState, NodeStatus, RepairStatus
 from karma8.core.rebalance_report import RebalanceReport
 from karma8.core.units import format_size
 
+# Nodes that take no parts and whose capacity counts in no total.
+DOWN = frozenset({NodeState.UNAVAILABLE, NodeState.FORGOTTEN})
+
 
 @attrs.frozen(kw_only=True)
 class LoggedError:
@@ -42,11 +45,25 @@ class ClusterStatus:
     @property
     def capacity_bytes(self) -> int:
         """Capacity of the nodes that take parts (available or suspect)."""
-        return sum(n.capacity_bytes for n in self.nodes if n.state is not NodeState.UNAVAILABLE)
+        return sum(n.capacity_bytes for n in self.nodes if n.state not in DOWN)
 
     @property
     def used_bytes(self) -> int:
-        return sum(n.used_bytes for n in self.nodes)
+        """Bytes on the nodes, but those the operator forgot (gone for good)."""
+        return sum(n.used_bytes for n in self.nodes if n.state is not NodeState.FORGOTTEN)
+
+    @property
+    def kept_nodes(self) -> int:
+        """The nodes but those the operator forgot."""
+        return sum(1 for n in self.nodes if n.state is not NodeState.FORGOTTEN)
+
+    def nodes_summary(self) -> str:
+        """``15 nodes (13 available)``, and ``, 1 forgotten`` when the operator forgot some
+        (they count in neither number)."""
+        forgotten = self.count(NodeState.FORGOTTEN)
+        return f"{self.kept_nodes} nodes ({self.count(NodeState.AVAILABLE)} available)" + (
+            f", {forgotten} forgotten" if forgotten else ""
+        )
 
     def count(self, state: NodeState) -> int:
         return sum(1 for n in self.nodes if n.state is state)

@@ -1,4 +1,5 @@
-"""Admin views of a running cluster: ``karma8 nodes``, ``stat``, ``scrub``, ``rebalance``."""
+"""Admin views of a running cluster: ``karma8 nodes`` (and ``nodes forget``), ``stat``,
+``scrub``, ``rebalance``."""
 
 from __future__ import annotations
 
@@ -34,6 +35,22 @@ async def fetch_nodes_and_movers(
         )
 
 
+async def forget_node(discovery_url: str, secret: str | None, node_id: str) -> NodeStatus:
+    async with make_http_client(secret, timeout=30.0) as http:
+        return await HttpDiscoveryClient(http, discovery_url).forget_node(node_id=node_id)
+
+
+def forgotten_text(node: NodeStatus) -> str:
+    """What ``karma8 nodes forget`` prints."""
+    return (
+        f"node {node.node_id} is forgotten: the parts still on it ({node.parts} now) are lost"
+        " there; repair rebuilds those of raid1 and parity files on other nodes now (karma8"
+        " nodes shows the progress); raid0 files with a part there are lost. The id is"
+        " refused from now on: a node restarted on its directory must be wiped and start as"
+        " a new node."
+    )
+
+
 async def fetch_plan(discovery_url: str, secret: str | None) -> tuple[PlanSummary, RebalanceReport]:
     async with make_http_client(secret, timeout=60.0) as http:
         return await HttpDiscoveryClient(http, discovery_url).rebalance_plan()
@@ -56,18 +73,26 @@ async def fetch_version(
 
 
 def redundancy(version: FileVersion, states: dict[str, NodeState]) -> str:
-    """``full``, ``degraded`` or ``unreadable``, and the node losses the file still survives
-    (a part on an unavailable node, or reported corrupt or missing, counts as lost)."""
+    """``full``, ``degraded``, ``unreadable`` or ``lost``, and the node losses the file still
+    survives (a part on an unavailable or forgotten node, or reported corrupt or missing,
+    counts as lost; one on a forgotten node never comes back)."""
+    down = (NodeState.UNAVAILABLE, NodeState.FORGOTTEN)
     readable = {
         p.index
         for p in version.parts
-        if states.get(p.node.node_id) is not NodeState.UNAVAILABLE and p.reported_lost is None
+        if states.get(p.node.node_id) not in down and p.reported_lost is None
     }
     spare = version.layout.spare(readable)
     if spare < 0:
-        kept = {p.index for p in version.parts if p.reported_lost is None}
+        kept = {
+            p.index
+            for p in version.parts
+            if p.reported_lost is None and states.get(p.node.node_id) is not NodeState.FORGOTTEN
+        }
         if version.layout.spare(kept) >= 0:  # what is missing is only on nodes that are down
             return "unreadable until a node is back"
+        if any(states.get(p.node.node_id) is NodeState.FORGOTTEN for p in version.parts):
+            return "lost: a part was on a node the operator forgot, none to rebuild from"
         return "unreadable: a part is lost on its node (corrupt or missing), none to rebuild from"
     if spare == version.layout.tolerates:
         return f"full (survives {spare} lost node{'' if spare == 1 else 's'})"
@@ -166,6 +191,10 @@ def plan_text(plan: PlanSummary, report: RebalanceReport) -> str:
 
 
 def nodes_table(nodes: list[NodeStatus]) -> str:
+    """The nodes, their usable capacity, then apart those the operator forgot (they count in
+    no total)."""
+    forgotten = [n for n in nodes if n.state is NodeState.FORGOTTEN]
+    nodes = [n for n in nodes if n.state is not NodeState.FORGOTTEN]
     rows = [("ID", "URL", "STATE", "CAPACITY", "USED", "FILL", "PARTS")]
     for n in nodes:
         rows.append(
@@ -182,11 +211,19 @@ def nodes_table(nodes: list[NodeStatus]) -> str:
     raw = sum(n.capacity_bytes for n in nodes)
     up = [n.capacity_bytes for n in nodes if n.state is not NodeState.UNAVAILABLE]
     down = len(nodes) - len(up)
+    gone = (
+        f"\n{len(forgotten)} forgotten (gone for good, in no total; parts left on them:"
+        f" lost, or rebuilt elsewhere): "
+        + ", ".join(f"{n.node_id} ({n.parts} parts)" for n in forgotten)
+        if forgotten
+        else ""
+    )
     return (
         table(rows)
         + f"\nusable capacity {format_size(usable_capacity(up))} of {format_size(raw)}"
         + " (5 parts of a file on 5 distinct nodes: a node can hold at most a fifth"
         + (f"; without the {down} unavailable)" if down else ")")
+        + gone
     )
 
 
@@ -258,13 +295,13 @@ def table(rows: Sequence[Sequence[str]]) -> str:
 async def scrub_all(discovery_url: str, secret: str | None) -> list[dict[str, Any]]:
     """Ask every available storage node to scrub now; one result per node: what it checked
     and found corrupt, an ``error`` (it could not be asked), or ``skipped`` (discovery has it
-    unavailable: nodes are never removed, so a dead one is no failure here; a suspect one,
-    alive after a failed write, is the first worth scrubbing)."""
+    unavailable or forgotten: nodes are never removed, so a dead one is no failure here; a
+    suspect one, alive after a failed write, is the first worth scrubbing)."""
     async with make_http_client(secret, timeout=3600.0) as http:
         nodes = await HttpDiscoveryClient(http, discovery_url).list_nodes()
         results: list[dict[str, Any]] = []
         for node in nodes:
-            if node.state is NodeState.UNAVAILABLE:
+            if node.state in (NodeState.UNAVAILABLE, NodeState.FORGOTTEN):
                 results.append({"node_id": node.node_id, "skipped": node.state.value})
                 continue
             try:

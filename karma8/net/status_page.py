@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 from html import escape
 
-from karma8.core.model import NodeState
 from karma8.core.status import ClusterStatus, fill, repair_line, seen_ago
 from karma8.core.units import format_size
 
@@ -22,7 +21,8 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 .bar{display:inline-block;width:12em;height:.8em;background:#e6e6e6;vertical-align:middle}
 .bar span{display:block;height:100%;background:#3a7bd5} .hot span{background:#d9822b}
 .full span{background:#c0392b} .state-available{color:#1e7e34} .state-suspect{color:#b8860b}
-.state-unavailable{color:#c0392b} .summary span{margin-right:1.6em} .muted{color:#777}
+.state-unavailable{color:#c0392b} .state-forgotten{color:#777}
+.summary span{margin-right:1.6em} .muted{color:#777}
 """
 
 
@@ -48,9 +48,8 @@ def render_status(status: ClusterStatus) -> str:
 
 def _summary(status: ClusterStatus) -> str:
     t, r = status.totals, status.rebalance
-    available = status.count(NodeState.AVAILABLE)
     items = [
-        f"<span id=nodes-count>{len(status.nodes)} nodes ({available} available)</span>",
+        f"<span id=nodes-count>{escape(status.nodes_summary())}</span>",
         f"<span id=used>{format_size(status.used_bytes)} of"
         f" {format_size(status.capacity_bytes)} used</span>",
         f"<span id=files>{t.files} files, {format_size(t.bytes)}</span>",

@@ -15,6 +15,7 @@ _STATE_STYLE = {
     NodeState.AVAILABLE: "green",
     NodeState.SUSPECT: "yellow",
     NodeState.UNAVAILABLE: "red",
+    NodeState.FORGOTTEN: "dim",
 }
 BAR = 8  # characters of a fill bar
 ERRORS_SHOWN = 5
@@ -59,7 +60,7 @@ def render(status: ClusterStatus) -> Any:
     t, r = status.totals, status.rebalance
     summary = Text.assemble(
         ("karma8", "bold"),
-        f"  {len(status.nodes)} nodes ({status.count(NodeState.AVAILABLE)} available),"
+        f"  {status.nodes_summary()},"
         f" {format_size(status.used_bytes)} of {format_size(status.capacity_bytes)} used\n",
         f"{t.files} files, {format_size(t.bytes)}; {t.pending_uploads} uploads in flight;"
         f" {t.degraded_files} below full redundancy",
