@@ -50,10 +50,11 @@ class HeardNodes:
             )
         if place is not None:
             self._places[node_id] = (place, now)
+        # Restarted on another port: its old address is free at once, unless another node
+        # has taken it since.
         moved_from = self._urls.get(node_id)
-        if moved_from is not None and moved_from != url:  # restarted on another port: the
-            if self._addresses.get(moved_from, ("",))[0] == node_id:  # old one is free at
-                del self._addresses[moved_from]  # once, unless another node has it since
+        if moved_from not in (None, url) and self._addresses.get(moved_from, ("",))[0] == node_id:
+            del self._addresses[moved_from]
         self._addresses[url] = (node_id, now)
         self._urls[node_id] = url
 
