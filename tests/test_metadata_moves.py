@@ -158,6 +158,27 @@ def test_movable_parts_name_the_nodes_they_may_not_go_to(store: SqlMetadataStore
     assert store.movable_parts("n0", limit=10, receivers=["n5"]) == []  # moving already
 
 
+def test_movable_parts_of_many_versions_each_name_their_own_blocked_nodes(
+    store: SqlMetadataStore,
+) -> None:
+    """One plan asks for hundreds of parts at once: each keeps its own version's nodes and
+    its own stale copies, never another's."""
+    for i in range(2, 8):
+        begin(store, f"v{i}", name=f"g{i}", size=50)
+        store.commit_version(
+            version_id=f"v{i}", size=50, receipts=receipts(50), now=2.0, if_absent=False
+        )
+    store.begin_move(key="v3.0", source="n0", target="n5", now=3.0, lease_until=10.0)
+    assert store.expire_moves(10.0) == 1  # v3.0's copy on n5 is stale now
+    parts = {p.key: p for p in store.movable_parts("n0", limit=100, receivers=["n5"])}
+    assert set(parts) == {f"v{i}.0" for i in range(1, 8)}
+    holders = frozenset(f"n{i}" for i in range(5))
+    for key, part in parts.items():
+        assert part.version_id == key.split(".")[0]
+        assert part.blocked == (holders | {"n5"} if key == "v3.0" else holders), key
+    assert len(store.movable_parts("n0", limit=3, receivers=["n5"])) == 3
+
+
 def test_live_bytes_follow_commits_overwrites_and_deletes(store: SqlMetadataStore) -> None:
     assert live(store) == {"n0": 10, "n1": 10, "n2": 10, "n3": 10, "n4": 10, "n5": 0}
     begin(store, "v2", size=100)

@@ -58,7 +58,7 @@ def movable_parts(
     """
     if not receivers:
         return []
-    marks = ", ".join("?" * len(receivers))
+    marks = _marks(receivers)
     rows = db.execute(
         f"""
         SELECT p.part_key, p.version_id, p.size FROM parts p JOIN versions v USING (version_id)
@@ -70,26 +70,40 @@ def movable_parts(
         """,
         (node_id, *receivers, len(receivers), limit),
     ).fetchall()
-    parts = []
-    for r in rows:
-        blocked = {
-            s["node_id"]
-            for s in db.execute(
-                "SELECT node_id FROM parts WHERE version_id = ?"
-                " UNION SELECT node_id FROM stale_copies WHERE part_key = ?",
-                (r["version_id"], r["part_key"]),
-            )
-        }
-        parts.append(
-            MovablePart(
-                key=r["part_key"],
-                version_id=r["version_id"],
-                size=r["size"],
-                node_id=node_id,
-                blocked=frozenset(blocked),
-            )
+    blocked: dict[str, set[str]] = {r["version_id"]: set() for r in rows}
+    stale: dict[str, set[str]] = {}
+    # Two statements for the whole batch, not two a candidate: a plan asks for hundreds.
+    for versions in _chunks(list(blocked)):
+        for s in db.execute(
+            f"SELECT version_id, node_id FROM parts WHERE version_id IN ({_marks(versions)})",
+            versions,
+        ):
+            blocked[s["version_id"]].add(s["node_id"])
+    for keys in _chunks([r["part_key"] for r in rows]):
+        for s in db.execute(
+            f"SELECT part_key, node_id FROM stale_copies WHERE part_key IN ({_marks(keys)})",
+            keys,
+        ):
+            stale.setdefault(s["part_key"], set()).add(s["node_id"])
+    return [
+        MovablePart(
+            key=r["part_key"],
+            version_id=r["version_id"],
+            size=r["size"],
+            node_id=node_id,
+            blocked=frozenset(blocked[r["version_id"]] | stale.get(r["part_key"], set())),
         )
-    return parts
+        for r in rows
+    ]
+
+
+def _marks(values: Sequence[object]) -> str:
+    return ", ".join("?" * len(values))
+
+
+def _chunks(values: list[str], size: int = 500) -> list[list[str]]:
+    """``values`` in runs short enough for one statement's parameters on either database."""
+    return [values[i : i + size] for i in range(0, len(values), size)]
 
 
 def begin_move(
