@@ -37,14 +37,7 @@ import attrs
 import trio
 
 from karma8.actors.movedesk import MoveDesk
-from karma8.core.access import (
-    NamespaceInfo,
-    Right,
-    TokenInfo,
-    format_token,
-    hash_secret,
-    parse_token,
-)
+from karma8.actors.namespaces import NamespaceDesk
 from karma8.core.errors import (
     InvalidRequest,
     NodeForgotten,
@@ -59,7 +52,6 @@ from karma8.core.layout import (
     MAX_COPIES,
     MAX_PARITY,
     StripeLayout,
-    engine_redundancy,
 )
 from karma8.core.leases import Lease, PlacementLeases
 from karma8.core.model import (
@@ -116,8 +108,9 @@ class DiscoveryConfig:
     public_namespaces: tuple[str, ...] = ()
 
 
-class Discovery:
-    """Implements :class:`karma8.ports.DiscoveryAPI` over a :class:`MetadataStore`."""
+class Discovery(NamespaceDesk):
+    """Implements :class:`karma8.ports.DiscoveryAPI` over a :class:`MetadataStore` (its
+    namespaces and tokens in :class:`NamespaceDesk`)."""
 
     def __init__(
         self,
@@ -421,28 +414,7 @@ class Discovery:
             lambda: self._store.list_files(namespace, prefix=prefix, after=after, limit=limit)
         )
 
-    # -- namespaces and tokens (see karma8.core.access) ----------------------------------
-
-    async def create_namespace(
-        self,
-        *,
-        namespace: str,
-        public: bool = False,
-        engine: str = "raid0",
-        copies: int | None = None,
-        parity: int | None = None,
-    ) -> NamespaceInfo:
-        check_namespace(namespace)
-        try:
-            chosen = engine_redundancy(engine, copies=copies, parity=parity)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
-        now = self._clock.now()
-        return await self._blocking(
-            lambda: self._store.add_namespace(
-                namespace, now, public=public, copies=chosen[0], parity=chosen[1]
-            )
-        )
+    # -- namespaces' engines --------------------------------------------------------------
 
     async def _layout_for(self, namespace: str) -> StripeLayout:
         """The layout new files of ``namespace`` get: the configured stripe, the namespace's
@@ -452,57 +424,6 @@ class Discovery:
             info = await self._blocking(lambda: self._store.namespace_info(namespace))
             known = self._engines[namespace] = (info.copies, info.parity)
         return attrs.evolve(self.config.layout, copies=known[0], parity=known[1])
-
-    async def list_namespaces(self) -> list[NamespaceInfo]:
-        return await self._blocking(self._store.list_namespaces)
-
-    async def disable_namespace(self, *, namespace: str) -> NamespaceInfo:
-        check_namespace(namespace)
-        return await self._blocking(lambda: self._store.disable_namespace(namespace))
-
-    async def create_token(
-        self, *, namespace: str, read: bool, write: bool
-    ) -> tuple[str, TokenInfo]:
-        check_namespace(namespace)
-        token_id = self._ids.new_id()
-        secret = self._ids.new_id() + self._ids.new_id()
-        now = self._clock.now()
-        info = await self._blocking(
-            lambda: self._store.add_token(
-                token_id=token_id,
-                namespace=namespace,
-                read=read,
-                write=write,
-                secret_hash=hash_secret(secret),
-                now=now,
-            )
-        )
-        log.info("token %s created for namespace %s (%s)", token_id, namespace, info.rights)
-        return format_token(token_id, secret), info
-
-    async def list_tokens(self, *, namespace: str | None = None) -> list[TokenInfo]:
-        if namespace is not None:
-            check_namespace(namespace)
-        return await self._blocking(lambda: self._store.list_tokens(namespace))
-
-    async def revoke_token(self, *, token_id: str) -> TokenInfo:
-        now = self._clock.now()
-        info = await self._blocking(lambda: self._store.revoke_token(token_id, now))
-        log.info("token %s of namespace %s revoked", token_id, info.namespace)
-        return info
-
-    async def check_access(self, *, namespace: str, token: str | None, right: Right) -> None:
-        check_namespace(namespace)
-        token_id: str | None = None
-        secret_hash: str | None = None
-        if token is not None:
-            parsed = parse_token(token)
-            # A malformed token is looked up as the empty id, which no token has: 401.
-            token_id, secret = parsed if parsed is not None else ("", "")
-            secret_hash = hash_secret(secret)
-        await self._blocking(
-            lambda: self._store.check_access(namespace, token_id, secret_hash, right)
-        )
 
     # -- nodes ----------------------------------------------------------------------------
 
