@@ -306,3 +306,63 @@ async def test_a_part_damaged_on_its_way_from_a_node_fails_the_get(
         monkeypatch.undo()
         assert await net.get("small") == payload(20_000, 6)
         assert await net.get("large") == payload(600_000, 7)
+
+
+@LOCAL_OR_HTTP
+async def test_a_redundant_file_damaged_past_what_it_rebuilds_is_an_integrity_error(
+    tmp_path: Path, local_calls: bool
+) -> None:
+    # Both copies of a raid1 part damaged, or two parts of a parity 1 file: no node coming
+    # back makes them readable, so the answer is a raid0 file's damaged part's, 502
+    # integrity_error, before and after the nodes take the parts out of service. Damage
+    # beside a node that is down is still 503 unavailable: the node may come back.
+    async with net_driver(tmp_path, local_calls=local_calls) as net:
+        joined = {await net.add_node() for _ in range(4)}  # raid1 x 2 needs 10 nodes
+        await net.create_namespace("mirrored", engine="raid1", copies=2)
+        await net.create_namespace("parity", engine="parity", parity=1)
+        damaged: dict[str, list[int]] = {}
+        for namespace, name, size in [
+            ("mirrored", "small", 4096),  # parts packed; the answer is read whole
+            ("mirrored", "streamed", 500_000),  # parts in files; the answer streams
+            ("parity", "small", 4096),
+            ("parity", "streamed", 500_000),
+        ]:
+            net.namespace = namespace
+            await net.put(name, payload(size, len(damaged)))
+            version = await net.stat(name)
+            slots = list(version.layout.copies_of(0)) if namespace == "mirrored" else [0, 1]
+            for slot in slots:
+                flip_payload_byte(tmp_path, version.parts[slot].key, 10)
+            damaged[f"{namespace}/{name}"] = slots
+
+        client = net._http
+
+        async def answer(path: str) -> tuple[int, str, str]:
+            response = await client.get(f"{net._gateway}/{path}")
+            error = response.json()["error"]
+            return response.status_code, error["code"], error["message"]
+
+        for _ in range(2):  # the read that finds the damage, then once it is quarantined
+            for path, slots in damaged.items():
+                status, code, message = await answer(path)
+                assert (status, code) == (502, "integrity_error"), (path, message)
+                for slot in slots:
+                    assert f"part {slot} is on node" in message, message
+                assert "lost it or found it damaged" in message, message
+                assert "://" not in message, message
+
+        net.namespace = "mirrored"
+        await net.put("beside-a-dead-node", payload(4096, 9))
+        version = await net.stat("beside-a-dead-node")
+        # A part with a copy on a node the test can stop (raid1 uses all 10 nodes).
+        first, second = next(
+            (damage, stop)
+            for copies in map(version.layout.copies_of, range(version.layout.parts))
+            for damage, stop in (copies, copies[::-1])
+            if version.parts[stop].node.node_id in joined
+        )
+        flip_payload_byte(tmp_path, version.parts[first].key, 10)
+        await net.kill_node(version.parts[second].node.node_id)
+        status, code, message = await answer("mirrored/beside-a-dead-node")
+        assert (status, code) == (503, "unavailable"), message
+        assert "which does not answer" in message, message
