@@ -26,6 +26,7 @@ from hypercorn.trio import tcp_server
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from hypothesis import given
 from hypothesis import strategies as st
+from quart_trio import QuartTrio
 
 from karma8.net import http_fixes
 from karma8.net.exchange import Exchange, ExchangeRoutes
@@ -638,4 +639,28 @@ async def test_a_kept_alive_connection_is_closed_once_idle_for_the_keep_alive_ti
             answered = trio.current_time()
             assert await read_until_closed(stream) == b""
             assert trio.current_time() - answered == pytest.approx(5.0, abs=0.1)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("head", [b"HTTP/1.1\r\nConnection: close", b"HTTP/1.0"])
+async def test_a_quart_answer_to_a_closing_request_ends_with_the_connection(head: bytes) -> None:
+    # Quart-Trio cancels its handler once the answer is out, and the handler is the task
+    # that closes the connection: a close cancelled while it waited for the send lock left
+    # the socket open for good, and enough such clients filled max_connections (found by a
+    # user's trial: /healthz, /metrics, every 404).
+    app = QuartTrio(__name__)
+
+    @app.route("/healthz")
+    async def healthz() -> str:
+        return "ok"
+
+    async with trio.open_nursery() as nursery:
+        url: str = await nursery.start(partial(serve_app, app, host="127.0.0.1", port=0))
+        host, port = url.removeprefix("http://").split(":")
+        for path in [b"/healthz", b"/nothing-here"] * 10:  # each time a fair coin decided it
+            async with await trio.open_tcp_stream(host, int(port)) as stream:
+                await stream.send_all(b"GET " + path + b" " + head + b"\r\nHost: x\r\n\r\n")
+                with trio.fail_after(GIVE_UP):
+                    answer = await read_until_closed(stream)
+            assert answer.startswith((b"HTTP/1.1 200", b"HTTP/1.1 404")), answer[:100]
         nursery.cancel_scope.cancel()

@@ -56,7 +56,9 @@ and :func:`check_versions` refuses any other version before a patch is applied.
    smuggled after a Transfer-Encoding + Content-Length request) for a protocol error, and
    Hypercorn's reader then closes the socket at once, mid-answer. While an answer is being
    sent, that close waits for its end (Hypercorn closes after it anyway); and a close takes
-   the send lock, so its ``send_eof`` never meets another task's ``send_all``.
+   the send lock, so its ``send_eof`` never meets another task's ``send_all``, shielded (the
+   task that closes may be a Quart-Trio handler being cancelled as its answer ends) and for
+   at most ``CLOSE_WAIT`` (a send to a client that stops reading is cut by the close).
    No upstream issue; the lines:
    https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/protocol/h11.py#L162-L168
    https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/trio/tcp_server.py#L92-L94
@@ -171,6 +173,9 @@ async def _shielded_close(self: Any) -> None:
         await _original_close(self)
 
 
+CLOSE_WAIT = 10.0  # seconds a close waits for a send in progress before it cuts it
+
+
 async def _cancellable_send(self: Any, event: Any) -> None:
     if isinstance(event, Closed):
         protocol = self.protocol.protocol
@@ -186,9 +191,16 @@ async def _cancellable_send(self: Any, event: Any) -> None:
             # (Hypercorn lets go of the stream first, then closes: that close goes ahead).
             return
         # And the close waits for a send in progress (send_eof would meet the app task's
-        # send_all: BusyResourceError).
-        async with self.send_lock:
-            await self._close()
+        # send_all: BusyResourceError), shielded: Quart-Trio cancels the handler that sends
+        # this Closed once its answer is out, and a close cancelled while it waits for the
+        # lock left the socket open for good. A send that holds the lock longer than
+        # CLOSE_WAIT (a client that stops reading) is cut by the close instead.
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(CLOSE_WAIT) as waited:
+                async with self.send_lock:
+                    await self._close()
+            if waited.cancelled_caught:
+                await self._close()
         await self.protocol.handle(Closed())
         return
     if not isinstance(event, RawData):
