@@ -664,3 +664,45 @@ async def test_a_quart_answer_to_a_closing_request_ends_with_the_connection(head
                     answer = await read_until_closed(stream)
             assert answer.startswith((b"HTTP/1.1 200", b"HTTP/1.1 404")), answer[:100]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_target_that_is_not_a_path_is_400_before_any_app_sees_it() -> None:
+    # Quart indexed the target's first character: "GET ?a" was a 500 with a traceback, and
+    # "PUT Xdefault/f" stored default/f, its first character dropped.
+    seen: list[str] = []
+
+    async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] == "http":
+            seen.append(scope["raw_path"].decode())
+        await reject_or_read(scope, receive, send)
+
+    quart = QuartTrio(__name__)
+
+    @quart.route("/<path:name>", methods=["PUT"])
+    async def put(name: str) -> str:
+        seen.append(name)
+        return "stored"
+
+    targets = [b"?a", b"Xdefault/f", b"default/f", b"*", b"/f", b"http://h/g", b"HTTP://h/h"]
+    async with trio.open_nursery() as nursery:
+        answers: dict[str, list[bytes]] = {}
+        for name, served in (("asgi", app), ("quart", quart)):
+            url: str = await nursery.start(partial(serve_app, served, host="127.0.0.1", port=0))
+            host, port = url.removeprefix("http://").split(":")
+            for target in targets:
+                async with await trio.open_tcp_stream(host, int(port)) as stream:
+                    await stream.send_all(
+                        b"PUT " + target + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                        b"Connection: close\r\n\r\nab"
+                    )
+                    with trio.fail_after(GIVE_UP):
+                        answers.setdefault(name, []).append(await read_until_closed(stream))
+        nursery.cancel_scope.cancel()
+    assert seen == ["/f", "http://h/g", "HTTP://h/h", "f", "g", "h"]  # paths and URLs only
+    for name, got in answers.items():
+        assert [a.split(b" ")[1] for a in got] == [b"400"] * 4 + [b"200"] * 3, name
+        head, _, body = got[1].partition(b"\r\n\r\n")
+        error = json.loads(body)["error"]
+        assert error["code"] == "invalid_request"
+        assert "'Xdefault/f'" in error["message"], error
+        assert b"connection: close" in head.lower()

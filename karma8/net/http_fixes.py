@@ -95,6 +95,13 @@ and :func:`check_versions` refuses any other version before a patch is applied.
    No upstream issue; the line:
    https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/protocol/h11.py#L240
 
+13. A request target is a path. Hypercorn passes any target on, and Quart indexes its first
+   character: ``GET ?a`` was a ``500`` with a traceback, and ``PUT Xdefault/f`` stored
+   ``default/f`` (the first character dropped). A target that is not a path (origin form),
+   an absolute URL or ``OPTIONS *`` is answered ``400 invalid_request`` before any app
+   sees it (RFC 9112 §3.2). No upstream issue; the line:
+   https://github.com/pallets/quart/blob/0.22.0/src/quart/asgi.py#L81
+
 12. One keep-alive timer per connection, not one per request. Hypercorn (re)starts its
    keep-alive timer as a new task each time a connection becomes idle (a task spawned
    through a nursery's ``start``, under a lock) and cancels it when the next request
@@ -373,22 +380,24 @@ class _AskForContinue:
         await self._app(scope, receive_asking, send, *args)
 
 
-class _NotImplemented:
-    """In the app's place for a request whose method is not all upper case (patch 11): a
-    ``501`` that closes the connection, the body drained while it goes out, as
+class _Refusal:
+    """In the app's place for a request no app should see (patches 11 and 13): an error
+    answer that closes the connection, the body drained while it goes out, as
     :meth:`karma8.net.exchange.Exchange.answer` answers before a body (else Hypercorn's
     full queue of body messages would hold the connection open). A method Hypercorn would
     take for ``HEAD`` gets no body (it drops one, while h11, comparing the bytes sent,
     would wait for it)."""
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, status: int, code: str, message: str) -> None:
         self._method = method
+        self._status = status
+        self._code = code
+        self._message = message
 
     async def __call__(self, scope: Any, receive: Any, send: Any, *args: Any) -> None:
-        message = f"no method {self._method!r}: methods are case-sensitive"
         given = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), None)
         request_id = accept_request_id(None if given is None else given.decode("latin-1"))
-        error = {"error": {"code": "not_implemented", "message": message}}
+        error = {"error": {"code": self._code, "message": self._message}}
         error["error"]["request_id"] = request_id
         body = b""
         if self._method.upper() != "HEAD":
@@ -407,10 +416,27 @@ class _NotImplemented:
                     return
 
         async with trio.open_nursery() as nursery:
-            await send({"type": "http.response.start", "status": 501, "headers": headers})
+            await send({"type": "http.response.start", "status": self._status, "headers": headers})
             nursery.start_soon(drain)
             await send({"type": "http.response.body", "body": body, "more_body": False})
             nursery.cancel_scope.cancel()
+
+
+def _refusal(request: h11.Request) -> _Refusal | None:
+    """Why no app may see ``request``, if none should: a method not all upper case (patch
+    11), a target that is not a path (patch 13)."""
+    method = request.method.decode("ascii")  # h11 took it for a token: ASCII
+    if method != method.upper():
+        message = f"no method {method!r}: methods are case-sensitive"
+        return _Refusal(method, 501, "not_implemented", message)
+    target = request.target
+    if target.startswith(b"/") or target.lower().startswith((b"http://", b"https://")):
+        return None
+    if target == b"*" and method == "OPTIONS":
+        return None
+    shown = target[:100].decode("ascii", "replace")  # h11 took it for visible ASCII
+    message = f"the request target must be a path such as /namespace/name, not {shown!r}"
+    return _Refusal(method, 400, "invalid_request", message)
 
 
 def _h11_init_continue_on_ask(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -436,9 +462,9 @@ async def _create_stream_continue_on_ask(self: Any, request: h11.Request) -> Non
     if isinstance(self.connection, ContinueOnAskConnection):
         self.connection.continue_asked = False
     app = self.app
-    sent = request.method.decode("ascii")  # h11 took it for a token: ASCII
-    if sent != sent.upper():
-        self.app = _NotImplemented(sent)
+    refusal = _refusal(request)
+    if refusal is not None:
+        self.app = refusal
     else:
         self.app = _AskForContinue(app, lambda: _send_continue(self))
     try:
