@@ -174,6 +174,12 @@ async def test_listing_paginates(net: NetDriver, client: httpx.AsyncClient) -> N
         assert "not UTF-8" in refused.json()["error"]["message"]
     unicode = (await client.get(url(net, "/default/?prefix=%C3%A9"))).json()
     assert unicode["files"] == []
+    # A typo is refused, not taken for no filter at all (a whole namespace listed).
+    typo = await client.get(url(net, "/default/?prefx=a/"))
+    assert typo.status_code == 400
+    assert typo.json()["error"]["message"] == (
+        "unknown query parameter 'prefx' (known: after, limit, prefix)"
+    )
 
 
 async def test_internal_apis_need_the_cluster_secret(net: NetDriver) -> None:

@@ -182,6 +182,15 @@ def text_args() -> dict[str, str]:
     return args
 
 
+def only_args(known: set[str]) -> None:
+    """Refuse a query parameter the route does not know: a typo (``dryrun=1``, ``prefx=``)
+    must not start a rebalancing meant as a dry run, or list a whole namespace."""
+    for name in request.args:
+        if name not in known:
+            what = f"known: {', '.join(sorted(known))}" if known else "it takes none"
+            raise InvalidRequest(f"unknown query parameter {name!r} ({what})")
+
+
 def int_arg(name: str, default: int | None = None) -> int:
     """Query parameter ``name`` of the current request, as a non-negative integer."""
     return int_value(name, request.args.get(name), default)

@@ -56,7 +56,14 @@ from karma8.core.rebalance_report import (
 )
 from karma8.core.status import ClusterStatus
 from karma8.net.codec import decode, encode
-from karma8.net.common import challenge, create_app, int_arg, json_body, secret_given
+from karma8.net.common import (
+    challenge,
+    create_app,
+    int_arg,
+    json_body,
+    only_args,
+    secret_given,
+)
 from karma8.net.requestlog import RecentErrors
 from karma8.net.status_page import render_status
 
@@ -208,7 +215,7 @@ def discovery_app(
 
     @app.route("/v1/tokens", methods=["GET"])
     async def list_tokens() -> Response:
-        _only_args({"namespace"})
+        only_args({"namespace"})
         tokens = await discovery.list_tokens(namespace=request.args.get("namespace"))
         return jsonify({"tokens": [encode(t) for t in tokens]})
 
@@ -275,7 +282,7 @@ def discovery_app(
 
     @app.route("/v1/nodes/<node_id>/forget", methods=["POST"])
     async def forget_node(node_id: str) -> Response:
-        _only_args(set())
+        only_args(set())
         node = await discovery.forget_node(node_id=node_id)
         repairer.request()  # its parts are due now: no wait for the next round
         return jsonify(encode(node))
@@ -313,7 +320,7 @@ def discovery_app(
 
     @app.route("/v1/status", methods=["GET"])
     async def status_json() -> Response:
-        _only_args(set())
+        only_args(set())
         return jsonify(encode(await cluster_status()))
 
     @app.route("/status", methods=["GET"])
@@ -325,12 +332,12 @@ def discovery_app(
 
     @app.route("/v1/rebalance", methods=["GET"])
     async def rebalance_status() -> Response:
-        _only_args(set())
+        only_args(set())
         return jsonify(encode(await report()))
 
     @app.route("/v1/rebalance", methods=["POST"])
     async def rebalance() -> tuple[Response, int]:
-        _only_args({"dry_run"})
+        only_args({"dry_run"})
         raw = request.args.get("dry_run", "0")
         dry_run = _FLAGS.get(raw.strip().lower())
         if dry_run is None:
@@ -349,22 +356,13 @@ def discovery_app(
 
     @app.route("/v1/repair", methods=["GET"])
     async def repair_status() -> Response:
-        _only_args(set())
+        only_args(set())
         return jsonify(encode(await repairer.status()))
 
     @app.route("/v1/repair", methods=["POST"])
     async def repair() -> tuple[Response, int]:
-        _only_args(set())
+        only_args(set())
         repairer.request()
         return jsonify(encode(await repairer.status())), 202
 
     return app
-
-
-def _only_args(known: set[str]) -> None:
-    """Refuse a query parameter the route does not know: a typo (``dryrun=1``) must not
-    start a rebalancing that was meant as a dry run."""
-    for name in request.args:
-        if name not in known:
-            what = f"known: {', '.join(sorted(known))}" if known else "it takes none"
-            raise InvalidRequest(f"unknown query parameter {name!r} ({what})")
