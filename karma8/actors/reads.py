@@ -244,19 +244,15 @@ class Sources:
         if cursor is not None:
             await self.close(cursor)
 
-    def cannot_read(
-        self, summary: str, slots: Iterable[int], *, for_good: bool
-    ) -> Unavailable | IntegrityError:
-        """``summary``, then why each of ``slots`` (failed ones) could not be read; what a
-        client is told, with the nodes' own messages for the log. Unavailable while nodes
-        coming back could make the file readable; IntegrityError (``for_good``) when the
-        parts lost or damaged alone are more than the engine rebuilds: the answer a raid0
-        file's lost part gets."""
+    def cannot_read(self, summary: str, slots: Iterable[int]) -> Unavailable:
+        """Unavailable: ``summary``, then why each of ``slots`` (failed ones) could not be
+        read; what a client is told, with the nodes' own messages for the log."""
         slots = sorted(slots)
         public = "; ".join([summary, *(unread(self.slot(s), self.why.get(s)) for s in slots)])
         causes = [(self.why.get(s), self.slot(s).node.node_id) for s in slots]
-        kind = IntegrityError if for_good else Unavailable
-        return kind.told(public, "; ".join(f"{node}: {exc.message}" for exc, node in causes if exc))
+        return Unavailable.told(
+            public, "; ".join(f"{node}: {exc.message}" for exc, node in causes if exc)
+        )
 
     def share_rebuild(self) -> None:
         """From now on every data part of this read comes from one shared rebuild."""
@@ -296,8 +292,7 @@ class RedundantCursor:
     where the last one failed. A failure is an error of the node (Unavailable, a storage
     failure), a chunk that fails its checks (IntegrityError: the node checks each block
     before handing it on, so nothing wrong was handed out), or no answer within
-    ``read_deadline``. Raises Unavailable once no source is left (IntegrityError if every
-    source is lost or damaged, not only out of reach).
+    ``read_deadline``. Raises Unavailable once no source is left.
 
     Once one data part of a parity version is being rebuilt, every cursor of the read moves
     to the same :class:`SharedRebuild` at its next read: the read then takes in k parts'
@@ -341,7 +336,6 @@ class RedundantCursor:
             f"part {self._part} of {file_of(sources.version)}: none of its {len(copies)}"
             " copies can be read",
             (slot for slot in copies if slot in sources.failed),
-            for_good=all(slot in sources.lost for slot in copies),
         )
 
     async def read(self, limit: int) -> bytes:
@@ -400,7 +394,6 @@ class BlockRebuilder:
                     f" parts cannot be read; parity {layout.parity} rebuilds at most"
                     f" {layout.parity}",
                     sources.failed,
-                    for_good=len(sources.lost) > layout.parity,
                 )
             async with trio.open_nursery() as nursery:
                 for slot in batch:
