@@ -2,7 +2,7 @@
 
 Each mutant breaks one promise of the system. It is run first against the shipped scenario
 that caught it when it was written down (the table in docs/scenarios.md), then against the
-other scenarios of its group (cheapest first) and the CI swarm seeds, and must be caught; the
+other scenarios of its group (cheapest first) and swarm seeds 1-200, and must be caught; the
 test names which check caught it and where. A mutant that survives means the checker has a
 hole. Hunting the known catcher first keeps the suite's time to one scenario a mutant, while a
 change that moves the catch elsewhere still passes (the record says where).
@@ -48,7 +48,7 @@ from karma8.sim.workload import BytesChunks
 pytestmark = pytest.mark.slow  # scripts/check --fast leaves it out
 
 ROOT = Path(__file__).resolve().parent.parent
-# Shipped scenarios, cheapest first; then swarm seeds, as CI runs them.
+# Shipped scenarios, cheapest first; then swarm seeds (more than CI's swarm test runs).
 SCENARIOS = ["basic", "disk_full", "crash_restart", "failed_write", "network_faults"]
 SWARM_SEEDS = range(1, 201)
 
