@@ -98,8 +98,8 @@ and :func:`check_versions` refuses any other version before a patch is applied.
 13. A request target is a path. Hypercorn passes any target on, and Quart indexes its first
    character: ``GET ?a`` was a ``500`` with a traceback, and ``PUT Xdefault/f`` stored
    ``default/f`` (the first character dropped). A target that is not a path (origin form),
-   an absolute URL or ``OPTIONS *`` is answered ``400 invalid_request`` before any app
-   sees it (RFC 9112 §3.2). No upstream issue; the line:
+   an absolute ``http(s)://`` URL or ``OPTIONS *`` is answered ``400 invalid_request``
+   before any app sees it (RFC 9112 §3.2). No upstream issue; the line:
    https://github.com/pallets/quart/blob/0.22.0/src/quart/asgi.py#L81
 
 12. One keep-alive timer per connection, not one per request. Hypercorn (re)starts its
