@@ -23,6 +23,10 @@ VARIANT:
   clusters share one port (``bench/put_shared_nothing.sh``: each process stores what it
   parses, nothing between them: how far spreading whole PUTs over the cores goes).
 
+- ``threadsql``: a stored PUT: discovery's calls queued to its log round, whose thread runs
+  them in one transaction before the log's sync (the SQL off the parent's loop, in batches;
+  placements still inline on the loop).
+
 Variants join with ``+`` (``shared+nosql``: each shared-nothing cluster without discovery's
 SQL). Then runs ``karma8`` with the remaining arguments. docs/benchmarks.md has the results.
 """
@@ -59,6 +63,7 @@ from karma8.core.model import (
 from karma8.core.placement import NodeLoad
 from karma8.metadata.store import SqlMetadataStore
 from karma8.net.metasync import GroupCommitRunner
+from karma8.store.groupsync import GroupSync
 
 T = TypeVar("T")
 
@@ -384,8 +389,59 @@ def shared_port() -> None:
     setattr(serve, "serve_gateway", sharing)  # noqa: B010  # run_cluster looks it up there
 
 
+def sql_in_rounds() -> None:
+    """Discovery's calls run in its log round's thread, as one transaction per round, then
+    the log's sync: the loop only queues them (placements still run inline, reading the
+    connection between the thread's statements)."""
+    queued: dict[int, list[list[Any]]] = {}
+    taking: dict[int, list[list[Any]]] = {}
+    original_init = GroupCommitRunner.__init__
+
+    def init(self: GroupCommitRunner, store: Any, **kwargs: Any) -> None:
+        original_init(self, store, **kwargs)
+        queued[id(self)] = []
+
+        def take() -> None:
+            taking[id(self)], queued[id(self)] = queued[id(self)], []
+
+        def round_() -> None:
+            db = store._db
+            calls = taking.pop(id(self), [])
+            if calls:
+                db.execute("BEGIN IMMEDIATE")
+                for call in calls:
+                    try:
+                        call[1] = call[0]()
+                    except Exception as exc:
+                        call[2] = exc
+                db.execute("COMMIT")
+            store.sync_wal()
+            if store.log_bytes() >= 4 << 20:
+                store.checkpoint()
+
+        self.group = GroupSync(round_, name="discovery log", prepare=take)
+
+    async def call(self: GroupCommitRunner, fn: Callable[[], T]) -> T:
+        await self._admit()
+        entry: list[Any] = [fn, None, None]
+        queued[id(self)].append(entry)
+        await self.group.sync()
+        if entry[2] is not None:
+            raise entry[2]
+        return entry[1]  # type: ignore[no-any-return]
+
+    async def read_ahead(self: GroupCommitRunner, fn: Callable[[], T]) -> T:
+        await self._admit()
+        return fn()
+
+    GroupCommitRunner.__init__ = init  # type: ignore[method-assign]
+    GroupCommitRunner.__call__ = call  # type: ignore[method-assign]
+    GroupCommitRunner.read_ahead = read_ahead  # type: ignore[method-assign]
+
+
 VARIANTS = {
     "nowait": no_waits,
+    "threadsql": sql_in_rounds,
     "nosql": no_sql,
     "apart": discovery_apart,
     "process": discovery_process,
