@@ -115,14 +115,18 @@ class Chunks:
     def __init__(self, fail_after: int | None) -> None:
         self.fail_after = fail_after
         self.open = 0
+        self.endings: list[str] = []  # each stream's: "closed", or "given up" (an exception)
 
     @asynccontextmanager
     async def stream(self) -> AsyncIterator[AsyncIterator[bytes]]:
         self.open += 1
+        ending = "given up"
         try:
             yield self._chunks()
+            ending = "closed"
         finally:
             self.open -= 1
+            self.endings.append(ending)
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         for sent in range(100 * QUEUE):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
@@ -572,5 +573,151 @@ def test_the_gateway_extends_the_reservation_as_the_body_arrives() -> None:
         await gw.put("default", "chunked", chunks(data, 70))  # no length: nothing reserved
         assert asked == [600, 900, 1000]
         assert all(n.reserved_bytes == 0 for n in cluster.store.list_nodes())
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+class OpeningTogether:
+    """The simulated storage port, whose part streams open only once every stream of the read
+    has begun opening (a read that opened them one after another would wait for ever); a
+    stream of a key ending in ``fail`` then refuses to open. Records how each stream ended:
+    read to its end, closed by its reader without the rest, or cancelled."""
+
+    def __init__(
+        self, storage: Any, expect: int, fail: str | None = None, stall: str | None = None
+    ) -> None:
+        self.storage = storage
+        self.expect = expect
+        self.fail = fail
+        self.stall = stall  # a key ending so never opens
+        self.begun = 0
+        self.all_begun = trio.Event()
+        self.ends: dict[str, str] = {}
+        self.put_part = storage.put_part
+        self.delete_part = storage.delete_part
+
+    @asynccontextmanager
+    async def read_part(
+        self, node: NodeRef, key: str, *, offset: int, length: int, checksum: str | None = None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        self.begun += 1
+        if self.begun == self.expect:
+            self.all_begun.set()
+        await self.all_begun.wait()
+        if self.fail is not None and key.endswith(self.fail):
+            raise Unavailable(f"{node.node_id} does not answer")
+        if self.stall is not None and key.endswith(self.stall):
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.ends[key] = "cancelled while opening"
+        try:
+            async with self.storage.read_part(
+                node, key, offset=offset, length=length, checksum=checksum
+            ) as stream:
+                yield stream
+        except trio.Cancelled:
+            self.ends[key] = "cancelled"
+            raise
+        except BaseException:
+            self.ends[key] = "closed by an error"
+            raise
+        self.ends[key] = "closed"
+
+
+def test_a_read_opens_its_part_streams_together_and_closes_them_with_it() -> None:
+    async def go(cluster: SimCluster) -> None:
+        data = payload(1000)
+        version = await cluster.gateway.put("default", "f", chunks(data), content_length=1000)
+        storage = OpeningTogether(cluster.gateway._storage, expect=5)
+        gw = Gateway(
+            discovery=cluster.gateway._discovery, storage=storage, config=cluster.gateway._config
+        )
+        with trio.fail_after(60):  # virtual time: streams opened in turn would never open
+            assert await read(gw, "f") == data
+        assert storage.begun == 5
+        assert set(storage.ends.values()) == {"closed"}
+        # A range within one part (a stripe unit is 4 bytes) opens that part alone.
+        storage.begun, storage.expect, storage.all_begun = 0, 1, trio.Event()
+        with trio.fail_after(60):
+            assert await read(gw, "f", 0, 4) == data[0:4]
+        assert storage.begun == 1
+        # A reader that stops with an error: the streams it held are cancelled, not read on.
+        storage.begun, storage.expect, storage.all_begun = 0, 5, trio.Event()
+        storage.ends.clear()
+
+        async def stop_reading() -> None:
+            async with gw.open_read(version) as stream:
+                async for _ in stream:
+                    raise ValueError("the reader stops")
+
+        with trio.fail_after(60), pytest.raises(ValueError, match="reader stops"):
+            await stop_reading()
+        assert set(storage.ends.values()) == {"cancelled"}
+        assert len(storage.ends) == 5
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_a_part_that_does_not_open_fails_the_read_and_cancels_the_others() -> None:
+    async def go(cluster: SimCluster) -> None:
+        version = await cluster.gateway.put(
+            "default", "f", chunks(payload(1000)), content_length=1000
+        )
+        storage = OpeningTogether(cluster.gateway._storage, expect=5, fail=".2")
+        gw = Gateway(
+            discovery=cluster.gateway._discovery, storage=storage, config=cluster.gateway._config
+        )
+        failed = version.parts[2].node.node_id
+        with pytest.raises(Unavailable, match=f"part 2 of default/f is on node {failed}"):
+            with trio.fail_after(60):
+                await read(gw, "f")
+        assert dict(gw.part_failures) == {(failed, "read"): 1}
+        assert len(storage.ends) == 4  # the four that opened, none read to its end
+        assert set(storage.ends.values()) == {"cancelled"}
+        # The first to fail answers at once: a part still opening is not waited for.
+        storage = OpeningTogether(cluster.gateway._storage, expect=5, fail=".2", stall=".4")
+        gw = Gateway(
+            discovery=cluster.gateway._discovery, storage=storage, config=cluster.gateway._config
+        )
+        with (
+            trio.fail_after(cluster.gateway._config.read_deadline),
+            pytest.raises(Unavailable, match="part 2 of default/f"),
+        ):
+            await read(gw, "f")
+        assert storage.ends[f"{version.version_id}.4"] == "cancelled while opening"
+
+    run_with_cluster(go, scenario=SCENARIO)
+
+
+def test_a_read_cancelled_from_outside_raises_what_it_raised_not_a_group() -> None:
+    async def go(cluster: SimCluster) -> None:
+        version = await cluster.gateway.put(
+            "default", "f", chunks(payload(1000)), content_length=1000
+        )
+        gw = cluster.gateway
+
+        async def cancelled_while_reading(then: BaseException | None) -> None:
+            with trio.CancelScope() as scope:
+                async with gw.open_read(version) as stream:
+                    await anext(stream)
+                    scope.cancel()
+                    if then is not None:
+                        raise then
+                    await trio.sleep(1)
+
+        with trio.CancelScope() as outer:
+            try:
+                await cancelled_while_reading(None)
+            except BaseExceptionGroup:
+                pytest.fail("a cancelled read raised a group")
+        assert not outer.cancelled_caught
+        cause = KeyError("why")
+        error = IntegrityError("damaged")
+        error.__cause__ = cause
+        with pytest.raises(IntegrityError) as raised:
+            await cancelled_while_reading(error)
+        assert raised.value is error
+        assert raised.value.__cause__ is cause
 
     run_with_cluster(go, scenario=SCENARIO)

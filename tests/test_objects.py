@@ -84,6 +84,23 @@ async def test_a_read_that_fails_before_its_first_byte_is_an_error_status(
     assert stats == {"gets": 0, "puts": 0, "read_errors": 0}
 
 
+@pytest.mark.parametrize("fail_after", [None, 2])
+async def test_a_read_whose_answer_cannot_complete_gives_up_its_streams(
+    autojump_clock: trio.testing.MockClock, fail_after: int | None
+) -> None:
+    """A client that goes away, or a part that fails mid-body: the read is left by an
+    exception, so that its part streams are given up, not read to their end (over HTTP a
+    stream closed normally drains the rest of its part)."""
+    gateway = StubGateway(fail_after=fail_after)
+    routes = ObjectRoutes(gateway, new_stats(), cast(Any, None))
+    get = FakeServer(leave_after=3 if fail_after is None else None)
+    with trio.fail_after(HANG):
+        await get.request()
+        await routes(http_scope("GET", "/default/f", []), *get.calls)
+    assert get.status == 200
+    assert gateway.chunks.endings == ["given up"]
+
+
 async def test_ended_uploads_are_counted_failed_or_not(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

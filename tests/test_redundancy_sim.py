@@ -16,7 +16,7 @@ from karma8.actors.gateway import Gateway
 from karma8.core.erasure import encode_parity
 from karma8.core.errors import InvalidRequest, NotEnoughNodes, Unavailable
 from karma8.core.layout import split
-from karma8.core.model import MISSING_ON_ITS_NODE, FileVersion, VersionState
+from karma8.core.model import MISSING_ON_ITS_NODE, FileVersion, NodeRef, VersionState
 from karma8.sim.cluster import SimCluster
 from karma8.sim.network import LinkFault
 from karma8.sim.runner import run_with_cluster
@@ -369,3 +369,57 @@ def test_a_degraded_parity_read_takes_in_about_the_file_not_more(parity: int) ->
 
     big_units = attrs.evolve(SCENARIO, cluster=attrs.evolve(SCENARIO.cluster, stripe_unit=16384))
     run_with_cluster(go, scenario=big_units)
+
+
+class RecordingEnds:
+    """The simulated storage port, recording how each part stream a read opened ended:
+    closed (after its reader was done) or given up (an exception thrown into it)."""
+
+    def __init__(self, storage: Any) -> None:
+        self.storage = storage
+        self.ends: list[str] = []
+        self.put_part = storage.put_part
+        self.delete_part = storage.delete_part
+
+    @asynccontextmanager
+    async def read_part(
+        self, node: NodeRef, key: str, *, offset: int, length: int, checksum: str | None = None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        ending = "given up"
+        try:
+            async with self.storage.read_part(
+                node, key, offset=offset, length=length, checksum=checksum
+            ) as stream:
+                yield stream
+                ending = "closed"
+        finally:
+            self.ends.append(ending)
+
+
+@pytest.mark.parametrize(("engine", "settings"), ENGINES)
+def test_a_redundant_read_left_by_an_error_gives_its_streams_up(
+    engine: str, settings: dict[str, int]
+) -> None:
+    async def go(cluster: SimCluster) -> None:
+        namespace = await make(cluster, engine, settings)
+        data = payload(1003)
+        gw0 = cluster.gateway
+        version = await gw0.put(namespace, "f", BytesChunks(data, 7), content_length=len(data))
+        storage = RecordingEnds(gw0._storage)
+        gw = Gateway(discovery=gw0._discovery, storage=storage, config=gw0._config)
+        assert await read(gw, namespace, "f") == data
+        assert storage.ends
+        assert set(storage.ends) == {"closed"}
+        storage.ends.clear()
+
+        async def stop_reading() -> None:
+            async with gw.open_read(version) as stream:
+                await anext(stream)
+                raise ValueError("the reader stops")
+
+        with pytest.raises(ValueError, match="the reader stops"):
+            await stop_reading()
+        assert storage.ends
+        assert set(storage.ends) == {"given up"}
+
+    run_with_cluster(go, scenario=SCENARIO)

@@ -107,6 +107,11 @@ def test_crash_restart_with_commits_caught_unsynced(monkeypatch: pytest.MonkeyPa
     scenario = attrs.evolve(
         load_scenario(SCENARIOS / "crash_restart.toml"), disk=DiskSpec(fsync_latency=0.05)
     )
-    result = run_scenario(scenario, 0)
-    assert result.ok, result.violations
-    assert sum(lost) > 0
+    # Whether the crash finds commits waiting depends on the seed's schedule: seeds in turn
+    # until one does (most do), every run's invariants holding.
+    for seed in range(8):
+        result = run_scenario(scenario, seed)
+        assert result.ok, (seed, result.violations)
+        if sum(lost) > 0:
+            return
+    pytest.fail(f"no seed's crash found commits waiting for their sync: {lost}")

@@ -40,7 +40,8 @@ PUT
 
 GET
     ``resolve`` at discovery, then :meth:`Gateway.open_read` opens the part streams the range
-    touches and interleaves them in file order, segment by segment, without collecting parts.
+    touches, at once, and interleaves them in file order, segment by segment, without
+    collecting parts.
     The gateway checks every part's length; the part streams check its bytes (the node's
     block CRCs, and over HTTP the transport's sha256) before handing them out, so a corrupt
     or truncated part fails the response rather than completing it.
@@ -61,6 +62,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from functools import partial
 
 import attrs
 import trio
@@ -71,6 +73,7 @@ from karma8.actors.reads import (
     Sources,
     Stitcher,
     file_of,
+    open_together,
     read_failure,
     whole_at_once,
 )
@@ -318,30 +321,45 @@ class Gateway:
                     self._storage, version, self._config.read_deadline, self.part_failures
                 )
                 stack.push_async_callback(self._report_lost, sources)  # (runs after aclose)
-                stack.push_async_callback(sources.aclose)
+                stack.push_async_exit(sources.finish)
                 live = [(part, span) for part, span in enumerate(spans) if span is not None]
                 sources.ends = {part: offset + length for part, (offset, length) in live}
                 for part, (offset, length) in live:
                     cursors[part] = await RedundantCursor.open(sources, part, offset, length)
                 yield Stitcher(version.layout, size, start, stop, cursors)
                 return
-            for placement, span in zip(version.parts, spans, strict=True):
-                if span is None:
-                    continue
-                offset, length = span
-                try:
-                    stream = await stack.enter_async_context(
-                        self._storage.read_part(
-                            placement.node,
-                            placement.key,
-                            offset=offset,
-                            length=length,
-                            checksum=placement.checksum if whole else None,
-                        )
+            touched = [
+                (placement, span)
+                for placement, span in zip(version.parts, spans, strict=True)
+                if span is not None
+            ]
+            streams = await open_together(
+                stack,
+                [
+                    partial(
+                        self._storage.read_part,
+                        placement.node,
+                        placement.key,
+                        offset=offset,
+                        length=length,
+                        checksum=placement.checksum if whole else None,
                     )
-                except Karma8Error as exc:
-                    self.part_failures[placement.node.node_id, "read"] += 1
-                    raise read_failure(placement, exc, file_of(version)) from None
+                    for placement, (offset, length) in touched
+                ],
+            )
+            failed = [
+                (placement, stream)
+                for (placement, _), stream in zip(touched, streams, strict=True)
+                if isinstance(stream, Karma8Error)
+            ]
+            for placement, _ in failed:
+                self.part_failures[placement.node.node_id, "read"] += 1
+            if failed:
+                placement, error = failed[0]
+                raise read_failure(placement, error, file_of(version))
+            for (placement, (_, length)), stream in zip(touched, streams, strict=True):
+                assert stream is not None
+                assert not isinstance(stream, Karma8Error)
                 cursors[placement.index] = PartCursor(placement, stream, length, file_of(version))
             yield Stitcher(version.layout, size, start, stop, cursors)
 

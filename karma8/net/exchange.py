@@ -300,9 +300,9 @@ class Exchange:
         length = (b"content-length", str(len(body)).encode())
         await self.answer(status, [JSON_TYPE, length, *(headers or [])], body)
 
-    async def stream(self, chunks: AsyncIterable[bytes]) -> None:
-        """After :meth:`start`, send ``chunks`` as the body, until they end or the client
-        goes away (then it returns early, and the chunks are not read further).
+    async def stream(self, chunks: AsyncIterable[bytes]) -> bool:
+        """After :meth:`start`, send ``chunks`` as the body, until they end (True) or the
+        client goes away (False: it returns early, and the chunks are not read further).
 
         Raises:
             Karma8Error: reading a chunk failed. The body's last message was not sent, so
@@ -327,6 +327,7 @@ class Exchange:
             await self.write(b"", more=False)
         if failure is not None:
             raise failure
+        return ended
 
     async def _drain(self) -> None:
         while not self._body_done:

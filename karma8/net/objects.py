@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterable
+from contextlib import suppress
 
 from karma8.actors.gateway import Gateway
 from karma8.core.access import Right, bearer_token
@@ -64,6 +65,12 @@ Target = tuple[str, str]  # (namespace, name)
 def new_stats() -> dict[str, int]:
     """The counts :class:`ObjectRoutes` keeps."""
     return {"gets": 0, "puts": 0, "read_errors": 0}
+
+
+class _Abandoned(Exception):
+    """Leaves a read whose answer will not be completed: raised through the read, so that
+    its part streams are given up, not read to their end (an HTTP part stream closed
+    normally drains the rest of its part, to keep its connection)."""
 
 
 class ObjectRoutes(ExchangeRoutes[Target]):
@@ -202,20 +209,23 @@ class ObjectRoutes(ExchangeRoutes[Target]):
         # The part streams are opened, and the first chunk read, before the status line goes
         # out, so that a node that is down, a missing part, or a parity file missing more
         # parts than it survives is a 502/503 with a JSON body, not a 200 cut short.
-        async with self._gateway.open_read(version, start=start, stop=stop) as chunks:
-            first = await anext(chunks, b"")
-            self._stats["gets"] += 1
-            await exchange.start(status, headers)
-            try:
-                await exchange.stream(FirstThen(first, chunks))
-            except Karma8Error as exc:
-                self._stats["read_errors"] += 1
-                log.error(
-                    "GET %s/%s failed mid-stream [request %s]: %s",
-                    *target,
-                    exchange.request_id,
-                    exc.message,
-                )
+        with suppress(_Abandoned):
+            async with self._gateway.open_read(version, start=start, stop=stop) as chunks:
+                first = await anext(chunks, b"")
+                self._stats["gets"] += 1
+                await exchange.start(status, headers)
+                try:
+                    if not await exchange.stream(FirstThen(first, chunks)):
+                        raise _Abandoned("the client went away")
+                except Karma8Error as exc:
+                    self._stats["read_errors"] += 1
+                    log.error(
+                        "GET %s/%s failed mid-stream [request %s]: %s",
+                        *target,
+                        exchange.request_id,
+                        exc.message,
+                    )
+                    raise _Abandoned(exc.message) from None
 
     async def _delete(self, exchange: Exchange, target: Target) -> None:
         await self._authorize(exchange, target[0], Right.WRITE)
