@@ -143,10 +143,15 @@ async def test_an_absolute_form_target_is_served_as_its_path(net: NetDriver) -> 
     put += b"abc"
     answer, _ = await one_request(net, put)
     assert answer.status == 201, answer.body
-    get = b"GET http://gw.example/default/abs?x=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+    get = b"GET http://gw.example/default/abs HTTP/1.1\r\nHost: x\r\n\r\n"
     answer, _ = await one_request(net, get)
     assert (answer.status, answer.body) == (200, b"abc")
     assert await net.get("abs") == b"abc"
+    # Its query is the query, as in origin form: a file's routes take none.
+    get = b"GET http://gw.example/default/abs?x=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer, _ = await one_request(net, get)
+    assert answer.status == 400
+    assert answer.error()["code"] == "invalid_request"
 
 
 @pytest.mark.parametrize(

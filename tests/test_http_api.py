@@ -59,6 +59,7 @@ async def test_put_get_head_with_etag_and_conditional_get(
         ("bytes=-3", 206, b"789"),
         ("bytes=8-100", 206, b"89"),
         ("bytes=0-1,4-5", 200, b"0123456789"),  # multiple ranges: the whole file
+        ("BYTES=2-3", 206, b"23"),  # the unit's name is case-insensitive (RFC 9110 §14.1)
     ],
 )
 async def test_range_requests(
@@ -180,6 +181,39 @@ async def test_listing_paginates(net: NetDriver, client: httpx.AsyncClient) -> N
     assert typo.json()["error"]["message"] == (
         "unknown query parameter 'prefx' (known: after, limit, prefix)"
     )
+    # Percent-encoding as strict as a path's, and no parameter twice (which would count?).
+    for query, message in (
+        ("prefix=bad%zz", "a '%' that is not followed by two hex digits"),
+        ("after=%", "a '%' that is not followed by two hex digits"),
+        ("limit=1&limit=2", "query parameter 'limit' is given more than once"),
+        ("prefix=x&prefix=a/", "query parameter 'prefix' is given more than once"),
+    ):
+        refused = await client.get(url(net, f"/default/?{query}"))
+        assert refused.status_code == 400, query
+        assert message in refused.json()["error"]["message"], query
+
+
+async def test_a_file_route_takes_no_query(net: NetDriver, client: httpx.AsyncClient) -> None:
+    """A query on a file's path is refused, not dropped: ``DELETE /default/f?dryrun=1``
+    deleted f, and ``PUT /default/a?b`` stored "a"."""
+    await client.put(url(net, "/default/q"), content=b"kept")
+    for method in ("PUT", "GET", "HEAD", "DELETE"):
+        answer = await client.request(method, url(net, "/default/q?dryrun=1"), content=b"x")
+        assert answer.status_code == 400, method
+        if method != "HEAD":
+            assert answer.json()["error"] == {
+                "code": "invalid_request",
+                "message": "unknown query parameter 'dryrun' (it takes none; a '?' in a name"
+                " is sent as %3F)",
+                "request_id": answer.headers["x-request-id"],
+            }
+    assert (await client.get(url(net, "/default/q"))).content == b"kept"
+    assert (await client.get(url(net, "/default/a"))).status_code == 404
+    assert (await client.put(url(net, "/default/a?b"), content=b"x")).status_code == 400
+    assert (await client.get(url(net, "/default/a"))).status_code == 404
+    stored = await client.put(url(net, "/default/a%3Fb"), content=b"x")
+    assert stored.status_code == 201
+    assert stored.json()["name"] == "a?b"
 
 
 async def test_internal_apis_need_the_cluster_secret(net: NetDriver) -> None:

@@ -11,7 +11,8 @@ import re
 
 from karma8.core.errors import RangeNotSatisfiable
 
-_SINGLE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*")
+# The unit's name is case-insensitive (RFC 9110 §14.1); the positions are ASCII digits.
+_SINGLE = re.compile(r"\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*", re.IGNORECASE)
 
 
 def resolve_range(header: str | None, size: int) -> tuple[int, int] | None:

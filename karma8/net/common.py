@@ -7,7 +7,6 @@ import binascii
 import hmac
 import logging
 import time
-import urllib.parse
 from typing import Any
 
 from quart import Response, g, jsonify, request
@@ -16,7 +15,13 @@ from quart_trio import QuartTrio
 from karma8.core.errors import InvalidRequest, Karma8Error
 from karma8.net import requestlog
 from karma8.net.codec import error_body, error_headers, error_status
-from karma8.net.exchange import METHOD_NOT_ALLOWED, SECRET_HEADER, check_secret, int_value
+from karma8.net.exchange import (
+    METHOD_NOT_ALLOWED,
+    SECRET_HEADER,
+    check_secret,
+    int_value,
+    query_args,
+)
 from karma8.net.metrics import CONTENT_TYPE, METRICS
 from karma8.net.requestlog import REQUEST_ID_HEADER, accept_request_id, log_access
 
@@ -166,29 +171,19 @@ async def json_body() -> dict[str, Any]:
     return data
 
 
-def text_args() -> dict[str, str]:
-    """The current request's query parameters as text (the first value of each). The query
-    string must be UTF-8 once percent-decoded, as a path must: Werkzeug would put U+FFFD
-    where it is not, and ``?prefix=%ff`` would list nothing where it should say why."""
-    try:
-        pairs = urllib.parse.parse_qsl(
-            request.query_string.decode("latin-1"), keep_blank_values=True, errors="strict"
-        )
-    except UnicodeDecodeError:
-        raise InvalidRequest("the query string is not UTF-8 text once percent-decoded") from None
-    args: dict[str, str] = {}
-    for name, value in pairs:
-        args.setdefault(name, value)
-    return args
+def text_args(known: set[str]) -> dict[str, str]:
+    """The current request's query parameters, as :func:`~karma8.net.exchange.query_args`
+    reads them: percent-encoded as strictly as a path (Werkzeug would put U+FFFD where the
+    bytes are not UTF-8, and take ``%zz`` as it is), each at most once, only ``known``
+    ones (a typo such as ``prefx=`` must not list a whole namespace)."""
+    return query_args(request.query_string, known)
 
 
 def only_args(known: set[str]) -> None:
     """Refuse a query parameter the route does not know: a typo (``dryrun=1``, ``prefx=``)
-    must not start a rebalancing meant as a dry run, or list a whole namespace."""
-    for name in request.args:
-        if name not in known:
-            what = f"known: {', '.join(sorted(known))}" if known else "it takes none"
-            raise InvalidRequest(f"unknown query parameter {name!r} ({what})")
+    must not start a rebalancing meant as a dry run, or list a whole namespace. The query is
+    read as strictly as :func:`text_args` reads it."""
+    query_args(request.query_string, known)
 
 
 def int_arg(name: str, default: int | None = None) -> int:

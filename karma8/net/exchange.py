@@ -31,7 +31,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Generic, TypeVar, cast
 from urllib.parse import parse_qsl, unquote
@@ -125,6 +125,36 @@ def int_value(name: str, raw: str | None, default: int | None = None) -> int:
     if value < 0:
         raise InvalidRequest(f"query parameter {name!r} must not be negative")
     return value
+
+
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
+def query_args(
+    query: bytes, known: Collection[str] | None = None, *, hint: str = ""
+) -> dict[str, str]:
+    """A query string's parameters, read as strictly as a path: every ``%`` starts two hex
+    digits, the decoded bytes are UTF-8, and no name is given twice (which one would count
+    is a guess); with ``known``, no other name (``hint`` ends that error's message). ``+``
+    is a space, as in an HTML form. Raises InvalidRequest saying which rule the query
+    broke."""
+    if not query:
+        return {}
+    if _BAD_ESCAPE.search(query):
+        raise InvalidRequest("the query string has a '%' that is not followed by two hex digits")
+    try:
+        pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidRequest("the query string is not UTF-8 text once percent-decoded") from None
+    args: dict[str, str] = {}
+    for name, value in pairs:
+        if known is not None and name not in known:
+            what = f"known: {', '.join(sorted(known))}" if known else "it takes none"
+            raise InvalidRequest(f"unknown query parameter {name!r} ({what}{hint})")
+        if name in args:
+            raise InvalidRequest(f"query parameter {name!r} is given more than once")
+        args[name] = value
+    return args
 
 
 def origin_form(raw_path: bytes) -> bytes:
@@ -237,6 +267,12 @@ class Exchange:
         if not raw.isdigit():
             raise InvalidRequest("Content-Length must be a non-negative integer")
         return int(raw)
+
+    @property
+    def query_string(self) -> bytes:
+        """The request target's query, as sent (without the ``?``)."""
+        query: bytes = self._scope.get("query_string", b"")
+        return query
 
     def int_arg(self, name: str, default: int | None = None) -> int:
         """Query parameter ``name`` as a non-negative integer (``default`` if absent)."""
@@ -377,6 +413,10 @@ class ExchangeRoutes(abc.ABC, Generic[T]):
     # The metrics' labels: the serving role, and the route's pattern.
     role: str = ""
     route: str = ""
+    # The query parameters the routes take, checked before any handler (query_args); None:
+    # the handlers read what they need. args_hint ends the message of an unknown one.
+    known_args: frozenset[str] | None = None
+    args_hint: str = ""
 
     @abc.abstractmethod
     def match(self, path: str) -> T | None:
@@ -433,6 +473,8 @@ class ExchangeRoutes(abc.ABC, Generic[T]):
                 )
             if bad_path is not None:
                 raise bad_path
+            if self.known_args is not None:
+                query_args(exchange.query_string, self.known_args, hint=self.args_hint)
             if self._secret is not None:
                 check_secret(exchange.headers.get(SECRET_HEADER.lower()), self._secret)
             # Checks that need only the headers (the cluster secret above; a namespace's

@@ -23,7 +23,8 @@ from karma8.actors.gateway import Gateway
 from karma8.core.access import Right, bearer_token
 from karma8.net.bounds import UploadGate
 from karma8.net.codec import encode
-from karma8.net.common import create_app, int_arg, only_args, text_args
+from karma8.net.common import create_app, text_args
+from karma8.net.exchange import int_value
 from karma8.net.objects import ObjectRoutes, new_stats
 from karma8.net.writepipe import ParentWrites
 
@@ -46,9 +47,8 @@ def gateway_app(
     async def listing(namespace: str) -> Response:
         token = bearer_token(request.headers.get("authorization"))
         await gateway.authorize(namespace, token, Right.READ)
-        args = text_args()
-        only_args({"prefix", "after", "limit"})
-        limit = int_arg("limit", 1000)
+        args = text_args({"prefix", "after", "limit"})
+        limit = int_value("limit", args.get("limit"), 1000)
         entries = await gateway.list(
             namespace,
             prefix=args.get("prefix", ""),

@@ -94,6 +94,10 @@ class ObjectRoutes(ExchangeRoutes[Target]):
 
     role = "gateway"
     route = "/{namespace}/{name}"
+    # None: a typo such as ?dryrun=1 must not pass unseen, nor a name's unescaped '?' (the
+    # rest of the name taken for a query: PUT a?b would store "a").
+    known_args = frozenset[str]()
+    args_hint = "; a '?' in a name is sent as %3F"
 
     def match(self, path: str) -> Target | None:
         return object_path(path)
