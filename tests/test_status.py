@@ -83,7 +83,7 @@ async def test_karma8_status_prints_the_cluster(net: NetDriver, tmp_path: Path) 
     )
     text = screen.stdout.decode()
     assert "6 nodes (6 available)" in text
-    assert "1 files, 1 B; 0 uploads in flight" in text
+    assert "1 files, 1 B; 0 uploads pending" in text
     assert text.count("available ") >= 6
     # Into a pipe: whole lines, not wrapped at the terminal's width and padded.
     assert "B to move\n" in text

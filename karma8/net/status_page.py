@@ -53,7 +53,7 @@ def _summary(status: ClusterStatus) -> str:
         f"<span id=used>{format_size(status.used_bytes)} of"
         f" {format_size(status.capacity_bytes)} used</span>",
         f"<span id=files>{t.files} files, {format_size(t.bytes)}</span>",
-        f"<span id=uploads>{t.pending_uploads} uploads in flight</span>",
+        f"<span id=uploads>{t.pending_uploads} uploads pending</span>",
         f"<span id=rebalance>rebalancing: {escape(r.state)},"
         f" spread {r.status.spread_pp:.2f} pp</span>",
         f"<span id=repair>{escape(repair_line(status.repair))}</span>",

@@ -62,7 +62,7 @@ def render(status: ClusterStatus) -> Any:
         ("karma8", "bold"),
         f"  {status.nodes_summary()},"
         f" {format_size(status.used_bytes)} of {format_size(status.capacity_bytes)} used\n",
-        f"{t.files} files, {format_size(t.bytes)}; {t.pending_uploads} uploads in flight;"
+        f"{t.files} files, {format_size(t.bytes)}; {t.pending_uploads} uploads pending;"
         f" {t.degraded_files} below full redundancy",
     )
     repair = repair_line(status.repair)
