@@ -411,6 +411,10 @@ async def test_connections_beyond_the_cap_get_503_and_are_closed() -> None:
         assert b"retry-after: 1" in head
         assert b"connection: close" in head
         assert b"max_connections" in body
+        # Written as every other answer is: compact JSON, no reason phrase (h11 writes none).
+        assert head.startswith(b"HTTP/1.1 503 \r\n")
+        assert body.startswith(b'{"error":{"code":"unavailable","message":')
+        assert body.endswith(b"}}\n")
         # One held connection closes: the next one is served again.
         await held.pop().aclose()
         await trio.testing.wait_all_tasks_blocked()

@@ -489,18 +489,23 @@ class ConnectionCap:
     def refusal(self) -> bytes:
         """The whole answer to a connection beyond the cap."""
         request_id = secrets.token_hex(8)
-        body = json.dumps(
-            {
-                "error": {
-                    "code": "unavailable",
-                    "message": f"the server has {self.limit} connections open (max_connections);"
-                    " retry later",
-                    "request_id": request_id,
-                }
-            }
-        ).encode()
+        body = (
+            json.dumps(
+                {
+                    "error": {
+                        "code": "unavailable",
+                        "message": f"the server has {self.limit} connections open"
+                        " (max_connections); retry later",
+                        "request_id": request_id,
+                    }
+                },
+                separators=(",", ":"),  # as every other answer is written (Exchange.answer_json)
+                sort_keys=True,
+            ).encode()
+            + b"\n"
+        )
         head = (
-            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            "HTTP/1.1 503 \r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nretry-after: 1\r\nx-request-id: {request_id}\r\n"
             "connection: close\r\n\r\n"
         )
