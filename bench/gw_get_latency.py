@@ -7,13 +7,17 @@ is a round trip away.
 
 PUTs ``--files`` files of 4 KiB and of 1 MiB to a public namespace, then GETs each of them
 ``--repeats`` times in turn with one keep-alive client; prints the median and p90 per size.
-Puts this checkout's ``tests/`` on the path for its process helpers.
+Then GETs a 60 MiB file, reads 1 MiB of it and hangs up, and prints how many bytes the
+nodes sent for that GET in the next 5 s (their access logs): what a read given up costs
+them. Puts this checkout's ``tests/`` on the path for its process helpers.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -46,7 +50,7 @@ def main() -> None:
             )
         )
         url = discovery.match.group(1)
-        start_nodes(stack, root, url, SECRET, count=6)
+        start_nodes(stack, root, url, [*SECRET, "--verbose"], count=6)
         gateway = stack.enter_context(
             service(
                 [
@@ -103,6 +107,32 @@ def main() -> None:
                     f"{label}: GET median {statistics.median(times) * 1000:.2f} ms,"
                     f" p90 {times[int(len(times) * 0.9)] * 1000:.2f} ms (n={len(times)})"
                 )
+            assert client.put(f"{gw}/bench/big", content=os.urandom(60 << 20)).status_code == 201
+        print(f"a 60 MiB GET given up after 1 MiB: the nodes sent {abandoned(root, gw)} MiB")
+
+
+def abandoned(root: Path, gw: str) -> float:
+    """MiB the nodes sent for a GET of bench/big whose client hung up after 1 MiB."""
+    sent_before = part_bytes_sent(root)
+    host, port = gw.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"GET /bench/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = 0
+        while got < 1 << 20:
+            got += len(sock.recv(1 << 16))
+    time.sleep(5)
+    return round((part_bytes_sent(root) - sent_before) / (1 << 20), 1)
+
+
+def part_bytes_sent(root: Path) -> int:
+    """Bytes of part GETs the nodes logged as sent so far."""
+    total = 0
+    for log in root.glob("node-*.log"):
+        for line in log.read_text().splitlines():
+            found = re.search(r"GET /v1/parts/\S+ \d+ (\d+) ", line)
+            if found:
+                total += int(found.group(1))
+    return total
 
 
 if __name__ == "__main__":
