@@ -154,6 +154,14 @@ async def test_an_absolute_form_target_is_served_as_its_path(net: NetDriver) -> 
     assert answer.error()["code"] == "invalid_request"
 
 
+async def test_options_star_names_what_the_server_allows(net: NetDriver) -> None:
+    # It asks about the server as a whole (RFC 9110 §9.3.7); it was a 308 to "/*/".
+    answer, _ = await one_request(net, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.status == 204
+    assert answer.headers["allow"] == "DELETE, GET, HEAD, OPTIONS, PUT"
+    assert "location" not in answer.headers
+
+
 @pytest.mark.parametrize(
     ("path", "length", "status"),
     [

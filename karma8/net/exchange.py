@@ -429,6 +429,12 @@ class ExchangeRoutes(abc.ABC, Generic[T]):
             await self._app(scope, receive, send)
             return
         raw_path = scope.get("raw_path") or scope["path"].encode()
+        if raw_path == b"*" and scope["method"] == "OPTIONS":
+            # The server as a whole (RFC 9110 §9.3.7): what its routes allow, no body.
+            exchange = Exchange(scope, receive, send)
+            await exchange.answer(204, [self._allow])
+            log_access("OPTIONS", "*", exchange.status, 0, time.perf_counter(), exchange.request_id)
+            return
         origin = origin_form(raw_path)
         if origin is not raw_path:  # absolute-form: every route sees the path alone
             scope = cast(
