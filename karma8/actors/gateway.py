@@ -73,10 +73,10 @@ from karma8.actors.reads import (
     Sources,
     Stitcher,
     file_of,
-    open_together,
     read_failure,
     whole_at_once,
 )
+from karma8.actors.streams import open_together
 from karma8.actors.uploader import Uploader
 from karma8.actors.writes import placed_on, too_long
 from karma8.core.access import AccessCache, Right, cache_key
