@@ -65,6 +65,7 @@ def metrics(gateway: str) -> dict[str, int]:
             for key, metric in [
                 ("handed_off", "karma8_gateway_handed_off_total"),
                 ("sent", "karma8_gateway_sent_to_parent_total"),
+                ("written", "karma8_gateway_written_here_total"),
             ]
         },
     }
@@ -116,7 +117,8 @@ def test_two_gateway_workers_share_the_port_and_stop_with_the_cluster(
         assert cluster.proc.pid not in pids  # it holds the port for its two workers
         bodies: dict[str, bytes] = {}
         # Each on a new connection: small ones stay with the worker that got them, which
-        # sends them to the cluster's process; a large one is handed over with its connection.
+        # writes their parts to volumes the nodes lent it and has the cluster's process
+        # commit them; a large one is handed over with its connection.
         for i in range(12):
             with httpx.Client() as client:
                 name = f"f{i}"
@@ -129,7 +131,8 @@ def test_two_gateway_workers_share_the_port_and_stop_with_the_cluster(
                 assert got.status_code == 200
                 assert got.content == body
         counters = counters_by_worker(gateway, 2)
-        assert sum(c["sent"] for c in counters.values()) == 9  # the small ones
+        assert sum(c["written"] for c in counters.values()) == 9  # the small ones
+        assert sum(c["sent"] for c in counters.values()) == 0
         assert sum(c["puts"] for c in counters.values()) == 9  # the large ones: the parent's
         assert sum(c["handed_off"] for c in counters.values()) == 3
         assert sum(c["gets"] for c in counters.values()) == len(bodies)

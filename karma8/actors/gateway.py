@@ -60,7 +60,7 @@ Redundant engines (raid1, parity; see docs/architecture.md, "Engines")
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from functools import partial
 
@@ -78,13 +78,20 @@ from karma8.actors.reads import (
 )
 from karma8.actors.streams import open_together
 from karma8.actors.uploader import Uploader
-from karma8.actors.writes import placed_on, too_long
+from karma8.actors.writes import placed_on, receipt_of, too_long
 from karma8.core.access import AccessCache, Right, cache_key
 from karma8.core.errors import InvalidRequest, Karma8Error, TooLarge, Unavailable
 from karma8.core.layout import DEFAULT_MAX_FILE_SIZE
-from karma8.core.model import FileEntry, FileVersion, VersionState
+from karma8.core.model import (
+    FileEntry,
+    FileVersion,
+    NodeRef,
+    PartPlacement,
+    PartReceipt,
+    VersionState,
+)
 from karma8.core.names import check_name, check_namespace
-from karma8.ports import DiscoveryAPI, StorageAPI, WholeParts
+from karma8.ports import Appended, DiscoveryAPI, LendingStorage, Loan, StorageAPI, WholeParts
 
 
 @attrs.frozen(kw_only=True)
@@ -137,6 +144,7 @@ class Gateway:
         self._config = config
         self._access = AccessCache(config.access_cache_ttl)
         self._whole_parts = storage if isinstance(storage, WholeParts) else None
+        self._lending = storage if isinstance(storage, LendingStorage) else None
         # Part reads and writes that failed because of their node, by (node id, "read" or
         # "write"): plain counts for the operator's metrics (the net layer reads them).
         self.part_failures: Counter[tuple[str, str]] = Counter()
@@ -218,6 +226,97 @@ class Gateway:
         except BaseException:
             await uploader.clean_up(placed_on(version, placed), commit_attempted=False)
             raise
+        return await self._commit(version, placed, size, receipts, if_absent=if_absent)
+
+    async def place_held(
+        self, namespace: str, name: str, size: int, *, if_absent: bool = False
+    ) -> FileVersion:
+        """Where a small body of ``size`` bytes, held whole elsewhere, is to be written: a
+        pending version placed as :meth:`put` places one (a lease at discovery), for
+        :meth:`put_written` to finish or :meth:`abandon` to give up.
+
+        Raises:
+            InvalidName, NotFound (namespace), PreconditionFailed (``if_absent``),
+            InvalidRequest (not a size :meth:`put` holds whole), NotEnoughNodes.
+        """
+        check_namespace(namespace)
+        check_name(name)
+        if not self.holds_whole(size):
+            raise InvalidRequest(f"{size} bytes is not a small upload here")
+        return await self._discovery.place_upload(
+            namespace=namespace, name=name, size=size, if_absent=if_absent
+        )
+
+    async def abandon(self, version: FileVersion) -> None:
+        """Give up a version :meth:`place_held` placed: its parts deleted where adopted, the
+        version aborted (best effort, as a failed :meth:`put` cleans up)."""
+        await self._uploader.clean_up(version, commit_attempted=False)
+
+    async def lend_volume(self, node: NodeRef, borrower: str) -> Loan:
+        """A volume of ``node`` lent to ``borrower`` (:class:`karma8.ports.LendingStorage`);
+        Unavailable if this gateway's storage does not lend."""
+        if self._lending is None:
+            raise Unavailable("this gateway's nodes do not lend volumes")
+        return await self._lending.lend_volume(node, borrower)
+
+    async def give_back_volume(self, node: NodeRef, borrower: str, volume: int, end: int) -> None:
+        if self._lending is None:
+            raise Unavailable("this gateway's nodes do not lend volumes")
+        await self._lending.give_back_volume(node, borrower, volume, end)
+
+    async def put_written(
+        self,
+        version: FileVersion,
+        written: Sequence[Appended],
+        *,
+        borrower: str,
+        size: int,
+        if_absent: bool = False,
+    ) -> FileVersion:
+        """Finish a small upload that ``place_upload`` placed as ``version`` and whose parts
+        ``borrower``, a process on this host, appended itself to volumes the nodes lent it
+        (:class:`karma8.ports.LendingStorage`; ``written`` in the order of the version's
+        parts): each node adopts its part, then discovery commits, as :meth:`put` ends. All
+        or nothing as :meth:`put`.
+
+        Raises:
+            Unavailable: This gateway's storage does not lend volumes.
+            InvalidRequest: ``written`` does not match the placement.
+            what adopting a part raises (IntegrityError, DiskFull, ...) or committing does.
+        """
+        placed = list(version.parts)
+        sizes = version.layout.slot_sizes(size)
+        uploader = self._uploader
+        try:
+            if self._lending is None:
+                raise Unavailable("this gateway's nodes do not lend volumes")
+            if [w.key for w in written] != [p.key for p in placed]:
+                raise InvalidRequest("the parts written are not the parts placed")
+            results = await self._lending.adopt_parts(
+                borrower, [(p.node, w) for p, w in zip(placed, written, strict=True)]
+            )
+            receipts = []
+            for placement, result in zip(placed, results, strict=True):
+                if isinstance(result, Karma8Error):
+                    raise result
+                receipts.append(receipt_of(placement, result, sizes[placement.index]))
+        except BaseException:
+            await uploader.clean_up(placed_on(version, placed), commit_attempted=False)
+            raise
+        return await self._commit(version, placed, size, receipts, if_absent=if_absent)
+
+    async def _commit(
+        self,
+        version: FileVersion,
+        placed: list[PartPlacement],
+        size: int,
+        receipts: list[PartReceipt],
+        *,
+        if_absent: bool,
+    ) -> FileVersion:
+        """A PUT's last step: discovery commits the version its parts are written for; on
+        failure the parts are cleaned up, and a commit whose answer was lost is settled."""
+        uploader = self._uploader
         try:
             return await self._discovery.commit_upload(
                 version_id=version.version_id, size=size, receipts=receipts, if_absent=if_absent

@@ -31,7 +31,10 @@ from karma8.core.errors import (
 )
 from karma8.core.model import FAILED_ITS_CHECKSUM, MISSING_ON_ITS_NODE, NodeRegistration
 from karma8.ports import (
+    Appended,
     DiscoveryAPI,
+    LendingStore,
+    Loan,
     PartStore,
     PendingWrite,
     StepRunner,
@@ -91,6 +94,7 @@ class StorageNode:
         self.place = place  # where its directory is (NodeRegistration.place)
         self._store = store
         self._whole = store if isinstance(store, WholePartStore) else None
+        self._lending = store if isinstance(store, LendingStore) else None
         self._discovery = discovery
         self._config = config
         self._suspects: dict[str, float] = {}
@@ -305,6 +309,27 @@ class StorageNode:
         check_part_key(key)
         assert self._whole is not None, "whole_runner said no"
         return await self._whole.begin_whole(key, data)
+
+    async def lend_volume(self, borrower: str) -> Loan:
+        """A new volume for a process on this host to append small parts to
+        (:mod:`karma8.store.packed.loans`); Unavailable if this node's store cannot lend."""
+        if self._lending is None:
+            raise Unavailable(f"node {self.node_id} does not lend volumes")
+        return await self._lending.lend(borrower)
+
+    def adopt_part(self, borrower: str, appended: Appended) -> StoredPart:
+        """A needle appended to a volume this node lent, made one of its parts (it reads
+        the needle back and checks it first; blocking, brief). Raises as the store's
+        ``adopt`` does."""
+        check_part_key(appended.key)
+        if self._lending is None:
+            raise Unavailable(f"node {self.node_id} does not lend volumes")
+        return self._lending.adopt(borrower, appended)
+
+    async def give_back_volume(self, borrower: str, volume: int, end: int) -> None:
+        if self._lending is None:
+            raise Unavailable(f"node {self.node_id} does not lend volumes")
+        await self._lending.give_back(borrower, volume, end)
 
     def read_part(
         self, key: str, *, offset: int, length: int

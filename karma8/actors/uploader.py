@@ -18,6 +18,7 @@ from karma8.actors.writes import (
     Fanout,
     HeldChunks,
     PartChunks,
+    held_pieces,
     node_at_fault,
     primary_error,
     receipt_of,
@@ -25,7 +26,6 @@ from karma8.actors.writes import (
     too_long,
     write_failure,
 )
-from karma8.core.erasure import encode_parity
 from karma8.core.errors import IntegrityError, InvalidRequest, Karma8Error, NotFound
 from karma8.core.layout import StripeSplitter
 from karma8.core.model import FileVersion, PartPlacement, PartReceipt, VersionState
@@ -63,13 +63,7 @@ class Uploader:
         by the same part writers as a streamed body's, each from its pieces instead of a
         channel; a part refused because of its node moves as a writer's would."""
         layout = version.layout
-        splitter = StripeSplitter(layout, len(data))
-        pieces: list[list[bytes]] = [[] for _ in range(layout.parts)]
-        for index, piece in (*splitter.feed(data), *splitter.finish()):
-            pieces[index].append(piece)
-        if layout.parity:
-            coded = encode_parity([b"".join(p) for p in pieces], layout.parity)
-            pieces += [[p] for p in coded]
+        pieces = held_pieces(layout, data)
         sizes = layout.slot_sizes(len(data))
         receipts: list[PartReceipt | None] = [None] * layout.slots
         slots = [placement.index for placement in version.parts]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-from karma8.core.erasure import ParityEncoder
+from karma8.core.erasure import ParityEncoder, encode_parity
 from karma8.core.errors import (
     DiskFull,
     IntegrityError,
@@ -23,7 +23,7 @@ from karma8.core.errors import (
     TooLarge,
     Unavailable,
 )
-from karma8.core.layout import StripeLayout
+from karma8.core.layout import StripeLayout, StripeSplitter
 from karma8.core.model import FileVersion, PartPlacement, PartReceipt
 from karma8.ports import StoredPart
 
@@ -158,6 +158,19 @@ def _flat_errors(group: BaseExceptionGroup[BaseException]) -> list[Karma8Error]:
         elif isinstance(exc, Karma8Error):
             out.append(exc)
     return out
+
+
+def held_pieces(layout: StripeLayout, data: bytes) -> list[list[bytes]]:
+    """A body held whole, split: each data part's pieces, then each parity part's (one
+    piece). Slot ``s`` is written from ``pieces[source_of(layout, s)]``."""
+    splitter = StripeSplitter(layout, len(data))
+    pieces: list[list[bytes]] = [[] for _ in range(layout.parts)]
+    for index, piece in (*splitter.feed(data), *splitter.finish()):
+        pieces[index].append(piece)
+    if layout.parity:
+        coded = encode_parity([b"".join(p) for p in pieces], layout.parity)
+        pieces += [[p] for p in coded]
+    return pieces
 
 
 def source_of(layout: StripeLayout, slot: int) -> int:

@@ -26,14 +26,14 @@ from karma8.net.codec import encode
 from karma8.net.common import create_app, text_args
 from karma8.net.exchange import int_value
 from karma8.net.objects import ObjectRoutes, new_stats
-from karma8.net.writepipe import ParentWrites
+from karma8.net.writepipe import SmallWrites
 
 
 def gateway_app(
     gateway: Gateway,
     uploads: UploadGate | None = None,
     stats: dict[str, int] | None = None,
-    parent: ParentWrites | None = None,
+    parent: SmallWrites | None = None,
 ) -> QuartTrio:
     """``stats`` (PUTs stored, GETs begun, GETs that failed mid-stream) is what the object
     routes count, for the metrics; ``parent``: a worker's parent, which stores its small

@@ -17,10 +17,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, suppress
 
+import trio
+
 from karma8.actors.storage import StorageNode
-from karma8.core.errors import Karma8Error
+from karma8.core.errors import Karma8Error, Unavailable
 from karma8.core.model import NodeRef
-from karma8.ports import PendingWrite, StepRunner, StorageAPI, StoredPart
+from karma8.ports import Appended, Loan, PendingWrite, StepRunner, StorageAPI, StoredPart
 
 
 class LocalFirstStorageClient:
@@ -86,6 +88,31 @@ class LocalFirstStorageClient:
         stored = [result for result in results if result is not None]
         assert len(stored) == len(parts)
         return stored
+
+    def _here(self, node: NodeRef) -> StorageNode:
+        local = self._local.get(node.node_id)
+        if local is None:
+            raise Unavailable(f"node {node.node_id} is not in this process")
+        return local
+
+    async def lend_volume(self, node: NodeRef, borrower: str) -> Loan:
+        """:class:`karma8.ports.LendingStorage`, for the nodes of this process."""
+        return await self._here(node).lend_volume(borrower)
+
+    async def adopt_parts(
+        self, borrower: str, parts: Sequence[tuple[NodeRef, Appended]]
+    ) -> list[StoredPart | Karma8Error]:
+        await trio.lowlevel.checkpoint_if_cancelled()  # then all at once, no pass per part
+        results: list[StoredPart | Karma8Error] = []
+        for node, appended in parts:
+            try:
+                results.append(self._here(node).adopt_part(borrower, appended))
+            except Karma8Error as exc:
+                results.append(exc)
+        return results
+
+    async def give_back_volume(self, node: NodeRef, borrower: str, volume: int, end: int) -> None:
+        await self._here(node).give_back_volume(borrower, volume, end)
 
     def read_part(
         self, node: NodeRef, key: str, *, offset: int, length: int, checksum: str | None = None

@@ -127,6 +127,10 @@ class NetConfig:
     # Embedded cluster: its gateway workers read the metadata and small parts from the
     # cluster's files instead of asking discovery and the nodes (karma8/net/direct.py).
     direct_reads: bool = True
+    # Embedded cluster: its gateway workers write their small uploads' parts themselves, to
+    # volumes the nodes lend them, and the parent only places and commits
+    # (karma8/net/loanwrites.py). Off: they send the bodies to the parent to store.
+    worker_parts: bool = True
 
     def public(self, *, embedded: bool) -> tuple[str, ...]:
         """The namespaces made public at start-up, for the embedded cluster or not."""

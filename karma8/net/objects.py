@@ -31,7 +31,7 @@ from karma8.net.exchange import (
     FirstThen,
     Headers,
 )
-from karma8.net.writepipe import ParentUnreachable, ParentWrites
+from karma8.net.writepipe import ParentUnreachable, SmallWrites
 from karma8.store.tiered import OneChunk
 
 log = logging.getLogger("karma8.gateway")
@@ -83,7 +83,7 @@ class ObjectRoutes(ExchangeRoutes[Target]):
         stats: dict[str, int],
         app: ASGIApp,
         uploads: UploadGate | None = None,
-        parent: ParentWrites | None = None,
+        parent: SmallWrites | None = None,
     ) -> None:
         handlers = {"PUT": self._put, "GET": self._get, "HEAD": self._head, "DELETE": self._delete}
         super().__init__(app, handlers, log=log, public=True)
@@ -149,9 +149,10 @@ class ObjectRoutes(ExchangeRoutes[Target]):
         content_length: int | None,
         if_absent: bool,
     ) -> StoredVersion:
-        """A worker sends a small upload, read whole here, to its parent to store
-        (:mod:`karma8.net.writepipe`); it stores it itself only if the parent is unreachable,
-        and everything else always."""
+        """A worker has a small upload, read whole here, stored through its parent: sent to
+        it (:mod:`karma8.net.writepipe`), or its parts written here and committed there
+        (:mod:`karma8.net.loanwrites`); it stores it itself only if the parent is
+        unreachable, and everything else always."""
         gateway = self._gateway
         if self._parent is None or not gateway.holds_whole(content_length):
             version = await gateway.put(

@@ -17,7 +17,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, aclosing
 from functools import partial
 from pathlib import Path
@@ -41,6 +41,7 @@ from karma8.net.direct import (
 from karma8.net.discovery_role import build_discovery, open_metadata, serve_discovery
 from karma8.net.gateway_app import gateway_app
 from karma8.net.handoff import handoff_socket
+from karma8.net.loanwrites import LoanDesk, WorkerWrites
 from karma8.net.local import LocalFirstStorageClient
 from karma8.net.locate import (
     DATABASE_FILE,
@@ -56,7 +57,7 @@ from karma8.net.serving import control_pool, data_pool, serving, storage_client
 from karma8.net.sources import gateway_source, storage_source
 from karma8.net.storage_app import storage_app
 from karma8.net.workers import run_gateway_workers
-from karma8.net.writepipe import ParentWrites, serve_writes, writes_socket
+from karma8.net.writepipe import ParentWrites, SmallWrites, serve_writes, writes_socket
 from karma8.ports import DiscoveryAPI, StorageAPI
 from karma8.store.diskio import FILE_MODE, hold_lock, private_dir, release_lock
 from karma8.store.groupsync import GroupSync, SyncGroups
@@ -231,7 +232,7 @@ async def serve_gateway(
     adopt_from: str | None = None,
     hand_off_to: str | None = None,
     store_writes_at: str | None = None,
-    parent: ParentWrites | None = None,
+    parent: SmallWrites | None = None,
     listen: bool = True,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -254,6 +255,7 @@ async def serve_gateway(
                         body_max=config.small_file_max,
                         at_once=config.max_uploads,
                         uploads=uploads,
+                        ops=LoanDesk(gateway, keep_for=config.upload_ttl).ops(),
                     ),
                     store_writes_at,
                     gateway,
@@ -334,10 +336,17 @@ async def run_gateway(
                 trio.open_nursery() as nursery,
             ):
                 storage: StorageAPI = storage_client(config, nodes)
-                parent = ParentWrites(writes) if writes is not None else None
-                if parent is not None:
-                    await published.enter_async_context(aclosing(parent))
-                    published.enter_context(METRICS.source(parent.samples))
+                pipe = ParentWrites(writes) if writes is not None else None
+                parent: SmallWrites | None = pipe
+                if pipe is not None:
+                    await published.enter_async_context(aclosing(pipe))
+                    published.enter_context(METRICS.source(pipe.samples))
+                    if _writes_parts(config, readers):
+                        parent = writer = WorkerWrites(
+                            pipe, local=readers, volume_size=config.volume_size
+                        )
+                        await published.enter_async_context(aclosing(writer))
+                        published.enter_context(METRICS.source(writer.samples))
                 direct = None
                 if readers:
                     storage = direct = DirectReadStorage(storage, readers, config.small_part_max)
@@ -373,6 +382,13 @@ async def run_gateway(
             reader.close()
         if metadata is not None:
             metadata.close()
+
+
+def _writes_parts(config: NetConfig, readers: Mapping[str, object]) -> bool:
+    """Whether a worker writes its small uploads' parts itself (karma8/net/loanwrites.py):
+    asked for, its parent's nodes on this host and called in-process there, packing small
+    parts."""
+    return bool(config.worker_parts and readers and config.local_calls and config.small_part_max)
 
 
 async def _start_workers(
@@ -443,6 +459,7 @@ async def run_cluster(
     secret = config.secret
     assert secret is not None
     store = open_metadata(config, data_dir / DATABASE_FILE)
+    local: dict[str, StorageNode] = {}
     try:
         async with (
             _handoff_socket(config.gateway_workers > 1) as handoff,
@@ -453,7 +470,6 @@ async def run_cluster(
             # Co-located roles call each other in-process (karma8/net/local.py), unless the
             # configuration asks for every hop to go over HTTP. The gateway and the
             # rebalancer share one storage client; the nodes join ``local`` as they start.
-            local: dict[str, StorageNode] = {}
             storage: StorageAPI = storage_client(config, http)
             if config.local_calls:
                 storage = LocalFirstStorageClient(local, storage)
@@ -507,6 +523,9 @@ async def run_cluster(
             write_cluster_info(data_dir, info)
             task_status.started(info)
     finally:
+        # Every task has ended, the workers' too: the nodes take back what they lent them.
+        for node in local.values():
+            node.close()
         store.close()
         for node_dir in node_dirs:
             release_node_dir(node_dir)

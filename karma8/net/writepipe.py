@@ -25,15 +25,15 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
 from karma8.actors.gateway import Gateway
 from karma8.core.errors import Karma8Error, Unavailable, error_from_code
-from karma8.core.model import StoredVersion
+from karma8.core.model import FileVersion, StoredVersion
 from karma8.net import requestlog
 from karma8.net.bounds import UploadGate
 from karma8.net.codec import error_body
@@ -90,6 +90,18 @@ class _Frames:
         return obj
 
 
+class SmallWrites(Protocol):
+    """How a gateway worker has a small upload, read whole, stored: :class:`ParentWrites`
+    (the parent stores it), or :class:`karma8.net.loanwrites.WorkerWrites` (the worker
+    writes its parts, the parent commits)."""
+
+    async def put(
+        self, namespace: str, name: str, data: bytes, *, if_absent: bool
+    ) -> StoredVersion:
+        """The version stored; raises ParentUnreachable if nothing reached the parent."""
+        ...
+
+
 class ParentWrites:
     """A worker's end: :meth:`put` has the parent at ``path`` store a small upload."""
 
@@ -107,15 +119,24 @@ class ParentWrites:
         Raises:
             ParentUnreachable: Nothing was sent (no parent): the caller may store it itself.
         """
-        conn = self._idle.pop() if self._idle else await self._dial()
-        header = json.dumps(
+        answer = await self.call(
             {
                 "namespace": namespace,
                 "name": name,
                 "if_absent": if_absent,
                 "request_id": requestlog.current.get(),
-            }
-        ).encode()
+            },
+            data,
+        )
+        self.sent += 1
+        return answered(answer)
+
+    async def call(self, request: dict[str, Any], data: bytes = b"") -> dict[str, Any]:
+        """The parent's answer to one frame (``request`` and a body); raises Unavailable
+        when it could not be asked or did not answer, ParentUnreachable when nothing was
+        sent."""
+        conn = self._idle.pop() if self._idle else await self._dial()
+        header = json.dumps(request).encode()
         ok = False
         try:
             try:
@@ -130,8 +151,7 @@ class ParentWrites:
                 self._idle.append(conn)
             else:  # cancelled, broken or surplus: its answer (if any) is never read
                 await trio.aclose_forcefully(conn.stream)
-        self.sent += 1
-        return _answered(answer)
+        return answer
 
     async def _dial(self) -> _Frames:
         """A new connection to the parent. A full backlog (``EAGAIN``: a Unix socket's
@@ -185,10 +205,16 @@ class ParentUnreachable(Exception):
     """No connection to the parent could be opened: nothing was sent."""
 
 
-def _answered(answer: dict[str, Any]) -> StoredVersion:
+def raise_error(answer: dict[str, Any]) -> None:
+    """Raise the error an answer carries, if it carries one."""
     error = answer.get("error")
     if isinstance(error, dict):
         raise error_from_code(str(error.get("code")), str(error.get("message")))
+
+
+def answered(answer: dict[str, Any]) -> StoredVersion:
+    """The stored version an answer to a PUT carries, or the error it carries, raised."""
+    raise_error(answer)
     stored = answer.get("stored")
     if not isinstance(stored, dict):
         raise Unavailable("the gateway's answer for this upload was neither version nor error")
@@ -207,6 +233,9 @@ def _answered(answer: dict[str, Any]) -> StoredVersion:
     )
 
 
+Handler = Callable[[dict[str, Any], bytes], Awaitable[dict[str, Any]]]
+
+
 async def serve_writes(
     path: str,
     gateway: Gateway,
@@ -214,6 +243,7 @@ async def serve_writes(
     body_max: int,
     at_once: int,
     uploads: UploadGate | None = None,
+    ops: Mapping[str, Handler] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen at ``path`` until cancelled, storing the uploads workers send with
@@ -221,13 +251,15 @@ async def serve_writes(
     so that the bodies this process holds are bounded as its own uploads are); a body over
     ``body_max`` bytes, or anything that is not a frame, closes that connection. Each
     upload that ends is counted in ``uploads`` (for :func:`give_back_memory`). Reports once
-    workers can connect."""
-    serve = partial(_serve_worker, gateway, body_max, trio.CapacityLimiter(at_once), uploads)
+    workers can connect. A frame whose JSON names an ``op`` is answered by that handler of
+    ``ops`` (:mod:`karma8.net.loanwrites`); one without is an upload."""
+    handlers: dict[str, Handler] = {"put": partial(_store, gateway), **(ops or {})}
+    serve = partial(_serve_worker, handlers, body_max, trio.CapacityLimiter(at_once), uploads)
     await accept_workers(path, serve, what="write", task_status=task_status)
 
 
 async def _serve_worker(
-    gateway: Gateway,
+    handlers: Mapping[str, Handler],
     body_max: int,
     limiter: trio.CapacityLimiter,
     uploads: UploadGate | None,
@@ -251,7 +283,10 @@ async def _serve_worker(
                 try:
                     request = await frames.read_json(json_size)
                     data = await frames.read(body_size)
-                    answer = await _store(gateway, request, data)
+                    handler = handlers.get(str(request.get("op", "put")))
+                    if handler is None:
+                        raise PipeBroken(f"a frame of an unknown op {request.get('op')!r}")
+                    answer = await handler(request, data)
                     failed = "error" in answer
                 finally:
                     limiter.release()
@@ -289,8 +324,12 @@ async def _store(gateway: Gateway, request: dict[str, Any], data: bytes) -> dict
         return INTERNAL_ERROR
     finally:
         requestlog.current.reset(token)
-    # The few fields the worker answers with (a whole FileVersion, its parts and their nodes,
-    # cost both sides more to encode and decode than the rest of the frame).
+    return stored_answer(version)
+
+
+def stored_answer(version: FileVersion) -> dict[str, Any]:
+    """A PUT's answer: the few fields the worker answers with (a whole FileVersion, its parts
+    and their nodes, cost both sides more to encode and decode than the rest of the frame)."""
     assert version.size is not None
     return {
         "stored": {

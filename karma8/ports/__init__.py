@@ -16,11 +16,21 @@ protocol is named here, and callers import them from here.
 
 from __future__ import annotations
 
-from karma8.ports.disk import PartStore, PartWriter, PendingWrite, StepRunner, WholePartStore
+from karma8.ports.disk import (
+    LendingStore,
+    PartStore,
+    PartWriter,
+    PendingWrite,
+    StepRunner,
+    WholePartStore,
+)
 from karma8.ports.metadata import MetadataStore
 from karma8.ports.runtime import BlockingRunner, Clock, IdSource, MetadataRunner
 from karma8.ports.services import (
+    Appended,
     DiscoveryAPI,
+    LendingStorage,
+    Loan,
     RebalanceAPI,
     StorageAPI,
     StoredPart,
@@ -29,10 +39,14 @@ from karma8.ports.services import (
 )
 
 __all__ = [
+    "Appended",
     "BlockingRunner",
     "Clock",
     "DiscoveryAPI",
     "IdSource",
+    "LendingStorage",
+    "LendingStore",
+    "Loan",
     "MetadataRunner",
     "MetadataStore",
     "PartStore",

@@ -9,7 +9,7 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
-from karma8.ports.services import StoredPart
+from karma8.ports.services import Appended, Loan, StoredPart
 
 
 class StepRunner(Protocol):
@@ -46,6 +46,27 @@ class WholePartStore(Protocol):
     async def begin_whole(self, key: str, data: bytes) -> PendingWrite:
         """Begin storing a whole part (``whole_runner`` says it can); raises as a writer's
         commit would (UploadConflict, DiskFull), or InvalidRequest for a bad key."""
+        ...
+
+
+@runtime_checkable
+class LendingStore(Protocol):
+    """A :class:`PartStore` that lends volumes to another process to append small parts to,
+    and adopts them (:mod:`karma8.store.packed.loans`; the node's side of
+    :class:`karma8.ports.LendingStorage`)."""
+
+    async def lend(self, borrower: str) -> Loan:
+        """A new volume for ``borrower``; Unavailable if this store packs no small parts."""
+        ...
+
+    def adopt(self, borrower: str, appended: Appended) -> StoredPart:
+        """The needle made a part once read back and checked (NotFound, IntegrityError,
+        UploadConflict, DiskFull otherwise). Blocking, but brief: one read of a needle just
+        written, on the caller's thread."""
+        ...
+
+    async def give_back(self, borrower: str, volume: int, end: int) -> None:
+        """End a loan (NotFound if it is not lent to ``borrower``)."""
         ...
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import attrs
@@ -286,4 +287,71 @@ class WholeParts(Protocol):
         CRC, and its placement's checksum, the sha256); else None, and the caller reads them
         the usual way, which finds out why. Blocking, but brief (one read of each small
         part)."""
+        ...
+
+
+@attrs.frozen(kw_only=True)
+class Loan:
+    """A volume a node lent to another process on its host to append small parts to
+    (:mod:`karma8.store.packed.loans`).
+
+    Attributes:
+        volume: The volume's id in the node's packed store.
+        salt: What the needles' header checks are keyed with (the volume's).
+        path: The volume's file.
+        borrower: Who it is lent to (the name the borrower gave).
+    """
+
+    volume: int
+    salt: bytes
+    path: Path
+    borrower: str
+
+
+@attrs.frozen(kw_only=True)
+class Appended:
+    """A needle a borrower appended to a lent volume and made durable: what the node is asked
+    to adopt as a part.
+
+    Attributes:
+        volume: The lent volume's id.
+        offset: Where the needle starts.
+        key: The part's key.
+        length: Payload bytes.
+        sha256: The payload's sha256 (hex): the part's checksum.
+    """
+
+    volume: int
+    offset: int
+    key: str
+    length: int
+    sha256: str
+
+
+@runtime_checkable
+class LendingStorage(Protocol):
+    """A :class:`StorageAPI` whose nodes lend volumes to other processes on their host, so
+    that those append small parts themselves and the nodes only adopt them (the embedded
+    cluster's nodes, for its gateway workers)."""
+
+    async def lend_volume(self, node: NodeRef, borrower: str) -> Loan:
+        """A new volume of ``node`` for ``borrower``.
+
+        Raises:
+            Unavailable: The node is not in this process, or does not pack small parts.
+            DiskFull, StorageFailure: The volume could not be created.
+        """
+        ...
+
+    async def adopt_parts(
+        self, borrower: str, parts: Sequence[tuple[NodeRef, Appended]]
+    ) -> list[StoredPart | Karma8Error]:
+        """Each needle made a part of its node, once read back and checked; per part what
+        was stored or why not (NotFound: no such loan; IntegrityError: not that needle,
+        whole; UploadConflict; DiskFull; Unavailable: the node is not here)."""
+        ...
+
+    async def give_back_volume(self, node: NodeRef, borrower: str, volume: int, end: int) -> None:
+        """End a loan (no append of the borrower's in flight; ``end``: where its next one
+        would have gone). Raises NotFound if it is not lent to ``borrower``."""
         ...

@@ -40,9 +40,13 @@ class SpaceQuota:
             DiskFull: Committed plus in-flight bytes would exceed the quota (also for 0
                 bytes once the store is over it).
         """
+        self.check(nbytes)
+        self._in_flight += nbytes
+
+    def check(self, nbytes: int) -> None:
+        """Raise DiskFull unless ``nbytes`` more would fit, in flight or committed."""
         if self._used + self._in_flight + nbytes > self.capacity_bytes:
             raise DiskFull("no space left on the node")
-        self._in_flight += nbytes
 
     def release(self, nbytes: int) -> None:
         """Stop counting ``nbytes`` in flight (committed or discarded)."""

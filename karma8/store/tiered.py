@@ -19,8 +19,8 @@ from pathlib import Path
 import attrs
 import trio
 
-from karma8.core.errors import IntegrityError, InvalidRequest, NotFound, UploadConflict
-from karma8.ports import PartWriter, PendingWrite, StepRunner, StoredPart
+from karma8.core.errors import IntegrityError, InvalidRequest, NotFound, Unavailable, UploadConflict
+from karma8.ports import Appended, Loan, PartWriter, PendingWrite, StepRunner, StoredPart
 from karma8.store.files.store import FilePartStore
 from karma8.store.files.tree import check_key
 from karma8.store.groupsync import GroupSync
@@ -103,6 +103,27 @@ class TieredPartStore:
         if not self.small_part_max or size > self.small_part_max:
             return None
         return self.packed.group_sync
+
+    async def lend(self, borrower: str) -> Loan:
+        """:class:`karma8.ports.LendingStore`: a new packed volume for ``borrower``.
+
+        Raises:
+            Unavailable: Small parts are not packed here (``small_part_max`` is 0).
+        """
+        if not self.small_part_max:
+            raise Unavailable("this node does not pack small parts")
+        return await self.packed.lend(borrower)
+
+    def adopt(self, borrower: str, appended: Appended) -> StoredPart:
+        """A needle ``borrower`` appended to a volume lent to it, made a part (see
+        :meth:`karma8.store.packed.store.PackedStore.adopt`; blocking, brief)."""
+        check_key(appended.key)
+        if appended.key in self._committing:
+            raise UploadConflict(f"part {appended.key} already exists")
+        return self.packed.adopt(borrower, appended)
+
+    async def give_back(self, borrower: str, volume: int, end: int) -> None:
+        await self.packed.give_back(borrower, volume, end)
 
     async def begin_whole(self, key: str, data: bytes) -> PendingWrite:
         """Begin storing a whole small part (:meth:`whole_runner` says it is one): as a writer

@@ -15,10 +15,11 @@ import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import attrs
 import trio
 
 from karma8.core.errors import IntegrityError, NotFound, UploadConflict
-from karma8.ports import PendingWrite, StepRunner, StoredPart
+from karma8.ports import Appended, Loan, PendingWrite, StepRunner, StoredPart
 from karma8.store.diskio import (
     DIR_MODE,
     FILE_MODE,
@@ -34,6 +35,7 @@ from karma8.store.groupsync import GroupSync
 from karma8.store.packed import volumes as volume_files
 from karma8.store.packed.format import (
     HEADER_SIZE,
+    aligned,
     encode,
     encode_tombstone,
     holds_whole_needles,
@@ -42,6 +44,7 @@ from karma8.store.packed.format import (
     scan,
 )
 from karma8.store.packed.index import NeedleRef, PackedIndex
+from karma8.store.packed.loans import adopted_needle, adopted_size
 from karma8.store.packed.volumes import (
     VolumeFile,
     WindowReader,
@@ -103,6 +106,7 @@ class PackedStore:
         self._compacting: set[int] = set()
         self._compactions_idle: trio.Event | None = None
         self._roll_lock = trio.Lock()
+        self._loans: dict[int, _Lent] = {}  # volumes lent to other processes, by id
         self.truncated_bytes = self._recover()
         last = max(self._files, default=0)
         if not last or self._files[last].salt is None:
@@ -195,10 +199,34 @@ class PackedStore:
         return VolumeFile(volume, generation, salt, path, fd, 0)
 
     def close(self) -> None:
-        """Close the volumes' descriptors (the store is unusable afterwards)."""
+        """Close the volumes' descriptors (the store is unusable afterwards). Every loan
+        ends first: the tombstones of parts deleted from a lent volume are written (a
+        borrower still appending can at worst write over them; the parts then come back
+        after a restart as orphans, as after a crash)."""
+        loans, self._loans = self._loans, {}
+        for volume, lent in loans.items():
+            if lent.deleted:
+                self._write_tombstones(self._files[volume], lent.deleted)
         for file in self._files.values():
             close_quietly(file.fd)
         self._files.clear()
+
+    def _write_tombstones(self, file: VolumeFile, keys: list[str]) -> None:
+        """Append tombstones of ``keys`` to a volume taken back from its borrower, blocking,
+        after every byte it holds."""
+        data = b"".join(encode_tombstone(key, salt=file.salt) for key in keys)
+        try:
+            end = aligned(os.fstat(file.fd).st_size)
+            pwrite_all(file.fd, data, end)
+            os.fdatasync(file.fd)
+        except OSError as exc:
+            log.warning(
+                "volume %d: %d tombstones not written (%s); the parts come back as orphans"
+                " after a restart",
+                file.volume,
+                len(keys),
+                exc,
+            )
 
     # -- what the routing store calls -------------------------------------------------------
 
@@ -302,9 +330,9 @@ class PackedStore:
         async with self._roll_lock:
             file = self._files[self._active]
             if file.end and file.end + nbytes > self.volume_size:
-                sealed = file.volume
+                sealed, new = file.volume, max(self._files) + 1  # past any lent volume
                 try:
-                    file = await self._io.run(lambda: self._create(sealed + 1, 0))
+                    file = await self._io.run(lambda: self._create(new, 0))
                 except OSError as exc:
                     raise storage_error(exc, "starting a volume") from None
                 self._files[file.volume] = file
@@ -436,6 +464,12 @@ class PackedStore:
             if ref is None:
                 await trio.lowlevel.checkpoint()
                 return False
+            if ref.volume in self._loans:  # its tombstone waits for the volume to come back
+                await trio.lowlevel.checkpoint()
+                self._loans[ref.volume].deleted.append(key)
+                self.index.remove(key)
+                self._quota.remove_used(ref.length)
+                return True
             file = self._files[ref.volume]
             if file.closing is None:
                 break
@@ -473,6 +507,96 @@ class PackedStore:
             raise storage_error(exc, "quarantining a part") from None
         return await self.delete(key)
 
+    # -- volumes lent to other processes (karma8.store.packed.loans) -----------------------
+
+    async def lend(self, borrower: str) -> Loan:
+        """Create a volume for ``borrower`` to append needles to; the node leaves it alone
+        (no appends, tombstones or compaction of its own) until :meth:`give_back`."""
+        async with self._roll_lock:
+            volume = max(self._files) + 1
+            try:
+                file = await self._io.run(lambda: self._create(volume, 0))
+            except OSError as exc:
+                raise storage_error(exc, "lending a volume") from None
+            self._files[volume] = file
+            self._loans[volume] = _Lent(borrower)
+        assert file.salt is not None
+        return Loan(volume=volume, salt=file.salt, path=file.path, borrower=borrower)
+
+    def adopt(self, borrower: str, appended: Appended) -> StoredPart:
+        """Index a needle ``borrower`` appended to a volume lent to it and made durable.
+
+        The needle is read back first, on the calling thread (a few KiB just written, so in
+        the page cache: no thread trip or scheduler pass per part): its header must check out
+        under the volume's salt and name the key, the length, the checksum and a live part,
+        and its payload must match the CRC in it; else nothing is indexed.
+
+        Raises:
+            NotFound: The volume is not lent to ``borrower``.
+            UploadConflict: The key is here already, or being committed.
+            IntegrityError: The bytes at that place are not that needle, whole.
+            DiskFull: The part would take the node past its quota.
+            StorageFailure: The read failed.
+        """
+        lent = self._loans.get(appended.volume)
+        if lent is None or lent.borrower != borrower:
+            raise NotFound(f"volume {appended.volume} is not lent to {borrower}")
+        key = appended.key
+        if self.has(key):
+            raise UploadConflict(f"part {key} already exists")
+        self._quota.check(appended.length)
+        file = self._files[appended.volume]
+        try:
+            data = pread_exact(file.fd, adopted_size(appended), appended.offset)
+        except OSError as exc:
+            raise storage_error(exc, "adopting a part") from None
+        assert file.salt is not None  # a lent volume is created salted
+        needle = adopted_needle(data, appended, file.salt)
+        self.index.add(NeedleRef.of(needle, appended.volume, file.generation))
+        self._quota.add_used(appended.length)
+        return StoredPart(key=key, size=appended.length, checksum=appended.sha256)
+
+    async def give_back(self, borrower: str, volume: int, end: int) -> None:
+        """End a loan: the volume becomes one of the node's sealed ones. The borrower must
+        have no append to it in flight; ``end`` is where its next one would have gone, so
+        that nothing the node appends lands inside a needle it began. Tombstones of parts
+        deleted meanwhile are appended now; if that fails they come back after a restart as
+        orphans (logged).
+
+        Raises:
+            NotFound: The volume is not lent to ``borrower``.
+        """
+        lent = self._loans.get(volume)
+        if lent is None or lent.borrower != borrower:
+            raise NotFound(f"volume {volume} is not lent to {borrower}")
+        file = self._files[volume]
+        try:
+            size = await self._io.run_small(lambda: os.fstat(file.fd).st_size)
+        except OSError as exc:
+            raise storage_error(exc, "taking a volume back") from None
+        if self._loans.get(volume) is not lent:  # given back meanwhile
+            raise NotFound(f"volume {volume} is not lent to {borrower}")
+        del self._loans[volume]
+        file.end = max(aligned(size), aligned(end))  # past all the borrower wrote, or began
+        if lent.deleted:
+            tombstones = b"".join(encode_tombstone(key, salt=file.salt) for key in lent.deleted)
+            try:
+                await self._append(file, tombstones, "deleting parts")
+            except Exception:
+                log.warning(
+                    "volume %d: %d tombstones not written; the parts come back as orphans"
+                    " after a restart",
+                    volume,
+                    len(lent.deleted),
+                    exc_info=True,
+                )
+        self._maybe_compact(volume)
+
+    @property
+    def lent(self) -> dict[int, str]:
+        """The volumes lent now, and to whom."""
+        return {volume: lent.borrower for volume, lent in self._loans.items()}
+
     # -- compaction -------------------------------------------------------------------------
 
     def garbage_ratio(self, volume: int) -> float:
@@ -484,6 +608,7 @@ class PackedStore:
         return (
             volume != self._active
             and volume not in self._compacting
+            and volume not in self._loans
             and volume in self._files
             and self.garbage_ratio(volume) >= self.compact_ratio
         )
@@ -573,6 +698,15 @@ class PackedStore:
             if not old.retired:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
+
+
+@attrs.define
+class _Lent:
+    """A lent volume's state at the node: its borrower, and the parts deleted from it whose
+    tombstones wait for its return."""
+
+    borrower: str
+    deleted: list[str] = attrs.Factory(list)
 
 
 class _AloneRunner:

@@ -1,0 +1,398 @@
+"""Small uploads whose parts a gateway worker writes itself, to volumes its parent's nodes
+lend it.
+
+With :mod:`karma8.net.writepipe` alone a worker parses a small PUT and sends the body to the
+parent, whose one event loop then splits it, encodes five needles and waits for a sync round
+to write them, for every small PUT of every worker. Here the worker does that part of the
+work on its own core, and the parent only places and commits:
+
+1. ``place``: the parent's gateway places the upload (:meth:`Gateway.place_held`: a lease at
+   discovery, no transaction) and keeps the pending version; the worker gets it.
+2. The worker splits the body, appends each part's needle to the volume the part's node
+   lent it (``lend``, once per node, and again when one is full) and waits for one
+   ``syncfs`` round of its own (:class:`karma8.store.groupsync.GroupSync`).
+3. ``commit``: the parent's nodes adopt the needles (each read back and checked,
+   :meth:`karma8.store.packed.store.PackedStore.adopt`), then discovery commits
+   (:meth:`Gateway.put_written`); the answer is a PUT's.
+4. On any failure before the commit the worker says ``abandon``, and the parent cleans up as
+   a failed PUT does; needles never adopted are garbage that compaction drops, or orphans
+   after a restart (:mod:`karma8.store.packed.loans`).
+
+A worker gives a full volume back (``give_back``) once none of its appends to it is in
+flight; the nodes take back the rest as they close (a worker ends with its parent). A
+version whose placement names a node of another process (joined over HTTP) is abandoned
+and its body sent the :mod:`~karma8.net.writepipe` way. The frames are the pipe's, each
+JSON with an ``op`` and no body.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from karma8.actors.gateway import Gateway
+from karma8.actors.writes import held_pieces, source_of
+from karma8.core.errors import InvalidRequest, Karma8Error, StorageFailure, Unavailable
+from karma8.core.model import FileVersion, NodeRef, StoredVersion
+from karma8.net import requestlog
+from karma8.net.codec import decode, encode, error_body
+from karma8.net.exchange import INTERNAL_ERROR
+from karma8.net.metrics import Sample
+from karma8.net.writepipe import ParentWrites, answered, raise_error, stored_answer
+from karma8.ports import Appended, Loan
+from karma8.store.diskio import storage_error
+from karma8.store.groupsync import GroupSync, SyncGroups
+from karma8.store.packed.loans import BorrowedVolume
+
+log = logging.getLogger("karma8.loanwrites")
+
+Handler = Callable[[dict[str, Any], bytes], Awaitable[dict[str, Any]]]
+OK: dict[str, Any] = {"ok": True}
+ABANDON_TIMEOUT = 10.0  # seconds a worker tries to have a failed upload cleaned up
+
+
+# -- the parent's side ------------------------------------------------------------------------
+
+
+class LoanDesk:
+    """The parent's answers to its workers' ``place``, ``commit``, ``abandon``, ``lend`` and
+    ``give_back`` frames, for :func:`karma8.net.writepipe.serve_writes`.
+
+    Keeps each version it placed until its commit or abandon, or until ``keep_for`` seconds
+    have passed (the worker died between the two: discovery's lease has expired by then).
+    """
+
+    def __init__(self, gateway: Gateway, *, keep_for: float) -> None:
+        self._gateway = gateway
+        self._keep_for = keep_for
+        self._placed: dict[str, tuple[float, FileVersion]] = {}
+
+    def ops(self) -> dict[str, Handler]:
+        return {
+            "place": self._guarded(self._place),
+            "commit": self._guarded(self._commit),
+            "abandon": self._guarded(self._abandon),
+            "lend": self._guarded(self._lend),
+            "give_back": self._guarded(self._give_back),
+        }
+
+    @property
+    def placed(self) -> int:
+        """Versions placed for workers and not yet committed or abandoned."""
+        return len(self._placed)
+
+    def _guarded(self, op: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> Handler:
+        async def handle(request: dict[str, Any], _: bytes) -> dict[str, Any]:
+            given = request.get("request_id")
+            token = requestlog.current.set(
+                requestlog.accept_request_id(given if isinstance(given, str) else None)
+            )
+            try:
+                return await op(request)
+            except Karma8Error as exc:
+                return error_body(exc)
+            except Exception:  # as the HTTP routes answer it: a 500, and this process goes on
+                log.exception("a gateway worker's %s failed", request.get("op"))
+                return INTERNAL_ERROR
+            finally:
+                requestlog.current.reset(token)
+
+        return handle
+
+    async def _place(self, request: dict[str, Any]) -> dict[str, Any]:
+        version = await self._gateway.place_held(
+            _text(request, "namespace"),
+            _text(request, "name"),
+            _number(request, "size"),
+            if_absent=request.get("if_absent") is True,
+        )
+        now = time.monotonic()
+        for version_id, (at, _) in list(self._placed.items()):
+            if now - at < self._keep_for:
+                break  # in placing order: the rest are younger
+            del self._placed[version_id]
+        self._placed[version.version_id] = (now, version)
+        return {"placed": encode(version)}
+
+    def _take(self, request: dict[str, Any]) -> FileVersion:
+        kept = self._placed.pop(_text(request, "id"), None)
+        if kept is None:
+            raise Unavailable("the upload's placement is unknown here, or expired")
+        return kept[1]
+
+    async def _commit(self, request: dict[str, Any]) -> dict[str, Any]:
+        version = self._take(request)
+        raw = request.get("written")
+        if not isinstance(raw, list) or len(raw) != len(version.parts):
+            await self._gateway.abandon(version)
+            raise InvalidRequest("a commit without a needle for every part placed")
+        written = [
+            Appended(
+                volume=_int(item, 0),
+                offset=_int(item, 1),
+                key=placement.key,
+                length=_int(item, 2),
+                sha256=str(item[3]),
+            )
+            for placement, item in zip(version.parts, raw, strict=True)
+        ]
+        stored = await self._gateway.put_written(
+            version,
+            written,
+            borrower=_text(request, "borrower"),
+            size=_number(request, "size"),
+            if_absent=request.get("if_absent") is True,
+        )
+        return stored_answer(stored)
+
+    async def _abandon(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            version = self._take(request)
+        except Unavailable:
+            return OK  # committed, abandoned or expired already
+        await self._gateway.abandon(version)
+        return OK
+
+    async def _lend(self, request: dict[str, Any]) -> dict[str, Any]:
+        loan = await self._gateway.lend_volume(_node(request), _text(request, "borrower"))
+        return {"loan": {"volume": loan.volume, "salt": loan.salt.hex(), "path": str(loan.path)}}
+
+    async def _give_back(self, request: dict[str, Any]) -> dict[str, Any]:
+        await self._gateway.give_back_volume(
+            _node(request),
+            _text(request, "borrower"),
+            _number(request, "volume"),
+            _number(request, "end"),
+        )
+        return OK
+
+
+def _text(request: dict[str, Any], field: str) -> str:
+    value = request.get(field)
+    if not isinstance(value, str):
+        raise InvalidRequest(f"a frame without {field}")
+    return value
+
+
+def _number(request: dict[str, Any], field: str) -> int:
+    value = request.get(field)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidRequest(f"a frame without {field}")
+    return value
+
+
+def _int(item: object, at: int) -> int:
+    if not isinstance(item, list) or len(item) != 4:
+        raise InvalidRequest("a needle is [volume, offset, length, sha256]")
+    value = item[at]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidRequest("a needle's volume, offset and length are counts")
+    return value
+
+
+def _node(request: dict[str, Any]) -> NodeRef:
+    return NodeRef(node_id=_text(request, "node"), url=_text(request, "url"))
+
+
+# -- the worker's side ------------------------------------------------------------------------
+
+
+class WorkerWrites:
+    """A gateway worker's small uploads, their parts written here (see the module).
+
+    ``local``: the ids of the nodes whose volumes this process can write (its parent's, on
+    this host); ``volume_size``: where a borrowed volume is full.
+    """
+
+    def __init__(self, parent: ParentWrites, *, local: Collection[str], volume_size: int) -> None:
+        self._parent = parent
+        self._local = frozenset(local)
+        self._volume_size = volume_size
+        self.borrower = f"gateway-worker-{os.getpid()}"
+        self._volumes: dict[str, BorrowedVolume] = {}  # by node id: where parts go now
+        self._nodes: dict[str, NodeRef] = {}
+        self._full: list[tuple[NodeRef, BorrowedVolume]] = []  # to give back once idle
+        self._lending: dict[str, trio.Lock] = {}
+        self._groups = SyncGroups()
+        self.written = 0  # uploads whose parts this process wrote
+
+    async def put(
+        self, namespace: str, name: str, data: bytes, *, if_absent: bool
+    ) -> StoredVersion:
+        """The version ``data`` was stored as; raises what storing it raised.
+
+        Raises:
+            ParentUnreachable: Nothing was sent (no parent): the caller may store it itself.
+        """
+        request_id = requestlog.current.get()
+        answer = await self._parent.call(
+            {
+                "op": "place",
+                "namespace": namespace,
+                "name": name,
+                "size": len(data),
+                "if_absent": if_absent,
+                "request_id": request_id,
+            }
+        )
+        raise_error(answer)
+        version = decode(answer.get("placed"), FileVersion)
+        if not {p.node.node_id for p in version.parts} <= self._local:
+            await self._abandon(version.version_id)  # a node of another process
+            return await self._parent.put(namespace, name, data, if_absent=if_absent)
+        try:
+            written = await self._write(version, data)
+        except BaseException:
+            await self._abandon(version.version_id)
+            raise
+        answer = await self._parent.call(
+            {
+                "op": "commit",
+                "id": version.version_id,
+                "size": len(data),
+                "if_absent": if_absent,
+                "borrower": self.borrower,
+                "written": [[w.volume, w.offset, w.length, w.sha256] for w in written],
+                "request_id": request_id,
+            }
+        )
+        self.written += 1
+        return answered(answer)
+
+    async def _write(self, version: FileVersion, data: bytes) -> list[Appended]:
+        """Append each part's needle to its node's borrowed volume and wait until all are
+        durable (one sync round per file system)."""
+        layout = version.layout
+        pieces = held_pieces(layout, data)
+        begun: list[tuple[BorrowedVolume, GroupSync, Appended, Callable[[], None]]] = []
+        try:
+            for placement in version.parts:
+                volume, group = await self._volume_for(placement.node)
+                payload = b"".join(pieces[source_of(layout, placement.index)])
+                appended, step = volume.begin_append(placement.key, payload)
+                begun.append((volume, group, appended, step))
+            errors: list[BaseException | None] = []
+            for group in {id(g): g for _, g, _, _ in begun}.values():
+                steps = [step for _, g, _, step in begun if g is group]
+                try:
+                    errors += await group.run_steps(steps)
+                except OSError as exc:  # the round failed: every write with it
+                    errors.append(exc)
+        finally:
+            for volume, _, _, _ in begun:
+                volume.end_append()
+            await self._give_back_idle()
+        for error in errors:
+            if isinstance(error, OSError):
+                raise storage_error(error, "writing a part") from None
+            if error is not None:
+                raise StorageFailure(f"writing a part failed: {error!r}") from error
+        return [appended for _, _, appended, _ in begun]
+
+    async def _volume_for(self, node: NodeRef) -> tuple[BorrowedVolume, GroupSync]:
+        volume = self._volumes.get(node.node_id)
+        if volume is None or volume.full:
+            lock = self._lending.setdefault(node.node_id, trio.Lock())
+            async with lock:
+                volume = self._volumes.get(node.node_id)
+                if volume is None or volume.full:
+                    volume = await self._borrow(node)
+        group = self._groups.for_path(volume.loan.path.parent)
+        if group is None:  # no syncfs: this process cannot make its appends durable
+            raise Unavailable("this host cannot sync a borrowed volume")
+        return volume, group
+
+    async def _borrow(self, node: NodeRef) -> BorrowedVolume:
+        answer = await self._parent.call(
+            {"op": "lend", "node": node.node_id, "url": node.url, "borrower": self.borrower}
+        )
+        raise_error(answer)
+        loan = answer.get("loan")
+        if not isinstance(loan, dict):
+            raise Unavailable("the gateway's answer to a loan is malformed")
+        volume = BorrowedVolume(
+            Loan(
+                volume=int(loan["volume"]),
+                salt=bytes.fromhex(str(loan["salt"])),
+                path=Path(str(loan["path"])),
+                borrower=self.borrower,
+            ),
+            limit=self._volume_size,
+        )
+        old = self._volumes.get(node.node_id)
+        if old is not None:
+            self._full.append((node, old))
+        self._volumes[node.node_id] = volume
+        self._nodes[node.node_id] = node
+        return volume
+
+    async def _give_back_idle(self) -> None:
+        """Give back the full volumes no append is in flight to any more."""
+        idle = [(node, volume) for node, volume in self._full if not volume.in_flight]
+        if not idle:
+            return
+        self._full = [(node, volume) for node, volume in self._full if volume.in_flight]
+        with trio.CancelScope(shield=True):
+            for node, volume in idle:
+                await self._give_back(node, volume)
+
+    async def _give_back(self, node: NodeRef, volume: BorrowedVolume) -> None:
+        volume.close()
+        try:
+            answer = await self._parent.call(
+                {
+                    "op": "give_back",
+                    "node": node.node_id,
+                    "url": node.url,
+                    "borrower": self.borrower,
+                    "volume": volume.loan.volume,
+                    "end": volume.end,
+                }
+            )
+            raise_error(answer)
+        except Exception as exc:  # the node takes it back at its next start
+            log.warning("volume %d of node %s not given back: %s", volume.loan.volume, node, exc)
+
+    async def _abandon(self, version_id: str) -> None:
+        with trio.move_on_after(ABANDON_TIMEOUT) as scope:
+            scope.shield = True
+            try:
+                raise_error(await self._parent.call({"op": "abandon", "id": version_id}))
+            except Exception as exc:  # the lease expires and the sweeper does the rest
+                log.warning("upload %s not abandoned at the gateway: %s", version_id, exc)
+        if scope.cancelled_caught:
+            log.warning("upload %s not abandoned at the gateway in time", version_id)
+
+    async def samples(self) -> Iterable[Sample]:
+        """For ``/metrics`` (each process counts its own)."""
+        return [
+            (
+                "karma8_gateway_written_here",
+                "counter",
+                "Small uploads whose parts this gateway worker wrote itself, to volumes its"
+                " parent's nodes lent it, and its parent committed",
+                {},
+                self.written,
+            ),
+            (
+                "karma8_gateway_volumes_borrowed",
+                "gauge",
+                "Volumes this gateway worker holds on loan from its parent's nodes",
+                {},
+                len(self._volumes) + len(self._full),
+            ),
+        ]
+
+    async def aclose(self) -> None:
+        """Close the borrowed volumes' descriptors. They are not given back: this process
+        ends with its parent, whose nodes take every loan back as they close."""
+        for volume in [*self._volumes.values(), *(v for _, v in self._full)]:
+            volume.close()
+        self._volumes, self._full = {}, []
+        await trio.lowlevel.checkpoint()

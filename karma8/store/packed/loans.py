@@ -1,0 +1,130 @@
+"""Volumes a storage node lends to another process, and that process's end of a loan.
+
+A node's packed store (:class:`~karma8.store.packed.store.PackedStore`) is the only writer of
+its volumes, so every small part's bytes pass through the node's event loop. A loan lets
+another process on the same machine (a gateway worker that has a small upload's body in
+hand) append needles itself, to a volume the node created for it and will not touch while it
+is lent:
+
+1. The node *lends* a new, salted volume (:meth:`PackedStore.lend`): a :class:`Loan` names
+   its file and salt. The node never appends to, compacts or tombstones a lent volume.
+2. The borrower appends needles to it (:class:`BorrowedVolume`: offsets taken in order, each
+   write a step of the borrower's own group-sync rounds) and makes them durable.
+3. The node *adopts* each durable needle (:meth:`PackedStore.adopt`): it reads the needle
+   back, checks its header, key, length and CRC, and indexes it. Only then is it a part.
+4. The borrower *gives the volume back* (:meth:`PackedStore.give_back`) once it is full and
+   no append of its own is in flight; from then on it is one of the node's sealed volumes.
+   Closing the store ends every loan still out (the borrower is a process that ends with
+   the node's).
+
+What each step may leave behind, and who collects it:
+
+- A needle appended and never adopted (its upload failed or was cancelled) is garbage: the
+  node's index does not name it, so compaction drops it once the volume is back.
+- A part deleted while its volume is lent leaves the index at once; its tombstone is
+  appended when the volume comes back, or when the store closes (the node does not append
+  to a volume a borrower may be appending to).
+- A restart ends every loan. Opening scans lent volumes like any other, so needles never
+  adopted, and parts deleted before their tombstone was written, are found again as parts
+  no committed version names: orphans, which the orphan check collects after its grace, as
+  it does a crashed upload's parts today.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zlib
+from collections.abc import Callable
+
+from karma8.core.errors import IntegrityError
+from karma8.ports import Appended, Loan
+from karma8.store.diskio import O_CLOEXEC, close_quietly, pwrite_all
+from karma8.store.packed.format import LIVE, Needle, decode_header, encode, needle_size
+
+
+class BorrowedVolume:
+    """The borrower's end of a :class:`Loan`: appends needles to the lent volume.
+
+    Event-loop state; the writes themselves are steps for a sync round
+    (:class:`karma8.store.groupsync.GroupSync` on the volume's file system), which runs them
+    in its thread and returns once they are durable. Offsets are taken in call order, so
+    appends never overlap; a failed or cancelled step leaves a hole or bytes nobody adopts.
+
+    Attributes:
+        loan: What the node lent.
+        end: Where the next append goes.
+        in_flight: Appends begun and not yet ended.
+    """
+
+    def __init__(self, loan: Loan, *, limit: int) -> None:
+        """Open the lent volume for writing; ``limit`` is the size past which it is full."""
+        self.loan = loan
+        self.limit = limit
+        self.end = 0
+        self.in_flight = 0
+        self._fd = os.open(loan.path, os.O_WRONLY | O_CLOEXEC)
+
+    @property
+    def full(self) -> bool:
+        """No more appends should start here: the borrower asks for another loan."""
+        return self.end >= self.limit
+
+    def begin_append(self, key: str, payload: bytes) -> tuple[Appended, Callable[[], None]]:
+        """Take a needle's place at the end: what the node will be asked to adopt, and the
+        blocking step that writes it. :meth:`end_append` must follow, whatever the step did.
+        """
+        sha256 = hashlib.sha256(payload).digest()
+        needle = encode(key, payload, sha256=sha256, salt=self.loan.salt, crc=zlib.crc32(payload))
+        offset = self.end
+        self.end += len(needle)
+        self.in_flight += 1
+        fd = self._fd
+
+        def write() -> None:
+            pwrite_all(fd, needle, offset)
+
+        appended = Appended(
+            volume=self.loan.volume,
+            offset=offset,
+            key=key,
+            length=len(payload),
+            sha256=sha256.hex(),
+        )
+        return appended, write
+
+    def end_append(self) -> None:
+        self.in_flight -= 1
+
+    def close(self) -> None:
+        """Close the descriptor (after the last append ended, before giving it back)."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            close_quietly(fd)
+
+
+def adopted_size(appended: Appended) -> int:
+    """Bytes the needle a borrower says it appended takes: what adoption reads back."""
+    return needle_size(len(appended.key.encode()), appended.length)
+
+
+def adopted_needle(data: bytes, appended: Appended, salt: bytes) -> Needle:
+    """The needle in ``data`` (the :func:`adopted_size` bytes read at ``appended.offset``
+    of the lent volume), if it is the one the borrower says it appended there, whole.
+
+    Raises:
+        IntegrityError: The header does not check out under the volume's salt, or names
+            another key, length, checksum or a tombstone, or the payload fails its CRC.
+    """
+    needle = decode_header(data, appended.offset, salt)
+    if needle is not None and len(data) == adopted_size(appended):
+        start = needle.data_offset - appended.offset
+        if (
+            needle.flags == LIVE
+            and needle.key == appended.key
+            and needle.length == appended.length
+            and needle.sha256.hex() == appended.sha256
+            and zlib.crc32(data[start : start + needle.length]) == needle.crc
+        ):
+            return needle
+    raise IntegrityError(f"part {appended.key} is not whole at the place given for it")
