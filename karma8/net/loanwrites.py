@@ -220,6 +220,7 @@ class WorkerWrites:
         self._full: list[tuple[NodeRef, BorrowedVolume]] = []  # to give back once idle
         self._lending: dict[str, trio.Lock] = {}
         self._groups = SyncGroups()
+        self._sync_of: dict[str, GroupSync] = {}  # by node id: the rounds its volumes sync in
         self.written = 0  # uploads whose parts this process wrote
 
     async def put(
@@ -303,32 +304,33 @@ class WorkerWrites:
                 volume = self._volumes.get(node.node_id)
                 if volume is None or volume.full:
                     volume = await self._borrow(node)
-        group = self._groups.for_path(volume.loan.path.parent)
-        if group is None:  # no syncfs: this process cannot make its appends durable
-            raise Unavailable("this host cannot sync a borrowed volume")
-        return volume, group
+        return volume, self._sync_of[node.node_id]
 
     async def _borrow(self, node: NodeRef) -> BorrowedVolume:
         answer = await self._parent.call(
             {"op": "lend", "node": node.node_id, "url": node.url, "borrower": self.borrower}
         )
         raise_error(answer)
-        loan = answer.get("loan")
-        if not isinstance(loan, dict):
-            raise Unavailable("the gateway's answer to a loan is malformed")
-        volume = BorrowedVolume(
-            Loan(
-                volume=int(loan["volume"]),
-                salt=bytes.fromhex(str(loan["salt"])),
-                path=Path(str(loan["path"])),
+        try:
+            raw = answer["loan"]
+            loan = Loan(
+                volume=int(raw["volume"]),
+                salt=bytes.fromhex(str(raw["salt"])),
+                path=Path(str(raw["path"])),
                 borrower=self.borrower,
-            ),
-            limit=self._volume_size,
-        )
+            )
+        except (KeyError, TypeError, ValueError):
+            raise Unavailable("the gateway's answer to a loan is malformed") from None
+        volume = BorrowedVolume(loan, limit=self._volume_size)
+        group = self._groups.for_path(loan.path.parent)
+        if group is None:  # no syncfs here: appends could not be made durable
+            volume.close()
+            raise Unavailable("this host cannot sync a borrowed volume")
         old = self._volumes.get(node.node_id)
         if old is not None:
             self._full.append((node, old))
         self._volumes[node.node_id] = volume
+        self._sync_of[node.node_id] = group
         self._nodes[node.node_id] = node
         return volume
 
