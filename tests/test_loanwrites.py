@@ -20,11 +20,13 @@ import trio
 
 from karma8.actors.gateway import Gateway, GatewayConfig
 from karma8.actors.storage import StorageConfig, StorageNode
-from karma8.core.errors import DiskFull, InvalidRequest, NotFound, PreconditionFailed, Unavailable
+from karma8.core.errors import InvalidRequest, NotFound, PreconditionFailed, Unavailable
 from karma8.core.layout import StripeLayout
 from karma8.core.model import FileVersion, NodeRef, PartPlacement, PartReceipt, VersionState
+from karma8.net import loanwrites, serve
 from karma8.net.loanwrites import LoanDesk, WorkerWrites
 from karma8.net.local import LocalFirstStorageClient
+from karma8.net.netconfig import NetConfig
 from karma8.net.writepipe import ParentWrites, serve_writes
 from karma8.ports import DiscoveryAPI, StorageAPI
 from karma8.store.groupsync import GroupSync
@@ -47,6 +49,7 @@ class FakeDiscovery:
         self.aborted: list[str] = []
         self.leases: dict[str, FileVersion] = {}
         self.refuse: set[str] = set()
+        self.reported: list[str] = []
 
     async def place_upload(
         self, *, namespace: str, name: str, size: int, if_absent: bool = False
@@ -95,6 +98,25 @@ class FakeDiscovery:
         self.committed[version.name] = committed
         return committed
 
+    async def replace_part(
+        self, *, version_id: str, index: int, failed_node_id: str
+    ) -> PartPlacement:
+        await trio.lowlevel.checkpoint()
+        version = self.leases[version_id]
+        taken = {p.node.node_id for p in version.parts}
+        spare = next(n for n in NODES if n not in taken)
+        placement = attrs.evolve(
+            version.parts[index], node=NodeRef(node_id=spare, url=f"http://{spare}")
+        )
+        parts = list(version.parts)
+        parts[index] = placement
+        self.leases[version_id] = attrs.evolve(version, parts=tuple(parts))
+        return placement
+
+    async def report_node_failure(self, *, node_id: str, reason: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self.reported.append(node_id)
+
     async def abort_upload(self, *, version_id: str) -> FileVersion:
         await trio.lowlevel.checkpoint()
         self.aborted.append(version_id)
@@ -107,12 +129,15 @@ class FakeDiscovery:
 class Parent:
     """A parent process's gateway over six packed stores in ``root``, lending volumes."""
 
-    def __init__(self, root: Path, *, capacity: int = BIG) -> None:
+    def __init__(self, root: Path, *, capacity: int = BIG, small_node: int | None = None) -> None:
         group = GroupSync.open(root)
         assert group is not None
         self.stores = {
             node: TieredPartStore(
-                root / node, capacity_bytes=capacity, small_part_max=SMALL, group_sync=group
+                root / node,
+                capacity_bytes=small_node if small_node and node == "n0" else capacity,
+                small_part_max=SMALL,
+                group_sync=group,
             )
             for node in NODES
         }
@@ -230,20 +255,21 @@ async def test_a_refused_commit_leaves_nothing_and_says_why(parent: Parent) -> N
     assert len(parent.discovery.aborted) == 1
 
 
-async def test_a_part_a_node_cannot_take_fails_the_upload_and_is_cleaned_up(
+async def test_a_part_a_node_will_not_adopt_has_the_parent_store_the_body(
     tmp_path: Path,
 ) -> None:
-    parent = Parent(tmp_path, capacity=3000)  # a part of 2 KiB fits once per node
+    parent = Parent(tmp_path, small_node=1000)  # n0 cannot take a part of 2,000 bytes
     try:
         async with worker_of(parent) as (writes, _):
             parent.discovery.place_on = NODES[:5]
-            await writes.put("ns", "first", payload(10_000), if_absent=False)
-            with pytest.raises(DiskFull):
-                await writes.put("ns", "second", payload(10_000, seed=1), if_absent=False)
-        assert {k.split(".")[0] for k in parent.part_keys()} == {
-            parent.discovery.committed["first"].version_id
-        }
-        assert len(parent.discovery.aborted) == 1
+            await writes.put("ns", "f", payload(10_000), if_absent=False)
+        assert writes.written == 0  # stored by the parent, which moved the part
+        assert len(parent.discovery.aborted) == 1  # the worker's placement, given up
+        assert parent.discovery.reported == ["n0"]
+        version = parent.discovery.committed["f"]
+        assert [p.node.node_id for p in version.parts] == ["n5", *NODES[1:5]]
+        assert await parent.read(version) == payload(10_000)
+        assert parent.part_keys() == {p.key for p in version.parts}
     finally:
         parent.close()
 
@@ -289,6 +315,10 @@ async def test_bad_frames_are_refused_and_unknown_placements_are_not_committed(
         pipe = writes._parent
         assert isinstance(pipe, ParentWrites)
         answer = await pipe.call({"op": "commit", "id": "nope", "size": 1, "borrower": "x"})
+        assert answer["error"]["code"] == InvalidRequest.code  # no needles
+        answer = await pipe.call(
+            {"op": "commit", "id": "nope", "size": 1, "borrower": "x", "written": []}
+        )
         assert answer["error"]["code"] == Unavailable.code
         placed = await pipe.call({"op": "place", "namespace": "ns", "name": "a", "size": 10})
         version_id = placed["placed"]["version_id"]
@@ -318,8 +348,8 @@ async def test_a_worker_cancelled_mid_upload_abandons_it(parent: Parent) -> None
         with trio.CancelScope() as scope:
             original = writes._write
 
-            async def write_then_cancel(version: FileVersion, data: bytes) -> Any:
-                written = await original(version, data)
+            async def write_then_cancel(version: FileVersion, data: bytes, begun: Any) -> Any:
+                written = await original(version, data, begun)
                 scope.cancel()
                 await trio.lowlevel.checkpoint()
                 return written
@@ -345,7 +375,71 @@ async def test_a_placement_never_committed_is_forgotten_after_a_while(parent: Pa
                 "id": first["placed"]["version_id"],
                 "size": 10,
                 "borrower": writes.borrower,
-                "written": [[1, 0, 2, "00"]] * 5,
+                "written": [[1, 0, 2, "0" * 64]] * 5,
             }
         )
         assert answer["error"]["code"] == Unavailable.code
+
+
+async def test_uploads_across_full_volumes_all_commit(parent: Parent) -> None:
+    """A volume full for one upload is not given back while another's needles in it wait
+    for their commit."""
+    bodies = {f"f{i}": payload(20_000, seed=i) for i in range(40)}
+    async with (
+        worker_of(parent, volume_size=8192) as (writes, _),
+        trio.open_nursery() as nursery,
+    ):
+        for name, body in bodies.items():
+            nursery.start_soon(partial(writes.put, "ns", name, body, if_absent=False))
+    assert writes.written == len(bodies)
+    for name, body in bodies.items():
+        assert await parent.read(parent.discovery.committed[name]) == body
+
+
+async def test_a_commit_held_back_keeps_its_volume_lent(parent: Parent) -> None:
+    async with worker_of(parent, volume_size=8192) as (writes, _):
+        pipe = writes._parent
+        assert isinstance(pipe, ParentWrites)
+        real_call = pipe.call
+        held = trio.Event()
+        go = trio.Event()
+
+        async def call(request: dict[str, Any], data: bytes = b"") -> dict[str, Any]:
+            if request.get("op") == "commit" and request.get("size") == 20_000:
+                held.set()
+                await go.wait()  # x's commit arrives late
+            return await real_call(request, data)
+
+        pipe.call = call  # type: ignore[method-assign]
+        parent.discovery.place_on = NODES[:5]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(writes.put, "ns", "x", payload(20_000), if_absent=False))
+            await held.wait()
+            for i in range(3):  # fill x's volumes and move on to new ones
+                await writes.put("ns", f"y{i}", payload(20_001 + i, seed=i), if_absent=False)
+            go.set()
+    assert await parent.read(parent.discovery.committed["x"]) == payload(20_000)
+
+
+async def test_a_loan_refused_has_the_parent_store_the_body(
+    parent: Parent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loanwrites, "LOANS_MAX", 0)
+    async with worker_of(parent) as (writes, desk):
+        await writes.put("ns", "f", payload(3000), if_absent=False)
+        assert desk.placed == 0
+    assert writes.written == 0
+    assert len(parent.discovery.aborted) == 1  # the worker's placement
+    assert await parent.read(parent.discovery.committed["f"]) == payload(3000)
+
+
+def test_workers_write_parts_only_where_they_can(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = NetConfig()
+    readers = {"n0": object()}
+    assert serve._writes_parts(config, readers)
+    assert not serve._writes_parts(attrs.evolve(config, worker_parts=False), readers)
+    assert not serve._writes_parts(attrs.evolve(config, local_calls=False), readers)
+    assert not serve._writes_parts(attrs.evolve(config, small_part_max=0), readers)
+    assert not serve._writes_parts(config, {})
+    monkeypatch.setattr(serve, "can_sync_file_systems", lambda: False)  # no syncfs here
+    assert not serve._writes_parts(config, readers)

@@ -12,7 +12,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from karma8.core.errors import DiskFull, IntegrityError, NotFound, UploadConflict
+from karma8.core.errors import DiskFull, IntegrityError, InvalidRequest, NotFound, UploadConflict
 from karma8.ports import Appended, StoredPart
 from karma8.store.diskio import BlockingIO
 from karma8.store.groupsync import GroupSync
@@ -404,3 +404,69 @@ async def test_tombstones_go_past_a_needle_the_borrower_began_and_did_not_finish
     store.close()
     again = new_tiered(tmp_path)
     assert set(await again.keys()) <= {"torn"}
+
+
+@pytest.mark.parametrize("delete_while_lent", [False, True], ids=["after", "while-lent"])
+async def test_a_part_written_again_after_its_lent_copy_went_survives_a_restart(
+    tmp_path: Path, delete_while_lent: bool
+) -> None:
+    """The node's own appends go to a volume above every lent one: of two live needles of a
+    key, the later volume's wins at the next open (a part moved off and back again)."""
+    store = new_tiered(tmp_path)
+    await put(store, "own.0", payload(300, seed=1))
+    volume = await borrow(store)
+    data = payload(500, seed=7)
+    store.packed.adopt(W, append(volume, "v.3", data))
+    for i in range(5):  # other live parts: the lent volume is never compacted empty
+        store.packed.adopt(W, append(volume, f"w.{i}", payload(2000, seed=i)))
+    if not delete_while_lent:
+        await give_back(store, volume)
+    assert await store.delete("v.3")  # moved off
+    await put(store, "v.3", data)  # and back
+    assert store.packed.index.get("v.3").volume > volume.loan.volume  # type: ignore[union-attr]
+    if delete_while_lent:
+        await give_back(store, volume)  # its tombstone lands in the lent volume now
+    store.close()
+    again = new_tiered(tmp_path)
+    assert b"".join(await read(again, "v.3", 0, len(data))) == data
+    again.close()
+
+
+async def test_a_delete_racing_the_return_and_a_second_delete_count_the_part_once(
+    tmp_path: Path,
+) -> None:
+    store = new_tiered(tmp_path)
+    await put(store, "own.0", payload(1000, seed=9))
+    volume = await borrow(store)
+    store.packed.adopt(W, append(volume, "k.0", payload(300)))
+    store.packed.adopt(W, append(volume, "k.1", payload(300, seed=1)))
+    results: list[bool] = []
+
+    async def delete(key: str) -> None:
+        results.append(await store.packed.delete(key))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(delete, "k.0")
+        nursery.start_soon(delete, "k.0")
+        nursery.start_soon(store.packed.give_back, W, volume.loan.volume, volume.end)
+        nursery.start_soon(delete, "k.1")
+    assert sorted(results) == [False, True, True]
+    assert await store.used_bytes() == 1000
+    store.close()
+    again = new_tiered(tmp_path)
+    assert await again.keys() == ["own.0"]
+    again.close()
+
+
+async def test_a_return_past_what_the_borrower_could_have_written_is_refused(
+    tmp_path: Path,
+) -> None:
+    store = new_tiered(tmp_path, volume_size=4096)
+    volume = await borrow(store)
+    store.packed.adopt(W, append(volume, "k.0", payload(100)))
+    with pytest.raises(InvalidRequest):
+        await store.packed.give_back(W, volume.loan.volume, 1 << 40)
+    assert store.packed.lent == {volume.loan.volume: W}
+    with pytest.raises(InvalidRequest):  # larger than a packed part
+        store.adopt(W, attrs.evolve(append(volume, "k.1", payload(10)), length=1 << 30))
+    await give_back(store, volume)

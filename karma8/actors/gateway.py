@@ -264,29 +264,22 @@ class Gateway:
             raise Unavailable("this gateway's nodes do not lend volumes")
         await self._lending.give_back_volume(node, borrower, volume, end)
 
-    async def put_written(
-        self,
-        version: FileVersion,
-        written: Sequence[Appended],
-        *,
-        borrower: str,
-        size: int,
-        if_absent: bool = False,
-    ) -> FileVersion:
-        """Finish a small upload that ``place_upload`` placed as ``version`` and whose parts
-        ``borrower``, a process on this host, appended itself to volumes the nodes lent it
-        (:class:`karma8.ports.LendingStorage`; ``written`` in the order of the version's
-        parts): each node adopts its part, then discovery commits, as :meth:`put` ends. All
-        or nothing as :meth:`put`.
+    async def adopt_written(
+        self, version: FileVersion, written: Sequence[Appended], *, borrower: str, size: int
+    ) -> list[PartReceipt]:
+        """The receipts of a small upload that ``place_upload`` placed as ``version`` and
+        whose parts ``borrower``, a process on this host, appended itself to volumes the
+        nodes lent it (:class:`karma8.ports.LendingStorage`; ``written`` in the order of the
+        version's parts), once each node has adopted its part; :meth:`commit_written` then
+        commits them. On any failure the upload is cleaned up as a failed :meth:`put` is.
 
         Raises:
             Unavailable: This gateway's storage does not lend volumes.
             InvalidRequest: ``written`` does not match the placement.
-            what adopting a part raises (IntegrityError, DiskFull, ...) or committing does.
+            what adopting a part raises (IntegrityError, DiskFull, StorageFailure, ...).
         """
         placed = list(version.parts)
         sizes = version.layout.slot_sizes(size)
-        uploader = self._uploader
         try:
             if self._lending is None:
                 raise Unavailable("this gateway's nodes do not lend volumes")
@@ -301,9 +294,15 @@ class Gateway:
                     raise result
                 receipts.append(receipt_of(placement, result, sizes[placement.index]))
         except BaseException:
-            await uploader.clean_up(placed_on(version, placed), commit_attempted=False)
+            await self._uploader.clean_up(version, commit_attempted=False)
             raise
-        return await self._commit(version, placed, size, receipts, if_absent=if_absent)
+        return receipts
+
+    async def commit_written(
+        self, version: FileVersion, receipts: list[PartReceipt], *, size: int, if_absent: bool
+    ) -> FileVersion:
+        """Commit what :meth:`adopt_written` adopted, as :meth:`put` ends."""
+        return await self._commit(version, list(version.parts), size, receipts, if_absent=if_absent)
 
     async def _commit(
         self,

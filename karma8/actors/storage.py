@@ -331,6 +331,11 @@ class StorageNode:
             raise Unavailable(f"node {self.node_id} does not lend volumes")
         await self._lending.give_back(borrower, volume, end)
 
+    def end_loans(self) -> None:
+        """Take back every volume this node lent: the borrowers have exited (blocking)."""
+        if self._lending is not None:
+            self._lending.end_loans()
+
     def read_part(
         self, key: str, *, offset: int, length: int
     ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:

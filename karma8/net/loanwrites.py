@@ -16,7 +16,11 @@ work on its own core, and the parent only places and commits:
    (:meth:`Gateway.put_written`); the answer is a PUT's.
 4. On any failure before the commit the worker says ``abandon``, and the parent cleans up as
    a failed PUT does; needles never adopted are garbage that compaction drops, or orphans
-   after a restart (:mod:`karma8.store.packed.loans`).
+   after a restart (:mod:`karma8.store.packed.loans`). Where the worker could not write
+   (no loan, a disk error) or a node would not adopt its part for a reason of its own
+   (full, a disk error, a needle not whole: the answer says ``again``), the worker then
+   sends the body the :mod:`~karma8.net.writepipe` way, and the parent stores it as any
+   small PUT, moving a part off a node that fails it.
 
 A worker gives a full volume back (``give_back``) once none of its appends to it is in
 flight; the nodes take back the rest as they close (a worker ends with its parent). A
@@ -31,6 +35,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +43,14 @@ import trio
 
 from karma8.actors.gateway import Gateway
 from karma8.actors.writes import held_pieces, source_of
-from karma8.core.errors import InvalidRequest, Karma8Error, StorageFailure, Unavailable
+from karma8.core.errors import (
+    DiskFull,
+    IntegrityError,
+    InvalidRequest,
+    Karma8Error,
+    StorageFailure,
+    Unavailable,
+)
 from karma8.core.model import FileVersion, NodeRef, StoredVersion
 from karma8.net import requestlog
 from karma8.net.codec import decode, encode, error_body
@@ -54,6 +66,10 @@ log = logging.getLogger("karma8.loanwrites")
 
 Handler = Callable[[dict[str, Any], bytes], Awaitable[dict[str, Any]]]
 OK: dict[str, Any] = {"ok": True}
+# A part a node would not adopt for a reason of its own (full, a disk error, the needle not
+# whole): the worker has the parent store the body instead, which moves such a part.
+AGAIN = (DiskFull, StorageFailure, IntegrityError, Unavailable)
+LOANS_MAX = 16  # volumes one borrower may hold of one node at once
 ABANDON_TIMEOUT = 10.0  # seconds a worker tries to have a failed upload cleaned up
 
 
@@ -72,6 +88,7 @@ class LoanDesk:
         self._gateway = gateway
         self._keep_for = keep_for
         self._placed: dict[str, tuple[float, FileVersion]] = {}
+        self._loans: dict[tuple[str, str], int] = {}  # (borrower, node id): volumes lent
 
     def ops(self) -> dict[str, Handler]:
         return {
@@ -127,27 +144,33 @@ class LoanDesk:
         return kept[1]
 
     async def _commit(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:  # the whole frame read before the placement is taken
+            borrower = _text(request, "borrower")
+            size = _number(request, "size")
+            raw = request.get("written")
+            if not isinstance(raw, list):
+                raise InvalidRequest("a commit without its needles")
+            needles = [(_int(item, 0), _int(item, 1), _int(item, 2), _hex(item)) for item in raw]
+        except InvalidRequest:
+            with suppress(InvalidRequest):  # no id either: nothing to abandon
+                await self._abandon(request)
+            raise
         version = self._take(request)
-        raw = request.get("written")
-        if not isinstance(raw, list) or len(raw) != len(version.parts):
+        if len(needles) != len(version.parts):
             await self._gateway.abandon(version)
             raise InvalidRequest("a commit without a needle for every part placed")
         written = [
-            Appended(
-                volume=_int(item, 0),
-                offset=_int(item, 1),
-                key=placement.key,
-                length=_int(item, 2),
-                sha256=str(item[3]),
-            )
-            for placement, item in zip(version.parts, raw, strict=True)
+            Appended(volume=volume, offset=offset, key=placement.key, length=length, sha256=sha)
+            for placement, (volume, offset, length, sha) in zip(version.parts, needles, strict=True)
         ]
-        stored = await self._gateway.put_written(
-            version,
-            written,
-            borrower=_text(request, "borrower"),
-            size=_number(request, "size"),
-            if_absent=request.get("if_absent") is True,
+        try:
+            receipts = await self._gateway.adopt_written(
+                version, written, borrower=borrower, size=size
+            )
+        except AGAIN as exc:  # cleaned up; the worker sends the body to be stored instead
+            return {**error_body(exc), "again": True}
+        stored = await self._gateway.commit_written(
+            version, receipts, size=size, if_absent=request.get("if_absent") is True
         )
         return stored_answer(stored)
 
@@ -160,15 +183,21 @@ class LoanDesk:
         return OK
 
     async def _lend(self, request: dict[str, Any]) -> dict[str, Any]:
-        loan = await self._gateway.lend_volume(_node(request), _text(request, "borrower"))
+        node, borrower = _node(request), _text(request, "borrower")
+        held = self._loans.get((borrower, node.node_id), 0)
+        if held >= LOANS_MAX:
+            raise Unavailable(f"{borrower} holds {held} volumes of node {node.node_id} already")
+        loan = await self._gateway.lend_volume(node, borrower)
+        self._loans[borrower, node.node_id] = held + 1
         return {"loan": {"volume": loan.volume, "salt": loan.salt.hex(), "path": str(loan.path)}}
 
     async def _give_back(self, request: dict[str, Any]) -> dict[str, Any]:
+        node, borrower = _node(request), _text(request, "borrower")
         await self._gateway.give_back_volume(
-            _node(request),
-            _text(request, "borrower"),
-            _number(request, "volume"),
-            _number(request, "end"),
+            node, borrower, _number(request, "volume"), _number(request, "end")
+        )
+        self._loans[borrower, node.node_id] = max(
+            0, self._loans.get((borrower, node.node_id), 1) - 1
         )
         return OK
 
@@ -193,6 +222,13 @@ def _int(item: object, at: int) -> int:
     value = item[at]
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise InvalidRequest("a needle's volume, offset and length are counts")
+    return value
+
+
+def _hex(item: list[Any]) -> str:
+    value = item[3]
+    if not isinstance(value, str) or len(value) != 64:
+        raise InvalidRequest("a needle's sha256 is 64 hex digits")
     return value
 
 
@@ -247,54 +283,67 @@ class WorkerWrites:
         if not {p.node.node_id for p in version.parts} <= self._local:
             await self._abandon(version.version_id)  # a node of another process
             return await self._parent.put(namespace, name, data, if_absent=if_absent)
+        # An append stays in flight until its commit is answered: its volume is not given
+        # back before the node has adopted (or given up) the needle.
+        begun: list[BorrowedVolume] = []
         try:
-            written = await self._write(version, data)
-        except BaseException:
-            await self._abandon(version.version_id)
-            raise
-        answer = await self._parent.call(
-            {
-                "op": "commit",
-                "id": version.version_id,
-                "size": len(data),
-                "if_absent": if_absent,
-                "borrower": self.borrower,
-                "written": [[w.volume, w.offset, w.length, w.sha256] for w in written],
-                "request_id": request_id,
-            }
-        )
+            try:
+                written = await self._write(version, data, begun)
+            except Karma8Error as exc:  # no loan, or a write failed: the parent stores it
+                await self._abandon(version.version_id)
+                log.info("upload %s: %s; stored by the parent", version.version_id, exc)
+                return await self._parent.put(namespace, name, data, if_absent=if_absent)
+            except BaseException:
+                await self._abandon(version.version_id)
+                raise
+            answer = await self._parent.call(
+                {
+                    "op": "commit",
+                    "id": version.version_id,
+                    "size": len(data),
+                    "if_absent": if_absent,
+                    "borrower": self.borrower,
+                    "written": [[w.volume, w.offset, w.length, w.sha256] for w in written],
+                    "request_id": request_id,
+                }
+            )
+        finally:
+            for volume in begun:
+                volume.end_append()
+            await self._give_back_idle()
+        if answer.get("again") is True:  # a node would not take its part: moved by the parent
+            log.info("upload %s: %s; stored by the parent", version.version_id, answer.get("error"))
+            return await self._parent.put(namespace, name, data, if_absent=if_absent)
         self.written += 1
         return answered(answer)
 
-    async def _write(self, version: FileVersion, data: bytes) -> list[Appended]:
+    async def _write(
+        self, version: FileVersion, data: bytes, begun: list[BorrowedVolume]
+    ) -> list[Appended]:
         """Append each part's needle to its node's borrowed volume and wait until all are
-        durable (one sync round per file system)."""
+        durable (one sync round per file system). Each volume appended to is added to
+        ``begun``, whose appends the caller ends."""
         layout = version.layout
         pieces = held_pieces(layout, data)
-        begun: list[tuple[BorrowedVolume, GroupSync, Appended, Callable[[], None]]] = []
-        try:
-            for placement in version.parts:
-                volume, group = await self._volume_for(placement.node)
-                payload = b"".join(pieces[source_of(layout, placement.index)])
-                appended, step = volume.begin_append(placement.key, payload)
-                begun.append((volume, group, appended, step))
-            errors: list[BaseException | None] = []
-            for group in {id(g): g for _, g, _, _ in begun}.values():
-                steps = [step for _, g, _, step in begun if g is group]
-                try:
-                    errors += await group.run_steps(steps)
-                except OSError as exc:  # the round failed: every write with it
-                    errors.append(exc)
-        finally:
-            for volume, _, _, _ in begun:
-                volume.end_append()
-            await self._give_back_idle()
+        steps: list[tuple[GroupSync, Appended, Callable[[], None]]] = []
+        for placement in version.parts:
+            volume, group = await self._volume_for(placement.node)
+            payload = b"".join(pieces[source_of(layout, placement.index)])
+            appended, step = volume.begin_append(placement.key, payload)
+            begun.append(volume)
+            steps.append((group, appended, step))
+        errors: list[BaseException | None] = []
+        for group in {id(g): g for g, _, _ in steps}.values():
+            try:
+                errors += await group.run_steps([step for g, _, step in steps if g is group])
+            except OSError as exc:  # the round failed: every write with it
+                errors.append(exc)
         for error in errors:
             if isinstance(error, OSError):
                 raise storage_error(error, "writing a part") from None
             if error is not None:
                 raise StorageFailure(f"writing a part failed: {error!r}") from error
-        return [appended for _, _, appended, _ in begun]
+        return [appended for _, appended, _ in steps]
 
     async def _volume_for(self, node: NodeRef) -> tuple[BorrowedVolume, GroupSync]:
         volume = self._volumes.get(node.node_id)

@@ -60,7 +60,7 @@ from karma8.net.workers import run_gateway_workers
 from karma8.net.writepipe import ParentWrites, SmallWrites, serve_writes, writes_socket
 from karma8.ports import DiscoveryAPI, StorageAPI
 from karma8.store.diskio import FILE_MODE, hold_lock, private_dir, release_lock
-from karma8.store.groupsync import GroupSync, SyncGroups
+from karma8.store.groupsync import GroupSync, SyncGroups, can_sync_file_systems
 from karma8.store.tiered import open_part_store
 
 T = TypeVar("T")
@@ -388,7 +388,13 @@ def _writes_parts(config: NetConfig, readers: Mapping[str, object]) -> bool:
     """Whether a worker writes its small uploads' parts itself (karma8/net/loanwrites.py):
     asked for, its parent's nodes on this host and called in-process there, packing small
     parts."""
-    return bool(config.worker_parts and readers and config.local_calls and config.small_part_max)
+    return bool(
+        config.worker_parts
+        and readers
+        and config.local_calls
+        and config.small_part_max
+        and can_sync_file_systems()
+    )
 
 
 async def _start_workers(
@@ -525,7 +531,7 @@ async def run_cluster(
     finally:
         # Every task has ended, the workers' too: the nodes take back what they lent them.
         for node in local.values():
-            node.close()
+            node.end_loans()
         store.close()
         for node_dir in node_dirs:
             release_node_dir(node_dir)

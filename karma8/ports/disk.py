@@ -69,6 +69,10 @@ class LendingStore(Protocol):
         """End a loan (NotFound if it is not lent to ``borrower``)."""
         ...
 
+    def end_loans(self) -> None:
+        """End every loan, the borrowers gone (blocking: writes what waited for them)."""
+        ...
+
 
 class PartWriter(Protocol):
     """A part being written: invisible to readers until :meth:`commit`."""

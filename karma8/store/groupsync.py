@@ -91,6 +91,11 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
+def can_sync_file_systems() -> bool:
+    """Whether this host has ``syncfs`` (:meth:`GroupSync.open` gives None where not)."""
+    return _SYNCFS is not None
+
+
 class GroupSync:
     """Shared rounds of one sync call: many writers, one ``syncfs`` (or ``fdatasync``) each round.
 

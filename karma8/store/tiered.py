@@ -118,12 +118,17 @@ class TieredPartStore:
         """A needle ``borrower`` appended to a volume lent to it, made a part (see
         :meth:`karma8.store.packed.store.PackedStore.adopt`; blocking, brief)."""
         check_key(appended.key)
+        if not 0 <= appended.length <= self.small_part_max:
+            raise InvalidRequest(f"a part of {appended.length} bytes is not packed here")
         if appended.key in self._committing:
             raise UploadConflict(f"part {appended.key} already exists")
         return self.packed.adopt(borrower, appended)
 
     async def give_back(self, borrower: str, volume: int, end: int) -> None:
         await self.packed.give_back(borrower, volume, end)
+
+    def end_loans(self) -> None:
+        self.packed.end_loans()
 
     async def begin_whole(self, key: str, data: bytes) -> PendingWrite:
         """Begin storing a whole small part (:meth:`whole_runner` says it is one): as a writer

@@ -28,13 +28,16 @@ needles checks out under the salt its name gives, though whole needles are in it
 copied under another name, or damaged in every header), is no torn tail: it is moved to
 ``volumes/refused/`` whole, not cut, and its parts are missing until it is put back.
 
-Appending (:mod:`~karma8.store.packed.store`). One volume is active. A commit takes its offset
-at the active volume's end on the event loop, so appends to a volume never overlap, and hands
-the write (one ``pwrite`` of the whole needle) to the next group-sync round as a step
-(:mod:`karma8.store.groupsync`): many commits share one thread trip and one ``syncfs``, and
-none returns before its needle is durable. Only then does the index name it. A volume past
-``volume_size`` is sealed and the next append opens a new one, so inodes stay few (1 GiB
-volumes: one inode per GiB of small parts).
+Appending (:mod:`~karma8.store.packed.store`). One volume is active, always the
+highest-numbered: opening starts a new one unless the last is empty, and so does the first
+append after a volume was lent to another process (:mod:`~karma8.store.packed.loans`), so
+that a key written again lands above every earlier copy of it (the later wins on open). A
+commit takes its offset at the active volume's end on the event loop, so appends to a volume
+never overlap, and hands the write (one ``pwrite`` of the whole needle) to the next
+group-sync round as a step (:mod:`karma8.store.groupsync`): many commits share one thread
+trip and one ``syncfs``, and none returns before its needle is durable. Only then does the
+index name it. A volume past ``volume_size`` is sealed and the next append opens a new one,
+so inodes stay few (1 GiB volumes: one inode per GiB of small parts).
 
 Deleting appends a tombstone to the volume *of the needle it deletes* (a sealed one
 included), so a volume's needles and their tombstones always travel together, and the

@@ -114,17 +114,20 @@ def adopted_needle(data: bytes, appended: Appended, salt: bytes) -> Needle:
 
     Raises:
         IntegrityError: The header does not check out under the volume's salt, or names
-            another key, length, checksum or a tombstone, or the payload fails its CRC.
+            another key, length, checksum or a tombstone, or the payload does not match its
+            CRC and sha256.
     """
     needle = decode_header(data, appended.offset, salt)
     if needle is not None and len(data) == adopted_size(appended):
         start = needle.data_offset - appended.offset
+        payload = data[start : start + needle.length]
         if (
             needle.flags == LIVE
             and needle.key == appended.key
             and needle.length == appended.length
             and needle.sha256.hex() == appended.sha256
-            and zlib.crc32(data[start : start + needle.length]) == needle.crc
+            and zlib.crc32(payload) == needle.crc
+            and hashlib.sha256(payload).digest() == needle.sha256
         ):
             return needle
     raise IntegrityError(f"part {appended.key} is not whole at the place given for it")

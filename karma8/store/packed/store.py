@@ -18,7 +18,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from karma8.core.errors import IntegrityError, NotFound, UploadConflict
+from karma8.core.errors import IntegrityError, InvalidRequest, NotFound, UploadConflict
 from karma8.ports import Appended, Loan, PendingWrite, StepRunner, StoredPart
 from karma8.store.diskio import (
     DIR_MODE,
@@ -57,6 +57,8 @@ log = logging.getLogger("karma8.store.packed")
 
 DEFAULT_VOLUME_SIZE = 1 << 30
 DEFAULT_COMPACT_RATIO = 0.5
+# How far past ``volume_size`` a borrower's last append may reach (it stops at the size).
+LOAN_SLACK = 2 << 20
 REFUSED = "refused"  # under volumes/: volumes set aside on open, nothing cut (see _set_aside)
 
 
@@ -109,8 +111,11 @@ class PackedStore:
         self._loans: dict[int, _Lent] = {}  # volumes lent to other processes, by id
         self.truncated_bytes = self._recover()
         last = max(self._files, default=0)
-        if not last or self._files[last].salt is None:
-            # Appends go to a salted volume: one written before salts is left as it is.
+        if not last or self._files[last].salt is None or self._files[last].end:
+            # Appends go to a new salted volume, above every other: one written before salts
+            # is left as it is, and one another process may have appended to (lent before a
+            # crash) never gets the node's appends, nor a copy of a key that must win over
+            # an older one at the next open (of two live needles of a key, the later wins).
             self._files[last + 1] = self._create(last + 1, 0)
         self._active = max(self._files)
         quota.add_used(self.index.payload_bytes)
@@ -198,15 +203,20 @@ class PackedStore:
                 raise
         return VolumeFile(volume, generation, salt, path, fd, 0)
 
-    def close(self) -> None:
-        """Close the volumes' descriptors (the store is unusable afterwards). Every loan
-        ends first: the tombstones of parts deleted from a lent volume are written (a
-        borrower still appending can at worst write over them; the parts then come back
-        after a restart as orphans, as after a crash)."""
+    def end_loans(self) -> None:
+        """End every loan, the borrowers gone (their processes have exited): the tombstones
+        of parts deleted from a lent volume are written, blocking, after every byte in it.
+        (A borrower still appending could at worst write over them: those parts would come
+        back after a restart as orphans, as after a crash.)"""
         loans, self._loans = self._loans, {}
         for volume, lent in loans.items():
             if lent.deleted:
                 self._write_tombstones(self._files[volume], lent.deleted)
+
+    def close(self) -> None:
+        """Close the volumes' descriptors (the store is unusable afterwards); every loan
+        ends first (:meth:`end_loans`)."""
+        self.end_loans()
         for file in self._files.values():
             close_quietly(file.fd)
         self._files.clear()
@@ -325,11 +335,16 @@ class PackedStore:
     async def _active_for(self, nbytes: int) -> VolumeFile:
         """The volume to append ``nbytes`` to, rolling over to a new one past the size."""
         file = self._files[self._active]
-        if file.end == 0 or file.end + nbytes <= self.volume_size:
+        # Above every other volume (none was lent since): of two live needles of a key, the
+        # later volume's wins at the next open, so a key written again must land above
+        # every earlier copy, a lent volume's included.
+        highest = self._active == max(self._files)
+        if highest and (file.end == 0 or file.end + nbytes <= self.volume_size):
             return file
         async with self._roll_lock:
             file = self._files[self._active]
-            if file.end and file.end + nbytes > self.volume_size:
+            highest = self._active == max(self._files)
+            if not highest or (file.end and file.end + nbytes > self.volume_size):
                 sealed, new = file.volume, max(self._files) + 1  # past any lent volume
                 try:
                     file = await self._io.run(lambda: self._create(new, 0))
@@ -464,11 +479,12 @@ class PackedStore:
             if ref is None:
                 await trio.lowlevel.checkpoint()
                 return False
-            if ref.volume in self._loans:  # its tombstone waits for the volume to come back
-                await trio.lowlevel.checkpoint()
-                self._loans[ref.volume].deleted.append(key)
-                self.index.remove(key)
+            lent = self._loans.get(ref.volume)
+            if lent is not None:  # its tombstone waits for the volume to come back
+                lent.deleted.append(key)  # all before the checkpoint: no delete or return
+                self.index.remove(key)  # between, so a second delete finds nothing here
                 self._quota.remove_used(ref.length)
+                await trio.lowlevel.checkpoint()
                 return True
             file = self._files[ref.volume]
             if file.closing is None:
@@ -576,6 +592,8 @@ class PackedStore:
             raise storage_error(exc, "taking a volume back") from None
         if self._loans.get(volume) is not lent:  # given back meanwhile
             raise NotFound(f"volume {volume} is not lent to {borrower}")
+        if end > max(size, self.volume_size) + LOAN_SLACK:  # a borrower stops at the size
+            raise InvalidRequest(f"volume {volume} ends at {size}, not {end}")
         del self._loans[volume]
         file.end = max(aligned(size), aligned(end))  # past all the borrower wrote, or began
         if lent.deleted:
