@@ -163,6 +163,35 @@ async def test_options_star_names_what_the_server_allows(net: NetDriver) -> None
 
 
 @pytest.mark.parametrize(
+    ("path", "allow"), [("/default/", "GET, HEAD, OPTIONS"), ("/healthz", "GET, HEAD, OPTIONS")]
+)
+async def test_options_on_a_listing_or_control_route_is_204_with_allow(
+    net: NetDriver, path: str, allow: str
+) -> None:
+    # Quart's own answer was a 200 of empty HTML; now as on a file's route, no body.
+    answer, _ = await one_request(net, f"OPTIONS {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert answer.status == 204
+    assert answer.headers["allow"] == allow
+    assert "content-type" not in answer.headers
+    assert "content-length" not in answer.headers
+
+
+async def test_an_upgrade_to_websocket_is_a_clear_400(net: NetDriver) -> None:
+    # It was a 404 "no such route" for a file that exists.
+    await net.put("ws", b"abc")
+    upgrade = (
+        b"GET /default/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    answer, _ = await one_request(net, upgrade)
+    assert answer.status == 400
+    assert answer.error()["code"] == "invalid_request"
+    assert "WebSocket" in answer.error()["message"]
+    assert answer.headers["x-request-id"] == answer.error()["request_id"]
+    await still_serving(net)
+
+
+@pytest.mark.parametrize(
     ("path", "length", "status"),
     [
         ("/no-such-ns/f", 3, 404),

@@ -31,12 +31,26 @@ log = logging.getLogger("karma8.net")
 OWN_AUTH = frozenset({"/healthz", "/status", "/metrics"})
 
 
+class _App(QuartTrio):
+    """Quart-Trio whose answer to ``OPTIONS`` on a route is the file routes' (and RFC 9110's
+    usual one): ``204`` and ``Allow``, no body (Quart's own is a ``200`` of empty HTML)."""
+
+    async def make_default_options_response(self) -> Response:
+        response = await super().make_default_options_response()
+        allowed = sorted(m.strip() for m in response.headers["Allow"].split(","))
+        response.status_code = 204  # no Content-Type, no Content-Length (RFC 9110 §8.6)
+        for header in ("Content-Type", "Content-Length"):
+            del response.headers[header]
+        response.headers["Allow"] = ", ".join(allowed)
+        return response
+
+
 def create_app(name: str, *, secret: str | None) -> QuartTrio:
     """A Quart-Trio app for a role's control routes: JSON errors, (if ``secret``) auth.
 
     Files and parts do not pass through it: :mod:`karma8.net.exchange` serves them in front.
     """
-    app = QuartTrio(name)
+    app = _App(name)
     # No size limit of Quart's own on a JSON body: a node's key lists (heartbeats, unknown
     # parts) grow with the node. Nor timeouts: Hypercorn's and the clients' apply.
     app.config["MAX_CONTENT_LENGTH"] = None

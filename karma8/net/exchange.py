@@ -379,6 +379,39 @@ class Exchange:
 Handler = Callable[[Exchange, T], Awaitable[None]]
 
 
+async def _refuse_websocket(
+    scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+) -> None:
+    """A request to upgrade to WebSocket: ``400`` with the usual JSON error, where the server
+    lets an app answer one with HTTP (Hypercorn does), else the handshake is refused."""
+    await receive()  # websocket.connect
+    extensions = cast(dict[str, Any], scope.get("extensions") or {})
+    if "websocket.http.response" not in extensions:
+        await send({"type": "websocket.close", "code": 1003, "reason": ""})
+        return
+    request_id = requestlog.accept_request_id(None)
+    error = InvalidRequest(
+        "karma8 does not speak WebSocket: send the request without 'Upgrade: websocket'"
+    )
+    body = json.dumps(
+        {"error": {**error_body(error)["error"], "request_id": request_id}}, separators=(",", ":")
+    )
+    data = (body + "\n").encode()
+    await send(
+        {
+            "type": "websocket.http.response.start",
+            "status": 400,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                (b"x-request-id", request_id.encode()),
+            ],
+        }
+    )
+    await send({"type": "websocket.http.response.body", "body": data, "more_body": False})
+    log_access("GET", str(scope.get("path", "")), 400, len(data), time.perf_counter(), request_id)
+
+
 class ExchangeRoutes(abc.ABC, Generic[T]):
     """ASGI middleware: serves the requests whose path :meth:`match` claims, hands every
     other request to ``app``.
@@ -425,6 +458,9 @@ class ExchangeRoutes(abc.ABC, Generic[T]):
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
+        if scope["type"] == "websocket":
+            await _refuse_websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
