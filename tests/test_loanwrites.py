@@ -35,7 +35,8 @@ from karma8.store.tiered import TieredPartStore
 from storehelpers import BIG, payload, read
 
 NODES = [f"n{i}" for i in range(6)]
-SMALL = 64 << 10
+SMALL = 64 << 10  # small_part_max
+HELD = 1 << 20  # small_file_max: as by default, held bodies have parts too large to pack
 
 
 class FakeDiscovery:
@@ -129,7 +130,14 @@ class FakeDiscovery:
 class Parent:
     """A parent process's gateway over six packed stores in ``root``, lending volumes."""
 
-    def __init__(self, root: Path, *, capacity: int = BIG, small_node: int | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        capacity: int = BIG,
+        small_node: int | None = None,
+        volume_size: int = 1 << 30,
+    ) -> None:
         group = GroupSync.open(root)
         assert group is not None
         self.stores = {
@@ -138,6 +146,7 @@ class Parent:
                 capacity_bytes=small_node if small_node and node == "n0" else capacity,
                 small_part_max=SMALL,
                 group_sync=group,
+                volume_size=volume_size,
             )
             for node in NODES
         }
@@ -155,7 +164,7 @@ class Parent:
         self.gateway = Gateway(
             discovery=cast(DiscoveryAPI, self.discovery),
             storage=LocalFirstStorageClient(self.nodes, cast(StorageAPI, None)),
-            config=GatewayConfig(small_file_max=SMALL, cleanup_timeout=5.0),
+            config=GatewayConfig(small_file_max=HELD, cleanup_timeout=5.0),
         )
 
     async def read(self, version: FileVersion) -> bytes:
@@ -194,12 +203,18 @@ async def worker_of(
         desk = LoanDesk(parent.gateway, keep_for=keep_for)
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                partial(serve_writes, body_max=SMALL, at_once=8, ops=desk.ops()),
+                partial(serve_writes, body_max=HELD, at_once=8, ops=desk.ops()),
                 path,
                 parent.gateway,
             )
             pipe = ParentWrites(path)
-            writes = WorkerWrites(pipe, local=local, volume_size=volume_size)
+            writes = WorkerWrites(
+                pipe,
+                local=local,
+                volume_size=volume_size,
+                stripe=StripeLayout(parts=5, unit=4096),
+                part_max=SMALL,
+            )
             try:
                 yield writes, desk
             finally:
@@ -296,14 +311,31 @@ async def test_a_node_of_another_process_sends_the_body_the_old_way(parent: Pare
     assert parent.part_keys() == set()
 
 
-async def test_a_full_volume_is_given_back_once_idle_and_another_borrowed(parent: Parent) -> None:
-    async with worker_of(parent, volume_size=8192) as (writes, _):
+async def test_a_full_volume_is_given_back_once_idle_and_another_borrowed(
+    tmp_path: Path,
+) -> None:
+    parent = Parent(tmp_path, volume_size=8192)
+    try:
+        async with worker_of(parent, volume_size=8192) as (writes, _):
+            for i in range(12):
+                await writes.put("ns", f"f{i}", payload(20_000, seed=i), if_absent=False)
+            lent = [store.packed.lent for store in parent.stores.values()]
+            assert all(len(volumes) == 1 for volumes in lent)  # only the one in use is out
+            volumes = [len(store.packed.volumes) for store in parent.stores.values()]
+            assert all(count > 3 for count in volumes)
+        for i in range(12):
+            version = parent.discovery.committed[f"f{i}"]
+            assert await parent.read(version) == payload(20_000, seed=i)
+    finally:
+        parent.close()
+
+
+async def test_a_volume_given_back_with_room_is_lent_again(parent: Parent) -> None:
+    async with worker_of(parent, volume_size=8192) as (writes, _):  # full for the worker
         for i in range(12):
             await writes.put("ns", f"f{i}", payload(20_000, seed=i), if_absent=False)
-        lent = [store.packed.lent for store in parent.stores.values()]
-        assert all(len(volumes) == 1 for volumes in lent)  # only the one in use is still out
-        volumes = [len(store.packed.volumes) for store in parent.stores.values()]
-        assert all(count > 3 for count in volumes)
+    # ... not for the nodes (1 GiB volumes): each lent one of its two again and again.
+    assert all(len(store.packed.volumes) <= 3 for store in parent.stores.values())
     for i in range(12):
         assert await parent.read(parent.discovery.committed[f"f{i}"]) == payload(20_000, seed=i)
 
@@ -331,7 +363,7 @@ async def test_bad_frames_are_refused_and_unknown_placements_are_not_committed(
         answer = await pipe.call({"op": "place", "namespace": "ns", "name": "a", "size": -1})
         assert answer["error"]["code"] == InvalidRequest.code
         answer = await pipe.call(
-            {"op": "place", "namespace": "ns", "name": "big", "size": SMALL + 1}
+            {"op": "place", "namespace": "ns", "name": "big", "size": HELD + 1}
         )
         assert answer["error"]["code"] == InvalidRequest.code
         answer = await pipe.call({"op": "lend", "node": "n9", "url": "", "borrower": "x"})
@@ -443,3 +475,43 @@ def test_workers_write_parts_only_where_they_can(monkeypatch: pytest.MonkeyPatch
     assert not serve._writes_parts(config, {})
     monkeypatch.setattr(serve, "can_sync_file_systems", lambda: False)  # no syncfs here
     assert not serve._writes_parts(config, readers)
+
+
+async def test_an_upload_whose_parts_a_node_would_not_pack_goes_to_the_parent(
+    parent: Parent,
+) -> None:
+    # 400,000 bytes: parts of 80,000, over small_part_max (64 KiB), files on the nodes.
+    async with worker_of(parent) as (writes, desk):
+        await writes.put("ns", "big", payload(400_000), if_absent=False)
+        assert desk.placed == 0
+    assert writes.written == 0
+    assert parent.discovery.aborted == []  # nothing placed for the worker
+    assert await parent.read(parent.discovery.committed["big"]) == payload(400_000)
+    assert all(not store.packed.lent for store in parent.stores.values())
+
+
+async def test_a_loan_whose_caller_is_cancelled_is_still_the_workers(parent: Parent) -> None:
+    async with worker_of(parent) as (writes, _):
+        pipe = writes._parent
+        assert isinstance(pipe, ParentWrites)
+        real_call = pipe.call
+        lending = trio.Event()
+        go = trio.Event()
+
+        async def call(request: dict[str, Any], data: bytes = b"") -> dict[str, Any]:
+            if request.get("op") == "lend":
+                lending.set()
+                await go.wait()
+            return await real_call(request, data)
+
+        pipe.call = call  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(writes.put, "ns", "gone", payload(3000), if_absent=False))
+            await lending.wait()
+            nursery.cancel_scope.cancel()  # the client left while the loan was asked for
+            go.set()
+        lent = {v for store in parent.stores.values() for v in store.packed.lent}
+        assert lent  # the loan arrived after all, and the worker keeps it for later uploads
+        pipe.call = real_call  # type: ignore[method-assign]
+        await writes.put("ns", "next", payload(3000), if_absent=False)
+        assert {v for store in parent.stores.values() for v in store.packed.lent} >= lent

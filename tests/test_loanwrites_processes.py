@@ -28,9 +28,9 @@ small_file_max = 65536
 """
 
 
-def start(tmp_path: Path, extra: str = "") -> tuple[Service, str]:
+def start(tmp_path: Path, extra: str = "", *, base: str = CONFIG) -> tuple[Service, str]:
     config = tmp_path / "karma8.toml"
-    config.write_text(CONFIG + extra)
+    config.write_text(base + extra)
     cluster = Service(
         ["serve", "--data", str(tmp_path / "data"), "--config", str(config)],
         r"gateway (http://127\.0\.0\.1:\d+)",
@@ -165,3 +165,20 @@ def test_with_worker_parts_off_the_parent_stores_the_bodies(tmp_path: Path) -> N
         status = cluster.stop()
     assert status == 0, cluster.log.read_text()
     assert volumes(tmp_path) == 6  # one per node: none was lent
+
+
+def test_uploads_held_whole_with_parts_too_large_to_pack_are_stored(tmp_path: Path) -> None:
+    # small_file_max as by default (1 MiB), small_part_max 64 KiB: a body of 400,000 bytes
+    # is held whole, and its parts of 80,000 bytes go to the nodes' file engines.
+    cluster, gateway = start(tmp_path, "", base=CONFIG.replace("small_file_max = 65536\n", ""))
+    bodies = {"a": os.urandom(400_000), "b": os.urandom(1 << 20), "c": os.urandom(300_000)}
+    try:
+        with httpx.Client() as client:
+            for name, body in bodies.items():
+                answer = client.put(f"{gateway}/default/{name}", content=body)
+                assert answer.status_code == 201, answer.text
+            for name, body in bodies.items():
+                assert client.get(f"{gateway}/default/{name}").content == body
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log.read_text()

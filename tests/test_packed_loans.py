@@ -368,8 +368,8 @@ def test_loans_never_lose_a_part_nor_bring_back_one_taken_back(
 
 
 def test_a_lent_volume_is_a_packed_store_volume_like_any_other(tmp_path: Path) -> None:
-    """Opening a directory whose volumes were lent needs nothing of the loans: no state is
-    kept about them but in memory."""
+    """Opening a directory whose volumes were lent needs nothing of the loans but their
+    record (which volumes another process may have been appending to)."""
 
     async def main() -> None:
         store = new_tiered(tmp_path)
@@ -377,7 +377,7 @@ def test_a_lent_volume_is_a_packed_store_volume_like_any_other(tmp_path: Path) -
         store.packed.adopt(W, append(volume, "k.0", payload(10)))
         names = sorted(os.listdir(tmp_path / "volumes"))
         store.close()
-        assert len(names) == 2  # the node's active volume and the lent one, nothing else
+        assert len(names) == 3  # the node's active volume, the lent one and the loans' record
         plain = PackedStore(tmp_path, quota=SpaceQuota(1 << 20), io=BlockingIO(), group_sync=None)
         assert list(plain.index.keys()) == ["k.0"]
         plain.close()
@@ -470,3 +470,67 @@ async def test_a_return_past_what_the_borrower_could_have_written_is_refused(
     with pytest.raises(InvalidRequest):  # larger than a packed part
         store.adopt(W, attrs.evolve(append(volume, "k.1", payload(10)), length=1 << 30))
     await give_back(store, volume)
+
+
+async def test_restarts_do_not_pile_up_volumes(tmp_path: Path) -> None:
+    """Each open starts a new volume for the node's appends and deletes the empty ones; a
+    loan takes a volume with room before a new one: the count stays bounded."""
+    datas: dict[str, bytes] = {}
+    counts = []
+    for run in range(6):
+        store = new_tiered(tmp_path)
+        volume = await borrow(store)
+        for i in range(3):
+            key = f"k.{run * 3 + i}"
+            datas[key] = payload(300, seed=run * 3 + i)
+            store.packed.adopt(W, append(volume, key, datas[key]))
+        await put(store, f"own.{run}", payload(100, seed=run))
+        datas[f"own.{run}"] = payload(100, seed=run)
+        volume.close()
+        store.close()  # its loan ends with it
+        counts.append(len(os.listdir(tmp_path / "volumes")))
+    assert max(counts) <= 4, counts  # the growth stops (it was one more or two every run)
+    again = new_tiered(tmp_path)
+    assert await again.keys() == sorted(datas)
+    for key, data in datas.items():
+        assert b"".join(await read(again, key, 0, len(data))) == data
+    again.close()
+
+
+async def test_a_volume_lent_again_is_appended_after_what_it_holds(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path)
+    first = await borrow(store)
+    store.packed.adopt(W, append(first, "k.0", payload(500)))
+    await give_back(store, first)
+    second = await borrow(store)
+    assert second.loan.volume == first.loan.volume  # room left in it: lent again
+    assert second.loan.start == second.end >= first.end
+    store.packed.adopt(W, append(second, "k.1", payload(500, seed=1)))
+    await give_back(store, second)
+    store.close()
+    again = new_tiered(tmp_path)
+    assert b"".join(await read(again, "k.0", 0, 500)) == payload(500)
+    assert b"".join(await read(again, "k.1", 0, 500)) == payload(500, seed=1)
+    again.close()
+
+
+async def test_a_volume_lent_when_the_node_stopped_is_never_its_active_one(
+    tmp_path: Path,
+) -> None:
+    store = new_tiered(tmp_path)
+    volume = await borrow(store)  # the highest volume, lent
+    store.packed.adopt(W, append(volume, "k.0", payload(100)))
+    for file in store.packed.volumes.values():  # a crash: the loan is never ended
+        os.close(file.fd)
+    again = new_tiered(tmp_path)
+    assert again.packed.lent == {}
+    await put(again, "k.1", payload(100, seed=1))
+    ref = again.packed.index.get("k.1")
+    assert ref is not None
+    assert ref.volume > volume.loan.volume  # a new volume: a late append cannot land on it
+    again.close()
+    third = new_tiered(tmp_path)  # no loans this time: the last volume is appended to again
+    await put(third, "k.2", payload(100, seed=2))
+    assert third.packed.index.get("k.2").volume == ref.volume  # type: ignore[union-attr]
+    assert await third.keys() == ["k.0", "k.1", "k.2"]
+    third.close()

@@ -23,7 +23,8 @@ work on its own core, and the parent only places and commits:
    small PUT, moving a part off a node that fails it.
 
 A worker gives a full volume back (``give_back``) once none of its appends to it is in
-flight; the nodes take back the rest as they close (a worker ends with its parent). A
+flight; the nodes take back the rest once the workers have exited (a worker ends with its
+parent). A
 version whose placement names a node of another process (joined over HTTP) is abandoned
 and its body sent the :mod:`~karma8.net.writepipe` way. The frames are the pipe's, each
 JSON with an ``op`` and no body.
@@ -51,6 +52,7 @@ from karma8.core.errors import (
     StorageFailure,
     Unavailable,
 )
+from karma8.core.layout import StripeLayout
 from karma8.core.model import FileVersion, NodeRef, StoredVersion
 from karma8.net import requestlog
 from karma8.net.codec import decode, encode, error_body
@@ -189,7 +191,14 @@ class LoanDesk:
             raise Unavailable(f"{borrower} holds {held} volumes of node {node.node_id} already")
         loan = await self._gateway.lend_volume(node, borrower)
         self._loans[borrower, node.node_id] = held + 1
-        return {"loan": {"volume": loan.volume, "salt": loan.salt.hex(), "path": str(loan.path)}}
+        return {
+            "loan": {
+                "volume": loan.volume,
+                "salt": loan.salt.hex(),
+                "path": str(loan.path),
+                "start": loan.start,
+            }
+        }
 
     async def _give_back(self, request: dict[str, Any]) -> dict[str, Any]:
         node, borrower = _node(request), _text(request, "borrower")
@@ -243,11 +252,23 @@ class WorkerWrites:
     """A gateway worker's small uploads, their parts written here (see the module).
 
     ``local``: the ids of the nodes whose volumes this process can write (its parent's, on
-    this host); ``volume_size``: where a borrowed volume is full.
+    this host); ``volume_size``: where a borrowed volume is full; ``stripe`` and
+    ``part_max``: the stripe the parts are cut by and ``small_part_max``, past which a part
+    is not packed (such an upload's body goes to the parent, as every large one's does).
     """
 
-    def __init__(self, parent: ParentWrites, *, local: Collection[str], volume_size: int) -> None:
+    def __init__(
+        self,
+        parent: ParentWrites,
+        *,
+        local: Collection[str],
+        volume_size: int,
+        stripe: StripeLayout,
+        part_max: int,
+    ) -> None:
         self._parent = parent
+        self._stripe = stripe
+        self._part_max = part_max
         self._local = frozenset(local)
         self._volume_size = volume_size
         self.borrower = f"gateway-worker-{os.getpid()}"
@@ -267,6 +288,9 @@ class WorkerWrites:
         Raises:
             ParentUnreachable: Nothing was sent (no parent): the caller may store it itself.
         """
+        if max(self._stripe.part_sizes(len(data))) > self._part_max:
+            # Parts a node would not pack (its file engine's): the parent stores the body.
+            return await self._parent.put(namespace, name, data, if_absent=if_absent)
         request_id = requestlog.current.get()
         answer = await self._parent.call(
             {
@@ -356,9 +380,14 @@ class WorkerWrites:
         return volume, self._sync_of[node.node_id]
 
     async def _borrow(self, node: NodeRef) -> BorrowedVolume:
-        answer = await self._parent.call(
-            {"op": "lend", "node": node.node_id, "url": node.url, "borrower": self.borrower}
-        )
+        # Shielded: a loan whose answer was lost would stay lent to nobody until the end.
+        with trio.move_on_after(ABANDON_TIMEOUT) as scope:
+            scope.shield = True
+            answer = await self._parent.call(
+                {"op": "lend", "node": node.node_id, "url": node.url, "borrower": self.borrower}
+            )
+        if scope.cancelled_caught:
+            raise Unavailable("the gateway did not lend a volume in time")
         raise_error(answer)
         try:
             raw = answer["loan"]
@@ -367,6 +396,7 @@ class WorkerWrites:
                 salt=bytes.fromhex(str(raw["salt"])),
                 path=Path(str(raw["path"])),
                 borrower=self.borrower,
+                start=int(raw["start"]),
             )
         except (KeyError, TypeError, ValueError):
             raise Unavailable("the gateway's answer to a loan is malformed") from None
@@ -442,7 +472,7 @@ class WorkerWrites:
 
     async def aclose(self) -> None:
         """Close the borrowed volumes' descriptors. They are not given back: this process
-        ends with its parent, whose nodes take every loan back as they close."""
+        ends with its parent, whose nodes take every loan back once it has exited."""
         for volume in [*self._volumes.values(), *(v for _, v in self._full)]:
             volume.close()
         self._volumes, self._full = {}, []

@@ -30,6 +30,7 @@ import trio
 from karma8.actors.gateway import Gateway, GatewayConfig
 from karma8.actors.storage import StorageConfig, StorageNode
 from karma8.core.errors import Forbidden, Karma8Error, Unavailable
+from karma8.core.layout import StripeLayout
 from karma8.net.bounds import UploadGate, give_back_memory
 from karma8.net.clients import HttpDiscoveryClient
 from karma8.net.direct import (
@@ -343,7 +344,11 @@ async def run_gateway(
                     published.enter_context(METRICS.source(pipe.samples))
                     if _writes_parts(config, readers):
                         parent = writer = WorkerWrites(
-                            pipe, local=readers, volume_size=config.volume_size
+                            pipe,
+                            local=readers,
+                            volume_size=config.volume_size,
+                            stripe=StripeLayout(parts=5, unit=config.stripe_unit),
+                            part_max=config.small_part_max,
                         )
                         await published.enter_async_context(aclosing(writer))
                         published.enter_context(METRICS.source(writer.samples))

@@ -300,12 +300,14 @@ class Loan:
         salt: What the needles' header checks are keyed with (the volume's).
         path: The volume's file.
         borrower: Who it is lent to (the name the borrower gave).
+        start: Where the borrower's first append goes (the end of what the volume holds).
     """
 
     volume: int
     salt: bytes
     path: Path
     borrower: str
+    start: int = 0
 
 
 @attrs.frozen(kw_only=True)

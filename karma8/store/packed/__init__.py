@@ -17,6 +17,8 @@ Directory layout::
       volumes/<id:08d>.<gen>.vol             a volume written before salts (read, deleted
                                              in and compacted; never appended to again)
       volumes/refused/<name>                 a volume set aside on open (below)
+      volumes/lent                           the ids of the volumes lent to another process
+                                             now, one per line (:mod:`.loans`)
       quarantine/<key>                       a quarantined part's payload, as a plain file
 
 The salt is 8 random bytes (16 hex digits), chosen when the volume is created and kept by
@@ -29,15 +31,16 @@ copied under another name, or damaged in every header), is no torn tail: it is m
 ``volumes/refused/`` whole, not cut, and its parts are missing until it is put back.
 
 Appending (:mod:`~karma8.store.packed.store`). One volume is active, always the
-highest-numbered: opening starts a new one unless the last is empty, and so does the first
-append after a volume was lent to another process (:mod:`~karma8.store.packed.loans`), so
-that a key written again lands above every earlier copy of it (the later wins on open). A
-commit takes its offset at the active volume's end on the event loop, so appends to a volume
-never overlap, and hands the write (one ``pwrite`` of the whole needle) to the next
-group-sync round as a step (:mod:`karma8.store.groupsync`): many commits share one thread
-trip and one ``syncfs``, and none returns before its needle is durable. Only then does the
-index name it. A volume past ``volume_size`` is sealed and the next append opens a new one,
-so inodes stay few (1 GiB volumes: one inode per GiB of small parts).
+highest-numbered, so that a key written again lands above every earlier copy of it (the
+later wins on open): opening appends to the last volume again, unless it was lent to another
+process when the node stopped (:mod:`~karma8.store.packed.loans`), and the first append
+after a new volume was lent starts another. A commit takes its offset at the active volume's
+end on the event loop, so appends to a volume never overlap, and hands the write (one
+``pwrite`` of the whole needle) to the next group-sync round as a step
+(:mod:`karma8.store.groupsync`): many commits share one thread trip and one ``syncfs``, and
+none returns before its needle is durable. Only then does the index name it. A volume past
+``volume_size`` is sealed and the next append opens a new one, so inodes stay few (1 GiB
+volumes: one inode per GiB of small parts).
 
 Deleting appends a tombstone to the volume *of the needle it deletes* (a sealed one
 included), so a volume's needles and their tombstones always travel together, and the

@@ -11,19 +11,21 @@ is lent:
 2. The borrower appends needles to it (:class:`BorrowedVolume`: offsets taken in order, each
    write a step of the borrower's own group-sync rounds) and makes them durable.
 3. The node *adopts* each durable needle (:meth:`PackedStore.adopt`): it reads the needle
-   back, checks its header, key, length and CRC, and indexes it. Only then is it a part.
+   back, checks its header, key, length, CRC and sha256, and indexes it. Only then is it a
+   part.
 4. The borrower *gives the volume back* (:meth:`PackedStore.give_back`) once it is full and
    no append of its own is in flight; from then on it is one of the node's sealed volumes.
-   Closing the store ends every loan still out (the borrower is a process that ends with
-   the node's).
+   :meth:`PackedStore.end_loans` ends every loan still out once the borrowers have exited
+   (a borrower is a process that ends with the node's). Which volumes are lent is recorded
+   (``volumes/lent``), so that a node restarted after a crash never appends to one.
 
 What each step may leave behind, and who collects it:
 
 - A needle appended and never adopted (its upload failed or was cancelled) is garbage: the
   node's index does not name it, so compaction drops it once the volume is back.
 - A part deleted while its volume is lent leaves the index at once; its tombstone is
-  appended when the volume comes back, or when the store closes (the node does not append
-  to a volume a borrower may be appending to).
+  appended when the volume comes back, or when the loans end (the node does not append to
+  a volume a borrower may be appending to).
 - A restart ends every loan. Opening scans lent volumes like any other, so needles never
   adopted, and parts deleted before their tombstone was written, are found again as parts
   no committed version names: orphans, which the orphan check collects after its grace, as
@@ -61,7 +63,7 @@ class BorrowedVolume:
         """Open the lent volume for writing; ``limit`` is the size past which it is full."""
         self.loan = loan
         self.limit = limit
-        self.end = 0
+        self.end = loan.start
         self.in_flight = 0
         self._fd = os.open(loan.path, os.O_WRONLY | O_CLOEXEC)
 

@@ -60,6 +60,7 @@ DEFAULT_COMPACT_RATIO = 0.5
 # How far past ``volume_size`` a borrower's last append may reach (it stops at the size).
 LOAN_SLACK = 2 << 20
 REFUSED = "refused"  # under volumes/: volumes set aside on open, nothing cut (see _set_aside)
+LENT = "lent"  # under volumes/: the ids of the volumes lent now, one per line
 
 
 class PackedStore:
@@ -109,14 +110,21 @@ class PackedStore:
         self._compactions_idle: trio.Event | None = None
         self._roll_lock = trio.Lock()
         self._loans: dict[int, _Lent] = {}  # volumes lent to other processes, by id
+        self._lent_lock = trio.Lock()  # one write of the LENT record at a time
         self.truncated_bytes = self._recover()
+        # Appends go to the highest volume, so that a key written again lands above any
+        # earlier copy (of two live needles of a key, the later volume's wins at the next
+        # open): the last one, unless it was written before salts or was lent when the node
+        # stopped (another process may still have been appending to it), then a new one.
+        was_lent = self._read_lent()
         last = max(self._files, default=0)
-        if not last or self._files[last].salt is None or self._files[last].end:
-            # Appends go to a new salted volume, above every other: one written before salts
-            # is left as it is, and one another process may have appended to (lent before a
-            # crash) never gets the node's appends, nor a copy of a key that must win over
-            # an older one at the next open (of two live needles of a key, the later wins).
+        reuse = bool(last) and self._files[last].salt is not None and last not in was_lent
+        self._drop_empty(keep=last if reuse else None)
+        if not reuse:
+            last = max(self._files, default=0)
             self._files[last + 1] = self._create(last + 1, 0)
+        if was_lent:
+            self._write_lent()  # every loan ended with the process
         self._active = max(self._files)
         quota.add_used(self.index.payload_bytes)
 
@@ -174,6 +182,46 @@ class PackedStore:
             self._files[volume] = VolumeFile(volume, generation, salt, path, fd, found.end)
         return truncated
 
+    def _read_lent(self) -> set[int]:
+        """The volumes :data:`LENT` says were lent when the store last ran."""
+        try:
+            text = (self.directory / LENT).read_text()
+        except FileNotFoundError:
+            return set()
+        return {int(line) for line in text.split() if line.isdigit()}
+
+    async def _record_loans(self) -> None:
+        """:meth:`_write_lent` in a thread, one at a time."""
+        async with self._lent_lock:
+            await self._io.run(self._write_lent)
+
+    def _write_lent(self) -> None:
+        """Record the volumes lent now in :data:`LENT`, durably (blocking): a restart after
+        a crash then knows which volumes another process may have been appending to."""
+        path = self.directory / LENT
+        tmp = path.with_name(LENT + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, FILE_MODE)
+        try:
+            pwrite_all(fd, "".join(f"{v}\n" for v in sorted(self._loans)).encode(), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        fsync_dir(self.directory)
+
+    def _drop_empty(self, *, keep: int | None) -> None:
+        """Delete the salted volumes that hold nothing (an active one never written to, one
+        lent and never used) but ``keep``, so that restarts do not pile them up."""
+        empty = [
+            v for v, f in self._files.items() if f.salt is not None and f.end == 0 and v != keep
+        ]
+        for volume in empty:
+            file = self._files.pop(volume)
+            close_quietly(file.fd)
+            file.path.unlink()
+        if empty:
+            fsync_dir(self.directory)
+
     def _set_aside(self, path: Path) -> None:
         """Move a volume none of whose needles checks out under its salt, though whole ones
         are in it, to ``volumes/refused/``: not cut as a torn tail, and out of the way."""
@@ -212,6 +260,11 @@ class PackedStore:
         for volume, lent in loans.items():
             if lent.deleted:
                 self._write_tombstones(self._files[volume], lent.deleted)
+        if loans:
+            try:
+                self._write_lent()
+            except OSError:  # still named there: a restart starts a new volume, nothing lost
+                log.warning("the end of %d loans not recorded", len(loans), exc_info=True)
 
     def close(self) -> None:
         """Close the volumes' descriptors (the store is unusable afterwards); every loan
@@ -526,18 +579,46 @@ class PackedStore:
     # -- volumes lent to other processes (karma8.store.packed.loans) -----------------------
 
     async def lend(self, borrower: str) -> Loan:
-        """Create a volume for ``borrower`` to append needles to; the node leaves it alone
-        (no appends, tombstones or compaction of its own) until :meth:`give_back`."""
+        """A volume for ``borrower`` to append needles to, after what it holds: a sealed one
+        with room (the lowest; an earlier loan's, or the node's active one before a
+        restart), else a new one. The node leaves it alone (no appends, tombstones or
+        compaction of its own) until :meth:`give_back`."""
         async with self._roll_lock:
-            volume = max(self._files) + 1
+            file = self._room_to_lend()
+            if file is None:
+                volume = max(self._files) + 1
+                try:
+                    file = await self._io.run(lambda: self._create(volume, 0))
+                except OSError as exc:
+                    raise storage_error(exc, "lending a volume") from None
+                self._files[volume] = file
+            self._loans[file.volume] = _Lent(borrower)
             try:
-                file = await self._io.run(lambda: self._create(volume, 0))
+                await self._record_loans()
             except OSError as exc:
+                del self._loans[file.volume]
                 raise storage_error(exc, "lending a volume") from None
-            self._files[volume] = file
-            self._loans[volume] = _Lent(borrower)
         assert file.salt is not None
-        return Loan(volume=volume, salt=file.salt, path=file.path, borrower=borrower)
+        return Loan(
+            volume=file.volume, salt=file.salt, path=file.path, borrower=borrower, start=file.end
+        )
+
+    def _room_to_lend(self) -> VolumeFile | None:
+        """The lowest sealed volume with room for a loan (at least an eighth of a volume),
+        that nothing appends to or compacts now."""
+        for volume in sorted(self._files):
+            file = self._files[volume]
+            if (
+                volume != self._active
+                and volume not in self._loans
+                and volume not in self._compacting
+                and file.salt is not None
+                and file.closing is None
+                and not file.appends
+                and file.end + max(self.volume_size // 8, LOAN_SLACK) <= self.volume_size
+            ):
+                return file
+        return None
 
     def adopt(self, borrower: str, appended: Appended) -> StoredPart:
         """Index a needle ``borrower`` appended to a volume lent to it and made durable.
@@ -596,10 +677,16 @@ class PackedStore:
             raise InvalidRequest(f"volume {volume} ends at {size}, not {end}")
         del self._loans[volume]
         file.end = max(aligned(size), aligned(end))  # past all the borrower wrote, or began
+        try:
+            with trio.CancelScope(shield=True):
+                await self._record_loans()
+        except OSError:  # still named there: a restart starts a new volume, nothing lost
+            log.warning("volume %d: its return not recorded", volume, exc_info=True)
         if lent.deleted:
             tombstones = b"".join(encode_tombstone(key, salt=file.salt) for key in lent.deleted)
             try:
-                await self._append(file, tombstones, "deleting parts")
+                with trio.CancelScope(shield=True):  # else no one writes them
+                    await self._append(file, tombstones, "deleting parts")
             except Exception:
                 log.warning(
                     "volume %d: %d tombstones not written; the parts come back as orphans"
