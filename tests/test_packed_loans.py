@@ -534,3 +534,76 @@ async def test_a_volume_lent_when_the_node_stopped_is_never_its_active_one(
     assert third.packed.index.get("k.2").volume == ref.volume  # type: ignore[union-attr]
     assert await third.keys() == ["k.0", "k.1", "k.2"]
     third.close()
+
+
+def crash(store: TieredPartStore) -> None:
+    """The node's process dies: its loans never end, their record is not rewritten."""
+    for file in store.packed.volumes.values():
+        os.close(file.fd)
+
+
+async def test_a_volume_lent_when_the_node_crashed_is_not_lent_again(tmp_path: Path) -> None:
+    """A worker of before may still append to it, at the end of what it holds: where a new
+    borrower of it would begin."""
+    store = new_tiered(tmp_path)
+    old = await borrow(store)
+    store.packed.adopt(W, append(old, "k.0", payload(300)))
+    crash(store)  # the old worker lives on a little
+    again = new_tiered(tmp_path)
+    new = await borrow(again)
+    again.packed.adopt(W, append(new, "k.1", payload(300, seed=1)))
+    append(old, "k.late", payload(300, seed=2))  # the old worker's late append
+    assert new.loan.volume != old.loan.volume
+    assert b"".join(await read(again, "k.1", 0, 300)) == payload(300, seed=1)
+    again.close()  # a clean end: the volume may be lent again in the next run
+    third = new_tiered(tmp_path)
+    assert (await borrow(third)).loan.volume == old.loan.volume
+    third.close()
+
+
+async def test_a_cancelled_lend_leaves_no_volume_lent(tmp_path: Path) -> None:
+    store = new_tiered(tmp_path)
+    packed = store.packed
+    held = trio.Event()
+    release = trio.Event()
+
+    async def record_in_flight() -> None:
+        async with packed._lent_lock:
+            held.set()
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(record_in_flight)
+        await held.wait()
+        with trio.CancelScope() as scope:
+            nursery.start_soon(lambda: _cancel_when(scope, packed))
+            await packed.lend(W)
+        release.set()
+    assert scope.cancelled_caught
+    assert packed.lent == {}
+    store.close()
+
+
+async def _cancel_when(scope: trio.CancelScope, packed: PackedStore) -> None:
+    """Cancel ``scope`` once a lend has marked a volume lent (it then waits for the lock)."""
+    while not packed.lent:
+        await trio.lowlevel.checkpoint()
+    scope.cancel()
+
+
+async def test_a_key_deleted_from_a_lent_volume_is_not_adopted_again_below(
+    tmp_path: Path,
+) -> None:
+    """A borrower writes new keys only; one whose tombstone is still to come is refused,
+    since a copy in a lower volume lent again would lose to the old one on open."""
+    store = new_tiered(tmp_path)
+    await put(store, "own.0", payload(100))  # volume 1
+    a = await borrow(store)  # volume 2
+    store.packed.adopt(W, append(a, "k", payload(300)))
+    await put(store, "own.1", payload(100, seed=1))  # the node rolls above; 1 has room
+    assert await store.packed.delete("k")  # its tombstone waits: 2 is lent
+    b = await borrow(store)
+    assert b.loan.volume == 1
+    with pytest.raises(UploadConflict):
+        store.packed.adopt(W, append(b, "k", payload(300, seed=9)))
+    store.close()

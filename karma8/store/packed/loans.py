@@ -17,7 +17,8 @@ is lent:
    no append of its own is in flight; from then on it is one of the node's sealed volumes.
    :meth:`PackedStore.end_loans` ends every loan still out once the borrowers have exited
    (a borrower is a process that ends with the node's). Which volumes are lent is recorded
-   (``volumes/lent``), so that a node restarted after a crash never appends to one.
+   (``volumes/lent``), so that a node restarted after a crash neither appends to one nor
+   lends it again until that run's loans end cleanly.
 
 What each step may leave behind, and who collects it:
 

@@ -111,20 +111,21 @@ class PackedStore:
         self._roll_lock = trio.Lock()
         self._loans: dict[int, _Lent] = {}  # volumes lent to other processes, by id
         self._lent_lock = trio.Lock()  # one write of the LENT record at a time
+        self._deferred: set[str] = set()  # keys deleted from lent volumes, tombstones to come
         self.truncated_bytes = self._recover()
         # Appends go to the highest volume, so that a key written again lands above any
         # earlier copy (of two live needles of a key, the later volume's wins at the next
         # open): the last one, unless it was written before salts or was lent when the node
         # stopped (another process may still have been appending to it), then a new one.
-        was_lent = self._read_lent()
+        # Volumes lent when the node stopped are neither appended to nor lent again in this
+        # run, and stay in the record until the loans end cleanly (end_loans).
+        self._was_lent = self._read_lent()
         last = max(self._files, default=0)
-        reuse = bool(last) and self._files[last].salt is not None and last not in was_lent
+        reuse = bool(last) and self._files[last].salt is not None and last not in self._was_lent
         self._drop_empty(keep=last if reuse else None)
         if not reuse:
             last = max(self._files, default=0)
             self._files[last + 1] = self._create(last + 1, 0)
-        if was_lent:
-            self._write_lent()  # every loan ended with the process
         self._active = max(self._files)
         quota.add_used(self.index.payload_bytes)
 
@@ -183,11 +184,15 @@ class PackedStore:
         return truncated
 
     def _read_lent(self) -> set[int]:
-        """The volumes :data:`LENT` says were lent when the store last ran."""
+        """The volumes :data:`LENT` says were lent when the store last ran (every volume,
+        if the record cannot be read)."""
         try:
             text = (self.directory / LENT).read_text()
         except FileNotFoundError:
             return set()
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("%s unreadable (%s): no volume is lent or appended to again", LENT, exc)
+            return set(self._files)
         return {int(line) for line in text.split() if line.isdigit()}
 
     async def _record_loans(self) -> None:
@@ -202,7 +207,8 @@ class PackedStore:
         tmp = path.with_name(LENT + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, FILE_MODE)
         try:
-            pwrite_all(fd, "".join(f"{v}\n" for v in sorted(self._loans)).encode(), 0)
+            lent = sorted({*self._loans, *self._was_lent})
+            pwrite_all(fd, "".join(f"{v}\n" for v in lent).encode(), 0)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -260,7 +266,9 @@ class PackedStore:
         for volume, lent in loans.items():
             if lent.deleted:
                 self._write_tombstones(self._files[volume], lent.deleted)
-        if loans:
+        self._deferred.clear()
+        if loans or self._was_lent:
+            self._was_lent = set()  # a whole run later: no writer of before is left
             try:
                 self._write_lent()
             except OSError:  # still named there: a restart starts a new volume, nothing lost
@@ -282,6 +290,7 @@ class PackedStore:
             end = aligned(os.fstat(file.fd).st_size)
             pwrite_all(file.fd, data, end)
             os.fdatasync(file.fd)
+            file.end = end + len(data)
         except OSError as exc:
             log.warning(
                 "volume %d: %d tombstones not written (%s); the parts come back as orphans"
@@ -534,7 +543,8 @@ class PackedStore:
                 return False
             lent = self._loans.get(ref.volume)
             if lent is not None:  # its tombstone waits for the volume to come back
-                lent.deleted.append(key)  # all before the checkpoint: no delete or return
+                lent.deleted.append(key)
+                self._deferred.add(key)  # all before the checkpoint: no delete or return
                 self.index.remove(key)  # between, so a second delete finds nothing here
                 self._quota.remove_used(ref.length)
                 await trio.lowlevel.checkpoint()
@@ -595,9 +605,11 @@ class PackedStore:
             self._loans[file.volume] = _Lent(borrower)
             try:
                 await self._record_loans()
-            except OSError as exc:
+            except BaseException as exc:  # cancelled too: else lent to nobody
                 del self._loans[file.volume]
-                raise storage_error(exc, "lending a volume") from None
+                if isinstance(exc, OSError):
+                    raise storage_error(exc, "lending a volume") from None
+                raise
         assert file.salt is not None
         return Loan(
             volume=file.volume, salt=file.salt, path=file.path, borrower=borrower, start=file.end
@@ -611,6 +623,7 @@ class PackedStore:
             if (
                 volume != self._active
                 and volume not in self._loans
+                and volume not in self._was_lent
                 and volume not in self._compacting
                 and file.salt is not None
                 and file.closing is None
@@ -622,6 +635,9 @@ class PackedStore:
 
     def adopt(self, borrower: str, appended: Appended) -> StoredPart:
         """Index a needle ``borrower`` appended to a volume lent to it and made durable.
+
+        A borrower writes new keys only (a new version's parts): a lent volume may be lower
+        than one that held an earlier copy of a key written again, which would win on open.
 
         The needle is read back first, on the calling thread (a few KiB just written, so in
         the page cache: no thread trip or scheduler pass per part): its header must check out
@@ -639,7 +655,9 @@ class PackedStore:
         if lent is None or lent.borrower != borrower:
             raise NotFound(f"volume {appended.volume} is not lent to {borrower}")
         key = appended.key
-        if self.has(key):
+        if self.has(key) or key in self._deferred:
+            # A borrower writes new keys only; one whose delete waits for its tombstone must
+            # not come back in a lower volume, where the old copy would win on open.
             raise UploadConflict(f"part {key} already exists")
         self._quota.check(appended.length)
         file = self._files[appended.volume]
@@ -677,12 +695,9 @@ class PackedStore:
             raise InvalidRequest(f"volume {volume} ends at {size}, not {end}")
         del self._loans[volume]
         file.end = max(aligned(size), aligned(end))  # past all the borrower wrote, or began
-        try:
-            with trio.CancelScope(shield=True):
-                await self._record_loans()
-        except OSError:  # still named there: a restart starts a new volume, nothing lost
-            log.warning("volume %d: its return not recorded", volume, exc_info=True)
         if lent.deleted:
+            # Their offset is taken before anything yields: no loan of this volume again
+            # (it has room) may start where they go.
             tombstones = b"".join(encode_tombstone(key, salt=file.salt) for key in lent.deleted)
             try:
                 with trio.CancelScope(shield=True):  # else no one writes them
@@ -695,6 +710,12 @@ class PackedStore:
                     len(lent.deleted),
                     exc_info=True,
                 )
+            self._deferred.difference_update(lent.deleted)
+        try:
+            with trio.CancelScope(shield=True):
+                await self._record_loans()
+        except OSError:  # still named there: a restart starts a new volume, nothing lost
+            log.warning("volume %d: its return not recorded", volume, exc_info=True)
         self._maybe_compact(volume)
 
     @property
