@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -223,6 +223,26 @@ async def worker_of(
                 nursery.cancel_scope.cancel()
 
 
+def hold_calls(
+    writes: WorkerWrites, which: Callable[[dict[str, Any]], bool]
+) -> tuple[trio.Event, trio.Event]:
+    """The worker's calls to its parent that ``which`` picks wait, once the first has set
+    the first event returned, for the second."""
+    pipe = writes._parent
+    assert isinstance(pipe, ParentWrites)
+    real_call = pipe.call
+    held, go = trio.Event(), trio.Event()
+
+    async def call(request: dict[str, Any], data: bytes = b"") -> dict[str, Any]:
+        if which({"op": None, "size": None, **request}):
+            held.set()
+            await go.wait()
+        return await real_call(request, data)
+
+    pipe.call = call  # type: ignore[method-assign]
+    return held, go
+
+
 @pytest.fixture
 def parent(tmp_path: Path) -> Any:
     made = Parent(tmp_path)
@@ -430,19 +450,7 @@ async def test_uploads_across_full_volumes_all_commit(parent: Parent) -> None:
 
 async def test_a_commit_held_back_keeps_its_volume_lent(parent: Parent) -> None:
     async with worker_of(parent, volume_size=8192) as (writes, _):
-        pipe = writes._parent
-        assert isinstance(pipe, ParentWrites)
-        real_call = pipe.call
-        held = trio.Event()
-        go = trio.Event()
-
-        async def call(request: dict[str, Any], data: bytes = b"") -> dict[str, Any]:
-            if request.get("op") == "commit" and request.get("size") == 20_000:
-                held.set()
-                await go.wait()  # x's commit arrives late
-            return await real_call(request, data)
-
-        pipe.call = call  # type: ignore[method-assign]
+        held, go = hold_calls(writes, lambda r: r["op"] == "commit" and r["size"] == 20_000)
         parent.discovery.place_on = NODES[:5]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(partial(writes.put, "ns", "x", payload(20_000), if_absent=False))
@@ -492,19 +500,7 @@ async def test_an_upload_whose_parts_a_node_would_not_pack_goes_to_the_parent(
 
 async def test_a_loan_whose_caller_is_cancelled_is_still_the_workers(parent: Parent) -> None:
     async with worker_of(parent) as (writes, _):
-        pipe = writes._parent
-        assert isinstance(pipe, ParentWrites)
-        real_call = pipe.call
-        lending = trio.Event()
-        go = trio.Event()
-
-        async def call(request: dict[str, Any], data: bytes = b"") -> dict[str, Any]:
-            if request.get("op") == "lend":
-                lending.set()
-                await go.wait()
-            return await real_call(request, data)
-
-        pipe.call = call  # type: ignore[method-assign]
+        lending, go = hold_calls(writes, lambda r: r["op"] == "lend")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(partial(writes.put, "ns", "gone", payload(3000), if_absent=False))
             await lending.wait()
@@ -512,6 +508,5 @@ async def test_a_loan_whose_caller_is_cancelled_is_still_the_workers(parent: Par
             go.set()
         lent = {v for store in parent.stores.values() for v in store.packed.lent}
         assert lent  # the loan arrived after all, and the worker keeps it for later uploads
-        pipe.call = real_call  # type: ignore[method-assign]
         await writes.put("ns", "next", payload(3000), if_absent=False)
         assert {v for store in parent.stores.values() for v in store.packed.lent} >= lent

@@ -12,32 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_workers_processes import CONFIG, start
 
-from processes import Service, wait_for
+from processes import wait_for
 from storehelpers import packed_parts
 
 pytestmark = pytest.mark.slow
-
-CONFIG = """
-gateway_port = 0
-discovery_port = 0
-heartbeat_interval = 0.2
-stripe_unit = "64 KiB"
-gateway_workers = 2
-small_file_max = 65536
-"""
-
-
-def start(tmp_path: Path, extra: str = "", *, base: str = CONFIG) -> tuple[Service, str]:
-    config = tmp_path / "karma8.toml"
-    config.write_text(base + extra)
-    cluster = Service(
-        ["serve", "--data", str(tmp_path / "data"), "--config", str(config)],
-        r"gateway (http://127\.0\.0\.1:\d+)",
-        tmp_path / "cluster.log",
-        cwd=tmp_path,
-    )
-    return cluster, cluster.match.group(1)
 
 
 def live_keys(tmp_path: Path) -> set[str]:

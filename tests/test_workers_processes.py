@@ -30,9 +30,10 @@ small_file_max = 65536
 """
 
 
-def start(tmp_path: Path) -> tuple[Service, str]:
+def start(tmp_path: Path, extra: str = "", *, base: str = CONFIG) -> tuple[Service, str]:
+    """The embedded cluster with 2 workers, ``base`` and ``extra`` its settings; its URL."""
     config = tmp_path / "karma8.toml"
-    config.write_text(CONFIG)
+    config.write_text(base + extra)
     cluster = Service(
         ["serve", "--data", str(tmp_path / "data"), "--config", str(config)],
         r"gateway (http://127\.0\.0\.1:\d+)",
