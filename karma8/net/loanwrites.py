@@ -273,7 +273,6 @@ class WorkerWrites:
         self._volume_size = volume_size
         self.borrower = f"gateway-worker-{os.getpid()}"
         self._volumes: dict[str, BorrowedVolume] = {}  # by node id: where parts go now
-        self._nodes: dict[str, NodeRef] = {}
         self._full: list[tuple[NodeRef, BorrowedVolume]] = []  # to give back once idle
         self._lending: dict[str, trio.Lock] = {}
         self._groups = SyncGroups()
@@ -410,7 +409,6 @@ class WorkerWrites:
             self._full.append((node, old))
         self._volumes[node.node_id] = volume
         self._sync_of[node.node_id] = group
-        self._nodes[node.node_id] = node
         return volume
 
     async def _give_back_idle(self) -> None:

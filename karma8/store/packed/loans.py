@@ -39,10 +39,11 @@ import hashlib
 import os
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 from karma8.core.errors import IntegrityError
 from karma8.ports import Appended, Loan
-from karma8.store.diskio import O_CLOEXEC, close_quietly, pwrite_all
+from karma8.store.diskio import FILE_MODE, O_CLOEXEC, close_quietly, fsync_dir, pwrite_all
 from karma8.store.packed.format import LIVE, Needle, decode_header, encode, needle_size
 
 
@@ -134,3 +135,34 @@ def adopted_needle(data: bytes, appended: Appended, salt: bytes) -> Needle:
         ):
             return needle
     raise IntegrityError(f"part {appended.key} is not whole at the place given for it")
+
+
+LENT = "lent"  # under volumes/: the ids of the volumes lent now, one per line
+
+
+def read_record(directory: Path) -> set[int]:
+    """The volumes the record in ``directory`` names as lent (none if there is no record).
+
+    Raises:
+        OSError, UnicodeDecodeError: The record is there but cannot be read.
+    """
+    try:
+        text = (directory / LENT).read_text()
+    except FileNotFoundError:
+        return set()
+    return {int(line) for line in text.split() if line.isdigit()}
+
+
+def write_record(directory: Path, volumes: set[int]) -> None:
+    """Name ``volumes`` as lent in ``directory``'s record, durably (blocking): written
+    aside, synced, renamed into place (a ``.tmp`` left by a crash is deleted on open)."""
+    path = directory / LENT
+    tmp = path.with_name(LENT + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, FILE_MODE)
+    try:
+        pwrite_all(fd, "".join(f"{v}\n" for v in sorted(volumes)).encode(), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(directory)

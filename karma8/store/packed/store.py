@@ -44,7 +44,13 @@ from karma8.store.packed.format import (
     scan,
 )
 from karma8.store.packed.index import NeedleRef, PackedIndex
-from karma8.store.packed.loans import adopted_needle, adopted_size
+from karma8.store.packed.loans import (
+    LENT,
+    adopted_needle,
+    adopted_size,
+    read_record,
+    write_record,
+)
 from karma8.store.packed.volumes import (
     VolumeFile,
     WindowReader,
@@ -60,7 +66,6 @@ DEFAULT_COMPACT_RATIO = 0.5
 # How far past ``volume_size`` a borrower's last append may reach (it stops at the size).
 LOAN_SLACK = 2 << 20
 REFUSED = "refused"  # under volumes/: volumes set aside on open, nothing cut (see _set_aside)
-LENT = "lent"  # under volumes/: the ids of the volumes lent now, one per line
 
 
 class PackedStore:
@@ -187,13 +192,10 @@ class PackedStore:
         """The volumes :data:`LENT` says were lent when the store last ran (every volume,
         if the record cannot be read)."""
         try:
-            text = (self.directory / LENT).read_text()
-        except FileNotFoundError:
-            return set()
+            return read_record(self.directory)
         except (OSError, UnicodeDecodeError) as exc:
             log.warning("%s unreadable (%s): no volume is lent or appended to again", LENT, exc)
             return set(self._files)
-        return {int(line) for line in text.split() if line.isdigit()}
 
     async def _record_loans(self) -> None:
         """:meth:`_write_lent` in a thread, one at a time."""
@@ -203,17 +205,7 @@ class PackedStore:
     def _write_lent(self) -> None:
         """Record the volumes lent now in :data:`LENT`, durably (blocking): a restart after
         a crash then knows which volumes another process may have been appending to."""
-        path = self.directory / LENT
-        tmp = path.with_name(LENT + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, FILE_MODE)
-        try:
-            lent = sorted({*self._loans, *self._was_lent})
-            pwrite_all(fd, "".join(f"{v}\n" for v in lent).encode(), 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        fsync_dir(self.directory)
+        write_record(self.directory, {*self._loans, *self._was_lent})
 
     def _drop_empty(self, *, keep: int | None) -> None:
         """Delete the salted volumes that hold nothing (an active one never written to, one
