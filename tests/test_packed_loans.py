@@ -568,7 +568,7 @@ async def test_a_cancelled_lend_leaves_no_volume_lent(tmp_path: Path) -> None:
     release = trio.Event()
 
     async def record_in_flight() -> None:
-        async with packed._lent_lock:
+        async with packed._loans._lock:  # a write of the record in flight
             held.set()
             await release.wait()
 

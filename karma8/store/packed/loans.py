@@ -36,15 +36,28 @@ What each step may leave behind, and who collects it:
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from karma8.core.errors import IntegrityError
+import attrs
+import trio
+
+from karma8.core.errors import IntegrityError, NotFound
 from karma8.ports import Appended, Loan
-from karma8.store.diskio import FILE_MODE, O_CLOEXEC, close_quietly, fsync_dir, pwrite_all
+from karma8.store.diskio import (
+    FILE_MODE,
+    O_CLOEXEC,
+    BlockingIO,
+    close_quietly,
+    fsync_dir,
+    pwrite_all,
+)
 from karma8.store.packed.format import LIVE, Needle, decode_header, encode, needle_size
+
+log = logging.getLogger("karma8.store.packed")
 
 
 class BorrowedVolume:
@@ -166,3 +179,77 @@ def write_record(directory: Path, volumes: set[int]) -> None:
         os.close(fd)
     os.rename(tmp, path)
     fsync_dir(directory)
+
+
+@attrs.define
+class Lent:
+    """A lent volume's state at the node: its borrower, and the parts deleted from it whose
+    tombstones wait for its return."""
+
+    borrower: str
+    deleted: list[str] = attrs.Factory(list)
+
+
+class LoanBook:
+    """A node's account of its loans: the volumes lent now and to whom, the keys deleted
+    from them whose tombstones wait, and the volumes the record (:data:`LENT`) named as
+    lent when the store last ran (neither appended to nor lent again until the loans of
+    this run end cleanly: a borrower of before may still have been appending).
+
+    Attributes:
+        out: The volumes lent now, by id.
+        was_lent: The volumes lent when the store last ran.
+        deferred: Keys deleted from lent volumes, their tombstones to come.
+    """
+
+    def __init__(self, directory: Path, io: BlockingIO, volumes: Iterable[int]) -> None:
+        """Read the record in ``directory``; if it cannot be read, every one of ``volumes``
+        counts as lent before."""
+        self._directory = directory
+        self._io = io
+        self._lock = trio.Lock()  # one write of the record at a time
+        self.out: dict[int, Lent] = {}
+        self.deferred: set[str] = set()
+        try:
+            self.was_lent = read_record(directory)
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("%s unreadable (%s): no volume is lent or appended to again", LENT, exc)
+            self.was_lent = set(volumes)
+
+    def lendable(self, volume: int) -> bool:
+        """Neither lent now nor when the store last ran."""
+        return volume not in self.out and volume not in self.was_lent
+
+    def held(self, volume: int, borrower: str) -> Lent:
+        """The loan of ``volume`` to ``borrower``.
+
+        Raises:
+            NotFound: The volume is not lent to ``borrower``.
+        """
+        lent = self.out.get(volume)
+        if lent is None or lent.borrower != borrower:
+            raise NotFound(f"volume {volume} is not lent to {borrower}")
+        return lent
+
+    async def record(self) -> None:
+        """:meth:`write` in a thread, one at a time."""
+        async with self._lock:
+            await self._io.run(self.write)
+
+    def write(self) -> None:
+        """Record the volumes lent now (and those of before, still) in :data:`LENT`,
+        durably (blocking): a restart after a crash then knows which volumes another process
+        may have been appending to."""
+        write_record(self._directory, {*self.out, *self.was_lent})
+
+    def end_all(self) -> None:
+        """End every loan (the borrowers gone) and record that none is out, nor any of
+        before (a whole run later, no writer of before is left)."""
+        loans, self.out = self.out, {}
+        self.deferred.clear()
+        if loans or self.was_lent:
+            self.was_lent = set()
+            try:
+                self.write()
+            except OSError:  # still named there: a restart starts a new volume, nothing lost
+                log.warning("the end of %d loans not recorded", len(loans), exc_info=True)

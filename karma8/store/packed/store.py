@@ -15,7 +15,6 @@ import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import attrs
 import trio
 
 from karma8.core.errors import IntegrityError, InvalidRequest, NotFound, UploadConflict
@@ -33,28 +32,19 @@ from karma8.store.diskio import (
 )
 from karma8.store.groupsync import GroupSync
 from karma8.store.packed import volumes as volume_files
+from karma8.store.packed.compaction import Compactions
 from karma8.store.packed.format import (
     HEADER_SIZE,
     aligned,
     encode,
     encode_tombstone,
-    holds_whole_needles,
     needle_size,
     new_salt,
-    scan,
 )
 from karma8.store.packed.index import NeedleRef, PackedIndex
-from karma8.store.packed.loans import (
-    LENT,
-    adopted_needle,
-    adopted_size,
-    read_record,
-    write_record,
-)
+from karma8.store.packed.loans import Lent, LoanBook, adopted_needle, adopted_size
 from karma8.store.packed.volumes import (
     VolumeFile,
-    WindowReader,
-    plan_volumes,
     volume_name,
 )
 from karma8.store.quota import SpaceQuota
@@ -65,7 +55,6 @@ DEFAULT_VOLUME_SIZE = 1 << 30
 DEFAULT_COMPACT_RATIO = 0.5
 # How far past ``volume_size`` a borrower's last append may reach (it stops at the size).
 LOAN_SLACK = 2 << 20
-REFUSED = "refused"  # under volumes/: volumes set aside on open, nothing cut (see _set_aside)
 
 
 class PackedStore:
@@ -77,7 +66,6 @@ class PackedStore:
     Attributes:
         directory: Where the volumes are (``root/volumes``).
         index: The live parts.
-        compactions: How many volumes compaction has rewritten since opening.
     """
 
     def __init__(
@@ -101,111 +89,41 @@ class PackedStore:
         self.directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         self.quarantine_dir = Path(root) / "quarantine"
         self.volume_size = volume_size
-        self.compact_ratio = compact_ratio
         self.index = PackedIndex()
-        self.compactions = 0
         self._quota = quota
         self._io = io
         self._group = group_sync
         # Where appends' steps run: the shared sync rounds, or each alone with its own sync.
         self._runner: StepRunner = group_sync or _AloneRunner(io)
-        self._files: dict[int, VolumeFile] = {}
         self._pending: set[str] = set()
-        self._compacting: set[int] = set()
-        self._compactions_idle: trio.Event | None = None
         self._roll_lock = trio.Lock()
-        self._loans: dict[int, _Lent] = {}  # volumes lent to other processes, by id
-        self._lent_lock = trio.Lock()  # one write of the LENT record at a time
-        self._deferred: set[str] = set()  # keys deleted from lent volumes, tombstones to come
-        self.truncated_bytes = self._recover()
+        self._files, self.truncated_bytes = volume_files.open_volumes(self.directory, self.index)
         # Appends go to the highest volume, so that a key written again lands above any
         # earlier copy (of two live needles of a key, the later volume's wins at the next
         # open): the last one, unless it was written before salts or was lent when the node
         # stopped (another process may still have been appending to it), then a new one.
         # Volumes lent when the node stopped are neither appended to nor lent again in this
         # run, and stay in the record until the loans end cleanly (end_loans).
-        self._was_lent = self._read_lent()
+        self._loans = LoanBook(self.directory, io, self._files)
         last = max(self._files, default=0)
-        reuse = bool(last) and self._files[last].salt is not None and last not in self._was_lent
+        reuse = (
+            bool(last) and self._files[last].salt is not None and last not in self._loans.was_lent
+        )
         self._drop_empty(keep=last if reuse else None)
         if not reuse:
             last = max(self._files, default=0)
             self._files[last + 1] = self._create(last + 1, 0)
         self._active = max(self._files)
+        self._compactions = Compactions(
+            directory=self.directory,
+            files=self._files,
+            index=self.index,
+            ratio=compact_ratio,
+            sealed=lambda volume: volume != self._active and volume not in self._loans.out,
+        )
         quota.add_used(self.index.payload_bytes)
 
     # -- opening ----------------------------------------------------------------------------
-
-    def _recover(self) -> int:
-        """Load every volume's newest generation; returns the torn bytes truncated.
-
-        A volume in which no needle checks out under the salt its name gives, though whole
-        needles are in it, is set aside (:meth:`_set_aside`), not cut to nothing.
-        """
-        names = os.listdir(self.directory)
-        for name in names:
-            if name.endswith(".tmp"):  # an interrupted compaction's output
-                (self.directory / name).unlink(missing_ok=True)
-        plan = plan_volumes(names)
-        for name in plan.unknown:
-            log.warning("%s: not a volume's name; left alone", self.directory / name)
-        for name in plan.superseded:
-            (self.directory / name).unlink()
-        for name, volume in plan.renumber:
-            generation, salt = plan.current[volume]
-            target = self.directory / volume_name(volume, generation, salt)
-            log.warning(
-                "%s: another volume has its id (an earlier karma8 ran on this directory);"
-                " renamed %s",
-                self.directory / name,
-                target.name,
-            )
-            os.rename(self.directory / name, target)
-        if plan.renumber:
-            fsync_dir(self.directory)
-        truncated = 0
-        for volume in sorted(plan.current):
-            generation, salt = plan.current[volume]
-            path = self.directory / volume_name(volume, generation, salt)
-            fd = os.open(path, os.O_RDWR | O_CLOEXEC)
-            size = os.fstat(fd).st_size
-            reader = WindowReader(fd)
-            found = scan(reader.read, size, salt)
-            if found.end == 0 < size and holds_whole_needles(reader.read, size):
-                os.close(fd)
-                self._set_aside(path)
-                continue
-            if found.end < size:
-                log.warning(
-                    "%s: %d bytes after the last intact needle cut off (never acknowledged)",
-                    path,
-                    size - found.end,
-                )
-                os.ftruncate(fd, found.end)
-                os.fsync(fd)
-                truncated += size - found.end
-            self.index.load(volume, generation, found.needles)
-            self._files[volume] = VolumeFile(volume, generation, salt, path, fd, found.end)
-        return truncated
-
-    def _read_lent(self) -> set[int]:
-        """The volumes :data:`LENT` says were lent when the store last ran (every volume,
-        if the record cannot be read)."""
-        try:
-            return read_record(self.directory)
-        except (OSError, UnicodeDecodeError) as exc:
-            log.warning("%s unreadable (%s): no volume is lent or appended to again", LENT, exc)
-            return set(self._files)
-
-    async def _record_loans(self) -> None:
-        """:meth:`_write_lent` in a thread, one at a time."""
-        async with self._lent_lock:
-            await self._io.run(self._write_lent)
-
-    def _write_lent(self) -> None:
-        """Record the volumes lent now in :data:`LENT`, durably (blocking): a restart after
-        a crash then knows which volumes another process may have been appending to."""
-        write_record(self.directory, {*self._loans, *self._was_lent})
 
     def _drop_empty(self, *, keep: int | None) -> None:
         """Delete the salted volumes that hold nothing (an active one never written to, one
@@ -219,22 +137,6 @@ class PackedStore:
             file.path.unlink()
         if empty:
             fsync_dir(self.directory)
-
-    def _set_aside(self, path: Path) -> None:
-        """Move a volume none of whose needles checks out under its salt, though whole ones
-        are in it, to ``volumes/refused/``: not cut as a torn tail, and out of the way."""
-        aside = self.directory / REFUSED
-        aside.mkdir(mode=DIR_MODE, exist_ok=True)
-        os.rename(path, aside / path.name)
-        fsync_dir(aside)
-        fsync_dir(self.directory)
-        log.error(
-            "%s: no needle checks out under the salt its name gives, yet whole needles are"
-            " in it (renamed, copied under another name, or every header damaged): moved to"
-            " %s, nothing cut; its parts are missing here until it is back under its own name",
-            path,
-            aside / path.name,
-        )
 
     def _create(self, volume: int, generation: int) -> VolumeFile:
         salt = new_salt()
@@ -254,17 +156,10 @@ class PackedStore:
         of parts deleted from a lent volume are written, blocking, after every byte in it.
         (A borrower still appending could at worst write over them: those parts would come
         back after a restart as orphans, as after a crash.)"""
-        loans, self._loans = self._loans, {}
-        for volume, lent in loans.items():
+        for volume, lent in self._loans.out.items():
             if lent.deleted:
                 self._write_tombstones(self._files[volume], lent.deleted)
-        self._deferred.clear()
-        if loans or self._was_lent:
-            self._was_lent = set()  # a whole run later: no writer of before is left
-            try:
-                self._write_lent()
-            except OSError:  # still named there: a restart starts a new volume, nothing lost
-                log.warning("the end of %d loans not recorded", len(loans), exc_info=True)
+        self._loans.end_all()
 
     def close(self) -> None:
         """Close the volumes' descriptors (the store is unusable afterwards); every loan
@@ -307,7 +202,30 @@ class PackedStore:
     @property
     def compacting(self) -> frozenset[int]:
         """The volumes being compacted now (in the background, or by :meth:`compact`)."""
-        return frozenset(self._compacting)
+        return self._compactions.running
+
+    @property
+    def compact_ratio(self) -> float:
+        """The share of garbage past which a sealed volume is compacted."""
+        return self._compactions.ratio
+
+    @compact_ratio.setter
+    def compact_ratio(self, ratio: float) -> None:
+        self._compactions.ratio = ratio
+
+    @property
+    def compactions(self) -> int:
+        """How many volumes compaction has rewritten since the store opened."""
+        return self._compactions.done
+
+    def garbage_ratio(self, volume: int) -> float:
+        """The share of a volume's bytes that no live part uses."""
+        return self._compactions.garbage_ratio(volume)
+
+    async def compact(self) -> int:
+        """Compact every sealed volume whose garbage passes ``compact_ratio``, now, and wait
+        for the compactions running in the background; how many this call ran."""
+        return await self._compactions.run_due()
 
     def has(self, key: str) -> bool:
         """The part is committed here, or a commit of it is in flight."""
@@ -406,7 +324,7 @@ class PackedStore:
                     raise storage_error(exc, "starting a volume") from None
                 self._files[file.volume] = file
                 self._active = file.volume
-                self._maybe_compact(sealed)
+                self._compactions.maybe_start(sealed)
         return file
 
     async def _append(
@@ -533,10 +451,10 @@ class PackedStore:
             if ref is None:
                 await trio.lowlevel.checkpoint()
                 return False
-            lent = self._loans.get(ref.volume)
+            lent = self._loans.out.get(ref.volume)
             if lent is not None:  # its tombstone waits for the volume to come back
                 lent.deleted.append(key)
-                self._deferred.add(key)  # all before the checkpoint: no delete or return
+                self._loans.deferred.add(key)  # all before the checkpoint: no delete or return
                 self.index.remove(key)  # between, so a second delete finds nothing here
                 self._quota.remove_used(ref.length)
                 await trio.lowlevel.checkpoint()
@@ -550,7 +468,7 @@ class PackedStore:
             return False
         self.index.remove(key)
         self._quota.remove_used(ref.length)
-        self._maybe_compact(ref.volume)
+        self._compactions.maybe_start(ref.volume)
         return True
 
     async def quarantine(self, key: str) -> bool:
@@ -594,11 +512,11 @@ class PackedStore:
                 except OSError as exc:
                     raise storage_error(exc, "lending a volume") from None
                 self._files[volume] = file
-            self._loans[file.volume] = _Lent(borrower)
+            self._loans.out[file.volume] = Lent(borrower)
             try:
-                await self._record_loans()
+                await self._loans.record()
             except BaseException as exc:  # cancelled too: else lent to nobody
-                del self._loans[file.volume]
+                del self._loans.out[file.volume]
                 if isinstance(exc, OSError):
                     raise storage_error(exc, "lending a volume") from None
                 raise
@@ -614,9 +532,8 @@ class PackedStore:
             file = self._files[volume]
             if (
                 volume != self._active
-                and volume not in self._loans
-                and volume not in self._was_lent
-                and volume not in self._compacting
+                and self._loans.lendable(volume)
+                and volume not in self._compactions.running
                 and file.salt is not None
                 and file.closing is None
                 and not file.appends
@@ -643,11 +560,9 @@ class PackedStore:
             DiskFull: The part would take the node past its quota.
             StorageFailure: The read failed.
         """
-        lent = self._loans.get(appended.volume)
-        if lent is None or lent.borrower != borrower:
-            raise NotFound(f"volume {appended.volume} is not lent to {borrower}")
+        self._loans.held(appended.volume, borrower)
         key = appended.key
-        if self.has(key) or key in self._deferred:
+        if self.has(key) or key in self._loans.deferred:
             # A borrower writes new keys only; one whose delete waits for its tombstone must
             # not come back in a lower volume, where the old copy would win on open.
             raise UploadConflict(f"part {key} already exists")
@@ -673,19 +588,17 @@ class PackedStore:
         Raises:
             NotFound: The volume is not lent to ``borrower``.
         """
-        lent = self._loans.get(volume)
-        if lent is None or lent.borrower != borrower:
-            raise NotFound(f"volume {volume} is not lent to {borrower}")
+        lent = self._loans.held(volume, borrower)
         file = self._files[volume]
         try:
             size = await self._io.run_small(lambda: os.fstat(file.fd).st_size)
         except OSError as exc:
             raise storage_error(exc, "taking a volume back") from None
-        if self._loans.get(volume) is not lent:  # given back meanwhile
+        if self._loans.out.get(volume) is not lent:  # given back meanwhile
             raise NotFound(f"volume {volume} is not lent to {borrower}")
         if end > max(size, self.volume_size) + LOAN_SLACK:  # a borrower stops at the size
             raise InvalidRequest(f"volume {volume} ends at {size}, not {end}")
-        del self._loans[volume]
+        del self._loans.out[volume]
         file.end = max(aligned(size), aligned(end))  # past all the borrower wrote, or began
         if lent.deleted:
             # Their offset is taken before anything yields: no loan of this volume again
@@ -702,129 +615,18 @@ class PackedStore:
                     len(lent.deleted),
                     exc_info=True,
                 )
-            self._deferred.difference_update(lent.deleted)
+            self._loans.deferred.difference_update(lent.deleted)
         try:
             with trio.CancelScope(shield=True):
-                await self._record_loans()
+                await self._loans.record()
         except OSError:  # still named there: a restart starts a new volume, nothing lost
             log.warning("volume %d: its return not recorded", volume, exc_info=True)
-        self._maybe_compact(volume)
+        self._compactions.maybe_start(volume)
 
     @property
     def lent(self) -> dict[int, str]:
         """The volumes lent now, and to whom."""
-        return {volume: lent.borrower for volume, lent in self._loans.items()}
-
-    # -- compaction -------------------------------------------------------------------------
-
-    def garbage_ratio(self, volume: int) -> float:
-        """The share of a volume's bytes that no live part uses."""
-        end = self._files[volume].end
-        return 1 - self.index.live_bytes(volume) / end if end else 0.0
-
-    def _should_compact(self, volume: int) -> bool:
-        return (
-            volume != self._active
-            and volume not in self._compacting
-            and volume not in self._loans
-            and volume in self._files
-            and self.garbage_ratio(volume) >= self.compact_ratio
-        )
-
-    def _maybe_compact(self, volume: int) -> None:
-        """Start compacting a sealed volume in the background once its garbage passes the
-        ratio (a system task: the store owns no nursery, as the group sync's early rounds)."""
-        if self._should_compact(volume):
-            self._compacting.add(volume)
-            try:
-                trio.lowlevel.spawn_system_task(
-                    self._compact_in_background, volume, name=f"compact volume {volume}"
-                )
-            except RuntimeError:  # the run is shutting down
-                self._compacting.discard(volume)
-
-    async def _compact_in_background(self, volume: int) -> None:
-        try:
-            await self._compact(volume)
-        except Exception:  # nothing may escape a system task; the volume stays as it was
-            log.exception("compacting volume %d failed", volume)
-
-    async def compact(self) -> int:
-        """Compact every sealed volume whose garbage passes the ratio, now, and wait for the
-        compactions running in the background; how many this call ran."""
-        done = 0
-        for volume in sorted(self._files):
-            if self._should_compact(volume):
-                self._compacting.add(volume)
-                await self._compact(volume)
-                done += 1
-        while self._compacting:
-            self._compactions_idle = self._compactions_idle or trio.Event()
-            await self._compactions_idle.wait()
-        return done
-
-    async def _compact(self, volume: int) -> None:
-        """Rewrite a sealed volume with its live needles only, as its next generation.
-
-        Appends never go to a sealed volume except tombstones, so writes carry on in the
-        active one. Readers keep reading the old generation until the switch, which is
-        atomic on the event loop; one that started before it holds the old descriptor open.
-        Parts deleted while the copy ran get their tombstones again in the new file.
-        """
-        old = self._files[volume]
-        generation = old.generation + 1
-        final = self.directory / volume_name(volume, generation, old.salt)
-        tmp = final.with_name(final.name + ".tmp")
-        old.pin()
-        try:
-            await old.wait_idle()  # a commit that took its offset before the volume sealed
-            snapshot = self.index.refs_in(volume)
-            offsets, end = await trio.to_thread.run_sync(
-                lambda: volume_files.copy_needles(old.fd, snapshot, tmp)
-            )
-            old.closing = trio.Event()
-            await old.wait_idle()
-            dead = [ref for ref in snapshot if not self.index.is_current(ref)]
-            fd = await trio.to_thread.run_sync(
-                lambda: volume_files.finish_generation(
-                    tmp, final, end, [r.key for r in dead], old.salt
-                )
-            )
-            # The switch: no checkpoint until the index names only the new file.
-            for ref, offset in zip(snapshot, offsets, strict=True):
-                self.index.move(ref, ref.moved(generation, offset))
-            end += sum(needle_size(len(r.key.encode()), 0) for r in dead)  # their tombstones
-            self._files[volume] = VolumeFile(volume, generation, old.salt, final, fd, end)
-            old.retired = True
-            self.compactions += 1
-            gone = [old.path]
-            if end == 0:  # nothing left: the volume goes, and its inode with it
-                del self._files[volume]
-                close_quietly(fd)
-                gone.append(final)
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(lambda: volume_files.unlink_all(gone))
-        finally:
-            closing, old.closing = old.closing, None
-            if closing is not None:
-                closing.set()
-            old.unpin()
-            self._compacting.discard(volume)
-            if not self._compacting and self._compactions_idle is not None:
-                self._compactions_idle.set()
-                self._compactions_idle = None
-            if not old.retired:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
-
-
-@attrs.define
-class _Lent:
-    """A lent volume's state at the node: its borrower, and the parts deleted from it whose
-    tombstones wait for its return."""
-
-    borrower: str
-    deleted: list[str] = attrs.Factory(list)
+        return {volume: lent.borrower for volume, lent in self._loans.out.items()}
 
 
 class _AloneRunner:

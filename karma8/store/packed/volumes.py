@@ -1,11 +1,13 @@
 """A packed store's volume files: their names, an open generation's descriptor and counts
-(:class:`VolumeFile`), reads in windows for scans (:class:`WindowReader`), and the file work
-of a compaction (copying live needles to the next generation, putting it in place), which
-runs in worker threads. The theory of operation is in :mod:`karma8.store.packed`.
+(:class:`VolumeFile`), opening them all as a node starts (recovery: :func:`open_volumes`),
+reads in windows for scans (:class:`WindowReader`), and the file work of a compaction
+(copying live needles to the next generation, putting it in place), which runs in worker
+threads. The theory of operation is in :mod:`karma8.store.packed`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -14,6 +16,7 @@ import attrs
 import trio
 
 from karma8.store.diskio import (
+    DIR_MODE,
     FILE_MODE,
     O_CLOEXEC,
     close_quietly,
@@ -21,12 +24,15 @@ from karma8.store.diskio import (
     pread_exact,
     pwrite_all,
 )
-from karma8.store.packed.format import encode_tombstone
-from karma8.store.packed.index import NeedleRef
+from karma8.store.packed.format import encode_tombstone, holds_whole_needles, scan
+from karma8.store.packed.index import NeedleRef, PackedIndex
+
+log = logging.getLogger("karma8.store.packed")
 
 # <id>.<generation>.<salt, hex>.vol; a volume written before salts has none in its name.
 VOLUME_NAME = re.compile(r"^(\d{8})\.(\d+)(?:\.([0-9a-f]{16}))?\.vol$")
 WINDOW = 1 << 20  # bytes a scan reads at once, and a compaction copies
+REFUSED = "refused"  # under volumes/: volumes set aside on open, nothing cut (set_aside)
 
 
 def volume_name(volume: int, generation: int, salt: bytes | None) -> str:
@@ -156,6 +162,79 @@ class VolumeFile:
             if self._idle is None:
                 self._idle = trio.Event()
             await self._idle.wait()
+
+
+def open_volumes(directory: Path, index: PackedIndex) -> tuple[dict[int, VolumeFile], int]:
+    """Open every volume's newest generation under ``directory`` and load its needles into
+    ``index`` (blocking): the volumes by id, and the torn bytes truncated.
+
+    Leftovers of an interrupted compaction (``.tmp``) and superseded generations are
+    deleted; volumes of two salts sharing an id are renumbered. A volume in which no needle
+    checks out under the salt its name gives, though whole needles are in it, is set aside
+    (:func:`set_aside`), not cut to nothing.
+    """
+    names = os.listdir(directory)
+    for name in names:
+        if name.endswith(".tmp"):
+            (directory / name).unlink(missing_ok=True)
+    plan = plan_volumes(names)
+    for name in plan.unknown:
+        log.warning("%s: not a volume's name; left alone", directory / name)
+    for name in plan.superseded:
+        (directory / name).unlink()
+    for name, volume in plan.renumber:
+        generation, salt = plan.current[volume]
+        target = directory / volume_name(volume, generation, salt)
+        log.warning(
+            "%s: another volume has its id (an earlier karma8 ran on this directory); renamed %s",
+            directory / name,
+            target.name,
+        )
+        os.rename(directory / name, target)
+    if plan.renumber:
+        fsync_dir(directory)
+    files: dict[int, VolumeFile] = {}
+    truncated = 0
+    for volume in sorted(plan.current):
+        generation, salt = plan.current[volume]
+        path = directory / volume_name(volume, generation, salt)
+        fd = os.open(path, os.O_RDWR | O_CLOEXEC)
+        size = os.fstat(fd).st_size
+        reader = WindowReader(fd)
+        found = scan(reader.read, size, salt)
+        if found.end == 0 < size and holds_whole_needles(reader.read, size):
+            os.close(fd)
+            set_aside(path)
+            continue
+        if found.end < size:
+            log.warning(
+                "%s: %d bytes after the last intact needle cut off (never acknowledged)",
+                path,
+                size - found.end,
+            )
+            os.ftruncate(fd, found.end)
+            os.fsync(fd)
+            truncated += size - found.end
+        index.load(volume, generation, found.needles)
+        files[volume] = VolumeFile(volume, generation, salt, path, fd, found.end)
+    return files, truncated
+
+
+def set_aside(path: Path) -> None:
+    """Move a volume none of whose needles checks out under its salt, though whole ones are
+    in it, to ``volumes/refused/``: not cut as a torn tail, and out of the way."""
+    aside = path.parent / REFUSED
+    aside.mkdir(mode=DIR_MODE, exist_ok=True)
+    os.rename(path, aside / path.name)
+    fsync_dir(aside)
+    fsync_dir(path.parent)
+    log.error(
+        "%s: no needle checks out under the salt its name gives, yet whole needles are"
+        " in it (renamed, copied under another name, or every header damaged): moved to"
+        " %s, nothing cut; its parts are missing here until it is back under its own name",
+        path,
+        aside / path.name,
+    )
 
 
 def unlink_all(paths: list[Path]) -> None:
