@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import sqlite3
 import threading
@@ -498,51 +497,3 @@ async def test_a_checkpoint_commits_the_open_batch_and_empties_the_log(
         assert reopened.namespace_exists("batched")
     finally:
         reopened.close()
-
-
-def _temporary_files() -> list[str]:
-    """SQLite's temporary files this process has open (unlinked at once: seen only here)."""
-    fds = Path("/proc/self/fd")
-    found = []
-    for fd in fds.iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:  # closed meanwhile
-            continue
-        if "etilqs_" in target:
-            found.append(target)
-    return found
-
-
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
-async def test_a_batch_of_savepoints_writes_no_temporary_file(
-    store: SqliteMetadataStore, sync: CountingSync, run: GroupCommitRunner
-) -> None:
-    """A write that joins a batch is a savepoint, whose sub-journal keeps the pages it
-    changes; past 64 KiB (a small upload's commit comes close) SQLite would spill it to a
-    temporary file, a write per page for every later commit. It stays in memory."""
-
-    def many_namespaces() -> None:
-        for i in range(5000):
-            store.create_namespace(f"ns{i:04}", 1.0)
-
-    await run(many_namespaces)  # a table of many pages, then one write changing them all
-
-    def touch_every_namespace() -> None:
-        with store._tx() as db:
-            db.execute("UPDATE namespaces SET created_at = created_at + 1")
-
-    sync.release.clear()  # a round runs (and holds) while the writes join the next batch
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run, lambda: store.create_namespace("first", 1.0))
-        await trio.testing.wait_all_tasks_blocked()  # its round runs, held
-        nursery.start_soon(run, lambda: store.create_namespace("second", 1.0))
-        await trio.testing.wait_all_tasks_blocked()  # the next batch, open
-        nursery.start_soon(run, touch_every_namespace)  # in it, a savepoint
-        await trio.testing.wait_all_tasks_blocked()
-        opened = _temporary_files()  # the batch is open: a sub-journal file would be too
-        sync.release.set()
-    assert opened == []
-    with store._read() as db:
-        touched = db.execute("SELECT count(*) FROM namespaces WHERE created_at = 2.0")
-        assert touched.fetchone()[0] == 5002

@@ -81,9 +81,6 @@ class SqliteDatabase(Database):
         self._db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA foreign_keys = ON")
-        # A batch's transactions are savepoints (commit_batch): their sub-journal past 64 KiB
-        # would go to a temporary file, a write per page each commit; in memory it is a copy.
-        self._db.execute("PRAGMA temp_store = MEMORY")
         if self._wal is not None:
             self._db.execute("PRAGMA journal_mode = WAL")
             if sync_on_commit:
