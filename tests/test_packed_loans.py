@@ -542,6 +542,26 @@ def crash(store: TieredPartStore) -> None:
         os.close(file.fd)
 
 
+@pytest.mark.parametrize("damage", [b"\xff\xfe\n", "1\n\u00b2\n".encode()], ids=["bytes", "digit"])
+async def test_a_damaged_lent_record_counts_every_volume_as_lent_before(
+    tmp_path: Path, damage: bytes
+) -> None:
+    """A record that is not the ids it should be (a non-ASCII digit among them too) opens
+    the store all the same, none of its volumes appended to or lent again in this run."""
+    store = new_tiered(tmp_path)
+    old = await borrow(store)
+    store.packed.adopt(W, append(old, "k.0", payload(300)))
+    crash(store)
+    (tmp_path / "volumes" / "lent").write_bytes(damage)
+    again = new_tiered(tmp_path)
+    await put(again, "k.1", payload(100, seed=1))
+    new = await borrow(again)
+    assert new.loan.volume != old.loan.volume
+    assert again.packed.index.get("k.1").volume not in (old.loan.volume, new.loan.volume)  # type: ignore[union-attr]
+    assert await again.keys() == ["k.0", "k.1"]
+    again.close()
+
+
 async def test_a_volume_lent_when_the_node_crashed_is_not_lent_again(tmp_path: Path) -> None:
     """A worker of before may still append to it, at the end of what it holds: where a new
     borrower of it would begin."""

@@ -157,13 +157,16 @@ def read_record(directory: Path) -> set[int]:
     """The volumes the record in ``directory`` names as lent (none if there is no record).
 
     Raises:
-        OSError, UnicodeDecodeError: The record is there but cannot be read.
+        OSError, ValueError: The record is there but cannot be read, or is not only ids.
     """
     try:
         text = (directory / LENT).read_text()
     except FileNotFoundError:
         return set()
-    return {int(line) for line in text.split() if line.isdigit()}
+    ids = text.split()
+    if not all(i.isascii() and i.isdigit() for i in ids):
+        raise ValueError(f"{directory / LENT} is not a list of volume ids")
+    return {int(i) for i in ids}
 
 
 def write_record(directory: Path, volumes: set[int]) -> None:
@@ -212,7 +215,7 @@ class LoanBook:
         self.deferred: set[str] = set()
         try:
             self.was_lent = read_record(directory)
-        except (OSError, UnicodeDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
             log.warning("%s unreadable (%s): no volume is lent or appended to again", LENT, exc)
             self.was_lent = set(volumes)
 
