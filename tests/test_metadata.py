@@ -105,6 +105,65 @@ def test_overwrite_retires_the_previous_version_and_garbage_is_collected(
     assert sum(n.used_bytes for n in store.list_nodes()) == 10
 
 
+def test_garbage_comes_in_sorted_batches_until_none_is_left(store: SqlMetadataStore) -> None:
+    for i in range(12):
+        for vid in (f"a{i:02}", f"b{i:02}"):  # b retires a
+            begin(store, vid, name=f"f{i}")
+            store.commit_version(
+                version_id=vid, size=10, receipts=receipts(10), now=2.0, if_absent=False
+            )
+    seen: list[str] = []
+    while batch := store.garbage_for_node("n0", retired_before=5.0, limit=5):
+        assert batch == sorted(batch)
+        assert len(batch) <= 5
+        assert not set(batch) & set(seen)
+        seen += batch
+        assert store.forget_parts("n0", batch) == len(batch)
+    assert sorted(seen) == [f"a{i:02}.0" for i in range(12)]
+
+
+def _garbage_work(garbage_versions: int) -> int:
+    """SQLite's work (in steps of 100 VM instructions) to find a batch of 10 garbage keys on
+    a node, with ``garbage_versions`` retired versions (each a part on every node)."""
+    store = SqliteMetadataStore()
+    store.create_namespace("default", 0.0)
+    for i in range(6):
+        store.upsert_node(
+            NodeRegistration(node_id=f"n{i}", url=f"http://n{i}", capacity_bytes=1 << 40), 0.0
+        )
+    with store._tx() as db:
+        for v in range(garbage_versions):
+            db.execute(
+                "INSERT INTO versions(version_id, namespace, name, state, size_hint, k, unit,"
+                " copies, parity, created_at, expires_at, size, committed_at, etag, retired_at)"
+                " VALUES (?, 'default', ?, 'retired', 50, 5, 4, 1, 0, 0, 0, 50, 0, 'e', 1)",
+                (f"v{v}", f"f{v}"),
+            )
+            db.executemany(
+                "INSERT INTO parts(version_id, idx, part_key, node_id, reserved, size, checksum)"
+                " VALUES (?, ?, ?, ?, 0, 10, 'c')",
+                [(f"v{v}", i, f"v{v}.{i}", f"n{(v + i) % 6}") for i in range(5)],
+            )
+    steps = 0
+
+    def step() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    store._db.set_progress_handler(step, 100)
+    assert len(store.garbage_for_node("n0", retired_before=5.0, limit=10)) == 10
+    store.close()
+    return steps
+
+
+def test_a_batch_of_garbage_costs_a_batch_not_all_the_garbage() -> None:
+    """Every node's heartbeat asks for its garbage; after a mass delete of small files there
+    are millions of garbage parts, and each ask must not read them all."""
+    fewer, more = _garbage_work(300), _garbage_work(3000)
+    assert more < 2 * fewer + 10
+
+
 def test_commit_checks_state_sizes_and_expiry(store: SqlMetadataStore) -> None:
     begin(store, "v1")
     with pytest.raises(IntegrityError):

@@ -23,22 +23,29 @@ class NodePartsStore(Database):
         return [(r["part_key"], r["node_id"]) for r in rows]
 
     def garbage_for_node(self, node_id: str, *, retired_before: float, limit: int) -> list[str]:
-        """Keys the node should delete: parts of aborted versions, parts of versions retired
-        before ``retired_before``, and copies a move left behind as long ago."""
+        """Up to ``limit`` keys the node should delete, sorted: parts of aborted versions,
+        parts of versions retired before ``retired_before``, and copies a move left behind
+        as long ago.
+
+        Each source stops at ``limit`` rows, in index order, unsorted: a node with its
+        share of garbage costs a batch, not every garbage part there is (every heartbeat
+        asks, and a mass delete of small files leaves millions)."""
         with self._read() as db:
-            rows = db.execute(
+            parts = db.execute(
                 """
                 SELECT p.part_key FROM versions v CROSS JOIN parts p
                 WHERE v.state IN ('aborted', 'retired')
                   AND (v.state = 'aborted' OR v.retired_at <= ?)
                   AND p.version_id = v.version_id AND +p.node_id = ?
-                UNION
-                SELECT part_key FROM stale_copies WHERE node_id = ? AND released_at <= ?
-                ORDER BY 1 LIMIT ?
+                LIMIT ?
                 """,
-                (retired_before, node_id, node_id, retired_before, limit),
+                (retired_before, node_id, limit),
             ).fetchall()
-        return [r["part_key"] for r in rows]
+            stale = db.execute(
+                "SELECT part_key FROM stale_copies WHERE node_id = ? AND released_at <= ? LIMIT ?",
+                (node_id, retired_before, limit),
+            ).fetchall()
+        return sorted({r["part_key"] for r in parts} | {r["part_key"] for r in stale})[:limit]
 
     def forget_parts(self, node_id: str, keys: Sequence[str]) -> int:
         """Drop rows of garbage parts the node has deleted. Live parts are never dropped."""
