@@ -8,6 +8,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+from sqlitesteps import sqlite_steps
 
 from karma8.core.errors import (
     DiskFull,
@@ -144,17 +145,10 @@ def _garbage_work(garbage_versions: int) -> int:
                 " VALUES (?, ?, ?, ?, 0, 10, 'c')",
                 [(f"v{v}", i, f"v{v}.{i}", f"n{(v + i) % 6}") for i in range(5)],
             )
-    steps = 0
-
-    def step() -> int:
-        nonlocal steps
-        steps += 1
-        return 0
-
-    store._db.set_progress_handler(step, 100)
-    assert len(store.garbage_for_node("n0", retired_before=5.0, limit=10)) == 10
+    with sqlite_steps(store._db) as steps:
+        assert len(store.garbage_for_node("n0", retired_before=5.0, limit=10)) == 10
     store.close()
-    return steps
+    return steps.count
 
 
 def test_a_batch_of_garbage_costs_a_batch_not_all_the_garbage() -> None:

@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from sqlitesteps import sqlite_steps
 
 from karma8.core.errors import IntegrityError, MoveConflict
 from karma8.core.layout import StripeLayout
@@ -235,20 +236,12 @@ def test_a_commit_costs_the_same_however_many_parts_the_nodes_hold() -> None:
 
     def put(version_id: str) -> int:
         """SQLite VM steps (in hundreds) of one begin + commit."""
-        steps = 0
-
-        def count() -> int:
-            nonlocal steps
-            steps += 1
-            return 0
-
-        store._db.set_progress_handler(count, 100)
-        begin(store, version_id, name=version_id, size=50)
-        store.commit_version(
-            version_id=version_id, size=50, receipts=receipts(50), now=2.0, if_absent=False
-        )
-        store._db.set_progress_handler(None, 0)
-        return steps
+        with sqlite_steps(store._db) as steps:
+            begin(store, version_id, name=version_id, size=50)
+            store.commit_version(
+                version_id=version_id, size=50, receipts=receipts(50), now=2.0, if_absent=False
+            )
+        return steps.count
 
     early = max(put(f"a{i}") for i in range(5))
     for i in range(2000):
